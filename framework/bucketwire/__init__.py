@@ -1,0 +1,25 @@
+"""bucketwire: object-storage events into work.
+
+The public API for plugin authors is what this module exports; bundled plugins use nothing else.
+"""
+
+from .config import ConfigError
+from .context import Context, PermanentError, PluginError, Stores
+from .envelope import SCHEMA_VERSION, EnvelopeError, Event, SchemaVersionError
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ConfigError",
+    "Context",
+    "EnvelopeError",
+    "Event",
+    "PermanentError",
+    "PluginError",
+    "SchemaVersionError",
+    "Stores",
+    "__version__",
+    "hookimpl",
+]

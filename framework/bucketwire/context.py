@@ -1,0 +1,107 @@
+"""What a plugin's hook receives as `ctx`: its settings, the stores, and a way to publish follow-on events."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .envelope import Event, follow_on_id
+
+if TYPE_CHECKING:
+    import minio
+
+    from .config import StoreConfig
+
+
+class PluginError(Exception):
+    """Raised by plugins for an expected failure; the message ends up in the dead-letter record."""
+
+
+class PermanentError(PluginError):
+    """A failure that retrying cannot fix (corrupt input, a decompression bomb): dead-letter at once."""
+
+
+class Stores:
+    """Opens one `minio.Minio` client per named store per process and reuses it (it pools connections)."""
+
+    def __init__(self, configs: dict[str, StoreConfig], default: str | None = None) -> None:
+        self._configs = configs
+        self._default = default
+        self._clients: dict[str, minio.Minio] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._configs)
+
+    def get(self, name: str | None = None) -> minio.Minio:
+        name = name or self._default
+        if name is None:
+            raise PluginError("no store named and no default store; add a [stores.NAME] section to the config")
+        client = self._clients.get(name)
+        if client is None:
+            cfg = self._configs.get(name)
+            if cfg is None:
+                known = ", ".join(sorted(self._configs)) or "none"
+                raise PluginError(f"unknown store {name!r} (configured: {known}); add [stores.{name}]")
+            import minio
+
+            client = minio.Minio(
+                cfg.endpoint,
+                access_key=cfg.access_key or None,
+                secret_key=cfg.secret_key or None,
+                secure=cfg.secure,
+                region=cfg.region,
+            )
+            self._clients[name] = client
+        return client
+
+
+@dataclass(slots=True)
+class Context:
+    """Per plugin, per event. `event` is None in `worker_startup`/`worker_shutdown`."""
+
+    plugin: str
+    group: str
+    settings: dict[str, Any]
+    stores: Stores
+    log: logging.Logger
+    event: Event | None = None
+    attempt: int = 1
+    published: list[Event] = field(default_factory=list)
+
+    def store(self, name: str | None = None) -> minio.Minio:
+        """A `minio.Minio` client for store `name`; by default the event's store, else the configured default."""
+        if name is None and self.event is not None:
+            name = self.event.store
+        return self.stores.get(name)
+
+    def publish(
+        self,
+        topic: str,
+        data: Any,
+        *,
+        type: str | None = None,  # noqa: A002 - CloudEvents calls it "type"
+        subject: str | None = None,
+    ) -> Event:
+        """Queue a follow-on event. It reaches the hub with this event's ack and is committed with it.
+
+        The id is derived from the causing event, so a redelivery re-publishes the same ids and the hub
+        drops the repeats: publishing is exactly-once per handled event.
+        """
+        if not topic or not isinstance(topic, str):
+            raise ValueError("publish needs a topic name")
+        cause = self.event
+        cause_id = cause.id if cause else "startup"
+        ev = Event(
+            id=follow_on_id(cause_id, self.group, self.plugin, len(self.published), topic),
+            source=f"bucketwire://{self.group}/{self.plugin}",
+            type=type or f"bucketwire.{topic}",
+            subject=subject,
+            data=data,
+            topic=topic,
+            causationid=cause.id if cause else None,
+            hops=(cause.hops + 1) if cause else 0,
+        )
+        self.published.append(ev)
+        return ev

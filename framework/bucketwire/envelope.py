@@ -1,0 +1,196 @@
+"""The event envelope: CloudEvents 1.0 in structured JSON mode.
+
+One envelope type travels everywhere (journal, PUB fan-out, worker deliveries, `tail`), so a consumer written
+against `tail` output reads the same thing a plugin receives. The hub serialises an envelope exactly once, when it
+commits it (that is when `topic` and `seq` become known), and every later hop forwards those bytes untouched.
+
+`schemaversion` guards against a reader that is older than the writer: such a reader must refuse the envelope
+rather than silently ignore fields it does not know.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+SPEC_VERSION = "1.0"
+SCHEMA_VERSION = 1
+"""Bump when the envelope changes in a way an older reader would misread."""
+
+REQUIRED = ("specversion", "id", "source", "type")
+
+
+class EnvelopeError(ValueError):
+    """An envelope that cannot be read: malformed, missing attributes, or from a newer schema."""
+
+
+class SchemaVersionError(EnvelopeError):
+    """The envelope was written by a newer bucketwire than this reader understands."""
+
+
+def now_iso() -> str:
+    """RFC 3339 UTC timestamp with microseconds, the form CloudEvents `time` takes."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def stable_id(*parts: object) -> str:
+    """A deterministic event id: the same inputs always give the same id, so redeliveries deduplicate."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(b"" if p is None else str(p).encode("utf-8", "surrogatepass"))
+        h.update(b"\x1f")
+    return h.hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class Event:
+    """A CloudEvent as plugins see it.
+
+    `data` is the event payload; for object events it holds `bucket`, `key`, `size`, `etag`, `content_type`,
+    `version_id`, `sequencer`, `user_metadata`, `store` and `records`. `topic` and `seq` are set by the hub at
+    commit time and are `None` on an event that has not been committed yet.
+    """
+
+    id: str
+    source: str
+    type: str
+    data: Any = None
+    subject: str | None = None
+    time: str = field(default_factory=now_iso)
+    datacontenttype: str = "application/json"
+    topic: str | None = None
+    seq: int | None = None
+    causationid: str | None = None
+    hops: int = 0
+    schemaversion: int = SCHEMA_VERSION
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+    # -- conveniences for object events -------------------------------------------------------------------
+    @property
+    def bucket(self) -> str | None:
+        return self.data.get("bucket") if isinstance(self.data, dict) else None
+
+    @property
+    def key(self) -> str | None:
+        return self.data.get("key") if isinstance(self.data, dict) else None
+
+    @property
+    def store(self) -> str | None:
+        return self.data.get("store") if isinstance(self.data, dict) else None
+
+    @property
+    def is_object_created(self) -> bool:
+        return self.type.startswith("s3:ObjectCreated:")
+
+    @property
+    def is_object_removed(self) -> bool:
+        return self.type.startswith("s3:ObjectRemoved:")
+
+    @property
+    def object_key(self) -> str | None:
+        """`bucket/key` for object events: the unit of per-object ordering."""
+        if self.bucket is None or self.key is None:
+            return None
+        return f"{self.bucket}/{self.key}"
+
+    # -- wire form -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = dict(self.extensions)
+        d.update(
+            specversion=SPEC_VERSION,
+            id=self.id,
+            source=self.source,
+            type=self.type,
+            time=self.time,
+            datacontenttype=self.datacontenttype,
+            schemaversion=self.schemaversion,
+            hops=self.hops,
+        )
+        if self.subject is not None:
+            d["subject"] = self.subject
+        if self.topic is not None:
+            d["topic"] = self.topic
+        if self.seq is not None:
+            d["seq"] = self.seq
+        if self.causationid is not None:
+            d["causationid"] = self.causationid
+        d["data"] = self.data
+        return d
+
+    def to_json(self) -> bytes:
+        return dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Event:
+        if not isinstance(d, Mapping):
+            raise EnvelopeError("envelope must be a JSON object")
+        sv = d.get("schemaversion", SCHEMA_VERSION)
+        if not isinstance(sv, int) or isinstance(sv, bool) or sv < 1:
+            raise EnvelopeError(f"envelope has an invalid schemaversion {sv!r}")
+        if sv > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"envelope schemaversion {sv} is newer than this bucketwire understands ({SCHEMA_VERSION}); "
+                "upgrade bucketwire on this host"
+            )
+        if d.get("specversion") != SPEC_VERSION:
+            raise EnvelopeError(f"unsupported CloudEvents specversion {d.get('specversion')!r} (want '1.0')")
+        for k in REQUIRED:
+            v = d.get(k)
+            if not isinstance(v, str) or not v:
+                raise EnvelopeError(f"envelope attribute {k!r} is missing or not a non-empty string")
+        if len(d["id"]) > 256 or len(d["source"]) > 1024 or len(d["type"]) > 256:
+            raise EnvelopeError("envelope id/source/type is too long")
+        seq = d.get("seq")
+        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
+            raise EnvelopeError(f"envelope seq must be a positive integer, got {seq!r}")
+        hops = d.get("hops", 0)
+        if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
+            raise EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
+        for k in ("subject", "topic", "causationid", "time"):
+            if d.get(k) is not None and not isinstance(d[k], str):
+                raise EnvelopeError(f"envelope attribute {k!r} must be a string")
+        known = {
+            "specversion", "id", "source", "type", "data", "subject", "time", "datacontenttype", "topic", "seq",
+            "causationid", "hops", "schemaversion",
+        }
+        return cls(
+            id=d["id"],
+            source=d["source"],
+            type=d["type"],
+            data=d.get("data"),
+            subject=d.get("subject"),
+            time=d.get("time") or now_iso(),
+            datacontenttype=d.get("datacontenttype") or "application/json",
+            topic=d.get("topic"),
+            seq=seq,
+            causationid=d.get("causationid"),
+            hops=hops,
+            schemaversion=sv,
+            extensions={k: v for k, v in d.items() if k not in known},
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Event:
+        try:
+            d = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EnvelopeError(f"envelope is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON bytes; non-ASCII kept as UTF-8 so keys stay readable in `tail` output."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+def follow_on_id(causation_id: str, group: str, plugin: str, index: int, topic: str) -> str:
+    """Id of the `index`-th event a plugin publishes while handling `causation_id` in `group`.
+
+    Deterministic, so when the causing event is redelivered the same follow-ons get the same ids and the
+    journal's (source, id) uniqueness drops the repeats.
+    """
+    return stable_id("follow-on", causation_id, group, plugin, index, topic)

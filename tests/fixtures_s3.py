@@ -1,0 +1,1 @@
+"""Fixtures that start a real SeaweedFS S3 server on loopback."""
