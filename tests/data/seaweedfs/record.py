@@ -1,0 +1,95 @@
+"""Record what SeaweedFS's filer webhook really POSTs, as fixtures for the normaliser tests.
+
+Run with `python tests/data/seaweedfs/record.py` (needs `weed`).  It starts a WeedServer whose
+notification.toml points at a tiny local HTTP server, performs put / overwrite / metadata / copy / delete /
+multipart through the minio client, and writes every body (with its Authorization header) to
+`recorded.json` next to this file.  Re-run when upgrading SeaweedFS to see whether the shape changed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from bucketwire.seaweed import WeedServer, find_weed
+from minio.commonconfig import CopySource
+
+HERE = Path(__file__).parent
+received: list[dict[str, object]] = []
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n)
+        received.append({"auth": self.headers.get("Authorization"), "path": self.path,
+                         "body": json.loads(body)})
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+
+def main() -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/seaweedfs/events"
+    with tempfile.TemporaryDirectory() as d, WeedServer(Path(d), webhook_url=url, webhook_token="s3cret") as w:
+        c = w.client()
+        steps: list[tuple[str, int]] = []
+
+        def mark(label: str) -> None:
+            time.sleep(1.5)
+            steps.append((label, len(received)))
+
+        c.make_bucket("photos")
+        mark("make_bucket")
+        c.put_object("photos", "a/cat 1.jpg", io.BytesIO(b"x" * 100), 100, content_type="image/jpeg",
+                     metadata={"X-Amz-Meta-Camera": "Nikon", "x-amz-meta-Note": "hello world"})
+        mark("put")
+        c.put_object("photos", "a/cat 1.jpg", io.BytesIO(b"y" * 50), 50, content_type="image/jpeg")
+        mark("overwrite")
+        c.copy_object("photos", "b/copy.jpg", CopySource("photos", "a/cat 1.jpg"))
+        mark("copy")
+        c.remove_object("photos", "a/cat 1.jpg")
+        mark("delete")
+        big = b"z" * (11 * 1024 * 1024)
+        c.put_object("photos", "big/multi.bin", io.BytesIO(big), len(big), part_size=5 * 1024 * 1024)
+        mark("multipart")
+        c.put_object("photos", "empty/", io.BytesIO(b""), 0)
+        mark("dir_marker")
+        # S3 has no rename; the filer does (fs.mv, or the HTTP API's mv.from), and S3 readers see it.
+        req = urllib.request.Request(
+            f"http://{w.filer_address}/buckets/photos/b/renamed.jpg?mv.from=/buckets/photos/b/copy.jpg",
+            method="POST",
+        )
+        urllib.request.urlopen(req, timeout=10).read()
+        mark("rename")
+        c.remove_object("photos", "b/renamed.jpg")
+        c.remove_object("photos", "big/multi.bin")
+        mark("delete_rest")
+        # The durable source's view of the same history: filer.meta.tail's JSON lines.
+        tail = subprocess.Popen(
+            [find_weed(), "filer.meta.tail", f"-filer={w.filer_address}", "-pathPrefix=/buckets/photos",
+             "-timeAgo=1h"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(4)
+        tail.terminate()
+        lines = tail.communicate(timeout=10)[0].decode().splitlines()
+    httpd.shutdown()
+    out = {"weed_steps": steps, "requests": received}
+    (HERE / "recorded.json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    (HERE / "meta_tail.txt").write_text("".join(ln + "\n" for ln in lines if ln.strip()))
+    print(f"recorded {len(received)} requests, {len(lines)} meta.tail lines; steps {steps}")
+
+
+if __name__ == "__main__":
+    main()
