@@ -7,10 +7,10 @@ itself can be committed.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import tomllib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,7 +326,7 @@ def _resolve_secrets_deep(v: Any, where: str) -> Any:
     return v
 
 
-def load(path: str | os.PathLike[str] | None) -> Config:
+def load(path: str | os.PathLike[str] | None, *, warn: bool = True) -> Config:
     """Load and validate a config file; `None` falls back to $BUCKETWIRE_CONFIG."""
     if path is None:
         path = os.environ.get("BUCKETWIRE_CONFIG")
@@ -345,13 +345,12 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError(f"{p}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
-    if _has_literal_secret(data):
+    if warn and _has_literal_secret(data):
         try:
             mode = p.stat().st_mode
             if mode & stat.S_IROTH:
-                warnings.warn(
-                    f"{p} holds secrets and is world-readable; chmod o-r it or use env:NAME / file:PATH",
-                    stacklevel=2,
+                logging.getLogger("bucketwire.config").warning(
+                    f"{p} holds secrets and is world-readable; chmod o-r it or use env:NAME / file:PATH"
                 )
         except OSError:
             pass

@@ -107,7 +107,7 @@ def record_to_event(rec: Any, *, store: str | None, key_encoded: bool = True, in
         "user_metadata": user_md,
         "store": store,
         "principal": ident.get("principalId", "") if isinstance(ident.get("principalId", ""), str) else "",
-        "source_ip": req.get("sourceIPAddress", "") or (src.get("host", "") if isinstance(src.get("host"), str) else ""),
+        "source_ip": req.get("sourceIPAddress", "") or (src["host"] if isinstance(src.get("host"), str) else ""),
         "user_agent": src.get("userAgent", "") if isinstance(src.get("userAgent", ""), str) else "",
         "records": [rec],
     }

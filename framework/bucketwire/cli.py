@@ -1,0 +1,224 @@
+"""The `bucketwire` command. Expected failures (bad config, hub down, port taken) are one line on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from . import config as config_mod
+from . import logs
+from .config import Config, ConfigError
+
+CONFIG_HELP = "TOML config file (or set BUCKETWIRE_CONFIG)."
+
+
+def load_config(path: str | None) -> Config:
+    try:
+        return config_mod.load(path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the exceptions a user can cause into one clear line."""
+    from .client import HubRefused, HubUnavailable
+    from .journal import JournalError
+
+    @wraps(fn)
+    def inner(*a: Any, **kw: Any) -> Any:
+        try:
+            return fn(*a, **kw)
+        except (ConfigError, HubUnavailable, HubRefused, JournalError, OSError) as e:
+            raise click.ClickException(str(e)) from None
+
+    return inner
+
+
+config_option = click.option("-c", "--config", "config_path", envvar="BUCKETWIRE_CONFIG", type=click.Path(),
+                             help=CONFIG_HELP)
+
+
+@click.group()
+@click.version_option(package_name="bucketwire")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Log line format on stderr.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for per-event lines).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.pass_context
+def cli(ctx: click.Context, log_format: str, verbose: int, quiet: bool) -> None:
+    """bucketwire: object-storage events into work."""
+    verbosity = -1 if quiet else verbose
+    logs.setup(log_format, verbosity)
+    ctx.obj = {"log_format": log_format, "verbosity": verbosity}
+
+
+def _on_stop_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@cli.command()
+@config_option
+@friendly
+def hub(config_path: str | None) -> None:
+    """Run the hub: webhook ingress, journal, fan-out and consumer groups."""
+    from .hub import Hub
+    from .ingress import serve
+
+    cfg = load_config(config_path)
+    h = Hub(cfg)
+    srv = serve(h, cfg.hub.http)
+    if not cfg.hub.auth_tokens:
+        click.echo("warning: [hub] auth_token is not set; webhook ingress accepts unauthenticated requests",
+                   err=True)
+    _on_stop_signals(h.stop)
+    try:
+        h.run()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@cli.command()
+@config_option
+@click.option("--group", "-g", required=True, help="Consumer group this pool joins.")
+@click.option("--topic", "-t", "topics", multiple=True, help="Serve only these topics of the group.")
+@click.option("--processes", "-n", type=click.IntRange(1, 512), help="Child processes (default: group's setting).")
+@click.option("--plugin", "-p", "local_plugins", multiple=True, help="Also load this module or .py file.")
+@click.option("--credit", type=click.IntRange(1, 10_000), help="Events in flight per child (default: group's).")
+@click.option("--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish on SIGTERM.")
+@click.pass_context
+@friendly
+def worker(ctx: click.Context, config_path: str | None, group: str, topics: tuple[str, ...],
+           processes: int | None, local_plugins: tuple[str, ...], credit: int | None, drain_timeout: float) -> None:
+    """Run a worker pool for one consumer group."""
+    from .worker import default_processes, make_spec, run_pool
+
+    cfg = load_config(config_path)
+    spec = make_spec(cfg, group, list(topics), list(local_plugins), credit)
+    code = run_pool(cfg, spec, processes or default_processes(cfg, group), log_format=ctx.obj["log_format"],
+                    verbosity=ctx.obj["verbosity"], drain_timeout=drain_timeout)
+    sys.exit(code)
+
+
+@cli.command()
+@config_option
+@click.argument("topic")
+@click.argument("data_json")
+@click.option("--type", "type_", help="CloudEvents type (default bucketwire.TOPIC).")
+@click.option("--subject", help="CloudEvents subject.")
+@click.option("--id", "event_id", help="Event id (default: random); the same id twice is committed once.")
+@click.option("--timeout", type=float, help="Seconds to wait for the hub's commit.")
+@friendly
+def publish(config_path: str | None, topic: str, data_json: str, type_: str | None, subject: str | None,
+            event_id: str | None, timeout: float | None) -> None:
+    """Publish one event; returns after the hub committed it."""
+    from .client import HubClient
+
+    cfg = load_config(config_path)
+    try:
+        data = json.loads(data_json)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint="DATA_JSON") from None
+    with HubClient(cfg, timeout=timeout) as c:
+        res = c.publish(topic, data, type=type_, subject=subject, id=event_id)
+    click.echo(json.dumps(res))
+
+
+@cli.command()
+@config_option
+@click.argument("topics", nargs=-1)
+@click.option("--from-seq", type=click.IntRange(1), help="Replay from this seq (per topic), then follow live.")
+@friendly
+def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None) -> None:
+    """Print envelopes as JSON lines: replay from the journal, then follow live with no gap."""
+    from .client import follow
+
+    cfg = load_config(config_path)
+    stop = threading.Event()
+    _on_stop_signals(stop.set)
+    out = sys.stdout
+    try:
+        for _t, _s, body in follow(cfg, list(topics) or None, from_seq, stop=stop.is_set):
+            out.write(body.decode("utf-8", "replace") + "\n")
+            out.flush()
+    except BrokenPipeError:
+        pass
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly
+def status(config_path: str | None, as_json: bool) -> None:
+    """Per group: cursor, head, lag, in-flight, dead-lettered; per topic: head seq."""
+    from .client import HubClient
+
+    cfg = load_config(config_path)
+    with HubClient(cfg, timeout=5) as c:
+        st = c.status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    rows = [("GROUP", "TOPIC", "CURSOR", "HEAD", "LAG", "INFLIGHT", "WORKERS", "RETRYING", "DEAD")]
+    for g, gs in sorted(st["groups"].items()):
+        for t, ts in sorted(gs["topics"].items()):
+            rows.append((g, t, str(ts["cursor"]), str(ts["head"]), str(ts["lag"]), str(gs["inflight"]),
+                         str(gs["workers"]), str(gs["retrying"]), str(gs["dead_lettered"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    click.echo("")
+    click.echo("TOPIC HEADS: " + (", ".join(f"{t}={v['head']}" for t, v in st["topics"].items()) or "none"))
+
+
+@cli.command(name="plugins")
+@config_option
+@click.option("--plugin", "-p", "local_plugins", multiple=True, help="Also load this module or .py file.")
+@friendly
+def plugins_cmd(config_path: str | None, local_plugins: tuple[str, ...]) -> None:
+    """List discovered plugins and the hooks each implements."""
+    from . import plugins as loader
+
+    if config_path:
+        load_config(config_path)
+    loaded = loader.load(None, list(local_plugins))
+    out = []
+    for name in loaded.names:
+        plugin = loaded.pm.get_plugin(name)
+        hooks = sorted(h.name for h in loaded.pm.get_hookcallers(plugin) or [])
+        out.append({"name": name, "module": getattr(plugin, "__name__", repr(plugin)), "hooks": hooks})
+    click.echo(json.dumps(out, indent=2))
+
+
+def _register_plugin_commands() -> None:
+    """Let installed plugins add subcommands (`bucketwire audit verify`, ...)."""
+    from . import plugins as loader
+
+    try:
+        loaded = loader.load(None, [])
+    except ConfigError as e:
+        click.echo(f"warning: {e}", err=True)
+        return
+    for name, fn in loaded.impls("register_commands"):
+        try:
+            fn(cli=cli)
+        except Exception as e:  # a broken plugin must not break the CLI
+            click.echo(f"warning: plugin {name!r} failed to register commands: {e}", err=True)
+
+
+def main() -> None:
+    _register_plugin_commands()
+    cli()

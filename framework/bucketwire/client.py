@@ -1,0 +1,197 @@
+"""Talking to the hub from outside: publish with acknowledgement, replay, status, and a gap-free tail.
+
+Publishing retries on a fresh socket until the overall timeout, re-sending the same envelopes (same ids), so a
+lost reply or a restarting hub never turns into a lost or doubled event: the journal deduplicates on
+(source, id).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import zmq
+
+from . import protocol as P
+from .config import Config
+from .envelope import Event
+
+
+class HubUnavailable(Exception):
+    """The hub did not answer in time; one line says where we looked and what to check."""
+
+
+class HubRefused(Exception):
+    """The hub answered but refused the request (bad envelope, hop limit, journal down)."""
+
+
+class HubClient:
+    def __init__(self, cfg: Config, *, timeout: float | None = None, context: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self.endpoint = cfg.client.work
+        self.timeout = cfg.client.timeout if timeout is None else timeout
+        self.zctx = context or zmq.Context.instance()
+        self._req = itertools.count(1)
+        self.sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self.sock is None:
+            s = self.zctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.IDENTITY, b"c-" + uuid.uuid4().bytes)
+            s.connect(self.endpoint)
+            self.sock = s
+        return self.sock
+
+    def _reset(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+    def close(self) -> None:
+        self._reset()
+
+    def __enter__(self) -> HubClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, cmd: bytes, hdr: dict[str, Any], want: set[bytes], timeout: float | None = None,
+                attempt_timeout: float = 2.0) -> tuple[bytes, dict[str, Any], list[bytes]]:
+        """Send and wait for the matching reply, re-sending on a new socket after each silent attempt."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        req = next(self._req)
+        hdr = {**hdr, "req": req}
+        while True:
+            s = self._socket()
+            s.send_multipart([cmd, P.enc(hdr)])
+            until = min(deadline, time.monotonic() + attempt_timeout)
+            while (left := until - time.monotonic()) > 0:
+                if not s.poll(int(left * 1000) + 1):
+                    continue
+                frames = s.recv_multipart()
+                if len(frames) < 2:
+                    continue
+                reply = P.header(frames[1])
+                if frames[0] == P.ERR and reply.get("fatal"):
+                    raise HubRefused(reply.get("error", "refused"))
+                if frames[0] in want and reply.get("req") == req:
+                    return frames[0], reply, frames[2:]
+            if time.monotonic() >= deadline:
+                raise HubUnavailable(
+                    f"no answer from the hub at {self.endpoint} within {self.timeout:g}s; "
+                    "is `bucketwire hub` running and is [client] work / [hub] work right?"
+                )
+            self._reset()
+
+    def publish_events(self, events: list[Event], timeout: float | None = None) -> list[dict[str, Any]]:
+        """Commit events (routed by the hub when `topic` is None); returns one result per event."""
+        payload = {"events": [e.to_dict() for e in events]}
+        for d in payload["events"]:
+            d.pop("seq", None)
+        cmd, reply, _ = self.request(P.PUB, payload, {P.PUBACK, P.PUBNACK}, timeout)
+        if cmd == P.PUBNACK:
+            raise HubRefused(reply.get("error", "refused"))
+        results = reply.get("results", [])
+        bad = [r for r in results if r.get("error")]
+        if bad:
+            raise HubRefused(bad[0]["error"])
+        return results
+
+    def publish(self, topic: str, data: Any, *, type: str | None = None, subject: str | None = None,  # noqa: A002
+                source: str | None = None, id: str | None = None, timeout: float | None = None) -> dict[str, Any]:  # noqa: A002
+        ev = Event(
+            id=id or uuid.uuid4().hex,
+            source=source or f"bucketwire://publish/{socket.gethostname()}/{os.getpid()}",
+            type=type or f"bucketwire.{topic}",
+            subject=subject,
+            data=data,
+            topic=topic,
+        )
+        return self.publish_events([ev], timeout)[0]
+
+    def fetch(self, topic: str, from_seq: int, limit: int = 1000, timeout: float | None = None
+              ) -> tuple[dict[str, Any], list[bytes]]:
+        _, meta, bodies = self.request(P.FETCH, {"topic": topic, "from": from_seq, "limit": limit}, {P.EVENTS},
+                                       timeout)
+        return meta, bodies
+
+    def status(self, timeout: float | None = None) -> dict[str, Any]:
+        _, st, _ = self.request(P.STATUS, {}, {P.STATUSR}, timeout)
+        st.pop("req", None)
+        return st
+
+
+def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = None,
+           stop: Any = None, idle: float = 0.2) -> Iterator[tuple[str, int, bytes]]:
+    """Yield (topic, seq, envelope) from `from_seq` on, then live, with no gap and no duplicate at the seam.
+
+    The zguide "Clone" pattern: subscribe first and buffer, replay from the journal up to the head, then
+    continue from the live stream, fetching any gap the lossy PUB socket left (seen via seq or heartbeats).
+    With `from_seq=None` the stream starts at the current head (live only).
+    """
+    zctx = zmq.Context.instance()
+    sub = zctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 100_000)
+    wanted = set(topics or [])
+    for t in wanted or {""}:
+        sub.setsockopt(zmq.SUBSCRIBE, t.encode())
+    sub.connect(cfg.client.publish)
+    client = HubClient(cfg)
+    try:
+        st = client.status()
+        heads = {t: v["head"] for t, v in st["topics"].items()}
+        nxt: dict[str, int] = {}
+        for t in wanted or set(heads):
+            nxt[t] = from_seq if from_seq is not None else heads.get(t, 0) + 1
+
+        def catch_up(t: str, upto: int | None) -> Iterator[tuple[str, int, bytes]]:
+            while upto is None or nxt[t] <= upto:
+                meta, bodies = client.fetch(t, nxt[t])
+                if not bodies:
+                    if meta.get("next", nxt[t]) > nxt[t]:  # retention removed the start: say so, move on
+                        nxt[t] = meta["next"]
+                        continue
+                    return
+                for b in bodies:
+                    seq = json.loads(b)["seq"]
+                    if seq >= nxt[t]:
+                        nxt[t] = seq + 1
+                        yield t, seq, b
+                if upto is None and meta.get("head", 0) < nxt[t]:
+                    return
+
+        for t in sorted(nxt):
+            yield from catch_up(t, None)
+        while stop is None or not stop():
+            if not sub.poll(int(idle * 1000)):
+                continue
+            topic_b, seq_b, body = sub.recv_multipart()
+            t = topic_b.decode()
+            if wanted and t not in wanted:
+                continue  # SUBSCRIBE is a prefix match; "a" also receives "ab"
+            seq = int(seq_b)
+            if t not in nxt:
+                nxt[t] = 1 if from_seq is not None else seq if body else seq + 1
+            if not body:  # heartbeat: [topic, head, b""]
+                if seq >= nxt[t]:
+                    yield from catch_up(t, seq)
+                continue
+            if seq < nxt[t]:
+                continue
+            if seq > nxt[t]:
+                yield from catch_up(t, seq - 1)
+            if seq == nxt[t]:
+                nxt[t] = seq + 1
+                yield t, seq, body
+    finally:
+        client.close()
+        sub.close(0)

@@ -1,0 +1,310 @@
+"""Consumer-group state: who holds which event, what is ready, what waits, and the durable cursor.
+
+Pure bookkeeping with no sockets, so the delivery rules can be tested directly:
+
+* every group sees every event of its topics; within a group an event is in flight at one worker at a time;
+* events for the same `bucket/key` are never in flight twice in a group: a later event for an object waits
+  (in `blocked`) until the earlier one is acked or dead-lettered, retries included, so per-object order holds;
+* the durable cursor is the contiguous watermark of acked seqs; acks above a gap wait in memory;
+* memory is bounded: at most `max_buffer` events per group are loaded; the rest stay in the journal.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .config import TopicConfig
+
+Key = tuple[str, int]
+
+
+@dataclass(slots=True)
+class Item:
+    topic: str
+    seq: int
+    objkey: str | None
+    body: bytes
+    attempts: int = 0
+    error: str | None = None
+    first_dispatch: float = 0.0
+
+    @property
+    def key(self) -> Key:
+        return (self.topic, self.seq)
+
+
+@dataclass(slots=True)
+class WorkerState:
+    ident: bytes
+    group: str
+    topics: frozenset[str]
+    credit: int
+    last_seen: float
+    last_sent: float = 0.0
+    host: str = ""
+    pid: int = 0
+    inflight: dict[Key, Item] = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return self.credit - len(self.inflight)
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    item: Item
+    group: str
+    error: str
+    line: str
+    plugin: str | None
+
+
+class GroupState:
+    def __init__(
+        self,
+        name: str,
+        topics: list[str],
+        cursors: dict[str, int],
+        topic_cfg: Callable[[str], TopicConfig],
+        *,
+        max_buffer: int = 10_000,
+    ) -> None:
+        self.name = name
+        self.topics: list[str] = list(dict.fromkeys(topics))
+        self.topic_cfg = topic_cfg
+        self.max_buffer = max_buffer
+        self.acked: dict[str, int] = dict(cursors)
+        self.acked_above: dict[str, set[int]] = {t: set() for t in self.topics}
+        self.read_pos: dict[str, int] = {t: cursors[t] + 1 for t in self.topics}
+        self.ready: deque[Item] = deque()
+        self.blocked: dict[str, deque[Item]] = {}
+        self.holder: dict[str, Key] = {}
+        self.inflight: dict[Key, tuple[Item, bytes]] = {}
+        self.retry: list[tuple[float, int, Item]] = []
+        self.workers: OrderedDict[bytes, WorkerState] = OrderedDict()
+        self.loaded = 0
+        self.dirty: set[str] = set()
+        self.delta = [0, 0, 0]  # dead_lettered, retried, redelivered since the last commit
+        self.totals = [0, 0, 0]
+        self.skipped_by_retention = 0
+        self._tie = itertools.count()
+
+    # -- membership ------------------------------------------------------------------------------------------
+    def add_topic(self, topic: str, start_after: int) -> None:
+        if topic in self.read_pos:
+            return
+        self.topics.append(topic)
+        self.acked[topic] = start_after
+        self.acked_above[topic] = set()
+        self.read_pos[topic] = start_after + 1
+        self.dirty.add(topic)
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def is_done(self, topic: str, seq: int) -> bool:
+        return seq <= self.acked.get(topic, 0) or seq in self.acked_above.get(topic, ())
+
+    def offer(self, topic: str, first_seq: int, items: list[tuple[int, str | None, bytes]]) -> None:
+        """Take freshly committed events straight from the commit, when this group is caught up on `topic`."""
+        if self.read_pos.get(topic) != first_seq or self.loaded + len(items) > self.max_buffer:
+            return
+        for seq, objkey, body in items:
+            self.ready.append(Item(topic, seq, objkey, body))
+        self.loaded += len(items)
+        self.read_pos[topic] = items[-1][0] + 1
+
+    def wants_refill(self, heads: dict[str, int]) -> bool:
+        return self.loaded < self.max_buffer and any(self.read_pos[t] <= heads.get(t, 0) for t in self.topics)
+
+    def refill(self, heads: dict[str, int], read: Callable[[str, int, int], list], first_seq: Callable) -> None:
+        for t in self.topics:
+            head = heads.get(t, 0)
+            while self.loaded < self.max_buffer and self.read_pos[t] <= head:
+                want = min(1000, self.max_buffer - self.loaded)
+                rows = read(t, self.read_pos[t], want)
+                if not rows or rows[0][0] > self.read_pos[t]:
+                    # Retention removed events this group had not consumed yet: skip past them, loudly.
+                    first = rows[0][0] if rows else (first_seq(t) or head + 1)
+                    lost = first - self.read_pos[t]
+                    self.skipped_by_retention += lost
+                    for s in range(self.read_pos[t], first):
+                        self._mark_acked(t, s)
+                    self.read_pos[t] = first
+                    if not rows:
+                        continue
+                for seq, objkey, body in rows:
+                    if not self.is_done(t, seq):
+                        self.ready.append(Item(t, seq, objkey, body))
+                        self.loaded += 1
+                self.read_pos[t] = rows[-1][0] + 1
+
+    # -- dispatch --------------------------------------------------------------------------------------------
+    def dispatch(self, batch_max: int, now: float) -> list[tuple[WorkerState, list[Item]]]:
+        """Hand ready events to workers with credit, least recently used first, up to `batch_max` each."""
+        out: list[tuple[WorkerState, list[Item]]] = []
+        if not self.ready:
+            return out
+        for w in [w for w in self.workers.values() if w.free > 0]:
+            take: list[Item] = []
+            n = min(w.free, batch_max)
+            passed: list[Item] = []
+            while self.ready and len(take) < n:
+                it = self.ready.popleft()
+                if self.is_done(it.topic, it.seq):
+                    self._finish(it)
+                    continue
+                if it.objkey is not None:
+                    h = self.holder.get(it.objkey)
+                    if h is not None and h != it.key:
+                        self.blocked.setdefault(it.objkey, deque()).append(it)
+                        continue
+                if it.topic not in w.topics:
+                    passed.append(it)
+                    if len(passed) > 4 * batch_max:
+                        break
+                    continue
+                if it.objkey is not None:
+                    self.holder[it.objkey] = it.key
+                it.attempts += 1
+                if not it.first_dispatch:
+                    it.first_dispatch = now
+                self.inflight[it.key] = (it, w.ident)
+                w.inflight[it.key] = it
+                take.append(it)
+            self.ready.extendleft(reversed(passed))
+            if take:
+                out.append((w, take))
+                self.workers.move_to_end(w.ident)
+            if not self.ready:
+                break
+        return out
+
+    # -- outcomes --------------------------------------------------------------------------------------------
+    def _mark_acked(self, topic: str, seq: int) -> None:
+        above = self.acked_above[topic]
+        above.add(seq)
+        w = self.acked[topic]
+        while w + 1 in above:
+            w += 1
+            above.discard(w)
+        if w != self.acked[topic]:
+            self.acked[topic] = w
+            self.dirty.add(topic)
+
+    def _release(self, it: Item) -> None:
+        if it.objkey is None or self.holder.get(it.objkey) != it.key:
+            return
+        waiting = self.blocked.get(it.objkey)
+        if waiting:
+            nxt = waiting.popleft()
+            if not waiting:
+                del self.blocked[it.objkey]
+            self.holder[it.objkey] = nxt.key  # reserve: nothing later for this object may overtake it
+            self.ready.appendleft(nxt)
+        else:
+            del self.holder[it.objkey]
+
+    def _finish(self, it: Item) -> None:
+        self.loaded -= 1
+        self._release(it)
+
+    def _take_inflight(self, key: Key) -> Item | None:
+        entry = self.inflight.pop(key, None)
+        if entry is None:
+            return None
+        it, ident = entry
+        w = self.workers.get(ident)
+        if w is not None:
+            w.inflight.pop(key, None)
+        return it
+
+    def ack(self, topic: str, seq: int) -> bool:
+        """Mark done; False when it was already done (a duplicate ack after a redelivery)."""
+        if topic not in self.acked or self.is_done(topic, seq):
+            self._take_inflight((topic, seq))
+            return False
+        it = self._take_inflight((topic, seq))
+        self._mark_acked(topic, seq)
+        if it is not None:
+            self._finish(it)
+        return True
+
+    def fail(
+        self, topic: str, seq: int, error: str, line: str, plugin: str | None, permanent: bool, now: float
+    ) -> DeadLetter | None:
+        """A handler raised. Schedule a retry with backoff, or return the dead letter to publish."""
+        if topic not in self.acked or self.is_done(topic, seq):
+            self._take_inflight((topic, seq))
+            return None
+        it = self._take_inflight((topic, seq))
+        if it is None:
+            return None  # a stale failure for an event that is already elsewhere; its holder decides
+        it.error = error
+        cfg = self.topic_cfg(topic)
+        if permanent or it.attempts >= cfg.max_attempts:
+            return self._dead(it, error, line, plugin)
+        delay = min(cfg.backoff_max, cfg.backoff_base * (2 ** (it.attempts - 1)))
+        delay = random.uniform(delay / 2, delay)  # "equal jitter": spread retries, keep a floor
+        heapq.heappush(self.retry, (now + delay, next(self._tie), it))
+        self.delta[1] += 1
+        self.totals[1] += 1
+        return None
+
+    def _dead(self, it: Item, error: str, line: str, plugin: str | None) -> DeadLetter:
+        self._mark_acked(it.topic, it.seq)
+        self._finish(it)
+        self.delta[0] += 1
+        self.totals[0] += 1
+        return DeadLetter(it, self.name, error, line, plugin)
+
+    def due_retries(self, now: float) -> None:
+        due = []
+        while self.retry and self.retry[0][0] <= now:
+            due.append(heapq.heappop(self.retry)[2])
+        self.ready.extendleft(reversed(due))
+
+    def next_retry_at(self) -> float | None:
+        return self.retry[0][0] if self.retry else None
+
+    def worker_gone(self, ident: bytes, *, lost: bool, requeue: set[Key] | None = None) -> list[DeadLetter]:
+        """Put a departed worker's in-flight events back at the front, in seq order.
+
+        `lost` (heartbeat timeout) counts as an attempt, so an event that kills every worker that touches it
+        ends in the dead-letter topic instead of looping forever; a drain's BYE does not.
+        """
+        w = self.workers.pop(ident, None)
+        if w is None:
+            return []
+        dead: list[DeadLetter] = []
+        back: list[Item] = []
+        for key in sorted(w.inflight):
+            it = self._take_inflight(key)
+            if it is None:
+                continue
+            if not lost and (requeue is None or key in requeue):
+                it.attempts -= 1
+            elif lost and it.attempts >= self.topic_cfg(it.topic).max_attempts:
+                dead.append(self._dead(it, "worker lost while handling the event", "worker lost", None))
+                continue
+            back.append(it)
+        self.ready.extendleft(reversed(back))
+        self.delta[2] += len(back)
+        self.totals[2] += len(back)
+        return dead
+
+    def take_dirty(self) -> tuple[dict[str, int], tuple[int, int, int]]:
+        cur = {t: self.acked[t] for t in self.dirty}
+        return cur, (self.delta[0], self.delta[1], self.delta[2])
+
+    def committed(self) -> None:
+        self.dirty.clear()
+        self.delta = [0, 0, 0]
+
+    def oldest_unacked_age(self, now: float) -> float:
+        starts = [it.first_dispatch for it, _ in self.inflight.values() if it.first_dispatch]
+        starts += [it.first_dispatch for _, _, it in self.retry if it.first_dispatch]
+        return max(0.0, now - min(starts)) if starts else 0.0

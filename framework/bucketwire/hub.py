@@ -1,0 +1,623 @@
+"""The hub: the one stateful process.
+
+A single loop thread owns the journal, the consumer-group state and every ZeroMQ socket. HTTP ingress
+threads hand parsed events to it through a queue and a wake-up pipe and wait for the commit. Each turn of the
+loop drains everything that has arrived, commits it in one transaction (group commit), then answers
+publishers, fans out on PUB and dispatches to workers. Owning all state in one thread is what makes the
+delivery rules simple to reason about; the work per event is small enough that one core goes a long way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from . import protocol as P
+from .config import Config
+from .dispatch import DeadLetter, GroupState, WorkerState
+from .envelope import SCHEMA_VERSION, EnvelopeError, Event, stable_id
+from .journal import Appended, Batch, Journal, JournalError, NewEvent
+from .metrics import HubMetrics
+from .routing import Router
+
+log = logging.getLogger("bucketwire.hub")
+
+MAX_DRAIN = 2000
+MAX_FETCH = 1000
+
+
+def objkey_of(ev: Event) -> str | None:
+    b, k = ev.bucket, ev.key
+    return f"{b}/{k}" if isinstance(b, str) and isinstance(k, str) else None
+
+
+@dataclass(slots=True)
+class IngestResult:
+    id: str
+    topic: str | None
+    seq: int | None
+    duplicate: bool = False
+    unrouted: bool = False
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "topic": self.topic, "seq": self.seq, "duplicate": self.duplicate,
+            "unrouted": self.unrouted, **({"error": self.error} if self.error else {}),
+        }
+
+
+class Hub:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = HubMetrics()
+        self.journal = Journal(cfg.hub.state_dir / "journal.db", cfg.hub.durability)
+        self.router = Router(cfg.routes, cfg.hub.default_topic)
+        self.groups: dict[str, GroupState] = {}
+        self.workers: dict[bytes, WorkerState] = {}
+        self.ingress_q: queue.SimpleQueue[tuple[list[Event], str, Future]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        self.carry: list[NewEvent] = []
+        self.started = time.time()
+        self.last_tick = time.monotonic()
+        self.journal_ok = True
+        self.http: Any = None
+        cursors = self.journal.cursors()
+        stats = self.journal.group_stats()
+        for g in cfg.groups.values():
+            self._group(g.name, g.topics, g.start, cursors)
+        for name, st in stats.items():
+            if name in self.groups:
+                self.groups[name].totals = list(st)
+        self._last_hb = 0.0
+        self._last_retention = time.monotonic()
+
+    # -- groups ----------------------------------------------------------------------------------------------
+    def _start_after(self, topic: str, start: str) -> int:
+        return 0 if start == "earliest" else self.journal.heads.get(topic, 0)
+
+    def _group(self, name: str, topics: list[str], start: str = "latest",
+               cursors: dict[tuple[str, str], int] | None = None) -> GroupState:
+        g = self.groups.get(name)
+        if g is None:
+            cursors = self.journal.cursors() if cursors is None else cursors
+            have = {t: cursors[(name, t)] for t in topics if (name, t) in cursors}
+            g = GroupState(name, [t for t in topics if t in have], have, self.cfg.topic)
+            self.groups[name] = g
+            gc = self.cfg.groups.get(name)
+            start = gc.start if gc else start
+        for t in topics:
+            if t not in g.read_pos:
+                g.add_topic(t, self._start_after(t, start))
+        return g
+
+    # -- ingress from HTTP threads ---------------------------------------------------------------------------
+    def submit(self, events: list[Event], source: str) -> Future:
+        """Thread-safe: queue events for the next commit; the future resolves to a list of IngestResult."""
+        fut: Future = Future()
+        self.ingress_q.put((events, source, fut))
+        self.wake()
+        return fut
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake()
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        zctx = zmq.Context()
+        self.work = zctx.socket(zmq.ROUTER)
+        self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.work.setsockopt(zmq.LINGER, 0)
+        self.work.setsockopt(zmq.SNDHWM, 100_000)
+        self.work.setsockopt(zmq.RCVHWM, 100_000)
+        self.work.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
+        self.pub = zctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        try:
+            self.work.bind(self.cfg.hub.work)
+            self.pub.bind(self.cfg.hub.publish)
+        except zmq.ZMQError as e:
+            self.work.close()
+            self.pub.close()
+            zctx.term()
+            raise OSError(f"cannot bind ZeroMQ endpoint ({e}); is another hub running on these ports?") from None
+        poller = zmq.Poller()
+        poller.register(self.work, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        self.ready.set()
+        if on_ready:
+            on_ready()
+        log.info("hub started", extra={"work": self.cfg.hub.work, "publish": self.cfg.hub.publish})
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                timeout = self._next_timeout(now)
+                poller.poll(timeout)
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                self.tick()
+            self.tick()  # flush what is queued, answer what is waiting
+        finally:
+            self.work.close()
+            self.pub.close()
+            zctx.term()
+            self.journal.close()
+            log.info("hub stopped")
+
+    def _next_timeout(self, now: float) -> int:
+        t = self.cfg.hub.heartbeat_interval
+        for g in self.groups.values():
+            r = g.next_retry_at()
+            if r is not None:
+                t = min(t, max(0.0, r - now))
+        return max(0, int(t * 1000))
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.last_tick = now
+        batch = Batch()
+        replies: list[tuple[Callable[[list[Appended] | None, str | None], None], int, int]] = []
+        self._drain_work(batch, replies, now)
+        self._drain_ingress(batch, replies)
+        for g in self.groups.values():
+            g.due_retries(now)
+        self._expire_workers(now)
+        self._commit(batch, replies)
+        for g in self.groups.values():
+            if g.wants_refill(self.journal.heads):
+                g.refill(self.journal.heads, self.journal.read, self.journal.first_seq)
+            self._dispatch(g, now)
+        if now - self._last_hb >= self.cfg.hub.heartbeat_interval:
+            self._heartbeats(now)
+        if now - self._last_retention >= 60:
+            self._last_retention = now
+            self._retention()
+
+    # -- commit ----------------------------------------------------------------------------------------------
+    def _commit(self, batch: Batch, replies: list) -> None:
+        carry_n = len(self.carry)
+        batch.events[:0] = self.carry
+        for g in self.groups.values():
+            cur, delta = g.take_dirty()
+            for t, a in cur.items():
+                batch.cursors[(g.name, t)] = a
+            if any(delta):
+                batch.stats[g.name] = delta
+        if not batch.events and not batch.cursors and not batch.stats:
+            return
+        t0 = time.perf_counter()
+        try:
+            appended = self.journal.commit(batch)
+        except JournalError as e:
+            self.metrics.commit_failures.inc()
+            if self.journal_ok:
+                log.error("journal commit failed; answering 503 until it recovers", extra={"error": str(e)})
+            self.journal_ok = False
+            for cb, _, _ in replies:
+                cb(None, "journal unavailable: " + str(e))
+            return
+        if not self.journal_ok:
+            log.info("journal commits again")
+        self.journal_ok = True
+        self.metrics.commits.inc()
+        self.metrics.commit_seconds.observe(time.perf_counter() - t0)
+        self.carry = []
+        for g in self.groups.values():
+            g.committed()
+        for a in appended[:carry_n]:
+            if not a.duplicate:
+                self.metrics.follow_ons.labels(a.topic).inc()
+        for cb, lo, hi in replies:
+            cb(appended[carry_n + lo: carry_n + hi], None)
+        self._fan_out(appended)
+
+    def _fan_out(self, appended: list[Appended]) -> None:
+        fresh: dict[str, list[tuple[int, str | None, bytes]]] = {}
+        for a in appended:
+            if a.duplicate:
+                continue
+            fresh.setdefault(a.topic, []).append((a.seq, a.objkey, a.body))
+            try:
+                self.pub.send_multipart([a.topic.encode(), str(a.seq).encode(), a.body], zmq.NOBLOCK)
+            except zmq.Again:
+                self.metrics.send_again.labels("pub").inc()
+        for topic, items in fresh.items():
+            self.metrics.head.labels(topic).set(items[-1][0])
+            for g in self.groups.values():
+                if topic in g.read_pos:
+                    g.offer(topic, items[0][0], items)
+
+    # -- building events for the journal --------------------------------------------------------------------
+    def _new(self, ev: Event, topic: str) -> NewEvent:
+        def render(seq: int, ev: Event = ev, topic: str = topic) -> bytes:
+            ev.topic, ev.seq = topic, seq
+            return ev.to_json()
+
+        return NewEvent(topic, ev.source, ev.id, objkey_of(ev), render)
+
+    def _dead_letter(self, dl: DeadLetter) -> NewEvent | None:
+        topic = self.cfg.dead_letter_for(dl.item.topic)
+        try:
+            orig = json.loads(dl.item.body)
+        except ValueError:
+            orig = {"raw": dl.item.body.decode("utf-8", "replace")}
+        log.warning(
+            "event dead-lettered",
+            extra={"group": dl.group, "topic": dl.item.topic, "seq": dl.item.seq, "error": dl.line},
+        )
+        self.metrics.dead_lettered.labels(dl.group).inc()
+        if dl.item.topic == topic:
+            log.error("a dead letter failed in its own topic; dropped", extra={"seq": dl.item.seq})
+            return None
+        ev = Event(
+            id=stable_id("dead-letter", dl.group, orig.get("source"), orig.get("id"), dl.item.seq),
+            source=f"bucketwire://hub/dead-letter/{dl.group}",
+            type="bucketwire.dead-letter",
+            subject=orig.get("subject"),
+            data={
+                "group": dl.group, "topic": dl.item.topic, "seq": dl.item.seq, "attempts": dl.item.attempts,
+                "error": dl.error, "line": dl.line, "plugin": dl.plugin, "event": orig,
+            },
+            causationid=orig.get("id"),
+            hops=orig.get("hops", 0) if isinstance(orig.get("hops"), int) else 0,
+        )
+        return self._new(ev, topic)
+
+    def _route(self, ev: Event) -> str | None:
+        return ev.topic or self.router.topic_for(ev)
+
+    def _ingest(self, events: list[Event], source: str, batch: Batch,
+                done: Callable[[list[IngestResult] | None, str | None], None], replies: list) -> None:
+        """Queue events for this batch; `done` gets one result per event after the commit."""
+        plan: list[IngestResult] = []
+        lo = len(batch.events)
+        for ev in events:
+            topic = self._route(ev)
+            if topic is None:
+                self.metrics.unrouted.labels(source).inc()
+                plan.append(IngestResult(ev.id, None, None, unrouted=True))
+                continue
+            if ev.hops > self.cfg.hub.max_hops:
+                self.metrics.rejected.labels(source, "hop_limit").inc()
+                plan.append(IngestResult(ev.id, topic, None, error=f"hop limit {self.cfg.hub.max_hops} exceeded"))
+                continue
+            batch.events.append(self._new(ev, topic))
+            plan.append(IngestResult(ev.id, topic, None))
+        hi = len(batch.events)
+
+        def cb(appended: list[Appended] | None, err: str | None) -> None:
+            if appended is None:
+                done(None, err)
+                return
+            it = iter(appended)
+            for r in plan:
+                if r.unrouted or r.error:
+                    continue
+                a = next(it)
+                r.topic, r.seq, r.duplicate = a.topic, a.seq, a.duplicate
+                (self.metrics.duplicates if a.duplicate else self.metrics.received).labels(
+                    *((source,) if a.duplicate else (source, a.topic))
+                ).inc()
+            done(plan, None)
+
+        replies.append((cb, lo, hi))
+
+    def _drain_ingress(self, batch: Batch, replies: list) -> None:
+        for _ in range(MAX_DRAIN):
+            try:
+                events, source, fut = self.ingress_q.get_nowait()
+            except queue.Empty:
+                return
+
+            def done(res: list[IngestResult] | None, err: str | None, fut: Future = fut) -> None:
+                if not fut.done():
+                    if err is not None:
+                        fut.set_exception(JournalError(err))
+                    else:
+                        fut.set_result(res)
+
+            self._ingest(events, source, batch, done, replies)
+
+    # -- the work socket -------------------------------------------------------------------------------------
+    def _send(self, frames: list[bytes]) -> bool:
+        try:
+            self.work.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.metrics.send_again.labels("work").inc()
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+        return False
+
+    def _reject(self, ident: bytes, reason: str, detail: str) -> None:
+        self.metrics.rejected.labels("zmq", reason).inc()
+        log.debug("frame rejected", extra={"reason": reason, "detail": detail})
+        self._send([ident, P.ERR, P.enc({"error": detail, "fatal": False})])
+
+    def _drain_work(self, batch: Batch, replies: list, now: float) -> None:
+        for _ in range(MAX_DRAIN):
+            try:
+                frames = self.work.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            ident = frames[0]
+            if len(frames) < 3:
+                self._reject(ident, "frames", "expected [COMMAND, header, ...]")
+                continue
+            cmd = frames[1]
+            try:
+                hdr = P.header(frames[2])
+                self._handle(ident, cmd, hdr, frames[3:], batch, replies, now)
+            except P.ProtocolError as e:
+                self._reject(ident, "protocol", str(e))
+            except (EnvelopeError, ValueError, TypeError, KeyError) as e:
+                self._reject(ident, "invalid", f"{type(e).__name__}: {e}")
+            except Exception as e:  # nothing a peer sends may take the hub down
+                log.exception("unexpected error handling a frame")
+                self._reject(ident, "internal", f"{type(e).__name__}: {e}")
+
+    def _handle(self, ident: bytes, cmd: bytes, hdr: dict, rest: list[bytes], batch: Batch, replies: list,
+                now: float) -> None:
+        w = self.workers.get(ident)
+        if w is not None:
+            w.last_seen = now
+        if cmd == P.ACK:
+            self._on_ack(ident, hdr, batch, now)
+        elif cmd == P.HB:
+            if w is None:
+                self._send([ident, P.ERR, P.enc({"error": "unknown worker; send READY", "reready": True})])
+        elif cmd == P.READY:
+            self._on_ready(ident, hdr, now)
+        elif cmd == P.PUB:
+            self._on_pub(ident, hdr, batch, replies)
+        elif cmd == P.FETCH:
+            self._on_fetch(ident, hdr)
+        elif cmd == P.STATUS:
+            self._send([ident, P.STATUSR, P.enc({"req": hdr.get("req"), **self.status(now)})])
+        elif cmd == P.BYE:
+            self._on_bye(ident, hdr)
+        else:
+            raise P.ProtocolError(f"unknown command {cmd[:32]!r}")
+
+    def _on_ready(self, ident: bytes, hdr: dict, now: float) -> None:
+        group, topics, credit = hdr.get("group"), hdr.get("topics"), hdr.get("credit", 1)
+        if not isinstance(group, str) or not group:
+            raise P.ProtocolError("READY needs a group name")
+        if not isinstance(topics, list) or not all(isinstance(t, str) and t for t in topics):
+            raise P.ProtocolError("READY needs a list of topics")
+        if not isinstance(credit, int) or isinstance(credit, bool) or not 1 <= credit <= 10_000:
+            raise P.ProtocolError("READY credit must be an integer from 1 to 10000")
+        schema = hdr.get("schema")
+        if schema != SCHEMA_VERSION:
+            self._send([ident, P.ERR, P.enc({
+                "fatal": True,
+                "error": f"worker envelope schema {schema} does not match the hub's {SCHEMA_VERSION}; "
+                         "install the same bucketwire version on the hub and worker hosts",
+            })])
+            return
+        if not topics and group not in self.groups:
+            raise P.ProtocolError(f"READY for unknown group {group!r} must name its topics")
+        start = hdr.get("start") if hdr.get("start") in ("latest", "earliest") else "latest"
+        g = self._group(group, topics, start)
+        old = self.workers.get(ident)
+        if old is not None and old.group != group:
+            self._worker_gone(old, lost=False)
+            old = None
+        if old is None:
+            pid = hdr.get("pid", 0)
+            w = WorkerState(ident, group, frozenset(topics or g.topics), credit, now,
+                            host=str(hdr.get("host", ""))[:64], pid=pid if isinstance(pid, int) else 0)
+            self.workers[ident] = w
+            g.workers[ident] = w
+            g.workers.move_to_end(ident, last=False)
+            log.info("worker joined", extra={"group": group, "host": w.host, "pid": w.pid, "credit": credit})
+        else:
+            old.credit, old.topics = credit, frozenset(topics or g.topics)
+        self.metrics.workers.labels(group).set(len(g.workers))
+
+    def _on_ack(self, ident: bytes, hdr: dict, batch: Batch, now: float) -> None:
+        gname = hdr.get("g")
+        results = hdr.get("results")
+        g = self.groups.get(gname) if isinstance(gname, str) else None
+        if g is None or not isinstance(results, list):
+            raise P.ProtocolError("ACK needs a known group 'g' and a 'results' list")
+        for r in results:
+            if not isinstance(r, dict):
+                raise P.ProtocolError("each ACK result must be an object")
+            topic, seq = r.get("t"), r.get("s")
+            if not isinstance(topic, str) or not isinstance(seq, int) or isinstance(seq, bool):
+                raise P.ProtocolError("ACK result needs topic 't' and seq 's'")
+            if r.get("ok") is True:
+                follow = r.get("f") or []
+                if not isinstance(follow, list):
+                    raise P.ProtocolError("ACK follow-ons 'f' must be a list")
+                # Validate every follow-on before touching state, so a bad one rejects the whole ack.
+                fos = [Event.from_dict(f) for f in follow]
+                for fo in fos:
+                    if not fo.topic:
+                        raise EnvelopeError("follow-on events need a topic")
+                if g.ack(topic, seq):
+                    self.metrics.acked.labels(g.name).inc()
+                    for fo in fos:
+                        if fo.hops > self.cfg.hub.max_hops:
+                            self.metrics.hop_limited.inc()
+                            log.warning("follow-on refused by hop limit",
+                                        extra={"topic": fo.topic, "hops": fo.hops, "group": g.name})
+                            dl = DeadLetter(g_item_stub(topic, seq, fo), g.name,
+                                            f"hop limit {self.cfg.hub.max_hops} exceeded", "hop limit", None)
+                            ne = self._dead_letter(dl)
+                            if ne:
+                                self.carry.append(ne)
+                            continue
+                        self.carry.append(self._new(fo, fo.topic))  # type: ignore[arg-type]
+            else:
+                err = str(r.get("error", "handler failed"))[:8192]
+                line = str(r.get("line", err))[:1024]
+                plugin = r.get("plugin") if isinstance(r.get("plugin"), str) else None
+                dl = g.fail(topic, seq, err, line, plugin, bool(r.get("permanent")), now)
+                if dl is not None:
+                    ne = self._dead_letter(dl)
+                    if ne:
+                        self.carry.append(ne)
+                else:
+                    self.metrics.retries.labels(g.name).inc()
+        self.metrics.inflight.labels(g.name).set(len(g.inflight))
+
+    def _on_pub(self, ident: bytes, hdr: dict, batch: Batch, replies: list) -> None:
+        req = hdr.get("req")
+        raw = hdr.get("events")
+        if not isinstance(raw, list) or not raw or len(raw) > 10_000:
+            raise P.ProtocolError("PUB needs 'events': a list of 1 to 10000 envelopes")
+        try:
+            events = [Event.from_dict(d) for d in raw]
+        except EnvelopeError as e:
+            self.metrics.rejected.labels("zmq", "envelope").inc()
+            self._send([ident, P.PUBNACK, P.enc({"req": req, "error": str(e)})])
+            return
+
+        def done(res: list[IngestResult] | None, err: str | None) -> None:
+            if res is None:
+                self._send([ident, P.PUBNACK, P.enc({"req": req, "error": err})])
+            else:
+                self._send([ident, P.PUBACK, P.enc({"req": req, "results": [r.as_dict() for r in res]})])
+
+        self._ingest(events, "zmq", batch, done, replies)
+
+    def _on_fetch(self, ident: bytes, hdr: dict) -> None:
+        topic, start = hdr.get("topic"), hdr.get("from", 1)
+        limit = hdr.get("limit", MAX_FETCH)
+        if not isinstance(topic, str) or not isinstance(start, int) or not isinstance(limit, int):
+            raise P.ProtocolError("FETCH needs 'topic' (string), 'from' and 'limit' (integers)")
+        rows = self.journal.read(topic, max(1, start), max(1, min(limit, MAX_FETCH)))
+        head = self.journal.heads.get(topic, 0)
+        nxt = rows[-1][0] + 1 if rows else max(start, (self.journal.first_seq(topic) or head + 1))
+        meta = {"req": hdr.get("req"), "topic": topic, "head": head, "next": nxt,
+                "first": rows[0][0] if rows else None}
+        self._send([ident, P.EVENTS, P.enc(meta), *[r[2] for r in rows]])
+
+    def _on_bye(self, ident: bytes, hdr: dict) -> None:
+        w = self.workers.get(ident)
+        if w is not None:
+            req = hdr.get("requeue") or []
+            if not isinstance(req, list):
+                req = []
+            keys = {(t, s) for t, s in req if isinstance(t, str) and isinstance(s, int)}
+            self._worker_gone(w, lost=False, requeue=keys)
+
+    def _worker_gone(self, w: WorkerState, *, lost: bool, requeue: set | None = None) -> None:
+        self.workers.pop(w.ident, None)
+        g = self.groups[w.group]
+        n = len(w.inflight)
+        for dl in g.worker_gone(w.ident, lost=lost, requeue=requeue):
+            ne = self._dead_letter(dl)
+            if ne:
+                self.carry.append(ne)
+        if lost and n:
+            self.metrics.redelivered.labels(g.name).inc(n)
+        self.metrics.workers.labels(g.name).set(len(g.workers))
+        log.info("worker lost (no heartbeat)" if lost else "worker left",
+                 extra={"group": w.group, "host": w.host, "pid": w.pid, "requeued": n})
+
+    def _expire_workers(self, now: float) -> None:
+        limit = self.cfg.hub.heartbeat_timeout
+        for w in [w for w in self.workers.values() if now - w.last_seen > limit]:
+            self._worker_gone(w, lost=True)
+
+    def _dispatch(self, g: GroupState, now: float) -> None:
+        for w, items in g.dispatch(self.cfg.hub.dispatch_batch, now):
+            frames = [w.ident, P.DELIVER, P.enc({"a": [it.attempts for it in items]})]
+            frames.extend(it.body for it in items)
+            if self._send(frames):
+                w.last_sent = now
+                self.metrics.dispatched.labels(g.name).inc(len(items))
+                self.metrics.batches.labels(g.name).inc()
+            else:
+                # Not delivered (gone or its queue is full): the events go back, not counted as an attempt.
+                g.worker_gone(w.ident, lost=False)
+                self.workers.pop(w.ident, None)
+        self.metrics.inflight.labels(g.name).set(len(g.inflight))
+
+    def _heartbeats(self, now: float) -> None:
+        self._last_hb = now
+        for w in list(self.workers.values()):
+            if now - w.last_sent >= self.cfg.hub.heartbeat_interval and self._send([w.ident, P.HB, b"{}"]):
+                w.last_sent = now
+        for topic, head in self.journal.heads.items():
+            try:
+                self.pub.send_multipart([topic.encode(), str(head).encode(), P.HEARTBEAT_FRAME], zmq.NOBLOCK)
+            except zmq.Again:
+                self.metrics.send_again.labels("pub").inc()
+
+    def _retention(self) -> None:
+        try:
+            n = self.journal.enforce_retention(self.cfg.hub.retention_age, self.cfg.hub.retention_bytes)
+            self.metrics.journal_bytes.set(self.journal.size_bytes())
+        except Exception as e:  # retention must never stop the hub
+            log.error("retention failed", extra={"error": str(e)})
+            return
+        if n:
+            self.metrics.retention_dropped.inc(n)
+            log.info("retention removed old events", extra={"count": n})
+
+    # -- status ----------------------------------------------------------------------------------------------
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        now = time.monotonic() if now is None else now
+        heads = self.journal.heads
+        groups = {}
+        for g in self.groups.values():
+            per = {t: {"cursor": g.acked[t], "head": heads.get(t, 0), "lag": max(0, heads.get(t, 0) - g.acked[t])}
+                   for t in g.topics}
+            for t, v in per.items():
+                self.metrics.cursor.labels(g.name, t).set(v["cursor"])
+                self.metrics.lag.labels(g.name, t).set(v["lag"])
+            groups[g.name] = {
+                "topics": per,
+                "lag": sum(v["lag"] for v in per.values()),
+                "inflight": len(g.inflight),
+                "workers": len(g.workers),
+                "retrying": len(g.retry),
+                "dead_lettered": g.totals[0],
+                "retried": g.totals[1],
+                "redelivered": g.totals[2],
+                "skipped_by_retention": g.skipped_by_retention,
+                "oldest_unacked_age": round(g.oldest_unacked_age(now), 3),
+            }
+        return {
+            "hub": {"uptime": round(time.time() - self.started, 3), "journal_ok": self.journal_ok,
+                    "durability": self.cfg.hub.durability},
+            "topics": {t: {"head": h} for t, h in sorted(heads.items())},
+            "groups": groups,
+        }
+
+
+def g_item_stub(topic: str, seq: int, fo: Event) -> Any:
+    """A dispatch Item standing for a refused follow-on, so it dead-letters like any other failure."""
+    from .dispatch import Item
+
+    return Item(topic, seq, objkey_of(fo), fo.to_json(), attempts=1)

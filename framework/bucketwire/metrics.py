@@ -1,0 +1,49 @@
+"""Prometheus metrics, one registry per process so tests can run a hub in-process without collisions.
+
+Labels are bounded: topic, group, source, reason, plugin -- never object keys.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class HubMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.received = Counter("bucketwire_events_received_total", "Events accepted at ingress",
+                                ["source", "topic"], registry=r)
+        self.unrouted = Counter("bucketwire_events_unrouted_total", "Well-formed events that matched no route",
+                                ["source"], registry=r)
+        self.duplicates = Counter("bucketwire_events_duplicate_total", "Events dropped as duplicates of (source, id)",
+                                  ["source"], registry=r)
+        self.rejected = Counter("bucketwire_ingress_rejected_total", "Requests or frames rejected",
+                                ["ingress", "reason"], registry=r)
+        self.commits = Counter("bucketwire_journal_commits_total", "Journal transactions committed", registry=r)
+        self.commit_failures = Counter("bucketwire_journal_commit_failures_total", "Journal commits that failed",
+                                       registry=r)
+        self.commit_seconds = Histogram("bucketwire_journal_commit_seconds", "Journal commit latency", registry=r,
+                                        buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                 0.1, 0.25, 1.0))
+        self.journal_bytes = Gauge("bucketwire_journal_bytes", "Journal size in bytes", registry=r)
+        self.head = Gauge("bucketwire_topic_head_seq", "Latest seq per topic", ["topic"], registry=r)
+        self.cursor = Gauge("bucketwire_group_cursor_seq", "Acked watermark per group and topic",
+                            ["group", "topic"], registry=r)
+        self.lag = Gauge("bucketwire_group_lag", "Events not yet acked per group and topic", ["group", "topic"],
+                         registry=r)
+        self.inflight = Gauge("bucketwire_group_inflight", "Events in flight per group", ["group"], registry=r)
+        self.workers = Gauge("bucketwire_group_workers", "Connected workers per group", ["group"], registry=r)
+        self.dispatched = Counter("bucketwire_dispatched_total", "Events handed to workers", ["group"], registry=r)
+        self.batches = Counter("bucketwire_dispatch_batches_total", "Dispatch batches sent", ["group"], registry=r)
+        self.acked = Counter("bucketwire_acked_total", "Events acked", ["group"], registry=r)
+        self.retries = Counter("bucketwire_retries_total", "Failed events scheduled for retry", ["group"], registry=r)
+        self.redelivered = Counter("bucketwire_redelivered_total", "In-flight events redelivered after a worker left",
+                                   ["group"], registry=r)
+        self.dead_lettered = Counter("bucketwire_dead_lettered_total", "Events sent to the dead-letter topic",
+                                     ["group"], registry=r)
+        self.follow_ons = Counter("bucketwire_follow_ons_total", "Follow-on events committed", ["topic"], registry=r)
+        self.hop_limited = Counter("bucketwire_hop_limit_total", "Follow-ons refused by the hop limit", registry=r)
+        self.send_again = Counter("bucketwire_zmq_send_eagain_total", "Sends refused by a full queue (HWM)",
+                                  ["socket"], registry=r)
+        self.retention_dropped = Counter("bucketwire_retention_dropped_total", "Events removed by retention",
+                                         registry=r)

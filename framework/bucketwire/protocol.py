@@ -1,0 +1,64 @@
+"""Frames on the hub's ROUTER `work` endpoint.
+
+Every message a peer sends is `[COMMAND, json-header, *payload-frames]` (the ROUTER prepends the peer identity).
+JSON headers keep the protocol debuggable with any ZeroMQ client; envelopes travel as their own frames so the
+hub forwards committed bytes without re-encoding them.
+
+    worker -> hub   READY     {"group", "topics", "credit", "proto", "schema", "host", "pid"}
+                    ACK       {"results": [{"t": topic, "s": seq, "ok": true, "f": [follow-on envelope]} |
+                                           {"t", "s", "ok": false, "error", "line", "plugin", "permanent"}]}
+                    HB        {}
+                    BYE       {"requeue": [[topic, seq], ...]}     (draining: give back unstarted events)
+    hub -> worker   DELIVER   {"a": [attempt, ...]}, envelope, envelope, ...
+                    HB        {}
+                    ERR       {"error", "fatal"}
+    client -> hub   PUB       {"req", "events": [envelope dict, ...]}  -> PUBACK {"req", "results"} | PUBNACK
+                    FETCH     {"req", "topic", "from", "limit"}        -> EVENTS {"req","topic","head","next"}, env...
+                    STATUS    {"req"}                                  -> STATUSR {...}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+PROTO = 1
+
+READY = b"READY"
+ACK = b"ACK"
+HB = b"HB"
+BYE = b"BYE"
+DELIVER = b"DELIVER"
+ERR = b"ERR"
+PUB = b"PUB"
+PUBACK = b"PUBACK"
+PUBNACK = b"PUBNACK"
+FETCH = b"FETCH"
+EVENTS = b"EVENTS"
+STATUS = b"STATUS"
+STATUSR = b"STATUSR"
+
+CLIENT_COMMANDS = {READY, ACK, HB, BYE, PUB, FETCH, STATUS}
+
+HEARTBEAT_FRAME = b""
+"""On the PUB socket a heartbeat is `[topic, head-seq, b""]`: an empty envelope frame."""
+
+
+class ProtocolError(ValueError):
+    """A frame sequence that does not follow the protocol; counted and answered with ERR, never fatal."""
+
+
+def header(frame: bytes, max_len: int = 64 << 20) -> dict[str, Any]:
+    if len(frame) > max_len:
+        raise ProtocolError("header frame too large")
+    try:
+        h = json.loads(frame)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("header frame is not JSON") from None
+    if not isinstance(h, dict):
+        raise ProtocolError("header frame is not a JSON object")
+    return h
+
+
+def enc(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,276 @@
+"""One worker child: receives events from the hub, runs them through the plugins, reports the outcome.
+
+Two threads, because a handler can run for minutes (a 500 MB replica) while the hub must keep hearing
+heartbeats: the I/O thread owns the DEALER socket (heartbeats, reconnects, forwarding), the main thread runs
+handlers. They talk over an inproc PAIR, so no ZeroMQ socket is ever shared between threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from . import plugins as plugin_loader
+from . import protocol as P
+from .config import Config, ConfigError
+from .context import Context, PermanentError, Stores
+from .envelope import SCHEMA_VERSION, EnvelopeError, Event
+
+log = logging.getLogger("bucketwire.worker")
+
+RESERVED_SETTINGS = ("topics",)
+
+
+@dataclass
+class WorkerSpec:
+    group: str
+    topics: list[str]
+    credit: int
+    local_plugins: list[str]
+    start: str = "latest"
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+
+
+class Plugins:
+    """Loaded plugins with their validated settings, ready to run an event through."""
+
+    def __init__(self, cfg: Config, spec: WorkerSpec) -> None:
+        gc = cfg.groups.get(spec.group)
+        allow = gc.plugins if gc is not None else None
+        self.loaded = plugin_loader.load(allow, spec.local_plugins)
+        sections = {n: dict(cfg.plugins.get(n, {})) for n in self.loaded.names}
+        self.topics: dict[str, set[str] | None] = {}
+        for n, sec in sections.items():
+            t = sec.pop("topics", None)
+            self.topics[n] = set(t) if isinstance(t, list) else {t} if isinstance(t, str) else None
+        self.settings = plugin_loader.validate_settings(self.loaded, sections)
+        self.stores = Stores(cfg.stores, cfg.hub.default_store)
+        self.group = spec.group
+        self.handlers = self.loaded.impls("handle_event")
+
+    def ctx(self, name: str, event: Event | None = None, attempt: int = 1) -> Context:
+        logger = logging.getLogger(f"bucketwire.plugin.{name}")
+        return Context(name, self.group, self.settings[name], self.stores, logger, event, attempt)
+
+    def lifecycle(self, hook: str) -> None:
+        for name, fn in self.loaded.impls(hook):
+            try:
+                fn(ctx=self.ctx(name))
+            except Exception:
+                log.exception(f"{hook} failed", extra={"plugin": name})
+                if hook == "worker_startup":
+                    raise
+
+    def run(self, event: Event, attempt: int) -> list[Event]:
+        out: list[Event] = []
+        for name, fn in self.handlers:
+            want = self.topics.get(name)
+            if want is not None and event.topic not in want:
+                continue
+            ctx = self.ctx(name, event, attempt)
+            try:
+                fn(event=event, ctx=ctx)
+            except Exception as e:
+                e.bucketwire_plugin = name  # type: ignore[attr-defined]
+                raise
+            out.extend(ctx.published)
+        return out
+
+
+def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str, stop: threading.Event) -> None:
+    """Own the DEALER: forward deliveries to the main thread, acks to the hub, heartbeat both ways."""
+    pair = zctx.socket(zmq.PAIR)
+    pair.connect(pair_addr)
+    ready = P.enc({
+        "group": spec.group, "topics": spec.topics, "credit": spec.credit, "proto": P.PROTO,
+        "schema": SCHEMA_VERSION, "host": socket.gethostname(), "pid": os.getpid(), "start": spec.start,
+    })
+
+    def connect() -> zmq.Socket:
+        d = zctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 2000)
+        d.setsockopt(zmq.IDENTITY, b"w-" + uuid.uuid4().bytes)
+        d.setsockopt(zmq.SNDHWM, 100_000)
+        d.setsockopt(zmq.RCVHWM, 100_000)
+        d.connect(cfg.client.work)
+        d.send_multipart([P.READY, ready])
+        return d
+
+    dealer = connect()
+    poller = zmq.Poller()
+    poller.register(dealer, zmq.POLLIN)
+    poller.register(pair, zmq.POLLIN)
+    last_hub = last_sent = time.monotonic()
+    interval, timeout = spec.heartbeat_interval, spec.heartbeat_timeout
+    try:
+        while True:
+            socks = dict(poller.poll(int(interval * 1000 / 2)))
+            now = time.monotonic()
+            if pair in socks:
+                for _ in range(1000):
+                    try:
+                        frames = pair.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if frames[0] == b"QUIT":
+                        return
+                    dealer.send_multipart(frames)
+                    last_sent = now
+            if dealer in socks:
+                for _ in range(1000):
+                    try:
+                        frames = dealer.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    last_hub = now
+                    cmd = frames[0]
+                    if cmd == P.DELIVER:
+                        pair.send_multipart(frames)
+                    elif cmd == P.ERR:
+                        hdr = P.header(frames[1]) if len(frames) > 1 else {}
+                        if hdr.get("fatal"):
+                            pair.send_multipart([b"FATAL", frames[1]])
+                        elif hdr.get("reready"):
+                            dealer.send_multipart([P.READY, ready])
+                        else:
+                            log.warning("hub rejected a message", extra={"error": hdr.get("error")})
+            if now - last_hub > timeout:
+                # The hub went quiet (restart, network): reconnect under a new identity. Events already
+                # delivered to us will be redelivered by the hub; tell the main thread to drop unstarted ones.
+                log.warning("hub silent; reconnecting", extra={"endpoint": cfg.client.work})
+                poller.unregister(dealer)
+                dealer.close(0)
+                dealer = connect()
+                poller.register(dealer, zmq.POLLIN)
+                pair.send_multipart([b"RESET"])
+                last_hub = last_sent = now
+            elif now - last_sent >= interval and not stop.is_set():
+                dealer.send_multipart([P.HB, b"{}"])
+                last_sent = now
+    finally:
+        dealer.close()
+        pair.close(0)
+
+
+def child_main(cfg: Config, spec: WorkerSpec) -> int:
+    """Entry point of a worker child process; returns the exit code."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        plugins = Plugins(cfg, spec)
+        plugins.lifecycle("worker_startup")
+    except ConfigError as e:
+        log.error(str(e))
+        return 2
+    zctx = zmq.Context()
+    pair = zctx.socket(zmq.PAIR)
+    addr = f"inproc://worker-io-{os.getpid()}"
+    pair.bind(addr)
+    io = threading.Thread(target=_io_thread, args=(zctx, cfg, spec, addr, stopping), name="io", daemon=True)
+    io.start()
+    queue: deque[tuple[int, bytes]] = deque()
+    acks: list[dict[str, Any]] = []
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal last_flush
+        if acks:
+            pair.send_multipart([P.ACK, P.enc({"g": spec.group, "results": acks})])
+            acks.clear()
+        last_flush = time.monotonic()
+
+    def take(block_ms: int) -> bool:
+        """Pull whatever the I/O thread forwarded; False on a fatal error from the hub."""
+        if not pair.poll(block_ms):
+            return True
+        while True:
+            try:
+                frames = pair.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            if frames[0] == P.DELIVER:
+                attempts = P.header(frames[1]).get("a", [])
+                for i, body in enumerate(frames[2:]):
+                    queue.append((attempts[i] if i < len(attempts) else 1, body))
+            elif frames[0] == b"RESET":
+                queue.clear()
+            elif frames[0] == b"FATAL":
+                log.error(P.header(frames[1]).get("error", "hub refused this worker"))
+                return False
+
+    code = 0
+    try:
+        while not stopping.is_set():
+            if not take(0 if queue else 200):
+                code = 2
+                break
+            if not queue:
+                flush()
+                continue
+            attempt, body = queue.popleft()
+            acks.append(_handle(plugins, attempt, body))
+            if not queue or len(acks) >= 64 or time.monotonic() - last_flush > 0.005:
+                flush()
+        flush()
+        # Drain: give back what we had not started so the hub hands it to another worker at once.
+        requeue = []
+        for _, body in queue:
+            try:
+                d = json.loads(body)
+                requeue.append([d["topic"], d["seq"]])
+            except (ValueError, KeyError, TypeError):
+                pass
+        pair.send_multipart([P.BYE, P.enc({"requeue": requeue})])
+        time.sleep(0.05)
+        pair.send_multipart([b"QUIT"])
+        io.join(timeout=3)
+    finally:
+        try:
+            plugins.lifecycle("worker_shutdown")
+        finally:
+            pair.close(0)
+            zctx.term()
+    return code
+
+
+def _handle(plugins: Plugins, attempt: int, body: bytes) -> dict[str, Any]:
+    try:
+        raw = json.loads(body)
+        topic, seq = raw.get("topic"), raw.get("seq")
+    except ValueError:
+        topic, seq = None, None
+        raw = None
+    try:
+        event = Event.from_dict(raw) if raw is not None else Event.from_json(body)
+    except EnvelopeError as e:
+        # Refuse loudly: an envelope we cannot fully read must not be half-processed.
+        log.error("refusing envelope", extra={"topic": topic, "seq": seq, "error": str(e)})
+        return {"t": topic, "s": seq, "ok": False, "error": str(e), "line": str(e), "permanent": True}
+    try:
+        follow = plugins.run(event, attempt)
+    except Exception as e:
+        plugin = getattr(e, "bucketwire_plugin", None)
+        line = traceback.format_exception_only(type(e), e)[-1].strip()
+        log.warning("handler failed", extra={"plugin": plugin, "topic": topic, "seq": seq, "error": line,
+                                             "attempt": attempt})
+        return {"t": topic, "s": seq, "ok": False, "error": "".join(traceback.format_exception(e))[-8000:],
+                "line": line, "plugin": plugin, "permanent": isinstance(e, PermanentError)}
+    return {"t": topic, "s": seq, "ok": True, "f": [f.to_dict() for f in follow]}
