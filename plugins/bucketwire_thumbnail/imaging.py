@@ -146,7 +146,9 @@ def render(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise ThumbnailError(f"image rejected as a decompression bomb: {e}") from None
+        raise ThumbnailError(
+            f"image rejected as a decompression bomb: over max_pixels={max_pixels} (Pillow: {e})"
+        ) from None
     except UnidentifiedImageError:
         raise ThumbnailError("not an image Pillow can decode (unknown or corrupt header)") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -179,7 +181,9 @@ def render(
     except ThumbnailError:
         raise
     except Image.DecompressionBombError as e:
-        raise ThumbnailError(f"image rejected as a decompression bomb: {e}") from None
+        raise ThumbnailError(
+            f"image rejected as a decompression bomb: over max_pixels={max_pixels} (Pillow: {e})"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         # "image file is truncated", "broken data stream", unsupported compressions ...
         raise ThumbnailError(f"cannot decode image ({im.format or 'unknown format'}): {e}") from None

@@ -1,0 +1,357 @@
+"""Thumbnail plugin: the pure renderer, and the hooks against a real SeaweedFS through PluginHarness."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import struct
+import time
+import zlib
+from typing import Any
+
+import bucketwire
+import bucketwire_thumbnail as thumb
+import pytest
+from bucketwire import ConfigError, Event, PermanentError
+from bucketwire.config import StoreConfig
+from bucketwire.testing import PluginHarness
+from bucketwire_thumbnail.imaging import render
+from minio.error import S3Error
+from PIL import Image
+
+_ids = itertools.count(1)
+RED = (255, 0, 0)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def obj_event(kind: str, bucket: str, key: str, *, size: int = 0, etag: str = "", ctype: str = "",
+              md: dict[str, str] | None = None, hops: int = 0) -> Event:
+    """An object event shaped like the hub's (`s3records.record_to_event`)."""
+    return Event(
+        id=f"t-{next(_ids)}", source="test", type=f"s3:{kind}", subject=key, hops=hops,
+        data={
+            "bucket": bucket, "key": key, "size": size, "etag": etag, "content_type": ctype,
+            "version_id": "", "sequencer": "", "user_metadata": md or {}, "store": "primary",
+            "principal": "tester", "source_ip": "127.0.0.1", "user_agent": "pytest", "records": [],
+        },
+    )
+
+
+def upload(client: Any, bucket: str, key: str, data: bytes, ctype: str, md: dict[str, str] | None = None,
+           hops: int = 0) -> Event:
+    client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=ctype, metadata=md)
+    st = client.stat_object(bucket, key)
+    return obj_event("ObjectCreated:Put", bucket, key, size=len(data), etag=st.etag, ctype=ctype, hops=hops)
+
+
+def harness(weed: Any, **settings: Any) -> PluginHarness:
+    store = StoreConfig(name="primary", endpoint=weed.s3_endpoint, access_key=weed.access_key,
+                        secret_key=weed.secret_key)
+    return PluginHarness(thumb, settings=settings, stores={"primary": store})
+
+
+def keys(client: Any, bucket: str) -> list[str]:
+    return sorted(o.object_name for o in client.list_objects(bucket, recursive=True))
+
+
+def jpeg_12mp(orientation: int = 6) -> bytes:
+    """4000x3000 with some texture (so decoding costs what a photo costs) and a red top-left corner."""
+    noise = Image.effect_noise((1000, 750), 40).resize((4000, 3000))
+    im = Image.merge("RGB", (noise, Image.linear_gradient("L").resize((4000, 3000)), noise))
+    im.paste(RED, (0, 0, 400, 400))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo() -> bytes:
+    return jpeg_12mp()
+
+
+def near(px: tuple[int, ...], want: tuple[int, ...], tol: int = 40) -> bool:
+    return all(abs(a - b) <= tol for a, b in zip(px, want, strict=False))
+
+
+# -- the pure renderer ------------------------------------------------------------------------------------------
+def test_render_12mp_jpeg_applies_orientation_and_keeps_aspect(photo: bytes) -> None:
+    out = render(photo, [256, 1024], format="jpeg")
+    assert [(t.size, t.width, t.height) for t in out] == [(256, 192, 256), (1024, 768, 1024)]
+    for t in out:
+        im = Image.open(io.BytesIO(t.data)).convert("RGB")
+        assert im.size == (t.width, t.height)
+        # Orientation 6 = rotate 90 degrees clockwise for display: top-left marker ends up top-right.
+        assert near(im.getpixel((im.width - 3, 3)), RED)
+        assert not near(im.getpixel((3, 3)), RED)
+        assert not near(im.getpixel((im.width - 3, im.height - 3)), RED)
+    size, data, w, h = out[0]  # the documented tuple shape
+    assert (size, w, h) == (256, 192, 256) and data[:3] == b"\xff\xd8\xff"
+
+
+def test_render_is_faster_than_plain_pillow(photo: bytes) -> None:
+    """The draft path must beat open/convert/resize(LANCZOS)/save by a wide margin on a 12 MP JPEG."""
+    def plain() -> bytes:
+        im = Image.open(io.BytesIO(photo)).convert("RGB")
+        im = im.resize((256, 192), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "WEBP", quality=80)
+        return buf.getvalue()
+
+    def best(fn: Any, n: int = 3) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    ours = best(lambda: render(photo, [256], format="webp"))
+    theirs = best(plain)
+    print(f"\n12 MP JPEG -> 256 px webp: bucketwire_thumbnail {ours * 1000:.1f} ms, "
+          f"plain Pillow {theirs * 1000:.1f} ms ({theirs / ours:.1f}x)")
+    assert ours * 3 < theirs
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("dims", [(30000, 30000), (200_000, 200_000)])
+def test_decompression_bomb_is_rejected_before_decoding(dims: tuple[int, int]) -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(thumb.ThumbnailError, match="decompression bomb"):
+        render(_png_header_only(*dims), [256], max_pixels=50_000_000)
+    assert time.perf_counter() - t0 < 1
+
+
+def test_truncated_and_garbage_inputs(photo: bytes) -> None:
+    with pytest.raises(thumb.ThumbnailError, match="truncated"):
+        render(photo[: len(photo) // 2], [256])
+    with pytest.raises(thumb.ThumbnailError, match="not an image"):
+        render(b"this is not an image at all", [256])
+
+
+def _image(kind: str) -> tuple[bytes, str]:
+    buf = io.BytesIO()
+    if kind == "png-rgba":
+        im = Image.new("RGBA", (600, 300), (0, 0, 255, 0))
+        im.paste((0, 255, 0, 255), (0, 0, 300, 300))
+        im.save(buf, "PNG")
+        return buf.getvalue(), "image/png"
+    if kind == "png-p-transparency":
+        im = Image.new("P", (300, 600), 0)
+        im.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+        im.paste(1, (0, 0, 300, 300))
+        im.save(buf, "PNG", transparency=0)
+        return buf.getvalue(), "image/png"
+    if kind == "jpeg-cmyk":
+        Image.new("CMYK", (800, 400), (0, 255, 255, 0)).save(buf, "JPEG")  # red in CMYK
+        return buf.getvalue(), "image/jpeg"
+    if kind == "gif":
+        frames = [Image.new("P", (500, 500), i) for i in (1, 2)]
+        for f in frames:
+            f.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+        frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+        return buf.getvalue(), "image/gif"
+    if kind == "png-16bit":
+        im = Image.linear_gradient("L").resize((512, 512)).convert("I")
+        im = im.point(lambda v: v * 257).convert("I;16")
+        im.save(buf, "PNG")
+        return buf.getvalue(), "image/png"
+    if kind == "tiff":
+        Image.new("RGB", (400, 400), RED).save(buf, "TIFF")
+        return buf.getvalue(), "image/tiff"
+    if kind == "bmp":
+        Image.new("RGB", (400, 400), RED).save(buf, "BMP")
+        return buf.getvalue(), "image/bmp"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind,check",
+    [
+        ("png-rgba", lambda im: im.mode == "RGBA" and im.getpixel((10, 10))[1] > 200
+         and im.getpixel((250, 10))[3] == 0),
+        ("png-p-transparency", lambda im: im.mode == "RGBA" and im.getpixel((5, 200))[3] == 0),
+        ("jpeg-cmyk", lambda im: near(im.convert("RGB").getpixel((10, 10)), RED)),
+        ("gif", lambda im: near(im.convert("RGB").getpixel((10, 10)), RED)),  # the first frame
+        ("png-16bit", lambda im: im.convert("L").getpixel((5, 250)) > 200 and im.convert("L").getpixel((5, 5)) < 30),
+        ("tiff", lambda im: near(im.convert("RGB").getpixel((10, 10)), RED)),
+        ("bmp", lambda im: near(im.convert("RGB").getpixel((10, 10)), RED)),
+    ],
+)
+def test_colour_modes(kind: str, check: Any) -> None:
+    data, _ = _image(kind)
+    (t,) = render(data, [256], format="webp")
+    im = Image.open(io.BytesIO(t.data))
+    assert max(t.width, t.height) == 256
+    assert check(im), (kind, im.mode)
+
+
+def test_alpha_flattened_for_jpeg_output() -> None:
+    data, _ = _image("png-rgba")
+    (t,) = render(data, [128], format="jpeg", background=(255, 255, 255))
+    im = Image.open(io.BytesIO(t.data))
+    assert im.mode == "RGB" and near(im.getpixel((120, 5)), (255, 255, 255))
+
+
+# -- settings ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        ({"sizes": [0]}, "sizes"),
+        ({"sizes": "big"}, "sizes"),
+        ({"format": "gif"}, "format"),
+        ({"quality": 0}, "quality"),
+        ({"key_template": "{size}/thumb.webp"}, "key_template"),
+        ({"key_template": "{key}", "sizes": [64, 128]}, "key_template"),
+        ({"key_template": "../{size}/{key}"}, "key_template"),
+        ({"key_template": "{nope}/{key}"}, "key_template"),
+        ({"max_pixels": -1}, "max_pixels"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_settings_are_one_line_config_errors(settings: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        PluginHarness(thumb, settings=settings)
+
+
+def test_defaults_are_filled_in() -> None:
+    h = PluginHarness(thumb, settings={"sizes": [64, 512]})
+    assert h.settings["sizes"] == [512, 64] and h.settings["format"] == "webp"
+    assert h.settings["key_template"] == "{size}/{key}" and h.settings["delete_with_source"] is True
+
+
+# -- against SeaweedFS ----------------------------------------------------------------------------------------
+def test_12mp_upload_makes_thumbnails_once_and_never_of_its_output(weed: Any, bucket: str, photo: bytes,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    c = weed.client()
+    ev = upload(c, bucket, "holiday/beach photo.jpg", photo, "image/jpeg")
+    with harness(weed, sizes=[256, 1024], format="jpeg", quality=85) as h:
+        published = h.handle(ev)
+        assert keys(c, bucket) == ["1024/holiday/beach photo.jpg", "256/holiday/beach photo.jpg",
+                                   "holiday/beach photo.jpg"]
+        assert [p.topic for p in published] == ["thumbnail-ready", "thumbnail-ready"]
+        by_size = {p.data["size"]: p.data for p in published}
+        assert (by_size[256]["width"], by_size[256]["height"]) == (192, 256)
+        assert (by_size[1024]["width"], by_size[1024]["height"]) == (768, 1024)
+        assert by_size[256]["source_key"] == "holiday/beach photo.jpg" and by_size[256]["format"] == "jpeg"
+        for size, (w, hgt) in {256: (192, 256), 1024: (768, 1024)}.items():
+            key = f"{size}/holiday/beach photo.jpg"
+            st = c.stat_object(bucket, key)
+            assert st.content_type == "image/jpeg"
+            md = {k.lower(): v for k, v in st.metadata.items()}
+            assert md["x-amz-meta-bucketwire-generated"] == "thumbnail"
+            assert md["x-amz-meta-bucketwire-source-etag"] == ev.data["etag"]
+            assert md["x-amz-meta-bucketwire-source-bucket"] == bucket
+            assert md["x-amz-meta-bucketwire-source-key"] == "holiday/beach%20photo.jpg"
+            assert (md["x-amz-meta-bucketwire-width"], md["x-amz-meta-bucketwire-height"]) == (str(w), str(hgt))
+            resp = c.get_object(bucket, key)
+            im = Image.open(io.BytesIO(resp.read())).convert("RGB")
+            resp.close()
+            resp.release_conn()
+            assert im.size == (w, hgt) and near(im.getpixel((w - 3, 3)), RED)
+
+        # The thumbnails' own creation events (same bucket as the source): no thumbnail of a thumbnail,
+        # whether the notifier carried the user metadata or not.
+        for key in ("256/holiday/beach photo.jpg", "1024/holiday/beach photo.jpg"):
+            st = c.stat_object(bucket, key)
+            for md in ({"X-Amz-Meta-Bucketwire-Generated": "thumbnail"}, {}):
+                e = obj_event("ObjectCreated:Put", bucket, key, size=st.size, etag=st.etag,
+                              ctype="image/jpeg", md=md)
+                assert h.handle(e) == []
+        assert len(keys(c, bucket)) == 3
+
+        # Redelivery: nothing decoded or written; the same follow-ons (same ids, so the hub drops them).
+        before = {k: c.stat_object(bucket, k).last_modified for k in keys(c, bucket)}
+
+        def boom(*a: Any, **k: Any) -> Any:
+            raise AssertionError("a redelivery must not decode again")
+
+        monkeypatch.setattr(thumb, "render", boom)
+        again = h.handle(ev)
+        assert [p.id for p in again] == [p.id for p in published]
+        assert [p.data for p in again] == [p.data for p in published]
+        assert {k: c.stat_object(bucket, k).last_modified for k in keys(c, bucket)} == before
+        monkeypatch.undo()
+
+        # A removal whose source still exists (versioned delete, re-upload) keeps the thumbnails ...
+        rm = obj_event("ObjectRemoved:Delete", bucket, "holiday/beach photo.jpg")
+        h.handle(rm)
+        assert len(keys(c, bucket)) == 3
+        # ... a real removal takes them away.
+        c.remove_object(bucket, "holiday/beach photo.jpg")
+        assert h.handle(rm) == []
+        assert keys(c, bucket) == []
+        h.handle(rm)  # redelivered delete: harmless
+
+
+def test_marker_in_object_metadata_stops_recursion(weed: Any, bucket: str) -> None:
+    """Even when the key is outside the output pattern and the event carries no metadata."""
+    c = weed.client()
+    data, _ = _image("bmp")
+    ev = upload(c, bucket, "elsewhere/copied-thumb.bmp", data, "image/bmp",
+                md={"bucketwire-generated": "thumbnail"})
+    with harness(weed, sizes=[64]) as h:
+        assert h.handle(ev) == []
+        # A follow-on many hops deep is dropped by the hop limit.
+        ev2 = upload(c, bucket, "deep.bmp", data, "image/bmp", hops=9)
+        assert h.handle(ev2) == []
+    assert keys(c, bucket) == ["deep.bmp", "elsewhere/copied-thumb.bmp"]
+
+
+@pytest.mark.parametrize("kind", ["png-rgba", "jpeg-cmyk", "gif", "png-16bit"])
+def test_formats_through_the_store_to_another_bucket(weed: Any, bucket: str, kind: str) -> None:
+    c = weed.client()
+    out = bucket + "-thumbs"
+    c.make_bucket(out)
+    data, ctype = _image(kind)
+    ev = upload(c, bucket, f"in/{kind}", data, ctype)
+    with harness(weed, sizes=[128], output_bucket=out, key_template="t/{size}/{stem}.{ext}") as h:
+        (p,) = h.handle(ev)
+    assert keys(c, out) == [f"t/128/in/{kind}.webp"]
+    assert p.data["bucket"] == out and p.data["content_type"] == "image/webp"
+    resp = c.get_object(out, f"t/128/in/{kind}.webp")
+    im = Image.open(io.BytesIO(resp.read()))
+    resp.close()
+    resp.release_conn()
+    assert max(im.size) == 128 and im.format == "WEBP"
+
+
+def test_octet_stream_sniffed_and_non_images_ignored(weed: Any, bucket: str) -> None:
+    c = weed.client()
+    data, _ = _image("bmp")
+    with harness(weed, sizes=[32]) as h:
+        assert len(h.handle(upload(c, bucket, "noext", data, "application/octet-stream"))) == 1
+        assert h.handle(upload(c, bucket, "notes.txt", b"hello", "text/plain")) == []
+        assert h.handle(upload(c, bucket, "blob.bin", b"\0" * 100, "application/octet-stream")) == []
+    assert keys(c, bucket) == ["32/noext", "blob.bin", "noext", "notes.txt"]
+
+
+def test_bomb_truncated_and_oversized_uploads_are_permanent_errors(weed: Any, bucket: str, photo: bytes) -> None:
+    c = weed.client()
+    with harness(weed, sizes=[256], max_pixels=40_000_000, max_bytes=len(photo)) as h:
+        with pytest.raises(PermanentError, match=r"bomb\.png: .*decompression bomb") as ei:
+            h.handle(upload(c, bucket, "bomb.png", _png_header_only(40000, 40000), "image/png"))
+        assert "max_pixels=40000000" in str(ei.value) and "\n" not in str(ei.value)
+        with pytest.raises(PermanentError, match=r"half\.jpg: cannot decode image \(JPEG\): .*truncated"):
+            h.handle(upload(c, bucket, "half.jpg", photo[: len(photo) // 2], "image/jpeg"))
+        with pytest.raises(PermanentError, match="over max_bytes"):
+            h.handle(upload(c, bucket, "big.jpg", photo + b"\0" * 10, "image/jpeg"))
+        with pytest.raises(PermanentError, match="segments"):
+            h.handle(obj_event("ObjectCreated:Put", bucket, "a/../../b.jpg", ctype="image/jpeg"))
+    assert isinstance(ei.value, bucketwire.PluginError)
+
+
+def test_source_gone_before_handling_is_quiet(weed: Any, bucket: str) -> None:
+    with harness(weed, sizes=[64]) as h:
+        assert h.handle(obj_event("ObjectCreated:Put", bucket, "vanished.jpg", etag="abc", ctype="image/jpeg")) == []
+    with pytest.raises(S3Error):
+        weed.client().stat_object(bucket, "64/vanished.jpg")
