@@ -1,0 +1,61 @@
+"""Event sources that *pull* changes from a store and publish them through the hub with acknowledgements.
+
+Webhooks push and are the primary path; these exist for when a push can be lost: SeaweedFS's webhook queue
+lives in memory (a crash or a long hub outage drops events), so `seaweed_meta` follows the filer's durable
+metadata log instead and remembers where it was. `minio_listen` follows MinIO's ListenBucketNotification,
+which is convenient (no server-side config) but lossy by design; MinIO's webhook target with `queue_dir` is
+the durable path there.
+
+Both publish with `HubClient.publish_events` and retry until the hub commits: an event counts as delivered only
+when the hub says so, and re-sending is safe because ids are deterministic and the journal deduplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..envelope import Event
+
+log = logging.getLogger("bucketwire.sources")
+
+Publish = Callable[[list[Event]], list[dict[str, Any]]]
+
+
+def publish_until_acked(
+    publish: Publish,
+    events: list[Event],
+    stop: threading.Event,
+    *,
+    base: float = 0.5,
+    cap: float = 30.0,
+    what: str = "source",
+) -> list[dict[str, Any]] | None:
+    """Publish, retrying with exponential backoff until the hub acks; None if `stop` was set first.
+
+    Any failure (hub down, hub refusing while its journal is unavailable) is retried: giving up would lose the
+    events, and a stuck source is visible in logs and in the hub's lag metrics.
+    """
+    delay = base
+    while True:
+        try:
+            return publish(events)
+        except Exception as e:  # HubUnavailable, HubRefused, zmq errors: all transient from here
+            log.warning("%s: publishing %d event(s) failed (%s); retrying in %.1fs", what, len(events), e, delay)
+        if stop.wait(delay):
+            return None
+        delay = min(cap, delay * 2)
+
+
+def hub_publisher(cfg: Any, timeout: float | None = None) -> tuple[Publish, Callable[[], None]]:
+    """A publish function backed by a HubClient, and its close function."""
+    from ..client import HubClient
+
+    client = HubClient(cfg)
+
+    def publish(events: list[Event]) -> list[dict[str, Any]]:
+        return client.publish_events(events, timeout=timeout)
+
+    return publish, client.close

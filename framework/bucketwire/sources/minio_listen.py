@@ -1,0 +1,166 @@
+"""MinIO ListenBucketNotification source: zero server-side config, but lossy.
+
+`minio.Minio.listen_bucket_notification` keeps a long GET open; MinIO writes one `{"Records": [...]}` JSON
+document per line and blank keep-alive lines in between. Inside this stream the object key is *not*
+URL-encoded (unlike the webhook target), so records go through `record_to_event(..., key_encoded=False)`.
+
+Why it is not the durable path: MinIO only streams what happens while a listener is connected; anything during
+a disconnect or a hub outage longer than our retry is gone. For production use MinIO's webhook target with
+`queue_dir` (MinIO persists undelivered events on disk and replays them) pointed at the hub's `/minio/events`.
+This source is for development, for stores you cannot reconfigure, and as a second opinion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import minio
+
+from ..envelope import Event
+from ..s3records import RecordError, record_to_event
+from . import Publish, publish_until_acked
+
+log = logging.getLogger("bucketwire.sources.minio_listen")
+
+DEFAULT_EVENTS = ("s3:ObjectCreated:*", "s3:ObjectRemoved:*")
+
+
+def parse_line(line: bytes | str, *, store: str | None) -> list[Event]:
+    """One line of the listen stream -> envelopes; keep-alive (blank) lines give []; garbage -> RecordError."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RecordError("listen stream line is not UTF-8") from None
+    line = line.strip()
+    if not line:
+        return []
+    try:
+        doc = json.loads(line)
+    except ValueError as e:
+        raise RecordError(f"listen stream line is not JSON: {e}") from None
+    return parse_document(doc, store=store)
+
+
+def parse_document(doc: Any, *, store: str | None) -> list[Event]:
+    """One decoded `{"Records": [...]}` document (what minio-py's iterator yields) -> envelopes."""
+    if not isinstance(doc, dict):
+        raise RecordError("listen stream document must be a JSON object")
+    records = doc.get("Records")
+    if records is None:
+        return []  # MinIO may send an empty object as keep-alive
+    if not isinstance(records, list):
+        raise RecordError("listen stream 'Records' must be an array")
+    return [record_to_event(r, store=store, key_encoded=False, index=i) for i, r in enumerate(records)]
+
+
+def parse_stream(lines: Iterable[bytes | str], *, store: str | None) -> Iterator[Event]:
+    """Events from an iterable of stream lines, skipping (and logging) lines that cannot be read."""
+    for line in lines:
+        try:
+            yield from parse_line(line, store=store)
+        except RecordError as e:
+            log.error("skipping unreadable listen line: %s", e)
+
+
+class MinioListenSource:
+    """Follow one bucket's notifications and publish them through the hub, reconnecting with backoff."""
+
+    def __init__(
+        self,
+        publish: Publish,
+        client: minio.Minio,
+        *,
+        bucket: str,
+        store: str | None,
+        prefix: str = "",
+        suffix: str = "",
+        events: tuple[str, ...] = DEFAULT_EVENTS,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+    ) -> None:
+        self.publish = publish
+        self.client = client
+        self.bucket = bucket
+        self.store = store
+        self.prefix = prefix
+        self.suffix = suffix
+        self.events = tuple(events)
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.stop_event = threading.Event()
+        self.published = 0
+        self.connects = 0
+        self._response: Any = None
+
+    def stop(self) -> None:
+        """Ask run() to return; closes the open response so a blocked read ends now, not at the next keep-alive."""
+        self.stop_event.set()
+        resp = self._response
+        if resp is not None:
+            try:
+                resp.close()
+            except Exception:  # closing from another thread may race with the reader; either way it ends
+                pass
+
+    def _lines(self) -> Iterator[bytes]:
+        """Raw lines of one listen connection.
+
+        minio-py's EventIterable hides EOFs and bad lines by silently reconnecting at once, in a tight loop; we
+        want backoff and a log line instead, so we take the request it would make (`_func`, the bound request
+        of its public listen_bucket_notification) and read the lines ourselves.
+        """
+        iterable = self.client.listen_bucket_notification(self.bucket, self.prefix, self.suffix, self.events)
+        func = getattr(iterable, "_func", None)
+        if func is None:  # a future minio-py: fall back to its iterator (documents, not lines)
+            with iterable:
+                for doc in iterable:
+                    yield json.dumps(doc).encode()
+            return
+        resp = func()
+        self._response = resp
+        try:
+            while True:
+                line = resp.readline()
+                if not line:
+                    return
+                yield line
+        finally:
+            self._response = None
+            resp.close()
+            resp.release_conn()
+
+    def run(self) -> None:
+        """Listen, publish, reconnect with exponential backoff; returns after stop()."""
+        delay = self.backoff_base
+        while not self.stop_event.is_set():
+            self.connects += 1
+            try:
+                for line in self._lines():
+                    try:
+                        evs = parse_line(line, store=self.store)
+                    except RecordError as e:
+                        log.error("skipping unreadable notification from %s: %s", self.bucket, e)
+                        continue
+                    delay = self.backoff_base  # real data flowed: the connection is healthy
+                    if evs:
+                        res = publish_until_acked(
+                            self.publish, evs, self.stop_event, what=f"minio listen {self.bucket}"
+                        )
+                        if res is None:
+                            return
+                        self.published += len(evs)
+                    if self.stop_event.is_set():
+                        return
+                log.warning("listen stream for %s ended; reconnecting in %.1fs", self.bucket, delay)
+            except Exception as e:
+                if self.stop_event.is_set():
+                    return
+                log.warning("listen on %s failed (%s); reconnecting in %.1fs", self.bucket, e, delay)
+            if self.stop_event.wait(delay):
+                return
+            delay = min(self.backoff_cap, delay * 2)
