@@ -1,0 +1,485 @@
+"""The tamper-evident audit log: a hash-chained JSON-lines file, its writer and its verifier.
+
+Record format (one line, canonical JSON: sorted keys, no spaces, ASCII only, so a line has one exact byte form):
+
+    {"bucket":..,"event_id":..,"h":"<sha256>","n":17,"prev":"<h of record 16>",...}
+
+`h` is the SHA-256 of the canonical JSON of the record *without* `h`; `prev` is the `h` of the record before
+(64 zeros for record 1); `n` counts records from 1 across rotated files. So:
+
+* an edited line no longer matches its own `h`             -> reported at that line;
+* an edited line whose `h` was recomputed breaks the next `prev` -> reported at the edited line;
+* a deleted line or a missing rotated file leaves a gap in `n`   -> reported where the gap is;
+* swapped lines put `n` out of order                             -> reported at the first swapped line;
+* a cut-off last line has no newline                             -> reported at that line;
+* whole lines cut from the end are caught by comparing with the head kept in the index beside the log.
+
+Several worker *processes* append at once, so every append runs under an exclusive `fcntl.flock` on
+`PATH.lock`: the chain head is read, the line written with one `write()` on an O_APPEND descriptor, and the
+index updated, all while holding the lock. Lines never interleave and the chain never forks.
+
+The index (`PATH.index.sqlite`, WAL) holds the ids of written events (a redelivery is not logged twice; O(log n)
+per event instead of scanning the log), the line each produced (to re-upload its object copy), and the head
+(n, h, day, first n of the active file). The log file is the truth: on each append the last line of the active
+file is compared with the index head and the index is caught up if a crash came between the two writes; a torn
+last line (crash mid-write, never acknowledged) is cut off. A deleted index is rebuilt by scanning the logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+GENESIS = "0" * 64
+LOCK_SUFFIX = ".lock"
+INDEX_SUFFIX = ".index.sqlite"
+NOT_LOGS = (LOCK_SUFFIX, INDEX_SUFFIX, INDEX_SUFFIX + "-wal", INDEX_SUFFIX + "-shm", INDEX_SUFFIX + "-journal")
+TAIL_CHUNK = 1 << 16
+
+log = logging.getLogger("bucketwire.plugin.audit")
+
+
+def canonical(record: dict[str, Any]) -> bytes:
+    """The one byte form of a record; hashing and verification both depend on it being unique."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def seal(record: dict[str, Any], n: int, prev: str) -> tuple[bytes, str]:
+    """Give `record` its place in the chain; returns (line without newline, its hash)."""
+    rec = {k: v for k, v in record.items() if k != "h"}
+    rec["n"] = n
+    rec["prev"] = prev
+    h = hashlib.sha256(canonical(rec)).hexdigest()
+    rec["h"] = h
+    return canonical(rec), h
+
+
+def today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+@dataclass(slots=True)
+class Head:
+    n: int = 0
+    h: str = GENESIS
+    day: str = ""
+    first_n: int = 1
+
+
+class AuditLog:
+    """Appends records to `path` with rotation, fsync policy, cross-process locking and de-duplication."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int = 100 << 20,
+        rotate_daily: bool = True,
+        fsync: str = "always",
+        fsync_interval: float = 1.0,
+        index_days: float = 30.0,
+    ) -> None:
+        if fsync not in ("always", "never", "interval"):
+            raise ValueError(f"fsync must be 'always', 'never' or 'interval', not {fsync!r}")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.rotate_daily = rotate_daily
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.index_days = index_days
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(str(self.path) + LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._fd: int | None = None
+        self._last_sync = 0.0
+        self._dirty = False
+        self._db = self._open_index()
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+    def _open_index(self) -> sqlite3.Connection:
+        ipath = str(self.path) + INDEX_SUFFIX
+        with self._locked():
+            fresh = not os.path.exists(ipath)
+            db = sqlite3.connect(ipath, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if self.fsync == 'always' else 'NORMAL'}")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS written (event_id TEXT PRIMARY KEY, n INTEGER NOT NULL,"
+                " line BLOB NOT NULL, at REAL NOT NULL)"
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS written_at ON written(at)")
+            db.execute("CREATE TABLE IF NOT EXISTS head (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+            if fresh:
+                self._rebuild(db)
+        return db
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _active_fd(self) -> int:
+        """The descriptor of the current active file, reopened if another process rotated it away."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if self._fd is not None and (st is None or os.fstat(self._fd).st_ino != st.st_ino):
+            os.close(self._fd)
+            self._fd = None
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            if st is None and self.fsync == "always":
+                _fsync_dir(self.path.parent)
+        return self._fd
+
+    def _get_head(self, db: sqlite3.Connection) -> Head | None:
+        rows = dict(db.execute("SELECT k, v FROM head").fetchall())
+        if "n" not in rows:
+            return None
+        return Head(int(rows["n"]), rows["h"], rows.get("day", ""), int(rows.get("first_n", "1")))
+
+    def _set_head(self, db: sqlite3.Connection, head: Head) -> None:
+        db.executemany(
+            "INSERT OR REPLACE INTO head (k, v) VALUES (?, ?)",
+            [("n", str(head.n)), ("h", head.h), ("day", head.day), ("first_n", str(head.first_n))],
+        )
+
+    def _rebuild(self, db: sqlite3.Connection) -> None:
+        """A new or lost index: re-read every log file so de-duplication and the head survive."""
+        head: Head | None = None
+        active_first: dict[str, Any] | None = None
+        db.execute("BEGIN IMMEDIATE")
+        for f in sorted_logs(log_files_beside(self.path)):
+            first_in_file = True
+            with open(f, "rb") as fh:
+                for raw in fh:
+                    if not raw.endswith(b"\n"):
+                        break
+                    try:
+                        rec = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if not isinstance(rec, dict) or not isinstance(rec.get("n"), int):
+                        continue
+                    db.execute(
+                        "INSERT OR IGNORE INTO written VALUES (?, ?, ?, ?)",
+                        (str(rec.get("event_id", "")), rec["n"], raw.rstrip(b"\n"), time.time()),
+                    )
+                    if f == self.path and first_in_file:
+                        active_first = rec
+                    first_in_file = False
+                    if head is None or rec["n"] > head.n:
+                        head = Head(rec["n"], str(rec.get("h")))
+        if head is not None:
+            if active_first is not None:
+                head.day, head.first_n = str(active_first.get("logged", ""))[:10], active_first["n"]
+            else:
+                head.first_n = head.n + 1
+        if head is not None:
+            self._set_head(db, head)
+        db.execute("COMMIT")
+
+    def _catch_up(self, db: sqlite3.Connection) -> Head:
+        """Make the index agree with the active file's last line (crash between write and commit)."""
+        head = self._get_head(db) or Head()
+        try:
+            size = os.path.getsize(self.path)
+        except FileNotFoundError:
+            return head
+        if size == 0:
+            return head
+        last, end = _last_line(self.path, size)
+        if end < size:
+            log.warning("audit: %s ends in a torn line (crash mid-write); cutting %d bytes", self.path, size - end)
+            os.truncate(self.path, end)
+        if last is None:
+            return head
+        try:
+            rec = json.loads(last)
+        except ValueError:
+            return head
+        if isinstance(rec, dict) and isinstance(rec.get("n"), int) and rec["n"] > head.n:
+            db.execute(
+                "INSERT OR IGNORE INTO written VALUES (?, ?, ?, ?)",
+                (str(rec.get("event_id", "")), rec["n"], last, time.time()),
+            )
+            if not head.day:
+                head.day = str(rec.get("logged", ""))[:10]
+            head.n, head.h = rec["n"], str(rec["h"])
+            self._set_head(db, head)
+        return head
+
+    def _rotate(self, head: Head) -> None:
+        target = self.path.with_name(f"{self.path.name}.{head.day or 'undated'}.{head.first_n:012d}")
+        i = 1
+        while target.exists():
+            target = self.path.with_name(f"{self.path.name}.{head.day or 'undated'}.{head.first_n:012d}-{i}")
+            i += 1
+        os.rename(self.path, target)
+        if self.fsync != "never":
+            _fsync_dir(self.path.parent)
+        if self._fd is not None:
+            if self.fsync != "never":
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    # -- the API ----------------------------------------------------------------------------------------------
+    def append(self, event_id: str, record: dict[str, Any]) -> tuple[bool, int, bytes]:
+        """Log `record` once per `event_id`. Returns (newly written?, its n, its line)."""
+        with self._locked():
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                head = self._catch_up(db)
+                row = db.execute("SELECT n, line FROM written WHERE event_id = ?", (event_id,)).fetchone()
+                if row is not None:
+                    db.execute("COMMIT")
+                    return False, int(row[0]), bytes(row[1])
+                now = datetime.now(UTC)
+                day = now.strftime("%Y-%m-%d")
+                line, h = seal({**record, "logged": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}, head.n + 1, head.h)
+                try:
+                    size = os.path.getsize(self.path)
+                except FileNotFoundError:
+                    size = 0
+                if size > 0 and (
+                    size + len(line) + 1 > self.max_bytes or (self.rotate_daily and head.day and head.day != day)
+                ):
+                    self._rotate(head)
+                    size = 0
+                if size == 0:
+                    head.day, head.first_n = day, head.n + 1
+                fd = self._active_fd()
+                data = line + b"\n"
+                written = os.write(fd, data)
+                if written != len(data):  # regular files do not short-write unless the disk is full
+                    raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes); disk full?")
+                self._sync(fd)
+                head.n, head.h = head.n + 1, h
+                db.execute("INSERT INTO written VALUES (?, ?, ?, ?)", (event_id, head.n, line, time.time()))
+                self._set_head(db, head)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return True, head.n, line
+
+    def _sync(self, fd: int) -> None:
+        if self.fsync == "always":
+            os.fsync(fd)
+        elif self.fsync == "interval":
+            now = time.monotonic()
+            if now - self._last_sync >= self.fsync_interval:
+                os.fsync(fd)
+                self._last_sync = now
+                self._dirty = False
+            else:
+                self._dirty = True
+
+    def prune_index(self) -> int:
+        """Forget de-duplication entries older than `index_days` (the head is kept)."""
+        cutoff = time.time() - self.index_days * 86400
+        with self._locked():
+            cur = self._db.execute("DELETE FROM written WHERE at < ?", (cutoff,))
+            return cur.rowcount
+
+    def head(self) -> Head:
+        with self._locked():
+            return self._get_head(self._db) or Head()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            if self._dirty or self.fsync != "never":
+                with contextlib.suppress(OSError):
+                    os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        self._db.close()
+        os.close(self._lock_fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _last_line(path: Path, size: int) -> tuple[bytes | None, int]:
+    """(last complete line without newline, offset just past its newline) read from the end of the file."""
+    with open(path, "rb") as f:
+        pos, buf = size, b""
+        while pos > 0:
+            step = min(TAIL_CHUNK, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step) + buf
+            nl = buf.rfind(b"\n")
+            if nl == -1:
+                continue
+            end = pos + nl + 1
+            prev_nl = buf.rfind(b"\n", 0, nl)
+            while prev_nl == -1 and pos > 0:
+                step = min(TAIL_CHUNK, pos)
+                pos -= step
+                f.seek(pos)
+                chunk = f.read(step)
+                buf = chunk + buf
+                nl += len(chunk)
+                prev_nl = buf.rfind(b"\n", 0, nl)
+            return buf[prev_nl + 1 : nl], end
+    return None, 0
+
+
+# -- verification -------------------------------------------------------------------------------------------
+class ChainError(Exception):
+    """The first place the chain is broken, as `file:line: what is wrong`."""
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    files: int
+    records: int
+    head_n: int
+    head_h: str
+
+
+def log_files_beside(path: Path) -> list[Path]:
+    """The active log and its rotated siblings (`NAME`, `NAME.<day>.<first n>`)."""
+    out = []
+    if path.parent.is_dir():
+        for p in path.parent.iterdir():
+            named = p.name == path.name or p.name.startswith(path.name + ".")
+            if named and not p.name.endswith(NOT_LOGS) and p.is_file():
+                out.append(p)
+    return out
+
+
+def _first_n(p: Path) -> float:
+    try:
+        with open(p, "rb") as f:
+            rec = json.loads(f.readline())
+        return float(rec["n"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def sorted_logs(paths: Iterable[Path]) -> list[Path]:
+    """Files in chain order (by the `n` of their first record), whatever order they were named in."""
+    return sorted(set(paths), key=lambda p: (_first_n(p), p.name))
+
+
+def expand(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, directories as the audit logs inside them."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            out += [q for q in sorted(p.iterdir()) if q.is_file() and not q.name.endswith(NOT_LOGS)]
+        elif p.exists():
+            if not p.name.endswith(NOT_LOGS):  # `verify audit.log*` in a shell also matches the lock and index
+                out.append(p)
+        else:
+            raise ChainError(f"{p}: no such file")
+    return sorted_logs(out)
+
+
+def verify(paths: Iterable[str | os.PathLike[str]], *, partial: bool = False) -> VerifyResult:
+    """Check the chain across `paths`; raise ChainError naming the first bad line.
+
+    `partial=True` accepts a chain that starts after record 1 (only some rotated files at hand).
+    """
+    files = expand(paths)
+    if not files:
+        raise ChainError("no audit log files given")
+    expect_n: int | None = None
+    prev_h = GENESIS
+    records = 0
+    last_where = ""
+    for f in files:
+        with open(f, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                where = f"{f}:{lineno}"
+                if not raw.endswith(b"\n"):
+                    raise ChainError(f"{where}: truncated line (no newline at the end; cut off or torn write)")
+                body = raw[:-1]
+                try:
+                    rec = json.loads(body)
+                except ValueError:
+                    raise ChainError(f"{where}: not a valid audit record (edited or corrupted)") from None
+                if not isinstance(rec, dict) or not {"n", "prev", "h"} <= rec.keys() or \
+                        not isinstance(rec["n"], int):
+                    raise ChainError(f"{where}: not an audit record (missing n/prev/h)")
+                h = rec.pop("h")
+                if hashlib.sha256(canonical(rec)).hexdigest() != h or canonical({**rec, "h": h}) != body:
+                    raise ChainError(f"{where}: line was edited (its content does not match its hash)")
+                n = rec["n"]
+                if expect_n is None:
+                    if n != 1 and not partial:
+                        raise ChainError(
+                            f"{where}: chain starts at record n={n}, not 1: earlier lines or rotated files are "
+                            "missing (pass them all, or --partial to check from here)"
+                        )
+                    if n == 1 and rec["prev"] != GENESIS:
+                        raise ChainError(f"{where}: record 1 does not start from the genesis hash (edited)")
+                else:
+                    if n > expect_n:
+                        raise ChainError(
+                            f"{where}: expected record n={expect_n}, found n={n}: lines deleted or reordered, "
+                            "or a rotated file is missing"
+                        )
+                    if n < expect_n:
+                        raise ChainError(
+                            f"{where}: expected record n={expect_n}, found n={n}: lines reordered or duplicated"
+                        )
+                    if rec["prev"] != prev_h:
+                        raise ChainError(
+                            f"{last_where}: line was altered (the next record's prev hash does not match it)"
+                        )
+                expect_n, prev_h, last_where = n + 1, h, where
+                records += 1
+    last_n = (expect_n or 1) - 1
+    # Lines cut from the very end leave a valid chain; the index beside the active log knows the true head.
+    for f in files:
+        idx = Path(str(f) + INDEX_SUFFIX)
+        if idx.exists():
+            head = _index_head(idx)
+            if head is not None and head[0] > last_n:
+                raise ChainError(
+                    f"{last_where or f}: log truncated: the index records {head[0]} entries but the log ends at "
+                    f"n={last_n}"
+                )
+            if head is not None and head[0] == last_n and head[1] != prev_h:
+                raise ChainError(f"{last_where}: last line does not match the head recorded in the index")
+    return VerifyResult(len(files), records, last_n, prev_h)
+
+
+def _index_head(idx: Path) -> tuple[int, str] | None:
+    try:
+        db = sqlite3.connect(f"file:{idx}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = dict(db.execute("SELECT k, v FROM head").fetchall())
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    if "n" not in rows:
+        return None
+    return int(rows["n"]), rows["h"]
