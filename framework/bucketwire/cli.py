@@ -203,6 +203,13 @@ def plugins_cmd(config_path: str | None, local_plugins: tuple[str, ...]) -> None
     click.echo(json.dumps(out, indent=2))
 
 
+from .commands import listen as _listen  # noqa: E402 - commands register after `cli` exists
+from .commands import seaweed_source as _seaweed_source  # noqa: E402
+
+cli.add_command(_listen.listen)
+cli.add_command(_seaweed_source.seaweed_source)
+
+
 def _register_plugin_commands() -> None:
     """Let installed plugins add subcommands (`bucketwire audit verify`, ...)."""
     from . import plugins as loader
