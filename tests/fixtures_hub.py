@@ -1,1 +1,179 @@
-"""Fixtures that start a real hub and worker pools (filled in by the core runtime work)."""
+"""Real hub and worker processes on loopback, on free ports, torn down after each test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bucketwire import config as config_mod
+from bucketwire.client import HubClient
+
+RECORDER = str(Path(__file__).parent / "plugins" / "recorder.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Stack:
+    """A config file plus the hub and worker processes started from it."""
+
+    def __init__(self, tmp: Path, extra: str = "", token: str = "test-token") -> None:
+        self.dir = tmp
+        self.http_port, self.pub_port, self.work_port = free_port(), free_port(), free_port()
+        self.token = token
+        self.record = tmp / "handled.jsonl"
+        self.cfg_path = tmp / "bucketwire.toml"
+        self.cfg_path.write_text(
+            f"""
+[hub]
+http = "127.0.0.1:{self.http_port}"
+publish = "tcp://127.0.0.1:{self.pub_port}"
+work = "tcp://127.0.0.1:{self.work_port}"
+state_dir = "{tmp / 'state'}"
+auth_token = "env:BW_TEST_TOKEN"
+heartbeat_interval = 0.25
+heartbeat_timeout = 1.5
+
+[plugins.recorder]
+path = "{self.record}"
+""" + extra
+        )
+        self.env = {**os.environ, "BW_TEST_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+        os.environ["BW_TEST_TOKEN"] = token
+        self.cfg = config_mod.load(self.cfg_path)
+        self.hub_proc: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
+        log = self.dir / f"{name}-{len(self.logs)}.log"
+        self.logs.append(log)
+        return subprocess.Popen(
+            [sys.executable, "-m", "bucketwire", *args, "-c", str(self.cfg_path)],
+            env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def start_hub(self) -> None:
+        self.hub_proc = self._spawn(["hub"], "hub")
+        wait_for(self.healthy, 20, "hub /healthz")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def kill_hub(self, sig: int = signal.SIGKILL) -> None:
+        assert self.hub_proc is not None
+        self.hub_proc.send_signal(sig)
+        self.hub_proc.wait(10)
+
+    def start_worker(self, group: str, processes: int = 1, *extra: str, wait: bool = True) -> subprocess.Popen:
+        p = self._spawn(["worker", "--group", group, "-n", str(processes), "--plugin", RECORDER, *extra], "worker")
+        self.workers.append(p)
+        if wait:
+            wait_for(lambda: self.status()["groups"].get(group, {}).get("workers", 0) >= processes, 30,
+                     f"{processes} workers in {group}")
+        return p
+
+    def client(self, timeout: float = 10.0) -> HubClient:
+        return HubClient(self.cfg, timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        with self.client(5) as c:
+            return c.status()
+
+    def post(self, path: str, body: bytes, token: str | None = None, headers: dict | None = None
+             ) -> tuple[int, dict]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method="POST")
+        tok = self.token if token is None else token
+        if tok:
+            req.add_header("Authorization", f"Bearer {tok}")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=15) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def handled(self) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
+
+    def child_pids(self, worker: subprocess.Popen) -> list[int]:
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    stat = (d / "stat").read_text()
+                except OSError:
+                    continue
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                if ppid == worker.pid:
+                    out.append(int(d.name))
+        return out
+
+    def stop(self) -> None:
+        for p in [*self.workers, self.hub_proc]:
+            if p is not None and p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in [*self.workers, self.hub_proc]:
+            if p is None:
+                continue
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.logs if p.exists())
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    made: list[Stack] = []
+
+    def make(extra: str = "", **kw: Any) -> Stack:
+        s = Stack(_mk(tmp_path / f"stack{len(made)}"), extra, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -209,6 +209,8 @@ class Hub:
             if any(delta):
                 batch.stats[g.name] = delta
         if not batch.events and not batch.cursors and not batch.stats:
+            for cb, _, _ in replies:  # nothing to write (all unrouted or refused): answer at once
+                cb([], None)
             return
         t0 = time.perf_counter()
         try:

@@ -165,9 +165,11 @@ class Handler(BaseHTTPRequestHandler):
         if len(body) != n:
             self._fail(400, "body shorter than Content-Length", "truncated", close=True)
             return
-        store = (parse_qs(url.query).get("store") or [hub.cfg.hub.default_store])[0]
-        if store is not None and hub.cfg.stores and store not in hub.cfg.stores:
-            self._fail(400, f"unknown store {store!r}; configured: {', '.join(sorted(hub.cfg.stores))}", "store")
+        named = parse_qs(url.query).get("store")
+        store = named[0] if named else hub.cfg.hub.default_store
+        if named and store not in hub.cfg.stores:
+            have = ", ".join(sorted(hub.cfg.stores)) or "none"
+            self._fail(400, f"unknown store {store!r} in ?store= (configured: {have}); add [stores.{store}]", "store")
             return
         try:
             events = parse(body, store)

@@ -1,0 +1,43 @@
+"""A test plugin: records every handled event as one line, and misbehaves on request.
+
+The event's data steers it: {"fail": N} raises on the first N attempts, {"permanent": true} raises
+PermanentError, {"sleep": S} sleeps, {"follow": K} publishes K follow-ons to topic "follow".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from bucketwire import PermanentError, hookimpl
+
+PLUGIN_NAME = "recorder"
+
+
+@hookimpl
+def validate_settings(settings):
+    if "path" not in settings:
+        raise ValueError("path: required; where to record handled events")
+    return settings
+
+
+@hookimpl
+def handle_event(event, ctx):
+    d = event.data if isinstance(event.data, dict) else {}
+    t0 = time.monotonic()
+    if d.get("sleep"):
+        time.sleep(d["sleep"])
+    if ctx.attempt <= d.get("fail", 0):
+        raise RuntimeError(f"planned failure {ctx.attempt}")
+    if d.get("permanent"):
+        raise PermanentError("planned permanent failure")
+    for i in range(d.get("follow", 0)):
+        ctx.publish("follow", {"n": i, "cause_seq": event.seq})
+    line = json.dumps({"g": ctx.group, "pid": os.getpid(), "t": event.topic, "s": event.seq, "id": event.id,
+                       "key": event.key, "a": ctx.attempt, "t0": t0, "ts": time.monotonic(), "data": d})
+    fd = os.open(ctx.settings["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)

@@ -1,0 +1,187 @@
+"""MinIO webhook ingress against a real hub process: every event kind, exact keys, and bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from tests.minio_payloads import body, record
+
+ROUTES = """
+[[routes]]
+events = ["s3:ObjectCreated:*"]
+topic = "created"
+
+[[routes]]
+events = ["s3:ObjectRemoved:*"]
+topic = "removed"
+
+[[routes]]
+events = ["s3:ObjectAccessed:*"]
+topic = "accessed"
+
+[[routes]]
+events = ["s3:ObjectCreated:*"]
+bucket = "never"
+topic = "unreachable"
+"""
+
+KEYS = ["plain.jpg", "dir/sub dir/a b.jpg", "c++/x+y=z&w.png", "fotos/straße 日本語 ü.jpeg", "100%/~tilde_-.txt"]
+
+
+@pytest.fixture
+def stack(stack_factory):
+    s = stack_factory(ROUTES)
+    s.start_hub()
+    return s
+
+
+def fetch_all(stack, topic):
+    with stack.client() as c:
+        meta, bodies = c.fetch(topic, 1)
+    return [json.loads(b) for b in bodies]
+
+
+def test_every_minio_event_kind_arrives_decoded_on_its_topic(stack):
+    sent = [
+        record("s3:ObjectCreated:Put", "photos", KEYS[0], size=1234, etag="d41d8cd98f00b204e9800998ecf8427e",
+               content_type="image/jpeg", user_metadata={"content-type": "image/jpeg", "X-Amz-Meta-Owner": "ann"},
+               version="v1", request_id="R1"),
+        record("s3:ObjectCreated:CompleteMultipartUpload", "photos", KEYS[1], size=20 << 20,
+               etag="9b2cf535f27731c974343645a3985328-4", content_type="image/jpeg", request_id="R2"),
+        record("s3:ObjectCreated:Copy", "photos", KEYS[2], size=7, etag="abc", request_id="R3"),
+        record("s3:ObjectRemoved:Delete", "photos", KEYS[3], request_id="R4"),
+        record("s3:ObjectRemoved:DeleteMarkerCreated", "photos", KEYS[4], version="dm-1", request_id="R5"),
+        # A GET repeats the PUT's sequencer: ids must still differ.
+        record("s3:ObjectAccessed:Get", "photos", KEYS[0], size=1234, etag="d41d8cd98f00b204e9800998ecf8427e",
+               request_id="R6"),
+    ]
+    for r in sent:
+        code, resp = stack.post("/minio/events", body(r))
+        assert code == 200, resp
+        assert resp["accepted"] == 1
+    created = fetch_all(stack, "created")
+    removed = fetch_all(stack, "removed")
+    accessed = fetch_all(stack, "accessed")
+    assert [e["subject"] for e in created] == KEYS[:3]
+    assert [e["type"] for e in created] == ["s3:ObjectCreated:Put", "s3:ObjectCreated:CompleteMultipartUpload",
+                                           "s3:ObjectCreated:Copy"]
+    assert [e["subject"] for e in removed] == KEYS[3:5]
+    assert [e["seq"] for e in created] == [1, 2, 3] and [e["seq"] for e in removed] == [1, 2]
+    put = created[0]
+    assert put["specversion"] == "1.0" and put["schemaversion"] == 1 and put["topic"] == "created"
+    d = put["data"]
+    assert (d["bucket"], d["key"], d["size"], d["etag"], d["version_id"], d["content_type"]) == (
+        "photos", KEYS[0], 1234, "d41d8cd98f00b204e9800998ecf8427e", "v1", "image/jpeg")
+    assert d["user_metadata"]["X-Amz-Meta-Owner"] == "ann"
+    assert d["records"][0] == sent[0], "the original record travels untouched"
+    assert d["principal"] == "minioadmin" and d["source_ip"] == "192.0.2.10"
+    assert created[1]["data"]["size"] == 20 << 20 and created[1]["data"]["etag"].endswith("-4")
+    dm = removed[1]["data"]
+    assert dm["version_id"] == "dm-1" and dm["size"] == 0 and dm["etag"] == ""
+    assert accessed[0]["id"] != put["id"]
+    assert len({e["id"] for e in created + removed + accessed}) == 6
+
+
+def test_same_notification_twice_is_one_event(stack):
+    r = record("s3:ObjectCreated:Put", "photos", "dup.jpg", size=1, etag="e", request_id="SAME")
+    c1, r1 = stack.post("/minio/events", body(r))
+    c2, r2 = stack.post("/minio/events", body(r))
+    assert (c1, c2) == (200, 200)
+    assert r1["accepted"] == 1 and r2["duplicates"] == 1 and r2["events"][0]["seq"] == r1["events"][0]["seq"]
+    assert len(fetch_all(stack, "created")) == 1
+
+
+def test_aws_style_body_with_several_records(stack):
+    recs = [record("s3:ObjectCreated:Put", "photos", f"k{i} x.jpg", size=i + 1, request_id=f"M{i}") for i in range(5)]
+    for r in recs:  # AWS S3 omits the "s3:" prefix and the MinIO envelope keys
+        r["eventName"] = r["eventName"][3:]
+    code, resp = stack.post("/minio/events", json.dumps({"Records": recs}).encode())
+    assert code == 200 and resp["accepted"] == 5
+    assert [e["subject"] for e in fetch_all(stack, "created")] == [f"k{i} x.jpg" for i in range(5)]
+
+
+def test_unrouted_event_is_accepted_and_counted(stack):
+    r = record("s3:ObjectRestore:Completed", "photos", "cold.jpg", request_id="U1")
+    code, resp = stack.post("/minio/events", body(r))
+    assert code == 200 and resp["unrouted"] == 1 and resp["accepted"] == 0
+    metrics = _get(stack, "/metrics")
+    assert 'bucketwire_events_unrouted_total{source="minio"} 1.0' in metrics
+
+
+def _get(stack, path):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.http_port}{path}", timeout=5) as r:
+        return r.read().decode()
+
+
+def _raw_http(stack, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", stack.http_port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+            if b"\r\n\r\n" in out:
+                head, _, rest = out.partition(b"\r\n\r\n")
+                n = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+                if n and len(rest) >= n[0]:
+                    break
+        return out
+
+
+BAD = [
+    ("no token", dict(token=""), b'{"Records":[]}', 401),
+    ("wrong token", dict(token="nope"), b'{"Records":[]}', 401),
+    ("not json", {}, b'{"Records": [', 400),
+    ("not an object", {}, b"[1,2]", 400),
+    ("no records", {}, b'{"EventName":"s3:ObjectCreated:Put","Key":"a/b"}', 400),
+    ("record without key", {}, json.dumps({"Records": [{"eventName": "s3:ObjectCreated:Put",
+                                                        "s3": {"bucket": {"name": "b"}, "object": {}}}]}).encode(), 400),
+    ("record without bucket", {}, json.dumps({"Records": [{"eventName": "s3:ObjectCreated:Put",
+                                                           "s3": {"object": {"key": "k"}}}]}).encode(), 400),
+    ("negative size", {}, json.dumps({"Records": [{"eventName": "s3:ObjectCreated:Put",
+                                                   "s3": {"bucket": {"name": "b"}, "object": {"key": "k", "size": -1}}}]}
+                                     ).encode(), 400),
+    ("bad escape", {}, json.dumps({"Records": [{"eventName": "s3:ObjectCreated:Put",
+                                                "s3": {"bucket": {"name": "b"}, "object": {"key": "%ff%fe"}}}]}
+                                  ).encode(), 400),
+    ("one bad record spoils the batch", {}, json.dumps({"Records": [
+        record("s3:ObjectCreated:Put", "photos", "good.jpg", request_id="G"), {"eventName": 5}]}).encode(), 400),
+    ("too large", {}, b'{"Records":[' + b" " * (1 << 20) + b"]}", 413),
+    ("unknown path", dict(path="/nope"), b"{}", 404),
+    ("unknown store", dict(path="/minio/events?store=zzz"), body(record("s3:ObjectCreated:Put", "b", "k")), 400),
+]
+
+
+@pytest.mark.parametrize("name,opts,payload,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_webhook_input_is_rejected_and_changes_nothing(stack, name, opts, payload, code):
+    before = stack.status()["topics"]
+    got, resp = stack.post(opts.get("path", "/minio/events"), payload, token=opts.get("token"))
+    assert got == code, resp
+    assert resp.get("error"), "every rejection carries a reason"
+    assert stack.status()["topics"] == before
+    ok, resp = stack.post("/minio/events", body(record("s3:ObjectCreated:Put", "photos", "after.jpg",
+                                                            request_id="after-" + name)))
+    assert ok == 200 and resp["accepted"] == 1, "the hub keeps serving"
+
+
+def test_missing_content_length_and_chunked_are_refused(stack):
+    out = _raw_http(stack, b"POST /minio/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 411")
+    out = _raw_http(stack, b"POST /minio/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 411")
+    assert stack.status()["topics"] == {}
+
+
+def test_cloudevents_endpoint(stack):
+    ev = {"specversion": "1.0", "id": "ce-1", "source": "urn:test", "type": "com.example.thing", "topic": "misc",
+          "data": {"x": 1}}
+    code, resp = stack.post("/events", json.dumps(ev).encode())
+    assert code == 200 and resp["events"][0]["topic"] == "misc"
+    code, resp = stack.post("/events", json.dumps({**ev, "schemaversion": 99}).encode())
+    assert code == 400 and "newer" in resp["error"]
+    assert [e["id"] for e in fetch_all(stack, "misc")] == ["ce-1"]
