@@ -132,22 +132,20 @@ def _raw_http(stack, data: bytes) -> bytes:
         return out
 
 
+def _rec_body(s3: dict) -> bytes:
+    return json.dumps({"Records": [{"eventName": "s3:ObjectCreated:Put", "s3": s3}]}).encode()
+
+
 BAD = [
     ("no token", dict(token=""), b'{"Records":[]}', 401),
     ("wrong token", dict(token="nope"), b'{"Records":[]}', 401),
     ("not json", {}, b'{"Records": [', 400),
     ("not an object", {}, b"[1,2]", 400),
     ("no records", {}, b'{"EventName":"s3:ObjectCreated:Put","Key":"a/b"}', 400),
-    ("record without key", {}, json.dumps({"Records": [{"eventName": "s3:ObjectCreated:Put",
-                                                        "s3": {"bucket": {"name": "b"}, "object": {}}}]}).encode(), 400),
-    ("record without bucket", {}, json.dumps({"Records": [{"eventName": "s3:ObjectCreated:Put",
-                                                           "s3": {"object": {"key": "k"}}}]}).encode(), 400),
-    ("negative size", {}, json.dumps({"Records": [{"eventName": "s3:ObjectCreated:Put",
-                                                   "s3": {"bucket": {"name": "b"}, "object": {"key": "k", "size": -1}}}]}
-                                     ).encode(), 400),
-    ("bad escape", {}, json.dumps({"Records": [{"eventName": "s3:ObjectCreated:Put",
-                                                "s3": {"bucket": {"name": "b"}, "object": {"key": "%ff%fe"}}}]}
-                                  ).encode(), 400),
+    ("record without key", {}, _rec_body({"bucket": {"name": "b"}, "object": {}}), 400),
+    ("record without bucket", {}, _rec_body({"object": {"key": "k"}}), 400),
+    ("negative size", {}, _rec_body({"bucket": {"name": "b"}, "object": {"key": "k", "size": -1}}), 400),
+    ("bad escape", {}, _rec_body({"bucket": {"name": "b"}, "object": {"key": "%ff%fe"}}), 400),
     ("one bad record spoils the batch", {}, json.dumps({"Records": [
         record("s3:ObjectCreated:Put", "photos", "good.jpg", request_id="G"), {"eventName": 5}]}).encode(), 400),
     ("too large", {}, b'{"Records":[' + b" " * (1 << 20) + b"]}", 413),
