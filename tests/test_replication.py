@@ -1,0 +1,266 @@
+"""Replication plugin against real SeaweedFS: within one server (server-side copy) and across two (stream)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import os
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import minio
+import pytest
+import urllib3
+from minio.commonconfig import Tags
+from minio.error import S3Error
+
+import bucketwire_replication as repl
+from bucketwire import ConfigError, Event, PermanentError, Stores
+from bucketwire.config import StoreConfig
+from bucketwire.seaweed import WeedServer
+from bucketwire.testing import PluginHarness
+
+_ids = itertools.count(1)
+
+
+def obj_event(kind: str, bucket: str, key: str, *, store: str = "primary", md: dict[str, str] | None = None,
+              etag: str = "", size: int = 0) -> Event:
+    return Event(
+        id=f"r-{next(_ids)}", source="test", type=f"s3:{kind}", subject=key,
+        data={"bucket": bucket, "key": key, "size": size, "etag": etag, "content_type": "", "version_id": "",
+              "sequencer": "", "user_metadata": md or {}, "store": store, "records": []},
+    )
+
+
+def store_cfg(name: str, w: WeedServer) -> StoreConfig:
+    return StoreConfig(name=name, endpoint=w.s3_endpoint, access_key=w.access_key, secret_key=w.secret_key)
+
+
+class FastFailStores(Stores):
+    """Stores whose clients do not retry refused connections (minio's default pool backs off for seconds)."""
+
+    def get(self, name: str | None = None) -> minio.Minio:
+        cfg = self._configs.get(name or "")
+        if name == "down" and cfg is not None:
+            http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1, read=2), retries=False)
+            return minio.Minio(cfg.endpoint, access_key="x", secret_key="y", secure=False, region="us-east-1",
+                               http_client=http)
+        return super().get(name)
+
+
+@pytest.fixture(scope="module")
+def weed2(tmp_path_factory: pytest.TempPathFactory, weed: WeedServer) -> Iterator[WeedServer]:
+    """A second, independent SeaweedFS: the remote target."""
+    server = WeedServer(tmp_path_factory.mktemp("weed2"))
+    server.start(timeout=60)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def harness(stores: dict[str, StoreConfig], **settings: Any) -> PluginHarness:
+    return PluginHarness(repl, settings=settings, stores=FastFailStores(stores))
+
+
+def put(c: Any, bucket: str, key: str, data: bytes, **kw: Any) -> Event:
+    c.put_object(bucket, key, io.BytesIO(data), len(data), **kw)
+    st = c.stat_object(bucket, key)
+    return obj_event("ObjectCreated:Put", bucket, key, etag=st.etag, size=st.size)
+
+
+def read(c: Any, bucket: str, key: str) -> bytes:
+    r = c.get_object(bucket, key)
+    try:
+        return r.read()
+    finally:
+        r.close()
+        r.release_conn()
+
+
+def meta(st: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in st.metadata.items() if k.lower().startswith("x-amz-meta-")}
+
+
+def new_bucket(c: Any, base: str, suffix: str) -> str:
+    name = f"{base}-{suffix}"
+    c.make_bucket(name)
+    return name
+
+
+# -- settings and keys --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        ({}, "target_store"),
+        ({"target_store": "b"}, "target_bucket"),
+        ({"target_store": "b", "target_bucket": "x", "part_size": 1024}, "part_size"),
+        ({"target_store": "b", "target_bucket": "x", "prefix": "../up/"}, "prefix"),
+        ({"target_store": "b", "target_bucket": "x", "replicate_deletes": "yes"}, "replicate_deletes"),
+        ({"target_store": "b", "target_bucket": "x", "target": "y"}, "target"),
+    ],
+)
+def test_bad_settings(settings: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        PluginHarness(repl, settings=settings)
+
+
+@pytest.mark.parametrize("key", ["../etc/passwd", "a/../../b", "a/./b", "/abs", "nul\x00byte", "k" * 1100])
+def test_escaping_keys_are_permanent_errors(key: str) -> None:
+    with pytest.raises(PermanentError, match="not replicated"):
+        repl.target_key("replica/", key)
+    assert repl.target_key("replica/", "ok/..dots../x..y") == "replica/ok/..dots../x..y"
+
+
+# -- one server: server-side copy ----------------------------------------------------------------------------
+def test_same_store_copy_preserves_metadata_tags_and_is_idempotent(weed: WeedServer, bucket: str) -> None:
+    c = weed.client()
+    tb = new_bucket(c, bucket, "copy")
+    tags = Tags.new_object_tags()
+    tags["team"] = "photo"
+    ev = put(c, bucket, "dir/a file.txt", b"hello replica", content_type="text/plain",
+             metadata={"x-amz-meta-owner": "alice"}, tags=tags)
+    with harness({"primary": store_cfg("primary", weed)}, target_store="primary", target_bucket=tb,
+                 prefix="r/") as h:
+        (p,) = h.handle(ev)
+        assert p.topic == "object-replicated" and p.data["method"] == "copy"
+        assert p.data["key"] == "r/dir/a file.txt" and p.data["bucket"] == tb
+        st = c.stat_object(tb, "r/dir/a file.txt")
+        assert read(c, tb, "r/dir/a file.txt") == b"hello replica"
+        assert st.content_type == "text/plain"
+        m = meta(st)
+        assert m["x-amz-meta-owner"] == "alice"
+        assert m["x-amz-meta-bucketwire-replica-of"] == f"{bucket}/dir/a%20file.txt"
+        got_tags = c.get_object_tags(tb, "r/dir/a file.txt")
+        assert got_tags is not None and dict(got_tags) == {"team": "photo"}
+        before = st.last_modified
+        (again,) = h.handle(ev)  # redelivery
+        assert again.id == p.id and again.data["method"] == "already"
+        assert c.stat_object(tb, "r/dir/a file.txt").last_modified == before
+
+
+def test_two_way_replication_does_not_loop(weed: WeedServer, bucket: str) -> None:
+    c = weed.client()
+    other = new_bucket(c, bucket, "twin")
+    stores = {"primary": store_cfg("primary", weed)}
+    a_to_b = harness(stores, target_store="primary", target_bucket=other, buckets=[bucket], replicate_deletes=True)
+    b_to_a = harness(stores, target_store="primary", target_bucket=bucket, buckets=[other], replicate_deletes=True)
+    ev = put(c, bucket, "ping.txt", b"pong")
+    assert len(a_to_b.handle(ev)) == 1
+    replica = c.stat_object(other, "ping.txt")
+    # The replica's own event, with and without the metadata in the notification: ignored.
+    for md in ({"X-Amz-Meta-Bucketwire-Replica-Of": f"{bucket}/ping.txt"}, {}):
+        e = obj_event("ObjectCreated:Copy", other, "ping.txt", md=md, etag=replica.etag)
+        assert b_to_a.handle(e) == []
+        assert a_to_b.handle(e) == []  # (filtered by bucket anyway)
+    assert c.stat_object(bucket, "ping.txt").last_modified == c.stat_object(bucket, "ping.txt").last_modified
+    # Deletes follow once and stop: the delete of the replica finds nothing to delete on the way back.
+    c.remove_object(bucket, "ping.txt")
+    (d,) = a_to_b.handle(obj_event("ObjectRemoved:Delete", bucket, "ping.txt"))
+    assert d.data["action"] == "delete"
+    with pytest.raises(S3Error):
+        c.stat_object(other, "ping.txt")
+    assert b_to_a.handle(obj_event("ObjectRemoved:Delete", other, "ping.txt")) == []
+
+
+def test_deletes_only_when_enabled_and_only_our_replicas(weed: WeedServer, bucket: str) -> None:
+    c = weed.client()
+    tb = new_bucket(c, bucket, "del")
+    stores = {"primary": store_cfg("primary", weed)}
+    ev = put(c, bucket, "x.bin", b"x" * 100)
+    off = harness(stores, target_store="primary", target_bucket=tb)
+    off.handle(ev)
+    c.remove_object(bucket, "x.bin")
+    rm = obj_event("ObjectRemoved:Delete", bucket, "x.bin")
+    assert off.handle(rm) == []
+    assert c.stat_object(tb, "x.bin").size == 100  # kept: replicate_deletes is off by default
+    on = harness(stores, target_store="primary", target_bucket=tb, replicate_deletes=True)
+    # Not ours (no marker): never deleted.
+    c.put_object(tb, "y.bin", io.BytesIO(b"mine"), 4)
+    assert on.handle(obj_event("ObjectRemoved:DeleteMarkerCreated", bucket, "y.bin")) == []
+    assert c.stat_object(tb, "y.bin").size == 4
+    (p,) = on.handle(rm)
+    assert p.data["action"] == "delete"
+    with pytest.raises(S3Error):
+        c.stat_object(tb, "x.bin")
+
+
+# -- two servers: streamed, multipart, constant memory --------------------------------------------------------
+@pytest.mark.parametrize("size", [1000, 12 << 20])
+def test_cross_store_stream_small_and_multipart(weed: WeedServer, weed2: WeedServer, bucket: str,
+                                                size: int) -> None:
+    c1, c2 = weed.client(), weed2.client()
+    tb = f"{bucket}-remote"
+    c2.make_bucket(tb)
+    data = os.urandom(size)
+    ev = put(c1, bucket, "blob/😀 data.bin", data, content_type="application/x-test",
+             metadata={"x-amz-meta-color": "blue"})
+    stores = {"primary": store_cfg("primary", weed), "backup": store_cfg("backup", weed2)}
+    with harness(stores, target_store="backup", target_bucket=tb, part_size=5 << 20) as h:
+        (p,) = h.handle(ev)
+        assert p.data["method"] == "stream" and p.data["size"] == size
+        got = read(c2, tb, "blob/😀 data.bin")
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        st = c2.stat_object(tb, "blob/😀 data.bin")
+        assert st.content_type == "application/x-test" and meta(st)["x-amz-meta-color"] == "blue"
+        if size > 5 << 20:
+            assert "-" in st.etag  # really went up in parts
+        (again,) = h.handle(ev)
+        assert again.data["method"] == "already"
+
+
+def test_stream_memory_stays_near_one_part(weed: WeedServer, weed2: WeedServer, bucket: str) -> None:
+    """40 MB through the worker with 5 MB parts: Python-side peak stays at a few parts, not the object."""
+    c1, c2 = weed.client(), weed2.client()
+    tb = f"{bucket}-mem"
+    c2.make_bucket(tb)
+    chunk = os.urandom(1 << 20)
+
+    class Gen(io.RawIOBase):
+        left = 40 << 20
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: Any) -> int:
+            n = min(len(b), self.left, len(chunk))
+            b[:n] = chunk[:n]
+            self.left -= n
+            return n
+
+    c1.put_object(bucket, "big.bin", io.BufferedReader(Gen()), 40 << 20, part_size=5 << 20)
+    ev = obj_event("ObjectCreated:CompleteMultipartUpload", bucket, "big.bin")
+    stores = {"primary": store_cfg("primary", weed), "backup": store_cfg("backup", weed2)}
+    with harness(stores, target_store="backup", target_bucket=tb, part_size=5 << 20) as h:
+        tracemalloc.start()
+        try:
+            h.handle(ev)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert c2.stat_object(tb, "big.bin").size == 40 << 20
+    assert peak < 20 << 20, f"peak Python allocation {peak >> 20} MiB for a 40 MiB object"
+
+
+def test_target_down_raises_an_ordinary_exception(weed: WeedServer, bucket: str) -> None:
+    c = weed.client()
+    ev = put(c, bucket, "a.txt", b"a")
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here now
+    stores = {"primary": store_cfg("primary", weed),
+              "down": StoreConfig(name="down", endpoint=f"127.0.0.1:{port}")}
+    with harness(stores, target_store="down", target_bucket="x") as h, pytest.raises(Exception) as ei:
+        h.handle(ev)
+    assert not isinstance(ei.value, PermanentError)
+
+
+def test_path_escape_key_in_event_is_rejected(weed: WeedServer, bucket: str) -> None:
+    with harness({"primary": store_cfg("primary", weed)}, target_store="primary", target_bucket=bucket,
+                 prefix="replica/") as h, pytest.raises(PermanentError, match="segments"):
+        h.handle(obj_event("ObjectCreated:Put", bucket, "../../outside"))
