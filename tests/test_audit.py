@@ -10,14 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import bucketwire_audit as audit
 import click
 import pytest
+from click.testing import CliRunner
+
+import bucketwire_audit as audit
 from bucketwire import ConfigError, Event
 from bucketwire.config import StoreConfig
 from bucketwire.testing import PluginHarness
 from bucketwire_audit.chain import INDEX_SUFFIX, seal
-from click.testing import CliRunner
 
 
 def ev(i: int, key: str | None = None, **data: Any) -> Event:

@@ -9,15 +9,16 @@ import time
 import zlib
 from typing import Any
 
+import pytest
+from minio.error import S3Error
+from PIL import Image
+
 import bucketwire
 import bucketwire_thumbnail as thumb
-import pytest
 from bucketwire import ConfigError, Event, PermanentError
 from bucketwire.config import StoreConfig
 from bucketwire.testing import PluginHarness
 from bucketwire_thumbnail.imaging import render
-from minio.error import S3Error
-from PIL import Image
 
 _ids = itertools.count(1)
 RED = (255, 0, 0)

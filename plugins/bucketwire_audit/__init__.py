@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from bucketwire import ConfigError, Context, Event, hookimpl
 
 from .chain import AuditLog, ChainError, VerifyResult, canonical, seal, verify

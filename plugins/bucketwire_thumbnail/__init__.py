@@ -20,9 +20,10 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-from bucketwire import ConfigError, Context, Event, PermanentError, hookimpl
 from minio.error import S3Error
 from PIL import Image
+
+from bucketwire import ConfigError, Context, Event, PermanentError, hookimpl
 
 from .imaging import FORMATS, Thumb, ThumbnailError, content_type, extension, looks_like_image, render
 
