@@ -1,0 +1,377 @@
+"""`bucketwire dev`: the whole stack on one machine, wired together, in one command.
+
+Why: the first thing a new user wants is to drop a photo into a bucket and watch work happen, without
+installing MinIO, writing webhook config or picking ports. So this starts a loopback SeaweedFS (free ports,
+data under the state dir) whose filer webhook points at the hub's `/seaweedfs/events` with a generated token,
+writes the *effective* config (the given one with hub addresses, store endpoints, credentials and relative
+paths filled in), creates the buckets it needs, and runs `bucketwire hub` and one `bucketwire worker` per
+group as child processes. Every child gets its own process group and log file; SIGINT/SIGTERM stops them all
+(SIGKILL after a grace period), so no weed or worker outlives `dev`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..seaweed import WeedError, WeedServer, find_weed
+
+DEFAULT_CONFIG = """\
+# The embedded dev stack (see examples/dev.toml for the commented version).
+[hub]
+state_dir = "hub"
+
+[dev]
+buckets = ["photos", "thumbnails", "photos-replica"]
+
+[[routes]]
+events = ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]
+bucket = "photos"
+topic = "photos"
+
+[topics.photos]
+max_attempts = 5
+dead_letter = "dead-letter"
+
+[groups.thumbnails]
+topics = ["photos"]
+plugins = ["thumbnail"]
+processes = 1
+
+[groups.audit]
+topics = ["photos", "thumbnail-ready", "object-replicated"]
+plugins = ["audit"]
+processes = 1
+
+[groups.replication]
+topics = ["photos"]
+plugins = ["replication"]
+processes = 1
+
+[stores.primary]
+endpoint = "127.0.0.1:8333"
+
+[plugins.thumbnail]
+store = "primary"
+sizes = [128, 512]
+output_bucket = "thumbnails"
+
+[plugins.audit]
+path = "audit/audit.log"
+
+[plugins.replication]
+target_store = "primary"
+target_bucket = "photos-replica"
+"""
+
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class DevError(click.ClickException):
+    """A problem starting the dev stack, one line."""
+
+
+# -- a minimal TOML writer (tomllib reads only) -------------------------------------------------------------
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
+def to_toml(doc: dict[str, Any], prefix: str = "") -> str:
+    """Tables, arrays of tables and inline values: enough for a bucketwire config."""
+    lines: list[str] = []
+    scalars = {k: v for k, v in doc.items() if not _is_table(v) and not _is_table_array(v)}
+    for k, v in scalars.items():
+        lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in doc.items():
+        name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
+        if _is_table(v):
+            out += f"\n[{name}]\n" + to_toml(v, name)
+        elif _is_table_array(v):
+            for item in v:
+                out += f"\n[[{name}]]\n" + to_toml(item, name)
+    return out
+
+
+def _is_table(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_table_array(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+# -- the stack ---------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def needed_buckets(doc: dict[str, Any]) -> list[str]:
+    """Buckets the config names: [dev] buckets, route buckets, and plugin settings ending in `bucket`."""
+    names: list[str] = list(doc.get("dev", {}).get("buckets", []))
+    names += [r["bucket"] for r in doc.get("routes", []) if isinstance(r.get("bucket"), str)]
+    for settings in doc.get("plugins", {}).values():
+        if isinstance(settings, dict):
+            names += [v for k, v in settings.items() if k.endswith("bucket") and isinstance(v, str)]
+    out: list[str] = []
+    for n in names:
+        if n not in out:
+            if not BUCKET_RE.match(n):
+                raise DevError(f"bucket name {n!r} in the config is not a valid S3 bucket name")
+            out.append(n)
+    return out
+
+
+def effective_config(base: dict[str, Any], state_dir: Path, weed: WeedServer, token: str,
+                     ports: dict[str, int]) -> dict[str, Any]:
+    """The given config with everything machine-specific filled in for the embedded stack."""
+    doc = json.loads(json.dumps(base))  # deep copy
+    hub = doc.setdefault("hub", {})
+    hub["http"] = f"127.0.0.1:{ports['http']}"
+    hub["publish"] = f"tcp://127.0.0.1:{ports['publish']}"
+    hub["work"] = f"tcp://127.0.0.1:{ports['work']}"
+    hub["state_dir"] = str(state_dir / str(hub.get("state_dir", "hub")))
+    hub["auth_token"] = token
+    doc.pop("client", None)  # clients connect where the hub binds
+    stores = doc.setdefault("stores", {"primary": {}})
+    for s in stores.values():
+        s.update(endpoint=weed.s3_endpoint, access_key=weed.access_key, secret_key=weed.secret_key, secure=False)
+    for settings in doc.get("plugins", {}).values():
+        for k in ("path", "dir"):
+            v = settings.get(k)
+            if isinstance(v, str) and not os.path.isabs(v):
+                settings[k] = str(state_dir / v)
+    return doc
+
+
+class Children:
+    """Child processes, each in its own session, with logs in one directory; stop() leaves nothing behind."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                 start_new_session=True)
+        self.procs.append((name, p))
+        return p
+
+    def dead(self) -> list[str]:
+        return [f"{n} (exit {p.returncode}, see {self.log_dir / (n + '.log')})" for n, p in self.procs
+                if p.poll() is not None]
+
+    def stop(self, grace: float = 15.0) -> None:
+        for _, p in reversed(self.procs):  # workers first, then the hub
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.1, deadline - time.monotonic()))
+        for _, p in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)  # stragglers in the group, even if the leader exited
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+
+
+def wait_healthy(url: str, children: Children, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = children.dead()
+        if dead:
+            raise DevError(f"{dead[0]} exited during startup")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise DevError(f"the hub did not become healthy at {url} within {timeout:.0f}s")
+
+
+def sample_images() -> list[tuple[str, bytes]]:
+    """A few generated JPEGs; one carries EXIF orientation 6 (rotate 90° CW to display) like a phone photo."""
+    from PIL import Image, ImageDraw
+
+    out: list[tuple[str, bytes]] = []
+    colours = [("sunset", (230, 120, 40)), ("forest", (40, 140, 60)), ("ocean", (30, 90, 200))]
+    for name, rgb in colours:
+        img = Image.new("RGB", (1200, 800), rgb)
+        d = ImageDraw.Draw(img)
+        for i in range(0, 1200, 100):
+            d.line([(i, 0), (1200 - i, 800)], fill=(255, 255, 255), width=6)
+        d.text((40, 40), name, fill=(0, 0, 0))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        out.append((f"demo/{name}.jpg", buf.getvalue()))
+    img = Image.new("RGB", (1200, 800), (200, 200, 40))
+    ImageDraw.Draw(img).rectangle([0, 0, 300, 200], fill=(200, 0, 0))  # red corner marks "top-left" as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW
+    exif[0x010F] = "bucketwire"  # Make
+    exif[0x0110] = "demo phone"  # Model
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85, exif=exif)
+    out.append(("demo/phone-portrait.jpg", buf.getvalue()))
+    return out
+
+
+def describe(body: bytes) -> str:
+    """One human line for a follow-on event."""
+    try:
+        ev = json.loads(body)
+    except ValueError:
+        return body[:200].decode(errors="replace")
+    d = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+    what = f"{d.get('bucket', '')}/{d.get('key', '')}" if d.get("key") else ev.get("subject") or ""
+    src = f" <- {d['source_bucket']}/{d['source_key']}" if d.get("source_key") else ""
+    return f"[{ev.get('topic')} #{ev.get('seq')}] {ev.get('type')} {what}{src}"
+
+
+@click.command(name="dev")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=".bucketwire-dev", show_default=True,
+              help="Where SeaweedFS data, the hub journal, logs and the effective config live.")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+              help="Base config (routes, groups, plugins); default: the built-in one, like examples/dev.toml.")
+@click.option("--demo", is_flag=True, help="Upload sample images and print the events that follow.")
+@click.option("--s3-port", type=int, help="Fixed S3 port (default: a free one).")
+def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None) -> None:
+    """Run SeaweedFS + hub + one worker pool per group on loopback, wired together."""
+    root = Path(state_dir).absolute()
+    try:
+        text = Path(config_path).read_text() if config_path else DEFAULT_CONFIG
+        base = tomllib.loads(text)
+    except OSError as e:
+        raise DevError(f"cannot read {config_path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise DevError(f"{config_path}: invalid TOML: {e}") from None
+    buckets = needed_buckets(base)
+    try:
+        find_weed()
+    except WeedError as e:
+        raise DevError(str(e)) from None
+
+    root.mkdir(parents=True, exist_ok=True)
+    ports = {"http": free_port(), "publish": free_port(), "work": free_port()}
+    token = secrets.token_urlsafe(24)
+    weed = WeedServer(root / "seaweedfs", webhook_url=f"http://127.0.0.1:{ports['http']}/seaweedfs/events",
+                      webhook_token=token, ports={"s3": s3_port} if s3_port else None)
+    children = Children(root / "logs")
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        try:
+            weed.start(timeout=60)
+        except WeedError as e:
+            raise DevError(str(e)) from None
+        cfg_doc = effective_config(base, root, weed, token, ports)
+        cfg_path = root / "bucketwire.toml"
+        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("# written by `bucketwire dev`; regenerated on every start\n" + to_toml(cfg_doc))
+        from ..config import ConfigError, load
+
+        try:
+            cfg = load(cfg_path)
+        except ConfigError as e:
+            raise DevError(str(e)) from None
+        s3 = weed.client()
+        for b in buckets:
+            if not s3.bucket_exists(b):
+                s3.make_bucket(b)
+        exe = str(Path(sys.executable).parent / "bucketwire")
+        argv0 = [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "bucketwire"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        children.spawn("hub", [*argv0, "hub", "-c", str(cfg_path)], env)
+        wait_healthy(f"http://{cfg_doc['hub']['http']}/healthz", children)
+        for group in cfg.groups:
+            children.spawn(f"worker-{group}", [*argv0, "worker", "-c", str(cfg_path), "--group", group], env)
+        click.echo(
+            f"bucketwire dev is running (Ctrl+C stops everything)\n"
+            f"  S3 endpoint   http://{weed.s3_endpoint}\n"
+            f"  access key    {weed.access_key}\n"
+            f"  secret key    {weed.secret_key}\n"
+            f"  buckets       {', '.join(buckets)}\n"
+            f"  hub           http://{cfg_doc['hub']['http']} (token in {cfg_path})\n"
+            f"  config        {cfg_path}\n"
+            f"  logs          {children.log_dir}/\n"
+            f"  try           bucketwire tail -c {cfg_path}"
+        )
+        if demo:
+            _demo(cfg, weed, stopping, children)
+        while not stopping.wait(0.5):
+            dead = children.dead()
+            if dead:
+                raise DevError(f"{dead[0]} stopped unexpectedly")
+    finally:
+        click.echo("stopping...", err=True)
+        children.stop()
+        weed.stop()
+    click.echo("stopped", err=True)
+
+
+def _demo(cfg: Any, weed: WeedServer, stopping: threading.Event, children: Children) -> None:
+    """Upload sample images, then print every event on the hub as it arrives until stopped."""
+    from ..client import follow
+
+    s3 = weed.client()
+    bucket = next((r.bucket for r in cfg.routes if r.bucket), "photos")
+    printed = threading.Event()
+
+    def upload() -> None:
+        time.sleep(1.0)  # let `follow` subscribe first so the demo shows everything
+        for key, data in sample_images():
+            s3.put_object(bucket, key, io.BytesIO(data), len(data), content_type="image/jpeg")
+            click.echo(f"uploaded {bucket}/{key} ({len(data)} bytes)")
+        printed.set()
+
+    threading.Thread(target=upload, daemon=True, name="demo-upload").start()
+    try:
+        for _topic, _seq, body in follow(cfg, None, None, stop=stopping.is_set):
+            click.echo(describe(body))
+            if children.dead():
+                break
+    except Exception as e:  # the hub went away: the main loop reports which child died
+        if not stopping.is_set():
+            click.echo(f"event stream ended: {e}", err=True)
