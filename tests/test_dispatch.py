@@ -1,0 +1,93 @@
+"""The delivery rules of a consumer group, without sockets."""
+
+from __future__ import annotations
+
+from bucketwire.config import TopicConfig
+from bucketwire.dispatch import GroupState, WorkerState
+
+
+def group(max_attempts=3):
+    g = GroupState("g", ["t"], {"t": 0}, lambda t: TopicConfig(max_attempts=max_attempts, backoff_base=1))
+    return g
+
+
+def add_worker(g, name, credit=10):
+    w = WorkerState(name.encode(), "g", frozenset(["t"]), credit, 0.0)
+    g.workers[w.ident] = w
+    return w
+
+
+def load(g, keys):
+    g.offer("t", 1, [(i + 1, k, b"{}") for i, k in enumerate(keys)])
+
+
+def test_same_object_never_in_flight_twice_and_order_kept():
+    g = group()
+    add_worker(g, "w1")
+    add_worker(g, "w2")
+    load(g, ["b/x", "b/y", "b/x", "b/x", None])
+    sent = g.dispatch(10, 0.0)
+    keys = [it.seq for _, items in sent for it in items]
+    assert keys == [1, 2, 5], "seq 3 and 4 wait behind seq 1 (same object)"
+    assert g.ack("t", 1)
+    sent = g.dispatch(10, 0.0)
+    assert [it.seq for _, items in sent for it in items] == [3]
+    g.ack("t", 3)
+    assert [it.seq for _, items in g.dispatch(10, 0.0) for it in items] == [4]
+
+
+def test_lru_batches_and_credit():
+    g = group()
+    w1, w2 = add_worker(g, "w1", credit=2), add_worker(g, "w2", credit=2)
+    load(g, [None] * 5)
+    sent = g.dispatch(10, 0.0)
+    assert [(w.ident, len(items)) for w, items in sent] == [(b"w1", 2), (b"w2", 2)]
+    assert w1.free == 0 and w2.free == 0 and len(g.ready) == 1
+    g.ack("t", 1)
+    assert [(w.ident, [i.seq for i in items]) for w, items in g.dispatch(10, 0.0)] == [(b"w1", [5])]
+
+
+def test_cursor_is_the_contiguous_watermark():
+    g = group()
+    add_worker(g, "w")
+    load(g, [None] * 4)
+    g.dispatch(10, 0.0)
+    g.ack("t", 2)
+    g.ack("t", 4)
+    assert g.acked["t"] == 0
+    g.ack("t", 1)
+    assert g.acked["t"] == 2
+    assert not g.ack("t", 2), "a repeated ack is recognised"
+    g.ack("t", 3)
+    assert g.acked["t"] == 4
+
+
+def test_retry_keeps_the_object_held_then_dead_letters():
+    g = group(max_attempts=2)
+    add_worker(g, "w")
+    load(g, ["b/x", "b/x"])
+    g.dispatch(10, 0.0)
+    assert g.fail("t", 1, "boom", "E: boom", "p", False, now=0.0) is None
+    assert [it.seq for _, items in g.dispatch(10, 0.1) for it in items] == [], "seq 2 waits for seq 1's retry"
+    g.due_retries(100.0)
+    assert [(it.seq, it.attempts) for _, items in g.dispatch(10, 100.0) for it in items] == [(1, 2)]
+    dl = g.fail("t", 1, "boom", "E: boom", "p", False, now=100.0)
+    assert dl is not None and dl.item.attempts == 2 and dl.plugin == "p"
+    assert g.acked["t"] == 1
+    assert [it.seq for _, items in g.dispatch(10, 100.0) for it in items] == [2]
+
+
+def test_lost_worker_counts_an_attempt_but_drain_does_not():
+    g = group(max_attempts=2)
+    add_worker(g, "w")
+    load(g, [None, None])
+    g.dispatch(10, 0.0)
+    assert g.worker_gone(b"w", lost=False) == []
+    assert [it.attempts for it in g.ready] == [0, 0]
+    add_worker(g, "w2")
+    g.dispatch(10, 0.0)
+    assert g.worker_gone(b"w2", lost=True) == []
+    add_worker(g, "w3")
+    g.dispatch(10, 0.0)
+    dead = g.worker_gone(b"w3", lost=True)
+    assert [d.item.seq for d in dead] == [1, 2], "an event that kills every worker ends as a dead letter"

@@ -1,0 +1,77 @@
+"""Every hook through a real worker pool: settings validation, startup, events, drain, shutdown, commands."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from bucketwire.cli import cli
+from tests.fixtures_hub import wait_for
+from tests.plugins import lifecycle
+
+PLUGIN = str(Path(__file__).parent / "plugins" / "lifecycle.py")
+
+
+def cfg(path: Path, mode: str = "ok") -> str:
+    return f"""
+[groups.life]
+topics = ["t"]
+plugins = []
+start = "earliest"
+
+[plugins.lifecycle]
+path = "{path}"
+mode = "{mode}"
+"""
+
+
+def test_startup_events_and_shutdown_in_every_child(stack_factory, tmp_path):
+    out = tmp_path / "life.log"
+    s = stack_factory(cfg(out))
+    s.start_hub()
+    w = s.start_worker("life", 2, "--plugin", PLUGIN)
+    with s.client() as c:
+        for i in range(6):
+            c.publish("t", {"i": i})
+    wait_for(lambda: out.exists() and out.read_text().count(" event ") == 6, 20, "6 events")
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(20) == 0
+    lines = out.read_text().splitlines()
+    pids = {ln.split()[0] for ln in lines}
+    assert len(pids) == 2
+    for pid in pids:
+        mine = [ln.split(" ", 1)[1] for ln in lines if ln.startswith(pid + " ")]
+        assert mine[0] == "startup mode=ok" and mine[-1] == "shutdown"
+    assert s.status()["groups"]["life"]["workers"] == 0, "drained workers say goodbye"
+
+
+def test_invalid_plugin_settings_stop_the_pool_with_one_line(stack_factory, tmp_path):
+    s = stack_factory(cfg(tmp_path / "x.log", mode="shouty"))
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "worker", "-c", str(s.cfg_path), "-g", "life",
+                        "--plugin", PLUGIN], capture_output=True, text=True, timeout=60, env=s.env)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "[plugins.lifecycle] mode: must be 'ok' or 'loud', got 'shouty'" in r.stderr
+
+
+def test_plugin_not_installed_is_named(stack_factory, tmp_path):
+    s = stack_factory("[groups.g]\ntopics = ['t']\nplugins = ['no-such-plugin']\n")
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "worker", "-c", str(s.cfg_path), "-g", "g"],
+                       capture_output=True, text=True, timeout=60, env=s.env)
+    assert r.returncode == 1 and "'no-such-plugin' is named in the config but not installed" in r.stderr
+
+
+def test_register_commands_and_plugins_listing():
+    lifecycle.register_commands(cli=cli)
+    r = CliRunner().invoke(cli, ["lifecycle-hello"])
+    assert r.exit_code == 0 and r.output.strip() == "hello from a plugin"
+    r = CliRunner().invoke(cli, ["plugins", "--plugin", PLUGIN])
+    assert r.exit_code == 0, r.output
+    listed = {p["name"]: p["hooks"] for p in json.loads(r.output)}
+    assert listed["lifecycle"] == sorted(["handle_event", "register_commands", "validate_settings", "worker_shutdown",
+                                          "worker_startup"])
