@@ -212,6 +212,12 @@ cli.add_command(_listen.listen)
 cli.add_command(_seaweed_source.seaweed_source)
 
 
+def _add_builtin_groups() -> None:
+    from .bench.cli import bench
+
+    cli.add_command(bench)
+
+
 def _register_plugin_commands() -> None:
     """Let installed plugins add subcommands (`bucketwire audit verify`, ...)."""
     from . import plugins as loader
@@ -229,5 +235,6 @@ def _register_plugin_commands() -> None:
 
 
 def main() -> None:
+    _add_builtin_groups()
     _register_plugin_commands()
     cli()

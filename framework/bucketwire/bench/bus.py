@@ -1,0 +1,230 @@
+"""`bucketwire bench bus`: publish -> hub commit -> worker no-op handler -> ack, against raw pyzmq.
+
+Baseline: the same envelope bytes over a raw PUSH/PULL pair with the same `json.loads` on receipt, measured in
+the same run on the same machine. Latency is coordinated-omission safe: every event carries its *intended*
+send time, so a publisher that falls behind shows up as latency instead of hiding it.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import time
+from typing import Any
+
+import zmq
+
+from .. import protocol as P
+from ..envelope import Event
+from .common import Stack, free_port, percentiles, progress, progress_done
+
+
+def payload(i: int, t: float) -> dict[str, Any]:
+    return Event(id=f"bench-{i}", source="urn:bench", type="s3:ObjectCreated:Put", subject=f"bench/obj-{i}.jpg",
+                 topic="bench", data={"bucket": "bench", "key": f"obj-{i}.jpg", "size": 1234, "i": i, "t": t,
+                                      "etag": "d41d8cd98f00b204e9800998ecf8427e"}).to_dict()
+
+
+def _spin_until(t: float) -> None:
+    while True:
+        left = t - time.monotonic()
+        if left <= 0:
+            return
+        if left > 0.002:
+            time.sleep(left - 0.001)
+
+
+# -- baseline: raw PUSH/PULL --------------------------------------------------------------------------------
+def _pull(port: int, n: int, q: Any) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.setsockopt(zmq.RCVHWM, 0)
+    s.bind(f"tcp://127.0.0.1:{port}")
+    q.put("ready")
+    lat = []
+    last = 0.0
+    for _ in range(n):
+        d = json.loads(s.recv())
+        last = time.monotonic()
+        lat.append(last - d["data"]["t"])
+    q.put((last, lat))
+    s.close()
+    ctx.term()
+
+
+def raw_run(n: int, rate: float | None) -> tuple[float, list[float]]:
+    """Send n messages (as fast as possible, or at `rate`/s); returns (events/s, latencies)."""
+    port = free_port()
+    mctx = mp.get_context("spawn")
+    q = mctx.Queue()
+    p = mctx.Process(target=_pull, args=(port, n, q))
+    p.start()
+    q.get(timeout=30)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, 0)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    for i in range(n):
+        t = t0 + i / rate if rate else time.monotonic()
+        if rate:
+            _spin_until(t)
+        s.send(json.dumps(payload(i, t)).encode())
+    last, lat = q.get(timeout=600)
+    p.join()
+    s.close()
+    ctx.term()
+    return n / (last - t0), lat
+
+
+# -- subject: through the hub -------------------------------------------------------------------------------
+class Publisher:
+    """Publishes without waiting for each reply (a window of outstanding requests), like a busy source."""
+
+    def __init__(self, endpoint: str, window: int = 16) -> None:
+        self.ctx = zmq.Context()
+        self.s = self.ctx.socket(zmq.DEALER)
+        self.s.setsockopt(zmq.LINGER, 0)
+        self.s.connect(endpoint)
+        self.window = window
+        self.outstanding = 0
+        self.req = 0
+        self.failed = 0
+
+    def _reply(self, block: bool) -> bool:
+        try:
+            frames = self.s.recv_multipart(0 if block else zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        if frames[0] == P.PUBNACK:
+            self.failed += 1
+        self.outstanding -= 1
+        return True
+
+    def send(self, events: list[dict[str, Any]]) -> None:
+        while self.outstanding >= self.window:
+            self._reply(True)
+        while self.outstanding and self._reply(False):
+            pass
+        self.req += 1
+        self.s.send_multipart([P.PUB, P.enc({"req": self.req, "events": events})])
+        self.outstanding += 1
+
+    def drain(self) -> None:
+        while self.outstanding:
+            if not self.s.poll(30_000):
+                raise RuntimeError("hub stopped answering publishes")
+            self._reply(True)
+
+    def close(self) -> None:
+        self.s.close()
+        self.ctx.term()
+
+
+def _wait_handled(stack: Stack, total: int, label: str, timeout: float = 600) -> None:
+    from ..client import HubClient
+
+    deadline = time.monotonic() + timeout
+    with HubClient(stack.config(), timeout=10) as c:
+        while time.monotonic() < deadline:
+            g = c.status()["groups"]["bench"]["topics"].get("bench", {})
+            progress(f"bench bus {label}: {g.get('cursor', 0)}/{total} acked")
+            if g.get("cursor", 0) >= total:
+                return
+            time.sleep(0.05)
+    raise RuntimeError(f"bench bus {label}: not all events were acked within {timeout}s")
+
+
+def hub_run(durability: str, processes: int, n: int, rates: dict[int, float]) -> dict[str, Any]:
+    """One stack: saturation throughput, then fixed-rate latency phases (rate -> seconds)."""
+    stack = Stack(durability)
+    try:
+        stack.spawn("hub")
+        stack.spawn("worker", "--group", "bench", "-n", str(processes), "--plugin", "bucketwire.bench.noop_plugin")
+        stack.wait_workers(processes)
+        pub = Publisher(stack.config().client.work)
+        label = f"durability={durability} processes={processes}"
+        t0 = time.monotonic()
+        for i in range(0, n, 100):
+            now = time.monotonic()
+            pub.send([payload(j, now) for j in range(i, min(n, i + 100))])
+            if i % 5000 == 0:
+                progress(f"bench bus {label}: published {i}/{n}")
+        pub.drain()
+        _wait_handled(stack, n, label)
+        done = n
+        phases = []
+        for rate, secs in rates.items():
+            k = int(rate * secs)
+            start = time.monotonic() + 0.05
+            for j in range(k):
+                t = start + j / rate
+                _spin_until(t)
+                pub.send([payload(done + j, t)])
+                if j % 1000 == 0:
+                    progress(f"bench bus {label}: {rate}/s {j}/{k}")
+            pub.drain()
+            _wait_handled(stack, done + k, label)
+            phases.append((rate, done, done + k))
+            done += k
+        pub.close()
+    finally:
+        stack.stop()
+        progress_done()
+    rows = stack.read_latencies()
+    sat = [r for r in rows if r[0] < n]
+    out: dict[str, Any] = {
+        "durability": durability,
+        "processes": processes,
+        "events": n,
+        "throughput_eps": round(n / (max(r[2] for r in sat) - t0), 1),
+        "handled": len(rows),
+        "latency": {},
+    }
+    for rate, lo, hi in phases:
+        out["latency"][str(rate)] = percentiles([r[2] - r[1] for r in rows if lo <= r[0] < hi])
+    out["latency"]["saturation"] = percentiles([r[2] - r[1] for r in sat])
+    return out
+
+
+def run(n: int, processes: list[int], durabilities: list[str], rates: dict[int, float]) -> dict[str, Any]:
+    progress("bench bus: baseline (raw pyzmq PUSH/PULL)")
+    raw_eps, raw_lat = raw_run(n, None)
+    base: dict[str, Any] = {"name": "raw pyzmq PUSH/PULL + json.loads", "events": n,
+                            "throughput_eps": round(raw_eps, 1),
+                            "latency": {"saturation": percentiles(raw_lat)}}
+    for rate, secs in rates.items():
+        progress(f"bench bus: baseline at {rate}/s")
+        _, lat = raw_run(int(rate * secs), rate)
+        base["latency"][str(rate)] = percentiles(lat)
+    runs = []
+    for d in durabilities:
+        for p in processes:
+            r = hub_run(d, p, n, rates)
+            r["ratio"] = round(r["throughput_eps"] / raw_eps, 3)
+            runs.append(r)
+    progress_done()
+    return {"benchmark": "bus", "machine": machine(), "baseline": base, "runs": runs}
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()}
+
+
+def render(res: dict[str, Any]) -> str:
+    b = res["baseline"]
+    lines = [f"baseline {b['name']}: {b['throughput_eps']:,.0f} events/s"]
+    for k, v in b["latency"].items():
+        lines.append(f"  latency @{k}: p50 {v['p50_ms']} ms  p90 {v['p90_ms']}  p99 {v['p99_ms']}  max {v['max_ms']}")
+    for r in res["runs"]:
+        lines.append(f"bucketwire durability={r['durability']} processes={r['processes']}: "
+                     f"{r['throughput_eps']:,.0f} events/s  ratio {r['ratio']}x of raw")
+        for k, v in r["latency"].items():
+            lines.append(f"  latency @{k}: p50 {v['p50_ms']} ms  p90 {v['p90_ms']}  p99 {v['p99_ms']}  "
+                         f"max {v['max_ms']}")
+    return "\n".join(lines)
