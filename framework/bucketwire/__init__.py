@@ -3,7 +3,7 @@
 The public API for plugin authors is what this module exports; bundled plugins use nothing else.
 """
 
-from .config import ConfigError
+from .config import ConfigError, StoreConfig
 from .context import Context, PermanentError, PluginError, Stores
 from .envelope import SCHEMA_VERSION, EnvelopeError, Event, SchemaVersionError
 from .hookspecs import hookimpl
@@ -19,6 +19,7 @@ __all__ = [
     "PermanentError",
     "PluginError",
     "SchemaVersionError",
+    "StoreConfig",
     "Stores",
     "__version__",
     "hookimpl",

@@ -1,0 +1,29 @@
+# Two entry points that do all set-up on a fresh machine:
+#   make dev    the embedded stack (SeaweedFS + hub + worker pools) with a demo upload
+#   make test   lint and the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: dev test install bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+dev: install
+	$(BIN)/bucketwire dev --demo
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/bucketwire bench bus
+
+clean:
+	rm -rf $(VENV) state .pytest_cache
