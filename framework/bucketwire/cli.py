@@ -204,10 +204,12 @@ def plugins_cmd(config_path: str | None, local_plugins: tuple[str, ...]) -> None
 
 
 from .commands import dev as _dev  # noqa: E402 - commands register after `cli` exists
+from .commands import keys as _keys  # noqa: E402
 from .commands import listen as _listen  # noqa: E402
 from .commands import seaweed_source as _seaweed_source  # noqa: E402
 
 cli.add_command(_dev.dev)
+cli.add_command(_keys.keys)
 cli.add_command(_listen.listen)
 cli.add_command(_seaweed_source.seaweed_source)
 

@@ -43,6 +43,39 @@ class HubConfig:
     retention_bytes: int = 10 << 30
     dispatch_batch: int = 64
     request_timeout: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    http_idle_timeout: float = 30.0
+    http_read_timeout: float = 30.0
+    metrics_public: bool = False
+
+
+@dataclass(slots=True)
+class RoleConfig:
+    """What one client key (named by its certificate file) may do; lists of fnmatch globs, empty = nothing."""
+
+    name: str
+    publish: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    subscribe: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SecurityConfig:
+    """CURVE on every ZeroMQ socket. Paths are resolved against the config file's directory."""
+
+    curve: bool = False
+    server_secret_key: Path | None = None
+    previous_server_secret_key: Path | None = None
+    work_previous: str | None = None
+    publish_previous: str | None = None
+    authorized_keys_dir: Path | None = None
+    client_secret_key: Path | None = None
+    server_public_key: Path | None = None
+    zap_domain: str = "bucketwire"
+    reload_interval: float = 2.0
+    roles: dict[str, RoleConfig] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -101,6 +134,7 @@ class Config:
     groups: dict[str, GroupConfig] = field(default_factory=dict)
     stores: dict[str, StoreConfig] = field(default_factory=dict)
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     raw: dict[str, Any] = field(default_factory=dict)
 
     def topic(self, name: str) -> TopicConfig:
@@ -232,6 +266,16 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
     hub.retention_bytes = int(_positive(h, "retention_mb", float, hub.retention_bytes / (1 << 20)) * (1 << 20))
     hub.dispatch_batch = _positive(h, "dispatch_batch", int, hub.dispatch_batch)
     hub.request_timeout = _positive(h, "request_timeout", float, hub.request_timeout)
+    for k in ("tls_cert", "tls_key", "tls_client_ca"):
+        v = h.get(k, str, None)
+        setattr(hub, k, _path(base, v) if v else None)
+    if (hub.tls_cert is None) != (hub.tls_key is None):
+        raise h.err("tls_key", "set both tls_cert and tls_key (PEM files) to serve HTTPS, or neither")
+    if hub.tls_client_ca is not None and hub.tls_cert is None:
+        raise h.err("tls_client_ca", "client-certificate verification needs tls_cert and tls_key as well")
+    hub.http_idle_timeout = _positive(h, "http_idle_timeout", float, hub.http_idle_timeout)
+    hub.http_read_timeout = _positive(h, "http_read_timeout", float, hub.http_read_timeout)
+    hub.metrics_public = h.get("metrics_public", bool, False)
     h.check_unknown()
 
     c = root.sub("client")
@@ -312,8 +356,16 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
     for name in p.data:
         cfg.plugins[name] = _resolve_secrets_deep(p.sub(name).data, f"{file}: plugins.{name}")
 
+    from .security import parse_security  # late: security imports this module
+
+    cfg.security = parse_security(root.sub("security"), base)
     root.check_unknown({"hub", "client", "routes", "topics", "groups", "stores", "plugins", "security", "dev"})
     return cfg
+
+
+def _path(base: Path, v: str) -> Path:
+    p = Path(v).expanduser()
+    return p if p.is_absolute() else base / p
 
 
 def _resolve_secrets_deep(v: Any, where: str) -> Any:

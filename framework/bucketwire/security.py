@@ -1,0 +1,302 @@
+"""CURVE keys, the ZAP authenticator and per-key roles.
+
+Why this module exists: the hub's ZeroMQ sockets are the whole bus, so whoever can reach them can read every
+event, inject events and take work. With `[security] curve = true` every socket is encrypted and the hub admits
+only client public keys found in `authorized_keys_dir`. Each admitted connection carries a User-Id -- the name
+of the certificate file that admitted it -- and `[security.roles.NAME]` limits what that key may do.
+
+Key files are the czmq/pyzmq certificate format written by `zmq.auth.create_certificates`
+(`NAME.key` public, `NAME.key_secret` secret). Secret keys are never logged and never put in an error message;
+only paths are.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from .config import ConfigError, RoleConfig, SecurityConfig
+
+if TYPE_CHECKING:
+    from .config import Config, _Reader
+
+log = logging.getLogger("bucketwire.security")
+
+FIX = "create one with `bucketwire keys generate NAME --dir DIR`"
+
+
+# -- config ------------------------------------------------------------------------------------------------------
+def parse_security(r: _Reader, base: Path) -> SecurityConfig:
+    """Parse `[security]`; with `curve = true` check libzmq supports CURVE and every named key file loads."""
+    from .config import _endpoint, _path
+
+    sec = SecurityConfig()
+    sec.curve = r.get("curve", bool, False)
+
+    def path(key: str) -> Path | None:
+        v = r.get(key, str, None)
+        return _path(base, v) if v else None
+
+    sec.server_secret_key = path("server_secret_key")
+    sec.previous_server_secret_key = path("previous_server_secret_key")
+    sec.authorized_keys_dir = path("authorized_keys_dir")
+    sec.client_secret_key = path("client_secret_key")
+    sec.server_public_key = path("server_public_key")
+    if "work_previous" in r.data:
+        sec.work_previous = _endpoint(r, "work_previous", "")
+    if "publish_previous" in r.data:
+        sec.publish_previous = _endpoint(r, "publish_previous", "")
+    sec.zap_domain = r.get("zap_domain", str, sec.zap_domain) or sec.zap_domain
+    sec.reload_interval = r.get("reload_interval", float, sec.reload_interval)
+    if sec.reload_interval <= 0:
+        raise r.err("reload_interval", f"must be greater than 0, got {sec.reload_interval!r}")
+    roles = r.sub("roles")
+    for name in roles.data:
+        rr = roles.sub(name)
+        sec.roles[name] = RoleConfig(
+            name=name,
+            publish=rr.str_list("publish", []) or [],
+            groups=rr.str_list("groups", []) or [],
+            subscribe=rr.str_list("subscribe", []) or [],
+        )
+        rr.check_unknown()
+    r.check_unknown()
+    if sec.previous_server_secret_key is not None and not (sec.work_previous and sec.publish_previous):
+        raise r.err("previous_server_secret_key",
+                    "serving a previous server key needs its own endpoints: set work_previous and publish_previous")
+    if sec.curve:
+        require_curve()
+        for key in ("server_secret_key", "previous_server_secret_key", "client_secret_key"):
+            p = getattr(sec, key)
+            if p is not None:
+                load_keypair(p, secret=True, what=f"[security] {key}")
+        if sec.server_public_key is not None:
+            load_keypair(sec.server_public_key, secret=False, what="[security] server_public_key")
+        d = sec.authorized_keys_dir
+        if d is not None and not d.is_dir():
+            raise ConfigError(f"[security] authorized_keys_dir: {d} is not a directory; create it and copy the "
+                              f"clients' public .key files into it ({FIX})")
+    return sec
+
+
+def require_curve() -> None:
+    if not zmq.has("curve"):
+        raise ConfigError(
+            f"[security] curve = true but this libzmq {zmq.zmq_version()} was built without CURVE; "
+            "install pyzmq from its wheel (which bundles libsodium) or set curve = false"
+        )
+
+
+def load_keypair(path: Path, *, secret: bool, what: str = "key") -> tuple[bytes, bytes | None]:
+    """Load (public, secret) from a certificate file; errors name the path and the fix, never the key."""
+    try:
+        with open(path, "rb"):
+            pass
+        pub, sec = zmq.auth.load_certificate(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: key file {path} does not exist; {FIX}") from None
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read key file {path}: {e.strerror or e}; check its permissions "
+                          f"or {FIX}") from None
+    except ValueError:
+        raise ConfigError(f"{what}: {path} is not a ZeroMQ certificate; {FIX}") from None
+    if secret and not sec:
+        raise ConfigError(f"{what}: {path} holds no secret key (is it the public .key file? use the "
+                          f".key_secret file); {FIX}")
+    if len(pub) != 40 or (sec is not None and len(sec) != 40):
+        raise ConfigError(f"{what}: {path} holds a malformed key (expected 40 Z85 characters); {FIX}")
+    return pub, sec
+
+
+def _need(sec: SecurityConfig, key: str, who: str) -> Path:
+    p = getattr(sec, key)
+    if p is None:
+        raise ConfigError(f"[security] curve = true but {key} is not set; the {who} needs it ({FIX})")
+    return p
+
+
+# -- client side -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ClientKeys:
+    public: bytes
+    secret: bytes
+    server: bytes
+
+
+def client_keys(cfg: Config) -> ClientKeys | None:
+    """This client's keypair and the hub's public key, or None when CURVE is off. Raises ConfigError."""
+    sec = cfg.security
+    if not sec.curve:
+        return None
+    pub, secret = load_keypair(_need(sec, "client_secret_key", "client"), secret=True,
+                               what="[security] client_secret_key")
+    server, _ = load_keypair(_need(sec, "server_public_key", "client"), secret=False,
+                             what="[security] server_public_key")
+    assert secret is not None
+    return ClientKeys(pub, secret, server)
+
+
+def apply_client(sock: zmq.Socket, cfg: Config, keys: ClientKeys | None = None) -> None:
+    """Make `sock` a CURVE client of the hub; must run before connect(). No-op when CURVE is off."""
+    keys = keys if keys is not None else client_keys(cfg)
+    if keys is None:
+        return
+    sock.curve_secretkey = keys.secret
+    sock.curve_publickey = keys.public
+    sock.curve_serverkey = keys.server
+
+
+# -- server side -----------------------------------------------------------------------------------------------
+def apply_server(sock: zmq.Socket, secret_path: Path, domain: str) -> None:
+    """Make `sock` a CURVE server with the key in `secret_path`, authenticated through ZAP `domain`."""
+    _, secret = load_keypair(secret_path, secret=True, what="[security] server secret key")
+    sock.zap_domain = domain.encode()
+    sock.curve_server = True
+    sock.curve_secretkey = secret
+
+
+def key_names(directory: Path) -> dict[bytes, str]:
+    """Z85 public key -> certificate name (file stem) for every `*.key` in the allow-list directory."""
+    out: dict[bytes, str] = {}
+    try:
+        files = sorted(directory.glob("*.key"))
+    except OSError:
+        return out
+    for f in files:
+        try:
+            pub, _ = zmq.auth.load_certificate(f)
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable public key file", extra={"path": str(f), "error": str(e)})
+            continue
+        out.setdefault(pub, f.stem)
+    return out
+
+
+def _dir_signature(directory: Path) -> tuple:
+    try:
+        return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size)
+                            for e in os.scandir(directory) if e.name.endswith(".key")))
+    except OSError:
+        return ()
+
+
+class KeyAuthenticator(ThreadAuthenticator):
+    """A ThreadAuthenticator whose User-Id is the key's certificate name, with a reloadable allow-list.
+
+    The User-Id lets the hub apply roles per message (`frame.get("User-Id")`) and refuse messages from a key
+    that has been removed from the allow-list even on a connection that was established before.
+    """
+
+    def __init__(self, context: zmq.Context, domain: str, directory: Path) -> None:
+        super().__init__(context, log=logging.getLogger("bucketwire.zap"))
+        self.domain, self.directory = domain, directory
+        self.names: dict[bytes, str] = {}
+        self.allowed_names: frozenset[str] = frozenset()
+        self._sig: tuple = ()
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        from zmq.utils import z85
+
+        return self.names.get(z85.encode(client_public_key), "?")
+
+    def reload(self, force: bool = False) -> tuple[set[str], set[str]] | None:
+        """Re-read the allow-list if it changed; returns (added, removed) key names, or None if unchanged."""
+        sig = _dir_signature(self.directory)
+        if not force and sig == self._sig:
+            return None
+        self._sig = sig
+        names = key_names(self.directory)
+        before = self.allowed_names
+        # Names first, so a key admitted by the new certs never gets the placeholder user id.
+        self.names = names
+        self.allowed_names = frozenset(names.values())
+        self.configure_curve(domain=self.domain, location=str(self.directory))
+        added, removed = set(self.allowed_names - before), set(before - self.allowed_names)
+        if added or removed or force:
+            log.info("client key allow-list loaded", extra={
+                "dir": str(self.directory), "keys": len(names), "added": sorted(added), "removed": sorted(removed),
+            })
+        return added, removed
+
+
+def start_authenticator(zctx: zmq.Context, sec: SecurityConfig) -> KeyAuthenticator:
+    """Start ZAP for the hub's sockets; only keys in `authorized_keys_dir` are admitted."""
+    d = _need(sec, "authorized_keys_dir", "hub")
+    if not d.is_dir():
+        raise ConfigError(f"[security] authorized_keys_dir: {d} is not a directory; create it and copy the "
+                          f"clients' public .key files into it ({FIX})")
+    auth = KeyAuthenticator(zctx, sec.zap_domain, d)
+    auth.start()
+    auth.reload(force=True)
+    return auth
+
+
+def server_key_path(sec: SecurityConfig) -> Path:
+    return _need(sec, "server_secret_key", "hub")
+
+
+# -- roles ---------------------------------------------------------------------------------------------------------
+class Roles:
+    """`[security.roles.NAME]`: a key with a role may only do what its globs allow; a key without one may do all."""
+
+    def __init__(self, roles: dict[str, RoleConfig]) -> None:
+        self.roles = roles
+
+    def allows(self, user: str | None, what: str, name: str) -> bool:
+        if user is None:
+            return True
+        role = self.roles.get(user)
+        if role is None:
+            return True
+        globs: Iterable[str] = getattr(role, what)
+        return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+# -- key files ---------------------------------------------------------------------------------------------------
+def generate(name: str, directory: Path) -> tuple[Path, Path]:
+    """Write NAME.key and NAME.key_secret (mode 600) into `directory`; refuses to overwrite."""
+    if not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 128:
+        raise ConfigError(f"key name {name!r}: use letters, digits, '-', '_' (it names the files and the role)")
+    directory.mkdir(parents=True, exist_ok=True)
+    pub, sec = directory / f"{name}.key", directory / f"{name}.key_secret"
+    for p in (pub, sec):
+        if p.exists():
+            raise ConfigError(f"{p} already exists; pick another name or remove it first")
+    old = os.umask(0o077)  # the secret file is never readable by others, not even for an instant
+    try:
+        pub_s, sec_s = zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(old)
+    os.chmod(sec_s, stat.S_IRUSR | stat.S_IWUSR)
+    os.chmod(pub_s, 0o644)
+    return Path(pub_s), Path(sec_s)
+
+
+def list_keys(directory: Path) -> list[dict[str, Any]]:
+    """Public information about every key file in `directory`: name, kind, public key, mode. No secrets."""
+    out = []
+    for f in sorted(directory.glob("*.key*")):
+        if f.suffix not in (".key", ".key_secret"):
+            continue
+        try:
+            pub, sec = zmq.auth.load_certificate(f)
+            public = pub.decode()
+        except (OSError, ValueError) as e:
+            public = f"<unreadable: {e}>"
+            sec = None
+        mode = f.stat().st_mode & 0o777
+        out.append({"name": f.stem, "file": str(f), "kind": "secret" if f.suffix == ".key_secret" else "public",
+                    "public_key": public, "mode": f"{mode:o}", "has_secret": bool(sec),
+                    "warning": "secret key readable by group/others; chmod 600"
+                    if f.suffix == ".key_secret" and mode & 0o077 else None})
+    return out
