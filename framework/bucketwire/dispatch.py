@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -21,6 +22,24 @@ from dataclasses import dataclass, field
 from .config import TopicConfig
 
 Key = tuple[str, int]
+
+TARGET_MARK = b'"targetgroup"'
+
+
+def not_for_group(body: bytes, group: str) -> bool:
+    """True when the envelope is a retried dead letter meant for another group (`targetgroup` extension).
+
+    `bucketwire dlq retry` re-publishes the original event on its topic, where every group of the topic sees it;
+    only the group that failed it should handle it again, the others skip it like an acked event. The cheap byte
+    search keeps ordinary events from being parsed.
+    """
+    if TARGET_MARK not in body:
+        return False
+    try:
+        tg = json.loads(body).get("targetgroup")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(tg, str) and tg != group
 
 
 @dataclass(slots=True)
@@ -93,6 +112,7 @@ class GroupState:
         self.totals = [0, 0, 0]
         self.skipped_by_retention = 0
         self._tie = itertools.count()
+        self.replays: dict[str, int] = {}  # topic -> from_seq, waiting for that topic's in-flight events to finish
 
     # -- membership ------------------------------------------------------------------------------------------
     def add_topic(self, topic: str, start_after: int) -> None:
@@ -110,18 +130,25 @@ class GroupState:
 
     def offer(self, topic: str, first_seq: int, items: list[tuple[int, str | None, bytes]]) -> None:
         """Take freshly committed events straight from the commit, when this group is caught up on `topic`."""
-        if self.read_pos.get(topic) != first_seq or self.loaded + len(items) > self.max_buffer:
+        if (self.read_pos.get(topic) != first_seq or self.loaded + len(items) > self.max_buffer
+                or topic in self.replays):
             return
         for seq, objkey, body in items:
+            if not_for_group(body, self.name):
+                self._mark_acked(topic, seq)
+                continue
             self.ready.append(Item(topic, seq, objkey, body))
-        self.loaded += len(items)
+            self.loaded += 1
         self.read_pos[topic] = items[-1][0] + 1
 
     def wants_refill(self, heads: dict[str, int]) -> bool:
-        return self.loaded < self.max_buffer and any(self.read_pos[t] <= heads.get(t, 0) for t in self.topics)
+        return self.loaded < self.max_buffer and any(
+            self.read_pos[t] <= heads.get(t, 0) and t not in self.replays for t in self.topics)
 
     def refill(self, heads: dict[str, int], read: Callable[[str, int, int], list], first_seq: Callable) -> None:
         for t in self.topics:
+            if t in self.replays:
+                continue
             head = heads.get(t, 0)
             while self.loaded < self.max_buffer and self.read_pos[t] <= head:
                 want = min(1000, self.max_buffer - self.loaded)
@@ -137,7 +164,9 @@ class GroupState:
                     if not rows:
                         continue
                 for seq, objkey, body in rows:
-                    if not self.is_done(t, seq):
+                    if not_for_group(body, self.name):
+                        self._mark_acked(t, seq)
+                    elif not self.is_done(t, seq):
                         self.ready.append(Item(t, seq, objkey, body))
                         self.loaded += 1
                 self.read_pos[t] = rows[-1][0] + 1
@@ -154,8 +183,8 @@ class GroupState:
             passed: list[Item] = []
             while self.ready and len(take) < n:
                 it = self.ready.popleft()
-                if self.is_done(it.topic, it.seq):
-                    self._finish(it)
+                if self.is_done(it.topic, it.seq) or it.topic in self.replays:
+                    self._finish(it)  # a replay reloads the topic from the journal once it is applied
                     continue
                 if it.objkey is not None:
                     h = self.holder.get(it.objkey)
@@ -308,3 +337,55 @@ class GroupState:
         starts = [it.first_dispatch for it, _ in self.inflight.values() if it.first_dispatch]
         starts += [it.first_dispatch for _, _, it in self.retry if it.first_dispatch]
         return max(0.0, now - min(starts)) if starts else 0.0
+
+    # -- replay (operator rewinds or skips a topic's cursor) ----------------------------------------------------
+    def request_replay(self, topic: str, from_seq: int) -> bool:
+        """Move `topic`'s cursor so delivery restarts at `from_seq`; True when applied at once.
+
+        Events of the topic still in flight must finish first (their acks must not mark replayed events done),
+        so until then the topic is paused: nothing of it is loaded or dispatched. `apply_replays` finishes it.
+        """
+        if topic not in self.read_pos:
+            raise KeyError(topic)
+        self.replays[topic] = max(1, from_seq)
+        return topic in self.apply_replays()
+
+    def apply_replays(self) -> list[str]:
+        """Apply pending replays whose topic has nothing in flight; returns the topics applied."""
+        done: list[str] = []
+        for t, from_seq in list(self.replays.items()):
+            if any(k[0] == t for k in self.inflight):
+                continue
+            self._drop_topic(t)
+            self.acked[t] = from_seq - 1
+            self.acked_above[t] = set()
+            self.read_pos[t] = from_seq
+            self.dirty.add(t)
+            del self.replays[t]
+            done.append(t)
+        return done
+
+    def _drop_topic(self, t: str) -> None:
+        """Forget every loaded, waiting or retrying event of `t` (nothing of it is in flight)."""
+        self.ready = deque(it for it in self.ready if it.topic != t)
+        for ok in list(self.blocked):
+            q = deque(it for it in self.blocked[ok] if it.topic != t)
+            if q:
+                self.blocked[ok] = q
+            else:
+                del self.blocked[ok]
+        self.retry = [e for e in self.retry if e[2].topic != t]
+        heapq.heapify(self.retry)
+        for ok, key in list(self.holder.items()):
+            if key[0] != t:
+                continue
+            del self.holder[ok]  # a reservation of a dropped event: pass it to the next waiting event, if any
+            waiting = self.blocked.get(ok)
+            if waiting:
+                nxt = waiting.popleft()
+                if not waiting:
+                    del self.blocked[ok]
+                self.holder[ok] = nxt.key
+                self.ready.appendleft(nxt)
+        self.loaded = (len(self.ready) + sum(len(q) for q in self.blocked.values()) + len(self.retry)
+                       + len(self.inflight))
