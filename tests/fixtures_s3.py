@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from bucketwire.seaweed import WeedError, WeedServer, find_weed
 
 _counter = itertools.count(1)

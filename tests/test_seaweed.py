@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+
 from bucketwire.seaweed import WeedError, WeedServer, find_weed, notification_toml
 
 

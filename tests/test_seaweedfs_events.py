@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from bucketwire.envelope import Event
 from bucketwire.s3records import RecordError
 from bucketwire.seaweedfs_events import (

@@ -15,6 +15,7 @@ from typing import Any
 
 import minio
 import pytest
+
 from bucketwire.envelope import Event
 from bucketwire.seaweed import WeedServer
 from bucketwire.sources import publish_until_acked

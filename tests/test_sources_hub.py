@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from bucketwire.seaweed import WeedServer
-
 from tests.fixtures_hub import Stack, wait_for
 
 BUCKETWIRE = str(Path(sys.executable).parent / "bucketwire")

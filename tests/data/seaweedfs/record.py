@@ -18,8 +18,9 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from bucketwire.seaweed import WeedServer, find_weed
 from minio.commonconfig import CopySource
+
+from bucketwire.seaweed import WeedServer, find_weed
 
 HERE = Path(__file__).parent
 received: list[dict[str, object]] = []
