@@ -26,6 +26,7 @@ from . import protocol as P
 from .config import Config
 from .dispatch import DeadLetter, GroupState, WorkerState
 from .envelope import SCHEMA_VERSION, EnvelopeError, Event, stable_id
+from .hub_ops import HubOps
 from .journal import Appended, Batch, Journal, JournalError, NewEvent
 from .metrics import HubMetrics
 from .routing import Router
@@ -85,6 +86,7 @@ class Hub:
                 self.groups[name].totals = list(st)
         self._last_hb = 0.0
         self._last_retention = time.monotonic()
+        self.ops = HubOps(self)  # gauges, rates, socket monitors, replay: see hub_ops.py
 
     # -- groups ----------------------------------------------------------------------------------------------
     def _start_after(self, topic: str, start: str) -> int:
@@ -146,6 +148,8 @@ class Hub:
         poller = zmq.Poller()
         poller.register(self.work, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        for mon in self.ops.attach_monitors({"work": self.work, "pub": self.pub}):
+            poller.register(mon, zmq.POLLIN)
         self.ready.set()
         if on_ready:
             on_ready()
@@ -165,6 +169,7 @@ class Hub:
         finally:
             self.work.close()
             self.pub.close()
+            self.ops.close()
             zctx.term()
             self.journal.close()
             log.info("hub stopped")
@@ -188,12 +193,14 @@ class Hub:
             g.due_retries(now)
         self._expire_workers(now)
         self._commit(batch, replies)
+        self.ops.tick(now)
         for g in self.groups.values():
             if g.wants_refill(self.journal.heads):
                 g.refill(self.journal.heads, self.journal.read, self.journal.first_seq)
             self._dispatch(g, now)
         if now - self._last_hb >= self.cfg.hub.heartbeat_interval:
             self._heartbeats(now)
+            self.ops.periodic(now)
         if now - self._last_retention >= 60:
             self._last_retention = now
             self._retention()
@@ -400,6 +407,8 @@ class Hub:
             self._on_pub(ident, hdr, batch, replies)
         elif cmd == P.FETCH:
             self._on_fetch(ident, hdr)
+        elif cmd == P.REPLAY:
+            self.ops.on_replay(ident, hdr)
         elif cmd == P.STATUS:
             self._send([ident, P.STATUSR, P.enc({"req": hdr.get("req"), **self.status(now)})])
         elif cmd == P.BYE:
@@ -610,12 +619,13 @@ class Hub:
                 "skipped_by_retention": g.skipped_by_retention,
                 "oldest_unacked_age": round(g.oldest_unacked_age(now), 3),
             }
-        return {
+        st = {
             "hub": {"uptime": round(time.time() - self.started, 3), "journal_ok": self.journal_ok,
                     "durability": self.cfg.hub.durability},
             "topics": {t: {"head": h} for t, h in sorted(heads.items())},
             "groups": groups,
         }
+        return self.ops.extend_status(st, now)
 
 
 def g_item_stub(topic: str, seq: int, fo: Event) -> Any:

@@ -183,6 +183,9 @@ class Handler(BaseHTTPRequestHandler):
         if not events:
             self._reply(200, {"accepted": 0, "ignored": True})
             return
+        if hub.ops.overloaded():  # bounded ingress: refuse rather than queue without limit behind a slow journal
+            self._fail(503, "hub overloaded (too many requests waiting for the journal), retry later", "overloaded")
+            return
         try:
             results = hub.submit(events, label).result(timeout=hub.cfg.hub.request_timeout)
         except (JournalError, FutureTimeout) as e:

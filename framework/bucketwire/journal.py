@@ -9,6 +9,7 @@ power loss, at the cost of one fsync per batch.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -82,6 +83,9 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
         self.db.execute("PRAGMA busy_timeout=5000")
+        max_pages = os.environ.get("BUCKETWIRE_JOURNAL_MAX_PAGES")
+        if max_pages:  # hidden test knob: a tiny "disk" to exercise the journal-full path without root mounts
+            self.db.execute(f"PRAGMA max_page_count={int(max_pages)}")
         self.db.executescript(DDL)
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
