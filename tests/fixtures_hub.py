@@ -79,7 +79,12 @@ path = "{self.record}"
 
     def start_hub(self) -> None:
         self.hub_proc = self._spawn(["hub"], "hub")
-        wait_for(self.healthy, 20, "hub /healthz")
+        try:
+            wait_for(lambda: self.healthy() or self.hub_proc.poll() is not None, 30, "hub /healthz")
+        except AssertionError:
+            raise AssertionError("hub did not become healthy:\n" + self.dump_logs()) from None
+        if self.hub_proc.poll() is not None:
+            raise AssertionError(f"hub exited with {self.hub_proc.returncode}:\n" + self.dump_logs())
 
     def healthy(self) -> bool:
         try:
