@@ -47,3 +47,29 @@ class HubMetrics:
                                   ["socket"], registry=r)
         self.retention_dropped = Counter("bucketwire_retention_dropped_total", "Events removed by retention",
                                          registry=r)
+        # Operations (issue 6): refreshed by the hub loop every heartbeat, not only when someone asks for status.
+        self.retrying = Gauge("bucketwire_group_retrying", "Failed events waiting for their retry", ["group"],
+                              registry=r)
+        self.ready = Gauge("bucketwire_group_ready", "Events loaded and waiting for worker credit", ["group"],
+                           registry=r)
+        self.credit = Gauge("bucketwire_group_credit", "Credit (events in flight allowed) of connected workers",
+                            ["group"], registry=r)
+        self.credit_free = Gauge("bucketwire_group_credit_free", "Unused worker credit", ["group"], registry=r)
+        self.oldest_unacked = Gauge("bucketwire_group_oldest_unacked_seconds",
+                                    "Age of the oldest in-flight or retrying event", ["group"], registry=r)
+        self.group_state = Gauge("bucketwire_group_state", "1 for the group's current state (ok, idle, saturated, "
+                                 "stalled, replaying)", ["group", "state"], registry=r)
+        self.topic_rate = Gauge("bucketwire_topic_rate", "Events committed per second (10 s window)", ["topic"],
+                                registry=r)
+        self.journal_available = Gauge("bucketwire_journal_available", "1 when the last journal commit succeeded",
+                                       registry=r)
+        self.ingress_pending = Gauge("bucketwire_ingress_pending", "Ingress requests waiting for the hub loop",
+                                     registry=r)
+        self.zmq_events = Counter("bucketwire_zmq_connection_events_total",
+                                  "ZeroMQ socket monitor events (accepted, disconnected, handshake_failed, ...)",
+                                  ["socket", "event"], registry=r)
+        self.zmq_peers = Gauge("bucketwire_zmq_peers", "Peers connected (handshake done) per socket", ["socket"],
+                               registry=r)
+        self.replays = Counter("bucketwire_replays_total", "Operator replays (cursor rewinds) per group", ["group"],
+                               registry=r)
+        self.info = Gauge("bucketwire_hub_info", "Hub build information", ["version", "schema"], registry=r)

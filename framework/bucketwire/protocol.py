@@ -15,6 +15,8 @@ hub forwards committed bytes without re-encoding them.
     client -> hub   PUB       {"req", "events": [envelope dict, ...]}  -> PUBACK {"req", "results"} | PUBNACK
                     FETCH     {"req", "topic", "from", "limit"}        -> EVENTS {"req","topic","head","next"}, env...
                     STATUS    {"req"}                                  -> STATUSR {...}
+                    REPLAY    {"req", "group", "topics"?, "from_seq" | "since"}
+                                                               -> REPLAYR {"req", "group", "topics"} | {"error"}
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ FETCH = b"FETCH"
 EVENTS = b"EVENTS"
 STATUS = b"STATUS"
 STATUSR = b"STATUSR"
+REPLAY = b"REPLAY"
+REPLAYR = b"REPLAYR"
 
-CLIENT_COMMANDS = {READY, ACK, HB, BYE, PUB, FETCH, STATUS}
+CLIENT_COMMANDS = {READY, ACK, HB, BYE, PUB, FETCH, STATUS, REPLAY}
 
 HEARTBEAT_FRAME = b""
 """On the PUB socket a heartbeat is `[topic, head-seq, b""]`: an empty envelope frame."""
