@@ -205,7 +205,9 @@ def render(
         if pil_format == "JPEG":
             save_kw = {"quality": quality, "optimize": False}
         elif pil_format == "WEBP":
-            save_kw = {"quality": quality, "method": 4}
+            # method 2, not libwebp's default 4: half the encode time (2 vs 4 ms at 256 px, ~8% of a
+            # thumbnail), ~3% more bytes, same PSNR at the same quality (`bench thumbnail` reports both).
+            save_kw = {"quality": quality, "method": 2}
         elif pil_format == "PNG":
             save_kw = {"compress_level": 6}
         try:
