@@ -30,3 +30,47 @@ def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], ra
 
     res = bus_mod.run(events, list(processes), list(durability), {r: seconds for r in rate})
     click.echo(json.dumps(res, indent=2) if as_json else bus_mod.render(res))
+
+
+@bench.command()
+@click.option("--requests", "-n", type=click.IntRange(10), default=10_000, show_default=True,
+              help="Requests for the saturation run (each side).")
+@click.option("--processes", "-p", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Client processes.")
+@click.option("--connections", "-c", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Keep-alive connections per client process.")
+@click.option("--durability", "-d", type=click.Choice(["os", "fsync"]), default="os", show_default=True)
+@click.option("--rate", multiple=True, type=click.IntRange(1), default=(500,), show_default=True,
+              help="Fixed offered rates for latency (requests/s, repeatable).")
+@click.option("--seconds", type=float, default=3.0, show_default=True, help="Seconds per fixed-rate phase.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def webhook(requests: int, processes: int, connections: int, durability: str, rate: tuple[int, ...],
+            seconds: float, as_json: bool) -> None:
+    """MinIO webhook POSTs into the hub (200 after commit), against a no-work stdlib HTTP server."""
+    from . import webhook as mod
+
+    res = mod.run(requests, processes, connections, durability, {r: seconds for r in rate})
+    click.echo(json.dumps(res, indent=2) if as_json else mod.render(res))
+
+
+@bench.command()
+@click.option("--width", type=click.IntRange(8), default=4000, show_default=True, help="Source JPEG width.")
+@click.option("--height", type=click.IntRange(8), default=3000, show_default=True, help="Source JPEG height.")
+@click.option("--size", "-s", "sizes", multiple=True, type=click.IntRange(1, 16384), default=(256, 1024),
+              show_default=True, help="Thumbnail longest edge (repeatable).")
+@click.option("--iterations", "-n", type=click.IntRange(1), default=20, show_default=True,
+              help="Thumbnails per size, each side.")
+@click.option("--format", "fmt", type=click.Choice(["webp", "jpeg", "png"]), default=None,
+              help="Output format [default: the plugin's default].")
+@click.option("--quality", type=click.IntRange(1, 100), default=None,
+              help="Output quality [default: the plugin's default].")
+@click.option("--grain", type=click.FloatRange(0, 64), default=3.0, show_default=True,
+              help="Sensor noise in the source; more = more bits/pixel = slower entropy decode on both sides.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def thumbnail(width: int, height: int, sizes: tuple[int, ...], iterations: int, fmt: str | None,
+              quality: int | None, grain: float, as_json: bool) -> None:
+    """The thumbnail plugin's render path on a 12 MP JPEG, against plain Pillow (full decode + LANCZOS)."""
+    from . import thumbnail as mod
+
+    res = mod.run(width, height, list(sizes), iterations, fmt, quality, grain)
+    click.echo(json.dumps(res, indent=2) if as_json else mod.render_text(res))

@@ -1,0 +1,272 @@
+"""`bucketwire bench webhook`: MinIO-format webhook POSTs into the hub's HTTP ingress, each answered after commit.
+
+Baseline: the same clients against a minimal stdlib server (ThreadingHTTPServer + BaseHTTPRequestHandler,
+HTTP/1.1 keep-alive) that reads the body and answers 200 without any work, in its own process, measured in the
+same run on the same machine. Whatever the clients themselves cost (http.client, threads, the GIL) is paid by
+both sides, so the ratio says how much the hub's parse -> route -> journal commit -> reply adds on top of the
+HTTP plumbing it shares with the baseline.
+
+Clients are processes (the GIL would otherwise serialise them) with a few persistent connections each, one
+thread per connection, every request waiting for its answer like MinIO's webhook target does. Saturation phase:
+every connection sends back to back. Fixed-rate phases: every request has an *intended* send time on a fixed
+schedule and its latency is measured from that time, so a server that stalls the clients shows up as latency
+instead of hiding it (coordinated omission).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import multiprocessing as mp
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .common import Stack, free_port, percentiles, progress, progress_done
+
+PATH = "/minio/events"
+ROUTE = '\n[[routes]]\ntopic = "webhook"\n'
+_REQ = "R" * 24  # placeholder replaced by a unique x-amz-request-id per request, so no two are duplicates
+
+
+def body_template() -> bytes:
+    """One MinIO webhook body (ObjectCreated:Put, one record), shaped field for field like MinIO sends it."""
+    key = "photos/2024/IMG_0001.jpg"
+    rec = {
+        "eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "", "eventTime": "2024-05-01T10:00:00.123Z",
+        "eventName": "s3:ObjectCreated:Put", "userIdentity": {"principalId": "minioadmin"},
+        "requestParameters": {"principalId": "minioadmin", "region": "", "sourceIPAddress": "192.0.2.10"},
+        "responseElements": {
+            "x-amz-id-2": "dd9025bab4ad464b049177c95eb6ebf374d3b3fd1af9251148b658df7ac2e3e8",
+            "x-amz-request-id": _REQ,
+            "x-minio-deployment-id": "8ae1c1e5-4ef1-4b0e-a7fa-5d2b0b5d0f4c",
+            "x-minio-origin-endpoint": "http://10.0.0.1:9000",
+        },
+        "s3": {
+            "s3SchemaVersion": "1.0", "configurationId": "Config",
+            "bucket": {"name": "bench", "ownerIdentity": {"principalId": "minioadmin"}, "arn": "arn:aws:s3:::bench"},
+            "object": {"key": "photos%2F2024%2FIMG_0001.jpg", "size": 3145728,
+                       "eTag": "d41d8cd98f00b204e9800998ecf8427e", "contentType": "image/jpeg",
+                       "userMetadata": {"content-type": "image/jpeg"}, "sequencer": "17C5D1A3B6D4E8F2"},
+        },
+        "source": {"host": "192.0.2.10", "port": "", "userAgent": "MinIO (linux; amd64) minio-go/v7.0.70"},
+    }
+    return json.dumps({"EventName": "s3:ObjectCreated:Put", "Key": f"bench/{key}", "Records": [rec]}).encode()
+
+
+# -- baseline server ----------------------------------------------------------------------------------------
+class _NoWork(BaseHTTPRequestHandler):
+    """Reads the body and answers 200: the floor any stdlib-based ingress stands on."""
+
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; without TCP_NODELAY the second waits for the client's delayed
+    # ACK (40 ms on Linux) and every server would look like 25 requests/s per connection.
+    disable_nagle_algorithm = True
+    _reply = b'{"accepted": 1}\n'
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self._reply)))
+        self.end_headers()
+        self.wfile.write(self._reply)
+
+
+class _NoWorkServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+def _serve_baseline(port: int, ready: Any) -> None:
+    srv = _NoWorkServer(("127.0.0.1", port), _NoWork)
+    ready.set()
+    srv.serve_forever()
+
+
+# -- clients ------------------------------------------------------------------------------------------------
+def _client(port: int, conns: int, n: int, rate: float | None, start: float, offset: int, stride: int,
+            prefix: str, q: Any) -> None:
+    """One client process: `conns` keep-alive connections, each sending every `stride`-th of n requests.
+
+    With `rate` (requests/s over all clients) request i is due at start + i/rate and its latency counts from
+    then; without, requests go back to back and latency is the request's own round trip.
+    """
+    tmpl = body_template()
+    headers = {"Content-Type": "application/json", "User-Agent": "MinIO (linux; amd64) minio-go/v7.0.70"}
+    out: list[tuple[int, int, float, float, list[float]]] = []
+    lock = threading.Lock()
+
+    def conn_loop(c: int) -> None:
+        hc = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        ok = bad = 0
+        lat: list[float] = []
+        last = start
+        for i in range(offset + c, n, stride):
+            body = tmpl.replace(_REQ.encode(), f"{prefix}{i:012X}".encode())
+            if rate:
+                due = start + i / rate
+                left = due - time.monotonic()
+                if left > 0:
+                    time.sleep(left)
+                t0 = due
+            else:
+                t0 = time.monotonic()
+            try:
+                hc.request("POST", PATH, body, headers)
+                r = hc.getresponse()
+                r.read()
+                status = r.status
+            except (OSError, http.client.HTTPException):
+                hc.close()
+                hc = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                status = 0
+            last = time.monotonic()
+            if status == 200:
+                ok += 1
+            else:
+                bad += 1
+            lat.append(last - t0)
+        hc.close()
+        with lock:
+            out.append((ok, bad, start, last, lat))
+
+    # Process p, connection c takes indices p*conns + c + k*stride (stride = processes*conns): each index once.
+    wait = start - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)
+    threads = [threading.Thread(target=conn_loop, args=(c,)) for c in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    q.put(out)
+
+
+def drive(port: int, n: int, processes: int, conns: int, rate: float | None, label: str) -> dict[str, Any]:
+    """Send n requests from `processes` x `conns` connections; return throughput, counts and latency."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    stride = processes * conns
+    prefix = uuid.uuid4().hex[:12].upper()
+    start = time.monotonic() + 1.0  # spawned interpreters need a moment to import
+    ps = [ctx.Process(target=_client, args=(port, conns, n, rate, start, p * conns, stride, prefix, q))
+          for p in range(processes)]
+    for p in ps:
+        p.start()
+    results: list[tuple[int, int, float, float, list[float]]] = []
+    deadline = time.monotonic() + 600
+    shown = ""
+    while len(results) < processes * conns:
+        msg = f"bench webhook {label}: {n} requests, {len(results) // conns}/{processes} client processes done"
+        if msg != shown:
+            progress(msg)
+            shown = msg
+        try:
+            results.extend(q.get(timeout=0.5))
+        except Exception:
+            if time.monotonic() > deadline or not any(p.is_alive() for p in ps) and q.empty():
+                break
+    for p in ps:
+        p.join(10)
+    ok = sum(r[0] for r in results)
+    bad = sum(r[1] for r in results)
+    end = max((r[3] for r in results), default=start)
+    lat = [x for r in results for x in r[4]]
+    return {"requests": ok + bad, "ok": ok, "failed": bad, "seconds": round(end - start, 3),
+            "throughput_rps": round((ok + bad) / max(end - start, 1e-9), 1), "latency": percentiles(lat)}
+
+
+def _wait_http(port: int, timeout: float = 30, proc: Any = None, log: str = "") -> None:
+    """Wait until something answers HTTP on the port; fail at once (with the log's last line) if `proc` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = ""
+            with contextlib.suppress(OSError):
+                tail = (Path(log).read_text(errors="replace").strip().splitlines() or [""])[-1]
+            raise click.ClickException(
+                f"the hub exited with status {proc.returncode} during startup: {tail} (log: {log})")
+        try:
+            hc = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            hc.request("GET", "/healthz")
+            r = hc.getresponse()
+            r.read()
+            hc.close()
+            if r.status in (200, 404, 501):
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise click.ClickException(f"nothing answered HTTP on 127.0.0.1:{port} within {timeout}s")
+
+
+def _phases(port: int, n: int, processes: int, conns: int, rates: dict[int, float], label: str) -> dict[str, Any]:
+    drive(port, min(200, n), processes, conns, None, f"{label} warm-up")
+    out = drive(port, n, processes, conns, None, f"{label} saturation")
+    out["latency"] = {"saturation": out["latency"]}
+    out["rates"] = {}
+    for rate, secs in rates.items():
+        r = drive(port, max(1, int(rate * secs)), processes, conns, float(rate), f"{label} {rate}/s")
+        out["rates"][str(rate)] = {k: r[k] for k in ("requests", "ok", "failed", "throughput_rps")}
+        out["latency"][str(rate)] = r["latency"]
+    return out
+
+
+def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, float]) -> dict[str, Any]:
+    from .bus import machine
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    ready = ctx.Event()
+    srv = ctx.Process(target=_serve_baseline, args=(port, ready), daemon=True)
+    srv.start()
+    try:
+        progress("bench webhook: starting the no-work baseline server")
+        ready.wait(30)
+        _wait_http(port)
+        base = _phases(port, n, processes, conns, rates, "baseline")
+    finally:
+        srv.terminate()
+        srv.join(10)
+    base["name"] = "stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive, reads the body, answers 200"
+
+    stack = Stack(durability, extra=ROUTE)
+    try:
+        progress("bench webhook: starting the hub")
+        hub_proc = stack.spawn("hub")
+        _wait_http(stack.http, proc=hub_proc, log=str(stack.tmp / "p0.log"))
+        hub = _phases(stack.http, n, processes, conns, rates, "hub")
+    finally:
+        stack.stop()
+        progress_done()
+    hub["durability"] = durability
+    hub["ratio"] = round(hub["throughput_rps"] / max(base["throughput_rps"], 1e-9), 3)
+    return {"benchmark": "webhook", "machine": machine(), "clients": {"processes": processes,
+            "connections_per_process": conns, "path": PATH, "body_bytes": len(body_template())},
+            "baseline": base, "hub": hub, "ratio": hub["ratio"], "bar": 0.5}
+
+
+def render(res: dict[str, Any]) -> str:
+    c = res["clients"]
+    lines = [f"clients: {c['processes']} processes x {c['connections_per_process']} keep-alive connections, "
+             f"POST {c['path']} ({c['body_bytes']} bytes, one MinIO record)"]
+    for name, r in (("baseline " + res["baseline"]["name"], res["baseline"]),
+                    (f"bucketwire hub ingress (durability={res['hub']['durability']}, 200 after commit)",
+                     res["hub"])):
+        lines.append(f"{name}: {r['throughput_rps']:,.0f} requests/s ({r['ok']} ok, {r['failed']} failed)")
+        for k, v in r["latency"].items():
+            lines.append(f"  latency @{k}: p50 {v['p50_ms']} ms  p90 {v['p90_ms']}  p99 {v['p99_ms']}  "
+                         f"max {v['max_ms']}")
+    lines.append(f"ratio: {res['ratio']}x of the no-work baseline (bar {res['bar']}x)")
+    return "\n".join(lines)
