@@ -83,6 +83,30 @@ class DeadLetter:
     plugin: str | None
 
 
+def encode_ranges(seqs: set[int]) -> str:
+    """{3, 4, 5, 9} -> "3-5,9": the acked-above-the-watermark set, compact because gaps are few."""
+    out: list[str] = []
+    it = iter(sorted(seqs))
+    for first in it:
+        last = first
+        for s in it:
+            if s == last + 1:
+                last = s
+                continue
+            out.append(f"{first}-{last}" if last > first else str(first))
+            first = last = s
+        out.append(f"{first}-{last}" if last > first else str(first))
+    return ",".join(out)
+
+
+def decode_ranges(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, text.split(",")):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
 class GroupState:
     def __init__(
         self,
@@ -92,13 +116,14 @@ class GroupState:
         topic_cfg: Callable[[str], TopicConfig],
         *,
         max_buffer: int = 10_000,
+        above: dict[str, set[int]] | None = None,
     ) -> None:
         self.name = name
         self.topics: list[str] = list(dict.fromkeys(topics))
         self.topic_cfg = topic_cfg
         self.max_buffer = max_buffer
         self.acked: dict[str, int] = dict(cursors)
-        self.acked_above: dict[str, set[int]] = {t: set() for t in self.topics}
+        self.acked_above: dict[str, set[int]] = {t: set((above or {}).get(t, ())) for t in self.topics}
         self.read_pos: dict[str, int] = {t: cursors[t] + 1 for t in self.topics}
         self.ready: deque[Item] = deque()
         self.blocked: dict[str, deque[Item]] = {}
@@ -220,9 +245,10 @@ class GroupState:
         while w + 1 in above:
             w += 1
             above.discard(w)
-        if w != self.acked[topic]:
-            self.acked[topic] = w
-            self.dirty.add(topic)
+        self.acked[topic] = w
+        # Acks above a gap are persisted too (as ranges), so a hub crash while one slow or orphaned event holds
+        # the watermark does not redeliver everything acked after it.
+        self.dirty.add(topic)
 
     def _release(self, it: Item) -> None:
         if it.objkey is None or self.holder.get(it.objkey) != it.key:

@@ -24,7 +24,7 @@ import zmq
 
 from . import protocol as P
 from .config import Config
-from .dispatch import DeadLetter, GroupState, WorkerState
+from .dispatch import DeadLetter, GroupState, WorkerState, decode_ranges, encode_ranges
 from .envelope import SCHEMA_VERSION, EnvelopeError, Event, stable_id
 from .hub_ops import HubOps
 from .journal import Appended, Batch, Journal, JournalError, NewEvent
@@ -98,7 +98,9 @@ class Hub:
         if g is None:
             cursors = self.journal.cursors() if cursors is None else cursors
             have = {t: cursors[(name, t)] for t in topics if (name, t) in cursors}
-            g = GroupState(name, [t for t in topics if t in have], have, self.cfg.topic)
+            gaps = self.journal.cursor_above()
+            above = {t: decode_ranges(gaps[(name, t)]) for t in have if (name, t) in gaps}
+            g = GroupState(name, [t for t in topics if t in have], have, self.cfg.topic, above=above)
             self.groups[name] = g
             gc = self.cfg.groups.get(name)
             start = gc.start if gc else start
@@ -244,6 +246,7 @@ class Hub:
         for cb, lo, hi in replies:
             cb(appended[carry_n + lo: carry_n + hi], None)
         self._fan_out(appended)
+                batch.above[(g.name, t)] = encode_ranges(g.acked_above[t])
 
     def _fan_out(self, appended: list[Appended]) -> None:
         fresh: dict[str, list[tuple[int, str | None, bytes]]] = {}

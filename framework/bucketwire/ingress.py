@@ -136,6 +136,16 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._fail(404, f"no such endpoint {path}; POST to one of {', '.join(ROUTES)}", "not_found")
 
+    def _discard(self, n: int) -> None:
+        try:
+            while n > 0:
+                chunk = self.rfile.read(min(n, 1 << 16))
+                if not chunk:
+                    return
+                n -= len(chunk)
+        except OSError:
+            pass
+
     def do_POST(self) -> None:
         url = urlsplit(self.path)
         route = ROUTES.get(url.path)
@@ -157,6 +167,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         n = int(length)
         if n > hub.cfg.hub.max_body_bytes:
+            if n <= 16 * hub.cfg.hub.max_body_bytes:
+                # Read and drop a moderately oversized body so the client sees the 413 instead of a reset.
+                self._discard(n)
             self._fail(413, f"body of {n} bytes exceeds max_body_bytes={hub.cfg.hub.max_body_bytes}", "too_large",
                        close=True)
             return

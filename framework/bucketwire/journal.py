@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS events(
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedup ON events(source, id);
 CREATE TABLE IF NOT EXISTS cursors(grp TEXT NOT NULL, topic TEXT NOT NULL, acked INTEGER NOT NULL,
-                                   PRIMARY KEY(grp, topic));
+                                   above TEXT NOT NULL DEFAULT '', PRIMARY KEY(grp, topic));
 CREATE TABLE IF NOT EXISTS group_stats(grp TEXT PRIMARY KEY, dead_lettered INTEGER NOT NULL DEFAULT 0,
                                        retried INTEGER NOT NULL DEFAULT 0, redelivered INTEGER NOT NULL DEFAULT 0);
 """
@@ -72,6 +72,7 @@ class Appended:
 class Batch:
     events: list[NewEvent] = field(default_factory=list)
     cursors: dict[tuple[str, str], int] = field(default_factory=dict)
+    above: dict[tuple[str, str], str] = field(default_factory=dict)
     stats: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
@@ -87,6 +88,9 @@ class Journal:
         if max_pages:  # hidden test knob: a tiny "disk" to exercise the journal-full path without root mounts
             self.db.execute(f"PRAGMA max_page_count={int(max_pages)}")
         self.db.executescript(DDL)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(cursors)")}
+        if "above" not in cols:  # journals from before acked-above ranges were persisted
+            self.db.execute("ALTER TABLE cursors ADD COLUMN above TEXT NOT NULL DEFAULT ''")
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self.db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA),))
@@ -100,6 +104,10 @@ class Journal:
     # -- reads ---------------------------------------------------------------------------------------------
     def cursors(self) -> dict[tuple[str, str], int]:
         return {(g, t): a for g, t, a in self.db.execute("SELECT grp, topic, acked FROM cursors")}
+
+    def cursor_above(self) -> dict[tuple[str, str], str]:
+        """Acked seqs above each cursor's watermark, as ranges ("3-5,9")."""
+        return {(g, t): a for g, t, a in self.db.execute("SELECT grp, topic, above FROM cursors WHERE above != ''")}
 
     def group_stats(self) -> dict[str, tuple[int, int, int]]:
         return {g: (d, r, x) for g, d, r, x in self.db.execute("SELECT * FROM group_stats")}
@@ -161,9 +169,9 @@ class Journal:
                 )
             if batch.cursors:
                 db.executemany(
-                    "INSERT INTO cursors(grp, topic, acked) VALUES(?,?,?) "
-                    "ON CONFLICT(grp, topic) DO UPDATE SET acked=excluded.acked",
-                    [(g, t, a) for (g, t), a in batch.cursors.items()],
+                    "INSERT INTO cursors(grp, topic, acked, above) VALUES(?,?,?,?) "
+                    "ON CONFLICT(grp, topic) DO UPDATE SET acked=excluded.acked, above=excluded.above",
+                    [(g, t, a, batch.above.get((g, t), "")) for (g, t), a in batch.cursors.items()],
                 )
             if batch.stats:
                 db.executemany(
