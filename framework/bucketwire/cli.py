@@ -158,32 +158,6 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
         pass
 
 
-@cli.command()
-@config_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@friendly
-def status(config_path: str | None, as_json: bool) -> None:
-    """Per group: cursor, head, lag, in-flight, dead-lettered; per topic: head seq."""
-    from .client import HubClient
-
-    cfg = load_config(config_path)
-    with HubClient(cfg, timeout=5) as c:
-        st = c.status()
-    if as_json:
-        click.echo(json.dumps(st, indent=2))
-        return
-    rows = [("GROUP", "TOPIC", "CURSOR", "HEAD", "LAG", "INFLIGHT", "WORKERS", "RETRYING", "DEAD")]
-    for g, gs in sorted(st["groups"].items()):
-        for t, ts in sorted(gs["topics"].items()):
-            rows.append((g, t, str(ts["cursor"]), str(ts["head"]), str(ts["lag"]), str(gs["inflight"]),
-                         str(gs["workers"]), str(gs["retrying"]), str(gs["dead_lettered"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    click.echo("")
-    click.echo("TOPIC HEADS: " + (", ".join(f"{t}={v['head']}" for t, v in st["topics"].items()) or "none"))
-
-
 @cli.command(name="plugins")
 @config_option
 @click.option("--plugin", "-p", "local_plugins", multiple=True, help="Also load this module or .py file.")
@@ -206,11 +180,15 @@ def plugins_cmd(config_path: str | None, local_plugins: tuple[str, ...]) -> None
 from .commands import dev as _dev  # noqa: E402 - commands register after `cli` exists
 from .commands import keys as _keys  # noqa: E402
 from .commands import listen as _listen  # noqa: E402
+from .commands import ops as _ops  # noqa: E402
 from .commands import seaweed_source as _seaweed_source  # noqa: E402
 
 cli.add_command(_dev.dev)
 cli.add_command(_keys.keys)
 cli.add_command(_listen.listen)
+cli.add_command(_ops.status)  # status, replay, dlq: commands/ops.py
+cli.add_command(_ops.replay)
+cli.add_command(_ops.dlq)
 cli.add_command(_seaweed_source.seaweed_source)
 
 

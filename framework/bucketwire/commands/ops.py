@@ -1,0 +1,503 @@
+"""Operator commands: `status` (table, --json, --watch), `replay`, and `dlq list|show|retry|purge`.
+
+Dead letters are ordinary events on a dead-letter topic, so the journal already keeps them durably and in
+order. What is new here is their *handled* state: `retry` and `purge` publish a marker event
+(`bucketwire.dead-letter.handled`) on the topic `<dead-letter topic>.handled`, with an id derived from the dead
+letter's id. That keeps the state in the hub's journal (no second database, works from any host that can reach
+the hub), makes both commands idempotent (the journal deduplicates the marker, so running `retry` twice
+re-publishes once), and leaves an audit trail of who did what.
+
+A retry re-publishes the original event on its original topic with two extensions: `targetgroup` (only the
+group that dead-lettered it handles it; other groups of the topic skip it) and `retries` (the history of every
+earlier dead-lettering: attempts, error line, plugin, dead letter id), plus `retryof` (the first event's id).
+The retried event and its marker are committed in one transaction.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import socket
+import sys
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+import click
+
+from .. import protocol as P
+from ..config import Config, ConfigError
+from ..envelope import Event, now_iso, stable_id
+from ._common import config_option, load_config, on_stop_signals
+
+HANDLED_SUFFIX = ".handled"
+HANDLED_TYPE = "bucketwire.dead-letter.handled"
+DEAD_TYPE = "bucketwire.dead-letter"
+ENVELOPE_KEYS = {"specversion", "id", "source", "type", "data", "subject", "time", "datacontenttype", "topic",
+                 "seq", "causationid", "hops", "schemaversion"}
+
+
+def _errors(fn: Any) -> Any:
+    """One-line errors for what an operator can cause (hub down, bad config), like the core commands."""
+    from functools import wraps
+
+    from ..client import HubRefused, HubUnavailable
+
+    @wraps(fn)
+    def inner(*a: Any, **kw: Any) -> Any:
+        try:
+            return fn(*a, **kw)
+        except (ConfigError, HubUnavailable, HubRefused, OSError) as e:
+            raise click.ClickException(str(e)) from None
+
+    return inner
+
+
+# -- small parsers -----------------------------------------------------------------------------------------------
+_DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '2h', '7d' -> seconds."""
+    m = _DUR.match(text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a duration; write e.g. 90s, 15m, 2h or 7d")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_time(text: str) -> float:
+    """An ISO-8601 time ('2024-05-01T10:00:00Z', local time without a zone) or an age ('15m' = 15 minutes ago)."""
+    if _DUR.match(text):
+        return time.time() - parse_duration(text)
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither an ISO time (2024-05-01T10:00:00Z) nor an age (15m)") from None
+    return dt.timestamp()
+
+
+def _event_time(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0.0, seconds)
+    if s < 60:
+        return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
+    if s < 3600:
+        return f"{s // 60:.0f}m{s % 60:02.0f}s"
+    if s < 86400:
+        return f"{s // 3600:.0f}h{s % 3600 // 60:02.0f}m"
+    return f"{s // 86400:.0f}d{s % 86400 // 3600:02.0f}h"
+
+
+def fmt_bytes(n: int) -> str:
+    f = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if f < 1024 or unit == "GB":
+            return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
+        f /= 1024
+    return f"{f:.1f} TB"
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+# -- status ------------------------------------------------------------------------------------------------------
+def render_status(st: dict[str, Any]) -> str:
+    """The `kafka-consumer-groups --describe` view: where events pile up and why, at a glance."""
+    h = st.get("hub", {})
+    journal = "ok" if h.get("journal_ok", True) else "FAILING (ingress answers 503)"
+    lines = [
+        f"hub {h.get('version', '?')} (schema {h.get('schema', '?')})  up {fmt_age(h.get('uptime'))}  "
+        f"journal {journal}, {fmt_bytes(int(h.get('journal_bytes', 0)))}  "
+        f"ingress pending {h.get('ingress_pending', 0)}",
+        "",
+    ]
+    rows: list[tuple[str, ...]] = [("GROUP", "STATE", "TOPIC", "CURSOR", "HEAD", "LAG", "INFLIGHT", "WORKERS",
+                                    "CREDIT", "RETRYING", "DEAD", "OLDEST-UNACKED")]
+    consumers: dict[str, list[str]] = {}
+    for g, gs in sorted(st.get("groups", {}).items()):
+        credit = f"{gs.get('credit', 0) - gs.get('credit_free', 0)}/{gs.get('credit', 0)}"
+        for t, ts in sorted(gs["topics"].items()):
+            consumers.setdefault(t, []).append(g)
+            state = gs.get("state", "")
+            if t in gs.get("replaying", {}):
+                state = "replaying"
+            rows.append((g, state, t, str(ts["cursor"]), str(ts["head"]), str(ts["lag"]), str(gs["inflight"]),
+                         str(gs["workers"]), credit, str(gs["retrying"]), str(gs["dead_lettered"]),
+                         fmt_age(gs.get("oldest_unacked_age")) if gs.get("oldest_unacked_age") else "-"))
+    lines.append(table(rows) if len(rows) > 1 else "no consumer groups")
+    lines.append("")
+    trows: list[tuple[str, ...]] = [("TOPIC", "HEAD", "RATE/S", "CONSUMED-BY")]
+    for t, ts in sorted(st.get("topics", {}).items()):
+        trows.append((t, str(ts["head"]), f"{ts.get('rate', 0.0):.1f}", ",".join(consumers.get(t, [])) or "-"))
+    lines.append(table(trows) if len(trows) > 1 else "no topics yet")
+    hints = []
+    for g, gs in sorted(st.get("groups", {}).items()):
+        s = gs.get("state")
+        if s == "stalled":
+            hints.append(f"! group {g}: {gs['lag']} events waiting and no workers: "
+                         f"start `bucketwire worker --group {g}`")
+        elif s == "saturated":
+            hints.append(f"! group {g}: all worker credit in use, work waits: add workers/processes or raise credit")
+        if gs.get("dead_lettered"):
+            hints.append(f"  group {g}: {gs['dead_lettered']} dead-lettered: `bucketwire dlq list --group {g}`")
+    if not h.get("journal_ok", True):
+        hints.append("! journal cannot commit (disk full?): free space under [hub] state_dir; it recovers by itself")
+    if hints:
+        lines += ["", *hints]
+    return "\n".join(lines)
+
+
+@click.command(name="status")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", "-w", "watch", type=float, is_flag=False, flag_value=2.0, default=None,
+              help="Refresh in place every N seconds (default 2) until Ctrl+C.")
+@_errors
+def status(config_path: str | None, as_json: bool, watch: float | None) -> None:
+    """Per group: state, cursor, head, lag, in-flight, workers, credit, retries, dead letters, oldest unacked;
+    per topic: head and rate."""
+    from ..client import HubClient
+
+    cfg = load_config(config_path)
+    stop = threading.Event()
+    if watch:
+        on_stop_signals(stop.set)
+    tty = sys.stdout.isatty()
+    with HubClient(cfg, timeout=5) as c:
+        while True:
+            st = c.status()
+            text = json.dumps(st, indent=2) if as_json else render_status(st)
+            if watch and tty:
+                sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S") + f"  every {watch:g}s\n" + text + "\n")
+                sys.stdout.flush()
+            else:
+                click.echo(text)
+            if not watch or stop.wait(watch):
+                return
+            if not tty:
+                click.echo("")
+
+
+# -- replay ------------------------------------------------------------------------------------------------------
+@click.command(name="replay")
+@config_option
+@click.option("--group", "-g", required=True, help="Consumer group whose cursor moves.")
+@click.option("--topic", "-t", "topics", multiple=True, help="Only these topics of the group (default: all).")
+@click.option("--from-seq", type=click.IntRange(1), help="Deliver again from this seq on (per topic).")
+@click.option("--since", "since", help="Deliver again from the first event committed at/after this time "
+                                       "(ISO time, or an age like 15m).")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Show progress until the group caught up.")
+@click.option("--timeout", type=float, default=0, help="Stop waiting after this many seconds (0 = until done).")
+@_errors
+def replay(config_path: str | None, group: str, topics: tuple[str, ...], from_seq: int | None, since: str | None,
+           wait: bool, timeout: float) -> None:
+    """Rewind (or skip forward) a group's cursor so it receives events again from a seq or a time.
+
+    In-flight events of the topic finish first; then the cursor moves and is persisted, and the group's
+    workers receive every event from that point, in order.
+    """
+    from ..client import HubClient
+
+    if (from_seq is None) == (since is None):
+        raise click.UsageError("give exactly one of --from-seq N or --since TIME")
+    cfg = load_config(config_path)
+    hdr: dict[str, Any] = {"group": group, "topics": list(topics) or None}
+    if from_seq is not None:
+        hdr["from_seq"] = from_seq
+    else:
+        hdr["since"] = parse_time(since or "")
+    with HubClient(cfg, timeout=10) as c:
+        _, reply, _ = c.request(P.REPLAY, hdr, {P.REPLAYR})
+        if reply.get("error"):
+            raise click.ClickException(reply["error"])
+        res: dict[str, Any] = reply["topics"]
+        for t, r in sorted(res.items()):
+            state = "pending (in-flight events finish first)" if r["pending"] else "applied"
+            click.echo(f"{group}/{t}: cursor {r['cursor_was']} -> {r['from'] - 1}, {r['events']} event(s) to "
+                       f"deliver again (head {r['head']}); {state}", err=True)
+        total = sum(r["events"] for r in res.values())
+        if not wait or total == 0:
+            return
+        goal = {t: r["head"] for t, r in res.items()}
+        stop = threading.Event()
+        on_stop_signals(stop.set)
+        deadline = time.monotonic() + timeout if timeout else None
+        with click.progressbar(length=total, label=f"replaying {group}", file=sys.stderr) as bar:
+            shown = 0
+            while not stop.is_set():
+                gs = c.status()["groups"].get(group, {}).get("topics", {})
+                done = sum(max(0, min(gs[t]["cursor"], goal[t]) - (res[t]["from"] - 1)) for t in goal if t in gs)
+                done = min(done, total)
+                bar.update(done - shown)
+                shown = done
+                if done >= total:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise click.ClickException(f"replay still running after {timeout:g}s ({done}/{total}); "
+                                               f"watch it with `bucketwire status --watch`")
+                stop.wait(0.25)
+
+
+# -- dead letters ------------------------------------------------------------------------------------------------
+def dead_letter_topics(cfg: Config) -> list[str]:
+    names = {cfg.hub.dead_letter}
+    for t in list(cfg.topics) + [t for g in cfg.groups.values() for t in g.topics]:
+        names.add(cfg.dead_letter_for(t))
+    return sorted(names)
+
+
+def read_topic(client: Any, topic: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Every envelope of a topic still in the journal, oldest first."""
+    out: list[dict[str, Any]] = []
+    nxt = 1
+    while True:
+        meta, bodies = client.fetch(topic, nxt)
+        if not bodies:
+            if meta.get("next", nxt) > nxt:
+                nxt = meta["next"]
+                continue
+            return out
+        for b in bodies:
+            d = json.loads(b)
+            out.append(d)
+            nxt = d["seq"] + 1
+        if limit is not None and len(out) >= limit:
+            return out
+
+
+def load_dead_letters(client: Any, dl_topics: list[str]) -> list[dict[str, Any]]:
+    """Dead letters with their handled state: each gets `_dlq` {topic, handled, action, at, by}."""
+    out: list[dict[str, Any]] = []
+    for dlt in dl_topics:
+        handled: dict[str, dict[str, Any]] = {}
+        for m in read_topic(client, dlt + HANDLED_SUFFIX):
+            d = m.get("data") or {}
+            if m.get("type") == HANDLED_TYPE and isinstance(d, dict) and d.get("deadletter"):
+                handled.setdefault(d["deadletter"], d)
+        for ev in read_topic(client, dlt):
+            if ev.get("type") != DEAD_TYPE or not isinstance(ev.get("data"), dict):
+                continue
+            h = handled.get(ev["id"])
+            ev["_dlq"] = {"topic": dlt, "handled": h is not None, "action": h.get("action") if h else None,
+                          "at": h.get("at") if h else None, "by": h.get("by") if h else None}
+            out.append(ev)
+    return out
+
+
+def select(dls: list[dict[str, Any]], ids: tuple[str, ...], topic: str | None, group: str | None,
+           older: float | None, newer: float | None, include_handled: bool) -> list[dict[str, Any]]:
+    now = time.time()
+    out = []
+    for dl in dls:
+        d = dl["data"]
+        orig = d.get("event") or {}
+        if not include_handled and dl["_dlq"]["handled"]:
+            continue
+        if ids and not any(_matches_id(dl, orig, i) for i in ids):
+            continue
+        if topic and d.get("topic") != topic:
+            continue
+        if group and d.get("group") != group:
+            continue
+        t = _event_time(dl.get("time"))
+        age = now - t if t is not None else None
+        if older is not None and (age is None or age < older):
+            continue
+        if newer is not None and (age is None or age > newer):
+            continue
+        out.append(dl)
+    return out
+
+
+def _matches_id(dl: dict[str, Any], orig: dict[str, Any], ident: str) -> bool:
+    """An id is the dead letter's seq on its topic (`7` or `dead-letter:7`), its id or a prefix of at least 6
+    characters, or the original event's id."""
+    topic, _, seq = ident.rpartition(":")
+    if seq.isdigit() and (not topic or topic == dl["_dlq"]["topic"]) and dl.get("seq") == int(seq):
+        return True
+    return (len(ident) >= 6 and dl["id"].startswith(ident)) or orig.get("id") == ident
+
+
+def retry_event(dl: dict[str, Any]) -> Event:
+    """The original event again, for the group that failed it, carrying every earlier failure."""
+    d = dl["data"]
+    o = d.get("event") or {}
+    if "source" not in o or "id" not in o or "type" not in o:
+        raise click.ClickException(f"dead letter {dl['id']} does not hold a readable original event")
+    ext = {k: v for k, v in o.items() if k not in ENVELOPE_KEYS}
+    history = list(ext.get("retries") or []) if isinstance(ext.get("retries"), list) else []
+    history.append({"deadletter": dl["id"], "dlseq": dl.get("seq"), "group": d.get("group"), "seq": d.get("seq"),
+                    "attempts": d.get("attempts"), "error": d.get("line"), "plugin": d.get("plugin"),
+                    "at": dl.get("time")})
+    ext.update(targetgroup=d["group"], retries=history, retryof=ext.get("retryof") or o["id"])
+    return Event(
+        id=stable_id("retry", dl["id"]), source=o["source"], type=o["type"], subject=o.get("subject"),
+        data=o.get("data"), topic=d["topic"], causationid=o.get("causationid"),
+        hops=o.get("hops", 0) if isinstance(o.get("hops"), int) else 0, extensions=ext,
+    )
+
+
+def handled_marker(dl: dict[str, Any], action: str, retry_id: str | None = None) -> Event:
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    data = {"deadletter": dl["id"], "dlseq": dl.get("seq"), "action": action, "by": who, "at": now_iso()}
+    if retry_id:
+        data["retry"] = retry_id
+    return Event(id=stable_id("dlq-handled", dl["id"]), source="bucketwire://cli/dlq", type=HANDLED_TYPE,
+                 subject=dl.get("subject"), data=data, topic=dl["_dlq"]["topic"] + HANDLED_SUFFIX)
+
+
+def _dlq_options(fn: Any) -> Any:
+    for opt in reversed([
+        config_option,
+        click.option("--topic", "-t", help="Only dead letters of this original topic."),
+        click.option("--group", "-g", help="Only dead letters of this group."),
+        click.option("--older-than", "older", help="Only dead letters older than this age (e.g. 1h)."),
+        click.option("--newer-than", "newer", help="Only dead letters newer than this age (e.g. 15m)."),
+        click.option("--dlq-topic", "dlq_topics", multiple=True,
+                     help="Dead-letter topic(s) to read (default: every one the config names)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _load(config_path: str | None, dlq_topics: tuple[str, ...]) -> tuple[Config, Any, list[dict[str, Any]]]:
+    from ..client import HubClient
+
+    cfg = load_config(config_path)
+    client = HubClient(cfg, timeout=10)
+    return cfg, client, load_dead_letters(client, list(dlq_topics) or dead_letter_topics(cfg))
+
+
+def _ages(older: str | None, newer: str | None) -> tuple[float | None, float | None]:
+    return (parse_duration(older) if older else None, parse_duration(newer) if newer else None)
+
+
+@click.group(name="dlq")
+def dlq() -> None:
+    """Dead letters: list, show, retry (re-deliver to the group that failed them) and purge."""
+
+
+@dlq.command(name="list")
+@_dlq_options
+@click.argument("ids", nargs=-1)
+@click.option("--all", "include_handled", is_flag=True, help="Include dead letters already retried or purged.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@_errors
+def dlq_list(config_path: str | None, topic: str | None, group: str | None, older: str | None, newer: str | None,
+             dlq_topics: tuple[str, ...], ids: tuple[str, ...], include_handled: bool, as_json: bool) -> None:
+    """List dead letters (unhandled ones unless --all), oldest first."""
+    o, n = _ages(older, newer)
+    _, client, dls = _load(config_path, dlq_topics)
+    client.close()
+    sel = select(dls, ids, topic, group, o, n, include_handled)
+    if as_json:
+        for dl in sel:
+            click.echo(json.dumps(dl))
+        return
+    if not sel:
+        click.echo("no dead letters" + ("" if include_handled else " waiting (use --all to include handled ones)"))
+        return
+    now = time.time()
+    rows: list[tuple[str, ...]] = [("DLQ:SEQ", "AGE", "GROUP", "TOPIC:SEQ", "ATTEMPTS", "PLUGIN", "STATUS", "ID",
+                                    "ERROR")]
+    for dl in sel:
+        d = dl["data"]
+        t = _event_time(dl.get("time"))
+        st = dl["_dlq"]["action"] or "waiting"
+        rows.append((f"{dl['_dlq']['topic']}:{dl['seq']}", fmt_age(now - t if t else None), str(d.get("group")),
+                     f"{d.get('topic')}:{d.get('seq')}", str(d.get("attempts")), str(d.get("plugin") or "-"), st,
+                     dl["id"][:12], str(d.get("line") or d.get("error") or "")[:80]))
+    click.echo(table(rows))
+    click.echo(f"\n{len(sel)} dead letter(s); `bucketwire dlq show ID`, `dlq retry ID...`, `dlq purge ID...`",
+               err=True)
+
+
+@dlq.command(name="show")
+@_dlq_options
+@click.argument("ids", nargs=-1, required=True)
+@_errors
+def dlq_show(config_path: str | None, topic: str | None, group: str | None, older: str | None, newer: str | None,
+             dlq_topics: tuple[str, ...], ids: tuple[str, ...]) -> None:
+    """Print dead letters in full (error with traceback, original envelope, handled state) as JSON."""
+    o, n = _ages(older, newer)
+    _, client, dls = _load(config_path, dlq_topics)
+    client.close()
+    sel = select(dls, ids, topic, group, o, n, True)
+    if not sel:
+        raise click.ClickException(f"no dead letter matches {' '.join(ids)}; see `bucketwire dlq list --all`")
+    for dl in sel:
+        click.echo(json.dumps(dl, indent=2))
+
+
+def _act(config_path: str | None, topic: str | None, group: str | None, older: str | None, newer: str | None,
+         dlq_topics: tuple[str, ...], ids: tuple[str, ...], everything: bool, action: str) -> None:
+    if not (ids or topic or group or older or newer or everything):
+        raise click.UsageError(f"say which dead letters to {action}: IDs, a filter (--topic/--group/--older-than/"
+                               "--newer-than) or --all")
+    o, n = _ages(older, newer)
+    _, client, dls = _load(config_path, dlq_topics)
+    try:
+        sel = select(dls, ids, topic, group, o, n, False)
+        if not sel:
+            click.echo(f"nothing to {action}: no waiting dead letter matches", err=True)
+            return
+        done = 0
+        with click.progressbar(length=len(sel), label=f"{action} dead letters", file=sys.stderr) as bar:
+            for i in range(0, len(sel), 100):
+                chunk = sel[i:i + 100]
+                events: list[Event] = []
+                for dl in chunk:
+                    if action == "retry":
+                        ev = retry_event(dl)
+                        events += [ev, handled_marker(dl, "retried", ev.id)]
+                    else:
+                        events.append(handled_marker(dl, "purged"))
+                client.publish_events(events)  # event + marker in one commit: retried exactly once
+                done += len(chunk)
+                bar.update(len(chunk))
+        verb = "retried" if action == "retry" else "purged"
+        click.echo(f"{verb} {done} dead letter(s)")
+    finally:
+        client.close()
+
+
+@dlq.command(name="retry")
+@_dlq_options
+@click.argument("ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every waiting dead letter (with filters: every match).")
+@_errors
+def dlq_retry(config_path: str | None, topic: str | None, group: str | None, older: str | None, newer: str | None,
+              dlq_topics: tuple[str, ...], ids: tuple[str, ...], everything: bool) -> None:
+    """Deliver dead letters' original events again, to the group that failed them only.
+
+    The retried event carries the history of its failures in the `retries` extension; if it fails again it
+    becomes a new dead letter that still carries that history.
+    """
+    _act(config_path, topic, group, older, newer, dlq_topics, ids, everything, "retry")
+
+
+@dlq.command(name="purge")
+@_dlq_options
+@click.argument("ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every waiting dead letter (with filters: every match).")
+@_errors
+def dlq_purge(config_path: str | None, topic: str | None, group: str | None, older: str | None, newer: str | None,
+              dlq_topics: tuple[str, ...], ids: tuple[str, ...], everything: bool) -> None:
+    """Mark dead letters handled without retrying them (they stay in the journal until retention, hidden from
+    `dlq list` unless --all)."""
+    _act(config_path, topic, group, older, newer, dlq_topics, ids, everything, "purge")

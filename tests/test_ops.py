@@ -1,0 +1,283 @@
+"""Operations against real hub and worker processes: metrics, status, dead-letter tools, replay, backpressure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from bucketwire import Event
+from tests.fixtures_hub import Stack, free_port, wait_for
+
+OPS_PLUGIN = str(Path(__file__).parent / "plugins" / "ops_plugin.py")
+
+
+def ops_config(tmp: Path, groups: dict[str, dict[str, Any]], slow_groups: tuple[str, ...] = (),
+               max_attempts: int = 2) -> str:
+    out = f"""
+[topics.jobs]
+max_attempts = {max_attempts}
+backoff_base = 0.05
+backoff_max = 0.1
+
+[plugins.opsplug]
+path = "{tmp / 'ops.jsonl'}"
+fail_flag = "{tmp / 'fail.flag'}"
+slow_groups = {json.dumps(list(slow_groups))}
+slow = 0.2
+"""
+    for g, extra in groups.items():
+        out += f'\n[groups.{g}]\ntopics = ["jobs"]\nplugins = []\nstart = "earliest"\n'
+        for k, v in extra.items():
+            out += f"{k} = {json.dumps(v)}\n"
+    return out
+
+
+def records(s: Stack) -> list[dict[str, Any]]:
+    p = s.dir / "ops.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+def start_worker(s: Stack, group: str, processes: int = 1, *extra: str) -> subprocess.Popen:
+    return s.start_worker(group, processes, "--plugin", OPS_PLUGIN, *extra)
+
+
+def cli(s: Stack, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "bucketwire", *args, "-c", str(s.cfg_path)], env=s.env,
+                       capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, f"{args}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def publish(s: Stack, n: int, **data: Any) -> list[dict]:
+    evs = [Event(id=uuid.uuid4().hex, source="urn:ops-test", type="test.job", topic="jobs",
+                 data={"n": i, **data}) for i in range(n)]
+    out = []
+    with s.client() as c:
+        for i in range(0, n, 50):
+            out += c.publish_events(evs[i:i + 50])
+    return out
+
+
+def metrics(url: str, token: str | None = None) -> dict[tuple[str, tuple], float]:
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        text = r.read().decode()
+    out: dict[tuple[str, tuple], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    return out
+
+
+def hub_metrics(s: Stack) -> dict[tuple[str, tuple], float]:
+    return metrics(f"http://127.0.0.1:{s.http_port}/metrics", s.token)
+
+
+def value(m: dict, name: str, **labels: str) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_after_known_workload(stack_factory):
+    s = stack_factory()
+    wport = free_port()
+    s.cfg_path.write_text(s.cfg_path.read_text() + ops_config(s.dir, {"a": {"metrics": f"127.0.0.1:{wport}"}}))
+    s.start_hub()
+    start_worker(s, "a", 2)
+    publish(s, 18)
+    publish(s, 2, permanent=True)  # the recorder plugin raises PermanentError: dead-lettered at once
+    wait_for(lambda: len(records(s)) >= 18, 30, "18 handled")
+
+    def settled() -> dict | None:
+        m = hub_metrics(s)
+        ok = (value(m, "bucketwire_group_lag", group="a", topic="jobs") == 0
+              and value(m, "bucketwire_dead_lettered_total", group="a") == 2)
+        return m if ok else None
+
+    m = wait_for(settled, 20, "lag 0 and 2 dead letters in the hub metrics")
+    assert value(m, "bucketwire_events_received_total", source="zmq", topic="jobs") == 20
+    assert value(m, "bucketwire_events_received_total", source="zmq", topic="dead-letter") == 0
+    assert value(m, "bucketwire_group_cursor_seq", group="a", topic="jobs") == 20
+    assert value(m, "bucketwire_topic_head_seq", topic="jobs") == 20
+    assert value(m, "bucketwire_topic_head_seq", topic="dead-letter") == 2
+    assert value(m, "bucketwire_acked_total", group="a") == 18
+    assert value(m, "bucketwire_journal_commits_total") >= 1
+    assert value(m, "bucketwire_journal_commit_seconds_count") == value(m, "bucketwire_journal_commits_total")
+    assert value(m, "bucketwire_journal_available") == 1
+    assert value(m, "bucketwire_group_workers", group="a") == 2
+    assert value(m, "bucketwire_group_credit", group="a") == 32
+    assert value(m, "bucketwire_dispatch_batches_total", group="a") >= 1
+    assert value(m, "bucketwire_zmq_connection_events_total", socket="work", event="accepted") >= 3
+    assert value(m, "bucketwire_zmq_peers", socket="work") >= 2
+    # the worker supervisor's own endpoint aggregates its children (prometheus multiprocess mode)
+    def worker_settled() -> dict | None:
+        w = metrics(f"http://127.0.0.1:{wport}/metrics")
+        ok = value(w, "bucketwire_worker_events_total", group="a", topic="jobs", outcome="ok") == 18
+        return w if ok else None
+
+    w = wait_for(worker_settled, 20, "worker metrics")
+    assert value(w, "bucketwire_worker_events_total", group="a", topic="jobs", outcome="failed") == 2
+    assert value(w, "bucketwire_worker_handler_seconds_count", group="a", plugin="opsplug") == 18
+    assert value(w, "bucketwire_worker_hook_errors_total", group="a", plugin="recorder") == 2
+    assert value(w, "bucketwire_worker_children", group="a") == 2
+    assert value(w, "bucketwire_worker_credit", group="a") == 32
+
+
+def test_status_json_with_a_stopped_worker(stack_factory):
+    s = stack_factory()
+    s.cfg_path.write_text(s.cfg_path.read_text() + ops_config(s.dir, {"a": {"credit": 4}}, slow_groups=("a",)))
+    s.start_hub()
+    w = start_worker(s, "a", 1)
+    publish(s, 10)
+    wait_for(lambda: s.status()["groups"]["a"]["inflight"] >= 4, 10, "events in flight")
+    os.killpg(w.pid, signal.SIGKILL)
+    w.wait(5)
+    publish(s, 5)
+    st = json.loads(cli(s, "status", "--json").stdout)
+    g = st["groups"]["a"]
+    assert g["topics"]["jobs"]["head"] == 15 and g["lag"] >= 11
+    assert g["inflight"] >= 4  # not yet: the hub waits for the heartbeat timeout
+    after = wait_for(lambda: (lambda x: x if x["workers"] == 0 else None)(
+        json.loads(cli(s, "status", "--json").stdout)["groups"]["a"]), 10, "the worker to be declared lost")
+    assert after["inflight"] == 0 and after["redelivered"] >= 4
+    assert after["lag"] >= g["lag"]
+    st = wait_for(lambda: (lambda x: x if x["groups"]["a"]["state"] == "stalled" else None)(
+        json.loads(cli(s, "status", "--json").stdout)), 10, "state stalled")
+    publish(s, 5)
+    st2 = json.loads(cli(s, "status", "--json").stdout)
+    assert st2["groups"]["a"]["lag"] == st["groups"]["a"]["lag"] + 5  # lag keeps growing with no workers
+    assert st2["topics"]["jobs"]["head"] == 20
+    table = cli(s, "status").stdout
+    assert "stalled" in table and "bucketwire worker --group a" in table
+    # a new worker drains the backlog, redelivered events included
+    start_worker(s, "a", 1)
+    wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0, 30, "lag back to 0")
+
+
+def test_dlq_list_retry_purge(stack_factory):
+    s = stack_factory()
+    s.cfg_path.write_text(s.cfg_path.read_text() + ops_config(s.dir, {"a": {}, "b": {}}))
+    flag = s.dir / "fail.flag"
+    flag.write_text("x")
+    s.start_hub()
+    start_worker(s, "a", 1)
+    start_worker(s, "b", 1)
+    first = publish(s, 1, flaky="a", which="retry-me")[0]
+    publish(s, 1, flaky="a", which="purge-me")
+    wait_for(lambda: s.status()["groups"]["a"]["dead_lettered"] == 2, 20, "two dead letters in group a")
+    wait_for(lambda: len([r for r in records(s) if r["g"] == "b"]) == 2, 20, "group b handled both")
+    listed = [json.loads(x) for x in cli(s, "dlq", "list", "--json").stdout.splitlines()]
+    assert [d["data"]["group"] for d in listed] == ["a", "a"]
+    listed.sort(key=lambda d: d["data"]["event"]["id"] != first["id"])  # the retry-me one first
+    assert listed[0]["data"]["attempts"] == 2 and "flaky" in listed[0]["data"]["line"]
+    table = cli(s, "dlq", "list").stdout
+    assert "jobs:1" in table and "jobs:2" in table and "waiting" in table
+    shown = json.loads(cli(s, "dlq", "show", listed[0]["id"][:10]).stdout)
+    assert shown["data"]["event"]["id"] == first["id"]
+    flag.unlink()
+    r = cli(s, "dlq", "retry", first["id"])  # by the original event's id
+    assert "retried 1" in r.stdout
+    retried = wait_for(lambda: [x for x in records(s) if x["g"] == "a"], 20, "group a handled the retry")
+    assert len(retried) == 1 and retried[0]["data"]["which"] == "retry-me"
+    hist = retried[0]["ext"]["retries"]
+    assert retried[0]["ext"]["targetgroup"] == "a" and retried[0]["ext"]["retryof"] == first["id"]
+    assert len(hist) == 1 and hist[0]["attempts"] == 2 and hist[0]["deadletter"] == listed[0]["id"]
+    # purge the other one by its seq on the dead-letter topic
+    assert "purged 1" in cli(s, "dlq", "purge", str(listed[1]["seq"])).stdout
+    assert "no dead letters waiting" in cli(s, "dlq", "list").stdout
+    everything = [json.loads(x) for x in cli(s, "dlq", "list", "--all", "--json").stdout.splitlines()]
+    assert sorted(d["_dlq"]["action"] for d in everything) == ["purged", "retried"]
+    # idempotent: nothing is waiting, and group b never saw the retried event
+    assert "nothing to retry" in cli(s, "dlq", "retry", "--all").stderr
+    wait_for(lambda: s.status()["groups"]["b"]["lag"] == 0, 10, "group b skipped the retry")
+    assert len([x for x in records(s) if x["g"] == "b"]) == 2
+    assert cli(s, "dlq", "purge", check=False).returncode != 0  # purge needs a selection
+
+
+def test_replay_from_seq_redelivers_exactly_from_there(stack_factory):
+    s = stack_factory()
+    s.cfg_path.write_text(s.cfg_path.read_text() + ops_config(s.dir, {"a": {}, "b": {}}))
+    s.start_hub()
+    start_worker(s, "a", 1)
+    start_worker(s, "b", 1)
+    publish(s, 10)
+    wait_for(lambda: len(records(s)) == 20, 20, "both groups handled 10")
+    r = cli(s, "replay", "--group", "a", "--from-seq", "4", "--timeout", "30")
+    assert "cursor 10 -> 3" in r.stderr
+    wait_for(lambda: len(records(s)) >= 27, 20, "7 redelivered")
+    wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0, 10, "group a caught up")
+    recs = records(s)
+    again = [x["s"] for x in recs[20:]]
+    assert sorted(again) == list(range(4, 11)) and {x["g"] for x in recs[20:]} == {"a"}
+    assert s.status()["groups"]["a"]["topics"]["jobs"]["cursor"] == 10
+    r = cli(s, "replay", "--group", "nope", "--from-seq", "1", check=False)
+    assert r.returncode != 0 and "unknown group" in r.stderr
+
+
+def test_slow_group_does_not_slow_fast_group_or_ingress(stack_factory):
+    s = stack_factory()
+    s.cfg_path.write_text(s.cfg_path.read_text() + ops_config(
+        s.dir, {"fast": {"credit": 16}, "slow": {"credit": 1}}, slow_groups=("slow",)))
+    s.start_hub()
+    start_worker(s, "fast", 1)
+    start_worker(s, "slow", 1)
+    res = publish(s, 300)
+    assert len(res) == 300 and all(r["seq"] for r in res)  # ingress committed everything
+    wait_for(lambda: Counter(r["g"] for r in records(s))["fast"] == 300, 30, "fast group handled all 300")
+    by = Counter(r["g"] for r in records(s))
+    assert by["slow"] < 150, by  # 0.2 s per event: the slow group is far behind, and nobody waited for it
+    st = s.status()
+    assert st["groups"]["fast"]["lag"] == 0
+    assert st["groups"]["slow"]["lag"] >= 150
+    assert st["groups"]["slow"]["credit_free"] == 0
+    st = wait_for(lambda: (lambda x: x if x["groups"]["slow"]["state"] == "saturated" else None)(s.status()), 10,
+                  "slow group reported saturated")
+    m = hub_metrics(s)
+    assert value(m, "bucketwire_group_state", group="slow", state="saturated") == 1
+    assert value(m, "bucketwire_group_lag", group="slow", topic="jobs") >= 100
+
+
+def test_journal_full_answers_503_and_recovers(stack_factory):
+    s = stack_factory()
+    s.env["BUCKETWIRE_JOURNAL_MAX_PAGES"] = "60"
+    s.start_hub()
+    blob = "x" * 3000
+    codes = []
+    for i in range(200):
+        ev = {"specversion": "1.0", "id": f"e{i}", "source": "urn:full", "type": "test.big", "topic": "big",
+              "data": {"blob": blob}}
+        code, _ = s.post("/events", json.dumps(ev).encode(), headers={"Content-Type": "application/json"})
+        codes.append(code)
+        if code == 503:
+            break
+    assert codes[0] == 200 and codes[-1] == 503, codes
+    assert not s.healthy()
+    st = s.status()
+    assert st["hub"]["journal_ok"] is False
+    m = hub_metrics(s)
+    assert value(m, "bucketwire_journal_available") == 0 or value(m, "bucketwire_journal_commit_failures_total") >= 1
+    # space returns (an operator frees it; here: old events go away), and the hub recovers by itself
+    db = sqlite3.connect(str(s.dir / "state" / "journal.db"), timeout=10)
+    db.execute("DELETE FROM events WHERE topic='big' AND seq < ?", (len(codes) - 5,))
+    db.commit()
+    db.close()
+    ev = {"specversion": "1.0", "id": "after", "source": "urn:full", "type": "test.big", "topic": "big",
+          "data": {"blob": "small"}}
+    code, body = s.post("/events", json.dumps(ev).encode(), headers={"Content-Type": "application/json"})
+    assert code == 200, body
+    assert s.healthy() and s.status()["hub"]["journal_ok"] is True
