@@ -69,11 +69,11 @@ path = "{self.record}"
         self.workers: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
-    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], name: str, cfg_path: Path | None = None) -> subprocess.Popen:
         log = self.dir / f"{name}-{len(self.logs)}.log"
         self.logs.append(log)
         return subprocess.Popen(
-            [sys.executable, "-m", "bucketwire", *args, "-c", str(self.cfg_path)],
+            [sys.executable, "-m", "bucketwire", *args, "-c", str(cfg_path or self.cfg_path)],
             env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -98,8 +98,11 @@ path = "{self.record}"
         self.hub_proc.send_signal(sig)
         self.hub_proc.wait(10)
 
-    def start_worker(self, group: str, processes: int = 1, *extra: str, wait: bool = True) -> subprocess.Popen:
-        p = self._spawn(["worker", "--group", group, "-n", str(processes), "--plugin", RECORDER, *extra], "worker")
+    def start_worker(self, group: str, processes: int = 1, *extra: str, wait: bool = True,
+                     cfg_path: Path | None = None) -> subprocess.Popen:
+        """`cfg_path` runs the pool from another config (e.g. another client key) against this hub."""
+        p = self._spawn(["worker", "--group", group, "-n", str(processes), "--plugin", RECORDER, *extra], "worker",
+                        cfg_path)
         self.workers.append(p)
         if wait:
             wait_for(lambda: self.status()["groups"].get(group, {}).get("workers", 0) >= processes, 30,

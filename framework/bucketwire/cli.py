@@ -84,6 +84,7 @@ def hub(config_path: str | None) -> None:
         click.echo("warning: [hub] auth_token is not set; webhook ingress accepts unauthenticated requests",
                    err=True)
     _on_stop_signals(h.stop)
+    signal.signal(signal.SIGHUP, lambda signum, frame: h.request_reload())  # re-read keys: docs/security.md
     try:
         h.run()
     finally:
@@ -107,6 +108,9 @@ def worker(ctx: click.Context, config_path: str | None, group: str, topics: tupl
     from .worker import default_processes, make_spec, run_pool
 
     cfg = load_config(config_path)
+    from .security import client_keys
+
+    client_keys(cfg)  # a missing key file is one line here, not a crash in every child
     spec = make_spec(cfg, group, list(topics), list(local_plugins), credit)
     code = run_pool(cfg, spec, processes or default_processes(cfg, group), log_format=ctx.obj["log_format"],
                     verbosity=ctx.obj["verbosity"], drain_timeout=drain_timeout)

@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from . import protocol as P
+from . import security
 from .config import Config
 from .envelope import Event
 
@@ -39,12 +40,14 @@ class HubClient:
         self.zctx = context or zmq.Context.instance()
         self._req = itertools.count(1)
         self.sock: zmq.Socket | None = None
+        self.keys = security.client_keys(cfg)  # None without CURVE; a bad key file fails here, in one line
 
     def _socket(self) -> zmq.Socket:
         if self.sock is None:
             s = self.zctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.IDENTITY, b"c-" + uuid.uuid4().bytes)
+            security.apply_client(s, self.cfg, self.keys)
             s.connect(self.endpoint)
             self.sock = s
         return self.sock
@@ -144,6 +147,7 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
     wanted = set(topics or [])
     for t in wanted or {""}:
         sub.setsockopt(zmq.SUBSCRIBE, t.encode())
+    security.apply_client(sub, cfg)
     sub.connect(cfg.client.publish)
     client = HubClient(cfg)
     try:

@@ -30,6 +30,7 @@ from .hub_ops import HubOps
 from .journal import Appended, Batch, Journal, JournalError, NewEvent
 from .metrics import HubMetrics
 from .routing import Router
+from .security import Roles
 
 log = logging.getLogger("bucketwire.hub")
 
@@ -87,6 +88,19 @@ class Hub:
         self._last_hb = 0.0
         self._last_retention = time.monotonic()
         self.ops = HubOps(self)  # gauges, rates, socket monitors, replay: see hub_ops.py
+        # [security]: CURVE listeners (primary + optional previous server key), ZAP, roles. See _secure_sockets.
+        self.auth: Any = None
+        self.roles = Roles(cfg.security.roles)
+        self.listeners: list[Any] = []
+        self.pubs: list[zmq.Socket] = []
+        self._sock_of: dict[bytes, zmq.Socket] = {}
+        self._user: str | None = None
+        self._reload = threading.Event()
+        self._next_key_check = 0.0
+        if cfg.security.curve:
+            from .security import server_key_path
+
+            server_key_path(cfg.security)  # fail at startup, with one line, not in the loop
 
     # -- groups ----------------------------------------------------------------------------------------------
     def _start_after(self, topic: str, start: str) -> int:
@@ -139,16 +153,28 @@ class Hub:
         self.pub = zctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pubs = [self.pub]
         try:
+            self._secure_sockets(zctx)
             self.work.bind(self.cfg.hub.work)
             self.pub.bind(self.cfg.hub.publish)
+            self._open_previous()
         except zmq.ZMQError as e:
+            self._close_security()
             self.work.close()
             self.pub.close()
             zctx.term()
             raise OSError(f"cannot bind ZeroMQ endpoint ({e}); is another hub running on these ports?") from None
-        poller = zmq.Poller()
+        except Exception:
+            self._close_security()
+            self.work.close()
+            self.pub.close()
+            zctx.term()
+            raise
+        poller = self._poller = zmq.Poller()
         poller.register(self.work, zmq.POLLIN)
+        for ls in self.listeners[1:]:
+            poller.register(ls.work, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         for mon in self.ops.attach_monitors({"work": self.work, "pub": self.pub}):
             poller.register(mon, zmq.POLLIN)
@@ -169,6 +195,7 @@ class Hub:
                 self.tick()
             self.tick()  # flush what is queued, answer what is waiting
         finally:
+            self._close_security()
             self.work.close()
             self.pub.close()
             self.ops.close()
@@ -189,7 +216,11 @@ class Hub:
         self.last_tick = now
         batch = Batch()
         replies: list[tuple[Callable[[list[Appended] | None, str | None], None], int, int]] = []
+        if self.auth is not None:
+            self._security_tick(now)
         self._drain_work(batch, replies, now)
+        for ls in self.listeners[1:]:
+            self._drain_work(batch, replies, now, ls.work)
         self._drain_ingress(batch, replies)
         for g in self.groups.values():
             g.due_retries(now)
@@ -215,6 +246,7 @@ class Hub:
             cur, delta = g.take_dirty()
             for t, a in cur.items():
                 batch.cursors[(g.name, t)] = a
+                batch.above[(g.name, t)] = encode_ranges(g.acked_above[t])
             if any(delta):
                 batch.stats[g.name] = delta
         if not batch.events and not batch.cursors and not batch.stats:
@@ -246,7 +278,6 @@ class Hub:
         for cb, lo, hi in replies:
             cb(appended[carry_n + lo: carry_n + hi], None)
         self._fan_out(appended)
-                batch.above[(g.name, t)] = encode_ranges(g.acked_above[t])
 
     def _fan_out(self, appended: list[Appended]) -> None:
         fresh: dict[str, list[tuple[int, str | None, bytes]]] = {}
@@ -254,10 +285,7 @@ class Hub:
             if a.duplicate:
                 continue
             fresh.setdefault(a.topic, []).append((a.seq, a.objkey, a.body))
-            try:
-                self.pub.send_multipart([a.topic.encode(), str(a.seq).encode(), a.body], zmq.NOBLOCK)
-            except zmq.Again:
-                self.metrics.send_again.labels("pub").inc()
+            self._publish([a.topic.encode(), str(a.seq).encode(), a.body])
         for topic, items in fresh.items():
             self.metrics.head.labels(topic).set(items[-1][0])
             for g in self.groups.values():
@@ -356,9 +384,18 @@ class Hub:
             self._ingest(events, source, batch, done, replies)
 
     # -- the work socket -------------------------------------------------------------------------------------
+    def _publish(self, frames: list[bytes]) -> None:
+        """Fan out on every PUB socket (two while an old and a new server key are both served)."""
+        for pub in self.pubs:
+            try:
+                pub.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                self.metrics.send_again.labels("pub").inc()
+
     def _send(self, frames: list[bytes]) -> bool:
+        sock = self._sock_of.get(frames[0], self.work) if self._sock_of else self.work
         try:
-            self.work.send_multipart(frames, zmq.NOBLOCK)
+            sock.send_multipart(frames, zmq.NOBLOCK)
             return True
         except zmq.Again:
             self.metrics.send_again.labels("work").inc()
@@ -372,13 +409,24 @@ class Hub:
         log.debug("frame rejected", extra={"reason": reason, "detail": detail})
         self._send([ident, P.ERR, P.enc({"error": detail, "fatal": False})])
 
-    def _drain_work(self, batch: Batch, replies: list, now: float) -> None:
+    def _drain_work(self, batch: Batch, replies: list, now: float, sock: zmq.Socket | None = None) -> None:
+        sock = self.work if sock is None else sock
+        curve = self.auth is not None
         for _ in range(MAX_DRAIN):
             try:
-                frames = self.work.recv_multipart(zmq.NOBLOCK, copy=True)
+                if curve:  # zero-copy frames carry the ZAP User-Id: the name of the key that admitted the peer
+                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    self._user = parts[-1].get("User-Id") or None
+                    frames = [f.bytes for f in parts]
+                else:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
             ident = frames[0]
+            if curve:
+                self._remember_socket(ident, sock)
+            if curve and not self._admitted(ident):
+                continue
             if len(frames) < 3:
                 self._reject(ident, "frames", "expected [COMMAND, header, ...]")
                 continue
@@ -427,6 +475,9 @@ class Hub:
             raise P.ProtocolError("READY needs a list of topics")
         if not isinstance(credit, int) or isinstance(credit, bool) or not 1 <= credit <= 10_000:
             raise P.ProtocolError("READY credit must be an integer from 1 to 10000")
+        if not self.roles.allows(self._user, "groups", group):
+            self._forbidden(ident, f"key {self._user!r} may not join group {group!r} ([security.roles])")
+            return
         schema = hdr.get("schema")
         if schema != SCHEMA_VERSION:
             self._send([ident, P.ERR, P.enc({
@@ -461,6 +512,9 @@ class Hub:
         g = self.groups.get(gname) if isinstance(gname, str) else None
         if g is None or not isinstance(results, list):
             raise P.ProtocolError("ACK needs a known group 'g' and a 'results' list")
+        if not self.roles.allows(self._user, "groups", g.name):
+            self._forbidden(ident, f"key {self._user!r} may not ack for group {g.name!r} ([security.roles])")
+            return
         for r in results:
             if not isinstance(r, dict):
                 raise P.ProtocolError("each ACK result must be an object")
@@ -479,6 +533,16 @@ class Hub:
                 if g.ack(topic, seq):
                     self.metrics.acked.labels(g.name).inc()
                     for fo in fos:
+                        if not self.roles.allows(self._user, "publish", fo.topic or ""):
+                            self.metrics.rejected.labels("zmq", "forbidden").inc()
+                            why = f"key {self._user!r} may not publish to topic {fo.topic!r} ([security.roles])"
+                            log.warning("follow-on refused by role", extra={"topic": fo.topic, "group": g.name,
+                                                                            "key": self._user})
+                            ne = self._dead_letter(DeadLetter(g_item_stub(topic, seq, fo), g.name, why,
+                                                              "forbidden by role", None))
+                            if ne:
+                                self.carry.append(ne)
+                            continue
                         if fo.hops > self.cfg.hub.max_hops:
                             self.metrics.hop_limited.inc()
                             log.warning("follow-on refused by hop limit",
@@ -514,6 +578,14 @@ class Hub:
             self.metrics.rejected.labels("zmq", "envelope").inc()
             self._send([ident, P.PUBNACK, P.enc({"req": req, "error": str(e)})])
             return
+        denied = sorted({t for t in map(self._route, events)
+                         if t is not None and not self.roles.allows(self._user, "publish", t)})
+        if denied:
+            self.metrics.rejected.labels("zmq", "forbidden").inc()
+            log.warning("publish refused by role", extra={"key": self._user, "topics": denied[:5]})
+            err = f"key {self._user!r} may not publish to topic {denied[0]!r} ([security.roles])"
+            self._send([ident, P.PUBNACK, P.enc({"req": req, "error": err})])
+            return
 
         def done(res: list[IngestResult] | None, err: str | None) -> None:
             if res is None:
@@ -528,6 +600,9 @@ class Hub:
         limit = hdr.get("limit", MAX_FETCH)
         if not isinstance(topic, str) or not isinstance(start, int) or not isinstance(limit, int):
             raise P.ProtocolError("FETCH needs 'topic' (string), 'from' and 'limit' (integers)")
+        if not self.roles.allows(self._user, "subscribe", topic):
+            self._forbidden(ident, f"key {self._user!r} may not read topic {topic!r} ([security.roles])")
+            return
         rows = self.journal.read(topic, max(1, start), max(1, min(limit, MAX_FETCH)))
         head = self.journal.heads.get(topic, 0)
         nxt = rows[-1][0] + 1 if rows else max(start, (self.journal.first_seq(topic) or head + 1))
@@ -583,10 +658,7 @@ class Hub:
             if now - w.last_sent >= self.cfg.hub.heartbeat_interval and self._send([w.ident, P.HB, b"{}"]):
                 w.last_sent = now
         for topic, head in self.journal.heads.items():
-            try:
-                self.pub.send_multipart([topic.encode(), str(head).encode(), P.HEARTBEAT_FRAME], zmq.NOBLOCK)
-            except zmq.Again:
-                self.metrics.send_again.labels("pub").inc()
+            self._publish([topic.encode(), str(head).encode(), P.HEARTBEAT_FRAME])
 
     def _retention(self) -> None:
         try:
@@ -598,6 +670,185 @@ class Hub:
         if n:
             self.metrics.retention_dropped.inc(n)
             log.info("retention removed old events", extra={"count": n})
+
+    # -- security ----------------------------------------------------------------------------------------------
+    def _secure_sockets(self, zctx: zmq.Context) -> None:
+        """With [security] curve: start ZAP and make the primary work/PUB pair CURVE servers (before bind)."""
+        from .security import apply_server, server_key_path, start_authenticator
+
+        sec = self.cfg.security
+        self.listeners = [_Listener(self.cfg.hub.work, self.cfg.hub.publish, None, self.work, self.pub)]
+        if not sec.curve:
+            return
+        self._zctx = zctx
+        self.auth = start_authenticator(zctx, sec)
+        key = server_key_path(sec)
+        apply_server(self.work, key, sec.zap_domain)
+        apply_server(self.pub, key, sec.zap_domain)
+        self.listeners[0].key = key
+        self._next_key_check = time.monotonic() + sec.reload_interval
+
+    def _new_listener(self, work_ep: str, pub_ep: str, key: Any) -> _Listener:
+        from .security import apply_server
+
+        w = self._zctx.socket(zmq.ROUTER)
+        p = self._zctx.socket(zmq.PUB)
+        for opt, v in ((zmq.ROUTER_MANDATORY, 1), (zmq.LINGER, 0), (zmq.SNDHWM, 100_000), (zmq.RCVHWM, 100_000),
+                       (zmq.MAXMSGSIZE, 64 << 20)):
+            w.setsockopt(opt, v)
+        p.setsockopt(zmq.LINGER, 0)
+        p.setsockopt(zmq.SNDHWM, 100_000)
+        try:
+            apply_server(w, key, self.cfg.security.zap_domain)
+            apply_server(p, key, self.cfg.security.zap_domain)
+            _bind_retry(w, work_ep)
+            _bind_retry(p, pub_ep)
+        except Exception:
+            w.close(0)
+            p.close(0)
+            raise
+        return _Listener(work_ep, pub_ep, key, w, p)
+
+    def _open_previous(self) -> None:
+        """Serve the previous server key on its own endpoints, so clients can move to the new key gradually."""
+        sec = self.cfg.security
+        if sec.curve and sec.previous_server_secret_key is not None:
+            assert sec.work_previous and sec.publish_previous
+            self.listeners.append(self._new_listener(sec.work_previous, sec.publish_previous,
+                                                     sec.previous_server_secret_key))
+            self.pubs = [ls.pub for ls in self.listeners]
+            log.info("serving the previous server key too", extra={"work": sec.work_previous,
+                                                                   "publish": sec.publish_previous})
+
+    def _close_security(self) -> None:
+        for ls in self.listeners[1:]:
+            ls.work.close(0)
+            ls.pub.close(0)
+        self.listeners = self.listeners[:1]
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+
+    def request_reload(self) -> None:
+        """Thread/signal-safe: re-read the key allow-list and the server keys on the next loop turn (SIGHUP)."""
+        self._reload.set()
+        self.wake()
+
+    def _remember_socket(self, ident: bytes, sock: zmq.Socket) -> None:
+        """Replies go out on the ROUTER the peer came in on; bounded, oldest entries forgotten first."""
+        self._sock_of.pop(ident, None)
+        self._sock_of[ident] = sock
+        if len(self._sock_of) > 100_000:
+            for k in list(self._sock_of)[:10_000]:
+                del self._sock_of[k]
+
+    def _admitted(self, ident: bytes) -> bool:
+        """Refuse every message from a key that was removed from the allow-list after it connected."""
+        if self._user in self.auth.allowed_names:
+            return True
+        self.metrics.rejected.labels("zmq", "revoked").inc()
+        w = self.workers.get(ident)
+        if w is not None:
+            self._worker_gone(w, lost=False)
+        self._send([ident, P.ERR, P.enc({"fatal": True, "error": "this client key is no longer authorized"})])
+        return False
+
+    def _forbidden(self, ident: bytes, why: str) -> None:
+        self.metrics.rejected.labels("zmq", "forbidden").inc()
+        log.warning("request refused by role", extra={"key": self._user, "error": why})
+        self._send([ident, P.ERR, P.enc({"fatal": True, "error": why})])
+
+    def _security_tick(self, now: float) -> None:
+        """Every reload_interval (and on SIGHUP): pick up allow-list changes; on SIGHUP also the server keys."""
+        hup = self._reload.is_set()
+        if not hup and now < self._next_key_check:
+            return
+        self._next_key_check = now + self.cfg.security.reload_interval
+        self._reload.clear()
+        if hup:
+            self._reload_server_keys()
+        changed = self.auth.reload(force=hup)
+        if changed and changed[1]:
+            # PUB cannot refuse one subscriber: re-create the PUB sockets so every subscriber reconnects and
+            # re-authenticates; revoked keys fail the handshake. Live subscribers catch up via heartbeats.
+            self._rebind_pubs()
+
+    def _rebind_pubs(self) -> None:
+        from .security import apply_server
+
+        for ls in self.listeners:
+            ls.pub.close(0)
+            p = self._zctx.socket(zmq.PUB)
+            p.setsockopt(zmq.LINGER, 0)
+            p.setsockopt(zmq.SNDHWM, 100_000)
+            apply_server(p, ls.key, self.cfg.security.zap_domain)
+            _bind_retry(p, ls.pub_ep)
+            ls.pub = p
+        self.pub = self.listeners[0].pub
+        self.pubs = [ls.pub for ls in self.listeners]
+
+    def _reload_server_keys(self) -> None:
+        """Re-read [hub] work/publish and the [security] server keys; keep unchanged listeners, open new ones.
+
+        Listeners are matched by (endpoints, server public key), so a rotation step that moves the current key
+        to `previous_server_secret_key` on its existing endpoints keeps every established connection.
+        """
+        from . import config as config_mod
+        from .config import ConfigError
+        from .security import load_keypair
+
+        if self.cfg.path is None:
+            return
+        try:
+            new = config_mod.load(self.cfg.path, warn=False)
+        except ConfigError as e:
+            log.error("reload refused; keeping the running configuration", extra={"error": str(e)})
+            return
+        sec = new.security
+        if not sec.curve or sec.server_secret_key is None:
+            log.error("reload refused: [security] curve must stay on with a server_secret_key")
+            return
+        want = [(new.hub.work, new.hub.publish, sec.server_secret_key)]
+        if sec.previous_server_secret_key is not None and sec.work_previous and sec.publish_previous:
+            want.append((sec.work_previous, sec.publish_previous, sec.previous_server_secret_key))
+
+        def ident(w: str, p: str, key: Any) -> tuple[str, str, bytes]:
+            return (w, p, load_keypair(key, secret=True, what="[security] server key")[0])
+
+        try:
+            want_ids = [ident(*x) for x in want]
+        except ConfigError as e:
+            log.error("reload refused; keeping the running configuration", extra={"error": str(e)})
+            return
+        have = {ident(ls.work_ep, ls.pub_ep, ls.key): ls for ls in self.listeners}
+        keep = [have.get(i) for i in want_ids]
+        for i, ls in have.items():
+            if i not in want_ids:
+                self._poller.unregister(ls.work)
+                ls.work.close(0)
+                ls.pub.close(0)
+                self._sock_of = {k: v for k, v in self._sock_of.items() if v is not ls.work}
+                log.info("stopped serving a server key", extra={"work": ls.work_ep, "publish": ls.pub_ep})
+        out = []
+        for (w, p, key), ls in zip(want, keep, strict=True):
+            if ls is None:
+                try:
+                    ls = self._new_listener(w, p, key)
+                except (zmq.ZMQError, ConfigError) as e:
+                    log.error("cannot serve a server key", extra={"work": w, "publish": p, "error": str(e)})
+                    continue
+                self._poller.register(ls.work, zmq.POLLIN)
+                log.info("serving a server key", extra={"work": w, "publish": p})
+            out.append(ls)
+        if not out:
+            log.error("reload left no listener; this hub no longer serves ZeroMQ clients")
+            return
+        self.listeners = out
+        self.work, self.pub = out[0].work, out[0].pub
+        self.pubs = [ls.pub for ls in out]
+        self.cfg.hub.work, self.cfg.hub.publish = out[0].work_ep, out[0].pub_ep
+        self.cfg.security.roles = sec.roles
+        self.roles = Roles(sec.roles)
 
     # -- status ----------------------------------------------------------------------------------------------
     def status(self, now: float | None = None) -> dict[str, Any]:
@@ -629,6 +880,29 @@ class Hub:
             "groups": groups,
         }
         return self.ops.extend_status(st, now)
+
+
+@dataclass(slots=True)
+class _Listener:
+    """One work ROUTER + PUB pair served with one server key."""
+
+    work_ep: str
+    pub_ep: str
+    key: Any
+    work: zmq.Socket
+    pub: zmq.Socket
+
+
+def _bind_retry(sock: zmq.Socket, endpoint: str, tries: int = 50) -> None:
+    """Bind, retrying briefly: a socket just closed on the same endpoint is released asynchronously."""
+    for i in range(tries):
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE or i == tries - 1:
+                raise
+            time.sleep(0.02)
 
 
 def g_item_stub(topic: str, seq: int, fo: Event) -> Any:

@@ -24,6 +24,7 @@ import zmq
 
 from . import plugins as plugin_loader
 from . import protocol as P
+from . import security
 from .config import Config, ConfigError
 from .context import Context, PermanentError, Stores
 from .envelope import SCHEMA_VERSION, EnvelopeError, Event
@@ -99,12 +100,15 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
         "schema": SCHEMA_VERSION, "host": socket.gethostname(), "pid": os.getpid(), "start": spec.start,
     })
 
+    keys = security.client_keys(cfg)  # checked by `bucketwire worker` before the children start
+
     def connect() -> zmq.Socket:
         d = zctx.socket(zmq.DEALER)
         d.setsockopt(zmq.LINGER, 2000)
         d.setsockopt(zmq.IDENTITY, b"w-" + uuid.uuid4().bytes)
         d.setsockopt(zmq.SNDHWM, 100_000)
         d.setsockopt(zmq.RCVHWM, 100_000)
+        security.apply_client(d, cfg, keys)
         d.connect(cfg.client.work)
         d.send_multipart([P.READY, ready])
         return d

@@ -1,0 +1,471 @@
+"""CURVE on every socket, the client-key allow-list, roles, and key rotation -- against real hub processes.
+
+Every test runs the real `bucketwire hub` and `bucketwire worker` processes on loopback. Keys are generated with
+the same code as `bucketwire keys generate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from bucketwire import config as config_mod
+from bucketwire import security
+from bucketwire.client import HubClient, HubRefused, HubUnavailable
+from bucketwire.config import ConfigError
+from tests.fixtures_hub import Stack, free_port, wait_for
+
+GROUPS = """
+[groups.g]
+topics = ["x"]
+plugins = []
+start = "earliest"
+"""
+
+
+def make_keys(d: Path, *names: str) -> dict[str, Path]:
+    """Generate keypairs in d/keys; return name -> secret file. 'hub' is the server; others are clients."""
+    kd = d / "keys"
+    (d / "authorized").mkdir(parents=True, exist_ok=True)
+    out = {}
+    for n in names:
+        _, sec = security.generate(n, kd)
+        out[n] = sec
+    return out
+
+
+def authorize(d: Path, name: str) -> None:
+    (d / "authorized" / f"{name}.key").write_bytes((d / "keys" / f"{name}.key").read_bytes())
+
+
+def revoke(d: Path, name: str) -> None:
+    (d / "authorized" / f"{name}.key").unlink()
+
+
+def security_toml(d: Path, client: str = "admin", server: str = "hub", roles: str = "", extra: str = "") -> str:
+    return f"""
+[security]
+curve = true
+server_secret_key = "{d / 'keys' / (server + '.key_secret')}"
+authorized_keys_dir = "{d / 'authorized'}"
+client_secret_key = "{d / 'keys' / (client + '.key_secret')}"
+server_public_key = "{d / 'keys' / (server + '.key')}"
+reload_interval = 0.5
+{extra}
+{roles}
+"""
+
+
+def secure_stack(stack_factory, tmp_path: Path, *, authorized=("admin",), roles: str = "", groups: str = GROUPS,
+                 clients=("admin", "intruder", "limited", "other")) -> tuple[Stack, Path]:
+    d = tmp_path / "sec"
+    make_keys(d, "hub", *clients)
+    for n in authorized:
+        authorize(d, n)
+    s = stack_factory(groups + security_toml(d, roles=roles))
+    return s, d
+
+
+def client_config(s: Stack, d: Path, name: str, server: str = "hub", work: int | None = None,
+                  pub: int | None = None) -> Path:
+    """A copy of the stack's config file whose client side uses key `name` (and optionally other ports)."""
+    text = s.cfg_path.read_text()
+    text = text.replace(f"keys/admin.key_secret", f"keys/{name}.key_secret")  # noqa: F541
+    text = re.sub(r'server_public_key = "[^"]*"', f'server_public_key = "{d / "keys" / (server + ".key")}"', text)
+    client = ""
+    if work or pub:
+        client = f'\n[client]\nwork = "tcp://127.0.0.1:{work or s.work_port}"\n' \
+                 f'publish = "tcp://127.0.0.1:{pub or s.pub_port}"\n'
+    p = s.dir / f"client-{name}-{server}-{work}.toml"
+    p.write_text(text + client)
+    return p
+
+
+def cfg_for(path: Path) -> config_mod.Config:
+    return config_mod.load(path, warn=False)
+
+
+def sub_socket(cfg: config_mod.Config, topic: str = "") -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.SUB)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    security.apply_client(s, cfg)
+    s.connect(cfg.client.publish)
+    return s
+
+
+def recv_events(sock: zmq.Socket, seconds: float) -> list[list[bytes]]:
+    out = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(int(left * 1000) + 1):
+            m = sock.recv_multipart()
+            if m[2]:  # skip heartbeats
+                out.append(m)
+    return out
+
+
+# -- config and keys ---------------------------------------------------------------------------------------------
+def test_missing_key_file_is_one_clear_line(tmp_path):
+    make_keys(tmp_path, "hub")
+    cfgp = tmp_path / "c.toml"
+    cfgp.write_text(security_toml(tmp_path, client="nobody"))
+    with pytest.raises(ConfigError) as e:
+        config_mod.load(cfgp)
+    msg = str(e.value)
+    assert "nobody.key_secret" in msg and "bucketwire keys generate" in msg and "\n" not in msg
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "hub", "-c", str(cfgp)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode != 0 and "bucketwire keys generate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unreadable_or_wrong_key_file(tmp_path):
+    make_keys(tmp_path, "hub", "admin")
+    cfgp = tmp_path / "c.toml"
+    # the public file where a secret is needed
+    cfgp.write_text(security_toml(tmp_path).replace("admin.key_secret", "admin.key"))
+    with pytest.raises(ConfigError, match="holds no secret key"):
+        config_mod.load(cfgp)
+    (tmp_path / "keys" / "junk.key_secret").write_text("hello\n")
+    cfgp.write_text(security_toml(tmp_path, client="junk"))
+    with pytest.raises(ConfigError, match="not a ZeroMQ certificate"):
+        config_mod.load(cfgp)
+
+
+def test_curve_unavailable_is_one_line(tmp_path, monkeypatch):
+    make_keys(tmp_path, "hub", "admin")
+    cfgp = tmp_path / "c.toml"
+    cfgp.write_text(security_toml(tmp_path))
+    real = zmq.has
+    monkeypatch.setattr(zmq, "has", lambda cap: False if cap == "curve" else real(cap))
+    with pytest.raises(ConfigError, match="without CURVE"):
+        config_mod.load(cfgp)
+
+
+def test_keys_cli_generate_and_list(tmp_path):
+    d = tmp_path / "k"
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "keys", "generate", "w1", "--dir", str(d)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    sec = (d / "w1.key_secret")
+    assert sec.stat().st_mode & 0o777 == 0o600
+    secret = re.search(rb'secret-key = "(.*)"', sec.read_bytes()).group(1).decode()
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "keys", "list", "--dir", str(d), "--json"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
+    rows = json.loads(r.stdout)
+    assert {x["kind"] for x in rows} == {"public", "secret"}
+    assert secret not in r.stdout and secret not in r.stderr + (tmp_path / "x").as_posix()
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "keys", "generate", "w1", "--dir", str(d)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "already exists" in r.stderr
+
+
+# -- CURVE admission -------------------------------------------------------------------------------------------
+def test_unlisted_keys_get_nothing_listed_keys_work(stack_factory, tmp_path):
+    s, d = secure_stack(stack_factory, tmp_path)
+    s.start_hub()
+    intruder = cfg_for(client_config(s, d, "intruder"))
+    # no key at all: a plain (NULL) client
+    plain = copy.copy(s.cfg)
+    plain.security = config_mod.SecurityConfig()
+    spies = [sub_socket(intruder), sub_socket(plain)]
+    mine = sub_socket(s.cfg)
+    time.sleep(0.5)
+    with s.client() as c:
+        assert c.publish("x", {"k": "first"})["seq"] == 1
+    assert len(recv_events(mine, 2)) == 1, "a listed subscriber receives"
+    for spy in spies:
+        assert recv_events(spy, 0.2) == [], "an unlisted subscriber receives nothing"
+        spy.close()
+    for cfg in (intruder, plain):
+        with HubClient(cfg, timeout=1.5) as c, pytest.raises(HubUnavailable):
+            c.publish("x", {"k": "injected"})
+    # an unlisted worker gets no work
+    w = s.start_worker("g", 1, wait=False, cfg_path=client_config(s, d, "intruder"))
+    time.sleep(2)
+    assert s.status()["groups"]["g"]["workers"] == 0
+    assert s.handled() == []
+    assert s.status()["topics"]["x"]["head"] == 1, "nothing was injected"
+    w.send_signal(signal.SIGTERM)
+    w.wait(15)
+    s.start_worker("g", 1)
+    wait_for(lambda: len(s.handled()) == 1, 15, "the listed worker handles the event")
+    mine.close()
+
+
+def test_roles_limit_publish_subscribe_and_groups(stack_factory, tmp_path):
+    roles = """
+[security.roles.limited]
+publish = ["x", "ok-*"]
+groups = ["g"]
+subscribe = ["ok-*"]
+"""
+    groups = GROUPS + '\n[groups.h]\ntopics = ["x"]\nplugins = []\n'
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), roles=roles, groups=groups)
+    s.start_hub()
+    lim = cfg_for(client_config(s, d, "limited"))
+    with HubClient(lim, timeout=5) as c:
+        assert c.publish("ok-1", {"a": 1})["seq"] == 1
+        with pytest.raises(HubRefused, match="may not publish"):
+            c.publish("secret", {"a": 1})
+        meta, bodies = c.fetch("ok-1", 1)
+        assert len(bodies) == 1
+        with pytest.raises(HubRefused, match="may not read"):
+            c.fetch("x", 1)
+    with s.client() as c:  # admin has no role: unrestricted
+        c.publish("secret", {"a": 2})
+    assert "secret" in s.status()["topics"]
+    # a group the role does not allow: the worker is refused (fatal), never joins
+    s.start_worker("h", 1, wait=False, cfg_path=client_config(s, d, "limited"))
+    time.sleep(2)
+    assert s.status()["groups"]["h"]["workers"] == 0
+    # an allowed group works, but follow-ons to a topic the role does not allow are dead-lettered with the reason
+    s.start_worker("g", 1, cfg_path=client_config(s, d, "limited"))
+    with s.client() as c:
+        c.publish("x", {"follow": 1})
+    wait_for(lambda: s.status()["topics"].get("dead-letter", {}).get("head", 0) >= 1, 15, "dead letter")
+    with s.client() as c:
+        _, bodies = c.fetch("dead-letter", 1)
+    dl = json.loads(bodies[0])
+    assert "may not publish to topic 'follow'" in dl["data"]["error"]
+    assert "follow" not in s.status()["topics"]
+
+
+class Tap:
+    """A TCP proxy on loopback that records every byte in both directions."""
+
+    def __init__(self, target: int) -> None:
+        self.port = free_port()
+        self.target = target
+        self.buf = bytearray()
+        self.lock = threading.Lock()
+        self.srv = socket.create_server(("127.0.0.1", self.port))
+        self.stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.srv.settimeout(0.2)
+        while not self.stop:
+            try:
+                a, _ = self.srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed
+                return
+            b = socket.create_connection(("127.0.0.1", self.target))
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pipe, args=(x, y), daemon=True).start()
+
+    def _pipe(self, x: socket.socket, y: socket.socket) -> None:
+        try:
+            while data := x.recv(65536):
+                with self.lock:
+                    self.buf += data
+                y.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for z in (x, y):
+                try:
+                    z.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop = True
+        self.srv.close()
+
+
+@pytest.mark.parametrize("curve", [True, False])
+def test_wire_is_not_plaintext(stack_factory, tmp_path, curve):
+    marker = "photos/very-distinctive-key-7f3a9c.jpg"
+    if curve:
+        s, d = secure_stack(stack_factory, tmp_path)
+    else:
+        s = stack_factory(GROUPS)
+    s.start_hub()
+    wtap, ptap = Tap(s.work_port), Tap(s.pub_port)
+    cfg = copy.copy(s.cfg)
+    cfg.client = config_mod.ClientConfig(publish=f"tcp://127.0.0.1:{ptap.port}",
+                                         work=f"tcp://127.0.0.1:{wtap.port}")
+    sub = sub_socket(cfg)
+    time.sleep(0.5)
+    with HubClient(cfg, timeout=5) as c:
+        c.publish("x", {"key": marker}, subject=marker)
+        _, bodies = c.fetch("x", 1)
+    assert marker.encode() in bodies[0]
+    got = recv_events(sub, 1.5)
+    assert got and marker.encode() in got[0][2]
+    sub.close()
+    wtap.close()
+    ptap.close()
+    seen = marker.encode() in bytes(wtap.buf) or marker.encode() in bytes(ptap.buf)
+    assert len(wtap.buf) > 0 and len(ptap.buf) > 0
+    assert seen is (not curve), "CURVE hides the payload; without it the key is on the wire"
+
+
+# -- rotation ----------------------------------------------------------------------------------------------------
+class Publisher(threading.Thread):
+    """Publishes numbered events as fast as the hub commits them, switching config when told."""
+
+    def __init__(self, cfg: config_mod.Config, topic: str = "x") -> None:
+        super().__init__(daemon=True)
+        self.cfg, self.topic = cfg, topic
+        self.sent: list[int] = []
+        self.errors: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self.halt.is_set():
+            cfg = self.cfg
+            try:
+                with HubClient(cfg, timeout=10) as c:
+                    c.publish(self.topic, {"n": i}, id=f"ev-{i}")
+                self.sent.append(i)
+                i += 1
+            except Exception as e:  # recorded; the test asserts there are none
+                self.errors.append(repr(e))
+            time.sleep(0.01)
+
+
+def handled_ns(s: Stack) -> set[int]:
+    return {h["data"]["n"] for h in s.handled() if "n" in h["data"]}
+
+
+def test_client_key_rotation_without_restart(stack_factory, tmp_path):
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"))
+    s.start_hub()
+    hub_pid = s.hub_proc.pid
+    old_cfg = client_config(s, d, "limited")
+    new_cfg = client_config(s, d, "other")
+    old_worker = s.start_worker("g", 1, cfg_path=old_cfg)
+    pub = Publisher(cfg_for(old_cfg))
+    pub.start()
+    wait_for(lambda: len(pub.sent) >= 20, 20, "events flowing with the old key")
+    # 1. add the new key: admitted without a restart (periodic check of the directory)
+    authorize(d, "other")
+    s.start_worker("g", 1, cfg_path=new_cfg, wait=False)
+    wait_for(lambda: s.status()["groups"]["g"]["workers"] == 2, 20, "the new-key worker joins")
+    pub.cfg = cfg_for(new_cfg)  # overlap: both keys work
+    n = len(pub.sent)
+    wait_for(lambda: len(pub.sent) >= max(60, n + 3), 20, "events flowing with the new key")
+    # 2. remove the old key (SIGHUP for an immediate reload): the old worker is refused on its next message
+    revoke(d, "limited")
+    s.hub_proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: s.status()["groups"]["g"]["workers"] == 1, 20, "the old-key worker is dropped")
+    n_before = len(pub.sent)
+    wait_for(lambda: len(pub.sent) >= n_before + 30, 20, "events keep flowing")
+    pub.halt.set()
+    pub.join(15)
+    assert pub.errors == []
+    with HubClient(cfg_for(old_cfg), timeout=1.5) as c, pytest.raises((HubUnavailable, HubRefused)):
+        c.publish("x", {"late": 1})
+    sent = set(pub.sent)
+    wait_for(lambda: sent <= handled_ns(s), 30, "every event handled")
+    assert s.hub_proc.pid == hub_pid and s.hub_proc.poll() is None, "no hub restart"
+    assert s.status()["groups"]["g"]["lag"] == 0
+    old_worker.send_signal(signal.SIGTERM)
+
+
+def test_server_key_rotation_without_restart(stack_factory, tmp_path):
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), clients=("admin", "limited"))
+    security.generate("hub2", d / "keys")
+    s.start_hub()
+    hub_pid = s.hub_proc.pid
+    old_cfg = client_config(s, d, "limited")
+    old_worker = s.start_worker("g", 1, cfg_path=old_cfg)
+    pub = Publisher(cfg_for(old_cfg))
+    pub.start()
+    wait_for(lambda: len(pub.sent) >= 20, 20, "events flowing with the old server key")
+    # Step 1: the current key moves to previous_* on its existing endpoints, the new key gets new endpoints.
+    w2, p2 = free_port(), free_port()
+    text = s.cfg_path.read_text()
+    text = text.replace(f"tcp://127.0.0.1:{s.work_port}", f"tcp://127.0.0.1:{w2}")
+    text = text.replace(f"tcp://127.0.0.1:{s.pub_port}", f"tcp://127.0.0.1:{p2}")
+    text = text.replace("keys/hub.key_secret", "keys/hub2.key_secret").replace("keys/hub.key\"", "keys/hub2.key\"")
+    text = text.replace("reload_interval = 0.5", f'reload_interval = 0.5\nprevious_server_secret_key = '
+                        f'"{d / "keys" / "hub.key_secret"}"\nwork_previous = "tcp://127.0.0.1:{s.work_port}"\n'
+                        f'publish_previous = "tcp://127.0.0.1:{s.pub_port}"')
+    s.cfg_path.write_text(text)
+    s.hub_proc.send_signal(signal.SIGHUP)
+    new_cfg = client_config(s, d, "limited", server="hub2", work=w2, pub=p2)
+    nc = cfg_for(new_cfg)
+    wait_for(lambda: _status_ok(nc), 20, "the new server key is served")
+    # subscribers on both keys see the same events
+    sub_old, sub_new = sub_socket(cfg_for(old_cfg)), sub_socket(nc)
+    # Step 2: clients move to the new key (new worker first, then the old one leaves, then the publisher)
+    s.start_worker("g", 1, cfg_path=new_cfg, wait=False)
+    wait_for(lambda: _status(nc)["groups"]["g"]["workers"] == 2, 20, "the new-key worker joins")
+    got_old, got_new = recv_events(sub_old, 1.0), recv_events(sub_new, 0.2)
+    assert got_old and got_new
+    old_worker.send_signal(signal.SIGTERM)
+    old_worker.wait(20)
+    pub.cfg = nc
+    n = len(pub.sent)
+    wait_for(lambda: len(pub.sent) >= n + 30, 20, "events flowing with the new key")
+    assert _status(nc)["groups"]["g"]["workers"] == 1
+    # Step 3: stop serving the old key
+    text = s.cfg_path.read_text()
+    text = re.sub(r"previous_server_secret_key = .*\n|work_previous = .*\n|publish_previous = .*\n", "", text)
+    s.cfg_path.write_text(text)
+    s.hub_proc.send_signal(signal.SIGHUP)
+    n = len(pub.sent)
+    wait_for(lambda: len(pub.sent) >= n + 30, 20, "events keep flowing")
+    pub.halt.set()
+    pub.join(15)
+    assert pub.errors == []
+    with HubClient(cfg_for(old_cfg), timeout=1.5) as c, pytest.raises(HubUnavailable):
+        c.status()
+    sent = set(pub.sent)
+    wait_for(lambda: sent <= handled_ns(s), 30, "every event handled")
+    assert s.hub_proc.pid == hub_pid and s.hub_proc.poll() is None, "no hub restart"
+    sub_old.close()
+    sub_new.close()
+
+
+def _status(cfg: config_mod.Config) -> dict:
+    with HubClient(cfg, timeout=3) as c:
+        return c.status()
+
+
+def _status_ok(cfg: config_mod.Config) -> bool:
+    try:
+        _status(cfg)
+        return True
+    except HubUnavailable:
+        return False
+
+
+def test_literal_secret_in_world_readable_config_warns(tmp_path, caplog):
+    p = tmp_path / "c.toml"
+    p.write_text('[hub]\nauth_token = "literal-secret"\n')
+    os.chmod(p, 0o644)
+    with caplog.at_level("WARNING", logger="bucketwire.config"):
+        config_mod.load(p)
+    assert any("world-readable" in r.getMessage() for r in caplog.records)
+    assert not any("literal-secret" in r.getMessage() for r in caplog.records), "the secret itself is not logged"
+    caplog.clear()
+    os.chmod(p, 0o600)
+    with caplog.at_level("WARNING", logger="bucketwire.config"):
+        config_mod.load(p)
+    assert not any("world-readable" in r.getMessage() for r in caplog.records)
+    p.write_text('[hub]\nauth_token = "env:SOME_TOKEN"\n')
+    os.chmod(p, 0o644)
+    os.environ["SOME_TOKEN"] = "x"
+    with caplog.at_level("WARNING", logger="bucketwire.config"):
+        config_mod.load(p)
+    assert not any("world-readable" in r.getMessage() for r in caplog.records)
