@@ -175,3 +175,85 @@ def test_tail_from_seq_has_no_gap_or_duplicate_at_the_seam(stack_factory):
         tail.wait(10)
     assert [e["seq"] for e in lines] == list(range(1, 301))
     assert [e["data"]["n"] for e in lines] == list(range(300))
+
+
+def test_new_group_starts_at_head_or_earliest(stack_factory):
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([obj_event(f"old-{i}", i) for i in range(5)])
+    # The hub has never heard of these groups: they are created by the workers' READY.
+    with s.cfg_path.open("a") as f:
+        f.write("\n[groups.late]\ntopics = ['jobs']\nplugins = []\n[groups.early]\ntopics = ['jobs']\nplugins = []\n")
+    s.start_worker("late", 1, "--topic", "jobs")
+    s.start_worker("early", 1, "--topic", "jobs", "--start", "earliest")
+    with s.client() as c:
+        c.publish_events([obj_event(f"new-{i}", i) for i in range(5, 8)])
+    wait_for(lambda: len([r for r in s.handled() if r["g"] in ("late", "early")]) >= 11, 20, "both new groups")
+    time.sleep(0.5)
+    got = defaultdict(list)
+    for r in s.handled():
+        got[r["g"]].append(r["s"])
+    assert sorted(got["late"]) == [6, 7, 8], "a new group starts at the head by default"
+    assert sorted(got["early"]) == list(range(1, 9)), "--start earliest consumes the history"
+
+
+def test_supervisor_restarts_a_crashed_child(stack_factory):
+    import os
+    import signal
+
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    w = s.start_worker("a", 2)
+    before = set(s.child_pids(w))
+    victim = sorted(before)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(set(s.child_pids(w)) - {victim}) == 2, 20, "a replacement child")
+    wait_for(lambda: s.status()["groups"]["a"]["workers"] == 2, 20, "the replacement to join")
+    with s.client() as c:
+        c.publish_events([obj_event(f"k{i}", i) for i in range(10)])
+    wait_for(lambda: len([r for r in s.handled() if r["g"] == "a"]) == 10, 20, "events handled after restart")
+    assert victim not in {r["pid"] for r in s.handled()}
+
+
+def test_webhook_2xx_survives_hub_kill(stack_factory):
+    """Every event answered 2xx is in the journal after a SIGKILL of the hub mid-stream."""
+    from tests.minio_payloads import body, record
+
+    s = stack_factory("[[routes]]\nevents = ['s3:*']\ntopic = 'jobs'\n")
+    s.start_hub()
+    ok_ids: list[str] = []
+    stop = threading.Event()
+
+    def poster() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                code, resp = s.post("/minio/events", body(record("s3:ObjectCreated:Put", "b", f"k{i}",
+                                                                 request_id=f"kill-{i}")))
+            except OSError:
+                continue
+            if code == 200:
+                ok_ids.extend(e["id"] for e in resp["events"])
+
+    threads = [threading.Thread(target=poster) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(ok_ids) >= 150, 30, "150 accepted events")
+    s.kill_hub()
+    stop.set()
+    for t in threads:
+        t.join()
+    s.start_hub()
+    with s.client() as c:
+        ids = set()
+        nxt = 1
+        while True:
+            meta, bodies = c.fetch("jobs", nxt)
+            if not bodies:
+                break
+            ids.update(json.loads(b)["id"] for b in bodies)
+            nxt = meta["next"]
+    missing = set(ok_ids) - ids
+    assert not missing, f"{len(missing)} events answered 2xx are gone after the kill"

@@ -100,10 +100,15 @@ def hub(config_path: str | None) -> None:
 @click.option("--plugin", "-p", "local_plugins", multiple=True, help="Also load this module or .py file.")
 @click.option("--credit", type=click.IntRange(1, 10_000), help="Events in flight per child (default: group's).")
 @click.option("--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish on SIGTERM.")
+@click.option("--metrics", expose_value=False, callback=lambda c, p, v: c.meta.__setitem__("bw_metrics", v),
+              help="Serve the pool's Prometheus metrics on HOST:PORT (default: [groups.G] metrics).")
+@click.option("--start", type=click.Choice(["latest", "earliest"]),
+              help="Where a group new to the hub starts: at the head (default) or the oldest retained event.")
 @click.pass_context
 @friendly
 def worker(ctx: click.Context, config_path: str | None, group: str, topics: tuple[str, ...],
-           processes: int | None, local_plugins: tuple[str, ...], credit: int | None, drain_timeout: float) -> None:
+           processes: int | None, local_plugins: tuple[str, ...], credit: int | None, drain_timeout: float,
+           start: str | None) -> None:
     """Run a worker pool for one consumer group."""
     from .worker import default_processes, make_spec, run_pool
 
@@ -111,7 +116,7 @@ def worker(ctx: click.Context, config_path: str | None, group: str, topics: tupl
     from .security import client_keys
 
     client_keys(cfg)  # a missing key file is one line here, not a crash in every child
-    spec = make_spec(cfg, group, list(topics), list(local_plugins), credit)
+    spec = make_spec(cfg, group, list(topics), list(local_plugins), credit, start)
     code = run_pool(cfg, spec, processes or default_processes(cfg, group), log_format=ctx.obj["log_format"],
                     verbosity=ctx.obj["verbosity"], drain_timeout=drain_timeout)
     sys.exit(code)

@@ -206,9 +206,14 @@ class Journal:
             dropped += cur.rowcount
             if cur.rowcount < chunk:
                 break
-        while self.size_bytes() > max_bytes:
+        while (size := self.size_bytes()) > max_bytes:
+            rows = self.db.execute("SELECT count(*) FROM events").fetchone()[0]
+            if not rows:
+                break
+            # Drop about as many of the oldest rows as the excess takes up, not a fixed chunk.
+            want = max(1, min(chunk, int((size - max_bytes) * rows / size) + 1))
             cur = self.db.execute(
-                "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events ORDER BY rowid LIMIT ?)", (chunk,)
+                "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events ORDER BY rowid LIMIT ?)", (want,)
             )
             dropped += cur.rowcount
             if cur.rowcount == 0:

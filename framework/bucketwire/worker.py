@@ -29,7 +29,7 @@ def _child(cfg_path: str | None, cfg: Config | None, spec: WorkerSpec, log_forma
 
 
 def make_spec(cfg: Config, group: str, topics: list[str] | None, local_plugins: list[str],
-              credit: int | None = None) -> WorkerSpec:
+              credit: int | None = None, start: str | None = None) -> WorkerSpec:
     gc = cfg.groups.get(group)
     if gc is None and not topics:
         known = ", ".join(sorted(cfg.groups)) or "none"
@@ -44,15 +44,15 @@ def make_spec(cfg: Config, group: str, topics: list[str] | None, local_plugins: 
         topics=topics or (gc.topics if gc else []),
         credit=credit or (gc.credit if gc else 16),
         local_plugins=local_plugins,
-        start=gc.start if gc else "latest",
+        start=start or (gc.start if gc else "latest"),
         heartbeat_interval=cfg.hub.heartbeat_interval,
         heartbeat_timeout=cfg.hub.heartbeat_timeout,
     )
 
 
 def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str = "text", verbosity: int = 0,
-             drain_timeout: float = 30.0) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code."""
+             drain_timeout: float = 30.0, metrics: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code. `metrics` HOST:PORT serves the pool's /metrics."""
     # Validate once here so a config mistake is one line, not N children crash-looping.
     Plugins(cfg, spec)
     ctx = mp.get_context("spawn")
@@ -67,6 +67,13 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     signal.signal(signal.SIGINT, on_signal)
     children: dict[int, Any] = {}
     restarts: dict[int, list[float]] = {}
+    restarted = [0]
+    served = None
+    if metrics:  # before the first spawn: children inherit the multiprocess directory from the environment
+        from .worker_metrics import Supervisor
+
+        served = Supervisor(metrics, spec.group, lambda: sum(p.is_alive() for p in children.values()),
+                            lambda: restarted[0])
 
     def spawn(slot: int) -> None:
         p = ctx.Process(target=_child, args=(cfg_path, None if cfg_path else cfg, spec, log_format, verbosity),
@@ -95,6 +102,9 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
             hist = [t for t in restarts.get(slot, []) if time.monotonic() - t < 60] + [time.monotonic()]
             restarts[slot] = hist
             delay = min(30.0, 0.1 * 2 ** (len(hist) - 1))
+            restarted[0] += 1
+            if served is not None:
+                served.child_died(p.pid)
             log.warning("worker child died; restarting", extra={"slot": slot, "exitcode": p.exitcode,
                                                                 "delay": round(delay, 2)})
             time.sleep(delay)
@@ -110,6 +120,8 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
             log.warning("child did not drain in time; killing", extra={"pid": p.pid})
             p.kill()
             p.join()
+    if served is not None:
+        served.stop()
     log.info("worker pool stopped", extra={"group": spec.group})
     return code
 

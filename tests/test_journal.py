@@ -1,0 +1,57 @@
+"""The journal on its own: dedup, seqs, retention, durability modes, schema guard."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from bucketwire.journal import Batch, Journal, NewEvent, StaleSchemaError
+
+
+def ev(topic: str, i: int, source: str = "s", body: bytes = b"x" * 100) -> NewEvent:
+    return NewEvent(topic, source, f"id-{i}", None, lambda seq, b=body: b + str(seq).encode())
+
+
+def test_seqs_per_topic_and_dedup_on_source_and_id(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    out = j.commit(Batch(events=[ev("a", 1), ev("b", 2), ev("a", 3), ev("a", 1)]))
+    assert [(a.topic, a.seq, a.duplicate) for a in out] == [("a", 1, False), ("b", 1, False), ("a", 2, False),
+                                                            ("a", 1, True)]
+    out = j.commit(Batch(events=[ev("a", 3), ev("a", 3, source="other")]))
+    assert [(a.seq, a.duplicate) for a in out] == [(2, True), (3, False)], "dedup is on (source, id)"
+    j.close()
+    j = Journal(tmp_path / "j.db")
+    assert j.heads == {"a": 3, "b": 1}
+    assert [r[0] for r in j.read("a", 1, 10)] == [1, 2, 3]
+
+
+def test_retention_by_age_and_size_keeps_heads(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(events=[ev("t", i, body=b"y" * 4000) for i in range(500)]))
+    assert j.enforce_retention(max_age=3600, max_bytes=10 << 30) == 0
+    dropped = j.enforce_retention(max_age=3600, max_bytes=600_000)
+    assert dropped > 0 and j.size_bytes() <= 600_000
+    assert j.first_seq("t") == dropped + 1, "the oldest go first"
+    time.sleep(0.01)
+    assert j.enforce_retention(max_age=0.001, max_bytes=10 << 30) == 500 - dropped
+    assert j.heads["t"] == 500 and j.first_seq("t") is None
+    assert j.commit(Batch(events=[ev("t", 1000)]))[0].seq == 501, "seqs never go back after retention"
+
+
+@pytest.mark.parametrize("durability,level", [("os", 1), ("fsync", 2)])
+def test_durability_modes(tmp_path, durability, level):
+    j = Journal(tmp_path / "j.db", durability)
+    assert j.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert j.db.execute("PRAGMA synchronous").fetchone()[0] == level
+
+
+def test_newer_journal_schema_is_refused(tmp_path):
+    Journal(tmp_path / "j.db").close()
+    db = sqlite3.connect(tmp_path / "j.db")
+    db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(StaleSchemaError, match="newer than this bucketwire understands"):
+        Journal(tmp_path / "j.db")
