@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -143,6 +144,7 @@ class Hub:
 
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        sys.setswitchinterval(0.0005)  # HTTP threads hand work to this loop; keep the GIL hand-off short
         zctx = zmq.Context()
         self.work = zctx.socket(zmq.ROUTER)
         self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)
