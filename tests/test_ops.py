@@ -89,8 +89,8 @@ def hub_metrics(s: Stack) -> dict[tuple[str, tuple], float]:
     return metrics(f"http://127.0.0.1:{s.http_port}/metrics", s.token)
 
 
-def value(m: dict, name: str, **labels: str) -> float:
-    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+def value(m: dict, name: str, default: float | None = 0.0, **labels: str) -> float | None:
+    return m.get((name, tuple(sorted(labels.items()))), default)
 
 
 def test_metrics_after_known_workload(stack_factory):
@@ -102,10 +102,12 @@ def test_metrics_after_known_workload(stack_factory):
     publish(s, 18)
     publish(s, 2, permanent=True)  # the recorder plugin raises PermanentError: dead-lettered at once
     wait_for(lambda: len(records(s)) >= 18, 30, "18 handled")
+    # gauges are refreshed by the hub loop every heartbeat, without anyone asking for status
 
     def settled() -> dict | None:
         m = hub_metrics(s)
-        ok = (value(m, "bucketwire_group_lag", group="a", topic="jobs") == 0
+        ok = (value(m, "bucketwire_group_cursor_seq", group="a", topic="jobs") == 20
+              and value(m, "bucketwire_group_lag", None, group="a", topic="jobs") == 0
               and value(m, "bucketwire_dead_lettered_total", group="a") == 2)
         return m if ok else None
 
@@ -132,7 +134,9 @@ def test_metrics_after_known_workload(stack_factory):
 
     w = wait_for(worker_settled, 20, "worker metrics")
     assert value(w, "bucketwire_worker_events_total", group="a", topic="jobs", outcome="failed") == 2
-    assert value(w, "bucketwire_worker_handler_seconds_count", group="a", plugin="opsplug") == 18
+    # one observation per call of the plugin's handler (it also runs for the two that the recorder then fails)
+    assert value(w, "bucketwire_worker_handler_seconds_count", group="a", plugin="opsplug") == len(records(s))
+    assert value(w, "bucketwire_worker_handler_seconds_count", group="a", plugin="recorder") == 20
     assert value(w, "bucketwire_worker_hook_errors_total", group="a", plugin="recorder") == 2
     assert value(w, "bucketwire_worker_children", group="a") == 2
     assert value(w, "bucketwire_worker_credit", group="a") == 32

@@ -102,6 +102,8 @@ def hub(config_path: str | None) -> None:
 @click.option("--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish on SIGTERM.")
 @click.option("--metrics", expose_value=False, callback=lambda c, p, v: c.meta.__setitem__("bw_metrics", v),
               help="Serve the pool's Prometheus metrics on HOST:PORT (default: [groups.G] metrics).")
+@click.option("--metrics", expose_value=False, callback=lambda c, p, v: c.meta.__setitem__("bw_metrics", v),
+              help="Serve the pool's Prometheus metrics on HOST:PORT (default: [groups.G] metrics).")
 @click.option("--start", type=click.Choice(["latest", "earliest"]),
               help="Where a group new to the hub starts: at the head (default) or the oldest retained event.")
 @click.pass_context
@@ -118,7 +120,8 @@ def worker(ctx: click.Context, config_path: str | None, group: str, topics: tupl
     client_keys(cfg)  # a missing key file is one line here, not a crash in every child
     spec = make_spec(cfg, group, list(topics), list(local_plugins), credit, start)
     code = run_pool(cfg, spec, processes or default_processes(cfg, group), log_format=ctx.obj["log_format"],
-                    verbosity=ctx.obj["verbosity"], drain_timeout=drain_timeout)
+                    verbosity=ctx.obj["verbosity"], drain_timeout=drain_timeout,
+                    metrics=ctx.meta.get("bw_metrics") or getattr(cfg.groups.get(group), "metrics", None))
     sys.exit(code)
 
 

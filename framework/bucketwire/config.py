@@ -112,6 +112,7 @@ class GroupConfig:
     start: str = "latest"
     processes: int = 2
     credit: int = 16
+    metrics: str | None = None  # HOST:PORT where `worker` serves the pool's Prometheus metrics
 
 
 @dataclass(slots=True)
@@ -331,6 +332,7 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
             start=start,
             processes=_positive(gr, "processes", int, 2),
             credit=_positive(gr, "credit", int, 16),
+            metrics=_hostport(gr, "metrics", "") if "metrics" in gr.data else None,
         )
         gr.check_unknown()
 

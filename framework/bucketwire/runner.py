@@ -29,6 +29,7 @@ from . import security
 from .config import Config, ConfigError
 from .context import Context, PermanentError, Stores
 from .envelope import SCHEMA_VERSION, EnvelopeError, Event
+from .worker_metrics import event_done, handler_done, set_credit
 
 log = logging.getLogger("bucketwire.worker")
 
@@ -83,11 +84,14 @@ class Plugins:
             if want is not None and event.topic not in want:
                 continue
             ctx = self.ctx(name, event, attempt)
+            t0 = time.perf_counter()
             try:
                 fn(event=event, ctx=ctx)
             except Exception as e:
                 e.bucketwire_plugin = name  # type: ignore[attr-defined]
+                handler_done(self.group, name, time.perf_counter() - t0, ok=False)
                 raise
+            handler_done(self.group, name, time.perf_counter() - t0, ok=True)
             out.extend(ctx.published)
         return out
 
@@ -185,6 +189,7 @@ def child_main(cfg: Config, spec: WorkerSpec) -> int:
     try:
         plugins = Plugins(cfg, spec)
         plugins.lifecycle("worker_startup")
+        set_credit(spec.group, spec.credit)
     except ConfigError as e:
         log.error(str(e))
         return 2
@@ -271,6 +276,7 @@ def _handle(plugins: Plugins, attempt: int, body: bytes) -> dict[str, Any]:
     except EnvelopeError as e:
         # Refuse loudly: an envelope we cannot fully read must not be half-processed.
         log.error("refusing envelope", extra={"topic": topic, "seq": seq, "error": str(e)})
+        event_done(plugins.group, topic if isinstance(topic, str) else None, "refused")
         return {"t": topic, "s": seq, "ok": False, "error": str(e), "line": str(e), "permanent": True}
     try:
         follow = plugins.run(event, attempt)
@@ -279,6 +285,9 @@ def _handle(plugins: Plugins, attempt: int, body: bytes) -> dict[str, Any]:
         line = traceback.format_exception_only(type(e), e)[-1].strip()
         log.warning("handler failed", extra={"plugin": plugin, "topic": topic, "seq": seq, "error": line,
                                              "attempt": attempt})
+        event_done(plugins.group, event.topic, "failed")
         return {"t": topic, "s": seq, "ok": False, "error": "".join(traceback.format_exception(e))[-8000:],
                 "line": line, "plugin": plugin, "permanent": isinstance(e, PermanentError)}
+    event_done(plugins.group, event.topic, "ok", [f.topic or "-" for f in follow])
+    log.debug("event handled", extra={"topic": topic, "seq": seq, "attempt": attempt, "follow_ons": len(follow)})
     return {"t": topic, "s": seq, "ok": True, "f": [f.to_dict() for f in follow]}

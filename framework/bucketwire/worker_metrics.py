@@ -1,0 +1,135 @@
+"""Prometheus metrics of a worker pool, served by the supervisor (`worker --metrics HOST:PORT` or
+`[groups.G] metrics`).
+
+Handlers run in child processes, so the counts live there; prometheus-client's multiprocess mode lets each child
+write its samples to mmap files in a private temp dir (PROMETHEUS_MULTIPROC_DIR, set by the supervisor before it
+spawns children) and the supervisor's HTTP endpoint sums them. Counters survive a child restart; the credit
+gauge counts live children only. Without `--metrics` nothing is set up and the hooks below are no-ops, so a pool
+that is not scraped pays nothing.
+
+Labels are bounded: group, plugin, topic (configured names), outcome -- never object keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+log = logging.getLogger("bucketwire.worker")
+
+FLAG = "BUCKETWIRE_WORKER_METRICS"
+DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+_child: Any = None
+_tried = False
+
+
+class _ChildMetrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.events = Counter("bucketwire_worker_events_total", "Events handled by this pool, by outcome",
+                              ["group", "topic", "outcome"], registry=None)
+        self.handler = Histogram("bucketwire_worker_handler_seconds", "handle_event latency per plugin",
+                                 ["group", "plugin"], registry=None,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                                          30, 60, 300))
+        self.hook_errors = Counter("bucketwire_worker_hook_errors_total", "Hook calls that raised, per plugin",
+                                   ["group", "plugin"], registry=None)
+        self.follow_ons = Counter("bucketwire_worker_follow_ons_total", "Follow-on events published with acks",
+                                  ["group", "topic"], registry=None)
+        self.credit = Gauge("bucketwire_worker_credit", "Credit (events in flight) announced by live children",
+                            ["group"], registry=None, multiprocess_mode="livesum")
+
+
+def child() -> _ChildMetrics | None:
+    """The child's metrics when the supervisor serves them, else None (checked once per process)."""
+    global _child, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get(FLAG) and os.environ.get(DIR):
+            try:
+                _child = _ChildMetrics()
+            except Exception as e:  # metrics must never stop a worker
+                log.warning("worker metrics disabled", extra={"error": str(e)})
+    return _child
+
+
+def handler_done(group: str, plugin: str, seconds: float, ok: bool) -> None:
+    m = child()
+    if m is not None:
+        m.handler.labels(group, plugin).observe(seconds)
+        if not ok:
+            m.hook_errors.labels(group, plugin).inc()
+
+
+def event_done(group: str, topic: str | None, outcome: str, follow_on_topics: list[str] | None = None) -> None:
+    m = child()
+    if m is not None:
+        m.events.labels(group, topic or "-", outcome).inc()
+        for t in follow_on_topics or []:
+            m.follow_ons.labels(group, t).inc()
+
+
+def set_credit(group: str, credit: int) -> None:
+    m = child()
+    if m is not None:
+        m.credit.labels(group).set(credit)
+
+
+class _SupervisorCollector:
+    """The supervisor's own view: live children and restarts (plain values, no multiprocess files)."""
+
+    def __init__(self, group: str, alive: Callable[[], int], restarts: Callable[[], int]) -> None:
+        self.group, self.alive, self.restarts = group, alive, restarts
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        g = GaugeMetricFamily("bucketwire_worker_children", "Live child processes", labels=["group"])
+        g.add_metric([self.group], self.alive())
+        yield g
+        c = CounterMetricFamily("bucketwire_worker_child_restarts", "Children restarted after dying",
+                                labels=["group"])
+        c.add_metric([self.group], self.restarts())
+        yield c
+
+
+class Supervisor:
+    """The pool's /metrics endpoint; start it before spawning children so they inherit the directory."""
+
+    def __init__(self, addr: str, group: str, alive: Callable[[], int], restarts: Callable[[], int]) -> None:
+        host, sep, port = addr.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"--metrics {addr!r} is not HOST:PORT; write it like 127.0.0.1:9101")
+        self.dir = tempfile.mkdtemp(prefix="bucketwire-worker-metrics-")
+        os.environ[DIR] = self.dir
+        os.environ[FLAG] = "1"
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        reg = CollectorRegistry()
+        MultiProcessCollector(reg, path=self.dir)
+        reg.register(_SupervisorCollector(group, alive, restarts))  # type: ignore[arg-type]
+        try:
+            self.server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=reg)
+        except OSError as e:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise OSError(f"cannot serve worker metrics on {addr} ({e.strerror}); is the port taken?") from None
+        log.info("worker metrics served", extra={"metrics": addr})
+
+    def child_died(self, pid: int | None) -> None:
+        """Drop a dead child's live gauges (its counters stay: they are history)."""
+        if pid:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self.dir)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        shutil.rmtree(self.dir, ignore_errors=True)
