@@ -8,8 +8,11 @@ Parsing happens in the request thread, so a hostile body costs that thread, neve
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import s3records
+from .config import ConfigError
 from .envelope import EnvelopeError, Event
 from .journal import JournalError
 
@@ -69,6 +73,60 @@ ROUTES: dict[str, tuple[str, Parser]] = {
 }
 
 
+class _Watchdog:
+    """Cuts connections that have not delivered a whole request (line, headers, body) within their deadline.
+
+    A per-read socket timeout alone lets a slowloris client hold a thread forever by sending one byte just
+    before each timeout; one thread checking absolute deadlines bounds every request however it trickles in.
+    """
+
+    def __init__(self, on_cut: Callable[[], None]) -> None:
+        self.deadlines: dict[socket.socket, float] = {}
+        self.lock = threading.Lock()
+        self.on_cut = on_cut
+        threading.Thread(target=self._run, name="ingress-watchdog", daemon=True).start()
+
+    def arm(self, conn: socket.socket, seconds: float) -> None:
+        with self.lock:
+            self.deadlines[conn] = time.monotonic() + seconds
+
+    def disarm(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.deadlines.pop(conn, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.1)
+            now = time.monotonic()
+            with self.lock:
+                late = [c for c, t in self.deadlines.items() if t <= now]
+                for c in late:
+                    del self.deadlines[c]
+            for c in late:
+                self.on_cut()
+                try:  # the plain socket's shutdown, also under TLS: the blocked read returns at once
+                    socket.socket.shutdown(c, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def tls_context(hub_cfg: Any) -> ssl.SSLContext | None:
+    """[hub] tls_cert/tls_key serve HTTPS; tls_client_ca also requires a client certificate signed by that CA."""
+    if hub_cfg.tls_cert is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(hub_cfg.tls_cert, hub_cfg.tls_key)
+        if hub_cfg.tls_client_ca is not None:
+            ctx.load_verify_locations(cafile=hub_cfg.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"[hub] tls_cert/tls_key/tls_client_ca: cannot load ({e}); give PEM files the hub "
+                          "can read") from None
+    return ctx
+
+
 class IngressServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -77,6 +135,16 @@ class IngressServer(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], hub: Hub) -> None:
         self.hub = hub
         super().__init__(addr, Handler)
+        self.watchdog = _Watchdog(lambda: hub.metrics.rejected.labels("http", "slow").inc())
+        ctx = tls_context(hub.cfg.hub)
+        if ctx is not None:
+            # The handshake runs in the request thread under the watchdog, never in the accept loop.
+            self.socket = ctx.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that breaks its connection (cut by the watchdog, bad TLS) is not a server error."""
+        log.debug("connection error", extra={"peer": str(client_address[0]) if client_address else None},
+                  exc_info=True)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -91,6 +159,46 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("http " + format, *args)
+
+    def setup(self) -> None:
+        self.timeout = self.server.hub.cfg.hub.http_idle_timeout  # per read: set before the stream is made
+        super().setup()
+        self._tls_failed = False
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.server.watchdog.arm(self.connection, self.server.hub.cfg.hub.http_read_timeout)
+            try:
+                self.connection.do_handshake()
+            except (ssl.SSLError, OSError) as e:
+                self._tls_failed = True
+                self.server.hub.metrics.rejected.labels("http", "tls").inc()
+                log.info("TLS handshake failed", extra={"peer": self.client_address[0], "error": str(e)[:200]})
+            finally:
+                self.server.watchdog.disarm(self.connection)
+
+    def handle(self) -> None:
+        if not self._tls_failed:
+            super().handle()
+
+    def handle_one_request(self) -> None:
+        # The deadline covers waiting for, and reading, the whole request; do_POST disarms it once the body
+        # is in, so the time spent waiting for the journal does not count.
+        wd = self.server.watchdog
+        wd.arm(self.connection, self.server.hub.cfg.hub.http_read_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            wd.disarm(self.connection)
+
+    def _local_only(self) -> bool:
+        """/metrics and /healthz answer only loopback peers unless [hub] metrics_public = true."""
+        if self.server.hub.cfg.hub.metrics_public:
+            return False
+        try:
+            ip = ipaddress.ip_address(str(self.client_address[0]).split("%")[0])
+        except ValueError:
+            return True
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return not (mapped or ip).is_loopback
 
     def _reply(self, code: int, obj: Any, *, close: bool = False) -> None:
         body = (json.dumps(obj) + "\n").encode()
@@ -122,6 +230,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         hub = self.server.hub
+        if path in ("/healthz", "/metrics") and self._local_only():
+            self._fail(403, f"{path} answers loopback clients only; set [hub] metrics_public = true", "forbidden")
+            return
         if path == "/healthz":
             alive = time.monotonic() - hub.last_tick < max(5.0, 3 * hub.cfg.hub.heartbeat_interval)
             ok = alive and hub.journal_ok
@@ -181,6 +292,7 @@ class Handler(BaseHTTPRequestHandler):
         if len(body) != n:
             self._fail(400, "body shorter than Content-Length", "truncated", close=True)
             return
+        self.server.watchdog.disarm(self.connection)
         named = parse_qs(url.query).get("store")
         store = named[0] if named else hub.cfg.hub.default_store
         if named and store not in hub.cfg.stores:
