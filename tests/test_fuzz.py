@@ -1,0 +1,151 @@
+"""Property-based tests for every parser an outsider can reach.
+
+For any input, a parser either returns envelopes that serialise and read back, or raises its one documented error
+(RecordError / EnvelopeError, a 4xx at the edge). Anything else -- a TypeError, a UnicodeEncodeError at
+serialisation time, a hang -- is a bug an attacker can trigger.
+
+Examples per test: BUCKETWIRE_FUZZ_EXAMPLES (default 150, keeps the suite fast); for a long run:
+    BUCKETWIRE_FUZZ_EXAMPLES=20000 .venv/bin/pytest tests/test_fuzz.py -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bucketwire import ingress, s3records, seaweedfs_events
+from bucketwire.envelope import EnvelopeError, Event
+from tests import minio_payloads
+
+EXAMPLES = int(os.environ.get("BUCKETWIRE_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 150,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+TRICKY = st.sampled_from([
+    "", "..", "../../etc/passwd", "/abs/path", "a/../../b", "\x00", "a\x00b", "\ud800", "x\udfffy", "%", "%ZZ",
+    "%2e%2e%2f", "%00", "+", "a" * 5000, "\u202e", "\ufeff", "\n", "s3:ObjectCreated:Put", "1.0", "-1", "1e999",
+])
+TEXT = st.one_of(st.text(max_size=40), TRICKY)
+SCALAR = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                   st.floats(allow_nan=False), TEXT)
+JSONV = st.recursive(SCALAR, lambda kids: st.one_of(st.lists(kids, max_size=4),
+                                                     st.dictionaries(TEXT, kids, max_size=4)), max_leaves=12)
+
+
+def paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += paths(v, (*prefix, i))
+    return out
+
+
+def mutate(data: st.DataObject, doc: Any, n: int = 3) -> Any:
+    """Replace, delete or add at up to n random places of a valid document."""
+    doc = copy.deepcopy(doc)
+    for _ in range(data.draw(st.integers(1, n))):
+        ps = paths(doc)
+        p = data.draw(st.sampled_from(ps))
+        if not p:
+            doc = data.draw(JSONV)
+            continue
+        parent = doc
+        for k in p[:-1]:
+            parent = parent[k]
+        action = data.draw(st.sampled_from(["replace", "delete", "add"]))
+        if action == "delete" and isinstance(parent, dict):
+            del parent[p[-1]]
+        elif action == "add" and isinstance(parent, dict):
+            parent[data.draw(TEXT)] = data.draw(JSONV)
+        else:
+            parent[p[-1]] = data.draw(JSONV)
+    return doc
+
+
+def check(parse: Callable[[bytes], list[Event]], body: bytes, errors: tuple[type[Exception], ...]) -> None:
+    try:
+        events = parse(body)
+    except errors:
+        return
+    assert isinstance(events, list)
+    for ev in events:
+        assert isinstance(ev, Event)
+        raw = ev.to_json()  # must serialise (no lone surrogates, no non-JSON values)
+        back = Event.from_dict(json.loads(raw))
+        assert back.id == ev.id and back.source == ev.source
+        if ev.key is not None:
+            assert isinstance(ev.key, str) and "\x00" not in ev.key
+
+
+def dump(doc: Any) -> bytes:
+    return json.dumps(doc).encode()  # ASCII: lone surrogates travel as \\udXXX escapes, as a hostile client sends
+
+
+MINIO = json.loads(minio_payloads.body(
+    minio_payloads.record("s3:ObjectCreated:Put", "photos", "a b/ü.jpg", size=3, etag="abc",
+                          content_type="image/jpeg", user_metadata={"X-Amz-Meta-A": "1"}, version="v1"),
+    minio_payloads.record("s3:ObjectRemoved:Delete", "photos", "x.jpg")))
+SEAWEED = {"key": "/buckets/photos/a.jpg", "event_type": "create", "message": {
+    "new_entry": {"name": "a.jpg", "chunks": [{"size": 3, "modified_ts_ns": 1700000000123456789, "e_tag": "x"}],
+                  "attributes": {"file_size": 3, "mtime": 1700000000, "mime": "text/plain", "md5": "rL0Y20zC+Fzt"
+                                 "72VPzMSk2A=="}, "extended": {"Seaweed-X-Amz-Owner": "YWxpY2U="}},
+    "new_parent_path": "/buckets/photos"}}
+CLOUDEVENT = {"specversion": "1.0", "id": "e1", "source": "src", "type": "t", "topic": "x", "subject": "s",
+              "data": {"k": 1}, "hops": 0, "schemaversion": 1, "causationid": "c"}
+
+PARSERS = {
+    "minio": (lambda b: s3records.parse_body(b, store="primary"), (s3records.RecordError,), MINIO),
+    "seaweedfs": (lambda b: seaweedfs_events.parse_body(b, store="primary"), (s3records.RecordError,), SEAWEED),
+    "cloudevents": (lambda b: ingress.parse_cloudevents(b, "primary"), (s3records.RecordError,), CLOUDEVENT),
+}
+
+
+def test_templates_are_valid() -> None:
+    for name, (parse, _, doc) in PARSERS.items():
+        assert parse(dump(doc)), name
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+@FUZZ
+@given(body=st.binary(max_size=300))
+def test_parsers_on_raw_bytes(name: str, body: bytes) -> None:
+    parse, errors, _ = PARSERS[name]
+    check(parse, body, errors)
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+@FUZZ
+@given(data=st.data())
+def test_parsers_on_mutated_documents(name: str, data: st.DataObject) -> None:
+    parse, errors, doc = PARSERS[name]
+    check(parse, dump(mutate(data, doc)), errors)
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+@FUZZ
+@given(doc=JSONV)
+def test_parsers_on_arbitrary_json(name: str, doc: Any) -> None:
+    parse, errors, _ = PARSERS[name]
+    check(parse, dump(doc), errors)
+
+
+@FUZZ
+@given(data=st.data())
+def test_envelope_from_dict(data: st.DataObject) -> None:
+    d = mutate(data, CLOUDEVENT) if data.draw(st.booleans()) else data.draw(JSONV)
+    try:
+        ev = Event.from_dict(d)
+    except EnvelopeError:
+        return
+    back = Event.from_dict(json.loads(ev.to_json()))
+    assert back.to_dict() == ev.to_dict()
