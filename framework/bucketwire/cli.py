@@ -189,7 +189,8 @@ def plugins_cmd(config_path: str | None, local_plugins: tuple[str, ...]) -> None
     click.echo(json.dumps(out, indent=2))
 
 
-from .commands import dev as _dev  # noqa: E402 - commands register after `cli` exists
+from . import doctor as _doctor  # noqa: E402 - commands register after `cli` exists
+from .commands import dev as _dev  # noqa: E402
 from .commands import keys as _keys  # noqa: E402
 from .commands import listen as _listen  # noqa: E402
 from .commands import ops as _ops  # noqa: E402
@@ -201,6 +202,7 @@ cli.add_command(_listen.listen)
 cli.add_command(_ops.status)  # status, replay, dlq: commands/ops.py
 cli.add_command(_ops.replay)
 cli.add_command(_ops.dlq)
+cli.add_command(_doctor.doctor)
 cli.add_command(_seaweed_source.seaweed_source)
 
 

@@ -1,0 +1,169 @@
+"""`bucketwire doctor`: each misconfiguration it must catch, one test each, plus a healthy system."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import zmq.auth
+
+from bucketwire import config as config_mod
+from bucketwire.doctor import check_versions, run_checks
+from tests.fixtures_hub import free_port
+
+GROUP = '\n[groups.a]\ntopics = ["jobs"]\nplugins = []\n'
+
+
+def doctor(s, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bucketwire", "doctor", "-c", str(s.cfg_path), *extra], env=s.env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def offline(tmp: Path, body: str) -> list[str]:
+    p = tmp / "c.toml"
+    p.write_text(f'[hub]\nstate_dir = "{tmp / "state"}"\n' + body)
+    return [f.line() for f in run_checks(config_mod.load(p), live=False) if f.level == "error"]
+
+
+def test_healthy_system_exits_zero(stack_factory):
+    s = stack_factory(GROUP + '\n[[routes]]\nevents = ["s3:ObjectCreated:*"]\ntopic = "jobs"\n')
+    s.start_hub()
+    s.start_worker("a", 1)
+    r = doctor(s)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ROUTER socket answers" in r.stdout and "PUB socket answers" in r.stdout
+    assert "agree: schema 1" in r.stdout
+
+
+def test_work_endpoint_pointing_at_the_pub_port(stack_factory):
+    s = stack_factory(GROUP)
+    s.cfg_path.write_text(s.cfg_path.read_text().replace("[hub]", f'[client]\nwork = "tcp://127.0.0.1:{s.pub_port}"\n'
+                                                                  "\n[hub]", 1))
+    s.start_hub()
+    r = doctor(s)
+    assert r.returncode == 1
+    assert "[client] work" in r.stdout and "PUB socket" in r.stdout and "hub's ROUTER" in r.stdout
+
+
+def test_hub_down_is_an_error(stack_factory):
+    s = stack_factory(GROUP)
+    r = doctor(s)
+    assert r.returncode == 1 and "cannot connect" in r.stdout and "start `bucketwire hub`" in r.stdout
+
+
+def test_schema_versions_that_disagree():
+    f = check_versions({"hub": {"schema": 99, "version": "9.9"}})
+    assert f[0].level == "error" and "schema 99" in f[0].what and "same bucketwire version" in f[0].fix
+    assert check_versions({"hub": {"schema": 1}})[0].level == "ok"
+
+
+class _FakeS3(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # ListBuckets: just "photos"
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><ListAllMyBucketsResult xmlns="http://s3.amazonaws.com/'
+                b'doc/2006-03-01/"><Owner><ID>x</ID></Owner><Buckets><Bucket><Name>photos</Name><CreationDate>'
+                b"2024-01-01T00:00:00.000Z</CreationDate></Bucket></Buckets></ListAllMyBucketsResult>")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_s3() -> Iterator[int]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeS3)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_store_unreachable(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(f'[hub]\nstate_dir = "{tmp_path}"\n[stores.primary]\nendpoint = "127.0.0.1:{free_port()}"\n'
+                 'access_key = "a"\nsecret_key = "b"\n' + GROUP)
+    from bucketwire.doctor import check_stores
+
+    errs = [f.line() for f in check_stores(config_mod.load(p)) if f.level == "error"]
+    assert len(errs) == 1 and "[stores.primary]" in errs[0] and "unreachable" in errs[0]
+
+
+def test_bucket_missing(tmp_path, fake_s3):
+    from bucketwire.doctor import check_stores
+
+    p = tmp_path / "c.toml"
+    p.write_text(f'[hub]\nstate_dir = "{tmp_path}"\n[stores.primary]\nendpoint = "127.0.0.1:{fake_s3}"\n'
+                 'access_key = "a"\nsecret_key = "b"\n'
+                 '[plugins.thumbnail]\noutput_bucket = "thumbnails"\nbuckets = ["photos"]\n')
+    findings = check_stores(config_mod.load(p))
+    errs = [f.line() for f in findings if f.level == "error"]
+    assert len(errs) == 1, errs
+    assert "output_bucket" in errs[0] and "'thumbnails' does not exist" in errs[0] and "mc mb" in errs[0]
+
+
+def test_plugin_named_but_not_installed(tmp_path):
+    errs = offline(tmp_path, '[groups.a]\ntopics = ["jobs"]\nplugins = ["thumbnail", "thumbnial"]\n')
+    assert len(errs) == 1 and "'thumbnial', which is not installed" in errs[0]
+
+
+def test_curve_keys_that_do_not_belong_together(tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    zmq.auth.create_certificates(keys, "server")
+    zmq.auth.create_certificates(keys, "other")
+    zmq.auth.create_certificates(keys, "client")
+    (tmp_path / "authorized").mkdir()
+    errs = offline(tmp_path, GROUP + f"""
+[security]
+curve = true
+server_secret_key = "{keys / 'server.key_secret'}"
+server_public_key = "{keys / 'other.key'}"
+client_secret_key = "{keys / 'client.key_secret'}"
+authorized_keys_dir = "{tmp_path / 'authorized'}"
+""")
+    assert any("server_public_key does not belong to server_secret_key" in e for e in errs), errs
+    assert any("not in authorized_keys_dir" in e for e in errs), errs
+
+
+def test_curve_key_file_missing(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(GROUP + f'\n[security]\ncurve = true\nserver_secret_key = "{tmp_path / "nope"}"\n')
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "doctor", "--offline", "-c", str(p)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "ERROR config:" in r.stdout and "does not exist" in r.stdout
+    assert "keys generate" in r.stdout
+
+
+def test_route_shadowed_by_an_earlier_broader_route(tmp_path):
+    errs = offline(tmp_path, GROUP + """
+[[routes]]
+events = ["s3:ObjectCreated:*"]
+topic = "jobs"
+
+[[routes]]
+events = ["s3:ObjectCreated:Put"]
+bucket = "photos"
+suffix = ".jpg"
+topic = "jobs"
+""")
+    assert len(errs) == 1 and "routes[1]" in errs[0] and "can never match" in errs[0]
+
+
+def test_events_glob_matching_no_s3_event(tmp_path):
+    errs = offline(tmp_path, GROUP + '\n[[routes]]\nevents = ["s3:ObjectCreate:*"]\ntopic = "jobs"\n')
+    assert len(errs) == 1 and "'s3:ObjectCreate:*' matches no S3 event name" in errs[0]
+
+
+def test_topic_no_group_consumes(tmp_path):
+    errs = offline(tmp_path, GROUP + '\n[[routes]]\nevents = ["s3:ObjectCreated:*"]\ntopic = "uploads"\n'
+                                     '\n[topics.jobs]\ndead_letter = "jobs"\n')
+    assert any("topic 'uploads' gets routed events but no group consumes it" in e for e in errs), errs
+    assert any("dead_letter is the topic itself" in e for e in errs), errs
