@@ -40,10 +40,12 @@ class TextFormatter(logging.Formatter):
 
 
 def setup(fmt: str = "text", verbosity: int = 0) -> None:
-    level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity >= 0 else logging.WARNING
+    level = logging.DEBUG if verbosity >= 1 else logging.INFO if verbosity >= 0 else logging.WARNING
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("bucketwire")
     root.handlers[:] = [h]
     root.setLevel(level)
     root.propagate = False
+    # -v: debug detail of state changes; -vv: also one line per handled event (logger bucketwire.events)
+    logging.getLogger("bucketwire.events").setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)

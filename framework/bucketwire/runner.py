@@ -289,5 +289,6 @@ def _handle(plugins: Plugins, attempt: int, body: bytes) -> dict[str, Any]:
         return {"t": topic, "s": seq, "ok": False, "error": "".join(traceback.format_exception(e))[-8000:],
                 "line": line, "plugin": plugin, "permanent": isinstance(e, PermanentError)}
     event_done(plugins.group, event.topic, "ok", [f.topic or "-" for f in follow])
-    log.debug("event handled", extra={"topic": topic, "seq": seq, "attempt": attempt, "follow_ons": len(follow)})
+    logging.getLogger("bucketwire.events").debug(
+        "event handled", extra={"topic": topic, "seq": seq, "attempt": attempt, "follow_ons": len(follow)})
     return {"t": topic, "s": seq, "ok": True, "f": [f.to_dict() for f in follow]}
