@@ -74,3 +74,20 @@ def thumbnail(width: int, height: int, sizes: tuple[int, ...], iterations: int, 
 
     res = mod.run(width, height, list(sizes), iterations, fmt, quality, grain)
     click.echo(json.dumps(res, indent=2) if as_json else mod.render_text(res))
+
+
+@bench.command()
+@click.option("--small", "small_count", type=click.IntRange(0), default=300, show_default=True,
+              help="Number of small objects (0 skips the phase).")
+@click.option("--small-kb", type=click.IntRange(1), default=64, show_default=True, help="Size of each small object.")
+@click.option("--large-mb", type=click.IntRange(0), default=256, show_default=True,
+              help="Size of the large object in MiB (0 skips the phase).")
+@click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
+              help="Baseline/subject alternations over the same objects.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def replicate(small_count: int, small_kb: int, large_mb: int, rounds: int, as_json: bool) -> None:
+    """The replication plugin between two local SeaweedFS servers, against a plain get_object/put_object loop."""
+    from . import replicate as mod
+
+    res = mod.run(small_count, small_kb, large_mb, rounds)
+    click.echo(json.dumps(res, indent=2) if as_json else mod.render(res))
