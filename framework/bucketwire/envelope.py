@@ -153,6 +153,10 @@ class Event:
         for k in ("subject", "topic", "causationid", "time"):
             if d.get(k) is not None and not isinstance(d[k], str):
                 raise EnvelopeError(f"envelope attribute {k!r} must be a string")
+        if not valid_unicode(d):
+            # JSON can carry lone surrogates (\\ud800); they are not text, and every consumer that encodes them
+            # (SQLite, S3 clients, files) fails. Found by tests/test_security_plugins.py; refused at the edge.
+            raise EnvelopeError("envelope contains invalid Unicode (a lone surrogate escape such as \\ud800)")
         known = {
             "specversion", "id", "source", "type", "data", "subject", "time", "datacontenttype", "topic", "seq",
             "causationid", "hops", "schemaversion",
@@ -194,3 +198,18 @@ def follow_on_id(causation_id: str, group: str, plugin: str, index: int, topic: 
     journal's (source, id) uniqueness drops the repeats.
     """
     return stable_id("follow-on", causation_id, group, plugin, index, topic)
+
+
+def valid_unicode(v: Any) -> bool:
+    """True if every string (keys too) in a JSON value is encodable as strict UTF-8."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(v, Mapping):
+        return all(valid_unicode(k) and valid_unicode(x) for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return all(valid_unicode(x) for x in v)
+    return True
