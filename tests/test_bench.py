@@ -1,0 +1,81 @@
+"""Smoke tests for `bucketwire bench`: every benchmark runs at toy size and reports every field.
+
+No timing assertions (the machine is shared and noisy); what is checked is that the JSON is complete and that
+the baseline and the subject did the same amount of work, so a ratio compares like with like. Each runs the
+real CLI in a subprocess, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+PCT = {"p50_ms", "p90_ms", "p99_ms", "max_ms", "n"}
+
+
+def bench(*args: str, timeout: float = 120) -> dict[str, Any]:
+    p = subprocess.run([sys.executable, "-m", "bucketwire", "bench", *args, "--json"], capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout)
+
+
+def test_bus() -> None:
+    r = bench("bus", "-n", "300", "-p", "1", "-d", "os", "--rate", "1000", "--seconds", "0.2")
+    assert r["benchmark"] == "bus" and {"cpus", "python", "pyzmq"} <= set(r["machine"])
+    base = r["baseline"]
+    assert {"name", "events", "throughput_eps", "latency"} <= set(base)
+    (run,) = r["runs"]
+    assert {"durability", "processes", "events", "throughput_eps", "handled", "latency", "ratio"} <= set(run)
+    assert run["events"] == base["events"] == 300
+    assert set(run["latency"]) == set(base["latency"]) == {"saturation", "1000"}
+    for k in ("saturation", "1000"):
+        assert set(run["latency"][k]) == PCT and set(base["latency"][k]) == PCT
+        assert run["latency"][k]["n"] == base["latency"][k]["n"] > 0
+    assert run["handled"] == 300 + 200
+
+
+def test_webhook() -> None:
+    r = bench("webhook", "-n", "300", "-p", "2", "-c", "2", "--rate", "200", "--seconds", "0.5")
+    assert r["benchmark"] == "webhook" and r["ratio"] == r["hub"]["ratio"] > 0
+    assert set(r["clients"]) == {"processes", "connections_per_process", "path", "body_bytes"}
+    base, hub = r["baseline"], r["hub"]
+    for side in (base, hub):
+        assert {"requests", "ok", "failed", "seconds", "throughput_rps", "latency", "rates"} <= set(side)
+        assert side["requests"] == side["ok"] == 300 and side["failed"] == 0
+        assert set(side["latency"]) == {"saturation", "200"}
+        assert all(set(v) == PCT for v in side["latency"].values())
+        assert side["rates"]["200"]["ok"] == 100 and side["rates"]["200"]["failed"] == 0
+    assert hub["durability"] == "os" and base["name"]
+
+
+def test_thumbnail() -> None:
+    r = bench("thumbnail", "--width", "800", "--height", "600", "-s", "64", "-s", "256", "-n", "2")
+    assert r["benchmark"] == "thumbnail" and r["format"] == "webp" and r["quality"] == 80
+    assert {"width", "height", "bytes", "bits_per_pixel", "grain", "format"} <= set(r["source"])
+    assert [s["size"] for s in r["sizes"]] == [64, 256]
+    for s in r["sizes"]:
+        sub, base = s["subject"], s["baseline"]
+        for side in (sub, base):
+            assert {"name", "thumbnails", "thumbnails_per_s", "bytes", "psnr_db", "latency"} <= set(side)
+            assert set(side["latency"]) == PCT and side["psnr_db"] > 25
+        assert sub["thumbnails"] == base["thumbnails"] == 2
+        assert s["output"] == base["output"]  # same pixels out on both sides
+        assert s["ratio"] > 0
+
+
+def test_replicate() -> None:
+    r = bench("replicate", "--small", "5", "--small-kb", "16", "--large-mb", "6", timeout=180)
+    assert r["benchmark"] == "replicate" and set(r["phases"]) == {"small", "large"} == set(r["ratio"])
+    for name, p in r["phases"].items():
+        sub, base = p["subject"], p["baseline"]
+        for side in (sub, base):
+            assert {"name", "objects", "bytes", "seconds", "mb_per_s", "objects_per_s", "latency"} <= set(side)
+            assert set(side["latency"]) == PCT
+        assert sub["objects"] == base["objects"] == p["objects"]
+        assert sub["bytes"] == base["bytes"] == p["bytes"]
+        assert p["ratio"] > 0, name
+    assert r["phases"]["small"]["bytes"] == 5 * 16 * 1024
+    assert r["phases"]["large"]["bytes"] == 6 << 20
