@@ -306,8 +306,8 @@ def webhook_to_events(doc: Any, *, store: str | None, index: int | None = None) 
     if not isinstance(key, str) or not key.startswith("/") or "\x00" in key:
         raise RecordError(f"{where}.key must be an absolute filer path")
     et = doc.get("event_type")
-    if et is not None and et not in EVENT_TYPES:
-        raise RecordError(f"{where}.event_type {et!r} is not one of {sorted(EVENT_TYPES)}")
+    if et is not None and (not isinstance(et, str) or et not in EVENT_TYPES):  # a list is unhashable: fuzz find
+        raise RecordError(f"{where}.event_type {str(et)[:100]!r} is not one of {sorted(EVENT_TYPES)}")
     msg = doc.get("message", doc.get("message_data"))
     if not isinstance(msg, dict):
         raise RecordError(f"{where}.message must be an object")
