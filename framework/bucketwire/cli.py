@@ -102,8 +102,6 @@ def hub(config_path: str | None) -> None:
 @click.option("--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish on SIGTERM.")
 @click.option("--metrics", expose_value=False, callback=lambda c, p, v: c.meta.__setitem__("bw_metrics", v),
               help="Serve the pool's Prometheus metrics on HOST:PORT (default: [groups.G] metrics).")
-@click.option("--metrics", expose_value=False, callback=lambda c, p, v: c.meta.__setitem__("bw_metrics", v),
-              help="Serve the pool's Prometheus metrics on HOST:PORT (default: [groups.G] metrics).")
 @click.option("--start", type=click.Choice(["latest", "earliest"]),
               help="Where a group new to the hub starts: at the head (default) or the oldest retained event.")
 @click.pass_context

@@ -74,13 +74,6 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
 
         served = Supervisor(metrics, spec.group, lambda: sum(p.is_alive() for p in children.values()),
                             lambda: restarted[0])
-    restarted = [0]
-    served = None
-    if metrics:  # before the first spawn: children inherit the multiprocess directory from the environment
-        from .worker_metrics import Supervisor
-
-        served = Supervisor(metrics, spec.group, lambda: sum(p.is_alive() for p in children.values()),
-                            lambda: restarted[0])
 
     def spawn(slot: int) -> None:
         p = ctx.Process(target=_child, args=(cfg_path, None if cfg_path else cfg, spec, log_format, verbosity),
@@ -112,9 +105,6 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
             restarted[0] += 1
             if served is not None:
                 served.child_died(p.pid)
-            restarted[0] += 1
-            if served is not None:
-                served.child_died(p.pid)
             log.warning("worker child died; restarting", extra={"slot": slot, "exitcode": p.exitcode,
                                                                 "delay": round(delay, 2)})
             time.sleep(delay)
@@ -130,8 +120,6 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
             log.warning("child did not drain in time; killing", extra={"pid": p.pid})
             p.kill()
             p.join()
-    if served is not None:
-        served.stop()
     if served is not None:
         served.stop()
     log.info("worker pool stopped", extra={"group": spec.group})
