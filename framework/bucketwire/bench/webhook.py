@@ -179,6 +179,9 @@ def drive(port: int, n: int, processes: int, conns: int, rate: float | None, lab
                 break
     for p in ps:
         p.join(10)
+    if len(results) < processes * conns:
+        raise click.ClickException(f"bench webhook {label}: {processes * conns - len(results)} client connections "
+                                   "never reported (a client process died; see its traceback above)")
     ok = sum(r[0] for r in results)
     bad = sum(r[1] for r in results)
     end = max((r[3] for r in results), default=start)
