@@ -144,7 +144,11 @@ path = "{self.record}"
                 except OSError:
                     continue
                 ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                if ppid == worker.pid:
+                try:  # worker children only, not multiprocessing's resource tracker
+                    is_child = b"spawn_main" in (d / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if ppid == worker.pid and is_child:
                     out.append(int(d.name))
         return out
 
