@@ -201,7 +201,21 @@ def follow_on_id(causation_id: str, group: str, plugin: str, index: int, topic: 
 
 
 def valid_unicode(v: Any) -> bool:
-    """True if every string (keys too) in a JSON value is encodable as strict UTF-8."""
+    """True if every string (keys too) in a JSON value is encodable as strict UTF-8.
+
+    One C-speed serialisation finds a lone surrogate anywhere; the walk below only runs for values JSON
+    cannot serialise (which then get their own error elsewhere).
+    """
+    try:
+        json.dumps(v, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+    except (TypeError, ValueError):
+        return _valid_unicode_walk(v)
+
+
+def _valid_unicode_walk(v: Any) -> bool:
     if isinstance(v, str):
         try:
             v.encode("utf-8")
@@ -209,7 +223,7 @@ def valid_unicode(v: Any) -> bool:
             return False
         return True
     if isinstance(v, Mapping):
-        return all(valid_unicode(k) and valid_unicode(x) for k, x in v.items())
+        return all(_valid_unicode_walk(k) and _valid_unicode_walk(x) for k, x in v.items())
     if isinstance(v, list | tuple):
-        return all(valid_unicode(x) for x in v)
+        return all(_valid_unicode_walk(x) for x in v)
     return True

@@ -141,31 +141,31 @@ class Journal:
         db = self.db
         try:
             db.execute("BEGIN IMMEDIATE")
-            rows = []
+            insert = (
+                "INSERT INTO events(topic, seq, source, id, objkey, ts, body) VALUES (?,?,?,?,?,?,?) "
+                "ON CONFLICT(source, id) DO NOTHING"
+            )
             for ev in batch.events:
                 k = (ev.source, ev.id)
                 prev = seen.get(k)
                 if prev is None:
+                    # One statement per event: the unique index decides, the lookup only runs for duplicates.
+                    seq = heads.get(ev.topic, 0) + 1
+                    body = ev.body_fn(seq)  # type: ignore[operator]
+                    if db.execute(insert, (ev.topic, seq, ev.source, ev.id, ev.objkey, now, body)).rowcount == 1:
+                        heads[ev.topic] = seq
+                        a = Appended(ev.topic, seq, body, ev.objkey)
+                        seen[k] = a
+                        out.append(a)
+                        continue
                     hit = db.execute("SELECT topic, seq, body FROM events WHERE source=? AND id=?", k).fetchone()
-                    if hit is not None:
-                        prev = Appended(hit[0], hit[1], hit[2], ev.objkey, duplicate=True)
-                if prev is not None:
-                    out.append(Appended(prev.topic, prev.seq, prev.body, prev.objkey, duplicate=True))
-                    continue
-                seq = heads.get(ev.topic, 0) + 1
-                heads[ev.topic] = seq
-                body = ev.body_fn(seq)  # type: ignore[operator]
-                rows.append((ev.topic, seq, ev.source, ev.id, ev.objkey, now, body))
-                a = Appended(ev.topic, seq, body, ev.objkey)
-                seen[k] = a
-                out.append(a)
-            if rows:
-                db.executemany(
-                    "INSERT INTO events(topic, seq, source, id, objkey, ts, body) VALUES (?,?,?,?,?,?,?)", rows
-                )
+                    prev = Appended(hit[0], hit[1], hit[2], ev.objkey, duplicate=True)
+                out.append(Appended(prev.topic, prev.seq, prev.body, prev.objkey, duplicate=True))
+            changed = [(t, h) for t, h in heads.items() if self.heads.get(t) != h]
+            if changed:
                 db.executemany(
                     "INSERT INTO topics(name, head) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET head=excluded.head",
-                    [(t, h) for t, h in heads.items() if self.heads.get(t) != h],
+                    changed,
                 )
             if batch.cursors:
                 db.executemany(
