@@ -99,6 +99,8 @@ class HubOps:
         m = self.hub.metrics
         for name, _, mon in self.monitors:
             for _ in range(1000):
+                if not mon.get(zmq.EVENTS) & zmq.POLLIN:  # checked per tick: avoid raising zmq.Again each time
+                    break
                 try:
                     msg = recv_monitor_message(mon, zmq.NOBLOCK)
                 except zmq.Again:

@@ -5,10 +5,41 @@ Labels are bounded: topic, group, source, reason, plugin -- never object keys.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
+class _Memo:
+    """A metric whose `labels()` is memoised.
+
+    prometheus-client validates and locks on every `labels()` call and the hub calls it per event; label values
+    are bounded by design (topic, group, source, reason), so the memo stays small.
+    """
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._metric, name)
+
+
 class HubMetrics:
+    HOT = ("received", "duplicates", "acked", "inflight", "dispatched", "batches", "head", "follow_ons")
+
+    def _memoize_hot(self) -> None:
+        for name in self.HOT:
+            setattr(self, name, _Memo(getattr(self, name)))
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.received = Counter("bucketwire_events_received_total", "Events accepted at ingress",
@@ -73,3 +104,4 @@ class HubMetrics:
         self.replays = Counter("bucketwire_replays_total", "Operator replays (cursor rewinds) per group", ["group"],
                                registry=r)
         self.info = Gauge("bucketwire_hub_info", "Hub build information", ["version", "schema"], registry=r)
+        self._memoize_hot()
