@@ -7,6 +7,7 @@ from .config import ConfigError, StoreConfig
 from .context import Context, PermanentError, PluginError, Stores
 from .envelope import SCHEMA_VERSION, EnvelopeError, Event, SchemaVersionError
 from .hookspecs import hookimpl
+from .settings import with_defaults
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "Stores",
     "__version__",
     "hookimpl",
+    "with_defaults",
 ]

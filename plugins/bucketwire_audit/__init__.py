@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from bucketwire import ConfigError, Context, Event, hookimpl
+from bucketwire import ConfigError, Context, Event, hookimpl, with_defaults
 
 from .chain import AuditLog, ChainError, VerifyResult, canonical, seal, verify
 
@@ -42,11 +42,7 @@ _logs: dict[tuple[int, str], AuditLog] = {}
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Exactly one of `path`/`dir`; positive limits; a known fsync policy. Defaults filled in."""
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        k = sorted(unknown)[0]
-        raise ConfigError(f"{k}: unknown setting; known: {', '.join(sorted(DEFAULTS))}")
-    s = {**DEFAULTS, **settings}
+    s = with_defaults(settings, DEFAULTS)
     path, dir_ = s["path"], s["dir"]
     if (path is None) == (dir_ is None):
         raise ConfigError('path: set exactly one of path = "/var/log/bucketwire/audit.log" or dir = "/var/log/..."')

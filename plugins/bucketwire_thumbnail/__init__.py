@@ -23,7 +23,7 @@ from urllib.parse import quote
 from minio.error import S3Error
 from PIL import Image
 
-from bucketwire import ConfigError, Context, Event, PermanentError, hookimpl
+from bucketwire import ConfigError, Context, Event, PermanentError, hookimpl, with_defaults
 
 from .imaging import FORMATS, Thumb, ThumbnailError, content_type, extension, looks_like_image, render
 
@@ -77,11 +77,7 @@ def _parse_colour(v: Any) -> tuple[int, int, int]:
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Fill in defaults and reject bad values with one line naming the key, before any event is taken."""
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        k = sorted(unknown)[0]
-        raise ConfigError(f"{k}: unknown setting; known: {', '.join(sorted(DEFAULTS))}")
-    s = {**DEFAULTS, **settings}
+    s = with_defaults(settings, DEFAULTS)
     for k in ("store", "output_store", "output_bucket"):
         _opt_str(s, k)
     sizes = s["sizes"]

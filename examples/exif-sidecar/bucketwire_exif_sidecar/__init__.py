@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import ExifTags, Image, IptcImagePlugin, UnidentifiedImageError
 
-from bucketwire import ConfigError, Event, PermanentError, hookimpl
+from bucketwire import ConfigError, Event, PermanentError, hookimpl, with_defaults
 
 PLUGIN_NAME = "exif-sidecar"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".png")
@@ -30,10 +30,7 @@ IPTC_NAMES = {(2, 5): "object_name", (2, 25): "keywords", (2, 80): "byline", (2,
 
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown setting; known: {', '.join(sorted(DEFAULTS))}")
-    s = {**DEFAULTS, **settings}
+    s = with_defaults(settings, DEFAULTS)
     if not isinstance(s["suffix"], str) or not s["suffix"]:
         raise ConfigError("suffix: expected a non-empty string such as '.exif.json'")
     if not isinstance(s["max_bytes"], int) or s["max_bytes"] <= 0:
