@@ -99,6 +99,7 @@ def new_bucket(c: Any, base: str, suffix: str) -> str:
         ({"target_store": "b", "target_bucket": "x", "part_size": 1024}, "part_size"),
         ({"target_store": "b", "target_bucket": "x", "prefix": "../up/"}, "prefix"),
         ({"target_store": "b", "target_bucket": "x", "replicate_deletes": "yes"}, "replicate_deletes"),
+        ({"target_store": "b", "target_bucket": "x", "trust_tagging_count": 1}, "trust_tagging_count"),
         ({"target_store": "b", "target_bucket": "x", "target": "y"}, "target"),
     ],
 )
@@ -209,6 +210,137 @@ def test_cross_store_stream_small_and_multipart(weed: WeedServer, weed2: WeedSer
             assert "-" in st.etag  # really went up in parts
         (again,) = h.handle(ev)
         assert again.data["method"] == "already"
+        assert c2.stat_object(tb, "blob/😀 data.bin").last_modified == st.last_modified
+
+
+class CountRequests:
+    """Counts the S3 requests every minio client makes (method, sub-resource), from any thread."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, str]] = []
+        orig = minio.Minio._url_open
+
+        def counting(client: Any, method: str, region: str, *a: Any, **kw: Any) -> Any:
+            self.calls.append((method, ",".join(sorted(kw.get("query_params") or {}))))
+            return orig(client, method, region, *a, **kw)
+
+        monkeypatch.setattr(minio.Minio, "_url_open", counting)
+
+
+def test_cross_store_small_object_costs_get_put_and_one_target_stat(
+    weed: WeedServer, weed2: WeedServer, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Source metadata from the GET headers, no tag request for an untagged object, no stat after the PUT."""
+    c1, c2 = weed.client(), weed2.client()
+    tb = f"{bucket}-count"
+    c2.make_bucket(tb)
+    tags = Tags.new_object_tags()
+    tags["team"] = "photo"
+    plain = put(c1, bucket, "count/plain.bin", os.urandom(64 << 10), metadata={"x-amz-meta-owner": "bob"})
+    tagged = put(c1, bucket, "count/tagged.bin", b"tagged bytes", content_type="text/plain", tags=tags)
+    stores = {"primary": store_cfg("primary", weed), "backup": store_cfg("backup", weed2)}
+    with harness(stores, target_store="backup", target_bucket=tb) as h:
+        h.handle(obj_event("ObjectCreated:Put", bucket, "count/warm-up"))  # region look-ups, connections
+        n = CountRequests(monkeypatch)
+        (p,) = h.handle(plain)
+        assert p.data["method"] == "stream"
+        assert sorted(n.calls) == [("GET", ""), ("HEAD", ""), ("PUT", "")]
+        n.calls.clear()
+        (p,) = h.handle(tagged)
+        assert sorted(n.calls) == [("GET", ""), ("GET", "tagging"), ("HEAD", ""), ("PUT", "")]
+        n.calls.clear()
+        (again,) = h.handle(plain)  # redelivery: the GET is read (small) but nothing is written
+        assert again.data["method"] == "already" and sorted(n.calls) == [("GET", ""), ("HEAD", "")]
+    # A server that does not send x-amz-tagging-count: always ask for the tags.
+    with harness(stores, target_store="backup", target_bucket=tb, prefix="t/", trust_tagging_count=False) as h:
+        h.handle(obj_event("ObjectCreated:Put", bucket, "count/warm-up"))
+        n.calls.clear()
+        h.handle(plain)
+        assert sorted(n.calls) == [("GET", ""), ("GET", "tagging"), ("HEAD", ""), ("PUT", "")]
+    monkeypatch.undo()
+    st = c2.stat_object(tb, "count/tagged.bin")
+    assert st.content_type == "text/plain" and read(c2, tb, "count/tagged.bin") == b"tagged bytes"
+    got_tags = c2.get_object_tags(tb, "count/tagged.bin")
+    assert got_tags is not None and dict(got_tags) == {"team": "photo"}
+    assert meta(c2.stat_object(tb, "count/plain.bin"))["x-amz-meta-owner"] == "bob"
+
+
+def test_cross_store_loop_guard_and_gone_source(weed: WeedServer, weed2: WeedServer, bucket: str) -> None:
+    """A replica read back over the stream path is recognised from the GET headers; a gone source is a no-op."""
+    c1, c2 = weed.client(), weed2.client()
+    tb = f"{bucket}-guard"
+    c2.make_bucket(tb)
+    ev = put(c1, bucket, "guard.txt", b"once")
+    stores = {"primary": store_cfg("primary", weed), "backup": store_cfg("backup", weed2)}
+    with harness(stores, target_store="backup", target_bucket=tb) as there, \
+            harness(stores, target_store="primary", target_bucket=bucket, source_store="backup") as back:
+        (p,) = there.handle(ev)
+        assert p.data["method"] == "stream"
+        before = c1.stat_object(bucket, "guard.txt").last_modified
+        # The replica's own event on the target, without the marker in the notification: still never copied back.
+        assert back.handle(obj_event("ObjectCreated:Put", tb, "guard.txt", store="backup")) == []
+        assert c1.stat_object(bucket, "guard.txt").last_modified == before
+        assert there.handle(obj_event("ObjectCreated:Put", bucket, "never-existed.txt")) == []
+        with pytest.raises(S3Error):
+            c2.stat_object(tb, "never-existed.txt")
+
+
+class _Written:
+    def __init__(self, size: int | None) -> None:
+        self.size = size
+        self.metadata: dict[str, str] = {}
+
+
+class _Dst:
+    """Stands in for the target client in `_verify`: records stats, answers with a fixed size."""
+
+    def __init__(self, size: int | None) -> None:
+        self.size, self.stats = size, 0
+
+    def stat_object(self, bucket: str, key: str, version_id: str | None = None) -> _Written:
+        self.stats += 1
+        if self.size is None:
+            raise S3Error(None, "NoSuchKey", "gone", "", "", "")  # type: ignore[arg-type]
+        return _Written(self.size)
+
+
+def _src(etag: str, size: int = 4) -> Any:
+    return repl._Source(size, etag, None, "application/octet-stream", {}, None)
+
+
+@pytest.mark.parametrize(
+    "src_etag,put_etag,stored,verify_md5,stats,problem",
+    [
+        # single-part PUT whose ETag equals the source MD5: proven, no MD5 computed here, no stat
+        (hashlib.md5(b"data").hexdigest(), hashlib.md5(b"data").hexdigest(), 4, True, 0, None),
+        # multipart source ETag: the PUT ETag matches the MD5 of what was sent
+        ("0123456789abcdef0123456789abcdef-3", hashlib.md5(b"data").hexdigest(), 4, True, 0, None),
+        # the bytes do not match the source's MD5
+        (hashlib.md5(b"other").hexdigest(), hashlib.md5(b"data").hexdigest(), 4, True, 0, "does not match"),
+        # ... which is not checked with verify_md5 off (the PUT ETag still proves the transfer)
+        (hashlib.md5(b"other").hexdigest(), hashlib.md5(b"data").hexdigest(), 4, False, 0, None),
+        # multipart upload (ETag not an MD5): the size is checked with a stat
+        ("0123456789abcdef0123456789abcdef-3", "fedcba9876543210fedcba9876543210-1", 4, True, 1, None),
+        ("0123456789abcdef0123456789abcdef-3", "fedcba9876543210fedcba9876543210-1", 3, True, 1, "holds 3"),
+        ("0123456789abcdef0123456789abcdef-3", "fedcba9876543210fedcba9876543210-1", None, True, 1, "holds None"),
+    ],
+)
+def test_verify(src_etag: str, put_etag: str, stored: int | None, verify_md5: bool, stats: int,
+                problem: str | None) -> None:
+    dst = _Dst(stored)
+    hashed: list[bool] = []
+
+    def md5_of() -> str:
+        hashed.append(True)
+        return hashlib.md5(b"data").hexdigest()
+
+    got = repl._verify({"verify_md5": verify_md5}, dst, "tb", "k", _src(src_etag), 4, put_etag, md5_of)
+    assert (got is None) if problem is None else (problem in (got or ""))
+    assert dst.stats == stats
+    if src_etag == put_etag:
+        assert not hashed
+    assert repl._verify({"verify_md5": True}, dst, "tb", "k", _src(src_etag), 3, put_etag, md5_of) == \
+        "read 3 bytes, expected 4"
 
 
 def test_stream_memory_stays_near_one_part(weed: WeedServer, weed2: WeedServer, bucket: str) -> None:
