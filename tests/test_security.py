@@ -100,7 +100,7 @@ def cfg_for(path: Path) -> config_mod.Config:
 def sub_socket(cfg: config_mod.Config, topic: str = "") -> zmq.Socket:
     s = zmq.Context.instance().socket(zmq.SUB)
     s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    s.setsockopt(zmq.SUBSCRIBE, topic.encode() + b"\0" if topic else b"")
     security.apply_client(s, cfg)
     s.connect(cfg.client.publish)
     return s
@@ -469,3 +469,28 @@ def test_literal_secret_in_world_readable_config_warns(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="bucketwire.config"):
         config_mod.load(p)
     assert not any("world-readable" in r.getMessage() for r in caplog.records)
+
+
+def test_role_limits_live_subscriptions_on_the_pub_socket(stack_factory, tmp_path):
+    """The hub decides each subscription (XPUB, manual mode) by the key that asked: a limited key gets only
+    its topics, even when it subscribes to everything; topic frames are NUL-terminated so "ok" != "ok-more"."""
+    roles = "\n[security.roles.limited]\nsubscribe = [\"ok\"]\n"
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), roles=roles)
+    s.start_hub()
+    lim = cfg_for(client_config(s, d, "limited"))
+    everything = sub_socket(lim, "")
+    forbidden = sub_socket(lim, "secret")
+    allowed = sub_socket(lim, "ok")
+    admin_all = sub_socket(s.cfg, "")
+    time.sleep(1.0)  # subscriptions reach the hub and are decided
+    with s.client() as c:
+        for t in ("ok", "secret", "ok-more", "ok"):
+            c.publish(t, {"t": t})
+    got = {name: [m[0] for m in recv_events(sock, 1.5)]
+           for name, sock in (("everything", everything), ("forbidden", forbidden), ("allowed", allowed),
+                              ("admin", admin_all))}
+    assert got["everything"] == [] and got["forbidden"] == []
+    assert got["allowed"] == [b"ok\0", b"ok\0"], "only the exact topic, not ok-more"
+    assert sorted(got["admin"]) == sorted([b"ok\0", b"secret\0", b"ok-more\0", b"ok\0"])
+    for sock in (everything, forbidden, allowed, admin_all):
+        sock.close()

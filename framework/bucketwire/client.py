@@ -146,7 +146,7 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
     sub.setsockopt(zmq.RCVHWM, 100_000)
     wanted = set(topics or [])
     for t in wanted or {""}:
-        sub.setsockopt(zmq.SUBSCRIBE, t.encode())
+        sub.setsockopt(zmq.SUBSCRIBE, P.topic_frame(t) if t else b"")
     security.apply_client(sub, cfg)
     sub.connect(cfg.client.publish)
     client = HubClient(cfg)
@@ -179,9 +179,9 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
             if not sub.poll(int(idle * 1000)):
                 continue
             topic_b, seq_b, body = sub.recv_multipart()
-            t = topic_b.decode()
+            t = P.topic_of(topic_b)
             if wanted and t not in wanted:
-                continue  # SUBSCRIBE is a prefix match; "a" also receives "ab"
+                continue
             seq = int(seq_b)
             if t not in nxt:
                 nxt[t] = 1 if from_seq is not None else seq if body else seq + 1

@@ -152,9 +152,7 @@ class Hub:
         self.work.setsockopt(zmq.SNDHWM, 100_000)
         self.work.setsockopt(zmq.RCVHWM, 100_000)
         self.work.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
-        self.pub = zctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub = self._make_pub(zctx)
         self.pubs = [self.pub]
         try:
             self._secure_sockets(zctx)
@@ -207,6 +205,8 @@ class Hub:
 
     def _next_timeout(self, now: float) -> int:
         t = self.cfg.hub.heartbeat_interval
+        if self.auth is not None:
+            t = min(t, 0.05)  # XPUB subscriptions are not polled: look at them often enough to feel instant
         for g in self.groups.values():
             r = g.next_retry_at()
             if r is not None:
@@ -220,6 +220,7 @@ class Hub:
         replies: list[tuple[Callable[[list[Appended] | None, str | None], None], int, int]] = []
         if self.auth is not None:
             self._security_tick(now)
+            self._drain_subscriptions()
         self._drain_work(batch, replies, now)
         for ls in self.listeners[1:]:
             self._drain_work(batch, replies, now, ls.work)
@@ -287,7 +288,7 @@ class Hub:
             if a.duplicate:
                 continue
             fresh.setdefault(a.topic, []).append((a.seq, a.objkey, a.body))
-            self._publish([a.topic.encode(), str(a.seq).encode(), a.body])
+            self._publish([P.topic_frame(a.topic), str(a.seq).encode(), a.body])
         for topic, items in fresh.items():
             self.metrics.head.labels(topic).set(items[-1][0])
             for g in self.groups.values():
@@ -385,7 +386,49 @@ class Hub:
 
             self._ingest(events, source, batch, done, replies)
 
-    # -- the work socket -------------------------------------------------------------------------------------
+    # -- fan-out ---------------------------------------------------------------------------------------------
+    def _make_pub(self, zctx: zmq.Context) -> zmq.Socket:
+        """PUB, or with CURVE an XPUB in manual mode: the hub then sees every subscription with the key that
+        asked for it and applies only what that key's role allows (`[security.roles.NAME] subscribe`)."""
+        curve = self.cfg.security.curve
+        p = zctx.socket(zmq.XPUB if curve else zmq.PUB)
+        p.setsockopt(zmq.LINGER, 0)
+        p.setsockopt(zmq.SNDHWM, 100_000)
+        if curve:
+            p.setsockopt(zmq.XPUB_MANUAL, 1)
+        return p
+
+    def _drain_subscriptions(self) -> None:
+        """Apply or refuse the subscriptions that arrived on the XPUB sockets (CURVE only)."""
+        for pub in self.pubs:
+            if pub.socket_type != zmq.XPUB:
+                continue
+            for _ in range(1000):
+                if not pub.get(zmq.EVENTS) & zmq.POLLIN:
+                    break
+                msg = pub.recv(copy=False)
+                data = msg.bytes
+                if not data or data[0] not in (0, 1):
+                    continue
+                sub = data[1:]
+                if data[0] == 0:
+                    pub.setsockopt(zmq.UNSUBSCRIBE, sub)
+                    continue
+                try:
+                    user = msg.get("User-Id") or None
+                except zmq.ZMQError:
+                    user = None
+                if sub.endswith(P.TOPIC_END):
+                    ok = self.roles.allows(user, "subscribe", P.topic_of(sub))
+                else:  # everything, or a bare prefix: only for a key whose role does not limit subscriptions
+                    ok = self.roles.allows(user, "subscribe", "\0any topic\0")
+                if ok:
+                    pub.setsockopt(zmq.SUBSCRIBE, sub)  # applies to the pipe this subscription came from
+                else:
+                    self.metrics.rejected.labels("zmq", "forbidden").inc()
+                    log.warning("subscription refused by role",
+                                extra={"key": user, "subscription": sub[:64].decode("utf-8", "replace")})
+
     def _publish(self, frames: list[bytes]) -> None:
         """Fan out on every PUB socket (two while an old and a new server key are both served)."""
         for pub in self.pubs:
@@ -662,7 +705,7 @@ class Hub:
             if now - w.last_sent >= self.cfg.hub.heartbeat_interval and self._send([w.ident, P.HB, b"{}"]):
                 w.last_sent = now
         for topic, head in self.journal.heads.items():
-            self._publish([topic.encode(), str(head).encode(), P.HEARTBEAT_FRAME])
+            self._publish([P.topic_frame(topic), str(head).encode(), P.HEARTBEAT_FRAME])
 
     def _retention(self) -> None:
         try:
@@ -696,12 +739,10 @@ class Hub:
         from .security import apply_server
 
         w = self._zctx.socket(zmq.ROUTER)
-        p = self._zctx.socket(zmq.PUB)
+        p = self._make_pub(self._zctx)
         for opt, v in ((zmq.ROUTER_MANDATORY, 1), (zmq.LINGER, 0), (zmq.SNDHWM, 100_000), (zmq.RCVHWM, 100_000),
                        (zmq.MAXMSGSIZE, 64 << 20)):
             w.setsockopt(opt, v)
-        p.setsockopt(zmq.LINGER, 0)
-        p.setsockopt(zmq.SNDHWM, 100_000)
         try:
             apply_server(w, key, self.cfg.security.zap_domain)
             apply_server(p, key, self.cfg.security.zap_domain)
@@ -782,9 +823,7 @@ class Hub:
 
         for ls in self.listeners:
             ls.pub.close(0)
-            p = self._zctx.socket(zmq.PUB)
-            p.setsockopt(zmq.LINGER, 0)
-            p.setsockopt(zmq.SNDHWM, 100_000)
+            p = self._make_pub(self._zctx)
             apply_server(p, ls.key, self.cfg.security.zap_domain)
             _bind_retry(p, ls.pub_ep)
             ls.pub = p

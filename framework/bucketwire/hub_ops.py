@@ -183,7 +183,9 @@ class HubOps:
             for s in STATES:
                 m.group_state.labels(g.name, s).set(1 if s == state else 0)
             if old is not None:
-                lvl = logging.WARNING if state in ("stalled", "saturated") else logging.INFO
+                # idle <-> ok is the ordinary rhythm of a working group: not worth a line by default.
+                lvl = (logging.WARNING if state in ("stalled", "saturated")
+                       else logging.DEBUG if {old, state} <= {"idle", "ok"} else logging.INFO)
                 log.log(lvl, f"group {state}", extra={"group": g.name, "was": old, "lag": lag,
                                                       "workers": len(g.workers), "inflight": len(g.inflight)})
 

@@ -47,6 +47,18 @@ CLIENT_COMMANDS = {READY, ACK, HB, BYE, PUB, FETCH, STATUS, REPLAY}
 HEARTBEAT_FRAME = b""
 """On the PUB socket a heartbeat is `[topic, head-seq, b""]`: an empty envelope frame."""
 
+TOPIC_END = b"\0"
+
+
+def topic_frame(topic: str) -> bytes:
+    """The PUB topic frame: the name and a NUL. ZeroMQ subscriptions are prefix matches, so without the
+    terminator a subscriber to "a" would also receive "ab" (and a role allowing "a" would leak "ab")."""
+    return topic.encode() + TOPIC_END
+
+
+def topic_of(frame: bytes) -> str:
+    return frame[:-1].decode() if frame.endswith(TOPIC_END) else frame.decode()
+
 
 class ProtocolError(ValueError):
     """A frame sequence that does not follow the protocol; counted and answered with ERR, never fatal."""

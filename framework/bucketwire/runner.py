@@ -107,6 +107,17 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
 
     keys = security.client_keys(cfg)  # checked by `bucketwire worker` before the children start
 
+    def send(d: zmq.Socket, frames: list[bytes]) -> bool:
+        """Never block: a DEALER whose handshake was refused (CURVE key not yet admitted) has no pipe, and a
+        blocking send would hang this thread for good -- no heartbeats, no reconnect. What cannot go out now is
+        dropped; the hub redelivers unacked events and the reconnect below re-sends READY."""
+        try:
+            d.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            log.debug("hub not reachable; message dropped", extra={"command": frames[0][:8].decode("ascii", "replace")})
+            return False
+
     def connect() -> zmq.Socket:
         d = zctx.socket(zmq.DEALER)
         d.setsockopt(zmq.LINGER, 2000)
@@ -115,7 +126,7 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
         d.setsockopt(zmq.RCVHWM, 100_000)
         security.apply_client(d, cfg, keys)
         d.connect(cfg.client.work)
-        d.send_multipart([P.READY, ready])
+        send(d, [P.READY, ready])
         return d
 
     dealer = connect()
@@ -136,7 +147,7 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
                         break
                     if frames[0] == b"QUIT":
                         return
-                    dealer.send_multipart(frames)
+                    send(dealer, frames)
                     last_sent = now
             if dealer in socks:
                 for _ in range(1000):
@@ -153,7 +164,7 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
                         if hdr.get("fatal"):
                             pair.send_multipart([b"FATAL", frames[1]])
                         elif hdr.get("reready"):
-                            dealer.send_multipart([P.READY, ready])
+                            send(dealer, [P.READY, ready])
                         else:
                             log.warning("hub rejected a message", extra={"error": hdr.get("error")})
             if now - last_hub > timeout:
@@ -167,7 +178,7 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
                 pair.send_multipart([b"RESET"])
                 last_hub = last_sent = now
             elif now - last_sent >= interval and not stop.is_set():
-                dealer.send_multipart([P.HB, b"{}"])
+                send(dealer, [P.HB, b"{}"])
                 last_sent = now
     finally:
         dealer.close()
@@ -176,13 +187,13 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
 
 def child_main(cfg: Config, spec: WorkerSpec) -> int:
     """Entry point of a worker child process; returns the exit code."""
+    # The I/O and handler threads hand every event to each other; the default 5 ms GIL switch interval
+    # would show up directly as tail latency.
+    sys.setswitchinterval(0.0005)
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         stopping.set()
-    # The I/O and handler threads hand every event to each other; the default 5 ms GIL switch interval
-    # would show up directly as tail latency.
-    sys.setswitchinterval(0.0005)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
