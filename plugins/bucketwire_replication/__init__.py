@@ -41,7 +41,7 @@ from urllib.parse import quote
 from minio.commonconfig import REPLACE, ComposeSource, CopySource
 from minio.error import S3Error
 
-from bucketwire import ConfigError, Context, Event, PermanentError, PluginError, hookimpl
+from bucketwire import ConfigError, Context, Event, PermanentError, PluginError, hookimpl, with_defaults
 
 PLUGIN_NAME = "replication"
 META = "x-amz-meta-"
@@ -71,11 +71,7 @@ DEFAULTS: dict[str, Any] = {
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """`target_store` and `target_bucket` are required; the rest have defaults (see docs/plugins.md)."""
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        k = sorted(unknown)[0]
-        raise ConfigError(f"{k}: unknown setting; known: {', '.join(sorted(DEFAULTS))}")
-    s = {**DEFAULTS, **settings}
+    s = with_defaults(settings, DEFAULTS)
     for k in ("target_store", "target_bucket"):
         if not isinstance(s[k], str) or not s[k]:
             raise ConfigError(f'{k}: required; e.g. {k} = "{"backup" if k == "target_store" else "photos-replica"}"')
