@@ -14,18 +14,9 @@ from typing import Any
 
 import click
 
-from . import config as config_mod
 from . import logs
-from .config import Config, ConfigError
-
-CONFIG_HELP = "TOML config file (or set BUCKETWIRE_CONFIG)."
-
-
-def load_config(path: str | None) -> Config:
-    try:
-        return config_mod.load(path)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+from .commands._common import config_option, load_config, on_stop_signals
+from .config import ConfigError
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -43,8 +34,6 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return inner
 
 
-config_option = click.option("-c", "--config", "config_path", envvar="BUCKETWIRE_CONFIG", type=click.Path(),
-                             help=CONFIG_HELP)
 
 
 @click.group()
@@ -61,13 +50,6 @@ def cli(ctx: click.Context, log_format: str, verbose: int, quiet: bool) -> None:
     ctx.obj = {"log_format": log_format, "verbosity": verbosity}
 
 
-def _on_stop_signals(stop: Callable[[], None]) -> None:
-    def handler(signum: int, frame: Any) -> None:
-        stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
 
 @cli.command()
 @config_option
@@ -83,7 +65,7 @@ def hub(config_path: str | None) -> None:
     if not cfg.hub.auth_tokens:
         click.echo("warning: [hub] auth_token is not set; webhook ingress accepts unauthenticated requests",
                    err=True)
-    _on_stop_signals(h.stop)
+    on_stop_signals(h.stop)
     signal.signal(signal.SIGHUP, lambda signum, frame: h.request_reload())  # re-read keys: docs/security.md
     try:
         h.run()
@@ -158,7 +140,7 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
 
     cfg = load_config(config_path)
     stop = threading.Event()
-    _on_stop_signals(stop.set)
+    on_stop_signals(stop.set)
     out = sys.stdout
     try:
         for _t, _s, body in follow(cfg, list(topics) or None, from_seq, stop=stop.is_set):

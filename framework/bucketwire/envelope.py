@@ -91,6 +91,11 @@ class Event:
         return self.type.startswith("s3:ObjectRemoved:")
 
     @property
+    def is_object_event(self) -> bool:
+        """A creation or removal of a named object: what object-processing plugins act on."""
+        return bool(self.bucket and self.key) and (self.is_object_created or self.is_object_removed)
+
+    @property
     def object_key(self) -> str | None:
         """`bucket/key` for object events: the unit of per-object ordering."""
         if self.bucket is None or self.key is None:

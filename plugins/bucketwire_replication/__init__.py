@@ -265,11 +265,9 @@ def worker_shutdown(ctx: Context) -> None:
 def handle_event(event: Event, ctx: Context) -> None:
     """Replicate one created object (or removal, when enabled); everything else is ignored."""
     s = ctx.settings
-    if not (event.is_object_created or event.is_object_removed):
+    if not event.is_object_event:
         return
     bucket, key = event.bucket, event.key
-    if not bucket or not key:
-        return
     if s["buckets"] is not None and bucket not in s["buckets"]:
         return
     data = event.data if isinstance(event.data, dict) else {}

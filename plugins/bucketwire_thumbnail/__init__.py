@@ -250,11 +250,9 @@ def _existing(client: Any, out_bucket: str, keys: dict[int, str], bucket: str, k
 def handle_event(event: Event, ctx: Context) -> None:
     """Make (or delete) thumbnails for one object event; other events are ignored."""
     s = ctx.settings
-    if not (event.is_object_created or event.is_object_removed):
+    if not event.is_object_event:
         return
     bucket, key = event.bucket, event.key
-    if not bucket or not key:
-        return
     if s["buckets"] is not None and bucket not in s["buckets"]:
         return
     if event.hops > s["max_hops"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -32,3 +33,17 @@ def on_stop_signals(stop: Callable[[], None]) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def run_source(src: Any, close: Callable[[], None], name: str) -> None:
+    """Run a source's `run()` in a thread until it ends or a signal stops it, then close its hub publisher."""
+    on_stop_signals(src.stop)
+    t = threading.Thread(target=src.run, name=name, daemon=True)
+    t.start()
+    try:
+        while t.is_alive():
+            t.join(0.5)
+    finally:
+        src.stop()
+        close()
+    click.echo(f"stopped after publishing {src.published} event(s)", err=True)

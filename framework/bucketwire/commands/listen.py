@@ -7,13 +7,12 @@ the durable webhook + `queue_dir` setup.
 from __future__ import annotations
 
 import logging
-import threading
 
 import click
 
 from ..sources import hub_publisher
 from ..sources.minio_listen import DEFAULT_EVENTS, MinioListenSource
-from ._common import config_option, load_config, on_stop_signals
+from ._common import config_option, load_config, run_source
 
 log = logging.getLogger("bucketwire.listen")
 
@@ -44,15 +43,6 @@ def listen(config_path: str | None, store_name: str, bucket: str, prefix: str, s
     publish, close = hub_publisher(cfg)
     src = MinioListenSource(publish, client, bucket=bucket, store=store_name, prefix=prefix, suffix=suffix,
                             events=tuple(event_names) or DEFAULT_EVENTS)
-    on_stop_signals(src.stop)
     click.echo(f"listening to {store.endpoint}/{bucket} (prefix {prefix!r}, suffix {suffix!r}); Ctrl+C stops",
                err=True)
-    t = threading.Thread(target=src.run, name="minio-listen", daemon=True)
-    t.start()
-    try:
-        while t.is_alive():
-            t.join(0.5)
-    finally:
-        src.stop()
-        close()
-    click.echo(f"stopped after publishing {src.published} event(s)", err=True)
+    run_source(src, close, "minio-listen")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import click
@@ -10,7 +9,7 @@ import click
 from ..seaweed import WeedError, find_weed
 from ..sources import hub_publisher
 from ..sources.seaweed_meta import SeaweedMetaSource, read_state
-from ._common import config_option, load_config, on_stop_signals
+from ._common import config_option, load_config, run_source
 
 
 @click.command(name="seaweed-source")
@@ -40,15 +39,6 @@ def seaweed_source(config_path: str | None, filer: str, state_path: str | None, 
     publish, close = hub_publisher(cfg)
     src = SeaweedMetaSource(publish, filer=filer, state_path=state, store=store_name or cfg.hub.default_store,
                             path_prefix=path_prefix, start_ago=since, weed=weed)
-    on_stop_signals(src.stop)
     where = "from now" if resume is None and not since else "from the saved position" if resume else f"{since}s back"
     click.echo(f"following {filer}{path_prefix} {where}; state in {state}; Ctrl+C stops", err=True)
-    t = threading.Thread(target=src.run, name="seaweed-meta", daemon=True)
-    t.start()
-    try:
-        while t.is_alive():
-            t.join(0.5)
-    finally:
-        src.stop()
-        close()
-    click.echo(f"stopped after publishing {src.published} event(s)", err=True)
+    run_source(src, close, "seaweed-meta")
