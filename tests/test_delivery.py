@@ -139,8 +139,11 @@ def test_follow_ons_exactly_once_when_an_event_is_handled_twice(stack_factory):
     w = s.start_worker("a", 1, "--credit", "1")
     frozen = s.child_pids(w)[0]
     with s.client() as c:
-        c.publish_events([obj_event("twice", 0, sleep=1.0, follow=3)])
-    wait_for(lambda: s.status()["groups"]["a"]["inflight"] == 1, 10, "event in flight")
+        c.publish_events([obj_event("twice", 0, sleep=1.0, follow=3, mark_start=True)])
+    started = s.record.parent / (s.record.name + ".started")
+    # Freeze only once the handler runs: an event still queued in the child is dropped when it wakes up
+    # (its I/O thread sees the hub went silent, reconnects and discards unstarted work), which is correct.
+    wait_for(lambda: started.exists() and started.read_text().startswith(f"{frozen} "), 20, "handler started")
     os.kill(frozen, signal.SIGSTOP)
     try:
         s.start_worker("a", 1, "--credit", "1", wait=False)

@@ -26,6 +26,9 @@ def validate_settings(settings):
 def handle_event(event, ctx):
     d = event.data if isinstance(event.data, dict) else {}
     t0 = time.monotonic()
+    if d.get("mark_start"):  # lets a test act while the handler is provably running
+        with open(ctx.settings["path"] + ".started", "a") as f:
+            f.write(f"{os.getpid()} {event.seq}\n")
     if d.get("sleep"):
         time.sleep(d["sleep"])
     if ctx.attempt <= d.get("fail", 0):
