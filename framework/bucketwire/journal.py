@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA = 1
+CHUNK = 400
+"""Rows per multi-row statement (7 parameters each; SQLite allows 32766 per statement)."""
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -80,7 +82,8 @@ class Journal:
     def __init__(self, path: Path, durability: str = "os") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        # Multi-row statements differ in length with the batch: cache enough of them.
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, cached_statements=1024)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
         self.db.execute("PRAGMA busy_timeout=5000")
@@ -125,6 +128,17 @@ class Journal:
     def lookup(self, source: str, eid: str) -> tuple[str, int] | None:
         return self.db.execute("SELECT topic, seq FROM events WHERE source=? AND id=?", (source, eid)).fetchone()
 
+    def _existing(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, int, bytes]]:
+        """Which (source, id) are already in the journal: one indexed lookup per chunk, not one per event."""
+        found: dict[tuple[str, str], tuple[str, int, bytes]] = {}
+        for i in range(0, len(keys), CHUNK):
+            part = keys[i:i + CHUNK]
+            q = ("WITH v(s, i) AS (VALUES " + ",".join(["(?,?)"] * len(part)) + ") "
+                 "SELECT e.source, e.id, e.topic, e.seq, e.body FROM v JOIN events e ON e.source = v.s AND e.id = v.i")
+            for src, eid, topic, seq, body in self.db.execute(q, [x for k in part for x in k]):
+                found[(src, eid)] = (topic, seq, body)
+        return found
+
     def size_bytes(self) -> int:
         pc = self.db.execute("PRAGMA page_count").fetchone()[0]
         fl = self.db.execute("PRAGMA freelist_count").fetchone()[0]
@@ -141,26 +155,33 @@ class Journal:
         db = self.db
         try:
             db.execute("BEGIN IMMEDIATE")
-            insert = (
-                "INSERT INTO events(topic, seq, source, id, objkey, ts, body) VALUES (?,?,?,?,?,?,?) "
-                "ON CONFLICT(source, id) DO NOTHING"
-            )
+            # Few statements per commit, whatever the batch size: sqlite3 gives up the GIL on every statement
+            # step, and under load each step then waits for the HTTP threads to hand it back.
+            existing = self._existing(list(dict.fromkeys((ev.source, ev.id) for ev in batch.events)))
+            rows = []
             for ev in batch.events:
                 k = (ev.source, ev.id)
                 prev = seen.get(k)
-                if prev is None:
-                    # One statement per event: the unique index decides, the lookup only runs for duplicates.
-                    seq = heads.get(ev.topic, 0) + 1
-                    body = ev.body_fn(seq)  # type: ignore[operator]
-                    if db.execute(insert, (ev.topic, seq, ev.source, ev.id, ev.objkey, now, body)).rowcount == 1:
-                        heads[ev.topic] = seq
-                        a = Appended(ev.topic, seq, body, ev.objkey)
-                        seen[k] = a
-                        out.append(a)
-                        continue
-                    hit = db.execute("SELECT topic, seq, body FROM events WHERE source=? AND id=?", k).fetchone()
-                    prev = Appended(hit[0], hit[1], hit[2], ev.objkey, duplicate=True)
-                out.append(Appended(prev.topic, prev.seq, prev.body, prev.objkey, duplicate=True))
+                if prev is None and k in existing:
+                    topic, seq, body = existing[k]
+                    prev = Appended(topic, seq, body, ev.objkey, duplicate=True)
+                if prev is not None:
+                    out.append(Appended(prev.topic, prev.seq, prev.body, prev.objkey, duplicate=True))
+                    continue
+                seq = heads.get(ev.topic, 0) + 1
+                heads[ev.topic] = seq
+                body = ev.body_fn(seq)  # type: ignore[operator]
+                a = Appended(ev.topic, seq, body, ev.objkey)
+                seen[k] = a
+                out.append(a)
+                rows.append((ev.topic, seq, ev.source, ev.id, ev.objkey, now, body))
+            for i in range(0, len(rows), CHUNK):
+                part = rows[i:i + CHUNK]
+                db.execute(
+                    "INSERT INTO events(topic, seq, source, id, objkey, ts, body) VALUES "
+                    + ",".join(["(?,?,?,?,?,?,?)"] * len(part)),
+                    [x for r in part for x in r],
+                )
             changed = [(t, h) for t, h in heads.items() if self.heads.get(t) != h]
             if changed:
                 db.executemany(
