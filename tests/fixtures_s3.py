@@ -19,19 +19,29 @@ from bucketwire.seaweed import WeedError, WeedServer, find_weed
 _counter = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
-def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedServer]:
-    """A started SeaweedFS shared by the whole session; stopped (process group killed) at the end."""
+def _serve(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[WeedServer]:
     try:
         find_weed()
     except WeedError as e:
         pytest.skip(str(e))
-    server = WeedServer(tmp_path_factory.mktemp("weed"))
+    server = WeedServer(tmp_path_factory.mktemp(name))
     server.start(timeout=60)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedServer]:
+    """A started SeaweedFS shared by the whole session; stopped (process group killed) at the end."""
+    yield from _serve(tmp_path_factory, "weed")
+
+
+@pytest.fixture(scope="session")
+def weed2(tmp_path_factory: pytest.TempPathFactory, weed: WeedServer) -> Iterator[WeedServer]:
+    """A second, independent SeaweedFS: the remote end for replication across stores."""
+    yield from _serve(tmp_path_factory, "weed2")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import io
 import itertools
 import os
 import tracemalloc
-from collections.abc import Iterator
 from typing import Any
 
 import minio
@@ -48,17 +47,6 @@ class FastFailStores(Stores):
             return minio.Minio(cfg.endpoint, access_key="x", secret_key="y", secure=False, region="us-east-1",
                                http_client=http)
         return super().get(name)
-
-
-@pytest.fixture(scope="module")
-def weed2(tmp_path_factory: pytest.TempPathFactory, weed: WeedServer) -> Iterator[WeedServer]:
-    """A second, independent SeaweedFS: the remote target."""
-    server = WeedServer(tmp_path_factory.mktemp("weed2"))
-    server.start(timeout=60)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def harness(stores: dict[str, StoreConfig], **settings: Any) -> PluginHarness:
