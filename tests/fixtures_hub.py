@@ -18,6 +18,7 @@ import pytest
 
 from bucketwire import config as config_mod
 from bucketwire.client import HubClient
+from tests.procs import cmdline, processes
 
 RECORDER = str(Path(__file__).parent / "plugins" / "recorder.py")
 
@@ -136,21 +137,8 @@ path = "{self.record}"
         return [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
 
     def child_pids(self, worker: subprocess.Popen) -> list[int]:
-        out = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    stat = (d / "stat").read_text()
-                except OSError:
-                    continue
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                try:  # worker children only, not multiprocessing's resource tracker
-                    is_child = b"spawn_main" in (d / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                if ppid == worker.pid and is_child:
-                    out.append(int(d.name))
-        return out
+        """The pool's worker children (not multiprocessing's resource tracker, also a child)."""
+        return [p for p, pr in processes().items() if pr.ppid == worker.pid and b"spawn_main" in cmdline(p)]
 
     def stop(self) -> None:
         for p in [*self.workers, self.hub_proc]:

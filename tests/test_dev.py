@@ -13,29 +13,20 @@ import pytest
 
 from bucketwire.commands.dev import DEFAULT_CONFIG, needed_buckets, to_toml
 from bucketwire.seaweed import WeedError, find_weed
+from tests.procs import processes
 
 BUCKETWIRE = str(Path(sys.executable).parent / "bucketwire")
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def descendants(root: int) -> list[int]:
-    """Live processes descended from `root` or in its process group/session (a /proc scan, no psutil)."""
-    procs: dict[int, tuple[int, int, int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        f = stat[stat.rindex(")") + 2 :].split()
-        if f[0] != "Z":
-            procs[int(d.name)] = (int(f[1]), int(f[2]), int(f[3]))  # ppid, pgrp, session
+    """Live processes descended from `root` or in its process group/session."""
+    procs = processes()
     out, frontier = set(), {root}
     while frontier:
-        frontier = {p for p, (pp, _, _) in procs.items() if pp in frontier and p not in out}
+        frontier = {p for p, pr in procs.items() if pr.ppid in frontier and p not in out}
         out |= frontier
-    out |= {p for p, (_, pg, sid) in procs.items() if pg == root or sid == root}
+    out |= {p for p, pr in procs.items() if root in (pr.pgrp, pr.session)}
     return sorted(out - {root})
 
 

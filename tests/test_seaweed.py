@@ -10,22 +10,12 @@ from pathlib import Path
 import pytest
 
 from bucketwire.seaweed import WeedError, WeedServer, find_weed, notification_toml
+from tests.procs import processes
 
 
 def _pids_in_group(pgid: int) -> list[int]:
-    """Live processes whose process group is `pgid` (a /proc scan, no psutil)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(d.name))
-    return out
+    """Live processes whose process group is `pgid`."""
+    return [p for p, pr in processes().items() if pr.pgrp == pgid]
 
 
 def test_put_and_get_roundtrip(weed: WeedServer, bucket: str) -> None:
