@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ import pytest
 
 from bucketwire import config as config_mod
 from bucketwire.client import HubClient
+from bucketwire.procutil import free_port
 from tests.procs import cmdline, processes
 
 RECORDER = str(Path(__file__).parent / "plugins" / "recorder.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

@@ -97,10 +97,9 @@ class Event:
 
     @property
     def object_key(self) -> str | None:
-        """`bucket/key` for object events: the unit of per-object ordering."""
-        if self.bucket is None or self.key is None:
-            return None
-        return f"{self.bucket}/{self.key}"
+        """`bucket/key` for object events: the unit of per-object ordering (None unless both are strings)."""
+        b, k = self.bucket, self.key
+        return f"{b}/{k}" if isinstance(b, str) and isinstance(k, str) else None
 
     # -- wire form -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -40,11 +40,6 @@ MAX_DRAIN = 2000
 MAX_FETCH = 1000
 
 
-def objkey_of(ev: Event) -> str | None:
-    b, k = ev.bucket, ev.key
-    return f"{b}/{k}" if isinstance(b, str) and isinstance(k, str) else None
-
-
 @dataclass(slots=True)
 class IngestResult:
     id: str
@@ -302,7 +297,7 @@ class Hub(Listeners):
             ev.topic, ev.seq = topic, seq
             return ev.to_json()
 
-        return NewEvent(topic, ev.source, ev.id, objkey_of(ev), render)
+        return NewEvent(topic, ev.source, ev.id, ev.object_key, render)
 
     def _dead_letter(self, dl: DeadLetter) -> NewEvent | None:
         topic = self.cfg.dead_letter_for(dl.item.topic)
@@ -704,4 +699,4 @@ def g_item_stub(topic: str, seq: int, fo: Event) -> Any:
     """A dispatch Item standing for a refused follow-on, so it dead-letters like any other failure."""
     from .dispatch import Item
 
-    return Item(topic, seq, objkey_of(fo), fo.to_json(), attempts=1)
+    return Item(topic, seq, fo.object_key, fo.to_json(), attempts=1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,9 +124,6 @@ class Journal:
         row = self.db.execute("SELECT min(seq) FROM events WHERE topic=?", (topic,)).fetchone()
         return row[0] if row else None
 
-    def lookup(self, source: str, eid: str) -> tuple[str, int] | None:
-        return self.db.execute("SELECT topic, seq FROM events WHERE source=? AND id=?", (source, eid)).fetchone()
-
     def _existing(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, int, bytes]]:
         """Which (source, id) are already in the journal: one indexed lookup per chunk, not one per event."""
         found: dict[tuple[str, str], tuple[str, int, bytes]] = {}
@@ -210,10 +206,6 @@ class Journal:
             raise JournalError(f"journal commit failed: {e}") from e
         self.heads = heads
         return out
-
-    def ensure_topics(self, names: Iterable[str]) -> None:
-        for n in names:
-            self.heads.setdefault(n, 0)
 
     def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int:
         """Drop the oldest events past the age or size limit; returns how many were dropped."""

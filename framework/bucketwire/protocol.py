@@ -42,7 +42,6 @@ STATUSR = b"STATUSR"
 REPLAY = b"REPLAY"
 REPLAYR = b"REPLAYR"
 
-CLIENT_COMMANDS = {READY, ACK, HB, BYE, PUB, FETCH, STATUS, REPLAY}
 
 HEARTBEAT_FRAME = b""
 """On the PUB socket a heartbeat is `[topic, head-seq, b""]`: an empty envelope frame."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -18,6 +17,7 @@ import time
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +29,11 @@ from . import security
 from .config import Config, ConfigError
 from .context import Context, PermanentError, Stores
 from .envelope import SCHEMA_VERSION, EnvelopeError, Event
+from .procutil import on_stop_signals
 from .worker_metrics import event_done, handler_done, set_credit
 
 log = logging.getLogger("bucketwire.worker")
 
-RESERVED_SETTINGS = ("topics",)
 
 
 @dataclass
@@ -140,21 +140,13 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
             socks = dict(poller.poll(int(interval * 1000 / 2)))
             now = time.monotonic()
             if pair in socks:
-                for _ in range(1000):
-                    try:
-                        frames = pair.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                for frames in drain(pair):
                     if frames[0] == b"QUIT":
                         return
                     send(dealer, frames)
                     last_sent = now
             if dealer in socks:
-                for _ in range(1000):
-                    try:
-                        frames = dealer.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                for frames in drain(dealer):
                     last_hub = now
                     cmd = frames[0]
                     if cmd == P.DELIVER:
@@ -185,18 +177,21 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
         pair.close(0)
 
 
+def drain(sock: zmq.Socket, limit: int = 1000) -> Iterator[list[bytes]]:
+    """The messages waiting on `sock` right now (at most `limit`), without blocking."""
+    for _ in range(limit):
+        if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            return
+        yield sock.recv_multipart(zmq.NOBLOCK)
+
+
 def child_main(cfg: Config, spec: WorkerSpec) -> int:
     """Entry point of a worker child process; returns the exit code."""
     # The I/O and handler threads hand every event to each other; the default 5 ms GIL switch interval
     # would show up directly as tail latency.
     sys.setswitchinterval(0.0005)
     stopping = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    on_stop_signals(stopping.set)
     try:
         plugins = Plugins(cfg, spec)
         plugins.lifecycle("worker_startup")
@@ -225,11 +220,7 @@ def child_main(cfg: Config, spec: WorkerSpec) -> int:
         """Pull whatever the I/O thread forwarded; False on a fatal error from the hub."""
         if not pair.poll(block_ms):
             return True
-        while True:
-            try:
-                frames = pair.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return True
+        for frames in drain(pair, limit=1 << 30):
             if frames[0] == P.DELIVER:
                 attempts = P.header(frames[1]).get("a", [])
                 for i, body in enumerate(frames[2:]):
@@ -239,6 +230,7 @@ def child_main(cfg: Config, spec: WorkerSpec) -> int:
             elif frames[0] == b"FATAL":
                 log.error(P.header(frames[1]).get("error", "hub refused this worker"))
                 return False
+        return True
 
     code = 0
     try:

@@ -9,6 +9,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from multiprocessing.connection import wait
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from . import config as config_mod
 from . import logs
 from .config import Config, ConfigError
+from .procutil import on_stop_signals
 from .runner import Plugins, WorkerSpec, child_main
 
 log = logging.getLogger("bucketwire.worker")
@@ -57,14 +59,8 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     Plugins(cfg, spec)
     ctx = mp.get_context("spawn")
     cfg_path = str(cfg.path) if cfg.path else None
-    stopping = False
-
-    def on_signal(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = threading.Event()
+    on_stop_signals(stop.set)
     children: dict[int, Any] = {}
     restarts: dict[int, list[float]] = {}
     restarted = [0]
@@ -85,18 +81,18 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
         spawn(i)
     log.info("worker pool started", extra={"group": spec.group, "processes": processes, "topics": spec.topics})
     code = 0
-    while not stopping:
+    while not stop.is_set():
         sentinels = {p.sentinel: slot for slot, p in children.items()}
         ready = wait(list(sentinels), timeout=0.5)
         for s in ready:
             slot = sentinels[s]
             p = children[slot]
             p.join()
-            if stopping:
+            if stop.is_set():
                 break
             if p.exitcode == 2:
                 log.error("worker child exited with a configuration error; stopping the pool")
-                stopping = True
+                stop.set()
                 code = 2
                 break
             hist = [t for t in restarts.get(slot, []) if time.monotonic() - t < 60] + [time.monotonic()]

@@ -65,10 +65,6 @@ def seal(record: dict[str, Any], n: int, prev: str) -> tuple[bytes, str]:
     return canonical(rec), h
 
 
-def today() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%d")
-
-
 @dataclass(slots=True)
 class Head:
     n: int = 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import click
 
 from ..config import Config, ConfigError, load
+from ..procutil import on_stop_signals
 
 config_option = click.option(
     "-c", "--config", "config_path", envvar="BUCKETWIRE_CONFIG", type=click.Path(),
@@ -24,15 +24,6 @@ def load_config(path: str | None) -> Config:
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
 
-
-def on_stop_signals(stop: Callable[[], None]) -> None:
-    """Call `stop` on SIGINT/SIGTERM, so long-running commands end cleanly instead of with a traceback."""
-
-    def handler(signum: int, frame: Any) -> None:
-        stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
 
 
 def run_source(src: Any, close: Callable[[], None], name: str) -> None:

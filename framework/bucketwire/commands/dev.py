@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from typing import Any
 
 import click
 
+from ..procutil import free_port, on_stop_signals
 from ..seaweed import WeedError, WeedServer, find_weed
 
 DEFAULT_CONFIG = """\
@@ -132,12 +132,6 @@ def _is_table_array(v: Any) -> bool:
 
 
 # -- the stack ---------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def needed_buckets(doc: dict[str, Any]) -> list[str]:
     """Buckets the config names: [dev] buckets, route buckets, and plugin settings ending in `bucket`."""
     names: list[str] = list(doc.get("dev", {}).get("buckets", []))
@@ -295,11 +289,7 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
     children = Children(root / "logs")
     stopping = threading.Event()
 
-    def on_signal(signum: int, frame: Any) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    on_stop_signals(stopping.set)
     try:
         try:
             weed.start(timeout=60)

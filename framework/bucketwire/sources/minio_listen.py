@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import minio
@@ -56,15 +56,6 @@ def parse_document(doc: Any, *, store: str | None) -> list[Event]:
     if not isinstance(records, list):
         raise RecordError("listen stream 'Records' must be an array")
     return [record_to_event(r, store=store, key_encoded=False, index=i) for i, r in enumerate(records)]
-
-
-def parse_stream(lines: Iterable[bytes | str], *, store: str | None) -> Iterator[Event]:
-    """Events from an iterable of stream lines, skipping (and logging) lines that cannot be read."""
-    for line in lines:
-        try:
-            yield from parse_line(line, store=store)
-        except RecordError as e:
-            log.error("skipping unreadable listen line: %s", e)
 
 
 class MinioListenSource:
