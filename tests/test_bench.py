@@ -41,14 +41,15 @@ def test_webhook() -> None:
     r = bench("webhook", "-n", "300", "-p", "2", "-c", "2", "--rate", "200", "--seconds", "0.5")
     assert r["benchmark"] == "webhook" and r["ratio"] == r["hub"]["ratio"] > 0
     assert set(r["clients"]) == {"processes", "connections_per_process", "path", "body_bytes"}
-    base, hub = r["baseline"], r["hub"]
+    base, hub, ref = r["baseline"], r["hub"], r["reference"]
     for side in (base, hub):
         assert {"requests", "ok", "failed", "seconds", "throughput_rps", "latency", "rates"} <= set(side)
         assert side["requests"] == side["ok"] == 300 and side["failed"] == 0
         assert set(side["latency"]) == {"saturation", "200"}
         assert all(set(v) == PCT for v in side["latency"].values())
         assert side["rates"]["200"]["ok"] == 100 and side["rates"]["200"]["failed"] == 0
-    assert hub["durability"] == "os" and base["name"]
+    assert hub["durability"] == "os" and "httptools" in base["name"]
+    assert ref["requests"] == ref["ok"] == 300 and "stdlib" in ref["name"] and ref["ratio"] > 0
 
 
 def test_thumbnail() -> None:

@@ -42,8 +42,10 @@ def test_token_list_rotation(stack_factory, tmp_path):
     s.start_hub()
     assert s.post("/events", CE)[0] == 200, "the old token works"
     assert s.post("/events", CE.replace(b"e1", b"e2"), token="new-token-value")[0] == 200, "and so does the new one"
-    for bad in ("", "new-token-valu", "new-token-value2", "Test-token", "test-token\x00", "x" * 10_000):
+    for bad in ("", "new-token-valu", "new-token-value2", "Test-token", "x" * 10_000):
         assert s.post("/events", CE.replace(b"e1", b"e3"), token=bad)[0] == 401, bad
+    # a NUL is not a legal header character: the parser refuses the request before the token is looked at
+    assert s.post("/events", CE.replace(b"e1", b"e3"), token="test-token\x00")[0] == 400
     code, _ = s.post("/events", CE.replace(b"e1", b"e4"), token="", headers={"Authorization": "Basic dGVzdA=="})
     assert code == 401
     assert s.status()["topics"]["x"]["head"] == 2

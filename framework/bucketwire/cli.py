@@ -70,8 +70,7 @@ def hub(config_path: str | None) -> None:
     try:
         h.run()
     finally:
-        srv.shutdown()
-        srv.server_close()
+        srv.close()
 
 
 @cli.command()

@@ -1,10 +1,10 @@
 """The hub: the one stateful process.
 
-A single loop thread owns the journal, the consumer-group state and every ZeroMQ socket. HTTP ingress
-threads hand parsed events to it through a queue and a wake-up pipe and wait for the commit. Each turn of the
-loop drains everything that has arrived, commits it in one transaction (group commit), then answers
-publishers, fans out on PUB and dispatches to workers. Owning all state in one thread is what makes the
-delivery rules simple to reason about; the work per event is small enough that one core goes a long way.
+A single loop thread owns the journal, the consumer-group state, every ZeroMQ socket and the HTTP ingress (an
+asyncio loop it steps). Each turn reads the webhook requests and ZeroMQ frames that have arrived, commits them in
+one transaction (group commit), then answers webhooks and publishers, fans out on PUB and dispatches to workers.
+Owning all state in one thread is what makes the delivery rules simple to reason about, and it is also what makes
+it fast: nothing waits for another thread's GIL.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,8 @@ from . import protocol as P
 from .config import Config
 from .dispatch import DeadLetter, GroupState, WorkerState, decode_ranges, encode_ranges
 from .envelope import SCHEMA_VERSION, EnvelopeError, Event, stable_id
+from .httpserver import SWEEP_INTERVAL as HTTP_SWEEP
+from .httpserver import Server as HttpServer
 from .hub_ops import HubOps
 from .journal import Appended, Batch, Journal, JournalError, NewEvent
 from .listeners import Listeners
@@ -64,7 +65,9 @@ class Hub(Listeners):
         self.router = Router(cfg.routes, cfg.hub.default_topic)
         self.groups: dict[str, GroupState] = {}
         self.workers: dict[bytes, WorkerState] = {}
-        self.ingress_q: queue.SimpleQueue[tuple[list[Event], str, Future]] = queue.SimpleQueue()
+        self.ingress_q: queue.SimpleQueue[tuple[list[Event], str, Callable]] = queue.SimpleQueue()
+        self.http: HttpServer | None = None
+        self._loop_thread = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -121,12 +124,18 @@ class Hub(Listeners):
         return g
 
     # -- ingress from HTTP threads ---------------------------------------------------------------------------
-    def submit(self, events: list[Event], source: str) -> Future:
-        """Thread-safe: queue events for the next commit; the future resolves to a list of IngestResult."""
-        fut: Future = Future()
-        self.ingress_q.put((events, source, fut))
-        self.wake()
-        return fut
+    def submit(self, events: list[Event], source: str,
+               done: Callable[[list[IngestResult] | None, str | None], None]) -> None:
+        """Thread-safe: queue events for the next commit. `done(results, None)` (one IngestResult per event) or
+        `done(None, error)` is called in the loop thread once the batch is committed or has failed; it must only
+        hand the answer back to its own thread."""
+        self.ingress_q.put((events, source, done))
+        if threading.get_ident() != self._loop_thread:  # from the loop itself: run() looks at the queue anyway
+            self.wake()
+
+    def attach_http(self, server: HttpServer) -> None:
+        """Drive the HTTP ingress from the loop thread (before `run`)."""
+        self.http = server
 
     def wake(self) -> None:
         try:
@@ -140,7 +149,7 @@ class Hub(Listeners):
 
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
-        sys.setswitchinterval(0.0005)  # HTTP threads hand work to this loop; keep the GIL hand-off short
+        sys.setswitchinterval(0.0005)  # the HTTP thread hands work to this loop; keep the GIL hand-off short
         zctx = zmq.Context()
         self.work = zctx.socket(zmq.ROUTER)
         self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -172,6 +181,9 @@ class Hub(Listeners):
         for ls in self.listeners[1:]:
             poller.register(ls.work, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        if self.http is not None:
+            poller.register(self.http.fileno(), zmq.POLLIN)
+        self._loop_thread = threading.get_ident()
         for mon in self.ops.attach_monitors({"work": self.work, "pub": self.pub}):
             poller.register(mon, zmq.POLLIN)
         self.ready.set()
@@ -188,8 +200,14 @@ class Hub(Listeners):
                         pass
                 except BlockingIOError:
                     pass
+                if self.http is not None:
+                    self.http.step()  # read requests: parsed events land in ingress_q
                 self.tick()
+                if self.http is not None:
+                    self.http.step()  # write the answers of what this tick committed
             self.tick()  # flush what is queued, answer what is waiting
+            if self.http is not None:
+                self.http.step()
         finally:
             self._close_security()
             self.work.close()
@@ -200,7 +218,11 @@ class Hub(Listeners):
             log.info("hub stopped")
 
     def _next_timeout(self, now: float) -> int:
+        if not self.ingress_q.empty():
+            return 0
         t = self.cfg.hub.heartbeat_interval
+        if self.http is not None:
+            t = min(t, HTTP_SWEEP)  # the ingress's own timers (deadlines, TLS handshakes) run when it is stepped
         if self.auth is not None:
             t = min(t, 0.05)  # XPUB subscriptions are not polled: look at them often enough to feel instant
         for g in self.groups.values():
@@ -369,17 +391,9 @@ class Hub(Listeners):
     def _drain_ingress(self, batch: Batch, replies: list) -> None:
         for _ in range(MAX_DRAIN):
             try:
-                events, source, fut = self.ingress_q.get_nowait()
+                events, source, done = self.ingress_q.get_nowait()
             except queue.Empty:
                 return
-
-            def done(res: list[IngestResult] | None, err: str | None, fut: Future = fut) -> None:
-                if not fut.done():
-                    if err is not None:
-                        fut.set_exception(JournalError(err))
-                    else:
-                        fut.set_result(res)
-
             self._ingest(events, source, batch, done, replies)
 
     def _send(self, frames: list[bytes]) -> bool:

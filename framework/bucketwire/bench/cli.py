@@ -43,13 +43,15 @@ def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], ra
 @click.option("--rate", multiple=True, type=click.IntRange(1), default=(500,), show_default=True,
               help="Fixed offered rates for latency (requests/s, repeatable).")
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="Seconds per fixed-rate phase.")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Also measure a no-work stdlib http.server, for reference.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def webhook(requests: int, processes: int, connections: int, durability: str, rate: tuple[int, ...],
-            seconds: float, as_json: bool) -> None:
-    """MinIO webhook POSTs into the hub (200 after commit), against a no-work stdlib HTTP server."""
+            seconds: float, reference: bool, as_json: bool) -> None:
+    """MinIO webhook POSTs into the hub (200 after commit), against a no-work server on the same HTTP stack."""
     from . import webhook as mod
 
-    res = mod.run(requests, processes, connections, durability, {r: seconds for r in rate})
+    res = mod.run(requests, processes, connections, durability, {r: seconds for r in rate}, reference)
     click.echo(json.dumps(res, indent=2) if as_json else mod.render(res))
 
 

@@ -1,10 +1,11 @@
 """`bucketwire bench webhook`: MinIO-format webhook POSTs into the hub's HTTP ingress, each answered after commit.
 
-Baseline: the same clients against a minimal stdlib server (ThreadingHTTPServer + BaseHTTPRequestHandler,
-HTTP/1.1 keep-alive) that reads the body and answers 200 without any work, in its own process, measured in the
+Baseline: the same clients against a server on the hub's own HTTP stack (bucketwire.httpserver: asyncio +
+httptools, HTTP/1.1 keep-alive) whose handler answers 200 without any work, in its own process, measured in the
 same run on the same machine. Whatever the clients themselves cost (http.client, threads, the GIL) is paid by
 both sides, so the ratio says how much the hub's parse -> route -> journal commit -> reply adds on top of the
-HTTP plumbing it shares with the baseline.
+HTTP plumbing it shares with the baseline. A no-work stdlib ThreadingHTTPServer is measured too, for reference
+(`--no-reference` skips it).
 
 Clients are processes (the GIL would otherwise serialise them) with a few persistent connections each, one
 thread per connection, every request waiting for its answer like MinIO's webhook target does. Saturation phase:
@@ -28,6 +29,7 @@ from typing import Any
 
 import click
 
+from ..httpserver import Request, Response, Server
 from .common import Stack, free_port, percentiles, progress, progress_done
 
 PATH = "/minio/events"
@@ -60,9 +62,31 @@ def body_template() -> bytes:
     return json.dumps({"EventName": "s3:ObjectCreated:Put", "Key": f"bench/{key}", "Records": [rec]}).encode()
 
 
-# -- baseline server ----------------------------------------------------------------------------------------
-class _NoWork(BaseHTTPRequestHandler):
-    """Reads the body and answers 200: the floor any stdlib-based ingress stands on."""
+# -- baseline servers ---------------------------------------------------------------------------------------
+class _NoWork:
+    """An `httpserver` handler that answers 200 without work: the floor the hub's ingress stands on."""
+
+    reply = Response(200, b'{"accepted": 1}\n')
+
+    def head(self, req: Request) -> Response | None:
+        return None
+
+    def handle(self, req: Request) -> Response:
+        return self.reply
+
+    def timed_out(self, req: Request) -> Response:
+        return self.reply
+
+
+def _serve_baseline(port: int, ready: Any) -> None:
+    srv = Server(_NoWork(), "127.0.0.1", port)
+    ready.set()
+    srv.serve_forever()
+
+
+class _StdlibNoWork(BaseHTTPRequestHandler):
+    """The same no-work answer from the standard library's server, for reference: what the ingress was built on
+    before httpserver.py."""
 
     protocol_version = "HTTP/1.1"
     # Headers and body go out in two writes; without TCP_NODELAY the second waits for the client's delayed
@@ -82,16 +106,23 @@ class _NoWork(BaseHTTPRequestHandler):
         self.wfile.write(self._reply)
 
 
-class _NoWorkServer(ThreadingHTTPServer):
+class _StdlibServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
 
-def _serve_baseline(port: int, ready: Any) -> None:
-    srv = _NoWorkServer(("127.0.0.1", port), _NoWork)
+def _serve_stdlib(port: int, ready: Any) -> None:
+    srv = _StdlibServer(("127.0.0.1", port), _StdlibNoWork)
     ready.set()
     srv.serve_forever()
+
+
+BASELINES = {
+    "baseline": (_serve_baseline, "bucketwire.httpserver (asyncio + httptools, the hub's own HTTP stack), "
+                 "HTTP/1.1 keep-alive, reads the body, answers 200"),
+    "stdlib": (_serve_stdlib, "stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive, reads the body, answers 200"),
+}
 
 
 # -- clients ------------------------------------------------------------------------------------------------
@@ -226,24 +257,30 @@ def _phases(port: int, n: int, processes: int, conns: int, rates: dict[int, floa
     return out
 
 
-def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, float]) -> dict[str, Any]:
-    from .bus import machine
-
+def _no_work(kind: str, n: int, processes: int, conns: int, rates: dict[int, float]) -> dict[str, Any]:
+    target, name = BASELINES[kind]
     ctx = mp.get_context("spawn")
     port = free_port()
     ready = ctx.Event()
-    srv = ctx.Process(target=_serve_baseline, args=(port, ready), daemon=True)
+    srv = ctx.Process(target=target, args=(port, ready), daemon=True)
     srv.start()
     try:
-        progress("bench webhook: starting the no-work baseline server")
+        progress(f"bench webhook: starting the no-work {kind} server")
         ready.wait(30)
         _wait_http(port)
-        base = _phases(port, n, processes, conns, rates, "baseline")
+        out = _phases(port, n, processes, conns, rates, kind)
     finally:
         srv.terminate()
         srv.join(10)
-    base["name"] = "stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive, reads the body, answers 200"
+    out["name"] = name
+    return out
 
+
+def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, float],
+        reference: bool = True) -> dict[str, Any]:
+    from .bus import machine
+
+    base = _no_work("baseline", n, processes, conns, rates)
     stack = Stack(durability, extra=ROUTE)
     try:
         progress("bench webhook: starting the hub")
@@ -252,24 +289,33 @@ def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, fl
         hub = _phases(stack.http, n, processes, conns, rates, "hub")
     finally:
         stack.stop()
-        progress_done()
+    ref = _no_work("stdlib", n, processes, conns, {}) if reference else None
+    progress_done()
     hub["durability"] = durability
     hub["ratio"] = round(hub["throughput_rps"] / max(base["throughput_rps"], 1e-9), 3)
-    return {"benchmark": "webhook", "machine": machine(), "clients": {"processes": processes,
-            "connections_per_process": conns, "path": PATH, "body_bytes": len(body_template())},
-            "baseline": base, "hub": hub, "ratio": hub["ratio"], "bar": 0.5}
+    res = {"benchmark": "webhook", "machine": machine(), "clients": {"processes": processes,
+           "connections_per_process": conns, "path": PATH, "body_bytes": len(body_template())},
+           "baseline": base, "hub": hub, "ratio": hub["ratio"], "bar": 0.5}
+    if ref is not None:
+        ref["ratio"] = round(hub["throughput_rps"] / max(ref["throughput_rps"], 1e-9), 3)
+        res["reference"] = ref
+    return res
 
 
 def render(res: dict[str, Any]) -> str:
     c = res["clients"]
     lines = [f"clients: {c['processes']} processes x {c['connections_per_process']} keep-alive connections, "
              f"POST {c['path']} ({c['body_bytes']} bytes, one MinIO record)"]
-    for name, r in (("baseline " + res["baseline"]["name"], res["baseline"]),
-                    (f"bucketwire hub ingress (durability={res['hub']['durability']}, 200 after commit)",
-                     res["hub"])):
+    rows = [("baseline " + res["baseline"]["name"], res["baseline"]),
+            (f"bucketwire hub ingress (durability={res['hub']['durability']}, 200 after commit)", res["hub"])]
+    if "reference" in res:
+        rows.append(("reference " + res["reference"]["name"], res["reference"]))
+    for name, r in rows:
         lines.append(f"{name}: {r['throughput_rps']:,.0f} requests/s ({r['ok']} ok, {r['failed']} failed)")
         for k, v in r["latency"].items():
             lines.append(f"  latency @{k}: p50 {v['p50_ms']} ms  p90 {v['p90_ms']}  p99 {v['p99_ms']}  "
                          f"max {v['max_ms']}")
-    lines.append(f"ratio: {res['ratio']}x of the no-work baseline (bar {res['bar']}x)")
+    lines.append(f"ratio: {res['ratio']}x of the no-work baseline on the same HTTP stack (bar {res['bar']}x)")
+    if "reference" in res:
+        lines.append(f"       {res['reference']['ratio']}x of the no-work stdlib server")
     return "\n".join(lines)

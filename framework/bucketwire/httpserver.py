@@ -1,0 +1,479 @@
+"""HTTP/1.1 server for the webhook ingress: asyncio plus httptools (llhttp, the parser behind uvicorn).
+
+Why not `http.server`: it parses headers in Python (`email.parser`), spends a thread per connection and about
+200 µs of Python per request, and that Python shares the hub's GIL with the loop that commits the journal; this
+server spends about 25 µs. Why not uvicorn or aiohttp: the ingress needs three things they do not offer together
+-- a decision at the end of the headers (401/404/411/413 before one byte of body is read), a deadline for a whole
+request however slowly it trickles in (slowloris), and a TLS handshake failure it can count.
+
+The handler sees complete requests. It answers with a `Response`, or with an asyncio future of one when the
+answer waits on something else (the journal commit); the connection answers pipelined requests in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import selectors
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import httptools
+
+log = logging.getLogger("bucketwire.http")
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADERS = 100
+MAX_PIPELINED = 32
+"""Requests read ahead on one connection before it stops reading until the earlier ones are answered."""
+SWEEP_INTERVAL = 0.1
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: str
+    peer: str
+    headers: dict[str, str] = field(default_factory=dict)
+    """Lower-cased names; a repeated header's values are joined with ", " (RFC 9110 section 5.3)."""
+    body: bytes = b""
+
+    @property
+    def path(self) -> str:
+        return self._split()[0]
+
+    @property
+    def query(self) -> str:
+        return self._split()[1]
+
+    def _split(self) -> tuple[str, str]:
+        if self.target.startswith("/"):
+            path, _, query = self.target.partition("?")
+            return path, query.partition("#")[0]
+        u = urlsplit(self.target)  # absolute-form (a proxy's request line)
+        return u.path or "/", u.query
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    close: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class Handler(Protocol):
+    def head(self, req: Request) -> Response | None:
+        """Called when the headers are in; a Response answers at once and the body is never kept."""
+
+    def handle(self, req: Request) -> Response | asyncio.Future[Response]:
+        """Called with the whole request; must not block (hand slow work elsewhere and return a future)."""
+
+    def timed_out(self, req: Request) -> Response:
+        """The answer when a future from `handle` is not done within `reply_timeout`."""
+
+
+@dataclass(slots=True)
+class Limits:
+    read_timeout: float = 30.0
+    """From a request's first byte to its last, however it trickles in."""
+    idle_timeout: float = 30.0
+    """A keep-alive connection with no request in progress is closed after this."""
+    reply_timeout: float = 30.0
+    max_body: int = 1 << 20
+    """A body larger than this is cut off if the handler's `head` let it through."""
+    drain_body: int = 16 << 20
+    """After an early answer (413), a body up to this size is read and dropped so the client sees the answer."""
+
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_INTERNAL = Response(500, b'{"error": "internal error"}\n', close=True)
+
+
+class _Clock:
+    """The Date header, formatted once per second instead of once per response."""
+
+    def __init__(self) -> None:
+        self.sec = 0
+        self.header = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self.sec:
+            self.sec = now
+            self.header = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self.header
+
+
+_clock = _Clock()
+
+
+def encode(resp: Response, keep_alive: bool) -> bytes:
+    head = [b"HTTP/1.1 %d %s\r\n" % (resp.status, _REASONS.get(resp.status, "Unknown").encode()),
+            b"Server: bucketwire\r\n", _clock.date(),
+            b"Content-Type: %s\r\nContent-Length: %d\r\n" % (resp.content_type.encode(), len(resp.body))]
+    for k, v in resp.headers:
+        head.append(f"{k}: {v}\r\n".encode("latin-1"))
+    if not keep_alive:
+        head.append(b"Connection: close\r\n")
+    head.append(b"\r\n")
+    head.append(resp.body)
+    return b"".join(head)
+
+
+class _Conn(asyncio.Protocol):
+    """One client connection: parse, queue complete requests, answer them in order."""
+
+    def __init__(self, server: Server) -> None:
+        self.srv = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = ""
+        self.queue: deque[tuple[Request, Response | None, bool]] = deque()
+        self.waiting: asyncio.Future[Response] | None = None
+        self.closing = False
+        self.paused = False
+        self.write_paused = False
+        # the request being parsed
+        self.req: Request | None = None
+        self.url: list[bytes] = []
+        self.header_bytes = 0
+        self.body: list[bytes] = []
+        self.body_len = 0
+        self.early: Response | None = None
+        self.close_at_end = False
+        # deadlines, checked by the server's sweep (monotonic seconds; 0 = none)
+        self.read_kind = "idle"  # "idle": between requests; "read": a request is arriving
+        self.read_by = 0.0
+        self.reply_by = 0.0
+
+    # -- transport callbacks --------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else ""
+        self.srv.conns.add(self)
+        self._arm("idle", self.srv.limits.idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.srv.conns.discard(self)
+        self.closing = True
+        if self.waiting is not None:
+            self.waiting.remove_done_callback(self._answered)
+            self.waiting = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.close_at_end = True  # the request is complete; no protocol switch is offered
+        except httptools.HttpParserError as e:
+            self._protocol_error(400, f"malformed HTTP request ({e})")
+        except _TooLarge as e:
+            self._protocol_error(e.status, str(e))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._flow()
+
+    def eof_received(self) -> bool | None:
+        if self.req is not None or self.queue or self.waiting is not None:
+            return True  # half-close: still answer what was asked
+        return None
+
+    # -- parser callbacks -----------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.req = Request("", "", self.peer)
+        self.url.clear()
+        self.header_bytes = 0
+        self.body.clear()
+        self.body_len = 0
+        self.early = None
+        self._arm("read", self.srv.limits.read_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._count_header(len(url))
+        self.url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header(len(name) + len(value))
+        assert self.req is not None
+        h = self.req.headers
+        if len(h) >= MAX_HEADERS:
+            raise _TooLarge(431, f"more than {MAX_HEADERS} header fields")
+        k = name.decode("latin-1").lower()
+        v = value.decode("latin-1")
+        h[k] = f"{h[k]}, {v}" if k in h else v
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        req.method = self.parser.get_method().decode("latin-1")
+        req.target = b"".join(self.url).decode("latin-1")
+        early = self.srv.handler.head(req)
+        if early is not None:
+            self.early = early
+            self.queue.append((req, early, False))
+            self._pump()
+            length = req.headers.get("content-length", "")
+            if (not length.isdigit() or int(length) > self.srv.limits.drain_body) and not self.queue:
+                self._close()  # the answer has gone; a body this large (or unbounded) is not worth reading
+        elif req.headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, chunk: bytes) -> None:
+        self.body_len += len(chunk)
+        if self.early is not None:
+            if self.body_len > self.srv.limits.drain_body:
+                self._close()
+            return
+        if self.body_len > self.srv.limits.max_body:
+            raise _TooLarge(413, f"body exceeds {self.srv.limits.max_body} bytes")
+        self.body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        self.req = None
+        keep = self.parser.should_keep_alive() and not self.close_at_end
+        if self.early is not None:
+            self.early = None
+            self.read_by = 0.0
+            if not self.queue and self.waiting is None:
+                self._close()  # the early answer has gone; the body it refused is drained
+            return
+        req.body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
+        self.body.clear()
+        self.queue.append((req, None, keep))
+        self.read_by = 0.0  # waiting for the answer does not count against the client
+        self._flow()
+        self._pump()
+
+    # -- answering ------------------------------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Answer queued requests in order until one has to wait."""
+        while self.queue and self.waiting is None and not self.closing:
+            req, resp, keep = self.queue[0]
+            if resp is None:
+                got = self._call(req)
+                if isinstance(got, asyncio.Future):
+                    if not got.done():
+                        self.waiting = got
+                        self.reply_by = time.monotonic() + self.srv.limits.reply_timeout
+                        got.add_done_callback(self._answered)
+                        return
+                    got = self._result(got)
+                resp = got
+            self.queue.popleft()
+            self._write(resp, keep and not resp.close)
+        self._flow()
+
+    def _call(self, req: Request) -> Response | asyncio.Future[Response]:
+        try:
+            return self.srv.handler.handle(req)
+        except Exception:
+            log.exception("HTTP handler failed")
+            return _INTERNAL
+
+    @staticmethod
+    def _result(fut: asyncio.Future[Response]) -> Response:
+        try:
+            return fut.result()
+        except Exception:
+            log.exception("HTTP handler failed")
+            return _INTERNAL
+
+    def _answered(self, fut: asyncio.Future[Response]) -> None:
+        if fut is not self.waiting:
+            return
+        self.waiting = None
+        self.reply_by = 0.0
+        _, _, keep = self.queue.popleft()
+        resp = self._result(fut)
+        self._write(resp, keep and not resp.close)
+        self._pump()
+
+    def _write(self, resp: Response, keep: bool) -> None:
+        t = self.transport
+        if t is None or self.closing:
+            return
+        t.write(encode(resp, keep))
+        if not keep:
+            if self.early is not None and self.req is not None:
+                return  # an early answer: on_message_complete closes once the refused body is drained
+            t.close()
+            self.closing = True
+        elif not self.queue and self.req is None:
+            self._arm("idle", self.srv.limits.idle_timeout)
+
+    def _flow(self) -> None:
+        t = self.transport
+        if t is None or self.closing:
+            return
+        want_pause = self.write_paused or len(self.queue) >= MAX_PIPELINED
+        if want_pause and not self.paused:
+            t.pause_reading()
+            self.paused = True
+        elif not want_pause and self.paused:
+            t.resume_reading()
+            self.paused = False
+
+    # -- limits ---------------------------------------------------------------------------------------------
+    def _count_header(self, n: int) -> None:
+        self.header_bytes += n
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise _TooLarge(431, f"request line and headers exceed {MAX_HEADER_BYTES} bytes")
+
+    def _protocol_error(self, status: int, reason: str) -> None:
+        self.srv.on_reject("malformed" if status == 400 else "too_large")
+        self.queue.clear()
+        self.early = None
+        if self.waiting is not None:
+            self.waiting.remove_done_callback(self._answered)
+            self.waiting = None
+        body = json.dumps({"error": reason}).encode() + b"\n"
+        self._write(Response(status, body, close=True), False)
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.close()
+        self.closing = True
+
+    def _arm(self, kind: str, seconds: float) -> None:
+        self.read_kind = kind
+        self.read_by = time.monotonic() + seconds
+
+    def expire(self, now: float) -> None:
+        """Called by the sweep when a deadline may have passed."""
+        t = self.transport
+        if t is None or self.closing:
+            return
+        if self.reply_by and now >= self.reply_by and self.waiting is not None:
+            fut, self.waiting, self.reply_by = self.waiting, None, 0.0
+            fut.remove_done_callback(self._answered)
+            req, _, keep = self.queue.popleft()
+            self._write(self.srv.handler.timed_out(req), keep)
+            self._pump()
+        if self.read_by and now >= self.read_by and not self.closing:
+            self.read_by = 0.0
+            if self.read_kind == "read":
+                self.srv.on_reject("slow")
+                t.abort()
+            else:
+                t.close()
+            self.closing = True
+
+
+class _TooLarge(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class _TLSConn(_Conn):
+    """Plain TCP first, then `start_tls` under the read deadline, so a failed handshake can be counted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # nothing reaches the HTTP parser before the handshake is done
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else ""
+        task = asyncio.get_running_loop().create_task(self._upgrade(transport))
+        self.srv.tasks.add(task)
+        task.add_done_callback(self.srv.tasks.discard)
+
+    async def _upgrade(self, raw: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.srv.tls is not None
+        try:
+            tls = await loop.start_tls(raw, self, self.srv.tls, server_side=True,
+                                       ssl_handshake_timeout=self.srv.limits.read_timeout)
+        except OSError as e:  # ssl.SSLError, the handshake timeout and resets are all OSErrors
+            self.srv.on_reject("tls")
+            log.info("TLS handshake failed", extra={"peer": self.peer, "error": str(e)[:200]})
+            raw.abort()
+            return
+        if tls is None:
+            raw.abort()
+            return
+        super().connection_made(tls)
+
+
+class Server:
+    """The listening socket and its connections, on an asyncio loop that its owner drives.
+
+    The hub steps the loop from its own loop thread (`fileno()` goes into the hub's poller, `step()` runs what is
+    ready), so a webhook request is parsed, committed and answered without crossing a thread: no GIL hand-offs,
+    no wake-up pipes, and SQLite's statement steps never wait for an HTTP thread to give the GIL back. Anything
+    else can call `serve_forever()`.
+    """
+
+    def __init__(self, handler: Handler, host: str, port: int, *, limits: Limits | None = None,
+                 tls: ssl.SSLContext | None = None, on_reject: Callable[[str], None] = lambda reason: None,
+                 backlog: int = 512) -> None:
+        self.handler = handler
+        self.limits = limits or Limits()
+        self.tls = tls
+        self.on_reject = on_reject
+        self.conns: set[_Conn] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.selector = selectors.DefaultSelector()
+        self.loop = asyncio.SelectorEventLoop(self.selector)
+        factory = (lambda: _TLSConn(self)) if tls is not None else (lambda: _Conn(self))
+        try:
+            self._server = self.loop.run_until_complete(self.loop.create_server(
+                factory, host, port, backlog=backlog, reuse_address=True))
+        except BaseException:
+            self.loop.close()
+            raise
+        self.port: int = self._server.sockets[0].getsockname()[1]
+        self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def fileno(self) -> int:
+        """Readable whenever a connection or the listening socket has something to do."""
+        return self.selector.fileno()
+
+    def step(self) -> None:
+        """Run whatever is ready (I/O, callbacks, due timers) once, without blocking."""
+        self.loop.call_soon(self.loop.stop)
+        self.loop.run_forever()
+
+    def serve_forever(self) -> None:
+        self.loop.run_forever()
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for c in [c for c in self.conns if (c.read_by and c.read_by <= now) or (c.reply_by and c.reply_by <= now)]:
+            c.expire(now)
+        self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def close(self) -> None:
+        """Stop listening and drop every connection; call from the thread that drives the loop, or after it."""
+        if self.loop.is_closed():
+            return
+        self._server.close()
+        for c in list(self.conns):
+            if c.transport is not None:
+                c.transport.abort()
+        for t in self.tasks:
+            t.cancel()
+        with contextlib.suppress(Exception):
+            self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
