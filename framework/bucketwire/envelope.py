@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 SPEC_VERSION = "1.0"
 SCHEMA_VERSION = 1
 """Bump when the envelope changes in a way an older reader would misread."""
@@ -191,8 +193,19 @@ class Event:
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact JSON bytes; non-ASCII kept as UTF-8 so keys stay readable in `tail` output."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    """Compact JSON bytes; non-ASCII kept as UTF-8 so keys stay readable in `tail` output.
+
+    orjson does it in a tenth of the time (it is a quarter of the hub's CPU per webhook otherwise). What it
+    refuses -- integers beyond 64 bits, non-string keys, lone surrogates -- goes through the json module as
+    before. NaN and infinities, which JSON does not have, come out as null.
+    """
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return _JSON(obj).encode("utf-8", "surrogatepass")
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def follow_on_id(causation_id: str, group: str, plugin: str, index: int, topic: str) -> str:
@@ -207,15 +220,13 @@ def follow_on_id(causation_id: str, group: str, plugin: str, index: int, topic: 
 def valid_unicode(v: Any) -> bool:
     """True if every string (keys too) in a JSON value is encodable as strict UTF-8.
 
-    One C-speed serialisation finds a lone surrogate anywhere; the walk below only runs for values JSON
-    cannot serialise (which then get their own error elsewhere).
+    One C-speed serialisation (orjson refuses lone surrogates) settles the common case; the walk below only runs
+    for what orjson refuses.
     """
     try:
-        json.dumps(v, ensure_ascii=False).encode("utf-8")
+        orjson.dumps(v)
         return True
-    except UnicodeEncodeError:
-        return False
-    except (TypeError, ValueError):
+    except TypeError:
         return _valid_unicode_walk(v)
 
 

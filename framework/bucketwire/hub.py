@@ -184,8 +184,9 @@ class Hub(Listeners):
         if self.http is not None:
             poller.register(self.http.fileno(), zmq.POLLIN)
         self._loop_thread = threading.get_ident()
-        for mon in self.ops.attach_monitors({"work": self.work, "pub": self.pub}):
-            poller.register(mon, zmq.POLLIN)
+        # Monitor sockets stay out of the poller: they are read on a timer (HubOps.tick), and one left unread in a
+        # level-triggered poll would spin the loop until then.
+        self.ops.attach_monitors({"work": self.work, "pub": self.pub})
         self.ready.set()
         if on_ready:
             on_ready()
@@ -200,11 +201,11 @@ class Hub(Listeners):
                         pass
                 except BlockingIOError:
                     pass
-                if self.http is not None:
-                    self.http.step()  # read requests: parsed events land in ingress_q
                 self.tick()
                 if self.http is not None:
-                    self.http.step()  # write the answers of what this tick committed
+                    # Writes the answers of what this tick committed and reads new requests; their events wait
+                    # in ingress_q, which makes the next poll return at once.
+                    self.http.step()
             self.tick()  # flush what is queued, answer what is waiting
             if self.http is not None:
                 self.http.step()

@@ -30,6 +30,9 @@ RATE_WINDOW = 10.0
 MAX_INGRESS_PENDING = 1024
 """Webhook requests allowed to wait for the loop; beyond that ingress answers 503 instead of queueing forever."""
 
+MONITOR_INTERVAL = 0.05
+"""Socket-monitor events only feed counters: reading them every turn cost ~3% of the hub's CPU under load."""
+
 SATURATED_AFTER = 3.0
 """A group must have work waiting and no free credit this long before it is reported saturated (no flapping)."""
 
@@ -69,6 +72,7 @@ class HubOps:
         self.hub = hub
         self.rates: dict[str, RateWindow] = {}
         self.monitors: list[tuple[str, zmq.Socket, zmq.Socket]] = []
+        self._last_monitors = 0.0
         self.peers: dict[str, int] = {}
         self.state: dict[str, str] = {}
         self._pressure_since: dict[str, float] = {}
@@ -79,7 +83,7 @@ class HubOps:
 
     # -- socket monitors -------------------------------------------------------------------------------------
     def attach_monitors(self, socks: dict[str, zmq.Socket]) -> list[zmq.Socket]:
-        """Monitor the hub's sockets; returns the monitor sockets for the loop's poller."""
+        """Monitor the hub's sockets; returns the monitor sockets (read by `tick`, not polled)."""
         mask = 0
         for ev in _EVENTS:
             mask |= ev
@@ -131,7 +135,8 @@ class HubOps:
     # -- every turn and every heartbeat ----------------------------------------------------------------------
     def tick(self, now: float) -> None:
         """Apply replays whose topic has drained; cheap when none are pending."""
-        if self.monitors:
+        if self.monitors and now - self._last_monitors >= MONITOR_INTERVAL:
+            self._last_monitors = now
             self.drain_monitors()
         for g in self.hub.groups.values():
             if g.replays:

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import s3records
 from .config import ConfigError
-from .envelope import EnvelopeError, Event, valid_unicode
+from .envelope import EnvelopeError, Event, dumps, valid_unicode
 from .httpserver import Limits, Request, Response, Server
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ class Ingress:
     # -- answers --------------------------------------------------------------------------------------------
     @staticmethod
     def reply(code: int, obj: Any, *, close: bool = False) -> Response:
-        return Response(code, (json.dumps(obj) + "\n").encode(), close=close)
+        return Response(code, dumps(obj) + b"\n", close=close)
 
     def fail(self, code: int, reason: str, metric: str, *, close: bool = False) -> Response:
         self.rejected.labels("http", metric).inc()

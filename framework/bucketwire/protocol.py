@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .envelope import dumps
+
 PROTO = 1
 
 READY = b"READY"
@@ -76,4 +78,4 @@ def header(frame: bytes, max_len: int = 64 << 20) -> dict[str, Any]:
 
 
 def enc(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return dumps(obj)

@@ -10,9 +10,10 @@ derived from the request ids, the event name, bucket, key and version instead.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import unquote_plus
+
+import orjson
 
 from .envelope import Event, now_iso, stable_id
 
@@ -124,7 +125,9 @@ def record_to_event(rec: Any, *, store: str | None, key_encoded: bool = True, in
 def parse_body(body: bytes, *, store: str | None, key_encoded: bool = True) -> list[Event]:
     """Parse a webhook body holding S3 event records; raise RecordError with a reason on anything malformed."""
     try:
-        doc = json.loads(body)
+        # orjson: a third of the json module's time, and strict where S3 records need no leniency (no NaN, no
+        # lone surrogates, no BOM). Integers beyond 64 bits come back as floats and fail the size check.
+        doc = orjson.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise RecordError(f"body is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
