@@ -183,3 +183,33 @@ def test_cloudevents_endpoint(stack):
     code, resp = stack.post("/events", json.dumps({**ev, "schemaversion": 99}).encode())
     assert code == 400 and "newer" in resp["error"]
     assert [e["id"] for e in fetch_all(stack, "misc")] == ["ce-1"]
+
+
+def test_pipelined_webhooks_are_committed_and_answered_in_order(stack):
+    """Several POSTs in one write on one keep-alive connection: each answered after its commit, in order."""
+    reqs = b""
+    for i in range(5):
+        b = body(record("s3:ObjectCreated:Put", "photos", f"pipe-{i}.jpg", request_id=f"pipe-{i}"))
+        reqs += (b"POST /minio/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(b)) + b
+    with socket.create_connection(("127.0.0.1", stack.http_port), timeout=10) as s:
+        s.sendall(reqs)
+        buf, answers = b"", []
+        while len(answers) < 5:
+            buf += s.recv(65536)
+            while b"\r\n\r\n" in buf:
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                n = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1])
+                if len(rest) < n:
+                    break
+                assert head.startswith(b"HTTP/1.1 200")
+                answers.append(json.loads(rest[:n]))
+                buf = rest[n:]
+    assert [a["events"][0]["seq"] for a in answers] == [1, 2, 3, 4, 5]
+    assert [e["data"]["key"] for e in fetch_all(stack, "created")] == [f"pipe-{i}.jpg" for i in range(5)]
+
+
+def test_other_methods_are_refused(stack):
+    out = _raw_http(stack, b"PUT /minio/events HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    assert out.startswith(b"HTTP/1.1 405") and b"not allowed" in out
+    assert stack.status()["topics"] == {}

@@ -142,6 +142,7 @@ class _Conn(asyncio.Protocol):
         self.queue: deque[tuple[Request, Response | None, bool]] = deque()
         self.waiting: asyncio.Future[Response] | None = None
         self.closing = False
+        self.eof = False
         self.paused = False
         self.write_paused = False
         # the request being parsed
@@ -181,9 +182,12 @@ class _Conn(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self.close_at_end = True  # the request is complete; no protocol switch is offered
         except httptools.HttpParserError as e:
-            self._protocol_error(400, f"malformed HTTP request ({e})")
-        except _TooLarge as e:
-            self._protocol_error(e.status, str(e))
+            # httptools wraps what a callback raises; a limit we enforce says so in its own words
+            cause = e.__context__ if isinstance(e.__context__, _TooLarge) else None
+            if cause is not None:
+                self._protocol_error(cause.status, str(cause))
+            else:
+                self._protocol_error(400, f"malformed HTTP request ({e})")
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -194,9 +198,10 @@ class _Conn(asyncio.Protocol):
         self._flow()
 
     def eof_received(self) -> bool | None:
-        if self.req is not None or self.queue or self.waiting is not None:
-            return True  # half-close: still answer what was asked
-        return None
+        if self.queue or self.waiting is not None:
+            self.eof = True
+            return True  # half-close: answer what was asked, then close
+        return None  # nothing asked (or a request that can no longer complete): close now
 
     # -- parser callbacks -----------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -320,8 +325,11 @@ class _Conn(asyncio.Protocol):
                 return  # an early answer: on_message_complete closes once the refused body is drained
             t.close()
             self.closing = True
-        elif not self.queue and self.req is None:
-            self._arm("idle", self.srv.limits.idle_timeout)
+        elif not self.queue:
+            if self.eof:
+                self._close()
+            elif self.req is None:
+                self._arm("idle", self.srv.limits.idle_timeout)
 
     def _flow(self) -> None:
         t = self.transport
