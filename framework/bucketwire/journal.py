@@ -5,17 +5,29 @@ arrived (webhook POSTs, publishes, worker acks) and writes them in one transacti
 share one commit and at low load nothing waits. `durability = "os"` (synchronous=NORMAL) survives a kill -9 of
 the hub, because a committed WAL frame is in the OS page cache; `"fsync"` (synchronous=FULL) also survives
 power loss, at the cost of one fsync per batch.
+
+Checkpoints (copying the WAL back into the database file, with an fsync of each) run on their own thread and
+connection, see `_Checkpointer`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+log = logging.getLogger("bucketwire.journal")
+
 SCHEMA = 1
+CHECKPOINT_INTERVAL = 0.1
+"""Seconds between background checkpoints."""
+AUTOCHECKPOINT_PAGES = 4096
+"""WAL pages (16 MiB) after which the writer checkpoints itself; by then the background has done nearly all of it,
+and a checkpoint by the writer is what lets the WAL start over instead of growing under sustained load."""
 CHUNK = 400
 """Rows per multi-row statement (7 parameters each; SQLite allows 32766 per statement)."""
 
@@ -86,6 +98,7 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
         self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
         max_pages = os.environ.get("BUCKETWIRE_JOURNAL_MAX_PAGES")
         if max_pages:  # hidden test knob: a tiny "disk" to exercise the journal-full path without root mounts
             self.db.execute(f"PRAGMA max_page_count={int(max_pages)}")
@@ -102,6 +115,7 @@ class Journal:
                 "upgrade bucketwire or point state_dir elsewhere"
             )
         self.heads: dict[str, int] = dict(self.db.execute("SELECT name, head FROM topics"))
+        self._checkpointer = _Checkpointer(path)
 
     # -- reads ---------------------------------------------------------------------------------------------
     def cursors(self) -> dict[tuple[str, str], int]:
@@ -236,6 +250,42 @@ class Journal:
         return dropped
 
     def close(self) -> None:
+        self._checkpointer.close()
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+
+
+class _Checkpointer:
+    """Checkpoints the WAL from its own thread and connection.
+
+    With SQLite's default the committing connection checkpoints every 1,000 WAL pages, and a checkpoint fsyncs
+    the WAL and the database file: under webhook load that was ~90 fsyncs a second inside the hub loop, each
+    stalling every request waiting on it. A PASSIVE checkpoint never blocks the writer, and this thread spends
+    the fsyncs outside the GIL.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.stopping = threading.Event()
+        self.failing = False
+        self.thread = threading.Thread(target=self._run, name="journal-checkpoint", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(CHECKPOINT_INTERVAL):
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                self.failing = False
+            except sqlite3.Error as e:  # disk full or I/O error: the writer's commits report it; retry later
+                if not self.failing:
+                    log.warning("journal checkpoint failed; retrying", extra={"error": str(e)})
+                self.failing = True
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(10)
         try:
             self.db.close()
         except sqlite3.Error:
