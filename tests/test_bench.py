@@ -38,7 +38,7 @@ def test_bus() -> None:
 
 
 def test_webhook() -> None:
-    r = bench("webhook", "-n", "300", "-p", "2", "-c", "2", "--rate", "200", "--seconds", "0.5")
+    r = bench("webhook", "-n", "300", "-p", "2", "-c", "2", "--rate", "200", "--seconds", "0.5", "--rounds", "2")
     assert r["benchmark"] == "webhook" and r["ratio"] == r["hub"]["ratio"] > 0
     assert set(r["clients"]) == {"processes", "connections_per_process", "path", "body_bytes"}
     base, hub, ref = r["baseline"], r["hub"], r["reference"]
@@ -49,6 +49,8 @@ def test_webhook() -> None:
         assert all(set(v) == PCT for v in side["latency"].values())
         assert side["rates"]["200"]["ok"] == 100 and side["rates"]["200"]["failed"] == 0
     assert hub["durability"] == "os" and "httptools" in base["name"]
+    assert r["rounds"] == 2 and len(base["rounds_rps"]) == len(hub["rounds_rps"]) == len(r["round_ratios"]) == 2
+    assert base["throughput_rps"] in base["rounds_rps"] and hub["throughput_rps"] in hub["rounds_rps"]
     assert ref["requests"] == ref["ok"] == 300 and "stdlib" in ref["name"] and ref["ratio"] > 0
 
 

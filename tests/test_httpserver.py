@@ -16,11 +16,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from bucketwire.httpserver import Limits, Request, Response, Server
+from bucketwire.httpserver import Limits, Pending, Request, Response, Server
 
 
 class Echo:
-    """Answers `POST /delay/<ms>` after that many milliseconds (on a future), anything else at once."""
+    """Answers `POST /delay/<ms>` after that many milliseconds (a Pending), anything else at once."""
 
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -31,14 +31,14 @@ class Echo:
             return Response(413, b'{"error": "too large"}\n', close=True)
         return None
 
-    def handle(self, req: Request) -> Response | asyncio.Future[Response]:
+    def handle(self, req: Request) -> Response | Pending:
         self.seen.append(req.target)
         body = f'{{"path": "{req.path}", "n": {len(req.body)}}}\n'.encode()
         if req.path.startswith("/delay/"):
             assert self.loop is not None
-            fut: asyncio.Future[Response] = self.loop.create_future()
-            self.loop.call_later(int(req.path.rsplit("/", 1)[1]) / 1000, fut.set_result, Response(200, body))
-            return fut
+            pending = Pending()
+            self.loop.call_later(int(req.path.rsplit("/", 1)[1]) / 1000, pending.resolve, Response(200, body))
+            return pending
         return Response(200, body)
 
     def timed_out(self, req: Request) -> Response:

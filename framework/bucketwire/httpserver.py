@@ -6,8 +6,8 @@ server spends about 25 µs. Why not uvicorn or aiohttp: the ingress needs three 
 -- a decision at the end of the headers (401/404/411/413 before one byte of body is read), a deadline for a whole
 request however slowly it trickles in (slowloris), and a TLS handshake failure it can count.
 
-The handler sees complete requests. It answers with a `Response`, or with an asyncio future of one when the
-answer waits on something else (the journal commit); the connection answers pipelined requests in order.
+The handler sees complete requests. It answers with a `Response`, or with a `Pending` when the answer waits on
+something else (the journal commit); the connection answers pipelined requests in order.
 """
 
 from __future__ import annotations
@@ -72,15 +72,41 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+class Pending:
+    """An answer still to come. `handle` returns one; whoever has the answer calls `resolve` from the thread
+    that drives the server, and the response is written there and then -- no hop through the event loop, which
+    an asyncio future would cost on every webhook."""
+
+    __slots__ = ("response", "_then")
+
+    def __init__(self) -> None:
+        self.response: Response | None = None
+        self._then: Callable[[Response], None] | None = None
+
+    def resolve(self, response: Response) -> None:
+        if self.response is not None:
+            return
+        self.response = response
+        then, self._then = self._then, None
+        if then is not None:
+            try:
+                then(response)
+            except Exception:  # the resolver (the hub loop) must never pay for a connection's trouble
+                log.exception("writing an HTTP answer failed")
+
+    def _cancel(self) -> None:
+        self._then = None
+
+
 class Handler(Protocol):
     def head(self, req: Request) -> Response | None:
         """Called when the headers are in; a Response answers at once and the body is never kept."""
 
-    def handle(self, req: Request) -> Response | asyncio.Future[Response]:
-        """Called with the whole request; must not block (hand slow work elsewhere and return a future)."""
+    def handle(self, req: Request) -> Response | Pending:
+        """Called with the whole request; must not block (hand slow work elsewhere and return a Pending)."""
 
     def timed_out(self, req: Request) -> Response:
-        """The answer when a future from `handle` is not done within `reply_timeout`."""
+        """The answer when a Pending from `handle` is not resolved within `reply_timeout`."""
 
 
 @dataclass(slots=True)
@@ -140,7 +166,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.peer = ""
         self.queue: deque[tuple[Request, Response | None, bool]] = deque()
-        self.waiting: asyncio.Future[Response] | None = None
+        self.waiting: Pending | None = None
         self.closing = False
         self.eof = False
         self.paused = False
@@ -171,7 +197,7 @@ class _Conn(asyncio.Protocol):
         self.srv.conns.discard(self)
         self.closing = True
         if self.waiting is not None:
-            self.waiting.remove_done_callback(self._answered)
+            self.waiting._cancel()
             self.waiting = None
 
     def data_received(self, data: bytes) -> None:
@@ -278,40 +304,29 @@ class _Conn(asyncio.Protocol):
             req, resp, keep = self.queue[0]
             if resp is None:
                 got = self._call(req)
-                if isinstance(got, asyncio.Future):
-                    if not got.done():
+                if isinstance(got, Pending):
+                    if got.response is None:
                         self.waiting = got
                         self.reply_by = time.monotonic() + self.srv.limits.reply_timeout
-                        got.add_done_callback(self._answered)
+                        got._then = self._answered
                         return
-                    got = self._result(got)
+                    got = got.response
                 resp = got
             self.queue.popleft()
             self._write(resp, keep and not resp.close)
         self._flow()
 
-    def _call(self, req: Request) -> Response | asyncio.Future[Response]:
+    def _call(self, req: Request) -> Response | Pending:
         try:
             return self.srv.handler.handle(req)
         except Exception:
             log.exception("HTTP handler failed")
             return _INTERNAL
 
-    @staticmethod
-    def _result(fut: asyncio.Future[Response]) -> Response:
-        try:
-            return fut.result()
-        except Exception:
-            log.exception("HTTP handler failed")
-            return _INTERNAL
-
-    def _answered(self, fut: asyncio.Future[Response]) -> None:
-        if fut is not self.waiting:
-            return
+    def _answered(self, resp: Response) -> None:
         self.waiting = None
         self.reply_by = 0.0
         _, _, keep = self.queue.popleft()
-        resp = self._result(fut)
         self._write(resp, keep and not resp.close)
         self._pump()
 
@@ -354,7 +369,7 @@ class _Conn(asyncio.Protocol):
         self.queue.clear()
         self.early = None
         if self.waiting is not None:
-            self.waiting.remove_done_callback(self._answered)
+            self.waiting._cancel()
             self.waiting = None
         body = json.dumps({"error": reason}).encode() + b"\n"
         self._write(Response(status, body, close=True), False)
@@ -374,8 +389,8 @@ class _Conn(asyncio.Protocol):
         if t is None or self.closing:
             return
         if self.reply_by and now >= self.reply_by and self.waiting is not None:
-            fut, self.waiting, self.reply_by = self.waiting, None, 0.0
-            fut.remove_done_callback(self._answered)
+            late, self.waiting, self.reply_by = self.waiting, None, 0.0
+            late._cancel()
             req, _, keep = self.queue.popleft()
             self._write(self.srv.handler.timed_out(req), keep)
             self._pump()
@@ -398,8 +413,11 @@ class _TooLarge(Exception):
 class _TLSConn(_Conn):
     """Plain TCP first, then `start_tls` under the read deadline, so a failed handshake can be counted."""
 
+    before_upgrade: list[bytes] | None = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self.before_upgrade = []
         transport.pause_reading()  # nothing reaches the HTTP parser before the handshake is done
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else ""
@@ -422,6 +440,17 @@ class _TLSConn(_Conn):
             raw.abort()
             return
         super().connection_made(tls)
+        early, self.before_upgrade = self.before_upgrade, None
+        for data in early or ():
+            super().data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.before_upgrade is not None:
+            # The request can arrive with the end of the handshake, before start_tls has returned our transport;
+            # parsing it now could answer into no transport.
+            self.before_upgrade.append(data)
+        else:
+            super().data_received(data)
 
 
 class Server:

@@ -195,12 +195,12 @@ class Hub(Listeners):
             while not self.stopping.is_set():
                 now = time.monotonic()
                 timeout = self._next_timeout(now)
-                poller.poll(timeout)
-                try:
-                    while os.read(self._wake_r, 4096):
+                if (self._wake_r, zmq.POLLIN) in poller.poll(timeout):
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
                         pass
-                except BlockingIOError:
-                    pass
                 self.tick()
                 if self.http is not None:
                     # Writes the answers of what this tick committed and reads new requests; their events wait

@@ -8,7 +8,6 @@ the worst one costs the loop milliseconds.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import json
@@ -24,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import s3records
 from .config import ConfigError
 from .envelope import EnvelopeError, Event, dumps, valid_unicode
-from .httpserver import Limits, Request, Response, Server
+from .httpserver import Limits, Pending, Request, Response, Server
 
 if TYPE_CHECKING:
     from .hub import Hub, IngestResult
@@ -102,14 +101,13 @@ class Ingress:
 
     Everything that can be refused from the headers alone (unknown path, wrong token, no Content-Length, too
     large) is refused before the body is read. A POST that parses is handed to the hub loop, and its answer
-    waits for the commit on a future, so a connection waiting for the journal holds no thread.
+    waits for the commit as a Pending, so a connection waiting for the journal holds no thread.
     """
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.cfg = hub.cfg.hub
         self.rejected = hub.metrics.rejected
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- answers --------------------------------------------------------------------------------------------
     @staticmethod
@@ -172,7 +170,7 @@ class Ingress:
         return None
 
     # -- requests -------------------------------------------------------------------------------------------
-    def handle(self, req: Request) -> Response | asyncio.Future[Response]:
+    def handle(self, req: Request) -> Response | Pending:
         if req.method == "POST":
             return self.post(req)
         path = req.path
@@ -188,7 +186,7 @@ class Ingress:
             return Response(200, generate_latest(hub.metrics.registry), CONTENT_TYPE_LATEST)
         return self.fail(404, f"no such endpoint {path[:200]}; POST to one of {', '.join(ROUTES)}", "not_found")
 
-    def post(self, req: Request) -> Response | asyncio.Future[Response]:
+    def post(self, req: Request) -> Response | Pending:
         hub = self.hub
         label, parse = ROUTES[req.path]
         named = parse_qs(req.query).get("store")
@@ -209,28 +207,23 @@ class Ingress:
         if hub.ops.overloaded():  # bounded ingress: refuse rather than queue without limit behind a slow journal
             return self.fail(503, "hub overloaded (too many requests waiting for the journal), retry later",
                              "overloaded")
-        assert self.loop is not None
-        fut: asyncio.Future[Response] = self.loop.create_future()
-        # The hub loop thread steps this server too, so the commit's callback can answer directly.
-        hub.submit(events, label, lambda results, err: self._answer(fut, results, err))
-        return fut
+        pending = Pending()
+        # The hub loop thread drives this server too, so the commit's callback answers directly.
+        hub.submit(events, label, lambda results, err: pending.resolve(self._answer(results, err)))
+        return pending
 
-    def _answer(self, fut: asyncio.Future[Response], results: list[IngestResult] | None, err: str | None) -> None:
-        if fut.done():  # timed out (503 already sent) or the connection went away
-            return
+    def _answer(self, results: list[IngestResult] | None, err: str | None) -> Response:
         if results is None:
-            fut.set_result(self.fail(503, f"journal unavailable, retry later ({err})", "unavailable"))
-            return
+            return self.fail(503, f"journal unavailable, retry later ({err})", "unavailable")
         errors = [r for r in results if r.error]
         if errors:
-            fut.set_result(self.fail(400, errors[0].error or "refused", "refused"))
-            return
-        fut.set_result(self.reply(200, {
+            return self.fail(400, errors[0].error or "refused", "refused")
+        return self.reply(200, {
             "accepted": sum(1 for r in results if not r.unrouted and not r.duplicate),
             "duplicates": sum(1 for r in results if r.duplicate),
             "unrouted": sum(1 for r in results if r.unrouted),
             "events": [r.as_dict() for r in results],
-        }))
+        })
 
 
 def serve(hub: Hub, http: str) -> Server:
@@ -246,6 +239,5 @@ def serve(hub: Hub, http: str) -> Server:
                      on_reject=lambda reason: ingress.rejected.labels("http", reason).inc())
     except OSError as e:
         raise OSError(f"cannot listen on {http} ({e.strerror}); is the port taken? set [hub] http") from None
-    ingress.loop = srv.loop
     hub.attach_http(srv)
     return srv

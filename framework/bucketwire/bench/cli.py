@@ -33,8 +33,8 @@ def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], ra
 
 
 @bench.command()
-@click.option("--requests", "-n", type=click.IntRange(10), default=10_000, show_default=True,
-              help="Requests for the saturation run (each side).")
+@click.option("--requests", "-n", type=click.IntRange(10), default=20_000, show_default=True,
+              help="Requests per saturation round (each side).")
 @click.option("--processes", "-p", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Client processes.")
 @click.option("--connections", "-c", type=click.IntRange(1, 256), default=4, show_default=True,
@@ -43,15 +43,17 @@ def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], ra
 @click.option("--rate", multiple=True, type=click.IntRange(1), default=(500,), show_default=True,
               help="Fixed offered rates for latency (requests/s, repeatable).")
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="Seconds per fixed-rate phase.")
+@click.option("--rounds", type=click.IntRange(1, 99), default=3, show_default=True,
+              help="Saturation rounds per side, alternating; the medians are compared.")
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="Also measure a no-work stdlib http.server, for reference.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def webhook(requests: int, processes: int, connections: int, durability: str, rate: tuple[int, ...],
-            seconds: float, reference: bool, as_json: bool) -> None:
+            seconds: float, rounds: int, reference: bool, as_json: bool) -> None:
     """MinIO webhook POSTs into the hub (200 after commit), against a no-work server on the same HTTP stack."""
     from . import webhook as mod
 
-    res = mod.run(requests, processes, connections, durability, {r: seconds for r in rate}, reference)
+    res = mod.run(requests, processes, connections, durability, {r: seconds for r in rate}, reference, rounds)
     click.echo(json.dumps(res, indent=2) if as_json else mod.render(res))
 
 

@@ -23,6 +23,7 @@ import multiprocessing as mp
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -245,20 +246,34 @@ def _wait_http(port: int, timeout: float = 30, proc: Any = None, log: str = "") 
     raise click.ClickException(f"nothing answered HTTP on 127.0.0.1:{port} within {timeout}s")
 
 
-def _phases(port: int, n: int, processes: int, conns: int, rates: dict[int, float], label: str) -> dict[str, Any]:
-    drive(port, min(200, n), processes, conns, None, f"{label} warm-up")
-    out = drive(port, n, processes, conns, None, f"{label} saturation")
-    out["latency"] = {"saturation": out["latency"]}
+def _saturation(ports: dict[str, int], n: int, processes: int, conns: int, rounds: int) -> dict[str, Any]:
+    """Saturation rounds, alternating the servers (A B, B A, A B, ...) so drift on a shared machine hits both
+    alike; each side reports its median round, and every round's figure is kept."""
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ports}
+    names = list(ports)
+    for r in range(rounds):
+        for k in names if r % 2 == 0 else names[::-1]:
+            runs[k].append(drive(ports[k], n, processes, conns, None, f"{k} saturation {r + 1}/{rounds}"))
+    out = {}
+    for k, rs in runs.items():
+        med = dict(sorted(rs, key=lambda x: x["throughput_rps"])[len(rs) // 2])
+        med["latency"] = {"saturation": med["latency"]}
+        med["rounds_rps"] = [x["throughput_rps"] for x in rs]
+        out[k] = med
+    return out
+
+
+def _rates(out: dict[str, Any], port: int, processes: int, conns: int, rates: dict[int, float], label: str) -> None:
     out["rates"] = {}
     for rate, secs in rates.items():
         r = drive(port, max(1, int(rate * secs)), processes, conns, float(rate), f"{label} {rate}/s")
         out["rates"][str(rate)] = {k: r[k] for k in ("requests", "ok", "failed", "throughput_rps")}
         out["latency"][str(rate)] = r["latency"]
-    return out
 
 
-def _no_work(kind: str, n: int, processes: int, conns: int, rates: dict[int, float]) -> dict[str, Any]:
-    target, name = BASELINES[kind]
+@contextlib.contextmanager
+def _no_work_server(kind: str) -> Iterator[int]:
+    target, _ = BASELINES[kind]
     ctx = mp.get_context("spawn")
     port = free_port()
     ready = ctx.Event()
@@ -268,34 +283,47 @@ def _no_work(kind: str, n: int, processes: int, conns: int, rates: dict[int, flo
         progress(f"bench webhook: starting the no-work {kind} server")
         ready.wait(30)
         _wait_http(port)
-        out = _phases(port, n, processes, conns, rates, kind)
+        yield port
     finally:
         srv.terminate()
         srv.join(10)
-    out["name"] = name
-    return out
 
 
 def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, float],
-        reference: bool = True) -> dict[str, Any]:
+        reference: bool = True, rounds: int = 3) -> dict[str, Any]:
     from .bus import machine
 
-    base = _no_work("baseline", n, processes, conns, rates)
     stack = Stack(durability, extra=ROUTE)
     try:
-        progress("bench webhook: starting the hub")
-        hub_proc = stack.spawn("hub")
-        _wait_http(stack.http, proc=hub_proc, log=str(stack.tmp / "p0.log"))
-        hub = _phases(stack.http, n, processes, conns, rates, "hub")
+        with _no_work_server("baseline") as base_port:
+            progress("bench webhook: starting the hub")
+            hub_proc = stack.spawn("hub")
+            _wait_http(stack.http, proc=hub_proc, log=str(stack.tmp / "p0.log"))
+            ports = {"baseline": base_port, "hub": stack.http}
+            for k, port in ports.items():
+                drive(port, min(200, n), processes, conns, None, f"{k} warm-up")
+            res = _saturation(ports, n, processes, conns, rounds)
+            for k, port in ports.items():
+                _rates(res[k], port, processes, conns, rates, k)
     finally:
         stack.stop()
-    ref = _no_work("stdlib", n, processes, conns, {}) if reference else None
+    base, hub = res["baseline"], res["hub"]
+    base["name"] = BASELINES["baseline"][1]
+    ref = None
+    if reference:
+        with _no_work_server("stdlib") as port:
+            drive(port, min(200, n), processes, conns, None, "stdlib warm-up")
+            ref = _saturation({"stdlib": port}, n, processes, conns, 1)["stdlib"]
+        ref["name"] = BASELINES["stdlib"][1]
     progress_done()
     hub["durability"] = durability
     hub["ratio"] = round(hub["throughput_rps"] / max(base["throughput_rps"], 1e-9), 3)
     res = {"benchmark": "webhook", "machine": machine(), "clients": {"processes": processes,
            "connections_per_process": conns, "path": PATH, "body_bytes": len(body_template())},
-           "baseline": base, "hub": hub, "ratio": hub["ratio"], "bar": 0.5}
+           "rounds": rounds, "baseline": base, "hub": hub, "ratio": hub["ratio"],
+           "round_ratios": [round(h / max(b, 1e-9), 3) for h, b in zip(hub["rounds_rps"], base["rounds_rps"],
+                                                                       strict=True)],
+           "bar": 0.5}
     if ref is not None:
         ref["ratio"] = round(hub["throughput_rps"] / max(ref["throughput_rps"], 1e-9), 3)
         res["reference"] = ref
@@ -311,11 +339,15 @@ def render(res: dict[str, Any]) -> str:
     if "reference" in res:
         rows.append(("reference " + res["reference"]["name"], res["reference"]))
     for name, r in rows:
-        lines.append(f"{name}: {r['throughput_rps']:,.0f} requests/s ({r['ok']} ok, {r['failed']} failed)")
+        lines.append(f"{name}: {r['throughput_rps']:,.0f} requests/s ({r['ok']} ok, {r['failed']} failed)"
+                     + (f"; rounds {', '.join(f'{x:,.0f}' for x in r['rounds_rps'])}" if len(r["rounds_rps"]) > 1
+                        else ""))
         for k, v in r["latency"].items():
             lines.append(f"  latency @{k}: p50 {v['p50_ms']} ms  p90 {v['p90_ms']}  p99 {v['p99_ms']}  "
                          f"max {v['max_ms']}")
-    lines.append(f"ratio: {res['ratio']}x of the no-work baseline on the same HTTP stack (bar {res['bar']}x)")
+    lines.append(f"ratio: {res['ratio']}x of the no-work baseline on the same HTTP stack (bar {res['bar']}x); "
+                 f"medians of {res['rounds']} alternating rounds, each round: "
+                 + " ".join(f"{r}x" for r in res["round_ratios"]))
     if "reference" in res:
         lines.append(f"       {res['reference']['ratio']}x of the no-work stdlib server")
     return "\n".join(lines)
