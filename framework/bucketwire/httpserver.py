@@ -46,21 +46,16 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)
     """Lower-cased names; a repeated header's values are joined with ", " (RFC 9110 section 5.3)."""
     body: bytes = b""
+    path: str = ""
+    query: str = ""
 
-    @property
-    def path(self) -> str:
-        return self._split()[0]
-
-    @property
-    def query(self) -> str:
-        return self._split()[1]
-
-    def _split(self) -> tuple[str, str]:
+    def split_target(self) -> None:
         if self.target.startswith("/"):
             path, _, query = self.target.partition("?")
-            return path, query.partition("#")[0]
-        u = urlsplit(self.target)  # absolute-form (a proxy's request line)
-        return u.path or "/", u.query
+            self.path, self.query = path, query.partition("#")[0]
+        else:
+            u = urlsplit(self.target)  # absolute-form (a proxy's request line)
+            self.path, self.query = u.path or "/", u.query
 
 
 @dataclass(slots=True)
@@ -258,6 +253,7 @@ class _Conn(asyncio.Protocol):
         assert req is not None
         req.method = self.parser.get_method().decode("latin-1")
         req.target = b"".join(self.url).decode("latin-1")
+        req.split_target()
         early = self.srv.handler.head(req)
         if early is not None:
             self.early = early

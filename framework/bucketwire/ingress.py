@@ -189,7 +189,7 @@ class Ingress:
     def post(self, req: Request) -> Response | Pending:
         hub = self.hub
         label, parse = ROUTES[req.path]
-        named = parse_qs(req.query).get("store")
+        named = parse_qs(req.query).get("store") if req.query else None
         store = named[0] if named else self.cfg.default_store
         if named and store not in hub.cfg.stores:
             have = ", ".join(sorted(hub.cfg.stores)) or "none"
