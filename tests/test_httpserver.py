@@ -237,3 +237,15 @@ def test_tls_handshake_failures_are_counted(tmp_path) -> None:
     finally:
         r.stop()
     assert r.rejects == ["tls", "tls"]
+
+
+def test_head_gets_the_headers_of_get_without_the_body(server: Running) -> None:
+    with server.connect() as s:
+        s.sendall(b"HEAD /now HTTP/1.1\r\nHost: t\r\n\r\n" + post("/now"))
+        buf = b""
+        while buf.count(b"\r\n\r\n") < 2 or not buf.endswith(b"}\n"):
+            buf += s.recv(65536)
+    first, _, rest = buf.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200") and b"Content-Length: 25" in first
+    assert rest.startswith(b"HTTP/1.1 200"), "no body after the HEAD answer: the next answer follows at once"
+    assert rest.endswith(b'{"path": "/now", "n": 1}\n')

@@ -139,7 +139,9 @@ class _Clock:
 _clock = _Clock()
 
 
-def encode(resp: Response, keep_alive: bool) -> bytes:
+def encode(resp: Response, keep_alive: bool, head_only: bool = False) -> bytes:
+    """Status line, headers and body in one buffer: one send, one segment. A HEAD answer keeps the length of the
+    body it leaves out."""
     head = [b"HTTP/1.1 %d %s\r\n" % (resp.status, _REASONS.get(resp.status, "Unknown").encode()),
             b"Server: bucketwire\r\n", _clock.date(),
             b"Content-Type: %s\r\nContent-Length: %d\r\n" % (resp.content_type.encode(), len(resp.body))]
@@ -148,7 +150,8 @@ def encode(resp: Response, keep_alive: bool) -> bytes:
     if not keep_alive:
         head.append(b"Connection: close\r\n")
     head.append(b"\r\n")
-    head.append(resp.body)
+    if not head_only:
+        head.append(resp.body)
     return b"".join(head)
 
 
@@ -309,7 +312,7 @@ class _Conn(asyncio.Protocol):
                     got = got.response
                 resp = got
             self.queue.popleft()
-            self._write(resp, keep and not resp.close)
+            self._write(resp, keep and not resp.close, req.method == "HEAD")
         self._flow()
 
     def _call(self, req: Request) -> Response | Pending:
@@ -322,15 +325,15 @@ class _Conn(asyncio.Protocol):
     def _answered(self, resp: Response) -> None:
         self.waiting = None
         self.reply_by = 0.0
-        _, _, keep = self.queue.popleft()
-        self._write(resp, keep and not resp.close)
+        req, _, keep = self.queue.popleft()
+        self._write(resp, keep and not resp.close, req.method == "HEAD")
         self._pump()
 
-    def _write(self, resp: Response, keep: bool) -> None:
+    def _write(self, resp: Response, keep: bool, head_only: bool = False) -> None:
         t = self.transport
         if t is None or self.closing:
             return
-        t.write(encode(resp, keep))
+        t.write(encode(resp, keep, head_only))
         if not keep:
             if self.early is not None and self.req is not None:
                 return  # an early answer: on_message_complete closes once the refused body is drained
@@ -388,7 +391,7 @@ class _Conn(asyncio.Protocol):
             late, self.waiting, self.reply_by = self.waiting, None, 0.0
             late._cancel()
             req, _, keep = self.queue.popleft()
-            self._write(self.srv.handler.timed_out(req), keep)
+            self._write(self.srv.handler.timed_out(req), keep, req.method == "HEAD")
             self._pump()
         if self.read_by and now >= self.read_by and not self.closing:
             self.read_by = 0.0
