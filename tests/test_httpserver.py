@@ -249,3 +249,11 @@ def test_head_gets_the_headers_of_get_without_the_body(server: Running) -> None:
     assert first.startswith(b"HTTP/1.1 200") and b"Content-Length: 25" in first
     assert rest.startswith(b"HTTP/1.1 200"), "no body after the HEAD answer: the next answer follows at once"
     assert rest.endswith(b'{"path": "/now", "n": 1}\n')
+
+
+def test_upgrade_requests_are_answered_then_closed(server: Running) -> None:
+    with server.connect() as s:
+        s.sendall(b"GET /now HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n\x00\x01binary")
+        assert read_responses(s, 1)[0][0] == 200
+        assert closed(s)
+    assert server.handler.seen == ["/now"] and server.rejects == []

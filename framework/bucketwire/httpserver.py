@@ -166,7 +166,7 @@ class _Conn(asyncio.Protocol):
         self.queue: deque[tuple[Request, Response | None, bool]] = deque()
         self.waiting: Pending | None = None
         self.closing = False
-        self.eof = False
+        self.eof = False  # nothing more will be read: answer what is queued, then close
         self.paused = False
         self.write_paused = False
         # the request being parsed
@@ -176,7 +176,6 @@ class _Conn(asyncio.Protocol):
         self.body: list[bytes] = []
         self.body_len = 0
         self.early: Response | None = None
-        self.close_at_end = False
         # deadlines, checked by the server's sweep (monotonic seconds; 0 = none)
         self.read_kind = "idle"  # "idle": between requests; "read": a request is arriving
         self.read_by = 0.0
@@ -199,12 +198,15 @@ class _Conn(asyncio.Protocol):
             self.waiting = None
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.eof:
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.close_at_end = True  # the request is complete; no protocol switch is offered
+            # No protocol switch is offered: answer the request that asked for one, read nothing more, close.
+            self.eof = True
+            if not self.queue and self.waiting is None:
+                self._close()
         except httptools.HttpParserError as e:
             # httptools wraps what a callback raises; a limit we enforce says so in its own words
             cause = e.__context__ if isinstance(e.__context__, _TooLarge) else None
@@ -282,7 +284,7 @@ class _Conn(asyncio.Protocol):
         req = self.req
         assert req is not None
         self.req = None
-        keep = self.parser.should_keep_alive() and not self.close_at_end
+        keep = self.parser.should_keep_alive()
         if self.early is not None:
             self.early = None
             self.read_by = 0.0
