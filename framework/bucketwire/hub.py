@@ -123,12 +123,12 @@ class Hub(Listeners):
                 g.add_topic(t, self._start_after(t, start))
         return g
 
-    # -- ingress from HTTP threads ---------------------------------------------------------------------------
+    # -- webhook ingress ------------------------------------------------------------------------------------
     def submit(self, events: list[Event], source: str,
                done: Callable[[list[IngestResult] | None, str | None], None]) -> None:
-        """Thread-safe: queue events for the next commit. `done(results, None)` (one IngestResult per event) or
-        `done(None, error)` is called in the loop thread once the batch is committed or has failed; it must only
-        hand the answer back to its own thread."""
+        """Queue events for the next commit (from any thread; the HTTP ingress calls it from the loop thread).
+        `done(results, None)` (one IngestResult per event) or `done(None, error)` is called in the loop thread
+        once the batch is committed or has failed, so it must be quick."""
         self.ingress_q.put((events, source, done))
         if threading.get_ident() != self._loop_thread:  # from the loop itself: run() looks at the queue anyway
             self.wake()
@@ -149,7 +149,7 @@ class Hub(Listeners):
 
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
-        sys.setswitchinterval(0.0005)  # the HTTP thread hands work to this loop; keep the GIL hand-off short
+        sys.setswitchinterval(0.0005)  # the checkpoint and ZAP threads get the GIL back promptly from this loop
         zctx = zmq.Context()
         self.work = zctx.socket(zmq.ROUTER)
         self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)
