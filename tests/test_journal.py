@@ -76,3 +76,16 @@ def test_wal_stays_bounded_under_sustained_commits_and_nothing_is_lost(tmp_path)
     db = sqlite3.connect(tmp_path / "j.db")
     assert db.execute("SELECT count(*), min(seq), max(seq) FROM events").fetchone() == (12_000, 1, 12_000)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_checkpoints_run_in_the_background(tmp_path):
+    """Below the writer's own checkpoint threshold, only the checkpoint thread copies the WAL into the database
+    file: the file grows to hold the committed events without another commit."""
+    j = Journal(tmp_path / "j.db")
+    before = (tmp_path / "j.db").stat().st_size
+    j.commit(Batch(events=[ev("t", i, body=b"w" * 1500) for i in range(300)]))  # ~150 pages, far below 4096
+    deadline = time.monotonic() + 10
+    while (tmp_path / "j.db").stat().st_size < before + 300 * 1500 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "j.db").stat().st_size >= before + 300 * 1500
+    j.close()

@@ -118,6 +118,10 @@ class Ingress:
         self.rejected.labels("http", metric).inc()
         return self.reply(code, {"error": reason}, close=close)
 
+    def not_found(self, path: str, *, close: bool = False) -> Response:
+        return self.fail(404, f"no such endpoint {path[:200]}; POST to one of {', '.join(ROUTES)}", "not_found",
+                         close=close)
+
     def timed_out(self, req: Request) -> Response:
         return self.fail(503, "journal unavailable, retry later (timeout)", "unavailable")
 
@@ -153,8 +157,7 @@ class Ingress:
                              "method", close=True)
         path = req.path
         if path not in ROUTES:
-            return self.fail(404, f"no such endpoint {path[:200]}; POST to one of {', '.join(ROUTES)}",
-                             "not_found", close=True)
+            return self.not_found(path, close=True)
         if not self._authorized(req):
             return self.fail(401, "missing or wrong bearer token (Authorization: Bearer <auth_token>)", "auth",
                              close=True)
@@ -184,7 +187,7 @@ class Ingress:
             return self.reply(200 if ok else 503, {"ok": ok, "loop": alive, "journal": hub.journal_ok})
         if path == "/metrics":
             return Response(200, generate_latest(hub.metrics.registry), CONTENT_TYPE_LATEST)
-        return self.fail(404, f"no such endpoint {path[:200]}; POST to one of {', '.join(ROUTES)}", "not_found")
+        return self.not_found(path)
 
     def post(self, req: Request) -> Response | Pending:
         hub = self.hub
