@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bucketwire.seaweed import WeedError, WeedServer, find_weed
+from bucketwire.devstack.seaweedfs import WeedError, WeedServer, find_weed
 
 _counter = itertools.count(1)
 

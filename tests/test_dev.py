@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bucketwire.commands.dev import DEFAULT_CONFIG, needed_buckets, to_toml
-from bucketwire.seaweed import WeedError, find_weed
+from bucketwire.devstack.seaweedfs import WeedError, find_weed
 from tests.procs import processes
 
 BUCKETWIRE = str(Path(sys.executable).parent / "bucketwire")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bucketwire.config import TopicConfig
-from bucketwire.dispatch import GroupState, WorkerState
+from bucketwire.hub.dispatch import GroupState, WorkerState
 
 
 def group(max_attempts=3):

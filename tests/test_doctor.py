@@ -13,7 +13,7 @@ import pytest
 import zmq.auth
 
 from bucketwire import config as config_mod
-from bucketwire.doctor import check_versions, run_checks
+from bucketwire.commands.doctor import check_versions, run_checks
 from tests.fixtures_hub import free_port
 
 GROUP = '\n[groups.a]\ntopics = ["jobs"]\nplugins = []\n'
@@ -90,14 +90,14 @@ def test_store_unreachable(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text(f'[hub]\nstate_dir = "{tmp_path}"\n[stores.primary]\nendpoint = "127.0.0.1:{free_port()}"\n'
                  'access_key = "a"\nsecret_key = "b"\n' + GROUP)
-    from bucketwire.doctor import check_stores
+    from bucketwire.commands.doctor import check_stores
 
     errs = [f.line() for f in check_stores(config_mod.load(p)) if f.level == "error"]
     assert len(errs) == 1 and "[stores.primary]" in errs[0] and "unreachable" in errs[0]
 
 
 def test_bucket_missing(tmp_path, fake_s3):
-    from bucketwire.doctor import check_stores
+    from bucketwire.commands.doctor import check_stores
 
     p = tmp_path / "c.toml"
     p.write_text(f'[hub]\nstate_dir = "{tmp_path}"\n[stores.primary]\nendpoint = "127.0.0.1:{fake_s3}"\n'

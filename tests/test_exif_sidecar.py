@@ -14,7 +14,7 @@ from PIL import Image
 
 from bucketwire import Event
 from bucketwire.config import StoreConfig
-from bucketwire.seaweed import WeedServer
+from bucketwire.devstack.seaweedfs import WeedServer
 from bucketwire.testing import PluginHarness
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "exif-sidecar"

@@ -20,8 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bucketwire import ingress, s3records
 from bucketwire.envelope import EnvelopeError, Event
+from bucketwire.formats import s3_records
+from bucketwire.hub import ingress
 from tests import minio_payloads
 
 EXAMPLES = int(os.environ.get("BUCKETWIRE_FUZZ_EXAMPLES", "150"))
@@ -105,9 +106,9 @@ CLOUDEVENT = {"specversion": "1.0", "id": "e1", "source": "src", "type": "t", "t
               "data": {"k": 1}, "hops": 0, "schemaversion": 1, "causationid": "c"}
 
 PARSERS = {
-    "minio": (lambda b: ingress.parse_minio(b, "primary"), (s3records.RecordError,), MINIO),
-    "seaweedfs": (lambda b: ingress.parse_seaweedfs(b, "primary"), (s3records.RecordError,), SEAWEED),
-    "cloudevents": (lambda b: ingress.parse_cloudevents(b, "primary"), (s3records.RecordError,), CLOUDEVENT),
+    "minio": (lambda b: ingress.parse_minio(b, "primary"), (s3_records.RecordError,), MINIO),
+    "seaweedfs": (lambda b: ingress.parse_seaweedfs(b, "primary"), (s3_records.RecordError,), SEAWEED),
+    "cloudevents": (lambda b: ingress.parse_cloudevents(b, "primary"), (s3_records.RecordError,), CLOUDEVENT),
 }
 
 

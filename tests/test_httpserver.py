@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bucketwire.httpserver import Limits, Pending, Request, Response, Server
+from bucketwire.hub.http_server import Limits, Pending, Request, Response, Server
 
 
 class Echo:

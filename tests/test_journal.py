@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bucketwire.journal import Batch, Journal, NewEvent, StaleSchemaError
+from bucketwire.hub.journal import Batch, Journal, NewEvent, StaleSchemaError
 
 
 def ev(topic: str, i: int, source: str = "s", body: bytes = b"x" * 100) -> NewEvent:
@@ -60,7 +60,7 @@ def test_newer_journal_schema_is_refused(tmp_path):
 def test_wal_stays_bounded_under_sustained_commits_and_nothing_is_lost(tmp_path):
     """Checkpoints run on their own thread; the writer's own checkpoint at AUTOCHECKPOINT_PAGES is what lets the
     WAL start over, so one commit after another never grows it much past that."""
-    from bucketwire.journal import AUTOCHECKPOINT_PAGES
+    from bucketwire.hub.journal import AUTOCHECKPOINT_PAGES
 
     j = Journal(tmp_path / "j.db")
     page = j.db.execute("PRAGMA page_size").fetchone()[0]

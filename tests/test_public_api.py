@@ -38,7 +38,7 @@ def test_bundled_plugin_imports_only_the_public_api(path):
 
 
 def test_bundled_plugins_are_registered_through_entry_points():
-    from bucketwire.plugins import discover
+    from bucketwire.worker.plugin_loading import discover
 
     eps = discover()
     assert {"thumbnail", "audit", "replication"} <= set(eps)

@@ -18,7 +18,7 @@ from minio.error import S3Error
 import bucketwire_replication as repl
 from bucketwire import ConfigError, Event, PermanentError, Stores
 from bucketwire.config import StoreConfig
-from bucketwire.seaweed import WeedServer
+from bucketwire.devstack.seaweedfs import WeedServer
 from bucketwire.testing import PluginHarness
 
 _ids = itertools.count(1)

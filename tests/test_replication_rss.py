@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from bucketwire.seaweed import WeedServer
+from bucketwire.devstack.seaweedfs import WeedServer
 
 MB = int(os.environ.get("BUCKETWIRE_RSS_OBJECT_MB", "128"))
 

@@ -1,6 +1,6 @@
 from bucketwire import Event
 from bucketwire.config import Route
-from bucketwire.routing import Router
+from bucketwire.hub.routing import Router
 
 
 def ev(t, b, k):

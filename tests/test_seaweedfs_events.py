@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from bucketwire.envelope import Event
-from bucketwire.s3records import RecordError
-from bucketwire.seaweedfs_events import (
+from bucketwire.formats.s3_records import RecordError
+from bucketwire.formats.seaweedfs_events import (
     DELETE,
     MULTIPART,
     PUT,

@@ -154,8 +154,8 @@ def test_slow_clients_are_cut_off_and_others_served(stack_factory):
 NETNS_SCRIPT = textwrap.dedent("""
     import json, sys, threading, urllib.request, urllib.error
     from bucketwire import config
-    from bucketwire.hub import Hub
-    from bucketwire.ingress import serve
+    from bucketwire.hub.loop import Hub
+    from bucketwire.hub.ingress import serve
     cfg = config.parse(config.tomllib.loads(sys.argv[1]), "netns.toml")
     hub = Hub(cfg)
     srv = serve(hub, cfg.hub.http)

@@ -16,8 +16,8 @@ from typing import Any
 import minio
 import pytest
 
+from bucketwire.devstack.seaweedfs import WeedServer
 from bucketwire.envelope import Event
-from bucketwire.seaweed import WeedServer
 from bucketwire.sources import publish_until_acked
 from bucketwire.sources.minio_listen import MinioListenSource, parse_line
 from bucketwire.sources.seaweed_meta import (

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bucketwire.seaweed import WeedServer
+from bucketwire.devstack.seaweedfs import WeedServer
 from tests.fixtures_hub import Stack, wait_for
 
 BUCKETWIRE = str(Path(sys.executable).parent / "bucketwire")

@@ -27,7 +27,7 @@ RED = (255, 0, 0)
 # -- helpers ---------------------------------------------------------------------------------------------------
 def obj_event(kind: str, bucket: str, key: str, *, size: int = 0, etag: str = "", ctype: str = "",
               md: dict[str, str] | None = None, hops: int = 0) -> Event:
-    """An object event shaped like the hub's (`s3records.record_to_event`)."""
+    """An object event shaped like the hub's (`formats.s3_records.record_to_event`)."""
     return Event(
         id=f"t-{next(_ids)}", source="test", type=f"s3:{kind}", subject=key, hops=hops,
         data={

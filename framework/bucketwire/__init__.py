@@ -3,11 +3,11 @@
 The public API for plugin authors is what this module exports; bundled plugins use nothing else.
 """
 
-from .config import ConfigError, StoreConfig
-from .context import Context, PermanentError, PluginError, Stores
-from .envelope import SCHEMA_VERSION, EnvelopeError, Event, SchemaVersionError
-from .hookspecs import hookimpl
-from .settings import with_defaults
+from bucketwire.config import ConfigError, StoreConfig
+from bucketwire.context import Context, PermanentError, PluginError, Stores
+from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, SchemaVersionError
+from bucketwire.hookspecs import hookimpl
+from bucketwire.plugin_settings import with_defaults
 
 __version__ = "0.1.0"
 

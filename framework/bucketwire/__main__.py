@@ -1,3 +1,3 @@
-from .cli import main
+from bucketwire.cli import main
 
 main()

@@ -14,15 +14,15 @@ from typing import Any
 
 import click
 
-from . import logs
-from .commands._common import config_option, load_config, on_stop_signals
-from .config import ConfigError
+from bucketwire import logs
+from bucketwire.commands._common import config_option, load_config, on_stop_signals
+from bucketwire.config import ConfigError
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the exceptions a user can cause into one clear line."""
-    from .client import HubRefused, HubUnavailable
-    from .journal import JournalError
+    from bucketwire.client import HubRefused, HubUnavailable
+    from bucketwire.hub.journal import JournalError
 
     @wraps(fn)
     def inner(*a: Any, **kw: Any) -> Any:
@@ -56,8 +56,8 @@ def cli(ctx: click.Context, log_format: str, verbose: int, quiet: bool) -> None:
 @friendly
 def hub(config_path: str | None) -> None:
     """Run the hub: webhook ingress, journal, fan-out and consumer groups."""
-    from .hub import Hub
-    from .ingress import serve
+    from bucketwire.hub.ingress import serve
+    from bucketwire.hub.loop import Hub
 
     cfg = load_config(config_path)
     h = Hub(cfg)
@@ -91,10 +91,10 @@ def worker(ctx: click.Context, config_path: str | None, group: str, topics: tupl
            processes: int | None, local_plugins: tuple[str, ...], credit: int | None, drain_timeout: float,
            start: str | None) -> None:
     """Run a worker pool for one consumer group."""
-    from .worker import default_processes, make_spec, run_pool
+    from bucketwire.worker.supervisor import default_processes, make_spec, run_pool
 
     cfg = load_config(config_path)
-    from .security import client_keys
+    from bucketwire.security import client_keys
 
     client_keys(cfg)  # a missing key file is one line here, not a crash in every child
     spec = make_spec(cfg, group, list(topics), list(local_plugins), credit, start)
@@ -116,7 +116,7 @@ def worker(ctx: click.Context, config_path: str | None, group: str, topics: tupl
 def publish(config_path: str | None, topic: str, data_json: str, type_: str | None, subject: str | None,
             event_id: str | None, timeout: float | None) -> None:
     """Publish one event; returns after the hub committed it."""
-    from .client import HubClient
+    from bucketwire.client import HubClient
 
     cfg = load_config(config_path)
     try:
@@ -135,7 +135,7 @@ def publish(config_path: str | None, topic: str, data_json: str, type_: str | No
 @friendly
 def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None) -> None:
     """Print envelopes as JSON lines: replay from the journal, then follow live with no gap."""
-    from .client import follow
+    from bucketwire.client import follow
 
     cfg = load_config(config_path)
     stop = threading.Event()
@@ -155,7 +155,7 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
 @friendly
 def plugins_cmd(config_path: str | None, local_plugins: tuple[str, ...]) -> None:
     """List discovered plugins and the hooks each implements."""
-    from . import plugins as loader
+    from bucketwire.worker import plugin_loading as loader
 
     if config_path:
         load_config(config_path)
@@ -168,12 +168,12 @@ def plugins_cmd(config_path: str | None, local_plugins: tuple[str, ...]) -> None
     click.echo(json.dumps(out, indent=2))
 
 
-from . import doctor as _doctor  # noqa: E402 - commands register after `cli` exists
-from .commands import dev as _dev  # noqa: E402
-from .commands import keys as _keys  # noqa: E402
-from .commands import listen as _listen  # noqa: E402
-from .commands import ops as _ops  # noqa: E402
-from .commands import seaweed_source as _seaweed_source  # noqa: E402
+from bucketwire.commands import dev as _dev  # noqa: E402
+from bucketwire.commands import doctor as _doctor  # noqa: E402 - commands register after `cli` exists
+from bucketwire.commands import keys as _keys  # noqa: E402
+from bucketwire.commands import listen as _listen  # noqa: E402
+from bucketwire.commands import ops as _ops  # noqa: E402
+from bucketwire.commands import seaweed_source as _seaweed_source  # noqa: E402
 
 cli.add_command(_dev.dev)
 cli.add_command(_keys.keys)
@@ -186,14 +186,14 @@ cli.add_command(_seaweed_source.seaweed_source)
 
 
 def _add_builtin_groups() -> None:
-    from .bench.cli import bench
+    from bucketwire.commands.bench import bench
 
     cli.add_command(bench)
 
 
 def _register_plugin_commands() -> None:
     """Let installed plugins add subcommands (`bucketwire audit verify`, ...)."""
-    from . import plugins as loader
+    from bucketwire.worker import plugin_loading as loader
 
     try:
         loaded = loader.load(None, [])

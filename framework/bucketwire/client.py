@@ -18,10 +18,10 @@ from typing import Any
 
 import zmq
 
-from . import protocol as P
-from . import security
-from .config import Config
-from .envelope import Event
+from bucketwire import protocol as P
+from bucketwire import security
+from bucketwire.config import Config
+from bucketwire.envelope import Event
 
 
 class HubUnavailable(Exception):

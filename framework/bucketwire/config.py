@@ -358,7 +358,7 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
     for name in p.data:
         cfg.plugins[name] = _resolve_secrets_deep(p.sub(name).data, f"{file}: plugins.{name}")
 
-    from .security import parse_security  # late: security imports this module
+    from bucketwire.security import parse_security  # late: security imports this module
 
     cfg.security = parse_security(root.sub("security"), base)
     root.check_unknown({"hub", "client", "routes", "topics", "groups", "stores", "plugins", "security", "dev"})

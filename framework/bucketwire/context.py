@@ -6,12 +6,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .envelope import Event, follow_on_id
+from bucketwire.envelope import Event, follow_on_id
 
 if TYPE_CHECKING:
     import minio
 
-    from .config import StoreConfig
+    from bucketwire.config import StoreConfig
 
 
 class PluginError(Exception):

@@ -17,8 +17,8 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from .context import Context
-    from .envelope import Event
+    from bucketwire.context import Context
+    from bucketwire.envelope import Event
 
 PROJECT = "bucketwire"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .envelope import dumps
+from bucketwire.envelope import dumps
 
 PROTO = 1
 

@@ -25,10 +25,10 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from .config import ConfigError, RoleConfig, SecurityConfig
+from bucketwire.config import ConfigError, RoleConfig, SecurityConfig
 
 if TYPE_CHECKING:
-    from .config import Config, _Reader
+    from bucketwire.config import Config, _Reader
 
 log = logging.getLogger("bucketwire.security")
 
@@ -38,7 +38,7 @@ FIX = "create one with `bucketwire keys generate NAME --dir DIR`"
 # -- config ------------------------------------------------------------------------------------------------------
 def parse_security(r: _Reader, base: Path) -> SecurityConfig:
     """Parse `[security]`; with `curve = true` check libzmq supports CURVE and every named key file loads."""
-    from .config import _endpoint, _path
+    from bucketwire.config import _endpoint, _path
 
     sec = SecurityConfig()
     sec.curve = r.get("curve", bool, False)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .config import StoreConfig
-from .context import Context, Stores
-from .envelope import Event
-from .plugins import Loaded, make_manager, validate_settings
+from bucketwire.config import StoreConfig
+from bucketwire.context import Context, Stores
+from bucketwire.envelope import Event
+from bucketwire.worker.plugin_loading import Loaded, make_manager, validate_settings
 
 
 class PluginHarness:

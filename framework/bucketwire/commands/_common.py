@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from ..config import Config, ConfigError, load
-from ..procutil import on_stop_signals
+from bucketwire.config import Config, ConfigError, load
+from bucketwire.procutil import on_stop_signals
 
 config_option = click.option(
     "-c", "--config", "config_path", envvar="BUCKETWIRE_CONFIG", type=click.Path(),

@@ -29,8 +29,8 @@ from typing import Any
 
 import click
 
-from ..procutil import free_port, on_stop_signals
-from ..seaweed import WeedError, WeedServer, find_weed
+from bucketwire.devstack.seaweedfs import WeedError, WeedServer, find_weed
+from bucketwire.procutil import free_port, on_stop_signals
 
 DEFAULT_CONFIG = """\
 # The embedded dev stack (see examples/dev.toml for the commented version).
@@ -300,7 +300,7 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
         fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write("# written by `bucketwire dev`; regenerated on every start\n" + to_toml(cfg_doc))
-        from ..config import ConfigError, load
+        from bucketwire.config import ConfigError, load
 
         try:
             cfg = load(cfg_path)
@@ -343,7 +343,7 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
 
 def _demo(cfg: Any, weed: WeedServer, stopping: threading.Event, children: Children) -> None:
     """Upload sample images, then print every event on the hub as it arrives until stopped."""
-    from ..client import follow
+    from bucketwire.client import follow
 
     s3 = weed.client()
     bucket = next((r.bucket for r in cfg.routes if r.bucket), "photos")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from ..config import ConfigError
-from ..security import generate, list_keys, require_curve
+from bucketwire.config import ConfigError
+from bucketwire.security import generate, list_keys, require_curve
 
 
 @click.group(name="keys")

@@ -10,9 +10,9 @@ import logging
 
 import click
 
-from ..sources import hub_publisher
-from ..sources.minio_listen import DEFAULT_EVENTS, MinioListenSource
-from ._common import config_option, load_config, run_source
+from bucketwire.commands._common import config_option, load_config, run_source
+from bucketwire.sources import hub_publisher
+from bucketwire.sources.minio_listen import DEFAULT_EVENTS, MinioListenSource
 
 log = logging.getLogger("bucketwire.listen")
 

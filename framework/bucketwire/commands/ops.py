@@ -27,10 +27,10 @@ from typing import Any
 
 import click
 
-from .. import protocol as P
-from ..config import Config, ConfigError
-from ..envelope import Event, now_iso, stable_id
-from ._common import config_option, load_config, on_stop_signals
+from bucketwire import protocol as P
+from bucketwire.commands._common import config_option, load_config, on_stop_signals
+from bucketwire.config import Config, ConfigError
+from bucketwire.envelope import Event, now_iso, stable_id
 
 HANDLED_SUFFIX = ".handled"
 HANDLED_TYPE = "bucketwire.dead-letter.handled"
@@ -43,7 +43,7 @@ def _errors(fn: Any) -> Any:
     """One-line errors for what an operator can cause (hub down, bad config), like the core commands."""
     from functools import wraps
 
-    from ..client import HubRefused, HubUnavailable
+    from bucketwire.client import HubRefused, HubUnavailable
 
     @wraps(fn)
     def inner(*a: Any, **kw: Any) -> Any:
@@ -171,7 +171,7 @@ def render_status(st: dict[str, Any]) -> str:
 def status(config_path: str | None, as_json: bool, watch: float | None) -> None:
     """Per group: state, cursor, head, lag, in-flight, workers, credit, retries, dead letters, oldest unacked;
     per topic: head and rate."""
-    from ..client import HubClient
+    from bucketwire.client import HubClient
 
     cfg = load_config(config_path)
     stop = threading.Event()
@@ -211,7 +211,7 @@ def replay(config_path: str | None, group: str, topics: tuple[str, ...], from_se
     In-flight events of the topic finish first; then the cursor moves and is persisted, and the group's
     workers receive every event from that point, in order.
     """
-    from ..client import HubClient
+    from bucketwire.client import HubClient
 
     if (from_seq is None) == (since is None):
         raise click.UsageError("give exactly one of --from-seq N or --since TIME")
@@ -376,7 +376,7 @@ def _dlq_options(fn: Any) -> Any:
 
 
 def _load(config_path: str | None, dlq_topics: tuple[str, ...]) -> tuple[Config, Any, list[dict[str, Any]]]:
-    from ..client import HubClient
+    from bucketwire.client import HubClient
 
     cfg = load_config(config_path)
     client = HubClient(cfg, timeout=10)

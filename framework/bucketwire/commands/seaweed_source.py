@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from ..seaweed import WeedError, find_weed
-from ..sources import hub_publisher
-from ..sources.seaweed_meta import SeaweedMetaSource, read_state
-from ._common import config_option, load_config, run_source
+from bucketwire.commands._common import config_option, load_config, run_source
+from bucketwire.devstack.seaweedfs import WeedError, find_weed
+from bucketwire.sources import hub_publisher
+from bucketwire.sources.seaweed_meta import SeaweedMetaSource, read_state
 
 
 @click.command(name="seaweed-source")

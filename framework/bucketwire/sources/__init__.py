@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..envelope import Event
+from bucketwire.envelope import Event
 
 log = logging.getLogger("bucketwire.sources")
 
@@ -51,7 +51,7 @@ def publish_until_acked(
 
 def hub_publisher(cfg: Any, timeout: float | None = None) -> tuple[Publish, Callable[[], None]]:
     """A publish function backed by a HubClient, and its close function."""
-    from ..client import HubClient
+    from bucketwire.client import HubClient
 
     client = HubClient(cfg)
 

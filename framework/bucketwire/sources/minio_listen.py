@@ -20,9 +20,9 @@ from typing import Any
 
 import minio
 
-from ..envelope import Event
-from ..s3records import RecordError, record_to_event
-from . import Publish, publish_until_acked
+from bucketwire.envelope import Event
+from bucketwire.formats.s3_records import RecordError, record_to_event
+from bucketwire.sources import Publish, publish_until_acked
 
 log = logging.getLogger("bucketwire.sources.minio_listen")
 

@@ -3,7 +3,7 @@
 Why: SeaweedFS's webhook notification queue is in memory; if the hub is down longer than its retries, or weed
 restarts, those events are gone. The filer's metadata log is persistent, and `weed filer.meta.tail -timeAgo D`
 replays it from any point. So this source runs meta.tail, turns each change into envelopes with
-`seaweedfs_events.meta_tail_to_events` (same ids as the webhook would give, so running both is harmless),
+`formats.seaweedfs_events.meta_tail_to_events` (same ids as the webhook would give, so running both is harmless),
 publishes a batch, and only after the hub acked writes the newest log timestamp to a state file (atomically).
 After a restart it resumes a little before that timestamp: the overlap is re-published and deduplicated by the
 hub, so every change arrives exactly once in the journal.
@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..envelope import Event
-from ..s3records import RecordError
-from ..seaweed import WeedError, find_weed
-from ..seaweedfs_events import meta_tail_to_events
-from . import Publish, publish_until_acked
+from bucketwire.devstack.seaweedfs import WeedError, find_weed
+from bucketwire.envelope import Event
+from bucketwire.formats.s3_records import RecordError
+from bucketwire.formats.seaweedfs_events import meta_tail_to_events
+from bucketwire.sources import Publish, publish_until_acked
 
 log = logging.getLogger("bucketwire.sources.seaweed_meta")
 

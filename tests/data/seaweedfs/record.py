@@ -20,7 +20,7 @@ from pathlib import Path
 
 from minio.commonconfig import CopySource
 
-from bucketwire.seaweed import WeedServer, find_weed
+from bucketwire.devstack.seaweedfs import WeedServer, find_weed
 
 HERE = Path(__file__).parent
 received: list[dict[str, object]] = []

@@ -1,6 +1,6 @@
 """`bucketwire bench replicate`: MB/s of the replication plugin between two SeaweedFS servers vs a plain loop.
 
-Two real `weed mini` servers on loopback (`bucketwire.seaweed.WeedServer`), source and target. Subject: the
+Two real `weed mini` servers on loopback (`bucketwire.devstack.seaweedfs.WeedServer`), source and target. Subject: the
 replication plugin's `handle_event`, run through `bucketwire.testing.PluginHarness` (the same loading,
 settings validation and per-event context as a worker child), one event per object, in order: that is
 exactly the work a worker does per event, minus the hub. Different stores, so it takes the streamed path
@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from .common import percentiles, progress, progress_done
+from bucketwire.devstack.bench.common import percentiles, progress, progress_done
 
 MB = 1 << 20
 
@@ -54,7 +54,7 @@ class _Pattern(io.RawIOBase):
 
 
 def _start_both(tmp: str) -> tuple[Any, Any]:
-    from ..seaweed import WeedServer
+    from bucketwire.devstack.seaweedfs import WeedServer
 
     servers = [WeedServer(os.path.join(tmp, "source")), WeedServer(os.path.join(tmp, "target"))]
     errors: list[BaseException] = []
@@ -78,7 +78,7 @@ def _start_both(tmp: str) -> tuple[Any, Any]:
 
 
 def _event(i: int, bucket: str, key: str, size: int, etag: str) -> Any:
-    from ..envelope import Event
+    from bucketwire.envelope import Event
 
     return Event(id=f"bench-repl-{i}", source="urn:bench", type="s3:ObjectCreated:Put", subject=key,
                  data={"bucket": bucket, "key": key, "size": size, "etag": etag, "content_type": "",
@@ -142,10 +142,9 @@ def _phase(name: str, objs: list[tuple[str, int, str]], src_bucket: str, harness
 
 def run(small_count: int, small_kb: int, large_mb: int, rounds: int) -> dict[str, Any]:
     import bucketwire_replication as repl
-
-    from ..config import StoreConfig
-    from ..testing import PluginHarness
-    from .bus import machine
+    from bucketwire.config import StoreConfig
+    from bucketwire.devstack.bench.bus import machine
+    from bucketwire.testing import PluginHarness
 
     tmp = tempfile.mkdtemp(prefix="bucketwire-bench-repl-")
     try:

@@ -1,6 +1,6 @@
 """`bucketwire bench webhook`: MinIO-format webhook POSTs into the hub's HTTP ingress, each answered after commit.
 
-Baseline: the same clients against a server on the hub's own HTTP stack (bucketwire.httpserver: asyncio +
+Baseline: the same clients against a server on the hub's own HTTP stack (bucketwire.hub.http_server: asyncio +
 httptools, HTTP/1.1 keep-alive) whose handler answers 200 without any work, in its own process, measured in the
 same run on the same machine. Whatever the clients themselves cost (http.client, threads, the GIL) is paid by
 both sides, so the ratio says how much the hub's parse -> route -> journal commit -> reply adds on top of the
@@ -30,8 +30,8 @@ from typing import Any
 
 import click
 
-from ..httpserver import Request, Response, Server
-from .common import Stack, free_port, percentiles, progress, progress_done
+from bucketwire.devstack.bench.common import Stack, free_port, percentiles, progress, progress_done
+from bucketwire.hub.http_server import Request, Response, Server
 
 PATH = "/minio/events"
 ROUTE = '\n[[routes]]\ntopic = "webhook"\n'
@@ -65,7 +65,7 @@ def body_template() -> bytes:
 
 # -- baseline servers ---------------------------------------------------------------------------------------
 class _NoWork:
-    """An `httpserver` handler that answers 200 without work: the floor the hub's ingress stands on."""
+    """An `http_server` handler that answers 200 without work: the floor the hub's ingress stands on."""
 
     reply = Response(200, b'{"accepted": 1}\n')
 
@@ -87,7 +87,7 @@ def _serve_baseline(port: int, ready: Any) -> None:
 
 class _StdlibNoWork(BaseHTTPRequestHandler):
     """The same no-work answer from the standard library's server, for reference: what the ingress was built on
-    before httpserver.py."""
+    before hub/http_server.py."""
 
     protocol_version = "HTTP/1.1"
     # Headers and body go out in two writes; without TCP_NODELAY the second waits for the client's delayed
@@ -120,7 +120,7 @@ def _serve_stdlib(port: int, ready: Any) -> None:
 
 
 BASELINES = {
-    "baseline": (_serve_baseline, "bucketwire.httpserver (asyncio + httptools, the hub's own HTTP stack), "
+    "baseline": (_serve_baseline, "bucketwire.hub.http_server (asyncio + httptools, the hub's own HTTP stack), "
                  "HTTP/1.1 keep-alive, reads the body, answers 200"),
     "stdlib": (_serve_stdlib, "stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive, reads the body, answers 200"),
 }
@@ -291,7 +291,7 @@ def _no_work_server(kind: str) -> Iterator[int]:
 
 def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, float],
         reference: bool = True, rounds: int = 3) -> dict[str, Any]:
-    from .bus import machine
+    from bucketwire.devstack.bench.bus import machine
 
     stack = Stack(durability, extra=ROUTE)
     try:

@@ -1,7 +1,7 @@
 """Operations support inside the hub: gauges refreshed every heartbeat, per-topic rates, socket monitors,
 group health states, backpressure visibility and the REPLAY command.
 
-It lives apart from `hub.py` so the loop stays about delivery; everything here runs on the hub loop thread
+It lives apart from `hub/loop.py` so the loop stays about delivery; everything here runs on the hub loop thread
 (the only thread that touches GroupState and the journal), called from a handful of hooks in `Hub`.
 """
 
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__
-from . import protocol as P
-from .envelope import SCHEMA_VERSION
+from bucketwire import __version__
+from bucketwire import protocol as P
+from bucketwire.envelope import SCHEMA_VERSION
 
 if TYPE_CHECKING:
-    from .dispatch import GroupState
-    from .hub import Hub
+    from bucketwire.hub.dispatch import GroupState
+    from bucketwire.hub.loop import Hub
 
 log = logging.getLogger("bucketwire.hub")
 

@@ -22,18 +22,18 @@ from typing import Any
 
 import zmq
 
-from . import protocol as P
-from .config import Config
-from .dispatch import DeadLetter, GroupState, WorkerState, decode_ranges, encode_ranges
-from .envelope import SCHEMA_VERSION, EnvelopeError, Event, stable_id
-from .httpserver import SWEEP_INTERVAL as HTTP_SWEEP
-from .httpserver import Server as HttpServer
-from .hub_ops import HubOps
-from .journal import Appended, Batch, Journal, JournalError, NewEvent
-from .listeners import Listeners
-from .metrics import HubMetrics
-from .routing import Router
-from .security import Roles
+from bucketwire import protocol as P
+from bucketwire.config import Config
+from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, stable_id
+from bucketwire.hub.dispatch import DeadLetter, GroupState, WorkerState, decode_ranges, encode_ranges
+from bucketwire.hub.http_server import SWEEP_INTERVAL as HTTP_SWEEP
+from bucketwire.hub.http_server import Server as HttpServer
+from bucketwire.hub.journal import Appended, Batch, Journal, JournalError, NewEvent
+from bucketwire.hub.listeners import Listeners
+from bucketwire.hub.metrics import HubMetrics
+from bucketwire.hub.ops import HubOps
+from bucketwire.hub.routing import Router
+from bucketwire.security import Roles
 
 log = logging.getLogger("bucketwire.hub")
 
@@ -87,7 +87,7 @@ class Hub(Listeners):
                 self.groups[name].totals = list(st)
         self._last_hb = 0.0
         self._last_retention = time.monotonic()
-        self.ops = HubOps(self)  # gauges, rates, socket monitors, replay: see hub_ops.py
+        self.ops = HubOps(self)  # gauges, rates, socket monitors, replay: see hub/ops.py
         # [security]: CURVE listeners (primary + optional previous server key), ZAP, roles. See _secure_sockets.
         self.auth: Any = None
         self.roles = Roles(cfg.security.roles)
@@ -98,7 +98,7 @@ class Hub(Listeners):
         self._reload = threading.Event()
         self._next_key_check = 0.0
         if cfg.security.curve:
-            from .security import server_key_path
+            from bucketwire.security import server_key_path
 
             server_key_path(cfg.security)  # fail at startup, with one line, not in the loop
 
@@ -712,6 +712,6 @@ class Hub(Listeners):
 
 def g_item_stub(topic: str, seq: int, fo: Event) -> Any:
     """A dispatch Item standing for a refused follow-on, so it dead-letters like any other failure."""
-    from .dispatch import Item
+    from bucketwire.hub.dispatch import Item
 
     return Item(topic, seq, fo.object_key, fo.to_json(), attempts=1)

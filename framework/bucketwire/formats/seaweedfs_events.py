@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from .envelope import Event, now_iso, stable_id
-from .s3records import RecordError
+from bucketwire.envelope import Event, now_iso, stable_id
+from bucketwire.formats.s3_records import RecordError
 
 BUCKETS_ROOT = "/buckets/"
 MAX_EVENTS_PER_BODY = 1000

@@ -15,8 +15,8 @@ from typing import Any
 
 import zmq
 
-from . import protocol as P
-from .security import Roles
+from bucketwire import protocol as P
+from bucketwire.security import Roles
 
 log = logging.getLogger("bucketwire.hub")
 
@@ -94,7 +94,7 @@ class Listeners:
     # -- security ----------------------------------------------------------------------------------------------
     def _secure_sockets(self, zctx: zmq.Context) -> None:
         """With [security] curve: start ZAP and make the primary work/PUB pair CURVE servers (before bind)."""
-        from .security import apply_server, server_key_path, start_authenticator
+        from bucketwire.security import apply_server, server_key_path, start_authenticator
 
         sec = self.cfg.security
         self.listeners = [_Listener(self.cfg.hub.work, self.cfg.hub.publish, None, self.work, self.pub)]
@@ -109,7 +109,7 @@ class Listeners:
         self._next_key_check = time.monotonic() + sec.reload_interval
 
     def _new_listener(self, work_ep: str, pub_ep: str, key: Any) -> _Listener:
-        from .security import apply_server
+        from bucketwire.security import apply_server
 
         w = self._zctx.socket(zmq.ROUTER)
         p = self._make_pub(self._zctx)
@@ -192,7 +192,7 @@ class Listeners:
             self._rebind_pubs()
 
     def _rebind_pubs(self) -> None:
-        from .security import apply_server
+        from bucketwire.security import apply_server
 
         for ls in self.listeners:
             ls.pub.close(0)
@@ -209,9 +209,9 @@ class Listeners:
         Listeners are matched by (endpoints, server public key), so a rotation step that moves the current key
         to `previous_server_secret_key` on its existing endpoints keeps every established connection.
         """
-        from . import config as config_mod
-        from .config import ConfigError
-        from .security import load_keypair
+        from bucketwire import config as config_mod
+        from bucketwire.config import ConfigError
+        from bucketwire.security import load_keypair
 
         if self.cfg.path is None:
             return

@@ -15,9 +15,9 @@ from typing import Any
 
 import zmq
 
-from .. import protocol as P
-from ..envelope import Event
-from .common import Stack, free_port, percentiles, progress, progress_done
+from bucketwire import protocol as P
+from bucketwire.devstack.bench.common import Stack, free_port, percentiles, progress, progress_done
+from bucketwire.envelope import Event
 
 
 def payload(i: int, t: float) -> dict[str, Any]:
@@ -124,7 +124,7 @@ class Publisher:
 
 
 def _wait_handled(stack: Stack, total: int, label: str, timeout: float = 600) -> None:
-    from ..client import HubClient
+    from bucketwire.client import HubClient
 
     deadline = time.monotonic() + timeout
     with HubClient(stack.config(), timeout=10) as c:
@@ -142,7 +142,8 @@ def hub_run(durability: str, processes: int, n: int, rates: dict[int, float]) ->
     stack = Stack(durability)
     try:
         stack.spawn("hub")
-        stack.spawn("worker", "--group", "bench", "-n", str(processes), "--plugin", "bucketwire.bench.noop_plugin")
+        stack.spawn("worker", "--group", "bench", "-n", str(processes),
+                    "--plugin", "bucketwire.devstack.bench.noop_plugin")
         stack.wait_workers(processes)
         pub = Publisher(stack.config().client.work)
         label = f"durability={durability} processes={processes}"

@@ -26,7 +26,7 @@ def bench() -> None:
 def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], rate: tuple[int, ...], seconds: float,
         as_json: bool) -> None:
     """Publish -> commit -> worker no-op -> ack, against raw pyzmq PUSH/PULL."""
-    from . import bus as bus_mod
+    from bucketwire.devstack.bench import bus as bus_mod
 
     res = bus_mod.run(events, list(processes), list(durability), {r: seconds for r in rate})
     click.echo(json.dumps(res, indent=2) if as_json else bus_mod.render(res))
@@ -51,7 +51,7 @@ def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], ra
 def webhook(requests: int, processes: int, connections: int, durability: str, rate: tuple[int, ...],
             seconds: float, rounds: int, reference: bool, as_json: bool) -> None:
     """MinIO webhook POSTs into the hub (200 after commit), against a no-work server on the same HTTP stack."""
-    from . import webhook as mod
+    from bucketwire.devstack.bench import webhook as mod
 
     res = mod.run(requests, processes, connections, durability, {r: seconds for r in rate}, reference, rounds)
     click.echo(json.dumps(res, indent=2) if as_json else mod.render(res))
@@ -74,7 +74,7 @@ def webhook(requests: int, processes: int, connections: int, durability: str, ra
 def thumbnail(width: int, height: int, sizes: tuple[int, ...], iterations: int, fmt: str | None,
               quality: int | None, grain: float, as_json: bool) -> None:
     """The thumbnail plugin's render path on a 12 MP JPEG, against plain Pillow (full decode + LANCZOS)."""
-    from . import thumbnail as mod
+    from bucketwire.devstack.bench import thumbnail as mod
 
     res = mod.run(width, height, list(sizes), iterations, fmt, quality, grain)
     click.echo(json.dumps(res, indent=2) if as_json else mod.render_text(res))
@@ -91,7 +91,7 @@ def thumbnail(width: int, height: int, sizes: tuple[int, ...], iterations: int, 
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def replicate(small_count: int, small_kb: int, large_mb: int, rounds: int, as_json: bool) -> None:
     """The replication plugin between two local SeaweedFS servers, against a plain get_object/put_object loop."""
-    from . import replicate as mod
+    from bucketwire.devstack.bench import replicate as mod
 
     res = mod.run(small_count, small_kb, large_mb, rounds)
     click.echo(json.dumps(res, indent=2) if as_json else mod.render(res))

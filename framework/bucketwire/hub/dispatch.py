@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .config import TopicConfig
+from bucketwire.config import TopicConfig
 
 Key = tuple[str, int]
 

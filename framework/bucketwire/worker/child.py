@@ -23,14 +23,14 @@ from typing import Any
 
 import zmq
 
-from . import plugins as plugin_loader
-from . import protocol as P
-from . import security
-from .config import Config, ConfigError
-from .context import Context, PermanentError, Stores
-from .envelope import SCHEMA_VERSION, EnvelopeError, Event
-from .procutil import on_stop_signals
-from .worker_metrics import event_done, handler_done, set_credit
+from bucketwire import protocol as P
+from bucketwire import security
+from bucketwire.config import Config, ConfigError
+from bucketwire.context import Context, PermanentError, Stores
+from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event
+from bucketwire.procutil import on_stop_signals
+from bucketwire.worker import plugin_loading as plugin_loader
+from bucketwire.worker.metrics import event_done, handler_done, set_credit
 
 log = logging.getLogger("bucketwire.worker")
 

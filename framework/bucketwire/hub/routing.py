@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from .config import Route
-from .envelope import Event
+from bucketwire.config import Route
+from bucketwire.envelope import Event
 
 
 class Router:

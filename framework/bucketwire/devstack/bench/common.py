@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..procutil import free_port
+from bucketwire.procutil import free_port
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageStat
 
-from .common import percentiles, progress, progress_done
+from bucketwire.devstack.bench.common import percentiles, progress, progress_done
 
 
 def photo(width: int = 4000, height: int = 3000, quality: int = 90, grain: float = 3, texture: float = 30) -> bytes:
@@ -78,10 +78,9 @@ def psnr(encoded: bytes, reference: Image.Image) -> float:
 
 def run(width: int, height: int, sizes: list[int], iterations: int, fmt: str | None,
         quality: int | None, grain: float = 3) -> dict[str, Any]:
+    from bucketwire.devstack.bench.bus import machine
     from bucketwire_thumbnail import DEFAULTS
     from bucketwire_thumbnail.imaging import FORMATS, fit, render
-
-    from .bus import machine
 
     fmt = (fmt or DEFAULTS["format"]).lower()
     quality = quality or DEFAULTS["quality"]

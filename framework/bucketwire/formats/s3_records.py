@@ -15,7 +15,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from .envelope import Event, now_iso, stable_id
+from bucketwire.envelope import Event, now_iso, stable_id
 
 MAX_RECORDS = 1000
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import click
 
-from .config import Config, ConfigError, Route
-from .envelope import SCHEMA_VERSION
+from bucketwire.config import Config, ConfigError, Route
+from bucketwire.envelope import SCHEMA_VERSION
 
 # S3 / MinIO event names (AWS S3 + MinIO extensions); a route glob starting with "s3:" must match one of them.
 S3_EVENTS = [
@@ -176,7 +176,7 @@ def check_http(cfg: Config) -> list[Finding]:
 
 def check_versions(st: dict[str, Any]) -> list[Finding]:
     """The hub's schema/version against this installation (the worker hosts run doctor too)."""
-    from . import __version__
+    from bucketwire import __version__
 
     h = st.get("hub", {})
     schema = h.get("schema")
@@ -214,7 +214,7 @@ def check_status(cfg: Config, st: dict[str, Any]) -> list[Finding]:
 
 
 def check_hub(cfg: Config) -> list[Finding]:
-    from .client import HubClient, HubRefused, HubUnavailable
+    from bucketwire.client import HubClient, HubRefused, HubUnavailable
 
     try:
         with HubClient(cfg, timeout=2) as c:
@@ -286,7 +286,7 @@ def check_topics(cfg: Config) -> list[Finding]:
 
 
 def check_plugins(cfg: Config) -> list[Finding]:
-    from . import plugins as loader
+    from bucketwire.worker import plugin_loading as loader
 
     try:
         installed = set(loader.load(None, []).names)
@@ -421,7 +421,7 @@ def run_checks(cfg: Config, *, live: bool = True) -> list[Finding]:
 @click.option("--quiet", "-q", "only_problems", is_flag=True, help="Print only errors and warnings.")
 def doctor(config_path: str | None, offline: bool, only_problems: bool) -> None:
     """Check a config and the running system; one line per finding with the fix. Exit 1 on any error."""
-    from . import config as config_mod
+    from bucketwire import config as config_mod
 
     try:
         cfg = config_mod.load(config_path)

@@ -17,8 +17,8 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .config import ConfigError
+from bucketwire import hookspecs
+from bucketwire.config import ConfigError
 
 ENTRY_POINT_GROUP = "bucketwire"
 

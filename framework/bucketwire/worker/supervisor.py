@@ -14,11 +14,11 @@ import time
 from multiprocessing.connection import wait
 from typing import Any
 
-from . import config as config_mod
-from . import logs
-from .config import Config, ConfigError
-from .procutil import on_stop_signals
-from .runner import Plugins, WorkerSpec, child_main
+from bucketwire import config as config_mod
+from bucketwire import logs
+from bucketwire.config import Config, ConfigError
+from bucketwire.procutil import on_stop_signals
+from bucketwire.worker.child import Plugins, WorkerSpec, child_main
 
 log = logging.getLogger("bucketwire.worker")
 
@@ -66,7 +66,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     restarted = [0]
     served = None
     if metrics:  # before the first spawn: children inherit the multiprocess directory from the environment
-        from .worker_metrics import Supervisor
+        from bucketwire.worker.metrics import Supervisor
 
         served = Supervisor(metrics, spec.group, lambda: sum(p.is_alive() for p in children.values()),
                             lambda: restarted[0])

@@ -2,7 +2,7 @@
 
 A 2xx means the events are in the journal. Anything wrong with a request gets a 4xx with a one-line reason and
 changes nothing; a journal that cannot commit gets 503 so MinIO (with `queue_dir`) keeps the event and retries.
-The hub's loop thread serves it (httpserver.Server explains why); a body is at most `max_body_bytes`, so parsing
+The hub's loop thread serves it (http_server.Server explains why); a body is at most `max_body_bytes`, so parsing
 the worst one costs the loop milliseconds.
 """
 
@@ -20,13 +20,13 @@ from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import s3records
-from .config import ConfigError
-from .envelope import EnvelopeError, Event, dumps, valid_unicode
-from .httpserver import Limits, Pending, Request, Response, Server
+from bucketwire.config import ConfigError
+from bucketwire.envelope import EnvelopeError, Event, dumps, valid_unicode
+from bucketwire.formats import s3_records
+from bucketwire.hub.http_server import Limits, Pending, Request, Response, Server
 
 if TYPE_CHECKING:
-    from .hub import Hub, IngestResult
+    from bucketwire.hub.loop import Hub, IngestResult
 
 log = logging.getLogger("bucketwire.ingress")
 
@@ -38,12 +38,12 @@ def _text_only(events: list[Event]) -> list[Event]:
     consumer that encodes them (SQLite, S3 clients, files) fails later, far from the cause."""
     for ev in events:
         if not valid_unicode(ev.data) or not valid_unicode([ev.id, ev.source, ev.type, ev.subject]):
-            raise s3records.RecordError("body contains invalid Unicode (a lone surrogate escape such as \\ud800)")
+            raise s3_records.RecordError("body contains invalid Unicode (a lone surrogate escape such as \\ud800)")
     return events
 
 
 def parse_minio(body: bytes, store: str | None) -> list[Event]:
-    return _text_only(s3records.parse_body(body, store=store))
+    return _text_only(s3_records.parse_body(body, store=store))
 
 
 def parse_cloudevents(body: bytes, store: str | None) -> list[Event]:
@@ -51,23 +51,23 @@ def parse_cloudevents(body: bytes, store: str | None) -> list[Event]:
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
-        raise s3records.RecordError(f"body is not valid JSON: {e}") from None
+        raise s3_records.RecordError(f"body is not valid JSON: {e}") from None
     items = doc if isinstance(doc, list) else [doc]
-    if not items or len(items) > s3records.MAX_RECORDS:
-        raise s3records.RecordError(f"expected 1 to {s3records.MAX_RECORDS} CloudEvents")
+    if not items or len(items) > s3_records.MAX_RECORDS:
+        raise s3_records.RecordError(f"expected 1 to {s3_records.MAX_RECORDS} CloudEvents")
     out = []
     for i, d in enumerate(items):
         try:
             ev = Event.from_dict(d)
         except EnvelopeError as e:
-            raise s3records.RecordError(f"event {i}: {e}") from None
+            raise s3_records.RecordError(f"event {i}: {e}") from None
         ev.seq = None  # the hub assigns seqs
         out.append(ev)
     return out
 
 
 def parse_seaweedfs(body: bytes, store: str | None) -> list[Event]:
-    from . import seaweedfs_events
+    from bucketwire.formats import seaweedfs_events
 
     return _text_only(seaweedfs_events.parse_body(body, store=store))
 
@@ -97,7 +97,7 @@ def tls_context(hub_cfg: Any) -> ssl.SSLContext | None:
 
 
 class Ingress:
-    """The webhook endpoints, /metrics and /healthz, as an `httpserver` handler.
+    """The webhook endpoints, /metrics and /healthz, as an `http_server` handler.
 
     Everything that can be refused from the headers alone (unknown path, wrong token, no Content-Length, too
     large) is refused before the body is read. A POST that parses is handed to the hub loop, and its answer
@@ -200,7 +200,7 @@ class Ingress:
                              "store")
         try:
             events = parse(req.body, store)
-        except s3records.RecordError as e:
+        except s3_records.RecordError as e:
             return self.fail(400, str(e), "malformed")
         except Exception as e:  # a parser bug must cost one request, never the server
             log.exception("parser failed")

@@ -1,0 +1,1 @@
+"""The embedded dev stack (SeaweedFS runner) and the benchmarks."""

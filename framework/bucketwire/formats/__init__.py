@@ -1,0 +1,1 @@
+"""Store event formats: bytes in, Events out."""

@@ -1,0 +1,1 @@
+"""The hub: the one stateful process (ingress, journal, dispatch, fan-out)."""

@@ -1,0 +1,1 @@
+"""Worker pools: the supervisor, the children that run plugins, plugin loading."""
