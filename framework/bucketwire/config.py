@@ -59,6 +59,8 @@ class RoleConfig:
     publish: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     subscribe: list[str] = field(default_factory=list)
+    admin: bool = False
+    """Operator acts (replay, dlq retry/purge) on any group, not only those listed in `groups`."""
 
 
 @dataclass(slots=True)

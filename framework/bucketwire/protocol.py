@@ -17,6 +17,8 @@ hub forwards committed bytes without re-encoding them.
                     STATUS    {"req"}                                  -> STATUSR {...}
                     REPLAY    {"req", "group", "topics"?, "from_seq" | "since"}
                                                                -> REPLAYR {"req", "group", "topics"} | {"error"}
+                    DLQ       {"req", "action": "retry"|"purge", "items": [{"topic", "seq"}], "by"}
+                                                               -> DLQR {"req", "results": [{"id", ...} | {"error"}]}
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ STATUS = b"STATUS"
 STATUSR = b"STATUSR"
 REPLAY = b"REPLAY"
 REPLAYR = b"REPLAYR"
+DLQ = b"DLQ"
+DLQR = b"DLQR"
 
 
 HEARTBEAT_FRAME = b""

@@ -68,6 +68,7 @@ def parse_security(r: _Reader, base: Path) -> SecurityConfig:
             publish=rr.str_list("publish", []) or [],
             groups=rr.str_list("groups", []) or [],
             subscribe=rr.str_list("subscribe", []) or [],
+            admin=rr.get("admin", bool, False),
         )
         rr.check_unknown()
     r.check_unknown()
@@ -165,24 +166,45 @@ def apply_server(sock: zmq.Socket, secret_path: Path, domain: str) -> None:
     sock.curve_secretkey = secret
 
 
-def key_names(directory: Path) -> dict[bytes, str]:
-    """Z85 public key -> certificate name (file stem) for every `*.key` in the allow-list directory."""
+@dataclass(frozen=True, slots=True)
+class BadKeyFile:
+    """A `*.key` file in the allow-list directory that admits nobody, and why (never its content)."""
+
+    path: Path
+    error: str
+
+
+def scan_key_dir(directory: Path) -> tuple[dict[bytes, str], list[BadKeyFile]]:
+    """Z85 public key -> certificate name (file stem) for every valid `*.key`, and the files that are not valid.
+
+    One bad file must never decide for the good ones: each file is judged on its own, so a stray note or a bare
+    key pasted into the directory is skipped (and reported) while removals and additions still take effect.
+    """
     out: dict[bytes, str] = {}
+    bad: list[BadKeyFile] = []
     try:
         files = sorted(directory.glob("*.key"))
     except OSError:
-        return out
+        return out, bad
     for f in files:
         try:
             pub, _ = zmq.auth.load_certificate(f)
         except (OSError, ValueError) as e:
-            log.warning("skipping unreadable public key file", extra={"path": str(f), "error": str(e)})
+            bad.append(BadKeyFile(f, f"not a ZeroMQ certificate ({type(e).__name__}: {e})"[:200]))
+            continue
+        if not pub or len(pub) != 40:
+            bad.append(BadKeyFile(f, "holds no 40-character Z85 public key"))
             continue
         out.setdefault(pub, f.stem)
-    return out
+    return out, bad
 
 
-def _dir_signature(directory: Path) -> tuple:
+def key_names(directory: Path) -> dict[bytes, str]:
+    """Z85 public key -> certificate name (file stem) for every valid `*.key` in the allow-list directory."""
+    return scan_key_dir(directory)[0]
+
+
+def _dir_signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
     try:
         return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size)
                             for e in os.scandir(directory) if e.name.endswith(".key")))
@@ -194,7 +216,9 @@ class KeyAuthenticator(ThreadAuthenticator):
     """A ThreadAuthenticator whose User-Id is the key's certificate name, with a reloadable allow-list.
 
     The User-Id lets the hub apply roles per message (`frame.get("User-Id")`) and refuse messages from a key
-    that has been removed from the allow-list even on a connection that was established before.
+    that has been removed from the allow-list even on a connection that was established before. Admission is
+    decided by our own key map (a credentials callback), not by pyzmq's directory loader: that loader gives up on
+    the whole directory at the first bad file and keeps the previous key set, so a removed key stayed admitted.
     """
 
     def __init__(self, context: zmq.Context, domain: str, directory: Path) -> None:
@@ -202,12 +226,19 @@ class KeyAuthenticator(ThreadAuthenticator):
         self.domain, self.directory = domain, directory
         self.names: dict[bytes, str] = {}
         self.allowed_names: frozenset[str] = frozenset()
-        self._sig: tuple = ()
+        self.invalid: list[BadKeyFile] = []
+        self._sig: tuple[tuple[str, int, int], ...] = ()
+        self.configure_curve_callback(domain=domain, credentials_provider=self)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP credentials check (auth thread): admitted only if the key is in the map loaded last."""
+        return key in self.names
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         from zmq.utils import z85
 
-        return self.names.get(z85.encode(client_public_key), "?")
+        # "" if the key vanished between the check and here: the hub treats an empty User-Id as unknown (denied).
+        return self.names.get(z85.encode(client_public_key), "")
 
     def reload(self, force: bool = False) -> tuple[set[str], set[str]] | None:
         """Re-read the allow-list if it changed; returns (added, removed) key names, or None if unchanged."""
@@ -215,16 +246,22 @@ class KeyAuthenticator(ThreadAuthenticator):
         if not force and sig == self._sig:
             return None
         self._sig = sig
-        names = key_names(self.directory)
+        names, bad = scan_key_dir(self.directory)
         before = self.allowed_names
-        # Names first, so a key admitted by the new certs never gets the placeholder user id.
-        self.names = names
+        before_bad = {b.path for b in self.invalid}
+        self.names = names  # one assignment: the auth thread sees the old map or the new one, never a mix
         self.allowed_names = frozenset(names.values())
-        self.configure_curve(domain=self.domain, location=str(self.directory))
+        self.invalid = bad
+        for b in bad:
+            if force or b.path not in before_bad:
+                log.warning("skipping an invalid file in authorized_keys_dir; it admits nobody",
+                            extra={"path": str(b.path), "error": b.error,
+                                   "fix": f"remove it or replace it with a client's public .key file ({FIX})"})
         added, removed = set(self.allowed_names - before), set(before - self.allowed_names)
         if added or removed or force:
             log.info("client key allow-list loaded", extra={
                 "dir": str(self.directory), "keys": len(names), "added": sorted(added), "removed": sorted(removed),
+                "invalid": len(bad),
             })
         return added, removed
 
@@ -247,19 +284,38 @@ def server_key_path(sec: SecurityConfig) -> Path:
 
 # -- roles ---------------------------------------------------------------------------------------------------------
 class Roles:
-    """`[security.roles.NAME]`: a key with a role may only do what its globs allow; a key without one may do all."""
+    """`[security.roles.NAME]`: a key with a role may only do what its globs allow; a key without one may do all.
 
-    def __init__(self, roles: dict[str, RoleConfig]) -> None:
+    With CURVE, `admitted` is the set of key names in the allow-list right now: an identity outside it (a key
+    removed since it connected, an empty or missing User-Id) is denied everything. Unknown must never mean
+    unrestricted. `admitted = None` means CURVE is off, where roles do not apply.
+    """
+
+    def __init__(self, roles: dict[str, RoleConfig], admitted: frozenset[str] | None = None) -> None:
         self.roles = roles
+        self.admitted = admitted
+
+    def _known(self, user: str | None) -> bool:
+        return self.admitted is None or (bool(user) and user in self.admitted)
 
     def allows(self, user: str | None, what: str, name: str) -> bool:
-        if user is None:
-            return True
-        role = self.roles.get(user)
+        if not self._known(user):
+            return False
+        role = self.roles.get(user) if user else None
         if role is None:
             return True
         globs: Iterable[str] = getattr(role, what)
         return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+    def may_operate(self, user: str | None, group: str) -> bool:
+        """Operator acts on a group (replay, dlq retry/purge): a key without a role, `admin = true`, or a role
+        that lists the group in `groups`."""
+        if not self._known(user):
+            return False
+        role = self.roles.get(user) if user else None
+        if role is None or role.admin:
+            return True
+        return any(fnmatch.fnmatchcase(group, g) for g in role.groups)
 
 
 # -- key files ---------------------------------------------------------------------------------------------------

@@ -102,6 +102,8 @@ class Listeners:
             return
         self._zctx = zctx
         self.auth = start_authenticator(zctx, sec)
+        self.roles.admitted = self.auth.allowed_names
+        self.metrics.keys_invalid.set(len(self.auth.invalid))
         key = server_key_path(sec)
         apply_server(self.work, key, sec.zap_domain)
         apply_server(self.pub, key, sec.zap_domain)
@@ -183,12 +185,17 @@ class Listeners:
             return
         self._next_key_check = now + self.cfg.security.reload_interval
         self._reload.clear()
-        if hup:
-            self._reload_server_keys()
+        roles_changed = self._reload_server_keys() if hup else False
         changed = self.auth.reload(force=hup)
-        if changed and changed[1]:
-            # PUB cannot refuse one subscriber: re-create the PUB sockets so every subscriber reconnects and
-            # re-authenticates; revoked keys fail the handshake. Live subscribers catch up via heartbeats.
+        self.roles.admitted = self.auth.allowed_names
+        self.metrics.keys_invalid.set(len(self.auth.invalid))
+        if (changed and changed[1]) or roles_changed:
+            # PUB cannot refuse one subscriber, nor take back a subscription it applied: re-create the PUB
+            # sockets so every subscriber reconnects, re-authenticates (removed keys fail the handshake) and
+            # re-sends its subscriptions, which are decided again under the roles now in force. Live
+            # subscribers catch up via heartbeats.
+            log.info("fan-out sockets re-created; subscribers reconnect and their subscriptions are re-checked",
+                     extra={"removed_keys": sorted(changed[1]) if changed else [], "roles_changed": roles_changed})
             self._rebind_pubs()
 
     def _rebind_pubs(self) -> None:
@@ -203,8 +210,9 @@ class Listeners:
         self.pub = self.listeners[0].pub
         self.pubs = [ls.pub for ls in self.listeners]
 
-    def _reload_server_keys(self) -> None:
-        """Re-read [hub] work/publish and the [security] server keys; keep unchanged listeners, open new ones.
+    def _reload_server_keys(self) -> bool:
+        """Re-read [hub] work/publish, the [security] server keys and roles; keep unchanged listeners, open new
+        ones. Returns True when the roles changed (live subscriptions must then be decided again).
 
         Listeners are matched by (endpoints, server public key), so a rotation step that moves the current key
         to `previous_server_secret_key` on its existing endpoints keeps every established connection.
@@ -214,16 +222,16 @@ class Listeners:
         from bucketwire.security import load_keypair
 
         if self.cfg.path is None:
-            return
+            return False
         try:
             new = config_mod.load(self.cfg.path, warn=False)
         except ConfigError as e:
             log.error("reload refused; keeping the running configuration", extra={"error": str(e)})
-            return
+            return False
         sec = new.security
         if not sec.curve or sec.server_secret_key is None:
             log.error("reload refused: [security] curve must stay on with a server_secret_key")
-            return
+            return False
         want = [(new.hub.work, new.hub.publish, sec.server_secret_key)]
         if sec.previous_server_secret_key is not None and sec.work_previous and sec.publish_previous:
             want.append((sec.work_previous, sec.publish_previous, sec.previous_server_secret_key))
@@ -235,7 +243,7 @@ class Listeners:
             want_ids = [ident(*x) for x in want]
         except ConfigError as e:
             log.error("reload refused; keeping the running configuration", extra={"error": str(e)})
-            return
+            return False
         have = {ident(ls.work_ep, ls.pub_ep, ls.key): ls for ls in self.listeners}
         keep = [have.get(i) for i in want_ids]
         for i, ls in have.items():
@@ -258,13 +266,15 @@ class Listeners:
             out.append(ls)
         if not out:
             log.error("reload left no listener; this hub no longer serves ZeroMQ clients")
-            return
+            return False
         self.listeners = out
         self.work, self.pub = out[0].work, out[0].pub
         self.pubs = [ls.pub for ls in out]
         self.cfg.hub.work, self.cfg.hub.publish = out[0].work_ep, out[0].pub_ep
+        roles_changed = sec.roles != self.cfg.security.roles
         self.cfg.security.roles = sec.roles
-        self.roles = Roles(sec.roles)
+        self.roles = Roles(sec.roles, self.auth.allowed_names)
+        return roles_changed
 
 
 @dataclass(slots=True)

@@ -103,5 +103,8 @@ class HubMetrics:
                                registry=r)
         self.replays = Counter("bucketwire_replays_total", "Operator replays (cursor rewinds) per group", ["group"],
                                registry=r)
+        self.keys_invalid = Gauge("bucketwire_authorized_keys_invalid",
+                                  "Files in authorized_keys_dir skipped because they hold no valid public key",
+                                  registry=r)
         self.info = Gauge("bucketwire_hub_info", "Hub build information", ["version", "schema"], registry=r)
         self._memoize_hot()
