@@ -8,7 +8,9 @@ It lives apart from `hub/loop.py` so the loop stays about delivery; everything h
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -251,6 +253,13 @@ class HubOps:
 
         gname, topics = hdr.get("group"), hdr.get("topics")
         from_seq, since = hdr.get("from_seq"), hdr.get("since")
+        if isinstance(gname, str) and not hub.roles.may_operate(hub._user, gname):
+            # Moving a cursor is an operator's act: it can make a group handle everything again, or skip it.
+            hub.metrics.rejected.labels("zmq", "forbidden").inc()
+            log.warning("replay refused by role", extra={"key": hub._user, "group": gname})
+            reply(error=f"key {hub._user!r} may not replay group {gname!r} ([security.roles]: needs admin = true "
+                        "or the group in its groups)")
+            return
         g = hub.groups.get(gname) if isinstance(gname, str) else None
         if g is None:
             reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(hub.groups)) or 'none'})")
@@ -270,9 +279,21 @@ class HubOps:
         if from_seq is not None and (not isinstance(from_seq, int) or from_seq < 1):
             reply(error="'from_seq' must be an integer >= 1")
             return
-        if since is not None and not isinstance(since, int | float):
+        if since is not None and (not isinstance(since, int | float) or isinstance(since, bool)):
             reply(error="'since' must be a unix time in seconds")
             return
+        # A cursor past the head would make the group silently skip events that do not exist yet: refused for
+        # every key, admins included. head + 1 (skip what is there now) is the furthest a replay may move.
+        if since is not None and since > time.time():
+            reply(error=f"--since {datetime.fromtimestamp(since, UTC).isoformat()} is in the future: the group "
+                        "would skip every event until then; give a time in the past")
+            return
+        for t in topics:
+            head = hub.journal.heads.get(t, 0)
+            if from_seq is not None and from_seq > head + 1:
+                reply(error=f"--from-seq {from_seq} is beyond the head of {t!r} (head {head}): the group would skip "
+                            f"events not yet published; the furthest is {head + 1}")
+                return
         out: dict[str, Any] = {}
         for t in topics:
             head = hub.journal.heads.get(t, 0)
