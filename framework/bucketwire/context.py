@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bucketwire.envelope import Event, follow_on_id
+from bucketwire.envelope import Event, follow_on_id, follow_on_source
 
 if TYPE_CHECKING:
     import minio
@@ -95,7 +95,7 @@ class Context:
         cause_id = cause.id if cause else "startup"
         ev = Event(
             id=follow_on_id(cause_id, self.group, self.plugin, len(self.published), topic),
-            source=f"bucketwire://{self.group}/{self.plugin}",
+            source=follow_on_source(self.group, self.plugin),
             type=type or f"bucketwire.{topic}",
             subject=subject,
             data=data,

@@ -208,6 +208,39 @@ def dumps(obj: Any) -> bytes:
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+HUB_SOURCE = "bucketwire://hub/"
+"""Sources under this prefix are written by the hub alone: dead letters, retries, dlq markers, follow-ons.
+
+Dedupe is unique on (source, id) across all topics and the hub's ids are predictable (that is what makes them
+deduplicate), so a publisher that could write a hub source could pre-publish those ids and suppress a group's
+follow-ons or dead letters. Every ingress path refuses these sources from outside.
+"""
+
+RESERVED_SOURCES = (HUB_SOURCE, "bucketwire://cli/")
+"""`bucketwire://cli/` is where older versions wrote dlq markers; reserved so nobody can forge one now."""
+
+STEERING_EXTENSIONS = frozenset({"targetgroup"})
+"""Extensions that change who receives an event; only the hub sets them (a `dlq retry` it performs)."""
+
+
+def refused_from_outside(ev: Event) -> str | None:
+    """Why a publisher (ZeroMQ PUB, HTTP /events, webhooks) may not submit this event, or None if it may."""
+    if ev.source.startswith(RESERVED_SOURCES):
+        return (f"event {ev.id[:64]!r}: source {ev.source[:64]!r} is reserved for the hub (sources starting "
+                f"{HUB_SOURCE!r} or 'bucketwire://cli/'); publish under another source")
+    steer = sorted(STEERING_EXTENSIONS & ev.extensions.keys())
+    if steer:
+        return (f"event {ev.id[:64]!r}: extension {steer[0]!r} steers delivery and is set by the hub only; remove "
+                "it (use `bucketwire dlq retry` to re-deliver a dead letter to one group)")
+    return None
+
+
+def follow_on_source(group: str, plugin: str) -> str:
+    """Source of the follow-ons `plugin` publishes in `group`: in the hub's namespace, so no publisher can squat
+    on their ids; the hub stamps it on every follow-on it commits, whatever the worker sent."""
+    return f"{HUB_SOURCE}follow-on/{group}/{plugin}"
+
+
 def follow_on_id(causation_id: str, group: str, plugin: str, index: int, topic: str) -> str:
     """Id of the `index`-th event a plugin publishes while handling `causation_id` in `group`.
 

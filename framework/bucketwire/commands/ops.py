@@ -1,16 +1,18 @@
 """Operator commands: `status` (table, --json, --watch), `replay`, and `dlq list|show|retry|purge`.
 
 Dead letters are ordinary events on a dead-letter topic, so the journal already keeps them durably and in
-order. What is new here is their *handled* state: `retry` and `purge` publish a marker event
-(`bucketwire.dead-letter.handled`) on the topic `<dead-letter topic>.handled`, with an id derived from the dead
-letter's id. That keeps the state in the hub's journal (no second database, works from any host that can reach
-the hub), makes both commands idempotent (the journal deduplicates the marker, so running `retry` twice
-re-publishes once), and leaves an audit trail of who did what.
+order. What is new here is their *handled* state: `retry` and `purge` ask the hub (the DLQ command) to commit a
+marker event (`bucketwire.dead-letter.handled`) on the topic `<dead-letter topic>.handled`, with an id derived
+from the dead letter's id. That keeps the state in the hub's journal (no second database, works from any host
+that can reach the hub), makes both commands idempotent (the journal deduplicates the marker, so running `retry`
+twice re-delivers once), and leaves an audit trail of who did what.
 
-A retry re-publishes the original event on its original topic with two extensions: `targetgroup` (only the
-group that dead-lettered it handles it; other groups of the topic skip it) and `retries` (the history of every
-earlier dead-lettering: attempts, error line, plugin, dead letter id), plus `retryof` (the first event's id).
-The retried event and its marker are committed in one transaction.
+The hub, not this command, builds the retried event from the dead letter in its journal: the original event on
+its original topic with the extensions `targetgroup` (only the group that dead-lettered it handles it; other
+groups of the topic skip it), `retries` (the history of every earlier dead-lettering), `retryof` and
+`retrysource` (the first event's id and source). Retries, markers and `targetgroup` are hub-only, so no
+publisher can forge or steer them; a follow-on the hub refused (role, hop limit) is never retried. The retried
+event and its marker are committed in one transaction.
 """
 
 from __future__ import annotations
@@ -30,13 +32,8 @@ import click
 from bucketwire import protocol as P
 from bucketwire.commands._common import config_option, load_config, on_stop_signals
 from bucketwire.config import Config, ConfigError
-from bucketwire.envelope import Event, now_iso, stable_id
-
-HANDLED_SUFFIX = ".handled"
-HANDLED_TYPE = "bucketwire.dead-letter.handled"
-DEAD_TYPE = "bucketwire.dead-letter"
-ENVELOPE_KEYS = {"specversion", "id", "source", "type", "data", "subject", "time", "datacontenttype", "topic",
-                 "seq", "causationid", "hops", "schemaversion"}
+from bucketwire.envelope import HUB_SOURCE, RESERVED_SOURCES
+from bucketwire.hub.ops import DEAD_TYPE, HANDLED_SUFFIX, HANDLED_TYPE
 
 
 def _errors(fn: Any) -> Any:
@@ -287,10 +284,14 @@ def load_dead_letters(client: Any, dl_topics: list[str]) -> list[dict[str, Any]]
         handled: dict[str, dict[str, Any]] = {}
         for m in read_topic(client, dlt + HANDLED_SUFFIX):
             d = m.get("data") or {}
-            if m.get("type") == HANDLED_TYPE and isinstance(d, dict) and d.get("deadletter"):
+            # Only markers the hub wrote count (older versions wrote them as bucketwire://cli/dlq; both sources
+            # are refused from publishers), so nobody can hide a dead letter by publishing a marker.
+            if (m.get("type") == HANDLED_TYPE and str(m.get("source", "")).startswith(RESERVED_SOURCES)
+                    and isinstance(d, dict) and d.get("deadletter")):
                 handled.setdefault(d["deadletter"], d)
         for ev in read_topic(client, dlt):
-            if ev.get("type") != DEAD_TYPE or not isinstance(ev.get("data"), dict):
+            if (ev.get("type") != DEAD_TYPE or not isinstance(ev.get("data"), dict)
+                    or not str(ev.get("source", "")).startswith(f"{HUB_SOURCE}dead-letter/")):
                 continue
             h = handled.get(ev["id"])
             ev["_dlq"] = {"topic": dlt, "handled": h is not None, "action": h.get("action") if h else None,
@@ -331,34 +332,6 @@ def _matches_id(dl: dict[str, Any], orig: dict[str, Any], ident: str) -> bool:
     if seq.isdigit() and (not topic or topic == dl["_dlq"]["topic"]) and dl.get("seq") == int(seq):
         return True
     return (len(ident) >= 6 and dl["id"].startswith(ident)) or orig.get("id") == ident
-
-
-def retry_event(dl: dict[str, Any]) -> Event:
-    """The original event again, for the group that failed it, carrying every earlier failure."""
-    d = dl["data"]
-    o = d.get("event") or {}
-    if "source" not in o or "id" not in o or "type" not in o:
-        raise click.ClickException(f"dead letter {dl['id']} does not hold a readable original event")
-    ext = {k: v for k, v in o.items() if k not in ENVELOPE_KEYS}
-    history = list(ext.get("retries") or []) if isinstance(ext.get("retries"), list) else []
-    history.append({"deadletter": dl["id"], "dlseq": dl.get("seq"), "group": d.get("group"), "seq": d.get("seq"),
-                    "attempts": d.get("attempts"), "error": d.get("line"), "plugin": d.get("plugin"),
-                    "at": dl.get("time")})
-    ext.update(targetgroup=d["group"], retries=history, retryof=ext.get("retryof") or o["id"])
-    return Event(
-        id=stable_id("retry", dl["id"]), source=o["source"], type=o["type"], subject=o.get("subject"),
-        data=o.get("data"), topic=d["topic"], causationid=o.get("causationid"),
-        hops=o.get("hops", 0) if isinstance(o.get("hops"), int) else 0, extensions=ext,
-    )
-
-
-def handled_marker(dl: dict[str, Any], action: str, retry_id: str | None = None) -> Event:
-    who = f"{getpass.getuser()}@{socket.gethostname()}"
-    data = {"deadletter": dl["id"], "dlseq": dl.get("seq"), "action": action, "by": who, "at": now_iso()}
-    if retry_id:
-        data["retry"] = retry_id
-    return Event(id=stable_id("dlq-handled", dl["id"]), source="bucketwire://cli/dlq", type=HANDLED_TYPE,
-                 subject=dl.get("subject"), data=data, topic=dl["_dlq"]["topic"] + HANDLED_SUFFIX)
 
 
 def _dlq_options(fn: Any) -> Any:
@@ -456,22 +429,28 @@ def _act(config_path: str | None, topic: str | None, group: str | None, older: s
         if not sel:
             click.echo(f"nothing to {action}: no waiting dead letter matches", err=True)
             return
-        done = 0
+        done, errors = 0, []
+        by = f"{getpass.getuser()}@{socket.gethostname()}"
         with click.progressbar(length=len(sel), label=f"{action} dead letters", file=sys.stderr) as bar:
             for i in range(0, len(sel), 100):
                 chunk = sel[i:i + 100]
-                events: list[Event] = []
-                for dl in chunk:
-                    if action == "retry":
-                        ev = retry_event(dl)
-                        events += [ev, handled_marker(dl, "retried", ev.id)]
+                items = [{"topic": dl["_dlq"]["topic"], "seq": dl["seq"]} for dl in chunk]
+                # The hub commits each retried event with its marker in one transaction: retried exactly once.
+                _, reply, _ = client.request(P.DLQ, {"action": action, "items": items, "by": by}, {P.DLQR})
+                if reply.get("error"):
+                    raise click.ClickException(str(reply["error"]))
+                for r in reply.get("results", []):
+                    if r.get("error"):
+                        errors.append(str(r["error"]))
                     else:
-                        events.append(handled_marker(dl, "purged"))
-                client.publish_events(events)  # event + marker in one commit: retried exactly once
-                done += len(chunk)
+                        done += 1
                 bar.update(len(chunk))
         verb = "retried" if action == "retry" else "purged"
         click.echo(f"{verb} {done} dead letter(s)")
+        for e in errors:
+            click.echo(f"refused: {e}", err=True)
+        if errors:
+            raise click.ClickException(f"{len(errors)} dead letter(s) not {verb}; see the lines above")
     finally:
         client.close()
 

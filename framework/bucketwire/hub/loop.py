@@ -24,7 +24,15 @@ import zmq
 
 from bucketwire import protocol as P
 from bucketwire.config import Config
-from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, stable_id
+from bucketwire.envelope import (
+    SCHEMA_VERSION,
+    STEERING_EXTENSIONS,
+    EnvelopeError,
+    Event,
+    follow_on_source,
+    refused_from_outside,
+    stable_id,
+)
 from bucketwire.hub.dispatch import DeadLetter, GroupState, WorkerState, decode_ranges, encode_ranges
 from bucketwire.hub.http_server import SWEEP_INTERVAL as HTTP_SWEEP
 from bucketwire.hub.http_server import Server as HttpServer
@@ -74,6 +82,9 @@ class Hub(Listeners):
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self.carry: list[NewEvent] = []
+        # What each carried event is, so the log and metrics tell what the commit did (a dead letter whose id is
+        # already in the journal was not recorded, and must not be reported as if it was).
+        self.carry_notes: list[tuple[str, dict[str, Any]]] = []
         self.started = time.time()
         self.last_tick = time.monotonic()
         self.journal_ok = True
@@ -294,12 +305,35 @@ class Hub(Listeners):
         self.carry = []
         for g in self.groups.values():
             g.committed()
-        for a in appended[:carry_n]:
-            if not a.duplicate:
-                self.metrics.follow_ons.labels(a.topic).inc()
+        for a, (kind, note) in zip(appended[:carry_n], self.carry_notes, strict=True):
+            self._carried(a, kind, note)
+        self.carry_notes = []
         for cb, lo, hi in replies:
             cb(appended[carry_n + lo: carry_n + hi], None)
         self._fan_out(appended)
+
+    def _carry(self, ne: NewEvent | None, kind: str, note: dict[str, Any] | None = None) -> None:
+        """Queue an event the hub derived (a follow-on or a dead letter) for the next commit."""
+        if ne is not None:
+            self.carry.append(ne)
+            self.carry_notes.append((kind, note or {}))
+
+    def _carried(self, a: Appended, kind: str, note: dict[str, Any]) -> None:
+        """Log and count what the commit really did with a derived event."""
+        if kind == "dead-letter":
+            group = str(note.get("group"))
+            if a.duplicate:
+                self.metrics.duplicates.labels("dead-letter").inc()
+                log.warning("dead letter not recorded: a dead letter with its id is already in the journal",
+                            extra={**note, "dead_letter_topic": a.topic, "existing_seq": a.seq})
+            else:
+                self.metrics.dead_lettered.labels(group).inc()
+                log.warning("event dead-lettered", extra={**note, "dead_letter_topic": a.topic, "dlseq": a.seq})
+        elif a.duplicate:
+            self.metrics.duplicates.labels("follow-on").inc()
+            log.debug("follow-on already committed (redelivered cause)", extra={**note, "seq": a.seq})
+        else:
+            self.metrics.follow_ons.labels(a.topic).inc()
 
     def _fan_out(self, appended: list[Appended]) -> None:
         fresh: dict[str, list[tuple[int, str | None, bytes]]] = {}
@@ -322,17 +356,17 @@ class Hub(Listeners):
 
         return NewEvent(topic, ev.source, ev.id, ev.object_key, render)
 
-    def _dead_letter(self, dl: DeadLetter) -> NewEvent | None:
+    def _dead_letter(self, dl: DeadLetter, *, refused: bool = False) -> None:
+        """Carry the dead letter of `dl` into the next commit (logged and counted once it is committed).
+
+        `refused`: the dead letter holds a follow-on the hub refused (role, hop limit), not an event that failed;
+        `dlq retry` never re-delivers those.
+        """
         topic = self.cfg.dead_letter_for(dl.item.topic)
         try:
             orig = json.loads(dl.item.body)
         except ValueError:
             orig = {"raw": dl.item.body.decode("utf-8", "replace")}
-        log.warning(
-            "event dead-lettered",
-            extra={"group": dl.group, "topic": dl.item.topic, "seq": dl.item.seq, "error": dl.line},
-        )
-        self.metrics.dead_lettered.labels(dl.group).inc()
         if dl.item.topic == topic:
             log.error("a dead letter failed in its own topic; dropped", extra={"seq": dl.item.seq})
             return None
@@ -344,11 +378,13 @@ class Hub(Listeners):
             data={
                 "group": dl.group, "topic": dl.item.topic, "seq": dl.item.seq, "attempts": dl.item.attempts,
                 "error": dl.error, "line": dl.line, "plugin": dl.plugin, "event": orig,
+                **({"refused": True} if refused else {}),
             },
             causationid=orig.get("id"),
             hops=orig.get("hops", 0) if isinstance(orig.get("hops"), int) else 0,
         )
-        return self._new(ev, topic)
+        self._carry(self._new(ev, topic), "dead-letter",
+                    {"group": dl.group, "topic": dl.item.topic, "seq": dl.item.seq, "error": dl.line})
 
     def _route(self, ev: Event) -> str | None:
         return ev.topic or self.router.topic_for(ev)
@@ -358,6 +394,21 @@ class Hub(Listeners):
         """Queue events for this batch; `done` gets one result per event after the commit."""
         plan: list[IngestResult] = []
         lo = len(batch.events)
+        why = [refused_from_outside(ev) for ev in events]
+        if any(why):
+            # Reserved sources and steering extensions are the hub's alone; the whole submission is refused so a
+            # publisher never has half of it committed.
+            first = next(w for w in why if w)
+            self.metrics.rejected.labels(source, "reserved").inc()
+            log.warning("publish refused: hub-only source or extension", extra={"ingress": source, "error": first})
+            plan = [IngestResult(ev.id, None, None, error=w or f"refused with its request: {first}")
+                    for ev, w in zip(events, why, strict=True)]
+
+            def refuse(appended: list[Appended] | None, err: str | None) -> None:
+                done(plan if appended is not None else None, err)
+
+            replies.append((refuse, lo, lo))
+            return
         for ev in events:
             topic = self._route(ev)
             if topic is None:
@@ -467,6 +518,8 @@ class Hub(Listeners):
             self._on_fetch(ident, hdr)
         elif cmd == P.REPLAY:
             self.ops.on_replay(ident, hdr)
+        elif cmd == P.DLQ:
+            self.ops.on_dlq(ident, hdr, batch, replies)
         elif cmd == P.STATUS:
             self._send([ident, P.STATUSR, P.enc({"req": hdr.get("req"), **self.status(now)})])
         elif cmd == P.BYE:
@@ -537,6 +590,12 @@ class Hub(Listeners):
                 for fo in fos:
                     if not fo.topic:
                         raise EnvelopeError("follow-on events need a topic")
+                    # The hub names the follow-on's source, whatever the worker sent: its id then lives in this
+                    # group's namespace under the hub's reserved prefix, where no publisher (and no other group's
+                    # worker) can squat on it; and nothing a worker adds steers delivery.
+                    fo.source = follow_on_source(g.name, fo.source.rstrip("/").rsplit("/", 1)[-1][:128])
+                    for k in STEERING_EXTENSIONS:
+                        fo.extensions.pop(k, None)
                 if g.ack(topic, seq):
                     self.metrics.acked.labels(g.name).inc()
                     for fo in fos:
@@ -545,10 +604,8 @@ class Hub(Listeners):
                             why = f"key {self._user!r} may not publish to topic {fo.topic!r} ([security.roles])"
                             log.warning("follow-on refused by role", extra={"topic": fo.topic, "group": g.name,
                                                                             "key": self._user})
-                            ne = self._dead_letter(DeadLetter(g_item_stub(topic, seq, fo), g.name, why,
-                                                              "forbidden by role", None))
-                            if ne:
-                                self.carry.append(ne)
+                            self._dead_letter(DeadLetter(g_item_stub(topic, seq, fo), g.name, why,
+                                                         "forbidden by role", None), refused=True)
                             continue
                         if fo.hops > self.cfg.hub.max_hops:
                             self.metrics.hop_limited.inc()
@@ -556,20 +613,17 @@ class Hub(Listeners):
                                         extra={"topic": fo.topic, "hops": fo.hops, "group": g.name})
                             dl = DeadLetter(g_item_stub(topic, seq, fo), g.name,
                                             f"hop limit {self.cfg.hub.max_hops} exceeded", "hop limit", None)
-                            ne = self._dead_letter(dl)
-                            if ne:
-                                self.carry.append(ne)
+                            self._dead_letter(dl, refused=True)
                             continue
-                        self.carry.append(self._new(fo, fo.topic))  # type: ignore[arg-type]
+                        self._carry(self._new(fo, fo.topic), "follow-on",  # type: ignore[arg-type]
+                                    {"group": g.name, "topic": fo.topic, "id": fo.id})
             else:
                 err = str(r.get("error", "handler failed"))[:8192]
                 line = str(r.get("line", err))[:1024]
                 plugin = r.get("plugin") if isinstance(r.get("plugin"), str) else None
                 dl = g.fail(topic, seq, err, line, plugin, bool(r.get("permanent")), now)
                 if dl is not None:
-                    ne = self._dead_letter(dl)
-                    if ne:
-                        self.carry.append(ne)
+                    self._dead_letter(dl)
                 else:
                     self.metrics.retries.labels(g.name).inc()
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
@@ -584,6 +638,12 @@ class Hub(Listeners):
         except EnvelopeError as e:
             self.metrics.rejected.labels("zmq", "envelope").inc()
             self._send([ident, P.PUBNACK, P.enc({"req": req, "error": str(e)})])
+            return
+        why = next((w for w in map(refused_from_outside, events) if w), None)
+        if why:
+            self.metrics.rejected.labels("zmq", "reserved").inc()
+            log.warning("publish refused: hub-only source or extension", extra={"key": self._user, "error": why})
+            self._send([ident, P.PUBNACK, P.enc({"req": req, "error": why})])
             return
         denied = sorted({t for t in map(self._route, events)
                          if t is not None and not self.roles.allows(self._user, "publish", t)})
@@ -631,9 +691,7 @@ class Hub(Listeners):
         g = self.groups[w.group]
         n = len(w.inflight)
         for dl in g.worker_gone(w.ident, lost=lost, requeue=requeue):
-            ne = self._dead_letter(dl)
-            if ne:
-                self.carry.append(ne)
+            self._dead_letter(dl)
         if lost and n:
             self.metrics.redelivered.labels(g.name).inc(n)
         self.metrics.workers.labels(g.name).set(len(g.workers))

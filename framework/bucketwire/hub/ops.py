@@ -7,6 +7,7 @@ It lives apart from `hub/loop.py` so the loop stays about delivery; everything h
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -18,10 +19,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bucketwire import __version__
 from bucketwire import protocol as P
-from bucketwire.envelope import SCHEMA_VERSION
+from bucketwire.envelope import HUB_SOURCE, SCHEMA_VERSION, Event, now_iso, stable_id
 
 if TYPE_CHECKING:
     from bucketwire.hub.dispatch import GroupState
+    from bucketwire.hub.journal import Appended, Batch, NewEvent
     from bucketwire.hub.loop import Hub
 
 log = logging.getLogger("bucketwire.hub")
@@ -37,6 +39,14 @@ MONITOR_INTERVAL = 0.05
 
 SATURATED_AFTER = 3.0
 """A group must have work waiting and no free credit this long before it is reported saturated (no flapping)."""
+
+DEAD_TYPE = "bucketwire.dead-letter"
+HANDLED_TYPE = "bucketwire.dead-letter.handled"
+HANDLED_SUFFIX = ".handled"
+"""Dead letters are events of DEAD_TYPE; `dlq retry|purge` marks one handled with a HANDLED_TYPE event on
+`<dead-letter topic>.handled` (see commands/ops.py)."""
+ENVELOPE_KEYS = frozenset({"specversion", "id", "source", "type", "data", "subject", "time", "datacontenttype",
+                           "topic", "seq", "causationid", "hops", "schemaversion"})
 
 STATES = ("ok", "idle", "saturated", "stalled", "replaying")
 
@@ -311,3 +321,113 @@ class HubOps:
         row = self.hub.journal.db.execute("SELECT min(seq) FROM events WHERE topic=? AND ts>=?",
                                           (topic, since)).fetchone()
         return row[0] if row and row[0] is not None else head + 1
+
+    # -- DLQ (retry / purge, performed by the hub) -------------------------------------------------------------
+    def on_dlq(self, ident: bytes, hdr: dict[str, Any], batch: Batch, replies: list[Any]) -> None:
+        """Retry or purge dead letters named by (dead-letter topic, seq).
+
+        The hub does it, not the CLI: a retried event carries `targetgroup` (only the group that failed it
+        handles it) and a marker records the dead letter as handled; both are hub-only (reserved source, steering
+        extension), so no publisher can forge a retry, steer one, or hide a dead letter. The hub reads the dead
+        letter from its own journal, so what goes back is exactly what failed, to the group that failed it.
+        """
+        hub = self.hub
+        req, action, items = hdr.get("req"), hdr.get("action"), hdr.get("items")
+        if action not in ("retry", "purge") or not isinstance(items, list) or not 1 <= len(items) <= 1000:
+            raise P.ProtocolError("DLQ needs 'action' (retry|purge) and 'items': 1 to 1000 {topic, seq}")
+        by = f"{str(hdr.get('by') or '?')[:200]} (key {hub._user})" if hub._user else str(hdr.get("by") or "?")[:200]
+        results: list[dict[str, Any]] = []
+        events: list[tuple[int, NewEvent]] = []  # (index in results, event); a retry is followed by its marker
+        for it in items:
+            res = self._dlq_item(it, action, by, events, len(results))
+            results.append(res)
+            if res.get("error"):
+                log.warning("dlq request refused", extra={"key": hub._user, "action": action,
+                                                          "error": res["error"]})
+        lo = len(batch.events)
+        batch.events.extend(ne for _, ne in events)
+        hi = len(batch.events)
+
+        def done(appended: list[Appended] | None, err: str | None) -> None:
+            if appended is None:
+                hub._send([ident, P.DLQR, P.enc({"req": req, "error": err})])
+                return
+            for (i, ne), a in zip(events, appended, strict=True):
+                if ne.source.endswith("/dlq"):
+                    results[i]["duplicate"] = a.duplicate  # the marker: handled before, nothing done again
+            for r in results:
+                if not r.get("error") and not r.get("duplicate"):
+                    log.info("dead letter purged" if action == "purge" else "dead letter retried",
+                             extra={"deadletter": r["id"], "group": r.get("group"), "by": by})
+            hub._send([ident, P.DLQR, P.enc({"req": req, "results": results})])
+
+        replies.append((done, lo, hi))
+
+    def _dlq_item(self, it: Any, action: str, by: str, events: list[tuple[int, NewEvent]],
+                  index: int) -> dict[str, Any]:
+        hub = self.hub
+        if not isinstance(it, dict) or not isinstance(it.get("topic"), str) or not isinstance(it.get("seq"), int):
+            return {"error": "each item needs 'topic' (string) and 'seq' (integer)"}
+        topic, seq = it["topic"], it["seq"]
+        where = f"{topic}:{seq}"
+        rows = hub.journal.read(topic, seq, 1) if seq >= 1 else []
+        if not rows or rows[0][0] != seq:
+            return {"error": f"{where}: no such event in the journal (retention may have removed it)"}
+        try:
+            dl = json.loads(rows[0][2])
+        except ValueError:
+            dl = None
+        data = dl.get("data") if isinstance(dl, dict) else None
+        if (not isinstance(dl, dict) or dl.get("type") != DEAD_TYPE or not isinstance(data, dict)
+                or not str(dl.get("source", "")).startswith(f"{HUB_SOURCE}dead-letter/")):
+            return {"error": f"{where}: not a dead letter written by the hub"}
+        dl_id, group, orig = str(dl.get("id")), data.get("group"), data.get("event")
+        if not isinstance(group, str) or not hub.roles.may_operate(hub._user, group):
+            hub.metrics.rejected.labels("zmq", "forbidden").inc()
+            return {"id": dl_id, "error": f"key {hub._user!r} may not {action} dead letters of group {group!r} "
+                                          "([security.roles]: needs admin = true or the group in its groups)"}
+        res: dict[str, Any] = {"id": dl_id, "group": group, "action": action}
+        retry_id = None
+        if action == "retry":
+            if data.get("refused") or data.get("line") in ("forbidden by role", "hop limit"):
+                return {"id": dl_id, "group": group,
+                        "error": f"dead letter {dl_id[:12]} is a follow-on the hub refused ({data.get('line')}: "
+                                 f"{str(data.get('error'))[:200]}); a refused follow-on stays refused -- fix "
+                                 "[security.roles] or the hop limit and replay the causing event, or purge it"}
+            g = hub.groups.get(group)
+            otopic = data.get("topic")
+            if g is None or not isinstance(otopic, str) or otopic not in g.read_pos:
+                return {"id": dl_id, "group": group,
+                        "error": f"dead letter {dl_id[:12]}: group {group!r} no longer consumes {otopic!r}"}
+            if not isinstance(orig, dict) or not all(isinstance(orig.get(k), str) and orig.get(k)
+                                                     for k in ("id", "source", "type")):
+                return {"id": dl_id, "group": group,
+                        "error": f"dead letter {dl_id[:12]} does not hold a readable original event"}
+            ev = _retry_event(dl, data, orig, group, otopic)
+            retry_id = res["retry"] = ev.id
+            events.append((index, hub._new(ev, otopic)))
+        marker = {"deadletter": dl_id, "dlseq": seq, "action": "retried" if action == "retry" else "purged",
+                  "by": by, "at": now_iso(), **({"retry": retry_id} if retry_id else {})}
+        mk = Event(id=stable_id("dlq-handled", dl_id), source=f"{HUB_SOURCE}dlq", type=HANDLED_TYPE,
+                   subject=dl.get("subject") if isinstance(dl.get("subject"), str) else None, data=marker,
+                   topic=topic + HANDLED_SUFFIX)
+        events.append((index, hub._new(mk, topic + HANDLED_SUFFIX)))
+        return res
+
+
+def _retry_event(dl: dict[str, Any], data: dict[str, Any], orig: dict[str, Any], group: str, topic: str) -> Event:
+    """The original event again, for the group that failed it, carrying every earlier failure."""
+    ext = {k: v for k, v in orig.items() if k not in ENVELOPE_KEYS}
+    history = list(ext["retries"]) if isinstance(ext.get("retries"), list) else []
+    history.append({"deadletter": dl.get("id"), "dlseq": dl.get("seq"), "group": group, "seq": data.get("seq"),
+                    "attempts": data.get("attempts"), "error": data.get("line"), "plugin": data.get("plugin"),
+                    "at": dl.get("time")})
+    ext.update(targetgroup=group, retries=history, retryof=ext.get("retryof") or orig["id"],
+               retrysource=ext.get("retrysource") or orig["source"])
+    hops = orig.get("hops", 0)
+    return Event(
+        id=stable_id("retry", dl.get("id")), source=f"{HUB_SOURCE}retry/{group}", type=orig["type"],
+        subject=orig.get("subject") if isinstance(orig.get("subject"), str) else None, data=orig.get("data"),
+        topic=topic, causationid=orig.get("causationid") if isinstance(orig.get("causationid"), str) else None,
+        hops=hops if isinstance(hops, int) and not isinstance(hops, bool) and hops >= 0 else 0, extensions=ext,
+    )
