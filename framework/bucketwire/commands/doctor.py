@@ -337,14 +337,15 @@ def check_security(cfg: Config) -> list[Finding]:
                            "copy the hub's public .key file (next to its .key_secret) to server_public_key"))
     client = pub_of(getattr(sec, "client_secret_key", None))
     d = getattr(sec, "authorized_keys_dir", None)
-    if client and d is not None and Path(d).is_dir():
-        known = set()
-        for f in Path(d).glob("*.key"):
-            try:
-                known.add(zmq.auth.load_certificate(f)[0])
-            except (OSError, ValueError):
-                out.append(Finding("warn", f"[security] {f} in authorized_keys_dir is not a certificate"))
-        if client not in known:
+    if d is not None and Path(d).is_dir():
+        from bucketwire.security import scan_key_dir
+
+        names, bad = scan_key_dir(Path(d))
+        for b in bad:  # the hub skips these (and counts them in bucketwire_authorized_keys_invalid)
+            out.append(Finding("warn", f"[security] {b.path} in authorized_keys_dir admits nobody: {b.error}",
+                               "remove it, or replace it with a client's public .key file "
+                               "(`bucketwire keys generate NAME`)"))
+        if client and client not in names:
             out.append(Finding("error", "[security] this client's public key is not in authorized_keys_dir: the "
                                         "hub will refuse it", f"copy the client's public .key file into {d}"))
     if not out:
