@@ -272,3 +272,31 @@ def test_dlq_retry_never_turns_a_refused_follow_on_into_an_event(stack_factory, 
     wait_for(lambda: any(h["data"] == {"marker": 1} for h in s.handled()), 20, "the marker is handled")
     assert [h["data"] for h in s.handled()] == [{"follow": 1}, {"marker": 1}], "the follow-on never ran in g"
     assert "follow" not in s.status()["topics"]
+
+
+def test_a_suppressed_dead_letter_is_never_reported_as_recorded(stack_factory, tmp_path):
+    """A journal from before the hub reserved its sources may already hold a squatted dead-letter id. Before: the
+    hub logged "event dead-lettered" and counted it while the journal dropped it as a duplicate; now the log and
+    the metrics say what the commit did."""
+    from bucketwire.hub.journal import Batch, Journal, NewEvent
+
+    s, _ = secure_stack(stack_factory, tmp_path)
+    squat = Event(id=stable_id("dead-letter", "g", "test", "victim", 2), source="bucketwire://hub/dead-letter/g",
+                  type="t", topic="x", data={})
+    j = Journal(s.cfg.hub.state_dir / "journal.db")
+
+    def render(seq: int) -> bytes:
+        squat.seq = seq
+        return squat.to_json()
+
+    j.commit(Batch(events=[NewEvent("x", squat.source, squat.id, None, render)]))
+    j.close()
+    s.start_hub()
+    with s.client() as c:
+        assert c.publish("x", {"permanent": True}, source="test", id="victim")["seq"] == 2
+    s.start_worker("g", 1)
+    wait_for(lambda: metric(s, "bucketwire_events_duplicate_total", source="dead-letter") == 1, 20,
+             "the dead letter counted as a duplicate")
+    assert not metric(s, "bucketwire_dead_lettered_total", group="g"), "not counted as dead-lettered"
+    log = s.dump_logs()
+    assert "dead letter not recorded" in log and "event dead-lettered" not in log
