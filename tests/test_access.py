@@ -22,7 +22,7 @@ from bucketwire import Event, security
 from bucketwire.client import HubClient, HubRefused, HubUnavailable
 from bucketwire.envelope import follow_on_id, stable_id
 from tests.fixtures_hub import Stack, wait_for
-from tests.test_security import GROUPS, authorize, cfg_for, client_config, revoke, secure_stack, sub_socket
+from tests.test_security import GROUPS, cfg_for, client_config, revoke, secure_stack, sub_socket
 
 TWO_GROUPS = GROUPS + '\n[groups.h]\ntopics = ["x"]\nplugins = []\nstart = "earliest"\n'
 
@@ -300,3 +300,22 @@ def test_a_suppressed_dead_letter_is_never_reported_as_recorded(stack_factory, t
     assert not metric(s, "bucketwire_dead_lettered_total", group="g"), "not counted as dead-lettered"
     log = s.dump_logs()
     assert "dead letter not recorded" in log and "event dead-lettered" not in log
+
+
+def test_unknown_or_missing_identity_is_denied_everything():
+    """The role check itself: with CURVE (an allow-list in force) an identity outside it -- a removed key's name,
+    the empty User-Id the authenticator gives a key it cannot name, no User-Id at all -- is denied, never
+    unrestricted. Before: Roles treated every identity without a role entry as unrestricted."""
+    from bucketwire.config import RoleConfig
+
+    roles = security.Roles({"lim": RoleConfig("lim", subscribe=["ok"], groups=["g"])},
+                           admitted=frozenset({"lim", "admin"}))
+    for who in ("gone", "", None):
+        assert not roles.allows(who, "subscribe", "secret")
+        assert not roles.allows(who, "publish", "x")
+        assert not roles.may_operate(who, "g")
+    assert roles.allows("admin", "subscribe", "secret") and roles.may_operate("admin", "h")
+    assert roles.allows("lim", "subscribe", "ok") and not roles.allows("lim", "subscribe", "secret")
+    assert roles.may_operate("lim", "g") and not roles.may_operate("lim", "h")
+    without_curve = security.Roles({}, admitted=None)
+    assert without_curve.allows(None, "publish", "x"), "roles do not apply without CURVE"
