@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import logging
 import os
 import tracemalloc
 from typing import Any
@@ -384,3 +385,33 @@ def test_path_escape_key_in_event_is_rejected(weed: WeedServer, bucket: str) -> 
     with harness({"primary": store_cfg("primary", weed)}, target_store="primary", target_bucket=bucket,
                  prefix="replica/") as h, pytest.raises(PermanentError, match="segments"):
         h.handle(obj_event("ObjectCreated:Put", bucket, "../../outside"))
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["copy", "stream"])
+def test_source_deleted_before_handling_makes_no_replica_and_one_info_line(
+        weed: WeedServer, weed2: WeedServer, bucket: str, cross: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Deleted before its create event is handled: no replica appears, nothing is retried, one info line.
+
+    Its removal event follows and replicates as a delete when `replicate_deletes` is on; an empty object is
+    an ordinary object and is replicated like any other.
+    """
+    c1 = weed.client()
+    tw = weed2 if cross else weed
+    tb = f"{bucket}-dst"
+    tw.client().make_bucket(tb)
+    stores = {"primary": store_cfg("primary", weed), "backup": store_cfg("backup", tw)}
+    ev = put(c1, bucket, "brief.txt", b"here for a moment")
+    empty = put(c1, bucket, "empty", b"")
+    c1.remove_object(bucket, "brief.txt")
+    caplog.set_level(logging.INFO, logger="bucketwire.plugin.replication")
+    with harness(stores, target_store="backup" if cross else "primary", target_bucket=tb,
+                 replicate_deletes=True) as h:
+        assert h.handle(ev) == []
+        (line,) = [r.getMessage() for r in caplog.records
+                   if r.name == "bucketwire.plugin.replication" and r.levelno == logging.INFO]
+        assert "brief.txt" in line and "deleted" in line
+        with pytest.raises(S3Error):
+            tw.client().stat_object(tb, "brief.txt")
+        assert h.handle(obj_event("ObjectRemoved:Delete", bucket, "brief.txt")) == []
+        (p,) = h.handle(empty)
+        assert p.data["size"] == 0 and tw.client().stat_object(tb, "empty").size == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import struct
 import time
 import zlib
@@ -356,3 +357,37 @@ def test_source_gone_before_handling_is_quiet(weed: Any, bucket: str) -> None:
         assert h.handle(obj_event("ObjectCreated:Put", bucket, "vanished.jpg", etag="abc", ctype="image/jpeg")) == []
     with pytest.raises(S3Error):
         weed.client().stat_object(bucket, "64/vanished.jpg")
+
+
+def _plugin_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "bucketwire.plugin.thumbnail" and r.levelno == level]
+
+
+@pytest.mark.parametrize("ctype", ["", "application/octet-stream", "image/jpeg"])
+def test_empty_object_is_skipped_not_an_error(weed: Any, bucket: str, ctype: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A 0-byte object (a `touch`, a folder marker, an upload with no body) answers the 16-byte sniff with 416."""
+    c = weed.client()
+    c.put_object(bucket, "empty", io.BytesIO(b""), 0)
+    st = c.stat_object(bucket, "empty")
+    ev = obj_event("ObjectCreated:Put", bucket, "empty", size=0, etag=st.etag, ctype=ctype)
+    caplog.set_level(logging.DEBUG, logger="bucketwire.plugin.thumbnail")
+    with harness(weed, sizes=[64]) as h:
+        assert h.handle(ev) == []
+    assert keys(c, bucket) == ["empty"]
+    assert _plugin_lines(caplog, logging.INFO) == [] and _plugin_lines(caplog, logging.WARNING) == []
+
+
+@pytest.mark.parametrize("ctype", ["image/jpeg", "application/octet-stream"])
+def test_object_deleted_before_handling_is_one_info_line(weed: Any, bucket: str, ctype: str,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    c = weed.client()
+    data, _ = _image("bmp")
+    ev = upload(c, bucket, "gone/soon.bmp", data, ctype)
+    c.remove_object(bucket, "gone/soon.bmp")
+    caplog.set_level(logging.INFO, logger="bucketwire.plugin.thumbnail")
+    with harness(weed, sizes=[64]) as h:
+        assert h.handle(ev) == []
+    assert keys(c, bucket) == []
+    (line,) = _plugin_lines(caplog, logging.INFO)
+    assert "gone/soon.bmp" in line and "deleted" in line

@@ -295,7 +295,8 @@ def _copy(ctx: Context, event: Event, src: Any, dst: Any, bucket: str, key: str,
     s = ctx.settings
     raw = _stat(src, bucket, key)
     if raw is None:
-        return  # deleted since the event; the removal event follows
+        _gone(ctx, bucket, key)
+        return
     st = _Source.from_stat(raw)
     if meta_get(st.headers, MARKER):
         return
@@ -304,14 +305,20 @@ def _copy(ctx: Context, event: Event, src: Any, dst: Any, bucket: str, key: str,
         return
     md = {**_replica_metadata(st, bucket, key), "Content-Type": st.content_type}
     tags = _tags(src, bucket, key) if _want_tags(s, st, from_get=False) else None
-    if (st.size or 0) <= MAX_COPY:
-        dst.copy_object(
-            tb, tkey, CopySource(bucket, key, version_id=st.version_id),
-            metadata=md, metadata_directive=REPLACE, tags=tags, tagging_directive=REPLACE if tags else None,
-        )
-    else:
-        dst.compose_object(tb, tkey, [ComposeSource(bucket, key, version_id=st.version_id)], metadata=md,
-                           tags=tags)
+    try:
+        if (st.size or 0) <= MAX_COPY:
+            dst.copy_object(
+                tb, tkey, CopySource(bucket, key, version_id=st.version_id),
+                metadata=md, metadata_directive=REPLACE, tags=tags, tagging_directive=REPLACE if tags else None,
+            )
+        else:
+            dst.compose_object(tb, tkey, [ComposeSource(bucket, key, version_id=st.version_id)], metadata=md,
+                               tags=tags)
+    except S3Error as e:
+        if e.code not in NOT_FOUND:
+            raise
+        _gone(ctx, bucket, key)  # deleted between the stat and the copy: the copy made nothing
+        return
     done = _stat(dst, tb, tkey)
     if done is None or done.size != st.size:
         raise PluginError(f"copy of {bucket}/{key} to {tb}/{tkey} has the wrong size; will retry")
@@ -334,7 +341,8 @@ def _stream(ctx: Context, event: Event, src: Any, dst: Any, bucket: str, key: st
             resp = src.get_object(bucket, key)
         except S3Error as e:
             if e.code in NOT_FOUND:
-                return  # deleted since the event; the removal event follows
+                _gone(ctx, bucket, key)
+                return
             raise
         st = _Source.from_headers(resp.headers)
         if meta_get(st.headers, MARKER):
@@ -404,6 +412,12 @@ def _verify(s: dict[str, Any], dst: Any, tb: str, tkey: str, st: _Source, n: int
     if done is None or done.size != st.size:
         return f"target holds {getattr(done, 'size', None)} bytes, expected {st.size}"
     return None
+
+
+def _gone(ctx: Context, bucket: str, key: str) -> None:
+    """A source deleted before its create event was handled: no replica is made (one would outlive its source
+    until the removal event came), and a retry would find nothing either. Its removal event follows."""
+    ctx.log.info("replication: %s/%s skipped: deleted before its event was handled", bucket, key)
 
 
 def _replicate_delete(ctx: Context, event: Event, src: Any, dst: Any, bucket: str, key: str, tb: str,

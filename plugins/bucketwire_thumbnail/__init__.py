@@ -302,13 +302,21 @@ def handle_event(event: Event, ctx: Context) -> None:
 
     if ctype in OCTET:
         head = _read(src, bucket, key, s["max_bytes"], length=16)
-        if head is None or not looks_like_image(head[0]):
+        if head is None:
+            _gone(ctx, bucket, key)
+            return
+        if not looks_like_image(head[0]):
             return
     got = _read(src, bucket, key, s["max_bytes"])
     if got is None:
-        return  # gone since the event; its removal event follows
+        _gone(ctx, bucket, key)
+        return
     blob, headers = got
     if is_generated(headers):
+        return
+    if not blob:
+        # A `touch`, a folder marker, an upload without a body: nothing to decode, and nothing a retry changes.
+        ctx.log.debug("thumbnail: %s/%s is empty; skipped", bucket, key)
         return
     real_etag = (headers.get("etag") or etag).strip('"')
     if real_etag != etag and real_etag:
@@ -343,14 +351,27 @@ def _announce(ctx: Context, event: Event, out_bucket: str, keys: dict[int, str],
         )
 
 
+def _gone(ctx: Context, bucket: str, key: str) -> None:
+    """An object deleted before its event was handled: nothing to make, and a retry would find nothing either.
+
+    Its removal event follows (and deletes any thumbnails), so this is worth one line, not an error.
+    """
+    ctx.log.info("thumbnail: %s/%s skipped: deleted before its event was handled", bucket, key)
+
+
 def _read(client: Any, bucket: str, key: str, max_bytes: int,
           length: int = 0) -> tuple[bytes, Any] | None:
-    """GET the object (or its first `length` bytes), refusing more than `max_bytes`; None if it is gone."""
+    """GET the object (or its first `length` bytes), refusing more than `max_bytes`; None if it is gone.
+
+    A ranged GET of an empty object is answered 416 (`InvalidRange`): that is an empty read, not a failure.
+    """
     try:
         resp = client.get_object(bucket, key, length=length) if length else client.get_object(bucket, key)
     except S3Error as e:
         if _is_not_found(e):
             return None
+        if length and e.code == "InvalidRange":
+            return b"", {}
         raise
     try:
         declared = resp.headers.get("content-length")
