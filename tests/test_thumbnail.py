@@ -228,7 +228,27 @@ def test_bad_settings_are_one_line_config_errors(settings: dict[str, Any], match
 def test_defaults_are_filled_in() -> None:
     h = PluginHarness(thumb, settings={"sizes": [64, 512]})
     assert h.settings["sizes"] == [512, 64] and h.settings["format"] == "webp"
-    assert h.settings["key_template"] == "{size}/{key}" and h.settings["delete_with_source"] is True
+    assert h.settings["key_template"] == "{size}/{key}.{ext}" and h.settings["delete_with_source"] is True
+
+
+def test_default_names_say_what_the_thumbnail_is(weed: Any, bucket: str) -> None:
+    """`512/demo/sunset.jpg` holding WebP bytes misleads every tool that goes by the name: the default appends
+    the output format's extension, and the thumbnails' own events are still never thumbnailed."""
+    c = weed.client()
+    data, _ = _image("png-rgba")
+    ev = upload(c, bucket, "demo/sunset.jpg", data, "image/jpeg")
+    webp = upload(c, bucket, "demo/already.webp", data, "image/webp")
+    with harness(weed, sizes=[64, 512]) as h:
+        published = h.handle(ev) + h.handle(webp)
+        made = ["512/demo/sunset.jpg.webp", "64/demo/sunset.jpg.webp", "512/demo/already.webp.webp",
+                "64/demo/already.webp.webp"]
+        assert [p.data["key"] for p in published] == made
+        for k in made:
+            assert c.stat_object(bucket, k).content_type == "image/webp"
+            # Its creation event, with and without the marker in the notification: not thumbnailed again.
+            for md in ({"X-Amz-Meta-Bucketwire-Generated": "thumbnail"}, {}):
+                assert h.handle(obj_event("ObjectCreated:Put", bucket, k, ctype="image/webp", md=md)) == []
+    assert len(keys(c, bucket)) == 2 + len(made)
 
 
 # -- against SeaweedFS ----------------------------------------------------------------------------------------
@@ -238,7 +258,7 @@ def test_12mp_upload_makes_thumbnails_once_and_never_of_its_output(weed: Any, bu
     ev = upload(c, bucket, "holiday/beach photo.jpg", photo, "image/jpeg")
     with harness(weed, sizes=[256, 1024], format="jpeg", quality=85) as h:
         published = h.handle(ev)
-        assert keys(c, bucket) == ["1024/holiday/beach photo.jpg", "256/holiday/beach photo.jpg",
+        assert keys(c, bucket) == ["1024/holiday/beach photo.jpg.jpg", "256/holiday/beach photo.jpg.jpg",
                                    "holiday/beach photo.jpg"]
         assert [p.topic for p in published] == ["thumbnail-ready", "thumbnail-ready"]
         by_size = {p.data["size"]: p.data for p in published}
@@ -246,7 +266,7 @@ def test_12mp_upload_makes_thumbnails_once_and_never_of_its_output(weed: Any, bu
         assert (by_size[1024]["width"], by_size[1024]["height"]) == (768, 1024)
         assert by_size[256]["source_key"] == "holiday/beach photo.jpg" and by_size[256]["format"] == "jpeg"
         for size, (w, hgt) in {256: (192, 256), 1024: (768, 1024)}.items():
-            key = f"{size}/holiday/beach photo.jpg"
+            key = f"{size}/holiday/beach photo.jpg.jpg"
             st = c.stat_object(bucket, key)
             assert st.content_type == "image/jpeg"
             md = {k.lower(): v for k, v in st.metadata.items()}
@@ -263,7 +283,7 @@ def test_12mp_upload_makes_thumbnails_once_and_never_of_its_output(weed: Any, bu
 
         # The thumbnails' own creation events (same bucket as the source): no thumbnail of a thumbnail,
         # whether the notifier carried the user metadata or not.
-        for key in ("256/holiday/beach photo.jpg", "1024/holiday/beach photo.jpg"):
+        for key in ("256/holiday/beach photo.jpg.jpg", "1024/holiday/beach photo.jpg.jpg"):
             st = c.stat_object(bucket, key)
             for md in ({"X-Amz-Meta-Bucketwire-Generated": "thumbnail"}, {}):
                 e = obj_event("ObjectCreated:Put", bucket, key, size=st.size, etag=st.etag,
@@ -334,7 +354,7 @@ def test_octet_stream_sniffed_and_non_images_ignored(weed: Any, bucket: str) -> 
         assert len(h.handle(upload(c, bucket, "noext", data, "application/octet-stream"))) == 1
         assert h.handle(upload(c, bucket, "notes.txt", b"hello", "text/plain")) == []
         assert h.handle(upload(c, bucket, "blob.bin", b"\0" * 100, "application/octet-stream")) == []
-    assert keys(c, bucket) == ["32/noext", "blob.bin", "noext", "notes.txt"]
+    assert keys(c, bucket) == ["32/noext.webp", "blob.bin", "noext", "notes.txt"]
 
 
 def test_bomb_truncated_and_oversized_uploads_are_permanent_errors(weed: Any, bucket: str, photo: bytes) -> None:
@@ -356,7 +376,7 @@ def test_source_gone_before_handling_is_quiet(weed: Any, bucket: str) -> None:
     with harness(weed, sizes=[64]) as h:
         assert h.handle(obj_event("ObjectCreated:Put", bucket, "vanished.jpg", etag="abc", ctype="image/jpeg")) == []
     with pytest.raises(S3Error):
-        weed.client().stat_object(bucket, "64/vanished.jpg")
+        weed.client().stat_object(bucket, "64/vanished.jpg.webp")
 
 
 def _plugin_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:

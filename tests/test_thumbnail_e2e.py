@@ -51,7 +51,7 @@ dir = "{audit_dir}"
 
     def thumb() -> Any:
         try:
-            return c.stat_object(bucket, "128/cam/one.jpg")
+            return c.stat_object(bucket, "128/cam/one.jpg.webp")
         except Exception:
             return None
 

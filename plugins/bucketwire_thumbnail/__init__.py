@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "output_store": None,
     "sizes": [256],
     "output_bucket": None,
-    "key_template": "{size}/{key}",
+    "key_template": "{size}/{key}.{ext}",  # named by what it is: 512/demo/sunset.jpg.webp
     "format": "webp",
     "quality": 80,
     "buckets": None,
@@ -114,7 +114,7 @@ def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
     s["background_rgb"] = list(_parse_colour(s["background"]))
     tpl = s["key_template"]
     if not isinstance(tpl, str) or not tpl:
-        raise ConfigError('key_template: expected a string such as "{size}/{key}"')
+        raise ConfigError('key_template: expected a string such as "{size}/{key}.{ext}"')
     names = set(re.findall(r"{(\w*)}", tpl))
     bad = names - PLACEHOLDERS
     if bad or "{}" in tpl:
