@@ -180,6 +180,7 @@ cli.add_command(_keys.keys)
 cli.add_command(_listen.listen)
 cli.add_command(_ops.status)  # status, replay, dlq: commands/ops.py
 cli.add_command(_ops.replay)
+cli.add_command(_ops.group)
 cli.add_command(_ops.dlq)
 cli.add_command(_doctor.doctor)
 cli.add_command(_seaweed_source.seaweed_source)

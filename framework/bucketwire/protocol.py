@@ -19,6 +19,7 @@ hub forwards committed bytes without re-encoding them.
                                                                -> REPLAYR {"req", "group", "topics"} | {"error"}
                     DLQ       {"req", "action": "retry"|"purge", "items": [{"topic", "seq"}], "by"}
                                                                -> DLQR {"req", "results": [{"id", ...} | {"error"}]}
+                    GROUPRM   {"req", "group"}           -> GROUPRMR {"req", "group", "topics", "lag"} | {"error"}
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ REPLAY = b"REPLAY"
 REPLAYR = b"REPLAYR"
 DLQ = b"DLQ"
 DLQR = b"DLQR"
+GROUPRM = b"GROUPRM"
+GROUPRMR = b"GROUPRMR"
 
 
 HEARTBEAT_FRAME = b""

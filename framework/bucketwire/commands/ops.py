@@ -1,4 +1,4 @@
-"""Operator commands: `status` (table, --json, --watch), `replay`, and `dlq list|show|retry|purge`.
+"""Operator commands: `status` (table, --json, --watch), `replay`, `group rm` and `dlq list|show|retry|purge`.
 
 Dead letters are ordinary events on a dead-letter topic, so the journal already keeps them durably and in
 order. What is new here is their *handled* state: `retry` and `purge` ask the hub (the DLQ command) to commit a
@@ -248,6 +248,34 @@ def replay(config_path: str | None, group: str, topics: tuple[str, ...], from_se
                     raise click.ClickException(f"replay still running after {timeout:g}s ({done}/{total}); "
                                                f"watch it with `bucketwire status --watch`")
                 stop.wait(0.25)
+
+
+# -- group rm ----------------------------------------------------------------------------------------------------
+@click.group(name="group")
+def group() -> None:
+    """Consumer groups the hub knows."""
+
+
+@group.command(name="rm")
+@config_option
+@click.argument("name")
+@_errors
+def group_rm(config_path: str | None, name: str) -> None:
+    """Remove a group that is no longer used: its cursors and counters go, and status stops showing it.
+
+    Only a group that is not in the config (one a worker made with `worker --group NAME --topic T`) and has
+    no connected workers; the hub refuses anything else with the reason. Its events stay in the journal.
+    """
+    from bucketwire.client import HubClient
+
+    cfg = load_config(config_path)
+    with HubClient(cfg, timeout=10) as c:
+        _, reply, _ = c.request(P.GROUPRM, {"group": name}, {P.GROUPRMR})
+    if reply.get("error"):
+        raise click.ClickException(reply["error"])
+    lag = int(reply.get("lag") or 0)
+    click.echo(f"removed group {reply['group']} (topics: {', '.join(reply.get('topics') or []) or 'none'}; "
+               f"{lag} event(s) it had not acked)")
 
 
 # -- dead letters ------------------------------------------------------------------------------------------------

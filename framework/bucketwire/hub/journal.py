@@ -221,6 +221,21 @@ class Journal:
         self.heads = heads
         return out
 
+    def forget_group(self, group: str) -> None:
+        """Delete a removed group's cursors and counters, so a new group of that name starts afresh."""
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM cursors WHERE grp=?", (group,))
+            db.execute("DELETE FROM group_stats WHERE grp=?", (group,))
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise JournalError(f"journal write failed: {e}") from e
+
     def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int:
         """Drop the oldest events past the age or size limit; returns how many were dropped."""
         dropped = 0

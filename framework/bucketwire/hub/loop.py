@@ -520,6 +520,8 @@ class Hub(Listeners):
             self.ops.on_replay(ident, hdr)
         elif cmd == P.DLQ:
             self.ops.on_dlq(ident, hdr, batch, replies)
+        elif cmd == P.GROUPRM:
+            self.ops.on_group_rm(ident, hdr)
         elif cmd == P.STATUS:
             self._send([ident, P.STATUSR, P.enc({"req": hdr.get("req"), **self.status(now)})])
         elif cmd == P.BYE:

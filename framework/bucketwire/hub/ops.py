@@ -20,6 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 from bucketwire import __version__
 from bucketwire import protocol as P
 from bucketwire.envelope import HUB_SOURCE, SCHEMA_VERSION, Event, now_iso, stable_id
+from bucketwire.hub.journal import JournalError
 
 if TYPE_CHECKING:
     from bucketwire.hub.dispatch import GroupState
@@ -88,6 +89,7 @@ class HubOps:
         self.peers: dict[str, int] = {}
         self.state: dict[str, str] = {}
         self._pressure_since: dict[str, float] = {}
+        self._unmanned_since: dict[str, float] = {}
         self._last_size = 0.0
         self.journal_bytes = 0
         hub.metrics.info.labels(__version__, str(SCHEMA_VERSION)).set(1)
@@ -207,11 +209,21 @@ class HubOps:
                                                       "workers": len(g.workers), "inflight": len(g.inflight)})
 
     def _state(self, g: GroupState, lag: int, free: int, now: float) -> str:
-        """ok / idle / saturated (work waits, every worker's credit is used) / stalled (lag, no workers)."""
+        """ok / idle / saturated (work waits, every worker's credit is used) / stalled (lag, no workers).
+
+        A group is stalled only once it has had no worker for `heartbeat_timeout` (since the hub started, or
+        since its last worker left): pools start after the hub and reconnect after its restart, and a warning
+        in those first seconds is noise. It is the same time the hub gives a silent worker.
+        """
+        if g.workers:
+            self._unmanned_since.pop(g.name, None)
+            since = now
+        else:
+            since = self._unmanned_since.setdefault(g.name, now)
         if g.replays:
             return "replaying"
         if lag and not g.workers:
-            return "stalled"
+            return "stalled" if now - since >= self.hub.cfg.hub.heartbeat_timeout else "ok"
         waiting = bool(g.ready or g.blocked) or lag > len(g.inflight) + len(g.retry)
         if waiting and free == 0:
             since = self._pressure_since.setdefault(g.name, now)
@@ -251,6 +263,64 @@ class HubOps:
             gs["worker_list"] = [{"host": w.host, "pid": w.pid, "credit": w.credit, "inflight": len(w.inflight),
                                   "silent": round(now - w.last_seen, 3)} for w in g.workers.values()]
         return st
+
+    # -- GROUPRM ---------------------------------------------------------------------------------------------
+    def on_group_rm(self, ident: bytes, hdr: dict[str, Any]) -> None:
+        """Forget a group nobody uses any more: an ad-hoc group (made by a worker's READY, not in the config)
+        would otherwise show as stalled in status and metrics forever. Allowed to whoever may replay the group."""
+        hub = self.hub
+        req = hdr.get("req")
+
+        def reply(**kw: Any) -> None:
+            hub._send([ident, P.GROUPRMR, P.enc({"req": req, **kw})])
+
+        gname = hdr.get("group")
+        if isinstance(gname, str) and not hub.roles.may_operate(hub._user, gname):
+            # Forgetting a group drops its cursors: an operator's act, allowed to whoever may replay it.
+            hub.metrics.rejected.labels("zmq", "forbidden").inc()
+            log.warning("group removal refused by role", extra={"key": hub._user, "group": gname})
+            reply(error=f"key {hub._user!r} may not remove group {gname!r} ([security.roles]: needs admin = true "
+                        "or the group in its groups)")
+            return
+        g = hub.groups.get(gname) if isinstance(gname, str) else None
+        if g is None:
+            reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(hub.groups)) or 'none'})")
+            return
+        if g.name in hub.cfg.groups:
+            reply(error=f"group {g.name!r} is configured in [groups.{g.name}]; remove that section from the "
+                        "config and restart the hub instead")
+            return
+        if g.workers:
+            who = ", ".join(f"{w.host or '?'} pid {w.pid}" for w in list(g.workers.values())[:3])
+            reply(error=f"group {g.name!r} has {len(g.workers)} live worker(s) ({who}); stop them first")
+            return
+        heads = hub.journal.heads
+        lag = sum(max(0, heads.get(t, 0) - g.acked[t]) for t in g.topics)
+        try:
+            hub.journal.forget_group(g.name)
+        except JournalError as e:
+            reply(error=f"could not remove group {g.name!r}: {e}")
+            return
+        del hub.groups[g.name]
+        self._forget_gauges(g)
+        log.info("group removed", extra={"group": g.name, "topics": list(g.topics), "lag": lag})
+        reply(group=g.name, topics=list(g.topics), lag=lag)
+
+    def _forget_gauges(self, g: GroupState) -> None:
+        """Drop the removed group's gauge series, so dashboards and alerts stop seeing it (counters stay)."""
+        m = self.hub.metrics
+        self.state.pop(g.name, None)
+        self._pressure_since.pop(g.name, None)
+        self._unmanned_since.pop(g.name, None)
+        series: list[tuple[Any, tuple[str, ...]]] = [(m.group_state, (g.name, s)) for s in STATES]
+        series += [(gauge, (g.name, t)) for t in g.topics for gauge in (m.cursor, m.lag)]
+        series += [(gauge, (g.name,)) for gauge in (m.inflight, m.workers, m.retrying, m.ready, m.credit,
+                                                   m.credit_free, m.oldest_unacked)]
+        for gauge, labels in series:
+            try:
+                gauge.remove(*labels)
+            except KeyError:  # never set
+                pass
 
     # -- REPLAY ----------------------------------------------------------------------------------------------
     def on_replay(self, ident: bytes, hdr: dict[str, Any]) -> None:
