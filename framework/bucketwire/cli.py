@@ -134,15 +134,28 @@ def publish(config_path: str | None, topic: str, data_json: str, type_: str | No
 @click.option("--from-seq", type=click.IntRange(1), help="Replay from this seq (per topic), then follow live.")
 @friendly
 def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None) -> None:
-    """Print envelopes as JSON lines: replay from the journal, then follow live with no gap."""
+    """Print envelopes as JSON lines: replay from the journal, then follow live with no gap.
+
+    If the hub goes away, one line on stderr says so and tail waits for it; when it is back, tail goes on from
+    the last seq it printed (no gap, no duplicate) and says so. Ctrl+C stops it.
+    """
     from bucketwire.client import follow
 
     cfg = load_config(config_path)
     stop = threading.Event()
     on_stop_signals(stop.set)
     out = sys.stdout
+
+    def on_hub(state: str, next_seqs: dict[str, int]) -> None:
+        where = ", ".join(f"{t} after seq {n - 1}" for t, n in sorted(next_seqs.items())) or "no events yet"
+        if state == "lost":
+            click.echo(f"tail: lost the hub at {cfg.client.publish}; waiting for it to come back "
+                       f"(will resume: {where})", err=True)
+        else:
+            click.echo(f"tail: hub is back; resumed ({where})", err=True)
+
     try:
-        for _t, _s, body in follow(cfg, list(topics) or None, from_seq, stop=stop.is_set):
+        for _t, _s, body in follow(cfg, list(topics) or None, from_seq, stop=stop.is_set, on_hub=on_hub):
             out.write(body.decode("utf-8", "replace") + "\n")
             out.flush()
     except BrokenPipeError:

@@ -7,16 +7,18 @@ lost reply or a restarting hub never turns into a lost or doubled event: the jou
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from bucketwire import protocol as P
 from bucketwire import security
@@ -132,28 +134,44 @@ class HubClient:
         return st
 
 
+RECONNECT_MAX = 5.0
+"""Longest wait between two attempts to reach a hub that went away (the waits double from 0.1 s up to this)."""
+
+
 def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = None,
-           stop: Any = None, idle: float = 0.2) -> Iterator[tuple[str, int, bytes]]:
+           stop: Callable[[], bool] | None = None, idle: float = 0.2,
+           on_hub: Callable[[str, dict[str, int]], None] | None = None) -> Iterator[tuple[str, int, bytes]]:
     """Yield (topic, seq, envelope) from `from_seq` on, then live, with no gap and no duplicate at the seam.
 
     The zguide "Clone" pattern: subscribe first and buffer, replay from the journal up to the head, then
     continue from the live stream, fetching any gap the lossy PUB socket left (seen via seq or heartbeats).
     With `from_seq=None` the stream starts at the current head (live only).
+
+    A hub that goes away (its connection drops, or its heartbeats stop for `heartbeat_timeout`) is waited for,
+    not given up on: a restart is the ordinary case, and the journal still holds what was committed meanwhile.
+    `on_hub("lost", next_seqs)` and `on_hub("resumed", next_seqs)` report it (`next_seqs`: the next seq wanted
+    per topic); once the hub answers again the stream goes on from those seqs, so the seam has no gap and
+    no duplicate either. Only the first contact fails at once (HubUnavailable), as every other command does.
     """
     zctx = zmq.Context.instance()
     sub = zctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 100_000)
+    sub.setsockopt(zmq.RECONNECT_IVL, 100)
+    sub.setsockopt(zmq.RECONNECT_IVL_MAX, int(RECONNECT_MAX * 1000))
     wanted = set(topics or [])
     for t in wanted or {""}:
         sub.setsockopt(zmq.SUBSCRIBE, P.topic_frame(t) if t else b"")
     security.apply_client(sub, cfg)
+    # The connection's ups and downs: a dropped TCP connection is the quickest sign of a hub that died.
+    mon = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
     sub.connect(cfg.client.publish)
     client = HubClient(cfg)
+    silent_limit = max(cfg.hub.heartbeat_timeout, 3 * cfg.hub.heartbeat_interval)
+    nxt: dict[str, int] = {}
     try:
         st = client.status()
         heads = {t: v["head"] for t, v in st["topics"].items()}
-        nxt: dict[str, int] = {}
         for t in wanted or set(heads):
             nxt[t] = from_seq if from_seq is not None else heads.get(t, 0) + 1
 
@@ -173,29 +191,84 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
                 if upto is None and meta.get("head", 0) < nxt[t]:
                     return
 
+        def resume() -> Iterator[tuple[str, int, bytes]]:
+            """The hub answers again: every topic from its next seq, topics new since we started from 1."""
+            heads = {t: v["head"] for t, v in client.status(timeout=2).get("topics", {}).items()}
+            for t in heads:
+                if t not in nxt and (not wanted or t in wanted):
+                    nxt[t] = 1
+            for t in sorted(nxt):
+                yield from catch_up(t, None)
+
+        def stopped() -> bool:
+            return stop is not None and stop()
+
         for t in sorted(nxt):
             yield from catch_up(t, None)
-        while stop is None or not stop():
-            if not sub.poll(int(idle * 1000)):
+        down = False
+        last_rx = time.monotonic()
+        heard_heartbeat = False
+        backoff, retry_at = 0.1, 0.0
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(mon, zmq.POLLIN)
+        while not stopped():
+            ready = dict(poller.poll(int(idle * 1000)))
+            now = time.monotonic()
+            lost = False
+            if mon in ready:
+                ev = recv_monitor_message(mon)["event"]
+                if ev == zmq.EVENT_DISCONNECTED:
+                    lost = True
+                elif down:
+                    retry_at = 0.0  # connected again: ask at once
+            if not down and (lost or (heard_heartbeat and now - last_rx > silent_limit)):
+                down, backoff, retry_at = True, 0.1, now + 0.1
+                if on_hub:
+                    on_hub("lost", dict(nxt))
+            if down:
+                if sub in ready:
+                    sub.recv_multipart()  # the journal has it: resume() fetches from the next seq
+                if now < retry_at:
+                    continue
+                try:
+                    yield from resume()
+                except (HubUnavailable, HubRefused):
+                    backoff = min(RECONNECT_MAX, backoff * 2)
+                    retry_at = time.monotonic() + backoff
+                    continue
+                down, last_rx = False, time.monotonic()
+                if on_hub:
+                    on_hub("resumed", dict(nxt))
+                continue
+            if sub not in ready:
                 continue
             topic_b, seq_b, body = sub.recv_multipart()
+            last_rx = now
             t = P.topic_of(topic_b)
             if wanted and t not in wanted:
                 continue
             seq = int(seq_b)
             if t not in nxt:
                 nxt[t] = 1 if from_seq is not None else seq if body else seq + 1
-            if not body:  # heartbeat: [topic, head, b""]
-                if seq >= nxt[t]:
-                    yield from catch_up(t, seq)
-                continue
-            if seq < nxt[t]:
-                continue
-            if seq > nxt[t]:
-                yield from catch_up(t, seq - 1)
+            try:
+                if not body:  # heartbeat: [topic, head, b""]
+                    heard_heartbeat = True
+                    if seq >= nxt[t]:
+                        yield from catch_up(t, seq)
+                    continue
+                if seq < nxt[t]:
+                    continue
+                if seq > nxt[t]:
+                    yield from catch_up(t, seq - 1)
+            except (HubUnavailable, HubRefused):
+                continue  # the hub went away mid-fetch: the monitor or the silence says so next
             if seq == nxt[t]:
                 nxt[t] = seq + 1
                 yield t, seq, body
     finally:
         client.close()
+        with contextlib.suppress(zmq.ZMQError):
+            sub.disable_monitor()
+        mon.close(0)
         sub.close(0)
