@@ -22,7 +22,7 @@ def _hub_log(s: Stack) -> str:
     return s.logs[0].read_text()
 
 
-def _metrics(s: Stack) -> dict[tuple[str, tuple], float]:
+def _metrics(s: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return metrics(f"http://127.0.0.1:{s.http_port}/metrics")
 
 

@@ -153,7 +153,7 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
     per topic); once the hub answers again the stream goes on from those seqs, so the seam has no gap and
     no duplicate either. Only the first contact fails at once (HubUnavailable), as every other command does.
     """
-    zctx = zmq.Context.instance()
+    zctx: zmq.Context[Any] = zmq.Context.instance()
     sub = zctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 100_000)
