@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from tests.fixtures_hub import Stack, wait_for
 from tests.test_ops import cli, metrics, publish, value
+from tests.test_security import client_config, secure_stack
 
 GROUPS = """
 [groups.a]
@@ -83,3 +87,21 @@ def test_group_rm_removes_an_unused_ad_hoc_group_and_refuses_the_rest(stack_fact
 
     r = cli(s, "group", "rm", "adhoc", check=False)
     assert r.returncode == 1 and "unknown group 'adhoc' (groups: a)" in r.stderr
+
+
+def test_group_rm_is_an_operator_act(stack_factory: Any, tmp_path: Path) -> None:
+    """With CURVE roles, removing a group asks what a replay asks: no role, `admin = true`, or the group listed."""
+    roles = '\n[security.roles.limited]\ngroups = ["g"]\npublish = ["x"]\n'
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), roles=roles,
+                        clients=("admin", "limited"))
+    s.start_hub()
+
+    def rm(cfg_path: Path, name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bucketwire", "group", "rm", "-c", str(cfg_path), name],
+                              env=s.env, capture_output=True, text=True, timeout=60)
+
+    r = rm(client_config(s, d, "limited"), "other")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "key 'limited' may not remove group 'other'" in r.stderr
+    r = rm(s.cfg_path, "other")  # admin has no role: unrestricted, and so it learns the group does not exist
+    assert r.returncode == 1 and "unknown group 'other'" in r.stderr
