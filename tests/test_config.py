@@ -72,3 +72,30 @@ def test_publish_to_a_missing_hub_fails_with_a_clear_line(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "no answer from the hub at tcp://127.0.0.1:9" in r.stderr
+
+
+@pytest.mark.parametrize("text", [
+    '[hub]\nauth_token = "env:BW_EMPTY"',
+    '[hub]\nauth_token = ["env:BW_TEST_OK", "file:{empty}"]',
+    '[hub]\nauth_token = "  "',
+    '[stores.s]\nendpoint = "127.0.0.1:1"\naccess_key = "env:BW_EMPTY"',
+    '[stores.s]\nendpoint = "127.0.0.1:1"\nsecret_key = "file:{empty}"',
+    '[plugins.p]\npassword = "env:BW_EMPTY"',
+])
+def test_a_secret_that_resolves_to_empty_is_refused(tmp_path, monkeypatch, text):
+    """An env:/file: secret that resolves to nothing is a deployment mistake; for auth_token, running on with an
+    empty token would mean accepting anyone."""
+    empty = tmp_path / "empty"
+    empty.write_text(" \n")
+    monkeypatch.setenv("BW_EMPTY", "")
+    monkeypatch.setenv("BW_TEST_OK", "fine")
+    p = write(tmp_path, text.format(empty=empty))
+    with pytest.raises(ConfigError) as e:
+        config_mod.load(p)
+    assert "empty" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_literal_empty_store_keys_mean_anonymous(tmp_path):
+    """Only a reference (env:/file:) must resolve to something: a store written with no keys is anonymous."""
+    p = write(tmp_path, '[stores.s]\nendpoint = "127.0.0.1:1"\naccess_key = ""\nsecret_key = ""')
+    assert config_mod.load(p).stores["s"].access_key == ""

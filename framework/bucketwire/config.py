@@ -49,6 +49,7 @@ class HubConfig:
     http_idle_timeout: float = 30.0
     http_read_timeout: float = 30.0
     metrics_public: bool = False
+    max_topics: int = 1000
 
 
 @dataclass(slots=True)
@@ -192,7 +193,12 @@ class _Reader:
 
 
 def resolve_secret(value: str, err: Any = None) -> str:
-    """`env:NAME` reads an environment variable, `file:PATH` a file; anything else is taken literally."""
+    """`env:NAME` reads an environment variable, `file:PATH` a file; anything else is taken literally.
+
+    A reference that resolves to nothing (a variable set to "", an empty file) is an error, never an empty
+    secret: a deployment that forgot to fill one in would otherwise run with no secret at all, and for
+    `auth_token` that means open to anyone.
+    """
     def fail(msg: str) -> Exception:
         return err(msg) if err else ConfigError(msg)
 
@@ -200,13 +206,18 @@ def resolve_secret(value: str, err: Any = None) -> str:
         name = value[4:]
         if name not in os.environ:
             raise fail(f"environment variable {name} is not set; export it or write the value in the file")
+        if not os.environ[name].strip():
+            raise fail(f"environment variable {name} is empty; set it to the secret (an empty secret is refused)")
         return os.environ[name]
     if value.startswith("file:"):
         p = Path(value[5:]).expanduser()
         try:
-            return p.read_text().strip()
+            text = p.read_text().strip()
         except OSError as e:
             raise fail(f"cannot read secret file {p}: {e.strerror}") from None
+        if not text:
+            raise fail(f"secret file {p} is empty; write the secret into it (an empty secret is refused)")
+        return text
     return value
 
 
@@ -246,13 +257,18 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
     hub.state_dir = sd if sd.is_absolute() else (base / sd)
     tok = h.get("auth_token", (str, list), None, secret=True)
     toks = [tok] if isinstance(tok, str) else list(tok or [])
+    if tok is not None and not toks:
+        raise h.err("auth_token", "is an empty list; give at least one token, or remove the key to run "
+                                  "unauthenticated")
     hub.auth_tokens = []
     for t in toks:
         if not isinstance(t, str):
             raise h.err("auth_token", "expected a string or a list of strings")
         t = resolve_secret(t, lambda m: h.err("auth_token", m))
-        if t:
-            hub.auth_tokens.append(t)
+        if not t.strip():
+            # Only an absent auth_token means unauthenticated; an empty one is a mistake, never "open".
+            raise h.err("auth_token", "is empty; set a token, or remove the key to run unauthenticated")
+        hub.auth_tokens.append(t)
     hub.durability = h.get("durability", str, "os")
     if hub.durability not in ("os", "fsync"):
         raise h.err("durability", f"must be 'os' or 'fsync', got {hub.durability!r}")
@@ -279,6 +295,7 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
     hub.http_idle_timeout = _positive(h, "http_idle_timeout", float, hub.http_idle_timeout)
     hub.http_read_timeout = _positive(h, "http_read_timeout", float, hub.http_read_timeout)
     hub.metrics_public = h.get("metrics_public", bool, False)
+    hub.max_topics = _positive(h, "max_topics", int, hub.max_topics)
     h.check_unknown()
 
     c = root.sub("client")
