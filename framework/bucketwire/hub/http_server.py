@@ -36,6 +36,11 @@ MAX_HEADERS = 100
 MAX_PIPELINED = 32
 """Requests read ahead on one connection before it stops reading until the earlier ones are answered."""
 SWEEP_INTERVAL = 0.1
+MAX_STEP_TURNS = 16
+"""asyncio turns one `step()` may run while callbacks are ready. Accepting a connection takes about four (accept,
+the task that builds the transport, connection_made, add_reader), none of which makes the selector readable;
+the bound keeps a callback that reschedules itself from starving the hub loop, which then polls with a zero
+timeout (`has_ready`) instead."""
 
 
 @dataclass(slots=True)
@@ -489,9 +494,22 @@ class Server:
         return self.selector.fileno()
 
     def step(self) -> None:
-        """Run whatever is ready (I/O, callbacks, due timers) once, without blocking."""
-        self.loop.call_soon(self.loop.stop)
-        self.loop.run_forever()
+        """Run whatever is ready (I/O, callbacks, due timers) without blocking, until no callback is left ready.
+
+        One asyncio turn is not enough: a callback run in it often schedules the next one (a new connection is
+        four of them in a row), and that work makes no file descriptor readable, so a driver that polls
+        `fileno()` would sleep on it until its own timer fired -- a 200 ms stall on every fresh connection.
+        """
+        for _ in range(MAX_STEP_TURNS):
+            self.loop.call_soon(self.loop.stop)
+            self.loop.run_forever()
+            if not self.has_ready():
+                return
+
+    def has_ready(self) -> bool:
+        """Callbacks are waiting to run: the driver must step again without waiting for `fileno()`."""
+        ready: deque[asyncio.Handle] | None = getattr(self.loop, "_ready", None)  # asyncio keeps no public view
+        return bool(ready) and any(not h.cancelled() for h in ready or ())
 
     def serve_forever(self) -> None:
         self.loop.run_forever()

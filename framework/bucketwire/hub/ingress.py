@@ -183,8 +183,13 @@ class Ingress:
                              "forbidden")
         if path == "/healthz":
             alive = time.monotonic() - hub.last_tick < max(5.0, 3 * hub.cfg.hub.heartbeat_interval)
-            ok = alive and hub.journal_ok
-            return self.reply(200 if ok else 503, {"ok": ok, "loop": alive, "journal": hub.journal_ok})
+            writable = hub.journal_ok and hub.write_error is None
+            ok = alive and writable
+            doc: dict[str, Any] = {"ok": ok, "loop": alive, "journal": writable}
+            if not ok:
+                doc["reason"] = ("hub loop is not turning" if not alive else hub.write_error
+                                 or "the last journal commit failed (disk full or I/O error?)")
+            return self.reply(200 if ok else 503, doc)
         if path == "/metrics":
             return Response(200, generate_latest(hub.metrics.registry), CONTENT_TYPE_LATEST)
         return self.not_found(path)

@@ -30,6 +30,8 @@ AUTOCHECKPOINT_PAGES = 4096
 and a checkpoint by the writer is what lets the WAL start over instead of growing under sustained load."""
 CHUNK = 400
 """Rows per multi-row statement (7 parameters each; SQLite allows 32766 per statement)."""
+PROBE_BYTES = 1 << 20
+"""Bytes the write probe puts in a scratch file: room for about one full webhook body's commit."""
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -91,6 +93,16 @@ class Batch:
 
 class Journal:
     def __init__(self, path: Path, durability: str = "os") -> None:
+        try:
+            self._open(path, durability)
+        except sqlite3.Error as e:  # a full disk or an unwritable directory: one line, not a traceback
+            raise JournalError(f"{path}: cannot open the journal ({e}); check that its disk has free space and "
+                               "the directory is writable") from None
+        except OSError as e:
+            raise JournalError(f"{path.parent}: cannot create the state directory ({e.strerror}); set [hub] "
+                               "state_dir to a writable directory") from None
+
+    def _open(self, path: Path, durability: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         # Multi-row statements differ in length with the batch: cache enough of them.
@@ -148,6 +160,37 @@ class Journal:
             for src, eid, topic, seq, body in self.db.execute(q, [x for k in part for x in k]):
                 found[(src, eid)] = (topic, seq, body)
         return found
+
+    def probe(self) -> str | None:
+        """Whether a commit could be written now: None, or why not.
+
+        A hub restarted on a full disk has nothing to commit until the first webhook arrives, so without a probe
+        /healthz would report it healthy until then. Two cheap checks: a scratch file of PROBE_BYTES in the
+        journal's directory (ENOSPC and read-only filesystems show up at write time; no fsync, so it costs
+        the loop well under a millisecond), and a page-spilling row in a transaction that is rolled back (the
+        database itself: its file mode, its size limit, its lock).
+        """
+        scratch = self.path.parent / ".write-probe"
+        try:
+            fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(_ZEROS)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+                os.unlink(scratch)
+        except OSError as e:
+            return f"cannot write to {self.path.parent}: {e.strerror}"
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES('write-probe', zeroblob(65536))")
+            finally:
+                self.db.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            return f"cannot write to {self.path}: {e}"
+        return None
 
     def size_bytes(self) -> int:
         pc = self.db.execute("PRAGMA page_count").fetchone()[0]
@@ -270,6 +313,9 @@ class Journal:
             self.db.close()
         except sqlite3.Error:
             pass
+
+
+_ZEROS = bytes(PROBE_BYTES)
 
 
 class _Checkpointer:

@@ -39,7 +39,7 @@ from bucketwire.hub.http_server import Server as HttpServer
 from bucketwire.hub.journal import Appended, Batch, Journal, JournalError, NewEvent
 from bucketwire.hub.listeners import Listeners
 from bucketwire.hub.metrics import HubMetrics
-from bucketwire.hub.ops import HubOps
+from bucketwire.hub.ops import RATE_WINDOW, HubOps
 from bucketwire.hub.routing import Router
 from bucketwire.security import Roles
 
@@ -47,6 +47,13 @@ log = logging.getLogger("bucketwire.hub")
 
 MAX_DRAIN = 2000
 MAX_FETCH = 1000
+MAX_TOPIC_LEN = 255
+"""Longest topic name accepted: topics become metric labels and PUB frames."""
+HEARTBEAT_TURNS = 10
+"""A topic gets PUB heartbeats for this many heartbeat intervals after its last commit (configured topics always):
+long enough for a subscriber to notice a lost last event, and idle cost does not grow with the topic count."""
+PROBE_INTERVAL = 5.0
+"""Seconds between write probes of the journal (see Journal.probe); /healthz reports the last one."""
 
 
 @dataclass(slots=True)
@@ -88,6 +95,14 @@ class Hub(Listeners):
         self.started = time.time()
         self.last_tick = time.monotonic()
         self.journal_ok = True
+        self.write_error: str | None = None  # the last write probe's failure, for /healthz
+        self._next_probe = 0.0
+        # Topic bookkeeping (the count is bounded by [hub] max_topics): the topics the config names are always
+        # accepted; `active` holds when each topic last committed, so heartbeats and rate windows cost per topic
+        # in use, not per topic ever made; `_pending_topics` are new topics this turn's batch will create.
+        self.declared = declared_topics(cfg)
+        self.active: dict[str, float] = {}
+        self._pending_topics: set[str] = set()
         self.http: Any = None
         cursors = self.journal.cursors()
         stats = self.journal.group_stats()
@@ -232,6 +247,8 @@ class Hub(Listeners):
     def _next_timeout(self, now: float) -> int:
         if not self.ingress_q.empty():
             return 0
+        if self.http is not None and self.http.has_ready():
+            return 0  # asyncio callbacks wait to run and nothing makes the poller wake for them
         t = self.cfg.hub.heartbeat_interval
         if self.http is not None:
             t = min(t, HTTP_SWEEP)  # the ingress's own timers (deadlines, TLS handshakes) run when it is stepped
@@ -270,6 +287,17 @@ class Hub(Listeners):
         if now - self._last_retention >= 60:
             self._last_retention = now
             self._retention()
+        if now >= self._next_probe:
+            self._next_probe = now + PROBE_INTERVAL
+            err = self.journal.probe()
+            if err != self.write_error:
+                if err:
+                    log.error("journal cannot be written; /healthz answers 503", extra={"error": err})
+                else:
+                    log.info("journal can be written again")
+            self.write_error = err
+            if err is None and not self.journal_ok:
+                self.journal_ok = True  # a failed commit left it false; with no traffic nothing else would clear it
 
     # -- commit ----------------------------------------------------------------------------------------------
     def _commit(self, batch: Batch, replies: list) -> None:
@@ -282,6 +310,7 @@ class Hub(Listeners):
                 batch.above[(g.name, t)] = encode_ranges(g.acked_above[t])
             if any(delta):
                 batch.stats[g.name] = delta
+        self._pending_topics.clear()
         if not batch.events and not batch.cursors and not batch.stats:
             for cb, _, _ in replies:  # nothing to write (all unrouted or refused): answer at once
                 cb([], None)
@@ -333,7 +362,7 @@ class Hub(Listeners):
             self.metrics.duplicates.labels("follow-on").inc()
             log.debug("follow-on already committed (redelivered cause)", extra={**note, "seq": a.seq})
         else:
-            self.metrics.follow_ons.labels(a.topic).inc()
+            self.metrics.follow_ons.labels(self.metrics.topic_label(a.topic)).inc()
 
     def _fan_out(self, appended: list[Appended]) -> None:
         fresh: dict[str, list[tuple[int, str | None, bytes]]] = {}
@@ -342,8 +371,11 @@ class Hub(Listeners):
                 continue
             fresh.setdefault(a.topic, []).append((a.seq, a.objkey, a.body))
             self._publish([P.topic_frame(a.topic), str(a.seq).encode(), a.body])
+        now = time.monotonic()
         for topic, items in fresh.items():
-            self.metrics.head.labels(topic).set(items[-1][0])
+            self.active[topic] = now
+            if self.metrics.topic_label(topic) == topic:
+                self.metrics.head.labels(topic).set(items[-1][0])
             for g in self.groups.values():
                 if topic in g.read_pos:
                     g.offer(topic, items[0][0], items)
@@ -389,9 +421,35 @@ class Hub(Listeners):
     def _route(self, ev: Event) -> str | None:
         return ev.topic or self.router.topic_for(ev)
 
+    def _refusal(self, ev: Event, topic: str | None, fresh: set[str]) -> tuple[str, str] | None:
+        """Why `ev` may not be committed to `topic` (None: unrouted), as (metric reason, message), or None; a
+        topic it would create is added to `fresh`."""
+        b, k = ev.bucket, ev.key
+        if (isinstance(b, str) and "\0" in b) or (isinstance(k, str) and "\0" in k):
+            return "invalid", "bucket name or object key contains a NUL byte"
+        if topic is None:
+            return None
+        if "\0" in topic or len(topic) > MAX_TOPIC_LEN:
+            return "invalid", f"topic names must be 1 to {MAX_TOPIC_LEN} characters without NUL bytes"
+        if ev.hops > self.cfg.hub.max_hops:
+            return "hop_limit", f"hop limit {self.cfg.hub.max_hops} exceeded"
+        heads = self.journal.heads
+        if topic in heads or topic in self.declared or topic in self._pending_topics or topic in fresh:
+            return None
+        limit = self.cfg.hub.max_topics
+        if len(heads) + len(self._pending_topics) + len(fresh) >= limit:
+            return "topic_limit", (f"topic {topic[:64]!r} would be new, and the hub already has {limit} topics "
+                                   f"([hub] max_topics = {limit}); use an existing topic or raise max_topics")
+        fresh.add(topic)
+        return None
+
     def _ingest(self, events: list[Event], source: str, batch: Batch,
                 done: Callable[[list[IngestResult] | None, str | None], None], replies: list) -> None:
-        """Queue events for this batch; `done` gets one result per event after the commit."""
+        """Queue events for this batch; `done` gets one result per event after the commit.
+
+        All or nothing: every event is checked before any is queued, and a request with one refused event is
+        answered at once with every event refused, so a 4xx (or a PUBNACK) never leaves part of it committed.
+        """
         plan: list[IngestResult] = []
         lo = len(batch.events)
         why = [refused_from_outside(ev) for ev in events]
@@ -409,18 +467,27 @@ class Hub(Listeners):
 
             replies.append((refuse, lo, lo))
             return
-        for ev in events:
+        staged: list[NewEvent] = []
+        fresh: set[str] = set()
+        for i, ev in enumerate(events):
             topic = self._route(ev)
+            refusal = self._refusal(ev, topic, fresh)
+            if refusal is not None:
+                self.metrics.rejected.labels(source, refusal[0]).inc()
+                err = f"event {i}: {refusal[1]}; nothing in this request was committed"
+                done([IngestResult(e.id, None, None, error=err) for e in events], None)
+                return
             if topic is None:
-                self.metrics.unrouted.labels(source).inc()
                 plan.append(IngestResult(ev.id, None, None, unrouted=True))
                 continue
-            if ev.hops > self.cfg.hub.max_hops:
-                self.metrics.rejected.labels(source, "hop_limit").inc()
-                plan.append(IngestResult(ev.id, topic, None, error=f"hop limit {self.cfg.hub.max_hops} exceeded"))
-                continue
-            batch.events.append(self._new(ev, topic))
+            staged.append(self._new(ev, topic))
             plan.append(IngestResult(ev.id, topic, None))
+        for r in plan:
+            if r.unrouted:
+                self.metrics.unrouted.labels(source).inc()
+        self._pending_topics |= fresh
+        lo = len(batch.events)
+        batch.events.extend(staged)
         hi = len(batch.events)
 
         def cb(appended: list[Appended] | None, err: str | None) -> None:
@@ -434,7 +501,7 @@ class Hub(Listeners):
                 a = next(it)
                 r.topic, r.seq, r.duplicate = a.topic, a.seq, a.duplicate
                 (self.metrics.duplicates if a.duplicate else self.metrics.received).labels(
-                    *((source,) if a.duplicate else (source, a.topic))
+                    *((source,) if a.duplicate else (source, self.metrics.topic_label(a.topic)))
                 ).inc()
             done(plan, None)
 
@@ -609,14 +676,20 @@ class Hub(Listeners):
                             self._dead_letter(DeadLetter(g_item_stub(topic, seq, fo), g.name, why,
                                                          "forbidden by role", None), refused=True)
                             continue
-                        if fo.hops > self.cfg.hub.max_hops:
-                            self.metrics.hop_limited.inc()
-                            log.warning("follow-on refused by hop limit",
-                                        extra={"topic": fo.topic, "hops": fo.hops, "group": g.name})
-                            dl = DeadLetter(g_item_stub(topic, seq, fo), g.name,
-                                            f"hop limit {self.cfg.hub.max_hops} exceeded", "hop limit", None)
+                        fresh: set[str] = set()
+                        refusal = self._refusal(fo, fo.topic or "", fresh)
+                        if refusal is not None:
+                            reason, message = refusal
+                            if reason == "hop_limit":
+                                self.metrics.hop_limited.inc()
+                            log.warning("follow-on refused", extra={"topic": (fo.topic or "")[:64],
+                                                                    "hops": fo.hops, "group": g.name,
+                                                                    "reason": reason})
+                            dl = DeadLetter(g_item_stub(topic, seq, fo), g.name, message, reason.replace("_", " "),
+                                            None)
                             self._dead_letter(dl, refused=True)
                             continue
+                        self._pending_topics |= fresh
                         self._carry(self._new(fo, fo.topic), "follow-on",  # type: ignore[arg-type]
                                     {"group": g.name, "topic": fo.topic, "id": fo.id})
             else:
@@ -657,8 +730,9 @@ class Hub(Listeners):
             return
 
         def done(res: list[IngestResult] | None, err: str | None) -> None:
-            if res is None:
-                self._send([ident, P.PUBNACK, P.enc({"req": req, "error": err})])
+            refused = next((r.error for r in res if r.error), None) if res is not None else err
+            if res is None or refused:
+                self._send([ident, P.PUBNACK, P.enc({"req": req, "error": refused})])
             else:
                 self._send([ident, P.PUBACK, P.enc({"req": req, "results": [r.as_dict() for r in res]})])
 
@@ -721,11 +795,23 @@ class Hub(Listeners):
 
     def _heartbeats(self, now: float) -> None:
         self._last_hb = now
+        interval = self.cfg.hub.heartbeat_interval
         for w in list(self.workers.values()):
-            if now - w.last_sent >= self.cfg.hub.heartbeat_interval and self._send([w.ident, P.HB, b"{}"]):
+            if now - w.last_sent >= interval and self._send([w.ident, P.HB, b"{}"]):
                 w.last_sent = now
-        for topic, head in self.journal.heads.items():
-            self._publish([P.topic_frame(topic), str(head).encode(), P.HEARTBEAT_FRAME])
+        keep = now - max(RATE_WINDOW, HEARTBEAT_TURNS * interval)
+        for t in [t for t, at in self.active.items() if at < keep]:
+            del self.active[t]
+        heads = self.journal.heads
+        for topic in self.live_topics(now - HEARTBEAT_TURNS * interval):
+            head = heads.get(topic)
+            if head is not None:
+                self._publish([P.topic_frame(topic), str(head).encode(), P.HEARTBEAT_FRAME])
+
+    def live_topics(self, since: float) -> frozenset[str]:
+        """The configured topics and those that committed since `since` (monotonic): what heartbeats and rate
+        windows cover."""
+        return self.declared | {t for t, at in self.active.items() if at >= since}
 
     def _retention(self) -> None:
         try:
@@ -768,6 +854,16 @@ class Hub(Listeners):
             "groups": groups,
         }
         return self.ops.extend_status(st, now)
+
+
+def declared_topics(cfg: Config) -> frozenset[str]:
+    """Topics the configuration names: accepted whatever [hub] max_topics says, and always heartbeated."""
+    names = {r.topic for r in cfg.routes} | set(cfg.topics) | {cfg.hub.dead_letter}
+    names |= {t for g in cfg.groups.values() for t in g.topics}
+    names |= {tc.dead_letter for tc in cfg.topics.values() if tc.dead_letter}
+    if cfg.hub.default_topic:
+        names.add(cfg.hub.default_topic)
+    return frozenset(names)
 
 
 def g_item_stub(topic: str, seq: int, fo: Event) -> Any:

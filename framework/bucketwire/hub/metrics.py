@@ -1,6 +1,8 @@
 """Prometheus metrics, one registry per process so tests can run a hub in-process without collisions.
 
-Labels are bounded: topic, group, source, reason, plugin -- never object keys.
+Labels are bounded: topic, group, source, reason, plugin -- never object keys. Topics are bounded twice: the hub
+refuses new topics past `[hub] max_topics`, and only the first MAX_TOPIC_SERIES topics get series of their own
+(later ones are counted under topic="_other"), so /metrics stays small whatever max_topics is raised to.
 """
 
 from __future__ import annotations
@@ -8,6 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+MAX_TOPIC_SERIES = 1000
+"""Distinct topic label values per process; past it, topic counters go to OTHER_TOPIC and topic gauges are not
+set."""
+OTHER_TOPIC = "_other"
 
 
 class _Memo:
@@ -40,7 +47,17 @@ class HubMetrics:
         for name in self.HOT:
             setattr(self, name, _Memo(getattr(self, name)))
 
+    def topic_label(self, topic: str) -> str:
+        """The topic's own label while fewer than MAX_TOPIC_SERIES topics have one, else OTHER_TOPIC."""
+        if topic in self._topics:
+            return topic
+        if len(self._topics) < MAX_TOPIC_SERIES:
+            self._topics.add(topic)
+            return topic
+        return OTHER_TOPIC
+
     def __init__(self) -> None:
+        self._topics: set[str] = set()
         r = self.registry = CollectorRegistry()
         self.received = Counter("bucketwire_events_received_total", "Events accepted at ingress",
                                 ["source", "topic"], registry=r)

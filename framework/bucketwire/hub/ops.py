@@ -161,11 +161,20 @@ class HubOps:
         """Refresh every gauge; called each heartbeat so dashboards do not depend on someone running status."""
         hub, m = self.hub, self.hub.metrics
         heads = hub.journal.heads
-        for t, h in heads.items():
+        live = hub.live_topics(now - RATE_WINDOW)  # not every topic ever made: idle cost stays flat
+        for t in live:
+            h = heads.get(t)
+            if h is None:
+                continue
             rw = self.rates.setdefault(t, RateWindow())
             rw.add(now, h)
-            m.head.labels(t).set(h)
-            m.topic_rate.labels(t).set(round(rw.rate(), 3))
+            if m.topic_label(t) == t:
+                m.head.labels(t).set(h)
+                m.topic_rate.labels(t).set(round(rw.rate(), 3))
+        for t in [t for t in self.rates if t not in live]:
+            del self.rates[t]  # quiet for a whole window: its rate is 0
+            if m.topic_label(t) == t:
+                m.topic_rate.labels(t).set(0)
         for g in hub.groups.values():
             self._group_gauges(g, heads, now)
         m.journal_available.set(1 if hub.journal_ok else 0)
