@@ -12,6 +12,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 PCT = {"p50_ms", "p90_ms", "p99_ms", "max_ms", "n"}
 
 
@@ -37,10 +39,13 @@ def test_bus() -> None:
     assert run["handled"] == 300 + 200
 
 
-def test_webhook() -> None:
-    r = bench("webhook", "-n", "300", "-p", "2", "-c", "2", "--rate", "200", "--seconds", "0.5", "--rounds", "2")
+@pytest.mark.parametrize("fresh", [False, True], ids=["keep-alive", "new-connections"])
+def test_webhook(fresh: bool) -> None:
+    r = bench("webhook", "-n", "300", "-p", "2", "-c", "2", "--rate", "200", "--seconds", "0.5", "--rounds", "2",
+              *(["--new-connections"] if fresh else []))
     assert r["benchmark"] == "webhook" and r["ratio"] == r["hub"]["ratio"] > 0
-    assert set(r["clients"]) == {"processes", "connections_per_process", "path", "body_bytes"}
+    assert set(r["clients"]) == {"processes", "connections_per_process", "new_connections", "path", "body_bytes"}
+    assert r["clients"]["new_connections"] is fresh
     base, hub, ref = r["baseline"], r["hub"], r["reference"]
     for side in (base, hub):
         assert {"requests", "ok", "failed", "seconds", "throughput_rps", "latency", "rates"} <= set(side)

@@ -12,6 +12,9 @@ thread per connection, every request waiting for its answer like MinIO's webhook
 every connection sends back to back. Fixed-rate phases: every request has an *intended* send time on a fixed
 schedule and its latency is measured from that time, so a server that stalls the clients shows up as latency
 instead of hiding it (coordinated omission).
+
+`--new-connections` opens a fresh TCP connection for every request instead (what Go's HTTP client, and so MinIO,
+does whenever its idle pool is empty), on both sides, so the ratio then also covers accepting connections.
 """
 
 from __future__ import annotations
@@ -128,8 +131,9 @@ BASELINES = {
 
 # -- clients ------------------------------------------------------------------------------------------------
 def _client(port: int, conns: int, n: int, rate: float | None, start: float, offset: int, stride: int,
-            prefix: str, q: Any) -> None:
-    """One client process: `conns` keep-alive connections, each sending every `stride`-th of n requests.
+            prefix: str, q: Any, fresh: bool = False) -> None:
+    """One client process: `conns` keep-alive connections, each sending every `stride`-th of n requests (with
+    `fresh`, each request on a new connection, closed after its answer).
 
     With `rate` (requests/s over all clients) request i is due at start + i/rate and its latency counts from
     then; without, requests go back to back and latency is the request's own round trip.
@@ -155,10 +159,15 @@ def _client(port: int, conns: int, n: int, rate: float | None, start: float, off
             else:
                 t0 = time.monotonic()
             try:
+                if fresh:
+                    hc.close()
+                    hc = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
                 hc.request("POST", PATH, body, headers)
                 r = hc.getresponse()
                 r.read()
                 status = r.status
+                if fresh:
+                    hc.close()
             except (OSError, http.client.HTTPException):
                 hc.close()
                 hc = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -185,14 +194,15 @@ def _client(port: int, conns: int, n: int, rate: float | None, start: float, off
     q.put(out)
 
 
-def drive(port: int, n: int, processes: int, conns: int, rate: float | None, label: str) -> dict[str, Any]:
+def drive(port: int, n: int, processes: int, conns: int, rate: float | None, label: str, fresh: bool = False
+          ) -> dict[str, Any]:
     """Send n requests from `processes` x `conns` connections; return throughput, counts and latency."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     stride = processes * conns
     prefix = uuid.uuid4().hex[:12].upper()
     start = time.monotonic() + 1.0  # spawned interpreters need a moment to import
-    ps = [ctx.Process(target=_client, args=(port, conns, n, rate, start, p * conns, stride, prefix, q))
+    ps = [ctx.Process(target=_client, args=(port, conns, n, rate, start, p * conns, stride, prefix, q, fresh))
           for p in range(processes)]
     for p in ps:
         p.start()
@@ -246,14 +256,15 @@ def _wait_http(port: int, timeout: float = 30, proc: Any = None, log: str = "") 
     raise click.ClickException(f"nothing answered HTTP on 127.0.0.1:{port} within {timeout}s")
 
 
-def _saturation(ports: dict[str, int], n: int, processes: int, conns: int, rounds: int) -> dict[str, Any]:
+def _saturation(ports: dict[str, int], n: int, processes: int, conns: int, rounds: int, fresh: bool = False
+                ) -> dict[str, Any]:
     """Saturation rounds, alternating the servers (A B, B A, A B, ...) so drift on a shared machine hits both
     alike; each side reports its median round, and every round's figure is kept."""
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ports}
     names = list(ports)
     for r in range(rounds):
         for k in names if r % 2 == 0 else names[::-1]:
-            runs[k].append(drive(ports[k], n, processes, conns, None, f"{k} saturation {r + 1}/{rounds}"))
+            runs[k].append(drive(ports[k], n, processes, conns, None, f"{k} saturation {r + 1}/{rounds}", fresh))
     out = {}
     for k, rs in runs.items():
         med = dict(sorted(rs, key=lambda x: x["throughput_rps"])[len(rs) // 2])
@@ -263,10 +274,11 @@ def _saturation(ports: dict[str, int], n: int, processes: int, conns: int, round
     return out
 
 
-def _rates(out: dict[str, Any], port: int, processes: int, conns: int, rates: dict[int, float], label: str) -> None:
+def _rates(out: dict[str, Any], port: int, processes: int, conns: int, rates: dict[int, float], label: str,
+           fresh: bool = False) -> None:
     out["rates"] = {}
     for rate, secs in rates.items():
-        r = drive(port, max(1, int(rate * secs)), processes, conns, float(rate), f"{label} {rate}/s")
+        r = drive(port, max(1, int(rate * secs)), processes, conns, float(rate), f"{label} {rate}/s", fresh)
         out["rates"][str(rate)] = {k: r[k] for k in ("requests", "ok", "failed", "throughput_rps")}
         out["latency"][str(rate)] = r["latency"]
 
@@ -290,7 +302,7 @@ def _no_work_server(kind: str) -> Iterator[int]:
 
 
 def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, float],
-        reference: bool = True, rounds: int = 3) -> dict[str, Any]:
+        reference: bool = True, rounds: int = 3, fresh: bool = False) -> dict[str, Any]:
     from bucketwire.devstack.bench.bus import machine
 
     stack = Stack(durability, extra=ROUTE)
@@ -301,10 +313,10 @@ def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, fl
             _wait_http(stack.http, proc=hub_proc, log=str(stack.tmp / "p0.log"))
             ports = {"baseline": base_port, "hub": stack.http}
             for k, port in ports.items():
-                drive(port, min(200, n), processes, conns, None, f"{k} warm-up")
-            res = _saturation(ports, n, processes, conns, rounds)
+                drive(port, min(200, n), processes, conns, None, f"{k} warm-up", fresh)
+            res = _saturation(ports, n, processes, conns, rounds, fresh)
             for k, port in ports.items():
-                _rates(res[k], port, processes, conns, rates, k)
+                _rates(res[k], port, processes, conns, rates, k, fresh)
     finally:
         stack.stop()
     base, hub = res["baseline"], res["hub"]
@@ -312,14 +324,15 @@ def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, fl
     ref = None
     if reference:
         with _no_work_server("stdlib") as port:
-            drive(port, min(200, n), processes, conns, None, "stdlib warm-up")
-            ref = _saturation({"stdlib": port}, n, processes, conns, 1)["stdlib"]
+            drive(port, min(200, n), processes, conns, None, "stdlib warm-up", fresh)
+            ref = _saturation({"stdlib": port}, n, processes, conns, 1, fresh)["stdlib"]
         ref["name"] = BASELINES["stdlib"][1]
     progress_done()
     hub["durability"] = durability
     hub["ratio"] = round(hub["throughput_rps"] / max(base["throughput_rps"], 1e-9), 3)
     res = {"benchmark": "webhook", "machine": machine(), "clients": {"processes": processes,
-           "connections_per_process": conns, "path": PATH, "body_bytes": len(body_template())},
+           "connections_per_process": conns, "new_connections": fresh, "path": PATH,
+           "body_bytes": len(body_template())},
            "rounds": rounds, "baseline": base, "hub": hub, "ratio": hub["ratio"],
            "round_ratios": [round(h / max(b, 1e-9), 3) for h, b in zip(hub["rounds_rps"], base["rounds_rps"],
                                                                        strict=True)],
@@ -332,7 +345,8 @@ def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, fl
 
 def render(res: dict[str, Any]) -> str:
     c = res["clients"]
-    lines = [f"clients: {c['processes']} processes x {c['connections_per_process']} keep-alive connections, "
+    kind = "clients opening a new connection per request" if c.get("new_connections") else "keep-alive connections"
+    lines = [f"clients: {c['processes']} processes x {c['connections_per_process']} {kind}, "
              f"POST {c['path']} ({c['body_bytes']} bytes, one MinIO record)"]
     rows = [("baseline " + res["baseline"]["name"], res["baseline"]),
             (f"bucketwire hub ingress (durability={res['hub']['durability']}, 200 after commit)", res["hub"])]
