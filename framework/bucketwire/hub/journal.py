@@ -202,7 +202,7 @@ class Journal:
     def commit(self, batch: Batch) -> list[Appended]:
         """Append events (deduplicated on (source, id)) and move cursors, all in one transaction."""
         out: list[Appended] = []
-        heads = dict(self.heads)
+        heads: dict[str, int] = {}  # the heads this batch moves; never a copy of all of them (topics are many)
         seen: dict[tuple[str, str], Appended] = {}
         now = time.time()
         db = self.db
@@ -221,7 +221,7 @@ class Journal:
                 if prev is not None:
                     out.append(Appended(prev.topic, prev.seq, prev.body, prev.objkey, duplicate=True))
                     continue
-                seq = heads.get(ev.topic, 0) + 1
+                seq = (heads.get(ev.topic) or self.heads.get(ev.topic, 0)) + 1
                 heads[ev.topic] = seq
                 body = ev.body_fn(seq)  # type: ignore[operator]
                 a = Appended(ev.topic, seq, body, ev.objkey)
@@ -235,11 +235,10 @@ class Journal:
                     + ",".join(["(?,?,?,?,?,?,?)"] * len(part)),
                     [x for r in part for x in r],
                 )
-            changed = [(t, h) for t, h in heads.items() if self.heads.get(t) != h]
-            if changed:
+            if heads:
                 db.executemany(
                     "INSERT INTO topics(name, head) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET head=excluded.head",
-                    changed,
+                    list(heads.items()),
                 )
             if batch.cursors:
                 db.executemany(
@@ -261,7 +260,7 @@ class Journal:
             except sqlite3.Error:
                 pass
             raise JournalError(f"journal commit failed: {e}") from e
-        self.heads = heads
+        self.heads.update(heads)
         return out
 
     def forget_group(self, group: str) -> None:
