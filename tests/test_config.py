@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,7 @@ from bucketwire import ConfigError
 from bucketwire import config as config_mod
 
 
-def write(tmp_path, text):
+def write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "c.toml"
     p.write_text(text)
     return p
@@ -82,7 +83,7 @@ def test_publish_to_a_missing_hub_fails_with_a_clear_line(tmp_path):
     '[stores.s]\nendpoint = "127.0.0.1:1"\nsecret_key = "file:{empty}"',
     '[plugins.p]\npassword = "env:BW_EMPTY"',
 ])
-def test_a_secret_that_resolves_to_empty_is_refused(tmp_path, monkeypatch, text):
+def test_a_secret_that_resolves_to_empty_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
     """An env:/file: secret that resolves to nothing is a deployment mistake; for auth_token, running on with an
     empty token would mean accepting anyone."""
     empty = tmp_path / "empty"
@@ -95,7 +96,7 @@ def test_a_secret_that_resolves_to_empty_is_refused(tmp_path, monkeypatch, text)
     assert "empty" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_literal_empty_store_keys_mean_anonymous(tmp_path):
+def test_literal_empty_store_keys_mean_anonymous(tmp_path: Path) -> None:
     """Only a reference (env:/file:) must resolve to something: a store written with no keys is anonymous."""
     p = write(tmp_path, '[stores.s]\nendpoint = "127.0.0.1:1"\naccess_key = ""\nsecret_key = ""')
     assert config_mod.load(p).stores["s"].access_key == ""

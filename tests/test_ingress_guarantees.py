@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests import minio_payloads as mp
 from tests.fixtures_hub import Stack, wait_for
 from tests.test_security_ingress import hub_opts
 
+StackFactory = Callable[..., Stack]
 ROUTE = '\n[[routes]]\ntopic = "uploads"\nbucket = "photos"\n\n[groups.g]\ntopics = ["x"]\nplugins = []\n'
 
 
@@ -41,7 +43,8 @@ def head(s: Stack, topic: str) -> int:
 
 def metrics(s: Stack) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/metrics", timeout=30) as r:
-        return r.read().decode()
+        text: str = r.read().decode()
+    return text
 
 
 # -- item 7: a 4xx commits nothing ------------------------------------------------------------------------------
@@ -51,7 +54,7 @@ def metrics(s: Stack) -> str:
     pytest.param(ce(2, data={"bucket": "b\x00c", "key": "k"}), id="nul-bucket"),
     pytest.param(ce(2, topic="x\x00y"), id="nul-topic"),
 ])
-def test_refused_cloudevents_batch_commits_nothing(stack_factory, bad):
+def test_refused_cloudevents_batch_commits_nothing(stack_factory: StackFactory, bad: dict[str, Any]) -> None:
     s = stack_factory(ROUTE)
     s.start_hub()
     assert s.post("/events", json.dumps(ce(0)).encode())[0] == 200
@@ -66,7 +69,7 @@ def test_refused_cloudevents_batch_commits_nothing(stack_factory, bad):
 
 
 @pytest.mark.parametrize("bucket,key", [("photo\x00s", "a.jpg"), ("photos", "a\x00.jpg")])
-def test_minio_nul_in_bucket_or_key_is_refused(stack_factory, bucket, key):
+def test_minio_nul_in_bucket_or_key_is_refused(stack_factory: StackFactory, bucket: str, key: str) -> None:
     s = stack_factory(ROUTE)
     s.start_hub()
     good = mp.record("s3:ObjectCreated:Put", "photos", "ok.jpg", request_id="R1")
@@ -79,7 +82,7 @@ def test_minio_nul_in_bucket_or_key_is_refused(stack_factory, bucket, key):
     assert head(s, "uploads") == 1
 
 
-def test_refused_pub_batch_commits_nothing(stack_factory):
+def test_refused_pub_batch_commits_nothing(stack_factory: StackFactory) -> None:
     s = stack_factory(ROUTE)
     s.start_hub()
     with s.client() as c:
@@ -92,7 +95,7 @@ def test_refused_pub_batch_commits_nothing(stack_factory):
 
 
 # -- item 10: the topic count is bounded --------------------------------------------------------------------------
-def test_topic_count_is_bounded(stack_factory):
+def test_topic_count_is_bounded(stack_factory: StackFactory) -> None:
     s = stack_factory(ROUTE)
     hub_opts(s, "max_topics = 3")
     s.start_hub()
@@ -109,14 +112,14 @@ def test_topic_count_is_bounded(stack_factory):
     assert 'reason="topic_limit"' in metrics(s)
 
 
-def test_idle_topics_get_no_heartbeats(stack_factory):
+def test_idle_topics_get_no_heartbeats(stack_factory: StackFactory) -> None:
     """Heartbeats go to topics with recent traffic (and the configured ones), not to every topic ever made:
     between two heartbeats of a live topic, none arrives for 200 topics that went quiet."""
     s = stack_factory(ROUTE)
     s.start_hub()
     many = [ce(i, f"quiet-{i}") for i in range(200)]
     assert s.post("/events", json.dumps(many).encode())[0] == 200
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -149,7 +152,7 @@ def test_idle_topics_get_no_heartbeats(stack_factory):
         sub.close(0)
 
 
-def test_per_topic_metric_series_are_bounded(stack_factory):
+def test_per_topic_metric_series_are_bounded(stack_factory: StackFactory) -> None:
     from bucketwire.hub.metrics import MAX_TOPIC_SERIES
 
     s = stack_factory(ROUTE)
@@ -170,7 +173,7 @@ def test_per_topic_metric_series_are_bounded(stack_factory):
 
 # -- item 8: an empty secret fails closed -------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["env-empty", "env-blank", "file-empty", "literal-empty", "empty-list"])
-def test_hub_with_empty_token_refuses_to_start(tmp_path, how):
+def test_hub_with_empty_token_refuses_to_start(tmp_path: Path, how: str) -> None:
     s = Stack(tmp_path)
     secret = tmp_path / "token"
     secret.write_text("\n")
@@ -205,7 +208,7 @@ def _healthz(s: Stack) -> tuple[int, dict[str, Any]]:
         return 0, {}
 
 
-def test_healthz_fails_on_a_full_disk_before_any_commit(stack_factory, tmp_path):
+def test_healthz_fails_on_a_full_disk_before_any_commit(stack_factory: StackFactory, tmp_path: Path) -> None:
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "4m"):
         pytest.skip("needs root and a tmpfs mount for a real full filesystem")
@@ -251,7 +254,7 @@ class _Ok:
         return Response(503)
 
 
-def test_fresh_connections_are_served_by_readiness_alone():
+def test_fresh_connections_are_served_by_readiness_alone() -> None:
     """The hub steps the HTTP server when its selector fd is readable (or when its own poll times out). A new
     connection's accept leaves work in asyncio's ready queue after the step that accepted it, with nothing
     readable: driven by readiness alone (the poll never times out here), every fresh connection must still be
@@ -290,7 +293,7 @@ def test_fresh_connections_are_served_by_readiness_alone():
         t.join(5)
 
 
-def test_hub_polls_at_once_while_asyncio_has_ready_callbacks(tmp_path):
+def test_hub_polls_at_once_while_asyncio_has_ready_callbacks(tmp_path: Path) -> None:
     from bucketwire import config as config_mod
     from bucketwire.hub.loop import Hub
 
@@ -311,7 +314,7 @@ def test_hub_polls_at_once_while_asyncio_has_ready_callbacks(tmp_path):
 
 
 # -- also: README and code agree on defaults -----------------------------------------------------------------------
-def test_readme_hub_defaults_match_the_code():
+def test_readme_hub_defaults_match_the_code() -> None:
     from bucketwire.config import HubConfig
 
     text = (Path(__file__).parent.parent / "README.md").read_text()
