@@ -91,3 +91,17 @@ def test_lost_worker_counts_an_attempt_but_drain_does_not():
     g.dispatch(10, 0.0)
     dead = g.worker_gone(b"w3", lost=True)
     assert [d.item.seq for d in dead] == [1, 2], "an event that kills every worker ends as a dead letter"
+
+
+def test_a_requested_retry_delay_is_a_floor_and_still_an_attempt():
+    g = group(max_attempts=2)
+    add_worker(g, "w")
+    load(g, ["b/x"])
+    g.dispatch(10, 0.0)
+    assert g.fail("t", 1, "wait", "Retry: wait", "p", False, now=0.0, delay=30.0) is None
+    g.due_retries(29.9)
+    assert [it.seq for _, items in g.dispatch(10, 29.9) for it in items] == [], "not before the asked delay"
+    g.due_retries(30.0)
+    assert [(it.seq, it.attempts) for _, items in g.dispatch(10, 30.0) for it in items] == [(1, 2)]
+    dl = g.fail("t", 1, "wait", "Retry: wait", "p", False, now=30.0, delay=30.0)
+    assert dl is not None and dl.item.attempts == 2, "a Retry counts toward max_attempts"

@@ -4,7 +4,7 @@ The public API for plugin authors is what this module exports; bundled plugins u
 """
 
 from bucketwire.config import ConfigError, StoreConfig
-from bucketwire.context import Context, PermanentError, PluginError, Stores
+from bucketwire.context import Context, PermanentError, PluginError, Retry, Stores
 from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, SchemaVersionError
 from bucketwire.hookspecs import hookimpl
 from bucketwire.plugin_settings import with_defaults
@@ -19,6 +19,7 @@ __all__ = [
     "Event",
     "PermanentError",
     "PluginError",
+    "Retry",
     "SchemaVersionError",
     "StoreConfig",
     "Stores",

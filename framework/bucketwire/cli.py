@@ -5,6 +5,7 @@ non-zero exit, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -85,13 +86,19 @@ def hub(config_path: str | None) -> None:
               help="Serve the pool's Prometheus metrics on HOST:PORT (default: [groups.G] metrics).")
 @click.option("--start", type=click.Choice(["latest", "earliest"]),
               help="Where a group new to the hub starts: at the head (default) or the oldest retained event.")
+@click.option("--trace-plugins", is_flag=True, help="Log every hook call: plugin, hook, event id, duration, "
+              "outcome (same as BUCKETWIRE_TRACE_PLUGINS=1).")
 @click.pass_context
 @friendly
 def worker(ctx: click.Context, config_path: str | None, group: str, topics: tuple[str, ...],
            processes: int | None, local_plugins: tuple[str, ...], credit: int | None, drain_timeout: float,
-           start: str | None) -> None:
+           start: str | None, trace_plugins: bool) -> None:
     """Run a worker pool for one consumer group."""
+    from bucketwire.worker.plugin_loading import TRACE_ENV
     from bucketwire.worker.supervisor import default_processes, make_spec, run_pool
+
+    if trace_plugins:
+        os.environ[TRACE_ENV] = "1"  # the children inherit it
 
     cfg = load_config(config_path)
     from bucketwire.security import client_keys
@@ -214,9 +221,9 @@ def _register_plugin_commands() -> None:
     except ConfigError as e:
         click.echo(f"warning: {e}", err=True)
         return
-    for name, fn in loaded.impls("register_commands"):
+    for name, caller in loaded.callers("register_commands"):
         try:
-            fn(cli=cli)
+            caller(cli=cli)
         except Exception as e:  # a broken plugin must not break the CLI
             click.echo(f"warning: plugin {name!r} failed to register commands: {e}", err=True)
 

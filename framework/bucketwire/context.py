@@ -22,6 +22,22 @@ class PermanentError(PluginError):
     """A failure that retrying cannot fix (corrupt input, a decompression bomb): dead-letter at once."""
 
 
+class Retry(PluginError):
+    """Ask for another attempt no sooner than `delay` seconds from now (a rate limit, a dependency that is
+    warming up). It counts toward the topic's `max_attempts` like any failure, so a plugin that keeps asking
+    ends in the dead letter instead of looping forever::
+
+        raise Retry(delay=30, reason="thumbnail service answered 429")
+    """
+
+    def __init__(self, delay: float = 0.0, reason: str = "retry requested") -> None:
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0:
+            raise ValueError(f"Retry(delay=...) needs seconds >= 0, got {delay!r}")
+        super().__init__(f"{reason} (retry in {delay:g}s)")
+        self.delay = float(delay)
+        self.reason = reason
+
+
 class Stores:
     """Opens one `minio.Minio` client per named store per process and reuses it (it pools connections)."""
 
@@ -59,7 +75,12 @@ class Stores:
 
 @dataclass(slots=True)
 class Context:
-    """Per plugin, per event. `event` is None in `worker_startup`/`worker_shutdown`."""
+    """Per plugin, per event. `event` is None in `worker_startup`/`worker_shutdown`.
+
+    `state` is this plugin's own dict in this worker process, the same object for every hook call of the
+    plugin: the place for what `worker_startup` opens (clients, file handles, thread pools) and
+    `worker_shutdown` closes. Each plugin has its own, and each process (each pool child) has its own.
+    """
 
     plugin: str
     group: str
@@ -69,6 +90,7 @@ class Context:
     event: Event | None = None
     attempt: int = 1
     published: list[Event] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
 
     def store(self, name: str | None = None) -> minio.Minio:
         """A `minio.Minio` client for store `name`; by default the event's store, else the configured default."""

@@ -92,3 +92,7 @@ def register_commands(cli: click.Group) -> None:
             def hello():
                 click.echo("hello")
     """
+
+
+HOOKS = ("validate_settings", "worker_startup", "worker_shutdown", "handle_event", "register_commands")
+"""Every hook, in the order a worker meets them (register_commands belongs to the CLI)."""

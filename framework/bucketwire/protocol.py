@@ -6,7 +6,8 @@ hub forwards committed bytes without re-encoding them.
 
     worker -> hub   READY     {"group", "topics", "credit", "proto", "schema", "host", "pid"}
                     ACK       {"results": [{"t": topic, "s": seq, "ok": true, "f": [follow-on envelope]} |
-                                           {"t", "s", "ok": false, "error", "line", "plugin", "permanent"}]}
+                                           {"t", "s", "ok": false, "error", "line", "plugin", "permanent",
+                                            "delay"?}]}   (delay: seconds, from a plugin's Retry(delay=...))
                     HB        {}
                     BYE       {"requeue": [[topic, seq], ...]}     (draining: give back unstarted events)
     hub -> worker   DELIVER   {"a": [attempt, ...]}, envelope, envelope, ...

@@ -24,6 +24,8 @@ from bucketwire.config import TopicConfig
 Key = tuple[str, int]
 
 TARGET_MARK = b'"targetgroup"'
+MAX_RETRY_DELAY = 86_400.0
+"""The longest `Retry(delay=...)` honoured: a day. Retries wait in the hub's memory, not in the journal."""
 
 
 def not_for_group(body: bytes, group: str) -> bool:
@@ -289,9 +291,13 @@ class GroupState:
         return True
 
     def fail(
-        self, topic: str, seq: int, error: str, line: str, plugin: str | None, permanent: bool, now: float
+        self, topic: str, seq: int, error: str, line: str, plugin: str | None, permanent: bool, now: float,
+        delay: float | None = None,
     ) -> DeadLetter | None:
-        """A handler raised. Schedule a retry with backoff, or return the dead letter to publish."""
+        """A handler raised. Schedule a retry with backoff, or return the dead letter to publish.
+
+        `delay` is a plugin's `Retry(delay=...)`: the retry waits at least that long (capped at MAX_RETRY_DELAY),
+        and it still counts as an attempt."""
         if topic not in self.acked or self.is_done(topic, seq):
             self._take_inflight((topic, seq))
             return None
@@ -302,9 +308,11 @@ class GroupState:
         cfg = self.topic_cfg(topic)
         if permanent or it.attempts >= cfg.max_attempts:
             return self._dead(it, error, line, plugin)
-        delay = min(cfg.backoff_max, cfg.backoff_base * (2 ** (it.attempts - 1)))
-        delay = random.uniform(delay / 2, delay)  # "equal jitter": spread retries, keep a floor
-        heapq.heappush(self.retry, (now + delay, next(self._tie), it))
+        wait = min(cfg.backoff_max, cfg.backoff_base * (2 ** (it.attempts - 1)))
+        wait = random.uniform(wait / 2, wait)  # "equal jitter": spread retries, keep a floor
+        if delay is not None:
+            wait = max(wait, min(delay, MAX_RETRY_DELAY))
+        heapq.heappush(self.retry, (now + wait, next(self._tie), it))
         self.delta[1] += 1
         self.totals[1] += 1
         return None

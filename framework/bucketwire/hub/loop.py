@@ -696,7 +696,9 @@ class Hub(Listeners):
                 err = str(r.get("error", "handler failed"))[:8192]
                 line = str(r.get("line", err))[:1024]
                 plugin = r.get("plugin") if isinstance(r.get("plugin"), str) else None
-                dl = g.fail(topic, seq, err, line, plugin, bool(r.get("permanent")), now)
+                d = r.get("delay")
+                delay = float(d) if isinstance(d, int | float) and not isinstance(d, bool) and d >= 0 else None
+                dl = g.fail(topic, seq, err, line, plugin, bool(r.get("permanent")), now, delay)
                 if dl is not None:
                     self._dead_letter(dl)
                 else:

@@ -26,7 +26,7 @@ import zmq
 from bucketwire import protocol as P
 from bucketwire import security
 from bucketwire.config import Config, ConfigError
-from bucketwire.context import Context, PermanentError, Stores
+from bucketwire.context import Stores
 from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event
 from bucketwire.procutil import on_stop_signals
 from bucketwire.worker import plugin_loading as plugin_loader
@@ -47,53 +47,27 @@ class WorkerSpec:
     heartbeat_timeout: float = 5.0
 
 
-class Plugins:
-    """Loaded plugins with their validated settings, ready to run an event through."""
+class Plugins(plugin_loader.PluginRunner):
+    """The plugins of this worker's group (or only its `--plugin` modules, for a group not in the config)."""
 
     def __init__(self, cfg: Config, spec: WorkerSpec) -> None:
         gc = cfg.groups.get(spec.group)
-        allow = gc.plugins if gc is not None else None
-        self.loaded = plugin_loader.load(allow, spec.local_plugins)
-        sections = {n: dict(cfg.plugins.get(n, {})) for n in self.loaded.names}
-        self.topics: dict[str, set[str] | None] = {}
-        for n, sec in sections.items():
-            t = sec.pop("topics", None)
-            self.topics[n] = set(t) if isinstance(t, list) else {t} if isinstance(t, str) else None
-        self.settings = plugin_loader.validate_settings(self.loaded, sections)
-        self.stores = Stores(cfg.stores, cfg.hub.default_store)
-        self.group = spec.group
-        self.handlers = self.loaded.impls("handle_event")
-
-    def ctx(self, name: str, event: Event | None = None, attempt: int = 1) -> Context:
-        logger = logging.getLogger(f"bucketwire.plugin.{name}")
-        return Context(name, self.group, self.settings[name], self.stores, logger, event, attempt)
+        # An unconfigured group runs only what it was given with --plugin: loading every installed plugin would
+        # duplicate the configured groups' work (a second thumbnail-ready for every upload).
+        allow = gc.plugins if gc is not None else []
+        if gc is None and not spec.local_plugins:
+            raise ConfigError(f"group {spec.group!r} is not in the config and no --plugin was given, so nothing "
+                              f"would handle its events; add [groups.{spec.group}] or pass --plugin MODULE")
+        loaded = plugin_loader.load(allow, spec.local_plugins)
+        super().__init__(loaded, {n: cfg.plugins.get(n, {}) for n in loaded.names},
+                         Stores(cfg.stores, cfg.hub.default_store), spec.group,
+                         on_handled=lambda name, dt, ok: handler_done(spec.group, name, dt, ok=ok))
 
     def lifecycle(self, hook: str) -> None:
-        for name, fn in self.loaded.impls(hook):
-            try:
-                fn(ctx=self.ctx(name))
-            except Exception:
-                log.exception(f"{hook} failed", extra={"plugin": name})
-                if hook == "worker_startup":
-                    raise
-
-    def run(self, event: Event, attempt: int) -> list[Event]:
-        out: list[Event] = []
-        for name, fn in self.handlers:
-            want = self.topics.get(name)
-            if want is not None and event.topic not in want:
-                continue
-            ctx = self.ctx(name, event, attempt)
-            t0 = time.perf_counter()
-            try:
-                fn(event=event, ctx=ctx)
-            except Exception as e:
-                e.bucketwire_plugin = name  # type: ignore[attr-defined]
-                handler_done(self.group, name, time.perf_counter() - t0, ok=False)
-                raise
-            handler_done(self.group, name, time.perf_counter() - t0, ok=True)
-            out.extend(ctx.published)
-        return out
+        if hook == "worker_startup":
+            self.startup()
+        else:
+            self.shutdown()
 
 
 def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str, stop: threading.Event) -> None:
@@ -283,14 +257,17 @@ def _handle(plugins: Plugins, attempt: int, body: bytes) -> dict[str, Any]:
         return {"t": topic, "s": seq, "ok": False, "error": str(e), "line": str(e), "permanent": True}
     try:
         follow = plugins.run(event, attempt)
-    except Exception as e:
-        plugin = getattr(e, "bucketwire_plugin", None)
+    except plugin_loader.HandlerFailed as f:
+        e = f.error
         line = traceback.format_exception_only(type(e), e)[-1].strip()
-        log.warning("handler failed", extra={"plugin": plugin, "topic": topic, "seq": seq, "error": line,
+        log.warning("handler failed", extra={"plugin": f.plugin, "topic": topic, "seq": seq, "error": line,
                                              "attempt": attempt})
         event_done(plugins.group, event.topic, "failed")
-        return {"t": topic, "s": seq, "ok": False, "error": "".join(traceback.format_exception(e))[-8000:],
-                "line": line, "plugin": plugin, "permanent": isinstance(e, PermanentError)}
+        res = {"t": topic, "s": seq, "ok": False, "error": "".join(traceback.format_exception(e))[-8000:],
+               "line": line, "plugin": f.plugin, "permanent": f.permanent}
+        if f.delay is not None:
+            res["delay"] = f.delay
+        return res
     event_done(plugins.group, event.topic, "ok", [f.topic or "-" for f in follow])
     logging.getLogger("bucketwire.events").debug(
         "event handled", extra={"topic": topic, "seq": seq, "attempt": attempt, "follow_ons": len(follow)})

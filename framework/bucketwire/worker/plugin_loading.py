@@ -1,17 +1,25 @@
-"""Finding, loading and calling plugins.
+"""Finding, loading and calling plugins, by pluggy's rules.
 
-Hooks are called per plugin rather than through one pluggy broadcast, because each plugin gets its own
-settings in `ctx` and its own failure accounting: one plugin raising must name that plugin in the error.
+Each plugin gets its own `ctx` (its own settings and state) and its own failure accounting, so a hook is not
+one pluggy broadcast: for every plugin with an implementation we call a pluggy hook caller that holds that
+implementation plus every wrapper of the hook (`PluginManager.subset_hook_caller`). pluggy does the rest as it
+does for pytest: argument subsets, `wrapper=True`/`hookwrapper=True` around each call, tryfirst/trylast
+ordering, and call monitoring for tracing. The worker child and `bucketwire.testing.PluginHarness` both go
+through `PluginRunner`, so a plugin that passes its harness tests runs the same way in a pool.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
+import os
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +27,14 @@ import pluggy
 
 from bucketwire import hookspecs
 from bucketwire.config import ConfigError
+from bucketwire.context import Context, PermanentError, Retry, Stores
+from bucketwire.envelope import Event
 
 ENTRY_POINT_GROUP = "bucketwire"
+TRACE_ENV = "BUCKETWIRE_TRACE_PLUGINS"
+PER_PLUGIN_HOOKS = ("validate_settings", "worker_startup", "worker_shutdown", "handle_event", "register_commands")
+
+trace_log = logging.getLogger("bucketwire.trace")
 
 
 def make_manager() -> pluggy.PluginManager:
@@ -56,24 +70,113 @@ def local_name(spec: str, mod: Any) -> str:
     return Path(spec).stem if spec.endswith(".py") else spec.rsplit(".", 1)[-1]
 
 
+def plugin_name(plugin: Any) -> str:
+    """The name a plugin object is registered under when none is given: `PLUGIN_NAME`, else its module's last part."""
+    name = getattr(plugin, "PLUGIN_NAME", None)
+    if isinstance(name, str) and name:
+        return name
+    return str(getattr(plugin, "__name__", type(plugin).__name__)).rsplit(".", 1)[-1]
+
+
 def discover() -> dict[str, importlib.metadata.EntryPoint]:
     """Installed plugins by entry-point name (bundled ones are registered the same way)."""
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _is_wrapper(impl: pluggy.HookImpl) -> bool:
+    return bool(impl.wrapper or impl.hookwrapper)
 
 
 @dataclass
 class Loaded:
     pm: pluggy.PluginManager
     names: list[str]
+    _callers: dict[str, list[tuple[str, pluggy.HookCaller]]] = field(default_factory=dict)
 
-    def impls(self, hook: str) -> list[tuple[str, Callable[..., Any]]]:
-        """(plugin name, function) in the order pluggy itself would call them."""
-        caller = getattr(self.pm.hook, hook)
-        return [(i.plugin_name, i.function) for i in reversed(caller.get_hookimpls())]
+    def callers(self, hook: str) -> list[tuple[str, pluggy.HookCaller]]:
+        """(plugin name, hook caller) for each plugin that implements `hook`, in pluggy's call order.
+
+        Each caller holds that plugin's implementation and every wrapper of the hook, so a wrapper runs around
+        each plugin's call, and the caller is called with that plugin's own arguments (its `ctx`).
+        """
+        got = self._callers.get(hook)
+        if got is None:
+            caller: pluggy.HookCaller = getattr(self.pm.hook, hook)
+            plain = [i for i in reversed(caller.get_hookimpls()) if not _is_wrapper(i)]
+            got = []
+            for impl in plain:
+                others = [i.plugin for i in plain if i.plugin is not impl.plugin]
+                got.append((impl.plugin_name, self.pm.subset_hook_caller(hook, others)))
+            self._callers[hook] = got
+        return got
 
 
-def load(allow: Iterable[str] | None = None, local: Iterable[str] = (), *, entry_points: bool = True) -> Loaded:
-    """Register installed plugins (filtered by `allow`, when given) and local `--plugin` modules."""
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, what: str) -> None:
+    """Register with one-line errors: pluggy's own exceptions carry a repr of the module and a traceback."""
+    holder = pm.get_name(plugin) if pm.is_registered(plugin) else None
+    if holder is not None:
+        raise ConfigError(
+            f"{what}: this module is already loaded as the installed plugin {holder!r}; drop {what} "
+            f"(installed plugins load by themselves), or list the plugins a group runs with "
+            f"[groups.NAME] plugins = [...]"
+        )
+    if pm.get_plugin(name) is not None:
+        raise ConfigError(
+            f"{what}: a plugin named {name!r} is already loaded (installed); drop {what}, or give the module "
+            f"another PLUGIN_NAME, or leave {name!r} out of [groups.NAME] plugins"
+        )
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as e:
+        raise ConfigError(f"plugin {name!r}: {_validation_line(e)}") from None
+    except ValueError as e:  # pluggy's duplicate checks, should a path above miss one
+        raise ConfigError(f"{what}: {e}; load each plugin once") from None
+
+
+def _validation_line(e: pluggy.PluginValidationError) -> str:
+    msg = str(e)
+    # pluggy names the plugin by repr(module) and the function by its file; keep the part that says what is wrong
+    if "\n" in msg:
+        msg = " ".join(part.strip() for part in msg.splitlines() if part.strip())
+    return msg
+
+
+def check_hooks(loaded: Loaded) -> None:
+    """Refuse implementations of hooks bucketwire does not have (a typo would otherwise never run), and
+    per-plugin hooks that a plugin both implements and wraps (its wrapper could then wrap only itself)."""
+    pm = loaded.pm
+    known = sorted(n for n in vars(pm.hook) if not n.startswith("_"))
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        for name in loaded.names:
+            for caller in pm.get_hookcallers(pm.get_plugin(name)) or []:
+                if caller.has_spec() or all(i.optionalhook for i in caller.get_hookimpls()):
+                    continue
+                close = difflib.get_close_matches(caller.name, [k for k in known if getattr(pm.hook, k).has_spec()],
+                                                  n=1)
+                hint = f"did you mean {close[0]!r}?" if close else "known hooks: " + ", ".join(hookspecs.HOOKS)
+                raise ConfigError(f"plugin {name!r} implements {caller.name!r}, which is not a bucketwire hook; "
+                                  f"{hint}") from None
+        raise
+    for hook in PER_PLUGIN_HOOKS:
+        impls = getattr(pm.hook, hook).get_hookimpls()
+        wrapping = {i.plugin_name for i in impls if _is_wrapper(i)}
+        for i in impls:
+            if not _is_wrapper(i) and i.plugin_name in wrapping:
+                raise ConfigError(f"plugin {i.plugin_name!r} both implements and wraps {hook!r}; move the wrapper "
+                                  "into a plugin of its own")
+
+
+def load(
+    allow: Iterable[str] | None = None,
+    local: Iterable[str] = (),
+    *,
+    entry_points: bool = True,
+    objects: Sequence[tuple[str, Any]] = (),
+) -> Loaded:
+    """Register installed plugins (filtered by `allow`, when given), local `--plugin` modules and `objects`
+    (name, plugin) pairs; then check that every implementation is of a known hook."""
     pm = make_manager()
     allowed = None if allow is None else list(allow)
     found = discover() if entry_points else {}
@@ -93,30 +196,185 @@ def load(allow: Iterable[str] | None = None, local: Iterable[str] = (), *, entry
             mod = ep.load()
         except Exception as e:  # a broken third-party plugin must not take the worker down silently
             raise ConfigError(f"plugin {name!r} ({ep.value}) failed to import: {e}") from None
-        pm.register(mod, name=name)
+        _register(pm, mod, name, f"plugin {name!r}")
         names.append(name)
     for spec in local:
         mod = _import_local(spec)
         name = local_name(spec, mod)
-        if pm.get_plugin(name) is not None:
-            raise ConfigError(f"--plugin {spec}: a plugin named {name!r} is already loaded")
-        pm.register(mod, name=name)
+        _register(pm, mod, name, f"--plugin {spec}")
         names.append(name)
-    return Loaded(pm, names)
+    for name, obj in objects:
+        _register(pm, obj, name, f"plugin {name!r}")
+        names.append(name)
+    loaded = Loaded(pm, names)
+    check_hooks(loaded)
+    return loaded
 
 
-def validate_settings(loaded: Loaded, sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each plugin's settings after its own `validate_settings` hook; errors name the plugin and key."""
     out = {name: dict(sections.get(name, {})) for name in loaded.names}
-    for name, fn in loaded.impls("validate_settings"):
+    for name, caller in loaded.callers("validate_settings"):
         try:
-            res = fn(settings=out[name])
-        except ConfigError as e:
+            results = caller(settings=out[name])
+        except (ConfigError, ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"[plugins.{name}] {e}") from None
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"[plugins.{name}] {e}") from None
+        res = results[0] if results else None
         if res is not None:
             if not isinstance(res, dict):
                 raise ConfigError(f"plugin {name!r}: validate_settings must return a dict or None")
             out[name] = res
     return out
+
+
+def split_topics(sections: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]],
+                                                                      dict[str, set[str] | None]]:
+    """Take the framework's own `topics` key out of each plugin section: which topics a plugin sees."""
+    rest: dict[str, dict[str, Any]] = {}
+    topics: dict[str, set[str] | None] = {}
+    for n, sec in sections.items():
+        d = dict(sec)
+        t = d.pop("topics", None)
+        topics[n] = set(t) if isinstance(t, list) else {t} if isinstance(t, str) else None
+        rest[n] = d
+    return rest, topics
+
+
+class HandlerFailed(Exception):
+    """A plugin's `handle_event` raised `error`. The plugin is recorded here, never on the exception itself:
+    some exception types (minio's `S3Error`) refuse new attributes."""
+
+    def __init__(self, plugin: str, error: BaseException) -> None:
+        super().__init__(plugin, error)
+        self.plugin = plugin
+        self.error = error
+
+    @property
+    def permanent(self) -> bool:
+        return isinstance(self.error, PermanentError)
+
+    @property
+    def delay(self) -> float | None:
+        return self.error.delay if isinstance(self.error, Retry) else None
+
+
+def _outcome(exc: BaseException | None) -> str:
+    if exc is None:
+        return "ok"
+    if isinstance(exc, Retry):
+        return "retry"
+    if isinstance(exc, PermanentError):
+        return "permanent"
+    return "error"
+
+
+def enable_tracing(pm: pluggy.PluginManager) -> Callable[[], None]:
+    """Log every hook call as one line, through pluggy's call monitoring. Returns the undo function."""
+    started: list[float] = []
+
+    def before(hook_name: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
+        started.append(time.perf_counter())
+
+    def after(outcome: pluggy.Result[Any], hook_name: str, impls: Sequence[pluggy.HookImpl],
+              kwargs: Mapping[str, Any]) -> None:
+        dt = time.perf_counter() - started.pop()
+        exc = outcome.exception
+        event = kwargs.get("event")
+        extra: dict[str, Any] = {
+            "plugin": ",".join(i.plugin_name for i in impls if not _is_wrapper(i)) or "-",
+            "hook": hook_name,
+            "event_id": event.id if isinstance(event, Event) else None,
+            "duration_ms": round(dt * 1000, 3),
+            "outcome": _outcome(exc),
+        }
+        wrappers = [i.plugin_name for i in impls if _is_wrapper(i)]
+        if wrappers:
+            extra["wrappers"] = ",".join(wrappers)
+        if exc is not None:
+            extra["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        trace_log.info("hook call", extra=extra)
+
+    return pm.add_hookcall_monitoring(before, after)
+
+
+def tracing_requested() -> bool:
+    return os.environ.get(TRACE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+class PluginRunner:
+    """Loaded plugins with validated settings and per-plugin state: what a worker child runs events through.
+
+    `on_handled(plugin, seconds, ok)` reports each plugin's call (the worker's per-plugin metrics).
+    """
+
+    def __init__(
+        self,
+        loaded: Loaded,
+        sections: Mapping[str, Mapping[str, Any]],
+        stores: Stores,
+        group: str,
+        *,
+        on_handled: Callable[[str, float, bool], None] | None = None,
+        trace: bool | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.group = group
+        self.stores = stores
+        plain, self.topics = split_topics(sections)
+        if trace if trace is not None else tracing_requested():
+            enable_tracing(loaded.pm)
+        self.settings = validate_settings(loaded, plain)
+        self.state: dict[str, dict[str, Any]] = {n: {} for n in loaded.names}
+        self.loggers = {n: logging.getLogger(f"bucketwire.plugin.{n}") for n in loaded.names}
+        self.handlers = loaded.callers("handle_event")
+        self.on_handled = on_handled
+
+    def ctx(self, name: str, event: Event | None = None, attempt: int = 1) -> Context:
+        return Context(name, self.group, self.settings[name], self.stores, self.loggers[name], event, attempt,
+                       state=self.state[name])
+
+    def startup(self) -> None:
+        """`worker_startup` for each plugin; the first failure stops this child (it could not do its work).
+
+        A `ConfigError` is a mistake the user must fix (the pool stops with its line); anything else is logged
+        with the plugin's name and raised, so the supervisor restarts the child with backoff.
+        """
+        for name, caller in self.loaded.callers("worker_startup"):
+            try:
+                caller(ctx=self.ctx(name))
+            except ConfigError as e:
+                raise ConfigError(f"[plugins.{name}] {e}") from None
+            except Exception:
+                logging.getLogger("bucketwire.worker").exception("worker_startup failed", extra={"plugin": name})
+                raise
+
+    def shutdown(self) -> None:
+        """`worker_shutdown` for each plugin; one failing does not keep the others from closing their resources."""
+        for name, caller in self.loaded.callers("worker_shutdown"):
+            try:
+                caller(ctx=self.ctx(name))
+            except Exception:
+                logging.getLogger("bucketwire.worker").exception("worker_shutdown failed", extra={"plugin": name})
+
+    def wants(self, name: str, event: Event) -> bool:
+        want = self.topics.get(name)
+        return want is None or event.topic in want
+
+    def run(self, event: Event, attempt: int) -> list[Event]:
+        """Each plugin's `handle_event` in turn; their follow-ons, or `HandlerFailed` naming the failing plugin."""
+        out: list[Event] = []
+        for name, caller in self.handlers:
+            if not self.wants(name, event):
+                continue
+            ctx = self.ctx(name, event, attempt)
+            t0 = time.perf_counter()
+            try:
+                caller(event=event, ctx=ctx)
+            except Exception as e:
+                if self.on_handled is not None:
+                    self.on_handled(name, time.perf_counter() - t0, False)
+                raise HandlerFailed(name, e) from e
+            if self.on_handled is not None:
+                self.on_handled(name, time.perf_counter() - t0, True)
+            out.extend(ctx.published)
+        return out

@@ -1,0 +1,359 @@
+"""Hooks are called by pluggy's rules: argument subsets, wrappers, unknown hooks refused, tracing, Retry,
+per-plugin state, and a plugin's exception kept as itself -- in the harness and in real worker pools."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bucketwire import ConfigError, Context, Event, Retry, hookimpl
+from bucketwire import config as config_mod
+from bucketwire.testing import PluginHarness
+from bucketwire.worker.child import Plugins, WorkerSpec
+from tests.fixtures_hub import RECORDER, wait_for
+
+HERE = Path(__file__).parent / "plugins"
+WRAPPERS, SUBSET, TYPO, FLAKY = (str(HERE / f"{n}.py") for n in ("wrappers", "subset", "typo", "flaky"))
+
+
+def ev(topic: str = "t", **data: Any) -> Event:
+    return Event(id=uuid.uuid4().hex, source="urn:test", type="test.thing", topic=topic, data=data)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bucketwire", *args], capture_output=True, text=True, timeout=60,
+                          env=env, cwd=cwd)
+
+
+# -- the harness: the worker child's own hook-calling code, in-process ------------------------------------------
+class OnlyEvent:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @hookimpl
+    def handle_event(self, event: Event) -> None:
+        self.seen.append(event.id)
+
+
+def test_an_implementation_may_take_a_subset_of_the_arguments() -> None:
+    p = OnlyEvent()
+    e = ev()
+    with PluginHarness(p, name="only") as h:
+        h.handle(e)
+    assert p.seen == [e.id]
+
+
+class Named:
+    def __init__(self, name: str, fail: bool = False) -> None:
+        self.PLUGIN_NAME = name
+        self.fail = fail
+
+    @hookimpl
+    def handle_event(self, event: Event, ctx: Context) -> None:
+        if self.fail:
+            raise RuntimeError(f"{ctx.plugin} failed")
+        ctx.publish("done", {"by": ctx.plugin, "setting": ctx.settings.get("x")})
+
+
+class Timing:
+    PLUGIN_NAME = "timing"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    @hookimpl(wrapper=True)
+    def handle_event(self, event: Event, ctx: Context) -> Generator[None, Any, Any]:
+        try:
+            res = yield
+        except Exception as e:
+            self.calls.append((ctx.plugin, type(e).__name__))
+            raise
+        self.calls.append((ctx.plugin, "ok"))
+        return res
+
+
+def test_a_wrapper_wraps_each_plugins_call_and_each_plugin_keeps_its_own_settings() -> None:
+    t = Timing()
+    h = PluginHarness(Named("a"), Named("b"), t, sections={"b": {"x": 2}}, settings={"x": 1})
+    out = h.handle(ev())
+    assert sorted((o.data["by"], o.data["setting"]) for o in out) == [("a", 1), ("b", 2)]
+    assert sorted(t.calls) == [("a", "ok"), ("b", "ok")]
+    t.calls.clear()
+    with pytest.raises(RuntimeError, match="bad failed"):
+        PluginHarness(Named("bad", fail=True), t).handle(ev())
+    assert t.calls == [("bad", "RuntimeError")]
+
+
+class Typo:
+    PLUGIN_NAME = "typo"
+
+    @hookimpl
+    def handle_events(self, event: Event) -> None:
+        raise AssertionError("never called")
+
+
+def test_an_unknown_hook_is_refused_with_the_closest_name() -> None:
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(Typo())
+    assert str(ei.value) == ("plugin 'typo' implements 'handle_events', which is not a bucketwire hook; "
+                             "did you mean 'handle_event'?")
+
+
+class BadArgs:
+    PLUGIN_NAME = "badargs"
+
+    @hookimpl
+    def handle_event(self, evnt: Event) -> None:
+        raise AssertionError("never called")
+
+
+class WrapsItself:
+    PLUGIN_NAME = "selfwrap"
+
+    @hookimpl
+    def handle_event(self, event: Event) -> None:
+        pass
+
+    @hookimpl(wrapper=True, specname="handle_event")
+    def around(self, event: Event) -> Generator[None, Any, Any]:
+        return (yield)
+
+
+def test_bad_implementations_are_one_line_errors() -> None:
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(BadArgs())
+    msg = str(ei.value)
+    assert msg.startswith("plugin 'badargs': ") and "evnt" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match="'selfwrap' both implements and wraps 'handle_event'"):
+        PluginHarness(WrapsItself())
+
+
+class Stateful:
+    def __init__(self, name: str) -> None:
+        self.PLUGIN_NAME = name
+
+    @hookimpl
+    def worker_startup(self, ctx: Context) -> None:
+        ctx.state["opened"] = [ctx.plugin]
+
+    @hookimpl
+    def handle_event(self, ctx: Context) -> None:
+        ctx.state["opened"].append("event")
+
+    @hookimpl
+    def worker_shutdown(self, ctx: Context) -> None:
+        ctx.state["opened"].append("closed")
+
+
+def test_ctx_state_is_per_plugin_and_lasts_from_startup_to_shutdown() -> None:
+    h = PluginHarness(Stateful("one"), Stateful("two"))
+    with h:
+        h.handle(ev())
+        h.handle(ev())
+    assert h.runner.state == {"one": {"opened": ["one", "event", "event", "closed"]},
+                              "two": {"opened": ["two", "event", "event", "closed"]}}
+
+
+def test_the_harness_applies_topics_like_a_worker() -> None:
+    p = OnlyEvent()
+    h = PluginHarness(p, name="only", settings={"topics": ["photos"]})
+    h.handle(ev("photos"))
+    h.handle(ev("videos"))
+    assert len(p.seen) == 1
+
+
+class Retrying:
+    PLUGIN_NAME = "retrying"
+
+    @hookimpl
+    def handle_event(self, event: Event) -> None:
+        raise Retry(delay=2.5, reason="rate limited")
+
+
+def test_retry_reaches_the_caller_as_itself_and_refuses_a_bad_delay() -> None:
+    with pytest.raises(Retry) as ei:
+        PluginHarness(Retrying()).handle(ev())
+    assert ei.value.delay == 2.5 and ei.value.reason == "rate limited"
+    for bad in (-1, "5", float("nan"), True):
+        with pytest.raises(ValueError):
+            Retry(delay=bad)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def trace_lines() -> Iterator[list[logging.LogRecord]]:
+    got: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record)
+
+    lg = logging.getLogger("bucketwire.trace")
+    h, level = Keep(), lg.level
+    lg.addHandler(h)
+    lg.setLevel(logging.INFO)
+    yield got
+    lg.removeHandler(h)
+    lg.setLevel(level)
+
+
+def test_trace_env_logs_each_hook_call(monkeypatch: pytest.MonkeyPatch, trace_lines: list[logging.LogRecord]) -> None:
+    monkeypatch.setenv("BUCKETWIRE_TRACE_PLUGINS", "1")
+    e = ev()
+    with PluginHarness(Retrying(), Named("a")) as h, pytest.raises(Retry):  # pluggy calls the last first
+        h.handle(e)
+    calls = [(r.plugin, r.hook, r.event_id, r.outcome) for r in trace_lines]  # type: ignore[attr-defined]
+    assert ("a", "handle_event", e.id, "ok") in calls
+    assert ("retrying", "handle_event", e.id, "retry") in calls
+    assert all(isinstance(r.duration_ms, float) for r in trace_lines)  # type: ignore[attr-defined]
+    monkeypatch.delenv("BUCKETWIRE_TRACE_PLUGINS")
+    trace_lines.clear()
+    PluginHarness(Named("a")).handle(ev())
+    assert trace_lines == [], "tracing is off unless asked for"
+
+
+# -- real worker pools ---------------------------------------------------------------------------------------
+GROUP = """
+[topics.t]
+max_attempts = 3
+backoff_base = 0.01
+backoff_max = 0.02
+
+[groups.w]
+topics = ["t"]
+plugins = []
+start = "earliest"
+
+[plugins.flaky]
+path = "{flaky}"
+"""
+
+
+def test_wrappers_and_argument_subsets_in_a_worker_pool(stack_factory: Any, tmp_path: Path) -> None:
+    s = stack_factory(GROUP.format(flaky=tmp_path / "flaky.log"))
+    s.start_hub()
+    w = s.start_worker("w", 1, "--plugin", WRAPPERS, "--plugin", SUBSET, "--trace-plugins")
+    trace, subset = tmp_path / "trace.log", tmp_path / "subset.log"
+    with s.client() as c:
+        c.publish_events([ev(trace=str(trace), subset=str(subset)) for _ in range(3)])
+    wait_for(lambda: trace.exists() and len(trace.read_text().splitlines()) == 12, 20,
+             "2 wrappers x 2 plugins x 3 events:\n" + s.dump_logs())
+    lines = trace.read_text().splitlines()
+    for style in ("new", "old"):
+        for plugin in ("recorder", "subset"):
+            assert sorted(ln.split()[2] for ln in lines if ln.startswith(f"{style} {plugin} ")) == ["1", "2", "3"]
+    assert all(ln.endswith(" ok") for ln in lines)
+    assert subset.read_text().split() == ["1", "2", "3"]
+    wait_for(lambda: s.dump_logs().count("hook call") >= 6, 10, "trace lines")
+    log = s.dump_logs()
+    traced = [ln for ln in log.splitlines() if "hook call" in ln and "hook=handle_event" in ln]
+    assert any("plugin=subset" in ln and "outcome=ok" in ln and "duration_ms=" in ln and "event_id=" in ln
+               and "wrappers=wrappers" in ln for ln in traced), log
+    assert w.poll() is None
+
+
+def test_retry_waits_at_least_its_delay_and_counts_toward_max_attempts(stack_factory: Any, tmp_path: Path) -> None:
+    flaky = tmp_path / "flaky.log"
+    s = stack_factory(GROUP.format(flaky=flaky))
+    s.start_hub()
+    s.start_worker("w", 1, "--plugin", FLAKY)
+    with s.client() as c:
+        c.publish_events([ev(retry=1.0, times=1), ev(retry=0.05)])
+    wait_for(lambda: any(r["s"] == 1 for r in s.handled()), 20, "event 1 handled after its retry")
+    wait_for(lambda: s.status()["groups"]["w"]["dead_lettered"] == 1, 20, "event 2 dead-lettered")
+    attempts: dict[int, list[tuple[int, float]]] = {}
+    for ln in flaky.read_text().splitlines():
+        seq, a, t = ln.split()
+        attempts.setdefault(int(seq), []).append((int(a), float(t)))
+    (a1, t1), (a2, t2) = attempts[1]
+    assert (a1, a2) == (1, 2)
+    assert t2 - t1 >= 1.0, f"the retry came {t2 - t1:.3f}s later; Retry(delay=1.0) asked for at least 1s"
+    assert [a for a, _ in attempts[2]] == [1, 2, 3], "Retry counts toward max_attempts = 3"
+    with s.client() as c:
+        _, bodies = c.fetch("dead-letter", 1)
+    dl = json.loads(bodies[0])["data"]
+    assert dl["plugin"] == "flaky" and dl["attempts"] == 3
+    assert dl["line"] == "bucketwire.context.Retry: asked to wait (retry in 0.05s)"
+
+
+def test_a_plugins_exception_reaches_the_dead_letter_as_itself(stack_factory: Any, tmp_path: Path, weed: Any,
+                                                                 bucket: str) -> None:
+    s = stack_factory(GROUP.format(flaky=tmp_path / "flaky.log") + f"""
+[stores.primary]
+endpoint = "{weed.s3_endpoint}"
+access_key = "{weed.access_key}"
+secret_key = "{weed.secret_key}"
+""")
+    s.start_hub()
+    s.start_worker("w", 1, "--plugin", FLAKY)
+    with s.client() as c:
+        c.publish_events([Event(id=uuid.uuid4().hex, source="urn:test", type="test.thing", topic="t",
+                                data={"get": "gone.jpg", "bucket": bucket}),
+                          ev(frozen=True)])
+    wait_for(lambda: s.status()["groups"]["w"]["dead_lettered"] == 2, 30, "two dead letters:\n" + s.dump_logs())
+    with s.client() as c:
+        _, bodies = c.fetch("dead-letter", 1)
+    dls = {json.loads(b)["data"]["event"]["data"].get("get", "frozen"): json.loads(b)["data"] for b in bodies}
+    s3 = dls["gone.jpg"]
+    assert s3["plugin"] == "flaky", s3
+    assert s3["line"].startswith("minio.error.S3Error: S3 operation failed; code: NoSuchKey"), s3["line"]
+    assert "AttributeError" not in s3["error"]
+    frozen = dls["frozen"]
+    assert frozen["plugin"] == "flaky" and frozen["line"].endswith("FrozenError: frozen failure"), frozen
+    assert "AttributeError" not in frozen["error"]
+    log = s.dump_logs()
+    assert "plugin=flaky" in log and "NoSuchKey" in log
+
+
+def test_an_unknown_hook_stops_the_worker_with_one_line(stack_factory: Any) -> None:
+    s = stack_factory(GROUP.format(flaky="x"))
+    r = run_cli("worker", "-c", str(s.cfg_path), "-g", "w", "--plugin", TYPO, env=s.env)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "Error: plugin 'typo' implements 'handle_events', which is not a bucketwire hook; did you mean "
+        "'handle_event'?"]
+
+
+def test_plugin_named_with_plugin_that_is_also_installed_is_one_line(stack_factory: Any, tmp_path: Path) -> None:
+    """An installed plugin whose entry-point name differs from its module's name, named again with --plugin."""
+    site = tmp_path / "site"
+    (site / "my_counter-0.1.dist-info").mkdir(parents=True)
+    (site / "my_counter.py").write_text("from bucketwire import hookimpl\n\n@hookimpl\ndef handle_event(event):\n"
+                                         "    pass\n")
+    (site / "my_counter-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: my-counter\n"
+                                                                "Version: 0.1\n")
+    (site / "my_counter-0.1.dist-info" / "entry_points.txt").write_text("[bucketwire]\ncounter = my_counter\n")
+    s = stack_factory("""
+[groups.c]
+topics = ["t"]
+plugins = ["counter"]
+""")
+    env = {**s.env, "PYTHONPATH": os.pathsep.join(filter(None, [s.env.get("PYTHONPATH"), str(site)]))}
+    r = run_cli("worker", "-c", str(s.cfg_path), "-g", "c", "--plugin", "my_counter", env=env)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "Error: --plugin my_counter: this module is already loaded as the installed plugin 'counter'; drop "
+        "--plugin my_counter (installed plugins load by themselves), or list the plugins a group runs with "
+        "[groups.NAME] plugins = [...]"]
+
+
+def test_a_group_not_in_the_config_runs_only_its_plugin_modules(stack_factory: Any) -> None:
+    s = stack_factory()
+    cfg = config_mod.load(s.cfg_path)
+    spec = WorkerSpec(group="csv", topics=["csv"], credit=1, local_plugins=[RECORDER])
+    assert Plugins(cfg, spec).loaded.names == ["recorder"], "no installed plugin joins an unconfigured group"
+    r = run_cli("worker", "-c", str(s.cfg_path), "-g", "csv", "--topic", "csv", env=s.env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "Error: group 'csv' is not in the config and no --plugin was given, so nothing would handle its events; "
+        "add [groups.csv] or pass --plugin MODULE"]
