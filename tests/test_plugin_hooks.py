@@ -357,3 +357,14 @@ def test_a_group_not_in_the_config_runs_only_its_plugin_modules(stack_factory: A
     assert r.stderr.strip().splitlines() == [
         "Error: group 'csv' is not in the config and no --plugin was given, so nothing would handle its events; "
         "add [groups.csv] or pass --plugin MODULE"]
+
+
+def test_bundled_plugins_keep_their_process_resources_in_ctx_state(tmp_path: Path) -> None:
+    import bucketwire_audit as audit
+
+    h = PluginHarness(audit, settings={"dir": str(tmp_path)})
+    with h:
+        assert isinstance(h.state["log"], audit.AuditLog), "worker_startup opens the log into ctx.state"
+        h.handle(ev())
+    assert "log" not in h.state, "worker_shutdown closes it and takes it out"
+    assert not [n for n, v in vars(audit).items() if isinstance(v, dict) and n.startswith("_")], "no module state"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,6 @@ DEFAULTS: dict[str, Any] = {
     "bucket": None,
     "prefix": "audit/",
 }
-
-_logs: dict[tuple[int, str], AuditLog] = {}
-
 
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -76,17 +72,18 @@ def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-def audit_log(settings: dict[str, Any]) -> AuditLog:
-    """This process's writer for the configured log (one per process: locks and descriptors are per process)."""
-    key = (os.getpid(), settings["path"])
-    lg = _logs.get(key)
+def audit_log(ctx: Context) -> AuditLog:
+    """This process's writer for the configured log, kept in `ctx.state` (locks and descriptors are per
+    process): opened by `worker_startup`, or here if a caller skipped it."""
+    lg: AuditLog | None = ctx.state.get("log")
     if lg is None:
+        settings = ctx.settings
         lg = AuditLog(
             settings["path"], max_bytes=int(settings["max_bytes"]), rotate_daily=settings["rotate_daily"],
             fsync=settings["fsync"], fsync_interval=float(settings["fsync_interval"]),
             index_days=float(settings["index_days"]),
         )
-        _logs[key] = lg
+        ctx.state["log"] = lg
     return lg
 
 
@@ -126,14 +123,14 @@ def build_record(event: Event, ctx: Context) -> dict[str, Any]:
 @hookimpl
 def worker_startup(ctx: Context) -> None:
     """Open the log, lock file and index once per worker process (fails fast on an unwritable path)."""
-    lg = audit_log(ctx.settings)
+    lg = audit_log(ctx)
     lg.prune_index()
 
 
 @hookimpl
 def worker_shutdown(ctx: Context) -> None:
     """Flush (fsync) and close this process's log."""
-    lg = _logs.pop((os.getpid(), ctx.settings["path"]), None)
+    lg = ctx.state.pop("log", None)
     if lg is not None:
         lg.close()
 
@@ -142,7 +139,7 @@ def worker_shutdown(ctx: Context) -> None:
 def handle_event(event: Event, ctx: Context) -> None:
     """Append one line for this event (unless this event id is already in the log); copy it to a store."""
     s = ctx.settings
-    _new, n, line = audit_log(s).append(_cap(event.id, 256), build_record(event, ctx))
+    _new, n, line = audit_log(ctx).append(_cap(event.id, 256), build_record(event, ctx))
     if s["bucket"]:
         # Re-put on redelivery too: the first attempt may have written the line but failed here.
         digest = hashlib.sha256(event.id.encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -29,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 import re
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -229,19 +227,15 @@ def _replica_metadata(st: _Source, bucket: str, key: str) -> dict[str, str]:
     return md
 
 
-# One small pool per process, made on first use (and remade in a forked child, whose copy has no threads): the
-# target stat runs on it while the source GET is in flight. A worker child handles one event at a time, so one
-# thread is busy at most; the spare ones only matter to callers that run events concurrently.
-_pool_lock = threading.Lock()
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=4, thread_name_prefix="bucketwire-replication"))
-        return _pool[1]
+def _executor(ctx: Context) -> ThreadPoolExecutor:
+    """This process's helper pool, kept in `ctx.state` (made on first use, stopped by `worker_shutdown`): the
+    target stat runs on it while the source GET is in flight. A worker child handles one event at a time, so
+    one thread is busy at most; the spare ones only matter to callers that run events concurrently."""
+    pool: ThreadPoolExecutor | None = ctx.state.get("pool")
+    if pool is None:
+        pool = ctx.state.setdefault(
+            "pool", ThreadPoolExecutor(max_workers=4, thread_name_prefix="bucketwire-replication"))
+    return pool
 
 
 def _settle(fut: Future[Any]) -> None:
@@ -254,11 +248,9 @@ def _settle(fut: Future[Any]) -> None:
 @hookimpl
 def worker_shutdown(ctx: Context) -> None:
     """Stop the helper thread pool (if this process made one)."""
-    global _pool
-    with _pool_lock:
-        pool, _pool = _pool, None
-    if pool is not None and pool[0] == os.getpid():
-        pool[1].shutdown(wait=True)
+    pool = ctx.state.pop("pool", None)
+    if pool is not None:
+        pool.shutdown(wait=True)
 
 
 @hookimpl
@@ -334,7 +326,7 @@ def _stream(ctx: Context, event: Event, src: Any, dst: Any, bucket: str, key: st
     meanwhile. When the target already holds this content the GET is closed unread.
     """
     s = ctx.settings
-    have_f = _executor().submit(_stat, dst, tb, tkey)
+    have_f = _executor(ctx).submit(_stat, dst, tb, tkey)
     resp = None
     try:
         try:
