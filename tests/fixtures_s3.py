@@ -33,9 +33,10 @@ def _serve(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Weed
 
 
 @pytest.fixture(scope="session")
-def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedServer]:
-    """A started SeaweedFS shared by the whole session; stopped (process group killed) at the end."""
-    yield from _serve(tmp_path_factory, "weed")
+def weed(bucketwire_s3: WeedServer) -> WeedServer:
+    """A started SeaweedFS shared by the whole session (the one bucketwire's pytest plugin serves to plugin
+    authors' tests, so the suite runs one server, not two)."""
+    return bucketwire_s3
 
 
 @pytest.fixture(scope="session")

@@ -367,4 +367,6 @@ def test_bundled_plugins_keep_their_process_resources_in_ctx_state(tmp_path: Pat
         assert isinstance(h.state["log"], audit.AuditLog), "worker_startup opens the log into ctx.state"
         h.handle(ev())
     assert "log" not in h.state, "worker_shutdown closes it and takes it out"
-    assert not [n for n, v in vars(audit).items() if isinstance(v, dict) and n.startswith("_") and not n.startswith("__")], "no module state"
+    module_state = [n for n, v in vars(audit).items() if isinstance(v, dict) and n.startswith("_")
+                    and not n.startswith("__")]
+    assert module_state == [], "no module-level state"
