@@ -193,6 +193,7 @@ from bucketwire.commands import doctor as _doctor  # noqa: E402 - commands regis
 from bucketwire.commands import keys as _keys  # noqa: E402
 from bucketwire.commands import listen as _listen  # noqa: E402
 from bucketwire.commands import ops as _ops  # noqa: E402
+from bucketwire.commands import plugin_new as _plugin_new  # noqa: E402
 from bucketwire.commands import seaweed_source as _seaweed_source  # noqa: E402
 
 cli.add_command(_dev.dev)
@@ -203,6 +204,7 @@ cli.add_command(_ops.replay)
 cli.add_command(_ops.group)
 cli.add_command(_ops.dlq)
 cli.add_command(_doctor.doctor)
+cli.add_command(_plugin_new.plugin)
 cli.add_command(_seaweed_source.seaweed_source)
 
 

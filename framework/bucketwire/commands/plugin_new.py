@@ -1,0 +1,144 @@
+"""`bucketwire plugin new NAME`: a ready plugin package, so an author starts from something that installs,
+loads and passes its own test, instead of from a blank file and the README."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+from bucketwire.config import ConfigError
+
+NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
+
+PYPROJECT = '''[build-system]
+requires = ["setuptools>=61", "wheel"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "bucketwire-{name}"
+version = "0.1.0"
+description = "A bucketwire plugin: {name}"
+requires-python = ">=3.11"
+dependencies = ["bucketwire"]
+
+[project.optional-dependencies]
+test = ["pytest>=8"]
+
+# This entry point is what makes bucketwire find the plugin: after `pip install`, `bucketwire plugins` lists it
+# and `plugins = ["{name}"]` in a [groups.NAME] section runs it.
+[project.entry-points.bucketwire]
+{name} = "{module}"
+
+[tool.setuptools]
+packages = ["{module}"]
+'''
+
+MODULE = '''"""{name}: a bucketwire plugin.
+
+Every hook is documented in bucketwire's docs/plugins.md; implement only the ones you need.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bucketwire import Context, Event, hookimpl, with_defaults
+
+PLUGIN_NAME = "{name}"
+
+DEFAULTS: dict[str, Any] = {{"suffix": ""}}
+
+
+@hookimpl
+def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """[plugins.{name}] in the config; an unknown key (a typo) stops the worker with one line."""
+    return with_defaults(settings, DEFAULTS)
+
+
+@hookimpl
+def handle_event(event: Event, ctx: Context) -> None:
+    """Called for each event of the group's topics. Return to acknowledge; raise to retry.
+
+    Events can arrive more than once: make the work idempotent (the follow-on below is published once per
+    event, however often it is handled).
+    """
+    if not event.is_object_created or not event.key.endswith(ctx.settings["suffix"]):
+        return
+    stat = ctx.store().stat_object(event.bucket, event.key)
+    ctx.publish("{name}-seen", {{"bucket": event.bucket, "key": event.key, "size": stat.size}})
+'''
+
+TEST = '''"""Runs against a real S3 server (SeaweedFS) with bucketwire's pytest fixtures."""
+
+from __future__ import annotations
+
+import {module} as plugin
+
+
+def test_publishes_one_follow_on_per_upload(bucketwire_store, plugin_harness, make_event):
+    bucketwire_store.put("photos/a b.jpg", b"12345")
+    h = plugin_harness(plugin, settings={{"suffix": ".jpg"}})
+    [out] = h.handle(make_event(bucketwire_store.bucket, "photos/a b.jpg", size=5))
+    assert out.topic == "{name}-seen"
+    assert out.data == {{"bucket": bucketwire_store.bucket, "key": "photos/a b.jpg", "size": 5}}
+    assert h.handle(make_event(bucketwire_store.bucket, "notes.txt")) == []
+'''
+
+README = '''# bucketwire-{name}
+
+A [bucketwire](https://example.invalid/bucketwire) plugin. It publishes `{name}-seen` for each created object.
+
+Install and run it:
+
+    pip install -e .
+    bucketwire plugins                       # lists "{name}"
+    # in the config: [groups.mine] topics = ["bucket-update"], plugins = ["{name}"]
+    bucketwire worker -c bucketwire.toml --group mine
+
+Test it (a real SeaweedFS is started for the session; `pip install 'bucketwire[seaweedfs]'` provides it):
+
+    pip install -e '.[test]'
+    pytest
+
+Trace its hook calls with `bucketwire worker --trace-plugins`.
+'''
+
+
+def scaffold(name: str, where: Path) -> Path:
+    """Write the package for plugin `name` into `where/name`; returns that directory."""
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(f"plugin name {name!r}: use lower-case letters, digits and single '-' or '_', starting "
+                          "with a letter (e.g. csv-counter)")
+    module = "bucketwire_" + name.replace("-", "_")
+    root = where / name
+    if root.exists():
+        raise ConfigError(f"{root} already exists; pick another name or remove it")
+    files = {
+        "pyproject.toml": PYPROJECT,
+        f"{module}/__init__.py": MODULE,
+        f"tests/test_{module}.py": TEST,
+        "README.md": README,
+    }
+    for rel, template in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(template.format(name=name, module=module))
+    return root
+
+
+@click.group()
+def plugin() -> None:
+    """Write plugins: `bucketwire plugin new NAME`."""
+
+
+@plugin.command("new")
+@click.argument("name")
+def new(name: str) -> None:
+    """Create a ready plugin package NAME in the current directory."""
+    try:
+        root = scaffold(name, Path.cwd())
+    except (ConfigError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"created {root}: pip install -e '{root}[test]' && pytest {root}")

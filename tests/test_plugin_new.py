@@ -1,0 +1,46 @@
+"""`bucketwire plugin new NAME` writes a package that pip installs, that bucketwire discovers by its entry point,
+and whose own test passes with bucketwire's pytest fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_new_plugin_installs_is_discovered_and_its_test_passes(tmp_path: Path, weed: Any) -> None:
+    r = run(sys.executable, "-m", "bucketwire", "plugin", "new", "csv-counter", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pkg = tmp_path / "csv-counter"
+    assert (pkg / "pyproject.toml").is_file() and (pkg / "README.md").is_file()
+    site = tmp_path / "site"
+    # --no-build-isolation: build with this environment's setuptools, no index needed; --target: no new venv
+    r = run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+            str(site), str(pkg), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    r = run(sys.executable, "-m", "bucketwire", "plugins", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    found = {p["name"]: p for p in json.loads(r.stdout)}
+    assert found["csv-counter"]["hooks"] == ["handle_event", "validate_settings"]
+    # the package's own test, from its directory, against the installed copy (its sources are not on the path)
+    (pkg / "bucketwire_csv_counter").rename(tmp_path / "moved-away")
+    r = run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=pkg, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "1 passed" in r.stdout
+
+
+def test_new_refuses_a_bad_name_and_an_existing_directory(tmp_path: Path) -> None:
+    r = run(sys.executable, "-m", "bucketwire", "plugin", "new", "Bad Name", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "plugin name 'Bad Name': use lower-case letters" in r.stderr
+    (tmp_path / "taken").mkdir()
+    r = run(sys.executable, "-m", "bucketwire", "plugin", "new", "taken", cwd=tmp_path)
+    assert r.returncode == 1 and "already exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
