@@ -76,3 +76,14 @@ def test_sidecar_on_real_seaweedfs(plugin: ModuleType, weed: WeedServer, bucket:
     with PluginHarness(plugin, settings={"output_bucket": bucket + "-meta"}, stores={"primary": store}) as h:
         h.handle(gone)
     assert [o.object_name for o in c.list_objects(bucket + "-meta", recursive=True)] == []
+
+
+def test_the_examples_own_tests_pass(weed: WeedServer) -> None:
+    """The example's tests use bucketwire's pytest fixtures, as a third-party plugin's would; run them as its
+    author would, from its directory (`weed` only to skip where there is no SeaweedFS binary)."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=EXAMPLE,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 passed" in r.stdout
