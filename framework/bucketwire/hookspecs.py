@@ -5,7 +5,9 @@ A plugin is a module (or object) with functions decorated by `bucketwire.hookimp
 per plugin, with a `ctx` whose `settings` is that plugin's own `[plugins.NAME]` section, so a plugin never sees
 another plugin's configuration.
 
-Each hook's docstring carries an example; `tests/test_hookspecs.py` fails when a hook has no docs or no test.
+Hooks are called by pluggy's rules (argument subsets, `wrapper=True`/`hookwrapper=True`, tryfirst/trylast), once
+per plugin, so a wrapper wraps each plugin's call. docs/plugins.md documents each hook under a heading with its
+exact signature; `tests/test_hookspecs.py` fails when one is missing or when no test plugin implements a hook.
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ def validate_settings(settings: dict[str, Any]) -> dict[str, Any] | None:
 def worker_startup(ctx: Context) -> None:
     """Called once in each worker child process after settings are validated and before the first event.
 
-    Open long-lived resources here (clients, file handles); `ctx.event` is None::
+    Open long-lived resources here and keep them in `ctx.state` (this plugin's own dict in this process, the
+    same one every later hook call sees); `ctx.event` is None. Raising stops this worker child::
 
         @hookimpl
         def worker_startup(ctx):
-            ctx.store().bucket_exists(ctx.settings["output_bucket"]) or ctx.store().make_bucket(...)
+            ctx.state["log"] = open(ctx.settings["path"], "a")
     """
 
 
@@ -61,7 +64,7 @@ def worker_shutdown(ctx: Context) -> None:
 
         @hookimpl
         def worker_shutdown(ctx):
-            ctx.settings["_log"].close()
+            ctx.state.pop("log").close()
     """
 
 
@@ -70,14 +73,20 @@ def handle_event(event: Event, ctx: Context) -> None:
     """Do the work for one event. Called for every event of the topics this plugin's group consumes.
 
     Return normally to acknowledge; raise to fail (the hub retries with backoff, then dead-letters with the
-    error); raise `bucketwire.PermanentError` to dead-letter at once. Events may be delivered more than once,
-    so make the work idempotent. Publish follow-on events with `ctx.publish`; they are committed together
-    with this event's acknowledgement and never twice::
+    error); raise `bucketwire.Retry(delay=SECONDS)` to be retried no sooner than that; raise
+    `bucketwire.PermanentError` to dead-letter at once. Events may be delivered more than once, so make the
+    work idempotent. Publish follow-on events with `ctx.publish`; they are committed together with this
+    event's acknowledgement and never twice::
 
         @hookimpl
         def handle_event(event, ctx):
             if event.is_object_created and event.key.endswith(".csv"):
-                rows = ctx.store().get_object(event.bucket, event.key).read().count(b"\\n")
+                resp = ctx.store().get_object(event.bucket, event.key)
+                try:
+                    rows = resp.read().count(b"\\n")
+                finally:
+                    resp.close()
+                    resp.release_conn()
                 ctx.publish("csv-counted", {"bucket": event.bucket, "key": event.key, "rows": rows})
     """
 
