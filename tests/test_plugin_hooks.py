@@ -29,7 +29,7 @@ def ev(topic: str = "t", **data: Any) -> Event:
     return Event(id=uuid.uuid4().hex, source="urn:test", type="test.thing", topic=topic, data=data)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "bucketwire", *args], capture_output=True, text=True, timeout=60,
                           env=env, cwd=cwd)
 

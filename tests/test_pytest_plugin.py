@@ -17,7 +17,7 @@ class CsvCounter:
 
     @hookimpl
     def handle_event(self, event: Event, ctx: Context) -> None:
-        if event.is_object_created and event.key.endswith(".csv"):
+        if event.is_object_created and event.bucket and event.key and event.key.endswith(".csv"):
             resp = ctx.store().get_object(event.bucket, event.key)
             try:
                 body = resp.read()

@@ -258,12 +258,12 @@ def _handle(plugins: Plugins, attempt: int, body: bytes) -> dict[str, Any]:
     try:
         follow = plugins.run(event, attempt)
     except plugin_loader.HandlerFailed as f:
-        e = f.error
-        line = traceback.format_exception_only(type(e), e)[-1].strip()
+        err = f.error
+        line = traceback.format_exception_only(type(err), err)[-1].strip()
         log.warning("handler failed", extra={"plugin": f.plugin, "topic": topic, "seq": seq, "error": line,
                                              "attempt": attempt})
         event_done(plugins.group, event.topic, "failed")
-        res = {"t": topic, "s": seq, "ok": False, "error": "".join(traceback.format_exception(e))[-8000:],
+        res = {"t": topic, "s": seq, "ok": False, "error": "".join(traceback.format_exception(err))[-8000:],
                "line": line, "plugin": f.plugin, "permanent": f.permanent}
         if f.delay is not None:
             res["delay"] = f.delay
