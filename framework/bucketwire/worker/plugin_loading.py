@@ -327,6 +327,7 @@ class PluginRunner:
         self.state: dict[str, dict[str, Any]] = {n: {} for n in loaded.names}
         self.loggers = {n: logging.getLogger(f"bucketwire.plugin.{n}") for n in loaded.names}
         self.handlers = loaded.callers("handle_event")
+        self._handle = [(name, caller, self.topics.get(name)) for name, caller in self.handlers]
         self.on_handled = on_handled
 
     def ctx(self, name: str, event: Event | None = None, attempt: int = 1) -> Context:
@@ -363,18 +364,21 @@ class PluginRunner:
     def run(self, event: Event, attempt: int) -> list[Event]:
         """Each plugin's `handle_event` in turn; their follow-ons, or `HandlerFailed` naming the failing plugin."""
         out: list[Event] = []
-        for name, caller in self.handlers:
-            if not self.wants(name, event):
+        report = self.on_handled
+        for name, caller, want in self._handle:
+            if want is not None and event.topic not in want:
                 continue
-            ctx = self.ctx(name, event, attempt)
+            ctx = Context(name, self.group, self.settings[name], self.stores, self.loggers[name], event, attempt,
+                          state=self.state[name])
             t0 = time.perf_counter()
             try:
                 caller(event=event, ctx=ctx)
             except Exception as e:
-                if self.on_handled is not None:
-                    self.on_handled(name, time.perf_counter() - t0, False)
+                if report is not None:
+                    report(name, time.perf_counter() - t0, False)
                 raise HandlerFailed(name, e) from e
-            if self.on_handled is not None:
-                self.on_handled(name, time.perf_counter() - t0, True)
-            out.extend(ctx.published)
+            if report is not None:
+                report(name, time.perf_counter() - t0, True)
+            if ctx.published:
+                out.extend(ctx.published)
         return out
