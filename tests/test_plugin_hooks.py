@@ -93,6 +93,42 @@ def test_a_wrapper_wraps_each_plugins_call_and_each_plugin_keeps_its_own_setting
     assert t.calls == [("bad", "RuntimeError")]
 
 
+class WrapsEveryHook:
+    """Old-style wrappers around every per-plugin hook: none of them may be skipped."""
+
+    PLUGIN_NAME = "around"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @hookimpl(hookwrapper=True, specname="validate_settings")
+    def v(self) -> Generator[None, Any, None]:
+        yield
+        self.seen.append("validate_settings")
+
+    @hookimpl(hookwrapper=True, specname="worker_startup")
+    def s(self, ctx: Context) -> Generator[None, Any, None]:
+        yield
+        self.seen.append(f"worker_startup {ctx.plugin}")
+
+    @hookimpl(hookwrapper=True, specname="handle_event")
+    def h(self, ctx: Context) -> Generator[None, Any, None]:
+        yield
+        self.seen.append(f"handle_event {ctx.plugin}")
+
+    @hookimpl(hookwrapper=True, specname="worker_shutdown")
+    def d(self, ctx: Context) -> Generator[None, Any, None]:
+        yield
+        self.seen.append(f"worker_shutdown {ctx.plugin}")
+
+
+def test_wrappers_run_around_every_hook() -> None:
+    w = WrapsEveryHook()
+    with PluginHarness(Stateful("one"), w) as h:
+        h.handle(ev())
+    assert w.seen == ["validate_settings", "worker_startup one", "handle_event one", "worker_shutdown one"]
+
+
 class Typo:
     PLUGIN_NAME = "typo"
 
@@ -140,6 +176,10 @@ def test_bad_implementations_are_one_line_errors() -> None:
 class Stateful:
     def __init__(self, name: str) -> None:
         self.PLUGIN_NAME = name
+
+    @hookimpl
+    def validate_settings(self, settings: dict[str, Any]) -> None:
+        pass
 
     @hookimpl
     def worker_startup(self, ctx: Context) -> None:

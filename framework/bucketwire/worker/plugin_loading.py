@@ -148,7 +148,7 @@ def check_hooks(loaded: Loaded) -> None:
     known = sorted(n for n in vars(pm.hook) if not n.startswith("_"))
     try:
         pm.check_pending()
-    except pluggy.PluginValidationError:
+    except pluggy.PluginValidationError as pending:
         for name in loaded.names:
             for caller in pm.get_hookcallers(pm.get_plugin(name)) or []:
                 if caller.has_spec() or all(i.optionalhook for i in caller.get_hookimpls()):
@@ -158,7 +158,7 @@ def check_hooks(loaded: Loaded) -> None:
                 hint = f"did you mean {close[0]!r}?" if close else "known hooks: " + ", ".join(hookspecs.HOOKS)
                 raise ConfigError(f"plugin {name!r} implements {caller.name!r}, which is not a bucketwire hook; "
                                   f"{hint}") from None
-        raise
+        raise ConfigError(_validation_line(pending)) from None
     for hook in PER_PLUGIN_HOOKS:
         impls = getattr(pm.hook, hook).get_hookimpls()
         wrapping = {i.plugin_name for i in impls if _is_wrapper(i)}
