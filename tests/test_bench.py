@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,3 +89,49 @@ def test_replicate() -> None:
         assert p["ratio"] > 0, name
     assert r["phases"]["small"]["bytes"] == 5 * 16 * 1024
     assert r["phases"]["large"]["bytes"] == 6 << 20
+
+
+def test_bus_against_nats(tmp_path: Path) -> None:
+    """Both systems measured in the same run with the same fields; the plot is an SVG a browser can parse."""
+    svg = tmp_path / "bus.svg"
+    r = bench("bus", "--against", "nats", "-n", "300", "--rounds", "1", "--rate", "500", "--seconds", "0.2",
+              "--busy", "--plot", str(svg), timeout=180)
+    assert r["benchmark"] == "bus" and r["against"] == "nats" and r["processes"] == 2 and r["durability"] == "os"
+    assert {"nats_server", "nats_py", "pyzmq"} <= set(r["machine"])
+    assert set(r["systems"]) == set(r["setup"]) == {"bucketwire", "nats"}
+    lat_keys = {"p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"}
+    for name, s in r["systems"].items():
+        (rnd,) = s["rounds"]
+        assert rnd["handled"] == 300 + 100 + 100, name  # saturation, the 500/s phase, the busy 500/s phase
+        assert s["events_per_s"] > 0 and s["cpu_us_per_event"] > 0, name
+        assert s["cpu_us_per_event_at_rate"]["500"] > 0, name
+        for which in ("latency", "latency_busy"):
+            assert set(s[which]["500"]) == lat_keys, name
+            assert 0 < s[which]["500"]["p50_ms"] <= s[which]["500"]["p99_ms"] <= s[which]["500"]["max_ms"], name
+            assert rnd[which]["500"]["n"] == 100, name
+    ratio = r["ratio"]
+    assert ratio["events_per_s"] > 0 and ratio["cpu_per_event"] > 0 and ratio["p99_at_500"] > 0
+    assert len(ratio["round_events_per_s"]) == 1
+    root = ET.parse(svg).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    text = svg.read_text()
+    assert "bucketwire" in text and "nats" in text  # legend and axis labels are kept as text
+
+
+def test_bus_plot_needs_against_nats() -> None:
+    p = subprocess.run([sys.executable, "-m", "bucketwire", "bench", "bus", "--plot", "x.svg"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "--against nats" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bus_against_nats_without_the_extra() -> None:
+    """A missing optional package is one line naming the extra to install, before anything is started."""
+    cases = (("nats", "bucketwire[nats]", []), ("matplotlib", "bucketwire[plot]", ["--plot", "x.svg"]))
+    for blocked, extra, args in cases:
+        code = (f"import sys; sys.modules[{blocked!r}] = None\n"  # what an interpreter without the package does
+                f"sys.argv = ['bucketwire', 'bench', 'bus', '--against', 'nats', *{args!r}]\n"
+                "from bucketwire.cli import main\nmain()")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1, p.stderr
+        assert extra in p.stderr and "Traceback" not in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -14,21 +14,48 @@ def bench() -> None:
 
 @bench.command()
 @click.option("--events", "-n", type=click.IntRange(100), default=20_000, show_default=True,
-              help="Events for the saturation run.")
-@click.option("--processes", "-p", multiple=True, type=click.IntRange(1, 64), default=(1, 2), show_default=True,
-              help="Worker processes (repeat for several runs).")
-@click.option("--durability", "-d", multiple=True, type=click.Choice(["os", "fsync"]), default=("os", "fsync"),
-              show_default=True)
-@click.option("--rate", multiple=True, type=click.IntRange(1), default=(1000, 10000), show_default=True,
-              help="Fixed offered rates for latency (events/s).")
+              help="Events for the saturation run (per round with --against nats).")
+@click.option("--processes", "-p", multiple=True, type=click.IntRange(1, 64),
+              help="Worker processes (repeat for several runs)  [default: 1 and 2; 2 with --against nats]")
+@click.option("--durability", "-d", multiple=True, type=click.Choice(["os", "fsync"]),
+              help="[default: os and fsync; os with --against nats]")
+@click.option("--rate", multiple=True, type=click.IntRange(1),
+              help="Fixed offered rates for latency (events/s)  [default: 1000 and 10000; 1000 with --against nats]")
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="Seconds per fixed-rate phase.")
+@click.option("--against", type=click.Choice(["raw", "nats"]), default="raw", show_default=True,
+              help="raw: a raw pyzmq PUSH/PULL baseline; nats: NATS JetStream set up the same way (needs the "
+                   "'nats' extra).")
+@click.option("--rounds", type=click.IntRange(1, 99), default=3, show_default=True,
+              help="With --against nats: rounds per system, alternating; medians are compared.")
+@click.option("--busy", is_flag=True, help="With --against nats: rerun the latency phase with one core kept busy.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="With --against nats: draw events/s and latency percentiles to this SVG (needs the 'plot' "
+                   "extra).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], rate: tuple[int, ...], seconds: float,
-        as_json: bool) -> None:
-    """Publish -> commit -> worker no-op -> ack, against raw pyzmq PUSH/PULL."""
+        against: str, rounds: int, busy: bool, plot_file: str | None, as_json: bool) -> None:
+    """Publish -> commit -> worker no-op -> ack, against raw pyzmq PUSH/PULL or NATS JetStream."""
+    if against == "nats":
+        from bucketwire.devstack.bench import versus
+
+        if len(processes) > 1 or len(durability) > 1:
+            raise click.UsageError("--against nats compares one setup: give at most one -p and one -d")
+        if plot_file:
+            from bucketwire.devstack.bench import plot
+
+            plot.require_matplotlib()
+        res = versus.run(events, processes[0] if processes else 2, durability[0] if durability else "os",
+                         list(rate or (1000,)), seconds, rounds, busy)
+        if plot_file:
+            plot.draw(res, plot_file)
+        click.echo(json.dumps(res, indent=2) if as_json else versus.render(res))
+        return
+    if plot_file or busy:
+        raise click.UsageError("--plot and --busy go with --against nats")
     from bucketwire.devstack.bench import bus as bus_mod
 
-    res = bus_mod.run(events, list(processes), list(durability), {r: seconds for r in rate})
+    res = bus_mod.run(events, list(processes or (1, 2)), list(durability or ("os", "fsync")),
+                      {r: seconds for r in rate or (1000, 10000)})
     click.echo(json.dumps(res, indent=2) if as_json else bus_mod.render(res))
 
 

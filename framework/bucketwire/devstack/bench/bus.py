@@ -21,9 +21,15 @@ from bucketwire.envelope import Event
 
 
 def payload(i: int, t: float) -> dict[str, Any]:
-    return Event(id=f"bench-{i}", source="urn:bench", type="s3:ObjectCreated:Put", subject=f"bench/obj-{i}.jpg",
-                 topic="bench", data={"bucket": "bench", "key": f"obj-{i}.jpg", "size": 1234, "i": i, "t": t,
-                                      "etag": "d41d8cd98f00b204e9800998ecf8427e"}).to_dict()
+    """An S3 ObjectCreated envelope as the webhook ingress builds it (~700 bytes of JSON), plus index and time."""
+    key = f"photos/2026/11/obj-{i:08d}.jpg"
+    return Event(id=f"bench-{i:012d}", source="minio..bench", type="s3:ObjectCreated:Put", subject=key, topic="bench",
+                 data={"bucket": "bench", "key": key, "size": 1_843_200, "etag": "d41d8cd98f00b204e9800998ecf8427e",
+                       "content_type": "image/jpeg", "version_id": "", "sequencer": f"{0x187A2B3C4D5E6F70 + i:X}",
+                       "user_metadata": {"content-type": "image/jpeg"}, "store": "minio",
+                       "principal": "bench-uploader", "source_ip": "127.0.0.1",
+                       "user_agent": "MinIO (linux; amd64) minio-go/v7.0.70", "request_id": f"{i:016X}",
+                       "i": i, "t": t}).to_dict()
 
 
 def _spin_until(t: float) -> None:

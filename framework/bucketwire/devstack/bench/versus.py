@@ -1,0 +1,299 @@
+"""`bucketwire bench bus --against nats`: bucketwire and NATS JetStream under the same conditions, alternately.
+
+Each round starts a fresh system (server(s) and two worker processes), publishes `events` as fast as one Python
+publisher can with durable confirmations outstanding, waits until every event is handled and acked, then offers a
+fixed rate for latency (from each event's intended send time, so a publisher that falls behind shows as latency),
+and with `busy` once more while a spinning process holds one core. Rounds alternate (bucketwire, nats, ...) so
+drift on a shared machine hits both; the medians are compared and every round is kept.
+
+CPU per event is utime+stime of the servers and workers (and their children) over a phase, from /proc, divided by
+the events of that phase; the publisher's own CPU is reported apart, as it is the user's code on both sides.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Protocol
+
+import click
+
+from bucketwire.devstack.bench.common import progress, progress_done
+from bucketwire.devstack.bench.cpu import tree_cpu
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+def pct_key(p: float) -> str:
+    return f"p{p:g}".replace(".", "") + "_ms"  # p50_ms, p90_ms, p99_ms, p999_ms
+
+
+def latency_percentiles(samples: list[float]) -> dict[str, float]:
+    """Nearest-rank percentiles in milliseconds, including p99.9 for the plot."""
+    out: dict[str, float] = {pct_key(p): 0.0 for p in PERCENTILES}
+    out.update({"max_ms": 0.0, "n": 0})
+    if not samples:
+        return out
+    s = sorted(samples)
+    for p in PERCENTILES:
+        out[pct_key(p)] = round(s[min(len(s) - 1, max(0, int(round(p / 100 * len(s))) - 1))] * 1000, 3)
+    out["max_ms"] = round(s[-1] * 1000, 3)
+    out["n"] = len(s)
+    return out
+
+
+class Side(Protocol):
+    """One system under test for one round."""
+
+    name: str
+    failed: int
+
+    def start(self) -> None: ...
+    def roots(self) -> list[int]: ...
+    def saturate(self, n: int) -> float: ...
+    def at_rate(self, first: int, k: int, rate: float) -> None: ...
+    def stop(self) -> list[tuple[int, float, float]]: ...
+
+
+class BucketwireSide:
+    """A hub and a worker pool (`--processes N`, the bench's no-op plugin), published to over the PUB path."""
+
+    name = "bucketwire"
+
+    def __init__(self, processes: int, durability: str) -> None:
+        from bucketwire.devstack.bench.common import Stack
+
+        self.processes = processes
+        self.stack = Stack(durability)
+        self.pub: Any = None
+        self.failed = 0
+
+    def start(self) -> None:
+        from bucketwire.devstack.bench.bus import Publisher
+
+        self.stack.spawn("hub")
+        self.stack.spawn("worker", "--group", "bench", "-n", str(self.processes),
+                         "--plugin", "bucketwire.devstack.bench.noop_plugin")
+        self.stack.wait_workers(self.processes)
+        self.pub = Publisher(self.stack.config().client.work)
+
+    def roots(self) -> list[int]:
+        return [p.pid for p in self.stack.procs]
+
+    def saturate(self, n: int) -> float:
+        from bucketwire.devstack.bench.bus import _wait_handled, payload
+
+        t0 = time.monotonic()
+        for i in range(0, n, 100):
+            now = time.monotonic()
+            self.pub.send([payload(j, now) for j in range(i, min(n, i + 100))])
+        self.pub.drain()
+        _wait_handled(self.stack, n, "bucketwire")
+        return t0
+
+    def at_rate(self, first: int, k: int, rate: float) -> None:
+        from bucketwire.devstack.bench.bus import _spin_until, _wait_handled, payload
+
+        start = time.monotonic() + 0.05
+        for j in range(k):
+            t = start + j / rate
+            _spin_until(t)
+            self.pub.send([payload(first + j, t)])
+        self.pub.drain()
+        _wait_handled(self.stack, first + k, "bucketwire")
+
+    def stop(self) -> list[tuple[int, float, float]]:
+        if self.pub is not None:
+            self.failed = self.pub.failed
+            self.pub.close()
+        self.stack.stop()
+        return self.stack.read_latencies()
+
+
+class Spinner:
+    """A process that keeps one core busy, for the `--busy` latency phase."""
+
+    def __enter__(self) -> Spinner:
+        self.p = subprocess.Popen([sys.executable, "-c", "print('spinning', flush=True)\nwhile True: pass"],
+                                  stdout=subprocess.PIPE)
+        assert self.p.stdout is not None
+        self.p.stdout.readline()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.p.kill()
+        self.p.wait()
+
+
+def one_round(side: Side, n: int, rates: list[int], seconds: float, busy: bool) -> dict[str, Any]:
+    """Saturation, then each fixed rate, then (busy) each fixed rate again beside a spinning process."""
+    phases: list[tuple[str, int, int]] = []
+    cpu: dict[str, float] = {}
+    pub_cpu = 0.0
+    side.start()
+    try:
+        roots = side.roots()
+        c0, p0 = tree_cpu(roots), time.process_time()
+        t0 = side.saturate(n)
+        cpu["saturation"] = tree_cpu(roots) - c0
+        pub_cpu = time.process_time() - p0
+        done = n
+        for rate in rates:
+            k = max(1, int(rate * seconds))
+            progress(f"bench bus {side.name}: {k} events at {rate}/s")
+            c0 = tree_cpu(roots)
+            side.at_rate(done, k, rate)
+            cpu[str(rate)] = tree_cpu(roots) - c0
+            phases.append((str(rate), done, done + k))
+            done += k
+        if busy:
+            with Spinner():
+                for rate in rates:
+                    k = max(1, int(rate * seconds))
+                    progress(f"bench bus {side.name}: {k} events at {rate}/s, one core busy")
+                    side.at_rate(done, k, rate)
+                    phases.append((f"busy {rate}", done, done + k))
+                    done += k
+    finally:
+        rows = side.stop()
+        progress_done()
+    if side.failed:
+        raise click.ClickException(f"bench bus {side.name}: {side.failed} publishes were refused")
+    if len(rows) < done:
+        raise click.ClickException(f"bench bus {side.name}: {len(rows)} of {done} events were handled")
+    sat = [r for r in rows if r[0] < n]
+    out: dict[str, Any] = {
+        "events_per_s": round(n / (max(r[2] for r in sat) - t0), 1),
+        "handled": len(rows),
+        "cpu_us_per_event": round(cpu["saturation"] / n * 1e6, 1),
+        "publisher_cpu_us_per_event": round(pub_cpu / n * 1e6, 1),
+        "cpu_us_per_event_at_rate": {},
+        "latency": {},
+        "latency_busy": {},
+    }
+    for name, lo, hi in phases:
+        lat = latency_percentiles([r[2] - r[1] for r in rows if lo <= r[0] < hi])
+        if name.startswith("busy "):
+            out["latency_busy"][name[5:]] = lat
+        else:
+            out["latency"][name] = lat
+            out["cpu_us_per_event_at_rate"][name] = round(cpu[name] / (hi - lo) * 1e6, 1)
+    return out
+
+
+def _median_of(rounds: list[dict[str, Any]], *path: str) -> float:
+    vals = []
+    for r in rounds:
+        v: Any = r
+        for p in path:
+            v = v[p]
+        vals.append(float(v))
+    return round(statistics.median(vals), 3)
+
+
+def summarise(rounds: list[dict[str, Any]], rates: list[int]) -> dict[str, Any]:
+    """Medians over rounds, per figure; the rounds themselves stay in the result."""
+    s: dict[str, Any] = {
+        "events_per_s": _median_of(rounds, "events_per_s"),
+        "cpu_us_per_event": _median_of(rounds, "cpu_us_per_event"),
+        "publisher_cpu_us_per_event": _median_of(rounds, "publisher_cpu_us_per_event"),
+        "cpu_us_per_event_at_rate": {str(r): _median_of(rounds, "cpu_us_per_event_at_rate", str(r)) for r in rates},
+        "latency": {}, "latency_busy": {},
+        "rounds": rounds,
+    }
+    keys = [pct_key(p) for p in PERCENTILES] + ["max_ms"]
+    for which in ("latency", "latency_busy"):
+        for r in rates:
+            if str(r) in rounds[0][which]:
+                s[which][str(r)] = {k: _median_of(rounds, which, str(r), k) for k in keys}
+    return s
+
+
+def machine() -> dict[str, Any]:
+    import os
+    from importlib.metadata import version
+
+    import zmq
+
+    from bucketwire.devstack.bench import jetstream
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "nats_server": jetstream.server_version(),
+            "nats_py": version("nats-py")}
+
+
+def run(n: int, processes: int, durability: str, rates: list[int], seconds: float, rounds: int,
+        busy: bool) -> dict[str, Any]:
+    from bucketwire.devstack.bench import jetstream
+
+    jetstream.require_nats()
+    per: dict[str, list[dict[str, Any]]] = {"bucketwire": [], "nats": []}
+    for k in range(rounds):
+        # Alternate which goes first, so neither always runs on a machine warmed (or heated) by the other.
+        order = ("bucketwire", "nats") if k % 2 == 0 else ("nats", "bucketwire")
+        for name in order:
+            progress(f"bench bus --against nats: round {k + 1}/{rounds}, {name}")
+            side: Side = (BucketwireSide(processes, durability) if name == "bucketwire"
+                          else jetstream.JetStreamSide(processes, durability))
+            per[name].append(one_round(side, n, rates, seconds, busy))
+    progress_done()
+    bw, nt = summarise(per["bucketwire"], rates), summarise(per["nats"], rates)
+    first = str(rates[0])
+    ratio: dict[str, Any] = {
+        "events_per_s": round(bw["events_per_s"] / nt["events_per_s"], 3),
+        "cpu_per_event": round(bw["cpu_us_per_event"] / nt["cpu_us_per_event"], 3),
+        "round_events_per_s": [round(a["events_per_s"] / b["events_per_s"], 3)
+                               for a, b in zip(per["bucketwire"], per["nats"], strict=True)],
+    }
+    for key in ("p50_ms", "p99_ms"):
+        ratio[f"{key[:-3]}_at_{first}"] = round(bw["latency"][first][key] / max(nt["latency"][first][key], 1e-6), 3)
+        if busy:
+            ratio[f"{key[:-3]}_at_{first}_busy"] = round(
+                bw["latency_busy"][first][key] / max(nt["latency_busy"][first][key], 1e-6), 3)
+    return {
+        "benchmark": "bus", "against": "nats", "machine": machine(), "events": n, "rounds": rounds,
+        "processes": processes, "durability": durability, "rates": rates, "seconds": seconds, "busy": busy,
+        "setup": setup_text(processes, durability),
+        "systems": {"bucketwire": bw, "nats": nt},
+        "ratio": ratio,
+    }
+
+
+def setup_text(processes: int, durability: str) -> dict[str, str]:
+    from bucketwire.devstack.bench import jetstream as js
+
+    nats_sync = "sync_interval always (fsync per write)" if durability == "fsync" else \
+        "default sync_interval (2 min): PubAck after the write reaches the OS, fsync every 2 min"
+    bw_sync = "fsync per commit" if durability == "fsync" else "commit reaches the OS (WAL), no fsync per commit"
+    return {
+        "bucketwire": (f"hub + worker pool --processes {processes} (no-op plugin), durability={durability} "
+                       f"({bw_sync}); publisher: one DEALER, 100 events per PUB request, 16 requests outstanding, "
+                       "each PUBACK after commit; group credit 512, dispatch_batch 256"),
+        "nats": (f"nats-server -js, file stream R1, {nats_sync}; durable pull consumer, explicit ack, "
+                 f"max_ack_pending {js.PULL_BATCH * max(2, processes)}; {processes} worker processes (nats-py) each "
+                 f"keeping pull requests of {js.PULL_BATCH} open (expires 30 s, topped up at half), orjson parse, "
+                 f"msg.ack(); publisher: js.publish_async, {js.PUBLISH_WINDOW} PubAcks outstanding, all awaited"),
+    }
+
+
+def render(res: dict[str, Any]) -> str:
+    first = str(res["rates"][0])
+    lines = [f"bench bus --against nats: {res['events']:,} events, {res['rounds']} alternating rounds, "
+             f"{res['processes']} worker processes, durability {res['durability']} (medians; rounds in brackets)"]
+    for name, s in res["systems"].items():
+        eps_rounds = ", ".join(f"{r['events_per_s']:,.0f}" for r in s["rounds"])
+        lines.append(f"{name:>10}: {s['events_per_s']:,.0f} events/s [{eps_rounds}]  "
+                     f"CPU {s['cpu_us_per_event']} us/event (servers+workers; publisher "
+                     f"{s['publisher_cpu_us_per_event']})")
+        for which, label in (("latency", ""), ("latency_busy", " one core busy")):
+            for rate, v in s[which].items():
+                lines.append(f"            @{rate}/s{label}: p50 {v['p50_ms']} ms  p90 {v['p90_ms']}  "
+                             f"p99 {v['p99_ms']}  p99.9 {v['p999_ms']}  max {v['max_ms']}")
+    r = res["ratio"]
+    lines.append(f"bucketwire/nats: events/s {r['events_per_s']}x (rounds {r['round_events_per_s']}), "
+                 f"p50 @{first}/s {r[f'p50_at_{first}']}x, p99 {r[f'p99_at_{first}']}x, "
+                 f"CPU per event {r['cpu_per_event']}x (latency and CPU: lower is better)")
+    return "\n".join(lines)
