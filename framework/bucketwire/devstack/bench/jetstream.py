@@ -178,6 +178,7 @@ class JetStreamSide:
         self.js: Any = None
         self.published = 0
         self.failed = 0
+        self.rows_by_pid: dict[int, list[tuple[int, float, float]]] = {}
 
     def roots(self) -> list[int]:
         return [self.server.pid, *(w.pid for w in self.workers)]
@@ -274,12 +275,10 @@ class JetStreamSide:
                     w.wait(30)
                 except subprocess.TimeoutExpired:
                     os.killpg(w.pid, signal.SIGKILL)
-            rows = []
-            for f in self.out.parent.glob("latency.*"):
-                for line in f.read_text().splitlines():
-                    i, t, r = line.split()
-                    rows.append((int(i), float(t), float(r)))
-            return rows
+            from bucketwire.devstack.bench.versus import read_rows
+
+            self.rows_by_pid = read_rows(self.out.parent)
+            return [r for rows in self.rows_by_pid.values() for r in rows]
         finally:
             self.loop.close()
             self.server.stop()

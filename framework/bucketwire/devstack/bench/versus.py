@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import click
@@ -45,6 +46,20 @@ def latency_percentiles(samples: list[float]) -> dict[str, float]:
     return out
 
 
+Row = tuple[int, float, float]  # event index, intended send time, handled time (time.monotonic, all processes)
+
+
+def read_rows(directory: Path) -> dict[int, list[Row]]:
+    """The rows each worker process wrote (files `latency.PID`), by pid."""
+    out: dict[int, list[Row]] = {}
+    for f in directory.glob("latency.*"):
+        rows = out.setdefault(int(f.suffix[1:]), [])
+        for line in f.read_text().splitlines():
+            i, t, r = line.split()
+            rows.append((int(i), float(t), float(r)))
+    return out
+
+
 class Side(Protocol):
     """One system under test for one round."""
 
@@ -55,7 +70,7 @@ class Side(Protocol):
     def roots(self) -> list[int]: ...
     def saturate(self, n: int) -> float: ...
     def at_rate(self, first: int, k: int, rate: float) -> None: ...
-    def stop(self) -> list[tuple[int, float, float]]: ...
+    def stop(self) -> list[Row]: ...
 
 
 class BucketwireSide:
@@ -70,6 +85,7 @@ class BucketwireSide:
         self.stack = Stack(durability)
         self.pub: Any = None
         self.failed = 0
+        self.rows_by_pid: dict[int, list[Row]] = {}
 
     def start(self) -> None:
         from bucketwire.devstack.bench.bus import Publisher
@@ -105,12 +121,13 @@ class BucketwireSide:
         self.pub.drain()
         _wait_handled(self.stack, first + k, "bucketwire")
 
-    def stop(self) -> list[tuple[int, float, float]]:
+    def stop(self) -> list[Row]:
         if self.pub is not None:
             self.failed = self.pub.failed
             self.pub.close()
         self.stack.stop()
-        return self.stack.read_latencies()
+        self.rows_by_pid = read_rows(self.stack.tmp)
+        return [r for rows in self.rows_by_pid.values() for r in rows]
 
 
 class Spinner:

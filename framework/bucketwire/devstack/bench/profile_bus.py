@@ -1,0 +1,339 @@
+"""Where a bus event's time goes, on bucketwire and on NATS JetStream: the numbers behind README "Profile".
+
+    python -m bucketwire.devstack.bench.profile_bus [EVENTS] [RATE] [SECONDS] > profile.json
+
+Same setup as `bench bus --against nats` (two worker processes, durability os). Three separate runs per system,
+because each probe disturbs what the others measure:
+
+1. clean: CPU per event of every thread of the servers and workers (/proc/PID/task), and the hub's own metrics
+   (commits, dispatch batches, acks per event);
+2. probed (bucketwire only): the hub runs under `hubprobe` -- SQLite statements per event, Python function calls
+   per event (cProfile of the loop thread) and mallocs per event (PYTHONMALLOC=malloc and a preloaded counter,
+   if a C compiler is there);
+3. strace: `strace -c -f` on every thread of the server and of one worker process, syscalls per event.
+
+Each run has a saturation phase (EVENTS as fast as the publisher goes) and a fixed-rate phase (RATE for SECONDS).
+Needs `strace` (apt-get install strace) for run 3 and the `nats` extra for the NATS side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bucketwire.devstack.bench.common import progress, progress_done
+from bucketwire.devstack.bench.hubprobe import MALLOC_COUNTER_C
+from bucketwire.devstack.bench.jetstream import JetStreamSide
+from bucketwire.devstack.bench.versus import BucketwireSide
+
+
+def children(pid: int) -> list[int]:
+    """Child processes of `pid`, without multiprocessing's resource tracker (not a worker)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                raw = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            if int(raw[raw.rindex(")") + 2:].split()[1]) != pid:
+                continue
+            try:
+                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"resource_tracker" not in cmdline:
+                out.append(int(entry.name))
+    return out
+
+
+def threads_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (threads of one name summed: libzmq's, Go's)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1: raw.rindex(")")]
+        name = "main thread" if tid == str(pid) else name  # its name is the program's ("python")
+        f = raw[raw.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / tick
+    return out
+
+
+def per_event(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    return {k: round((after.get(k, 0.0) - before.get(k, 0.0)) / n * 1e6, 1) for k in after
+            if after.get(k, 0.0) - before.get(k, 0.0) > 0}
+
+
+def hub_metrics(port: int) -> dict[str, float]:
+    """Counters from the hub's /metrics that say how work is batched."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    want = {"bucketwire_journal_commits_total": "commits", "bucketwire_dispatched_total": "dispatched",
+            "bucketwire_dispatch_batches_total": "dispatch_batches", "bucketwire_acked_total": "acked"}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"([a-z_]+)(\{[^}]*\})? ([0-9.e+]+)$", line)
+        if m and m.group(1) in want:
+            out[want[m.group(1)]] = out.get(want[m.group(1)], 0.0) + float(m.group(3))
+    return out
+
+
+class Strace:
+    """`strace -c -f` attached to every thread of some processes, until stopped; the summary is parsed."""
+
+    def __init__(self, pids: list[int], out: Path) -> None:
+        self.out = out
+        tids = [int(t) for p in pids for t in os.listdir(f"/proc/{p}/task")]
+        args = [a for t in tids for a in ("-p", str(t))]
+        self.p = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), *args], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # attached when every thread shows a tracer
+            if all(self._traced(t) for t in tids):
+                return
+            time.sleep(0.02)
+        raise RuntimeError("strace did not attach")
+
+    @staticmethod
+    def _traced(tid: int) -> bool:
+        try:
+            for line in Path(f"/proc/{tid}/status").read_text().splitlines():
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1]) != 0
+        except OSError:
+            return True  # gone: nothing to wait for
+        return False
+
+    def stop(self) -> dict[str, int]:
+        self.p.send_signal(signal.SIGINT)
+        self.p.wait(30)
+        calls: dict[str, int] = {}
+        for line in self.out.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                calls[parts[-1]] = int(parts[3])
+        return calls
+
+
+def _syscalls(calls: dict[str, int], n: int) -> dict[str, Any]:
+    total = sum(calls.values())
+    top = sorted(calls.items(), key=lambda kv: -kv[1])[:8]
+    return {"per_event": round(total / n, 2), "top_per_event": {k: round(v / n, 3) for k, v in top}}
+
+
+def _phases(side: Any, n: int, rate: int, seconds: float, measure: Any) -> dict[str, Any]:
+    """Run saturation then the fixed rate, calling measure(name, lo, hi, start|stop) around each."""
+    out = {}
+    k = int(rate * seconds)
+    for name, lo, hi in (("saturation", 0, n), (f"{rate}/s", n, n + k)):
+        measure(name, lo, hi, "start")
+        if name == "saturation":
+            side.saturate(n)
+        else:
+            side.at_rate(lo, k, rate)
+        out[name] = measure(name, lo, hi, "stop")
+    return out
+
+
+def bucketwire_clean(n: int, rate: int, seconds: float) -> dict[str, Any]:
+    side = BucketwireSide(2, "os")
+    side.start()
+    hub, pool = side.stack.procs[0].pid, side.stack.procs[1].pid
+    kids = children(pool)
+    snap: dict[str, Any] = {}
+
+    def measure(name: str, lo: int, hi: int, when: str) -> Any:
+        now = {"hub": threads_cpu(hub), "pool": threads_cpu(pool), "metrics": hub_metrics(side.stack.http),
+               **{f"child{i}": threads_cpu(c) for i, c in enumerate(kids)}}
+        if when == "start":
+            snap[name] = now
+            return None
+        b, ev = snap[name], hi - lo
+        res: dict[str, Any] = {"events": ev, "cpu_us_per_event": {
+            "hub": per_event(b["hub"], now["hub"], ev), "pool supervisor": per_event(b["pool"], now["pool"], ev),
+            "worker children (both)": {}}}
+        for i in range(len(kids)):
+            for t, v in per_event(b[f"child{i}"], now[f"child{i}"], ev).items():
+                d = res["cpu_us_per_event"]["worker children (both)"]
+                d[t] = round(d.get(t, 0.0) + v, 1)
+        res["per_event"] = {k: round((now["metrics"].get(k, 0) - b["metrics"].get(k, 0)) / ev, 4)
+                            for k in now["metrics"]}
+        return res
+
+    try:
+        return _phases(side, n, rate, seconds, measure)
+    finally:
+        side.stop()
+
+
+def bucketwire_probed(n: int, rate: int, seconds: float, so: Path | None) -> dict[str, Any]:
+    side = BucketwireSide(2, "os")
+    probe_out = side.stack.tmp / "probe.jsonl"
+    env = dict(os.environ, BUCKETWIRE_PROBE_OUT=str(probe_out))
+    if so is not None:
+        env.update(LD_PRELOAD=str(so), PYTHONMALLOC="malloc")
+    st = side.stack
+    hub = subprocess.Popen([sys.executable, "-m", "bucketwire.devstack.bench.hubprobe", "-q", "hub", "-c",
+                            str(st.cfg_path)], stdout=subprocess.DEVNULL, stderr=(st.tmp / "hub.log").open("wb"),
+                           start_new_session=True, env=env)
+    st.procs.append(hub)
+    st.spawn("worker", "--group", "bench", "-n", "2", "--plugin", "bucketwire.devstack.bench.noop_plugin")
+    st.wait_workers(2)
+    from bucketwire.devstack.bench.bus import Publisher
+
+    side.pub = Publisher(st.config().client.work)
+    lines_seen = 0
+
+    def measure(name: str, lo: int, hi: int, when: str) -> Any:
+        nonlocal lines_seen
+        hub.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the probe answers each toggle with a line
+            lines = probe_out.read_text().splitlines() if probe_out.exists() else []
+            if len(lines) > lines_seen:
+                break
+            time.sleep(0.01)
+        else:
+            raise RuntimeError("the hub probe did not answer")
+        d = json.loads(lines[lines_seen])
+        lines_seen += 1
+        if when == "start":
+            return None
+        ev = hi - lo
+        calls = d["by_name"]
+
+        def ncalls(suffix: str) -> float:
+            return round(sum(int(v) for k, v in calls.items() if k.endswith(suffix)) / ev, 4)
+
+        return {
+            "events": ev,
+            "sql_statements_per_event": {k: round(v / ev, 3) for k, v in sorted(d["sql"].items())},
+            "python_calls_per_event_loop_thread": round(d["calls"] / ev, 1),
+            "mallocs_per_event_hub_process": round(d["mallocs"] / ev, 1) if d["mallocs"] >= 0 else None,
+            "per_event": {"ticks": ncalls("(tick)"), "commits": ncalls("(_commit)"),
+                          "PUB requests": ncalls("(_on_pub)"), "ACK frames": ncalls("(_on_ack)"),
+                          "STATUS requests": ncalls("(status)")},
+            # zmq's poll is where the loop waits for work: wall time, not CPU, so it is left out.
+            "top_functions_us_per_event": [
+                {"func": f["func"], "us": round(f["tottime"] / ev * 1e6, 2), "calls": round(f["calls"] / ev, 2)}
+                for f in d["functions"] if not f["func"].startswith("poll.py")][:15],
+        }
+
+    try:
+        return _phases(side, n, rate, seconds, measure)
+    finally:
+        side.stop()
+
+
+def strace_run(side: Any, server: int, worker: int, n: int, rate: int, seconds: float,
+               tmp: Path) -> dict[str, Any]:
+    """Syscalls of the server (all threads) and of one worker process, per event each handled."""
+    traces: dict[str, Strace] = {}
+    windows: dict[str, tuple[int, int]] = {}
+
+    def measure(name: str, lo: int, hi: int, when: str) -> Any:
+        if when == "start":
+            traces["server"] = Strace([server], tmp / f"server-{lo}.strace")
+            traces["worker"] = Strace([worker], tmp / f"worker-{lo}.strace")
+            return None
+        windows[name] = (lo, hi)
+        return {"events": hi - lo, "server": _syscalls(traces["server"].stop(), hi - lo),
+                "worker": traces["worker"].stop()}
+
+    try:
+        res = _phases(side, n, rate, seconds, measure)
+    finally:
+        side.stop()
+    for name, v in res.items():
+        lo, hi = windows[name]
+        # The traced worker handled only its share: divide its syscalls by what it handled.
+        mine = sum(1 for r in side.rows_by_pid.get(worker, []) if lo <= r[0] < hi)
+        v["worker"] = {"events_handled": mine, **_syscalls(v["worker"], max(1, mine))}
+    return res
+
+
+def bucketwire_strace(n: int, rate: int, seconds: float, tmp: Path) -> dict[str, Any]:
+    side = BucketwireSide(2, "os")
+    side.start()
+    return strace_run(side, side.stack.procs[0].pid, children(side.stack.procs[1].pid)[0], n, rate, seconds, tmp)
+
+
+def nats_clean(n: int, rate: int, seconds: float) -> dict[str, Any]:
+    side = JetStreamSide(2, "os")
+    side.start()
+    srv, workers = side.server.pid, [w.pid for w in side.workers]
+    snap: dict[str, Any] = {}
+
+    def measure(name: str, lo: int, hi: int, when: str) -> Any:
+        now: dict[str, Any] = {"server": sum(threads_cpu(srv).values()),
+                               **{f"w{i}": threads_cpu(w) for i, w in enumerate(workers)}}
+        if when == "start":
+            snap[name] = now
+            return None
+        b, ev = snap[name], hi - lo
+        wk: dict[str, float] = {}
+        for i in range(len(workers)):
+            for t, v in per_event(b[f"w{i}"], now[f"w{i}"], ev).items():
+                wk[t] = round(wk.get(t, 0.0) + v, 1)
+        return {"events": ev, "cpu_us_per_event": {
+            "nats-server (all threads)": round((now["server"] - b["server"]) / ev * 1e6, 1),
+            "worker processes (both)": wk}}
+
+    try:
+        return _phases(side, n, rate, seconds, measure)
+    finally:
+        side.stop()
+
+
+def nats_strace(n: int, rate: int, seconds: float, tmp: Path) -> dict[str, Any]:
+    side = JetStreamSide(2, "os")
+    side.start()
+    return strace_run(side, side.server.pid, side.workers[0].pid, n, rate, seconds, tmp)
+
+
+def compile_malloc_counter(tmp: Path) -> Path | None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src, so = tmp / "malloc_count.c", tmp / "malloc_count.so"
+    src.write_text(MALLOC_COUNTER_C)
+    r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(so), str(src), "-ldl"], capture_output=True)
+    return so if r.returncode == 0 else None
+
+
+def run(n: int, rate: int, seconds: float) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="bucketwire-profile-"))
+    so = compile_malloc_counter(tmp)
+    out: dict[str, Any] = {"events": n, "rate": rate, "seconds": seconds}
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("bucketwire clean", lambda: bucketwire_clean(n, rate, seconds)),
+        ("nats clean", lambda: nats_clean(n, rate, seconds)),
+        ("bucketwire probed", lambda: bucketwire_probed(n, rate, seconds, so))]
+    if shutil.which("strace"):
+        steps += [("bucketwire strace", lambda: bucketwire_strace(n, rate, seconds, tmp)),
+                  ("nats strace", lambda: nats_strace(n, rate, seconds, tmp))]
+    for name, fn in steps:
+        progress(f"profile: {name}")
+        out[name] = fn()
+    progress_done()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    print(json.dumps(run(int(a[0]) if a else 20_000, int(a[1]) if len(a) > 1 else 1000,
+                         float(a[2]) if len(a) > 2 else 3.0), indent=2))
