@@ -68,7 +68,10 @@ def threads_cpu(pid: int) -> dict[str, float]:
         except OSError:
             continue
         name = raw[raw.index("(") + 1: raw.rindex(")")]
-        name = "main thread" if tid == str(pid) else name  # its name is the program's ("python")
+        if tid == str(pid):
+            name = "main thread"
+        elif name.startswith("python"):  # Python 3.11 leaves its threads the program's name
+            name = "other Python threads"  # the hub's checkpoint thread; a worker child's I/O thread
         f = raw[raw.rindex(")") + 2:].split()
         out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / tick
     return out
@@ -333,7 +336,68 @@ def run(n: int, rate: int, seconds: float) -> dict[str, Any]:
     return out
 
 
+def _top(d: dict[str, Any], k: int = 4) -> str:
+    return ", ".join(f"{name} {v:g}" for name, v in list(d["top_per_event"].items())[:k])
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The README's tables, from `run`'s result."""
+    rate = f"{res['rate']}/s"
+    bc, nc = res["bucketwire clean"], res["nats clean"]
+    lines = [f"| CPU µs per event | saturation | {rate} |", "|---|---|---|"]
+
+    def cpu_rows(side: dict[str, Any], label: str, key: str, names: dict[str, str]) -> None:
+        for thread, pretty in names.items():
+            v = [side[ph]["cpu_us_per_event"][key].get(thread, 0.0) for ph in ("saturation", rate)]
+            lines.append(f"| {label}: {pretty} | {v[0]:g} | {v[1]:g} |")
+
+    cpu_rows(bc, "hub", "hub", {"main thread": "loop thread", "ZMQbg/IO/0": "libzmq I/O thread",
+                                "other Python threads": "checkpoint thread"})
+    cpu_rows(bc, "worker children (2)", "worker children (both)",
+             {"main thread": "main thread (handlers)", "other Python threads": "Python I/O thread",
+              "ZMQbg/IO/0": "libzmq I/O thread"})
+    bw_tot = [round(sum(sum(v.values()) for v in bc[ph]["cpu_us_per_event"].values()), 1)
+              for ph in ("saturation", rate)]
+    lines.append(f"| **bucketwire, all** | **{bw_tot[0]:g}** | **{bw_tot[1]:g}** |")
+    srv = [nc[ph]["cpu_us_per_event"]["nats-server (all threads)"] for ph in ("saturation", rate)]
+    wk = [round(sum(nc[ph]["cpu_us_per_event"]["worker processes (both)"].values()), 1)
+          for ph in ("saturation", rate)]
+    lines.append(f"| nats-server (all threads) | {srv[0]:g} | {srv[1]:g} |")
+    lines.append(f"| NATS workers (2, one thread each) | {wk[0]:g} | {wk[1]:g} |")
+    lines.append(f"| **NATS, all** | **{round(srv[0] + wk[0], 1):g}** | **{round(srv[1] + wk[1], 1):g}** |")
+    if "bucketwire strace" in res:
+        bs, ns = res["bucketwire strace"], res["nats strace"]
+        lines += ["", f"| syscalls per event | saturation | {rate} | most frequent at {rate} |", "|---|---|---|---|"]
+        for label, side, who in (("hub (all threads)", bs, "server"), ("one bucketwire worker child", bs, "worker"),
+                                 ("nats-server (all threads)", ns, "server"), ("one NATS worker", ns, "worker")):
+            lines.append(f"| {label} | {side['saturation'][who]['per_event']:g} | {side[rate][who]['per_event']:g} "
+                         f"| {_top(side[rate][who])} |")
+    bp = res["bucketwire probed"]
+    lines += ["", f"| hub, per event | saturation | {rate} |", "|---|---|---|"]
+    for k, label in (("ticks", "loop turns"), ("commits", "journal transactions"), ("PUB requests", "PUB requests"),
+                     ("ACK frames", "ACK frames from workers")):
+        lines.append(f"| {label} | {bp['saturation']['per_event'][k]:g} | {bp[rate]['per_event'][k]:g} |")
+    m = [bc[ph]["per_event"].get("dispatch_batches", 0.0) for ph in ("saturation", rate)]
+    lines.append(f"| DELIVER batches | {m[0]:g} | {m[1]:g} |")
+    kinds = sorted(set(bp["saturation"]["sql_statements_per_event"]) | set(bp[rate]["sql_statements_per_event"]))
+    for k in kinds:
+        v = [bp[ph]["sql_statements_per_event"].get(k, 0.0) for ph in ("saturation", rate)]
+        thread, word = k.split(": ", 1)
+        lines.append(f"| SQLite `{word}` ({'loop thread' if thread == 'MainThread' else thread}) | {v[0]:g} "
+                     f"| {v[1]:g} |")
+    for k, label in (("python_calls_per_event_loop_thread", "Python function calls, loop thread"),
+                     ("mallocs_per_event_hub_process", "mallocs, whole hub process")):
+        lines.append(f"| {label} | {bp['saturation'][k]} | {bp[rate][k]} |")
+    lines += ["", "Loop thread self time at saturation under cProfile (µs per event, inflated by the profiler; "
+              "for ranking):", ""]
+    lines.append("; ".join(f"`{f['func']}` {f['us']:g}" for f in bp["saturation"]["top_functions_us_per_event"][:12]))
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    a = sys.argv[1:]
-    print(json.dumps(run(int(a[0]) if a else 20_000, int(a[1]) if len(a) > 1 else 1000,
-                         float(a[2]) if len(a) > 2 else 3.0), indent=2))
+    a = [x for x in sys.argv[1:] if not x.startswith("--")]
+    if "--markdown" in sys.argv:  # tables from a saved result: profile_bus --markdown < profile.json
+        print(markdown(json.load(sys.stdin)))
+    else:
+        print(json.dumps(run(int(a[0]) if a else 20_000, int(a[1]) if len(a) > 1 else 1000,
+                             float(a[2]) if len(a) > 2 else 3.0), indent=2))
