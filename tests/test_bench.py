@@ -8,6 +8,7 @@ real CLI in a subprocess, as a user would.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -135,3 +136,34 @@ def test_bus_against_nats_without_the_extra() -> None:
         assert p.returncode == 1, p.stderr
         assert extra in p.stderr and "Traceback" not in p.stderr
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_profile_bus() -> None:
+    """The profile harness measures both systems and the hub's counters, and renders the README's tables."""
+    p = subprocess.run([sys.executable, "-m", "bucketwire.devstack.bench.profile_bus", "2000", "200", "0.5"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout)
+    bw, nt, probed = r["bucketwire clean"], r["nats clean"], r["bucketwire probed"]
+    assert set(bw) == set(nt) == set(probed) == {"saturation", "200/s"}
+    sat = bw["saturation"]
+    assert sat["events"] == 2000 and sat["per_event"]["dispatched"] == sat["per_event"]["acked"] == 1.0
+    assert sat["cpu_us_per_event"]["hub"]["main thread"] > 0
+    nsat = nt["saturation"]["cpu_us_per_event"]
+    assert nsat["nats-server (all threads)"] + sum(nsat["worker processes (both)"].values()) > 0
+    for phase in probed.values():
+        sql = phase["sql_statements_per_event"]
+        assert sql["MainThread: BEGIN"] == sql["MainThread: COMMIT"] > 0
+        assert phase["python_calls_per_event_loop_thread"] > 0 and phase["top_functions_us_per_event"]
+        assert phase["per_event"]["commits"] > 0 and phase["per_event"]["ACK frames"] > 0
+    assert probed["200/s"]["per_event"]["PUB requests"] == 1.0  # one event per request at a fixed rate
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert probed["saturation"]["mallocs_per_event_hub_process"] > 0
+    if shutil.which("strace"):
+        for side in ("bucketwire strace", "nats strace"):
+            for phase in r[side].values():
+                assert phase["server"]["per_event"] > 0 and phase["worker"]["events_handled"] > 0, side
+    md = subprocess.run([sys.executable, "-m", "bucketwire.devstack.bench.profile_bus", "--markdown"], input=p.stdout,
+                        capture_output=True, text=True, timeout=60)
+    assert md.returncode == 0, md.stderr
+    assert "| **bucketwire, all** |" in md.stdout and "| **NATS, all** |" in md.stdout

@@ -150,8 +150,8 @@ def one_round(side: Side, n: int, rates: list[int], seconds: float, busy: bool) 
     phases: list[tuple[str, int, int]] = []
     cpu: dict[str, float] = {}
     pub_cpu = 0.0
-    side.start()
     try:
+        side.start()  # inside the try: a side that fails half-way is still stopped
         roots = side.roots()
         c0, p0 = tree_cpu(roots), time.process_time()
         t0 = side.saturate(n)
