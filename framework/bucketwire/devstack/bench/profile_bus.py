@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bucketwire.devstack.bench.common import progress, progress_done
+from bucketwire.devstack.bench.cpu import task_seconds
 from bucketwire.devstack.bench.hubprobe import MALLOC_COUNTER_C
 from bucketwire.devstack.bench.jetstream import JetStreamSide
 from bucketwire.devstack.bench.versus import BucketwireSide
@@ -60,7 +61,6 @@ def children(pid: int) -> list[int]:
 
 def threads_cpu(pid: int) -> dict[str, float]:
     """CPU seconds per thread name (threads of one name summed: libzmq's, Go's)."""
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -72,8 +72,7 @@ def threads_cpu(pid: int) -> dict[str, float]:
             name = "main thread"
         elif name.startswith("python"):  # Python 3.11 leaves its threads the program's name
             name = "other Python threads"  # the hub's checkpoint thread; a worker child's I/O thread
-        f = raw[raw.rindex(")") + 2:].split()
-        out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / tick
+        out[name] = out.get(name, 0.0) + task_seconds(pid, int(tid))
     return out
 
 

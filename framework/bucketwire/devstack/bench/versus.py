@@ -6,8 +6,9 @@ fixed rate for latency (from each event's intended send time, so a publisher tha
 and with `busy` once more while a spinning process holds one core. Rounds alternate (bucketwire, nats, ...) so
 drift on a shared machine hits both; the medians are compared and every round is kept.
 
-CPU per event is utime+stime of the servers and workers (and their children) over a phase, from /proc, divided by
-the events of that phase; the publisher's own CPU is reported apart, as it is the user's code on both sides.
+CPU per event is the time on CPU of the servers and workers (and their children) over a phase, from /proc
+(`cpu.py`), divided by the events of that phase; the publisher's own CPU is reported apart, as it is the user's
+code on both sides.
 """
 
 from __future__ import annotations
@@ -185,8 +186,8 @@ def one_round(side: Side, n: int, rates: list[int], seconds: float, busy: bool) 
     out: dict[str, Any] = {
         "events_per_s": round(n / (max(r[2] for r in sat) - t0), 1),
         "handled": len(rows),
-        "cpu_us_per_event": round(cpu["saturation"] / n * 1e6, 1),
-        "publisher_cpu_us_per_event": round(pub_cpu / n * 1e6, 1),
+        "cpu_us_per_event": round(cpu["saturation"] / n * 1e6, 2),
+        "publisher_cpu_us_per_event": round(pub_cpu / n * 1e6, 2),
         "cpu_us_per_event_at_rate": {},
         "latency": {},
         "latency_busy": {},
@@ -197,7 +198,7 @@ def one_round(side: Side, n: int, rates: list[int], seconds: float, busy: bool) 
             out["latency_busy"][name[5:]] = lat
         else:
             out["latency"][name] = lat
-            out["cpu_us_per_event_at_rate"][name] = round(cpu[name] / (hi - lo) * 1e6, 1)
+            out["cpu_us_per_event_at_rate"][name] = round(cpu[name] / (hi - lo) * 1e6, 2)
     return out
 
 
@@ -260,8 +261,8 @@ def run(n: int, processes: int, durability: str, rates: list[int], seconds: floa
     bw, nt = summarise(per["bucketwire"], rates), summarise(per["nats"], rates)
     first = str(rates[0])
     ratio: dict[str, Any] = {
-        "events_per_s": round(bw["events_per_s"] / nt["events_per_s"], 3),
-        "cpu_per_event": round(bw["cpu_us_per_event"] / nt["cpu_us_per_event"], 3),
+        "events_per_s": round(bw["events_per_s"] / max(nt["events_per_s"], 1e-6), 3),
+        "cpu_per_event": round(bw["cpu_us_per_event"] / max(nt["cpu_us_per_event"], 1e-6), 3),
         "round_events_per_s": [round(a["events_per_s"] / b["events_per_s"], 3)
                                for a, b in zip(per["bucketwire"], per["nats"], strict=True)],
     }
