@@ -118,28 +118,50 @@ class NatsCluster:
         return self
 
     def wait_ready(self, timeout: float = 30.0, nodes: list[NatsNode] | None = None) -> None:
-        """Until every (given) node serves JetStream and, in a cluster, sees a meta leader."""
+        """Until every (given) node serves JetStream and, in a cluster, the meta leader sees every peer current.
+
+        "A leader exists" is not enough: until the leader has heard from every peer, placing a replicas-3 stream
+        fails with "no suitable peers for placement".
+        """
         deadline = time.monotonic() + timeout
         pending = list(nodes if nodes is not None else [n for n in self.nodes if n.proc is not None])
         last = "no answer yet"
-        while pending:
-            node = pending[0]
-            if node.proc is not None and node.proc.poll() is not None:
-                raise NatsError(f"nats-server {node.name} exited with {node.proc.returncode}; "
-                                f"see {node.store / 'nats-server.log'}")
+        while True:
+            for node in pending:
+                if node.proc is not None and node.proc.poll() is not None:
+                    raise NatsError(f"nats-server {node.name} exited with {node.proc.returncode}; "
+                                    f"see {node.store / 'nats-server.log'}")
             try:
-                doc = node.jsz()
-                meta = doc.get("meta_cluster")
-                if self.size == 1 or (isinstance(meta, dict) and meta.get("leader")):
-                    pending.pop(0)
-                    continue
-                last = "no JetStream meta leader yet"
+                docs = [n.jsz() for n in pending]
+                if self.size == 1:
+                    return
+                if self._meta_complete():
+                    return
+                last = "the JetStream meta leader does not see every peer yet"
+                del docs
             except (OSError, ValueError) as e:
                 last = str(e)
             if time.monotonic() > deadline:
-                raise NatsError(f"nats-server {node.name} not ready after {timeout:.0f} s ({last}); "
-                                f"see {node.store / 'nats-server.log'}")
-            time.sleep(0.05)  # pacing: polling the monitoring endpoint
+                raise NatsError(f"nats-server cluster not ready after {timeout:.0f} s ({last}); "
+                                f"see the nats-server.log files under {self.base_dir}")
+            time.sleep(0.05)  # pacing: polling the monitoring endpoints
+
+    def _meta_complete(self) -> bool:
+        """True when the node that leads the meta group lists every other running node as a current peer."""
+        running = {n.name for n in self.nodes if n.proc is not None}
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            try:
+                meta = node.jsz().get("meta_cluster")
+            except (OSError, ValueError):
+                continue
+            if not isinstance(meta, dict) or meta.get("leader") != node.name:
+                continue
+            reps = meta.get("replicas") or []
+            current = {r.get("name") for r in reps if isinstance(r, dict) and r.get("current") and not r.get("offline")}
+            return running - {node.name} <= current
+        return False
 
     def kill(self, index: int) -> None:
         """SIGKILL one node (its process group), as a crash would."""

@@ -1,0 +1,138 @@
+"""The JetStream journal against a real 3-node cluster: what the hub relies on from any journal.
+
+Per-topic seqs with no holes even when two hubs append to one topic at once; (source, id) stored once, also
+when two hubs receive the same notification; envelopes rendered with the seq they are stored under; reads in
+order; cursors that only the current writer can move; everything back after a restart of the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("nats", reason="the nats extra is not installed (pip install -e '.[nats]')")
+
+from bucketwire.devstack.nats import NatsCluster, NatsError, find_nats_server  # noqa: E402
+from bucketwire.hub.journal import Batch, NewEvent  # noqa: E402
+from bucketwire.hub.journal_jetstream import (  # noqa: E402
+    JetStreamError,
+    JetStreamJournal,
+    JetStreamSettings,
+    token,
+    untoken,
+)
+
+try:
+    find_nats_server()
+except NatsError as e:  # pragma: no cover - only without the extra
+    pytest.skip(str(e), allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    with NatsCluster(tmp_path_factory.mktemp("nats"), size=3) as c:
+        yield c
+
+
+def _settings(cluster: NatsCluster, prefix: str) -> JetStreamSettings:
+    return JetStreamSettings(servers=cluster.urls, replicas=3, prefix=prefix, request_timeout=15)
+
+
+def _ev(topic: str, source: str, eid: str, key: str | None = None) -> NewEvent:
+    def render(seq: int) -> bytes:
+        return json.dumps({"id": eid, "source": source, "topic": topic, "seq": seq}).encode()
+
+    return NewEvent(topic, source, eid, key, render)
+
+
+def test_tokens_round_trip() -> None:
+    for name in ["photos", "a.b c", "__x", "ünï", "x" * 80, "*", ">"]:
+        tok = token(name)
+        assert untoken(tok) == name
+        assert "." not in tok and " " not in tok and "*" not in tok and ">" not in tok
+
+
+def test_seqs_dedupe_reads_and_restart(cluster: NatsCluster) -> None:
+    j = JetStreamJournal(_settings(cluster, "t1"), "hubA")
+    try:
+        out = j.commit(Batch(events=[_ev("photos", "s", f"e{i}", f"photos/{i}.jpg") for i in range(5)]
+                             + [_ev("other", "s", "o1"), _ev("photos", "s", "e2")]))
+        assert [(a.topic, a.seq, a.duplicate) for a in out] == [
+            ("photos", 1, False), ("photos", 2, False), ("photos", 3, False), ("photos", 4, False),
+            ("photos", 5, False), ("other", 1, False), ("photos", 3, True)]
+        assert json.loads(out[4].body)["seq"] == 5  # rendered with the seq it is stored under
+        again = j.commit(Batch(events=[_ev("photos", "s", "e0"), _ev("photos", "s", "new")]))
+        assert [(a.seq, a.duplicate) for a in again] == [(1, True), (6, False)]
+        rows = j.read("photos", 2, 3)
+        assert [r[0] for r in rows] == [2, 3, 4]
+        assert rows[0][1] == "photos/1.jpg"
+        assert json.loads(rows[0][2])["id"] == "e1"
+        assert j.first_seq("photos") == 1 and j.heads == {"photos": 6, "other": 1}
+        j.commit(Batch(cursors={("g", "photos"): 4}, above={("g", "photos"): "6"}, stats={"g": (1, 2, 0)}))
+    finally:
+        j.close()
+    j2 = JetStreamJournal(_settings(cluster, "t1"), "hubA")
+    try:
+        assert j2.heads == {"photos": 6, "other": 1}
+        assert j2.cursors() == {("g", "photos"): 4}
+        assert j2.cursor_above() == {("g", "photos"): "6"}
+        assert j2.group_stats() == {"g": (1, 2, 0)}
+    finally:
+        j2.close()
+
+
+def test_two_hubs_appending_to_one_topic_get_distinct_contiguous_seqs(cluster: NatsCluster) -> None:
+    a = JetStreamJournal(_settings(cluster, "t2"), "hubA")
+    b = JetStreamJournal(_settings(cluster, "t2"), "hubB")
+    results: dict[str, list[tuple[int, bool]]] = {"A": [], "B": []}
+    try:
+        a.commit(Batch(events=[_ev("race", "s", "first")]))  # both hubs know the stream exists
+
+        def run(j: JetStreamJournal, name: str) -> None:
+            for r in range(20):
+                # each hub's own events, plus one notification that both hubs receive
+                evs = [_ev("race", "s", f"{name}-{r}-{i}") for i in range(10)] + [_ev("race", "s", f"both-{r}")]
+                results[name] += [(x.seq, x.duplicate) for x in j.commit(Batch(events=evs))]
+
+        threads = [threading.Thread(target=run, args=(a, "A")), threading.Thread(target=run, args=(b, "B"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stored = [s for s, dup in results["A"] + results["B"] if not dup]
+        assert sorted(stored) == list(range(2, 2 + 20 * 10 * 2 + 20))  # no hole, no seq twice
+        dups = [s for s, dup in results["A"] + results["B"] if dup]
+        assert len(dups) == 20  # each shared notification stored once, the other hub told "duplicate"
+        rows = a.read("race", 1, 1000)
+        assert [r[0] for r in rows] == list(range(1, 2 + 420))
+        assert all(json.loads(body)["seq"] == seq for seq, _, body in rows)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_cursor_moved_by_another_hub_refuses_the_stale_writer(cluster: NatsCluster) -> None:
+    a = JetStreamJournal(_settings(cluster, "t3"), "hubA")
+    try:
+        a.commit(Batch(cursors={("g", "t"): 1}))
+        b = JetStreamJournal(_settings(cluster, "t3"), "hubB")  # the new dispatcher reads the cursor
+        try:
+            b.commit(Batch(cursors={("g", "t"): 5}))
+            with pytest.raises(JetStreamError, match="no longer dispatches"):
+                a.commit(Batch(cursors={("g", "t"): 2}))
+            assert JetStreamJournal(_settings(cluster, "t3"), "hubC").cursors() == {("g", "t"): 5}
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
+def test_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
+    from bucketwire.procutil import free_port
+
+    with pytest.raises(JetStreamError, match="cannot reach NATS at nats://127.0.0.1:.*check \\[journal\\] servers"):
+        JetStreamJournal(JetStreamSettings(servers=[f"nats://127.0.0.1:{free_port()}"], connect_timeout=1), "h")
