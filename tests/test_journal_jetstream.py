@@ -136,3 +136,69 @@ def test_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(JetStreamError, match="cannot reach NATS at nats://127.0.0.1:.*check \\[journal\\] servers"):
         JetStreamJournal(JetStreamSettings(servers=[f"nats://127.0.0.1:{free_port()}"], connect_timeout=1), "h")
+
+
+def test_one_dispatcher_per_group_and_takeover_after_the_lease_expires(cluster: NatsCluster) -> None:
+    import time
+
+    s = JetStreamSettings(servers=cluster.urls, replicas=3, prefix="t4", lease_ttl=1.5, request_timeout=10)
+    a, b = JetStreamJournal(s, "hubA"), JetStreamJournal(s, "hubB")
+    try:
+        now = time.monotonic()
+        assert a.lead(["g1", "g2"], now) == {"g1", "g2"}
+        assert b.lead(["g1", "g2"], now) == set()  # held by A: B stands by
+        assert a.leaders() == {"g1": "hubA", "g2": "hubA"}
+        # A keeps renewing: B never gets it while A is alive
+        t_end = time.monotonic() + 2 * s.lease_ttl
+        while time.monotonic() < t_end:
+            now = time.monotonic()
+            assert a.lead(["g1", "g2"], now) == {"g1", "g2"}
+            assert b.lead(["g1", "g2"], now) == set()
+            time.sleep(0.1)  # pacing: renewal rounds
+        # A stops renewing (a crash or a partition): it gives the group up on its own clock before B can take it
+        stopped = time.monotonic()
+        taken_at = None
+        while taken_at is None and time.monotonic() < stopped + 10:
+            got = b.lead(["g1"], time.monotonic())
+            if got == {"g1"}:
+                taken_at = time.monotonic()
+            time.sleep(0.05)  # pacing: standby rounds
+        assert taken_at is not None, "the standby never took over"
+        assert a._leases["g1"][1] - s.lease_ttl / 5 <= taken_at  # A's own deadline passed before B took over
+        assert not (a.lead([], taken_at) & {"g1"})
+        # A comes back: its renewal names a revision that is gone, so it stays a standby
+        a._next_lease_round = 0
+        assert a.lead(["g1"], time.monotonic()) == set()
+        assert b.leaders()["g1"] == "hubB"
+        # a clean stop hands over at once
+        b.release(["g1"])
+        a._next_lease_round = 0
+        assert a.lead(["g1"], time.monotonic()) == {"g1"}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_events_committed_by_another_hub_reach_this_one_in_order(cluster: NatsCluster) -> None:
+    import time
+
+    a = JetStreamJournal(_settings(cluster, "t5"), "hubA")
+    b = JetStreamJournal(_settings(cluster, "t5"), "hubB")
+    woken = threading.Event()
+    try:
+        a.commit(Batch(events=[_ev("t", "s", "before")]))
+        b.follow(woken.set)
+        a.commit(Batch(events=[_ev("t", "s", f"e{i}", f"k{i}") for i in range(20)] + [_ev("new-topic", "s", "n")]))
+        b.commit(Batch(events=[_ev("t", "s", "from-b")]))  # B's own commit does not come back to it
+        got: list[tuple[str, int]] = []
+        deadline = time.monotonic() + 15
+        while len(got) < 22 and time.monotonic() < deadline:
+            woken.wait(1)
+            woken.clear()
+            got += [(x.topic, x.seq) for x in b.take_remote()]
+        assert [s for t, s in got if t == "t"] == list(range(1, 22))
+        assert ("new-topic", 1) in got
+        assert b.heads["t"] == 22 and b.heads["new-topic"] == 1
+    finally:
+        a.close()
+        b.close()

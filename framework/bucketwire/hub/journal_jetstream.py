@@ -33,7 +33,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -72,6 +73,8 @@ class JetStreamSettings:
     tls_key: str | None = None
     connect_timeout: float = 5.0
     request_timeout: float = 10.0
+    lease_ttl: float = 5.0
+    """Seconds a group's dispatch lease lives without renewal: how long a standby waits before it takes over."""
 
 
 def token(name: str) -> str:
@@ -154,6 +157,11 @@ class JetStreamJournal:
         self._cursors: dict[tuple[str, str], tuple[int, str]] = {}
         self._stats: dict[str, tuple[int, int, int]] = {}
         self._stats_rev: dict[str, int] = {}
+        self._leases: dict[str, tuple[int, float]] = {}  # group -> (revision, valid until, monotonic)
+        self._next_lease_round = 0.0
+        self._remote: deque[Appended] = deque()
+        self._feeds: dict[str, Any] = {}
+        self._wake: Callable[[], None] | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bucketwire-jetstream", daemon=True)
         self._thread.start()
@@ -226,11 +234,18 @@ class JetStreamJournal:
     def _kv_cursors(self) -> str:
         return f"{self.prefix}_cursors"
 
+    @property
+    def _kv_leases(self) -> str:
+        return f"{self.prefix}_leases"
+
     async def _ensure_kv(self) -> None:
         from nats.js.api import KeyValueConfig
 
         try:
             await self.js.create_key_value(KeyValueConfig(bucket=self._kv_cursors, history=1,
+                                                          replicas=self.settings.replicas))
+            await self.js.create_key_value(KeyValueConfig(bucket=self._kv_leases, history=1,
+                                                          ttl=self.settings.lease_ttl,
                                                           replicas=self.settings.replicas))
         except Exception as e:
             raise JetStreamError(f"cannot create the cursor bucket {self._kv_cursors!r}: {e}; "
@@ -445,13 +460,39 @@ class JetStreamJournal:
         return dict(self._stats)
 
     def read(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]:
+        """Up to `limit` events from `from_seq` on, in order. Starts at `from_seq` unless retention removed it:
+        a replica that has not caught up yet is asked again rather than believed, so a slow follower can never
+        look like retention and make a group skip events."""
         if topic not in self._streams:
             return []
-        return self._run(self._read(topic, {"seq": max(1, from_seq)}, limit))
+        return self._run(self._read_from(topic, max(1, from_seq), limit))
+
+    async def _read_from(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout
+        while True:
+            rows = await self._read(topic, {"seq": from_seq}, limit)
+            if rows and rows[0][0] == from_seq:
+                return rows
+            first, last = await self._bounds(topic)
+            if from_seq > last:
+                return []
+            if from_seq < first:  # retention removed the start: what is left, from the first kept event
+                return rows if rows and rows[0][0] == first else await self._read(topic, {"seq": first}, limit)
+            if loop.time() > deadline:
+                raise JetStreamError(f"topic {topic!r}: seq {from_seq} is stored but no replica served it")
+            await asyncio.sleep(0.02)  # pacing: the replica that answered is catching up
+
+    async def _bounds(self, topic: str) -> tuple[int, int]:
+        """(first, last) seq held by the stream, from its leader."""
+        info = await self.js.stream_info(self._stream(topic))
+        return int(info.state.first_seq), int(info.state.last_seq)
 
     def first_seq(self, topic: str) -> int | None:
-        rows = self.read(topic, 1, 1)
-        return rows[0][0] if rows else None
+        if topic not in self._streams:
+            return None
+        first, last = self._run(self._bounds(topic))
+        return first if last >= first and last > 0 else None
 
     def first_seq_since(self, topic: str, since: float) -> int | None:
         """The first seq stored at or after unix time `since` (for `replay --since`), or None."""
@@ -496,6 +537,152 @@ class JetStreamJournal:
     def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int:
         """JetStream applies each stream's `max_age`/`max_bytes` itself; nothing to do from the hub."""
         return 0
+
+    # -- dispatch leadership -------------------------------------------------------------------------------
+    def lead(self, groups: Iterable[str], now: float) -> set[str]:
+        """The groups this hub may dispatch right now; takes free leases and renews held ones every third of
+        `lease_ttl`.
+
+        A lease is a KV entry that expires `lease_ttl` after its last write. It is taken with "create" (refused
+        while another hub's entry lives) and renewed with an update that names the revision this hub last wrote,
+        so two hubs can never both renew it. A hub counts a lease as held only until `lease_ttl` minus a margin
+        after it *sent* its last successful renewal: it stops dispatching before the entry can expire and a
+        standby can take it, even when it cannot reach the cluster to hear that it lost.
+        """
+        wanted = list(groups)
+        if now >= self._next_lease_round:
+            self._next_lease_round = now + self.settings.lease_ttl / 3
+            try:
+                self._run(self._lease_round(wanted, now), self.settings.lease_ttl / 2)
+            except JetStreamError as e:
+                log.warning("cannot renew dispatch leases", extra={"error": str(e)})
+        margin = self.settings.lease_ttl / 5
+        return {g for g in wanted if g in self._leases and now < self._leases[g][1] - margin}
+
+    async def _lease_round(self, groups: list[str], sent: float) -> None:
+        futs = []
+        for g in groups:
+            rev = self._leases.get(g, (0, 0.0))[0]
+            futs.append((g, rev, await self._replies.send(f"$KV.{self._kv_leases}.g.{token(g)}", self.hub_id.encode(),
+                                                          {"Nats-Expected-Last-Subject-Sequence": str(rev)})))
+        await self.nc.flush()
+        for g, rev, fut in futs:
+            doc = await fut
+            if "error" not in doc:
+                if not rev:
+                    log.info("took the dispatch lease", extra={"group": g, "hub": self.hub_id})
+                self._leases[g] = (int(doc["seq"]), sent + self.settings.lease_ttl)
+            elif rev:
+                log.warning("lost the dispatch lease to another hub", extra={"group": g, "hub": self.hub_id})
+                self._leases.pop(g, None)
+            else:
+                await self._take_released(g, sent)
+
+    async def _take_released(self, g: str, sent: float) -> None:
+        """A lease given back with `release` leaves a delete marker, not an empty key: take it over the marker."""
+        subject = f"$KV.{self._kv_leases}.g.{token(g)}"
+        try:
+            last = await self.js.get_last_msg(f"KV_{self._kv_leases}", subject)
+        except Exception:  # expired in the meantime: the next round's create takes it
+            return
+        if (last.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+            return  # a live lease of another hub
+        fut = await self._replies.send(subject, self.hub_id.encode(),
+                                       {"Nats-Expected-Last-Subject-Sequence": str(last.seq)})
+        doc = await fut
+        if "error" not in doc:
+            log.info("took the dispatch lease", extra={"group": g, "hub": self.hub_id})
+            self._leases[g] = (int(doc["seq"]), sent + self.settings.lease_ttl)
+
+    def release(self, groups: Iterable[str]) -> None:
+        """Give leases back at a clean stop, so a standby takes over at once instead of after `lease_ttl`."""
+        async def drop() -> None:
+            kv = await self.js.key_value(self._kv_leases)
+            for g in list(groups):
+                if g in self._leases:
+                    try:
+                        await kv.delete(f"g.{token(g)}", last=self._leases[g][0])
+                    except Exception as e:  # already taken or expired: nothing to give back
+                        log.debug("lease release failed", extra={"group": g, "error": str(e)})
+                    self._leases.pop(g, None)
+
+        try:
+            self._run(drop(), 5)
+        except JetStreamError as e:
+            log.debug("lease release failed", extra={"error": str(e)})
+
+    def leaders(self) -> dict[str, str]:
+        """Which hub holds each group's lease now (for status and doctor)."""
+        async def read() -> dict[str, str]:
+            kv = await self.js.key_value(self._kv_leases)
+            out: dict[str, str] = {}
+            try:
+                keys = await kv.keys()
+            except Exception:  # no lease taken yet
+                return out
+            for k in keys:
+                try:
+                    e = await kv.get(k)
+                except Exception:  # expired between the listing and the read
+                    continue
+                if e.value:
+                    out[untoken(k[2:])] = e.value.decode()
+            return out
+
+        return self._run(read())
+
+    # -- what other hubs commit ------------------------------------------------------------------------------
+    def follow(self, wake: Callable[[], None]) -> None:
+        """Start receiving events that other hubs commit (every topic stream, new ones too); `wake` is called
+        from the client's thread whenever some are waiting in `take_remote`."""
+        self._wake = wake
+        self._run(self._follow_all())
+
+    async def _follow_all(self) -> None:
+        await self.nc.subscribe("$JS.EVENT.ADVISORY.STREAM.CREATED.*", cb=self._on_created)
+        async for info in self._stream_infos():
+            name = info.config.name
+            if name.startswith(f"{self.prefix}_ev_"):
+                self._streams.add(untoken(name[len(f"{self.prefix}_ev_"):]))
+        for topic in list(self._streams):
+            await self._follow(topic)
+
+    async def _on_created(self, m: Any) -> None:
+        name = m.subject.rsplit(".", 1)[1]
+        if not name.startswith(f"{self.prefix}_ev_"):
+            return
+        topic = untoken(name[len(f"{self.prefix}_ev_"):])
+        self._streams.add(topic)
+        await self._follow(topic)
+
+    async def _follow(self, topic: str) -> None:
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        if topic in self._feeds:
+            return
+        start = self.heads.get(topic, 0) + 1
+
+        async def on_msg(m: Any, topic: str = topic) -> None:
+            h = m.headers or {}
+            if h.get("Bw-Hub") == self.hub_id:
+                return  # this hub's own commit: it fanned that out already
+            self._remote.append(Appended(topic, int(m.metadata.sequence.stream), bytes(m.data), h.get("Bw-Objkey")))
+            if self._wake is not None:
+                self._wake()
+
+        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+        self._feeds[topic] = await self.js.subscribe(self._subject(topic), cb=on_msg, ordered_consumer=True,
+                                                     config=cfg)
+
+    def take_remote(self) -> list[Appended]:
+        """Events other hubs committed since the last call, each topic in seq order; moves `heads`."""
+        out: list[Appended] = []
+        while self._remote:
+            a = self._remote.popleft()
+            out.append(a)
+            if a.seq > self.heads.get(a.topic, 0):
+                self.heads[a.topic] = a.seq
+        return out
 
     def close(self) -> None:
         if self.nc is not None:
