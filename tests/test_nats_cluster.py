@@ -27,8 +27,17 @@ async def _publish(urls: list[str], ids: range) -> list[int]:
     try:
         js = nc.jetstream(timeout=10)
         seqs = []
+        loop = asyncio.get_running_loop()
         for i in ids:
-            ack = await js.publish("bw.ev.t", f"e{i}".encode(), headers={"Nats-Msg-Id": f"src|{i}"})
+            deadline = loop.time() + 15
+            while True:
+                try:
+                    ack = await js.publish("bw.ev.t", f"e{i}".encode(), headers={"Nats-Msg-Id": f"src|{i}"})
+                    break
+                except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):  # electing a leader
+                    if loop.time() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)  # pacing: leader election
             seqs.append(ack.seq)
         return seqs
     finally:
