@@ -27,6 +27,8 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[groups.g]\nplugins = []", "groups.g.topics: a group needs at least one topic"),
     ("[groups.g]\ntopics = ['a']\nstart = 'middle'", "groups.g.start: must be 'latest' or 'earliest'"),
     ("[topics.t]\nmax_attempts = 0", "topics.t.max_attempts: must be greater than 0"),
+    ("[topics.t]\nhandler_timeout = 0", "topics.t.handler_timeout: must be greater than 0"),
+    ("[groups.g]\ntopics = ['a']\nhandler_timeout = 'long'", "groups.g.handler_timeout: expected float"),
     ("[stores.s]\naccess_key = 'a'", "stores.s.endpoint: a store needs an endpoint"),
     ("[hub\n", "invalid TOML"),
     ("[wat]\n", "wat: unknown key"),
@@ -100,3 +102,20 @@ def test_literal_empty_store_keys_mean_anonymous(tmp_path: Path) -> None:
     """Only a reference (env:/file:) must resolve to something: a store written with no keys is anonymous."""
     p = write(tmp_path, '[stores.s]\nendpoint = "127.0.0.1:1"\naccess_key = ""\nsecret_key = ""')
     assert config_mod.load(p).stores["s"].access_key == ""
+
+
+def test_handler_timeout_topic_then_group_then_default(tmp_path: Path) -> None:
+    cfg = config_mod.load(write(tmp_path, """
+[topics.big]
+handler_timeout = 3600
+[topics.small]
+max_attempts = 2
+[groups.g]
+topics = ["big", "small", "other"]
+handler_timeout = 60.5
+[groups.h]
+topics = ["small"]
+"""))
+    assert cfg.handler_timeout("g", "big") == 3600.0, "the topic's own setting wins"
+    assert cfg.handler_timeout("g", "small") == 60.5 and cfg.handler_timeout("g", "other") == 60.5
+    assert cfg.handler_timeout("h", "small") == config_mod.DEFAULT_HANDLER_TIMEOUT == 300.0

@@ -105,6 +105,11 @@ class TopicConfig:
     dead_letter: str | None = None
     backoff_base: float = 0.5
     backoff_max: float = 60.0
+    handler_timeout: float | None = None  # None: the group's, else DEFAULT_HANDLER_TIMEOUT
+
+
+DEFAULT_HANDLER_TIMEOUT = 300.0
+"""Seconds a handler may run on one event before its worker child is killed and the event charged an attempt."""
 
 
 @dataclass(slots=True)
@@ -116,6 +121,7 @@ class GroupConfig:
     processes: int = 2
     credit: int = 16
     metrics: str | None = None  # HOST:PORT where `worker` serves the pool's Prometheus metrics
+    handler_timeout: float | None = None  # default for the group's topics (a topic's own setting wins)
 
 
 @dataclass(slots=True)
@@ -143,6 +149,16 @@ class Config:
 
     def topic(self, name: str) -> TopicConfig:
         return self.topics.get(name) or TopicConfig()
+
+    def handler_timeout(self, group: str, topic: str) -> float:
+        """The topic knows how long its events may take; a group's setting covers the topics that do not say."""
+        t = self.topics.get(topic)
+        if t is not None and t.handler_timeout is not None:
+            return t.handler_timeout
+        g = self.groups.get(group)
+        if g is not None and g.handler_timeout is not None:
+            return g.handler_timeout
+        return DEFAULT_HANDLER_TIMEOUT
 
     def dead_letter_for(self, topic: str) -> str:
         return self.topic(topic).dead_letter or self.hub.dead_letter
@@ -331,6 +347,7 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
             dead_letter=tr.get("dead_letter", str, None),
             backoff_base=_positive(tr, "backoff_base", float, 0.5),
             backoff_max=_positive(tr, "backoff_max", float, 60.0),
+            handler_timeout=_positive(tr, "handler_timeout", float, None) if "handler_timeout" in tr.data else None,
         )
         tr.check_unknown()
         cfg.topics[name] = tc
@@ -352,6 +369,7 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
             processes=_positive(gr, "processes", int, 2),
             credit=_positive(gr, "credit", int, 16),
             metrics=_hostport(gr, "metrics", "") if "metrics" in gr.data else None,
+            handler_timeout=_positive(gr, "handler_timeout", float, None) if "handler_timeout" in gr.data else None,
         )
         gr.check_unknown()
 
