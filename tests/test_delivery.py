@@ -174,10 +174,11 @@ def test_worker_killed_mid_event_is_redelivered(stack_factory):
     import signal
     for pid in s.child_pids(w):
         os.kill(pid, signal.SIGKILL)
-    # The supervisor restarts the child; the hub notices the silent worker and redelivers (attempt 2).
-    wait_for(lambda: s.status()["groups"]["a"]["redelivered"] >= 1, 15, "redelivery")
-    st = s.status()["groups"]["a"]
-    assert st["inflight"] == 1 and st["lag"] == 1
+    # The supervisor tells the hub the child died running it and restarts the child; the hub redelivers the
+    # event (attempt 2) to the replacement.
+    st = wait_for(lambda: (g := s.status()["groups"]["a"])["redelivered"] >= 1 and g["inflight"] == 1 and g, 15,
+                  "redelivery")
+    assert st["lag"] == 1 and st["workers"] == 1
 
 
 def test_tail_from_seq_has_no_gap_or_duplicate_at_the_seam(stack_factory):

@@ -77,20 +77,38 @@ def test_retry_keeps_the_object_held_then_dead_letters():
     assert [it.seq for _, items in g.dispatch(10, 100.0) for it in items] == [2]
 
 
-def test_lost_worker_counts_an_attempt_but_drain_does_not():
+def test_who_pays_when_a_worker_goes():
+    """A drain or an undeliverable batch charges nothing; a death reported by the supervisor charges exactly the
+    running event; a heartbeat loss charges only the oldest event the worker held."""
     g = group(max_attempts=2)
     add_worker(g, "w")
-    load(g, [None, None])
+    load(g, [None, None, None])
     g.dispatch(10, 0.0)
-    assert g.worker_gone(b"w", lost=False) == []
-    assert [it.attempts for it in g.ready] == [0, 0]
+    assert g.worker_gone(b"w", requeue={("t", 1), ("t", 2), ("t", 3)}) == []
+    assert [it.attempts for it in g.ready] == [0, 0, 0]
     add_worker(g, "w2")
     g.dispatch(10, 0.0)
-    assert g.worker_gone(b"w2", lost=True) == []
+    assert g.worker_gone(b"w2", died=(("t", 2), "worker child died (SIGABRT)"), now=0.0) == []
+    assert [(it.seq, it.attempts) for it in g.ready] == [(1, 0), (3, 0)], "only seq 2 is charged, and backs off"
+    assert [(it.seq, it.attempts, it.error) for _, _, it in g.retry] == [(2, 1, "worker child died (SIGABRT)")]
+    g.due_retries(100.0)
     add_worker(g, "w3")
-    g.dispatch(10, 0.0)
-    dead = g.worker_gone(b"w3", lost=True)
-    assert [d.item.seq for d in dead] == [1, 2], "an event that kills every worker ends as a dead letter"
+    assert [it.seq for _, items in g.dispatch(10, 100.0) for it in items] == [2, 1, 3], "delivery order"
+    dead = g.worker_gone(b"w3", lost=True, now=100.0)
+    assert [(d.item.seq, d.line) for d in dead] == [(2, "worker lost")], "the oldest delivered is the one charged"
+    assert [(it.seq, it.attempts) for it in g.ready] == [(1, 0), (3, 0)]
+
+
+def test_an_undeliverable_batch_goes_back_uncharged_and_the_worker_gets_no_more():
+    g = group()
+    w = add_worker(g, "w")
+    load(g, [None, None])
+    ((_, items),) = g.dispatch(10, 0.0)
+    g.undeliver(w, items)
+    assert [(it.seq, it.attempts) for it in g.ready] == [(1, 0), (2, 0)] and not g.inflight
+    assert g.dispatch(10, 0.0) == [], "an unreachable worker has no credit until it is heard from"
+    w.reachable = True
+    assert [it.seq for _, items in g.dispatch(10, 0.0) for it in items] == [1, 2]
 
 
 def test_a_requested_retry_delay_is_a_floor_and_still_an_attempt():

@@ -8,8 +8,14 @@ hub forwards committed bytes without re-encoding them.
                     ACK       {"results": [{"t": topic, "s": seq, "ok": true, "f": [follow-on envelope]} |
                                            {"t", "s", "ok": false, "error", "line", "plugin", "permanent",
                                             "delay"?}]}   (delay: seconds, from a plugin's Retry(delay=...))
-                    HB        {}
+                    HB        {} | {"run": [topic, seq, age, timeout]}  (a handler running for an interval or
+                                                               more: which event, how long, its handler_timeout)
                     BYE       {"requeue": [[topic, seq], ...]}     (draining: give back unstarted events)
+    supervisor -> hub
+                    GONE      {"g": group, "w": worker identity (hex), "running": [topic, seq] | null, "reason"}
+                              a worker child died (crash, or killed past handler_timeout): the hub charges the
+                              `running` event one attempt with `reason` and gives the child's other events back
+                              uncharged. Sent with the same key as the child's READY, once per death.
     hub -> worker   DELIVER   {"a": [attempt, ...]}, envelope, envelope, ...
                     HB        {}
                     ERR       {"error", "fatal"}
@@ -36,6 +42,7 @@ READY = b"READY"
 ACK = b"ACK"
 HB = b"HB"
 BYE = b"BYE"
+GONE = b"GONE"
 DELIVER = b"DELIVER"
 ERR = b"ERR"
 PUB = b"PUB"

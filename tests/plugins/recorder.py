@@ -1,7 +1,8 @@
 """A test plugin: records every handled event as one line, and misbehaves on request.
 
 The event's data steers it: {"fail": N} raises on the first N attempts, {"permanent": true} raises
-PermanentError, {"sleep": S} sleeps, {"follow": K} publishes K follow-ons to topic "follow".
+PermanentError, {"sleep": S} sleeps, {"abort": true} kills the child with
+os.abort() (SIGABRT, as a crashing C extension would), {"follow": K} publishes K follow-ons to topic "follow".
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def handle_event(event, ctx):
     if d.get("mark_start"):  # lets a test act while the handler is provably running
         with open(ctx.settings["path"] + ".started", "a") as f:
             f.write(f"{os.getpid()} {event.seq}\n")
+    if d.get("abort"):
+        os.abort()
     if d.get("sleep"):
         time.sleep(d["sleep"])
     if ctx.attempt <= d.get("fail", 0):

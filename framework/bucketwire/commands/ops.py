@@ -152,6 +152,12 @@ def render_status(st: dict[str, Any]) -> str:
             hints.append(f"! group {g}: all worker credit in use, work waits: add workers/processes or raise credit")
         if gs.get("dead_lettered"):
             hints.append(f"  group {g}: {gs['dead_lettered']} dead-lettered: `bucketwire dlq list --group {g}`")
+        for r in gs.get("long_running", []):
+            # The events queued behind it in its child wait; past handler_timeout its child is killed.
+            mark = "!" if r["age"] >= r["timeout"] / 2 else " "
+            hints.append(f"{mark} group {g}: handler running for {fmt_age(r['age'])} (handler_timeout "
+                         f"{r['timeout']:g}s) on {r['topic']}:{r['seq']} {r.get('key') or '-'} id {r.get('id')} "
+                         f"(attempt {r.get('attempt')}, {r.get('host')} pid {r.get('pid')})")
     if not h.get("journal_ok", True):
         hints.append("! journal cannot commit (disk full?): free space under [hub] state_dir; it recovers by itself")
     if hints:

@@ -69,11 +69,16 @@ class WorkerState:
     last_sent: float = 0.0
     host: str = ""
     pid: int = 0
+    user: str | None = None  # the CURVE key that admitted it; only that key may report its death (GONE)
+    reachable: bool = True  # False after a DELIVER could not be sent, until it is heard from again
+    running: tuple[Key, float, float] | None = None  # from its heartbeat: (event, started, handler_timeout)
+    # Insertion order is delivery order, which is the order its child works in: the first key is the event
+    # it is running (or has just finished and not yet acked).
     inflight: dict[Key, Item] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
-        return self.credit - len(self.inflight)
+        return self.credit - len(self.inflight) if self.reachable else 0
 
 
 @dataclass(slots=True)
@@ -304,8 +309,13 @@ class GroupState:
         it = self._take_inflight((topic, seq))
         if it is None:
             return None  # a stale failure for an event that is already elsewhere; its holder decides
+        return self._charge(it, error, line, plugin, permanent, now, delay)
+
+    def _charge(self, it: Item, error: str, line: str, plugin: str | None, permanent: bool, now: float,
+                delay: float | None = None) -> DeadLetter | None:
+        """The attempt `it` just used failed: back off and retry, or dead-letter it once its attempts are spent."""
         it.error = error
-        cfg = self.topic_cfg(topic)
+        cfg = self.topic_cfg(it.topic)
         if permanent or it.attempts >= cfg.max_attempts:
             return self._dead(it, error, line, plugin)
         wait = min(cfg.backoff_max, cfg.backoff_base * (2 ** (it.attempts - 1)))
@@ -333,31 +343,64 @@ class GroupState:
     def next_retry_at(self) -> float | None:
         return self.retry[0][0] if self.retry else None
 
-    def worker_gone(self, ident: bytes, *, lost: bool, requeue: set[Key] | None = None) -> list[DeadLetter]:
-        """Put a departed worker's in-flight events back at the front, in seq order.
+    def worker_gone(self, ident: bytes, *, lost: bool = False, died: tuple[Key | None, str] | None = None,
+                    requeue: set[Key] | None = None, now: float = 0.0) -> list[DeadLetter]:
+        """Put a departed worker's in-flight events back at the front, in seq order; returns the dead letters.
 
-        `lost` (heartbeat timeout) counts as an attempt, so an event that kills every worker that touches it
-        ends in the dead-letter topic instead of looping forever; a drain's BYE does not.
+        Who pays an attempt depends on what is known about the departure:
+
+        * `died` = (key, reason): its supervisor saw the child die and read which event's handler was running
+          (None: none was). That event alone is charged, as a failed attempt with `reason` (backoff, then the
+          dead-letter topic), so a poison event cannot take the innocent events queued with it down with it.
+        * `lost` (heartbeat timeout: the host or its supervisor vanished, nobody can say what ran): the oldest
+          event delivered to it, the one its child works on first, is charged; the rest go back uncharged. An
+          event that takes whole hosts down still ends as a dead letter, after `max_attempts` hosts.
+        * a drain's BYE gives back `requeue` (the events it never started) uncharged.
+        * otherwise (not delivered, or a worker that re-registered) nothing is charged.
         """
         w = self.workers.pop(ident, None)
         if w is None:
             return []
+        if died is not None:
+            charge, reason = died
+            line = reason
+        elif lost:
+            charge = next(iter(w.inflight), None)
+            reason = "worker lost (no heartbeat) while this was the oldest event it held"
+            line = "worker lost"
+        else:
+            charge, reason, line = None, "", ""
         dead: list[DeadLetter] = []
         back: list[Item] = []
+        retried = 0
         for key in sorted(w.inflight):
             it = self._take_inflight(key)
             if it is None:
                 continue
-            if not lost and (requeue is None or key in requeue):
-                it.attempts -= 1
-            elif lost and it.attempts >= self.topic_cfg(it.topic).max_attempts:
-                dead.append(self._dead(it, "worker lost while handling the event", "worker lost", None))
+            if key == charge:
+                dl = self._charge(it, reason, line, None, False, now)
+                if dl is not None:
+                    dead.append(dl)
+                else:
+                    retried += 1  # redelivered too, after its backoff
                 continue
+            if died is not None or lost or requeue is None or key in requeue:
+                it.attempts -= 1
             back.append(it)
         self.ready.extendleft(reversed(back))
-        self.delta[2] += len(back)
-        self.totals[2] += len(back)
+        self.delta[2] += len(back) + retried
+        self.totals[2] += len(back) + retried
         return dead
+
+    def undeliver(self, w: WorkerState, items: list[Item]) -> None:
+        """A DELIVER that could not be sent: those events go back uncharged, and the worker gets no more until it
+        is heard from. Its other events stay with it: if it is dead, its supervisor's GONE or the heartbeat
+        timeout says who pays, which dropping it here (everything uncharged) would not."""
+        for it in items:
+            self._take_inflight(it.key)
+            it.attempts -= 1
+        self.ready.extendleft(reversed(items))
+        w.reachable = False
 
     def take_dirty(self) -> tuple[dict[str, int], tuple[int, int, int]]:
         cur = {t: self.acked[t] for t in self.dirty}

@@ -33,7 +33,7 @@ from bucketwire.envelope import (
     refused_from_outside,
     stable_id,
 )
-from bucketwire.hub.dispatch import DeadLetter, GroupState, WorkerState, decode_ranges, encode_ranges
+from bucketwire.hub.dispatch import DeadLetter, GroupState, Key, WorkerState, decode_ranges, encode_ranges
 from bucketwire.hub.http_server import SWEEP_INTERVAL as HTTP_SWEEP
 from bucketwire.hub.http_server import Server as HttpServer
 from bucketwire.hub.journal import Appended, Batch, Journal, JournalError, NewEvent
@@ -572,11 +572,14 @@ class Hub(Listeners):
         w = self.workers.get(ident)
         if w is not None:
             w.last_seen = now
+            w.reachable = True
         if cmd == P.ACK:
             self._on_ack(ident, hdr, batch, now)
         elif cmd == P.HB:
             if w is None:
                 self._send([ident, P.ERR, P.enc({"error": "unknown worker; send READY", "reready": True})])
+            else:
+                w.running = running_of(hdr, now)
         elif cmd == P.READY:
             self._on_ready(ident, hdr, now)
         elif cmd == P.PUB:
@@ -593,6 +596,8 @@ class Hub(Listeners):
             self._send([ident, P.STATUSR, P.enc({"req": hdr.get("req"), **self.status(now)})])
         elif cmd == P.BYE:
             self._on_bye(ident, hdr)
+        elif cmd == P.GONE:
+            self._on_gone(hdr, now)
         else:
             raise P.ProtocolError(f"unknown command {cmd[:32]!r}")
 
@@ -626,7 +631,8 @@ class Hub(Listeners):
         if old is None:
             pid = hdr.get("pid", 0)
             w = WorkerState(ident, group, frozenset(topics or g.topics), credit, now,
-                            host=str(hdr.get("host", ""))[:64], pid=pid if isinstance(pid, int) else 0)
+                            host=str(hdr.get("host", ""))[:64], pid=pid if isinstance(pid, int) else 0,
+                            user=self._user)
             self.workers[ident] = w
             g.workers[ident] = w
             g.workers.move_to_end(ident, last=False)
@@ -764,22 +770,46 @@ class Hub(Listeners):
             keys = {(t, s) for t, s in req if isinstance(t, str) and isinstance(s, int)}
             self._worker_gone(w, lost=False, requeue=keys)
 
-    def _worker_gone(self, w: WorkerState, *, lost: bool, requeue: set | None = None) -> None:
+    def _on_gone(self, hdr: dict, now: float) -> None:
+        """A pool's supervisor says one of its children died, and which event's handler was running."""
+        gname, wid, running, reason = hdr.get("g"), hdr.get("w"), hdr.get("running"), hdr.get("reason")
+        if not isinstance(gname, str) or not isinstance(wid, str) or not isinstance(reason, str):
+            raise P.ProtocolError("GONE needs group 'g', worker 'w' (hex) and 'reason'")
+        key: Key | None = None
+        if running is not None:
+            if (not isinstance(running, list) or len(running) != 2 or not isinstance(running[0], str)
+                    or not isinstance(running[1], int) or isinstance(running[1], bool)):
+                raise P.ProtocolError("GONE 'running' must be [topic, seq] or null")
+            key = (running[0], running[1])
+        try:
+            ident = bytes.fromhex(wid)
+        except ValueError:
+            raise P.ProtocolError("GONE 'w' must be the worker identity in hex") from None
+        w = self.workers.get(ident)
+        if w is None or w.group != gname or w.user != self._user:
+            return  # already gone (heartbeat timeout), or not this key's worker to report
+        log.warning("worker child died", extra={"group": w.group, "host": w.host, "pid": w.pid, "reason": reason,
+                                                "topic": key[0] if key else None, "seq": key[1] if key else None})
+        self._worker_gone(w, died=(key, reason[:1024]), now=now)
+
+    def _worker_gone(self, w: WorkerState, *, lost: bool = False, died: tuple[Key | None, str] | None = None,
+                     requeue: set[Key] | None = None, now: float | None = None) -> None:
         self.workers.pop(w.ident, None)
         g = self.groups[w.group]
         n = len(w.inflight)
-        for dl in g.worker_gone(w.ident, lost=lost, requeue=requeue):
+        now = time.monotonic() if now is None else now
+        for dl in g.worker_gone(w.ident, lost=lost, died=died, requeue=requeue, now=now):
             self._dead_letter(dl)
         if lost and n:
             self.metrics.redelivered.labels(g.name).inc(n)
         self.metrics.workers.labels(g.name).set(len(g.workers))
-        log.info("worker lost (no heartbeat)" if lost else "worker left",
+        log.info("worker lost (no heartbeat)" if lost else "worker died" if died else "worker left",
                  extra={"group": w.group, "host": w.host, "pid": w.pid, "requeued": n})
 
     def _expire_workers(self, now: float) -> None:
         limit = self.cfg.hub.heartbeat_timeout
         for w in [w for w in self.workers.values() if now - w.last_seen > limit]:
-            self._worker_gone(w, lost=True)
+            self._worker_gone(w, lost=True, now=now)
 
     def _dispatch(self, g: GroupState, now: float) -> None:
         for w, items in g.dispatch(self.cfg.hub.dispatch_batch, now):
@@ -790,9 +820,8 @@ class Hub(Listeners):
                 self.metrics.dispatched.labels(g.name).inc(len(items))
                 self.metrics.batches.labels(g.name).inc()
             else:
-                # Not delivered (gone or its queue is full): the events go back, not counted as an attempt.
-                g.worker_gone(w.ident, lost=False)
-                self.workers.pop(w.ident, None)
+                # Not delivered (gone, or its queue is full): these events go back, not counted as an attempt.
+                g.undeliver(w, items)
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
 
     def _heartbeats(self, now: float) -> None:
@@ -848,6 +877,7 @@ class Hub(Listeners):
                 "redelivered": g.totals[2],
                 "skipped_by_retention": g.skipped_by_retention,
                 "oldest_unacked_age": round(g.oldest_unacked_age(now), 3),
+                "long_running": long_running(g, now),
             }
         st = {
             "hub": {"uptime": round(time.time() - self.started, 3), "journal_ok": self.journal_ok,
@@ -866,6 +896,34 @@ def declared_topics(cfg: Config) -> frozenset[str]:
     if cfg.hub.default_topic:
         names.add(cfg.hub.default_topic)
     return frozenset(names)
+
+
+def running_of(hdr: dict, now: float) -> tuple[Key, float, float] | None:
+    """A heartbeat's {"run": [topic, seq, age, timeout]}: the handler its child has been running for a while."""
+    run = hdr.get("run")
+    if (isinstance(run, list) and len(run) == 4 and isinstance(run[0], str) and isinstance(run[1], int)
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in run[2:])):
+        return (run[0], run[1]), now - float(run[2]), float(run[3])
+    return None
+
+
+def long_running(g: GroupState, now: float, limit: int = 20) -> list[dict[str, Any]]:
+    """Handlers running for longer than a heartbeat interval (what their child's heartbeat says), longest first:
+    a stuck handler shows here, with its age and timeout, while the other events of its child wait."""
+    out: list[dict[str, Any]] = []
+    for w in g.workers.values():
+        if w.running is None or w.running[0] not in w.inflight:
+            continue
+        key, started, timeout = w.running
+        it = w.inflight[key]
+        try:
+            eid = json.loads(it.body).get("id")
+        except (ValueError, AttributeError):
+            eid = None
+        out.append({"id": eid, "topic": key[0], "seq": key[1], "key": it.objkey, "age": round(now - started, 3),
+                    "timeout": timeout, "attempt": it.attempts, "host": w.host, "pid": w.pid})
+    out.sort(key=lambda r: -r["age"])
+    return out[:limit]
 
 
 def g_item_stub(topic: str, seq: int, fo: Event) -> Any:

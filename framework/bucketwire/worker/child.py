@@ -17,7 +17,7 @@ import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event
 from bucketwire.procutil import on_stop_signals
 from bucketwire.worker import plugin_loading as plugin_loader
 from bucketwire.worker.metrics import event_done, handler_done, set_credit
+from bucketwire.worker.running import RunningSlot
 
 log = logging.getLogger("bucketwire.worker")
 
@@ -70,7 +71,8 @@ class Plugins(plugin_loader.PluginRunner):
             self.shutdown()
 
 
-def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str, stop: threading.Event) -> None:
+def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str, stop: threading.Event,
+               slot: RunningSlot) -> None:
     """Own the DEALER: forward deliveries to the main thread, acks to the hub, heartbeat both ways."""
     pair = zctx.socket(zmq.PAIR)
     pair.connect(pair_addr)
@@ -95,7 +97,9 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
     def connect() -> zmq.Socket:
         d = zctx.socket(zmq.DEALER)
         d.setsockopt(zmq.LINGER, 2000)
-        d.setsockopt(zmq.IDENTITY, b"w-" + uuid.uuid4().bytes)
+        ident = b"w-" + uuid.uuid4().bytes
+        slot.set_ident(ident)  # so the supervisor can name this child to the hub if it dies
+        d.setsockopt(zmq.IDENTITY, ident)
         d.setsockopt(zmq.SNDHWM, 100_000)
         d.setsockopt(zmq.RCVHWM, 100_000)
         security.apply_client(d, cfg, keys)
@@ -144,11 +148,20 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
                 pair.send_multipart([b"RESET"])
                 last_hub = last_sent = now
             elif now - last_sent >= interval and not stop.is_set():
-                send(dealer, [P.HB, b"{}"])
+                send(dealer, [P.HB, heartbeat(slot)])
                 last_sent = now
     finally:
         dealer.close()
         pair.close(0)
+
+
+def heartbeat(slot: RunningSlot) -> bytes:
+    """A heartbeat goes out only when nothing else did for an interval, so a handler running then is a long one:
+    say which, for `bucketwire status`. Costs nothing on the hot path."""
+    r = slot.read()
+    if r is None:
+        return b"{}"
+    return P.enc({"run": [r.topic, r.seq, round(time.monotonic() - r.started, 3), r.timeout]})
 
 
 def drain(sock: zmq.Socket, limit: int = 1000) -> Iterator[list[bytes]]:
@@ -159,8 +172,8 @@ def drain(sock: zmq.Socket, limit: int = 1000) -> Iterator[list[bytes]]:
         yield sock.recv_multipart(zmq.NOBLOCK)
 
 
-def child_main(cfg: Config, spec: WorkerSpec) -> int:
-    """Entry point of a worker child process; returns the exit code."""
+def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -> int:
+    """Entry point of a worker child process; returns the exit code. `slot` is shared with the supervisor."""
     # The I/O and handler threads hand every event to each other; the default 5 ms GIL switch interval
     # would show up directly as tail latency.
     sys.setswitchinterval(0.0005)
@@ -177,7 +190,18 @@ def child_main(cfg: Config, spec: WorkerSpec) -> int:
     pair = zctx.socket(zmq.PAIR)
     addr = f"inproc://worker-io-{os.getpid()}"
     pair.bind(addr)
-    io = threading.Thread(target=_io_thread, args=(zctx, cfg, spec, addr, stopping), name="io", daemon=True)
+    slot = slot if slot is not None else RunningSlot.private()
+    timeouts: dict[str, float] = {}
+
+    def begin(topic: object, seq: object) -> None:
+        """Record the event whose handlers are about to run (see worker/running.py)."""
+        if isinstance(topic, str) and isinstance(seq, int):
+            t = timeouts.get(topic)
+            if t is None:
+                t = timeouts[topic] = cfg.handler_timeout(spec.group, topic)
+            slot.begin(topic, seq, t)
+
+    io = threading.Thread(target=_io_thread, args=(zctx, cfg, spec, addr, stopping, slot), name="io", daemon=True)
     io.start()
     queue: deque[tuple[int, bytes]] = deque()
     acks: list[dict[str, Any]] = []
@@ -216,7 +240,8 @@ def child_main(cfg: Config, spec: WorkerSpec) -> int:
                 flush()
                 continue
             attempt, body = queue.popleft()
-            acks.append(_handle(plugins, attempt, body))
+            acks.append(_handle(plugins, attempt, body, begin))
+            slot.end()
             if not queue or len(acks) >= 64 or time.monotonic() - last_flush > 0.005:
                 flush()
         flush()
@@ -241,13 +266,14 @@ def child_main(cfg: Config, spec: WorkerSpec) -> int:
     return code
 
 
-def _handle(plugins: Plugins, attempt: int, body: bytes) -> dict[str, Any]:
+def _handle(plugins: Plugins, attempt: int, body: bytes, begin: Callable[[object, object], None]) -> dict[str, Any]:
     try:
         raw = json.loads(body)
         topic, seq = raw.get("topic"), raw.get("seq")
     except ValueError:
         topic, seq = None, None
         raw = None
+    begin(topic, seq)
     try:
         event = Event.from_dict(raw) if raw is not None else Event.from_json(body)
     except EnvelopeError as e:

@@ -1,6 +1,10 @@
 """The worker supervisor: N child processes (Python has a GIL, so a pool is processes), restarted on crash,
-drained on SIGTERM. The supervisor holds no durable state and no socket: kill it or any child at any moment
-and the hub redelivers what was in flight.
+drained on SIGTERM. The supervisor holds no durable state: kill it or any child at any moment and the hub
+redelivers what was in flight.
+
+It watches what each child is running (worker/running.py): a handler past its `handler_timeout` gets its child
+killed and replaced, and when a child dies the supervisor tells the hub over its one socket which event was
+running, so that event alone is charged an attempt.
 """
 
 from __future__ import annotations
@@ -14,20 +18,65 @@ import time
 from multiprocessing.connection import wait
 from typing import Any
 
+import zmq
+
 from bucketwire import config as config_mod
-from bucketwire import logs
+from bucketwire import logs, security
+from bucketwire import protocol as P
 from bucketwire.config import Config, ConfigError
 from bucketwire.procutil import on_stop_signals
 from bucketwire.worker.child import Plugins, WorkerSpec, child_main
+from bucketwire.worker.running import Running, RunningSlot
 
 log = logging.getLogger("bucketwire.worker")
 
 
-def _child(cfg_path: str | None, cfg: Config | None, spec: WorkerSpec, log_format: str, verbosity: int) -> None:
+def _child(cfg_path: str | None, cfg: Config | None, spec: WorkerSpec, log_format: str, verbosity: int,
+           raw_slot: Any) -> None:
     logs.setup(log_format, verbosity)
     if cfg is None:
         cfg = config_mod.load(cfg_path, warn=False)
-    os._exit(child_main(cfg, spec))
+    os._exit(child_main(cfg, spec, RunningSlot(raw_slot)))
+
+
+class DeathNotices:
+    """The supervisor's one socket: tells the hub, the moment a child dies, which event its handler was running.
+
+    Without it the hub only learns of the death by heartbeat timeout and cannot tell the poison from the innocent
+    events queued behind it in the same child. Fire and forget: when the hub cannot be reached the notice is
+    dropped and the hub falls back to the heartbeat timeout (see GroupState.worker_gone).
+    """
+
+    def __init__(self, cfg: Config, group: str) -> None:
+        self.group = group
+        self.zctx = zmq.Context()
+        self.sock = self.zctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        security.apply_client(self.sock, cfg)
+        self.sock.connect(cfg.client.work)
+
+    def child_died(self, ident: bytes, running: Running | None, reason: str) -> None:
+        hdr = {"g": self.group, "w": ident.hex(), "running": [running.topic, running.seq] if running else None,
+               "reason": reason}
+        try:
+            self.sock.send_multipart([P.GONE, P.enc(hdr)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("hub not reachable; it will notice the dead child by heartbeat timeout")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.zctx.term()
+
+
+def death_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = signal.Signals(-exitcode).name
+        except ValueError:
+            how = f"signal {-exitcode}"
+    else:
+        how = f"exit code {exitcode}"
+    return f"worker child died ({how}) while handling the event"
 
 
 def make_spec(cfg: Config, group: str, topics: list[str] | None, local_plugins: list[str],
@@ -62,6 +111,9 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     stop = threading.Event()
     on_stop_signals(stop.set)
     children: dict[int, Any] = {}
+    slots: dict[int, RunningSlot] = {}
+    timed_out: dict[int, Running] = {}
+    respawn_at: dict[int, float] = {}  # slot -> when its crashed child is replaced (crash-loop backoff)
     restarts: dict[int, list[float]] = {}
     restarted = [0]
     served = None
@@ -70,54 +122,96 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
 
         served = Supervisor(metrics, spec.group, lambda: sum(p.is_alive() for p in children.values()),
                             lambda: restarted[0])
+    notices = DeathNotices(cfg, spec.group)
 
     def spawn(slot: int) -> None:
-        p = ctx.Process(target=_child, args=(cfg_path, None if cfg_path else cfg, spec, log_format, verbosity),
+        rs = slots.get(slot) or slots.setdefault(slot, RunningSlot.shared(ctx))
+        rs.reset()
+        p = ctx.Process(target=_child,
+                        args=(cfg_path, None if cfg_path else cfg, spec, log_format, verbosity, rs.raw),
                         name=f"bucketwire-worker-{spec.group}-{slot}", daemon=False)
         p.start()
         children[slot] = p
+
+    def kill_overdue(now: float) -> float:
+        """Kill the children whose handler passed its handler_timeout; returns when the next one would."""
+        nxt = now + 0.5
+        for slot, p in children.items():
+            r = slots[slot].read()
+            if r is None or slot in timed_out or slot in respawn_at:
+                continue
+            if now < r.deadline:
+                nxt = min(nxt, r.deadline)
+                continue
+            log.warning("handler timed out; killing its worker child", extra={
+                "topic": r.topic, "seq": r.seq, "handler_timeout": r.timeout, "pid": p.pid})
+            timed_out[slot] = r
+            p.kill()
+        return nxt
+
+    def report(slot: int, running: Running | None, reason: str) -> None:
+        ident = slots[slot].ident()
+        if ident:
+            notices.child_died(ident, running, reason)
 
     for i in range(processes):
         spawn(i)
     log.info("worker pool started", extra={"group": spec.group, "processes": processes, "topics": spec.topics})
     code = 0
-    while not stop.is_set():
-        sentinels = {p.sentinel: slot for slot, p in children.items()}
-        ready = wait(list(sentinels), timeout=0.5)
-        for s in ready:
-            slot = sentinels[s]
-            p = children[slot]
-            p.join()
-            if stop.is_set():
-                break
-            if p.exitcode == 2:
-                log.error("worker child exited with a configuration error; stopping the pool")
-                stop.set()
-                code = 2
-                break
-            hist = [t for t in restarts.get(slot, []) if time.monotonic() - t < 60] + [time.monotonic()]
-            restarts[slot] = hist
-            delay = min(30.0, 0.1 * 2 ** (len(hist) - 1))
-            restarted[0] += 1
-            if served is not None:
-                served.child_died(p.pid)
-            log.warning("worker child died; restarting", extra={"slot": slot, "exitcode": p.exitcode,
-                                                                "delay": round(delay, 2)})
-            time.sleep(delay)
-            spawn(slot)
-    log.info("draining worker pool", extra={"group": spec.group})
-    for p in children.values():
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + drain_timeout
-    for p in children.values():
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            log.warning("child did not drain in time; killing", extra={"pid": p.pid})
-            p.kill()
-            p.join()
-    if served is not None:
-        served.stop()
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            for slot in [s for s, t in respawn_at.items() if t <= now]:
+                del respawn_at[slot]
+                spawn(slot)
+            wake = min([kill_overdue(now), *respawn_at.values()])
+            sentinels = {p.sentinel: slot for slot, p in children.items() if slot not in respawn_at}
+            ready = wait(list(sentinels), timeout=max(0.0, wake - time.monotonic()))
+            for s in ready:
+                slot = sentinels[s]
+                p = children[slot]
+                p.join()
+                if stop.is_set():
+                    break
+                if p.exitcode == 2:
+                    log.error("worker child exited with a configuration error; stopping the pool")
+                    stop.set()
+                    code = 2
+                    break
+                r = timed_out.pop(slot, None)
+                if r is not None:  # our kill, not a crash: replace it at once
+                    report(slot, r, f"handler timed out after {r.timeout:g} s (handler_timeout)")
+                    delay = 0.0
+                else:
+                    report(slot, slots[slot].read(), death_reason(p.exitcode))
+                    hist = [t for t in restarts.get(slot, []) if time.monotonic() - t < 60] + [time.monotonic()]
+                    restarts[slot] = hist
+                    delay = min(30.0, 0.1 * 2 ** (len(hist) - 1))
+                restarted[0] += 1
+                if served is not None:
+                    served.child_died(p.pid)
+                log.warning("worker child died; restarting", extra={"slot": slot, "exitcode": p.exitcode,
+                                                                    "delay": round(delay, 2)})
+                respawn_at[slot] = time.monotonic() + delay
+        log.info("draining worker pool", extra={"group": spec.group})
+        for slot, p in children.items():
+            if slot not in respawn_at and p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + drain_timeout
+        for slot, p in children.items():
+            if slot in respawn_at:
+                continue
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                log.warning("child did not drain in time; killing", extra={"pid": p.pid})
+                p.kill()
+                p.join()
+                r = slots[slot].read()
+                report(slot, r, f"handler still running after the {drain_timeout:g} s drain timeout")
+    finally:
+        notices.close()
+        if served is not None:
+            served.stop()
     log.info("worker pool stopped", extra={"group": spec.group})
     return code
 

@@ -1,0 +1,122 @@
+"""One bad event hurts only itself: a handler that kills its child, or never returns, is charged alone.
+
+Real hub and worker pool processes; the recorder plugin (tests/plugins/recorder.py) aborts or sleeps on request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+from bucketwire import Event
+from tests.fixtures_hub import Stack, wait_for
+
+CFG = """
+[topics.jobs]
+max_attempts = 3
+backoff_base = 0.1
+backoff_max = 0.5
+{extra}
+
+[groups.a]
+topics = ["jobs"]
+plugins = []
+start = "earliest"
+credit = 16
+"""
+
+
+def job(key: str, **data: Any) -> Event:
+    return Event(id=uuid.uuid4().hex, source="urn:test", type="s3:ObjectCreated:Put", subject=key, topic="jobs",
+                 data={"bucket": "b", "key": key, **data})
+
+
+def dead_letters(s: Stack) -> list[dict[str, Any]]:
+    with s.client() as c:
+        _, bodies = c.fetch("dead-letter", 1)
+    return [json.loads(b)["data"] for b in bodies]
+
+
+def test_a_child_that_aborts_charges_only_the_event_it_was_running(stack_factory: Any) -> None:
+    """15 innocents share the poison's batch in one child; the poison os.abort()s the child on every attempt.
+    Only the poison may be charged: every innocent is handled on its first attempt, none is dead-lettered."""
+    s = stack_factory(CFG.format(extra=""))
+    s.start_hub()
+    s.start_worker("a", 1)
+    events = [job(f"innocent-{i}") for i in range(16)]
+    events[4] = job("poison", abort=True)  # four innocents before it in the child's queue, eleven after
+    with s.client() as c:
+        c.publish_events(events)
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] >= 1 and st["lag"] == 0, 60,
+             "the group to finish (handled or dead-lettered) every event")
+    dls = dead_letters(s)
+    assert [d["event"]["data"]["key"] for d in dls] == ["poison"], "only the poison is dead-lettered"
+    assert dls[0]["attempts"] == 3
+    assert "SIGABRT" in dls[0]["line"] and "died" in dls[0]["line"], dls[0]["line"]
+    rows = [r for r in s.handled() if r["key"] != "poison"]
+    assert {r["key"] for r in rows} == {f"innocent-{i}" for i in range(16) if i != 4}, "every innocent handled"
+    assert {r["a"] for r in rows} == {1}, "no innocent was charged an attempt for the poison's crashes"
+
+
+def test_a_vanished_worker_charges_only_the_oldest_event_it_held(stack_factory: Any) -> None:
+    """A child frozen mid-handler (SIGSTOP: its pool cannot tell anyone) is found by heartbeat timeout. The hub
+    does not know what it was running; it charges the oldest event it had delivered to it (the one a child works
+    on first), and the rest go to another worker uncharged."""
+    s = stack_factory(CFG.format(extra=""))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    events = [job("slow", mark_start=True, sleep=2)] + [job(f"queued-{i}") for i in range(5)]
+    with s.client() as c:
+        c.publish_events(events)
+    started = s.record.with_name(s.record.name + ".started")
+    wait_for(lambda: started.exists() and started.read_text().strip(), 20, "the slow handler to start")
+    (child,) = s.child_pids(pool)
+    os.kill(child, signal.SIGSTOP)
+    try:
+        wait_for(lambda: s.status()["groups"]["a"]["workers"] == 0, 20, "the hub to give up on the frozen child")
+        s.start_worker("a", 1)
+        wait_for(lambda: len({r["key"] for r in s.handled()}) == 6, 30, "every event handled by the new pool")
+    finally:
+        os.kill(child, signal.SIGKILL)
+    attempts = {r["key"]: r["a"] for r in s.handled()}
+    assert attempts == {"slow": 2, **{f"queued-{i}": 1 for i in range(5)}}, attempts
+
+
+def test_a_hanging_handler_is_timed_out_charged_and_shown_while_it_waits(stack_factory: Any) -> None:
+    """A handler that never returns: status names it while it runs; past handler_timeout its child is killed and
+    replaced, the event is charged (dead-lettered with a timeout reason) and the events queued behind it are
+    handled on their first attempt."""
+    s = stack_factory(CFG.format(extra="handler_timeout = 2.5").replace("max_attempts = 3", "max_attempts = 2"))
+    s.start_hub()
+    s.start_worker("a", 1)
+    hang = job("hang", sleep=3600)
+    with s.client() as c:
+        c.publish_events([hang] + [job(f"behind-{i}") for i in range(8)])
+
+    def stuck() -> dict[str, Any] | None:
+        for r in s.status()["groups"]["a"].get("long_running", []):
+            if r["id"] == hang.id:
+                return r  # type: ignore[no-any-return]
+        return None
+
+    r = wait_for(stuck, 15, "status to show the hanging handler")
+    assert r["topic"] == "jobs" and r["seq"] == 1 and r["key"] == "b/hang" and r["timeout"] == 2.5
+    assert r["age"] > 0
+    out = subprocess.run([sys.executable, "-m", "bucketwire", "status", "-c", str(s.cfg_path)], env=s.env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "b/hang" in out.stdout and "jobs:1" in out.stdout, out.stdout
+
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] == 1 and st["lag"] == 0, 30,
+             "the hanging event to be dead-lettered")
+    (dl,) = dead_letters(s)
+    assert dl["event"]["id"] == hang.id and dl["attempts"] == 2
+    assert "timed out after 2.5 s" in dl["line"], dl["line"]
+    rows = s.handled()
+    assert sorted(r["key"] for r in rows) == sorted(f"behind-{i}" for i in range(8))
+    assert {r["a"] for r in rows} == {1}, "the events queued behind the hanging one were not charged"
