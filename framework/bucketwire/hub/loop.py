@@ -770,7 +770,7 @@ class Hub(Listeners):
             keys = {(t, s) for t, s in req if isinstance(t, str) and isinstance(s, int)}
             self._worker_gone(w, lost=False, requeue=keys)
 
-    def _on_gone(self, hdr: dict, now: float) -> None:
+    def _on_gone(self, hdr: dict[str, Any], now: float) -> None:
         """A pool's supervisor says one of its children died, and which event's handler was running."""
         gname, wid, running, reason = hdr.get("g"), hdr.get("w"), hdr.get("running"), hdr.get("reason")
         if not isinstance(gname, str) or not isinstance(wid, str) or not isinstance(reason, str):
@@ -898,7 +898,7 @@ def declared_topics(cfg: Config) -> frozenset[str]:
     return frozenset(names)
 
 
-def running_of(hdr: dict, now: float) -> tuple[Key, float, float] | None:
+def running_of(hdr: dict[str, Any], now: float) -> tuple[Key, float, float] | None:
     """A heartbeat's {"run": [topic, seq, age, timeout]}: the handler its child has been running for a while."""
     run = hdr.get("run")
     if (isinstance(run, list) and len(run) == 4 and isinstance(run[0], str) and isinstance(run[1], int)
