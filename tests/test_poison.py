@@ -120,3 +120,23 @@ def test_a_hanging_handler_is_timed_out_charged_and_shown_while_it_waits(stack_f
     rows = s.handled()
     assert sorted(r["key"] for r in rows) == sorted(f"behind-{i}" for i in range(8))
     assert {r["a"] for r in rows} == {1}, "the events queued behind the hanging one were not charged"
+
+
+def test_death_notices_pass_curve_and_name_the_signal(stack_factory: Any, tmp_path: Any) -> None:
+    """With CURVE on, the supervisor's death notice is admitted under the pool's key like its children: the dead
+    letter names the signal (only the notice knows it) and the innocents are untouched."""
+    from tests.test_security import secure_stack
+
+    groups = CFG.format(extra="").replace("max_attempts = 3", "max_attempts = 2")
+    s, _ = secure_stack(stack_factory, tmp_path, groups=groups)
+    s.start_hub()
+    s.start_worker("a", 1)
+    events = [job("poison", abort=True)] + [job(f"innocent-{i}") for i in range(5)]
+    with s.client() as c:
+        c.publish_events(events)
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] >= 1 and st["lag"] == 0, 60,
+             "the group to finish every event")
+    (dl,) = dead_letters(s)
+    assert dl["event"]["data"]["key"] == "poison" and dl["attempts"] == 2 and "SIGABRT" in dl["line"]
+    rows = s.handled()
+    assert sorted(r["key"] for r in rows) == [f"innocent-{i}" for i in range(5)] and {r["a"] for r in rows} == {1}

@@ -21,6 +21,7 @@ from typing import Any
 
 _HEAD = struct.Struct("<QqddH")  # generation, seq, started, timeout, topic length
 _GEN = struct.Struct("<Q")
+_END = struct.Struct("<Qq")  # generation, seq
 TOPIC_MAX = 1024
 IDENT_MAX = 64
 _IDENT_AT = _HEAD.size + TOPIC_MAX
@@ -47,6 +48,8 @@ class RunningSlot:
         self.raw = raw  # a multiprocessing RawArray, or a bytearray when no supervisor shares it
         self._buf = memoryview(raw).cast("B")
         self._gen = _GEN.unpack_from(self._buf, 0)[0] & ~1
+        self._topic = ""
+        self._topic_len = 0
 
     @classmethod
     def shared(cls, ctx: SpawnContext) -> RunningSlot:
@@ -61,23 +64,26 @@ class RunningSlot:
         """Before a new child takes the slot: nothing running, no identity."""
         self._buf[:] = bytes(SIZE)
         self._gen = 0
+        self._topic = ""
+        self._topic_len = 0
 
     def begin(self, topic: str, seq: int, timeout: float) -> None:
-        t = topic.encode()
-        if len(t) > TOPIC_MAX or seq <= 0:
-            return  # cannot be named to the hub: recorded as nothing running (the hub then charges nothing)
-        g = self._gen + 1
-        _GEN.pack_into(self._buf, 0, g)
-        _HEAD.pack_into(self._buf, 0, g, seq, time.monotonic(), timeout, len(t))
-        self._buf[_HEAD.size:_HEAD.size + len(t)] = t
-        self._gen = g + 1
+        # Hot path (once per event): the odd generation goes out with the record in one write, the topic bytes
+        # only when the topic changes, then the even generation says the record is whole.
+        if topic != self._topic:
+            t = topic.encode()
+            if len(t) > TOPIC_MAX or seq <= 0:
+                return  # cannot be named to the hub: recorded as nothing running (the hub then charges nothing)
+            _HEAD.pack_into(self._buf, 0, self._gen + 1, 0, 0.0, 0.0, len(t))
+            self._buf[_HEAD.size:_HEAD.size + len(t)] = t
+            self._topic, self._topic_len = topic, len(t)
+        _HEAD.pack_into(self._buf, 0, self._gen + 1, seq, time.monotonic(), timeout, self._topic_len)
+        self._gen += 2
         _GEN.pack_into(self._buf, 0, self._gen)
 
     def end(self) -> None:
-        g = self._gen + 1
-        _HEAD.pack_into(self._buf, 0, g, 0, 0.0, 0.0, 0)
-        self._gen = g + 1
-        _GEN.pack_into(self._buf, 0, self._gen)
+        self._gen += 2
+        _END.pack_into(self._buf, 0, self._gen, 0)  # seq 0: nothing running, whatever else a reader sees
 
     def read(self) -> Running | None:
         """The running event, or None when nothing runs or the record is mid-write (a child that dies mid-write
