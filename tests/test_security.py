@@ -118,17 +118,35 @@ def recv_events(sock: zmq.Socket, seconds: float) -> list[list[bytes]]:
 
 
 # -- config and keys ---------------------------------------------------------------------------------------------
+def test_config_does_not_import_security(tmp_path):
+    """`config` parses; key files are loaded where they are used. A config naming missing key files still loads
+    (nothing is checked at parse time), and loading it never imports `security`: the two modules are acyclic."""
+    cfgp = tmp_path / "c.toml"
+    cfgp.write_text(security_toml(tmp_path, client="nobody"))
+    code = ("import sys; from bucketwire import config; c = config.load(sys.argv[1]); "
+            "assert c.security.curve; print(sorted(m for m in sys.modules if m.startswith('bucketwire')))")
+    r = subprocess.run([sys.executable, "-c", code, str(cfgp)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "bucketwire.security" not in r.stdout
+    src = (Path(config_mod.__file__)).read_text()
+    assert "bucketwire.security" not in src and "from bucketwire import security" not in src
+
+
 def test_missing_key_file_is_one_clear_line(tmp_path):
     make_keys(tmp_path, "hub")
     cfgp = tmp_path / "c.toml"
     cfgp.write_text(security_toml(tmp_path, client="nobody"))
+    cfg = config_mod.load(cfgp)
     with pytest.raises(ConfigError) as e:
-        config_mod.load(cfgp)
+        HubClient(cfg)  # client creation: the keys are loaded where they are used
     msg = str(e.value)
     assert "nobody.key_secret" in msg and "bucketwire keys generate" in msg and "\n" not in msg
-    r = subprocess.run([sys.executable, "-m", "bucketwire", "hub", "-c", str(cfgp)], capture_output=True, text=True,
-                       timeout=30)
-    assert r.returncode != 0 and "bucketwire keys generate" in r.stderr and "Traceback" not in r.stderr
+    for cmd in (["hub"], ["worker", "--group", "g", "--topic", "x"], ["publish", "x", "{}"]):
+        r = subprocess.run([sys.executable, "-m", "bucketwire", *cmd, "-c", str(cfgp)], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode != 0, cmd
+        assert "nobody.key_secret" in r.stderr and "bucketwire keys generate" in r.stderr, (cmd, r.stderr)
+        assert "Traceback" not in r.stderr, (cmd, r.stderr)
 
 
 def test_unreadable_or_wrong_key_file(tmp_path):
@@ -137,11 +155,11 @@ def test_unreadable_or_wrong_key_file(tmp_path):
     # the public file where a secret is needed
     cfgp.write_text(security_toml(tmp_path).replace("admin.key_secret", "admin.key"))
     with pytest.raises(ConfigError, match="holds no secret key"):
-        config_mod.load(cfgp)
+        security.check_key_files(config_mod.load(cfgp).security)
     (tmp_path / "keys" / "junk.key_secret").write_text("hello\n")
     cfgp.write_text(security_toml(tmp_path, client="junk"))
     with pytest.raises(ConfigError, match="not a ZeroMQ certificate"):
-        config_mod.load(cfgp)
+        HubClient(config_mod.load(cfgp))
 
 
 def test_curve_unavailable_is_one_line(tmp_path, monkeypatch):
@@ -150,8 +168,9 @@ def test_curve_unavailable_is_one_line(tmp_path, monkeypatch):
     cfgp.write_text(security_toml(tmp_path))
     real = zmq.has
     monkeypatch.setattr(zmq, "has", lambda cap: False if cap == "curve" else real(cap))
+    cfg = config_mod.load(cfgp)
     with pytest.raises(ConfigError, match="without CURVE"):
-        config_mod.load(cfgp)
+        HubClient(cfg)
 
 
 def test_keys_cli_generate_and_list(tmp_path):

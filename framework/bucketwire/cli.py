@@ -101,9 +101,10 @@ def worker(ctx: click.Context, config_path: str | None, group: str, topics: tupl
         os.environ[TRACE_ENV] = "1"  # the children inherit it
 
     cfg = load_config(config_path)
-    from bucketwire.security import client_keys
+    from bucketwire.security import check_key_files, client_keys
 
-    client_keys(cfg)  # a missing key file is one line here, not a crash in every child
+    check_key_files(cfg.security)  # a bad key file is one line here, not a crash in every child
+    client_keys(cfg)
     spec = make_spec(cfg, group, list(topics), list(local_plugins), credit, start)
     code = run_pool(cfg, spec, processes or default_processes(cfg, group), log_format=ctx.obj["log_format"],
                     verbosity=ctx.obj["verbosity"], drain_timeout=drain_timeout,

@@ -42,7 +42,8 @@ class HubClient:
         self.zctx = context or zmq.Context.instance()
         self._req = itertools.count(1)
         self.sock: zmq.Socket | None = None
-        self.keys = security.client_keys(cfg)  # None without CURVE; a bad key file fails here, in one line
+        security.check_key_files(cfg.security)  # a bad key file fails here, in one line
+        self.keys = security.client_keys(cfg)  # None without CURVE
 
     def _socket(self) -> zmq.Socket:
         if self.sock is None:
@@ -153,6 +154,7 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
     per topic); once the hub answers again the stream goes on from those seqs, so the seam has no gap and
     no duplicate either. Only the first contact fails at once (HubUnavailable), as every other command does.
     """
+    security.check_key_files(cfg.security)
     zctx: zmq.Context[Any] = zmq.Context.instance()
     sub = zctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)

@@ -395,11 +395,47 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
     for name in p.data:
         cfg.plugins[name] = _resolve_secrets_deep(p.sub(name).data, f"{file}: plugins.{name}")
 
-    from bucketwire.security import parse_security  # late: security imports this module
-
-    cfg.security = parse_security(root.sub("security"), base)
+    cfg.security = _parse_security(root.sub("security"), base)
     root.check_unknown({"hub", "client", "routes", "topics", "groups", "stores", "plugins", "security", "dev"})
     return cfg
+
+
+def _parse_security(r: _Reader, base: Path) -> SecurityConfig:
+    """Parse `[security]`. Key files are loaded and checked where they are used (`security.check_key_files`)."""
+    sec = SecurityConfig()
+    sec.curve = r.get("curve", bool, False)
+
+    def path(key: str) -> Path | None:
+        v = r.get(key, str, None)
+        return _path(base, v) if v else None
+
+    sec.server_secret_key = path("server_secret_key")
+    sec.previous_server_secret_key = path("previous_server_secret_key")
+    sec.authorized_keys_dir = path("authorized_keys_dir")
+    sec.client_secret_key = path("client_secret_key")
+    sec.server_public_key = path("server_public_key")
+    if "work_previous" in r.data:
+        sec.work_previous = _endpoint(r, "work_previous", "")
+    if "publish_previous" in r.data:
+        sec.publish_previous = _endpoint(r, "publish_previous", "")
+    sec.zap_domain = r.get("zap_domain", str, sec.zap_domain) or sec.zap_domain
+    sec.reload_interval = _positive(r, "reload_interval", float, sec.reload_interval)
+    roles = r.sub("roles")
+    for name in roles.data:
+        rr = roles.sub(name)
+        sec.roles[name] = RoleConfig(
+            name=name,
+            publish=rr.str_list("publish", []) or [],
+            groups=rr.str_list("groups", []) or [],
+            subscribe=rr.str_list("subscribe", []) or [],
+            admin=rr.get("admin", bool, False),
+        )
+        rr.check_unknown()
+    r.check_unknown()
+    if sec.previous_server_secret_key is not None and not (sec.work_previous and sec.publish_previous):
+        raise r.err("previous_server_secret_key",
+                    "serving a previous server key needs its own endpoints: set work_previous and publish_previous")
+    return sec
 
 
 def _path(base: Path, v: str) -> Path:

@@ -19,75 +19,40 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from bucketwire.config import ConfigError, RoleConfig, SecurityConfig
-
-if TYPE_CHECKING:
-    from bucketwire.config import Config, _Reader
+from bucketwire.config import Config, ConfigError, RoleConfig, SecurityConfig
 
 log = logging.getLogger("bucketwire.security")
 
 FIX = "create one with `bucketwire keys generate NAME --dir DIR`"
 
 
-# -- config ------------------------------------------------------------------------------------------------------
-def parse_security(r: _Reader, base: Path) -> SecurityConfig:
-    """Parse `[security]`; with `curve = true` check libzmq supports CURVE and every named key file loads."""
-    from bucketwire.config import _endpoint, _path
+# -- key files at start -------------------------------------------------------------------------------------------
+def check_key_files(sec: SecurityConfig) -> None:
+    """With `curve = true`, check libzmq supports CURVE and every configured key file loads.
 
-    sec = SecurityConfig()
-    sec.curve = r.get("curve", bool, False)
-
-    def path(key: str) -> Path | None:
-        v = r.get(key, str, None)
-        return _path(base, v) if v else None
-
-    sec.server_secret_key = path("server_secret_key")
-    sec.previous_server_secret_key = path("previous_server_secret_key")
-    sec.authorized_keys_dir = path("authorized_keys_dir")
-    sec.client_secret_key = path("client_secret_key")
-    sec.server_public_key = path("server_public_key")
-    if "work_previous" in r.data:
-        sec.work_previous = _endpoint(r, "work_previous", "")
-    if "publish_previous" in r.data:
-        sec.publish_previous = _endpoint(r, "publish_previous", "")
-    sec.zap_domain = r.get("zap_domain", str, sec.zap_domain) or sec.zap_domain
-    sec.reload_interval = r.get("reload_interval", float, sec.reload_interval)
-    if sec.reload_interval <= 0:
-        raise r.err("reload_interval", f"must be greater than 0, got {sec.reload_interval!r}")
-    roles = r.sub("roles")
-    for name in roles.data:
-        rr = roles.sub(name)
-        sec.roles[name] = RoleConfig(
-            name=name,
-            publish=rr.str_list("publish", []) or [],
-            groups=rr.str_list("groups", []) or [],
-            subscribe=rr.str_list("subscribe", []) or [],
-            admin=rr.get("admin", bool, False),
-        )
-        rr.check_unknown()
-    r.check_unknown()
-    if sec.previous_server_secret_key is not None and not (sec.work_previous and sec.publish_previous):
-        raise r.err("previous_server_secret_key",
-                    "serving a previous server key needs its own endpoints: set work_previous and publish_previous")
-    if sec.curve:
-        require_curve()
-        for key in ("server_secret_key", "previous_server_secret_key", "client_secret_key"):
-            p = getattr(sec, key)
-            if p is not None:
-                load_keypair(p, secret=True, what=f"[security] {key}")
-        if sec.server_public_key is not None:
-            load_keypair(sec.server_public_key, secret=False, what="[security] server_public_key")
-        d = sec.authorized_keys_dir
-        if d is not None and not d.is_dir():
-            raise ConfigError(f"[security] authorized_keys_dir: {d} is not a directory; create it and copy the "
-                              f"clients' public .key files into it ({FIX})")
-    return sec
+    Run where the keys are used, at start (hub, worker pool, client), so a bad key file is one line there rather
+    than a failure inside a loop or in every worker child. Parsing `[security]` stays in `config`, which knows
+    nothing about key files.
+    """
+    if not sec.curve:
+        return
+    require_curve()
+    for key in ("server_secret_key", "previous_server_secret_key", "client_secret_key"):
+        p = getattr(sec, key)
+        if p is not None:
+            load_keypair(p, secret=True, what=f"[security] {key}")
+    if sec.server_public_key is not None:
+        load_keypair(sec.server_public_key, secret=False, what="[security] server_public_key")
+    d = sec.authorized_keys_dir
+    if d is not None and not d.is_dir():
+        raise ConfigError(f"[security] authorized_keys_dir: {d} is not a directory; create it and copy the "
+                          f"clients' public .key files into it ({FIX})")
 
 
 def require_curve() -> None:

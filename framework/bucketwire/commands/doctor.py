@@ -423,9 +423,11 @@ def run_checks(cfg: Config, *, live: bool = True) -> list[Finding]:
 def doctor(config_path: str | None, offline: bool, only_problems: bool) -> None:
     """Check a config and the running system; one line per finding with the fix. Exit 1 on any error."""
     from bucketwire import config as config_mod
+    from bucketwire.security import check_key_files
 
     try:
         cfg = config_mod.load(config_path)
+        check_key_files(cfg.security)
     except ConfigError as e:
         click.echo(Finding("error", f"config: {e}", "fix the config file").line())
         raise SystemExit(1) from None

@@ -41,7 +41,7 @@ from bucketwire.hub.listeners import Listeners
 from bucketwire.hub.metrics import HubMetrics
 from bucketwire.hub.ops import RATE_WINDOW, HubOps
 from bucketwire.hub.routing import Router
-from bucketwire.security import Roles
+from bucketwire.security import Roles, check_key_files, server_key_path
 
 log = logging.getLogger("bucketwire.hub")
 
@@ -123,10 +123,9 @@ class Hub(Listeners):
         self._user: str | None = None
         self._reload = threading.Event()
         self._next_key_check = 0.0
-        if cfg.security.curve:
-            from bucketwire.security import server_key_path
-
-            server_key_path(cfg.security)  # fail at startup, with one line, not in the loop
+        if cfg.security.curve:  # fail at startup, with one line, not in the loop
+            check_key_files(cfg.security)
+            server_key_path(cfg.security)
 
     # -- groups ----------------------------------------------------------------------------------------------
     def _start_after(self, topic: str, start: str) -> int:
