@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bucketwire import config as config_mod
 from bucketwire.client import HubClient
@@ -29,7 +30,7 @@ def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condit
         v = cond()
         if v:
             return v
-        time.sleep(0.05)
+        time.sleep(0.05)  # pacing: the poll interval of a wait with a deadline
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
@@ -110,6 +111,19 @@ path = "{self.record}"
     def status(self) -> dict[str, Any]:
         with self.client(5) as c:
             return c.status()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of the hub's /metrics (0 when absent): counters are the positive signals tests wait on."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/metrics")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            text = r.read().decode()
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                if smp.name == name and smp.labels == labels:
+                    return float(smp.value)
+        return 0.0
 
     def post(self, path: str, body: bytes, token: str | None = None, headers: dict | None = None
              ) -> tuple[int, dict]:

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import defaultdict
 
@@ -113,7 +112,7 @@ def test_acks_above_the_cursor_gap_survive_a_hub_crash(stack_factory):
     s.start_worker("a", 2, "--credit", "1")  # credit 1: the busy child must not hoard fast events
     with s.client() as c:
         c.publish_events([obj_event("slow", 0, sleep=4)])  # holds the cursor at 0
-        time.sleep(0.3)
+        wait_for(lambda: s.status()["groups"]["a"]["inflight"] == 1, 10, "the slow event taken by a child")
         c.publish_events([obj_event(f"fast-{i}", i, follow=2) for i in range(1, 21)])
     wait_for(lambda: len([r for r in s.handled() if r["key"].startswith("fast")]) == 20, 30, "fast events")
     wait_for(lambda: s.status()["topics"].get("follow", {}).get("head") == 40, 10, "40 follow-ons")
@@ -152,7 +151,8 @@ def test_follow_ons_exactly_once_when_an_event_is_handled_twice(stack_factory):
     finally:
         os.kill(frozen, signal.SIGCONT)
     wait_for(lambda: len(s.handled()) == 2, 20, "the frozen worker to finish too")
-    time.sleep(1.0)  # its ack (with the same three follow-ons) reaches the hub
+    # its ack (with the same three follow-ons) reaches the hub, which counts it as an ack for a done event
+    wait_for(lambda: s.metric("bucketwire_acked_again_total", group="a") >= 1, 20, "the second ack at the hub")
     assert {r["pid"] for r in s.handled()} == {frozen, s.handled()[0]["pid"]} and len(s.handled()) == 2
     st = s.status()
     assert st["topics"]["follow"]["head"] == 3, "three follow-ons, committed once"
@@ -199,14 +199,16 @@ def test_tail_from_seq_has_no_gap_or_duplicate_at_the_seam(stack_factory):
     with s.client() as c:
         for i in range(50, 300, 5):  # keep publishing while tail replays and switches to live
             c.publish_events([obj_event(f"k{j}", j) for j in range(i, i + 5)])
-    try:
         wait_for(lambda: len(lines) >= 300, 30, "tail to print 300 lines")
-        time.sleep(0.5)
+        # A last event: the tail prints in order, so a duplicate or a stray line would come before it.
+        c.publish_events([obj_event("k300", 300)])
+    try:
+        wait_for(lambda: any(e["seq"] == 301 for e in lines), 30, "tail to print the last event")
     finally:
         tail.terminate()
         tail.wait(10)
-    assert [e["seq"] for e in lines] == list(range(1, 301))
-    assert [e["data"]["n"] for e in lines] == list(range(300))
+    assert [e["seq"] for e in lines] == list(range(1, 302))
+    assert [e["data"]["n"] for e in lines] == list(range(301))
 
 
 def test_new_group_starts_at_head_or_earliest(stack_factory):
@@ -221,13 +223,16 @@ def test_new_group_starts_at_head_or_earliest(stack_factory):
     s.start_worker("early", 1, "--topic", "jobs", "--start", "earliest")
     with s.client() as c:
         c.publish_events([obj_event(f"new-{i}", i) for i in range(5, 8)])
-    wait_for(lambda: len([r for r in s.handled() if r["g"] in ("late", "early")]) >= 11, 20, "both new groups")
-    time.sleep(0.5)
+    # A last event handled by both groups: each pool is one child handling in order, so anything either group
+    # would wrongly handle from before comes before it.
+    with s.client() as c:
+        c.publish_events([obj_event("last", 8)])
+    wait_for(lambda: {r["g"] for r in s.handled() if r["s"] == 9} >= {"late", "early"}, 20, "both new groups")
     got = defaultdict(list)
     for r in s.handled():
         got[r["g"]].append(r["s"])
-    assert sorted(got["late"]) == [6, 7, 8], "a new group starts at the head by default"
-    assert sorted(got["early"]) == list(range(1, 9)), "--start earliest consumes the history"
+    assert sorted(got["late"]) == [6, 7, 8, 9], "a new group starts at the head by default"
+    assert sorted(got["early"]) == list(range(1, 10)), "--start earliest consumes the history"
 
 
 def test_supervisor_restarts_a_crashed_child(stack_factory):

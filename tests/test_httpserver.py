@@ -135,7 +135,7 @@ def test_a_request_that_trickles_in_is_cut_at_the_read_deadline(server: Running)
         with pytest.raises((ConnectionResetError, BrokenPipeError)):
             for _ in range(40):  # a byte every 0.2 s would finish in 8 s; the deadline is 1 s
                 s.sendall(b"x")
-                time.sleep(0.2)
+                time.sleep(0.2)  # pacing: the trickle of a slow client
             s.recv(100)
         assert time.monotonic() - t0 < 4
     assert server.rejects == ["slow"]
@@ -223,7 +223,7 @@ def test_client_that_closes_while_waiting_costs_nothing() -> None:
                 s.sendall(post("/delay/100"))
         deadline = time.monotonic() + 10
         while (r.srv.conns or len(r.handler.seen) < 30) and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.05)  # pacing: the poll interval of a wait with a deadline
         assert len(r.handler.seen) == 30 and not r.srv.conns
     finally:
         r.stop()

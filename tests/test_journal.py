@@ -34,7 +34,7 @@ def test_retention_by_age_and_size_keeps_heads(tmp_path):
     dropped = j.enforce_retention(max_age=3600, max_bytes=600_000)
     assert dropped > 0 and j.size_bytes() <= 600_000
     assert j.first_seq("t") == dropped + 1, "the oldest go first"
-    time.sleep(0.01)
+    time.sleep(0.01)  # pacing: let the 1 ms max_age below elapse
     assert j.enforce_retention(max_age=0.001, max_bytes=10 << 30) == 500 - dropped
     assert j.heads["t"] == 500 and j.first_seq("t") is None
     assert j.commit(Batch(events=[ev("t", 1000)]))[0].seq == 501, "seqs never go back after retention"
@@ -86,6 +86,6 @@ def test_checkpoints_run_in_the_background(tmp_path):
     j.commit(Batch(events=[ev("t", i, body=b"w" * 1500) for i in range(300)]))  # ~150 pages, far below 4096
     deadline = time.monotonic() + 10
     while (tmp_path / "j.db").stat().st_size < before + 300 * 1500 and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05)  # pacing: the poll interval of a wait with a deadline
     assert (tmp_path / "j.db").stat().st_size >= before + 300 * 1500
     j.close()

@@ -10,6 +10,8 @@ import threading
 import time
 from collections import Counter
 
+import pytest
+
 from bucketwire import Event
 from tests.fixtures_hub import wait_for
 
@@ -31,6 +33,7 @@ credit = {CREDIT}
 """
 
 
+@pytest.mark.timeout(300)  # waits up to 180 s for both groups to catch up
 def test_no_event_lost_across_worker_and_hub_kills(stack_factory):
     s = stack_factory(CFG)
     s.start_hub()
@@ -58,11 +61,11 @@ def test_no_event_lost_across_worker_and_hub_kills(stack_factory):
     child_kills = 0
     hub_killed = False
     while not published.is_set():
-        time.sleep(rng.uniform(0.05, 0.3))
+        time.sleep(rng.uniform(0.05, 0.3))  # pacing: random intervals between injected faults
         head = s.status()["topics"].get("load", {}).get("head", 0) if s.healthy() else 0
         if not hub_killed and head >= N * 0.4:
             s.kill_hub()
-            time.sleep(0.5)
+            time.sleep(0.5)  # pacing: the hub stays down a while, so publishers and workers retry
             s.start_hub()
             hub_killed = True
             continue

@@ -106,6 +106,56 @@ def sub_socket(cfg: config_mod.Config, topic: str = "") -> zmq.Socket:
     return s
 
 
+def spy_socket(cfg: config_mod.Config) -> tuple[zmq.Socket, zmq.Socket]:
+    """A SUB to everything with a monitor attached before it connects, so its handshake outcome is seen."""
+    s = zmq.Context.instance().socket(zmq.SUB)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    mon = s.get_monitor_socket()
+    security.apply_client(s, cfg)
+    s.connect(cfg.client.publish)
+    return s, mon
+
+
+HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                    zmq.EVENT_HANDSHAKE_FAILED_AUTH}
+
+
+def wait_handshake_refused(mon: zmq.Socket, timeout: float = 15) -> None:
+    """The positive signal that a socket is shut out: its own monitor reports the failed handshake."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if mon.poll(int(left * 1000) + 1) and recv_monitor_message(mon)["event"] in HANDSHAKE_FAILED:
+            return
+    raise AssertionError("the handshake was not refused")
+
+
+def wait_live(sub: zmq.Socket, c: HubClient, timeout: float = 15) -> None:
+    """Block until `sub` demonstrably receives: publish a probe to its own topic and wait for its heartbeat.
+    The probe lands in topic `live-probe`, which no test asserts on."""
+    c.publish("live-probe", {})
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if sub.poll(int(left * 1000) + 1) and sub.recv_multipart()[0] == b"live-probe\0":
+            return
+    raise AssertionError("the subscriber never received the probe topic's heartbeat")
+
+
+def recv_until(sock: zmq.Socket, n: int, timeout: float = 15) -> list[list[bytes]]:
+    """The first `n` events (heartbeats and probes skipped) on `sock`, waiting up to `timeout`."""
+    out: list[list[bytes]] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and (left := deadline - time.monotonic()) > 0:
+        if sock.poll(int(left * 1000) + 1):
+            m = sock.recv_multipart()
+            if m[2] and m[0] != b"live-probe\0":
+                out.append(m)
+    assert len(out) == n, f"received {len(out)} of {n} events"
+    return out
+
+
 def recv_events(sock: zmq.Socket, seconds: float) -> list[list[bytes]]:
     out = []
     deadline = time.monotonic() + seconds
@@ -200,21 +250,27 @@ def test_unlisted_keys_get_nothing_listed_keys_work(stack_factory, tmp_path):
     # no key at all: a plain (NULL) client
     plain = copy.copy(s.cfg)
     plain.security = config_mod.SecurityConfig()
-    spies = [sub_socket(intruder), sub_socket(plain)]
+    spies = [spy_socket(intruder), spy_socket(plain)]
     mine = sub_socket(s.cfg)
-    time.sleep(0.5)
     with s.client() as c:
+        wait_live(mine, c)
         assert c.publish("x", {"k": "first"})["seq"] == 1
-    assert len(recv_events(mine, 2)) == 1, "a listed subscriber receives"
-    for spy in spies:
+    assert len(recv_until(mine, 1)) == 1, "a listed subscriber receives"
+    for spy, mon in spies:
+        wait_handshake_refused(mon)
         assert recv_events(spy, 0.2) == [], "an unlisted subscriber receives nothing"
+        spy.disable_monitor()
+        mon.close(0)
         spy.close()
     for cfg in (intruder, plain):
         with HubClient(cfg, timeout=1.5) as c, pytest.raises(HubUnavailable):
             c.publish("x", {"k": "injected"})
-    # an unlisted worker gets no work
+    # an unlisted worker gets no work: wait until the hub has refused its handshake, then look
+    failed = {"socket": "work", "event": "handshake_failed"}
+    before = s.metric("bucketwire_zmq_connection_events_total", **failed)
     w = s.start_worker("g", 1, wait=False, cfg_path=client_config(s, d, "intruder"))
-    time.sleep(2)
+    wait_for(lambda: s.metric("bucketwire_zmq_connection_events_total", **failed) > before, 20,
+             "the hub to refuse the unlisted worker's handshake")
     assert s.status()["groups"]["g"]["workers"] == 0
     assert s.handled() == []
     assert s.status()["topics"]["x"]["head"] == 1, "nothing was injected"
@@ -247,9 +303,9 @@ subscribe = ["ok-*"]
     with s.client() as c:  # admin has no role: unrestricted
         c.publish("secret", {"a": 2})
     assert "secret" in s.status()["topics"]
-    # a group the role does not allow: the worker is refused (fatal), never joins
-    s.start_worker("h", 1, wait=False, cfg_path=client_config(s, d, "limited"))
-    time.sleep(2)
+    # a group the role does not allow: the worker is refused (fatal), never joins, and the pool exits with 2
+    w = s.start_worker("h", 1, wait=False, cfg_path=client_config(s, d, "limited"))
+    assert w.wait(30) == 2, s.dump_logs()
     assert s.status()["groups"]["h"]["workers"] == 0
     # an allowed group works, but follow-ons to a topic the role does not allow are dead-lettered with the reason
     s.start_worker("g", 1, cfg_path=client_config(s, d, "limited"))
@@ -321,13 +377,13 @@ def test_wire_is_not_plaintext(stack_factory, tmp_path, curve):
     cfg.client = config_mod.ClientConfig(publish=f"tcp://127.0.0.1:{ptap.port}",
                                          work=f"tcp://127.0.0.1:{wtap.port}")
     sub = sub_socket(cfg)
-    time.sleep(0.5)
     with HubClient(cfg, timeout=5) as c:
+        wait_live(sub, c)
         c.publish("x", {"key": marker}, subject=marker)
         _, bodies = c.fetch("x", 1)
     assert marker.encode() in bodies[0]
-    got = recv_events(sub, 1.5)
-    assert got and marker.encode() in got[0][2]
+    got = recv_until(sub, 1)
+    assert marker.encode() in got[0][2]
     sub.close()
     wtap.close()
     ptap.close()
@@ -358,7 +414,7 @@ class Publisher(threading.Thread):
                 i += 1
             except Exception as e:  # recorded; the test asserts there are none
                 self.errors.append(repr(e))
-            time.sleep(0.01)
+            time.sleep(0.01)  # pacing: a steady stream across the rotation, not a flood
 
 
 def handled_ns(s: Stack) -> set[int]:
@@ -501,13 +557,23 @@ def test_role_limits_live_subscriptions_on_the_pub_socket(stack_factory, tmp_pat
     forbidden = sub_socket(lim, "secret")
     allowed = sub_socket(lim, "ok")
     admin_all = sub_socket(s.cfg, "")
-    time.sleep(1.0)  # subscriptions reach the hub and are decided
+    # Positive signals that every subscription was decided: the hub counts the two it refuses, and a topic's
+    # heartbeat reaches the two it applies.
+    wait_for(lambda: s.metric("bucketwire_ingress_rejected_total", ingress="zmq", reason="forbidden") >= 2, 20,
+             "the hub to refuse the two subscriptions the role does not allow")
     with s.client() as c:
+        wait_live(admin_all, c)
+        c.publish("ok", {"t": "probe"})
+        wait_for(lambda: allowed.poll(100) and allowed.recv_multipart()[0] == b"ok\0", 20, "ok on the allowed SUB")
+        while allowed.poll(0):
+            allowed.recv_multipart()
+        recv_until(admin_all, 1)
         for t in ("ok", "secret", "ok-more", "ok"):
             c.publish(t, {"t": t})
-    got = {name: [m[0] for m in recv_events(sock, 1.5)]
-           for name, sock in (("everything", everything), ("forbidden", forbidden), ("allowed", allowed),
-                              ("admin", admin_all))}
+    got = {"allowed": [m[0] for m in recv_until(allowed, 2)], "admin": [m[0] for m in recv_until(admin_all, 4)]}
+    # the last event published has arrived: whatever the refused subscriptions would have let through is there now
+    got.update({name: [m[0] for m in recv_events(sock, 0.2)]
+                for name, sock in (("everything", everything), ("forbidden", forbidden))})
     assert got["everything"] == [] and got["forbidden"] == []
     assert got["allowed"] == [b"ok\0", b"ok\0"], "only the exact topic, not ok-more"
     assert sorted(got["admin"]) == sorted([b"ok\0", b"secret\0", b"ok-more\0", b"ok\0"])

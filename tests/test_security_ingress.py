@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bucketwire import config as config_mod
-from tests.fixtures_hub import Stack
+from tests.fixtures_hub import Stack, wait_for
 
 GROUPS = '\n[groups.g]\ntopics = ["x"]\nplugins = []\n'
 CE = json.dumps({"specversion": "1.0", "id": "e1", "source": "test", "type": "t", "topic": "x", "data": {}}).encode()
@@ -95,7 +95,7 @@ def test_tls_with_client_certificates(stack_factory, tmp_path):
             break
         except (ConnectionRefusedError, ConnectionResetError):
             assert time.monotonic() < deadline
-            time.sleep(0.1)
+            time.sleep(0.1)  # pacing: retry interval while the hub starts listening
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         https(False)  # no client certificate: refused in the handshake
     # plain HTTP on the TLS port gets nothing useful and does not disturb the server
@@ -121,15 +121,17 @@ def test_slow_clients_are_cut_off_and_others_served(stack_factory):
     hub_opts(s, "http_read_timeout = 1.0\nhttp_idle_timeout = 0.6")
     s.start_hub()
     cut_after: list[float] = []
+    trickling: list[int] = []
 
     def slowloris(head: bytes) -> None:
         c = socket.create_connection(("127.0.0.1", s.http_port), timeout=10)
         t0 = time.monotonic()
         try:
             c.sendall(head)
+            trickling.append(1)
             for _ in range(60):  # one byte every 0.3 s: each read completes well inside the per-read timeout
                 c.sendall(b"X")
-                time.sleep(0.3)
+                time.sleep(0.3)  # pacing: the trickle of a slow client
         except OSError:
             pass
         cut_after.append(time.monotonic() - t0)
@@ -140,7 +142,7 @@ def test_slow_clients_are_cut_off_and_others_served(stack_factory):
     threads = [threading.Thread(target=slowloris, args=(heads[i % 3],)) for i in range(30)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    wait_for(lambda: len(trickling) == 30, 20, "all slow clients connected and sending")
     t0 = time.monotonic()
     assert s.post("/events", CE)[0] == 200, "a normal client is served while 30 slow ones trickle"
     assert time.monotonic() - t0 < 1.0

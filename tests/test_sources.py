@@ -57,7 +57,7 @@ def wait_for(pred: Any, timeout: float = 20.0) -> None:
     while time.monotonic() < deadline:
         if pred():
             return
-        time.sleep(0.1)
+        time.sleep(0.1)  # pacing: the poll interval of a wait with a deadline
     raise AssertionError("condition not met in time")
 
 

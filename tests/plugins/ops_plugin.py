@@ -20,7 +20,7 @@ def handle_event(event, ctx):
     s = ctx.settings
     d = event.data if isinstance(event.data, dict) else {}
     if ctx.group in s.get("slow_groups", []):
-        time.sleep(float(s.get("slow", 0.2)))
+        time.sleep(float(s.get("slow", 0.2)))  # pacing: simulated handler work
     flag = s.get("fail_flag")
     if d.get("flaky") == ctx.group and flag and os.path.exists(flag):
         raise RuntimeError("flaky: flag file present")

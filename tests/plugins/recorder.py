@@ -33,7 +33,7 @@ def handle_event(event, ctx):
     if d.get("abort"):
         os.abort()
     if d.get("sleep"):
-        time.sleep(d["sleep"])
+        time.sleep(d["sleep"])  # pacing: simulated handler work
     if ctx.attempt <= d.get("fail", 0):
         raise RuntimeError(f"planned failure {ctx.attempt}")
     if d.get("permanent"):

@@ -697,6 +697,8 @@ class Hub(Listeners):
                         self._pending_topics |= fresh
                         self._carry(self._new(fo, fo.topic), "follow-on",  # type: ignore[arg-type]
                                     {"group": g.name, "topic": fo.topic, "id": fo.id})
+                else:
+                    self.metrics.acked_again.labels(g.name).inc()
             else:
                 err = str(r.get("error", "handler failed"))[:8192]
                 line = str(r.get("line", err))[:1024]

@@ -84,6 +84,9 @@ class HubMetrics:
         self.dispatched = Counter("bucketwire_dispatched_total", "Events handed to workers", ["group"], registry=r)
         self.batches = Counter("bucketwire_dispatch_batches_total", "Dispatch batches sent", ["group"], registry=r)
         self.acked = Counter("bucketwire_acked_total", "Events acked", ["group"], registry=r)
+        self.acked_again = Counter("bucketwire_acked_again_total",
+                                   "Acks for events already done (a redelivered event acked twice); ignored",
+                                   ["group"], registry=r)
         self.retries = Counter("bucketwire_retries_total", "Failed events scheduled for retry", ["group"], registry=r)
         self.redelivered = Counter("bucketwire_redelivered_total", "In-flight events redelivered after a worker left",
                                    ["group"], registry=r)

@@ -48,7 +48,7 @@ def main() -> None:
         steps: list[tuple[str, int]] = []
 
         def mark(label: str) -> None:
-            time.sleep(1.5)
+            time.sleep(1.5)  # pacing: a recording script, not a test
             steps.append((label, len(received)))
 
         c.make_bucket("photos")
@@ -82,7 +82,7 @@ def main() -> None:
             [find_weed(), "filer.meta.tail", f"-filer={w.filer_address}", "-pathPrefix=/buckets/photos",
              "-timeAgo=1h"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )
-        time.sleep(4)
+        time.sleep(4)  # pacing: a recording script, not a test
         tail.terminate()
         lines = tail.communicate(timeout=10)[0].decode().splitlines()
     httpd.shutdown()
