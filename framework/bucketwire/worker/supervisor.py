@@ -101,15 +101,37 @@ def make_spec(cfg: Config, group: str, topics: list[str] | None, local_plugins: 
     )
 
 
+RESTART_BACKOFF = (0.1, 30.0)
+"""A crashing child is replaced after base * 2**(crashes in the last minute - 1) seconds, at most max."""
+
+
+def _stop_wakeup(stop: threading.Event) -> int:
+    """SIGTERM/SIGINT set `stop` and make the returned fd readable: the loop below waits on it with the children,
+    so a stop during a long restart backoff (up to 30 s) drains at once instead of when the wait times out."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+
+    def on_stop() -> None:
+        stop.set()
+        try:
+            os.write(w, b"\0")
+        except BlockingIOError:
+            pass
+
+    on_stop_signals(on_stop)
+    return r
+
+
 def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str = "text", verbosity: int = 0,
-             drain_timeout: float = 30.0, metrics: str | None = None) -> int:
+             drain_timeout: float = 30.0, metrics: str | None = None,
+             restart_backoff: tuple[float, float] = RESTART_BACKOFF) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code. `metrics` HOST:PORT serves the pool's /metrics."""
     # Validate once here so a config mistake is one line, not N children crash-looping.
     Plugins(cfg, spec)
     ctx = mp.get_context("spawn")
     cfg_path = str(cfg.path) if cfg.path else None
     stop = threading.Event()
-    on_stop_signals(stop.set)
+    woken = _stop_wakeup(stop)
     children: dict[int, Any] = {}
     slots: dict[int, RunningSlot] = {}
     timed_out: dict[int, Running] = {}
@@ -166,9 +188,11 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                 spawn(slot)
             wake = min([kill_overdue(now), *respawn_at.values()])
             sentinels = {p.sentinel: slot for slot, p in children.items() if slot not in respawn_at}
-            ready = wait(list(sentinels), timeout=max(0.0, wake - time.monotonic()))
+            ready = wait([*sentinels, woken], timeout=max(0.0, wake - time.monotonic()))
             for s in ready:
-                slot = sentinels[s]
+                if s == woken:
+                    break  # stopping: the while condition ends the loop
+                slot = sentinels[s]  # type: ignore[index]
                 p = children[slot]
                 p.join()
                 if stop.is_set():
@@ -186,7 +210,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                     report(slot, slots[slot].read(), death_reason(p.exitcode))
                     hist = [t for t in restarts.get(slot, []) if time.monotonic() - t < 60] + [time.monotonic()]
                     restarts[slot] = hist
-                    delay = min(30.0, 0.1 * 2 ** (len(hist) - 1))
+                    delay = min(restart_backoff[1], restart_backoff[0] * 2 ** (len(hist) - 1))
                 restarted[0] += 1
                 if served is not None:
                     served.child_died(p.pid)
@@ -209,6 +233,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                 r = slots[slot].read()
                 report(slot, r, f"handler still running after the {drain_timeout:g} s drain timeout")
     finally:
+        os.close(woken)
         notices.close()
         if served is not None:
             served.stop()
