@@ -205,6 +205,32 @@ def test_expect_100_continue(server: Running) -> None:
         assert read_responses(s, 1)[0][2] == b'{"path": "/now", "n": 4}\n'
 
 
+def read_until(s: socket.socket, marker: bytes) -> bytes:
+    """Bytes off the socket up to and including the first `marker` (everything read so far if it closes)."""
+    buf = b""
+    while marker not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf
+
+
+def test_100_continue_comes_in_its_requests_turn_on_a_pipelined_connection(server: Running) -> None:
+    """The interim answer belongs to the request that asked for it: behind the answer to the request before it,
+    never in the middle of (or ahead of) that answer, and the body then sent is read as the second request's."""
+    with server.connect() as s:
+        s.sendall(post("/delay/300", b"first") + b"POST /now HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        got = read_until(s, b"HTTP/1.1 100 Continue\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200 OK\r\n"), got
+        assert b'{"path": "/delay/300", "n": 5}\n' in got, "the first request's answer comes first"
+        assert got.endswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(b"second")
+        status, _, body = read_responses(s, 1)[0]
+    assert status == 200 and body == b'{"path": "/now", "n": 6}\n'
+
+
 def test_client_that_closes_while_waiting_costs_nothing() -> None:
     """Each client sends a request and closes its side; the answer goes out and the connection is closed then,
     not after the (here 30 s) idle timeout."""

@@ -181,6 +181,7 @@ class _Conn(asyncio.Protocol):
         self.body: list[bytes] = []
         self.body_len = 0
         self.early: Response | None = None
+        self.continue_due = False  # it asked for `100 Continue`, owed once the requests before it are answered
         # deadlines, checked by the server's sweep (monotonic seconds; 0 = none)
         self.read_kind = "idle"  # "idle": between requests; "read": a request is arriving
         self.read_by = 0.0
@@ -242,6 +243,7 @@ class _Conn(asyncio.Protocol):
         self.body.clear()
         self.body_len = 0
         self.early = None
+        self.continue_due = False
         self._arm("read", self.srv.limits.read_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -272,8 +274,11 @@ class _Conn(asyncio.Protocol):
             length = req.headers.get("content-length", "")
             if (not length.isdigit() or int(length) > self.srv.limits.drain_body) and not self.queue:
                 self._close()  # the answer has gone; a body this large (or unbounded) is not worth reading
-        elif req.headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        elif req.headers.get("expect", "").lower() == "100-continue":
+            # An interim answer is still an answer: it goes out in this request's turn, after the answers to
+            # the pipelined requests before it (`_pump` sends it once they are all written).
+            self.continue_due = True
+            self._pump()
 
     def on_body(self, chunk: bytes) -> None:
         self.body_len += len(chunk)
@@ -298,6 +303,7 @@ class _Conn(asyncio.Protocol):
             return
         req.body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
         self.body.clear()
+        self.continue_due = False  # the client sent the body without waiting: no interim answer is needed
         self.queue.append((req, None, keep))
         self.read_by = 0.0  # waiting for the answer does not count against the client
         self._flow()
@@ -320,6 +326,10 @@ class _Conn(asyncio.Protocol):
                 resp = got
             self.queue.popleft()
             self._write(resp, keep and not resp.close, req.method == "HEAD")
+        if self.continue_due and not self.queue and self.waiting is None and not self.closing:
+            self.continue_due = False
+            if self.transport is not None:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._flow()
 
     def _call(self, req: Request) -> Response | Pending:
@@ -374,6 +384,7 @@ class _Conn(asyncio.Protocol):
         self.srv.on_reject("malformed" if status == 400 else "too_large")
         self.queue.clear()
         self.early = None
+        self.continue_due = False
         if self.waiting is not None:
             self.waiting._cancel()
             self.waiting = None
