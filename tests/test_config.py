@@ -17,31 +17,102 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("text,needle", [
-    ('[hub]\nhttp = "nope"', "hub.http: 'nope' is not HOST:PORT"),
-    ('[hub]\nwork = "127.0.0.1:5"', "hub.work: '127.0.0.1:5' is not a ZeroMQ endpoint"),
-    ('[hub]\ndurability = "sometimes"', "hub.durability: must be 'os' or 'fsync'"),
-    ('[hub]\nheartbeat_timeout = 0.5\nheartbeat_interval = 1', "hub.heartbeat_timeout: must be larger"),
-    ('[hub]\nauth_token = "env:BW_DOES_NOT_EXIST"', "environment variable BW_DOES_NOT_EXIST is not set"),
-    ('[hub]\ntypo = 1', "hub.typo: unknown key"),
-    ("[[routes]]\nbucket = 'x'", "routes[0].topic: every route needs a topic"),
-    ("[groups.g]\nplugins = []", "groups.g.topics: a group needs at least one topic"),
-    ("[groups.g]\ntopics = ['a']\nstart = 'middle'", "groups.g.start: must be 'latest' or 'earliest'"),
-    ("[topics.t]\nmax_attempts = 0", "topics.t.max_attempts: must be greater than 0"),
-    ("[topics.t]\nhandler_timeout = 0", "topics.t.handler_timeout: must be greater than 0"),
-    ("[groups.g]\ntopics = ['a']\nhandler_timeout = 'long'", "groups.g.handler_timeout: expected float"),
-    ("[stores.s]\naccess_key = 'a'", "stores.s.endpoint: a store needs an endpoint"),
+    ('[hub]\nhttp = "nope"', '[hub] http: expected HOST:PORT like "127.0.0.1:9000", got "nope"'),
+    ('[hub]\nhttp = "127.0.0.1:70000"', '[hub] http: expected HOST:PORT like "127.0.0.1:9000", got "127.0.0.1:70000"'),
+    ('[hub]\nwork = "127.0.0.1:5"',
+     '[hub] work: expected a ZeroMQ endpoint like "tcp://127.0.0.1:5557", got "127.0.0.1:5"'),
+    ('[hub]\ndurability = "sometimes"', '[hub] durability: expected one of "fsync", "os", got "sometimes"'),
+    ('[hub]\nheartbeat_timeout = 0.5\nheartbeat_interval = 1', "[hub] heartbeat_timeout: must be larger"),
+    ('[hub]\nheartbeat_interval = true', "[hub] heartbeat_interval: expected a number > 0, got true"),
+    ('[hub]\nauth_token = "env:BW_DOES_NOT_EXIST"',
+     "[hub] auth_token[0]: environment variable BW_DOES_NOT_EXIST is not set; export it"),
+    ('[hub]\ntls_cert = "c.pem"', "[hub] tls_key: set both tls_cert and tls_key"),
+    ("[[routes]]\nbucket = 'x'", '[routes[0]] topic: required, e.g. topic = "bucket-update"'),
+    ("[[routes]]\ntopic = 't'\n[[routes]]\ntopic = ''", '[routes[1]] topic: expected a non-empty string, got ""'),
+    ("[groups.g]\nplugins = []", '[groups.g] topics: required, e.g. topics = ["bucket-update"]'),
+    ("[groups.g]\ntopics = []", "[groups.g] topics: expected a non-empty list of non-empty strings, got []"),
+    ("[groups.g]\ntopics = ['a']\nstart = 'middle'",
+     '[groups.g] start: expected one of "earliest", "latest", got "middle"'),
+    ("[groups.x]\ntopics = ['a']\ncredit = 'ten'", '[groups.x] credit: expected an integer ≥ 1, got "ten"'),
+    ("[topics.t]\nmax_attempts = 0", "[topics.t] max_attempts: expected an integer ≥ 1, got 0"),
+    ("[topics.t]\nhandler_timeout = 0", "[topics.t] handler_timeout: expected a number > 0, got 0"),
+    ("[groups.g]\ntopics = ['a']\nhandler_timeout = 'long'",
+     '[groups.g] handler_timeout: expected a number > 0, got "long"'),
+    ("[stores.s]\naccess_key = 'a'", '[stores.s] endpoint: required, e.g. endpoint = "127.0.0.1:8333"'),
+    ("[security]\nreload_interval = 0", "[security] reload_interval: expected a number > 0, got 0"),
+    ("[security.roles.r]\npublish = ['a', 1]", "[security.roles.r] publish[1]: expected a non-empty string, got 1"),
     ("[hub\n", "invalid TOML"),
-    ("[wat]\n", "wat: unknown key"),
+    ("routes = 5", "routes: expected a list of tables, got 5"),
 ])
-def test_config_errors_name_file_key_and_fix(tmp_path, text, needle):
+def test_config_errors_name_file_key_and_fix(tmp_path: Path, text: str, needle: str) -> None:
     p = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
         config_mod.load(p)
-    assert str(e.value).startswith(str(p))
+    assert str(e.value).startswith(f"{p}: ")
     assert needle in str(e.value)
+    assert "\n" not in str(e.value)
 
 
-def test_secrets_from_env_and_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("text,where", [
+    ("wat = 1", "wat"),
+    ("[wat]\n", "wat"),
+    ("[hub]\ntypo = 1", "[hub] typo"),
+    ("[client]\ntypo = 1", "[client] typo"),
+    ("[[routes]]\ntopic = 't'\ntypo = 1", "[routes[0]] typo"),
+    ("[topics.t]\ntypo = 1", "[topics.t] typo"),
+    ('[topics."a.b"]\ntypo = 1', '[topics."a.b"] typo'),
+    ("[groups.g]\ntopics = ['a']\ntypo = 1", "[groups.g] typo"),
+    ("[stores.s]\nendpoint = 'h:1'\ntypo = 1", "[stores.s] typo"),
+    ("[security]\ntypo = 1", "[security] typo"),
+    ("[security.roles.r]\ntypo = 1", "[security.roles.r] typo"),
+])
+def test_unknown_keys_are_refused_at_every_level(tmp_path: Path, text: str, where: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        config_mod.load(p)
+    assert str(e.value) == f"{p}: {where}: unknown key; check the spelling against the configuration reference " \
+                           "in README.md"
+
+
+def test_the_name_of_a_table_is_not_a_key(tmp_path: Path) -> None:
+    p = write(tmp_path, "[groups.g]\nname = 'other'\ntopics = ['a']")
+    with pytest.raises(ConfigError, match=r"\[groups.g\] name: unknown key; the table's own name \('g'\) is its name"):
+        config_mod.load(p)
+
+
+def test_secret_values_are_never_echoed_in_errors(tmp_path: Path) -> None:
+    p = write(tmp_path, "[stores.s]\nendpoint = 'h:1'\nsecret_key = ['AKIA-VERY-SECRET']")
+    with pytest.raises(ConfigError) as e:
+        config_mod.load(p)
+    assert "[stores.s] secret_key: expected a string, got a list" in str(e.value)
+    assert "AKIA" not in str(e.value)
+
+
+def test_defaults_and_lone_strings(tmp_path: Path) -> None:
+    p = write(tmp_path, """
+[hub]
+publish = "tcp://0.0.0.0:7001"
+retention_days = 2
+retention_mb = 1
+[groups.g]
+topics = "jobs"
+[[routes]]
+topic = "t"
+events = "s3:ObjectCreated:*"
+[stores.s]
+endpoint = "https://s3.example:443"
+""")
+    cfg = config_mod.load(p)
+    g = cfg.groups["g"]
+    assert (g.name, g.topics, g.credit, g.processes, g.start, g.plugins) == ("g", ["jobs"], 16, 2, "latest", None)
+    assert cfg.routes[0].events == ["s3:ObjectCreated:*"]
+    assert cfg.client.publish == "tcp://127.0.0.1:7001" and cfg.client.work == cfg.hub.work
+    assert cfg.hub.retention_age == 2 * 86400 and cfg.hub.retention_bytes == 1 << 20
+    assert cfg.hub.state_dir == tmp_path / "state" / "hub", "the default path is relative to the config file too"
+    assert cfg.stores["s"].secure and cfg.stores["s"].endpoint == "s3.example:443"
+
+
+def test_secrets_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BW_T", "tok-env")
     secret = tmp_path / "s3secret"
     secret.write_text("from-file\n")
@@ -60,16 +131,16 @@ secret_key = "file:{secret}"
     assert cfg.hub.default_store == "s"
 
 
-def test_cli_prints_one_line_not_a_traceback(tmp_path):
+def test_cli_prints_one_line_not_a_traceback(tmp_path: Path) -> None:
     p = write(tmp_path, '[hub]\nhttp = "nope"')
     r = subprocess.run([sys.executable, "-m", "bucketwire", "status", "-c", str(p)], capture_output=True, text=True)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("Error: ")
-    assert "hub.http" in r.stderr
+    assert "[hub] http" in r.stderr
 
 
-def test_publish_to_a_missing_hub_fails_with_a_clear_line(tmp_path):
+def test_publish_to_a_missing_hub_fails_with_a_clear_line(tmp_path: Path) -> None:
     p = write(tmp_path, '[hub]\nwork = "tcp://127.0.0.1:9"\n')
     r = subprocess.run([sys.executable, "-m", "bucketwire", "publish", "-c", str(p), "--timeout", "1", "t", "{}"],
                        capture_output=True, text=True, timeout=30)

@@ -7,13 +7,20 @@ itself can be committed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
+import msgspec.inspect as mi
+from msgspec import Meta
 
 DEFAULT_HTTP = "127.0.0.1:9000"
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
@@ -24,114 +31,171 @@ class ConfigError(Exception):
     """A configuration problem, phrased as one line: where, what, and how to fix it."""
 
 
-@dataclass(slots=True)
-class HubConfig:
-    http: str = DEFAULT_HTTP
-    publish: str = DEFAULT_PUBLISH
-    work: str = DEFAULT_WORK
+# -- value types: the constraint and the words an error uses for it, written once ---------------------------------
+PositiveInt = Annotated[int, Meta(ge=1)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonEmpty = Annotated[str, Meta(min_length=1)]
+Endpoint = Annotated[str, Meta(pattern=r"^(tcp|ipc|inproc)://.", description='a ZeroMQ endpoint like "tcp://127.0.0.1:5557"')]
+HostPort = Annotated[str, Meta(
+    pattern=r"^[^\s]+:(6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|\d{1,4})$",
+    description='HOST:PORT like "127.0.0.1:9000"',
+)]
+Secret = Annotated[str, Meta(extra={"secret": True})]
+"""`env:NAME` or `file:PATH` is replaced by the variable or the file's content; never echoed in an error."""
+
+
+class Table(msgspec.Struct, forbid_unknown_fields=True):
+    """A TOML table: every key it accepts is a field below, with its type, constraint and default, once."""
+
+
+class HubConfig(Table):
+    http: HostPort = DEFAULT_HTTP
+    publish: Endpoint = DEFAULT_PUBLISH
+    work: Endpoint = DEFAULT_WORK
     state_dir: Path = Path("./state/hub")
-    auth_tokens: list[str] = field(default_factory=list)
-    durability: str = "os"
-    max_body_bytes: int = 1 << 20
-    max_hops: int = 8
-    heartbeat_interval: float = 1.0
-    heartbeat_timeout: float = 5.0
+    auth_tokens: Annotated[list[Secret], Meta(description="a string or a list of strings")] = msgspec.field(
+        default_factory=list, name="auth_token")
+    durability: Literal["os", "fsync"] = "os"
+    max_body_bytes: PositiveInt = 1 << 20
+    max_hops: PositiveInt = 8
+    heartbeat_interval: PositiveFloat = 1.0
+    heartbeat_timeout: PositiveFloat = 5.0
     default_topic: str | None = None
     default_store: str | None = None
     dead_letter: str = "dead-letter"
-    retention_age: float = 7 * 86400.0
-    retention_bytes: int = 10 << 30
-    dispatch_batch: int = 64
-    request_timeout: float = 10.0
+    retention_days: PositiveFloat = 7.0
+    retention_mb: PositiveFloat = 10240.0
+    dispatch_batch: PositiveInt = 64
+    request_timeout: PositiveFloat = 10.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    http_idle_timeout: float = 30.0
-    http_read_timeout: float = 30.0
+    http_idle_timeout: PositiveFloat = 30.0
+    http_read_timeout: PositiveFloat = 30.0
     metrics_public: bool = False
-    max_topics: int = 1000
+    max_topics: PositiveInt = 1000
+
+    def __post_init__(self) -> None:
+        if any(not t.strip() for t in self.auth_tokens):
+            # Only an absent auth_token means unauthenticated; an empty one is a mistake, never "open".
+            raise ValueError("auth_token: is empty; set a token, or remove the key to run unauthenticated")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError("heartbeat_timeout: must be larger than heartbeat_interval (3x or more is sensible)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_key: set both tls_cert and tls_key (PEM files) to serve HTTPS, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca: client-certificate verification needs tls_cert and tls_key as well")
+
+    @property
+    def retention_age(self) -> float:
+        return self.retention_days * 86400
+
+    @property
+    def retention_bytes(self) -> int:
+        return int(self.retention_mb * (1 << 20))
 
 
-@dataclass(slots=True)
-class RoleConfig:
-    """What one client key (named by its certificate file) may do; lists of fnmatch globs, empty = nothing."""
+class ClientConfig(Table):
+    """Where clients (workers, publish, tail) connect; empty means the hub's own bind address."""
 
-    name: str
-    publish: list[str] = field(default_factory=list)
-    groups: list[str] = field(default_factory=list)
-    subscribe: list[str] = field(default_factory=list)
-    admin: bool = False
-    """Operator acts (replay, dlq retry/purge) on any group, not only those listed in `groups`."""
+    publish: Endpoint = ""
+    work: Endpoint = ""
+    timeout: PositiveFloat = 10.0
 
 
-@dataclass(slots=True)
-class SecurityConfig:
-    """CURVE on every ZeroMQ socket. Paths are resolved against the config file's directory."""
-
-    curve: bool = False
-    server_secret_key: Path | None = None
-    previous_server_secret_key: Path | None = None
-    work_previous: str | None = None
-    publish_previous: str | None = None
-    authorized_keys_dir: Path | None = None
-    client_secret_key: Path | None = None
-    server_public_key: Path | None = None
-    zap_domain: str = "bucketwire"
-    reload_interval: float = 2.0
-    roles: dict[str, RoleConfig] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class ClientConfig:
-    """Where clients (workers, publish, tail) connect; defaults to the hub's own bind addresses."""
-
-    publish: str = DEFAULT_PUBLISH
-    work: str = DEFAULT_WORK
-    timeout: float = 10.0
-
-
-@dataclass(slots=True)
-class Route:
-    topic: str
-    events: list[str] = field(default_factory=lambda: ["*"])
+class Route(msgspec.Struct, forbid_unknown_fields=True):
+    topic: Annotated[NonEmpty, Meta(examples=["bucket-update"])]
+    events: list[NonEmpty] = msgspec.field(default_factory=lambda: ["*"])
     bucket: str | None = None
     prefix: str = ""
     suffix: str = ""
 
+    def __post_init__(self) -> None:
+        self.events = self.events or ["*"]
 
-@dataclass(slots=True)
-class TopicConfig:
-    max_attempts: int = 5
+
+class TopicConfig(Table):
+    max_attempts: PositiveInt = 5
     dead_letter: str | None = None
-    backoff_base: float = 0.5
-    backoff_max: float = 60.0
-    handler_timeout: float | None = None  # None: the group's, else DEFAULT_HANDLER_TIMEOUT
+    backoff_base: PositiveFloat = 0.5
+    backoff_max: PositiveFloat = 60.0
+    handler_timeout: PositiveFloat | None = None  # None: the group's, else DEFAULT_HANDLER_TIMEOUT
 
 
 DEFAULT_HANDLER_TIMEOUT = 300.0
 """Seconds a handler may run on one event before its worker child is killed and the event charged an attempt."""
 
 
-@dataclass(slots=True)
-class GroupConfig:
-    name: str
-    topics: list[str]
-    plugins: list[str] | None = None
-    start: str = "latest"
-    processes: int = 2
-    credit: int = 16
-    metrics: str | None = None  # HOST:PORT where `worker` serves the pool's Prometheus metrics
-    handler_timeout: float | None = None  # default for the group's topics (a topic's own setting wins)
+class GroupConfig(Table):
+    name: str  # the table's name, [groups.NAME]
+    topics: Annotated[list[NonEmpty], Meta(min_length=1, examples=[["bucket-update"]])]
+    plugins: list[NonEmpty] | None = None
+    start: Literal["latest", "earliest"] = "latest"
+    processes: PositiveInt = 2
+    credit: PositiveInt = 16
+    metrics: HostPort | None = None  # where `worker` serves the pool's Prometheus metrics
+    handler_timeout: PositiveFloat | None = None  # default for the group's topics (a topic's own setting wins)
 
 
-@dataclass(slots=True)
-class StoreConfig:
-    name: str
-    endpoint: str
-    access_key: str = ""
-    secret_key: str = ""
-    secure: bool = False
+class StoreConfig(Table):
+    name: str  # the table's name, [stores.NAME]
+    endpoint: Annotated[NonEmpty, Meta(examples=["127.0.0.1:8333"])]
+    access_key: Secret = ""
+    secret_key: Secret = ""
+    secure: bool = False  # an https:// endpoint implies true
     region: str | None = None
+
+    def __post_init__(self) -> None:
+        self.secure = self.secure or self.endpoint.startswith("https://")
+        self.endpoint = self.endpoint.removeprefix("http://").removeprefix("https://")
+
+
+class RoleConfig(Table):
+    """What one client key (named by its certificate file) may do; lists of fnmatch globs, empty = nothing."""
+
+    name: str  # the table's name, [security.roles.NAME]
+    publish: list[NonEmpty] = []
+    groups: list[NonEmpty] = []
+    subscribe: list[NonEmpty] = []
+    admin: bool = False
+    """Operator acts (replay, dlq retry/purge) on any group, not only those listed in `groups`."""
+
+
+class SecurityConfig(Table):
+    """CURVE on every ZeroMQ socket. Paths are resolved against the config file's directory; the key files are
+    loaded where they are used (`security.check_key_files`), not here."""
+
+    curve: bool = False
+    server_secret_key: Path | None = None
+    previous_server_secret_key: Path | None = None
+    work_previous: Endpoint | None = None
+    publish_previous: Endpoint | None = None
+    authorized_keys_dir: Path | None = None
+    client_secret_key: Path | None = None
+    server_public_key: Path | None = None
+    zap_domain: str = "bucketwire"
+    reload_interval: PositiveFloat = 2.0
+    roles: dict[str, RoleConfig] = {}
+
+    def __post_init__(self) -> None:
+        self.zap_domain = self.zap_domain or "bucketwire"
+        if self.previous_server_secret_key is not None and not (self.work_previous and self.publish_previous):
+            raise ValueError("previous_server_secret_key: serving a previous server key needs its own endpoints: "
+                             "set work_previous and publish_previous")
+
+
+class ConfigFile(Table):
+    """The whole file: its top-level tables."""
+
+    hub: HubConfig = msgspec.field(default_factory=HubConfig)
+    client: ClientConfig = msgspec.field(default_factory=ClientConfig)
+    routes: list[Route] = []
+    topics: dict[str, TopicConfig] = {}
+    groups: dict[str, GroupConfig] = {}
+    stores: dict[str, StoreConfig] = {}
+    plugins: Annotated[dict[str, dict[str, Any]], Meta(extra={"secret": "deep"})] = {}
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    dev: dict[str, Any] = {}  # read by `bucketwire dev`
 
 
 @dataclass(slots=True)
@@ -164,51 +228,7 @@ class Config:
         return self.topic(topic).dead_letter or self.hub.dead_letter
 
 
-class _Reader:
-    """Walks a TOML table, remembering the dotted path so errors can name the key."""
-
-    def __init__(self, file: str, data: dict[str, Any], path: str) -> None:
-        self.file, self.data, self.path = file, data, path
-        self.used: set[str] = set()
-
-    def err(self, key: str, msg: str) -> ConfigError:
-        where = f"{self.path}.{key}" if self.path else key
-        return ConfigError(f"{self.file}: {where}: {msg}")
-
-    def get(self, key: str, typ: type | tuple[type, ...], default: Any = None, *, secret: bool = False) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            return default
-        v = self.data[key]
-        if secret and isinstance(v, str):
-            v = resolve_secret(v, lambda m: self.err(key, m))
-        if typ is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, typ) or (isinstance(v, bool) and typ in (int, float)):
-            names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-            raise self.err(key, f"expected {names}, got {type(v).__name__} {v!r}")
-        return v
-
-    def str_list(self, key: str, default: list[str] | None = None) -> list[str] | None:
-        v = self.get(key, (list, str), default)
-        if isinstance(v, str):
-            v = [v]
-        if v is not None and not all(isinstance(x, str) and x for x in v):
-            raise self.err(key, "expected a list of non-empty strings")
-        return v
-
-    def sub(self, key: str) -> _Reader:
-        v = self.get(key, dict, {})
-        return _Reader(self.file, v, f"{self.path}.{key}" if self.path else key)
-
-    def check_unknown(self, allowed: set[str] | None = None) -> None:
-        extra = set(self.data) - (allowed if allowed is not None else self.used)
-        if extra:
-            k = sorted(extra)[0]
-            raise self.err(k, "unknown key; check the spelling against the configuration reference in README.md")
-
-
-def resolve_secret(value: str, err: Any = None) -> str:
+def resolve_secret(value: str, err: Callable[[str], Exception] | None = None) -> str:
     """`env:NAME` reads an environment variable, `file:PATH` a file; anything else is taken literally.
 
     A reference that resolves to nothing (a variable set to "", an empty file) is an error, never an empty
@@ -237,220 +257,228 @@ def resolve_secret(value: str, err: Any = None) -> str:
     return value
 
 
-def _endpoint(r: _Reader, key: str, default: str) -> str:
-    v = r.get(key, str, default)
-    if not v.startswith(("tcp://", "ipc://", "inproc://")):
-        raise r.err(key, f"{v!r} is not a ZeroMQ endpoint; write it like 'tcp://127.0.0.1:5557'")
-    return v
-
-
-def _hostport(r: _Reader, key: str, default: str) -> str:
-    v = r.get(key, str, default)
-    host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise r.err(key, f"{v!r} is not HOST:PORT; write it like '127.0.0.1:9000'")
-    return v
-
-
-def _positive(r: _Reader, key: str, typ: type, default: Any) -> Any:
-    v = r.get(key, typ, default)
-    if v <= 0:
-        raise r.err(key, f"must be greater than 0, got {v!r}")
-    return v
-
-
+# -- parsing ------------------------------------------------------------------------------------------------------
 def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None) -> Config:
-    root = _Reader(file, data, "")
-    base = path.parent if path else Path.cwd()
-    cfg = Config(path=path, raw=data)
-
-    h = root.sub("hub")
-    hub = cfg.hub
-    hub.http = _hostport(h, "http", DEFAULT_HTTP)
-    hub.publish = _endpoint(h, "publish", DEFAULT_PUBLISH)
-    hub.work = _endpoint(h, "work", DEFAULT_WORK)
-    sd = Path(h.get("state_dir", str, "./state/hub")).expanduser()
-    hub.state_dir = sd if sd.is_absolute() else (base / sd)
-    tok = h.get("auth_token", (str, list), None, secret=True)
-    toks = [tok] if isinstance(tok, str) else list(tok or [])
-    if tok is not None and not toks:
-        raise h.err("auth_token", "is an empty list; give at least one token, or remove the key to run "
-                                  "unauthenticated")
-    hub.auth_tokens = []
-    for t in toks:
-        if not isinstance(t, str):
-            raise h.err("auth_token", "expected a string or a list of strings")
-        t = resolve_secret(t, lambda m: h.err("auth_token", m))
-        if not t.strip():
-            # Only an absent auth_token means unauthenticated; an empty one is a mistake, never "open".
-            raise h.err("auth_token", "is empty; set a token, or remove the key to run unauthenticated")
-        hub.auth_tokens.append(t)
-    hub.durability = h.get("durability", str, "os")
-    if hub.durability not in ("os", "fsync"):
-        raise h.err("durability", f"must be 'os' or 'fsync', got {hub.durability!r}")
-    hub.max_body_bytes = _positive(h, "max_body_bytes", int, hub.max_body_bytes)
-    hub.max_hops = _positive(h, "max_hops", int, hub.max_hops)
-    hub.heartbeat_interval = _positive(h, "heartbeat_interval", float, hub.heartbeat_interval)
-    hub.heartbeat_timeout = _positive(h, "heartbeat_timeout", float, hub.heartbeat_timeout)
-    if hub.heartbeat_timeout <= hub.heartbeat_interval:
-        raise h.err("heartbeat_timeout", "must be larger than heartbeat_interval (3x or more is sensible)")
-    hub.default_topic = h.get("default_topic", str, None)
-    hub.default_store = h.get("default_store", str, None)
-    hub.dead_letter = h.get("dead_letter", str, hub.dead_letter)
-    hub.retention_age = _positive(h, "retention_days", float, hub.retention_age / 86400) * 86400
-    hub.retention_bytes = int(_positive(h, "retention_mb", float, hub.retention_bytes / (1 << 20)) * (1 << 20))
-    hub.dispatch_batch = _positive(h, "dispatch_batch", int, hub.dispatch_batch)
-    hub.request_timeout = _positive(h, "request_timeout", float, hub.request_timeout)
-    for k in ("tls_cert", "tls_key", "tls_client_ca"):
-        v = h.get(k, str, None)
-        setattr(hub, k, _path(base, v) if v else None)
-    if (hub.tls_cert is None) != (hub.tls_key is None):
-        raise h.err("tls_key", "set both tls_cert and tls_key (PEM files) to serve HTTPS, or neither")
-    if hub.tls_client_ca is not None and hub.tls_cert is None:
-        raise h.err("tls_client_ca", "client-certificate verification needs tls_cert and tls_key as well")
-    hub.http_idle_timeout = _positive(h, "http_idle_timeout", float, hub.http_idle_timeout)
-    hub.http_read_timeout = _positive(h, "http_read_timeout", float, hub.http_read_timeout)
-    hub.metrics_public = h.get("metrics_public", bool, False)
-    hub.max_topics = _positive(h, "max_topics", int, hub.max_topics)
-    h.check_unknown()
-
-    c = root.sub("client")
-    cfg.client.publish = _endpoint(c, "publish", hub.publish.replace("0.0.0.0", "127.0.0.1"))
-    cfg.client.work = _endpoint(c, "work", hub.work.replace("0.0.0.0", "127.0.0.1"))
-    cfg.client.timeout = _positive(c, "timeout", float, cfg.client.timeout)
-    c.check_unknown()
-
-    routes = root.get("routes", list, [])
-    for i, rt in enumerate(routes):
-        if not isinstance(rt, dict):
-            raise root.err(f"routes[{i}]", "each [[routes]] entry must be a table")
-        r = _Reader(file, rt, f"routes[{i}]")
-        topic = r.get("topic", str, None)
-        if not topic:
-            raise r.err("topic", "every route needs a topic, e.g. topic = \"bucket-update\"")
-        cfg.routes.append(
-            Route(
-                topic=topic,
-                events=r.str_list("events", ["*"]) or ["*"],
-                bucket=r.get("bucket", str, None),
-                prefix=r.get("prefix", str, ""),
-                suffix=r.get("suffix", str, ""),
-            )
-        )
-        r.check_unknown()
-
-    t = root.sub("topics")
-    for name in t.data:
-        tr = t.sub(name)
-        tc = TopicConfig(
-            max_attempts=_positive(tr, "max_attempts", int, 5),
-            dead_letter=tr.get("dead_letter", str, None),
-            backoff_base=_positive(tr, "backoff_base", float, 0.5),
-            backoff_max=_positive(tr, "backoff_max", float, 60.0),
-            handler_timeout=_positive(tr, "handler_timeout", float, None) if "handler_timeout" in tr.data else None,
-        )
-        tr.check_unknown()
-        cfg.topics[name] = tc
-
-    g = root.sub("groups")
-    for name in g.data:
-        gr = g.sub(name)
-        topics = gr.str_list("topics")
-        if not topics:
-            raise gr.err("topics", "a group needs at least one topic, e.g. topics = [\"bucket-update\"]")
-        start = gr.get("start", str, "latest")
-        if start not in ("latest", "earliest"):
-            raise gr.err("start", f"must be 'latest' or 'earliest', got {start!r}")
-        cfg.groups[name] = GroupConfig(
-            name=name,
-            topics=topics,
-            plugins=gr.str_list("plugins"),
-            start=start,
-            processes=_positive(gr, "processes", int, 2),
-            credit=_positive(gr, "credit", int, 16),
-            metrics=_hostport(gr, "metrics", "") if "metrics" in gr.data else None,
-            handler_timeout=_positive(gr, "handler_timeout", float, None) if "handler_timeout" in gr.data else None,
-        )
-        gr.check_unknown()
-
-    s = root.sub("stores")
-    for name in s.data:
-        sr = s.sub(name)
-        ep = sr.get("endpoint", str, None)
-        if not ep:
-            raise sr.err("endpoint", "a store needs an endpoint, e.g. endpoint = \"127.0.0.1:8333\"")
-        cfg.stores[name] = StoreConfig(
-            name=name,
-            endpoint=ep.removeprefix("http://").removeprefix("https://"),
-            access_key=sr.get("access_key", str, "", secret=True),
-            secret_key=sr.get("secret_key", str, "", secret=True),
-            secure=sr.get("secure", bool, ep.startswith("https://")),
-            region=sr.get("region", str, None),
-        )
-        sr.check_unknown()
-    if hub.default_store is None and len(cfg.stores) == 1:
-        hub.default_store = next(iter(cfg.stores))
-
-    p = root.sub("plugins")
-    for name in p.data:
-        cfg.plugins[name] = _resolve_secrets_deep(p.sub(name).data, f"{file}: plugins.{name}")
-
-    cfg.security = _parse_security(root.sub("security"), base)
-    root.check_unknown({"hub", "client", "routes", "topics", "groups", "stores", "plugins", "security", "dev"})
-    return cfg
+    """Validate a TOML document against the schema; errors are one line naming the file, the key and the fix."""
+    if (data.get("hub") or {}).get("auth_token") == [] if isinstance(data.get("hub"), dict) else False:
+        raise ConfigError(f"{file}: [hub] auth_token: is an empty list; give at least one token, or remove the key "
+                          "to run unauthenticated")
+    prepared = _prepare(data, _FILE_INFO, [], file)
+    try:
+        f = msgspec.convert(prepared, ConfigFile, dec_hook=_dec_hook)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{file}: {_explain(e, prepared, ConfigFile, [])}") from None
+    _resolve_paths(f, path.parent if path else Path.cwd())
+    hub = f.hub
+    f.client.publish = f.client.publish or hub.publish.replace("0.0.0.0", "127.0.0.1")
+    f.client.work = f.client.work or hub.work.replace("0.0.0.0", "127.0.0.1")
+    if hub.default_store is None and len(f.stores) == 1:
+        hub.default_store = next(iter(f.stores))
+    return Config(path=path, hub=hub, client=f.client, routes=f.routes, topics=f.topics, groups=f.groups,
+                  stores=f.stores, plugins=f.plugins, security=f.security, raw=data)
 
 
-def _parse_security(r: _Reader, base: Path) -> SecurityConfig:
-    """Parse `[security]`. Key files are loaded and checked where they are used (`security.check_key_files`)."""
-    sec = SecurityConfig()
-    sec.curve = r.get("curve", bool, False)
-
-    def path(key: str) -> Path | None:
-        v = r.get(key, str, None)
-        return _path(base, v) if v else None
-
-    sec.server_secret_key = path("server_secret_key")
-    sec.previous_server_secret_key = path("previous_server_secret_key")
-    sec.authorized_keys_dir = path("authorized_keys_dir")
-    sec.client_secret_key = path("client_secret_key")
-    sec.server_public_key = path("server_public_key")
-    if "work_previous" in r.data:
-        sec.work_previous = _endpoint(r, "work_previous", "")
-    if "publish_previous" in r.data:
-        sec.publish_previous = _endpoint(r, "publish_previous", "")
-    sec.zap_domain = r.get("zap_domain", str, sec.zap_domain) or sec.zap_domain
-    sec.reload_interval = _positive(r, "reload_interval", float, sec.reload_interval)
-    roles = r.sub("roles")
-    for name in roles.data:
-        rr = roles.sub(name)
-        sec.roles[name] = RoleConfig(
-            name=name,
-            publish=rr.str_list("publish", []) or [],
-            groups=rr.str_list("groups", []) or [],
-            subscribe=rr.str_list("subscribe", []) or [],
-            admin=rr.get("admin", bool, False),
-        )
-        rr.check_unknown()
-    r.check_unknown()
-    if sec.previous_server_secret_key is not None and not (sec.work_previous and sec.publish_previous):
-        raise r.err("previous_server_secret_key",
-                    "serving a previous server key needs its own endpoints: set work_previous and publish_previous")
-    return sec
+_FILE_INFO = msgspec.inspect.type_info(ConfigFile)
+_Key = str | int
 
 
-def _path(base: Path, v: str) -> Path:
-    p = Path(v).expanduser()
-    return p if p.is_absolute() else base / p
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is Path and isinstance(obj, str):
+        return Path(obj).expanduser()
+    raise NotImplementedError
 
 
-def _resolve_secrets_deep(v: Any, where: str) -> Any:
-    if isinstance(v, str) and v.startswith(("env:", "file:")):
-        return resolve_secret(v, lambda m: ConfigError(f"{where}: {m}"))
-    if isinstance(v, dict):
-        return {k: _resolve_secrets_deep(x, f"{where}.{k}") for k, x in v.items()}
-    if isinstance(v, list):
-        return [_resolve_secrets_deep(x, where) for x in v]
+def _resolve_paths(obj: Any, base: Path) -> None:
+    """Every relative path (given or default) is relative to the config file's directory."""
+    if isinstance(obj, msgspec.Struct):
+        for name in obj.__struct_fields__:
+            v = getattr(obj, name)
+            if isinstance(v, Path):
+                setattr(obj, name, v if v.is_absolute() else base / v)
+            else:
+                _resolve_paths(v, base)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _resolve_paths(v, base)
+    elif isinstance(obj, list):
+        for v in obj:
+            _resolve_paths(v, base)
+
+
+def _prepare(v: Any, t: mi.Type, keys: list[_Key], file: str) -> Any:
+    """What the schema cannot say by itself, done before msgspec validates: a lone string where a list of strings
+    is expected becomes a one-item list; Secret values are resolved; a named table's entries get their name."""
+    if isinstance(t, mi.Metadata):
+        secret = (t.extra or {}).get("secret")
+        if secret:
+            v = _resolve(v, keys, file, deep=secret == "deep")
+        return _prepare(v, t.type, keys, file)
+    if isinstance(t, mi.UnionType):
+        lists = [x for x in t.types if isinstance(x, mi.ListType)]
+        return _prepare(v, lists[0], keys, file) if lists and isinstance(v, str) else v
+    if isinstance(t, mi.ListType):
+        if isinstance(v, str) and isinstance(_bare(t.item_type), mi.StrType):
+            v = [v]
+        return [_prepare(x, t.item_type, [*keys, i], file) for i, x in enumerate(v)] if isinstance(v, list) else v
+    if isinstance(t, mi.DictType) and isinstance(v, dict):
+        named = isinstance(t.value_type, mi.StructType) and any(f.name == "name" for f in t.value_type.fields)
+        out = {}
+        for k, x in v.items():
+            x = _prepare(x, t.value_type, [*keys, k], file)
+            if named and isinstance(x, dict):
+                if "name" in x:
+                    raise ConfigError(f"{file}: {_where([*keys, k, 'name'])}: unknown key; the table's own name "
+                                      f"({k!r}) is its name")
+                x = {"name": k, **x}
+            out[k] = x
+        return out
+    if isinstance(t, mi.StructType) and isinstance(v, dict):
+        fields = {f.encode_name: f for f in t.fields}
+        return {k: _prepare(x, fields[k].type, [*keys, k], file) if k in fields else x for k, x in v.items()}
     return v
+
+
+def _resolve(v: Any, keys: list[_Key], file: str, *, deep: bool) -> Any:
+    def err(msg: str) -> ConfigError:
+        return ConfigError(f"{file}: {_where(keys)}: {msg}")
+
+    if isinstance(v, str) and (not deep or v.startswith(("env:", "file:"))):
+        return resolve_secret(v, err)
+    if isinstance(v, list):
+        return [_resolve(x, [*keys, i], file, deep=deep) for i, x in enumerate(v)]
+    if deep and isinstance(v, dict):
+        return {k: _resolve(x, [*keys, k], file, deep=deep) for k, x in v.items()}
+    return v
+
+
+def _bare(t: mi.Type) -> mi.Type:
+    while isinstance(t, mi.Metadata):
+        t = t.type
+    return t
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+_MSG = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_SEG = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _explain(e: msgspec.ValidationError, data: Any, cls: type, keys: list[_Key]) -> str:
+    """msgspec's `Expected int >= 1 - at $.groups[...].credit` as `[groups.x] credit: expected an integer ≥ 1,
+    got "ten"`: the TOML table and key, the constraint in words, and the value that broke it."""
+    m = _MSG.match(str(e))
+    assert m is not None
+    msg, path = m["msg"], m["path"] or ""
+    t: mi.Type = mi.type_info(cls)
+    v: Any = data
+    for seg in _SEG.finditer(path):
+        name, index = seg[1], seg[2]
+        t = _bare(t)
+        if isinstance(t, mi.UnionType):
+            t = next((x for x in map(_bare, t.types) if not isinstance(x, mi.NoneType)), t)
+        if name is not None:
+            assert isinstance(t, mi.StructType)
+            t = next(f.type for f in t.fields if f.encode_name == name)
+            v = v.get(name) if isinstance(v, dict) else None
+            keys = [*keys, name]
+        elif index is not None:
+            assert isinstance(t, mi.ListType)
+            t, v, keys = t.item_type, v[int(index)], [*keys, int(index)]
+        else:  # `[...]`: msgspec does not say which entry of a table of tables; find it by validating each
+            assert isinstance(t, mi.DictType) and isinstance(t.value_type, mi.StructType) and isinstance(v, dict)
+            for k, x in v.items():
+                try:
+                    msgspec.convert(x, t.value_type.cls, dec_hook=_dec_hook)
+                except msgspec.ValidationError as inner:
+                    return _explain(inner, x, t.value_type.cls, [*keys, k])
+            return f"{_where(keys)}: {msg}"
+    field = re.match(r"Object (contains unknown|missing required) field `(.*)`$", msg)
+    if field and field[1] == "contains unknown":
+        return f"{_where([*keys, field[2]])}: unknown key; check the spelling against the configuration reference " \
+               "in README.md"
+    if field:
+        ft = next((f.type for f in _fields(t) if f.encode_name == field[2]), None)
+        examples = (ft.extra_json_schema or {}).get("examples") if isinstance(ft, mi.Metadata) else None
+        hint = f", e.g. {field[2]} = {_toml(examples[0])}" if examples else ""
+        return f"{_where([*keys, field[2]])}: required{hint}"
+    if msg.startswith(("Expected", "Invalid enum value")):
+        got = _kind(v) if _is_secret(t) else _toml(v)
+        return f"{_where(keys)}: expected {_describe(t)}, got {got}"
+    own = re.match(r"^(\w+): (.*)$", msg, re.S)  # raised by a __post_init__ as "key: what to do"
+    if own:
+        return f"{_where([*keys, own[1]])}: {own[2]}"
+    return f"{_where(keys)}: {msg}"
+
+
+def _fields(t: mi.Type) -> tuple[mi.Field, ...]:
+    t = _bare(t)
+    return t.fields if isinstance(t, mi.StructType) else ()
+
+
+def _where(keys: list[_Key]) -> str:
+    """["groups", "x", "credit"] -> "[groups.x] credit"; ["routes", 0, "topic"] -> "[routes[0]] topic";
+    ["hub", "auth_token", 1] -> "[hub] auth_token[1]"."""
+    def join(ks: list[_Key]) -> str:
+        out = ""
+        for k in ks:
+            if isinstance(k, int):
+                out += f"[{k}]"
+            else:
+                out += ("." if out else "") + (k if _BARE_KEY.match(k) else json.dumps(k))
+        return out
+
+    last = max((i for i, k in enumerate(keys) if isinstance(k, str)), default=0)
+    table, key = join(keys[:last]), join(keys[last:])
+    return f"[{table}] {key}" if table else key
+
+
+def _describe(t: mi.Type) -> str:
+    if isinstance(t, mi.Metadata):
+        described = (t.extra_json_schema or {}).get("description")
+        return str(described) if described else _describe(t.type)
+    if isinstance(t, mi.IntType | mi.FloatType):
+        what = "an integer" if isinstance(t, mi.IntType) else "a number"
+        bounds = [f"{op} {b}" for op, b in (("≥", t.ge), (">", t.gt), ("≤", t.le), ("<", t.lt)) if b is not None]
+        return " ".join([what, *bounds])
+    if isinstance(t, mi.StrType):
+        return "a non-empty string" if t.min_length else "a string"
+    if isinstance(t, mi.BoolType):
+        return "true or false"
+    if isinstance(t, mi.LiteralType):
+        return "one of " + ", ".join(json.dumps(x) for x in t.values)
+    if isinstance(t, mi.ListType):
+        item = re.sub(r"^an? ", "", _describe(t.item_type)) + "s"
+        return f"a non-empty list of {item}" if t.min_length else f"a list of {item}"
+    if isinstance(t, mi.DictType | mi.StructType):
+        return "a table"
+    if isinstance(t, mi.UnionType):
+        return " or ".join(_describe(x) for x in t.types if not isinstance(x, mi.NoneType))
+    if isinstance(t, mi.CustomType) and t.cls is Path:
+        return "a path"
+    return "a value"
+
+
+def _is_secret(t: mi.Type) -> bool:
+    while isinstance(t, mi.Metadata):
+        if (t.extra or {}).get("secret"):
+            return True
+        t = t.type
+    return isinstance(t, mi.ListType) and _is_secret(t.item_type)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str | int | float):
+        return json.dumps(v)
+    if isinstance(v, list) and len(json.dumps(v, default=str)) <= 60:
+        return json.dumps(v, default=str)
+    return _kind(v)
+
+
+def _kind(v: Any) -> str:
+    kinds = {dict: "a table", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number"}
+    return kinds.get(type(v), type(v).__name__)
 
 
 def load(path: str | os.PathLike[str] | None, *, warn: bool = True) -> Config:

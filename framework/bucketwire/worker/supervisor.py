@@ -23,7 +23,7 @@ import zmq
 from bucketwire import config as config_mod
 from bucketwire import logs, security
 from bucketwire import protocol as P
-from bucketwire.config import Config, ConfigError
+from bucketwire.config import Config, ConfigError, GroupConfig
 from bucketwire.procutil import on_stop_signals
 from bucketwire.worker.child import Plugins, WorkerSpec, child_main
 from bucketwire.worker.running import Running, RunningSlot
@@ -90,12 +90,14 @@ def make_spec(cfg: Config, group: str, topics: list[str] | None, local_plugins: 
         if extra:
             raise ConfigError(f"--topic {extra[0]}: group {group!r} consumes {gc.topics}; add it to "
                               f"[groups.{group}] topics")
+    if gc is None:  # a group only the command line names: the schema's defaults, written once in config.py
+        gc = GroupConfig(name=group, topics=topics or [])
     return WorkerSpec(
         group=group,
-        topics=topics or (gc.topics if gc else []),
-        credit=credit or (gc.credit if gc else 16),
+        topics=topics or gc.topics,
+        credit=credit or gc.credit,
         local_plugins=local_plugins,
-        start=start or (gc.start if gc else "latest"),
+        start=start or gc.start,
         heartbeat_interval=cfg.hub.heartbeat_interval,
         heartbeat_timeout=cfg.hub.heartbeat_timeout,
     )
@@ -243,6 +245,6 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
 
 def default_processes(cfg: Config, group: str) -> int:
     gc = cfg.groups.get(group)
-    return gc.processes if gc else 2
+    return gc.processes if gc else GroupConfig(name=group, topics=[]).processes
 
 
