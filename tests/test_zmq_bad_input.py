@@ -67,3 +67,29 @@ def test_bad_frames_are_rejected_and_change_nothing(stack_factory):
     rejected = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                    if line.startswith('bucketwire_ingress_rejected_total{ingress="zmq"'))
     assert rejected >= len(BAD_MESSAGES) - 3
+
+
+def test_unknown_or_mistyped_header_fields_are_refused_with_the_field_named(stack_factory):
+    """Headers are schemas (protocol.py): a misspelt field is an error the peer hears about, not silently ignored
+    (a FETCH with `form` instead of `from` used to be answered from seq 1)."""
+    s = stack_factory("[groups.g]\ntopics = [\"x\"]\nplugins = []\n")
+    s.start_hub()
+    d = zmq.Context.instance().socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.connect(s.cfg.client.work)
+    cases = [
+        ([b"FETCH", b'{"req":1,"topic":"x","form":5}'], "unknown field `form`"),
+        ([b"READY", b'{"group":"g","topics":["x"],"credit":20000,"schema":1}'], "credit"),
+        ([b"ACK", b'{"g":"g","results":[{"t":"x","s":1,"ok":"yes"}]}'], "results[0].ok"),
+        ([b"PUB", b'{"req":1,"events":[]}'], "events"),
+    ]
+    try:
+        for frames, needle in cases:
+            d.send_multipart(frames)
+            assert d.poll(10_000), f"no answer to {frames}"
+            cmd, hdr = d.recv_multipart()[:2]
+            assert cmd == b"ERR", (frames, cmd, hdr)
+            err = json.loads(hdr)["error"]
+            assert needle in err and "\n" not in err, (frames, err)
+    finally:
+        d.close()

@@ -85,9 +85,12 @@ class HubClient:
                 frames = s.recv_multipart()
                 if len(frames) < 2:
                     continue
+                if frames[0] == P.ERR:
+                    err = P.decode(frames[1], P.Err)
+                    if err.fatal:
+                        raise HubRefused(err.error or "refused")
+                    continue
                 reply = P.header(frames[1])
-                if frames[0] == P.ERR and reply.get("fatal"):
-                    raise HubRefused(reply.get("error", "refused"))
                 if frames[0] in want and reply.get("req") == req:
                     return frames[0], reply, frames[2:]
             if time.monotonic() >= deadline:

@@ -32,7 +32,10 @@ hub forwards committed bytes without re-encoding them.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
 
 from bucketwire.envelope import dumps
 
@@ -59,6 +62,10 @@ DLQR = b"DLQR"
 GROUPRM = b"GROUPRM"
 GROUPRMR = b"GROUPRMR"
 
+MAX_CREDIT = 10_000
+MAX_PUB_EVENTS = 10_000
+MAX_FETCH = 1000
+
 
 HEARTBEAT_FRAME = b""
 """On the PUB socket a heartbeat is `[topic, head-seq, b""]`: an empty envelope frame."""
@@ -80,17 +87,172 @@ class ProtocolError(ValueError):
     """A frame sequence that does not follow the protocol; counted and answered with ERR, never fatal."""
 
 
+# -- header schemas: what each command's JSON header may hold, checked by msgspec in C -------------------------------
+Name = Annotated[str, Meta(min_length=1)]
+Req = int | str | None  # echoed back so a client matches the answer to its request
+
+
+class Header(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A header frame. Unknown fields are refused: a typo or a peer of another version is an error, not a no-op.
+    (Subclasses list required fields first: msgspec's kw_only is per class, not inherited.)"""
+
+
+class Empty(Header):
+    """HB (both ways) and STATUS without a request id."""
+
+
+class Ready(Header):
+    group: Name
+    topics: list[Name] = []  # may be empty for a group the hub knows: then it serves all the group's topics
+    credit: Annotated[int, Meta(ge=1, le=MAX_CREDIT)] = 1
+    proto: int = PROTO
+    schema: int | None = None
+    host: Annotated[str, Meta(max_length=64)] = ""
+    pid: int = 0
+    start: Literal["latest", "earliest"] = "latest"
+
+
+class Versions(msgspec.Struct):
+    """Only the versions of a READY, read leniently first, so a peer of another version is told so in words."""
+
+    schema: Any = None
+
+
+class AckResult(Header):
+    t: str  # topic
+    s: int  # seq
+    ok: bool = False
+    f: list[dict[str, Any]] = []  # follow-on envelopes (ok only)
+    error: str = "handler failed"
+    line: str | None = None
+    plugin: str | None = None
+    permanent: bool = False
+    delay: Annotated[float, Meta(ge=0)] | None = None  # the plugin raised Retry(delay=S): wait at least S seconds
+
+
+class Ack(Header):
+    g: str
+    results: list[AckResult]
+
+
+class Bye(Header):
+    requeue: list[tuple[str, int]] = []  # (topic, seq) the worker had not started: hand them out again at once
+
+
+class Deliver(Header):
+    a: list[int] = []  # the attempt number of each envelope frame that follows
+
+
+class Err(Header):
+    error: str = ""
+    fatal: bool = False
+    reready: bool = False
+
+
+class Pub(Header):
+    events: Annotated[list[dict[str, Any]], Meta(min_length=1, max_length=MAX_PUB_EVENTS)]
+    req: Req = None
+
+
+class PubAck(Header):
+    req: Req = None
+    results: list[dict[str, Any]] = []
+
+
+class PubNack(Header):
+    error: str
+    req: Req = None
+
+
+class Fetch(Header):
+    topic: str
+    req: Req = None
+    start: int = msgspec.field(default=1, name="from")
+    limit: int = MAX_FETCH
+
+
+class Events(Header):
+    topic: str
+    head: int
+    next: int
+    req: Req = None
+    first: int | None = None
+
+
+class Status(Header):
+    req: Req = None
+
+
+class Replay(Header):
+    group: str
+    req: Req = None
+    topics: list[str] | None = None
+    from_seq: int | None = None
+    since: float | None = None
+
+
+class Dlq(Header):
+    action: Literal["retry", "purge"]
+    items: Annotated[list[Any], Meta(min_length=1, max_length=1000)]  # {topic, seq}; each checked on its own
+    req: Req = None
+    by: str | None = None  # who asked, for the log
+
+
+class GroupRm(Header):
+    group: str
+    req: Req = None
+
+
+H = TypeVar("H", bound=msgspec.Struct)
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+_encoder = msgspec.json.Encoder()
+
+
+def decode(frame: bytes, typ: type[H], max_len: int = 64 << 20) -> H:
+    """The header frame as `typ`; ProtocolError (one line naming the command's field) if it does not fit."""
+    if len(frame) > max_len:
+        raise ProtocolError("header frame too large")
+    dec = _decoders.get(typ)
+    if dec is None:
+        dec = _decoders[typ] = msgspec.json.Decoder(typ)
+    try:
+        decoded: H = dec.decode(frame)
+        return decoded
+    except msgspec.ValidationError as e:
+        raise ProtocolError(f"{typ.__name__.upper()} header: {e}") from None
+    except msgspec.DecodeError:
+        pass
+    # msgspec refuses what the json module reads (a lone surrogate escape, say); the envelope checks then decide
+    try:
+        obj = json.loads(frame)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("header frame is not JSON") from None
+    try:
+        return msgspec.convert(obj, typ)
+    except msgspec.ValidationError as e:
+        raise ProtocolError(f"{typ.__name__.upper()} header: {e}") from None
+
+
 def header(frame: bytes, max_len: int = 64 << 20) -> dict[str, Any]:
+    """A header whose shape another module owns (STATUSR, REPLAYR): any JSON object."""
     if len(frame) > max_len:
         raise ProtocolError("header frame too large")
     try:
-        h = json.loads(frame)
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolError("header frame is not JSON") from None
+        h = msgspec.json.decode(frame)
+    except msgspec.DecodeError:
+        try:
+            h = json.loads(frame)
+        except (ValueError, UnicodeDecodeError):
+            raise ProtocolError("header frame is not JSON") from None
     if not isinstance(h, dict):
         raise ProtocolError("header frame is not a JSON object")
     return h
 
 
 def enc(obj: Any) -> bytes:
-    return dumps(obj)
+    """A header (a schema above, or a plain dict) as compact JSON, by msgspec; what it refuses (a lone surrogate
+    in a follow-on a plugin made) goes through the envelope encoder, which keeps it as the json module would."""
+    try:
+        return _encoder.encode(obj)
+    except (TypeError, UnicodeEncodeError, OverflowError, msgspec.EncodeError):
+        return dumps(msgspec.to_builtins(obj))

@@ -46,7 +46,7 @@ from bucketwire.security import Roles, check_key_files, server_key_path
 log = logging.getLogger("bucketwire.hub")
 
 MAX_DRAIN = 2000
-MAX_FETCH = 1000
+MAX_FETCH = P.MAX_FETCH
 MAX_TOPIC_LEN = 255
 """Longest topic name accepted: topics become metric labels and PUB frames."""
 HEARTBEAT_TURNS = 10
@@ -529,7 +529,7 @@ class Hub(Listeners):
     def _reject(self, ident: bytes, reason: str, detail: str) -> None:
         self.metrics.rejected.labels("zmq", reason).inc()
         log.debug("frame rejected", extra={"reason": reason, "detail": detail})
-        self._send([ident, P.ERR, P.enc({"error": detail, "fatal": False})])
+        self._send([ident, P.ERR, P.enc(P.Err(error=detail))])
 
     def _drain_work(self, batch: Batch, replies: list, now: float, sock: zmq.Socket | None = None) -> None:
         sock = self.work if sock is None else sock
@@ -556,8 +556,7 @@ class Hub(Listeners):
                 continue
             cmd = frames[1]
             try:
-                hdr = P.header(frames[2])
-                self._handle(ident, cmd, hdr, frames[3:], batch, replies, now)
+                self._handle(ident, cmd, frames[2], frames[3:], batch, replies, now)
             except P.ProtocolError as e:
                 self._reject(ident, "protocol", str(e))
             except (EnvelopeError, ValueError, TypeError, KeyError) as e:
@@ -566,71 +565,65 @@ class Hub(Listeners):
                 log.exception("unexpected error handling a frame")
                 self._reject(ident, "internal", f"{type(e).__name__}: {e}")
 
-    def _handle(self, ident: bytes, cmd: bytes, hdr: dict, rest: list[bytes], batch: Batch, replies: list,
+    def _handle(self, ident: bytes, cmd: bytes, raw: bytes, rest: list[bytes], batch: Batch, replies: list,
                 now: float) -> None:
+        """Decode the header with its command's schema (protocol.py) and act on it."""
         w = self.workers.get(ident)
         if w is not None:
             w.last_seen = now
             w.reachable = True
         if cmd == P.ACK:
-            self._on_ack(ident, hdr, batch, now)
+            self._on_ack(ident, P.decode(raw, P.Ack), batch, now)
         elif cmd == P.HB:
             if w is None:
-                self._send([ident, P.ERR, P.enc({"error": "unknown worker; send READY", "reready": True})])
+                self._send([ident, P.ERR, P.enc(P.Err(error="unknown worker; send READY", reready=True))])
             else:
-                w.running = running_of(hdr, now)
+                w.running = running_of(P.header(raw), now)
         elif cmd == P.READY:
-            self._on_ready(ident, hdr, now)
+            self._on_ready(ident, raw, now)
         elif cmd == P.PUB:
-            self._on_pub(ident, hdr, batch, replies)
+            self._on_pub(ident, P.decode(raw, P.Pub), batch, replies)
         elif cmd == P.FETCH:
-            self._on_fetch(ident, hdr)
+            self._on_fetch(ident, P.decode(raw, P.Fetch))
         elif cmd == P.REPLAY:
-            self.ops.on_replay(ident, hdr)
+            self.ops.on_replay(ident, P.decode(raw, P.Replay))
         elif cmd == P.DLQ:
-            self.ops.on_dlq(ident, hdr, batch, replies)
+            self.ops.on_dlq(ident, P.decode(raw, P.Dlq), batch, replies)
         elif cmd == P.GROUPRM:
-            self.ops.on_group_rm(ident, hdr)
+            self.ops.on_group_rm(ident, P.decode(raw, P.GroupRm))
         elif cmd == P.STATUS:
-            self._send([ident, P.STATUSR, P.enc({"req": hdr.get("req"), **self.status(now)})])
+            req = P.decode(raw, P.Status).req
+            self._send([ident, P.STATUSR, P.enc({"req": req, **self.status(now)})])
         elif cmd == P.BYE:
-            self._on_bye(ident, hdr)
+            self._on_bye(ident, P.decode(raw, P.Bye))
         elif cmd == P.GONE:
-            self._on_gone(hdr, now)
+            self._on_gone(P.header(raw), now)
         else:
             raise P.ProtocolError(f"unknown command {cmd[:32]!r}")
 
-    def _on_ready(self, ident: bytes, hdr: dict, now: float) -> None:
-        group, topics, credit = hdr.get("group"), hdr.get("topics"), hdr.get("credit", 1)
-        if not isinstance(group, str) or not group:
-            raise P.ProtocolError("READY needs a group name")
-        if not isinstance(topics, list) or not all(isinstance(t, str) and t for t in topics):
-            raise P.ProtocolError("READY needs a list of topics")
-        if not isinstance(credit, int) or isinstance(credit, bool) or not 1 <= credit <= 10_000:
-            raise P.ProtocolError("READY credit must be an integer from 1 to 10000")
+    def _on_ready(self, ident: bytes, raw: bytes, now: float) -> None:
+        schema = P.decode(raw, P.Versions).schema  # first, leniently: a newer worker is told why, in words
+        if schema != SCHEMA_VERSION:
+            self._send([ident, P.ERR, P.enc(P.Err(
+                fatal=True,
+                error=f"worker envelope schema {schema} does not match the hub's {SCHEMA_VERSION}; "
+                      "install the same bucketwire version on the hub and worker hosts",
+            ))])
+            return
+        hdr = P.decode(raw, P.Ready)
+        group, topics, credit = hdr.group, hdr.topics, hdr.credit
         if not self.roles.allows(self._user, "groups", group):
             self._forbidden(ident, f"key {self._user!r} may not join group {group!r} ([security.roles])")
             return
-        schema = hdr.get("schema")
-        if schema != SCHEMA_VERSION:
-            self._send([ident, P.ERR, P.enc({
-                "fatal": True,
-                "error": f"worker envelope schema {schema} does not match the hub's {SCHEMA_VERSION}; "
-                         "install the same bucketwire version on the hub and worker hosts",
-            })])
-            return
         if not topics and group not in self.groups:
             raise P.ProtocolError(f"READY for unknown group {group!r} must name its topics")
-        start = hdr.get("start") if hdr.get("start") in ("latest", "earliest") else "latest"
-        g = self._group(group, topics, start)
+        g = self._group(group, topics, hdr.start)
         old = self.workers.get(ident)
         if old is not None and old.group != group:
             self._worker_gone(old, lost=False)
             old = None
         if old is None:
-            pid = hdr.get("pid", 0)
-            w = WorkerState(ident, group, frozenset(topics or g.topics), credit, now,
-                            host=str(hdr.get("host", ""))[:64], pid=pid if isinstance(pid, int) else 0,
+            w = WorkerState(ident, group, frozenset(topics or g.topics), credit, now, host=hdr.host, pid=hdr.pid,
                             user=self._user)
             self.workers[ident] = w
             g.workers[ident] = w
@@ -640,27 +633,18 @@ class Hub(Listeners):
             old.credit, old.topics = credit, frozenset(topics or g.topics)
         self.metrics.workers.labels(group).set(len(g.workers))
 
-    def _on_ack(self, ident: bytes, hdr: dict, batch: Batch, now: float) -> None:
-        gname = hdr.get("g")
-        results = hdr.get("results")
-        g = self.groups.get(gname) if isinstance(gname, str) else None
-        if g is None or not isinstance(results, list):
-            raise P.ProtocolError("ACK needs a known group 'g' and a 'results' list")
+    def _on_ack(self, ident: bytes, hdr: P.Ack, batch: Batch, now: float) -> None:
+        g = self.groups.get(hdr.g)
+        if g is None:
+            raise P.ProtocolError(f"ACK for unknown group {hdr.g[:64]!r}")
         if not self.roles.allows(self._user, "groups", g.name):
             self._forbidden(ident, f"key {self._user!r} may not ack for group {g.name!r} ([security.roles])")
             return
-        for r in results:
-            if not isinstance(r, dict):
-                raise P.ProtocolError("each ACK result must be an object")
-            topic, seq = r.get("t"), r.get("s")
-            if not isinstance(topic, str) or not isinstance(seq, int) or isinstance(seq, bool):
-                raise P.ProtocolError("ACK result needs topic 't' and seq 's'")
-            if r.get("ok") is True:
-                follow = r.get("f") or []
-                if not isinstance(follow, list):
-                    raise P.ProtocolError("ACK follow-ons 'f' must be a list")
+        for r in hdr.results:
+            topic, seq = r.t, r.s
+            if r.ok:
                 # Validate every follow-on before touching state, so a bad one rejects the whole ack.
-                fos = [Event.from_dict(f) for f in follow]
+                fos = [Event.from_dict(f) for f in r.f]
                 for fo in fos:
                     if not fo.topic:
                         raise EnvelopeError("follow-on events need a topic")
@@ -700,28 +684,22 @@ class Hub(Listeners):
                 else:
                     self.metrics.acked_again.labels(g.name).inc()
             else:
-                err = str(r.get("error", "handler failed"))[:8192]
-                line = str(r.get("line", err))[:1024]
-                plugin = r.get("plugin") if isinstance(r.get("plugin"), str) else None
-                d = r.get("delay")
-                delay = float(d) if isinstance(d, int | float) and not isinstance(d, bool) and d >= 0 else None
-                dl = g.fail(topic, seq, err, line, plugin, bool(r.get("permanent")), now, delay)
+                err = r.error[:8192]
+                line = (err if r.line is None else r.line)[:1024]
+                dl = g.fail(topic, seq, err, line, r.plugin, r.permanent, now, r.delay)
                 if dl is not None:
                     self._dead_letter(dl)
                 else:
                     self.metrics.retries.labels(g.name).inc()
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
 
-    def _on_pub(self, ident: bytes, hdr: dict, batch: Batch, replies: list) -> None:
-        req = hdr.get("req")
-        raw = hdr.get("events")
-        if not isinstance(raw, list) or not raw or len(raw) > 10_000:
-            raise P.ProtocolError("PUB needs 'events': a list of 1 to 10000 envelopes")
+    def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list) -> None:
+        req = hdr.req
         try:
-            events = [Event.from_dict(d) for d in raw]
+            events = [Event.from_dict(d) for d in hdr.events]
         except EnvelopeError as e:
             self.metrics.rejected.labels("zmq", "envelope").inc()
-            self._send([ident, P.PUBNACK, P.enc({"req": req, "error": str(e)})])
+            self._send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=str(e)))])
             return
         why = next((w for w in map(refused_from_outside, events) if w), None)
         if why:
@@ -735,41 +713,33 @@ class Hub(Listeners):
             self.metrics.rejected.labels("zmq", "forbidden").inc()
             log.warning("publish refused by role", extra={"key": self._user, "topics": denied[:5]})
             err = f"key {self._user!r} may not publish to topic {denied[0]!r} ([security.roles])"
-            self._send([ident, P.PUBNACK, P.enc({"req": req, "error": err})])
+            self._send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=err))])
             return
 
         def done(res: list[IngestResult] | None, err: str | None) -> None:
             refused = next((r.error for r in res if r.error), None) if res is not None else err
             if res is None or refused:
-                self._send([ident, P.PUBNACK, P.enc({"req": req, "error": refused})])
+                self._send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=refused or "refused"))])
             else:
-                self._send([ident, P.PUBACK, P.enc({"req": req, "results": [r.as_dict() for r in res]})])
+                self._send([ident, P.PUBACK, P.enc(P.PubAck(req=req, results=[r.as_dict() for r in res]))])
 
         self._ingest(events, "zmq", batch, done, replies)
 
-    def _on_fetch(self, ident: bytes, hdr: dict) -> None:
-        topic, start = hdr.get("topic"), hdr.get("from", 1)
-        limit = hdr.get("limit", MAX_FETCH)
-        if not isinstance(topic, str) or not isinstance(start, int) or not isinstance(limit, int):
-            raise P.ProtocolError("FETCH needs 'topic' (string), 'from' and 'limit' (integers)")
+    def _on_fetch(self, ident: bytes, hdr: P.Fetch) -> None:
+        topic, start, limit = hdr.topic, hdr.start, hdr.limit
         if not self.roles.allows(self._user, "subscribe", topic):
             self._forbidden(ident, f"key {self._user!r} may not read topic {topic!r} ([security.roles])")
             return
         rows = self.journal.read(topic, max(1, start), max(1, min(limit, MAX_FETCH)))
         head = self.journal.heads.get(topic, 0)
         nxt = rows[-1][0] + 1 if rows else max(start, (self.journal.first_seq(topic) or head + 1))
-        meta = {"req": hdr.get("req"), "topic": topic, "head": head, "next": nxt,
-                "first": rows[0][0] if rows else None}
+        meta = P.Events(req=hdr.req, topic=topic, head=head, next=nxt, first=rows[0][0] if rows else None)
         self._send([ident, P.EVENTS, P.enc(meta), *[r[2] for r in rows]])
 
-    def _on_bye(self, ident: bytes, hdr: dict) -> None:
+    def _on_bye(self, ident: bytes, hdr: P.Bye) -> None:
         w = self.workers.get(ident)
         if w is not None:
-            req = hdr.get("requeue") or []
-            if not isinstance(req, list):
-                req = []
-            keys = {(t, s) for t, s in req if isinstance(t, str) and isinstance(s, int)}
-            self._worker_gone(w, lost=False, requeue=keys)
+            self._worker_gone(w, lost=False, requeue=set(hdr.requeue))
 
     def _on_gone(self, hdr: dict[str, Any], now: float) -> None:
         """A pool's supervisor says one of its children died, and which event's handler was running."""

@@ -274,24 +274,24 @@ class HubOps:
         return st
 
     # -- GROUPRM ---------------------------------------------------------------------------------------------
-    def on_group_rm(self, ident: bytes, hdr: dict[str, Any]) -> None:
+    def on_group_rm(self, ident: bytes, hdr: P.GroupRm) -> None:
         """Forget a group nobody uses any more: an ad-hoc group (made by a worker's READY, not in the config)
         would otherwise show as stalled in status and metrics forever. Allowed to whoever may replay the group."""
         hub = self.hub
-        req = hdr.get("req")
+        req = hdr.req
 
         def reply(**kw: Any) -> None:
             hub._send([ident, P.GROUPRMR, P.enc({"req": req, **kw})])
 
-        gname = hdr.get("group")
-        if isinstance(gname, str) and not hub.roles.may_operate(hub._user, gname):
+        gname = hdr.group
+        if not hub.roles.may_operate(hub._user, gname):
             # Forgetting a group drops its cursors: an operator's act, allowed to whoever may replay it.
             hub.metrics.rejected.labels("zmq", "forbidden").inc()
             log.warning("group removal refused by role", extra={"key": hub._user, "group": gname})
             reply(error=f"key {hub._user!r} may not remove group {gname!r} ([security.roles]: needs admin = true "
                         "or the group in its groups)")
             return
-        g = hub.groups.get(gname) if isinstance(gname, str) else None
+        g = hub.groups.get(gname)
         if g is None:
             reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(hub.groups)) or 'none'})")
             return
@@ -332,44 +332,38 @@ class HubOps:
                 pass
 
     # -- REPLAY ----------------------------------------------------------------------------------------------
-    def on_replay(self, ident: bytes, hdr: dict[str, Any]) -> None:
+    def on_replay(self, ident: bytes, hdr: P.Replay) -> None:
         """Rewind (or skip) a group's cursor on some topics: from a seq, or from the first event at/after `since`."""
         hub = self.hub
-        req = hdr.get("req")
+        req = hdr.req
 
         def reply(**kw: Any) -> None:
             hub._send([ident, P.REPLAYR, P.enc({"req": req, **kw})])
 
-        gname, topics = hdr.get("group"), hdr.get("topics")
-        from_seq, since = hdr.get("from_seq"), hdr.get("since")
-        if isinstance(gname, str) and not hub.roles.may_operate(hub._user, gname):
+        gname, topics = hdr.group, hdr.topics
+        from_seq, since = hdr.from_seq, hdr.since
+        if not hub.roles.may_operate(hub._user, gname):
             # Moving a cursor is an operator's act: it can make a group handle everything again, or skip it.
             hub.metrics.rejected.labels("zmq", "forbidden").inc()
             log.warning("replay refused by role", extra={"key": hub._user, "group": gname})
             reply(error=f"key {hub._user!r} may not replay group {gname!r} ([security.roles]: needs admin = true "
                         "or the group in its groups)")
             return
-        g = hub.groups.get(gname) if isinstance(gname, str) else None
+        g = hub.groups.get(gname)
         if g is None:
             reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(hub.groups)) or 'none'})")
             return
         if topics is None:
             topics = list(g.topics)
-        if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
-            reply(error="'topics' must be a list of topic names")
-            return
         bad = [t for t in topics if t not in g.read_pos]
         if bad:
             reply(error=f"group {gname!r} does not consume {bad[0]!r} (its topics: {', '.join(g.topics)})")
             return
-        if isinstance(from_seq, bool) or (from_seq is None) == (since is None):
+        if (from_seq is None) == (since is None):
             reply(error="give exactly one of 'from_seq' (integer) or 'since' (unix time)")
             return
-        if from_seq is not None and (not isinstance(from_seq, int) or from_seq < 1):
+        if from_seq is not None and from_seq < 1:
             reply(error="'from_seq' must be an integer >= 1")
-            return
-        if since is not None and (not isinstance(since, int | float) or isinstance(since, bool)):
-            reply(error="'since' must be a unix time in seconds")
             return
         # A cursor past the head would make the group silently skip events that do not exist yet: refused for
         # every key, admins included. head + 1 (skip what is there now) is the furthest a replay may move.
@@ -386,7 +380,7 @@ class HubOps:
         out: dict[str, Any] = {}
         for t in topics:
             head = hub.journal.heads.get(t, 0)
-            start = from_seq if from_seq is not None else self._first_since(t, float(since), head)
+            start = from_seq if from_seq is not None else self._first_since(t, float(since or 0), head)
             before = g.acked[t]
             applied = g.request_replay(t, start)
             out[t] = {"from": start, "head": head, "cursor_was": before, "pending": not applied,
@@ -402,7 +396,7 @@ class HubOps:
         return row[0] if row and row[0] is not None else head + 1
 
     # -- DLQ (retry / purge, performed by the hub) -------------------------------------------------------------
-    def on_dlq(self, ident: bytes, hdr: dict[str, Any], batch: Batch, replies: list[Any]) -> None:
+    def on_dlq(self, ident: bytes, hdr: P.Dlq, batch: Batch, replies: list[Any]) -> None:
         """Retry or purge dead letters named by (dead-letter topic, seq).
 
         The hub does it, not the CLI: a retried event carries `targetgroup` (only the group that failed it
@@ -411,10 +405,8 @@ class HubOps:
         letter from its own journal, so what goes back is exactly what failed, to the group that failed it.
         """
         hub = self.hub
-        req, action, items = hdr.get("req"), hdr.get("action"), hdr.get("items")
-        if action not in ("retry", "purge") or not isinstance(items, list) or not 1 <= len(items) <= 1000:
-            raise P.ProtocolError("DLQ needs 'action' (retry|purge) and 'items': 1 to 1000 {topic, seq}")
-        by = f"{str(hdr.get('by') or '?')[:200]} (key {hub._user})" if hub._user else str(hdr.get("by") or "?")[:200]
+        req, action, items = hdr.req, hdr.action, hdr.items
+        by = f"{(hdr.by or '?')[:200]} (key {hub._user})" if hub._user else (hdr.by or "?")[:200]
         results: list[dict[str, Any]] = []
         events: list[tuple[int, NewEvent]] = []  # (index in results, event); a retry is followed by its marker
         for it in items:

@@ -76,10 +76,10 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
     """Own the DEALER: forward deliveries to the main thread, acks to the hub, heartbeat both ways."""
     pair = zctx.socket(zmq.PAIR)
     pair.connect(pair_addr)
-    ready = P.enc({
-        "group": spec.group, "topics": spec.topics, "credit": spec.credit, "proto": P.PROTO,
-        "schema": SCHEMA_VERSION, "host": socket.gethostname(), "pid": os.getpid(), "start": spec.start,
-    })
+    ready = P.enc(P.Ready(
+        group=spec.group, topics=spec.topics, credit=spec.credit, proto=P.PROTO, schema=SCHEMA_VERSION,
+        host=socket.gethostname()[:64], pid=os.getpid(), start=spec.start,  # type: ignore[arg-type]
+    ))
 
     keys = security.client_keys(cfg)  # checked by `bucketwire worker` before the children start
 
@@ -130,13 +130,17 @@ def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str,
                     if cmd == P.DELIVER:
                         pair.send_multipart(frames)
                     elif cmd == P.ERR:
-                        hdr = P.header(frames[1]) if len(frames) > 1 else {}
-                        if hdr.get("fatal"):
+                        try:
+                            err = P.decode(frames[1], P.Err)
+                        except (P.ProtocolError, IndexError) as e:
+                            log.warning("unreadable ERR from the hub", extra={"error": str(e)})
+                            continue
+                        if err.fatal:
                             pair.send_multipart([b"FATAL", frames[1]])
-                        elif hdr.get("reready"):
+                        elif err.reready:
                             send(dealer, [P.READY, ready])
                         else:
-                            log.warning("hub rejected a message", extra={"error": hdr.get("error")})
+                            log.warning("hub rejected a message", extra={"error": err.error})
             if now - last_hub > timeout:
                 # The hub went quiet (restart, network): reconnect under a new identity. Events already
                 # delivered to us will be redelivered by the hub; tell the main thread to drop unstarted ones.
@@ -220,13 +224,13 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
             return True
         for frames in drain(pair, limit=1 << 30):
             if frames[0] == P.DELIVER:
-                attempts = P.header(frames[1]).get("a", [])
+                attempts = P.decode(frames[1], P.Deliver).a
                 for i, body in enumerate(frames[2:]):
                     queue.append((attempts[i] if i < len(attempts) else 1, body))
             elif frames[0] == b"RESET":
                 queue.clear()
             elif frames[0] == b"FATAL":
-                log.error(P.header(frames[1]).get("error", "hub refused this worker"))
+                log.error(P.decode(frames[1], P.Err).error or "hub refused this worker")
                 return False
         return True
 
