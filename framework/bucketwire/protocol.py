@@ -2,10 +2,11 @@
 
 Every message a peer sends is `[COMMAND, json-header, *payload-frames]` (the ROUTER prepends the peer identity).
 JSON headers keep the protocol debuggable with any ZeroMQ client; envelopes travel as their own frames so the
-hub forwards committed bytes without re-encoding them.
+hub forwards committed bytes without re-encoding them. Each header is a schema below (a msgspec Struct that
+refuses unknown fields), decoded and checked by `decode` in one C pass; the sketch here is the overview.
 
-    worker -> hub   READY     {"group", "topics", "credit", "proto", "schema", "host", "pid"}
-                    ACK       {"results": [{"t": topic, "s": seq, "ok": true, "f": [follow-on envelope]} |
+    worker -> hub   READY     {"group", "topics", "credit", "proto", "schema", "host", "pid", "start"}
+                    ACK       {"g": group, "results": [{"t": topic, "s": seq, "ok": true, "f": [follow-on envelope]} |
                                            {"t", "s", "ok": false, "error", "line", "plugin", "permanent",
                                             "delay"?}]}   (delay: seconds, from a plugin's Retry(delay=...))
                     HB        {} | {"run": [topic, seq, age, timeout]}  (a handler running for an interval or
@@ -18,7 +19,7 @@ hub forwards committed bytes without re-encoding them.
                               uncharged. Sent with the same key as the child's READY, once per death.
     hub -> worker   DELIVER   {"a": [attempt, ...]}, envelope, envelope, ...
                     HB        {}
-                    ERR       {"error", "fatal"}
+                    ERR       {"error", "fatal", "reready"}
     client -> hub   PUB       {"req", "events": [envelope dict, ...]}  -> PUBACK {"req", "results"} | PUBNACK
                     FETCH     {"req", "topic", "from", "limit"}        -> EVENTS {"req","topic","head","next"}, env...
                     STATUS    {"req"}                                  -> STATUSR {...}
