@@ -111,7 +111,7 @@ def test_dev_demo_makes_thumbnails_and_stops_cleanly(tmp_path: Path) -> None:
         while "pasted.txt" not in tail_out.read_text() and tail.poll() is None and time.monotonic() < deadline:
             # tail follows live from the head: upload until it has subscribed and shows the event
             s3.put_object("photos", "pasted.txt", io.BytesIO(b"hello"), 5, content_type="text/plain")
-            time.sleep(0.5)
+            time.sleep(0.5)  # pacing: re-upload interval while waiting (with a deadline) for tail to show it
         assert "pasted.txt" in tail_out.read_text(), tail_out.read_text()
 
         p.send_signal(signal.SIGINT)
