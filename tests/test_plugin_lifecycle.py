@@ -47,7 +47,8 @@ def test_startup_events_and_shutdown_in_every_child(stack_factory, tmp_path):
     for pid in pids:
         mine = [ln.split(" ", 1)[1] for ln in lines if ln.startswith(pid + " ")]
         assert mine[0] == "startup mode=ok" and mine[-1] == "shutdown"
-    assert s.status()["groups"]["life"]["workers"] == 0, "drained workers say goodbye"
+    # drained workers say goodbye; the hub reads the BYE on its own loop turn, after the pool has exited
+    wait_for(lambda: s.status()["groups"]["life"]["workers"] == 0, 10, "the hub to process the workers' BYE")
 
 
 def test_invalid_plugin_settings_stop_the_pool_with_one_line(stack_factory, tmp_path):
