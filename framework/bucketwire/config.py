@@ -260,7 +260,8 @@ def resolve_secret(value: str, err: Callable[[str], Exception] | None = None) ->
 # -- parsing ------------------------------------------------------------------------------------------------------
 def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None) -> Config:
     """Validate a TOML document against the schema; errors are one line naming the file, the key and the fix."""
-    if (data.get("hub") or {}).get("auth_token") == [] if isinstance(data.get("hub"), dict) else False:
+    hub_table = data.get("hub")
+    if isinstance(hub_table, dict) and hub_table.get("auth_token") == []:  # given but empty: never means "open"
         raise ConfigError(f"{file}: [hub] auth_token: is an empty list; give at least one token, or remove the key "
                           "to run unauthenticated")
     prepared = _prepare(data, _FILE_INFO, [], file)
