@@ -123,3 +123,14 @@ def test_a_requested_retry_delay_is_a_floor_and_still_an_attempt():
     assert [(it.seq, it.attempts) for _, items in g.dispatch(10, 30.0) for it in items] == [(1, 2)]
     dl = g.fail("t", 1, "wait", "Retry: wait", "p", False, now=30.0, delay=30.0)
     assert dl is not None and dl.item.attempts == 2, "a Retry counts toward max_attempts"
+
+
+def test_only_the_hubs_own_retries_steer_delivery() -> None:
+    """`targetgroup` narrows delivery only on an envelope the hub wrote (a `dlq retry`); the same extension on any
+    other envelope (a journal entry from before ingress refused it) must not hide the event from other groups."""
+    from bucketwire.hub.dispatch import not_for_group
+
+    hub_retry = b'{"source":"bucketwire://hub/retry/a","id":"r1","targetgroup":"a"}'
+    forged = b'{"source":"urn:outsider","id":"x1","targetgroup":"a"}'
+    assert not_for_group(hub_retry, "b") and not not_for_group(hub_retry, "a")
+    assert not not_for_group(forged, "b") and not not_for_group(forged, "a")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bucketwire.config import TopicConfig
+from bucketwire.envelope import HUB_SOURCE
 
 Key = tuple[str, int]
 
@@ -38,10 +39,13 @@ def not_for_group(body: bytes, group: str) -> bool:
     if TARGET_MARK not in body:
         return False
     try:
-        tg = json.loads(body).get("targetgroup")
+        doc = json.loads(body)
+        tg, source = doc.get("targetgroup"), doc.get("source")
     except (ValueError, AttributeError):
         return False
-    return isinstance(tg, str) and tg != group
+    # Only the hub's own retries steer delivery: an envelope from anywhere else that carries the extension (an old
+    # journal entry from before ingress refused it) is delivered to every group like any other event.
+    return isinstance(tg, str) and tg != group and isinstance(source, str) and source.startswith(HUB_SOURCE)
 
 
 @dataclass(slots=True)
