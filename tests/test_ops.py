@@ -155,7 +155,8 @@ def test_status_json_with_a_stopped_worker(stack_factory):
     st = json.loads(cli(s, "status", "--json").stdout)
     g = st["groups"]["a"]
     assert g["topics"]["jobs"]["head"] == 15 and g["lag"] >= 11
-    assert g["inflight"] >= 4  # not yet: the hub waits for the heartbeat timeout
+    if g["workers"] == 1:  # until the heartbeat timeout, the silent worker keeps what it held (no race on timing)
+        assert g["inflight"] >= 4
     after = wait_for(lambda: (lambda x: x if x["workers"] == 0 else None)(
         json.loads(cli(s, "status", "--json").stdout)["groups"]["a"]), 10, "the worker to be declared lost")
     assert after["inflight"] == 0 and after["redelivered"] >= 4
