@@ -243,7 +243,7 @@ def test_publisher_cannot_squat_on_dead_letter_or_follow_on_ids(stack_factory, t
     r = subprocess.run([sys.executable, "-m", "bucketwire", "dlq", "list", "--json", "-c", str(s.cfg_path)],
                        env=s.env, capture_output=True, text=True, timeout=60)
     dls = [json.loads(x) for x in r.stdout.splitlines()]
-    assert [dl["data"]["event"]["id"] for dl in dls] == ["victim-dead"], r.stdout + r.stderr
+    assert [dl["event"]["data"]["event"]["id"] for dl in dls] == ["victim-dead"], r.stdout + r.stderr
     # hub-derived sources are refused from outside, on every ingress path
     reserved = Event(id="r1", source="bucketwire://hub/anything", type="t", topic="x", data={})
     with HubClient(lim, timeout=5) as c, pytest.raises(HubRefused, match="reserved"):

@@ -203,11 +203,11 @@ def test_tail_from_seq_has_no_gap_or_duplicate_at_the_seam(stack_factory):
         # A last event: the tail prints in order, so a duplicate or a stray line would come before it.
         c.publish_events([obj_event("k300", 300)])
     try:
-        wait_for(lambda: any(e["seq"] == 301 for e in lines), 30, "tail to print the last event")
+        wait_for(lambda: any(int(e["seq"]) == 301 for e in lines), 30, "tail to print the last event")
     finally:
         tail.terminate()
         tail.wait(10)
-    assert [e["seq"] for e in lines] == list(range(1, 302))
+    assert [int(e["seq"]) for e in lines] == list(range(1, 302))
     assert [e["data"]["n"] for e in lines] == list(range(301))
 
 

@@ -27,7 +27,7 @@ def test_newer_schema_is_refused_loudly():
 
 @pytest.mark.parametrize("patch", [
     {"specversion": "0.3"}, {"id": ""}, {"source": None}, {"type": 5}, {"seq": 0}, {"seq": True},
-    {"hops": -1}, {"subject": 3}, {"schemaversion": "1"},
+    {"hops": -1}, {"subject": 3}, {"schemaversion": "1"}, {"seq": "0"}, {"seq": "07"}, {"seq": 2**63},
 ])
 def test_invalid_envelopes_are_refused(patch):
     d = {**Event(id="1", source="s", type="t").to_dict(), **patch}

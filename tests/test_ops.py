@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from bucketwire import Event
+from tests.cloudevents_check import assert_cloudevent
 from tests.fixtures_hub import Stack, free_port, wait_for
 
 OPS_PLUGIN = str(Path(__file__).parent / "plugins" / "ops_plugin.py")
@@ -186,32 +187,55 @@ def test_dlq_list_retry_purge(stack_factory):
     publish(s, 1, flaky="a", which="purge-me")
     wait_for(lambda: s.status()["groups"]["a"]["dead_lettered"] == 2, 20, "two dead letters in group a")
     wait_for(lambda: len([r for r in records(s) if r["g"] == "b"]) == 2, 20, "group b handled both")
-    listed = [json.loads(x) for x in cli(s, "dlq", "list", "--json").stdout.splitlines()]
-    assert [d["data"]["group"] for d in listed] == ["a", "a"]
-    listed.sort(key=lambda d: d["data"]["event"]["id"] != first["id"])  # the retry-me one first
-    assert listed[0]["data"]["attempts"] == 2 and "flaky" in listed[0]["data"]["line"]
+    listed = dlq_json(s)
+    assert [d["event"]["data"]["group"] for d in listed] == ["a", "a"]
+    listed.sort(key=lambda d: d["event"]["data"]["event"]["id"] != first["id"])  # the retry-me one first
+    dl1 = listed[0]["event"]
+    assert dl1["data"]["attempts"] == 2 and "flaky" in dl1["data"]["line"]
     table = cli(s, "dlq", "list").stdout
     assert "jobs:1" in table and "jobs:2" in table and "waiting" in table
-    shown = json.loads(cli(s, "dlq", "show", listed[0]["id"][:10]).stdout)
-    assert shown["data"]["event"]["id"] == first["id"]
+    shown = json.loads(cli(s, "dlq", "show", dl1["id"][:10]).stdout)
+    assert set(shown) == {"dead_letter", "event"} and shown["dead_letter"]["history"] == []
+    assert_cloudevent(shown["event"])
+    assert shown["event"]["data"]["event"]["id"] == first["id"]
+    # retried while the plugin still fails: a second dead letter, for the retried event
+    assert "retried 1" in cli(s, "dlq", "retry", first["id"]).stdout  # by the original event's id
+    again = wait_for(lambda: [d for d in dlq_json(s) if d["event"]["data"]["event"].get("retryof") == first["id"]],
+                     20, "the retried event to be dead-lettered again")[0]
+    assert again["event"]["data"]["event"]["retries"] == 1
+    assert again["dead_letter"]["history"] == [{
+        "deadletter": dl1["id"], "dlseq": int(dl1["seq"]), "group": "a", "seq": 1, "attempts": 2,
+        "error": dl1["data"]["line"], "plugin": "opsplug", "at": dl1["time"]}]
     flag.unlink()
-    r = cli(s, "dlq", "retry", first["id"])  # by the original event's id
-    assert "retried 1" in r.stdout
+    assert "retried 1" in cli(s, "dlq", "retry", again["event"]["id"]).stdout
     retried = wait_for(lambda: [x for x in records(s) if x["g"] == "a"], 20, "group a handled the retry")
     assert len(retried) == 1 and retried[0]["data"]["which"] == "retry-me"
-    hist = retried[0]["ext"]["retries"]
-    assert retried[0]["ext"]["targetgroup"] == "a" and retried[0]["ext"]["retryof"] == first["id"]
-    assert len(hist) == 1 and hist[0]["attempts"] == 2 and hist[0]["deadletter"] == listed[0]["id"]
+    ext = retried[0]["ext"]
+    assert (ext["targetgroup"], ext["retryof"], ext["retries"], ext["retrydeadletter"]) == (
+        "a", first["id"], 2, again["event"]["id"])
+    with s.client() as c:  # the retried event as it sits in the journal is a valid CloudEvent
+        _, bodies = c.fetch("jobs", retried[0]["s"])
+    ce = assert_cloudevent(bodies[0])
+    assert ce.get_extension("retries") == 2 and ce.get_extension("retrydeadletter") == again["event"]["id"]
     # purge the other one by its seq on the dead-letter topic
-    assert "purged 1" in cli(s, "dlq", "purge", str(listed[1]["seq"])).stdout
+    assert "purged 1" in cli(s, "dlq", "purge", str(listed[1]["dead_letter"]["seq"])).stdout
     assert "no dead letters waiting" in cli(s, "dlq", "list").stdout
-    everything = [json.loads(x) for x in cli(s, "dlq", "list", "--all", "--json").stdout.splitlines()]
-    assert sorted(d["_dlq"]["action"] for d in everything) == ["purged", "retried"]
+    everything = dlq_json(s, "--all")
+    assert sorted(d["dead_letter"]["action"] for d in everything) == ["purged", "retried", "retried"]
     # idempotent: nothing is waiting, and group b never saw the retried event
     assert "nothing to retry" in cli(s, "dlq", "retry", "--all").stderr
     wait_for(lambda: s.status()["groups"]["b"]["lag"] == 0, 10, "group b skipped the retry")
     assert len([x for x in records(s) if x["g"] == "b"]) == 2
     assert cli(s, "dlq", "purge", check=False).returncode != 0  # purge needs a selection
+
+
+def dlq_json(s: Stack, *args: str) -> list[dict[str, Any]]:
+    """`dlq list --json`, each line checked: the dead letter's envelope is a CloudEvent, the state beside it."""
+    out = [json.loads(x) for x in cli(s, "dlq", "list", "--json", *args).stdout.splitlines()]
+    for rec in out:
+        assert set(rec) == {"dead_letter", "event"}
+        assert_cloudevent(rec["event"])
+    return out
 
 
 def test_replay_from_seq_redelivers_exactly_from_there(stack_factory):

@@ -89,5 +89,5 @@ secret_key = "{weed.secret_key}"
         + [("s3:ObjectRemoved:Delete", "before.txt")]
     )
     assert got == want
-    assert [e["seq"] for e in evs] == list(range(1, 10))
+    assert [int(e["seq"]) for e in evs] == list(range(1, 10))
     assert all(e["data"]["store"] == "primary" and e["source"] == f"seaweedfs:filer/{bucket}" for e in evs)

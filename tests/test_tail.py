@@ -16,7 +16,7 @@ from tests.test_ops import publish
 
 def _seqs(out: Path) -> list[int]:
     lines = out.read_text().splitlines() if out.exists() else []
-    return [json.loads(x)["seq"] for x in lines if x.strip()]
+    return [int(json.loads(x)["seq"]) for x in lines if x.strip()]
 
 
 def _tail(s: Stack, *args: str) -> tuple[subprocess.Popen[bytes], Path, Path]:

@@ -23,7 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 from bucketwire import protocol as P
 from bucketwire import security
 from bucketwire.config import Config
-from bucketwire.envelope import Event
+from bucketwire.envelope import Event, parse_seq
 
 
 class HubUnavailable(Exception):
@@ -189,7 +189,7 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
                         continue
                     return
                 for b in bodies:
-                    seq = json.loads(b)["seq"]
+                    seq = parse_seq(json.loads(b)["seq"])
                     if seq >= nxt[t]:
                         nxt[t] = seq + 1
                         yield t, seq, b

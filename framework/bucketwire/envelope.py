@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +26,10 @@ SCHEMA_VERSION = 1
 
 REQUIRED = ("specversion", "id", "source", "type")
 
+MAX_SEQ = 2**63 - 1
+"""The journal stores seqs as SQLite INTEGERs (signed 64-bit)."""
+_SEQ_DIGITS = re.compile(r"[1-9][0-9]{0,18}")
+
 
 class EnvelopeError(ValueError):
     """An envelope that cannot be read: malformed, missing attributes, or from a newer schema."""
@@ -37,6 +42,37 @@ class SchemaVersionError(EnvelopeError):
 def now_iso() -> str:
     """RFC 3339 UTC timestamp with microseconds, the form CloudEvents `time` takes."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def seq_to_wire(seq: int) -> str:
+    """The `seq` extension as it appears in an envelope: a string of decimal digits.
+
+    CloudEvents integers are signed 32-bit, and one busy topic passes 2^31 within a day (30,000 events/s takes
+    20 hours); a string stays a valid CloudEvents attribute for every seq the journal can hold.
+    """
+    return str(seq)
+
+
+def parse_seq(value: object) -> int:
+    """A seq read from an envelope: decimal digits (the form bucketwire writes) or, from envelopes written by
+    bucketwire before the change, a JSON integer. Raises EnvelopeError for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        seq = value
+    elif isinstance(value, str) and _SEQ_DIGITS.fullmatch(value):
+        seq = int(value)
+    else:
+        raise EnvelopeError(f"envelope seq must be a positive integer as decimal digits (\"42\"), got {value!r}")
+    if not 1 <= seq <= MAX_SEQ:
+        raise EnvelopeError(f"envelope seq must be between 1 and {MAX_SEQ}, got {value!r}")
+    return seq
+
+
+def seq_or_none(value: object) -> int | None:
+    """`parse_seq` for places that must not fail on a bad envelope (logging, acks of refused envelopes)."""
+    try:
+        return parse_seq(value)
+    except EnvelopeError:
+        return None
 
 
 def stable_id(*parts: object) -> str:
@@ -54,7 +90,8 @@ class Event:
 
     `data` is the event payload; for object events it holds `bucket`, `key`, `size`, `etag`, `content_type`,
     `version_id`, `sequencer`, `user_metadata`, `store` and `records`. `topic` and `seq` are set by the hub at
-    commit time and are `None` on an event that has not been committed yet.
+    commit time and are `None` on an event that has not been committed yet. `seq` is an int here and a string of
+    decimal digits in the envelope (see `seq_to_wire`).
     """
 
     id: str
@@ -121,7 +158,7 @@ class Event:
         if self.topic is not None:
             d["topic"] = self.topic
         if self.seq is not None:
-            d["seq"] = self.seq
+            d["seq"] = seq_to_wire(self.seq)
         if self.causationid is not None:
             d["causationid"] = self.causationid
         d["data"] = self.data
@@ -150,9 +187,7 @@ class Event:
                 raise EnvelopeError(f"envelope attribute {k!r} is missing or not a non-empty string")
         if len(d["id"]) > 256 or len(d["source"]) > 1024 or len(d["type"]) > 256:
             raise EnvelopeError("envelope id/source/type is too long")
-        seq = d.get("seq")
-        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
-            raise EnvelopeError(f"envelope seq must be a positive integer, got {seq!r}")
+        seq = None if d.get("seq") is None else parse_seq(d["seq"])
         hops = d.get("hops", 0)
         if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
             raise EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")

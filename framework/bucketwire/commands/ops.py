@@ -8,11 +8,16 @@ that can reach the hub), makes both commands idempotent (the journal deduplicate
 twice re-delivers once), and leaves an audit trail of who did what.
 
 The hub, not this command, builds the retried event from the dead letter in its journal: the original event on
-its original topic with the extensions `targetgroup` (only the group that dead-lettered it handles it; other
-groups of the topic skip it), `retries` (the history of every earlier dead-lettering), `retryof` and
-`retrysource` (the first event's id and source). Retries, markers and `targetgroup` are hub-only, so no
+its original topic with extensions of the types CloudEvents allows: `targetgroup` (only the group that
+dead-lettered it handles it; other groups of the topic skip it), `retries` (an integer: how often it was
+dead-lettered before), `retryof` and `retrysource` (the first event's id and source) and `retrydeadletter` (the
+dead letter it was retried from). If it fails again, its new dead letter holds it with those extensions, so the
+history is a chain of dead letters that `dlq show` follows back. Retries, markers and `targetgroup` are hub-only, so no
 publisher can forge or steer them; a follow-on the hub refused (role, hop limit) is never retried. The retried
 event and its marker are committed in one transaction.
+
+`dlq list --json` and `dlq show` print `{"dead_letter": {...state...}, "event": <the dead letter's envelope>}`:
+the envelope stays a valid CloudEvent and the tool's own state sits beside it, not inside it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -32,7 +38,7 @@ import click
 from bucketwire import protocol as P
 from bucketwire.commands._common import config_option, load_config, on_stop_signals
 from bucketwire.config import Config, ConfigError
-from bucketwire.envelope import HUB_SOURCE, RESERVED_SOURCES
+from bucketwire.envelope import HUB_SOURCE, RESERVED_SOURCES, EnvelopeError, parse_seq
 from bucketwire.hub.ops import DEAD_TYPE, HANDLED_SUFFIX, HANDLED_TYPE
 
 
@@ -46,7 +52,7 @@ def _errors(fn: Any) -> Any:
     def inner(*a: Any, **kw: Any) -> Any:
         try:
             return fn(*a, **kw)
-        except (ConfigError, HubUnavailable, HubRefused, OSError) as e:
+        except (ConfigError, HubUnavailable, HubRefused, OSError, EnvelopeError) as e:
             raise click.ClickException(str(e)) from None
 
     return inner
@@ -306,14 +312,58 @@ def read_topic(client: Any, topic: str, limit: int | None = None) -> list[dict[s
         for b in bodies:
             d = json.loads(b)
             out.append(d)
-            nxt = d["seq"] + 1
+            nxt = parse_seq(d["seq"]) + 1
         if limit is not None and len(out) >= limit:
             return out
 
 
-def load_dead_letters(client: Any, dl_topics: list[str]) -> list[dict[str, Any]]:
-    """Dead letters with their handled state: each gets `_dlq` {topic, handled, action, at, by}."""
-    out: list[dict[str, Any]] = []
+@dataclass(slots=True)
+class DeadLetter:
+    """A dead letter as the dlq commands see it: its envelope (untouched) and its handled state."""
+
+    event: dict[str, Any]
+    topic: str
+    seq: int
+    action: str | None = None
+    at: str | None = None
+    by: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return str(self.event["id"])
+
+    @property
+    def data(self) -> dict[str, Any]:
+        d = self.event.get("data")
+        return d if isinstance(d, dict) else {}
+
+    @property
+    def original(self) -> dict[str, Any]:
+        o = self.data.get("event")
+        return o if isinstance(o, dict) else {}
+
+    @property
+    def handled(self) -> bool:
+        return self.action is not None
+
+    def failure(self) -> dict[str, Any]:
+        """This dead-lettering as one history entry."""
+        d = self.data
+        return {"deadletter": self.id, "dlseq": self.seq, "group": d.get("group"), "seq": d.get("seq"),
+                "attempts": d.get("attempts"), "error": d.get("line"), "plugin": d.get("plugin"),
+                "at": self.event.get("time")}
+
+    def record(self) -> dict[str, Any]:
+        """The JSON form of `dlq list --json` / `dlq show`: the envelope beside the tool's state, never inside it."""
+        return {"dead_letter": {"topic": self.topic, "seq": self.seq, "handled": self.handled,
+                                "action": self.action, "at": self.at, "by": self.by, "history": self.history},
+                "event": self.event}
+
+
+def load_dead_letters(client: Any, dl_topics: list[str]) -> list[DeadLetter]:
+    """Dead letters with their handled state and the history of earlier dead-letterings of the same event."""
+    out: list[DeadLetter] = []
     for dlt in dl_topics:
         handled: dict[str, dict[str, Any]] = {}
         for m in read_topic(client, dlt + HANDLED_SUFFIX):
@@ -327,29 +377,46 @@ def load_dead_letters(client: Any, dl_topics: list[str]) -> list[dict[str, Any]]
             if (ev.get("type") != DEAD_TYPE or not isinstance(ev.get("data"), dict)
                     or not str(ev.get("source", "")).startswith(f"{HUB_SOURCE}dead-letter/")):
                 continue
-            h = handled.get(ev["id"])
-            ev["_dlq"] = {"topic": dlt, "handled": h is not None, "action": h.get("action") if h else None,
-                          "at": h.get("at") if h else None, "by": h.get("by") if h else None}
-            out.append(ev)
+            h = handled.get(ev["id"], {})
+            out.append(DeadLetter(ev, dlt, parse_seq(ev["seq"]), h.get("action"), h.get("at"), h.get("by")))
+    by_id = {dl.id: dl for dl in out}
+    for dl in out:
+        dl.history = _history(dl, by_id)
     return out
 
 
-def select(dls: list[dict[str, Any]], ids: tuple[str, ...], topic: str | None, group: str | None,
-           older: float | None, newer: float | None, include_handled: bool) -> list[dict[str, Any]]:
+def _history(dl: DeadLetter, by_id: dict[str, DeadLetter]) -> list[dict[str, Any]]:
+    """Earlier dead-letterings of this event, oldest first: follow `retrydeadletter` back through the dead letters
+    still in the journal. Envelopes retried before `retries` became a count carry the list themselves."""
+    chain: list[dict[str, Any]] = []
+    o = dl.original
+    seen = {dl.id}
+    while isinstance(o.get("retrydeadletter"), str) and o["retrydeadletter"] in by_id:
+        prev = by_id[o["retrydeadletter"]]
+        if prev.id in seen:
+            break
+        seen.add(prev.id)
+        chain.append(prev.failure())
+        o = prev.original
+    old = o.get("retries")
+    return (list(old) if isinstance(old, list) else []) + chain[::-1]
+
+
+def select(dls: list[DeadLetter], ids: tuple[str, ...], topic: str | None, group: str | None,
+           older: float | None, newer: float | None, include_handled: bool) -> list[DeadLetter]:
     now = time.time()
     out = []
     for dl in dls:
-        d = dl["data"]
-        orig = d.get("event") or {}
-        if not include_handled and dl["_dlq"]["handled"]:
+        d = dl.data
+        if not include_handled and dl.handled:
             continue
-        if ids and not any(_matches_id(dl, orig, i) for i in ids):
+        if ids and not any(_matches_id(dl, i) for i in ids):
             continue
         if topic and d.get("topic") != topic:
             continue
         if group and d.get("group") != group:
             continue
-        t = _event_time(dl.get("time"))
+        t = _event_time(dl.event.get("time"))
         age = now - t if t is not None else None
         if older is not None and (age is None or age < older):
             continue
@@ -359,13 +426,13 @@ def select(dls: list[dict[str, Any]], ids: tuple[str, ...], topic: str | None, g
     return out
 
 
-def _matches_id(dl: dict[str, Any], orig: dict[str, Any], ident: str) -> bool:
+def _matches_id(dl: DeadLetter, ident: str) -> bool:
     """An id is the dead letter's seq on its topic (`7` or `dead-letter:7`), its id or a prefix of at least 6
     characters, or the original event's id."""
     topic, _, seq = ident.rpartition(":")
-    if seq.isdigit() and (not topic or topic == dl["_dlq"]["topic"]) and dl.get("seq") == int(seq):
+    if seq.isdigit() and (not topic or topic == dl.topic) and dl.seq == int(seq):
         return True
-    return (len(ident) >= 6 and dl["id"].startswith(ident)) or orig.get("id") == ident
+    return (len(ident) >= 6 and dl.id.startswith(ident)) or dl.original.get("id") == ident
 
 
 def _dlq_options(fn: Any) -> Any:
@@ -382,7 +449,7 @@ def _dlq_options(fn: Any) -> Any:
     return fn
 
 
-def _load(config_path: str | None, dlq_topics: tuple[str, ...]) -> tuple[Config, Any, list[dict[str, Any]]]:
+def _load(config_path: str | None, dlq_topics: tuple[str, ...]) -> tuple[Config, Any, list[DeadLetter]]:
     from bucketwire.client import HubClient
 
     cfg = load_config(config_path)
@@ -414,7 +481,7 @@ def dlq_list(config_path: str | None, topic: str | None, group: str | None, olde
     sel = select(dls, ids, topic, group, o, n, include_handled)
     if as_json:
         for dl in sel:
-            click.echo(json.dumps(dl))
+            click.echo(json.dumps(dl.record()))
         return
     if not sel:
         click.echo("no dead letters" + ("" if include_handled else " waiting (use --all to include handled ones)"))
@@ -423,12 +490,12 @@ def dlq_list(config_path: str | None, topic: str | None, group: str | None, olde
     rows: list[tuple[str, ...]] = [("DLQ:SEQ", "AGE", "GROUP", "TOPIC:SEQ", "ATTEMPTS", "PLUGIN", "STATUS", "ID",
                                     "ERROR")]
     for dl in sel:
-        d = dl["data"]
-        t = _event_time(dl.get("time"))
-        st = dl["_dlq"]["action"] or "waiting"
-        rows.append((f"{dl['_dlq']['topic']}:{dl['seq']}", fmt_age(now - t if t else None), str(d.get("group")),
+        d = dl.data
+        t = _event_time(dl.event.get("time"))
+        st = dl.action or "waiting"
+        rows.append((f"{dl.topic}:{dl.seq}", fmt_age(now - t if t else None), str(d.get("group")),
                      f"{d.get('topic')}:{d.get('seq')}", str(d.get("attempts")), str(d.get("plugin") or "-"), st,
-                     dl["id"][:12], str(d.get("line") or d.get("error") or "")[:80]))
+                     dl.id[:12], str(d.get("line") or d.get("error") or "")[:80]))
     click.echo(table(rows))
     click.echo(f"\n{len(sel)} dead letter(s); `bucketwire dlq show ID`, `dlq retry ID...`, `dlq purge ID...`",
                err=True)
@@ -440,7 +507,8 @@ def dlq_list(config_path: str | None, topic: str | None, group: str | None, olde
 @_errors
 def dlq_show(config_path: str | None, topic: str | None, group: str | None, older: str | None, newer: str | None,
              dlq_topics: tuple[str, ...], ids: tuple[str, ...]) -> None:
-    """Print dead letters in full (error with traceback, original envelope, handled state) as JSON."""
+    """Print dead letters in full (error with traceback, original envelope, handled state, earlier failures) as
+    JSON: {"dead_letter": {...}, "event": {...}} per dead letter."""
     o, n = _ages(older, newer)
     _, client, dls = _load(config_path, dlq_topics)
     client.close()
@@ -448,7 +516,7 @@ def dlq_show(config_path: str | None, topic: str | None, group: str | None, olde
     if not sel:
         raise click.ClickException(f"no dead letter matches {' '.join(ids)}; see `bucketwire dlq list --all`")
     for dl in sel:
-        click.echo(json.dumps(dl, indent=2))
+        click.echo(json.dumps(dl.record(), indent=2))
 
 
 def _act(config_path: str | None, topic: str | None, group: str | None, older: str | None, newer: str | None,
@@ -468,7 +536,7 @@ def _act(config_path: str | None, topic: str | None, group: str | None, older: s
         with click.progressbar(length=len(sel), label=f"{action} dead letters", file=sys.stderr) as bar:
             for i in range(0, len(sel), 100):
                 chunk = sel[i:i + 100]
-                items = [{"topic": dl["_dlq"]["topic"], "seq": dl["seq"]} for dl in chunk]
+                items = [{"topic": dl.topic, "seq": dl.seq} for dl in chunk]
                 # The hub commits each retried event with its marker in one transaction: retried exactly once.
                 _, reply, _ = client.request(P.DLQ, {"action": action, "items": items, "by": by}, {P.DLQR})
                 if reply.get("error"):
@@ -498,8 +566,8 @@ def dlq_retry(config_path: str | None, topic: str | None, group: str | None, old
               dlq_topics: tuple[str, ...], ids: tuple[str, ...], everything: bool) -> None:
     """Deliver dead letters' original events again, to the group that failed them only.
 
-    The retried event carries the history of its failures in the `retries` extension; if it fails again it
-    becomes a new dead letter that still carries that history.
+    The retried event carries `retries` (how often it was dead-lettered before) and `retrydeadletter` (the dead
+    letter it came from); if it fails again, `dlq show` lists every earlier failure.
     """
     _act(config_path, topic, group, older, newer, dlq_topics, ids, everything, "retry")
 

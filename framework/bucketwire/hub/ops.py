@@ -474,7 +474,7 @@ class HubOps:
                                                      for k in ("id", "source", "type")):
                 return {"id": dl_id, "group": group,
                         "error": f"dead letter {dl_id[:12]} does not hold a readable original event"}
-            ev = _retry_event(dl, data, orig, group, otopic)
+            ev = _retry_event(dl, orig, group, otopic)
             retry_id = res["retry"] = ev.id
             events.append((index, hub._new(ev, otopic)))
         marker = {"deadletter": dl_id, "dlseq": seq, "action": "retried" if action == "retry" else "purged",
@@ -486,15 +486,26 @@ class HubOps:
         return res
 
 
-def _retry_event(dl: dict[str, Any], data: dict[str, Any], orig: dict[str, Any], group: str, topic: str) -> Event:
-    """The original event again, for the group that failed it, carrying every earlier failure."""
+def _retry_count(value: object) -> int:
+    """`retries` of an earlier retry: an integer, or (written before it became one) the list of failures."""
+    if isinstance(value, list):
+        return len(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 0
+
+
+def _retry_event(dl: dict[str, Any], orig: dict[str, Any], group: str, topic: str) -> Event:
+    """The original event again, for the group that failed it, saying how often it failed before and where.
+
+    Only CloudEvents types: `retries` is a count and `retrydeadletter` names this dead letter, whose own original
+    names the one before, so `dlq show` rebuilds the history from the chain (a list here would not be a valid
+    CloudEvents attribute).
+    """
     ext = {k: v for k, v in orig.items() if k not in ENVELOPE_KEYS}
-    history = list(ext["retries"]) if isinstance(ext.get("retries"), list) else []
-    history.append({"deadletter": dl.get("id"), "dlseq": dl.get("seq"), "group": group, "seq": data.get("seq"),
-                    "attempts": data.get("attempts"), "error": data.get("line"), "plugin": data.get("plugin"),
-                    "at": dl.get("time")})
-    ext.update(targetgroup=group, retries=history, retryof=ext.get("retryof") or orig["id"],
-               retrysource=ext.get("retrysource") or orig["source"])
+    ext.update(targetgroup=group, retries=_retry_count(ext.get("retries")) + 1,
+               retryof=ext.get("retryof") or orig["id"], retrysource=ext.get("retrysource") or orig["source"],
+               retrydeadletter=str(dl.get("id")))
     hops = orig.get("hops", 0)
     return Event(
         id=stable_id("retry", dl.get("id")), source=f"{HUB_SOURCE}retry/{group}", type=orig["type"],

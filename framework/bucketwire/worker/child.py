@@ -27,7 +27,7 @@ from bucketwire import protocol as P
 from bucketwire import security
 from bucketwire.config import Config, ConfigError
 from bucketwire.context import Stores
-from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event
+from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, parse_seq, seq_or_none
 from bucketwire.procutil import on_stop_signals
 from bucketwire.worker import plugin_loading as plugin_loader
 from bucketwire.worker.metrics import event_done, handler_done, set_credit
@@ -254,8 +254,8 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
         for _, body in queue:
             try:
                 d = json.loads(body)
-                requeue.append([d["topic"], d["seq"]])
-            except (ValueError, KeyError, TypeError):
+                requeue.append([d["topic"], parse_seq(d["seq"])])
+            except (ValueError, KeyError, TypeError):  # EnvelopeError is a ValueError
                 pass
         pair.send_multipart([P.BYE, P.enc({"requeue": requeue})])
         time.sleep(0.05)
@@ -273,7 +273,7 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
 def _handle(plugins: Plugins, attempt: int, body: bytes, begin: Callable[[object, object], None]) -> dict[str, Any]:
     try:
         raw = json.loads(body)
-        topic, seq = raw.get("topic"), raw.get("seq")
+        topic, seq = raw.get("topic"), seq_or_none(raw.get("seq"))  # the hub's ACK frame carries it as an int
     except ValueError:
         topic, seq = None, None
         raw = None
