@@ -7,12 +7,17 @@ structured and batch mode.
 
 from __future__ import annotations
 
+import http.client
+import json
 import subprocess
 import sys
 import threading
 import uuid
+from datetime import UTC, datetime
 
 import pytest
+from cloudevents.core.bindings.http import to_binary_event, to_structured_event
+from cloudevents.core.v1.event import CloudEvent
 
 from bucketwire import EnvelopeError, Event
 from tests.cloudevents_check import assert_cloudevent
@@ -89,3 +94,91 @@ def test_tail_output_and_follow_ons_are_valid_cloudevents(stack_factory):
     # workers read the new seq form: the plugin sees integer seqs, and every event was acked
     assert sorted(h["s"] for h in s.handled() if h["g"] == "f") == [1, 2, 3, 4, 5, 6]
     assert s.status()["groups"]["f"]["lag"] == 0
+
+
+# -- the HTTP ingress ------------------------------------------------------------------------------------------
+def sdk_event(**attrs: object) -> CloudEvent:
+    base: dict[str, object] = {"id": uuid.uuid4().hex, "source": "urn:sdk-client", "type": "com.example.job",
+                               "time": datetime.now(UTC), "topic": "jobs"}
+    return CloudEvent(attributes={**base, **attrs}, data={"hello": "wörld", "n": 1})
+
+
+def post(s, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    """POST with exactly these headers (urllib would add a form Content-Type the SDK did not send)."""
+    conn = http.client.HTTPConnection("127.0.0.1", s.http_port, timeout=15)
+    try:
+        conn.request("POST", "/events", body, {**headers, "Authorization": f"Bearer {s.token}"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def committed(s, topic: str) -> list[dict]:
+    with s.client() as c:
+        _, bodies = c.fetch(topic, 1)
+    return [json.loads(b) for b in bodies]
+
+
+def test_binary_mode_post_is_accepted_as_the_http_binding_says(stack_factory):
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    ev = sdk_event(subject="photos/a.jpg", traceparent="00-abc-def-01")
+    msg = to_binary_event(ev)
+    assert "ce-specversion" in msg.headers and not msg.body.startswith(b'{"specversion"')
+    code, resp = post(s, msg.body, headers=msg.headers)
+    assert code == 200, resp
+    assert resp["accepted"] == 1 and resp["events"][0]["topic"] == "jobs"
+    [got] = committed(s, "jobs")
+    assert_cloudevent(got)
+    assert (got["id"], got["source"], got["type"], got["subject"]) == (
+        ev.get_id(), "urn:sdk-client", "com.example.job", "photos/a.jpg")
+    assert got["data"] == {"hello": "wörld", "n": 1} and got["datacontenttype"] == "application/json"
+    assert got["traceparent"] == "00-abc-def-01"
+    # the same event again (same source and id) is a duplicate, exactly as in structured mode
+    code, resp = post(s, msg.body, headers=msg.headers)
+    assert code == 200 and resp["duplicates"] == 1
+    # text data keeps its content type and arrives as a string
+    txt = CloudEvent(attributes={"id": "t1", "source": "urn:sdk-client", "type": "com.example.note",
+                                 "topic": "jobs", "datacontenttype": "text/plain; charset=utf-8"}, data="hi there")
+    tmsg = to_binary_event(txt)
+    code, resp = post(s, tmsg.body, headers=tmsg.headers)
+    assert code == 200, resp
+    last = committed(s, "jobs")[-1]
+    assert last["data"] == "hi there" and last["datacontenttype"] == "text/plain; charset=utf-8"
+
+
+def test_structured_and_batch_modes_still_work(stack_factory):
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    msg = to_structured_event(sdk_event())
+    code, resp = post(s, msg.body, headers=msg.headers)
+    assert code == 200 and resp["accepted"] == 1, resp
+    batch = json.dumps([json.loads(to_structured_event(sdk_event()).body) for _ in range(3)]).encode()
+    code, resp = post(s, batch, headers={"Content-Type": "application/cloudevents-batch+json"})
+    assert code == 200 and resp["accepted"] == 3, resp
+    for got in committed(s, "jobs"):
+        assert_cloudevent(got)
+
+
+@pytest.mark.parametrize(("drop", "extra", "why"), [
+    ("ce-source", {}, "source"),
+    ("ce-specversion", {"ce-id": "x"}, "specversion"),
+    (None, {"ce-specversion": "0.3"}, "specversion"),
+    (None, {"ce-hops": "many"}, "hops"),
+    (None, {"Content-Type": "application/octet-stream"}, "Content-Type"),
+    (None, {"Content-Type": "application/json"}, "JSON"),
+])
+def test_bad_binary_mode_events_are_refused_in_one_line_and_change_nothing(stack_factory, drop, extra, why):
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    msg = to_binary_event(sdk_event())
+    headers = {k: v for k, v in msg.headers.items() if k != drop}
+    body = msg.body
+    if why == "JSON":
+        body = b"{not json"
+    headers.update(extra)
+    code, resp = post(s, body, headers=headers)
+    assert code == 400, resp
+    assert why.lower() in resp["error"].lower() and "\n" not in resp["error"]
+    assert committed(s, "jobs") == []

@@ -14,9 +14,9 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -64,6 +64,76 @@ def parse_cloudevents(body: bytes, store: str | None) -> list[Event]:
         ev.seq = None  # the hub assigns seqs
         out.append(ev)
     return out
+
+
+BINARY_INT_ATTRIBUTES = ("hops", "schemaversion", "retries")
+"""bucketwire's integer extensions: a header carries every attribute as text, so these are read back as ints."""
+
+
+def binary_mode(headers: Mapping[str, str]) -> bool:
+    """The CloudEvents HTTP binding's binary mode: attributes in `ce-*` headers, the data alone in the body.
+
+    A `Content-Type` of `application/cloudevents...` means structured mode whatever other headers say; a body
+    with neither (a plain JSON envelope) is read as structured, as before binary mode was accepted.
+    """
+    media = headers.get("content-type", "").split(";")[0].strip().lower()
+    return not media.startswith("application/cloudevents") and any(h.startswith("ce-") for h in headers)
+
+
+def parse_cloudevents_binary(headers: Mapping[str, str], body: bytes) -> list[Event]:
+    """One binary-mode CloudEvent as the HTTP binding (section 3.1) lays it out, checked like a structured one.
+
+    Header values are percent-decoded; `Content-Type` is `datacontenttype` (absent means JSON, as the SDKs send
+    JSON data). The envelope holds JSON, so JSON and text data are taken and anything else is refused rather than
+    stored in a form no consumer expects.
+    """
+    def bad(why: str) -> s3_records.RecordError:
+        return s3_records.RecordError(f"binary-mode CloudEvent (ce-* headers): {why}")
+
+    d: dict[str, Any] = {}
+    for name, value in headers.items():
+        if name.startswith("ce-") and len(name) > 3:
+            try:
+                d[name[3:]] = unquote(value, errors="strict")
+            except UnicodeDecodeError:
+                raise bad(f"header {name} is not percent-encoded UTF-8") from None
+    if "datacontenttype" in d or "data" in d:
+        raise bad("send the data's type as Content-Type and the data as the body, not as ce-* headers")
+    if "specversion" not in d:
+        raise bad("the ce-specversion header is missing (want 1.0)")
+    for k in BINARY_INT_ATTRIBUTES:
+        if k in d and d[k].isascii() and d[k].isdigit():
+            d[k] = int(d[k])
+    ctype = headers.get("content-type", "").strip()
+    media, _, params = ctype.partition(";")
+    media = media.strip().lower()
+    if not body:
+        d["data"] = None
+    elif not media or media in ("application/json", "text/json") or media.endswith("+json"):
+        try:
+            d["data"] = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad(f"body is not valid JSON ({ctype or 'no Content-Type: JSON assumed'}): {e}") from None
+    elif media.startswith("text/"):
+        charset = next((p.split("=", 1)[1].strip(' "').lower() for p in params.split(";")
+                        if p.strip().lower().startswith("charset=")), "utf-8")
+        if charset not in ("utf-8", "utf8", "us-ascii"):
+            raise bad(f"Content-Type {ctype}: only UTF-8 text is accepted")
+        try:
+            d["data"] = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad("body is not UTF-8 text") from None
+    else:
+        raise bad(f"Content-Type {ctype} cannot be carried: the envelope holds JSON or text data; send "
+                  "application/json or text/*")
+    if ctype:
+        d["datacontenttype"] = ctype
+    try:
+        ev = Event.from_dict(d)
+    except EnvelopeError as e:
+        raise bad(str(e)) from None
+    ev.seq = None  # the hub assigns seqs
+    return [ev]
 
 
 def parse_seaweedfs(body: bytes, store: str | None) -> list[Event]:
@@ -204,7 +274,10 @@ class Ingress:
             return self.fail(400, f"unknown store {store!r} in ?store= (configured: {have}); add [stores.{store}]",
                              "store")
         try:
-            events = parse(req.body, store)
+            if label == "cloudevents" and binary_mode(req.headers):
+                events = parse_cloudevents_binary(req.headers, req.body)
+            else:
+                events = parse(req.body, store)
         except s3_records.RecordError as e:
             return self.fail(400, str(e), "malformed")
         except Exception as e:  # a parser bug must cost one request, never the server
