@@ -18,8 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
+from bucketwire import exposition
 from bucketwire.config import ConfigError
 from bucketwire.envelope import EnvelopeError, Event, dumps, valid_unicode
 from bucketwire.formats import s3_records
@@ -261,7 +260,8 @@ class Ingress:
                                  or "the last journal commit failed (disk full or I/O error?)")
             return self.reply(200 if ok else 503, doc)
         if path == "/metrics":
-            return Response(200, generate_latest(hub.metrics.registry), CONTENT_TYPE_LATEST)
+            body, content_type = exposition.render(hub.metrics.registry, req.headers.get("accept"))
+            return Response(200, body, content_type)
         return self.not_found(path)
 
     def post(self, req: Request) -> Response | Pending:

@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from bucketwire.exposition import configure_created_series
+
 MAX_TOPIC_SERIES = 1000
 """Distinct topic label values per process; past it, topic counters go to OTHER_TOPIC and topic gauges are not
 set."""
@@ -57,6 +59,7 @@ class HubMetrics:
         return OTHER_TOPIC
 
     def __init__(self) -> None:
+        configure_created_series()
         self._topics: set[str] = set()
         r = self.registry = CollectorRegistry()
         self.received = Counter("bucketwire_events_received_total", "Events accepted at ingress",

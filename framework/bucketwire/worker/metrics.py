@@ -32,6 +32,10 @@ class _ChildMetrics:
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
+        from bucketwire.exposition import configure_created_series
+
+        configure_created_series()
+
         self.events = Counter("bucketwire_worker_events_total", "Events handled by this pool, by outcome",
                               ["group", "topic", "outcome"], registry=None)
         self.handler = Histogram("bucketwire_worker_handler_seconds", "handle_event latency per plugin",
@@ -111,6 +115,10 @@ class Supervisor:
         os.environ[FLAG] = "1"
         from prometheus_client import CollectorRegistry, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
+
+        from bucketwire.exposition import configure_created_series
+
+        configure_created_series()  # start_http_server negotiates the format as exposition.render does
 
         reg = CollectorRegistry()
         MultiProcessCollector(reg, path=self.dir)

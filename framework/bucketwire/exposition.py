@@ -1,0 +1,33 @@
+"""How the hub and the worker pools serve /metrics: one content negotiation, one policy on `_created` series.
+
+Both endpoints answer a scraper the same way, so one scrape config (and one parser) fits both: the format
+follows the Accept header exactly as prometheus-client's own HTTP server decides it (`choose_encoder`:
+OpenMetrics when asked for, Prometheus text 0.0.4 otherwise). Counters and histograms lose their `_created`
+series, which would double the series count for a timestamp few dashboards use; BUCKETWIRE_METRICS_CREATED=1
+keeps them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics import disable_created_metrics, enable_created_metrics
+
+CREATED_ENV = "BUCKETWIRE_METRICS_CREATED"
+
+
+def configure_created_series() -> None:
+    """Apply the `_created` policy; prometheus-client keeps it per process, so every process that serves or
+    writes metrics calls this before it creates any."""
+    if os.environ.get(CREATED_ENV, "").strip().lower() in ("1", "true", "yes"):
+        enable_created_metrics()
+    else:
+        disable_created_metrics()
+
+
+def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
+    """The registry in the format the Accept header asks for, and its Content-Type."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
