@@ -21,13 +21,18 @@ refuses unknown fields), decoded and checked by `decode` in one C pass; the sket
                     HB        {}
                     ERR       {"error", "fatal", "reready"}
     client -> hub   PUB       {"req", "events": [envelope dict, ...]}  -> PUBACK {"req", "results"} | PUBNACK
-                    FETCH     {"req", "topic", "from", "limit"}        -> EVENTS {"req","topic","head","next"}, env...
+                    FETCH     {"req", "topic", "from", "limit"}        -> EVENTS {"req","topic","head","next","first"},
+                                                                              env...
                     STATUS    {"req"}                                  -> STATUSR {...}
                     REPLAY    {"req", "group", "topics"?, "from_seq" | "since"}
                                                                -> REPLAYR {"req", "group", "topics"} | {"error"}
                     DLQ       {"req", "action": "retry"|"purge", "items": [{"topic", "seq"}], "by"}
                                                                -> DLQR {"req", "results": [{"id", ...} | {"error"}]}
                     GROUPRM   {"req", "group"}           -> GROUPRMR {"req", "group", "topics", "lag"} | {"error"}
+
+On the PUB endpoint every message is `[topic + NUL, seq, envelope]`: the seq frame is ASCII decimal digits,
+and the envelope's own `seq` attribute is a decimal string (CloudEvents integers are 32-bit). docs/wire.md is the
+reference for clients in other languages.
 """
 
 from __future__ import annotations
