@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import pytest
 from bucketwire import Event
 from bucketwire.envelope import parse_seq
 from tests.cloudevents_check import assert_cloudevent
-from tests.fixtures_hub import wait_for
+from tests.fixtures_hub import Stack, wait_for
 from tests.test_security import authorize, make_keys, security_toml
 
 SRC = Path(__file__).resolve().parent.parent / "examples" / "c-subscriber"
@@ -69,13 +70,13 @@ class Subscriber:
             self.proc.wait(10)
 
 
-def publish(s, topic: str, n: int) -> None:
+def publish(s: Stack, topic: str, n: int) -> None:
     with s.client() as c:
         c.publish_events([Event(id=uuid.uuid4().hex, source="urn:c-test", type="test.c", topic=topic,
                                 data={"n": i, "text": "grüße"}) for i in range(n)])
 
 
-def run_against(s, binary: Path, key_args: list[str]) -> None:
+def run_against(s: Stack, binary: Path, key_args: list[str]) -> None:
     publish(s, "jobs", 1)  # the topic exists, so the hub heartbeats it
     publish(s, "jobs2", 1)
     sub = Subscriber([str(binary), "-v", "-n", "3", *key_args, f"tcp://127.0.0.1:{s.pub_port}", "jobs"])
@@ -96,13 +97,13 @@ def run_against(s, binary: Path, key_args: list[str]) -> None:
         assert_cloudevent(envelope)
 
 
-def test_c_subscriber_without_curve(stack_factory, binary):
+def test_c_subscriber_without_curve(stack_factory: Callable[..., Stack], binary: Path) -> None:
     s = stack_factory(GROUPS)
     s.start_hub()
     run_against(s, binary, [])
 
 
-def test_c_subscriber_with_curve(stack_factory, tmp_path, binary):
+def test_c_subscriber_with_curve(stack_factory: Callable[..., Stack], tmp_path: Path, binary: Path) -> None:
     d = tmp_path / "sec"
     make_keys(d, "hub", "admin", "csub", "stranger")
     authorize(d, "admin")
@@ -126,7 +127,7 @@ def test_c_subscriber_with_curve(stack_factory, tmp_path, binary):
         stranger.stop()
 
 
-def test_c_subscriber_bad_key_file_is_one_line(binary, tmp_path):
+def test_c_subscriber_bad_key_file_is_one_line(binary: Path, tmp_path: Path) -> None:
     (tmp_path / "junk.key").write_text("hello\n")
     r = subprocess.run([str(binary), "-s", str(tmp_path / "junk.key"), "-k", str(tmp_path / "missing.key_secret"),
                         "tcp://127.0.0.1:1", "jobs"], capture_output=True, text=True, timeout=10)

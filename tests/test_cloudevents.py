@@ -13,7 +13,9 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
@@ -21,7 +23,9 @@ from cloudevents.core.v1.event import CloudEvent
 
 from bucketwire import EnvelopeError, Event
 from tests.cloudevents_check import assert_cloudevent
-from tests.fixtures_hub import wait_for
+from tests.fixtures_hub import Stack, wait_for
+
+MakeStack = Callable[..., Stack]
 
 GROUPS = """
 [groups.a]
@@ -37,7 +41,7 @@ start = "earliest"
 
 
 # -- the envelope ------------------------------------------------------------------------------------------------
-def test_seq_past_32_bits_stays_a_valid_cloudevent():
+def test_seq_past_32_bits_stays_a_valid_cloudevent() -> None:
     """At 30,000 events/s a topic passes 2^31 in a day; the envelope must stay valid after that."""
     big = 2**31 + 7
     raw = Event(id="1", source="urn:x", type="t", topic="jobs", seq=big, data={"k": 1}).to_json()
@@ -46,7 +50,7 @@ def test_seq_past_32_bits_stays_a_valid_cloudevent():
     assert Event.from_json(raw).seq == big
 
 
-def test_seq_reader_accepts_the_old_integer_form_and_refuses_non_decimal_strings():
+def test_seq_reader_accepts_the_old_integer_form_and_refuses_non_decimal_strings() -> None:
     base = Event(id="1", source="s", type="t").to_dict()
     assert Event.from_dict({**base, "seq": 42}).seq == 42  # written by an older hub
     assert Event.from_dict({**base, "seq": "42"}).seq == 42
@@ -56,7 +60,7 @@ def test_seq_reader_accepts_the_old_integer_form_and_refuses_non_decimal_strings
 
 
 # -- what leaves the hub -----------------------------------------------------------------------------------------
-def read_tail(s, topics: list[str], n: int) -> list[bytes]:
+def read_tail(s: Stack, topics: list[str], n: int) -> list[bytes]:
     """The first `n` lines `bucketwire tail --from-seq 1` prints, raw."""
     tail = subprocess.Popen([sys.executable, "-m", "bucketwire", "tail", "-c", str(s.cfg_path), *topics,
                              "--from-seq", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=s.env)
@@ -76,7 +80,7 @@ def read_tail(s, topics: list[str], n: int) -> list[bytes]:
     return lines[:n]
 
 
-def test_tail_output_and_follow_ons_are_valid_cloudevents(stack_factory):
+def test_tail_output_and_follow_ons_are_valid_cloudevents(stack_factory: MakeStack) -> None:
     s = stack_factory(GROUPS)
     s.start_hub()
     s.start_worker("a")
@@ -103,7 +107,7 @@ def sdk_event(**attrs: object) -> CloudEvent:
     return CloudEvent(attributes={**base, **attrs}, data={"hello": "wörld", "n": 1})
 
 
-def post(s, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+def post(s: Stack, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
     """POST with exactly these headers (urllib would add a form Content-Type the SDK did not send)."""
     conn = http.client.HTTPConnection("127.0.0.1", s.http_port, timeout=15)
     try:
@@ -114,13 +118,13 @@ def post(s, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
         conn.close()
 
 
-def committed(s, topic: str) -> list[dict]:
+def committed(s: Stack, topic: str) -> list[dict[str, Any]]:
     with s.client() as c:
         _, bodies = c.fetch(topic, 1)
     return [json.loads(b) for b in bodies]
 
 
-def test_binary_mode_post_is_accepted_as_the_http_binding_says(stack_factory):
+def test_binary_mode_post_is_accepted_as_the_http_binding_says(stack_factory: MakeStack) -> None:
     s = stack_factory(GROUPS)
     s.start_hub()
     ev = sdk_event(subject="photos/a.jpg", traceparent="00-abc-def-01")
@@ -148,7 +152,7 @@ def test_binary_mode_post_is_accepted_as_the_http_binding_says(stack_factory):
     assert last["data"] == "hi there" and last["datacontenttype"] == "text/plain; charset=utf-8"
 
 
-def test_structured_and_batch_modes_still_work(stack_factory):
+def test_structured_and_batch_modes_still_work(stack_factory: MakeStack) -> None:
     s = stack_factory(GROUPS)
     s.start_hub()
     msg = to_structured_event(sdk_event())
@@ -169,7 +173,8 @@ def test_structured_and_batch_modes_still_work(stack_factory):
     (None, {"Content-Type": "application/octet-stream"}, "Content-Type"),
     (None, {"Content-Type": "application/json"}, "JSON"),
 ])
-def test_bad_binary_mode_events_are_refused_in_one_line_and_change_nothing(stack_factory, drop, extra, why):
+def test_bad_binary_mode_events_are_refused_in_one_line_and_change_nothing(
+        stack_factory: MakeStack, drop: str | None, extra: dict[str, str], why: str) -> None:
     s = stack_factory(GROUPS)
     s.start_hub()
     msg = to_binary_event(sdk_event())

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import pytest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from bucketwire import Event
-from tests.fixtures_hub import free_port, wait_for
+from bucketwire.procutil import free_port
+from tests.fixtures_hub import Stack, wait_for
+
+MakeStack = Callable[..., Stack]
 
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
 # what Prometheus 3 sends when it scrapes (scrape_protocols default order)
@@ -35,7 +41,8 @@ def get(url: str, accept: str | None, token: str | None = None) -> tuple[str, st
 
 
 def sample_names(text: str, openmetrics: bool) -> set[str]:
-    fams = parse_openmetrics(text) if openmetrics else parse_text(text)
+    parse = cast(Callable[[str], Iterable[Metric]], parse_openmetrics) if openmetrics else parse_text
+    fams = parse(text)
     return {s.name for f in fams for s in f.samples}
 
 
@@ -49,7 +56,7 @@ metrics = "127.0.0.1:{wport}"
 """
 
 
-def start(stack_factory, env: dict[str, str] | None = None):
+def start(stack_factory: MakeStack, env: dict[str, str] | None = None) -> tuple[Stack, str, str]:
     wport = free_port()
     s = stack_factory(config(wport))
     s.env.update(env or {})
@@ -69,8 +76,8 @@ def start(stack_factory, env: dict[str, str] | None = None):
     ("application/openmetrics-text; version=1.0.0", True),
     (PROMETHEUS_ACCEPT, True),
 ])
-def test_both_endpoints_negotiate_the_same_format_and_parse_without_created_series(stack_factory, accept,
-                                                                                  openmetrics):
+def test_both_endpoints_negotiate_the_same_format_and_parse_without_created_series(
+        stack_factory: MakeStack, accept: str | None, openmetrics: bool) -> None:
     s, hub, worker = start(stack_factory)
     types = []
     for url in (hub, worker):
@@ -87,7 +94,7 @@ def test_both_endpoints_negotiate_the_same_format_and_parse_without_created_seri
     assert types[0] == types[1]
 
 
-def test_created_series_on_request(stack_factory):
+def test_created_series_on_request(stack_factory: MakeStack) -> None:
     s, hub, _ = start(stack_factory, {"BUCKETWIRE_METRICS_CREATED": "1"})
     _, text = get(hub, None, s.token)
     assert "bucketwire_events_received_created" in sample_names(text, False)

@@ -10,10 +10,12 @@ keeps them.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import cast
 
 from prometheus_client import CollectorRegistry
+from prometheus_client import metrics as _metrics
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics import disable_created_metrics, enable_created_metrics
 
 CREATED_ENV = "BUCKETWIRE_METRICS_CREATED"
 
@@ -21,10 +23,9 @@ CREATED_ENV = "BUCKETWIRE_METRICS_CREATED"
 def configure_created_series() -> None:
     """Apply the `_created` policy; prometheus-client keeps it per process, so every process that serves or
     writes metrics calls this before it creates any."""
-    if os.environ.get(CREATED_ENV, "").strip().lower() in ("1", "true", "yes"):
-        enable_created_metrics()
-    else:
-        disable_created_metrics()
+    wanted = os.environ.get(CREATED_ENV, "").strip().lower() in ("1", "true", "yes")
+    switch = _metrics.enable_created_metrics if wanted else _metrics.disable_created_metrics
+    cast(Callable[[], None], switch)()  # prometheus-client leaves these two unannotated
 
 
 def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
