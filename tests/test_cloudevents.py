@@ -172,6 +172,7 @@ def test_structured_and_batch_modes_still_work(stack_factory: MakeStack) -> None
     (None, {"ce-hops": "many"}, "hops"),
     (None, {"Content-Type": "application/octet-stream"}, "Content-Type"),
     (None, {"Content-Type": "application/json"}, "JSON"),
+    (None, {"ce-trace_id": "x"}, "attribute names"),
 ])
 def test_bad_binary_mode_events_are_refused_in_one_line_and_change_nothing(
         stack_factory: MakeStack, drop: str | None, extra: dict[str, str], why: str) -> None:

@@ -12,6 +12,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -65,6 +66,7 @@ def parse_cloudevents(body: bytes, store: str | None) -> list[Event]:
     return out
 
 
+_ATTRIBUTE_NAME = re.compile(r"[a-z0-9]{1,20}")
 BINARY_INT_ATTRIBUTES = ("hops", "schemaversion", "retries")
 """bucketwire's integer extensions: a header carries every attribute as text, so these are read back as ints."""
 
@@ -91,7 +93,9 @@ def parse_cloudevents_binary(headers: Mapping[str, str], body: bytes) -> list[Ev
 
     d: dict[str, Any] = {}
     for name, value in headers.items():
-        if name.startswith("ce-") and len(name) > 3:
+        if name.startswith("ce-"):
+            if not _ATTRIBUTE_NAME.fullmatch(name[3:]):
+                raise bad(f"header {name[:40]}: CloudEvents attribute names are 1 to 20 lowercase letters and digits")
             try:
                 d[name[3:]] = unquote(value, errors="strict")
             except UnicodeDecodeError:
