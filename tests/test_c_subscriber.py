@@ -61,13 +61,22 @@ class Subscriber:
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.err: list[str] = []
-        for stream, sink in ((self.proc.stdout, self.lines), (self.proc.stderr, self.err)):
-            threading.Thread(target=lambda st=stream, sk=sink: sk.extend(st), daemon=True).start()
+        self.readers = [threading.Thread(target=lambda st=stream, sk=sink: sk.extend(st), daemon=True)
+                        for stream, sink in ((self.proc.stdout, self.lines), (self.proc.stderr, self.err))]
+        for t in self.readers:
+            t.start()
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, once everything the process wrote has been read (the readers reach end of file)."""
+        code = self.proc.wait(timeout)
+        for t in self.readers:
+            t.join(timeout)
+        return code
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+        self.wait(10)
 
 
 def publish(s: Stack, topic: str, n: int) -> None:
@@ -85,7 +94,7 @@ def run_against(s: Stack, binary: Path, key_args: list[str]) -> None:
                  "a heartbeat on the C subscriber (its subscription is live)")
         publish(s, "jobs2", 2)  # a topic that shares the prefix: must not arrive
         publish(s, "jobs", 3)
-        assert sub.proc.wait(20) == 0, "".join(sub.err)
+        assert sub.wait(20) == 0, "".join(sub.err)
     finally:
         sub.stop()
     assert len(sub.lines) == 3, sub.lines
