@@ -202,6 +202,10 @@ def test_publisher_cannot_set_delivery_steering_extensions(stack_factory, tmp_pa
     body = json.dumps({**ev.to_dict(), "id": "steer-2"}).encode()
     code, resp = s.post("/events", body)
     assert 400 <= code < 500 and "targetgroup" in json.dumps(resp), (code, resp)
+    # what `dlq retry` stamps is the hub's too: a forged retrydeadletter would make `dlq show` history lie
+    forged = Event(id="steer-3", source="test", type="t", topic="x", data={}, extensions={"retrydeadletter": "dl"})
+    with s.client() as c, pytest.raises(HubRefused, match="retrydeadletter"):
+        c.publish_events([forged])
     assert "x" not in s.status()["topics"], "nothing was committed"
     with s.client() as c:
         c.publish("x", {"plain": 1})

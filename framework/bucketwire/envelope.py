@@ -257,15 +257,20 @@ RESERVED_SOURCES = (HUB_SOURCE, "bucketwire://cli/")
 STEERING_EXTENSIONS = frozenset({"targetgroup"})
 """Extensions that change who receives an event; only the hub sets them (a `dlq retry` it performs)."""
 
+HUB_EXTENSIONS = STEERING_EXTENSIONS | {"retries", "retryof", "retrysource", "retrydeadletter"}
+"""Everything a `dlq retry` stamps: besides steering, `dlq show` rebuilds a retry's history from these, so a
+forged `retrydeadletter` could make that history lie. Only the hub writes them."""
+
 
 def refused_from_outside(ev: Event) -> str | None:
     """Why a publisher (ZeroMQ PUB, HTTP /events, webhooks) may not submit this event, or None if it may."""
     if ev.source.startswith(RESERVED_SOURCES):
         return (f"event {ev.id[:64]!r}: source {ev.source[:64]!r} is reserved for the hub (sources starting "
                 f"{HUB_SOURCE!r} or 'bucketwire://cli/'); publish under another source")
-    steer = sorted(STEERING_EXTENSIONS & ev.extensions.keys())
+    steer = sorted(HUB_EXTENSIONS & ev.extensions.keys())
     if steer:
-        return (f"event {ev.id[:64]!r}: extension {steer[0]!r} steers delivery and is set by the hub only; remove "
+        what = "steers delivery" if steer[0] in STEERING_EXTENSIONS else "records a dlq retry"
+        return (f"event {ev.id[:64]!r}: extension {steer[0]!r} {what} and is set by the hub only; remove "
                 "it (use `bucketwire dlq retry` to re-deliver a dead letter to one group)")
     return None
 

@@ -25,8 +25,8 @@ import zmq
 from bucketwire import protocol as P
 from bucketwire.config import Config
 from bucketwire.envelope import (
+    HUB_EXTENSIONS,
     SCHEMA_VERSION,
-    STEERING_EXTENSIONS,
     EnvelopeError,
     Event,
     follow_on_source,
@@ -652,7 +652,7 @@ class Hub(Listeners):
                     # group's namespace under the hub's reserved prefix, where no publisher (and no other group's
                     # worker) can squat on it; and nothing a worker adds steers delivery.
                     fo.source = follow_on_source(g.name, fo.source.rstrip("/").rsplit("/", 1)[-1][:128])
-                    for k in STEERING_EXTENSIONS:
+                    for k in HUB_EXTENSIONS:
                         fo.extensions.pop(k, None)
                 if g.ack(topic, seq):
                     self.metrics.acked.labels(g.name).inc()
