@@ -17,6 +17,9 @@ refuses unknown fields), decoded and checked by `decode` in one C pass; the sket
                               a worker child died (crash, or killed past handler_timeout): the hub charges the
                               `running` event one attempt with `reason` and gives the child's other events back
                               uncharged. Sent with the same key as the child's READY, once per death.
+                    RUNNING   {"g": group, "w": worker identity (hex), "run": [topic, seq, age, timeout]}
+                              a child's one thread is inside a handler (for half a heartbeat interval or more):
+                              the supervisor heartbeats for it, so the hub keeps it and shows it as long running.
     hub -> worker   DELIVER   {"a": [attempt, ...]}, envelope, envelope, ...
                     HB        {}
                     ERR       {"error", "fatal", "reready"}
@@ -52,6 +55,7 @@ ACK = b"ACK"
 HB = b"HB"
 BYE = b"BYE"
 GONE = b"GONE"
+RUNNING = b"RUNNING"
 DELIVER = b"DELIVER"
 ERR = b"ERR"
 PUB = b"PUB"

@@ -598,6 +598,8 @@ class Hub(Listeners):
             self._on_bye(ident, P.decode(raw, P.Bye))
         elif cmd == P.GONE:
             self._on_gone(P.header(raw), now)
+        elif cmd == P.RUNNING:
+            self._on_running(P.header(raw), now)
         else:
             raise P.ProtocolError(f"unknown command {cmd[:32]!r}")
 
@@ -762,6 +764,21 @@ class Hub(Listeners):
         log.warning("worker child died", extra={"group": w.group, "host": w.host, "pid": w.pid, "reason": reason,
                                                 "topic": key[0] if key else None, "seq": key[1] if key else None})
         self._worker_gone(w, died=(key, reason[:1024]), now=now)
+
+    def _on_running(self, hdr: dict[str, Any], now: float) -> None:
+        """A pool's supervisor heartbeats for a child whose one thread is inside a handler."""
+        gname, wid = hdr.get("g"), hdr.get("w")
+        if not isinstance(gname, str) or not isinstance(wid, str):
+            raise P.ProtocolError("RUNNING needs group 'g', worker 'w' (hex) and 'run'")
+        try:
+            ident = bytes.fromhex(wid)
+        except ValueError:
+            raise P.ProtocolError("RUNNING 'w' must be the worker identity in hex") from None
+        w = self.workers.get(ident)
+        if w is None or w.group != gname or w.user != self._user:
+            return  # gone already (it will READY again), or not this key's worker to speak for
+        w.last_seen = now
+        w.running = running_of(hdr, now)
 
     def _worker_gone(self, w: WorkerState, *, lost: bool = False, died: tuple[Key | None, str] | None = None,
                      requeue: set[Key] | None = None, now: float | None = None) -> None:

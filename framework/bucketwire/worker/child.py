@@ -1,8 +1,10 @@
 """One worker child: receives events from the hub, runs them through the plugins, reports the outcome.
 
-Two threads, because a handler can run for minutes (a 500 MB replica) while the hub must keep hearing
-heartbeats: the I/O thread owns the DEALER socket (heartbeats, reconnects, forwarding), the main thread runs
-handlers. They talk over an inproc PAIR, so no ZeroMQ socket is ever shared between threads.
+One thread owns everything: poll the DEALER -> take a DELIVER batch -> run its handlers -> send one ACK for the
+batch. An event therefore wakes one thread of ours and crosses no inproc hop (the hot path's cost used to be
+the hand-off between an I/O thread and a handler thread). A handler can still run for minutes (a 500 MB
+replica) while this thread cannot heartbeat: its supervisor reads the running record (worker/running.py) and
+heartbeats to the hub on the child's behalf (RUNNING), so the hub keeps counting it and shows it as long running.
 """
 
 from __future__ import annotations
@@ -11,13 +13,11 @@ import json
 import logging
 import os
 import socket
-import sys
-import threading
 import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,10 @@ from bucketwire.worker.running import RunningSlot
 
 log = logging.getLogger("bucketwire.worker")
 
+ACK_EVERY = 64
+"""Within a long batch an ACK goes out after this many events or ACK_AFTER seconds, so the hub commits (and
+publishers see) early results without waiting for the batch's end."""
+ACK_AFTER = 0.005
 
 
 @dataclass
@@ -71,118 +75,193 @@ class Plugins(plugin_loader.PluginRunner):
             self.shutdown()
 
 
-def _io_thread(zctx: zmq.Context, cfg: Config, spec: WorkerSpec, pair_addr: str, stop: threading.Event,
-               slot: RunningSlot) -> None:
-    """Own the DEALER: forward deliveries to the main thread, acks to the hub, heartbeat both ways."""
-    pair = zctx.socket(zmq.PAIR)
-    pair.connect(pair_addr)
-    ready = P.enc(P.Ready(
-        group=spec.group, topics=spec.topics, credit=spec.credit, proto=P.PROTO, schema=SCHEMA_VERSION,
-        host=socket.gethostname()[:64], pid=os.getpid(), start=spec.start,  # type: ignore[arg-type]
-    ))
+class Fatal(Exception):
+    """The hub refused this worker for good (ERR fatal): the child exits with a configuration error."""
 
-    keys = security.client_keys(cfg)  # checked by `bucketwire worker` before the children start
 
-    def send(d: zmq.Socket, frames: list[bytes]) -> bool:
+class Child:
+    """The child's one loop. Its DEALER is reconnected under a new identity when the hub goes silent."""
+
+    def __init__(self, cfg: Config, spec: WorkerSpec, plugins: Plugins, slot: RunningSlot, stop_fd: int,
+                 stopping: Callable[[], bool]) -> None:
+        self.cfg, self.spec, self.plugins, self.slot = cfg, spec, plugins, slot
+        self.stop_fd, self.stopping = stop_fd, stopping
+        self.zctx = zmq.Context()
+        self.keys = security.client_keys(cfg)  # checked by `bucketwire worker` before the children start
+        self.ready = P.enc(P.Ready(
+            group=spec.group, topics=spec.topics, credit=spec.credit, proto=P.PROTO, schema=SCHEMA_VERSION,
+            host=socket.gethostname()[:64], pid=os.getpid(), start=spec.start,  # type: ignore[arg-type]
+        ))
+        self.timeouts: dict[str, float] = {}
+        self.queue: deque[tuple[int, bytes]] = deque()  # the batch in hand: (attempt, envelope)
+        self.acks: list[dict[str, Any]] = []
+        self.poller = zmq.Poller()
+        self.poller.register(stop_fd, zmq.POLLIN)
+        self.dealer = self._connect()
+        now = time.monotonic()
+        self.last_hub = self.last_sent = self.last_flush = now
+
+    def _connect(self) -> zmq.Socket[bytes]:
+        d: zmq.Socket[bytes] = self.zctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 2000)
+        ident = b"w-" + uuid.uuid4().bytes
+        self.slot.set_ident(ident)  # so the supervisor can name this child to the hub (death notice, RUNNING)
+        d.setsockopt(zmq.IDENTITY, ident)
+        d.setsockopt(zmq.SNDHWM, 100_000)
+        d.setsockopt(zmq.RCVHWM, 100_000)
+        security.apply_client(d, self.cfg, self.keys)
+        d.connect(self.cfg.client.work)
+        self.poller.register(d, zmq.POLLIN)
+        self._send(d, [P.READY, self.ready])
+        return d
+
+    def _send(self, d: zmq.Socket[bytes], frames: list[bytes]) -> bool:
         """Never block: a DEALER whose handshake was refused (CURVE key not yet admitted) has no pipe, and a
-        blocking send would hang this thread for good -- no heartbeats, no reconnect. What cannot go out now is
-        dropped; the hub redelivers unacked events and the reconnect below re-sends READY."""
+        blocking send would hang the child for good. What cannot go out now is dropped; the hub redelivers
+        unacked events and the reconnect re-sends READY."""
         try:
             d.send_multipart(frames, zmq.NOBLOCK)
+            self.last_sent = time.monotonic()
             return True
         except zmq.Again:
             log.debug("hub not reachable; message dropped", extra={"command": frames[0][:8].decode("ascii", "replace")})
             return False
 
-    def connect() -> zmq.Socket:
-        d = zctx.socket(zmq.DEALER)
-        d.setsockopt(zmq.LINGER, 2000)
-        ident = b"w-" + uuid.uuid4().bytes
-        slot.set_ident(ident)  # so the supervisor can name this child to the hub if it dies
-        d.setsockopt(zmq.IDENTITY, ident)
-        d.setsockopt(zmq.SNDHWM, 100_000)
-        d.setsockopt(zmq.RCVHWM, 100_000)
-        security.apply_client(d, cfg, keys)
-        d.connect(cfg.client.work)
-        send(d, [P.READY, ready])
-        return d
+    def run(self) -> int:
+        """Serve until a stop signal; returns the exit code."""
+        interval, timeout = self.spec.heartbeat_interval, self.spec.heartbeat_timeout
+        poll_ms = int(interval * 1000 / 2)
+        try:
+            while not self.stopping():
+                if dict(self.poller.poll(poll_ms)).get(self.dealer):
+                    self._receive()
+                # Checked right after receiving: what the hub sent during a long handler is waiting on the
+                # socket and counts before the silence does.
+                now = time.monotonic()
+                if now - self.last_hub > timeout:
+                    self._reconnect()
+                    continue
+                if now - self.last_sent >= interval:
+                    self._send(self.dealer, [P.HB, b"{}"])  # between events: nothing is running
+                self._work()
+        except Fatal:
+            return 2
+        self._drain()
+        return 0
 
-    dealer = connect()
-    poller = zmq.Poller()
-    poller.register(dealer, zmq.POLLIN)
-    poller.register(pair, zmq.POLLIN)
-    last_hub = last_sent = time.monotonic()
-    interval, timeout = spec.heartbeat_interval, spec.heartbeat_timeout
-    try:
-        while True:
-            socks = dict(poller.poll(int(interval * 1000 / 2)))
-            now = time.monotonic()
-            if pair in socks:
-                for frames in drain(pair):
-                    if frames[0] == b"QUIT":
-                        return
-                    send(dealer, frames)
-                    last_sent = now
-            if dealer in socks:
-                for frames in drain(dealer):
-                    last_hub = now
-                    cmd = frames[0]
-                    if cmd == P.DELIVER:
-                        pair.send_multipart(frames)
-                    elif cmd == P.ERR:
-                        try:
-                            err = P.decode(frames[1], P.Err)
-                        except (P.ProtocolError, IndexError) as e:
-                            log.warning("unreadable ERR from the hub", extra={"error": str(e)})
-                            continue
-                        if err.fatal:
-                            pair.send_multipart([b"FATAL", frames[1]])
-                        elif err.reready:
-                            send(dealer, [P.READY, ready])
-                        else:
-                            log.warning("hub rejected a message", extra={"error": err.error})
-            if now - last_hub > timeout:
-                # The hub went quiet (restart, network): reconnect under a new identity. Events already
-                # delivered to us will be redelivered by the hub; tell the main thread to drop unstarted ones.
-                log.warning("hub silent; reconnecting", extra={"endpoint": cfg.client.work})
-                poller.unregister(dealer)
-                dealer.close(0)
-                dealer = connect()
-                poller.register(dealer, zmq.POLLIN)
-                pair.send_multipart([b"RESET"])
-                last_hub = last_sent = now
-            elif now - last_sent >= interval and not stop.is_set():
-                send(dealer, [P.HB, heartbeat(slot)])
-                last_sent = now
-    finally:
-        dealer.close()
-        pair.close(0)
+    def _receive(self) -> None:
+        """Take every message waiting on the DEALER, without blocking."""
+        d = self.dealer
+        got = False
+        while d.get(zmq.EVENTS) & zmq.POLLIN:
+            frames = d.recv_multipart(zmq.NOBLOCK)
+            got = True
+            cmd = frames[0]
+            if cmd == P.DELIVER:
+                attempts = P.decode(frames[1], P.Deliver).a
+                for i, body in enumerate(frames[2:]):
+                    self.queue.append((attempts[i] if i < len(attempts) else 1, body))
+            elif cmd == P.ERR:
+                self._on_err(frames)
+        if got:
+            self.last_hub = time.monotonic()
 
-
-def heartbeat(slot: RunningSlot) -> bytes:
-    """A heartbeat goes out only when nothing else did for an interval, so a handler running then is a long one:
-    say which, for `bucketwire status`. Costs nothing on the hot path."""
-    r = slot.read()
-    if r is None:
-        return b"{}"
-    return P.enc({"run": [r.topic, r.seq, round(time.monotonic() - r.started, 3), r.timeout]})
-
-
-def drain(sock: zmq.Socket, limit: int = 1000) -> Iterator[list[bytes]]:
-    """The messages waiting on `sock` right now (at most `limit`), without blocking."""
-    for _ in range(limit):
-        if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+    def _on_err(self, frames: list[bytes]) -> None:
+        try:
+            err = P.decode(frames[1], P.Err)
+        except (P.ProtocolError, IndexError) as e:
+            log.warning("unreadable ERR from the hub", extra={"error": str(e)})
             return
-        yield sock.recv_multipart(zmq.NOBLOCK)
+        if err.fatal:
+            log.error(err.error or "hub refused this worker")
+            raise Fatal
+        if err.reready:
+            self._send(self.dealer, [P.READY, self.ready])
+        else:
+            log.warning("hub rejected a message", extra={"error": err.error})
+
+    def _work(self) -> None:
+        """Run the events in hand, then ack them: one ACK per batch (or per ACK_EVERY / ACK_AFTER within a long
+        one). A stop signal ends it after the event in hand; the rest is given back by `_drain`."""
+        q, acks = self.queue, self.acks
+        while q and not self.stopping():
+            attempt, body = q.popleft()
+            acks.append(self._handle(attempt, body))
+            self.slot.end()
+            if q and (len(acks) >= ACK_EVERY or time.monotonic() - self.last_flush > ACK_AFTER):
+                self._flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.acks:
+            self._send(self.dealer, [P.ACK, P.enc({"g": self.spec.group, "results": self.acks})])
+            self.acks.clear()  # encoded above; `_work` holds this list
+        self.last_flush = time.monotonic()
+
+    def _reconnect(self) -> None:
+        """The hub went quiet (restart, network): reconnect under a new identity. Events it delivered to the
+        old one are redelivered by the hub, so none is held here."""
+        log.warning("hub silent; reconnecting", extra={"endpoint": self.cfg.client.work})
+        self.poller.unregister(self.dealer)
+        self.dealer.close(0)
+        self.queue.clear()
+        self.dealer = self._connect()
+        self.last_hub = time.monotonic()
+
+    def _drain(self) -> None:
+        """Give back what was delivered but not started (the rest of the batch, and what is waiting on the
+        socket) with BYE, so the hub hands it to another worker at once."""
+        self._flush()
+        try:
+            self._receive()
+        except Fatal:
+            pass
+        requeue = []
+        for _, body in self.queue:
+            try:
+                d = json.loads(body)
+                requeue.append([d["topic"], parse_seq(d["seq"])])
+            except (ValueError, KeyError, TypeError):  # EnvelopeError is a ValueError
+                pass
+        self.queue.clear()
+        self._send(self.dealer, [P.BYE, P.enc({"requeue": requeue})])
+
+    def close(self) -> None:
+        self.dealer.close()  # LINGER: the last ACK and BYE still go out
+        self.zctx.term()
+
+    def _begin(self, topic: object, seq: object) -> None:
+        """Record the event whose handlers are about to run (see worker/running.py)."""
+        if isinstance(topic, str) and isinstance(seq, int):
+            t = self.timeouts.get(topic)
+            if t is None:
+                t = self.timeouts[topic] = self.cfg.handler_timeout(self.spec.group, topic)
+            self.slot.begin(topic, seq, t)
+
+    def _handle(self, attempt: int, body: bytes) -> dict[str, Any]:
+        return handle(self.plugins, attempt, body, self._begin)
+
+
+def _stop_pipe() -> tuple[int, list[bool]]:
+    """SIGTERM/SIGINT make the returned fd readable, so a child idle in poll stops at once."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    stopped = [False]
+
+    def on_stop() -> None:
+        stopped[0] = True
+        try:
+            os.write(w, b"\0")
+        except BlockingIOError:
+            pass
+
+    on_stop_signals(on_stop)
+    return r, stopped
 
 
 def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -> int:
     """Entry point of a worker child process; returns the exit code. `slot` is shared with the supervisor."""
-    # The I/O and handler threads hand every event to each other; the default 5 ms GIL switch interval
-    # would show up directly as tail latency.
-    sys.setswitchinterval(0.0005)
-    stopping = threading.Event()
-    on_stop_signals(stopping.set)
+    stop_fd, stopped = _stop_pipe()
     try:
         plugins = Plugins(cfg, spec)
         plugins.lifecycle("worker_startup")
@@ -190,87 +269,19 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
     except ConfigError as e:
         log.error(str(e))
         return 2
-    zctx = zmq.Context()
-    pair = zctx.socket(zmq.PAIR)
-    addr = f"inproc://worker-io-{os.getpid()}"
-    pair.bind(addr)
-    slot = slot if slot is not None else RunningSlot.private()
-    timeouts: dict[str, float] = {}
-
-    def begin(topic: object, seq: object) -> None:
-        """Record the event whose handlers are about to run (see worker/running.py)."""
-        if isinstance(topic, str) and isinstance(seq, int):
-            t = timeouts.get(topic)
-            if t is None:
-                t = timeouts[topic] = cfg.handler_timeout(spec.group, topic)
-            slot.begin(topic, seq, t)
-
-    io = threading.Thread(target=_io_thread, args=(zctx, cfg, spec, addr, stopping, slot), name="io", daemon=True)
-    io.start()
-    queue: deque[tuple[int, bytes]] = deque()
-    acks: list[dict[str, Any]] = []
-    last_flush = time.monotonic()
-
-    def flush() -> None:
-        nonlocal last_flush
-        if acks:
-            pair.send_multipart([P.ACK, P.enc({"g": spec.group, "results": acks})])
-            acks.clear()
-        last_flush = time.monotonic()
-
-    def take(block_ms: int) -> bool:
-        """Pull whatever the I/O thread forwarded; False on a fatal error from the hub."""
-        if not pair.poll(block_ms):
-            return True
-        for frames in drain(pair, limit=1 << 30):
-            if frames[0] == P.DELIVER:
-                attempts = P.decode(frames[1], P.Deliver).a
-                for i, body in enumerate(frames[2:]):
-                    queue.append((attempts[i] if i < len(attempts) else 1, body))
-            elif frames[0] == b"RESET":
-                queue.clear()
-            elif frames[0] == b"FATAL":
-                log.error(P.decode(frames[1], P.Err).error or "hub refused this worker")
-                return False
-        return True
-
-    code = 0
+    child = Child(cfg, spec, plugins, slot if slot is not None else RunningSlot.private(), stop_fd,
+                  lambda: stopped[0])
     try:
-        while not stopping.is_set():
-            if not take(0 if queue else 200):
-                code = 2
-                break
-            if not queue:
-                flush()
-                continue
-            attempt, body = queue.popleft()
-            acks.append(_handle(plugins, attempt, body, begin))
-            slot.end()
-            if not queue or len(acks) >= 64 or time.monotonic() - last_flush > 0.005:
-                flush()
-        flush()
-        # Drain: give back what we had not started so the hub hands it to another worker at once.
-        requeue = []
-        for _, body in queue:
-            try:
-                d = json.loads(body)
-                requeue.append([d["topic"], parse_seq(d["seq"])])
-            except (ValueError, KeyError, TypeError):  # EnvelopeError is a ValueError
-                pass
-        pair.send_multipart([P.BYE, P.enc({"requeue": requeue})])
-        time.sleep(0.05)
-        pair.send_multipart([b"QUIT"])
-        io.join(timeout=3)
+        return child.run()
     finally:
         try:
             plugins.lifecycle("worker_shutdown")
         finally:
-            pair.close(0)
-            zctx.term()
-    return code
+            child.close()
+            os.close(stop_fd)
 
 
-def _handle(plugins: Plugins, attempt: int, body: bytes, begin: Callable[[object, object], None]) -> dict[str, Any]:
+def handle(plugins: Plugins, attempt: int, body: bytes, begin: Callable[[object, object], None]) -> dict[str, Any]:
     try:
         raw = json.loads(body)
         topic, seq = raw.get("topic"), seq_or_none(raw.get("seq"))  # the hub's ACK frame carries it as an int

@@ -63,9 +63,28 @@ class DeathNotices:
         except zmq.Again:
             log.warning("hub not reachable; it will notice the dead child by heartbeat timeout")
 
+    def running(self, ident: bytes, r: Running, now: float) -> None:
+        """Heartbeat for a child whose one thread is inside a handler and so cannot (see worker/child.py)."""
+        hdr = {"g": self.group, "w": ident.hex(), "run": [r.topic, r.seq, round(now - r.started, 3), r.timeout]}
+        try:
+            self.sock.send_multipart([P.RUNNING, P.enc(hdr)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the hub is unreachable: the child's own heartbeats would not get through either
+
     def close(self) -> None:
         self.sock.close()
         self.zctx.term()
+
+
+def frozen(pid: int | None) -> bool:
+    """A stopped child (SIGSTOP, a debugger) is not working on its event: the supervisor does not speak for it,
+    so the hub finds it by heartbeat timeout as it would a vanished host."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"T", b"t")
 
 
 def death_reason(exitcode: int | None) -> str:
@@ -157,15 +176,25 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
         p.start()
         children[slot] = p
 
+    tick = min(0.5, spec.heartbeat_interval / 2)
+    spoke: dict[int, float] = {}  # slot -> when we last heartbeated for its child
+
     def kill_overdue(now: float) -> float:
-        """Kill the children whose handler passed its handler_timeout; returns when the next one would."""
-        nxt = now + 0.5
+        """Kill the children whose handler passed its handler_timeout, heartbeat for those inside a handler;
+        returns when to look again."""
+        nxt = now + tick
         for slot, p in children.items():
             r = slots[slot].read()
             if r is None or slot in timed_out or slot in respawn_at:
                 continue
             if now < r.deadline:
                 nxt = min(nxt, r.deadline)
+                if (now - r.started >= tick and now - spoke.get(slot, 0.0) >= spec.heartbeat_interval
+                        and not frozen(p.pid)):
+                    ident = slots[slot].ident()
+                    if ident:
+                        notices.running(ident, r, now)
+                        spoke[slot] = now
                 continue
             log.warning("handler timed out; killing its worker child", extra={
                 "topic": r.topic, "seq": r.seq, "handler_timeout": r.timeout, "pid": p.pid})

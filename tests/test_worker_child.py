@@ -1,0 +1,64 @@
+"""The worker child is one thread: an event goes socket -> handler -> ack without crossing a thread, and a long
+handler still looks alive to the hub (its supervisor heartbeats for it). Real hub and worker pool processes."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bucketwire import Event
+from tests.fixtures_hub import wait_for
+
+CFG = """
+[topics.jobs]
+max_attempts = 3
+backoff_base = 0.1
+backoff_max = 0.5
+
+[groups.a]
+topics = ["jobs"]
+plugins = []
+start = "earliest"
+"""
+
+
+def job(key: str, **data: Any) -> Event:
+    return Event(id=uuid.uuid4().hex, source="urn:test", type="s3:ObjectCreated:Put", subject=key, topic="jobs",
+                 data={"bucket": "b", "key": key, **data})
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    tasks = Path(f"/proc/{pid}/task")
+    return {int(t.name): (t / "comm").read_text().strip() for t in tasks.iterdir()}
+
+
+def test_a_worker_child_runs_one_python_thread(stack_factory: Any) -> None:
+    """Every thread of a child besides its main one is libzmq's own (I/O and reaper): no Python thread hands
+    events to another, so an event wakes one thread of ours, not two."""
+    s = stack_factory(CFG)
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    with s.client() as c:
+        c.publish_events([job(f"k{i}") for i in range(20)])
+    wait_for(lambda: len(s.handled()) == 20, 30, "20 events handled")
+    (child,) = s.child_pids(pool)
+    others = {tid: name for tid, name in thread_names(child).items() if tid != child}
+    assert others and all(name.startswith("ZMQbg/") for name in others.values()), others
+
+
+def test_a_handler_longer_than_the_heartbeat_timeout_keeps_its_worker(stack_factory: Any) -> None:
+    """The child's one thread is inside the handler for 2.5 s, past the hub's 1.5 s heartbeat timeout: the hub
+    still counts the worker (its supervisor speaks for it), so the event is handled once, on its first attempt,
+    and nothing is redelivered."""
+    s = stack_factory(CFG)
+    s.start_hub()
+    s.start_worker("a", 1)
+    with s.client() as c:
+        c.publish_events([job("long", sleep=2.5), job("after")])
+    wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0 and len(s.handled()) >= 2, 30,
+             "both events handled and acked")
+    attempts = sorted((r["key"], r["a"]) for r in s.handled())
+    assert attempts == [("after", 1), ("long", 1)], attempts
+    assert s.metric("bucketwire_redelivered_total", group="a") == 0
+    assert s.status()["groups"]["a"]["workers"] == 1
