@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import zmq
 
 from bucketwire import protocol as P
@@ -34,6 +35,7 @@ from bucketwire.worker.metrics import event_done, handler_done, set_credit
 from bucketwire.worker.running import RunningSlot
 
 log = logging.getLogger("bucketwire.worker")
+events_log = logging.getLogger("bucketwire.events")
 
 ACK_EVERY = 64
 """Within a long batch an ACK goes out after this many events or ACK_AFTER seconds, so the hub commits (and
@@ -281,11 +283,20 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
             os.close(stop_fd)
 
 
+def parse(body: bytes) -> Any:
+    """orjson reads the hub's envelopes (which it wrote with orjson) in a third of json's time; json still reads
+    what orjson refuses (an integer past 64 bits), so nothing readable before is refused now."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
 def handle(plugins: Plugins, attempt: int, body: bytes, begin: Callable[[object, object], None]) -> dict[str, Any]:
     try:
-        raw = json.loads(body)
+        raw = parse(body)
         topic, seq = raw.get("topic"), seq_or_none(raw.get("seq"))  # the hub's ACK frame carries it as an int
-    except ValueError:
+    except (ValueError, AttributeError):
         topic, seq = None, None
         raw = None
     begin(topic, seq)
@@ -310,6 +321,6 @@ def handle(plugins: Plugins, attempt: int, body: bytes, begin: Callable[[object,
             res["delay"] = f.delay
         return res
     event_done(plugins.group, event.topic, "ok", [f.topic or "-" for f in follow])
-    logging.getLogger("bucketwire.events").debug(
+    events_log.debug(
         "event handled", extra={"topic": topic, "seq": seq, "attempt": attempt, "follow_ons": len(follow)})
     return {"t": topic, "s": seq, "ok": True, "f": [f.to_dict() for f in follow]}
