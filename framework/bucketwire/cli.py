@@ -157,7 +157,7 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
     def on_hub(state: str, next_seqs: dict[str, int]) -> None:
         where = ", ".join(f"{t} after seq {n - 1}" for t, n in sorted(next_seqs.items())) or "no events yet"
         if state == "lost":
-            click.echo(f"tail: lost the hub at {cfg.client.publish}; waiting for it to come back "
+            click.echo(f"tail: lost the hub at {' '.join(cfg.client.publish_endpoints)}; waiting for it to come back "
                        f"(will resume: {where})", err=True)
         else:
             click.echo(f"tail: hub is back; resumed ({where})", err=True)

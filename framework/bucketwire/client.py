@@ -37,7 +37,10 @@ class HubRefused(Exception):
 class HubClient:
     def __init__(self, cfg: Config, *, timeout: float | None = None, context: zmq.Context | None = None) -> None:
         self.cfg = cfg
-        self.endpoint = cfg.client.work
+        # With several hubs ([client] work as a list) requests go to one; a silent one sends us to the next, and a
+        # hub that does not dispatch the group asked about names the one that does (ERR with `moved`).
+        self.endpoints = cfg.client.work_endpoints
+        self.endpoint = self.endpoints[0]
         self.timeout = cfg.client.timeout if timeout is None else timeout
         self.zctx = context or zmq.Context.instance()
         self._req = itertools.count(1)
@@ -79,7 +82,8 @@ class HubClient:
             s = self._socket()
             s.send_multipart([cmd, P.enc(hdr)])
             until = min(deadline, time.monotonic() + attempt_timeout)
-            while (left := until - time.monotonic()) > 0:
+            moved = False
+            while not moved and (left := until - time.monotonic()) > 0:
                 if not s.poll(int(left * 1000) + 1):
                     continue
                 frames = s.recv_multipart()
@@ -89,6 +93,11 @@ class HubClient:
                     err = P.decode(frames[1], P.Err)
                     if err.fatal:
                         raise HubRefused(err.error or "refused")
+                    if err.moved:
+                        self.move(err.moved)
+                        moved = True
+                    elif err.moved is not None:  # no hub dispatches it this moment: wait this attempt out
+                        until = min(deadline, time.monotonic() + 0.2)
                     continue
                 reply = P.header(frames[1])
                 if frames[0] in want and reply.get("req") == req:
@@ -98,7 +107,16 @@ class HubClient:
                     f"no answer from the hub at {self.endpoint} within {self.timeout:g}s; "
                     "is `bucketwire hub` running and is [client] work / [hub] work right?"
                 )
-            self._reset()
+            if not moved:  # silent: the next hub of the list (the same one when there is only one)
+                self.move("")
+
+    def move(self, endpoint: str) -> None:
+        """Talk to `endpoint` from now on, or to the next endpoint of the list when it is empty."""
+        if not endpoint:
+            i = self.endpoints.index(self.endpoint) if self.endpoint in self.endpoints else -1
+            endpoint = self.endpoints[(i + 1) % len(self.endpoints)]
+        self.endpoint = endpoint
+        self._reset()
 
     def publish_events(self, events: list[Event], timeout: float | None = None) -> list[dict[str, Any]]:
         """Commit events (routed by the hub when `topic` is None); returns one result per event."""
@@ -170,7 +188,8 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
     security.apply_client(sub, cfg)
     # The connection's ups and downs: a dropped TCP connection is the quickest sign of a hub that died.
     mon = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    sub.connect(cfg.client.publish)
+    for ep in cfg.client.publish_endpoints:  # every hub fans out every topic; seqs drop the repeats
+        sub.connect(ep)
     client = HubClient(cfg)
     silent_limit = max(cfg.hub.heartbeat_timeout, 3 * cfg.hub.heartbeat_interval)
     nxt: dict[str, int] = {}

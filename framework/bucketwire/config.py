@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import socket
 import stat
 import tomllib
 from collections.abc import Callable
@@ -49,6 +50,11 @@ class Table(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class HubConfig(Table):
+    id: str = ""
+    """Names this hub in dispatch leases and `status`; empty: derived from the host name and `work`."""
+    advertise: str = ""
+    """The work endpoint clients are sent to when this hub dispatches a group; empty: `work` (0.0.0.0 replaced by
+    the host name)."""
     http: HostPort = DEFAULT_HTTP
     publish: Endpoint = DEFAULT_PUBLISH
     work: Endpoint = DEFAULT_WORK
@@ -95,12 +101,60 @@ class HubConfig(Table):
         return int(self.retention_mb * (1 << 20))
 
 
-class ClientConfig(Table):
-    """Where clients (workers, publish, tail) connect; empty means the hub's own bind address."""
+Endpoints = Annotated[list[Endpoint], Meta(min_length=1, description="an endpoint or a list of endpoints")]
 
-    publish: Endpoint = ""
-    work: Endpoint = ""
+
+class ClientConfig(Table):
+    """Where clients (workers, publish, tail) connect; empty means the hub's own bind address.
+
+    Each may be a list: with several hubs a client connects to one, and moves to the hub that dispatches its group
+    (or to the next endpoint when one goes silent) by itself.
+    """
+
+    publish: Endpoint | Endpoints = ""
+    work: Endpoint | Endpoints = ""
     timeout: PositiveFloat = 10.0
+
+    @property
+    def work_endpoints(self) -> list[str]:
+        return [self.work] if isinstance(self.work, str) else list(self.work)
+
+    @property
+    def publish_endpoints(self) -> list[str]:
+        return [self.publish] if isinstance(self.publish, str) else list(self.publish)
+
+
+class JournalConfig(Table):
+    """Where the hub keeps its journal: `sqlite` in `[hub] state_dir` (one hub), or a NATS JetStream cluster
+    (several hubs, failover); see docs/deployment.md."""
+
+    backend: Literal["sqlite", "jetstream"] = "sqlite"
+    servers: list[NonEmpty] = []
+    replicas: PositiveInt = 3
+    prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$", description="1-32 letters, digits, _ or -")] = \
+        "bucketwire"
+    duplicate_window: PositiveFloat = 600.0
+    lease_ttl: PositiveFloat = 5.0
+    connect_timeout: PositiveFloat = 5.0
+    request_timeout: PositiveFloat = 10.0
+    user: Secret | None = None
+    password: Secret | None = None
+    token: Secret | None = None
+    creds: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend == "jetstream" and not self.servers:
+            raise ValueError('servers: backend = "jetstream" needs the NATS servers, e.g. ["nats://127.0.0.1:4222"]')
+        bad = [s for s in self.servers if not re.match(r"^(nats|tls)://[^\s/]+:\d+$", s)]
+        if bad:
+            raise ValueError(f"servers: {bad[0]!r} is not like \"nats://HOST:4222\"")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_key: set both tls_cert and tls_key (PEM files) for a client certificate, or neither")
+        if (self.user is None) != (self.password is None):
+            raise ValueError("password: set both user and password, or neither")
 
 
 class Route(msgspec.Struct, forbid_unknown_fields=True):
@@ -189,6 +243,7 @@ class ConfigFile(Table):
 
     hub: HubConfig = msgspec.field(default_factory=HubConfig)
     client: ClientConfig = msgspec.field(default_factory=ClientConfig)
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
     routes: list[Route] = []
     topics: dict[str, TopicConfig] = {}
     groups: dict[str, GroupConfig] = {}
@@ -203,6 +258,7 @@ class Config:
     path: Path | None
     hub: HubConfig = field(default_factory=HubConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
     routes: list[Route] = field(default_factory=list)
     topics: dict[str, TopicConfig] = field(default_factory=dict)
     groups: dict[str, GroupConfig] = field(default_factory=dict)
@@ -273,10 +329,14 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
     hub = f.hub
     f.client.publish = f.client.publish or hub.publish.replace("0.0.0.0", "127.0.0.1")
     f.client.work = f.client.work or hub.work.replace("0.0.0.0", "127.0.0.1")
+    if not hub.advertise:
+        hub.advertise = hub.work.replace("0.0.0.0", socket.gethostname())
+    if not hub.id:
+        hub.id = f"{socket.gethostname()}:{hub.work.rsplit(':', 1)[-1]}"
     if hub.default_store is None and len(f.stores) == 1:
         hub.default_store = next(iter(f.stores))
-    return Config(path=path, hub=hub, client=f.client, routes=f.routes, topics=f.topics, groups=f.groups,
-                  stores=f.stores, plugins=f.plugins, security=f.security, raw=data)
+    return Config(path=path, hub=hub, client=f.client, journal=f.journal, routes=f.routes, topics=f.topics,
+                  groups=f.groups, stores=f.stores, plugins=f.plugins, security=f.security, raw=data)
 
 
 _FILE_INFO = msgspec.inspect.type_info(ConfigFile)

@@ -157,6 +157,8 @@ class Err(Header):
     error: str = ""
     fatal: bool = False
     reready: bool = False
+    moved: str | None = None
+    """Set when another hub dispatches the group: its work endpoint, or "" when none does yet (try the next one)."""
 
 
 class Pub(Header):

@@ -124,7 +124,8 @@ def check_endpoints(cfg: Config) -> list[Finding]:
     out: list[Finding] = []
     sec = getattr(cfg, "security", None)
     curve = bool(getattr(sec, "curve", False))
-    for key, ep in (("work", cfg.client.work), ("publish", cfg.client.publish)):
+    eps = [("work", e) for e in cfg.client.work_endpoints] + [("publish", e) for e in cfg.client.publish_endpoints]
+    for key, ep in eps:
         want = WANT_TYPE[key]
         r = zmtp_probe(ep)
         where = f"[client] {key} = {ep}"

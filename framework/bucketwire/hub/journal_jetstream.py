@@ -147,9 +147,12 @@ class _Replies:
 class JetStreamJournal:
     """A `Journal` whose events, dedupe, cursors and counters live in JetStream (see the module docstring)."""
 
-    def __init__(self, settings: JetStreamSettings, hub_id: str) -> None:
+    def __init__(self, settings: JetStreamSettings, hub_id: str, advertise: str = "") -> None:
         self.settings = settings
         self.hub_id = hub_id
+        # What a lease says about its holder: its name, and where clients reach it (the ERR that moves a worker
+        # to the dispatcher names this endpoint).
+        self._lease_value = json.dumps({"hub": hub_id, "work": advertise}).encode()
         self.prefix = token(settings.prefix)
         self.heads: dict[str, int] = {}
         self._streams: set[str] = set()
@@ -449,6 +452,62 @@ class JetStreamJournal:
             raise JetStreamError(f"another hub moved {refused[0][0]!r} ({refused[0][1]}); this hub no longer "
                                  "dispatches that group")
 
+    def load_group(self, group: str) -> None:
+        """Re-read one group's cursors and counters (with their revisions) from the bucket: what a hub does when
+        it takes the group's lease, since the previous dispatcher moved them since this hub last looked."""
+        async def load() -> None:
+            kv = await self.js.key_value(self._kv_cursors)
+            try:
+                keys = await kv.keys()
+            except Exception:  # an empty bucket answers "no keys found"
+                keys = []
+            mine = f"c.{token(group)}."
+            for k in [k for k in self._cursors if k[0] == group]:
+                self._cursors.pop(k, None)
+            self._stats.pop(group, None)
+            for key in keys:
+                if not (key.startswith(mine) or key == f"stats.{token(group)}"):
+                    continue
+                try:
+                    entry = await kv.get(key)
+                except Exception:  # deleted between the listing and the read
+                    continue
+                if not entry.value:
+                    continue
+                doc = json.loads(entry.value)
+                if key.startswith("stats."):
+                    self._stats[group] = (int(doc["dead_lettered"]), int(doc["retried"]), int(doc["redelivered"]))
+                    self._stats_rev[group] = int(entry.revision)
+                else:
+                    self._cursors[(group, doc["topic"])] = (int(doc["acked"]), str(doc.get("above", "")))
+                    self._cursor_rev[key] = int(entry.revision)
+
+        self._run(load())
+
+    def forget_group(self, group: str) -> None:
+        """Delete a removed group's cursors and counters, so a new group of that name starts afresh."""
+        async def forget() -> None:
+            kv = await self.js.key_value(self._kv_cursors)
+            keys = [self._cursor_key(g, t) for g, t in self._cursors if g == group] + [f"stats.{token(group)}"]
+            for key in keys:
+                try:
+                    await kv.purge(key)
+                except Exception as e:
+                    raise JetStreamError(f"cannot remove {key!r} of group {group!r}: {e}") from None
+                self._cursor_rev.pop(key, None)
+            for k in [k for k in self._cursors if k[0] == group]:
+                self._cursors.pop(k, None)
+            self._stats.pop(group, None)
+            self._stats_rev.pop(group, None)
+
+        self._run(forget())
+
+    def probe(self) -> str | None:
+        """Whether a commit could be stored now: None, or why not (for /healthz)."""
+        if self.nc is None or not self.nc.is_connected:
+            return f"not connected to NATS ({', '.join(self.settings.servers)})"
+        return None
+
     # -- reads -----------------------------------------------------------------------------------------------
     def cursors(self) -> dict[tuple[str, str], int]:
         return {k: v[0] for k, v in self._cursors.items()}
@@ -563,7 +622,7 @@ class JetStreamJournal:
         futs = []
         for g in groups:
             rev = self._leases.get(g, (0, 0.0))[0]
-            futs.append((g, rev, await self._replies.send(f"$KV.{self._kv_leases}.g.{token(g)}", self.hub_id.encode(),
+            futs.append((g, rev, await self._replies.send(f"$KV.{self._kv_leases}.g.{token(g)}", self._lease_value,
                                                           {"Nats-Expected-Last-Subject-Sequence": str(rev)})))
         await self.nc.flush()
         for g, rev, fut in futs:
@@ -587,7 +646,7 @@ class JetStreamJournal:
             return
         if (last.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
             return  # a live lease of another hub
-        fut = await self._replies.send(subject, self.hub_id.encode(),
+        fut = await self._replies.send(subject, self._lease_value,
                                        {"Nats-Expected-Last-Subject-Sequence": str(last.seq)})
         doc = await fut
         if "error" not in doc:
@@ -613,9 +672,13 @@ class JetStreamJournal:
 
     def leaders(self) -> dict[str, str]:
         """Which hub holds each group's lease now (for status and doctor)."""
-        async def read() -> dict[str, str]:
+        return {g: v[0] for g, v in self.lease_holders().items()}
+
+    def lease_holders(self) -> dict[str, tuple[str, str]]:
+        """group -> (hub id, its advertised work endpoint) of every live lease."""
+        async def read() -> dict[str, tuple[str, str]]:
             kv = await self.js.key_value(self._kv_leases)
-            out: dict[str, str] = {}
+            out: dict[str, tuple[str, str]] = {}
             try:
                 keys = await kv.keys()
             except Exception:  # no lease taken yet
@@ -626,7 +689,11 @@ class JetStreamJournal:
                 except Exception:  # expired between the listing and the read
                     continue
                 if e.value:
-                    out[untoken(k[2:])] = e.value.decode()
+                    try:
+                        doc = json.loads(e.value)
+                        out[untoken(k[2:])] = (str(doc["hub"]), str(doc.get("work", "")))
+                    except (ValueError, KeyError, TypeError):  # a bare hub name
+                        out[untoken(k[2:])] = (e.value.decode(errors="replace"), "")
             return out
 
         return self._run(read())
@@ -686,8 +753,17 @@ class JetStreamJournal:
 
     def close(self) -> None:
         if self.nc is not None:
+            async def shut() -> None:
+                for sub in self._feeds.values():  # stops the consumers' own tasks before the loop goes
+                    try:
+                        await sub.unsubscribe()
+                    except Exception as e:  # closing must not raise over whatever made us close
+                        log.debug("unsubscribing a feed failed", extra={"error": str(e)})
+                self._feeds.clear()
+                await self.nc.close()
+
             try:
-                self._run(self.nc.close(), 5)
+                self._run(shut(), 5)
             except Exception as e:  # closing must not raise over whatever made us close
                 log.debug("closing the NATS connection failed", extra={"error": str(e)})
             self.nc = None

@@ -33,10 +33,12 @@ from bucketwire.envelope import (
     refused_from_outside,
     stable_id,
 )
+from bucketwire.hub.backends import open_journal
 from bucketwire.hub.dispatch import DeadLetter, GroupState, Key, WorkerState, decode_ranges, encode_ranges
 from bucketwire.hub.http_server import SWEEP_INTERVAL as HTTP_SWEEP
 from bucketwire.hub.http_server import Server as HttpServer
-from bucketwire.hub.journal import Appended, Batch, Journal, JournalError, NewEvent
+from bucketwire.hub.journal import Appended, Batch, JournalError, NewEvent
+from bucketwire.hub.journal_jetstream import JetStreamJournal
 from bucketwire.hub.listeners import Listeners
 from bucketwire.hub.metrics import HubMetrics
 from bucketwire.hub.ops import RATE_WINDOW, HubOps
@@ -76,7 +78,13 @@ class Hub(Listeners):
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.metrics = HubMetrics()
-        self.journal = Journal(cfg.hub.state_dir / "journal.db", cfg.hub.durability)
+        self.journal = open_journal(cfg)
+        # With the JetStream journal several hubs share the work: each group is dispatched by the hub holding its
+        # lease (see _lead), the others redirect its workers. `wanted` is every group this hub would dispatch.
+        self.ha: JetStreamJournal | None = self.journal if isinstance(self.journal, JetStreamJournal) else None
+        self.wanted: dict[str, tuple[list[str], str]] = {}
+        self._holders: dict[str, tuple[str, str]] = {}
+        self._holders_at = -1e9
         self.router = Router(cfg.routes, cfg.hub.default_topic)
         self.groups: dict[str, GroupState] = {}
         self.workers: dict[bytes, WorkerState] = {}
@@ -107,7 +115,10 @@ class Hub(Listeners):
         cursors = self.journal.cursors()
         stats = self.journal.group_stats()
         for g in cfg.groups.values():
-            self._group(g.name, g.topics, g.start, cursors)
+            if self.ha is None:
+                self._group(g.name, g.topics, g.start, cursors)
+            else:
+                self.wanted[g.name] = (list(g.topics), g.start)
         for name, st in stats.items():
             if name in self.groups:
                 self.groups[name].totals = list(st)
@@ -212,6 +223,8 @@ class Hub(Listeners):
         # Monitor sockets stay out of the poller: they are read on a timer (HubOps.tick), and one left unread in a
         # level-triggered poll would spin the loop until then.
         self.ops.attach_monitors({"work": self.work, "pub": self.pub})
+        if self.ha is not None:
+            self.ha.follow(self.wake)
         self.ready.set()
         if on_ready:
             on_ready()
@@ -240,6 +253,8 @@ class Hub(Listeners):
             self.pub.close()
             self.ops.close()
             zctx.term()
+            if self.ha is not None:
+                self.ha.release(list(self.groups))  # a standby takes over now, not after lease_ttl
             self.journal.close()
             log.info("hub stopped")
 
@@ -249,6 +264,8 @@ class Hub(Listeners):
         if self.http is not None and self.http.has_ready():
             return 0  # asyncio callbacks wait to run and nothing makes the poller wake for them
         t = self.cfg.hub.heartbeat_interval
+        if self.ha is not None:
+            t = min(t, self.cfg.journal.lease_ttl / 6)  # lease rounds run on ticks
         if self.http is not None:
             t = min(t, HTTP_SWEEP)  # the ingress's own timers (deadlines, TLS handshakes) run when it is stepped
         if self.auth is not None:
@@ -267,6 +284,8 @@ class Hub(Listeners):
         if self.auth is not None:
             self._security_tick(now)
             self._drain_subscriptions()
+        if self.ha is not None:
+            self._lead(now)
         self._drain_work(batch, replies, now)
         for ls in self.listeners[1:]:
             self._drain_work(batch, replies, now, ls.work)
@@ -275,6 +294,10 @@ class Hub(Listeners):
             g.due_retries(now)
         self._expire_workers(now)
         self._commit(batch, replies)
+        if self.ha is not None:
+            remote = self.ha.take_remote()  # what other hubs committed: fanned out and offered like our own
+            if remote:
+                self._fan_out(remote)
         self.ops.tick(now)
         for g in self.groups.values():
             if g.wants_refill(self.journal.heads):
@@ -586,11 +609,19 @@ class Hub(Listeners):
         elif cmd == P.FETCH:
             self._on_fetch(ident, P.decode(raw, P.Fetch))
         elif cmd == P.REPLAY:
-            self.ops.on_replay(ident, P.decode(raw, P.Replay))
+            rp = P.decode(raw, P.Replay)
+            if self.ha is not None and rp.group not in self.groups and rp.group in self.wanted:
+                self._moved(ident, rp.group, now)
+                return
+            self.ops.on_replay(ident, rp)
         elif cmd == P.DLQ:
             self.ops.on_dlq(ident, P.decode(raw, P.Dlq), batch, replies)
         elif cmd == P.GROUPRM:
-            self.ops.on_group_rm(ident, P.decode(raw, P.GroupRm))
+            rm = P.decode(raw, P.GroupRm)
+            if self.ha is not None and rm.group not in self.groups and rm.group in self.wanted:
+                self._moved(ident, rm.group, now)
+                return
+            self.ops.on_group_rm(ident, rm)
         elif cmd == P.STATUS:
             req = P.decode(raw, P.Status).req
             self._send([ident, P.STATUSR, P.enc({"req": req, **self.status(now)})])
@@ -617,8 +648,12 @@ class Hub(Listeners):
         if not self.roles.allows(self._user, "groups", group):
             self._forbidden(ident, f"key {self._user!r} may not join group {group!r} ([security.roles])")
             return
-        if not topics and group not in self.groups:
+        if not topics and group not in self.groups and group not in self.wanted:
             raise P.ProtocolError(f"READY for unknown group {group!r} must name its topics")
+        if self.ha is not None and group not in self.groups:
+            self.wanted.setdefault(group, (list(topics), hdr.start))
+            self._moved(ident, group, now)
+            return
         g = self._group(group, topics, hdr.start)
         old = self.workers.get(ident)
         if old is not None and old.group != group:
@@ -637,6 +672,9 @@ class Hub(Listeners):
 
     def _on_ack(self, ident: bytes, hdr: P.Ack, batch: Batch, now: float) -> None:
         g = self.groups.get(hdr.g)
+        if g is None and self.ha is not None and hdr.g in self.wanted:
+            self._moved(ident, hdr.g, now)  # the acks are dropped: the dispatcher redelivers what it did not see
+            return
         if g is None:
             raise P.ProtocolError(f"ACK for unknown group {hdr.g[:64]!r}")
         if not self.roles.allows(self._user, "groups", g.name):
@@ -843,6 +881,67 @@ class Hub(Listeners):
             self.metrics.retention_dropped.inc(n)
             log.info("retention removed old events", extra={"count": n})
 
+    # -- several hubs: dispatch leadership ------------------------------------------------------------------------
+    def _lead(self, now: float) -> None:
+        """Take or renew the leases of the groups this hub wants (a no-op between lease rounds); start dispatching
+        the groups gained, stop dispatching the groups lost."""
+        assert self.ha is not None
+        held = self.ha.lead(sorted(set(self.wanted) | set(self.groups)), now)
+        for name in sorted(held - set(self.groups)):
+            self._gain(name)
+        for name in sorted(set(self.groups) - held):
+            self._lose(name, now)
+
+    def _gain(self, name: str) -> None:
+        """The previous dispatcher moved the group's cursors since this hub last looked: read them again, and
+        start from there. What it had in flight and not acked is delivered again from here."""
+        assert self.ha is not None
+        try:
+            self.ha.load_group(name)
+        except JournalError as e:
+            log.warning("cannot load the group's cursors; will try again", extra={"group": name, "error": str(e)})
+            self.ha.release([name])
+            return
+        topics, start = self.wanted.get(name, ([], "latest"))
+        g = self._group(name, topics, start)
+        st = self.journal.group_stats().get(name)
+        if st is not None:
+            g.totals = list(st)
+        self._holders_at = -1e9
+        self.metrics.leading.labels(name).set(1)
+        log.info("dispatching group", extra={"group": name, "hub": self.cfg.hub.id})
+
+    def _lose(self, name: str, now: float) -> None:
+        """Another hub dispatches the group now (or may, as this one cannot renew its lease): forget its
+        in-flight state and send its workers away; the new dispatcher redelivers what was not acked."""
+        g = self.groups.pop(name)
+        self.metrics.leading.labels(name).set(0)
+        self._holders_at = -1e9
+        for ident in list(g.workers):
+            self.workers.pop(ident, None)
+            self._moved(ident, name, now)
+        log.warning("stopped dispatching group (lease lost)", extra={"group": name, "hub": self.cfg.hub.id,
+                                                                     "inflight": len(g.inflight)})
+
+    def dispatchers(self, now: float) -> dict[str, tuple[str, str]]:
+        """group -> (hub id, work endpoint) of each group's dispatcher, read again at most once a second."""
+        if self.ha is None:
+            return {name: (self.cfg.hub.id, self.cfg.hub.advertise) for name in self.groups}
+        if now - self._holders_at >= 1.0:
+            self._holders_at = now
+            try:
+                self._holders = self.ha.lease_holders()
+            except JournalError as e:
+                log.debug("cannot read dispatch leases", extra={"error": str(e)})
+        return self._holders
+
+    def _moved(self, ident: bytes, group: str, now: float) -> None:
+        holder = self.dispatchers(now).get(group)
+        where = holder[1] if holder and holder[0] != self.cfg.hub.id else ""
+        why = (f"group {group!r} is dispatched by hub {holder[0]!r} at {where}" if where
+               else f"no hub dispatches group {group!r} right now; try another")
+        self._send([ident, P.ERR, P.enc(P.Err(error=why, moved=where))])
+
     # -- status ----------------------------------------------------------------------------------------------
     def status(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now
@@ -869,10 +968,17 @@ class Hub(Listeners):
             }
         st = {
             "hub": {"uptime": round(time.time() - self.started, 3), "journal_ok": self.journal_ok,
-                    "durability": self.cfg.hub.durability},
+                    "durability": self.cfg.hub.durability, "id": self.cfg.hub.id,
+                    "backend": self.cfg.journal.backend},
             "topics": {t: {"head": h} for t, h in sorted(heads.items())},
             "groups": groups,
         }
+        if self.ha is not None:
+            holders = self.dispatchers(now)
+            st["dispatch"] = {name: {"leader": holders.get(name, ("", ""))[0] or None,
+                                     "endpoint": holders.get(name, ("", ""))[1] or None,
+                                     "role": "dispatching" if name in self.groups else "standby"}
+                              for name in sorted(set(self.wanted) | set(self.groups))}
         return self.ops.extend_status(st, now)
 
 

@@ -84,6 +84,8 @@ class HubMetrics:
                          registry=r)
         self.inflight = Gauge("bucketwire_group_inflight", "Events in flight per group", ["group"], registry=r)
         self.workers = Gauge("bucketwire_group_workers", "Connected workers per group", ["group"], registry=r)
+        self.leading = Gauge("bucketwire_group_dispatching", "1 while this hub dispatches the group (holds its lease)",
+                             ["group"], registry=r)
         self.dispatched = Counter("bucketwire_dispatched_total", "Events handed to workers", ["group"], registry=r)
         self.batches = Counter("bucketwire_dispatch_batches_total", "Dispatch batches sent", ["group"], registry=r)
         self.acked = Counter("bucketwire_acked_total", "Events acked", ["group"], registry=r)

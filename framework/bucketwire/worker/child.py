@@ -99,6 +99,11 @@ class Child:
         self.acks: list[dict[str, Any]] = []
         self.poller = zmq.Poller()
         self.poller.register(stop_fd, zmq.POLLIN)
+        # Several hubs: connect to one; a silent one sends us to the next of the list, and a hub that does not
+        # dispatch our group names the one that does (ERR `moved`; "" while none does: the next, after a pause).
+        self.endpoints = cfg.client.work_endpoints
+        self.endpoint = self.endpoints[0]
+        self.move_to: tuple[str, float] | None = None
         self.dealer = self._connect()
         now = time.monotonic()
         self.last_hub = self.last_sent = self.last_flush = now
@@ -112,7 +117,7 @@ class Child:
         d.setsockopt(zmq.SNDHWM, 100_000)
         d.setsockopt(zmq.RCVHWM, 100_000)
         security.apply_client(d, self.cfg, self.keys)
-        d.connect(self.cfg.client.work)
+        d.connect(self.endpoint)
         self.poller.register(d, zmq.POLLIN)
         self._send(d, [P.READY, self.ready])
         return d
@@ -140,8 +145,13 @@ class Child:
                 # Checked right after receiving: what the hub sent during a long handler is waiting on the
                 # socket and counts before the silence does.
                 now = time.monotonic()
+                if self.move_to is not None and now >= self.move_to[1]:
+                    log.info("moving to the hub that dispatches the group", extra={"endpoint": self.move_to[0]})
+                    self._reconnect(self.move_to[0])
+                    continue
                 if now - self.last_hub > timeout:
-                    self._reconnect()
+                    log.warning("hub silent; reconnecting", extra={"endpoint": self.endpoint})
+                    self._reconnect(self._next_endpoint())
                     continue
                 if now - self.last_sent >= interval:
                     self._send(self.dealer, [P.HB, b"{}"])  # between events: nothing is running
@@ -177,7 +187,11 @@ class Child:
         if err.fatal:
             log.error(err.error or "hub refused this worker")
             raise Fatal
-        if err.reready:
+        if err.moved is not None and self.move_to is None:
+            now = time.monotonic()
+            pause = self.spec.heartbeat_interval if len(self.endpoints) > 1 else 0.0
+            self.move_to = (err.moved, now) if err.moved else (self._next_endpoint(), now + pause)
+        elif err.reready:
             self._send(self.dealer, [P.READY, self.ready])
         else:
             log.warning("hub rejected a message", extra={"error": err.error})
@@ -200,10 +214,14 @@ class Child:
             self.acks.clear()  # encoded above; `_work` holds this list
         self.last_flush = time.monotonic()
 
-    def _reconnect(self) -> None:
-        """The hub went quiet (restart, network): reconnect under a new identity. Events it delivered to the
-        old one are redelivered by the hub, so none is held here."""
-        log.warning("hub silent; reconnecting", extra={"endpoint": self.cfg.client.work})
+    def _next_endpoint(self) -> str:
+        i = self.endpoints.index(self.endpoint) if self.endpoint in self.endpoints else -1
+        return self.endpoints[(i + 1) % len(self.endpoints)]
+
+    def _reconnect(self, endpoint: str) -> None:
+        """The hub went quiet (restart, network) or sent us to another: reconnect under a new identity. Events it
+        delivered to the old one are redelivered by the hub, so none is held here."""
+        self.endpoint, self.move_to = endpoint, None
         self.poller.unregister(self.dealer)
         self.dealer.close(0)
         self.queue.clear()

@@ -53,7 +53,7 @@ class DeathNotices:
         self.sock = self.zctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         security.apply_client(self.sock, cfg)
-        self.sock.connect(cfg.client.work)
+        self.sock.connect(cfg.client.work_endpoints[0])
 
     def child_died(self, ident: bytes, running: Running | None, reason: str) -> None:
         hdr = {"g": self.group, "w": ident.hex(), "running": [running.topic, running.seq] if running else None,

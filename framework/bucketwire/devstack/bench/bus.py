@@ -151,7 +151,7 @@ def hub_run(durability: str, processes: int, n: int, rates: dict[int, float]) ->
         stack.spawn("worker", "--group", "bench", "-n", str(processes),
                     "--plugin", "bucketwire.devstack.bench.noop_plugin")
         stack.wait_workers(processes)
-        pub = Publisher(stack.config().client.work)
+        pub = Publisher(stack.config().client.work_endpoints[0])
         label = f"durability={durability} processes={processes}"
         t0 = time.monotonic()
         for i in range(0, n, 100):

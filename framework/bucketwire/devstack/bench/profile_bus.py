@@ -196,7 +196,7 @@ def bucketwire_probed(n: int, rate: int, seconds: float, so: Path | None) -> dic
     st.wait_workers(2)
     from bucketwire.devstack.bench.bus import Publisher
 
-    side.pub = Publisher(st.config().client.work)
+    side.pub = Publisher(st.config().client.work_endpoints[0])
     lines_seen = 0
 
     def measure(name: str, lo: int, hi: int, when: str) -> Any:

@@ -95,7 +95,7 @@ class BucketwireSide:
         self.stack.spawn("worker", "--group", "bench", "-n", str(self.processes),
                          "--plugin", "bucketwire.devstack.bench.noop_plugin")
         self.stack.wait_workers(self.processes)
-        self.pub = Publisher(self.stack.config().client.work)
+        self.pub = Publisher(self.stack.config().client.work_endpoints[0])
 
     def roots(self) -> list[int]:
         return [p.pid for p in self.stack.procs]
