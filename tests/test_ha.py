@@ -212,9 +212,10 @@ def test_failover_under_faults(hubs: tuple[Stack, Stack], cluster: NatsCluster) 
     lost = set(ids) - set(counts)
     assert not lost
     dups = sum(n - 1 for n in counts.values())
-    # In flight at a failover: at most what the hub handed out (dispatch_batch per worker credit) at each of the
-    # hub death, the child death and the moves, with margin; nowhere near the run.
-    assert dups <= max(500, EVENTS // 10), dups
+    # What can be handled twice is what was in flight (2 workers x credit 16) or handled but not yet acked to
+    # the journal at each fault (hub death, node death, child death, each move): a few hundred at most, however
+    # long the run; a cursor left behind would redeliver far more.
+    assert dups <= 300, dups
     per_key: dict[str, list[int]] = {}
     for h in rec:
         per_key.setdefault(h["key"], []).append(h["s"])

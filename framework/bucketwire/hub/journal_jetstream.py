@@ -434,8 +434,10 @@ class JetStreamJournal:
                                                  {"Nats-Expected-Last-Subject-Sequence": str(rev)}))
         await self.nc.flush()
         refused = []
-        for (key, _, _, what), fut in zip(writes, futs, strict=True):
+        for (key, data, _, what), fut in zip(writes, futs, strict=True):
             doc = await fut
+            if "error" in doc and what[1] in self._leases:
+                doc = await self._rewrite(key, data)
             if "error" in doc:
                 refused.append((key, doc["error"].get("description", "")))
                 continue
@@ -507,6 +509,21 @@ class JetStreamJournal:
         if self.nc is None or not self.nc.is_connected:
             return f"not connected to NATS ({', '.join(self.settings.servers)})"
         return None
+
+    async def _rewrite(self, key: str, data: bytes) -> dict[str, Any]:
+        """A cursor write of a group this hub holds the lease of was refused: its last write did land, but the
+        answer was lost (a NATS node died mid-request), so the revision it knows is stale. Only the lease holder
+        writes the group's keys, so it writes again over the revision stored now; without this every later
+        write would be refused and the cursor would stay behind until the next failover redelivered it all."""
+        try:
+            last = await self.js.get_last_msg(f"KV_{self._kv_cursors}", f"$KV.{self._kv_cursors}.{key}")
+            rev = int(last.seq)
+        except Exception:  # no entry at all: create it
+            rev = 0
+        fut = await self._replies.send(f"$KV.{self._kv_cursors}.{key}", data,
+                                       {"Nats-Expected-Last-Subject-Sequence": str(rev)})
+        await self.nc.flush()
+        return await fut
 
     # -- reads -----------------------------------------------------------------------------------------------
     def cursors(self) -> dict[tuple[str, str], int]:

@@ -398,9 +398,13 @@ class Hub(Listeners):
             self.active[topic] = now
             if self.metrics.topic_label(topic) == topic:
                 self.metrics.head.labels(topic).set(items[-1][0])
+            # Only runs without holes may be offered: with several hubs a commit's seqs can have holes where
+            # another hub's events went, and offering across one would skip them (refill reads them instead).
+            runs = contiguous(sorted(items, key=lambda it: it[0]))
             for g in self.groups.values():
                 if topic in g.read_pos:
-                    g.offer(topic, items[0][0], items)
+                    for run in runs:
+                        g.offer(topic, run[0][0], run)
 
     # -- building events for the journal --------------------------------------------------------------------
     def _new(self, ev: Event, topic: str) -> NewEvent:
@@ -980,6 +984,17 @@ class Hub(Listeners):
                                      "role": "dispatching" if name in self.groups else "standby"}
                               for name in sorted(set(self.wanted) | set(self.groups))}
         return self.ops.extend_status(st, now)
+
+
+def contiguous(items: list[tuple[int, str | None, bytes]]) -> list[list[tuple[int, str | None, bytes]]]:
+    """`items` (in seq order) cut where a seq is missing."""
+    runs: list[list[tuple[int, str | None, bytes]]] = []
+    for it in items:
+        if runs and runs[-1][-1][0] + 1 == it[0]:
+            runs[-1].append(it)
+        else:
+            runs.append([it])
+    return runs
 
 
 def declared_topics(cfg: Config) -> frozenset[str]:
