@@ -188,6 +188,15 @@ class JetStreamJournal:
                                  f"(servers {', '.join(self.settings.servers)}); is a quorum of the cluster up?"
                                  ) from None
 
+    async def _answer(self, fut: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+        """A reply, or a 408 error when none came in a quarter of request_timeout: a request sent to a node that
+        died is never answered, and waiting for it would block the hub's loop (and its lease renewals) for good.
+        The caller retries; message-id dedupe and revision checks make a retry of a write that did land safe."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.settings.request_timeout / 4)
+        except TimeoutError:
+            return {"error": {"code": 408, "description": "no answer (a NATS node may have gone)"}}
+
     async def _connect(self) -> None:
         import nats
         from nats.errors import NoServersError
@@ -380,7 +389,7 @@ class JetStreamJournal:
             retry: list[tuple[int, NewEvent]] = later
             unavailable = False
             for i, ev, _seq, body, fut in sent:
-                doc = await fut
+                doc = await self._answer(fut)
                 err = doc.get("error")
                 if err is None:
                     stored = int(doc["seq"])
@@ -393,7 +402,7 @@ class JetStreamJournal:
                     seen[msg_id(ev.source, ev.id)] = a
                 elif err.get("err_code") == WRONG_LAST_SEQUENCE or IN_PROCESS in str(err.get("description")):
                     retry.append((i, ev))  # another hub appended first, or is storing the same id right now
-                elif err.get("code") == 503:
+                elif err.get("code") in (503, 408):
                     retry.append((i, ev))  # the stream has no leader this moment (just created, or failing over)
                     unavailable = True
                 else:
@@ -435,7 +444,7 @@ class JetStreamJournal:
         await self.nc.flush()
         refused = []
         for (key, data, _, what), fut in zip(writes, futs, strict=True):
-            doc = await fut
+            doc = await self._answer(fut)
             if "error" in doc and what[1] in self._leases:
                 doc = await self._rewrite(key, data)
             if "error" in doc:
@@ -523,7 +532,7 @@ class JetStreamJournal:
         fut = await self._replies.send(f"$KV.{self._kv_cursors}.{key}", data,
                                        {"Nats-Expected-Last-Subject-Sequence": str(rev)})
         await self.nc.flush()
-        return await fut
+        return await self._answer(fut)
 
     # -- reads -----------------------------------------------------------------------------------------------
     def cursors(self) -> dict[tuple[str, str], int]:
@@ -643,11 +652,13 @@ class JetStreamJournal:
                                                           {"Nats-Expected-Last-Subject-Sequence": str(rev)})))
         await self.nc.flush()
         for g, rev, fut in futs:
-            doc = await fut
+            doc = await self._answer(fut)
             if "error" not in doc:
                 if not rev:
                     log.info("took the dispatch lease", extra={"group": g, "hub": self.hub_id})
                 self._leases[g] = (int(doc["seq"]), sent + self.settings.lease_ttl)
+            elif doc["error"].get("code") == 408:
+                pass  # unknown whether it landed: the lease counts as held until it would expire, no longer
             elif rev:
                 log.warning("lost the dispatch lease to another hub", extra={"group": g, "hub": self.hub_id})
                 self._leases.pop(g, None)
@@ -665,7 +676,7 @@ class JetStreamJournal:
             return  # a live lease of another hub
         fut = await self._replies.send(subject, self._lease_value,
                                        {"Nats-Expected-Last-Subject-Sequence": str(last.seq)})
-        doc = await fut
+        doc = await self._answer(fut)
         if "error" not in doc:
             log.info("took the dispatch lease", extra={"group": g, "hub": self.hub_id})
             self._leases[g] = (int(doc["seq"]), sent + self.settings.lease_ttl)
