@@ -30,6 +30,12 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[[routes]]\nbucket = 'x'", '[routes[0]] topic: required, e.g. topic = "bucket-update"'),
     ("[[routes]]\ntopic = 't'\n[[routes]]\ntopic = ''", '[routes[1]] topic: expected a non-empty string, got ""'),
     ("[groups.g]\nplugins = []", '[groups.g] topics: required, e.g. topics = ["bucket-update"]'),
+    ('[journal]\nbackend = "jetstream"', '[journal] servers: backend = "jetstream" needs the NATS servers'),
+    ('[journal]\nbackend = "etcd"', '[journal] backend: expected one of "jetstream", "sqlite", got "etcd"'),
+    ('[journal]\nservers = ["127.0.0.1:4222"]', """[journal] servers: '127.0.0.1:4222' is not like"""),
+    ('[journal]\npassword = "x"', "[journal] password: set both user and password"),
+    ('[client]\nwork = ["tcp://127.0.0.1:1", "http://x"]', "[client] work[1]: expected a ZeroMQ endpoint"),
+    ('[client]\nwork = []', "[client] work: is an empty list"),
     ("[groups.g]\ntopics = []", "[groups.g] topics: expected a non-empty list of non-empty strings, got []"),
     ("[groups.g]\ntopics = ['a']\nstart = 'middle'",
      '[groups.g] start: expected one of "earliest", "latest", got "middle"'),
@@ -190,3 +196,14 @@ topics = ["small"]
     assert cfg.handler_timeout("g", "big") == 3600.0, "the topic's own setting wins"
     assert cfg.handler_timeout("g", "small") == 60.5 and cfg.handler_timeout("g", "other") == 60.5
     assert cfg.handler_timeout("h", "small") == config_mod.DEFAULT_HANDLER_TIMEOUT == 300.0
+
+
+def test_client_endpoints_may_be_lists(tmp_path: Path) -> None:
+    """Several hubs: `[client] work` / `publish` as lists; the first is also the single endpoint older code reads."""
+    p = write(tmp_path, '[client]\nwork = ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002"]\n'
+                        'publish = "tcp://127.0.0.1:7003"\n')
+    cfg = config_mod.load(p)
+    assert cfg.client.work_endpoints == ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002"]
+    assert cfg.client.work == "tcp://127.0.0.1:7001"
+    assert cfg.client.publish_endpoints == ["tcp://127.0.0.1:7003"]
+    assert cfg.journal.backend == "sqlite" and cfg.hub.id.endswith(":5557")

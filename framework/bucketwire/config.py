@@ -111,17 +111,14 @@ class ClientConfig(Table):
     (or to the next endpoint when one goes silent) by itself.
     """
 
-    publish: Endpoint | Endpoints = ""
-    work: Endpoint | Endpoints = ""
+    publish: Endpoint = ""
+    work: Endpoint = ""
     timeout: PositiveFloat = 10.0
-
-    @property
-    def work_endpoints(self) -> list[str]:
-        return [self.work] if isinstance(self.work, str) else list(self.work)
-
-    @property
-    def publish_endpoints(self) -> list[str]:
-        return [self.publish] if isinstance(self.publish, str) else list(self.publish)
+    # Each of `work` / `publish` may be written as a list; parse() moves the list here and its first endpoint into
+    # the field itself, so code that only knows one hub keeps working. (A str-or-list field would be simpler, but
+    # msgspec's union of the two crashes the interpreter's final garbage collection.)
+    work_endpoints: Endpoints = msgspec.field(default_factory=list, name="__work_endpoints")
+    publish_endpoints: Endpoints = msgspec.field(default_factory=list, name="__publish_endpoints")
 
 
 class JournalConfig(Table):
@@ -320,15 +317,30 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
     if isinstance(hub_table, dict) and hub_table.get("auth_token") == []:  # given but empty: never means "open"
         raise ConfigError(f"{file}: [hub] auth_token: is an empty list; give at least one token, or remove the key "
                           "to run unauthenticated")
+    client_table = data.get("client")
+    if isinstance(client_table, dict):  # `work = "tcp://..."` is the one-hub case of `work = [...]`
+        ct = dict(client_table)
+        for k in ("work", "publish"):
+            v = ct.get(k)
+            if isinstance(v, list):
+                if not v:
+                    raise ConfigError(f"{file}: [client] {k}: is an empty list; give one endpoint or more")
+                ct[f"__{k}_endpoints"] = v
+                ct[k] = v[0]
+        data = {**data, "client": ct}
     prepared = _prepare(data, _FILE_INFO, [], file)
     try:
         f = msgspec.convert(prepared, ConfigFile, dec_hook=_dec_hook)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"{file}: {_explain(e, prepared, ConfigFile, [])}") from None
+        why = _explain(e, prepared, ConfigFile, [])
+        why = why.replace("__work_endpoints", "work").replace("__publish_endpoints", "publish")
+        raise ConfigError(f"{file}: {why}") from None
     _resolve_paths(f, path.parent if path else Path.cwd())
     hub = f.hub
     f.client.publish = f.client.publish or hub.publish.replace("0.0.0.0", "127.0.0.1")
     f.client.work = f.client.work or hub.work.replace("0.0.0.0", "127.0.0.1")
+    f.client.work_endpoints = f.client.work_endpoints or [f.client.work]
+    f.client.publish_endpoints = f.client.publish_endpoints or [f.client.publish]
     if not hub.advertise:
         hub.advertise = hub.work.replace("0.0.0.0", socket.gethostname())
     if not hub.id:
