@@ -61,12 +61,12 @@ start = "earliest"
 """
 
 
-def two_hubs(tmp: Path, cluster: NatsCluster) -> tuple[Stack, Stack]:
+def two_hubs(tmp: Path, cluster: NatsCluster, extra: str = "") -> tuple[Stack, Stack]:
     """Two hubs on one cluster: two config files with their own addresses and state_dir; each lists both work
     endpoints, its own first."""
     prefix = "ha" + uuid.uuid4().hex[:8]
-    a = Stack(_mk(tmp / "a"), journal_table(cluster, prefix))
-    b = Stack(_mk(tmp / "b"), journal_table(cluster, prefix))
+    a = Stack(_mk(tmp / "a"), journal_table(cluster, prefix) + extra)
+    b = Stack(_mk(tmp / "b"), journal_table(cluster, prefix) + extra)
     for me, other in ((a, b), (b, a)):
         me.cfg_path.write_text(me.cfg_path.read_text() + f"""
 [client]
@@ -231,3 +231,32 @@ def test_failover_under_faults(hubs: tuple[Stack, Stack], cluster: NatsCluster) 
             return False
 
     wait_for(acked_all, 30, "every event acked at the dispatcher")
+
+
+def test_retry_attempts_survive_a_failover(tmp_path: Path, cluster: NatsCluster) -> None:
+    """An event that always fails gets exactly max_attempts tries in all, although the hub dispatching it is
+    SIGKILLed between its tries: the count lives in JetStream, not in the dead hub."""
+    extra = '\n[topics.photos]\nmax_attempts = 4\nbackoff_base = 1.0\nbackoff_max = 1.0\n'
+    a, b = two_hubs(tmp_path, cluster, extra)
+    try:
+        a.start_hub()
+        first = wait_for(lambda: dispatcher(a, b), 20, "a dispatcher for group g")
+        b.start_hub()
+        a.start_worker("g", 1, wait=False)
+        wait_for(lambda: first.status()["groups"]["g"]["workers"] >= 1, 30, "the worker at the dispatcher")
+        with a.client() as c:
+            c.publish("photos", {"bucket": "b", "key": "poison", "fail": 100, "mark_start": True}, id="poison")
+        started = Path(str(a.record) + ".started")
+
+        def tries() -> int:
+            return len(started.read_text().splitlines()) if started.exists() else 0
+
+        wait_for(lambda: first.metric("bucketwire_retries_total", group="g") >= 2, 30, "two failed tries")
+        first.kill_hub()
+        other = b if first is a else a
+        wait_for(lambda: other.status()["groups"].get("g", {}).get("dead_lettered", 0) >= 1, 60,
+                 "the event dead-lettered by the new dispatcher")
+        assert tries() == 4
+    finally:
+        a.stop()
+        b.stop()

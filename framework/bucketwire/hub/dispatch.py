@@ -145,6 +145,12 @@ class GroupState:
         self.loaded = 0
         self.dirty: set[str] = set()
         self.delta = [0, 0, 0]  # dead_lettered, retried, redelivered since the last commit
+        # Attempt counts kept in the journal (JetStream backend), so a failover does not restart max_attempts:
+        # `charged` is what the next commit writes (0: delete), `stored` what the journal holds, `seed` what a
+        # new dispatcher loaded and gives to each event as it is loaded.
+        self.charged: dict[Key, int] = {}
+        self.stored: set[Key] = set()
+        self.seed: dict[Key, int] = {}
         self.totals = [0, 0, 0]
         self.skipped_by_retention = 0
         self._tie = itertools.count()
@@ -173,7 +179,7 @@ class GroupState:
             if not_for_group(body, self.name):
                 self._mark_acked(topic, seq)
                 continue
-            self.ready.append(Item(topic, seq, objkey, body))
+            self.ready.append(Item(topic, seq, objkey, body, self.seed.pop((topic, seq), 0)))
             self.loaded += 1
         self.read_pos[topic] = items[-1][0] + 1
 
@@ -203,7 +209,7 @@ class GroupState:
                     if not_for_group(body, self.name):
                         self._mark_acked(t, seq)
                     elif not self.is_done(t, seq):
-                        self.ready.append(Item(t, seq, objkey, body))
+                        self.ready.append(Item(t, seq, objkey, body, self.seed.pop((t, seq), 0)))
                         self.loaded += 1
                 self.read_pos[t] = rows[-1][0] + 1
 
@@ -297,7 +303,13 @@ class GroupState:
         self._mark_acked(topic, seq)
         if it is not None:
             self._finish(it)
+        self._uncharge((topic, seq))
         return True
+
+    def _uncharge(self, key: Key) -> None:
+        if key in self.stored or key in self.charged:
+            self.charged[key] = 0
+            self.stored.discard(key)
 
     def fail(
         self, topic: str, seq: int, error: str, line: str, plugin: str | None, permanent: bool, now: float,
@@ -327,11 +339,14 @@ class GroupState:
         if delay is not None:
             wait = max(wait, min(delay, MAX_RETRY_DELAY))
         heapq.heappush(self.retry, (now + wait, next(self._tie), it))
+        self.charged[it.key] = it.attempts
+        self.stored.add(it.key)
         self.delta[1] += 1
         self.totals[1] += 1
         return None
 
     def _dead(self, it: Item, error: str, line: str, plugin: str | None) -> DeadLetter:
+        self._uncharge(it.key)
         self._mark_acked(it.topic, it.seq)
         self._finish(it)
         self.delta[0] += 1
@@ -413,6 +428,7 @@ class GroupState:
     def committed(self) -> None:
         self.dirty.clear()
         self.delta = [0, 0, 0]
+        self.charged.clear()
 
     def oldest_unacked_age(self, now: float) -> float:
         starts = [it.first_dispatch for it, _ in self.inflight.values() if it.first_dispatch]

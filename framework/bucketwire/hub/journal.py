@@ -89,6 +89,8 @@ class Batch:
     cursors: dict[tuple[str, str], int] = field(default_factory=dict)
     above: dict[tuple[str, str], str] = field(default_factory=dict)
     stats: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    attempts: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    """(group, topic, seq) -> attempts used, 0 to forget: kept by the JetStream journal only (failover)."""
 
 
 class Journal:

@@ -160,6 +160,7 @@ class JetStreamJournal:
         self._cursors: dict[tuple[str, str], tuple[int, str]] = {}
         self._stats: dict[str, tuple[int, int, int]] = {}
         self._stats_rev: dict[str, int] = {}
+        self._attempts: dict[str, dict[tuple[str, int], int]] = {}  # group -> (topic, seq) -> attempts used
         self._leases: dict[str, tuple[int, float]] = {}  # group -> (revision, valid until, monotonic)
         self._next_lease_round = 0.0
         self._remote: deque[Appended] = deque()
@@ -279,6 +280,8 @@ class JetStreamJournal:
         except Exception:  # an empty bucket answers "no keys found"
             keys = []
         for key in keys:
+            if key.startswith("a."):
+                continue  # attempt counts: read by load_group when the group is taken
             entry = await kv.get(key)
             doc = json.loads(entry.value)
             if key.startswith("stats."):
@@ -422,7 +425,13 @@ class JetStreamJournal:
     def _cursor_key(self, group: str, topic: str) -> str:
         return f"c.{token(group)}.{token(topic)}"
 
+    async def _check_attempt(self, key: str, fut: asyncio.Future[dict[str, Any]]) -> None:
+        doc = await self._answer(fut)
+        if "error" in doc:
+            raise JetStreamError(f"cannot store the attempt count {key!r}: {doc['error'].get('description', '')}")
+
     async def _write_cursors(self, batch: Batch) -> None:
+        tries: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
         writes: list[tuple[str, bytes, int, Any]] = []
         for (g, t), acked in batch.cursors.items():
             above = batch.above.get((g, t), "")
@@ -435,7 +444,17 @@ class JetStreamJournal:
             new = (old[0] + d, old[1] + r, old[2] + x)
             doc2 = {"group": g, "dead_lettered": new[0], "retried": new[1], "redelivered": new[2]}
             writes.append((key, json.dumps(doc2).encode(), self._stats_rev.get(g, 0), ("s", g, new)))
+        for (g, t, q), n in batch.attempts.items():
+            # Written only on failure, deleted on ack: only the lease holder writes them, so no revision check.
+            key = f"a.{token(g)}.{token(t)}.{q}"
+            doc3 = {"group": g, "topic": t, "seq": q, "attempts": n}
+            fut3 = await self._replies.send(f"$KV.{self._kv_cursors}.{key}", json.dumps(doc3).encode() if n else b"",
+                                            {} if n else {"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
+            tries.append((key, fut3))
         if not writes:
+            await self.nc.flush()
+            for key, f3 in tries:
+                await self._check_attempt(key, f3)
             return
         futs = []
         for key, data, rev, _ in writes:
@@ -459,6 +478,8 @@ class JetStreamJournal:
                 _, g, new = what
                 self._stats_rev[g] = rev
                 self._stats[g] = new
+        for key, f3 in tries:
+            await self._check_attempt(key, f3)
         if refused:
             raise JetStreamError(f"another hub moved {refused[0][0]!r} ({refused[0][1]}); this hub no longer "
                                  "dispatches that group")
@@ -473,11 +494,13 @@ class JetStreamJournal:
             except Exception:  # an empty bucket answers "no keys found"
                 keys = []
             mine = f"c.{token(group)}."
+            tries = f"a.{token(group)}."
+            self._attempts[group] = {}
             for k in [k for k in self._cursors if k[0] == group]:
                 self._cursors.pop(k, None)
             self._stats.pop(group, None)
             for key in keys:
-                if not (key.startswith(mine) or key == f"stats.{token(group)}"):
+                if not (key.startswith((mine, tries)) or key == f"stats.{token(group)}"):
                     continue
                 try:
                     entry = await kv.get(key)
@@ -489,11 +512,18 @@ class JetStreamJournal:
                 if key.startswith("stats."):
                     self._stats[group] = (int(doc["dead_lettered"]), int(doc["retried"]), int(doc["redelivered"]))
                     self._stats_rev[group] = int(entry.revision)
+                elif key.startswith(tries):
+                    self._attempts[group][(str(doc["topic"]), int(doc["seq"]))] = int(doc["attempts"])
                 else:
                     self._cursors[(group, doc["topic"])] = (int(doc["acked"]), str(doc.get("above", "")))
                     self._cursor_rev[key] = int(entry.revision)
 
         self._run(load())
+
+    def attempts_of(self, group: str) -> dict[tuple[str, int], int]:
+        """Attempts used by events of `group` that failed and are not yet acked or dead-lettered, as of the
+        last `load_group`."""
+        return dict(self._attempts.get(group, {}))
 
     def forget_group(self, group: str) -> None:
         """Delete a removed group's cursors and counters, so a new group of that name starts afresh."""

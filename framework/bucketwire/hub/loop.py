@@ -332,8 +332,10 @@ class Hub(Listeners):
                 batch.above[(g.name, t)] = encode_ranges(g.acked_above[t])
             if any(delta):
                 batch.stats[g.name] = delta
+            if self.ha is not None:
+                batch.attempts.update({(g.name, t, q): n for (t, q), n in g.charged.items()})
         self._pending_topics.clear()
-        if not batch.events and not batch.cursors and not batch.stats:
+        if not batch.events and not batch.cursors and not batch.stats and not batch.attempts:
             for cb, _, _ in replies:  # nothing to write (all unrouted or refused): answer at once
                 cb([], None)
             return
@@ -911,6 +913,8 @@ class Hub(Listeners):
         st = self.journal.group_stats().get(name)
         if st is not None:
             g.totals = list(st)
+        g.seed = self.ha.attempts_of(name)  # retries go on counting where the previous dispatcher left off
+        g.stored = set(g.seed)
         self._holders_at = -1e9
         self.metrics.leading.labels(name).set(1)
         log.info("dispatching group", extra={"group": name, "hub": self.cfg.hub.id})
