@@ -234,8 +234,8 @@ def test_failover_under_faults(hubs: tuple[Stack, Stack], cluster: NatsCluster) 
 
 
 def test_retry_attempts_survive_a_failover(tmp_path: Path, cluster: NatsCluster) -> None:
-    """An event that always fails gets exactly max_attempts tries in all, although the hub dispatching it is
-    SIGKILLed between its tries: the count lives in JetStream, not in the dead hub."""
+    """An event that always fails is not given max_attempts fresh tries when the hub dispatching it is SIGKILLed
+    between its tries: the count lives in JetStream, not in the dead hub."""
     extra = '\n[topics.photos]\nmax_attempts = 4\nbackoff_base = 1.0\nbackoff_max = 1.0\n'
     a, b = two_hubs(tmp_path, cluster, extra)
     try:
@@ -253,10 +253,13 @@ def test_retry_attempts_survive_a_failover(tmp_path: Path, cluster: NatsCluster)
 
         wait_for(lambda: first.metric("bucketwire_retries_total", group="g") >= 2, 30, "two failed tries")
         first.kill_hub()
+        at_kill = tries()
         other = b if first is a else a
         wait_for(lambda: other.status()["groups"].get("g", {}).get("dead_lettered", 0) >= 1, 60,
                  "the event dead-lettered by the new dispatcher")
-        assert tries() == 4
+        # The new dispatcher goes on from the stored count: the tries left (4 - 2), plus at most one that was
+        # running when the hub died and whose failure it never heard of. A restarted count would give 4.
+        assert tries() - at_kill <= 3, (at_kill, tries())
     finally:
         a.stop()
         b.stop()
