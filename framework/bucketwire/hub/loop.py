@@ -302,7 +302,10 @@ class Hub(Listeners):
         for g in self.groups.values():
             if g.wants_refill(self.journal.heads):
                 g.refill(self.journal.heads, self.journal.read, self.journal.first_seq)
-            self._dispatch(g, now)
+            if self.ha is None or self.journal_ok:
+                # With several hubs, events handled while acks cannot be stored would all be handled again by
+                # the next dispatcher: hand out nothing new until the journal takes commits again.
+                self._dispatch(g, now)
         if now - self._last_hb >= self.cfg.hub.heartbeat_interval:
             self._heartbeats(now)
             self.ops.periodic(now)
