@@ -120,6 +120,12 @@ class ClientConfig(Table):
     work_endpoints: Endpoints = msgspec.field(default_factory=list, name="__work_endpoints")
     publish_endpoints: Endpoints = msgspec.field(default_factory=list, name="__publish_endpoints")
 
+    def __post_init__(self) -> None:
+        if not self.work_endpoints and self.work:  # built in code with one endpoint each
+            self.work_endpoints = [self.work]
+        if not self.publish_endpoints and self.publish:
+            self.publish_endpoints = [self.publish]
+
 
 class JournalConfig(Table):
     """Where the hub keeps its journal: `sqlite` in `[hub] state_dir` (one hub), or a NATS JetStream cluster
