@@ -524,6 +524,16 @@ class JetStreamJournal:
             await sub.unsubscribe()
         return out
 
+    def probe(self) -> str | None:
+        """Writability shows on each commit (a quorum either acknowledges it or not); there is no local disk to
+        probe."""
+        return None
+
+    def forget_group(self, group: str) -> None:
+        """Not yet: the cursor bucket's compare-and-set revisions would have to survive the delete markers."""
+        raise JetStreamError("removing a group is not supported with the JetStream journal yet; stop its workers "
+                             "and leave it configured")
+
     def size_bytes(self) -> int:
         async def total() -> int:
             n = 0

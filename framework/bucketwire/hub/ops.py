@@ -391,9 +391,8 @@ class HubOps:
         reply(group=g.name, topics=out)
 
     def _first_since(self, topic: str, since: float, head: int) -> int:
-        row = self.hub.journal.db.execute("SELECT min(seq) FROM events WHERE topic=? AND ts>=?",
-                                          (topic, since)).fetchone()
-        return row[0] if row and row[0] is not None else head + 1
+        first = self.hub.journal.first_seq_since(topic, since)
+        return head + 1 if first is None else first
 
     # -- DLQ (retry / purge, performed by the hub) -------------------------------------------------------------
     def on_dlq(self, ident: bytes, hdr: P.Dlq, batch: Batch, replies: list[Any]) -> None:
