@@ -281,14 +281,14 @@ class HubOps:
         req = hdr.req
 
         def reply(**kw: Any) -> None:
-            hub._send([ident, P.GROUPRMR, P.enc({"req": req, **kw})])
+            hub.net.send([ident, P.GROUPRMR, P.enc({"req": req, **kw})])
 
         gname = hdr.group
-        if not hub.roles.may_operate(hub._user, gname):
+        if not hub.net.roles.may_operate(hub.net.user, gname):
             # Forgetting a group drops its cursors: an operator's act, allowed to whoever may replay it.
             hub.metrics.rejected.labels("zmq", "forbidden").inc()
-            log.warning("group removal refused by role", extra={"key": hub._user, "group": gname})
-            reply(error=f"key {hub._user!r} may not remove group {gname!r} ([security.roles]: needs admin = true "
+            log.warning("group removal refused by role", extra={"key": hub.net.user, "group": gname})
+            reply(error=f"key {hub.net.user!r} may not remove group {gname!r} ([security.roles]: needs admin = true "
                         "or the group in its groups)")
             return
         g = hub.groups.get(gname)
@@ -338,15 +338,15 @@ class HubOps:
         req = hdr.req
 
         def reply(**kw: Any) -> None:
-            hub._send([ident, P.REPLAYR, P.enc({"req": req, **kw})])
+            hub.net.send([ident, P.REPLAYR, P.enc({"req": req, **kw})])
 
         gname, topics = hdr.group, hdr.topics
         from_seq, since = hdr.from_seq, hdr.since
-        if not hub.roles.may_operate(hub._user, gname):
+        if not hub.net.roles.may_operate(hub.net.user, gname):
             # Moving a cursor is an operator's act: it can make a group handle everything again, or skip it.
             hub.metrics.rejected.labels("zmq", "forbidden").inc()
-            log.warning("replay refused by role", extra={"key": hub._user, "group": gname})
-            reply(error=f"key {hub._user!r} may not replay group {gname!r} ([security.roles]: needs admin = true "
+            log.warning("replay refused by role", extra={"key": hub.net.user, "group": gname})
+            reply(error=f"key {hub.net.user!r} may not replay group {gname!r} ([security.roles]: needs admin = true "
                         "or the group in its groups)")
             return
         g = hub.groups.get(gname)
@@ -405,14 +405,14 @@ class HubOps:
         """
         hub = self.hub
         req, action, items = hdr.req, hdr.action, hdr.items
-        by = f"{(hdr.by or '?')[:200]} (key {hub._user})" if hub._user else (hdr.by or "?")[:200]
+        by = f"{(hdr.by or '?')[:200]} (key {hub.net.user})" if hub.net.user else (hdr.by or "?")[:200]
         results: list[dict[str, Any]] = []
         events: list[tuple[int, NewEvent]] = []  # (index in results, event); a retry is followed by its marker
         for it in items:
             res = self._dlq_item(it, action, by, events, len(results))
             results.append(res)
             if res.get("error"):
-                log.warning("dlq request refused", extra={"key": hub._user, "action": action,
+                log.warning("dlq request refused", extra={"key": hub.net.user, "action": action,
                                                           "error": res["error"]})
         lo = len(batch.events)
         batch.events.extend(ne for _, ne in events)
@@ -420,7 +420,7 @@ class HubOps:
 
         def done(appended: list[Appended] | None, err: str | None) -> None:
             if appended is None:
-                hub._send([ident, P.DLQR, P.enc({"req": req, "error": err})])
+                hub.net.send([ident, P.DLQR, P.enc({"req": req, "error": err})])
                 return
             for (i, ne), a in zip(events, appended, strict=True):
                 if ne.source.endswith("/dlq"):
@@ -429,7 +429,7 @@ class HubOps:
                 if not r.get("error") and not r.get("duplicate"):
                     log.info("dead letter purged" if action == "purge" else "dead letter retried",
                              extra={"deadletter": r["id"], "group": r.get("group"), "by": by})
-            hub._send([ident, P.DLQR, P.enc({"req": req, "results": results})])
+            hub.net.send([ident, P.DLQR, P.enc({"req": req, "results": results})])
 
         replies.append((done, lo, hi))
 
@@ -452,9 +452,9 @@ class HubOps:
                 or not str(dl.get("source", "")).startswith(f"{HUB_SOURCE}dead-letter/")):
             return {"error": f"{where}: not a dead letter written by the hub"}
         dl_id, group, orig = str(dl.get("id")), data.get("group"), data.get("event")
-        if not isinstance(group, str) or not hub.roles.may_operate(hub._user, group):
+        if not isinstance(group, str) or not hub.net.roles.may_operate(hub.net.user, group):
             hub.metrics.rejected.labels("zmq", "forbidden").inc()
-            return {"id": dl_id, "error": f"key {hub._user!r} may not {action} dead letters of group {group!r} "
+            return {"id": dl_id, "error": f"key {hub.net.user!r} may not {action} dead letters of group {group!r} "
                                           "([security.roles]: needs admin = true or the group in its groups)"}
         res: dict[str, Any] = {"id": dl_id, "group": group, "action": action}
         retry_id = None
