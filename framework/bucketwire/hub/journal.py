@@ -226,7 +226,7 @@ class Journal:
         pc = self.db.execute("PRAGMA page_count").fetchone()[0]
         fl = self.db.execute("PRAGMA freelist_count").fetchone()[0]
         ps = self.db.execute("PRAGMA page_size").fetchone()[0]
-        return (pc - fl) * ps
+        return int((pc - fl) * ps)
 
     # -- the one write path ----------------------------------------------------------------------------------
     def commit(self, batch: Batch) -> list[Appended]:

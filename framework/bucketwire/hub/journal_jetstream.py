@@ -425,18 +425,18 @@ class JetStreamJournal:
             writes.append((key, json.dumps(doc2).encode(), self._stats_rev.get(g, 0), ("s", g, new)))
         if not writes:
             return
-        futs = []
+        futs: list[asyncio.Future[dict[str, Any]]] = []
         for key, data, rev, _ in writes:
             futs.append(await self._replies.send(f"$KV.{self._kv_cursors}.{key}", data,
                                                  {"Nats-Expected-Last-Subject-Sequence": str(rev)}))
         await self.nc.flush()
         refused = []
         for (key, _, _, what), fut in zip(writes, futs, strict=True):
-            doc = await fut
-            if "error" in doc:
-                refused.append((key, doc["error"].get("description", "")))
+            answer = await fut
+            if "error" in answer:
+                refused.append((key, answer["error"].get("description", "")))
                 continue
-            rev = int(doc["seq"])
+            rev = int(answer["seq"])
             if what[0] == "c":
                 _, g, t, acked, above = what
                 self._cursor_rev[key] = rev

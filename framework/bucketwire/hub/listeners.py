@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import zmq
 
@@ -179,7 +180,7 @@ class Listeners:
         With CURVE, zero-copy frames carry the ZAP User-Id (the name of the key that admitted the peer): it
         becomes `user`, and the peer's ROUTER is remembered so replies leave on the socket it came in on.
         """
-        if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than raising zmq.Again on every turn
+        if not readable(sock):  # cheaper than raising zmq.Again on every turn
             return None
         try:
             if self.auth is None:
@@ -187,7 +188,7 @@ class Listeners:
             parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
-        self.user = parts[-1].get("User-Id") or None
+        self.user = _user_id(parts[-1])
         frames = [f.bytes for f in parts]
         self._remember_socket(frames[0], sock)
         return frames if self._admitted(frames[0], self.auth) else []
@@ -246,7 +247,7 @@ class Listeners:
             if pub.socket_type != zmq.XPUB:
                 continue
             for _ in range(1000):
-                if not pub.get(zmq.EVENTS) & zmq.POLLIN:
+                if not readable(pub):
                     break
                 msg = pub.recv(copy=False)
                 data = msg.bytes
@@ -257,7 +258,7 @@ class Listeners:
                     pub.setsockopt(zmq.UNSUBSCRIBE, sub)
                     continue
                 try:
-                    user = msg.get("User-Id") or None
+                    user = _user_id(msg)
                 except zmq.ZMQError:
                     user = None
                 if sub.endswith(P.TOPIC_END):
@@ -374,6 +375,17 @@ class Listeners:
         self.cfg.security.roles = sec.roles
         self.roles = Roles(sec.roles, auth.allowed_names)
         return roles_changed
+
+
+def readable(sock: Socket) -> bool:
+    """Whether a message waits on `sock` (pyzmq types the EVENTS option loosely; it is an int)."""
+    return bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP User-Id a CURVE frame carries: the name of the key that admitted its peer."""
+    uid = frame.get("User-Id")
+    return uid if isinstance(uid, str) and uid else None
 
 
 def _router(zctx: zmq.Context[Socket]) -> Socket:

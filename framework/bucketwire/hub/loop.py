@@ -36,7 +36,7 @@ from bucketwire.envelope import (
 from bucketwire.hub.dispatch import DeadLetter, GroupState, Key, WorkerState, decode_ranges, encode_ranges
 from bucketwire.hub.http_server import SWEEP_INTERVAL as HTTP_SWEEP
 from bucketwire.hub.http_server import Server as HttpServer
-from bucketwire.hub.journal import Appended, Batch, Journal, JournalError, NewEvent
+from bucketwire.hub.journal import Appended, Batch, Journal, JournalAPI, JournalError, NewEvent
 from bucketwire.hub.listeners import Listeners
 from bucketwire.hub.metrics import HubMetrics
 from bucketwire.hub.ops import RATE_WINDOW, HubOps
@@ -74,17 +74,30 @@ class IngestResult:
         }
 
 
+@dataclass(slots=True, frozen=True)
+class Health:
+    """What /healthz reports on: when the loop last turned (monotonic) and whether the journal takes writes."""
+
+    last_tick: float
+    journal_ok: bool
+    write_error: str | None
+
+
+Done = Callable[[list[IngestResult] | None, str | None], None]
+"""Called in the loop thread once submitted events are committed (results) or have failed (error)."""
+
+
 class Hub:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.metrics = HubMetrics()
         # [security]: CURVE listeners (primary + optional previous server key), ZAP, roles: see hub/listeners.py.
         self.net = Listeners(cfg, self.metrics, on_revoked=self._revoked)
-        self.journal = Journal(cfg.hub.state_dir / "journal.db", cfg.hub.durability)
+        self.journal: JournalAPI = Journal(cfg.hub.state_dir / "journal.db", cfg.hub.durability)
         self.router = Router(cfg.routes, cfg.hub.default_topic)
         self.groups: dict[str, GroupState] = {}
         self.workers: dict[bytes, WorkerState] = {}
-        self.ingress_q: queue.SimpleQueue[tuple[list[Event], str, Callable]] = queue.SimpleQueue()
+        self.ingress_q: queue.SimpleQueue[tuple[list[Event], str, Done]] = queue.SimpleQueue()
         self.http: HttpServer | None = None
         self._loop_thread = 0
         self._wake_r, self._wake_w = os.pipe()
@@ -107,7 +120,6 @@ class Hub:
         self.declared = declared_topics(cfg)
         self.active: dict[str, float] = {}
         self._pending_topics: set[str] = set()
-        self.http: Any = None
         cursors = self.journal.cursors()
         stats = self.journal.group_stats()
         for g in cfg.groups.values():
@@ -117,7 +129,10 @@ class Hub:
                 self.groups[name].totals = list(st)
         self._last_hb = 0.0
         self._last_retention = time.monotonic()
-        self.ops = HubOps(self)  # gauges, rates, socket monitors, replay: see hub/ops.py
+        # Gauges, rates, socket monitors, replay, DLQ, group removal: see hub/ops.py.
+        self.ops = HubOps(cfg, self.metrics, self.journal, self.groups, self.net, new_event=self._new,
+                          live_topics=self.live_topics, journal_ok=lambda: self.journal_ok,
+                          queued=self.ingress_q.qsize)
         if cfg.security.curve:  # fail at startup, with one line, not in the loop
             check_key_files(cfg.security)
             server_key_path(cfg.security)
@@ -145,7 +160,7 @@ class Hub:
 
     # -- webhook ingress ------------------------------------------------------------------------------------
     def submit(self, events: list[Event], source: str,
-               done: Callable[[list[IngestResult] | None, str | None], None]) -> None:
+               done: Done) -> None:
         """Queue events for the next commit (from any thread; the HTTP ingress calls it from the loop thread).
         `done(results, None)` (one IngestResult per event) or `done(None, error)` is called in the loop thread
         once the batch is committed or has failed, so it must be quick."""
@@ -162,6 +177,9 @@ class Hub:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass
+
+    def health(self) -> Health:
+        return Health(self.last_tick, self.journal_ok, self.write_error)
 
     def request_reload(self) -> None:
         """Thread/signal-safe: re-read the key allow-list and the server keys on the next loop turn (SIGHUP)."""
@@ -304,8 +322,8 @@ class Hub:
         self.carry = []
         for g in self.groups.values():
             g.committed()
-        for a, (kind, note) in zip(appended[:carry_n], self.carry_notes, strict=True):
-            self._carried(a, kind, note)
+        for app, (kind, note) in zip(appended[:carry_n], self.carry_notes, strict=True):
+            self._carried(app, kind, note)
         self.carry_notes = []
         for cb, lo, hi in replies:
             cb(appended[carry_n + lo: carry_n + hi], None)
@@ -414,7 +432,7 @@ class Hub:
         return None
 
     def _ingest(self, events: list[Event], source: str, batch: Batch,
-                done: Callable[[list[IngestResult] | None, str | None], None], replies: list[Reply]) -> None:
+                done: Done, replies: list[Reply]) -> None:
         """Queue events for this batch; `done` gets one result per event after the commit.
 
         All or nothing: every event is checked before any is queued, and a request with one refused event is
@@ -635,9 +653,9 @@ class Hub:
             else:
                 err = r.error[:8192]
                 line = (err if r.line is None else r.line)[:1024]
-                dl = g.fail(topic, seq, err, line, r.plugin, r.permanent, now, r.delay)
-                if dl is not None:
-                    self._dead_letter(dl)
+                failed = g.fail(topic, seq, err, line, r.plugin, r.permanent, now, r.delay)
+                if failed is not None:
+                    self._dead_letter(failed)
                 else:
                     self.metrics.retries.labels(g.name).inc()
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
