@@ -202,8 +202,8 @@ class Hub:
             if self.http is not None:
                 self.http.step()
         finally:
+            self.ops.close()  # its monitor sockets first: terminating the ZeroMQ context waits for every socket
             self.net.close()
-            self.ops.close()
             self.journal.close()
             log.info("hub stopped")
 
