@@ -16,8 +16,9 @@ from typing import Any
 import click
 
 from bucketwire import logs
-from bucketwire.commands._common import config_option, load_config, on_stop_signals
+from bucketwire.commands._common import config_option, load_config
 from bucketwire.config import ConfigError
+from bucketwire.procutil import on_stop_signals
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -35,7 +35,7 @@ class HubRefused(Exception):
 
 
 class HubClient:
-    def __init__(self, cfg: Config, *, timeout: float | None = None, context: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: Config, *, timeout: float | None = None, context: zmq.Context[Any] | None = None) -> None:
         self.cfg = cfg
         # With several hubs ([client] work as a list) requests go to one; a silent one sends us to the next, and a
         # hub that does not dispatch the group asked about names the one that does (ERR with `moved`).
@@ -44,11 +44,11 @@ class HubClient:
         self.timeout = cfg.client.timeout if timeout is None else timeout
         self.zctx = context or zmq.Context.instance()
         self._req = itertools.count(1)
-        self.sock: zmq.Socket | None = None
+        self.sock: zmq.Socket[Any] | None = None
         security.check_key_files(cfg.security)  # a bad key file fails here, in one line
         self.keys = security.client_keys(cfg)  # None without CURVE
 
-    def _socket(self) -> zmq.Socket:
+    def _socket(self) -> zmq.Socket[Any]:
         if self.sock is None:
             s = self.zctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
@@ -130,7 +130,7 @@ class HubClient:
         bad = [r for r in results if r.get("error")]
         if bad:
             raise HubRefused(bad[0]["error"])
-        return results
+        return cast(list[dict[str, Any]], results)  # the hub's JSON answer
 
     def publish(self, topic: str, data: Any, *, type: str | None = None, subject: str | None = None,  # noqa: A002
                 source: str | None = None, id: str | None = None, timeout: float | None = None) -> dict[str, Any]:  # noqa: A002

@@ -88,7 +88,7 @@ def _need(sec: SecurityConfig, key: str, who: str) -> Path:
     p = getattr(sec, key)
     if p is None:
         raise ConfigError(f"[security] curve = true but {key} is not set; the {who} needs it ({FIX})")
-    return p
+    return Path(p)
 
 
 # -- client side -----------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def client_keys(cfg: Config) -> ClientKeys | None:
     return ClientKeys(pub, secret, server)
 
 
-def apply_client(sock: zmq.Socket, cfg: Config, keys: ClientKeys | None = None) -> None:
+def apply_client(sock: zmq.Socket[Any], cfg: Config, keys: ClientKeys | None = None) -> None:
     """Make `sock` a CURVE client of the hub; must run before connect(). No-op when CURVE is off."""
     keys = keys if keys is not None else client_keys(cfg)
     if keys is None:
@@ -123,7 +123,7 @@ def apply_client(sock: zmq.Socket, cfg: Config, keys: ClientKeys | None = None) 
 
 
 # -- server side -----------------------------------------------------------------------------------------------
-def apply_server(sock: zmq.Socket, secret_path: Path, domain: str) -> None:
+def apply_server(sock: zmq.Socket[Any], secret_path: Path, domain: str) -> None:
     """Make `sock` a CURVE server with the key in `secret_path`, authenticated through ZAP `domain`."""
     _, secret = load_keypair(secret_path, secret=True, what="[security] server secret key")
     sock.zap_domain = domain.encode()
@@ -186,7 +186,7 @@ class KeyAuthenticator(ThreadAuthenticator):
     the whole directory at the first bad file and keeps the previous key set, so a removed key stayed admitted.
     """
 
-    def __init__(self, context: zmq.Context, domain: str, directory: Path) -> None:
+    def __init__(self, context: zmq.Context[Any], domain: str, directory: Path) -> None:
         super().__init__(context, log=logging.getLogger("bucketwire.zap"))
         self.domain, self.directory = domain, directory
         self.names: dict[bytes, str] = {}
@@ -231,7 +231,7 @@ class KeyAuthenticator(ThreadAuthenticator):
         return added, removed
 
 
-def start_authenticator(zctx: zmq.Context, sec: SecurityConfig) -> KeyAuthenticator:
+def start_authenticator(zctx: zmq.Context[Any], sec: SecurityConfig) -> KeyAuthenticator:
     """Start ZAP for the hub's sockets; only keys in `authorized_keys_dir` are admitted."""
     d = _need(sec, "authorized_keys_dir", "hub")
     if not d.is_dir():

@@ -161,7 +161,7 @@ class _Counting:
         self.n = 0
 
     def read(self, size: int = -1) -> bytes:
-        b = self.raw.read(size if size is not None and size >= 0 else None)
+        b: bytes = self.raw.read(size if size is not None and size >= 0 else None)
         self.md5.update(b)
         self.n += len(b)
         return b
@@ -257,9 +257,9 @@ def worker_shutdown(ctx: Context) -> None:
 def handle_event(event: Event, ctx: Context) -> None:
     """Replicate one created object (or removal, when enabled); everything else is ignored."""
     s = ctx.settings
-    if not event.is_object_event:
-        return
     bucket, key = event.bucket, event.key
+    if not event.is_object_event or not bucket or not key:
+        return
     if s["buckets"] is not None and bucket not in s["buckets"]:
         return
     data = event.data if isinstance(event.data, dict) else {}

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import io
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -246,35 +248,62 @@ def _existing(client: Any, out_bucket: str, keys: dict[int, str], bucket: str, k
 
 
 # -- hooks ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """An object event this plugin acts on, with the names each step needs."""
+
+    bucket: str
+    key: str
+    out_bucket: str
+    keys: dict[int, str]  # thumbnail size -> output key
+    data: dict[str, Any]
+
+
 @hookimpl
 def handle_event(event: Event, ctx: Context) -> None:
     """Make (or delete) thumbnails for one object event; other events are ignored."""
     s = ctx.settings
-    if not event.is_object_event:
+    job = _job(event, ctx)
+    if job is None:
         return
+    src = ctx.store(s["store"])
+    dst = ctx.store(s["output_store"] or s["store"])
+    if event.is_object_removed:
+        if s["delete_with_source"]:
+            _delete_thumbnails(ctx, src, dst, job.bucket, job.key, job.out_bucket, job.keys)
+        return
+    _make(event, ctx, job, src, dst)
+
+
+def _job(event: Event, ctx: Context) -> _Job | None:
+    """Whether this event is ours: an object event in a watched bucket, within the hop limit, and not one of
+    our own outputs (which would otherwise be thumbnailed again, forever)."""
+    s = ctx.settings
     bucket, key = event.bucket, event.key
+    if not event.is_object_event or not bucket or not key:
+        return None
     if s["buckets"] is not None and bucket not in s["buckets"]:
-        return
+        return None
     if event.hops > s["max_hops"]:
         ctx.log.warning("thumbnail: %s/%s skipped: hop limit %d exceeded", bucket, key, s["max_hops"])
-        return
+        return None
     data = event.data if isinstance(event.data, dict) else {}
-    out_bucket = s["output_bucket"] or bucket
+    out_bucket: str = s["output_bucket"] or bucket
     ext = extension(s["format"])
     if out_bucket == bucket and _template_regex(s["key_template"], tuple(s["sizes"]), ext).fullmatch(key):
         ctx.log.debug("thumbnail: %s/%s is in the output key space (our own output); skipped", bucket, key)
-        return
+        return None
     if is_generated(data.get("user_metadata")):
-        return
+        return None
     keys = {size: output_key(s["key_template"], size, bucket, key, ext) for size in s["sizes"]}
-    src = ctx.store(s["store"])
-    dst = ctx.store(s["output_store"] or s["store"])
+    return _Job(bucket, key, out_bucket, keys, data)
 
-    if event.is_object_removed:
-        if s["delete_with_source"]:
-            _delete_thumbnails(ctx, src, dst, bucket, key, out_bucket, keys)
-        return
 
+def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
+    """Thumbnails for a created object: skipped when they exist for its ETag already (a redelivery), refused
+    permanently when the object is too large or not an image."""
+    s = ctx.settings
+    bucket, key, out_bucket, keys, data = job.bucket, job.key, job.out_bucket, job.keys, job.data
     for k in keys.values():
         check_key(k)
     ctype = (data.get("content_type") or "").split(";")[0].strip().lower()
@@ -300,24 +329,10 @@ def handle_event(event: Event, ctx: Context) -> None:
             })
             return
 
-    if ctype in OCTET:
-        head = _read(src, bucket, key, s["max_bytes"], length=16)
-        if head is None:
-            _gone(ctx, bucket, key)
-            return
-        if not looks_like_image(head[0]):
-            return
-    got = _read(src, bucket, key, s["max_bytes"])
+    got = _source(ctx, src, bucket, key, ctype, s["max_bytes"])
     if got is None:
-        _gone(ctx, bucket, key)
         return
     blob, headers = got
-    if is_generated(headers):
-        return
-    if not blob:
-        # A `touch`, a folder marker, an upload without a body: nothing to decode, and nothing a retry changes.
-        ctx.log.debug("thumbnail: %s/%s is empty; skipped", bucket, key)
-        return
     real_etag = (headers.get("etag") or etag).strip('"')
     if real_etag != etag and real_etag:
         # The object changed after this event; make thumbnails of what is there now, unless done already.
@@ -336,6 +351,31 @@ def handle_event(event: Event, ctx: Context) -> None:
         _put(dst, out_bucket, keys[t.size], t, bucket, key, real_etag, out_ctype)
         info[t.size] = (t.width, t.height, len(t.data))
     _announce(ctx, event, out_bucket, keys, real_etag, info)
+
+
+def _source(ctx: Context, src: Any, bucket: str, key: str, ctype: str,
+            max_bytes: int) -> tuple[bytes, Mapping[str, str]] | None:
+    """The source object's bytes and headers, or None when there is nothing to thumbnail: it is gone, it is
+    not an image after all (an octet-stream whose first bytes say so), it is our own output, or it is empty."""
+    if ctype in OCTET:
+        head = _read(src, bucket, key, max_bytes, length=16)
+        if head is None:
+            _gone(ctx, bucket, key)
+            return None
+        if not looks_like_image(head[0]):
+            return None
+    got = _read(src, bucket, key, max_bytes)
+    if got is None:
+        _gone(ctx, bucket, key)
+        return None
+    blob, headers = got
+    if is_generated(headers):
+        return None
+    if not blob:
+        # A `touch`, a folder marker, an upload without a body: nothing to decode, and nothing a retry changes.
+        ctx.log.debug("thumbnail: %s/%s is empty; skipped", bucket, key)
+        return None
+    return blob, headers
 
 
 def _announce(ctx: Context, event: Event, out_bucket: str, keys: dict[int, str], etag: str,

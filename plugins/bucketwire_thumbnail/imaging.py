@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from PIL import Image, UnidentifiedImageError
 
@@ -74,7 +76,7 @@ class Thumb:
     width: int
     height: int
 
-    def __iter__(self):  # noqa: ANN204 - tuple-unpacking convenience
+    def __iter__(self) -> Iterator[int | bytes]:  # tuple-unpacking convenience
         return iter((self.size, self.data, self.width, self.height))
 
 
@@ -98,7 +100,7 @@ def _to_output_mode(im: Image.Image, pil_format: str, background: tuple[int, int
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit (or 32-bit int) greyscale: scale to 8 bits instead of clipping everything above 255 to white.
         im = im.convert("I") if mode != "I" else im
-        lo, hi = im.getextrema()
+        lo, hi = cast(tuple[float, float], im.getextrema())  # one band: (min, max)
         span = 65535 if hi <= 65535 and lo >= 0 else max(1, hi - lo)
         offset = 0 if span == 65535 else lo
         im = im.point(lambda v: (v - offset) * (255.0 / span)).convert("L")
@@ -143,6 +145,31 @@ def render(
         pil_format, _ctype, _ext = FORMATS[format]
     except KeyError:
         raise ValueError(f"unknown output format {format!r}; use one of {sorted(FORMATS)}") from None
+    im = _open(data, max_pixels)
+    w, h = im.size
+    try:
+        orientation = int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block must not cost us the thumbnail
+        orientation = 1
+    order = sorted(set(sizes), reverse=True)
+    base = _decode(im, fit(w, h, order[0]), max_pixels, pil_format, background)
+
+    # Fit against the *original* dimensions so a drafted decode does not change the output size.
+    rendered: dict[int, tuple[bytes, int, int]] = {}
+    src = base
+    for size in order:
+        out_w, out_h = fit(w, h, size)
+        if src.size != (out_w, out_h):
+            src = src.resize((out_w, out_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        out = src
+        for op in _ORIENTATION.get(orientation, ()):
+            out = out.transpose(op)
+        rendered[size] = (_encode(out, pil_format, format, quality), out.width, out.height)
+    return [Thumb(s, *rendered[s]) for s in sizes]
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Read the header only, and refuse what is not an image or is too large before anything is decoded."""
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below is the limit; silence Pillow's global warning about it.
@@ -165,21 +192,20 @@ def render(
             f"image is {w}x{h} = {w * h} pixels, over max_pixels={max_pixels}; rejected as a possible "
             "decompression bomb (raise max_pixels if such images are expected)"
         )
+    return im
 
-    try:
-        orientation = int(im.getexif().get(0x0112, 1) or 1)
-    except Exception:  # a broken EXIF block must not cost us the thumbnail
-        orientation = 1
 
-    order = sorted(set(sizes), reverse=True)
-    largest = order[0]
+def _decode(im: Image.Image, largest: tuple[int, int], max_pixels: int, pil_format: str,
+            background: tuple[int, int, int]) -> Image.Image:
+    """Decode the first frame, no larger than needed for `largest`, in a mode the encoder accepts; a truncated
+    or broken file is a ThumbnailError (permanent), not a crash."""
     try:
         if im.format == "JPEG":
             # DCT scaling: decode at the smallest 1/2^n scale still >= the largest target; LANCZOS does the rest.
-            im.draft(im.mode if im.mode in ("RGB", "L") else None, fit(w, h, largest))
+            im.draft(im.mode if im.mode in ("RGB", "L") else None, largest)
         im.seek(0)  # GIF/APNG/TIFF: the first frame
         im.load()
-        base = _to_output_mode(im, pil_format, background)
+        return _to_output_mode(im, pil_format, background)
     except ThumbnailError:
         raise
     except Image.DecompressionBombError as e:
@@ -190,32 +216,23 @@ def render(
         # "image file is truncated", "broken data stream", unsupported compressions ...
         raise ThumbnailError(f"cannot decode image ({im.format or 'unknown format'}): {e}") from None
 
-    # Fit against the *original* dimensions so a drafted decode does not change the output size.
-    rendered: dict[int, tuple[bytes, int, int]] = {}
-    src = base
-    for size in order:
-        out_w, out_h = fit(w, h, size)
-        if src.size != (out_w, out_h):
-            src = src.resize((out_w, out_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
-        out = src
-        for op in _ORIENTATION.get(orientation, ()):
-            out = out.transpose(op)
-        buf = io.BytesIO()
-        save_kw: dict[str, object] = {}
-        if pil_format == "JPEG":
-            save_kw = {"quality": quality, "optimize": False}
-        elif pil_format == "WEBP":
-            # method 2, not libwebp's default 4: half the encode time (2 vs 4 ms at 256 px, ~8% of a
-            # thumbnail), ~3% more bytes, same PSNR at the same quality (`bench thumbnail` reports both).
-            save_kw = {"quality": quality, "method": 2}
-        elif pil_format == "PNG":
-            save_kw = {"compress_level": 6}
-        try:
-            out.save(buf, pil_format, **save_kw)
-        except (OSError, ValueError) as e:
-            raise ThumbnailError(f"cannot encode {format} thumbnail: {e}") from None
-        rendered[size] = (buf.getvalue(), out.width, out.height)
-    return [Thumb(s, *rendered[s]) for s in sizes]
+
+def _encode(out: Image.Image, pil_format: str, format: str, quality: int) -> bytes:  # noqa: A002
+    save_kw: dict[str, object] = {}
+    if pil_format == "JPEG":
+        save_kw = {"quality": quality, "optimize": False}
+    elif pil_format == "WEBP":
+        # method 2, not libwebp's default 4: half the encode time (2 vs 4 ms at 256 px, ~8% of a
+        # thumbnail), ~3% more bytes, same PSNR at the same quality (`bench thumbnail` reports both).
+        save_kw = {"quality": quality, "method": 2}
+    elif pil_format == "PNG":
+        save_kw = {"compress_level": 6}
+    buf = io.BytesIO()
+    try:
+        out.save(buf, pil_format, **save_kw)
+    except (OSError, ValueError) as e:
+        raise ThumbnailError(f"cannot encode {format} thumbnail: {e}") from None
+    return buf.getvalue()
 
 
 def content_type(format: str) -> str:  # noqa: A002

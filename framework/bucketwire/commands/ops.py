@@ -36,10 +36,11 @@ from typing import Any
 import click
 
 from bucketwire import protocol as P
-from bucketwire.commands._common import config_option, load_config, on_stop_signals
+from bucketwire.commands._common import config_option, load_config
 from bucketwire.config import Config, ConfigError
 from bucketwire.envelope import HUB_SOURCE, RESERVED_SOURCES, EnvelopeError, parse_seq
 from bucketwire.hub.ops import DEAD_TYPE, HANDLED_SUFFIX, HANDLED_TYPE
+from bucketwire.procutil import on_stop_signals
 
 
 def _errors(fn: Any) -> Any:

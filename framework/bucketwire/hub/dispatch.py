@@ -187,7 +187,8 @@ class GroupState:
         return self.loaded < self.max_buffer and any(
             self.read_pos[t] <= heads.get(t, 0) and t not in self.replays for t in self.topics)
 
-    def refill(self, heads: dict[str, int], read: Callable[[str, int, int], list], first_seq: Callable) -> None:
+    def refill(self, heads: dict[str, int], read: Callable[[str, int, int], list[tuple[int, str | None, bytes]]],
+               first_seq: Callable[[str], int | None]) -> None:
         for t in self.topics:
             if t in self.replays:
                 continue

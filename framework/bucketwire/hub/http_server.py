@@ -487,7 +487,7 @@ class Server:
         self.tls = tls
         self.on_reject = on_reject
         self.conns: set[_Conn] = set()
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
         self.selector = selectors.DefaultSelector()
         self.loop = asyncio.SelectorEventLoop(self.selector)
         factory = (lambda: _TLSConn(self)) if tls is not None else (lambda: _Conn(self))

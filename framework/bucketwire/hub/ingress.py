@@ -26,7 +26,11 @@ from bucketwire.formats import s3_records
 from bucketwire.hub.http_server import Limits, Pending, Request, Response, Server
 
 if TYPE_CHECKING:
-    from bucketwire.hub.loop import Hub, IngestResult
+    from bucketwire.config import Config
+    from bucketwire.hub.loop import Done, Health, Hub, IngestResult
+    from bucketwire.hub.metrics import HubMetrics
+
+    Submit = Callable[[list[Event], str, Done], None]
 
 log = logging.getLogger("bucketwire.ingress")
 
@@ -177,10 +181,17 @@ class Ingress:
     waits for the commit as a Pending, so a connection waiting for the journal holds no thread.
     """
 
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self.cfg = hub.cfg.hub
-        self.rejected = hub.metrics.rejected
+    def __init__(self, cfg: Config, metrics: HubMetrics, *, submit: Submit, overloaded: Callable[[], bool],
+                 health: Callable[[], Health]) -> None:
+        """`submit` queues events for the hub's next commit; `overloaded` says whether too many requests already
+        wait for it; `health` is what /healthz reports."""
+        self.stores = cfg.stores
+        self.cfg = cfg.hub
+        self.metrics = metrics
+        self.rejected = metrics.rejected
+        self.submit = submit
+        self.overloaded = overloaded
+        self.health = health
 
     # -- answers --------------------------------------------------------------------------------------------
     @staticmethod
@@ -250,31 +261,30 @@ class Ingress:
         if req.method == "POST":
             return self.post(req)
         path = req.path
-        hub = self.hub
         if path in ("/healthz", "/metrics") and self._local_only(req.peer):
             return self.fail(403, f"{path} answers loopback clients only; set [hub] metrics_public = true",
                              "forbidden")
         if path == "/healthz":
-            alive = time.monotonic() - hub.last_tick < max(5.0, 3 * hub.cfg.hub.heartbeat_interval)
-            writable = hub.journal_ok and hub.write_error is None
+            h = self.health()
+            alive = time.monotonic() - h.last_tick < max(5.0, 3 * self.cfg.heartbeat_interval)
+            writable = h.journal_ok and h.write_error is None
             ok = alive and writable
             doc: dict[str, Any] = {"ok": ok, "loop": alive, "journal": writable}
             if not ok:
-                doc["reason"] = ("hub loop is not turning" if not alive else hub.write_error
+                doc["reason"] = ("hub loop is not turning" if not alive else h.write_error
                                  or "the last journal commit failed (disk full or I/O error?)")
             return self.reply(200 if ok else 503, doc)
         if path == "/metrics":
-            body, content_type = exposition.render(hub.metrics.registry, req.headers.get("accept"))
+            body, content_type = exposition.render(self.metrics.registry, req.headers.get("accept"))
             return Response(200, body, content_type)
         return self.not_found(path)
 
     def post(self, req: Request) -> Response | Pending:
-        hub = self.hub
         label, parse = ROUTES[req.path]
         named = parse_qs(req.query).get("store") if req.query else None
         store = named[0] if named else self.cfg.default_store
-        if named and store not in hub.cfg.stores:
-            have = ", ".join(sorted(hub.cfg.stores)) or "none"
+        if named and store not in self.stores:
+            have = ", ".join(sorted(self.stores)) or "none"
             return self.fail(400, f"unknown store {store!r} in ?store= (configured: {have}); add [stores.{store}]",
                              "store")
         try:
@@ -289,12 +299,12 @@ class Ingress:
             return self.fail(400, f"cannot parse body: {type(e).__name__}", "malformed")
         if not events:
             return self.reply(200, {"accepted": 0, "ignored": True})
-        if hub.ops.overloaded():  # bounded ingress: refuse rather than queue without limit behind a slow journal
+        if self.overloaded():  # bounded ingress: refuse rather than queue without limit behind a slow journal
             return self.fail(503, "hub overloaded (too many requests waiting for the journal), retry later",
                              "overloaded")
         pending = Pending()
         # The hub loop thread drives this server too, so the commit's callback answers directly.
-        hub.submit(events, label, lambda results, err: pending.resolve(self._answer(results, err)))
+        self.submit(events, label, lambda results, err: pending.resolve(self._answer(results, err)))
         return pending
 
     def _answer(self, results: list[IngestResult] | None, err: str | None) -> Response:
@@ -314,7 +324,7 @@ class Ingress:
 def serve(hub: Hub, http: str) -> Server:
     """Listen on `http` (HOST:PORT); the hub's loop thread serves the requests once `hub.run()` starts."""
     host, _, port = http.rpartition(":")
-    ingress = Ingress(hub)
+    ingress = Ingress(hub.cfg, hub.metrics, submit=hub.submit, overloaded=hub.ops.overloaded, health=hub.health)
     cfg = hub.cfg.hub
     limits = Limits(read_timeout=cfg.http_read_timeout, idle_timeout=cfg.http_idle_timeout,
                     reply_timeout=cfg.request_timeout, max_body=cfg.max_body_bytes,

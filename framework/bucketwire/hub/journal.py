@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger("bucketwire.journal")
 
@@ -93,6 +94,30 @@ class Batch:
     """(group, topic, seq) -> attempts used, 0 to forget: kept by the JetStream journal only (failover)."""
 
 
+class JournalAPI(Protocol):
+    """What the hub asks of its journal; `Journal` (SQLite, below) and `JetStreamJournal` (hub/journal_jetstream.py)
+    both stand behind it, so the hub's loop, ops and ingress never depend on one backend's storage.
+
+    Everything is called from the hub's loop thread only.
+    """
+
+    heads: dict[str, int]
+    """Topic -> last committed seq, kept current by `commit`."""
+
+    def commit(self, batch: Batch) -> list[Appended]: ...
+    def read(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]: ...
+    def first_seq(self, topic: str) -> int | None: ...
+    def first_seq_since(self, topic: str, since: float) -> int | None: ...
+    def cursors(self) -> dict[tuple[str, str], int]: ...
+    def cursor_above(self) -> dict[tuple[str, str], str]: ...
+    def group_stats(self) -> dict[str, tuple[int, int, int]]: ...
+    def forget_group(self, group: str) -> None: ...
+    def probe(self) -> str | None: ...
+    def size_bytes(self) -> int: ...
+    def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int: ...
+    def close(self) -> None: ...
+
+
 class Journal:
     def __init__(self, path: Path, durability: str = "os") -> None:
         try:
@@ -152,6 +177,11 @@ class Journal:
         row = self.db.execute("SELECT min(seq) FROM events WHERE topic=?", (topic,)).fetchone()
         return row[0] if row else None
 
+    def first_seq_since(self, topic: str, since: float) -> int | None:
+        """The first seq committed at or after unix time `since` (for `replay --since`), or None."""
+        row = self.db.execute("SELECT min(seq) FROM events WHERE topic=? AND ts>=?", (topic, since)).fetchone()
+        return row[0] if row and row[0] is not None else None
+
     def _existing(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, int, bytes]]:
         """Which (source, id) are already in the journal: one indexed lookup per chunk, not one per event."""
         found: dict[tuple[str, str], tuple[str, int, bytes]] = {}
@@ -198,7 +228,7 @@ class Journal:
         pc = self.db.execute("PRAGMA page_count").fetchone()[0]
         fl = self.db.execute("PRAGMA freelist_count").fetchone()[0]
         ps = self.db.execute("PRAGMA page_size").fetchone()[0]
-        return (pc - fl) * ps
+        return int((pc - fl) * ps)
 
     # -- the one write path ----------------------------------------------------------------------------------
     def commit(self, batch: Batch) -> list[Appended]:

@@ -456,20 +456,20 @@ class JetStreamJournal:
             for key, f3 in tries:
                 await self._check_attempt(key, f3)
             return
-        futs = []
+        futs: list[asyncio.Future[dict[str, Any]]] = []
         for key, data, rev, _ in writes:
             futs.append(await self._replies.send(f"$KV.{self._kv_cursors}.{key}", data,
                                                  {"Nats-Expected-Last-Subject-Sequence": str(rev)}))
         await self.nc.flush()
         refused = []
         for (key, data, _, what), fut in zip(writes, futs, strict=True):
-            doc = await self._answer(fut)
-            if "error" in doc and what[1] in self._leases:
-                doc = await self._rewrite(key, data)
-            if "error" in doc:
-                refused.append((key, doc["error"].get("description", "")))
+            answer = await self._answer(fut)
+            if "error" in answer and what[1] in self._leases:
+                answer = await self._rewrite(key, data)
+            if "error" in answer:
+                refused.append((key, answer["error"].get("description", "")))
                 continue
-            rev = int(doc["seq"])
+            rev = int(answer["seq"])
             if what[0] == "c":
                 _, g, t, acked, above = what
                 self._cursor_rev[key] = rev

@@ -1,44 +1,129 @@
 """The hub's ZeroMQ listeners: the work ROUTER and fan-out PUB pairs, and everything CURVE does to them.
 
-A mixin of `Hub`, kept apart from the delivery loop because it changes for different reasons: key rotation
-(an old and a new server key served side by side on their own endpoints), allow-list reloads (SIGHUP or a
-periodic check), revoked keys refused on live connections, and role checks on live subscriptions (XPUB in manual
-mode). Everything here runs on the hub's loop thread, like the rest of the hub.
+Kept apart from the delivery loop because it changes for different reasons: key rotation (an old and a new server
+key served side by side on their own endpoints), allow-list reloads (SIGHUP or a periodic check), revoked keys
+refused on live connections, and role checks on live subscriptions (XPUB in manual mode). `Hub` holds one
+`Listeners` and calls it; what the listeners need from the hub (the metrics, what to do when a connected key is
+revoked) is handed in, so nothing here reaches into the delivery state. Everything runs on the hub's loop thread.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import cast
 
 import zmq
 
+from bucketwire import config as config_mod
 from bucketwire import protocol as P
-from bucketwire.security import Roles
+from bucketwire.config import Config, ConfigError
+from bucketwire.hub.metrics import HubMetrics
+from bucketwire.security import (
+    KeyAuthenticator,
+    Roles,
+    apply_server,
+    load_keypair,
+    server_key_path,
+    start_authenticator,
+)
 
 log = logging.getLogger("bucketwire.hub")
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
+Socket = zmq.Socket[bytes]
+
+
+@dataclass(slots=True)
+class _Listener:
+    """One work ROUTER + PUB pair served with one server key (None without CURVE)."""
+
+    work_ep: str
+    pub_ep: str
+    key: Path | None
+    work: Socket
+    pub: Socket
+
 
 class Listeners:
-    """Socket set-up and CURVE management for `Hub`; relies on the hub's cfg, metrics and worker bookkeeping."""
+    """The hub's sockets, CURVE/ZAP, key reloads, subscription checks and reply routing.
 
-    cfg: Any
-    metrics: Any
-    roles: Roles
-    auth: Any
-    workers: dict
-    listeners: list[_Listener]
-    work: zmq.Socket
-    pub: zmq.Socket
-    pubs: list[zmq.Socket]
+    `user` is the key name (ZAP User-Id) of the message `receive` returned last: the hub's role checks read it
+    while they handle that message. `on_revoked(ident)` is called when a message arrives from a key that was
+    removed from the allow-list after it connected (the hub forgets that peer's worker, if it was one).
+    """
 
-    # -- fan-out ---------------------------------------------------------------------------------------------
-    def _make_pub(self, zctx: zmq.Context) -> zmq.Socket:
+    def __init__(self, cfg: Config, metrics: HubMetrics, on_revoked: Callable[[bytes], None]) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self._on_revoked = on_revoked
+        self.roles = Roles(cfg.security.roles)
+        self.auth: KeyAuthenticator | None = None
+        self.listeners: list[_Listener] = []
+        self.pubs: list[Socket] = []
+        self.poller = zmq.Poller()
+        """Polled by the hub's loop; the work sockets are registered here, the hub adds its own descriptors."""
+        self.user: str | None = None
+        self._zctx: zmq.Context[Socket] | None = None
+        self._sock_of: dict[bytes, Socket] = {}
+        self._reload = threading.Event()
+        self._next_key_check = 0.0
+
+    # -- life cycle ------------------------------------------------------------------------------------------
+    @property
+    def work(self) -> Socket:
+        return self.listeners[0].work
+
+    @property
+    def pub(self) -> Socket:
+        return self.listeners[0].pub
+
+    @property
+    def curve(self) -> bool:
+        return self.auth is not None
+
+    def work_sockets(self) -> list[Socket]:
+        return [ls.work for ls in self.listeners]
+
+    def open(self) -> None:
+        """Create and bind every listener (with CURVE: start ZAP first). A bind failure is one OSError line."""
+        zctx = self._zctx = zmq.Context()
+        try:
+            self.listeners = [_Listener(self.cfg.hub.work, self.cfg.hub.publish, None, _router(zctx),
+                                        self._make_pub(zctx))]
+            self.pubs = [self.pub]
+            self._secure_primary(zctx)
+            self.work.bind(self.cfg.hub.work)
+            self.pub.bind(self.cfg.hub.publish)
+            self._open_previous(zctx)
+        except zmq.ZMQError as e:
+            self.close()
+            raise OSError(f"cannot bind ZeroMQ endpoint ({e}); is another hub running on these ports?") from None
+        except BaseException:
+            self.close()
+            raise
+        for ls in self.listeners:
+            self.poller.register(ls.work, zmq.POLLIN)
+
+    def close(self) -> None:
+        for ls in self.listeners:
+            ls.work.close(0)
+            ls.pub.close(0)
+        self.listeners, self.pubs = [], []
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        if self._zctx is not None:
+            self._zctx.term()
+            self._zctx = None
+
+    def _make_pub(self, zctx: zmq.Context[Socket]) -> Socket:
         """PUB, or with CURVE an XPUB in manual mode: the hub then sees every subscription with the key that
         asked for it and applies only what that key's role allows (`[security.roles.NAME] subscribe`)."""
         curve = self.cfg.security.curve
@@ -49,13 +134,120 @@ class Listeners:
             p.setsockopt(zmq.XPUB_MANUAL, 1)
         return p
 
+    def _secure_primary(self, zctx: zmq.Context[Socket]) -> None:
+        """With [security] curve: start ZAP and make the primary work/PUB pair CURVE servers (before bind)."""
+        sec = self.cfg.security
+        if not sec.curve:
+            return
+        self.auth = start_authenticator(zctx, sec)
+        self.roles.admitted = self.auth.allowed_names
+        self.metrics.keys_invalid.set(len(self.auth.invalid))
+        key = server_key_path(sec)
+        apply_server(self.work, key, sec.zap_domain)
+        apply_server(self.pub, key, sec.zap_domain)
+        self.listeners[0].key = key
+        self._next_key_check = time.monotonic() + sec.reload_interval
+
+    def _new_listener(self, zctx: zmq.Context[Socket], work_ep: str, pub_ep: str, key: Path) -> _Listener:
+        w = _router(zctx)
+        p = self._make_pub(zctx)
+        try:
+            apply_server(w, key, self.cfg.security.zap_domain)
+            apply_server(p, key, self.cfg.security.zap_domain)
+            _bind_retry(w, work_ep)
+            _bind_retry(p, pub_ep)
+        except Exception:
+            w.close(0)
+            p.close(0)
+            raise
+        return _Listener(work_ep, pub_ep, key, w, p)
+
+    def _open_previous(self, zctx: zmq.Context[Socket]) -> None:
+        """Serve the previous server key on its own endpoints, so clients can move to the new key gradually."""
+        sec = self.cfg.security
+        if sec.curve and sec.previous_server_secret_key is not None:
+            assert sec.work_previous and sec.publish_previous
+            self.listeners.append(self._new_listener(zctx, sec.work_previous, sec.publish_previous,
+                                                     sec.previous_server_secret_key))
+            self.pubs = [ls.pub for ls in self.listeners]
+            log.info("serving the previous server key too", extra={"work": sec.work_previous,
+                                                                   "publish": sec.publish_previous})
+
+    # -- work sockets ----------------------------------------------------------------------------------------
+    def receive(self, sock: Socket) -> list[bytes] | None:
+        """The next message on `sock`, or None when none waits; [] for one from a revoked key (already answered).
+
+        With CURVE, zero-copy frames carry the ZAP User-Id (the name of the key that admitted the peer): it
+        becomes `user`, and the peer's ROUTER is remembered so replies leave on the socket it came in on.
+        """
+        if not readable(sock):  # cheaper than raising zmq.Again on every turn
+            return None
+        try:
+            if self.auth is None:
+                return sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        self.user = _user_id(parts[-1])
+        frames = [f.bytes for f in parts]
+        self._remember_socket(frames[0], sock)
+        return frames if self._admitted(frames[0], self.auth) else []
+
+    def send(self, frames: list[bytes]) -> bool:
+        """Route a reply to the peer `frames[0]` names; False if it is gone or its queue is full."""
+        sock = self._sock_of.get(frames[0], self.work) if self._sock_of else self.work
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.metrics.send_again.labels("work").inc()
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+        return False
+
+    def forbidden(self, ident: bytes, why: str) -> None:
+        """Answer a request the sender's role does not allow."""
+        self.metrics.rejected.labels("zmq", "forbidden").inc()
+        log.warning("request refused by role", extra={"key": self.user, "error": why})
+        self.send([ident, P.ERR, P.enc({"fatal": True, "error": why})])
+
+    def _remember_socket(self, ident: bytes, sock: Socket) -> None:
+        """Replies go out on the ROUTER the peer came in on; bounded, oldest entries forgotten first."""
+        self._sock_of.pop(ident, None)
+        self._sock_of[ident] = sock
+        if len(self._sock_of) > 100_000:
+            for k in list(self._sock_of)[:10_000]:
+                del self._sock_of[k]
+
+    def _admitted(self, ident: bytes, auth: KeyAuthenticator) -> bool:
+        """Refuse every message from a key that was removed from the allow-list after it connected."""
+        if self.user in auth.allowed_names:
+            return True
+        self.metrics.rejected.labels("zmq", "revoked").inc()
+        self._on_revoked(ident)
+        self.send([ident, P.ERR, P.enc({"fatal": True, "error": "this client key is no longer authorized"})])
+        return False
+
+    # -- fan-out ---------------------------------------------------------------------------------------------
+    def publish(self, frames: list[bytes]) -> None:
+        """Fan out on every PUB socket (two while an old and a new server key are both served)."""
+        *head, last = frames
+        for pub in self.pubs:
+            try:  # frame by frame with int flags: send_multipart's enum arithmetic cost more than the sends
+                for f in head:
+                    pub.send(f, _MORE)
+                pub.send(last, _NOBLOCK)
+            except zmq.Again:  # refused at the first frame: ZeroMQ takes a message whole or not at all
+                self.metrics.send_again.labels("pub").inc()
+
     def _drain_subscriptions(self) -> None:
         """Apply or refuse the subscriptions that arrived on the XPUB sockets (CURVE only)."""
         for pub in self.pubs:
             if pub.socket_type != zmq.XPUB:
                 continue
             for _ in range(1000):
-                if not pub.get(zmq.EVENTS) & zmq.POLLIN:
+                if not readable(pub):
                     break
                 msg = pub.recv(copy=False)
                 data = msg.bytes
@@ -66,7 +258,7 @@ class Listeners:
                     pub.setsockopt(zmq.UNSUBSCRIBE, sub)
                     continue
                 try:
-                    user = msg.get("User-Id") or None
+                    user = _user_id(msg)
                 except zmq.ZMQError:
                     user = None
                 if sub.endswith(P.TOPIC_END):
@@ -80,115 +272,29 @@ class Listeners:
                     log.warning("subscription refused by role",
                                 extra={"key": user, "subscription": sub[:64].decode("utf-8", "replace")})
 
-    def _publish(self, frames: list[bytes]) -> None:
-        """Fan out on every PUB socket (two while an old and a new server key are both served)."""
-        *head, last = frames
-        for pub in self.pubs:
-            try:  # frame by frame with int flags: send_multipart's enum arithmetic cost more than the sends
-                for f in head:
-                    pub.send(f, _MORE)
-                pub.send(last, _NOBLOCK)
-            except zmq.Again:  # refused at the first frame: ZeroMQ takes a message whole or not at all
-                self.metrics.send_again.labels("pub").inc()
-
     # -- security ----------------------------------------------------------------------------------------------
-    def _secure_sockets(self, zctx: zmq.Context) -> None:
-        """With [security] curve: start ZAP and make the primary work/PUB pair CURVE servers (before bind)."""
-        from bucketwire.security import apply_server, server_key_path, start_authenticator
-
-        sec = self.cfg.security
-        self.listeners = [_Listener(self.cfg.hub.work, self.cfg.hub.publish, None, self.work, self.pub)]
-        if not sec.curve:
-            return
-        self._zctx = zctx
-        self.auth = start_authenticator(zctx, sec)
-        self.roles.admitted = self.auth.allowed_names
-        self.metrics.keys_invalid.set(len(self.auth.invalid))
-        key = server_key_path(sec)
-        apply_server(self.work, key, sec.zap_domain)
-        apply_server(self.pub, key, sec.zap_domain)
-        self.listeners[0].key = key
-        self._next_key_check = time.monotonic() + sec.reload_interval
-
-    def _new_listener(self, work_ep: str, pub_ep: str, key: Any) -> _Listener:
-        from bucketwire.security import apply_server
-
-        w = self._zctx.socket(zmq.ROUTER)
-        p = self._make_pub(self._zctx)
-        for opt, v in ((zmq.ROUTER_MANDATORY, 1), (zmq.LINGER, 0), (zmq.SNDHWM, 100_000), (zmq.RCVHWM, 100_000),
-                       (zmq.MAXMSGSIZE, 64 << 20)):
-            w.setsockopt(opt, v)
-        try:
-            apply_server(w, key, self.cfg.security.zap_domain)
-            apply_server(p, key, self.cfg.security.zap_domain)
-            _bind_retry(w, work_ep)
-            _bind_retry(p, pub_ep)
-        except Exception:
-            w.close(0)
-            p.close(0)
-            raise
-        return _Listener(work_ep, pub_ep, key, w, p)
-
-    def _open_previous(self) -> None:
-        """Serve the previous server key on its own endpoints, so clients can move to the new key gradually."""
-        sec = self.cfg.security
-        if sec.curve and sec.previous_server_secret_key is not None:
-            assert sec.work_previous and sec.publish_previous
-            self.listeners.append(self._new_listener(sec.work_previous, sec.publish_previous,
-                                                     sec.previous_server_secret_key))
-            self.pubs = [ls.pub for ls in self.listeners]
-            log.info("serving the previous server key too", extra={"work": sec.work_previous,
-                                                                   "publish": sec.publish_previous})
-
-    def _close_security(self) -> None:
-        for ls in self.listeners[1:]:
-            ls.work.close(0)
-            ls.pub.close(0)
-        self.listeners = self.listeners[:1]
-        if self.auth is not None:
-            self.auth.stop()
-            self.auth = None
-
     def request_reload(self) -> None:
-        """Thread/signal-safe: re-read the key allow-list and the server keys on the next loop turn (SIGHUP)."""
+        """Thread/signal-safe: re-read the key allow-list and the server keys on the next `tick` (SIGHUP)."""
         self._reload.set()
-        self.wake()
 
-    def _remember_socket(self, ident: bytes, sock: zmq.Socket) -> None:
-        """Replies go out on the ROUTER the peer came in on; bounded, oldest entries forgotten first."""
-        self._sock_of.pop(ident, None)
-        self._sock_of[ident] = sock
-        if len(self._sock_of) > 100_000:
-            for k in list(self._sock_of)[:10_000]:
-                del self._sock_of[k]
+    def tick(self, now: float) -> None:
+        """Each loop turn with CURVE: reloads when due, then the subscriptions that arrived."""
+        if self.auth is None:
+            return
+        self._security_tick(now, self.auth)
+        self._drain_subscriptions()
 
-    def _admitted(self, ident: bytes) -> bool:
-        """Refuse every message from a key that was removed from the allow-list after it connected."""
-        if self._user in self.auth.allowed_names:
-            return True
-        self.metrics.rejected.labels("zmq", "revoked").inc()
-        w = self.workers.get(ident)
-        if w is not None:
-            self._worker_gone(w, lost=False)
-        self._send([ident, P.ERR, P.enc({"fatal": True, "error": "this client key is no longer authorized"})])
-        return False
-
-    def _forbidden(self, ident: bytes, why: str) -> None:
-        self.metrics.rejected.labels("zmq", "forbidden").inc()
-        log.warning("request refused by role", extra={"key": self._user, "error": why})
-        self._send([ident, P.ERR, P.enc({"fatal": True, "error": why})])
-
-    def _security_tick(self, now: float) -> None:
+    def _security_tick(self, now: float, auth: KeyAuthenticator) -> None:
         """Every reload_interval (and on SIGHUP): pick up allow-list changes; on SIGHUP also the server keys."""
         hup = self._reload.is_set()
         if not hup and now < self._next_key_check:
             return
         self._next_key_check = now + self.cfg.security.reload_interval
         self._reload.clear()
-        roles_changed = self._reload_server_keys() if hup else False
-        changed = self.auth.reload(force=hup)
-        self.roles.admitted = self.auth.allowed_names
-        self.metrics.keys_invalid.set(len(self.auth.invalid))
+        roles_changed = self._reload_server_keys(auth) if hup else False
+        changed = auth.reload(force=hup)
+        self.roles.admitted = auth.allowed_names
+        self.metrics.keys_invalid.set(len(auth.invalid))
         if (changed and changed[1]) or roles_changed:
             # PUB cannot refuse one subscriber, nor take back a subscription it applied: re-create the PUB
             # sockets so every subscriber reconnects, re-authenticates (removed keys fail the handshake) and
@@ -199,29 +305,24 @@ class Listeners:
             self._rebind_pubs()
 
     def _rebind_pubs(self) -> None:
-        from bucketwire.security import apply_server
-
+        assert self._zctx is not None
         for ls in self.listeners:
             ls.pub.close(0)
             p = self._make_pub(self._zctx)
-            apply_server(p, ls.key, self.cfg.security.zap_domain)
+            if ls.key is not None:
+                apply_server(p, ls.key, self.cfg.security.zap_domain)
             _bind_retry(p, ls.pub_ep)
             ls.pub = p
-        self.pub = self.listeners[0].pub
         self.pubs = [ls.pub for ls in self.listeners]
 
-    def _reload_server_keys(self) -> bool:
+    def _reload_server_keys(self, auth: KeyAuthenticator) -> bool:
         """Re-read [hub] work/publish, the [security] server keys and roles; keep unchanged listeners, open new
         ones. Returns True when the roles changed (live subscriptions must then be decided again).
 
         Listeners are matched by (endpoints, server public key), so a rotation step that moves the current key
         to `previous_server_secret_key` on its existing endpoints keeps every established connection.
         """
-        from bucketwire import config as config_mod
-        from bucketwire.config import ConfigError
-        from bucketwire.security import load_keypair
-
-        if self.cfg.path is None:
+        if self.cfg.path is None or self._zctx is None:
             return False
         try:
             new = config_mod.load(self.cfg.path, warn=False)
@@ -232,12 +333,12 @@ class Listeners:
         if not sec.curve or sec.server_secret_key is None:
             log.error("reload refused: [security] curve must stay on with a server_secret_key")
             return False
-        want = [(new.hub.work, new.hub.publish, sec.server_secret_key)]
+        want: list[tuple[str, str, Path]] = [(new.hub.work, new.hub.publish, sec.server_secret_key)]
         if sec.previous_server_secret_key is not None and sec.work_previous and sec.publish_previous:
             want.append((sec.work_previous, sec.publish_previous, sec.previous_server_secret_key))
 
-        def ident(w: str, p: str, key: Any) -> tuple[str, str, bytes]:
-            return (w, p, load_keypair(key, secret=True, what="[security] server key")[0])
+        def ident(w: str, p: str, key: Path | None) -> tuple[str, str, bytes | None]:
+            return (w, p, None if key is None else load_keypair(key, secret=True, what="[security] server key")[0])
 
         try:
             want_ids = [ident(*x) for x in want]
@@ -246,49 +347,56 @@ class Listeners:
             return False
         have = {ident(ls.work_ep, ls.pub_ep, ls.key): ls for ls in self.listeners}
         keep = [have.get(i) for i in want_ids]
-        for i, ls in have.items():
+        for i, old in have.items():
             if i not in want_ids:
-                self._poller.unregister(ls.work)
-                ls.work.close(0)
-                ls.pub.close(0)
-                self._sock_of = {k: v for k, v in self._sock_of.items() if v is not ls.work}
-                log.info("stopped serving a server key", extra={"work": ls.work_ep, "publish": ls.pub_ep})
+                self.poller.unregister(old.work)
+                old.work.close(0)
+                old.pub.close(0)
+                self._sock_of = {k: v for k, v in self._sock_of.items() if v is not old.work}
+                log.info("stopped serving a server key", extra={"work": old.work_ep, "publish": old.pub_ep})
         out = []
         for (w, p, key), ls in zip(want, keep, strict=True):
             if ls is None:
                 try:
-                    ls = self._new_listener(w, p, key)
+                    ls = self._new_listener(self._zctx, w, p, key)
                 except (zmq.ZMQError, ConfigError) as e:
                     log.error("cannot serve a server key", extra={"work": w, "publish": p, "error": str(e)})
                     continue
-                self._poller.register(ls.work, zmq.POLLIN)
+                self.poller.register(ls.work, zmq.POLLIN)
                 log.info("serving a server key", extra={"work": w, "publish": p})
             out.append(ls)
         if not out:
             log.error("reload left no listener; this hub no longer serves ZeroMQ clients")
             return False
         self.listeners = out
-        self.work, self.pub = out[0].work, out[0].pub
         self.pubs = [ls.pub for ls in out]
         self.cfg.hub.work, self.cfg.hub.publish = out[0].work_ep, out[0].pub_ep
         roles_changed = sec.roles != self.cfg.security.roles
         self.cfg.security.roles = sec.roles
-        self.roles = Roles(sec.roles, self.auth.allowed_names)
+        self.roles = Roles(sec.roles, auth.allowed_names)
         return roles_changed
 
 
-@dataclass(slots=True)
-class _Listener:
-    """One work ROUTER + PUB pair served with one server key."""
-
-    work_ep: str
-    pub_ep: str
-    key: Any
-    work: zmq.Socket
-    pub: zmq.Socket
+def readable(sock: Socket) -> bool:
+    """Whether a message waits on `sock` (pyzmq types the EVENTS option loosely; it is an int)."""
+    return bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
 
 
-def _bind_retry(sock: zmq.Socket, endpoint: str, tries: int = 50) -> None:
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP User-Id a CURVE frame carries: the name of the key that admitted its peer."""
+    uid = frame.get("User-Id")
+    return uid if isinstance(uid, str) and uid else None
+
+
+def _router(zctx: zmq.Context[Socket]) -> Socket:
+    w = zctx.socket(zmq.ROUTER)
+    for opt, v in ((zmq.ROUTER_MANDATORY, 1), (zmq.LINGER, 0), (zmq.SNDHWM, 100_000), (zmq.RCVHWM, 100_000),
+                   (zmq.MAXMSGSIZE, 64 << 20)):
+        w.setsockopt(opt, v)
+    return w
+
+
+def _bind_retry(sock: Socket, endpoint: str, tries: int = 50) -> None:
     """Bind, retrying briefly: a socket just closed on the same endpoint is released asynchronously."""
     for i in range(tries):
         try:

@@ -37,13 +37,13 @@ from bucketwire.hub.backends import open_journal
 from bucketwire.hub.dispatch import DeadLetter, GroupState, Key, WorkerState, decode_ranges, encode_ranges
 from bucketwire.hub.http_server import SWEEP_INTERVAL as HTTP_SWEEP
 from bucketwire.hub.http_server import Server as HttpServer
-from bucketwire.hub.journal import Appended, Batch, JournalError, NewEvent
+from bucketwire.hub.journal import Appended, Batch, JournalAPI, JournalError, NewEvent
 from bucketwire.hub.journal_jetstream import JetStreamJournal
 from bucketwire.hub.listeners import Listeners
 from bucketwire.hub.metrics import HubMetrics
 from bucketwire.hub.ops import RATE_WINDOW, HubOps
 from bucketwire.hub.routing import Router
-from bucketwire.security import Roles, check_key_files, server_key_path
+from bucketwire.security import check_key_files, server_key_path
 
 log = logging.getLogger("bucketwire.hub")
 
@@ -54,6 +54,8 @@ MAX_TOPIC_LEN = 255
 HEARTBEAT_TURNS = 10
 """A topic gets PUB heartbeats for this many heartbeat intervals after its last commit (configured topics always):
 long enough for a subscriber to notice a lost last event, and idle cost does not grow with the topic count."""
+Reply = tuple[Callable[[list[Appended] | None, str | None], None], int, int]
+"""Who waits for a commit: its callback, and the slice of the batch's appended events that answers it."""
 PROBE_INTERVAL = 5.0
 """Seconds between write probes of the journal (see Journal.probe); /healthz reports the last one."""
 
@@ -74,11 +76,26 @@ class IngestResult:
         }
 
 
-class Hub(Listeners):
+@dataclass(slots=True, frozen=True)
+class Health:
+    """What /healthz reports on: when the loop last turned (monotonic) and whether the journal takes writes."""
+
+    last_tick: float
+    journal_ok: bool
+    write_error: str | None
+
+
+Done = Callable[[list[IngestResult] | None, str | None], None]
+"""Called in the loop thread once submitted events are committed (results) or have failed (error)."""
+
+
+class Hub:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.metrics = HubMetrics()
-        self.journal = open_journal(cfg)
+        # [security]: CURVE listeners (primary + optional previous server key), ZAP, roles: see hub/listeners.py.
+        self.net = Listeners(cfg, self.metrics, on_revoked=self._revoked)
+        self.journal: JournalAPI = open_journal(cfg)
         # With the JetStream journal several hubs share the work: each group is dispatched by the hub holding its
         # lease (see _lead), the others redirect its workers. `wanted` is every group this hub would dispatch.
         self.ha: JetStreamJournal | None = self.journal if isinstance(self.journal, JetStreamJournal) else None
@@ -88,7 +105,7 @@ class Hub(Listeners):
         self.router = Router(cfg.routes, cfg.hub.default_topic)
         self.groups: dict[str, GroupState] = {}
         self.workers: dict[bytes, WorkerState] = {}
-        self.ingress_q: queue.SimpleQueue[tuple[list[Event], str, Callable]] = queue.SimpleQueue()
+        self.ingress_q: queue.SimpleQueue[tuple[list[Event], str, Done]] = queue.SimpleQueue()
         self.http: HttpServer | None = None
         self._loop_thread = 0
         self._wake_r, self._wake_w = os.pipe()
@@ -111,7 +128,6 @@ class Hub(Listeners):
         self.declared = declared_topics(cfg)
         self.active: dict[str, float] = {}
         self._pending_topics: set[str] = set()
-        self.http: Any = None
         cursors = self.journal.cursors()
         stats = self.journal.group_stats()
         for g in cfg.groups.values():
@@ -124,16 +140,10 @@ class Hub(Listeners):
                 self.groups[name].totals = list(st)
         self._last_hb = 0.0
         self._last_retention = time.monotonic()
-        self.ops = HubOps(self)  # gauges, rates, socket monitors, replay: see hub/ops.py
-        # [security]: CURVE listeners (primary + optional previous server key), ZAP, roles. See _secure_sockets.
-        self.auth: Any = None
-        self.roles = Roles(cfg.security.roles)
-        self.listeners: list[Any] = []
-        self.pubs: list[zmq.Socket] = []
-        self._sock_of: dict[bytes, zmq.Socket] = {}
-        self._user: str | None = None
-        self._reload = threading.Event()
-        self._next_key_check = 0.0
+        # Gauges, rates, socket monitors, replay, DLQ, group removal: see hub/ops.py.
+        self.ops = HubOps(cfg, self.metrics, self.journal, self.groups, self.net, new_event=self._new,
+                          live_topics=self.live_topics, journal_ok=lambda: self.journal_ok,
+                          queued=self.ingress_q.qsize)
         if cfg.security.curve:  # fail at startup, with one line, not in the loop
             check_key_files(cfg.security)
             server_key_path(cfg.security)
@@ -161,7 +171,7 @@ class Hub(Listeners):
 
     # -- webhook ingress ------------------------------------------------------------------------------------
     def submit(self, events: list[Event], source: str,
-               done: Callable[[list[IngestResult] | None, str | None], None]) -> None:
+               done: Done) -> None:
         """Queue events for the next commit (from any thread; the HTTP ingress calls it from the loop thread).
         `done(results, None)` (one IngestResult per event) or `done(None, error)` is called in the loop thread
         once the batch is committed or has failed, so it must be quick."""
@@ -179,6 +189,14 @@ class Hub(Listeners):
         except BlockingIOError:
             pass
 
+    def health(self) -> Health:
+        return Health(self.last_tick, self.journal_ok, self.write_error)
+
+    def request_reload(self) -> None:
+        """Thread/signal-safe: re-read the key allow-list and the server keys on the next loop turn (SIGHUP)."""
+        self.net.request_reload()
+        self.wake()
+
     def stop(self) -> None:
         self.stopping.set()
         self.wake()
@@ -186,77 +204,51 @@ class Hub(Listeners):
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         sys.setswitchinterval(0.0005)  # the checkpoint and ZAP threads get the GIL back promptly from this loop
-        zctx = zmq.Context()
-        self.work = zctx.socket(zmq.ROUTER)
-        self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.work.setsockopt(zmq.LINGER, 0)
-        self.work.setsockopt(zmq.SNDHWM, 100_000)
-        self.work.setsockopt(zmq.RCVHWM, 100_000)
-        self.work.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
-        self.pub = self._make_pub(zctx)
-        self.pubs = [self.pub]
+        self.net.open()
         try:
-            self._secure_sockets(zctx)
-            self.work.bind(self.cfg.hub.work)
-            self.pub.bind(self.cfg.hub.publish)
-            self._open_previous()
-        except zmq.ZMQError as e:
-            self._close_security()
-            self.work.close()
-            self.pub.close()
-            zctx.term()
-            raise OSError(f"cannot bind ZeroMQ endpoint ({e}); is another hub running on these ports?") from None
-        except Exception:
-            self._close_security()
-            self.work.close()
-            self.pub.close()
-            zctx.term()
-            raise
-        poller = self._poller = zmq.Poller()
-        poller.register(self.work, zmq.POLLIN)
-        for ls in self.listeners[1:]:
-            poller.register(ls.work, zmq.POLLIN)
+            self._start(on_ready)
+            while not self.stopping.is_set():
+                self._turn()
+            self.tick()  # flush what is queued, answer what is waiting
+            if self.http is not None:
+                self.http.step()
+        finally:
+            self.ops.close()  # its monitor sockets first: terminating the ZeroMQ context waits for every socket
+            self.net.close()
+            if self.ha is not None:
+                self.ha.release(list(self.groups))  # a standby takes over now, not after lease_ttl
+            self.journal.close()
+            log.info("hub stopped")
+
+    def _start(self, on_ready: Callable[[], None] | None) -> None:
+        poller = self.net.poller
         poller.register(self._wake_r, zmq.POLLIN)
         if self.http is not None:
             poller.register(self.http.fileno(), zmq.POLLIN)
         self._loop_thread = threading.get_ident()
         # Monitor sockets stay out of the poller: they are read on a timer (HubOps.tick), and one left unread in a
         # level-triggered poll would spin the loop until then.
-        self.ops.attach_monitors({"work": self.work, "pub": self.pub})
+        self.ops.attach_monitors({"work": self.net.work, "pub": self.net.pub})
         if self.ha is not None:
             self.ha.follow(self.wake)
         self.ready.set()
         if on_ready:
             on_ready()
         log.info("hub started", extra={"work": self.cfg.hub.work, "publish": self.cfg.hub.publish})
-        try:
-            while not self.stopping.is_set():
-                now = time.monotonic()
-                timeout = self._next_timeout(now)
-                if (self._wake_r, zmq.POLLIN) in poller.poll(timeout):
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                self.tick()
-                if self.http is not None:
-                    # Writes the answers of what this tick committed and reads new requests; their events wait
-                    # in ingress_q, which makes the next poll return at once.
-                    self.http.step()
-            self.tick()  # flush what is queued, answer what is waiting
-            if self.http is not None:
-                self.http.step()
-        finally:
-            self._close_security()
-            self.work.close()
-            self.pub.close()
-            self.ops.close()
-            zctx.term()
-            if self.ha is not None:
-                self.ha.release(list(self.groups))  # a standby takes over now, not after lease_ttl
-            self.journal.close()
-            log.info("hub stopped")
+
+    def _turn(self) -> None:
+        """Wait for work or the next timer, then one tick; the HTTP ingress is stepped after it."""
+        if (self._wake_r, zmq.POLLIN) in self.net.poller.poll(self._next_timeout(time.monotonic())):
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        self.tick()
+        if self.http is not None:
+            # Writes the answers of what this tick committed and reads new requests; their events wait in
+            # ingress_q, which makes the next poll return at once.
+            self.http.step()
 
     def _next_timeout(self, now: float) -> int:
         if not self.ingress_q.empty():
@@ -268,7 +260,7 @@ class Hub(Listeners):
             t = min(t, self.cfg.journal.lease_ttl / 6)  # lease rounds run on ticks
         if self.http is not None:
             t = min(t, HTTP_SWEEP)  # the ingress's own timers (deadlines, TLS handshakes) run when it is stepped
-        if self.auth is not None:
+        if self.net.curve:
             t = min(t, 0.05)  # XPUB subscriptions are not polled: look at them often enough to feel instant
         for g in self.groups.values():
             r = g.next_retry_at()
@@ -280,15 +272,12 @@ class Hub(Listeners):
         now = time.monotonic()
         self.last_tick = now
         batch = Batch()
-        replies: list[tuple[Callable[[list[Appended] | None, str | None], None], int, int]] = []
-        if self.auth is not None:
-            self._security_tick(now)
-            self._drain_subscriptions()
+        replies: list[Reply] = []
+        self.net.tick(now)
         if self.ha is not None:
             self._lead(now)
-        self._drain_work(batch, replies, now)
-        for ls in self.listeners[1:]:
-            self._drain_work(batch, replies, now, ls.work)
+        for sock in self.net.work_sockets():
+            self._drain_work(batch, replies, now, sock)
         self._drain_ingress(batch, replies)
         for g in self.groups.values():
             g.due_retries(now)
@@ -325,7 +314,7 @@ class Hub(Listeners):
                 self.journal_ok = True  # a failed commit left it false; with no traffic nothing else would clear it
 
     # -- commit ----------------------------------------------------------------------------------------------
-    def _commit(self, batch: Batch, replies: list) -> None:
+    def _commit(self, batch: Batch, replies: list[Reply]) -> None:
         carry_n = len(self.carry)
         batch.events[:0] = self.carry
         for g in self.groups.values():
@@ -361,8 +350,8 @@ class Hub(Listeners):
         self.carry = []
         for g in self.groups.values():
             g.committed()
-        for a, (kind, note) in zip(appended[:carry_n], self.carry_notes, strict=True):
-            self._carried(a, kind, note)
+        for app, (kind, note) in zip(appended[:carry_n], self.carry_notes, strict=True):
+            self._carried(app, kind, note)
         self.carry_notes = []
         for cb, lo, hi in replies:
             cb(appended[carry_n + lo: carry_n + hi], None)
@@ -397,7 +386,7 @@ class Hub(Listeners):
             if a.duplicate:
                 continue
             fresh.setdefault(a.topic, []).append((a.seq, a.objkey, a.body))
-            self._publish([P.topic_frame(a.topic), str(a.seq).encode(), a.body])
+            self.net.publish([P.topic_frame(a.topic), str(a.seq).encode(), a.body])
         now = time.monotonic()
         for topic, items in fresh.items():
             self.active[topic] = now
@@ -475,7 +464,7 @@ class Hub(Listeners):
         return None
 
     def _ingest(self, events: list[Event], source: str, batch: Batch,
-                done: Callable[[list[IngestResult] | None, str | None], None], replies: list) -> None:
+                done: Done, replies: list[Reply]) -> None:
         """Queue events for this batch; `done` gets one result per event after the commit.
 
         All or nothing: every event is checked before any is queued, and a request with one refused event is
@@ -538,7 +527,7 @@ class Hub(Listeners):
 
         replies.append((cb, lo, hi))
 
-    def _drain_ingress(self, batch: Batch, replies: list) -> None:
+    def _drain_ingress(self, batch: Batch, replies: list[Reply]) -> None:
         for _ in range(MAX_DRAIN):
             try:
                 events, source, done = self.ingress_q.get_nowait()
@@ -546,43 +535,19 @@ class Hub(Listeners):
                 return
             self._ingest(events, source, batch, done, replies)
 
-    def _send(self, frames: list[bytes]) -> bool:
-        sock = self._sock_of.get(frames[0], self.work) if self._sock_of else self.work
-        try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            self.metrics.send_again.labels("work").inc()
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EHOSTUNREACH:
-                raise
-        return False
-
     def _reject(self, ident: bytes, reason: str, detail: str) -> None:
         self.metrics.rejected.labels("zmq", reason).inc()
         log.debug("frame rejected", extra={"reason": reason, "detail": detail})
-        self._send([ident, P.ERR, P.enc(P.Err(error=detail))])
+        self.net.send([ident, P.ERR, P.enc(P.Err(error=detail))])
 
-    def _drain_work(self, batch: Batch, replies: list, now: float, sock: zmq.Socket | None = None) -> None:
-        sock = self.work if sock is None else sock
-        curve = self.auth is not None
+    def _drain_work(self, batch: Batch, replies: list[Reply], now: float, sock: zmq.Socket[bytes]) -> None:
         for _ in range(MAX_DRAIN):
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than raising zmq.Again on every turn
+            frames = self.net.receive(sock)
+            if frames is None:
                 return
-            try:
-                if curve:  # zero-copy frames carry the ZAP User-Id: the name of the key that admitted the peer
-                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    self._user = parts[-1].get("User-Id") or None
-                    frames = [f.bytes for f in parts]
-                else:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return
-            ident = frames[0]
-            if curve:
-                self._remember_socket(ident, sock)
-            if curve and not self._admitted(ident):
+            if not frames:  # from a revoked key, already answered
                 continue
+            ident = frames[0]
             if len(frames) < 3:
                 self._reject(ident, "frames", "expected [COMMAND, header, ...]")
                 continue
@@ -597,7 +562,7 @@ class Hub(Listeners):
                 log.exception("unexpected error handling a frame")
                 self._reject(ident, "internal", f"{type(e).__name__}: {e}")
 
-    def _handle(self, ident: bytes, cmd: bytes, raw: bytes, rest: list[bytes], batch: Batch, replies: list,
+    def _handle(self, ident: bytes, cmd: bytes, raw: bytes, rest: list[bytes], batch: Batch, replies: list[Reply],
                 now: float) -> None:
         """Decode the header with its command's schema (protocol.py) and act on it."""
         w = self.workers.get(ident)
@@ -608,7 +573,7 @@ class Hub(Listeners):
             self._on_ack(ident, P.decode(raw, P.Ack), batch, now)
         elif cmd == P.HB:
             if w is None:
-                self._send([ident, P.ERR, P.enc(P.Err(error="unknown worker; send READY", reready=True))])
+                self.net.send([ident, P.ERR, P.enc(P.Err(error="unknown worker; send READY", reready=True))])
             else:
                 w.running = running_of(P.header(raw), now)
         elif cmd == P.READY:
@@ -633,7 +598,7 @@ class Hub(Listeners):
             self.ops.on_group_rm(ident, rm)
         elif cmd == P.STATUS:
             req = P.decode(raw, P.Status).req
-            self._send([ident, P.STATUSR, P.enc({"req": req, **self.status(now)})])
+            self.net.send([ident, P.STATUSR, P.enc({"req": req, **self.status(now)})])
         elif cmd == P.BYE:
             self._on_bye(ident, P.decode(raw, P.Bye))
         elif cmd == P.GONE:
@@ -646,7 +611,7 @@ class Hub(Listeners):
     def _on_ready(self, ident: bytes, raw: bytes, now: float) -> None:
         schema = P.decode(raw, P.Versions).schema  # first, leniently: a newer worker is told why, in words
         if schema != SCHEMA_VERSION:
-            self._send([ident, P.ERR, P.enc(P.Err(
+            self.net.send([ident, P.ERR, P.enc(P.Err(
                 fatal=True,
                 error=f"worker envelope schema {schema} does not match the hub's {SCHEMA_VERSION}; "
                       "install the same bucketwire version on the hub and worker hosts",
@@ -654,8 +619,8 @@ class Hub(Listeners):
             return
         hdr = P.decode(raw, P.Ready)
         group, topics, credit = hdr.group, hdr.topics, hdr.credit
-        if not self.roles.allows(self._user, "groups", group):
-            self._forbidden(ident, f"key {self._user!r} may not join group {group!r} ([security.roles])")
+        if not self.net.roles.allows(self.net.user, "groups", group):
+            self.net.forbidden(ident, f"key {self.net.user!r} may not join group {group!r} ([security.roles])")
             return
         if not topics and group not in self.groups and group not in self.wanted:
             raise P.ProtocolError(f"READY for unknown group {group!r} must name its topics")
@@ -670,7 +635,7 @@ class Hub(Listeners):
             old = None
         if old is None:
             w = WorkerState(ident, group, frozenset(topics or g.topics), credit, now, host=hdr.host, pid=hdr.pid,
-                            user=self._user)
+                            user=self.net.user)
             self.workers[ident] = w
             g.workers[ident] = w
             g.workers.move_to_end(ident, last=False)
@@ -686,8 +651,8 @@ class Hub(Listeners):
             return
         if g is None:
             raise P.ProtocolError(f"ACK for unknown group {hdr.g[:64]!r}")
-        if not self.roles.allows(self._user, "groups", g.name):
-            self._forbidden(ident, f"key {self._user!r} may not ack for group {g.name!r} ([security.roles])")
+        if not self.net.roles.allows(self.net.user, "groups", g.name):
+            self.net.forbidden(ident, f"key {self.net.user!r} may not ack for group {g.name!r} ([security.roles])")
             return
         for r in hdr.results:
             topic, seq = r.t, r.s
@@ -706,11 +671,11 @@ class Hub(Listeners):
                 if g.ack(topic, seq):
                     self.metrics.acked.labels(g.name).inc()
                     for fo in fos:
-                        if not self.roles.allows(self._user, "publish", fo.topic or ""):
+                        if not self.net.roles.allows(self.net.user, "publish", fo.topic or ""):
                             self.metrics.rejected.labels("zmq", "forbidden").inc()
-                            why = f"key {self._user!r} may not publish to topic {fo.topic!r} ([security.roles])"
+                            why = f"key {self.net.user!r} may not publish to topic {fo.topic!r} ([security.roles])"
                             log.warning("follow-on refused by role", extra={"topic": fo.topic, "group": g.name,
-                                                                            "key": self._user})
+                                                                            "key": self.net.user})
                             self._dead_letter(DeadLetter(g_item_stub(topic, seq, fo), g.name, why,
                                                          "forbidden by role", None), refused=True)
                             continue
@@ -735,55 +700,55 @@ class Hub(Listeners):
             else:
                 err = r.error[:8192]
                 line = (err if r.line is None else r.line)[:1024]
-                dl = g.fail(topic, seq, err, line, r.plugin, r.permanent, now, r.delay)
-                if dl is not None:
-                    self._dead_letter(dl)
+                failed = g.fail(topic, seq, err, line, r.plugin, r.permanent, now, r.delay)
+                if failed is not None:
+                    self._dead_letter(failed)
                 else:
                     self.metrics.retries.labels(g.name).inc()
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
 
-    def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list) -> None:
+    def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list[Reply]) -> None:
         req = hdr.req
         try:
             events = [Event.from_dict(d) for d in hdr.events]
         except EnvelopeError as e:
             self.metrics.rejected.labels("zmq", "envelope").inc()
-            self._send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=str(e)))])
+            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=str(e)))])
             return
         why = next((w for w in map(refused_from_outside, events) if w), None)
         if why:
             self.metrics.rejected.labels("zmq", "reserved").inc()
-            log.warning("publish refused: hub-only source or extension", extra={"key": self._user, "error": why})
-            self._send([ident, P.PUBNACK, P.enc({"req": req, "error": why})])
+            log.warning("publish refused: hub-only source or extension", extra={"key": self.net.user, "error": why})
+            self.net.send([ident, P.PUBNACK, P.enc({"req": req, "error": why})])
             return
         denied = sorted({t for t in map(self._route, events)
-                         if t is not None and not self.roles.allows(self._user, "publish", t)})
+                         if t is not None and not self.net.roles.allows(self.net.user, "publish", t)})
         if denied:
             self.metrics.rejected.labels("zmq", "forbidden").inc()
-            log.warning("publish refused by role", extra={"key": self._user, "topics": denied[:5]})
-            err = f"key {self._user!r} may not publish to topic {denied[0]!r} ([security.roles])"
-            self._send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=err))])
+            log.warning("publish refused by role", extra={"key": self.net.user, "topics": denied[:5]})
+            err = f"key {self.net.user!r} may not publish to topic {denied[0]!r} ([security.roles])"
+            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=err))])
             return
 
         def done(res: list[IngestResult] | None, err: str | None) -> None:
             refused = next((r.error for r in res if r.error), None) if res is not None else err
             if res is None or refused:
-                self._send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=refused or "refused"))])
+                self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=refused or "refused"))])
             else:
-                self._send([ident, P.PUBACK, P.enc(P.PubAck(req=req, results=[r.as_dict() for r in res]))])
+                self.net.send([ident, P.PUBACK, P.enc(P.PubAck(req=req, results=[r.as_dict() for r in res]))])
 
         self._ingest(events, "zmq", batch, done, replies)
 
     def _on_fetch(self, ident: bytes, hdr: P.Fetch) -> None:
         topic, start, limit = hdr.topic, hdr.start, hdr.limit
-        if not self.roles.allows(self._user, "subscribe", topic):
-            self._forbidden(ident, f"key {self._user!r} may not read topic {topic!r} ([security.roles])")
+        if not self.net.roles.allows(self.net.user, "subscribe", topic):
+            self.net.forbidden(ident, f"key {self.net.user!r} may not read topic {topic!r} ([security.roles])")
             return
         rows = self.journal.read(topic, max(1, start), max(1, min(limit, MAX_FETCH)))
         head = self.journal.heads.get(topic, 0)
         nxt = rows[-1][0] + 1 if rows else max(start, (self.journal.first_seq(topic) or head + 1))
         meta = P.Events(req=hdr.req, topic=topic, head=head, next=nxt, first=rows[0][0] if rows else None)
-        self._send([ident, P.EVENTS, P.enc(meta), *[r[2] for r in rows]])
+        self.net.send([ident, P.EVENTS, P.enc(meta), *[r[2] for r in rows]])
 
     def _on_bye(self, ident: bytes, hdr: P.Bye) -> None:
         w = self.workers.get(ident)
@@ -806,7 +771,7 @@ class Hub(Listeners):
         except ValueError:
             raise P.ProtocolError("GONE 'w' must be the worker identity in hex") from None
         w = self.workers.get(ident)
-        if w is None or w.group != gname or w.user != self._user:
+        if w is None or w.group != gname or w.user != self.net.user:
             return  # already gone (heartbeat timeout), or not this key's worker to report
         log.warning("worker child died", extra={"group": w.group, "host": w.host, "pid": w.pid, "reason": reason,
                                                 "topic": key[0] if key else None, "seq": key[1] if key else None})
@@ -822,10 +787,16 @@ class Hub(Listeners):
         except ValueError:
             raise P.ProtocolError("RUNNING 'w' must be the worker identity in hex") from None
         w = self.workers.get(ident)
-        if w is None or w.group != gname or w.user != self._user:
+        if w is None or w.group != gname or w.user != self.net.user:
             return  # gone already (it will READY again), or not this key's worker to speak for
         w.last_seen = now
         w.running = running_of(hdr, now)
+
+    def _revoked(self, ident: bytes) -> None:
+        """A message came from a key removed from the allow-list: if that peer was a worker, it is gone."""
+        w = self.workers.get(ident)
+        if w is not None:
+            self._worker_gone(w, lost=False)
 
     def _worker_gone(self, w: WorkerState, *, lost: bool = False, died: tuple[Key | None, str] | None = None,
                      requeue: set[Key] | None = None, now: float | None = None) -> None:
@@ -850,7 +821,7 @@ class Hub(Listeners):
         for w, items in g.dispatch(self.cfg.hub.dispatch_batch, now):
             frames = [w.ident, P.DELIVER, P.enc({"a": [it.attempts for it in items]})]
             frames.extend(it.body for it in items)
-            if self._send(frames):
+            if self.net.send(frames):
                 w.last_sent = now
                 self.metrics.dispatched.labels(g.name).inc(len(items))
                 self.metrics.batches.labels(g.name).inc()
@@ -863,7 +834,7 @@ class Hub(Listeners):
         self._last_hb = now
         interval = self.cfg.hub.heartbeat_interval
         for w in list(self.workers.values()):
-            if now - w.last_sent >= interval and self._send([w.ident, P.HB, b"{}"]):
+            if now - w.last_sent >= interval and self.net.send([w.ident, P.HB, b"{}"]):
                 w.last_sent = now
         keep = now - max(RATE_WINDOW, HEARTBEAT_TURNS * interval)
         for t in [t for t, at in self.active.items() if at < keep]:
@@ -872,7 +843,7 @@ class Hub(Listeners):
         for topic in self.live_topics(now - HEARTBEAT_TURNS * interval):
             head = heads.get(topic)
             if head is not None:
-                self._publish([P.topic_frame(topic), str(head).encode(), P.HEARTBEAT_FRAME])
+                self.net.publish([P.topic_frame(topic), str(head).encode(), P.HEARTBEAT_FRAME])
 
     def live_topics(self, since: float) -> frozenset[str]:
         """The configured topics and those that committed since `since` (monotonic): what heartbeats and rate
@@ -949,9 +920,9 @@ class Hub(Listeners):
     def _moved(self, ident: bytes, group: str, now: float) -> None:
         holder = self.dispatchers(now).get(group)
         where = holder[1] if holder and holder[0] != self.cfg.hub.id else ""
-        why = (f"group {group!r} is dispatched by hub {holder[0]!r} at {where}" if where
+        why = (f"group {group!r} is dispatched by hub {holder[0]!r} at {where}" if holder and where
                else f"no hub dispatches group {group!r} right now; try another")
-        self._send([ident, P.ERR, P.enc(P.Err(error=why, moved=where))])
+        self.net.send([ident, P.ERR, P.enc(P.Err(error=why, moved=where))])
 
     # -- status ----------------------------------------------------------------------------------------------
     def status(self, now: float | None = None) -> dict[str, Any]:

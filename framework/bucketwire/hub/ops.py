@@ -21,11 +21,16 @@ from bucketwire import __version__
 from bucketwire import protocol as P
 from bucketwire.envelope import HUB_SOURCE, SCHEMA_VERSION, Event, now_iso, stable_id
 from bucketwire.hub.journal import JournalError
+from bucketwire.hub.listeners import readable
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from bucketwire.config import Config
     from bucketwire.hub.dispatch import GroupState
-    from bucketwire.hub.journal import Appended, Batch, NewEvent
-    from bucketwire.hub.loop import Hub
+    from bucketwire.hub.journal import Appended, Batch, JournalAPI, NewEvent
+    from bucketwire.hub.listeners import Listeners
+    from bucketwire.hub.metrics import HubMetrics
 
 log = logging.getLogger("bucketwire.hub")
 
@@ -51,7 +56,7 @@ ENVELOPE_KEYS = frozenset({"specversion", "id", "source", "type", "data", "subje
 
 STATES = ("ok", "idle", "saturated", "stalled", "replaying")
 
-_EVENTS = {
+_EVENTS: dict[int, str] = {
     zmq.EVENT_ACCEPTED: "accepted",
     zmq.EVENT_ACCEPT_FAILED: "accept_failed",
     zmq.EVENT_DISCONNECTED: "disconnected",
@@ -81,10 +86,23 @@ class RateWindow:
 
 
 class HubOps:
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+    def __init__(self, cfg: Config, metrics: HubMetrics, journal: JournalAPI, groups: dict[str, GroupState],
+                 net: Listeners, *, new_event: Callable[[Event, str], NewEvent],
+                 live_topics: Callable[[float], frozenset[str]], journal_ok: Callable[[], bool],
+                 queued: Callable[[], int]) -> None:
+        """`groups` is the hub's own mapping (removing a group here removes it from the hub); `new_event` makes a
+        journal entry the way the hub does; the other callables read hub state that changes every turn."""
+        self.cfg = cfg
+        self.metrics = metrics
+        self.journal = journal
+        self.groups = groups
+        self.net = net
+        self.new_event = new_event
+        self.live_topics = live_topics
+        self.journal_ok = journal_ok
+        self.queued = queued
         self.rates: dict[str, RateWindow] = {}
-        self.monitors: list[tuple[str, zmq.Socket, zmq.Socket]] = []
+        self.monitors: list[tuple[str, zmq.Socket[bytes], zmq.Socket[bytes]]] = []
         self._last_monitors = 0.0
         self.peers: dict[str, int] = {}
         self.state: dict[str, str] = {}
@@ -92,11 +110,11 @@ class HubOps:
         self._unmanned_since: dict[str, float] = {}
         self._last_size = 0.0
         self.journal_bytes = 0
-        hub.metrics.info.labels(__version__, str(SCHEMA_VERSION)).set(1)
-        hub.metrics.journal_available.set(1)
+        self.metrics.info.labels(__version__, str(SCHEMA_VERSION)).set(1)
+        self.metrics.journal_available.set(1)
 
     # -- socket monitors -------------------------------------------------------------------------------------
-    def attach_monitors(self, socks: dict[str, zmq.Socket]) -> list[zmq.Socket]:
+    def attach_monitors(self, socks: dict[str, zmq.Socket[bytes]]) -> list[zmq.Socket[bytes]]:
         """Monitor the hub's sockets; returns the monitor sockets (read by `tick`, not polled)."""
         mask = 0
         for ev in _EVENTS:
@@ -114,10 +132,10 @@ class HubOps:
         return out
 
     def drain_monitors(self) -> None:
-        m = self.hub.metrics
+        m = self.metrics
         for name, _, mon in self.monitors:
             for _ in range(1000):
-                if not mon.get(zmq.EVENTS) & zmq.POLLIN:  # checked per tick: avoid raising zmq.Again each time
+                if not readable(mon):  # checked per tick: avoid raising zmq.Again each time
                     break
                 try:
                     msg = recv_monitor_message(mon, zmq.NOBLOCK)
@@ -152,16 +170,16 @@ class HubOps:
         if self.monitors and now - self._last_monitors >= MONITOR_INTERVAL:
             self._last_monitors = now
             self.drain_monitors()
-        for g in self.hub.groups.values():
+        for g in self.groups.values():
             if g.replays:
                 for t in g.apply_replays():
                     log.info("replay applied", extra={"group": g.name, "topic": t, "cursor": g.acked[t]})
 
     def periodic(self, now: float) -> None:
         """Refresh every gauge; called each heartbeat so dashboards do not depend on someone running status."""
-        hub, m = self.hub, self.hub.metrics
-        heads = hub.journal.heads
-        live = hub.live_topics(now - RATE_WINDOW)  # not every topic ever made: idle cost stays flat
+        m = self.metrics
+        heads = self.journal.heads
+        live = self.live_topics(now - RATE_WINDOW)  # not every topic ever made: idle cost stays flat
         for t in live:
             h = heads.get(t)
             if h is None:
@@ -175,20 +193,20 @@ class HubOps:
             del self.rates[t]  # quiet for a whole window: its rate is 0
             if m.topic_label(t) == t:
                 m.topic_rate.labels(t).set(0)
-        for g in hub.groups.values():
+        for g in self.groups.values():
             self._group_gauges(g, heads, now)
-        m.journal_available.set(1 if hub.journal_ok else 0)
+        m.journal_available.set(1 if self.journal_ok() else 0)
         m.ingress_pending.set(self.ingress_pending())
         if now - self._last_size >= 5.0:
             self._last_size = now
             try:
-                self.journal_bytes = hub.journal.size_bytes()
+                self.journal_bytes = self.journal.size_bytes()
                 m.journal_bytes.set(self.journal_bytes)
             except Exception as e:  # a size probe must not stop the loop
                 log.debug("journal size probe failed", extra={"error": str(e)})
 
     def _group_gauges(self, g: GroupState, heads: dict[str, int], now: float) -> None:
-        m = self.hub.metrics
+        m = self.metrics
         lag = 0
         for t in g.topics:
             head = heads.get(t, 0)
@@ -232,7 +250,7 @@ class HubOps:
         if g.replays:
             return "replaying"
         if lag and not g.workers:
-            return "stalled" if now - since >= self.hub.cfg.hub.heartbeat_timeout else "ok"
+            return "stalled" if now - since >= self.cfg.hub.heartbeat_timeout else "ok"
         waiting = bool(g.ready or g.blocked) or lag > len(g.inflight) + len(g.retry)
         if waiting and free == 0:
             since = self._pressure_since.setdefault(g.name, now)
@@ -244,7 +262,7 @@ class HubOps:
 
     def ingress_pending(self) -> int:
         try:
-            return self.hub.ingress_q.qsize()
+            return self.queued()
         except NotImplementedError:  # qsize is not available on every platform
             return 0
 
@@ -254,14 +272,13 @@ class HubOps:
 
     # -- status ----------------------------------------------------------------------------------------------
     def extend_status(self, st: dict[str, Any], now: float) -> dict[str, Any]:
-        hub = self.hub
         st["hub"].update(version=__version__, schema=SCHEMA_VERSION, proto=P.PROTO,
                          ingress_pending=self.ingress_pending(), journal_bytes=self.journal_bytes)
         for t, v in st["topics"].items():
             rw = self.rates.get(t)
             v["rate"] = round(rw.rate(), 3) if rw else 0.0
         for name, gs in st["groups"].items():
-            g = hub.groups[name]
+            g = self.groups[name]
             gs["ready"] = len(g.ready)
             gs["blocked"] = sum(len(q) for q in g.blocked.values())
             gs["loaded"] = g.loaded
@@ -277,25 +294,24 @@ class HubOps:
     def on_group_rm(self, ident: bytes, hdr: P.GroupRm) -> None:
         """Forget a group nobody uses any more: an ad-hoc group (made by a worker's READY, not in the config)
         would otherwise show as stalled in status and metrics forever. Allowed to whoever may replay the group."""
-        hub = self.hub
         req = hdr.req
 
         def reply(**kw: Any) -> None:
-            hub._send([ident, P.GROUPRMR, P.enc({"req": req, **kw})])
+            self.net.send([ident, P.GROUPRMR, P.enc({"req": req, **kw})])
 
         gname = hdr.group
-        if not hub.roles.may_operate(hub._user, gname):
+        if not self.net.roles.may_operate(self.net.user, gname):
             # Forgetting a group drops its cursors: an operator's act, allowed to whoever may replay it.
-            hub.metrics.rejected.labels("zmq", "forbidden").inc()
-            log.warning("group removal refused by role", extra={"key": hub._user, "group": gname})
-            reply(error=f"key {hub._user!r} may not remove group {gname!r} ([security.roles]: needs admin = true "
+            self.metrics.rejected.labels("zmq", "forbidden").inc()
+            log.warning("group removal refused by role", extra={"key": self.net.user, "group": gname})
+            reply(error=f"key {self.net.user!r} may not remove group {gname!r} ([security.roles]: needs admin = true "
                         "or the group in its groups)")
             return
-        g = hub.groups.get(gname)
+        g = self.groups.get(gname)
         if g is None:
-            reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(hub.groups)) or 'none'})")
+            reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(self.groups)) or 'none'})")
             return
-        if g.name in hub.cfg.groups:
+        if g.name in self.cfg.groups:
             reply(error=f"group {g.name!r} is configured in [groups.{g.name}]; remove that section from the "
                         "config and restart the hub instead")
             return
@@ -303,21 +319,21 @@ class HubOps:
             who = ", ".join(f"{w.host or '?'} pid {w.pid}" for w in list(g.workers.values())[:3])
             reply(error=f"group {g.name!r} has {len(g.workers)} live worker(s) ({who}); stop them first")
             return
-        heads = hub.journal.heads
+        heads = self.journal.heads
         lag = sum(max(0, heads.get(t, 0) - g.acked[t]) for t in g.topics)
         try:
-            hub.journal.forget_group(g.name)
+            self.journal.forget_group(g.name)
         except JournalError as e:
             reply(error=f"could not remove group {g.name!r}: {e}")
             return
-        del hub.groups[g.name]
+        del self.groups[g.name]
         self._forget_gauges(g)
         log.info("group removed", extra={"group": g.name, "topics": list(g.topics), "lag": lag})
         reply(group=g.name, topics=list(g.topics), lag=lag)
 
     def _forget_gauges(self, g: GroupState) -> None:
         """Drop the removed group's gauge series, so dashboards and alerts stop seeing it (counters stay)."""
-        m = self.hub.metrics
+        m = self.metrics
         self.state.pop(g.name, None)
         self._pressure_since.pop(g.name, None)
         self._unmanned_since.pop(g.name, None)
@@ -334,24 +350,23 @@ class HubOps:
     # -- REPLAY ----------------------------------------------------------------------------------------------
     def on_replay(self, ident: bytes, hdr: P.Replay) -> None:
         """Rewind (or skip) a group's cursor on some topics: from a seq, or from the first event at/after `since`."""
-        hub = self.hub
         req = hdr.req
 
         def reply(**kw: Any) -> None:
-            hub._send([ident, P.REPLAYR, P.enc({"req": req, **kw})])
+            self.net.send([ident, P.REPLAYR, P.enc({"req": req, **kw})])
 
         gname, topics = hdr.group, hdr.topics
         from_seq, since = hdr.from_seq, hdr.since
-        if not hub.roles.may_operate(hub._user, gname):
+        if not self.net.roles.may_operate(self.net.user, gname):
             # Moving a cursor is an operator's act: it can make a group handle everything again, or skip it.
-            hub.metrics.rejected.labels("zmq", "forbidden").inc()
-            log.warning("replay refused by role", extra={"key": hub._user, "group": gname})
-            reply(error=f"key {hub._user!r} may not replay group {gname!r} ([security.roles]: needs admin = true "
+            self.metrics.rejected.labels("zmq", "forbidden").inc()
+            log.warning("replay refused by role", extra={"key": self.net.user, "group": gname})
+            reply(error=f"key {self.net.user!r} may not replay group {gname!r} ([security.roles]: needs admin = true "
                         "or the group in its groups)")
             return
-        g = hub.groups.get(gname)
+        g = self.groups.get(gname)
         if g is None:
-            reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(hub.groups)) or 'none'})")
+            reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(self.groups)) or 'none'})")
             return
         if topics is None:
             topics = list(g.topics)
@@ -372,14 +387,14 @@ class HubOps:
                         "would skip every event until then; give a time in the past")
             return
         for t in topics:
-            head = hub.journal.heads.get(t, 0)
+            head = self.journal.heads.get(t, 0)
             if from_seq is not None and from_seq > head + 1:
                 reply(error=f"--from-seq {from_seq} is beyond the head of {t!r} (head {head}): the group would skip "
                             f"events not yet published; the furthest is {head + 1}")
                 return
         out: dict[str, Any] = {}
         for t in topics:
-            head = hub.journal.heads.get(t, 0)
+            head = self.journal.heads.get(t, 0)
             start = from_seq if from_seq is not None else self._first_since(t, float(since or 0), head)
             before = g.acked[t]
             applied = g.request_replay(t, start)
@@ -387,13 +402,12 @@ class HubOps:
                       "events": max(0, head - start + 1)}
             log.info("replay requested", extra={"group": g.name, "topic": t, "from_seq": start,
                                                 "cursor_was": before, "applied": applied})
-        hub.metrics.replays.labels(g.name).inc()
+        self.metrics.replays.labels(g.name).inc()
         reply(group=g.name, topics=out)
 
     def _first_since(self, topic: str, since: float, head: int) -> int:
-        row = self.hub.journal.db.execute("SELECT min(seq) FROM events WHERE topic=? AND ts>=?",
-                                          (topic, since)).fetchone()
-        return row[0] if row and row[0] is not None else head + 1
+        first = self.journal.first_seq_since(topic, since)
+        return head + 1 if first is None else first
 
     # -- DLQ (retry / purge, performed by the hub) -------------------------------------------------------------
     def on_dlq(self, ident: bytes, hdr: P.Dlq, batch: Batch, replies: list[Any]) -> None:
@@ -404,16 +418,15 @@ class HubOps:
         extension), so no publisher can forge a retry, steer one, or hide a dead letter. The hub reads the dead
         letter from its own journal, so what goes back is exactly what failed, to the group that failed it.
         """
-        hub = self.hub
         req, action, items = hdr.req, hdr.action, hdr.items
-        by = f"{(hdr.by or '?')[:200]} (key {hub._user})" if hub._user else (hdr.by or "?")[:200]
+        by = f"{(hdr.by or '?')[:200]} (key {self.net.user})" if self.net.user else (hdr.by or "?")[:200]
         results: list[dict[str, Any]] = []
         events: list[tuple[int, NewEvent]] = []  # (index in results, event); a retry is followed by its marker
         for it in items:
             res = self._dlq_item(it, action, by, events, len(results))
             results.append(res)
             if res.get("error"):
-                log.warning("dlq request refused", extra={"key": hub._user, "action": action,
+                log.warning("dlq request refused", extra={"key": self.net.user, "action": action,
                                                           "error": res["error"]})
         lo = len(batch.events)
         batch.events.extend(ne for _, ne in events)
@@ -421,7 +434,7 @@ class HubOps:
 
         def done(appended: list[Appended] | None, err: str | None) -> None:
             if appended is None:
-                hub._send([ident, P.DLQR, P.enc({"req": req, "error": err})])
+                self.net.send([ident, P.DLQR, P.enc({"req": req, "error": err})])
                 return
             for (i, ne), a in zip(events, appended, strict=True):
                 if ne.source.endswith("/dlq"):
@@ -430,18 +443,17 @@ class HubOps:
                 if not r.get("error") and not r.get("duplicate"):
                     log.info("dead letter purged" if action == "purge" else "dead letter retried",
                              extra={"deadletter": r["id"], "group": r.get("group"), "by": by})
-            hub._send([ident, P.DLQR, P.enc({"req": req, "results": results})])
+            self.net.send([ident, P.DLQR, P.enc({"req": req, "results": results})])
 
         replies.append((done, lo, hi))
 
     def _dlq_item(self, it: Any, action: str, by: str, events: list[tuple[int, NewEvent]],
                   index: int) -> dict[str, Any]:
-        hub = self.hub
         if not isinstance(it, dict) or not isinstance(it.get("topic"), str) or not isinstance(it.get("seq"), int):
             return {"error": "each item needs 'topic' (string) and 'seq' (integer)"}
         topic, seq = it["topic"], it["seq"]
         where = f"{topic}:{seq}"
-        rows = hub.journal.read(topic, seq, 1) if seq >= 1 else []
+        rows = self.journal.read(topic, seq, 1) if seq >= 1 else []
         if not rows or rows[0][0] != seq:
             return {"error": f"{where}: no such event in the journal (retention may have removed it)"}
         try:
@@ -453,9 +465,9 @@ class HubOps:
                 or not str(dl.get("source", "")).startswith(f"{HUB_SOURCE}dead-letter/")):
             return {"error": f"{where}: not a dead letter written by the hub"}
         dl_id, group, orig = str(dl.get("id")), data.get("group"), data.get("event")
-        if not isinstance(group, str) or not hub.roles.may_operate(hub._user, group):
-            hub.metrics.rejected.labels("zmq", "forbidden").inc()
-            return {"id": dl_id, "error": f"key {hub._user!r} may not {action} dead letters of group {group!r} "
+        if not isinstance(group, str) or not self.net.roles.may_operate(self.net.user, group):
+            self.metrics.rejected.labels("zmq", "forbidden").inc()
+            return {"id": dl_id, "error": f"key {self.net.user!r} may not {action} dead letters of group {group!r} "
                                           "([security.roles]: needs admin = true or the group in its groups)"}
         res: dict[str, Any] = {"id": dl_id, "group": group, "action": action}
         retry_id = None
@@ -465,7 +477,7 @@ class HubOps:
                         "error": f"dead letter {dl_id[:12]} is a follow-on the hub refused ({data.get('line')}: "
                                  f"{str(data.get('error'))[:200]}); a refused follow-on stays refused -- fix "
                                  "[security.roles] or the hop limit and replay the causing event, or purge it"}
-            g = hub.groups.get(group)
+            g = self.groups.get(group)
             otopic = data.get("topic")
             if g is None or not isinstance(otopic, str) or otopic not in g.read_pos:
                 return {"id": dl_id, "group": group,
@@ -476,13 +488,13 @@ class HubOps:
                         "error": f"dead letter {dl_id[:12]} does not hold a readable original event"}
             ev = _retry_event(dl, orig, group, otopic)
             retry_id = res["retry"] = ev.id
-            events.append((index, hub._new(ev, otopic)))
+            events.append((index, self.new_event(ev, otopic)))
         marker = {"deadletter": dl_id, "dlseq": seq, "action": "retried" if action == "retry" else "purged",
                   "by": by, "at": now_iso(), **({"retry": retry_id} if retry_id else {})}
         mk = Event(id=stable_id("dlq-handled", dl_id), source=f"{HUB_SOURCE}dlq", type=HANDLED_TYPE,
                    subject=dl.get("subject") if isinstance(dl.get("subject"), str) else None, data=marker,
                    topic=topic + HANDLED_SUFFIX)
-        events.append((index, hub._new(mk, topic + HANDLED_SUFFIX)))
+        events.append((index, self.new_event(mk, topic + HANDLED_SUFFIX)))
         return res
 
 
