@@ -412,7 +412,9 @@ def check_stores(cfg: Config) -> list[Finding]:
 def run_checks(cfg: Config, *, live: bool = True) -> list[Finding]:
     findings = check_routes(cfg) + check_topics(cfg) + check_plugins(cfg) + check_security(cfg)
     if live:
-        findings += check_stores(cfg) + check_endpoints(cfg) + check_http(cfg) + check_hub(cfg)
+        from bucketwire.commands.doctor_cluster import check_cluster
+
+        findings += check_stores(cfg) + check_endpoints(cfg) + check_http(cfg) + check_hub(cfg) + check_cluster(cfg)
     return findings
 
 
