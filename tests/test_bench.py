@@ -167,3 +167,22 @@ def test_profile_bus() -> None:
                         capture_output=True, text=True, timeout=60)
     assert md.returncode == 0, md.stderr
     assert "| **bucketwire, all** |" in md.stdout and "| **NATS, all** |" in md.stdout
+
+
+def test_bus_backend_both() -> None:
+    """`--backend both`: the same events through a sqlite hub and a hub on a 3-node JetStream cluster, with the
+    ratio jetstream/sqlite for events/s and latency."""
+    pytest.importorskip("nats", reason="the nats extra is not installed")
+    r = bench("bus", "--backend", "both", "-n", "300", "-p", "1", "-d", "os", "--rate", "1000", "--seconds", "0.2",
+              timeout=180)
+    runs = {run["backend"]: run for run in r["runs"]}
+    assert set(runs) == {"sqlite", "jetstream"} and len(r["runs"]) == 2
+    for run in runs.values():
+        assert run["events"] == 300 and run["handled"] == 300 + 200  # saturation + the 1000/s phase
+        assert set(run["latency"]) == {"saturation", "1000"}
+    assert runs["jetstream"]["durability"] == "replicas=3"
+    (cmp,) = r["comparison"]
+    assert cmp["processes"] == 1 and cmp["sqlite_eps"] == runs["sqlite"]["throughput_eps"]
+    assert cmp["eps_ratio"] == round(runs["jetstream"]["throughput_eps"] / runs["sqlite"]["throughput_eps"], 3)
+    for k in ("saturation", "1000"):
+        assert {"p50_ratio", "p99_ratio", "sqlite_p50_ms", "jetstream_p99_ms"} <= set(cmp["latency"][k])

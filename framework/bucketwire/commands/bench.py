@@ -31,12 +31,18 @@ def bench() -> None:
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), default=None,
               help="With --against nats: draw events/s and latency percentiles to this SVG (needs the 'plot' "
                    "extra).")
+@click.option("--backend", type=click.Choice(["sqlite", "jetstream", "both"]), default="sqlite", show_default=True,
+              help="The hub's journal: the SQLite file, a 3-node JetStream cluster (replicas 3), or both side by "
+                   "side with the ratio jetstream/sqlite.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], rate: tuple[int, ...], seconds: float,
-        against: str, rounds: int, busy: bool, plot_file: str | None, as_json: bool) -> None:
+        against: str, rounds: int, busy: bool, plot_file: str | None, backend: str, as_json: bool) -> None:
     """Publish -> commit -> worker no-op -> ack, against raw pyzmq PUSH/PULL or NATS JetStream."""
     if against == "nats":
         from bucketwire.devstack.bench import versus
+
+        if backend != "sqlite":
+            raise click.UsageError("--backend goes with the default --against raw")
 
         if len(processes) > 1 or len(durability) > 1:
             raise click.UsageError("--against nats compares one setup: give at most one -p and one -d")
@@ -52,10 +58,18 @@ def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], ra
         return
     if plot_file or busy:
         raise click.UsageError("--plot and --busy go with --against nats")
+    backends = ("sqlite", "jetstream") if backend == "both" else (backend,)
+    if "jetstream" in backends:
+        from bucketwire.devstack.nats import NatsError, find_nats_server
+
+        try:
+            find_nats_server()
+        except NatsError as e:
+            raise click.ClickException(str(e)) from None
     from bucketwire.devstack.bench import bus as bus_mod
 
     res = bus_mod.run(events, list(processes or (1, 2)), list(durability or ("os", "fsync")),
-                      {r: seconds for r in rate or (1000, 10000)})
+                      {r: seconds for r in rate or (1000, 10000)}, backends)
     click.echo(json.dumps(res, indent=2) if as_json else bus_mod.render(res))
 
 

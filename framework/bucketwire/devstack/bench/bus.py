@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import platform
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -143,9 +146,28 @@ def _wait_handled(stack: Stack, total: int, label: str, timeout: float = 600) ->
     raise RuntimeError(f"bench bus {label}: not all events were acked within {timeout}s")
 
 
-def hub_run(durability: str, processes: int, n: int, rates: dict[int, float]) -> dict[str, Any]:
-    """One stack: saturation throughput, then fixed-rate latency phases (rate -> seconds)."""
-    stack = Stack(durability)
+def _jetstream_table(urls: list[str]) -> str:
+    servers = ", ".join(f'"{u}"' for u in urls)
+    return f'\n[journal]\nbackend = "jetstream"\nservers = [{servers}]\nreplicas = 3\n'
+
+
+def hub_run(durability: str, processes: int, n: int, rates: dict[int, float],
+            backend: str = "sqlite") -> dict[str, Any]:
+    """One stack: saturation throughput, then fixed-rate latency phases (rate -> seconds).
+
+    With `backend = "jetstream"` the hub journals to a fresh 3-node NatsCluster on loopback with replicas 3 --
+    the HA setup someone would run -- so its figures are what failover costs against the embedded SQLite file.
+    """
+    cluster = None
+    if backend == "jetstream":
+        from bucketwire.devstack.nats import NatsCluster
+
+        nats_dir = Path(tempfile.mkdtemp(prefix="bucketwire-bench-nats-"))
+        progress("bench bus: starting a 3-node NATS JetStream cluster")
+        cluster = NatsCluster(nats_dir, size=3).start()
+        stack = Stack(durability, _jetstream_table(cluster.urls))
+    else:
+        stack = Stack(durability)
     try:
         stack.spawn("hub")
         stack.spawn("worker", "--group", "bench", "-n", str(processes),
@@ -179,11 +201,15 @@ def hub_run(durability: str, processes: int, n: int, rates: dict[int, float]) ->
         pub.close()
     finally:
         stack.stop()
+        if cluster is not None:
+            cluster.stop()
+            shutil.rmtree(cluster.base_dir, ignore_errors=True)
         progress_done()
     rows = stack.read_latencies()
     sat = [r for r in rows if r[0] < n]
     out: dict[str, Any] = {
-        "durability": durability,
+        "backend": backend,
+        "durability": durability if backend == "sqlite" else "replicas=3",
         "processes": processes,
         "events": n,
         "throughput_eps": round(n / (max(r[2] for r in sat) - t0), 1),
@@ -196,7 +222,8 @@ def hub_run(durability: str, processes: int, n: int, rates: dict[int, float]) ->
     return out
 
 
-def run(n: int, processes: list[int], durabilities: list[str], rates: dict[int, float]) -> dict[str, Any]:
+def run(n: int, processes: list[int], durabilities: list[str], rates: dict[int, float],
+        backends: tuple[str, ...] = ("sqlite",)) -> dict[str, Any]:
     progress("bench bus: baseline (raw pyzmq PUSH/PULL)")
     raw_eps, raw_lat = raw_run(n, None)
     base: dict[str, Any] = {"name": "raw pyzmq PUSH/PULL + json.loads", "events": n,
@@ -207,13 +234,45 @@ def run(n: int, processes: list[int], durabilities: list[str], rates: dict[int, 
         _, lat = raw_run(int(rate * secs), rate)
         base["latency"][str(rate)] = percentiles(lat)
     runs = []
-    for d in durabilities:
-        for p in processes:
-            r = hub_run(d, p, n, rates)
-            r["ratio"] = round(r["throughput_eps"] / raw_eps, 3)
-            runs.append(r)
+    for backend in backends:
+        # durability is the SQLite file's knob; JetStream's is replicas=3, so it runs once per process count
+        for d in durabilities if backend == "sqlite" else durabilities[:1]:
+            for p in processes:
+                r = hub_run(d, p, n, rates, backend)
+                r["ratio"] = round(r["throughput_eps"] / raw_eps, 3)
+                runs.append(r)
     progress_done()
-    return {"benchmark": "bus", "machine": machine(), "baseline": base, "runs": runs}
+    out: dict[str, Any] = {"benchmark": "bus", "machine": machine(), "baseline": base, "runs": runs}
+    if set(backends) == {"sqlite", "jetstream"}:
+        out["comparison"] = compare(runs, durabilities[0])
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def compare(runs: list[dict[str, Any]], durability: str) -> list[dict[str, Any]]:
+    """jetstream / sqlite per process count (sqlite at `durability`): events/s and p50/p99 at each rate."""
+    out = []
+    sq = {r["processes"]: r for r in runs if r["backend"] == "sqlite" and r["durability"] == durability}
+    for js in (r for r in runs if r["backend"] == "jetstream"):
+        s = sq.get(js["processes"])
+        if s is None:
+            continue
+        row: dict[str, Any] = {"processes": js["processes"], "sqlite_durability": durability,
+                               "sqlite_eps": s["throughput_eps"], "jetstream_eps": js["throughput_eps"],
+                               "eps_ratio": _ratio(js["throughput_eps"], s["throughput_eps"]), "latency": {}}
+        for k in js["latency"]:
+            a, b = js["latency"][k], s["latency"].get(k)
+            if b is None:
+                continue
+            row["latency"][k] = {"sqlite_p50_ms": b["p50_ms"], "jetstream_p50_ms": a["p50_ms"],
+                                 "p50_ratio": _ratio(a["p50_ms"], b["p50_ms"]),
+                                 "sqlite_p99_ms": b["p99_ms"], "jetstream_p99_ms": a["p99_ms"],
+                                 "p99_ratio": _ratio(a["p99_ms"], b["p99_ms"])}
+        out.append(row)
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -229,9 +288,15 @@ def render(res: dict[str, Any]) -> str:
     for k, v in b["latency"].items():
         lines.append(f"  latency @{k}: p50 {v['p50_ms']} ms  p90 {v['p90_ms']}  p99 {v['p99_ms']}  max {v['max_ms']}")
     for r in res["runs"]:
-        lines.append(f"bucketwire durability={r['durability']} processes={r['processes']}: "
+        lines.append(f"bucketwire backend={r['backend']} durability={r['durability']} processes={r['processes']}: "
                      f"{r['throughput_eps']:,.0f} events/s  ratio {r['ratio']}x of raw")
         for k, v in r["latency"].items():
             lines.append(f"  latency @{k}: p50 {v['p50_ms']} ms  p90 {v['p90_ms']}  p99 {v['p99_ms']}  "
                          f"max {v['max_ms']}")
+    for c in res.get("comparison", []):
+        lines.append(f"jetstream vs sqlite (durability={c['sqlite_durability']}) processes={c['processes']}: "
+                     f"{c['jetstream_eps']:,.0f} vs {c['sqlite_eps']:,.0f} events/s = {c['eps_ratio']}x")
+        for k, v in c["latency"].items():
+            lines.append(f"  @{k}: p50 {v['jetstream_p50_ms']} vs {v['sqlite_p50_ms']} ms = {v['p50_ratio']}x  "
+                         f"p99 {v['jetstream_p99_ms']} vs {v['sqlite_p99_ms']} ms = {v['p99_ratio']}x")
     return "\n".join(lines)
