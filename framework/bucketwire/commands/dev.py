@@ -335,7 +335,9 @@ def describe(body: bytes) -> str:
               help="Base config (routes, groups, plugins); default: the built-in one, like examples/dev.toml.")
 @click.option("--demo", is_flag=True, help="Upload sample images and print the events that follow.")
 @click.option("--s3-port", type=int, help="Fixed S3 port (default: a free one).")
-def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None) -> None:
+@click.option("--ha", is_flag=True, help="3 NATS JetStream nodes and 2 hubs instead of one hub, to watch a "
+                                         "takeover ('nats' extra).")
+def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None, ha: bool) -> None:
     """Run SeaweedFS + hub + one worker pool per group on loopback, wired together."""
     root = Path(state_dir).absolute()
     try:
@@ -352,6 +354,11 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
         raise DevError(str(e)) from None
 
     root.mkdir(parents=True, exist_ok=True)
+    if ha:
+        from bucketwire.commands.dev_ha import run_ha
+
+        run_ha(root, base, buckets, demo, s3_port)
+        return
     ports = {"http": free_port(), "publish": free_port(), "work": free_port()}
     token = secrets.token_urlsafe(24)
     weed = WeedServer(root / "seaweedfs", webhook_url=f"http://127.0.0.1:{ports['http']}/seaweedfs/events",
