@@ -152,7 +152,7 @@ def needed_buckets(doc: dict[str, Any]) -> list[str]:
 def effective_config(base: dict[str, Any], state_dir: Path, weed: WeedServer, token: str,
                      ports: dict[str, int]) -> dict[str, Any]:
     """The given config with everything machine-specific filled in for the embedded stack."""
-    doc = json.loads(json.dumps(base))  # deep copy
+    doc: dict[str, Any] = json.loads(json.dumps(base))  # deep copy
     hub = doc.setdefault("hub", {})
     hub["http"] = f"127.0.0.1:{ports['http']}"
     hub["publish"] = f"tcp://127.0.0.1:{ports['publish']}"

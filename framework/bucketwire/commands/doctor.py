@@ -402,8 +402,8 @@ def check_stores(cfg: Config) -> list[Finding]:
             out.append(Finding("error", f"{where} uses store {store!r}, which is not configured",
                                f"add [stores.{store}] or fix the store name"))
             continue
-        names = listed.get(store)
-        if names is not None and bucket not in names:
+        have = listed.get(store)
+        if have is not None and bucket not in have:
             out.append(Finding("error", f"{where}: bucket {bucket!r} does not exist in store {store!r}",
                                f"create it (e.g. `mc mb {store}/{bucket}`) or fix the name"))
     return out

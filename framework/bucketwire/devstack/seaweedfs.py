@@ -79,7 +79,7 @@ def free_port_pair(taken: set[int] | None = None, host: str = "127.0.0.1") -> in
     for _ in range(500):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))
-            p = s.getsockname()[1]
+            p = int(s.getsockname()[1])
         if p + GRPC_OFFSET > 65535:
             # Ephemeral range is usually 32768+, so fold it down into 20000..55535.
             p = 20000 + (p % 35000)
@@ -302,10 +302,10 @@ class WeedServer:
                 os.killpg(pgid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
-        log = getattr(self, "_log", None)
+        log: Any = getattr(self, "_log", None)
         if log is not None:
             log.close()
-            self._log = None
+            del self._log
         # weed leaves per-port unix sockets in /tmp for listeners it names itself; ours to remove.
         for port in self.ports.values():
             for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):

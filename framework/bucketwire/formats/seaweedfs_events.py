@@ -283,7 +283,7 @@ def entry_to_events(
         )
         return [ev] if ev is not None else []
 
-    if old is not None and new is not None and old_path == new_path:
+    if old is not None and new is not None and new_path is not None and old_path == new_path:
         # In-place update. Same content (size, ETag, chunks) means only attributes or tags changed: S3 would
         # not report ObjectCreated for that, so neither do we.
         if _content(old, "message.old_entry") == _content(new, "message.new_entry"):

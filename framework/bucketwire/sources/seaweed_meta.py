@@ -232,7 +232,7 @@ class SeaweedMetaSource:
 
         def pump() -> None:
             assert proc.stdout is not None
-            while data := proc.stdout.read1(1 << 16):
+            while data := proc.stdout.read1(1 << 16):  # type: ignore[attr-defined]  # a BufferedReader
                 chunks.put(data)
             chunks.put(None)
 

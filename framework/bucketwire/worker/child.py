@@ -165,7 +165,7 @@ class Child:
         """Take every message waiting on the DEALER, without blocking."""
         d = self.dealer
         got = False
-        while d.get(zmq.EVENTS) & zmq.POLLIN:
+        while int(d.get(zmq.EVENTS)) & zmq.POLLIN:
             frames = d.recv_multipart(zmq.NOBLOCK)
             got = True
             cmd = frames[0]

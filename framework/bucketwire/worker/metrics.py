@@ -24,7 +24,7 @@ log = logging.getLogger("bucketwire.worker")
 FLAG = "BUCKETWIRE_WORKER_METRICS"
 DIR = "PROMETHEUS_MULTIPROC_DIR"
 
-_child: Any = None
+_child: _ChildMetrics | None = None
 _tried = False
 
 
@@ -121,8 +121,8 @@ class Supervisor:
         configure_created_series()  # start_http_server negotiates the format as exposition.render does
 
         reg = CollectorRegistry()
-        MultiProcessCollector(reg, path=self.dir)
-        reg.register(_SupervisorCollector(group, alive, restarts))  # type: ignore[arg-type]
+        MultiProcessCollector(reg, path=self.dir)  # type: ignore[no-untyped-call]
+        reg.register(_SupervisorCollector(group, alive, restarts))
         try:
             self.server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=reg)
         except OSError as e:
@@ -135,7 +135,7 @@ class Supervisor:
         if pid:
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(pid, self.dir)
+            multiprocess.mark_process_dead(pid, self.dir)  # type: ignore[no-untyped-call]
 
     def stop(self) -> None:
         self.server.shutdown()

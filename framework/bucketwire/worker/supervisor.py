@@ -223,7 +223,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
             for s in ready:
                 if s == woken:
                     break  # stopping: the while condition ends the loop
-                slot = sentinels[s]  # type: ignore[index]
+                slot = sentinels[s]
                 p = children[slot]
                 p.join()
                 if stop.is_set():

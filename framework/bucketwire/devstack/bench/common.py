@@ -15,6 +15,8 @@ import click
 
 from bucketwire.procutil import free_port
 
+__all__ = ["Stack", "free_port", "percentiles", "progress", "progress_done"]
+
 
 def percentiles(samples: list[float]) -> dict[str, float]:
     """p50/p90/p99/max in milliseconds (nearest-rank)."""
@@ -62,9 +64,9 @@ credit = 512
 [plugins.bench-noop]
 out = "{self.out}"
 """ + extra)
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, *args: str) -> subprocess.Popen:
+    def spawn(self, *args: str) -> subprocess.Popen[bytes]:
         p = subprocess.Popen([sys.executable, "-m", "bucketwire", "-q", *args, "-c", str(self.cfg_path)],
                              stdout=subprocess.DEVNULL, stderr=(self.tmp / f"p{len(self.procs)}.log").open("wb"),
                              start_new_session=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from bucketwire import hookimpl
+from bucketwire import Context, Event, hookimpl
 
 PLUGIN_NAME = "bench-noop"
 _rows: list[str] = []
@@ -19,7 +19,7 @@ def _flush(path: str) -> None:
 
 
 @hookimpl
-def handle_event(event, ctx):
+def handle_event(event: Event, ctx: Context) -> None:
     now = time.monotonic()
     d = event.data
     _rows.append(f"{d['i']} {d['t']:.9f} {now:.9f}\n")
@@ -28,5 +28,5 @@ def handle_event(event, ctx):
 
 
 @hookimpl
-def worker_shutdown(ctx):
+def worker_shutdown(ctx: Context) -> None:
     _flush(f"{ctx.settings['out']}.{os.getpid()}")

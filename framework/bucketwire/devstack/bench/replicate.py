@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from bucketwire.devstack.bench.common import percentiles, progress, progress_done
@@ -56,7 +57,7 @@ class _Pattern(io.RawIOBase):
 def _start_both(tmp: str) -> tuple[Any, Any]:
     from bucketwire.devstack.seaweedfs import WeedServer
 
-    servers = [WeedServer(os.path.join(tmp, "source")), WeedServer(os.path.join(tmp, "target"))]
+    servers = [WeedServer(Path(tmp) / "source"), WeedServer(Path(tmp) / "target")]
     errors: list[BaseException] = []
 
     def start(w: Any) -> None:

@@ -18,6 +18,7 @@ import math
 import time
 from typing import Any
 
+import PIL
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageStat
 
 from bucketwire.devstack.bench.common import percentiles, progress, progress_done
@@ -34,12 +35,13 @@ def photo(width: int = 4000, height: int = 3000, quality: int = 90, grain: float
     # Low-frequency "scene": blurred large-scale noise per channel over a sky-to-ground gradient.
     chans = []
     for k, sigma in enumerate((70, 55, 40)):
-        coarse = Image.effect_noise((max(1, width // 64), max(1, height // 64)), sigma).resize(size, Image.BICUBIC)
+        coarse = Image.effect_noise((max(1, width // 64), max(1, height // 64)), sigma)
+        coarse = coarse.resize(size, Image.Resampling.BICUBIC)
         grad = Image.linear_gradient("L").resize(size).rotate(180 * (k % 2))
         chans.append(ImageChops.blend(coarse, grad, 0.4))
     im = Image.merge("RGB", chans)
     # Mid-frequency texture (foliage, fabric) and hard edges (buildings, text).
-    tex = Image.effect_noise((max(1, width // 4), max(1, height // 4)), texture).resize(size, Image.BILINEAR)
+    tex = Image.effect_noise((max(1, width // 4), max(1, height // 4)), texture).resize(size, Image.Resampling.BILINEAR)
     im = ImageChops.add(im, Image.merge("RGB", (tex, tex, tex)), scale=1.25, offset=-40)
     draw = ImageDraw.Draw(im)
     step = max(8, min(width, height) // 12)
@@ -89,7 +91,7 @@ def run(width: int, height: int, sizes: list[int], iterations: int, fmt: str | N
     src = photo(width, height, grain=grain)
     full = Image.open(io.BytesIO(src)).convert("RGB")
     out: dict[str, Any] = {
-        "benchmark": "thumbnail", "machine": machine(), "pillow": Image.__version__,
+        "benchmark": "thumbnail", "machine": machine(), "pillow": PIL.__version__,
         "source": {"width": width, "height": height, "bytes": len(src), "format": "JPEG", "grain": grain,
                    "bits_per_pixel": round(len(src) * 8 / (width * height), 2)},
         "format": fmt, "quality": quality, "iterations": iterations, "sizes": [],
