@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 from typing import Any
 
 from bucketwire.commands.doctor import Finding
 from bucketwire.config import Config
 from bucketwire.hub.backends import jetstream_settings
-from bucketwire.hub.journal_jetstream import JetStreamSettings, token, untoken
+from bucketwire.hub.journal_jetstream import JetStreamSettings, auth_options, token, untoken
 
 _FIX_SERVER = "start nats-server (with -js) there, or fix [journal] servers"
 
@@ -26,17 +25,7 @@ def _connect_options(s: JetStreamSettings, servers: list[str], timeout: float) -
     """The hub's own credentials and TLS, without reconnects: doctor wants a yes or no, not a retry loop."""
     opts: dict[str, Any] = {"servers": servers, "connect_timeout": timeout, "allow_reconnect": False,
                             "max_reconnect_attempts": 0, "name": "bucketwire-doctor"}
-    if s.user is not None:
-        opts["user"], opts["password"] = s.user, s.password
-    if s.token is not None:
-        opts["token"] = s.token
-    if s.creds is not None:
-        opts["user_credentials"] = s.creds
-    if s.tls_ca or s.tls_cert:
-        ctx = ssl.create_default_context(cafile=s.tls_ca)
-        if s.tls_cert:
-            ctx.load_cert_chain(s.tls_cert, s.tls_key)
-        opts["tls"] = ctx
+    opts.update(auth_options(s))
 
     async def quiet(e: Exception) -> None:  # a down server is a finding, not log noise
         return None

@@ -12,11 +12,13 @@ connection, see `_Checkpointer`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -231,15 +233,30 @@ class Journal:
         return int((pc - fl) * ps)
 
     # -- the one write path ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; any SQLite error rolls it back and becomes a JournalError (503 at ingress)."""
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise JournalError(f"journal {what} failed: {e}") from e
+        except BaseException:  # anything else (a render that raised): leave no transaction open behind it
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
     def commit(self, batch: Batch) -> list[Appended]:
         """Append events (deduplicated on (source, id)) and move cursors, all in one transaction."""
         out: list[Appended] = []
         heads: dict[str, int] = {}  # the heads this batch moves; never a copy of all of them (topics are many)
         seen: dict[tuple[str, str], Appended] = {}
         now = time.time()
-        db = self.db
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction("commit") as db:
             # Few statements per commit, whatever the batch size: sqlite3 gives up the GIL on every statement
             # step, and under load each step then waits for the HTTP threads to hand it back.
             existing = self._existing(list(dict.fromkeys((ev.source, ev.id) for ev in batch.events)))
@@ -285,30 +302,14 @@ class Journal:
                     "retried=retried+excluded.retried, redelivered=redelivered+excluded.redelivered",
                     [(g, *v) for g, v in batch.stats.items()],
                 )
-            db.execute("COMMIT")
-        except sqlite3.Error as e:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise JournalError(f"journal commit failed: {e}") from e
         self.heads.update(heads)
         return out
 
     def forget_group(self, group: str) -> None:
         """Delete a removed group's cursors and counters, so a new group of that name starts afresh."""
-        db = self.db
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction("write") as db:
             db.execute("DELETE FROM cursors WHERE grp=?", (group,))
             db.execute("DELETE FROM group_stats WHERE grp=?", (group,))
-            db.execute("COMMIT")
-        except sqlite3.Error as e:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise JournalError(f"journal write failed: {e}") from e
 
     def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int:
         """Drop the oldest events past the age or size limit; returns how many were dropped."""

@@ -92,6 +92,25 @@ def untoken(tok: str) -> str:
     return base64.b32decode(raw + "=" * (-len(raw) % 8)).decode()
 
 
+def auth_options(s: JetStreamSettings) -> dict[str, Any]:
+    """nats-py connect options for `[journal]` credentials and TLS: the hub and `doctor` connect the same way."""
+    opts: dict[str, Any] = {}
+    if s.user is not None:
+        opts["user"], opts["password"] = s.user, s.password
+    if s.token is not None:
+        opts["token"] = s.token
+    if s.creds is not None:
+        opts["user_credentials"] = s.creds
+    if s.tls_ca or s.tls_cert:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=s.tls_ca)
+        if s.tls_cert:
+            ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        opts["tls"] = ctx
+    return opts
+
+
 def msg_id(source: str, eid: str) -> str:
     """Nats-Msg-Id for (source, id): a digest, so any length and any characters fit the header."""
     return hashlib.sha256(f"{source}\0{eid}".encode()).hexdigest()[:40]
@@ -206,19 +225,7 @@ class JetStreamJournal:
         opts: dict[str, Any] = {"servers": s.servers, "connect_timeout": s.connect_timeout,
                                 "max_reconnect_attempts": -1, "reconnect_time_wait": 0.2,
                                 "allow_reconnect": True, "name": f"bucketwire-hub-{self.hub_id}"}
-        if s.user is not None:
-            opts["user"], opts["password"] = s.user, s.password
-        if s.token is not None:
-            opts["token"] = s.token
-        if s.creds is not None:
-            opts["user_credentials"] = s.creds
-        if s.tls_ca or s.tls_cert:
-            import ssl
-
-            ctx = ssl.create_default_context(cafile=s.tls_ca)
-            if s.tls_cert:
-                ctx.load_cert_chain(s.tls_cert, s.tls_key)
-            opts["tls"] = ctx
+        opts.update(auth_options(s))
         async def quiet(e: Exception) -> None:  # reconnect attempts are the client's business, not the log's
             log.debug("NATS connection error", extra={"error": str(e)})
 

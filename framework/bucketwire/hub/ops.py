@@ -290,6 +290,21 @@ class HubOps:
                                   "silent": round(now - w.last_seen, 3)} for w in g.workers.values()]
         return st
 
+    def _operated_group(self, gname: str, act: str, reply: Callable[..., None]) -> GroupState | None:
+        """The group an operator's command names, once the key's role allows the act on it (admin = true, or the
+        group in its groups); otherwise the refusal is answered and None returned."""
+        if not self.net.roles.may_operate(self.net.user, gname):
+            self.metrics.rejected.labels("zmq", "forbidden").inc()
+            log.warning(f"{'replay' if act == 'replay' else 'group removal'} refused by role",
+                        extra={"key": self.net.user, "group": gname})
+            reply(error=f"key {self.net.user!r} may not {act} group {gname!r} ([security.roles]: needs admin = true "
+                        "or the group in its groups)")
+            return None
+        g = self.groups.get(gname)
+        if g is None:
+            reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(self.groups)) or 'none'})")
+        return g
+
     # -- GROUPRM ---------------------------------------------------------------------------------------------
     def on_group_rm(self, ident: bytes, hdr: P.GroupRm) -> None:
         """Forget a group nobody uses any more: an ad-hoc group (made by a worker's READY, not in the config)
@@ -300,16 +315,9 @@ class HubOps:
             self.net.send([ident, P.GROUPRMR, P.enc({"req": req, **kw})])
 
         gname = hdr.group
-        if not self.net.roles.may_operate(self.net.user, gname):
-            # Forgetting a group drops its cursors: an operator's act, allowed to whoever may replay it.
-            self.metrics.rejected.labels("zmq", "forbidden").inc()
-            log.warning("group removal refused by role", extra={"key": self.net.user, "group": gname})
-            reply(error=f"key {self.net.user!r} may not remove group {gname!r} ([security.roles]: needs admin = true "
-                        "or the group in its groups)")
-            return
-        g = self.groups.get(gname)
+        # Forgetting a group drops its cursors: an operator's act, allowed to whoever may replay it.
+        g = self._operated_group(gname, "remove", reply)
         if g is None:
-            reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(self.groups)) or 'none'})")
             return
         if g.name in self.cfg.groups:
             reply(error=f"group {g.name!r} is configured in [groups.{g.name}]; remove that section from the "
@@ -357,16 +365,9 @@ class HubOps:
 
         gname, topics = hdr.group, hdr.topics
         from_seq, since = hdr.from_seq, hdr.since
-        if not self.net.roles.may_operate(self.net.user, gname):
-            # Moving a cursor is an operator's act: it can make a group handle everything again, or skip it.
-            self.metrics.rejected.labels("zmq", "forbidden").inc()
-            log.warning("replay refused by role", extra={"key": self.net.user, "group": gname})
-            reply(error=f"key {self.net.user!r} may not replay group {gname!r} ([security.roles]: needs admin = true "
-                        "or the group in its groups)")
-            return
-        g = self.groups.get(gname)
+        # Moving a cursor is an operator's act: it can make a group handle everything again, or skip it.
+        g = self._operated_group(gname, "replay", reply)
         if g is None:
-            reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(self.groups)) or 'none'})")
             return
         if topics is None:
             topics = list(g.topics)
