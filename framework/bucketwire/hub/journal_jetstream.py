@@ -281,22 +281,54 @@ class JetStreamJournal:
                 topic = untoken(name[len(want):])
                 self._streams.add(topic)
                 self.heads[topic] = int(info.state.last_seq)
-        kv = await self.js.key_value(self._kv_cursors)
-        try:
-            keys = await kv.keys()
-        except Exception:  # an empty bucket answers "no keys found"
-            keys = []
-        for key in keys:
+        for key, (value, revision) in (await self._latest(self._kv_cursors)).items():
             if key.startswith("a."):
                 continue  # attempt counts: read by load_group when the group is taken
-            entry = await kv.get(key)
-            doc = json.loads(entry.value)
+            doc = json.loads(value)
             if key.startswith("stats."):
                 self._stats[doc["group"]] = (int(doc["dead_lettered"]), int(doc["retried"]), int(doc["redelivered"]))
-                self._stats_rev[doc["group"]] = int(entry.revision)
+                self._stats_rev[doc["group"]] = revision
             else:
                 self._cursors[(doc["group"], doc["topic"])] = (int(doc["acked"]), str(doc.get("above", "")))
-                self._cursor_rev[key] = int(entry.revision)
+                self._cursor_rev[key] = revision
+
+    async def _latest(self, bucket: str, keys: str = ">") -> dict[str, tuple[bytes, int]]:
+        """key -> (value, revision) of every live key of a KV bucket that matches `keys`, read from the
+        bucket's stream leader. Never from a replica (a direct get or a watcher may answer from one that has
+        not caught up, and a cursor read stale makes every later write refused), and never "empty" because a
+        request failed: an error is raised, since an unread cursor would look like a group that starts at 1."""
+        from nats.js.errors import NotFoundError
+
+        stream = f"KV_{bucket}"
+        pre = f"$KV.{bucket}."
+        subjects: list[str] = []
+        offset = 0
+        while True:
+            req = json.dumps({"subjects_filter": f"{pre}{keys}", "offset": offset}).encode()
+            try:
+                resp = await self.nc.request(f"$JS.API.STREAM.INFO.{stream}", req,
+                                             timeout=self.settings.request_timeout)
+            except Exception as err:
+                raise JetStreamError(f"cannot list the keys of {bucket!r}: {type(err).__name__} {err}") from None
+            doc = json.loads(resp.data)
+            if "error" in doc:
+                raise JetStreamError(f"cannot list the keys of {bucket!r}: {doc['error'].get('description')}")
+            page = list(((doc.get("state") or {}).get("subjects") or {}).keys())
+            subjects += page
+            offset += len(page)
+            if not page or offset >= int(doc.get("total", 0)):
+                break
+        out: dict[str, tuple[bytes, int]] = {}
+        for subject in subjects:
+            try:
+                msg = await self.js.get_last_msg(stream, subject)
+            except NotFoundError:  # expired or purged between the listing and the read
+                continue
+            except Exception as err:
+                raise JetStreamError(f"cannot read {subject!r}: {type(err).__name__} {err}") from None
+            if msg.data and (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                out[subject[len(pre):]] = (bytes(msg.data), int(msg.seq or 0))
+        return out
 
     async def _stream_infos(self) -> Any:
         offset = 0
@@ -495,35 +527,27 @@ class JetStreamJournal:
         """Re-read one group's cursors and counters (with their revisions) from the bucket: what a hub does when
         it takes the group's lease, since the previous dispatcher moved them since this hub last looked."""
         async def load() -> None:
-            kv = await self.js.key_value(self._kv_cursors)
-            try:
-                keys = await kv.keys()
-            except Exception:  # an empty bucket answers "no keys found"
-                keys = []
             mine = f"c.{token(group)}."
             tries = f"a.{token(group)}."
+            found = await self._latest(self._kv_cursors, f"{mine}>")
+            found.update(await self._latest(self._kv_cursors, f"{tries}>"))
+            found.update(await self._latest(self._kv_cursors, f"stats.{token(group)}"))
             self._attempts[group] = {}
             for k in [k for k in self._cursors if k[0] == group]:
                 self._cursors.pop(k, None)
             self._stats.pop(group, None)
-            for key in keys:
+            for key, (value, revision) in found.items():
                 if not (key.startswith((mine, tries)) or key == f"stats.{token(group)}"):
                     continue
-                try:
-                    entry = await kv.get(key)
-                except Exception:  # deleted between the listing and the read
-                    continue
-                if not entry.value:
-                    continue
-                doc = json.loads(entry.value)
+                doc = json.loads(value)
                 if key.startswith("stats."):
                     self._stats[group] = (int(doc["dead_lettered"]), int(doc["retried"]), int(doc["redelivered"]))
-                    self._stats_rev[group] = int(entry.revision)
+                    self._stats_rev[group] = revision
                 elif key.startswith(tries):
                     self._attempts[group][(str(doc["topic"]), int(doc["seq"]))] = int(doc["attempts"])
                 else:
                     self._cursors[(group, doc["topic"])] = (int(doc["acked"]), str(doc.get("above", "")))
-                    self._cursor_rev[key] = int(entry.revision)
+                    self._cursor_rev[key] = revision
 
         self._run(load())
 
@@ -742,23 +766,13 @@ class JetStreamJournal:
     def lease_holders(self) -> dict[str, tuple[str, str]]:
         """group -> (hub id, its advertised work endpoint) of every live lease."""
         async def read() -> dict[str, tuple[str, str]]:
-            kv = await self.js.key_value(self._kv_leases)
             out: dict[str, tuple[str, str]] = {}
-            try:
-                keys = await kv.keys()
-            except Exception:  # no lease taken yet
-                return out
-            for k in keys:
+            for k, (value, _) in (await self._latest(self._kv_leases, "g.>")).items():
                 try:
-                    e = await kv.get(k)
-                except Exception:  # expired between the listing and the read
-                    continue
-                if e.value:
-                    try:
-                        doc = json.loads(e.value)
-                        out[untoken(k[2:])] = (str(doc["hub"]), str(doc.get("work", "")))
-                    except (ValueError, KeyError, TypeError):  # a bare hub name
-                        out[untoken(k[2:])] = (e.value.decode(errors="replace"), "")
+                    doc = json.loads(value)
+                    out[untoken(k[2:])] = (str(doc["hub"]), str(doc.get("work", "")))
+                except (ValueError, KeyError, TypeError):  # a bare hub name
+                    out[untoken(k[2:])] = (value.decode(errors="replace"), "")
             return out
 
         return self._run(read())
