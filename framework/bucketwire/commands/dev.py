@@ -26,12 +26,15 @@ import time
 import tomllib
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from bucketwire.devstack.seaweedfs import WeedError, WeedServer, find_weed
 from bucketwire.procutil import free_port, on_stop_signals
+
+if TYPE_CHECKING:
+    from bucketwire.config import Config
 
 DEFAULT_CONFIG = """\
 # The embedded dev stack (see examples/dev.toml for the commented version).
@@ -218,6 +221,28 @@ class Children:
                     p.wait(5)
 
 
+def write_config(path: Path, doc: dict[str, Any], command: str) -> Config:
+    """Write a generated config owner-only (it holds the token and the S3 keys) and load it back, so a bad
+    `[dev]` base file fails here in one line rather than in a child process's log."""
+    from bucketwire.config import ConfigError, load
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"# written by `{command}`; regenerated on every start\n" + to_toml(doc))
+    try:
+        return load(path)
+    except ConfigError as e:
+        raise DevError(str(e)) from None
+
+
+def make_buckets(weed: WeedServer, buckets: list[str]) -> None:
+    """Create the buckets the config names (kept across restarts: only the missing ones)."""
+    s3 = weed.client()
+    for b in buckets:
+        if not s3.bucket_exists(b):
+            s3.make_bucket(b)
+
+
 def bucketwire_argv() -> list[str]:
     """How to run this very bucketwire: the `bucketwire` script beside this Python, by absolute path, so the
     commands in the banner work pasted into a shell where the venv is not active (after `make dev`)."""
@@ -374,19 +399,8 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
             raise DevError(str(e)) from None
         cfg_doc = effective_config(base, root, weed, token, ports)
         cfg_path = root / "bucketwire.toml"
-        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("# written by `bucketwire dev`; regenerated on every start\n" + to_toml(cfg_doc))
-        from bucketwire.config import ConfigError, load
-
-        try:
-            cfg = load(cfg_path)
-        except ConfigError as e:
-            raise DevError(str(e)) from None
-        s3 = weed.client()
-        for b in buckets:
-            if not s3.bucket_exists(b):
-                s3.make_bucket(b)
+        cfg = write_config(cfg_path, cfg_doc, "bucketwire dev")
+        make_buckets(weed, buckets)
         argv0 = bucketwire_argv()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         children.spawn("hub", [*argv0, "hub", "-c", str(cfg_path)], env)

@@ -24,9 +24,10 @@ from bucketwire.commands.dev import (
     banner,
     bucketwire_argv,
     effective_config,
-    to_toml,
+    make_buckets,
     wait_healthy,
     wait_pools,
+    write_config,
 )
 from bucketwire.devstack.nats import NatsCluster, NatsError, find_nats_server
 from bucketwire.devstack.seaweedfs import WeedError, WeedServer
@@ -34,12 +35,6 @@ from bucketwire.procutil import free_port, on_stop_signals
 
 HUBS = ("a", "b")
 WEBHOOK_HUB = "b"
-
-
-def _write(path: Path, doc: dict[str, Any]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the token and S3 keys
-    with os.fdopen(fd, "w") as f:
-        f.write("# written by `bucketwire dev --ha`; regenerated on every start\n" + to_toml(doc))
 
 
 def ha_configs(base: dict[str, Any], root: Path, weed: WeedServer, token: str, nats_urls: list[str],
@@ -85,18 +80,8 @@ def run_ha(root: Path, base: dict[str, Any], buckets: list[str], demo: bool, s3_
             raise DevError(str(e)) from None
         docs = ha_configs(base, root, weed, token, cluster.urls, ports)
         paths = {n: root / f"bucketwire-{n}.toml" for n in HUBS}
-        for n in HUBS:
-            _write(paths[n], docs[n])
-        from bucketwire.config import ConfigError, load
-
-        try:
-            cfgs = {n: load(paths[n]) for n in HUBS}
-        except ConfigError as e:
-            raise DevError(str(e)) from None
-        s3 = weed.client()
-        for bk in buckets:
-            if not s3.bucket_exists(bk):
-                s3.make_bucket(bk)
+        cfgs = {n: write_config(paths[n], docs[n], "bucketwire dev --ha") for n in HUBS}
+        make_buckets(weed, buckets)
         argv0 = bucketwire_argv()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         pids: dict[str, int] = {}
