@@ -66,7 +66,13 @@ def start(stack_factory: MakeStack, env: dict[str, str] | None = None) -> tuple[
         c.publish_events([Event(id=uuid.uuid4().hex, source="urn:m", type="t", topic="jobs", data={"n": 1})])
     hub = f"http://127.0.0.1:{s.http_port}/metrics"
     worker = f"http://127.0.0.1:{wport}/metrics"
-    wait_for(lambda: "bucketwire_worker_events_total{" in get(worker, None)[1], 20, "the worker to count an event")
+    def counted() -> bool:
+        try:
+            return "bucketwire_worker_events_total{" in get(worker, None)[1]
+        except OSError:  # the pool's metrics listener is not up yet
+            return False
+
+    wait_for(counted, 20, "the worker to count an event")
     return s, hub, worker
 
 
