@@ -203,3 +203,17 @@ def test_events_committed_by_another_hub_reach_this_one_in_order(cluster: NatsCl
     finally:
         a.close()
         b.close()
+
+
+def test_a_lease_listing_that_fails_is_an_error_not_no_leader(cluster: NatsCluster) -> None:
+    """`status`, `doctor` and the redirect of workers read who leads each group. A listing that fails must say so:
+    read as "nobody leads", it sends workers away with "no hub dispatches this group"."""
+    j = JetStreamJournal(_settings(cluster, "t5"), "hubA")
+    try:
+        assert j.lead(["g"], 0.0) == {"g"}
+        assert j.leaders() == {"g": "hubA"}
+        j._run(j.js.delete_stream(f"KV_{j._kv_leases}"))  # the listing itself now fails
+        with pytest.raises(JetStreamError, match="cannot list the keys"):
+            j.leaders()
+    finally:
+        j.close()
