@@ -40,8 +40,8 @@ def obj_event(key: str, n: int, **data) -> Event:
                  data={"bucket": "b", "key": key, "n": n, **data})
 
 
-def test_balance_per_object_order_and_fan_out(stack_factory):
-    s = stack_factory(GROUPS)
+def test_balance_per_object_order_and_fan_out(hub_stack):
+    s = hub_stack(GROUPS)
     s.start_hub()
     s.start_worker("a", 2)
     s.start_worker("b", 1)
@@ -77,8 +77,8 @@ def test_balance_per_object_order_and_fan_out(stack_factory):
     assert st["a"]["lag"] == 0 and st["b"]["lag"] == 0
 
 
-def test_retry_with_backoff_then_dead_letter(stack_factory):
-    s = stack_factory(GROUPS)
+def test_retry_with_backoff_then_dead_letter(hub_stack):
+    s = hub_stack(GROUPS)
     s.start_hub()
     s.start_worker("a", 1)
     with s.client() as c:
@@ -104,10 +104,10 @@ def test_retry_with_backoff_then_dead_letter(stack_factory):
     assert st["retried"] >= 4
 
 
-def test_acks_above_the_cursor_gap_survive_a_hub_crash(stack_factory):
+def test_acks_above_the_cursor_gap_survive_a_hub_crash(hub_stack):
     """One slow event holds the cursor while later events are acked; after a hub SIGKILL those later events are
     not delivered again, because out-of-order acks are committed with the cursor."""
-    s = stack_factory(GROUPS)
+    s = hub_stack(GROUPS)
     s.start_hub()
     s.start_worker("a", 2, "--credit", "1")  # credit 1: the busy child must not hoard fast events
     with s.client() as c:
@@ -126,14 +126,14 @@ def test_acks_above_the_cursor_gap_survive_a_hub_crash(stack_factory):
     assert s.status()["topics"]["follow"]["head"] == 40
 
 
-def test_follow_ons_exactly_once_when_an_event_is_handled_twice(stack_factory):
+def test_follow_ons_exactly_once_when_an_event_is_handled_twice(hub_stack):
     """A worker frozen mid-event (SIGSTOP: a GC pause, a partition) is declared lost; another worker handles
     the event and publishes its follow-ons; the frozen one resumes and acks the same follow-ons again.
     They are committed once."""
     import os
     import signal
 
-    s = stack_factory(GROUPS)
+    s = hub_stack(GROUPS)
     s.start_hub()
     w = s.start_worker("a", 1, "--credit", "1")
     frozen = s.child_pids(w)[0]
@@ -161,6 +161,37 @@ def test_follow_ons_exactly_once_when_an_event_is_handled_twice(stack_factory):
     fos = [json.loads(b) for b in bodies]
     assert len({f["id"] for f in fos}) == 3
     assert all(f["hops"] == 1 and f["causationid"] for f in fos)
+
+
+def test_hop_limit_refuses_a_follow_on_past_max_hops(hub_stack):
+    """A follow-on one hop past `max_hops` is not committed: it becomes a refused dead letter, which `dlq retry`
+    will not turn into an event; a follow-on at the limit goes through, and the causing events are acked."""
+    s = hub_stack(GROUPS)
+    s.cfg_path.write_text(s.cfg_path.read_text().replace("heartbeat_timeout = 1.5",
+                                                         "heartbeat_timeout = 1.5\nmax_hops = 2"))
+    s.start_hub()
+    s.start_worker("a", 1)
+
+    def ev(key: str, hops: int) -> Event:
+        return Event(id=uuid.uuid4().hex, source="urn:test", type="s3:ObjectCreated:Put", subject=key, topic="jobs",
+                     data={"bucket": "b", "key": key, "follow": 1}, hops=hops)
+
+    with s.client() as c:
+        c.publish_events([ev("at-limit", 1), ev("past-limit", 2)])
+    wait_for(lambda: s.metric("bucketwire_hop_limit_total") == 1, 20, "one follow-on refused by the hop limit")
+    wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0, 20, "both causing events acked")
+    with s.client() as c:
+        _, follow = c.fetch("follow", 1)
+        _, dead = c.fetch("dead-letter", 1)
+    assert [json.loads(b)["hops"] for b in follow] == [2], "only the follow-on at the limit is committed"
+    assert len(dead) == 1
+    dl = json.loads(dead[0])
+    assert dl["data"]["refused"] is True and dl["data"]["line"] == "hop limit"
+    assert dl["data"]["event"]["hops"] == 3 and dl["data"]["event"]["data"]["cause_seq"] == 2
+    p = subprocess.run([sys.executable, "-m", "bucketwire", "dlq", "retry", dl["id"], "-c", str(s.cfg_path)],
+                       env=s.env, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "a refused follow-on stays refused" in p.stderr, p.stderr
+    assert s.status()["topics"]["jobs"]["head"] == 2, "nothing was retried into the topic"
 
 
 def test_worker_killed_mid_event_is_redelivered(stack_factory):
@@ -253,11 +284,11 @@ def test_supervisor_restarts_a_crashed_child(stack_factory):
     assert victim not in {r["pid"] for r in s.handled()}
 
 
-def test_webhook_2xx_survives_hub_kill(stack_factory):
+def test_webhook_2xx_survives_hub_kill(hub_stack):
     """Every event answered 2xx is in the journal after a SIGKILL of the hub mid-stream."""
     from tests.minio_payloads import body, record
 
-    s = stack_factory("[[routes]]\nevents = ['s3:*']\ntopic = 'jobs'\n")
+    s = hub_stack("[[routes]]\nevents = ['s3:*']\ntopic = 'jobs'\n")
     s.start_hub()
     ok_ids: list[str] = []
     stop = threading.Event()
