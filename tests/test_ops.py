@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +97,8 @@ def value(m: dict, name: str, default: float | None = 0.0, **labels: str) -> flo
     return m.get((name, tuple(sorted(labels.items()))), default)
 
 
-def test_metrics_after_known_workload(stack_factory):
-    s = stack_factory()
+def test_metrics_after_known_workload(hub_stack):
+    s = hub_stack()
     wport = free_port()
     s.cfg_path.write_text(s.cfg_path.read_text() + ops_config(s.dir, {"a": {"metrics": f"127.0.0.1:{wport}"}}))
     s.start_hub()
@@ -141,6 +144,21 @@ def test_metrics_after_known_workload(stack_factory):
     assert value(w, "bucketwire_worker_hook_errors_total", group="a", plugin="recorder") == 2
     assert value(w, "bucketwire_worker_children", group="a") == 2
     assert value(w, "bucketwire_worker_credit", group="a") == 32
+    # the same numbers in `status --json` and the text table, with the backend and who dispatches the group
+    st = json.loads(cli(s, "status", "--json").stdout)
+    assert st["hub"]["backend"] == s.backend
+    assert st["groups"]["a"]["topics"]["jobs"] == {"cursor": 20, "head": 20, "lag": 0}
+    assert (st["groups"]["a"]["dead_lettered"], st["groups"]["a"]["workers"]) == (2, 2)
+    text = cli(s, "status").stdout
+    assert re.search(r"^a\s+idle\s+jobs\s+20\s+20\s+0\s+0\s+2\s", text, re.M), text
+    assert "group a: 2 dead-lettered: `bucketwire dlq list --group a`" in text
+    if s.backend == "jetstream":
+        assert st["dispatch"]["a"] == {"leader": s.cfg.hub.id, "endpoint": s.cfg.hub.advertise,
+                                       "role": "dispatching"}
+        row = rf"^a\s+{re.escape(s.cfg.hub.id)}\s+{re.escape(s.cfg.hub.advertise)}\s+dispatching$"
+        assert re.search(row, text, re.M) and f"this hub: {s.cfg.hub.id}" in text, text
+    else:
+        assert "dispatch" not in st and "DISPATCHED-BY" not in text
 
 
 def test_status_json_with_a_stopped_worker(stack_factory):
@@ -175,8 +193,8 @@ def test_status_json_with_a_stopped_worker(stack_factory):
     wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0, 30, "lag back to 0")
 
 
-def test_dlq_list_retry_purge(stack_factory):
-    s = stack_factory()
+def test_dlq_list_retry_purge(hub_stack):
+    s = hub_stack()
     s.cfg_path.write_text(s.cfg_path.read_text() + ops_config(s.dir, {"a": {}, "b": {}}))
     flag = s.dir / "fail.flag"
     flag.write_text("x")
@@ -238,8 +256,8 @@ def dlq_json(s: Stack, *args: str) -> list[dict[str, Any]]:
     return out
 
 
-def test_replay_from_seq_redelivers_exactly_from_there(stack_factory):
-    s = stack_factory()
+def test_replay_from_seq_redelivers_exactly_from_there(hub_stack):
+    s = hub_stack()
     s.cfg_path.write_text(s.cfg_path.read_text() + ops_config(s.dir, {"a": {}, "b": {}}))
     s.start_hub()
     start_worker(s, "a", 1)
@@ -256,6 +274,17 @@ def test_replay_from_seq_redelivers_exactly_from_there(stack_factory):
     again = [x["s"] for x in recs[20:]]
     assert sorted(again) == list(range(4, 11)) and {x["g"] for x in recs[20:]} == {"a"}
     assert s.status()["groups"]["a"]["topics"]["jobs"]["cursor"] == 10
+    # --since: from the first event committed at or after a time; the events before it are not delivered again
+    mark = time.time()
+    publish(s, 3)
+    wait_for(lambda: len(records(s)) == 33, 20, "both groups handled the 3 new events")
+    wait_for(lambda: s.status()["groups"]["a"]["topics"]["jobs"]["cursor"] == 13, 20, "group a's acks committed")
+    since = datetime.fromtimestamp(mark, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    r = cli(s, "replay", "--group", "a", "--since", since, "--timeout", "30")
+    assert "cursor 13 -> 10" in r.stderr
+    wait_for(lambda: len(records(s)) >= 36, 20, "3 redelivered")
+    wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0, 10, "group a caught up again")
+    assert sorted(x["s"] for x in records(s)[33:]) == [11, 12, 13] and {x["g"] for x in records(s)[33:]} == {"a"}
     r = cli(s, "replay", "--group", "nope", "--from-seq", "1", check=False)
     assert r.returncode != 0 and "unknown group" in r.stderr
 
@@ -312,3 +341,16 @@ def test_journal_full_answers_503_and_recovers(stack_factory):
     code, body = s.post("/events", json.dumps(ev).encode(), headers={"Content-Type": "application/json"})
     assert code == 200, body
     assert s.healthy() and s.status()["hub"]["journal_ok"] is True
+
+
+def test_status_text_names_each_groups_dispatcher_on_a_standby() -> None:
+    """On a hub that dispatches nothing (jetstream, another hub holds the leases) the text status says who does."""
+    from bucketwire.commands.ops import render_status
+
+    text = render_status({"hub": {"id": "hubB", "backend": "jetstream"}, "groups": {}, "topics": {},
+                          "dispatch": {"g": {"leader": "hubA", "endpoint": "tcp://10.0.0.1:5556", "role": "standby"},
+                                       "h": {"leader": None, "endpoint": None, "role": "standby"}}})
+    assert "this hub: hubB" in text
+    assert re.search(r"^g\s+hubA\s+tcp://10\.0\.0\.1:5556\s+standby$", text, re.M), text
+    assert re.search(r"^h\s+nobody \(lease free\)\s+-\s+standby$", text, re.M), text
+    assert "DISPATCHED-BY" not in render_status({"hub": {}, "groups": {}, "topics": {}})

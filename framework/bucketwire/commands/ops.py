@@ -145,6 +145,15 @@ def render_status(st: dict[str, Any]) -> str:
                          fmt_age(gs.get("oldest_unacked_age")) if gs.get("oldest_unacked_age") else "-"))
     lines.append(table(rows) if len(rows) > 1 else "no consumer groups")
     lines.append("")
+    # With several hubs (jetstream) one hub dispatches each group; the table above lists only this hub's, so
+    # say who has the others: where their workers go and which hub's status and logs to read.
+    dispatch = st.get("dispatch") or {}
+    if dispatch:
+        drows: list[tuple[str, ...]] = [("GROUP", "DISPATCHED-BY", "ENDPOINT", "THIS-HUB")]
+        for g, d in sorted(dispatch.items()):
+            drows.append((g, d.get("leader") or "nobody (lease free)", d.get("endpoint") or "-",
+                          "dispatching" if d.get("role") == "dispatching" else "standby"))
+        lines += [f"this hub: {h.get('id', '?')}", table(drows), ""]
     trows: list[tuple[str, ...]] = [("TOPIC", "HEAD", "RATE/S", "CONSUMED-BY")]
     for t, ts in sorted(st.get("topics", {}).items()):
         trows.append((t, str(ts["head"]), f"{ts.get('rate', 0.0):.1f}", ",".join(consumers.get(t, [])) or "-"))
