@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,17 @@ topics = ["jobs"]
 plugins = []
 start = "earliest"
 """
+RETRY_LATER = """
+[topics.jobs]
+max_attempts = 3
+backoff_base = 60
+backoff_max = 60
+"""
+
+
+def _handled(s: Stack, group: str) -> list[tuple[int, int]]:
+    """(seq, attempt) of each event `group` handled, in the order handled."""
+    return [(r["s"], r["a"]) for r in s.handled() if r["g"] == group]
 
 
 def _hub_log(s: Stack) -> str:
@@ -48,15 +58,19 @@ def test_no_stalled_warning_while_the_pools_connect(stack_factory: Any) -> None:
     assert "group stalled" not in _hub_log(s)
 
 
-def test_group_rm_removes_an_unused_ad_hoc_group_and_refuses_the_rest(stack_factory: Any) -> None:
-    s = stack_factory(GROUPS)
+def test_group_rm_removes_an_unused_ad_hoc_group_and_refuses_the_rest(hub_stack: Any) -> None:
+    """`group rm` refuses a group in use or configured, removes an unused one, and a new group of that name
+    starts afresh: from its `start`, with no acks and no attempt counts of the removed one."""
+    s = hub_stack(GROUPS + RETRY_LATER)
     # The pool's own config names the group; the hub's does not (as after removing [groups.adhoc] from it).
     pool_cfg = s.dir / "pool.toml"
     pool_cfg.write_text(s.cfg_path.read_text() + '\n[groups.adhoc]\ntopics = ["jobs"]\nplugins = []\n')
     s.start_hub()
     adhoc = s.start_worker("adhoc", 1, cfg_path=pool_cfg)
-    publish(s, 2)
-    wait_for(lambda: s.status()["groups"]["adhoc"]["lag"] == 0, 30, "the ad-hoc group to catch up")
+    publish(s, 1, fail=1)  # seq 1 fails its first attempt and waits a minute for the next
+    publish(s, 1)  # seq 2 is acked above the cursor's gap
+    wait_for(lambda: s.status()["groups"]["adhoc"]["retrying"] == 1 and _handled(s, "adhoc") == [(2, 1)], 30,
+             "seq 1 waiting for its retry, seq 2 handled")
 
     r = cli(s, "group", "rm", "adhoc", check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
@@ -72,21 +86,21 @@ def test_group_rm_removes_an_unused_ad_hoc_group_and_refuses_the_rest(stack_fact
     assert value(_metrics(s), "bucketwire_group_state", group="adhoc", state="stalled") == 1
 
     r = cli(s, "group", "rm", "adhoc")
-    assert r.stdout.strip() == "removed group adhoc (topics: jobs; 2 event(s) it had not acked)"
+    assert r.stdout.strip() == "removed group adhoc (topics: jobs; 4 event(s) it had not acked)"
     st = s.status()
-    assert sorted(st["groups"]) == ["a"]
+    assert sorted(st["groups"]) == ["a"] and "adhoc" not in st.get("dispatch", {})
     m = _metrics(s)
     assert value(m, "bucketwire_group_state", None, group="adhoc", state="stalled") is None
     assert value(m, "bucketwire_group_lag", None, group="adhoc", topic="jobs") is None
     assert "group removed" in _hub_log(s)
-    db = sqlite3.connect(s.dir / "state" / "journal.db")
-    try:
-        assert db.execute("SELECT count(*) FROM cursors WHERE grp='adhoc'").fetchone() == (0,)
-    finally:
-        db.close()
-
     r = cli(s, "group", "rm", "adhoc", check=False)
     assert r.returncode == 1 and "unknown group 'adhoc' (groups: a)" in r.stderr
+
+    # A new group of that name: every event again, each at its first attempt (seq 1 fails it again and waits).
+    s.start_worker("adhoc", 1, "--start", "earliest", cfg_path=pool_cfg)
+    wait_for(lambda: _handled(s, "adhoc")[1:] == [(2, 1), (3, 1), (4, 1)]
+             and s.status()["groups"]["adhoc"]["retrying"] == 1, 30, "seqs 2-4 handled again, seq 1 failed again")
+    assert s.status()["groups"]["adhoc"]["retried"] == 1, "the removed group's counters are gone too"
 
 
 def test_group_rm_is_an_operator_act(stack_factory: Any, tmp_path: Path) -> None:

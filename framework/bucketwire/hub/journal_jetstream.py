@@ -557,10 +557,13 @@ class JetStreamJournal:
         return dict(self._attempts.get(group, {}))
 
     def forget_group(self, group: str) -> None:
-        """Delete a removed group's cursors and counters, so a new group of that name starts afresh."""
+        """Delete a removed group's cursors, counters and retry attempt counts, so a new group of that name starts
+        afresh (a left-over count would start an event at a later attempt, or dead-letter it early)."""
         async def forget() -> None:
             kv = await self.js.key_value(self._kv_cursors)
             keys = [self._cursor_key(g, t) for g, t in self._cursors if g == group] + [f"stats.{token(group)}"]
+            keys += list(await self._latest(self._kv_cursors, f"a.{token(group)}.>"))
+            self._attempts.pop(group, None)
             for key in keys:
                 try:
                     await kv.purge(key)

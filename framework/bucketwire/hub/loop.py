@@ -9,6 +9,7 @@ it fast: nothing waits for another thread's GIL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -595,7 +596,10 @@ class Hub:
             if self.ha is not None and rm.group not in self.groups and rm.group in self.wanted:
                 self._moved(ident, rm.group, now)
                 return
+            had = rm.group in self.groups
             self.ops.on_group_rm(ident, rm)
+            if self.ha is not None and had and rm.group not in self.groups:
+                self._removed(rm.group)
         elif cmd == P.STATUS:
             req = P.decode(raw, P.Status).req
             self.net.send([ident, P.STATUSR, P.enc({"req": req, **self.status(now)})])
@@ -904,6 +908,16 @@ class Hub:
             self._moved(ident, name, now)
         log.warning("stopped dispatching group (lease lost)", extra={"group": name, "hub": self.cfg.hub.id,
                                                                      "inflight": len(g.inflight)})
+
+    def _removed(self, name: str) -> None:
+        """`group rm` forgot the group: stop wanting it and give its lease back, or the next lease round would
+        take it again and bring the group back at once."""
+        assert self.ha is not None
+        self.wanted.pop(name, None)
+        self.ha.release([name])
+        self._holders_at = -1e9
+        with contextlib.suppress(KeyError):
+            self.metrics.leading.remove(name)
 
     def dispatchers(self, now: float) -> dict[str, tuple[str, str]]:
         """group -> (hub id, work endpoint) of each group's dispatcher, read again at most once a second."""
