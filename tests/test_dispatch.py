@@ -77,6 +77,23 @@ def test_retry_keeps_the_object_held_then_dead_letters():
     assert [it.seq for _, items in g.dispatch(10, 100.0) for it in items] == [2]
 
 
+def test_a_retry_scheduled_by_the_previous_dispatcher_is_waited_out_holding_its_object():
+    """A new dispatcher (jetstream failover) loads an event whose retry the old one had scheduled: it waits until
+    then, at its next attempt, and a later event for the same object waits behind it."""
+    g = group()
+    add_worker(g, "w")
+    g.seed, g.seed_due = {("t", 1): 1}, {("t", 1): 50.0}
+    load(g, ["b/x", "b/x", "b/y"])
+    assert [it.seq for _, items in g.dispatch(10, 0.0) for it in items] == [3], "seq 2 waits behind seq 1"
+    assert g.next_retry_at() == 50.0
+    g.due_retries(49.0)
+    assert g.dispatch(10, 49.0) == []
+    g.due_retries(50.0)
+    assert [(it.seq, it.attempts) for _, items in g.dispatch(10, 50.0) for it in items] == [(1, 2)]
+    g.ack("t", 1)
+    assert [it.seq for _, items in g.dispatch(10, 50.0) for it in items] == [2]
+
+
 def test_who_pays_when_a_worker_goes():
     """A drain or an undeliverable batch charges nothing; a death reported by the supervisor charges exactly the
     running event; a heartbeat loss charges only the oldest event the worker held."""

@@ -26,7 +26,8 @@ Key = tuple[str, int]
 
 TARGET_MARK = b'"targetgroup"'
 MAX_RETRY_DELAY = 86_400.0
-"""The longest `Retry(delay=...)` honoured: a day. Retries wait in the hub's memory, not in the journal."""
+"""The longest `Retry(delay=...)` honoured: a day. Retries wait in the hub's memory (with jetstream the time
+each is due is also kept in the KV bucket, so the next dispatcher waits it out too)."""
 
 
 def not_for_group(body: bytes, group: str) -> bool:
@@ -151,6 +152,9 @@ class GroupState:
         self.charged: dict[Key, int] = {}
         self.stored: set[Key] = set()
         self.seed: dict[Key, int] = {}
+        # ... and when each charged retry is due (monotonic): `due` goes with `charged`, `seed_due` with `seed`.
+        self.due: dict[Key, float] = {}
+        self.seed_due: dict[Key, float] = {}
         self.totals = [0, 0, 0]
         self.skipped_by_retention = 0
         self._tie = itertools.count()
@@ -179,7 +183,9 @@ class GroupState:
             if not_for_group(body, self.name):
                 self._mark_acked(topic, seq)
                 continue
-            self.ready.append(Item(topic, seq, objkey, body, self.seed.pop((topic, seq), 0)))
+            it = Item(topic, seq, objkey, body, self.seed.pop((topic, seq), 0))
+            if not self.seed_due or not self._wait_out(it):
+                self.ready.append(it)
             self.loaded += 1
         self.read_pos[topic] = items[-1][0] + 1
 
@@ -210,9 +216,22 @@ class GroupState:
                     if not_for_group(body, self.name):
                         self._mark_acked(t, seq)
                     elif not self.is_done(t, seq):
-                        self.ready.append(Item(t, seq, objkey, body, self.seed.pop((t, seq), 0)))
+                        it = Item(t, seq, objkey, body, self.seed.pop((t, seq), 0))
+                        if not self.seed_due or not self._wait_out(it):
+                            self.ready.append(it)
                         self.loaded += 1
                 self.read_pos[t] = rows[-1][0] + 1
+
+    def _wait_out(self, it: Item) -> bool:
+        """A loaded event whose retry the previous dispatcher had scheduled waits for it here too (True), holding
+        its object so nothing later for it overtakes; False when none was scheduled."""
+        due = self.seed_due.pop(it.key, None)
+        if due is None:
+            return False
+        if it.objkey is not None:
+            self.holder.setdefault(it.objkey, it.key)
+        heapq.heappush(self.retry, (due, next(self._tie), it))
+        return True
 
     # -- dispatch --------------------------------------------------------------------------------------------
     def dispatch(self, batch_max: int, now: float) -> list[tuple[WorkerState, list[Item]]]:
@@ -341,6 +360,7 @@ class GroupState:
             wait = max(wait, min(delay, MAX_RETRY_DELAY))
         heapq.heappush(self.retry, (now + wait, next(self._tie), it))
         self.charged[it.key] = it.attempts
+        self.due[it.key] = now + wait
         self.stored.add(it.key)
         self.delta[1] += 1
         self.totals[1] += 1
@@ -430,6 +450,7 @@ class GroupState:
         self.dirty.clear()
         self.delta = [0, 0, 0]
         self.charged.clear()
+        self.due.clear()
 
     def oldest_unacked_age(self, now: float) -> float:
         starts = [it.first_dispatch for it, _ in self.inflight.values() if it.first_dispatch]

@@ -94,6 +94,8 @@ class Batch:
     stats: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     attempts: dict[tuple[str, str, int], int] = field(default_factory=dict)
     """(group, topic, seq) -> attempts used, 0 to forget: kept by the JetStream journal only (failover)."""
+    due: dict[tuple[str, str, int], float] = field(default_factory=dict)
+    """(group, topic, seq) -> unix time the next attempt is due, stored beside `attempts` (JetStream only)."""
 
 
 class JournalAPI(Protocol):

@@ -180,6 +180,7 @@ class JetStreamJournal:
         self._stats: dict[str, tuple[int, int, int]] = {}
         self._stats_rev: dict[str, int] = {}
         self._attempts: dict[str, dict[tuple[str, int], int]] = {}  # group -> (topic, seq) -> attempts used
+        self._due: dict[str, dict[tuple[str, int], float]] = {}  # group -> (topic, seq) -> unix time retry is due
         self._leases: dict[str, tuple[int, float]] = {}  # group -> (revision, valid until, monotonic)
         self._next_lease_round = 0.0
         self._remote: deque[Appended] = deque()
@@ -486,7 +487,7 @@ class JetStreamJournal:
         for (g, t, q), n in batch.attempts.items():
             # Written only on failure, deleted on ack: only the lease holder writes them, so no revision check.
             key = f"a.{token(g)}.{token(t)}.{q}"
-            doc3 = {"group": g, "topic": t, "seq": q, "attempts": n}
+            doc3 = {"group": g, "topic": t, "seq": q, "attempts": n, "due": batch.due.get((g, t, q), 0.0)}
             fut3 = await self._replies.send(f"$KV.{self._kv_cursors}.{key}", json.dumps(doc3).encode() if n else b"",
                                             {} if n else {"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
             tries.append((key, fut3))
@@ -533,6 +534,7 @@ class JetStreamJournal:
             found.update(await self._latest(self._kv_cursors, f"{tries}>"))
             found.update(await self._latest(self._kv_cursors, f"stats.{token(group)}"))
             self._attempts[group] = {}
+            self._due[group] = {}
             for k in [k for k in self._cursors if k[0] == group]:
                 self._cursors.pop(k, None)
             self._stats.pop(group, None)
@@ -545,6 +547,7 @@ class JetStreamJournal:
                     self._stats_rev[group] = revision
                 elif key.startswith(tries):
                     self._attempts[group][(str(doc["topic"]), int(doc["seq"]))] = int(doc["attempts"])
+                    self._due[group][(str(doc["topic"]), int(doc["seq"]))] = float(doc.get("due", 0.0))
                 else:
                     self._cursors[(group, doc["topic"])] = (int(doc["acked"]), str(doc.get("above", "")))
                     self._cursor_rev[key] = revision
@@ -556,6 +559,10 @@ class JetStreamJournal:
         last `load_group`."""
         return dict(self._attempts.get(group, {}))
 
+    def retries_due(self, group: str) -> dict[tuple[str, int], float]:
+        """When (unix time) the next attempt of each of those events is due, as of the last `load_group`."""
+        return dict(self._due.get(group, {}))
+
     def forget_group(self, group: str) -> None:
         """Delete a removed group's cursors, counters and retry attempt counts, so a new group of that name starts
         afresh (a left-over count would start an event at a later attempt, or dead-letter it early)."""
@@ -564,6 +571,7 @@ class JetStreamJournal:
             keys = [self._cursor_key(g, t) for g, t in self._cursors if g == group] + [f"stats.{token(group)}"]
             keys += list(await self._latest(self._kv_cursors, f"a.{token(group)}.>"))
             self._attempts.pop(group, None)
+            self._due.pop(group, None)
             for key in keys:
                 try:
                     await kv.purge(key)

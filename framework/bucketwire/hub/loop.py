@@ -327,6 +327,9 @@ class Hub:
                 batch.stats[g.name] = delta
             if self.ha is not None:
                 batch.attempts.update({(g.name, t, q): n for (t, q), n in g.charged.items()})
+                if g.due:  # monotonic -> unix time: another hub's clock reads it
+                    wall = time.time() - time.monotonic()
+                    batch.due.update({(g.name, t, q): d + wall for (t, q), d in g.due.items()})
         self._pending_topics.clear()
         if not batch.events and not batch.cursors and not batch.stats and not batch.attempts:
             for cb, _, _ in replies:  # nothing to write (all unrouted or refused): answer at once
@@ -893,6 +896,8 @@ class Hub:
             g.totals = list(st)
         g.seed = self.ha.attempts_of(name)  # retries go on counting where the previous dispatcher left off
         g.stored = set(g.seed)
+        wall, mono = time.time(), time.monotonic()  # ... and wait out the backoff it had scheduled
+        g.seed_due = {k: mono + (at - wall) for k, at in self.ha.retries_due(name).items() if at > wall}
         self._holders_at = -1e9
         self.metrics.leading.labels(name).set(1)
         log.info("dispatching group", extra={"group": name, "hub": self.cfg.hub.id})
