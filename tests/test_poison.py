@@ -42,10 +42,10 @@ def dead_letters(s: Stack) -> list[dict[str, Any]]:
     return [json.loads(b)["data"] for b in bodies]
 
 
-def test_a_child_that_aborts_charges_only_the_event_it_was_running(stack_factory: Any) -> None:
+def test_a_child_that_aborts_charges_only_the_event_it_was_running(hub_stack: Any) -> None:
     """15 innocents share the poison's batch in one child; the poison os.abort()s the child on every attempt.
     Only the poison may be charged: every innocent is handled on its first attempt, none is dead-lettered."""
-    s = stack_factory(CFG.format(extra=""))
+    s = hub_stack(CFG.format(extra=""))
     s.start_hub()
     s.start_worker("a", 1)
     events = [job(f"innocent-{i}") for i in range(16)]
