@@ -1,4 +1,6 @@
-"""Consumer groups against real hub and worker processes: balance, order, fan-out, retries, follow-ons, tail."""
+"""Consumer groups against real hub and worker processes: balance, order, fan-out, retries, follow-ons, tail.
+
+Tests taking `hub_stack` run once per journal backend (tests/fixtures_backends.py)."""
 
 from __future__ import annotations
 
