@@ -236,6 +236,7 @@ def test_worker_killed_mid_event_is_redelivered(stack_factory):
     st = wait_for(lambda: (g := s.status()["groups"]["a"])["redelivered"] >= 1 and g["inflight"] == 1 and g, 15,
                   "redelivery")
     assert st["lag"] == 1 and st["workers"] == 1
+    os.killpg(w.pid, signal.SIGKILL)  # its handler sleeps 30 s: a drain at teardown would wait 15 s for nothing
 
 
 def test_tail_from_seq_has_no_gap_or_duplicate_at_the_seam(stack_factory):
