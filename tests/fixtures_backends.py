@@ -39,7 +39,9 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClust
 
 
 def journal_table(cluster: NatsCluster, prefix: str) -> str:
-    """`[journal]` for one test: short lease and timeouts, so a restarted hub takes its groups back in seconds."""
+    """`[journal]` for one test. A short lease, so a restarted hub takes its groups back in seconds; not shorter,
+    so a hub loop slowed by a busy machine still renews in time (a lost and retaken lease redelivers what was in
+    flight, which tests that count deliveries exactly would take for a bug)."""
     servers = ", ".join(f'"{u}"' for u in cluster.urls)
     return f"""
 [journal]
@@ -47,7 +49,7 @@ backend = "jetstream"
 servers = [{servers}]
 replicas = 3
 prefix = "{prefix}"
-lease_ttl = 2.0
+lease_ttl = 3.0
 """
 
 
