@@ -17,6 +17,10 @@ Why it is shaped this way:
 * **Cursors and counters in a KV bucket, fenced by revision.** Only the hub that dispatches a group writes its
   cursors, and every write names the revision it last saw (`Nats-Expected-Last-Subject-Sequence`), so a hub that
   lost the group's lease cannot move a cursor behind the new dispatcher's back: its write is refused.
+* **Other hubs' events by notice and catch-up, not by a consumer.** A consumer on every topic stream would hand
+  each hub back every event it committed itself; instead a committing hub sends one small head notice per
+  topic per commit, and a hub that hears of (or polls, or sees in its own PubAcks) a head beyond what it has
+  seen reads the missing range with batched direct gets (see `follow`).
 
 The hub's loop thread is synchronous; the nats client is asyncio. The client runs on a private event loop in a
 background thread and each operation is one `run_coroutine_threadsafe` hop, which keeps the loop code identical
@@ -48,6 +52,11 @@ WRONG_LAST_SEQUENCE = 10071
 """JetStream's error code for a publish whose expected last sequence did not match."""
 IN_PROCESS = "duplicate message id is in process"
 READ_BATCH = 1000
+FEED_POLL = 1.0
+"""Seconds between polls of the topic streams' heads: how late, at worst, an event another hub committed (and
+whose notice was lost) reaches this hub's subscribers and dispatch."""
+_NEWLINES = {13: " ", 10: " "}
+"""Header values lose their line breaks, as nats-py's `publish` does: a raw one would end the header block."""
 
 
 class JetStreamError(JournalError):
@@ -123,6 +132,7 @@ class _Chain:
     topic: str
     events: list[tuple[int, NewEvent]]  # (index in the batch, event)
     done: dict[int, Appended] = field(default_factory=dict)
+    stored: int = 0  # the highest seq this commit stored (0: only duplicates)
 
 
 class _Replies:
@@ -162,6 +172,49 @@ class _Replies:
         await self.nc.publish(subject, data, reply=f"{self.prefix}.{tok}", headers=headers)
         return fut
 
+    async def send_many(self, subject: str, items: list[tuple[bytes, dict[str, str]]]
+                        ) -> list[asyncio.Future[dict[str, Any]]]:
+        """`send` for a whole chain in one write: the HPUB frames are built here and handed to the client's
+        outgoing buffer at once. nats-py's `publish` costs about as much Python per message as rendering the
+        event (subject and header validation, an await chain, a flusher kick each), and a commit pipelines
+        hundreds of them while the hub's loop waits. Falls back to `publish` on a client without that buffer."""
+        if not items:
+            return []
+        nc = self.nc
+        if not (hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending")) or not nc.is_connected:
+            return [await self.send(subject, data, headers) for data, headers in items]
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[dict[str, Any]]] = []
+        frames: list[bytes] = []
+        subj = subject.encode()
+        prefix = self.prefix.encode()
+        n = self.n
+        for data, headers in items:
+            n += 1
+            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+            self.pending[str(n)] = fut
+            futs.append(fut)
+            hdr = b"NATS/1.0\r\n" + b"".join(
+                b"%s: %s\r\n" % (k.encode(), v.strip().translate(_NEWLINES).encode()) for k, v in headers.items()
+            ) + b"\r\n"
+            frames.append(b"HPUB %s %s.%d %d %d\r\n%s%s\r\n"
+                          % (subj, prefix, n, len(hdr), len(hdr) + len(data), hdr, data))
+        self.n = n
+        await nc._send_command(b"".join(frames))
+        await nc._flush_pending()
+        return futs
+
+    async def answers(self, futs: list[asyncio.Future[dict[str, Any]]], timeout: float
+                      ) -> list[dict[str, Any]]:
+        """The replies to `futs`, with a 408 error for each that did not come within `timeout` (one deadline
+        for all: a request sent to a node that died is never answered). The caller retries; message-id dedupe
+        and revision checks make a retry of a write that did land safe."""
+        waiting = [f for f in futs if not f.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+        return [f.result() if f.done() and not f.cancelled() else
+                {"error": {"code": 408, "description": "no answer (a NATS node may have gone)"}} for f in futs]
+
 
 class JetStreamJournal:
     """A `Journal` whose events, dedupe, cursors and counters live in JetStream (see the module docstring)."""
@@ -184,7 +237,11 @@ class JetStreamJournal:
         self._leases: dict[str, tuple[int, float]] = {}  # group -> (revision, valid until, monotonic)
         self._next_lease_round = 0.0
         self._remote: deque[Appended] = deque()
-        self._feeds: dict[str, Any] = {}
+        self._fed: dict[str, int] = {}  # topic -> every seq up to this is this hub's own or in _remote already
+        self._catching: set[str] = set()
+        self._again: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._following = False
         self._wake: Callable[[], None] | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bucketwire-jetstream", daemon=True)
@@ -364,6 +421,7 @@ class JetStreamJournal:
                 raise JetStreamError(f"cannot create the stream for topic {topic!r}: {e}") from None
         self.heads[topic] = max(self.heads.get(topic, 0), await self._head(topic))
         self._streams.add(topic)
+        self._track(topic, 0, self.heads[topic])  # new to this hub: what another hub stored in it already is new
 
     async def _head(self, topic: str) -> int:
         """The stream's last seq, asked of its leader; retried while a just-created stream elects one."""
@@ -391,12 +449,25 @@ class JetStreamJournal:
             chains.setdefault(ev.topic, _Chain(ev.topic, [])).events.append((i, ev))
         for topic in chains:
             await self._ensure_stream(topic)
-        await asyncio.gather(*(self._append_chain(c) for c in chains.values()))
+        appends = [self._append_chain(c) for c in chains.values()]
+        if batch.stats:  # counters are written as sums: only once the appends are stored, as before
+            await asyncio.gather(*appends)
+            await self._write_cursors(batch)
+        else:
+            # Cursors and retry counts are absolute values about events committed earlier, so they need not
+            # wait for this batch's appends (a failed commit writes them again): both go out at once and the
+            # commit costs one round trip, not two.
+            results = await asyncio.gather(self._write_cursors(batch), *appends, return_exceptions=True)
+            for r in results[1:] + results[:1]:  # an append's failure first: it is what the publishers hear
+                if isinstance(r, BaseException):
+                    raise r
+        for c in chains.values():  # every writer tells, whether or not it follows (see `follow`)
+            if c.stored:
+                await self._notify(c.topic, c.stored)
         out: list[Appended] = [None] * len(batch.events)  # type: ignore[list-item]
         for c in chains.values():
             for i, a in c.done.items():
                 out[i] = a
-        await self._write_cursors(batch)
         return out
 
     async def _append_chain(self, chain: _Chain) -> None:
@@ -406,10 +477,11 @@ class JetStreamJournal:
         deadline = loop.time() + self.settings.request_timeout
         while True:
             head = self.heads.get(chain.topic, 0)
-            sent: list[tuple[int, NewEvent, int, bytes, asyncio.Future[dict[str, Any]]]] = []
+            sent: list[tuple[int, NewEvent, int, bytes, str]] = []
             expect = head
             later: list[tuple[int, NewEvent]] = []
             in_round: set[str] = set()
+            items: list[tuple[bytes, dict[str, str]]] = []
             for i, ev in todo:
                 mid = msg_id(ev.source, ev.id)
                 if mid in seen:  # the same event twice in one batch: the second is a duplicate of the first
@@ -425,14 +497,15 @@ class JetStreamJournal:
                 headers = {"Nats-Msg-Id": mid, "Nats-Expected-Last-Sequence": str(expect), "Bw-Hub": self.hub_id}
                 if ev.objkey is not None:
                     headers["Bw-Objkey"] = ev.objkey
-                fut = await self._replies.send(self._subject(chain.topic), body, headers)
-                sent.append((i, ev, seq, body, fut))
+                items.append((body, headers))
+                sent.append((i, ev, seq, body, mid))
                 expect = seq
-            await self.nc.flush()
+            # No flush (PING/PONG) first: the answers themselves say the publishes arrived.
+            docs = await self._replies.answers(await self._replies.send_many(self._subject(chain.topic), items),
+                                               self.settings.request_timeout / 4)
             retry: list[tuple[int, NewEvent]] = later
             unavailable = False
-            for i, ev, _seq, body, fut in sent:
-                doc = await self._answer(fut)
+            for (i, ev, _seq, body, mid), doc in zip(sent, docs, strict=True):
                 err = doc.get("error")
                 if err is None:
                     stored = int(doc["seq"])
@@ -441,8 +514,10 @@ class JetStreamJournal:
                     else:
                         a = Appended(chain.topic, stored, body, ev.objkey)
                         self.heads[chain.topic] = max(self.heads.get(chain.topic, 0), stored)
+                        chain.stored = max(chain.stored, stored)
+                    self._own(chain.topic, stored, a.duplicate)
                     chain.done[i] = a
-                    seen[msg_id(ev.source, ev.id)] = a
+                    seen[mid] = a
                 elif err.get("err_code") == WRONG_LAST_SEQUENCE or IN_PROCESS in str(err.get("description")):
                     retry.append((i, ev))  # another hub appended first, or is storing the same id right now
                 elif err.get("code") in (503, 408):
@@ -500,10 +575,9 @@ class JetStreamJournal:
         for key, data, rev, _ in writes:
             futs.append(await self._replies.send(f"$KV.{self._kv_cursors}.{key}", data,
                                                  {"Nats-Expected-Last-Subject-Sequence": str(rev)}))
-        await self.nc.flush()
         refused = []
-        for (key, data, _, what), fut in zip(writes, futs, strict=True):
-            answer = await self._answer(fut)
+        answers = await self._replies.answers(futs, self.settings.request_timeout / 4)
+        for (key, data, _, what), answer in zip(writes, answers, strict=True):
             if "error" in answer and what[1] in self._leases:
                 answer = await self._rewrite(key, data)
             if "error" in answer:
@@ -622,20 +696,22 @@ class JetStreamJournal:
         look like retention and make a group skip events."""
         if topic not in self._streams:
             return []
-        return self._run(self._read_from(topic, max(1, from_seq), limit))
+        rows = self._run(self._read_from(topic, max(1, from_seq), limit))
+        return [(seq, objkey, body) for seq, _, objkey, body in rows]
 
-    async def _read_from(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]:
+    async def _read_from(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str, str | None, bytes]]:
+        """(seq, committing hub, objkey, body) rows; see `read`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout
         while True:
-            rows = await self._read(topic, {"seq": from_seq}, limit)
+            rows = await self._read_rows(topic, {"seq": from_seq}, limit)
             if rows and rows[0][0] == from_seq:
                 return rows
             first, last = await self._bounds(topic)
             if from_seq > last:
                 return []
             if from_seq < first:  # retention removed the start: what is left, from the first kept event
-                return rows if rows and rows[0][0] == first else await self._read(topic, {"seq": first}, limit)
+                return rows if rows and rows[0][0] == first else await self._read_rows(topic, {"seq": first}, limit)
             if loop.time() > deadline:
                 raise JetStreamError(f"topic {topic!r}: seq {from_seq} is stored but no replica served it")
             await asyncio.sleep(0.02)  # pacing: the replica that answered is catching up
@@ -660,8 +736,12 @@ class JetStreamJournal:
         return rows[0][0] if rows else None
 
     async def _read(self, topic: str, where: dict[str, Any], limit: int) -> list[tuple[int, str | None, bytes]]:
+        return [(seq, objkey, body) for seq, _, objkey, body in await self._read_rows(topic, where, limit)]
+
+    async def _read_rows(self, topic: str, where: dict[str, Any], limit: int
+                         ) -> list[tuple[int, str, str | None, bytes]]:
         """Batched direct get: up to `limit` stored messages in one request, answered by any replica."""
-        out: list[tuple[int, str | None, bytes]] = []
+        out: list[tuple[int, str, str | None, bytes]] = []
         done = asyncio.Event()
         inbox = self.nc.new_inbox()
 
@@ -670,7 +750,7 @@ class JetStreamJournal:
             if not m.data and h.get("Status"):
                 done.set()
                 return
-            out.append((int(h["Nats-Sequence"]), h.get("Bw-Objkey"), bytes(m.data)))
+            out.append((int(h["Nats-Sequence"]), h.get("Bw-Hub", ""), h.get("Bw-Objkey"), bytes(m.data)))
 
         sub = await self.nc.subscribe(inbox, cb=on_msg)
         try:
@@ -789,20 +869,63 @@ class JetStreamJournal:
         return self._run(read())
 
     # -- what other hubs commit ------------------------------------------------------------------------------
+    def _notice_subject(self, topic: str) -> str:
+        return f"{self.prefix}.fed.{token(topic)}"
+
     def follow(self, wake: Callable[[], None]) -> None:
         """Start receiving events that other hubs commit (every topic stream, new ones too); `wake` is called
-        from the client's thread whenever some are waiting in `take_remote`."""
+        from the client's thread whenever some are waiting in `take_remote`.
+
+        Not a consumer on each stream: that would hand this hub every event it committed itself, one message
+        each to parse and drop, on the commit's critical path (a third of the hub's CPU per event in `bench
+        bus`). Instead a hub that commits sends one small notice per topic per commit ("head is now N"), and
+        a hub that hears of a head beyond what it has seen reads the missing range from the stream (batched
+        direct gets) and keeps the events other hubs committed, in order. The notice is only a hint: a hub
+        that died between its PubAck and its notice, or a notice lost in a reconnect, is caught up by a poll
+        of the streams' heads every `FEED_POLL` seconds, and a gap in this hub's own PubAcks (another hub
+        appended in between) is caught up at once."""
         self._wake = wake
         self._run(self._follow_all())
 
     async def _follow_all(self) -> None:
         await self.nc.subscribe("$JS.EVENT.ADVISORY.STREAM.CREATED.*", cb=self._on_created)
-        async for info in self._stream_infos():
-            name = info.config.name
-            if name.startswith(f"{self.prefix}_ev_"):
-                self._streams.add(untoken(name[len(f"{self.prefix}_ev_"):]))
-        for topic in list(self._streams):
-            await self._follow(topic)
+        await self.nc.subscribe(f"{self.prefix}.fed.*", cb=self._on_notice)
+        heads = await self._stream_heads()
+        self._following = True
+        for topic, last in heads.items():
+            self._streams.add(topic)
+            self._track(topic, self.heads.get(topic, 0), last)  # from here on; what came before is history
+        self._spawn(self._poll())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _stream_heads(self) -> dict[str, int]:
+        want = f"{self.prefix}_ev_"
+        return {untoken(info.config.name[len(want):]): int(info.state.last_seq)
+                async for info in self._stream_infos() if info.config.name.startswith(want)}
+
+    def _track(self, topic: str, start: int, head: int) -> None:
+        """Follow `topic` from after `start` (kept if already followed), catching up if `head` is beyond."""
+        if not self._following:
+            return
+        fed = self._fed.setdefault(topic, start)
+        if head > fed:
+            self._catch(topic)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(FEED_POLL)
+            try:
+                heads = await self._stream_heads()
+            except Exception as e:  # the cluster is unreachable this moment: the next round asks again
+                log.debug("cannot poll the topic streams' heads", extra={"error": str(e)})
+                continue
+            for topic, last in heads.items():
+                self._streams.add(topic)
+                self._track(topic, 0, last)  # a stream this hub has not seen yet: every event in it is new
 
     async def _on_created(self, m: Any) -> None:
         name = m.subject.rsplit(".", 1)[1]
@@ -810,26 +933,71 @@ class JetStreamJournal:
             return
         topic = untoken(name[len(f"{self.prefix}_ev_"):])
         self._streams.add(topic)
-        await self._follow(topic)
+        self._track(topic, 0, 0)
 
-    async def _follow(self, topic: str) -> None:
-        from nats.js.api import ConsumerConfig, DeliverPolicy
-
-        if topic in self._feeds:
+    async def _on_notice(self, m: Any) -> None:
+        try:
+            seq, hub = m.data.decode().split(" ", 1)
+            head = int(seq)
+        except (ValueError, UnicodeDecodeError):
             return
-        start = self.heads.get(topic, 0) + 1
+        if hub == self.hub_id:
+            return
+        topic = untoken(m.subject.rsplit(".", 1)[1])
+        self._streams.add(topic)
+        self._track(topic, 0, head)
 
-        async def on_msg(m: Any, topic: str = topic) -> None:
-            h = m.headers or {}
-            if h.get("Bw-Hub") == self.hub_id:
-                return  # this hub's own commit: it fanned that out already
-            self._remote.append(Appended(topic, int(m.metadata.sequence.stream), bytes(m.data), h.get("Bw-Objkey")))
-            if self._wake is not None:
-                self._wake()
+    async def _notify(self, topic: str, head: int) -> None:
+        """Tell the other hubs that `topic` holds events up to `head` (see `follow`); best effort."""
+        try:
+            await self.nc.publish(self._notice_subject(topic), f"{head} {self.hub_id}".encode())
+        except Exception as e:  # a reconnect in progress: the other hubs' polls find the events
+            log.debug("cannot send the head notice", extra={"topic": topic, "error": str(e)})
 
-        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-        self._feeds[topic] = await self.js.subscribe(self._subject(topic), cb=on_msg, ordered_consumer=True,
-                                                     config=cfg)
+    def _own(self, topic: str, seq: int, duplicate: bool) -> None:
+        """This hub's PubAck named `seq`: the feed moves past an event this hub stored right after the last one
+        it has seen, and catches up on anything else (what other hubs stored in between, or the original of a
+        duplicate, which may be another hub's)."""
+        fed = self._fed.get(topic)
+        if fed is None or seq <= fed:
+            return
+        if seq == fed + 1 and not duplicate:
+            self._fed[topic] = seq
+        else:
+            self._catch(topic)
+
+    def _catch(self, topic: str) -> None:
+        if topic in self._catching:
+            self._again.add(topic)  # the running catch-up reads on to the new head
+        else:
+            self._catching.add(topic)
+            self._spawn(self._catch_up(topic))
+
+    async def _catch_up(self, topic: str) -> None:
+        """Read `topic` from after the last seq this hub has seen up to the stream's head; keep what other hubs
+        committed, in seq order. One at a time per topic, so `_remote` stays in order."""
+        try:
+            while True:
+                self._again.discard(topic)
+                rows = await self._read_from(topic, self._fed[topic] + 1, READ_BATCH)
+                fed = self._fed[topic]
+                woke = False
+                for seq, hub, objkey, body in rows:
+                    if seq <= fed:
+                        continue
+                    fed = seq
+                    if hub != self.hub_id:  # this hub's own commits it fanned out already
+                        self._remote.append(Appended(topic, seq, body, objkey))
+                        woke = True
+                self._fed[topic] = fed
+                if woke and self._wake is not None:
+                    self._wake()
+                if len(rows) < READ_BATCH and topic not in self._again:
+                    return
+        except Exception as e:  # unreachable or failing over: the next notice, own gap or poll tries again
+            log.debug("cannot read what other hubs committed", extra={"topic": topic, "error": str(e)})
+        finally:
+            self._catching.discard(topic)
 
     def take_remote(self) -> list[Appended]:
         """Events other hubs committed since the last call, each topic in seq order; moves `heads`."""
@@ -844,12 +1012,10 @@ class JetStreamJournal:
     def close(self) -> None:
         if self.nc is not None:
             async def shut() -> None:
-                for sub in self._feeds.values():  # stops the consumers' own tasks before the loop goes
-                    try:
-                        await sub.unsubscribe()
-                    except Exception as e:  # closing must not raise over whatever made us close
-                        log.debug("unsubscribing a feed failed", extra={"error": str(e)})
-                self._feeds.clear()
+                self._following = False
+                for task in list(self._tasks):  # the poll and catch-ups stop before the loop goes
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
                 await self.nc.close()
 
             try:
