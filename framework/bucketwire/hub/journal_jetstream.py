@@ -194,9 +194,13 @@ class _Replies:
             fut: asyncio.Future[dict[str, Any]] = loop.create_future()
             self.pending[str(n)] = fut
             futs.append(fut)
-            hdr = b"NATS/1.0\r\n" + b"".join(
-                b"%s: %s\r\n" % (k.encode(), v.strip().translate(_NEWLINES).encode()) for k, v in headers.items()
-            ) + b"\r\n"
+            text = "NATS/1.0\r\n"
+            for k, v in headers.items():
+                v = v.strip()
+                if "\n" in v or "\r" in v:
+                    v = v.translate(_NEWLINES)
+                text += f"{k}: {v}\r\n"
+            hdr = (text + "\r\n").encode()
             frames.append(b"HPUB %s %s.%d %d %d\r\n%s%s\r\n"
                           % (subj, prefix, n, len(hdr), len(hdr) + len(data), hdr, data))
         self.n = n
@@ -209,9 +213,15 @@ class _Replies:
         """The replies to `futs`, with a 408 error for each that did not come within `timeout` (one deadline
         for all: a request sent to a node that died is never answered). The caller retries; message-id dedupe
         and revision checks make a retry of a write that did land safe."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if futs and not futs[-1].done():
+            # Replies to one connection's requests come in order, so the last one is nearly always the last to
+            # come: waiting on it alone spares a done-callback per request.
+            await asyncio.wait([futs[-1]], timeout=timeout)
         waiting = [f for f in futs if not f.done()]
-        if waiting:
-            await asyncio.wait(waiting, timeout=timeout)
+        if waiting and loop.time() < deadline:
+            await asyncio.wait(waiting, timeout=deadline - loop.time())
         return [f.result() if f.done() and not f.cancelled() else
                 {"error": {"code": 408, "description": "no answer (a NATS node may have gone)"}} for f in futs]
 
