@@ -460,20 +460,22 @@ class JetStreamJournal:
         for topic in chains:
             await self._ensure_stream(topic)
         appends = [self._append_chain(c) for c in chains.values()]
-        if batch.stats:  # counters are written as sums: only once the appends are stored, as before
-            await asyncio.gather(*appends)
-            await self._write_cursors(batch)
-        else:
-            # Cursors and retry counts are absolute values about events committed earlier, so they need not
-            # wait for this batch's appends (a failed commit writes them again): both go out at once and the
-            # commit costs one round trip, not two.
-            results = await asyncio.gather(self._write_cursors(batch), *appends, return_exceptions=True)
-            for r in results[1:] + results[:1]:  # an append's failure first: it is what the publishers hear
-                if isinstance(r, BaseException):
-                    raise r
-        for c in chains.values():  # every writer tells, whether or not it follows (see `follow`)
-            if c.stored:
-                await self._notify(c.topic, c.stored)
+        try:
+            if batch.stats:  # counters are written as sums: only once the appends are stored, as before
+                await asyncio.gather(*appends)
+                await self._write_cursors(batch)
+            else:
+                # Cursors and retry counts are absolute values about events committed earlier, so they need not
+                # wait for this batch's appends (a failed commit writes them again): both go out at once and the
+                # commit costs one round trip, not two.
+                results = await asyncio.gather(self._write_cursors(batch), *appends, return_exceptions=True)
+                for r in results[1:] + results[:1]:  # an append's failure first: it is what the publishers hear
+                    if isinstance(r, BaseException):
+                        raise r
+        finally:
+            for c in chains.values():  # every writer tells what it stored, also when the commit failed later
+                if c.stored:
+                    await self._notify(c.topic, c.stored)
         out: list[Appended] = [None] * len(batch.events)  # type: ignore[list-item]
         for c in chains.values():
             for i, a in c.done.items():
@@ -949,13 +951,11 @@ class JetStreamJournal:
         try:
             seq, hub = m.data.decode().split(" ", 1)
             head = int(seq)
-        except (ValueError, UnicodeDecodeError):
+            topic = untoken(m.subject.rsplit(".", 1)[1])
+        except ValueError:  # not a notice of ours (UnicodeDecodeError and binascii.Error are ValueErrors)
             return
-        if hub == self.hub_id:
-            return
-        topic = untoken(m.subject.rsplit(".", 1)[1])
-        self._streams.add(topic)
-        self._track(topic, 0, head)
+        if hub != self.hub_id:
+            self._track(topic, 0, head)  # the topic counts as existing once its events are read (_catch_up)
 
     async def _notify(self, topic: str, head: int) -> None:
         """Tell the other hubs that `topic` holds events up to `head` (see `follow`); best effort."""
@@ -990,6 +990,8 @@ class JetStreamJournal:
             while True:
                 self._again.discard(topic)
                 rows = await self._read_from(topic, self._fed[topic] + 1, READ_BATCH)
+                if rows:
+                    self._streams.add(topic)
                 fed = self._fed[topic]
                 woke = False
                 for seq, hub, objkey, body in rows:
