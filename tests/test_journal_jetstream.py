@@ -280,3 +280,18 @@ def test_an_event_stored_without_its_head_notice_still_reaches_the_other_hubs(cl
     finally:
         a.close()
         b.close()
+
+
+def test_an_event_beyond_the_servers_max_payload_is_one_clear_error(cluster: NatsCluster) -> None:
+    """An envelope larger than the NATS server's `max_payload` (1 MiB by default) cannot be stored. Before:
+    nats-py's own exception came out of `commit`, which is not a journal error. The commit now fails with one
+    line naming the limit, and the journal goes on committing."""
+    j = JetStreamJournal(_settings(cluster, "t8"), "hubA")
+    try:
+        j.commit(Batch(events=[_ev("t", "s", "small")]))
+        big = NewEvent("t", "s", "big", None, lambda seq: b"x" * (j.nc.max_payload + 1))
+        with pytest.raises(JetStreamError, match="max_payload"):
+            j.commit(Batch(events=[big]))
+        assert [a.seq for a in j.commit(Batch(events=[_ev("t", "s", "after")]))] == [2]
+    finally:
+        j.close()

@@ -181,6 +181,21 @@ class _Replies:
         if not items:
             return []
         nc = self.nc
+        limit = int(nc.max_payload)
+        built: list[tuple[bytes, bytes]] = []
+        for data, headers in items:
+            text = "NATS/1.0\r\n"
+            for k, v in headers.items():
+                v = v.strip()
+                if "\n" in v or "\r" in v:
+                    v = v.translate(_NEWLINES)
+                text += f"{k}: {v}\r\n"
+            hdr = (text + "\r\n").encode()
+            if len(hdr) + len(data) > limit:  # the server would close the connection over it
+                raise JetStreamError(f"an event of {len(data)} bytes exceeds the NATS servers' max_payload of "
+                                     f"{limit} bytes; raise max_payload in the nats-server config or send smaller "
+                                     "events")
+            built.append((hdr, data))
         if not (hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending")) or not nc.is_connected:
             return [await self.send(subject, data, headers) for data, headers in items]
         loop = asyncio.get_running_loop()
@@ -189,18 +204,11 @@ class _Replies:
         subj = subject.encode()
         prefix = self.prefix.encode()
         n = self.n
-        for data, headers in items:
+        for hdr, data in built:
             n += 1
             fut: asyncio.Future[dict[str, Any]] = loop.create_future()
             self.pending[str(n)] = fut
             futs.append(fut)
-            text = "NATS/1.0\r\n"
-            for k, v in headers.items():
-                v = v.strip()
-                if "\n" in v or "\r" in v:
-                    v = v.translate(_NEWLINES)
-                text += f"{k}: {v}\r\n"
-            hdr = (text + "\r\n").encode()
             frames.append(b"HPUB %s %s.%d %d %d\r\n%s%s\r\n"
                           % (subj, prefix, n, len(hdr), len(hdr) + len(data), hdr, data))
         self.n = n
