@@ -11,6 +11,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -293,5 +294,21 @@ def test_an_event_beyond_the_servers_max_payload_is_one_clear_error(cluster: Nat
         with pytest.raises(JetStreamError, match="max_payload"):
             j.commit(Batch(events=[big]))
         assert [a.seq for a in j.commit(Batch(events=[_ev("t", "s", "after")]))] == [2]
+    finally:
+        j.close()
+
+
+def test_a_publish_no_stream_takes_is_answered_unavailable_at_once(cluster: NatsCluster) -> None:
+    """The PubAcks are read straight from the client's parser; the server's "no responders" status (a stream
+    that is gone or has no leader) must still come back as a 503 answer, which the commit retries, and not as
+    silence that costs a quarter of request_timeout per attempt."""
+    j = JetStreamJournal(_settings(cluster, "t9"), "hubA")
+    try:
+        async def ask() -> list[dict[str, Any]]:
+            futs = await j._replies.send_many("t9.nobody.stores.this", [(b"x", {"Bw-Hub": "hubA"})])
+            return await j._replies.answers(futs, 10)
+
+        # 408 would be the deadline's answer: 503 is the server's
+        assert [a.get("error", {}).get("code") for a in j._run(ask())] == [503]
     finally:
         j.close()
