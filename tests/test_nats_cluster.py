@@ -111,3 +111,19 @@ async def _publish_single(urls: list[str]) -> int:
         return (await js.publish("s.x", b"1")).seq
     finally:
         await nc.close()
+
+
+def test_a_port_taken_before_the_node_binds_it_gets_fresh_ports(tmp_path: Path) -> None:
+    """Free ports are picked, then bound by nats-server a moment later; another process may bind one in between
+    (suites and benches run side by side). The cluster starts on fresh ports instead of failing the run."""
+    import socket
+
+    cluster = NatsCluster(tmp_path, size=3)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", cluster.nodes[1].cluster_port))
+        squatter.listen()
+        taken = cluster.nodes[1].cluster_port
+        with cluster:
+            assert cluster.nodes[1].cluster_port != taken
+            assert all(n.proc is not None and n.proc.poll() is None for n in cluster.nodes)
+            assert cluster.nodes[0].jsz()["meta_cluster"]  # type: ignore[truthy-bool]

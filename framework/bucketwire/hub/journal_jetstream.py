@@ -143,8 +143,11 @@ class _Replies:
     caller's future pending forever; a refusal is an ordinary answer here, so this small dispatcher is ours.
     """
 
-    def __init__(self, nc: Any) -> None:
+    def __init__(self, nc: Any, fast: bool = True) -> None:
+        """`fast`: reach into the client for the two hot paths below when it looks as expected; False keeps to
+        nats-py's public API only (what a client of another shape gets, and what the tests check still works)."""
         self.nc = nc
+        self.fast = fast
         self.prefix = ""
         self.pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.n = 0
@@ -152,7 +155,8 @@ class _Replies:
     async def start(self) -> None:
         self.prefix = self.nc.new_inbox()
         sub = await self.nc.subscribe(self.prefix + ".*", cb=self._on_reply)
-        self._take_replies_first(getattr(sub, "_id", None))
+        if self.fast:
+            self._take_replies_first(getattr(sub, "_id", None))
 
     def _take_replies_first(self, sid: int | None) -> None:
         """Answer the reply inbox's messages straight from the client's protocol parser.
@@ -228,7 +232,7 @@ class _Replies:
                                      f"{limit} bytes; raise max_payload in the nats-server config or send smaller "
                                      "events")
             built.append((hdr, data))
-        if not (hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending")) or not nc.is_connected:
+        if not (self.fast and hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending")) or not nc.is_connected:
             return [await self.send(subject, data, headers) for data, headers in items]
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[dict[str, Any]]] = []
@@ -268,6 +272,10 @@ class _Replies:
 
 class JetStreamJournal:
     """A `Journal` whose events, dedupe, cursors and counters live in JetStream (see the module docstring)."""
+
+    client_internals = True
+    """Take PubAcks from, and hand a commit's frames to, nats-py's protocol layer (`_Replies`), when the client
+    looks as expected; a subclass sets False to run on the public API alone."""
 
     def __init__(self, settings: JetStreamSettings, hub_id: str, advertise: str = "") -> None:
         self.settings = settings
@@ -347,7 +355,7 @@ class JetStreamJournal:
             raise JetStreamError(f"NATS refused the connection ({type(e).__name__}: {e}); "
                                  "check [journal] credentials and TLS settings") from None
         self.js = self.nc.jetstream(timeout=s.request_timeout)
-        self._replies = _Replies(self.nc)
+        self._replies = _Replies(self.nc, self.client_internals)
         await self._replies.start()
         await self._ensure_kv()
         await self._load_state()
