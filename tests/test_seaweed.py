@@ -67,6 +67,35 @@ def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
             WeedServer(tmp_path, ports={"s3": port}).start()
 
 
+def test_a_picked_port_taken_before_weed_binds_it_gets_fresh_ports(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ports are picked free, then bound by weed a moment later; another process (a parallel suite, a bench) can
+    bind one in between. That race is not the user's mistake: weed starts again on fresh ports."""
+    from bucketwire.devstack import seaweedfs
+
+    real = seaweedfs.allocate_ports
+    squatters: list[socket.socket] = []
+
+    def pick_then_lose_one(fixed: dict[str, int] | None = None) -> dict[str, int]:
+        ports = real(fixed)
+        if not squatters:  # the first pick: someone else binds its filer port first
+            s = socket.socket()
+            s.bind(("127.0.0.1", ports["filer"]))
+            s.listen()
+            squatters.append(s)
+        return ports
+
+    monkeypatch.setattr(seaweedfs, "allocate_ports", pick_then_lose_one)
+    server = WeedServer(tmp_path)
+    try:
+        server.start()
+        assert server.ports["filer"] != squatters[0].getsockname()[1]
+        server.client().make_bucket("after-the-race")
+    finally:
+        server.stop()
+        squatters[0].close()
+
+
 def test_missing_weed_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("bucketwire.procutil.sys.executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))

@@ -248,18 +248,37 @@ class WeedServer:
         # A developer's ~/.seaweedfs/notification.toml must not leak into our server: weed looks in "." first,
         # and for the no-webhook case we point HOME at the workdir so nothing else is found either.
         env["HOME"] = str(self.workdir)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed in stop()
-        self._log = log
-        self.proc = subprocess.Popen(
-            self.command(), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True,
-        )
+        for attempt in range(3):
+            log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed in stop()
+            self._log = log
+            start = log.tell()
+            self.proc = subprocess.Popen(
+                self.command(), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )
+            try:
+                self._wait_ready(timeout)
+                return self
+            except WeedError:
+                self.stop()
+                # A port picked free can be bound by another process before weed binds it (suites and benches
+                # run side by side): pick fresh ones rather than fail over a race nobody here caused.
+                if attempt == 2 or not self._port_was_taken(start):
+                    raise
+                self.ports = allocate_ports(self._fixed_ports)
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _port_was_taken(self, since: int) -> bool:
         try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                text = f.read()
+            return b"address already in use" in text or b"is not available on" in text
+        except OSError:
+            return False
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
