@@ -4,7 +4,7 @@ The public API for plugin authors is what this module exports; bundled plugins u
 """
 
 from bucketwire.config import ConfigError, StoreConfig
-from bucketwire.context import Context, PermanentError, PluginError, Retry, Stores
+from bucketwire.context import Context, FollowOnTooLarge, PermanentError, PluginError, Retry, Stores
 from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, SchemaVersionError
 from bucketwire.hookspecs import hookimpl
 from bucketwire.plugin_settings import with_defaults
@@ -17,6 +17,7 @@ __all__ = [
     "Context",
     "EnvelopeError",
     "Event",
+    "FollowOnTooLarge",
     "PermanentError",
     "PluginError",
     "Retry",

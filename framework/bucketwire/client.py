@@ -34,6 +34,15 @@ class HubRefused(Exception):
     """The hub answered but refused the request (bad envelope, hop limit, journal down)."""
 
 
+class EventTooLarge(HubRefused):
+    """The hub refused the request because event `index` is over its per-event limit ([hub] max_event_bytes);
+    nothing of the request was committed, and sending that event again can never succeed."""
+
+    def __init__(self, error: str, index: int) -> None:
+        super().__init__(error)
+        self.index = index
+
+
 class HubClient:
     def __init__(self, cfg: Config, *, timeout: float | None = None, context: zmq.Context[Any] | None = None) -> None:
         self.cfg = cfg
@@ -125,6 +134,9 @@ class HubClient:
             d.pop("seq", None)
         cmd, reply, _ = self.request(P.PUB, payload, {P.PUBACK, P.PUBNACK}, timeout)
         if cmd == P.PUBNACK:
+            big = reply.get("too_large")
+            if isinstance(big, int) and not isinstance(big, bool) and 0 <= big < len(events):
+                raise EventTooLarge(reply.get("error", "too large"), big)
             raise HubRefused(reply.get("error", "refused"))
         results = reply.get("results", [])
         bad = [r for r in results if r.get("error")]

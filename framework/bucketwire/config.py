@@ -49,6 +49,11 @@ class Table(msgspec.Struct, forbid_unknown_fields=True):
     """A TOML table: every key it accepts is a field below, with its type, constraint and default, once."""
 
 
+DEFAULT_MAX_EVENT_BYTES = 1_000_000
+MIN_EVENT_BYTES = 16384
+"""The smallest [hub] max_event_bytes: a dead letter with its error and traceback line must always fit."""
+
+
 class HubConfig(Table):
     id: str = ""
     """Names this hub in dispatch leases and `status`; empty: derived from the host name and `work`."""
@@ -63,6 +68,9 @@ class HubConfig(Table):
         default_factory=list, name="auth_token")
     durability: Literal["os", "fsync"] = "os"
     max_body_bytes: PositiveInt = 1 << 20
+    max_event_bytes: Annotated[int, Meta(ge=MIN_EVENT_BYTES)] = DEFAULT_MAX_EVENT_BYTES
+    """Largest envelope (JSON, as workers receive it) the hub commits, on every ingress path; below the NATS
+    default max_payload of 1 MiB with room for the journal's headers, so one limit fits both backends."""
     max_hops: PositiveInt = 8
     heartbeat_interval: PositiveFloat = 1.0
     heartbeat_timeout: PositiveFloat = 5.0

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bucketwire.envelope import Event, follow_on_id, follow_on_source
+from bucketwire.envelope import Event, envelope_bytes, follow_on_id, follow_on_source
 
 if TYPE_CHECKING:
     import minio
@@ -36,6 +36,11 @@ class Retry(PluginError):
         super().__init__(f"{reason} (retry in {delay:g}s)")
         self.delay = float(delay)
         self.reason = reason
+
+
+class FollowOnTooLarge(ValueError):
+    """`ctx.publish` was given a follow-on larger than the hub accepts. Raised out of the handler, the event is
+    retried and dead-lettered as for any failure; a plugin may catch it and publish a reference instead."""
 
 
 class Stores:
@@ -91,6 +96,9 @@ class Context:
     attempt: int = 1
     published: list[Event] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+    max_event_bytes: int | None = None
+    """[hub] max_event_bytes: `publish` refuses a larger follow-on here, where the plugin can see why, rather
+    than the hub dead-lettering it after the handler reported success."""
 
     def store(self, name: str | None = None) -> minio.Minio:
         """A `minio.Minio` client for store `name`; by default the event's store, else the configured default."""
@@ -125,5 +133,12 @@ class Context:
             causationid=cause.id if cause else None,
             hops=(cause.hops + 1) if cause else 0,
         )
+        limit = self.max_event_bytes
+        if limit is not None:
+            n = envelope_bytes(ev, topic)
+            if n > limit:
+                raise FollowOnTooLarge(f"follow-on to topic {topic!r} would be a {n}-byte envelope, over the hub's "
+                                    f"limit of {limit} bytes ([hub] max_event_bytes); put large data in the "
+                                    "object store and publish a reference to it")
         self.published.append(ev)
         return ev

@@ -39,6 +39,17 @@ class SchemaVersionError(EnvelopeError):
     """The envelope was written by a newer bucketwire than this reader understands."""
 
 
+def envelope_bytes(ev: Event, topic: str | None) -> int:
+    """Bytes of `ev`'s envelope once the hub has given it `topic` and a seq (the longest seq counted): what a
+    journal stores and a worker receives, so what [hub] max_event_bytes bounds."""
+    keep = ev.topic, ev.seq
+    ev.topic, ev.seq = topic, MAX_SEQ
+    try:
+        return len(ev.to_json())
+    finally:
+        ev.topic, ev.seq = keep
+
+
 def now_iso() -> str:
     """RFC 3339 UTC timestamp with microseconds, the form CloudEvents `time` takes."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -174,6 +174,9 @@ class PubAck(Header):
 class PubNack(Header):
     error: str
     req: Req = None
+    too_large: int | None = None
+    """Index of the event over [hub] max_event_bytes that got the whole request refused: a publisher can drop
+    that one event (it will never commit) and send the rest again."""
 
 
 class Fetch(Header):

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from bucketwire.config import StoreConfig
+from bucketwire.config import DEFAULT_MAX_EVENT_BYTES, StoreConfig
 from bucketwire.context import Context, Stores
 from bucketwire.envelope import Event
 from bucketwire.worker.plugin_loading import HandlerFailed, PluginRunner, load, plugin_name
@@ -39,6 +39,7 @@ class PluginHarness:
         default_store: str | None = None,
         group: str = "test",
         trace: bool | None = None,
+        max_event_bytes: int | None = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self.name = name or plugin_name(plugin)
         objects = [(self.name, plugin)] + [(plugin_name(p), p) for p in more]
@@ -50,7 +51,8 @@ class PluginHarness:
         else:
             cfgs = dict(stores or {})
             self.stores = Stores(cfgs, default_store or (next(iter(cfgs)) if len(cfgs) == 1 else None))
-        self.runner = PluginRunner(loaded, all_sections, self.stores, group, trace=trace)
+        self.runner = PluginRunner(loaded, all_sections, self.stores, group, trace=trace,
+                                   max_event_bytes=max_event_bytes)
         self.group = group
         self.settings = self.runner.settings[self.name]
         self.log = logging.getLogger(f"bucketwire.plugin.{self.name}")

@@ -2,7 +2,8 @@
 
 The event's data steers it: {"fail": N} raises on the first N attempts, {"permanent": true} raises
 PermanentError, {"sleep": S} sleeps, {"abort": true} kills the child with
-os.abort() (SIGABRT, as a crashing C extension would), {"follow": K} publishes K follow-ons to topic "follow".
+os.abort() (SIGABRT, as a crashing C extension would), {"follow": K} publishes K follow-ons to topic "follow",
+{"follow_bytes": N} one follow-on carrying N bytes of padding.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def handle_event(event, ctx):
         raise PermanentError("planned permanent failure")
     for i in range(d.get("follow", 0)):
         ctx.publish("follow", {"n": i, "cause_seq": event.seq})
+    if d.get("follow_bytes"):
+        ctx.publish("follow", {"pad": "x" * d["follow_bytes"]})
     line = json.dumps({"g": ctx.group, "pid": os.getpid(), "t": event.topic, "s": event.seq, "id": event.id,
                        "key": event.key, "a": ctx.attempt, "t0": t0, "ts": time.monotonic(), "data": d})
     fd = os.open(ctx.settings["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

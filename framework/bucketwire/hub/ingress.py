@@ -312,6 +312,9 @@ class Ingress:
             return self.fail(503, f"journal unavailable, retry later ({err})", "unavailable")
         errors = [r for r in results if r.error]
         if errors:
+            big = next((r for r in errors if r.too_large), None)
+            if big is not None:
+                return self.fail(413, big.error or "too large", "too_large")
             return self.fail(400, errors[0].error or "refused", "refused")
         return self.reply(200, {
             "accepted": sum(1 for r in results if not r.unrouted and not r.duplicate),

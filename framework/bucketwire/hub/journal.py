@@ -118,6 +118,10 @@ class JournalAPI(Protocol):
     def forget_group(self, group: str) -> None: ...
     def probe(self) -> str | None: ...
     def size_bytes(self) -> int: ...
+    def event_room(self) -> int | None:
+        """The most bytes one event may take in the backend's message, its envelope and its object key counted
+        together (the hub refuses larger events before they reach a commit); None: no limit of the backend's."""
+        ...
     def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int: ...
     def close(self) -> None: ...
 
@@ -227,6 +231,9 @@ class Journal:
         except sqlite3.Error as e:
             return f"cannot write to {self.path}: {e}"
         return None
+
+    def event_room(self) -> int | None:
+        return None  # SQLite's own limit (1 GB a value) is far above anything the hub accepts
 
     def size_bytes(self) -> int:
         pc = self.db.execute("PRAGMA page_count").fetchone()[0]

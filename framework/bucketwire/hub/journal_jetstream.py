@@ -821,6 +821,14 @@ class JetStreamJournal:
             await sub.unsubscribe()
         return out
 
+    def event_room(self) -> int | None:
+        """max_payload less the headers `_append_chain` adds at their longest (the object key is counted by the
+        caller): an event within this never fails `send_many`'s check."""
+        fixed = (len("NATS/1.0\r\n\r\n") + len("Nats-Msg-Id: \r\n") + 40
+                 + len("Nats-Expected-Last-Sequence: \r\n") + 20 + len(f"Bw-Hub: {self.hub_id}\r\n".encode())
+                 + len("Bw-Objkey: \r\n"))
+        return int(self.nc.max_payload) - fixed
+
     def size_bytes(self) -> int:
         async def total() -> int:
             n = 0

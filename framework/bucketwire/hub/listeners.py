@@ -95,7 +95,8 @@ class Listeners:
         """Create and bind every listener (with CURVE: start ZAP first). A bind failure is one OSError line."""
         zctx = self._zctx = zmq.Context()
         try:
-            self.listeners = [_Listener(self.cfg.hub.work, self.cfg.hub.publish, None, _router(zctx),
+            self.listeners = [_Listener(self.cfg.hub.work, self.cfg.hub.publish, None,
+                                        _router(zctx, max_message_bytes(self.cfg)),
                                         self._make_pub(zctx))]
             self.pubs = [self.pub]
             self._secure_primary(zctx)
@@ -149,7 +150,7 @@ class Listeners:
         self._next_key_check = time.monotonic() + sec.reload_interval
 
     def _new_listener(self, zctx: zmq.Context[Socket], work_ep: str, pub_ep: str, key: Path) -> _Listener:
-        w = _router(zctx)
+        w = _router(zctx, max_message_bytes(self.cfg))
         p = self._make_pub(zctx)
         try:
             apply_server(w, key, self.cfg.security.zap_domain)
@@ -388,10 +389,19 @@ def _user_id(frame: zmq.Frame) -> str | None:
     return uid if isinstance(uid, str) and uid else None
 
 
-def _router(zctx: zmq.Context[Socket]) -> Socket:
+def max_message_bytes(cfg: Config) -> int:
+    """The largest message the work sockets take (ZeroMQ drops the connection of a peer that sends more, with
+    no answer): room for a full DELIVER batch's worth of events at [hub] max_event_bytes, both ways (a PUB of
+    many events, an ack carrying follow-ons), and never less than 64 MiB. The per-event limit is what gets a
+    clear answer (PUBNACK naming the event); this one only stops a peer from making the hub buffer without
+    bound."""
+    return max(64 << 20, 2 * cfg.hub.dispatch_batch * cfg.hub.max_event_bytes)
+
+
+def _router(zctx: zmq.Context[Socket], max_msg: int) -> Socket:
     w = zctx.socket(zmq.ROUTER)
     for opt, v in ((zmq.ROUTER_MANDATORY, 1), (zmq.LINGER, 0), (zmq.SNDHWM, 100_000), (zmq.RCVHWM, 100_000),
-                   (zmq.MAXMSGSIZE, 64 << 20)):
+                   (zmq.MAXMSGSIZE, max_msg)):
         w.setsockopt(opt, v)
     return w
 

@@ -30,6 +30,7 @@ from bucketwire.envelope import (
     SCHEMA_VERSION,
     EnvelopeError,
     Event,
+    envelope_bytes,
     follow_on_source,
     refused_from_outside,
     stable_id,
@@ -69,6 +70,8 @@ class IngestResult:
     duplicate: bool = False
     unrouted: bool = False
     error: str | None = None
+    too_large: bool = False
+    """This event is over [hub] max_event_bytes and got its request refused (HTTP answers 413, not 400)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +103,7 @@ class Hub:
         # With the JetStream journal several hubs share the work: each group is dispatched by the hub holding its
         # lease (see _lead), the others redirect its workers. `wanted` is every group this hub would dispatch.
         self.ha: JetStreamJournal | None = self.journal if isinstance(self.journal, JetStreamJournal) else None
+        self.max_event, self.event_room = event_limits(cfg, self.journal)
         self.wanted: dict[str, tuple[list[str], str]] = {}
         self._holders: dict[str, tuple[str, str]] = {}
         self._holders_at = -1e9
@@ -439,8 +443,23 @@ class Hub:
             causationid=orig.get("id"),
             hops=orig.get("hops", 0) if isinstance(orig.get("hops"), int) else 0,
         )
+        if self._too_large(ev, topic) is not None:
+            omit_original(ev, len(dl.item.body))
         self._carry(self._new(ev, topic), "dead-letter",
                     {"group": dl.group, "topic": dl.item.topic, "seq": dl.item.seq, "error": dl.line})
+
+    def _too_large(self, ev: Event, topic: str) -> str | None:
+        """Why `ev` is too large to commit to `topic`, or None. Checked before anything is queued: an event the
+        journal cannot store would fail the whole commit it shares with innocent events, again on every retry."""
+        n = envelope_bytes(ev, topic)
+        if n > self.max_event:
+            return (f"its envelope is {n} bytes, over the hub's limit of {self.max_event} bytes ([hub] "
+                    "max_event_bytes); put large data in the object store and send a reference to it")
+        key = ev.object_key
+        if self.event_room is not None and key is not None and n + len(key.encode()) > self.event_room:
+            return (f"its envelope ({n} bytes) and object key ({len(key.encode())} bytes) exceed the "
+                    f"{self.event_room} bytes the journal stores per event (the NATS servers' max_payload)")
+        return None
 
     def _route(self, ev: Event) -> str | None:
         return ev.topic or self.router.topic_for(ev)
@@ -504,6 +523,15 @@ class Hub:
             if topic is None:
                 plan.append(IngestResult(ev.id, None, None, unrouted=True))
                 continue
+            big = self._too_large(ev, topic)
+            if big is not None:
+                self.metrics.rejected.labels(source, "too_large").inc()
+                log.warning("event refused: too large", extra={"ingress": source, "topic": topic[:64],
+                                                               "id": ev.id[:64], "error": big})
+                err = f"event {i} ({ev.id[:64]}): {big}; nothing in this request was committed"
+                done([IngestResult(e.id, None, None, error=err, too_large=j == i) for j, e in enumerate(events)],
+                     None)
+                return
             staged.append(self._new(ev, topic))
             plan.append(IngestResult(ev.id, topic, None))
         for r in plan:
@@ -699,6 +727,14 @@ class Hub:
                                             None)
                             self._dead_letter(dl, refused=True)
                             continue
+                        big = self._too_large(fo, fo.topic or "")
+                        if big is not None:
+                            log.warning("follow-on refused: too large", extra={"topic": (fo.topic or "")[:64],
+                                                                               "group": g.name, "error": big})
+                            self._dead_letter(DeadLetter(g_item_stub(topic, seq, fo), g.name,
+                                                         f"follow-on refused: {big}", "too large", None),
+                                              refused=True)
+                            continue
                         self._pending_topics |= fresh
                         self._carry(self._new(fo, fo.topic), "follow-on",  # type: ignore[arg-type]
                                     {"group": g.name, "topic": fo.topic, "id": fo.id})
@@ -740,7 +776,9 @@ class Hub:
         def done(res: list[IngestResult] | None, err: str | None) -> None:
             refused = next((r.error for r in res if r.error), None) if res is not None else err
             if res is None or refused:
-                self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=refused or "refused"))])
+                big = next((i for i, r in enumerate(res) if r.too_large), None) if res is not None else None
+                self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=refused or "refused",
+                                                                 too_large=big))])
             else:
                 self.net.send([ident, P.PUBACK, P.enc(P.PubAck(req=req, results=[r.as_dict() for r in res]))])
 
@@ -994,6 +1032,22 @@ def contiguous(items: list[tuple[int, str | None, bytes]]) -> list[list[tuple[in
     return runs
 
 
+def event_limits(cfg: Config, journal: JournalAPI) -> tuple[int, int | None]:
+    """([hub] max_event_bytes capped by what the journal stores per event, that room). The hub runs with a
+    configured limit above the room, refusing what the journal cannot take, and says so once at start: a
+    cluster's max_payload can differ from what the config's author expected, and refusing to start over it
+    would take ingestion down for a limit the hub can enforce anyway."""
+    want = cfg.hub.max_event_bytes
+    room = journal.event_room()
+    if room is not None and room < want:
+        log.warning(f"[hub] max_event_bytes = {want} is more than the journal stores per event ({room} bytes: the "
+                    "NATS servers' max_payload less the journal's headers); events over that are refused. Lower "
+                    "max_event_bytes, or raise max_payload in the nats-server config",
+                    extra={"max_event_bytes": want, "journal_room": room})
+        return room, room
+    return want, room
+
+
 def declared_topics(cfg: Config) -> frozenset[str]:
     """Topics the configuration names: accepted whatever [hub] max_topics says, and always heartbeated."""
     names = {r.topic for r in cfg.routes} | set(cfg.topics) | {cfg.hub.dead_letter}
@@ -1030,6 +1084,27 @@ def long_running(g: GroupState, now: float, limit: int = 20) -> list[dict[str, A
                     "timeout": timeout, "attempt": it.attempts, "host": w.host, "pid": w.pid})
     out.sort(key=lambda r: -r["age"])
     return out[:limit]
+
+
+def omit_original(dl: Event, size: int) -> None:
+    """Make a dead letter that would be too large to commit fit: the failed event's envelope gives way to a
+    marker with its attributes (cut short), and the attributes copied from it are cut short too. A dead letter
+    that cannot commit would be carried into every commit after it and fail each one; the original stays in the
+    journal at the dead letter's `topic`/`seq`, where `dlq retry` reads it."""
+    assert isinstance(dl.data, dict)
+    orig = dl.data.get("event")
+    orig = orig if isinstance(orig, dict) else {}
+    stub: dict[str, Any] = {"omitted": f"the envelope ({size} bytes) is too large to be carried in a dead letter",
+                            "bytes": size}
+    for k in ("id", "source", "type", "subject", "topic", "seq"):
+        v = orig.get(k)
+        if isinstance(v, str | int) and not isinstance(v, bool):
+            stub[k] = v[:1024] if isinstance(v, str) else v
+    dl.data["event"] = stub
+    if dl.subject is not None:
+        dl.subject = dl.subject[:1024]
+    if dl.causationid is not None:
+        dl.causationid = dl.causationid[:1024]
 
 
 def g_item_stub(topic: str, seq: int, fo: Event) -> Any:

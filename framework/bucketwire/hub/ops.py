@@ -483,6 +483,15 @@ class HubOps:
             if g is None or not isinstance(otopic, str) or otopic not in g.read_pos:
                 return {"id": dl_id, "group": group,
                         "error": f"dead letter {dl_id[:12]}: group {group!r} no longer consumes {otopic!r}"}
+            oseq = data.get("seq")
+            if isinstance(orig, dict) and "omitted" in orig and isinstance(oseq, int):
+                # Too large to be carried in the dead letter (loop.omit_original): read it where it was committed.
+                rows = self.journal.read(otopic, oseq, 1)
+                if not rows or rows[0][0] != oseq:
+                    return {"id": dl_id, "group": group,
+                            "error": f"dead letter {dl_id[:12]}: the failed event was too large to be carried in it "
+                                     f"and {otopic}/{oseq} is no longer in the journal (retention removed it)"}
+                orig = json.loads(rows[0][2])
             if not isinstance(orig, dict) or not all(isinstance(orig.get(k), str) and orig.get(k)
                                                      for k in ("id", "source", "type")):
                 return {"id": dl_id, "group": group,

@@ -38,10 +38,25 @@ def publish_until_acked(
     Any failure (hub down, hub refusing while its journal is unavailable) is retried: giving up would lose the
     events, and a stuck source is visible in logs and in the hub's lag metrics.
     """
+    from bucketwire.client import EventTooLarge
+
     delay = base
+    dropped: list[int] = []  # indices into the caller's `events`, so the results still line up with them
+    idx = list(range(len(events)))
     while True:
         try:
-            return publish(events)
+            res = publish([events[i] for i in idx]) if idx else []
+            for i in dropped:
+                res.insert(i, {"id": events[i].id, "error": "too large; dropped"})
+            return res
+        except EventTooLarge as e:
+            # Never storable, so retrying would wedge the source on it for good: dropped, loudly, and the
+            # rest of the batch goes again at once.
+            i = idx.pop(e.index)
+            dropped.append(i)
+            dropped.sort()
+            log.error("%s: event %s dropped: the hub refuses it as too large (%s)", what, events[i].id, e)
+            continue
         except Exception as e:  # HubUnavailable, HubRefused, zmq errors: all transient from here
             log.warning("%s: publishing %d event(s) failed (%s); retrying in %.1fs", what, len(events), e, delay)
         if stop.wait(delay):

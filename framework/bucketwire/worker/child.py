@@ -68,7 +68,8 @@ class Plugins(plugin_loader.PluginRunner):
         loaded = plugin_loader.load(allow, spec.local_plugins)
         super().__init__(loaded, {n: cfg.plugins.get(n, {}) for n in loaded.names},
                          Stores(cfg.stores, cfg.hub.default_store), spec.group,
-                         on_handled=lambda name, dt, ok: handler_done(spec.group, name, dt, ok=ok))
+                         on_handled=lambda name, dt, ok: handler_done(spec.group, name, dt, ok=ok),
+                         max_event_bytes=cfg.hub.max_event_bytes)
 
     def lifecycle(self, hook: str) -> None:
         if hook == "worker_startup":

@@ -316,8 +316,10 @@ class PluginRunner:
         *,
         on_handled: Callable[[str, float, bool], None] | None = None,
         trace: bool | None = None,
+        max_event_bytes: int | None = None,
     ) -> None:
         self.loaded = loaded
+        self.max_event_bytes = max_event_bytes
         self.group = group
         self.stores = stores
         plain, self.topics = split_topics(sections)
@@ -332,7 +334,7 @@ class PluginRunner:
 
     def ctx(self, name: str, event: Event | None = None, attempt: int = 1) -> Context:
         return Context(name, self.group, self.settings[name], self.stores, self.loggers[name], event, attempt,
-                       state=self.state[name])
+                       state=self.state[name], max_event_bytes=self.max_event_bytes)
 
     def startup(self) -> None:
         """`worker_startup` for each plugin; the first failure stops this child (it could not do its work).
@@ -369,7 +371,7 @@ class PluginRunner:
             if want is not None and event.topic not in want:
                 continue
             ctx = Context(name, self.group, self.settings[name], self.stores, self.loggers[name], event, attempt,
-                          state=self.state[name])
+                          state=self.state[name], max_event_bytes=self.max_event_bytes)
             t0 = time.perf_counter()
             try:
                 caller(event=event, ctx=ctx)
