@@ -186,3 +186,28 @@ def test_a_source_drops_an_oversized_event_and_publishes_the_rest(hub_stack: Any
         assert "too large" in res[1]["error"] and not res[0].get("error") and not res[2].get("error"), res
         _, bodies = c.fetch("jobs", 1)
     assert [json.loads(b)["data"]["key"] for b in bodies] == ["src-0", "src-2"]
+
+
+def test_a_limit_above_what_the_journal_stores_is_capped_and_said_once(hub_stack: Any, backend: str) -> None:
+    """[hub] max_event_bytes above what the NATS servers take: one warning line at start, and the hub refuses
+    (413) what the journal could not store rather than failing commits. With sqlite the configured limit holds."""
+    s = hub_stack(CFG)
+    s.cfg_path.write_text(s.cfg_path.read_text().replace("[hub]\n", "[hub]\nmax_event_bytes = 2000000\n", 1))
+    s.start_hub()
+    ev = job("between", pad=BEYOND_NATS)
+    logs = s.dump_logs()
+    warned = [line for line in logs.splitlines() if "max_event_bytes = 2000000 is more than" in line]
+    if backend == "jetstream":
+        assert len(warned) == 1, logs
+        with s.client() as c:
+            try:
+                c.publish_events([ev])
+                raise AssertionError("an event beyond max_payload was accepted")
+            except EventTooLarge as e:
+                assert "max_payload" in str(e), e
+            c.publish_events([job("small")])
+    else:
+        assert not warned, logs
+        with s.client() as c:
+            c.publish_events([ev])
+    assert s.healthy()

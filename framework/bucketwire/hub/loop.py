@@ -453,8 +453,10 @@ class Hub:
         journal cannot store would fail the whole commit it shares with innocent events, again on every retry."""
         n = envelope_bytes(ev, topic)
         if n > self.max_event:
-            return (f"its envelope is {n} bytes, over the hub's limit of {self.max_event} bytes ([hub] "
-                    "max_event_bytes); put large data in the object store and send a reference to it")
+            why = ("[hub] max_event_bytes" if self.max_event == self.cfg.hub.max_event_bytes
+                   else "what the journal stores: the NATS servers' max_payload less its headers")
+            return (f"its envelope is {n} bytes, over the hub's limit of {self.max_event} bytes ({why}); put "
+                    "large data in the object store and send a reference to it")
         key = ev.object_key
         if self.event_room is not None and key is not None and n + len(key.encode()) > self.event_room:
             return (f"its envelope ({n} bytes) and object key ({len(key.encode())} bytes) exceed the "
