@@ -9,6 +9,8 @@ and worker processes; the recorder plugin (tests/plugins/recorder.py) fails or p
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import uuid
 from typing import Any
@@ -148,20 +150,30 @@ def test_an_oversized_follow_on_fails_its_cause_not_the_hub(hub_stack: Any) -> N
 def test_a_near_limit_event_yields_a_dead_letter_that_commits(hub_stack: Any) -> None:
     """A dead letter carries the failed event; for one near the limit that would not fit, so the carried
     envelope gives way to a marker with its attributes (the original stays at the dead letter's topic/seq).
-    The dead letter commits, stays within the limit, and the hub goes on."""
+    The dead letter commits, stays within the limit, and the hub goes on. `dlq retry` reads such an original
+    from the journal; a retry its extensions would take over the limit is refused with the reason."""
     s = hub_stack(CFG)
     s.start_hub()
     s.start_worker("a", 1)
-    size = LIMIT - 100
-    ev = sized("near", size, permanent=True)
+    near, mid = sized("near", LIMIT - 100, permanent=True), sized("mid", LIMIT - 1000, permanent=True)
     with s.client() as c:
-        c.publish_events([ev])
-    wait_for(lambda: dead_letters(s), 30, "the dead letter")
-    (n, dl), = dead_letters(s)
-    assert n <= LIMIT, f"dead letter of {n} bytes is over the limit"
-    carried = dl["data"]["event"]
-    assert "omitted" in carried and carried["id"] == ev.id and carried["bytes"] >= size - 20, carried
-    assert dl["data"]["topic"] == "jobs" and isinstance(dl["data"]["seq"], int)
+        c.publish_events([near])
+        c.publish_events([mid])
+    wait_for(lambda: len(dead_letters(s)) == 2, 30, "two dead letters")
+    for (n, dl), ev in zip(dead_letters(s), (near, mid), strict=True):
+        assert n <= LIMIT, f"dead letter of {n} bytes is over the limit"
+        carried = dl["data"]["event"]
+        assert "omitted" in carried and carried["id"] == ev.id and carried["bytes"] >= envelope_bytes(ev, "jobs") - 20
+        assert dl["data"]["topic"] == "jobs" and isinstance(dl["data"]["seq"], int)
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "dlq", "retry", "--all", "-c", str(s.cfg_path)],
+                       env=s.env, capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    assert "Traceback" not in out and "max_event_bytes" in out, out
+    wait_for(lambda: len(dead_letters(s)) == 3, 30, "the retried mid event dead-lettered again")
+    n, again = dead_letters(s)[2]
+    first_seq = dead_letters(s)[1][1]["data"]["seq"]
+    assert n <= LIMIT and again["data"]["seq"] > first_seq, "a new event: the retry, read from the journal"
+    assert again["data"]["event"]["id"] != mid.id and again["data"]["event"]["bytes"] > envelope_bytes(mid, "jobs")
     with s.client() as c:
         c.publish_events([job("after")])
     wait_for(lambda: "after" in handled_keys(s), 30, "a later event handled")

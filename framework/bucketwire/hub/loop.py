@@ -148,7 +148,7 @@ class Hub:
         # Gauges, rates, socket monitors, replay, DLQ, group removal: see hub/ops.py.
         self.ops = HubOps(cfg, self.metrics, self.journal, self.groups, self.net, new_event=self._new,
                           live_topics=self.live_topics, journal_ok=lambda: self.journal_ok,
-                          queued=self.ingress_q.qsize)
+                          queued=self.ingress_q.qsize, too_large=self._too_large)
         if cfg.security.curve:  # fail at startup, with one line, not in the loop
             check_key_files(cfg.security)
             server_key_path(cfg.security)

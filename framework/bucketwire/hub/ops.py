@@ -89,15 +89,18 @@ class HubOps:
     def __init__(self, cfg: Config, metrics: HubMetrics, journal: JournalAPI, groups: dict[str, GroupState],
                  net: Listeners, *, new_event: Callable[[Event, str], NewEvent],
                  live_topics: Callable[[float], frozenset[str]], journal_ok: Callable[[], bool],
-                 queued: Callable[[], int]) -> None:
+                 queued: Callable[[], int], too_large: Callable[[Event, str], str | None] = lambda ev, t: None
+                 ) -> None:
         """`groups` is the hub's own mapping (removing a group here removes it from the hub); `new_event` makes a
-        journal entry the way the hub does; the other callables read hub state that changes every turn."""
+        journal entry the way the hub does, `too_large` says why one would be over the hub's event size limit;
+        the other callables read hub state that changes every turn."""
         self.cfg = cfg
         self.metrics = metrics
         self.journal = journal
         self.groups = groups
         self.net = net
         self.new_event = new_event
+        self.too_large = too_large
         self.live_topics = live_topics
         self.journal_ok = journal_ok
         self.queued = queued
@@ -497,6 +500,9 @@ class HubOps:
                 return {"id": dl_id, "group": group,
                         "error": f"dead letter {dl_id[:12]} does not hold a readable original event"}
             ev = _retry_event(dl, orig, group, otopic)
+            big = self.too_large(ev, otopic)
+            if big is not None:  # the retry's extensions can take a near-limit event over it
+                return {"id": dl_id, "group": group, "error": f"dead letter {dl_id[:12]}: the retried event: {big}"}
             retry_id = res["retry"] = ev.id
             events.append((index, self.new_event(ev, otopic)))
         marker = {"deadletter": dl_id, "dlseq": seq, "action": "retried" if action == "retry" else "purged",
