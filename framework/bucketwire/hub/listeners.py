@@ -1,8 +1,9 @@
-"""The hub's ZeroMQ listeners: the work ROUTER and fan-out PUB pairs, and everything CURVE does to them.
+"""The hub's ZeroMQ listeners: the work ROUTER and fan-out XPUB pairs, and everything CURVE does to them.
 
 Kept apart from the delivery loop because it changes for different reasons: key rotation (an old and a new server
 key served side by side on their own endpoints), allow-list reloads (SIGHUP or a periodic check), revoked keys
-refused on live connections, and role checks on live subscriptions (XPUB in manual mode). `Hub` holds one
+refused on live connections, role checks on live subscriptions (XPUB in manual mode), and which topics anyone
+subscribes to at all, so the hub sends nothing to a fan-out nobody listens to. `Hub` holds one
 `Listeners` and calls it; what the listeners need from the hub (the metrics, what to do when a connected key is
 revoked) is handed in, so nothing here reaches into the delivery state. Everything runs on the hub's loop thread.
 """
@@ -13,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -42,13 +43,20 @@ Socket = zmq.Socket[bytes]
 
 @dataclass(slots=True)
 class _Listener:
-    """One work ROUTER + PUB pair served with one server key (None without CURVE)."""
+    """One work ROUTER + XPUB pair served with one server key (None without CURVE).
+
+    `subs` counts the live subscriptions of the XPUB by prefix. Without CURVE libzmq reports a prefix when its
+    first subscriber arrives and when its last one leaves, so a count is 0 or 1. With CURVE (manual mode) it
+    reports every subscription and every cancellation, a departed subscriber's included, so the counts add up;
+    a subscription refused by role is counted too (its cancellation comes like any other), which can only make
+    the hub send something libzmq then drops."""
 
     work_ep: str
     pub_ep: str
     key: Path | None
     work: Socket
     pub: Socket
+    subs: dict[bytes, int] = field(default_factory=dict)
 
 
 class Listeners:
@@ -72,6 +80,8 @@ class Listeners:
         self.user: str | None = None
         self._zctx: zmq.Context[Socket] | None = None
         self._sock_of: dict[bytes, Socket] = {}
+        self._targets: dict[str, list[Socket]] = {}
+        """topic -> the XPUB sockets with a subscriber for it; forgotten whenever a subscription changes."""
         self._reload = threading.Event()
         self._next_key_check = 0.0
 
@@ -111,6 +121,7 @@ class Listeners:
             raise
         for ls in self.listeners:
             self.poller.register(ls.work, zmq.POLLIN)
+            self.poller.register(ls.pub, zmq.POLLIN)  # a subscription wakes the loop: served from the next event
 
     def close(self) -> None:
         for ls in self.listeners:
@@ -125,10 +136,12 @@ class Listeners:
             self._zctx = None
 
     def _make_pub(self, zctx: zmq.Context[Socket]) -> Socket:
-        """PUB, or with CURVE an XPUB in manual mode: the hub then sees every subscription with the key that
-        asked for it and applies only what that key's role allows (`[security.roles.NAME] subscribe`)."""
+        """An XPUB: the hub learns which topics anyone subscribes to and sends nothing else (at saturation three
+        of the hub's four socket sends per event used to go to a fan-out nobody listened to). With CURVE it is in
+        manual mode: the hub then sees every subscription with the key that asked for it and applies only what
+        that key's role allows (`[security.roles.NAME] subscribe`)."""
         curve = self.cfg.security.curve
-        p = zctx.socket(zmq.XPUB if curve else zmq.PUB)
+        p = zctx.socket(zmq.XPUB)
         p.setsockopt(zmq.LINGER, 0)
         p.setsockopt(zmq.SNDHWM, 100_000)
         if curve:
@@ -198,7 +211,12 @@ class Listeners:
         """Route a reply to the peer `frames[0]` names; False if it is gone or its queue is full."""
         sock = self._sock_of.get(frames[0], self.work) if self._sock_of else self.work
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            # Frame by frame with int flags: send_multipart computes `SNDMORE | flags` on enums for every frame,
+            # which cost more than the send itself (~3 us a frame, and a DELIVER has a frame per event). A
+            # refusal (unknown peer, full queue) comes at the first frame: ZeroMQ takes a message whole or not.
+            for f in frames[:-1]:
+                sock.send(f, _MORE)
+            sock.send(frames[-1], _NOBLOCK)
             return True
         except zmq.Again:
             self.metrics.send_again.labels("work").inc()
@@ -231,10 +249,27 @@ class Listeners:
         return False
 
     # -- fan-out ---------------------------------------------------------------------------------------------
-    def publish(self, frames: list[bytes]) -> None:
-        """Fan out on every PUB socket (two while an old and a new server key are both served)."""
+    def targets(self, topic: str) -> list[Socket]:
+        """The XPUB sockets (two while an old and a new server key are both served) where someone subscribes to
+        `topic`: empty, and the hub builds and sends nothing, when nobody does."""
+        got = self._targets.get(topic)
+        if got is None:
+            frame = P.topic_frame(topic)
+            got = [ls.pub for ls in self.listeners
+                   if any(n > 0 and frame.startswith(prefix) for prefix, n in ls.subs.items())]
+            if len(self._targets) > 10_000:
+                self._targets.clear()
+            self._targets[topic] = got
+        return got
+
+    def subscriptions(self) -> int:
+        """Prefixes someone subscribes to, over every XPUB (the gauge `bucketwire_fanout_subscriptions`)."""
+        return sum(1 for ls in self.listeners for n in ls.subs.values() if n > 0)
+
+    def publish(self, frames: list[bytes], pubs: list[Socket] | None = None) -> None:
+        """Send on `pubs` (`targets(topic)`), or on every XPUB socket."""
         *head, last = frames
-        for pub in self.pubs:
+        for pub in self.pubs if pubs is None else pubs:
             try:  # frame by frame with int flags: send_multipart's enum arithmetic cost more than the sends
                 for f in head:
                     pub.send(f, _MORE)
@@ -243,10 +278,10 @@ class Listeners:
                 self.metrics.send_again.labels("pub").inc()
 
     def _drain_subscriptions(self) -> None:
-        """Apply or refuse the subscriptions that arrived on the XPUB sockets (CURVE only)."""
-        for pub in self.pubs:
-            if pub.socket_type != zmq.XPUB:
-                continue
+        """Count the subscriptions that arrived on the XPUB sockets; with CURVE also apply or refuse each."""
+        manual = self.auth is not None
+        for ls in self.listeners:
+            pub = ls.pub
             for _ in range(1000):
                 if not readable(pub):
                     break
@@ -255,6 +290,9 @@ class Listeners:
                 if not data or data[0] not in (0, 1):
                     continue
                 sub = data[1:]
+                self._count(ls, sub, data[0] == 1, manual)
+                if not manual:
+                    continue  # libzmq applied it already
                 if data[0] == 0:
                     pub.setsockopt(zmq.UNSUBSCRIBE, sub)
                     continue
@@ -273,16 +311,25 @@ class Listeners:
                     log.warning("subscription refused by role",
                                 extra={"key": user, "subscription": sub[:64].decode("utf-8", "replace")})
 
+    def _count(self, ls: _Listener, prefix: bytes, subscribe: bool, manual: bool) -> None:
+        n = ls.subs.get(prefix, 0)
+        n = (n + 1 if manual else 1) if subscribe else max(0, n - 1)
+        if n:
+            ls.subs[prefix] = n
+        else:
+            ls.subs.pop(prefix, None)
+        self._targets.clear()
+        self.metrics.fanout_subscriptions.set(self.subscriptions())
+
     # -- security ----------------------------------------------------------------------------------------------
     def request_reload(self) -> None:
         """Thread/signal-safe: re-read the key allow-list and the server keys on the next `tick` (SIGHUP)."""
         self._reload.set()
 
     def tick(self, now: float) -> None:
-        """Each loop turn with CURVE: reloads when due, then the subscriptions that arrived."""
-        if self.auth is None:
-            return
-        self._security_tick(now, self.auth)
+        """Each loop turn: with CURVE the reloads when due; then the subscriptions that arrived."""
+        if self.auth is not None:
+            self._security_tick(now, self.auth)
         self._drain_subscriptions()
 
     def _security_tick(self, now: float, auth: KeyAuthenticator) -> None:
@@ -308,13 +355,18 @@ class Listeners:
     def _rebind_pubs(self) -> None:
         assert self._zctx is not None
         for ls in self.listeners:
+            self.poller.unregister(ls.pub)
             ls.pub.close(0)
+            ls.subs.clear()  # every subscriber reconnects and subscribes again
             p = self._make_pub(self._zctx)
             if ls.key is not None:
                 apply_server(p, ls.key, self.cfg.security.zap_domain)
             _bind_retry(p, ls.pub_ep)
             ls.pub = p
+            self.poller.register(p, zmq.POLLIN)
         self.pubs = [ls.pub for ls in self.listeners]
+        self._targets.clear()
+        self.metrics.fanout_subscriptions.set(self.subscriptions())
 
     def _reload_server_keys(self, auth: KeyAuthenticator) -> bool:
         """Re-read [hub] work/publish, the [security] server keys and roles; keep unchanged listeners, open new
@@ -351,6 +403,7 @@ class Listeners:
         for i, old in have.items():
             if i not in want_ids:
                 self.poller.unregister(old.work)
+                self.poller.unregister(old.pub)
                 old.work.close(0)
                 old.pub.close(0)
                 self._sock_of = {k: v for k, v in self._sock_of.items() if v is not old.work}
@@ -364,6 +417,7 @@ class Listeners:
                     log.error("cannot serve a server key", extra={"work": w, "publish": p, "error": str(e)})
                     continue
                 self.poller.register(ls.work, zmq.POLLIN)
+                self.poller.register(ls.pub, zmq.POLLIN)
                 log.info("serving a server key", extra={"work": w, "publish": p})
             out.append(ls)
         if not out:
@@ -371,6 +425,8 @@ class Listeners:
             return False
         self.listeners = out
         self.pubs = [ls.pub for ls in out]
+        self._targets.clear()
+        self.metrics.fanout_subscriptions.set(self.subscriptions())
         self.cfg.hub.work, self.cfg.hub.publish = out[0].work_ep, out[0].pub_ep
         roles_changed = sec.roles != self.cfg.security.roles
         self.cfg.security.roles = sec.roles

@@ -265,8 +265,6 @@ class Hub:
             t = min(t, self.cfg.journal.lease_ttl / 6)  # lease rounds run on ticks
         if self.http is not None:
             t = min(t, HTTP_SWEEP)  # the ingress's own timers (deadlines, TLS handshakes) run when it is stepped
-        if self.net.curve:
-            t = min(t, 0.05)  # XPUB subscriptions are not polled: look at them often enough to feel instant
         for g in self.groups.values():
             r = g.next_retry_at()
             if r is not None:
@@ -391,12 +389,21 @@ class Hub:
     def _fan_out(self, appended: list[Appended]) -> None:
         fresh: dict[str, list[tuple[int, str | None, bytes]]] = {}
         for a in appended:
-            if a.duplicate:
-                continue
-            fresh.setdefault(a.topic, []).append((a.seq, a.objkey, a.body))
-            self.net.publish([P.topic_frame(a.topic), str(a.seq).encode(), a.body])
+            if not a.duplicate:
+                items = fresh.get(a.topic)
+                if items is None:
+                    items = fresh[a.topic] = []
+                items.append((a.seq, a.objkey, a.body))
         now = time.monotonic()
+        skipped = 0
         for topic, items in fresh.items():
+            pubs = self.net.targets(topic)
+            if pubs:
+                tf = P.topic_frame(topic)
+                for seq, _, body in items:
+                    self.net.publish([tf, str(seq).encode(), body], pubs)
+            else:
+                skipped += len(items)
             self.active[topic] = now
             if self.metrics.topic_label(topic) == topic:
                 self.metrics.head.labels(topic).set(items[-1][0])
@@ -407,6 +414,8 @@ class Hub:
                 if topic in g.read_pos:
                     for run in runs:
                         g.offer(topic, run[0][0], run)
+        if skipped:
+            self.metrics.fanout_skipped.inc(skipped)
 
     # -- building events for the journal --------------------------------------------------------------------
     def _new(self, ev: Event, topic: str) -> NewEvent:
