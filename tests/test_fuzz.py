@@ -151,3 +151,21 @@ def test_envelope_from_dict(data: st.DataObject) -> None:
         return
     back = Event.from_dict(json.loads(ev.to_json()))
     assert back.to_dict() == ev.to_dict()
+
+
+def _parse_pub(body: bytes) -> list[Event]:
+    """The hub's PUB path: the header as `decode_pub` reads it, each envelope as `Hub._on_pub` builds it (without
+    the Unicode check when msgspec read the frame)."""
+    from bucketwire.hub.loop import decode_pub
+
+    pub, strict = decode_pub(body)
+    return [Event.from_dict(d, text_checked=strict) for d in pub.events]
+
+
+@FUZZ
+@given(data=st.data())
+def test_pub_frame(data: st.DataObject) -> None:
+    """A lone surrogate anywhere in a published envelope is refused, whichever decoder read the frame. (The hub
+    answers any ValueError of a frame's handling with ERR: ProtocolError, EnvelopeError, UnicodeEncodeError.)"""
+    events = [mutate(data, CLOUDEVENT) for _ in range(data.draw(st.integers(1, 3)))]
+    check(_parse_pub, dump({"req": 1, "events": events}), (ValueError,))

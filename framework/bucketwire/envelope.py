@@ -25,6 +25,11 @@ SCHEMA_VERSION = 1
 """Bump when the envelope changes in a way an older reader would misread."""
 
 REQUIRED = ("specversion", "id", "source", "type")
+_KNOWN = frozenset({
+    "specversion", "id", "source", "type", "data", "subject", "time", "datacontenttype", "topic", "seq",
+    "causationid", "hops", "schemaversion",
+})
+"""The attributes `Event` has fields for; anything else in an envelope is an extension."""
 
 MAX_SEQ = 2**63 - 1
 """The journal stores seqs as SQLite INTEGERs (signed 64-bit)."""
@@ -179,7 +184,9 @@ class Event:
         return dumps(self.to_dict())
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Event:
+    def from_dict(cls, d: Mapping[str, Any], *, text_checked: bool = False) -> Event:
+        """`text_checked`: the caller knows every string in `d` is valid Unicode (msgspec decoded it, and it
+        refuses lone surrogates), so the check that renders the whole envelope once more is skipped."""
         if not isinstance(d, Mapping):
             raise EnvelopeError("envelope must be a JSON object")
         sv = d.get("schemaversion", SCHEMA_VERSION)
@@ -205,14 +212,10 @@ class Event:
         for k in ("subject", "topic", "causationid", "time"):
             if d.get(k) is not None and not isinstance(d[k], str):
                 raise EnvelopeError(f"envelope attribute {k!r} must be a string")
-        if not valid_unicode(d):
+        if not text_checked and not valid_unicode(d):
             # JSON can carry lone surrogates (\\ud800); they are not text, and every consumer that encodes them
             # (SQLite, S3 clients, files) fails. Found by tests/test_security_plugins.py; refused at the edge.
             raise EnvelopeError("envelope contains invalid Unicode (a lone surrogate escape such as \\ud800)")
-        known = {
-            "specversion", "id", "source", "type", "data", "subject", "time", "datacontenttype", "topic", "seq",
-            "causationid", "hops", "schemaversion",
-        }
         return cls(
             id=d["id"],
             source=d["source"],
@@ -226,7 +229,7 @@ class Event:
             causationid=d.get("causationid"),
             hops=hops,
             schemaversion=sv,
-            extensions={k: v for k, v in d.items() if k not in known},
+            extensions={} if _KNOWN.issuperset(d) else {k: v for k, v in d.items() if k not in _KNOWN},
         )
 
     @classmethod

@@ -19,8 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import msgspec
 import zmq
 
 from bucketwire import protocol as P
@@ -51,6 +53,8 @@ log = logging.getLogger("bucketwire.hub")
 
 MAX_DRAIN = 2000
 MAX_FETCH = P.MAX_FETCH
+MAX_HEADER = 64 << 20
+"""The largest header frame `protocol.decode` reads."""
 MAX_TOPIC_LEN = 255
 """Longest topic name accepted: topics become metric labels and PUB frames."""
 HEARTBEAT_TURNS = 10
@@ -58,6 +62,11 @@ HEARTBEAT_TURNS = 10
 long enough for a subscriber to notice a lost last event, and idle cost does not grow with the topic count."""
 Reply = tuple[Callable[[list[Appended] | None, str | None], None], int, int]
 """Who waits for a commit: its callback, and the slice of the batch's appended events that answers it."""
+CURSOR_DELAY = 0.005
+"""Seconds acks (cursor moves) wait for the next event commit to be written with it before they get a transaction
+of their own. At a steady low rate acks arrive between publishes, and a commit each doubled the transactions.
+A hub killed in this window delivers those events again after its restart (at-least-once allows it); nothing
+else waits on a cursor: follow-ons and dead letters are events, committed at once with the acks that made them."""
 PROBE_INTERVAL = 5.0
 """Seconds between write probes of the journal (see Journal.probe); /healthz reports the last one."""
 
@@ -133,6 +142,7 @@ class Hub:
         self.declared = declared_topics(cfg)
         self.active: dict[str, float] = {}
         self._pending_topics: set[str] = set()
+        self._cursor_due: float | None = None  # when acks waiting for an event commit are written on their own
         cursors = self.journal.cursors()
         stats = self.journal.group_stats()
         for g in cfg.groups.values():
@@ -214,7 +224,7 @@ class Hub:
             self._start(on_ready)
             while not self.stopping.is_set():
                 self._turn()
-            self.tick()  # flush what is queued, answer what is waiting
+            self.tick(final=True)  # flush what is queued and every deferred cursor, answer what is waiting
             if self.http is not None:
                 self.http.step()
         finally:
@@ -261,6 +271,8 @@ class Hub:
         if self.http is not None and self.http.has_ready():
             return 0  # asyncio callbacks wait to run and nothing makes the poller wake for them
         t = self.cfg.hub.heartbeat_interval
+        if self._cursor_due is not None:
+            t = min(t, max(0.0, self._cursor_due - now))
         if self.ha is not None:
             t = min(t, self.cfg.journal.lease_ttl / 6)  # lease rounds run on ticks
         if self.http is not None:
@@ -271,7 +283,8 @@ class Hub:
                 t = min(t, max(0.0, r - now))
         return max(0, int(t * 1000))
 
-    def tick(self) -> None:
+    def tick(self, final: bool = False) -> None:
+        """One turn of the loop. `final`: the last one before the hub stops, which writes every deferred cursor."""
         now = time.monotonic()
         self.last_tick = now
         batch = Batch()
@@ -285,7 +298,7 @@ class Hub:
         for g in self.groups.values():
             g.due_retries(now)
         self._expire_workers(now)
-        self._commit(batch, replies)
+        self._commit(batch, replies, now, final)
         if self.ha is not None:
             remote = self.ha.take_remote()  # what other hubs committed: fanned out and offered like our own
             if remote:
@@ -317,7 +330,16 @@ class Hub:
                 self.journal_ok = True  # a failed commit left it false; with no traffic nothing else would clear it
 
     # -- commit ----------------------------------------------------------------------------------------------
-    def _commit(self, batch: Batch, replies: list[Reply]) -> None:
+    def _commit(self, batch: Batch, replies: list[Reply], now: float, final: bool = False) -> None:
+        if not final and self.ha is None and not batch.events and not self.carry and not replies:
+            # Only cursors (acks) and counters to write: wait up to CURSOR_DELAY for an event commit to carry them.
+            if self._cursor_due is None:
+                if any(g.dirty or any(g.delta) for g in self.groups.values()):
+                    self._cursor_due = now + CURSOR_DELAY
+                return
+            if now < self._cursor_due:
+                return
+        self._cursor_due = None
         carry_n = len(self.carry)
         batch.events[:0] = self.carry
         for g in self.groups.values():
@@ -359,9 +381,13 @@ class Hub:
         for app, (kind, note) in zip(appended[:carry_n], self.carry_notes, strict=True):
             self._carried(app, kind, note)
         self.carry_notes = []
+        # Workers first: what waits for these events is their handlers; publishers' confirmations come next.
+        self._fan_out(appended)
+        for g in self.groups.values():
+            if self.ha is None or self.journal_ok:
+                self._dispatch(g, now)
         for cb, lo, hi in replies:
             cb(appended[carry_n + lo: carry_n + hi], None)
-        self._fan_out(appended)
 
     def _carry(self, ne: NewEvent | None, kind: str, note: dict[str, Any] | None = None) -> None:
         """Queue an event the hub derived (a follow-on or a dead letter) for the next commit."""
@@ -419,11 +445,17 @@ class Hub:
 
     # -- building events for the journal --------------------------------------------------------------------
     def _new(self, ev: Event, topic: str) -> NewEvent:
-        def render(seq: int, ev: Event = ev, topic: str = topic) -> bytes:
-            ev.topic, ev.seq = topic, seq
-            return ev.to_json()
-
-        return NewEvent(topic, ev.source, ev.id, ev.object_key, render)
+        data = ev.data
+        objkey = None
+        if type(data) is dict:  # Event.object_key, without its two property calls per event
+            b, k = data.get("bucket"), data.get("key")
+            if type(b) is str and type(k) is str:
+                objkey = f"{b}/{k}"
+            elif isinstance(b, str) and isinstance(k, str):
+                objkey = ev.object_key
+        elif isinstance(data, dict):
+            objkey = ev.object_key
+        return NewEvent(topic, ev.source, ev.id, objkey, partial(_render, ev, topic))
 
     def _dead_letter(self, dl: DeadLetter, *, refused: bool = False) -> None:
         """Carry the dead letter of `dl` into the next commit (logged and counted once it is committed).
@@ -478,7 +510,8 @@ class Hub:
     def _refusal(self, ev: Event, topic: str | None, fresh: set[str]) -> tuple[str, str] | None:
         """Why `ev` may not be committed to `topic` (None: unrouted), as (metric reason, message), or None; a
         topic it would create is added to `fresh`."""
-        b, k = ev.bucket, ev.key
+        data = ev.data
+        b, k = (data.get("bucket"), data.get("key")) if isinstance(data, dict) else (None, None)
         if (isinstance(b, str) and "\0" in b) or (isinstance(k, str) and "\0" in k):
             return "invalid", "bucket name or object key contains a NUL byte"
         if topic is None:
@@ -498,15 +531,17 @@ class Hub:
         return None
 
     def _ingest(self, events: list[Event], source: str, batch: Batch,
-                done: Done, replies: list[Reply]) -> None:
+                done: Done, replies: list[Reply], topics: list[str | None] | None = None) -> None:
         """Queue events for this batch; `done` gets one result per event after the commit.
 
         All or nothing: every event is checked before any is queued, and a request with one refused event is
         answered at once with every event refused, so a 4xx (or a PUBNACK) never leaves part of it committed.
+        `topics`: each event's route, from a caller that has already routed them and checked them with
+        `refused_from_outside` (the PUB path does both before its role check).
         """
         plan: list[IngestResult] = []
         lo = len(batch.events)
-        why = [refused_from_outside(ev) for ev in events]
+        why = [None] * len(events) if topics is not None else [refused_from_outside(ev) for ev in events]
         if any(why):
             # Reserved sources and steering extensions are the hub's alone; the whole submission is refused so a
             # publisher never has half of it committed.
@@ -524,7 +559,7 @@ class Hub:
         staged: list[NewEvent] = []
         fresh: set[str] = set()
         for i, ev in enumerate(events):
-            topic = self._route(ev)
+            topic = self._route(ev) if topics is None else topics[i]
             refusal = self._refusal(ev, topic, fresh)
             if refusal is not None:
                 self.metrics.rejected.labels(source, refusal[0]).inc()
@@ -558,14 +593,21 @@ class Hub:
                 done(None, err)
                 return
             it = iter(appended)
+            received: dict[str, int] = {}  # counted per request, not per event: a metric call costs ~2 us
+            duplicates = 0
             for r in plan:
                 if r.unrouted or r.error:
                     continue
                 a = next(it)
                 r.topic, r.seq, r.duplicate = a.topic, a.seq, a.duplicate
-                (self.metrics.duplicates if a.duplicate else self.metrics.received).labels(
-                    *((source,) if a.duplicate else (source, self.metrics.topic_label(a.topic)))
-                ).inc()
+                if a.duplicate:
+                    duplicates += 1
+                else:
+                    received[a.topic] = received.get(a.topic, 0) + 1
+            for topic, n in received.items():
+                self.metrics.received.labels(source, self.metrics.topic_label(topic)).inc(n)
+            if duplicates:
+                self.metrics.duplicates.labels(source).inc(duplicates)
             done(plan, None)
 
         replies.append((cb, lo, hi))
@@ -622,7 +664,8 @@ class Hub:
         elif cmd == P.READY:
             self._on_ready(ident, raw, now)
         elif cmd == P.PUB:
-            self._on_pub(ident, P.decode(raw, P.Pub), batch, replies)
+            pub, strict = decode_pub(raw)
+            self._on_pub(ident, pub, batch, replies, strict)
         elif cmd == P.FETCH:
             self._on_fetch(ident, P.decode(raw, P.Fetch))
         elif cmd == P.REPLAY:
@@ -700,6 +743,7 @@ class Hub:
         if not self.net.roles.allows(self.net.user, "groups", g.name):
             self.net.forbidden(ident, f"key {self.net.user!r} may not ack for group {g.name!r} ([security.roles])")
             return
+        acked = 0
         for r in hdr.results:
             topic, seq = r.t, r.s
             if r.ok:
@@ -715,7 +759,7 @@ class Hub:
                     for k in HUB_EXTENSIONS:
                         fo.extensions.pop(k, None)
                 if g.ack(topic, seq):
-                    self.metrics.acked.labels(g.name).inc()
+                    acked += 1
                     for fo in fos:
                         if not self.net.roles.allows(self.net.user, "publish", fo.topic or ""):
                             self.metrics.rejected.labels("zmq", "forbidden").inc()
@@ -759,12 +803,15 @@ class Hub:
                     self._dead_letter(failed)
                 else:
                     self.metrics.retries.labels(g.name).inc()
+        if acked:
+            self.metrics.acked.labels(g.name).inc(acked)
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
 
-    def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list[Reply]) -> None:
+    def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list[Reply], strict: bool = False) -> None:
+        """`strict`: msgspec decoded the request, so its strings hold no lone surrogate (see `decode_pub`)."""
         req = hdr.req
         try:
-            events = [Event.from_dict(d) for d in hdr.events]
+            events = [Event.from_dict(d, text_checked=strict) for d in hdr.events]
         except EnvelopeError as e:
             self.metrics.rejected.labels("zmq", "envelope").inc()
             self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=str(e)))])
@@ -775,7 +822,8 @@ class Hub:
             log.warning("publish refused: hub-only source or extension", extra={"key": self.net.user, "error": why})
             self.net.send([ident, P.PUBNACK, P.enc({"req": req, "error": why})])
             return
-        denied = sorted({t for t in map(self._route, events)
+        topics = [self._route(ev) for ev in events]
+        denied = sorted({t for t in set(topics)
                          if t is not None and not self.net.roles.allows(self.net.user, "publish", t)})
         if denied:
             self.metrics.rejected.labels("zmq", "forbidden").inc()
@@ -793,7 +841,7 @@ class Hub:
             else:
                 self.net.send([ident, P.PUBACK, P.enc(P.PubAck(req=req, results=[r.as_dict() for r in res]))])
 
-        self._ingest(events, "zmq", batch, done, replies)
+        self._ingest(events, "zmq", batch, done, replies, topics)
 
     def _on_fetch(self, ident: bytes, hdr: P.Fetch) -> None:
         topic, start, limit = hdr.topic, hdr.start, hdr.limit
@@ -1030,6 +1078,27 @@ class Hub:
                                      "role": "dispatching" if name in self.groups else "standby"}
                               for name in sorted(set(self.wanted) | set(self.groups))}
         return self.ops.extend_status(st, now)
+
+
+_PUB_DECODER = msgspec.json.Decoder(P.Pub)
+
+
+def decode_pub(raw: bytes) -> tuple[P.Pub, bool]:
+    """A PUB header, and whether msgspec read it: it refuses lone surrogates, so then every string in it is valid
+    Unicode and `Event.from_dict` need not render each envelope to check. Anything else (msgspec refused it)
+    goes through `P.decode`, which reads what the json module reads, or raises the error the peer is told."""
+    if len(raw) <= MAX_HEADER:
+        try:
+            return _PUB_DECODER.decode(raw), True
+        except msgspec.MsgspecError:
+            pass
+    return P.decode(raw, P.Pub), False
+
+
+def _render(ev: Event, topic: str, seq: int) -> bytes:
+    """An event's envelope, once the commit has given it its seq."""
+    ev.topic, ev.seq = topic, seq
+    return ev.to_json()
 
 
 def contiguous(items: list[tuple[int, str | None, bytes]]) -> list[list[tuple[int, str | None, bytes]]]:
