@@ -517,6 +517,15 @@ class Server:
             if not self.has_ready():
                 return
 
+    def due(self) -> bool:
+        """Whether `step` has anything to do that does not make `fileno()` readable: callbacks ready to run, or a
+        timer due. The hub's loop steps the server only then or when `fileno()` is readable: a step is an asyncio
+        turn with its own `epoll_wait`, and at a low event rate the loop turns twice per event."""
+        if self.has_ready():
+            return True
+        timers: list[asyncio.TimerHandle] | None = getattr(self.loop, "_scheduled", None)  # no public view either
+        return timers is not None and len(timers) > 0 and timers[0].when() <= self.loop.time()
+
     def has_ready(self) -> bool:
         """Callbacks are waiting to run: the driver must step again without waiting for `fileno()`."""
         ready: deque[asyncio.Handle] | None = getattr(self.loop, "_ready", None)  # asyncio keeps no public view

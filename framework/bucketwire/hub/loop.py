@@ -253,17 +253,20 @@ class Hub:
 
     def _turn(self) -> None:
         """Wait for work or the next timer, then one tick; the HTTP ingress is stepped after it."""
-        if (self._wake_r, zmq.POLLIN) in self.net.poller.poll(self._next_timeout(time.monotonic())):
+        ready = dict(self.net.poller.poll(self._next_timeout(time.monotonic())))
+        if self._wake_r in ready:
             try:
                 while os.read(self._wake_r, 4096):
                     pass
             except BlockingIOError:
                 pass
         self.tick()
-        if self.http is not None:
-            # Writes the answers of what this tick committed and reads new requests; their events wait in
-            # ingress_q, which makes the next poll return at once.
-            self.http.step()
+        http = self.http
+        if http is not None and (http.fileno() in ready or http.due()):
+            # Reads new requests (their events wait in ingress_q, which makes the next poll return at once), runs
+            # what the answers of this tick's commit scheduled, and the server's timers. Answers themselves are
+            # written when the commit resolves them.
+            http.step()
 
     def _next_timeout(self, now: float) -> int:
         if not self.ingress_q.empty():
