@@ -38,6 +38,8 @@ log = logging.getLogger("bucketwire.hub")
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_get = cast(Callable[[Any, int], int], zmq_backend.Socket.get)
 _send = cast(Callable[[Any, bytes, int], None], zmq_backend.Socket.send)
 """libzmq's send without pyzmq's Python layer (routing-id, group and Frame checks we never use): the hub sends a
 frame per event, and that layer was a fifth of the cost of each."""
@@ -439,8 +441,9 @@ class Listeners:
 
 
 def readable(sock: Socket) -> bool:
-    """Whether a message waits on `sock` (pyzmq types the EVENTS option loosely; it is an int)."""
-    return bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
+    """Whether a message waits on `sock`. Read through libzmq's own getter: pyzmq's wraps EVENTS in an enum,
+    and the hub asks every socket on every loop turn."""
+    return bool(_get(sock, _EVENTS) & _POLLIN)
 
 
 def _user_id(frame: zmq.Frame) -> str | None:

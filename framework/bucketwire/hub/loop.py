@@ -616,6 +616,8 @@ class Hub:
         replies.append((cb, lo, hi))
 
     def _drain_ingress(self, batch: Batch, replies: list[Reply]) -> None:
+        if self.ingress_q.empty():  # most turns: no exception raised and caught
+            return
         for _ in range(MAX_DRAIN):
             try:
                 events, source, done = self.ingress_q.get_nowait()
@@ -925,6 +927,8 @@ class Hub:
             self._worker_gone(w, lost=True, now=now)
 
     def _dispatch(self, g: GroupState, now: float) -> None:
+        if not g.ready:
+            return  # nothing to hand out, and the in-flight count did not change here
         for w, items in g.dispatch(self.cfg.hub.dispatch_batch, now):
             frames = [w.ident, P.DELIVER, P.enc({"a": [it.attempts for it in items]})]
             frames.extend(it.body for it in items)
