@@ -1,0 +1,154 @@
+"""Where one event's latency goes at a fixed rate: the numbers behind README "Closing the gap".
+
+    python -m bucketwire.devstack.bench.stages [RATE] [SECONDS] [busy]
+
+The same hub, worker pool (2 processes, the bench's no-op plugin) and publisher as `bench bus --against nats`;
+the hub runs with a timestamp per event at three points of its loop (`--stage-probe`, below), the handler notes
+its own. For each event: publisher send -> the hub's loop turn that reads it; -> its commit done; -> its DELIVER
+sent; -> its handler. With `busy` a spinning process holds one core. Prints percentiles per stage, and the
+journal commit's own time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def probe_hub(out: str, argv: list[str]) -> None:
+    """Run `bucketwire hub` with the timestamps (in the hub's process; this changes nothing in its code)."""
+    import bucketwire.hub.loop as loop
+    from bucketwire import protocol as P
+    from bucketwire.cli import main
+
+    recv: dict[int, float] = {}
+    committed: dict[int, float] = {}
+    sent: dict[int, float] = {}
+    commit_s: list[float] = []
+    turn = [0.0]
+    tick, on_pub, init = loop.Hub.tick, loop.Hub._on_pub, loop.Hub.__init__
+
+    def p_tick(self: loop.Hub, final: bool = False) -> None:
+        turn[0] = time.monotonic()
+        tick(self, final)
+
+    def p_on_pub(self: loop.Hub, ident: bytes, hdr: Any, batch: Any, replies: Any, strict: bool = False) -> None:
+        for d in hdr.events:
+            recv[d["data"]["i"]] = turn[0]
+        on_pub(self, ident, hdr, batch, replies, strict)
+
+    def p_init(self: loop.Hub, cfg: Any) -> None:
+        init(self, cfg)
+        send, commit = self.net.send, self.journal.commit
+
+        def p_send(frames: list[bytes]) -> bool:
+            if frames[1] == P.DELIVER:
+                now = time.monotonic()
+                for b in frames[3:]:
+                    sent[orjson.loads(b)["data"]["i"]] = now
+            return send(frames)
+
+        def p_commit(batch: Any) -> Any:
+            t0 = time.monotonic()
+            res = commit(batch)
+            now = time.monotonic()
+            commit_s.append(now - t0)
+            for a in res:
+                data = orjson.loads(a.body).get("data")
+                if isinstance(data, dict) and "i" in data:
+                    committed[data["i"]] = now
+            return res
+
+        self.net.send = p_send  # type: ignore[method-assign]
+        self.journal.commit = p_commit  # type: ignore[method-assign]
+
+    def dump() -> None:
+        with open(out, "w") as f:
+            f.write(orjson.dumps({"commit_s": commit_s, "events": {
+                i: [t, committed.get(i, 0.0), sent.get(i, 0.0)] for i, t in recv.items()}},
+                option=orjson.OPT_NON_STR_KEYS).decode())
+
+    loop.Hub.tick, loop.Hub._on_pub, loop.Hub.__init__ = p_tick, p_on_pub, p_init  # type: ignore[method-assign]
+    atexit.register(dump)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    sys.argv = ["bucketwire", "-q", *argv]
+    main()
+
+
+def q(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[int(p * (len(xs) - 1))] * 1000 if xs else float("nan")
+
+
+def run(rate: int, seconds: float, busy: bool) -> None:
+    from bucketwire.devstack.bench.bus import Publisher, _spin_until, _wait_handled, payload
+    from bucketwire.devstack.bench.common import Stack
+    from bucketwire.devstack.bench.versus import Spinner, read_rows
+
+    st = Stack("os")
+    out = st.tmp / "stages.json"
+    hub = subprocess.Popen([sys.executable, "-m", "bucketwire.devstack.bench.stages", "--stage-probe", str(out),
+                            "hub", "-c", str(st.cfg_path)], stdout=subprocess.DEVNULL,
+                           stderr=(st.tmp / "hub.log").open("wb"), start_new_session=True)
+    st.procs.append(hub)
+    st.spawn("worker", "--group", "bench", "-n", "2", "--plugin", "bucketwire.devstack.bench.noop_plugin")
+    first, k = 200, int(rate * seconds)
+    try:
+        st.wait_workers(2)
+        pub = Publisher(st.config().client.work_endpoints[0])
+        for j in range(first):  # warm-up, not measured
+            pub.send([payload(j, time.monotonic())])
+        pub.drain()
+        _wait_handled(st, first, "stages")
+        spinner = Spinner() if busy else None
+        if spinner is not None:
+            spinner.__enter__()
+        try:
+            start = time.monotonic() + 0.05
+            for j in range(k):
+                t = start + j / rate
+                _spin_until(t)
+                pub.send([payload(first + j, t)])
+            pub.drain()
+            _wait_handled(st, first + k, "stages")
+        finally:
+            if spinner is not None:
+                spinner.__exit__(None, None, None)
+        pub.close()
+    finally:
+        st.stop()
+    handled = {i: (t, r) for rows in read_rows(st.tmp).values() for i, t, r in rows}
+    probe = orjson.loads(Path(out).read_bytes())
+    stages: dict[str, list[float]] = {n: [] for n in (
+        "publisher send -> hub loop turn", "hub loop turn -> commit done", "commit done -> DELIVER sent",
+        "DELIVER sent -> handler", "total")}
+    lists = list(stages.values())
+    for key, (turn, done, sent) in probe["events"].items():
+        i = int(key)
+        if first <= i < first + k and i in handled and done and sent:
+            t, r = handled[i]
+            for lst, v in zip(lists, (turn - t, done - turn, sent - done, r - sent, r - t), strict=True):
+                lst.append(v)
+    print(f"{rate}/s for {seconds:g} s{', one core busy' if busy else ''}: {len(lists[-1])} events")
+    for name, xs in stages.items():
+        print(f"  {name:32s} p50 {q(xs, .5):8.3f} ms   p90 {q(xs, .9):8.3f}   p99 {q(xs, .99):8.3f}")
+    cs = probe["commit_s"]
+    print(f"  journal commits: {len(cs)} ({len(cs) / max(1, k + first):.2f} per event), "
+          f"each p50 {statistics.median(cs) * 1e6:.0f} us")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--stage-probe":
+        probe_hub(sys.argv[2], sys.argv[3:])
+    else:
+        args = sys.argv[1:]
+        run(int(args[0]) if args else 1000, float(args[1]) if len(args) > 1 else 3.0,
+            len(args) > 2 and args[2] == "busy")
