@@ -36,14 +36,14 @@ def probe_hub(out: str, argv: list[str]) -> None:
     turn = [0.0]
     tick, on_pub, init = loop.Hub.tick, loop.Hub._on_pub, loop.Hub.__init__
 
-    def p_tick(self: loop.Hub, final: bool = False) -> None:
+    def p_tick(self: loop.Hub, *rest: Any) -> None:
         turn[0] = time.monotonic()
-        tick(self, final)
+        tick(self, *rest)
 
-    def p_on_pub(self: loop.Hub, ident: bytes, hdr: Any, batch: Any, replies: Any, strict: bool = False) -> None:
+    def p_on_pub(self: loop.Hub, ident: bytes, hdr: Any, *rest: Any) -> None:
         for d in hdr.events:
             recv[d["data"]["i"]] = turn[0]
-        on_pub(self, ident, hdr, batch, replies, strict)
+        on_pub(self, ident, hdr, *rest)
 
     def p_init(self: loop.Hub, cfg: Any) -> None:
         init(self, cfg)
@@ -76,7 +76,7 @@ def probe_hub(out: str, argv: list[str]) -> None:
                 i: [t, committed.get(i, 0.0), sent.get(i, 0.0)] for i, t in recv.items()}},
                 option=orjson.OPT_NON_STR_KEYS).decode())
 
-    loop.Hub.tick, loop.Hub._on_pub, loop.Hub.__init__ = p_tick, p_on_pub, p_init  # type: ignore[method-assign]
+    loop.Hub.tick, loop.Hub._on_pub, loop.Hub.__init__ = p_tick, p_on_pub, p_init  # type: ignore[method-assign,assignment]
     atexit.register(dump)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     sys.argv = ["bucketwire", "-q", *argv]
