@@ -47,7 +47,8 @@ S3_EVENTS = [
     "s3:Scanner:BigPrefix", "s3:ReducedRedundancyLostObject", "s3:BucketCreated", "s3:BucketRemoved",
 ]
 
-WANT_TYPE = {"work": "ROUTER", "publish": "PUB"}
+WANT_TYPE = {"work": "ROUTER", "publish": "XPUB"}
+ALSO_FINE = {"publish": ("PUB",)}  # the fan-out of a hub from before it counted subscriptions (an XPUB now)
 
 
 @dataclass(slots=True)
@@ -140,8 +141,8 @@ def check_endpoints(cfg: Config) -> list[Finding]:
         elif r["mechanism"] == "NULL" and curve:
             out.append(Finding("error", f"{where}: the peer does not use CURVE but [security] curve = true",
                                "enable [security] on the hub too, or check that this is the right hub"))
-        elif r.get("socket_type") and r["socket_type"] != want:
-            other = {"PUB": "publish", "ROUTER": "work"}.get(r["socket_type"], "some other")
+        elif r.get("socket_type") and r["socket_type"] != want and r["socket_type"] not in ALSO_FINE.get(key, ()):
+            other = {"PUB": "publish", "XPUB": "publish", "ROUTER": "work"}.get(r["socket_type"], "some other")
             out.append(Finding("error", f"{where}: that is a {r['socket_type']} socket (the hub's {other} port?), "
                                         f"{key} needs the hub's {want}",
                                f"set [client] {key} to the hub's [hub] {key} endpoint"))
