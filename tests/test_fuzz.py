@@ -169,3 +169,60 @@ def test_pub_frame(data: st.DataObject) -> None:
     answers any ValueError of a frame's handling with ERR: ProtocolError, EnvelopeError, UnicodeEncodeError.)"""
     events = [mutate(data, CLOUDEVENT) for _ in range(data.draw(st.integers(1, 3)))]
     check(_parse_pub, dump({"req": 1, "events": events}), (ValueError,))
+
+
+SHORT_NUMBER = st.builds(lambda m, e, neg: f"{'-' if neg else ''}{m}e{e}", st.integers(1, 9), st.integers(-30, 30),
+                         st.booleans())
+
+
+def _raw_json(data: st.DataObject, v: Any) -> str:
+    """`v` as JSON text the way any client may write it: floats also in the shortest exponent form, the worst case
+    for how much longer the hub's own rendering gets."""
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{_raw_json(data, x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(_raw_json(data, x) for x in v) + "]"
+    if isinstance(v, float) and data.draw(st.booleans()):
+        return data.draw(SHORT_NUMBER)
+    return json.dumps(v)
+
+
+@FUZZ
+@given(data=st.data())
+def test_pub_envelope_bound_holds(data: st.DataObject) -> None:
+    """The hub skips rendering an event to measure it when a bound computed from the PUB header's size says it
+    fits under [hub] max_event_bytes; an envelope over that bound would let an oversized event through."""
+    from bucketwire.envelope import envelope_bytes
+    from bucketwire.hub.loop import decode_pub, pub_envelope_bound
+
+    events = []
+    for _ in range(data.draw(st.integers(1, 3))):
+        ev = dict(CLOUDEVENT, id=data.draw(st.text(min_size=1, max_size=20)), data=data.draw(JSONV))
+        for k in ("subject", "causationid", "hops", "schemaversion", "topic"):
+            if data.draw(st.booleans()):
+                del ev[k]
+        events.append(ev)
+    raw = ('{"req":1,"events":[' + ",".join(_raw_json(data, e) for e in events) + "]}").encode("utf-8", "surrogatepass")
+    try:
+        pub, strict = decode_pub(raw)
+        parsed = [Event.from_dict(d, text_checked=strict) for d in pub.events]
+    except ValueError:  # refused at the door: nothing to measure
+        return
+    topic = data.draw(st.text(min_size=1, max_size=300))
+    for ev in parsed:
+        assert envelope_bytes(ev, topic) <= pub_envelope_bound(len(raw)) + 6 * len(topic)
+
+
+def test_pub_envelope_bound_holds_for_the_worst_case() -> None:
+    """Large enough that the constant for hub-added attributes cannot hide it: thousands of floats written in the
+    shortest form, which the hub renders 4.5 times longer."""
+    from bucketwire.envelope import envelope_bytes
+    from bucketwire.hub.loop import decode_pub, pub_envelope_bound
+
+    floats = "[" + ",".join(["1e15"] * 5000) + "]"
+    body = json.dumps(dict(CLOUDEVENT, data=None)).replace('"data": null', '"data": ' + floats)
+    raw = ('{"req":1,"events":[' + body + "]}").encode()
+    pub, strict = decode_pub(raw)
+    (ev,) = [Event.from_dict(d, text_checked=strict) for d in pub.events]
+    assert envelope_bytes(ev, "t") > 3 * len(raw)  # the case is as bad as it should be
+    assert envelope_bytes(ev, "t") <= pub_envelope_bound(len(raw)) + 6

@@ -492,9 +492,16 @@ class Hub:
         self._carry(self._new(ev, topic), "dead-letter",
                     {"group": dl.group, "topic": dl.item.topic, "seq": dl.item.seq, "error": dl.line})
 
-    def _too_large(self, ev: Event, topic: str) -> str | None:
+    def _too_large(self, ev: Event, topic: str, bound: int = -1) -> str | None:
         """Why `ev` is too large to commit to `topic`, or None. Checked before anything is queued: an event the
-        journal cannot store would fail the whole commit it shares with innocent events, again on every retry."""
+        journal cannot store would fail the whole commit it shares with innocent events, again on every retry.
+
+        `bound`: an upper bound of the envelope's size known without rendering it (see `_on_pub`); when it fits
+        with room to spare the render is skipped, which is what nearly every event costs here."""
+        if bound >= 0:
+            need = bound + 6 * len(topic)  # a character of the topic is at most 6 bytes of JSON (\u escapes)
+            if need <= self.max_event and (self.event_room is None or need + need <= self.event_room):
+                return None
         n = envelope_bytes(ev, topic)
         if n > self.max_event:
             why = ("[hub] max_event_bytes" if self.max_event == self.cfg.hub.max_event_bytes
@@ -534,13 +541,14 @@ class Hub:
         return None
 
     def _ingest(self, events: list[Event], source: str, batch: Batch,
-                done: Done, replies: list[Reply], topics: list[str | None] | None = None) -> None:
+                done: Done, replies: list[Reply], topics: list[str | None] | None = None,
+                bound: int = -1) -> None:
         """Queue events for this batch; `done` gets one result per event after the commit.
 
         All or nothing: every event is checked before any is queued, and a request with one refused event is
         answered at once with every event refused, so a 4xx (or a PUBNACK) never leaves part of it committed.
         `topics`: each event's route, from a caller that has already routed them and checked them with
-        `refused_from_outside` (the PUB path does both before its role check).
+        `refused_from_outside` (the PUB path does both before its role check). `bound`: see `_too_large`.
         """
         plan: list[IngestResult] = []
         lo = len(batch.events)
@@ -572,7 +580,7 @@ class Hub:
             if topic is None:
                 plan.append(IngestResult(ev.id, None, None, unrouted=True))
                 continue
-            big = self._too_large(ev, topic)
+            big = self._too_large(ev, topic, bound)
             if big is not None:
                 self.metrics.rejected.labels(source, "too_large").inc()
                 log.warning("event refused: too large", extra={"ingress": source, "topic": topic[:64],
@@ -670,7 +678,7 @@ class Hub:
             self._on_ready(ident, raw, now)
         elif cmd == P.PUB:
             pub, strict = decode_pub(raw)
-            self._on_pub(ident, pub, batch, replies, strict)
+            self._on_pub(ident, pub, batch, replies, strict, len(raw))
         elif cmd == P.FETCH:
             self._on_fetch(ident, P.decode(raw, P.Fetch))
         elif cmd == P.REPLAY:
@@ -812,8 +820,10 @@ class Hub:
             self.metrics.acked.labels(g.name).inc(acked)
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
 
-    def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list[Reply], strict: bool = False) -> None:
-        """`strict`: msgspec decoded the request, so its strings hold no lone surrogate (see `decode_pub`)."""
+    def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list[Reply], strict: bool = False,
+                raw_len: int = -1) -> None:
+        """`strict`: msgspec decoded the request, so its strings hold no lone surrogate (see `decode_pub`).
+        `raw_len`: the size of the JSON header the events came in (-1: unknown)."""
         req = hdr.req
         try:
             events = [Event.from_dict(d, text_checked=strict) for d in hdr.events]
@@ -846,7 +856,7 @@ class Hub:
             else:
                 self.net.send([ident, P.PUBACK, P.enc(P.PubAck(req=req, results=[r.as_dict() for r in res]))])
 
-        self._ingest(events, "zmq", batch, done, replies, topics)
+        self._ingest(events, "zmq", batch, done, replies, topics, pub_envelope_bound(raw_len))
 
     def _on_fetch(self, ident: bytes, hdr: P.Fetch) -> None:
         topic, start, limit = hdr.topic, hdr.start, hdr.limit
@@ -1100,6 +1110,19 @@ def decode_pub(raw: bytes) -> tuple[P.Pub, bool]:
         except msgspec.MsgspecError:
             pass
     return P.decode(raw, P.Pub), False
+
+
+ENVELOPE_ADDS = 2048
+"""More than the hub ever adds to a published event's JSON besides its topic: seq, time, hops, schemaversion and
+the other attributes it fills in."""
+
+
+def pub_envelope_bound(raw_len: int) -> int:
+    """An upper bound of the size of each envelope rendered from a PUB header of `raw_len` JSON bytes (-1:
+    unknown). Rendering never makes a JSON value more than 6 times longer (the worst is a float written short,
+    `1e15` becoming `1000000000000000.0`; strings only shrink, as escapes become UTF-8), and each event is a part
+    of the header."""
+    return -1 if raw_len < 0 else 6 * raw_len + ENVELOPE_ADDS
 
 
 def _render(ev: Event, topic: str, seq: int) -> bytes:
