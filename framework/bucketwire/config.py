@@ -402,7 +402,10 @@ def _prepare(v: Any, t: mi.Type, keys: list[_Key], file: str) -> Any:
         return _prepare(v, t.type, keys, file)
     if isinstance(t, mi.UnionType):
         lists = [x for x in t.types if isinstance(x, mi.ListType)]
-        return _prepare(v, lists[0], keys, file) if lists and isinstance(v, str) else v
+        if lists and isinstance(v, str):
+            return _prepare(v, lists[0], keys, file)
+        secrets = [x for x in t.types if _is_secret(x)]  # `Secret | None`: a given value is still a secret
+        return _prepare(v, secrets[0], keys, file) if secrets and v is not None else v
     if isinstance(t, mi.ListType):
         if isinstance(v, str) and isinstance(_bare(t.item_type), mi.StrType):
             v = [v]

@@ -77,9 +77,13 @@ class NatsCluster:
     Usable as a context manager. `urls` is the list a bucketwire `[journal] servers` setting takes.
     """
 
-    def __init__(self, base_dir: Path, size: int = 3, name: str = "bucketwire", sync_always: bool = False) -> None:
+    def __init__(self, base_dir: Path, size: int = 3, name: str = "bucketwire", sync_always: bool = False, *,
+                 user: str | None = None, password: str | None = None, token: str | None = None,
+                 jetstream: bool = True) -> None:
         """`sync_always` makes every node fsync each write (`sync_interval: always`); the default lets the OS
-        write it back (nats-server's own default), like bucketwire's `durability = "os"`."""
+        write it back (nats-server's own default), like bucketwire's `durability = "os"`. `user`/`password` or
+        `token` make clients authenticate (what a production cluster asks); `jetstream=False` runs plain NATS, the
+        misconfiguration a hub must name at start."""
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         self.base_dir = Path(base_dir)
@@ -87,6 +91,8 @@ class NatsCluster:
         self.name = name
         self.binary = find_nats_server()
         self.sync_always = sync_always
+        self.user, self.password, self.token = user, password, token
+        self.jetstream = jetstream
         self.nodes = [
             NatsNode(f"n{i}", free_port(), free_port(), free_port(), self.base_dir / f"n{i}")
             for i in range(size)
@@ -98,9 +104,13 @@ class NatsCluster:
 
     def _argv(self, node: NatsNode) -> list[str]:
         argv = [
-            self.binary, "-js", "-sd", str(node.store), "-n", node.name,
+            self.binary, *(["-js", "-sd", str(node.store)] if self.jetstream else []), "-n", node.name,
             "-a", "127.0.0.1", "-p", str(node.client_port), "-m", str(node.http_port),
         ]
+        if self.user is not None:
+            argv += ["--user", self.user, "--pass", self.password or ""]
+        if self.token is not None:
+            argv += ["--auth", self.token]
         if self.sync_always:  # no command-line flag for it: a config file with just that setting
             conf = node.store / "sync.conf"
             conf.write_text(f'jetstream {{\n  store_dir: "{node.store}"\n  sync_interval: always\n}}\n')
@@ -156,7 +166,7 @@ class NatsCluster:
                                     f"see {node.store / 'nats-server.log'}")
             try:
                 docs = [n.jsz() for n in pending]
-                if self.size == 1:
+                if self.size == 1 or not self.jetstream:
                     return
                 if self._meta_complete():
                     return

@@ -342,14 +342,23 @@ class JetStreamJournal:
                                 "max_reconnect_attempts": -1, "reconnect_time_wait": 0.2,
                                 "allow_reconnect": True, "name": f"bucketwire-hub-{self.hub_id}"}
         opts.update(auth_options(s))
+        seen: list[str] = []
+
         async def quiet(e: Exception) -> None:  # reconnect attempts are the client's business, not the log's
+            seen.append(str(e))
             log.debug("NATS connection error", extra={"error": str(e)})
 
         opts["error_cb"] = quiet
         try:
             self.nc = await asyncio.wait_for(nats.connect(**opts), s.connect_timeout * max(1, len(s.servers)))
         except (NoServersError, OSError, TimeoutError) as e:
-            raise JetStreamError(f"cannot reach NATS at {', '.join(s.servers)} ({e or type(e).__name__}); "
+            # The client retries a refused login like a dead server, so a wrong password would read as
+            # "unreachable"; what the servers said while it retried tells the two apart.
+            if any("authorization" in m.lower() or "authentication" in m.lower() for m in seen):
+                raise JetStreamError(f"NATS at {', '.join(s.servers)} refused the credentials; check [journal] "
+                                     "user and password (or token, creds) against the server's") from None
+            why = str(e) or (seen[-1] if seen else "") or type(e).__name__
+            raise JetStreamError(f"cannot reach NATS at {', '.join(s.servers)} ({why}); "
                                  "check [journal] servers and that nats-server runs with -js") from None
         except Exception as e:  # auth failures and the like: one line, never a traceback
             raise JetStreamError(f"NATS refused the connection ({type(e).__name__}: {e}); "
@@ -375,7 +384,9 @@ class JetStreamJournal:
         return f"{self.prefix}_leases"
 
     async def _ensure_kv(self) -> None:
+        from nats.errors import NoRespondersError
         from nats.js.api import KeyValueConfig
+        from nats.js.errors import ServiceUnavailableError
 
         try:
             await self.js.create_key_value(KeyValueConfig(bucket=self._kv_cursors, history=1,
@@ -383,7 +394,14 @@ class JetStreamJournal:
             await self.js.create_key_value(KeyValueConfig(bucket=self._kv_leases, history=1,
                                                           ttl=self.settings.lease_ttl,
                                                           replicas=self.settings.replicas))
+        except (ServiceUnavailableError, NoRespondersError):
+            raise JetStreamError(f"JetStream does not answer at {', '.join(self.settings.servers)}: run "
+                                 "nats-server with -js (JetStream enabled), and a quorum of its cluster") from None
         except Exception as e:
+            if "no suitable peers" in str(e):
+                raise JetStreamError(f"[journal] replicas = {self.settings.replicas} but the cluster at "
+                                     f"{', '.join(self.settings.servers)} has fewer JetStream nodes up to place them "
+                                     "on; set replicas to at most its number of nodes") from None
             raise JetStreamError(f"cannot create the cursor bucket {self._kv_cursors!r}: {e}; "
                                  f"does the cluster have {self.settings.replicas} JetStream nodes "
                                  "([journal] replicas)?") from None
