@@ -10,8 +10,10 @@ resumes when the cluster is back, with nothing accepted lost.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,10 @@ import pytest
 pytest.importorskip("nats", reason="the nats extra is not installed (pip install -e '.[nats]')")
 
 from bucketwire.devstack.nats import NatsCluster, NatsError, find_nats_server  # noqa: E402
+from bucketwire.hub.journal import Batch  # noqa: E402
+from bucketwire.hub.journal_jetstream import JetStreamError, JetStreamJournal, JetStreamSettings  # noqa: E402
 from bucketwire.procutil import free_port  # noqa: E402
+from tests.fixtures_hub import wait_for  # noqa: E402
 
 try:
     find_nats_server()
@@ -115,3 +120,36 @@ def test_bad_journal_settings_refuse_to_start_with_one_line(tmp_path: Path, clus
         if rc == 0 or "Traceback" in err or len(lines) != 1 or not all(w in lines[0] for w in words):
             problems.append(f"{name}: exit {rc}, wanted one line naming {words}, got:\n{err.strip()[-1500:]}")
     assert not problems, "\n\n".join(problems)
+
+
+# -- 1. the zombie leader: frozen past its lease, then resumed ----------------------------------------------------
+def _settings(cluster: NatsCluster, prefix: str, lease_ttl: float) -> JetStreamSettings:
+    return JetStreamSettings(servers=cluster.urls, replicas=3, prefix=prefix, lease_ttl=lease_ttl,
+                             connect_timeout=2.0, request_timeout=4.0)
+
+
+def test_a_resumed_dispatcher_cannot_overwrite_the_new_dispatchers_cursor(cluster: NatsCluster) -> None:
+    """A hub frozen between its lease check and its cursor write (a GC pause, a VM freeze) wakes up believing it
+    still dispatches; its write is refused by revision, and it must not then write again over the new
+    dispatcher's revision: the stored cursor stays the new dispatcher's."""
+    s = _settings(cluster, "z" + uuid.uuid4().hex[:8], lease_ttl=1.0)
+    a, b = JetStreamJournal(s, "hub-a"), JetStreamJournal(s, "hub-b")
+    try:
+        wait_for(lambda: "g" in a.lead(["g"], time.monotonic()), 10, "hub a to take the lease")
+        a.commit(Batch(cursors={("g", "photos"): 3}))
+        # a is frozen from here on: it renews nothing; b takes the lease once it expires and moves the cursor
+        wait_for(lambda: "g" in b.lead(["g"], time.monotonic()), 10, "hub b to take the lease")
+        b.load_group("g")
+        assert b.cursors()[("g", "photos")] == 3
+        b.commit(Batch(cursors={("g", "photos"): 7}))
+        # a resumes mid-tick: its next cursor write goes out before its next lease round
+        with contextlib.suppress(JetStreamError):
+            a.commit(Batch(cursors={("g", "photos"): 4}))
+        c = JetStreamJournal(s, "hub-c")
+        try:
+            assert c.cursors()[("g", "photos")] == 7, "the resumed hub overwrote the new dispatcher's cursor"
+        finally:
+            c.close()
+    finally:
+        a.close()
+        b.close()

@@ -656,7 +656,7 @@ class JetStreamJournal:
         refused = []
         answers = await self._replies.answers(futs, self.settings.request_timeout / 4)
         for (key, data, _, what), answer in zip(writes, answers, strict=True):
-            if "error" in answer and what[1] in self._leases:
+            if "error" in answer and self._holds(what[1]):
                 answer = await self._rewrite(key, data)
             if "error" in answer:
                 refused.append((key, answer["error"].get("description", "")))
@@ -742,6 +742,13 @@ class JetStreamJournal:
         if self.nc is None or not self.nc.is_connected:
             return f"not connected to NATS ({', '.join(self.settings.servers)})"
         return None
+
+    def _holds(self, group: str) -> bool:
+        """Whether this hub's lease of `group` is still good by its own clock, as `lead` counts it. A hub frozen
+        between its lease round and a cursor write (a GC pause, a stopped VM) wakes up with the lease still in
+        `_leases`; only the clock says another hub may have taken it meanwhile."""
+        lease = self._leases.get(group)
+        return lease is not None and time.monotonic() < lease[1] - self.settings.lease_ttl / 5
 
     async def _rewrite(self, key: str, data: bytes) -> dict[str, Any]:
         """A cursor write of a group this hub holds the lease of was refused: its last write did land, but the
