@@ -10,24 +10,33 @@ resumes when the cluster is back, with nothing accepted lost.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.importorskip("nats", reason="the nats extra is not installed (pip install -e '.[nats]')")
 
+from bucketwire import config as config_mod  # noqa: E402
+from bucketwire.client import HubClient  # noqa: E402
 from bucketwire.devstack.nats import NatsCluster, NatsError, find_nats_server  # noqa: E402
+from bucketwire.envelope import Event  # noqa: E402
 from bucketwire.hub.journal import Batch  # noqa: E402
 from bucketwire.hub.journal_jetstream import JetStreamError, JetStreamJournal, JetStreamSettings  # noqa: E402
 from bucketwire.procutil import free_port  # noqa: E402
-from tests.fixtures_hub import wait_for  # noqa: E402
+from tests.fixtures_hub import Stack, wait_for  # noqa: E402
 
 try:
     find_nats_server()
@@ -153,3 +162,165 @@ def test_a_resumed_dispatcher_cannot_overwrite_the_new_dispatchers_cursor(cluste
     finally:
         a.close()
         b.close()
+
+
+class CursorWatch:
+    """Every cursor write JetStream *stored* for one prefix, in order (refused writes are never seen): what the
+    fencing promise is about."""
+
+    def __init__(self, cluster: NatsCluster, prefix: str) -> None:
+        self.docs: list[dict[str, Any]] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._nc: Any = None
+        asyncio.run_coroutine_threadsafe(self._start(cluster.urls, prefix), self._loop).result(20)
+
+    async def _start(self, urls: list[str], prefix: str) -> None:
+        import nats
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        self._nc = await nats.connect(servers=urls, connect_timeout=5)
+
+        async def on_msg(m: Any) -> None:
+            self.docs.append(json.loads(m.data))
+
+        bucket = f"{prefix}_cursors"
+        await self._nc.jetstream().subscribe(f"$KV.{bucket}.c.>", cb=on_msg, ordered_consumer=True,
+                                             config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW))
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._nc.close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def _ha_pair(tmp: Path, cluster: NatsCluster, prefix: str, lease_ttl: float, same_id: bool = False
+             ) -> tuple[Stack, Stack]:
+    """Two hubs on one cluster, two config files; each lists both hubs' endpoints, its own first; one record."""
+    journal = f"""
+[journal]
+backend = "jetstream"
+servers = {_servers(cluster.urls)}
+replicas = 3
+prefix = "{prefix}"
+lease_ttl = {lease_ttl}
+
+[groups.g]
+topics = ["photos"]
+plugins = []
+start = "earliest"
+"""
+    a = Stack(_mk(tmp / "a"), journal)
+    b = Stack(_mk(tmp / "b"), journal)
+    for me, other in ((a, b), (b, a)):
+        me.cfg_path.write_text(me.cfg_path.read_text() + f"""
+[client]
+work = ["tcp://127.0.0.1:{me.work_port}", "tcp://127.0.0.1:{other.work_port}"]
+publish = ["tcp://127.0.0.1:{me.pub_port}", "tcp://127.0.0.1:{other.pub_port}"]
+""")
+    if same_id:  # the config copied from a and only its ports changed: the id stays a's
+        for s in (a, b):
+            s.cfg_path.write_text(s.cfg_path.read_text().replace("[hub]\n", '[hub]\nid = "copied-hub"\n', 1))
+    b.cfg_path.write_text(b.cfg_path.read_text().replace(str(b.record), str(a.record)))
+    b.record = a.record
+    for s in (a, b):
+        s.cfg = config_mod.load(s.cfg_path)
+    return a, b
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _role(s: Stack, group: str = "g") -> str | None:
+    try:
+        return str(s.status()["dispatch"][group]["role"])
+    except Exception:  # noqa: BLE001 - a hub starting, frozen or dying has no role to report
+        return None
+
+
+def _check_handled(s: Stack, ids: list[str], in_flight: int) -> int:
+    """0 lost, duplicates at most `in_flight`, per-object order held; returns the duplicates."""
+    rec = [h for h in s.handled() if h["g"] == "g"]
+    counts = Counter(h["id"] for h in rec)
+    assert not set(ids) - set(counts), f"lost: {sorted(set(ids) - set(counts))[:10]}"
+    dups = sum(n - 1 for n in counts.values())
+    assert dups <= in_flight, dups
+    per_key: dict[str, list[int]] = {}
+    for h in rec:
+        per_key.setdefault(h["key"], []).append(h["s"])
+    for key, seqs in per_key.items():
+        firsts = list(dict.fromkeys(seqs))
+        assert firsts == sorted(firsts), f"object {key}: handled out of order {firsts[:20]}"
+    return dups
+
+
+def test_a_frozen_dispatcher_is_fenced_when_it_resumes(tmp_path: Path, cluster: NatsCluster) -> None:
+    """SIGSTOP the dispatching hub past lease_ttl while events flow: the standby takes over no sooner than the
+    lease allows and dispatches; on SIGCONT the resumed hub stores no cursor, stops dispatching the group and
+    sends workers on; the group ends with 0 lost, duplicates bounded by what was in flight, per-object order."""
+    lease_ttl, n, keys = 3.0, 400, 20
+    prefix = "zz" + uuid.uuid4().hex[:8]
+    a, b = _ha_pair(tmp_path, cluster, prefix, lease_ttl)
+    watch: CursorWatch | None = None
+    try:
+        a.start_hub()
+        wait_for(lambda: _role(a) == "dispatching", 20, "hub a to dispatch g")
+        b.start_hub()
+        a.start_worker("g", 2, wait=False)
+        wait_for(lambda: a.status()["groups"]["g"]["workers"] >= 2, 30, "the pool at hub a")
+        watch = CursorWatch(cluster, prefix)
+        ids = [f"z-{i}" for i in range(n)]
+        errors: list[str] = []
+
+        def publish() -> None:
+            with HubClient(b.cfg, timeout=30) as c:  # through the standby, which stays up throughout
+                for lo in range(0, n, 20):
+                    evs = [Event(id=i, source="bucketwire://test/zombie", type="t", topic="photos",
+                                 data={"bucket": "b", "key": f"k{int(i.split('-')[1]) % keys}", "sleep": 0.005})
+                           for i in ids[lo:lo + 20]]
+                    try:
+                        c.publish_events(evs)
+                    except Exception as e:  # noqa: BLE001 - reported by the test
+                        errors.append(f"{type(e).__name__}: {e}")
+                        return
+
+        pub = threading.Thread(target=publish)
+        pub.start()
+        wait_for(lambda: len(a.handled()) >= n // 4, 60, "a quarter handled")
+        assert a.hub_proc is not None
+        a.hub_proc.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            wait_for(lambda: _role(b) == "dispatching", lease_ttl + 20, "hub b to take over")
+            took = time.monotonic() - frozen_at
+            print(f"\nfrozen dispatcher: lease_ttl {lease_ttl} s, standby took over after {took:.2f} s")
+            # The lease was renewed at most lease_ttl / 3 before the freeze: taking it sooner than the rest of
+            # its life would mean two dispatchers.
+            assert took >= lease_ttl * 2 / 3, took
+            handled_at_takeover = len(a.handled())
+            wait_for(lambda: len(a.handled()) > handled_at_takeover + 20, 60, "hub b to dispatch")
+            stored_before = len(watch.docs)
+        finally:
+            a.hub_proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: "stopped dispatching group" in a.dump_logs(), 20, "the resumed hub to drop the group")
+        assert _role(a) == "standby"
+        pub.join(120)
+        assert not errors, errors
+        wait_for(lambda: {h["id"] for h in a.handled()} >= set(ids), 120, f"all {n} handled")
+        wait_for(lambda: b.status()["groups"]["g"]["lag"] == 0, 30, "every event acked at hub b")
+        assert a.status()["groups"].get("g") is None  # nothing dispatched, no workers kept at the resumed hub
+        dups = _check_handled(a, ids, in_flight=2 * 16 + 40)
+        print(f"frozen dispatcher: {n} events, 0 lost, {dups} duplicates")
+        late = [d for d in watch.docs[stored_before:] if d.get("hub") == a.cfg.hub.id]
+        assert not late, f"the resumed hub moved a cursor: {late[:3]}"
+        assert any(d.get("hub") == b.cfg.hub.id for d in watch.docs), "hub b never stored a cursor"
+    finally:
+        if watch is not None:
+            watch.close()
+        if a.hub_proc is not None and a.hub_proc.poll() is None:
+            a.hub_proc.send_signal(signal.SIGCONT)
+        a.stop()
+        b.stop()
