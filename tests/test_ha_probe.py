@@ -73,7 +73,7 @@ def _start_refused(cfg: Path, env: dict[str, str] | None = None) -> tuple[int, s
     import os
 
     p = subprocess.run([sys.executable, "-m", "bucketwire", "hub", "-c", str(cfg)], capture_output=True, text=True,
-                       timeout=60, env={**os.environ, **(env or {})})
+                       timeout=45, env={**os.environ, **(env or {})})
     return p.returncode, p.stderr
 
 
@@ -322,5 +322,28 @@ def test_a_frozen_dispatcher_is_fenced_when_it_resumes(tmp_path: Path, cluster: 
             watch.close()
         if a.hub_proc is not None and a.hub_proc.poll() is None:
             a.hub_proc.send_signal(signal.SIGCONT)
+        a.stop()
+        b.stop()
+
+
+# -- 3. a copied config: two hubs with one [hub] id ----------------------------------------------------------------
+def test_a_second_hub_with_the_same_id_refuses_to_start(tmp_path: Path, cluster: NatsCluster) -> None:
+    """An operator copies a hub's config, changes its ports and forgets `[hub] id`: the copy must not run beside
+    the original (it would take the original's events for its own and skip them, and name itself as the
+    dispatcher). It refuses to start with one line naming `[hub] id`; the original keeps dispatching; once the
+    original is gone for good, the same config starts."""
+    a, b = _ha_pair(tmp_path, cluster, "id" + uuid.uuid4().hex[:8], lease_ttl=2.0, same_id=True)
+    try:
+        a.start_hub()
+        wait_for(lambda: _role(a) == "dispatching", 20, "hub a to dispatch g")
+        rc, err = _start_refused(b.cfg_path, b.env)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert rc != 0 and "Traceback" not in err, err
+        assert len(lines) == 1 and "[hub] id" in lines[0] and "copied-hub" in lines[0], err
+        assert _role(a) == "dispatching"
+        a.kill_hub()  # a crash leaves its presence behind for at most lease_ttl: the copy then starts
+        b.start_hub()
+        wait_for(lambda: _role(b) == "dispatching", 20, "hub b to dispatch g")
+    finally:
         a.stop()
         b.stop()

@@ -35,9 +35,12 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import re
+import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -294,6 +297,12 @@ class JetStreamJournal:
         self._due: dict[str, dict[tuple[str, int], float]] = {}  # group -> (topic, seq) -> unix time retry is due
         self._leases: dict[str, tuple[int, float]] = {}  # group -> (revision, valid until, monotonic)
         self._next_lease_round = 0.0
+        # This hub's presence key: one running hub per `[hub] id` (see _claim_id).
+        self._presence_key = f"h.{token(hub_id)}"
+        self._presence_value = json.dumps({"hub": hub_id, "work": advertise, "host": socket.gethostname(),
+                                           "pid": os.getpid(), "nonce": uuid.uuid4().hex}).encode()
+        self._presence_rev = 0
+        self._id_clash = False
         self._remote: deque[Appended] = deque()
         self._fed: dict[str, int] = {}  # topic -> every seq up to this is this hub's own or in _remote already
         self._catching: set[str] = set()
@@ -367,6 +376,7 @@ class JetStreamJournal:
         self._replies = _Replies(self.nc, self.client_internals)
         await self._replies.start()
         await self._ensure_kv()
+        await self._claim_id()
         await self._load_state()
 
     def _stream(self, topic: str) -> str:
@@ -868,6 +878,79 @@ class JetStreamJournal:
         """JetStream applies each stream's `max_age`/`max_bytes` itself; nothing to do from the hub."""
         return 0
 
+    # -- one running hub per [hub] id ---------------------------------------------------------------------
+    async def _claim_id(self) -> None:
+        """Refuse to run beside a live hub with the same `[hub] id` (a copied config whose id was not changed).
+
+        The id is what leases, the feed of other hubs' commits and `status` know a hub by: two hubs sharing one
+        would each skip the other's events as their own and both name themselves the dispatcher. So each hub
+        keeps a presence key in the lease bucket, renewed with its leases and expiring `lease_ttl` after the
+        last renewal. At start the key must be free. One that is taken but not renewed is what a crashed hub
+        left: it expires within `lease_ttl`, and the start waits that out; one renewed meanwhile is a live hub.
+        """
+        from nats.js.errors import NotFoundError
+
+        subject = f"$KV.{self._kv_leases}.{self._presence_key}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.lease_ttl * 1.5 + 1.0
+        seen: int | None = None
+        holder = ""
+        while True:
+            fut = await self._replies.send(subject, self._presence_value, {"Nats-Expected-Last-Subject-Sequence": "0"})
+            doc = await self._answer(fut)
+            if "error" not in doc:
+                self._presence_rev = int(doc["seq"])
+                return
+            if doc["error"].get("code") not in (408, 503):
+                try:
+                    last = await self.js.get_last_msg(f"KV_{self._kv_leases}", subject)
+                except NotFoundError:
+                    continue  # expired between the two requests: create it now
+                except Exception as e:
+                    raise JetStreamError(f"cannot read the presence of hub {self.hub_id!r}: {e}") from None
+                if (last.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                    fut = await self._replies.send(subject, self._presence_value,
+                                                   {"Nats-Expected-Last-Subject-Sequence": str(last.seq)})
+                    doc = await self._answer(fut)
+                    if "error" not in doc:
+                        self._presence_rev = int(doc["seq"])
+                        return
+                    continue
+                try:
+                    other = json.loads(last.data)
+                    holder = f" (pid {other.get('pid')} on {other.get('host')}, work {other.get('work')})"
+                except (ValueError, AttributeError):
+                    holder = ""
+                if seen is not None and int(last.seq) != seen:
+                    break  # renewed while we watched: a live hub
+                seen = int(last.seq)
+            if loop.time() > deadline:
+                break
+            await asyncio.sleep(min(0.2, self.settings.lease_ttl / 10))  # pacing: waiting for a crashed hub's key
+        raise JetStreamError(f"[hub] id {self.hub_id!r} is already used by a running hub{holder}; give each hub "
+                             "its own [hub] id (or stop the other one)")
+
+    async def _renew_presence(self) -> None:
+        """Part of each lease round. A refused renewal means the key changed: this hub was frozen past
+        `lease_ttl` and it expired (take it again), or a hub with the same id took it meanwhile (dispatch
+        nothing while that one runs)."""
+        subject = f"$KV.{self._kv_leases}.{self._presence_key}"
+        fut = await self._replies.send(subject, self._presence_value,
+                                       {"Nats-Expected-Last-Subject-Sequence": str(self._presence_rev)})
+        doc = await self._answer(fut)
+        if "error" in doc and doc["error"].get("code") not in (408, 503):
+            fut = await self._replies.send(subject, self._presence_value, {"Nats-Expected-Last-Subject-Sequence": "0"})
+            doc = await self._answer(fut)
+        if "error" not in doc:
+            if self._id_clash:
+                log.info("no other hub uses this [hub] id any more; dispatching again", extra={"hub": self.hub_id})
+            self._presence_rev, self._id_clash = int(doc["seq"]), False
+        elif doc["error"].get("code") not in (408, 503):
+            if not self._id_clash:
+                log.error("another running hub uses this [hub] id; this hub dispatches nothing until it is gone "
+                          "(give each hub its own [hub] id)", extra={"hub": self.hub_id})
+            self._id_clash = True
+
     # -- dispatch leadership -------------------------------------------------------------------------------
     def lead(self, groups: Iterable[str], now: float) -> set[str]:
         """The groups this hub may dispatch right now; takes free leases and renews held ones every third of
@@ -887,9 +970,15 @@ class JetStreamJournal:
             except JetStreamError as e:
                 log.warning("cannot renew dispatch leases", extra={"error": str(e)})
         margin = self.settings.lease_ttl / 5
+        if self._id_clash:
+            return set()
         return {g for g in wanted if g in self._leases and now < self._leases[g][1] - margin}
 
     async def _lease_round(self, groups: list[str], sent: float) -> None:
+        presence = asyncio.ensure_future(self._renew_presence())  # alongside the leases: one round trip for all
+        if self._id_clash:
+            await presence
+            return
         futs = []
         for g in groups:
             rev = self._leases.get(g, (0, 0.0))[0]
@@ -909,6 +998,7 @@ class JetStreamJournal:
                 self._leases.pop(g, None)
             else:
                 await self._take_released(g, sent)
+        await presence
 
     async def _take_released(self, g: str, sent: float) -> None:
         """A lease given back with `release` leaves a delete marker, not an empty key: take it over the marker."""
@@ -1105,6 +1195,12 @@ class JetStreamJournal:
     def close(self) -> None:
         if self.nc is not None:
             async def shut() -> None:
+                if self._presence_rev:  # a clean stop frees the id at once; a crash leaves it for lease_ttl
+                    try:
+                        kv = await self.js.key_value(self._kv_leases)
+                        await kv.delete(self._presence_key, last=self._presence_rev)
+                    except Exception as e:  # taken over or expired: nothing to give back
+                        log.debug("presence release failed", extra={"error": str(e)})
                 self._following = False
                 for task in list(self._tasks):  # the poll and catch-ups stop before the loop goes
                     task.cancel()
