@@ -347,3 +347,52 @@ def test_a_second_hub_with_the_same_id_refuses_to_start(tmp_path: Path, cluster:
     finally:
         a.stop()
         b.stop()
+
+
+# -- 4. clients with endpoint lists whose first hub is dead ---------------------------------------------------------
+def test_clients_skip_a_dead_first_endpoint(tmp_path: Path) -> None:
+    """`[client] work` / `publish` list a hub that is down (connection refused) first: a worker pool, publish,
+    status, tail, replay and dlq all reach the live hub after it, without anyone editing the config."""
+    live = Stack(_mk(tmp_path / "live"), '\n[groups.g]\ntopics = ["photos"]\nplugins = []\nstart = "earliest"\n')
+    dead_work, dead_pub = free_port(), free_port()  # nothing listens there: connections are refused
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(live.cfg_path.read_text() + f"""
+[client]
+work = ["tcp://127.0.0.1:{dead_work}", "tcp://127.0.0.1:{live.work_port}"]
+publish = ["tcp://127.0.0.1:{dead_pub}", "tcp://127.0.0.1:{live.pub_port}"]
+timeout = 15
+""")
+    env = live.env
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bucketwire", *args, "-c", str(cfg)], capture_output=True,
+                              text=True, timeout=60, env=env)
+
+    tail: subprocess.Popen[str] | None = None
+    try:
+        live.start_hub()
+        live.start_worker("g", 1, wait=False, cfg_path=cfg)
+        tail = subprocess.Popen([sys.executable, "-m", "bucketwire", "tail", "photos", "--from-seq", "1", "-c",
+                                 str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        with ThreadPoolExecutor(3) as pool:
+            pub = pool.submit(cli, "publish", "photos", '{"bucket": "b", "key": "k1"}', "--id", "p1")
+            st = pool.submit(cli, "status", "--json")
+            dl = pool.submit(cli, "dlq", "list")
+            for name, f in (("publish", pub), ("status", st), ("dlq list", dl)):
+                r = f.result()
+                assert r.returncode == 0, f"{name}: {r.stderr.strip()[-800:]}"
+        assert '"g"' in st.result().stdout
+        wait_for(lambda: {h["id"] for h in live.handled()} >= {"p1"}, 30, "the pool to handle p1")
+        assert tail.stdout is not None
+        printed: list[str] = []
+        threading.Thread(target=lambda: printed.extend(tail.stdout or []), daemon=True).start()
+        wait_for(lambda: printed, 30, "tail to print the event")
+        assert json.loads(printed[0])["id"] == "p1"
+        r = cli("replay", "-g", "g", "--from-seq", "1", "--timeout", "30")
+        assert r.returncode == 0, r.stderr.strip()[-800:]
+        wait_for(lambda: sum(h["id"] == "p1" for h in live.handled()) >= 2, 30, "p1 handled again after replay")
+    finally:
+        if tail is not None:
+            tail.kill()
+            tail.wait(10)
+        live.stop()
