@@ -519,7 +519,8 @@ class JetStreamJournal:
                 return int(info.state.last_seq)
             except Exception as e:
                 if loop.time() > deadline:
-                    raise JetStreamError(f"stream for topic {topic!r} unavailable: {e}") from None
+                    raise JetStreamError(f"stream for topic {topic!r} unavailable ({e}); is a quorum of the NATS "
+                                         "cluster up?") from None
                 await asyncio.sleep(0.05)  # pacing: waiting for the stream's leader
 
     # -- the one write path ----------------------------------------------------------------------------------
@@ -527,6 +528,11 @@ class JetStreamJournal:
         """Append events (deduplicated, per-topic seqs with no holes) and move cursors; returns one Appended per
         event in batch order. Raises JournalError when JetStream did not store everything; what it did store
         stays stored, and a retry of the same events is answered as duplicates."""
+        if self.nc is not None and not self.nc.is_connected:
+            # Known down (the client is reconnecting): refuse now, so senders get 503 at once instead of after
+            # request_timeout with the hub's loop blocked meanwhile.
+            raise JetStreamError(f"not connected to NATS ({', '.join(self.settings.servers)}); "
+                                 "is a quorum of the cluster up?")
         return self._run(self._commit(batch), self.settings.request_timeout * 2)
 
     async def _commit(self, batch: Batch) -> list[Appended]:

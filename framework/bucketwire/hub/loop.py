@@ -135,6 +135,7 @@ class Hub:
         self.last_tick = time.monotonic()
         self.journal_ok = True
         self.write_error: str | None = None  # the last write probe's failure, for /healthz
+        self.commit_error: str | None = None  # the last commit failure, for /healthz
         self._next_probe = 0.0
         # Topic bookkeeping (the count is bounded by [hub] max_topics): the topics the config names are always
         # accepted; `active` holds when each topic last committed, so heartbeats and rate windows cost per topic
@@ -205,7 +206,8 @@ class Hub:
             pass
 
     def health(self) -> Health:
-        return Health(self.last_tick, self.journal_ok, self.write_error)
+        commit_error = None if self.journal_ok else self.commit_error  # why the last commit failed, in its words
+        return Health(self.last_tick, self.journal_ok, self.write_error or commit_error)
 
     def request_reload(self) -> None:
         """Thread/signal-safe: re-read the key allow-list and the server keys on the next loop turn (SIGHUP)."""
@@ -370,6 +372,7 @@ class Hub:
             if self.journal_ok:
                 log.error("journal commit failed; answering 503 until it recovers", extra={"error": str(e)})
             self.journal_ok = False
+            self.commit_error = str(e)
             for cb, _, _ in replies:
                 cb(None, "journal unavailable: " + str(e))
             return
