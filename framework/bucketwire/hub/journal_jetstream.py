@@ -332,6 +332,11 @@ class JetStreamJournal:
             raise JetStreamError(f"JetStream did not answer within {timeout or self.settings.request_timeout:.0f} s "
                                  f"(servers {', '.join(self.settings.servers)}); is a quorum of the cluster up?"
                                  ) from None
+        except JournalError:
+            raise
+        except Exception as e:  # the client's own errors (no responders, reconnecting): a JournalError like any
+            raise JetStreamError(f"JetStream request failed ({type(e).__name__}: {e}); "
+                                 "is a quorum of the cluster up?") from None
 
     async def _answer(self, fut: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
         """A reply, or a 408 error when none came in a quarter of request_timeout: a request sent to a node that

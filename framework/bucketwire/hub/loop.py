@@ -311,7 +311,10 @@ class Hub:
         self.ops.tick(now)
         for g in self.groups.values():
             if g.wants_refill(self.journal.heads):
-                g.refill(self.journal.heads, self.journal.read, self.journal.first_seq)
+                try:
+                    g.refill(self.journal.heads, self.journal.read, self.journal.first_seq)
+                except JournalError as e:  # a cluster just back may not serve reads yet: the next turn reads again
+                    log.warning("cannot read the journal; will try again", extra={"group": g.name, "error": str(e)})
             if self.ha is None or self.journal_ok:
                 # With several hubs, events handled while acks cannot be stored would all be handled again by
                 # the next dispatcher: hand out nothing new until the journal takes commits again.
