@@ -81,21 +81,25 @@ async def _streams(nc: Any, prefix: str, timeout: float) -> dict[str, dict[str, 
 
 
 async def _kv(nc: Any, bucket: str) -> dict[str, bytes]:
-    """Every live key of a KV bucket with its value; empty when the bucket does not exist yet."""
+    """Every live key of a KV bucket with its value; empty when the bucket does not exist yet.
+
+    Listed and read through the bucket's stream leader (stream info with a subject filter, then the last message
+    of each subject), not with nats-py's `keys()`: its watcher answers "no keys" now and then while keys are
+    being rewritten, and every hub rewrites its lease and presence keys every third of `lease_ttl`."""
     js = nc.jetstream()
+    stream, pre = f"KV_{bucket}", f"$KV.{bucket}."
     try:
-        kv = await js.key_value(bucket)
-        keys = await kv.keys()
-    except Exception:  # no bucket yet (no hub ever started) or no keys: nothing to report from it
+        info = await js.stream_info(stream, subjects_filter=f"{pre}>")
+    except Exception:  # no bucket yet (no hub ever started): nothing to report from it
         return {}
     out: dict[str, bytes] = {}
-    for k in keys:
+    for subject in info.state.subjects or {}:
         try:
-            e = await kv.get(k)
+            m = await js.get_last_msg(stream, subject)
         except Exception:  # expired between listing and reading
             continue
-        if e.value:
-            out[k] = bytes(e.value)
+        if m.data and (m.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+            out[subject[len(pre):]] = bytes(m.data)
     return out
 
 
