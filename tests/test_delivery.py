@@ -125,6 +125,12 @@ def test_a_retrys_backoff_wait_survives_a_failover(hub_stack):
     with s.client() as c:
         c.publish_events([obj_event("after", 2)])  # handled behind the retry, had it been delivered at once
     wait_for(lambda: any(r["key"] == "after" for r in s.handled()), 30, "the new dispatcher to deliver")
+
+    def settled() -> bool:  # the handler records "after" a moment before its ack reaches the hub
+        st = s.status()["groups"]["a"]
+        return st["inflight"] == 0 and st["retrying"] == 1
+
+    wait_for(settled, 20, "the ack of 'after', with the retry still waiting")
     st = s.status()["groups"]["a"]
     assert not [r for r in s.handled() if r["key"] == "later"], "retried at once after the failover"
     assert (st["retrying"], st["inflight"], st["lag"]) == (1, 0, 3), st
