@@ -38,6 +38,19 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClust
         yield c
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """A 3-node cluster of the test module's own: for tests that kill and restart nodes, which would disturb
+    every other test on the shared `nats_cluster`."""
+    pytest.importorskip("nats", reason="the nats extra is not installed (pip install -e '.[nats]')")
+    try:
+        find_nats_server()
+    except NatsError as e:
+        pytest.skip(str(e))
+    with NatsCluster(tmp_path_factory.mktemp("nats"), size=3) as c:
+        yield c
+
+
 def journal_table(cluster: NatsCluster, prefix: str) -> str:
     """`[journal]` for one test. A short lease, so a restarted hub takes its groups back in seconds; not shorter,
     so a hub loop slowed by a busy machine still renews in time (a lost and retaken lease redelivers what was in

@@ -38,12 +38,6 @@ except NatsError as e:  # pragma: no cover - only without the extra
 EVENTS = int(os.environ.get("BUCKETWIRE_HA_EVENTS", "2000"))
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    with NatsCluster(tmp_path_factory.mktemp("nats"), size=3) as c:
-        yield c
-
-
 def journal_table(cluster: NatsCluster, prefix: str) -> str:
     servers = ", ".join(f'"{u}"' for u in cluster.urls)
     return f"""

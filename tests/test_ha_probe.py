@@ -22,7 +22,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,6 @@ try:
     find_nats_server()
 except NatsError as e:  # pragma: no cover - only without the extra
     pytest.skip(str(e), allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    with NatsCluster(tmp_path_factory.mktemp("nats"), size=3) as c:
-        yield c
 
 
 def _servers(urls: list[str]) -> str:

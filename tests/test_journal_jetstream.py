@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,6 @@ try:
     find_nats_server()
 except NatsError as e:  # pragma: no cover - only without the extra
     pytest.skip(str(e), allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    with NatsCluster(tmp_path_factory.mktemp("nats"), size=3) as c:
-        yield c
 
 
 def _settings(cluster: NatsCluster, prefix: str) -> JetStreamSettings:
