@@ -127,3 +127,29 @@ def test_a_port_taken_before_the_node_binds_it_gets_fresh_ports(tmp_path: Path) 
             assert cluster.nodes[1].cluster_port != taken
             assert all(n.proc is not None and n.proc.poll() is None for n in cluster.nodes)
             assert cluster.nodes[0].jsz()["meta_cluster"]  # type: ignore[truthy-bool]
+
+
+def test_a_cluster_that_fails_to_start_leaves_no_node_running(tmp_path: Path) -> None:
+    """`with NatsCluster(...)` whose start fails gets no `__exit__`: the nodes that did start must be stopped by
+    the failed start itself, or they outlive the test run."""
+    cluster = NatsCluster(tmp_path, size=3)
+    cluster.nodes[2].store.parent.mkdir(parents=True, exist_ok=True)
+    cluster.nodes[2].store.write_text("a file where the node's store directory should be")
+    with pytest.raises((NatsError, OSError)), cluster:
+        pass
+    assert all(n.proc is None for n in cluster.nodes)
+    assert not [p for p in _nats_pids() if str(tmp_path) in _cmdline(p)]
+
+
+def _nats_pids() -> list[int]:
+    import os
+
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and "nats-server" in _cmdline(int(d))]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -135,19 +135,22 @@ class NatsCluster:
         and benches run side by side): then every node gets fresh ports and the cluster starts again, up to three
         times, instead of failing the run over a race it did not cause."""
         for attempt in range(3):
-            for node in self.nodes:
-                self._spawn(node)
             try:
+                for node in self.nodes:
+                    self._spawn(node)
                 self.wait_ready(timeout)
                 return self
             except NatsError:
                 taken = any(b"address already in use" in _read(n.store / "nats-server.log") for n in self.nodes)
-                self.stop()
+                self.stop()  # the nodes that did start: a context manager whose __enter__ raised gets no __exit__
                 if not taken or attempt == 2:
                     raise
-                for node in self.nodes:
-                    node.client_port, node.cluster_port, node.http_port = free_port(), free_port(), free_port()
-                    (node.store / "nats-server.log").unlink(missing_ok=True)
+            except BaseException:
+                self.stop()
+                raise
+            for node in self.nodes:
+                node.client_port, node.cluster_port, node.http_port = free_port(), free_port(), free_port()
+                (node.store / "nats-server.log").unlink(missing_ok=True)
         raise AssertionError("unreachable")
 
     def wait_ready(self, timeout: float = 30.0, nodes: list[NatsNode] | None = None) -> None:
