@@ -16,7 +16,7 @@ from typing import Any
 from bucketwire.commands.doctor import Finding
 from bucketwire.config import Config
 from bucketwire.hub.backends import jetstream_settings
-from bucketwire.hub.journal_jetstream import JetStreamSettings, auth_options, token, untoken
+from bucketwire.hub.journal_jetstream import JetStreamSettings, auth_options, kv_latest, stream_list, token, untoken
 
 _FIX_SERVER = "start nats-server (with -js) there, or fix [journal] servers"
 
@@ -55,52 +55,19 @@ async def _reachable(s: JetStreamSettings, url: str, timeout: float) -> Finding:
     return Finding("ok", f"[journal] server {url}: reachable, JetStream on")
 
 
-async def _request(nc: Any, subject: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    resp = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
-    doc: dict[str, Any] = json.loads(resp.data)
-    return doc
-
-
 async def _streams(nc: Any, prefix: str, timeout: float) -> dict[str, dict[str, Any]]:
     """topic -> raw stream info of every topic stream under `prefix`."""
-    out: dict[str, dict[str, Any]] = {}
-    offset = 0
     want = f"{prefix}_ev_"
-    while True:
-        doc = await _request(nc, "$JS.API.STREAM.LIST", {"offset": offset}, timeout)
-        if "error" in doc:
-            raise RuntimeError(doc["error"].get("description", "stream list refused"))
-        page = doc.get("streams") or []
-        for info in page:
-            name = str(info.get("config", {}).get("name", ""))
-            if name.startswith(want):
-                out[untoken(name[len(want):])] = info
-        offset += len(page)
-        if not page or offset >= int(doc.get("total", 0)):
-            return out
+    return {untoken(str(info.get("config", {}).get("name", ""))[len(want):]): info
+            async for info in stream_list(nc, timeout)
+            if str(info.get("config", {}).get("name", "")).startswith(want)}
 
 
-async def _kv(nc: Any, bucket: str) -> dict[str, bytes]:
-    """Every live key of a KV bucket with its value; empty when the bucket does not exist yet.
-
-    Listed and read through the bucket's stream leader (stream info with a subject filter, then the last message
-    of each subject), not with nats-py's `keys()`: its watcher answers "no keys" now and then while keys are
-    being rewritten, and every hub rewrites its lease and presence keys every third of `lease_ttl`."""
-    js = nc.jetstream()
-    stream, pre = f"KV_{bucket}", f"$KV.{bucket}."
-    try:
-        info = await js.stream_info(stream, subjects_filter=f"{pre}>")
-    except Exception:  # no bucket yet (no hub ever started): nothing to report from it
-        return {}
-    out: dict[str, bytes] = {}
-    for subject in info.state.subjects or {}:
-        try:
-            m = await js.get_last_msg(stream, subject)
-        except Exception:  # expired between listing and reading
-            continue
-        if m.data and (m.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
-            out[subject[len(pre):]] = bytes(m.data)
-    return out
+async def _kv(nc: Any, bucket: str, timeout: float) -> dict[str, bytes]:
+    """Every live key of a KV bucket with its value, read through the bucket's stream leader (nats-py's `keys()`
+    answers "no keys" now and then while keys are being rewritten, and hubs rewrite their leases all the time);
+    empty when the bucket does not exist yet."""
+    return {k: v for k, (v, _) in (await kv_latest(nc, bucket, timeout, missing_ok=True)).items()}
 
 
 def _replica_findings(topic: str, info: dict[str, Any]) -> list[Finding]:
@@ -140,13 +107,13 @@ async def _cluster(cfg: Config) -> list[Finding]:
         req = min(s.request_timeout, 5.0)
         try:
             streams = await _streams(nc, s.prefix, req)
+            leases = await _kv(nc, f"{s.prefix}_leases", req)
+            cursors = await _kv(nc, f"{s.prefix}_cursors", req)
         except Exception as e:  # no JetStream quorum answers the API
             return out + [Finding("error", f"JetStream does not answer ({str(e) or type(e).__name__})",
                                   "bring a majority of the NATS nodes back")]
         for topic in sorted(streams):
             out += _replica_findings(topic, streams[topic])
-        leases = await _kv(nc, f"{s.prefix}_leases")
-        cursors = await _kv(nc, f"{s.prefix}_cursors")
     finally:
         await nc.close()
     for g, gc in sorted(cfg.groups.items()):

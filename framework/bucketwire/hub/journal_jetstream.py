@@ -42,7 +42,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -52,6 +52,8 @@ log = logging.getLogger("bucketwire.journal")
 
 T = TypeVar("T")
 
+STREAM_NOT_FOUND = 10059
+"""JetStream's error code for a request naming a stream (or KV bucket) that does not exist."""
 WRONG_LAST_SEQUENCE = 10071
 """JetStream's error code for a publish whose expected last sequence did not match."""
 IN_PROCESS = "duplicate message id is in process"
@@ -127,6 +129,65 @@ def auth_options(s: JetStreamSettings) -> dict[str, Any]:
 def msg_id(source: str, eid: str) -> str:
     """Nats-Msg-Id for (source, id): a digest, so any length and any characters fit the header."""
     return hashlib.sha256(f"{source}\0{eid}".encode()).hexdigest()[:40]
+
+
+async def stream_list(nc: Any, timeout: float) -> AsyncIterator[dict[str, Any]]:
+    """Every stream's info as the JetStream API returns it, page by page (the hub at start, `doctor`)."""
+    offset = 0
+    while True:
+        resp = await nc.request("$JS.API.STREAM.LIST", json.dumps({"offset": offset}).encode(), timeout=timeout)
+        doc = json.loads(resp.data)
+        if "error" in doc:
+            raise JetStreamError(f"cannot list streams: {doc['error'].get('description')}")
+        streams = doc.get("streams") or []
+        for s in streams:
+            yield s
+        offset += len(streams)
+        if not streams or offset >= int(doc.get("total", 0)):
+            return
+
+
+async def kv_latest(nc: Any, bucket: str, timeout: float, keys: str = ">",
+                    missing_ok: bool = False) -> dict[str, tuple[bytes, int]]:
+    """key -> (value, revision) of every live key of a KV bucket that matches `keys`, read from the
+    bucket's stream leader. Never from a replica (a direct get or a watcher may answer from one that has
+    not caught up, and a cursor read stale makes every later write refused), and never "empty" because a
+    request failed: an error is raised, since an unread cursor would look like a group that starts at 1.
+    `missing_ok`: a bucket that does not exist yet (no hub ever started) reads as empty."""
+    from nats.js.errors import NotFoundError
+
+    js = nc.jetstream(timeout=timeout)
+    stream = f"KV_{bucket}"
+    pre = f"$KV.{bucket}."
+    subjects: list[str] = []
+    offset = 0
+    while True:
+        req = json.dumps({"subjects_filter": f"{pre}{keys}", "offset": offset}).encode()
+        try:
+            resp = await nc.request(f"$JS.API.STREAM.INFO.{stream}", req, timeout=timeout)
+        except Exception as err:
+            raise JetStreamError(f"cannot list the keys of {bucket!r}: {type(err).__name__} {err}") from None
+        doc = json.loads(resp.data)
+        if "error" in doc:
+            if missing_ok and doc["error"].get("err_code") == STREAM_NOT_FOUND:
+                return {}
+            raise JetStreamError(f"cannot list the keys of {bucket!r}: {doc['error'].get('description')}")
+        page = list(((doc.get("state") or {}).get("subjects") or {}).keys())
+        subjects += page
+        offset += len(page)
+        if not page or offset >= int(doc.get("total", 0)):
+            break
+    out: dict[str, tuple[bytes, int]] = {}
+    for subject in subjects:
+        try:
+            msg = await js.get_last_msg(stream, subject)
+        except NotFoundError:  # expired or purged between the listing and the read
+            continue
+        except Exception as err:
+            raise JetStreamError(f"cannot read {subject!r}: {type(err).__name__} {err}") from None
+        if msg.data and (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+            out[subject[len(pre):]] = (bytes(msg.data), int(msg.seq or 0))
+    return out
 
 
 @dataclass
@@ -442,59 +503,13 @@ class JetStreamJournal:
                 self._cursor_rev[key] = revision
 
     async def _latest(self, bucket: str, keys: str = ">") -> dict[str, tuple[bytes, int]]:
-        """key -> (value, revision) of every live key of a KV bucket that matches `keys`, read from the
-        bucket's stream leader. Never from a replica (a direct get or a watcher may answer from one that has
-        not caught up, and a cursor read stale makes every later write refused), and never "empty" because a
-        request failed: an error is raised, since an unread cursor would look like a group that starts at 1."""
-        from nats.js.errors import NotFoundError
-
-        stream = f"KV_{bucket}"
-        pre = f"$KV.{bucket}."
-        subjects: list[str] = []
-        offset = 0
-        while True:
-            req = json.dumps({"subjects_filter": f"{pre}{keys}", "offset": offset}).encode()
-            try:
-                resp = await self.nc.request(f"$JS.API.STREAM.INFO.{stream}", req,
-                                             timeout=self.settings.request_timeout)
-            except Exception as err:
-                raise JetStreamError(f"cannot list the keys of {bucket!r}: {type(err).__name__} {err}") from None
-            doc = json.loads(resp.data)
-            if "error" in doc:
-                raise JetStreamError(f"cannot list the keys of {bucket!r}: {doc['error'].get('description')}")
-            page = list(((doc.get("state") or {}).get("subjects") or {}).keys())
-            subjects += page
-            offset += len(page)
-            if not page or offset >= int(doc.get("total", 0)):
-                break
-        out: dict[str, tuple[bytes, int]] = {}
-        for subject in subjects:
-            try:
-                msg = await self.js.get_last_msg(stream, subject)
-            except NotFoundError:  # expired or purged between the listing and the read
-                continue
-            except Exception as err:
-                raise JetStreamError(f"cannot read {subject!r}: {type(err).__name__} {err}") from None
-            if msg.data and (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
-                out[subject[len(pre):]] = (bytes(msg.data), int(msg.seq or 0))
-        return out
+        return await kv_latest(self.nc, bucket, self.settings.request_timeout, keys)
 
     async def _stream_infos(self) -> Any:
-        offset = 0
-        while True:
-            resp = await self.nc.request("$JS.API.STREAM.LIST", json.dumps({"offset": offset}).encode(),
-                                         timeout=self.settings.request_timeout)
-            doc = json.loads(resp.data)
-            if "error" in doc:
-                raise JetStreamError(f"cannot list streams: {doc['error'].get('description')}")
-            from nats.js.api import StreamInfo
+        from nats.js.api import StreamInfo
 
-            streams = doc.get("streams") or []
-            for s in streams:
-                yield StreamInfo.from_response(s)
-            offset += len(streams)
-            if not streams or offset >= int(doc.get("total", 0)):
-                return
+        async for raw in stream_list(self.nc, self.settings.request_timeout):
+            yield StreamInfo.from_response(raw)
 
     async def _ensure_stream(self, topic: str) -> None:
         if topic in self._streams:
