@@ -891,28 +891,32 @@ class Hub:
                     or not isinstance(running[1], int) or isinstance(running[1], bool)):
                 raise P.ProtocolError("GONE 'running' must be [topic, seq] or null")
             key = (running[0], running[1])
-        try:
-            ident = bytes.fromhex(wid)
-        except ValueError:
-            raise P.ProtocolError("GONE 'w' must be the worker identity in hex") from None
-        w = self.workers.get(ident)
-        if w is None or w.group != gname or w.user != self.net.user:
+        w = self._reported_worker("GONE", gname, wid)
+        if w is None:
             return  # already gone (heartbeat timeout), or not this key's worker to report
         log.warning("worker child died", extra={"group": w.group, "host": w.host, "pid": w.pid, "reason": reason,
                                                 "topic": key[0] if key else None, "seq": key[1] if key else None})
         self._worker_gone(w, died=(key, reason[:1024]), now=now)
+
+    def _reported_worker(self, cmd: str, gname: str, wid: str) -> WorkerState | None:
+        """The worker a supervisor's GONE or RUNNING speaks for: only a live worker of that group whose key is
+        the sender's (a pool cannot report on another key's workers); None otherwise."""
+        try:
+            ident = bytes.fromhex(wid)
+        except ValueError:
+            raise P.ProtocolError(f"{cmd} 'w' must be the worker identity in hex") from None
+        w = self.workers.get(ident)
+        if w is None or w.group != gname or w.user != self.net.user:
+            return None
+        return w
 
     def _on_running(self, hdr: dict[str, Any], now: float) -> None:
         """A pool's supervisor heartbeats for a child whose one thread is inside a handler."""
         gname, wid = hdr.get("g"), hdr.get("w")
         if not isinstance(gname, str) or not isinstance(wid, str):
             raise P.ProtocolError("RUNNING needs group 'g', worker 'w' (hex) and 'run'")
-        try:
-            ident = bytes.fromhex(wid)
-        except ValueError:
-            raise P.ProtocolError("RUNNING 'w' must be the worker identity in hex") from None
-        w = self.workers.get(ident)
-        if w is None or w.group != gname or w.user != self.net.user:
+        w = self._reported_worker("RUNNING", gname, wid)
+        if w is None:
             return  # gone already (it will READY again), or not this key's worker to speak for
         w.last_seen = now
         w.running = running_of(hdr, now)
