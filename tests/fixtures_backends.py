@@ -26,32 +26,30 @@ from tests.fixtures_hub import Stack, wait_for
 BACKENDS = ["sqlite", "jetstream"]
 
 
-@pytest.fixture(scope="session")
-def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    """One real 3-node JetStream cluster on loopback for every jetstream run of the session."""
+def _running_cluster(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[NatsCluster]:
     pytest.importorskip("nats", reason="the nats extra is not installed (pip install -e '.[nats]')")
     try:
         find_nats_server()
     except NatsError as e:
         pytest.skip(str(e))
-    with NatsCluster(tmp_path_factory.mktemp("nats-guarantees"), size=3) as c:
+    with NatsCluster(tmp_path_factory.mktemp(name), size=3) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """One real 3-node JetStream cluster on loopback for every jetstream run of the session."""
+    yield from _running_cluster(tmp_path_factory, "nats-guarantees")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
     """A 3-node cluster of the test module's own: for tests that kill and restart nodes, which would disturb
     every other test on the shared `nats_cluster`."""
-    pytest.importorskip("nats", reason="the nats extra is not installed (pip install -e '.[nats]')")
-    try:
-        find_nats_server()
-    except NatsError as e:
-        pytest.skip(str(e))
-    with NatsCluster(tmp_path_factory.mktemp("nats"), size=3) as c:
-        yield c
+    yield from _running_cluster(tmp_path_factory, "nats")
 
 
-def journal_table(cluster: NatsCluster, prefix: str) -> str:
+def journal_table(cluster: NatsCluster, prefix: str, lease_ttl: float = 3.0) -> str:
     """`[journal]` for one test. A short lease, so a restarted hub takes its groups back in seconds; not shorter,
     so a hub loop slowed by a busy machine still renews in time (a lost and retaken lease redelivers what was in
     flight, which tests that count deliveries exactly would take for a bug)."""
@@ -62,7 +60,7 @@ backend = "jetstream"
 servers = [{servers}]
 replicas = 3
 prefix = "{prefix}"
-lease_ttl = 3.0
+lease_ttl = {lease_ttl}
 """
 
 

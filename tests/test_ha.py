@@ -28,6 +28,7 @@ from bucketwire.client import HubClient  # noqa: E402
 from bucketwire.devstack.nats import NatsCluster, NatsError, find_nats_server  # noqa: E402
 from bucketwire.envelope import Event  # noqa: E402
 from bucketwire.procutil import free_port  # noqa: E402
+from tests.fixtures_backends import journal_table as backend_journal_table  # noqa: E402
 from tests.fixtures_hub import Stack, wait_for  # noqa: E402
 
 try:
@@ -39,15 +40,7 @@ EVENTS = int(os.environ.get("BUCKETWIRE_HA_EVENTS", "2000"))
 
 
 def journal_table(cluster: NatsCluster, prefix: str) -> str:
-    servers = ", ".join(f'"{u}"' for u in cluster.urls)
-    return f"""
-[journal]
-backend = "jetstream"
-servers = [{servers}]
-replicas = 3
-prefix = "{prefix}"
-lease_ttl = 2.0
-
+    return backend_journal_table(cluster, prefix, lease_ttl=2.0) + """
 [groups.g]
 topics = ["photos"]
 plugins = []
