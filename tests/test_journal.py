@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
 
-from bucketwire.hub.journal import Batch, Journal, NewEvent, StaleSchemaError
+from bucketwire.hub.journal import DDL, SCHEMA, Batch, Journal, NewEvent, StaleSchemaError
 
 
 def ev(topic: str, i: int, source: str = "s", body: bytes = b"x" * 100) -> NewEvent:
@@ -88,4 +91,61 @@ def test_checkpoints_run_in_the_background(tmp_path):
     while (tmp_path / "j.db").stat().st_size < before + 300 * 1500 and time.monotonic() < deadline:
         time.sleep(0.05)  # pacing: the poll interval of a wait with a deadline
     assert (tmp_path / "j.db").stat().st_size >= before + 300 * 1500
+    j.close()
+
+
+def test_heads_survive_a_restart_after_retention_dropped_every_event(tmp_path):
+    """Heads come back at start-up from the events and the `topics` floors: a topic retention emptied must not
+    start over at seq 1 (subscribers and cursors hold its old seqs), one it thinned keeps its last seq."""
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(events=[ev("gone", i) for i in range(5)] + [ev("kept", 100 + i) for i in range(3)]))
+    j.commit(Batch(events=[ev("gone", 10 + i) for i in range(4)]))  # heads that moved after the topics' first
+    time.sleep(0.01)  # pacing: let the 1 ms max_age below elapse
+    assert j.enforce_retention(max_age=0.001, max_bytes=10 << 30) == 12
+    j.commit(Batch(events=[ev("kept", 200)]))
+    j.close()
+    j = Journal(tmp_path / "j.db")
+    assert j.heads == {"gone": 9, "kept": 4}
+    out = j.commit(Batch(events=[ev("gone", 300), ev("kept", 301)]))
+    assert [(a.topic, a.seq) for a in out] == [("gone", 10), ("kept", 5)]
+    j.close()
+
+
+def test_heads_after_a_kill_9(tmp_path):
+    """A hub killed right after its commits: heads at the next start are the last committed seqs."""
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from tests.test_journal import ev\n"
+        "from bucketwire.hub.journal import Batch, Journal\n"
+        "j = Journal(Path(sys.argv[1]))\n"
+        "for n in range(20):\n"
+        "    j.commit(Batch(events=[ev('a', n), ev('b' if n % 2 else 'a', 1000 + n)]))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "j.db")], timeout=60)
+    assert r.returncode == -signal.SIGKILL
+    j = Journal(tmp_path / "j.db")
+    assert j.heads == {"a": 30, "b": 10}
+    assert j.commit(Batch(events=[ev("b", 5000)]))[0].seq == 11
+    j.close()
+
+
+def test_a_schema_1_journal_opens_with_its_heads(tmp_path):
+    """A journal written before heads were derived at start-up (its `topics` held every head, retention had
+    emptied a topic) opens with the same heads and continues its seqs."""
+    db = sqlite3.connect(tmp_path / "j.db")
+    db.executescript(DDL)
+    db.execute("INSERT INTO meta VALUES('schema', '1')")
+    db.executemany("INSERT INTO topics VALUES(?, ?)", [("a", 7), ("emptied", 40)])
+    db.executemany("INSERT INTO events(topic, seq, source, id, objkey, ts, body) VALUES(?,?,?,?,?,?,?)",
+                   [("a", s, "s", f"id-{s}", None, time.time(), b"x") for s in (6, 7)])
+    db.commit()
+    db.close()
+    j = Journal(tmp_path / "j.db")
+    assert j.heads == {"a": 7, "emptied": 40}
+    assert [(a.topic, a.seq) for a in j.commit(Batch(events=[ev("emptied", 99), ev("a", 98)]))] == [
+        ("emptied", 41), ("a", 8)]
+    assert j.commit(Batch(events=[ev("a", 6)]))[0].duplicate, "dedup still sees the old rows"
+    assert j.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(SCHEMA)
     j.close()

@@ -25,7 +25,11 @@ from typing import Protocol
 
 log = logging.getLogger("bucketwire.journal")
 
-SCHEMA = 1
+SCHEMA = 2
+"""1: `topics.head` was every topic's head, upserted by every commit. 2: it is a floor, written at a topic's first
+event and before retention drops events; a head is the larger of it and the topic's highest seq in `events`.
+A schema 1 journal is a valid schema 2 one (its heads are floors); a bucketwire that knows only 1 refuses a 2,
+whose `topics` it would take for heads and reuse seqs from."""
 CHECKPOINT_INTERVAL = 0.1
 """Seconds between background checkpoints."""
 AUTOCHECKPOINT_PAGES = 4096
@@ -38,7 +42,7 @@ PROBE_BYTES = 1 << 20
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS topics(name TEXT PRIMARY KEY, head INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS topics(name TEXT PRIMARY KEY, head INTEGER NOT NULL);  -- head: a floor (SCHEMA)
 CREATE TABLE IF NOT EXISTS events(
     rowid INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
@@ -154,14 +158,18 @@ class Journal:
         if "above" not in cols:  # journals from before acked-above ranges were persisted
             self.db.execute("ALTER TABLE cursors ADD COLUMN above TEXT NOT NULL DEFAULT ''")
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            self.db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA),))
-        elif int(row[0]) > SCHEMA:
+        if row is not None and int(row[0]) > SCHEMA:
             raise StaleSchemaError(
                 f"{path}: journal schema {row[0]} is newer than this bucketwire understands ({SCHEMA}); "
                 "upgrade bucketwire or point state_dir elsewhere"
             )
-        self.heads: dict[str, int] = dict(self.db.execute("SELECT name, head FROM topics"))
+        if row is None or int(row[0]) < SCHEMA:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES('schema', ?)", (str(SCHEMA),))
+        self._floors: dict[str, int] = dict(self.db.execute("SELECT name, head FROM topics"))
+        """What `topics` holds; retention writes the heads that moved past it before it drops events."""
+        # One seek of the (topic, seq) index per topic, whatever the number of events.
+        self.heads: dict[str, int] = dict(self.db.execute(
+            "SELECT name, max(head, coalesce((SELECT max(seq) FROM events WHERE topic = name), 0)) FROM topics"))
         self._checkpointer = _Checkpointer(path)
 
     # -- reads ---------------------------------------------------------------------------------------------
@@ -261,43 +269,18 @@ class Journal:
 
     def commit(self, batch: Batch) -> list[Appended]:
         """Append events (deduplicated on (source, id)) and move cursors, all in one transaction."""
-        out: list[Appended] = []
-        heads: dict[str, int] = {}  # the heads this batch moves; never a copy of all of them (topics are many)
-        seen: dict[tuple[str, str], Appended] = {}
         now = time.time()
+        events = batch.events
+        rendered: dict[int, tuple[int, bytes]] = {}
         with self._transaction("commit") as db:
             # Few statements per commit, whatever the batch size: sqlite3 gives up the GIL on every statement
             # step, and under load each step then waits for the HTTP threads to hand it back.
-            existing = self._existing(list(dict.fromkeys((ev.source, ev.id) for ev in batch.events)))
-            rows = []
-            for ev in batch.events:
-                k = (ev.source, ev.id)
-                prev = seen.get(k)
-                if prev is None and k in existing:
-                    topic, seq, body = existing[k]
-                    prev = Appended(topic, seq, body, ev.objkey, duplicate=True)
-                if prev is not None:
-                    out.append(Appended(prev.topic, prev.seq, prev.body, prev.objkey, duplicate=True))
-                    continue
-                seq = (heads.get(ev.topic) or self.heads.get(ev.topic, 0)) + 1
-                heads[ev.topic] = seq
-                body = ev.body_fn(seq)  # type: ignore[operator]
-                a = Appended(ev.topic, seq, body, ev.objkey)
-                seen[k] = a
-                out.append(a)
-                rows.append((ev.topic, seq, ev.source, ev.id, ev.objkey, now, body))
-            for i in range(0, len(rows), CHUNK):
-                part = rows[i:i + CHUNK]
-                db.execute(
-                    "INSERT INTO events(topic, seq, source, id, objkey, ts, body) VALUES "
-                    + ",".join(["(?,?,?,?,?,?,?)"] * len(part)),
-                    [x for r in part for x in r],
-                )
-            if heads:
-                db.executemany(
-                    "INSERT INTO topics(name, head) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET head=excluded.head",
-                    list(heads.items()),
-                )
+            existing = self._existing(list(dict.fromkeys((ev.source, ev.id) for ev in events)))
+            out, rows, heads = self._assign(events, existing, rendered, now)
+            self._insert(db, rows)
+            new = [(t, h) for t, h in heads.items() if t not in self.heads]
+            if new:  # a topic's first event: its row is where its head survives retention dropping every event
+                db.executemany("INSERT OR IGNORE INTO topics(name, head) VALUES(?, ?)", new)
             if batch.cursors:
                 db.executemany(
                     "INSERT INTO cursors(grp, topic, acked, above) VALUES(?,?,?,?) "
@@ -312,7 +295,54 @@ class Journal:
                     [(g, *v) for g, v in batch.stats.items()],
                 )
         self.heads.update(heads)
+        if new:
+            self._floors.update(new)
         return out
+
+    def _assign(self, events: list[NewEvent], existing: dict[tuple[str, str], tuple[str, int, bytes]],
+                rendered: dict[int, tuple[int, bytes]], now: float,
+                ) -> tuple[list[Appended], list[tuple[str, int, str, str, str | None, float, bytes]], dict[str, int]]:
+        """Seqs and rows for `events`, given which of them the journal already holds (`existing`).
+
+        `rendered` keeps each event's body by its place in the batch, so a second pass renders again only the
+        events whose seq moved.
+        """
+        out: list[Appended] = []
+        rows: list[tuple[str, int, str, str, str | None, float, bytes]] = []
+        heads: dict[str, int] = {}  # the heads this batch moves; never a copy of all of them (topics are many)
+        seen: dict[tuple[str, str], Appended] = {}
+        for n, ev in enumerate(events):
+            k = (ev.source, ev.id)
+            prev = seen.get(k)
+            if prev is None and k in existing:
+                topic, seq, body = existing[k]
+                prev = Appended(topic, seq, body, ev.objkey, duplicate=True)
+            if prev is not None:
+                out.append(Appended(prev.topic, prev.seq, prev.body, prev.objkey, duplicate=True))
+                continue
+            seq = (heads.get(ev.topic) or self.heads.get(ev.topic, 0)) + 1
+            heads[ev.topic] = seq
+            done = rendered.get(n)
+            if done is not None and done[0] == seq:
+                body = done[1]
+            else:
+                body = ev.body_fn(seq)  # type: ignore[operator]
+                rendered[n] = (seq, body)
+            a = Appended(ev.topic, seq, body, ev.objkey)
+            seen[k] = a
+            out.append(a)
+            rows.append((ev.topic, seq, ev.source, ev.id, ev.objkey, now, body))
+        return out, rows, heads
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, rows: list[tuple[str, int, str, str, str | None, float, bytes]]) -> None:
+        for i in range(0, len(rows), CHUNK):
+            part = rows[i:i + CHUNK]
+            db.execute(
+                "INSERT INTO events(topic, seq, source, id, objkey, ts, body) VALUES "
+                + ",".join(["(?,?,?,?,?,?,?)"] * len(part)),
+                [x for r in part for x in r],
+            )
 
     def forget_group(self, group: str) -> None:
         """Delete a removed group's cursors and counters, so a new group of that name starts afresh."""
@@ -324,6 +354,10 @@ class Journal:
         """Drop the oldest events past the age or size limit; returns how many were dropped."""
         dropped = 0
         cutoff = time.time() - max_age
+        oldest = self.db.execute("SELECT ts FROM events ORDER BY rowid LIMIT 1").fetchone()
+        if oldest is None or (oldest[0] >= cutoff and self.size_bytes() <= max_bytes):
+            return 0
+        self._write_floors()
         while True:
             cur = self.db.execute(
                 "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events ORDER BY rowid LIMIT ?) AND ts < ?",
@@ -347,6 +381,16 @@ class Journal:
         if dropped:
             self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return dropped
+
+    def _write_floors(self) -> None:
+        """Write to `topics` every head that moved since it was last written, before events are dropped: a topic
+        whose every event retention drops keeps its head there (seqs never go back, across restarts too)."""
+        moved = [(t, h) for t, h in self.heads.items() if self._floors.get(t) != h]
+        if moved:
+            with self._transaction("write") as db:
+                db.executemany("INSERT INTO topics(name, head) VALUES(?, ?) "
+                               "ON CONFLICT(name) DO UPDATE SET head=max(head, excluded.head)", moved)
+            self._floors.update(moved)
 
     def close(self) -> None:
         self._checkpointer.close()
