@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bucketwire.hub.journal import DDL, SCHEMA, Batch, Journal, NewEvent, StaleSchemaError
+from bucketwire.hub.journal import CHUNK, DDL, SCHEMA, Batch, Journal, NewEvent, StaleSchemaError
 
 
 def ev(topic: str, i: int, source: str = "s", body: bytes = b"x" * 100) -> NewEvent:
@@ -148,4 +148,29 @@ def test_a_schema_1_journal_opens_with_its_heads(tmp_path):
         ("emptied", 41), ("a", 8)]
     assert j.commit(Batch(events=[ev("a", 6)]))[0].duplicate, "dedup still sees the old rows"
     assert j.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(SCHEMA)
+    j.close()
+
+
+@pytest.mark.parametrize("size,at", [(3, 1), (CHUNK + 5, CHUNK + 2)])
+def test_a_batch_with_a_duplicate_of_a_committed_event_leaves_no_hole(tmp_path, size, at):
+    """New events and duplicates of ones already committed, in one batch (one INSERT, and several with the
+    duplicate in the second): each duplicate answers with its original seq and body, the new ones take the next
+    seqs with no gap, and each new body is rendered with its final seq."""
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(events=[ev("t", i) for i in range(3)]))
+    batch = [ev("t", 100 + i) for i in range(size)]
+    batch.insert(at, ev("t", 1))
+    batch.append(ev("u", 2))  # a duplicate whose topic differs from its original's
+    batch.append(ev("t", 100))  # a duplicate within the batch
+    out = j.commit(Batch(events=batch))
+    assert (out[at].seq, out[at].duplicate, out[at].body) == (2, True, b"x" * 100 + b"2")
+    assert (out[-2].topic, out[-2].seq, out[-2].duplicate) == ("t", 3, True)
+    assert (out[-1].seq, out[-1].duplicate) == (4, True)
+    assert [a.seq for a in out if not a.duplicate] == list(range(4, 4 + size))
+    assert all(a.body.endswith(str(a.seq).encode()) for a in out)
+    assert j.heads == {"t": 3 + size}
+    j.close()
+    j = Journal(tmp_path / "j.db")
+    assert [r[0] for r in j.read("t", 1, 1000)] == list(range(1, 4 + size)), "no hole, nothing twice"
+    assert j.heads == {"t": 3 + size}
     j.close()

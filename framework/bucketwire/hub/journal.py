@@ -268,16 +268,33 @@ class Journal:
             raise
 
     def commit(self, batch: Batch) -> list[Appended]:
-        """Append events (deduplicated on (source, id)) and move cursors, all in one transaction."""
+        """Append events (deduplicated on (source, id)) and move cursors, all in one transaction.
+
+        The events are inserted on the assumption that none is already in the journal (the common case, and
+        looking them up first cost as much as the insert); only when the (source, id) index refuses a row does the
+        same transaction look them up and assign the seqs again, so a duplicate never leaves a hole.
+        """
         now = time.time()
         events = batch.events
         rendered: dict[int, tuple[int, bytes]] = {}
         with self._transaction("commit") as db:
             # Few statements per commit, whatever the batch size: sqlite3 gives up the GIL on every statement
             # step, and under load each step then waits for the HTTP threads to hand it back.
-            existing = self._existing(list(dict.fromkeys((ev.source, ev.id) for ev in events)))
-            out, rows, heads = self._assign(events, existing, rendered, now)
-            self._insert(db, rows)
+            out, rows, heads = self._assign(events, {}, rendered, now)
+            many = len(rows) > CHUNK  # one INSERT fails whole; several need a savepoint to undo the first ones
+            try:
+                if many:
+                    db.execute("SAVEPOINT optimistic")
+                self._insert(db, rows)
+                if many:
+                    db.execute("RELEASE optimistic")
+            except sqlite3.IntegrityError:  # the (source, id) index refused a row: some are duplicates
+                if many:
+                    db.execute("ROLLBACK TO optimistic")
+                    db.execute("RELEASE optimistic")
+                existing = self._existing(list(dict.fromkeys((ev.source, ev.id) for ev in events)))
+                out, rows, heads = self._assign(events, existing, rendered, now)
+                self._insert(db, rows)
             new = [(t, h) for t, h in heads.items() if t not in self.heads]
             if new:  # a topic's first event: its row is where its head survives retention dropping every event
                 db.executemany("INSERT OR IGNORE INTO topics(name, head) VALUES(?, ?)", new)
