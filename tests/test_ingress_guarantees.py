@@ -112,6 +112,22 @@ def test_topic_count_is_bounded(stack_factory: StackFactory) -> None:
     assert 'reason="topic_limit"' in metrics(s)
 
 
+def test_per_event_checks_still_run_after_their_topic_passed(stack_factory: StackFactory) -> None:
+    """The hub checks a topic once per request (name, count limit) and every event on its own (hops, NUL in its
+    key): an event behind one that passed on the same topic is still refused, with all of its request."""
+    s = stack_factory(ROUTE)
+    hub_opts(s, "max_topics = 2\nmax_hops = 3")
+    s.start_hub()
+    assert s.post("/events", json.dumps([ce(0, "t0"), ce(1, "t0"), ce(2, "t0")]).encode())[0] == 200
+    code, body = s.post("/events", json.dumps([ce(3, "t0"), ce(4, "t0", hops=4)]).encode())
+    assert code == 400 and "hop limit" in body["error"], body
+    code, body = s.post("/events", json.dumps([ce(5, "t0"), ce(6, "t0", data={"bucket": "b", "key": "a\0b"})]).encode())
+    assert code == 400 and "NUL" in body["error"], body
+    with s.client() as c, pytest.raises(HubRefused, match="hop limit"):
+        c.publish_events([Event.from_dict(ce(7, "t0")), Event.from_dict(ce(8, "t0", hops=4))])
+    assert head(s, "t0") == 3, "nothing of a refused request was committed"
+
+
 def test_idle_topics_get_no_heartbeats(stack_factory: StackFactory) -> None:
     """Heartbeats go to topics with recent traffic (and the configured ones), not to every topic ever made:
     between two heartbeats of a live topic, none arrives for 200 topics that went quiet."""

@@ -158,17 +158,13 @@ class Event:
 
     # -- wire form -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = dict(self.extensions)
-        d.update(
-            specversion=SPEC_VERSION,
-            id=self.id,
-            source=self.source,
-            type=self.type,
-            time=self.time,
-            datacontenttype=self.datacontenttype,
-            schemaversion=self.schemaversion,
-            hops=self.hops,
-        )
+        # A literal, extensions (rare) spliced in front: the hub renders every event it commits through here.
+        d: dict[str, Any] = {
+            "specversion": SPEC_VERSION, "id": self.id, "source": self.source, "type": self.type, "time": self.time,
+            "datacontenttype": self.datacontenttype, "schemaversion": self.schemaversion, "hops": self.hops,
+        }
+        if self.extensions:
+            d = {**self.extensions, **d}
         if self.subject is not None:
             d["subject"] = self.subject
         if self.topic is not None:
@@ -213,9 +209,11 @@ class Event:
         if (type(hops) is not int and (not isinstance(hops, int) or isinstance(hops, bool))) or hops < 0:
             raise EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
         subject, topic, causationid, time_ = get("subject"), get("topic"), get("causationid"), get("time")
-        for k, v in (("subject", subject), ("topic", topic), ("causationid", causationid), ("time", time_)):
-            if v is not None and not isinstance(v, str):
-                raise EnvelopeError(f"envelope attribute {k!r} must be a string")
+        if not ((subject is None or type(subject) is str) and (topic is None or type(topic) is str)
+                and (causationid is None or type(causationid) is str) and (time_ is None or type(time_) is str)):
+            for k, v in (("subject", subject), ("topic", topic), ("causationid", causationid), ("time", time_)):
+                if v is not None and not isinstance(v, str):
+                    raise EnvelopeError(f"envelope attribute {k!r} must be a string")
         if not text_checked and not valid_unicode(d):
             # JSON can carry lone surrogates (\\ud800); they are not text, and every consumer that encodes them
             # (SQLite, S3 clients, files) fails. Found by tests/test_security_plugins.py; refused at the edge.

@@ -29,6 +29,7 @@ from bucketwire import protocol as P
 from bucketwire.config import Config
 from bucketwire.envelope import (
     HUB_EXTENSIONS,
+    RESERVED_SOURCES,
     SCHEMA_VERSION,
     EnvelopeError,
     Event,
@@ -47,6 +48,7 @@ from bucketwire.hub.listeners import Listeners
 from bucketwire.hub.metrics import HubMetrics
 from bucketwire.hub.ops import RATE_WINDOW, HubOps
 from bucketwire.hub.routing import Router
+from bucketwire.procutil import settle_gc
 from bucketwire.security import check_key_files, server_key_path
 
 log = logging.getLogger("bucketwire.hub")
@@ -86,10 +88,11 @@ class IngestResult:
     """This event is over [hub] max_event_bytes and got its request refused (HTTP answers 413, not 400)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "topic": self.topic, "seq": self.seq, "duplicate": self.duplicate,
-            "unrouted": self.unrouted, **({"error": self.error} if self.error else {}),
-        }
+        d = {"id": self.id, "topic": self.topic, "seq": self.seq, "duplicate": self.duplicate,
+             "unrouted": self.unrouted}
+        if self.error:
+            d["error"] = self.error
+        return d
 
 
 @dataclass(slots=True, frozen=True)
@@ -251,6 +254,7 @@ class Hub:
         self.ops.attach_monitors({"work": self.net.work, "pub": self.net.pub})
         if self.ha is not None:
             self.ha.follow(self.wake)
+        settle_gc()
         self.ready.set()
         if on_ready:
             on_ready()
@@ -531,27 +535,36 @@ class Hub:
     def _route(self, ev: Event) -> str | None:
         return ev.topic or self.router.topic_for(ev)
 
-    def _refusal(self, ev: Event, topic: str | None, fresh: set[str]) -> tuple[str, str] | None:
+    def _refusal(self, ev: Event, topic: str | None, fresh: set[str],
+                 passed: set[str] | None = None) -> tuple[str, str] | None:
         """Why `ev` may not be committed to `topic` (None: unrouted), as (metric reason, message), or None; a
-        topic it would create is added to `fresh`."""
+        topic it would create is added to `fresh`. `passed`: the topics of this request that passed the checks
+        of a topic already (they run once per topic and request, not once per event)."""
         data = ev.data
-        b, k = (data.get("bucket"), data.get("key")) if isinstance(data, dict) else (None, None)
-        if (isinstance(b, str) and "\0" in b) or (isinstance(k, str) and "\0" in k):
-            return "invalid", "bucket name or object key contains a NUL byte"
+        if isinstance(data, dict):
+            b, k = data.get("bucket"), data.get("key")
+            if (isinstance(b, str) and "\0" in b) or (isinstance(k, str) and "\0" in k):
+                return "invalid", "bucket name or object key contains a NUL byte"
         if topic is None:
             return None
-        if "\0" in topic or len(topic) > MAX_TOPIC_LEN:
+        if passed is None:
+            passed = set()
+        if topic not in passed and ("\0" in topic or len(topic) > MAX_TOPIC_LEN):
             return "invalid", f"topic names must be 1 to {MAX_TOPIC_LEN} characters without NUL bytes"
         if ev.hops > self.cfg.hub.max_hops:
             return "hop_limit", f"hop limit {self.cfg.hub.max_hops} exceeded"
+        if topic in passed:
+            return None
         heads = self.journal.heads
         if topic in heads or topic in self.declared or topic in self._pending_topics or topic in fresh:
+            passed.add(topic)
             return None
         limit = self.cfg.hub.max_topics
         if len(heads) + len(self._pending_topics) + len(fresh) >= limit:
             return "topic_limit", (f"topic {topic[:64]!r} would be new, and the hub already has {limit} topics "
                                    f"([hub] max_topics = {limit}); use an existing topic or raise max_topics")
         fresh.add(topic)
+        passed.add(topic)
         return None
 
     def _ingest(self, events: list[Event], source: str, batch: Batch,
@@ -583,9 +596,10 @@ class Hub:
             return
         staged: list[NewEvent] = []
         fresh: set[str] = set()
+        passed: set[str] = set()
         for i, ev in enumerate(events):
             topic = self._route(ev) if topics is None else topics[i]
-            refusal = self._refusal(ev, topic, fresh)
+            refusal = self._refusal(ev, topic, fresh, passed)
             if refusal is not None:
                 self.metrics.rejected.labels(source, refusal[0]).inc()
                 err = f"event {i}: {refusal[1]}; nothing in this request was committed"
@@ -845,13 +859,22 @@ class Hub:
             self.metrics.rejected.labels("zmq", "envelope").inc()
             self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=str(e)))])
             return
-        why = next((w for w in map(refused_from_outside, events) if w), None)
+        why = None
+        for ev in events:
+            # refused_from_outside's two conditions, tested inline: they hold for almost no event, and a call per
+            # event cost more than the test
+            if ev.source.startswith(RESERVED_SOURCES) or (ev.extensions and not HUB_EXTENSIONS.isdisjoint(
+                    ev.extensions)):
+                why = refused_from_outside(ev)
+                if why:
+                    break
         if why:
             self.metrics.rejected.labels("zmq", "reserved").inc()
             log.warning("publish refused: hub-only source or extension", extra={"key": self.net.user, "error": why})
             self.net.send([ident, P.PUBNACK, P.enc({"req": req, "error": why})])
             return
-        topics = [self._route(ev) for ev in events]
+        topic_for = self.router.topic_for
+        topics = [ev.topic or topic_for(ev) for ev in events]  # _route, without a call per event
         denied = sorted({t for t in set(topics)
                          if t is not None and not self.net.roles.allows(self.net.user, "publish", t)})
         if denied:

@@ -30,7 +30,7 @@ from bucketwire import security
 from bucketwire.config import Config, ConfigError
 from bucketwire.context import Stores
 from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, parse_seq, seq_or_none
-from bucketwire.procutil import on_stop_signals
+from bucketwire.procutil import on_stop_signals, settle_gc
 from bucketwire.worker import plugin_loading as plugin_loader
 from bucketwire.worker.metrics import event_done, handler_done, set_credit
 from bucketwire.worker.running import RunningSlot
@@ -293,6 +293,7 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
         return 2
     child = Child(cfg, spec, plugins, slot if slot is not None else RunningSlot.private(), stop_fd,
                   lambda: stopped[0])
+    settle_gc()
     try:
         return child.run()
     finally:
