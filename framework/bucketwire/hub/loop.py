@@ -391,24 +391,28 @@ class Hub:
             for cb, _, _ in replies:
                 cb(None, "journal unavailable: " + str(e))
             return
+        took = time.perf_counter() - t0
         if not self.journal_ok:
             log.info("journal commits again")
         self.journal_ok = True
-        self.metrics.commits.inc()
-        self.metrics.commit_seconds.observe(time.perf_counter() - t0)
         self.carry = []
+        notes, self.carry_notes = self.carry_notes, []
         for g in self.groups.values() if cursors else ():
             g.committed()
-        for app, (kind, note) in zip(appended[:carry_n], self.carry_notes, strict=True):
-            self._carried(app, kind, note)
-        self.carry_notes = []
-        # Workers first: what waits for these events is their handlers; publishers' confirmations come next.
-        self._fan_out(appended)
+        # Workers first: what waits for these events is their handlers; publishers' confirmations come next; the
+        # lossy fan-out to subscribers, the counters and the logs after both (at a low rate each commit is one
+        # event, and these steps stood between its commit and its DELIVER).
+        fresh = by_topic(appended)
+        self._offer(fresh)
         for g in self.groups.values():
-            if self.ha is None or self.journal_ok:
-                self._dispatch(g, now)
+            self._dispatch(g, now)
         for cb, lo, hi in replies:
             cb(appended[carry_n + lo: carry_n + hi], None)
+        self._publish(fresh)
+        self.metrics.commits.inc()
+        self.metrics.commit_seconds.observe(took)
+        for app, (kind, note) in zip(appended[:carry_n], notes, strict=True):
+            self._carried(app, kind, note)
 
     def _carry(self, ne: NewEvent | None, kind: str, note: dict[str, Any] | None = None) -> None:
         """Queue an event the hub derived (a follow-on or a dead letter) for the next commit."""
@@ -434,13 +438,23 @@ class Hub:
             self.metrics.follow_ons.labels(self.metrics.topic_label(a.topic)).inc()
 
     def _fan_out(self, appended: list[Appended]) -> None:
-        fresh: dict[str, list[tuple[int, str | None, bytes]]] = {}
-        for a in appended:
-            if not a.duplicate:
-                items = fresh.get(a.topic)
-                if items is None:
-                    items = fresh[a.topic] = []
-                items.append((a.seq, a.objkey, a.body))
+        """Offer committed events (another hub's too) to the groups and publish them to subscribers."""
+        fresh = by_topic(appended)
+        self._offer(fresh)
+        self._publish(fresh)
+
+    def _offer(self, fresh: dict[str, list[tuple[int, str | None, bytes]]]) -> None:
+        for topic, items in fresh.items():
+            # Only runs without holes may be offered: with several hubs a commit's seqs can have holes where
+            # another hub's events went, and offering across one would skip them (refill reads them instead).
+            runs = contiguous(sorted(items, key=lambda it: it[0]))
+            for g in self.groups.values():
+                if topic in g.read_pos:
+                    for run in runs:
+                        g.offer(topic, run[0][0], run)
+
+    def _publish(self, fresh: dict[str, list[tuple[int, str | None, bytes]]]) -> None:
+        """The PUB fan-out (lossy: `tail` fetches what it missed from the journal), and the topics' liveness."""
         now = time.monotonic()
         skipped = 0
         for topic, items in fresh.items():
@@ -454,13 +468,6 @@ class Hub:
             self.active[topic] = now
             if self.metrics.topic_label(topic) == topic:
                 self.metrics.head.labels(topic).set(items[-1][0])
-            # Only runs without holes may be offered: with several hubs a commit's seqs can have holes where
-            # another hub's events went, and offering across one would skip them (refill reads them instead).
-            runs = contiguous(sorted(items, key=lambda it: it[0]))
-            for g in self.groups.values():
-                if topic in g.read_pos:
-                    for run in runs:
-                        g.offer(topic, run[0][0], run)
         if skipped:
             self.metrics.fanout_skipped.inc(skipped)
 
@@ -1170,6 +1177,18 @@ def _render(ev: Event, topic: str, seq: int) -> bytes:
     """An event's envelope, once the commit has given it its seq."""
     ev.topic, ev.seq = topic, seq
     return ev.to_json()
+
+
+def by_topic(appended: list[Appended]) -> dict[str, list[tuple[int, str | None, bytes]]]:
+    """What a commit really added (its duplicates left out), per topic: (seq, object key, envelope)."""
+    fresh: dict[str, list[tuple[int, str | None, bytes]]] = {}
+    for a in appended:
+        if not a.duplicate:
+            items = fresh.get(a.topic)
+            if items is None:
+                items = fresh[a.topic] = []
+            items.append((a.seq, a.objkey, a.body))
+    return fresh
 
 
 def contiguous(items: list[tuple[int, str | None, bytes]]) -> list[list[tuple[int, str | None, bytes]]]:
