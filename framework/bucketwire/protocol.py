@@ -8,7 +8,11 @@ refuses unknown fields), decoded and checked by `decode` in one C pass; the sket
     worker -> hub   READY     {"group", "topics", "credit", "proto", "schema", "host", "pid", "start"}
                     ACK       {"g": group, "results": [{"t": topic, "s": seq, "ok": true, "f": [follow-on envelope]} |
                                            {"t", "s", "ok": false, "error", "line", "plugin", "permanent",
-                                            "delay"?}]}   (delay: seconds, from a plugin's Retry(delay=...))
+                                            "delay"?}],   (delay: seconds, from a plugin's Retry(delay=...))
+                               "ok"?: {topic: [[first seq, last seq], ...]}}
+                              `ok` (proto 2, only to a hub whose DELIVER carried "r": true): events handled
+                              without error or follow-on, as ranges (both ends included, at most MAX_CREDIT
+                              events per ACK); either key may be absent
                     HB        {} | {"run": [topic, seq, age, timeout]}  (a handler running for an interval or
                                                                more: which event, how long, its handler_timeout)
                     BYE       {"requeue": [[topic, seq], ...]}     (draining: give back unstarted events)
@@ -20,7 +24,8 @@ refuses unknown fields), decoded and checked by `decode` in one C pass; the sket
                     RUNNING   {"g": group, "w": worker identity (hex), "run": [topic, seq, age, timeout]}
                               a child's one thread is inside a handler (for half a heartbeat interval or more):
                               the supervisor heartbeats for it, so the hub keeps it and shows it as long running.
-    hub -> worker   DELIVER   {"a": [attempt, ...]}, envelope, envelope, ...
+    hub -> worker   DELIVER   {"a": [attempt, ...], "r"?: true}, envelope, envelope, ...
+                              ("r": this hub reads ACK ranges; sent only to a worker whose READY said proto >= 2)
                     HB        {}
                     ERR       {"error", "fatal", "reready"}
     client -> hub   PUB       {"req", "events": [envelope dict, ...]}  -> PUBACK {"req", "results"} | PUBNACK
@@ -48,7 +53,8 @@ from msgspec import Meta
 
 from bucketwire.envelope import dumps
 
-PROTO = 1
+PROTO = 2
+"""1: ACKs carry a result per event. 2: the worker acks plain successes as ranges to a hub that reads them."""
 
 READY = b"READY"
 ACK = b"ACK"
@@ -115,7 +121,7 @@ class Ready(Header):
     group: Name
     topics: list[Name] = []  # may be empty for a group the hub knows: then it serves all the group's topics
     credit: Annotated[int, Meta(ge=1, le=MAX_CREDIT)] = 1
-    proto: int = PROTO
+    proto: int = 1  # absent in every READY before proto 2 (omit_defaults left out the default it then had)
     schema: int | None = None
     host: Annotated[str, Meta(max_length=64)] = ""
     pid: int = 0
@@ -140,9 +146,32 @@ class AckResult(Header):
     delay: Annotated[float, Meta(ge=0)] | None = None  # the plugin raised Retry(delay=S): wait at least S seconds
 
 
+Range = tuple[Annotated[int, Meta(ge=1)], Annotated[int, Meta(ge=1)]]
+
+
 class Ack(Header):
     g: str
-    results: list[AckResult]
+    results: list[AckResult] = []
+    ok: dict[str, list[Range]] = {}
+    """The compact form of plain successes (ok, no follow-ons), per topic: [first, last] seq ranges, both ends
+    included. Sent only to a hub whose DELIVER said `r` (it reads them); failures and follow-ons stay in `results`."""
+
+    def ranges(self) -> list[tuple[str, int, int]]:
+        """The `ok` ranges, checked: a reversed range, or more events than a worker can hold (MAX_CREDIT) in one
+        ACK, is refused whole, so a few bytes cannot make the hub walk a billion seqs."""
+        out: list[tuple[str, int, int]] = []
+        n = 0
+        for topic, rs in self.ok.items():
+            for first, last in rs:
+                if last < first:
+                    raise ProtocolError(f"ACK header: range [{first}, {last}] of topic {topic[:64]!r} ends before "
+                                        "it starts")
+                n += last - first + 1
+                out.append((topic, first, last))
+        if n > MAX_CREDIT:
+            raise ProtocolError(f"ACK header: the ok ranges name {n} events, more than {MAX_CREDIT} "
+                                "(the most a worker can hold)")
+        return out
 
 
 class Bye(Header):
@@ -151,6 +180,9 @@ class Bye(Header):
 
 class Deliver(Header):
     a: list[int] = []  # the attempt number of each envelope frame that follows
+    r: bool = False
+    """The hub reads ACK ranges (`Ack.ok`). Sent only to a worker whose READY said proto 2 or later: an older
+    worker's schema refuses the field, and an older hub never sets it, so its workers keep the full form."""
 
 
 class Err(Header):

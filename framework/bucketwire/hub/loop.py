@@ -772,13 +772,13 @@ class Hub:
             old = None
         if old is None:
             w = WorkerState(ident, group, frozenset(topics or g.topics), credit, now, host=hdr.host, pid=hdr.pid,
-                            user=self.net.user)
+                            user=self.net.user, ranges=hdr.proto >= 2)
             self.workers[ident] = w
             g.workers[ident] = w
             g.workers.move_to_end(ident, last=False)
             log.info("worker joined", extra={"group": group, "host": w.host, "pid": w.pid, "credit": credit})
         else:
-            old.credit, old.topics = credit, frozenset(topics or g.topics)
+            old.credit, old.topics, old.ranges = credit, frozenset(topics or g.topics), hdr.proto >= 2
         self.metrics.workers.labels(group).set(len(g.workers))
 
     def _on_ack(self, ident: bytes, hdr: P.Ack, batch: Batch, now: float) -> None:
@@ -791,7 +791,14 @@ class Hub:
         if not self.net.roles.allows(self.net.user, "groups", g.name):
             self.net.forbidden(ident, f"key {self.net.user!r} may not ack for group {g.name!r} ([security.roles])")
             return
-        acked = 0
+        acked = again = 0
+        if hdr.ok:
+            for topic, first, last in hdr.ranges():  # checked whole before any is applied
+                took = g.ack_range(topic, first, last)
+                acked += took
+                again += last - first + 1 - took
+            if again:
+                self.metrics.acked_again.labels(g.name).inc(again)
         for r in hdr.results:
             topic, seq = r.t, r.s
             if r.ok:
@@ -988,7 +995,8 @@ class Hub:
         if not g.ready:
             return  # nothing to hand out, and the in-flight count did not change here
         for w, items in g.dispatch(self.cfg.hub.dispatch_batch, now):
-            frames = [w.ident, P.DELIVER, P.enc({"a": [it.attempts for it in items]})]
+            attempts = [it.attempts for it in items]
+            frames = [w.ident, P.DELIVER, P.enc({"a": attempts, "r": True} if w.ranges else {"a": attempts})]
             frames.extend(it.body for it in items)
             if self.net.send(frames):
                 w.last_sent = now

@@ -32,6 +32,7 @@ from bucketwire.context import Stores
 from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, parse_seq, seq_or_none
 from bucketwire.procutil import on_stop_signals, settle_gc
 from bucketwire.worker import plugin_loading as plugin_loader
+from bucketwire.worker.metrics import child as metrics_child
 from bucketwire.worker.metrics import event_done, handler_done, set_credit
 from bucketwire.worker.running import RunningSlot
 
@@ -67,9 +68,13 @@ class Plugins(plugin_loader.PluginRunner):
             raise ConfigError(f"group {spec.group!r} is not in the config and no --plugin was given, so nothing "
                               f"would handle its events; add [groups.{spec.group}] or pass --plugin MODULE")
         loaded = plugin_loader.load(allow, spec.local_plugins)
+        # Without a metrics endpoint nothing is counted, and no handler is timed: per event that is two clock
+        # reads and three calls a no-op handler would otherwise pay.
+        self.metered = metrics_child() is not None
         super().__init__(loaded, {n: cfg.plugins.get(n, {}) for n in loaded.names},
                          Stores(cfg.stores, cfg.hub.default_store), spec.group,
-                         on_handled=lambda name, dt, ok: handler_done(spec.group, name, dt, ok=ok),
+                         on_handled=(lambda name, dt, ok: handler_done(spec.group, name, dt, ok=ok))
+                         if self.metered else None,
                          max_event_bytes=cfg.hub.max_event_bytes)
 
     def lifecycle(self, hook: str) -> None:
@@ -98,7 +103,9 @@ class Child:
         ))
         self.timeouts: dict[str, float] = {}
         self.queue: deque[tuple[int, bytes]] = deque()  # the batch in hand: (attempt, envelope)
-        self.acks: list[dict[str, Any]] = []
+        self.acks: list[dict[str, Any]] = []  # full results: failures, follow-ons
+        self.oks: list[tuple[str, int]] = []  # plain successes, acked as ranges when the hub reads them
+        self.ranges = False  # the hub reads ACK ranges (its DELIVERs say so; an older hub's do not)
         self.poller = zmq.Poller()
         self.poller.register(stop_fd, zmq.POLLIN)
         # Several hubs: connect to one; a silent one sends us to the next of the list, and a hub that does not
@@ -172,7 +179,8 @@ class Child:
             got = True
             cmd = frames[0]
             if cmd == P.DELIVER:
-                attempts = P.decode(frames[1], P.Deliver).a
+                hdr = P.decode(frames[1], P.Deliver)
+                attempts, self.ranges = hdr.a, hdr.r
                 for i, body in enumerate(frames[2:]):
                     self.queue.append((attempts[i] if i < len(attempts) else 1, body))
             elif cmd == P.ERR:
@@ -201,19 +209,25 @@ class Child:
     def _work(self) -> None:
         """Run the events in hand, then ack them: one ACK per batch (or per ACK_EVERY / ACK_AFTER within a long
         one). A stop signal ends it after the event in hand; the rest is given back by `_drain`."""
-        q, acks = self.queue, self.acks
-        while q and not self.stopping():
+        q, acks, oks = self.queue, self.acks, self.oks
+        plugins, begin, end, stopping = self.plugins, self._begin, self.slot.end, self.stopping
+        while q and not stopping():
             attempt, body = q.popleft()
-            acks.append(self._handle(attempt, body))
-            self.slot.end()
-            if q and (len(acks) >= ACK_EVERY or time.monotonic() - self.last_flush > ACK_AFTER):
+            out = handle(plugins, attempt, body, begin)
+            end()
+            if type(out) is tuple:
+                oks.append(out)
+            else:
+                acks.append(out)  # type: ignore[arg-type]  # the dict form
+            if q and (len(acks) + len(oks) >= ACK_EVERY or time.monotonic() - self.last_flush > ACK_AFTER):
                 self._flush()
         self._flush()
 
     def _flush(self) -> None:
-        if self.acks:
-            self._send(self.dealer, [P.ACK, P.enc({"g": self.spec.group, "results": self.acks})])
-            self.acks.clear()  # encoded above; `_work` holds this list
+        if self.acks or self.oks:
+            self._send(self.dealer, [P.ACK, ack_frame(self.spec.group, self.oks, self.acks, self.ranges)])
+            self.acks.clear()  # encoded above; `_work` holds these lists
+            self.oks.clear()
         self.last_flush = time.monotonic()
 
     def _next_endpoint(self) -> str:
@@ -260,8 +274,23 @@ class Child:
                 t = self.timeouts[topic] = self.cfg.handler_timeout(self.spec.group, topic)
             self.slot.begin(topic, seq, t)
 
-    def _handle(self, attempt: int, body: bytes) -> dict[str, Any]:
-        return handle(self.plugins, attempt, body, self._begin)
+
+def ack_frame(group: str, oks: list[tuple[str, int]], results: list[dict[str, Any]], ranges: bool) -> bytes:
+    """The ACK header for a batch: plain successes as per-topic seq ranges when the hub reads them (one pair of
+    integers for a run of events instead of a result object each), else each as a full result."""
+    if not ranges:
+        full = [{"t": t, "s": s, "ok": True, "f": []} for t, s in oks]
+        return P.enc({"g": group, "results": full + results if results else full})
+    runs: dict[str, list[list[int]]] = {}
+    for t, s in oks:
+        rs = runs.get(t)
+        if rs is None:
+            runs[t] = [[s, s]]
+        elif rs[-1][1] + 1 == s:
+            rs[-1][1] = s
+        else:
+            rs.append([s, s])
+    return P.enc({"g": group, "ok": runs, "results": results} if results else {"g": group, "ok": runs})
 
 
 def _stop_pipe() -> tuple[int, list[bool]]:
@@ -328,21 +357,30 @@ def parse(body: bytes) -> tuple[Any, bool]:
         return json.loads(body), False
 
 
-def handle(plugins: Plugins, attempt: int, body: bytes, begin: Callable[[object, object], None]) -> dict[str, Any]:
+Outcome = tuple[str, int] | dict[str, Any]
+"""What `handle` reports: (topic, seq) for an event its handlers took without error and without follow-ons (the
+common case, acked in the compact form), else the full ACK result for it (a failure, or follow-ons to carry)."""
+
+
+def handle(plugins: Plugins, attempt: int, body: bytes, begin: Callable[[object, object], None]) -> Outcome:
     try:
         raw, strict = parse(body)
-        topic, seq = raw.get("topic"), seq_or_none(raw.get("seq"))  # the hub's ACK frame carries it as an int
-    except (ValueError, AttributeError):
-        topic, seq = None, None
+    except ValueError:
         raw, strict = None, False
-    begin(topic, seq)
     try:
         event = Event.from_dict(raw, text_checked=strict) if raw is not None else Event.from_json(body)
     except EnvelopeError as e:
         # Refuse loudly: an envelope we cannot fully read must not be half-processed.
+        topic, seq = (raw.get("topic"), seq_or_none(raw.get("seq"))) if isinstance(raw, dict) else (None, None)
+        begin(topic, seq)
         log.error("refusing envelope", extra={"topic": topic, "seq": seq, "error": str(e)})
-        event_done(plugins.group, topic if isinstance(topic, str) else None, "refused")
+        if plugins.metered:
+            event_done(plugins.group, topic if isinstance(topic, str) else None, "refused")
         return {"t": topic, "s": seq, "ok": False, "error": str(e), "line": str(e), "permanent": True}
+    # The running record is written once the envelope is read (its topic and seq are known then): reading it
+    # runs no plugin code, so a child that dies in between was not killed by this event's handlers.
+    topic, seq = event.topic, event.seq
+    begin(topic, seq)
     try:
         follow = plugins.run(event, attempt)
     except plugin_loader.HandlerFailed as f:
@@ -350,14 +388,19 @@ def handle(plugins: Plugins, attempt: int, body: bytes, begin: Callable[[object,
         line = traceback.format_exception_only(type(err), err)[-1].strip()
         log.warning("handler failed", extra={"plugin": f.plugin, "topic": topic, "seq": seq, "error": line,
                                              "attempt": attempt})
-        event_done(plugins.group, event.topic, "failed")
-        res = {"t": topic, "s": seq, "ok": False, "error": "".join(traceback.format_exception(err))[-8000:],
-               "line": line, "plugin": f.plugin, "permanent": f.permanent}
+        if plugins.metered:
+            event_done(plugins.group, topic, "failed")
+        res: dict[str, Any] = {"t": topic, "s": seq, "ok": False,
+                               "error": "".join(traceback.format_exception(err))[-8000:], "line": line,
+                               "plugin": f.plugin, "permanent": f.permanent}
         if f.delay is not None:
             res["delay"] = f.delay
         return res
-    event_done(plugins.group, event.topic, "ok", [f.topic or "-" for f in follow] if follow else None)
+    if plugins.metered:
+        event_done(plugins.group, topic, "ok", [f.topic or "-" for f in follow] if follow else None)
     if events_log.isEnabledFor(logging.DEBUG):
         events_log.debug(
             "event handled", extra={"topic": topic, "seq": seq, "attempt": attempt, "follow_ons": len(follow)})
-    return {"t": topic, "s": seq, "ok": True, "f": [f.to_dict() for f in follow] if follow else []}
+    if follow or topic is None or seq is None:
+        return {"t": topic, "s": seq, "ok": True, "f": [f.to_dict() for f in follow]}
+    return topic, seq

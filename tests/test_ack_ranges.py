@@ -1,0 +1,178 @@
+"""The ACK's compact form: a worker acks plain successes as per-topic seq ranges, only to a hub that said it reads
+them, and the hub applies a range as it would each result. Real hub and worker pool processes, real sockets; the
+peer on the other side is a plain DEALER or ROUTER speaking the documented frames (docs/wire.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from bucketwire import Event
+from bucketwire.envelope import SCHEMA_VERSION
+from tests.fixtures_hub import Stack, wait_for
+
+CFG = """
+[groups.g]
+topics = ["x"]
+plugins = []
+start = "earliest"
+"""
+
+
+def ev(i: int, seq: int | None = None) -> Event:
+    return Event(id=uuid.uuid4().hex, source="urn:test", type="t", subject=f"b/k{i}", topic="x", seq=seq,
+                 data={"bucket": "b", "key": f"k{i}"})
+
+
+def dealer(s: Stack) -> zmq.Socket[bytes]:
+    d: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.connect(s.cfg.client.work)
+    return d
+
+
+def ready(d: zmq.Socket[bytes], proto: int | None) -> None:
+    """None: the READY a pool from before proto 2 sends, which carries no `proto` at all."""
+    hdr: dict[str, Any] = {"group": "g", "topics": ["x"], "credit": 100, "schema": SCHEMA_VERSION}
+    if proto is not None:
+        hdr["proto"] = proto
+    d.send_multipart([b"READY", json.dumps(hdr).encode()])
+
+
+def take_delivers(d: zmq.Socket[bytes], n: int) -> tuple[list[dict[str, Any]], list[int]]:
+    """DELIVER headers and the seqs they carried, until `n` events arrived (hub heartbeats are skipped)."""
+    headers: list[dict[str, Any]] = []
+    seqs: list[int] = []
+    deadline = time.monotonic() + 20
+    while len(seqs) < n:
+        assert d.poll(max(1, int((deadline - time.monotonic()) * 1000))), f"only {seqs} delivered"
+        frames = d.recv_multipart()
+        if frames[0] == b"DELIVER":
+            headers.append(json.loads(frames[1]))
+            seqs += [int(json.loads(b)["seq"]) for b in frames[2:]]
+    return headers, seqs
+
+
+def err_of(d: zmq.Socket[bytes]) -> str:
+    deadline = time.monotonic() + 10
+    while True:
+        assert d.poll(max(1, int((deadline - time.monotonic()) * 1000))), "no ERR"
+        frames = d.recv_multipart()
+        if frames[0] == b"ERR":
+            return str(json.loads(frames[1])["error"])
+
+
+def test_a_range_ack_is_read_by_the_hub_with_failures_in_the_full_form(stack_factory: Any) -> None:
+    """A worker announcing proto 2 is told `r` in each DELIVER; its ACK of seqs 1-4 and 6-10 as two ranges, with
+    seq 5 failed in the full form in the same frame, acks nine events and dead-letters one: the cursor reaches
+    10 and nothing is redelivered."""
+    s = stack_factory(CFG + '\n[topics.x]\nmax_attempts = 1\n')
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(i) for i in range(10)])
+    d = dealer(s)
+    try:
+        ready(d, 2)
+        headers, seqs = take_delivers(d, 10)
+        assert sorted(seqs) == list(range(1, 11))
+        assert all(h.get("r") is True for h in headers), headers
+        d.send_multipart([b"ACK", json.dumps({
+            "g": "g", "ok": {"x": [[1, 4], [6, 10]]},
+            "results": [{"t": "x", "s": 5, "ok": False, "error": "boom", "line": "E: boom", "permanent": True}],
+        }).encode()])
+        wait_for(lambda: s.status()["groups"]["g"]["lag"] == 0, 20, "the group's lag drops to 0")
+        assert s.metric("bucketwire_acked_total", group="g") == 9
+        assert s.metric("bucketwire_dead_lettered_total", group="g") == 1
+        # A range repeated (the worker's ACK sent again after a reconnect) is counted as acked again, no more.
+        d.send_multipart([b"ACK", json.dumps({"g": "g", "ok": {"x": [[1, 3]]}}).encode()])
+        wait_for(lambda: s.metric("bucketwire_acked_again_total", group="g") == 3, 20, "3 acks counted again")
+        assert s.metric("bucketwire_acked_total", group="g") == 9
+        assert s.metric("bucketwire_dispatched_total", group="g") == 10, "nothing was handed out twice"
+    finally:
+        d.close()
+
+
+def test_a_proto1_worker_gets_and_gives_the_full_form(stack_factory: Any) -> None:
+    """A pool from before the compact form must never see `r` (its DELIVER schema refuses unknown fields), and
+    its per-event results still ack. Such a pool's READY carries no `proto` (it was left out as the default)."""
+    s = stack_factory(CFG)
+    s.start_hub()
+    for proto, first in ((None, 1), (1, 4)):
+        with s.client() as c:
+            c.publish_events([ev(i) for i in range(first, first + 3)])
+        d = dealer(s)
+        try:
+            ready(d, proto)
+            headers, seqs = take_delivers(d, 3)
+            assert all(set(h) == {"a"} for h in headers), (proto, headers)
+            d.send_multipart([b"ACK", json.dumps({"g": "g", "results": [
+                {"t": "x", "s": q, "ok": True, "f": []} for q in range(first, first + 3)]}).encode()])
+            want = first + 2
+            wait_for(lambda: s.metric("bucketwire_acked_total", group="g") == want, 20, "3 more acked")  # noqa: B023
+            d.send_multipart([b"BYE", b"{}"])
+            wait_for(lambda: s.status()["groups"]["g"]["workers"] == 0, 20, "the worker left")
+        finally:
+            d.close()
+
+
+def test_bad_ranges_are_refused_whole_and_ack_nothing(stack_factory: Any) -> None:
+    """A reversed range, or ranges naming more events than a worker can hold, get an ERR saying so; the valid
+    range in the same frame is not applied either, and a few bytes never make the hub walk a billion seqs."""
+    s = stack_factory(CFG)
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(i) for i in range(4)])
+    d = dealer(s)
+    try:
+        ready(d, 2)
+        take_delivers(d, 4)
+        d.send_multipart([b"ACK", b'{"g":"g","ok":{"x":[[1,2],[4,3]]}}'])
+        assert "ends before it starts" in err_of(d)
+        d.send_multipart([b"ACK", b'{"g":"g","ok":{"x":[[1,2],[3,1000000000]]}}'])
+        assert "more than 10000" in err_of(d)
+        d.send_multipart([b"ACK", b'{"g":"g","ok":{"x":[[0,2]]}}'])
+        assert "ok" in err_of(d)
+        assert s.status()["groups"]["g"]["lag"] == 4, "nothing was acked"
+        d.send_multipart([b"ACK", b'{"g":"g","ok":{"x":[[1,4]]}}'])
+        wait_for(lambda: s.status()["groups"]["g"]["lag"] == 0, 20, "a valid range still acks")
+    finally:
+        d.close()
+
+
+def test_a_worker_pool_acks_in_ranges_only_when_the_hub_says_it_reads_them(stack_factory: Any) -> None:
+    """A real pool against a peer that answers like a hub: DELIVERs without `r` (a hub from before the compact
+    form) get one full result per event; DELIVERs with `r` get the events as ranges. So a new pool keeps working
+    with an old hub."""
+    s = stack_factory(CFG)
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(s.cfg.client.work)
+    try:
+        s.start_worker("g", 1, wait=False)
+
+        def recv(cmd: bytes) -> list[bytes]:
+            deadline = time.monotonic() + 30
+            while True:
+                assert router.poll(max(1, int((deadline - time.monotonic()) * 1000))), f"no {cmd!r}"
+                frames = router.recv_multipart()
+                if frames[1] == cmd:
+                    return frames
+                router.send_multipart([frames[0], b"HB", b"{}"])  # keep it from calling us silent
+
+        ident, _, hdr = recv(b"READY")
+        assert json.loads(hdr)["proto"] == 2
+        router.send_multipart([ident, b"DELIVER", b'{"a":[1,1,1]}', *(ev(i, i).to_json() for i in (1, 2, 3))])
+        ident, _, hdr = recv(b"ACK")
+        old = json.loads(hdr)
+        assert "ok" not in old and [(r["s"], r["ok"]) for r in old["results"]] == [(1, True), (2, True), (3, True)]
+        router.send_multipart([ident, b"DELIVER", b'{"a":[1,1,1,1],"r":true}',
+                               *(ev(i, i).to_json() for i in (4, 5, 6, 8))])
+        ident, _, hdr = recv(b"ACK")
+        assert json.loads(hdr) == {"g": "g", "ok": {"x": [[4, 6], [8, 8]]}}
+        assert sorted(r["s"] for r in s.handled()) == [1, 2, 3, 4, 5, 6, 8]
+    finally:
+        router.close()
