@@ -180,13 +180,14 @@ class GroupState:
         if (self.read_pos.get(topic) != first_seq or self.loaded + len(items) > self.max_buffer
                 or topic in self.replays):
             return
+        seed, ready, name = self.seed, self.ready, self.name
         for seq, objkey, body in items:
-            if not_for_group(body, self.name):
+            if not_for_group(body, name):
                 self._mark_acked(topic, seq)
                 continue
-            it = Item(topic, seq, objkey, body, self.seed.pop((topic, seq), 0))
+            it = Item(topic, seq, objkey, body, seed.pop((topic, seq), 0) if seed else 0)
             if not self.seed_due or not self._wait_out(it):
-                self.ready.append(it)
+                ready.append(it)
             self.loaded += 1
         self.read_pos[topic] = items[-1][0] + 1
 
@@ -240,32 +241,39 @@ class GroupState:
         out: list[tuple[WorkerState, list[Item]]] = []
         if not self.ready:
             return out
+        # The per-event loop reads the group's tables through locals and builds each event's key once.
+        ready, holder, inflight, replays = self.ready, self.holder, self.inflight, self.replays
+        acked, acked_above = self.acked, self.acked_above
         for w in [w for w in self.workers.values() if w.free > 0]:
             take: list[Item] = []
             n = min(w.free, batch_max)
             passed: list[Item] = []
-            while self.ready and len(take) < n:
-                it = self.ready.popleft()
-                if self.is_done(it.topic, it.seq) or it.topic in self.replays:
+            topics, held, ident = w.topics, w.inflight, w.ident
+            while ready and len(take) < n:
+                it = ready.popleft()
+                topic, seq, objkey = it.topic, it.seq, it.objkey
+                if (seq <= acked.get(topic, 0) or seq in acked_above.get(topic, ())  # done (`is_done`)
+                        or (replays and topic in replays)):
                     self._finish(it)  # a replay reloads the topic from the journal once it is applied
                     continue
-                if it.objkey is not None:
-                    h = self.holder.get(it.objkey)
-                    if h is not None and h != it.key:
-                        self.blocked.setdefault(it.objkey, deque()).append(it)
+                key = (topic, seq)
+                if objkey is not None:
+                    h = holder.get(objkey)
+                    if h is not None and h != key:
+                        self.blocked.setdefault(objkey, deque()).append(it)
                         continue
-                if it.topic not in w.topics:
+                if topic not in topics:
                     passed.append(it)
                     if len(passed) > 4 * batch_max:
                         break
                     continue
-                if it.objkey is not None:
-                    self.holder[it.objkey] = it.key
+                if objkey is not None:
+                    holder[objkey] = key
                 it.attempts += 1
                 if not it.first_dispatch:
                     it.first_dispatch = now
-                self.inflight[it.key] = (it, w.ident)
-                w.inflight[it.key] = it
+                inflight[key] = (it, ident)
+                held[key] = it
                 take.append(it)
             self.ready.extendleft(reversed(passed))
             if take:
