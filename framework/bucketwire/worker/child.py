@@ -215,10 +215,10 @@ class Child:
             attempt, body = q.popleft()
             out = handle(plugins, attempt, body, begin)
             end()
-            if type(out) is tuple:
+            if isinstance(out, tuple):
                 oks.append(out)
             else:
-                acks.append(out)  # type: ignore[arg-type]  # the dict form
+                acks.append(out)
             if q and (len(acks) + len(oks) >= ACK_EVERY or time.monotonic() - self.last_flush > ACK_AFTER):
                 self._flush()
         self._flush()
