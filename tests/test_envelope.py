@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bucketwire import SCHEMA_VERSION, EnvelopeError, Event, SchemaVersionError
@@ -49,3 +49,29 @@ def test_arbitrary_json_is_either_an_event_or_an_envelope_error(doc):
         Event.from_dict(doc) if isinstance(doc, dict) else Event.from_json(json.dumps(doc))
     except EnvelopeError:
         pass
+
+
+@example("9223372036854775807")
+@example("9223372036854775808")
+@example("9999999999999999999")
+@example("٣")
+@given(st.one_of(
+    st.text(alphabet="0123456789", max_size=22),
+    st.text(alphabet="0123456789٠١٢³ +-_x", max_size=22),
+    st.integers(min_value=-(2**64), max_value=2**64).map(str),
+))
+def test_from_dict_reads_a_seq_exactly_as_parse_seq(raw: str) -> None:
+    """from_dict reads the common seq (decimal digits) without parse_seq; for every string the two agree: the same
+    seq, or both refuse it."""
+    from bucketwire.envelope import parse_seq
+
+    base = {"specversion": "1.0", "id": "1", "source": "s", "type": "t"}
+    try:
+        want: int | None = parse_seq(raw)
+    except EnvelopeError:
+        want = None
+    if want is None:
+        with pytest.raises(EnvelopeError):
+            Event.from_dict({**base, "seq": raw})
+    else:
+        assert Event.from_dict({**base, "seq": raw}).seq == want

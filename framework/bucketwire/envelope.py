@@ -204,7 +204,13 @@ class Event:
         if len(eid) > 256 or len(source) > 1024 or len(typ) > 256:
             raise EnvelopeError("envelope id/source/type is too long")
         raw_seq = get("seq")
-        seq = None if raw_seq is None else parse_seq(raw_seq)
+        if raw_seq is None:
+            seq = None
+        elif (type(raw_seq) is str and raw_seq.isascii() and raw_seq.isdigit() and raw_seq[0] != "0"
+              and len(raw_seq) < 19):
+            seq = int(raw_seq)  # what every worker reads: parse_seq's regex and range check, without either
+        else:
+            seq = parse_seq(raw_seq)
         hops = get("hops", 0)
         if (type(hops) is not int and (not isinstance(hops, int) or isinstance(hops, bool))) or hops < 0:
             raise EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
@@ -218,20 +224,10 @@ class Event:
             # JSON can carry lone surrogates (\\ud800); they are not text, and every consumer that encodes them
             # (SQLite, S3 clients, files) fails. Found by tests/test_security_plugins.py; refused at the edge.
             raise EnvelopeError("envelope contains invalid Unicode (a lone surrogate escape such as \\ud800)")
-        return cls(
-            id=eid,
-            source=source,
-            type=typ,
-            data=get("data"),
-            subject=subject,
-            time=time_ or now_iso(),
-            datacontenttype=get("datacontenttype") or "application/json",
-            topic=topic,
-            seq=seq,
-            causationid=causationid,
-            hops=hops,
-            schemaversion=sv,
-            extensions={} if _KNOWN.issuperset(d) else {k: v for k, v in d.items() if k not in _KNOWN},
+        return cls(  # positional, in the fields' order (keywords cost a fifth of this call)
+            eid, source, typ, get("data"), subject, time_ or now_iso(), get("datacontenttype") or "application/json",
+            topic, seq, causationid, hops, sv,
+            {} if _KNOWN.issuperset(d) else {k: v for k, v in d.items() if k not in _KNOWN},
         )
 
     @classmethod
