@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 import zmq
 
 from bucketwire import Event
@@ -193,3 +194,30 @@ def test_a_worker_pool_acks_in_ranges_only_when_the_hub_says_it_reads_them(stack
         assert sorted(r["s"] for r in s.handled()) == [1, 2, 3, 4, 5, 6, 8]
     finally:
         router.close()
+
+
+@pytest.mark.parametrize("form", ["ranges", "full"])
+def test_an_ack_for_events_not_yet_handed_out_skips_none_of_them(stack_factory: Any, form: str) -> None:
+    """A buggy or hostile worker acks seqs the hub has not handed out (here: not even published yet), in either
+    form. Applied, those acks would make the group skip the events once they are published; they are ignored
+    (and logged), and the events that come later are all delivered."""
+    s = stack_factory(CFG)
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(0)])
+    d = dealer(s)
+    try:
+        ready(d, 2)
+        _, seqs = take_delivers(d, 1)
+        assert seqs == [1]
+        ack: dict[str, Any] = ({"g": "g", "ok": {"x": [[1, 50]]}} if form == "ranges" else
+                               {"g": "g", "results": [{"t": "x", "s": q, "ok": True, "f": []} for q in range(1, 51)]})
+        d.send_multipart([b"ACK", json.dumps(ack).encode()])
+        wait_for(lambda: s.metric("bucketwire_acked_total", group="g") == 1, 20, "seq 1 acked")
+        with s.client() as c:
+            c.publish_events([ev(i) for i in range(1, 6)])
+        _, seqs = take_delivers(d, 5)
+        assert sorted(seqs) == [2, 3, 4, 5, 6]
+        wait_for(lambda: "ack for events this hub has not handed out" in s.dump_logs(), 10, "the ignored ack logged")
+    finally:
+        d.close()

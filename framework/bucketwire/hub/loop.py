@@ -791,9 +791,18 @@ class Hub:
         if not self.net.roles.allows(self.net.user, "groups", g.name):
             self.net.forbidden(ident, f"key {self.net.user!r} may not ack for group {g.name!r} ([security.roles])")
             return
-        acked = again = 0
+        acked = again = ignored = 0
+        # An outcome for a seq the group has not loaded names an event no worker was handed (a buggy or hostile
+        # worker, or seqs not yet published): applying it would make the group skip that event once it exists.
+        loaded = g.read_pos
         if hdr.ok:
             for topic, first, last in hdr.ranges():  # checked whole before any is applied
+                top = loaded.get(topic, 1) - 1
+                if last > top:
+                    ignored += last - max(first, top + 1) + 1
+                    last = top
+                    if last < first:
+                        continue
                 took = g.ack_range(topic, first, last)
                 acked += took
                 again += last - first + 1 - took
@@ -801,6 +810,9 @@ class Hub:
                 self.metrics.acked_again.labels(g.name).inc(again)
         for r in hdr.results:
             topic, seq = r.t, r.s
+            if seq >= loaded.get(topic, 1):
+                ignored += 1
+                continue
             if r.ok:
                 # Validate every follow-on before touching state, so a bad one rejects the whole ack.
                 fos = [Event.from_dict(f) for f in r.f]
@@ -860,6 +872,9 @@ class Hub:
                     self.metrics.retries.labels(g.name).inc()
         if acked:
             self.metrics.acked.labels(g.name).inc(acked)
+        if ignored:
+            log.warning("ack for events this hub has not handed out; ignored",
+                        extra={"group": g.name, "events": ignored, "key": self.net.user, "worker": ident.hex()})
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
 
     def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list[Reply], strict: bool = False,
