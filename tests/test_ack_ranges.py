@@ -29,6 +29,15 @@ def ev(i: int, seq: int | None = None) -> Event:
                  data={"bucket": "b", "key": f"k{i}"})
 
 
+def hub_with(stack_factory: Any, n: int, cfg: str = CFG) -> Stack:
+    """A started hub whose topic x holds `n` events (seqs 1..n)."""
+    s: Stack = stack_factory(cfg)
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(i) for i in range(n)])
+    return s
+
+
 def dealer(s: Stack) -> zmq.Socket[bytes]:
     d: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     d.setsockopt(zmq.LINGER, 0)
@@ -71,10 +80,7 @@ def test_a_range_ack_is_read_by_the_hub_with_failures_in_the_full_form(stack_fac
     """A worker announcing proto 2 is told `r` in each DELIVER; its ACK of seqs 1-4 and 6-10 as two ranges, with
     seq 5 failed in the full form in the same frame, acks nine events and dead-letters one: the cursor reaches
     10 and nothing is redelivered."""
-    s = stack_factory(CFG + '\n[topics.x]\nmax_attempts = 1\n')
-    s.start_hub()
-    with s.client() as c:
-        c.publish_events([ev(i) for i in range(10)])
+    s = hub_with(stack_factory, 10, CFG + '\n[topics.x]\nmax_attempts = 1\n')
     d = dealer(s)
     try:
         ready(d, 2)
@@ -123,10 +129,7 @@ def test_a_proto1_worker_gets_and_gives_the_full_form(stack_factory: Any) -> Non
 def test_bad_ranges_are_refused_whole_and_ack_nothing(stack_factory: Any) -> None:
     """A reversed range, or ranges naming more events than a worker can hold, get an ERR saying so; the valid
     range in the same frame is not applied either, and a few bytes never make the hub walk a billion seqs."""
-    s = stack_factory(CFG)
-    s.start_hub()
-    with s.client() as c:
-        c.publish_events([ev(i) for i in range(4)])
+    s = hub_with(stack_factory, 4)
     d = dealer(s)
     try:
         ready(d, 2)
@@ -201,10 +204,7 @@ def test_an_ack_for_events_not_yet_handed_out_skips_none_of_them(stack_factory: 
     """A buggy or hostile worker acks seqs the hub has not handed out (here: not even published yet), in either
     form. Applied, those acks would make the group skip the events once they are published; they are ignored
     (and logged), and the events that come later are all delivered."""
-    s = stack_factory(CFG)
-    s.start_hub()
-    with s.client() as c:
-        c.publish_events([ev(0)])
+    s = hub_with(stack_factory, 1)
     d = dealer(s)
     try:
         ready(d, 2)
