@@ -1017,8 +1017,11 @@ class JetStreamJournal:
                 if not rev:
                     log.info("took the dispatch lease", extra={"group": g, "hub": self.hub_id})
                 self._leases[g] = (int(doc["seq"]), sent + self.settings.lease_ttl)
-            elif doc["error"].get("code") == 408:
-                pass  # unknown whether it landed: the lease counts as held until it would expire, no longer
+            elif doc["error"].get("code") in (408, 503):
+                # No answer (unknown whether it landed) or no stream leader (a NATS node went and the lease
+                # bucket is electing one): not a refusal. The lease counts as held until it would expire, no
+                # longer, and the next round renews it with the same revision once a leader answers.
+                pass
             elif rev:
                 log.warning("lost the dispatch lease to another hub", extra={"group": g, "hub": self.hub_id})
                 self._leases.pop(g, None)
