@@ -115,7 +115,8 @@ def test_zmq_frames_from_an_authenticated_peer(hub: Stack) -> None:
             assert any(r[0] == b"ERR" and json.loads(r[1]).get("error") for r in replies), (frames, replies)
             stats["answered_err"] += 1
         for r in replies:
-            assert r[0] in (b"ERR", b"PUBNACK", b"PUBACK", b"EVENTS", b"STATUSR", b"DELIVER", b"HB", b"REPLAYR"), r
+            assert r[0] in (b"ERR", b"PUBNACK", b"PUBACK", b"EVENTS", b"STATUSR", b"DELIVER", b"HB", b"REPLAYR",
+                            b"BYE"), r
 
     try:
         run()

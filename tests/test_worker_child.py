@@ -62,3 +62,33 @@ def test_a_handler_longer_than_the_heartbeat_timeout_keeps_its_worker(stack_fact
     assert attempts == [("after", 1), ("long", 1)], attempts
     assert s.metric("bucketwire_redelivered_total", group="a") == 0
     assert s.status()["groups"]["a"]["workers"] == 1
+
+
+def test_the_hub_answers_a_bye_once_the_worker_is_gone(stack_factory: Any) -> None:
+    """A draining child closes its connection only after the hub answered its BYE: one that closed right after
+    sending it lost the BYE now and then under load, and the hub never logged that the worker left (seen as
+    `bucketwire dev` stopping with one 'worker left' line missing, tests/test_dev.py)."""
+    import zmq
+
+    from bucketwire import protocol as P
+    from bucketwire.envelope import SCHEMA_VERSION
+
+    s = stack_factory(CFG)
+    s.start_hub()
+    d = zmq.Context.instance().socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.connect(s.cfg.client.work)
+    try:
+        d.send_multipart([P.READY, P.enc(P.Ready(group="a", topics=["jobs"], credit=1, proto=P.PROTO,
+                                                  schema=SCHEMA_VERSION, host="test", pid=1, start="earliest"))])
+        wait_for(lambda: s.status()["groups"]["a"]["workers"] == 1, 10, "the worker to join")
+        d.send_multipart([P.BYE, P.enc({"requeue": []})])
+        answers = []
+        while d.poll(10_000):  # the hub heartbeats meanwhile; the answer comes within its next loop turns
+            answers.append(d.recv_multipart()[0])
+            if answers[-1] == P.BYE:
+                break
+        assert answers[-1:] == [P.BYE], answers
+        assert s.status()["groups"]["a"]["workers"] == 0  # answered once the worker was removed
+    finally:
+        d.close()

@@ -939,6 +939,9 @@ class Hub:
         w = self.workers.get(ident)
         if w is not None:
             self._worker_gone(w, lost=False, requeue=set(hdr.requeue))
+        # Answered, so the draining child closes its connection only once its BYE was read here (Child._await_bye:
+        # a child that closed right after sending it lost the BYE now and then under load).
+        self.net.send([ident, P.BYE, b"{}"])
 
     def _on_gone(self, hdr: dict[str, Any], now: float) -> None:
         """A pool's supervisor says one of its children died, and which event's handler was running."""

@@ -43,6 +43,9 @@ ACK_EVERY = 64
 """Within a long batch an ACK goes out after this many events or ACK_AFTER seconds, so the hub commits (and
 publishers see) early results without waiting for the batch's end."""
 ACK_AFTER = 0.005
+BYE_WAITS = 2
+"""A draining child waits this many heartbeat intervals for the hub to answer its BYE (a live hub turns its loop
+at least once an interval), then closes the connection anyway."""
 
 
 @dataclass
@@ -260,7 +263,28 @@ class Child:
             except (ValueError, KeyError, TypeError):  # EnvelopeError is a ValueError
                 pass
         self.queue.clear()
-        self._send(self.dealer, [P.BYE, P.enc({"requeue": requeue})])
+        if self._send(self.dealer, [P.BYE, P.enc({"requeue": requeue})]):
+            self._await_bye()
+
+    def _await_bye(self) -> None:
+        """Wait, briefly, for the hub to answer the BYE before the connection closes.
+
+        A child that closed right after sending it lost the BYE now and then on a loaded machine (sent, never
+        read by the hub, which then never logged that the worker left: `bucketwire dev` stopping showed one
+        'worker left' line too few), while the hub was still sending it heartbeats and DELIVERs. Waiting for the
+        answer makes the order explicit instead of left to socket teardown. What arrives meanwhile is not run;
+        the hub takes back everything delivered to a worker that said BYE. A hub that does not answer (stopping,
+        or older) costs at most BYE_WAITS heartbeat intervals."""
+        d = self.dealer
+        if time.monotonic() - self.last_hub > self.spec.heartbeat_timeout:
+            return  # the hub is gone already: nobody to answer
+        deadline = time.monotonic() + min(BYE_WAITS * self.spec.heartbeat_interval, self.spec.heartbeat_timeout)
+        while (left := deadline - time.monotonic()) > 0:
+            if not d.poll(max(1, int(left * 1000))):
+                break
+            if recv_frames(d)[0] == P.BYE:
+                return
+        log.debug("the hub did not answer BYE in time")
 
     def close(self) -> None:
         self.dealer.close()  # LINGER: the last ACK and BYE still go out
