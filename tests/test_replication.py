@@ -333,14 +333,15 @@ def test_verify(src_etag: str, put_etag: str, stored: int | None, verify_md5: bo
 
 
 def test_stream_memory_stays_near_one_part(weed: WeedServer, weed2: WeedServer, bucket: str) -> None:
-    """40 MB through the worker with 5 MB parts: Python-side peak stays at a few parts, not the object."""
+    """60 MB through the worker with 5 MB parts: Python-side peak stays at a few parts (the one being read, those
+    uploading, each with a copy in flight), not the object."""
     c1, c2 = weed.client(), weed2.client()
     tb = f"{bucket}-mem"
     c2.make_bucket(tb)
     chunk = os.urandom(1 << 20)
 
     class Gen(io.RawIOBase):
-        left = 40 << 20
+        left = 60 << 20
 
         def readable(self) -> bool:
             return True
@@ -351,7 +352,7 @@ def test_stream_memory_stays_near_one_part(weed: WeedServer, weed2: WeedServer, 
             self.left -= n
             return n
 
-    c1.put_object(bucket, "big.bin", io.BufferedReader(Gen()), 40 << 20, part_size=5 << 20)
+    c1.put_object(bucket, "big.bin", io.BufferedReader(Gen()), 60 << 20, part_size=5 << 20)
     ev = obj_event("ObjectCreated:CompleteMultipartUpload", bucket, "big.bin")
     stores = {"primary": store_cfg("primary", weed), "backup": store_cfg("backup", weed2)}
     with harness(stores, target_store="backup", target_bucket=tb, part_size=5 << 20) as h:
@@ -361,8 +362,9 @@ def test_stream_memory_stays_near_one_part(weed: WeedServer, weed2: WeedServer, 
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-    assert c2.stat_object(tb, "big.bin").size == 40 << 20
-    assert peak < 20 << 20, f"peak Python allocation {peak >> 20} MiB for a 40 MiB object"
+    assert c2.stat_object(tb, "big.bin").size == 60 << 20
+    limit = (repl.PARALLEL_PARTS + 3) * (5 << 20)
+    assert peak < limit, f"peak Python allocation {peak >> 20} MiB for a 60 MiB object (limit {limit >> 20} MiB)"
 
 
 def test_target_down_raises_an_ordinary_exception(weed: WeedServer, bucket: str) -> None:
