@@ -21,6 +21,7 @@ import pytest
 
 from bucketwire import config as config_mod
 from bucketwire.devstack.nats import NatsCluster, NatsError, find_nats_server
+from bucketwire.procutil import free_port
 from tests.fixtures_hub import Stack, wait_for
 
 BACKENDS = ["sqlite", "jetstream"]
@@ -47,6 +48,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
     """A 3-node cluster of the test module's own: for tests that kill and restart nodes, which would disturb
     every other test on the shared `nats_cluster`."""
     yield from _running_cluster(tmp_path_factory, "nats")
+
+
+def hub_config(tmp: Path, tables: str) -> Path:
+    """A hub config in `tmp` on free loopback ports, with `tables` (a `[journal]`, groups) after `[hub]`: for tests
+    that start a hub by hand to watch it refuse or fail."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = tmp / "hub.toml"
+    cfg.write_text(f"""
+[hub]
+http = "127.0.0.1:{free_port()}"
+work = "tcp://127.0.0.1:{free_port()}"
+publish = "tcp://127.0.0.1:{free_port()}"
+state_dir = "{tmp / 'state'}"
+""" + tables)
+    cfg.chmod(0o600)  # a literal password in a world-readable file is warned about, rightly; not what is tested
+    return cfg
 
 
 def journal_table(cluster: NatsCluster, prefix: str, lease_ttl: float = 3.0) -> str:

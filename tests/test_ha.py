@@ -28,6 +28,7 @@ from bucketwire.client import HubClient  # noqa: E402
 from bucketwire.devstack.nats import NatsCluster, NatsError, find_nats_server  # noqa: E402
 from bucketwire.envelope import Event  # noqa: E402
 from bucketwire.procutil import free_port  # noqa: E402
+from tests.fixtures_backends import hub_config  # noqa: E402
 from tests.fixtures_backends import journal_table as backend_journal_table  # noqa: E402
 from tests.fixtures_hub import Stack, wait_for  # noqa: E402
 
@@ -97,14 +98,7 @@ def dispatcher(a: Stack, b: Stack, group: str = "g") -> Stack | None:
 
 def test_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
-    cfg = tmp_path / "hub.toml"
-    cfg.write_text(f"""
-[hub]
-http = "127.0.0.1:{free_port()}"
-work = "tcp://127.0.0.1:{free_port()}"
-publish = "tcp://127.0.0.1:{free_port()}"
-state_dir = "{tmp_path / 'state'}"
-
+    cfg = hub_config(tmp_path, f"""
 [journal]
 backend = "jetstream"
 servers = ["nats://127.0.0.1:{port}"]

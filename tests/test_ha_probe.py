@@ -37,6 +37,7 @@ from bucketwire.envelope import Event  # noqa: E402
 from bucketwire.hub.journal import Batch  # noqa: E402
 from bucketwire.hub.journal_jetstream import JetStreamError, JetStreamJournal, JetStreamSettings  # noqa: E402
 from bucketwire.procutil import free_port  # noqa: E402
+from tests.fixtures_backends import hub_config  # noqa: E402
 from tests.fixtures_hub import Stack, wait_for  # noqa: E402
 
 try:
@@ -47,20 +48,6 @@ except NatsError as e:  # pragma: no cover - only without the extra
 
 def _servers(urls: list[str]) -> str:
     return "[" + ", ".join(f'"{u}"' for u in urls) + "]"
-
-
-def _hub_config(tmp: Path, journal: str) -> Path:
-    tmp.mkdir(parents=True, exist_ok=True)
-    cfg = tmp / "hub.toml"
-    cfg.write_text(f"""
-[hub]
-http = "127.0.0.1:{free_port()}"
-work = "tcp://127.0.0.1:{free_port()}"
-publish = "tcp://127.0.0.1:{free_port()}"
-state_dir = "{tmp / 'state'}"
-""" + journal)
-    cfg.chmod(0o600)  # a literal password in a world-readable file is warned about, rightly; not what is tested
-    return cfg
 
 
 def _start_refused(cfg: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -113,7 +100,7 @@ def test_bad_journal_settings_refuse_to_start_with_one_line(tmp_path: Path, clus
                 '[journal]\nbackend = "jetstream"\nservers = []\n', ["servers"], {}),
         }
         with ThreadPoolExecutor(4) as pool:
-            runs = {name: pool.submit(_start_refused, _hub_config(tmp_path / f"c{i}", journal), env)
+            runs = {name: pool.submit(_start_refused, hub_config(tmp_path / f"c{i}", journal), env)
                     for i, (name, (journal, _, env)) in enumerate(cases.items())}
             results = {name: f.result() for name, f in runs.items()}
     problems = []
