@@ -218,6 +218,6 @@ def test_an_ack_for_events_not_yet_handed_out_skips_none_of_them(stack_factory: 
             c.publish_events([ev(i) for i in range(1, 6)])
         _, seqs = take_delivers(d, 5)
         assert sorted(seqs) == [2, 3, 4, 5, 6]
-        wait_for(lambda: "ack for events this hub has not handed out" in s.dump_logs(), 10, "the ignored ack logged")
+        wait_for(lambda: "ack for events the group has not loaded" in s.dump_logs(), 10, "the ignored ack logged")
     finally:
         d.close()

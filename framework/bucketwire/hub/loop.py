@@ -873,7 +873,7 @@ class Hub:
         if acked:
             self.metrics.acked.labels(g.name).inc(acked)
         if ignored:
-            log.warning("ack for events this hub has not handed out; ignored",
+            log.warning("ack for events the group has not loaded; ignored",
                         extra={"group": g.name, "events": ignored, "key": self.net.user, "worker": ident.hex()})
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
 
