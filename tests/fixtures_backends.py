@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,23 @@ state_dir = "{tmp / 'state'}"
 """ + tables)
     cfg.chmod(0o600)  # a literal password in a world-readable file is warned about, rightly; not what is tested
     return cfg
+
+
+def check_handled(s: Stack, ids: list[str], max_dups: int) -> int:
+    """Group g of `s` handled every one of `ids`, at most `max_dups` twice, and each object's events in order;
+    returns the duplicates."""
+    rec = [h for h in s.handled() if h["g"] == "g"]
+    counts = Counter(h["id"] for h in rec)
+    assert not set(ids) - set(counts), f"lost: {sorted(set(ids) - set(counts))[:10]}"
+    dups = sum(n - 1 for n in counts.values())
+    assert dups <= max_dups, dups
+    per_key: dict[str, list[int]] = {}
+    for h in rec:
+        per_key.setdefault(h["key"], []).append(h["s"])
+    for key, seqs in per_key.items():
+        firsts = list(dict.fromkeys(seqs))
+        assert firsts == sorted(firsts), f"object {key}: handled out of order {firsts[:20]}"
+    return dups
 
 
 def journal_table(cluster: NatsCluster, prefix: str, lease_ttl: float = 3.0) -> str:

@@ -21,7 +21,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from bucketwire.envelope import Event  # noqa: E402
 from bucketwire.hub.journal import Batch  # noqa: E402
 from bucketwire.hub.journal_jetstream import JetStreamError, JetStreamJournal, JetStreamSettings  # noqa: E402
 from bucketwire.procutil import free_port  # noqa: E402
-from tests.fixtures_backends import hub_config  # noqa: E402
+from tests.fixtures_backends import check_handled, hub_config  # noqa: E402
 from tests.fixtures_hub import Stack, wait_for  # noqa: E402
 
 try:
@@ -223,22 +222,6 @@ def _role(s: Stack, group: str = "g") -> str | None:
         return None
 
 
-def _check_handled(s: Stack, ids: list[str], in_flight: int) -> int:
-    """0 lost, duplicates at most `in_flight`, per-object order held; returns the duplicates."""
-    rec = [h for h in s.handled() if h["g"] == "g"]
-    counts = Counter(h["id"] for h in rec)
-    assert not set(ids) - set(counts), f"lost: {sorted(set(ids) - set(counts))[:10]}"
-    dups = sum(n - 1 for n in counts.values())
-    assert dups <= in_flight, dups
-    per_key: dict[str, list[int]] = {}
-    for h in rec:
-        per_key.setdefault(h["key"], []).append(h["s"])
-    for key, seqs in per_key.items():
-        firsts = list(dict.fromkeys(seqs))
-        assert firsts == sorted(firsts), f"object {key}: handled out of order {firsts[:20]}"
-    return dups
-
-
 def test_a_frozen_dispatcher_is_fenced_when_it_resumes(tmp_path: Path, cluster: NatsCluster) -> None:
     """SIGSTOP the dispatching hub past lease_ttl while events flow: the standby takes over no sooner than the
     lease allows and dispatches; on SIGCONT the resumed hub stores no cursor, stops dispatching the group and
@@ -294,7 +277,7 @@ def test_a_frozen_dispatcher_is_fenced_when_it_resumes(tmp_path: Path, cluster: 
         wait_for(lambda: {h["id"] for h in a.handled()} >= set(ids), 120, f"all {n} handled")
         wait_for(lambda: b.status()["groups"]["g"]["lag"] == 0, 30, "every event acked at hub b")
         assert a.status()["groups"].get("g") is None  # nothing dispatched, no workers kept at the resumed hub
-        dups = _check_handled(a, ids, in_flight=2 * 16 + 40)
+        dups = check_handled(a, ids, max_dups=2 * 16 + 40)
         print(f"frozen dispatcher: {n} events, 0 lost, {dups} duplicates")
         late = [d for d in watch.docs[stored_before:] if d.get("hub") == a.cfg.hub.id]
         assert not late, f"the resumed hub moved a cursor: {late[:3]}"
