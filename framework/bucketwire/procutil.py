@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import shutil
 import signal
 import socket
@@ -38,11 +39,44 @@ def settle_gc() -> None:
     gc.set_threshold(GC_YOUNG, 10, 10)
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+_rng = random.Random()  # its own: test runners reseed the module's generator before every test
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (for stacks started on loopback by `dev`, bench and tests)."""
-    with socket.socket() as s:
+    """A TCP port free on `host` right now (for stacks started on loopback by `dev`, bench and tests).
+
+    Picked below the kernel's ephemeral range: a port from `bind(0)` lies inside it, and between this check and the
+    server's own bind, any outgoing connection of the machine (a NATS route, an S3 client) could take it as its
+    local port: "address already in use" a few times a test run. Below the range only another listener can.
+    Never the same port twice from one process, so two servers configured together do not collide."""
+    low = 10_000
+    if _EPHEMERAL_LOW - low >= 2_000:
+        for _ in range(200):
+            port = _rng.randrange(low, _EPHEMERAL_LOW)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    with socket.socket() as s:  # an unusual ephemeral range: what the kernel gives
         s.bind((host, 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _handed_out.add(port)
+    return port
 
 
 def find_binary(name: str) -> str | None:
