@@ -150,7 +150,7 @@ def test_bad_ranges_are_refused_whole_and_ack_nothing(stack_factory: Any) -> Non
 def test_a_worker_pool_acks_in_ranges_only_when_the_hub_says_it_reads_them(stack_factory: Any) -> None:
     """A real pool against a peer that answers like a hub: DELIVERs without `r` (a hub from before the compact
     form) get one full result per event; DELIVERs with `r` get the events as ranges. So a new pool keeps working
-    with an old hub."""
+    with an old hub, and a pool that reads one-frame DELIVERs (proto 3) still reads a frame per event."""
     s = stack_factory(CFG)
     router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -179,7 +179,7 @@ def test_a_worker_pool_acks_in_ranges_only_when_the_hub_says_it_reads_them(stack
             return who, got
 
         ident, _, hdr = recv(b"READY")
-        assert json.loads(hdr)["proto"] == 2
+        assert json.loads(hdr)["proto"] == 3  # today's pool: it also reads one-frame DELIVERs (test_deliver_joined)
         router.send_multipart([ident, b"DELIVER", b'{"a":[1,1,1]}', *(ev(i, i).to_json() for i in (1, 2, 3))])
         ident, old = acks(3)
         assert all("ok" not in h for h in old), old

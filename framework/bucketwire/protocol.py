@@ -26,6 +26,9 @@ refuses unknown fields), decoded and checked by `decode` in one C pass; the sket
                               the supervisor heartbeats for it, so the hub keeps it and shows it as long running.
     hub -> worker   DELIVER   {"a": [attempt, ...], "r"?: true}, envelope, envelope, ...
                               ("r": this hub reads ACK ranges; sent only to a worker whose READY said proto >= 2)
+                              | {"a": [attempt, ...], "r": true, "j": true}, [envelope,envelope,...]
+                              ("j", proto 3: the batch's envelopes travel as ONE frame, a JSON array of them,
+                              each exactly as committed; len(a) of them)
                     HB        {}
                     ERR       {"error", "fatal", "reready"}
     client -> hub   PUB       {"req", "events": [envelope dict, ...]}  -> PUBACK {"req", "results"} | PUBNACK
@@ -53,8 +56,9 @@ from msgspec import Meta
 
 from bucketwire.envelope import dumps
 
-PROTO = 2
-"""1: ACKs carry a result per event. 2: the worker acks plain successes as ranges to a hub that reads them."""
+PROTO = 3
+"""1: ACKs carry a result per event. 2: the worker acks plain successes as ranges to a hub that reads them.
+3: the worker reads a DELIVER batch whose envelopes travel as one frame (`Deliver.j`)."""
 
 READY = b"READY"
 ACK = b"ACK"
@@ -183,6 +187,15 @@ class Deliver(Header):
     r: bool = False
     """The hub reads ACK ranges (`Ack.ok`). Sent only to a worker whose READY said proto 2 or later: an older
     worker's schema refuses the field, and an older hub never sets it, so its workers keep the full form."""
+    j: bool = False
+    """The envelopes follow as ONE frame, a JSON array of them (`[env,env,...]`, each exactly as committed), not
+    a frame each: one frame to send, receive and decrypt per batch instead of one per event, and one JSON parse
+    in the worker. Sent only to a worker whose READY said proto 3 or later, for the same reason as `r`."""
+
+
+def joined(bodies: list[bytes]) -> bytes:
+    """The one envelope frame of a `j` DELIVER: the committed envelopes, untouched, joined into a JSON array."""
+    return b"[" + b",".join(bodies) + b"]"
 
 
 class Err(Header):

@@ -76,6 +76,7 @@ class WorkerState:
     pid: int = 0
     user: str | None = None  # the CURVE key that admitted it; only that key may report its death (GONE)
     ranges: bool = False  # its READY said proto >= 2: it reads DELIVER's "r" and may ack in ranges
+    joined: bool = False  # its READY said proto >= 3: it reads a DELIVER's envelopes as one frame ("j")
     reachable: bool = True  # False after a DELIVER could not be sent, until it is heard from again
     running: tuple[Key, float, float] | None = None  # from its heartbeat: (event, started, handler_timeout)
     # Insertion order is delivery order, which is the order its child works in: the first key is the event

@@ -772,13 +772,14 @@ class Hub:
             old = None
         if old is None:
             w = WorkerState(ident, group, frozenset(topics or g.topics), credit, now, host=hdr.host, pid=hdr.pid,
-                            user=self.net.user, ranges=hdr.proto >= 2)
+                            user=self.net.user, ranges=hdr.proto >= 2, joined=hdr.proto >= 3)
             self.workers[ident] = w
             g.workers[ident] = w
             g.workers.move_to_end(ident, last=False)
             log.info("worker joined", extra={"group": group, "host": w.host, "pid": w.pid, "credit": credit})
         else:
             old.credit, old.topics, old.ranges = credit, frozenset(topics or g.topics), hdr.proto >= 2
+            old.joined = hdr.proto >= 3
         self.metrics.workers.labels(group).set(len(g.workers))
 
     def _on_ack(self, ident: bytes, hdr: P.Ack, batch: Batch, now: float) -> None:
@@ -1014,8 +1015,12 @@ class Hub:
             return  # nothing to hand out, and the in-flight count did not change here
         for w, items in g.dispatch(self.cfg.hub.dispatch_batch, now):
             attempts = [it.attempts for it in items]
-            frames = [w.ident, P.DELIVER, P.enc({"a": attempts, "r": True} if w.ranges else {"a": attempts})]
-            frames.extend(it.body for it in items)
+            if w.joined:  # one frame for the batch's envelopes (proto 3), a frame each for older workers
+                frames = [w.ident, P.DELIVER, P.enc({"a": attempts, "r": True, "j": True}),
+                          P.joined([it.body for it in items])]
+            else:
+                frames = [w.ident, P.DELIVER, P.enc({"a": attempts, "r": True} if w.ranges else {"a": attempts})]
+                frames.extend(it.body for it in items)
             if self.net.send(frames):
                 w.last_sent = now
                 self.metrics.dispatched.labels(g.name).inc(len(items))

@@ -19,6 +19,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, cast
 
 import orjson
@@ -105,7 +106,10 @@ class Child:
             host=socket.gethostname()[:64], pid=os.getpid(), start=spec.start,  # type: ignore[arg-type]
         ))
         self.timeouts: dict[str, float] = {}
-        self.queue: deque[tuple[int, bytes]] = deque()  # the batch in hand: (attempt, envelope)
+        # The batch in hand: (attempt, envelope as read, whether orjson read it); a frame that is not JSON stays
+        # bytes (no JSON text parses to bytes), for `handle` to refuse with the reason.
+        self.queue: deque[tuple[int, Any, bool]] = deque()
+        self.refused = False  # a DELIVER could not be read: give its events back and rejoin (`_rejoin`)
         self.acks: list[dict[str, Any]] = []  # full results: failures, follow-ons
         self.oks: list[tuple[str, int]] = []  # plain successes, acked as ranges when the hub reads them
         self.ranges = False  # the hub reads ACK ranges (its DELIVERs say so; an older hub's do not)
@@ -154,6 +158,8 @@ class Child:
             while not self.stopping():
                 if dict(self.poller.poll(poll_ms)).get(self.dealer):
                     self._receive()
+                    if self.refused:
+                        self._rejoin()
                 # Checked right after receiving: what the hub sent during a long handler is waiting on the
                 # socket and counts before the silence does.
                 now = time.monotonic()
@@ -175,17 +181,30 @@ class Child:
 
     def _receive(self) -> None:
         """Take every message waiting on the DEALER, without blocking."""
-        d = self.dealer
+        d, queue = self.dealer, self.queue
         got = False
         while int(d.get(zmq.EVENTS)) & zmq.POLLIN:
             frames = recv_frames(d)
             got = True
             cmd = frames[0]
             if cmd == P.DELIVER:
-                hdr = P.decode(frames[1], P.Deliver)
-                attempts, self.ranges = hdr.a, hdr.r
+                try:
+                    hdr = P.decode(frames[1] if len(frames) > 1 else b"", P.Deliver)
+                    attempts, self.ranges = hdr.a, hdr.r
+                    if hdr.j:
+                        envelopes, strict = read_joined(frames, len(attempts))
+                        queue.extend(zip(attempts, envelopes, repeat(strict)))  # lengths checked
+                        continue
+                except P.ProtocolError as e:
+                    # Nothing of it runs or is acked (its events cannot be told apart, or not trusted): the hub
+                    # must take them back, which `_rejoin` makes it do, before anything else is read.
+                    log.error("refusing a DELIVER from the hub; giving its events back and joining again",
+                              extra={"error": str(e), "endpoint": self.endpoint})
+                    self.refused = True
+                    break
                 for i, body in enumerate(frames[2:]):
-                    self.queue.append((attempts[i] if i < len(attempts) else 1, body))
+                    raw, strict = read(body)
+                    queue.append((attempts[i] if i < len(attempts) else 1, raw, strict))
             elif cmd == P.ERR:
                 self._on_err(frames)
         if got:
@@ -215,8 +234,8 @@ class Child:
         q, acks, oks = self.queue, self.acks, self.oks
         plugins, begin, end, stopping = self.plugins, self._begin, self.slot.end, self.stopping
         while q and not stopping():
-            attempt, body = q.popleft()
-            out = handle(plugins, attempt, body, begin)
+            attempt, raw, strict = q.popleft()
+            out = handle(plugins, attempt, raw, strict, begin)
             end()
             if isinstance(out, tuple):
                 oks.append(out)
@@ -255,16 +274,34 @@ class Child:
             self._receive()
         except Fatal:
             pass
+        if self._send(self.dealer, [P.BYE, P.enc({"requeue": self._unstarted()})]):
+            self._await_bye()
+
+    def _unstarted(self) -> list[list[Any]]:
+        """The events in hand, as BYE's `requeue` (the hub gives those back uncharged); empties the queue."""
         requeue = []
-        for _, body in self.queue:
+        for _, raw, _ in self.queue:
             try:
-                d = json.loads(body)
-                requeue.append([d["topic"], parse_seq(d["seq"])])
-            except (ValueError, KeyError, TypeError):  # EnvelopeError is a ValueError
+                requeue.append([raw["topic"], parse_seq(raw["seq"])])
+            except (ValueError, KeyError, TypeError):  # EnvelopeError is a ValueError; bytes: not JSON
                 pass
         self.queue.clear()
-        if self._send(self.dealer, [P.BYE, P.enc({"requeue": requeue})]):
+        return requeue
+
+    def _rejoin(self) -> None:
+        """After a DELIVER this child could not read: make the hub take back every event it handed us, then join
+        again. Acking nothing for those events is not enough: the hub would hold them for this worker, which
+        keeps heartbeating, for ever. The outcomes of events already run are acked first; the unstarted ones go
+        back uncharged (BYE `requeue`); the unreadable batch's events go back charged one attempt (the hub counted
+        it when it sent them), so a batch that always arrives broken ends in the dead-letter topic instead of
+        going round for ever. What arrives before the hub answers the BYE was sent to the registration the BYE
+        ended, and is not run (`_await_bye`)."""
+        self.refused = False
+        self._flush()
+        if self._send(self.dealer, [P.BYE, P.enc({"requeue": self._unstarted()})]):
             self._await_bye()
+        self._send(self.dealer, [P.READY, self.ready])
+        self.last_hub = time.monotonic()
 
     def _await_bye(self) -> None:
         """Wait, briefly, for the hub to answer the BYE before the connection closes.
@@ -363,8 +400,8 @@ _NOBLOCK, _RCVMORE = int(zmq.NOBLOCK), int(zmq.RCVMORE)
 
 
 def recv_frames(d: zmq.Socket[bytes]) -> list[bytes]:
-    """`recv_multipart` straight on libzmq: a DELIVER has a frame per event, and pyzmq's Python layer (its
-    option lookup for RCVMORE, its per-frame checks) cost more than the receive itself."""
+    """`recv_multipart` straight on libzmq: an older hub's DELIVER has a frame per event, and pyzmq's Python layer
+    (its option lookup for RCVMORE, its per-frame checks) cost more than the receive itself."""
     frames = [_recv(d, _NOBLOCK)]
     while _get(d, _RCVMORE):
         frames.append(_recv(d, _NOBLOCK))
@@ -381,18 +418,43 @@ def parse(body: bytes) -> tuple[Any, bool]:
         return json.loads(body), False
 
 
+def read(body: bytes) -> tuple[Any, bool]:
+    """One envelope frame, parsed; a frame that is not JSON stays as its bytes, refused by `handle` with the
+    reason (the other events of its batch still run)."""
+    try:
+        return parse(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; json recurses per nesting level
+        return body, False
+
+
+def read_joined(frames: list[bytes], n: int) -> tuple[list[Any], bool]:
+    """The envelopes of a one-frame DELIVER (`j`), in one parse: `frames` is [DELIVER, header, array]. Anything
+    but a JSON array of exactly `n` items (one per attempt in the header) is refused whole with ProtocolError:
+    which of its events a broken frame still holds cannot be known, so none of them may be run or acked. An
+    item that is not a valid envelope is refused by `handle`, as a frame of its own would be."""
+    if len(frames) != 3:
+        raise P.ProtocolError(f"DELIVER with 'j' must carry exactly one envelope frame, got {len(frames) - 2}")
+    try:
+        envelopes, strict = parse(frames[2])
+    except (ValueError, RecursionError) as e:
+        raise P.ProtocolError(f"DELIVER envelope frame is not JSON ({str(e)[:200]})") from None
+    if type(envelopes) is not list:
+        raise P.ProtocolError("DELIVER envelope frame is not a JSON array")
+    if len(envelopes) != n:
+        raise P.ProtocolError(f"DELIVER envelope frame holds {len(envelopes)} envelopes, its header {n} attempts")
+    return envelopes, strict
+
+
 Outcome = tuple[str, int] | dict[str, Any]
 """What `handle` reports: (topic, seq) for an event its handlers took without error and without follow-ons (the
 common case, acked in the compact form), else the full ACK result for it (a failure, or follow-ons to carry)."""
 
 
-def handle(plugins: Plugins, attempt: int, body: bytes, begin: Callable[[object, object], None]) -> Outcome:
+def handle(plugins: Plugins, attempt: int, raw: Any, strict: bool,
+           begin: Callable[[object, object], None]) -> Outcome:
+    """Run one envelope, as parsed by `read` or `read_joined` (`strict`: orjson read it, so its text is valid)."""
     try:
-        raw, strict = parse(body)
-    except ValueError:
-        raw, strict = None, False
-    try:
-        event = Event.from_dict(raw, text_checked=strict) if raw is not None else Event.from_json(body)
+        event = Event.from_json(raw) if type(raw) is bytes else Event.from_dict(raw, text_checked=strict)
     except EnvelopeError as e:
         # Refuse loudly: an envelope we cannot fully read must not be half-processed.
         topic, seq = (raw.get("topic"), seq_or_none(raw.get("seq"))) if isinstance(raw, dict) else (None, None)
