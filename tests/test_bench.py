@@ -186,3 +186,37 @@ def test_bus_backend_both() -> None:
     assert cmp["eps_ratio"] == round(runs["jetstream"]["throughput_eps"] / runs["sqlite"]["throughput_eps"], 3)
     for k in ("saturation", "1000"):
         assert {"p50_ratio", "p99_ratio", "sqlite_p50_ms", "jetstream_p99_ms"} <= set(cmp["latency"][k])
+
+
+def test_the_pacer_never_sends_early_and_turns_the_loop_while_it_waits() -> None:
+    """Latency is measured from each event's intended send time, so a send before it would hide latency. The
+    asyncio pacer must also keep the loop turning at the end of its wait (NATS's PubAcks are read then)."""
+    import asyncio
+    import time
+
+    from bucketwire.devstack.bench.common import SPIN, apace_until, pace_until, precise_sleeps
+
+    precise_sleeps()
+    start = time.monotonic() + 0.01
+    for j in range(200):
+        t = start + j / 4000
+        pace_until(t)
+        assert time.monotonic() >= t
+
+    async def go() -> int:
+        turns = 0
+
+        async def count() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.get_running_loop().create_task(count())
+        t = time.monotonic() + SPIN / 2  # inside the spun part of the wait
+        await apace_until(t)
+        assert time.monotonic() >= t
+        task.cancel()
+        return turns
+
+    assert asyncio.run(go()) > 0

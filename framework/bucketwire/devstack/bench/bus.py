@@ -19,7 +19,15 @@ from typing import Any
 import zmq
 
 from bucketwire import protocol as P
-from bucketwire.devstack.bench.common import Stack, free_port, percentiles, progress, progress_done
+from bucketwire.devstack.bench.common import (
+    Stack,
+    free_port,
+    pace_until,
+    percentiles,
+    precise_sleeps,
+    progress,
+    progress_done,
+)
 from bucketwire.envelope import Event
 
 
@@ -33,15 +41,6 @@ def payload(i: int, t: float) -> dict[str, Any]:
                        "principal": "bench-uploader", "source_ip": "127.0.0.1",
                        "user_agent": "MinIO (linux; amd64) minio-go/v7.0.70", "request_id": f"{i:016X}",
                        "i": i, "t": t}).to_dict()
-
-
-def _spin_until(t: float) -> None:
-    while True:
-        left = t - time.monotonic()
-        if left <= 0:
-            return
-        if left > 0.002:
-            time.sleep(left - 0.001)
 
 
 # -- baseline: raw PUSH/PULL --------------------------------------------------------------------------------
@@ -79,7 +78,7 @@ def raw_run(n: int, rate: float | None) -> tuple[float, list[float]]:
     for i in range(n):
         t = t0 + i / rate if rate else time.monotonic()
         if rate:
-            _spin_until(t)
+            pace_until(t)
         s.send(json.dumps(payload(i, t)).encode())
     last, lat = q.get(timeout=600)
     p.join()
@@ -190,7 +189,7 @@ def hub_run(durability: str, processes: int, n: int, rates: dict[int, float],
             start = time.monotonic() + 0.05
             for j in range(k):
                 t = start + j / rate
-                _spin_until(t)
+                pace_until(t)
                 pub.send([payload(done + j, t)])
                 if j % 1000 == 0:
                     progress(f"bench bus {label}: {rate}/s {j}/{k}")
@@ -224,6 +223,7 @@ def hub_run(durability: str, processes: int, n: int, rates: dict[int, float],
 
 def run(n: int, processes: list[int], durabilities: list[str], rates: dict[int, float],
         backends: tuple[str, ...] = ("sqlite",)) -> dict[str, Any]:
+    precise_sleeps()
     progress("bench bus: baseline (raw pyzmq PUSH/PULL)")
     raw_eps, raw_lat = raw_run(n, None)
     base: dict[str, Any] = {"name": "raw pyzmq PUSH/PULL + json.loads", "events": n,

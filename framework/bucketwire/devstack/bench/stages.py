@@ -89,10 +89,11 @@ def q(xs: list[float], p: float) -> float:
 
 
 def run(rate: int, seconds: float, busy: bool) -> None:
-    from bucketwire.devstack.bench.bus import Publisher, _spin_until, _wait_handled, payload
-    from bucketwire.devstack.bench.common import Stack
+    from bucketwire.devstack.bench.bus import Publisher, _wait_handled, payload
+    from bucketwire.devstack.bench.common import Stack, pace_until, precise_sleeps
     from bucketwire.devstack.bench.versus import Spinner, read_rows
 
+    precise_sleeps()
     st = Stack("os")
     out = st.tmp / "stages.json"
     hub = subprocess.Popen([sys.executable, "-m", "bucketwire.devstack.bench.stages", "--stage-probe", str(out),
@@ -115,7 +116,7 @@ def run(rate: int, seconds: float, busy: bool) -> None:
             start = time.monotonic() + 0.05
             for j in range(k):
                 t = start + j / rate
-                _spin_until(t)
+                pace_until(t)
                 pub.send([payload(first + j, t)])
             pub.drain()
             _wait_handled(st, first + k, "stages")

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import click
 
-from bucketwire.devstack.bench.common import progress, progress_done
+from bucketwire.devstack.bench.common import pace_until, precise_sleeps, progress, progress_done
 from bucketwire.devstack.bench.cpu import tree_cpu
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
@@ -112,12 +112,12 @@ class BucketwireSide:
         return t0
 
     def at_rate(self, first: int, k: int, rate: float) -> None:
-        from bucketwire.devstack.bench.bus import _spin_until, _wait_handled, payload
+        from bucketwire.devstack.bench.bus import _wait_handled, payload
 
         start = time.monotonic() + 0.05
         for j in range(k):
             t = start + j / rate
-            _spin_until(t)
+            pace_until(t)
             self.pub.send([payload(first + j, t)])
         self.pub.drain()
         _wait_handled(self.stack, first + k, "bucketwire")
@@ -248,6 +248,7 @@ def run(n: int, processes: int, durability: str, rates: list[int], seconds: floa
     from bucketwire.devstack.bench import jetstream
 
     jetstream.require_nats()
+    precise_sleeps()
     per: dict[str, list[dict[str, Any]]] = {"bucketwire": [], "nats": []}
     for k in range(rounds):
         # Alternate which goes first, so neither always runs on a machine warmed (or heated) by the other.
