@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bucketwire import config
@@ -77,9 +77,10 @@ def _parse_seq(value: object) -> int:
     return seq
 
 
-def _before(d: Any, topic: str | None, seq: int) -> tuple[dict[str, Any], bytes]:
-    """(the attributes the hub's checks read, the committed bytes) for `d` committed to `topic` (None: the
-    envelope's own) at `seq`; raises EnvelopeError with the message the publisher was told."""
+def _before(d: Any, topic: str | None, seq: int | None) -> tuple[dict[str, Any], bytes]:
+    """(the attributes the hub's checks read, the committed bytes) for `d` committed to `topic` at `seq`; raises
+    EnvelopeError with the message the publisher was told. With `seq` None: `Event.from_dict(d).to_json()`, the
+    envelope's own topic and seq kept."""
     if not isinstance(d, Mapping):
         raise E.EnvelopeError("envelope must be a JSON object")
     sv = d.get("schemaversion", E.SCHEMA_VERSION)
@@ -96,8 +97,7 @@ def _before(d: Any, topic: str | None, seq: int) -> tuple[dict[str, Any], bytes]
             raise E.EnvelopeError(f"envelope attribute {k!r} is missing or not a non-empty string")
     if len(d["id"]) > 256 or len(d["source"]) > 1024 or len(d["type"]) > 256:
         raise E.EnvelopeError("envelope id/source/type is too long")
-    if d.get("seq") is not None:
-        _parse_seq(d.get("seq"))
+    own_seq = None if d.get("seq") is None else _parse_seq(d.get("seq"))
     hops = d.get("hops", 0)
     if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
         raise E.EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
@@ -115,8 +115,14 @@ def _before(d: Any, topic: str | None, seq: int) -> tuple[dict[str, Any], bytes]
         out = {**ext, **out}
     if d.get("subject") is not None:
         out["subject"] = d["subject"]
-    out["topic"] = topic if topic is not None else d.get("topic")
-    out["seq"] = str(seq)
+    if seq is not None:
+        out["topic"] = topic
+        out["seq"] = str(seq)
+    else:
+        if d.get("topic") is not None:
+            out["topic"] = d["topic"]
+        if own_seq is not None:
+            out["seq"] = str(own_seq)
     if d.get("causationid") is not None:
         out["causationid"] = d["causationid"]
     out["data"] = d.get("data")
@@ -132,8 +138,9 @@ ATTRS = ["specversion", "id", "source", "type", "time", "subject", "topic", "seq
          "schemaversion", "datacontenttype", "data"]
 ODD = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 3), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
-    st.sampled_from(["", "1.0", "0", "7", "007", "9" * 19, "9223372036854775807", "9223372036854775808", "\ud800",
-                     "a\x00b", "x" * 300, "bucketwire://hub/dead-letter/g", "bucketwire://cli/x", "b", "k"]),
+    st.sampled_from(["", "\x00", "\x00b", "1.0", "0", "7", "007", "9" * 19, "9223372036854775807",
+                     "9223372036854775808", "\ud800", "a\x00b", "x" * 300, "bucketwire://hub/dead-letter/g",
+                     "bucketwire://cli/x", "b", "k"]),
     TEXT, JSONV,
 )
 EXTENSIONS = st.sampled_from(["targetgroup", "retries", "retryof", "retrysource", "retrydeadletter", "myext",
@@ -158,7 +165,7 @@ def envelopes(draw: st.DrawFn) -> Any:
         elif what == "ext":
             d[draw(EXTENSIONS)] = draw(ODD)
         elif what == "data" and isinstance(d.get("data"), dict):
-            d["data"][draw(DATA_KEYS)] = draw(ODD)
+            d["data"][draw(DATA_KEYS)] = draw(st.one_of(st.sampled_from(["\x00", "\x00b", "b\x00", "b/\x00"]), ODD))
         elif what == "mutate":
             d = mutate(draw(st.data()), d, 2)
     return d
@@ -192,6 +199,8 @@ def test_an_envelope_is_read_and_rendered_as_before(d: Any, topic: str, seq: int
         assert isinstance(got, Exception) and (type(got), str(got)) == (type(want), str(want))
     else:
         assert got == want
+        # and what a worker reads and writes back (follow-ons, `tail`): the envelope as it came
+        assert E.Event.from_dict(copy.deepcopy(d)).to_json() == _before(copy.deepcopy(d), None, None)[1]
     # What msgspec reads is valid Unicode; the hub then skips the walk that checks it.
     if not isinstance(want, Exception) or "Unicode" not in str(want):
         try:
@@ -276,7 +285,7 @@ def _expected(d: Any, hub: InProcessHub) -> tuple[str, Any]:
     if not isinstance(d, dict):
         return "err", None
     try:
-        _before(d, None, 1)
+        _before(d, "", 1)
     except E.EnvelopeError as e:
         return "nack", str(e)
     ev = E.Event.from_dict(d)
@@ -301,8 +310,23 @@ def _expected(d: Any, hub: InProcessHub) -> tuple[str, Any]:
     return "nack", f"event 0: {refusal}; nothing in this request was committed"
 
 
+def _bench(i: int, **attrs: Any) -> dict[str, Any]:
+    d = payload(i, 0.0)
+    d["data"] = {**d["data"], **attrs.pop("data", {})}
+    return {**d, **attrs}
+
+
 @FUZZ
 @given(d=envelopes(), escaped=st.booleans())
+@example(d=_bench(1, data={"bucket": "\x00b"}), escaped=False)
+@example(d=_bench(2, data={"key": "\x00"}), escaped=False)
+@example(d=_bench(3, topic=None, data={"bucket": 7}), escaped=False)
+@example(d=_bench(4, hops=MAX_HOPS + 1), escaped=False)
+@example(d=_bench(5, hops=MAX_HOPS), escaped=True)
+@example(d=_bench(6, retryof="x"), escaped=False)
+@example(d=_bench(7, source="bucketwire://hub/x"), escaped=False)
+@example(d=_bench(8, topic="t\x00"), escaped=False)
+@example(d=_bench(9, topic=None), escaped=False)
 def test_the_hub_commits_the_same_bytes_or_refuses_the_same(hub: InProcessHub, d: Any, escaped: bool,
                                                             ) -> None:
     """One envelope per PUB through a real hub: the journal row holds the bytes the code before the change

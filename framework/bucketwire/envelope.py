@@ -157,22 +157,24 @@ class Event:
 
     # -- wire form -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return envelope_dict(
-            self.id, self.source, self.type, self.data, self.subject, self.time, self.datacontenttype, self.topic,
-            None if self.seq is None else seq_to_wire(self.seq), self.causationid, self.hops, self.schemaversion,
-            self.extensions,
-        )
+        d = self.unsent(self.topic)
+        if self.topic is None:
+            del d["topic"]
+        if self.seq is None:
+            del d["seq"]
+        else:
+            d["seq"] = seq_to_wire(self.seq)
+        return d
 
     def to_json(self) -> bytes:
         return dumps(self.to_dict())
 
-    def unsent(self, topic: str) -> dict[str, Any]:
+    def unsent(self, topic: str | None) -> dict[str, Any]:
         """This event's envelope as the hub will commit it to `topic`, before its seq is known (see
         `unsent_envelope`)."""
-        return envelope_dict(
-            self.id, self.source, self.type, self.data, self.subject, self.time, self.datacontenttype, topic,
-            UNSET_SEQ, self.causationid, self.hops, self.schemaversion, self.extensions,
-        )
+        return unsent_envelope(self.id, self.source, self.type, self.data, self.subject, self.time,
+                               self.datacontenttype, topic, None, self.causationid, self.hops, self.schemaversion,
+                               self.extensions)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, text_checked: bool = False) -> Event:
@@ -245,29 +247,6 @@ def read_envelope(d: Mapping[str, Any], build: Callable[..., T], text_checked: b
     )
 
 
-def envelope_dict(eid: str, source: str, typ: str, data: Any, subject: str | None, time: str, datacontenttype: str,
-                  topic: str | None, seq: str | None, causationid: str | None, hops: int, schemaversion: int,
-                  extensions: dict[str, Any]) -> dict[str, Any]:
-    """An envelope's JSON object, its attributes in the order every envelope is written in (`seq` in its wire
-    form, see `seq_to_wire`; attributes that are None left out). A literal, extensions (rare) spliced in front."""
-    d: dict[str, Any] = {
-        "specversion": SPEC_VERSION, "id": eid, "source": source, "type": typ, "time": time,
-        "datacontenttype": datacontenttype, "schemaversion": schemaversion, "hops": hops,
-    }
-    if extensions:
-        d = {**extensions, **d}
-    if subject is not None:
-        d["subject"] = subject
-    if topic is not None:
-        d["topic"] = topic
-    if seq is not None:
-        d["seq"] = seq
-    if causationid is not None:
-        d["causationid"] = causationid
-    d["data"] = data
-    return d
-
-
 UNSET_SEQ = seq_to_wire(MAX_SEQ)
 """The seq an envelope holds until it is committed: the longest, so its rendered size bounds the committed one."""
 
@@ -275,11 +254,26 @@ UNSET_SEQ = seq_to_wire(MAX_SEQ)
 def unsent_envelope(eid: str, source: str, typ: str, data: Any, subject: str | None, time: str,
                     datacontenttype: str, topic: str | None, seq: int | None, causationid: str | None, hops: int,
                     schemaversion: int, extensions: dict[str, Any]) -> dict[str, Any]:
-    """`read_envelope`'s builder for an event the hub is about to commit: the envelope as it will be written, with
-    a "topic" (the publisher's, or "" until the event is routed) and a "seq" (`UNSET_SEQ`) already in their places,
-    so that setting them keeps the order. The publisher's seq, if any, is replaced."""
-    return envelope_dict(eid, source, typ, data, subject, time, datacontenttype, topic or "", UNSET_SEQ,
-                         causationid, hops, schemaversion, extensions)
+    """An envelope's JSON object as the hub will commit it, before its seq is known: the attributes in the order
+    every envelope is written in, with a "topic" (`topic`, or "" until the event is routed) and a "seq"
+    (`UNSET_SEQ`; the `seq` given is not used) already in their places, so that setting them keeps the order.
+
+    Also `read_envelope`'s builder on the hub's PUB path (its parameters are `Event`'s fields, in their order), and
+    the one place that order is written: `Event.to_dict` is this with what the event does not have taken out."""
+    d: dict[str, Any] = {
+        "specversion": SPEC_VERSION, "id": eid, "source": source, "type": typ, "time": time,
+        "datacontenttype": datacontenttype, "schemaversion": schemaversion, "hops": hops,
+    }
+    if extensions:  # rare: spliced in front
+        d = {**extensions, **d}
+    if subject is not None:
+        d["subject"] = subject
+    d["topic"] = topic or ""
+    d["seq"] = UNSET_SEQ
+    if causationid is not None:
+        d["causationid"] = causationid
+    d["data"] = data
+    return d
 
 
 def render(envelope: dict[str, Any], seq: int) -> bytes:

@@ -527,10 +527,8 @@ class Hub:
 
         `bound`: an upper bound of the envelope's size known without rendering it (see `_on_pub`); when it fits
         with room to spare the render is skipped, which is what nearly every event costs here."""
-        if bound >= 0:
-            need = bound + 6 * len(topic)  # a character of the topic is at most 6 bytes of JSON (\u escapes)
-            if need <= self.max_event and (self.event_room is None or need + need <= self.event_room):
-                return None
+        if bound >= 0 and self._room_for(bound + 6 * len(topic)):  # a topic's character: at most 6 bytes of JSON
+            return None
         n = len(dumps(env))
         if n > self.max_event:
             why = ("[hub] max_event_bytes" if self.max_event == self.cfg.hub.max_event_bytes
@@ -543,16 +541,25 @@ class Hub:
                     f"{self.event_room} bytes the journal stores per event (the NATS servers' max_payload)")
         return None
 
+    def _room_for(self, need: int) -> bool:
+        """Whether an envelope of `need` bytes is within the hub's limit and what the journal stores."""
+        return need <= self.max_event and (self.event_room is None or need + need <= self.event_room)
+
     def _refusal(self, env: dict[str, Any], topic: str | None, fresh: set[str],
-                 passed: set[str] | None = None) -> tuple[str, str] | None:
+                 passed: set[str] | None = None, objkey: str | None = None) -> tuple[str, str] | None:
         """Why the `unsent_envelope` `env` may not be committed to `topic` (None: unrouted), as (metric reason,
         message), or None; a topic it would create is added to `fresh`. `passed`: the topics of this request that
-        passed the checks of a topic already (they run once per topic and request, not once per event)."""
-        data = env["data"]
-        if type(data) is dict or isinstance(data, dict):
-            b, k = data.get("bucket"), data.get("key")
-            if (isinstance(b, str) and "\0" in b) or (isinstance(k, str) and "\0" in k):
+        passed the checks of a topic already (they run once per topic and request, not once per event). `objkey`:
+        the event's `object_key_of`, when the caller has it."""
+        if objkey is not None:  # bucket and key are both strings: one test of `bucket/key` covers both
+            if "\0" in objkey:
                 return "invalid", "bucket name or object key contains a NUL byte"
+        else:
+            data = env["data"]
+            if type(data) is dict or isinstance(data, dict):
+                b, k = data.get("bucket"), data.get("key")
+                if (isinstance(b, str) and "\0" in b) or (isinstance(k, str) and "\0" in k):
+                    return "invalid", "bucket name or object key contains a NUL byte"
         if topic is None:
             return None
         if passed is None:
@@ -610,9 +617,13 @@ class Hub:
         staged: list[NewEvent] = []
         fresh: set[str] = set()
         passed: set[str] = set()
+        # A topic that passes _refusal has at most MAX_TOPIC_LEN characters: when the bound leaves room for the
+        # longest, no event of this request needs a size check of its own.
+        sized = bound >= 0 and self._room_for(bound + 6 * MAX_TOPIC_LEN)
         for i, env in enumerate(events):
             topic = self._route(env) if topics is None else topics[i]
-            refusal = self._refusal(env, topic, fresh, passed)
+            objkey = object_key_of(env["data"])
+            refusal = self._refusal(env, topic, fresh, passed, objkey)
             if refusal is not None:
                 self.metrics.rejected.labels(source, refusal[0]).inc()
                 err = f"event {i}: {refusal[1]}; nothing in this request was committed"
@@ -623,7 +634,7 @@ class Hub:
                 plan.append(IngestResult(eid, None, None, unrouted=True))
                 continue
             env["topic"] = topic
-            big = self._oversized(env, topic, bound)
+            big = None if sized else self._oversized(env, topic, bound)
             if big is not None:
                 self.metrics.rejected.labels(source, "too_large").inc()
                 log.warning("event refused: too large", extra={"ingress": source, "topic": topic[:64],
@@ -632,7 +643,7 @@ class Hub:
                 done([IngestResult(e["id"], None, None, error=err, too_large=j == i) for j, e in enumerate(events)],
                      None)
                 return
-            staged.append(NewEvent(topic, env["source"], eid, object_key_of(env["data"]), env))  # _stage, inline
+            staged.append(NewEvent(topic, env["source"], eid, objkey, env))  # _stage, inline
             plan.append(IngestResult(eid, topic, None))
         for r in plan:
             if r.unrouted:
