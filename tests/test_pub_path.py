@@ -178,7 +178,7 @@ def _fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- the envelope: read and rendered ------------------------------------------------------------------------------
 def _after(d: Any, topic: str, seq: int, text_checked: bool) -> bytes:
-    env = E.read_envelope(d, E.unsent_envelope, text_checked)
+    env = E.read_envelope(E.unsent_envelope, d, text_checked)
     env["topic"] = topic
     return E.render(env, seq)
 

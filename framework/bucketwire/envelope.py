@@ -100,6 +100,65 @@ def stable_id(*parts: object) -> str:
     return h.hexdigest()[:32]
 
 
+T = TypeVar("T")
+
+
+def read_envelope(build: Callable[..., T], d: Mapping[str, Any], text_checked: bool = False) -> T:
+    """Every check an envelope passes before bucketwire reads it; then `build(id, source, type, data, subject, time,
+    datacontenttype, topic, seq, causationid, hops, schemaversion, extensions)` with `Event`'s fields in their order
+    (`Event` itself, as `Event.from_dict(d)`, or `unsent_envelope` for the hub's PUB path, which never builds an
+    `Event`). The rules are written here once, whichever of the two is built.
+
+    `text_checked`: the caller knows every string in `d` is valid Unicode (msgspec decoded it, and it refuses lone
+    surrogates), so the check that renders the whole envelope once more is skipped."""
+    if type(d) is not dict and not isinstance(d, Mapping):  # the exact type first: an ABC check costs more
+        raise EnvelopeError("envelope must be a JSON object")
+    get = d.get
+    sv = get("schemaversion", SCHEMA_VERSION)
+    if (type(sv) is not int and (not isinstance(sv, int) or isinstance(sv, bool))) or sv < 1:
+        raise EnvelopeError(f"envelope has an invalid schemaversion {sv!r}")
+    if sv > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"envelope schemaversion {sv} is newer than this bucketwire understands ({SCHEMA_VERSION}); "
+            "upgrade bucketwire on this host"
+        )
+    if get("specversion") != SPEC_VERSION:
+        raise EnvelopeError(f"unsupported CloudEvents specversion {get('specversion')!r} (want '1.0')")
+    eid, source, typ = get("id"), get("source"), get("type")
+    if not (isinstance(eid, str) and eid and isinstance(source, str) and source and isinstance(typ, str)
+            and typ):
+        k = next(k for k, v in (("id", eid), ("source", source), ("type", typ)) if not isinstance(v, str) or not v)
+        raise EnvelopeError(f"envelope attribute {k!r} is missing or not a non-empty string")
+    if len(eid) > 256 or len(source) > 1024 or len(typ) > 256:
+        raise EnvelopeError("envelope id/source/type is too long")
+    raw_seq = get("seq")
+    if raw_seq is None:
+        seq = None
+    elif (type(raw_seq) is str and raw_seq.isascii() and raw_seq.isdigit() and raw_seq[0] != "0"
+          and len(raw_seq) < 19):
+        seq = int(raw_seq)  # what every worker reads: parse_seq's regex and range check, without either
+    else:
+        seq = parse_seq(raw_seq)
+    hops = get("hops", 0)
+    if (type(hops) is not int and (not isinstance(hops, int) or isinstance(hops, bool))) or hops < 0:
+        raise EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
+    subject, topic, causationid, time_ = get("subject"), get("topic"), get("causationid"), get("time")
+    if not ((subject is None or type(subject) is str) and (topic is None or type(topic) is str)
+            and (causationid is None or type(causationid) is str) and (time_ is None or type(time_) is str)):
+        for k, v in (("subject", subject), ("topic", topic), ("causationid", causationid), ("time", time_)):
+            if v is not None and not isinstance(v, str):
+                raise EnvelopeError(f"envelope attribute {k!r} must be a string")
+    if not text_checked and not valid_unicode(d):
+        # JSON can carry lone surrogates (\\ud800); they are not text, and every consumer that encodes them
+        # (SQLite, S3 clients, files) fails. Found by tests/test_security_plugins.py; refused at the edge.
+        raise EnvelopeError("envelope contains invalid Unicode (a lone surrogate escape such as \\ud800)")
+    return build(  # positional, in Event's fields' order (keywords cost a fifth of an Event's construction)
+        eid, source, typ, get("data"), subject, time_ or now_iso(), get("datacontenttype") or "application/json",
+        topic, seq, causationid, hops, sv,
+        {} if _KNOWN.issuperset(d) else {k: v for k, v in d.items() if k not in _KNOWN},
+    )
+
+
 @dataclass(slots=True)
 class Event:
     """A CloudEvent as plugins see it.
@@ -157,30 +216,26 @@ class Event:
 
     # -- wire form -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = self.unsent(self.topic)
-        if self.topic is None:
-            del d["topic"]
-        if self.seq is None:
-            del d["seq"]
-        else:
-            d["seq"] = seq_to_wire(self.seq)
-        return d
+        return envelope_dict(
+            self.id, self.source, self.type, self.data, self.subject, self.time, self.datacontenttype, self.topic,
+            None if self.seq is None else seq_to_wire(self.seq), self.causationid, self.hops, self.schemaversion,
+            self.extensions,
+        )
 
     def to_json(self) -> bytes:
         return dumps(self.to_dict())
 
-    def unsent(self, topic: str | None) -> dict[str, Any]:
+    def unsent(self, topic: str) -> dict[str, Any]:
         """This event's envelope as the hub will commit it to `topic`, before its seq is known (see
         `unsent_envelope`)."""
-        return unsent_envelope(self.id, self.source, self.type, self.data, self.subject, self.time,
-                               self.datacontenttype, topic, None, self.causationid, self.hops, self.schemaversion,
-                               self.extensions)
+        return envelope_dict(self.id, self.source, self.type, self.data, self.subject, self.time,
+                             self.datacontenttype, topic, UNSET_SEQ, self.causationid, self.hops, self.schemaversion,
+                             self.extensions)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, text_checked: bool = False) -> Event:
-        """`text_checked`: the caller knows every string in `d` is valid Unicode (msgspec decoded it, and it
-        refuses lone surrogates), so the check that renders the whole envelope once more is skipped."""
-        return read_envelope(d, cls, text_checked)
+        """See `read_envelope`."""
+        return read_envelope(cls, d, text_checked)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Event:
@@ -191,60 +246,28 @@ class Event:
         return cls.from_dict(d)
 
 
-T = TypeVar("T")
-
-
-def read_envelope(d: Mapping[str, Any], build: Callable[..., T], text_checked: bool = False) -> T:
-    """Every check an envelope passes before bucketwire reads it; then `build(id, source, type, data, subject, time,
-    datacontenttype, topic, seq, causationid, hops, schemaversion, extensions)` with `Event`'s fields in their order
-    (`Event` itself, or `unsent_envelope` for the hub's PUB path, which never builds an `Event`). The rules are
-    written here once, whichever of the two is built. `text_checked`: see `Event.from_dict`."""
-    if type(d) is not dict and not isinstance(d, Mapping):  # the exact type first: an ABC check costs more
-        raise EnvelopeError("envelope must be a JSON object")
-    get = d.get
-    sv = get("schemaversion", SCHEMA_VERSION)
-    if (type(sv) is not int and (not isinstance(sv, int) or isinstance(sv, bool))) or sv < 1:
-        raise EnvelopeError(f"envelope has an invalid schemaversion {sv!r}")
-    if sv > SCHEMA_VERSION:
-        raise SchemaVersionError(
-            f"envelope schemaversion {sv} is newer than this bucketwire understands ({SCHEMA_VERSION}); "
-            "upgrade bucketwire on this host"
-        )
-    if get("specversion") != SPEC_VERSION:
-        raise EnvelopeError(f"unsupported CloudEvents specversion {get('specversion')!r} (want '1.0')")
-    eid, source, typ = get("id"), get("source"), get("type")
-    if not (isinstance(eid, str) and eid and isinstance(source, str) and source and isinstance(typ, str)
-            and typ):
-        k = next(k for k, v in (("id", eid), ("source", source), ("type", typ)) if not isinstance(v, str) or not v)
-        raise EnvelopeError(f"envelope attribute {k!r} is missing or not a non-empty string")
-    if len(eid) > 256 or len(source) > 1024 or len(typ) > 256:
-        raise EnvelopeError("envelope id/source/type is too long")
-    raw_seq = get("seq")
-    if raw_seq is None:
-        seq = None
-    elif (type(raw_seq) is str and raw_seq.isascii() and raw_seq.isdigit() and raw_seq[0] != "0"
-          and len(raw_seq) < 19):
-        seq = int(raw_seq)  # what every worker reads: parse_seq's regex and range check, without either
-    else:
-        seq = parse_seq(raw_seq)
-    hops = get("hops", 0)
-    if (type(hops) is not int and (not isinstance(hops, int) or isinstance(hops, bool))) or hops < 0:
-        raise EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
-    subject, topic, causationid, time_ = get("subject"), get("topic"), get("causationid"), get("time")
-    if not ((subject is None or type(subject) is str) and (topic is None or type(topic) is str)
-            and (causationid is None or type(causationid) is str) and (time_ is None or type(time_) is str)):
-        for k, v in (("subject", subject), ("topic", topic), ("causationid", causationid), ("time", time_)):
-            if v is not None and not isinstance(v, str):
-                raise EnvelopeError(f"envelope attribute {k!r} must be a string")
-    if not text_checked and not valid_unicode(d):
-        # JSON can carry lone surrogates (\\ud800); they are not text, and every consumer that encodes them
-        # (SQLite, S3 clients, files) fails. Found by tests/test_security_plugins.py; refused at the edge.
-        raise EnvelopeError("envelope contains invalid Unicode (a lone surrogate escape such as \\ud800)")
-    return build(  # positional, in Event's fields' order (keywords cost a fifth of an Event's construction)
-        eid, source, typ, get("data"), subject, time_ or now_iso(), get("datacontenttype") or "application/json",
-        topic, seq, causationid, hops, sv,
-        {} if _KNOWN.issuperset(d) else {k: v for k, v in d.items() if k not in _KNOWN},
-    )
+def envelope_dict(eid: str, source: str, typ: str, data: Any, subject: str | None, time: str, datacontenttype: str,
+                  topic: str | None, seq: str | None, causationid: str | None, hops: int, schemaversion: int,
+                  extensions: dict[str, Any]) -> dict[str, Any]:
+    """An envelope's JSON object: its attributes in the order every envelope is written in (`seq` in its wire
+    form, see `seq_to_wire`; attributes that are None left out), `Event`'s fields as parameters, in their order.
+    The one place that order is written: `Event.to_dict`, `Event.unsent` and `unsent_envelope` all come here."""
+    d: dict[str, Any] = {
+        "specversion": SPEC_VERSION, "id": eid, "source": source, "type": typ, "time": time,
+        "datacontenttype": datacontenttype, "schemaversion": schemaversion, "hops": hops,
+    }
+    if extensions:  # rare: spliced in front
+        d = {**extensions, **d}
+    if subject is not None:
+        d["subject"] = subject
+    if topic is not None:
+        d["topic"] = topic
+    if seq is not None:
+        d["seq"] = seq
+    if causationid is not None:
+        d["causationid"] = causationid
+    d["data"] = data
+    return d
 
 
 UNSET_SEQ = seq_to_wire(MAX_SEQ)
@@ -254,26 +277,11 @@ UNSET_SEQ = seq_to_wire(MAX_SEQ)
 def unsent_envelope(eid: str, source: str, typ: str, data: Any, subject: str | None, time: str,
                     datacontenttype: str, topic: str | None, seq: int | None, causationid: str | None, hops: int,
                     schemaversion: int, extensions: dict[str, Any]) -> dict[str, Any]:
-    """An envelope's JSON object as the hub will commit it, before its seq is known: the attributes in the order
-    every envelope is written in, with a "topic" (`topic`, or "" until the event is routed) and a "seq"
-    (`UNSET_SEQ`; the `seq` given is not used) already in their places, so that setting them keeps the order.
-
-    Also `read_envelope`'s builder on the hub's PUB path (its parameters are `Event`'s fields, in their order), and
-    the one place that order is written: `Event.to_dict` is this with what the event does not have taken out."""
-    d: dict[str, Any] = {
-        "specversion": SPEC_VERSION, "id": eid, "source": source, "type": typ, "time": time,
-        "datacontenttype": datacontenttype, "schemaversion": schemaversion, "hops": hops,
-    }
-    if extensions:  # rare: spliced in front
-        d = {**extensions, **d}
-    if subject is not None:
-        d["subject"] = subject
-    d["topic"] = topic or ""
-    d["seq"] = UNSET_SEQ
-    if causationid is not None:
-        d["causationid"] = causationid
-    d["data"] = data
-    return d
+    """`read_envelope`'s builder on the hub's PUB path: the envelope as the hub will commit it, before its seq is
+    known, with a "topic" (the publisher's, or "" until the event is routed) and a "seq" (`UNSET_SEQ`; the
+    publisher's is not kept) already in their places, so that setting them keeps the order."""
+    return envelope_dict(eid, source, typ, data, subject, time, datacontenttype, topic or "", UNSET_SEQ,
+                         causationid, hops, schemaversion, extensions)
 
 
 def render(envelope: dict[str, Any], seq: int) -> bytes:

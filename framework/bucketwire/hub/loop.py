@@ -908,7 +908,7 @@ class Hub:
         a third of its Python per published event."""
         req = hdr.req
         try:
-            envs = [read_envelope(d, unsent_envelope, strict) for d in hdr.events]
+            envs = [read_envelope(unsent_envelope, d, strict) for d in hdr.events]
         except EnvelopeError as e:
             self.metrics.rejected.labels("zmq", "envelope").inc()
             self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=str(e)))])
