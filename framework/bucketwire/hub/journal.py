@@ -21,9 +21,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from bucketwire.envelope import render
+from bucketwire.envelope import Unsent, render
 
 log = logging.getLogger("bucketwire.journal")
 
@@ -76,14 +76,13 @@ class StaleSchemaError(JournalError):
 
 @dataclass(slots=True)
 class NewEvent:
-    """An event to append. `envelope` is its `unsent_envelope`, rendered (`envelope.render`) once its seq is
-    known."""
+    """An event to append. `envelope`: its `pre_render`ed envelope, which `render` finishes once the seq is known."""
 
     topic: str
     source: str
     id: str
     objkey: str | None
-    envelope: dict[str, Any]
+    envelope: Unsent
 
 
 @dataclass(slots=True)

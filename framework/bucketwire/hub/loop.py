@@ -36,6 +36,7 @@ from bucketwire.envelope import (
     follow_on_source,
     object_key_of,
     outside_refusal,
+    pre_render,
     read_envelope,
     stable_id,
     unsent_envelope,
@@ -480,7 +481,7 @@ class Hub:
     @staticmethod
     def _stage(env: dict[str, Any]) -> NewEvent:
         """The journal's entry for an `unsent_envelope` whose topic is set; the journal renders it at its seq."""
-        return NewEvent(env["topic"], env["source"], env["id"], object_key_of(env["data"]), env)
+        return NewEvent(env["topic"], env["source"], env["id"], object_key_of(env["data"]), pre_render(env))
 
     def _dead_letter(self, dl: DeadLetter, *, refused: bool = False) -> None:
         """Carry the dead letter of `dl` into the next commit (logged and counted once it is committed).
@@ -643,7 +644,7 @@ class Hub:
                 done([IngestResult(e["id"], None, None, error=err, too_large=j == i) for j, e in enumerate(events)],
                      None)
                 return
-            staged.append(NewEvent(topic, env["source"], eid, objkey, env))  # _stage, inline
+            staged.append(NewEvent(topic, env["source"], eid, objkey, pre_render(env)))  # _stage, inline
             plan.append(IngestResult(eid, topic, None))
         for r in plan:
             if r.unrouted:
