@@ -32,6 +32,7 @@ from bucketwire.envelope import (
     SCHEMA_VERSION,
     EnvelopeError,
     Event,
+    Unsent,
     dumps,
     follow_on_source,
     object_key_of,
@@ -521,16 +522,18 @@ class Hub:
         """Why `ev` is too large to commit to `topic`, or None (see `_oversized`)."""
         return self._oversized(ev.unsent(topic), topic)
 
-    def _oversized(self, env: dict[str, Any], topic: str, bound: int = -1) -> str | None:
+    def _oversized(self, env: dict[str, Any], topic: str, bound: int = -1,
+                   unsent: Unsent | None = None) -> str | None:
         """Why the `unsent_envelope` `env` is too large to commit to `topic`, or None. Checked before anything is
         queued: an event the journal cannot store would fail the whole commit it shares with innocent events, again
         on every retry. Its "seq" is still `UNSET_SEQ`, the longest, so its size bounds the committed envelope's.
 
         `bound`: an upper bound of the envelope's size known without rendering it (see `_on_pub`); when it fits
-        with room to spare the render is skipped, which is what nearly every event costs here."""
+        with room to spare the render is skipped, which is what nearly every event costs here. `unsent`: `env`
+        `pre_render`ed, when the caller has it (its bytes are the envelope's size)."""
         if bound >= 0 and self._room_for(bound + 6 * len(topic)):  # a topic's character: at most 6 bytes of JSON
             return None
-        n = len(dumps(env))
+        n = len(unsent) if type(unsent) is bytes else len(dumps(env))
         if n > self.max_event:
             why = ("[hub] max_event_bytes" if self.max_event == self.cfg.hub.max_event_bytes
                    else "what the journal stores: the NATS servers' max_payload less its headers")
@@ -635,7 +638,8 @@ class Hub:
                 plan.append(IngestResult(eid, None, None, unrouted=True))
                 continue
             env["topic"] = topic
-            big = None if sized else self._oversized(env, topic, bound)
+            unsent = pre_render(env)
+            big = None if sized else self._oversized(env, topic, bound, unsent)
             if big is not None:
                 self.metrics.rejected.labels(source, "too_large").inc()
                 log.warning("event refused: too large", extra={"ingress": source, "topic": topic[:64],
@@ -644,7 +648,7 @@ class Hub:
                 done([IngestResult(e["id"], None, None, error=err, too_large=j == i) for j, e in enumerate(events)],
                      None)
                 return
-            staged.append(NewEvent(topic, env["source"], eid, objkey, pre_render(env)))  # _stage, inline
+            staged.append(NewEvent(topic, env["source"], eid, objkey, unsent))  # _stage, inline
             plan.append(IngestResult(eid, topic, None))
         for r in plan:
             if r.unrouted:
