@@ -289,11 +289,7 @@ def test_a_suppressed_dead_letter_is_never_reported_as_recorded(stack_factory, t
                   type="t", topic="x", data={})
     j = Journal(s.cfg.hub.state_dir / "journal.db")
 
-    def render(seq: int) -> bytes:
-        squat.seq = seq
-        return squat.to_json()
-
-    j.commit(Batch(events=[NewEvent("x", squat.source, squat.id, None, render)]))
+    j.commit(Batch(events=[NewEvent("x", squat.source, squat.id, None, squat.unsent("x"))]))
     j.close()
     s.start_hub()
     with s.client() as c:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import subprocess
@@ -14,7 +15,7 @@ from bucketwire.hub.journal import CHUNK, DDL, SCHEMA, Batch, Journal, NewEvent,
 
 
 def ev(topic: str, i: int, source: str = "s", body: bytes = b"x" * 100) -> NewEvent:
-    return NewEvent(topic, source, f"id-{i}", None, lambda seq, b=body: b + str(seq).encode())
+    return NewEvent(topic, source, f"id-{i}", None, {"b": body.decode(), "seq": None})
 
 
 def test_seqs_per_topic_and_dedup_on_source_and_id(tmp_path):
@@ -163,11 +164,11 @@ def test_a_batch_with_a_duplicate_of_a_committed_event_leaves_no_hole(tmp_path, 
     batch.append(ev("u", 2))  # a duplicate whose topic differs from its original's
     batch.append(ev("t", 100))  # a duplicate within the batch
     out = j.commit(Batch(events=batch))
-    assert (out[at].seq, out[at].duplicate, out[at].body) == (2, True, b"x" * 100 + b"2")
+    assert (out[at].seq, out[at].duplicate, out[at].body) == (2, True, b'{"b":"' + b"x" * 100 + b'","seq":"2"}')
     assert (out[-2].topic, out[-2].seq, out[-2].duplicate) == ("t", 3, True)
     assert (out[-1].seq, out[-1].duplicate) == (4, True)
     assert [a.seq for a in out if not a.duplicate] == list(range(4, 4 + size))
-    assert all(a.body.endswith(str(a.seq).encode()) for a in out)
+    assert all(json.loads(a.body)["seq"] == str(a.seq) for a in out)
     assert j.heads == {"t": 3 + size}
     j.close()
     j = Journal(tmp_path / "j.db")

@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -100,6 +100,65 @@ def stable_id(*parts: object) -> str:
     return h.hexdigest()[:32]
 
 
+T = TypeVar("T")
+
+
+def read_envelope(build: Callable[..., T], d: Mapping[str, Any], text_checked: bool = False) -> T:
+    """Every check an envelope passes before bucketwire reads it; then `build(id, source, type, data, subject, time,
+    datacontenttype, topic, seq, causationid, hops, schemaversion, extensions)` with `Event`'s fields in their order
+    (`Event` itself, as `Event.from_dict(d)`, or `unsent_envelope` for the hub's PUB path, which never builds an
+    `Event`). The rules are written here once, whichever of the two is built.
+
+    `text_checked`: the caller knows every string in `d` is valid Unicode (msgspec decoded it, and it refuses lone
+    surrogates), so the check that renders the whole envelope once more is skipped."""
+    if type(d) is not dict and not isinstance(d, Mapping):  # the exact type first: an ABC check costs more
+        raise EnvelopeError("envelope must be a JSON object")
+    get = d.get
+    sv = get("schemaversion", SCHEMA_VERSION)
+    if (type(sv) is not int and (not isinstance(sv, int) or isinstance(sv, bool))) or sv < 1:
+        raise EnvelopeError(f"envelope has an invalid schemaversion {sv!r}")
+    if sv > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"envelope schemaversion {sv} is newer than this bucketwire understands ({SCHEMA_VERSION}); "
+            "upgrade bucketwire on this host"
+        )
+    if get("specversion") != SPEC_VERSION:
+        raise EnvelopeError(f"unsupported CloudEvents specversion {get('specversion')!r} (want '1.0')")
+    eid, source, typ = get("id"), get("source"), get("type")
+    if not (isinstance(eid, str) and eid and isinstance(source, str) and source and isinstance(typ, str)
+            and typ):
+        k = next(k for k, v in (("id", eid), ("source", source), ("type", typ)) if not isinstance(v, str) or not v)
+        raise EnvelopeError(f"envelope attribute {k!r} is missing or not a non-empty string")
+    if len(eid) > 256 or len(source) > 1024 or len(typ) > 256:
+        raise EnvelopeError("envelope id/source/type is too long")
+    raw_seq = get("seq")
+    if raw_seq is None:
+        seq = None
+    elif (type(raw_seq) is str and raw_seq.isascii() and raw_seq.isdigit() and raw_seq[0] != "0"
+          and len(raw_seq) < 19):
+        seq = int(raw_seq)  # what every worker reads: parse_seq's regex and range check, without either
+    else:
+        seq = parse_seq(raw_seq)
+    hops = get("hops", 0)
+    if (type(hops) is not int and (not isinstance(hops, int) or isinstance(hops, bool))) or hops < 0:
+        raise EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
+    subject, topic, causationid, time_ = get("subject"), get("topic"), get("causationid"), get("time")
+    if not ((subject is None or type(subject) is str) and (topic is None or type(topic) is str)
+            and (causationid is None or type(causationid) is str) and (time_ is None or type(time_) is str)):
+        for k, v in (("subject", subject), ("topic", topic), ("causationid", causationid), ("time", time_)):
+            if v is not None and not isinstance(v, str):
+                raise EnvelopeError(f"envelope attribute {k!r} must be a string")
+    if not text_checked and not valid_unicode(d):
+        # JSON can carry lone surrogates (\\ud800); they are not text, and every consumer that encodes them
+        # (SQLite, S3 clients, files) fails. Found by tests/test_security_plugins.py; refused at the edge.
+        raise EnvelopeError("envelope contains invalid Unicode (a lone surrogate escape such as \\ud800)")
+    return build(  # positional, in Event's fields' order (keywords cost a fifth of an Event's construction)
+        eid, source, typ, get("data"), subject, time_ or now_iso(), get("datacontenttype") or "application/json",
+        topic, seq, causationid, hops, sv,
+        {} if _KNOWN.issuperset(d) else {k: v for k, v in d.items() if k not in _KNOWN},
+    )
+
+
 @dataclass(slots=True)
 class Event:
     """A CloudEvent as plugins see it.
@@ -153,82 +212,30 @@ class Event:
     @property
     def object_key(self) -> str | None:
         """`bucket/key` for object events: the unit of per-object ordering (None unless both are strings)."""
-        b, k = self.bucket, self.key
-        return f"{b}/{k}" if isinstance(b, str) and isinstance(k, str) else None
+        return object_key_of(self.data)
 
     # -- wire form -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        # A literal, extensions (rare) spliced in front: the hub renders every event it commits through here.
-        d: dict[str, Any] = {
-            "specversion": SPEC_VERSION, "id": self.id, "source": self.source, "type": self.type, "time": self.time,
-            "datacontenttype": self.datacontenttype, "schemaversion": self.schemaversion, "hops": self.hops,
-        }
-        if self.extensions:
-            d = {**self.extensions, **d}
-        if self.subject is not None:
-            d["subject"] = self.subject
-        if self.topic is not None:
-            d["topic"] = self.topic
-        if self.seq is not None:
-            d["seq"] = seq_to_wire(self.seq)
-        if self.causationid is not None:
-            d["causationid"] = self.causationid
-        d["data"] = self.data
-        return d
+        return envelope_dict(
+            self.id, self.source, self.type, self.data, self.subject, self.time, self.datacontenttype, self.topic,
+            None if self.seq is None else seq_to_wire(self.seq), self.causationid, self.hops, self.schemaversion,
+            self.extensions,
+        )
 
     def to_json(self) -> bytes:
         return dumps(self.to_dict())
 
+    def unsent(self, topic: str) -> dict[str, Any]:
+        """This event's envelope as the hub will commit it to `topic`, before its seq is known (see
+        `unsent_envelope`)."""
+        return envelope_dict(self.id, self.source, self.type, self.data, self.subject, self.time,
+                             self.datacontenttype, topic, UNSET_SEQ, self.causationid, self.hops, self.schemaversion,
+                             self.extensions)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, text_checked: bool = False) -> Event:
-        """`text_checked`: the caller knows every string in `d` is valid Unicode (msgspec decoded it, and it
-        refuses lone surrogates), so the check that renders the whole envelope once more is skipped."""
-        if type(d) is not dict and not isinstance(d, Mapping):  # the exact type first: an ABC check costs more
-            raise EnvelopeError("envelope must be a JSON object")
-        get = d.get
-        sv = get("schemaversion", SCHEMA_VERSION)
-        if (type(sv) is not int and (not isinstance(sv, int) or isinstance(sv, bool))) or sv < 1:
-            raise EnvelopeError(f"envelope has an invalid schemaversion {sv!r}")
-        if sv > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"envelope schemaversion {sv} is newer than this bucketwire understands ({SCHEMA_VERSION}); "
-                "upgrade bucketwire on this host"
-            )
-        if get("specversion") != SPEC_VERSION:
-            raise EnvelopeError(f"unsupported CloudEvents specversion {get('specversion')!r} (want '1.0')")
-        eid, source, typ = get("id"), get("source"), get("type")
-        if not (isinstance(eid, str) and eid and isinstance(source, str) and source and isinstance(typ, str)
-                and typ):
-            k = next(k for k, v in (("id", eid), ("source", source), ("type", typ)) if not isinstance(v, str) or not v)
-            raise EnvelopeError(f"envelope attribute {k!r} is missing or not a non-empty string")
-        if len(eid) > 256 or len(source) > 1024 or len(typ) > 256:
-            raise EnvelopeError("envelope id/source/type is too long")
-        raw_seq = get("seq")
-        if raw_seq is None:
-            seq = None
-        elif (type(raw_seq) is str and raw_seq.isascii() and raw_seq.isdigit() and raw_seq[0] != "0"
-              and len(raw_seq) < 19):
-            seq = int(raw_seq)  # what every worker reads: parse_seq's regex and range check, without either
-        else:
-            seq = parse_seq(raw_seq)
-        hops = get("hops", 0)
-        if (type(hops) is not int and (not isinstance(hops, int) or isinstance(hops, bool))) or hops < 0:
-            raise EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
-        subject, topic, causationid, time_ = get("subject"), get("topic"), get("causationid"), get("time")
-        if not ((subject is None or type(subject) is str) and (topic is None or type(topic) is str)
-                and (causationid is None or type(causationid) is str) and (time_ is None or type(time_) is str)):
-            for k, v in (("subject", subject), ("topic", topic), ("causationid", causationid), ("time", time_)):
-                if v is not None and not isinstance(v, str):
-                    raise EnvelopeError(f"envelope attribute {k!r} must be a string")
-        if not text_checked and not valid_unicode(d):
-            # JSON can carry lone surrogates (\\ud800); they are not text, and every consumer that encodes them
-            # (SQLite, S3 clients, files) fails. Found by tests/test_security_plugins.py; refused at the edge.
-            raise EnvelopeError("envelope contains invalid Unicode (a lone surrogate escape such as \\ud800)")
-        return cls(  # positional, in the fields' order (keywords cost a fifth of this call)
-            eid, source, typ, get("data"), subject, time_ or now_iso(), get("datacontenttype") or "application/json",
-            topic, seq, causationid, hops, sv,
-            {} if _KNOWN.issuperset(d) else {k: v for k, v in d.items() if k not in _KNOWN},
-        )
+        """See `read_envelope`."""
+        return read_envelope(cls, d, text_checked)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Event:
@@ -237,6 +244,93 @@ class Event:
         except (ValueError, UnicodeDecodeError) as e:
             raise EnvelopeError(f"envelope is not valid JSON: {e}") from None
         return cls.from_dict(d)
+
+
+def envelope_dict(eid: str, source: str, typ: str, data: Any, subject: str | None, time: str, datacontenttype: str,
+                  topic: str | None, seq: str | None, causationid: str | None, hops: int, schemaversion: int,
+                  extensions: dict[str, Any]) -> dict[str, Any]:
+    """An envelope's JSON object: its attributes in the order every envelope is written in (`seq` in its wire
+    form, see `seq_to_wire`; attributes that are None left out), `Event`'s fields as parameters, in their order.
+    The one place that order is written: `Event.to_dict`, `Event.unsent` and `unsent_envelope` all come here."""
+    d: dict[str, Any] = {
+        "specversion": SPEC_VERSION, "id": eid, "source": source, "type": typ, "time": time,
+        "datacontenttype": datacontenttype, "schemaversion": schemaversion, "hops": hops,
+    }
+    if extensions:  # rare: spliced in front
+        d = {**extensions, **d}
+    if subject is not None:
+        d["subject"] = subject
+    if topic is not None:
+        d["topic"] = topic
+    if seq is not None:
+        d["seq"] = seq
+    if causationid is not None:
+        d["causationid"] = causationid
+    d["data"] = data
+    return d
+
+
+UNSET_SEQ = seq_to_wire(MAX_SEQ)
+"""The seq an envelope holds until it is committed: the longest, so its rendered size bounds the committed one."""
+
+
+def unsent_envelope(eid: str, source: str, typ: str, data: Any, subject: str | None, time: str,
+                    datacontenttype: str, topic: str | None, seq: int | None, causationid: str | None, hops: int,
+                    schemaversion: int, extensions: dict[str, Any]) -> dict[str, Any]:
+    """`read_envelope`'s builder on the hub's PUB path: the envelope as the hub will commit it, before its seq is
+    known, with a "topic" (the publisher's, or "" until the event is routed) and a "seq" (`UNSET_SEQ`; the
+    publisher's is not kept) already in their places, so that setting them keeps the order."""
+    return envelope_dict(eid, source, typ, data, subject, time, datacontenttype, topic or "", UNSET_SEQ,
+                         causationid, hops, schemaversion, extensions)
+
+
+Unsent = bytes | dict[str, Any]
+"""An envelope waiting for its seq: `pre_render`'s answer."""
+
+_SEQ_SLOT = b'"seq":"' + UNSET_SEQ.encode() + b'"'
+
+
+def pre_render(envelope: dict[str, Any]) -> Unsent:
+    """An `unsent_envelope` rendered as far as it can be before its seq is known, for `render` to finish.
+
+    Its bytes, `UNSET_SEQ` in the seq's place, when `render` can finish them by replacing the first `"seq":"..."`
+    in them: when no object opens before that first one, it is a key of the envelope itself, so its own seq (JSON
+    escapes a quote inside a string: no string holds `"seq":"`). Else (an extension or a datacontenttype holding an
+    object; a value orjson refuses) the dict itself, which `render` renders whole.
+
+    Rendering here, when the hub accepts an event, rather than at its commit, lets the decoded request and the
+    dict go as soon as the request is read; kept until the commit, they cost the hub's loop more than the render."""
+    try:
+        body = orjson.dumps(envelope)
+    except TypeError:
+        return envelope
+    at = body.find(_SEQ_SLOT)
+    if body.find(b"{", 1, at) < 0:
+        return body
+    return envelope
+
+
+def render(envelope: Unsent, seq: int) -> bytes:
+    """The bytes of a `pre_render`ed envelope committed at `seq`: what the journal stores and every worker
+    receives."""
+    if type(envelope) is bytes:
+        return envelope.replace(_SEQ_SLOT, b'"seq":"%d"' % seq, 1)
+    assert isinstance(envelope, dict)
+    envelope["seq"] = str(seq)  # seq_to_wire, inline: once per committed event
+    try:
+        return orjson.dumps(envelope)
+    except TypeError:
+        return dumps(envelope)
+
+
+def object_key_of(data: Any) -> str | None:
+    """`bucket/key` of an event's data (None unless it is an object with both as strings): the unit of
+    per-object ordering."""
+    if type(data) is dict or isinstance(data, dict):
+        b, k = data.get("bucket"), data.get("key")
+        if isinstance(b, str) and isinstance(k, str):
+            return f"{b}/{k}"
+    return None
 
 
 def dumps(obj: Any) -> bytes:
@@ -276,13 +370,19 @@ forged `retrydeadletter` could make that history lie. Only the hub writes them."
 
 def refused_from_outside(ev: Event) -> str | None:
     """Why a publisher (ZeroMQ PUB, HTTP /events, webhooks) may not submit this event, or None if it may."""
-    if ev.source.startswith(RESERVED_SOURCES):
-        return (f"event {ev.id[:64]!r}: source {ev.source[:64]!r} is reserved for the hub (sources starting "
+    return outside_refusal(ev.id, ev.source, ev.extensions)
+
+
+def outside_refusal(eid: str, source: str, attributes: Iterable[str]) -> str | None:
+    """`refused_from_outside` for an envelope not read into an `Event`: `attributes` are its attribute names
+    (only the extensions among them matter)."""
+    if source.startswith(RESERVED_SOURCES):
+        return (f"event {eid[:64]!r}: source {source[:64]!r} is reserved for the hub (sources starting "
                 f"{HUB_SOURCE!r} or 'bucketwire://cli/'); publish under another source")
-    steer = sorted(HUB_EXTENSIONS & ev.extensions.keys())
+    steer = sorted(HUB_EXTENSIONS.intersection(attributes))
     if steer:
         what = "steers delivery" if steer[0] in STEERING_EXTENSIONS else "records a dlq retry"
-        return (f"event {ev.id[:64]!r}: extension {steer[0]!r} {what} and is set by the hub only; remove "
+        return (f"event {eid[:64]!r}: extension {steer[0]!r} {what} and is set by the hub only; remove "
                 "it (use `bucketwire dlq retry` to re-deliver a dead letter to one group)")
     return None
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from bucketwire.envelope import Unsent, render
+
 log = logging.getLogger("bucketwire.journal")
 
 SCHEMA = 2
@@ -37,6 +39,8 @@ AUTOCHECKPOINT_PAGES = 4096
 and a checkpoint by the writer is what lets the WAL start over instead of growing under sustained load."""
 CHUNK = 400
 """Rows per multi-row statement (7 parameters each; SQLite allows 32766 per statement)."""
+ROW = 7
+"""Parameters per `events` row."""
 PROBE_BYTES = 1 << 20
 """Bytes the write probe puts in a scratch file: room for about one full webhook body's commit."""
 
@@ -72,13 +76,13 @@ class StaleSchemaError(JournalError):
 
 @dataclass(slots=True)
 class NewEvent:
-    """An event to append. `body_fn(seq)` renders the envelope once the seq is known."""
+    """An event to append. `envelope`: its `pre_render`ed envelope, which `render` finishes once the seq is known."""
 
     topic: str
     source: str
     id: str
     objkey: str | None
-    body_fn: object  # Callable[[int], bytes]
+    envelope: Unsent
 
 
 @dataclass(slots=True)
@@ -276,12 +280,11 @@ class Journal:
         """
         now = time.time()
         events = batch.events
-        rendered: dict[int, tuple[int, bytes]] = {}
         with self._transaction("commit") as db:
             # Few statements per commit, whatever the batch size: sqlite3 gives up the GIL on every statement
             # step, and under load each step then waits for the HTTP threads to hand it back.
-            out, rows, heads = self._assign(events, {}, rendered, now)
-            many = len(rows) > CHUNK  # one INSERT fails whole; several need a savepoint to undo the first ones
+            out, rows, heads = self._assign(events, {}, None, now)
+            many = len(rows) > CHUNK * ROW  # one INSERT fails whole; several need a savepoint to undo the first ones
             try:
                 if many:
                     db.execute("SAVEPOINT optimistic")
@@ -293,7 +296,7 @@ class Journal:
                     db.execute("ROLLBACK TO optimistic")
                     db.execute("RELEASE optimistic")
                 existing = self._existing(list(dict.fromkeys((ev.source, ev.id) for ev in events)))
-                out, rows, heads = self._assign(events, existing, rendered, now)
+                out, rows, heads = self._assign(events, existing, out, now)
                 self._insert(db, rows)
             new = [(t, h) for t, h in heads.items() if t not in self.heads]
             if new:  # a topic's first event: its row is where its head survives retention dropping every event
@@ -317,49 +320,49 @@ class Journal:
         return out
 
     def _assign(self, events: list[NewEvent], existing: dict[tuple[str, str], tuple[str, int, bytes]],
-                rendered: dict[int, tuple[int, bytes]], now: float,
-                ) -> tuple[list[Appended], list[tuple[str, int, str, str, str | None, float, bytes]], dict[str, int]]:
-        """Seqs and rows for `events`, given which of them the journal already holds (`existing`).
+                before: list[Appended] | None, now: float,
+                ) -> tuple[list[Appended], list[object], dict[str, int]]:
+        """Seqs and rows for `events`, given which of them the journal already holds (`existing`). The rows come
+        as one flat list of parameters (`ROW` per event), what the multi-row INSERT binds.
 
-        `rendered` keeps each event's body by its place in the batch, so a second pass renders again only the
-        events whose seq moved.
+        `before`: the first pass's answer, when this is the second; an event whose seq did not move keeps the body
+        rendered then. Once per committed event: the attribute reads and the heads' lookups are locals.
         """
         out: list[Appended] = []
-        rows: list[tuple[str, int, str, str, str | None, float, bytes]] = []
+        rows: list[object] = []
         heads: dict[str, int] = {}  # the heads this batch moves; never a copy of all of them (topics are many)
         seen: dict[tuple[str, str], Appended] = {}
+        committed = self.heads
         for n, ev in enumerate(events):
-            k = (ev.source, ev.id)
+            topic, source, eid, objkey = ev.topic, ev.source, ev.id, ev.objkey
+            k = (source, eid)
             prev = seen.get(k)
-            if prev is None and k in existing:
-                topic, seq, body = existing[k]
-                prev = Appended(topic, seq, body, ev.objkey, duplicate=True)
+            if prev is None and existing and k in existing:
+                t, s, b = existing[k]
+                prev = Appended(t, s, b, objkey, duplicate=True)
             if prev is not None:
                 out.append(Appended(prev.topic, prev.seq, prev.body, prev.objkey, duplicate=True))
                 continue
-            seq = (heads.get(ev.topic) or self.heads.get(ev.topic, 0)) + 1
-            heads[ev.topic] = seq
-            done = rendered.get(n)
-            if done is not None and done[0] == seq:
-                body = done[1]
+            seq = heads.get(topic)
+            seq = (committed.get(topic, 0) if seq is None else seq) + 1
+            heads[topic] = seq
+            if before is not None and not before[n].duplicate and before[n].seq == seq:
+                body = before[n].body
             else:
-                body = ev.body_fn(seq)  # type: ignore[operator]
-                rendered[n] = (seq, body)
-            a = Appended(ev.topic, seq, body, ev.objkey)
+                body = render(ev.envelope, seq)
+            a = Appended(topic, seq, body, objkey)
             seen[k] = a
             out.append(a)
-            rows.append((ev.topic, seq, ev.source, ev.id, ev.objkey, now, body))
+            rows += (topic, seq, source, eid, objkey, now, body)
         return out, rows, heads
 
     @staticmethod
-    def _insert(db: sqlite3.Connection, rows: list[tuple[str, int, str, str, str | None, float, bytes]]) -> None:
-        for i in range(0, len(rows), CHUNK):
-            part = rows[i:i + CHUNK]
-            db.execute(
-                "INSERT INTO events(topic, seq, source, id, objkey, ts, body) VALUES "
-                + ",".join(["(?,?,?,?,?,?,?)"] * len(part)),
-                [x for r in part for x in r],
-            )
+    def _insert(db: sqlite3.Connection, rows: list[object]) -> None:
+        step = CHUNK * ROW
+        for i in range(0, len(rows), step):
+            part = rows[i:i + step] if len(rows) > step else rows
+            db.execute("INSERT INTO events(topic, seq, source, id, objkey, ts, body) VALUES "
+                       + ",".join(["(?,?,?,?,?,?,?)"] * (len(part) // ROW)), part)
 
     def forget_group(self, group: str) -> None:
         """Delete a removed group's cursors and counters, so a new group of that name starts afresh."""

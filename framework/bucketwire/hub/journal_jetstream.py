@@ -46,6 +46,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from bucketwire.envelope import render
 from bucketwire.hub.journal import Appended, Batch, JournalError, NewEvent
 
 log = logging.getLogger("bucketwire.journal")
@@ -607,7 +608,7 @@ class JetStreamJournal:
                     continue
                 in_round.add(mid)
                 seq = expect + 1
-                body = ev.body_fn(seq)  # type: ignore[operator]
+                body = render(ev.envelope, seq)
                 headers = {"Nats-Msg-Id": mid, "Nats-Expected-Last-Sequence": str(expect), "Bw-Hub": self.hub_id}
                 if ev.objkey is not None:
                     headers["Bw-Objkey"] = ev.objkey

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import msgspec
@@ -33,10 +32,15 @@ from bucketwire.envelope import (
     SCHEMA_VERSION,
     EnvelopeError,
     Event,
-    envelope_bytes,
+    Unsent,
+    dumps,
     follow_on_source,
-    refused_from_outside,
+    object_key_of,
+    outside_refusal,
+    pre_render,
+    read_envelope,
     stable_id,
+    unsent_envelope,
 )
 from bucketwire.hub.backends import open_journal
 from bucketwire.hub.dispatch import DeadLetter, GroupState, Key, WorkerState, decode_ranges, encode_ranges
@@ -473,17 +477,12 @@ class Hub:
 
     # -- building events for the journal --------------------------------------------------------------------
     def _new(self, ev: Event, topic: str) -> NewEvent:
-        data = ev.data
-        objkey = None
-        if type(data) is dict:  # Event.object_key, without its two property calls per event
-            b, k = data.get("bucket"), data.get("key")
-            if type(b) is str and type(k) is str:
-                objkey = f"{b}/{k}"
-            elif isinstance(b, str) and isinstance(k, str):
-                objkey = ev.object_key
-        elif isinstance(data, dict):
-            objkey = ev.object_key
-        return NewEvent(topic, ev.source, ev.id, objkey, partial(_render, ev, topic))
+        return self._stage(ev.unsent(topic))
+
+    @staticmethod
+    def _stage(env: dict[str, Any]) -> NewEvent:
+        """The journal's entry for an `unsent_envelope` whose topic is set; the journal renders it at its seq."""
+        return NewEvent(env["topic"], env["source"], env["id"], object_key_of(env["data"]), pre_render(env))
 
     def _dead_letter(self, dl: DeadLetter, *, refused: bool = False) -> None:
         """Carry the dead letter of `dl` into the next commit (logged and counted once it is committed).
@@ -512,53 +511,66 @@ class Hub:
             causationid=orig.get("id"),
             hops=orig.get("hops", 0) if isinstance(orig.get("hops"), int) else 0,
         )
-        if self._too_large(ev, topic) is not None:
+        env = ev.unsent(topic)
+        if self._oversized(env, topic) is not None:
             omit_original(ev, len(dl.item.body))
-        self._carry(self._new(ev, topic), "dead-letter",
+            env = ev.unsent(topic)
+        self._carry(self._stage(env), "dead-letter",
                     {"group": dl.group, "topic": dl.item.topic, "seq": dl.item.seq, "error": dl.line})
 
-    def _too_large(self, ev: Event, topic: str, bound: int = -1) -> str | None:
-        """Why `ev` is too large to commit to `topic`, or None. Checked before anything is queued: an event the
-        journal cannot store would fail the whole commit it shares with innocent events, again on every retry.
+    def _too_large(self, ev: Event, topic: str) -> str | None:
+        """Why `ev` is too large to commit to `topic`, or None (see `_oversized`)."""
+        return self._oversized(ev.unsent(topic), topic)
+
+    def _oversized(self, env: dict[str, Any], topic: str, bound: int = -1,
+                   unsent: Unsent | None = None) -> str | None:
+        """Why the `unsent_envelope` `env` is too large to commit to `topic`, or None. Checked before anything is
+        queued: an event the journal cannot store would fail the whole commit it shares with innocent events, again
+        on every retry. Its "seq" is still `UNSET_SEQ`, the longest, so its size bounds the committed envelope's.
 
         `bound`: an upper bound of the envelope's size known without rendering it (see `_on_pub`); when it fits
-        with room to spare the render is skipped, which is what nearly every event costs here."""
-        if bound >= 0:
-            need = bound + 6 * len(topic)  # a character of the topic is at most 6 bytes of JSON (\u escapes)
-            if need <= self.max_event and (self.event_room is None or need + need <= self.event_room):
-                return None
-        n = envelope_bytes(ev, topic)
+        with room to spare the render is skipped, which is what nearly every event costs here. `unsent`: `env`
+        `pre_render`ed, when the caller has it (its bytes are the envelope's size)."""
+        if bound >= 0 and self._room_for(bound + 6 * len(topic)):  # a topic's character: at most 6 bytes of JSON
+            return None
+        n = len(unsent) if type(unsent) is bytes else len(dumps(env))
         if n > self.max_event:
             why = ("[hub] max_event_bytes" if self.max_event == self.cfg.hub.max_event_bytes
                    else "what the journal stores: the NATS servers' max_payload less its headers")
             return (f"its envelope is {n} bytes, over the hub's limit of {self.max_event} bytes ({why}); put "
                     "large data in the object store and send a reference to it")
-        key = ev.object_key
+        key = object_key_of(env["data"])
         if self.event_room is not None and key is not None and n + len(key.encode()) > self.event_room:
             return (f"its envelope ({n} bytes) and object key ({len(key.encode())} bytes) exceed the "
                     f"{self.event_room} bytes the journal stores per event (the NATS servers' max_payload)")
         return None
 
-    def _route(self, ev: Event) -> str | None:
-        return ev.topic or self.router.topic_for(ev)
+    def _room_for(self, need: int) -> bool:
+        """Whether an envelope of `need` bytes is within the hub's limit and what the journal stores."""
+        return need <= self.max_event and (self.event_room is None or need + need <= self.event_room)
 
-    def _refusal(self, ev: Event, topic: str | None, fresh: set[str],
-                 passed: set[str] | None = None) -> tuple[str, str] | None:
-        """Why `ev` may not be committed to `topic` (None: unrouted), as (metric reason, message), or None; a
-        topic it would create is added to `fresh`. `passed`: the topics of this request that passed the checks
-        of a topic already (they run once per topic and request, not once per event)."""
-        data = ev.data
-        if isinstance(data, dict):
-            b, k = data.get("bucket"), data.get("key")
-            if (isinstance(b, str) and "\0" in b) or (isinstance(k, str) and "\0" in k):
+    def _refusal(self, env: dict[str, Any], topic: str | None, fresh: set[str],
+                 passed: set[str] | None = None, objkey: str | None = None) -> tuple[str, str] | None:
+        """Why the `unsent_envelope` `env` may not be committed to `topic` (None: unrouted), as (metric reason,
+        message), or None; a topic it would create is added to `fresh`. `passed`: the topics of this request that
+        passed the checks of a topic already (they run once per topic and request, not once per event). `objkey`:
+        the event's `object_key_of`, when the caller has it."""
+        if objkey is not None:  # bucket and key are both strings: one test of `bucket/key` covers both
+            if "\0" in objkey:
                 return "invalid", "bucket name or object key contains a NUL byte"
+        else:
+            data = env["data"]
+            if type(data) is dict or isinstance(data, dict):
+                b, k = data.get("bucket"), data.get("key")
+                if (isinstance(b, str) and "\0" in b) or (isinstance(k, str) and "\0" in k):
+                    return "invalid", "bucket name or object key contains a NUL byte"
         if topic is None:
             return None
         if passed is None:
             passed = set()
         if topic not in passed and ("\0" in topic or len(topic) > MAX_TOPIC_LEN):
             return "invalid", f"topic names must be 1 to {MAX_TOPIC_LEN} characters without NUL bytes"
-        if ev.hops > self.cfg.hub.max_hops:
+        if env["hops"] > self.cfg.hub.max_hops:
             return "hop_limit", f"hop limit {self.cfg.hub.max_hops} exceeded"
         if topic in passed:
             return None
@@ -574,27 +586,32 @@ class Hub:
         passed.add(topic)
         return None
 
-    def _ingest(self, events: list[Event], source: str, batch: Batch,
+    def _route(self, env: dict[str, Any]) -> str | None:
+        """The topic of an `unsent_envelope`: the publisher's, else the first matching route's."""
+        return env["topic"] or self.router.topic_of(env["type"], env["data"])
+
+    def _ingest(self, events: list[dict[str, Any]], source: str, batch: Batch,
                 done: Done, replies: list[Reply], topics: list[str | None] | None = None,
                 bound: int = -1) -> None:
-        """Queue events for this batch; `done` gets one result per event after the commit.
+        """Queue events (`unsent_envelope`s) for this batch; `done` gets one result per event after the commit.
 
         All or nothing: every event is checked before any is queued, and a request with one refused event is
         answered at once with every event refused, so a 4xx (or a PUBNACK) never leaves part of it committed.
         `topics`: each event's route, from a caller that has already routed them and checked them with
-        `refused_from_outside` (the PUB path does both before its role check). `bound`: see `_too_large`.
+        `outside_refusal` (the PUB path does both before its role check). `bound`: see `_oversized`.
         """
         plan: list[IngestResult] = []
         lo = len(batch.events)
-        why = [None] * len(events) if topics is not None else [refused_from_outside(ev) for ev in events]
+        why = ([None] * len(events) if topics is not None
+               else [outside_refusal(env["id"], env["source"], env) for env in events])
         if any(why):
             # Reserved sources and steering extensions are the hub's alone; the whole submission is refused so a
             # publisher never has half of it committed.
             first = next(w for w in why if w)
             self.metrics.rejected.labels(source, "reserved").inc()
             log.warning("publish refused: hub-only source or extension", extra={"ingress": source, "error": first})
-            plan = [IngestResult(ev.id, None, None, error=w or f"refused with its request: {first}")
-                    for ev, w in zip(events, why, strict=True)]
+            plan = [IngestResult(env["id"], None, None, error=w or f"refused with its request: {first}")
+                    for env, w in zip(events, why, strict=True)]
 
             def refuse(appended: list[Appended] | None, err: str | None) -> None:
                 done(plan if appended is not None else None, err)
@@ -604,28 +621,35 @@ class Hub:
         staged: list[NewEvent] = []
         fresh: set[str] = set()
         passed: set[str] = set()
-        for i, ev in enumerate(events):
-            topic = self._route(ev) if topics is None else topics[i]
-            refusal = self._refusal(ev, topic, fresh, passed)
+        # A topic that passes _refusal has at most MAX_TOPIC_LEN characters: when the bound leaves room for the
+        # longest, no event of this request needs a size check of its own.
+        sized = bound >= 0 and self._room_for(bound + 6 * MAX_TOPIC_LEN)
+        for i, env in enumerate(events):
+            topic = self._route(env) if topics is None else topics[i]
+            objkey = object_key_of(env["data"])
+            refusal = self._refusal(env, topic, fresh, passed, objkey)
             if refusal is not None:
                 self.metrics.rejected.labels(source, refusal[0]).inc()
                 err = f"event {i}: {refusal[1]}; nothing in this request was committed"
-                done([IngestResult(e.id, None, None, error=err) for e in events], None)
+                done([IngestResult(e["id"], None, None, error=err) for e in events], None)
                 return
+            eid = env["id"]
             if topic is None:
-                plan.append(IngestResult(ev.id, None, None, unrouted=True))
+                plan.append(IngestResult(eid, None, None, unrouted=True))
                 continue
-            big = self._too_large(ev, topic, bound)
+            env["topic"] = topic
+            unsent = pre_render(env)
+            big = None if sized else self._oversized(env, topic, bound, unsent)
             if big is not None:
                 self.metrics.rejected.labels(source, "too_large").inc()
                 log.warning("event refused: too large", extra={"ingress": source, "topic": topic[:64],
-                                                               "id": ev.id[:64], "error": big})
-                err = f"event {i} ({ev.id[:64]}): {big}; nothing in this request was committed"
-                done([IngestResult(e.id, None, None, error=err, too_large=j == i) for j, e in enumerate(events)],
+                                                               "id": eid[:64], "error": big})
+                err = f"event {i} ({eid[:64]}): {big}; nothing in this request was committed"
+                done([IngestResult(e["id"], None, None, error=err, too_large=j == i) for j, e in enumerate(events)],
                      None)
                 return
-            staged.append(self._new(ev, topic))
-            plan.append(IngestResult(ev.id, topic, None))
+            staged.append(NewEvent(topic, env["source"], eid, objkey, unsent))  # _stage, inline
+            plan.append(IngestResult(eid, topic, None))
         for r in plan:
             if r.unrouted:
                 self.metrics.unrouted.labels(source).inc()
@@ -666,7 +690,7 @@ class Hub:
                 events, source, done = self.ingress_q.get_nowait()
             except queue.Empty:
                 return
-            self._ingest(events, source, batch, done, replies)
+            self._ingest([ev.unsent(ev.topic or "") for ev in events], source, batch, done, replies)
 
     def _reject(self, ident: bytes, reason: str, detail: str) -> None:
         self.metrics.rejected.labels("zmq", reason).inc()
@@ -838,7 +862,8 @@ class Hub:
                                                          "forbidden by role", None), refused=True)
                             continue
                         fresh: set[str] = set()
-                        refusal = self._refusal(fo, fo.topic or "", fresh)
+                        env = fo.unsent(fo.topic or "")
+                        refusal = self._refusal(env, fo.topic or "", fresh)
                         if refusal is not None:
                             reason, message = refusal
                             if reason == "hop_limit":
@@ -850,7 +875,7 @@ class Hub:
                                             None)
                             self._dead_letter(dl, refused=True)
                             continue
-                        big = self._too_large(fo, fo.topic or "")
+                        big = self._oversized(env, fo.topic or "")
                         if big is not None:
                             log.warning("follow-on refused: too large", extra={"topic": (fo.topic or "")[:64],
                                                                                "group": g.name, "error": big})
@@ -859,8 +884,7 @@ class Hub:
                                               refused=True)
                             continue
                         self._pending_topics |= fresh
-                        self._carry(self._new(fo, fo.topic), "follow-on",  # type: ignore[arg-type]
-                                    {"group": g.name, "topic": fo.topic, "id": fo.id})
+                        self._carry(self._stage(env), "follow-on", {"group": g.name, "topic": fo.topic, "id": fo.id})
                 else:
                     self.metrics.acked_again.labels(g.name).inc()
             else:
@@ -881,21 +905,25 @@ class Hub:
     def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list[Reply], strict: bool = False,
                 raw_len: int = -1) -> None:
         """`strict`: msgspec decoded the request, so its strings hold no lone surrogate (see `decode_pub`).
-        `raw_len`: the size of the JSON header the events came in (-1: unknown)."""
+        `raw_len`: the size of the JSON header the events came in (-1: unknown).
+
+        Each event is read straight into the envelope the hub will commit (`read_envelope` building an
+        `unsent_envelope`), never into an `Event`: the checks are `Event.from_dict`'s own, and the journal renders
+        that dict at its seq. The `Event`, and the `to_dict` that made the same dict from it again, cost this loop
+        a third of its Python per published event."""
         req = hdr.req
         try:
-            events = [Event.from_dict(d, text_checked=strict) for d in hdr.events]
+            envs = [read_envelope(unsent_envelope, d, strict) for d in hdr.events]
         except EnvelopeError as e:
             self.metrics.rejected.labels("zmq", "envelope").inc()
             self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=str(e)))])
             return
         why = None
-        for ev in events:
-            # refused_from_outside's two conditions, tested inline: they hold for almost no event, and a call per
-            # event cost more than the test
-            if ev.source.startswith(RESERVED_SOURCES) or (ev.extensions and not HUB_EXTENSIONS.isdisjoint(
-                    ev.extensions)):
-                why = refused_from_outside(ev)
+        for env in envs:
+            # outside_refusal's two conditions, tested inline: they hold for almost no event, and a call per event
+            # cost more than the test
+            if env["source"].startswith(RESERVED_SOURCES) or not HUB_EXTENSIONS.isdisjoint(env):
+                why = outside_refusal(env["id"], env["source"], env)
                 if why:
                     break
         if why:
@@ -903,8 +931,8 @@ class Hub:
             log.warning("publish refused: hub-only source or extension", extra={"key": self.net.user, "error": why})
             self.net.send([ident, P.PUBNACK, P.enc({"req": req, "error": why})])
             return
-        topic_for = self.router.topic_for
-        topics = [ev.topic or topic_for(ev) for ev in events]  # _route, without a call per event
+        topic_of = self.router.topic_of
+        topics = [env["topic"] or topic_of(env["type"], env["data"]) for env in envs]  # _route, without its call
         denied = sorted({t for t in set(topics)
                          if t is not None and not self.net.roles.allows(self.net.user, "publish", t)})
         if denied:
@@ -923,7 +951,7 @@ class Hub:
             else:
                 self.net.send([ident, P.PUBACK, P.enc(P.PubAck(req=req, results=[r.as_dict() for r in res]))])
 
-        self._ingest(events, "zmq", batch, done, replies, topics, pub_envelope_bound(raw_len))
+        self._ingest(envs, "zmq", batch, done, replies, topics, pub_envelope_bound(raw_len))
 
     def _on_fetch(self, ident: bytes, hdr: P.Fetch) -> None:
         topic, start, limit = hdr.topic, hdr.start, hdr.limit
@@ -1202,12 +1230,6 @@ def pub_envelope_bound(raw_len: int) -> int:
     `1e15` becoming `1000000000000000.0`; strings only shrink, as escapes become UTF-8), and each event is a part
     of the header."""
     return -1 if raw_len < 0 else 6 * raw_len + ENVELOPE_ADDS
-
-
-def _render(ev: Event, topic: str, seq: int) -> bytes:
-    """An event's envelope, once the commit has given it its seq."""
-    ev.topic, ev.seq = topic, seq
-    return ev.to_json()
 
 
 def by_topic(appended: list[Appended]) -> dict[str, list[tuple[int, str | None, bytes]]]:

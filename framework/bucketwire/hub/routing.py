@@ -20,9 +20,14 @@ class Router:
 
     @staticmethod
     def matches(route: Route, event: Event) -> bool:
-        if not any(fnmatchcase(event.type, pat) for pat in route.events):
+        return Router.match(route, event.type, event.data)
+
+    @staticmethod
+    def match(route: Route, typ: str, data: object) -> bool:
+        """`matches` for an event not read into an `Event` (the hub's PUB path): its type and data."""
+        if not any(fnmatchcase(typ, pat) for pat in route.events):
             return False
-        bucket, key = event.bucket, event.key
+        bucket, key = (data.get("bucket"), data.get("key")) if isinstance(data, dict) else (None, None)
         if route.bucket is not None and not (bucket is not None and fnmatchcase(bucket, route.bucket)):
             return False
         if route.prefix and not (key is not None and key.startswith(route.prefix)):
@@ -30,7 +35,11 @@ class Router:
         return not (route.suffix and not (key is not None and key.endswith(route.suffix)))
 
     def topic_for(self, event: Event) -> str | None:
+        return self.topic_of(event.type, event.data)
+
+    def topic_of(self, typ: str, data: object) -> str | None:
+        """`topic_for` from an event's type and data."""
         for r in self.routes:
-            if self.matches(r, event):
+            if self.match(r, typ, data):
                 return r.topic
         return self.default_topic

@@ -1,0 +1,368 @@
+"""The hub's PUB path reads each published envelope straight into the dict it commits (`read_envelope` building an
+`unsent_envelope`, rendered by `envelope.render`), never into an `Event`. These tests hold it to what the hub wrote
+before that change: for any envelope, the same bytes in the journal or the same refusal.
+
+`_before` is the reference: `Event.from_dict` followed by the commit's render (`Event.to_json` with the topic and
+seq set), as the code stood before the change, copied here so that a change to the shared rules cannot also
+change the yardstick.
+
+Examples per test: BUCKETWIRE_FUZZ_EXAMPLES (default 150), as in tests/test_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import zmq
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from bucketwire import config
+from bucketwire import envelope as E
+from bucketwire import protocol as P
+from bucketwire.devstack.bench.bus import payload
+from bucketwire.hub.loop import Hub
+from bucketwire.procutil import free_port
+from tests.test_fuzz import JSONV, TEXT, mutate
+
+EXAMPLES = int(os.environ.get("BUCKETWIRE_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 150,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+NOW = "2026-11-29T12:00:00.000000Z"
+"""What `now_iso` answers in these tests: an envelope without a `time` gets the hub's clock, in both paths."""
+
+
+# -- the reference: the code before the change ------------------------------------------------------------------
+_KNOWN = frozenset({
+    "specversion", "id", "source", "type", "data", "subject", "time", "datacontenttype", "topic", "seq",
+    "causationid", "hops", "schemaversion",
+})
+_SEQ_DIGITS = re.compile(r"[1-9][0-9]{0,18}")
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _valid_unicode(v: Any) -> bool:
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(v, Mapping):
+        return all(_valid_unicode(k) and _valid_unicode(x) for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return all(_valid_unicode(x) for x in v)
+    return True
+
+
+def _parse_seq(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        seq = value
+    elif isinstance(value, str) and _SEQ_DIGITS.fullmatch(value):
+        seq = int(value)
+    else:
+        raise E.EnvelopeError(f"envelope seq must be a positive integer as decimal digits (\"42\"), got {value!r}")
+    if not 1 <= seq <= E.MAX_SEQ:
+        raise E.EnvelopeError(f"envelope seq must be between 1 and {E.MAX_SEQ}, got {value!r}")
+    return seq
+
+
+def _before(d: Any, topic: str | None, seq: int | None) -> tuple[dict[str, Any], bytes]:
+    """(the attributes the hub's checks read, the committed bytes) for `d` committed to `topic` at `seq`; raises
+    EnvelopeError with the message the publisher was told. With `seq` None: `Event.from_dict(d).to_json()`, the
+    envelope's own topic and seq kept."""
+    if not isinstance(d, Mapping):
+        raise E.EnvelopeError("envelope must be a JSON object")
+    sv = d.get("schemaversion", E.SCHEMA_VERSION)
+    if not isinstance(sv, int) or isinstance(sv, bool) or sv < 1:
+        raise E.EnvelopeError(f"envelope has an invalid schemaversion {sv!r}")
+    if sv > E.SCHEMA_VERSION:
+        raise E.SchemaVersionError(
+            f"envelope schemaversion {sv} is newer than this bucketwire understands ({E.SCHEMA_VERSION}); "
+            "upgrade bucketwire on this host")
+    if d.get("specversion") != E.SPEC_VERSION:
+        raise E.EnvelopeError(f"unsupported CloudEvents specversion {d.get('specversion')!r} (want '1.0')")
+    for k in ("id", "source", "type"):
+        if not isinstance(d.get(k), str) or not d.get(k):
+            raise E.EnvelopeError(f"envelope attribute {k!r} is missing or not a non-empty string")
+    if len(d["id"]) > 256 or len(d["source"]) > 1024 or len(d["type"]) > 256:
+        raise E.EnvelopeError("envelope id/source/type is too long")
+    own_seq = None if d.get("seq") is None else _parse_seq(d.get("seq"))
+    hops = d.get("hops", 0)
+    if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
+        raise E.EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
+    for k in ("subject", "topic", "causationid", "time"):
+        if d.get(k) is not None and not isinstance(d.get(k), str):
+            raise E.EnvelopeError(f"envelope attribute {k!r} must be a string")
+    if not _valid_unicode(d):
+        raise E.EnvelopeError("envelope contains invalid Unicode (a lone surrogate escape such as \\ud800)")
+    ext = {k: v for k, v in d.items() if k not in _KNOWN}
+    out: dict[str, Any] = {
+        "specversion": "1.0", "id": d["id"], "source": d["source"], "type": d["type"], "time": d.get("time") or NOW,
+        "datacontenttype": d.get("datacontenttype") or "application/json", "schemaversion": sv, "hops": hops,
+    }
+    if ext:
+        out = {**ext, **out}
+    if d.get("subject") is not None:
+        out["subject"] = d["subject"]
+    if seq is not None:
+        out["topic"] = topic
+        out["seq"] = str(seq)
+    else:
+        if d.get("topic") is not None:
+            out["topic"] = d["topic"]
+        if own_seq is not None:
+            out["seq"] = str(own_seq)
+    if d.get("causationid") is not None:
+        out["causationid"] = d["causationid"]
+    out["data"] = d.get("data")
+    try:
+        body = orjson.dumps(out)
+    except TypeError:
+        body = _JSON(out).encode("utf-8", "surrogatepass")
+    return out, body
+
+
+# -- envelopes to try --------------------------------------------------------------------------------------------
+ATTRS = ["specversion", "id", "source", "type", "time", "subject", "topic", "seq", "causationid", "hops",
+         "schemaversion", "datacontenttype", "data"]
+ODD = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 3), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+    st.sampled_from(["", "\x00", "\x00b", "1.0", "0", "7", "007", "9" * 19, "9223372036854775807",
+                     "9223372036854775808", "\ud800", "a\x00b", "x" * 300, "bucketwire://hub/dead-letter/g",
+                     "bucketwire://cli/x", "b", "k"]),
+    TEXT, JSONV,
+)
+EXTENSIONS = st.sampled_from(["targetgroup", "retries", "retryof", "retrysource", "retrydeadletter", "myext",
+                              "traceparent", "zzz", "\ud800x"])
+DATA_KEYS = st.sampled_from(["bucket", "key", "size", "big", "f", "x\ud800"])
+
+
+@st.composite
+def envelopes(draw: st.DrawFn) -> Any:
+    """A bench envelope (what publishers send), then changed: attributes set to odd values or removed,
+    extensions (some of them the hub's) added, the data's bucket and key changed, or anything at all mutated."""
+    d: dict[str, Any] = payload(draw(st.integers(0, 10**6)), 0.0)
+    d["data"] = dict(d["data"])
+    for _ in range(draw(st.integers(0, 3))):
+        if not isinstance(d, dict):  # a mutation replaced the whole envelope
+            break
+        what = draw(st.sampled_from(["attr", "drop", "ext", "data", "mutate"]))
+        if what == "attr":
+            d[draw(st.sampled_from(ATTRS))] = draw(ODD)
+        elif what == "drop" and d:
+            d.pop(draw(st.sampled_from(sorted(d))))
+        elif what == "ext":
+            d[draw(EXTENSIONS)] = draw(ODD)
+        elif what == "data" and isinstance(d.get("data"), dict):
+            d["data"][draw(DATA_KEYS)] = draw(st.one_of(st.sampled_from(["\x00", "\x00b", "b\x00", "b/\x00"]), ODD))
+        elif what == "mutate":
+            d = mutate(draw(st.data()), d, 2)
+    return d
+
+
+def _bench(i: int, **attrs: Any) -> dict[str, Any]:
+    d = payload(i, 0.0)
+    d["data"] = {**d["data"], **attrs.pop("data", {})}
+    return {**d, **attrs}
+
+
+@pytest.fixture(autouse=True)
+def _fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(E, "now_iso", lambda: NOW)
+
+
+# -- the envelope: read and rendered ------------------------------------------------------------------------------
+def _after(d: Any, topic: str, seq: int, text_checked: bool) -> bytes:
+    env = E.read_envelope(E.unsent_envelope, d, text_checked)
+    env["topic"] = topic
+    return E.render(E.pre_render(env), seq)
+
+
+SLOT = {"seq": E.UNSET_SEQ}
+"""What the seq looks like in an envelope before its commit, hidden where a careless `render` would replace it."""
+
+
+@FUZZ
+@given(d=st.one_of(envelopes(), JSONV), topic=TEXT, seq=st.integers(1, E.MAX_SEQ))
+@example(d=_bench(1, datacontenttype=SLOT), topic="t", seq=5)
+@example(d=_bench(2, data=SLOT), topic="t", seq=5)
+@example(d=_bench(3, myext=SLOT), topic="t", seq=5)
+@example(d=_bench(4, data={"x": 2**70}), topic="t", seq=5)
+def test_an_envelope_is_read_and_rendered_as_before(d: Any, topic: str, seq: int) -> None:
+    """Same bytes, or the same refusal (type and message), for any JSON value."""
+    try:
+        want: bytes | Exception = _before(copy.deepcopy(d), topic, seq)[1]
+    except E.EnvelopeError as e:
+        want = e
+    try:
+        got: bytes | Exception = _after(copy.deepcopy(d), topic, seq, text_checked=False)
+    except E.EnvelopeError as e:
+        got = e
+    if isinstance(want, Exception):
+        assert isinstance(got, Exception) and (type(got), str(got)) == (type(want), str(want))
+    else:
+        assert got == want
+        # and what a worker reads and writes back (follow-ons, `tail`): the envelope as it came
+        assert E.Event.from_dict(copy.deepcopy(d)).to_json() == _before(copy.deepcopy(d), None, None)[1]
+    # What msgspec reads is valid Unicode; the hub then skips the walk that checks it.
+    if not isinstance(want, Exception) or "Unicode" not in str(want):
+        try:
+            checked: bytes | Exception = _after(copy.deepcopy(d), topic, seq, text_checked=True)
+        except E.EnvelopeError as e:
+            checked = e
+        assert type(checked) is type(got) and str(checked) == str(got)
+
+
+def test_an_event_unsent_is_its_envelope() -> None:
+    """`Event.unsent` (follow-ons, dead letters, webhooks) renders what `to_json` wrote with the topic and seq set."""
+    for d in (payload(1, 0.0), {**payload(2, 0.0), "myext": [1, 2], "causationid": "c", "subject": None}):
+        ev = E.Event.from_dict(d)
+        env = ev.unsent("t")
+        assert len(orjson.dumps(env)) == E.envelope_bytes(ev, "t")
+        body = E.render(E.pre_render(env), 42)
+        ev.topic, ev.seq = "t", 42
+        assert body == ev.to_json()
+
+
+# -- the hub: what it commits, or how it refuses ------------------------------------------------------------------
+MAX_HOPS = 3
+
+
+class InProcessHub:
+    """A real hub (ZeroMQ listener, SQLite journal) turned by the test's own thread, and a publisher DEALER."""
+
+    def __init__(self, tmp: Path) -> None:
+        cfgp = tmp / "bucketwire.toml"
+        cfgp.write_text(f"""
+[hub]
+http = "127.0.0.1:{free_port()}"
+publish = "tcp://127.0.0.1:{free_port()}"
+work = "tcp://127.0.0.1:{free_port()}"
+state_dir = "{tmp / 'state'}"
+max_hops = {MAX_HOPS}
+max_topics = 100000
+
+[[routes]]
+topic = "created"
+events = ["s3:ObjectCreated:*"]
+bucket = "b*"
+""")
+        self.cfg = config.load(cfgp)
+        self.hub = Hub(self.cfg)
+        self.hub.net.open()
+        self.hub._loop_thread = 0
+        self.ctx = zmq.Context()
+        self.pub = self.ctx.socket(zmq.DEALER)
+        self.pub.connect(self.cfg.hub.work)
+        self.req = 0
+
+    def publish(self, raw_events: list[bytes]) -> tuple[bytes, dict[str, Any]]:
+        """Send one PUB of `raw_events` (JSON texts, as a publisher wrote them) and turn the hub until it answers."""
+        self.req += 1
+        self.pub.send_multipart([P.PUB, b'{"req":%d,"events":[%s]}' % (self.req, b",".join(raw_events))])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.hub.tick()
+            if self.pub.poll(1):
+                cmd, hdr = self.pub.recv_multipart()[:2]
+                return cmd, json.loads(hdr)
+        raise AssertionError("the hub did not answer the PUB")
+
+    def close(self) -> None:
+        self.pub.close(0)
+        self.ctx.term()
+        self.hub.net.close()
+        self.hub.journal.close()
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessHub]:
+    h = InProcessHub(tmp_path_factory.mktemp("pubpath"))
+    yield h
+    h.close()
+
+
+def _expected(d: Any, hub: InProcessHub) -> tuple[str, Any]:
+    """What the hub answered before the change: ("err", None) (the PUB header's schema refuses it), ("nack", the
+    error), ("unrouted", None) or ("ack", (topic, source, id))."""
+    if not isinstance(d, dict):
+        return "err", None
+    try:
+        _before(d, "", 1)
+    except E.EnvelopeError as e:
+        return "nack", str(e)
+    ev = E.Event.from_dict(d)
+    why = E.refused_from_outside(ev)
+    if why:
+        return "nack", why
+    try:
+        topic = ev.topic or hub.hub.router.topic_for(ev)
+    except (TypeError, AttributeError) as e:  # a route's pattern against a bucket or key that is not a string
+        return "err", f"{type(e).__name__}: {e}"
+    data = d.get("data")
+    if isinstance(data, dict) and any(isinstance(data.get(k), str) and "\0" in data[k] for k in ("bucket", "key")):
+        refusal = "bucket name or object key contains a NUL byte"
+    elif topic is None:
+        return "unrouted", None
+    elif "\0" in topic or len(topic) > 255:
+        refusal = "topic names must be 1 to 255 characters without NUL bytes"
+    elif ev.hops > MAX_HOPS:
+        refusal = f"hop limit {MAX_HOPS} exceeded"
+    else:
+        return "ack", (topic, ev.source, ev.id)
+    return "nack", f"event 0: {refusal}; nothing in this request was committed"
+
+
+@FUZZ
+@given(d=envelopes(), escaped=st.booleans())
+@example(d=_bench(1, data={"bucket": "\x00b"}), escaped=False)
+@example(d=_bench(2, data={"key": "\x00"}), escaped=False)
+@example(d=_bench(3, topic=None, data={"bucket": 7}), escaped=False)
+@example(d=_bench(4, hops=MAX_HOPS + 1), escaped=False)
+@example(d=_bench(5, hops=MAX_HOPS), escaped=True)
+@example(d=_bench(6, retryof="x"), escaped=False)
+@example(d=_bench(7, source="bucketwire://hub/x"), escaped=False)
+@example(d=_bench(8, topic="t\x00"), escaped=False)
+@example(d=_bench(9, topic=None), escaped=False)
+def test_the_hub_commits_the_same_bytes_or_refuses_the_same(hub: InProcessHub, d: Any, escaped: bool,
+                                                            ) -> None:
+    """One envelope per PUB through a real hub: the journal row holds the bytes the code before the change
+    committed for it, or the PUBNACK says what it said. `escaped`: the JSON escapes non-ASCII (a lone surrogate
+    always is; msgspec refuses it, and the request takes the json module's path)."""
+    hub.req += 1
+    if isinstance(d, dict) and isinstance(d.get("id"), str) and 0 < len(d["id"]) <= 240:
+        d["id"] += f"-{hub.req}"  # a fresh (source, id): one published before would be answered as a duplicate
+    try:
+        text = json.dumps(d, ensure_ascii=escaped).encode()
+    except UnicodeEncodeError:
+        text = json.dumps(d).encode()
+    kind, want = _expected(copy.deepcopy(d), hub)
+    cmd, hdr = hub.publish([text])
+    if kind == "err":
+        assert cmd == P.ERR and (want is None or want in hdr["error"]), hdr
+        return
+    if kind == "nack":
+        assert (cmd, hdr.get("error")) == (P.PUBNACK, want), hdr
+        return
+    assert cmd == P.PUBACK, hdr
+    (res,) = hdr["results"]
+    if kind == "unrouted":
+        assert res["unrouted"] and res["seq"] is None
+        return
+    topic, source, eid = want
+    row = hub.hub.journal.db.execute("SELECT topic, seq, body FROM events WHERE source = ? AND id = ?",
+                                     (source, eid)).fetchone()
+    assert (res["topic"], res["seq"]) == (row[0], row[1])
+    if not res["duplicate"]:  # the same (source, id) again is answered with the first one's topic and seq
+        assert row[0] == topic and row[2] == _before(d, topic, row[1])[1]
