@@ -53,7 +53,9 @@ def probe_hub(out: str, argv: list[str]) -> None:
             if frames[1] == P.DELIVER:
                 now = time.monotonic()
                 for b in frames[3:]:
-                    sent[orjson.loads(b)["data"]["i"]] = now
+                    got = orjson.loads(b)  # an envelope, or (proto 3) the batch's envelopes in one frame
+                    for env in got if isinstance(got, list) else [got]:
+                        sent[env["data"]["i"]] = now
             return send(frames)
 
         def p_commit(batch: Any) -> Any:
