@@ -4,7 +4,9 @@ written on its own, and what was acked before a hub crash (the cursor in the jou
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 from tests.fixtures_hub import Stack, wait_for
@@ -18,17 +20,30 @@ start = "earliest"
 """
 
 
-def _stored_cursor(s: Stack) -> int | None:
-    """The group's cursor as the journal file holds it (what a restarted hub starts from)."""
-    db = sqlite3.connect(f"file:{s.dir / 'state' / 'journal.db'}?mode=ro", uri=True, timeout=5)
+def _stored_cursor(s: Stack, scratch: Path) -> int | None:
+    """The group's cursor as the journal file holds it (what a restarted hub starts from).
+
+    The running hub holds journal.db against every other process's SQLite, so this reads a copy of its bytes (the
+    WAL first, then the database file). A copy taken mid-write may read as an older state or not at all (None:
+    the caller polls again), never as a cursor the file did not hold."""
+    scratch.mkdir(exist_ok=True)
+    for name in ("journal.db-wal", "journal.db"):
+        src = s.dir / "state" / name
+        if src.exists():
+            shutil.copyfile(src, scratch / name)
+    db = sqlite3.connect(scratch / "journal.db", timeout=5)
     try:
         row = db.execute("SELECT acked FROM cursors WHERE grp='a' AND topic='jobs'").fetchone()
+    except sqlite3.DatabaseError:
+        return None
     finally:
         db.close()
+        for f in scratch.iterdir():
+            f.unlink()
     return row[0] if row else None
 
 
-def test_a_lone_ack_is_written_and_survives_a_hub_crash(stack_factory: Any) -> None:
+def test_a_lone_ack_is_written_and_survives_a_hub_crash(stack_factory: Any, tmp_path: Path) -> None:
     s: Stack = stack_factory(GROUP)
     s.start_hub()
     s.start_worker("a", 1)
@@ -36,7 +51,7 @@ def test_a_lone_ack_is_written_and_survives_a_hub_crash(stack_factory: Any) -> N
         c.publish_events([obj_event(f"k{i}", i) for i in range(3)])
     wait_for(lambda: len(s.handled()) == 3, 20, "three events handled")
     # Nothing is published after these acks: the cursor must reach the journal on its own.
-    wait_for(lambda: _stored_cursor(s) == 3, 20, "the cursor of the last ack in the journal")
+    wait_for(lambda: _stored_cursor(s, tmp_path / "copy") == 3, 20, "the cursor of the last ack in the journal")
     s.kill_hub()
     s.start_hub()
     wait_for(lambda: s.status()["groups"].get("a", {}).get("workers", 0) == 1, 30, "the worker back")

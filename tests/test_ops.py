@@ -331,11 +331,14 @@ def test_journal_full_answers_503_and_recovers(stack_factory):
     assert st["hub"]["journal_ok"] is False
     m = hub_metrics(s)
     assert value(m, "bucketwire_journal_available") == 0 or value(m, "bucketwire_journal_commit_failures_total") >= 1
-    # space returns (an operator frees it; here: old events go away), and the hub recovers by itself
+    # space returns (an operator frees it; here: old events go away). The hub holds journal.db against every
+    # other process, so the file is changed with the hub stopped, and the hub started again on it commits.
+    s.stop()
     db = sqlite3.connect(str(s.dir / "state" / "journal.db"), timeout=10)
     db.execute("DELETE FROM events WHERE topic='big' AND seq < ?", (len(codes) - 5,))
     db.commit()
     db.close()
+    s.start_hub()
     ev = {"specversion": "1.0", "id": "after", "source": "urn:full", "type": "test.big", "topic": "big",
           "data": {"blob": "small"}}
     code, body = s.post("/events", json.dumps(ev).encode(), headers={"Content-Type": "application/json"})

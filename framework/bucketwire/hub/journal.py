@@ -16,8 +16,11 @@ import contextlib
 import logging
 import os
 import sqlite3
+import struct
+import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +141,14 @@ class Journal:
     def __init__(self, path: Path, durability: str = "os") -> None:
         try:
             self._open(path, durability)
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise JournalError(f"{path}: cannot open the journal ({e}); check that its disk has free space and "
+                                   "the directory is writable") from None
+            pid = _lock_holder(path)
+            who = f"another process (pid {pid})" if pid else "another process"
+            raise JournalError(f"{who} holds {path} (another hub with this state_dir?); stop it, or give this hub "
+                               "its own [hub] state_dir") from None
         except sqlite3.Error as e:  # a full disk or an unwritable directory: one line, not a traceback
             raise JournalError(f"{path}: cannot open the journal ({e}); check that its disk has free space and "
                                "the directory is writable") from None
@@ -148,8 +159,9 @@ class Journal:
     def _open(self, path: Path, durability: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        # Multi-row statements differ in length with the batch: cache enough of them.
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, cached_statements=1024)
+        # Multi-row statements differ in length with the batch: cache enough of them. The first read takes the
+        # file's lock for good (`_connect`); a hub still letting go of it gets a second.
+        self.db = _connect(path, timeout=1.0, cached_statements=1024)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
         self.db.execute("PRAGMA busy_timeout=5000")
@@ -423,6 +435,47 @@ class Journal:
 _ZEROS = bytes(PROBE_BYTES)
 
 
+def _connect(path: Path, timeout: float = 5.0, cached_statements: int = 128) -> sqlite3.Connection:
+    """A connection through SQLite's `unix-excl` VFS.
+
+    One hub per journal: a second one would assign seqs from its own in-memory heads and clash with the first's.
+    `unix-excl` locks the file against every other process from the first read until the last connection of this
+    process closes, and shares the lock between this process's connections (the writer and the checkpoint
+    thread's). It also spares each commit the six `fcntl` calls of taking and dropping the WAL's locks.
+    """
+    uri = f"file:{urllib.parse.quote(str(path.absolute()))}?vfs=unix-excl"
+    return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False,
+                           cached_statements=cached_statements)
+
+
+_SQLITE_LOCKS = 0x40000000, 512
+"""The byte range of a database file SQLite locks (pending, reserved and shared bytes)."""
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The pid of a process holding `path`'s SQLite lock, for the error line; None where it cannot tell.
+
+    Only called when this process holds no lock on the file: closing a descriptor would drop this process's
+    POSIX locks on it.
+    """
+    if sys.platform != "linux":  # `struct flock`'s layout below is Linux's
+        return None
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        q = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, *_SQLITE_LOCKS, 0)
+        kind, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, q))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return pid if kind != fcntl.F_UNLCK and pid > 0 else None
+
+
 class _Checkpointer:
     """Checkpoints the WAL from its own thread and connection.
 
@@ -433,7 +486,7 @@ class _Checkpointer:
     """
 
     def __init__(self, path: Path) -> None:
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db = _connect(path)
         self.stopping = threading.Event()
         self.failing = False
         self.thread = threading.Thread(target=self._run, name="journal-checkpoint", daemon=True)
