@@ -78,6 +78,9 @@ CURSOR_CARRY = CURSOR_DELAY / 2
 carries the cursors, and one comes along before CURSOR_DELAY would give them a transaction of their own."""
 PROBE_INTERVAL = 5.0
 """Seconds between write probes of the journal (see Journal.probe); /healthz reports the last one."""
+RETENTION_WHILE_FAILING = 5.0
+"""Seconds between retention runs while commits fail (it runs every minute otherwise): a journal that filled its
+disk or a size limit frees the oldest events and commits again by itself, if its retention allows it."""
 
 
 @dataclass(slots=True)
@@ -392,6 +395,10 @@ class Hub:
                 log.error("journal commit failed; answering 503 until it recovers", extra={"error": str(e)})
             self.journal_ok = False
             self.commit_error = str(e)
+            if time.monotonic() - self._last_retention >= RETENTION_WHILE_FAILING:
+                # Retention may free what the journal needs (a full disk, a size limit): run it on the next turn,
+                # not at its next minute.
+                self._last_retention = float("-inf")
             for cb, _, _ in replies:
                 cb(None, "journal unavailable: " + str(e))
             return
