@@ -116,9 +116,14 @@ class NatsCluster:
             conf.write_text(f'jetstream {{\n  store_dir: "{node.store}"\n  sync_interval: always\n}}\n')
             argv += ["-c", str(conf)]
         if self.size > 1:
-            routes = ",".join(f"nats://127.0.0.1:{n.cluster_port}" for n in self.nodes if n is not node)
+            # Each node dials only the nodes before it (and `start` spawns a node once those listen): a node that
+            # dials a peer not yet listening retries a second later, and that late second connection, arriving
+            # when both already route to each other, makes nats-server close routes as duplicates and register
+            # them again, under the first requests. A restarted node is dialled again by the nodes after it. The
+            # list includes the node itself, which nats-server ignores: JetStream wants the seed to have routes.
+            earlier = self.nodes[:self.nodes.index(node) + 1]
             argv += ["--cluster_name", self.name, "--cluster", f"nats://127.0.0.1:{node.cluster_port}",
-                     "--routes", routes]
+                     "--routes", ",".join(f"nats://127.0.0.1:{n.cluster_port}" for n in earlier)]
         return argv
 
     def _spawn(self, node: NatsNode) -> None:
@@ -136,9 +141,13 @@ class NatsCluster:
         times, instead of failing the run over a race it did not cause."""
         for attempt in range(3):
             try:
+                deadline = time.monotonic() + timeout
                 for node in self.nodes:
+                    since = len(_read(node.store / "nats-server.log"))  # a restarted cluster appends to its logs
                     self._spawn(node)
-                self.wait_ready(timeout)
+                    if self.size > 1:
+                        self._wait_listening(node, since, deadline)
+                self.wait_ready(max(1.0, deadline - time.monotonic()))
                 return self
             except NatsError:
                 taken = any(b"address already in use" in _read(n.store / "nats-server.log") for n in self.nodes)
@@ -152,6 +161,17 @@ class NatsCluster:
                 node.client_port, node.cluster_port, node.http_port = free_port(), free_port(), free_port()
                 (node.store / "nats-server.log").unlink(missing_ok=True)
         raise AssertionError("unreachable")
+
+    def _wait_listening(self, node: NatsNode, since: int, deadline: float) -> None:
+        """Until `node` listens for routes: its log (past `since`) says so; connecting to the port would be a route
+        attempt."""
+        log = node.store / "nats-server.log"
+        while b"Listening for route connections" not in _read(log)[since:]:
+            if node.proc is not None and node.proc.poll() is not None:
+                raise NatsError(f"nats-server {node.name} exited with {node.proc.returncode}; see {log}")
+            if time.monotonic() > deadline:
+                raise NatsError(f"nats-server {node.name} does not listen for routes; see {log}")
+            time.sleep(0.01)  # pacing: polling the node's log
 
     def wait_ready(self, timeout: float = 30.0, nodes: list[NatsNode] | None = None) -> None:
         """Until every (given) node serves JetStream and, in a cluster, the cluster can place a replicated asset on
