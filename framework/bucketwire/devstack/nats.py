@@ -178,13 +178,12 @@ class NatsCluster:
         every running node: what the first test or hub to use it does at once.
 
         A meta leader that lists every peer current is not enough. nats-server places a stream only on peers whose
-        statistics (STATSZ) the leader has received, which reach it separately from the raft traffic; and nodes
-        that start one after another dial each other's routes before they listen, so a pair can be left without a
-        route until the dialer's retry a second later, whose arrival resets what each knew of the other (nats-server
-        server/route.go, `addRoute`). Either way a replicas-3 stream or KV bucket created "after ready" failed with
-        "no suitable peers for placement, peer offline". So this waits for the full route mesh, then for the meta
-        leader to see every peer current, then creates a probe stream with one replica per running node (short
-        timeout, retried) and deletes it.
+        statistics (STATSZ) the leader has received since their route came up (a route's registration resets them:
+        server/route.go, `addRoute`), and those reach it separately from the raft traffic: right after a node
+        (re)starts, a replicas-3 stream or KV bucket failed with "no suitable peers for placement, peer offline".
+        So this waits for the full route mesh (a restarted node's later peers dial it again within a second),
+        then for the meta leader to see every peer current, then creates a probe stream with one replica per
+        running node (short timeout, retried) and deletes it.
         """
         deadline = time.monotonic() + timeout
         pending = list(nodes if nodes is not None else [n for n in self.nodes if n.proc is not None])
