@@ -29,7 +29,7 @@ def _serve(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Weed
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(timeout=0)  # its files are the session's to throw away: SIGKILL, not a 2-5 s graceful stop
 
 
 @pytest.fixture(scope="session")

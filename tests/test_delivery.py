@@ -142,8 +142,9 @@ def test_acks_above_the_cursor_gap_survive_a_hub_crash(hub_stack):
     s = hub_stack(GROUPS)
     s.start_hub()
     s.start_worker("a", 2, "--credit", "1")  # credit 1: the busy child must not hoard fast events
+    release = s.dir / "release-slow"  # the slow event holds the cursor at 0 until the test has seen the gap
     with s.client() as c:
-        c.publish_events([obj_event("slow", 0, sleep=4)])  # holds the cursor at 0
+        c.publish_events([obj_event("slow", 0, hold=str(release))])
         wait_for(lambda: s.status()["groups"]["a"]["inflight"] == 1, 10, "the slow event taken by a child")
         c.publish_events([obj_event(f"fast-{i}", i, follow=2) for i in range(1, 21)])
     wait_for(lambda: len([r for r in s.handled() if r["key"].startswith("fast")]) == 20, 30, "fast events")
@@ -151,6 +152,7 @@ def test_acks_above_the_cursor_gap_survive_a_hub_crash(hub_stack):
     assert s.status()["groups"]["a"]["topics"]["jobs"]["cursor"] == 0, "the slow event still holds the cursor"
     s.kill_hub()
     s.start_hub()
+    release.touch()
     wait_for(lambda: len([r for r in s.handled() if r["key"] == "slow"]) >= 1, 30, "slow event handled")
     wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0, 30, "group a caught up")
     fast = [r for r in s.handled() if r["g"] == "a" and r["key"].startswith("fast")]

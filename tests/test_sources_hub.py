@@ -41,7 +41,11 @@ def stop(p: subprocess.Popen) -> None:
 def test_hub_down_then_up_every_object_arrives_once(
     weed: WeedServer, bucket: str, stack_factory: Callable[..., Stack], tmp_path: Path
 ) -> None:
+    # [client] timeout: how long the source waits for the dead hub before it says so and retries (10 s by default)
     stack = stack_factory(f"""
+[client]
+timeout = 3
+
 [[routes]]
 events = ["s3:*"]
 bucket = "{bucket}"

@@ -118,3 +118,21 @@ def test_both_journal_backends_satisfy_the_interface() -> None:
             assert impl is not None, f"{backend.__name__} lacks {name}"
             have = list(inspect.signature(impl).parameters)
             assert have[: len(sig.parameters)] == list(sig.parameters), (backend.__name__, name, have)
+
+
+def test_the_hub_and_worker_commands_start_without_loading_plugins_or_minio() -> None:
+    """Every hub, worker and CLI process the suite (or an operator's script) starts paid ~0.4 s of CPU importing
+    minio and Pillow: the CLI loaded every installed plugin to register plugin commands, and two modules imported
+    minio for an annotation. A built-in command needs neither; `bucketwire audit ...` (a plugin's) still works,
+    see tests/test_audit.py::test_real_cli_has_the_command."""
+    import subprocess
+    import sys
+
+    for cmd in ("hub", "worker", "status"):
+        p = subprocess.run([sys.executable, "-X", "importtime", "-m", "bucketwire", cmd, "--help"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr[-2000:]
+        heavy = sorted({line.rsplit("|", 1)[-1].strip().split(".")[0] for line in p.stderr.splitlines()
+                        if line.startswith("import time:")} & {"minio", "PIL", "bucketwire_replication",
+                                                               "bucketwire_thumbnail"})
+        assert not heavy, f"`bucketwire {cmd}` imports {heavy}"

@@ -232,7 +232,15 @@ def _register_plugin_commands() -> None:
             click.echo(f"warning: plugin {name!r} failed to register commands: {e}", err=True)
 
 
+def _names_a_builtin(argv: list[str]) -> bool:
+    """True when the first word of `argv` is one of bucketwire's own commands. Registering plugin commands loads
+    every installed plugin (the bundled ones import minio and Pillow: ~0.4 s), which `hub`, `worker` or `status`
+    never use; anything else (`--help`, a plugin's command, an option before the command) still loads them."""
+    return bool(argv) and not argv[0].startswith("-") and argv[0] in cli.commands
+
+
 def main() -> None:
     _add_builtin_groups()
-    _register_plugin_commands()
+    if not _names_a_builtin(sys.argv[1:]):
+        _register_plugin_commands()
     cli()

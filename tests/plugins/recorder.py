@@ -1,7 +1,8 @@
 """A test plugin: records every handled event as one line, and misbehaves on request.
 
 The event's data steers it: {"fail": N} raises on the first N attempts, {"permanent": true} raises
-PermanentError, {"sleep": S} sleeps, {"abort": true} kills the child with
+PermanentError, {"sleep": S} sleeps, {"hold": PATH} waits until that file exists (at most 60 s: a test releases
+the handler when it has seen what it wanted while the handler ran), {"abort": true} kills the child with
 os.abort() (SIGABRT, as a crashing C extension would), {"follow": K} publishes K follow-ons to topic "follow",
 {"follow_bytes": N} one follow-on carrying N bytes of padding.
 """
@@ -35,6 +36,10 @@ def handle_event(event, ctx):
         os.abort()
     if d.get("sleep"):
         time.sleep(d["sleep"])  # pacing: simulated handler work
+    if d.get("hold"):
+        end = time.monotonic() + 60
+        while not os.path.exists(d["hold"]) and time.monotonic() < end:
+            time.sleep(0.02)  # pacing: polling for the test's release file, with a deadline
     if ctx.attempt <= d.get("fail", 0):
         raise RuntimeError(f"planned failure {ctx.attempt}")
     if d.get("permanent"):

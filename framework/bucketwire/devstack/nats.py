@@ -116,9 +116,14 @@ class NatsCluster:
             conf.write_text(f'jetstream {{\n  store_dir: "{node.store}"\n  sync_interval: always\n}}\n')
             argv += ["-c", str(conf)]
         if self.size > 1:
-            routes = ",".join(f"nats://127.0.0.1:{n.cluster_port}" for n in self.nodes if n is not node)
+            # Each node dials only the nodes before it (and `start` spawns a node once those listen): a node that
+            # dials a peer not yet listening retries a second later, and that late second connection, arriving
+            # when both already route to each other, makes nats-server close routes as duplicates and register
+            # them again, under the first requests. A restarted node is dialled again by the nodes after it. The
+            # list includes the node itself, which nats-server ignores: JetStream wants the seed to have routes.
+            earlier = self.nodes[:self.nodes.index(node) + 1]
             argv += ["--cluster_name", self.name, "--cluster", f"nats://127.0.0.1:{node.cluster_port}",
-                     "--routes", routes]
+                     "--routes", ",".join(f"nats://127.0.0.1:{n.cluster_port}" for n in earlier)]
         return argv
 
     def _spawn(self, node: NatsNode) -> None:
@@ -136,9 +141,13 @@ class NatsCluster:
         times, instead of failing the run over a race it did not cause."""
         for attempt in range(3):
             try:
+                deadline = time.monotonic() + timeout
                 for node in self.nodes:
+                    since = len(_read(node.store / "nats-server.log"))  # a restarted cluster appends to its logs
                     self._spawn(node)
-                self.wait_ready(timeout)
+                    if self.size > 1:
+                        self._wait_listening(node, since, deadline)
+                self.wait_ready(max(1.0, deadline - time.monotonic()))
                 return self
             except NatsError:
                 taken = any(b"address already in use" in _read(n.store / "nats-server.log") for n in self.nodes)
@@ -153,11 +162,28 @@ class NatsCluster:
                 (node.store / "nats-server.log").unlink(missing_ok=True)
         raise AssertionError("unreachable")
 
-    def wait_ready(self, timeout: float = 30.0, nodes: list[NatsNode] | None = None) -> None:
-        """Until every (given) node serves JetStream and, in a cluster, the meta leader sees every peer current.
+    def _wait_listening(self, node: NatsNode, since: int, deadline: float) -> None:
+        """Until `node` listens for routes: its log (past `since`) says so; connecting to the port would be a route
+        attempt."""
+        log = node.store / "nats-server.log"
+        while b"Listening for route connections" not in _read(log)[since:]:
+            if node.proc is not None and node.proc.poll() is not None:
+                raise NatsError(f"nats-server {node.name} exited with {node.proc.returncode}; see {log}")
+            if time.monotonic() > deadline:
+                raise NatsError(f"nats-server {node.name} does not listen for routes; see {log}")
+            time.sleep(0.01)  # pacing: polling the node's log
 
-        "A leader exists" is not enough: until the leader has heard from every peer, placing a replicas-3 stream
-        fails with "no suitable peers for placement".
+    def wait_ready(self, timeout: float = 30.0, nodes: list[NatsNode] | None = None) -> None:
+        """Until every (given) node serves JetStream and, in a cluster, the cluster can place a replicated asset on
+        every running node: what the first test or hub to use it does at once.
+
+        A meta leader that lists every peer current is not enough. nats-server places a stream only on peers whose
+        statistics (STATSZ) the leader has received since their route came up (a route's registration resets them:
+        server/route.go, `addRoute`), and those reach it separately from the raft traffic: right after a node
+        (re)starts, a replicas-3 stream or KV bucket failed with "no suitable peers for placement, peer offline".
+        So this waits for the full route mesh (a restarted node's later peers dial it again within a second),
+        then for the meta leader to see every peer current, then creates a probe stream with one replica per
+        running node (short timeout, retried) and deletes it.
         """
         deadline = time.monotonic() + timeout
         pending = list(nodes if nodes is not None else [n for n in self.nodes if n.proc is not None])
@@ -168,19 +194,40 @@ class NatsCluster:
                     raise NatsError(f"nats-server {node.name} exited with {node.proc.returncode}; "
                                     f"see {node.store / 'nats-server.log'}")
             try:
-                docs = [n.jsz() for n in pending]
+                for n in pending:
+                    n.jsz()
                 if self.size == 1 or not self.jetstream:
                     return
-                if self._meta_complete():
-                    return
-                last = "the JetStream meta leader does not see every peer yet"
-                del docs
+                why = self._not_ready()
+                if why is None:
+                    why = self._probe_placement(min(2.0, max(0.2, deadline - time.monotonic())))
+                    if why is None:
+                        return
+                last = why
             except (OSError, ValueError) as e:
                 last = str(e)
             if time.monotonic() > deadline:
                 raise NatsError(f"nats-server cluster not ready after {timeout:.0f} s ({last}); "
                                 f"see the nats-server.log files under {self.base_dir}")
             time.sleep(0.05)  # pacing: polling the monitoring endpoints
+
+    def _running(self) -> list[NatsNode]:
+        return [n for n in self.nodes if n.proc is not None]
+
+    def _not_ready(self) -> str | None:
+        """None when every running node has a route to every other and the meta leader sees them all current;
+        else what is still missing."""
+        running = self._running()
+        names = {n.name for n in running}
+        for node in running:
+            with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/routez", timeout=1.0) as r:
+                doc = json.loads(r.read())
+            routed = {x.get("remote_name") for x in doc.get("routes") or [] if isinstance(x, dict)}
+            if missing := sorted(names - {node.name} - routed):
+                return f"{node.name} has no route to {', '.join(missing)} yet"
+        if not self._meta_complete():
+            return "the JetStream meta leader does not see every peer current yet"
+        return None
 
     def _meta_complete(self) -> bool:
         """True when the node that leads the meta group lists every other running node as a current peer."""
@@ -198,6 +245,45 @@ class NatsCluster:
             current = {r.get("name") for r in reps if isinstance(r, dict) and r.get("current") and not r.get("offline")}
             return running - {node.name} <= current
         return False
+
+    def _probe_placement(self, timeout: float) -> str | None:
+        """Create, then delete, a stream with one replica per running node; None when both worked, else what
+        nats-server said. The proof that the meta leader can place on every node, which no monitoring endpoint
+        shows (see `wait_ready`)."""
+        import asyncio
+
+        return asyncio.run(self._probe(len(self._running()), timeout))
+
+    async def _probe(self, replicas: int, timeout: float) -> str | None:
+        import nats
+
+        opts: dict[str, object] = {"servers": [n.url for n in self._running()], "connect_timeout": timeout,
+                                   "allow_reconnect": False, "name": "bucketwire-devstack-ready"}
+        if self.user is not None:
+            opts.update(user=self.user, password=self.password or "")
+        if self.token is not None:
+            opts["token"] = self.token
+        name = "bucketwire_devstack_ready_probe"
+        cfg = {"name": name, "subjects": [f"_bucketwire.ready.{name}"], "num_replicas": replicas,
+               "storage": "memory", "max_msgs": 1}
+        try:
+            nc = await nats.connect(**opts)  # type: ignore[arg-type]
+        except Exception as e:  # a node not yet taking clients: say so, the caller polls again
+            return f"cannot connect for the placement probe ({type(e).__name__} {e})"
+        try:
+            for subject, body in ((f"$JS.API.STREAM.CREATE.{name}", json.dumps(cfg).encode()),
+                                  (f"$JS.API.STREAM.DELETE.{name}", b"")):
+                try:
+                    resp = await nc.request(subject, body, timeout=timeout)
+                    doc = json.loads(resp.data)
+                except Exception as e:
+                    return f"placement probe: no answer ({type(e).__name__})"
+                err = doc.get("error") if isinstance(doc, dict) else None
+                if isinstance(err, dict):
+                    return f"placement probe: {err.get('description')}"
+            return None
+        finally:
+            await nc.close()
 
     def kill(self, index: int) -> None:
         """SIGKILL one node (its process group), as a crash would."""

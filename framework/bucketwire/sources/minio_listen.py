@@ -16,13 +16,14 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
-
-import minio
+from typing import TYPE_CHECKING, Any
 
 from bucketwire.envelope import Event
 from bucketwire.formats.s3_records import RecordError, record_to_event
 from bucketwire.sources import Publish, publish_until_acked
+
+if TYPE_CHECKING:  # an annotation only: every `bucketwire` process imports this module through the CLI
+    import minio
 
 log = logging.getLogger("bucketwire.sources.minio_listen")
 
