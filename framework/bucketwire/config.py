@@ -148,6 +148,7 @@ class JournalConfig(Table):
     lease_ttl: PositiveFloat = 5.0
     connect_timeout: PositiveFloat = 5.0
     request_timeout: PositiveFloat = 10.0
+    start_timeout: PositiveFloat = 30.0
     user: Secret | None = None
     password: Secret | None = None
     token: Secret | None = None

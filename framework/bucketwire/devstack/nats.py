@@ -295,13 +295,30 @@ class NatsCluster:
         node.proc.wait()
         node.proc = None
 
-    def restart(self, index: int, timeout: float = 30.0) -> None:
-        """Start a killed node again on the same ports and store; it rejoins and catches up."""
+    def restart(self, index: int, timeout: float = 30.0, ready: bool = True) -> None:
+        """Start a killed node again on the same ports and store; it rejoins and catches up. `ready=False` returns
+        once the node serves its monitoring endpoint, without `wait_ready`: inside the window in which the cluster
+        cannot place a replicated asset yet, which is what a hub started together with a node meets."""
         node = self.nodes[index]
         if node.proc is not None:
             self.kill(index)
         self._spawn(node)
-        self.wait_ready(timeout, [node])
+        if ready:
+            self.wait_ready(timeout, [node])
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                node.jsz()
+                return
+            except (OSError, ValueError):
+                if node.proc is not None and node.proc.poll() is not None:
+                    raise NatsError(f"nats-server {node.name} exited with {node.proc.returncode}; "
+                                    f"see {node.store / 'nats-server.log'}") from None
+                if time.monotonic() > deadline:
+                    raise NatsError(f"nats-server {node.name} does not serve /jsz after {timeout:.0f} s; "
+                                    f"see {node.store / 'nats-server.log'}") from None
+            time.sleep(0.01)  # pacing: polling the monitoring endpoint
 
     def stop(self, grace: float = 5.0) -> None:
         for node in self.nodes:

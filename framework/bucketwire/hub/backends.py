@@ -16,6 +16,7 @@ def jetstream_settings(cfg: Config) -> JetStreamSettings:
         creds=str(j.creds) if j.creds else None, tls_ca=str(j.tls_ca) if j.tls_ca else None,
         tls_cert=str(j.tls_cert) if j.tls_cert else None, tls_key=str(j.tls_key) if j.tls_key else None,
         connect_timeout=j.connect_timeout, request_timeout=j.request_timeout, lease_ttl=j.lease_ttl,
+        start_timeout=j.start_timeout,
     )
 
 

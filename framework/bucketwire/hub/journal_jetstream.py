@@ -91,6 +91,9 @@ class JetStreamSettings:
     request_timeout: float = 10.0
     lease_ttl: float = 5.0
     """Seconds a group's dispatch lease lives without renewal: how long a standby waits before it takes over."""
+    start_timeout: float = 30.0
+    """Seconds the start waits for the cluster to place the hub's KV buckets while the failure is a passing one
+    (a node just (re)started, no meta leader yet): see `_ensure_kv`."""
 
 
 def token(name: str) -> str:
@@ -378,7 +381,8 @@ class JetStreamJournal:
         self.nc: Any = None
         self.js: Any = None
         try:
-            budget = settings.connect_timeout * (1 + len(settings.servers)) + settings.request_timeout
+            budget = (settings.connect_timeout * (1 + len(settings.servers)) + settings.request_timeout
+                      + settings.start_timeout)
             self._run(self._connect(), budget)
         except BaseException:
             self.close()
@@ -461,27 +465,83 @@ class JetStreamJournal:
         return f"{self.prefix}_leases"
 
     async def _ensure_kv(self) -> None:
-        from nats.errors import NoRespondersError
-        from nats.js.api import KeyValueConfig
-        from nats.js.errors import ServiceUnavailableError
+        """Create (or bind) the cursor and lease buckets, waiting out a cluster that cannot place them yet.
 
-        try:
-            await self.js.create_key_value(KeyValueConfig(bucket=self._kv_cursors, history=1,
-                                                          replicas=self.settings.replicas))
-            await self.js.create_key_value(KeyValueConfig(bucket=self._kv_leases, history=1,
-                                                          ttl=self.settings.lease_ttl,
-                                                          replicas=self.settings.replicas))
-        except (ServiceUnavailableError, NoRespondersError):
-            raise JetStreamError(f"JetStream does not answer at {', '.join(self.settings.servers)}: run "
-                                 "nats-server with -js (JetStream enabled), and a quorum of its cluster") from None
-        except Exception as e:
-            if "no suitable peers" in str(e):
-                raise JetStreamError(f"[journal] replicas = {self.settings.replicas} but the cluster at "
-                                     f"{', '.join(self.settings.servers)} has fewer JetStream nodes up to place them "
-                                     "on; set replicas to at most its number of nodes") from None
-            raise JetStreamError(f"cannot create the cursor bucket {self._kv_cursors!r}: {e}; "
-                                 f"does the cluster have {self.settings.replicas} JetStream nodes "
-                                 "([journal] replicas)?") from None
+        Right after a nats-server node starts or restarts, and while the cluster has no meta leader, the meta
+        leader cannot place a replicated bucket: it places only on peers whose statistics it has had since their
+        route came up ("no suitable peers for placement, peer offline"), and a leaderless cluster answers
+        "temporarily unavailable" or not at all. A hub started together with its cluster (a rolling restart,
+        compose bringing all up at once) lands in that window; refusing to start there, with a line about
+        `replicas`, would send the operator after a setting that is right. So those answers are retried up to
+        `start_timeout`; what no wait can change (no JetStream at all, more replicas than the cluster has
+        servers) fails at once. Start-up only: the per-event commit path must answer at once, never wait here.
+        """
+        from nats.js.api import KeyValueConfig
+
+        s = self.settings
+        buckets = [KeyValueConfig(bucket=self._kv_cursors, history=1, replicas=s.replicas),
+                   KeyValueConfig(bucket=self._kv_leases, history=1, ttl=s.lease_ttl, replicas=s.replicas)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.start_timeout
+        next_note = loop.time() + 2.0
+        for cfg in buckets:
+            while True:
+                left = deadline - loop.time()
+                try:
+                    await asyncio.wait_for(self.js.create_key_value(cfg), max(0.5, min(s.request_timeout, left)))
+                    break
+                except Exception as e:  # noqa: BLE001 - sorted into passing and final below
+                    why = self._passing_placement_error(e)
+                    if why is None:
+                        raise self._placement_error(cfg.bucket, e) from None
+                    log.debug("cannot place a KV bucket yet", extra={"bucket": cfg.bucket, "reason": why})
+                if loop.time() >= deadline:
+                    raise JetStreamError(
+                        f"the NATS cluster at {', '.join(s.servers)} could not place the KV bucket {cfg.bucket!r} "
+                        f"with {s.replicas} replicas within [journal] start_timeout = {s.start_timeout:g} s "
+                        f"({why}); start every JetStream node of the cluster and check that they route to each "
+                        "other (the meta leader must see each one), or raise start_timeout") from None
+                if loop.time() >= next_note:
+                    log.info("waiting for the NATS cluster to place the hub's KV buckets",
+                             extra={"bucket": cfg.bucket, "replicas": s.replicas, "reason": why,
+                                    "gives_up_in": round(deadline - loop.time(), 1)})
+                    next_note = loop.time() + 5.0
+                await asyncio.sleep(0.1)  # pacing: the meta leader hears from a (re)started node within a second
+
+    @staticmethod
+    def _passing_placement_error(e: Exception) -> str | None:
+        """What the cluster said, when it is an answer that waiting changes (a node not yet known to the meta
+        leader, no meta leader, no answer in time); None for a final one."""
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.errors import APIError, ServiceUnavailableError
+
+        if isinstance(e, TimeoutError | NatsTimeout):
+            return "no answer in time"
+        if isinstance(e, ServiceUnavailableError):
+            # With an error code it is JetStream saying it has no meta leader yet; without one it is "no
+            # responders": no server runs JetStream, which no wait changes.
+            return f"{e.description or 'JetStream temporarily unavailable'}" if e.err_code else None
+        if isinstance(e, APIError) and "no suitable peers" in str(e.description) and "peer offline" in \
+                str(e.description):
+            # "offline" is the reason nats-server adds when a peer it knows has not reported to the leader; with
+            # more replicas than servers the same error comes without any reason.
+            return str(e.description)
+        return None
+
+    def _placement_error(self, bucket: str, e: Exception) -> JetStreamError:
+        from nats.js.errors import APIError, ServiceUnavailableError
+
+        s = self.settings
+        if isinstance(e, ServiceUnavailableError):
+            return JetStreamError(f"JetStream does not answer at {', '.join(s.servers)}: run nats-server with -js "
+                                  "(JetStream enabled), and a quorum of its cluster")
+        desc = str(e.description) if isinstance(e, APIError) else f"{type(e).__name__}: {e}"
+        if "no suitable peers" in desc:
+            return JetStreamError(f"[journal] replicas = {s.replicas} but the NATS cluster at {', '.join(s.servers)} "
+                                  "has fewer JetStream servers to place them on; set replicas to at most its "
+                                  "number of servers")
+        return JetStreamError(f"cannot create the KV bucket {bucket!r} ({desc}); check the NATS account's "
+                              "JetStream limits and [journal] replicas")
 
     async def _load_state(self) -> None:
         """Heads of every topic stream, and every cursor and counter with its revision."""
