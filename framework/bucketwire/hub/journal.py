@@ -35,7 +35,7 @@ SCHEMA = 2
 event and before retention drops events; a head is the larger of it and the topic's highest seq in `events`.
 A schema 1 journal is a valid schema 2 one (its heads are floors); a bucketwire that knows only 1 refuses a 2,
 whose `topics` it would take for heads and reuse seqs from."""
-CHECKPOINT_INTERVAL = 0.1
+CHECKPOINT_INTERVAL = 0.5
 """Seconds between background checkpoints."""
 AUTOCHECKPOINT_PAGES = 4096
 """WAL pages (16 MiB) after which the writer checkpoints itself; by then the background has done nearly all of it,
