@@ -398,3 +398,16 @@ def test_a_mixed_request_is_answered_event_by_event_in_its_order(hub: InProcessH
     after = (m.received.labels("zmq", "mix-a")._value.get(), m.received.labels("zmq", "mix-b")._value.get(),
              m.duplicates.labels("zmq")._value.get(), m.unrouted.labels("zmq")._value.get())
     assert [b - a for a, b in zip(counts, after, strict=True)] == [2, 1, 2, 2]
+
+
+def test_an_event_behind_one_that_passed_its_topic_is_still_checked(hub: InProcessHub) -> None:
+    """A topic's own checks run once per request, each event's (hops, a NUL in its object key) for every event:
+    an object event behind one that passed on the same topic is refused, and with it the whole request."""
+    for i, bad in enumerate([{"hops": MAX_HOPS + 1}, {"data": {"key": "a\0b"}}]):
+        sent = [_bench(950 + 2 * i, id=f"behind-{i}-ok", topic="behind"),
+                _bench(951 + 2 * i, id=f"behind-{i}-bad", topic="behind", **bad)]
+        assert all(isinstance(d["data"]["bucket"], str) for d in sent)  # object events: the inline test's case
+        cmd, hdr = hub.publish([json.dumps(d).encode() for d in sent])
+        assert cmd == P.PUBNACK, hdr
+        assert ("hop limit" if i == 0 else "NUL") in hdr["error"], hdr
+    assert "behind" not in hub.hub.journal.heads, "nothing of a refused request was committed"
