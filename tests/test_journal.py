@@ -10,6 +10,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bucketwire.hub.journal import CHUNK, DDL, SCHEMA, Batch, Journal, NewEvent, StaleSchemaError
 
@@ -174,4 +176,34 @@ def test_a_batch_with_a_duplicate_of_a_committed_event_leaves_no_hole(tmp_path, 
     j = Journal(tmp_path / "j.db")
     assert [r[0] for r in j.read("t", 1, 1000)] == list(range(1, 4 + size)), "no hole, nothing twice"
     assert j.heads == {"t": 3 + size}
+    j.close()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(batches=st.lists(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 12)), max_size=30),
+                        min_size=1, max_size=3))
+def test_seqs_follow_each_topic_through_interleaved_batches(tmp_path_factory, batches):
+    """Whatever the order of topics in a batch (runs of one topic, or interleaved) and wherever a duplicate
+    falls, each new event takes its topic's next seq, a duplicate answers with its original's topic and seq, and
+    the heads are each topic's last seq, in memory and after a reopen."""
+    path = tmp_path_factory.mktemp("seqs") / "j.db"
+    j = Journal(path)
+    heads: dict[str, int] = {}
+    first: dict[int, tuple[str, int]] = {}
+    for batch in batches:
+        want = []
+        for topic, i in batch:
+            if i not in first:
+                heads[topic] = heads.get(topic, 0) + 1
+                first[i] = (topic, heads[topic])
+                want.append((topic, heads[topic], False))
+            else:
+                want.append((*first[i], True))
+        out = j.commit(Batch(events=[ev(topic, i) for topic, i in batch]))
+        assert [(a.topic, a.seq, a.duplicate) for a in out] == want
+        assert all(json.loads(a.body)["seq"] == str(a.seq) for a in out)
+        assert j.heads == heads
+    j.close()
+    j = Journal(path)
+    assert j.heads == heads
     j.close()

@@ -366,3 +366,48 @@ def test_the_hub_commits_the_same_bytes_or_refuses_the_same(hub: InProcessHub, d
     assert (res["topic"], res["seq"]) == (row[0], row[1])
     if not res["duplicate"]:  # the same (source, id) again is answered with the first one's topic and seq
         assert row[0] == topic and row[2] == _before(d, topic, row[1])[1]
+
+
+def test_a_mixed_request_is_answered_event_by_event_in_its_order(hub: InProcessHub) -> None:
+    """The PUBACK of one request holding new events on two topics, unrouted ones, a duplicate of an event of the
+    same request and one of an event committed before: one result per event, in the request's order, each with
+    exactly the keys and values the hub answered before its results were built straight from the commit, and
+    the received, duplicate and unrouted counters moved by what the request really did."""
+    m = hub.hub.metrics
+    old = _bench(900, id="mix-old", topic="mix-a")
+    cmd, hdr = hub.publish([json.dumps(old).encode()])
+    assert cmd == P.PUBACK, hdr
+    old_seq = hdr["results"][0]["seq"]
+    unrouted = {"topic": None, "data": {"bucket": "zzz"}}  # no route takes bucket "zzz"
+    sent = [_bench(901, id="mix-1", topic="mix-a"), _bench(902, id="mix-2", **unrouted),
+            _bench(903, id="mix-3", topic="mix-b"), _bench(904, id="mix-1", topic="mix-a"),
+            _bench(905, id="mix-old", topic="mix-b"), _bench(906, id="mix-4", **unrouted),
+            _bench(907, id="mix-5", topic="mix-a")]
+    counts = (m.received.labels("zmq", "mix-a")._value.get(), m.received.labels("zmq", "mix-b")._value.get(),
+              m.duplicates.labels("zmq")._value.get(), m.unrouted.labels("zmq")._value.get())
+    cmd, hdr = hub.publish([json.dumps(d).encode() for d in sent])
+    assert cmd == P.PUBACK, hdr
+
+    def res(eid: str, topic: str | None, seq: int | None, dup: bool = False) -> list[tuple[str, Any]]:
+        return [("id", eid), ("topic", topic), ("seq", seq), ("duplicate", dup), ("unrouted", topic is None)]
+
+    assert [list(r.items()) for r in hdr["results"]] == [
+        res("mix-1", "mix-a", old_seq + 1), res("mix-2", None, None), res("mix-3", "mix-b", 1),
+        res("mix-1", "mix-a", old_seq + 1, True), res("mix-old", "mix-a", old_seq, True), res("mix-4", None, None),
+        res("mix-5", "mix-a", old_seq + 2)]
+    after = (m.received.labels("zmq", "mix-a")._value.get(), m.received.labels("zmq", "mix-b")._value.get(),
+             m.duplicates.labels("zmq")._value.get(), m.unrouted.labels("zmq")._value.get())
+    assert [b - a for a, b in zip(counts, after, strict=True)] == [2, 1, 2, 2]
+
+
+def test_an_event_behind_one_that_passed_its_topic_is_still_checked(hub: InProcessHub) -> None:
+    """A topic's own checks run once per request, each event's (hops, a NUL in its object key) for every event:
+    an object event behind one that passed on the same topic is refused, and with it the whole request."""
+    for i, bad in enumerate([{"hops": MAX_HOPS + 1}, {"data": {"key": "a\0b"}}]):
+        sent = [_bench(950 + 2 * i, id=f"behind-{i}-ok", topic="behind"),
+                _bench(951 + 2 * i, id=f"behind-{i}-bad", topic="behind", **bad)]
+        assert all(isinstance(d["data"]["bucket"], str) for d in sent)  # object events: the inline test's case
+        cmd, hdr = hub.publish([json.dumps(d).encode() for d in sent])
+        assert cmd == P.PUBNACK, hdr
+        assert ("hop limit" if i == 0 else "NUL") in hdr["error"], hdr
+    assert "behind" not in hub.hub.journal.heads, "nothing of a refused request was committed"

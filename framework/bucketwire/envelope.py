@@ -287,7 +287,9 @@ def unsent_envelope(eid: str, source: str, typ: str, data: Any, subject: str | N
 Unsent = bytes | dict[str, Any]
 """An envelope waiting for its seq: `pre_render`'s answer."""
 
-_SEQ_SLOT = b'"seq":"' + UNSET_SEQ.encode() + b'"'
+SEQ_SLOT = b'"seq":"' + UNSET_SEQ.encode() + b'"'
+"""Where `render` writes the seq into a `pre_render`ed envelope's bytes (the journal does it inline, once per
+event)."""
 
 
 def pre_render(envelope: dict[str, Any]) -> Unsent:
@@ -304,7 +306,7 @@ def pre_render(envelope: dict[str, Any]) -> Unsent:
         body = orjson.dumps(envelope)
     except TypeError:
         return envelope
-    at = body.find(_SEQ_SLOT)
+    at = body.find(SEQ_SLOT)
     if body.find(b"{", 1, at) < 0:
         return body
     return envelope
@@ -314,7 +316,7 @@ def render(envelope: Unsent, seq: int) -> bytes:
     """The bytes of a `pre_render`ed envelope committed at `seq`: what the journal stores and every worker
     receives."""
     if type(envelope) is bytes:
-        return envelope.replace(_SEQ_SLOT, b'"seq":"%d"' % seq, 1)
+        return envelope.replace(SEQ_SLOT, b'"seq":"%d"' % seq, 1)
     assert isinstance(envelope, dict)
     envelope["seq"] = str(seq)  # seq_to_wire, inline: once per committed event
     try:

@@ -183,7 +183,7 @@ class GroupState:
             return
         seed, ready, name = self.seed, self.ready, self.name
         for seq, objkey, body in items:
-            if not_for_group(body, name):
+            if TARGET_MARK in body and not_for_group(body, name):  # its byte test inline: a call less per event
                 self._mark_acked(topic, seq)
                 continue
             it = Item(topic, seq, objkey, body, seed.pop((topic, seq), 0) if seed else 0)

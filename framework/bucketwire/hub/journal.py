@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from bucketwire.envelope import Unsent, render
+from bucketwire.envelope import SEQ_SLOT, Unsent, render
 
 log = logging.getLogger("bucketwire.journal")
 
@@ -35,7 +35,7 @@ SCHEMA = 2
 event and before retention drops events; a head is the larger of it and the topic's highest seq in `events`.
 A schema 1 journal is a valid schema 2 one (its heads are floors); a bucketwire that knows only 1 refuses a 2,
 whose `topics` it would take for heads and reuse seqs from."""
-CHECKPOINT_INTERVAL = 0.1
+CHECKPOINT_INTERVAL = 0.5
 """Seconds between background checkpoints."""
 AUTOCHECKPOINT_PAGES = 4096
 """WAL pages (16 MiB) after which the writer checkpoints itself; by then the background has done nearly all of it,
@@ -345,6 +345,8 @@ class Journal:
         heads: dict[str, int] = {}  # the heads this batch moves; never a copy of all of them (topics are many)
         seen: dict[tuple[str, str], Appended] = {}
         committed = self.heads
+        last: str | None = None  # the topic of the event before: its seq is `seq`, `heads` is written at a change
+        seq = 0
         for n, ev in enumerate(events):
             topic, source, eid, objkey = ev.topic, ev.source, ev.id, ev.objkey
             k = (source, eid)
@@ -355,17 +357,27 @@ class Journal:
             if prev is not None:
                 out.append(Appended(prev.topic, prev.seq, prev.body, prev.objkey, duplicate=True))
                 continue
-            seq = heads.get(topic)
-            seq = (committed.get(topic, 0) if seq is None else seq) + 1
-            heads[topic] = seq
+            if topic == last:  # a run of one topic (most batches): no lookups of the heads
+                seq += 1
+            else:
+                if last is not None:
+                    heads[last] = seq
+                last = topic
+                s_ = heads.get(topic)
+                seq = (committed.get(topic, 0) if s_ is None else s_) + 1
+            unsent = ev.envelope
             if before is not None and not before[n].duplicate and before[n].seq == seq:
                 body = before[n].body
+            elif type(unsent) is bytes:  # `render`, inline
+                body = unsent.replace(SEQ_SLOT, b'"seq":"%d"' % seq, 1)
             else:
-                body = render(ev.envelope, seq)
+                body = render(unsent, seq)
             a = Appended(topic, seq, body, objkey)
             seen[k] = a
             out.append(a)
             rows += (topic, seq, source, eid, objkey, now, body)
+        if last is not None:
+            heads[last] = seq
         return out, rows, heads
 
     @staticmethod
