@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bucketwire import Event, security
 from bucketwire.client import HubClient, HubRefused, HubUnavailable
-from bucketwire.envelope import follow_on_id, stable_id
+from bucketwire.envelope import follow_on_id, stable_id, unsent_of
 from tests.fixtures_hub import Stack, wait_for
 from tests.test_security import GROUPS, cfg_for, client_config, revoke, secure_stack, sub_socket
 
@@ -289,7 +289,7 @@ def test_a_suppressed_dead_letter_is_never_reported_as_recorded(stack_factory, t
                   type="t", topic="x", data={})
     j = Journal(s.cfg.hub.state_dir / "journal.db")
 
-    j.commit(Batch(events=[NewEvent("x", squat.source, squat.id, None, squat.unsent("x"))]))
+    j.commit(Batch(events=[NewEvent("x", squat.source, squat.id, None, unsent_of(squat, "x"))]))
     j.close()
     s.start_hub()
     with s.client() as c:

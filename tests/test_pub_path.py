@@ -225,10 +225,10 @@ def test_an_envelope_is_read_and_rendered_as_before(d: Any, topic: str, seq: int
 
 
 def test_an_event_unsent_is_its_envelope() -> None:
-    """`Event.unsent` (follow-ons, dead letters, webhooks) renders what `to_json` wrote with the topic and seq set."""
+    """`unsent_of` (follow-ons, dead letters, webhooks) renders what `to_json` wrote with the topic and seq set."""
     for d in (payload(1, 0.0), {**payload(2, 0.0), "myext": [1, 2], "causationid": "c", "subject": None}):
         ev = E.Event.from_dict(d)
-        env = ev.unsent("t")
+        env = E.unsent_of(ev, "t")
         assert len(orjson.dumps(env)) == E.envelope_bytes(ev, "t")
         body = E.render(E.pre_render(env), 42)
         ev.topic, ev.seq = "t", 42

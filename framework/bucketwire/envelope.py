@@ -225,13 +225,6 @@ class Event:
     def to_json(self) -> bytes:
         return dumps(self.to_dict())
 
-    def unsent(self, topic: str) -> dict[str, Any]:
-        """This event's envelope as the hub will commit it to `topic`, before its seq is known (see
-        `unsent_envelope`)."""
-        return envelope_dict(self.id, self.source, self.type, self.data, self.subject, self.time,
-                             self.datacontenttype, topic, UNSET_SEQ, self.causationid, self.hops, self.schemaversion,
-                             self.extensions)
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, text_checked: bool = False) -> Event:
         """See `read_envelope`."""
@@ -251,7 +244,7 @@ def envelope_dict(eid: str, source: str, typ: str, data: Any, subject: str | Non
                   extensions: dict[str, Any]) -> dict[str, Any]:
     """An envelope's JSON object: its attributes in the order every envelope is written in (`seq` in its wire
     form, see `seq_to_wire`; attributes that are None left out), `Event`'s fields as parameters, in their order.
-    The one place that order is written: `Event.to_dict`, `Event.unsent` and `unsent_envelope` all come here."""
+    The one place that order is written: `Event.to_dict` and `unsent_envelope` (and so `unsent_of`) come here."""
     d: dict[str, Any] = {
         "specversion": SPEC_VERSION, "id": eid, "source": source, "type": typ, "time": time,
         "datacontenttype": datacontenttype, "schemaversion": schemaversion, "hops": hops,
@@ -284,6 +277,14 @@ def unsent_envelope(eid: str, source: str, typ: str, data: Any, subject: str | N
                          causationid, hops, schemaversion, extensions)
 
 
+def unsent_of(ev: Event, topic: str) -> dict[str, Any]:
+    """`ev`'s envelope as the hub will commit it to `topic`, before its seq is known: what `unsent_envelope`
+    builds from a published one (follow-ons, dead letters and webhooks start from an `Event`). A function of the
+    hub's, not a method: plugins see `Event`, and this is none of theirs."""
+    return unsent_envelope(ev.id, ev.source, ev.type, ev.data, ev.subject, ev.time, ev.datacontenttype, topic, None,
+                           ev.causationid, ev.hops, ev.schemaversion, ev.extensions)
+
+
 Unsent = bytes | dict[str, Any]
 """An envelope waiting for its seq: `pre_render`'s answer."""
 
@@ -307,9 +308,9 @@ def pre_render(envelope: dict[str, Any]) -> Unsent:
     except TypeError:
         return envelope
     at = body.find(SEQ_SLOT)
-    if body.find(b"{", 1, at) < 0:
+    if at > 0 and body.find(b"{", 1, at) < 0:
         return body
-    return envelope
+    return envelope  # (no slot at all: not an `unsent_envelope`; `render` sets its seq in the dict)
 
 
 def render(envelope: Unsent, seq: int) -> bytes:

@@ -42,6 +42,7 @@ from bucketwire.envelope import (
     read_envelope,
     stable_id,
     unsent_envelope,
+    unsent_of,
 )
 from bucketwire.hub.backends import open_journal
 from bucketwire.hub.dispatch import DeadLetter, GroupState, Key, WorkerState, decode_ranges, encode_ranges
@@ -485,7 +486,8 @@ class Hub:
 
     # -- building events for the journal --------------------------------------------------------------------
     def _new(self, ev: Event, topic: str) -> NewEvent:
-        return self._stage(ev.unsent(topic))
+        """The journal's entry for `ev` in `topic` (HubOps: dlq retry, replay)."""
+        return self._stage(unsent_of(ev, topic))
 
     @staticmethod
     def _stage(env: dict[str, Any]) -> NewEvent:
@@ -519,16 +521,16 @@ class Hub:
             causationid=orig.get("id"),
             hops=orig.get("hops", 0) if isinstance(orig.get("hops"), int) else 0,
         )
-        env = ev.unsent(topic)
+        env = unsent_of(ev, topic)
         if self._oversized(env, topic) is not None:
             omit_original(ev, len(dl.item.body))
-            env = ev.unsent(topic)
+            env = unsent_of(ev, topic)
         self._carry(self._stage(env), "dead-letter",
                     {"group": dl.group, "topic": dl.item.topic, "seq": dl.item.seq, "error": dl.line})
 
     def _too_large(self, ev: Event, topic: str) -> str | None:
-        """Why `ev` is too large to commit to `topic`, or None (see `_oversized`)."""
-        return self._oversized(ev.unsent(topic), topic)
+        """Why `ev` is too large to commit to `topic`, or None (HubOps; see `_oversized`)."""
+        return self._oversized(unsent_of(ev, topic), topic)
 
     def _oversized(self, env: dict[str, Any], topic: str, bound: int = -1,
                    unsent: Unsent | None = None) -> str | None:
@@ -719,7 +721,7 @@ class Hub:
                 events, source, done = self.ingress_q.get_nowait()
             except queue.Empty:
                 return
-            self._ingest([ev.unsent(ev.topic or "") for ev in events], source, batch, done, replies)
+            self._ingest([unsent_of(ev, ev.topic or "") for ev in events], source, batch, done, replies)
 
     def _reject(self, ident: bytes, reason: str, detail: str) -> None:
         self.metrics.rejected.labels("zmq", reason).inc()
@@ -891,7 +893,7 @@ class Hub:
                                                          "forbidden by role", None), refused=True)
                             continue
                         fresh: set[str] = set()
-                        env = fo.unsent(fo.topic or "")
+                        env = unsent_of(fo, fo.topic or "")
                         refusal = self._refusal(env, fo.topic or "", fresh)
                         if refusal is not None:
                             reason, message = refusal
@@ -972,13 +974,10 @@ class Hub:
             return
 
         def done(res: list[IngestResult] | None, err: str | None) -> None:
+            """Refusals and failed commits only: a committed request is answered by `answer`."""
             refused = next((r.error for r in res if r.error), None) if res is not None else err
-            if res is None or refused:
-                big = next((i for i, r in enumerate(res) if r.too_large), None) if res is not None else None
-                self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=refused or "refused",
-                                                                 too_large=big))])
-            else:
-                self.net.send([ident, P.PUBACK, P.enc(P.PubAck(req=req, results=[r.as_dict() for r in res]))])
+            big = next((i for i, r in enumerate(res) if r.too_large), None) if res is not None else None
+            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=refused or "refused", too_large=big))])
 
         def answer(results: list[dict[str, Any]]) -> None:
             self.net.send([ident, P.PUBACK, P.enc(P.PubAck(req=req, results=results))])
