@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -194,13 +194,14 @@ class Listeners:
                                                                    "publish": sec.publish_previous})
 
     # -- work sockets ----------------------------------------------------------------------------------------
-    def receive(self, sock: Socket) -> list[bytes] | None:
+    def receive(self, sock: Socket, ready: bool = False) -> list[bytes] | None:
         """The next message on `sock`, or None when none waits; [] for one from a revoked key (already answered).
+        `ready`: the loop's poll has just said a message waits, so libzmq is not asked again.
 
         With CURVE, zero-copy frames carry the ZAP User-Id (the name of the key that admitted the peer): it
         becomes `user`, and the peer's ROUTER is remembered so replies leave on the socket it came in on.
         """
-        if not readable(sock):  # cheaper than raising zmq.Again on every turn
+        if not ready and not readable(sock):  # cheaper than raising zmq.Again on every turn
             return None
         try:
             if self.auth is None:
@@ -283,11 +284,14 @@ class Listeners:
             except zmq.Again:  # refused at the first frame: ZeroMQ takes a message whole or not at all
                 self.metrics.send_again.labels("pub").inc()
 
-    def _drain_subscriptions(self) -> None:
-        """Count the subscriptions that arrived on the XPUB sockets; with CURVE also apply or refuse each."""
+    def _drain_subscriptions(self, ready: Container[object] | None) -> None:
+        """Count the subscriptions that arrived on the XPUB sockets; with CURVE also apply or refuse each.
+        `ready`: what the loop's poll found readable (None: ask every socket)."""
         manual = self.auth is not None
         for ls in self.listeners:
             pub = ls.pub
+            if ready is not None and pub not in ready:
+                continue
             for _ in range(1000):
                 if not readable(pub):
                     break
@@ -332,11 +336,12 @@ class Listeners:
         """Thread/signal-safe: re-read the key allow-list and the server keys on the next `tick` (SIGHUP)."""
         self._reload.set()
 
-    def tick(self, now: float) -> None:
-        """Each loop turn: with CURVE the reloads when due; then the subscriptions that arrived."""
+    def tick(self, now: float, ready: Container[object] | None = None) -> None:
+        """Each loop turn: with CURVE the reloads when due; then the subscriptions that arrived (`ready`: what the
+        loop's poll found readable; None asks every socket)."""
         if self.auth is not None:
             self._security_tick(now, self.auth)
-        self._drain_subscriptions()
+        self._drain_subscriptions(ready)
 
     def _security_tick(self, now: float, auth: KeyAuthenticator) -> None:
         """Every reload_interval (and on SIGHUP): pick up allow-list changes; on SIGHUP also the server keys."""

@@ -36,9 +36,9 @@ def probe_hub(out: str, argv: list[str]) -> None:
     turn = [0.0]
     tick, on_pub, init = loop.Hub.tick, loop.Hub._on_pub, loop.Hub.__init__
 
-    def p_tick(self: loop.Hub, *rest: Any) -> None:
+    def p_tick(self: loop.Hub, *rest: Any, **kw: Any) -> None:
         turn[0] = time.monotonic()
-        tick(self, *rest)
+        tick(self, *rest, **kw)
 
     def p_on_pub(self: loop.Hub, ident: bytes, hdr: Any, *rest: Any) -> None:
         for d in hdr.events:
