@@ -33,6 +33,7 @@ from bucketwire.security import (
     server_key_path,
     start_authenticator,
 )
+from bucketwire.zmqio import recv_frames
 
 log = logging.getLogger("bucketwire.hub")
 
@@ -205,7 +206,7 @@ class Listeners:
             return None
         try:
             if self.auth is None:
-                return sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                return recv_frames(sock)
             parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None

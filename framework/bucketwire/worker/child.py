@@ -36,6 +36,7 @@ from bucketwire.worker import plugin_loading as plugin_loader
 from bucketwire.worker.metrics import child as metrics_child
 from bucketwire.worker.metrics import event_done, handler_done, set_credit
 from bucketwire.worker.running import RunningSlot
+from bucketwire.zmqio import recv_frames
 
 log = logging.getLogger("bucketwire.worker")
 events_log = logging.getLogger("bucketwire.events")
@@ -396,18 +397,8 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
             os.close(stop_fd)
 
 
-_recv = cast(Callable[[Any, int], bytes], zmq_backend.Socket.recv)
 _get = cast(Callable[[Any, int], int], zmq_backend.Socket.get)
-_NOBLOCK, _RCVMORE, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
-
-
-def recv_frames(d: zmq.Socket[bytes]) -> list[bytes]:
-    """`recv_multipart` straight on libzmq: an older hub's DELIVER has a frame per event, and pyzmq's Python layer
-    (its option lookup for RCVMORE, its per-frame checks) cost more than the receive itself."""
-    frames = [_recv(d, _NOBLOCK)]
-    while _get(d, _RCVMORE):
-        frames.append(_recv(d, _NOBLOCK))
-    return frames
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 _decode = msgspec.json.Decoder().decode
