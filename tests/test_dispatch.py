@@ -50,6 +50,52 @@ def test_lru_batches_and_credit():
     assert [(w.ident, [i.seq for i in items]) for w, items in g.dispatch(10, 0.0)] == [(b"w1", [5])]
 
 
+def _one(g: GroupState, seq: int) -> bytes:
+    """Offer event `seq` alone and dispatch it; the worker it went to."""
+    g.offer("t", seq, [(seq, None, b"{}")])
+    sent = g.dispatch(10, 0.0)
+    assert [it.seq for _, items in sent for it in items] == [seq]
+    return sent[0][0].ident
+
+
+def test_an_idle_worker_is_chosen_over_a_busy_one_that_still_has_credit() -> None:
+    """An event must not wait behind a long handler while another worker has nothing to do. Least recently used
+    alone handed event 3 to the worker still running event 1, because it had credit left."""
+    g = group()
+    add_worker(g, "w1")
+    add_worker(g, "w2")
+    slow = _one(g, 1)
+    quick = _one(g, 2)
+    assert quick != slow, "a worker with an event in hand is not the first choice while another is idle"
+    g.ack("t", 2)  # the quick one is idle again; the slow one still runs event 1
+    assert _one(g, 3) == quick
+    assert g.workers[slow].inflight.keys() == {("t", 1)}
+
+
+def test_at_a_modest_rate_the_warm_worker_takes_event_after_event() -> None:
+    """Each event done before the next arrives: the worker that ran the last one runs the next (its process is
+    awake and its caches warm), the others sleep. Taking turns woke every worker for every n-th event."""
+    g = group()
+    for name in ("w1", "w2", "w3"):
+        add_worker(g, name)
+    used = []
+    for seq in range(1, 9):
+        used.append(_one(g, seq))
+        g.ack("t", seq)
+    assert len(set(used)) == 1, used
+
+
+def test_under_load_busy_workers_take_turns_least_recently_used_first() -> None:
+    """No worker idle: the order is least recently used, so the load spreads as before."""
+    g = group()
+    w1, w2, w3 = (add_worker(g, n, credit=3) for n in ("w1", "w2", "w3"))
+    load(g, [None] * 3)
+    assert [(w.ident, len(items)) for w, items in g.dispatch(1, 0.0)] == [(b"w1", 1), (b"w2", 1), (b"w3", 1)]
+    g.offer("t", 4, [(4, None, b"{}"), (5, None, b"{}")])
+    assert [w.ident for w, _ in g.dispatch(1, 0.0)] == [b"w1", b"w2"]
+    assert all(w.inflight for w in (w1, w2, w3))
+
+
 def test_cursor_is_the_contiguous_watermark():
     g = group()
     add_worker(g, "w")

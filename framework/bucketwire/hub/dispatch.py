@@ -82,6 +82,7 @@ class WorkerState:
     # Insertion order is delivery order, which is the order its child works in: the first key is the event
     # it is running (or has just finished and not yet acked).
     inflight: dict[Key, Item] = field(default_factory=dict)
+    served: bool = False  # it has been handed events: an idle one that has is warm (`GroupState._dispatch_order`)
 
     @property
     def free(self) -> int:
@@ -237,15 +238,31 @@ class GroupState:
         return True
 
     # -- dispatch --------------------------------------------------------------------------------------------
+    def _dispatch_order(self) -> list[WorkerState]:
+        """Idle workers first, the one used last first among them (then those never used); then the busy ones
+        with credit, least recently used first (`workers` is kept in order of use).
+
+        An idle worker before a busy one: an event never waits behind a long handler while another worker has
+        nothing to do. The warm one first among the idle: at a modest rate one worker takes event after event
+        and the others sleep. A process woken every millisecond runs its Python about three times faster than one
+        woken every two (cold caches after an idle CPU), which at 1,000 events/s was the difference between
+        taking turns and not. Under load no worker is idle and the order is least recently used, as before."""
+        free = [w for w in self.workers.values() if w.free > 0]
+        if len(free) < 2:
+            return free
+        warm = [w for w in reversed(free) if not w.inflight and w.served]
+        return (warm + [w for w in free if not w.inflight and not w.served]  # never used: in the order they joined
+                + [w for w in free if w.inflight])
+
     def dispatch(self, batch_max: int, now: float) -> list[tuple[WorkerState, list[Item]]]:
-        """Hand ready events to workers with credit, least recently used first, up to `batch_max` each."""
+        """Hand ready events to workers with credit, in `_dispatch_order`, up to `batch_max` each."""
         out: list[tuple[WorkerState, list[Item]]] = []
         if not self.ready:
             return out
         # The per-event loop reads the group's tables through locals and builds each event's key once.
         ready, holder, inflight, replays = self.ready, self.holder, self.inflight, self.replays
         acked, acked_above = self.acked, self.acked_above
-        for w in [w for w in self.workers.values() if w.free > 0]:
+        for w in self._dispatch_order():
             take: list[Item] = []
             n = min(w.free, batch_max)
             passed: list[Item] = []
@@ -279,6 +296,7 @@ class GroupState:
             self.ready.extendleft(reversed(passed))
             if take:
                 out.append((w, take))
+                w.served = True
                 self.workers.move_to_end(w.ident)
             if not self.ready:
                 break
