@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bucketwire import Event
 from bucketwire.envelope import SCHEMA_VERSION
@@ -221,3 +223,32 @@ def test_an_ack_for_events_not_yet_handed_out_skips_none_of_them(stack_factory: 
         wait_for(lambda: "ack for events the group has not loaded" in s.dump_logs(), 10, "the ignored ack logged")
     finally:
         d.close()
+
+
+def _ranges_one_seq_at_a_time(oks: list[tuple[str, int]]) -> dict[str, list[list[int]]]:
+    """How a child built its ranges before they were built a stretch at a time: each seq extends its topic's last
+    range when it follows on, else starts one."""
+    runs: dict[str, list[list[int]]] = {}
+    for t, s in oks:
+        rs = runs.get(t)
+        if rs is None:
+            runs[t] = [[s, s]]
+        elif rs[-1][1] + 1 == s:
+            rs[-1][1] = s
+        else:
+            rs.append([s, s])
+    return runs
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(oks=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(1, 12)), max_size=40))
+def test_a_childs_ack_ranges_are_what_acking_seq_by_seq_made(oks: list[tuple[str, int]]) -> None:
+    """Whatever the order of its events (topics interleaved, seqs repeated, out of order, in runs), a child's ACK
+    names exactly the ranges, in the same order, that it built one seq at a time: the same bytes."""
+    from bucketwire import protocol as P
+    from bucketwire.worker.child import ack_frame
+
+    want = _ranges_one_seq_at_a_time(oks)
+    assert ack_frame("g", list(oks), [], True) == P.enc({"g": "g", "ok": want})
+    failed = [{"t": "a", "s": 1, "ok": False, "error": "x"}]
+    assert ack_frame("g", list(oks), failed, True) == P.enc({"g": "g", "ok": want, "results": failed})

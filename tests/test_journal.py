@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketwire.hub.journal import CHUNK, DDL, SCHEMA, Batch, Journal, NewEvent, StaleSchemaError
+from bucketwire.hub.journal import CHUNK, DDL, RECENT, SCHEMA, SINGLE, STEP, Batch, Journal, NewEvent, StaleSchemaError
 
 
 def ev(topic: str, i: int, source: str = "s", body: bytes = b"x" * 100) -> NewEvent:
@@ -154,11 +154,12 @@ def test_a_schema_1_journal_opens_with_its_heads(tmp_path):
     j.close()
 
 
-@pytest.mark.parametrize("size,at", [(3, 1), (CHUNK + 5, CHUNK + 2)])
+@pytest.mark.parametrize("size,at", [(3, 1), (40, 38), (CHUNK + 5, CHUNK + 2)])
 def test_a_batch_with_a_duplicate_of_a_committed_event_leaves_no_hole(tmp_path, size, at):
     """New events and duplicates of ones already committed, in one batch (one INSERT, and several with the
-    duplicate in the second): each duplicate answers with its original seq and body, the new ones take the next
-    seqs with no gap, and each new body is rendered with its final seq."""
+    duplicate in the second: 43 rows go as INSERTs of 32 and 11, CHUNK + 8 as CHUNK and 8): each duplicate
+    answers with its original seq and body, the new ones take the next seqs with no gap, and each new body is
+    rendered with its final seq."""
     j = Journal(tmp_path / "j.db")
     j.commit(Batch(events=[ev("t", i) for i in range(3)]))
     batch = [ev("t", 100 + i) for i in range(size)]
@@ -176,6 +177,36 @@ def test_a_batch_with_a_duplicate_of_a_committed_event_leaves_no_hole(tmp_path, 
     j = Journal(tmp_path / "j.db")
     assert [r[0] for r in j.read("t", 1, 1000)] == list(range(1, 4 + size)), "no hole, nothing twice"
     assert j.heads == {"t": 3 + size}
+    j.close()
+
+
+def test_commits_of_every_size_reuse_a_bounded_set_of_insert_statements(tmp_path):
+    """A hub whose commits come in every size from 1 to CHUNK + 40 writes them with a bounded set of INSERT texts
+    (sqlite3 keeps 128 prepared; one text per size made most commits prepare theirs anew), a size that comes back
+    is one INSERT, and every event lands at its seq with its body, none twice."""
+    j = Journal(tmp_path / "j.db")
+    texts: list[str] = []
+    j.db.set_trace_callback(lambda sql: texts.append(sql) if sql.startswith("INSERT INTO events") else None)
+    sizes = list(range(1, CHUNK + 41))
+    sizes = sizes[::2] + sizes[1::2]  # no two neighbours of one size
+    n = 0
+    for k in sizes:
+        out = j.commit(Batch(events=[ev("t", n + i) for i in range(k)]))
+        assert [a.seq for a in out] == list(range(n + 1, n + k + 1))
+        n += k
+    distinct = {t.split(" VALUES ")[1].count("(") for t in texts}
+    assert len(distinct) <= SINGLE + CHUNK // STEP + 1 + RECENT, sorted(distinct)
+    assert max(distinct) == CHUNK
+    per_commit = []
+    for _ in range(3):  # a size not seen lately is cut (96 + 4); once it comes back, it is one INSERT
+        texts.clear()
+        j.commit(Batch(events=[ev("t", n + i) for i in range(100)]))
+        per_commit.append(len(texts))
+        n += 100
+    assert per_commit == [2, 1, 1]
+    rows = j.read("t", 1, n + 10)
+    assert [r[0] for r in rows] == list(range(1, n + 1))
+    assert all(json.loads(r[2])["seq"] == str(r[0]) for r in rows)
     j.close()
 
 

@@ -194,8 +194,13 @@ class Deliver(Header):
 
 
 def joined(bodies: list[bytes]) -> bytes:
-    """The one envelope frame of a `j` DELIVER: the committed envelopes, untouched, joined into a JSON array."""
-    return b"[" + b",".join(bodies) + b"]"
+    """The one envelope frame of a `j` DELIVER: the committed envelopes, untouched, joined into a JSON array.
+
+    The brackets go onto the first and last envelope, not around the joined whole: that would copy the whole
+    frame (~100 KB for a batch) once more, and in the hub's loop the copy cost ~0.2 us per event."""
+    if len(bodies) < 2:
+        return b"[" + (bodies[0] if bodies else b"") + b"]"
+    return b",".join([b"[" + bodies[0], *bodies[1:-1], bodies[-1] + b"]"])
 
 
 class Err(Header):
@@ -211,9 +216,20 @@ class Pub(Header):
     req: Req = None
 
 
+class PubResult(msgspec.Struct):
+    """One event's answer in a PUBACK: the JSON object `{"id", "topic", "seq", "duplicate", "unrouted"}` (every
+    field, in this order, as the hub wrote it from a dict before), built and encoded for less than a dict."""
+
+    id: str
+    topic: str | None
+    seq: int | None
+    duplicate: bool
+    unrouted: bool
+
+
 class PubAck(Header):
     req: Req = None
-    results: list[dict[str, Any]] = []
+    results: list[PubResult] = []
 
 
 class PubNack(Header):

@@ -17,6 +17,7 @@ import json
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from bucketwire.config import TopicConfig
@@ -25,6 +26,7 @@ from bucketwire.envelope import HUB_SOURCE
 Key = tuple[str, int]
 
 TARGET_MARK = b'"targetgroup"'
+_NONE_ABOVE: frozenset[int] = frozenset()
 MAX_RETRY_DELAY = 86_400.0
 """The longest `Retry(delay=...)` honoured: a day. Retries wait in the hub's memory (with jetstream the time
 each is due is also kept in the KV bucket, so the next dispatcher waits it out too)."""
@@ -177,14 +179,18 @@ class GroupState:
     def is_done(self, topic: str, seq: int) -> bool:
         return seq <= self.acked.get(topic, 0) or seq in self.acked_above.get(topic, ())
 
-    def offer(self, topic: str, first_seq: int, items: list[tuple[int, str | None, bytes]]) -> None:
-        """Take freshly committed events straight from the commit, when this group is caught up on `topic`."""
+    def offer(self, topic: str, first_seq: int, items: list[tuple[int, str | None, bytes]],
+              steerable: bool = True) -> None:
+        """Take freshly committed events straight from the commit, when this group is caught up on `topic`.
+
+        `steerable` False: the caller knows none of them is a `dlq retry` meant for one group (none has a hub
+        source), so no body is searched for the mark (a byte search of the whole envelope, ~0.35 us each)."""
         if (self.read_pos.get(topic) != first_seq or self.loaded + len(items) > self.max_buffer
                 or topic in self.replays):
             return
         seed, ready, name = self.seed, self.ready, self.name
         for seq, objkey, body in items:
-            if TARGET_MARK in body and not_for_group(body, name):  # its byte test inline: a call less per event
+            if steerable and TARGET_MARK in body and not_for_group(body, name):  # the byte test inline
                 self._mark_acked(topic, seq)
                 continue
             it = Item(topic, seq, objkey, body, seed.pop((topic, seq), 0) if seed else 0)
@@ -267,11 +273,19 @@ class GroupState:
             n = min(w.free, batch_max)
             passed: list[Item] = []
             topics, held, ident = w.topics, w.inflight, w.ident
+            # What an event's topic decides (its watermark, its acked-above set, a pending replay, whether this
+            # worker takes it), read once per run of one topic: nothing in this loop changes them.
+            last: str | None = None
+            floor, replaying, mine = 0, False, False
+            above: AbstractSet[int] = _NONE_ABOVE
             while ready and len(take) < n:
                 it = ready.popleft()
                 topic, seq, objkey = it.topic, it.seq, it.objkey
-                if (seq <= acked.get(topic, 0) or seq in acked_above.get(topic, ())  # done (`is_done`)
-                        or (replays and topic in replays)):
+                if topic != last:
+                    last = topic
+                    floor, above = acked.get(topic, 0), acked_above.get(topic, _NONE_ABOVE)
+                    replaying, mine = bool(replays) and topic in replays, topic in topics
+                if seq <= floor or seq in above or replaying:  # done (`is_done`), or its topic replays
                     self._finish(it)  # a replay reloads the topic from the journal once it is applied
                     continue
                 key = (topic, seq)
@@ -280,7 +294,7 @@ class GroupState:
                     if h is not None and h != key:
                         self.blocked.setdefault(objkey, deque()).append(it)
                         continue
-                if topic not in topics:
+                if not mine:
                     passed.append(it)
                     if len(passed) > 4 * batch_max:
                         break

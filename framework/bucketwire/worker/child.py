@@ -346,14 +346,23 @@ def ack_frame(group: str, oks: list[tuple[str, int]], results: list[dict[str, An
         full = [{"t": t, "s": s, "ok": True, "f": []} for t, s in oks]
         return P.enc({"g": group, "results": full + results if results else full})
     runs: dict[str, list[list[int]]] = {}
-    for t, s in oks:
-        rs = runs.get(t)
-        if rs is None:
-            runs[t] = [[s, s]]
-        elif rs[-1][1] + 1 == s:
-            rs[-1][1] = s
-        else:
-            rs.append([s, s])
+    # A stretch of consecutive seqs of one topic (nearly every batch is one) is walked with locals, and only its
+    # ends go into `runs`: there it extends the topic's last range when it follows on, as each seq did before.
+    topic: str | None = None
+    first = last = 0
+    for t, s in oks + [("", 0)]:  # the sentinel ends the last stretch
+        if s == last + 1 and t == topic:
+            last = s
+            continue
+        if topic is not None:
+            rs = runs.get(topic)
+            if rs is None:
+                runs[topic] = [[first, last]]
+            elif rs[-1][1] + 1 == first:
+                rs[-1][1] = last
+            else:
+                rs.append([first, last])
+        topic, first, last = t, s, s
     return P.enc({"g": group, "ok": runs, "results": results} if results else {"g": group, "ok": runs})
 
 
