@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import operator
 import os
 import queue
@@ -305,7 +306,9 @@ class Hub:
             r = g.next_retry_at()
             if r is not None:
                 t = min(t, max(0.0, r - now))
-        return max(0, int(t * 1000))
+        # Rounded up: the poll counts whole milliseconds, and rounded down the last millisecond before a due time
+        # was a poll of 0, again and again (dozens of turns before each cursor write). Up, it is at most 1 ms late.
+        return max(0, math.ceil(t * 1000))
 
     def tick(self, final: bool = False, ready: Container[object] | None = None) -> None:
         """One turn of the loop. `final`: the last one before the hub stops, which writes every deferred cursor.

@@ -218,14 +218,17 @@ def bucketwire_probed(n: int, rate: int, seconds: float, so: Path | None) -> dic
         calls = d["by_name"]
 
         def ncalls(suffix: str) -> float:
-            return round(sum(int(v) for k, v in calls.items() if k.endswith(suffix)) / ev, 4)
+            """Calls of the hub loop's own method `suffix` ("(tick)"): HubOps and the listeners have a `tick` too."""
+            return round(sum(int(v) for k, v in calls.items() if k.startswith("loop.py:") and k.endswith(suffix))
+                         / ev, 4)
 
         return {
             "events": ev,
             "sql_statements_per_event": {k: round(v / ev, 3) for k, v in sorted(d["sql"].items())},
             "python_calls_per_event_loop_thread": round(d["calls"] / ev, 1),
             "mallocs_per_event_hub_process": round(d["mallocs"] / ev, 1) if d["mallocs"] >= 0 else None,
-            "per_event": {"ticks": ncalls("(tick)"), "commits": ncalls("(_commit)"),
+            # A loop turn calls `_commit` whether or not it writes; a transaction is a BEGIN on the loop thread.
+            "per_event": {"ticks": ncalls("(tick)"), "commits": round(d["sql"].get("MainThread: BEGIN", 0) / ev, 4),
                           "PUB requests": ncalls("(_on_pub)"), "ACK frames": ncalls("(_on_ack)"),
                           "STATUS requests": ncalls("(status)")},
             # zmq's poll is where the loop waits for work: wall time, not CPU, so it is left out.

@@ -1,0 +1,89 @@
+"""An idle hub sleeps until what it waits for is due: its loop does not turn without a reason.
+
+A real hub (ZeroMQ listener, SQLite journal) turned by the test's own thread through `Hub._turn`, the loop's own
+step (poll, then tick), with a worker DEALER that acks what it gets.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from bucketwire import config
+from bucketwire import protocol as P
+from bucketwire.envelope import SCHEMA_VERSION
+from bucketwire.hub.loop import CURSOR_DELAY, Hub
+from bucketwire.procutil import free_port
+
+
+@pytest.fixture()
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    cfgp = tmp_path / "bucketwire.toml"
+    cfgp.write_text(f"""
+[hub]
+http = "127.0.0.1:{free_port()}"
+publish = "tcp://127.0.0.1:{free_port()}"
+work = "tcp://127.0.0.1:{free_port()}"
+state_dir = "{tmp_path / 'state'}"
+
+[groups.g]
+topics = ["x"]
+""")
+    h = Hub(config.load(cfgp))
+    h.net.open()
+    h._start(None)
+    try:
+        yield h
+    finally:
+        h.ops.close()  # its monitor sockets first, as `Hub.run` does: the context's term waits for every socket
+        h.net.close()
+        h.journal.close()
+
+
+def test_a_cursor_write_waits_in_the_poll_not_in_a_spinning_loop(hub: Hub) -> None:
+    """After an ack the cursor is written CURSOR_DELAY later, by a commit of its own when nothing else comes. The
+    loop must sleep until then. It used to round the wait down to whole milliseconds, so in the last millisecond
+    it polled with a timeout of 0, again and again: dozens of turns per ack, and at 1,000 events/s a core's worth
+    of wake-ups fighting the handlers for the CPU."""
+    ctx = zmq.Context()
+    pub, worker = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for s in (pub, worker):
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(hub.cfg.hub.work)
+    try:
+        worker.send_multipart([P.READY, json.dumps({"group": "g", "topics": ["x"], "credit": 10,
+                                                    "schema": SCHEMA_VERSION, "proto": 3}).encode()])
+        env = {"specversion": "1.0", "id": "e1", "source": "test", "type": "t", "topic": "x", "data": {}}
+        pub.send_multipart([P.PUB, json.dumps({"req": 1, "events": [env]}).encode()])
+        deadline = time.monotonic() + 10
+        delivered: int | None = None
+        while delivered is None:
+            assert time.monotonic() < deadline, "no DELIVER"
+            hub._turn()
+            while worker.poll(0):
+                frames = worker.recv_multipart()
+                if frames[0] == P.DELIVER:
+                    delivered = int(json.loads(frames[2])[0]["seq"])
+        worker.send_multipart([P.ACK, json.dumps({"g": "g", "ok": {"x": [[delivered, delivered]]}})
+                               .encode()])
+        while hub.groups["g"].acked["x"] != delivered:
+            assert time.monotonic() < deadline, "the ack was not taken"
+            hub._turn()
+        assert hub._cursor_due is not None, "the ack's cursor write is not pending"
+        turns = 0
+        while hub._cursor_due is not None:
+            assert time.monotonic() < deadline, "the cursor was never written"
+            hub._turn()
+            turns += 1
+        assert hub.journal.cursors()[("g", "x")] == delivered
+        # Sleeping until it is due takes one turn, two when the poll wakes a little early; a heartbeat may add one.
+        assert turns <= 3, f"{turns} loop turns to wait {CURSOR_DELAY * 1000:g} ms for one cursor write"
+    finally:
+        pub.close()
+        worker.close()
+        ctx.term()
