@@ -33,14 +33,12 @@ from bucketwire.security import (
     server_key_path,
     start_authenticator,
 )
-from bucketwire.zmqio import recv_frames
+from bucketwire.zmqio import readable, recv_frames
 
 log = logging.getLogger("bucketwire.hub")
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-_get = cast(Callable[[Any, int], int], zmq_backend.Socket.get)
 _send = cast(Callable[[Any, bytes, int], None], zmq_backend.Socket.send)
 """libzmq's send without pyzmq's Python layer (routing-id, group and Frame checks we never use): the hub sends a
 frame per event, and that layer was a fifth of the cost of each."""
@@ -444,12 +442,6 @@ class Listeners:
         self.cfg.security.roles = sec.roles
         self.roles = Roles(sec.roles, auth.allowed_names)
         return roles_changed
-
-
-def readable(sock: Socket) -> bool:
-    """Whether a message waits on `sock`. Read through libzmq's own getter: pyzmq's wraps EVENTS in an enum,
-    and the hub asks every socket on every loop turn."""
-    return bool(_get(sock, _EVENTS) & _POLLIN)
 
 
 def _user_id(frame: zmq.Frame) -> str | None:

@@ -21,7 +21,7 @@ from bucketwire import __version__
 from bucketwire import protocol as P
 from bucketwire.envelope import HUB_SOURCE, SCHEMA_VERSION, Event, now_iso, stable_id
 from bucketwire.hub.journal import JournalError
-from bucketwire.hub.listeners import readable
+from bucketwire.zmqio import readable
 
 if TYPE_CHECKING:
     from collections.abc import Callable

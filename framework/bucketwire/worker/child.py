@@ -20,11 +20,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import zmq
-from zmq import backend as zmq_backend
 
 from bucketwire import protocol as P
 from bucketwire import security
@@ -36,7 +35,7 @@ from bucketwire.worker import plugin_loading as plugin_loader
 from bucketwire.worker.metrics import child as metrics_child
 from bucketwire.worker.metrics import event_done, handler_done, set_credit
 from bucketwire.worker.running import RunningSlot
-from bucketwire.zmqio import recv_frames
+from bucketwire.zmqio import readable, recv_frames
 
 log = logging.getLogger("bucketwire.worker")
 events_log = logging.getLogger("bucketwire.events")
@@ -186,7 +185,7 @@ class Child:
         ~10 µs in a child that has just woken, on the path of every event)."""
         d, queue = self.dealer, self.queue
         got = False
-        while (ready and not got) or _get(d, _EVENTS) & _POLLIN:
+        while (ready and not got) or readable(d):
             frames = recv_frames(d)
             got = True
             cmd = frames[0]
@@ -406,8 +405,6 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
             os.close(stop_fd)
 
 
-_get = cast(Callable[[Any, int], int], zmq_backend.Socket.get)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 _decode = msgspec.json.Decoder().decode
