@@ -83,7 +83,7 @@ def role(tid: int) -> str | None:
 
 def test_the_path_of_an_event_is_read_off_the_scheduler_trace() -> None:
     tr = wakes.parse(trace())
-    [p] = wakes.paths(tr, role, "worker: main", "publisher: main")
+    [p] = wakes.paths(wakes.chains(tr, role, "worker: main", "publisher: main"), role)
     assert p["path"] == ["publisher: main", "publisher: libzmq I/O", "hub: libzmq I/O", "hub: main",
                          "hub: libzmq I/O", "worker: libzmq I/O", "worker: main"]
     assert p["events"] == 5
@@ -112,3 +112,14 @@ def test_without_tracefs_one_line_says_how_to_get_it(tmp_path: Path) -> None:
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "tracefs" in lines[0] and "mount" in lines[0], p.stderr
+
+
+def test_both_ends_come_from_the_handlers_rows_on_the_same_clock() -> None:
+    """The bench's rows (index, intended send time, handled at) are CLOCK_MONOTONIC, as the trace: the
+    publisher's own part and the worker's part before its handler are read against the path's ends."""
+    tr = wakes.parse(trace())
+    found = wakes.chains(tr, role, "worker: main", "publisher: main")
+    base = 5000.0
+    rows = [(i, base + (1000.0 * i + 10 - 12) / 1e6, base + (1000.0 * i + 10 + 296 + 40) / 1e6) for i in range(5)]
+    got = wakes.ends(found, {W: rows, 999: [(9, base + 0.0001, base + 0.0002)]}, tr.first, tr.last)
+    assert got == {"events": 5, "publisher_us": 12.0, "path_us": 296.0, "worker_us": 40.0, "total_us": 348.0}

@@ -26,6 +26,7 @@ import statistics
 import sys
 import threading
 import time
+from bisect import bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -67,7 +68,12 @@ class Trace:
     comm: dict[int, str]
     activations: list[Activation]
     runtime: dict[int, float]  # seconds on a CPU, per thread
-    span: float
+    first: float  # the trace's first and last timestamps (CLOCK_MONOTONIC, as Python's time.monotonic)
+    last: float
+
+    @property
+    def span(self) -> float:
+        return self.last - self.first
 
 
 def parse(lines: Iterable[str]) -> Trace:
@@ -119,7 +125,7 @@ def parse(lines: Iterable[str]) -> Trace:
     if first is not None and last is not None:
         for tid, t0 in on_cpu.items():
             runtime[tid] += last - t0
-    return Trace(tgid, comm, acts, dict(runtime), (last or 0.0) - (first or 0.0))
+    return Trace(tgid, comm, acts, dict(runtime), first or 0.0, last or 0.0)
 
 
 def _p(values: list[float], q: float) -> float:
@@ -163,12 +169,11 @@ def wake_kinds(tr: Trace, role: Callable[[int], str | None]) -> dict[str, dict[s
     return out
 
 
-def paths(tr: Trace, role: Callable[[int], str | None], end: str, start: str, limit: int = 12
-          ) -> list[dict[str, Any]]:
-    """The ways an event reached an `end` thread from a `start` thread, most common first. Each activation of an
-    `end` thread is followed back through its wakers until a `start` thread; for each hop, the wait for a CPU of
-    the thread woken and how long the waker had run before it woke it (its own work on the event)."""
-    found: dict[tuple[str, ...], list[list[Activation]]] = defaultdict(list)
+def chains(tr: Trace, role: Callable[[int], str | None], end: str, start: str, limit: int = 12
+           ) -> list[list[Activation]]:
+    """Each activation of an `end` thread followed back through its wakers to a `start` thread (first to last);
+    activations whose wakers lead elsewhere (a timer, a thread outside both systems) are left out."""
+    out = []
     for a in tr.activations:
         if role(a.tid) != end:
             continue
@@ -179,25 +184,67 @@ def paths(tr: Trace, role: Callable[[int], str | None], end: str, start: str, li
             if role(x.tid) == start:
                 break
             x = x.waker
-        if role(chain[-1].tid) != start:
-            continue
-        chain.reverse()
-        found[tuple(role(c.tid) or "?" for c in chain)].append(chain)
+        if role(chain[-1].tid) == start:
+            chain.reverse()
+            out.append(chain)
+    return out
+
+
+def paths(found: list[list[Activation]], role: Callable[[int], str | None]) -> list[dict[str, Any]]:
+    """The ways an event reached the handler's thread, most common first; for each hop, the wait for a CPU of the
+    thread woken and how long the waker had run before it woke it (its own work on the event)."""
+    by: dict[tuple[str, ...], list[list[Activation]]] = defaultdict(list)
+    for c in found:
+        by[tuple(role(a.tid) or "?" for a in c)].append(c)
     out = []
-    for names, chains in sorted(found.items(), key=lambda kv: -len(kv[1])):
+    for names, cs in sorted(by.items(), key=lambda kv: -len(kv[1])):
         hops = []
         for i in range(1, len(names)):
-            waited = [c[i].ran - c[i].woken for c in chains]
-            ran = [c[i].woken - (c[i - 1].ran if i > 1 else c[i].woken) for c in chains]
-            cross = sum(c[i].cross for c in chains) / len(chains)
+            waited = [c[i].ran - c[i].woken for c in cs]
+            ran = [c[i].woken - c[i - 1].ran for c in cs]
             hops.append({"from": names[i - 1], "to": names[i],
                          "waker_ran_us": round(statistics.median(ran) * 1e6, 1) if i > 1 else None,
                          "wait_p50_us": round(statistics.median(waited) * 1e6, 1),
-                         "other_cpu": round(cross, 2)})
-        total = [c[-1].ran - c[1].woken for c in chains if len(c) > 1]
-        out.append({"path": list(names), "events": len(chains), "hops": hops,
+                         "other_cpu": round(sum(c[i].cross for c in cs) / len(cs), 2)})
+        total = [c[-1].ran - c[1].woken for c in cs if len(c) > 1]
+        out.append({"path": list(names), "events": len(cs), "hops": hops,
                     "p50_us": round(statistics.median(total) * 1e6, 1) if total else 0.0})
     return out
+
+
+Row = tuple[int, float, float]  # (event index, intended send time, handled at): monotonic, as the trace's clock
+
+
+def ends(found: list[list[Activation]], rows_by_pid: dict[int, list[Row]], since: float, until: float
+         ) -> dict[str, float]:
+    """Both ends of the path, from the handlers' own rows (the trace runs on the same monotonic clock): from an
+    event's intended send time to the publisher's first wake-up of another thread (the publisher's own work),
+    and from the handler's thread getting its CPU to the handler running (the worker's work before the
+    handler). p50s in µs, over the events of the window whose path is known."""
+    by_tid: dict[int, list[list[Activation]]] = defaultdict(list)
+    for c in found:
+        by_tid[c[-1].tid].append(c)
+    for cs in by_tid.values():
+        cs.sort(key=lambda c: c[-1].ran)
+    pub, path, worker, total = [], [], [], []
+    for pid, rows in rows_by_pid.items():
+        cs = by_tid.get(pid, [])
+        starts = [c[-1].ran for c in cs]
+        for _, intended, handled in rows:
+            if not since <= intended <= until:
+                continue
+            i = bisect_right(starts, handled) - 1
+            if i < 0 or len(cs[i]) < 2 or not intended <= cs[i][1].woken <= handled:
+                continue
+            c = cs[i]
+            pub.append(c[1].woken - intended)
+            path.append(c[-1].ran - c[1].woken)
+            worker.append(handled - c[-1].ran)
+            total.append(handled - intended)
+    def p50(v: list[float]) -> float:
+        return round(statistics.median(v) * 1e6, 1) if v else 0.0
+    return {"events": len(total), "publisher_us": p50(pub), "path_us": p50(path), "worker_us": p50(worker),
+            "total_us": p50(total)}
 
 
 # -- recording -----------------------------------------------------------------------------------------------
@@ -307,9 +354,10 @@ def record(system: str, rate: int, seconds: float) -> dict[str, Any]:
         tr = parse(rec.read())
     role = _roles(os.getpid(), servers, workers, tr.comm, tr.tgid)
     events = max(1, round(tr.span * rate))
+    found = chains(tr, role, end, "publisher: main")
     return {"system": system, "rate": rate, "traced_s": round(tr.span, 3), "events": events,
             "threads": thread_table(tr, role, events), "wake_ups": wake_kinds(tr, role),
-            "paths": paths(tr, role, end, "publisher: main")[:3]}
+            "ends": ends(found, side.rows_by_pid, tr.first, tr.last), "paths": paths(found, role)[:3]}
 
 
 def render(res: dict[str, Any]) -> str:
@@ -321,6 +369,10 @@ def render(res: dict[str, Any]) -> str:
     out += ["", "| woken thread ran on | wake-ups | wait p50 / p90 µs |", "|---|---|---|"]
     for k, v in res["wake_ups"].items():
         out.append(f"| {k} | {v['wake_ups']} | {v['wait_p50_us']} / {v['wait_p90_us']} |")
+    e = res["ends"]
+    out += ["", f"One event, p50 over the {e['events']} of the window whose path is known: intended send time → the "
+                f"publisher wakes the first thread {e['publisher_us']} µs; → the handler's thread gets a CPU "
+                f"{e['path_us']} µs; → the handler runs {e['worker_us']} µs; end to end {e['total_us']} µs."]
     for p in res["paths"]:
         out += ["", f"Path of {p['events']} events (publisher's wake-up → handler's thread on a CPU: p50 "
                     f"{p['p50_us']} µs):", "",
