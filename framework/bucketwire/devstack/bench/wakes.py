@@ -1,9 +1,10 @@
 """Which threads one event wakes, and how long each waits for a CPU: the scheduler's view behind README "Profile".
 
-    python -m bucketwire.devstack.bench.wakes [bucketwire|nats|both] [RATE] [SECONDS]
+    python -m bucketwire.devstack.bench.wakes [bucketwire|nats|both] [RATE] [SECONDS] [busy]
 
 Same setup as `bench bus --against nats` (two worker processes, durability os). Each side is warmed up with 2,000
-events, then paced at RATE (default 1,000/s) for SECONDS (default 6); the middle two seconds are recorded with the
+events, then paced at RATE (default 1,000/s) for SECONDS (default 6), with `busy` beside a process that keeps
+one core busy (as `bench bus --busy`); the middle two seconds are recorded with the
 kernel's own scheduler tracepoints (`sched_waking`, `sched_switch`, from tracefs). For every activation of a thread
 the trace says who woke it, when, and when it got a CPU; so the path of an event is read off the kernel, thread by
 thread, with nothing added to either system's code:
@@ -324,10 +325,12 @@ def _roles(publisher: int, servers: dict[int, str], workers: dict[int, str], com
     return role
 
 
-def record(system: str, rate: int, seconds: float) -> dict[str, Any]:
+def record(system: str, rate: int, seconds: float, busy: bool = False) -> dict[str, Any]:
+    from contextlib import nullcontext
+
     from bucketwire.devstack.bench.jetstream import JetStreamSide
     from bucketwire.devstack.bench.profile_bus import children
-    from bucketwire.devstack.bench.versus import BucketwireSide
+    from bucketwire.devstack.bench.versus import BucketwireSide, Spinner
 
     side: Any = BucketwireSide(2, "os") if system == "bucketwire" else JetStreamSide(2, "os")
     window = min(2.0, max(0.5, seconds - 2))
@@ -344,10 +347,12 @@ def record(system: str, rate: int, seconds: float) -> dict[str, Any]:
                 servers = {side.server.pid: "nats-server"}
                 workers = {w.pid: "worker" for w in side.workers}
                 end = "worker: main"
-            progress(f"wakes {system}: {int(rate * seconds)} events at {rate}/s, {window:.1f} s traced")
-            w = rec.window((seconds - window) / 2, window)
-            side.at_rate(WARMUP, int(rate * seconds), rate)
-            w.join()
+            progress(f"wakes {system}: {int(rate * seconds)} events at {rate}/s{', one core busy' if busy else ''}, "
+                     f"{window:.1f} s traced")
+            with Spinner() if busy else nullcontext():
+                w = rec.window((seconds - window) / 2, window)
+                side.at_rate(WARMUP, int(rate * seconds), rate)
+                w.join()
         finally:
             side.stop()
             progress_done()
@@ -355,13 +360,14 @@ def record(system: str, rate: int, seconds: float) -> dict[str, Any]:
     role = _roles(os.getpid(), servers, workers, tr.comm, tr.tgid)
     events = max(1, round(tr.span * rate))
     found = chains(tr, role, end, "publisher: main")
-    return {"system": system, "rate": rate, "traced_s": round(tr.span, 3), "events": events,
+    return {"system": system, "rate": rate, "busy": busy, "traced_s": round(tr.span, 3), "events": events,
             "threads": thread_table(tr, role, events), "wake_ups": wake_kinds(tr, role),
             "ends": ends(found, side.rows_by_pid, tr.first, tr.last), "paths": paths(found, role)[:3]}
 
 
 def render(res: dict[str, Any]) -> str:
-    out = [f"## {res['system']}: {res['rate']}/s, {res['traced_s']} s traced (~{res['events']} events)", "",
+    busy = ", one core busy" if res.get("busy") else ""
+    out = [f"## {res['system']}: {res['rate']}/s{busy}, {res['traced_s']} s traced (~{res['events']} events)", "",
            "| thread | activations / event | CPU µs / event | wait for a CPU p50 / p90 µs |", "|---|---|---|---|"]
     for r in res["threads"]:
         out.append(f"| {r['thread']} | {r['activations_per_event']} | {r['cpu_us_per_event']} | "
@@ -385,9 +391,11 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    busy = "busy" in argv
+    argv = [a for a in argv if a != "busy"]
     which = argv[0] if argv else "both"
     if which not in ("bucketwire", "nats", "both"):
-        print("usage: python -m bucketwire.devstack.bench.wakes [bucketwire|nats|both] [RATE] [SECONDS]",
+        print("usage: python -m bucketwire.devstack.bench.wakes [bucketwire|nats|both] [RATE] [SECONDS] [busy]",
               file=sys.stderr)
         return 2
     rate = int(argv[1]) if len(argv) > 1 else 1000
@@ -395,7 +403,7 @@ def main(argv: list[str]) -> int:
     precise_sleeps()
     try:
         for system in (("bucketwire", "nats") if which == "both" else (which,)):
-            print(render(record(system, rate, seconds)), flush=True)
+            print(render(record(system, rate, seconds, busy)), flush=True)
     except TraceUnavailable as e:
         print(f"wakes: {e}", file=sys.stderr)
         return 2
