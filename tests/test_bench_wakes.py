@@ -123,3 +123,12 @@ def test_both_ends_come_from_the_handlers_rows_on_the_same_clock() -> None:
     rows = [(i, base + (1000.0 * i + 10 - 12) / 1e6, base + (1000.0 * i + 10 + 296 + 40) / 1e6) for i in range(5)]
     got = wakes.ends(found, {W: rows, 999: [(9, base + 0.0001, base + 0.0002)]}, tr.first, tr.last)
     assert got == {"events": 5, "publisher_us": 12.0, "path_us": 296.0, "worker_us": 40.0, "total_us": 348.0}
+
+
+def test_without_the_nats_extra_one_line_names_it() -> None:
+    code = ("import sys; sys.modules['nats'] = None\n"  # what an interpreter without the package does
+            "from bucketwire.devstack.bench import wakes\nsys.exit(wakes.main(['both']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bucketwire[nats]" in lines[0], p.stderr

@@ -400,13 +400,23 @@ def main(argv: list[str]) -> int:
         return 2
     rate = int(argv[1]) if len(argv) > 1 else 1000
     seconds = float(argv[2]) if len(argv) > 2 else 6.0
+    import click
+
+    from bucketwire.devstack.bench.jetstream import require_nats
+
     precise_sleeps()
+    systems = ("bucketwire", "nats") if which == "both" else (which,)
     try:
-        for system in (("bucketwire", "nats") if which == "both" else (which,)):
+        if "nats" in systems:
+            require_nats()  # before the bucketwire side runs for nothing
+        for system in systems:
             print(render(record(system, rate, seconds, busy)), flush=True)
     except TraceUnavailable as e:
         print(f"wakes: {e}", file=sys.stderr)
         return 2
+    except click.ClickException as e:
+        print(f"wakes: {e.message}", file=sys.stderr)
+        return 1
     return 0
 
 
