@@ -659,8 +659,7 @@ class Hub:
             # squeeze into the WAL's old pages. A publisher told 2xx by a hub whose /healthz says it cannot
             # write is one nobody expects, and on a full disk the WAL cannot be checkpointed, so such commits
             # only grow it until they fail. Acks, follow-ons and dead letters still try to commit.
-            self.metrics.rejected.labels(source, "unavailable").inc()
-            done(None, "journal unavailable: " + self.write_error)
+            done(None, "journal unavailable: " + self.write_error)  # counted where answered, as a failed commit is
             return
         plan: list[IngestResult] = []
         lo = len(batch.events)
