@@ -375,3 +375,167 @@ def test_a_cluster_that_never_places_fails_the_start_with_one_line(cluster: Nats
         for k in down:
             cluster.restart(k, ready=False)
         cluster.wait_ready()
+
+
+# -- the start against a cluster that answers slowly or not yet ---------------------------------------------------
+def _lead_on(cluster: NatsCluster, stream: str, node: str, timeout: float = 60.0) -> None:
+    """Move the leadership of `stream` to server `node`, by step-downs (each elects a leader among its replicas)."""
+    import asyncio
+    import time
+
+    import nats
+
+    async def move() -> None:
+        nc = await nats.connect(servers=cluster.urls, connect_timeout=2)
+        try:
+            js = nc.jetstream(timeout=2.0)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    if (await js.stream_info(stream)).cluster.leader == node:
+                        return
+                    await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=2)
+                except Exception:  # noqa: BLE001 - no leader this moment: ask again
+                    pass
+                await asyncio.sleep(0.2)  # pacing: the election after a step-down
+            raise AssertionError(f"{stream}: {node} did not become its leader")
+        finally:
+            await nc.close()
+
+    asyncio.run(move())
+
+
+def _answering(cluster: NatsCluster, streams: list[str], timeout: float = 30.0) -> None:
+    """Until the running servers agree on a meta leader among them and each of `streams` answers its info."""
+    import asyncio
+    import time
+
+    import nats
+
+    async def ask() -> str | None:
+        nc = await nats.connect(servers=[n.url for n in cluster.nodes if n.proc is not None], connect_timeout=2,
+                                allow_reconnect=False)
+        try:
+            js = nc.jetstream(timeout=1.0)
+            for name in streams:
+                try:
+                    await js.stream_info(name)
+                except Exception as e:  # noqa: BLE001 - polled again below
+                    return f"{name}: {type(e).__name__}"
+            return None
+        finally:
+            await nc.close()
+
+    def meta() -> str | None:
+        live = {n.name for n in cluster.nodes if n.proc is not None}
+        leaders = {str(m.get("leader")) for n in cluster.nodes
+                   if n.proc is not None and isinstance(m := n.jsz().get("meta_cluster"), dict)}
+        return None if len(leaders) == 1 and leaders <= live else f"meta leaders {sorted(leaders)}"
+
+    deadline = time.monotonic() + timeout
+    while (why := meta() or asyncio.run(ask())) is not None:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.2)  # pacing: polling for leader elections
+
+
+def test_a_journal_opened_while_a_node_leading_its_streams_is_down_reads_every_head_and_cursor(
+        cluster: NatsCluster) -> None:
+    """One server of three is SIGKILLed just before a hub starts: the streams it led (topics, the lease bucket)
+    have no leader until the other two elect one, a few seconds later. Meanwhile the cluster's stream listing
+    leaves those topic streams out, and the lease bucket answers nothing. The start must wait that out within
+    start_timeout and read every head and cursor: a hub that took a topic it could not read for empty would
+    hand a new "latest" group the topic's whole history and sit on the events waiting in it; one that took
+    the silent lease bucket for another hub's would refuse to start with a line about `[hub] id`."""
+    pre = "ld1"
+    topics = [f"t{k}" for k in range(6)]
+    # lease_ttl 1 (the lease bucket's config, so both opens): a presence wait of 2.5 s, shorter than an election
+    settings = JetStreamSettings(servers=cluster.urls, replicas=3, prefix=pre, request_timeout=5, lease_ttl=1.0,
+                                 start_timeout=60)
+    j = JetStreamJournal(settings, "hubA")
+    try:
+        for t in topics:
+            j.commit(Batch(events=[_ev(t, "s", f"{t}-{i}") for i in range(3)], cursors={("g", t): 2}))
+        k = _a_follower(cluster)  # not the meta leader: the start's first step is not what this is about
+        victim = cluster.nodes[k].name
+        streams = [f"KV_{j._kv_leases}", j._stream("t0")]
+    finally:
+        j.close()
+    for name in streams:  # the lease bucket and a topic stream led by the server about to die
+        _lead_on(cluster, name, victim)
+    cluster.kill(k)
+    try:
+        j = JetStreamJournal(settings, "hubA")
+        try:
+            assert j.heads == {t: 3 for t in topics}
+            assert j.cursors() == {("g", t): 2 for t in topics}
+            assert [a.seq for a in j.commit(Batch(events=[_ev("t0", "s", "after")]))] == [4]
+        finally:
+            j.close()
+    finally:
+        cluster.restart(k, ready=False)
+        cluster.wait_ready()
+
+
+def test_a_topic_stream_that_stays_without_a_leader_fails_the_start_with_one_line(cluster: NatsCluster) -> None:
+    """A topic whose stream no server can lead (its only replica's server is down) has a head nobody can read:
+    the start retries until start_timeout, then fails with one line naming the topic, the wait and the fix,
+    rather than run with a head it did not read."""
+    from nats.js.api import StreamConfig
+
+    pre = "ld2"
+    j = JetStreamJournal(_settings(cluster, pre), "hubA")
+    try:
+        async def one_replica_stream() -> str:
+            name = j._stream("lone")
+            await j.js.add_stream(StreamConfig(name=name, subjects=[j._subject("lone")], num_replicas=1))
+            await j.js.publish(j._subject("lone"), b'{"seq": 1}')
+            return str((await j.js.stream_info(name)).cluster.leader)
+
+        lone = j._run(one_replica_stream())
+        kv = [f"KV_{j._kv_cursors}", f"KV_{j._kv_leases}"]
+    finally:
+        j.close()
+    k = next(i for i, n in enumerate(cluster.nodes) if n.name == lone)
+    cluster.kill(k)
+    try:
+        _answering(cluster, kv)  # the cluster and the buckets have leaders among the two left: the stream has none
+        with pytest.raises(JetStreamError) as err:
+            # request_timeout 10 (the default): the cluster's stream listing takes several seconds to give up on
+            # the stream's leader and name it missing; a shorter one ends in "no answer in time" instead
+            JetStreamJournal(JetStreamSettings(servers=cluster.urls, replicas=3, prefix=pre, request_timeout=10,
+                                               start_timeout=2), "hubA")
+        line = str(err.value)
+        assert "\n" not in line and "'lone'" in line and "start_timeout = 2 s" in line, line
+        assert "start every JetStream node" in line, line
+    finally:
+        cluster.restart(k, ready=False)
+        cluster.wait_ready()
+
+
+def test_the_first_event_of_a_new_topic_while_a_node_restarts_commits_or_fails_at_once(
+        cluster: NatsCluster) -> None:
+    """A topic's stream is created by its first event. When that comes while a server has just restarted (the
+    meta leader cannot place a replicated stream on it yet), the commit either stores it or fails with a
+    JournalError (503 at ingress) within the commit's time limit, and what it stored is never reused: the next
+    event of the topic gets the next seq. BUCKETWIRE_START_ROUNDS runs more rounds (one by default)."""
+    rounds = int(os.environ.get("BUCKETWIRE_START_ROUNDS", "1"))
+    j = JetStreamJournal(JetStreamSettings(servers=cluster.urls, replicas=3, prefix="ld3", request_timeout=4),
+                         "hubA")
+    try:
+        stored: list[int] = []
+        for i in range(rounds):
+            k = _a_follower(cluster)
+            cluster.kill(k)
+            cluster.restart(k, ready=False)  # serving, but not yet a placement peer
+            try:
+                stored += [a.seq for a in j.commit(Batch(events=[_ev(f"new{i}", "s", "first")]))]
+            except JetStreamError as e:
+                assert "\n" not in str(e)
+                cluster.wait_ready()
+                stored += [a.seq for a in j.commit(Batch(events=[_ev(f"new{i}", "s", "first")]))]
+            cluster.wait_ready()
+            assert [a.seq for a in j.commit(Batch(events=[_ev(f"new{i}", "s", "second")]))] == [2]
+        assert stored == [1] * rounds
+    finally:
+        j.close()
+        cluster.wait_ready()

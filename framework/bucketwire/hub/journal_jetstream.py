@@ -135,14 +135,19 @@ def msg_id(source: str, eid: str) -> str:
     return hashlib.sha256(f"{source}\0{eid}".encode()).hexdigest()[:40]
 
 
-async def stream_list(nc: Any, timeout: float) -> AsyncIterator[dict[str, Any]]:
-    """Every stream's info as the JetStream API returns it, page by page (the hub at start, `doctor`)."""
+async def stream_list(nc: Any, timeout: float, missing: list[str] | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Every stream's info as the JetStream API returns it, page by page (the hub at start, `doctor`).
+
+    `missing`: given, gets the names of the streams the cluster knows but whose info it could not gather in time
+    (their leader is gone and no new one is elected yet): a clustered listing leaves them out of `streams`."""
     offset = 0
     while True:
         resp = await nc.request("$JS.API.STREAM.LIST", json.dumps({"offset": offset}).encode(), timeout=timeout)
         doc = json.loads(resp.data)
         if "error" in doc:
             raise JetStreamError(f"cannot list streams: {doc['error'].get('description')}")
+        if missing is not None:
+            missing += [str(m) for m in doc.get("missing") or []]
         streams = doc.get("streams") or []
         for s in streams:
             yield s
@@ -381,8 +386,10 @@ class JetStreamJournal:
         self.nc: Any = None
         self.js: Any = None
         try:
-            budget = (settings.connect_timeout * (1 + len(settings.servers)) + settings.request_timeout
-                      + settings.start_timeout)
+            # Beyond what the start steps wait for themselves (start_timeout, the presence wait), so their own
+            # one-line errors, which say what to fix, come before this generic one.
+            budget = (settings.connect_timeout * (1 + len(settings.servers)) + 2 * settings.request_timeout
+                      + settings.start_timeout + settings.lease_ttl * 1.5 + 1.0)
             self._run(self._connect(), budget)
         except BaseException:
             self.close()
@@ -446,9 +453,12 @@ class JetStreamJournal:
         self.js = self.nc.jetstream(timeout=s.request_timeout)
         self._replies = _Replies(self.nc, self.client_internals)
         await self._replies.start()
-        await self._ensure_kv()
-        await self._claim_id()
-        await self._load_state()
+        # One deadline for every start step that waits out a cluster that cannot answer yet (a node just
+        # (re)started, leaders being elected): a slow cluster delays the start by at most start_timeout in all.
+        deadline = asyncio.get_running_loop().time() + s.start_timeout
+        await self._ensure_kv(deadline)
+        await self._claim_id(deadline)
+        await self._load_state(deadline)
 
     def _stream(self, topic: str) -> str:
         return f"{self.prefix}_ev_{token(topic)}"
@@ -464,7 +474,7 @@ class JetStreamJournal:
     def _kv_leases(self) -> str:
         return f"{self.prefix}_leases"
 
-    async def _ensure_kv(self) -> None:
+    async def _ensure_kv(self, deadline: float) -> None:
         """Create (or bind) the cursor and lease buckets, waiting out a cluster that cannot place them yet.
 
         Right after a nats-server node starts or restarts, and while the cluster has no meta leader, the meta
@@ -482,7 +492,6 @@ class JetStreamJournal:
         buckets = [KeyValueConfig(bucket=self._kv_cursors, history=1, replicas=s.replicas),
                    KeyValueConfig(bucket=self._kv_leases, history=1, ttl=s.lease_ttl, replicas=s.replicas)]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + s.start_timeout
         next_note = loop.time() + 2.0
         for cfg in buckets:
             while True:
@@ -543,33 +552,96 @@ class JetStreamJournal:
         return JetStreamError(f"cannot create the KV bucket {bucket!r} ({desc}); check the NATS account's "
                               "JetStream limits and [journal] replicas")
 
-    async def _load_state(self) -> None:
-        """Heads of every topic stream, and every cursor and counter with its revision."""
-        async for info in self._stream_infos():
+    async def _load_state(self, deadline: float) -> None:
+        """Heads of every topic stream, and every cursor and counter with its revision, read whole or not at all.
+
+        A hub that ran with a head it did not read would take a topic for empty: a new group starting at
+        "latest" would get its whole history, and the group that has events waiting in it would not see them
+        until the next one came. So a read that fails or comes back incomplete (a stream whose leader died
+        is left out of the listing until a new one is elected, a KV bucket that has no leader yet) is retried
+        until the start deadline, then the start fails with one line."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        next_note = loop.time() + 2.0
+        while True:
+            left = deadline - loop.time()
+            try:
+                # One attempt may run past the deadline by up to request_timeout: a cluster that answers slowly
+                # but answers is not given up on mid-read.
+                await asyncio.wait_for(self._read_state(), max(s.request_timeout, left))
+                return
+            except Exception as e:  # noqa: BLE001 - sorted into passing and final below
+                why = self._passing_read_error(e)
+                if why is None:
+                    raise
+            if loop.time() >= deadline:
+                raise JetStreamError(
+                    f"could not read every topic's head and every cursor from the NATS cluster at "
+                    f"{', '.join(s.servers)} within [journal] start_timeout = {s.start_timeout:g} s ({why}); start "
+                    "every JetStream node of the cluster and check that they route to each other (each stream "
+                    "needs a leader, elected by a quorum of its replicas), or raise start_timeout") from None
+            log.debug("cannot read the journal's state yet", extra={"reason": why})
+            if loop.time() >= next_note:
+                log.info("waiting for the NATS cluster to answer for the journal's streams",
+                         extra={"reason": why, "gives_up_in": round(deadline - loop.time(), 1)})
+                next_note = loop.time() + 5.0
+            await asyncio.sleep(0.2)  # pacing: a stream leader election takes a few seconds
+
+    @staticmethod
+    def _passing_read_error(e: Exception) -> str | None:
+        """Why a read at start failed, when waiting may change it; None for an error no wait changes (a bug's
+        exception, a malformed answer), which the start reports at once."""
+        from nats.errors import Error as NatsError
+
+        if isinstance(e, TimeoutError):
+            return "no answer in time"
+        if isinstance(e, JetStreamError | NatsError):
+            return str(e) or type(e).__name__
+        return None
+
+    async def _read_state(self) -> None:
+        want = f"{self.prefix}_ev_"
+        missing: list[str] = []
+        streams: set[str] = set()
+        heads: dict[str, int] = {}
+        async for info in self._stream_infos(missing):
             name = info.config.name
-            want = f"{self.prefix}_ev_"
             if name.startswith(want):
                 topic = untoken(name[len(want):])
-                self._streams.add(topic)
-                self.heads[topic] = int(info.state.last_seq)
+                streams.add(topic)
+                heads[topic] = int(info.state.last_seq)
+        ours = sorted(untoken(m[len(want):]) for m in missing if m.startswith(want))
+        if ours:
+            raise JetStreamError(f"no leader answers for the stream of topic {ours[0]!r}"
+                                 + (f" and {len(ours) - 1} more" if len(ours) > 1 else ""))
+        cursors: dict[tuple[str, str], tuple[int, str]] = {}
+        cursor_rev: dict[str, int] = {}
+        stats: dict[str, tuple[int, int, int]] = {}
+        stats_rev: dict[str, int] = {}
         for key, (value, revision) in (await self._latest(self._kv_cursors)).items():
             if key.startswith("a."):
                 continue  # attempt counts: read by load_group when the group is taken
             doc = json.loads(value)
             if key.startswith("stats."):
-                self._stats[doc["group"]] = (int(doc["dead_lettered"]), int(doc["retried"]), int(doc["redelivered"]))
-                self._stats_rev[doc["group"]] = revision
+                stats[doc["group"]] = (int(doc["dead_lettered"]), int(doc["retried"]), int(doc["redelivered"]))
+                stats_rev[doc["group"]] = revision
             else:
-                self._cursors[(doc["group"], doc["topic"])] = (int(doc["acked"]), str(doc.get("above", "")))
-                self._cursor_rev[key] = revision
+                cursors[(doc["group"], doc["topic"])] = (int(doc["acked"]), str(doc.get("above", "")))
+                cursor_rev[key] = revision
+        self._streams |= streams
+        self.heads.update(heads)
+        self._cursors.update(cursors)
+        self._cursor_rev.update(cursor_rev)
+        self._stats.update(stats)
+        self._stats_rev.update(stats_rev)
 
     async def _latest(self, bucket: str, keys: str = ">") -> dict[str, tuple[bytes, int]]:
         return await kv_latest(self.nc, bucket, self.settings.request_timeout, keys)
 
-    async def _stream_infos(self) -> Any:
+    async def _stream_infos(self, missing: list[str] | None = None) -> Any:
         from nats.js.api import StreamInfo
 
-        async for raw in stream_list(self.nc, self.settings.request_timeout):
+        async for raw in stream_list(self.nc, self.settings.request_timeout, missing):
             yield StreamInfo.from_response(raw)
 
     async def _ensure_stream(self, topic: str) -> None:
@@ -966,7 +1038,7 @@ class JetStreamJournal:
         return 0
 
     # -- one running hub per [hub] id ---------------------------------------------------------------------
-    async def _claim_id(self) -> None:
+    async def _claim_id(self, deadline: float) -> None:
         """Refuse to run beside a live hub with the same `[hub] id` (a copied config whose id was not changed).
 
         The id is what leases, the feed of other hubs' commits and `status` know a hub by: two hubs sharing one
@@ -974,12 +1046,16 @@ class JetStreamJournal:
         keeps a presence key in the lease bucket, renewed with its leases and expiring `lease_ttl` after the
         last renewal. At start the key must be free. One that is taken but not renewed is what a crashed hub
         left: it expires within `lease_ttl`, and the start waits that out; one renewed meanwhile is a live hub.
+
+        A bucket that does not answer (its leader died and a new one is being elected: 408/503) is no sign of
+        another hub: that is waited out up to the start `deadline`, and then said as what it is.
         """
         from nats.js.errors import NotFoundError
 
+        s = self.settings
         subject = f"$KV.{self._kv_leases}.{self._presence_key}"
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.lease_ttl * 1.5 + 1.0
+        taken_until = loop.time() + s.lease_ttl * 1.5 + 1.0  # a crashed hub's key has expired by then
         seen: int | None = None
         holder = ""
         while True:
@@ -988,32 +1064,46 @@ class JetStreamJournal:
             if "error" not in doc:
                 self._presence_rev = int(doc["seq"])
                 return
-            if doc["error"].get("code") not in (408, 503):
+            why: str | None = None
+            if doc["error"].get("code") in (408, 503):
+                why = str(doc["error"].get("description") or "no answer")
+            else:
                 try:
                     last = await self.js.get_last_msg(f"KV_{self._kv_leases}", subject)
                 except NotFoundError:
                     continue  # expired between the two requests: create it now
                 except Exception as e:
-                    raise JetStreamError(f"cannot read the presence of hub {self.hub_id!r}: {e}") from None
-                if (last.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                    fut = await self._replies.send(subject, self._presence_value,
-                                                   {"Nats-Expected-Last-Subject-Sequence": str(last.seq)})
-                    doc = await self._answer(fut)
-                    if "error" not in doc:
-                        self._presence_rev = int(doc["seq"])
-                        return
-                    continue
-                try:
-                    other = json.loads(last.data)
-                    holder = f" (pid {other.get('pid')} on {other.get('host')}, work {other.get('work')})"
-                except (ValueError, AttributeError):
-                    holder = ""
-                if seen is not None and int(last.seq) != seen:
-                    break  # renewed while we watched: a live hub
-                seen = int(last.seq)
-            if loop.time() > deadline:
+                    why = self._passing_read_error(e)
+                    if why is None:
+                        raise JetStreamError(f"cannot read the presence of hub {self.hub_id!r}: {e}") from None
+            if why is not None:
+                if loop.time() > deadline:
+                    raise JetStreamError(
+                        f"the NATS cluster at {', '.join(s.servers)} did not answer for the KV bucket "
+                        f"{self._kv_leases!r} within [journal] start_timeout = {s.start_timeout:g} s ({why}); start "
+                        "every JetStream node of the cluster and check that they route to each other, or raise "
+                        "start_timeout")
+                await asyncio.sleep(0.2)  # pacing: the bucket's leader election takes a few seconds
+                continue
+            if (last.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                fut = await self._replies.send(subject, self._presence_value,
+                                               {"Nats-Expected-Last-Subject-Sequence": str(last.seq)})
+                doc = await self._answer(fut)
+                if "error" not in doc:
+                    self._presence_rev = int(doc["seq"])
+                    return
+                continue
+            try:
+                other = json.loads(last.data)
+                holder = f" (pid {other.get('pid')} on {other.get('host')}, work {other.get('work')})"
+            except (ValueError, AttributeError):
+                holder = ""
+            if seen is not None and int(last.seq) != seen:
+                break  # renewed while we watched: a live hub
+            seen = int(last.seq)
+            if loop.time() > taken_until:
                 break
-            await asyncio.sleep(min(0.2, self.settings.lease_ttl / 10))  # pacing: waiting for a crashed hub's key
+            await asyncio.sleep(min(0.2, s.lease_ttl / 10))  # pacing: waiting for a crashed hub's key
         raise JetStreamError(f"[hub] id {self.hub_id!r} is already used by a running hub{holder}; give each hub "
                              "its own [hub] id (or stop the other one)")
 

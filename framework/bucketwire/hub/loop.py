@@ -81,6 +81,9 @@ CURSOR_CARRY = CURSOR_DELAY / 2
 carries the cursors, and one comes along before CURSOR_DELAY would give them a transaction of their own."""
 PROBE_INTERVAL = 5.0
 """Seconds between write probes of the journal (see Journal.probe); /healthz reports the last one."""
+PROBE_RETRY = 0.5
+"""Seconds between write probes while the last one failed: ingress is refused until a probe passes (see
+`_ingest`), so space freed from outside is taken up within this, not within PROBE_INTERVAL."""
 RETENTION_WHILE_FAILING = 5.0
 """Seconds between retention runs while commits fail (it runs every minute otherwise): a journal that filled its
 disk or a size limit frees the oldest events and commits again by itself, if its retention allows it."""
@@ -153,9 +156,10 @@ class Hub:
         self.started = time.time()
         self.last_tick = time.monotonic()
         self.journal_ok = True
-        self.write_error: str | None = None  # the last write probe's failure, for /healthz
-        self.commit_error: str | None = None  # the last commit failure, for /healthz
+        self.write_error: str | None = None
+        """Why events are refused and /healthz says 503: the failed commit or probe since which no probe passed."""
         self._next_probe = 0.0
+        self._probed = float("-inf")  # when the last write probe ran
         # Topic bookkeeping (the count is bounded by [hub] max_topics): the topics the config names are always
         # accepted; `active` holds when each topic last committed, so heartbeats and rate windows cost per topic
         # in use, not per topic ever made; `_pending_topics` are new topics this turn's batch will create.
@@ -177,7 +181,7 @@ class Hub:
         self._last_retention = time.monotonic()
         # Gauges, rates, socket monitors, replay, DLQ, group removal: see hub/ops.py.
         self.ops = HubOps(cfg, self.metrics, self.journal, self.groups, self.net, new_event=self._new,
-                          live_topics=self.live_topics, journal_ok=lambda: self.journal_ok,
+                          live_topics=self.live_topics, journal_ok=lambda: self.write_error is None,
                           queued=self.ingress_q.qsize, too_large=self._too_large)
         if cfg.security.curve:  # fail at startup, with one line, not in the loop
             check_key_files(cfg.security)
@@ -225,8 +229,7 @@ class Hub:
             pass
 
     def health(self) -> Health:
-        commit_error = None if self.journal_ok else self.commit_error  # why the last commit failed, in its words
-        return Health(self.last_tick, self.journal_ok, self.write_error or commit_error)
+        return Health(self.last_tick, self.write_error is None, self.write_error)
 
     def request_reload(self) -> None:
         """Thread/signal-safe: re-read the key allow-list and the server keys on the next loop turn (SIGHUP)."""
@@ -341,9 +344,7 @@ class Hub:
                     g.refill(self.journal.heads, self.journal.read, self.journal.first_seq)
                 except JournalError as e:  # a cluster just back may not serve reads yet: the next turn reads again
                     log.warning("cannot read the journal; will try again", extra={"group": g.name, "error": str(e)})
-            if self.ha is None or self.journal_ok:
-                # With several hubs, events handled while acks cannot be stored would all be handled again by
-                # the next dispatcher: hand out nothing new until the journal takes commits again.
+            if self._may_dispatch():
                 self._dispatch(g, now)
         if now - self._last_hb >= self.cfg.hub.heartbeat_interval:
             self._heartbeats(now)
@@ -352,16 +353,40 @@ class Hub:
             self._last_retention = now
             self._retention()
         if now >= self._next_probe:
-            self._next_probe = now + PROBE_INTERVAL
-            err = self.journal.probe()
-            if err != self.write_error:
-                if err:
-                    log.error("journal cannot be written; /healthz answers 503", extra={"error": err})
-                else:
-                    log.info("journal can be written again")
-            self.write_error = err
-            if err is None and not self.journal_ok:
-                self.journal_ok = True  # a failed commit left it false; with no traffic nothing else would clear it
+            self._probe(now)
+
+    def _probe(self, now: float) -> None:
+        """Try a write where the journal lives; ingress is refused from a failed commit or probe until one passes.
+
+        Only a probe reopens ingress: a small commit (acks) can still fit into the WAL's old pages on a full
+        disk, and taking its success for recovery let events in between two failures (one 200 among the 503s)."""
+        err = self.journal.probe()
+        self._probed = now
+        self._next_probe = now + (PROBE_INTERVAL if err is None else PROBE_RETRY)
+        if err is None:
+            if self.write_error is not None:
+                log.info("journal can be written again; accepting events")
+            self.write_error = None
+            self.journal_ok = True  # a failed commit left it false; with no traffic nothing else would clear it
+            return
+        if self.write_error is None:  # one line when it starts, not one per probe or per refused request
+            log.error("journal cannot be written; refusing events (503) until it can", extra={"error": err})
+        self.write_error = err
+        self._retention_soon()
+
+    def _may_dispatch(self) -> bool:
+        """Whether to hand out new work: not while acks cannot be stored. Events handled meanwhile would all be
+        handled again after a crash (with one hub) or by the next dispatcher (with several), where README "What
+        can repeat" allows only what was in flight. One hub waits for a passing probe (a small cursor commit
+        can succeed on a full disk between two that fail); several hubs for the next commit (their probe only
+        asks whether NATS is connected)."""
+        return self.journal_ok if self.ha is not None else self.write_error is None
+
+    def _retention_soon(self) -> None:
+        """Retention may free what the journal needs (a full disk, a size limit): run it on the next turn, not at
+        its next minute."""
+        if time.monotonic() - self._last_retention >= RETENTION_WHILE_FAILING:
+            self._last_retention = float("-inf")
 
     # -- commit ----------------------------------------------------------------------------------------------
     def _commit(self, batch: Batch, replies: list[Reply], now: float, final: bool = False) -> None:
@@ -403,20 +428,19 @@ class Hub:
             appended = self.journal.commit(batch)
         except JournalError as e:
             self.metrics.commit_failures.inc()
-            if self.journal_ok:
-                log.error("journal commit failed; answering 503 until it recovers", extra={"error": str(e)})
+            if self.write_error is None:
+                log.error("journal commit failed; refusing events (503) until it can be written",
+                          extra={"error": str(e)})
+                self.write_error = str(e)
             self.journal_ok = False
-            self.commit_error = str(e)
-            if time.monotonic() - self._last_retention >= RETENTION_WHILE_FAILING:
-                # Retention may free what the journal needs (a full disk, a size limit): run it on the next turn,
-                # not at its next minute.
-                self._last_retention = float("-inf")
+            # Ingress stays refused until a probe passes (see `_ingest`): the next one comes soon, not at its
+            # interval, and no more often than PROBE_RETRY (a request flood makes a failed commit per turn).
+            self._next_probe = min(self._next_probe, max(now, self._probed + PROBE_RETRY))
+            self._retention_soon()
             for cb, _, _ in replies:
                 cb(None, "journal unavailable: " + str(e))
             return
         took = time.perf_counter() - t0
-        if not self.journal_ok:
-            log.info("journal commits again")
         self.journal_ok = True
         self.carry = []
         steerable, self._staged = self._staged, False
@@ -428,8 +452,9 @@ class Hub:
         # event, and these steps stood between its commit and its DELIVER).
         fresh = by_topic(appended)
         self._offer(fresh, steerable)
-        for g in self.groups.values():
-            self._dispatch(g, now)
+        if self.ha is not None or self.write_error is None:  # _may_dispatch (journal_ok holds: it committed)
+            for g in self.groups.values():
+                self._dispatch(g, now)
         for cb, lo, hi in replies:
             cb(appended[carry_n + lo: carry_n + hi], None)
         self._publish(fresh)
@@ -628,6 +653,14 @@ class Hub:
         `IngestResult` per event that nothing but `as_dict` would read cost the PUB path ~0.3 us per event, and a
         dict per event ~0.1 us more than the struct.
         """
+        if self.write_error is not None:
+            # A commit failed, or the last probe could not write where the journal lives (a full disk): /healthz
+            # says 503, and so does every request until a probe passes (PROBE_RETRY), even one that might still
+            # squeeze into the WAL's old pages. A publisher told 2xx by a hub whose /healthz says it cannot
+            # write is one nobody expects, and on a full disk the WAL cannot be checkpointed, so such commits
+            # only grow it until they fail. Acks, follow-ons and dead letters still try to commit.
+            done(None, "journal unavailable: " + self.write_error)  # counted where answered, as a failed commit is
+            return
         plan: list[IngestResult] = []
         lo = len(batch.events)
         why = ([None] * len(events) if topics is not None
@@ -1245,7 +1278,7 @@ class Hub:
                 "long_running": long_running(g, now),
             }
         st = {
-            "hub": {"uptime": round(time.time() - self.started, 3), "journal_ok": self.journal_ok,
+            "hub": {"uptime": round(time.time() - self.started, 3), "journal_ok": self.write_error is None,
                     "durability": self.cfg.hub.durability, "id": self.cfg.hub.id,
                     "backend": self.cfg.journal.backend},
             "topics": {t: {"head": h} for t, h in sorted(heads.items())},
