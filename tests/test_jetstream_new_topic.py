@@ -78,22 +78,20 @@ def _stream_leader(cluster: NatsCluster, stream: str) -> str:
     return str(_js(cluster, f"$JS.API.STREAM.INFO.{stream}").get("cluster", {}).get("leader"))
 
 
-def _frozen_meta_leader_away_from(cluster: NatsCluster, hub: int, streams: list[str]) -> int:
-    """Arrange that the meta leader is neither the hub's server nor the leader of any of `streams`, by step-downs;
-    returns its index. Freezing it then stops stream creation and nothing else the hub needs."""
-    def arranged() -> int | None:
-        m = _meta_leader(cluster)
-        if m == hub:
-            _js(cluster, "$JS.API.META.LEADER.STEPDOWN")
-            return None
-        name = cluster.nodes[m].name
+def _meta_leader_serving_only_creation(cluster: NatsCluster, meta: int, streams: list[str]) -> None:
+    """Move the leadership of `streams` off the meta leader `meta` (the hub is not connected to it: see `stack`),
+    so that freezing it stops stream creation and nothing else the hub needs."""
+    name = cluster.nodes[meta].name
+
+    def arranged() -> bool:
+        assert _meta_leader(cluster) == meta, "the meta leader moved"
         for s in streams:
             if _stream_leader(cluster, s) == name:
                 _js(cluster, f"$JS.API.STREAM.LEADER.STEPDOWN.{s}")
-                return None
-        return m + 1  # truthy for wait_for
+                return False
+        return True
 
-    return int(wait_for(arranged, 60, "a meta leader that serves nothing but stream creation")) - 1
+    wait_for(arranged, 60, "the hub's streams led by other nodes than the meta leader")
 
 
 class _Raw:
@@ -123,24 +121,31 @@ class _Raw:
 
 
 @pytest.fixture
-def stack(cluster: NatsCluster, tmp_path: Path) -> Iterator[BackendStack]:
-    s = BackendStack(tmp_path, backend="jetstream",
-                     journal=journal_table(cluster, PREFIX) + f"request_timeout = {TIMEOUT}\n")
+def stack(cluster: NatsCluster, tmp_path: Path) -> Iterator[tuple[BackendStack, int]]:
+    """A hub connected to the cluster's nodes other than the meta leader, and that node's index."""
+    meta = _meta_leader(cluster)
+    servers = ", ".join(f'"{n.url}"' for k, n in enumerate(cluster.nodes) if k != meta)
+    everyone = ", ".join(f'"{u}"' for u in cluster.urls)
+    table = journal_table(cluster, PREFIX).replace(f"servers = [{everyone}]", f"servers = [{servers}]")
+    assert f"servers = [{servers}]" in table
+    s = BackendStack(tmp_path, backend="jetstream", journal=table + f"request_timeout = {TIMEOUT}\n")
     s.start_hub()
-    yield s
+    yield s, meta
     s.stop()
 
 
-def test_a_topic_whose_stream_cannot_be_created_waits_alone(cluster: NatsCluster, stack: BackendStack) -> None:
-    s = stack
+def test_a_topic_whose_stream_cannot_be_created_waits_alone(cluster: NatsCluster,
+                                                              stack: tuple[BackendStack, int]) -> None:
+    s, frozen = stack
     # A healthy cluster creates a new topic's stream in tens of ms: its first event commits on the first try.
     code, doc = s.post("/events", ce("o1", "old"))
     assert code == 200 and doc["events"][0]["seq"] == 1, doc
     with s.client(10) as c:
         assert c.publish("old2", {"n": 1})["seq"] == 1
 
-    frozen = _frozen_meta_leader_away_from(cluster, _hub_node(cluster),
-                                           [f"{PREFIX}_ev_old", f"KV_{PREFIX}_leases", f"KV_{PREFIX}_cursors"])
+    assert _hub_node(cluster) != frozen
+    _meta_leader_serving_only_creation(cluster, frozen,
+                                       [f"{PREFIX}_ev_old", f"KV_{PREFIX}_leases", f"KV_{PREFIX}_cursors"])
     pid = cluster.nodes[frozen].proc.pid  # type: ignore[union-attr]
     os.killpg(pid, signal.SIGSTOP)
     try:
