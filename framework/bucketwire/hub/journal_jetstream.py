@@ -655,14 +655,31 @@ class JetStreamJournal:
         Asked by the hub's loop once per request (a set test), never per event."""
         return topics <= self._streams
 
-    def create_streams(self, topics: Iterable[str], until: float, done: Callable[[], None]) -> None:
-        """Create the streams of `topics` on the client's thread, without waiting: the hub's loop keeps serving
-        every other topic meantime. Each topic's creation is one task, shared by every caller; it retries what
-        waiting may change (no meta leader, a new stream electing its leader, a node not yet known to the meta
-        leader) until `until` (monotonic; a later `until` extends a running one), then records why it failed
-        (`stream_failure`). `done` is called from the client's thread whenever one of them ends."""
+    def create_streams(self, topics: Iterable[str], until: float, done: Callable[[], None], wait: float = 0.0
+                       ) -> None:
+        """Create the streams of `topics` on the client's thread: the hub's loop keeps serving every other topic
+        meantime. Each topic's creation is one task, shared by every caller; it retries what waiting may change
+        (no meta leader, a new stream electing its leader, a node not yet known to the meta leader) until `until`
+        (monotonic; a later `until` extends a running one), then records why it failed (`stream_failure`).
+        `done` is called from the client's thread whenever one of them ends. `wait`: seconds to wait for the
+        creations this call starts (none for one already under way), for a caller that would rather have the
+        stream in this turn when the cluster answers at once."""
         topics = list(topics)
-        self._loop.call_soon_threadsafe(lambda: [self._start_creating(t, until, done) for t in topics])
+        if wait <= 0:
+            self._loop.call_soon_threadsafe(lambda: [self._start_creating(t, until, done) for t in topics])
+            return
+
+        async def start_and_wait() -> None:
+            new = {t for t in topics if t not in self._creating and t not in self._streams}
+            tasks = {t: self._start_creating(t, until, done) for t in topics}
+            started = [task for t, task in tasks.items() if t in new]
+            if started:
+                await asyncio.wait(started, timeout=wait)
+
+        try:
+            self._run(start_and_wait(), wait + 1.0)
+        except JetStreamError as e:  # the creations go on; the caller sees the streams missing still
+            log.debug("waiting for new streams failed", extra={"error": str(e)})
 
     def stream_failure(self, topic: str) -> tuple[str, bool] | None:
         """Why the last creation of `topic`'s stream failed, and whether waiting cannot change it (final); None

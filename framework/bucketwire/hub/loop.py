@@ -89,6 +89,9 @@ RETENTION_WHILE_FAILING = 5.0
 disk or a size limit frees the oldest events and commits again by itself, if its retention allows it."""
 STREAM_WAIT_MARGIN = 0.5
 """Seconds before its request_timeout that a request waiting for a new topic's stream is refused (JetStream)."""
+CARRY_STREAM_WAIT = 0.25
+"""Seconds the loop waits, once per creation, for the stream of a derived event's new topic (JetStream): a healthy
+cluster creates one in tens of ms, and the event and the ack that made it are then committed in the same turn."""
 
 
 @dataclass(slots=True)
@@ -425,9 +428,14 @@ class Hub:
         if cursors:
             self._cursor_due = None
         held = self._hold_carried(now) if self.ha is not None and self.carry else []
+        # A group whose derived events wait for their stream keeps its cursors back with them: an ack stored before
+        # the follow-on it made would lose the follow-on in a crash.
+        waits = {str(note.get("group")) for _, (_, note) in held} if held else ()
         carry_n = len(self.carry)
         batch.events[:0] = self.carry
         for g in self.groups.values() if cursors else ():
+            if g.name in waits:
+                continue
             cur, delta = g.take_dirty()
             for t, a in cur.items():
                 batch.cursors[(g.name, t)] = a
@@ -477,7 +485,8 @@ class Hub:
             self.carry = []
             notes, self.carry_notes = self.carry_notes, []
         for g in self.groups.values() if cursors else ():
-            g.committed()
+            if g.name not in waits:
+                g.committed()
         # Workers first: what waits for these events is their handlers; publishers' confirmations come next; the
         # lossy fan-out to subscribers, the counters and the logs after both (at a low rate each commit is one
         # event, and these steps stood between its commit and its DELIVER).
@@ -853,14 +862,18 @@ class Hub:
         """Take the derived events (follow-ons, dead letters) whose topic has no stream yet out of this commit, and
         have their streams created: they wait in `carry`, for the first commit after their stream exists."""
         assert self.ha is not None
-        if self.ha.stream_ready({ne.topic for ne in self.carry}):
+        topics = {ne.topic for ne in self.carry}
+        if self.ha.stream_ready(topics):
+            return []
+        missing = {t for t in topics if not self.ha.stream_ready({t})}
+        self.ha.create_streams(missing, now + self.cfg.journal.request_timeout, self.wake, wait=CARRY_STREAM_WAIT)
+        if self.ha.stream_ready(missing):
             return []
         held: list[tuple[NewEvent, tuple[str, dict[str, Any]]]] = []
         ready: list[tuple[NewEvent, tuple[str, dict[str, Any]]]] = []
         for ne, note in zip(self.carry, self.carry_notes, strict=True):
             (ready if self.ha.stream_ready({ne.topic}) else held).append((ne, note))
         self.carry, self.carry_notes = [ne for ne, _ in ready], [note for _, note in ready]
-        self.ha.create_streams({ne.topic for ne, _ in held}, now + self.cfg.journal.request_timeout, self.wake)
         return held
 
     def _drain_ingress(self, batch: Batch, replies: list[Reply]) -> None:
