@@ -14,6 +14,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 
 pytest.importorskip("nats", reason="the nats extra is not installed (pip install -e '.[nats]')")
 
+from bucketwire.client import HubRefused  # noqa: E402
 from bucketwire.devstack.nats import NatsCluster, NatsError, find_nats_server  # noqa: E402
 from tests.fixtures_backends import BackendStack, journal_table  # noqa: E402
 from tests.fixtures_hub import wait_for  # noqa: E402
@@ -150,6 +152,17 @@ def test_a_topic_whose_stream_cannot_be_created_waits_alone(cluster: NatsCluster
     os.killpg(pid, signal.SIGSTOP)
     try:
         new = _Raw(s.http_port, s.token, ce("a1", "fresh"))
+        pubbed: list[object] = []  # the same over PUB, to a third new topic: its answer, or the refusal
+
+        def pub_new() -> None:
+            with s.client(10) as c:
+                try:
+                    pubbed.append(c.publish("fresh3", {"n": 1}, id="p1", source="urn:nt"))
+                except HubRefused as e:
+                    pubbed.append(e)
+
+        puber = threading.Thread(target=pub_new)
+        puber.start()
         # Sent after the new topic's event: answered (committed) while that one still waits for its stream.
         with s.client(10) as c:
             assert c.publish("old", {"n": 2})["seq"] == 2
@@ -163,6 +176,11 @@ def test_a_topic_whose_stream_cannot_be_created_waits_alone(cluster: NatsCluster
         else:
             assert code == 200 and doc["events"][0]["seq"] == 1, doc
         refused = code == 503
+        puber.join(15)
+        if isinstance(pubbed[0], HubRefused):  # a PUBNACK naming the stream, like the 503
+            assert f"{PREFIX}_ev_fresh3" in str(pubbed[0]), pubbed
+        else:
+            assert isinstance(pubbed[0], dict) and pubbed[0]["seq"] == 1, pubbed
         # Another new topic, whose stream becomes creatable while its event waits: committed, not refused.
         waits = _Raw(s.http_port, s.token, ce("b1", "fresh2"))
         with s.client(10) as c:
