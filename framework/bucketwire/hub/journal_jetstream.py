@@ -380,6 +380,12 @@ class JetStreamJournal:
         self._tasks: set[asyncio.Task[None]] = set()
         self._following = False
         self._wake: Callable[[], None] | None = None
+        # New topics' stream creations, run on the client's thread (see create_streams): the tasks, until when
+        # each retries, who to tell when it ends, and why the last one failed.
+        self._creating: dict[str, asyncio.Task[None]] = {}
+        self._create_until: dict[str, float] = {}
+        self._created_cbs: dict[str, list[Callable[[], None]]] = {}
+        self._stream_failed: dict[str, tuple[str, bool]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bucketwire-jetstream", daemon=True)
         self._thread.start()
@@ -644,26 +650,125 @@ class JetStreamJournal:
         async for raw in stream_list(self.nc, self.settings.request_timeout, missing):
             yield StreamInfo.from_response(raw)
 
-    async def _ensure_stream(self, topic: str) -> None:
-        if topic in self._streams:
+    def stream_ready(self, topics: set[str]) -> bool:
+        """Whether every topic of `topics` has its stream, so a commit of their events waits for no creation.
+        Asked by the hub's loop once per request (a set test), never per event."""
+        return topics <= self._streams
+
+    def create_streams(self, topics: Iterable[str], until: float, done: Callable[[], None], wait: float = 0.0
+                       ) -> None:
+        """Create the streams of `topics` on the client's thread: the hub's loop keeps serving every other topic
+        meantime. Each topic's creation is one task, shared by every caller; it retries what waiting may change
+        (no meta leader, a new stream electing its leader, a node not yet known to the meta leader) until `until`
+        (monotonic; a later `until` extends a running one), then records why it failed (`stream_failure`).
+        `done` is called from the client's thread whenever one of them ends. `wait`: seconds to wait for the
+        creations this call starts (none for one already under way), for a caller that would rather have the
+        stream in this turn when the cluster answers at once."""
+        topics = list(topics)
+        if wait <= 0:
+            self._loop.call_soon_threadsafe(lambda: [self._start_creating(t, until, done) for t in topics])
             return
+
+        async def start_and_wait() -> None:
+            new = {t for t in topics if t not in self._creating and t not in self._streams}
+            tasks = {t: self._start_creating(t, until, done) for t in topics}
+            started = [task for t, task in tasks.items() if t in new]
+            if started:
+                await asyncio.wait(started, timeout=wait)
+
+        try:
+            self._run(start_and_wait(), wait + 1.0)
+        except JetStreamError as e:  # the creations go on; the caller sees the streams missing still
+            log.debug("waiting for new streams failed", extra={"error": str(e)})
+
+    def stream_failure(self, topic: str) -> tuple[str, bool] | None:
+        """Why the last creation of `topic`'s stream failed, and whether waiting cannot change it (final); None
+        while it is being created or once it is."""
+        return self._stream_failed.get(topic)
+
+    def stream_wait_error(self, topic: str) -> str:
+        """What a request that waited its whole request_timeout for `topic`'s stream is told."""
+        why = self._stream_failed.get(topic)
+        return why[0] if why is not None else self._not_created(topic, "")
+
+    def _not_created(self, topic: str, why: str) -> str:
+        s = self.settings
+        return (f"the NATS cluster did not create the stream {self._stream(topic)!r} of topic {topic!r} with "
+                f"{s.replicas} replicas within [journal] request_timeout = {s.request_timeout:g} s"
+                + (f" ({why})" if why else "") + "; start every JetStream node of the cluster and check that they "
+                "route to each other (a new stream needs a meta leader and a quorum of its replicas), then send again")
+
+    def _start_creating(self, topic: str, until: float, done: Callable[[], None] | None) -> asyncio.Task[None]:
+        self._create_until[topic] = max(self._create_until.get(topic, 0.0), until)
+        if done is not None:
+            self._created_cbs.setdefault(topic, []).append(done)
+        task = self._creating.get(topic)
+        if task is None:
+            self._stream_failed.pop(topic, None)
+            task = self._creating[topic] = asyncio.get_running_loop().create_task(self._create_stream(topic))
+        return task
+
+    async def _create_stream(self, topic: str) -> None:
+        """Create (or bind) `topic`'s stream and read its head; see `create_streams`."""
         from nats.js.api import StorageType, StreamConfig
 
         s = self.settings
-        cfg = StreamConfig(name=self._stream(topic), subjects=[self._subject(topic)], num_replicas=s.replicas,
+        name = self._stream(topic)
+        cfg = StreamConfig(name=name, subjects=[self._subject(topic)], num_replicas=s.replicas,
                            storage=StorageType.FILE, duplicate_window=s.duplicate_window, max_age=s.max_age,
                            max_bytes=s.max_bytes, allow_direct=True, description=f"bucketwire topic {topic}")
+        why = "no answer"
+        # One attempt waits a quarter of request_timeout: a request the meta leader never answers (it froze or
+        # died) is sent again, so a cluster that recovers meanwhile creates the stream before the deadline.
+        attempt = max(0.25, s.request_timeout / 4)
         try:
-            await self.js.add_stream(cfg)
-        except Exception as e:
-            if "already in use" not in str(e):  # another hub created it a moment ago with the same config
-                raise JetStreamError(f"cannot create the stream for topic {topic!r}: {e}") from None
-        self.heads[topic] = max(self.heads.get(topic, 0), await self._head(topic))
-        self._streams.add(topic)
-        self._track(topic, 0, self.heads[topic])  # new to this hub: what another hub stored in it already is new
+            while (left := self._create_until[topic] - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(self.js.add_stream(cfg), min(left, attempt))
+                except Exception as e:  # noqa: BLE001 - sorted into passing and final below
+                    if "already in use" not in str(e):  # another hub created it a moment ago: ours too
+                        passing = self._passing_placement_error(e)
+                        if passing is None:
+                            desc = str(getattr(e, "description", "") or "") or f"{type(e).__name__}: {e}"
+                            self._stream_failed[topic] = (
+                                f"cannot create the stream {name!r} of topic {topic!r} ({desc}); check [journal] "
+                                "replicas against the cluster's number of JetStream servers, and the NATS "
+                                "account's JetStream limits", True)
+                            log.error("cannot create a topic's stream", extra={"topic": topic, "error": desc})
+                            return
+                        why = passing
+                        await asyncio.sleep(0.1)  # pacing: waiting for the meta leader to be able to place it
+                        continue
+                try:  # the head, asked of the new stream's leader (elected a moment after the creation)
+                    info = await asyncio.wait_for(self.js.stream_info(name), min(max(0.01, left), attempt))
+                except Exception as e:  # noqa: BLE001 - no leader yet: asked again until the deadline
+                    why = f"no leader yet ({type(e).__name__})"
+                    await asyncio.sleep(0.05)  # pacing: waiting for the stream's leader
+                    continue
+                self.heads[topic] = max(self.heads.get(topic, 0), int(info.state.last_seq))
+                self._streams.add(topic)
+                self._track(topic, 0, self.heads[topic])  # new to this hub: what another hub stored in it is new
+                return
+            self._stream_failed[topic] = (self._not_created(topic, why), False)
+            log.warning("cannot create a topic's stream yet", extra={"topic": topic, "reason": why})
+        finally:
+            self._creating.pop(topic, None)
+            self._create_until.pop(topic, None)
+            for cb in self._created_cbs.pop(topic, []):
+                cb()
+
+    async def _ensure_stream(self, topic: str) -> None:
+        """For a commit that names a topic without its stream (the hub's loop never sends one; see
+        `create_streams`): wait for the shared creation, up to request_timeout."""
+        if topic in self._streams:
+            return
+        await asyncio.shield(self._start_creating(topic, time.monotonic() + self.settings.request_timeout, None))
+        if topic not in self._streams:
+            why = self._stream_failed.get(topic)
+            raise JetStreamError(why[0] if why else f"the stream of topic {topic!r} was not created")
 
     async def _head(self, topic: str) -> int:
-        """The stream's last seq, asked of its leader; retried while a just-created stream elects one."""
+        """The stream's last seq, asked of its leader; retried while the stream elects one (a failover)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout
         while True:
@@ -1382,9 +1487,10 @@ class JetStreamJournal:
                     except Exception as e:  # taken over or expired: nothing to give back
                         log.debug("presence release failed", extra={"error": str(e)})
                 self._following = False
-                for task in list(self._tasks):  # the poll and catch-ups stop before the loop goes
+                tasks = [*self._tasks, *self._creating.values()]
+                for task in tasks:  # the poll, catch-ups and stream creations stop before the loop goes
                     task.cancel()
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
                 await self.nc.close()
 
             try:

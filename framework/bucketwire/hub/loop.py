@@ -87,6 +87,11 @@ PROBE_RETRY = 0.5
 RETENTION_WHILE_FAILING = 5.0
 """Seconds between retention runs while commits fail (it runs every minute otherwise): a journal that filled its
 disk or a size limit frees the oldest events and commits again by itself, if its retention allows it."""
+STREAM_WAIT_MARGIN = 0.5
+"""Seconds before its request_timeout that a request waiting for a new topic's stream is refused (JetStream)."""
+CARRY_STREAM_WAIT = 0.25
+"""Seconds the loop waits, once per creation, for the stream of a derived event's new topic (JetStream): a healthy
+cluster creates one in tens of ms, and the event and the ack that made it are then committed in the same turn."""
 
 
 @dataclass(slots=True)
@@ -119,6 +124,17 @@ class Health:
 
 Done = Callable[[list[IngestResult] | None, str | None], None]
 """Called in the loop thread once submitted events are committed (results) or have failed (error)."""
+
+
+@dataclass(slots=True)
+class StreamWait:
+    """A request whose topics' streams (JetStream journal) are still being created: it joins the first commit
+    after they exist, or is refused at `deadline` (monotonic)."""
+
+    topics: set[str]
+    events: list[NewEvent]
+    cb: Callable[[list[Appended] | None, str | None], None]
+    deadline: float
 
 
 class Hub:
@@ -166,6 +182,7 @@ class Hub:
         self.declared = declared_topics(cfg)
         self.active: dict[str, float] = {}
         self._pending_topics: set[str] = set()
+        self._stream_waits: list[StreamWait] = []  # see _wait_for_streams
         self._cursor_due: float | None = None  # when acks waiting for an event commit are written on their own
         cursors = self.journal.cursors()
         stats = self.journal.group_stats()
@@ -303,6 +320,8 @@ class Hub:
             t = min(t, max(0.0, self._cursor_due - now))
         if self.ha is not None:
             t = min(t, self.cfg.journal.lease_ttl / 6)  # lease rounds run on ticks
+        if self._stream_waits:
+            t = min(t, max(0.0, min(w.deadline for w in self._stream_waits) - now))
         if self.http is not None:
             t = min(t, HTTP_SWEEP)  # the ingress's own timers (deadlines, TLS handshakes) run when it is stepped
         for g in self.groups.values():
@@ -332,7 +351,11 @@ class Hub:
         for g in self.groups.values():
             g.due_retries(now)
         self._expire_workers(now)
+        if self._stream_waits:
+            self._resume_stream_waits(batch, replies)
         self._commit(batch, replies, now, final)
+        if self._stream_waits:
+            self._refuse_stream_waits(now, final)
         if self.ha is not None:
             remote = self.ha.take_remote()  # what other hubs committed: fanned out and offered like our own
             if remote:
@@ -404,9 +427,15 @@ class Hub:
                 return
         if cursors:
             self._cursor_due = None
+        held = self._hold_carried(now) if self.ha is not None and self.carry else []
+        # A group whose derived events wait for their stream keeps its cursors back with them: an ack stored before
+        # the follow-on it made would lose the follow-on in a crash.
+        waits = {str(note.get("group")) for _, (_, note) in held} if held else ()
         carry_n = len(self.carry)
         batch.events[:0] = self.carry
         for g in self.groups.values() if cursors else ():
+            if g.name in waits:
+                continue
             cur, delta = g.take_dirty()
             for t, a in cur.items():
                 batch.cursors[(g.name, t)] = a
@@ -419,6 +448,12 @@ class Hub:
                     wall = time.time() - time.monotonic()
                     batch.due.update({(g.name, t, q): d + wall for (t, q), d in g.due.items()})
         self._pending_topics.clear()
+        for w in self._stream_waits:  # still new: counted against max_topics until created or refused
+            self._pending_topics |= w.topics
+        if held:  # derived events whose topic's stream is being created: the next commit after it exists
+            self.carry += [ne for ne, _ in held]
+            self.carry_notes += [note for _, note in held]
+            self._staged = True
         if not batch.events and not batch.cursors and not batch.stats and not batch.attempts:
             for cb, _, _ in replies:  # nothing to write (all unrouted or refused): answer at once
                 cb([], None)
@@ -442,11 +477,16 @@ class Hub:
             return
         took = time.perf_counter() - t0
         self.journal_ok = True
-        self.carry = []
-        steerable, self._staged = self._staged, False
-        notes, self.carry_notes = self.carry_notes, []
+        steerable, self._staged = self._staged, bool(held)
+        if held:
+            notes = self.carry_notes[:carry_n]
+            self.carry, self.carry_notes = self.carry[carry_n:], self.carry_notes[carry_n:]
+        else:
+            self.carry = []
+            notes, self.carry_notes = self.carry_notes, []
         for g in self.groups.values() if cursors else ():
-            g.committed()
+            if g.name not in waits:
+                g.committed()
         # Workers first: what waits for these events is their handlers; publishers' confirmations come next; the
         # lossy fan-out to subscribers, the counters and the logs after both (at a low rate each commit is one
         # event, and these steps stood between its commit and its DELIVER).
@@ -722,9 +762,6 @@ class Hub:
         if unrouted:
             self.metrics.unrouted.labels(source).inc(len(unrouted))
         self._pending_topics |= fresh
-        lo = len(batch.events)
-        batch.events.extend(staged)
-        hi = len(batch.events)
 
         def cb(appended: list[Appended] | None, err: str | None) -> None:
             if appended is None:
@@ -766,7 +803,78 @@ class Hub:
             else:
                 done([IngestResult(r.id, r.topic, r.seq, r.duplicate, r.unrouted) for r in results], None)
 
-        replies.append((cb, lo, hi))
+        if self.ha is not None and passed and not self.ha.stream_ready(passed):  # once per request, a set test
+            self._wait_for_streams(passed, staged, cb)
+            return
+        lo = len(batch.events)
+        batch.events.extend(staged)
+        replies.append((cb, lo, len(batch.events)))
+
+    # -- new topics' streams (JetStream journal) -------------------------------------------------------------
+    def _wait_for_streams(self, topics: set[str], events: list[NewEvent],
+                          cb: Callable[[list[Appended] | None, str | None], None]) -> None:
+        """Keep a request whose topics include one without its stream out of the commit while the journal creates
+        the stream on its own thread. Creating it can take up to request_timeout (a cluster without a meta leader,
+        a new stream electing its leader while a node is down); in the commit, every other topic's events, the
+        acks and the dispatch behind it would wait as long, and /healthz would go unanswered."""
+        assert self.ha is not None
+        # Refused a little before the webhook's own timeout ([hub] request_timeout) can answer 503 for it: a request
+        # answered 503 must not be committed afterwards, when its stream comes.
+        budget = min(self.cfg.journal.request_timeout, self.cfg.hub.request_timeout)
+        deadline = time.monotonic() + max(budget - STREAM_WAIT_MARGIN, budget / 2)
+        missing = {t for t in topics if not self.ha.stream_ready({t})}
+        self._stream_waits.append(StreamWait(missing, events, cb, deadline))
+        self.ha.create_streams(missing, deadline, self.wake)
+
+    def _resume_stream_waits(self, batch: Batch, replies: list[Reply]) -> None:
+        """Requests whose streams exist now join this turn's commit."""
+        assert self.ha is not None
+        waiting: list[StreamWait] = []
+        for w in self._stream_waits:
+            if self.ha.stream_ready(w.topics):
+                lo = len(batch.events)
+                batch.events.extend(w.events)
+                replies.append((w.cb, lo, len(batch.events)))
+            else:
+                waiting.append(w)
+        self._stream_waits = waiting
+
+    def _refuse_stream_waits(self, now: float, stopping: bool = False) -> None:
+        """Refuse, after this turn's commit answered everyone else, the requests whose stream cannot be created:
+        at once when no wait changes that (more replicas than servers), else at their deadline, and all on the
+        last turn before a stop. Nothing of them was sent to the journal, so nothing refused is stored later."""
+        assert self.ha is not None
+        waiting: list[StreamWait] = []
+        for w in self._stream_waits:
+            failed = [f for t in sorted(w.topics) if (f := self.ha.stream_failure(t)) is not None]
+            final = next((f for f in failed if f[1]), None)
+            if final is None and now < w.deadline and not stopping:
+                waiting.append(w)
+                continue
+            if stopping and final is None:
+                why = "the hub is stopping; send again to another hub or after its restart"
+            else:
+                why = (final or failed[0])[0] if final or failed else self.ha.stream_wait_error(min(w.topics))
+            w.cb(None, why)
+        self._stream_waits = waiting
+
+    def _hold_carried(self, now: float) -> list[tuple[NewEvent, tuple[str, dict[str, Any]]]]:
+        """Take the derived events (follow-ons, dead letters) whose topic has no stream yet out of this commit, and
+        have their streams created: they wait in `carry`, for the first commit after their stream exists."""
+        assert self.ha is not None
+        topics = {ne.topic for ne in self.carry}
+        if self.ha.stream_ready(topics):
+            return []
+        missing = {t for t in topics if not self.ha.stream_ready({t})}
+        self.ha.create_streams(missing, now + self.cfg.journal.request_timeout, self.wake, wait=CARRY_STREAM_WAIT)
+        if self.ha.stream_ready(missing):
+            return []
+        held: list[tuple[NewEvent, tuple[str, dict[str, Any]]]] = []
+        ready: list[tuple[NewEvent, tuple[str, dict[str, Any]]]] = []
+        for ne, note in zip(self.carry, self.carry_notes, strict=True):
+            (ready if self.ha.stream_ready({ne.topic}) else held).append((ne, note))
+        self.carry, self.carry_notes = [ne for ne, _ in ready], [note for _, note in ready]
+        return held
 
     def _drain_ingress(self, batch: Batch, replies: list[Reply]) -> None:
         if self.ingress_q.empty():  # most turns: no exception raised and caught

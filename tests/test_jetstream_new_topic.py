@@ -1,0 +1,198 @@
+"""With the JetStream journal, a topic whose stream cannot be created yet must not stall the hub for everyone.
+
+The first event of a new topic creates the topic's stream. While the cluster cannot create it (here: its meta
+leader is frozen, so nobody answers stream creation until it resumes or the others elect a new one), that topic's
+events wait off the hub's loop and are committed once the stream is there, or refused at `request_timeout` with a
+reason that names the stream. Every other topic's publishes are committed and answered meanwhile, and /healthz
+answers. Checked by the order of answers, never by how long anything took.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("nats", reason="the nats extra is not installed (pip install -e '.[nats]')")
+
+from bucketwire.client import HubRefused  # noqa: E402
+from bucketwire.devstack.nats import NatsCluster, NatsError, find_nats_server  # noqa: E402
+from tests.fixtures_backends import BackendStack, journal_table  # noqa: E402
+from tests.fixtures_hub import wait_for  # noqa: E402
+
+try:
+    find_nats_server()
+except NatsError as e:  # pragma: no cover - only without the extra
+    pytest.skip(str(e), allow_module_level=True)
+
+PREFIX = "nt"
+TIMEOUT = 3.0  # [journal] request_timeout: how long a new topic's events wait for its stream
+
+
+def ce(eid: str, topic: str) -> bytes:
+    return json.dumps({"specversion": "1.0", "id": eid, "source": "urn:nt", "type": "t", "topic": topic,
+                       "data": {"n": eid}}).encode()
+
+
+def _js(cluster: NatsCluster, subject: str, body: bytes = b"") -> dict[str, Any]:
+    """One JetStream API request from the test's own connection."""
+    import asyncio
+
+    import nats
+
+    async def ask() -> dict[str, Any]:
+        nc = await nats.connect(servers=[n.url for n in cluster.nodes if n.proc is not None], connect_timeout=2)
+        try:
+            return dict(json.loads((await nc.request(subject, body, timeout=2)).data))
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+def _meta_leader(cluster: NatsCluster) -> int:
+    names = [n.name for n in cluster.nodes]
+    leader = next(str(m.get("leader")) for n in cluster.nodes
+                  if isinstance(m := n.jsz().get("meta_cluster"), dict) and m.get("leader"))
+    return names.index(leader)
+
+
+def _hub_node(cluster: NatsCluster) -> int:
+    """The node the hub's NATS connection is on (its monitoring endpoint lists the connection by name)."""
+    for k, n in enumerate(cluster.nodes):
+        with urllib.request.urlopen(f"http://127.0.0.1:{n.http_port}/connz", timeout=2) as r:
+            conns = json.loads(r.read()).get("connections") or []
+        if any(str(c.get("name", "")).startswith("bucketwire-hub-") for c in conns):
+            return k
+    raise AssertionError("the hub has no NATS connection")
+
+
+def _stream_leader(cluster: NatsCluster, stream: str) -> str:
+    return str(_js(cluster, f"$JS.API.STREAM.INFO.{stream}").get("cluster", {}).get("leader"))
+
+
+def _meta_leader_serving_only_creation(cluster: NatsCluster, meta: int, streams: list[str]) -> None:
+    """Move the leadership of `streams` off the meta leader `meta` (the hub is not connected to it: see `stack`),
+    so that freezing it stops stream creation and nothing else the hub needs."""
+    name = cluster.nodes[meta].name
+
+    def arranged() -> bool:
+        assert _meta_leader(cluster) == meta, "the meta leader moved"
+        for s in streams:
+            if _stream_leader(cluster, s) == name:
+                _js(cluster, f"$JS.API.STREAM.LEADER.STEPDOWN.{s}")
+                return False
+        return True
+
+    wait_for(arranged, 60, "the hub's streams led by other nodes than the meta leader")
+
+
+class _Raw:
+    """An HTTP request sent whole on a socket of its own, whose answer is read later: so the test can tell whether
+    it has been answered yet without waiting for it."""
+
+    def __init__(self, port: int, token: str, body: bytes) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.sendall(b"POST /events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                          + body)
+
+    def answered(self) -> bool:
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def answer(self) -> tuple[int, dict[str, Any]]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self.sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            body += self.sock.recv(65536)
+        self.sock.close()
+        return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+@pytest.fixture
+def stack(cluster: NatsCluster, tmp_path: Path) -> Iterator[tuple[BackendStack, int]]:
+    """A hub connected to the cluster's nodes other than the meta leader, and that node's index."""
+    meta = _meta_leader(cluster)
+    servers = ", ".join(f'"{n.url}"' for k, n in enumerate(cluster.nodes) if k != meta)
+    everyone = ", ".join(f'"{u}"' for u in cluster.urls)
+    table = journal_table(cluster, PREFIX).replace(f"servers = [{everyone}]", f"servers = [{servers}]")
+    assert f"servers = [{servers}]" in table
+    s = BackendStack(tmp_path, backend="jetstream", journal=table + f"request_timeout = {TIMEOUT}\n")
+    s.start_hub()
+    yield s, meta
+    s.stop()
+
+
+def test_a_topic_whose_stream_cannot_be_created_waits_alone(cluster: NatsCluster,
+                                                              stack: tuple[BackendStack, int]) -> None:
+    s, frozen = stack
+    # A healthy cluster creates a new topic's stream in tens of ms: its first event commits on the first try.
+    code, doc = s.post("/events", ce("o1", "old"))
+    assert code == 200 and doc["events"][0]["seq"] == 1, doc
+    with s.client(10) as c:
+        assert c.publish("old2", {"n": 1})["seq"] == 1
+
+    assert _hub_node(cluster) != frozen
+    _meta_leader_serving_only_creation(cluster, frozen,
+                                       [f"{PREFIX}_ev_old", f"KV_{PREFIX}_leases", f"KV_{PREFIX}_cursors"])
+    pid = cluster.nodes[frozen].proc.pid  # type: ignore[union-attr]
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        new = _Raw(s.http_port, s.token, ce("a1", "fresh"))
+        pubbed: list[object] = []  # the same over PUB, to a third new topic: its answer, or the refusal
+
+        def pub_new() -> None:
+            with s.client(10) as c:
+                try:
+                    pubbed.append(c.publish("fresh3", {"n": 1}, id="p1", source="urn:nt"))
+                except HubRefused as e:
+                    pubbed.append(e)
+
+        puber = threading.Thread(target=pub_new)
+        puber.start()
+        # Sent after the new topic's event: answered (committed) while that one still waits for its stream.
+        with s.client(10) as c:
+            assert c.publish("old", {"n": 2})["seq"] == 2
+        assert not new.answered(), "the new topic's request was answered before a later publish to another topic"
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/healthz", timeout=5) as r:
+            assert r.status == 200
+        assert not new.answered(), "the new topic's request was answered before a later /healthz"
+        code, doc = new.answer()  # within request_timeout: refused, or committed if a new meta leader was quick
+        if code == 503:
+            assert f"{PREFIX}_ev_fresh" in doc["error"] and "'fresh'" in doc["error"], doc
+        else:
+            assert code == 200 and doc["events"][0]["seq"] == 1, doc
+        refused = code == 503
+        puber.join(15)
+        if isinstance(pubbed[0], HubRefused):  # a PUBNACK naming the stream, like the 503
+            assert f"{PREFIX}_ev_fresh3" in str(pubbed[0]), pubbed
+        else:
+            assert isinstance(pubbed[0], dict) and pubbed[0]["seq"] == 1, pubbed
+        # Another new topic, whose stream becomes creatable while its event waits: committed, not refused.
+        waits = _Raw(s.http_port, s.token, ce("b1", "fresh2"))
+        with s.client(10) as c:
+            assert c.publish("old", {"n": 3})["seq"] == 3
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    code, doc = waits.answer()
+    assert code == 200 and doc["events"][0]["seq"] == 1, doc
+    cluster.wait_ready()
+    # Nothing refused was stored: the same event again is new, and takes seq 1; nothing is reused after it.
+    code, doc = s.post("/events", ce("a1", "fresh"))
+    assert code == 200 and doc["events"][0]["seq"] == 1, doc
+    assert doc["events"][0]["duplicate"] is (not refused), doc
+    code, doc = s.post("/events", ce("a2", "fresh"))
+    assert code == 200 and doc["events"][0]["seq"] == 2, doc
