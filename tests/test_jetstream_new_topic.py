@@ -196,3 +196,58 @@ def test_a_topic_whose_stream_cannot_be_created_waits_alone(cluster: NatsCluster
     assert doc["events"][0]["duplicate"] is (not refused), doc
     code, doc = s.post("/events", ce("a2", "fresh"))
     assert code == 200 and doc["events"][0]["seq"] == 2, doc
+
+
+def _pub(sock: Any, req: int, events: list[tuple[str, str]]) -> None:
+    from bucketwire import protocol as P
+    from bucketwire.envelope import Event
+
+    envs = [Event(id=eid, source="urn:nt", type="t", topic=topic, data={"n": eid}).to_dict() for topic, eid in events]
+    sock.send_multipart([P.PUB, P.enc({"req": req, "events": envs})])
+
+
+def _reply(sock: Any, timeout_ms: int = 15000) -> tuple[bytes, dict[str, Any]]:
+    assert sock.poll(timeout_ms), "no answer from the hub"
+    cmd, body = sock.recv_multipart()[:2]
+    return cmd, json.loads(body)
+
+
+def test_a_request_behind_one_waiting_for_a_stream_keeps_its_topics_order(cluster: NatsCluster,
+                                                                          stack: tuple[BackendStack, int]) -> None:
+    """A publish naming a topic that an earlier, waiting request also names (the earlier one waits for another
+    topic's stream) waits behind it: events of one topic are committed in the order the hub read them, so a
+    DELETE sent after a PUT of the same object is never handled first. A topic no waiting request names is not
+    held."""
+    import zmq
+
+    from bucketwire import protocol as P
+
+    s, frozen = stack
+    with s.client(10) as c:
+        assert c.publish("ord_a", {"n": 0})["seq"] == 1
+        assert c.publish("ord_b", {"n": 0})["seq"] == 1
+    _meta_leader_serving_only_creation(cluster, frozen, [f"{PREFIX}_ev_ord_a", f"{PREFIX}_ev_ord_b",
+                                                         f"KV_{PREFIX}_leases", f"KV_{PREFIX}_cursors"])
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{s.work_port}")
+    pid = cluster.nodes[frozen].proc.pid  # type: ignore[union-attr]
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        _pub(sock, 1, [("ord_a", "put"), ("ord_new", "put-new")])  # waits for ord_new's stream
+        _pub(sock, 2, [("ord_a", "delete")])  # same topic as request 1: must not overtake it
+        _pub(sock, 3, [("ord_b", "x")])  # a topic no waiting request names: goes on
+        cmd, doc = _reply(sock)
+        assert (cmd, doc["req"]) == (P.PUBACK, 3), (cmd, doc)
+        assert not sock.poll(0), "a request was answered before the unrelated one behind it"
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    answers = dict((d["req"], (cmd, d)) for cmd, d in (_reply(sock), _reply(sock)))
+    sock.close()
+    first, second = answers[1], answers[2]
+    assert second[0] == P.PUBACK, second
+    if first[0] == P.PUBACK:  # committed once the stream came: before the request that followed it
+        old_put = next(r["seq"] for r in first[1]["results"] if r["topic"] == "ord_a")
+        old_delete = second[1]["results"][0]["seq"]
+        assert old_put < old_delete, (first, second)

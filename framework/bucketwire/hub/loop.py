@@ -128,10 +128,13 @@ Done = Callable[[list[IngestResult] | None, str | None], None]
 
 @dataclass(slots=True)
 class StreamWait:
-    """A request whose topics' streams (JetStream journal) are still being created: it joins the first commit
-    after they exist, or is refused at `deadline` (monotonic)."""
+    """A request whose topics' streams (JetStream journal) are still being created (`topics`), or that names a
+    topic an earlier waiting request names (`names`: all of its topics): it joins the first commit after its
+    streams exist and no earlier waiting request names any of its topics, or is refused at `deadline`
+    (monotonic)."""
 
     topics: set[str]
+    names: set[str]
     events: list[NewEvent]
     cb: Callable[[list[Appended] | None, str | None], None]
     deadline: float
@@ -803,7 +806,11 @@ class Hub:
             else:
                 done([IngestResult(r.id, r.topic, r.seq, r.duplicate, r.unrouted) for r in results], None)
 
-        if self.ha is not None and passed and not self.ha.stream_ready(passed):  # once per request, a set test
+        # Once per request, a set test: with JetStream, a request naming a topic without its stream waits for it,
+        # and so does one naming a topic an earlier waiting request names (a topic's events commit in the order
+        # the hub read them: a DELETE sent after a PUT of the same object is never handled first).
+        if self.ha is not None and passed and (
+                not self.ha.stream_ready(passed) or (self._stream_waits and self._behind_waits(passed))):
             self._wait_for_streams(passed, staged, cb)
             return
         lo = len(batch.events)
@@ -823,20 +830,27 @@ class Hub:
         budget = min(self.cfg.journal.request_timeout, self.cfg.hub.request_timeout)
         deadline = time.monotonic() + max(budget - STREAM_WAIT_MARGIN, budget / 2)
         missing = {t for t in topics if not self.ha.stream_ready({t})}
-        self._stream_waits.append(StreamWait(missing, events, cb, deadline))
-        self.ha.create_streams(missing, deadline, self.wake)
+        self._stream_waits.append(StreamWait(missing, set(topics), events, cb, deadline))
+        if missing:
+            self.ha.create_streams(missing, deadline, self.wake)
+
+    def _behind_waits(self, topics: set[str]) -> bool:
+        return any(not w.names.isdisjoint(topics) for w in self._stream_waits)
 
     def _resume_stream_waits(self, batch: Batch, replies: list[Reply]) -> None:
-        """Requests whose streams exist now join this turn's commit."""
+        """Requests whose streams exist now join this turn's commit, in the order the hub read them, unless an
+        earlier request still waiting names one of their topics."""
         assert self.ha is not None
         waiting: list[StreamWait] = []
+        held: set[str] = set()  # the topics of the requests that still wait
         for w in self._stream_waits:
-            if self.ha.stream_ready(w.topics):
+            if self.ha.stream_ready(w.topics) and held.isdisjoint(w.names):
                 lo = len(batch.events)
                 batch.events.extend(w.events)
                 replies.append((w.cb, lo, len(batch.events)))
             else:
                 waiting.append(w)
+                held |= w.names
         self._stream_waits = waiting
 
     def _refuse_stream_waits(self, now: float, stopping: bool = False) -> None:
@@ -853,9 +867,17 @@ class Hub:
                 continue
             if stopping and final is None:
                 why = "the hub is stopping; send again to another hub or after its restart"
-            else:
-                why = (final or failed[0])[0] if final or failed else self.ha.stream_wait_error(min(w.topics))
+            elif final or failed:
+                why = (final or failed[0])[0]
+            elif w.topics:
+                why = self.ha.stream_wait_error(min(w.topics))
+            else:  # its own streams exist; an earlier request naming one of its topics waited as long
+                waiting_for = sorted(t for e in self._stream_waits if e is not w for t in e.topics)
+                why = ("waited behind an earlier request of the same topic for the stream of "
+                       + (repr(waiting_for[0]) if waiting_for else "a new topic") + "; send again")
             w.cb(None, why)
+        if len(waiting) < len(self._stream_waits) and waiting:
+            self.wake()  # requests behind a refused one may go now: the next turn, not the next deadline
         self._stream_waits = waiting
 
     def _hold_carried(self, now: float) -> list[tuple[NewEvent, tuple[str, dict[str, Any]]]]:
