@@ -386,6 +386,9 @@ class JetStreamJournal:
         self._create_until: dict[str, float] = {}
         self._created_cbs: dict[str, list[Callable[[], None]]] = {}
         self._stream_failed: dict[str, tuple[str, bool]] = {}
+        # The topic streams' bytes as of the last listing (see size_bytes), and whether one is under way.
+        self._size = 0
+        self._sizing = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bucketwire-jetstream", daemon=True)
         self._thread.start()
@@ -1129,14 +1132,28 @@ class JetStreamJournal:
         return int(self.nc.max_payload) - fixed
 
     def size_bytes(self) -> int:
-        async def total() -> int:
+        """The topic streams' bytes as of the last listing, and a new listing started on the client's thread.
+
+        The hub's loop asks every few seconds (the `journal_bytes` gauge, `status`). Listing the streams is a
+        request to the meta leader: while the cluster has none (it died, it froze), waiting for the answer would
+        hold the loop, and every topic's publishes and acks with it, for up to request_timeout each time. So the
+        figure may be one listing old; 0 until the first listing is in, and a listing that fails keeps the last."""
+        if not self._sizing:
+            self._sizing = True
+            self._loop.call_soon_threadsafe(lambda: self._spawn(self._list_size()))
+        return self._size
+
+    async def _list_size(self) -> None:
+        try:
             n = 0
             async for info in self._stream_infos():
                 if info.config.name.startswith(f"{self.prefix}_ev_"):
                     n += int(info.state.bytes)
-            return n
-
-        return self._run(total())
+            self._size = n
+        except Exception as e:  # noqa: BLE001 - the cluster does not answer now: the next call lists again
+            log.debug("cannot list the streams' sizes", extra={"error": str(e)})
+        finally:
+            self._sizing = False
 
     def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int:
         """JetStream applies each stream's `max_age`/`max_bytes` itself; nothing to do from the hub."""
