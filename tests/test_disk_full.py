@@ -11,7 +11,6 @@ forgotten."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 from collections import Counter
@@ -24,6 +23,7 @@ import pytest
 from bucketwire.client import HubRefused
 from bucketwire.envelope import Event
 from tests.fixtures_hub import Stack, wait_for
+from tests.test_ingress_guarantees import _fill as fill
 from tests.test_ingress_guarantees import _healthz, _mount_tmpfs
 
 StackFactory = Callable[..., Stack]
@@ -42,22 +42,6 @@ def disk(tmp_path: Path) -> Iterator[Path]:
 def on_disk(s: Stack, disk: Path) -> Stack:
     s.cfg_path.write_text(s.cfg_path.read_text().replace(str(s.dir / "state"), str(disk / "state")))
     return s
-
-
-def fill(disk: Path) -> Path:
-    """Fill the filesystem to its last byte with one file, which the test deletes to give the space back."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        for chunk in (65536, 4096, 1):
-            try:
-                while os.write(fd, b"\0" * chunk):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 def ce(eid: str, **data: Any) -> dict[str, Any]:

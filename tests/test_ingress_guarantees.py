@@ -214,6 +214,22 @@ def _mount_tmpfs(d: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+def _fill(disk: Path) -> Path:
+    """Fill the filesystem to its last byte with one file, which the test deletes to give the space back."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (65536, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * chunk):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
 def _healthz(s: Stack) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/healthz", timeout=5) as r:
@@ -233,17 +249,7 @@ def test_healthz_fails_on_a_full_disk_before_any_commit(stack_factory: StackFact
         s.cfg_path.write_text(s.cfg_path.read_text().replace(str(s.dir / "state"), str(disk / "state")))
         s.start_hub()
         assert s.post("/events", json.dumps(ce(0)).encode())[0] == 200
-        filler = disk / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:  # fill the filesystem to the last byte
-            for chunk in (65536, 4096, 1):
-                try:
-                    while os.write(fd, b"\0" * chunk):
-                        pass
-                except OSError:
-                    pass
-        finally:
-            os.close(fd)
+        filler = _fill(disk)
         s.kill_hub()  # the disk filled up under a running hub, which then died; its journal files are in place
         s.hub_proc = s._spawn(["hub"], "hub")
         code, body = wait_for(lambda: (r := _healthz(s))[0] and r, 30, "/healthz to answer")
