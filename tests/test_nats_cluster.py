@@ -178,7 +178,7 @@ def test_a_replicas_3_stream_can_be_placed_as_soon_as_start_or_restart_returns(t
     has had since their route came up): the stream creation then fails with "no suitable peers for placement,
     peer offline". Each restart reopens that window, so a few rounds find it when readiness does not close it
     (it was hit in about 4 restarts of 10). BUCKETWIRE_READY_ROUNDS runs more."""
-    rounds = int(os.environ.get("BUCKETWIRE_READY_ROUNDS", "8"))
+    rounds = int(os.environ.get("BUCKETWIRE_READY_ROUNDS", "6"))
     with NatsCluster(tmp_path, size=3) as cluster:
         failed = []
         if (err := asyncio.run(_create_at_once(cluster.urls, "first"))) is not None:

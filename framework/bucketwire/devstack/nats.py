@@ -47,6 +47,10 @@ def find_nats_server() -> str:
     return found
 
 
+ROUTE_SETTLE = 1.0
+"""Seconds a restarted node's routes must stand before `restart` says the cluster is ready (see
+`NatsCluster._routes_unsettled`)."""
+
 @dataclass
 class NatsNode:
     """One nats-server process: its ports, its store and its process handle."""
@@ -198,7 +202,7 @@ class NatsCluster:
                     n.jsz()
                 if self.size == 1 or not self.jetstream:
                     return
-                why = self._not_ready()
+                why = self._not_ready() or (self._routes_unsettled(pending) if nodes is not None else None)
                 if why is None:
                     why = self._probe_placement(min(2.0, max(0.2, deadline - time.monotonic())))
                     if why is None:
@@ -227,6 +231,27 @@ class NatsCluster:
                 return f"{node.name} has no route to {', '.join(missing)} yet"
         if not self._meta_complete():
             return "the JetStream meta leader does not see every peer current yet"
+        return None
+
+    def _routes_unsettled(self, nodes: list[NatsNode]) -> str | None:
+        """None when every route of `nodes` (just restarted) has stood ROUTE_SETTLE seconds, else which has not.
+
+        The peers of a restarted node dial it again within a second of its own dials, and the route that replaces
+        one resets the meta leader's statistics of that peer: a placement probe that passed before the
+        replacement proved nothing after it (a replicas-3 stream created right after `restart` failed with "no
+        suitable peers for placement, peer offline", about one CI run in four)."""
+        from datetime import datetime
+
+        for node in nodes:
+            with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/routez", timeout=1.0) as r:
+                doc = json.loads(r.read())
+            now = datetime.fromisoformat(str(doc.get("now")))
+            for route in doc.get("routes") or []:
+                if not isinstance(route, dict) or "start" not in route:
+                    continue
+                age = (now - datetime.fromisoformat(str(route["start"]))).total_seconds()
+                if age < ROUTE_SETTLE:
+                    return f"{node.name}'s route to {route.get('remote_name')} is {age:.1f} s old"
         return None
 
     def _meta_complete(self) -> bool:
