@@ -82,7 +82,7 @@ class HubClient:
         self.close()
 
     def request(self, cmd: bytes, hdr: dict[str, Any], want: set[bytes], timeout: float | None = None,
-                attempt_timeout: float = 2.0) -> tuple[bytes, dict[str, Any], list[bytes]]:
+                attempt_timeout: float = P.ATTEMPT_TIMEOUT) -> tuple[bytes, dict[str, Any], list[bytes]]:
         """Send and wait for the matching reply, re-sending on a new socket after each silent attempt."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         req = next(self._req)

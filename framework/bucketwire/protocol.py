@@ -82,6 +82,10 @@ DLQR = b"DLQR"
 GROUPRM = b"GROUPRM"
 GROUPRMR = b"GROUPRMR"
 
+ATTEMPT_TIMEOUT = 2.0
+"""Seconds a client (`bucketwire.client`) waits for a reply before it sends the request again on a new socket
+(to the next hub of its list): a request the hub holds must be answered within this, or its answer goes to a
+socket nobody reads any more."""
 MAX_CREDIT = 10_000
 MAX_PUB_EVENTS = 10_000
 MAX_FETCH = 1000

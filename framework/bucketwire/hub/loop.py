@@ -811,7 +811,7 @@ class Hub:
         # the hub read them: a DELETE sent after a PUT of the same object is never handled first).
         if self.ha is not None and passed and (
                 not self.ha.stream_ready(passed) or (self._stream_waits and self._behind_waits(passed))):
-            self._wait_for_streams(passed, staged, cb)
+            self._wait_for_streams(passed, staged, cb, source == "zmq")
             return
         lo = len(batch.events)
         batch.events.extend(staged)
@@ -819,7 +819,7 @@ class Hub:
 
     # -- new topics' streams (JetStream journal) -------------------------------------------------------------
     def _wait_for_streams(self, topics: set[str], events: list[NewEvent],
-                          cb: Callable[[list[Appended] | None, str | None], None]) -> None:
+                          cb: Callable[[list[Appended] | None, str | None], None], client: bool = False) -> None:
         """Keep a request whose topics include one without its stream out of the commit while the journal creates
         the stream on its own thread. Creating it can take up to request_timeout (a cluster without a meta leader,
         a new stream electing its leader while a node is down); in the commit, every other topic's events, the
@@ -828,6 +828,11 @@ class Hub:
         # Refused a little before the webhook's own timeout ([hub] request_timeout) can answer 503 for it: a request
         # answered 503 must not be committed afterwards, when its stream comes.
         budget = min(self.cfg.journal.request_timeout, self.cfg.hub.request_timeout)
+        if client:
+            # A ZeroMQ publisher sends again on a new socket after P.ATTEMPT_TIMEOUT of silence: an answer later
+            # than that reaches nobody, and each copy would wait again (the client saw "no answer" at its own
+            # timeout instead of the refusal). It gets the refusal, or its commit, within that.
+            budget = min(budget, P.ATTEMPT_TIMEOUT)
         deadline = time.monotonic() + max(budget - STREAM_WAIT_MARGIN, budget / 2)
         missing = {t for t in topics if not self.ha.stream_ready({t})}
         self._stream_waits.append(StreamWait(missing, set(topics), events, cb, deadline))
