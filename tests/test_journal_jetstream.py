@@ -26,6 +26,7 @@ from bucketwire.hub.journal_jetstream import (  # noqa: E402
     token,
     untoken,
 )
+from tests.fixtures_hub import wait_for  # noqa: E402
 
 try:
     find_nats_server()
@@ -535,6 +536,9 @@ def test_the_first_event_of_a_new_topic_while_a_node_restarts_commits_or_fails_a
             except JetStreamError as e:
                 assert "\n" not in str(e)
                 cluster.wait_ready()
+                # The journal's client may have been on the node that was killed: it refuses commits at once while
+                # it reconnects (nats-py waits between attempts), which is not what this round tests.
+                wait_for(lambda: j.nc is not None and j.nc.is_connected, 30, "the journal's client to reconnect")
                 stored += [a.seq for a in j.commit(Batch(events=[_ev(f"new{i}", "s", "first")]))]
             cluster.wait_ready()
             assert [a.seq for a in j.commit(Batch(events=[_ev(f"new{i}", "s", "second")]))] == [2]
@@ -551,7 +555,6 @@ def test_the_size_is_read_off_the_loop_and_a_cluster_without_meta_leader_does_no
     error), which held the hub's loop and every topic with it."""
     import signal
 
-    from tests.fixtures_hub import wait_for
 
     s = JetStreamSettings(servers=cluster.urls, replicas=3, prefix="t9", request_timeout=4)
     j = JetStreamJournal(s, "hubA")
