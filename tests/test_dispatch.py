@@ -285,3 +285,19 @@ def test_a_commit_is_offered_in_the_runs_its_seqs_make(seqs: set[int]) -> None:
         else:
             runs.append([it])
     assert contiguous(items) == runs  # type: ignore[arg-type]
+
+
+def test_a_replay_starts_its_events_attempts_afresh_and_forgets_their_stored_counts():
+    """A failed event's count is kept in the journal (a restart goes on from it). A replay hands the topic's events
+    out as if for the first time, so the count goes too: left behind, a restart would bring it back."""
+    g = group(max_attempts=5)
+    add_worker(g, "w1")
+    load(g, [None, None])
+    g.dispatch(10, 0.0)
+    assert g.fail("t", 1, "boom", "boom", None, False, 0.0) is None
+    assert g.charged == {("t", 1): 1}  # what the next commit stores
+    g.committed()
+    assert g.ack("t", 2)
+    assert g.request_replay("t", 1)  # nothing in flight: applied at once
+    assert g.charged == {("t", 1): 0} and not g.stored, "the next commit deletes the stored count"
+    assert not g.retry

@@ -238,3 +238,15 @@ def test_seqs_follow_each_topic_through_interleaved_batches(tmp_path_factory, ba
     j = Journal(path)
     assert j.heads == heads
     j.close()
+
+
+def test_retry_attempts_are_stored_replaced_deleted_and_survive_a_reopen(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(attempts={("g", "t", 1): 1, ("g", "t", 2): 2, ("h", "t", 1): 1},
+                   due={("g", "t", 1): 1000.5, ("g", "t", 2): 2000.0}))
+    j.commit(Batch(attempts={("g", "t", 1): 2, ("g", "t", 2): 0}, due={("g", "t", 1): 3000.0}))  # 0: acked
+    j.close()
+    j = Journal(tmp_path / "j.db")
+    assert j.attempts_of("g") == {("t", 1): 2} and j.retries_due("g") == {("t", 1): 3000.0}
+    j.forget_group("h")  # `group rm`: a later group of that name starts every event at its first attempt
+    assert j.attempts_of("h") == {} and j.attempts_of("g") == {("t", 1): 2}

@@ -151,7 +151,7 @@ class GroupState:
         self.loaded = 0
         self.dirty: set[str] = set()
         self.delta = [0, 0, 0]  # dead_lettered, retried, redelivered since the last commit
-        # Attempt counts kept in the journal (JetStream backend), so a failover does not restart max_attempts:
+        # Attempt counts kept in the journal, so a restart or a failover does not restart max_attempts:
         # `charged` is what the next commit writes (0: delete), `stored` what the journal holds, `seed` what a
         # new dispatcher loaded and gives to each event as it is loaded.
         self.charged: dict[Key, int] = {}
@@ -589,6 +589,14 @@ class GroupState:
                 del self.blocked[ok]
         self.retry = [e for e in self.retry if e[2].topic != t]
         heapq.heapify(self.retry)
+        # A replay hands its events out as if for the first time: attempts start afresh, and the counts the
+        # journal holds for the topic's events go with the next commit (else a restart would bring them back).
+        for key in [k for k in (*self.stored, *self.charged) if k[0] == t]:
+            self._uncharge(key)
+            self.due.pop(key, None)
+        if self.seed:
+            self.seed = {k: n for k, n in self.seed.items() if k[0] != t}
+            self.seed_due = {k: d for k, d in self.seed_due.items() if k[0] != t}
         for ok, key in list(self.holder.items()):
             if key[0] != t:
                 continue

@@ -80,6 +80,12 @@ CREATE TABLE IF NOT EXISTS cursors(grp TEXT NOT NULL, topic TEXT NOT NULL, acked
                                    above TEXT NOT NULL DEFAULT '', PRIMARY KEY(grp, topic));
 CREATE TABLE IF NOT EXISTS group_stats(grp TEXT PRIMARY KEY, dead_lettered INTEGER NOT NULL DEFAULT 0,
                                        retried INTEGER NOT NULL DEFAULT 0, redelivered INTEGER NOT NULL DEFAULT 0);
+-- Attempts used by events that failed and wait for a retry (due: unix time), so a restart does not give a failing
+-- event max_attempts fresh tries. A row lives from a failure to the event's ack or dead letter. Added without a
+-- schema bump: a hub that predates it opens the journal and ignores it.
+CREATE TABLE IF NOT EXISTS retries(grp TEXT NOT NULL, topic TEXT NOT NULL, seq INTEGER NOT NULL,
+                                   attempts INTEGER NOT NULL, due REAL NOT NULL, PRIMARY KEY(grp, topic, seq))
+                                   WITHOUT ROWID;
 """
 
 
@@ -151,9 +157,10 @@ class Batch:
     above: dict[tuple[str, str], str] = field(default_factory=dict)
     stats: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     attempts: dict[tuple[str, str, int], int] = field(default_factory=dict)
-    """(group, topic, seq) -> attempts used, 0 to forget: kept by the JetStream journal only (failover)."""
+    """(group, topic, seq) -> attempts used, 0 to forget: what a restarted hub (or, with JetStream, the next
+    dispatcher) goes on counting from."""
     due: dict[tuple[str, str, int], float] = field(default_factory=dict)
-    """(group, topic, seq) -> unix time the next attempt is due, stored beside `attempts` (JetStream only)."""
+    """(group, topic, seq) -> unix time the next attempt is due, stored beside `attempts`."""
 
 
 class JournalAPI(Protocol):
@@ -173,6 +180,13 @@ class JournalAPI(Protocol):
     def cursors(self) -> dict[tuple[str, str], int]: ...
     def cursor_above(self) -> dict[tuple[str, str], str]: ...
     def group_stats(self) -> dict[str, tuple[int, int, int]]: ...
+    def attempts_of(self, group: str) -> dict[tuple[str, int], int]:
+        """Attempts used by events of `group` that failed and are not yet acked or dead-lettered: (topic, seq) ->
+        count."""
+        ...
+    def retries_due(self, group: str) -> dict[tuple[str, int], float]:
+        """When (unix time) the next attempt of each of those events is due."""
+        ...
     def forget_group(self, group: str) -> None: ...
     def probe(self) -> str | None: ...
     def size_bytes(self) -> int: ...
@@ -246,6 +260,13 @@ class Journal:
 
     def group_stats(self) -> dict[str, tuple[int, int, int]]:
         return {g: (d, r, x) for g, d, r, x in self.db.execute("SELECT * FROM group_stats")}
+
+    def attempts_of(self, group: str) -> dict[tuple[str, int], int]:
+        return {(t, q): n for t, q, n in self.db.execute("SELECT topic, seq, attempts FROM retries WHERE grp=?",
+                                                          (group,))}
+
+    def retries_due(self, group: str) -> dict[tuple[str, int], float]:
+        return {(t, q): d for t, q, d in self.db.execute("SELECT topic, seq, due FROM retries WHERE grp=?", (group,))}
 
     def read(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]:
         return self.db.execute(
@@ -375,6 +396,13 @@ class Journal:
                     "retried=retried+excluded.retried, redelivered=redelivered+excluded.redelivered",
                     [(g, *v) for g, v in batch.stats.items()],
                 )
+            if batch.attempts:
+                gone = [k for k, n in batch.attempts.items() if n <= 0]
+                if gone:
+                    db.executemany("DELETE FROM retries WHERE grp=? AND topic=? AND seq=?", gone)
+                kept = [(*k, n, batch.due.get(k, 0.0)) for k, n in batch.attempts.items() if n > 0]
+                if kept:
+                    db.executemany("INSERT OR REPLACE INTO retries VALUES(?,?,?,?,?)", kept)
         self.heads.update(heads)
         if new:
             self._floors.update(new)
@@ -465,6 +493,7 @@ class Journal:
         with self._transaction("write") as db:
             db.execute("DELETE FROM cursors WHERE grp=?", (group,))
             db.execute("DELETE FROM group_stats WHERE grp=?", (group,))
+            db.execute("DELETE FROM retries WHERE grp=?", (group,))
 
     def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int:
         """Drop the oldest events past the age or size limit; returns how many were dropped."""

@@ -221,12 +221,23 @@ class Hub:
             above = {t: decode_ranges(gaps[(name, t)]) for t in have if (name, t) in gaps}
             g = GroupState(name, [t for t in topics if t in have], have, self.cfg.topic, above=above)
             self.groups[name] = g
+            if self.ha is None:  # with JetStream, `_gain` does it once it has read the group's state
+                self._seed_retries(g)
             gc = self.cfg.groups.get(name)
             start = gc.start if gc else start
         for t in topics:
             if t not in g.read_pos:
                 g.add_topic(t, self._start_after(t, start))
         return g
+
+    def _seed_retries(self, g: GroupState) -> None:
+        """Events of `g` that failed before this hub had the group (a restart, or a failover) go on counting their
+        attempts where they were, and wait out the backoff that was scheduled, instead of getting `max_attempts`
+        fresh tries at once: each restart of a hub would otherwise give a poison event a new round of crashes."""
+        g.seed = self.journal.attempts_of(g.name)
+        g.stored = set(g.seed)
+        wall, mono = time.time(), time.monotonic()
+        g.seed_due = {k: mono + (at - wall) for k, at in self.journal.retries_due(g.name).items() if at > wall}
 
     # -- webhook ingress ------------------------------------------------------------------------------------
     def submit(self, events: list[Event], source: str,
@@ -445,9 +456,9 @@ class Hub:
                 batch.above[(g.name, t)] = encode_ranges(g.acked_above[t])
             if any(delta):
                 batch.stats[g.name] = delta
-            if self.ha is not None:
+            if g.charged:  # attempt counts go with the cursors: a restart (or the next dispatcher) goes on from them
                 batch.attempts.update({(g.name, t, q): n for (t, q), n in g.charged.items()})
-                if g.due:  # monotonic -> unix time: another hub's clock reads it
+                if g.due:  # monotonic -> unix time: a restarted hub's (or another hub's) clock reads it
                     wall = time.time() - time.monotonic()
                     batch.due.update({(g.name, t, q): d + wall for (t, q), d in g.due.items()})
         self._pending_topics.clear()
@@ -1339,10 +1350,7 @@ class Hub:
         st = self.journal.group_stats().get(name)
         if st is not None:
             g.totals = list(st)
-        g.seed = self.ha.attempts_of(name)  # retries go on counting where the previous dispatcher left off
-        g.stored = set(g.seed)
-        wall, mono = time.time(), time.monotonic()  # ... and wait out the backoff it had scheduled
-        g.seed_due = {k: mono + (at - wall) for k, at in self.ha.retries_due(name).items() if at > wall}
+        self._seed_retries(g)
         self._holders_at = -1e9
         self.metrics.leading.labels(name).set(1)
         log.info("dispatching group", extra={"group": name, "hub": self.cfg.hub.id})
