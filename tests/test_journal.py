@@ -250,3 +250,9 @@ def test_retry_attempts_are_stored_replaced_deleted_and_survive_a_reopen(tmp_pat
     assert j.attempts_of("g") == {("t", 1): 2} and j.retries_due("g") == {("t", 1): 3000.0}
     j.forget_group("h")  # `group rm`: a later group of that name starts every event at its first attempt
     assert j.attempts_of("h") == {} and j.attempts_of("g") == {("t", 1): 2}
+    # retention drops the events: their counts go too (nothing would load those events again to ack them)
+    j.commit(Batch(events=[ev("t", i) for i in range(3)], attempts={("g", "t", 3): 1}))
+    assert j.attempts_of("g") == {("t", 1): 2, ("t", 3): 1}
+    j.db.execute("UPDATE events SET ts = 0 WHERE seq <= 2")
+    assert j.enforce_retention(max_age=3600, max_bytes=10 << 30) == 2
+    assert j.attempts_of("g") == {("t", 3): 1}

@@ -524,6 +524,9 @@ class Journal:
             if cur.rowcount == 0:
                 break
         if dropped:
+            # The attempt counts of events retention dropped: no hub will load those events again to ack them.
+            self.db.execute("DELETE FROM retries WHERE NOT EXISTS "
+                            "(SELECT 1 FROM events WHERE events.topic = retries.topic AND events.seq = retries.seq)")
             self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return dropped
 
