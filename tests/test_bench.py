@@ -220,3 +220,13 @@ def test_the_pacer_never_sends_early_and_turns_the_loop_while_it_waits() -> None
         return turns
 
     assert asyncio.run(go()) > 0
+
+
+def test_ids() -> None:
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "bench", "ids", "--prefill", "3000", "--events", "600",
+                        "--batch", "100", "--rounds", "1", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["prefill"] == 3000 and len(res["ordered_us"]) == len(res["random_us"]) == 1
+    assert res["ordered_median_us"] > 0 and res["random_median_us"] > 0
+    assert res["ratio"] == res["random_median_us"] / res["ordered_median_us"]

@@ -23,7 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 from bucketwire import protocol as P
 from bucketwire import security
 from bucketwire.config import Config
-from bucketwire.envelope import Event, parse_seq
+from bucketwire.envelope import Event, new_event_id, parse_seq
 
 
 class HubUnavailable(Exception):
@@ -147,7 +147,7 @@ class HubClient:
     def publish(self, topic: str, data: Any, *, type: str | None = None, subject: str | None = None,  # noqa: A002
                 source: str | None = None, id: str | None = None, timeout: float | None = None) -> dict[str, Any]:  # noqa: A002
         ev = Event(
-            id=id or uuid.uuid4().hex,
+            id=id or new_event_id(),
             source=source or f"bucketwire://publish/{socket.gethostname()}/{os.getpid()}",
             type=type or f"bucketwire.{topic}",
             subject=subject,

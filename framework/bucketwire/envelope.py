@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -98,6 +100,44 @@ def stable_id(*parts: object) -> str:
         h.update(b"" if p is None else str(p).encode("utf-8", "surrogatepass"))
         h.update(b"\x1f")
     return h.hexdigest()[:32]
+
+
+MAX_ID_MS = 1 << 48
+"""Unix milliseconds that fit the 12 hex digits an ordered id starts with (until the year 10889)."""
+
+
+def ordered_id(ms: int | None, *parts: object) -> str:
+    """`stable_id` with the event's own time in front: 12 hex digits of its unix milliseconds, then 20 of the hash.
+
+    Why: the journal is unique on (source, id) through a B-tree index. Ids that grow with time are appended at
+    its right edge; random ones (a bare hash, a uuid4) land on a different page each, so a commit writes a page
+    per event there, and with a journal of a million events each commit cost ~4x the CPU (README "Event ids").
+    Still deterministic: the same notification, retried, has the same time and so the same id. Without a usable
+    time (none, or out of range), the plain `stable_id`.
+    """
+    if ms is None or not 0 < ms < MAX_ID_MS:
+        return stable_id(*parts)
+    return f"{ms:012x}" + stable_id(*parts)[:20]
+
+
+def new_event_id() -> str:
+    """A fresh id for an event its publisher did not name: the time now (as in `ordered_id`) and 80 random bits,
+    like a UUIDv7 (RFC 9562, made for B-tree keys) in 32 hex digits."""
+    return f"{time.time_ns() // 1_000_000:012x}" + secrets.token_hex(10)
+
+
+def iso_ms(value: str) -> int | None:
+    """Unix milliseconds of an RFC 3339 time (`2026-11-29T20:34:07.395Z`), or None when it is not one."""
+    try:
+        t = datetime.fromisoformat(value)
+    except (ValueError, TypeError):
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    try:
+        return int(t.timestamp() * 1000)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 T = TypeVar("T")

@@ -139,3 +139,21 @@ def replicate(small_count: int, small_kb: int, large_mb: int, rounds: int, as_js
 
     res = mod.run(small_count, small_kb, large_mb, rounds)
     click.echo(json.dumps(res, indent=2) if as_json else mod.render(res))
+
+
+@bench.command()
+@click.option("--prefill", type=click.IntRange(0), default=1_000_000, show_default=True,
+              help="Events in the journal before the measured commits.")
+@click.option("--events", "-n", type=click.IntRange(100), default=20_000, show_default=True,
+              help="Events committed and measured, each side, each round.")
+@click.option("--batch", type=click.IntRange(1), default=470, show_default=True,
+              help="Events per commit (the hub's typical commit at saturation).")
+@click.option("--rounds", type=click.IntRange(1, 99), default=2, show_default=True,
+              help="Rounds per side, alternating; medians are compared.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def ids(prefill: int, events: int, batch: int, rounds: int, as_json: bool) -> None:
+    """What an event's id costs the journal: ids that grow with time against random ones, same events."""
+    from bucketwire.devstack.bench import ids as mod
+
+    res = mod.run(prefill, events, batch, rounds, progress=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(res, indent=2) if as_json else mod.render(res))

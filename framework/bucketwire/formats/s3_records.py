@@ -15,7 +15,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from bucketwire.envelope import Event, now_iso, stable_id
+from bucketwire.envelope import Event, iso_ms, now_iso, ordered_id
 
 MAX_RECORDS = 1000
 
@@ -90,11 +90,13 @@ def record_to_event(rec: Any, *, store: str | None, key_encoded: bool = True, in
     region = _str(rec, "awsRegion", where)
     request_id = resp.get("x-amz-request-id", "")
     host_id = resp.get("x-amz-id-2", "")
+    # Led by the record's own eventTime (see `ordered_id`): a retried notification carries the same one.
+    ms = iso_ms(event_time) if event_time else None
     if request_id or host_id:
-        eid = stable_id(request_id, host_id, name, bucket, key, version)
+        eid = ordered_id(ms, request_id, host_id, name, bucket, key, version)
     else:
         # Nothing request-specific: fall back to what identifies this change of this object.
-        eid = stable_id(event_time, sequencer, name, bucket, key, version, etag)
+        eid = ordered_id(ms, event_time, sequencer, name, bucket, key, version, etag)
     src = _obj(rec, "source", where)
     ident = _obj(rec, "userIdentity", where)
     data = {

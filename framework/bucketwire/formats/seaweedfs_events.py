@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from bucketwire.envelope import Event, now_iso, stable_id
+from bucketwire.envelope import Event, now_iso, ordered_id
 from bucketwire.formats.s3_records import RecordError
 
 BUCKETS_ROOT = "/buckets/"
@@ -234,7 +234,9 @@ def _object_event(
         "records": [original],
     }
     return Event(
-        id=stable_id("seaweedfs", change, typ, bucket, key, *_fingerprint(entry, ext, where)),
+        # Led by the entry's mtime (see `ordered_id`), which the webhook and meta.tail both carry; ts_ns is the
+        # latter's only.
+        id=ordered_id(mtime_ns // 1_000_000, "seaweedfs", change, typ, bucket, key, *_fingerprint(entry, ext, where)),
         source=f"seaweedfs:filer/{bucket}",
         type=typ,
         subject=key,
