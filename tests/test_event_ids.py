@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketwire.envelope import iso_ms, new_event_id, ordered_id, stable_id
+from bucketwire.envelope import follow_on_id, iso_ms, new_event_id, ordered_id, stable_id
 from bucketwire.formats.s3_records import parse_body
 from bucketwire.formats.seaweedfs_events import parse_body as filer_body
 from tests.minio_payloads import body, record
@@ -54,6 +54,14 @@ def test_seaweedfs_events_in_mtime_order_get_ids_in_that_order() -> None:
     ids = [filer_body(_filer(1795984447 + k, k), store=None)[0].id for k in range(20)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert filer_body(_filer(1795984447, 0), store=None)[0].id == ids[0]
+
+
+def test_follow_on_ids_grow_with_their_causes_time_and_a_redelivery_makes_the_same_ones() -> None:
+    times = [(T0 + timedelta(milliseconds=3 * k)).isoformat().replace("+00:00", "Z") for k in range(50)]
+    ids = [follow_on_id(f"cause-{k:x}", "g", "thumbnail", 0, "thumbnail-ready", t) for k, t in enumerate(times)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert follow_on_id("cause-3", "g", "thumbnail", 0, "thumbnail-ready", times[3]) == ids[3]
+    assert follow_on_id("cause-3", "g", "thumbnail", 1, "thumbnail-ready", times[3]) != ids[3]
 
 
 def test_ids_made_without_a_name_grow_with_time_and_do_not_repeat() -> None:

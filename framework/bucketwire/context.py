@@ -124,7 +124,8 @@ class Context:
         cause = self.event
         cause_id = cause.id if cause else "startup"
         ev = Event(
-            id=follow_on_id(cause_id, self.group, self.plugin, len(self.published), topic),
+            id=follow_on_id(cause_id, self.group, self.plugin, len(self.published), topic,
+                            cause.time if cause else None),
             source=follow_on_source(self.group, self.plugin),
             type=type or f"bucketwire.{topic}",
             subject=subject,

@@ -436,13 +436,16 @@ def follow_on_source(group: str, plugin: str) -> str:
     return f"{HUB_SOURCE}follow-on/{group}/{plugin}"
 
 
-def follow_on_id(causation_id: str, group: str, plugin: str, index: int, topic: str) -> str:
+def follow_on_id(causation_id: str, group: str, plugin: str, index: int, topic: str,
+                 cause_time: str | None = None) -> str:
     """Id of the `index`-th event a plugin publishes while handling `causation_id` in `group`.
 
     Deterministic, so when the causing event is redelivered the same follow-ons get the same ids and the
-    journal's (source, id) uniqueness drops the repeats.
+    journal's (source, id) uniqueness drops the repeats. Led by the causing event's `time` (`ordered_id`), which a
+    redelivery carries unchanged, so follow-ons too are appended to the journal's index.
     """
-    return stable_id("follow-on", causation_id, group, plugin, index, topic)
+    ms = iso_ms(cause_time) if cause_time else None
+    return ordered_id(ms, "follow-on", causation_id, group, plugin, index, topic)
 
 
 def valid_unicode(v: Any) -> bool:
