@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,14 @@ from bucketwire.hub.http_server import Request, Response, Server
 PATH = "/minio/events"
 ROUTE = '\n[[routes]]\ntopic = "webhook"\n'
 _REQ = "R" * 24  # placeholder replaced by a unique x-amz-request-id per request, so no two are duplicates
+_TIME = "T" * 24  # ... and by the time the request is sent, as MinIO's eventTime is (ms, `...T10:00:00.123Z`)
 
 
 def body_template() -> bytes:
     """One MinIO webhook body (ObjectCreated:Put, one record), shaped field for field like MinIO sends it."""
     key = "photos/2024/IMG_0001.jpg"
     rec = {
-        "eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "", "eventTime": "2024-05-01T10:00:00.123Z",
+        "eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "", "eventTime": _TIME,
         "eventName": "s3:ObjectCreated:Put", "userIdentity": {"principalId": "minioadmin"},
         "requestParameters": {"principalId": "minioadmin", "region": "", "sourceIPAddress": "192.0.2.10"},
         "responseElements": {
@@ -149,7 +151,9 @@ def _client(port: int, conns: int, n: int, rate: float | None, start: float, off
         lat: list[float] = []
         last = start
         for i in range(offset + c, n, stride):
-            body = tmpl.replace(_REQ.encode(), f"{prefix}{i:012X}".encode())
+            now = datetime.now(UTC)
+            body = tmpl.replace(_REQ.encode(), f"{prefix}{i:012X}".encode()).replace(
+                _TIME.encode(), f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond // 1000:03d}Z".encode())
             if rate:
                 due = start + i / rate
                 left = due - time.monotonic()
