@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -120,10 +121,23 @@ def ordered_id(ms: int | None, *parts: object) -> str:
     return f"{ms:012x}" + stable_id(*parts)[:20]
 
 
+_id_lock = threading.Lock()
+_id_last = [0, 0]  # the last id's milliseconds and counter
+
+
 def new_event_id() -> str:
-    """A fresh id for an event its publisher did not name: the time now (as in `ordered_id`) and 80 random bits,
-    like a UUIDv7 (RFC 9562, made for B-tree keys) in 32 hex digits."""
-    return f"{time.time_ns() // 1_000_000:012x}" + secrets.token_hex(10)
+    """A fresh id for an event its publisher did not name, like a UUIDv7 (RFC 9562, made for B-tree keys) in 32
+    hex digits: the time now (as in `ordered_id`), a 16-bit counter that orders the ids this process makes within
+    one millisecond (RFC 9562's method 1), and 64 random bits."""
+    ms = time.time_ns() // 1_000_000
+    with _id_lock:
+        last, n = _id_last
+        if ms <= last:  # the same millisecond (or a clock stepped back): go on from the last id
+            ms, n = (last, n + 1) if n < 0xFFFF else (last + 1, 0)
+        else:
+            n = 0
+        _id_last[0], _id_last[1] = ms, n
+    return f"{ms:012x}{n:04x}" + secrets.token_hex(8)
 
 
 def iso_ms(value: str) -> int | None:
