@@ -140,3 +140,33 @@ def test_death_notices_pass_curve_and_name_the_signal(stack_factory: Any, tmp_pa
     assert dl["event"]["data"]["key"] == "poison" and dl["attempts"] == 2 and "SIGABRT" in dl["line"]
     rows = s.handled()
     assert sorted(r["key"] for r in rows) == [f"innocent-{i}" for i in range(5)] and {r["a"] for r in rows} == {1}
+
+
+def test_a_handler_that_exits_or_raises_base_exceptions_hurts_only_its_own_event(stack_factory: Any) -> None:
+    """sys.exit(2), KeyboardInterrupt, GeneratorExit raised in a handler, and os._exit(2) (the exit code a child's
+    configuration error has): each poison is dead-lettered alone with a line naming what it did, the innocents
+    around it are handled on their first attempt, and the pool keeps running (it used to stop whole, taking
+    exit code 2 for a configuration error)."""
+    s = stack_factory(CFG.format(extra="").replace("max_attempts = 3", "max_attempts = 2"))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    poisons = {"exit2": {"exit": 2}, "sysexit": {"raise": "SystemExit"}, "kbint": {"raise": "KeyboardInterrupt"},
+               "genexit": {"raise": "GeneratorExit"}}
+    events = [job(f"innocent-{i}") for i in range(8)]
+    for i, (key, data) in enumerate(poisons.items()):
+        events.insert(2 * i + 1, job(key, **data))
+    with s.client() as c:
+        c.publish_events(events)
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] >= len(poisons) and st["lag"] == 0, 40,
+             "every poison to be dead-lettered:\n" + s.dump_logs())
+    lines = {d["event"]["data"]["key"]: d for d in dead_letters(s)}
+    assert sorted(lines) == sorted(poisons), "only the poisons are dead-lettered"
+    assert "died (exit code 2)" in lines["exit2"]["line"], lines["exit2"]
+    assert lines["sysexit"]["line"] == "SystemExit: 2" and lines["sysexit"]["plugin"] == "recorder", lines["sysexit"]
+    assert lines["kbint"]["line"] == "KeyboardInterrupt: planned", lines["kbint"]
+    assert lines["genexit"]["line"] == "GeneratorExit: planned", lines["genexit"]
+    assert all(d["attempts"] == 2 for d in lines.values()), lines
+    rows = s.handled()
+    assert {r["key"] for r in rows} == {f"innocent-{i}" for i in range(8)}, "every innocent handled"
+    assert {r["a"] for r in rows} == {1}, "no innocent was charged an attempt"
+    assert pool.poll() is None, "the pool stopped:\n" + s.dump_logs()

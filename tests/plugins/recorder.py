@@ -4,11 +4,13 @@ The event's data steers it: {"fail": N} raises on the first N attempts, {"perman
 PermanentError, {"sleep": S} sleeps, {"hold": PATH} waits until that file exists (at most 60 s: a test releases
 the handler when it has seen what it wanted while the handler ran), {"abort": true} kills the child with
 os.abort() (SIGABRT, as a crashing C extension would), {"follow": K} publishes K follow-ons to topic "follow",
-{"follow_bytes": N} one follow-on carrying N bytes of padding.
+{"follow_bytes": N} one follow-on carrying N bytes of padding, {"exit": N} ends the child with os._exit(N),
+{"raise": NAME} raises the builtin BaseException NAME (SystemExit, KeyboardInterrupt, GeneratorExit).
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import time
@@ -34,6 +36,10 @@ def handle_event(event, ctx):
             f.write(f"{os.getpid()} {event.seq}\n")
     if d.get("abort"):
         os.abort()
+    if "exit" in d:
+        os._exit(d["exit"])
+    if d.get("raise"):
+        raise getattr(builtins, d["raise"])(2 if d["raise"] == "SystemExit" else "planned")
     if d.get("sleep"):
         time.sleep(d["sleep"])  # pacing: simulated handler work
     if d.get("hold"):

@@ -375,16 +375,20 @@ class PluginRunner:
                 continue
             # Positional: the hot path's one allocation per plugin, a third cheaper than by keyword.
             ctx = Context(name, group, settings, stores, logger, event, attempt, [], state, limit)
+            # BaseException: a handler's sys.exit(), KeyboardInterrupt or GeneratorExit is its event's failure,
+            # like any exception. Left to end the child, it cost the child's other events a redelivery, and a
+            # sys.exit(2) read as the exit code of a configuration error stopped the whole pool. (A stop signal
+            # raises nothing here: the child turns SIGTERM/SIGINT into a flag.)
             if report is None:
                 try:
                     caller(event=event, ctx=ctx)
-                except Exception as e:
+                except BaseException as e:
                     raise HandlerFailed(name, e) from e
             else:
                 t0 = time.perf_counter()
                 try:
                     caller(event=event, ctx=ctx)
-                except Exception as e:
+                except BaseException as e:
                     report(name, time.perf_counter() - t0, False)
                     raise HandlerFailed(name, e) from e
                 report(name, time.perf_counter() - t0, True)
