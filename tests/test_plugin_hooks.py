@@ -410,3 +410,35 @@ def test_bundled_plugins_keep_their_process_resources_in_ctx_state(tmp_path: Pat
     module_state = [n for n, v in vars(audit).items() if isinstance(v, dict) and n.startswith("_")
                     and not n.startswith("__")]
     assert module_state == [], "no module-level state"
+
+
+class AsyncHandler:
+    @hookimpl
+    async def handle_event(self, event: Event) -> None:
+        raise AssertionError("never awaited")
+
+
+class GeneratorHandler:
+    @hookimpl
+    def handle_event(self, event: Event) -> Iterator[None]:
+        yield None
+        raise AssertionError("never iterated")
+
+
+@pytest.mark.parametrize("plugin, what", [(AsyncHandler(), "a coroutine function"),
+                                          (GeneratorHandler(), "a generator function")])
+def test_a_handler_that_would_never_run_is_refused_at_start(plugin: Any, what: str) -> None:
+    """pluggy calls a hook and keeps what it returns: an `async def` or generator handler returns without running
+    its body, so every event would be acked with its work never done. Refused when the plugin loads."""
+    with pytest.raises(ConfigError) as e:
+        PluginHarness(plugin, name="bad")
+    assert str(e.value).startswith(f"plugin 'bad': handle_event is {what}"), str(e.value)
+
+
+def test_an_async_handler_stops_the_worker_with_one_line(stack_factory: Any) -> None:
+    s = stack_factory(GROUP.format(flaky="x"))
+    r = run_cli("worker", "-c", str(s.cfg_path), "-g", "w", "--plugin", str(HERE / "async_handler.py"), env=s.env)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("Error: plugin 'asyncy': handle_event is a coroutine function"), line

@@ -14,6 +14,7 @@ import difflib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -159,6 +160,10 @@ def check_hooks(loaded: Loaded) -> None:
                 raise ConfigError(f"plugin {name!r} implements {caller.name!r}, which is not a bucketwire hook; "
                                   f"{hint}") from None
         raise ConfigError(_validation_line(pending)) from None
+    for hook in hookspecs.HOOKS:
+        for i in getattr(pm.hook, hook).get_hookimpls():
+            if not _is_wrapper(i):
+                _check_runs(i, hook)
     for hook in PER_PLUGIN_HOOKS:
         impls = getattr(pm.hook, hook).get_hookimpls()
         wrapping = {i.plugin_name for i in impls if _is_wrapper(i)}
@@ -166,6 +171,21 @@ def check_hooks(loaded: Loaded) -> None:
             if not _is_wrapper(i) and i.plugin_name in wrapping:
                 raise ConfigError(f"plugin {i.plugin_name!r} both implements and wraps {hook!r}; move the wrapper "
                                   "into a plugin of its own")
+
+
+def _check_runs(impl: pluggy.HookImpl, hook: str) -> None:
+    """Refuse an implementation whose call returns without running its body: pluggy calls hooks and keeps what
+    they return, so an `async def` handle_event would hand back an un-awaited coroutine and every event would be
+    acked with its work never done (a generator's body, likewise, never runs)."""
+    fn = impl.function
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigError(f"plugin {impl.plugin_name!r}: {hook} is a coroutine function (async def); bucketwire "
+                          "calls hooks synchronously and would never run it; make it a plain def (call "
+                          "asyncio.run() inside for async code)")
+    if inspect.isgeneratorfunction(fn):
+        raise ConfigError(f"plugin {impl.plugin_name!r}: {hook} is a generator function (it yields); bucketwire "
+                          "calls hooks and does not iterate what they return, so it would never run; return "
+                          "instead of yielding, or mark a wrapper @hookimpl(wrapper=True)")
 
 
 def load(
