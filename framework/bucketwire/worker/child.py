@@ -44,6 +44,8 @@ ACK_EVERY = 64
 """Within a long batch an ACK goes out after this many events or ACK_AFTER seconds, so the hub commits (and
 publishers see) early results without waiting for the batch's end."""
 ACK_AFTER = 0.005
+ACK_MAX = 64 << 20
+"""The largest header frame the hub reads (protocol.decode); an ACK past it is refused whole."""
 BYE_WAITS = 2
 """A draining child waits this many heartbeat intervals for the hub to answer its BYE (a live hub turns its loop
 at least once an interval), then closes the connection anyway."""
@@ -249,7 +251,8 @@ class Child:
 
     def _flush(self) -> None:
         if self.acks or self.oks:
-            self._send(self.dealer, [P.ACK, ack_frame(self.spec.group, self.oks, self.acks, self.ranges)])
+            for frame in ack_frames(self.spec.group, self.oks, self.acks, self.ranges):
+                self._send(self.dealer, [P.ACK, frame])
             self.acks.clear()  # encoded above; `_work` holds these lists
             self.oks.clear()
         self.last_flush = time.monotonic()
@@ -336,6 +339,16 @@ class Child:
             if t is None:
                 t = self.timeouts[topic] = self.cfg.handler_timeout(self.spec.group, topic)
             self.slot.begin(topic, seq, t)
+
+
+def ack_frames(group: str, oks: list[tuple[str, int]], results: list[dict[str, Any]], ranges: bool) -> list[bytes]:
+    """The ACK headers for a batch: one, unless the follow-ons its results carry pass what the hub reads in one
+    (ACK_MAX); then the results are split over several. One event's follow-ons fit one (context.FOLLOW_ONS_MAX)."""
+    frame = ack_frame(group, oks, results, ranges)
+    if len(frame) <= ACK_MAX or len(results) < 2:
+        return [frame]
+    half = len(results) // 2
+    return ack_frames(group, oks, results[:half], ranges) + ack_frames(group, [], results[half:], ranges)
 
 
 def ack_frame(group: str, oks: list[tuple[str, int]], results: list[dict[str, Any]], ranges: bool) -> bytes:

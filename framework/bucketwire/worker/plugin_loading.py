@@ -28,7 +28,15 @@ import pluggy
 
 from bucketwire import hookspecs
 from bucketwire.config import ConfigError
-from bucketwire.context import Context, PermanentError, Retry, Stores
+from bucketwire.context import (
+    FOLLOW_ONS_MAX,
+    Context,
+    FollowOnTooLarge,
+    PermanentError,
+    Retry,
+    Stores,
+    too_many_follow_ons,
+)
 from bucketwire.envelope import Event
 
 ENTRY_POINT_GROUP = "bucketwire"
@@ -388,6 +396,7 @@ class PluginRunner:
     def run(self, event: Event, attempt: int) -> list[Event]:
         """Each plugin's `handle_event` in turn; their follow-ons, or `HandlerFailed` naming the failing plugin."""
         out: list[Event] = []
+        size = 0
         report = self.on_handled
         group, stores, limit, topic = self.group, self.stores, self.max_event_bytes, event.topic
         for name, caller, want, settings, logger, state in self._handle:
@@ -414,4 +423,7 @@ class PluginRunner:
                 report(name, time.perf_counter() - t0, True)
             if ctx.published:
                 out.extend(ctx.published)
+                size += ctx.published_bytes  # every plugin's follow-ons go in the one ACK result of this event
+                if size > FOLLOW_ONS_MAX:
+                    raise HandlerFailed(name, FollowOnTooLarge(too_many_follow_ons(len(out), size)))
         return out
