@@ -272,6 +272,9 @@ def test_unlisted_keys_get_nothing_listed_keys_work(stack_factory, tmp_path):
     wait_for(lambda: s.metric("bucketwire_zmq_connection_events_total", **failed) > before, 20,
              "the hub to refuse the unlisted worker's handshake")
     assert s.status()["groups"]["g"]["workers"] == 0
+    # ... and the pool says why, naming the fix (it used to say only that the hub was silent)
+    wait_for(lambda: "refused this worker's CURVE key" in s.logs[-1].read_text(), 20, "the worker's line")
+    assert "authorized_keys_dir" in s.logs[-1].read_text()
     assert s.handled() == []
     assert s.status()["topics"]["x"]["head"] == 1, "nothing was injected"
     w.send_signal(signal.SIGTERM)
@@ -579,3 +582,19 @@ def test_role_limits_live_subscriptions_on_the_pub_socket(stack_factory, tmp_pat
     assert sorted(got["admin"]) == sorted([b"ok\0", b"secret\0", b"ok-more\0", b"ok\0"])
     for sock in (everything, forbidden, allowed, admin_all):
         sock.close()
+
+
+
+def test_a_client_with_a_key_the_hub_refuses_is_told_so(stack_factory, tmp_path):
+    """A client key missing from the hub's allow-list, or a wrong server_public_key, is the usual mistake of a
+    rotation. The hub is running and reachable: the one line every command prints (`Error: ...`) must say the
+    key is the problem, not ask whether the hub runs."""
+    s, d = secure_stack(stack_factory, tmp_path)
+    s.start_hub()
+    for name, server, want in (("intruder", "hub", "refused this client's CURVE key"),
+                               ("admin", "other", "CURVE handshake with the hub at")):
+        with HubClient(cfg_for(client_config(s, d, name, server=server)), timeout=1.0) as c, \
+                pytest.raises(HubUnavailable) as e:
+            c.status()
+        assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert ("authorized_keys_dir" if name == "intruder" else "server_public_key") in str(e.value), str(e.value)

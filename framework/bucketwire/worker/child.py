@@ -24,9 +24,11 @@ from typing import Any
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from bucketwire import protocol as P
 from bucketwire import security
+from bucketwire.client import HANDSHAKE_FAILED, handshake_failure
 from bucketwire.config import Config, ConfigError
 from bucketwire.context import Stores
 from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, parse_seq, read_envelope, seq_or_none
@@ -122,6 +124,7 @@ class Child:
         self.endpoints = cfg.client.work_endpoints
         self.endpoint = self.endpoints[0]
         self.move_to: tuple[str, float] | None = None
+        self.mon: zmq.Socket[bytes] | None = None  # with CURVE: sees the hub refuse our key (`_silent`)
         self.dealer = self._connect()
         now = time.monotonic()
         self.last_hub = self.last_sent = self.last_flush = now
@@ -135,6 +138,8 @@ class Child:
         d.setsockopt(zmq.SNDHWM, 100_000)
         d.setsockopt(zmq.RCVHWM, 100_000)
         security.apply_client(d, self.cfg, self.keys)
+        if self.keys is not None:
+            self.mon = d.get_monitor_socket(HANDSHAKE_FAILED)
         d.connect(self.endpoint)
         self.poller.register(d, zmq.POLLIN)
         self._send(d, [P.READY, self.ready])
@@ -170,7 +175,7 @@ class Child:
                     self._reconnect(self.move_to[0])
                     continue
                 if now - self.last_hub > timeout:
-                    log.warning("hub silent; reconnecting", extra={"endpoint": self.endpoint})
+                    self._silent()
                     self._reconnect(self._next_endpoint())
                     continue
                 if now - self.last_sent >= interval:
@@ -261,11 +266,26 @@ class Child:
         i = self.endpoints.index(self.endpoint) if self.endpoint in self.endpoints else -1
         return self.endpoints[(i + 1) % len(self.endpoints)]
 
+    def _silent(self) -> None:
+        """Say why the hub is silent when the handshake says it: a refused key is the operator's to fix, and
+        looks otherwise like a hub that is down."""
+        failed = 0
+        while self.mon is not None and self.mon.poll(0):
+            failed = recv_monitor_message(self.mon)["event"]
+        if failed:
+            log.error(handshake_failure(self.cfg, self.endpoint, failed, "worker"))
+        else:
+            log.warning("hub silent; reconnecting", extra={"endpoint": self.endpoint})
+
     def _reconnect(self, endpoint: str) -> None:
         """The hub went quiet (restart, network) or sent us to another: reconnect under a new identity. Events it
         delivered to the old one are redelivered by the hub, so none is held here."""
         self.endpoint, self.move_to = endpoint, None
         self.poller.unregister(self.dealer)
+        if self.mon is not None:
+            self.dealer.disable_monitor()
+            self.mon.close(0)
+            self.mon = None
         self.dealer.close(0)
         self.queue.clear()
         self.dealer = self._connect()
@@ -329,6 +349,9 @@ class Child:
         log.debug("the hub did not answer BYE in time")
 
     def close(self) -> None:
+        if self.mon is not None:
+            self.dealer.disable_monitor()
+            self.mon.close(0)
         self.dealer.close()  # LINGER: the last ACK and BYE still go out
         self.zctx.term()
 
