@@ -598,3 +598,42 @@ def test_a_client_with_a_key_the_hub_refuses_is_told_so(stack_factory, tmp_path)
             c.status()
         assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
         assert ("authorized_keys_dir" if name == "intruder" else "server_public_key") in str(e.value), str(e.value)
+
+
+def test_a_ready_cannot_add_topics_its_group_or_role_does_not_have(stack_factory, tmp_path):
+    """A worker key may work for group g, which the hub's config gives topic x, and may read nothing else. A
+    READY naming another topic for g (a hostile worker, or a worker host whose config drifted) used to add that
+    topic to g for good, and the hub delivered its events; so did a READY for a group the config does not have.
+    Both are refused with a fatal ERR naming the topic; a READY for g's own topic is served."""
+    roles = """
+[security.roles.limited]
+groups = ["g", "dyn"]
+subscribe = ["ok-*"]
+"""
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), roles=roles)
+    s.start_hub()
+    with s.client() as c:
+        c.publish("secret", {"a": 1})
+        c.publish("x", {"a": 2})
+    lim = cfg_for(client_config(s, d, "limited"))
+
+    def ready(group: str, topics: list[str]) -> tuple[bytes, dict]:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        security.apply_client(sock, lim)
+        sock.connect(lim.client.work)
+        try:
+            sock.send_multipart([b"READY", json.dumps({"group": group, "topics": topics, "credit": 4, "proto": 3,
+                                                       "schema": 1, "start": "earliest"}).encode()])
+            assert sock.poll(10_000), "no answer to READY"
+            frames = sock.recv_multipart()
+            return frames[0], json.loads(frames[1])
+        finally:
+            sock.close()
+
+    for group, topics in (("g", ["x", "secret"]), ("dyn", ["secret"])):
+        cmd, hdr = ready(group, topics)
+        assert cmd == b"ERR" and hdr["fatal"] and "'secret'" in hdr["error"], (cmd, hdr)
+    cmd, hdr = ready("g", ["x"])
+    assert cmd == b"DELIVER", (cmd, hdr)
+    assert "secret" not in s.status()["groups"]["g"].get("topics", ["x"])
