@@ -212,3 +212,22 @@ def test_a_follow_on_the_hub_would_refuse_fails_only_its_event(stack_factory: An
     assert sorted((r["key"], r["data"].get("n")) for r in s.handled()) == [
         ("bad-name", 2), ("innocent-0", None), ("innocent-1", None), ("innocent-2", None)]
     assert pool.poll() is None
+
+
+def test_a_follow_on_holding_str_and_int_subclasses_is_committed(stack_factory: Any) -> None:
+    """ctx.publish() takes what the envelope encoder takes, str and int subclasses among them (lxml's XPath
+    results, IntEnum-like types); the ACK's encoder refused them, so the child died sending the ACK after its
+    handlers had run, nothing was charged (no handler was running), and the batch was delivered again, and again.
+    Now the follow-on is committed as plain JSON, and every event of the batch is handled once."""
+    s = stack_factory(CFG.format(extra=""))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    with s.client() as c:
+        c.publish_events([job("innocent-0"), job("sub", follow_strsub=True), job("innocent-1")])
+    wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0 and "follow" in s.status()["topics"], 20,
+             "the batch acked and the follow-on committed")
+    with s.client() as c:
+        _, bodies = c.fetch("follow", 1)
+    assert [json.loads(b)["data"] for b in bodies] == [{"name": "caption", "n": 7}]
+    assert sorted(r["key"] for r in s.handled()) == ["innocent-0", "innocent-1", "sub"], "each handled once"
+    assert pool.poll() is None

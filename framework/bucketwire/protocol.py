@@ -285,7 +285,26 @@ class GroupRm(Header):
 
 H = TypeVar("H", bound=msgspec.Struct)
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
-_encoder = msgspec.json.Encoder()
+
+
+def _plain(obj: Any) -> Any:
+    """What msgspec does not encode but the envelope encoder (orjson) does, as its plain type: instances of
+    subclasses of str, int, float, list and dict (lxml's XPath strings, a plugin's own types) in follow-on data, which
+    `ctx.publish` accepted. The ACK carrying them could not be sent, and its child died after its handlers ran."""
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, list | tuple):
+        return list(obj)
+    if isinstance(obj, dict):
+        return dict(obj)
+    raise TypeError(f"Encoding objects of type {type(obj).__name__} is unsupported")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_plain)
 
 
 def decode(frame: bytes, typ: type[H], max_len: int = 64 << 20) -> H:
@@ -335,4 +354,4 @@ def enc(obj: Any) -> bytes:
     try:
         return _encoder.encode(obj)
     except (TypeError, UnicodeEncodeError, OverflowError, msgspec.EncodeError):
-        return dumps(msgspec.to_builtins(obj))
+        return dumps(msgspec.to_builtins(obj, enc_hook=_plain))

@@ -7,7 +7,8 @@ os.abort() (SIGABRT, as a crashing C extension would), {"exit": N} ends it with 
 raises the builtin BaseException NAME (SystemExit, KeyboardInterrupt, GeneratorExit), {"follow": K} publishes K
 follow-ons to topic "follow" (with {"follow_pad": N}: each with N bytes of padding), {"follow_kw": {...}} one
 follow-on published with those keyword arguments, {"follow_fsname": true} one carrying a file name that is not
-UTF-8, {"follow_bytes": N} one follow-on carrying N bytes of padding.
+UTF-8, {"follow_strsub": true} one carrying instances of str and int subclasses, {"follow_bytes": N} one
+follow-on carrying N bytes of padding.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def handle_event(event, ctx):
         ctx.publish("follow", {"n": i, "cause_seq": event.seq, **pad})
     if d.get("follow_kw"):
         ctx.publish("follow", {"cause_seq": event.seq}, **d["follow_kw"])
+    if d.get("follow_strsub"):  # a str subclass, as lxml's XPath results are
+        ctx.publish("follow", {"name": type("Text", (str,), {})("caption"), "n": type("Num", (int,), {})(7)})
     if d.get("follow_fsname"):  # a file name with a byte that is not UTF-8, as os.listdir() returns it
         ctx.publish("follow", {"name": os.fsdecode(b"caf\xe9.jpg")})
     if d.get("follow_bytes"):

@@ -366,9 +366,26 @@ class Child:
 
 def ack_frames(group: str, oks: list[tuple[str, int]], results: list[dict[str, Any]], ranges: bool) -> list[bytes]:
     """The ACK headers for a batch: one, unless the follow-ons its results carry pass what the hub reads in one
-    (ACK_MAX); then the results are split over several. One event's follow-ons fit one (context.FOLLOW_ONS_MAX)."""
-    frame = ack_frame(group, oks, results, ranges)
-    if len(frame) <= ACK_MAX or len(results) < 2:
+    (ACK_MAX); then the results are split over several. One event's follow-ons fit one (context.FOLLOW_ONS_MAX).
+
+    A result whose follow-ons cannot be encoded (`ctx.publish` checks them, so this is a last resort) becomes a
+    failure of its event: raised here, it would kill the child after its handlers ran, with no event charged,
+    and the batch would come back for ever."""
+    frame: bytes | None = None
+    try:
+        frame = ack_frame(group, oks, results, ranges)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as e:
+        if not results:
+            raise  # oks alone are (topic, seq) pairs: never
+        if len(results) == 1:
+            r = results[0]
+            line = f"follow-ons cannot be sent to the hub: {type(e).__name__}: {e}"[:1000]
+            log.error("handler's follow-ons cannot be encoded", extra={"topic": r.get("t"), "seq": r.get("s"),
+                                                                        "error": line})
+            return ack_frames(group, oks, [{"t": r.get("t"), "s": r.get("s"), "ok": False, "error": line,
+                                            "line": line, "permanent": False}], ranges)
+        # several results: split below until the one that fails is alone
+    if frame is not None and (len(frame) <= ACK_MAX or len(results) < 2):
         return [frame]
     half = len(results) // 2
     return ack_frames(group, oks, results[:half], ranges) + ack_frames(group, [], results[half:], ranges)
