@@ -442,3 +442,33 @@ def test_an_async_handler_stops_the_worker_with_one_line(stack_factory: Any) -> 
     assert "Traceback" not in r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("Error: plugin 'asyncy': handle_event is a coroutine function"), line
+
+
+class LatePublisher:
+    """Keeps its ctx and publishes after handle_event returned, as a callback of its own thread pool would."""
+
+    def __init__(self) -> None:
+        self.ctx: Context | None = None
+
+    @hookimpl
+    def handle_event(self, event: Event, ctx: Context) -> None:
+        self.ctx = ctx
+
+
+class StartupPublisher:
+    @hookimpl
+    def worker_startup(self, ctx: Context) -> None:
+        ctx.publish("t", {"hello": 1})
+
+
+def test_a_follow_on_published_outside_its_handler_raises_instead_of_vanishing() -> None:
+    """A follow-on travels with its event's ack. Published after the handler returned (the ack is gone) or
+    from worker_startup (there is no event), it used to be queued where nobody read it again: lost, silently."""
+    p = LatePublisher()
+    with PluginHarness(p, name="late") as h:
+        assert h.handle(ev()) == []
+        assert p.ctx is not None
+        with pytest.raises(RuntimeError, match="after handle_event returned"):
+            p.ctx.publish("t", {"late": 1})
+    with pytest.raises(RuntimeError, match="only inside handle_event"), PluginHarness(StartupPublisher(), name="s"):
+        pass

@@ -113,6 +113,8 @@ class Context:
     than the hub dead-lettering it after the handler reported success."""
     published_bytes: int = 0
     """Bytes of envelope of `published`, held against FOLLOW_ONS_MAX."""
+    done: bool = False
+    """The handler this ctx was made for has returned: its event's outcome (and follow-ons) are on their way."""
 
     def store(self, name: str | None = None) -> minio.Minio:
         """A `minio.Minio` client for store `name`; by default the event's store, else the configured default."""
@@ -136,7 +138,15 @@ class Context:
         if not topic or not isinstance(topic, str):
             raise ValueError("publish needs a topic name")
         cause = self.event
-        cause_id = cause.id if cause else "startup"
+        # A follow-on travels with its event's ack: queued after the handler returned, or where there is no event
+        # (worker_startup/shutdown), nothing would ever send it.
+        if cause is None:
+            raise RuntimeError("ctx.publish() works only inside handle_event (a follow-on is committed with the ack "
+                               "of the event that caused it); publish other events with bucketwire.client.HubClient")
+        if self.done:
+            raise RuntimeError(f"ctx.publish() after handle_event returned for event {cause.id}: its ack has gone, so "
+                               "this follow-on would be lost; wait for your threads before the handler returns")
+        cause_id = cause.id
         ev = Event(
             id=follow_on_id(cause_id, self.group, self.plugin, len(self.published), topic,
                             cause.time if cause else None),
@@ -145,8 +155,8 @@ class Context:
             subject=subject,
             data=data,
             topic=topic,
-            causationid=cause.id if cause else None,
-            hops=(cause.hops + 1) if cause else 0,
+            causationid=cause.id,
+            hops=cause.hops + 1,
         )
         # Checked here, as the hub will check it, so that a follow-on the hub would refuse fails this event in
         # the plugin's own handler. Refused at the hub, it took the whole ACK it came in with it: its event and

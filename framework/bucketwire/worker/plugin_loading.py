@@ -412,15 +412,18 @@ class PluginRunner:
                 try:
                     caller(event=event, ctx=ctx)
                 except BaseException as e:
+                    ctx.done = True
                     raise HandlerFailed(name, e) from e
             else:
                 t0 = time.perf_counter()
                 try:
                     caller(event=event, ctx=ctx)
                 except BaseException as e:
+                    ctx.done = True
                     report(name, time.perf_counter() - t0, False)
                     raise HandlerFailed(name, e) from e
                 report(name, time.perf_counter() - t0, True)
+            ctx.done = True  # a publish from now on (a thread the handler left running) raises, not vanishes
             if ctx.published:
                 out.extend(ctx.published)
                 size += ctx.published_bytes  # every plugin's follow-ons go in the one ACK result of this event
