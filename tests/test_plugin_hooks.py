@@ -472,3 +472,15 @@ def test_a_follow_on_published_outside_its_handler_raises_instead_of_vanishing()
             p.ctx.publish("t", {"late": 1})
     with pytest.raises(RuntimeError, match="only inside handle_event"), PluginHarness(StartupPublisher(), name="s"):
         pass
+
+
+def test_a_plugin_whose_topics_miss_every_topic_of_its_group_stops_the_worker(stack_factory: Any) -> None:
+    """`[plugins.NAME] topics` limits a plugin to some of its group's topics. Misspelt so that it names none of
+    them, the plugin was never called and its group acked every event with the work undone."""
+    s = stack_factory(GROUP.format(flaky="x").replace('[groups.w]\ntopics = ["t"]\nplugins = []',
+                                                      '[groups.w]\ntopics = ["t"]\nplugins = ["thumbnail"]')
+                      + '\n[plugins.thumbnail]\ntopics = ["tt"]\n')
+    r = run_cli("worker", "-c", str(s.cfg_path), "-g", "w", env=s.env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("Error: [plugins.thumbnail] topics = ['tt']: none is a topic of group 'w'"), line

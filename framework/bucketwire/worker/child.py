@@ -84,6 +84,15 @@ class Plugins(plugin_loader.PluginRunner):
                          on_handled=(lambda name, dt, ok: handler_done(spec.group, name, dt, ok=ok))
                          if self.metered else None,
                          max_event_bytes=cfg.hub.max_event_bytes)
+        # A plugin the group names (or a group not in the config runs from --plugin) whose `topics` miss all of
+        # the group's would never be called: the group would ack every event with its work undone.
+        chosen, topics = (loaded.names, spec.topics) if gc is None else (gc.plugins or [], gc.topics)
+        for name in chosen:
+            want = self.topics.get(name)
+            if want is not None and not want & set(topics):
+                raise ConfigError(f"[plugins.{name}] topics = {sorted(want)}: none is a topic of group "
+                                  f"{spec.group!r} ({', '.join(topics)}), so the plugin would never be called "
+                                  f"there; correct the topic names, or take {name!r} out of the group's plugins")
 
     def lifecycle(self, hook: str) -> None:
         if hook == "worker_startup":
