@@ -47,6 +47,9 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[stores.s]\naccess_key = 'a'", '[stores.s] endpoint: required, e.g. endpoint = "127.0.0.1:8333"'),
     ("[security]\nreload_interval = 0", "[security] reload_interval: expected a number > 0, got 0"),
     ("[security.roles.r]\npublish = ['a', 1]", "[security.roles.r] publish[1]: expected a non-empty string, got 1"),
+    ("[hub]\ndead_letter = ''", '[hub] dead_letter: expected a non-empty string, got ""'),
+    ("[topics.jobs]\ndead_letter = 'jobs'", "[topics.jobs] dead_letter: is the topic itself; its events would be "
+                                           "dropped instead of dead-lettered"),
     ("[hub\n", "invalid TOML"),
     ("routes = 5", "routes: expected a list of tables, got 5"),
 ])
