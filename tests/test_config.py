@@ -149,6 +149,20 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert "[hub] http" in r.stderr
 
 
+@pytest.mark.parametrize("flag, needle", [("nonsense", "is not HOST:PORT"), ("127.0.0.1:99999", "is not HOST:PORT"),
+                                          ("--drain-timeout=-1", "-1")])
+def test_bad_worker_flags_are_one_line(tmp_path: Path, flag: str, needle: str) -> None:
+    """`worker --metrics` is read by the pool, not the config schema: a bad one printed a traceback."""
+    rec = tmp_path / "rec.jsonl"
+    p = write(tmp_path, f'[groups.g]\ntopics = ["t"]\nplugins = []\n[plugins.recorder]\npath = "{rec}"\n')
+    args = [flag] if flag.startswith("--") else ["--metrics", flag]
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "worker", "-c", str(p), "-g", "g", "--plugin",
+                        str(Path(__file__).parent / "plugins" / "recorder.py"), *args],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
+    assert needle in r.stderr.strip().splitlines()[-1], r.stderr
+
+
 def test_publish_to_a_missing_hub_fails_with_a_clear_line(tmp_path: Path) -> None:
     p = write(tmp_path, '[hub]\nwork = "tcp://127.0.0.1:9"\n')
     r = subprocess.run([sys.executable, "-m", "bucketwire", "publish", "-c", str(p), "--timeout", "1", "t", "{}"],
