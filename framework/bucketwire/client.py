@@ -110,10 +110,13 @@ class HubClient:
         """Send and wait for the matching reply, re-sending on a new socket after each silent attempt."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         req = next(self._req)
-        hdr = {**hdr, "req": req}
+        frame = P.enc({**hdr, "req": req})
+        if len(frame) > P.MAX_HEADER:
+            raise HubRefused(f"request of {len(frame)} bytes is over the {P.MAX_HEADER >> 20} MiB one message to the "
+                             "hub may carry (the hub refuses it whole); send its events in several calls")
         while True:
             s = self._socket()
-            s.send_multipart([cmd, P.enc(hdr)])
+            s.send_multipart([cmd, frame])
             until = min(deadline, time.monotonic() + attempt_timeout)
             moved = False
             while not moved and (left := until - time.monotonic()) > 0:
@@ -132,6 +135,10 @@ class HubClient:
                         moved = True
                     elif err.moved is not None:  # no hub dispatches it this moment: wait this attempt out
                         until = min(deadline, time.monotonic() + 0.2)
+                    elif not err.reready:
+                        # The hub could not read the request (a header it refuses): that is its answer. Waiting
+                        # on ended as 'no answer from the hub' after the timeout, the request sent again meanwhile.
+                        raise HubRefused(err.error or "refused")
                     continue
                 reply = P.header(frames[1])
                 if frames[0] in want and reply.get("req") == req:

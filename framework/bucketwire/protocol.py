@@ -307,7 +307,11 @@ def _plain(obj: Any) -> Any:
 _encoder = msgspec.json.Encoder(enc_hook=_plain)
 
 
-def decode(frame: bytes, typ: type[H], max_len: int = 64 << 20) -> H:
+MAX_HEADER = 64 << 20
+"""The largest header frame the hub reads; it answers a larger one with ERR `header frame too large`."""
+
+
+def decode(frame: bytes, typ: type[H], max_len: int = MAX_HEADER) -> H:
     """The header frame as `typ`; ProtocolError (one line naming the command's field) if it does not fit."""
     if len(frame) > max_len:
         raise ProtocolError("header frame too large")
@@ -332,7 +336,7 @@ def decode(frame: bytes, typ: type[H], max_len: int = 64 << 20) -> H:
         raise ProtocolError(f"{typ.__name__.upper()} header: {e}") from None
 
 
-def header(frame: bytes, max_len: int = 64 << 20) -> dict[str, Any]:
+def header(frame: bytes, max_len: int = MAX_HEADER) -> dict[str, Any]:
     """A header whose shape another module owns (STATUSR, REPLAYR): any JSON object."""
     if len(frame) > max_len:
         raise ProtocolError("header frame too large")

@@ -46,8 +46,8 @@ ACK_EVERY = 64
 """Within a long batch an ACK goes out after this many events or ACK_AFTER seconds, so the hub commits (and
 publishers see) early results without waiting for the batch's end."""
 ACK_AFTER = 0.005
-ACK_MAX = 64 << 20
-"""The largest header frame the hub reads (protocol.decode); an ACK past it is refused whole."""
+ACK_MAX = P.MAX_HEADER
+"""The largest header frame the hub reads; an ACK past it is refused whole."""
 BYE_WAITS = 2
 """A draining child waits this many heartbeat intervals for the hub to answer its BYE (a live hub turns its loop
 at least once an interval), then closes the connection anyway."""
