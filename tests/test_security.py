@@ -637,3 +637,32 @@ subscribe = ["ok-*"]
     cmd, hdr = ready("g", ["x"])
     assert cmd == b"DELIVER", (cmd, hdr)
     assert "secret" not in s.status()["groups"]["g"].get("topics", ["x"])
+
+
+def test_status_shows_a_role_only_its_groups_and_topics(stack_factory, tmp_path):
+    """STATUS was answered in full to every admitted key: a key limited to group g and to reading 'ok-*' saw
+    every group, every topic, and the object key of every long-running handler. Now it sees its groups (with
+    their topics) and the topics it may read; a key without a role, or an admin, sees everything."""
+    roles = """
+[security.roles.limited]
+groups = ["g"]
+subscribe = ["ok-*"]
+
+[security.roles.other]
+admin = true
+"""
+    groups = GROUPS + '\n[groups.h]\ntopics = ["secret"]\nplugins = []\n'
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited", "other"), roles=roles,
+                        groups=groups)
+    s.start_hub()
+    with s.client() as c:
+        for t in ("x", "secret", "ok-1"):
+            c.publish(t, {"a": 1})
+        full = c.status()
+    assert set(full["groups"]) == {"g", "h"} and {"x", "secret", "ok-1"} <= set(full["topics"])
+    with HubClient(cfg_for(client_config(s, d, "limited")), timeout=5) as c:
+        st = c.status()
+    assert set(st["groups"]) == {"g"}, st["groups"].keys()
+    assert set(st["topics"]) == {"x", "ok-1"}, st["topics"].keys()
+    with HubClient(cfg_for(client_config(s, d, "other")), timeout=5) as c:
+        assert set(c.status()["groups"]) == {"g", "h"}, "an admin sees every group"

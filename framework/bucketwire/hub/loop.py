@@ -1004,7 +1004,7 @@ class Hub:
                 self._removed(rm.group)
         elif cmd == P.STATUS:
             req = P.decode(raw, P.Status).req
-            self.net.send([ident, P.STATUSR, P.enc({"req": req, **self.status(now)})])
+            self.net.send([ident, P.STATUSR, P.enc({"req": req, **self._visible(self.status(now))})])
         elif cmd == P.BYE:
             self._on_bye(ident, P.decode(raw, P.Bye))
         elif cmd == P.GONE:
@@ -1058,6 +1058,19 @@ class Hub:
             old.credit, old.topics, old.ranges = credit, frozenset(topics or g.topics), hdr.proto >= 2
             old.joined = hdr.proto >= 3
         self.metrics.workers.labels(group).set(len(g.workers))
+
+    def _visible(self, st: dict[str, Any]) -> dict[str, Any]:
+        """What of `status` the sender's key may see: with a role that is not admin, its groups (their topics,
+        workers and long-running handlers, which name object keys) and the topics it may read. Everything to a key
+        without a role, an admin, or any peer when CURVE is off."""
+        roles, user = self.net.roles, self.net.user
+        role = roles.roles.get(user) if user else None
+        if roles.admitted is None or (user in roles.admitted and (role is None or role.admin)):
+            return st
+        groups = {n: v for n, v in st["groups"].items() if roles.allows(user, "groups", n)}
+        mine = {t for v in groups.values() for t in v["topics"]}
+        return {**st, "groups": groups,
+                "topics": {t: v for t, v in st["topics"].items() if t in mine or roles.allows(user, "subscribe", t)}}
 
     def _topics_refused(self, group: str, topics: list[str]) -> str | None:
         """Why a READY may not name `topics` for `group`, or None. A READY's topics join its group for good (their
