@@ -146,10 +146,8 @@ class Context:
         if self.done:
             raise RuntimeError(f"ctx.publish() after handle_event returned for event {cause.id}: its ack has gone, so "
                                "this follow-on would be lost; wait for your threads before the handler returns")
-        cause_id = cause.id
         ev = Event(
-            id=follow_on_id(cause_id, self.group, self.plugin, len(self.published), topic,
-                            cause.time if cause else None),
+            id=follow_on_id(cause.id, self.group, self.plugin, len(self.published), topic, cause.time),
             source=follow_on_source(self.group, self.plugin),
             type=type or f"bucketwire.{topic}",
             subject=subject,
