@@ -484,3 +484,21 @@ def test_a_plugin_whose_topics_miss_every_topic_of_its_group_stops_the_worker(st
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("Error: [plugins.thumbnail] topics = ['tt']: none is a topic of group 'w'"), line
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("str() of this exception fails")
+
+
+class RaisesUnprintable:
+    @hookimpl
+    def handle_event(self, event: Event) -> None:
+        raise UnprintableError()
+
+
+def test_tracing_reports_an_exception_whose_str_fails_without_replacing_it() -> None:
+    """With --trace-plugins the trace line formatted the plugin's exception with str(): one whose __str__ fails
+    replaced it with that RuntimeError, so the event failed (and was dead-lettered) as something else."""
+    with PluginHarness(RaisesUnprintable(), name="u", trace=True) as h, pytest.raises(UnprintableError):
+        h.handle(ev())

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,7 +320,9 @@ def enable_tracing(pm: pluggy.PluginManager) -> Callable[[], None]:
         if wrappers:
             extra["wrappers"] = ",".join(wrappers)
         if exc is not None:
-            extra["error"] = f"{type(exc).__name__}: {exc}"[:200]
+            # traceback's formatting survives an exception whose str() fails; an f-string raised out of this
+            # monitor, and the plugin's exception was replaced by that error
+            extra["error"] = traceback.format_exception_only(type(exc), exc)[-1].strip()[:200]
         trace_log.info("hook call", extra=extra)
 
     return pm.add_hookcall_monitoring(before, after)
