@@ -47,6 +47,9 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[stores.s]\naccess_key = 'a'", '[stores.s] endpoint: required, e.g. endpoint = "127.0.0.1:8333"'),
     ("[security]\nreload_interval = 0", "[security] reload_interval: expected a number > 0, got 0"),
     ("[security.roles.r]\npublish = ['a', 1]", "[security.roles.r] publish[1]: expected a non-empty string, got 1"),
+    ("[hub]\ndead_letter = ''", '[hub] dead_letter: expected a non-empty string, got ""'),
+    ("[topics.jobs]\ndead_letter = 'jobs'", "[topics.jobs] dead_letter: is the topic itself; its events would be "
+                                           "dropped instead of dead-lettered"),
     ("[hub\n", "invalid TOML"),
     ("routes = 5", "routes: expected a list of tables, got 5"),
 ])
@@ -144,6 +147,20 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("Error: ")
     assert "[hub] http" in r.stderr
+
+
+@pytest.mark.parametrize("flag, needle", [("nonsense", "is not HOST:PORT"), ("127.0.0.1:99999", "is not HOST:PORT"),
+                                          ("--drain-timeout=-1", "-1")])
+def test_bad_worker_flags_are_one_line(tmp_path: Path, flag: str, needle: str) -> None:
+    """`worker --metrics` is read by the pool, not the config schema: a bad one printed a traceback."""
+    rec = tmp_path / "rec.jsonl"
+    p = write(tmp_path, f'[groups.g]\ntopics = ["t"]\nplugins = []\n[plugins.recorder]\npath = "{rec}"\n')
+    args = [flag] if flag.startswith("--") else ["--metrics", flag]
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "worker", "-c", str(p), "-g", "g", "--plugin",
+                        str(Path(__file__).parent / "plugins" / "recorder.py"), *args],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
+    assert needle in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 def test_publish_to_a_missing_hub_fails_with_a_clear_line(tmp_path: Path) -> None:

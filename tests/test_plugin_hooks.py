@@ -410,3 +410,95 @@ def test_bundled_plugins_keep_their_process_resources_in_ctx_state(tmp_path: Pat
     module_state = [n for n, v in vars(audit).items() if isinstance(v, dict) and n.startswith("_")
                     and not n.startswith("__")]
     assert module_state == [], "no module-level state"
+
+
+class AsyncHandler:
+    @hookimpl
+    async def handle_event(self, event: Event) -> None:
+        raise AssertionError("never awaited")
+
+
+class GeneratorHandler:
+    @hookimpl
+    def handle_event(self, event: Event) -> Iterator[None]:
+        yield None
+        raise AssertionError("never iterated")
+
+
+@pytest.mark.parametrize("plugin, what", [(AsyncHandler(), "a coroutine function"),
+                                          (GeneratorHandler(), "a generator function")])
+def test_a_handler_that_would_never_run_is_refused_at_start(plugin: Any, what: str) -> None:
+    """pluggy calls a hook and keeps what it returns: an `async def` or generator handler returns without running
+    its body, so every event would be acked with its work never done. Refused when the plugin loads."""
+    with pytest.raises(ConfigError) as e:
+        PluginHarness(plugin, name="bad")
+    assert str(e.value).startswith(f"plugin 'bad': handle_event is {what}"), str(e.value)
+
+
+def test_an_async_handler_stops_the_worker_with_one_line(stack_factory: Any) -> None:
+    s = stack_factory(GROUP.format(flaky="x"))
+    r = run_cli("worker", "-c", str(s.cfg_path), "-g", "w", "--plugin", str(HERE / "async_handler.py"), env=s.env)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("Error: plugin 'asyncy': handle_event is a coroutine function"), line
+
+
+class LatePublisher:
+    """Keeps its ctx and publishes after handle_event returned, as a callback of its own thread pool would."""
+
+    def __init__(self) -> None:
+        self.ctx: Context | None = None
+
+    @hookimpl
+    def handle_event(self, event: Event, ctx: Context) -> None:
+        self.ctx = ctx
+
+
+class StartupPublisher:
+    @hookimpl
+    def worker_startup(self, ctx: Context) -> None:
+        ctx.publish("t", {"hello": 1})
+
+
+def test_a_follow_on_published_outside_its_handler_raises_instead_of_vanishing() -> None:
+    """A follow-on travels with its event's ack. Published after the handler returned (the ack is gone) or
+    from worker_startup (there is no event), it used to be queued where nobody read it again: lost, silently."""
+    p = LatePublisher()
+    with PluginHarness(p, name="late") as h:
+        assert h.handle(ev()) == []
+        assert p.ctx is not None
+        with pytest.raises(RuntimeError, match="after handle_event returned"):
+            p.ctx.publish("t", {"late": 1})
+    with pytest.raises(RuntimeError, match="only inside handle_event"), PluginHarness(StartupPublisher(), name="s"):
+        pass
+
+
+def test_a_plugin_whose_topics_miss_every_topic_of_its_group_stops_the_worker(stack_factory: Any) -> None:
+    """`[plugins.NAME] topics` limits a plugin to some of its group's topics. Misspelt so that it names none of
+    them, the plugin was never called and its group acked every event with the work undone."""
+    s = stack_factory(GROUP.format(flaky="x").replace('[groups.w]\ntopics = ["t"]\nplugins = []',
+                                                      '[groups.w]\ntopics = ["t"]\nplugins = ["thumbnail"]')
+                      + '\n[plugins.thumbnail]\ntopics = ["tt"]\n')
+    r = run_cli("worker", "-c", str(s.cfg_path), "-g", "w", env=s.env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("Error: [plugins.thumbnail] topics = ['tt']: none is a topic of group 'w'"), line
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("str() of this exception fails")
+
+
+class RaisesUnprintable:
+    @hookimpl
+    def handle_event(self, event: Event) -> None:
+        raise UnprintableError()
+
+
+def test_tracing_reports_an_exception_whose_str_fails_without_replacing_it() -> None:
+    """With --trace-plugins the trace line formatted the plugin's exception with str(): one whose __str__ fails
+    replaced it with that RuntimeError, so the event failed (and was dead-lettered) as something else."""
+    with PluginHarness(RaisesUnprintable(), name="u", trace=True) as h, pytest.raises(UnprintableError):
+        h.handle(ev())

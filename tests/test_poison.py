@@ -140,3 +140,94 @@ def test_death_notices_pass_curve_and_name_the_signal(stack_factory: Any, tmp_pa
     assert dl["event"]["data"]["key"] == "poison" and dl["attempts"] == 2 and "SIGABRT" in dl["line"]
     rows = s.handled()
     assert sorted(r["key"] for r in rows) == [f"innocent-{i}" for i in range(5)] and {r["a"] for r in rows} == {1}
+
+
+def test_a_handler_that_exits_or_raises_base_exceptions_hurts_only_its_own_event(stack_factory: Any) -> None:
+    """sys.exit(2), KeyboardInterrupt, GeneratorExit raised in a handler, and os._exit(2) (the exit code a child's
+    configuration error has): each poison is dead-lettered alone with a line naming what it did, the innocents
+    around it are handled on their first attempt, and the pool keeps running (it used to stop whole, taking
+    exit code 2 for a configuration error)."""
+    s = stack_factory(CFG.format(extra="").replace("max_attempts = 3", "max_attempts = 2"))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    poisons = {"exit2": {"exit": 2}, "sysexit": {"raise": "SystemExit"}, "kbint": {"raise": "KeyboardInterrupt"},
+               "genexit": {"raise": "GeneratorExit"}}
+    events = [job(f"innocent-{i}") for i in range(8)]
+    for i, (key, data) in enumerate(poisons.items()):
+        events.insert(2 * i + 1, job(key, **data))
+    with s.client() as c:
+        c.publish_events(events)
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] >= len(poisons) and st["lag"] == 0, 40,
+             "every poison to be dead-lettered:\n" + s.dump_logs())
+    lines = {d["event"]["data"]["key"]: d for d in dead_letters(s)}
+    assert sorted(lines) == sorted(poisons), "only the poisons are dead-lettered"
+    assert "died (exit code 2)" in lines["exit2"]["line"], lines["exit2"]
+    assert lines["sysexit"]["line"] == "SystemExit: 2" and lines["sysexit"]["plugin"] == "recorder", lines["sysexit"]
+    assert lines["kbint"]["line"] == "KeyboardInterrupt: planned", lines["kbint"]
+    assert lines["genexit"]["line"] == "GeneratorExit: planned", lines["genexit"]
+    assert all(d["attempts"] == 2 for d in lines.values()), lines
+    rows = s.handled()
+    assert {r["key"] for r in rows} == {f"innocent-{i}" for i in range(8)}, "every innocent handled"
+    assert {r["a"] for r in rows} == {1}, "no innocent was charged an attempt"
+    assert pool.poll() is None, "the pool stopped:\n" + s.dump_logs()
+
+
+def test_a_flood_of_follow_ons_larger_than_one_message_fails_only_its_event(stack_factory: Any) -> None:
+    """One event whose handler publishes more follow-ons than one message to the hub may carry (64 MiB: ZeroMQ
+    drops the connection of a peer that sends more, with no answer). Its outcome must not vanish: the event fails
+    and is dead-lettered with a line saying why, and the events after it, one for the same object among them, are
+    handled."""
+    s = stack_factory(CFG.format(extra="").replace("max_attempts = 3", "max_attempts = 1"))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    flood = job("same", follow=4500, follow_pad=15_000)  # 4,500 follow-ons of 15 kB: 67 MB
+    with s.client() as c:
+        c.publish_events([flood, job("other")])
+        c.publish_events([job("same", n=2)])
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] == 1 and st["lag"] == 0, 40,
+             "the flood to be dead-lettered and the rest handled")
+    (dl,) = dead_letters(s)
+    assert dl["event"]["id"] == flood.id and "follow-on" in dl["line"], dl["line"]
+    assert sorted((r["key"], r["data"].get("n")) for r in s.handled()) == [("other", None), ("same", 2)]
+    assert pool.poll() is None
+
+
+def test_a_follow_on_the_hub_would_refuse_fails_only_its_event(stack_factory: Any) -> None:
+    """ctx.publish() took follow-ons the hub refuses (a subject that is not a string, a file name that is not
+    UTF-8): the hub refused the whole ACK they came in, so their events, and the innocent ones acked with them,
+    stayed in flight for as long as the worker lived, and later events for the same objects waited behind them.
+    Now the plugin's publish raises, and only the event whose handler published it fails."""
+    s = stack_factory(CFG.format(extra="").replace("max_attempts = 3", "max_attempts = 1"))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    bad = [job("bad-subject", follow_kw={"subject": 5}), job("bad-name", follow_fsname=True)]
+    with s.client() as c:
+        c.publish_events([job("innocent-0"), bad[0], job("innocent-1"), bad[1], job("innocent-2")])
+        c.publish_events([job("bad-name", n=2)])
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] == 2 and st["lag"] == 0, 30,
+             "the two bad events to be dead-lettered and the rest handled")
+    lines = {d["event"]["id"]: d["line"] for d in dead_letters(s)}
+    assert lines.keys() == {b.id for b in bad}, lines
+    assert all("ValueError: follow-on to topic 'follow' would be refused by the hub" in v for v in lines.values())
+    assert sorted((r["key"], r["data"].get("n")) for r in s.handled()) == [
+        ("bad-name", 2), ("innocent-0", None), ("innocent-1", None), ("innocent-2", None)]
+    assert pool.poll() is None
+
+
+def test_a_follow_on_holding_str_and_int_subclasses_is_committed(stack_factory: Any) -> None:
+    """ctx.publish() takes what the envelope encoder takes, str and int subclasses among them (lxml's XPath
+    results, IntEnum-like types); the ACK's encoder refused them, so the child died sending the ACK after its
+    handlers had run, nothing was charged (no handler was running), and the batch was delivered again, and again.
+    Now the follow-on is committed as plain JSON, and every event of the batch is handled once."""
+    s = stack_factory(CFG.format(extra=""))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    with s.client() as c:
+        c.publish_events([job("innocent-0"), job("sub", follow_strsub=True), job("innocent-1")])
+    wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0 and "follow" in s.status()["topics"], 20,
+             "the batch acked and the follow-on committed")
+    with s.client() as c:
+        _, bodies = c.fetch("follow", 1)
+    assert [json.loads(b)["data"] for b in bodies] == [{"name": "caption", "n": 7}]
+    assert sorted(r["key"] for r in s.handled()) == ["innocent-0", "innocent-1", "sub"], "each handled once"
+    assert pool.poll() is None

@@ -272,6 +272,9 @@ def test_unlisted_keys_get_nothing_listed_keys_work(stack_factory, tmp_path):
     wait_for(lambda: s.metric("bucketwire_zmq_connection_events_total", **failed) > before, 20,
              "the hub to refuse the unlisted worker's handshake")
     assert s.status()["groups"]["g"]["workers"] == 0
+    # ... and the pool says why, naming the fix (it used to say only that the hub was silent)
+    wait_for(lambda: "refused this worker's CURVE key" in s.logs[-1].read_text(), 20, "the worker's line")
+    assert "authorized_keys_dir" in s.logs[-1].read_text()
     assert s.handled() == []
     assert s.status()["topics"]["x"]["head"] == 1, "nothing was injected"
     w.send_signal(signal.SIGTERM)
@@ -579,3 +582,87 @@ def test_role_limits_live_subscriptions_on_the_pub_socket(stack_factory, tmp_pat
     assert sorted(got["admin"]) == sorted([b"ok\0", b"secret\0", b"ok-more\0", b"ok\0"])
     for sock in (everything, forbidden, allowed, admin_all):
         sock.close()
+
+
+
+def test_a_client_with_a_key_the_hub_refuses_is_told_so(stack_factory, tmp_path):
+    """A client key missing from the hub's allow-list, or a wrong server_public_key, is the usual mistake of a
+    rotation. The hub is running and reachable: the one line every command prints (`Error: ...`) must say the
+    key is the problem, not ask whether the hub runs."""
+    s, d = secure_stack(stack_factory, tmp_path)
+    s.start_hub()
+    for name, server, want in (("intruder", "hub", "refused this client's CURVE key"),
+                               ("admin", "other", "CURVE handshake with the hub at")):
+        with HubClient(cfg_for(client_config(s, d, name, server=server)), timeout=1.0) as c, \
+                pytest.raises(HubUnavailable) as e:
+            c.status()
+        assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert ("authorized_keys_dir" if name == "intruder" else "server_public_key") in str(e.value), str(e.value)
+
+
+def test_a_ready_cannot_add_topics_its_group_or_role_does_not_have(stack_factory, tmp_path):
+    """A worker key may work for group g, which the hub's config gives topic x, and may read nothing else. A
+    READY naming another topic for g (a hostile worker, or a worker host whose config drifted) used to add that
+    topic to g for good, and the hub delivered its events; so did a READY for a group the config does not have.
+    Both are refused with a fatal ERR naming the topic; a READY for g's own topic is served."""
+    roles = """
+[security.roles.limited]
+groups = ["g", "dyn"]
+subscribe = ["ok-*"]
+"""
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), roles=roles)
+    s.start_hub()
+    with s.client() as c:
+        c.publish("secret", {"a": 1})
+        c.publish("x", {"a": 2})
+    lim = cfg_for(client_config(s, d, "limited"))
+
+    def ready(group: str, topics: list[str]) -> tuple[bytes, dict]:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        security.apply_client(sock, lim)
+        sock.connect(lim.client.work)
+        try:
+            sock.send_multipart([b"READY", json.dumps({"group": group, "topics": topics, "credit": 4, "proto": 3,
+                                                       "schema": 1, "start": "earliest"}).encode()])
+            assert sock.poll(10_000), "no answer to READY"
+            frames = sock.recv_multipart()
+            return frames[0], json.loads(frames[1])
+        finally:
+            sock.close()
+
+    for group, topics in (("g", ["x", "secret"]), ("dyn", ["secret"])):
+        cmd, hdr = ready(group, topics)
+        assert cmd == b"ERR" and hdr["fatal"] and "'secret'" in hdr["error"], (cmd, hdr)
+    cmd, hdr = ready("g", ["x"])
+    assert cmd == b"DELIVER", (cmd, hdr)
+    assert "secret" not in s.status()["groups"]["g"].get("topics", ["x"])
+
+
+def test_status_shows_a_role_only_its_groups_and_topics(stack_factory, tmp_path):
+    """STATUS was answered in full to every admitted key: a key limited to group g and to reading 'ok-*' saw
+    every group, every topic, and the object key of every long-running handler. Now it sees its groups (with
+    their topics) and the topics it may read; a key without a role, or an admin, sees everything."""
+    roles = """
+[security.roles.limited]
+groups = ["g"]
+subscribe = ["ok-*"]
+
+[security.roles.other]
+admin = true
+"""
+    groups = GROUPS + '\n[groups.h]\ntopics = ["secret"]\nplugins = []\n'
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited", "other"), roles=roles,
+                        groups=groups)
+    s.start_hub()
+    with s.client() as c:
+        for t in ("x", "secret", "ok-1"):
+            c.publish(t, {"a": 1})
+        full = c.status()
+    assert set(full["groups"]) == {"g", "h"} and {"x", "secret", "ok-1"} <= set(full["topics"])
+    with HubClient(cfg_for(client_config(s, d, "limited")), timeout=5) as c:
+        st = c.status()
+    assert set(st["groups"]) == {"g"}, st["groups"].keys()
+    assert set(st["topics"]) == {"x", "ok-1"}, st["topics"].keys()
+    with HubClient(cfg_for(client_config(s, d, "other")), timeout=5) as c:
+        assert set(c.status()["groups"]) == {"g", "h"}, "an admin sees every group"

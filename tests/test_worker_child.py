@@ -92,3 +92,40 @@ def test_the_hub_answers_a_bye_once_the_worker_is_gone(stack_factory: Any) -> No
         assert s.status()["groups"]["a"]["workers"] == 0  # answered once the worker was removed
     finally:
         d.close()
+
+
+def test_an_ack_too_large_for_one_message_is_split_and_the_hub_reads_every_part() -> None:
+    """Three events with 25 MB of follow-ons each, acked together, would be one 75 MB header that the hub refuses
+    whole (it reads at most 64 MiB), leaving all three in flight. Split, each part is read and every result is
+    in one of them."""
+    from bucketwire import protocol as P
+    from bucketwire.worker.child import ACK_MAX, ack_frames
+
+    pad = "x" * (25 << 20)
+    results = [{"t": "jobs", "s": s, "ok": True, "f": [{"specversion": "1.0", "id": f"f{s}", "source": "x",
+                                                        "type": "t", "topic": "follow", "data": pad}]}
+               for s in (1, 2, 3)]
+    frames = ack_frames("g", [("jobs", 4), ("jobs", 5)], results, True)
+    assert len(frames) > 1 and all(len(f) <= ACK_MAX for f in frames)
+    acks = [P.decode(f, P.Ack) for f in frames]
+    assert sorted(r.s for a in acks for r in a.results) == [1, 2, 3]
+    assert [rng for a in acks for rng in a.ranges()] == [("jobs", 4, 5)]
+
+
+def test_a_result_whose_follow_ons_cannot_be_encoded_fails_its_event_alone() -> None:
+    """The last resort behind ctx.publish's checks: an outcome the ACK cannot encode used to raise out of the
+    child's flush, killing it after its handlers ran (nothing charged, the batch delivered again for ever). It
+    becomes a failure of its own event; the other outcomes are acked as they were."""
+    from bucketwire import protocol as P
+    from bucketwire.worker.child import ack_frames
+
+    good = {"t": "jobs", "s": 2, "ok": True, "f": [{"specversion": "1.0", "id": "f", "source": "x", "type": "t",
+                                                     "topic": "follow", "data": {"n": 1}}]}
+    bad = {"t": "jobs", "s": 3, "ok": True, "f": [{"specversion": "1.0", "id": "g", "source": "x", "type": "t",
+                                                    "topic": "follow", "data": {"obj": object()}}]}
+    frames = ack_frames("g", [("jobs", 1)], [good, bad, {"t": "jobs", "s": 4, "ok": False, "error": "e"}], True)
+    results = {r.s: r for f in frames for r in P.decode(f, P.Ack).results}
+    assert results[2].ok and len(results[2].f) == 1
+    assert not results[3].ok and "cannot be sent to the hub" in (results[3].line or ""), results[3]
+    assert not results[4].ok
+    assert [rng for f in frames for rng in P.decode(f, P.Ack).ranges()] == [("jobs", 1, 1)]

@@ -93,3 +93,28 @@ def test_unknown_or_mistyped_header_fields_are_refused_with_the_field_named(stac
             assert needle in err and "\n" not in err, (frames, err)
     finally:
         d.close()
+
+
+def test_a_client_hears_the_hubs_refusal_instead_of_timing_out(stack_factory):
+    """The hub answers a request it cannot read with ERR; HubClient took only PUBNACK / fatal ERR as answers, so
+    a publish of more than one message may carry (here 72 MB), or a header the hub refuses, ended after the
+    timeout as 'no answer from the hub ...; is `bucketwire hub` running?', having sent the request again every
+    2 s meanwhile. Now the oversized request is refused before it is sent and the ERR is the answer."""
+    import uuid
+
+    import pytest
+
+    from bucketwire import Event
+    from bucketwire.client import HubRefused
+
+    s = stack_factory("")
+    s.start_hub()
+    big = [Event(id=uuid.uuid4().hex, source="urn:t", type="t", topic="big", data={"pad": "x" * 900_000})
+           for _ in range(80)]
+    with s.client(timeout=30) as c:
+        with pytest.raises(HubRefused, match="64 MiB"):
+            c.publish_events(big)
+        with pytest.raises(HubRefused, match="unknown field `form`"):
+            c.request(b"FETCH", {"topic": "x", "form": 5}, {b"EVENTS"})
+        assert c.publish("x", {"ok": 1})["seq"] == 1, "the client goes on"
+    assert "big" not in s.status()["topics"]

@@ -82,7 +82,8 @@ def hub(config_path: str | None) -> None:
 @click.option("--processes", "-n", type=click.IntRange(1, 512), help="Child processes (default: group's setting).")
 @click.option("--plugin", "-p", "local_plugins", multiple=True, help="Also load this module or .py file.")
 @click.option("--credit", type=click.IntRange(1, 10_000), help="Events in flight per child (default: group's).")
-@click.option("--drain-timeout", type=float, default=30.0, show_default=True, help="Seconds to finish on SIGTERM.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds to finish on SIGTERM.")
 @click.option("--metrics", expose_value=False, callback=lambda c, p, v: c.meta.__setitem__("bw_metrics", v),
               help="Serve the pool's Prometheus metrics on HOST:PORT (default: [groups.G] metrics).")
 @click.option("--start", type=click.Choice(["latest", "earliest"]),

@@ -56,6 +56,10 @@ class HubClient:
         self.sock: zmq.Socket[Any] | None = None
         security.check_key_files(cfg.security)  # a bad key file fails here, in one line
         self.keys = security.client_keys(cfg)  # None without CURVE
+        # With CURVE, a monitor on the socket sees a handshake the hub refused: the key, not the hub, is then
+        # what to fix, and the timeout's line says so (a refused key otherwise looks like a hub that is down).
+        self.mon: zmq.Socket[Any] | None = None
+        self.handshake_failed = 0  # the last zmq.EVENT_HANDSHAKE_FAILED_* seen, 0: none
 
     def _socket(self) -> zmq.Socket[Any]:
         if self.sock is None:
@@ -63,14 +67,34 @@ class HubClient:
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.IDENTITY, b"c-" + uuid.uuid4().bytes)
             security.apply_client(s, self.cfg, self.keys)
+            if self.keys is not None:
+                self.mon = s.get_monitor_socket(HANDSHAKE_FAILED)
             s.connect(self.endpoint)
             self.sock = s
         return self.sock
 
     def _reset(self) -> None:
         if self.sock is not None:
+            self._read_monitor()
+            if self.mon is not None:
+                self.sock.disable_monitor()
+                self.mon.close(0)
+                self.mon = None
             self.sock.close(0)
             self.sock = None
+
+    def _read_monitor(self) -> None:
+        while self.mon is not None and self.mon.poll(0):
+            self.handshake_failed = recv_monitor_message(self.mon)["event"]
+
+    def _unavailable(self) -> HubUnavailable:
+        self._read_monitor()
+        if self.handshake_failed:
+            return HubUnavailable(handshake_failure(self.cfg, self.endpoint, self.handshake_failed, "client"))
+        return HubUnavailable(
+            f"no answer from the hub at {self.endpoint} within {self.timeout:g}s; "
+            "is `bucketwire hub` running and is [client] work / [hub] work right?"
+        )
 
     def close(self) -> None:
         self._reset()
@@ -86,16 +110,20 @@ class HubClient:
         """Send and wait for the matching reply, re-sending on a new socket after each silent attempt."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         req = next(self._req)
-        hdr = {**hdr, "req": req}
+        frame = P.enc({**hdr, "req": req})
+        if len(frame) > P.MAX_HEADER:
+            raise HubRefused(f"request of {len(frame)} bytes is over the {P.MAX_HEADER >> 20} MiB one message to the "
+                             "hub may carry (the hub refuses it whole); send its events in several calls")
         while True:
             s = self._socket()
-            s.send_multipart([cmd, P.enc(hdr)])
+            s.send_multipart([cmd, frame])
             until = min(deadline, time.monotonic() + attempt_timeout)
             moved = False
             while not moved and (left := until - time.monotonic()) > 0:
                 if not s.poll(int(left * 1000) + 1):
                     continue
                 frames = s.recv_multipart()
+                self.handshake_failed = 0  # the hub answers: a refusal seen before (a key since added) is over
                 if len(frames) < 2:
                     continue
                 if frames[0] == P.ERR:
@@ -107,15 +135,16 @@ class HubClient:
                         moved = True
                     elif err.moved is not None:  # no hub dispatches it this moment: wait this attempt out
                         until = min(deadline, time.monotonic() + 0.2)
+                    elif not err.reready:
+                        # The hub could not read the request (a header it refuses): that is its answer. Waiting
+                        # on ended as 'no answer from the hub' after the timeout, the request sent again meanwhile.
+                        raise HubRefused(err.error or "refused")
                     continue
                 reply = P.header(frames[1])
                 if frames[0] in want and reply.get("req") == req:
                     return frames[0], reply, frames[2:]
             if time.monotonic() >= deadline:
-                raise HubUnavailable(
-                    f"no answer from the hub at {self.endpoint} within {self.timeout:g}s; "
-                    "is `bucketwire hub` running and is [client] work / [hub] work right?"
-                )
+                raise self._unavailable()
             if not moved:  # silent: the next hub of the list (the same one when there is only one)
                 self.move("")
 
@@ -166,6 +195,24 @@ class HubClient:
         _, st, _ = self.request(P.STATUS, {}, {P.STATUSR}, timeout)
         st.pop("req", None)
         return st
+
+
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+"""What a CURVE client hears when the hub refuses its key (AUTH: the ZAP handler said no) or cannot read its
+handshake (the others: mostly a server_public_key that is not the hub's)."""
+
+
+
+def handshake_failure(cfg: Config, endpoint: str, event: int, who: str) -> str:
+    """The line for a CURVE handshake the hub refused (`event`: a HANDSHAKE_FAILED monitor event)."""
+    sec = cfg.security
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"the hub at {endpoint} refused this {who}'s CURVE key ([security] client_secret_key "
+                f"{sec.client_secret_key}); copy its public key file into the hub's authorized_keys_dir (read "
+                "within reload_interval, at once on kill -HUP), or use a key that is there")
+    return (f"the CURVE handshake with the hub at {endpoint} failed; check that [security] server_public_key "
+            f"({sec.server_public_key}) is that hub's public key and that the hub runs with [security] curve = true")
 
 
 RECONNECT_MAX = 5.0

@@ -76,7 +76,7 @@ class HubConfig(Table):
     heartbeat_timeout: PositiveFloat = 5.0
     default_topic: str | None = None
     default_store: str | None = None
-    dead_letter: str = "dead-letter"
+    dead_letter: NonEmpty = "dead-letter"
     retention_days: PositiveFloat = 7.0
     retention_mb: PositiveFloat = 10240.0
     dispatch_batch: PositiveInt = 64
@@ -182,7 +182,7 @@ class Route(msgspec.Struct, forbid_unknown_fields=True):
 
 class TopicConfig(Table):
     max_attempts: PositiveInt = 5
-    dead_letter: str | None = None
+    dead_letter: NonEmpty | None = None
     backoff_base: PositiveFloat = 0.5
     backoff_max: PositiveFloat = 60.0
     handler_timeout: PositiveFloat | None = None  # None: the group's, else DEFAULT_HANDLER_TIMEOUT
@@ -350,6 +350,10 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
         why = _explain(e, prepared, ConfigFile, [])
         why = why.replace("__work_endpoints", "work").replace("__publish_endpoints", "publish")
         raise ConfigError(f"{file}: {why}") from None
+    for name, tc in f.topics.items():
+        if tc.dead_letter == name:  # the hub never dead-letters a failure into the topic it failed in
+            raise ConfigError(f"{file}: [topics.{name}] dead_letter: is the topic itself; its events would be dropped "
+                              "instead of dead-lettered after max_attempts; name another topic, or remove the key")
     _resolve_paths(f, path.parent if path else Path.cwd())
     hub = f.hub
     f.client.publish = f.client.publish or hub.publish.replace("0.0.0.0", "127.0.0.1")

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bucketwire.envelope import Event, envelope_bytes, follow_on_id, follow_on_source
+from bucketwire.envelope import EnvelopeError, Event, envelope_bytes, follow_on_id, follow_on_source, read_envelope
 
 if TYPE_CHECKING:
     import minio
@@ -39,8 +39,20 @@ class Retry(PluginError):
 
 
 class FollowOnTooLarge(ValueError):
-    """`ctx.publish` was given a follow-on larger than the hub accepts. Raised out of the handler, the event is
-    retried and dead-lettered as for any failure; a plugin may catch it and publish a reference instead."""
+    """`ctx.publish` was given a follow-on larger than the hub accepts, or one event's follow-ons together pass
+    FOLLOW_ONS_MAX. Raised out of the handler, the event is retried and dead-lettered as for any failure; a plugin
+    may catch it and publish a reference instead."""
+
+
+FOLLOW_ONS_MAX = 32 << 20
+"""Bytes of envelope all the follow-ons of one event may take together. They travel to the hub in the event's
+acknowledgement, one JSON header the hub reads up to 64 MiB; past that it refuses the whole message, and the
+event (with every other one acknowledged with it) would stay in flight for as long as its worker lives. Half of
+it, so one event's outcome always fits a message of its own."""
+
+
+def _checked(*fields: Any) -> None:
+    return None
 
 
 class Stores:
@@ -99,6 +111,10 @@ class Context:
     max_event_bytes: int | None = None
     """[hub] max_event_bytes: `publish` refuses a larger follow-on here, where the plugin can see why, rather
     than the hub dead-lettering it after the handler reported success."""
+    published_bytes: int = 0
+    """Bytes of envelope of `published`, held against FOLLOW_ONS_MAX."""
+    done: bool = False
+    """The handler this ctx was made for has returned: its event's outcome (and follow-ons) are on their way."""
 
     def store(self, name: str | None = None) -> minio.Minio:
         """A `minio.Minio` client for store `name`; by default the event's store, else the configured default."""
@@ -122,24 +138,45 @@ class Context:
         if not topic or not isinstance(topic, str):
             raise ValueError("publish needs a topic name")
         cause = self.event
-        cause_id = cause.id if cause else "startup"
+        # A follow-on travels with its event's ack: queued after the handler returned, or where there is no event
+        # (worker_startup/shutdown), nothing would ever send it.
+        if cause is None:
+            raise RuntimeError("ctx.publish() works only inside handle_event (a follow-on is committed with the ack "
+                               "of the event that caused it); publish other events with bucketwire.client.HubClient")
+        if self.done:
+            raise RuntimeError(f"ctx.publish() after handle_event returned for event {cause.id}: its ack has gone, so "
+                               "this follow-on would be lost; wait for your threads before the handler returns")
         ev = Event(
-            id=follow_on_id(cause_id, self.group, self.plugin, len(self.published), topic,
-                            cause.time if cause else None),
+            id=follow_on_id(cause.id, self.group, self.plugin, len(self.published), topic, cause.time),
             source=follow_on_source(self.group, self.plugin),
             type=type or f"bucketwire.{topic}",
             subject=subject,
             data=data,
             topic=topic,
-            causationid=cause.id if cause else None,
-            hops=(cause.hops + 1) if cause else 0,
+            causationid=cause.id,
+            hops=cause.hops + 1,
         )
+        # Checked here, as the hub will check it, so that a follow-on the hub would refuse fails this event in
+        # the plugin's own handler. Refused at the hub, it took the whole ACK it came in with it: its event and
+        # the innocent ones acked with it stayed in flight, neither retried nor dead-lettered.
+        try:
+            read_envelope(_checked, ev.to_dict())
+        except EnvelopeError as e:
+            raise ValueError(f"follow-on to topic {topic!r} would be refused by the hub: {e}") from None
+        n = envelope_bytes(ev, topic)
         limit = self.max_event_bytes
-        if limit is not None:
-            n = envelope_bytes(ev, topic)
-            if n > limit:
-                raise FollowOnTooLarge(f"follow-on to topic {topic!r} would be a {n}-byte envelope, over the hub's "
-                                    f"limit of {limit} bytes ([hub] max_event_bytes); put large data in the "
-                                    "object store and publish a reference to it")
+        if limit is not None and n > limit:
+            raise FollowOnTooLarge(f"follow-on to topic {topic!r} would be a {n}-byte envelope, over the hub's "
+                                   f"limit of {limit} bytes ([hub] max_event_bytes); put large data in the "
+                                   "object store and publish a reference to it")
+        if self.published_bytes + n > FOLLOW_ONS_MAX:
+            raise FollowOnTooLarge(too_many_follow_ons(len(self.published) + 1, self.published_bytes + n))
+        self.published_bytes += n
         self.published.append(ev)
         return ev
+
+
+def too_many_follow_ons(count: int, total: int) -> str:
+    return (f"the follow-ons of one event would take {total} bytes ({count} events), over the "
+            f"{FOLLOW_ONS_MAX >> 20} MiB that one acknowledgement to the hub carries; publish a reference (an "
+            "object listing the items) for a consumer to fan out, or publish them with HubClient.publish_events")

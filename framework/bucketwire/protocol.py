@@ -285,10 +285,33 @@ class GroupRm(Header):
 
 H = TypeVar("H", bound=msgspec.Struct)
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
-_encoder = msgspec.json.Encoder()
 
 
-def decode(frame: bytes, typ: type[H], max_len: int = 64 << 20) -> H:
+def _plain(obj: Any) -> Any:
+    """What msgspec does not encode but the envelope encoder (orjson) does, as its plain type: instances of
+    subclasses of str, int, float, list and dict (lxml's XPath strings, a plugin's own types) in follow-on data, which
+    `ctx.publish` accepted. The ACK carrying them could not be sent, and its child died after its handlers ran."""
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, list | tuple):
+        return list(obj)
+    if isinstance(obj, dict):
+        return dict(obj)
+    raise TypeError(f"Encoding objects of type {type(obj).__name__} is unsupported")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_plain)
+
+
+MAX_HEADER = 64 << 20
+"""The largest header frame the hub reads; it answers a larger one with ERR `header frame too large`."""
+
+
+def decode(frame: bytes, typ: type[H], max_len: int = MAX_HEADER) -> H:
     """The header frame as `typ`; ProtocolError (one line naming the command's field) if it does not fit."""
     if len(frame) > max_len:
         raise ProtocolError("header frame too large")
@@ -313,7 +336,7 @@ def decode(frame: bytes, typ: type[H], max_len: int = 64 << 20) -> H:
         raise ProtocolError(f"{typ.__name__.upper()} header: {e}") from None
 
 
-def header(frame: bytes, max_len: int = 64 << 20) -> dict[str, Any]:
+def header(frame: bytes, max_len: int = MAX_HEADER) -> dict[str, Any]:
     """A header whose shape another module owns (STATUSR, REPLAYR): any JSON object."""
     if len(frame) > max_len:
         raise ProtocolError("header frame too large")
@@ -335,4 +358,4 @@ def enc(obj: Any) -> bytes:
     try:
         return _encoder.encode(obj)
     except (TypeError, UnicodeEncodeError, OverflowError, msgspec.EncodeError):
-        return dumps(msgspec.to_builtins(obj))
+        return dumps(msgspec.to_builtins(obj, enc_hook=_plain))

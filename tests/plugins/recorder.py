@@ -3,12 +3,17 @@
 The event's data steers it: {"fail": N} raises on the first N attempts, {"permanent": true} raises
 PermanentError, {"sleep": S} sleeps, {"hold": PATH} waits until that file exists (at most 60 s: a test releases
 the handler when it has seen what it wanted while the handler ran), {"abort": true} kills the child with
-os.abort() (SIGABRT, as a crashing C extension would), {"follow": K} publishes K follow-ons to topic "follow",
-{"follow_bytes": N} one follow-on carrying N bytes of padding.
+os.abort() (SIGABRT, as a crashing C extension would), {"exit": N} ends it with os._exit(N), {"raise": NAME}
+raises the builtin BaseException NAME (SystemExit, KeyboardInterrupt, GeneratorExit), {"follow": K} publishes K
+follow-ons to topic "follow" (with {"follow_pad": N}: each with N bytes of padding), {"follow_kw": {...}} one
+follow-on published with those keyword arguments, {"follow_fsname": true} one carrying a file name that is not
+UTF-8, {"follow_strsub": true} one carrying instances of str and int subclasses, {"follow_bytes": N} one
+follow-on carrying N bytes of padding.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import time
@@ -34,6 +39,10 @@ def handle_event(event, ctx):
             f.write(f"{os.getpid()} {event.seq}\n")
     if d.get("abort"):
         os.abort()
+    if "exit" in d:
+        os._exit(d["exit"])
+    if d.get("raise"):
+        raise getattr(builtins, d["raise"])(2 if d["raise"] == "SystemExit" else "planned")
     if d.get("sleep"):
         time.sleep(d["sleep"])  # pacing: simulated handler work
     if d.get("hold"):
@@ -44,8 +53,15 @@ def handle_event(event, ctx):
         raise RuntimeError(f"planned failure {ctx.attempt}")
     if d.get("permanent"):
         raise PermanentError("planned permanent failure")
+    pad = {"pad": "x" * d["follow_pad"]} if d.get("follow_pad") else {}
     for i in range(d.get("follow", 0)):
-        ctx.publish("follow", {"n": i, "cause_seq": event.seq})
+        ctx.publish("follow", {"n": i, "cause_seq": event.seq, **pad})
+    if d.get("follow_kw"):
+        ctx.publish("follow", {"cause_seq": event.seq}, **d["follow_kw"])
+    if d.get("follow_strsub"):  # a str subclass, as lxml's XPath results are
+        ctx.publish("follow", {"name": type("Text", (str,), {})("caption"), "n": type("Num", (int,), {})(7)})
+    if d.get("follow_fsname"):  # a file name with a byte that is not UTF-8, as os.listdir() returns it
+        ctx.publish("follow", {"name": os.fsdecode(b"caf\xe9.jpg")})
     if d.get("follow_bytes"):
         ctx.publish("follow", {"pad": "x" * d["follow_bytes"]})
     line = json.dumps({"g": ctx.group, "pid": os.getpid(), "t": event.topic, "s": event.seq, "id": event.id,

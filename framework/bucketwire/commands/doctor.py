@@ -273,10 +273,7 @@ def check_topics(cfg: Config) -> list[Finding]:
         out.append(Finding("error", f"topic {t!r} gets routed events but no group consumes it",
                            f"add {t!r} to some [groups.NAME] topics (or fix the route's topic)"))
     dls = {cfg.dead_letter_for(t) for t in consumed | set(cfg.topics)}
-    for t, tc in sorted(cfg.topics.items()):
-        if tc.dead_letter == t:
-            out.append(Finding("error", f"[topics.{t}] dead_letter is the topic itself",
-                               "use a separate dead-letter topic, e.g. dead-letter"))
+    for t in sorted(cfg.topics):
         if t not in consumed and t not in routed and t not in dls:
             out.append(Finding("warn", f"[topics.{t}] is configured but no group consumes it and no route feeds it",
                                "remove the section or add the topic to a group"))

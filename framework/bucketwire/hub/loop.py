@@ -1004,7 +1004,7 @@ class Hub:
                 self._removed(rm.group)
         elif cmd == P.STATUS:
             req = P.decode(raw, P.Status).req
-            self.net.send([ident, P.STATUSR, P.enc({"req": req, **self.status(now)})])
+            self.net.send([ident, P.STATUSR, P.enc({"req": req, **self._visible(self.status(now))})])
         elif cmd == P.BYE:
             self._on_bye(ident, P.decode(raw, P.Bye))
         elif cmd == P.GONE:
@@ -1030,6 +1030,14 @@ class Hub:
             return
         if not topics and group not in self.groups and group not in self.wanted:
             raise P.ProtocolError(f"READY for unknown group {group!r} must name its topics")
+        why = self._topics_refused(group, topics)
+        if why is not None and group in self.cfg.groups:
+            log.warning("worker refused: its topics are not its group's", extra={"group": group, "error": why})
+            self.net.send([ident, P.ERR, P.enc(P.Err(fatal=True, error=why))])
+            return
+        if why is not None:
+            self.net.forbidden(ident, why)
+            return
         if self.ha is not None and group not in self.groups:
             self.wanted.setdefault(group, (list(topics), hdr.start))
             self._moved(ident, group, now)
@@ -1050,6 +1058,36 @@ class Hub:
             old.credit, old.topics, old.ranges = credit, frozenset(topics or g.topics), hdr.proto >= 2
             old.joined = hdr.proto >= 3
         self.metrics.workers.labels(group).set(len(g.workers))
+
+    def _visible(self, st: dict[str, Any]) -> dict[str, Any]:
+        """What of `status` the sender's key may see: with a role that is not admin, its groups (their topics,
+        workers and long-running handlers, which name object keys) and the topics it may read. Everything to a key
+        without a role, an admin, or any peer when CURVE is off."""
+        roles, user = self.net.roles, self.net.user
+        role = roles.roles.get(user) if user else None
+        if roles.admitted is None or (user in roles.admitted and (role is None or role.admin)):
+            return st
+        groups = {n: v for n, v in st["groups"].items() if roles.allows(user, "groups", n)}
+        mine = {t for v in groups.values() for t in v["topics"]}
+        return {**st, "groups": groups,
+                "topics": {t: v for t, v in st["topics"].items() if t in mine or roles.allows(user, "subscribe", t)}}
+
+    def _topics_refused(self, group: str, topics: list[str]) -> str | None:
+        """Why a READY may not name `topics` for `group`, or None. A READY's topics join its group for good (their
+        cursors are stored), and the group's workers then get their events: a group the hub's config defines
+        consumes its configured topics only, and a group it does not define only what the key may read."""
+        gc = self.cfg.groups.get(group)
+        if gc is not None:
+            extra = next((t for t in topics if t not in gc.topics), None)
+            if extra is not None:
+                return (f"group {group!r} consumes {gc.topics} in the hub's config, not {extra!r}; give "
+                        f"[groups.{group}] the same topics on the hub and on the worker hosts")
+            return None
+        denied = next((t for t in topics if not self.net.roles.allows(self.net.user, "subscribe", t)), None)
+        if denied is not None:
+            return (f"key {self.net.user!r} may not read topic {denied!r} ([security.roles] subscribe), so its "
+                    f"workers may not consume it in group {group!r}")
+        return None
 
     def _on_ack(self, ident: bytes, hdr: P.Ack, batch: Batch, now: float) -> None:
         g = self.groups.get(hdr.g)

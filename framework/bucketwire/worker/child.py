@@ -24,9 +24,11 @@ from typing import Any
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from bucketwire import protocol as P
 from bucketwire import security
+from bucketwire.client import HANDSHAKE_FAILED, handshake_failure
 from bucketwire.config import Config, ConfigError
 from bucketwire.context import Stores
 from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, parse_seq, read_envelope, seq_or_none
@@ -44,6 +46,8 @@ ACK_EVERY = 64
 """Within a long batch an ACK goes out after this many events or ACK_AFTER seconds, so the hub commits (and
 publishers see) early results without waiting for the batch's end."""
 ACK_AFTER = 0.005
+ACK_MAX = P.MAX_HEADER
+"""The largest header frame the hub reads; an ACK past it is refused whole."""
 BYE_WAITS = 2
 """A draining child waits this many heartbeat intervals for the hub to answer its BYE (a live hub turns its loop
 at least once an interval), then closes the connection anyway."""
@@ -80,6 +84,15 @@ class Plugins(plugin_loader.PluginRunner):
                          on_handled=(lambda name, dt, ok: handler_done(spec.group, name, dt, ok=ok))
                          if self.metered else None,
                          max_event_bytes=cfg.hub.max_event_bytes)
+        # A plugin the group names (or a group not in the config runs from --plugin) whose `topics` miss all of
+        # the group's would never be called: the group would ack every event with its work undone.
+        chosen, topics = (loaded.names, spec.topics) if gc is None else (gc.plugins or [], gc.topics)
+        for name in chosen:
+            want = self.topics.get(name)
+            if want is not None and not want & set(topics):
+                raise ConfigError(f"[plugins.{name}] topics = {sorted(want)}: none is a topic of group "
+                                  f"{spec.group!r} ({', '.join(topics)}), so the plugin would never be called "
+                                  f"there; correct the topic names, or take {name!r} out of the group's plugins")
 
     def lifecycle(self, hook: str) -> None:
         if hook == "worker_startup":
@@ -120,6 +133,7 @@ class Child:
         self.endpoints = cfg.client.work_endpoints
         self.endpoint = self.endpoints[0]
         self.move_to: tuple[str, float] | None = None
+        self.mon: zmq.Socket[bytes] | None = None  # with CURVE: sees the hub refuse our key (`_silent`)
         self.dealer = self._connect()
         now = time.monotonic()
         self.last_hub = self.last_sent = self.last_flush = now
@@ -133,6 +147,8 @@ class Child:
         d.setsockopt(zmq.SNDHWM, 100_000)
         d.setsockopt(zmq.RCVHWM, 100_000)
         security.apply_client(d, self.cfg, self.keys)
+        if self.keys is not None:
+            self.mon = d.get_monitor_socket(HANDSHAKE_FAILED)
         d.connect(self.endpoint)
         self.poller.register(d, zmq.POLLIN)
         self._send(d, [P.READY, self.ready])
@@ -168,7 +184,7 @@ class Child:
                     self._reconnect(self.move_to[0])
                     continue
                 if now - self.last_hub > timeout:
-                    log.warning("hub silent; reconnecting", extra={"endpoint": self.endpoint})
+                    self._silent()
                     self._reconnect(self._next_endpoint())
                     continue
                 if now - self.last_sent >= interval:
@@ -249,7 +265,8 @@ class Child:
 
     def _flush(self) -> None:
         if self.acks or self.oks:
-            self._send(self.dealer, [P.ACK, ack_frame(self.spec.group, self.oks, self.acks, self.ranges)])
+            for frame in ack_frames(self.spec.group, self.oks, self.acks, self.ranges):
+                self._send(self.dealer, [P.ACK, frame])
             self.acks.clear()  # encoded above; `_work` holds these lists
             self.oks.clear()
         self.last_flush = time.monotonic()
@@ -258,11 +275,26 @@ class Child:
         i = self.endpoints.index(self.endpoint) if self.endpoint in self.endpoints else -1
         return self.endpoints[(i + 1) % len(self.endpoints)]
 
+    def _silent(self) -> None:
+        """Say why the hub is silent when the handshake says it: a refused key is the operator's to fix, and
+        looks otherwise like a hub that is down."""
+        failed = 0
+        while self.mon is not None and self.mon.poll(0):
+            failed = recv_monitor_message(self.mon)["event"]
+        if failed:
+            log.error(handshake_failure(self.cfg, self.endpoint, failed, "worker"))
+        else:
+            log.warning("hub silent; reconnecting", extra={"endpoint": self.endpoint})
+
     def _reconnect(self, endpoint: str) -> None:
         """The hub went quiet (restart, network) or sent us to another: reconnect under a new identity. Events it
         delivered to the old one are redelivered by the hub, so none is held here."""
         self.endpoint, self.move_to = endpoint, None
         self.poller.unregister(self.dealer)
+        if self.mon is not None:
+            self.dealer.disable_monitor()
+            self.mon.close(0)
+            self.mon = None
         self.dealer.close(0)
         self.queue.clear()
         self.dealer = self._connect()
@@ -326,6 +358,9 @@ class Child:
         log.debug("the hub did not answer BYE in time")
 
     def close(self) -> None:
+        if self.mon is not None:
+            self.dealer.disable_monitor()
+            self.mon.close(0)
         self.dealer.close()  # LINGER: the last ACK and BYE still go out
         self.zctx.term()
 
@@ -336,6 +371,33 @@ class Child:
             if t is None:
                 t = self.timeouts[topic] = self.cfg.handler_timeout(self.spec.group, topic)
             self.slot.begin(topic, seq, t)
+
+
+def ack_frames(group: str, oks: list[tuple[str, int]], results: list[dict[str, Any]], ranges: bool) -> list[bytes]:
+    """The ACK headers for a batch: one, unless the follow-ons its results carry pass what the hub reads in one
+    (ACK_MAX); then the results are split over several. One event's follow-ons fit one (context.FOLLOW_ONS_MAX).
+
+    A result whose follow-ons cannot be encoded (`ctx.publish` checks them, so this is a last resort) becomes a
+    failure of its event: raised here, it would kill the child after its handlers ran, with no event charged,
+    and the batch would come back for ever."""
+    frame: bytes | None = None
+    try:
+        frame = ack_frame(group, oks, results, ranges)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as e:
+        if not results:
+            raise  # oks alone are (topic, seq) pairs: never
+        if len(results) == 1:
+            r = results[0]
+            line = f"follow-ons cannot be sent to the hub: {type(e).__name__}: {e}"[:1000]
+            log.error("handler's follow-ons cannot be encoded", extra={"topic": r.get("t"), "seq": r.get("s"),
+                                                                        "error": line})
+            return ack_frames(group, oks, [{"t": r.get("t"), "s": r.get("s"), "ok": False, "error": line,
+                                            "line": line, "permanent": False}], ranges)
+        # several results: split below until the one that fails is alone
+    if frame is not None and (len(frame) <= ACK_MAX or len(results) < 2):
+        return [frame]
+    half = len(results) // 2
+    return ack_frames(group, oks, results[:half], ranges) + ack_frames(group, [], results[half:], ranges)
 
 
 def ack_frame(group: str, oks: list[tuple[str, int]], results: list[dict[str, Any]], ranges: bool) -> bytes:

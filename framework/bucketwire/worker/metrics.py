@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from bucketwire.config import ConfigError
+
 log = logging.getLogger("bucketwire.worker")
 
 FLAG = "BUCKETWIRE_WORKER_METRICS"
@@ -108,8 +110,9 @@ class Supervisor:
 
     def __init__(self, addr: str, group: str, alive: Callable[[], int], restarts: Callable[[], int]) -> None:
         host, sep, port = addr.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"--metrics {addr!r} is not HOST:PORT; write it like 127.0.0.1:9101")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            # ConfigError: the CLI prints it as one line (a ValueError left a traceback)
+            raise ConfigError(f"--metrics {addr!r} is not HOST:PORT; write it like 127.0.0.1:9101")
         self.dir = tempfile.mkdtemp(prefix="bucketwire-worker-metrics-")
         os.environ[DIR] = self.dir
         os.environ[FLAG] = "1"

@@ -14,10 +14,12 @@ import difflib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,15 @@ import pluggy
 
 from bucketwire import hookspecs
 from bucketwire.config import ConfigError
-from bucketwire.context import Context, PermanentError, Retry, Stores
+from bucketwire.context import (
+    FOLLOW_ONS_MAX,
+    Context,
+    FollowOnTooLarge,
+    PermanentError,
+    Retry,
+    Stores,
+    too_many_follow_ons,
+)
 from bucketwire.envelope import Event
 
 ENTRY_POINT_GROUP = "bucketwire"
@@ -159,6 +169,10 @@ def check_hooks(loaded: Loaded) -> None:
                 raise ConfigError(f"plugin {name!r} implements {caller.name!r}, which is not a bucketwire hook; "
                                   f"{hint}") from None
         raise ConfigError(_validation_line(pending)) from None
+    for hook in hookspecs.HOOKS:
+        for i in getattr(pm.hook, hook).get_hookimpls():
+            if not _is_wrapper(i):
+                _check_runs(i, hook)
     for hook in PER_PLUGIN_HOOKS:
         impls = getattr(pm.hook, hook).get_hookimpls()
         wrapping = {i.plugin_name for i in impls if _is_wrapper(i)}
@@ -166,6 +180,21 @@ def check_hooks(loaded: Loaded) -> None:
             if not _is_wrapper(i) and i.plugin_name in wrapping:
                 raise ConfigError(f"plugin {i.plugin_name!r} both implements and wraps {hook!r}; move the wrapper "
                                   "into a plugin of its own")
+
+
+def _check_runs(impl: pluggy.HookImpl, hook: str) -> None:
+    """Refuse an implementation whose call returns without running its body: pluggy calls hooks and keeps what
+    they return, so an `async def` handle_event would hand back an un-awaited coroutine and every event would be
+    acked with its work never done (a generator's body, likewise, never runs)."""
+    fn = impl.function
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigError(f"plugin {impl.plugin_name!r}: {hook} is a coroutine function (async def); bucketwire "
+                          "calls hooks synchronously and would never run it; make it a plain def (call "
+                          "asyncio.run() inside for async code)")
+    if inspect.isgeneratorfunction(fn):
+        raise ConfigError(f"plugin {impl.plugin_name!r}: {hook} is a generator function (it yields); bucketwire "
+                          "calls hooks and does not iterate what they return, so it would never run; return "
+                          "instead of yielding, or mark a wrapper @hookimpl(wrapper=True)")
 
 
 def load(
@@ -291,7 +320,9 @@ def enable_tracing(pm: pluggy.PluginManager) -> Callable[[], None]:
         if wrappers:
             extra["wrappers"] = ",".join(wrappers)
         if exc is not None:
-            extra["error"] = f"{type(exc).__name__}: {exc}"[:200]
+            # traceback's formatting survives an exception whose str() fails; an f-string raised out of this
+            # monitor, and the plugin's exception was replaced by that error
+            extra["error"] = traceback.format_exception_only(type(exc), exc)[-1].strip()[:200]
         trace_log.info("hook call", extra=extra)
 
     return pm.add_hookcall_monitoring(before, after)
@@ -368,6 +399,7 @@ class PluginRunner:
     def run(self, event: Event, attempt: int) -> list[Event]:
         """Each plugin's `handle_event` in turn; their follow-ons, or `HandlerFailed` naming the failing plugin."""
         out: list[Event] = []
+        size = 0
         report = self.on_handled
         group, stores, limit, topic = self.group, self.stores, self.max_event_bytes, event.topic
         for name, caller, want, settings, logger, state in self._handle:
@@ -375,19 +407,29 @@ class PluginRunner:
                 continue
             # Positional: the hot path's one allocation per plugin, a third cheaper than by keyword.
             ctx = Context(name, group, settings, stores, logger, event, attempt, [], state, limit)
+            # BaseException: a handler's sys.exit(), KeyboardInterrupt or GeneratorExit is its event's failure,
+            # like any exception. Left to end the child, it cost the child's other events a redelivery, and a
+            # sys.exit(2) read as the exit code of a configuration error stopped the whole pool. (A stop signal
+            # raises nothing here: the child turns SIGTERM/SIGINT into a flag.)
             if report is None:
                 try:
                     caller(event=event, ctx=ctx)
-                except Exception as e:
+                except BaseException as e:
+                    ctx.done = True
                     raise HandlerFailed(name, e) from e
             else:
                 t0 = time.perf_counter()
                 try:
                     caller(event=event, ctx=ctx)
-                except Exception as e:
+                except BaseException as e:
+                    ctx.done = True
                     report(name, time.perf_counter() - t0, False)
                     raise HandlerFailed(name, e) from e
                 report(name, time.perf_counter() - t0, True)
+            ctx.done = True  # a publish from now on (a thread the handler left running) raises, not vanishes
             if ctx.published:
                 out.extend(ctx.published)
+                size += ctx.published_bytes  # every plugin's follow-ons go in the one ACK result of this event
+                if size > FOLLOW_ONS_MAX:
+                    raise HandlerFailed(name, FollowOnTooLarge(too_many_follow_ons(len(out), size)))
         return out

@@ -228,7 +228,11 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                 p.join()
                 if stop.is_set():
                     break
-                if p.exitcode == 2:
+                running = slots[slot].read()
+                # Exit code 2 is a child's configuration error (plugin settings, a hub that refused the worker for
+                # good), said before or between events. A handler that ends its process with that code
+                # (os._exit(2)) is a crash of its event, charged like any other, not a reason to stop the pool.
+                if p.exitcode == 2 and running is None and slot not in timed_out:
                     log.error("worker child exited with a configuration error; stopping the pool")
                     stop.set()
                     code = 2
@@ -238,7 +242,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                     report(slot, r, f"handler timed out after {r.timeout:g} s (handler_timeout)")
                     delay = 0.0
                 else:
-                    report(slot, slots[slot].read(), death_reason(p.exitcode))
+                    report(slot, running, death_reason(p.exitcode))
                     hist = [t for t in restarts.get(slot, []) if time.monotonic() - t < 60] + [time.monotonic()]
                     restarts[slot] = hist
                     delay = min(restart_backoff[1], restart_backoff[0] * 2 ** (len(hist) - 1))
