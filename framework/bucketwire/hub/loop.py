@@ -144,6 +144,9 @@ class StreamWait:
     events: list[NewEvent]
     cb: Callable[[list[Appended] | None, str | None], None]
     deadline: float
+    staged: bool = False
+    """Its events are ones `_stage` built (a `dlq retry`): the commit they join must let groups look for the
+    steering mark (see `Hub._staged`)."""
 
 
 class Hub:
@@ -827,20 +830,29 @@ class Hub:
             else:
                 done([IngestResult(r.id, r.topic, r.seq, r.duplicate, r.unrouted) for r in results], None)
 
-        # Once per request, a set test: with JetStream, a request naming a topic without its stream waits for it,
-        # and so does one naming a topic an earlier waiting request names (a topic's events commit in the order
-        # the hub read them: a DELETE sent after a PUT of the same object is never handled first).
-        if self.ha is not None and passed and (
-                not self.ha.stream_ready(passed) or (self._stream_waits and self._behind_waits(passed))):
-            self._wait_for_streams(passed, staged, cb, source == "zmq")
+        self._join(passed, staged, cb, batch, replies, source == "zmq")
+
+    def _join(self, topics: set[str], events: list[NewEvent], cb: Callable[[list[Appended] | None, str | None], None],
+              batch: Batch, replies: list[Reply], client: bool = False, staged: bool = False) -> None:
+        """Put one request's `events` (of `topics`) in this turn's commit, `cb` answering it; every request the
+        hub answers after its commit comes here (publishes, webhooks, `dlq retry`/`purge`). `client`: a ZeroMQ
+        request (see `_wait_for_streams`); `staged`: its events are ones `_stage` built.
+
+        Once per request, a set test: with JetStream, a request naming a topic without its stream waits for it,
+        and so does one naming a topic an earlier waiting request names (a topic's events commit in the order the
+        hub read them: a DELETE sent after a PUT of the same object is never handled first)."""
+        if self.ha is not None and topics and (
+                not self.ha.stream_ready(topics) or (self._stream_waits and self._behind_waits(topics))):
+            self._wait_for_streams(topics, events, cb, client, staged)
             return
         lo = len(batch.events)
-        batch.events.extend(staged)
+        batch.events.extend(events)
         replies.append((cb, lo, len(batch.events)))
 
     # -- new topics' streams (JetStream journal) -------------------------------------------------------------
     def _wait_for_streams(self, topics: set[str], events: list[NewEvent],
-                          cb: Callable[[list[Appended] | None, str | None], None], client: bool = False) -> None:
+                          cb: Callable[[list[Appended] | None, str | None], None], client: bool = False,
+                          staged: bool = False) -> None:
         """Keep a request whose topics include one without its stream out of the commit while the journal creates
         the stream on its own thread. Creating it can take up to request_timeout (a cluster without a meta leader,
         a new stream electing its leader while a node is down); in the commit, every other topic's events, the
@@ -856,7 +868,7 @@ class Hub:
             budget = min(budget, P.ATTEMPT_TIMEOUT)
         deadline = time.monotonic() + max(budget - STREAM_WAIT_MARGIN, budget / 2)
         missing = {t for t in topics if not self.ha.stream_ready({t})}
-        self._stream_waits.append(StreamWait(missing, set(topics), events, cb, deadline))
+        self._stream_waits.append(StreamWait(missing, set(topics), events, cb, deadline, staged))
         if missing:
             self.ha.create_streams(missing, deadline, self.wake)
 
@@ -871,6 +883,8 @@ class Hub:
         held: set[str] = set()  # the topics of the requests that still wait
         for w in self._stream_waits:
             if self.ha.stream_ready(w.topics) and held.isdisjoint(w.names):
+                if w.staged:
+                    self._staged = True
                 lo = len(batch.events)
                 batch.events.extend(w.events)
                 replies.append((w.cb, lo, len(batch.events)))
@@ -992,7 +1006,11 @@ class Hub:
                 return
             self.ops.on_replay(ident, rp)
         elif cmd == P.DLQ:
-            self.ops.on_dlq(ident, P.decode(raw, P.Dlq), batch, replies)
+            # A retry's marker topic (`<dead-letter topic>.handled`) may have no stream yet: it waits like a publish
+            # (an operator's command, re-sent by its client after P.ATTEMPT_TIMEOUT of silence).
+            self.ops.on_dlq(ident, P.decode(raw, P.Dlq),
+                            lambda events, cb: self._join({ne.topic for ne in events}, events, cb, batch, replies,
+                                                          client=True, staged=True))
         elif cmd == P.GROUPRM:
             rm = P.decode(raw, P.GroupRm)
             if self.ha is not None and rm.group not in self.groups and rm.group in self.wanted:
