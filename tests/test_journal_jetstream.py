@@ -576,3 +576,41 @@ def test_the_size_is_read_off_the_loop_and_a_cluster_without_meta_leader_does_no
     finally:
         j.close()
     cluster.wait_ready()
+
+
+def test_a_read_that_a_frozen_replica_takes_is_asked_again(cluster: NatsCluster) -> None:
+    """Reads (a group catching up, `fetch`, `dlq retry` reading its dead letter) are direct gets, which any replica
+    of the stream may answer. One sent to a frozen replica was never answered: the hub's loop waited
+    request_timeout and the read failed. It is asked again after a quarter of request_timeout, and another replica
+    answers. BUCKETWIRE_READ_ROUNDS reads (12 by default: each goes to the frozen one at about 1 in 3)."""
+    import signal
+
+    leader = next(str(m.get("leader")) for n in cluster.nodes
+                  if isinstance(m := n.jsz().get("meta_cluster"), dict) and m.get("leader"))
+    frozen = next(k for k, n in enumerate(cluster.nodes) if n.name != leader)
+    s = JetStreamSettings(servers=[n.url for k, n in enumerate(cluster.nodes) if k != frozen], replicas=3,
+                          prefix="t11", request_timeout=2)
+    j = JetStreamJournal(s, "hubA")
+    try:
+        j.commit(Batch(events=[_ev("r", "s", f"e{i}") for i in range(3)]))
+        others = [n.name for k, n in enumerate(cluster.nodes) if k != frozen]
+        if _stream_leader_of(j, "r") not in others:
+            _lead_on(cluster, j._stream("r"), others[0])
+        proc = cluster.nodes[frozen].proc
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(int(os.environ.get("BUCKETWIRE_READ_ROUNDS", "12"))):
+                assert [seq for seq, _, _ in j.read("r", 2, 10)] == [2, 3]
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
+    finally:
+        j.close()
+    cluster.wait_ready()
+
+
+def _stream_leader_of(j: JetStreamJournal, topic: str) -> str:
+    async def leader() -> str:
+        return str((await j.js.stream_info(j._stream(topic))).cluster.leader)
+
+    return j._run(leader())

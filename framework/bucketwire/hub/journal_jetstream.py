@@ -59,6 +59,9 @@ WRONG_LAST_SEQUENCE = 10071
 """JetStream's error code for a publish whose expected last sequence did not match."""
 IN_PROCESS = "duplicate message id is in process"
 READ_BATCH = 1000
+READ_HEDGE = 0.2
+"""Seconds a read waits for an answer before it sends its request again (see `_read_rows`): a replica answers a
+direct get in milliseconds, and one that is frozen never does."""
 FEED_POLL = 1.0
 """Seconds between polls of the topic streams' heads: how late, at worst, an event another hub committed (and
 whose notice was lost) reaches this hub's subscribers and dispatch."""
@@ -1102,7 +1105,34 @@ class JetStreamJournal:
 
     async def _read_rows(self, topic: str, where: dict[str, Any], limit: int
                          ) -> list[tuple[int, str, str | None, bytes]]:
-        """Batched direct get: up to `limit` stored messages in one request, answered by any replica."""
+        """Batched direct get: up to `limit` stored messages in one request, answered by any replica.
+
+        A request that goes to a replica that does not answer (frozen, or dying) is never answered, and waiting
+        for it held the hub's loop (a group catching up, `fetch`, `dlq retry`) for request_timeout, then failed.
+        So the request is sent again every READ_HEDGE seconds while none is answered, each a new chance that a
+        live replica takes it; the first whole answer is used, up to request_timeout."""
+        loop = asyncio.get_running_loop()
+        rt = self.settings.request_timeout
+        deadline = loop.time() + rt
+        tries: set[asyncio.Task[list[tuple[int, str, str | None, bytes]] | None]] = set()
+        try:
+            while (left := deadline - loop.time()) > 0:
+                tries.add(loop.create_task(self._direct_get(topic, where, limit, left)))
+                done, tries = await asyncio.wait(tries, timeout=min(READ_HEDGE, left),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    rows = task.result()
+                    if rows is not None:
+                        return rows
+        finally:
+            for task in tries:
+                task.cancel()
+        raise JetStreamError(f"topic {topic!r}: no replica answered a read within {rt:g} s; is a quorum of the "
+                             "NATS cluster up?")
+
+    async def _direct_get(self, topic: str, where: dict[str, Any], limit: int, timeout: float
+                          ) -> list[tuple[int, str, str | None, bytes]] | None:
+        """One batched direct get; None when it was not answered whole within `timeout`."""
         out: list[tuple[int, str, str | None, bytes]] = []
         done = asyncio.Event()
         inbox = self.nc.new_inbox()
@@ -1118,7 +1148,9 @@ class JetStreamJournal:
         try:
             req = dict(where, batch=max(1, min(limit, READ_BATCH)))
             await self.nc.publish(f"$JS.API.DIRECT.GET.{self._stream(topic)}", json.dumps(req).encode(), reply=inbox)
-            await asyncio.wait_for(done.wait(), self.settings.request_timeout)
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError:
+            return None
         finally:
             await sub.unsubscribe()
         return out
