@@ -324,3 +324,97 @@ def test_a_dlq_retry_whose_marker_topic_has_no_stream_does_not_hold_other_topics
     finally:
         s.stop()
 
+
+def _lead_on(cluster: NatsCluster, stream: str, node: int) -> None:
+    """Move `stream`'s leadership to `node` (a stepdown naming it as preferred, asked again until it holds)."""
+    name = cluster.nodes[node].name
+    ask = json.dumps({"placement": {"preferred": name}}).encode()
+
+    def there() -> bool:
+        if _stream_leader(cluster, stream) == name:
+            return True
+        _js(cluster, f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", ask)
+        return False
+
+    wait_for(there, 60, f"{stream} led by {name}")
+
+
+def _status(sock: Any, req: int) -> dict[str, Any]:
+    """A STATUS request's answer, which must come within one attempt of a client (P.ATTEMPT_TIMEOUT: after that
+    it sends again on a new socket, and a later answer reaches nobody)."""
+    from bucketwire import protocol as P
+
+    sock.send_multipart([P.STATUS, P.enc({"req": req})])
+    assert sock.poll(int(P.ATTEMPT_TIMEOUT * 1000)), "status was not answered within one client attempt"
+    cmd, body = sock.recv_multipart()[:2]
+    assert cmd == P.STATUSR, cmd
+    doc: dict[str, Any] = json.loads(body)
+    assert doc["req"] == req, doc
+    return doc
+
+
+def test_status_never_waits_for_the_lease_bucket(cluster: NatsCluster, tmp_path: Path) -> None:
+    """`status` says which hub dispatches each group, read from the lease bucket, and the hub renews its leases
+    there. Both ran on the loop: with the bucket's stream leader frozen each status, and each lease round (a
+    quarter of request_timeout per group), held every topic. Both run on the client's thread now: status answers
+    at once with the last reading and how old it is, and a topic's publishes are answered and its events delivered
+    meanwhile, each within one client attempt."""
+    import time
+
+    import zmq
+
+    from bucketwire import protocol as P
+
+    frozen = (_meta_leader(cluster) + 1) % len(cluster.nodes)  # not the meta leader: only the lease bucket's
+    # A lease that outlives the window below (dispatch goes on: delivery shows the loop turning), renewed every
+    # 3 s, each renewal round asking for 4 groups' leases.
+    lease_ttl = 9.0
+    groups = "".join(f'[groups.{g}]\ntopics = ["flow"]\nplugins = []\n\n' for g in ("sg", "sg2", "sg3", "sg4"))
+    s = _stack(cluster, tmp_path, frozen, groups, lease_ttl=lease_ttl, prefix="ntl")
+    try:
+        s.start_hub()
+        s.start_worker("sg", 1)
+        with s.client(10) as c:
+            assert c.publish("flow", {"n": 0})["seq"] == 1
+        wait_for(lambda: any(h["t"] == "flow" for h in s.handled()), 20, "the first event handled")
+        others = [k for k in range(len(cluster.nodes)) if k != frozen]
+        for stream in ("ntl_ev_flow", "KV_ntl_cursors"):
+            if _stream_leader(cluster, stream) == cluster.nodes[frozen].name:
+                _lead_on(cluster, stream, others[0])
+        _lead_on(cluster, "KV_ntl_leases", frozen)
+        assert _hub_node(cluster) != frozen
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{s.work_port}")
+        st = _status(sock, 1)
+        assert st["dispatch"]["sg"]["leader"] == s.cfg.hub.id and st["hub"]["leases_age"] is not None, st
+        pid = cluster.nodes[frozen].proc.pid  # type: ignore[union-attr]
+        os.killpg(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            ages: list[float] = []
+            n = 1
+            # Until status has said its reading is stale, and for longer than a lease round's interval: not a
+            # timing assertion, the window that holds one round (a new leader is elected 4 s or more after the
+            # freeze, and the lease stays valid 7 s after its last renewal).
+            while max(ages, default=0.0) < 2.0 or time.monotonic() - frozen_at < lease_ttl / 3 + 0.5:
+                n += 2
+                assert n < 1000, ages
+                st = _status(sock, n)
+                assert st["dispatch"]["sg"] == {"leader": s.cfg.hub.id, "endpoint": s.cfg.hub.advertise,
+                                                "role": "dispatching"}, st
+                ages.append(st["hub"]["leases_age"])
+                _pub(sock, n + 1, [("flow", f"e{n}")])
+                assert sock.poll(int(P.ATTEMPT_TIMEOUT * 1000)), "a publish was not answered within one attempt"
+                cmd, doc = _reply(sock)
+                assert (cmd, doc["req"]) == (P.PUBACK, n + 1), (cmd, doc)
+                seq = doc["results"][0]["seq"]
+                wait_for(lambda seq=seq: any(h["t"] == "flow" and h["s"] == seq for h in s.handled()), 10,
+                         f"event {seq} handled")
+        finally:
+            os.killpg(pid, signal.SIGCONT)
+        sock.close()
+        cluster.wait_ready()
+        wait_for(lambda: s.status()["hub"]["leases_age"] < 2.0, 30, "a fresh reading of the leases")
+    finally:
+        s.stop()

@@ -370,6 +370,7 @@ class JetStreamJournal:
         self._due: dict[str, dict[tuple[str, int], float]] = {}  # group -> (topic, seq) -> unix time retry is due
         self._leases: dict[str, tuple[int, float]] = {}  # group -> (revision, valid until, monotonic)
         self._next_lease_round = 0.0
+        self._leasing: asyncio.Task[None] | None = None  # a lease round on the client's thread (see lead)
         # This hub's presence key: one running hub per `[hub] id` (see _claim_id).
         self._presence_key = f"h.{token(hub_id)}"
         self._presence_value = json.dumps({"hub": hub_id, "work": advertise, "host": socket.gethostname(),
@@ -392,6 +393,11 @@ class JetStreamJournal:
         # The topic streams' bytes as of the last listing (see size_bytes), and whether one is under way.
         self._size = 0
         self._sizing = False
+        # Who holds each dispatch lease as of the last reading (see read_lease_holders), when that answer came
+        # (monotonic; None before the first), and whether a reading is under way.
+        self._holders: dict[str, tuple[str, str]] = {}
+        self._holders_at: float | None = None
+        self._reading_holders = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bucketwire-jetstream", daemon=True)
         self._thread.start()
@@ -1283,9 +1289,13 @@ class JetStreamJournal:
             self._id_clash = True
 
     # -- dispatch leadership -------------------------------------------------------------------------------
-    def lead(self, groups: Iterable[str], now: float) -> set[str]:
+    def lead(self, groups: Iterable[str], now: float, wait: bool = True) -> set[str]:
         """The groups this hub may dispatch right now; takes free leases and renews held ones every third of
-        `lease_ttl`.
+        `lease_ttl`. `wait=False` (the hub's loop) runs the round on the client's thread and answers from the
+        rounds that came back: a round asks the lease bucket's stream leader, and while that does not answer
+        (frozen, or dead and no new leader yet) a round on the loop held every topic for a quarter of
+        request_timeout per group (up to lease_ttl / 2), every third of lease_ttl. The loop is woken when a
+        round ends.
 
         A lease is a KV entry that expires `lease_ttl` after its last write. It is taken with "create" (refused
         while another hub's entry lives) and renewed with an update that names the revision this hub last wrote,
@@ -1294,16 +1304,38 @@ class JetStreamJournal:
         standby can take it, even when it cannot reach the cluster to hear that it lost.
         """
         wanted = list(groups)
-        if now >= self._next_lease_round:
+        if now >= self._next_lease_round and self._leasing is None:
             self._next_lease_round = now + self.settings.lease_ttl / 3
-            try:
-                self._run(self._lease_round(wanted, now), self.settings.lease_ttl / 2)
-            except JetStreamError as e:
-                log.warning("cannot renew dispatch leases", extra={"error": str(e)})
+            if wait:
+                try:
+                    self._run(self._lease_round(wanted, now), self.settings.lease_ttl / 2)
+                except JetStreamError as e:
+                    log.warning("cannot renew dispatch leases", extra={"error": str(e)})
+            else:
+                self._loop.call_soon_threadsafe(self._start_lease_round, wanted, now)
         margin = self.settings.lease_ttl / 5
         if self._id_clash:
             return set()
-        return {g for g in wanted if g in self._leases and now < self._leases[g][1] - margin}
+        # Read while a round on the client's thread may change `_leases`: one lookup per group, each atomic.
+        return {g for g in wanted if (lease := self._leases.get(g)) is not None and now < lease[1] - margin}
+
+    def _start_lease_round(self, groups: list[str], sent: float) -> None:
+        """On the client's thread: one lease round, bounded like `lead`'s own; see `lead`. `sent` is the loop's
+        time before the round was asked for: a lease counts from no later than its renewal was sent."""
+        async def round_() -> None:
+            try:
+                await asyncio.wait_for(self._lease_round(groups, sent), self.settings.lease_ttl / 2)
+            except Exception as e:  # noqa: BLE001 - the next round tries again; the leases expire by the clock
+                log.warning("cannot renew dispatch leases", extra={"error": f"{type(e).__name__}: {e}".rstrip(": ")})
+            finally:
+                self._leasing = None
+                if self._wake is not None:
+                    self._wake()
+
+        task = asyncio.get_running_loop().create_task(round_())
+        self._leasing = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _lease_round(self, groups: list[str], sent: float) -> None:
         presence = asyncio.ensure_future(self._renew_presence())  # alongside the leases: one round trip for all
@@ -1353,6 +1385,8 @@ class JetStreamJournal:
     def release(self, groups: Iterable[str]) -> None:
         """Give leases back at a clean stop, so a standby takes over at once instead of after `lease_ttl`."""
         async def drop() -> None:
+            if self._leasing is not None:  # a round under way would renew what is given back: it ends first
+                await asyncio.wait([self._leasing], timeout=self.settings.lease_ttl / 2)
             kv = await self.js.key_value(self._kv_leases)
             for g in list(groups):
                 if g in self._leases:
@@ -1372,18 +1406,45 @@ class JetStreamJournal:
         return {g: v[0] for g, v in self.lease_holders().items()}
 
     def lease_holders(self) -> dict[str, tuple[str, str]]:
-        """group -> (hub id, its advertised work endpoint) of every live lease."""
-        async def read() -> dict[str, tuple[str, str]]:
-            out: dict[str, tuple[str, str]] = {}
-            for k, (value, _) in (await self._latest(self._kv_leases, "g.>")).items():
-                try:
-                    doc = json.loads(value)
-                    out[untoken(k[2:])] = (str(doc["hub"]), str(doc.get("work", "")))
-                except (ValueError, KeyError, TypeError):  # a bare hub name
-                    out[untoken(k[2:])] = (value.decode(errors="replace"), "")
-            return out
+        """group -> (hub id, its advertised work endpoint) of every live lease, read now (the caller waits up to
+        request_timeout: the hub's loop uses `read_lease_holders` instead)."""
+        return self._run(self._read_holders())
 
-        return self._run(read())
+    async def _read_holders(self) -> dict[str, tuple[str, str]]:
+        out: dict[str, tuple[str, str]] = {}
+        for k, (value, _) in (await self._latest(self._kv_leases, "g.>")).items():
+            try:
+                doc = json.loads(value)
+                out[untoken(k[2:])] = (str(doc["hub"]), str(doc.get("work", "")))
+            except (ValueError, KeyError, TypeError):  # a bare hub name
+                out[untoken(k[2:])] = (value.decode(errors="replace"), "")
+        return out
+
+    def read_lease_holders(self) -> None:
+        """Start reading who holds each lease on the client's thread, unless a reading is under way; its answer
+        is `lease_holders_seen`'s.
+
+        The hub's loop asks for it for `status` and to send a worker to the dispatching hub. The reading is a
+        request to the lease bucket's stream leader: while it does not answer (frozen, or dead and a new leader
+        not yet elected) a reading on the loop held every topic's publishes and acks for up to request_timeout
+        each time."""
+        if not self._reading_holders:
+            self._reading_holders = True
+            self._loop.call_soon_threadsafe(lambda: self._spawn(self._refresh_holders()))
+
+    async def _refresh_holders(self) -> None:
+        try:
+            self._holders = await self._read_holders()
+            self._holders_at = time.monotonic()
+        except Exception as e:  # noqa: BLE001 - the bucket does not answer now: the next reading asks again
+            log.debug("cannot read dispatch leases", extra={"error": str(e)})
+        finally:
+            self._reading_holders = False
+
+    def lease_holders_seen(self) -> tuple[dict[str, tuple[str, str]], float | None]:
+        """(group -> (hub id, endpoint) as of the last reading that answered, when it answered (monotonic; None:
+        none has yet)): what `read_lease_holders` last learnt, never waited for."""
+        return self._holders, self._holders_at
 
     # -- what other hubs commit ------------------------------------------------------------------------------
     def _notice_subject(self, topic: str) -> str:
@@ -1408,6 +1469,10 @@ class JetStreamJournal:
         await self.nc.subscribe("$JS.EVENT.ADVISORY.STREAM.CREATED.*", cb=self._on_created)
         await self.nc.subscribe(f"{self.prefix}.fed.*", cb=self._on_notice)
         heads = await self._stream_heads()
+        try:  # once before the loop starts, so its first `status` names the dispatchers; never holds the start
+            await asyncio.wait_for(self._refresh_holders(), self.settings.request_timeout / 4)
+        except TimeoutError:
+            log.debug("cannot read dispatch leases yet")
         self._following = True
         for topic, last in heads.items():
             self._streams.add(topic)

@@ -161,8 +161,7 @@ class Hub:
         self.ha: JetStreamJournal | None = self.journal if isinstance(self.journal, JetStreamJournal) else None
         self.max_event, self.event_room = event_limits(cfg, self.journal)
         self.wanted: dict[str, tuple[list[str], str]] = {}
-        self._holders: dict[str, tuple[str, str]] = {}
-        self._holders_at = -1e9
+        self._holders_at = -1e9  # when the loop last asked for a reading of the leases (see dispatchers)
         self.router = Router(cfg.routes, cfg.hub.default_topic)
         self.groups: dict[str, GroupState] = {}
         self.workers: dict[bytes, WorkerState] = {}
@@ -1366,7 +1365,7 @@ class Hub:
         """Take or renew the leases of the groups this hub wants (a no-op between lease rounds); start dispatching
         the groups gained, stop dispatching the groups lost."""
         assert self.ha is not None
-        held = self.ha.lead(sorted(set(self.wanted) | set(self.groups)), now)
+        held = self.ha.lead(sorted(set(self.wanted) | set(self.groups)), now, wait=False)
         for name in sorted(held - set(self.groups)):
             self._gain(name)
         for name in sorted(set(self.groups) - held):
@@ -1415,16 +1414,26 @@ class Hub:
             self.metrics.leading.remove(name)
 
     def dispatchers(self, now: float) -> dict[str, tuple[str, str]]:
-        """group -> (hub id, work endpoint) of each group's dispatcher, read again at most once a second."""
+        """group -> (hub id, work endpoint) of each group's dispatcher: this hub for the groups it dispatches, for
+        the others what the last reading of the leases said (see `leases_age`). A new reading is started at most
+        once a second, off the loop, and never waited for."""
+        me = (self.cfg.hub.id, self.cfg.hub.advertise)
         if self.ha is None:
-            return {name: (self.cfg.hub.id, self.cfg.hub.advertise) for name in self.groups}
+            return {name: me for name in self.groups}
         if now - self._holders_at >= 1.0:
             self._holders_at = now
-            try:
-                self._holders = self.ha.lease_holders()
-            except JournalError as e:
-                log.debug("cannot read dispatch leases", extra={"error": str(e)})
-        return self._holders
+            self.ha.read_lease_holders()
+        seen, _ = self.ha.lease_holders_seen()
+        # A reading that still names this hub for a group it stopped dispatching is older than that loss.
+        out = {name: h for name, h in seen.items() if h[0] != me[0]}
+        out.update((name, me) for name in self.groups)
+        return out
+
+    def leases_age(self, now: float) -> float | None:
+        """Seconds since the reading of the leases that `dispatchers` answers with came (None: none has yet)."""
+        assert self.ha is not None
+        _, at = self.ha.lease_holders_seen()
+        return None if at is None else max(0.0, now - at)
 
     def _moved(self, ident: bytes, group: str, now: float) -> None:
         holder = self.dispatchers(now).get(group)
@@ -1457,15 +1466,18 @@ class Hub:
                 "oldest_unacked_age": round(g.oldest_unacked_age(now), 3),
                 "long_running": long_running(g, now),
             }
+        hub: dict[str, Any] = {"uptime": round(time.time() - self.started, 3), "journal_ok": self.write_error is None,
+                               "durability": self.cfg.hub.durability, "id": self.cfg.hub.id,
+                               "backend": self.cfg.journal.backend}
         st = {
-            "hub": {"uptime": round(time.time() - self.started, 3), "journal_ok": self.write_error is None,
-                    "durability": self.cfg.hub.durability, "id": self.cfg.hub.id,
-                    "backend": self.cfg.journal.backend},
+            "hub": hub,
             "topics": {t: {"head": h} for t, h in sorted(heads.items())},
             "groups": groups,
         }
         if self.ha is not None:
             holders = self.dispatchers(now)
+            age = self.leases_age(now)
+            hub["leases_age"] = None if age is None else round(age, 3)
             st["dispatch"] = {name: {"leader": holders.get(name, ("", ""))[0] or None,
                                      "endpoint": holders.get(name, ("", ""))[1] or None,
                                      "role": "dispatching" if name in self.groups else "standby"}
