@@ -779,16 +779,19 @@ class JetStreamJournal:
             why = self._stream_failed.get(topic)
             raise JetStreamError(why[0] if why else f"the stream of topic {topic!r} was not created")
 
-    async def _head(self, topic: str) -> int:
-        """The stream's last seq, asked of its leader; retried while the stream elects one (a failover)."""
+    async def _head(self, topic: str, deadline: float | None = None) -> int:
+        """The stream's last seq, asked of its leader; retried while the stream elects one (a failover), until
+        `deadline` (the event loop's time; default request_timeout from now)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout
+        if deadline is None:
+            deadline = loop.time() + self.settings.request_timeout
         while True:
             try:
-                info = await self.js.stream_info(self._stream(topic))
+                info = await asyncio.wait_for(self.js.stream_info(self._stream(topic)),
+                                              max(0.01, deadline - loop.time()))
                 return int(info.state.last_seq)
             except Exception as e:
-                if loop.time() > deadline:
+                if loop.time() >= deadline:
                     raise JetStreamError(f"stream for topic {topic!r} unavailable ({e}); is a quorum of the NATS "
                                          "cluster up?") from None
                 await asyncio.sleep(0.05)  # pacing: waiting for the stream's leader
@@ -803,7 +806,9 @@ class JetStreamJournal:
             # request_timeout with the hub's loop blocked meanwhile.
             raise JetStreamError(f"not connected to NATS ({', '.join(self.settings.servers)}); "
                                  "is a quorum of the cluster up?")
-        return self._run(self._commit(batch), self.settings.request_timeout * 2)
+        # The hub's loop waits here, every topic with it: request_timeout in all, however many rounds the appends
+        # take (a stream without a leader answers nothing: its appends, then its head, each waited up to that).
+        return self._run(self._commit(batch), self.settings.request_timeout)
 
     async def _commit(self, batch: Batch) -> list[Appended]:
         chains: dict[str, _Chain] = {}
@@ -838,7 +843,9 @@ class JetStreamJournal:
         todo = list(chain.events)
         seen: dict[str, Appended] = {}
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout
+        # A little before `commit`'s own limit, so a chain that cannot be stored fails with what went wrong.
+        rt = self.settings.request_timeout
+        deadline = loop.time() + rt * 0.95
         while True:
             head = self.heads.get(chain.topic, 0)
             sent: list[tuple[int, NewEvent, int, bytes, str]] = []
@@ -865,8 +872,13 @@ class JetStreamJournal:
                 sent.append((i, ev, seq, body, mid))
                 expect = seq
             # No flush (PING/PONG) first: the answers themselves say the publishes arrived.
-            docs = await self._replies.answers(await self._replies.send_many(self._subject(chain.topic), items),
-                                               self.settings.request_timeout / 4)
+            futs = await self._replies.send_many(self._subject(chain.topic), items)
+            try:
+                docs = await self._replies.answers(futs, max(0.01, min(rt / 4, deadline - loop.time())))
+            finally:  # also when the commit is given up (cancelled) while it waits
+                for f in futs:
+                    if not f.done():
+                        self._late(chain.topic, f)
             retry: list[tuple[int, NewEvent]] = later
             unavailable = False
             for (i, ev, _seq, body, mid), doc in zip(sent, docs, strict=True):
@@ -895,11 +907,30 @@ class JetStreamJournal:
             todo = sorted(x for x in retry if x[0] not in chain.done)
             if unavailable:
                 await asyncio.sleep(0.05)  # pacing: a stream leader election takes a moment
-            if loop.time() > deadline:
+            if loop.time() >= deadline:
                 break
-            self.heads[chain.topic] = await self._head(chain.topic)
-        raise JetStreamError(f"topic {chain.topic!r}: could not append within {self.settings.request_timeout:.0f} s "
-                             "(other hubs kept appending first, or the stream had no leader); is a quorum up?")
+            self.heads[chain.topic] = await self._head(chain.topic, deadline)
+        raise JetStreamError(f"topic {chain.topic!r}: could not append within {rt:g} s (other hubs kept appending "
+                             "first, or the stream had no leader); is a quorum up?")
+
+    def _late(self, topic: str, fut: asyncio.Future[dict[str, Any]]) -> None:
+        """An append nobody waits for any more (its commit gave up, or sent it again) may still be stored when the
+        stream's leader answers: then this hub's head moves to it, so the groups read the event from the journal
+        (a commit that failed is not offered), and the next commit expects the right last seq."""
+        def settle(f: asyncio.Future[dict[str, Any]]) -> None:
+            if f.cancelled():
+                return
+            doc = f.result()
+            if doc.get("error") is not None or "seq" not in doc:
+                return
+            seq, duplicate = int(doc["seq"]), bool(doc.get("duplicate"))
+            if not duplicate and seq > self.heads.get(topic, 0):
+                self.heads[topic] = seq
+                if self._wake is not None:
+                    self._wake()
+            self._own(topic, seq, duplicate)
+
+        fut.add_done_callback(settle)
 
     def _cursor_key(self, group: str, topic: str) -> str:
         return f"c.{token(group)}.{token(topic)}"
