@@ -792,7 +792,8 @@ class JetStreamJournal:
                 return int(info.state.last_seq)
             except Exception as e:
                 if loop.time() >= deadline:
-                    raise JetStreamError(f"stream for topic {topic!r} unavailable ({e}); is a quorum of the NATS "
+                    why = str(e) or "no answer from its leader"  # a wait_for timeout says nothing itself
+                    raise JetStreamError(f"stream for topic {topic!r} unavailable ({why}); is a quorum of the NATS "
                                          "cluster up?") from None
                 await asyncio.sleep(0.05)  # pacing: waiting for the stream's leader
 
