@@ -122,15 +122,22 @@ class _Raw:
         return int(head.split(b" ", 2)[1]), json.loads(body)
 
 
+def _stack(cluster: NatsCluster, tmp_path: Path, avoid: int, extra: str = "", lease_ttl: float = 3.0,
+           prefix: str = PREFIX) -> BackendStack:
+    """A stack whose hub connects to the cluster's nodes other than `avoid` (not started). A `lease_ttl` of its own
+    needs a `prefix` of its own: the lease bucket's TTL is its config."""
+    servers = ", ".join(f'"{n.url}"' for k, n in enumerate(cluster.nodes) if k != avoid)
+    everyone = ", ".join(f'"{u}"' for u in cluster.urls)
+    table = journal_table(cluster, prefix, lease_ttl).replace(f"servers = [{everyone}]", f"servers = [{servers}]")
+    assert f"servers = [{servers}]" in table
+    return BackendStack(tmp_path, extra, backend="jetstream", journal=table + f"request_timeout = {TIMEOUT}\n")
+
+
 @pytest.fixture
 def stack(cluster: NatsCluster, tmp_path: Path) -> Iterator[tuple[BackendStack, int]]:
     """A hub connected to the cluster's nodes other than the meta leader, and that node's index."""
     meta = _meta_leader(cluster)
-    servers = ", ".join(f'"{n.url}"' for k, n in enumerate(cluster.nodes) if k != meta)
-    everyone = ", ".join(f'"{u}"' for u in cluster.urls)
-    table = journal_table(cluster, PREFIX).replace(f"servers = [{everyone}]", f"servers = [{servers}]")
-    assert f"servers = [{servers}]" in table
-    s = BackendStack(tmp_path, backend="jetstream", journal=table + f"request_timeout = {TIMEOUT}\n")
+    s = _stack(cluster, tmp_path, meta)
     s.start_hub()
     yield s, meta
     s.stop()
@@ -251,3 +258,163 @@ def test_a_request_behind_one_waiting_for_a_stream_keeps_its_topics_order(cluste
         old_put = next(r["seq"] for r in first[1]["results"] if r["topic"] == "ord_a")
         old_delete = second[1]["results"][0]["seq"]
         assert old_put < old_delete, (first, second)
+
+
+def _dlq(sock: Any, req: int, items: list[dict[str, Any]]) -> None:
+    from bucketwire import protocol as P
+
+    sock.send_multipart([P.DLQ, P.enc({"req": req, "action": "retry", "items": items, "by": "test"})])
+
+
+def test_a_dlq_retry_whose_marker_topic_has_no_stream_does_not_hold_other_topics(cluster: NatsCluster,
+                                                                                tmp_path: Path) -> None:
+    """`dlq retry` commits the retried event with a marker on `<dead-letter topic>.handled`, a topic whose stream
+    the first retry creates. It used to be created inside the loop's commit: with the meta leader frozen every
+    other topic waited up to request_timeout, and the failed commit refused the requests behind it. It waits off
+    the loop now, like a publish: a later publish to another topic is committed and delivered meanwhile, and the
+    retry is answered with its commit, or refused naming the stream (and then stored by a later retry)."""
+    import zmq
+
+    from bucketwire import protocol as P
+
+    meta = _meta_leader(cluster)
+    s = _stack(cluster, tmp_path, meta, '[topics.dj]\nmax_attempts = 1\ndead_letter = "dj-dead"\n\n'
+                                        '[groups.g]\ntopics = ["dj", "dold"]\nplugins = []\n')
+    try:
+        s.start_hub()
+        s.start_worker("g", 1)
+        with s.client(10) as c:
+            assert c.publish("dj", {"permanent": True})["seq"] == 1
+            wait_for(lambda: s.status()["groups"]["g"]["dead_lettered"] == 1, 20, "the event dead-lettered")
+            assert c.publish("dold", {"n": 1})["seq"] == 1
+        wait_for(lambda: any(h["t"] == "dold" for h in s.handled()), 20, "the first event of 'dold' handled")
+        assert _hub_node(cluster) != meta
+        _meta_leader_serving_only_creation(cluster, meta, [f"{PREFIX}_ev_dj", f"{PREFIX}_ev_dold",
+                                                           f"{PREFIX}_ev_dj-dead", f"KV_{PREFIX}_leases",
+                                                           f"KV_{PREFIX}_cursors"])
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{s.work_port}")
+        pid = cluster.nodes[meta].proc.pid  # type: ignore[union-attr]
+        os.killpg(pid, signal.SIGSTOP)
+        try:
+            _dlq(sock, 1, [{"topic": "dj-dead", "seq": 1}])  # its marker's topic has no stream yet
+            with s.client(10) as c:  # read after it: committed, and delivered, while the retry waits
+                assert c.publish("dold", {"n": 2})["seq"] == 2
+            wait_for(lambda: any(h["t"] == "dold" and h["s"] == 2 for h in s.handled()), 10,
+                     "the later event of 'dold' handled")
+            early = _reply(sock) if sock.poll(0) else None
+        finally:
+            os.killpg(pid, signal.SIGCONT)
+        assert early is None, f"the dlq retry was answered before a later publish to another topic was handled: {early}"
+        cmd, doc = _reply(sock)
+        sock.close()
+        assert cmd == P.DLQR, (cmd, doc)
+        cluster.wait_ready()
+        if doc.get("error"):  # refused, naming the stream it waited for; nothing of it was stored
+            assert f"{PREFIX}_ev___" in doc["error"] and "'dj-dead.handled'" in doc["error"], doc
+            with s.client(10) as c:
+                _, doc, _ = c.request(P.DLQ, {"action": "retry", "items": [{"topic": "dj-dead",
+                                                                                       "seq": 1}], "by": "test"},
+                                      {P.DLQR})
+        assert [r.get("error") for r in doc["results"]] == [None], doc
+        assert not doc["results"][0].get("duplicate"), doc  # handled now, not before
+        # The retried event reaches group g (and fails again: a second dead letter).
+        wait_for(lambda: s.status()["groups"]["g"]["dead_lettered"] == 2, 20, "the retried event delivered")
+    finally:
+        s.stop()
+
+
+def _lead_on(cluster: NatsCluster, stream: str, node: int) -> None:
+    """Move `stream`'s leadership to `node` (a stepdown naming it as preferred, asked again until it holds)."""
+    name = cluster.nodes[node].name
+    ask = json.dumps({"placement": {"preferred": name}}).encode()
+
+    def there() -> bool:
+        if _stream_leader(cluster, stream) == name:
+            return True
+        _js(cluster, f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", ask)
+        return False
+
+    wait_for(there, 60, f"{stream} led by {name}")
+
+
+def _status(sock: Any, req: int) -> dict[str, Any]:
+    """A STATUS request's answer, which must come within one attempt of a client (P.ATTEMPT_TIMEOUT: after that
+    it sends again on a new socket, and a later answer reaches nobody)."""
+    from bucketwire import protocol as P
+
+    sock.send_multipart([P.STATUS, P.enc({"req": req})])
+    assert sock.poll(int(P.ATTEMPT_TIMEOUT * 1000)), "status was not answered within one client attempt"
+    cmd, body = sock.recv_multipart()[:2]
+    assert cmd == P.STATUSR, cmd
+    doc: dict[str, Any] = json.loads(body)
+    assert doc["req"] == req, doc
+    return doc
+
+
+def test_status_never_waits_for_the_lease_bucket(cluster: NatsCluster, tmp_path: Path) -> None:
+    """`status` says which hub dispatches each group, read from the lease bucket, and the hub renews its leases
+    there. Both ran on the loop: with the bucket's stream leader frozen each status, and each lease round (a
+    quarter of request_timeout per group), held every topic. Both run on the client's thread now: status answers
+    at once with the last reading and how old it is, and a topic's publishes are answered and its events delivered
+    meanwhile, each within one client attempt."""
+    import time
+
+    import zmq
+
+    from bucketwire import protocol as P
+
+    frozen = (_meta_leader(cluster) + 1) % len(cluster.nodes)  # not the meta leader: only the lease bucket's
+    # A lease that outlives the window below (dispatch goes on: delivery shows the loop turning), renewed every
+    # 3 s, each renewal round asking for 4 groups' leases.
+    lease_ttl = 9.0
+    groups = "".join(f'[groups.{g}]\ntopics = ["flow"]\nplugins = []\n\n' for g in ("sg", "sg2", "sg3", "sg4"))
+    s = _stack(cluster, tmp_path, frozen, groups, lease_ttl=lease_ttl, prefix="ntl")
+    try:
+        s.start_hub()
+        s.start_worker("sg", 1)
+        with s.client(10) as c:
+            assert c.publish("flow", {"n": 0})["seq"] == 1
+        wait_for(lambda: any(h["t"] == "flow" for h in s.handled()), 20, "the first event handled")
+        others = [k for k in range(len(cluster.nodes)) if k != frozen]
+        for stream in ("ntl_ev_flow", "KV_ntl_cursors"):
+            if _stream_leader(cluster, stream) == cluster.nodes[frozen].name:
+                _lead_on(cluster, stream, others[0])
+        _lead_on(cluster, "KV_ntl_leases", frozen)
+        assert _hub_node(cluster) != frozen
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{s.work_port}")
+        st = _status(sock, 1)
+        assert st["dispatch"]["sg"]["leader"] == s.cfg.hub.id and st["hub"]["leases_age"] is not None, st
+        pid = cluster.nodes[frozen].proc.pid  # type: ignore[union-attr]
+        os.killpg(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            ages: list[float] = []
+            n = 1
+            # Until status has said its reading is stale, and for longer than a lease round's interval: not a
+            # timing assertion, the window that holds one round (a new leader is elected 4 s or more after the
+            # freeze, and the lease stays valid 7 s after its last renewal).
+            while max(ages, default=0.0) < 2.0 or time.monotonic() - frozen_at < lease_ttl / 3 + 0.5:
+                n += 2
+                assert n < 1000, ages
+                st = _status(sock, n)
+                assert st["dispatch"]["sg"] == {"leader": s.cfg.hub.id, "endpoint": s.cfg.hub.advertise,
+                                                "role": "dispatching"}, st
+                ages.append(st["hub"]["leases_age"])
+                _pub(sock, n + 1, [("flow", f"e{n}")])
+                assert sock.poll(int(P.ATTEMPT_TIMEOUT * 1000)), "a publish was not answered within one attempt"
+                cmd, doc = _reply(sock)
+                assert (cmd, doc["req"]) == (P.PUBACK, n + 1), (cmd, doc)
+                seq = doc["results"][0]["seq"]
+                wait_for(lambda seq=seq: any(h["t"] == "flow" and h["s"] == seq for h in s.handled()), 10,
+                         f"event {seq} handled")
+        finally:
+            os.killpg(pid, signal.SIGCONT)
+        sock.close()
+        cluster.wait_ready()
+        wait_for(lambda: s.status()["hub"]["leases_age"] < 2.0, 30, "a fresh reading of the leases")
+    finally:
+        s.stop()

@@ -576,3 +576,91 @@ def test_the_size_is_read_off_the_loop_and_a_cluster_without_meta_leader_does_no
     finally:
         j.close()
     cluster.wait_ready()
+
+
+def test_a_commit_whose_stream_leader_does_not_answer_gives_up_within_request_timeout(cluster: NatsCluster) -> None:
+    """The hub's loop waits for each commit. With a topic stream's leader frozen nobody answers its appends, and a
+    commit waited for an answer, then for the stream's head, each up to request_timeout: every topic waited as
+    long. It gives up within request_timeout in all now. What it sent may still be stored when the leader
+    resumes: the journal learns that seq from the late answer (the head moves, so the groups read the event),
+    and the same event sent again is answered as a duplicate of it."""
+    import signal
+    import time
+
+    leader = next(str(m.get("leader")) for n in cluster.nodes
+                  if isinstance(m := n.jsz().get("meta_cluster"), dict) and m.get("leader"))
+    frozen = next(k for k, n in enumerate(cluster.nodes) if n.name != leader)  # the stream's leader only
+    rt = 4.0
+    s = JetStreamSettings(servers=[n.url for k, n in enumerate(cluster.nodes) if k != frozen], replicas=3,
+                          prefix="t10", request_timeout=rt)
+    j = JetStreamJournal(s, "hubA")
+    try:
+        assert [a.seq for a in j.commit(Batch(events=[_ev("slow", "s", "e1")]))] == [1]
+        _lead_on(cluster, j._stream("slow"), cluster.nodes[frozen].name)
+        proc = cluster.nodes[frozen].proc
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(JetStreamError) as err:
+                j.commit(Batch(events=[_ev("slow", "s", "e2")]))
+            waited = time.monotonic() - t0
+            assert "\n" not in str(err.value)
+            # The bound the hub's loop relies on, not a speed: before, the commit waited for the append's answer
+            # (request_timeout / 4), then up to request_timeout for the stream's head, and longer.
+            assert waited < rt + 0.5, waited
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
+        cluster.wait_ready()
+        stored = wait_for(lambda: _last_seq(j, "slow"), 30, "the stream's leader answering again")
+        if stored == 2:  # the resumed leader stored e2: the journal hears it from the late answer, not a commit
+            wait_for(lambda: j.heads["slow"] == 2, 15, "the head of the late-stored event")
+        again = j.commit(Batch(events=[_ev("slow", "s", "e2")]))
+        assert [(a.seq, a.duplicate) for a in again] == [(2, stored == 2)], (stored, again)
+    finally:
+        j.close()
+
+
+def _last_seq(j: JetStreamJournal, topic: str) -> int | None:
+    try:
+        return j._run(j._bounds(topic))[1]
+    except JetStreamError:
+        return None
+
+
+def test_a_read_that_a_frozen_replica_takes_is_asked_again(cluster: NatsCluster) -> None:
+    """Reads (a group catching up, `fetch`, `dlq retry` reading its dead letter) are direct gets, which any replica
+    of the stream may answer. One sent to a frozen replica was never answered: the hub's loop waited
+    request_timeout and the read failed. It is asked again after a quarter of request_timeout, and another replica
+    answers. BUCKETWIRE_READ_ROUNDS reads (12 by default: each goes to the frozen one at about 1 in 3)."""
+    import signal
+
+    leader = next(str(m.get("leader")) for n in cluster.nodes
+                  if isinstance(m := n.jsz().get("meta_cluster"), dict) and m.get("leader"))
+    frozen = next(k for k, n in enumerate(cluster.nodes) if n.name != leader)
+    s = JetStreamSettings(servers=[n.url for k, n in enumerate(cluster.nodes) if k != frozen], replicas=3,
+                          prefix="t11", request_timeout=2)
+    j = JetStreamJournal(s, "hubA")
+    try:
+        j.commit(Batch(events=[_ev("r", "s", f"e{i}") for i in range(3)]))
+        others = [n.name for k, n in enumerate(cluster.nodes) if k != frozen]
+        if _stream_leader_of(j, "r") not in others:
+            _lead_on(cluster, j._stream("r"), others[0])
+        proc = cluster.nodes[frozen].proc
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(int(os.environ.get("BUCKETWIRE_READ_ROUNDS", "12"))):
+                assert [seq for seq, _, _ in j.read("r", 2, 10)] == [2, 3]
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
+    finally:
+        j.close()
+    cluster.wait_ready()
+
+
+def _stream_leader_of(j: JetStreamJournal, topic: str) -> str:
+    async def leader() -> str:
+        return str((await j.js.stream_info(j._stream(topic))).cluster.leader)
+
+    return j._run(leader())

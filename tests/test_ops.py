@@ -364,3 +364,18 @@ def test_status_text_names_each_groups_dispatcher_on_a_standby() -> None:
     assert re.search(r"^g\s+hubA\s+tcp://10\.0\.0\.1:5556\s+standby$", text, re.M), text
     assert re.search(r"^h\s+nobody \(lease free\)\s+-\s+standby$", text, re.M), text
     assert "DISPATCHED-BY" not in render_status({"hub": {}, "groups": {}, "topics": {}})
+
+
+def test_status_text_says_how_old_its_reading_of_the_leases_is() -> None:
+    """The hub reads the leases every second off its loop and answers status with the last reading: the text says
+    when that reading is stale (the lease bucket does not answer), and `unknown` before the first one."""
+    from bucketwire.commands.ops import render_status
+
+    def text(age: float | None) -> str:
+        return render_status({"hub": {"id": "hubB", "backend": "jetstream", "leases_age": age}, "groups": {},
+                              "topics": {}, "dispatch": {"h": {"leader": None, "endpoint": None, "role": "standby"}}})
+
+    assert "leases as read" not in text(0.4) and re.search(r"^h\s+nobody \(lease free\)", text(0.4), re.M)
+    stale = text(12.5)
+    assert "this hub: hubB; other hubs' leases as read 12s ago (the NATS lease bucket does not answer now)" in stale
+    assert re.search(r"^h\s+unknown \(leases not read yet\)\s+-\s+standby$", text(None), re.M), text(None)

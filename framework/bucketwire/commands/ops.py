@@ -92,6 +92,10 @@ def _event_time(iso: str | None) -> float | None:
         return None
 
 
+LEASES_STALE = 3.0
+"""Seconds after which `status` says the leases it shows are old: the hub reads them every second."""
+
+
 def fmt_age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -149,11 +153,16 @@ def render_status(st: dict[str, Any]) -> str:
     # say who has the others: where their workers go and which hub's status and logs to read.
     dispatch = st.get("dispatch") or {}
     if dispatch:
+        # The other hubs' leases are as the hub last read them (off its loop, every second): None = not yet.
+        age = h.get("leases_age", 0.0)
+        nobody = "unknown (leases not read yet)" if age is None else "nobody (lease free)"
         drows: list[tuple[str, ...]] = [("GROUP", "DISPATCHED-BY", "ENDPOINT", "THIS-HUB")]
         for g, d in sorted(dispatch.items()):
-            drows.append((g, d.get("leader") or "nobody (lease free)", d.get("endpoint") or "-",
+            drows.append((g, d.get("leader") or nobody, d.get("endpoint") or "-",
                           "dispatching" if d.get("role") == "dispatching" else "standby"))
-        lines += [f"this hub: {h.get('id', '?')}", table(drows), ""]
+        note = (f"; other hubs' leases as read {fmt_age(age)} ago (the NATS lease bucket does not answer now)"
+                if age is not None and age >= LEASES_STALE else "")
+        lines += [f"this hub: {h.get('id', '?')}{note}", table(drows), ""]
     trows: list[tuple[str, ...]] = [("TOPIC", "HEAD", "RATE/S", "CONSUMED-BY")]
     for t, ts in sorted(st.get("topics", {}).items()):
         trows.append((t, str(ts["head"]), f"{ts.get('rate', 0.0):.1f}", ",".join(consumers.get(t, [])) or "-"))

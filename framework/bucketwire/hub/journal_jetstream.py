@@ -59,6 +59,9 @@ WRONG_LAST_SEQUENCE = 10071
 """JetStream's error code for a publish whose expected last sequence did not match."""
 IN_PROCESS = "duplicate message id is in process"
 READ_BATCH = 1000
+READ_HEDGE = 0.2
+"""Seconds a read waits for an answer before it sends its request again (see `_read_rows`): a replica answers a
+direct get in milliseconds, and one that is frozen never does."""
 FEED_POLL = 1.0
 """Seconds between polls of the topic streams' heads: how late, at worst, an event another hub committed (and
 whose notice was lost) reaches this hub's subscribers and dispatch."""
@@ -367,6 +370,7 @@ class JetStreamJournal:
         self._due: dict[str, dict[tuple[str, int], float]] = {}  # group -> (topic, seq) -> unix time retry is due
         self._leases: dict[str, tuple[int, float]] = {}  # group -> (revision, valid until, monotonic)
         self._next_lease_round = 0.0
+        self._leasing: asyncio.Task[None] | None = None  # a lease round on the client's thread (see lead)
         # This hub's presence key: one running hub per `[hub] id` (see _claim_id).
         self._presence_key = f"h.{token(hub_id)}"
         self._presence_value = json.dumps({"hub": hub_id, "work": advertise, "host": socket.gethostname(),
@@ -389,6 +393,11 @@ class JetStreamJournal:
         # The topic streams' bytes as of the last listing (see size_bytes), and whether one is under way.
         self._size = 0
         self._sizing = False
+        # Who holds each dispatch lease as of the last reading (see read_lease_holders), when that answer came
+        # (monotonic; None before the first), and whether a reading is under way.
+        self._holders: dict[str, tuple[str, str]] = {}
+        self._holders_at: float | None = None
+        self._reading_holders = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bucketwire-jetstream", daemon=True)
         self._thread.start()
@@ -770,17 +779,21 @@ class JetStreamJournal:
             why = self._stream_failed.get(topic)
             raise JetStreamError(why[0] if why else f"the stream of topic {topic!r} was not created")
 
-    async def _head(self, topic: str) -> int:
-        """The stream's last seq, asked of its leader; retried while the stream elects one (a failover)."""
+    async def _head(self, topic: str, deadline: float | None = None) -> int:
+        """The stream's last seq, asked of its leader; retried while the stream elects one (a failover), until
+        `deadline` (the event loop's time; default request_timeout from now)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout
+        if deadline is None:
+            deadline = loop.time() + self.settings.request_timeout
         while True:
             try:
-                info = await self.js.stream_info(self._stream(topic))
+                info = await asyncio.wait_for(self.js.stream_info(self._stream(topic)),
+                                              max(0.01, deadline - loop.time()))
                 return int(info.state.last_seq)
             except Exception as e:
-                if loop.time() > deadline:
-                    raise JetStreamError(f"stream for topic {topic!r} unavailable ({e}); is a quorum of the NATS "
+                if loop.time() >= deadline:
+                    why = str(e) or "no answer from its leader"  # a wait_for timeout says nothing itself
+                    raise JetStreamError(f"stream for topic {topic!r} unavailable ({why}); is a quorum of the NATS "
                                          "cluster up?") from None
                 await asyncio.sleep(0.05)  # pacing: waiting for the stream's leader
 
@@ -794,7 +807,9 @@ class JetStreamJournal:
             # request_timeout with the hub's loop blocked meanwhile.
             raise JetStreamError(f"not connected to NATS ({', '.join(self.settings.servers)}); "
                                  "is a quorum of the cluster up?")
-        return self._run(self._commit(batch), self.settings.request_timeout * 2)
+        # The hub's loop waits here, every topic with it: request_timeout in all, however many rounds the appends
+        # take (a stream without a leader answers nothing: its appends, then its head, each waited up to that).
+        return self._run(self._commit(batch), self.settings.request_timeout)
 
     async def _commit(self, batch: Batch) -> list[Appended]:
         chains: dict[str, _Chain] = {}
@@ -829,7 +844,9 @@ class JetStreamJournal:
         todo = list(chain.events)
         seen: dict[str, Appended] = {}
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout
+        # A little before `commit`'s own limit, so a chain that cannot be stored fails with what went wrong.
+        rt = self.settings.request_timeout
+        deadline = loop.time() + rt * 0.95
         while True:
             head = self.heads.get(chain.topic, 0)
             sent: list[tuple[int, NewEvent, int, bytes, str]] = []
@@ -856,8 +873,13 @@ class JetStreamJournal:
                 sent.append((i, ev, seq, body, mid))
                 expect = seq
             # No flush (PING/PONG) first: the answers themselves say the publishes arrived.
-            docs = await self._replies.answers(await self._replies.send_many(self._subject(chain.topic), items),
-                                               self.settings.request_timeout / 4)
+            futs = await self._replies.send_many(self._subject(chain.topic), items)
+            try:
+                docs = await self._replies.answers(futs, max(0.01, min(rt / 4, deadline - loop.time())))
+            finally:  # also when the commit is given up (cancelled) while it waits
+                for f in futs:
+                    if not f.done():
+                        self._late(chain.topic, f)
             retry: list[tuple[int, NewEvent]] = later
             unavailable = False
             for (i, ev, _seq, body, mid), doc in zip(sent, docs, strict=True):
@@ -886,11 +908,30 @@ class JetStreamJournal:
             todo = sorted(x for x in retry if x[0] not in chain.done)
             if unavailable:
                 await asyncio.sleep(0.05)  # pacing: a stream leader election takes a moment
-            if loop.time() > deadline:
+            if loop.time() >= deadline:
                 break
-            self.heads[chain.topic] = await self._head(chain.topic)
-        raise JetStreamError(f"topic {chain.topic!r}: could not append within {self.settings.request_timeout:.0f} s "
-                             "(other hubs kept appending first, or the stream had no leader); is a quorum up?")
+            self.heads[chain.topic] = await self._head(chain.topic, deadline)
+        raise JetStreamError(f"topic {chain.topic!r}: could not append within {rt:g} s (other hubs kept appending "
+                             "first, or the stream had no leader); is a quorum up?")
+
+    def _late(self, topic: str, fut: asyncio.Future[dict[str, Any]]) -> None:
+        """An append nobody waits for any more (its commit gave up, or sent it again) may still be stored when the
+        stream's leader answers: then this hub's head moves to it, so the groups read the event from the journal
+        (a commit that failed is not offered), and the next commit expects the right last seq."""
+        def settle(f: asyncio.Future[dict[str, Any]]) -> None:
+            if f.cancelled():
+                return
+            doc = f.result()
+            if doc.get("error") is not None or "seq" not in doc:
+                return
+            seq, duplicate = int(doc["seq"]), bool(doc.get("duplicate"))
+            if not duplicate and seq > self.heads.get(topic, 0):
+                self.heads[topic] = seq
+                if self._wake is not None:
+                    self._wake()
+            self._own(topic, seq, duplicate)
+
+        fut.add_done_callback(settle)
 
     def _cursor_key(self, group: str, topic: str) -> str:
         return f"c.{token(group)}.{token(topic)}"
@@ -1102,7 +1143,34 @@ class JetStreamJournal:
 
     async def _read_rows(self, topic: str, where: dict[str, Any], limit: int
                          ) -> list[tuple[int, str, str | None, bytes]]:
-        """Batched direct get: up to `limit` stored messages in one request, answered by any replica."""
+        """Batched direct get: up to `limit` stored messages in one request, answered by any replica.
+
+        A request that goes to a replica that does not answer (frozen, or dying) is never answered, and waiting
+        for it held the hub's loop (a group catching up, `fetch`, `dlq retry`) for request_timeout, then failed.
+        So the request is sent again every READ_HEDGE seconds while none is answered, each a new chance that a
+        live replica takes it; the first whole answer is used, up to request_timeout."""
+        loop = asyncio.get_running_loop()
+        rt = self.settings.request_timeout
+        deadline = loop.time() + rt
+        tries: set[asyncio.Task[list[tuple[int, str, str | None, bytes]] | None]] = set()
+        try:
+            while (left := deadline - loop.time()) > 0:
+                tries.add(loop.create_task(self._direct_get(topic, where, limit, left)))
+                done, tries = await asyncio.wait(tries, timeout=min(READ_HEDGE, left),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    rows = task.result()
+                    if rows is not None:
+                        return rows
+        finally:
+            for task in tries:
+                task.cancel()
+        raise JetStreamError(f"topic {topic!r}: no replica answered a read within {rt:g} s; is a quorum of the "
+                             "NATS cluster up?")
+
+    async def _direct_get(self, topic: str, where: dict[str, Any], limit: int, timeout: float
+                          ) -> list[tuple[int, str, str | None, bytes]] | None:
+        """One batched direct get; None when it was not answered whole within `timeout`."""
         out: list[tuple[int, str, str | None, bytes]] = []
         done = asyncio.Event()
         inbox = self.nc.new_inbox()
@@ -1118,7 +1186,9 @@ class JetStreamJournal:
         try:
             req = dict(where, batch=max(1, min(limit, READ_BATCH)))
             await self.nc.publish(f"$JS.API.DIRECT.GET.{self._stream(topic)}", json.dumps(req).encode(), reply=inbox)
-            await asyncio.wait_for(done.wait(), self.settings.request_timeout)
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError:
+            return None
         finally:
             await sub.unsubscribe()
         return out
@@ -1251,9 +1321,13 @@ class JetStreamJournal:
             self._id_clash = True
 
     # -- dispatch leadership -------------------------------------------------------------------------------
-    def lead(self, groups: Iterable[str], now: float) -> set[str]:
+    def lead(self, groups: Iterable[str], now: float, wait: bool = True) -> set[str]:
         """The groups this hub may dispatch right now; takes free leases and renews held ones every third of
-        `lease_ttl`.
+        `lease_ttl`. `wait=False` (the hub's loop) runs the round on the client's thread and answers from the
+        rounds that came back: a round asks the lease bucket's stream leader, and while that does not answer
+        (frozen, or dead and no new leader yet) a round on the loop held every topic for a quarter of
+        request_timeout per group (up to lease_ttl / 2), every third of lease_ttl. The loop is woken when a
+        round ends.
 
         A lease is a KV entry that expires `lease_ttl` after its last write. It is taken with "create" (refused
         while another hub's entry lives) and renewed with an update that names the revision this hub last wrote,
@@ -1262,16 +1336,38 @@ class JetStreamJournal:
         standby can take it, even when it cannot reach the cluster to hear that it lost.
         """
         wanted = list(groups)
-        if now >= self._next_lease_round:
+        if now >= self._next_lease_round and self._leasing is None:
             self._next_lease_round = now + self.settings.lease_ttl / 3
-            try:
-                self._run(self._lease_round(wanted, now), self.settings.lease_ttl / 2)
-            except JetStreamError as e:
-                log.warning("cannot renew dispatch leases", extra={"error": str(e)})
+            if wait:
+                try:
+                    self._run(self._lease_round(wanted, now), self.settings.lease_ttl / 2)
+                except JetStreamError as e:
+                    log.warning("cannot renew dispatch leases", extra={"error": str(e)})
+            else:
+                self._loop.call_soon_threadsafe(self._start_lease_round, wanted, now)
         margin = self.settings.lease_ttl / 5
         if self._id_clash:
             return set()
-        return {g for g in wanted if g in self._leases and now < self._leases[g][1] - margin}
+        # Read while a round on the client's thread may change `_leases`: one lookup per group, each atomic.
+        return {g for g in wanted if (lease := self._leases.get(g)) is not None and now < lease[1] - margin}
+
+    def _start_lease_round(self, groups: list[str], sent: float) -> None:
+        """On the client's thread: one lease round, bounded like `lead`'s own; see `lead`. `sent` is the loop's
+        time before the round was asked for: a lease counts from no later than its renewal was sent."""
+        async def round_() -> None:
+            try:
+                await asyncio.wait_for(self._lease_round(groups, sent), self.settings.lease_ttl / 2)
+            except Exception as e:  # noqa: BLE001 - the next round tries again; the leases expire by the clock
+                log.warning("cannot renew dispatch leases", extra={"error": f"{type(e).__name__}: {e}".rstrip(": ")})
+            finally:
+                self._leasing = None
+                if self._wake is not None:
+                    self._wake()
+
+        task = asyncio.get_running_loop().create_task(round_())
+        self._leasing = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _lease_round(self, groups: list[str], sent: float) -> None:
         presence = asyncio.ensure_future(self._renew_presence())  # alongside the leases: one round trip for all
@@ -1321,6 +1417,8 @@ class JetStreamJournal:
     def release(self, groups: Iterable[str]) -> None:
         """Give leases back at a clean stop, so a standby takes over at once instead of after `lease_ttl`."""
         async def drop() -> None:
+            if self._leasing is not None:  # a round under way would renew what is given back: it ends first
+                await asyncio.wait([self._leasing], timeout=self.settings.lease_ttl / 2)
             kv = await self.js.key_value(self._kv_leases)
             for g in list(groups):
                 if g in self._leases:
@@ -1340,18 +1438,45 @@ class JetStreamJournal:
         return {g: v[0] for g, v in self.lease_holders().items()}
 
     def lease_holders(self) -> dict[str, tuple[str, str]]:
-        """group -> (hub id, its advertised work endpoint) of every live lease."""
-        async def read() -> dict[str, tuple[str, str]]:
-            out: dict[str, tuple[str, str]] = {}
-            for k, (value, _) in (await self._latest(self._kv_leases, "g.>")).items():
-                try:
-                    doc = json.loads(value)
-                    out[untoken(k[2:])] = (str(doc["hub"]), str(doc.get("work", "")))
-                except (ValueError, KeyError, TypeError):  # a bare hub name
-                    out[untoken(k[2:])] = (value.decode(errors="replace"), "")
-            return out
+        """group -> (hub id, its advertised work endpoint) of every live lease, read now (the caller waits up to
+        request_timeout: the hub's loop uses `read_lease_holders` instead)."""
+        return self._run(self._read_holders())
 
-        return self._run(read())
+    async def _read_holders(self) -> dict[str, tuple[str, str]]:
+        out: dict[str, tuple[str, str]] = {}
+        for k, (value, _) in (await self._latest(self._kv_leases, "g.>")).items():
+            try:
+                doc = json.loads(value)
+                out[untoken(k[2:])] = (str(doc["hub"]), str(doc.get("work", "")))
+            except (ValueError, KeyError, TypeError):  # a bare hub name
+                out[untoken(k[2:])] = (value.decode(errors="replace"), "")
+        return out
+
+    def read_lease_holders(self) -> None:
+        """Start reading who holds each lease on the client's thread, unless a reading is under way; its answer
+        is `lease_holders_seen`'s.
+
+        The hub's loop asks for it for `status` and to send a worker to the dispatching hub. The reading is a
+        request to the lease bucket's stream leader: while it does not answer (frozen, or dead and a new leader
+        not yet elected) a reading on the loop held every topic's publishes and acks for up to request_timeout
+        each time."""
+        if not self._reading_holders:
+            self._reading_holders = True
+            self._loop.call_soon_threadsafe(lambda: self._spawn(self._refresh_holders()))
+
+    async def _refresh_holders(self) -> None:
+        try:
+            self._holders = await self._read_holders()
+            self._holders_at = time.monotonic()
+        except Exception as e:  # noqa: BLE001 - the bucket does not answer now: the next reading asks again
+            log.debug("cannot read dispatch leases", extra={"error": str(e)})
+        finally:
+            self._reading_holders = False
+
+    def lease_holders_seen(self) -> tuple[dict[str, tuple[str, str]], float | None]:
+        """(group -> (hub id, endpoint) as of the last reading that answered, when it answered (monotonic; None:
+        none has yet)): what `read_lease_holders` last learnt, never waited for."""
+        return self._holders, self._holders_at
 
     # -- what other hubs commit ------------------------------------------------------------------------------
     def _notice_subject(self, topic: str) -> str:
@@ -1376,6 +1501,10 @@ class JetStreamJournal:
         await self.nc.subscribe("$JS.EVENT.ADVISORY.STREAM.CREATED.*", cb=self._on_created)
         await self.nc.subscribe(f"{self.prefix}.fed.*", cb=self._on_notice)
         heads = await self._stream_heads()
+        try:  # once before the loop starts, so its first `status` names the dispatchers; never holds the start
+            await asyncio.wait_for(self._refresh_holders(), self.settings.request_timeout / 4)
+        except TimeoutError:
+            log.debug("cannot read dispatch leases yet")
         self._following = True
         for topic, last in heads.items():
             self._streams.add(topic)

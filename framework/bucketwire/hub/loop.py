@@ -144,6 +144,9 @@ class StreamWait:
     events: list[NewEvent]
     cb: Callable[[list[Appended] | None, str | None], None]
     deadline: float
+    staged: bool = False
+    """Its events are ones `_stage` built (a `dlq retry`): the commit they join must let groups look for the
+    steering mark (see `Hub._staged`)."""
 
 
 class Hub:
@@ -158,8 +161,7 @@ class Hub:
         self.ha: JetStreamJournal | None = self.journal if isinstance(self.journal, JetStreamJournal) else None
         self.max_event, self.event_room = event_limits(cfg, self.journal)
         self.wanted: dict[str, tuple[list[str], str]] = {}
-        self._holders: dict[str, tuple[str, str]] = {}
-        self._holders_at = -1e9
+        self._holders_at = -1e9  # when the loop last asked for a reading of the leases (see dispatchers)
         self.router = Router(cfg.routes, cfg.hub.default_topic)
         self.groups: dict[str, GroupState] = {}
         self.workers: dict[bytes, WorkerState] = {}
@@ -827,20 +829,29 @@ class Hub:
             else:
                 done([IngestResult(r.id, r.topic, r.seq, r.duplicate, r.unrouted) for r in results], None)
 
-        # Once per request, a set test: with JetStream, a request naming a topic without its stream waits for it,
-        # and so does one naming a topic an earlier waiting request names (a topic's events commit in the order
-        # the hub read them: a DELETE sent after a PUT of the same object is never handled first).
-        if self.ha is not None and passed and (
-                not self.ha.stream_ready(passed) or (self._stream_waits and self._behind_waits(passed))):
-            self._wait_for_streams(passed, staged, cb, source == "zmq")
+        self._join(passed, staged, cb, batch, replies, source == "zmq")
+
+    def _join(self, topics: set[str], events: list[NewEvent], cb: Callable[[list[Appended] | None, str | None], None],
+              batch: Batch, replies: list[Reply], client: bool = False, staged: bool = False) -> None:
+        """Put one request's `events` (of `topics`) in this turn's commit, `cb` answering it; every request the
+        hub answers after its commit comes here (publishes, webhooks, `dlq retry`/`purge`). `client`: a ZeroMQ
+        request (see `_wait_for_streams`); `staged`: its events are ones `_stage` built.
+
+        Once per request, a set test: with JetStream, a request naming a topic without its stream waits for it,
+        and so does one naming a topic an earlier waiting request names (a topic's events commit in the order the
+        hub read them: a DELETE sent after a PUT of the same object is never handled first)."""
+        if self.ha is not None and topics and (
+                not self.ha.stream_ready(topics) or (self._stream_waits and self._behind_waits(topics))):
+            self._wait_for_streams(topics, events, cb, client, staged)
             return
         lo = len(batch.events)
-        batch.events.extend(staged)
+        batch.events.extend(events)
         replies.append((cb, lo, len(batch.events)))
 
     # -- new topics' streams (JetStream journal) -------------------------------------------------------------
     def _wait_for_streams(self, topics: set[str], events: list[NewEvent],
-                          cb: Callable[[list[Appended] | None, str | None], None], client: bool = False) -> None:
+                          cb: Callable[[list[Appended] | None, str | None], None], client: bool = False,
+                          staged: bool = False) -> None:
         """Keep a request whose topics include one without its stream out of the commit while the journal creates
         the stream on its own thread. Creating it can take up to request_timeout (a cluster without a meta leader,
         a new stream electing its leader while a node is down); in the commit, every other topic's events, the
@@ -856,7 +867,7 @@ class Hub:
             budget = min(budget, P.ATTEMPT_TIMEOUT)
         deadline = time.monotonic() + max(budget - STREAM_WAIT_MARGIN, budget / 2)
         missing = {t for t in topics if not self.ha.stream_ready({t})}
-        self._stream_waits.append(StreamWait(missing, set(topics), events, cb, deadline))
+        self._stream_waits.append(StreamWait(missing, set(topics), events, cb, deadline, staged))
         if missing:
             self.ha.create_streams(missing, deadline, self.wake)
 
@@ -871,6 +882,8 @@ class Hub:
         held: set[str] = set()  # the topics of the requests that still wait
         for w in self._stream_waits:
             if self.ha.stream_ready(w.topics) and held.isdisjoint(w.names):
+                if w.staged:
+                    self._staged = True
                 lo = len(batch.events)
                 batch.events.extend(w.events)
                 replies.append((w.cb, lo, len(batch.events)))
@@ -992,7 +1005,11 @@ class Hub:
                 return
             self.ops.on_replay(ident, rp)
         elif cmd == P.DLQ:
-            self.ops.on_dlq(ident, P.decode(raw, P.Dlq), batch, replies)
+            # A retry's marker topic (`<dead-letter topic>.handled`) may have no stream yet: it waits like a publish
+            # (an operator's command, re-sent by its client after P.ATTEMPT_TIMEOUT of silence).
+            self.ops.on_dlq(ident, P.decode(raw, P.Dlq),
+                            lambda events, cb: self._join({ne.topic for ne in events}, events, cb, batch, replies,
+                                                          client=True, staged=True))
         elif cmd == P.GROUPRM:
             rm = P.decode(raw, P.GroupRm)
             if self.ha is not None and rm.group not in self.groups and rm.group in self.wanted:
@@ -1386,7 +1403,7 @@ class Hub:
         """Take or renew the leases of the groups this hub wants (a no-op between lease rounds); start dispatching
         the groups gained, stop dispatching the groups lost."""
         assert self.ha is not None
-        held = self.ha.lead(sorted(set(self.wanted) | set(self.groups)), now)
+        held = self.ha.lead(sorted(set(self.wanted) | set(self.groups)), now, wait=False)
         for name in sorted(held - set(self.groups)):
             self._gain(name)
         for name in sorted(set(self.groups) - held):
@@ -1435,16 +1452,26 @@ class Hub:
             self.metrics.leading.remove(name)
 
     def dispatchers(self, now: float) -> dict[str, tuple[str, str]]:
-        """group -> (hub id, work endpoint) of each group's dispatcher, read again at most once a second."""
+        """group -> (hub id, work endpoint) of each group's dispatcher: this hub for the groups it dispatches, for
+        the others what the last reading of the leases said (see `leases_age`). A new reading is started at most
+        once a second, off the loop, and never waited for."""
+        me = (self.cfg.hub.id, self.cfg.hub.advertise)
         if self.ha is None:
-            return {name: (self.cfg.hub.id, self.cfg.hub.advertise) for name in self.groups}
+            return {name: me for name in self.groups}
         if now - self._holders_at >= 1.0:
             self._holders_at = now
-            try:
-                self._holders = self.ha.lease_holders()
-            except JournalError as e:
-                log.debug("cannot read dispatch leases", extra={"error": str(e)})
-        return self._holders
+            self.ha.read_lease_holders()
+        seen, _ = self.ha.lease_holders_seen()
+        # A reading that still names this hub for a group it stopped dispatching is older than that loss.
+        out = {name: h for name, h in seen.items() if h[0] != me[0]}
+        out.update((name, me) for name in self.groups)
+        return out
+
+    def leases_age(self, now: float) -> float | None:
+        """Seconds since the reading of the leases that `dispatchers` answers with came (None: none has yet)."""
+        assert self.ha is not None
+        _, at = self.ha.lease_holders_seen()
+        return None if at is None else max(0.0, now - at)
 
     def _moved(self, ident: bytes, group: str, now: float) -> None:
         holder = self.dispatchers(now).get(group)
@@ -1477,15 +1504,18 @@ class Hub:
                 "oldest_unacked_age": round(g.oldest_unacked_age(now), 3),
                 "long_running": long_running(g, now),
             }
+        hub: dict[str, Any] = {"uptime": round(time.time() - self.started, 3), "journal_ok": self.write_error is None,
+                               "durability": self.cfg.hub.durability, "id": self.cfg.hub.id,
+                               "backend": self.cfg.journal.backend}
         st = {
-            "hub": {"uptime": round(time.time() - self.started, 3), "journal_ok": self.write_error is None,
-                    "durability": self.cfg.hub.durability, "id": self.cfg.hub.id,
-                    "backend": self.cfg.journal.backend},
+            "hub": hub,
             "topics": {t: {"head": h} for t, h in sorted(heads.items())},
             "groups": groups,
         }
         if self.ha is not None:
             holders = self.dispatchers(now)
+            age = self.leases_age(now)
+            hub["leases_age"] = None if age is None else round(age, 3)
             st["dispatch"] = {name: {"leader": holders.get(name, ("", ""))[0] or None,
                                      "endpoint": holders.get(name, ("", ""))[1] or None,
                                      "role": "dispatching" if name in self.groups else "standby"}

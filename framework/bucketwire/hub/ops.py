@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from bucketwire.config import Config
     from bucketwire.hub.dispatch import GroupState
-    from bucketwire.hub.journal import Appended, Batch, JournalAPI, NewEvent
+    from bucketwire.hub.journal import Appended, JournalAPI, NewEvent
     from bucketwire.hub.listeners import Listeners
     from bucketwire.hub.metrics import HubMetrics
 
@@ -414,13 +414,17 @@ class HubOps:
         return head + 1 if first is None else first
 
     # -- DLQ (retry / purge, performed by the hub) -------------------------------------------------------------
-    def on_dlq(self, ident: bytes, hdr: P.Dlq, batch: Batch, replies: list[Any]) -> None:
+    def on_dlq(self, ident: bytes, hdr: P.Dlq,
+               commit: Callable[[list[NewEvent], Callable[[list[Appended] | None, str | None], None]], None]
+               ) -> None:
         """Retry or purge dead letters named by (dead-letter topic, seq).
 
         The hub does it, not the CLI: a retried event carries `targetgroup` (only the group that failed it
         handles it) and a marker records the dead letter as handled; both are hub-only (reserved source, steering
         extension), so no publisher can forge a retry, steer one, or hide a dead letter. The hub reads the dead
         letter from its own journal, so what goes back is exactly what failed, to the group that failed it.
+        `commit` queues the events for a commit, with the callback that answers the request (the hub's `_join`:
+        with JetStream they may wait for a new topic's stream first, off the loop).
         """
         req, action, items = hdr.req, hdr.action, hdr.items
         by = f"{(hdr.by or '?')[:200]} (key {self.net.user})" if self.net.user else (hdr.by or "?")[:200]
@@ -432,10 +436,6 @@ class HubOps:
             if res.get("error"):
                 log.warning("dlq request refused", extra={"key": self.net.user, "action": action,
                                                           "error": res["error"]})
-        lo = len(batch.events)
-        batch.events.extend(ne for _, ne in events)
-        hi = len(batch.events)
-
         def done(appended: list[Appended] | None, err: str | None) -> None:
             if appended is None:
                 self.net.send([ident, P.DLQR, P.enc({"req": req, "error": err})])
@@ -449,7 +449,7 @@ class HubOps:
                              extra={"deadletter": r["id"], "group": r.get("group"), "by": by})
             self.net.send([ident, P.DLQR, P.enc({"req": req, "results": results})])
 
-        replies.append((done, lo, hi))
+        commit([ne for _, ne in events], done)
 
     def _dlq_item(self, it: Any, action: str, by: str, events: list[tuple[int, NewEvent]],
                   index: int) -> dict[str, Any]:
