@@ -608,7 +608,7 @@ def test_a_commit_whose_stream_leader_does_not_answer_gives_up_within_request_ti
             assert "\n" not in str(err.value)
             # The bound the hub's loop relies on, not a speed: before, the commit waited for the append's answer
             # (request_timeout / 4), then up to request_timeout for the stream's head, and longer.
-            assert waited < rt + 0.5, waited
+            assert waited < rt + 0.8, waited  # the old code: rt + 1.05 s
         finally:
             os.killpg(proc.pid, signal.SIGCONT)
         cluster.wait_ready()
