@@ -51,6 +51,23 @@ def test_startup_events_and_shutdown_in_every_child(stack_factory, tmp_path):
     wait_for(lambda: s.status()["groups"]["life"]["workers"] == 0, 10, "the hub to process the workers' BYE")
 
 
+def test_a_worker_startup_that_runs_long_is_reported_while_it_runs(stack_factory, tmp_path):
+    """A `worker_startup` that hangs (a database that does not answer) kept the child from taking events with
+    nothing in the log: the pool looked stalled for no reason. Past heartbeat_timeout it is said, naming the
+    plugin, and the child joins once it returns."""
+    release = tmp_path / "release"
+    s = stack_factory(cfg(tmp_path / "life.log") + f'hold = "{release}"\n')
+    s.start_hub()
+    s.start_worker("life", 1, "--plugin", PLUGIN, wait=False)
+    log = s.logs[-1]
+    line = wait_for(lambda: next((ln for ln in log.read_text().splitlines()
+                                  if "worker_startup is still running" in ln), None), 20, "the slow startup reported")
+    assert "lifecycle" in line, line
+    assert s.status()["groups"].get("life", {}).get("workers", 0) == 0
+    release.touch()
+    wait_for(lambda: s.status()["groups"].get("life", {}).get("workers", 0) == 1, 20, "the child joining after it")
+
+
 def test_invalid_plugin_settings_stop_the_pool_with_one_line(stack_factory, tmp_path):
     s = stack_factory(cfg(tmp_path / "x.log", mode="shouty"))
     r = subprocess.run([sys.executable, "-m", "bucketwire", "worker", "-c", str(s.cfg_path), "-g", "life",

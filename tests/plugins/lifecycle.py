@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import click
 
@@ -29,6 +30,10 @@ def validate_settings(settings):
 @hookimpl
 def worker_startup(ctx):
     _log(ctx, f"startup mode={ctx.settings['mode']}")
+    hold = ctx.settings.get("hold")  # a file the test creates to let the startup finish (at most 60 s)
+    end = time.monotonic() + 60
+    while hold and not os.path.exists(hold) and time.monotonic() < end:
+        time.sleep(0.02)  # pacing: polling for the test's release file, with a deadline
 
 
 @hookimpl

@@ -76,6 +76,8 @@ class Plugins(plugin_loader.PluginRunner):
             raise ConfigError(f"group {spec.group!r} is not in the config and no --plugin was given, so nothing "
                               f"would handle its events; add [groups.{spec.group}] or pass --plugin MODULE")
         loaded = plugin_loader.load(allow, spec.local_plugins)
+        # A startup longer than the hub waits for a silent worker is said in the log (see PluginRunner.startup).
+        self.slow_startup = cfg.hub.heartbeat_timeout
         # Without a metrics endpoint nothing is counted, and no handler is timed: per event that is two clock
         # reads and three calls a no-op handler would otherwise pay.
         self.metered = metrics_child() is not None
@@ -96,7 +98,7 @@ class Plugins(plugin_loader.PluginRunner):
 
     def lifecycle(self, hook: str) -> None:
         if hook == "worker_startup":
-            self.startup()
+            self.startup(self.slow_startup)
         else:
             self.shutdown()
 

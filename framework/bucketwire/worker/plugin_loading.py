@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -369,13 +370,19 @@ class PluginRunner:
         return Context(name, self.group, self.settings[name], self.stores, self.loggers[name], event, attempt,
                        state=self.state[name], max_event_bytes=self.max_event_bytes)
 
-    def startup(self) -> None:
+    def startup(self, slow_after: float | None = None) -> None:
         """`worker_startup` for each plugin; the first failure stops this child (it could not do its work).
 
         A `ConfigError` is a mistake the user must fix (the pool stops with its line); anything else is logged
-        with the plugin's name and raised, so the supervisor restarts the child with backoff.
+        with the plugin's name and raised, so the supervisor restarts the child with backoff. `slow_after`: a
+        plugin's `worker_startup` still running after this many seconds is logged, and again each time as long
+        again passes: the child takes no event until it returns, and nothing else would say why.
         """
         for name, caller in self.loaded.callers("worker_startup"):
+            done = threading.Event()
+            if slow_after:
+                threading.Thread(target=_report_slow_startup, args=(name, slow_after, done),
+                                 name="startup-watch", daemon=True).start()
             try:
                 caller(ctx=self.ctx(name))
             except ConfigError as e:
@@ -383,6 +390,8 @@ class PluginRunner:
             except Exception:
                 logging.getLogger("bucketwire.worker").exception("worker_startup failed", extra={"plugin": name})
                 raise
+            finally:
+                done.set()
 
     def shutdown(self) -> None:
         """`worker_shutdown` for each plugin; one failing does not keep the others from closing their resources."""
@@ -433,3 +442,11 @@ class PluginRunner:
                 if size > FOLLOW_ONS_MAX:
                     raise HandlerFailed(name, FollowOnTooLarge(too_many_follow_ons(len(out), size)))
         return out
+
+
+def _report_slow_startup(name: str, every: float, done: threading.Event) -> None:
+    t0 = time.monotonic()
+    while not done.wait(every):
+        logging.getLogger("bucketwire.worker").warning(
+            "worker_startup is still running; this worker child takes no events until it returns",
+            extra={"plugin": name, "seconds": round(time.monotonic() - t0, 1)})
