@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -39,10 +40,44 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+PEER_WINDOW = 10.0
+"""Seconds in which one warning a peer causes is logged once (see PeerRateLimit)."""
+
+
+class PeerRateLimit(logging.Filter):
+    """One line per `PEER_WINDOW` for each warning a peer can cause at will (a key's refused publishes, a webhook
+    client's refused events: records naming a `key` or an `ingress`), the next one carrying how many were left out
+    (`suppressed`). One per request let any admitted key, sending what its role forbids in a loop, fill the
+    disk and bury everything else; the refusals themselves still go to the peer, and the metrics count them all.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (message, peer) -> (window start, suppressed)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        peer = getattr(record, "key", None) or getattr(record, "ingress", None)
+        if record.levelno != logging.WARNING or peer is None:
+            return True
+        k, now = (str(record.msg), str(peer)), self.clock()
+        start, dropped = self.seen.get(k, (float("-inf"), 0))
+        if now - start < PEER_WINDOW:
+            self.seen[k] = (start, dropped + 1)
+            return False
+        if len(self.seen) > 10_000:  # peers and messages are bounded in practice; this memory is anyway
+            self.seen.clear()
+        self.seen[k] = (now, 0)
+        if dropped:
+            record.suppressed = dropped
+        return True
+
+
 def setup(fmt: str = "text", verbosity: int = 0) -> None:
     level = logging.DEBUG if verbosity >= 1 else logging.INFO if verbosity >= 0 else logging.WARNING
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    h.addFilter(PeerRateLimit())
     root = logging.getLogger("bucketwire")
     root.handlers[:] = [h]
     root.setLevel(level)
