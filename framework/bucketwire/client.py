@@ -203,7 +203,6 @@ HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED
 handshake (the others: mostly a server_public_key that is not the hub's)."""
 
 
-
 def handshake_failure(cfg: Config, endpoint: str, event: int, who: str) -> str:
     """The line for a CURVE handshake the hub refused (`event`: a HANDSHAKE_FAILED monitor event)."""
     sec = cfg.security

@@ -51,6 +51,7 @@ ROUTE_SETTLE = 1.0
 """Seconds a restarted node's routes must stand before `restart` says the cluster is ready (see
 `NatsCluster._routes_unsettled`)."""
 
+
 @dataclass
 class NatsNode:
     """One nats-server process: its ports, its store and its process handle."""
