@@ -1,6 +1,6 @@
 """`bench/wakes.py` reads the kernel's scheduler trace: a hand-written trace whose path is known, in ftrace's own
 text format, must come out as that path with its waits and run times; and without tracefs the tool says so in
-one line. (The real recording needs root and a mounted tracefs; README "Profile" holds its output.)"""
+one line. (The real recording needs root and a mounted tracefs; docs/performance.md, "Profile", holds its output.)"""
 
 from __future__ import annotations
 

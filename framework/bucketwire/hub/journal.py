@@ -38,8 +38,8 @@ A schema 1 journal is a valid schema 2 one (its heads are floors); a bucketwire 
 whose `topics` it would take for heads and reuse seqs from."""
 CHECKPOINT_INTERVAL = 0.1
 """Seconds between background checkpoints. With durability "os" the WAL is fsynced at them, so this is what a power
-loss can take; 0.5 s would save ~0.9 µs of CPU per event at saturation (README "Closing the gap", item 11), not
-worth five times the window."""
+loss can take; 0.5 s would save ~0.9 µs of CPU per event at saturation (docs/performance.md, "Closing the gap",
+item 11), not worth five times the window."""
 AUTOCHECKPOINT_PAGES = 4096
 """WAL pages (16 MiB) after which the writer checkpoints itself; by then the background has done nearly all of it,
 and a checkpoint by the writer is what lets the WAL start over instead of growing under sustained load."""

@@ -1,4 +1,4 @@
-"""Where a bus event's time goes, on bucketwire and on NATS JetStream: the numbers behind README "Profile".
+"""Where a bus event's time goes, on bucketwire and on NATS JetStream: the numbers behind docs/performance.md.
 
     python -m bucketwire.devstack.bench.profile_bus [EVENTS] [RATE] [SECONDS] > profile.json
 

@@ -1,4 +1,4 @@
-"""Where one event's latency goes at a fixed rate: the numbers behind README "Closing the gap".
+"""Where one event's latency goes at a fixed rate: the numbers behind docs/performance.md, "Closing the gap".
 
     python -m bucketwire.devstack.bench.stages [RATE] [SECONDS] [busy]
 

@@ -1,4 +1,4 @@
-"""Which threads one event wakes, and how long each waits for a CPU: the scheduler's view behind README "Profile".
+"""Which threads one event wakes, and how long each waits for a CPU: the scheduler's view in docs/performance.md.
 
     python -m bucketwire.devstack.bench.wakes [bucketwire|nats|both] [RATE] [SECONDS] [busy]
 
