@@ -116,6 +116,39 @@ def test_render_is_faster_than_plain_pillow(photo: bytes) -> None:
     assert ours * 3 < theirs
 
 
+# Each orientation's stored pixels: the upright picture put through the inverse of what the tag asks a viewer
+# to do, so a correct thumbnail is upright again whatever the tag.
+_STORE_AS = {
+    1: (), 2: (Image.Transpose.FLIP_LEFT_RIGHT,), 3: (Image.Transpose.ROTATE_180,),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM,), 5: (Image.Transpose.TRANSPOSE,), 6: (Image.Transpose.ROTATE_90,),
+    7: (Image.Transpose.TRANSVERSE,), 8: (Image.Transpose.ROTATE_270,),
+}
+GREEN = (0, 255, 0)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_every_exif_orientation_comes_out_upright(fmt: str) -> None:
+    """Upright = 2:1 landscape, red top-left, green top-right, for orientations 1-8 in every format that carries
+    EXIF. (Pillow rotates TIFFs itself while loading; applying the tag again turned those thumbnails over.)"""
+    wrong = []
+    for orientation, ops in _STORE_AS.items():
+        im = Image.new("RGB", (600, 300), (0, 0, 255))
+        im.paste(RED, (0, 0, 60, 60))
+        im.paste(GREEN, (540, 0, 600, 60))
+        for op in ops:
+            im = im.transpose(op)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        im.save(buf, fmt, exif=exif)
+        (t,) = render(buf.getvalue(), [200], format="png")
+        out = Image.open(io.BytesIO(t.data)).convert("RGB")
+        if not (out.size == (t.width, t.height) == (200, 100) and near(out.getpixel((3, 3)), RED)
+                and near(out.getpixel((196, 3)), GREEN)):
+            wrong.append((orientation, out.size, out.getpixel((3, 3))))
+    assert not wrong, f"{fmt}: not upright for (orientation, size, top-left pixel) {wrong}"
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))

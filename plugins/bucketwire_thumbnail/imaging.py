@@ -147,12 +147,14 @@ def render(
         raise ValueError(f"unknown output format {format!r}; use one of {sorted(FORMATS)}") from None
     im = _open(data, max_pixels)
     w, h = im.size
+    order = sorted(set(sizes), reverse=True)
+    base = _decode(im, fit(w, h, order[0]), max_pixels, pil_format, background)
+    # Read after decoding: Pillow turns TIFFs upright itself while loading them (and drops the tag then; their
+    # header size is already the upright one), so a tag read before the load turned those thumbnails over twice.
     try:
         orientation = int(im.getexif().get(0x0112, 1) or 1)
     except Exception:  # a broken EXIF block must not cost us the thumbnail
         orientation = 1
-    order = sorted(set(sizes), reverse=True)
-    base = _decode(im, fit(w, h, order[0]), max_pixels, pil_format, background)
 
     # Fit against the *original* dimensions so a drafted decode does not change the output size.
     rendered: dict[int, tuple[bytes, int, int]] = {}
