@@ -173,6 +173,22 @@ def test_truncated_and_garbage_inputs(photo: bytes) -> None:
         render(b"this is not an image at all", [256])
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nnewpath 0 0 moveto 100 100 lineto stroke\nshowpage\n"
+
+
+def test_only_common_photo_formats_are_decoded() -> None:
+    """Uploads are untrusted: an EPS is refused by name, never handed to Pillow's EPS plugin (which runs
+    Ghostscript on it when Ghostscript is installed), and neither are the rarely used decoders."""
+    with pytest.raises(thumb.ThumbnailError, match="EPS.*not one of the input formats"):
+        render(EPS, [256])
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(buf, "PCX")
+    with pytest.raises(thumb.ThumbnailError, match="PCX.*not one of the input formats"):
+        render(buf.getvalue(), [256])
+    (t,) = render(buf.getvalue(), [256], input_formats=("JPEG", "PCX"))  # the operator can widen the list
+    assert (t.width, t.height) == (256, 171)
+
+
 def _image(kind: str) -> tuple[bytes, str]:
     buf = io.BytesIO()
     if kind == "png-rgba":
@@ -245,6 +261,8 @@ def test_alpha_flattened_for_jpeg_output() -> None:
         ({"sizes": "big"}, "sizes"),
         ({"format": "gif"}, "format"),
         ({"quality": 0}, "quality"),
+        ({"input_formats": ["jpeg", "svg"]}, "input_formats: 'svg' is not a format"),
+        ({"input_formats": []}, "input_formats"),
         ({"key_template": "{size}/thumb.webp"}, "key_template"),
         ({"key_template": "{key}", "sizes": [64, 128]}, "key_template"),
         ({"key_template": "../{size}/{key}"}, "key_template"),
@@ -402,6 +420,8 @@ def test_bomb_truncated_and_oversized_uploads_are_permanent_errors(weed: Any, bu
             h.handle(upload(c, bucket, "big.jpg", photo + b"\0" * 10, "image/jpeg"))
         with pytest.raises(PermanentError, match="segments"):
             h.handle(obj_event("ObjectCreated:Put", bucket, "a/../../b.jpg", ctype="image/jpeg"))
+        with pytest.raises(PermanentError, match=r"cover\.jpg: EPS image: not one of the input formats"):
+            h.handle(upload(c, bucket, "cover.jpg", EPS, "image/jpeg"))
     assert isinstance(ei.value, bucketwire.PluginError)
 
 

@@ -27,7 +27,16 @@ from PIL import Image
 
 from bucketwire import ConfigError, Context, Event, PermanentError, hookimpl, with_defaults
 
-from .imaging import FORMATS, Thumb, ThumbnailError, content_type, extension, looks_like_image, render
+from .imaging import (
+    FORMATS,
+    INPUT_FORMATS,
+    Thumb,
+    ThumbnailError,
+    content_type,
+    extension,
+    looks_like_image,
+    render,
+)
 
 PLUGIN_NAME = "thumbnail"
 MARKER = "bucketwire-generated"
@@ -52,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "max_hops": 3,
     "topic": "thumbnail-ready",
     "background": "#ffffff",
+    "input_formats": [f.lower() for f in INPUT_FORMATS],
 }
 PLACEHOLDERS = {"size", "key", "stem", "ext", "bucket"}
 
@@ -114,6 +124,7 @@ def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f'topic: expected a topic name (or false to publish nothing); got {t!r}')
     s["topic"] = t or None
     s["background_rgb"] = list(_parse_colour(s["background"]))
+    s["input_formats"] = _input_formats(s["input_formats"])
     tpl = s["key_template"]
     if not isinstance(tpl, str) or not tpl:
         raise ConfigError('key_template: expected a string such as "{size}/{key}.{ext}"')
@@ -135,6 +146,19 @@ def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
     if Image.MAX_IMAGE_PIXELS is not None and s["max_pixels"] > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = s["max_pixels"]
     return s
+
+
+def _input_formats(v: Any) -> list[str]:
+    Image.init()
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+        raise ConfigError(f'input_formats: expected a list of image formats, e.g. ["jpeg", "png"]; got {v!r}')
+    unknown = [x for x in v if x.upper() not in Image.OPEN]
+    if unknown:
+        raise ConfigError(
+            f"input_formats: {unknown[0]!r} is not a format Pillow can read; use some of "
+            f"{', '.join(sorted(f.lower() for f in Image.OPEN))}"
+        )
+    return sorted({x.upper() for x in v})
 
 
 @functools.lru_cache(maxsize=64)
@@ -342,7 +366,7 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
     try:
         thumbs = render(
             blob, s["sizes"], format=s["format"], quality=s["quality"], max_pixels=s["max_pixels"],
-            background=tuple(s["background_rgb"]),
+            background=tuple(s["background_rgb"]), input_formats=s["input_formats"],
         )
     except ThumbnailError as e:
         raise PermanentError(f"{bucket}/{key}: {e}") from None

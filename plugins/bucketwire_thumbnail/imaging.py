@@ -36,6 +36,11 @@ FORMATS: dict[str, tuple[str, str, str]] = {
 }
 ALPHA_FORMATS = {"WEBP", "PNG"}
 
+INPUT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "AVIF")
+"""Pillow decoders offered an upload (JPEG includes MPO, what many phones write). Uploads are untrusted input:
+Pillow's EPS plugin hands the file to Ghostscript when it is installed, and the rarely used decoders (FITS,
+PCD, PSD, SGI, ...) are where decoder bugs are found; an object in any other format is refused by name."""
+
 # Magic numbers of the formats we expect most; anything else is still offered to Pillow when the content type
 # says image/*.
 MAGIC: tuple[tuple[bytes, int], ...] = (
@@ -134,10 +139,12 @@ def render(
     quality: int = 80,
     max_pixels: int = 100_000_000,
     background: tuple[int, int, int] = (255, 255, 255),
+    input_formats: tuple[str, ...] | list[str] = INPUT_FORMATS,
 ) -> list[Thumb]:
     """Decode `data` once and return one thumbnail per size (longest edge), in the order of `sizes`.
 
-    Raises `ThumbnailError` for anything that is not a decodable image within `max_pixels`.
+    Raises `ThumbnailError` for anything that is not a decodable image in one of `input_formats` (Pillow format
+    names) within `max_pixels`.
     """
     if not sizes:
         return []
@@ -145,7 +152,7 @@ def render(
         pil_format, _ctype, _ext = FORMATS[format]
     except KeyError:
         raise ValueError(f"unknown output format {format!r}; use one of {sorted(FORMATS)}") from None
-    im = _open(data, max_pixels)
+    im = _open(data, max_pixels, tuple(input_formats))
     w, h = im.size
     order = sorted(set(sizes), reverse=True)
     base = _decode(im, fit(w, h, order[0]), max_pixels, pil_format, background)
@@ -170,18 +177,24 @@ def render(
     return [Thumb(s, *rendered[s]) for s in sizes]
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Read the header only, and refuse what is not an image or is too large before anything is decoded."""
+def _open(data: bytes, max_pixels: int, input_formats: tuple[str, ...]) -> Image.Image:
+    """Read the header only, and refuse what is not an image, not an allowed format or too large before anything
+    is decoded."""
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below is the limit; silence Pillow's global warning about it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=input_formats)
     except Image.DecompressionBombError as e:
         raise ThumbnailError(
             f"image rejected as a decompression bomb: over max_pixels={max_pixels} (Pillow: {e})"
         ) from None
     except UnidentifiedImageError:
+        other = _identify(data)
+        if other is not None:
+            raise ThumbnailError(
+                f"{other} image: not one of the input formats {', '.join(input_formats)} (input_formats setting)"
+            ) from None
         raise ThumbnailError("not an image Pillow can decode (unknown or corrupt header)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ThumbnailError(f"cannot read image header: {e}") from None
@@ -195,6 +208,20 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             "decompression bomb (raise max_pixels if such images are expected)"
         )
     return im
+
+
+def _identify(data: bytes) -> str | None:
+    """The name of the format of a refused upload, from the header checks of every Pillow plugin that does not
+    decode while opening: for the one-line reason only, never used to decode."""
+    Image.init()
+    head = data[:16]
+    for name, (_factory, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(head):
+                return name
+        except Exception:  # a plugin's check choking on a short header says nothing
+            continue
+    return None
 
 
 def _decode(im: Image.Image, largest: tuple[int, int], max_pixels: int, pil_format: str,
