@@ -149,6 +149,24 @@ def test_every_exif_orientation_comes_out_upright(fmt: str) -> None:
     assert not wrong, f"{fmt}: not upright for (orientation, size, top-left pixel) {wrong}"
 
 
+def test_phone_mpo_photos_take_the_jpeg_fast_path(photo: bytes) -> None:
+    """Many phones write MPO (a JPEG followed by more pictures: depth or gain maps), which Pillow names MPO, not
+    JPEG. Its first picture must get the same DCT-scaled decode as a plain JPEG (a full decode was 3.4x the CPU
+    for a 12 MP photo); the same bytes out prove the same path."""
+    pixels = Image.open(io.BytesIO(photo)).reduce(2)  # 2000x1500: drafted at 1/4 for 256 px
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    encoded = {}
+    for fmt in ("MPO", "JPEG"):  # the same pixels, encoder and quality: the same first picture
+        buf = io.BytesIO()
+        extra = {"save_all": True, "append_images": [Image.new("RGB", (400, 300))]} if fmt == "MPO" else {}
+        pixels.save(buf, fmt, quality=85, exif=exif, **extra)
+        encoded[fmt] = buf.getvalue()
+    mpo = encoded["MPO"]
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    assert render(mpo, [256], format="png") == render(encoded["JPEG"], [256], format="png")
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))

@@ -2,8 +2,9 @@
 
 Kept separate from the hooks so a benchmark (or another program) can call exactly the code the plugin runs.
 
-Why it is fast: a JPEG is asked for with `Image.draft()`, which makes libjpeg decode at 1/2, 1/4 or 1/8
-scale (DCT scaling), so a 12 MP photo headed for a 256 px thumbnail is decoded at 500x375, not 4000x3000.
+Why it is fast: a JPEG (or MPO, a JPEG with more pictures after it) is asked for with `Image.draft()`, which
+makes libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling), so a 12 MP photo headed for a 256 px thumbnail
+is decoded at 500x375, not 4000x3000.
 We draft to the smallest scale that still covers the largest target (1x, not Pillow's usual 2x: a 1/8 DCT
 decode is an 8x8 block average, a clean box pre-filter), then resample with LANCZOS at the output size. Against
 a full decode + LANCZOS that is ~44 dB PSNR, far below what the encoder itself loses (WebP q80: ~31 dB), and for
@@ -229,7 +230,7 @@ def _decode(im: Image.Image, largest: tuple[int, int], max_pixels: int, pil_form
     """Decode the first frame, no larger than needed for `largest`, in a mode the encoder accepts; a truncated
     or broken file is a ThumbnailError (permanent), not a crash."""
     try:
-        if im.format == "JPEG":
+        if im.format in ("JPEG", "MPO"):  # MPO: a JPEG with more pictures after it (phones)
             # DCT scaling: decode at the smallest 1/2^n scale still >= the largest target; LANCZOS does the rest.
             im.draft(im.mode if im.mode in ("RGB", "L") else None, largest)
         im.seek(0)  # GIF/APNG/TIFF: the first frame
