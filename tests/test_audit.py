@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import sqlite3
 import subprocess
@@ -98,7 +99,7 @@ def _tamper_cases() -> list[tuple[str, Any, int, str]]:
 
     return [
         ("edited", edit_value, 5, "edited"),
-        ("edited-rehashed", edit_and_rehash, 5, "altered"),
+        ("edited-rehashed", edit_and_rehash, 5, "differs from record n=5 as written"),
         ("deleted", delete, 5, "deleted"),
         ("swapped", swap, 5, "reordered"),
         ("torn", torn_tail, 10, "truncated line"),
@@ -127,6 +128,48 @@ def test_lines_cut_from_the_end_are_caught_by_the_index(tmp_path: Path) -> None:
     log.write_bytes(b"".join(lines(log)[:5]))
     res = cli_verify(log)
     assert res.exit_code == 1 and "log truncated" in res.output and "7 entries" in res.output
+
+
+def test_lines_added_by_hand_are_reported_and_never_adopted(tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A forged record appended with a correct-looking chain (n, prev and h all recomputed) is not one the writer
+    logged: verify names it, and the writer does not continue the chain from it."""
+    log = tmp_path / "audit.log"
+    write_events(log, range(1, 6))
+    last = json.loads(lines(log)[-1])
+    forged = {**{k: v for k, v in last.items() if k not in ("n", "prev", "h")}, "event_id": "x", "key": "planted"}
+    line6, h6 = seal(forged, 6, last["h"])
+    line7, _ = seal({**forged, "event_id": "y"}, 7, h6)
+    with open(log, "ab") as f:
+        f.write(line6 + b"\n" + line7 + b"\n")
+    res = cli_verify(log)
+    assert res.exit_code == 1 and f"{log}:6: record n=6 is past the last one the writer logged" in res.output, \
+        res.output
+    with caplog.at_level(logging.WARNING, logger="bucketwire.plugin.audit"):
+        write_events(log, range(6, 8))
+    assert "did not write (added by hand?); not adopting them" in caplog.text
+    res = cli_verify(log)
+    assert res.exit_code == 1 and f"{log}:6: line differs from record n=6 as written" in res.output, res.output
+    assert [json.loads(x)["event_id"] for x in lines(log)][5:] == ["x", "y", "evt-6", "evt-7"]
+
+
+def test_a_line_lost_in_a_crash_is_written_again_from_the_index(tmp_path: Path) -> None:
+    """The index is committed before the line is written; a crash in between (the event not acknowledged, so
+    it is redelivered) must not leave a gap in the chain."""
+    log = tmp_path / "audit.log"
+    write_events(log, range(1, 6))
+    log.write_bytes(b"".join(lines(log)[:4]) + lines(log)[4][:17])  # line 5 torn mid-write
+    assert "audit.log:5: truncated line" in cli_verify(log).output
+    write_events(log, range(5, 7))  # the redelivery of event 5, then event 6
+    assert [json.loads(x)["event_id"] for x in lines(log)] == [f"evt-{i}" for i in range(1, 7)]
+    assert cli_verify(log).exit_code == 0
+    # The same right after a rotation: the new active file is empty, its first lines are in the index.
+    write_events(log, range(7, 60), max_bytes=4096)
+    active = len(lines(log))
+    log.write_bytes(b"")
+    write_events(log, range(60, 61), max_bytes=4096)
+    assert len(lines(log)) == active + 1
+    assert "OK: 60 records" in cli_verify(tmp_path).output
 
 
 def test_rotation_by_size_and_day_keeps_one_chain(tmp_path: Path) -> None:

@@ -12,17 +12,22 @@ Record format (one line, canonical JSON: sorted keys, no spaces, ASCII only, so 
 * a deleted line or a missing rotated file leaves a gap in `n`   -> reported where the gap is;
 * swapped lines put `n` out of order                             -> reported at the first swapped line;
 * a cut-off last line has no newline                             -> reported at that line;
-* whole lines cut from the end are caught by comparing with the head kept in the index beside the log.
+* whole lines cut from the end are caught by comparing with the head kept in the index beside the log;
+* a line the index does not know (past its head), or knows differently (each line is kept there for
+  `index_days`), was not written by the writer: one appended by hand with a correct-looking chain, or an edit
+  whose chain was recomputed to the end, is reported at that line.
 
 Several worker *processes* append at once, so every append runs under an exclusive `fcntl.flock` on
-`PATH.lock`: the chain head is read, the line written with one `write()` on an O_APPEND descriptor, and the
-index updated, all while holding the lock. Lines never interleave and the chain never forks.
+`PATH.lock`: the chain head is read, the index updated and then the line written with one `write()` on an
+O_APPEND descriptor, all while holding the lock. Lines never interleave and the chain never forks.
 
 The index (`PATH.index.sqlite`, WAL) holds the ids of written events (a redelivery is not logged twice; O(log n)
-per event instead of scanning the log), the line each produced (to re-upload its object copy), and the head
-(n, h, day, first n of the active file). The log file is the truth: on each append the last line of the active
-file is compared with the index head and the index is caught up if a crash came between the two writes; a torn
-last line (crash mid-write, never acknowledged) is cut off. A deleted index is rebuilt by scanning the logs.
+per event instead of scanning the log), the line each produced (to re-upload its object copy, to repair the log,
+and for `verify` to compare with), and the head (n, h, day, first n of the active file). It is committed before
+the line is written, so the log never legitimately runs ahead of it: on each append, lines the index has and the
+log lacks (a crash between the two, a torn last line cut off) are written from the index, and lines the log has
+beyond the index head are not adopted (with fsync = "always"; after a power loss with "interval"/"never" they
+may be the index's loss, and are adopted with a warning). A deleted index is rebuilt by scanning the logs.
 """
 
 from __future__ import annotations
@@ -114,6 +119,7 @@ class AuditLog:
                 " line BLOB NOT NULL, at REAL NOT NULL)"
             )
             db.execute("CREATE INDEX IF NOT EXISTS written_at ON written(at)")
+            db.execute("CREATE INDEX IF NOT EXISTS written_n ON written(n)")
             db.execute("CREATE TABLE IF NOT EXISTS head (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
             if fresh:
                 self._rebuild(db)
@@ -190,33 +196,61 @@ class AuditLog:
         db.execute("COMMIT")
 
     def _catch_up(self, db: sqlite3.Connection) -> Head:
-        """Make the index agree with the active file's last line (crash between write and commit)."""
+        """Make the log agree with the index head, which is committed before each line is written.
+
+        A crash between the two leaves the index one line ahead (a torn last line is cut off first): the line is
+        written from the index, where it is kept. The log ahead of the index is not the writer's doing with
+        fsync = "always" (hand-appended lines): they are left for `verify` to report and never adopted into the
+        chain. With "interval"/"never" a power loss can lose index commits the log kept, so they are adopted,
+        with a warning either way."""
         head = self._get_head(db) or Head()
         try:
             size = os.path.getsize(self.path)
         except FileNotFoundError:
-            return head
-        if size == 0:
-            return head
-        last, end = _last_line(self.path, size)
-        if end < size:
-            log.warning("audit: %s ends in a torn line (crash mid-write); cutting %d bytes", self.path, size - end)
-            os.truncate(self.path, end)
-        if last is None:
-            return head
-        try:
-            rec = json.loads(last)
-        except ValueError:
-            return head
-        if isinstance(rec, dict) and isinstance(rec.get("n"), int) and rec["n"] > head.n:
-            db.execute(
-                "INSERT OR IGNORE INTO written VALUES (?, ?, ?, ?)",
-                (str(rec.get("event_id", "")), rec["n"], last, time.time()),
-            )
-            if not head.day:
-                head.day = str(rec.get("logged", ""))[:10]
-            head.n, head.h = rec["n"], str(rec["h"])
-            self._set_head(db, head)
+            size = 0
+        last: bytes | None = None
+        if size:
+            last, end = _last_line(self.path, size)
+            if end < size:
+                log.warning("audit: %s ends in a torn line (crash mid-write); cutting %d bytes",
+                            self.path, size - end)
+                os.truncate(self.path, end)
+        rec: Any = None
+        if last is not None:
+            with contextlib.suppress(ValueError):
+                rec = json.loads(last)
+        if isinstance(rec, dict) and isinstance(rec.get("n"), int):
+            log_n = rec["n"]
+        elif size:
+            return head  # a last line that is no record: `verify` names it
+        else:
+            log_n = head.first_n - 1  # a new active file: the chain's last line is in the rotated one
+        if log_n < head.n:
+            missing = db.execute(
+                "SELECT line FROM written WHERE n > ? AND n <= ? ORDER BY n", (log_n, head.n)).fetchall()
+            if len(missing) == head.n - log_n:
+                data = b"".join(bytes(r[0]) + b"\n" for r in missing)
+                log.warning("audit: %s is missing its last %d line(s) (crash before they were written); "
+                            "writing them from the index", self.path, len(missing))
+                fd = self._active_fd()
+                if os.write(fd, data) != len(data):
+                    raise OSError(f"short write to {self.path}; disk full?")
+                self._sync(fd)
+        elif log_n > head.n:
+            if self.fsync == "always":
+                log.warning("audit: %s has lines after record n=%d that this writer did not write (added by "
+                            "hand?); not adopting them, `audit verify` reports them", self.path, head.n)
+            else:
+                log.warning("audit: %s has lines after record n=%d that the index lost (power loss with "
+                            "fsync=%s?); adopting them", self.path, head.n, self.fsync)
+                db.execute(
+                    "INSERT OR IGNORE INTO written VALUES (?, ?, ?, ?)",
+                    (str(rec.get("event_id", "")), rec["n"], last, time.time()),
+                )
+                if not head.day:
+                    head.day = str(rec.get("logged", ""))[:10]
+                head.n, head.h = rec["n"], str(rec["h"])
+                self._set_head(db, head)
         return head
 
     def _rotate(self, head: Head) -> None:
@@ -260,12 +294,8 @@ class AuditLog:
                     size = 0
                 if size == 0:
                     head.day, head.first_n = day, head.n + 1
-                fd = self._active_fd()
-                data = line + b"\n"
-                written = os.write(fd, data)
-                if written != len(data):  # regular files do not short-write unless the disk is full
-                    raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes); disk full?")
-                self._sync(fd)
+                # The index first: a line in the log is then always one the index knows (so `verify` can tell
+                # hand-appended lines), and a crash before the write is repaired from the index (_catch_up).
                 head.n, head.h = head.n + 1, h
                 db.execute("INSERT INTO written VALUES (?, ?, ?, ?)", (event_id, head.n, line, time.time()))
                 self._set_head(db, head)
@@ -274,6 +304,13 @@ class AuditLog:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            fd = self._active_fd()
+            data = line + b"\n"
+            written = os.write(fd, data)
+            if written != len(data):  # regular files do not short-write unless the disk is full
+                # Committed but not (wholly) written: the next append cuts the torn line and writes it again.
+                raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes); disk full?")
+            self._sync(fd)
             return True, head.n, line
 
     def _sync(self, fd: int) -> None:
@@ -405,6 +442,11 @@ def verify(paths: Iterable[str | os.PathLike[str]], *, partial: bool = False) ->
     files = expand(paths)
     if not files:
         raise ChainError("no audit log files given")
+    with _Written.beside(files) as written:
+        return _verify(files, partial, written)
+
+
+def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult:
     expect_n: int | None = None
     prev_h = GENESIS
     records = 0
@@ -427,6 +469,14 @@ def verify(paths: Iterable[str | os.PathLike[str]], *, partial: bool = False) ->
                 if hashlib.sha256(canonical(rec)).hexdigest() != h or canonical({**rec, "h": h}) != body:
                     raise ChainError(f"{where}: line was edited (its content does not match its hash)")
                 n = rec["n"]
+                if written.head is not None and n > written.head[0]:
+                    raise ChainError(
+                        f"{where}: record n={n} is past the last one the writer logged (n={written.head[0]}, "
+                        "kept in the index): added by hand"
+                    )
+                kept = written.line(n)
+                if kept is not None and kept != body:
+                    raise ChainError(f"{where}: line differs from record n={n} as written (kept in the index)")
                 if expect_n is None:
                     if n != 1 and not partial:
                         raise ChainError(
@@ -453,29 +503,54 @@ def verify(paths: Iterable[str | os.PathLike[str]], *, partial: bool = False) ->
                 records += 1
     last_n = (expect_n or 1) - 1
     # Lines cut from the very end leave a valid chain; the index beside the active log knows the true head.
-    for f in files:
-        idx = Path(str(f) + INDEX_SUFFIX)
-        if idx.exists():
-            head = _index_head(idx)
-            if head is not None and head[0] > last_n:
-                raise ChainError(
-                    f"{last_where or f}: log truncated: the index records {head[0]} entries but the log ends at "
-                    f"n={last_n}"
-                )
-            if head is not None and head[0] == last_n and head[1] != prev_h:
-                raise ChainError(f"{last_where}: last line does not match the head recorded in the index")
+    head = written.head
+    if head is not None and head[0] > last_n:
+        raise ChainError(
+            f"{last_where or files[-1]}: log truncated: the index records {head[0]} entries but the log ends at "
+            f"n={last_n}"
+        )
+    if head is not None and head[0] == last_n and head[1] != prev_h:
+        raise ChainError(f"{last_where}: last line does not match the head recorded in the index")
     return VerifyResult(len(files), records, last_n, prev_h)
 
 
-def _index_head(idx: Path) -> tuple[int, str] | None:
-    try:
-        db = sqlite3.connect(f"file:{idx}?mode=ro", uri=True, timeout=5)
-        try:
+class _Written:
+    """The writer's index beside the active log, read-only: its head, and each recent line as written (the
+    `written` table keeps them for `index_days`). Lines the index does not know, or knows differently, were not
+    written by bucketwire. Without an index (rotated files checked elsewhere) only the chain is checked."""
+
+    def __init__(self, db: sqlite3.Connection | None) -> None:
+        self.db = db
+        self.head: tuple[int, str] | None = None
+        self.by_n = False
+        if db is not None:
             rows = dict(db.execute("SELECT k, v FROM head").fetchall())
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return None
-    if "n" not in rows:
-        return None
-    return int(rows["n"]), rows["h"]
+            if "n" in rows:
+                self.head = int(rows["n"]), rows["h"]
+            # Indexes written before lines were looked up by n have no index on it: a scan per line is too slow.
+            self.by_n = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'written_n'").fetchone() is not None
+
+    @classmethod
+    def beside(cls, files: list[Path]) -> _Written:
+        for f in files:
+            idx = Path(str(f) + INDEX_SUFFIX)
+            if idx.exists():
+                try:
+                    return cls(sqlite3.connect(f"file:{idx}?mode=ro", uri=True, timeout=5))
+                except sqlite3.Error:
+                    continue
+        return cls(None)
+
+    def line(self, n: int) -> bytes | None:
+        if self.db is None or not self.by_n:
+            return None
+        row = self.db.execute("SELECT line FROM written WHERE n = ?", (n,)).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    def __enter__(self) -> _Written:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.db is not None:
+            self.db.close()
