@@ -51,6 +51,10 @@ MAX_COPY = 5 << 30  # S3's single CopyObject limit
 NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NoSuchVersion", "ResourceNotFound"}
 NO_TAGS = {"NotImplemented", "NoSuchTagSet", "NoSuchTagSetError", "MethodNotAllowed"}
 PLAIN_MD5 = re.compile(r"[0-9a-f]{32}")
+KEPT_HEADERS = ("Cache-Control", "Content-Disposition", "Content-Encoding", "Content-Language")
+"""Object headers a replica keeps besides Content-Type and user metadata: they say how the bytes are to be served
+(a gzip-compressed asset without its Content-Encoding is garbage to a browser). The minio client sends these
+names as headers, not as `x-amz-meta-*`."""
 
 PARALLEL_PARTS = 2
 """Parts of a large object uploaded to the target at once. With one, the connection sat idle while each part was
@@ -168,7 +172,8 @@ class _Counting:
         self.n = 0
 
     def read(self, size: int = -1) -> bytes:
-        b: bytes = self.raw.read(size if size is not None and size >= 0 else None)
+        # The stored bytes: urllib3 would un-gzip a `Content-Encoding: gzip` object on the way otherwise.
+        b: bytes = self.raw.read(size if size is not None and size >= 0 else None, decode_content=False)
         self.md5.update(b)
         self.n += len(b)
         return b
@@ -229,6 +234,10 @@ def _is_current_replica(have: Any, st: _Source, bucket: str, key: str) -> bool:
 
 def _replica_metadata(st: _Source, bucket: str, key: str) -> dict[str, str]:
     md = user_metadata(st.headers)
+    for name in KEPT_HEADERS:
+        v = st.headers.get(name)
+        if v:
+            md[name] = v
     md[META + MARKER] = source_ref(bucket, key)
     md[META + MARKER_ETAG] = st.etag
     return md
@@ -355,7 +364,7 @@ def _stream(ctx: Context, event: Event, src: Any, dst: Any, bucket: str, key: st
         if small:
             # Read it whole (bounded by part_size, like one part of the streamed path) while the target stat
             # may still be in flight; it goes up in one PUT.
-            buf = resp.read()
+            buf = resp.read(decode_content=False)  # the stored bytes (see _Counting.read)
             if len(buf) != st.size:
                 raise PluginError(f"read {len(buf)} bytes of {bucket}/{key}, expected {st.size}; will retry")
         if _is_current_replica(have_f.result(), st, bucket, key):
