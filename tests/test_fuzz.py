@@ -226,3 +226,14 @@ def test_pub_envelope_bound_holds_for_the_worst_case() -> None:
     (ev,) = [Event.from_dict(d, text_checked=strict) for d in pub.events]
     assert envelope_bytes(ev, "t") > 3 * len(raw)  # the case is as bad as it should be
     assert envelope_bytes(ev, "t") <= pub_envelope_bound(len(raw)) + 6
+
+
+@pytest.mark.parametrize("key", ["%ff%fe.jpg", "a/%C3%28.png"])
+def test_minio_key_escaping_invalid_utf8_is_a_record_error(key: str) -> None:
+    """A record key whose %-escapes are not UTF-8 is the sender's mistake: a one-line 400 reason naming the
+    field, not the 'parser failed' traceback a parser bug gets."""
+    body = minio_payloads.body(minio_payloads.record("s3:ObjectCreated:Put", "photos", "x", size=1))
+    doc = json.loads(body)
+    doc["Records"][0]["s3"]["object"]["key"] = key
+    with pytest.raises(s3_records.RecordError, match=r"Records\[0\]\.s3\.object\.key .*not UTF-8"):
+        ingress.parse_minio(dump(doc), "primary")

@@ -70,7 +70,12 @@ def record_to_event(rec: Any, *, store: str | None, key_encoded: bool = True, in
     raw_key = obj.get("key")
     if not isinstance(raw_key, str) or raw_key == "":
         raise RecordError(f"{where}.s3.object.key is required")
-    key = unquote_plus(raw_key, errors="strict") if key_encoded else raw_key
+    try:
+        key = unquote_plus(raw_key, errors="strict") if key_encoded else raw_key
+    except UnicodeDecodeError:
+        raise RecordError(
+            f"{where}.s3.object.key {raw_key[:200]!r}: its %-escapes are not UTF-8 (S3 keys are UTF-8)"
+        ) from None
     if "\x00" in key:
         raise RecordError(f"{where}.s3.object.key contains a NUL byte")
     size = obj.get("size", 0)
