@@ -384,6 +384,24 @@ def test_12mp_upload_makes_thumbnails_once_and_never_of_its_output(weed: Any, bu
         h.handle(rm)  # redelivered delete: harmless
 
 
+def test_removal_in_one_bucket_keeps_the_thumbnail_of_another(weed: Any, bucket: str) -> None:
+    """Two source buckets sharing an output bucket: deleting a.jpg in one must not remove the thumbnail that
+    a.jpg of the other bucket owns (the thumbnail names its source bucket; only the key was compared)."""
+    c = weed.client()
+    other, out = f"{bucket}-b", f"{bucket}-out"
+    c.make_bucket(other)
+    c.make_bucket(out)
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), RED).save(buf, "PNG")
+    with harness(weed, sizes=[64], output_bucket=out) as h:
+        h.handle(upload(c, bucket, "a.png", buf.getvalue(), "image/png"))
+        h.handle(obj_event("ObjectRemoved:Delete", other, "a.png"))  # never existed in `other`
+        assert keys(c, out) == ["64/a.png.webp"]
+        c.remove_object(bucket, "a.png")
+        h.handle(obj_event("ObjectRemoved:Delete", bucket, "a.png"))
+        assert keys(c, out) == []
+
+
 def test_marker_in_object_metadata_stops_recursion(weed: Any, bucket: str) -> None:
     """Even when the key is outside the output pattern and the event carries no metadata."""
     c = weed.client()

@@ -482,8 +482,9 @@ def _delete_thumbnails(ctx: Context, src: Any, dst: Any, bucket: str, key: str, 
         st = _stat(dst, out_bucket, k)
         if st is None or not is_generated(st.metadata):
             continue
-        if meta_get(st.metadata, "bucketwire-source-key") != quote(key, safe="/"):
-            continue
+        if (meta_get(st.metadata, "bucketwire-source-key") != quote(key, safe="/")
+                or meta_get(st.metadata, "bucketwire-source-bucket") != quote(bucket, safe="")):
+            continue  # made from another source (e.g. the same key in another bucket sharing output_bucket)
         dst.remove_object(out_bucket, k)
         ctx.log.debug("thumbnail: removed %s/%s (source %s/%s deleted)", out_bucket, k, bucket, key)
 
