@@ -170,6 +170,12 @@ def test_a_line_lost_in_a_crash_is_written_again_from_the_index(tmp_path: Path) 
     write_events(log, range(60, 61), max_bytes=4096)
     assert len(lines(log)) == active + 1
     assert "OK: 60 records" in cli_verify(tmp_path).output
+    # A rotation whose index commit then failed (rolled back): the renamed file holds every line, the index
+    # still names the old active file's first n; nothing may be written twice.
+    log.rename(log.with_name("audit.log.2000-01-02.000000000099"))
+    write_events(log, range(61, 62), max_bytes=4096)
+    assert [json.loads(x)["n"] for x in lines(log)] == [61]
+    assert "OK: 61 records" in cli_verify(tmp_path).output
 
 
 def test_rotation_by_size_and_day_keeps_one_chain(tmp_path: Path) -> None:

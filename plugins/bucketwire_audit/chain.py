@@ -208,6 +208,7 @@ class AuditLog:
             size = os.path.getsize(self.path)
         except FileNotFoundError:
             size = 0
+        rec: Any = None
         last: bytes | None = None
         if size:
             last, end = _last_line(self.path, size)
@@ -215,29 +216,34 @@ class AuditLog:
                 log.warning("audit: %s ends in a torn line (crash mid-write); cutting %d bytes",
                             self.path, size - end)
                 os.truncate(self.path, end)
-        rec: Any = None
-        if last is not None:
+                size = end
+        if size:
             with contextlib.suppress(ValueError):
-                rec = json.loads(last)
-        if isinstance(rec, dict) and isinstance(rec.get("n"), int):
-            log_n = rec["n"]
-        elif size:
-            return head  # a last line that is no record: `verify` names it
+                rec = json.loads(last or b"")
+            if not (isinstance(rec, dict) and isinstance(rec.get("n"), int) and isinstance(rec.get("h"), str)):
+                return head  # a last line that is no record: `verify` names it
         else:
-            log_n = head.first_n - 1  # a new active file: the chain's last line is in the rotated one
+            # A new (or emptied) active file: the chain's last line is in the newest rotated one. Only here, and
+            # rarely: a rotation is followed by a write in the same append.
+            rec = _last_record(self.path)
+        log_n = rec["n"] if rec is not None else 0
         if log_n < head.n:
-            missing = db.execute(
-                "SELECT line FROM written WHERE n > ? AND n <= ? ORDER BY n", (log_n, head.n)).fetchall()
-            if len(missing) == head.n - log_n:
-                data = b"".join(bytes(r[0]) + b"\n" for r in missing)
+            missing = [bytes(r[0]) for r in db.execute(
+                "SELECT line FROM written WHERE n > ? AND n <= ? ORDER BY n", (log_n, head.n)).fetchall()]
+            prev = rec["h"] if rec is not None else GENESIS
+            if len(missing) == head.n - log_n and _prev_of(missing[0]) == prev:
+                data = b"".join(line + b"\n" for line in missing)
                 log.warning("audit: %s is missing its last %d line(s) (crash before they were written); "
                             "writing them from the index", self.path, len(missing))
                 fd = self._active_fd()
                 if os.write(fd, data) != len(data):
                     raise OSError(f"short write to {self.path}; disk full?")
                 self._sync(fd)
+            else:
+                log.warning("audit: %s ends at record n=%d, the index at n=%d, and the lines between cannot be "
+                            "restored from it; `audit verify` reports the gap", self.path, log_n, head.n)
         elif log_n > head.n:
-            if self.fsync == "always":
+            if self.fsync == "always" or last is None:
                 log.warning("audit: %s has lines after record n=%d that this writer did not write (added by "
                             "hand?); not adopting them, `audit verify` reports them", self.path, head.n)
             else:
@@ -379,6 +385,30 @@ def _last_line(path: Path, size: int) -> tuple[bytes | None, int]:
                 prev_nl = buf.rfind(b"\n", 0, nl)
             return buf[prev_nl + 1 : nl], end
     return None, 0
+
+
+def _prev_of(line: bytes) -> str | None:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec.get("prev") if isinstance(rec, dict) else None
+
+
+def _last_record(active: Path) -> dict[str, Any] | None:
+    """The last complete record of the newest non-empty rotated file beside `active`, or None."""
+    for f in reversed(sorted_logs(p for p in log_files_beside(active) if p != active)):
+        size = f.stat().st_size
+        if not size:
+            continue
+        last, _end = _last_line(f, size)
+        try:
+            rec = json.loads(last or b"")
+        except ValueError:
+            return None
+        ok = isinstance(rec, dict) and isinstance(rec.get("n"), int) and isinstance(rec.get("h"), str)
+        return rec if ok else None
+    return None
 
 
 # -- verification -------------------------------------------------------------------------------------------
