@@ -178,6 +178,36 @@ def test_a_line_lost_in_a_crash_is_written_again_from_the_index(tmp_path: Path) 
     assert "OK: 61 records" in cli_verify(tmp_path).output
 
 
+def _append_until(path: str, stop: Any) -> None:
+    with PluginHarness(audit, settings={"path": path, "fsync": "never"}) as h:
+        i = 1000
+        while not stop.is_set():
+            h.handle(ev(i))
+            i += 1
+
+
+def test_verify_of_a_log_being_written_passes(tmp_path: Path) -> None:
+    """Operators verify the live log: lines a worker appends while verify reads are not 'added by hand', and
+    the index moving on meanwhile is not a truncated log."""
+    log = tmp_path / "audit.log"
+    write_events(log, range(1, 50), fsync="never")
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    writer = ctx.Process(target=_append_until, args=(str(log), stop))
+    writer.start()
+    try:
+        start = len(lines(log))
+        results = []
+        while len(results) < 20 or len(lines(log)) < start + 20:  # verify while at least 20 lines arrive
+            results.append(cli_verify(log).output.strip())
+            assert writer.is_alive()
+    finally:
+        stop.set()
+        writer.join(30)
+    bad = [r for r in results if "OK:" not in r]
+    assert not bad, f"{len(bad)} of {len(results)} verifies of the live log failed, e.g. {bad[0]}"
+
+
 def test_rotation_by_size_and_day_keeps_one_chain(tmp_path: Path) -> None:
     log = tmp_path / "audit.log"
     write_events(log, range(1, 41), max_bytes=4096)

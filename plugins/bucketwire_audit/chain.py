@@ -387,6 +387,22 @@ def _last_line(path: Path, size: int) -> tuple[bytes | None, int]:
     return None, 0
 
 
+@contextlib.contextmanager
+def _shared_lock(path: Path | None) -> Iterator[None]:
+    """A shared flock on the writers' lock file, if it can be opened (verify may run without write access)."""
+    fd = None
+    if path is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
+
+
 def _prev_of(line: bytes) -> str | None:
     try:
         rec = json.loads(line)
@@ -486,6 +502,9 @@ def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult
             for lineno, raw in enumerate(fh, 1):
                 where = f"{f}:{lineno}"
                 if not raw.endswith(b"\n"):
+                    head_n = written.head[0] if written.head is not None else None
+                    if f == files[-1] and head_n is not None and (expect_n or 1) - 1 >= head_n:
+                        break  # past every line the index had when verify began: one being written right now
                     raise ChainError(f"{where}: truncated line (no newline at the end; cut off or torn write)")
                 body = raw[:-1]
                 try:
@@ -499,14 +518,14 @@ def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult
                 if hashlib.sha256(canonical(rec)).hexdigest() != h or canonical({**rec, "h": h}) != body:
                     raise ChainError(f"{where}: line was edited (its content does not match its hash)")
                 n = rec["n"]
-                if written.head is not None and n > written.head[0]:
-                    raise ChainError(
-                        f"{where}: record n={n} is past the last one the writer logged (n={written.head[0]}, "
-                        "kept in the index): added by hand"
-                    )
                 kept = written.line(n)
                 if kept is not None and kept != body:
                     raise ChainError(f"{where}: line differs from record n={n} as written (kept in the index)")
+                if kept is None and written.head is not None and n > written.head[0] and n > written.now_n():
+                    raise ChainError(
+                        f"{where}: record n={n} is past the last one the writer logged (n={written.now_n()}, "
+                        "kept in the index): added by hand"
+                    )
                 if expect_n is None:
                     if n != 1 and not partial:
                         raise ChainError(
@@ -547,19 +566,33 @@ def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult
 class _Written:
     """The writer's index beside the active log, read-only: its head, and each recent line as written (the
     `written` table keeps them for `index_days`). Lines the index does not know, or knows differently, were not
-    written by bucketwire. Without an index (rotated files checked elsewhere) only the chain is checked."""
+    written by bucketwire. Without an index (rotated files checked elsewhere) only the chain is checked.
 
-    def __init__(self, db: sqlite3.Connection | None) -> None:
+    The head is read under a shared lock on `PATH.lock`: writers hold it exclusively from the index commit until
+    their line is written, so the log then holds every line up to the head, and a log verified while workers
+    append to it is neither 'truncated' (the index moved on while the log was read) nor 'added by hand' (a line
+    written after the head was read: the index has it, committed before the line)."""
+
+    def __init__(self, db: sqlite3.Connection | None, lock: Path | None = None) -> None:
         self.db = db
         self.head: tuple[int, str] | None = None
         self.by_n = False
         if db is not None:
-            rows = dict(db.execute("SELECT k, v FROM head").fetchall())
-            if "n" in rows:
-                self.head = int(rows["n"]), rows["h"]
+            with _shared_lock(lock):
+                self.head = self._read_head()
             # Indexes written before lines were looked up by n have no index on it: a scan per line is too slow.
             self.by_n = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'written_n'").fetchone() is not None
+
+    def _read_head(self) -> tuple[int, str] | None:
+        assert self.db is not None
+        rows = dict(self.db.execute("SELECT k, v FROM head").fetchall())
+        return (int(rows["n"]), rows["h"]) if "n" in rows else None
+
+    def now_n(self) -> int:
+        """The head now (a line past the snapshot may have been written since; an old index cannot say)."""
+        head = self._read_head() if self.db is not None else None
+        return head[0] if head is not None else 0
 
     @classmethod
     def beside(cls, files: list[Path]) -> _Written:
@@ -567,7 +600,8 @@ class _Written:
             idx = Path(str(f) + INDEX_SUFFIX)
             if idx.exists():
                 try:
-                    return cls(sqlite3.connect(f"file:{idx}?mode=ro", uri=True, timeout=5))
+                    return cls(sqlite3.connect(f"file:{idx}?mode=ro", uri=True, timeout=5),
+                               Path(str(f) + LOCK_SUFFIX))
                 except sqlite3.Error:
                     continue
         return cls(None)
