@@ -178,6 +178,19 @@ def test_deletes_only_when_enabled_and_only_our_replicas(weed: WeedServer, bucke
         c.stat_object(tb, "x.bin")
 
 
+def test_a_lifecycle_expiration_is_not_replicated(weed: Any, bucket: str) -> None:
+    """As S3 replication does: an object the source's lifecycle rule expired keeps its replica, even with
+    `replicate_deletes` (the target keeps its own rules; a replica is often the longer-kept copy)."""
+    c = weed.client()
+    tb = new_bucket(c, bucket, "exp")
+    stores = {"primary": store_cfg("primary", weed)}
+    on = harness(stores, target_store="primary", target_bucket=tb, replicate_deletes=True)
+    on.handle(put(c, bucket, "old.bin", b"x" * 10))
+    c.remove_object(bucket, "old.bin")
+    assert on.handle(obj_event("LifecycleExpiration:Delete", bucket, "old.bin")) == []
+    assert c.stat_object(tb, "old.bin").size == 10
+
+
 # -- two servers: streamed, multipart, constant memory --------------------------------------------------------
 @pytest.mark.parametrize("size", [1000, 12 << 20])
 def test_cross_store_stream_small_and_multipart(weed: WeedServer, weed2: WeedServer, bucket: str,

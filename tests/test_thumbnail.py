@@ -402,6 +402,21 @@ def test_removal_in_one_bucket_keeps_the_thumbnail_of_another(weed: Any, bucket:
         assert keys(c, out) == []
 
 
+def test_a_lifecycle_expiration_removes_the_thumbnails(weed: Any, bucket: str) -> None:
+    """An object a lifecycle rule expired is gone like a deleted one (AWS sends `s3:LifecycleExpiration:Delete`
+    and `...:DeleteMarkerCreated` for them): its thumbnails go too. They were taken for neither a creation nor a
+    removal, so every expired photo left its thumbnails behind for good."""
+    c = weed.client()
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), RED).save(buf, "PNG")
+    with harness(weed, sizes=[64]) as h:
+        h.handle(upload(c, bucket, "old.png", buf.getvalue(), "image/png"))
+        assert keys(c, bucket) == ["64/old.png.webp", "old.png"]
+        c.remove_object(bucket, "old.png")
+        h.handle(obj_event("LifecycleExpiration:Delete", bucket, "old.png"))
+        assert keys(c, bucket) == []
+
+
 def test_marker_in_object_metadata_stops_recursion(weed: Any, bucket: str) -> None:
     """Even when the key is outside the output pattern and the event carries no metadata."""
     c = weed.client()

@@ -213,6 +213,11 @@ def read_envelope(build: Callable[..., T], d: Mapping[str, Any], text_checked: b
     )
 
 
+LIFECYCLE_EXPIRATION = "s3:LifecycleExpiration:"
+REMOVED_TYPES = ("s3:ObjectRemoved:", LIFECYCLE_EXPIRATION)
+"""Event types of an object that is gone: deleted, or expired by a lifecycle rule (AWS's names)."""
+
+
 @dataclass(slots=True)
 class Event:
     """A CloudEvent as plugins see it.
@@ -256,7 +261,15 @@ class Event:
 
     @property
     def is_object_removed(self) -> bool:
-        return self.type.startswith("s3:ObjectRemoved:")
+        """Deleted by a client (`s3:ObjectRemoved:*`) or expired by a lifecycle rule (`s3:LifecycleExpiration:*`,
+        as AWS names those): either way the object is gone, and what was made from it should go too."""
+        return self.type.startswith(REMOVED_TYPES)
+
+    @property
+    def is_lifecycle_expiration(self) -> bool:
+        """Removed by the store's own lifecycle rule rather than by a client: S3 replication does not carry
+        these over (the target keeps its own rules), and neither does the bundled replication plugin."""
+        return self.type.startswith(LIFECYCLE_EXPIRATION)
 
     @property
     def is_object_event(self) -> bool:

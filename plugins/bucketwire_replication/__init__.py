@@ -281,8 +281,8 @@ def handle_event(event: Event, ctx: Context) -> None:
     data = event.data if isinstance(event.data, dict) else {}
     if event.is_object_created and meta_get(data.get("user_metadata"), MARKER):
         return  # a replica: never replicated again (two-way replication would loop)
-    if event.is_object_removed and not s["replicate_deletes"]:
-        return
+    if event.is_object_removed and (not s["replicate_deletes"] or event.is_lifecycle_expiration):
+        return  # expirations stay on the source's side, as S3 replication keeps them
     tkey = target_key(s["prefix"], key)
     src_name = s["source_store"] or event.store
     src = ctx.store(src_name)
