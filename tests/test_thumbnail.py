@@ -402,6 +402,29 @@ def test_removal_in_one_bucket_keeps_the_thumbnail_of_another(weed: Any, bucket:
         assert keys(c, out) == []
 
 
+def test_buckets_sharing_output_bucket_never_overwrite_each_others_thumbnails(weed: Any, bucket: str) -> None:
+    """Two source buckets, one output_bucket, a key_template without {bucket}: a.png of the second bucket must
+    not replace the thumbnail of the first's a.png (that served one bucket's picture as the other's); it is
+    refused with one line saying to add {bucket}. With {bucket} in the template both get their own."""
+    c = weed.client()
+    other, out = f"{bucket}-b", f"{bucket}-out"
+    c.make_bucket(other)
+    c.make_bucket(out)
+    red, blue = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (300, 200), RED).save(red, "PNG")
+    Image.new("RGB", (300, 200), (0, 0, 255)).save(blue, "PNG")
+    with harness(weed, sizes=[64], output_bucket=out) as h:
+        h.handle(upload(c, bucket, "a.png", red.getvalue(), "image/png"))
+        with pytest.raises(PermanentError, match=r"thumbnail of .*/a\.png; source buckets share output_bucket, "
+                                                 r"so put \{bucket\} in key_template"):
+            h.handle(upload(c, other, "a.png", blue.getvalue(), "image/png"))
+    thumb_img = Image.open(io.BytesIO(c.get_object(out, "64/a.png.webp").read())).convert("RGB")
+    assert thumb_img.getpixel((0, 0))[0] > 200  # still the first bucket's red picture
+    with harness(weed, sizes=[64], output_bucket=out, key_template="{size}/{bucket}/{key}.{ext}") as h:
+        h.handle(upload(c, bucket, "a.png", red.getvalue(), "image/png"))
+        h.handle(upload(c, other, "a.png", blue.getvalue(), "image/png"))
+    assert {f"64/{bucket}/a.png.webp", f"64/{other}/a.png.webp"} <= set(keys(c, out))
+
 def test_a_lifecycle_expiration_removes_the_thumbnails(weed: Any, bucket: str) -> None:
     """An object a lifecycle rule expired is gone like a deleted one (AWS sends `s3:LifecycleExpiration:Delete`
     and `...:DeleteMarkerCreated` for them): its thumbnails go too. They were taken for neither a creation nor a

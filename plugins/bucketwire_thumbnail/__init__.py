@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from minio.error import S3Error
 from PIL import Image
@@ -370,11 +370,29 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
         )
     except ThumbnailError as e:
         raise PermanentError(f"{bucket}/{key}: {e}") from None
+    if out_bucket != bucket and "{bucket}" not in s["key_template"]:
+        _check_owner(dst, out_bucket, keys, bucket, key)
     info: dict[int, tuple[int, int, int]] = {}
     for t in thumbs:
         _put(dst, out_bucket, keys[t.size], t, bucket, key, real_etag, out_ctype)
         info[t.size] = (t.width, t.height, len(t.data))
     _announce(ctx, event, out_bucket, keys, real_etag, info)
+
+
+def _check_owner(dst: Any, out_bucket: str, keys: dict[int, str], bucket: str, key: str) -> None:
+    """Refuse to overwrite a thumbnail another source bucket owns. Source buckets that share `output_bucket`
+    under a key_template without {bucket} map the same key to the same thumbnail: overwritten, one bucket's
+    picture was served as the other's (across buckets that may not see each other's objects)."""
+    for k in keys.values():
+        st = _stat(dst, out_bucket, k)
+        if st is None or not is_generated(st.metadata):
+            continue
+        owner = meta_get(st.metadata, "bucketwire-source-bucket")
+        if owner and owner != quote(bucket, safe=""):
+            raise PermanentError(
+                f"{bucket}/{key}: {out_bucket}/{k} is the thumbnail of {unquote(owner)}/{key}; source buckets "
+                'share output_bucket, so put {bucket} in key_template (e.g. "{size}/{bucket}/{key}.{ext}")'
+            )
 
 
 def _source(ctx: Context, src: Any, bucket: str, key: str, ctype: str,
