@@ -425,6 +425,24 @@ def test_buckets_sharing_output_bucket_never_overwrite_each_others_thumbnails(we
         h.handle(upload(c, other, "a.png", blue.getvalue(), "image/png"))
     assert {f"64/{bucket}/a.png.webp", f"64/{other}/a.png.webp"} <= set(keys(c, out))
 
+def test_a_tag_change_does_not_announce_the_thumbnails_again(weed: Any, bucket: str) -> None:
+    """MinIO sends s3:ObjectCreated:PutTagging (PutRetention, PutLegalHold) for an object whose bytes did not
+    change: its thumbnails exist and stay, and no thumbnail-ready goes out again (with the tag event's new ids,
+    every consumer did its work once more per tag change). A redelivery of the event that made them still
+    announces them again, with the same ids."""
+    c = weed.client()
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), RED).save(buf, "PNG")
+    with harness(weed, sizes=[64], topic="thumbnail-ready") as h:
+        made = upload(c, bucket, "t.png", buf.getvalue(), "image/png")
+        first = h.handle(made)
+        assert [p.topic for p in first] == ["thumbnail-ready"]
+        tagged = obj_event("ObjectCreated:PutTagging", bucket, "t.png", size=made.data["size"],
+                           etag=made.data["etag"], ctype="image/png")
+        assert h.handle(tagged) == []
+        assert [p.id for p in h.handle(made)] == [p.id for p in first]
+    assert keys(c, bucket) == ["64/t.png.webp", "t.png"]
+
 def test_a_lifecycle_expiration_removes_the_thumbnails(weed: Any, bucket: str) -> None:
     """An object a lifecycle rule expired is gone like a deleted one (AWS sends `s3:LifecycleExpiration:Delete`
     and `...:DeleteMarkerCreated` for them): its thumbnails go too. They were taken for neither a creation nor a

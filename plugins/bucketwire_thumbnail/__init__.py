@@ -15,6 +15,7 @@ go straight to the dead-letter topic with the reason, and the worker carries on.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import re
 from collections.abc import Mapping
@@ -344,8 +345,13 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
     if etag:
         done = _existing(dst, out_bucket, keys, bucket, key, etag, out_ctype)
         if done is not None:
-            # A redelivery: the work is done. Re-announce (same deterministic ids, so the hub drops repeats).
             ctx.log.debug("thumbnail: %s/%s already has thumbnails for etag %s", bucket, key, etag)
+            if {meta_get(st.metadata, "bucketwire-event") for st in done.values()} - {_made_by(event)} - {None}:
+                # Made by another event for the same bytes (MinIO's s3:ObjectCreated:PutTagging/PutRetention/
+                # PutLegalHold, an identical re-upload): announced then. Again, it would be new ids, so every
+                # consumer of thumbnail-ready did its work once more per tag change.
+                return
+            # A redelivery: the work is done. Re-announce (same deterministic ids, so the hub drops repeats).
             _announce(ctx, event, out_bucket, keys, etag, {
                 sz: (int(meta_get(st.metadata, "bucketwire-width") or 0),
                      int(meta_get(st.metadata, "bucketwire-height") or 0), st.size or 0)
@@ -374,7 +380,7 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
         _check_owner(dst, out_bucket, keys, bucket, key)
     info: dict[int, tuple[int, int, int]] = {}
     for t in thumbs:
-        _put(dst, out_bucket, keys[t.size], t, bucket, key, real_etag, out_ctype)
+        _put(dst, out_bucket, keys[t.size], t, bucket, key, real_etag, out_ctype, _made_by(event))
         info[t.size] = (t.width, t.height, len(t.data))
     _announce(ctx, event, out_bucket, keys, real_etag, info)
 
@@ -470,9 +476,15 @@ def _read(client: Any, bucket: str, key: str, max_bytes: int,
         resp.release_conn()
 
 
+def _made_by(event: Event) -> str:
+    """The event a thumbnail was made by, as kept on it: a hash, since ids are the publisher's (any length)."""
+    return hashlib.sha256(event.id.encode()).hexdigest()[:32]
+
+
 def _put(client: Any, out_bucket: str, out_key: str, t: Thumb, bucket: str, key: str, etag: str,
-         ctype: str) -> None:
+         ctype: str, made_by: str) -> None:
     metadata = {
+        META + "bucketwire-event": made_by,
         META + MARKER: MARKER_VALUE,
         META + "bucketwire-source-bucket": quote(bucket, safe=""),
         META + "bucketwire-source-key": quote(key, safe="/"),
