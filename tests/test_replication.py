@@ -252,6 +252,39 @@ def test_content_encoding_and_standard_headers_are_kept(weed: WeedServer, weed2:
     assert got["content-type"] == "application/javascript"
 
 
+@pytest.mark.parametrize("how", ["copy", "stream"])
+@pytest.mark.parametrize("kind", ["ObjectCreated:PutTagging", "ObjectTagging:Put"])
+def test_a_tag_change_reaches_the_replica(weed: WeedServer, weed2: WeedServer, bucket: str, how: str,
+                                          kind: str) -> None:
+    """Tags are replicated with the object, so a tag change must reach the replica too: MinIO sends
+    s3:ObjectCreated:PutTagging / DeleteTagging (AWS s3:ObjectTagging:Put / Delete) for it, and the replica,
+    current by its ETag, kept the old tags (a lifecycle or access rule keyed on them then acted on stale ones)."""
+    c1 = weed.client()
+    tc = c1 if how == "copy" else weed2.client()
+    tb = new_bucket(tc, bucket, "tag")
+    tags = Tags.new_object_tags()
+    tags["team"] = "photo"
+    ev = put(c1, bucket, "t.bin", b"tagged", tags=tags)
+    stores = {"primary": store_cfg("primary", weed), "backup": store_cfg("backup", weed2)}
+    with harness(stores, target_store="primary" if how == "copy" else "backup", target_bucket=tb) as h:
+        h.handle(ev)
+        assert dict(tc.get_object_tags(tb, "t.bin") or {}) == {"team": "photo"}
+        retag = Tags.new_object_tags()
+        retag["team"] = "video"
+        c1.set_object_tags(bucket, "t.bin", retag)
+        h.handle(obj_event(kind, bucket, "t.bin", etag=ev.data["etag"], size=ev.data["size"]))
+        assert dict(tc.get_object_tags(tb, "t.bin") or {}) == {"team": "video"}
+        c1.delete_object_tags(bucket, "t.bin")
+        h.handle(obj_event(kind.replace("Put", "Delete"), bucket, "t.bin", etag=ev.data["etag"],
+                           size=ev.data["size"]))
+        assert dict(tc.get_object_tags(tb, "t.bin") or {}) == {}
+        # A tag change to an object with no replica (its replication failed) replicates it, tags and all.
+        tc.remove_object(tb, "t.bin")
+        c1.set_object_tags(bucket, "t.bin", retag)
+        h.handle(obj_event(kind, bucket, "t.bin", etag=ev.data["etag"], size=ev.data["size"]))
+        assert dict(tc.get_object_tags(tb, "t.bin") or {}) == {"team": "video"}
+    assert read(tc, tb, "t.bin") == b"tagged"
+
 class CountRequests:
     """Counts the S3 requests every minio client makes (method, sub-resource), from any thread."""
 

@@ -269,12 +269,16 @@ def worker_shutdown(ctx: Context) -> None:
         pool.shutdown(wait=True)
 
 
+TAGGING_EVENTS = ("s3:ObjectCreated:PutTagging", "s3:ObjectCreated:DeleteTagging", "s3:ObjectTagging:")
+"""A tag change: MinIO names it as a creation, S3 as `s3:ObjectTagging:Put/Delete`."""
+
 @hookimpl
 def handle_event(event: Event, ctx: Context) -> None:
     """Replicate one created object (or removal, when enabled); everything else is ignored."""
     s = ctx.settings
     bucket, key = event.bucket, event.key
-    if not event.is_object_event or not bucket or not key:
+    tagging = event.type.startswith(TAGGING_EVENTS)
+    if not (event.is_object_event or tagging) or not bucket or not key:
         return
     if s["buckets"] is not None and bucket not in s["buckets"]:
         return
@@ -290,6 +294,8 @@ def handle_event(event: Event, ctx: Context) -> None:
     tb = s["target_bucket"]
     if event.is_object_removed:
         _replicate_delete(ctx, event, src, dst, bucket, key, tb, tkey, src_name)
+        return
+    if tagging and _replicate_tags(ctx, src, dst, bucket, key, tb, tkey):
         return
     if (s["target_store"] == src_name) or (src is dst):
         _copy(ctx, event, src, dst, bucket, key, tb, tkey, src_name)
@@ -420,6 +426,24 @@ def _verify(s: dict[str, Any], dst: Any, tb: str, tkey: str, st: _Source, n: int
     if done is None or done.size != st.size:
         return f"target holds {getattr(done, 'size', None)} bytes, expected {st.size}"
     return None
+
+
+def _replicate_tags(ctx: Context, src: Any, dst: Any, bucket: str, key: str, tb: str, tkey: str) -> bool:
+    """A tag change to an object whose replica is current (by its ETag): copy the tags alone; the bytes are
+    there. False when the replica is missing or stale: then it is replicated whole, tags with it (a tag change
+    is how some operators re-trigger an object whose replication failed)."""
+    raw = _stat(src, bucket, key)
+    if raw is None:
+        return True  # gone since: its removal event follows
+    if not _is_current_replica(_stat(dst, tb, tkey), _Source.from_stat(raw), bucket, key):
+        return False
+    tags = _tags(src, bucket, key)
+    if tags:
+        dst.set_object_tags(tb, tkey, tags)
+    else:
+        dst.delete_object_tags(tb, tkey)
+    ctx.log.debug("replication: tags of %s/%s copied to %s/%s", bucket, key, tb, tkey)
+    return True
 
 
 def _gone(ctx: Context, bucket: str, key: str) -> None:
