@@ -12,6 +12,8 @@ group as child processes. Every child gets its own process group and log file; S
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import io
 import json
 import os
@@ -89,6 +91,41 @@ BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 class DevError(click.ClickException):
     """A problem starting the dev stack, one line."""
+
+
+class Interrupted(Exception):
+    """Ctrl+C or SIGTERM arrived while the stack was still starting: stop what is up, never say "running"."""
+
+
+LOCK_NAME = "dev.lock"
+
+
+def claim_state_dir(root: Path) -> int:
+    """Create the state dir and hold an exclusive lock on it for as long as this process lives (the descriptor
+    is never closed; children do not inherit it).
+
+    Why: a second `dev` on the same state dir would start a second SeaweedFS on the first one's data, which
+    fails deep inside weed (a Go stack line about a leveldb lock) after rewriting the shared files; and a state
+    dir that cannot be created or written failed with a traceback.
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise DevError(f"cannot use {root} as the state dir ({e.strerror}); pass --state-dir with a directory "
+                       "you can write") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise DevError(f"cannot lock {root / LOCK_NAME} ({e.strerror})") from None
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise DevError(f"another `bucketwire dev` (pid {holder}) is running with the state dir {root}; stop it "
+                       "first, or give this one its own --state-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 # -- a minimal TOML writer (tomllib reads only) -------------------------------------------------------------
@@ -299,9 +336,10 @@ def wait_pools(cfg: Any, children: Children, stopping: threading.Event, timeout:
             stopping.wait(0.2)
 
 
-def wait_healthy(url: str, children: Children, timeout: float = 30.0) -> None:
+def wait_healthy(url: str, children: Children, stopping: threading.Event | None = None,
+                 timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stopping is not None and stopping.is_set()):
         dead = children.dead()
         if dead:
             raise DevError(f"{dead[0]} exited during startup")
@@ -311,6 +349,8 @@ def wait_healthy(url: str, children: Children, timeout: float = 30.0) -> None:
                     return
         except OSError:
             time.sleep(0.2)
+    if stopping is not None and stopping.is_set():
+        return
     raise DevError(f"the hub did not become healthy at {url} within {timeout:.0f}s")
 
 
@@ -378,7 +418,7 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
     except WeedError as e:
         raise DevError(str(e)) from None
 
-    root.mkdir(parents=True, exist_ok=True)
+    claim_state_dir(root)
     if ha:
         from bucketwire.commands.dev_ha import run_ha
 
@@ -392,11 +432,17 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
     stopping = threading.Event()
 
     on_stop_signals(stopping.set)
+
+    def check_stop() -> None:
+        if stopping.is_set():
+            raise Interrupted
+
     try:
         try:
             weed.start(timeout=60)
         except WeedError as e:
             raise DevError(str(e)) from None
+        check_stop()
         cfg_doc = effective_config(base, root, weed, token, ports)
         cfg_path = root / "bucketwire.toml"
         cfg = write_config(cfg_path, cfg_doc, "bucketwire dev")
@@ -404,11 +450,13 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
         argv0 = bucketwire_argv()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         children.spawn("hub", [*argv0, "hub", "-c", str(cfg_path)], env)
-        wait_healthy(f"http://{cfg_doc['hub']['http']}/healthz", children)
+        wait_healthy(f"http://{cfg_doc['hub']['http']}/healthz", children, stopping)
+        check_stop()
         for group in cfg.groups:
             children.spawn(f"worker-{group}", [*argv0, "worker", "-c", str(cfg_path), "--group", group], env,
                            worker=True)
         wait_pools(cfg, children, stopping)
+        check_stop()
         click.echo(banner(weed, buckets, cfg_doc, cfg_path, children.log_dir, argv0))
         if demo:
             _demo(cfg, weed, stopping, children)
@@ -416,6 +464,8 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
             dead = children.dead()
             if dead:
                 raise DevError(f"{dead[0]} stopped unexpectedly")
+    except Interrupted:
+        pass  # stopped during startup: the finally below stops what was started, as for a stop once running
     finally:
         click.echo("stopping...", err=True)
         children.stop()

@@ -20,6 +20,7 @@ import click
 from bucketwire.commands.dev import (
     Children,
     DevError,
+    Interrupted,
     _demo,
     banner,
     bucketwire_argv,
@@ -69,6 +70,11 @@ def run_ha(root: Path, base: dict[str, Any], buckets: list[str], demo: bool, s3_
     children = Children(root / "logs")
     stopping = threading.Event()
     on_stop_signals(stopping.set)
+
+    def check_stop() -> None:
+        if stopping.is_set():
+            raise Interrupted
+
     try:
         try:
             cluster.start()
@@ -78,6 +84,7 @@ def run_ha(root: Path, base: dict[str, Any], buckets: list[str], demo: bool, s3_
             weed.start(timeout=60)
         except WeedError as e:
             raise DevError(str(e)) from None
+        check_stop()
         docs = ha_configs(base, root, weed, token, cluster.urls, ports)
         paths = {n: root / f"bucketwire-{n}.toml" for n in HUBS}
         cfgs = {n: write_config(paths[n], docs[n], "bucketwire dev --ha") for n in HUBS}
@@ -87,11 +94,13 @@ def run_ha(root: Path, base: dict[str, Any], buckets: list[str], demo: bool, s3_
         pids: dict[str, int] = {}
         for n in HUBS:  # a first: it takes the leases, so the webhook hub b starts as the standby
             pids[n] = children.spawn(f"hub-{n}", [*argv0, "hub", "-c", str(paths[n])], env).pid
-            wait_healthy(f"http://{docs[n]['hub']['http']}/healthz", children)
+            wait_healthy(f"http://{docs[n]['hub']['http']}/healthz", children, stopping)
+            check_stop()
         for group in cfgs["a"].groups:
             children.spawn(f"worker-{group}", [*argv0, "worker", "-c", str(paths["a"]), "--group", group], env,
                            worker=True)
         wait_pools(cfgs["a"], children, stopping)
+        check_stop()
         w = WEBHOOK_HUB  # the top lines describe the hub the store notifies; its config lists both hubs
         click.echo(banner(weed, buckets, docs[w], paths[w], children.log_dir, argv0))
         click.echo(ha_banner(docs, paths, pids, cluster.urls, argv0))
@@ -101,6 +110,8 @@ def run_ha(root: Path, base: dict[str, Any], buckets: list[str], demo: bool, s3_
             dead = [d for d in children.dead() if not d.startswith("hub-")]  # a killed hub is the point
             if dead:
                 raise DevError(f"{dead[0]} stopped unexpectedly")
+    except Interrupted:
+        pass  # stopped during startup: the finally below stops what was started
     finally:
         click.echo("stopping...", err=True)
         children.stop()  # workers drain first, then the hubs
