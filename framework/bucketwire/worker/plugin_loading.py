@@ -66,12 +66,32 @@ def _import_local(spec: str) -> Any:
             raise ConfigError(f"--plugin {spec}: cannot load as a Python module")
         mod = importlib.util.module_from_spec(mod_spec)
         sys.modules[name] = mod
-        mod_spec.loader.exec_module(mod)
+        try:
+            mod_spec.loader.exec_module(mod)
+        except Exception as e:
+            sys.modules.pop(name, None)
+            raise ConfigError(f"--plugin {spec}: importing it failed: {_import_failure(e, str(path))}") from None
         return mod
     try:
         return importlib.import_module(spec)
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if e.name is not None and spec != e.name and not spec.startswith(e.name + "."):
+            raise ConfigError(f"--plugin {spec}: importing it failed: {_import_failure(e, None)}") from None
         raise ConfigError(f"--plugin {spec}: cannot import ({e}); is it installed or on PYTHONPATH?") from None
+    except Exception as e:
+        raise ConfigError(f"--plugin {spec}: importing it failed: {_import_failure(e, None)}") from None
+
+
+def _import_failure(e: BaseException, path: str | None) -> str:
+    """What a plugin's module raised while it was imported, and where: one line, since the frames above it
+    (importlib's, click's, ours) say nothing to its author. `path` narrows the line to the plugin's own file."""
+    if isinstance(e, SyntaxError):
+        return f"SyntaxError: {e.msg} ({e.filename}, line {e.lineno})"
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "importlib" not in f.filename]
+    if path is not None:
+        frames = [f for f in frames if f.filename == path] or frames
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{where}"
 
 
 def local_name(spec: str, mod: Any) -> str:
@@ -142,6 +162,21 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, what: str) -> No
         raise ConfigError(f"plugin {name!r}: {_validation_line(e)}") from None
     except ValueError as e:  # pluggy's duplicate checks, should a path above miss one
         raise ConfigError(f"{what}: {e}; load each plugin once") from None
+    _check_marked(pm, plugin, name)
+
+
+def _check_marked(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    """Refuse a function named like a hook that pluggy did not take as one: without `@hookimpl` (or with another
+    project's marker) pluggy skips it without a word, and a worker running the plugin acked every event with
+    nothing done. A plugin with no hook at all is the same mistake."""
+    implemented = {c.name for c in pm.get_hookcallers(plugin) or []}
+    for hook in hookspecs.HOOKS:
+        if hook not in implemented and callable(getattr(plugin, hook, None)):
+            raise ConfigError(f"plugin {name!r}: {hook} is not marked @hookimpl, so it would never be called; "
+                              "put @hookimpl above it (from bucketwire import hookimpl)")
+    if not implemented:
+        raise ConfigError(f"plugin {name!r} implements no bucketwire hook; mark its hook functions with @hookimpl "
+                          f"(from bucketwire import hookimpl); the hooks: {', '.join(hookspecs.HOOKS)}")
 
 
 def _validation_line(e: pluggy.PluginValidationError) -> str:

@@ -1,0 +1,78 @@
+"""A plugin author's first mistakes, each one line at worker start (here through `bucketwire plugins --plugin`,
+which loads plugins exactly as a worker does) instead of a traceback or a pool that acks every event undone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from bucketwire import ConfigError, hookimpl
+from bucketwire.cli import cli
+from bucketwire.testing import PluginHarness
+
+
+def load_file(tmp_path: Path, name: str, source: str) -> Any:
+    f = tmp_path / f"{name}.py"
+    f.write_text(source)
+    return CliRunner().invoke(cli, ["plugins", "--plugin", str(f)])
+
+
+def one_line_error(r: Any) -> str:
+    assert r.exit_code == 1, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert r.output.count("\n") == 1 and r.output.startswith("Error: "), r.output
+    return str(r.output)
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("import os\n\nraise RuntimeError('no PLUGIN_DB set')\n", "RuntimeError: no PLUGIN_DB set ({}, line 3)"),
+    ("from bucketwire import hookimpl\n\n@hookimpl(firstresult=True)\ndef handle_event(event):\n    pass\n",
+     "TypeError: HookimplMarker.__call__() got an unexpected keyword argument 'firstresult' ({}, line 3)"),
+    ("def handle_event(event:\n", "SyntaxError: '(' was never closed ({}, line 1)"),
+])
+def test_a_plugin_file_that_fails_to_import_is_one_line_naming_the_line(tmp_path: Path, source: str,
+                                                                          expected: str) -> None:
+    """These were a traceback through click's and bucketwire's frames."""
+    out = one_line_error(load_file(tmp_path, "broken", source))
+    path = tmp_path / "broken.py"
+    assert f"--plugin {path}: importing it failed: {expected.format(path)}" in out, out
+
+
+@pytest.mark.parametrize("source", [
+    # @hookimpl forgotten
+    "def handle_event(event, ctx):\n    ctx.publish('seen', {})\n",
+    # another project's marker (pytest's, or pluggy's own with the wrong name)
+    "import pluggy\nhookimpl = pluggy.HookimplMarker('bucket-wire')\n\n"
+    "@hookimpl\ndef handle_event(event, ctx):\n    ctx.publish('seen', {})\n",
+    # one hook marked, the handler not
+    "from bucketwire import hookimpl\n\n@hookimpl\ndef validate_settings(settings):\n    return settings\n\n"
+    "def handle_event(event, ctx):\n    ctx.publish('seen', {})\n",
+])
+def test_a_handler_not_marked_hookimpl_is_refused(tmp_path: Path, source: str) -> None:
+    """Such a plugin loaded without a word, and a worker running it acked every event with nothing done."""
+    out = one_line_error(load_file(tmp_path, "unmarked", source))
+    assert "plugin 'unmarked': handle_event is not marked @hookimpl" in out, out
+    assert "from bucketwire import hookimpl" in out, out
+
+
+def test_a_plugin_with_no_hooks_at_all_is_refused() -> None:
+    class Nothing:
+        PLUGIN_NAME = "nothing"
+
+        def handle_events(self, event: Any) -> None:
+            pass
+
+    with pytest.raises(ConfigError, match="^plugin 'nothing' implements no bucketwire hook; mark its hook "):
+        PluginHarness(Nothing())
+
+    class Marked:
+        PLUGIN_NAME = "marked"
+
+        @hookimpl
+        def handle_event(self, event: Any) -> None:
+            pass
+
+    PluginHarness(Marked())  # the same with the marker loads
