@@ -150,7 +150,7 @@ def test_metrics_after_known_workload(hub_stack):
     assert (st["groups"]["a"]["dead_lettered"], st["groups"]["a"]["workers"]) == (2, 2)
     text = cli(s, "status").stdout
     assert re.search(r"^a\s+idle\s+jobs\s+20\s+20\s+0\s+0\s+2\s", text, re.M), text
-    assert "group a: 2 dead-lettered: `bucketwire dlq list --group a`" in text
+    assert f"group a: 2 dead-lettered: `bucketwire dlq list -c {s.cfg_path} --group a`" in text
     if s.backend == "jetstream":
         assert st["dispatch"]["a"] == {"leader": s.cfg.hub.id, "endpoint": s.cfg.hub.advertise,
                                        "role": "dispatching"}
@@ -186,7 +186,7 @@ def test_status_json_with_a_stopped_worker(stack_factory):
     assert st2["groups"]["a"]["lag"] == st["groups"]["a"]["lag"] + 5  # lag keeps growing with no workers
     assert st2["topics"]["jobs"]["head"] == 20
     table = cli(s, "status").stdout
-    assert "stalled" in table and "bucketwire worker --group a" in table
+    assert "stalled" in table and f"bucketwire worker -c {s.cfg_path} --group a" in table
     # a new worker drains the backlog, redelivered events included (without the 0.2 s per event that kept
     # events in flight above: its own config leaves group a out of slow_groups, or draining 20 takes 4 s)
     quick = s.dir / "quick.toml"
@@ -379,3 +379,14 @@ def test_status_text_says_how_old_its_reading_of_the_leases_is() -> None:
     stale = text(12.5)
     assert "this hub: hubB; other hubs' leases as read 12s ago (the NATS lease bucket does not answer now)" in stale
     assert re.search(r"^h\s+unknown \(leases not read yet\)\s+-\s+standby$", text(None), re.M), text(None)
+
+
+def test_status_hints_are_commands_that_run_as_printed() -> None:
+    """`status -c CONFIG` said "start `bucketwire worker --group g`": pasted, that stops at "no config file given"."""
+    from bucketwire.commands.ops import render_status
+
+    st = {"hub": {}, "topics": {"t": {"head": 5}},
+          "groups": {"g": {"state": "stalled", "lag": 5, "dead_lettered": 2, "topics": {}}}}
+    text = render_status(st, config_path="/etc/my bw.toml")
+    assert "start `bucketwire worker -c '/etc/my bw.toml' --group g`" in text, text
+    assert "`bucketwire dlq list -c '/etc/my bw.toml' --group g`" in text, text

@@ -124,8 +124,12 @@ def table(rows: list[tuple[str, ...]]) -> str:
 
 
 # -- status ------------------------------------------------------------------------------------------------------
-def render_status(st: dict[str, Any]) -> str:
-    """The `kafka-consumer-groups --describe` view: where events pile up and why, at a glance."""
+def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
+    """The `kafka-consumer-groups --describe` view: where events pile up and why, at a glance. The commands in
+    its hints name `config_path`, so they run pasted as printed."""
+    import shlex
+
+    c = f"-c {shlex.quote(config_path)} " if config_path else ""
     h = st.get("hub", {})
     journal = "ok" if h.get("journal_ok", True) else "FAILING (ingress answers 503)"
     lines = [
@@ -172,11 +176,11 @@ def render_status(st: dict[str, Any]) -> str:
         s = gs.get("state")
         if s == "stalled":
             hints.append(f"! group {g}: {gs['lag']} events waiting and no workers: "
-                         f"start `bucketwire worker --group {g}`")
+                         f"start `bucketwire worker {c}--group {g}`")
         elif s == "saturated":
             hints.append(f"! group {g}: all worker credit in use, work waits: add workers/processes or raise credit")
         if gs.get("dead_lettered"):
-            hints.append(f"  group {g}: {gs['dead_lettered']} dead-lettered: `bucketwire dlq list --group {g}`")
+            hints.append(f"  group {g}: {gs['dead_lettered']} dead-lettered: `bucketwire dlq list {c}--group {g}`")
         for r in gs.get("long_running", []):
             # The events queued behind it in its child wait; past handler_timeout its child is killed.
             mark = "!" if r["age"] >= r["timeout"] / 2 else " "
@@ -209,7 +213,7 @@ def status(config_path: str | None, as_json: bool, watch: float | None) -> None:
     with HubClient(cfg, timeout=5) as c:
         while True:
             st = c.status()
-            text = json.dumps(st, indent=2) if as_json else render_status(st)
+            text = json.dumps(st, indent=2) if as_json else render_status(st, config_path)
             if watch and tty:
                 sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S") + f"  every {watch:g}s\n" + text + "\n")
                 sys.stdout.flush()
