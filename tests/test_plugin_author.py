@@ -76,3 +76,21 @@ def test_a_plugin_with_no_hooks_at_all_is_refused() -> None:
             pass
 
     PluginHarness(Marked())  # the same with the marker loads
+
+
+def test_the_scaffold_refuses_a_setting_of_the_wrong_type_in_one_line_naming_it(tmp_path: Path) -> None:
+    """`suffix = 5` passed the scaffold's validate_settings, and every event then failed on `endswith(5)`."""
+    import importlib.util
+
+    from bucketwire.commands.plugin_new import scaffold
+
+    root = scaffold("csv-counter", tmp_path)
+    spec = importlib.util.spec_from_file_location("bucketwire_csv_counter_t", root / "bucketwire_csv_counter"
+                                                  / "__init__.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(mod, settings={"suffix": 5})
+    assert str(ei.value) == "[plugins.csv-counter] suffix: expected a string such as '.csv', got 5"
+    assert PluginHarness(mod, settings={"suffix": ".csv"}).settings == {"suffix": ".csv"}

@@ -40,7 +40,7 @@ def test_new_plugin_installs_is_discovered_and_its_test_passes(tmp_path: Path, w
     (pkg / "bucketwire_csv_counter").rename(tmp_path / "moved-away")
     r = run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=pkg, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "1 passed" in r.stdout
+    assert "2 passed" in r.stdout
 
 
 def test_new_refuses_a_bad_name_and_an_existing_directory(tmp_path: Path) -> None:

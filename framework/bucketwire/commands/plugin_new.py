@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bucketwire import Context, Event, hookimpl, with_defaults
+from bucketwire import ConfigError, Context, Event, hookimpl, with_defaults
 
 PLUGIN_NAME = "{name}"
 
@@ -54,8 +54,12 @@ DEFAULTS: dict[str, Any] = {{"suffix": ""}}
 
 @hookimpl
 def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """[plugins.{name}] in the config; an unknown key (a typo) stops the worker with one line."""
-    return with_defaults(settings, DEFAULTS)
+    """[plugins.{name}] in the config, checked before any event: an unknown key (a typo) or a value of the
+    wrong type stops the worker with one line naming the key, instead of failing every event."""
+    s = with_defaults(settings, DEFAULTS)
+    if not isinstance(s["suffix"], str):
+        raise ConfigError(f"suffix: expected a string such as '.csv', got {{s['suffix']!r}}")
+    return s
 
 
 @hookimpl
@@ -75,7 +79,10 @@ TEST = '''"""Runs against a real S3 server (SeaweedFS) with bucketwire's pytest 
 
 from __future__ import annotations
 
+import pytest
+
 import {module} as plugin
+from bucketwire import ConfigError
 
 
 def test_publishes_one_follow_on_per_upload(bucketwire_store, plugin_harness, make_event):
@@ -85,6 +92,11 @@ def test_publishes_one_follow_on_per_upload(bucketwire_store, plugin_harness, ma
     assert out.topic == "{name}-seen"
     assert out.data == {{"bucket": bucketwire_store.bucket, "key": "photos/a b.jpg", "size": 5}}
     assert h.handle(make_event(bucketwire_store.bucket, "notes.txt")) == []
+
+
+def test_a_bad_setting_is_one_line_naming_it(plugin_harness):
+    with pytest.raises(ConfigError, match="suffix: expected a string"):
+        plugin_harness(plugin, settings={{"suffix": 5}})
 '''
 
 README = '''# bucketwire-{name}
