@@ -94,3 +94,43 @@ def test_the_scaffold_refuses_a_setting_of_the_wrong_type_in_one_line_naming_it(
         PluginHarness(mod, settings={"suffix": 5})
     assert str(ei.value) == "[plugins.csv-counter] suffix: expected a string such as '.csv', got 5"
     assert PluginHarness(mod, settings={"suffix": ".csv"}).settings == {"suffix": ".csv"}
+
+
+EDITED = """
+from bucketwire import hookimpl
+
+@hookimpl
+def handle_event(event, ctx):
+    with open({out!r}, "a") as f:
+        f.write("v{v} " + str(event.data["n"]) + "\\n")
+"""
+
+
+def test_sighup_restarts_the_children_so_an_edited_plugin_is_loaded_again(stack_factory: Any, tmp_path: Path
+                                                                            ) -> None:
+    """After editing a plugin its author sends the pool SIGHUP, as for the hub (which re-reads its keys). The pool
+    died of it (exit 129) without draining; now each child drains and is replaced by one that imports the
+    plugin afresh, and the pool goes on."""
+    import signal
+
+    from tests.fixtures_hub import wait_for
+
+    s = stack_factory()
+    s.start_hub()
+    out, plug = tmp_path / "handled.txt", tmp_path / "editme.py"
+    plug.write_text(EDITED.format(out=str(out), v=1))
+    w = s.start_worker("ed", 1, "--topic", "in", "--plugin", str(plug))
+    log = s.logs[-1]
+    with s.client() as c:
+        c.publish("in", {"n": 1})
+    wait_for(lambda: out.exists() and out.read_text() == "v1 1\n", 30, "v1 to handle event 1")
+    plug.write_text(EDITED.format(out=str(out), v=2))
+    w.send_signal(signal.SIGHUP)
+    wait_for(lambda: "restarted to load the plugins again" in log.read_text() or w.poll() is not None, 30,
+             "the reload")
+    assert w.poll() is None, s.dump_logs()
+    with s.client() as c:
+        c.publish("in", {"n": 2})
+    wait_for(lambda: out.read_text().count("\n") == 2, 30, "event 2 to be handled")
+    assert out.read_text() == "v1 1\nv2 2\n"
+    assert "worker child died" not in log.read_text()

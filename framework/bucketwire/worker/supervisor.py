@@ -9,6 +9,7 @@ running, so that event alone is charged an attempt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -126,20 +127,30 @@ RESTART_BACKOFF = (0.1, 30.0)
 """A crashing child is replaced after base * 2**(crashes in the last minute - 1) seconds, at most max."""
 
 
-def _stop_wakeup(stop: threading.Event) -> int:
-    """SIGTERM/SIGINT set `stop` and make the returned fd readable: the loop below waits on it with the children,
-    so a stop during a long restart backoff (up to 30 s) drains at once instead of when the wait times out."""
+def _stop_wakeup(stop: threading.Event, reload: threading.Event) -> int:
+    """SIGTERM/SIGINT set `stop`, SIGHUP sets `reload`, and either makes the returned fd readable: the loop below
+    waits on it with the children, so a stop during a long restart backoff (up to 30 s) drains at once instead of
+    when the wait times out."""
     r, w = os.pipe()
     os.set_blocking(w, False)
+    os.set_blocking(r, False)
 
-    def on_stop() -> None:
-        stop.set()
+    def wake() -> None:
         try:
             os.write(w, b"\0")
         except BlockingIOError:
             pass
 
+    def on_stop() -> None:
+        stop.set()
+        wake()
+
+    def on_hup(signum: int, frame: Any) -> None:
+        reload.set()
+        wake()
+
     on_stop_signals(on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
     return r
 
 
@@ -152,7 +163,9 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     ctx = mp.get_context("spawn")
     cfg_path = str(cfg.path) if cfg.path else None
     stop = threading.Event()
-    woken = _stop_wakeup(stop)
+    reload = threading.Event()
+    woken = _stop_wakeup(stop, reload)
+    reloading: set[int] = set()  # slots whose child was asked to drain by a SIGHUP: replaced at once, not a crash
     children: dict[int, Any] = {}
     slots: dict[int, RunningSlot] = {}
     timed_out: dict[int, Running] = {}
@@ -213,6 +226,18 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     code = 0
     try:
         while not stop.is_set():
+            if reload.is_set():
+                # SIGHUP: every child drains (finishes the event in hand, gives back the rest) and is replaced by a
+                # fresh process, which imports the plugins again: how an author loads an edited plugin.
+                reload.clear()
+                with contextlib.suppress(BlockingIOError):
+                    os.read(woken, 64)
+                live = [slot for slot, p in children.items() if slot not in respawn_at and p.is_alive()]
+                log.info("reloading: each worker child drains and is replaced", extra={
+                    "group": spec.group, "children": len(live)})
+                for slot in live:
+                    reloading.add(slot)
+                    os.kill(children[slot].pid, signal.SIGTERM)
             now = time.monotonic()
             for slot in [s for s, t in respawn_at.items() if t <= now]:
                 del respawn_at[slot]
@@ -228,6 +253,12 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                 p.join()
                 if stop.is_set():
                     break
+                if slot in reloading:
+                    reloading.discard(slot)
+                    if p.exitcode == 0:
+                        spawn(slot)
+                        log.info("worker child restarted to load the plugins again", extra={"slot": slot})
+                        continue
                 running = slots[slot].read()
                 # Exit code 2 is a child's configuration error (plugin settings, a hub that refused the worker for
                 # good), said before or between events. A handler that ends its process with that code
