@@ -134,3 +134,12 @@ def test_sighup_restarts_the_children_so_an_edited_plugin_is_loaded_again(stack_
     wait_for(lambda: out.read_text().count("\n") == 2, 30, "event 2 to be handled")
     assert out.read_text() == "v1 1\nv2 2\n"
     assert "worker child died" not in log.read_text()
+
+
+def test_a_hookimpl_with_a_misspelt_argument_names_the_hooks_arguments(tmp_path: Path) -> None:
+    """pluggy's own text ("hookimpl definition: ... Argument(s) {'evnt'} are declared in the hookimpl but can not
+    be found in the hookspec") named neither the arguments the hook has nor the fix."""
+    out = one_line_error(load_file(tmp_path, "typoarg", "from bucketwire import hookimpl\n\n@hookimpl\n"
+                                   "def handle_event(evnt, ctx):\n    pass\n"))
+    assert out == ("Error: plugin 'typoarg': handle_event(evnt, ctx): the hook has no argument 'evnt'; its "
+                   "arguments are handle_event(event, ctx), and an implementation takes any of them by name\n"), out

@@ -159,7 +159,7 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, what: str) -> No
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as e:
-        raise ConfigError(f"plugin {name!r}: {_validation_line(e)}") from None
+        raise ConfigError(f"plugin {name!r}: {_argument_mismatch(pm, plugin) or _validation_line(e)}") from None
     except ValueError as e:  # pluggy's duplicate checks, should a path above miss one
         raise ConfigError(f"{what}: {e}; load each plugin once") from None
     _check_marked(pm, plugin, name)
@@ -177,6 +177,30 @@ def _check_marked(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
     if not implemented:
         raise ConfigError(f"plugin {name!r} implements no bucketwire hook; mark its hook functions with @hookimpl "
                           f"(from bucketwire import hookimpl); the hooks: {', '.join(hookspecs.HOOKS)}")
+
+
+def _argument_mismatch(pm: pluggy.PluginManager, plugin: Any) -> str | None:
+    """The implementation taking an argument its hook does not pass, said with the hook's own arguments (pluggy
+    says only that the names "can not be found in the hookspec"); None when that is not what is wrong."""
+    for attr in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        if opts is None:
+            continue
+        fn = getattr(plugin, attr, None)
+        hook = opts.get("specname") or attr
+        spec = getattr(hookspecs, hook, None)
+        if not callable(fn) or hook not in hookspecs.HOOKS or spec is None:
+            continue
+        try:
+            have = list(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            continue
+        takes = list(inspect.signature(spec).parameters)
+        wrong = [a for a in have if a not in takes]
+        if wrong:
+            return (f"{attr}({', '.join(have)}): the hook has no argument {wrong[0]!r}; its arguments are "
+                    f"{hook}({', '.join(takes)}), and an implementation takes any of them by name")
+    return None
 
 
 def _validation_line(e: pluggy.PluginValidationError) -> str:
