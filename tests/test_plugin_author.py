@@ -143,3 +143,15 @@ def test_a_hookimpl_with_a_misspelt_argument_names_the_hooks_arguments(tmp_path:
                                    "def handle_event(evnt, ctx):\n    pass\n"))
     assert out == ("Error: plugin 'typoarg': handle_event(evnt, ctx): the hook has no argument 'evnt'; its "
                    "arguments are handle_event(event, ctx), and an implementation takes any of them by name\n"), out
+
+
+def test_a_module_name_for_a_file_in_the_current_directory_says_to_pass_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--plugin my_counter` beside my_counter.py: the `bucketwire` script does not put the current directory
+    on sys.path, so the module is not found; the line said only "is it installed or on PYTHONPATH?"."""
+    (tmp_path / "beside_me.py").write_text("from bucketwire import hookimpl\n\n@hookimpl\n"
+                                           "def handle_event(event):\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    out = one_line_error(CliRunner().invoke(cli, ["plugins", "--plugin", "beside_me"]))
+    assert "--plugin beside_me: cannot import" in out and "pass --plugin beside_me.py" in out, out

@@ -77,7 +77,10 @@ def _import_local(spec: str) -> Any:
     except ModuleNotFoundError as e:
         if e.name is not None and spec != e.name and not spec.startswith(e.name + "."):
             raise ConfigError(f"--plugin {spec}: importing it failed: {_import_failure(e, None)}") from None
-        raise ConfigError(f"--plugin {spec}: cannot import ({e}); is it installed or on PYTHONPATH?") from None
+        here = Path(spec.replace(".", "/") + ".py")
+        hint = (f"{here} is in the current directory, which is not on the module path: pass --plugin {here}"
+                if here.is_file() else "is it installed or on PYTHONPATH?")
+        raise ConfigError(f"--plugin {spec}: cannot import ({e}); {hint}") from None
     except Exception as e:
         raise ConfigError(f"--plugin {spec}: importing it failed: {_import_failure(e, None)}") from None
 
