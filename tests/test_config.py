@@ -25,7 +25,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ('[hub]\nheartbeat_timeout = 0.5\nheartbeat_interval = 1', "[hub] heartbeat_timeout: must be larger"),
     ('[hub]\nheartbeat_interval = true', "[hub] heartbeat_interval: expected a number > 0, got true"),
     ('[hub]\nauth_token = "env:BW_DOES_NOT_EXIST"',
-     "[hub] auth_token[0]: environment variable BW_DOES_NOT_EXIST is not set; export it"),
+     "[hub] auth_token: environment variable BW_DOES_NOT_EXIST is not set; export it"),
     ('[hub]\ntls_cert = "c.pem"', "[hub] tls_key: set both tls_cert and tls_key"),
     ("[[routes]]\nbucket = 'x'", '[routes[0]] topic: required, e.g. topic = "bucket-update"'),
     ("[[routes]]\ntopic = 't'\n[[routes]]\ntopic = ''", '[routes[1]] topic: expected a non-empty string, got ""'),
@@ -224,3 +224,17 @@ def test_client_endpoints_may_be_lists(tmp_path: Path) -> None:
     assert cfg.client.work == "tcp://127.0.0.1:7001"
     assert cfg.client.publish_endpoints == ["tcp://127.0.0.1:7003"]
     assert cfg.journal.backend == "sqlite" and cfg.hub.id.endswith(":5557")
+
+
+def test_a_lone_secret_string_is_named_without_a_list_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auth_token = "env:X"` (the README's line) with X unset said `[hub] auth_token[0]: ...`, an index of a list
+    the user never wrote."""
+    monkeypatch.delenv("BW_NOT_SET_ANYWHERE", raising=False)
+    p = write(tmp_path, '[hub]\nauth_token = "env:BW_NOT_SET_ANYWHERE"\n')
+    with pytest.raises(ConfigError) as ei:
+        config_mod.load(p)
+    assert str(ei.value) == (f"{p}: [hub] auth_token: environment variable BW_NOT_SET_ANYWHERE is not set; export it "
+                             "or write the value in the file")
+    p = write(tmp_path, '[hub]\nauth_token = ["ok", "env:BW_NOT_SET_ANYWHERE"]\n')
+    with pytest.raises(ConfigError, match=r"\[hub\] auth_token\[1\]: environment variable BW_NOT_SET_ANYWHERE"):
+        config_mod.load(p)

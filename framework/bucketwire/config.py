@@ -413,7 +413,7 @@ def _prepare(v: Any, t: mi.Type, keys: list[_Key], file: str) -> Any:
         return _prepare(v, secrets[0], keys, file) if secrets and v is not None else v
     if isinstance(t, mi.ListType):
         if isinstance(v, str) and isinstance(_bare(t.item_type), mi.StrType):
-            v = [v]
+            return [_prepare(v, t.item_type, keys, file)]  # errors name the key as written, without an index
         return [_prepare(x, t.item_type, [*keys, i], file) for i, x in enumerate(v)] if isinstance(v, list) else v
     if isinstance(t, mi.DictType) and isinstance(v, dict):
         named = isinstance(t.value_type, mi.StructType) and any(f.name == "name" for f in t.value_type.fields)
