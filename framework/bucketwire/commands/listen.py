@@ -34,7 +34,13 @@ def listen(config_path: str | None, store_name: str, bucket: str, prefix: str, s
         known = ", ".join(sorted(cfg.stores)) or "none"
         raise click.ClickException(f"unknown store {store_name!r} (configured: {known}); add [stores.{store_name}]")
     import minio
+    from minio.helpers import check_bucket_name
 
+    try:  # a name S3 refuses is refused on every reconnect: say so once instead of retrying it forever
+        check_bucket_name(bucket)
+    except ValueError as e:
+        raise click.ClickException(f"--bucket {bucket}: {e}; S3 bucket names are 3 to 63 characters: lower-case "
+                                   "letters, digits, '.' and '-'") from None
     try:
         client = minio.Minio(store.endpoint, access_key=store.access_key or None, secret_key=store.secret_key or None,
                              secure=store.secure, region=store.region or "us-east-1")
