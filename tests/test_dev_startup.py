@@ -93,3 +93,14 @@ def test_state_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
     assert r.output.count("\n") == 1, r.output
     assert "cannot use" in r.output and "--state-dir" in r.output
+
+
+def test_a_bad_base_config_is_named_as_the_user_wrote_it_before_anything_starts(tmp_path: Path) -> None:
+    """The line named the generated <state-dir>/bucketwire.toml (not the file to edit), after starting SeaweedFS."""
+    needs_weed()
+    base = tmp_path / "mine.toml"
+    base.write_text('[groups.x]\ntopics = ["a"]\ncredit = "ten"\n')
+    r = CliRunner().invoke(dev, ["--state-dir", str(tmp_path / "s"), "--config", str(base)])
+    assert r.exit_code == 1, r.output
+    assert r.output == f'Error: {base}: [groups.x] credit: expected an integer ≥ 1, got "ten"\n', r.output
+    assert not (tmp_path / "s" / "seaweedfs").exists()

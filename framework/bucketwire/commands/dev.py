@@ -272,6 +272,25 @@ def write_config(path: Path, doc: dict[str, Any], command: str) -> Config:
         raise DevError(str(e)) from None
 
 
+def _check_base(base: dict[str, Any], config_path: str | None) -> None:
+    """Check the base config against the schema before anything starts, so a mistake is named in the file the
+    user wrote (the effective config is written later, and its own check would name that generated file)."""
+    from bucketwire.config import ConfigError, parse
+
+    doc: dict[str, Any] = json.loads(json.dumps(base))  # what dev replaces is not the user's to get right
+    if isinstance(doc.get("hub"), dict):
+        doc["hub"].pop("auth_token", None)
+    doc.pop("client", None)
+    for store in (doc.get("stores") or {}).values():
+        if isinstance(store, dict):
+            for k in ("access_key", "secret_key"):
+                store.pop(k, None)
+    try:
+        parse(doc, file=config_path or "the built-in dev config", path=Path(config_path) if config_path else None)
+    except ConfigError as e:
+        raise DevError(str(e)) from None
+
+
 def make_buckets(weed: WeedServer, buckets: list[str]) -> None:
     """Create the buckets the config names (kept across restarts: only the missing ones)."""
     s3 = weed.client()
@@ -412,6 +431,7 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
         raise DevError(f"cannot read {config_path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise DevError(f"{config_path}: invalid TOML: {e}") from None
+    _check_base(base, config_path)
     buckets = needed_buckets(base)
     try:
         find_weed()
