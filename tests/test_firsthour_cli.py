@@ -18,3 +18,36 @@ def test_listen_with_an_invalid_bucket_name_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1, r.stderr
     assert r.stderr == ("Error: --bucket b: invalid bucket name b; S3 bucket names are 3 to 63 characters: "
                         "lower-case letters, digits, '.' and '-'\n"), r.stderr
+
+
+def test_a_misspelt_plugin_section_is_said_when_the_pool_starts(tmp_path: Path) -> None:
+    """`[plugins.countr]` beside a pool running `counter`: the pool ran the plugin with its defaults and said
+    nothing, so the settings the user wrote were silently not used."""
+    import signal
+    import time
+
+    (tmp_path / "counter.py").write_text("from bucketwire import hookimpl\n\n@hookimpl\n"
+                                         "def handle_event(event):\n    pass\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[hub]\nwork = "tcp://127.0.0.1:9"\n[groups.g]\ntopics = ["t"]\nplugins = []\n'
+                   '[plugins.countr]\nlimit = 3\n[plugins.thumbnail]\nsizes = [64]\n')
+    p = subprocess.Popen([sys.executable, "-m", "bucketwire", "worker", "-c", str(cfg), "--group", "g", "-n", "1",
+                          "--plugin", str(tmp_path / "counter.py")], stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        assert p.stderr is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("worker pool started" in ln for ln in lines):
+            line = p.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+        text = "".join(lines)
+        assert "worker pool started" in text, text
+        assert ("[plugins.countr] names no plugin this pool runs (it runs: counter); did you mean "
+                "[plugins.counter]? its settings are not used") in text, text
+        assert "thumbnail" not in text, "a section of a plugin other pools run is not this pool's business"
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(30)

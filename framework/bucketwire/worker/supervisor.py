@@ -10,6 +10,7 @@ running, so that event alone is charged an attempt.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import multiprocessing as mp
 import os
@@ -154,12 +155,25 @@ def _stop_wakeup(stop: threading.Event, reload: threading.Event) -> int:
     return r
 
 
+def _warn_misspelt_sections(cfg: Config, running: list[str]) -> None:
+    """A `[plugins.X]` section whose name is close to a plugin this pool runs but is none: its settings are not
+    used, and the plugin runs with its defaults. Only close names are said: a section for a plugin that other
+    pools run (on other hosts, with other plugins installed) is not a mistake."""
+    for name in cfg.plugins:
+        if name in running:
+            continue
+        close = difflib.get_close_matches(name, running, n=1, cutoff=0.8)
+        if close and close[0] not in cfg.plugins:
+            log.warning(f"[plugins.{name}] names no plugin this pool runs (it runs: {', '.join(running)}); did you "
+                        f"mean [plugins.{close[0]}]? its settings are not used")
+
+
 def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str = "text", verbosity: int = 0,
              drain_timeout: float = 30.0, metrics: str | None = None,
              restart_backoff: tuple[float, float] = RESTART_BACKOFF) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code. `metrics` HOST:PORT serves the pool's /metrics."""
     # Validate once here so a config mistake is one line, not N children crash-looping.
-    Plugins(cfg, spec)
+    _warn_misspelt_sections(cfg, Plugins(cfg, spec).loaded.names)
     ctx = mp.get_context("spawn")
     cfg_path = str(cfg.path) if cfg.path else None
     stop = threading.Event()
