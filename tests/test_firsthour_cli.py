@@ -51,3 +51,32 @@ def test_a_misspelt_plugin_section_is_said_when_the_pool_starts(tmp_path: Path) 
     finally:
         p.send_signal(signal.SIGINT)
         p.wait(30)
+
+
+def test_the_documented_run_it_command_starts_a_pool(tmp_path: Path) -> None:
+    """README's "Run it: `bucketwire worker -c CONFIG --group csv --plugin my_counter.py`" (and docs/plugins.md's
+    copy) stopped at "no [groups.csv] section ...; add it or pass --topic": a group not in the config needs its
+    topics on the command line."""
+    import re
+    import shlex
+    import signal
+
+    root = Path(__file__).resolve().parent.parent
+    found = {m for f in ("README.md", "docs/plugins.md")
+             for m in re.findall(r"`(bucketwire worker -c CONFIG --group csv [^`]*my_counter\.py)`",
+                                 (root / f).read_text())}
+    assert len(found) == 1, found
+    (tmp_path / "my_counter.py").write_text("from bucketwire import hookimpl\n\n@hookimpl\n"
+                                            "def handle_event(event):\n    pass\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[hub]\nwork = "tcp://127.0.0.1:9"\n')
+    argv = [a.replace("CONFIG", str(cfg)) for a in shlex.split(found.pop())[1:]]
+    p = subprocess.Popen([sys.executable, "-m", "bucketwire", *argv], cwd=tmp_path, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        assert p.stderr is not None
+        first = p.stderr.readline()
+        assert "worker pool started" in first, first + p.stderr.read()
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(30)
