@@ -155,3 +155,26 @@ def test_a_module_name_for_a_file_in_the_current_directory_says_to_pass_the_file
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
     out = one_line_error(CliRunner().invoke(cli, ["plugins", "--plugin", "beside_me"]))
     assert "--plugin beside_me: cannot import" in out and "pass --plugin beside_me.py" in out, out
+
+
+@pytest.mark.parametrize(("topic", "data", "why"), [
+    ("a\0b", {}, "topic names must be 1 to 255 characters without NUL bytes"),
+    ("t" * 256, {}, "topic names must be 1 to 255 characters without NUL bytes"),
+    ("ok", {"bucket": "b", "key": "a\0b"}, "bucket name or object key contains a NUL byte"),
+])
+def test_ctx_publish_refuses_what_the_hub_would_refuse(topic: str, data: dict[str, Any], why: str) -> None:
+    """The README: "ctx.publish() checks each follow-on as the hub will and raises for one it would refuse".
+    A topic with a NUL byte, one over 255 characters and a NUL in data's bucket/key passed it, to be refused at the
+    hub together with the whole ack they came in."""
+    from bucketwire import Event
+
+    class Pub:
+        PLUGIN_NAME = "pub"
+
+        @hookimpl
+        def handle_event(self, ctx: Any) -> None:
+            ctx.publish(topic, data)
+
+    with PluginHarness(Pub()) as h, pytest.raises(ValueError) as ei:
+        h.handle(Event(id="e1", source="t", type="s3:ObjectCreated:Put", data={"bucket": "b", "key": "k"}))
+    assert why in str(ei.value) and "would be refused by the hub" in str(ei.value), ei.value

@@ -35,6 +35,8 @@ _KNOWN = frozenset({
 """The attributes `Event` has fields for; anything else in an envelope is an extension."""
 
 MAX_SEQ = 2**63 - 1
+MAX_TOPIC_LEN = 255
+"""Longest topic name the hub accepts: topics become metric labels and PUB frames (`ctx.publish` checks it too)."""
 """The journal stores seqs as SQLite INTEGERs (signed 64-bit)."""
 _SEQ_DIGITS = re.compile(r"[1-9][0-9]{0,18}")
 

@@ -30,6 +30,7 @@ from bucketwire import protocol as P
 from bucketwire.config import Config
 from bucketwire.envelope import (
     HUB_EXTENSIONS,
+    MAX_TOPIC_LEN,
     RESERVED_SOURCES,
     SCHEMA_VERSION,
     EnvelopeError,
@@ -64,8 +65,6 @@ MAX_DRAIN = 2000
 MAX_FETCH = P.MAX_FETCH
 MAX_HEADER = 64 << 20
 """The largest header frame `protocol.decode` reads."""
-MAX_TOPIC_LEN = 255
-"""Longest topic name accepted: topics become metric labels and PUB frames."""
 HEARTBEAT_TURNS = 10
 """A topic gets PUB heartbeats for this many heartbeat intervals after its last commit (configured topics always):
 long enough for a subscriber to notice a lost last event, and idle cost does not grow with the topic count."""
