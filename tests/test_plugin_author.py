@@ -178,3 +178,20 @@ def test_ctx_publish_refuses_what_the_hub_would_refuse(topic: str, data: dict[st
     with PluginHarness(Pub()) as h, pytest.raises(ValueError) as ei:
         h.handle(Event(id="e1", source="t", type="s3:ObjectCreated:Put", data={"bucket": "b", "key": "k"}))
     assert why in str(ei.value) and "would be refused by the hub" in str(ei.value), ei.value
+
+
+def test_a_setting_validate_settings_reads_but_the_config_lacks_is_named() -> None:
+    """`settings["path"]` in validate_settings with no `path` in [plugins.NAME] said `[plugins.logger] 'path'`."""
+
+    class Logger:
+        PLUGIN_NAME = "logger"
+
+        @hookimpl
+        def validate_settings(self, settings: dict[str, Any]) -> None:
+            if not settings["path"].endswith(".log"):
+                raise ConfigError("path: expected a .log file")
+
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(Logger())
+    assert str(ei.value) == ("[plugins.logger] path: required, and missing; add path = ... to the [plugins.logger] "
+                             "section of the config")

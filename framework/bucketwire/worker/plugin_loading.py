@@ -309,7 +309,13 @@ def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]])
     for name, caller in loaded.callers("validate_settings"):
         try:
             results = caller(settings=out[name])
-        except (ConfigError, ValueError, TypeError, KeyError) as e:
+        except KeyError as e:  # `settings["path"]` on a section without it: str(e) would be just "'path'"
+            key = e.args[0] if e.args else "?"
+            if isinstance(key, str) and key not in out[name]:
+                raise ConfigError(f"[plugins.{name}] {key}: required, and missing; add {key} = ... to the "
+                                  f"[plugins.{name}] section of the config") from None
+            raise ConfigError(f"[plugins.{name}] {e}") from None
+        except (ConfigError, ValueError, TypeError) as e:
             raise ConfigError(f"[plugins.{name}] {e}") from None
         res = results[0] if results else None
         if res is not None:
