@@ -85,6 +85,10 @@ def test_splitter_strings_with_braces_and_errors() -> None:
     with pytest.raises(StreamError):
         JsonStreamSplitter().feed(b"}")
 
+    # What weed prints instead of JSON (a filer it cannot reach) is shown in its own words, not as a stray byte.
+    with pytest.raises(StreamError, match=r"meta.tail printed 'subscribe: rpc error: connection refused'"):
+        JsonStreamSplitter().feed(b'{"a": 1}\nsubscribe: rpc error: connection refused\n{"b": 2}')
+
 
 def test_doc_events_from_recorded_stream_and_nested_batches() -> None:
     docs = JsonStreamSplitter().feed((DATA / "meta_tail.txt").read_bytes())

@@ -91,7 +91,11 @@ class JsonStreamSplitter:
                         raise StreamError(f"bad JSON object in meta.tail output: {e}") from None
                     self._start = -1
             elif self._depth == 0 and c not in b" \t\r\n":
-                raise StreamError(f"unexpected byte {chr(c)!r} between objects in meta.tail output")
+                # Text where an object should start is weed's own message (a filer it cannot reach, a flag it
+                # refuses): say it in its words.
+                end = buf.find(b"\n", i, i + 300)
+                text = bytes(buf[i: end if end >= 0 else i + 300]).decode(errors="replace").strip()
+                raise StreamError(f"meta.tail printed {text!r} where filer events were expected")
             i += 1
         # Drop what has been consumed; keep an unfinished object.
         keep_from = self._start if self._depth > 0 else n
@@ -261,7 +265,7 @@ class SeaweedMetaSource:
                     try:
                         docs = splitter.feed(data)
                     except StreamError as e:
-                        log.error("%s; restarting meta.tail", e)
+                        log.error("%s; restarting meta.tail (is the filer at %s up?)", e, self.filer)
                         break
                     for doc in docs:
                         try:
