@@ -195,3 +195,20 @@ def test_a_setting_validate_settings_reads_but_the_config_lacks_is_named() -> No
         PluginHarness(Logger())
     assert str(ei.value) == ("[plugins.logger] path: required, and missing; add path = ... to the [plugins.logger] "
                              "section of the config")
+
+
+def test_a_setting_worker_startup_reads_but_the_config_lacks_is_named() -> None:
+    """`ctx.settings["path"]` in worker_startup with no `path` in [plugins.NAME]: a KeyError, which the pool took for
+    a crash and restarted the child with backoff, forever; it is the user's config to fix (one line, exit 2)."""
+
+    class Opener:
+        PLUGIN_NAME = "opener"
+
+        @hookimpl
+        def worker_startup(self, ctx: Any) -> None:
+            ctx.state["fh"] = ctx.settings["path"]
+
+    with pytest.raises(ConfigError) as ei, PluginHarness(Opener()):
+        pass
+    assert str(ei.value) == ("[plugins.opener] path: required, and missing; add path = ... to the [plugins.opener] "
+                             "section of the config")

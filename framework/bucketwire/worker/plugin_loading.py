@@ -303,6 +303,15 @@ def load(
     return loaded
 
 
+def _missing_setting(name: str, e: KeyError, settings: Mapping[str, Any]) -> ConfigError | None:
+    """The line for a KeyError that is a setting the section lacks (None for any other KeyError)."""
+    key = e.args[0] if e.args else None
+    if not isinstance(key, str) or key in settings:
+        return None
+    return ConfigError(f"[plugins.{name}] {key}: required, and missing; add {key} = ... to the [plugins.{name}] "
+                       "section of the config")
+
+
 def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each plugin's settings after its own `validate_settings` hook; errors name the plugin and key."""
     out = {name: dict(sections.get(name, {})) for name in loaded.names}
@@ -310,11 +319,7 @@ def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]])
         try:
             results = caller(settings=out[name])
         except KeyError as e:  # `settings["path"]` on a section without it: str(e) would be just "'path'"
-            key = e.args[0] if e.args else "?"
-            if isinstance(key, str) and key not in out[name]:
-                raise ConfigError(f"[plugins.{name}] {key}: required, and missing; add {key} = ... to the "
-                                  f"[plugins.{name}] section of the config") from None
-            raise ConfigError(f"[plugins.{name}] {e}") from None
+            raise _missing_setting(name, e, out[name]) or ConfigError(f"[plugins.{name}] {e}") from None
         except (ConfigError, ValueError, TypeError) as e:
             raise ConfigError(f"[plugins.{name}] {e}") from None
         res = results[0] if results else None
@@ -455,6 +460,14 @@ class PluginRunner:
                 caller(ctx=self.ctx(name))
             except ConfigError as e:
                 raise ConfigError(f"[plugins.{name}] {e}") from None
+            except KeyError as e:
+                # `ctx.settings["path"]` on a section without it is the user's config to fix, not a crash to
+                # restart with backoff forever.
+                missing = _missing_setting(name, e, self.settings[name])
+                if missing is not None:
+                    raise missing from None
+                logging.getLogger("bucketwire.worker").exception("worker_startup failed", extra={"plugin": name})
+                raise
             except Exception:
                 logging.getLogger("bucketwire.worker").exception("worker_startup failed", extra={"plugin": name})
                 raise
