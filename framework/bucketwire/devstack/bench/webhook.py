@@ -132,15 +132,23 @@ BASELINES = {
 
 
 # -- clients ------------------------------------------------------------------------------------------------
-def _client(port: int, conns: int, n: int, rate: float | None, start: float, offset: int, stride: int,
+def _client(port: int, conns: int, n: int, rate: float | None, go: Any, offset: int, stride: int,
             prefix: str, q: Any, fresh: bool = False) -> None:
     """One client process: `conns` keep-alive connections, each sending every `stride`-th of n requests (with
     `fresh`, each request on a new connection, closed after its answer).
+
+    `go` is (ready, start, event): the process says it is ready once its interpreter has imported, then every
+    client begins at the common `start` the parent sets when all are ready (a fixed head start would have to
+    cover the slowest spawn on a loaded machine, and cost that much on every run).
 
     With `rate` (requests/s over all clients) request i is due at start + i/rate and its latency counts from
     then; without, requests go back to back and latency is the request's own round trip.
     """
     tmpl = body_template()
+    ready, start_at, started = go
+    ready.release()
+    started.wait()
+    start = float(start_at.value)
     headers = {"Content-Type": "application/json", "User-Agent": "MinIO (linux; amd64) minio-go/v7.0.70"}
     out: list[tuple[int, int, float, float, list[float]]] = []
     lock = threading.Lock()
@@ -205,11 +213,12 @@ def drive(port: int, n: int, processes: int, conns: int, rate: float | None, lab
     q = ctx.Queue()
     stride = processes * conns
     prefix = uuid.uuid4().hex[:12].upper()
-    start = time.monotonic() + 1.0  # spawned interpreters need a moment to import
-    ps = [ctx.Process(target=_client, args=(port, conns, n, rate, start, p * conns, stride, prefix, q, fresh))
+    go = (ctx.Semaphore(0), ctx.Value("d", 0.0), ctx.Event())
+    ps = [ctx.Process(target=_client, args=(port, conns, n, rate, go, p * conns, stride, prefix, q, fresh))
           for p in range(processes)]
     for p in ps:
         p.start()
+    start = _start_together(ps, go)
     results: list[tuple[int, int, float, float, list[float]]] = []
     deadline = time.monotonic() + 600
     shown = ""
@@ -234,6 +243,23 @@ def drive(port: int, n: int, processes: int, conns: int, rate: float | None, lab
     lat = [x for r in results for x in r[4]]
     return {"requests": ok + bad, "ok": ok, "failed": bad, "seconds": round(end - start, 3),
             "throughput_rps": round((ok + bad) / max(end - start, 1e-9), 1), "latency": percentiles(lat)}
+
+
+def _start_together(ps: list[Any], go: Any) -> float:
+    """Wait until every client process is ready, then release them all at one start time (returned): a short
+    margin ahead, so the last one released has woken before the first request is due."""
+    ready, start_at, started = go
+    deadline = time.monotonic() + 120
+    waiting = len(ps)
+    while waiting:
+        if ready.acquire(timeout=0.5):
+            waiting -= 1
+        elif time.monotonic() > deadline or not all(p.is_alive() for p in ps):
+            break  # the results loop reports the processes that never answered
+    start = time.monotonic() + 0.05
+    start_at.value = start
+    started.set()
+    return start
 
 
 def _wait_http(port: int, timeout: float = 30, proc: Any = None, log: str = "") -> None:
