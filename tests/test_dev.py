@@ -66,6 +66,7 @@ def newcomer_env() -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
 
 
+@pytest.mark.xdist_group("dev-demo")  # the two full demo stacks (test_dev_ha too) never run at the same time
 @pytest.mark.timeout(300)  # the demo itself may take up to 120 s on a loaded machine, then a clean stop
 def test_dev_demo_makes_thumbnails_and_stops_cleanly(tmp_path: Path) -> None:
     try:

@@ -34,6 +34,7 @@ def wait_until(cond: Any, timeout: float, what: str, p: subprocess.Popen[bytes],
     raise AssertionError(f"timed out waiting for {what}:\n{out.read_text()}")
 
 
+@pytest.mark.xdist_group("dev-demo")  # the two full demo stacks (test_dev too) never run at the same time
 @pytest.mark.timeout(240)
 def test_dev_ha_demo_takeover_and_clean_stop(tmp_path: Path) -> None:
     try:
