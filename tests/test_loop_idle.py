@@ -60,8 +60,11 @@ def test_a_cursor_write_waits_in_the_poll_not_in_a_spinning_loop(hub: Hub) -> No
                                                     "schema": SCHEMA_VERSION, "proto": 3}).encode()])
         deadline = time.monotonic() + 20
         # Three acks, each waited out on its own: a poll that happens to wake over a millisecond late skips the
-        # last millisecond, so one wait alone could look right with the rounding broken.
-        for n in range(1, 4):
+        # last millisecond, so one wait alone could look right with the rounding broken. An ack whose turn was
+        # held up past CURSOR_DELAY (a busy machine pausing this thread) is written in that same turn: no wait to
+        # watch, so it does not count, and another ack is sent (at most 12 in all).
+        waited = 0
+        for n in range(1, 13):
             env = {"specversion": "1.0", "id": f"e{n}", "source": "test", "type": "t", "topic": "x", "data": {}}
             pub.send_multipart([P.PUB, json.dumps({"req": n, "events": [env]}).encode()])
             delivered: int | None = None
@@ -77,7 +80,9 @@ def test_a_cursor_write_waits_in_the_poll_not_in_a_spinning_loop(hub: Hub) -> No
             while hub.groups["g"].acked["x"] != delivered:
                 assert time.monotonic() < deadline, "the ack was not taken"
                 hub._turn()
-            assert hub._cursor_due is not None, "the ack's cursor write is not pending"
+            if hub._cursor_due is None:  # already written in the turn that took the ack
+                assert hub.journal.cursors()[("g", "x")] == delivered == n, "the ack's cursor write is not pending"
+                continue
             turns = 0
             while hub._cursor_due is not None:
                 assert time.monotonic() < deadline, "the cursor was never written"
@@ -87,6 +92,10 @@ def test_a_cursor_write_waits_in_the_poll_not_in_a_spinning_loop(hub: Hub) -> No
             # Sleeping until it is due takes one turn, two when the poll wakes a little early; a heartbeat may add
             # one.
             assert turns <= 3, f"ack {n}: {turns} loop turns to wait {CURSOR_DELAY * 1000:g} ms for a cursor write"
+            waited += 1
+            if waited == 3:
+                break
+        assert waited == 3, f"only {waited} of 12 acks left a cursor write pending to wait for"
     finally:
         pub.close()
         worker.close()
