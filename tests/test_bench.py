@@ -153,7 +153,11 @@ def test_profile_bus() -> None:
     assert nsat["nats-server (all threads)"] + sum(nsat["worker processes (both)"].values()) > 0
     for phase in probed.values():
         sql = phase["sql_statements_per_event"]
-        assert sql["MainThread: BEGIN"] == sql["MainThread: COMMIT"] > 0
+        # A transaction can straddle the probe's toggle (its BEGIN counted, its COMMIT after: 1.16 against 1.15 per
+        # event was seen on a loaded machine): one apart at most, plus the rounding of the per-event figures.
+        ev = phase["events"]
+        begins, commits = sql["MainThread: BEGIN"] * ev, sql["MainThread: COMMIT"] * ev
+        assert commits > 0 and abs(begins - commits) <= 1 + ev * 0.001, sql
         assert phase["python_calls_per_event_loop_thread"] > 0 and phase["top_functions_us_per_event"]
         assert phase["per_event"]["commits"] > 0 and phase["per_event"]["ACK frames"] > 0
     assert probed["200/s"]["per_event"]["PUB requests"] == 1.0  # one event per request at a fixed rate
