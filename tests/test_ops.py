@@ -245,6 +245,12 @@ def test_dlq_list_retry_purge(hub_stack):
     assert sorted(d["dead_letter"]["action"] for d in everything) == ["purged", "retried", "retried"]
     # idempotent: nothing is waiting, and group b never saw the retried event
     assert "nothing to retry" in cli(s, "dlq", "retry", "--all").stderr
+    # An id that names no waiting dead letter (a typo, or one handled already) is an error, and nothing is done:
+    # it said "nothing to retry" and exited 0, so a script took a typo for success.
+    typo = cli(s, "dlq", "retry", "no-such-dead-letter", check=False)
+    assert typo.returncode == 1 and "no waiting dead letter matches no-such-dead-letter" in typo.stderr, typo
+    twice = cli(s, "dlq", "purge", first["id"], check=False)
+    assert twice.returncode == 1 and "nothing was purged (already retried or purged" in twice.stderr, twice
     wait_for(lambda: s.status()["groups"]["b"]["lag"] == 0, 10, "group b skipped the retry")
     assert len([x for x in records(s) if x["g"] == "b"]) == 2
     assert cli(s, "dlq", "purge", check=False).returncode != 0  # purge needs a selection

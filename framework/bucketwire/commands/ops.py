@@ -551,6 +551,16 @@ def _act(config_path: str | None, topic: str | None, group: str | None, older: s
     _, client, dls = _load(config_path, dlq_topics)
     try:
         sel = select(dls, ids, topic, group, o, n, False)
+        # Each id must name a waiting dead letter: a typo (or one retried already) said "nothing to retry" with
+        # exit 0 before, which a script takes for success. Checked before anything is done.
+        missing = [i for i in ids if not any(_matches_id(dl, i) for dl in sel)]
+        if missing:
+            handled = all(any(_matches_id(dl, i) for dl in dls) for i in missing)
+            raise click.ClickException(
+                f"no waiting dead letter matches {' '.join(missing)}; nothing was "
+                + ("retried" if action == "retry" else "purged")
+                + (" (already retried or purged: `bucketwire dlq list --all`)" if handled
+                   else " (see `bucketwire dlq list`)"))
         if not sel:
             click.echo(f"nothing to {action}: no waiting dead letter matches", err=True)
             return
