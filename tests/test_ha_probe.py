@@ -437,3 +437,39 @@ start = "earliest"
             raise
         finally:
             s.stop()
+
+
+def _cli(s: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bucketwire", *args, "-c", str(s.cfg_path)], env=s.env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_dlq_retry_and_purge_through_the_standby_hub(tmp_path: Path, cluster: NatsCluster) -> None:
+    """`dlq retry` asked of the hub that does not dispatch the failed event's group (the standby first in the
+    operator's [client] list, as after a failover) retries it, rather than refuse it as a group that "no longer
+    consumes" its topic, and the dispatcher delivers the retry; `dlq purge` through the standby works too."""
+    from tests.test_ha import dispatcher, two_hubs
+
+    a, b = two_hubs(tmp_path, cluster, '\n[topics.photos]\nmax_attempts = 1\n')
+    try:
+        a.start_hub()
+        wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
+        b.start_hub()
+        a.start_worker("g", 1, wait=False)
+        wait_for(lambda: a.status()["groups"]["g"]["workers"] >= 1, 30, "the worker at the dispatcher")
+        with a.client() as c:  # each fails its first attempt: a retry (attempt 1 again) fails and dead-letters too
+            c.publish("photos", {"bucket": "b", "key": "k1", "fail": 1}, id="retry-me")
+            c.publish("photos", {"bucket": "b", "key": "k2", "fail": 1}, id="purge-me")
+        wait_for(lambda: a.status()["groups"]["g"]["dead_lettered"] == 2, 30, "two dead letters")
+        assert b.status()["dispatch"]["g"]["role"] == "standby"
+        r = _cli(b, "dlq", "retry", "retry-me")  # b's config lists b first
+        assert r.returncode == 0 and "retried 1" in r.stdout, r.stdout + r.stderr
+        # The retry, committed by the standby, reached the dispatcher's worker: it failed there and came back.
+        wait_for(lambda: a.status()["groups"]["g"]["dead_lettered"] == 3, 30, "the retry handled (and failed)")
+        r = _cli(b, "dlq", "purge", "--all")
+        assert r.returncode == 0 and "purged 2" in r.stdout, r.stdout + r.stderr
+        r = _cli(b, "dlq", "list")
+        assert r.returncode == 0 and "no dead letters waiting" in r.stdout, r.stdout + r.stderr
+    finally:
+        a.stop()
+        b.stop()

@@ -211,7 +211,7 @@ class Hub:
         # Gauges, rates, socket monitors, replay, DLQ, group removal: see hub/ops.py.
         self.ops = HubOps(cfg, self.metrics, self.journal, self.groups, self.net, new_event=self._new,
                           live_topics=self.live_topics, journal_ok=lambda: self.write_error is None,
-                          queued=self.ingress_q.qsize, too_large=self._too_large)
+                          queued=self.ingress_q.qsize, too_large=self._too_large, group_topics=self._group_topics)
         if cfg.security.curve:  # fail at startup, with one line, not in the loop
             check_key_files(cfg.security)
             server_key_path(cfg.security)
@@ -1471,6 +1471,15 @@ class Hub:
         assert self.ha is not None
         _, at = self.ha.lease_holders_seen()
         return None if at is None else max(0.0, now - at)
+
+    def _group_topics(self, name: str) -> list[str] | None:
+        """The topics of a group this hub dispatches, or (with several hubs) one it would take if its lease came
+        free: a standby knows them, so an operator's `dlq retry` need not find the dispatcher."""
+        g = self.groups.get(name)
+        if g is not None:
+            return list(g.read_pos)
+        wanted = self.wanted.get(name)
+        return None if wanted is None else wanted[0]
 
     def _moved(self, ident: bytes, group: str, now: float) -> None:
         holder = self.dispatchers(now).get(group)

@@ -24,7 +24,7 @@ from bucketwire.hub.journal import JournalError
 from bucketwire.zmqio import readable
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
 
     from bucketwire.config import Config
     from bucketwire.hub.dispatch import GroupState
@@ -89,11 +89,14 @@ class HubOps:
     def __init__(self, cfg: Config, metrics: HubMetrics, journal: JournalAPI, groups: dict[str, GroupState],
                  net: Listeners, *, new_event: Callable[[Event, str], NewEvent],
                  live_topics: Callable[[float], frozenset[str]], journal_ok: Callable[[], bool],
-                 queued: Callable[[], int], too_large: Callable[[Event, str], str | None] = lambda ev, t: None
-                 ) -> None:
+                 queued: Callable[[], int], too_large: Callable[[Event, str], str | None] = lambda ev, t: None,
+                 group_topics: Callable[[str], Collection[str] | None] | None = None) -> None:
         """`groups` is the hub's own mapping (removing a group here removes it from the hub); `new_event` makes a
         journal entry the way the hub does, `too_large` says why one would be over the hub's event size limit;
-        the other callables read hub state that changes every turn."""
+        `group_topics` names the topics of a group this hub knows, dispatched here or not (with several hubs a
+        `dlq retry` may reach one that does not dispatch the group: the retry is an event like any, which every
+        hub may commit and the dispatcher then delivers); the other callables read hub state that changes every
+        turn."""
         self.cfg = cfg
         self.metrics = metrics
         self.journal = journal
@@ -101,6 +104,7 @@ class HubOps:
         self.net = net
         self.new_event = new_event
         self.too_large = too_large
+        self.group_topics = group_topics or self._own_group_topics
         self.live_topics = live_topics
         self.journal_ok = journal_ok
         self.queued = queued
@@ -115,6 +119,10 @@ class HubOps:
         self.journal_bytes = 0
         self.metrics.info.labels(__version__, str(SCHEMA_VERSION)).set(1)
         self.metrics.journal_available.set(1)
+
+    def _own_group_topics(self, name: str) -> Collection[str] | None:
+        g = self.groups.get(name)
+        return None if g is None else g.read_pos.keys()
 
     # -- socket monitors -------------------------------------------------------------------------------------
     def attach_monitors(self, socks: dict[str, zmq.Socket[bytes]]) -> list[zmq.Socket[bytes]]:
@@ -481,9 +489,9 @@ class HubOps:
                         "error": f"dead letter {dl_id[:12]} is a follow-on the hub refused ({data.get('line')}: "
                                  f"{str(data.get('error'))[:200]}); a refused follow-on stays refused -- fix "
                                  "[security.roles] or the hop limit and replay the causing event, or purge it"}
-            g = self.groups.get(group)
+            topics = self.group_topics(group)
             otopic = data.get("topic")
-            if g is None or not isinstance(otopic, str) or otopic not in g.read_pos:
+            if topics is None or not isinstance(otopic, str) or otopic not in topics:
                 return {"id": dl_id, "group": group,
                         "error": f"dead letter {dl_id[:12]}: group {group!r} no longer consumes {otopic!r}"}
             oseq = data.get("seq")
