@@ -473,3 +473,63 @@ def test_dlq_retry_and_purge_through_the_standby_hub(tmp_path: Path, cluster: Na
     finally:
         a.stop()
         b.stop()
+
+
+def _kv_revision(cluster: NatsCluster, bucket: str, key: str) -> int:
+    """The revision of one KV entry now (0 when absent)."""
+    import nats
+
+    async def read() -> int:
+        nc = await nats.connect(servers=cluster.urls, connect_timeout=5)
+        try:
+            kv = await nc.jetstream().key_value(bucket)
+            try:
+                return int((await kv.get(key)).revision or 0)
+            except Exception:  # noqa: BLE001 - absent or deleted
+                return 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def test_a_removed_group_stays_removed_on_every_hub(tmp_path: Path, cluster: NatsCluster) -> None:
+    """`group rm` on the dispatcher forgets an ad-hoc group on the whole cluster: the other hub, which also had
+    the group's worker knock (and sent it on), does not take the released lease and bring the group back
+    (stalled in `status` again, its cursors made anew from its `start`)."""
+    from bucketwire.hub.journal_jetstream import token
+    from tests.test_ha import dispatcher, two_hubs
+
+    a, b = two_hubs(tmp_path, cluster)
+    try:
+        a.start_hub()
+        wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
+        b.start_hub()
+        pool_cfg = b.dir / "pool.toml"  # b's config (b first in [client] work) naming a group the hubs do not
+        pool_cfg.write_text(b.cfg_path.read_text() + '\n[groups.adhoc]\ntopics = ["photos"]\nplugins = []\n')
+        pool = b.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg)
+        d = wait_for(lambda: next((s for s in (a, b) if s.status()["groups"].get("adhoc", {}).get("workers")), None),
+                     30, "the pool at the hub that dispatches adhoc")
+        o = b if d is a else a
+        assert "adhoc" in o.status()["dispatch"], "the other hub never heard of adhoc: nothing to probe"
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(30) == 0
+        wait_for(lambda: d.status()["groups"]["adhoc"]["workers"] == 0, 10, "the pool gone")
+        r = _cli(d, "group", "rm", "adhoc")
+        assert r.returncode == 0 and "removed group adhoc" in r.stdout, r.stdout + r.stderr
+        # The released lease is free at once; each lease round of o renews its presence key and takes every free
+        # lease it wants: two rounds after the removal, a hub that still wanted adhoc has taken it.
+        bucket, presence = f"{o.cfg.journal.prefix}_leases", f"h.{token(o.cfg.hub.id)}"
+        rev = _kv_revision(cluster, bucket, presence)
+        wait_for(lambda: _kv_revision(cluster, bucket, presence) >= rev + 2, 20, "two lease rounds of the other hub")
+        for s in (a, b):
+            st = s.status()
+            assert "adhoc" not in st["groups"], f"{s.cfg.hub.id} brought group adhoc back"
+        assert _kv_revision(cluster, bucket, f"g.{token('adhoc')}") == 0, "adhoc's lease was taken again"
+        # A pool started after the removal makes a new group of that name, through either hub.
+        b.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg)
+        wait_for(lambda: any(s.status()["groups"].get("adhoc", {}).get("workers") for s in (a, b)), 30,
+                 "a new group adhoc with the new pool")
+    finally:
+        a.stop()
+        b.stop()

@@ -371,6 +371,11 @@ class JetStreamJournal:
         self._leases: dict[str, tuple[int, float]] = {}  # group -> (revision, valid until, monotonic)
         self._next_lease_round = 0.0
         self._leasing: asyncio.Task[None] | None = None  # a lease round on the client's thread (see lead)
+        # `group rm` gives a lease back with a PURGE marker, not a DEL: the other hubs must not take it for a want
+        # from before the removal (see _take_released). group -> seq of the marker this hub has reported.
+        self._removal_seen: dict[str, int] = {}
+        self._removals: set[str] = set()  # reported by a lease round, not yet taken by `removed_groups`
+        self._removals_lock = threading.Lock()
         # This hub's presence key: one running hub per `[hub] id` (see _claim_id).
         self._presence_key = f"h.{token(hub_id)}"
         self._presence_value = json.dumps({"hub": hub_id, "work": advertise, "host": socket.gethostname(),
@@ -1405,8 +1410,18 @@ class JetStreamJournal:
             last = await self.js.get_last_msg(f"KV_{self._kv_leases}", subject)
         except Exception:  # expired in the meantime: the next round's create takes it
             return
-        if (last.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+        op = (last.headers or {}).get("KV-Operation")
+        if op not in ("DEL", "PURGE"):
             return  # a live lease of another hub
+        if op == "PURGE" and self._removal_seen.get(g) != last.seq:
+            # Removed with `group rm` on its dispatcher. This hub may want it only because a worker knocked here
+            # before the removal: taking it would bring the group back. The hub drops that want (removed_groups);
+            # a worker that READYs after that wants a new group of that name, and the next round takes it.
+            self._removal_seen[g] = last.seq
+            with self._removals_lock:
+                self._removals.add(g)
+            log.info("not taking the lease of a removed group", extra={"group": g, "hub": self.hub_id})
+            return
         fut = await self._replies.send(subject, self._lease_value,
                                        {"Nats-Expected-Last-Subject-Sequence": str(last.seq)})
         doc = await self._answer(fut)
@@ -1414,14 +1429,25 @@ class JetStreamJournal:
             log.info("took the dispatch lease", extra={"group": g, "hub": self.hub_id})
             self._leases[g] = (int(doc["seq"]), sent + self.settings.lease_ttl)
 
-    def release(self, groups: Iterable[str]) -> None:
-        """Give leases back at a clean stop, so a standby takes over at once instead of after `lease_ttl`."""
+    def release(self, groups: Iterable[str], removed: bool = False) -> None:
+        """Give leases back at a clean stop, so a standby takes over at once instead of after `lease_ttl`.
+        `removed`: the groups were removed (`group rm`), so no other hub takes them for what it wanted before."""
         async def drop() -> None:
             if self._leasing is not None:  # a round under way would renew what is given back: it ends first
                 await asyncio.wait([self._leasing], timeout=self.settings.lease_ttl / 2)
             kv = await self.js.key_value(self._kv_leases)
             for g in list(groups):
-                if g in self._leases:
+                if removed and g in self._leases:
+                    try:
+                        ack = await self.js.publish(
+                            f"$KV.{self._kv_leases}.g.{token(g)}", b"",
+                            headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub",
+                                     "Nats-Expected-Last-Subject-Sequence": str(self._leases[g][0])})
+                        self._removal_seen[g] = ack.seq  # its own marker: a later READY here wants a new group
+                    except Exception as e:  # taken or expired meanwhile: the next dispatcher has it
+                        log.warning("could not mark the removed group's lease", extra={"group": g, "error": str(e)})
+                    self._leases.pop(g, None)
+                elif g in self._leases:
                     try:
                         await kv.delete(f"g.{token(g)}", last=self._leases[g][0])
                     except Exception as e:  # already taken or expired: nothing to give back
@@ -1432,6 +1458,13 @@ class JetStreamJournal:
             self._run(drop(), 5)
         except JetStreamError as e:
             log.debug("lease release failed", extra={"error": str(e)})
+
+    def removed_groups(self) -> set[str]:
+        """The groups whose lease a round found removed by `group rm` since the last call: the hub stops wanting
+        them (unless its config defines them)."""
+        with self._removals_lock:
+            out, self._removals = self._removals, set()
+        return out
 
     def leaders(self) -> dict[str, str]:
         """Which hub holds each group's lease now (for status and doctor)."""

@@ -1403,6 +1403,11 @@ class Hub:
         the groups gained, stop dispatching the groups lost."""
         assert self.ha is not None
         held = self.ha.lead(sorted(set(self.wanted) | set(self.groups)), now, wait=False)
+        for name in sorted(self.ha.removed_groups()):
+            if name not in self.cfg.groups and name not in self.groups:
+                # Wanted for a worker that knocked before another hub's `group rm`: the group is gone. A worker
+                # that READYs from now on makes it wanted again, as a new group.
+                self.wanted.pop(name, None)
         for name in sorted(held - set(self.groups)):
             self._gain(name)
         for name in sorted(set(self.groups) - held):
@@ -1445,7 +1450,7 @@ class Hub:
         take it again and bring the group back at once."""
         assert self.ha is not None
         self.wanted.pop(name, None)
-        self.ha.release([name])
+        self.ha.release([name], removed=True)
         self._holders_at = -1e9
         with contextlib.suppress(KeyError):
             self.metrics.leading.remove(name)
