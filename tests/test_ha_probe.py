@@ -533,3 +533,31 @@ def test_a_removed_group_stays_removed_on_every_hub(tmp_path: Path, cluster: Nat
     finally:
         a.stop()
         b.stop()
+
+
+def test_operator_commands_for_a_group_the_asked_hub_never_saw(tmp_path: Path, cluster: NatsCluster) -> None:
+    """`replay` and `group rm` of an ad-hoc group sent to a hub that never had its workers knock (started after
+    they joined the dispatcher) reach the dispatcher, as for a configured group, instead of ending in "unknown
+    group": the hub knows from the leases who dispatches it."""
+    from tests.test_ha import dispatcher, two_hubs
+
+    a, b = two_hubs(tmp_path, cluster)
+    try:
+        a.start_hub()
+        wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
+        pool_cfg = a.dir / "pool.toml"
+        pool_cfg.write_text(a.cfg_path.read_text() + '\n[groups.adhoc]\ntopics = ["photos"]\nplugins = []\n')
+        pool = a.start_worker("adhoc", 1, cfg_path=pool_cfg)
+        b.start_hub()
+        wait_for(lambda: b.status()["hub"].get("leases_age") is not None, 20, "hub b to read the leases")
+        r = _cli(b, "replay", "--group", "adhoc", "--from-seq", "1", "--no-wait")
+        assert r.returncode == 0, r.stdout + r.stderr
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(30) == 0
+        wait_for(lambda: a.status()["groups"]["adhoc"]["workers"] == 0, 10, "the pool gone")
+        r = _cli(b, "group", "rm", "adhoc")
+        assert r.returncode == 0 and "removed group adhoc" in r.stdout, r.stdout + r.stderr
+        assert "adhoc" not in a.status()["groups"]
+    finally:
+        a.stop()
+        b.stop()

@@ -999,7 +999,7 @@ class Hub:
             self._on_fetch(ident, P.decode(raw, P.Fetch))
         elif cmd == P.REPLAY:
             rp = P.decode(raw, P.Replay)
-            if self.ha is not None and rp.group not in self.groups and rp.group in self.wanted:
+            if self._elsewhere(rp.group, now):
                 self._moved(ident, rp.group, now)
                 return
             self.ops.on_replay(ident, rp)
@@ -1011,7 +1011,7 @@ class Hub:
                                                           client=True, staged=True))
         elif cmd == P.GROUPRM:
             rm = P.decode(raw, P.GroupRm)
-            if self.ha is not None and rm.group not in self.groups and rm.group in self.wanted:
+            if self._elsewhere(rm.group, now):
                 self._moved(ident, rm.group, now)
                 return
             had = rm.group in self.groups
@@ -1485,6 +1485,18 @@ class Hub:
             return list(g.read_pos)
         wanted = self.wanted.get(name)
         return None if wanted is None else wanted[0]
+
+    def _elsewhere(self, group: str, now: float) -> bool:
+        """With several hubs: whether an operator's command on `group` is for another hub, the one that dispatches
+        it. A group this hub would take (configured, or its workers knocked here) or one the last reading of the
+        leases says another hub holds: an ad-hoc group whose workers only ever reached that hub is known here by
+        its lease alone, and answering "unknown group" would send the operator away."""
+        if self.ha is None or group in self.groups:
+            return False
+        if group in self.wanted:
+            return True
+        holder = self.dispatchers(now).get(group)
+        return holder is not None and holder[0] != self.cfg.hub.id
 
     def _moved(self, ident: bytes, group: str, now: float) -> None:
         holder = self.dispatchers(now).get(group)
