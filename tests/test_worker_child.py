@@ -129,3 +129,22 @@ def test_a_result_whose_follow_ons_cannot_be_encoded_fails_its_event_alone() -> 
     assert not results[3].ok and "cannot be sent to the hub" in (results[3].line or ""), results[3]
     assert not results[4].ok
     assert [rng for f in frames for rng in P.decode(f, P.Ack).ranges()] == [("jobs", 1, 1)]
+
+
+def test_a_child_whose_supervisor_is_killed_stops(stack_factory: Any) -> None:
+    """kill -9 of the pool (OOM killer, an operator): its children must not live on as orphans, taking events
+    with no one to enforce handler_timeout, restart them or speak for their long handlers, and running old plugin
+    code beside the pool that replaces them. A child was reparented to init and kept working."""
+    import os
+    import signal
+
+    from tests.procs import processes
+
+    s = stack_factory(CFG)
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    (child,) = s.child_pids(pool)
+    os.kill(pool.pid, signal.SIGKILL)
+    pool.wait(10)
+    wait_for(lambda: child not in processes(), 15, "the orphaned child to stop")
+    wait_for(lambda: s.status()["groups"]["a"]["workers"] == 0, 15, "the hub to count no worker")

@@ -29,6 +29,28 @@ hundred short-lived objects in the hub and in a worker child, so at 700 a collec
 about a tenth of the hub's CPU; nearly all of those objects are gone before a collection at 10,000 looks at them."""
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent(parent: int) -> None:
+    """Ask the kernel to send this process SIGTERM when `parent` dies (Linux `prctl(PR_SET_PDEATHSIG)`), and send
+    it now if the parent is already gone. A worker child whose pool was killed (-9, the OOM killer) otherwise
+    lives on under init, still taking events, with nobody to enforce handler_timeout, restart it or speak for
+    its long handlers, beside the children of the pool that replaces it. SIGTERM makes it drain like any stop.
+    Elsewhere than Linux this does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # died before the request was made: the kernel will not send it
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def settle_gc() -> None:
     """For a long-running process, once it has loaded everything it will keep (imports, config, plugins): those
     objects move out of the collector's way (`gc.freeze`), so the old generation's collections, which used to

@@ -26,7 +26,7 @@ from bucketwire import config as config_mod
 from bucketwire import logs, security
 from bucketwire import protocol as P
 from bucketwire.config import Config, ConfigError, GroupConfig
-from bucketwire.procutil import on_stop_signals
+from bucketwire.procutil import on_stop_signals, stop_with_parent
 from bucketwire.worker.child import Plugins, WorkerSpec, child_main
 from bucketwire.worker.running import Running, RunningSlot
 
@@ -34,7 +34,8 @@ log = logging.getLogger("bucketwire.worker")
 
 
 def _child(cfg_path: str | None, cfg: Config | None, spec: WorkerSpec, log_format: str, verbosity: int,
-           raw_slot: Any) -> None:
+           raw_slot: Any, supervisor: int) -> None:
+    stop_with_parent(supervisor)
     logs.setup(log_format, verbosity)
     if cfg is None:
         cfg = config_mod.load(cfg_path, warn=False)
@@ -198,7 +199,8 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
         rs = slots.get(slot) or slots.setdefault(slot, RunningSlot.shared(ctx))
         rs.reset()
         p = ctx.Process(target=_child,
-                        args=(cfg_path, None if cfg_path else cfg, spec, log_format, verbosity, rs.raw),
+                        args=(cfg_path, None if cfg_path else cfg, spec, log_format, verbosity, rs.raw,
+                              os.getpid()),
                         name=f"bucketwire-worker-{spec.group}-{slot}", daemon=False)
         p.start()
         children[slot] = p
