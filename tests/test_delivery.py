@@ -228,6 +228,23 @@ def test_hop_limit_refuses_a_follow_on_past_max_hops(hub_stack):
     assert s.status()["topics"]["jobs"]["head"] == 2, "nothing was retried into the topic"
 
 
+def test_a_plugin_resetting_hops_does_not_get_past_the_hop_limit(hub_stack):
+    """The hub counts a follow-on's hops from the event it handed out, not from what the worker says: a plugin
+    that set `hops = 0` on the event `ctx.publish` returned made every follow-on look new, and a loop of
+    thumbnails of thumbnails went on for ever."""
+    s = hub_stack(GROUPS)
+    s.cfg_path.write_text(s.cfg_path.read_text().replace("heartbeat_timeout = 1.5",
+                                                         "heartbeat_timeout = 1.5\nmax_hops = 2"))
+    s.start_hub()
+    s.start_worker("a", 1)
+    with s.client() as c:
+        c.publish_events([Event(id=uuid.uuid4().hex, source="urn:test", type="s3:ObjectCreated:Put", subject="k",
+                                topic="jobs", data={"bucket": "b", "key": "k", "follow_reset_hops": True}, hops=2)])
+    wait_for(lambda: s.metric("bucketwire_hop_limit_total") == 1, 20, "the follow-on refused by the hop limit")
+    with s.client() as c:
+        _, follow = c.fetch("follow", 1)
+    assert follow == [], "nothing past the limit is committed"
+
 def test_worker_killed_mid_event_is_redelivered(stack_factory):
     s = stack_factory(GROUPS)
     s.start_hub()

@@ -8,7 +8,7 @@ raises the builtin BaseException NAME (SystemExit, KeyboardInterrupt, GeneratorE
 follow-ons to topic "follow" (with {"follow_pad": N}: each with N bytes of padding), {"follow_kw": {...}} one
 follow-on published with those keyword arguments, {"follow_fsname": true} one carrying a file name that is not
 UTF-8, {"follow_strsub": true} one carrying instances of str and int subclasses, {"follow_bytes": N} one
-follow-on carrying N bytes of padding.
+follow-on carrying N bytes of padding, {"follow_reset_hops": true} one whose hops it sets to 0 after publishing.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def handle_event(event, ctx):
         ctx.publish("follow", {"name": os.fsdecode(b"caf\xe9.jpg")})
     if d.get("follow_bytes"):
         ctx.publish("follow", {"pad": "x" * d["follow_bytes"]})
+    if d.get("follow_reset_hops"):  # a plugin that resets the hop count of what it published
+        ctx.publish("follow", {"cause_seq": event.seq}).hops = 0
     line = json.dumps({"g": ctx.group, "pid": os.getpid(), "t": event.topic, "s": event.seq, "id": event.id,
                        "key": event.key, "a": ctx.attempt, "t0": t0, "ts": time.monotonic(), "data": d})
     fd = os.open(ctx.settings["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

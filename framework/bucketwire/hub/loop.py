@@ -1140,7 +1140,13 @@ class Hub:
             if r.ok:
                 # Validate every follow-on before touching state, so a bad one rejects the whole ack.
                 fos = [Event.from_dict(f) for f in r.f]
+                # Hops count from the event this hub handed out, not from what the worker says: a plugin that
+                # reset `hops` on what it published got every generation past max_hops (thumbnails of thumbnails).
+                held = g.inflight.get((topic, seq)) if fos else None
+                floor = hops_of(held[0].body) + 1 if held is not None else 0
                 for fo in fos:
+                    if fo.hops < floor:
+                        fo.hops = floor
                     if not fo.topic:
                         raise EnvelopeError("follow-on events need a topic")
                     # The hub names the follow-on's source, whatever the worker sent: its id then lives in this
@@ -1549,6 +1555,21 @@ class Hub:
 
 
 _PUB_DECODER = msgspec.json.Decoder(P.Pub)
+
+
+class _Hops(msgspec.Struct):
+    hops: int = 0
+
+
+_HOPS_DECODER = msgspec.json.Decoder(_Hops)
+
+
+def hops_of(body: bytes) -> int:
+    """The `hops` of a journal envelope (msgspec reads the one key and skips the rest); 0 if it cannot be read."""
+    try:
+        return max(0, _HOPS_DECODER.decode(body).hops)
+    except msgspec.DecodeError:  # ValidationError too (a subclass)
+        return 0
 
 
 def decode_pub(raw: bytes) -> tuple[P.Pub, bool]:
