@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bucketwire.envelope import (
-    MAX_TOPIC_LEN,
     EnvelopeError,
     Event,
     envelope_bytes,
     follow_on_id,
     follow_on_source,
+    object_name_problem,
     read_envelope,
+    topic_problem,
 )
 
 if TYPE_CHECKING:
@@ -156,12 +157,9 @@ class Context:
             raise RuntimeError(f"ctx.publish() after handle_event returned for event {cause.id}: its ack has gone, so "
                                "this follow-on would be lost; wait for your threads before the handler returns")
         # The hub's own refusals of a topic and of an object event's bucket/key (Hub._refusal), said here.
-        if "\0" in topic or len(topic) > MAX_TOPIC_LEN:
-            raise ValueError(f"follow-on to topic {topic[:80]!r} would be refused by the hub: topic names must be 1 "
-                             f"to {MAX_TOPIC_LEN} characters without NUL bytes")
-        if isinstance(data, dict) and any(isinstance(data.get(k), str) and "\0" in data[k] for k in ("bucket", "key")):
-            raise ValueError(f"follow-on to topic {topic!r} would be refused by the hub: bucket name or object key "
-                             "contains a NUL byte")
+        bad = topic_problem(topic) or object_name_problem(data)
+        if bad is not None:
+            raise ValueError(f"follow-on to topic {topic[:80]!r} would be refused by the hub: {bad}")
         ev = Event(
             id=follow_on_id(cause.id, self.group, self.plugin, len(self.published), topic, cause.time),
             source=follow_on_source(self.group, self.plugin),

@@ -35,9 +35,9 @@ _KNOWN = frozenset({
 """The attributes `Event` has fields for; anything else in an envelope is an extension."""
 
 MAX_SEQ = 2**63 - 1
-MAX_TOPIC_LEN = 255
-"""Longest topic name the hub accepts: topics become metric labels and PUB frames (`ctx.publish` checks it too)."""
 """The journal stores seqs as SQLite INTEGERs (signed 64-bit)."""
+MAX_TOPIC_LEN = 255
+"""Longest topic name the hub accepts: topics become metric labels and PUB frames."""
 _SEQ_DIGITS = re.compile(r"[1-9][0-9]{0,18}")
 
 
@@ -213,6 +213,26 @@ def read_envelope(build: Callable[..., T], d: Mapping[str, Any], text_checked: b
         topic, seq, causationid, hops, sv,
         {} if _KNOWN.issuperset(d) else {k: v for k, v in d.items() if k not in _KNOWN},
     )
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why the hub refuses `topic` as a name, or None. One rule for the hub's ingest and `ctx.publish`, which
+    says it in the plugin's handler instead of the hub refusing the whole ack."""
+    if "\0" in topic or len(topic) > MAX_TOPIC_LEN:
+        return f"topic names must be 1 to {MAX_TOPIC_LEN} characters without NUL bytes"
+    return None
+
+
+NUL_IN_OBJECT_NAME = "bucket name or object key contains a NUL byte"
+
+
+def object_name_problem(data: Any) -> str | None:
+    """Why the hub refuses an event whose `data` names a bucket or key with a NUL byte (S3 has none), or None."""
+    if type(data) is dict or isinstance(data, dict):
+        b, k = data.get("bucket"), data.get("key")
+        if (isinstance(b, str) and "\0" in b) or (isinstance(k, str) and "\0" in k):
+            return NUL_IN_OBJECT_NAME
+    return None
 
 
 LIFECYCLE_EXPIRATION = "s3:LifecycleExpiration:"

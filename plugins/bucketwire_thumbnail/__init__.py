@@ -359,6 +359,8 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
             })
             return
 
+    if out_bucket != bucket and "{bucket}" not in s["key_template"]:
+        _check_owner(dst, out_bucket, keys, bucket, key)  # before the source is read and decoded for nothing
     got = _source(ctx, src, bucket, key, ctype, s["max_bytes"])
     if got is None:
         return
@@ -376,8 +378,6 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
         )
     except ThumbnailError as e:
         raise PermanentError(f"{bucket}/{key}: {e}") from None
-    if out_bucket != bucket and "{bucket}" not in s["key_template"]:
-        _check_owner(dst, out_bucket, keys, bucket, key)
     info: dict[int, tuple[int, int, int]] = {}
     for t in thumbs:
         _put(dst, out_bucket, keys[t.size], t, bucket, key, real_etag, out_ctype, _made_by(event))

@@ -19,7 +19,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from bucketwire.config import Config
 from bucketwire.envelope import (
     HUB_EXTENSIONS,
     MAX_TOPIC_LEN,
+    NUL_IN_OBJECT_NAME,
     RESERVED_SOURCES,
     SCHEMA_VERSION,
     EnvelopeError,
@@ -39,10 +40,12 @@ from bucketwire.envelope import (
     dumps,
     follow_on_source,
     object_key_of,
+    object_name_problem,
     outside_refusal,
     pre_render,
     read_envelope,
     stable_id,
+    topic_problem,
     unsent_envelope,
     unsent_of,
 )
@@ -671,19 +674,19 @@ class Hub:
         the event's `object_key_of`, when the caller has it."""
         if objkey is not None:  # bucket and key are both strings: one test of `bucket/key` covers both
             if "\0" in objkey:
-                return "invalid", "bucket name or object key contains a NUL byte"
+                return "invalid", NUL_IN_OBJECT_NAME
         else:
-            data = env["data"]
-            if type(data) is dict or isinstance(data, dict):
-                b, k = data.get("bucket"), data.get("key")
-                if (isinstance(b, str) and "\0" in b) or (isinstance(k, str) and "\0" in k):
-                    return "invalid", "bucket name or object key contains a NUL byte"
+            bad = object_name_problem(env["data"])
+            if bad is not None:
+                return "invalid", bad
         if topic is None:
             return None
         if passed is None:
             passed = set()
-        if topic not in passed and ("\0" in topic or len(topic) > MAX_TOPIC_LEN):
-            return "invalid", f"topic names must be 1 to {MAX_TOPIC_LEN} characters without NUL bytes"
+        if topic not in passed:
+            bad = topic_problem(topic)
+            if bad is not None:
+                return "invalid", bad
         if env["hops"] > self.cfg.hub.max_hops:
             return "hop_limit", f"hop limit {self.cfg.hub.max_hops} exceeded"
         if topic in passed:
@@ -1483,12 +1486,12 @@ class Hub:
         _, at = self.ha.lease_holders_seen()
         return None if at is None else max(0.0, now - at)
 
-    def _group_topics(self, name: str) -> list[str] | None:
+    def _group_topics(self, name: str) -> Collection[str] | None:
         """The topics of a group this hub dispatches, or (with several hubs) one it would take if its lease came
         free: a standby knows them, so an operator's `dlq retry` need not find the dispatcher."""
         g = self.groups.get(name)
         if g is not None:
-            return list(g.read_pos)
+            return g.read_pos.keys()
         wanted = self.wanted.get(name)
         return None if wanted is None else wanted[0]
 

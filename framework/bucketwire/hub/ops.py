@@ -89,8 +89,8 @@ class HubOps:
     def __init__(self, cfg: Config, metrics: HubMetrics, journal: JournalAPI, groups: dict[str, GroupState],
                  net: Listeners, *, new_event: Callable[[Event, str], NewEvent],
                  live_topics: Callable[[float], frozenset[str]], journal_ok: Callable[[], bool],
-                 queued: Callable[[], int], too_large: Callable[[Event, str], str | None] = lambda ev, t: None,
-                 group_topics: Callable[[str], Collection[str] | None] | None = None) -> None:
+                 queued: Callable[[], int], group_topics: Callable[[str], Collection[str] | None],
+                 too_large: Callable[[Event, str], str | None] = lambda ev, t: None) -> None:
         """`groups` is the hub's own mapping (removing a group here removes it from the hub); `new_event` makes a
         journal entry the way the hub does, `too_large` says why one would be over the hub's event size limit;
         `group_topics` names the topics of a group this hub knows, dispatched here or not (with several hubs a
@@ -104,7 +104,7 @@ class HubOps:
         self.net = net
         self.new_event = new_event
         self.too_large = too_large
-        self.group_topics = group_topics or self._own_group_topics
+        self.group_topics = group_topics
         self.live_topics = live_topics
         self.journal_ok = journal_ok
         self.queued = queued
@@ -119,10 +119,6 @@ class HubOps:
         self.journal_bytes = 0
         self.metrics.info.labels(__version__, str(SCHEMA_VERSION)).set(1)
         self.metrics.journal_available.set(1)
-
-    def _own_group_topics(self, name: str) -> Collection[str] | None:
-        g = self.groups.get(name)
-        return None if g is None else g.read_pos.keys()
 
     # -- socket monitors -------------------------------------------------------------------------------------
     def attach_monitors(self, socks: dict[str, zmq.Socket[bytes]]) -> list[zmq.Socket[bytes]]:

@@ -460,15 +460,12 @@ class PluginRunner:
                 caller(ctx=self.ctx(name))
             except ConfigError as e:
                 raise ConfigError(f"[plugins.{name}] {e}") from None
-            except KeyError as e:
+            except Exception as e:
                 # `ctx.settings["path"]` on a section without it is the user's config to fix, not a crash to
                 # restart with backoff forever.
-                missing = _missing_setting(name, e, self.settings[name])
+                missing = _missing_setting(name, e, self.settings[name]) if isinstance(e, KeyError) else None
                 if missing is not None:
                     raise missing from None
-                logging.getLogger("bucketwire.worker").exception("worker_startup failed", extra={"plugin": name})
-                raise
-            except Exception:
                 logging.getLogger("bucketwire.worker").exception("worker_startup failed", extra={"plugin": name})
                 raise
             finally:
