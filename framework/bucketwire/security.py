@@ -13,13 +13,16 @@ only paths are.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import stat
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 import zmq.auth
@@ -192,6 +195,8 @@ class KeyAuthenticator(ThreadAuthenticator):
         self.names: dict[bytes, str] = {}
         self.allowed_names: frozenset[str] = frozenset()
         self.invalid: list[BadKeyFile] = []
+        self.revoked: frozenset[bytes] = frozenset()
+        """Z85 public keys revoked (`keys revoke`): refused even while their file is in the directory."""
         self._sig: tuple[tuple[str, int, int], ...] = ()
         self.configure_curve_callback(domain=domain, credentials_provider=self)
 
@@ -205,13 +210,25 @@ class KeyAuthenticator(ThreadAuthenticator):
         # "" if the key vanished between the check and here: the hub treats an empty User-Id as unknown (denied).
         return self.names.get(z85.encode(client_public_key), "")
 
-    def reload(self, force: bool = False) -> tuple[set[str], set[str]] | None:
-        """Re-read the allow-list if it changed; returns (added, removed) key names, or None if unchanged."""
+    def reload(self, force: bool = False, revoked: frozenset[bytes] | None = None
+               ) -> tuple[set[str], set[str]] | None:
+        """Re-read the allow-list if it or the revocation list changed; returns (added, removed) key names, or
+        None if unchanged. `revoked` (Z85 keys) replaces the revocation list; None keeps the one in force.
+
+        A revoked key leaves the allow-list exactly as if its file had been deleted, so everything that follows a
+        removal (handshakes refused, the fatal ERR on live connections, PUB sockets re-created) follows a
+        revocation too, whatever the directory holds."""
         sig = _dir_signature(self.directory)
-        if not force and sig == self._sig:
+        new_revoked = revoked is not None and revoked != self.revoked
+        if not force and sig == self._sig and not new_revoked:
             return None
         self._sig = sig
+        if revoked is not None:
+            self.revoked = revoked
         names, bad = scan_key_dir(self.directory)
+        held = sorted(n for k, n in names.items() if k in self.revoked)
+        if held:
+            names = {k: n for k, n in names.items() if k not in self.revoked}
         before = self.allowed_names
         before_bad = {b.path for b in self.invalid}
         self.names = names  # one assignment: the auth thread sees the old map or the new one, never a mix
@@ -226,18 +243,20 @@ class KeyAuthenticator(ThreadAuthenticator):
         if added or removed or force:
             log.info("client key allow-list loaded", extra={
                 "dir": str(self.directory), "keys": len(names), "added": sorted(added), "removed": sorted(removed),
-                "invalid": len(bad),
+                "invalid": len(bad), "revoked_in_dir": held,
             })
         return added, removed
 
 
-def start_authenticator(zctx: zmq.Context[Any], sec: SecurityConfig) -> KeyAuthenticator:
-    """Start ZAP for the hub's sockets; only keys in `authorized_keys_dir` are admitted."""
+def start_authenticator(zctx: zmq.Context[Any], sec: SecurityConfig,
+                        revoked: frozenset[bytes] = frozenset()) -> KeyAuthenticator:
+    """Start ZAP for the hub's sockets; only keys in `authorized_keys_dir` and not in `revoked` are admitted."""
     d = _need(sec, "authorized_keys_dir", "hub")
     if not d.is_dir():
         raise ConfigError(f"[security] authorized_keys_dir: {d} is not a directory; create it and copy the "
                           f"clients' public .key files into it ({FIX})")
     auth = KeyAuthenticator(zctx, sec.zap_domain, d)
+    auth.revoked = revoked  # in force before the first handshake: a restart never admits a revoked key
     auth.start()
     auth.reload(force=True)
     return auth
@@ -321,3 +340,169 @@ def list_keys(directory: Path) -> list[dict[str, Any]]:
                     "warning": "secret key readable by group/others; chmod 600"
                     if f.suffix == ".key_secret" and mode & 0o077 else None})
     return out
+
+
+# -- revocations -----------------------------------------------------------------------------------------------
+REVOKED_FILE = "revoked_keys.json"
+"""With the SQLite journal (one hub): the revocation list, in the hub's state_dir."""
+
+
+def public_key_of(text: str) -> bytes | None:
+    """`text` as a Z85 public key (40 characters that decode to 32 bytes), or None."""
+    from zmq.utils import z85
+
+    raw = text.strip().encode("ascii", "replace")
+    if len(raw) != 40:
+        return None
+    try:
+        return raw if len(z85.decode(raw)) == 32 else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def key_hex(public: bytes) -> str:
+    """A Z85 public key as the hex of its raw 32 bytes: the revocation list's key (a NATS KV key may not hold
+    every Z85 character)."""
+    from zmq.utils import z85
+
+    return bytes(z85.decode(public)).hex()
+
+
+def key_of_hex(h: str) -> bytes | None:
+    from zmq.utils import z85
+
+    try:
+        raw = bytes.fromhex(h)
+    except ValueError:
+        return None
+    return z85.encode(raw) if len(raw) == 32 else None
+
+
+def server_public_keys(sec: SecurityConfig) -> dict[bytes, str]:
+    """The hub's own public keys (current and previous), Z85 -> config key: never revocable."""
+    out: dict[bytes, str] = {}
+    for k in ("server_secret_key", "previous_server_secret_key", "server_public_key"):
+        p = getattr(sec, k)
+        if p is not None:
+            try:
+                out.setdefault(load_keypair(p, secret=k != "server_public_key", what=f"[security] {k}")[0],
+                               f"[security] {k}")
+            except ConfigError:
+                continue  # a key file this host does not have; the others still count
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedView:
+    """The revocation list a hub enforces: the keys of the last reading that succeeded and, while readings fail,
+    why (the hub then keeps enforcing the last list it read: a known revocation never lapses)."""
+
+    keys: frozenset[bytes] = frozenset()
+    error: str | None = None
+
+
+class RevocationSource(Protocol):
+    """Where a hub reads the revocation list: the JetStream journal (the cluster's `<prefix>_revoked` bucket,
+    shared by every hub) or `LocalRevocations` (one hub, SQLite journal)."""
+
+    def read_revoked(self, done: Callable[[], None]) -> None:
+        """Start reading the list without blocking the caller (the hub's loop); `done` is called from any thread
+        when the reading has ended, well or not."""
+        ...
+
+    def revoked_seen(self) -> RevokedView: ...
+
+
+def revocation_record(public: bytes, name: str, reason: str) -> dict[str, str]:
+    import getpass
+    import socket
+
+    try:
+        who = f"{getpass.getuser()}@{socket.gethostname()}"
+    except (KeyError, OSError):
+        who = f"uid {os.getuid()}@{socket.gethostname()}"
+    return {"public_key": public.decode(), "name": name, "by": who,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason}
+
+
+def read_local_revocations(path: Path) -> dict[str, dict[str, str]]:
+    """hex key -> record of `path`; {} when it does not exist. Raises ConfigError when it cannot be read or is
+    not ours: a hub must not start admitting every revoked key because its list was damaged."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the key revocation list ({e.strerror or e}); check its "
+                          "permissions") from None
+    try:
+        doc = json.loads(raw or b"{}")
+        if not isinstance(doc, dict) or not all(isinstance(v, dict) and key_of_hex(k) for k, v in doc.items()):
+            raise ValueError("not a map of revoked keys")
+    except ValueError as e:
+        raise ConfigError(f"{path}: the key revocation list is damaged ({e}); restore it, or remove it and run "
+                          "`bucketwire keys revoke` again for every key that must stay revoked") from None
+    return doc
+
+
+def write_local_revocations(path: Path, entries: dict[str, dict[str, str]]) -> None:
+    """Replace `path` atomically and durably: a crash leaves the old list or the new one, never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class LocalRevocations:
+    """The revocation list of a hub on the SQLite journal: `state_dir/revoked_keys.json`, written by `keys revoke`.
+
+    A small local file read on the loop when it changed (a stat, like the key directory). Read at construction
+    so a damaged list stops the start with one line instead of admitting the keys it revoked; a list damaged
+    later keeps the last one read (and /healthz says so)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sig: tuple[int, int] | None = None
+        self._view = RevokedView()
+        self._lock = threading.Lock()
+        self._load()
+        if self._view.error is not None:
+            raise ConfigError(self._view.error)
+
+    def _load(self) -> None:
+        try:
+            st = self.path.stat()
+            sig: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            sig = None
+        if sig == self._sig and self._view.error is None:
+            return
+        try:
+            entries = read_local_revocations(self.path)
+        except ConfigError as e:
+            if self._view.error is None:
+                log.warning("cannot read the key revocation list; keeping the last one read",
+                            extra={"path": str(self.path), "error": str(e)})
+            self._view = RevokedView(self._view.keys, str(e))
+            return
+        self._sig = sig
+        keys = frozenset(k for k in (key_of_hex(h) for h in entries) if k is not None)
+        if self._view.error is not None:
+            log.info("key revocation list readable again", extra={"path": str(self.path)})
+        self._view = RevokedView(keys)
+
+    def read_revoked(self, done: Callable[[], None]) -> None:
+        with self._lock:
+            self._load()
+        done()
+
+    def revoked_seen(self) -> RevokedView:
+        return self._view

@@ -159,8 +159,13 @@ def check_http(cfg: Config) -> list[Finding]:
     url = f"{scheme}://{host}:{port}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
-            json.loads(r.read() or b"{}")
-        return [Finding("ok", f"[hub] http {cfg.hub.http}: healthy")]
+            doc = json.loads(r.read() or b"{}")
+        out = [Finding("ok", f"[hub] http {cfg.hub.http}: healthy")]
+        if isinstance(doc, dict) and doc.get("revocations"):
+            out.append(Finding("warn", f"[hub] http {cfg.hub.http}: {doc['revocations']}; the hub refuses the keys "
+                                       "revoked as of its last reading, not ones revoked since",
+                               "bring the NATS cluster (or the state_dir's revoked_keys.json) back"))
+        return out
     except urllib.error.HTTPError as e:
         try:
             body = json.loads(e.read() or b"{}")

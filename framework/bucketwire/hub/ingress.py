@@ -270,6 +270,8 @@ class Ingress:
             writable = h.journal_ok and h.write_error is None
             ok = alive and writable
             doc: dict[str, Any] = {"ok": ok, "loop": alive, "journal": writable}
+            if h.revocations_error:  # still serving, enforcing the last list read: a warning, not a 503
+                doc["revocations"] = h.revocations_error
             if not ok:
                 doc["reason"] = ("hub loop is not turning" if not alive else h.write_error
                                  or "the last journal commit failed (disk full or I/O error?)")

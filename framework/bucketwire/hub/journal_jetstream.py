@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 
 from bucketwire.envelope import render
 from bucketwire.hub.journal import Appended, Batch, JournalError, NewEvent
+from bucketwire.security import RevokedView
 
 log = logging.getLogger("bucketwire.journal")
 
@@ -131,6 +132,14 @@ def auth_options(s: JetStreamSettings) -> dict[str, Any]:
             ctx.load_cert_chain(s.tls_cert, s.tls_key)
         opts["tls"] = ctx
     return opts
+
+
+def revoked_bucket(s: JetStreamSettings) -> Any:
+    """The KV bucket of revoked client keys (`keys revoke`), created by every hub and by the command alike: the
+    same config on both sides, so whichever comes first the other binds to it instead of being refused."""
+    from nats.js.api import KeyValueConfig
+
+    return KeyValueConfig(bucket=f"{token(s.prefix)}_revoked", history=1, replicas=s.replicas)
 
 
 def msg_id(source: str, eid: str) -> str:
@@ -403,6 +412,11 @@ class JetStreamJournal:
         self._holders: dict[str, tuple[str, str]] = {}
         self._holders_at: float | None = None
         self._reading_holders = False
+        # The cluster's revocation list (see read_revoked): Z85 keys of the last reading that answered, why the
+        # readings fail since one did not (None: the last one answered), and whether a reading is under way.
+        self._revoked: frozenset[bytes] = frozenset()
+        self._revoked_error: str | None = None
+        self._reading_revoked = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bucketwire-jetstream", daemon=True)
         self._thread.start()
@@ -513,7 +527,8 @@ class JetStreamJournal:
 
         s = self.settings
         buckets = [KeyValueConfig(bucket=self._kv_cursors, history=1, replicas=s.replicas),
-                   KeyValueConfig(bucket=self._kv_leases, history=1, ttl=s.lease_ttl, replicas=s.replicas)]
+                   KeyValueConfig(bucket=self._kv_leases, history=1, ttl=s.lease_ttl, replicas=s.replicas),
+                   revoked_bucket(s)]
         loop = asyncio.get_running_loop()
         next_note = loop.time() + 2.0
         for cfg in buckets:
@@ -651,7 +666,11 @@ class JetStreamJournal:
             else:
                 cursors[(doc["group"], doc["topic"])] = (int(doc["acked"]), str(doc.get("above", "")))
                 cursor_rev[key] = revision
+        # Read with the rest of the state, so a hub that could not read it does not start: one that started
+        # without it would admit every revoked key until its first periodic reading.
+        revoked = await self._read_revoked_keys()
         self._streams |= streams
+        self._revoked = revoked
         self.heads.update(heads)
         self._cursors.update(cursors)
         self._cursor_rev.update(cursor_rev)
@@ -1510,6 +1529,48 @@ class JetStreamJournal:
         """(group -> (hub id, endpoint) as of the last reading that answered, when it answered (monotonic; None:
         none has yet)): what `read_lease_holders` last learnt, never waited for."""
         return self._holders, self._holders_at
+
+    # -- revoked client keys ---------------------------------------------------------------------------------
+    async def _read_revoked_keys(self) -> frozenset[bytes]:
+        from zmq.utils import z85
+
+        out: set[bytes] = set()
+        for k in await self._latest(revoked_bucket(self.settings).bucket):
+            try:
+                raw = bytes.fromhex(k)
+            except ValueError:
+                continue  # not written by `keys revoke`
+            if len(raw) == 32:
+                out.add(z85.encode(raw))
+        return frozenset(out)
+
+    def read_revoked(self, done: Callable[[], None]) -> None:
+        """Start reading the cluster's revocation list on the client's thread, unless a reading is under way;
+        `done` is called (from that thread) when it has ended. Never on the hub's loop: the bucket's leader may
+        be gone for seconds, and the loop would hold every publish and ack that long."""
+        if not self._reading_revoked:
+            self._reading_revoked = True
+            self._loop.call_soon_threadsafe(lambda: self._spawn(self._refresh_revoked(done)))
+
+    async def _refresh_revoked(self, done: Callable[[], None]) -> None:
+        try:
+            self._revoked = await self._read_revoked_keys()
+            if self._revoked_error is not None:
+                log.info("the revocation list is readable again", extra={"revoked": len(self._revoked)})
+            self._revoked_error = None
+        except Exception as e:  # noqa: BLE001 - the list read last stays in force; the next reading asks again
+            why = f"cannot read the revocation list from the NATS cluster ({str(e) or type(e).__name__})"
+            if self._revoked_error is None:
+                log.warning("cannot read the revocation list; keeping the last one read (revoked keys stay "
+                            "refused, keys revoked since are not seen yet)", extra={"error": why})
+            self._revoked_error = why
+        finally:
+            self._reading_revoked = False
+            done()
+
+    def revoked_seen(self) -> RevokedView:
+        """The keys of the last reading that answered, and why readings fail since (None: they do not)."""
+        return RevokedView(self._revoked, self._revoked_error)
 
     # -- what other hubs commit ------------------------------------------------------------------------------
     def _notice_subject(self, topic: str) -> str:

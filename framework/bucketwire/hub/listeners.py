@@ -27,6 +27,7 @@ from bucketwire.config import Config, ConfigError
 from bucketwire.hub.metrics import HubMetrics
 from bucketwire.security import (
     KeyAuthenticator,
+    RevocationSource,
     Roles,
     apply_server,
     load_keypair,
@@ -70,12 +71,19 @@ class Listeners:
     `user` is the key name (ZAP User-Id) of the message `receive` returned last: the hub's role checks read it
     while they handle that message. `on_revoked(ident)` is called when a message arrives from a key that was
     removed from the allow-list after it connected (the hub forgets that peer's worker, if it was one).
+    `revocations` is where the revocation list is read (`keys revoke`: the cluster's bucket with JetStream, the
+    state_dir's file with SQLite); it is read off the loop and `wake` is called when a reading has ended.
     """
 
-    def __init__(self, cfg: Config, metrics: HubMetrics, on_revoked: Callable[[bytes], None]) -> None:
+    def __init__(self, cfg: Config, metrics: HubMetrics, on_revoked: Callable[[bytes], None],
+                 revocations: RevocationSource | None = None, wake: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self._on_revoked = on_revoked
+        self._revocations = revocations
+        self._wake = wake
+        self._revoked_read = threading.Event()
+        """Set (from whichever thread read it) when a reading of the revocation list has ended."""
         self.roles = Roles(cfg.security.roles)
         self.auth: KeyAuthenticator | None = None
         self.listeners: list[_Listener] = []
@@ -158,7 +166,8 @@ class Listeners:
         sec = self.cfg.security
         if not sec.curve:
             return
-        self.auth = start_authenticator(zctx, sec)
+        revoked = self._revocations.revoked_seen().keys if self._revocations is not None else frozenset()
+        self.auth = start_authenticator(zctx, sec, revoked)
         self.roles.admitted = self.auth.allowed_names
         self.metrics.keys_invalid.set(len(self.auth.invalid))
         key = server_key_path(sec)
@@ -342,15 +351,31 @@ class Listeners:
             self._security_tick(now, self.auth)
         self._drain_subscriptions(ready)
 
+    def revocation_problem(self) -> str | None:
+        """Why the revocation list cannot be read now (the last list read stays in force), for /healthz."""
+        return self._revocations.revoked_seen().error if self._revocations is not None else None
+
+    def _revocations_read(self) -> None:
+        self._revoked_read.set()
+        self._wake()
+
     def _security_tick(self, now: float, auth: KeyAuthenticator) -> None:
-        """Every reload_interval (and on SIGHUP): pick up allow-list changes; on SIGHUP also the server keys."""
+        """Every reload_interval (and on SIGHUP): pick up allow-list changes and start a reading of the
+        revocation list, applied when it has ended (the next turn); on SIGHUP also the server keys."""
         hup = self._reload.is_set()
-        if not hup and now < self._next_key_check:
+        due = hup or now >= self._next_key_check
+        if due and self._revocations is not None:
+            self._revocations.read_revoked(self._revocations_read)
+        read = self._revoked_read.is_set()
+        if not due and not read:
             return
-        self._next_key_check = now + self.cfg.security.reload_interval
-        self._reload.clear()
+        if due:
+            self._next_key_check = now + self.cfg.security.reload_interval
+            self._reload.clear()
+        self._revoked_read.clear()
         roles_changed = self._reload_server_keys(auth) if hup else False
-        changed = auth.reload(force=hup)
+        revoked = self._revocations.revoked_seen().keys if self._revocations is not None else None
+        changed = auth.reload(force=hup, revoked=revoked)
         self.roles.admitted = auth.allowed_names
         self.metrics.keys_invalid.set(len(auth.invalid))
         if (changed and changed[1]) or roles_changed:

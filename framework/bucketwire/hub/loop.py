@@ -60,7 +60,7 @@ from bucketwire.hub.metrics import HubMetrics
 from bucketwire.hub.ops import RATE_WINDOW, HubOps
 from bucketwire.hub.routing import Router
 from bucketwire.procutil import settle_gc
-from bucketwire.security import check_key_files, server_key_path
+from bucketwire.security import REVOKED_FILE, LocalRevocations, check_key_files, server_key_path
 
 log = logging.getLogger("bucketwire.hub")
 
@@ -128,6 +128,8 @@ class Health:
     last_tick: float
     journal_ok: bool
     write_error: str | None
+    revocations_error: str | None = None
+    """Why the revocation list cannot be read (the hub enforces the last one it read); None when it can."""
 
 
 Done = Callable[[list[IngestResult] | None, str | None], None]
@@ -155,12 +157,17 @@ class Hub:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.metrics = HubMetrics()
-        # [security]: CURVE listeners (primary + optional previous server key), ZAP, roles: see hub/listeners.py.
-        self.net = Listeners(cfg, self.metrics, on_revoked=self._revoked)
+        # Revoked client keys (`keys revoke`): the state_dir's list for a lone SQLite hub, read before the journal
+        # opens so a damaged list stops the start; with JetStream the cluster's list, which the journal reads.
+        local = LocalRevocations(cfg.hub.state_dir / REVOKED_FILE) \
+            if cfg.security.curve and cfg.journal.backend != "jetstream" else None
         self.journal: JournalAPI = open_journal(cfg)
         # With the JetStream journal several hubs share the work: each group is dispatched by the hub holding its
         # lease (see _lead), the others redirect its workers. `wanted` is every group this hub would dispatch.
         self.ha: JetStreamJournal | None = self.journal if isinstance(self.journal, JetStreamJournal) else None
+        # [security]: CURVE listeners (primary + optional previous server key), ZAP, roles: see hub/listeners.py.
+        self.net = Listeners(cfg, self.metrics, on_revoked=self._revoked,
+                             revocations=self.ha if self.ha is not None else local, wake=self.wake)
         self.max_event, self.event_room = event_limits(cfg, self.journal)
         self.wanted: dict[str, tuple[list[str], str]] = {}
         self._holders_at = -1e9  # when the loop last asked for a reading of the leases (see dispatchers)
@@ -272,7 +279,7 @@ class Hub:
             pass
 
     def health(self) -> Health:
-        return Health(self.last_tick, self.write_error is None, self.write_error)
+        return Health(self.last_tick, self.write_error is None, self.write_error, self.net.revocation_problem())
 
     def request_reload(self) -> None:
         """Thread/signal-safe: re-read the key allow-list and the server keys on the next loop turn (SIGHUP)."""
