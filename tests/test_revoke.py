@@ -124,6 +124,10 @@ def test_a_revoked_key_stays_refused_by_a_lone_hub_across_its_restart(stack_fact
     lst.write_text("{not json")
     wait_for(lambda: "revocations" in healthz(s), 20, "/healthz to report the unreadable revocation list")
     assert healthz(s)["ok"] is True
+    doc = subprocess.run([sys.executable, "-m", "bucketwire", "doctor", "-c", str(s.cfg_path)], capture_output=True,
+                         text=True, timeout=60, env=s.env)
+    assert any(line.startswith("WARN") and "revoked_keys.json" in line and "damaged" in line
+               for line in doc.stdout.splitlines()), doc.stdout
     sub4, mon4 = spy_socket(cfg_for(kcfg))
     wait_handshake_refused(mon4)
     lst.write_bytes(good)

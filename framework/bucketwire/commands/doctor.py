@@ -164,7 +164,8 @@ def check_http(cfg: Config) -> list[Finding]:
         if isinstance(doc, dict) and doc.get("revocations"):
             out.append(Finding("warn", f"[hub] http {cfg.hub.http}: {doc['revocations']}; the hub refuses the keys "
                                        "revoked as of its last reading, not ones revoked since",
-                               "bring the NATS cluster (or the state_dir's revoked_keys.json) back"))
+                               "bring a majority of the NATS cluster back" if cfg.journal.backend == "jetstream"
+                               else "restore the list named above"))
         return out
     except urllib.error.HTTPError as e:
         try:
