@@ -188,3 +188,36 @@ def test_a_key_revoked_through_one_hub_is_refused_by_every_hub(hub_stack, tmp_pa
     eventually_live(client_config(a, d, "k", work=a.work_port, pub=a.pub_port), a)
     closing(k_sub, k_mon, o_sub, a_sub, a_mon, a_sub2, a_mon2)
     worker.send_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("backend", ["jetstream"])
+def test_a_hub_that_cannot_read_the_list_keeps_refusing_what_it_read(hub_stack, tmp_path):
+    """The bucket gone (as good as a cluster that does not answer for it): the hub keeps the last list it read,
+    says so in /healthz, and its loop keeps serving."""
+    import asyncio
+
+    import nats
+
+    s, d = secure_stack(hub_stack, tmp_path, authorized=("admin", "limited"))
+    s.start_hub()
+    kcfg = client_config(s, d, "limited")
+    assert keys_cli("revoke", "limited", "-c", str(s.cfg_path)).returncode == 0
+    sub, mon = spy_socket(cfg_for(kcfg))
+    wait_handshake_refused(mon)
+
+    async def drop_bucket() -> None:
+        nc = await nats.connect(servers=list(s.cfg.journal.servers), connect_timeout=5)
+        try:
+            await nc.request(f"$JS.API.STREAM.DELETE.KV_{s.cfg.journal.prefix}_revoked", b"", timeout=10)
+        finally:
+            await nc.close()
+
+    asyncio.run(drop_bucket())
+    wait_for(lambda: "cannot read the revocation list" in healthz(s).get("revocations", ""), 20,
+             "/healthz to report the unreadable revocation list")
+    assert healthz(s)["ok"] is True
+    sub2, mon2 = spy_socket(cfg_for(kcfg))
+    wait_handshake_refused(mon2)
+    with s.client() as c:
+        c.publish("x", {"n": 1})  # the loop serves the keys it admits
+    closing(sub, mon, sub2, mon2)
