@@ -5,6 +5,10 @@ event, inject events and take work. With `[security] curve = true` every socket 
 only client public keys found in `authorized_keys_dir`. Each admitted connection carries a User-Id -- the name
 of the certificate file that admitted it -- and `[security.roles.NAME]` limits what that key may do.
 
+A key revoked with `bucketwire keys revoke` is refused whatever the directory holds: the revocation list lives
+where every hub reads it (the JetStream cluster, or a lone SQLite hub's state_dir; see `RevocationSource`), since a
+file deleted on one hub of a cluster was still admitted by the others.
+
 Key files are the czmq/pyzmq certificate format written by `zmq.auth.create_certificates`
 (`NAME.key` public, `NAME.key_secret` secret). Secret keys are never logged and never put in an error message;
 only paths are.
