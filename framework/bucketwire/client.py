@@ -68,9 +68,7 @@ class HubClient:
             s.setsockopt(zmq.IDENTITY, b"c-" + uuid.uuid4().bytes)
             security.apply_client(s, self.cfg, self.keys)
             if self.keys is not None:
-                # Its own endpoint name: pyzmq's default names it after the socket's fd, which the next socket
-                # reuses while libzmq is still unbinding the last one's (EADDRINUSE, seen on quick reconnects).
-                self.mon = s.get_monitor_socket(HANDSHAKE_FAILED, addr=f"inproc://bw-client-mon-{uuid.uuid4().hex}")
+                self.mon = s.get_monitor_socket(HANDSHAKE_FAILED)
             s.connect(self.endpoint)
             self.sock = s
         return self.sock
