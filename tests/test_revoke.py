@@ -76,7 +76,7 @@ def first_key_load(s) -> str:
 def closing(*socks: zmq.Socket) -> None:
     """Close the test's sockets, a spy's monitor stopped first (as HubClient does)."""
     for x in socks:
-        if x.socket_type != zmq.PAIR:
+        if x.type != zmq.PAIR:
             x.disable_monitor()
     for x in socks:
         x.close(0)
