@@ -166,3 +166,26 @@ def test_topic_no_group_consumes(tmp_path):
     errs = offline(tmp_path, GROUP + '\n[[routes]]\nevents = ["s3:ObjectCreated:*"]\ntopic = "uploads"\n')
     assert any("topic 'uploads' gets routed events but no group consumes it" in e for e in errs), errs
     # a [topics.T] dead_letter naming T itself is refused when the config loads (tests/test_config.py)
+
+
+@pytest.mark.parametrize("kind", [zmq.ROUTER, zmq.XPUB])
+def test_a_curve_socket_is_recognised_by_its_greeting(kind):
+    """The probe reads the peer's greeting before it sends its own mechanism: a CURVE peer closes the connection
+    on a NULL greeting before its own greeting has left, and doctor reported every endpoint of a CURVE hub as
+    'no ZeroMQ greeting' (an error) where it should say the socket answers with CURVE."""
+    from bucketwire.commands.doctor import zmtp_probe
+
+    ctx = zmq.Context()
+    try:
+        public, secret = zmq.curve_keypair()
+        s = ctx.socket(kind)
+        s.curve_server, s.curve_secretkey, s.curve_publickey = True, secret, public
+        port = s.bind_to_random_port("tcp://127.0.0.1")
+        plain = ctx.socket(kind)
+        plain_port = plain.bind_to_random_port("tcp://127.0.0.1")
+        for _ in range(3):
+            assert zmtp_probe(f"tcp://127.0.0.1:{port}") == {"mechanism": "CURVE", "version": "3.1"}
+        got = zmtp_probe(f"tcp://127.0.0.1:{plain_port}")
+        assert got["mechanism"] == "NULL" and got["socket_type"] == ("ROUTER" if kind == zmq.ROUTER else "XPUB")
+    finally:
+        ctx.destroy(linger=0)

@@ -91,7 +91,9 @@ def zmtp_probe(endpoint: str, timeout: float = 1.5) -> dict[str, Any]:
         return {"error": f"cannot connect ({getattr(e, 'strerror', None) or e})"}
     try:
         s.settimeout(timeout)
-        s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" + b"\0" * 31)
+        # The signature and major version first, the rest once the peer's whole greeting is read: a CURVE peer
+        # given a NULL mechanism closes the connection before its own greeting has gone out.
+        s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3]))
         g = _recv_exact(s, 64)
         if g[0] != 0xFF or not g[9] & 1:
             return {"error": "the peer does not speak ZeroMQ (ZMTP)"}
@@ -99,6 +101,7 @@ def zmtp_probe(endpoint: str, timeout: float = 1.5) -> dict[str, Any]:
         out: dict[str, Any] = {"mechanism": mech, "version": f"{g[10]}.{g[11]}"}
         if mech != "NULL":
             return out
+        s.sendall(bytes([0]) + b"NULL".ljust(20, b"\0") + b"\0" + b"\0" * 31)
         flags = _recv_exact(s, 1)[0]
         size = struct.unpack(">Q", _recv_exact(s, 8))[0] if flags & 2 else _recv_exact(s, 1)[0]
         body = _recv_exact(s, size)
