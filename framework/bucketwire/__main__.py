@@ -1,3 +1,3 @@
-from bucketwire.cli import main
+from bucketwire_start import main
 
 main()

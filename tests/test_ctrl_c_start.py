@@ -1,0 +1,90 @@
+"""Ctrl+C in the first moments of `bucketwire hub` / `worker` / `dev`, while Python is still importing bucketwire and
+before the command has put in its own SIGINT handler. That used to print a KeyboardInterrupt traceback (or click's
+"Aborted!" and exit 1): the first thing a user sees after a mistyped command they stop at once.
+
+The signal is sent to the process group (what a terminal's Ctrl+C does) when the process reports, through
+PYTHONPROFILEIMPORTTIME, that it has finished importing a given module: a point inside the import phase that does
+not depend on the machine's speed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bucketwire.procutil import free_port
+
+BUCKETWIRE = str(Path(sys.executable).parent / "bucketwire")
+
+
+def write_config(tmp: Path) -> Path:
+    cfg = tmp / "bucketwire.toml"
+    cfg.write_text(f"""
+[hub]
+http = "127.0.0.1:{free_port()}"
+publish = "tcp://127.0.0.1:{free_port()}"
+work = "tcp://127.0.0.1:{free_port()}"
+state_dir = "{tmp / 'state'}"
+
+[groups.g]
+topics = ["a"]
+plugins = []
+""")
+    return cfg
+
+
+def interrupt_when_imported(args: list[str], module: str, cwd: Path) -> tuple[int, str]:
+    """Start the console script, send SIGINT to its group once `module` has been imported; (exit code, output
+    without the import-time lines)."""
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([BUCKETWIRE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd, env=env,
+                         start_new_session=True)
+    assert p.stderr is not None
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        for raw in p.stderr:
+            line = raw.decode(errors="replace")
+            seen.append(line)
+            if line.startswith("import time:") and line.rstrip().endswith(f" {module}"):
+                os.killpg(p.pid, signal.SIGINT)
+                break
+            assert time.monotonic() < deadline, "".join(seen[-20:])
+        else:
+            raise AssertionError(f"{module} was never imported:\n" + "".join(seen[-20:]))
+        rest = p.stderr.read().decode(errors="replace")
+        code = p.wait(30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+    text = "".join(line for line in (*seen, *rest.splitlines(keepends=True)) if not line.startswith("import time:"))
+    return code, text
+
+
+@pytest.mark.parametrize("command", [["hub"], ["worker", "--group", "g"], ["dev", "--state-dir", "dev-state"]],
+                         ids=["hub", "worker", "dev"])
+def test_ctrl_c_while_importing_exits_quietly_with_130(tmp_path: Path, command: list[str]) -> None:
+    cfg = write_config(tmp_path)
+    args = command if command[0] == "dev" else [*command, "-c", str(cfg)]
+    code, text = interrupt_when_imported(args, "bucketwire.envelope", tmp_path)
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert "Aborted" not in text, text
+    assert code == 130, (code, text)
+
+
+def test_ctrl_c_after_the_imports_before_the_hub_runs_is_quiet(tmp_path: Path) -> None:
+    """Past the imports the hub opens its journal and binds its sockets before its own handler is in: click turned
+    the KeyboardInterrupt into 'Aborted!' and exit 1. Interrupted there it is 130; if the signal lands once the hub
+    runs, the hub stops as asked (0). Either way nothing but the hub's own lines."""
+    cfg = write_config(tmp_path)
+    code, text = interrupt_when_imported(["hub", "-c", str(cfg)], "bucketwire.hub.ingress", tmp_path)
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert "Aborted" not in text, text
+    assert code in (130, 0), (code, text)
