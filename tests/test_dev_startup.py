@@ -4,6 +4,8 @@ cannot use. Each is what a newcomer does in the first minute; each must end in o
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -104,3 +106,48 @@ def test_a_bad_base_config_is_named_as_the_user_wrote_it_before_anything_starts(
     assert r.exit_code == 1, r.output
     assert r.output == f'Error: {base}: [groups.x] credit: expected an integer ≥ 1, got "ten"\n', r.output
     assert not (tmp_path / "s" / "seaweedfs").exists()
+
+
+def wait_running(p: subprocess.Popen[bytes], out: Path) -> None:
+    deadline = time.monotonic() + 90
+    while "is running" not in out.read_text():
+        assert p.poll() is None, out.read_text()
+        assert time.monotonic() < deadline, out.read_text()
+        time.sleep(0.05)  # pacing: poll interval of a wait with a deadline
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.xdist_group("dev-demo")
+def test_dev_killed_9_leaves_nothing_running_and_restarts_on_its_state_dir(tmp_path: Path) -> None:
+    """kill -9 of `dev` (an OOM kill, a closed terminal's SIGKILL) left SeaweedFS, the hub and every pool running,
+    each in its own session; the next `dev` on that state dir took the free lock, started a second weed on the
+    first one's data and stopped with a line of a Go stack trace, the old stack still running."""
+    needs_weed()
+    state = tmp_path / "state"
+    out1, out2 = tmp_path / "dev1.out", tmp_path / "dev2.out"
+    p1 = subprocess.Popen([BUCKETWIRE, "dev", "--state-dir", str(state)], stdout=out1.open("wb"),
+                          stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_running(p1, out1)
+        assert running_on(state), "the stack's processes should name the state dir"
+    finally:
+        os.killpg(p1.pid, signal.SIGKILL)  # dev's group only: weed, hub and pools lead their own sessions
+        p1.wait(10)
+    p2 = subprocess.Popen([BUCKETWIRE, "dev", "--state-dir", str(state)], stdout=out2.open("wb"),
+                          stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_running(p2, out2)
+    finally:
+        if p2.poll() is None:
+            os.killpg(p2.pid, signal.SIGKILL)
+            p2.wait(10)
+        deadline = time.monotonic() + 60
+        while running_on(state) and time.monotonic() < deadline:
+            time.sleep(0.1)  # pacing: poll interval of a wait with a deadline
+        left = running_on(state)
+        for line in left:  # never leave a stack behind, whatever the outcome
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(line.split(":")[0]), signal.SIGKILL)
+    assert left == [], "a dev killed with -9 left its stack running"
+    text = out2.read_text()
+    assert "Traceback" not in text and ".go:" not in text, text

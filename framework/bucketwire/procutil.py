@@ -51,6 +51,28 @@ def stop_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `subprocess.Popen(preexec_fn=...)` that has the kernel send the child `sig` when the process starting
+    it dies (Linux `PR_SET_PDEATHSIG`, kept across exec), for children in their own session, which no signal to
+    the parent's group reaches: `dev`'s SeaweedFS, hub and pools outlived a `kill -9` of `dev`. prctl is looked
+    up here, before the fork, so the child runs no loader code between fork and exec. The signal follows the
+    *thread* that starts the child: start such children from a thread that lives as long as the process (the
+    main thread). None (no preexec_fn) elsewhere than Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+    return preexec
+
+
 def settle_gc() -> None:
     """For a long-running process, once it has loaded everything it will keep (imports, config, plugins): those
     objects move out of the collector's way (`gc.freeze`), so the old generation's collections, which used to

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bucketwire.devstack.seaweedfs import WeedError, WeedServer, find_weed
-from bucketwire.procutil import free_port, on_stop_signals
+from bucketwire.procutil import free_port, on_stop_signals, parent_death_signal
 
 if TYPE_CHECKING:
     from bucketwire.config import Config
@@ -126,6 +126,52 @@ def claim_state_dir(root: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _leftovers(root: Path) -> dict[int, str]:
+    """Session leaders of this user whose command line names the state dir: what a `dev` on it started (weed,
+    NATS, hubs, pools each lead their own session). A shell's `tail -f <state-dir>/logs/hub.log` or a `bucketwire
+    tail -c <state-dir>/bucketwire.toml` is not a session leader and is left alone."""
+    mark, me, uid = str(root), os.getpid(), os.getuid()
+    found: dict[int, str] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        pid = int(d.name)
+        try:
+            if d.stat().st_uid != uid or os.getsid(pid) != pid:
+                continue
+            args = (d / "cmdline").read_bytes().split(b"\0")
+            if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # exited, not yet reaped
+        except (OSError, IndexError):
+            continue
+        words = [a.decode(errors="replace") for a in args if a]
+        if any(mark == w or mark + os.sep in w for w in words):
+            prog = words[1:] if os.path.basename(words[0]).startswith("python") and len(words) > 1 else words
+            found[pid] = " ".join([os.path.basename(prog[0]), *[w for w in prog[1:2] if not w.startswith("-")]])
+    return found
+
+
+def stop_leftovers(root: Path, grace: float = 20.0) -> list[str]:
+    """Stop the processes a previous `dev` on this state dir left running, before starting anything on it.
+
+    Why: a `dev` killed with SIGKILL cannot stop its children. They get SIGTERM from the kernel as it dies (see
+    procutil.parent_death_signal), but a `dev` started again at once found the lock free while they were still
+    stopping (or, started before that was in place, still running), started a second weed on the first one's data
+    and stopped with a line of a Go stack trace, the old stack still running. Each leftover's group gets SIGTERM
+    (a pool drains, the hub stops cleanly), SIGKILL after `grace`. Returns "name (pid N)" for each."""
+    found = _leftovers(root)
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while found.keys() & _leftovers(root).keys() and time.monotonic() < deadline:
+        time.sleep(0.1)  # not our children: nothing to wait() on
+    for pid in found.keys() & _leftovers(root).keys():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    return [f"{name} (pid {pid})" for pid, name in sorted(found.items())]
 
 
 # -- a minimal TOML writer (tomllib reads only) -------------------------------------------------------------
@@ -224,7 +270,7 @@ class Children:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log:
             p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                 start_new_session=True)
+                                 start_new_session=True, preexec_fn=parent_death_signal())
         self.procs.append((name, p))
         if worker:
             self.workers.add(name)
@@ -439,6 +485,9 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
         raise DevError(str(e)) from None
 
     claim_state_dir(root)
+    left = stop_leftovers(root)
+    if left:
+        click.echo(f"stopped what a killed `bucketwire dev` left running on {root}: {', '.join(left)}", err=True)
     if ha:
         from bucketwire.commands.dev_ha import run_ha
 
@@ -447,7 +496,7 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
     ports = {"http": free_port(), "publish": free_port(), "work": free_port()}
     token = secrets.token_urlsafe(24)
     weed = WeedServer(root / "seaweedfs", webhook_url=f"http://127.0.0.1:{ports['http']}/seaweedfs/events",
-                      webhook_token=token, ports={"s3": s3_port} if s3_port else None)
+                      webhook_token=token, ports={"s3": s3_port} if s3_port else None, die_with_parent=True)
     children = Children(root / "logs")
     stopping = threading.Event()
 

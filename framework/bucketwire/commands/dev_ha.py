@@ -65,7 +65,7 @@ def run_ha(root: Path, base: dict[str, Any], buckets: list[str], demo: bool, s3_
     token = secrets.token_urlsafe(24)
     weed = WeedServer(root / "seaweedfs",
                       webhook_url=f"http://127.0.0.1:{ports[WEBHOOK_HUB]['http']}/seaweedfs/events",
-                      webhook_token=token, ports={"s3": s3_port} if s3_port else None)
+                      webhook_token=token, ports={"s3": s3_port} if s3_port else None, die_with_parent=True)
     cluster = NatsCluster(root / "nats", size=3)
     children = Children(root / "logs")
     stopping = threading.Event()

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from bucketwire.procutil import find_binary
+from bucketwire.procutil import find_binary, parent_death_signal
 
 if TYPE_CHECKING:  # minio costs every `bucketwire` process ~0.2 s to import; only a client needs it
     import minio
@@ -159,7 +159,11 @@ class WeedServer:
         webhook_url: str | None = None,
         webhook_token: str | None = None,
         ports: dict[str, int] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
+        """`die_with_parent`: weed gets SIGTERM when the process that started it dies, even by SIGKILL (for
+        `dev`, whose weed otherwise outlived it; start() must then be called from the main thread)."""
+        self.die_with_parent = die_with_parent
         self.data_dir = Path(data_dir).absolute()
         self._access_key = access_key
         self._secret_key = secret_key
@@ -268,7 +272,7 @@ class WeedServer:
             start = log.tell()
             self.proc = subprocess.Popen(
                 self.command(), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=parent_death_signal() if self.die_with_parent else None,
             )
             try:
                 self._wait_ready(timeout)
