@@ -179,6 +179,11 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
                          f"start `bucketwire worker {c}--group {g}`")
         elif s == "saturated":
             hints.append(f"! group {g}: all worker credit in use, work waits: add workers/processes or raise credit")
+        for t, ts in sorted(gs["topics"].items()):
+            if ts.get("skipped_by_retention"):
+                hints.append(f"! group {g}: {ts['skipped_by_retention']} events of {t} were dropped by retention "
+                             "before it consumed them (since the hub started): raise [hub] retention_days / "
+                             "retention_mb, or keep its workers running")
         if gs.get("dead_lettered"):
             hints.append(f"  group {g}: {gs['dead_lettered']} dead-lettered: `bucketwire dlq list {c}--group {g}`")
         for r in gs.get("long_running", []):

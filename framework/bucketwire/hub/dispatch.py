@@ -134,8 +134,13 @@ class GroupState:
         *,
         max_buffer: int = 10_000,
         above: dict[str, set[int]] | None = None,
+        on_retention_skip: Callable[[str, str, int, int], None] | None = None,
     ) -> None:
+        """`on_retention_skip(group, topic, first seq, count)`: events this group had not consumed were gone from
+        the journal (retention dropped them) when it came to read them; it goes on past them. Said to the
+        operator (log, metric) by whoever is given it: counted here alone, nobody saw it."""
         self.name = name
+        self.on_retention_skip = on_retention_skip
         self.topics: list[str] = list(dict.fromkeys(topics))
         self.topic_cfg = topic_cfg
         self.max_buffer = max_buffer
@@ -162,6 +167,7 @@ class GroupState:
         self.seed_due: dict[Key, float] = {}
         self.totals = [0, 0, 0]
         self.skipped_by_retention = 0
+        self.skipped_by_topic: dict[str, int] = {}  # since this dispatcher started (status)
         self._tie = itertools.count()
         self.replays: dict[str, int] = {}  # topic -> from_seq, waiting for that topic's in-flight events to finish
 
@@ -218,6 +224,10 @@ class GroupState:
                     first = rows[0][0] if rows else (first_seq(t) or head + 1)
                     lost = first - self.read_pos[t]
                     self.skipped_by_retention += lost
+                    if lost > 0:
+                        self.skipped_by_topic[t] = self.skipped_by_topic.get(t, 0) + lost
+                        if self.on_retention_skip is not None:
+                            self.on_retention_skip(self.name, t, self.read_pos[t], lost)
                     for s in range(self.read_pos[t], first):
                         self._mark_acked(t, s)
                     self.read_pos[t] = first

@@ -238,7 +238,8 @@ class Hub:
             have = {t: cursors[(name, t)] for t in topics if (name, t) in cursors}
             gaps = self.journal.cursor_above()
             above = {t: decode_ranges(gaps[(name, t)]) for t in have if (name, t) in gaps}
-            g = GroupState(name, [t for t in topics if t in have], have, self.cfg.topic, above=above)
+            g = GroupState(name, [t for t in topics if t in have], have, self.cfg.topic, above=above,
+                           on_retention_skip=self._retention_skipped)
             self.groups[name] = g
             if self.ha is None:  # with JetStream, `_gain` does it once it has read the group's state
                 self._seed_retries(g)
@@ -1521,6 +1522,12 @@ class Hub:
                else f"no hub dispatches group {group!r} right now; try another")
         self.net.send([ident, P.ERR, P.enc(P.Err(error=why, moved=where))])
 
+    def _retention_skipped(self, group: str, topic: str, first: int, count: int) -> None:
+        self.metrics.group_skipped_by_retention.labels(group, topic).inc(count)
+        log.warning("group skipped events retention dropped before it consumed them; raise [hub] retention_days / "
+                    "retention_mb, or keep the group's workers running",
+                    extra={"group": group, "topic": topic, "seqs": f"{first}-{first + count - 1}", "skipped": count})
+
     # -- status ----------------------------------------------------------------------------------------------
     def status(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now
@@ -1529,6 +1536,9 @@ class Hub:
         for g in self.groups.values():
             per = {t: {"cursor": g.acked[t], "head": heads.get(t, 0), "lag": max(0, heads.get(t, 0) - g.acked[t])}
                    for t in g.topics}
+            for t, n in g.skipped_by_topic.items():  # only where it happened: the usual status stays as it was
+                if t in per:
+                    per[t]["skipped_by_retention"] = n
             for t, v in per.items():
                 self.metrics.cursor.labels(g.name, t).set(v["cursor"])
                 self.metrics.lag.labels(g.name, t).set(v["lag"])

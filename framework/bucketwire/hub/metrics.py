@@ -108,6 +108,10 @@ class HubMetrics:
                                           "Subscription prefixes of the fan-out's live subscribers", registry=r)
         self.retention_dropped = Counter("bucketwire_retention_dropped_total", "Events removed by retention",
                                          registry=r)
+        self.group_skipped_by_retention = Counter(
+            "bucketwire_group_skipped_by_retention_total",
+            "Events a group never got: retention dropped them before it consumed them", ["group", "topic"],
+            registry=r)
         # Operations (issue 6): refreshed by the hub loop every heartbeat, not only when someone asks for status.
         self.retrying = Gauge("bucketwire_group_retrying", "Failed events waiting for their retry", ["group"],
                               registry=r)

@@ -1,0 +1,42 @@
+"""A consumer group behind retention: the README says it skips what retention dropped, counted. The operator must
+be told, in the places they look: the hub's log, `bucketwire status` and /metrics. It was one number in the status
+JSON (in memory, gone at the next restart), with no log line, nothing in `status`'s text and no metric: a group
+could lose events to retention with nobody seeing it.
+
+A real hub process. Retention itself runs every minute; its outcome for this test (the oldest events of a topic
+gone from the journal while a group's cursor is still before them) is made with the hub stopped, by deleting those
+rows as retention does.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from typing import Any
+
+from tests.fixtures_hub import wait_for
+
+
+def test_a_group_behind_retention_is_told_in_the_log_status_and_metrics(stack_factory: Any) -> None:
+    s = stack_factory('[groups.late]\ntopics = ["x"]\nplugins = []\n')
+    s.start_hub()
+    with s.client() as c:
+        for i in range(5):
+            c.publish("x", {"i": i})
+    s.kill_hub(15)  # SIGTERM: a clean stop
+    db = sqlite3.connect(s.dir / "state" / "journal.db")
+    with db:
+        assert db.execute("DELETE FROM events WHERE topic = 'x' AND seq <= 3").rowcount == 3
+    db.close()
+    s.start_hub()
+
+    line = wait_for(lambda: next((ln for ln in s.logs[-1].read_text().splitlines() if "retention" in ln), None),
+                    20, "a log line about the events group late lost to retention")
+    assert "late" in line and "x" in line and "3" in line, line
+    assert s.metric("bucketwire_group_skipped_by_retention_total", group="late", topic="x") == 3
+    out = subprocess.run([sys.executable, "-m", "bucketwire", "status", "-c", str(s.cfg_path)], env=s.env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    hint = next((ln for ln in out.stdout.splitlines() if "retention" in ln), None)
+    assert hint is not None and "late" in hint and "3" in hint, out.stdout
