@@ -86,6 +86,9 @@ class HubConfig(Table):
     tls_client_ca: Path | None = None
     http_idle_timeout: PositiveFloat = 30.0
     http_read_timeout: PositiveFloat = 30.0
+    http_max_connections: PositiveInt = 1000
+    """Open webhook connections at most (also at most a quarter of the hub's descriptor limit): past it the longest
+    idle one is closed (hub/http_server.Server.admit)."""
     metrics_public: bool = False
     max_topics: PositiveInt = 1000
 

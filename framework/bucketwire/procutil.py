@@ -73,6 +73,23 @@ def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     return preexec
 
 
+def fd_limit() -> int:
+    """This process's file descriptor limit, first raised to the hard limit (as Go programs do at start). Why: a
+    service manager's soft limit is often 1,024, and the hub spends one descriptor per webhook connection and per
+    ZeroMQ peer; the hard limit is what the operator actually allowed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return want if soft == resource.RLIM_INFINITY else soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError):
+        return soft
+    return want
+
+
 def settle_gc() -> None:
     """For a long-running process, once it has loaded everything it will keep (imports, config, plugins): those
     objects move out of the collector's way (`gc.freeze`), so the old generation's collections, which used to

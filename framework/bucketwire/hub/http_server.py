@@ -120,6 +120,9 @@ class Limits:
     """A body larger than this is cut off if the handler's `head` let it through."""
     drain_body: int = 16 << 20
     """After an early answer (413), a body up to this size is read and dropped so the client sees the answer."""
+    max_connections: int = 1000
+    """Open connections at most: one more closes the one that has waited longest without a request in progress
+    (else the one whose request has trickled in longest), see Server.admit."""
 
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -186,6 +189,8 @@ class _Conn(asyncio.Protocol):
         self.read_kind = "idle"  # "idle": between requests; "read": a request is arriving
         self.read_by = 0.0
         self.reply_by = 0.0
+        self.since = time.monotonic()  # when read_kind last changed (which connection to close at the limit)
+        self.raw: asyncio.Transport | None = None  # as accepted (before TLS): what closing it at the limit aborts
 
     # -- transport callbacks --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -193,11 +198,15 @@ class _Conn(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else ""
+        if self.raw is None:  # not a TLS connection, admitted when accepted
+            self.raw = transport
+            self.srv.admit(self)
         self.srv.conns.add(self)
         self._arm("idle", self.srv.limits.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.srv.conns.discard(self)
+        self.srv.accepted.discard(self)
         self.closing = True
         if self.waiting is not None:
             self.waiting._cancel()
@@ -397,6 +406,8 @@ class _Conn(asyncio.Protocol):
         self.closing = True
 
     def _arm(self, kind: str, seconds: float) -> None:
+        if kind != self.read_kind:
+            self.since = time.monotonic()
         self.read_kind = kind
         self.read_by = time.monotonic() + seconds
 
@@ -438,6 +449,9 @@ class _TLSConn(_Conn):
         transport.pause_reading()  # nothing reaches the HTTP parser before the handshake is done
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else ""
+        self.raw = transport
+        self.read_kind = "read"  # a handshake under way counts as a request arriving
+        self.srv.admit(self)
         task = asyncio.get_running_loop().create_task(self._upgrade(transport))
         self.srv.tasks.add(task)
         task.add_done_callback(self.srv.tasks.discard)
@@ -449,11 +463,13 @@ class _TLSConn(_Conn):
             tls = await loop.start_tls(raw, self, self.srv.tls, server_side=True,
                                        ssl_handshake_timeout=self.srv.limits.read_timeout)
         except OSError as e:  # ssl.SSLError, the handshake timeout and resets are all OSErrors
+            self.srv.accepted.discard(self)
             self.srv.on_reject("tls")
             log.info("TLS handshake failed", extra={"peer": self.peer, "error": str(e)[:200]})
             raw.abort()
             return
         if tls is None:
+            self.srv.accepted.discard(self)
             raw.abort()
             return
         super().connection_made(tls)
@@ -487,6 +503,7 @@ class Server:
         self.tls = tls
         self.on_reject = on_reject
         self.conns: set[_Conn] = set()
+        self.accepted: set[_Conn] = set()  # every open connection, TLS ones from before their handshake
         self.tasks: set[asyncio.Task[None]] = set()
         self.selector = selectors.DefaultSelector()
         self.loop = asyncio.SelectorEventLoop(self.selector)
@@ -533,6 +550,31 @@ class Server:
 
     def serve_forever(self) -> None:
         self.loop.run_forever()
+
+    def admit(self, conn: _Conn) -> None:
+        """Count a connection just accepted; past `max_connections`, close one to make room for it.
+
+        Why: each connection holds one of the hub's file descriptors before any token is checked. Unbounded,
+        idle or trickling connections (slowloris) from anyone who can reach the port used them all up: then
+        ZeroMQ could accept no worker or publisher and the journal's write probe failed, so the hub refused
+        every publish. The one closed is the longest idle keep-alive, else the request that has been arriving
+        longest: a real webhook sends its request at once and is answered in milliseconds, so new connections
+        keep being served while the ones holding descriptors for nothing give way. A connection waiting for
+        its commit is never closed here."""
+        self.accepted.add(conn)
+        if len(self.accepted) <= self.limits.max_connections:
+            return
+        victim = min((c for c in self.accepted if c is not conn and not c.queue and c.waiting is None),
+                     key=lambda c: (c.read_kind != "idle", c.since), default=None)
+        if victim is None:
+            victim = conn
+        self.on_reject("connections")
+        log.warning("webhook connections at the limit; closed the longest idle",
+                    extra={"ingress": "http", "limit": self.limits.max_connections, "peer": victim.peer})
+        self.accepted.discard(victim)
+        victim.closing = True
+        if victim.raw is not None:
+            victim.raw.abort()
 
     def _sweep(self) -> None:
         now = time.monotonic()

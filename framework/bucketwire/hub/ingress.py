@@ -24,6 +24,7 @@ from bucketwire.config import ConfigError
 from bucketwire.envelope import EnvelopeError, Event, dumps, valid_unicode
 from bucketwire.formats import s3_records
 from bucketwire.hub.http_server import Limits, Pending, Request, Response, Server
+from bucketwire.procutil import fd_limit
 
 if TYPE_CHECKING:
     from bucketwire.config import Config
@@ -331,12 +332,18 @@ def serve(hub: Hub, http: str) -> Server:
     host, _, port = http.rpartition(":")
     ingress = Ingress(hub.cfg, hub.metrics, submit=hub.submit, overloaded=hub.ops.overloaded, health=hub.health)
     cfg = hub.cfg.hub
+    # A quarter of the descriptors for open connections, and at most a quarter more accepted in one go (asyncio
+    # accepts up to `backlog` connections before any of them is admitted, see Server.admit): the other half
+    # stays for ZeroMQ peers, the journal and its write probe.
+    quarter = max(16, fd_limit() // 4)
     limits = Limits(read_timeout=cfg.http_read_timeout, idle_timeout=cfg.http_idle_timeout,
                     reply_timeout=cfg.request_timeout, max_body=cfg.max_body_bytes,
-                    drain_body=16 * cfg.max_body_bytes)
+                    drain_body=16 * cfg.max_body_bytes,
+                    max_connections=min(cfg.http_max_connections, quarter))
     try:
         srv = Server(ingress, host.strip("[]"), int(port), limits=limits, tls=tls_context(cfg),
-                     on_reject=lambda reason: ingress.rejected.labels("http", reason).inc())
+                     on_reject=lambda reason: ingress.rejected.labels("http", reason).inc(),
+                     backlog=min(512, quarter))
     except OSError as e:
         raise OSError(f"cannot listen on {http} ({e.strerror}); is the port taken? set [hub] http") from None
     hub.attach_http(srv)
