@@ -119,3 +119,31 @@ def test_group_rm_is_an_operator_act(stack_factory: Any, tmp_path: Path) -> None
     assert "key 'limited' may not remove group 'other'" in r.stderr
     r = rm(s.cfg_path, "other")  # admin has no role: unrestricted, and so it learns the group does not exist
     assert r.returncode == 1 and "unknown group 'other'" in r.stderr
+
+
+EXTRA_PLUGIN = '''
+from bucketwire import hookimpl
+
+
+@hookimpl
+def handle_event(event, ctx):
+    pass
+'''
+
+
+def test_pools_of_one_group_running_different_plugins_are_named(stack_factory: Any, tmp_path: Path) -> None:
+    """Two pools of one group that load different plugins (one host not yet upgraded, a pool started with another
+    config or --plugin) split the group's events between them: each event is handled by whichever pool gets it,
+    so about half of them silently never reach the plugin the other pool lacks. The hub said nothing; now its log
+    and `status` name the group and the pools' plugin sets."""
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    s.start_worker("a", 1)
+    extra = tmp_path / "extra_step.py"
+    extra.write_text(EXTRA_PLUGIN)
+    s.start_worker("a", 2, "--plugin", str(extra))  # waits until both pools' workers joined
+    hub_log = s.logs[0].read_text()
+    line = next((ln for ln in hub_log.splitlines() if "different plugins" in ln), None)
+    assert line is not None and "group=a" in line and "extra_step" in line, hub_log
+    out = cli(s, "status")
+    assert "different plugins" in out.stdout and "extra_step" in out.stdout, out.stdout

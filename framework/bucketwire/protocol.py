@@ -134,6 +134,10 @@ class Ready(Header):
     host: Annotated[str, Meta(max_length=64)] = ""
     pid: int = 0
     start: Literal["latest", "earliest"] = "latest"
+    # The plugins the worker runs and a digest of their settings: the hub names pools of one group that differ
+    # (each event reaches one pool's set only). None from a worker before they were sent: not compared.
+    plugins: Annotated[list[Annotated[str, Meta(max_length=200)]], Meta(max_length=256)] | None = None
+    setup: Annotated[str, Meta(max_length=64)] = ""
 
 
 class Versions(msgspec.Struct):

@@ -179,6 +179,12 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
                          f"start `bucketwire worker {c}--group {g}`")
         elif s == "saturated":
             hints.append(f"! group {g}: all worker credit in use, work waits: add workers/processes or raise credit")
+        if gs.get("plugin_sets"):
+            sets = "; ".join(f"[{', '.join(ps['plugins']) or '-'}] settings {ps['settings']} on "
+                             f"{', '.join(ps['workers'][:3])}{' ...' if len(ps['workers']) > 3 else ''}"
+                             for ps in gs["plugin_sets"])
+            hints.append(f"! group {g}: its pools run different plugins or plugin settings (each event reaches one "
+                         f"of them): {sets}")
         for t, ts in sorted(gs["topics"].items()):
             if ts.get("skipped_by_retention"):
                 hints.append(f"! group {g}: {ts['skipped_by_retention']} events of {t} were dropped by retention "

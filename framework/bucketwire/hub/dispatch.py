@@ -85,6 +85,8 @@ class WorkerState:
     # it is running (or has just finished and not yet acked).
     inflight: dict[Key, Item] = field(default_factory=dict)
     served: bool = False  # it has been handed events: an idle one that has is warm (`GroupState._dispatch_order`)
+    plugins: tuple[str, ...] | None = None  # what its READY said it runs (None: an older worker, not compared)
+    setup: str = ""  # digest of those plugins' settings
 
     @property
     def free(self) -> int:
@@ -168,8 +170,18 @@ class GroupState:
         self.totals = [0, 0, 0]
         self.skipped_by_retention = 0
         self.skipped_by_topic: dict[str, int] = {}  # since this dispatcher started (status)
+        self.setups_told: set[frozenset[tuple[tuple[str, ...], str]]] = set()  # plugin-set pairs logged once
         self._tie = itertools.count()
         self.replays: dict[str, int] = {}  # topic -> from_seq, waiting for that topic's in-flight events to finish
+
+    def plugin_sets(self) -> dict[tuple[tuple[str, ...], str], list[WorkerState]]:
+        """The group's workers by the plugins they run (and those plugins' settings digest). More than one key:
+        its pools differ, and each event reaches only the set of the worker it is handed to."""
+        sets: dict[tuple[tuple[str, ...], str], list[WorkerState]] = {}
+        for w in self.workers.values():
+            if w.plugins is not None:
+                sets.setdefault((w.plugins, w.setup), []).append(w)
+        return sets
 
     # -- membership ------------------------------------------------------------------------------------------
     def add_topic(self, topic: str, start_after: int) -> None:

@@ -1076,15 +1076,36 @@ class Hub:
             old = None
         if old is None:
             w = WorkerState(ident, group, frozenset(topics or g.topics), credit, now, host=hdr.host, pid=hdr.pid,
-                            user=self.net.user, ranges=hdr.proto >= 2, joined=hdr.proto >= 3)
+                            user=self.net.user, ranges=hdr.proto >= 2, joined=hdr.proto >= 3,
+                            plugins=tuple(hdr.plugins) if hdr.plugins is not None else None, setup=hdr.setup)
             self.workers[ident] = w
             g.workers[ident] = w
             g.workers.move_to_end(ident, last=False)
             log.info("worker joined", extra={"group": group, "host": w.host, "pid": w.pid, "credit": credit})
+            self._compare_plugins(g, w)
         else:
             old.credit, old.topics, old.ranges = credit, frozenset(topics or g.topics), hdr.proto >= 2
             old.joined = hdr.proto >= 3
         self.metrics.workers.labels(group).set(len(g.workers))
+
+    def _compare_plugins(self, g: GroupState, w: WorkerState) -> None:
+        """Say so when a worker joins a group whose other workers run other plugins (or the same ones configured
+        otherwise): the group's events are split between them, so part of them silently skip a plugin. Once per
+        pair of plugin sets, however often their workers rejoin; `status` shows it while it lasts."""
+        if w.plugins is None:
+            return
+        mine = (w.plugins, w.setup)
+        for other, ws in g.plugin_sets().items():
+            pair = frozenset({mine, other})
+            if other == mine or pair in g.setups_told:
+                continue
+            g.setups_told.add(pair)
+            what = ("different plugins" if other[0] != mine[0]
+                    else "the same plugins with different [plugins.*] settings")
+            log.warning(f"pools of one group run {what}: each event goes to one of them, so part of the group's "
+                        "events skip what the other runs; give every pool of the group the same plugins and config",
+                        extra={"group": g.name, "joined": f"{w.host} pid {w.pid}: {', '.join(mine[0]) or '-'}",
+                               "others": f"{ws[0].host} pid {ws[0].pid}: {', '.join(other[0]) or '-'}"})
 
     def _visible(self, st: dict[str, Any]) -> dict[str, Any]:
         """What of `status` the sender's key may see: with a role that is not admin, its groups (their topics,
@@ -1555,6 +1576,11 @@ class Hub:
                 "oldest_unacked_age": round(g.oldest_unacked_age(now), 3),
                 "long_running": long_running(g, now),
             }
+            sets = g.plugin_sets()
+            if len(sets) > 1:  # only then: the usual status stays as it was
+                groups[g.name]["plugin_sets"] = [
+                    {"plugins": list(k[0]), "settings": k[1][:8], "workers": [f"{w.host} pid {w.pid}" for w in ws]}
+                    for k, ws in sorted(sets.items())]
         hub: dict[str, Any] = {"uptime": round(time.time() - self.started, 3), "journal_ok": self.write_error is None,
                                "durability": self.cfg.hub.durability, "id": self.cfg.hub.id,
                                "backend": self.cfg.journal.backend}

@@ -119,6 +119,7 @@ class Child:
         self.ready = P.enc(P.Ready(
             group=spec.group, topics=spec.topics, credit=spec.credit, proto=P.PROTO, schema=SCHEMA_VERSION,
             host=socket.gethostname()[:64], pid=os.getpid(), start=spec.start,  # type: ignore[arg-type]
+            plugins=sorted(plugins.loaded.names), setup=plugins.setup_digest(),
         ))
         self.timeouts: dict[str, float] = {}
         # The batch in hand: (attempt, envelope as read, whether msgspec read it); a frame that is not JSON stays

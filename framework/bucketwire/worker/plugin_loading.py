@@ -11,10 +11,12 @@ through `PluginRunner`, so a plugin that passes its harness tests runs the same 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import sys
@@ -438,6 +440,12 @@ class PluginRunner:
         self._handle = [(name, caller, self.topics.get(name), self.settings[name], self.loggers[name],
                          self.state[name]) for name, caller in self.handlers]
         self.on_handled = on_handled
+
+    def setup_digest(self) -> str:
+        """A digest of every plugin's validated settings (never the settings themselves: they may hold secrets),
+        so the hub can tell pools of one group that run the same plugins configured differently."""
+        text = json.dumps({n: self.settings[n] for n in sorted(self.settings)}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def ctx(self, name: str, event: Event | None = None, attempt: int = 1) -> Context:
         return Context(name, self.group, self.settings[name], self.stores, self.loggers[name], event, attempt,
