@@ -10,6 +10,8 @@ rows as retention does.
 
 from __future__ import annotations
 
+import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,8 +20,8 @@ from typing import Any
 from tests.fixtures_hub import wait_for
 
 
-def test_a_group_behind_retention_is_told_in_the_log_status_and_metrics(stack_factory: Any) -> None:
-    s = stack_factory('[groups.late]\ntopics = ["x"]\nplugins = []\n')
+def five_events_the_first_three_dropped(s: Any) -> None:
+    """Topic x with seqs 1-5 committed, 1-3 then dropped as retention drops them, the hub running again."""
     s.start_hub()
     with s.client() as c:
         for i in range(5):
@@ -31,6 +33,11 @@ def test_a_group_behind_retention_is_told_in_the_log_status_and_metrics(stack_fa
     db.close()
     s.start_hub()
 
+
+def test_a_group_behind_retention_is_told_in_the_log_status_and_metrics(stack_factory: Any) -> None:
+    s = stack_factory('[groups.late]\ntopics = ["x"]\nplugins = []\n')
+    five_events_the_first_three_dropped(s)
+
     line = wait_for(lambda: next((ln for ln in s.logs[-1].read_text().splitlines() if "retention" in ln), None),
                     20, "a log line about the events group late lost to retention")
     assert "late" in line and "x" in line and "3" in line, line
@@ -40,3 +47,23 @@ def test_a_group_behind_retention_is_told_in_the_log_status_and_metrics(stack_fa
     assert out.returncode == 0, out.stderr
     hint = next((ln for ln in out.stdout.splitlines() if "retention" in ln), None)
     assert hint is not None and "late" in hint and "3" in hint, out.stdout
+
+
+def test_tail_from_a_seq_retention_dropped_says_what_it_cannot_print(stack_factory: Any) -> None:
+    """`tail --from-seq 1` promises every envelope from seq 1 with no gap; it went on from the oldest one left
+    without a word, so a reader of its output could not tell a gap from a topic that never had those events."""
+    s = stack_factory()
+    five_events_the_first_three_dropped(s)
+    err = s.dir / "tail.err"
+    p = subprocess.Popen([sys.executable, "-m", "bucketwire", "tail", "-c", str(s.cfg_path), "--from-seq", "1", "x"],
+                         env=s.env, stdout=subprocess.PIPE, stderr=err.open("wb"), text=True)
+    try:
+        assert p.stdout is not None
+        seqs = [json.loads(p.stdout.readline())["seq"] for _ in range(2)]
+        assert seqs == ["4", "5"] or seqs == [4, 5], seqs
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(20)
+    text = err.read_text()
+    line = next((ln for ln in text.splitlines() if "retention" in ln), None)
+    assert line is not None and "x" in line and "1-3" in line, text

@@ -147,7 +147,8 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
     """Print envelopes as JSON lines: replay from the journal, then follow live with no gap.
 
     If the hub goes away, one line on stderr says so and tail waits for it; when it is back, tail goes on from
-    the last seq it printed (no gap, no duplicate) and says so. Ctrl+C stops it.
+    the last seq it printed (no gap, no duplicate) and says so. Events retention dropped before tail read them
+    are the one gap: a line on stderr names their seqs. Ctrl+C stops it.
     """
     from bucketwire.client import follow
 
@@ -164,8 +165,14 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
         else:
             click.echo(f"tail: hub is back; resumed ({where})", err=True)
 
+    def on_gap(topic: str, first: int, last: int) -> None:
+        seqs = f"seq {first}" if first == last else f"seqs {first}-{last}"
+        click.echo(f"tail: {topic} {seqs} no longer in the journal (retention dropped them); going on from seq "
+                   f"{last + 1}", err=True)
+
     try:
-        for _t, _s, body in follow(cfg, list(topics) or None, from_seq, stop=stop.is_set, on_hub=on_hub):
+        for _t, _s, body in follow(cfg, list(topics) or None, from_seq, stop=stop.is_set, on_hub=on_hub,
+                                   on_gap=on_gap):
             out.write(body.decode("utf-8", "replace") + "\n")
             out.flush()
     except BrokenPipeError:

@@ -220,7 +220,8 @@ RECONNECT_MAX = 5.0
 
 def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = None,
            stop: Callable[[], bool] | None = None, idle: float = 0.2,
-           on_hub: Callable[[str, dict[str, int]], None] | None = None) -> Iterator[tuple[str, int, bytes]]:
+           on_hub: Callable[[str, dict[str, int]], None] | None = None,
+           on_gap: Callable[[str, int, int], None] | None = None) -> Iterator[tuple[str, int, bytes]]:
     """Yield (topic, seq, envelope) from `from_seq` on, then live, with no gap and no duplicate at the seam.
 
     The zguide "Clone" pattern: subscribe first and buffer, replay from the journal up to the head, then
@@ -232,6 +233,10 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
     `on_hub("lost", next_seqs)` and `on_hub("resumed", next_seqs)` report it (`next_seqs`: the next seq wanted
     per topic); once the hub answers again the stream goes on from those seqs, so the seam has no gap and
     no duplicate either. Only the first contact fails at once (HubUnavailable), as every other command does.
+
+    The one gap it cannot fill: events retention dropped before they were read (a `from_seq` older than the
+    journal keeps, a follower that fell behind). `on_gap(topic, first, last)` names those seqs as it goes past
+    them, so a reader can tell a gap from a topic that never had those events.
     """
     security.check_key_files(cfg.security)
     zctx: zmq.Context[Any] = zmq.Context.instance()
@@ -262,12 +267,16 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
                 meta, bodies = client.fetch(t, nxt[t])
                 if not bodies:
                     if meta.get("next", nxt[t]) > nxt[t]:  # retention removed the start: say so, move on
+                        if on_gap is not None:
+                            on_gap(t, nxt[t], meta["next"] - 1)
                         nxt[t] = meta["next"]
                         continue
                     return
                 for b in bodies:
                     seq = parse_seq(json.loads(b)["seq"])
                     if seq >= nxt[t]:
+                        if seq > nxt[t] and on_gap is not None:  # retention removed these: say so
+                            on_gap(t, nxt[t], seq - 1)
                         nxt[t] = seq + 1
                         yield t, seq, b
                 if upto is None and meta.get("head", 0) < nxt[t]:
