@@ -66,6 +66,12 @@ log = logging.getLogger("bucketwire.hub")
 
 MAX_DRAIN = 2000
 MAX_FETCH = P.MAX_FETCH
+FETCH_BYTES = 16 << 20
+"""A FETCH reply stops once its envelopes pass this many bytes (at least one event; its `next` says where to go
+on). Counted in events alone, 1,000 events near max_event_bytes were up to 1 GB read on the loop for one reply."""
+FETCH_FIRST = 16
+"""Events a FETCH reads first; later reads are sized from the bytes per event seen, so typical small events take
+one or two reads and large ones overshoot FETCH_BYTES by little."""
 MAX_HEADER = 64 << 20
 """The largest header frame `protocol.decode` reads."""
 HEARTBEAT_TURNS = 10
@@ -1295,11 +1301,28 @@ class Hub:
         if not self.net.roles.allows(self.net.user, "subscribe", topic):
             self.net.forbidden(ident, f"key {self.net.user!r} may not read topic {topic!r} ([security.roles])")
             return
-        rows = self.journal.read(topic, max(1, start), max(1, min(limit, MAX_FETCH)))
+        rows = self._read_bounded(topic, max(1, start), max(1, min(limit, MAX_FETCH)))
         head = self.journal.heads.get(topic, 0)
         nxt = rows[-1][0] + 1 if rows else max(start, (self.journal.first_seq(topic) or head + 1))
         meta = P.Events(req=hdr.req, topic=topic, head=head, next=nxt, first=rows[0][0] if rows else None)
         self.net.send([ident, P.EVENTS, P.enc(meta), *[r[2] for r in rows]])
+
+    def _read_bounded(self, topic: str, start: int, want: int) -> list[tuple[int, str | None, bytes]]:
+        """Up to `want` events from `start`, stopping once they pass FETCH_BYTES."""
+        rows: list[tuple[int, str | None, bytes]] = []
+        size, step = 0, min(want, FETCH_FIRST)
+        while len(rows) < want and size < FETCH_BYTES:
+            got = self.journal.read(topic, start, step)
+            for r in got:
+                rows.append(r)
+                size += len(r[2])
+                if size >= FETCH_BYTES:
+                    break
+            if len(got) < step:
+                break
+            start = rows[-1][0] + 1
+            step = max(1, min(want - len(rows), (FETCH_BYTES - size) // max(1, size // len(rows))))
+        return rows
 
     def _on_bye(self, ident: bytes, hdr: P.Bye) -> None:
         w = self.workers.get(ident)
