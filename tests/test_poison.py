@@ -231,3 +231,41 @@ def test_a_follow_on_holding_str_and_int_subclasses_is_committed(stack_factory: 
     assert [json.loads(b)["data"] for b in bodies] == [{"name": "caption", "n": 7}]
     assert sorted(r["key"] for r in s.handled()) == ["innocent-0", "innocent-1", "sub"], "each handled once"
     assert pool.poll() is None
+
+
+RETURNS_A_COROUTINE = '''
+from bucketwire import hookimpl
+
+
+async def _work(event):
+    raise AssertionError("never runs: nobody awaits it")
+
+
+@hookimpl
+def handle_event(event, ctx):
+    if event.data.get("awaitable"):
+        return _work(event)  # a sync hook handing back the async work it meant to do
+'''
+
+
+def test_a_handler_that_returns_a_coroutine_fails_its_event_instead_of_acking_work_never_done(
+        stack_factory: Any, tmp_path: Any) -> None:
+    """`async def handle_event` is refused at start; a plain hook that returns a coroutine (it calls an async
+    helper and returns what it got) was acked: the work never ran, and only a RuntimeWarning about a coroutine
+    never awaited, if that, said anything. Now the event fails with a line saying what was returned and what to
+    do, and is dead-lettered like any failure; the recorder, the other plugin of the pool, and the next event are
+    not touched."""
+    s = stack_factory(CFG.format(extra="").replace("max_attempts = 3", "max_attempts = 1"))
+    plugin = tmp_path / "returns_awaitable.py"
+    plugin.write_text(RETURNS_A_COROUTINE)
+    s.start_hub()
+    s.start_worker("a", 1, "--plugin", str(plugin))
+    bad = job("k1", awaitable=True)
+    with s.client() as c:
+        c.publish_events([bad, job("k2")])
+    wait_for(lambda: (st := s.status()["groups"]["a"])["lag"] == 0 and st["inflight"] == 0 and
+             st["retrying"] == 0, 30, "both events finished")
+    assert s.status()["groups"]["a"]["dead_lettered"] == 1, "the event whose work never ran was acked"
+    (dl,) = dead_letters(s)
+    assert dl["event"]["id"] == bad.id and "coroutine" in dl["line"] and "await" in dl["line"], dl["line"]
+    assert "k2" in [r["key"] for r in s.handled()]

@@ -508,14 +508,18 @@ class PluginRunner:
             # raises nothing here: the child turns SIGTERM/SIGINT into a flag.)
             if report is None:
                 try:
-                    caller(event=event, ctx=ctx)
+                    returned = caller(event=event, ctx=ctx)
+                    if returned:  # pluggy's list of what the calls returned: empty when they return None
+                        no_awaitable(returned)
                 except BaseException as e:
                     ctx.done = True
                     raise HandlerFailed(name, e) from e
             else:
                 t0 = time.perf_counter()
                 try:
-                    caller(event=event, ctx=ctx)
+                    returned = caller(event=event, ctx=ctx)
+                    if returned:
+                        no_awaitable(returned)
                 except BaseException as e:
                     ctx.done = True
                     report(name, time.perf_counter() - t0, False)
@@ -528,6 +532,20 @@ class PluginRunner:
                 if size > FOLLOW_ONS_MAX:
                     raise HandlerFailed(name, FollowOnTooLarge(too_many_follow_ons(len(out), size)))
         return out
+
+
+def no_awaitable(returned: list[Any]) -> None:
+    """Raise for a handle_event that returned a coroutine or another awaitable: it called async code and handed
+    back the work instead of doing it, so acking the event would ack work that never ran (`async def` hooks are
+    refused at start; this is the same mistake one call away). What else a handler returns is ignored."""
+    for r in returned:
+        if inspect.isawaitable(r):
+            close = getattr(r, "close", None)
+            if inspect.iscoroutine(r) and close is not None:
+                close()  # no "coroutine was never awaited" warning on top of this failure
+            raise TypeError(f"handle_event returned {type(r).__name__} {getattr(r, '__qualname__', '')!s}: the "
+                            "async work it stands for never ran; await it inside the handler (asyncio.run(...)) "
+                            "and return None")
 
 
 def _report_slow_startup(name: str, every: float, done: threading.Event) -> None:
