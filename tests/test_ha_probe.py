@@ -561,3 +561,95 @@ def test_operator_commands_for_a_group_the_asked_hub_never_saw(tmp_path: Path, c
     finally:
         a.stop()
         b.stop()
+
+
+# -- 6. a cluster that has lost its quorum: the operator's commands ----------------------------------------------
+def _timed_cli(s: Stack, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "bucketwire", *args, "-c", str(s.cfg_path)], env=s.env,
+                       capture_output=True, text=True, timeout=90)
+    return r, time.monotonic() - t0
+
+
+def _one_line(r: subprocess.CompletedProcess[str]) -> str:
+    """The one line a refused command printed on stderr (asserted: exit != 0, one line, no traceback)."""
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    return lines[0]
+
+
+COMMANDS = (["group", "rm", "adhoc"], ["replay", "-g", "g", "--from-seq", "1", "--no-wait"],
+            ["dlq", "retry", "retry-me"], ["dlq", "purge", "purge-me"], ["status"])
+
+
+def test_operator_commands_while_the_cluster_has_lost_quorum(tmp_path: Path, cluster: NatsCluster) -> None:
+    """Two of the three NATS nodes killed: each operator command through either hub is refused at once with one
+    line naming the lost quorum and what to do (they waited for a dispatcher that could not come, then said "no
+    answer from the hub ... is `bucketwire hub` running?"; `status` said nothing and exited 0); nothing of them
+    is done meanwhile or later; with the nodes back the same commands work, the retry is committed once."""
+    from tests.test_ha import dispatcher, two_hubs
+
+    a, b = two_hubs(tmp_path, cluster, '\n[topics.photos]\nmax_attempts = 1\n')
+    for s in (a, b):  # the refusals of dlq's commits come after request_timeout: short, so the test is
+        s.cfg_path.write_text(s.cfg_path.read_text().replace(
+            "lease_ttl = 2.0\n", "lease_ttl = 2.0\nrequest_timeout = 2.0\nconnect_timeout = 1.0\n", 1))
+        s.cfg = config_mod.load(s.cfg_path)
+    down: list[int] = []
+    try:
+        a.start_hub()
+        wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
+        b.start_hub()
+        a.start_worker("g", 1, wait=False)
+        pool_cfg = a.dir / "pool.toml"
+        pool_cfg.write_text(a.cfg_path.read_text() + '\n[groups.adhoc]\ntopics = ["other"]\nplugins = []\n')
+        pool = a.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg)
+        wait_for(lambda: a.status()["groups"]["g"]["workers"] >= 1, 30, "the worker at the dispatcher")
+        with a.client() as c:  # each fails its only attempt: two dead letters
+            c.publish("photos", {"bucket": "b", "key": "k1", "fail": 1}, id="retry-me")
+            c.publish("photos", {"bucket": "b", "key": "k2", "fail": 1}, id="purge-me")
+        wait_for(lambda: a.status()["groups"]["g"]["dead_lettered"] == 2, 30, "two dead letters")
+        at = wait_for(lambda: next((s for s in (a, b) if s.status()["groups"].get("adhoc", {}).get("workers")),
+                                   None), 30, "the adhoc pool at the hub that dispatches adhoc")
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(30) == 0
+        wait_for(lambda: at.status()["groups"]["adhoc"]["workers"] == 0, 10, "the adhoc pool gone")
+        cursor = a.status()["groups"]["g"]["topics"]["photos"]["cursor"]
+        for i in (1, 2):
+            cluster.kill(i)
+            down.append(i)
+        for s in (a, b):
+            wait_for(lambda s=s: s.status()["hub"].get("journal_error"), 30, "the hub to notice the lost quorum")
+        for s in (a, b):
+            for args in COMMANDS:
+                r, _ = _timed_cli(s, *args)
+                line = _one_line(r)
+                assert "quorum" in line, f"{' '.join(args)}: {line}"
+            assert "dispatching" not in json.dumps(s.status()["dispatch"])  # no hub dispatches meanwhile
+        code, body = a.post("/events", json.dumps({"specversion": "1.0", "id": "w1", "source": "test",
+                                                   "type": "t", "topic": "photos", "data": {}}).encode())
+        assert code == 503, body
+        for i in down:
+            cluster.restart(i)
+        down = []
+        d = wait_for(lambda: dispatcher(a, b), 30, "a hub to dispatch g again")
+        for s in (a, b):
+            wait_for(lambda s=s: not s.status()["hub"].get("journal_error"), 30, "the hub to see the quorum back")
+        # The refused replay never moved the cursor, and the refused removal left the group whole.
+        assert d.status()["groups"]["g"]["topics"]["photos"]["cursor"] == cursor
+        assert "adhoc" in b.status()["dispatch"]
+        results = {}
+        for args in COMMANDS:
+            r, _ = _timed_cli(b, *args)
+            results["".join(args[:2])] = r
+            assert r.returncode == 0, f"{' '.join(args)}: {r.stdout}{r.stderr}"
+        assert "removed group adhoc" in results["grouprm"].stdout
+        assert "retried 1" in results["dlqretry"].stdout and "purged 1" in results["dlqpurge"].stdout
+        with b.client() as c:
+            _, bodies = c.fetch("photos", 1)
+        retries = [e for e in map(json.loads, bodies) if str(e.get("source", "")).startswith("bucketwire://hub/retry")]
+        assert len(retries) == 1, retries
+    finally:
+        for i in down:
+            cluster.restart(i)
+        a.stop()
+        b.stop()

@@ -198,7 +198,9 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
             hints.append(f"{mark} group {g}: handler running for {fmt_age(r['age'])} (handler_timeout "
                          f"{r['timeout']:g}s) on {r['topic']}:{r['seq']} {r.get('key') or '-'} id {r.get('id')} "
                          f"(attempt {r.get('attempt')}, {r.get('host')} pid {r.get('pid')})")
-    if not h.get("journal_ok", True):
+    if h.get("journal_error"):
+        hints.append(f"! {h['journal_error']}: start the stopped NATS nodes; the hubs recover by themselves")
+    elif not h.get("journal_ok", True):
         hints.append("! journal cannot commit (disk full?): free space under [hub] state_dir; it recovers by itself")
     if hints:
         lines += ["", *hints]
@@ -230,6 +232,10 @@ def status(config_path: str | None, as_json: bool, watch: float | None) -> None:
                 sys.stdout.flush()
             else:
                 click.echo(text)
+            if not watch and st.get("hub", {}).get("journal_error"):
+                # What the hub said about the cluster, as the exit code of a health check: one line on stderr.
+                raise click.ClickException(f"{st['hub']['journal_error']}; ingress answers 503 and no group is "
+                                           "dispatched until a quorum is back: start the stopped NATS nodes")
             if not watch or stop.wait(watch):
                 return
             if not tty:
@@ -577,7 +583,9 @@ def _act(config_path: str | None, topic: str | None, group: str | None, older: s
             return
         done, errors = 0, []
         by = f"{getpass.getuser()}@{socket.gethostname()}"
-        with click.progressbar(length=len(sel), label=f"{action} dead letters", file=sys.stderr) as bar:
+        # A bar on a terminal only: piped, its label alone is a line before any error (one line is the rule).
+        with click.progressbar(length=len(sel), label=f"{action} dead letters", file=sys.stderr,
+                               hidden=not sys.stderr.isatty()) as bar:
             for i in range(0, len(sel), 100):
                 chunk = sel[i:i + 100]
                 items = [{"topic": dl.topic, "seq": dl.seq} for dl in chunk]

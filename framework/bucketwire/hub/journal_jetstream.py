@@ -391,6 +391,7 @@ class JetStreamJournal:
                                            "pid": os.getpid(), "nonce": uuid.uuid4().hex}).encode()
         self._presence_rev = 0
         self._id_clash = False
+        self._answered_at: float | None = None  # monotonic: when the lease bucket last answered (cluster_problem)
         self._remote: deque[Appended] = deque()
         self._fed: dict[str, int] = {}  # topic -> every seq up to this is this hub's own or in _remote already
         self._catching: set[str] = set()
@@ -1279,6 +1280,7 @@ class JetStreamJournal:
             doc = await self._answer(fut)
             if "error" not in doc:
                 self._presence_rev = int(doc["seq"])
+                self._answered_at = time.monotonic()
                 return
             why: str | None = None
             if doc["error"].get("code") in (408, 503):
@@ -1334,6 +1336,8 @@ class JetStreamJournal:
         if "error" in doc and doc["error"].get("code") not in (408, 503):
             fut = await self._replies.send(subject, self._presence_value, {"Nats-Expected-Last-Subject-Sequence": "0"})
             doc = await self._answer(fut)
+        if "error" not in doc or doc["error"].get("code") not in (408, 503):
+            self._answered_at = time.monotonic()
         if "error" not in doc:
             if self._id_clash:
                 log.info("no other hub uses this [hub] id any more; dispatching again", extra={"hub": self.hub_id})
@@ -1343,6 +1347,20 @@ class JetStreamJournal:
                 log.error("another running hub uses this [hub] id; this hub dispatches nothing until it is gone "
                           "(give each hub its own [hub] id)", extra={"hub": self.hub_id})
             self._id_clash = True
+
+    def cluster_problem(self, now: float) -> str | None:
+        """Why the cluster cannot serve this hub now (None: the lease bucket answered a round within `lease_ttl`).
+
+        Each lease round renews this hub's presence key, every third of `lease_ttl`; when no renewal has been
+        answered for longer than `lease_ttl`, every lease has lapsed and no hub can dispatch, take a group, move
+        a cursor or commit (a quorum of the nodes is down or cut off). The connection alone does not show it: the
+        node this hub talks to may be up and alone. Operator commands that need a dispatcher say this instead
+        of waiting for one."""
+        at = self._answered_at
+        if at is None or now - at <= self.settings.lease_ttl:
+            return None
+        return (f"the NATS cluster has not answered this hub for {now - at:.0f} s (servers "
+                f"{', '.join(self.settings.servers)}; a quorum of its nodes is down or cut off)")
 
     # -- dispatch leadership -------------------------------------------------------------------------------
     def lead(self, groups: Iterable[str], now: float, wait: bool = True) -> set[str]:

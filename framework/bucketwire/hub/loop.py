@@ -1014,6 +1014,8 @@ class Hub:
             self._on_pub(ident, pub, batch, replies, strict, len(raw))
         elif cmd == P.FETCH:
             self._on_fetch(ident, P.decode(raw, P.Fetch))
+        elif cmd in (P.REPLAY, P.DLQ, P.GROUPRM) and self._cluster_down(ident, now):
+            return
         elif cmd == P.REPLAY:
             rp = P.decode(raw, P.Replay)
             if self._elsewhere(rp.group, now):
@@ -1559,6 +1561,20 @@ class Hub:
         holder = self.dispatchers(now).get(group)
         return holder is not None and holder[0] != self.cfg.hub.id
 
+    def _cluster_down(self, ident: bytes, now: float) -> bool:
+        """With several hubs: refuse an operator's `replay`, `dlq` or `group rm` while the cluster does not answer
+        this hub (a quorum of the NATS nodes down). Every lease has lapsed by then, so no hub dispatches a group:
+        a replay or removal would wait for a dispatcher that cannot come, and a dead letter's retry and marker
+        cannot be stored. One line now, which says what to do, instead of the client's "no answer from the hub"
+        after its timeout (the hubs are up). Nothing is done, so sending the command again afterwards is safe."""
+        problem = self.ha.cluster_problem(now) if self.ha is not None else None
+        if problem is None:
+            return False
+        self.net.send([ident, P.ERR, P.enc(P.Err(
+            error=f"{problem}: no hub can dispatch, replay, remove a group or store a dead letter's retry until a "
+                  "quorum is back; nothing was done. Start the stopped NATS nodes, then send the command again"))])
+        return True
+
     def _moved(self, ident: bytes, group: str, now: float) -> None:
         holder = self.dispatchers(now).get(group)
         where = holder[1] if holder and holder[0] != self.cfg.hub.id else ""
@@ -1613,6 +1629,9 @@ class Hub:
             "groups": groups,
         }
         if self.ha is not None:
+            problem = self.ha.cluster_problem(now)
+            if problem is not None:  # its probe passes while one node answers: the lease rounds tell
+                hub.update(journal_ok=False, journal_error=problem)
             holders = self.dispatchers(now)
             age = self.leases_age(now)
             hub["leases_age"] = None if age is None else round(age, 3)
