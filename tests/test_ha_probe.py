@@ -653,3 +653,30 @@ def test_operator_commands_while_the_cluster_has_lost_quorum(tmp_path: Path, clu
             cluster.restart(i)
         a.stop()
         b.stop()
+
+
+def test_dlq_retry_of_an_adhoc_group_through_a_hub_that_never_saw_it(tmp_path: Path, cluster: NatsCluster) -> None:
+    """`dlq retry` of an ad-hoc group's dead letter sent to a hub its workers never reached (started after they
+    joined the other) retries it: the hub reads the group's topics from its cursors in the cluster, instead of
+    refusing the group as one that "no longer consumes" the topic; the dispatcher delivers the retry."""
+    from tests.test_ha import dispatcher, two_hubs
+
+    a, b = two_hubs(tmp_path, cluster, '\n[topics.photos]\nmax_attempts = 1\n')
+    try:
+        a.start_hub()
+        wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
+        pool_cfg = a.dir / "pool.toml"
+        pool_cfg.write_text(a.cfg_path.read_text() + '\n[groups.adhoc]\ntopics = ["photos"]\nplugins = []\n')
+        a.start_worker("adhoc", 1, cfg_path=pool_cfg)
+        wait_for(lambda: a.status()["groups"].get("adhoc", {}).get("workers"), 30, "the adhoc pool at hub a")
+        with a.client() as c:  # fails its only attempt in both groups (g has no workers: only adhoc handles it)
+            c.publish("photos", {"bucket": "b", "key": "k1", "fail": 1}, id="retry-me")
+        wait_for(lambda: a.status()["groups"]["adhoc"]["dead_lettered"] == 1, 30, "adhoc's dead letter")
+        b.start_hub()
+        assert "adhoc" not in b.status()["dispatch"], "hub b heard of adhoc: nothing to probe"
+        r = _cli(b, "dlq", "retry", "--group", "adhoc", "--all")
+        assert r.returncode == 0 and "retried 1" in r.stdout, r.stdout + r.stderr
+        wait_for(lambda: a.status()["groups"]["adhoc"]["dead_lettered"] == 2, 30, "the retry handled (and failed)")
+    finally:
+        a.stop()
+        b.stop()

@@ -1080,6 +1080,13 @@ class JetStreamJournal:
 
         self._run(forget())
 
+    def stored_topics(self, group: str) -> set[str]:
+        """The topics `group` has a cursor of in the cluster, read now (up to request_timeout): what a hub that never
+        saw an ad-hoc group's workers knows of it. `group rm` purges the cursors, so a removed group has none, and
+        a group made anew under that name has only the topics its new workers named."""
+        found = self._run(self._latest(self._kv_cursors, f"c.{token(group)}.>"))
+        return {untoken(k.rsplit(".", 1)[1]) for k in found}
+
     def probe(self) -> str | None:
         """Whether a commit could be stored now: None, or why not (for /healthz)."""
         if self.nc is None or not self.nc.is_connected:

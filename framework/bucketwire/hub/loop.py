@@ -1542,12 +1542,17 @@ class Hub:
 
     def _group_topics(self, name: str) -> Collection[str] | None:
         """The topics of a group this hub dispatches, or (with several hubs) one it would take if its lease came
-        free: a standby knows them, so an operator's `dlq retry` need not find the dispatcher."""
+        free, or one whose cursors the cluster holds: a standby knows them, so an operator's `dlq retry` need not
+        find the dispatcher."""
         g = self.groups.get(name)
         if g is not None:
             return g.read_pos.keys()
         wanted = self.wanted.get(name)
-        return None if wanted is None else wanted[0]
+        if wanted is not None:
+            return wanted[0]
+        # An ad-hoc group whose workers never reached this hub: the cluster knows its topics by its cursors (one
+        # read, an operator's command only). Raises JournalError when the cluster does not answer.
+        return (self.ha.stored_topics(name) or None) if self.ha is not None else None
 
     def _elsewhere(self, group: str, now: float) -> bool:
         """With several hubs: whether an operator's command on `group` is for another hub, the one that dispatches

@@ -93,10 +93,10 @@ class HubOps:
                  too_large: Callable[[Event, str], str | None] = lambda ev, t: None) -> None:
         """`groups` is the hub's own mapping (removing a group here removes it from the hub); `new_event` makes a
         journal entry the way the hub does, `too_large` says why one would be over the hub's event size limit;
-        `group_topics` names the topics of a group this hub knows, dispatched here or not (with several hubs a
-        `dlq retry` may reach one that does not dispatch the group: the retry is an event like any, which every
-        hub may commit and the dispatcher then delivers); the other callables read hub state that changes every
-        turn."""
+        `group_topics` names the topics of a group this hub or the cluster knows, dispatched here or not (with
+        several hubs a `dlq retry` may reach one that does not dispatch the group: the retry is an event like any,
+        which every hub may commit and the dispatcher then delivers; reading the cluster may raise JournalError);
+        the other callables read hub state that changes every turn."""
         self.cfg = cfg
         self.metrics = metrics
         self.journal = journal
@@ -485,7 +485,11 @@ class HubOps:
                         "error": f"dead letter {dl_id[:12]} is a follow-on the hub refused ({data.get('line')}: "
                                  f"{str(data.get('error'))[:200]}); a refused follow-on stays refused -- fix "
                                  "[security.roles] or the hop limit and replay the causing event, or purge it"}
-            topics = self.group_topics(group)
+            try:
+                topics = self.group_topics(group)
+            except JournalError as e:  # with several hubs an unknown group's topics are read from the cluster
+                return {"id": dl_id, "group": group,
+                        "error": f"dead letter {dl_id[:12]}: cannot read the topics of group {group!r}: {e}"}
             otopic = data.get("topic")
             if topics is None or not isinstance(otopic, str) or otopic not in topics:
                 return {"id": dl_id, "group": group,
