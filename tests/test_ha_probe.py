@@ -634,8 +634,9 @@ def test_operator_commands_while_the_cluster_has_lost_quorum(tmp_path: Path, clu
         d = wait_for(lambda: dispatcher(a, b), 30, "a hub to dispatch g again")
         for s in (a, b):
             wait_for(lambda s=s: not s.status()["hub"].get("journal_error"), 30, "the hub to see the quorum back")
-        # The refused replay never moved the cursor, and the refused removal left the group whole.
-        assert d.status()["groups"]["g"]["topics"]["photos"]["cursor"] == cursor
+        # The refused replay (from seq 1) never moved the cursor back, and the refused removal left the group whole.
+        # (The webhook refused with 503 may still be stored once the nodes are back, and handled: README.)
+        assert d.status()["groups"]["g"]["topics"]["photos"]["cursor"] >= cursor
         assert "adhoc" in b.status()["dispatch"]
         results = {}
         for args in COMMANDS:
@@ -678,5 +679,67 @@ def test_dlq_retry_of_an_adhoc_group_through_a_hub_that_never_saw_it(tmp_path: P
         assert r.returncode == 0 and "retried 1" in r.stdout, r.stdout + r.stderr
         wait_for(lambda: a.status()["groups"]["adhoc"]["dead_lettered"] == 2, 30, "the retry handled (and failed)")
     finally:
+        a.stop()
+        b.stop()
+
+
+def _kv_last_seq(cluster: NatsCluster, bucket: str, key: str) -> int:
+    """The stream seq of the last message of one KV key, delete and purge markers included (0: none left)."""
+    import nats
+
+    async def read() -> int:
+        nc = await nats.connect(servers=cluster.urls, connect_timeout=5)
+        try:
+            try:
+                return int((await nc.jetstream().get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{key}")).seq or 0)
+            except Exception:  # noqa: BLE001 - nothing left under the key
+                return 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def test_a_removed_group_stays_removed_past_the_markers_life(tmp_path: Path, cluster: NatsCluster) -> None:
+    """The other hub, which wanted the ad-hoc group for a worker that knocked there, is frozen across the `group
+    rm` and beyond the removal marker's life (the lease bucket's TTL, lease_ttl): when it resumes it does not take
+    the free lease and bring the group back (nobody asked for it since its removal)."""
+    from bucketwire.hub.journal_jetstream import token
+    from tests.test_ha import dispatcher, two_hubs
+
+    a, b = two_hubs(tmp_path, cluster)
+    o = None
+    try:
+        a.start_hub()
+        wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
+        b.start_hub()
+        pool_cfg = b.dir / "pool.toml"  # b first in [client] work: its workers knock at b, which wants adhoc
+        pool_cfg.write_text(b.cfg_path.read_text() + '\n[groups.adhoc]\ntopics = ["photos"]\nplugins = []\n')
+        pool = b.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg)
+        d = wait_for(lambda: next((s for s in (a, b) if s.status()["groups"].get("adhoc", {}).get("workers")), None),
+                     30, "the pool at the hub that dispatches adhoc")
+        o = b if d is a else a
+        assert "adhoc" in o.status()["dispatch"], "the other hub never heard of adhoc: nothing to probe"
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(30) == 0
+        wait_for(lambda: d.status()["groups"]["adhoc"]["workers"] == 0, 10, "the pool gone")
+        assert o.hub_proc is not None
+        o.hub_proc.send_signal(signal.SIGSTOP)
+        r = _cli(d, "group", "rm", "adhoc")
+        assert r.returncode == 0 and "removed group adhoc" in r.stdout, r.stdout + r.stderr
+        bucket, lease = f"{o.cfg.journal.prefix}_leases", f"g.{token('adhoc')}"
+        wait_for(lambda: _kv_last_seq(cluster, bucket, lease) == 0, 30, "the removal marker to expire")
+        o.hub_proc.send_signal(signal.SIGCONT)
+        presence = f"h.{token(o.cfg.hub.id)}"
+        seen = [wait_for(lambda: _kv_last_seq(cluster, bucket, presence), 20, "the resumed hub's presence")]
+        for _ in range(2):  # two lease rounds of the resumed hub: one that still wanted adhoc has taken it
+            seen.append(wait_for(lambda: (n := _kv_last_seq(cluster, bucket, presence)) > seen[-1] and n, 20,
+                                 "a lease round of the resumed hub"))
+        for s in (a, b):
+            assert "adhoc" not in s.status()["groups"], f"{s.cfg.hub.id} brought group adhoc back"
+        assert _kv_revision(cluster, bucket, lease) == 0, "adhoc's lease is held again"
+    finally:
+        if o is not None and o.hub_proc is not None and o.hub_proc.poll() is None:
+            o.hub_proc.send_signal(signal.SIGCONT)
         a.stop()
         b.stop()

@@ -384,6 +384,11 @@ class JetStreamJournal:
         # from before the removal (see _take_released). group -> seq of the marker this hub has reported.
         self._removal_seen: dict[str, int] = {}
         self._removals: set[str] = set()  # reported by a lease round, not yet taken by `removed_groups`
+        # That marker lives lease_ttl (the lease bucket's TTL); `group rm` also leaves a lasting record in the group's
+        # stats key (see forget_group): group -> its revision as `load_group` read it, and the one this hub has
+        # seen (its own removal, or one `unseen_removal` reported).
+        self._removed_rev: dict[str, int] = {}
+        self._removed_seen: dict[str, int] = {}
         self._removals_lock = threading.Lock()
         # This hub's presence key: one running hub per `[hub] id` (see _claim_id).
         self._presence_key = f"h.{token(hub_id)}"
@@ -1033,6 +1038,7 @@ class JetStreamJournal:
             for k in [k for k in self._cursors if k[0] == group]:
                 self._cursors.pop(k, None)
             self._stats.pop(group, None)
+            self._removed_rev.pop(group, None)
             for key, (value, revision) in found.items():
                 if not (key.startswith((mine, tries)) or key == f"stats.{token(group)}"):
                     continue
@@ -1040,6 +1046,8 @@ class JetStreamJournal:
                 if key.startswith("stats."):
                     self._stats[group] = (int(doc["dead_lettered"]), int(doc["retried"]), int(doc["redelivered"]))
                     self._stats_rev[group] = revision
+                    if doc.get("removed"):
+                        self._removed_rev[group] = revision
                 elif key.startswith(tries):
                     self._attempts[group][(str(doc["topic"]), int(doc["seq"]))] = int(doc["attempts"])
                     self._due[group][(str(doc["topic"]), int(doc["seq"]))] = float(doc.get("due", 0.0))
@@ -1060,10 +1068,23 @@ class JetStreamJournal:
 
     def forget_group(self, group: str) -> None:
         """Delete a removed group's cursors, counters and retry attempt counts, so a new group of that name starts
-        afresh (a left-over count would start an event at a later attempt, or dead-letter it early)."""
+        afresh (a left-over count would start an event at a later attempt, or dead-letter it early).
+
+        The counters are not deleted but zeroed with a `removed` note: a lasting record of the removal, which the
+        lease bucket's marker (see `release`) is not past lease_ttl. A hub that wanted the group from before (a
+        worker knocked there, then the hub was frozen or cut off past the marker's life) finds it when it takes
+        the free lease (`unseen_removal`) and lets it go. Hubs of earlier versions read the key as zero counters;
+        the new group's first counter write replaces it."""
         async def forget() -> None:
             kv = await self.js.key_value(self._kv_cursors)
-            keys = [self._cursor_key(g, t) for g, t in self._cursors if g == group] + [f"stats.{token(group)}"]
+            note = {"group": group, "dead_lettered": 0, "retried": 0, "redelivered": 0,
+                    "removed": {"hub": self.hub_id, "at": time.time()}}
+            try:
+                rev = await kv.put(f"stats.{token(group)}", json.dumps(note).encode())
+            except Exception as e:
+                raise JetStreamError(f"cannot remove 'stats.{token(group)}' of group {group!r}: {e}") from None
+            self._removed_seen[group] = self._removed_rev[group] = self._stats_rev[group] = int(rev)
+            keys = [self._cursor_key(g, t) for g, t in self._cursors if g == group]
             keys += list(await self._latest(self._kv_cursors, f"a.{token(group)}.>"))
             self._attempts.pop(group, None)
             self._due.pop(group, None)
@@ -1076,9 +1097,18 @@ class JetStreamJournal:
             for k in [k for k in self._cursors if k[0] == group]:
                 self._cursors.pop(k, None)
             self._stats.pop(group, None)
-            self._stats_rev.pop(group, None)
 
         self._run(forget())
+
+    def unseen_removal(self, group: str) -> bool:
+        """Whether the `load_group` just made found a `group rm` of `group` this hub has not seen before (it was
+        frozen, down or cut off when it happened, past the lease marker's life). Reported once: a want made
+        after that (a worker's READY) is for a new group of that name."""
+        rev = self._removed_rev.get(group)
+        if rev is None or self._removed_seen.get(group) == rev:
+            return False
+        self._removed_seen[group] = rev
+        return True
 
     def stored_topics(self, group: str) -> set[str]:
         """The topics `group` has a cursor of in the cluster, read now (up to request_timeout): what a hub that never

@@ -1486,6 +1486,13 @@ class Hub:
             log.warning("cannot load the group's cursors; will try again", extra={"group": name, "error": str(e)})
             self.ha.release([name])
             return
+        if name not in self.cfg.groups and self.ha.unseen_removal(name):
+            # `group rm` removed it while this hub could not hear of it (frozen or cut off past the lease marker's
+            # life): what it wanted was from before. A worker that READYs from now on wants a new group.
+            log.info("not taking back a removed group", extra={"group": name, "hub": self.cfg.hub.id})
+            self.wanted.pop(name, None)
+            self.ha.release([name])
+            return
         topics, start = self.wanted.get(name, ([], "latest"))
         g = self._group(name, topics, start)
         st = self.journal.group_stats().get(name)
