@@ -619,11 +619,13 @@ def test_operator_commands_while_the_cluster_has_lost_quorum(tmp_path: Path, clu
             down.append(i)
         for s in (a, b):
             wait_for(lambda s=s: s.status()["hub"].get("journal_error"), 30, "the hub to notice the lost quorum")
+        with ThreadPoolExecutor(3) as workers:
+            runs = {(s.cfg.hub.id, " ".join(args)): workers.submit(_timed_cli, s, *args)
+                    for s in (a, b) for args in COMMANDS}
+            for (hub, cmd), f in runs.items():
+                line = _one_line(f.result()[0])
+                assert "quorum" in line, f"{hub} {cmd}: {line}"
         for s in (a, b):
-            for args in COMMANDS:
-                r, _ = _timed_cli(s, *args)
-                line = _one_line(r)
-                assert "quorum" in line, f"{' '.join(args)}: {line}"
             assert "dispatching" not in json.dumps(s.status()["dispatch"])  # no hub dispatches meanwhile
         code, body = a.post("/events", json.dumps({"specversion": "1.0", "id": "w1", "source": "test",
                                                    "type": "t", "topic": "photos", "data": {}}).encode())
