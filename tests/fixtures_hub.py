@@ -142,7 +142,8 @@ path = "{self.record}"
     def handled(self) -> list[dict[str, Any]]:
         if not self.record.exists():
             return []
-        return [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
+        # Only lines a newline ends: a worker may be writing the last one as it is read.
+        return [json.loads(line) for line in self.record.read_text().split("\n")[:-1] if line.strip()]
 
     def child_pids(self, worker: subprocess.Popen) -> list[int]:
         """The pool's worker children (not multiprocessing's resource tracker, also a child)."""
