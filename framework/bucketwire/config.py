@@ -80,6 +80,10 @@ class HubConfig(Table):
     retention_days: PositiveFloat = 7.0
     retention_mb: PositiveFloat = 10240.0
     dispatch_batch: PositiveInt = 64
+    group_buffer_mb: PositiveFloat = 128.0
+    """Per consumer group, the envelopes (MiB) it holds in memory, loaded and not yet acked, besides the 10,000
+    events; the rest wait in the journal. Small events never reach it (10,000 of 13 KB); a backlog of large ones
+    would take gigabytes without it. One event larger than this is still loaded, alone."""
     request_timeout: PositiveFloat = 10.0
     tls_cert: Path | None = None
     tls_key: Path | None = None

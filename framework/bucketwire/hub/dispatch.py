@@ -6,7 +6,8 @@ Pure bookkeeping with no sockets, so the delivery rules can be tested directly:
 * events for the same `bucket/key` are never in flight twice in a group: a later event for an object waits
   (in `blocked`) until the earlier one is acked or dead-lettered, retries included, so per-object order holds;
 * the durable cursor is the contiguous watermark of acked seqs; acks above a gap wait in memory;
-* memory is bounded: at most `max_buffer` events per group are loaded; the rest stay in the journal.
+* memory is bounded: at most `max_buffer` events and `max_buffer_bytes` of envelopes per group are loaded (one
+  event alone may be larger, so none stalls its group); the rest stay in the journal.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ Key = tuple[str, int]
 
 TARGET_MARK = b'"targetgroup"'
 _NONE_ABOVE: frozenset[int] = frozenset()
+DEFAULT_BUFFER_BYTES = 128 << 20
+FIRST_READ_GUESS = 1 << 20
+"""How large a refill assumes events are before it has read any: its first read takes no more rows than would fit
+the byte budget at this size (about `max_event_bytes`), so a backlog of large events is not read 1,000 at once."""
 MAX_RETRY_DELAY = 86_400.0
 """The longest `Retry(delay=...)` honoured: a day. Retries wait in the hub's memory (with jetstream the time
 each is due is also kept in the KV bucket, so the next dispatcher waits it out too)."""
@@ -135,6 +140,7 @@ class GroupState:
         topic_cfg: Callable[[str], TopicConfig],
         *,
         max_buffer: int = 10_000,
+        max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         above: dict[str, set[int]] | None = None,
         on_retention_skip: Callable[[str, str, int, int], None] | None = None,
     ) -> None:
@@ -146,6 +152,7 @@ class GroupState:
         self.topics: list[str] = list(dict.fromkeys(topics))
         self.topic_cfg = topic_cfg
         self.max_buffer = max_buffer
+        self.max_buffer_bytes = max_buffer_bytes
         self.acked: dict[str, int] = dict(cursors)
         self.acked_above: dict[str, set[int]] = {t: set((above or {}).get(t, ())) for t in self.topics}
         self.read_pos: dict[str, int] = {t: cursors[t] + 1 for t in self.topics}
@@ -156,6 +163,11 @@ class GroupState:
         self.retry: list[tuple[float, int, Item]] = []
         self.workers: OrderedDict[bytes, WorkerState] = OrderedDict()
         self.loaded = 0
+        self.loaded_bytes = 0  # the bodies of the `loaded` events, together
+        # The smallest event a load stopped at because it did not fit the byte budget (0: none did). Until acks make
+        # room for it, `wants_refill` says no: else every loop turn would read rows from the journal to drop them.
+        self.short = 0
+        self.row_guess = FIRST_READ_GUESS  # mean body of the last refill read: sizes the next one
         self.dirty: set[str] = set()
         self.delta = [0, 0, 0]  # dead_lettered, retried, redelivered since the last commit
         # Attempt counts kept in the journal, so a restart or a failover does not restart max_attempts:
@@ -192,6 +204,7 @@ class GroupState:
         self.acked_above[topic] = set()
         self.read_pos[topic] = start_after + 1
         self.dirty.add(topic)
+        self.short = 0  # its events may fit where another topic's did not
 
     # -- loading ---------------------------------------------------------------------------------------------
     def is_done(self, topic: str, seq: int) -> bool:
@@ -203,34 +216,62 @@ class GroupState:
 
         `steerable` False: the caller knows none of them is a `dlq retry` meant for one group (the commit holds no
         event the hub made itself, `Hub._staged`), so no body is searched for the mark (a byte search of the whole
-        envelope, ~0.35 us each)."""
+        envelope, ~0.35 us each).
+
+        Events past the byte budget are left in the journal, where a later `refill` reads them, like a commit past
+        the count is; the count is checked for the whole run, the bytes per event (an add and a compare)."""
         if (self.read_pos.get(topic) != first_seq or self.loaded + len(items) > self.max_buffer
                 or topic in self.replays):
             return
         seed, ready, name = self.seed, self.ready, self.name
+        size, cap = self.loaded_bytes, self.max_buffer_bytes
         for seq, objkey, body in items:
             if steerable and TARGET_MARK in body and not_for_group(body, name):  # the byte test inline
                 self._mark_acked(topic, seq)
                 continue
+            size += len(body)
+            if size > cap and self.loaded:
+                self._stop_at(len(body))
+                size -= len(body)
+                self.read_pos[topic] = seq
+                break
             it = Item(topic, seq, objkey, body, seed.pop((topic, seq), 0) if seed else 0)
             if not self.seed_due or not self._wait_out(it):
                 ready.append(it)
             self.loaded += 1
-        self.read_pos[topic] = items[-1][0] + 1
+        else:
+            self.read_pos[topic] = items[-1][0] + 1
+        self.loaded_bytes = size
+
+    def _stop_at(self, size: int) -> None:
+        self.short = min(self.short, size) if self.short else size
 
     def wants_refill(self, heads: dict[str, int]) -> bool:
-        return self.loaded < self.max_buffer and any(
-            self.read_pos[t] <= heads.get(t, 0) and t not in self.replays for t in self.topics)
+        if self.loaded >= self.max_buffer:
+            return False
+        if self.short and self.loaded and self.loaded_bytes + self.short > self.max_buffer_bytes:
+            return False
+        return any(self.read_pos[t] <= heads.get(t, 0) and t not in self.replays for t in self.topics)
 
     def refill(self, heads: dict[str, int], read: Callable[[str, int, int], list[tuple[int, str | None, bytes]]],
                first_seq: Callable[[str], int | None]) -> None:
+        cap = self.max_buffer_bytes
+        self.short = 0
         for t in self.topics:
             if t in self.replays:
                 continue
             head = heads.get(t, 0)
-            while self.loaded < self.max_buffer and self.read_pos[t] <= head:
-                want = min(1000, self.max_buffer - self.loaded)
+            full = False
+            while not full and self.loaded < self.max_buffer and self.read_pos[t] <= head:
+                room = cap - self.loaded_bytes
+                if room <= 0 and self.loaded:
+                    self._stop_at(1)
+                    break
+                # Rows past the budget are read only to be left: read about as many as fit, by the last read's mean.
+                want = min(1000, self.max_buffer - self.loaded, max(1, room // self.row_guess))
                 rows = read(t, self.read_pos[t], want)
+                if rows:
+                    self.row_guess = max(1, sum(len(r[2]) for r in rows) // len(rows))
                 if not rows or rows[0][0] > self.read_pos[t]:
                     # Retention removed events this group had not consumed yet: skip past them, loudly.
                     first = rows[0][0] if rows else (first_seq(t) or head + 1)
@@ -249,11 +290,18 @@ class GroupState:
                     if not_for_group(body, self.name):
                         self._mark_acked(t, seq)
                     elif not self.is_done(t, seq):
+                        if self.loaded and self.loaded_bytes + len(body) > cap:
+                            self._stop_at(len(body))
+                            self.read_pos[t] = seq  # it waits in the journal for room
+                            full = True
+                            break
                         it = Item(t, seq, objkey, body, self.seed.pop((t, seq), 0))
                         if not self.seed_due or not self._wait_out(it):
                             self.ready.append(it)
                         self.loaded += 1
-                self.read_pos[t] = rows[-1][0] + 1
+                        self.loaded_bytes += len(body)
+                else:
+                    self.read_pos[t] = rows[-1][0] + 1
 
     def _wait_out(self, it: Item) -> bool:
         """A loaded event whose retry the previous dispatcher had scheduled waits for it here too (True), holding
@@ -367,6 +415,7 @@ class GroupState:
 
     def _finish(self, it: Item) -> None:
         self.loaded -= 1
+        self.loaded_bytes -= len(it.body)
         self._release(it)
 
     def _take_inflight(self, key: Key) -> Item | None:
@@ -405,7 +454,7 @@ class GroupState:
         above = self.acked_above[topic]
         w = self.acked[topic]
         charged = bool(self.charged or self.stored)
-        fresh = finished = 0
+        fresh = finished = freed = 0
         worker_ident, worker = b"", None
         for s in range(first, last + 1):
             key = (topic, s)
@@ -425,6 +474,7 @@ class GroupState:
                 above.add(s)
             if entry is not None:
                 finished += 1
+                freed += len(it.body)
                 objkey = it.objkey
                 if objkey is not None and holders.get(objkey) == key:
                     if objkey in blocked:
@@ -434,6 +484,7 @@ class GroupState:
             if charged:
                 self._uncharge(key)
         self.loaded -= finished
+        self.loaded_bytes -= freed
         if fresh:
             while w + 1 in above:
                 w += 1
@@ -630,5 +681,8 @@ class GroupState:
                     del self.blocked[ok]
                 self.holder[ok] = nxt.key
                 self.ready.appendleft(nxt)
-        self.loaded = (len(self.ready) + sum(len(q) for q in self.blocked.values()) + len(self.retry)
-                       + len(self.inflight))
+        loaded = [*self.ready, *(it for q in self.blocked.values() for it in q), *(e[2] for e in self.retry),
+                  *(it for it, _ in self.inflight.values())]
+        self.loaded = len(loaded)
+        self.loaded_bytes = sum(len(it.body) for it in loaded)
+        self.short = 0

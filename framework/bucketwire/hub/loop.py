@@ -245,6 +245,7 @@ class Hub:
             gaps = self.journal.cursor_above()
             above = {t: decode_ranges(gaps[(name, t)]) for t in have if (name, t) in gaps}
             g = GroupState(name, [t for t in topics if t in have], have, self.cfg.topic, above=above,
+                           max_buffer_bytes=int(self.cfg.hub.group_buffer_mb * (1 << 20)),
                            on_retention_skip=self._retention_skipped)
             self.groups[name] = g
             if self.ha is None:  # with JetStream, `_gain` does it once it has read the group's state
