@@ -745,3 +745,74 @@ def test_a_removed_group_stays_removed_past_the_markers_life(tmp_path: Path, clu
             o.hub_proc.send_signal(signal.SIGCONT)
         a.stop()
         b.stop()
+
+
+# -- 7. operator commands cut off half-way: nothing lost, a re-run finishes them ----------------------------------
+def _update_stream(cluster: NatsCluster, stream: str, **changes: Any) -> None:
+    """Change one stream's config on the cluster (what an outage of that stream alone looks like to a writer)."""
+    import dataclasses
+
+    import nats
+
+    async def update() -> None:
+        nc = await nats.connect(servers=cluster.urls, connect_timeout=5)
+        try:
+            js = nc.jetstream(timeout=10)
+            info = await js.stream_info(stream)
+            await js.update_stream(dataclasses.replace(info.config, **changes))
+        finally:
+            await nc.close()
+
+    asyncio.run(update())
+
+
+def _fast_journal(s: Stack) -> None:
+    s.cfg_path.write_text(s.cfg_path.read_text().replace(
+        "lease_ttl = 2.0\n", "lease_ttl = 2.0\nrequest_timeout = 2.0\nconnect_timeout = 1.0\n", 1))
+    s.cfg = config_mod.load(s.cfg_path)
+
+
+def test_dlq_retry_whose_retry_is_not_stored_leaves_the_dead_letter_waiting(tmp_path: Path,
+                                                                           cluster: NatsCluster) -> None:
+    """The retried event and the dead letter's "handled" marker go to two streams. The retry's stream takes no
+    write (no stream listens on its subject: what a writer sees of a stream without a leader) while the marker's
+    does: the command fails with one line and the dead letter is still waiting, not marked handled with no
+    retry anywhere (a lost event). Once the stream takes writes again, `dlq retry` retries it exactly once."""
+    from bucketwire.hub.journal_jetstream import token
+    from tests.test_ha import two_hubs
+
+    a, _ = two_hubs(tmp_path, cluster, '\n[topics.photos]\nmax_attempts = 1\n')
+    _fast_journal(a)
+    stream = f"{a.cfg.journal.prefix}_ev_{token('photos')}"
+    parked = False
+    try:
+        a.start_hub()
+        wait_for(lambda: _role(a) == "dispatching", 20, "hub a to dispatch g")
+        a.start_worker("g", 1, wait=False)
+        wait_for(lambda: a.status()["groups"]["g"]["workers"] >= 1, 30, "the worker")
+        with a.client() as c:
+            c.publish("photos", {"bucket": "b", "key": "k1", "fail": 1}, id="retry-me")
+        wait_for(lambda: a.status()["groups"]["g"]["dead_lettered"] == 1, 30, "the dead letter")
+        _update_stream(cluster, stream, subjects=[f"{a.cfg.journal.prefix}.parked"])
+        parked = True
+        r = _cli(a, "dlq", "retry", "retry-me")
+        line = _one_line(r)
+        print(f"\nretry refused: {line}")
+        listed = _cli(a, "dlq", "list", "--json")
+        assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 1, (
+            f"the dead letter is not waiting any more, and no retry was stored: {listed.stdout}{listed.stderr}")
+        _update_stream(cluster, stream, subjects=[f"{a.cfg.journal.prefix}.ev.{token('photos')}"])
+        parked = False
+        r = _cli(a, "dlq", "retry", "retry-me")
+        assert r.returncode == 0 and "retried 1" in r.stdout, r.stdout + r.stderr
+        with a.client() as c:
+            _, bodies = c.fetch("photos", 1)
+        retries = [e for e in map(json.loads, bodies) if str(e.get("source", "")).startswith("bucketwire://hub/retry")]
+        assert len(retries) == 1, retries
+        wait_for(lambda: a.status()["groups"]["g"]["dead_lettered"] == 2, 30, "the retry handled (and failed)")
+        listed = _cli(a, "dlq", "list")  # the retry's own dead letter waits; the first one is handled
+        assert "dead-letter:1 " not in listed.stdout and "dead-letter:2 " in listed.stdout, listed.stdout
+    finally:
+        if parked:
+            _update_stream(cluster, stream, subjects=[f"{a.cfg.journal.prefix}.ev.{token('photos')}"])
+        a.stop()

@@ -209,6 +209,8 @@ class Hub:
         self.active: dict[str, float] = {}
         self._pending_topics: set[str] = set()
         self._stream_waits: list[StreamWait] = []  # see _wait_for_streams
+        # An operator's `dlq retry|purge` commits in steps, each in a turn of its own (see HubOps.on_dlq).
+        self._dlq_steps: list[tuple[list[NewEvent], Callable[[list[Appended] | None, str | None], None]]] = []
         self._cursor_due: float | None = None  # when acks waiting for an event commit are written on their own
         cursors = self.journal.cursors()
         stats = self.journal.group_stats()
@@ -391,6 +393,10 @@ class Hub:
             if ready is None or sock in ready:
                 self._drain_work(batch, replies, now, sock, ready is not None)
         self._drain_ingress(batch, replies)
+        if self._dlq_steps:
+            steps, self._dlq_steps = self._dlq_steps, []
+            for events, cb in steps:
+                self._join({ne.topic for ne in events}, events, cb, batch, replies, client=True, staged=True)
         for g in self.groups.values():
             g.due_retries(now)
         self._expire_workers(now)
@@ -1024,11 +1030,11 @@ class Hub:
                 return
             self.ops.on_replay(ident, rp)
         elif cmd == P.DLQ:
-            # A retry's marker topic (`<dead-letter topic>.handled`) may have no stream yet: it waits like a publish
-            # (an operator's command, re-sent by its client after P.ATTEMPT_TIMEOUT of silence).
-            self.ops.on_dlq(ident, P.decode(raw, P.Dlq),
-                            lambda events, cb: self._join({ne.topic for ne in events}, events, cb, batch, replies,
-                                                          client=True, staged=True))
+            # Its steps (the retries, then the markers) each join the next turn's commit: the second is asked for by
+            # the first one's answer, after this turn's commit. A retry's marker topic (`<dead-letter
+            # topic>.handled`) may have no stream yet: it waits like a publish (an operator's command, re-sent by
+            # its client after P.ATTEMPT_TIMEOUT of silence).
+            self.ops.on_dlq(ident, P.decode(raw, P.Dlq), self._dlq_step)
         elif cmd == P.GROUPRM:
             rm = P.decode(raw, P.GroupRm)
             if self._elsewhere(rm.group, now):
@@ -1049,6 +1055,10 @@ class Hub:
             self._on_running(P.header(raw), now)
         else:
             raise P.ProtocolError(f"unknown command {cmd[:32]!r}")
+
+    def _dlq_step(self, events: list[NewEvent], cb: Callable[[list[Appended] | None, str | None], None]) -> None:
+        self._dlq_steps.append((events, cb))
+        self.wake()
 
     def _on_ready(self, ident: bytes, raw: bytes, now: float) -> None:
         schema = P.decode(raw, P.Versions).schema  # first, leniently: a newer worker is told why, in words

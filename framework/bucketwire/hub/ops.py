@@ -427,36 +427,55 @@ class HubOps:
         handles it) and a marker records the dead letter as handled; both are hub-only (reserved source, steering
         extension), so no publisher can forge a retry, steer one, or hide a dead letter. The hub reads the dead
         letter from its own journal, so what goes back is exactly what failed, to the group that failed it.
-        `commit` queues the events for a commit, with the callback that answers the request (the hub's `_join`:
-        with JetStream they may wait for a new topic's stream first, off the loop).
+        `commit` queues events for a commit of their own, with the callback that answers it (with JetStream they
+        may wait for a new topic's stream first, off the loop).
+
+        Two steps: the retried events, and only once they are stored the markers. They go to different topics,
+        which with JetStream are different streams, and a commit that fails may have stored some of its topics'
+        events: a marker stored beside a retry that was not hid the dead letter with nothing retried, an event
+        lost. In this order a failure leaves the dead letter waiting; at worst its retry was stored without its
+        marker, and a second `dlq retry` retries it again (README "What can repeat").
         """
         req, action, items = hdr.req, hdr.action, hdr.items
         by = f"{(hdr.by or '?')[:200]} (key {self.net.user})" if self.net.user else (hdr.by or "?")[:200]
         results: list[dict[str, Any]] = []
-        events: list[tuple[int, NewEvent]] = []  # (index in results, event); a retry is followed by its marker
+        retries: list[NewEvent] = []
+        markers: list[tuple[int, NewEvent]] = []  # (index in results, the marker)
         for it in items:
-            res = self._dlq_item(it, action, by, events, len(results))
+            res = self._dlq_item(it, action, by, retries, markers, len(results))
             results.append(res)
             if res.get("error"):
                 log.warning("dlq request refused", extra={"key": self.net.user, "action": action,
                                                           "error": res["error"]})
-        def done(appended: list[Appended] | None, err: str | None) -> None:
+
+        def marked(appended: list[Appended] | None, err: str | None) -> None:
             if appended is None:
+                if retries:
+                    err = (f"{err} (the retried event(s) were stored, the dead letter(s) not marked handled: they "
+                           "stay listed, and `dlq retry` again retries them again)")
                 self.net.send([ident, P.DLQR, P.enc({"req": req, "error": err})])
                 return
-            for (i, ne), a in zip(events, appended, strict=True):
-                if ne.source.endswith("/dlq"):
-                    results[i]["duplicate"] = a.duplicate  # the marker: handled before, nothing done again
+            for (i, _), a in zip(markers, appended, strict=True):
+                results[i]["duplicate"] = a.duplicate  # handled before, nothing done again
             for r in results:
                 if not r.get("error") and not r.get("duplicate"):
                     log.info("dead letter purged" if action == "purge" else "dead letter retried",
                              extra={"deadletter": r["id"], "group": r.get("group"), "by": by})
             self.net.send([ident, P.DLQR, P.enc({"req": req, "results": results})])
 
-        commit([ne for _, ne in events], done)
+        def retried(appended: list[Appended] | None, err: str | None) -> None:
+            if appended is None:  # no marker written: every dead letter is still waiting
+                self.net.send([ident, P.DLQR, P.enc({"req": req, "error": err})])
+                return
+            commit([ne for _, ne in markers], marked)
 
-    def _dlq_item(self, it: Any, action: str, by: str, events: list[tuple[int, NewEvent]],
-                  index: int) -> dict[str, Any]:
+        if retries:
+            commit(retries, retried)
+        else:
+            commit([ne for _, ne in markers], marked)
+
+    def _dlq_item(self, it: Any, action: str, by: str, retries: list[NewEvent],
+                  markers: list[tuple[int, NewEvent]], index: int) -> dict[str, Any]:
         if not isinstance(it, dict) or not isinstance(it.get("topic"), str) or not isinstance(it.get("seq"), int):
             return {"error": "each item needs 'topic' (string) and 'seq' (integer)"}
         topic, seq = it["topic"], it["seq"]
@@ -512,13 +531,13 @@ class HubOps:
             if big is not None:  # the retry's extensions can take a near-limit event over it
                 return {"id": dl_id, "group": group, "error": f"dead letter {dl_id[:12]}: the retried event: {big}"}
             retry_id = res["retry"] = ev.id
-            events.append((index, self.new_event(ev, otopic)))
+            retries.append(self.new_event(ev, otopic))
         marker = {"deadletter": dl_id, "dlseq": seq, "action": "retried" if action == "retry" else "purged",
                   "by": by, "at": now_iso(), **({"retry": retry_id} if retry_id else {})}
         mk = Event(id=stable_id("dlq-handled", dl_id), source=f"{HUB_SOURCE}dlq", type=HANDLED_TYPE,
                    subject=dl.get("subject") if isinstance(dl.get("subject"), str) else None, data=marker,
                    topic=topic + HANDLED_SUFFIX)
-        events.append((index, self.new_event(mk, topic + HANDLED_SUFFIX)))
+        markers.append((index, self.new_event(mk, topic + HANDLED_SUFFIX)))
         return res
 
 
