@@ -816,3 +816,68 @@ def test_dlq_retry_whose_retry_is_not_stored_leaves_the_dead_letter_waiting(tmp_
         if parked:
             _update_stream(cluster, stream, subjects=[f"{a.cfg.journal.prefix}.ev.{token('photos')}"])
         a.stop()
+
+
+def test_group_rm_cut_off_after_its_first_write_is_a_removal_a_rerun_finishes(tmp_path: Path,
+                                                                              cluster: NatsCluster) -> None:
+    """`group rm` stores the group's removal record, then purges its cursors. The purges are refused (the cursor
+    bucket takes no purge: what a cluster failing between two writes looks like to the second): the command
+    fails with one line, and the group is removed all the same on every hub, not half there (gone from the
+    cluster's record, still dispatched by the hub that was asked). A new group of that name starts afresh, not
+    from the old cursor left behind. `group rm` again, through the other hub, deletes what was left; once more,
+    it says the group is removed (idempotent) instead of "unknown group"."""
+    from bucketwire.hub.journal_jetstream import token
+    from tests.test_ha import dispatcher, two_hubs
+
+    a, b = two_hubs(tmp_path, cluster)
+    for s in (a, b):
+        _fast_journal(s)
+    bucket = f"{a.cfg.journal.prefix}_cursors"
+    cursor = f"c.{token('adhoc')}.{token('photos')}"
+    broken = False
+    try:
+        a.start_hub()
+        wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
+        b.start_hub()
+        pool_cfg = a.dir / "pool.toml"
+        pool_cfg.write_text(a.cfg_path.read_text()
+                            + '\n[groups.adhoc]\ntopics = ["photos"]\nplugins = []\nstart = "earliest"\n')
+        pool = a.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg)
+        d = wait_for(lambda: next((s for s in (a, b) if s.status()["groups"].get("adhoc", {}).get("workers")), None),
+                     30, "the adhoc pool at the hub that dispatches adhoc")
+        o = b if d is a else a
+        with a.client() as c:
+            c.publish("photos", {"bucket": "b", "key": "k1"}, id="e1")
+        wait_for(lambda: _kv_revision(cluster, bucket, cursor), 30, "adhoc's cursor stored")
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(30) == 0
+        wait_for(lambda: d.status()["groups"]["adhoc"]["workers"] == 0, 10, "the pool gone")
+        _update_stream(cluster, f"KV_{bucket}", allow_rollup_hdrs=False)
+        broken = True
+        line = _one_line(_cli(d, "group", "rm", "adhoc"))
+        print(f"\nhalf-done removal: {line}")
+        assert "removed" in line and "group rm adhoc" in line, line
+        assert _kv_revision(cluster, bucket, cursor), "the cursor is gone: the removal was not cut off half-way"
+        for s in (a, b):
+            assert "adhoc" not in s.status()["groups"], f"{s.cfg.hub.id} still has group adhoc"
+        # A new group of that name, made while the old cursor is still stored, starts from its own `start`.
+        pool = d.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg)
+        wait_for(lambda: sum(h["id"] == "e1" for h in a.handled()) == 2, 30, "e1 handled by the new group")
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(30) == 0
+        wait_for(lambda: d.status()["groups"]["adhoc"]["workers"] == 0, 10, "the new pool gone")
+        _one_line(_cli(d, "group", "rm", "adhoc"))  # cut off half-way again: its cursor is left
+        _update_stream(cluster, f"KV_{bucket}", allow_rollup_hdrs=True)
+        broken = False
+        r = _cli(o, "group", "rm", "adhoc")  # through the hub that never dispatched it
+        assert r.returncode == 0 and "removed group adhoc" in r.stdout and "deleted the 1 cursor" in r.stdout, (
+            r.stdout + r.stderr)
+        assert _kv_revision(cluster, bucket, cursor) == 0, "the cursor was left"
+        for s in (o, d):  # again, through either hub: the group is removed, nothing else to do
+            r = _cli(s, "group", "rm", "adhoc")
+            assert r.returncode == 0 and "removed group adhoc" in r.stdout, r.stdout + r.stderr
+    finally:
+        if broken:
+            _update_stream(cluster, f"KV_{bucket}", allow_rollup_hdrs=True)
+        a.stop()
+        b.stop()

@@ -325,6 +325,11 @@ def group_rm(config_path: str | None, name: str) -> None:
         _, reply, _ = c.request(P.GROUPRM, {"group": name}, {P.GROUPRMR})
     if reply.get("error"):
         raise click.ClickException(reply["error"])
+    if reply.get("already"):
+        left = int(reply.get("left") or 0)
+        click.echo(f"removed group {reply['group']} (removed before"
+                   + (f"; deleted the {left} cursor(s) it had left)" if left else ")"))
+        return
     lag = int(reply.get("lag") or 0)
     click.echo(f"removed group {reply['group']} (topics: {', '.join(reply.get('topics') or []) or 'none'}; "
                f"{lag} event(s) it had not acked)")
@@ -589,7 +594,8 @@ def _act(config_path: str | None, topic: str | None, group: str | None, older: s
             for i in range(0, len(sel), 100):
                 chunk = sel[i:i + 100]
                 items = [{"topic": dl.topic, "seq": dl.seq} for dl in chunk]
-                # The hub commits each retried event with its marker in one transaction: retried exactly once.
+                # The hub commits the retried events, then (once they are stored) their markers: a dead letter is
+                # never marked handled without its retry; a failure in between leaves it waiting, retried again.
                 _, reply, _ = client.request(P.DLQ, {"action": action, "items": items, "by": by}, {P.DLQR})
                 if reply.get("error"):
                     raise click.ClickException(str(reply["error"]))

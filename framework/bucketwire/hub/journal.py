@@ -126,6 +126,11 @@ class JournalError(Exception):
     """The journal could not commit (disk full, I/O error); ingress answers 503 so senders retry."""
 
 
+class RemovalUnfinished(JournalError):
+    """`forget_group` stored the group's removal but could not delete all of its keys: the group is removed (no
+    hub reads what it left), and `finish_removal` (a `group rm` again) deletes the rest."""
+
+
 class StaleSchemaError(JournalError):
     """The state directory was written by a newer bucketwire."""
 
@@ -187,7 +192,15 @@ class JournalAPI(Protocol):
     def retries_due(self, group: str) -> dict[tuple[str, int], float]:
         """When (unix time) the next attempt of each of those events is due."""
         ...
-    def forget_group(self, group: str) -> None: ...
+    def forget_group(self, group: str) -> None:
+        """Remove the group's cursors, counters and attempt counts. Raises RemovalUnfinished when the removal is
+        stored but some keys are left (a journal whose removal is not one write), JournalError when nothing was
+        done."""
+        ...
+    def finish_removal(self, group: str) -> int | None:
+        """For a group this hub does not know: None when the journal holds no removal of it; else the removal's
+        leftover keys are deleted, and how many there were is returned (RemovalUnfinished: still some left)."""
+        ...
     def probe(self) -> str | None: ...
     def size_bytes(self) -> int: ...
     def event_room(self) -> int | None:
@@ -494,6 +507,10 @@ class Journal:
             db.execute("DELETE FROM cursors WHERE grp=?", (group,))
             db.execute("DELETE FROM group_stats WHERE grp=?", (group,))
             db.execute("DELETE FROM retries WHERE grp=?", (group,))
+
+    def finish_removal(self, group: str) -> int | None:
+        """One transaction removes a group whole (`forget_group`): there is never anything left to finish."""
+        return None
 
     def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int:
         """Drop the oldest events past the age or size limit, at most `chunk` of them; returns how many.

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from bucketwire.envelope import render
-from bucketwire.hub.journal import Appended, Batch, JournalError, NewEvent
+from bucketwire.hub.journal import Appended, Batch, JournalError, NewEvent, RemovalUnfinished
 from bucketwire.security import RevokedView
 
 log = logging.getLogger("bucketwire.journal")
@@ -209,6 +209,18 @@ async def kv_latest(nc: Any, bucket: str, timeout: float, keys: str = ">",
         if msg.data and (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
             out[subject[len(pre):]] = (bytes(msg.data), int(msg.seq or 0))
     return out
+
+
+def _removal_floor(stats: tuple[bytes, int] | None) -> int:
+    """The revision of a group's removal record (its stats key with a `removed` note; 0: none): the group's keys
+    older than it are what the removal left (see `JetStreamJournal.forget_group`)."""
+    if stats is None:
+        return 0
+    try:
+        doc = json.loads(stats[0])
+    except ValueError:
+        return 0
+    return stats[1] if isinstance(doc, dict) and doc.get("removed") else 0
 
 
 @dataclass
@@ -1026,34 +1038,51 @@ class JetStreamJournal:
 
     def load_group(self, group: str) -> None:
         """Re-read one group's cursors and counters (with their revisions) from the bucket: what a hub does when
-        it takes the group's lease, since the previous dispatcher moved them since this hub last looked."""
+        it takes the group's lease, since the previous dispatcher moved them since this hub last looked.
+
+        Keys older than a removal record (`forget_group`) are what a `group rm` cut off half-way left: not the
+        group's (a group made anew under that name starts afresh), and deleted here, the removal finished by the
+        hub that holds the lease (best effort: left, they are still not read)."""
         async def load() -> None:
             mine = f"c.{token(group)}."
             tries = f"a.{token(group)}."
+            stats = f"stats.{token(group)}"
             found = await self._latest(self._kv_cursors, f"{mine}>")
             found.update(await self._latest(self._kv_cursors, f"{tries}>"))
-            found.update(await self._latest(self._kv_cursors, f"stats.{token(group)}"))
+            found.update(await self._latest(self._kv_cursors, stats))
             self._attempts[group] = {}
             self._due[group] = {}
             for k in [k for k in self._cursors if k[0] == group]:
                 self._cursors.pop(k, None)
             self._stats.pop(group, None)
             self._removed_rev.pop(group, None)
+            floor = _removal_floor(found.get(stats))
+            left: list[str] = []
             for key, (value, revision) in found.items():
-                if not (key.startswith((mine, tries)) or key == f"stats.{token(group)}"):
+                if not (key.startswith((mine, tries)) or key == stats):
                     continue
                 doc = json.loads(value)
-                if key.startswith("stats."):
+                if key == stats:
                     self._stats[group] = (int(doc["dead_lettered"]), int(doc["retried"]), int(doc["redelivered"]))
                     self._stats_rev[group] = revision
                     if doc.get("removed"):
                         self._removed_rev[group] = revision
+                elif revision < floor:
+                    left.append(key)
+                    if key.startswith(mine):
+                        self._cursor_rev[key] = revision  # written over by the new group's first cursor
                 elif key.startswith(tries):
                     self._attempts[group][(str(doc["topic"]), int(doc["seq"]))] = int(doc["attempts"])
                     self._due[group][(str(doc["topic"]), int(doc["seq"]))] = float(doc.get("due", 0.0))
                 else:
                     self._cursors[(group, doc["topic"])] = (int(doc["acked"]), str(doc.get("above", "")))
                     self._cursor_rev[key] = revision
+            if left:
+                try:
+                    await self._purge(group, left)
+                except JetStreamError as e:
+                    log.warning("cannot delete what a removal of the group left; not read",
+                                extra={"group": group, "error": str(e)})
 
         self._run(load())
 
@@ -1074,31 +1103,62 @@ class JetStreamJournal:
         lease bucket's marker (see `release`) is not past lease_ttl. A hub that wanted the group from before (a
         worker knocked there, then the hub was frozen or cut off past the marker's life) finds it when it takes
         the free lease (`unseen_removal`) and lets it go. Hubs of earlier versions read the key as zero counters;
-        the new group's first counter write replaces it."""
-        async def forget() -> None:
+        the new group's first counter write replaces it.
+
+        Several writes, in an order any prefix of which is safe: the record first, then the purges. Keys older
+        than the record are a removed group's leftovers to every reader (`load_group`, `stored_topics`), so once
+        the record is stored the group is removed whatever keys remain: RemovalUnfinished says so, and
+        `finish_removal` (`group rm` again, through any hub) deletes the rest. A record not stored: nothing done.
+        """
+        async def record() -> int:
             kv = await self.js.key_value(self._kv_cursors)
             note = {"group": group, "dead_lettered": 0, "retried": 0, "redelivered": 0,
                     "removed": {"hub": self.hub_id, "at": time.time()}}
-            try:
-                rev = await kv.put(f"stats.{token(group)}", json.dumps(note).encode())
-            except Exception as e:
-                raise JetStreamError(f"cannot remove 'stats.{token(group)}' of group {group!r}: {e}") from None
-            self._removed_seen[group] = self._removed_rev[group] = self._stats_rev[group] = int(rev)
-            keys = [self._cursor_key(g, t) for g, t in self._cursors if g == group]
-            keys += list(await self._latest(self._kv_cursors, f"a.{token(group)}.>"))
-            self._attempts.pop(group, None)
-            self._due.pop(group, None)
-            for key in keys:
-                try:
-                    await kv.purge(key)
-                except Exception as e:
-                    raise JetStreamError(f"cannot remove {key!r} of group {group!r}: {e}") from None
-                self._cursor_rev.pop(key, None)
-            for k in [k for k in self._cursors if k[0] == group]:
-                self._cursors.pop(k, None)
-            self._stats.pop(group, None)
+            return int(await kv.put(f"stats.{token(group)}", json.dumps(note).encode()))
 
-        self._run(forget())
+        try:
+            rev = self._run(record())
+        except Exception as e:  # noqa: BLE001 - JetStreamError, or the client's own: nothing was written
+            raise JetStreamError(f"cannot store the removal of group {group!r} ({e})") from None
+        self._removed_seen[group] = self._removed_rev[group] = self._stats_rev[group] = rev
+        self._attempts.pop(group, None)
+        self._due.pop(group, None)
+        for k in [k for k in self._cursors if k[0] == group]:
+            self._cursors.pop(k, None)
+        self._stats.pop(group, None)
+        self._finish(group)
+
+    def finish_removal(self, group: str) -> int | None:
+        """See `JournalAPI.finish_removal`: the removal record is the group's stats key with a `removed` note."""
+        stats = f"stats.{token(group)}"
+        if not _removal_floor(self._run(self._latest(self._kv_cursors, stats)).get(stats)):
+            return None
+        return self._finish(group)
+
+    def _finish(self, group: str) -> int:
+        """Purge every cursor and attempt count of a group whose removal is stored; how many there were."""
+        async def purge() -> int:
+            keys = list(await self._latest(self._kv_cursors, f"c.{token(group)}.>"))
+            keys += list(await self._latest(self._kv_cursors, f"a.{token(group)}.>"))
+            await self._purge(group, keys)
+            return len(keys)
+
+        try:
+            # Each purge waits up to a quarter of request_timeout: the listings and a few purges in one budget.
+            return self._run(purge(), self.settings.request_timeout * 2)
+        except JournalError as e:
+            raise RemovalUnfinished(f"group {group!r} is removed, but not all of its cursors could be deleted "
+                                    f"({e})") from None
+
+    async def _purge(self, group: str, keys: list[str]) -> None:
+        kv = await self.js.key_value(self._kv_cursors)
+        for key in keys:
+            try:
+                await asyncio.wait_for(kv.purge(key), self.settings.request_timeout / 4)
+            except Exception as e:  # noqa: BLE001 - the rest would most likely fail alike: stop at the first
+                desc = str(getattr(e, "description", "") or "") or str(e) or type(e).__name__
+                raise JetStreamError(f"cannot remove {key!r} of group {group!r}: {desc}") from None
+            self._cursor_rev.pop(key, None)
 
     def unseen_removal(self, group: str) -> bool:
         """Whether the `load_group` just made found a `group rm` of `group` this hub has not seen before (it was
@@ -1114,8 +1174,13 @@ class JetStreamJournal:
         """The topics `group` has a cursor of in the cluster, read now (up to request_timeout): what a hub that never
         saw an ad-hoc group's workers knows of it. `group rm` purges the cursors, so a removed group has none, and
         a group made anew under that name has only the topics its new workers named."""
-        found = self._run(self._latest(self._kv_cursors, f"c.{token(group)}.>"))
-        return {untoken(k.rsplit(".", 1)[1]) for k in found}
+        async def read() -> dict[str, tuple[bytes, int]]:
+            found = await self._latest(self._kv_cursors, f"c.{token(group)}.>")
+            stats = f"stats.{token(group)}"
+            floor = _removal_floor((await self._latest(self._kv_cursors, stats)).get(stats))
+            return {k: v for k, v in found.items() if v[1] > floor}  # older: a half-done removal's leftovers
+
+        return {untoken(k.rsplit(".", 1)[1]) for k in self._run(read())}
 
     def probe(self) -> str | None:
         """Whether a commit could be stored now: None, or why not (for /healthz)."""

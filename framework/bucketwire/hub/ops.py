@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 from bucketwire import __version__
 from bucketwire import protocol as P
 from bucketwire.envelope import HUB_SOURCE, SCHEMA_VERSION, Event, now_iso, stable_id
-from bucketwire.hub.journal import JournalError
+from bucketwire.hub.journal import JournalError, RemovalUnfinished
 from bucketwire.zmqio import readable
 
 if TYPE_CHECKING:
@@ -322,6 +322,9 @@ class HubOps:
             self.net.send([ident, P.GROUPRMR, P.enc({"req": req, **kw})])
 
         gname = hdr.group
+        if gname not in self.groups and self.net.roles.may_operate(self.net.user, gname) and self._finish_rm(gname,
+                                                                                                             reply):
+            return
         # Forgetting a group drops its cursors: an operator's act, allowed to whoever may replay it.
         g = self._operated_group(gname, "remove", reply)
         if g is None:
@@ -336,15 +339,41 @@ class HubOps:
             return
         heads = self.journal.heads
         lag = sum(max(0, heads.get(t, 0) - g.acked[t]) for t in g.topics)
+        unfinished = None
         try:
             self.journal.forget_group(g.name)
+        except RemovalUnfinished as e:  # stored as removed: removed here too, the rest left for a re-run
+            unfinished = str(e)
         except JournalError as e:
-            reply(error=f"could not remove group {g.name!r}: {e}")
+            reply(error=f"could not remove group {g.name!r}: {e}; it is still there, run `bucketwire group rm "
+                        f"{g.name}` again")
             return
         del self.groups[g.name]
         self._forget_gauges(g)
+        if unfinished is not None:
+            log.warning("group removed, some of its cursors left", extra={"group": g.name, "error": unfinished})
+            reply(error=f"{unfinished}; no hub reads them, run `bucketwire group rm {g.name}` again to delete them")
+            return
         log.info("group removed", extra={"group": g.name, "topics": list(g.topics), "lag": lag})
         reply(group=g.name, topics=list(g.topics), lag=lag)
+
+    def _finish_rm(self, gname: str, reply: Callable[..., None]) -> bool:
+        """`group rm` of a group this hub does not have: one removed already, perhaps cut off half-way (see
+        `JournalAPI.forget_group`), is removed again, the rest of its keys deleted, and the command succeeds, so a
+        re-run through any hub finishes a removal. False: the journal holds no removal of it."""
+        try:
+            left = self.journal.finish_removal(gname)
+        except RemovalUnfinished as e:
+            reply(error=f"{e}; no hub reads them, run `bucketwire group rm {gname}` again to delete them")
+            return True
+        except JournalError as e:
+            reply(error=f"could not remove group {gname!r}: {e}")
+            return True
+        if left is None:
+            return False
+        log.info("group removal finished", extra={"group": gname, "keys": left})
+        reply(group=gname, topics=[], lag=0, already=True, left=left)
+        return True
 
     def _forget_gauges(self, g: GroupState) -> None:
         """Drop the removed group's gauge series, so dashboards and alerts stop seeing it (counters stay)."""
