@@ -94,7 +94,10 @@ def test_group_rm_removes_an_unused_ad_hoc_group_and_refuses_the_rest(hub_stack:
     assert value(m, "bucketwire_group_lag", None, group="adhoc", topic="jobs") is None
     assert "group removed" in _hub_log(s)
     r = cli(s, "group", "rm", "adhoc", check=False)
-    assert r.returncode == 1 and "unknown group 'adhoc' (groups: a)" in r.stderr
+    if s.backend == "jetstream":  # the cluster keeps a record of the removal: a re-run succeeds (see test_ha_probe)
+        assert r.returncode == 0 and r.stdout.strip() == "removed group adhoc (removed before)", r.stdout + r.stderr
+    else:
+        assert r.returncode == 1 and "unknown group 'adhoc' (groups: a)" in r.stderr
 
     # A new group of that name: every event again, each at its first attempt (seq 1 fails it again and waits).
     s.start_worker("adhoc", 1, "--start", "earliest", cfg_path=pool_cfg)
