@@ -777,13 +777,16 @@ def test_dlq_retry_whose_retry_is_not_stored_leaves_the_dead_letter_waiting(tmp_
     """The retried event and the dead letter's "handled" marker go to two streams. The retry's stream takes no
     write (no stream listens on its subject: what a writer sees of a stream without a leader) while the marker's
     does: the command fails with one line and the dead letter is still waiting, not marked handled with no
-    retry anywhere (a lost event). Once the stream takes writes again, `dlq retry` retries it exactly once."""
+    retry anywhere (a lost event). Once the stream takes writes again, `dlq retry` retries it exactly once. The
+    marker's stream failing instead leaves the dead letter waiting with its retry stored, which a second run
+    retries again (a duplicate of the stored one within duplicate_window)."""
     from bucketwire.hub.journal_jetstream import token
     from tests.test_ha import two_hubs
 
     a, _ = two_hubs(tmp_path, cluster, '\n[topics.photos]\nmax_attempts = 1\n')
     _fast_journal(a)
-    stream = f"{a.cfg.journal.prefix}_ev_{token('photos')}"
+    stream = photos = f"{a.cfg.journal.prefix}_ev_{token('photos')}"
+    marker_subject = ""
     parked = False
     try:
         a.start_hub()
@@ -812,9 +815,29 @@ def test_dlq_retry_whose_retry_is_not_stored_leaves_the_dead_letter_waiting(tmp_
         wait_for(lambda: a.status()["groups"]["g"]["dead_lettered"] == 2, 30, "the retry handled (and failed)")
         listed = _cli(a, "dlq", "list")  # the retry's own dead letter waits; the first one is handled
         assert "dead-letter:1 " not in listed.stdout and "dead-letter:2 " in listed.stdout, listed.stdout
+        # The other way round: the retry stored, its marker's stream takes no write. The dead letter stays
+        # waiting; a second run retries it again, answered as a duplicate of the stored retry (README).
+        marker_stream = f"{a.cfg.journal.prefix}_ev_{token('dead-letter.handled')}"
+        marker_subject = f"{a.cfg.journal.prefix}.ev.{token('dead-letter.handled')}"
+        _update_stream(cluster, marker_stream, subjects=[f"{a.cfg.journal.prefix}.parked"])
+        stream, parked = marker_stream, True
+        line = _one_line(_cli(a, "dlq", "retry", "dead-letter:2"))
+        assert "retried event(s) were stored" in line and "stay listed" in line, line
+        listed = _cli(a, "dlq", "list")
+        assert "dead-letter:2 " in listed.stdout and "waiting" in listed.stdout, listed.stdout
+        _update_stream(cluster, marker_stream, subjects=[marker_subject])
+        parked = False
+        r = _cli(a, "dlq", "retry", "dead-letter:2")
+        assert r.returncode == 0 and "retried 1" in r.stdout, r.stdout + r.stderr
+        with a.client() as c:
+            _, bodies = c.fetch("photos", 1)
+        retries = [e for e in map(json.loads, bodies) if str(e.get("source", "")).startswith("bucketwire://hub/retry")]
+        assert len(retries) == 2, retries  # one per dead letter: the second run's retry was a duplicate
+        assert "dead-letter:2 " not in _cli(a, "dlq", "list").stdout
     finally:
         if parked:
-            _update_stream(cluster, stream, subjects=[f"{a.cfg.journal.prefix}.ev.{token('photos')}"])
+            subject = marker_subject if stream != photos else f"{a.cfg.journal.prefix}.ev.{token('photos')}"
+            _update_stream(cluster, stream, subjects=[subject])
         a.stop()
 
 

@@ -1078,11 +1078,11 @@ class JetStreamJournal:
                     self._cursors[(group, doc["topic"])] = (int(doc["acked"]), str(doc.get("above", "")))
                     self._cursor_rev[key] = revision
             if left:
-                try:
-                    await self._purge(group, left)
-                except JetStreamError as e:
+                try:  # within a quarter of request_timeout: the load itself must not fail for it
+                    await asyncio.wait_for(self._purge(group, left), self.settings.request_timeout / 4)
+                except (JetStreamError, TimeoutError) as e:
                     log.warning("cannot delete what a removal of the group left; not read",
-                                extra={"group": group, "error": str(e)})
+                                extra={"group": group, "error": str(e) or "no answer"})
 
         self._run(load())
 
