@@ -459,7 +459,8 @@ class HubOps:
         `commit` queues events for a commit of their own, with the callback that answers it (with JetStream they
         may wait for a new topic's stream first, off the loop).
 
-        Two steps: the retried events, and only once they are stored the markers. They go to different topics,
+        With JetStream, two steps: the retried events, and only once they are stored the markers (SQLite stores
+        both in one transaction, all or nothing). They go to different topics,
         which with JetStream are different streams, and a commit that fails may have stored some of its topics'
         events: a marker stored beside a retry that was not hid the dead letter with nothing retried, an event
         lost. In this order a failure leaves the dead letter waiting; at worst its retry was stored without its
@@ -498,10 +499,16 @@ class HubOps:
                 return
             commit([ne for _, ne in markers], marked)
 
-        if retries:
+        def together(appended: list[Appended] | None, err: str | None) -> None:
+            if appended is None:  # nothing stored: every dead letter is still waiting
+                self.net.send([ident, P.DLQR, P.enc({"req": req, "error": err})])
+                return
+            marked(appended[len(retries):], None)
+
+        if retries and self.cfg.journal.backend == "jetstream":
             commit(retries, retried)
-        else:
-            commit([ne for _, ne in markers], marked)
+        else:  # SQLite: one transaction stores the retries and their markers, or neither
+            commit([*retries, *(ne for _, ne in markers)], together)
 
     def _dlq_item(self, it: Any, action: str, by: str, retries: list[NewEvent],
                   markers: list[tuple[int, NewEvent]], index: int) -> dict[str, Any]:
