@@ -50,6 +50,8 @@ def test_a_backlog_of_large_events_is_bounded_in_bytes_and_handled_exactly_once(
         for n in range(EVENTS):
             c.publish("big", {"n": n, "pad": pad})
     backlog_mb = (_status_kb(pid, "VmRSS") - base_rss) // 1024
+    g = s.status()["groups"]["big"]  # what status says the group holds: a few events, within the budget
+    assert 0 < g["loaded_bytes"] <= 4 << 20 and 1 < g["loaded"] < 10, g
     s.start_worker("big", 2)
     wait_for(lambda: s.metric("bucketwire_acked_total", group="big") >= EVENTS + 1, 120, "every event acked")
     peak_mb = (_status_kb(pid, "VmHWM") - base_rss) // 1024

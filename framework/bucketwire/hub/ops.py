@@ -289,6 +289,7 @@ class HubOps:
             gs["ready"] = len(g.ready)
             gs["blocked"] = sum(len(q) for q in g.blocked.values())
             gs["loaded"] = g.loaded
+            gs["loaded_bytes"] = g.loaded_bytes  # held in memory against [hub] group_buffer_mb
             gs["credit"] = sum(w.credit for w in g.workers.values())
             gs["credit_free"] = sum(max(0, w.free) for w in g.workers.values())
             gs["replaying"] = dict(g.replays)
