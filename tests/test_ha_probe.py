@@ -21,9 +21,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -38,6 +39,8 @@ from bucketwire.hub.journal_jetstream import JetStreamError, JetStreamJournal, J
 from bucketwire.procutil import free_port  # noqa: E402
 from tests.fixtures_backends import check_handled, hub_config  # noqa: E402
 from tests.fixtures_hub import Stack, wait_for  # noqa: E402
+
+T = TypeVar("T")
 
 try:
     find_nats_server()
@@ -475,22 +478,29 @@ def test_dlq_retry_and_purge_through_the_standby_hub(tmp_path: Path, cluster: Na
         b.stop()
 
 
-def _kv_revision(cluster: NatsCluster, bucket: str, key: str) -> int:
-    """The revision of one KV entry now (0 when absent)."""
+def _on_cluster(cluster: NatsCluster, act: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `act(jetstream context)` on a connection of its own to the cluster, as an operator's tool would."""
     import nats
 
-    async def read() -> int:
+    async def run() -> T:
         nc = await nats.connect(servers=cluster.urls, connect_timeout=5)
         try:
-            kv = await nc.jetstream().key_value(bucket)
-            try:
-                return int((await kv.get(key)).revision or 0)
-            except Exception:  # noqa: BLE001 - absent or deleted
-                return 0
+            return await act(nc.jetstream(timeout=10))
         finally:
             await nc.close()
 
-    return asyncio.run(read())
+    return asyncio.run(run())
+
+
+def _kv_revision(cluster: NatsCluster, bucket: str, key: str) -> int:
+    """The revision of one KV entry now (0 when absent)."""
+    async def read(js: Any) -> int:
+        try:
+            return int((await (await js.key_value(bucket)).get(key)).revision or 0)
+        except Exception:  # noqa: BLE001 - absent or deleted
+            return 0
+
+    return _on_cluster(cluster, read)
 
 
 def test_a_removed_group_stays_removed_on_every_hub(tmp_path: Path, cluster: NatsCluster) -> None:
@@ -687,19 +697,13 @@ def test_dlq_retry_of_an_adhoc_group_through_a_hub_that_never_saw_it(tmp_path: P
 
 def _kv_last_seq(cluster: NatsCluster, bucket: str, key: str) -> int:
     """The stream seq of the last message of one KV key, delete and purge markers included (0: none left)."""
-    import nats
-
-    async def read() -> int:
-        nc = await nats.connect(servers=cluster.urls, connect_timeout=5)
+    async def read(js: Any) -> int:
         try:
-            try:
-                return int((await nc.jetstream().get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{key}")).seq or 0)
-            except Exception:  # noqa: BLE001 - nothing left under the key
-                return 0
-        finally:
-            await nc.close()
+            return int((await js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{key}")).seq or 0)
+        except Exception:  # noqa: BLE001 - nothing left under the key
+            return 0
 
-    return asyncio.run(read())
+    return _on_cluster(cluster, read)
 
 
 def test_a_removed_group_stays_removed_past_the_markers_life(tmp_path: Path, cluster: NatsCluster) -> None:
@@ -752,18 +756,11 @@ def _update_stream(cluster: NatsCluster, stream: str, **changes: Any) -> None:
     """Change one stream's config on the cluster (what an outage of that stream alone looks like to a writer)."""
     import dataclasses
 
-    import nats
+    async def update(js: Any) -> None:
+        info = await js.stream_info(stream)
+        await js.update_stream(dataclasses.replace(info.config, **changes))
 
-    async def update() -> None:
-        nc = await nats.connect(servers=cluster.urls, connect_timeout=5)
-        try:
-            js = nc.jetstream(timeout=10)
-            info = await js.stream_info(stream)
-            await js.update_stream(dataclasses.replace(info.config, **changes))
-        finally:
-            await nc.close()
-
-    asyncio.run(update())
+    _on_cluster(cluster, update)
 
 
 def _fast_journal(s: Stack) -> None:
