@@ -492,6 +492,28 @@ def _on_cluster(cluster: NatsCluster, act: Callable[[Any], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
+def _adhoc_seen_by_both(a: Stack, b: Stack) -> tuple[Stack, Stack]:
+    """Start both hubs (a dispatching g) and a pool of an ad-hoc group `adhoc` (no hub's config names it) through
+    b's config (b first in [client] work: its workers knock at b, which then wants adhoc); once both hubs know the
+    group, stop the pool. Returns (the hub that dispatches adhoc, the other one)."""
+    from tests.test_ha import dispatcher
+
+    a.start_hub()
+    wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
+    b.start_hub()
+    pool_cfg = b.dir / "pool.toml"
+    pool_cfg.write_text(b.cfg_path.read_text() + '\n[groups.adhoc]\ntopics = ["photos"]\nplugins = []\n')
+    pool = b.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg)
+    d = wait_for(lambda: next((s for s in (a, b) if s.status()["groups"].get("adhoc", {}).get("workers")), None),
+                 30, "the pool at the hub that dispatches adhoc")
+    o = b if d is a else a
+    assert "adhoc" in o.status()["dispatch"], "the other hub never heard of adhoc: nothing to probe"
+    pool.send_signal(signal.SIGTERM)
+    assert pool.wait(30) == 0
+    wait_for(lambda: d.status()["groups"]["adhoc"]["workers"] == 0, 10, "the pool gone")
+    return d, o
+
+
 def _kv_revision(cluster: NatsCluster, bucket: str, key: str) -> int:
     """The revision of one KV entry now (0 when absent)."""
     async def read(js: Any) -> int:
@@ -508,23 +530,11 @@ def test_a_removed_group_stays_removed_on_every_hub(tmp_path: Path, cluster: Nat
     the group's worker knock (and sent it on), does not take the released lease and bring the group back
     (stalled in `status` again, its cursors made anew from its `start`)."""
     from bucketwire.hub.journal_jetstream import token
-    from tests.test_ha import dispatcher, two_hubs
+    from tests.test_ha import two_hubs
 
     a, b = two_hubs(tmp_path, cluster)
     try:
-        a.start_hub()
-        wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
-        b.start_hub()
-        pool_cfg = b.dir / "pool.toml"  # b's config (b first in [client] work) naming a group the hubs do not
-        pool_cfg.write_text(b.cfg_path.read_text() + '\n[groups.adhoc]\ntopics = ["photos"]\nplugins = []\n')
-        pool = b.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg)
-        d = wait_for(lambda: next((s for s in (a, b) if s.status()["groups"].get("adhoc", {}).get("workers")), None),
-                     30, "the pool at the hub that dispatches adhoc")
-        o = b if d is a else a
-        assert "adhoc" in o.status()["dispatch"], "the other hub never heard of adhoc: nothing to probe"
-        pool.send_signal(signal.SIGTERM)
-        assert pool.wait(30) == 0
-        wait_for(lambda: d.status()["groups"]["adhoc"]["workers"] == 0, 10, "the pool gone")
+        d, o = _adhoc_seen_by_both(a, b)
         r = _cli(d, "group", "rm", "adhoc")
         assert r.returncode == 0 and "removed group adhoc" in r.stdout, r.stdout + r.stderr
         # The released lease is free at once; each lease round of o renews its presence key and takes every free
@@ -537,7 +547,7 @@ def test_a_removed_group_stays_removed_on_every_hub(tmp_path: Path, cluster: Nat
             assert "adhoc" not in st["groups"], f"{s.cfg.hub.id} brought group adhoc back"
         assert _kv_revision(cluster, bucket, f"g.{token('adhoc')}") == 0, "adhoc's lease was taken again"
         # A pool started after the removal makes a new group of that name, through either hub.
-        b.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg)
+        b.start_worker("adhoc", 1, wait=False, cfg_path=b.dir / "pool.toml")
         wait_for(lambda: any(s.status()["groups"].get("adhoc", {}).get("workers") for s in (a, b)), 30,
                  "a new group adhoc with the new pool")
     finally:
@@ -711,24 +721,12 @@ def test_a_removed_group_stays_removed_past_the_markers_life(tmp_path: Path, clu
     rm` and beyond the removal marker's life (the lease bucket's TTL, lease_ttl): when it resumes it does not take
     the free lease and bring the group back (nobody asked for it since its removal)."""
     from bucketwire.hub.journal_jetstream import token
-    from tests.test_ha import dispatcher, two_hubs
+    from tests.test_ha import two_hubs
 
     a, b = two_hubs(tmp_path, cluster)
     o = None
     try:
-        a.start_hub()
-        wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
-        b.start_hub()
-        pool_cfg = b.dir / "pool.toml"  # b first in [client] work: its workers knock at b, which wants adhoc
-        pool_cfg.write_text(b.cfg_path.read_text() + '\n[groups.adhoc]\ntopics = ["photos"]\nplugins = []\n')
-        pool = b.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg)
-        d = wait_for(lambda: next((s for s in (a, b) if s.status()["groups"].get("adhoc", {}).get("workers")), None),
-                     30, "the pool at the hub that dispatches adhoc")
-        o = b if d is a else a
-        assert "adhoc" in o.status()["dispatch"], "the other hub never heard of adhoc: nothing to probe"
-        pool.send_signal(signal.SIGTERM)
-        assert pool.wait(30) == 0
-        wait_for(lambda: d.status()["groups"]["adhoc"]["workers"] == 0, 10, "the pool gone")
+        d, o = _adhoc_seen_by_both(a, b)
         assert o.hub_proc is not None
         o.hub_proc.send_signal(signal.SIGSTOP)
         r = _cli(d, "group", "rm", "adhoc")
