@@ -80,3 +80,47 @@ def test_a_fetch_of_large_events_is_bounded_in_bytes_and_the_rest_follows(stack_
             meta, bodies = c.fetch("big", meta["next"])
             got += [json.loads(b)["data"]["i"] for b in bodies]
     assert got == list(range(n))
+
+
+def test_tail_of_a_topic_gone_idle_does_not_report_a_lost_hub(stack_factory: Any) -> None:
+    """The hub heartbeats a topic the config does not name only for HEARTBEAT_TURNS intervals after its last
+    commit. tail took the end of those heartbeats for a dead hub: following a follow-on topic (what the README
+    says to do with `csv-counted`), it printed `lost the hub` / `hub is back` every heartbeat_timeout once the
+    topic went quiet, with the hub alive throughout."""
+    import zmq
+
+    from bucketwire import protocol as P  # noqa: N812
+
+    s = stack_factory('\n[topics.clock]\n')
+    s.start_hub()
+    with s.client() as c:
+        c.publish("clock", {"n": 0})  # a configured topic with a head is heartbeated always: the test's clock
+    clock = zmq.Context.instance().socket(zmq.SUB)
+    clock.setsockopt(zmq.SUBSCRIBE, P.topic_frame("clock"))
+    clock.setsockopt(zmq.SUBSCRIBE, P.topic_frame("jobs"))
+    clock.connect(f"tcp://127.0.0.1:{s.pub_port}")
+    p, out, err = _tail(s, "jobs", "--from-seq", "1")
+    try:
+        publish(s, 1)
+        wait_for(lambda: _seqs(out) == [1], 20, "the first event")
+        # Count the clock's heartbeats since the last one of `jobs`: 4 x heartbeat_timeout of silence on `jobs`
+        # is far past what tail waits before it calls the hub lost.
+        quiet = 0
+        deadline = 60 * 4  # heartbeats at 0.25 s: a minute at most
+        while quiet < 24 and deadline > 0 and "lost the hub" not in err.read_text():
+            if not clock.poll(5000):
+                break
+            topic, _seq, body = clock.recv_multipart()
+            if body:
+                continue
+            quiet = 0 if P.topic_of(topic) == "jobs" else quiet + 1
+            deadline -= 1
+        assert "lost the hub" not in err.read_text(), err.read_text()
+        assert quiet >= 24, "the hub kept heartbeating the idle topic, or stopped heartbeating the configured one"
+        publish(s, 1)
+        wait_for(lambda: _seqs(out) == [1, 2], 20, "the second event")
+        assert err.read_text() == ""
+    finally:
+        clock.close(0)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(15) == 0

@@ -313,7 +313,19 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
                     lost = True
                 elif down:
                     retry_at = 0.0  # connected again: ask at once
-            if not down and (lost or (heard_heartbeat and now - last_rx > silent_limit)):
+            if not down and not lost and heard_heartbeat and now - last_rx > silent_limit:
+                # Silence need not be a dead hub: it heartbeats a topic the config does not name only for a
+                # while after its last commit (HEARTBEAT_TURNS), so a follow-on topic gone quiet is silent too.
+                # Ask the hub; only one that does not answer is lost. Until the next heartbeat, silence is
+                # what an idle topic sounds like, as for a tail started on one (a dropped connection still counts).
+                try:
+                    yield from resume()
+                except (HubUnavailable, HubRefused):
+                    lost = True
+                else:
+                    heard_heartbeat, last_rx = False, time.monotonic()
+                    continue
+            if not down and lost:
                 down, backoff, retry_at = True, 0.1, now + 0.1
                 if on_hub:
                     on_hub("lost", dict(nxt))
