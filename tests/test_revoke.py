@@ -148,6 +148,29 @@ def test_a_revoked_key_stays_refused_by_a_lone_hub_across_its_restart(stack_fact
     worker.send_signal(signal.SIGTERM)
 
 
+def test_a_revoked_client_is_told_its_key_may_be_revoked_and_doctor_calls_it_an_error(stack_factory, tmp_path):
+    """A command run with a revoked key was told to copy the key's file into authorized_keys_dir, where it
+    already was; doctor said `ok` for both endpoints and then a warning cut off mid-word (`copy its public key
+    file int)`) whose fix pointed back at those `ok` lines, and exited 0."""
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"))
+    s.start_hub()
+    kcfg = client_config(s, d, "limited")
+    p = keys_cli("revoke", "limited", "-c", str(s.cfg_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    sub, mon = spy_socket(cfg_for(kcfg))
+    wait_handshake_refused(mon)
+    st = subprocess.run([sys.executable, "-m", "bucketwire", "status", "-c", str(kcfg)], capture_output=True,
+                        text=True, timeout=60, env=s.env)
+    lines = st.stderr.strip().splitlines()
+    assert st.returncode == 1 and len(lines) == 1 and "revoked" in lines[0] and "keys list" in lines[0], st.stderr
+    doc = subprocess.run([sys.executable, "-m", "bucketwire", "doctor", "-c", str(kcfg)], capture_output=True,
+                         text=True, timeout=60, env=s.env)
+    refused = [x for x in doc.stdout.splitlines() if "refused this client's CURVE key" in x]
+    assert doc.returncode == 1 and len(refused) == 1 and refused[0].startswith("ERROR"), doc.stdout
+    assert "revoked" in refused[0] and refused[0].rstrip().endswith("admitted"), refused[0]
+    closing(sub, mon)
+
+
 # -- two hubs on one JetStream cluster ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["jetstream"])
 def test_a_key_revoked_through_one_hub_is_refused_by_every_hub(hub_stack, tmp_path):

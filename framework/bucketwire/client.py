@@ -207,9 +207,14 @@ def handshake_failure(cfg: Config, endpoint: str, event: int, who: str) -> str:
     """The line for a CURVE handshake the hub refused (`event`: a HANDSHAKE_FAILED monitor event)."""
     sec = cfg.security
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        # The hub's ZAP answer is the same for a key it never had and one revoked with its file still in place,
+        # so name both: telling the owner of a revoked key to copy a file that is already there sends them
+        # looking in the wrong place.
         return (f"the hub at {endpoint} refused this {who}'s CURVE key ([security] client_secret_key "
-                f"{sec.client_secret_key}); copy its public key file into the hub's authorized_keys_dir (read "
-                "within reload_interval, at once on kill -HUP), or use a key that is there")
+                f"{sec.client_secret_key}): it is not in the hub's authorized_keys_dir, or it was revoked "
+                "(`bucketwire keys list -c HUB_CONFIG` marks revoked keys); copy its public key file into "
+                "authorized_keys_dir (read within reload_interval, at once on kill -HUP), `keys unrevoke` it, or "
+                "use a key the hub admitted")
     return (f"the CURVE handshake with the hub at {endpoint} failed; check that [security] server_public_key "
             f"({sec.server_public_key}) is that hub's public key and that the hub runs with [security] curve = true")
 

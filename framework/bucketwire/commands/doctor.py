@@ -231,8 +231,13 @@ def check_hub(cfg: Config) -> list[Finding]:
         with HubClient(cfg, timeout=2) as c:
             st = c.status(timeout=2)
     except (HubUnavailable, HubRefused, ConfigError, OSError) as e:
-        return [Finding("warn", f"hub status not available ({str(e).splitlines()[0][:160]})",
-                        "the endpoint findings above say why")]
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "CURVE" in msg:
+            # The endpoint probes above carry no key, so they answer `ok` for a hub that refuses this config's
+            # key; every command run with it fails, which makes it an error, and its fix must be read whole.
+            what, _, fix = msg.partition("; ")
+            return [Finding("error", what, fix)]
+        return [Finding("warn", f"hub status not available ({msg[:160]})", "the endpoint findings above say why")]
     return check_versions(st) + check_status(cfg, st)
 
 
