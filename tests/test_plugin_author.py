@@ -157,6 +157,14 @@ def test_a_module_name_for_a_file_in_the_current_directory_says_to_pass_the_file
     assert "--plugin beside_me: cannot import" in out and "pass --plugin beside_me.py" in out, out
 
 
+def test_an_installed_plugins_name_given_to_plugin_says_which_module_to_pass() -> None:
+    """`--plugin csv-counter`, the name `bucketwire plugins` lists for an installed plugin: the line said
+    "No module named 'csv-counter'; is it installed or on PYTHONPATH?" of a plugin that is installed."""
+    out = one_line_error(CliRunner().invoke(cli, ["plugins", "--plugin", "thumbnail"]))
+    assert "--plugin thumbnail:" in out and "installed plugin" in out and "--plugin bucketwire_thumbnail" in out, out
+    assert 'plugins = ["thumbnail"]' in out and "is it installed" not in out, out
+
+
 @pytest.mark.parametrize(("topic", "data", "why"), [
     ("a\0b", {}, "topic names must be 1 to 255 characters without NUL bytes"),
     ("t" * 256, {}, "topic names must be 1 to 255 characters without NUL bytes"),

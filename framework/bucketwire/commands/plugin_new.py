@@ -101,7 +101,7 @@ def test_a_bad_setting_is_one_line_naming_it(plugin_harness):
 
 README = '''# bucketwire-{name}
 
-A [bucketwire](https://example.invalid/bucketwire) plugin. It publishes `{name}-seen` for each created object.
+A bucketwire plugin. It publishes `{name}-seen` for each created object.
 
 Install and run it:
 
@@ -109,6 +109,12 @@ Install and run it:
     bucketwire plugins                       # lists "{name}"
     # in the config: [groups.mine] topics = ["bucket-update"], plugins = ["{name}"]
     bucketwire worker -c bucketwire.toml --group mine
+
+Try it against `make dev`'s stack without editing its config (a group the config does not name runs only the
+`--plugin` modules, on the `--topic`s given; the stack's uploads arrive on `photos`), and watch its follow-ons:
+
+    bucketwire worker -c .bucketwire-dev/bucketwire.toml --group mine --topic photos --plugin {module}
+    bucketwire tail -c .bucketwire-dev/bucketwire.toml {name}-seen
 
 Test it (a real SeaweedFS is started for the session; the `test` extra installs it, as `bucketwire[seaweedfs]`):
 

@@ -79,6 +79,12 @@ def _import_local(spec: str) -> Any:
     except ModuleNotFoundError as e:
         if e.name is not None and spec != e.name and not spec.startswith(e.name + "."):
             raise ConfigError(f"--plugin {spec}: importing it failed: {_import_failure(e, None)}") from None
+        installed = discover().get(spec)
+        if installed is not None:  # the name `bucketwire plugins` lists, not a module: say which module it is
+            raise ConfigError(
+                f"--plugin {spec}: that is the name of an installed plugin, and --plugin takes a module or a .py "
+                f"file; a group runs it with plugins = [\"{spec}\"] in its [groups.NAME] section, and a group "
+                f"not in the config with --plugin {installed.module}") from None
         here = Path(spec.replace(".", "/") + ".py")
         hint = (f"{here} is in the current directory, which is not on the module path: pass --plugin {here}"
                 if here.is_file() else "is it installed or on PYTHONPATH?")
