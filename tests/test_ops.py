@@ -396,3 +396,29 @@ def test_status_hints_are_commands_that_run_as_printed() -> None:
     text = render_status(st, config_path="/etc/my bw.toml")
     assert "start `bucketwire worker -c '/etc/my bw.toml' --group g`" in text, text
     assert "`bucketwire dlq list -c '/etc/my bw.toml' --group g`" in text, text
+
+
+def test_replay_of_a_group_with_no_worker_says_what_it_waits_for(stack_factory):
+    """`replay` waits (with a progress bar) until the group caught up; with no worker of the group connected that
+    was forever, under the bar's label alone: a new user took the hub for hung. It now says in one line that no
+    worker is connected and that the replay stands, and finishes once a worker has caught up."""
+    s = stack_factory()
+    s.start_hub()
+    w = s.start_worker("adhoc", 1, "--topic", "jobs")
+    publish(s, 3)
+    wait_for(lambda: s.status()["groups"]["adhoc"]["topics"]["jobs"]["cursor"] == 3, 20, "the acks committed")
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(20) == 0
+    wait_for(lambda: s.status()["groups"]["adhoc"]["workers"] == 0, 20, "the worker gone")
+    err = s.dir / "replay.err"
+    p = subprocess.Popen([sys.executable, "-m", "bucketwire", "replay", "-c", str(s.cfg_path), "--group", "adhoc",
+                          "--from-seq", "1"], env=s.env, stdout=subprocess.DEVNULL, stderr=err.open("wb"))
+    try:
+        wait_for(lambda: "no worker of group 'adhoc' is connected" in err.read_text(), 20, "the replay to say why")
+        s.start_worker("adhoc", 1, "--topic", "jobs")
+        assert p.wait(30) == 0, err.read_text()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    lines = [x for x in err.read_text().splitlines() if "no worker" in x]
+    assert len(lines) == 1 and "--no-wait" in lines[0] and "Traceback" not in err.read_text(), err.read_text()

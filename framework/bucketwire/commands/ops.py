@@ -287,9 +287,17 @@ def replay(config_path: str | None, group: str, topics: tuple[str, ...], from_se
         on_stop_signals(stop.set)
         deadline = time.monotonic() + timeout if timeout else None
         with click.progressbar(length=total, label=f"replaying {group}", file=sys.stderr) as bar:
-            shown = 0
+            shown, told = 0, False
             while not stop.is_set():
-                gs = c.status()["groups"].get(group, {}).get("topics", {})
+                g = c.status()["groups"].get(group, {})
+                gs = g.get("topics", {})
+                if not told and not g.get("workers"):
+                    # Nothing moves the cursor until a worker comes: without this line the bar's label was all
+                    # there was to see, forever, and the wait looked like a hung hub.
+                    told = True
+                    click.echo(f"\nno worker of group '{group}' is connected: the replay stands and is delivered "
+                               f"when one joins (`bucketwire worker -c CONFIG --group {group}`); waiting for it "
+                               "here until the group caught up (Ctrl+C stops waiting, or use --no-wait)", err=True)
                 done = sum(max(0, min(gs[t]["cursor"], goal[t]) - (res[t]["from"] - 1)) for t in goal if t in gs)
                 done = min(done, total)
                 bar.update(done - shown)
