@@ -422,3 +422,17 @@ def test_replay_of_a_group_with_no_worker_says_what_it_waits_for(stack_factory):
             p.kill()
     lines = [x for x in err.read_text().splitlines() if "no worker" in x]
     assert len(lines) == 1 and "--no-wait" in lines[0] and "Traceback" not in err.read_text(), err.read_text()
+
+
+def test_status_hint_for_a_stalled_group_not_in_the_config_runs_as_printed(stack_factory):
+    """`! group G: ... start `bucketwire worker -c CONFIG --group G`` for a group a worker made with --topic: that
+    command, pasted, is refused (`group 'G' is not in the config and no --plugin was given`)."""
+    s = stack_factory()
+    s.start_hub()
+    w = s.start_worker("adhoc", 1, "--topic", "jobs")
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(20) == 0
+    publish(s, 1)
+    wait_for(lambda: s.status()["groups"]["adhoc"]["state"] == "stalled", 20, "the group to stall")
+    hint = next(x for x in cli(s, "status").stdout.splitlines() if x.startswith("! group adhoc"))
+    assert "--group adhoc --topic jobs --plugin" in hint, hint

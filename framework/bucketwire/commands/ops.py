@@ -124,6 +124,16 @@ def table(rows: list[tuple[str, ...]]) -> str:
 
 
 # -- status ------------------------------------------------------------------------------------------------------
+def _configured_groups(config_path: str | None) -> set[str] | None:
+    """The groups the config defines, or None when it cannot be read (then the hints stay as they were)."""
+    from bucketwire import config as config_mod
+
+    try:
+        return set(config_mod.load(config_path).groups)
+    except Exception:  # a hint must never break status
+        return None
+
+
 def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
     """The `kafka-consumer-groups --describe` view: where events pile up and why, at a glance. The commands in
     its hints name `config_path`, so they run pasted as printed."""
@@ -172,11 +182,16 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
         trows.append((t, str(ts["head"]), f"{ts.get('rate', 0.0):.1f}", ",".join(consumers.get(t, [])) or "-"))
     lines.append(table(trows) if len(trows) > 1 else "no topics yet")
     hints = []
+    configured = _configured_groups(config_path)
     for g, gs in sorted(st.get("groups", {}).items()):
         s = gs.get("state")
         if s == "stalled":
+            # A group the config does not name runs only --plugin modules on --topic topics: without them the
+            # printed command is refused, so it names them.
+            extra = "" if configured is None or g in configured else "".join(
+                f" --topic {shlex.quote(t)}" for t in sorted(gs.get("topics", {}))) + " --plugin MODULE"
             hints.append(f"! group {g}: {gs['lag']} events waiting and no workers: "
-                         f"start `bucketwire worker {c}--group {g}`")
+                         f"start `bucketwire worker {c}--group {g}{extra}`")
         elif s == "saturated":
             hints.append(f"! group {g}: all worker credit in use, work waits: add workers/processes or raise credit")
         if gs.get("plugin_sets"):
@@ -296,8 +311,9 @@ def replay(config_path: str | None, group: str, topics: tuple[str, ...], from_se
                     # there was to see, forever, and the wait looked like a hung hub.
                     told = True
                     click.echo(f"\nno worker of group '{group}' is connected: the replay stands and is delivered "
-                               f"when one joins (`bucketwire worker -c CONFIG --group {group}`); waiting for it "
-                               "here until the group caught up (Ctrl+C stops waiting, or use --no-wait)", err=True)
+                               f"when one joins (`bucketwire worker -c CONFIG --group {group}`, with --topic and "
+                               "--plugin if the config does not name the group); waiting for it here until the "
+                               "group caught up (Ctrl+C stops waiting, or use --no-wait)", err=True)
                 done = sum(max(0, min(gs[t]["cursor"], goal[t]) - (res[t]["from"] - 1)) for t in goal if t in gs)
                 done = min(done, total)
                 bar.update(done - shown)
