@@ -189,3 +189,15 @@ def test_a_curve_socket_is_recognised_by_its_greeting(kind):
         assert got["mechanism"] == "NULL" and got["socket_type"] == ("ROUTER" if kind == zmq.ROUTER else "XPUB")
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_hub_without_an_auth_token_is_warned_about(tmp_path):
+    """The hub warns at start when `[hub] auth_token` is absent (its webhook takes events from anyone); doctor,
+    where an operator checks a config, said nothing of it."""
+    p = tmp_path / "c.toml"
+    p.write_text(f'[hub]\nstate_dir = "{tmp_path / "state"}"\n' + GROUP)
+    warns = [f.line() for f in run_checks(config_mod.load(p), live=False) if f.level == "warn"]
+    assert any("auth_token" in w and "unauthenticated" in w for w in warns), warns
+    p.write_text(f'[hub]\nstate_dir = "{tmp_path / "state"}"\nauth_token = "s3cret-token"\n' + GROUP)
+    warns = [f.line() for f in run_checks(config_mod.load(p), live=False) if f.level == "warn"]
+    assert not any("auth_token" in w for w in warns), warns

@@ -320,6 +320,15 @@ def check_plugins(cfg: Config) -> list[Finding]:
     return out
 
 
+def check_ingress(cfg: Config) -> list[Finding]:
+    """The hub warns at start when its webhook takes events from anyone; say it where the config is checked too."""
+    if cfg.hub.auth_tokens:
+        return []
+    return [Finding("warn", f"[hub] auth_token is not set: the webhook ingress at {cfg.hub.http} accepts "
+                            "unauthenticated events from anyone who reaches it",
+                    'set [hub] auth_token = "env:BUCKETWIRE_TOKEN" and give the store the same bearer token')]
+
+
 def check_security(cfg: Config) -> list[Finding]:
     sec = getattr(cfg, "security", None)
     if sec is None or not getattr(sec, "curve", False):
@@ -422,7 +431,7 @@ def check_stores(cfg: Config) -> list[Finding]:
 
 
 def run_checks(cfg: Config, *, live: bool = True) -> list[Finding]:
-    findings = check_routes(cfg) + check_topics(cfg) + check_plugins(cfg) + check_security(cfg)
+    findings = check_routes(cfg) + check_topics(cfg) + check_plugins(cfg) + check_ingress(cfg) + check_security(cfg)
     if live:
         from bucketwire.commands.doctor_cluster import check_cluster
 
