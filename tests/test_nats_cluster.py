@@ -210,3 +210,42 @@ def test_a_fresh_cluster_has_no_route_retry_pending_when_start_returns(tmp_path:
             log = (node.store / "nats-server.log").read_text()
             assert "Error trying to connect to route" not in log, f"{node.name}: {log[-3000:]}"
         assert cluster._not_ready() is None
+
+
+
+def test_nodes_started_to_die_with_their_parent_go_when_it_is_killed_9(tmp_path: Path) -> None:
+    """`dev --ha` starts its nodes with die_with_parent: a `dev` killed with -9 left its three nats-server
+    processes running (each in a session of its own, which no signal to dev's group reaches). The parent here is
+    a bare process that starts a one-node cluster and waits; killed with -9, its node must stop too."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.fixtures_hub import wait_for
+
+    script = ("import time; from pathlib import Path; from bucketwire.devstack.nats import NatsCluster\n"
+              f"c = NatsCluster(Path({str(tmp_path)!r}), size=1, die_with_parent=True).start()\n"
+              "print(c.nodes[0].proc.pid, flush=True); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    node = 0
+    try:
+        assert parent.stdout is not None
+        node = int(parent.stdout.readline())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+
+        def gone() -> bool:
+            try:
+                with open(f"/proc/{node}/stat") as f:  # a zombie waiting for init to reap it is gone too
+                    return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except FileNotFoundError:
+                return True
+
+        wait_for(gone, 10, "the node to stop with its parent")
+    finally:
+        parent.kill()
+        if node:
+            try:
+                os.kill(node, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

