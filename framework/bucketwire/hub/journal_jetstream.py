@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 from bucketwire.envelope import render
 from bucketwire.hub.journal import Appended, Batch, JournalError, NewEvent, RemovalUnfinished
-from bucketwire.security import RevokedView
+from bucketwire.security import RevokedView, key_of_hex
 
 log = logging.getLogger("bucketwire.journal")
 
@@ -1652,17 +1652,8 @@ class JetStreamJournal:
 
     # -- revoked client keys ---------------------------------------------------------------------------------
     async def _read_revoked_keys(self) -> frozenset[bytes]:
-        from zmq.utils import z85
-
-        out: set[bytes] = set()
-        for k in await self._latest(revoked_bucket(self.settings).bucket):
-            try:
-                raw = bytes.fromhex(k)
-            except ValueError:
-                continue  # not written by `keys revoke`
-            if len(raw) == 32:
-                out.add(z85.encode(raw))
-        return frozenset(out)
+        keys = (key_of_hex(k) for k in await self._latest(revoked_bucket(self.settings).bucket))
+        return frozenset(k for k in keys if k is not None)  # None: a key `keys revoke` did not write
 
     def read_revoked(self, done: Callable[[], None]) -> None:
         """Start reading the cluster's revocation list on the client's thread, unless a reading is under way;
