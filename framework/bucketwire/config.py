@@ -84,6 +84,14 @@ class HubConfig(Table):
     """Per consumer group, the envelopes (MiB) it holds in memory, loaded and not yet acked, besides the 10,000
     events; the rest wait in the journal. Small events never reach it (10,000 of 13 KB); a backlog of large ones
     would take gigabytes without it. One event larger than this is still loaded, alone."""
+    fanout_buffer_mb: PositiveFloat = 256.0
+    """Per subscriber of the fan-out (`publish`), the most it queues (MiB) for one that reads slower than events
+    come: with fanout_event_bytes it sets the XPUB's high-water mark (at most 100,000 messages). Past it that
+    subscriber misses events, as the fan-out is lossy anyway; `tail` fetches them from the journal."""
+    fanout_event_bytes: Annotated[int, Meta(ge=1024)] = 16384
+    """The largest envelope the fan-out sends whole; a larger one goes out as its head frame, `[topic, seq, ""]`
+    (the heartbeat's shape), and subscribers fetch it from the journal, as they do after any heartbeat that is
+    ahead of them. So a queue of fanout_buffer_mb / fanout_event_bytes messages is bounded in bytes too."""
     request_timeout: PositiveFloat = 10.0
     tls_cert: Path | None = None
     tls_key: Path | None = None

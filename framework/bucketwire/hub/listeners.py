@@ -156,7 +156,7 @@ class Listeners:
         curve = self.cfg.security.curve
         p = zctx.socket(zmq.XPUB)
         p.setsockopt(zmq.LINGER, 0)
-        p.setsockopt(zmq.SNDHWM, 100_000)
+        p.setsockopt(zmq.SNDHWM, fanout_hwm(self.cfg))
         if curve:
             p.setsockopt(zmq.XPUB_MANUAL, 1)
         return p
@@ -473,6 +473,17 @@ def _user_id(frame: zmq.Frame) -> str | None:
     """The ZAP User-Id a CURVE frame carries: the name of the key that admitted its peer."""
     uid = frame.get("User-Id")
     return uid if isinstance(uid, str) and uid else None
+
+
+FANOUT_HWM_MAX = 100_000
+"""The fan-out's high-water mark when its byte budget allows more: what it was before the budget."""
+
+
+def fanout_hwm(cfg: Config) -> int:
+    """The XPUB's queue per subscriber, in messages: a slow subscriber holds at most `fanout_buffer_mb`, as no
+    fan-out message carries an envelope over `fanout_event_bytes` (larger ones go out as their head frame)."""
+    n = int(cfg.hub.fanout_buffer_mb * (1 << 20)) // cfg.hub.fanout_event_bytes
+    return max(16, min(FANOUT_HWM_MAX, n))
 
 
 def max_message_bytes(cfg: Config) -> int:

@@ -601,8 +601,10 @@ class Hub:
             pubs = self.net.targets(topic)
             if pubs:
                 tf = P.topic_frame(topic)
+                cap = self.cfg.hub.fanout_event_bytes
                 for seq, _, body in items:
-                    self.net.publish([tf, str(seq).encode(), body], pubs)
+                    # Over the cap: the head frame (a heartbeat's shape) says seq exists; subscribers fetch it.
+                    self.net.publish([tf, str(seq).encode(), body if len(body) <= cap else b""], pubs)
             else:
                 skipped += len(items)
             self.active[topic] = now
