@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 
 import zmq
@@ -124,3 +125,35 @@ def test_an_event_over_fanout_event_bytes_goes_out_as_its_head_and_follow_fetche
             break
     assert seen[large["seq"]]["data"]["pad"] == "y" * 10_000
     assert [seen[q]["data"]["size"] for q in sorted(seen)] == ["small", "large", "small again"]
+
+
+
+def test_a_live_follow_reads_a_large_first_event_of_a_topic_new_since_it_started(
+        stack_factory: Callable[..., Stack]) -> None:
+    """`tail` with no topics and no --from-seq: a topic created after it started whose first event is over
+    fanout_event_bytes reaches it as a head frame only, which must not be taken for "history before I started"."""
+    s = stack_factory("")
+    s.start_hub()
+    got: list[tuple[str, int, dict]] = []
+
+    def run() -> None:
+        done = lambda: any(t == "fresh" and q == 2 for t, q, _ in got)  # noqa: E731
+        for t, seq, body in follow(s.cfg, None, None, stop=done):
+            got.append((t, seq, json.loads(body)))
+            if done():
+                return
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+
+    def warm() -> bool:  # until follow's subscription has reached the hub: it yields what it is sent
+        with s.client() as c:
+            c.publish("warm", {})
+        return any(t == "warm" for t, _, _ in got)
+    wait_for(warm, 20, "follow to hear the fan-out")
+    with s.client() as c:
+        c.publish("fresh", {"pad": "z" * 40_000})
+        c.publish("fresh", {"small": True})
+    th.join(20)
+    fresh = [(seq, d["data"]) for t, seq, d in got if t == "fresh"]
+    assert fresh == [(1, {"pad": "z" * 40_000}), (2, {"small": True})], fresh

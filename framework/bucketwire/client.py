@@ -358,7 +358,10 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
                 continue
             seq = int(seq_b)
             if t not in nxt:
-                nxt[t] = 1 if from_seq is not None else seq if body else seq + 1
+                # Not among the heads read at the start: a topic made since, so all of it is new. Taken from this
+                # frame's seq, a large first event (fanned out as its head frame) or those the slow joiner missed
+                # before it were skipped.
+                nxt[t] = 1
             try:
                 if not body:  # heartbeat: [topic, head, b""]
                     heard_heartbeat = True
