@@ -28,12 +28,12 @@ from bucketwire.formats.seaweedfs_events import (
 DATA = Path(__file__).parent / "data" / "seaweedfs"
 
 
-def recorded() -> list[dict[str, Any]]:
-    return [r["body"] for r in json.loads((DATA / "recorded.json").read_text())["requests"]]
+def recorded(name: str = "recorded.json") -> list[dict[str, Any]]:
+    return [r["body"] for r in json.loads((DATA / name).read_text())["requests"]]
 
 
-def meta_tail() -> list[dict[str, Any]]:
-    text, dec, i, out = (DATA / "meta_tail.txt").read_text(), json.JSONDecoder(), 0, []
+def meta_tail(name: str = "meta_tail.txt") -> list[dict[str, Any]]:
+    text, dec, i, out = (DATA / name).read_text(), json.JSONDecoder(), 0, []
     while True:
         while i < len(text) and text[i].isspace():
             i += 1
@@ -134,6 +134,39 @@ def test_meta_tail_and_webhook_agree_on_ids() -> None:
     assert [e.id for e in tail] == [e.id for e in hook]
     # meta.tail knows when the change was logged; that shows in time/sequencer only.
     assert tail[3].time.startswith("20")
+
+
+def test_versioned_bucket_events_are_the_objects_not_seaweedfs_version_files() -> None:
+    """A bucket with versioning on (recorded_versioned.json): SeaweedFS writes each version as a file
+    `k.versions/v_<id>`, a delete marker as one more. These used to become events for keys that do not exist in
+    S3 (`a/photo.jpg.versions/v_...`), and the delete as an ObjectCreated of such a key, so a deleted photo kept
+    its thumbnails. They are events for `a/photo.jpg` with the version id, as MinIO and S3 send them."""
+    bodies = recorded("recorded_versioned.json")
+    evs = events_of(bodies)
+    got = [(e.type, e.data["key"], e.data["size"]) for e in evs]
+    assert got == [
+        ("s3:ObjectCreated:Put", "a/photo.jpg", 100),
+        ("s3:ObjectCreated:Put", "a/photo.jpg", 200),
+        ("s3:ObjectRemoved:DeleteMarkerCreated", "a/photo.jpg", 0),
+        ("s3:ObjectRemoved:Delete", "a/photo.jpg", 0),
+    ], got
+    versions = [e.data["version_id"] for e in evs]
+    assert all(len(v) == 32 for v in versions) and len(set(versions)) == 3 and versions[1] == versions[3]
+    assert evs[0].data["etag"] != evs[1].data["etag"] and evs[2].data["etag"] == ""
+    assert evs[2].is_object_removed and evs[3].is_object_removed and evs[0].subject == "a/photo.jpg"
+    assert len({e.id for e in evs}) == 4
+    tail: list[Event] = []
+    for doc in meta_tail("meta_tail_versioned.txt"):
+        tail += meta_tail_to_events(doc, store="primary")
+    assert [(e.type, e.data["key"]) for e in tail] == [(t, k) for t, k, _ in got]
+    assert [e.id for e in tail] == [e.id for e in evs], "the durable source and the webhook agree on ids"
+
+
+def test_a_key_named_like_a_version_file_without_versioning_stays_as_named() -> None:
+    """No version id (a bucket without versioning where someone named an object `x.versions/v_1`): as named."""
+    evs = parse_body(body("/buckets/b/x.versions/v_1", "create", new_entry=entry("v_1"),
+                          new_parent_path="/buckets/b/x.versions"), store=None)
+    assert [(e.type, e.data["key"]) for e in evs] == [(PUT, "x.versions/v_1")]
 
 
 # -- hand-built edge cases ---------------------------------------------------------------------------------

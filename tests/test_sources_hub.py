@@ -95,3 +95,60 @@ secret_key = "{weed.secret_key}"
     assert got == want
     assert [int(e["seq"]) for e in evs] == list(range(1, 10))
     assert all(e["data"]["store"] == "primary" and e["source"] == f"seaweedfs:filer/{bucket}" for e in evs)
+
+
+def test_a_versioned_bucket_gets_thumbnails_and_loses_them_on_delete(
+    weed: WeedServer, bucket: str, stack_factory: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """SeaweedFS with versioning on keeps each version as a file `k.versions/v_<id>`: the events must be the
+    object's (`k`, with its version id), or the thumbnail plugin looks for a key that is not in S3 (and a delete,
+    a new delete-marker file, looked like a creation, so a deleted photo kept its thumbnails)."""
+    from minio.versioningconfig import ENABLED, VersioningConfig
+    from PIL import Image
+
+    c = weed.client()
+    c.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
+    stack = stack_factory(f"""
+[[routes]]
+events = ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]
+bucket = "{bucket}"
+topic = "objects"
+
+[stores.primary]
+endpoint = "{weed.s3_endpoint}"
+access_key = "{weed.access_key}"
+secret_key = "{weed.secret_key}"
+
+[groups.media]
+topics = ["objects"]
+plugins = ["thumbnail"]
+
+[plugins.thumbnail]
+sizes = [64]
+""")
+    stack.start_hub()
+    stack.start_worker("media", 1)
+    state, log = tmp_path / "src-state.json", tmp_path / "source.log"
+    src = start_source(stack, weed, bucket, state, log)
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 200), (200, 30, 30)).save(buf, "JPEG")
+    data = buf.getvalue()
+
+    def thumb() -> Any:
+        try:
+            return c.stat_object(bucket, "64/cam/v.jpg.webp")
+        except Exception:
+            return None
+
+    try:
+        c.put_object(bucket, "cam/v.jpg", io.BytesIO(data), len(data), content_type="image/jpeg")
+        wait_for(thumb, 60, "the thumbnail of a photo in a versioned bucket")
+        c.remove_object(bucket, "cam/v.jpg")  # a delete marker: the photo is gone for S3 readers
+        wait_for(lambda: thumb() is None, 60, "the thumbnail to go with its photo")
+    finally:
+        if src.poll() is None:
+            stop(src)
+        print(log.read_text()[-2000:] if log.exists() else "", stack.dump_logs()[-4000:])
+    evs = journal(stack, "objects")
+    assert [(e["type"], e["data"]["key"]) for e in evs if not e["data"]["key"].startswith("64/")] == [
+        ("s3:ObjectCreated:Put", "cam/v.jpg"), ("s3:ObjectRemoved:DeleteMarkerCreated", "cam/v.jpg")]

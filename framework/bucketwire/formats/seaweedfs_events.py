@@ -18,7 +18,9 @@ path and the kind of change: an overwrite writes new chunks, so it gets a new id
 
 Only objects matter: SeaweedFS keeps S3 buckets under `/buckets/<bucket>/`, and also writes directories,
 bucket entries, `.system` bookkeeping and multipart part files under `.uploads/` there. Those yield no events.
-A completed multipart upload appears as one new entry carrying `X-Seaweedfs-Upload-Id` and a `-N` ETag.
+A completed multipart upload appears as one new entry carrying `X-Seaweedfs-Upload-Id` and a `-N` ETag. In a
+versioned bucket each version is a file under `<key>.versions/`: reported as the object's own events (see
+`_version_of`), since S3 readers never see those paths.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ INTERNAL_TOP_DIRS = frozenset({".uploads"})
 PUT = "s3:ObjectCreated:Put"
 MULTIPART = "s3:ObjectCreated:CompleteMultipartUpload"
 DELETE = "s3:ObjectRemoved:Delete"
+DELETE_MARKER = "s3:ObjectRemoved:DeleteMarkerCreated"
+
+VERSIONS_SUFFIX = ".versions"
+"""In a versioned bucket SeaweedFS keeps each version of `k` as a file `k.versions/v_<id>` (a delete marker is one
+more such file, with `Seaweed-X-Amz-Delete-Marker`), and the directory's attributes say which is the latest."""
 
 EVENT_TYPES = frozenset({"create", "update", "delete", "rename"})
 
@@ -180,6 +187,16 @@ def split_path(path: str) -> tuple[str, str] | None:
     return bucket, key
 
 
+def _version_of(key: str, ext: Mapping[str, bytes]) -> str | None:
+    """The object's key when `key` is one of its versions' files (`k.versions/v_<id>` carrying the version id
+    SeaweedFS's S3 gateway sets), else None: an object a user named like that in a bucket without versioning has
+    no version id, and stays what it is."""
+    parent, _, name = key.rpartition("/")
+    if not parent.endswith(VERSIONS_SUFFIX) or not name.startswith("v_") or "Seaweed-X-Amz-Version-Id" not in ext:
+        return None
+    return parent[: -len(VERSIONS_SUFFIX)] or None
+
+
 def _iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -206,6 +223,11 @@ def _object_event(
     a = _attrs(entry)
     etag = etag_of(entry, ext)
     typ = kind
+    version = _version_of(key, ext)
+    if version is not None:  # one version of an object in a versioned bucket: the event is the object's
+        key = version
+        if kind == PUT and _text(ext.get("Seaweed-X-Amz-Delete-Marker")) == "true":
+            typ = kind = DELETE_MARKER
     if kind == PUT and ("X-Seaweedfs-Upload-Id" in ext or "X-Seaweedfs-Multipart-Parts-Count" in ext):
         typ = MULTIPART
     user_md = {
@@ -213,6 +235,7 @@ def _object_event(
     }
     mtime_ns = _mtime_ns(entry, where)
     sequencer = f"{(ts_ns or mtime_ns):016X}"
+    removal = kind in (DELETE, DELETE_MARKER)
     if kind == DELETE:
         when = _iso(ts_ns) if ts_ns else now_iso()
     else:
@@ -221,12 +244,12 @@ def _object_event(
     data = {
         "bucket": bucket,
         "key": key,
-        "size": 0 if kind == DELETE else _int(_get(a, "file_size"), where + ".attributes.file_size"),
-        "etag": etag,
-        "content_type": mime if isinstance(mime, str) and kind != DELETE else "",
+        "size": 0 if removal else _int(_get(a, "file_size"), where + ".attributes.file_size"),
+        "etag": "" if kind == DELETE_MARKER else etag,
+        "content_type": mime if isinstance(mime, str) and not removal else "",
         "version_id": _text(ext.get("Seaweed-X-Amz-Version-Id")),
         "sequencer": sequencer,
-        "user_metadata": user_md if kind != DELETE else {},
+        "user_metadata": user_md if not removal else {},
         "store": store,
         "principal": _text(ext.get("Seaweed-X-Amz-Owner")),
         "source_ip": "",

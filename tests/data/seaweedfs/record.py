@@ -1,9 +1,11 @@
 """Record what SeaweedFS's filer webhook really POSTs, as fixtures for the normaliser tests.
 
-Run with `python tests/data/seaweedfs/record.py` (needs `weed`).  It starts a WeedServer whose
+Run with `python tests/data/seaweedfs/record.py [--versioned]` (needs `weed`).  It starts a WeedServer whose
 notification.toml points at a tiny local HTTP server, performs put / overwrite / metadata / copy / delete /
 multipart through the minio client, and writes every body (with its Authorization header) to
-`recorded.json` next to this file.  Re-run when upgrading SeaweedFS to see whether the shape changed.
+`recorded.json` next to this file.  With `--versioned` it does put / put again / delete / delete one version in
+a bucket with versioning on and writes `recorded_versioned.json` and `meta_tail_versioned.txt`.
+Re-run when upgrading SeaweedFS to see whether the shape changed.
 """
 
 from __future__ import annotations
@@ -92,5 +94,48 @@ def main() -> None:
     print(f"recorded {len(received)} requests, {len(lines)} meta.tail lines; steps {steps}")
 
 
+def versioned() -> None:
+    from minio.versioningconfig import ENABLED, VersioningConfig
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/seaweedfs/events"
+    with tempfile.TemporaryDirectory() as d, WeedServer(Path(d), webhook_url=url, webhook_token="s3cret") as w:
+        c = w.client()
+        steps: list[tuple[str, int]] = []
+
+        def mark(label: str) -> None:
+            time.sleep(1.5)  # pacing: a recording script, not a test
+            steps.append((label, len(received)))
+
+        c.make_bucket("vers")
+        c.set_bucket_versioning("vers", VersioningConfig(ENABLED))
+        mark("make_bucket")
+        c.put_object("vers", "a/photo.jpg", io.BytesIO(b"x" * 100), 100, content_type="image/jpeg")
+        mark("put")
+        c.put_object("vers", "a/photo.jpg", io.BytesIO(b"y" * 200), 200, content_type="image/jpeg")
+        mark("put_again")
+        c.remove_object("vers", "a/photo.jpg")
+        mark("delete_marker")
+        first = [o for o in c.list_objects("vers", prefix="a/", include_version=True)
+                 if not o.is_delete_marker and o.size == 200][0]
+        c.remove_object("vers", "a/photo.jpg", version_id=first.version_id)
+        mark("delete_version")
+        tail = subprocess.Popen(
+            [find_weed(), "filer.meta.tail", f"-filer={w.filer_address}", "-pathPrefix=/buckets/vers",
+             "-timeAgo=1h"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(4)  # pacing: a recording script, not a test
+        tail.terminate()
+        lines = tail.communicate(timeout=10)[0].decode().splitlines()
+    httpd.shutdown()
+    out = {"weed_steps": steps, "requests": received}
+    (HERE / "recorded_versioned.json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    (HERE / "meta_tail_versioned.txt").write_text("".join(ln + "\n" for ln in lines if ln.strip()))
+    print(f"recorded {len(received)} requests, {len(lines)} meta.tail lines; steps {steps}")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    versioned() if "--versioned" in sys.argv[1:] else main()
