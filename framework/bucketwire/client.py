@@ -191,8 +191,16 @@ class HubClient:
                                        timeout)
         return meta, bodies
 
-    def status(self, timeout: float | None = None) -> dict[str, Any]:
-        _, st, _ = self.request(P.STATUS, {}, {P.STATUSR}, timeout)
+    def status(self, timeout: float | None = None, topics: list[str] | None = None) -> dict[str, Any]:
+        """`topics`: list only these in `topics`."""
+        try:
+            _, st, _ = self.request(P.STATUS, {} if topics is None else {"topics": topics}, {P.STATUSR}, timeout)
+        except HubRefused as e:
+            if topics is None or "topics" not in str(e):
+                raise
+            # A hub from before the filter refuses the field: ask for every topic and keep those asked for.
+            _, st, _ = self.request(P.STATUS, {}, {P.STATUSR}, timeout)
+            st["topics"] = {t: v for t, v in st.get("topics", {}).items() if t in set(topics)}
         st.pop("req", None)
         return st
 
@@ -262,7 +270,7 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
     silent_limit = max(cfg.hub.heartbeat_timeout, 3 * cfg.hub.heartbeat_interval)
     nxt: dict[str, int] = {}
     try:
-        st = client.status()
+        st = client.status(topics=sorted(wanted) if wanted else None)
         heads = {t: v["head"] for t, v in st["topics"].items()}
         for t in wanted or set(heads):
             nxt[t] = from_seq if from_seq is not None else heads.get(t, 0) + 1
@@ -289,7 +297,8 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
 
         def resume() -> Iterator[tuple[str, int, bytes]]:
             """The hub answers again: every topic from its next seq, topics new since we started from 1."""
-            heads = {t: v["head"] for t, v in client.status(timeout=2).get("topics", {}).items()}
+            st = client.status(timeout=2, topics=sorted(wanted) if wanted else None)
+            heads = {t: v["head"] for t, v in st.get("topics", {}).items()}
             for t in heads:
                 if t not in nxt and (not wanted or t in wanted):
                     nxt[t] = 1

@@ -157,3 +157,20 @@ def ids(prefill: int, events: int, batch: int, rounds: int, as_json: bool) -> No
 
     res = mod.run(prefill, events, batch, rounds, progress=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(res, indent=2) if as_json else mod.render(res))
+
+
+@bench.command()
+@click.option("--topics", "-t", type=click.IntRange(1), default=60_000, show_default=True,
+              help="Other topics, each committed to once just before the measured phase.")
+@click.option("--subscriber", is_flag=True, help="Also run a subscriber to every topic (every heartbeat is sent).")
+@click.option("--rate", type=click.IntRange(1), default=1000, show_default=True, help="Events per second measured.")
+@click.option("--seconds", type=float, default=3.0, show_default=True, help="Seconds of the measured phase.")
+@click.option("--rounds", type=click.IntRange(1, 99), default=2, show_default=True,
+              help="Rounds per side, alternating; medians are compared.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def topics(topics: int, subscriber: bool, rate: int, seconds: float, rounds: int, as_json: bool) -> None:
+    """What many live topics cost other events: latency with them against the same hub without."""
+    from bucketwire.devstack.bench import topics as mod
+
+    res = mod.run(topics, subscriber, rate, seconds, rounds, progress=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(res, indent=2) if as_json else mod.render(res))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -93,7 +93,7 @@ class Listeners:
         self.user: str | None = None
         self._zctx: zmq.Context[Socket] | None = None
         self._sock_of: dict[bytes, Socket] = {}
-        self._targets: dict[str, list[Socket]] = {}
+        self._targets: dict[str, tuple[Socket, ...]] = {}
         """topic -> the XPUB sockets with a subscriber for it; forgotten whenever a subscription changes."""
         self._reload = threading.Event()
         self._next_key_check = 0.0
@@ -264,15 +264,16 @@ class Listeners:
         return False
 
     # -- fan-out ---------------------------------------------------------------------------------------------
-    def targets(self, topic: str) -> list[Socket]:
+    def targets(self, topic: str) -> tuple[Socket, ...]:
         """The XPUB sockets (two while an old and a new server key are both served) where someone subscribes to
         `topic`: empty, and the hub builds and sends nothing, when nobody does."""
         got = self._targets.get(topic)
         if got is None:
             frame = P.topic_frame(topic)
-            got = [ls.pub for ls in self.listeners
-                   if any(n > 0 and frame.startswith(prefix) for prefix, n in ls.subs.items())]
-            if len(self._targets) > 10_000:
+            # A tuple: the empty one is shared, and the cache holds no list per topic for the collector to walk.
+            got = tuple(ls.pub for ls in self.listeners
+                        if any(n > 0 and frame.startswith(prefix) for prefix, n in ls.subs.items()))
+            if len(self._targets) > max(10_000, 2 * self.cfg.hub.max_topics):  # every topic, not thrashing
                 self._targets.clear()
             self._targets[topic] = got
         return got
@@ -281,7 +282,7 @@ class Listeners:
         """Prefixes someone subscribes to, over every XPUB (the gauge `bucketwire_fanout_subscriptions`)."""
         return sum(1 for ls in self.listeners for n in ls.subs.values() if n > 0)
 
-    def publish(self, frames: list[bytes], pubs: list[Socket] | None = None) -> None:
+    def publish(self, frames: list[bytes], pubs: Sequence[Socket] | None = None) -> None:
         """Send on `pubs` (`targets(topic)`), or on every XPUB socket."""
         *head, last = frames
         for pub in self.pubs if pubs is None else pubs:

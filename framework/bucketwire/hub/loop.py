@@ -9,6 +9,7 @@ it fast: nothing waits for another thread's GIL.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -74,6 +75,9 @@ FETCH_FIRST = 16
 one or two reads and large ones overshoot FETCH_BYTES by little."""
 MAX_HEADER = 64 << 20
 """The largest header frame `protocol.decode` reads."""
+HEARTBEAT_SLICE = 200
+"""Topics whose heartbeat (and rate sample) one loop turn sends: a round over every live topic is cut into slices
+of this many, one per turn, so 60,000 live topics do not stop the loop for half a second every interval."""
 HEARTBEAT_TURNS = 10
 """A topic gets PUB heartbeats for this many heartbeat intervals after its last commit (configured topics always):
 long enough for a subscriber to notice a lost last event, and idle cost does not grow with the topic count."""
@@ -207,6 +211,9 @@ class Hub:
         # in use, not per topic ever made; `_pending_topics` are new topics this turn's batch will create.
         self.declared = declared_topics(cfg)
         self.active: dict[str, float] = {}
+        # The topics of the heartbeat round under way (see HEARTBEAT_SLICE), and when it began.
+        self._hb_todo: collections.deque[str] = collections.deque()
+        self._hb_round = 0.0
         self._pending_topics: set[str] = set()
         self._stream_waits: list[StreamWait] = []  # see _wait_for_streams
         # An operator's `dlq retry|purge` commits in steps, each in a turn of its own (see HubOps.on_dlq).
@@ -228,7 +235,7 @@ class Hub:
         self._retention_dropped = 0  # dropped by the slices of the current run, logged when it ends
         # Gauges, rates, socket monitors, replay, DLQ, group removal: see hub/ops.py.
         self.ops = HubOps(cfg, self.metrics, self.journal, self.groups, self.net, new_event=self._new,
-                          live_topics=self.live_topics, journal_ok=lambda: self.write_error is None,
+                          journal_ok=lambda: self.write_error is None,
                           queued=self.ingress_q.qsize, too_large=self._too_large, group_topics=self._group_topics)
         if cfg.security.curve:  # fail at startup, with one line, not in the loop
             check_key_files(cfg.security)
@@ -365,6 +372,8 @@ class Hub:
             t = min(t, self.cfg.journal.lease_ttl / 6)  # lease rounds run on ticks
         if self._stream_waits:
             t = min(t, max(0.0, min(w.deadline for w in self._stream_waits) - now))
+        if self._hb_todo:
+            t = min(t, 0.001)  # the next slice of a heartbeat round: a turn apart, so events go between slices
         if self._retention_behind:
             t = min(t, max(0.0, self._last_retention + RETENTION_INTERVAL - now))
         if self.http is not None:
@@ -421,6 +430,8 @@ class Hub:
         if now - self._last_hb >= self.cfg.hub.heartbeat_interval:
             self._heartbeats(now)
             self.ops.periodic(now)
+        elif self._hb_todo:
+            self._heartbeat_slice(now)
         if now - self._last_retention >= RETENTION_INTERVAL:
             self._last_retention = now
             self._retention()
@@ -1047,8 +1058,9 @@ class Hub:
             if self.ha is not None and had and rm.group not in self.groups:
                 self._removed(rm.group)
         elif cmd == P.STATUS:
-            req = P.decode(raw, P.Status).req
-            self.net.send([ident, P.STATUSR, P.enc({"req": req, **self._visible(self.status(now))})])
+            sr = P.decode(raw, P.Status)
+            st = self._visible(self.status(now, sr.topics))
+            self.net.send([ident, P.STATUSR, P.enc({"req": sr.req, **st})])
         elif cmd == P.BYE:
             self._on_bye(ident, P.decode(raw, P.Bye))
         elif cmd == P.GONE:
@@ -1439,19 +1451,37 @@ class Hub:
         for w in list(self.workers.values()):
             if now - w.last_sent >= interval and self.net.send([w.ident, P.HB, b"{}"]):
                 w.last_sent = now
-        keep = now - max(RATE_WINDOW, HEARTBEAT_TURNS * interval)
-        for t in [t for t, at in self.active.items() if at < keep]:
-            del self.active[t]
-        heads = self.journal.heads
-        for topic in self.live_topics(now - HEARTBEAT_TURNS * interval):
-            head = heads.get(topic)
-            if head is not None:
-                self.net.publish([P.topic_frame(topic), str(head).encode(), P.HEARTBEAT_FRAME])
+        if not self._hb_todo:  # a round not finished yet (a great many topics) goes on: each topic gets its turn
+            declared = self.declared
+            self._hb_todo.extend(declared)
+            self._hb_todo.extend(t for t in self.active if t not in declared)
+            self._hb_round = now
+        self._heartbeat_slice(now)
 
-    def live_topics(self, since: float) -> frozenset[str]:
-        """The configured topics and those that committed since `since` (monotonic): what heartbeats and rate
-        windows cover."""
-        return self.declared | {t for t, at in self.active.items() if at >= since}
+    def _heartbeat_slice(self, now: float) -> None:
+        """The next HEARTBEAT_SLICE topics of the round: a PUB heartbeat for those committed to in the last
+        HEARTBEAT_TURNS intervals (configured ones always), a rate sample for those of the last RATE_WINDOW; a
+        topic quiet for longer than both leaves `active` here, so no turn walks every topic."""
+        todo, heads, declared, active = self._hb_todo, self.journal.heads, self.declared, self.active
+        hb_since = self._hb_round - HEARTBEAT_TURNS * self.cfg.hub.heartbeat_interval
+        rate_since = self._hb_round - RATE_WINDOW
+        for _ in range(min(HEARTBEAT_SLICE, len(todo))):
+            topic = todo.popleft()
+            at = active.get(topic, float("-inf"))
+            always = topic in declared
+            if not always and at < min(hb_since, rate_since):
+                if topic in active:
+                    del active[topic]
+                    self.ops.forget_topic(topic)
+                continue
+            head = heads.get(topic)
+            if head is None:
+                continue
+            if always or at >= hb_since:
+                pubs = self.net.targets(topic)
+                if pubs:
+                    self.net.publish([P.topic_frame(topic), str(head).encode(), P.HEARTBEAT_FRAME], pubs)
+            self.ops.sample_topic(topic, head, now, always or at >= rate_since)
 
     def _retention(self) -> None:
         t0 = time.monotonic()
@@ -1614,7 +1644,8 @@ class Hub:
                     extra={"group": group, "topic": topic, "seqs": f"{first}-{first + count - 1}", "skipped": count})
 
     # -- status ----------------------------------------------------------------------------------------------
-    def status(self, now: float | None = None) -> dict[str, Any]:
+    def status(self, now: float | None = None, topics: list[str] | None = None) -> dict[str, Any]:
+        """`topics`: only those in the topics section (the groups' sections list their own topics as ever)."""
         now = time.monotonic() if now is None else now
         heads = self.journal.heads
         groups = {}
@@ -1650,7 +1681,8 @@ class Hub:
                                "backend": self.cfg.journal.backend}
         st = {
             "hub": hub,
-            "topics": {t: {"head": h} for t, h in sorted(heads.items())},
+            "topics": ({t: {"head": h} for t, h in sorted(heads.items())} if topics is None else
+                       {t: {"head": heads[t]} for t in sorted(set(topics)) if t in heads}),
             "groups": groups,
         }
         if self.ha is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -67,28 +66,34 @@ _EVENTS: dict[int, str] = {
 }
 
 
-class RateWindow:
-    """Head samples of one topic over the last RATE_WINDOW seconds; rate = events committed per second."""
+RateWindow = tuple[float, int, float, int]
+"""A topic's rate, as two head samples (time, head): the older one between RATE_WINDOW / 2 and RATE_WINDOW before the
+newest sample, the other the last one taken at least RATE_WINDOW / 2 after it. A tuple of numbers, not a deque of
+samples: a hub with tens of thousands of live topics held millions of small objects there, which every full
+garbage collection walked (a loop turn of 50-100 ms every few seconds with 60,000 topics); a tuple of numbers is
+not tracked by the collector at all."""
 
-    def __init__(self) -> None:
-        self.samples: deque[tuple[float, int]] = deque()
 
-    def add(self, now: float, head: int) -> None:
-        self.samples.append((now, head))
-        while len(self.samples) > 2 and now - self.samples[1][0] >= RATE_WINDOW:
-            self.samples.popleft()
+def rate_sample(rw: RateWindow | None, now: float, head: int) -> RateWindow:
+    if rw is None:
+        return (now, head, now, head)
+    t0, h0, t1, h1 = rw
+    if now - t1 >= RATE_WINDOW / 2:
+        return (t1, h1, now, head)
+    return rw
 
-    def rate(self) -> float:
-        if len(self.samples) < 2:
-            return 0.0
-        (t0, h0), (t1, h1) = self.samples[0], self.samples[-1]
-        return (h1 - h0) / (t1 - t0) if t1 > t0 else 0.0
+
+def rate_of(rw: RateWindow | None, now: float, head: int) -> float:
+    """Events committed per second from the older sample to (now, head)."""
+    if rw is None or now <= rw[0]:
+        return 0.0
+    return (head - rw[1]) / (now - rw[0])
 
 
 class HubOps:
     def __init__(self, cfg: Config, metrics: HubMetrics, journal: JournalAPI, groups: dict[str, GroupState],
                  net: Listeners, *, new_event: Callable[[Event, str], NewEvent],
-                 live_topics: Callable[[float], frozenset[str]], journal_ok: Callable[[], bool],
+                 journal_ok: Callable[[], bool],
                  queued: Callable[[], int], group_topics: Callable[[str], Collection[str] | None],
                  too_large: Callable[[Event, str], str | None] = lambda ev, t: None) -> None:
         """`groups` is the hub's own mapping (removing a group here removes it from the hub); `new_event` makes a
@@ -105,7 +110,6 @@ class HubOps:
         self.new_event = new_event
         self.too_large = too_large
         self.group_topics = group_topics
-        self.live_topics = live_topics
         self.journal_ok = journal_ok
         self.queued = queued
         self.rates: dict[str, RateWindow] = {}
@@ -186,20 +190,6 @@ class HubOps:
         """Refresh every gauge; called each heartbeat so dashboards do not depend on someone running status."""
         m = self.metrics
         heads = self.journal.heads
-        live = self.live_topics(now - RATE_WINDOW)  # not every topic ever made: idle cost stays flat
-        for t in live:
-            h = heads.get(t)
-            if h is None:
-                continue
-            rw = self.rates.setdefault(t, RateWindow())
-            rw.add(now, h)
-            if m.topic_label(t) == t:
-                m.head.labels(t).set(h)
-                m.topic_rate.labels(t).set(round(rw.rate(), 3))
-        for t in [t for t in self.rates if t not in live]:
-            del self.rates[t]  # quiet for a whole window: its rate is 0
-            if m.topic_label(t) == t:
-                m.topic_rate.labels(t).set(0)
         for g in self.groups.values():
             self._group_gauges(g, heads, now)
         m.journal_available.set(1 if self.journal_ok() else 0)
@@ -211,6 +201,23 @@ class HubOps:
                 m.journal_bytes.set(self.journal_bytes)
             except Exception as e:  # a size probe must not stop the loop
                 log.debug("journal size probe failed", extra={"error": str(e)})
+
+    def sample_topic(self, t: str, head: int, now: float, live: bool) -> None:
+        """A topic's turn in the hub's heartbeat round (in slices: see hub.loop.HEARTBEAT_SLICE): its head and
+        rate gauges; `live`: committed to within RATE_WINDOW (or configured), else its rate is 0."""
+        m = self.metrics
+        if live:
+            rw = self.rates[t] = rate_sample(self.rates.get(t), now, head)
+            if m.topic_label(t) == t:
+                m.head.labels(t).set(head)
+                m.topic_rate.labels(t).set(round(rate_of(rw, now, head), 3))
+        else:
+            self.forget_topic(t)
+
+    def forget_topic(self, t: str) -> None:
+        """Quiet for a whole window: its rate is 0, and its window goes (one per topic in use, not ever made)."""
+        if self.rates.pop(t, None) is not None and self.metrics.topic_label(t) == t:
+            self.metrics.topic_rate.labels(t).set(0)
 
     def _group_gauges(self, g: GroupState, heads: dict[str, int], now: float) -> None:
         m = self.metrics
@@ -282,8 +289,7 @@ class HubOps:
         st["hub"].update(version=__version__, schema=SCHEMA_VERSION, proto=P.PROTO,
                          ingress_pending=self.ingress_pending(), journal_bytes=self.journal_bytes)
         for t, v in st["topics"].items():
-            rw = self.rates.get(t)
-            v["rate"] = round(rw.rate(), 3) if rw else 0.0
+            v["rate"] = round(rate_of(self.rates.get(t), now, v["head"]), 3)
         for name, gs in st["groups"].items():
             g = self.groups[name]
             gs["ready"] = len(g.ready)
