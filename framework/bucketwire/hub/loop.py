@@ -1098,6 +1098,16 @@ class Hub:
         if why is not None:
             self.net.forbidden(ident, why)
             return
+        if group not in self.groups and group not in self.wanted and group not in self.cfg.groups:
+            unnamed = {n for n in (*self.groups, *self.wanted) if n not in self.cfg.groups}
+            if len(unnamed) >= self.cfg.hub.max_groups:
+                why = (f"group {group!r} would be one more group the config does not name, past [hub] max_groups = "
+                       f"{self.cfg.hub.max_groups}; add [groups.{group}] to the hub's config, remove unused ones "
+                       "(bucketwire group rm NAME), or raise max_groups")
+                log.warning("worker refused: too many groups", extra={"group": group, "max_groups":
+                                                                       self.cfg.hub.max_groups})
+                self.net.send([ident, P.ERR, P.enc(P.Err(fatal=True, error=why))])
+                return
         if self.ha is not None and group not in self.groups:
             self.wanted.setdefault(group, (list(topics), hdr.start))
             self._moved(ident, group, now)
