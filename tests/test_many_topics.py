@@ -31,6 +31,7 @@ publish = "tcp://127.0.0.1:{free_port()}"
 work = "tcp://127.0.0.1:{free_port()}"
 state_dir = "{tmp / 'state'}"
 max_topics = {TOPICS + 10}
+max_groups = 100000
 heartbeat_interval = 30
 heartbeat_timeout = 90
 """)
