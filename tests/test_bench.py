@@ -234,3 +234,13 @@ def test_ids() -> None:
     assert res["prefill"] == 3000 and len(res["ordered_us"]) == len(res["random_us"]) == 1
     assert res["ordered_median_us"] > 0 and res["random_median_us"] > 0
     assert res["ratio"] == res["random_median_us"] / res["ordered_median_us"]
+
+
+def test_topics() -> None:
+    r = bench("topics", "--topics", "600", "--subscriber", "--rate", "500", "--seconds", "0.3", "--rounds", "1")
+    assert r["topics"] == 600 and r["subscriber"] is True
+    runs = r["runs"]
+    assert len(runs["baseline"]) == len(runs["many"]) == 1
+    assert runs["baseline"][0]["n"] == runs["many"][0]["n"] == 150, "both sides measured the same events"
+    for p in ("p50", "p90", "p99"):
+        assert r[p]["ratio"] == r[p]["many"] / r[p]["baseline"]

@@ -35,4 +35,5 @@ def test_a_group_past_max_groups_is_refused_in_one_line_and_configured_groups_ne
     s.start_worker("keep", 1)  # a configured group is never refused
     with s.client() as c:
         c.publish("a1", {"n": 1})
-    wait_for(lambda: any(r["t"] == "a1" and r["g"] == "adhoc1" for r in s.handled()), 30, "the ad-hoc groups still work")
+    wait_for(lambda: any(r["t"] == "a1" and r["g"] == "adhoc1" for r in s.handled()), 30,
+             "the ad-hoc groups still work")
