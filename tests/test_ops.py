@@ -436,3 +436,19 @@ def test_status_hint_for_a_stalled_group_not_in_the_config_runs_as_printed(stack
     wait_for(lambda: s.status()["groups"]["adhoc"]["state"] == "stalled", 20, "the group to stall")
     hint = next(x for x in cli(s, "status").stdout.splitlines() if x.startswith("! group adhoc"))
     assert "--group adhoc --topic jobs --plugin" in hint, hint
+
+
+def test_status_text_with_tens_of_thousands_of_topics_shows_the_consumed_and_busiest_and_counts_the_rest() -> None:
+    """It printed a table row per topic: 60,000 lines for a hub with 60,000 topics."""
+    from bucketwire.commands.ops import TOPIC_ROWS, render_status
+
+    topics = {f"t{i:05d}": {"head": 1, "rate": 0.0} for i in range(60_000)}
+    topics["t59999"]["rate"] = 9.5  # the busiest, last by name
+    group = {"topics": {"t30000": {"cursor": 1, "head": 1, "lag": 0}}, "inflight": 0, "workers": 1,
+             "retrying": 0, "dead_lettered": 0, "state": "idle"}
+    text = render_status({"hub": {}, "groups": {"g": group}, "topics": topics})
+    rows = [ln for ln in text.splitlines() if re.match(r"^t\d{5}\s", ln)]
+    assert len(rows) == TOPIC_ROWS, len(rows)
+    assert rows[0].startswith("t00000") and any(r.startswith("t30000") for r in rows), "consumed topics shown"
+    assert any(r.startswith("t59999") and "9.5" in r for r in rows), "the busiest shown"
+    assert f"and {60_000 - TOPIC_ROWS:,} more topics (status --json lists every one)" in text

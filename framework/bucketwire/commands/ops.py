@@ -134,6 +134,10 @@ def _configured_groups(config_path: str | None) -> set[str] | None:
         return None
 
 
+TOPIC_ROWS = 50
+"""Topics `status` shows in its table when there are more: those a group consumes, then the busiest."""
+
+
 def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
     """The `kafka-consumer-groups --describe` view: where events pile up and why, at a glance. The commands in
     its hints name `config_path`, so they run pasted as printed."""
@@ -178,9 +182,16 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
                 if age is not None and age >= LEASES_STALE else "")
         lines += [f"this hub: {h.get('id', '?')}{note}", table(drows), ""]
     trows: list[tuple[str, ...]] = [("TOPIC", "HEAD", "RATE/S", "CONSUMED-BY")]
-    for t, ts in sorted(st.get("topics", {}).items()):
+    topics = st.get("topics", {})
+    shown = sorted(topics)
+    if len(shown) > TOPIC_ROWS:  # a table of 60,000 lines helps nobody: the consumed and the busiest ones
+        shown = sorted(sorted(topics, key=lambda t: (t not in consumers, -topics[t].get("rate", 0.0), t))[:TOPIC_ROWS])
+    for t in shown:
+        ts = topics[t]
         trows.append((t, str(ts["head"]), f"{ts.get('rate', 0.0):.1f}", ",".join(consumers.get(t, [])) or "-"))
     lines.append(table(trows) if len(trows) > 1 else "no topics yet")
+    if len(shown) < len(topics):
+        lines.append(f"... and {len(topics) - len(shown):,} more topics (status --json lists every one)")
     hints = []
     configured = _configured_groups(config_path)
     for g, gs in sorted(st.get("groups", {}).items()):
