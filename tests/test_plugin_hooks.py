@@ -502,3 +502,59 @@ def test_tracing_reports_an_exception_whose_str_fails_without_replacing_it() -> 
     replaced it with that RuntimeError, so the event failed (and was dead-lettered) as something else."""
     with PluginHarness(RaisesUnprintable(), name="u", trace=True) as h, pytest.raises(UnprintableError):
         h.handle(ev())
+
+
+def _helper_that_yields(event: Event) -> Iterator[None]:
+    raise AssertionError("never runs: nobody iterates it")
+    yield None
+
+
+async def _async_helper() -> None:
+    raise AssertionError("never runs: nobody awaits it")
+
+
+class ReturnsAGenerator:
+    """A plain hook handing back a generator its helper made (a helper written with `yield`, for a progress
+    loop, say): the helper's body never runs."""
+
+    @hookimpl
+    def handle_event(self, event: Event) -> Iterator[None]:
+        return _helper_that_yields(event)
+
+
+def test_a_handler_that_returns_a_generator_fails_its_event_instead_of_acking_work_never_done() -> None:
+    """Returning a coroutine fails the event (its work never ran); a generator is the same mistake one keyword
+    away, and its event was acked undone."""
+    with PluginHarness(ReturnsAGenerator(), name="gen") as h, pytest.raises(TypeError) as e:
+        h.handle(ev())
+    assert "generator" in str(e.value) and "never ran" in str(e.value), str(e.value)
+
+
+class StartupReturnsACoroutine:
+    @hookimpl
+    def worker_startup(self, ctx: Context) -> Any:
+        return _async_helper()  # the connection pool it opens is never opened
+
+
+class ShutdownReturnsAGenerator:
+    @hookimpl
+    def worker_shutdown(self, ctx: Context) -> Any:
+        return _helper_that_yields(ev())  # what it flushes is never flushed
+
+
+def test_a_startup_hook_that_returns_a_coroutine_stops_with_one_line() -> None:
+    """worker_startup handing back an un-awaited coroutine opened nothing, and the child went on to take events
+    with none of what they need (a RuntimeWarning at best); it is the plugin's mistake to fix, said in one line."""
+    with pytest.raises(ConfigError) as e, PluginHarness(StartupReturnsACoroutine(), name="st"):
+        pass
+    line = str(e.value)
+    assert line.startswith("plugin 'st': worker_startup returned coroutine") and "await" in line, line
+
+
+def test_a_shutdown_hook_that_returns_a_generator_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    h = PluginHarness(ShutdownReturnsAGenerator(), name="sd").start()
+    with caplog.at_level(logging.ERROR, logger="bucketwire.worker"):
+        h.stop()
+    assert any("worker_shutdown" in r.getMessage() and "never ran" in str(r.exc_info[1] if r.exc_info else
+                                                                         r.getMessage())
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

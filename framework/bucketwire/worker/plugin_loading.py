@@ -471,7 +471,7 @@ class PluginRunner:
                 threading.Thread(target=_report_slow_startup, args=(name, slow_after, done),
                                  name="startup-watch", daemon=True).start()
             try:
-                caller(ctx=self.ctx(name))
+                returned = caller(ctx=self.ctx(name))
             except ConfigError as e:
                 raise ConfigError(f"[plugins.{name}] {e}") from None
             except Exception as e:
@@ -484,12 +484,17 @@ class PluginRunner:
                 raise
             finally:
                 done.set()
+            try:
+                no_awaitable(returned, "worker_startup")
+            except TypeError as e:
+                # What it should have opened is not open, and every event would meet that; the plugin's to fix.
+                raise ConfigError(f"plugin {name!r}: {e}") from None
 
     def shutdown(self) -> None:
         """`worker_shutdown` for each plugin; one failing does not keep the others from closing their resources."""
         for name, caller in self.loaded.callers("worker_shutdown"):
             try:
-                caller(ctx=self.ctx(name))
+                no_awaitable(caller(ctx=self.ctx(name)), "worker_shutdown")
             except Exception:
                 logging.getLogger("bucketwire.worker").exception("worker_shutdown failed", extra={"plugin": name})
 
@@ -540,18 +545,21 @@ class PluginRunner:
         return out
 
 
-def no_awaitable(returned: list[Any]) -> None:
-    """Raise for a handle_event that returned a coroutine or another awaitable: it called async code and handed
-    back the work instead of doing it, so acking the event would ack work that never ran (`async def` hooks are
-    refused at start; this is the same mistake one call away). What else a handler returns is ignored."""
+def no_awaitable(returned: list[Any], hook: str = "handle_event") -> None:
+    """Raise for a hook that returned a coroutine (or another awaitable), a generator or an async generator: it
+    called code that runs only when awaited or iterated and handed it back instead of running it, so acking the
+    event (or going on after `worker_startup`) would take for done work that never ran (`async def` and yielding
+    hooks are refused at start; this is the same mistake one call away). What else a hook returns is ignored."""
     for r in returned:
-        if inspect.isawaitable(r):
+        if inspect.isawaitable(r) or inspect.isgenerator(r) or inspect.isasyncgen(r):
             close = getattr(r, "close", None)
-            if inspect.iscoroutine(r) and close is not None:
+            if (inspect.iscoroutine(r) or inspect.isgenerator(r)) and close is not None:
                 close()  # no "coroutine was never awaited" warning on top of this failure
-            raise TypeError(f"handle_event returned {type(r).__name__} {getattr(r, '__qualname__', '')!s}: the "
-                            "async work it stands for never ran; await it inside the handler (asyncio.run(...)) "
-                            "and return None")
+            kind = "generator" if inspect.isgenerator(r) or inspect.isasyncgen(r) else type(r).__name__
+            fix = ("iterate it inside the hook (for _ in ...: pass, or list(...))" if inspect.isgenerator(r)
+                   else "await it inside the hook (asyncio.run(...))")
+            raise TypeError(f"{hook} returned {kind} {getattr(r, '__qualname__', '')!s}: the work it stands for "
+                            f"never ran; {fix} and return None")
 
 
 def _report_slow_startup(name: str, every: float, done: threading.Event) -> None:
