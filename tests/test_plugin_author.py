@@ -220,3 +220,48 @@ def test_a_setting_worker_startup_reads_but_the_config_lacks_is_named() -> None:
         pass
     assert str(ei.value) == ("[plugins.opener] path: required, and missing; add path = ... to the [plugins.opener] "
                              "section of the config")
+
+
+BAD_VALIDATION = '''
+from bucketwire import hookimpl
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no text")
+
+@hookimpl
+def validate_settings(settings):
+    if settings.get("how") == "assert":
+        assert isinstance(settings.get("size"), int), "size: expected an integer"
+    if settings.get("how") == "lookup":
+        raise LookupError("size")
+    raise Unprintable()
+
+@hookimpl
+def handle_event(event):
+    pass
+'''
+
+
+@pytest.mark.parametrize(("how", "said"), [
+    ("assert", "AssertionError: size: expected an integer"),
+    ("lookup", "LookupError: size"),
+    ("unprintable", "Unprintable"),
+])
+def test_validate_settings_raising_another_exception_is_one_line(stack_factory: Any, tmp_path: Path, how: str,
+                                                                 said: str) -> None:
+    """The hook's docs say to raise ConfigError or ValueError; an `assert` (or any other exception, one whose
+    str() fails too) printed a traceback of pluggy's frames and the plugin's at every worker start. The settings
+    are the operator's to fix: one line naming the plugin and what it raised."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "strict.py"
+    f.write_text(BAD_VALIDATION)
+    s = stack_factory(f'\n[plugins.strict]\nhow = "{how}"\nsize = "x"\n')
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "worker", "-c", str(s.cfg_path), "--group", "g",
+                        "--topic", "t", "--plugin", str(f)], capture_output=True, text=True, timeout=60, env=s.env)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("Error: [plugins.strict] validate_settings raised ") and said in line, line

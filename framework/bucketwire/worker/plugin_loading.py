@@ -330,12 +330,26 @@ def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]])
             raise _missing_setting(name, e, out[name]) or ConfigError(f"[plugins.{name}] {e}") from None
         except (ConfigError, ValueError, TypeError) as e:
             raise ConfigError(f"[plugins.{name}] {e}") from None
+        except Exception as e:
+            # An `assert` or any other exception: still the settings the operator must fix (the hook's only
+            # input), so one line naming what was raised, not a traceback through pluggy at every start.
+            raise ConfigError(f"[plugins.{name}] validate_settings raised {_said(e)}; fix the [plugins.{name}] "
+                              "section") from None
         res = results[0] if results else None
         if res is not None:
             if not isinstance(res, dict):
                 raise ConfigError(f"plugin {name!r}: validate_settings must return a dict or None")
             out[name] = res
     return out
+
+
+def _said(e: BaseException) -> str:
+    """`Type: text` of an exception, whose str() may itself fail (the type alone then)."""
+    try:
+        text = str(e)
+    except Exception:
+        text = ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def split_topics(sections: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]],
