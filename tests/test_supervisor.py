@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.fixtures_hub import wait_for
 
@@ -59,3 +60,45 @@ def test_sigterm_during_restart_backoff_drains_and_exits_promptly(tmp_path: Path
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+STUCK_SHUTDOWN = '''
+import time
+from bucketwire import hookimpl
+
+
+@hookimpl
+def worker_shutdown(ctx):
+    time.sleep(3600)  # a client's close() that never returns (a server that does not answer)
+
+
+@hookimpl
+def handle_event(event, ctx):
+    with open({out!r}, "a") as f:
+        f.write(str(event.data["n"]) + "\\n")
+'''
+
+
+def test_a_reload_whose_child_hangs_in_worker_shutdown_replaces_it_after_the_drain_timeout(
+        stack_factory: Any, tmp_path: Path) -> None:
+    """kill -HUP drains each child and replaces it once it exits. A plugin whose worker_shutdown hangs kept its
+    child from exiting: the slot was never replaced and the pool took no event again, with nothing in its log
+    (a stop is bounded by --drain-timeout; a reload was not). Now the reload gives it --drain-timeout too, then
+    kills it, says so and starts the new child."""
+    out, plug = tmp_path / "handled.txt", tmp_path / "stuck_shutdown.py"
+    plug.write_text(STUCK_SHUTDOWN.format(out=str(out)))
+    s = stack_factory()
+    s.start_hub()
+    w = s.start_worker("st", 1, "--topic", "in", "--plugin", str(plug), "--drain-timeout", "1")
+    log = s.logs[-1]
+    with s.client() as c:
+        c.publish("in", {"n": 1})
+    wait_for(lambda: out.exists() and out.read_text() == "1\n", 30, "event 1 handled")
+    w.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloading" in log.read_text(), 20, "the pool to start its reload")
+    with s.client() as c:
+        c.publish("in", {"n": 2})
+    wait_for(lambda: out.read_text() == "1\n2\n" or w.poll() is not None, 30, "event 2 handled by the new child")
+    assert w.poll() is None, s.dump_logs()
+    text = log.read_text()
+    assert "did not drain in time" in text and "worker child died" not in text, text[-3000:]

@@ -181,6 +181,9 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     reload = threading.Event()
     woken = _stop_wakeup(stop, reload)
     reloading: set[int] = set()  # slots whose child was asked to drain by a SIGHUP: replaced at once, not a crash
+    # When each of those is killed if it has not exited: a reload is bounded by drain_timeout as a stop is (a
+    # worker_shutdown that hangs kept its slot empty for good, the pool taking no event again).
+    reload_by: dict[int, float] = {}
     children: dict[int, Any] = {}
     slots: dict[int, RunningSlot] = {}
     timed_out: dict[int, Running] = {}
@@ -253,12 +256,19 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                     "group": spec.group, "children": len(live)})
                 for slot in live:
                     reloading.add(slot)
+                    reload_by[slot] = time.monotonic() + drain_timeout
                     os.kill(children[slot].pid, signal.SIGTERM)
             now = time.monotonic()
+            for slot in [s for s, t in reload_by.items() if t <= now]:
+                del reload_by[slot]
+                if children[slot].is_alive():
+                    log.warning("child did not drain in time for the reload; killing", extra={
+                        "pid": children[slot].pid, "slot": slot, "drain_timeout": drain_timeout})
+                    children[slot].kill()
             for slot in [s for s, t in respawn_at.items() if t <= now]:
                 del respawn_at[slot]
                 spawn(slot)
-            wake = min([kill_overdue(now), *respawn_at.values()])
+            wake = min([kill_overdue(now), *respawn_at.values(), *reload_by.values()])
             sentinels = {p.sentinel: slot for slot, p in children.items() if slot not in respawn_at}
             ready = wait([*sentinels, woken], timeout=max(0.0, wake - time.monotonic()))
             for s in ready:
@@ -271,7 +281,12 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                     break
                 if slot in reloading:
                     reloading.discard(slot)
-                    if p.exitcode == 0:
+                    overdue = slot not in reload_by  # killed above, past drain_timeout
+                    reload_by.pop(slot, None)
+                    if p.exitcode == 0 or (overdue and p.exitcode == -signal.SIGKILL):
+                        if p.exitcode != 0:  # as a stop does: a handler still running is charged, the rest given back
+                            report(slot, slots[slot].read(),
+                                   f"handler still running after the {drain_timeout:g} s drain timeout")
                         spawn(slot)
                         log.info("worker child restarted to load the plugins again", extra={"slot": slot})
                         continue
