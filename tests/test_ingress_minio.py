@@ -213,3 +213,29 @@ def test_other_methods_are_refused(stack):
     out = _raw_http(stack, b"PUT /minio/events HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
     assert out.startswith(b"HTTP/1.1 405") and b"not allowed" in out
     assert stack.status()["topics"] == {}
+
+
+@pytest.mark.parametrize(("event_time", "envelope_time"), [
+    ("2024-05-01T10:00:00.123Z", "2024-05-01T10:00:00.123Z"),  # MinIO's and AWS's form: kept as sent
+    ("2024-05-01T12:00:00.5+02:00", "2024-05-01T12:00:00.5+02:00"),
+    ("2024-05-01T10:00:00.123", "2024-05-01T10:00:00.123000Z"),  # no zone: S3 times are UTC
+    ("2024-05-01 10:00:00.123456Z", "2024-05-01T10:00:00.123456Z"),
+    ("20240501T100000Z", "2024-05-01T10:00:00.000000Z"),  # ISO 8601's basic form, not RFC 3339's
+    ("yesterday", None),  # no time at all: when the hub took it
+])
+def test_a_records_event_time_becomes_a_valid_cloudevents_time(stack, event_time, envelope_time):
+    """The envelope's `time` is bucketwire's to write, and CloudEvents wants an RFC 3339 timestamp with a zone.
+    A record's eventTime was copied as sent, so a store (or proxy) writing another ISO 8601 form made an
+    envelope the CloudEvents SDK refuses to read. The original stays in data.records; the id keeps its time."""
+    from tests.cloudevents_check import assert_cloudevent
+
+    r = record("s3:ObjectCreated:Put", "photos", "t.jpg", size=1, request_id="T1")
+    r["eventTime"] = event_time
+    code, resp = stack.post("/minio/events", body(r))
+    assert code == 200, resp
+    (env,) = fetch_all(stack, "created")
+    assert_cloudevent(env)
+    if envelope_time is not None:
+        assert env["time"] == envelope_time
+        assert env["id"].startswith("018f3398c"), "the id still leads with the record's time"
+    assert env["data"]["records"][0]["eventTime"] == event_time

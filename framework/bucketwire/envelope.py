@@ -156,6 +156,28 @@ def iso_ms(value: str) -> int | None:
         return None
 
 
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
+
+
+def cloudevents_time(value: str) -> str | None:
+    """`value` as a CloudEvents `time` (an RFC 3339 timestamp with its zone): itself when it is one, else the
+    same instant in that form when it is another ISO 8601 time (one without a zone taken as UTC, as S3's are), else
+    None. Why: an envelope bucketwire writes must be one the CloudEvents SDKs read, and a store or proxy writing
+    `2024-05-01 10:00:00` or `20240501T100000Z` as an S3 record's eventTime made one they refuse."""
+    if _RFC3339.fullmatch(value):
+        return value
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    try:
+        return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except (OverflowError, ValueError):
+        return None
+
+
 T = TypeVar("T")
 
 

@@ -15,7 +15,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from bucketwire.envelope import Event, iso_ms, now_iso, ordered_id
+from bucketwire.envelope import Event, cloudevents_time, iso_ms, now_iso, ordered_id
 
 MAX_RECORDS = 1000
 
@@ -124,7 +124,9 @@ def record_to_event(rec: Any, *, store: str | None, key_encoded: bool = True, in
         source=f"{source_name}.{region}.{bucket}" if region else f"{source_name}..{bucket}",
         type=name,
         subject=key,
-        time=event_time or now_iso(),
+        # The record's own time in the form CloudEvents requires (the record keeps what was sent); without one
+        # that reads as a time, when the hub took it.
+        time=(cloudevents_time(event_time) if event_time else None) or now_iso(),
         data=data,
     )
 
