@@ -269,3 +269,34 @@ def test_a_handler_that_returns_a_coroutine_fails_its_event_instead_of_acking_wo
     (dl,) = dead_letters(s)
     assert dl["event"]["id"] == bad.id and "coroutine" in dl["line"] and "await" in dl["line"], dl["line"]
     assert "k2" in [r["key"] for r in s.handled()]
+
+
+def test_a_pool_stopped_mid_batch_finishes_the_event_in_hand_and_gives_back_the_rest(stack_factory: Any,
+                                                                                     tmp_path: Any) -> None:
+    """SIGTERM while a child's handler runs with more of its batch queued behind it: the running event is finished
+    and acked (with its follow-on) by that child, the queued ones go back uncharged and are handled once, on their
+    first attempt, by the pool that takes over; nothing is lost or handled twice (README "A drain")."""
+    s = stack_factory(CFG.format(extra=""))
+    s.start_hub()
+    a = s.start_worker("a", 1)
+    release = tmp_path / "release"
+    first = job("first", mark_start=True, hold=str(release), follow=1)
+    rest = [job(f"queued-{i}") for i in range(10)]
+    with s.client() as c:
+        c.publish_events([first, *rest])
+    started = s.record.with_name(s.record.name + ".started")
+    wait_for(lambda: started.exists() and started.read_text().strip(), 20, "the first handler to start")
+    wait_for(lambda: s.status()["groups"]["a"]["inflight"] == 11, 20, "the whole batch in the child's hands")
+    a.send_signal(signal.SIGTERM)
+    wait_for(lambda: "draining worker pool" in s.logs[-1].read_text(), 20, "the pool to begin its drain")
+    release.touch()
+    assert a.wait(30) == 0, s.dump_logs()
+    s.start_worker("a", 1)
+    wait_for(lambda: len(s.handled()) >= 11 and s.status()["groups"]["a"]["lag"] == 0, 30, "every event handled")
+    rows = s.handled()
+    assert sorted(r["key"] for r in rows) == sorted(["first"] + [f"queued-{i}" for i in range(10)]), rows
+    assert {r["a"] for r in rows} == {1}, "nothing was charged an attempt by the drain"
+    assert {r["pid"] for r in rows if r["key"] == "first"} != {r["pid"] for r in rows if r["key"] != "first"}
+    with s.client() as c:
+        _, bodies = c.fetch("follow", 1)
+    assert len(bodies) == 1, "the finished event's follow-on committed once"
