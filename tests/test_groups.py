@@ -150,3 +150,38 @@ def test_pools_of_one_group_running_different_plugins_are_named(stack_factory: A
     assert line is not None and "group=a" in line and "extra_step" in line, hub_log
     out = cli(s, "status")
     assert "different plugins" in out.stdout and "extra_step" in out.stdout, out.stdout
+
+
+STASHES_IN_SETTINGS = '''
+import threading
+from bucketwire import hookimpl
+
+
+@hookimpl
+def worker_startup(ctx):
+    ctx.settings["lock"] = threading.Lock()  # a process resource kept in its settings rather than ctx.state
+
+
+@hookimpl
+def handle_event(event, ctx):
+    pass
+'''
+
+
+def test_one_pool_whose_plugin_keeps_objects_in_its_settings_is_not_called_divided(stack_factory: Any,
+                                                                                   tmp_path: Path) -> None:
+    """The digest READY carries was taken of each child's settings after its worker_startup: a plugin that kept
+    a lock or a client in `ctx.settings` (not `ctx.state`, but it works) gave every child of one pool its own
+    digest (the object's repr holds its address), and the hub warned that the pool's own children ran the same
+    plugins with different settings, a false alarm in the log and a '!' line in status. The digest is of the
+    validated settings, as the config gives them."""
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    plug = tmp_path / "stash.py"
+    plug.write_text(STASHES_IN_SETTINGS)
+    s.start_worker("a", 3, "--plugin", str(plug))
+    with s.client() as c:
+        c.publish("jobs", {"n": 1})
+    wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0, 20, "the event handled")
+    assert "different" not in _hub_log(s), _hub_log(s)[-2000:]
+    assert "different" not in cli(s, "status").stdout

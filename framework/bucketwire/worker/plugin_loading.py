@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -453,6 +454,10 @@ class PluginRunner:
         if trace if trace is not None else tracing_requested():
             enable_tracing(loaded.pm)
         self.settings = validate_settings(loaded, plain)
+        # Taken now, of the settings as validated: a plugin may keep objects in `ctx.settings` once it runs (a lock,
+        # a client), whose reprs differ per process, and the children of one pool then told the hub they were
+        # configured differently.
+        self._digest = _digest(self.settings)
         self.state: dict[str, dict[str, Any]] = {n: {} for n in loaded.names}
         self.loggers = {n: logging.getLogger(f"bucketwire.plugin.{n}") for n in loaded.names}
         self.handlers = loaded.callers("handle_event")
@@ -464,8 +469,7 @@ class PluginRunner:
     def setup_digest(self) -> str:
         """A digest of every plugin's validated settings (never the settings themselves: they may hold secrets),
         so the hub can tell pools of one group that run the same plugins configured differently."""
-        text = json.dumps({n: self.settings[n] for n in sorted(self.settings)}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._digest
 
     def ctx(self, name: str, event: Event | None = None, attempt: int = 1) -> Context:
         return Context(name, self.group, self.settings[name], self.stores, self.loggers[name], event, attempt,
@@ -557,6 +561,17 @@ class PluginRunner:
                 if size > FOLLOW_ONS_MAX:
                     raise HandlerFailed(name, FollowOnTooLarge(too_many_follow_ons(len(out), size)))
         return out
+
+
+def _digest(settings: Mapping[str, Mapping[str, Any]]) -> str:
+    text = json.dumps({n: settings[n] for n in sorted(settings)}, sort_keys=True, default=_same_in_every_process)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _same_in_every_process(o: object) -> str:
+    """str() of a value JSON does not have, without the memory address a default repr holds (`<Client object at
+    0x7f...>`): a validate_settings that returns an object must not make two processes' digests differ."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(o))
 
 
 def no_awaitable(returned: list[Any], hook: str = "handle_event") -> None:
