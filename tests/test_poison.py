@@ -300,3 +300,25 @@ def test_a_pool_stopped_mid_batch_finishes_the_event_in_hand_and_gives_back_the_
     with s.client() as c:
         _, bodies = c.fetch("follow", 1)
     assert len(bodies) == 1, "the finished event's follow-on committed once"
+
+
+def test_a_follow_on_changed_after_ctx_publish_checked_it_fails_only_its_event(stack_factory: Any) -> None:
+    """ctx.publish() checks a follow-on as the hub will, but returns the Event, and a plugin may change it after
+    (a subject set from a number, a type cleared). The hub refused the whole ACK it came in: the events acked
+    before it in that ACK were applied, it and those after it stayed in flight for as long as the worker lived,
+    and later events for the same objects waited behind them. The follow-ons are checked again as the handler
+    returns, so only the event whose handler changed one fails."""
+    s = stack_factory(CFG.format(extra="").replace("max_attempts = 3", "max_attempts = 1"))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    bad = [job("bad-subject", follow_then_set={"subject": 5}), job("bad-type", follow_then_set={"type": None})]
+    with s.client() as c:
+        c.publish_events([job("innocent-0"), bad[0], job("innocent-1"), bad[1], job("innocent-2")])
+        c.publish_events([job("bad-subject", n=2)])
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] == 2 and st["lag"] == 0
+             and st["inflight"] == 0, 30, "the two bad events to be dead-lettered and the rest handled")
+    lines = {d["event"]["id"]: d["line"] for d in dead_letters(s)}
+    assert lines.keys() == {b.id for b in bad}, lines
+    assert all("changed after ctx.publish" in v for v in lines.values()), lines
+    assert "follow" not in s.status()["topics"], "no follow-on of a failed event was committed"
+    assert pool.poll() is None

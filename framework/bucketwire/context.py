@@ -190,6 +190,27 @@ class Context:
         return ev
 
 
+def changed_follow_on(ev: Event) -> str | None:
+    """Why the hub would refuse follow-on `ev` now, or None. `publish` checked it, but returned the Event, and a
+    plugin may change it after (a subject set from a number, a type cleared); the hub refused the whole ACK such a
+    follow-on came in, leaving its event and the ones acked after it in flight for as long as the worker lived.
+    Checked again as its handler returns, so it fails its own event as `publish` would have."""
+    topic = ev.topic
+    bad = (topic_problem(topic) if isinstance(topic, str) and topic else "it has no topic")
+    if bad is None:
+        bad = object_name_problem(ev.data)
+    if bad is None:
+        try:
+            read_envelope(_checked, ev.to_dict())
+        except (EnvelopeError, TypeError, ValueError) as e:
+            bad = str(e)
+    if bad is None:
+        return None
+    return (f"follow-on {ev.id} to topic {str(topic)[:80]!r} was changed after ctx.publish checked it, and the hub "
+            f"would refuse it now: {bad}; change what you publish before calling ctx.publish, not the Event it "
+            "returns")
+
+
 def too_many_follow_ons(count: int, total: int) -> str:
     return (f"the follow-ons of one event would take {total} bytes ({count} events), over the "
             f"{FOLLOW_ONS_MAX >> 20} MiB that one acknowledgement to the hub carries; publish a reference (an "

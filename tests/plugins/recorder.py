@@ -6,7 +6,8 @@ the handler when it has seen what it wanted while the handler ran), {"abort": tr
 os.abort() (SIGABRT, as a crashing C extension would), {"exit": N} ends it with os._exit(N), {"raise": NAME}
 raises the builtin BaseException NAME (SystemExit, KeyboardInterrupt, GeneratorExit), {"follow": K} publishes K
 follow-ons to topic "follow" (with {"follow_pad": N}: each with N bytes of padding), {"follow_kw": {...}} one
-follow-on published with those keyword arguments, {"follow_fsname": true} one carrying a file name that is not
+follow-on published with those keyword arguments, {"follow_then_set": {...}} one follow-on whose attributes it
+sets to those values after publishing it, {"follow_fsname": true} one carrying a file name that is not
 UTF-8, {"follow_strsub": true} one carrying instances of str and int subclasses, {"follow_bytes": N} one
 follow-on carrying N bytes of padding, {"follow_reset_hops": true} one whose hops it sets to 0 after publishing.
 """
@@ -66,6 +67,10 @@ def handle_event(event, ctx):
         ctx.publish("follow", {"pad": "x" * d["follow_bytes"]})
     if d.get("follow_reset_hops"):  # a plugin that resets the hop count of what it published
         ctx.publish("follow", {"cause_seq": event.seq}).hops = 0
+    if d.get("follow_then_set"):  # a plugin that changes what it published, after ctx.publish checked it
+        published = ctx.publish("follow", {"cause_seq": event.seq})
+        for k, v in d["follow_then_set"].items():
+            setattr(published, k, v)
     line = json.dumps({"g": ctx.group, "pid": os.getpid(), "t": event.topic, "s": event.seq, "id": event.id,
                        "key": event.key, "a": ctx.attempt, "t0": t0, "ts": time.monotonic(), "data": d})
     fd = os.open(ctx.settings["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

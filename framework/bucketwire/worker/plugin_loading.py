@@ -40,6 +40,7 @@ from bucketwire.context import (
     PermanentError,
     Retry,
     Stores,
+    changed_follow_on,
     too_many_follow_ons,
 )
 from bucketwire.envelope import Event
@@ -556,6 +557,10 @@ class PluginRunner:
                 report(name, time.perf_counter() - t0, True)
             ctx.done = True  # a publish from now on (a thread the handler left running) raises, not vanishes
             if ctx.published:
+                for fo in ctx.published:
+                    changed = changed_follow_on(fo)
+                    if changed is not None:
+                        raise HandlerFailed(name, ValueError(changed))
                 out.extend(ctx.published)
                 size += ctx.published_bytes  # every plugin's follow-ons go in the one ACK result of this event
                 if size > FOLLOW_ONS_MAX:
