@@ -280,3 +280,26 @@ def test_malformed_bodies_raise_record_error(raw: bytes, reason: str) -> None:
 
 def test_empty_notification_is_nothing() -> None:
     assert parse_body(b'{"key": "/buckets/b/x", "message": {}}', store=None) == []
+
+
+@pytest.mark.parametrize("mtime", [1_700_000_000_000, 10**13, -(10**12)])
+def test_an_mtime_no_calendar_holds_is_an_event_with_the_time_it_was_taken(mtime: int, stack_factory: Any) -> None:
+    """A client that wrote milliseconds where the filer keeps seconds (mtime 1700000000000: the year 55,839)
+    made the webhook parser raise ValueError ('year is out of range'): the hub logged a 'parser failed' traceback
+    for every such notification and answered 400 'cannot parse body: ValueError', so SeaweedFS's change was never
+    an event. The event's time is then when the hub took it; its id stays deterministic."""
+    from tests.cloudevents_check import assert_cloudevent
+
+    e = entry("x.txt")
+    e["attributes"]["mtime"] = mtime
+    raw = body("/buckets/b/x.txt", "create", new_entry=e, new_parent_path="/buckets/b")
+    (ev,) = parse_body(raw, store=None)
+    assert ev.id == parse_body(raw, store=None)[0].id
+    s = stack_factory('[[routes]]\nevents = ["s3:ObjectCreated:*"]\ntopic = "created"\n')
+    s.start_hub()
+    code, resp = s.post("/seaweedfs/events", raw)
+    assert code == 200 and resp["accepted"] == 1, resp
+    with s.client() as c:
+        _, (envelope,) = c.fetch("created", 1)
+    assert_cloudevent(envelope)
+    assert "parser failed" not in s.dump_logs()

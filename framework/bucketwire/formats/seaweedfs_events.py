@@ -198,7 +198,12 @@ def _version_of(key: str, ext: Mapping[str, bytes]) -> str | None:
 
 
 def _iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 of unix nanoseconds; the time now for one no calendar holds (an mtime a client wrote in
+    milliseconds is the year 55,839), which must cost the event its time, not the event."""
+    try:
+        return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except (ValueError, OverflowError, OSError):
+        return now_iso()
 
 
 def _object_event(
