@@ -350,3 +350,21 @@ def test_readme_hub_defaults_match_the_code() -> None:
             assert float(getattr(d, key)) == value, f"README says {key} = {m.group(2)}, the code {getattr(d, key)}"
             checked += 1
     assert checked >= 5
+
+
+def _publish_cli(s: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bucketwire", "publish", "-c", str(s.cfg_path), *args],
+                          capture_output=True, text=True, timeout=60, env=s.env)
+
+
+@pytest.mark.parametrize("data", ['{"ratio": NaN}', '[Infinity]', '[-Infinity]'])
+def test_publish_refuses_data_that_is_not_json_instead_of_committing_null(stack_factory: StackFactory,
+                                                                          data: str) -> None:
+    """`bucketwire publish t '{"ratio": NaN}'`: Python's reader takes NaN and Infinity, JSON has neither, and the
+    event was committed with null in their place (exit 0, the data silently not what was typed)."""
+    s = stack_factory(ROUTE)
+    s.start_hub()
+    r = _publish_cli(s, "x", data)
+    assert r.returncode == 2 and "not JSON" in r.stderr and "is not a JSON number" in r.stderr, (r.stdout, r.stderr)
+    assert head(s, "x") == 0, "nothing committed"
+

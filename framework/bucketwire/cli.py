@@ -130,12 +130,17 @@ def publish(config_path: str | None, topic: str, data_json: str, type_: str | No
 
     cfg = load_config(config_path)
     try:
-        data = json.loads(data_json)
+        data = json.loads(data_json, parse_constant=_not_json)
     except ValueError as e:
         raise click.BadParameter(f"not JSON: {e}", param_hint="DATA_JSON") from None
     with HubClient(cfg, timeout=timeout) as c:
         res = c.publish(topic, data, type=type_, subject=subject, id=event_id)
     click.echo(json.dumps(res))
+
+
+def _not_json(name: str) -> Any:
+    """NaN and Infinity, which Python's reader takes and JSON has not: committed, they became null."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 @cli.command()
