@@ -208,7 +208,10 @@ def read_envelope(build: Callable[..., T], d: Mapping[str, Any], text_checked: b
         k = next(k for k, v in (("id", eid), ("source", source), ("type", typ)) if not isinstance(v, str) or not v)
         raise EnvelopeError(f"envelope attribute {k!r} is missing or not a non-empty string")
     if len(eid) > 256 or len(source) > 1024 or len(typ) > 256:
-        raise EnvelopeError("envelope id/source/type is too long")
+        name, text, most = next(x for x in (("id", eid, 256), ("source", source, 1024), ("type", typ, 256))
+                                if len(x[1]) > x[2])
+        raise EnvelopeError(f"envelope attribute {name!r} is {len(text)} characters, over its limit of {most} "
+                            f"({text[:40]!r}...)")
     raw_seq = get("seq")
     if raw_seq is None:
         seq = None
