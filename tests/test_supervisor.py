@@ -102,3 +102,22 @@ def test_a_reload_whose_child_hangs_in_worker_shutdown_replaces_it_after_the_dra
     assert w.poll() is None, s.dump_logs()
     text = log.read_text()
     assert "did not drain in time" in text and "worker child died" not in text, text[-3000:]
+
+
+def test_a_stop_whose_child_hangs_in_worker_shutdown_ends_after_the_drain_timeout(stack_factory: Any,
+                                                                                  tmp_path: Path) -> None:
+    """SIGTERM with a worker_shutdown that never returns: the pool kills the child past --drain-timeout, says so,
+    and exits 0; the hub saw the child's BYE (it drained before its shutdown hook ran), so nothing is charged."""
+    out, plug = tmp_path / "handled.txt", tmp_path / "stuck_shutdown.py"
+    plug.write_text(STUCK_SHUTDOWN.format(out=str(out)))
+    s = stack_factory()
+    s.start_hub()
+    w = s.start_worker("st", 1, "--topic", "in", "--plugin", str(plug), "--drain-timeout", "1")
+    with s.client() as c:
+        c.publish("in", {"n": 1})
+    wait_for(lambda: out.exists() and out.read_text() == "1\n", 30, "event 1 handled")
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(30) == 0, s.dump_logs()
+    assert "did not drain in time" in s.logs[-1].read_text()
+    wait_for(lambda: s.status()["groups"]["st"]["workers"] == 0, 10, "the hub to see the worker leave")
+    assert s.status()["groups"]["st"]["dead_lettered"] == 0 and s.status()["groups"]["st"]["retrying"] == 0
