@@ -452,3 +452,35 @@ def test_status_text_with_tens_of_thousands_of_topics_shows_the_consumed_and_bus
     assert rows[0].startswith("t00000") and any(r.startswith("t30000") for r in rows), "consumed topics shown"
     assert any(r.startswith("t59999") and "9.5" in r for r in rows), "the busiest shown"
     assert f"and {60_000 - TOPIC_ROWS:,} more topics (status --json lists every one)" in text
+
+
+def test_a_replay_waiting_for_in_flight_events_survives_a_hub_restart(stack_factory, tmp_path):
+    """A replay of a topic with an event in flight waits for it (`pending`, status `replaying`), and `replay
+    --no-wait` returns at once: the operator's act was recorded only in the hub's memory, so a hub restart in
+    that window (an upgrade, a crash; a handler may hold it for handler_timeout) forgot it, and the group never
+    handled those events again. The new cursor is stored at once; the hub still waits for the in-flight events
+    before it hands the topic out again."""
+    s = stack_factory('[groups.a]\ntopics = ["jobs"]\nplugins = []\nstart = "earliest"\n')
+    s.start_hub()
+    s.start_worker("a", 1)
+
+    def job(key: str, **data: Any) -> Event:
+        return Event(id=uuid.uuid4().hex, source="urn:t", type="s3:ObjectCreated:Put", topic="jobs",
+                     data={"bucket": "b", "key": key, **data})
+
+    with s.client() as c:
+        c.publish_events([job(f"k{i}") for i in range(3)])
+    wait_for(lambda: s.status()["groups"]["a"]["topics"]["jobs"]["cursor"] == 3, 20, "the three acked and stored")
+    release = tmp_path / "release"
+    with s.client() as c:
+        c.publish_events([job("slow", mark_start=True, hold=str(release))])
+    started = s.record.with_name(s.record.name + ".started")
+    wait_for(lambda: started.exists() and started.read_text().strip(), 20, "the slow handler to start")
+    r = cli(s, "replay", "--group", "a", "--from-seq", "1", "--no-wait")
+    assert "pending" in r.stderr, r.stderr
+    s.kill_hub(signal.SIGTERM)  # a clean stop: it writes every pending ack before it exits
+    s.start_hub()
+    release.touch()
+    wait_for(lambda: sorted(r["key"] for r in s.handled() if r["key"].startswith("k")) == ["k0", "k0", "k1", "k1",
+                                                                                         "k2", "k2"]
+             and s.status()["groups"]["a"]["lag"] == 0, 30, "the replay to deliver k0-k2 again")

@@ -389,6 +389,8 @@ class GroupState:
 
     # -- outcomes --------------------------------------------------------------------------------------------
     def _mark_acked(self, topic: str, seq: int) -> None:
+        if self.replays and topic in self.replays:
+            return  # the cursor already stands where the replay puts it (`request_replay`)
         above = self.acked_above[topic]
         above.add(seq)
         w = self.acked[topic]
@@ -430,6 +432,8 @@ class GroupState:
 
     def ack(self, topic: str, seq: int) -> bool:
         """Mark done; False when it was already done (a duplicate ack after a redelivery)."""
+        if self.replays and topic in self.replays:
+            return self._ack_replaying((topic, seq))
         if topic not in self.acked or self.is_done(topic, seq):
             self._take_inflight((topic, seq))
             return False
@@ -447,6 +451,8 @@ class GroupState:
         the in-flight table and its worker's, where `ack` makes a dozen calls. The outcome is the same as calling
         `ack` for each seq in order."""
         inflight, workers, holders, blocked = self.inflight, self.workers, self.holder, self.blocked
+        if self.replays and topic in self.replays:
+            return sum(self._ack_replaying((topic, s)) for s in range(first, last + 1))
         if topic not in self.acked:
             for s in range(first, last + 1):
                 self._take_inflight((topic, s))
@@ -493,6 +499,17 @@ class GroupState:
             self.dirty.add(topic)
         return fresh
 
+    def _ack_replaying(self, key: Key) -> bool:
+        """An ack of an event of a topic whose replay waits for its in-flight events: the event is finished (its
+        work was done: its follow-ons are committed) and the cursor, which already stands where the replay puts
+        it, stays there. False for one not in flight (a duplicate ack)."""
+        it = self._take_inflight(key)
+        if it is None:
+            return False
+        self._finish(it)
+        self._uncharge(key)
+        return True
+
     def _uncharge(self, key: Key) -> None:
         if key in self.stored or key in self.charged:
             self.charged[key] = 0
@@ -506,7 +523,9 @@ class GroupState:
 
         `delay` is a plugin's `Retry(delay=...)`: the retry waits at least that long (capped at MAX_RETRY_DELAY),
         and it still counts as an attempt."""
-        if topic not in self.acked or self.is_done(topic, seq):
+        # (A topic whose replay waits: its cursor stands where the replay puts it, so `is_done` says nothing of
+        # the events still in flight; they are charged as any other, and the replay drops their retries.)
+        if topic not in self.acked or (self.is_done(topic, seq) and not (self.replays and topic in self.replays)):
             self._take_inflight((topic, seq))
             return None
         it = self._take_inflight((topic, seq))
@@ -633,8 +652,19 @@ class GroupState:
         """
         if topic not in self.read_pos:
             raise KeyError(topic)
-        self.replays[topic] = max(1, from_seq)
-        return topic in self.apply_replays()
+        self.replays[topic] = from_seq = max(1, from_seq)
+        if topic in self.apply_replays():
+            return True
+        # Waiting: the cursor moves now and is stored with the next cursor write, so a hub stopped or killed
+        # before the in-flight events finish still replays (it was held only here, and a restart forgot the
+        # operator's act). Their acks no longer move it (`_ack_replaying`); the topic stays paused until then.
+        self.acked[topic] = from_seq - 1
+        self.acked_above[topic] = set()
+        self.dirty.add(topic)
+        for key in [k for k in (*self.stored, *self.charged) if k[0] == topic and k not in self.inflight]:
+            self._uncharge(key)  # attempt counts go with it, as `_drop_topic` does when the replay is applied
+            self.due.pop(key, None)
+        return False
 
     def apply_replays(self) -> list[str]:
         """Apply pending replays whose topic has nothing in flight; returns the topics applied."""
@@ -643,7 +673,7 @@ class GroupState:
             if any(k[0] == t for k in self.inflight):
                 continue
             self._drop_topic(t)
-            self.acked[t] = from_seq - 1
+            self.acked[t] = from_seq - 1  # (again, for a replay that waited: nothing moved it meanwhile)
             self.acked_above[t] = set()
             self.read_pos[t] = from_seq
             self.dirty.add(t)
