@@ -156,7 +156,8 @@ def iso_ms(value: str) -> int | None:
         return None
 
 
-_RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
+"""A CloudEvents `time`: an RFC 3339 timestamp with its zone."""
 
 
 def cloudevents_time(value: str) -> str | None:
@@ -164,7 +165,7 @@ def cloudevents_time(value: str) -> str | None:
     same instant in that form when it is another ISO 8601 time (one without a zone taken as UTC, as S3's are), else
     None. Why: an envelope bucketwire writes must be one the CloudEvents SDKs read, and a store or proxy writing
     `2024-05-01 10:00:00` or `20240501T100000Z` as an S3 record's eventTime made one they refuse."""
-    if _RFC3339.fullmatch(value):
+    if RFC3339.fullmatch(value):
         return value
     try:
         t = datetime.fromisoformat(value)
