@@ -252,3 +252,34 @@ def test_a_childs_ack_ranges_are_what_acking_seq_by_seq_made(oks: list[tuple[str
     assert ack_frame("g", list(oks), [], True) == P.enc({"g": "g", "ok": want})
     failed = [{"t": "a", "s": 1, "ok": False, "error": "x"}]
     assert ack_frame("g", list(oks), failed, True) == P.enc({"g": "g", "ok": want, "results": failed})
+
+
+def test_a_bad_follow_on_in_an_ack_fails_its_own_event_and_the_rest_of_the_ack_applies(stack_factory: Any) -> None:
+    """A worker (an older pool, or a hostile one) whose ACK carries a follow-on the hub cannot read: the hub applied
+    the ACK's results one by one and stopped at that one, so the results after it were never applied and those
+    events stayed in flight as long as the worker lived (later events of their objects waiting behind them). Now
+    the bad follow-on fails its own event (dead-lettered, saying why) and every other result applies."""
+    s = hub_with(stack_factory, 3)
+    d = dealer(s)
+    try:
+        ready(d, 1)
+        _, seqs = take_delivers(d, 3)
+        assert sorted(seqs) == [1, 2, 3]
+        good_fo = {"specversion": "1.0", "id": "fo-1", "source": "w", "type": "t", "topic": "y", "data": {}}
+        bad_fo = {"specversion": "1.0", "source": "w", "type": "t", "topic": "y", "data": {}}  # no id
+        d.send_multipart([b"ACK", json.dumps({"g": "g", "results": [
+            {"t": "x", "s": 1, "ok": True, "f": [good_fo]},
+            {"t": "x", "s": 2, "ok": True, "f": [bad_fo]},
+            {"t": "x", "s": 3, "ok": True, "f": []},
+        ]}).encode()])
+        wait_for(lambda: s.status()["groups"]["g"]["inflight"] == 0, 20, "nothing left in flight")
+        assert s.metric("bucketwire_acked_total", group="g") == 2
+        assert s.metric("bucketwire_dead_lettered_total", group="g") == 1
+        with s.client() as c:
+            _, dl = c.fetch("dead-letter", 1)
+            _, fos = c.fetch("y", 1)
+        (letter,) = [json.loads(b) for b in dl]
+        assert letter["data"]["event"]["seq"] in (2, "2") and "follow-on" in letter["data"]["error"], letter
+        assert [json.loads(b)["data"] for b in fos] == [{}], "the good follow-on was committed"
+    finally:
+        d.close()

@@ -322,3 +322,26 @@ def test_a_follow_on_changed_after_ctx_publish_checked_it_fails_only_its_event(s
     assert all("changed after ctx.publish" in v for v in lines.values()), lines
     assert "follow" not in s.status()["topics"], "no follow-on of a failed event was committed"
     assert pool.poll() is None
+
+
+def test_a_follow_on_id_changed_after_ctx_publish_is_put_back(stack_factory: Any) -> None:
+    """Exactly-once for follow-ons rests on their ids: derived from the causing event, so a redelivery publishes
+    the same ids and the hub commits them once. A plugin that set its own (a random one) through the Event
+    ctx.publish returned had every redelivery commit its follow-on again. The id is put back as the handler
+    returns: the committed follow-on carries the id ctx.publish derived."""
+    from bucketwire.envelope import follow_on_id
+
+    s = stack_factory(CFG.format(extra=""))
+    s.start_hub()
+    s.start_worker("a", 1)
+    e = job("own-id", follow_then_set={"id": "random-4f1c"})
+    with s.client() as c:
+        c.publish_events([e])
+    wait_for(lambda: "follow" in s.status()["topics"], 30, "the follow-on committed")
+    with s.client() as c:
+        _, bodies = c.fetch("follow", 1)
+        _, causes = c.fetch("jobs", 1)
+    (fo,) = [json.loads(b) for b in bodies]
+    cause = next(json.loads(b) for b in causes if json.loads(b)["id"] == e.id)
+    assert fo["id"] != "random-4f1c"
+    assert fo["id"] == follow_on_id(cause["id"], "a", "recorder", 0, "follow", cause.get("time"))

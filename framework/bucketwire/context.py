@@ -125,6 +125,9 @@ class Context:
     """Bytes of envelope of `published`, held against FOLLOW_ONS_MAX."""
     done: bool = False
     """The handler this ctx was made for has returned: its event's outcome (and follow-ons) are on their way."""
+    derived_ids: list[str] = field(default_factory=list)
+    """The id `publish` derived for each of `published`: put back as the handler returns, so a plugin that set
+    its own through the returned Event (a random one) cannot make a redelivery commit its follow-ons again."""
 
     def store(self, name: str | None = None) -> minio.Minio:
         """A `minio.Minio` client for store `name`; by default the event's store, else the configured default."""
@@ -187,6 +190,7 @@ class Context:
             raise FollowOnTooLarge(too_many_follow_ons(len(self.published) + 1, self.published_bytes + n))
         self.published_bytes += n
         self.published.append(ev)
+        self.derived_ids.append(ev.id)
         return ev
 
 

@@ -1213,8 +1213,21 @@ class Hub:
                 ignored += 1
                 continue
             if r.ok:
-                # Validate every follow-on before touching state, so a bad one rejects the whole ack.
-                fos = [Event.from_dict(f) for f in r.f]
+                # Every follow-on is read before the event is acked: one the hub cannot read fails its own event
+                # (as ctx.publish would have in the handler), and the ACK's other results still apply.
+                try:
+                    fos = [Event.from_dict(f) for f in r.f]
+                    bad = next(("it has no topic" for fo in fos if not fo.topic), None)
+                except (EnvelopeError, TypeError, ValueError) as e:
+                    bad = str(e)[:1024]
+                if bad is not None:
+                    why = f"a follow-on this event's handler published cannot be committed: {bad}"
+                    log.warning("follow-on unreadable; its event fails", extra={"group": g.name, "topic": topic,
+                                                                                "seq": seq, "error": bad})
+                    failed = g.fail(topic, seq, why, why, None, True, now, None)
+                    if failed is not None:
+                        self._dead_letter(failed)
+                    continue
                 # Hops count from the event this hub handed out, not from what the worker says: a plugin that
                 # reset `hops` on what it published got every generation past max_hops (thumbnails of thumbnails).
                 held = g.inflight.get((topic, seq)) if fos else None
@@ -1222,8 +1235,6 @@ class Hub:
                 for fo in fos:
                     if fo.hops < floor:
                         fo.hops = floor
-                    if not fo.topic:
-                        raise EnvelopeError("follow-on events need a topic")
                     # The hub names the follow-on's source, whatever the worker sent: its id then lives in this
                     # group's namespace under the hub's reserved prefix, where no publisher (and no other group's
                     # worker) can squat on it; and nothing a worker adds steers delivery.

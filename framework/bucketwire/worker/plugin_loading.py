@@ -557,7 +557,8 @@ class PluginRunner:
                 report(name, time.perf_counter() - t0, True)
             ctx.done = True  # a publish from now on (a thread the handler left running) raises, not vanishes
             if ctx.published:
-                for fo in ctx.published:
+                for fo, fid in zip(ctx.published, ctx.derived_ids, strict=True):
+                    fo.id = fid  # exactly-once rests on it (see Context.derived_ids)
                     changed = changed_follow_on(fo)
                     if changed is not None:
                         raise HandlerFailed(name, ValueError(changed))
