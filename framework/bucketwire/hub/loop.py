@@ -1023,10 +1023,11 @@ class Hub:
         if cmd == P.ACK:
             self._on_ack(ident, P.decode(raw, P.Ack), batch, now)
         elif cmd == P.HB:
+            hb = P.header(raw)  # first: a malformed HB is refused (and counted) whoever sends it
             if w is None:
                 self.net.send([ident, P.ERR, P.enc(P.Err(error="unknown worker; send READY", reready=True))])
             else:
-                w.running = running_of(P.header(raw), now)
+                w.running = running_of(hb, now)
         elif cmd == P.READY:
             self._on_ready(ident, raw, now)
         elif cmd == P.PUB:
