@@ -192,3 +192,24 @@ def test_bad_binary_mode_events_are_refused_in_one_line_and_change_nothing(
     assert code == 400, resp
     assert why.lower() in resp["error"].lower() and "\n" not in resp["error"]
     assert committed(s, "jobs") == []
+
+
+@pytest.mark.parametrize("bad_time", ["now", "2024-05-01T10:00:00", "2024-05-01 10:00:00Z"])
+def test_a_time_that_is_not_rfc_3339_is_refused_on_every_ingress_and_commits_nothing(
+        stack_factory: MakeStack, bad_time: str) -> None:
+    """Structured mode (one event and a batch) and a ZeroMQ publish stored `time` as sent: an envelope every
+    CloudEvents reader refuses, printed by tail and handed to every plugin. Refused now, as binary mode refuses
+    its ce-time: a 400 / PUBNACK naming it, nothing of the request committed."""
+    from bucketwire.client import HubRefused
+
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    good = {"specversion": "1.0", "id": uuid.uuid4().hex, "source": "urn:x", "type": "t", "topic": "jobs",
+            "data": {}}
+    bad = {**good, "id": uuid.uuid4().hex, "time": bad_time}
+    for body in (json.dumps(bad), json.dumps([good, bad])):
+        code, resp = post(s, body.encode(), headers={"Content-Type": "application/cloudevents+json"})
+        assert code == 400 and "time" in resp["error"] and "RFC 3339" in resp["error"], resp
+    with s.client() as c, pytest.raises(HubRefused, match="RFC 3339"):
+        c.publish_events([Event.from_dict(good), Event.from_dict({**bad, "id": uuid.uuid4().hex})])
+    assert committed(s, "jobs") == []

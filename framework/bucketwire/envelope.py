@@ -160,6 +160,15 @@ RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\
 """A CloudEvents `time`: an RFC 3339 timestamp with its zone."""
 
 
+def time_problem(value: object) -> str | None:
+    """Why `value`, an envelope's `time` as a producer sent it, is refused at ingress, or None: what bucketwire
+    commits must be an envelope the CloudEvents SDKs read (binary mode refuses such a ce-time the same way)."""
+    if value is None or (type(value) is str and RFC3339.fullmatch(value)):
+        return None
+    return (f"envelope attribute 'time' {str(value)[:40]!r} is not an RFC 3339 timestamp with its zone "
+            "(2024-05-01T10:00:00.123Z)")
+
+
 def cloudevents_time(value: str) -> str | None:
     """`value` as a CloudEvents `time` (an RFC 3339 timestamp with its zone): itself when it is one, else the
     same instant in that form when it is another ISO 8601 time (one without a zone taken as UTC, as S3's are), else

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, unquote
 
 from bucketwire import exposition
 from bucketwire.config import ConfigError
-from bucketwire.envelope import RFC3339, EnvelopeError, Event, dumps, valid_unicode
+from bucketwire.envelope import RFC3339, EnvelopeError, Event, dumps, time_problem, valid_unicode
 from bucketwire.formats import s3_records
 from bucketwire.hub.http_server import Limits, Pending, Request, Response, Server
 from bucketwire.procutil import fd_limit
@@ -66,6 +66,9 @@ def parse_cloudevents(body: bytes, store: str | None) -> list[Event]:
             ev = Event.from_dict(d)
         except EnvelopeError as e:
             raise s3_records.RecordError(f"event {i}: {e}") from None
+        bad_time = time_problem(d.get("time"))
+        if bad_time is not None:
+            raise s3_records.RecordError(f"event {i}: {bad_time}")
         ev.seq = None  # the hub assigns seqs
         out.append(ev)
     return out

@@ -46,6 +46,7 @@ from bucketwire.envelope import (
     pre_render,
     read_envelope,
     stable_id,
+    time_problem,
     topic_problem,
     unsent_envelope,
     unsent_of,
@@ -1306,6 +1307,9 @@ class Hub:
         req = hdr.req
         try:
             envs = [read_envelope(unsent_envelope, d, strict) for d in hdr.events]
+            for d in hdr.events:
+                if "time" in d and (why := time_problem(d["time"])) is not None:
+                    raise EnvelopeError(why)
         except EnvelopeError as e:
             self.metrics.rejected.labels("zmq", "envelope").inc()
             self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=str(e)))])
