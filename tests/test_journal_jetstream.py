@@ -7,6 +7,7 @@ order; cursors that only the current writer can move; everything back after a re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -483,6 +484,7 @@ def test_a_topic_stream_that_stays_without_a_leader_fails_the_start_with_one_lin
     the start retries until start_timeout, then fails with one line naming the topic, the wait and the fix,
     rather than run with a head it did not read."""
     from nats.js.api import StreamConfig
+    from nats.js.errors import NoStreamResponseError
 
     pre = "ld2"
     j = JetStreamJournal(_settings(cluster, pre), "hubA")
@@ -490,7 +492,18 @@ def test_a_topic_stream_that_stays_without_a_leader_fails_the_start_with_one_lin
         async def one_replica_stream() -> str:
             name = j._stream("lone")
             await j.js.add_stream(StreamConfig(name=name, subjects=[j._subject("lone")], num_replicas=1))
-            await j.js.publish(j._subject("lone"), b'{"seq": 1}')
+            # A stream just made may not answer its first publish yet (a node of the shared cluster that an earlier
+            # test restarted still catching up, on a loaded machine: "no response from stream"): ask again.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while True:
+                try:
+                    await j.js.publish(j._subject("lone"), b'{"seq": 1}')
+                    break
+                except NoStreamResponseError:
+                    if loop.time() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
             return str((await j.js.stream_info(name)).cluster.leader)
 
         lone = j._run(one_replica_stream())
