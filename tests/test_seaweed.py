@@ -72,6 +72,67 @@ def test_stop_leaves_no_process(tmp_path: Path) -> None:
     assert (tmp_path / "w" / "weed.log").exists()
 
 
+def _our_tmp_sockets(server: WeedServer) -> list[str]:
+    """weed's own gRPC sockets for this server's ports, at the /tmp paths weed fixes whatever $TMPDIR says."""
+    return sorted(p.name for port in server.ports.values() for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"))
+
+
+def test_weed_writes_nothing_to_tmpdir_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """weed writes a leveldb directory and a glog file into $TMPDIR at every start and never removes them: a CI
+    machine's /tmp held ~5,300 such directories. They belong in the data dir, and go at stop."""
+    try:
+        find_weed()
+    except WeedError as e:
+        pytest.skip(str(e))
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    server = WeedServer(tmp_path / ("deep" * 30))  # too deep for a unix socket path: the fallback is exercised
+    with server:
+        server.client().make_bucket("tmpdir-check")
+        server.client().put_object("tmpdir-check", "k", io.BytesIO(b"x"), 1)
+        assert _our_tmp_sockets(server), "weed no longer puts gRPC sockets in /tmp: update WEED_SOCKET_DIR's docs"
+    assert sorted(os.listdir(tmpdir)) == []
+    assert _our_tmp_sockets(server) == []
+    assert not (server.data_dir / "tmp").exists()
+    assert not list(server.data_dir.glob("*.sock"))
+
+
+def _what(p: Path) -> str | None:
+    if not os.path.lexists(p):
+        return None
+    return os.readlink(p) if p.is_symlink() else p.name
+
+
+def test_what_a_weed_killed_9_left_goes_with_the_next_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weed killed -9 (or whose `bucketwire dev` was) cannot clean up: its scratch in the data dir and its gRPC
+    sockets in /tmp stay. The next start on that data dir removes both (sockets nobody listens on any more)."""
+    import signal
+
+    try:
+        find_weed()
+    except WeedError as e:
+        pytest.skip(str(e))
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    first = WeedServer(tmp_path / "w")
+    first.start()
+    assert first.proc is not None
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    left = _our_tmp_sockets(first)
+    # names carry a pid or are random; `weed.INFO` is a link the next weed makes again, to its own log
+    scratch = {p: _what(p) for p in [*tmpdir.iterdir(), *(tmp_path / "w" / "tmp").iterdir()]}
+    assert left and scratch, "a killed weed left nothing: nothing to test"
+    first.proc = None
+    first._log.close()
+    with WeedServer(tmp_path / "w") as second:
+        assert [n for n in left if (Path("/tmp") / n).exists()] == []
+        assert [p for p, was in scratch.items() if _what(p) == was] == []
+        second.client().make_bucket("after-kill")
+
+
 def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

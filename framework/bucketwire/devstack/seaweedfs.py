@@ -8,6 +8,14 @@ would collide, and a server on 0.0.0.0 is a server on the network. So every port
 kill everything it spawned, and weed's chatty output goes to a log file in the data directory where a
 failing test can point at it.
 
+weed also writes scratch files of its own: a leveldb directory per start (`/tmp/<8 hex>/`) and a glog file
+(`weed.<host>.<user>.log.INFO.<date>.<pid>` with a `weed.INFO` link), all under Go's `os.TempDir()`, which is
+`$TMPDIR`. Left there, every start of a test suite or `bucketwire dev` added one more; on a CI machine they came to
+tens of gigabytes. So weed gets `TMPDIR=<data dir>/tmp`, emptied at every start and at stop: whatever a weed killed
+-9 left there goes with the next start. Its gRPC listeners are unix sockets at paths weed fixes itself
+(`/tmp/seaweedfs-<kind>-grpc-<port>.sock`, whatever `$TMPDIR` says); stop() removes ours, and start() removes any
+such socket nothing listens on any more (what a killed weed left).
+
 SeaweedFS reads `notification.toml` from its working directory (then `~/.seaweedfs`, `/etc/seaweedfs`), so
 the child runs in a directory of its own where we can write a `[notification.webhook]` section that sends
 every filer change to the hub's `/seaweedfs/events` endpoint with a bearer token."""
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,6 +156,32 @@ def notification_toml(url: str, token: str | None) -> str:
     return "\n".join(lines)
 
 
+WEED_SOCKET_DIR = "/tmp"
+"""Where weed puts its gRPC unix sockets (`/tmp/seaweedfs-<kind>-grpc-<port>.sock`): fixed in weed, not `$TMPDIR`."""
+
+
+def remove_dead_grpc_sockets() -> list[Path]:
+    """Remove weed's unix sockets in WEED_SOCKET_DIR that no process listens on: a weed killed -9 (or whose parent
+    was) cannot remove its own, and a socket file without a listener is of no use to anyone. A live one is kept:
+    it is listed in /proc/net/unix. The directory is listed before /proc/net/unix is read, so a socket bound in
+    between is never taken for a dead one. Returns what was removed."""
+    found = list(Path(WEED_SOCKET_DIR).glob("seaweedfs-*.sock"))
+    if not found:
+        return []
+    try:
+        table = Path("/proc/net/unix").read_text()
+    except OSError:  # not Linux: leave them (stop() still removes ours)
+        return []
+    bound = {line.split()[-1] for line in table.splitlines()[1:] if len(line.split()) >= 8}
+    removed = []
+    for p in found:
+        if str(p) not in bound:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 class WeedServer:
     """One `weed mini` process on loopback with its own ports, data directory, log file and credentials."""
 
@@ -174,6 +209,8 @@ class WeedServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.workdir = self.data_dir / "run"
         self.log_path = self.data_dir / "weed.log"
+        self.tmp_dir = self.data_dir / "tmp"
+        """weed's `$TMPDIR`: its scratch files, removed at start and stop."""
 
     # -- addresses ---------------------------------------------------------------------------
     @property
@@ -240,9 +277,11 @@ class WeedServer:
         return argv
 
     def _socket_path(self, kind: str) -> str:
-        # Unix socket paths are limited to ~107 bytes; fall back to weed's /tmp naming (unique by port).
+        # Unix socket paths are limited to ~107 bytes. A deep data dir (pytest's tmp_path) is too long, so the
+        # socket is named relative to weed's working directory (workdir, under the data dir) rather than put in
+        # /tmp, where one was left behind by every weed that did not stop cleanly.
         p = self.data_dir / f"{kind}.sock"
-        return str(p) if len(str(p)) < 100 else f"/tmp/seaweedfs-{kind}-{self.ports[kind]}.sock"
+        return str(p) if len(str(p)) < 100 else os.path.relpath(p, self.workdir)
 
     def start(self, timeout: float = 30) -> WeedServer:
         """Start weed and wait until its S3 gateway answers a signed request."""
@@ -256,6 +295,9 @@ class WeedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "data").mkdir(exist_ok=True)
         self.workdir.mkdir(exist_ok=True)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # a weed killed -9 left its scratch here
+        self.tmp_dir.mkdir()
+        remove_dead_grpc_sockets()
         toml = self.workdir / "notification.toml"
         if self.webhook_url:
             toml.write_text(notification_toml(self.webhook_url, self.webhook_token))
@@ -266,6 +308,7 @@ class WeedServer:
         # A developer's ~/.seaweedfs/notification.toml must not leak into our server: weed looks in "." first,
         # and for the no-webhook case we point HOME at the workdir so nothing else is found either.
         env["HOME"] = str(self.workdir)
+        env["TMPDIR"] = str(self.tmp_dir)
         for attempt in range(3):
             log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed in stop()
             self._log = log
@@ -345,9 +388,13 @@ class WeedServer:
             del self._log
         # weed leaves per-port unix sockets in /tmp for listeners it names itself; ours to remove.
         for port in self.ports.values():
-            for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            for p in Path(WEED_SOCKET_DIR).glob(f"seaweedfs-*-{port}.sock"):
                 with contextlib.suppress(OSError):
                     p.unlink()
+        for kind in ("filer", "s3"):  # ours, in the data dir; weed leaves the S3 one on SIGTERM
+            with contextlib.suppress(OSError):
+                (self.data_dir / f"{kind}.sock").unlink()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self) -> WeedServer:
         return self.start()
