@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import zmq
 
 from bucketwire import protocol as P
@@ -142,7 +143,8 @@ def _wait_handled(stack: Stack, total: int, label: str, timeout: float = 600) ->
             if g.get("cursor", 0) >= total:
                 return
             time.sleep(0.05)
-    raise RuntimeError(f"bench bus {label}: not all events were acked within {timeout}s")
+    stack.keep = True
+    raise click.ClickException(f"bench bus {label}: not all events were acked within {timeout}s (logs in {stack.tmp})")
 
 
 def _jetstream_table(urls: list[str]) -> str:
@@ -163,7 +165,11 @@ def hub_run(durability: str, processes: int, n: int, rates: dict[int, float],
 
         nats_dir = Path(tempfile.mkdtemp(prefix="bucketwire-bench-nats-"))
         progress("bench bus: starting a 3-node NATS JetStream cluster")
-        cluster = NatsCluster(nats_dir, size=3).start()
+        try:
+            cluster = NatsCluster(nats_dir, size=3).start()
+        except BaseException:
+            shutil.rmtree(nats_dir, ignore_errors=True)
+            raise
         stack = Stack(durability, _jetstream_table(cluster.urls))
     else:
         stack = Stack(durability)
@@ -198,13 +204,14 @@ def hub_run(durability: str, processes: int, n: int, rates: dict[int, float],
             phases.append((rate, done, done + k))
             done += k
         pub.close()
-    finally:
         stack.stop()
+        rows = stack.read_latencies()
+    finally:
+        stack.close()
         if cluster is not None:
             cluster.stop()
             shutil.rmtree(cluster.base_dir, ignore_errors=True)
         progress_done()
-    rows = stack.read_latencies()
     sat = [r for r in rows if r[0] < n]
     out: dict[str, Any] = {
         "backend": backend,

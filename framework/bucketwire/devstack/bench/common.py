@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +43,10 @@ def progress_done() -> None:
 
 
 class Stack:
-    """A hub and worker pools in a temporary directory, for benchmarks."""
+    """A hub and worker pools in a temporary directory, for benchmarks.
+
+    The directory (the hub's journal, the logs, the latency rows) goes with close(): every `bench bus` round once
+    left its own behind, 14 GB of them on one machine. It stays only when an error's message names it (`keep`)."""
 
     def __init__(self, durability: str = "os", extra: str = "") -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="bucketwire-bench-"))
@@ -67,6 +71,14 @@ credit = 512
 out = "{self.out}"
 """ + extra)
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.keep = False
+        """Set with an error whose message sends the user to the logs in `tmp`: close() leaves them then."""
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def spawn(self, *args: str) -> subprocess.Popen[bytes]:
         p = subprocess.Popen([sys.executable, "-m", "bucketwire", "-q", *args, "-c", str(self.cfg_path)],
@@ -92,6 +104,7 @@ out = "{self.out}"
                 except Exception:
                     pass
                 time.sleep(0.1)
+        self.keep = True
         raise click.ClickException(f"bench: workers did not connect within {timeout}s (logs in {self.tmp})")
 
     def stop(self) -> None:
@@ -104,6 +117,12 @@ out = "{self.out}"
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
         self.procs.clear()
+
+    def close(self) -> None:
+        """stop(), then remove the directory unless `keep`; safe to call twice."""
+        self.stop()
+        if not self.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def read_latencies(self) -> list[tuple[int, float, float]]:
         rows = []

@@ -37,14 +37,19 @@ def _spin(seconds: float) -> None:
 
 
 def relay(front: str, back: str, commit: bool, after: float) -> None:
+    # The commit variant's journal: removed when the relay ends (each run once left one in $TMPDIR).
+    with tempfile.TemporaryDirectory(prefix="bucketwire-floor-") as tmp:
+        _relay(front, back, os.path.join(tmp, "j.db") if commit else None, after)
+
+
+def _relay(front: str, back: str, db_path: str | None, after: float) -> None:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     a, b = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
     a.bind(front)
     b.bind(back)
     db = None
-    if commit:
-        db = sqlite3.connect(os.path.join(tempfile.mkdtemp(prefix="bucketwire-floor-"), "j.db"),
-                             isolation_level=None)
+    if db_path is not None:
+        db = sqlite3.connect(db_path, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("CREATE TABLE e(topic TEXT, seq INT, source TEXT, id TEXT, body BLOB, UNIQUE(topic, seq))")
@@ -57,6 +62,8 @@ def relay(front: str, back: str, commit: bool, after: float) -> None:
     while True:
         ready = dict(poller.poll())
         if b in ready and b.recv_multipart()[1] == b"STOP":
+            if db is not None:
+                db.close()
             return
         if a in ready:
             ident, body = a.recv_multipart()

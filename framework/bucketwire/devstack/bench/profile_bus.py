@@ -193,7 +193,11 @@ def bucketwire_probed(n: int, rate: int, seconds: float, so: Path | None) -> dic
                            start_new_session=True, env=env)
     st.procs.append(hub)
     st.spawn("worker", "--group", "bench", "-n", "2", "--plugin", "bucketwire.devstack.bench.noop_plugin")
-    st.wait_workers(2)
+    try:
+        st.wait_workers(2)
+    except BaseException:
+        st.close()
+        raise
     from bucketwire.devstack.bench.bus import Publisher
 
     side.pub = Publisher(st.config().client.work_endpoints[0])
@@ -330,11 +334,13 @@ def run(n: int, rate: int, seconds: float) -> dict[str, Any]:
     if shutil.which("strace"):
         steps += [("bucketwire strace", lambda: bucketwire_strace(n, rate, seconds, tmp)),
                   ("nats strace", lambda: nats_strace(n, rate, seconds, tmp))]
-    for name, fn in steps:
-        progress(f"profile: {name}")
-        out[name] = fn()
-    progress_done()
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for name, fn in steps:
+            progress(f"profile: {name}")
+            out[name] = fn()
+    finally:
+        progress_done()
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -126,10 +126,11 @@ def run(rate: int, seconds: float, busy: bool) -> None:
             if spinner is not None:
                 spinner.__exit__(None, None, None)
         pub.close()
-    finally:
         st.stop()
-    handled = {i: (t, r) for rows in read_rows(st.tmp).values() for i, t, r in rows}
-    probe = orjson.loads(Path(out).read_bytes())
+        handled = {i: (t, r) for rows in read_rows(st.tmp).values() for i, t, r in rows}
+        probe = orjson.loads(Path(out).read_bytes())
+    finally:
+        st.close()
     stages: dict[str, list[float]] = {n: [] for n in (
         "publisher send -> hub loop turn", "hub loop turn -> commit done", "commit done -> DELIVER sent",
         "DELIVER sent -> handler", "total")}

@@ -127,7 +127,10 @@ class BucketwireSide:
             self.failed = self.pub.failed
             self.pub.close()
         self.stack.stop()
-        self.rows_by_pid = read_rows(self.stack.tmp)
+        try:
+            self.rows_by_pid = read_rows(self.stack.tmp)
+        finally:
+            self.stack.close()
         return [r for rows in self.rows_by_pid.values() for r in rows]
 
 

@@ -340,7 +340,11 @@ def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, fl
         with _no_work_server("baseline") as base_port:
             progress("bench webhook: starting the hub")
             hub_proc = stack.spawn("hub")
-            _wait_http(stack.http, proc=hub_proc, log=str(stack.tmp / "p0.log"))
+            try:
+                _wait_http(stack.http, proc=hub_proc, log=str(stack.tmp / "p0.log"))
+            except click.ClickException:
+                stack.keep = True  # the message names the hub's log, in the stack's directory
+                raise
             ports = {"baseline": base_port, "hub": stack.http}
             for k, port in ports.items():
                 drive(port, min(200, n), processes, conns, None, f"{k} warm-up", fresh)
@@ -348,7 +352,7 @@ def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, fl
             for k, port in ports.items():
                 _rates(res[k], port, processes, conns, rates, k, fresh)
     finally:
-        stack.stop()
+        stack.close()
     base, hub = res["baseline"], res["hub"]
     base["name"] = BASELINES["baseline"][1]
     ref = None
