@@ -1,0 +1,64 @@
+"""What bucketwire leaves on an operator's machine after processes die the hard way (kill -9, crashes): either
+nothing, or something the next start removes. Real processes with a $TMPDIR of their own, looked at afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from bucketwire.procutil import free_port
+from tests.fixtures_hub import Stack, wait_for
+from tests.procs import processes
+
+
+GROUPS = """
+[groups.g]
+topics = ["x"]
+plugins = []
+
+[groups.h]
+topics = ["x"]
+plugins = []
+"""
+
+
+def _serving(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _metrics_dirs(tmpdir: Path) -> list[str]:
+    return sorted(p.name for p in tmpdir.glob("bucketwire-worker-metrics-*"))
+
+
+def test_a_pool_killed_9_leaves_no_metrics_dir_piling_up(stack_factory: Callable[..., Stack], tmp_path: Path) -> None:
+    """A pool serving /metrics keeps its children's samples in a temp dir, removed at a clean stop. A pool killed -9
+    left it, one per kill; the next pool's start removes the dirs whose pool is gone (not a live one's)."""
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    s = stack_factory(GROUPS)
+    s.env["TMPDIR"] = str(tmpdir)
+    s.start_hub()
+    killed_port, live_port, next_port = free_port(), free_port(), free_port()
+    killed = s.start_worker("g", 1, "--metrics", f"127.0.0.1:{killed_port}")
+    live = s.start_worker("h", 1, "--metrics", f"127.0.0.1:{live_port}")
+    wait_for(lambda: _serving(killed_port) and _serving(live_port), 20, "both pools' /metrics")
+    assert len(_metrics_dirs(tmpdir)) == 2
+    children = s.child_pids(killed)
+    os.killpg(killed.pid, signal.SIGKILL)  # the pool and its children, as an OOM kill or `kill -9 -PGID` does
+    killed.wait(10)
+    wait_for(lambda: not set(children) & set(processes()), 20, "the killed pool's children to be gone")
+    assert len(_metrics_dirs(tmpdir)) == 2  # the leak: nobody was left to remove it
+
+    s.start_worker("g", 1, "--metrics", f"127.0.0.1:{next_port}")
+    wait_for(lambda: _serving(next_port), 20, "the new pool's /metrics")
+    assert len(_metrics_dirs(tmpdir)) == 2, "the dead pool's dir should be gone, the live pool's kept"
+    assert _serving(live_port)
+    s.stop()
+    assert sorted(os.listdir(tmpdir)) == []
