@@ -21,7 +21,7 @@ dev: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/python .ci/suite.py -q
 
 bench: install
 	$(BIN)/bucketwire bench bus

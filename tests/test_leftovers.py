@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from bucketwire.procutil import free_port
 from tests.fixtures_hub import Stack, wait_for
-from tests.procs import processes
-
+from tests.procs import cmdline, processes
 
 GROUPS = """
 [groups.g]
@@ -47,7 +48,7 @@ def test_a_pool_killed_9_leaves_no_metrics_dir_piling_up(stack_factory: Callable
     s.start_hub()
     killed_port, live_port, next_port = free_port(), free_port(), free_port()
     killed = s.start_worker("g", 1, "--metrics", f"127.0.0.1:{killed_port}")
-    live = s.start_worker("h", 1, "--metrics", f"127.0.0.1:{live_port}")
+    s.start_worker("h", 1, "--metrics", f"127.0.0.1:{live_port}")
     wait_for(lambda: _serving(killed_port) and _serving(live_port), 20, "both pools' /metrics")
     assert len(_metrics_dirs(tmpdir)) == 2
     children = s.child_pids(killed)
@@ -62,3 +63,28 @@ def test_a_pool_killed_9_leaves_no_metrics_dir_piling_up(stack_factory: Callable
     assert _serving(live_port)
     s.stop()
     assert sorted(os.listdir(tmpdir)) == []
+
+
+def test_the_suite_guard_names_what_a_run_left_behind(tmp_path: Path) -> None:
+    """`make test` runs the suite through .ci/suite.py, which fails on a leftover in its $TMPDIR or a process that
+    outlived the run. Here a two-test suite leaves both; the guard must fail, name them, and kill the process."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_leaky.py").write_text(
+        "import subprocess, sys, tempfile\n"
+        "def test_leaves_a_file():\n"
+        "    tempfile.mkstemp(prefix='leaked-by-a-test-')\n"
+        "def test_leaves_a_process():\n"
+        "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)  # outlives-the-suite'],\n"
+        "                     start_new_session=True)\n")
+    guard = Path(__file__).parent.parent / ".ci" / "suite.py"
+    env = {**os.environ, "BUCKETWIRE_SUITE_GRACE": "1", "TMPDIR": str(tmp_path)}
+    p = subprocess.run([sys.executable, str(guard), "-q", "-p", "no:cacheprovider", str(suite)], cwd=suite,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "2 passed" in p.stdout
+    assert "leaked-by-a-test-" in p.stderr and "outlives-the-suite" in p.stderr and "outlived it" in p.stderr
+    kept = p.stderr.strip().splitlines()[-1].split(": ")[-1]
+    assert Path(kept).parent == tmp_path and Path(kept).is_dir()
+    assert not [pid for pid in processes() if b"outlives-the-suite" in cmdline(pid)], "the guard kills it"
+
