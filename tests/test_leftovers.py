@@ -7,10 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from bucketwire.devstack.bench.common import Stack as BenchStack
 from bucketwire.procutil import free_port
 from tests.fixtures_hub import Stack, wait_for
 from tests.procs import cmdline, processes
@@ -88,3 +92,45 @@ def test_the_suite_guard_names_what_a_run_left_behind(tmp_path: Path) -> None:
     assert Path(kept).parent == tmp_path and Path(kept).is_dir()
     assert not [pid for pid in processes() if b"outlives-the-suite" in cmdline(pid)], "the guard kills it"
 
+
+
+def _with_tmpdir(tmpdir: Path) -> list[int]:
+    """Live processes started with TMPDIR=tmpdir (the environment a process was exec'd with)."""
+    needle = b"TMPDIR=" + bytes(tmpdir)
+    found = []
+    for pid in processes():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in env:
+            found.append(pid)
+    return found
+
+
+def test_a_bench_killed_9_takes_its_processes_along_and_the_next_bench_removes_its_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench bus` killed -9 mid-run: its hub and pool ran on (their own sessions; nothing told them) and its temp
+    dir, a journal of every event, stayed. Now they get SIGTERM from the kernel, and the next bench removes the dir."""
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    argv = [sys.executable, "-m", "bucketwire", "bench", "bus", "-p", "1", "-d", "os", "--rate", "1000", "--json"]
+    bench = subprocess.Popen([*argv, "-n", "100000", "--seconds", "0.2"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: list(tmpdir.glob("*/state/journal.db")), 60, "the bench's hub to open its journal")
+        wait_for(lambda: len(_with_tmpdir(tmpdir)) >= 3, 60, "the bench, its hub and its pool")
+    finally:
+        bench.kill()
+        bench.wait(10)
+    try:
+        wait_for(lambda: _with_tmpdir(tmpdir) == [], 30, "the killed bench's hub and pool to stop")
+    finally:
+        for pid in _with_tmpdir(tmpdir):  # the orphans, when the test fails: not left running
+            os.kill(pid, signal.SIGKILL)
+    assert [p.name for p in tmpdir.iterdir()], "the killed bench left its dir (what the next one must remove)"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))  # the next bench's Stack, in this process
+    with BenchStack() as st:
+        assert [p.name for p in tmpdir.iterdir()] == [st.tmp.name]
+    assert sorted(os.listdir(tmpdir)) == []

@@ -73,6 +73,47 @@ def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     return preexec
 
 
+OWNER_LOCK = ".owner.lock"
+
+
+def owned_tempdir(prefix: str) -> tuple[str, int]:
+    """A fresh `tempfile.mkdtemp(prefix=prefix)` holding a lock file this process keeps locked (flock) while it uses
+    the dir; returns the dir and the lock's descriptor (close it after removing the dir). Why: a process killed -9
+    cannot remove its temp dir, and the kernel releases a flock however its holder dies, so the next process of the
+    kind can tell an abandoned dir from a live one (`remove_abandoned_tempdirs`)."""
+    import fcntl
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix=prefix)
+    fd = os.open(os.path.join(d, OWNER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and ours: nobody else can hold it
+    return d, fd
+
+
+def remove_abandoned_tempdirs(prefix: str) -> list[str]:
+    """Remove the `owned_tempdir(prefix)` dirs in $TMPDIR whose owner is gone (their lock is free); returns them.
+    A dir without the lock file (made by an older version, or one being set up this instant) is left alone."""
+    import fcntl
+    import tempfile
+    from pathlib import Path
+
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(prefix + "*"):
+        try:
+            fd = os.open(d / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:  # no lock file, another user's, not a directory: not ours to judge
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner is alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+    return removed
+
+
 def fd_limit() -> int:
     """This process's file descriptor limit, first raised to the hard limit (as Go programs do at start). Why: a
     service manager's soft limit is often 1,024, and the hub spends one descriptor per webhook connection and per

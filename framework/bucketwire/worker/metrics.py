@@ -9,22 +9,16 @@ that is not scraped pays nothing.
 
 Labels are bounded: group, plugin, topic (configured names), outcome -- never object keys.
 
-The temp dir goes at a clean stop; a pool killed -9 cannot remove it, so each dir holds a lock file its
-supervisor keeps locked (flock, released by the kernel when the process dies however it dies) and every pool that
-starts serving metrics removes the dirs in $TMPDIR whose lock it can take: their pools are gone.
+The temp dir goes at a clean stop; a pool killed -9 cannot remove it, so it is a `procutil.owned_tempdir` and
+every pool that starts serving metrics removes the dirs in $TMPDIR whose pool is gone.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import shutil
-import tempfile
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from bucketwire.config import ConfigError
@@ -34,10 +28,6 @@ log = logging.getLogger("bucketwire.worker")
 FLAG = "BUCKETWIRE_WORKER_METRICS"
 DIR = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "bucketwire-worker-metrics-"
-LOCK = ".pool.lock"
-UNLOCKED_GRACE = 3600.0
-"""A dir without a lock file is removed only once this old: one a starting pool is setting up has none for a
-moment, and dirs of versions before the lock have none at all."""
 
 _child: _ChildMetrics | None = None
 _tried = False
@@ -118,39 +108,6 @@ class _SupervisorCollector:
         yield c
 
 
-def _make_dir() -> tuple[str, int]:
-    """A fresh metrics dir and the fd of its lock, held (and locked) for the pool's life."""
-    d = tempfile.mkdtemp(prefix=PREFIX)
-    fd = os.open(os.path.join(d, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and ours: cannot be held by anyone else
-    return d, fd
-
-
-def remove_stale_dirs(parent: str | None = None) -> list[str]:
-    """Remove the metrics dirs of pools that are gone (killed -9: nobody ran their stop()); returns them."""
-    removed = []
-    for d in Path(parent or tempfile.gettempdir()).glob(PREFIX + "*"):
-        try:
-            fd = os.open(d / LOCK, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                if time.time() - d.stat().st_mtime > UNLOCKED_GRACE:
-                    shutil.rmtree(d, ignore_errors=True)
-                    removed.append(str(d))
-            continue
-        except OSError:  # another user's, or not a directory: not ours to judge
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a live pool holds it
-        finally:
-            os.close(fd)  # after a successful flock this drops our lock too; the dir goes next
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(str(d))
-    return removed
-
-
 class Supervisor:
     """The pool's /metrics endpoint; start it before spawning children so they inherit the directory."""
 
@@ -159,13 +116,12 @@ class Supervisor:
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             # ConfigError: the CLI prints it as one line (a ValueError left a traceback)
             raise ConfigError(f"--metrics {addr!r} is not HOST:PORT; write it like 127.0.0.1:9101")
-        try:
-            gone = remove_stale_dirs()
-        except OSError:
-            gone = []
+        from bucketwire.procutil import owned_tempdir, remove_abandoned_tempdirs
+
+        gone = remove_abandoned_tempdirs(PREFIX)
         if gone:
             log.info("removed worker metrics dirs of pools no longer running", extra={"dirs": len(gone)})
-        self.dir, self._lock = _make_dir()
+        self.dir, self._lock = owned_tempdir(PREFIX)
         os.environ[DIR] = self.dir
         os.environ[FLAG] = "1"
         from prometheus_client import CollectorRegistry, start_http_server

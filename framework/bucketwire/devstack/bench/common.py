@@ -9,14 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from bucketwire.procutil import free_port
+from bucketwire.procutil import OWNER_LOCK, free_port, owned_tempdir, parent_death_signal, remove_abandoned_tempdirs
 
 __all__ = ["Stack", "free_port", "percentiles", "progress", "progress_done"]
 
@@ -42,14 +41,21 @@ def progress_done() -> None:
     click.echo("\r\033[K", nl=False, err=True)
 
 
+PREFIX = "bucketwire-bench-stack-"
+
+
 class Stack:
     """A hub and worker pools in a temporary directory, for benchmarks.
 
     The directory (the hub's journal, the logs, the latency rows) goes with close(): every `bench bus` round once
-    left its own behind, 14 GB of them on one machine. It stays only when an error's message names it (`keep`)."""
+    left its own behind, 14 GB of them on one machine. It stays only when an error's message names it (`keep`).
+    A bench killed -9 cannot close(): its hub and pools get SIGTERM from the kernel (they would run on otherwise),
+    and the next Stack removes the directories of benches that are gone."""
 
     def __init__(self, durability: str = "os", extra: str = "") -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="bucketwire-bench-"))
+        remove_abandoned_tempdirs(PREFIX)
+        tmp, self._lock = owned_tempdir(PREFIX)
+        self.tmp = Path(tmp)
         self.http, self.pub, self.work = free_port(), free_port(), free_port()
         self.cfg_path = self.tmp / "bench.toml"
         self.out = self.tmp / "latency"
@@ -83,7 +89,7 @@ out = "{self.out}"
     def spawn(self, *args: str) -> subprocess.Popen[bytes]:
         p = subprocess.Popen([sys.executable, "-m", "bucketwire", "-q", *args, "-c", str(self.cfg_path)],
                              stdout=subprocess.DEVNULL, stderr=(self.tmp / f"p{len(self.procs)}.log").open("wb"),
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=parent_death_signal())
         self.procs.append(p)
         return p
 
@@ -123,6 +129,11 @@ out = "{self.out}"
         self.stop()
         if not self.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        elif self._lock >= 0:  # a lock-less dir is never taken for an abandoned one: it stays for the user
+            (self.tmp / OWNER_LOCK).unlink(missing_ok=True)
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     def read_latencies(self) -> list[tuple[int, float, float]]:
         rows = []
