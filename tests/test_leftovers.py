@@ -134,3 +134,32 @@ def test_a_bench_killed_9_takes_its_processes_along_and_the_next_bench_removes_i
     with BenchStack() as st:
         assert [p.name for p in tmpdir.iterdir()] == [st.tmp.name]
     assert sorted(os.listdir(tmpdir)) == []
+
+
+def test_a_plugin_failing_every_event_does_not_fill_the_disk_with_log_lines(stack_factory: Callable[..., Stack]
+                                                                           ) -> None:
+    """A plugin that fails every event (a bad deploy, a store down) wrote one warning per event in the pool and one
+    per dead letter in the hub: at 10,000 events/s that is the disk. Each is one line per 10 s per plugin / group,
+    the next one saying how many were left out; the metrics and the dead-letter topic still have every one."""
+    import time
+    import uuid
+
+    from bucketwire.envelope import Event
+
+    n = 1500
+    s = stack_factory('[groups.g]\ntopics = ["x"]\nplugins = []\n\n[topics.x]\nmax_attempts = 1\n')
+    s.start_hub()
+    s.start_worker("g", 1)
+    t0 = time.monotonic()
+    with s.client() as c:
+        for i in range(0, n, 100):
+            c.publish_events([Event(id=uuid.uuid4().hex, source="urn:test", type="t", subject=f"b/k{j}", topic="x",
+                                    data={"fail": 1}) for j in range(i, i + 100)])
+    wait_for(lambda: s.metric("bucketwire_dead_lettered_total", group="g") == n, 60, f"{n} dead letters")
+    windows = 2 + (time.monotonic() - t0) // 10  # lines allowed: one per started 10 s window (PEER_WINDOW)
+    s.stop()
+    worker_log = "".join(p.read_text() for p in s.logs if p.name.startswith("worker"))
+    hub_log = "".join(p.read_text() for p in s.logs if p.name.startswith("hub"))
+    failed, dead = worker_log.count("handler failed"), hub_log.count("event dead-lettered")
+    assert 1 <= failed <= windows, f"{failed} 'handler failed' lines for {n} events"
+    assert 1 <= dead <= windows, f"{dead} 'event dead-lettered' lines for {n} events"

@@ -44,11 +44,18 @@ PEER_WINDOW = 10.0
 """Seconds in which one warning a peer causes is logged once (see PeerRateLimit)."""
 
 
+REPEAT_FIELDS = ("key", "ingress", "plugin", "group")
+"""What a warning that can come once per request or per event names, the first of these a record has: a key's
+refused publishes, a webhook client's refused events, a plugin's failed handlers (`handler failed`, in the pool), a
+group's dead letters (`event dead-lettered`, in the hub)."""
+
+
 class PeerRateLimit(logging.Filter):
-    """One line per `PEER_WINDOW` for each warning a peer can cause at will (a key's refused publishes, a webhook
-    client's refused events: records naming a `key` or an `ingress`), the next one carrying how many were left out
-    (`suppressed`). One per request let any admitted key, sending what its role forbids in a loop, fill the
-    disk and bury everything else; the refusals themselves still go to the peer, and the metrics count them all.
+    """One line per `PEER_WINDOW` for each warning a peer or a plugin can repeat at will (records naming one of
+    REPEAT_FIELDS), the next one carrying how many were left out (`suppressed`). One per request let any admitted
+    key, sending what its role forbids in a loop, fill the disk and bury everything else; one per event did the same
+    for a plugin failing every event (10,000 lines/s at 10,000 events/s). The refusals still go to the peer, every
+    failure to the dead-letter topic, and the metrics count them all.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -57,8 +64,10 @@ class PeerRateLimit(logging.Filter):
         self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (message, peer) -> (window start, suppressed)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        peer = getattr(record, "key", None) or getattr(record, "ingress", None)
-        if record.levelno != logging.WARNING or peer is None:
+        if record.levelno != logging.WARNING:
+            return True
+        peer = next((v for v in map(record.__dict__.get, REPEAT_FIELDS) if v is not None), None)
+        if peer is None:
             return True
         k, now = (str(record.msg), str(peer)), self.clock()
         start, dropped = self.seen.get(k, (float("-inf"), 0))
