@@ -163,3 +163,83 @@ def test_a_plugin_failing_every_event_does_not_fill_the_disk_with_log_lines(stac
     failed, dead = worker_log.count("handler failed"), hub_log.count("event dead-lettered")
     assert 1 <= failed <= windows, f"{failed} 'handler failed' lines for {n} events"
     assert 1 <= dead <= windows, f"{dead} 'event dead-lettered' lines for {n} events"
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+CYCLES = int(os.environ.get("BUCKETWIRE_LEAK_CYCLES", "1000"))
+
+
+def test_a_hub_keeps_no_descriptor_or_thread_per_connection_it_served(stack_factory: Callable[..., Stack]) -> None:
+    """A hub runs for months while clients come and go: CYCLES client connections (connect, a status request,
+    close), tail subscriptions (SUB connect, close) and webhook requests each on a new TCP connection. Once they are
+    gone its descriptors and threads are back where they were (BUCKETWIRE_LEAK_CYCLES for a longer run)."""
+    import json
+    import uuid
+
+    import zmq
+
+    s = stack_factory('[groups.g]\ntopics = ["x"]\nplugins = []\n')
+    s.start_hub()
+    assert s.hub_proc is not None
+    pid = s.hub_proc.pid
+
+    def one_round(k: int) -> None:
+        for i in range(k):
+            with s.client(5) as c:
+                c.status()
+            ctx = zmq.Context.instance()
+            sub = ctx.socket(zmq.SUB)
+            sub.connect(f"tcp://127.0.0.1:{s.pub_port}")
+            sub.close(linger=0)
+            code, _ = s.post("/events", json.dumps({"id": uuid.uuid4().hex, "source": "urn:leak", "type": "t",
+                                                    "specversion": "1.0", "topic": "x", "data": {"i": i}}).encode())
+            assert code < 300, code
+
+    one_round(20)  # warm: lazily made sockets, caches, the first of each kind of connection
+    fds, threads = _fds(pid), _threads(pid)
+    one_round(CYCLES)
+    wait_for(lambda: _fds(pid) <= fds + 2 and _threads(pid) <= threads, 30,
+             f"the hub's descriptors ({fds}) and threads ({threads}) back after {CYCLES} cycles: "
+             f"now {_fds(pid)} and {_threads(pid)}")
+
+
+def _zombies_of(ppid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        f = stat[stat.rindex(")") + 2:].split()
+        if f[0] == "Z" and int(f[1]) == ppid:
+            out.append(int(d.name))
+    return out
+
+
+def test_a_pool_whose_children_keep_crashing_reaps_them(stack_factory: Callable[..., Stack]) -> None:
+    """Every crashed child is waited for: a pool restarting children for months must not collect zombies (each
+    holds a pid; the pid space runs out)."""
+    import uuid
+
+    from bucketwire.envelope import Event
+
+    crashes = 4  # restarts back off 0.1 s, 0.2 s, ...: four take under a second
+    s = stack_factory('[groups.g]\ntopics = ["x"]\nplugins = []\n\n[topics.x]\nmax_attempts = 1\n')
+    s.start_hub()
+    pool = s.start_worker("g", 1)
+    with s.client() as c:
+        c.publish_events([Event(id=uuid.uuid4().hex, source="urn:test", type="t", subject=f"b/k{i}", topic="x",
+                                data={"exit": 3}) for i in range(crashes)])
+    wait_for(lambda: s.metric("bucketwire_dead_lettered_total", group="g") == crashes, 60,
+             f"{crashes} crashed events dead-lettered")
+    wait_for(lambda: s.status()["groups"]["g"]["workers"] >= 1, 30, "the last crashed child replaced")
+    assert _zombies_of(pool.pid) == []
