@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -108,6 +109,23 @@ class _SupervisorCollector:
         yield c
 
 
+HISTORY_KINDS = ("counter", "histogram")
+"""The kinds of a dead child's files that are history (summed into the pool's `<kind>_dead.db`); its live gauges
+are dropped (`mark_process_dead`)."""
+
+
+class _Locked:
+    """A collector read under the lock `Supervisor.child_died` folds files under: a scrape between the fold's two
+    steps would count a dead child twice (or not at all), and a counter that drops reads as a reset."""
+
+    def __init__(self, inner: Any, lock: threading.Lock) -> None:
+        self.inner, self.lock = inner, lock
+
+    def collect(self) -> list[Any]:
+        with self.lock:
+            return list(self.inner.collect())
+
+
 class Supervisor:
     """The pool's /metrics endpoint; start it before spawning children so they inherit the directory."""
 
@@ -131,8 +149,11 @@ class Supervisor:
 
         configure_created_series()  # start_http_server negotiates the format as exposition.render does
 
+        self._folding = threading.Lock()
+        self._dead: dict[str, Any] = {}  # kind -> the MmapedDict of `<kind>_dead.db`
         reg = CollectorRegistry()
-        MultiProcessCollector(reg, path=self.dir)  # type: ignore[no-untyped-call]
+        reg.register(_Locked(MultiProcessCollector(None, path=self.dir),  # type: ignore[no-untyped-call]
+                             self._folding))
         reg.register(_SupervisorCollector(group, alive, restarts))
         try:
             self.server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=reg)
@@ -142,11 +163,29 @@ class Supervisor:
         log.info("worker metrics served", extra={"metrics": addr})
 
     def child_died(self, pid: int | None) -> None:
-        """Drop a dead child's live gauges (its counters stay: they are history)."""
-        if pid:
-            from prometheus_client import multiprocess
+        """Drop a dead child's live gauges, and fold its counters and histograms (history) into the pool's
+        `<kind>_dead.db`, removing its own files: they were kept, two per child, so a pool whose children kept
+        crashing grew its directory (and the work of every scrape) by 128 KiB a crash, without end."""
+        if not pid:
+            return
+        from prometheus_client import multiprocess
+        from prometheus_client.mmap_dict import MmapedDict
 
+        with self._folding:
             multiprocess.mark_process_dead(pid, self.dir)  # type: ignore[no-untyped-call]
+            for kind in HISTORY_KINDS:
+                path = os.path.join(self.dir, f"{kind}_{pid}.db")
+                try:
+                    values = MmapedDict.read_all_values_from_file(path)  # type: ignore[no-untyped-call]
+                except FileNotFoundError:  # it never counted anything
+                    continue
+                dead = self._dead.get(kind)
+                if dead is None:
+                    file = os.path.join(self.dir, f"{kind}_dead.db")
+                    dead = self._dead[kind] = MmapedDict(file)  # type: ignore[no-untyped-call]
+                for key, value, timestamp, _ in values:
+                    dead.write_value(key, dead.read_value(key)[0] + value, timestamp)
+                os.remove(path)
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -154,5 +193,7 @@ class Supervisor:
         self._remove_dir()
 
     def _remove_dir(self) -> None:
+        for dead in getattr(self, "_dead", {}).values():
+            dead.close()
         shutil.rmtree(self.dir, ignore_errors=True)
         os.close(self._lock)
