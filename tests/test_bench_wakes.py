@@ -106,12 +106,15 @@ def test_threads_and_wake_ups_are_counted_per_event() -> None:
 
 
 def test_without_tracefs_one_line_says_how_to_get_it(tmp_path: Path) -> None:
-    env = {**os.environ, "BUCKETWIRE_TRACEFS": str(tmp_path)}
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    env = {**os.environ, "BUCKETWIRE_TRACEFS": str(tmp_path), "TMPDIR": str(tmpdir)}
     p = subprocess.run([sys.executable, "-m", "bucketwire.devstack.bench.wakes", "bucketwire"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "tracefs" in lines[0] and "mount" in lines[0], p.stderr
+    assert sorted(os.listdir(tmpdir)) == [], "the refused run left its bench dir behind"
 
 
 def test_both_ends_come_from_the_handlers_rows_on_the_same_clock() -> None:

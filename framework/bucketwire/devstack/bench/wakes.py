@@ -332,9 +332,10 @@ def record(system: str, rate: int, seconds: float, busy: bool = False) -> dict[s
     from bucketwire.devstack.bench.profile_bus import children
     from bucketwire.devstack.bench.versus import BucketwireSide, Spinner
 
-    side: Any = BucketwireSide(2, "os") if system == "bucketwire" else JetStreamSide(2, "os")
     window = min(2.0, max(0.5, seconds - 2))
     with Recorder() as rec:
+        # made once tracing is up: a side made before the Recorder refused (no tracefs) left its temp dir behind
+        side: Any = BucketwireSide(2, "os") if system == "bucketwire" else JetStreamSide(2, "os")
         try:
             side.start()
             side.saturate(WARMUP)
