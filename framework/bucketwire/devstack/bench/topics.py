@@ -66,12 +66,13 @@ def _one(topics: int, subscriber: bool, rate: int, seconds: float, progress: Cal
         pub.drain()
         _wait_handled(stack, k, f"{topics:,} topics")
         pub.close()
+        stack.stop()
+        return [r[2] - r[1] for r in stack.read_latencies() if r[0] < OTHER]
     finally:
         if sub is not None:
             sub.kill()
             sub.wait()
-        stack.stop()
-    return [r[2] - r[1] for r in stack.read_latencies() if r[0] < OTHER]
+        stack.close()
 
 
 def run(topics: int, subscriber: bool, rate: int, seconds: float, rounds: int,
