@@ -68,6 +68,9 @@ def main(args: list[str]) -> int:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously: gone when this says so
+        while survivors(tmpdir) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     stray = sorted(e for e in os.listdir(tmpdir) if not e.startswith("pytest-of-"))
     if stray:

@@ -90,7 +90,8 @@ def test_the_suite_guard_names_what_a_run_left_behind(tmp_path: Path) -> None:
     assert "leaked-by-a-test-" in p.stderr and "outlives-the-suite" in p.stderr and "outlived it" in p.stderr
     kept = p.stderr.strip().splitlines()[-1].split(": ")[-1]
     assert Path(kept).parent == tmp_path and Path(kept).is_dir()
-    assert not [pid for pid in processes() if b"outlives-the-suite" in cmdline(pid)], "the guard kills it"
+    wait_for(lambda: not [pid for pid in processes() if b"outlives-the-suite" in cmdline(pid)], 10,
+             "the guard to have killed the process that outlived its suite")
 
 
 
