@@ -248,3 +248,16 @@ def test_a_hub_that_cannot_read_the_list_keeps_refusing_what_it_read(hub_stack, 
     with s.client() as c:
         c.publish("x", {"n": 1})  # the loop serves the keys it admits
     closing(sub, mon, sub2, mon2)
+
+
+def test_a_public_key_that_starts_with_a_dash_is_revoked_as_given(stack_factory, tmp_path):
+    """Z85 has '-' among its characters, so one public key in 85 starts with it: `keys revoke -[x...` stopped
+    at click's "No such option '-['" (and this suite failed now and then on a random key)."""
+    s, _ = secure_stack(stack_factory, tmp_path)
+    while True:  # a key pair whose public half starts with '-'
+        pub, _ = zmq.curve_keypair()
+        if pub.startswith(b"-"):
+            break
+    for verb in ("revoke", "unrevoke"):
+        p = keys_cli(verb, pub.decode(), "-c", str(s.cfg_path))
+        assert p.returncode == 0 and "No such option" not in p.stderr, (verb, p.stdout, p.stderr)

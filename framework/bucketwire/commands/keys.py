@@ -106,7 +106,11 @@ def list_cmd(directory: Path | None, config_path: str | None, as_json: bool) -> 
         click.echo(f"{r['name']:<24} {r['kind']:<7} {r['mode']:>4}  {r['public_key']}{warn}")
 
 
-@keys.command(name="revoke")
+KEY_ARGUMENT = {"ignore_unknown_options": True}
+"""Z85 has '-' among its characters: a public key starting with it is KEY, not an option click does not know."""
+
+
+@keys.command(name="revoke", context_settings=KEY_ARGUMENT)
 @click.argument("key")
 @config_option
 @click.option("--reason", default="", help="Why; recorded with who and when.")
@@ -133,7 +137,7 @@ def revoke_cmd(key: str, config_path: str | None, reason: str) -> None:
                f"{cfg.security.reload_interval:g} s (at once after kill -HUP); `keys unrevoke` lifts it")
 
 
-@keys.command(name="unrevoke")
+@keys.command(name="unrevoke", context_settings=KEY_ARGUMENT)
 @click.argument("key")
 @config_option
 def unrevoke_cmd(key: str, config_path: str | None) -> None:
