@@ -13,35 +13,19 @@ from pathlib import Path
 import pytest
 import zmq
 
-from bucketwire import config
 from bucketwire import protocol as P
-from bucketwire.hub.loop import HEARTBEAT_SLICE, Hub
-from bucketwire.procutil import free_port
+from bucketwire.hub.loop import HEARTBEAT_SLICE
+from tests import inprocess
 
 TOPICS = 12_000
 
 
-class InProcessHub:
+class InProcessHub(inprocess.InProcessHub):
+    """With a SUB subscribed to every topic of its fan-out."""
+
     def __init__(self, tmp: Path) -> None:
-        cfgp = tmp / "b.toml"
-        cfgp.write_text(f"""
-[hub]
-http = "127.0.0.1:{free_port()}"
-publish = "tcp://127.0.0.1:{free_port()}"
-work = "tcp://127.0.0.1:{free_port()}"
-state_dir = "{tmp / 'state'}"
-max_topics = {TOPICS + 10}
-max_groups = 100000
-heartbeat_interval = 30
-heartbeat_timeout = 90
-""")
-        self.cfg = config.load(cfgp)
-        self.hub = Hub(self.cfg)
-        self.hub.net.open()
-        self.hub._loop_thread = 0
-        self.ctx = zmq.Context()
-        self.dealer = self.ctx.socket(zmq.DEALER)
-        self.dealer.connect(self.cfg.hub.work)
+        super().__init__(tmp, f"max_topics = {TOPICS + 10}\nmax_groups = 100000\nheartbeat_interval = 30\n"
+                              "heartbeat_timeout = 90")
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -50,15 +34,8 @@ heartbeat_timeout = 90
     def publish(self, topics: list[str]) -> None:
         events = [{"specversion": "1.0", "id": f"e-{t}", "source": "test", "type": "t", "topic": t, "data": {}}
                   for t in topics]
-        self.dealer.send_multipart([P.PUB, json.dumps({"req": 1, "events": events}).encode()])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            self.hub.tick()
-            if self.dealer.poll(1):
-                cmd = self.dealer.recv_multipart()[0]
-                assert cmd == P.PUBACK, cmd
-                return
-        raise AssertionError("no PUBACK")
+        cmd, _ = self.request([P.PUB, json.dumps({"req": 1, "events": events}).encode()], 30)
+        assert cmd == P.PUBACK, cmd
 
     def drain(self) -> list[list[bytes]]:
         out = []
@@ -67,11 +44,8 @@ heartbeat_timeout = 90
         return out
 
     def close(self) -> None:
-        self.dealer.close(0)
         self.sub.close(0)
-        self.ctx.term()
-        self.hub.net.close()
-        self.hub.journal.close()
+        super().close()
 
 
 @pytest.fixture

@@ -15,23 +15,19 @@ import copy
 import json
 import os
 import re
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-import zmq
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bucketwire import config
 from bucketwire import envelope as E
 from bucketwire import protocol as P
 from bucketwire.devstack.bench.bus import payload
-from bucketwire.hub.loop import Hub
-from bucketwire.procutil import free_port
+from tests import inprocess
 from tests.test_fuzz import JSONV, TEXT, mutate
 
 EXAMPLES = int(os.environ.get("BUCKETWIRE_FUZZ_EXAMPLES", "150"))
@@ -239,51 +235,20 @@ def test_an_event_unsent_is_its_envelope() -> None:
 MAX_HOPS = 3
 
 
-class InProcessHub:
-    """A real hub (ZeroMQ listener, SQLite journal) turned by the test's own thread, and a publisher DEALER."""
-
+class InProcessHub(inprocess.InProcessHub):
     def __init__(self, tmp: Path) -> None:
-        cfgp = tmp / "bucketwire.toml"
-        cfgp.write_text(f"""
-[hub]
-http = "127.0.0.1:{free_port()}"
-publish = "tcp://127.0.0.1:{free_port()}"
-work = "tcp://127.0.0.1:{free_port()}"
-state_dir = "{tmp / 'state'}"
-max_hops = {MAX_HOPS}
-max_topics = 100000
-
+        super().__init__(tmp, f"max_hops = {MAX_HOPS}\nmax_topics = 100000", """
 [[routes]]
 topic = "created"
 events = ["s3:ObjectCreated:*"]
 bucket = "b*"
 """)
-        self.cfg = config.load(cfgp)
-        self.hub = Hub(self.cfg)
-        self.hub.net.open()
-        self.hub._loop_thread = 0
-        self.ctx = zmq.Context()
-        self.pub = self.ctx.socket(zmq.DEALER)
-        self.pub.connect(self.cfg.hub.work)
         self.req = 0
 
     def publish(self, raw_events: list[bytes]) -> tuple[bytes, dict[str, Any]]:
         """Send one PUB of `raw_events` (JSON texts, as a publisher wrote them) and turn the hub until it answers."""
         self.req += 1
-        self.pub.send_multipart([P.PUB, b'{"req":%d,"events":[%s]}' % (self.req, b",".join(raw_events))])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            self.hub.tick()
-            if self.pub.poll(1):
-                cmd, hdr = self.pub.recv_multipart()[:2]
-                return cmd, json.loads(hdr)
-        raise AssertionError("the hub did not answer the PUB")
-
-    def close(self) -> None:
-        self.pub.close(0)
-        self.ctx.term()
-        self.hub.net.close()
-        self.hub.journal.close()
+        return self.request(inprocess.pub_frames(self.req, raw_events))
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,21 @@ def journal(stack: Stack, topic: str) -> list[dict[str, Any]]:
     return [json.loads(b) for b in bodies]
 
 
+def routed_to_store(weed: WeedServer, bucket: str) -> str:
+    """Config: every event of `bucket` to topic "objects", and the server as store "primary"."""
+    return f"""
+[[routes]]
+events = ["s3:*"]
+bucket = "{bucket}"
+topic = "objects"
+
+[stores.primary]
+endpoint = "{weed.s3_endpoint}"
+access_key = "{weed.access_key}"
+secret_key = "{weed.secret_key}"
+"""
+
+
 def start_source(stack: Stack, weed: WeedServer, bucket: str, state: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [BUCKETWIRE, "seaweed-source", "-c", str(stack.cfg_path), "--filer", weed.filer_address,
@@ -42,20 +57,7 @@ def test_hub_down_then_up_every_object_arrives_once(
     weed: WeedServer, bucket: str, stack_factory: Callable[..., Stack], tmp_path: Path
 ) -> None:
     # [client] timeout: how long the source waits for the dead hub before it says so and retries (10 s by default)
-    stack = stack_factory(f"""
-[client]
-timeout = 3
-
-[[routes]]
-events = ["s3:*"]
-bucket = "{bucket}"
-topic = "objects"
-
-[stores.primary]
-endpoint = "{weed.s3_endpoint}"
-access_key = "{weed.access_key}"
-secret_key = "{weed.secret_key}"
-""")
+    stack = stack_factory("\n[client]\ntimeout = 3\n" + routed_to_store(weed, bucket))
     stack.start_hub()
     state, log = tmp_path / "src-state.json", tmp_path / "source.log"
     src = start_source(stack, weed, bucket, state, log)
@@ -108,17 +110,7 @@ def test_a_versioned_bucket_gets_thumbnails_and_loses_them_on_delete(
 
     c = weed.client()
     c.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
-    stack = stack_factory(f"""
-[[routes]]
-events = ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]
-bucket = "{bucket}"
-topic = "objects"
-
-[stores.primary]
-endpoint = "{weed.s3_endpoint}"
-access_key = "{weed.access_key}"
-secret_key = "{weed.secret_key}"
-
+    stack = stack_factory(routed_to_store(weed, bucket) + """
 [groups.media]
 topics = ["objects"]
 plugins = ["thumbnail"]
