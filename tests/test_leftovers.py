@@ -17,7 +17,7 @@ import pytest
 from bucketwire.devstack.bench.common import Stack as BenchStack
 from bucketwire.procutil import free_port
 from tests.fixtures_hub import Stack, wait_for
-from tests.procs import cmdline, processes
+from tests.procs import cmdline, processes, zombies_of
 
 GROUPS = """
 [groups.g]
@@ -211,21 +211,6 @@ def test_a_hub_keeps_no_descriptor_or_thread_per_connection_it_served(stack_fact
              f"now {_fds(pid)} and {_threads(pid)}")
 
 
-def _zombies_of(ppid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        f = stat[stat.rindex(")") + 2:].split()
-        if f[0] == "Z" and int(f[1]) == ppid:
-            out.append(int(d.name))
-    return out
-
-
 def test_a_pool_whose_children_keep_crashing_reaps_them(stack_factory: Callable[..., Stack]) -> None:
     """Every crashed child is waited for: a pool restarting children for months must not collect zombies (each
     holds a pid; the pid space runs out)."""
@@ -243,7 +228,7 @@ def test_a_pool_whose_children_keep_crashing_reaps_them(stack_factory: Callable[
     wait_for(lambda: s.metric("bucketwire_dead_lettered_total", group="g") == crashes, 60,
              f"{crashes} crashed events dead-lettered")
     wait_for(lambda: s.status()["groups"]["g"]["workers"] >= 1, 30, "the last crashed child replaced")
-    assert _zombies_of(pool.pid) == []
+    assert zombies_of(pool.pid) == []
 
 
 def test_a_crash_looping_pool_keeps_its_metrics_files_bounded_and_its_counts(stack_factory: Callable[..., Stack],

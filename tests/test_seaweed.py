@@ -77,9 +77,8 @@ def _our_tmp_sockets(server: WeedServer) -> list[str]:
     return sorted(p.name for port in server.ports.values() for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"))
 
 
-def test_weed_writes_nothing_to_tmpdir_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """weed writes a leveldb directory and a glog file into $TMPDIR at every start and never removes them: a CI
-    machine's /tmp held ~5,300 such directories. They belong in the data dir, and go at stop."""
+def _own_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A $TMPDIR of the test's own for the weed it starts (skips without weed)."""
     try:
         find_weed()
     except WeedError as e:
@@ -87,6 +86,13 @@ def test_weed_writes_nothing_to_tmpdir_and_leaves_nothing(tmp_path: Path, monkey
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmpdir))
+    return tmpdir
+
+
+def test_weed_writes_nothing_to_tmpdir_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """weed writes a leveldb directory and a glog file into $TMPDIR at every start and never removes them: a CI
+    machine's /tmp held ~5,300 such directories. They belong in the data dir, and go at stop."""
+    tmpdir = _own_tmpdir(tmp_path, monkeypatch)
     server = WeedServer(tmp_path / ("deep" * 30))  # too deep for a unix socket path: the fallback is exercised
     with server:
         server.client().make_bucket("tmpdir-check")
@@ -109,13 +115,7 @@ def test_what_a_weed_killed_9_left_goes_with_the_next_start(tmp_path: Path, monk
     sockets in /tmp stay. The next start on that data dir removes both (sockets nobody listens on any more)."""
     import signal
 
-    try:
-        find_weed()
-    except WeedError as e:
-        pytest.skip(str(e))
-    tmpdir = tmp_path / "tmpdir"
-    tmpdir.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    tmpdir = _own_tmpdir(tmp_path, monkeypatch)
     first = WeedServer(tmp_path / "w")
     first.start()
     assert first.proc is not None
