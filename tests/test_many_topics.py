@@ -106,3 +106,50 @@ def test_status_lists_only_the_topics_asked_for(hub: InProcessHub) -> None:
     assert cmd == P.STATUSR and st["req"] == 7
     assert st["topics"] == {"t3": {"head": 1, "rate": st["topics"]["t3"]["rate"]},
                             "t7": {"head": 1, "rate": st["topics"]["t7"]["rate"]}}, st["topics"]
+
+
+def test_status_of_some_topics_from_a_hub_before_the_filter_asks_again_for_all(tmp_path: Path) -> None:
+    """A hub from before `topics` refuses the field (unknown fields are errors); `HubClient.status(topics=...)`,
+    what `tail TOPIC` runs at its start, then asks for every topic and keeps its own. The old hub here is a ROUTER
+    speaking its frames (docs/wire.md)."""
+    import threading
+
+    from bucketwire import config
+    from bucketwire.client import HubClient
+    from bucketwire.procutil import free_port
+
+    port = free_port()
+    cfgp = tmp_path / "c.toml"
+    cfgp.write_text(f'[client]\nwork = "tcp://127.0.0.1:{port}"\n')
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    asked: list[dict] = []
+
+    def old_hub() -> None:
+        for _ in range(2):
+            if not router.poll(10_000):
+                return
+            ident, cmd, raw = router.recv_multipart()
+            hdr = json.loads(raw)
+            asked.append(hdr)
+            if "topics" in hdr:  # what an old hub's decoder answers
+                router.send_multipart([ident, P.ERR, json.dumps(
+                    {"error": "STATUS header: Object contains unknown field `topics`"}).encode()])
+            else:
+                router.send_multipart([ident, P.STATUSR, json.dumps(
+                    {"req": hdr["req"], "hub": {}, "groups": {},
+                     "topics": {"a": {"head": 1}, "b": {"head": 2}, "c": {"head": 3}}}).encode()])
+
+    th = threading.Thread(target=old_hub, daemon=True)
+    th.start()
+    try:
+        with HubClient(config.load(cfgp), timeout=10) as c:
+            st = c.status(topics=["b", "zz"])
+    finally:
+        th.join(10)
+        router.close(0)
+    assert st["topics"] == {"b": {"head": 2}}
+    assert [("topics" in h) for h in asked] == [True, False]
+

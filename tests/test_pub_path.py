@@ -376,3 +376,14 @@ def test_an_event_behind_one_that_passed_its_topic_is_still_checked(hub: InProce
         assert cmd == P.PUBNACK, hdr
         assert ("hop limit" if i == 0 else "NUL") in hdr["error"], hdr
     assert "behind" not in hub.hub.journal.heads, "nothing of a refused request was committed"
+
+
+def test_a_malformed_hb_from_a_peer_that_is_not_a_worker_is_refused_and_counted(hub: InProcessHub) -> None:
+    """It got the 'unknown worker; send READY' ERR without its header being read, so a garbage HB was answered
+    as a lost worker's and never counted as a refused frame."""
+    before = hub.hub.metrics.rejected.labels("zmq", "protocol")._value.get()
+    cmd, hdr = hub.request([P.HB, b"not json"])
+    assert cmd == P.ERR and not hdr.get("reready"), hdr
+    assert hub.hub.metrics.rejected.labels("zmq", "protocol")._value.get() == before + 1
+    cmd, hdr = hub.request([P.HB, b"{}"])  # a well-formed one from a stranger: told to send READY
+    assert cmd == P.ERR and hdr.get("reready") is True, hdr

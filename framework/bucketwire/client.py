@@ -200,7 +200,8 @@ class HubClient:
                 raise
             # A hub from before the filter refuses the field: ask for every topic and keep those asked for.
             _, st, _ = self.request(P.STATUS, {}, {P.STATUSR}, timeout)
-            st["topics"] = {t: v for t, v in st.get("topics", {}).items() if t in set(topics)}
+            asked = set(topics)
+            st["topics"] = {t: v for t, v in st.get("topics", {}).items() if t in asked}
         st.pop("req", None)
         return st
 
