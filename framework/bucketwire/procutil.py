@@ -85,8 +85,11 @@ def owned_tempdir(prefix: str) -> tuple[str, int]:
     import tempfile
 
     d = tempfile.mkdtemp(prefix=prefix)
-    fd = os.open(os.path.join(d, OWNER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Locked under another name, then renamed: the lock file never exists unlocked, or another process cleaning up
+    # between its creation and its lock would take this live dir for an abandoned one.
+    fd = os.open(os.path.join(d, OWNER_LOCK + ".new"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new and ours: nobody else can hold it
+    os.rename(os.path.join(d, OWNER_LOCK + ".new"), os.path.join(d, OWNER_LOCK))
     return d, fd
 
 
