@@ -106,11 +106,18 @@ def list_cmd(directory: Path | None, config_path: str | None, as_json: bool) -> 
         click.echo(f"{r['name']:<24} {r['kind']:<7} {r['mode']:>4}  {r['public_key']}{warn}")
 
 
-KEY_ARGUMENT = {"ignore_unknown_options": True}
-"""Z85 has '-' among its characters: a public key starting with it is KEY, not an option click does not know."""
+class _KeyCommand(click.Command):
+    """Z85 has '-' among its characters, so one public key in 85 starts with it, and click read it as options (a
+    cluster of short ones, `-c` among them): such an argument is moved behind `--`, where it can only be KEY."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        keys = [a for a in args if a.startswith("-") and public_key_of(a) is not None]
+        if keys and "--" not in args:
+            args = [a for a in args if a not in keys] + ["--", *keys]
+        return super().parse_args(ctx, args)
 
 
-@keys.command(name="revoke", context_settings=KEY_ARGUMENT)
+@keys.command(name="revoke", cls=_KeyCommand)
 @click.argument("key")
 @config_option
 @click.option("--reason", default="", help="Why; recorded with who and when.")
@@ -137,7 +144,7 @@ def revoke_cmd(key: str, config_path: str | None, reason: str) -> None:
                f"{cfg.security.reload_interval:g} s (at once after kill -HUP); `keys unrevoke` lifts it")
 
 
-@keys.command(name="unrevoke", context_settings=KEY_ARGUMENT)
+@keys.command(name="unrevoke", cls=_KeyCommand)
 @click.argument("key")
 @config_option
 def unrevoke_cmd(key: str, config_path: str | None) -> None:
