@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,3 +25,20 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     whole = config.args_source == pytest.Config.ArgsSource.TESTPATHS or any(
         Path(a).resolve() == here for a in config.args)
     return SUITE_PROCESSES if whole else 0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failing test's report carries the logs of the hubs and workers it started (the last lines of each):
+    a failure that shows once under a loaded CI run is then read from the report, not guessed at."""
+    from tests.fixtures_hub import STACKS
+
+    if call.when == "setup":
+        STACKS.clear()
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call" and STACKS:
+        report.sections.append(("hub and worker logs", "\n".join(
+            f"=== {s.dir}\n{s.dump_logs(6000)}" for s in STACKS if s.logs)))
+    if call.when == "teardown":
+        STACKS.clear()

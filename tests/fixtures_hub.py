@@ -23,6 +23,10 @@ from tests.procs import cmdline, processes
 
 RECORDER = str(Path(__file__).parent / "plugins" / "recorder.py")
 
+# The stacks the running test made: a failing test's report carries their processes' logs (see conftest's
+# pytest_runtest_makereport), so a failure seen once in CI can be read afterwards, not only rerun and hoped for.
+STACKS: list[Stack] = []
+
 
 def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
@@ -64,6 +68,7 @@ path = "{self.record}"
         self.hub_proc: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.logs: list[Path] = []
+        STACKS.append(self)
 
     def _spawn(self, args: list[str], name: str, cfg_path: Path | None = None) -> subprocess.Popen:
         log = self.dir / f"{name}-{len(self.logs)}.log"
@@ -165,8 +170,8 @@ path = "{self.record}"
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(5)
 
-    def dump_logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.logs if p.exists())
+    def dump_logs(self, tail: int = 3000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in self.logs if p.exists())
 
 
 @pytest.fixture
