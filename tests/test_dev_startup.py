@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -151,3 +152,51 @@ def test_dev_killed_9_leaves_nothing_running_and_restarts_on_its_state_dir(tmp_p
     assert left == [], "a dev killed with -9 left its stack running"
     text = out2.read_text()
     assert "Traceback" not in text and ".go:" not in text, text
+
+
+PARENT = """
+import os, subprocess, sys, time
+env = {**os.environ, "BUCKETWIRE_STOP_WITH": str(os.getpid())} if sys.argv[1] == "watched" else dict(os.environ)
+for cmd in (["hub"], ["worker", "--group", "g", "--topic", "photos", "-n", "1", "--plugin", sys.argv[3]]):
+    p = subprocess.Popen([sys.argv[2], *cmd, "-c", sys.argv[4]], env=env, start_new_session=True,
+                         stdout=open(sys.argv[5] + "-" + cmd[0] + ".log", "wb"), stderr=subprocess.STDOUT)
+    print(p.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["watched", "not watched"])
+def test_a_hub_and_pool_whose_parent_dies_without_its_death_signal_stop_when_they_are_told_to_watch_it(
+        stack_factory: Any, tmp_path: Path, watched: bool) -> None:
+    """`dev` has the kernel signal its hub and pools when it dies (PR_SET_PDEATHSIG), yet under load a killed
+    `dev` once left a pool running for good, its signal never seen. So `dev` also names itself in
+    BUCKETWIRE_STOP_WITH, and a hub or pool started so stops (as for SIGTERM) once its parent is gone, whatever
+    became of the signal. Here the parent sets no death signal at all: watched, both stop; not watched, both live
+    on (the test stops them), which shows the watch is what stopped them."""
+    from tests.fixtures_hub import RECORDER, wait_for
+
+    s = stack_factory()
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, "watched" if watched else "plain", BUCKETWIRE, RECORDER,
+                               str(s.cfg_path), str(tmp_path / "out")], stdout=subprocess.PIPE, env=s.env)
+    assert parent.stdout is not None
+    pids = [int(parent.stdout.readline()), int(parent.stdout.readline())]
+    try:
+        wait_for(lambda: s.healthy() and s.status()["groups"].get("g", {}).get("workers"), 30,
+                 "the hub up and the pool joined")
+        parent.kill()
+        parent.wait(10)
+
+        def alive() -> list[int]:
+            return [p for p in pids if Path(f"/proc/{p}").exists()
+                    and Path(f"/proc/{p}/stat").read_text().split(")")[1].split()[0] != "Z"]
+
+        if watched:
+            wait_for(lambda: not alive(), 30, "the hub and the pool to stop after their parent died")
+            assert "worker pool stopped" in (tmp_path / "out-worker.log").read_text()  # drained, not killed
+        else:
+            time.sleep(2)  # pacing: long enough for a watch to have acted (it looks every 0.5 s)
+            assert alive() == pids, "nothing should stop them without the watch"
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p, signal.SIGKILL)

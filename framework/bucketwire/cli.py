@@ -18,7 +18,7 @@ import click
 from bucketwire import logs
 from bucketwire.commands._common import config_option, load_config
 from bucketwire.config import ConfigError
-from bucketwire.procutil import on_stop_signals
+from bucketwire.procutil import on_stop_signals, stop_when_orphaned
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -253,6 +253,7 @@ def _names_a_builtin(argv: list[str]) -> bool:
 
 
 def main() -> None:
+    stop_when_orphaned()
     _add_builtin_groups()
     if not _names_a_builtin(sys.argv[1:]):
         _register_plugin_commands()

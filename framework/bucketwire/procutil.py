@@ -9,6 +9,8 @@ import shutil
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +51,36 @@ def stop_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # died before the request was made: the kernel will not send it
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+STOP_WITH_ENV = "BUCKETWIRE_STOP_WITH"
+"""Set by a process that starts bucketwire commands in their own sessions (`dev`) to its own pid: see
+`stop_when_orphaned`."""
+
+
+def stop_when_orphaned(interval: float = 0.5) -> None:
+    """If $BUCKETWIRE_STOP_WITH names this process's parent, send ourselves SIGTERM once that parent is gone.
+
+    `dev` also has the kernel signal its hub and pools when it dies (`parent_death_signal`), yet under load a
+    `kill -9` of `dev` once left a pool running for good, its signal never seen: this watch does not depend on
+    it. SIGTERM goes through the command's own handler, so the hub or pool stops as for any stop (a pool drains).
+    The variable is removed here, so the pool's worker children (whose parent is the pool) do not inherit it.
+    One thread, asleep but for a getppid() every `interval`."""
+    raw = os.environ.pop(STOP_WITH_ENV, None)
+    try:
+        parent = int(raw or "")
+    except ValueError:
+        return
+    if os.getppid() != parent:  # gone already (or never ours): stop now
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)  # pacing: how soon an orphaned hub or pool notices
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bucketwire.devstack.seaweedfs import WeedError, WeedServer, find_weed
-from bucketwire.procutil import free_port, on_stop_signals, parent_death_signal
+from bucketwire.procutil import STOP_WITH_ENV, free_port, on_stop_signals, parent_death_signal
 
 if TYPE_CHECKING:
     from bucketwire.config import Config
@@ -269,8 +269,11 @@ class Children:
               ) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                 start_new_session=True, preexec_fn=parent_death_signal())
+            # Both ways of stopping with `dev`: the kernel's death signal, and the child's own watch of its
+            # parent (procutil.stop_when_orphaned), for when that signal is not seen.
+            p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env={**env, STOP_WITH_ENV: str(os.getpid())}, start_new_session=True,
+                                 preexec_fn=parent_death_signal())
         self.procs.append((name, p))
         if worker:
             self.workers.add(name)
