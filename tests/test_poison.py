@@ -5,6 +5,7 @@ Real hub and worker pool processes; the recorder plugin (tests/plugins/recorder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,6 +69,40 @@ def test_a_child_that_aborts_charges_only_the_event_it_was_running(hub_stack: An
     rows = [r for r in s.handled() if r["key"] != "poison"]
     assert {r["key"] for r in rows} == {f"innocent-{i}" for i in range(16) if i != 4}, "every innocent handled"
     assert {r["a"] for r in rows} == {1}, "no innocent was charged an attempt for the poison's crashes"
+
+
+def test_a_child_that_dies_after_its_handler_forked_a_leftover_is_seen_to_die(stack_factory: Any, tmp_path: Any
+                                                                                ) -> None:
+    """A handler os.fork()s a process that outlives it (a copy of the child holding every descriptor it had,
+    multiprocessing's sentinel pipe among them); the child then os.abort()s on a later event. The pool must see
+    that death as it sees any other: the poison charged, the child replaced, every innocent handled once. It
+    waited on the sentinel, which the leftover kept open: the death went unseen, the pool kept telling the hub
+    the dead child's handler was running (for up to handler_timeout, then waited for good) and every event it
+    held stalled."""
+    s = stack_factory(CFG.format(extra=""))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    pidfile = tmp_path / "leftover.pid"
+    events = [job("forker", fork=str(pidfile)), job("poison", abort=True), *(job(f"innocent-{i}") for i in range(6))]
+    with s.client() as c:
+        c.publish_events(events)
+    try:
+        wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] >= 1 and st["lag"] == 0, 40,
+                 "the pool to see its child die (poison dead-lettered, every innocent handled):\n" + s.dump_logs())
+        dls = dead_letters(s)
+        assert [d["event"]["data"]["key"] for d in dls] == ["poison"], "only the poison is dead-lettered"
+        assert dls[0]["attempts"] == 3 and "SIGABRT" in dls[0]["line"], dls[0]
+        attempts = {r["key"]: r["a"] for r in s.handled()}
+        assert attempts == {"forker": 1, **{f"innocent-{i}": 1 for i in range(6)}}, attempts
+        assert pool.poll() is None, "the pool stopped:\n" + s.dump_logs()
+        s.stop()
+        assert pool.returncode == 0, s.dump_logs()
+        assert "did not drain in time" not in s.dump_logs(), "the stop waited for the leftover"
+    finally:
+        (tmp_path / "leftover.pid.release").touch()
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
 def test_a_vanished_worker_charges_only_the_oldest_event_it_held(stack_factory: Any) -> None:

@@ -9,7 +9,9 @@ follow-ons to topic "follow" (with {"follow_pad": N}: each with N bytes of paddi
 follow-on published with those keyword arguments, {"follow_then_set": {...}} one follow-on whose attributes it
 sets to those values after publishing it, {"follow_fsname": true} one carrying a file name that is not
 UTF-8, {"follow_strsub": true} one carrying instances of str and int subclasses, {"follow_bytes": N} one
-follow-on carrying N bytes of padding, {"follow_reset_hops": true} one whose hops it sets to 0 after publishing.
+follow-on carrying N bytes of padding, {"follow_reset_hops": true} one whose hops it sets to 0 after publishing,
+{"fork": PATH} os.fork()s a process that lives on after the handler (writing its pid to PATH, exiting once
+PATH + ".release" exists, at most 60 s), as a handler that leaves a helper running does.
 """
 
 from __future__ import annotations
@@ -31,6 +33,19 @@ def validate_settings(settings):
     return settings
 
 
+def _fork_leftover(path: str) -> None:
+    pid = os.fork()
+    if pid == 0:  # the leftover: a copy of the child, holding every descriptor it had
+        try:
+            end = time.monotonic() + 60
+            while not os.path.exists(path + ".release") and time.monotonic() < end:
+                time.sleep(0.05)  # pacing: polling for the test's release file, with a deadline
+        finally:
+            os._exit(0)
+    with open(path, "w") as f:
+        f.write(str(pid))
+
+
 @hookimpl
 def handle_event(event, ctx):
     d = event.data if isinstance(event.data, dict) else {}
@@ -38,6 +53,8 @@ def handle_event(event, ctx):
     if d.get("mark_start"):  # lets a test act while the handler is provably running
         with open(ctx.settings["path"] + ".started", "a") as f:
             f.write(f"{os.getpid()} {event.seq}\n")
+    if d.get("fork"):
+        _fork_leftover(d["fork"])
     if d.get("abort"):
         os.abort()
     if "exit" in d:

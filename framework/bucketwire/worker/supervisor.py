@@ -79,6 +79,45 @@ class DeathNotices:
         self.zctx.term()
 
 
+class Exits:
+    """Per slot, a descriptor that becomes readable once that slot's child has ended: a pidfd.
+
+    Why not the child's `Process.sentinel`: that is a pipe whose writing end the child holds, and any process a
+    handler forks (`os.fork()`, `subprocess` with `close_fds=False`, a daemonizing library) inherits it. While
+    such a leftover lives the sentinel never fires: the pool did not see its child die, kept telling the hub the
+    dead child's handler was running, and every event the child held stalled. A pidfd is about the process
+    alone. Kernels before 5.3 have none; there the sentinel it is, as before.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[int, tuple[int, Any]] = {}
+
+    def watch(self, slot: int, p: Any) -> None:
+        self.forget(slot)
+        try:
+            fd = os.pidfd_open(p.pid)
+        except (OSError, AttributeError):
+            fd = -1
+        self._fds[slot] = (fd, p)
+
+    def fd(self, slot: int) -> int:
+        fd, p = self._fds[slot]
+        return fd if fd >= 0 else int(p.sentinel)
+
+    def wait(self, slot: int, timeout: float) -> None:
+        """Return once the slot's child has ended, or after `timeout` seconds."""
+        wait([self.fd(slot)], timeout=timeout)
+
+    def forget(self, slot: int) -> None:
+        fd, _ = self._fds.pop(slot, (-1, None))
+        if fd >= 0:
+            os.close(fd)
+
+    def close(self) -> None:
+        for slot in list(self._fds):
+            self.forget(slot)
+
+
 def frozen(pid: int | None) -> bool:
     """A stopped child (SIGSTOP, a debugger) is not working on its event: the supervisor does not speak for it,
     so the hub finds it by heartbeat timeout as it would a vanished host."""
@@ -185,6 +224,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     # worker_shutdown that hangs kept its slot empty for good, the pool taking no event again).
     reload_by: dict[int, float] = {}
     children: dict[int, Any] = {}
+    exits = Exits()
     slots: dict[int, RunningSlot] = {}
     timed_out: dict[int, Running] = {}
     respawn_at: dict[int, float] = {}  # slot -> when its crashed child is replaced (crash-loop backoff)
@@ -207,6 +247,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                         name=f"bucketwire-worker-{spec.group}-{slot}", daemon=False)
         p.start()
         children[slot] = p
+        exits.watch(slot, p)
 
     tick = min(0.5, spec.heartbeat_interval / 2)
     spoke: dict[int, float] = {}  # slot -> when we last heartbeated for its child
@@ -269,7 +310,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                 del respawn_at[slot]
                 spawn(slot)
             wake = min([kill_overdue(now), *respawn_at.values(), *reload_by.values()])
-            sentinels = {p.sentinel: slot for slot, p in children.items() if slot not in respawn_at}
+            sentinels: dict[Any, int] = {exits.fd(slot): slot for slot in children if slot not in respawn_at}
             ready = wait([*sentinels, woken], timeout=max(0.0, wake - time.monotonic()))
             for s in ready:
                 if s == woken:
@@ -322,7 +363,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
         for slot, p in children.items():
             if slot in respawn_at:
                 continue
-            p.join(max(0.0, deadline - time.monotonic()))
+            exits.wait(slot, max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 log.warning("child did not drain in time; killing", extra={"pid": p.pid})
                 p.kill()
@@ -331,6 +372,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                 report(slot, r, f"handler still running after the {drain_timeout:g} s drain timeout")
     finally:
         os.close(woken)
+        exits.close()
         notices.close()
         if served is not None:
             served.stop()
