@@ -177,6 +177,9 @@ def test_structured_and_batch_modes_still_work(stack_factory: MakeStack) -> None
     # envelope every CloudEvents reader refuses
     (None, {"ce-time": "now"}, "RFC 3339"),
     (None, {"ce-time": "2024-05-01T10:00:00"}, "RFC 3339"),
+    # shaped like one but no instant: the pattern alone took them, and the SDKs refuse to read them
+    (None, {"ce-time": "2024-02-30T10:00:00Z"}, "RFC 3339"),
+    (None, {"ce-time": "2024-05-01T24:00:00+25:00"}, "RFC 3339"),
 ])
 def test_bad_binary_mode_events_are_refused_in_one_line_and_change_nothing(
         stack_factory: MakeStack, drop: str | None, extra: dict[str, str], why: str) -> None:
@@ -194,7 +197,13 @@ def test_bad_binary_mode_events_are_refused_in_one_line_and_change_nothing(
     assert committed(s, "jobs") == []
 
 
-@pytest.mark.parametrize("bad_time", ["now", "2024-05-01T10:00:00", "2024-05-01 10:00:00Z"])
+@pytest.mark.parametrize("bad_time", [
+    "now", "2024-05-01T10:00:00", "2024-05-01 10:00:00Z",
+    # RFC 3339's shape with no such instant (a 30th of February, a 13th month, an hour 24, an offset of 25 h) or
+    # with digits that are not ASCII ones: the pattern took them, every CloudEvents SDK refuses to read them
+    "2024-02-30T10:00:00Z", "2024-13-01T10:00:00Z", "2024-05-01T24:00:00Z", "2024-05-01T10:00:00+25:00",
+    "\u0662\u0660\u0662\u0664-05-01T10:00:00Z",
+])
 def test_a_time_that_is_not_rfc_3339_is_refused_on_every_ingress_and_commits_nothing(
         stack_factory: MakeStack, bad_time: str) -> None:
     """Structured mode (one event and a batch) and a ZeroMQ publish stored `time` as sent: an envelope every

@@ -222,6 +222,9 @@ def test_other_methods_are_refused(stack):
     ("2024-05-01 10:00:00.123456Z", "2024-05-01T10:00:00.123456Z"),
     ("20240501T100000Z", "2024-05-01T10:00:00.000000Z"),  # ISO 8601's basic form, not RFC 3339's
     ("yesterday", None),  # no time at all: when the hub took it
+    ("2024-02-30T10:00:00Z", None),  # RFC 3339's shape, no such day: copied as sent, which the SDK refuses
+    ("2024-05-01T10:00:00+25:00", None),
+    ("0999-01-01 00:00:00", None),  # rewritten, with its year unpadded ("999-01-01T..."): not RFC 3339 either
 ])
 def test_a_records_event_time_becomes_a_valid_cloudevents_time(stack, event_time, envelope_time):
     """The envelope's `time` is bucketwire's to write, and CloudEvents wants an RFC 3339 timestamp with a zone.

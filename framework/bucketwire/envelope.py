@@ -156,14 +156,28 @@ def iso_ms(value: str) -> int | None:
         return None
 
 
-RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
-"""A CloudEvents `time`: an RFC 3339 timestamp with its zone."""
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)", re.ASCII)
+"""The shape of a CloudEvents `time`: an RFC 3339 timestamp with its zone (see `is_rfc3339`)."""
+
+
+def is_rfc3339(value: str) -> bool:
+    """Whether `value` is an RFC 3339 timestamp with its zone that names an instant. Why more than the pattern:
+    it took a 30th of February, a 13th month, an hour 24 or an offset of 25 hours (and, without re.ASCII, digits
+    of other scripts), all of which the CloudEvents SDKs refuse to read, so an envelope carrying one was refused
+    by every consumer that used them."""
+    if not RFC3339.fullmatch(value):
+        return False
+    try:
+        datetime.fromisoformat(value.upper())  # Python 3.11 reads RFC 3339's 'T' and 'Z', not their lowercase
+    except ValueError:
+        return False
+    return True
 
 
 def time_problem(value: object) -> str | None:
     """Why `value`, an envelope's `time` as a producer sent it, is refused at ingress, or None: what bucketwire
     commits must be an envelope the CloudEvents SDKs read (binary mode refuses such a ce-time the same way)."""
-    if value is None or (type(value) is str and RFC3339.fullmatch(value)):
+    if value is None or (type(value) is str and is_rfc3339(value)):
         return None
     return (f"envelope attribute 'time' {str(value)[:40]!r} is not an RFC 3339 timestamp with its zone "
             "(2024-05-01T10:00:00.123Z)")
@@ -174,7 +188,7 @@ def cloudevents_time(value: str) -> str | None:
     same instant in that form when it is another ISO 8601 time (one without a zone taken as UTC, as S3's are), else
     None. Why: an envelope bucketwire writes must be one the CloudEvents SDKs read, and a store or proxy writing
     `2024-05-01 10:00:00` or `20240501T100000Z` as an S3 record's eventTime made one they refuse."""
-    if RFC3339.fullmatch(value):
+    if is_rfc3339(value):
         return value
     try:
         t = datetime.fromisoformat(value)
@@ -183,9 +197,11 @@ def cloudevents_time(value: str) -> str | None:
     if t.tzinfo is None:
         t = t.replace(tzinfo=UTC)
     try:
-        return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        # isoformat pads the year to four digits; strftime's %Y wrote year 999 as "999", no RFC 3339 time.
+        out = t.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
     except (OverflowError, ValueError):
         return None
+    return out if is_rfc3339(out) else None
 
 
 T = TypeVar("T")

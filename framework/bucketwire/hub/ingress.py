@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, unquote
 
 from bucketwire import exposition
 from bucketwire.config import ConfigError
-from bucketwire.envelope import RFC3339, EnvelopeError, Event, dumps, time_problem, valid_unicode
+from bucketwire.envelope import EnvelopeError, Event, dumps, is_rfc3339, time_problem, valid_unicode
 from bucketwire.formats import s3_records
 from bucketwire.hub.http_server import Limits, Pending, Request, Response, Server
 from bucketwire.procutil import fd_limit
@@ -112,7 +112,7 @@ def parse_cloudevents_binary(headers: Mapping[str, str], body: bytes) -> list[Ev
         raise bad("send the data's type as Content-Type and the data as the body, not as ce-* headers")
     if "specversion" not in d:
         raise bad("the ce-specversion header is missing (want 1.0)")
-    if "time" in d and not RFC3339.fullmatch(d["time"]):
+    if "time" in d and not is_rfc3339(d["time"]):
         raise bad(f"header ce-time {d['time'][:40]!r} is not an RFC 3339 timestamp with its zone "
                   "(2024-05-01T10:00:00.123Z)")
     for k in BINARY_INT_ATTRIBUTES:
