@@ -5,6 +5,7 @@ accepted workers and connections as if healthy. Now the second hub refuses to st
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,71 @@ def test_the_state_dir_may_hold_characters_a_uri_would_read(tmp_path: Path) -> N
         j.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a b?c#d%20e"]
     assert (d / "journal.db").is_file()
+
+
+def _hub_refuses(s: Stack) -> str:
+    """Start `s`'s hub; it must exit non-zero with one line on stderr (returned), no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "bucketwire", "hub", "-c", str(s.cfg_path)], env=s.env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError("the hub started instead of refusing:\n" + out + err) from None
+    assert p.returncode != 0, "the hub started:\n" + out + err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _committed_three(s: Stack) -> None:
+    s.start_hub()
+    with s.client() as c:
+        assert [c.publish("t", {"i": i}, id=f"e-{i}")["seq"] for i in range(3)] == [1, 2, 3]
+
+
+def test_a_journal_truncated_to_nothing_is_refused_not_started_afresh(stack_factory: Any) -> None:
+    """A journal.db of 0 bytes (`> journal.db`, a copy or restore that failed) is no journal SQLite can tell from
+    a new one: the hub started afresh on it, said nothing, and reused seq 1 for the next event. Every event,
+    cursor and dedupe record was gone without a word. It is refused now, in one line, and left as it is."""
+    s: Stack = stack_factory()
+    _committed_three(s)
+    s.kill_hub(signal.SIGTERM)
+    db = s.dir / "state" / "journal.db"
+    db.write_bytes(b"")
+    line = _hub_refuses(s)
+    assert str(db) in line and "0 bytes" in line and "backup" in line, line
+    assert db.stat().st_size == 0, "the refused journal was written to"
+
+
+def test_a_journal_deleted_beside_its_write_ahead_log_is_refused(stack_factory: Any) -> None:
+    """journal.db gone but its journal.db-wal still there (the database file deleted or moved while the hub was
+    down after a kill -9): the hub made a new, empty journal beside the stale log. Refused now, in one line."""
+    s: Stack = stack_factory()
+    _committed_three(s)
+    s.kill_hub(signal.SIGKILL)
+    db = s.dir / "state" / "journal.db"
+    wal = db.with_name("journal.db-wal")
+    assert wal.exists() and wal.stat().st_size > 0, "a hub killed -9 leaves its write-ahead log"
+    db.unlink()
+    line = _hub_refuses(s)
+    assert str(db) in line and "journal.db-wal" in line, line
+    assert not db.exists(), "a new journal was made beside the stale log"
+
+
+def test_a_new_journal_is_made_whole_and_said(stack_factory: Any) -> None:
+    """A hub on an empty state_dir makes its journal and says so in its log, so a state_dir whose volume was not
+    mounted (an empty directory where the journal should be) is at least not silent."""
+    s: Stack = stack_factory()
+    _committed_three(s)
+    s.kill_hub(signal.SIGTERM)
+    log = s.dump_logs()
+    assert "created a new, empty journal" in log and str(s.dir / "state" / "journal.db") in log, log
+    assert sorted(p.name for p in (s.dir / "state").iterdir() if p.name.startswith("journal.db")) == ["journal.db"]
+    s.start_hub()  # the journal it made opens again, its events there
+    with s.client() as c:
+        assert c.publish("t", {"i": 3}, id="e-3")["seq"] == 4
+    s.kill_hub(signal.SIGTERM)
+    assert s.dump_logs().count("created a new, empty journal") == 1

@@ -223,6 +223,12 @@ class Journal:
             who = f"another process (pid {pid})" if pid else "another process"
             raise JournalError(f"{who} holds {path} (another hub with this state_dir?); stop it, or give this hub "
                                "its own [hub] state_dir") from None
+        except sqlite3.DatabaseError as e:
+            if e.sqlite_errorcode not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                raise JournalError(f"{path}: cannot open the journal ({e}); check that its disk has free space and "
+                                   "the directory is writable") from None
+            raise JournalError(f"{path}: not a readable journal ({e}): truncated, or overwritten? restore it from a "
+                               "backup (docs/operations.md, \"Backups\")") from None
         except sqlite3.Error as e:  # a full disk or an unwritable directory: one line, not a traceback
             raise JournalError(f"{path}: cannot open the journal ({e}); check that its disk has free space and "
                                "the directory is writable") from None
@@ -233,6 +239,9 @@ class Journal:
     def _open(self, path: Path, durability: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        _refuse_lost(path)
+        if not path.exists():
+            _create(path)
         # Multi-row statements differ in length with the batch: cache enough of them. The first read takes the
         # file's lock for good (`_connect`); a hub still letting go of it gets a second.
         self.db = _connect(path, timeout=1.0, cached_statements=1024)
@@ -567,6 +576,73 @@ class Journal:
 
 
 _ZEROS = bytes(PROBE_BYTES)
+
+
+def _refuse_lost(path: Path) -> None:
+    """Raise JournalError when what is at `path` is what is left of a journal, not a journal or its absence.
+
+    SQLite takes an empty file, or a missing one, for a new database: a journal truncated to nothing (`>
+    journal.db`, a copy or restore that failed) or deleted beside its write-ahead log was started afresh in
+    silence, every event, cursor and dedupe record gone and seqs reused from 1. A hub never leaves an empty
+    journal.db itself (`_create` makes it whole before it bears the name), so both can be told apart and refused.
+    """
+    wal = path.with_name(path.name + "-wal")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        if wal.exists():
+            raise JournalError(f"{path} is missing but its write-ahead log {wal.name} is there (the journal deleted "
+                               "or moved?); restore journal.db from a backup, or delete journal.db-wal and "
+                               "journal.db-shm to start an empty journal (docs/operations.md, \"Backups\")") from None
+        return
+    if size == 0:
+        raise JournalError(f"{path} is empty (0 bytes): truncated, or a copy or restore that failed? restore it from "
+                           "a backup; to start an empty journal instead (every event, cursor and retry count lost), "
+                           "delete journal.db and any journal.db-wal / journal.db-shm beside it")
+
+
+def _create(path: Path) -> None:
+    """Make a new journal under another name and give it `path` only once it is whole (schema, tables), so an
+    empty journal.db is never one a hub made (`_refuse_lost`). Said in the log: a state_dir whose volume was not
+    mounted is an empty directory, and a new journal there should not go unremarked."""
+    tmp = path.with_name(f"{path.name}.new-{os.getpid()}")
+    for stale in path.parent.glob(f"{path.name}.new-*"):  # left by a hub killed while making one
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    db = sqlite3.connect(str(tmp), isolation_level=None)
+    try:
+        db.executescript(DDL)
+        db.execute("INSERT OR REPLACE INTO meta VALUES('schema', ?)", (str(SCHEMA),))
+    finally:
+        db.close()
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)  # never replaces: a hub starting beside this one may have made it first
+        log.info(f"created a new, empty journal at {path}")
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _connect(path: Path, timeout: float = 5.0, cached_statements: int = 128) -> sqlite3.Connection:
