@@ -61,3 +61,30 @@ def body(*records: dict) -> bytes:
     from urllib.parse import unquote_plus
 
     return json.dumps({"EventName": r0["eventName"], "Key": unquote_plus(key), "Records": list(records)}).encode()
+
+
+def ceph_record(event: str, bucket: str, key: str, *, size: int = 0, etag: str = "", request_id: str = "R1",
+                zonegroup: str = "default") -> dict:
+    """A Ceph RGW notification record, field for field as `rgw_pubsub_s3_event::dump` (src/rgw/rgw_pubsub.cc)
+    writes it. Unlike MinIO and AWS, RGW puts the object's name in `s3.object.key` as it is
+    (`event.object_key = obj->get_name()` in rgw_notify.cc): no URL encoding."""
+    return {
+        "eventVersion": "2.2",
+        "eventSource": "ceph:s3",
+        "awsRegion": zonegroup,
+        "eventTime": "2024-05-01T10:00:00.123456Z",
+        "eventName": event,
+        "userIdentity": {"principalId": "tester"},
+        "requestParameters": {"sourceIPAddress": ""},
+        "responseElements": {"x-amz-request-id": request_id, "x-amz-id-2": "1016-default-default"},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "bucketwire",
+            "bucket": {"name": bucket, "ownerIdentity": {"principalId": "tester"},
+                       "arn": f"arn:aws:s3:{zonegroup}::{bucket}", "id": "7d3a3b0e-2f1c-4f35-9d71-0f3c6a1d2b4e.4137.1"},
+            "object": {"key": key, "size": size, "eTag": etag, "versionId": "", "sequencer": "6A1F3C5D2B4E7F10",
+                       "metadata": [], "tags": []},
+        },
+        "eventId": "1714557600.123456.d41d8cd98f00b204e9800998ecf8427e",
+        "opaqueData": "",
+    }

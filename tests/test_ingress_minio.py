@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from tests.minio_payloads import body, record
+from tests.minio_payloads import body, ceph_record, record
 
 ROUTES = """
 [[routes]]
@@ -101,6 +101,25 @@ def test_aws_style_body_with_several_records(stack):
     code, resp = stack.post("/minio/events", json.dumps({"Records": recs}).encode())
     assert code == 200 and resp["accepted"] == 5
     assert [e["subject"] for e in fetch_all(stack, "created")] == [f"k{i} x.jpg" for i in range(5)]
+
+
+def test_ceph_rgw_records_keep_their_keys_as_sent(stack):
+    """Ceph RGW posts S3 records with the object's name as it is, not URL-encoded as MinIO and AWS do. Every
+    record's key was decoded all the same, so 'a+b.jpg' became 'a b.jpg' and '100%41' became '100A': events for
+    objects that do not exist, or for another object (a delete that a replica applies to the wrong key)."""
+    keys = ["dir/a+b.jpg", "100%41 x%2By.txt", "c++/x+y=z&w.png", "plain.jpg"]
+    recs = [ceph_record("ObjectCreated:Put", "photos", k, size=i + 1, etag="e", request_id=f"C{i}")
+            for i, k in enumerate(keys)]
+    code, resp = stack.post("/minio/events", json.dumps({"Records": recs}).encode())
+    assert code == 200 and resp["accepted"] == len(keys), resp
+    got = fetch_all(stack, "created")
+    assert [e["data"]["key"] for e in got] == keys
+    assert [e["subject"] for e in got] == keys
+    assert got[0]["source"] == "ceph:s3.default.photos" and got[0]["type"] == "s3:ObjectCreated:Put"
+    assert [e["data"]["records"][0]["s3"]["object"]["key"] for e in got] == keys
+    # MinIO's records beside them are still decoded
+    code, _ = stack.post("/minio/events", body(record("s3:ObjectCreated:Put", "photos", "m a+b.jpg", size=1)))
+    assert code == 200 and fetch_all(stack, "created")[-1]["data"]["key"] == "m a+b.jpg"
 
 
 def test_unrouted_event_is_accepted_and_counted(stack):

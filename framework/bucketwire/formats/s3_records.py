@@ -2,7 +2,8 @@
 
 MinIO's webhook target POSTs `{"EventName", "Key", "Records": [record]}` with one record per request; AWS-style
 senders put several records in one body. Inside a record the object key is escaped the way Go's
-`url.QueryEscape` does it (space -> `+`, `/` -> `%2F`); the top-level `Key` is already decoded. MinIO omits
+`url.QueryEscape` does it (space -> `+`, `/` -> `%2F`); the top-level `Key` is already decoded. Ceph RGW's
+records (`eventSource` "ceph:s3") carry the key as it is. MinIO omits
 `size`, `eTag`, `contentType`, `userMetadata` and `versionId` when empty, so delete events carry only the key
 and sequencer. MinIO's `sequencer` is not unique per event (a GET repeats the PUT's), so the event id is
 derived from the request ids, the event name, bucket, key and version instead.
@@ -53,6 +54,18 @@ def _str_map(d: dict[str, Any], key: str, where: str) -> dict[str, str]:
     return m
 
 
+RAW_KEY_SOURCES = frozenset({"ceph:s3"})
+"""`eventSource`s whose records carry the object's name as it is: Ceph RGW writes `obj->get_name()` into
+`s3.object.key` (rgw_notify.cc) where MinIO and AWS URL-encode it. Decoding such a key turned 'a+b.jpg' into
+'a b.jpg', an event for another object."""
+
+
+def raw_keys(rec: dict[str, Any]) -> bool:
+    """Whether this record's `s3.object.key` is the key itself rather than URL-encoded (see RAW_KEY_SOURCES)."""
+    src = rec.get("eventSource")
+    return type(src) is str and src in RAW_KEY_SOURCES
+
+
 def record_to_event(rec: Any, *, store: str | None, key_encoded: bool = True, index: int = 0) -> Event:
     """One S3 event record -> one envelope (without topic/seq, which the hub assigns)."""
     where = f"Records[{index}]"
@@ -71,7 +84,7 @@ def record_to_event(rec: Any, *, store: str | None, key_encoded: bool = True, in
     if not isinstance(raw_key, str) or raw_key == "":
         raise RecordError(f"{where}.s3.object.key is required")
     try:
-        key = unquote_plus(raw_key, errors="strict") if key_encoded else raw_key
+        key = unquote_plus(raw_key, errors="strict") if key_encoded and not raw_keys(rec) else raw_key
     except UnicodeDecodeError:
         raise RecordError(
             f"{where}.s3.object.key {raw_key[:200]!r}: its %-escapes are not UTF-8 (S3 keys are UTF-8)"
