@@ -124,3 +124,17 @@ def test_a_new_journal_is_made_whole_and_said(stack_factory: Any) -> None:
         assert c.publish("t", {"i": 3}, id="e-3")["seq"] == 4
     s.kill_hub(signal.SIGTERM)
     assert s.dump_logs().count("created a new, empty journal") == 1
+
+
+def test_a_journal_linked_to_a_volume_that_is_not_mounted_is_refused(stack_factory: Any, tmp_path: Path) -> None:
+    """journal.db a symlink into a mount point whose volume is not mounted (the directory is there, empty): SQLite
+    followed the link and made a new, empty journal on the wrong disk. Refused now, in one line."""
+    s: Stack = stack_factory()
+    mount = tmp_path / "mnt-journal"
+    mount.mkdir()
+    state = s.dir / "state"
+    state.mkdir()
+    (state / "journal.db").symlink_to(mount / "journal.db")
+    line = _hub_refuses(s)
+    assert str(state / "journal.db") in line and "not mounted" in line, line
+    assert list(mount.iterdir()) == [], "a journal was made behind the link"

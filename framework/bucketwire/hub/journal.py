@@ -13,6 +13,7 @@ connection, see `_Checkpointer`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -586,6 +587,9 @@ def _refuse_lost(path: Path) -> None:
     silence, every event, cursor and dedupe record gone and seqs reused from 1. A hub never leaves an empty
     journal.db itself (`_create` makes it whole before it bears the name), so both can be told apart and refused.
     """
+    if path.is_symlink() and not path.exists():
+        raise JournalError(f"{path} links to {os.readlink(path)}, which is not there (its volume not mounted?); "
+                           "mount it, or remove the link to start an empty journal")
     wal = path.with_name(path.name + "-wal")
     try:
         size = path.stat().st_size
@@ -605,30 +609,39 @@ def _create(path: Path) -> None:
     """Make a new journal under another name and give it `path` only once it is whole (schema, tables), so an
     empty journal.db is never one a hub made (`_refuse_lost`). Said in the log: a state_dir whose volume was not
     mounted is an empty directory, and a new journal there should not go unremarked."""
-    tmp = path.with_name(f"{path.name}.new-{os.getpid()}")
-    for stale in path.parent.glob(f"{path.name}.new-*"):  # left by a hub killed while making one
-        pid = stale.name.rsplit("-", 1)[-1]
+    prefix = f"{path.name}.new-"
+    for stale in path.parent.glob(prefix + "*"):  # left by a hub killed while making one
+        pid = stale.name[len(prefix):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
             stale.unlink(missing_ok=True)
-    db = sqlite3.connect(str(tmp), isolation_level=None)
+    tmp = path.with_name(prefix + str(os.getpid()))
     try:
-        db.executescript(DDL)
-        db.execute("INSERT OR REPLACE INTO meta VALUES('schema', ?)", (str(SCHEMA),))
-    finally:
-        db.close()
-    try:
-        fd = os.open(tmp, os.O_RDONLY)
+        db = sqlite3.connect(str(tmp), isolation_level=None)
         try:
-            os.fsync(fd)
+            db.executescript(DDL)
+            db.execute("INSERT OR REPLACE INTO meta VALUES('schema', ?)", (str(SCHEMA),))
         finally:
-            os.close(fd)
-        os.link(tmp, path)  # never replaces: a hub starting beside this one may have made it first
+            db.close()
+        _fsync(tmp)
+        try:
+            os.link(tmp, path)  # never replaces: a hub starting beside this one may have made it first
+        except FileExistsError:
+            return  # opening it finds out which hub holds it
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            if path.exists() or path.is_symlink():  # a filesystem without hard links: rename, never over one
+                return
+            os.rename(tmp, path)
+        _fsync(path.parent)
         log.info(f"created a new, empty journal at {path}")
-    except FileExistsError:
-        pass
     finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
