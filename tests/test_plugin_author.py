@@ -265,3 +265,47 @@ def test_validate_settings_raising_another_exception_is_one_line(stack_factory: 
     assert "Traceback" not in r.stderr, r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("Error: [plugins.strict] validate_settings raised ") and said in line, line
+
+
+SAME_NAME = "from bucketwire import hookimpl\n\nPLUGIN_NAME = 'same'\n\n@hookimpl\ndef handle_event(event):\n    pass\n"
+
+
+def test_two_plugin_modules_with_one_name_are_one_line_naming_both(tmp_path: Path) -> None:
+    """Two `--plugin` files with the same PLUGIN_NAME (a copied plugin whose name was not changed) were refused
+    as 'already loaded (installed)', with the advice to leave it out of [groups.NAME] plugins: neither is
+    installed, and the group may not be in the config at all."""
+    (tmp_path / "one.py").write_text(SAME_NAME)
+    (tmp_path / "two.py").write_text(SAME_NAME)
+    one, two = str(tmp_path / "one.py"), str(tmp_path / "two.py")
+    out = one_line_error(CliRunner().invoke(cli, ["plugins", "--plugin", one, "--plugin", two]))
+    assert out == (f"Error: --plugin {two}: its plugin name 'same' is taken by --plugin {one}; give one of "
+                   "them another PLUGIN_NAME\n"), out
+    out = one_line_error(CliRunner().invoke(cli, ["plugins", "--plugin", one, "--plugin", one]))
+    assert out == f"Error: --plugin {one} is given twice; give it once\n", out
+
+
+def test_an_installed_plugins_name_taken_by_a_plugin_module_still_says_installed(tmp_path: Path) -> None:
+    (tmp_path / "clone.py").write_text(SAME_NAME.replace("'same'", "'thumbnail'"))
+    out = one_line_error(CliRunner().invoke(cli, ["plugins", "--plugin", str(tmp_path / "clone.py")]))
+    assert "a plugin named 'thumbnail' is already loaded (installed: bucketwire_thumbnail)" in out, out
+
+
+def test_the_harness_given_two_plugins_with_one_name_says_so() -> None:
+    class One:
+        PLUGIN_NAME = "same"
+
+        @hookimpl
+        def handle_event(self, event: Any) -> None:
+            pass
+
+    class Two(One):
+        pass
+
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(One(), Two())
+    assert str(ei.value) == ("plugin 'same': two plugins given to the harness are named 'same'; give one another "
+                             "PLUGIN_NAME"), ei.value
+    one = One()
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(one, one)
+    assert str(ei.value) == "plugin 'same': this plugin is given to the harness twice; give it once", ei.value

@@ -155,19 +155,36 @@ class Loaded:
         return got
 
 
-def _register(pm: pluggy.PluginManager, plugin: Any, name: str, what: str) -> None:
-    """Register with one-line errors: pluggy's own exceptions carry a repr of the module and a traceback."""
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, what: str, by: dict[str, str]) -> None:
+    """Register with one-line errors: pluggy's own exceptions carry a repr of the module and a traceback.
+
+    `by` maps each name registered so far to what loaded it (`installed: MODULE`, `--plugin SPEC`, `harness`), so
+    a clash names the other side: two `--plugin` files with one PLUGIN_NAME were refused as 'already loaded
+    (installed)', which sent their author looking for an installed plugin that was not there."""
     holder = pm.get_name(plugin) if pm.is_registered(plugin) else None
     if holder is not None:
+        if by.get(holder) == what:
+            raise ConfigError(f"{what} is given twice; give it once")
+        if by.get(holder) == "harness":
+            raise ConfigError(f"{what}: this plugin is given to the harness twice; give it once")
         raise ConfigError(
             f"{what}: this module is already loaded as the installed plugin {holder!r}; drop {what} "
             f"(installed plugins load by themselves), or list the plugins a group runs with "
             f"[groups.NAME] plugins = [...]"
         )
-    if pm.get_plugin(name) is not None:
+    other = by.get(name)
+    if other is not None or pm.get_plugin(name) is not None:
+        if other == what:  # a .py file given twice is imported twice, as two modules
+            raise ConfigError(f"{what} is given twice; give it once")
+        if other == "harness":
+            raise ConfigError(f"{what}: two plugins given to the harness are named {name!r}; give one another "
+                              "PLUGIN_NAME")
+        if other is not None and other.startswith("--plugin "):
+            raise ConfigError(f"{what}: its plugin name {name!r} is taken by {other}; give one of them another "
+                              "PLUGIN_NAME")
         raise ConfigError(
-            f"{what}: a plugin named {name!r} is already loaded (installed); drop {what}, or give the module "
-            f"another PLUGIN_NAME, or leave {name!r} out of [groups.NAME] plugins"
+            f"{what}: a plugin named {name!r} is already loaded ({other or 'installed'}); drop {what}, or give the "
+            f"module another PLUGIN_NAME, or leave {name!r} out of [groups.NAME] plugins"
         )
     try:
         pm.register(plugin, name=name)
@@ -175,6 +192,7 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, what: str) -> No
         raise ConfigError(f"plugin {name!r}: {_argument_mismatch(pm, plugin) or _validation_line(e)}") from None
     except ValueError as e:  # pluggy's duplicate checks, should a path above miss one
         raise ConfigError(f"{what}: {e}; load each plugin once") from None
+    by[name] = what
     _check_marked(pm, plugin, name)
 
 
@@ -291,6 +309,7 @@ def load(
                 "pip install it or load it with --plugin MODULE"
             )
     names: list[str] = []
+    by: dict[str, str] = {}  # what loaded each name, for `_register`'s lines
     for name, ep in sorted(found.items()):
         if allowed is not None and name not in allowed:
             continue
@@ -298,15 +317,17 @@ def load(
             mod = ep.load()
         except Exception as e:  # a broken third-party plugin must not take the worker down silently
             raise ConfigError(f"plugin {name!r} ({ep.value}) failed to import: {e}") from None
-        _register(pm, mod, name, f"plugin {name!r}")
+        _register(pm, mod, name, f"plugin {name!r}", by)
+        by[name] = f"installed: {ep.value}"
         names.append(name)
     for spec in local:
         mod = _import_local(spec)
         name = local_name(spec, mod)
-        _register(pm, mod, name, f"--plugin {spec}")
+        _register(pm, mod, name, f"--plugin {spec}", by)
         names.append(name)
     for name, obj in objects:
-        _register(pm, obj, name, f"plugin {name!r}")
+        _register(pm, obj, name, f"plugin {name!r}", by)
+        by[name] = "harness"
         names.append(name)
     loaded = Loaded(pm, names)
     check_hooks(loaded)
