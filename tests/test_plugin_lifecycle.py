@@ -93,3 +93,53 @@ def test_register_commands_and_plugins_listing():
     listed = {p["name"]: p["hooks"] for p in json.loads(r.output)}
     assert listed["lifecycle"] == sorted(["handle_event", "register_commands", "validate_settings", "worker_shutdown",
                                           "worker_startup"])
+
+
+STARTUP = """
+import os
+from bucketwire import hookimpl
+
+@hookimpl
+def worker_startup(ctx):
+    {body}
+
+@hookimpl
+def handle_event(event):
+    pass
+"""
+
+
+def test_a_failing_worker_startup_is_logged_once_per_attempt(stack_factory, tmp_path):
+    """A `worker_startup` that raises (a server not up yet) is logged with the plugin's name and the child is
+    restarted with backoff. Each attempt printed its traceback twice: once logged, and again by multiprocessing
+    as the exception left the child process ('Process bucketwire-worker-...: Traceback ...')."""
+    counter = tmp_path / "attempts"
+    plugin = tmp_path / "dbdown.py"
+    plugin.write_text(STARTUP.format(body=f"open({str(counter)!r}, 'a').write('x')\n    "
+                                          "raise ConnectionError('database not up yet')"))
+    s = stack_factory("")
+    s.start_hub()
+    w = s.start_worker("db", 1, "--topic", "t", "--plugin", str(plugin), wait=False)
+    wait_for(lambda: counter.exists() and len(counter.read_text()) >= 2, 30, "two startup attempts")
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(20) == 0
+    text = s.logs[-1].read_text()
+    logged = text.count("worker_startup failed")
+    assert logged >= 2 and text.count("Traceback") == logged, text
+    assert "Process bucketwire-worker" not in text, text
+
+
+def test_ctx_publish_in_worker_startup_stops_the_pool_with_one_line(stack_factory, tmp_path):
+    """ctx.publish() has no event to travel with in worker_startup and raises every time: the child was
+    restarted with backoff for good, two tracebacks per attempt, a pool that never took an event."""
+    plugin = tmp_path / "early.py"
+    plugin.write_text(STARTUP.format(body="ctx.publish('hello', {'pid': os.getpid()})"))
+    s = stack_factory("")
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "worker", "-c", str(s.cfg_path), "-g", "early",
+                        "--topic", "t", "--plugin", str(plugin)], capture_output=True, text=True, timeout=60,
+                       env=s.env)
+    assert r.returncode == 2, r.stderr  # a child's configuration error, as for a ConfigError raised there
+    assert "Traceback" not in r.stderr, r.stderr
+    assert ("[plugins.early] worker_startup called ctx.publish(), which works only inside handle_event (a "
+            "follow-on is committed with the ack of the event that caused it); publish from handle_event, or "
+            "send other events with bucketwire.client.HubClient") in r.stderr, r.stderr

@@ -100,6 +100,11 @@ class Stores:
         return client
 
 
+class PublishOutsideHandler(RuntimeError):
+    """`ctx.publish()` where there is no event to carry the follow-on (worker_startup, worker_shutdown). Its own
+    type so a worker can tell this mistake, which fails every time, from a startup that may work when retried."""
+
+
 @dataclass(slots=True)
 class Context:
     """Per plugin, per event. `event` is None in `worker_startup`/`worker_shutdown`.
@@ -154,8 +159,9 @@ class Context:
         # A follow-on travels with its event's ack: queued after the handler returned, or where there is no event
         # (worker_startup/shutdown), nothing would ever send it.
         if cause is None:
-            raise RuntimeError("ctx.publish() works only inside handle_event (a follow-on is committed with the ack "
-                               "of the event that caused it); publish other events with bucketwire.client.HubClient")
+            raise PublishOutsideHandler(
+                "ctx.publish() works only inside handle_event (a follow-on is committed with the ack of the event "
+                "that caused it); publish other events with bucketwire.client.HubClient")
         if self.done:
             raise RuntimeError(f"ctx.publish() after handle_event returned for event {cause.id}: its ack has gone, so "
                                "this follow-on would be lost; wait for your threads before the handler returns")

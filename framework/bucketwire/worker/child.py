@@ -452,7 +452,14 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
     stop_fd, stopped = _stop_pipe()
     try:
         plugins = Plugins(cfg, spec)
-        plugins.lifecycle("worker_startup")
+        try:
+            plugins.lifecycle("worker_startup")
+        except ConfigError:
+            raise
+        except Exception:
+            # Logged by `startup` with the plugin's name and traceback; raised on out of the process,
+            # multiprocessing printed the traceback a second time. Exit code 1: restarted with backoff.
+            return 1
         set_credit(spec.group, spec.credit)
     except ConfigError as e:
         log.error(str(e))

@@ -38,6 +38,7 @@ from bucketwire.context import (
     Context,
     FollowOnTooLarge,
     PermanentError,
+    PublishOutsideHandler,
     Retry,
     Stores,
     changed_follow_on,
@@ -514,6 +515,12 @@ class PluginRunner:
                 returned = caller(ctx=self.ctx(name))
             except ConfigError as e:
                 raise ConfigError(f"[plugins.{name}] {e}") from None
+            except PublishOutsideHandler:
+                # It raises at every start: restarting the child with backoff would loop for good.
+                raise ConfigError(f"[plugins.{name}] worker_startup called ctx.publish(), which works only inside "
+                                  "handle_event (a follow-on is committed with the ack of the event that caused "
+                                  "it); publish from handle_event, or send other events with "
+                                  "bucketwire.client.HubClient") from None
             except Exception as e:
                 # `ctx.settings["path"]` on a section without it is the user's config to fix, not a crash to
                 # restart with backoff forever.
