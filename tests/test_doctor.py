@@ -201,3 +201,22 @@ def test_a_hub_without_an_auth_token_is_warned_about(tmp_path):
     p.write_text(f'[hub]\nstate_dir = "{tmp_path / "state"}"\nauth_token = "s3cret-token"\n' + GROUP)
     warns = [f.line() for f in run_checks(config_mod.load(p), live=False) if f.level == "warn"]
     assert not any("auth_token" in w for w in warns), warns
+
+
+def test_plugin_settings_a_worker_would_refuse_are_an_error(tmp_path):
+    """doctor said nothing of `sizes = [0]` in [plugins.thumbnail], and of a misspelt key there: the config
+    passed, and the pool running the plugin stopped at start with the line doctor could have given."""
+    body = ('\n[groups.t]\ntopics = ["jobs"]\nplugins = ["thumbnail"]\n\n[plugins.thumbnail]\nsizes = [0]\n'
+            '\n[plugins.replication]\ntarget_bucket = "b"\n')  # no group runs replication: not this config's
+    errors = offline(tmp_path, body)
+    assert [e for e in errors if "[plugins." in e] == [
+        "ERROR [plugins.thumbnail] sizes: expected a list of integers 1..16384 (longest edge), e.g. [256, 1024]; "
+        "got [0] -- fix: a worker running the plugin stops at start with this line; correct the [plugins.thumbnail] "
+        "section"], errors
+    # a group without `plugins` runs every installed plugin, so each one's section is checked
+    body = '\n[groups.t]\ntopics = ["jobs"]\n\n[plugins.replication]\ntarget_bucket = "b"\ntypo = 1\n'
+    errors = offline(tmp_path, body)
+    assert [e for e in errors if e.startswith("ERROR [plugins.replication] typo: unknown")], errors
+    assert [e for e in errors if e.startswith("ERROR [plugins.audit] path: set exactly one of")], errors
+    assert offline(tmp_path, '\n[groups.t]\ntopics = ["jobs"]\nplugins = ["thumbnail"]\n\n'
+                             '[plugins.thumbnail]\nsizes = [64]\n') == [], "valid settings are no finding"

@@ -317,6 +317,25 @@ def check_plugins(cfg: Config) -> list[Finding]:
         if p not in installed and p not in allowed:
             out.append(Finding("warn", f"[plugins.{p}] configures a plugin that is not installed",
                                "install it, or load it with `worker --plugin MODULE` (then ignore this)"))
+    return out + check_plugin_settings(cfg, installed)
+
+
+def check_plugin_settings(cfg: Config, installed: set[str]) -> list[Finding]:
+    """Each installed plugin a group runs, its section through its own `validate_settings`, as a worker does at
+    start: a bad value passed doctor, and the pool stopped with the line doctor could have printed."""
+    from bucketwire.worker import plugin_loading as loader
+
+    run = set()
+    for gc in cfg.groups.values():
+        run |= installed if gc.plugins is None else set(gc.plugins) & installed
+    plain, _ = loader.split_topics({p: cfg.plugins.get(p, {}) for p in run})
+    out: list[Finding] = []
+    for p in sorted(run):
+        try:
+            loader.validate_settings(loader.load([p], []), {p: plain[p]})
+        except ConfigError as e:
+            out.append(Finding("error", str(e), "a worker running the plugin stops at start with this line; "
+                                                f"correct the [plugins.{p}] section"))
     return out
 
 
