@@ -309,3 +309,14 @@ def test_the_harness_given_two_plugins_with_one_name_says_so() -> None:
     with pytest.raises(ConfigError) as ei:
         PluginHarness(one, one)
     assert str(ei.value) == "plugin 'same': this plugin is given to the harness twice; give it once", ei.value
+
+
+def test_an_optionalhook_of_a_name_that_is_no_hook_is_refused(tmp_path: Path) -> None:
+    """pluggy's `optionalhook=True` exempts an implementation from the unknown-hook check, for hooks a later
+    plugin may specify; no plugin adds bucketwire hooks, so such an implementation is never called. A misspelt one
+    loaded without a word (a handler beside it, or alone: a pool that acked every event undone)."""
+    out = one_line_error(load_file(tmp_path, "opt", "from bucketwire import hookimpl\n\n@hookimpl\n"
+                                   "def handle_event(event):\n    pass\n\n@hookimpl(optionalhook=True)\n"
+                                   "def worker_startp(ctx):\n    pass\n"))
+    assert out == ("Error: plugin 'opt' implements 'worker_startp', which is not a bucketwire hook; did you mean "
+                   "'worker_startup'? (optionalhook=True does not change that: no plugin adds bucketwire hooks)\n"), out

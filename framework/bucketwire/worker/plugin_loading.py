@@ -251,16 +251,11 @@ def check_hooks(loaded: Loaded) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as pending:
-        for name in loaded.names:
-            for caller in pm.get_hookcallers(pm.get_plugin(name)) or []:
-                if caller.has_spec() or all(i.optionalhook for i in caller.get_hookimpls()):
-                    continue
-                close = difflib.get_close_matches(caller.name, [k for k in known if getattr(pm.hook, k).has_spec()],
-                                                  n=1)
-                hint = f"did you mean {close[0]!r}?" if close else "known hooks: " + ", ".join(hookspecs.HOOKS)
-                raise ConfigError(f"plugin {name!r} implements {caller.name!r}, which is not a bucketwire hook; "
-                                  f"{hint}") from None
+        _refuse_unknown(loaded, known)
         raise ConfigError(_validation_line(pending)) from None
+    # pluggy passes an unknown hook marked optionalhook=True, for a hookspec a later plugin may add; no plugin
+    # adds bucketwire hooks, so it would never be called (a misspelt name loaded without a word).
+    _refuse_unknown(loaded, known, optional=True)
     for hook in hookspecs.HOOKS:
         for i in getattr(pm.hook, hook).get_hookimpls():
             if not _is_wrapper(i):
@@ -272,6 +267,21 @@ def check_hooks(loaded: Loaded) -> None:
             if not _is_wrapper(i) and i.plugin_name in wrapping:
                 raise ConfigError(f"plugin {i.plugin_name!r} both implements and wraps {hook!r}; move the wrapper "
                                   "into a plugin of its own")
+
+
+def _refuse_unknown(loaded: Loaded, known: list[str], optional: bool = False) -> None:
+    """One line for the first implementation of a name that is no bucketwire hook, with the closest hook."""
+    pm = loaded.pm
+    for name in loaded.names:
+        for caller in pm.get_hookcallers(pm.get_plugin(name)) or []:
+            if caller.has_spec() or optional != all(i.optionalhook for i in caller.get_hookimpls()):
+                continue
+            close = difflib.get_close_matches(caller.name, [k for k in known if getattr(pm.hook, k).has_spec()], n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "known hooks: " + ", ".join(hookspecs.HOOKS)
+            if optional:
+                hint += " (optionalhook=True does not change that: no plugin adds bucketwire hooks)"
+            raise ConfigError(f"plugin {name!r} implements {caller.name!r}, which is not a bucketwire hook; "
+                              f"{hint}") from None
 
 
 def _check_runs(impl: pluggy.HookImpl, hook: str) -> None:
