@@ -80,3 +80,14 @@ def test_the_documented_run_it_command_starts_a_pool(tmp_path: Path) -> None:
     finally:
         p.send_signal(signal.SIGINT)
         p.wait(30)
+
+
+def test_worker_help_says_what_topic_does_for_a_group_not_in_the_config() -> None:
+    """`--topic` read "Serve only these topics of the group.": for a group the config does not name (the
+    documented way to run a one-file plugin) it is where the group's topics come from, and the user reading
+    --help had no way to know that a group not in the config needs it."""
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "worker", "--help"], capture_output=True, text=True,
+                       timeout=30)
+    text = " ".join(r.stdout.split())
+    assert "-t, --topic TEXT Serve only these topics of the group; a group not in the config consumes these" in text, \
+        r.stdout

@@ -78,7 +78,8 @@ def hub(config_path: str | None) -> None:
 @cli.command()
 @config_option
 @click.option("--group", "-g", required=True, help="Consumer group this pool joins.")
-@click.option("--topic", "-t", "topics", multiple=True, help="Serve only these topics of the group.")
+@click.option("--topic", "-t", "topics", multiple=True,
+              help="Serve only these topics of the group; a group not in the config consumes these (required then).")
 @click.option("--processes", "-n", type=click.IntRange(1, 512), help="Child processes (default: group's setting).")
 @click.option("--plugin", "-p", "local_plugins", multiple=True, help="Also load this module or .py file.")
 @click.option("--credit", type=click.IntRange(1, 10_000), help="Events in flight per child (default: group's).")
