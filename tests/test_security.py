@@ -324,6 +324,15 @@ subscribe = ["ok-*"]
     dl = json.loads(bodies[0])
     assert "may not publish to topic 'follow'" in dl["data"]["error"]
     assert "follow" not in s.status()["topics"]
+    # ... naming the plugin that published it and the fix: the dead letter said neither (plugin null, only the key
+    # and topic), and the hub's line did not name the plugin, so its author could not tell it was theirs
+    assert dl["data"]["plugin"] == "recorder", dl["data"]
+    assert dl["data"]["error"] == (
+        "follow-on of plugin 'recorder' in group 'g': key 'limited' may not publish to topic 'follow' "
+        "([security.roles]); add 'follow' to [security.roles.limited] publish in the hub's config, or publish to a "
+        "topic the role allows"), dl["data"]
+    line = next(ln for ln in hub_log.read_text().splitlines() if "follow-on refused by role" in ln)
+    assert "plugin=recorder" in line and "group=g" in line and "topic=follow" in line, line
 
 
 class Tap:

@@ -1248,11 +1248,18 @@ class Hub:
                     for fo in fos:
                         if not self.net.roles.allows(self.net.user, "publish", fo.topic or ""):
                             self.metrics.rejected.labels("zmq", "forbidden").inc()
-                            why = f"key {self.net.user!r} may not publish to topic {fo.topic!r} ([security.roles])"
+                            # Named by the plugin that published it (the last part of the source stamped above)
+                            # and the fix: a plugin's author reads the dead letter, not the hub's roles.
+                            plugin = fo.source.rsplit("/", 1)[-1]
+                            user = self.net.user
+                            why = (f"follow-on of plugin {plugin!r} in group {g.name!r}: key {user!r} may not "
+                                   f"publish to topic {fo.topic!r} ([security.roles]); add {fo.topic!r} to "
+                                   f"[security.roles.{user}] publish in the hub's config, or publish to a topic the "
+                                   "role allows")
                             log.warning("follow-on refused by role", extra={"topic": fo.topic, "group": g.name,
-                                                                            "key": self.net.user})
+                                                                            "plugin": plugin, "key": user})
                             self._dead_letter(DeadLetter(g_item_stub(topic, seq, fo), g.name, why,
-                                                         "forbidden by role", None), refused=True)
+                                                         "forbidden by role", plugin), refused=True)
                             continue
                         fresh: set[str] = set()
                         env = unsent_of(fo, fo.topic or "")
