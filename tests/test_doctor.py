@@ -218,5 +218,13 @@ def test_plugin_settings_a_worker_would_refuse_are_an_error(tmp_path):
     errors = offline(tmp_path, body)
     assert [e for e in errors if e.startswith("ERROR [plugins.replication] typo: unknown")], errors
     assert [e for e in errors if e.startswith("ERROR [plugins.audit] path: set exactly one of")], errors
+    # the framework's own `topics` key: of the wrong type, or naming none of a group's topics
+    body = '\n[groups.t]\ntopics = ["jobs"]\nplugins = ["thumbnail"]\n\n[plugins.thumbnail]\ntopics = %s\n'
+    assert offline(tmp_path, body % "5") == [
+        'ERROR [plugins.thumbnail] topics: expected a list of topic names, e.g. topics = ["photos"]; got 5 -- fix: '
+        "a worker running the plugin stops at start with this line; correct the [plugins.thumbnail] section"]
+    [err] = offline(tmp_path, body % '["job"]')
+    assert err.startswith("ERROR [plugins.thumbnail] topics = ['job']: none is a topic of group 't' (jobs)"), err
     assert offline(tmp_path, '\n[groups.t]\ntopics = ["jobs"]\nplugins = ["thumbnail"]\n\n'
-                             '[plugins.thumbnail]\nsizes = [64]\n') == [], "valid settings are no finding"
+                             '[plugins.thumbnail]\nsizes = [64]\ntopics = ["jobs"]\n') == [], \
+        "valid settings are no finding"

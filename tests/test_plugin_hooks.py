@@ -211,6 +211,16 @@ def test_the_harness_applies_topics_like_a_worker() -> None:
     assert len(p.seen) == 1
 
 
+@pytest.mark.parametrize("topics", [5, True, {"photos": 1}, ["photos", 5]])
+def test_a_topics_setting_that_is_no_list_of_topic_names_is_one_line(topics: Any) -> None:
+    """`topics = 5` (or true, or a table) in a plugin's section was taken as no `topics` at all: the plugin ran on
+    every topic of its group, which is what the setting was written to prevent, and nothing said so."""
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(OnlyEvent(), name="only", settings={"topics": topics})
+    assert str(ei.value) == ("[plugins.only] topics: expected a list of topic names, e.g. topics = [\"photos\"]; "
+                             f"got {topics!r}"), ei.value
+
+
 class Retrying:
     PLUGIN_NAME = "retrying"
 

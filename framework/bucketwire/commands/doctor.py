@@ -325,17 +325,23 @@ def check_plugin_settings(cfg: Config, installed: set[str]) -> list[Finding]:
     start: a bad value passed doctor, and the pool stopped with the line doctor could have printed."""
     from bucketwire.worker import plugin_loading as loader
 
-    run = set()
-    for gc in cfg.groups.values():
-        run |= installed if gc.plugins is None else set(gc.plugins) & installed
-    plain, _ = loader.split_topics({p: cfg.plugins.get(p, {}) for p in run})
+    runs: dict[str, list[str]] = {}  # plugin -> the groups that run it
+    for g, gc in sorted(cfg.groups.items()):
+        for p in installed if gc.plugins is None else set(gc.plugins) & installed:
+            runs.setdefault(p, []).append(g)
     out: list[Finding] = []
-    for p in sorted(run):
+    for p, groups in sorted(runs.items()):
+        fix = f"a worker running the plugin stops at start with this line; correct the [plugins.{p}] section"
         try:
-            loader.validate_settings(loader.load([p], []), {p: plain[p]})
+            plain, want = loader.split_topics({p: cfg.plugins.get(p, {})})
+            loader.validate_settings(loader.load([p], []), plain)
         except ConfigError as e:
-            out.append(Finding("error", str(e), "a worker running the plugin stops at start with this line; "
-                                                f"correct the [plugins.{p}] section"))
+            out.append(Finding("error", str(e), fix))
+            continue
+        for g in groups:
+            missed = loader.topics_missed(p, want[p], g, cfg.groups[g].topics)
+            if missed is not None:
+                out.append(Finding("error", missed, fix))
     return out
 
 

@@ -90,11 +90,9 @@ class Plugins(plugin_loader.PluginRunner):
         # the group's would never be called: the group would ack every event with its work undone.
         chosen, topics = (loaded.names, spec.topics) if gc is None else (gc.plugins or [], gc.topics)
         for name in chosen:
-            want = self.topics.get(name)
-            if want is not None and not want & set(topics):
-                raise ConfigError(f"[plugins.{name}] topics = {sorted(want)}: none is a topic of group "
-                                  f"{spec.group!r} ({', '.join(topics)}), so the plugin would never be called "
-                                  f"there; correct the topic names, or take {name!r} out of the group's plugins")
+            missed = plugin_loader.topics_missed(name, self.topics.get(name), spec.group, topics)
+            if missed is not None:
+                raise ConfigError(missed)
 
     def lifecycle(self, hook: str) -> None:
         if hook == "worker_startup":

@@ -394,9 +394,23 @@ def split_topics(sections: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, d
     for n, sec in sections.items():
         d = dict(sec)
         t = d.pop("topics", None)
+        if t is not None and not isinstance(t, str) and not (isinstance(t, list) and all(isinstance(x, str)
+                                                                                          for x in t)):
+            # Read as no `topics` at all, `topics = 5` ran the plugin on every topic of its group, unsaid.
+            raise ConfigError(f'[plugins.{n}] topics: expected a list of topic names, e.g. topics = ["photos"]; '
+                              f"got {t!r}")
         topics[n] = set(t) if isinstance(t, list) else {t} if isinstance(t, str) else None
         rest[n] = d
     return rest, topics
+
+
+def topics_missed(name: str, want: set[str] | None, group: str, topics: Sequence[str]) -> str | None:
+    """The line for a plugin whose `topics` name none of its group's topics (it would never be called there)."""
+    if want is None or want & set(topics):
+        return None
+    return (f"[plugins.{name}] topics = {sorted(want)}: none is a topic of group {group!r} ({', '.join(topics)}), "
+            f"so the plugin would never be called there; correct the topic names, or take {name!r} out of the "
+            "group's plugins")
 
 
 class HandlerFailed(Exception):
