@@ -320,3 +320,36 @@ def test_an_optionalhook_of_a_name_that_is_no_hook_is_refused(tmp_path: Path) ->
                                    "def worker_startp(ctx):\n    pass\n"))
     assert out == ("Error: plugin 'opt' implements 'worker_startp', which is not a bucketwire hook; did you mean "
                    "'worker_startup'? (optionalhook=True does not change that: no plugin adds bucketwire hooks)\n"), out
+
+
+def test_validate_settings_returning_something_else_than_a_dict_names_what_it_returned() -> None:
+    """The line said only "must return a dict or None", not what the hook handed back (a list, or the tuple of a
+    trailing comma), which is where its author has to look."""
+    class BadReturn:
+        PLUGIN_NAME = "badret"
+
+        @hookimpl
+        def validate_settings(self, settings: dict[str, Any]) -> Any:
+            return settings, None
+
+        @hookimpl
+        def handle_event(self, event: Any) -> None:
+            pass
+
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(BadReturn())
+    assert str(ei.value) == ("plugin 'badret': validate_settings must return a dict (the settings, defaults filled "
+                             "in) or None (to keep them); it returned a tuple"), ei.value
+
+
+@pytest.mark.parametrize(("marker", "option"), [("wrapper=True", "wrapper=True"),
+                                                ("hookwrapper=True", "hookwrapper=True")])
+def test_a_wrapper_that_does_not_yield_is_one_line_saying_how_a_wrapper_is_written(tmp_path: Path, marker: str,
+                                                                                   option: str) -> None:
+    """pluggy's text came through whole, naming the plugin twice ("plugin 'w': Plugin 'w' for hook ... hookimpl
+    definition: handle_event(event, ctx) Declared as ...") and saying nothing of how to write one."""
+    out = one_line_error(load_file(tmp_path, "w", f"from bucketwire import hookimpl\n\n@hookimpl({marker})\n"
+                                   "def handle_event(event, ctx):\n    return None\n"))
+    assert out == (f"Error: plugin 'w': handle_event is marked {option} but does not yield; a wrapper is a generator "
+                   "that yields once where the wrapped call runs (result = yield; return result), see "
+                   "'Wrappers' in docs/plugins.md\n"), out

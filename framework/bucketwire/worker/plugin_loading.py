@@ -190,7 +190,8 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, what: str, by: d
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as e:
-        raise ConfigError(f"plugin {name!r}: {_argument_mismatch(pm, plugin) or _validation_line(e)}") from None
+        why = _argument_mismatch(pm, plugin) or _wrapper_not_generator(pm, plugin) or _validation_line(e)
+        raise ConfigError(f"plugin {name!r}: {why}") from None
     except ValueError as e:  # pluggy's duplicate checks, should a path above miss one
         raise ConfigError(f"{what}: {e}; load each plugin once") from None
     by[name] = what
@@ -232,6 +233,21 @@ def _argument_mismatch(pm: pluggy.PluginManager, plugin: Any) -> str | None:
         if wrong:
             return (f"{attr}({', '.join(have)}): the hook has no argument {wrong[0]!r}; its arguments are "
                     f"{hook}({', '.join(takes)}), and an implementation takes any of them by name")
+    return None
+
+
+def _wrapper_not_generator(pm: pluggy.PluginManager, plugin: Any) -> str | None:
+    """A wrapper that does not yield, said with how one is written (pluggy's text named the plugin twice and
+    said only that the function is not a generator function); None when that is not what is wrong."""
+    for attr in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        if opts is None or not (opts.get("wrapper") or opts.get("hookwrapper")) or (opts.get("wrapper")
+                                                                                   and opts.get("hookwrapper")):
+            continue
+        if not inspect.isgeneratorfunction(getattr(plugin, attr, None)):
+            option = "wrapper=True" if opts.get("wrapper") else "hookwrapper=True"
+            return (f"{attr} is marked {option} but does not yield; a wrapper is a generator that yields once where "
+                    "the wrapped call runs (result = yield; return result), see 'Wrappers' in docs/plugins.md")
     return None
 
 
@@ -372,9 +388,14 @@ def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]])
         res = results[0] if results else None
         if res is not None:
             if not isinstance(res, dict):
-                raise ConfigError(f"plugin {name!r}: validate_settings must return a dict or None")
+                raise ConfigError(f"plugin {name!r}: validate_settings must return a dict (the settings, defaults "
+                                  f"filled in) or None (to keep them); it returned {_a(type(res).__name__)}")
             out[name] = res
     return out
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
 
 
 def _said(e: BaseException) -> str:
