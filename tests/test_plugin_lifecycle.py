@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 from click.testing import CliRunner
 
+from bucketwire import hookimpl
 from bucketwire.cli import cli
 from tests.fixtures_hub import wait_for
 from tests.plugins import lifecycle
@@ -143,3 +145,40 @@ def test_ctx_publish_in_worker_startup_stops_the_pool_with_one_line(stack_factor
     assert ("[plugins.early] worker_startup called ctx.publish(), which works only inside handle_event (a "
             "follow-on is committed with the ack of the event that caused it); publish from handle_event, or "
             "send other events with bucketwire.client.HubClient") in r.stderr, r.stderr
+
+
+class Commands:
+    """A plugin adding one command under a name given per instance."""
+
+    def __init__(self, name: str, command: str) -> None:
+        self.PLUGIN_NAME, self.command = name, command
+
+    @hookimpl
+    def register_commands(self, cli):
+        @cli.command(name=self.command)
+        def cmd():
+            """Say which plugin this is."""
+            click.echo(f"from {self.PLUGIN_NAME}")
+
+
+def test_a_plugin_command_cannot_take_a_builtin_or_another_plugins_name():
+    """A plugin command named `status` replaced the built-in in `bucketwire --help` ("status  Say hello from
+    ...") while `bucketwire status` still ran the built-in; of two plugins adding `export`, one silently won.
+    Each is one warning line now, and the command already there stays."""
+    from bucketwire.cli import add_plugin_commands
+    from bucketwire.worker.plugin_loading import load
+
+    group = click.Group(commands=[click.Command("status", callback=lambda: click.echo("built-in"))])
+    loaded = load(entry_points=False, objects=[("first", Commands("first", "export")),
+                                               ("second", Commands("second", "export")),
+                                               ("third", Commands("third", "status")),
+                                               ("fourth", Commands("fourth", "fourth-cmd"))])
+    warnings = add_plugin_commands(group, loaded)
+    assert CliRunner().invoke(group, ["status"]).output == "built-in\n"
+    assert CliRunner().invoke(group, ["fourth-cmd"]).output == "from fourth\n"
+    # pluggy calls the last registered first
+    assert CliRunner().invoke(group, ["export"]).output == "from second\n"
+    assert warnings == [
+        "plugin 'third' adds a command 'status', which is bucketwire's own; it is not added: give it another name",
+        "plugin 'first' adds a command 'export', which is plugin 'second''s; it is not added: give it another name",
+    ], warnings

@@ -239,11 +239,35 @@ def _register_plugin_commands() -> None:
     except ConfigError as e:
         click.echo(f"warning: {e}", err=True)
         return
+    for line in add_plugin_commands(cli, loaded):
+        click.echo(f"warning: {line}", err=True)
+
+
+def add_plugin_commands(group: click.Group, loaded: Any) -> list[str]:
+    """Each plugin's `register_commands`, in pluggy's order; returns a line for each command not added.
+
+    A command may not take a name already taken, by bucketwire or by a plugin called before: click's
+    `add_command` replaces silently, so a plugin's `status` stood in `--help` for the built-in (which still ran,
+    as built-in commands load no plugins), and of two plugins' `export` one silently won."""
+    owner: dict[str, str | None] = dict.fromkeys(group.commands)  # None: bucketwire's own
+    lines = []
     for name, caller in loaded.callers("register_commands"):
+        before = dict(group.commands)
         try:
-            caller(cli=cli)
+            caller(cli=group)
         except Exception as e:  # a broken plugin must not break the CLI
-            click.echo(f"warning: plugin {name!r} failed to register commands: {e}", err=True)
+            lines.append(f"plugin {name!r} failed to register commands: {e}")
+        for cmd, obj in list(group.commands.items()):
+            if before.get(cmd) is obj:
+                continue
+            if cmd in before:
+                group.commands[cmd] = before[cmd]
+                holder = "bucketwire's own" if owner[cmd] is None else f"plugin {owner[cmd]!r}'s"
+                lines.append(f"plugin {name!r} adds a command {cmd!r}, which is {holder}; it is not added: give it "
+                             "another name")
+            else:
+                owner[cmd] = name
+    return lines
 
 
 def _names_a_builtin(argv: list[str]) -> bool:
