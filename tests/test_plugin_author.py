@@ -353,3 +353,19 @@ def test_a_wrapper_that_does_not_yield_is_one_line_saying_how_a_wrapper_is_writt
     assert out == (f"Error: plugin 'w': handle_event is marked {option} but does not yield; a wrapper is a generator "
                    "that yields once where the wrapped call runs (result = yield; return result), see "
                    "'Wrappers' in docs/plugins.md\n"), out
+
+
+def test_pluggys_own_refusal_names_the_plugin_once() -> None:
+    """pluggy's text begins "Plugin '<name>' for hook '<hook>' hookimpl definition:", after the worker's own
+    "plugin '<name>':" prefix: the plugin named twice, the hook three times."""
+    class Both:
+        PLUGIN_NAME = "both"
+
+        @hookimpl(wrapper=True, hookwrapper=True)
+        def handle_event(self, event: Any) -> Any:
+            return (yield)
+
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(Both())
+    assert str(ei.value) == ("plugin 'both': handle_event(event): The wrapper=True and hookwrapper=True options are "
+                             "mutually exclusive"), ei.value

@@ -251,9 +251,18 @@ def _wrapper_not_generator(pm: pluggy.PluginManager, plugin: Any) -> str | None:
     return None
 
 
+_PLUGGY_DEF = re.compile(r"^Plugin .+ for hook '(?P<hook>[^']+)'\nhookimpl definition: (?P<name>\w+)\((?P<sig>.*)"
+                        r"\)[^\n]*\n(?P<why>.+)$", re.S)
+
+
 def _validation_line(e: pluggy.PluginValidationError) -> str:
     msg = str(e)
-    # pluggy names the plugin by repr(module) and the function by its file; keep the part that says what is wrong
+    # "Plugin 'x' for hook 'h'\nhookimpl definition: h(event: 'Event') -> None\n<why>": after our own "plugin 'x':"
+    # prefix that named the plugin twice; keep the function, its argument names and what is wrong
+    m = _PLUGGY_DEF.match(msg)
+    if m is not None:
+        args = re.findall(r"(?:^|,\s*)(\*{0,2}\w+)\s*(?=[:=,]|$)", m["sig"])  # names, not annotations
+        msg = f"{m['name']}({', '.join(args)}): {m['why']}"
     if "\n" in msg:
         msg = " ".join(part.strip() for part in msg.splitlines() if part.strip())
     return msg
