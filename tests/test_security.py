@@ -679,3 +679,42 @@ admin = true
     assert set(st["topics"]) == {"x", "ok-1"}, st["topics"].keys()
     with HubClient(cfg_for(client_config(s, d, "other")), timeout=5) as c:
         assert set(c.status()["groups"]) == {"g", "h"}, "an admin sees every group"
+
+
+def test_a_role_is_checked_against_the_topic_the_hub_routes_to(stack_factory, tmp_path):
+    """An event with no topic is committed to what routing gives it ([[routes]], else default_topic): the role
+    is decided on that topic, not on the empty one the publisher sent, and nothing of a refused request commits."""
+    roles = """
+[security.roles.limited]
+publish = ["ok"]
+groups = ["g"]
+subscribe = ["ok"]
+"""
+    routes = '\n[[routes]]\ntopic = "routed-secret"\nevents = ["s3:ObjectCreated:*"]\n'
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), roles=roles,
+                        groups=GROUPS + routes)
+    s.cfg_path.write_text(s.cfg_path.read_text().replace("[hub]\n", '[hub]\ndefault_topic = "secret"\n', 1))
+    s.start_hub()
+    from bucketwire.envelope import Event
+    lim = cfg_for(client_config(s, d, "limited"))
+
+    def ev(typ: str, n: int) -> Event:
+        return Event(id=f"e-{typ}-{n}", source="bucketwire://publish/t", type=typ, topic=None,
+                     data={"bucket": "b", "key": f"k{n}"})
+
+    with HubClient(lim, timeout=5) as c:
+        assert c.publish("ok", {"a": 1})["seq"] == 1
+        with pytest.raises(HubRefused, match="may not publish to topic 'secret'"):
+            c.publish_events([ev("t.other", 1)])
+        with pytest.raises(HubRefused, match="may not publish to topic 'routed-secret'"):
+            c.publish_events([ev("s3:ObjectCreated:Put", 2)])
+        # one allowed event with one routed to a refused topic: the whole request is refused
+        ok = Event(id="e-ok", source="bucketwire://publish/t", type="t", topic="ok", data={})
+        with pytest.raises(HubRefused, match="may not publish to topic 'secret'"):
+            c.publish_events([ok, ev("t.other", 3)])
+    topics = s.status()["topics"]
+    assert "secret" not in topics and "routed-secret" not in topics, topics
+    assert topics["ok"]["head"] == 1, topics
+    with s.client() as c:  # no role: routing to the default topic works
+        c.publish_events([ev("t.other", 4)])
+    assert s.status()["topics"]["secret"]["head"] == 1
