@@ -89,3 +89,27 @@ def test_attempts_and_a_scheduled_retry_survive_a_hub_sigkill(stack_factory: Any
     assert tries[2] == [1], tries
     s.stop()
     assert _stored(s.cfg.hub.state_dir) == {2: 1}, "a dead-lettered event's count is deleted, the waiting one's kept"
+
+
+def test_a_clock_stepped_back_does_not_stretch_a_stored_retry(stack_factory: Any, tmp_path: Path) -> None:
+    """Due times are stored as wall-clock times. A hub restarted after the clock stepped back (here: the stored
+    time lies 30 days ahead, as it would after a 30-day step back) waited out the step on top of the backoff; what
+    it loads is clamped to the longest wait a retry can be given (the topic's backoff_max, or Retry(delay)'s cap)."""
+    flaky = tmp_path / "flaky.log"
+    s = stack_factory(CONFIG.format(flaky=flaky))
+    s.start_hub()
+    s.start_worker("w", 1, "--plugin", FLAKY)
+    with s.client() as c:
+        c.publish_events([Event(id=uuid.uuid4().hex, source="urn:test", type="test.thing", topic="t",
+                                data={"retry": 120})])
+    wait_for(lambda: s.status()["groups"]["w"]["retrying"] == 1, 20, "the event waiting for its retry")
+    s.kill_hub(signal.SIGTERM)  # a clean stop writes the attempt count and due time
+    db = sqlite3.connect(s.cfg.hub.state_dir / "journal.db")
+    with db:
+        assert db.execute("UPDATE retries SET due = due + ? WHERE grp='w'", (30 * 86_400,)).rowcount == 1
+    db.close()
+    s.start_hub()
+    g = wait_for(lambda: (g := s.status()["groups"].get("w", {})).get("retrying") == 1 and g, 30,
+                 "the restarted hub holding the retry")
+    assert g["next_retry_in"] <= 86_400, g
+    assert _attempts(flaky) == {1: [1]}

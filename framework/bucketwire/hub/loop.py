@@ -52,7 +52,15 @@ from bucketwire.envelope import (
     unsent_of,
 )
 from bucketwire.hub.backends import open_journal
-from bucketwire.hub.dispatch import DeadLetter, GroupState, Key, WorkerState, decode_ranges, encode_ranges
+from bucketwire.hub.dispatch import (
+    MAX_RETRY_DELAY,
+    DeadLetter,
+    GroupState,
+    Key,
+    WorkerState,
+    decode_ranges,
+    encode_ranges,
+)
 from bucketwire.hub.http_server import SWEEP_INTERVAL as HTTP_SWEEP
 from bucketwire.hub.http_server import Server as HttpServer
 from bucketwire.hub.journal import Appended, Batch, JournalAPI, JournalError, NewEvent
@@ -274,7 +282,11 @@ class Hub:
         g.seed = self.journal.attempts_of(g.name)
         g.stored = set(g.seed)
         wall, mono = time.time(), time.monotonic()
-        g.seed_due = {k: mono + (at - wall) for k, at in self.journal.retries_due(g.name).items() if at > wall}
+        # Due times are wall-clock times (another hub's clock reads them too). After a clock step back, one lies
+        # further ahead than its backoff ever was; no loaded retry waits longer than the longest wait this hub
+        # could have given it (its topic's backoff_max, or a Retry(delay)'s cap), counted from now.
+        g.seed_due = {k: mono + min(at - wall, max(g.topic_cfg(k[0]).backoff_max, MAX_RETRY_DELAY))
+                      for k, at in self.journal.retries_due(g.name).items() if at > wall}
 
     # -- webhook ingress ------------------------------------------------------------------------------------
     def submit(self, events: list[Event], source: str,
@@ -1697,6 +1709,9 @@ class Hub:
                 "inflight": len(g.inflight),
                 "workers": len(g.workers),
                 "retrying": len(g.retry),
+                # seconds until the earliest retry is due: an operator sees a retry that waits far longer than
+                # its backoff (and tests see the clamp on what a restarted hub loaded)
+                "next_retry_in": None if (r := g.next_retry_at()) is None else round(max(0.0, r - now), 3),
                 "dead_lettered": g.totals[0],
                 "retried": g.totals[1],
                 "redelivered": g.totals[2],
