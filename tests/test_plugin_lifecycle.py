@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from bucketwire import hookimpl
@@ -182,3 +183,70 @@ def test_a_plugin_command_cannot_take_a_builtin_or_another_plugins_name():
         "plugin 'third' adds a command 'status', which is bucketwire's own; it is not added: give it another name",
         "plugin 'first' adds a command 'export', which is plugin 'second''s; it is not added: give it another name",
     ], warnings
+
+
+PART = """
+from bucketwire import ConfigError, hookimpl
+
+PLUGIN_NAME = {name!r}
+
+def _log(line):
+    with open({log!r}, "a") as f:
+        f.write(line + "\\n")
+
+@hookimpl
+def worker_startup(ctx):
+    _log("startup {name}")
+    if {fail!r} == "raise":
+        raise ConnectionError("database not up yet")
+    if {fail!r} == "config":
+        raise ConfigError("url: the server refused it")
+
+@hookimpl
+def worker_shutdown(ctx):
+    _log("shutdown {name}")
+
+@hookimpl
+def handle_event(event):
+    pass
+"""
+
+
+def _attempts(log: Path) -> list[list[str]]:
+    """The log's lines cut into startup attempts (each begins where a 'startup' follows a 'shutdown')."""
+    out: list[list[str]] = []
+    for ln in log.read_text().splitlines():
+        if not out or (ln.startswith("startup") and out[-1][-1].startswith("shutdown")):
+            out.append([])
+        out[-1].append(ln)
+    return out
+
+
+@pytest.mark.parametrize("fail", ["raise", "config"])
+def test_a_worker_startup_that_fails_part_way_shuts_down_those_already_started(stack_factory, tmp_path, fail):
+    """Plugins whose worker_startup had run got no worker_shutdown when a later one raised: what they opened
+    (connections, files, threads) leaked at every restart. They get it, in reverse order; the failing one and
+    those never started do not."""
+    log = tmp_path / "parts.log"
+    specs = []
+    for name in ("p1", "p2", "p3", "p4"):
+        f = tmp_path / f"{name}.py"
+        f.write_text(PART.format(name=name, log=str(log), fail=fail if name == "p3" else ""))
+        specs += ["--plugin", str(f)]
+    s = stack_factory("")
+    s.start_hub()
+    w = s.start_worker("parts", 1, "--topic", "t", *specs, wait=False)
+    if fail == "raise":  # restarted with backoff: every attempt closes what it opened
+        wait_for(lambda: log.exists() and log.read_text().count("startup p3") >= 2, 30, "two startup attempts")
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(20) == 0
+    else:  # the pool stops with the line
+        assert w.wait(30) == 2
+    attempts = _attempts(log)
+    first = attempts[0][:attempts[0].index("startup p3") + 1 + sum(1 for ln in attempts[0] if "shutdown" in ln)]
+    started = [ln.split()[1] for ln in first if ln.startswith("startup")]
+    assert started[-1] == "p3" and len(started) >= 2, first  # p3 is not the first called, so something leaked
+    before = started[:-1]
+    assert first == [f"startup {n}" for n in started] + [f"shutdown {n}" for n in reversed(before)], attempts
+    if fail == "raise":
+        assert attempts[1][:len(started)] == first[:len(started)], attempts
