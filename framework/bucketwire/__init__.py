@@ -7,7 +7,7 @@ from bucketwire.config import ConfigError, StoreConfig
 from bucketwire.context import Context, FollowOnTooLarge, PermanentError, PluginError, Retry, Stores
 from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, SchemaVersionError
 from bucketwire.hookspecs import hookimpl
-from bucketwire.plugin_settings import with_defaults
+from bucketwire.plugin_settings import string_list, with_defaults
 
 __version__ = "0.1.0"
 
@@ -26,5 +26,6 @@ __all__ = [
     "Stores",
     "__version__",
     "hookimpl",
+    "string_list",
     "with_defaults",
 ]

@@ -190,12 +190,19 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
 @click.option("--plugin", "-p", "local_plugins", multiple=True, help="Also load this module or .py file.")
 @friendly
 def plugins_cmd(config_path: str | None, local_plugins: tuple[str, ...]) -> None:
-    """List discovered plugins and the hooks each implements."""
+    """List discovered plugins and the hooks each implements (with -c: once their settings there pass)."""
+    from bucketwire.commands.doctor import check_plugin_settings
     from bucketwire.worker import plugin_loading as loader
 
-    if config_path:
-        load_config(config_path)
     loaded = loader.load(None, list(local_plugins))
+    if config_path:
+        # The settings checks doctor and a worker run: a section the pool would refuse at start passed here.
+        cfg = load_config(config_path)
+        installed = set(loaded.names) if not local_plugins else set(loader.load(None, []).names)
+        bad = [f.what for f in check_plugin_settings(cfg, installed) if f.level == "error"]
+        if bad:
+            more = f" ({len(bad) - 1} more: run bucketwire doctor -c {config_path})" if len(bad) > 1 else ""
+            raise ConfigError(bad[0] + more)
     out = []
     for name in loaded.names:
         plugin = loaded.pm.get_plugin(name)

@@ -22,3 +22,17 @@ def with_defaults(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> d
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown setting; known: {', '.join(sorted(defaults))}")
     return {**defaults, **settings}
+
+
+def string_list(value: Any, key: str, what: str, example: str = "photos") -> list[str]:
+    """A list of non-empty strings, one string taken as a list of one: the rule the config itself follows
+    (`topics = "photos"` is `["photos"]`), so a plugin's settings read like the rest of the file. `what` names
+    the items for the error line (`"bucket names"`), `example` one of them::
+
+        s["buckets"] = None if s["buckets"] is None else string_list(s["buckets"], "buckets", "bucket names")
+    """
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(x, str) and x for x in items):
+        raise ConfigError(f'{key}: expected a list of {what} (one may be given as a string), e.g. {key} = '
+                          f'["{example}"] or {key} = "{example}"; got {value!r}')
+    return list(items)

@@ -39,7 +39,16 @@ from urllib.parse import quote
 from minio.commonconfig import REPLACE, ComposeSource, CopySource
 from minio.error import S3Error
 
-from bucketwire import ConfigError, Context, Event, PermanentError, PluginError, hookimpl, with_defaults
+from bucketwire import (
+    ConfigError,
+    Context,
+    Event,
+    PermanentError,
+    PluginError,
+    hookimpl,
+    string_list,
+    with_defaults,
+)
 
 PLUGIN_NAME = "replication"
 META = "x-amz-meta-"
@@ -89,9 +98,8 @@ def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
     p = s["prefix"]
     if not isinstance(p, str) or "\x00" in p or p.startswith("/") or ".." in p.split("/"):
         raise ConfigError(f'prefix: expected a key prefix such as "replica/" (no leading "/" or ".."), got {p!r}')
-    b = s["buckets"]
-    if b is not None and (not isinstance(b, list) or not all(isinstance(x, str) and x for x in b)):
-        raise ConfigError(f'buckets: expected a list of source bucket names, e.g. ["photos"]; got {b!r}')
+    if s["buckets"] is not None:
+        s["buckets"] = string_list(s["buckets"], "buckets", "source bucket names")
     for k in ("replicate_deletes", "verify_md5", "trust_tagging_count"):
         if not isinstance(s[k], bool):
             raise ConfigError(f"{k}: expected true or false, got {s[k]!r}")

@@ -26,7 +26,7 @@ from urllib.parse import quote, unquote
 from minio.error import S3Error
 from PIL import Image
 
-from bucketwire import ConfigError, Context, Event, PermanentError, hookimpl, with_defaults
+from bucketwire import ConfigError, Context, Event, PermanentError, hookimpl, string_list, with_defaults
 
 from .imaging import (
     FORMATS,
@@ -117,9 +117,8 @@ def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"max_hops: expected an integer >= 0, got {v!r}")
     if not isinstance(s["delete_with_source"], bool):
         raise ConfigError(f"delete_with_source: expected true or false, got {s['delete_with_source']!r}")
-    b = s["buckets"]
-    if b is not None and (not isinstance(b, list) or not all(isinstance(x, str) and x for x in b)):
-        raise ConfigError(f'buckets: expected a list of bucket names, e.g. ["photos"]; got {b!r}')
+    if s["buckets"] is not None:
+        s["buckets"] = string_list(s["buckets"], "buckets", "bucket names")
     t = s["topic"]
     if t is not None and t is not False and (not isinstance(t, str) or not t):
         raise ConfigError(f'topic: expected a topic name (or false to publish nothing); got {t!r}')
@@ -151,8 +150,7 @@ def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 def _input_formats(v: Any) -> list[str]:
     Image.init()
-    if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
-        raise ConfigError(f'input_formats: expected a list of image formats, e.g. ["jpeg", "png"]; got {v!r}')
+    v = string_list(v, "input_formats", "image formats", "png")
     unknown = [x for x in v if x.upper() not in Image.OPEN]
     if unknown:
         raise ConfigError(
