@@ -718,3 +718,50 @@ subscribe = ["ok"]
     with s.client() as c:  # no role: routing to the default topic works
         c.publish_events([ev("t.other", 4)])
     assert s.status()["topics"]["secret"]["head"] == 1
+
+
+def test_a_topicless_follow_on_is_never_routed_past_the_role(stack_factory, tmp_path):
+    """A follow-on travels in an ACK with the topic its plugin gave it; ctx.publish needs one, but a worker
+    speaking the protocol itself can send one without. The hub does not route it (to default_topic or by
+    [[routes]], where the role would be checked too late): its event fails with the reason and nothing of the
+    follow-on is committed."""
+    from bucketwire import protocol as P
+    from bucketwire.envelope import SCHEMA_VERSION
+
+    roles = '\n[security.roles.limited]\npublish = ["ok"]\ngroups = ["g"]\nsubscribe = ["x"]\n'
+    routes = '\n[[routes]]\ntopic = "routed-secret"\nevents = ["s3:ObjectCreated:*"]\n'
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), roles=roles,
+                        groups=GROUPS + routes)
+    s.cfg_path.write_text(s.cfg_path.read_text().replace("[hub]\n", '[hub]\ndefault_topic = "secret"\n', 1))
+    s.start_hub()
+    lim = cfg_for(client_config(s, d, "limited"))
+    w = zmq.Context.instance().socket(zmq.DEALER)
+    w.setsockopt(zmq.LINGER, 0)
+    security.apply_client(w, lim)
+    w.connect(lim.client.work)
+    try:
+        w.send_multipart([P.READY, P.enc(P.Ready(group="g", topics=["x"], credit=1, proto=1,
+                                                  schema=SCHEMA_VERSION, host="test", pid=1, start="earliest"))])
+        wait_for(lambda: s.status()["groups"]["g"]["workers"] == 1, 15, "the raw worker to join")
+        with s.client() as c:
+            c.publish("x", {"bucket": "b", "key": "k"})
+        frames: list[bytes] = []
+        deadline = time.monotonic() + 15
+        while (left := deadline - time.monotonic()) > 0 and w.poll(int(left * 1000) + 1):
+            frames = w.recv_multipart()
+            if frames[0] == P.DELIVER:
+                break
+        assert frames and frames[0] == P.DELIVER, frames[:1]
+        ev = json.loads(frames[2])
+        fos = [{"specversion": "1.0", "id": f"fo-{i}", "source": "x", "type": "s3:ObjectCreated:Put",
+                "data": {"bucket": "b", "key": f"f{i}"}, **extra} for i, extra in enumerate([{}, {"topic": ""}])]
+        w.send_multipart([P.ACK, P.enc({"g": "g", "results": [{"t": "x", "s": int(ev["seq"]), "ok": True,
+                                                                "f": fos}]})])
+        wait_for(lambda: s.status()["topics"].get("dead-letter", {}).get("head", 0) >= 1, 15, "the dead letter")
+    finally:
+        w.close()
+    with s.client() as c:
+        dl = json.loads(c.fetch("dead-letter", 1)[1][0])
+    assert "has no topic" in dl["data"]["error"], dl["data"]
+    topics = s.status()["topics"]
+    assert "secret" not in topics and "routed-secret" not in topics and "ok" not in topics, topics
