@@ -123,6 +123,17 @@ def encode_ranges(seqs: set[int]) -> str:
     return ",".join(out)
 
 
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Ascending seqs as runs of consecutive ones: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    out: list[tuple[int, int]] = []
+    for s in seqs:
+        if out and out[-1][1] + 1 == s:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
+
+
 def decode_ranges(text: str) -> set[int]:
     out: set[int] = set()
     for part in filter(None, text.split(",")):
@@ -443,6 +454,33 @@ class GroupState:
             self._finish(it)
         self._uncharge((topic, seq))
         return True
+
+    def held_by(self, key: Key, owner: bytes) -> bool:
+        """`key` is in flight with the worker `owner`: only it may report the event's outcome."""
+        entry = self.inflight.get(key)
+        return entry is not None and entry[1] == owner
+
+    def ack_range_of(self, owner: bytes, topic: str, first: int, last: int) -> tuple[int, int]:
+        """`ack_range` of the seqs of first..last in flight with the worker `owner`, whose ACK this is; returns how
+        many were not done before, and how many were skipped because `owner` does not hold them (and they are not
+        done: a duplicate after a redelivery is neither).
+
+        A seq of the range it was not handed (another worker's event, or one loaded and handed to nobody yet) is
+        left alone, or a peer holding the group's key could finish other workers' events, or make the group skip
+        events nobody ran."""
+        inflight = self.inflight
+        mine: list[int] = []
+        foreign = 0
+        done_to, done_above = self.acked.get(topic, 0), self.acked_above.get(topic, _NONE_ABOVE)
+        for s in range(first, last + 1):
+            e = inflight.get((topic, s))
+            if e is not None and e[1] == owner:
+                mine.append(s)
+            elif s > done_to and s not in done_above:
+                foreign += 1
+        if len(mine) == last - first + 1:  # a worker acking what it holds: one pass
+            return self.ack_range(topic, first, last), 0
+        return sum(self.ack_range(topic, a, b) for a, b in _runs(mine)), foreign
 
     def ack_range(self, topic: str, first: int, last: int) -> int:
         """`ack` for every seq of first..last (an ACK's compact form); returns how many were not done before.

@@ -1204,9 +1204,13 @@ class Hub:
         if not self.net.roles.allows(self.net.user, "groups", g.name):
             self.net.forbidden(ident, f"key {self.net.user!r} may not ack for group {g.name!r} ([security.roles])")
             return
-        acked = again = ignored = 0
+        acked = again = ignored = foreign = 0
         # An outcome for a seq the group has not loaded names an event no worker was handed (a buggy or hostile
         # worker, or seqs not yet published): applying it would make the group skip that event once it exists.
+        # One for a loaded seq counts only from the worker it is in flight with: any peer holding the group's key
+        # could otherwise ack (skip) events loaded and handed to nobody yet, or ack or dead-letter another
+        # worker's event while that worker runs it, and ride follow-ons on it. A late ack from a worker the hub
+        # has given up on (its events were handed out again) is ignored the same way: the event runs again.
         loaded = g.read_pos
         if hdr.ok:
             for topic, first, last in hdr.ranges():  # checked whole before any is applied
@@ -1216,15 +1220,22 @@ class Hub:
                     last = top
                     if last < first:
                         continue
-                took = g.ack_range(topic, first, last)
+                took, skipped = g.ack_range_of(ident, topic, first, last)
                 acked += took
-                again += last - first + 1 - took
+                foreign += skipped
+                again += last - first + 1 - took - skipped
             if again:
                 self.metrics.acked_again.labels(g.name).inc(again)
         for r in hdr.results:
             topic, seq = r.t, r.s
             if seq >= loaded.get(topic, 1):
                 ignored += 1
+                continue
+            if not g.held_by((topic, seq), ident):
+                if g.is_done(topic, seq):
+                    self.metrics.acked_again.labels(g.name).inc()  # a duplicate after a redelivery
+                else:
+                    foreign += 1
                 continue
             if r.ok:
                 # Every follow-on is read before the event is acked: one the hub cannot read fails its own event
@@ -1312,6 +1323,11 @@ class Hub:
         if ignored:
             log.warning("ack for events the group has not loaded; ignored",
                         extra={"group": g.name, "events": ignored, "key": self.net.user, "worker": ident.hex()})
+        if foreign:
+            self.metrics.rejected.labels("zmq", "not_held").inc()
+            log.warning("ack for events not handed to this worker; ignored",
+                        extra={"group": g.name, "events": foreign, "key": self.net.user, "worker": ident.hex(),
+                               "known_worker": ident in self.workers})
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
 
     def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list[Reply], strict: bool = False,

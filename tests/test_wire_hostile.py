@@ -1,0 +1,184 @@
+"""A peer that holds a valid key of a group and speaks the wire itself (a stolen worker key, a buggy port of the
+worker): what it may NOT do to the group's other workers and events. Real hub processes, real sockets; the
+attacker and its victim are plain DEALERs speaking the documented frames (docs/wire.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from bucketwire import Event
+from bucketwire.envelope import SCHEMA_VERSION
+from tests.fixtures_hub import Stack, wait_for
+
+CFG = """
+[groups.g]
+topics = ["x"]
+plugins = []
+start = "earliest"
+"""
+
+
+def ev(i: int) -> Event:
+    return Event(id=uuid.uuid4().hex, source="urn:test", type="t", subject=f"b/k{i}", topic="x",
+                 data={"bucket": "b", "key": f"k{i}"})
+
+
+LIVE: list[zmq.Socket[bytes]] = []
+"""The joined DEALERs of the running test: they heartbeat while the test waits, as a worker does (the test hub's
+heartbeat_timeout is 1.5 s)."""
+
+
+def beat() -> bool:
+    for d in LIVE:
+        d.send_multipart([b"HB", b"{}"])
+    return True
+
+
+def poll(d: zmq.Socket[bytes] | zmq.Poller, deadline: float, what: str) -> Any:
+    """Wait for a message in slices, heartbeating between them."""
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, what
+        beat()
+        got = d.poll(max(1, int(min(left, 0.2) * 1000)))
+        if got:
+            return got
+
+
+def dealer(s: Stack, ready: dict[str, Any] | None = None) -> zmq.Socket[bytes]:
+    d: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.connect(s.cfg.client.work)
+    if ready is not None:
+        d.send_multipart([b"READY", json.dumps({"schema": SCHEMA_VERSION, **ready}).encode()])
+        LIVE.append(d)
+    return d
+
+
+def close(*socks: zmq.Socket[bytes] | None) -> None:
+    for d in socks:
+        if d is not None:
+            if d in LIVE:
+                LIVE.remove(d)
+            d.close()
+
+
+def join(s: Stack, credit: int = 1) -> zmq.Socket[bytes]:
+    return dealer(s, {"group": "g", "topics": ["x"], "credit": credit, "proto": 2})
+
+
+def delivered(d: zmq.Socket[bytes], n: int, timeout: float = 20) -> list[int]:
+    """The seqs of the next `n` events DELIVERed to `d` (hub heartbeats skipped)."""
+    seqs: list[int] = []
+    deadline = time.monotonic() + timeout
+    while len(seqs) < n:
+        poll(d, deadline, f"only {seqs} of {n} delivered")
+        frames = d.recv_multipart()
+        if frames[0] == b"DELIVER":
+            seqs += [int(json.loads(b)["seq"]) for b in frames[2:]]
+    return seqs
+
+
+def work_off(socks: list[zmq.Socket[bytes]], seqs: set[int], timeout: float = 20) -> set[int]:
+    """Each worker acks every event DELIVERed to it, as a worker does, until `seqs` were all handed out; returns
+    the seqs handed out (a seq handed out twice is caught by the caller's count of acks)."""
+    got: set[int] = set()
+    poller = zmq.Poller()
+    for d in socks:
+        poller.register(d, zmq.POLLIN)
+    deadline = time.monotonic() + timeout
+    while not seqs <= got:
+        for d, _ in poll(poller, deadline, f"only {sorted(got)} of {sorted(seqs)} handed out"):
+            frames = d.recv_multipart()
+            if frames[0] == b"DELIVER":
+                mine = [int(json.loads(b)["seq"]) for b in frames[2:]]
+                got.update(mine)
+                ack(d, ok={"x": [[q, q] for q in mine]})
+    return got
+
+
+def reply(d: zmq.Socket[bytes], cmd: bytes, timeout: float = 10) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        poll(d, deadline, f"no {cmd!r}")
+        frames = d.recv_multipart()
+        if frames[0] == cmd:
+            out: dict[str, Any] = json.loads(frames[1])
+            return out
+
+
+def ack(d: zmq.Socket[bytes], **hdr: Any) -> None:
+    d.send_multipart([b"ACK", json.dumps({"g": "g", **hdr}).encode()])
+
+
+def not_held(s: Stack) -> float:
+    return s.metric("bucketwire_ingress_rejected_total", ingress="zmq", reason="not_held")
+
+
+def ok(seq: int) -> dict[str, Any]:
+    return {"t": "x", "s": seq, "ok": True, "f": []}
+
+
+def test_a_worker_cannot_ack_or_fail_events_it_was_not_handed(stack_factory: Any) -> None:
+    """The attacker holds a key of group g and joins it. It acks the victim's in-flight event, fails it
+    permanently (which dead-lettered it, with the victim still running it), and acks the loaded events nobody was
+    handed yet, in both forms (which made the group skip them: lost), and rides a follow-on on such an ack.
+    None of it applies: every event is handed out and acked by the worker that holds it, nothing dead-letters,
+    no follow-on is committed."""
+    s: Stack = stack_factory(CFG)
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(i) for i in range(6)])
+    victim = join(s)
+    attacker = None
+    try:
+        assert delivered(victim, 1) == [1]
+        attacker = join(s)
+        assert delivered(attacker, 1) == [2]
+        # seqs 3..6 are loaded, handed to nobody (both workers are at their credit)
+        fo = {"specversion": "1.0", "id": "fo-1", "source": "urn:x", "type": "t", "topic": "x",
+              "data": {"bucket": "b", "key": "planted"}}
+        ack(attacker, results=[{"t": "x", "s": 1, "ok": False, "error": "forged", "permanent": True}])
+        ack(attacker, results=[{**ok(3), "f": [fo]}, ok(4)])
+        ack(attacker, ok={"x": [[1, 1], [5, 6]]})
+        wait_for(lambda: beat() and not_held(s) == 3, 10, "the three forged acks refused")
+        assert "ack for events not handed to this worker; ignored" in s.dump_logs()
+        assert s.metric("bucketwire_acked_total", group="g") == 0
+        assert s.metric("bucketwire_dead_lettered_total", group="g") == 0
+        # what the workers do hold, they ack; the rest then reaches them too
+        ack(victim, results=[ok(1)])
+        ack(attacker, ok={"x": [[2, 2]]})
+        assert work_off([victim, attacker], {3, 4, 5, 6}) == {3, 4, 5, 6}
+        wait_for(lambda: beat() and s.metric("bucketwire_acked_total", group="g") == 6, 10, "all six acked once")
+        with s.client() as c:
+            head = c.status()["topics"]["x"]["head"]
+        assert head == 6, "a follow-on riding a forged ack was committed"
+        assert s.metric("bucketwire_dead_lettered_total", group="g") == 0
+    finally:
+        close(victim, attacker)
+
+
+def test_an_ack_from_a_peer_that_never_joined_changes_nothing(stack_factory: Any) -> None:
+    """A peer with the group's key that sent no READY acks the group's in-flight and loaded events: ignored."""
+    s: Stack = stack_factory(CFG)
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(i) for i in range(3)])
+    victim = join(s)
+    outsider = dealer(s)
+    try:
+        assert delivered(victim, 1) == [1]
+        ack(outsider, ok={"x": [[1, 3]]})
+        wait_for(lambda: beat() and not_held(s) == 1, 10, "the forged ack refused")
+        assert "ack for events not handed to this worker; ignored" in s.dump_logs()
+        assert s.metric("bucketwire_acked_total", group="g") == 0
+        ack(victim, ok={"x": [[1, 1]]})
+        assert work_off([victim], {2, 3}) == {2, 3}
+        wait_for(lambda: beat() and s.metric("bucketwire_acked_total", group="g") == 3, 10, "all three acked once")
+    finally:
+        close(victim, outsider)
