@@ -182,3 +182,61 @@ def test_an_ack_from_a_peer_that_never_joined_changes_nothing(stack_factory: Any
         wait_for(lambda: beat() and s.metric("bucketwire_acked_total", group="g") == 3, 10, "all three acked once")
     finally:
         close(victim, outsider)
+
+
+def test_a_ready_with_absurd_topics_is_refused_and_makes_no_group(stack_factory: Any) -> None:
+    """A READY for a group the config does not name, listing 60,000 topic names (each would get a stored cursor
+    and the group's refill would walk them every turn, for good), a NUL byte in a name, or a name over 255
+    characters, is refused with one ERR naming the fix; no group is made and the hub goes on serving."""
+    s: Stack = stack_factory(CFG)
+    s.start_hub()
+    cases = {
+        "many": [f"t{i}" for i in range(60_000)],
+        "nul": ["ok", "a\0b"],
+        "long": ["x" * 256],
+    }
+    for name, topics in cases.items():
+        d = dealer(s, {"group": f"adhoc-{name}", "topics": topics, "credit": 1, "proto": 2})
+        try:
+            err = reply(d, b"ERR")
+            assert err["fatal"] is True, err
+            assert "topic" in err["error"] and "\n" not in err["error"], err
+        finally:
+            close(d)
+    with s.client() as c:
+        st = c.status()
+    assert not [g for g in st["groups"] if g.startswith("adhoc")], st["groups"].keys()
+    assert s.metric("bucketwire_ingress_rejected_total", ingress="zmq", reason="topics") == 3
+
+
+def test_absurd_seqs_are_refused_with_one_err_and_change_nothing(stack_factory: Any) -> None:
+    """Valid msgspec, absurd values: a seq below 1 in an ACK's results (the ranges refuse one already), a seq of
+    2**63 (past what the journal can store) in a FETCH or a DLQ item. Each gets one ERR or a per-item error
+    naming the field, never a traceback in the hub's log; the held event stays held."""
+    s: Stack = stack_factory(CFG)
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(0)])
+    w = join(s)
+    peer = dealer(s)
+    try:
+        assert delivered(w, 1) == [1]
+        for seq in (0, -1, 2**64):
+            ack(w, results=[{"t": "x", "s": seq, "ok": False, "error": "forged", "permanent": True}, ok(1)])
+            err = reply(w, b"ERR")["error"]
+            assert "ACK header" in err and "\n" not in err, err
+        peer.send_multipart([b"FETCH", json.dumps({"req": 1, "topic": "x", "from": 2**63, "limit": 10}).encode()])
+        err = reply(peer, b"ERR")["error"]
+        assert "FETCH header" in err and "from" in err, err
+        peer.send_multipart([b"DLQ", json.dumps({"req": 2, "action": "purge", "by": "t",
+                                                 "items": [{"topic": "dead-letter", "seq": 2**63}]}).encode()])
+        res = reply(peer, b"DLQR")
+        assert "no such event" in res["results"][0]["error"], res
+        logs = s.dump_logs()
+        assert "Traceback" not in logs and "unexpected error" not in logs, logs[-3000:]
+        assert s.metric("bucketwire_acked_total", group="g") == 0
+        assert s.metric("bucketwire_dead_lettered_total", group="g") == 0
+        ack(w, ok={"x": [[1, 1]]})
+        wait_for(lambda: beat() and s.metric("bucketwire_acked_total", group="g") == 1, 10, "seq 1 acked by w")
+    finally:
+        close(w, peer)

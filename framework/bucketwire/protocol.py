@@ -146,9 +146,15 @@ class Versions(msgspec.Struct):
     schema: Any = None
 
 
+MAX_SEQ = 2**63 - 1
+"""The largest seq a journal can store (SQLite's INTEGER): a seq frame past it names no event, and reading it
+made the journal raise instead of answering."""
+Seq = Annotated[int, Meta(ge=1, le=MAX_SEQ)]
+
+
 class AckResult(Header):
     t: str  # topic
-    s: int  # seq
+    s: Seq
     ok: bool = False
     f: list[dict[str, Any]] = []  # follow-on envelopes (ok only)
     error: str = "handler failed"
@@ -158,7 +164,7 @@ class AckResult(Header):
     delay: Annotated[float, Meta(ge=0)] | None = None  # the plugin raised Retry(delay=S): wait at least S seconds
 
 
-Range = tuple[Annotated[int, Meta(ge=1)], Annotated[int, Meta(ge=1)]]
+Range = tuple[Seq, Seq]
 
 
 class Ack(Header):
@@ -251,7 +257,7 @@ class PubNack(Header):
 class Fetch(Header):
     topic: str
     req: Req = None
-    start: int = msgspec.field(default=1, name="from")
+    start: Annotated[int, Meta(le=MAX_SEQ)] = msgspec.field(default=1, name="from")  # below 1 reads from 1
     limit: int = MAX_FETCH
 
 

@@ -1104,6 +1104,13 @@ class Hub:
             return
         if not topics and group not in self.groups and group not in self.wanted:
             raise P.ProtocolError(f"READY for unknown group {group!r} must name its topics")
+        absurd = self._topic_names_refused(group, topics)
+        if absurd is not None:
+            self.metrics.rejected.labels("zmq", "topics").inc()
+            log.warning("worker refused: its topic list", extra={"group": group[:64], "key": self.net.user,
+                                                                "error": absurd})
+            self.net.send([ident, P.ERR, P.enc(P.Err(fatal=True, error=absurd))])
+            return
         why = self._topics_refused(group, topics)
         if why is not None and group in self.cfg.groups:
             log.warning("worker refused: its topics are not its group's", extra={"group": group, "error": why})
@@ -1176,6 +1183,25 @@ class Hub:
         mine = {t for v in groups.values() for t in v["topics"]}
         return {**st, "groups": groups,
                 "topics": {t: v for t, v in st["topics"].items() if t in mine or roles.allows(user, "subscribe", t)}}
+
+    def _topic_names_refused(self, group: str, topics: list[str]) -> str | None:
+        """Why a READY's topic list is no list of topics, or None: a name the hub would refuse to publish to (a NUL
+        byte, over MAX_TOPIC_LEN characters), or, for a group the config does not name, more topics than the hub
+        may hold ([hub] max_topics). Each topic of such a group gets a cursor stored for good and is walked by the
+        group's refill every turn: one READY of 60,000 names made a group the hub carried for ever."""
+        bad = next((t for t in topics if topic_problem(t) is not None), None)
+        if bad is not None:
+            return (f"READY names topic {bad[:64]!r}: {topic_problem(bad)}; fix the group's topics in the "
+                    "worker's config")
+        if group in self.cfg.groups:
+            return None  # its configured topics only (`_topics_refused`)
+        limit = self.cfg.hub.max_topics
+        g = self.groups.get(group)
+        n = len(set(topics).union(g.topics if g is not None else ()))
+        if n > limit:
+            return (f"group {group!r} would consume {n} topics, more than the hub may hold ([hub] max_topics = "
+                    f"{limit}); name fewer topics, or define [groups.{group}] in the hub's config")
+        return None
 
     def _topics_refused(self, group: str, topics: list[str]) -> str | None:
         """Why a READY may not name `topics` for `group`, or None. A READY's topics join its group for good (their

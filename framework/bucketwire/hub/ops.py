@@ -523,7 +523,7 @@ class HubOps:
             return {"error": "each item needs 'topic' (string) and 'seq' (integer)"}
         topic, seq = it["topic"], it["seq"]
         where = f"{topic}:{seq}"
-        rows = self.journal.read(topic, seq, 1) if seq >= 1 else []
+        rows = self.journal.read(topic, seq, 1) if 1 <= seq <= P.MAX_SEQ else []
         if not rows or rows[0][0] != seq:
             return {"error": f"{where}: no such event in the journal (retention may have removed it)"}
         try:
