@@ -240,3 +240,70 @@ def test_absurd_seqs_are_refused_with_one_err_and_change_nothing(stack_factory: 
         wait_for(lambda: beat() and s.metric("bucketwire_acked_total", group="g") == 1, 10, "seq 1 acked by w")
     finally:
         close(w, peer)
+
+
+def curve_dealer(cfg: Any, ready: dict[str, Any] | None = None, ident: bytes | None = None) -> zmq.Socket[bytes]:
+    from bucketwire import security
+
+    d: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    if ident is not None:
+        d.setsockopt(zmq.IDENTITY, ident)
+    security.apply_client(d, cfg)
+    d.connect(cfg.client.work)
+    if ready is not None:
+        d.send_multipart([b"READY", json.dumps({"schema": SCHEMA_VERSION, **ready}).encode()])
+        LIVE.append(d)
+    return d
+
+
+def test_another_keys_death_and_running_notices_do_not_touch_a_worker(stack_factory: Any, tmp_path: Any) -> None:
+    """With CURVE, a peer holding another worker key of the same group names the victim's identity in GONE
+    (which would charge the victim's running event an attempt and requeue it while the victim runs it) and in
+    RUNNING (which would keep a silent victim's events held past heartbeat_timeout). Neither is that key's worker
+    to speak for: the victim keeps its event, and when it falls silent the hub still gives it up and hands the
+    event out again."""
+    from tests.test_security import cfg_for, client_config, secure_stack
+
+    roles = """
+[security.roles.worker-a]
+groups = ["g"]
+subscribe = ["x"]
+
+[security.roles.worker-b]
+groups = ["g"]
+subscribe = ["x"]
+"""
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "worker-a", "worker-b"), roles=roles,
+                        clients=("admin", "worker-a", "worker-b"))
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(0)])
+    victim_id = b"w-victim-0001"
+    joined = {"group": "g", "topics": ["x"], "credit": 1, "proto": 2}
+    victim = curve_dealer(cfg_for(client_config(s, d, "worker-a")), joined, victim_id)
+    attacker = curve_dealer(cfg_for(client_config(s, d, "worker-b")))
+    try:
+        assert delivered(victim, 1) == [1]
+        gone = {"g": "g", "w": victim_id.hex(), "running": ["x", 1], "reason": "forged death"}
+        attacker.send_multipart([b"GONE", json.dumps(gone).encode()])
+        # the victim is still the holder: its own ack counts (an ack of an event handed back would not)
+        attacker.send_multipart([b"STATUS", b'{"req": 1}'])
+        assert reply(attacker, b"STATUSR")["groups"]["g"]["inflight"] == 1
+        ack(victim, ok={"x": [[1, 1]]})
+        wait_for(lambda: beat() and s.metric("bucketwire_acked_total", group="g") == 1, 10, "the victim's ack")
+        assert s.metric("bucketwire_retries_total", group="g") == 0
+        assert "worker child died" not in s.dump_logs()
+        # RUNNING for a victim that went silent does not keep it
+        with s.client() as c:
+            c.publish_events([ev(1)])
+        assert delivered(victim, 1) == [2]
+        LIVE.remove(victim)  # silent from now on
+        run = {"g": "g", "w": victim_id.hex(), "run": ["x", 2, 0.5, 60]}
+        deadline = time.monotonic() + 20
+        while "worker lost (no heartbeat)" not in s.dump_logs():
+            assert time.monotonic() < deadline, "the silent victim was kept alive by another key's RUNNING"
+            attacker.send_multipart([b"RUNNING", json.dumps(run).encode()])
+            time.sleep(0.1)
+    finally:
+        close(victim, attacker)
