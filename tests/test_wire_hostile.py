@@ -307,3 +307,39 @@ subscribe = ["x"]
             time.sleep(0.1)
     finally:
         close(victim, attacker)
+
+
+def test_dlq_and_replay_tell_a_limited_key_nothing_of_topics_and_groups_it_may_not_see(stack_factory: Any,
+                                                                                         tmp_path: Any) -> None:
+    """A worker key of group g (role: groups g, reads x) sends DLQ purge items naming seqs of a topic it may not
+    read, and REPLAY of an unknown group. The answers told it whether each seq exists in that topic, whether it is
+    a dead letter, and which group it belongs to ('may not purge dead letters of group 'h''), and listed every
+    group of the hub. Now: the same refusal for every seq of a topic it may not read, and only its own groups."""
+    from tests.test_security import cfg_for, client_config, secure_stack
+
+    roles = """
+[security.roles.worker-a]
+groups = ["g"]
+subscribe = ["x"]
+"""
+    groups = CFG + '\n[groups.hidden-h]\ntopics = ["secret"]\nplugins = []\n'
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "worker-a"), roles=roles, groups=groups,
+                        clients=("admin", "worker-a"))
+    s.start_hub()
+    with s.client() as c:
+        c.publish("secret", {"a": 1})
+    peer = curve_dealer(cfg_for(client_config(s, d, "worker-a")))
+    try:
+        answers = []
+        for topic, seq in (("secret", 1), ("secret", 2), ("dead-letter", 1)):
+            peer.send_multipart([b"DLQ", json.dumps({"req": seq, "action": "purge", "by": "t",
+                                                     "items": [{"topic": topic, "seq": seq}]}).encode()])
+            err = reply(peer, b"DLQR")["results"][0]["error"]
+            answers.append(err.replace(topic, "T"))
+        assert len(set(answers)) == 1 and "may not read topic" in answers[0], answers
+        peer.send_multipart([b"REPLAY", json.dumps({"req": 9, "group": "nope", "from_seq": 1}).encode()])
+        err = reply(peer, b"REPLAYR")["error"]
+        assert "hidden-h" not in err, err
+        assert not any("hidden-h" in a for a in answers)
+    finally:
+        close(peer)

@@ -316,7 +316,8 @@ class HubOps:
             return None
         g = self.groups.get(gname)
         if g is None:
-            reply(error=f"unknown group {gname!r} (groups: {', '.join(sorted(self.groups)) or 'none'})")
+            mine = sorted(n for n in self.groups if self.net.roles.may_operate(self.net.user, n))
+            reply(error=f"unknown group {gname!r} (groups: {', '.join(mine) or 'none'})")
         return g
 
     # -- GROUPRM ---------------------------------------------------------------------------------------------
@@ -522,6 +523,15 @@ class HubOps:
         if not isinstance(it, dict) or not isinstance(it.get("topic"), str) or not isinstance(it.get("seq"), int):
             return {"error": "each item needs 'topic' (string) and 'seq' (integer)"}
         topic, seq = it["topic"], it["seq"]
+        # Read only a topic the key may read (an admin's or an unrestricted key's: any): else the answers told a
+        # key which seqs exist in a topic it may not read, which are dead letters, and of which group.
+        roles, user = self.net.roles, self.net.user
+        role = roles.roles.get(user) if user else None
+        if not ((role is not None and role.admin and roles.may_operate(user, "")) or
+                roles.allows(user, "subscribe", topic)):
+            self.metrics.rejected.labels("zmq", "forbidden").inc()
+            return {"error": f"key {user!r} may not read topic {topic[:255]!r} ([security.roles] subscribe), so "
+                             "not retry or purge its dead letters"}
         where = f"{topic}:{seq}"
         rows = self.journal.read(topic, seq, 1) if 1 <= seq <= P.MAX_SEQ else []
         if not rows or rows[0][0] != seq:
