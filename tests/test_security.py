@@ -681,6 +681,17 @@ admin = true
         assert set(c.status()["groups"]) == {"g", "h"}, "an admin sees every group"
 
 
+def _routing_stack(stack_factory, tmp_path, roles):
+    """A CURVE hub (keys "admin" and "limited", `roles`) that routes ObjectCreated events without a topic to
+    "routed-secret" and any other to default_topic "secret": what a role must be checked against."""
+    routes = '\n[[routes]]\ntopic = "routed-secret"\nevents = ["s3:ObjectCreated:*"]\n'
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), roles=roles,
+                        groups=GROUPS + routes)
+    s.cfg_path.write_text(s.cfg_path.read_text().replace("[hub]\n", '[hub]\ndefault_topic = "secret"\n', 1))
+    s.start_hub()
+    return s, d
+
+
 def test_a_role_is_checked_against_the_topic_the_hub_routes_to(stack_factory, tmp_path):
     """An event with no topic is committed to what routing gives it ([[routes]], else default_topic): the role
     is decided on that topic, not on the empty one the publisher sent, and nothing of a refused request commits."""
@@ -690,11 +701,7 @@ publish = ["ok"]
 groups = ["g"]
 subscribe = ["ok"]
 """
-    routes = '\n[[routes]]\ntopic = "routed-secret"\nevents = ["s3:ObjectCreated:*"]\n'
-    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), roles=roles,
-                        groups=GROUPS + routes)
-    s.cfg_path.write_text(s.cfg_path.read_text().replace("[hub]\n", '[hub]\ndefault_topic = "secret"\n', 1))
-    s.start_hub()
+    s, d = _routing_stack(stack_factory, tmp_path, roles)
     from bucketwire.envelope import Event
     lim = cfg_for(client_config(s, d, "limited"))
 
@@ -729,11 +736,7 @@ def test_a_topicless_follow_on_is_never_routed_past_the_role(stack_factory, tmp_
     from bucketwire.envelope import SCHEMA_VERSION
 
     roles = '\n[security.roles.limited]\npublish = ["ok"]\ngroups = ["g"]\nsubscribe = ["x"]\n'
-    routes = '\n[[routes]]\ntopic = "routed-secret"\nevents = ["s3:ObjectCreated:*"]\n'
-    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), roles=roles,
-                        groups=GROUPS + routes)
-    s.cfg_path.write_text(s.cfg_path.read_text().replace("[hub]\n", '[hub]\ndefault_topic = "secret"\n', 1))
-    s.start_hub()
+    s, d = _routing_stack(stack_factory, tmp_path, roles)
     lim = cfg_for(client_config(s, d, "limited"))
     w = zmq.Context.instance().socket(zmq.DEALER)
     w.setsockopt(zmq.LINGER, 0)
