@@ -343,3 +343,54 @@ subscribe = ["x"]
         assert not any("hidden-h" in a for a in answers)
     finally:
         close(peer)
+
+
+def test_a_worker_given_up_on_still_has_its_late_ack_counted_for_what_it_held(stack_factory: Any) -> None:
+    """A worker the hub gave up on (silent past heartbeat_timeout: a stall, a congested link; or its supervisor's
+    death notice overtook its last ACK) may still have done its events: its ACK, arriving within
+    heartbeat_timeout after, counts for the events it held, so they do not run again on the next worker. Not for
+    others': the same late ACK naming an event it never held is ignored (past the grace: the next test)."""
+    s: Stack = stack_factory(CFG)
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(i) for i in range(3)])
+    late = join(s, credit=2)
+    fresh = None
+    try:
+        assert delivered(late, 2) == [1, 2]
+        LIVE.remove(late)  # it stops heartbeating: the hub gives up on it and requeues 1 and 2
+        wait_for(lambda: s.status()["groups"]["g"]["workers"] == 0, 20, "the hub to give the silent worker up")
+        ack(late, ok={"x": [[1, 1]]}, results=[ok(2), ok(3)])  # done while silent; 3 was never its event
+        fresh = join(s, credit=8)
+        got = set(delivered(fresh, 1))
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # pacing: anything more it would be handed comes now
+            if fresh.poll(100):
+                frames = fresh.recv_multipart()
+                if frames[0] == b"DELIVER":
+                    got.update(int(json.loads(b)["seq"]) for b in frames[2:])
+            beat()
+        assert got == {3}, f"handed out again: {sorted(got)} (1 and 2 were done by the worker given up on)"
+    finally:
+        close(late, fresh)
+
+
+def test_a_late_ack_past_the_grace_does_not_count(stack_factory: Any) -> None:
+    """Past heartbeat_timeout after the hub gave a worker up, its ACK no longer counts: the event runs again
+    (at least once), as the README's "What can repeat" says."""
+    s: Stack = stack_factory(CFG)
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(0)])
+    late = join(s)
+    fresh = None
+    try:
+        assert delivered(late, 1) == [1]
+        LIVE.remove(late)
+        wait_for(lambda: s.status()["groups"]["g"]["workers"] == 0, 20, "the hub to give the silent worker up")
+        time.sleep(s.cfg.hub.heartbeat_timeout + 0.5)  # pacing: past the grace the late ACK had
+        ack(late, ok={"x": [[1, 1]]})
+        fresh = join(s)
+        assert delivered(fresh, 1) == [1]
+    finally:
+        close(late, fresh)

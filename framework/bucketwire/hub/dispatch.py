@@ -123,6 +123,10 @@ def encode_ranges(seqs: set[int]) -> str:
     return ",".join(out)
 
 
+DEPARTED_MAX = 100_000
+"""At most this many events of given-up workers wait for a late ACK at once (each is an event already loaded)."""
+
+
 def _runs(seqs: list[int]) -> list[tuple[int, int]]:
     """Ascending seqs as runs of consecutive ones: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
     out: list[tuple[int, int]] = []
@@ -171,6 +175,9 @@ class GroupState:
         self.blocked: dict[str, deque[Item]] = {}
         self.holder: dict[str, Key] = {}
         self.inflight: dict[Key, tuple[Item, bytes]] = {}
+        # Events a worker held when the hub gave it up (heartbeat timeout, its death notice), until when its late
+        # ACK still counts for them (see `worker_gone`): key -> (item, that worker, until, monotonic).
+        self.departed: dict[Key, tuple[Item, bytes, float]] = {}
         self.retry: list[tuple[float, int, Item]] = []
         self.workers: OrderedDict[bytes, WorkerState] = OrderedDict()
         self.loaded = 0
@@ -460,21 +467,32 @@ class GroupState:
         entry = self.inflight.get(key)
         return entry is not None and entry[1] == owner
 
-    def ack_range_of(self, owner: bytes, topic: str, first: int, last: int) -> tuple[int, int]:
+    def done_by(self, key: Key, owner: bytes, now: float) -> Item | None:
+        """The event `key` if `owner` may report it done: it is in flight with `owner`, or `owner` held it when
+        the hub gave it up less than its grace ago (`worker_gone`); else None."""
+        entry = self.inflight.get(key)
+        if entry is not None and entry[1] == owner:
+            return entry[0]
+        gone = self.departed.get(key)
+        if gone is not None and gone[1] == owner and now < gone[2]:
+            return gone[0]
+        return None
+
+    def ack_range_of(self, owner: bytes, topic: str, first: int, last: int, now: float = 0.0) -> tuple[int, int]:
         """`ack_range` of the seqs of first..last in flight with the worker `owner`, whose ACK this is; returns how
         many were not done before, and how many were skipped because `owner` does not hold them (and they are not
         done: a duplicate after a redelivery is neither).
 
         A seq of the range it was not handed (another worker's event, or one loaded and handed to nobody yet) is
         left alone, or a peer holding the group's key could finish other workers' events, or make the group skip
-        events nobody ran."""
-        inflight = self.inflight
+        events nobody ran. What `owner` held when the hub gave it up counts within the grace (`done_by`)."""
+        inflight, departed = self.inflight, self.departed
         mine: list[int] = []
         foreign = 0
         done_to, done_above = self.acked.get(topic, 0), self.acked_above.get(topic, _NONE_ABOVE)
         for s in range(first, last + 1):
             e = inflight.get((topic, s))
-            if e is not None and e[1] == owner:
+            if (e is not None and e[1] == owner) or (departed and self.done_by((topic, s), owner, now) is not None):
                 mine.append(s)
             elif s > done_to and s not in done_above:
                 foreign += 1
@@ -608,7 +626,7 @@ class GroupState:
         return self.retry[0][0] if self.retry else None
 
     def worker_gone(self, ident: bytes, *, lost: bool = False, died: tuple[Key | None, str] | None = None,
-                    requeue: set[Key] | None = None, now: float = 0.0) -> list[DeadLetter]:
+                    requeue: set[Key] | None = None, now: float = 0.0, grace: float = 0.0) -> list[DeadLetter]:
         """Put a departed worker's in-flight events back at the front, in seq order; returns the dead letters.
 
         Who pays an attempt depends on what is known about the departure:
@@ -621,6 +639,12 @@ class GroupState:
           event that takes whole hosts down still ends as a dead letter, after `max_attempts` hosts.
         * a drain's BYE gives back `requeue` (the events it never started) uncharged.
         * otherwise (not delivered, or a worker that re-registered) nothing is charged.
+
+        For `grace` seconds the worker's ACK still counts for the events it held (`done_by`): a worker given up on
+        for silence (a stall, a congested link) may have done them, the one charged as a guess too (unless that
+        charge dead-lettered it), and its ACK may come after its supervisor's death notice (two connections), for
+        all but the event that notice says was running. Without it, each ran again on the next worker. Only its
+        own events: a peer cannot finish what it never held.
         """
         w = self.workers.pop(ident, None)
         if w is None:
@@ -637,14 +661,19 @@ class GroupState:
         dead: list[DeadLetter] = []
         back: list[Item] = []
         retried = 0
+        if self.departed:
+            self.departed = {k: v for k, v in self.departed.items() if v[2] > now}
         for key in sorted(w.inflight):
             it = self._take_inflight(key)
             if it is None:
                 continue
+            if grace > 0 and (died is None or key != charge) and len(self.departed) < DEPARTED_MAX:
+                self.departed[key] = (it, ident, now + grace)
             if key == charge:
                 dl = self._charge(it, reason, line, None, False, now)
                 if dl is not None:
                     dead.append(dl)
+                    self.departed.pop(key, None)  # dead-lettered: a late ACK cannot take that back
                 else:
                     retried += 1  # redelivered too, after its backoff
                 continue

@@ -1246,7 +1246,7 @@ class Hub:
                     last = top
                     if last < first:
                         continue
-                took, skipped = g.ack_range_of(ident, topic, first, last)
+                took, skipped = g.ack_range_of(ident, topic, first, last, now)
                 acked += took
                 foreign += skipped
                 again += last - first + 1 - took - skipped
@@ -1257,7 +1257,9 @@ class Hub:
             if seq >= loaded.get(topic, 1):
                 ignored += 1
                 continue
-            if not g.held_by((topic, seq), ident):
+            held = g.done_by((topic, seq), ident, now) if r.ok else (
+                g.inflight[(topic, seq)][0] if g.held_by((topic, seq), ident) else None)
+            if held is None:  # a failure counts only from the worker holding it now (given up on: requeued)
                 if g.is_done(topic, seq):
                     self.metrics.acked_again.labels(g.name).inc()  # a duplicate after a redelivery
                 else:
@@ -1281,8 +1283,7 @@ class Hub:
                     continue
                 # Hops count from the event this hub handed out, not from what the worker says: a plugin that
                 # reset `hops` on what it published got every generation past max_hops (thumbnails of thumbnails).
-                held = g.inflight.get((topic, seq)) if fos else None
-                floor = hops_of(held[0].body) + 1 if held is not None else 0
+                floor = hops_of(held.body) + 1 if fos else 0
                 for fo in fos:
                     if fo.hops < floor:
                         fo.hops = floor
@@ -1499,7 +1500,8 @@ class Hub:
         g = self.groups[w.group]
         n = len(w.inflight)
         now = time.monotonic() if now is None else now
-        for dl in g.worker_gone(w.ident, lost=lost, died=died, requeue=requeue, now=now):
+        for dl in g.worker_gone(w.ident, lost=lost, died=died, requeue=requeue, now=now,
+                                grace=self.cfg.hub.heartbeat_timeout):
             self._dead_letter(dl)
         if lost and n:
             self.metrics.redelivered.labels(g.name).inc(n)
