@@ -357,14 +357,16 @@ class WeedServer:
             except Exception as e:  # connection refused, 503 while the filer comes up, ...
                 last = e
                 time.sleep(0.2)
-        raise WeedError(f"SeaweedFS S3 did not answer within {timeout:.0f}s ({last}); see {self.log_path}")
+        # The log's last lines in the message: a bench removes its directory, log and all, once it fails.
+        raise WeedError(f"SeaweedFS S3 did not answer within {timeout:.0f}s ({last}); see {self.log_path}"
+                        f"{self._log_tail(3)}")
 
-    def _log_tail(self) -> str:
+    def _log_tail(self, n: int = 1) -> str:
         try:
             lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
         except OSError:
             return ""
-        return (": " + lines[-1].strip()[:300]) if lines else ""
+        return (": " + " | ".join(ln.strip()[:300] for ln in lines[-n:])) if lines else ""
 
     def stop(self, timeout: float = 10) -> None:
         """SIGTERM the whole process group, SIGKILL whatever is left after `timeout`; never leaves orphans."""
