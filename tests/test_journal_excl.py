@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bucketwire import config as config_mod
+from bucketwire.hub.journal import Journal, JournalError
 from tests.fixtures_hub import Stack
 
 
@@ -138,3 +141,13 @@ def test_a_journal_linked_to_a_volume_that_is_not_mounted_is_refused(stack_facto
     line = _hub_refuses(s)
     assert str(state / "journal.db") in line and "not mounted" in line, line
     assert list(mount.iterdir()) == [], "a journal was made behind the link"
+
+
+def test_a_state_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """The journal's directory cannot be made (its path runs through a file): one line naming the journal and what
+    to do, not a traceback (this message once said only "cannot create the state directory", and a new journal
+    not written whole took the same branch)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(JournalError, match=r"journal.db: cannot open the journal \(Not a directory\).*state_dir"):
+        Journal(blocker / "state" / "journal.db")

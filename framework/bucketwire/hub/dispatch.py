@@ -462,17 +462,17 @@ class GroupState:
         self._uncharge((topic, seq))
         return True
 
-    def held_by(self, key: Key, owner: bytes) -> bool:
-        """`key` is in flight with the worker `owner`: only it may report the event's outcome."""
+    def held_by(self, key: Key, owner: bytes) -> Item | None:
+        """The event `key` if it is in flight with the worker `owner` (only it may report its outcome), else None."""
         entry = self.inflight.get(key)
-        return entry is not None and entry[1] == owner
+        return entry[0] if entry is not None and entry[1] == owner else None
 
     def done_by(self, key: Key, owner: bytes, now: float) -> Item | None:
         """The event `key` if `owner` may report it done: it is in flight with `owner`, or `owner` held it when
         the hub gave it up less than its grace ago (`worker_gone`); else None."""
-        entry = self.inflight.get(key)
-        if entry is not None and entry[1] == owner:
-            return entry[0]
+        held = self.held_by(key, owner)
+        if held is not None:
+            return held
         gone = self.departed.get(key)
         if gone is not None and gone[1] == owner and now < gone[2]:
             return gone[0]

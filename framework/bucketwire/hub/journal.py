@@ -214,28 +214,26 @@ class JournalAPI(Protocol):
 
 class Journal:
     def __init__(self, path: Path, durability: str = "os") -> None:
+        cannot = (f"{path}: cannot open the journal ({{}}); check that its disk has free space and the directory is "
+                  "writable, or set [hub] state_dir to one that is")
         try:
             self._open(path, durability)
         except sqlite3.OperationalError as e:
             if e.sqlite_errorcode != sqlite3.SQLITE_BUSY:
-                raise JournalError(f"{path}: cannot open the journal ({e}); check that its disk has free space and "
-                                   "the directory is writable") from None
+                raise JournalError(cannot.format(e)) from None
             pid = _lock_holder(path)
             who = f"another process (pid {pid})" if pid else "another process"
             raise JournalError(f"{who} holds {path} (another hub with this state_dir?); stop it, or give this hub "
                                "its own [hub] state_dir") from None
         except sqlite3.DatabaseError as e:
             if e.sqlite_errorcode not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-                raise JournalError(f"{path}: cannot open the journal ({e}); check that its disk has free space and "
-                                   "the directory is writable") from None
+                raise JournalError(cannot.format(e)) from None
             raise JournalError(f"{path}: not a readable journal ({e}): truncated, or overwritten? restore it from a "
                                "backup (docs/operations.md, \"Backups\")") from None
         except sqlite3.Error as e:  # a full disk or an unwritable directory: one line, not a traceback
-            raise JournalError(f"{path}: cannot open the journal ({e}); check that its disk has free space and "
-                               "the directory is writable") from None
-        except OSError as e:
-            raise JournalError(f"{path.parent}: cannot create the state directory ({e.strerror}); set [hub] "
-                               "state_dir to a writable directory") from None
+            raise JournalError(cannot.format(e)) from None
+        except OSError as e:  # the state directory not made, or a new journal not written whole (`_create`)
+            raise JournalError(cannot.format(e.strerror or e)) from None
 
     def _open(self, path: Path, durability: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1235,8 +1235,9 @@ class Hub:
         # worker, or seqs not yet published): applying it would make the group skip that event once it exists.
         # One for a loaded seq counts only from the worker it is in flight with: any peer holding the group's key
         # could otherwise ack (skip) events loaded and handed to nobody yet, or ack or dead-letter another
-        # worker's event while that worker runs it, and ride follow-ons on it. A late ack from a worker the hub
-        # has given up on (its events were handed out again) is ignored the same way: the event runs again.
+        # worker's event while that worker runs it, and ride follow-ons on it. A worker the hub gave up on keeps its
+        # successes for the events it held for heartbeat_timeout after (`GroupState.done_by`); later ones are
+        # ignored the same way, and the event runs again.
         loaded = g.read_pos
         if hdr.ok:
             for topic, first, last in hdr.ranges():  # checked whole before any is applied
@@ -1257,9 +1258,9 @@ class Hub:
             if seq >= loaded.get(topic, 1):
                 ignored += 1
                 continue
-            held = g.done_by((topic, seq), ident, now) if r.ok else (
-                g.inflight[(topic, seq)][0] if g.held_by((topic, seq), ident) else None)
-            if held is None:  # a failure counts only from the worker holding it now (given up on: requeued)
+            # A failure counts only from the worker holding the event now (one given up on: it was requeued).
+            held = g.done_by((topic, seq), ident, now) if r.ok else g.held_by((topic, seq), ident)
+            if held is None:
                 if g.is_done(topic, seq):
                     self.metrics.acked_again.labels(g.name).inc()  # a duplicate after a redelivery
                 else:
