@@ -394,3 +394,30 @@ def test_a_late_ack_past_the_grace_does_not_count(stack_factory: Any) -> None:
         assert delivered(fresh, 1) == [1]
     finally:
         close(late, fresh)
+
+
+def test_a_join_and_leave_loop_cannot_fill_the_hubs_log(stack_factory: Any) -> None:
+    """A peer of a group sending READY then BYE in a loop (a stolen key, a crash-looping port of the worker) made
+    two info lines per cycle in the hub's log, without end. Joins and departures of one group are logged as they
+    come up to a burst a real pool start never reaches, then once per window with how many were left out; the
+    `workers` gauge and `status` still see every one."""
+    s: Stack = stack_factory(CFG)
+    s.start_hub()
+    cycles = 400
+    for _ in range(cycles):
+        d = dealer(s)
+        d.send_multipart([b"READY", json.dumps({"schema": SCHEMA_VERSION, "group": "g", "credit": 1,
+                                                "proto": 3}).encode()])
+        d.send_multipart([b"BYE", json.dumps({"requeue": []}).encode()])
+        reply(d, b"BYE")  # the hub answers a BYE once it has read it
+        close(d)
+    # a last, honest worker that stays: its join is what the wait below sees
+    stay = dealer(s, {"group": "g", "credit": 1, "proto": 3})
+    try:
+        wait_for(lambda: beat() and s.status()["groups"]["g"]["workers"] == 1, 20, "the last worker joined")
+        log = (s.dir / "hub-0.log").read_text(errors="replace")
+        joined, left = log.count("worker joined"), log.count("worker left")
+        assert joined + left < cycles / 2, f"{joined} join and {left} leave lines for {cycles} cycles"
+        assert joined >= 10 and left >= 10, "a burst is still logged line by line"
+    finally:
+        close(stay)

@@ -50,33 +50,48 @@ refused publishes, a webhook client's refused events, a plugin's failed handlers
 group's dead letters (`event dead-lettered`, in the hub)."""
 
 
+INFO_BURSTS = {"worker joined": 64, "worker left": 64, "worker died": 64, "worker lost (no heartbeat)": 64}
+"""Info lines a peer can also repeat at will (READY then BYE in a loop: two lines per cycle, without end), and how
+many of each are logged line by line per `PEER_WINDOW` and group before they are held back like the warnings. A
+pool starting or stopping (a line per child) stays whole in the log; a loop does not fill it."""
+
+
 class PeerRateLimit(logging.Filter):
     """One line per `PEER_WINDOW` for each warning a peer or a plugin can repeat at will (records naming one of
     REPEAT_FIELDS), the next one carrying how many were left out (`suppressed`). One per request let any admitted
     key, sending what its role forbids in a loop, fill the disk and bury everything else; one per event did the same
     for a plugin failing every event (10,000 lines/s at 10,000 events/s). The refusals still go to the peer, every
-    failure to the dead-letter topic, and the metrics count them all.
+    failure to the dead-letter topic, and the metrics count them all. The info lines of INFO_BURSTS get their burst
+    per window first.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.clock = clock
-        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (message, peer) -> (window start, suppressed)
+        # (message, peer) -> (window start, lines logged in it, lines left out)
+        self.seen: dict[tuple[str, str], tuple[float, int, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING:
+        if record.levelno == logging.WARNING:
+            burst = 1
+        elif record.levelno == logging.INFO and type(record.msg) is str and record.msg in INFO_BURSTS:
+            burst = INFO_BURSTS[record.msg]
+        else:
             return True
         peer = next((v for v in map(record.__dict__.get, REPEAT_FIELDS) if v is not None), None)
         if peer is None:
             return True
         k, now = (str(record.msg), str(peer)), self.clock()
-        start, dropped = self.seen.get(k, (float("-inf"), 0))
+        start, logged, dropped = self.seen.get(k, (float("-inf"), 0, 0))
         if now - start < PEER_WINDOW:
-            self.seen[k] = (start, dropped + 1)
+            if logged < burst:
+                self.seen[k] = (start, logged + 1, dropped)
+                return True
+            self.seen[k] = (start, logged, dropped + 1)
             return False
         if len(self.seen) > 10_000:  # peers and messages are bounded in practice; this memory is anyway
             self.seen.clear()
-        self.seen[k] = (now, 0)
+        self.seen[k] = (now, 1, 0)
         if dropped:
             record.suppressed = dropped
         return True
