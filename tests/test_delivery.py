@@ -197,6 +197,29 @@ def test_follow_ons_exactly_once_when_an_event_is_handled_twice(hub_stack):
     assert all(f["hops"] == 1 and f["causationid"] for f in fos)
 
 
+def test_events_of_two_sources_sharing_an_id_each_keep_their_follow_ons(hub_stack):
+    """CloudEvents ids are unique per source only, and the journal keeps both events. Their follow-ons were
+    named from the cause's id (and time, group, plugin) without its source, so the second event's follow-ons got
+    the first one's ids and the journal dropped them as repeats: a `thumbnail-ready` lost."""
+    s = hub_stack(GROUPS)
+    s.start_hub()
+    s.start_worker("a", 1)
+    shared, t = uuid.uuid4().hex, "2026-11-30T10:00:00.000Z"
+    events = [Event(id=shared, source=src, type="s3:ObjectCreated:Put", subject=f"{src}-k", topic="jobs",
+                    time=t, data={"bucket": "b", "key": f"{src}-k", "follow": 2})
+              for src in ("urn:store-one", "urn:store-two")]
+    with s.client() as c:
+        c.publish_events(events)
+    wait_for(lambda: len(s.handled()) == 2, 20, "both events handled")
+    wait_for(lambda: s.status()["topics"].get("follow", {}).get("head", 0) >= 4, 20,
+             "two follow-ons of each event committed")
+    with s.client() as c:
+        _, bodies = c.fetch("follow", 1)
+    fos = [json.loads(b) for b in bodies]
+    assert sorted(int(f["data"]["cause_seq"]) for f in fos) == [1, 1, 2, 2], fos
+    assert len({f["id"] for f in fos}) == 4
+
+
 def test_hop_limit_refuses_a_follow_on_past_max_hops(hub_stack):
     """A follow-on one hop past `max_hops` is not committed: it becomes a refused dead letter, which `dlq retry`
     will not turn into an event; a follow-on at the limit goes through, and the causing events are acked."""

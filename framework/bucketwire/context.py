@@ -170,7 +170,7 @@ class Context:
         if bad is not None:
             raise ValueError(f"follow-on to topic {topic[:80]!r} would be refused by the hub: {bad}")
         ev = Event(
-            id=follow_on_id(cause.id, self.group, self.plugin, len(self.published), topic, cause.time),
+            id=follow_on_id(cause.id, self.group, self.plugin, len(self.published), topic, cause.time, cause.source),
             source=follow_on_source(self.group, self.plugin),
             type=type or f"bucketwire.{topic}",
             subject=subject,

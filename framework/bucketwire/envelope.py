@@ -537,15 +537,19 @@ def follow_on_source(group: str, plugin: str) -> str:
 
 
 def follow_on_id(causation_id: str, group: str, plugin: str, index: int, topic: str,
-                 cause_time: str | None = None) -> str:
-    """Id of the `index`-th event a plugin publishes while handling `causation_id` in `group`.
+                 cause_time: str | None = None, cause_source: str | None = None) -> str:
+    """Id of the `index`-th event a plugin publishes while handling `causation_id` (from `cause_source`) in `group`.
 
     Deterministic, so when the causing event is redelivered the same follow-ons get the same ids and the
     journal's (source, id) uniqueness drops the repeats. Led by the causing event's `time` (`ordered_id`), which a
-    redelivery carries unchanged, so follow-ons too are appended to the journal's index.
+    redelivery carries unchanged, so follow-ons too are appended to the journal's index. The cause's source is
+    part of it: an id is unique per source only, and two causes sharing one (from two stores) gave their
+    follow-ons one id, so the journal dropped the second cause's as repeats.
     """
     ms = iso_ms(cause_time) if cause_time else None
-    return ordered_id(ms, "follow-on", causation_id, group, plugin, index, topic)
+    if cause_source is None:
+        return ordered_id(ms, "follow-on", causation_id, group, plugin, index, topic)
+    return ordered_id(ms, "follow-on", cause_source, causation_id, group, plugin, index, topic)
 
 
 def valid_unicode(v: Any) -> bool:
