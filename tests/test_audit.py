@@ -338,3 +338,41 @@ def test_real_cli_has_the_command(tmp_path: Path) -> None:
                           str(log)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and f"{log}:1:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_deleted_active_log_is_a_truncation_even_when_only_rotated_files_remain(tmp_path: Path) -> None:
+    """The index that anchors the chain's head sits beside the active log (`audit.log.index.sqlite`); verify
+    looked for it only beside the files it was given. Deleting `audit.log` (and any newest rotated files with it)
+    left a shorter chain verify called intact, the index untouched beside it."""
+    log = tmp_path / "audit.log"
+    write_events(log, range(1, 60), max_bytes=4096)
+    rotated = sorted((p for p in tmp_path.iterdir() if p.name.startswith("audit.log.2")), key=lambda p: p.name)
+    assert len(rotated) >= 3 and lines(log)
+    log.unlink()
+    res = cli_verify(tmp_path)
+    assert res.exit_code == 1, res.output
+    assert "log truncated: the index records 59 entries" in res.output and f"{log} is missing" in res.output, \
+        res.output
+    rotated[-1].unlink()  # the newest rotated file too
+    res = cli_verify(tmp_path)
+    assert res.exit_code == 1 and "log truncated" in res.output, res.output
+    # Rotated files named one by one find the index as well; --partial accepts them only while the active log
+    # is there (a subset of the files at hand), never when it is gone.
+    res = cli_verify(*rotated[:-1], extra=("--partial",))
+    assert res.exit_code == 1 and f"{log} is missing" in res.output, res.output
+    # The next append writes the lost lines again from the index, and the chain is whole.
+    write_events(log, range(60, 61), max_bytes=4096)
+    res = cli_verify(tmp_path)
+    assert res.exit_code == 0 and "OK: 60 records" in res.output, res.output
+
+
+def test_only_some_rotated_files_with_the_active_log_present(tmp_path: Path) -> None:
+    """The oldest rotated files alone, with the active log still in place: the tail check says which file to add,
+    and --partial accepts them (a subset at hand, nothing gone)."""
+    log = tmp_path / "audit.log"
+    write_events(log, range(1, 40), max_bytes=4096)
+    oldest = sorted((p for p in tmp_path.iterdir() if p.name.startswith("audit.log.2")), key=lambda p: p.name)[0]
+    res = cli_verify(oldest)
+    assert res.exit_code == 1 and f"{log} is not among the files given" in res.output, res.output
+    res = cli_verify(oldest, extra=("--partial",))
+    assert res.exit_code == 0 and "OK:" in res.output, res.output

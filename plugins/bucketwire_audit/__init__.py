@@ -160,7 +160,9 @@ def register_commands(cli: click.Group) -> None:
 
     @audit_group.command("verify")
     @click.argument("paths", nargs=-1, required=True, type=click.Path())
-    @click.option("--partial", is_flag=True, help="Accept a chain that starts after record 1.")
+    @click.option("--partial", is_flag=True,
+                  help="Accept a chain that starts after record 1, or that ends before the index head while the "
+                       "active log is in place but not among PATHS (only some rotated files at hand).")
     def verify_cmd(paths: tuple[str, ...], partial: bool) -> None:
         """Verify audit log files (a directory means every log in it), in chain order."""
         try:

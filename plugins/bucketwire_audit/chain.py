@@ -13,6 +13,8 @@ Record format (one line, canonical JSON: sorted keys, no spaces, ASCII only, so 
 * swapped lines put `n` out of order                             -> reported at the first swapped line;
 * a cut-off last line has no newline                             -> reported at that line;
 * whole lines cut from the end are caught by comparing with the head kept in the index beside the log;
+  the index is found beside the active log a rotated file was rotated from too, so deleting the active
+  log (and the newest rotated files) is reported as the truncation it is;
 * a line the index does not know (past its head), or knows differently (each line is kept there for
   `index_days`), was not written by the writer: one appended by hand with a correct-looking chain, or an edit
   whose chain was recomputed to the end, is reported at that line.
@@ -38,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -51,6 +54,8 @@ LOCK_SUFFIX = ".lock"
 INDEX_SUFFIX = ".index.sqlite"
 NOT_LOGS = (LOCK_SUFFIX, INDEX_SUFFIX, INDEX_SUFFIX + "-wal", INDEX_SUFFIX + "-shm", INDEX_SUFFIX + "-journal")
 TAIL_CHUNK = 1 << 16
+ROTATED = re.compile(r"(.+)\.(?:\d{4}-\d{2}-\d{2}|undated)\.\d{12}(?:-\d+)?")
+"""A rotated file's name, `NAME.<YYYY-MM-DD or undated>.<first n, 12 digits>[-i]` (`AuditLog._rotate`)."""
 
 log = logging.getLogger("bucketwire.plugin.audit")
 
@@ -483,13 +488,28 @@ def expand(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 def verify(paths: Iterable[str | os.PathLike[str]], *, partial: bool = False) -> VerifyResult:
     """Check the chain across `paths`; raise ChainError naming the first bad line.
 
-    `partial=True` accepts a chain that starts after record 1 (only some rotated files at hand).
+    `partial=True` accepts a chain that starts after record 1, or one that ends before the index head while the
+    active log is still in place but not among `paths` (only some rotated files at hand).
     """
-    files = expand(paths)
+    given = list(paths)
+    files = expand(given)
     if not files:
         raise ChainError("no audit log files given")
     with _Written.beside(files) as written:
+        if written.db is not None:
+            # The head and the files as one view: listed under the writers' lock, no rotation falls between them.
+            with _shared_lock(written.lock):
+                written.head = written.read_head()
+                files = expand(given)
+            if not files:
+                raise ChainError("no audit log files given")
         return _verify(files, partial, written)
+
+
+def active_log(f: Path) -> Path:
+    """The active log a file belongs to: itself, or for a rotated file the name it was rotated from."""
+    m = ROTATED.fullmatch(f.name)
+    return f.with_name(m.group(1)) if m else f
 
 
 def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult:
@@ -554,9 +574,19 @@ def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult
     # Lines cut from the very end leave a valid chain; the index beside the active log knows the true head.
     head = written.head
     if head is not None and head[0] > last_n:
+        active = written.active
+        given = active is not None and any(f.absolute() == active.absolute() for f in files)
+        missing = active is not None and not active.exists()
+        if partial and not given and not missing:
+            return VerifyResult(len(files), records, last_n, prev_h)  # a subset of the files at hand
+        why = ""
+        if missing:
+            why = f"; {active} is missing (deleted or renamed)"
+        elif not given:
+            why = f"; {active} is not among the files given (add it, or --partial to check only these)"
         raise ChainError(
             f"{last_where or files[-1]}: log truncated: the index records {head[0]} entries but the log ends at "
-            f"n={last_n}"
+            f"n={last_n}{why}"
         )
     if head is not None and head[0] == last_n and head[1] != prev_h:
         raise ChainError(f"{last_where}: last line does not match the head recorded in the index")
@@ -568,40 +598,43 @@ class _Written:
     `written` table keeps them for `index_days`). Lines the index does not know, or knows differently, were not
     written by bucketwire. Without an index (rotated files checked elsewhere) only the chain is checked.
 
-    The head is read under a shared lock on `PATH.lock`: writers hold it exclusively from the index commit until
-    their line is written, so the log then holds every line up to the head, and a log verified while workers
+    The index is found beside the active log a file belongs to (`NAME.index.sqlite` for `NAME` and its rotated
+    `NAME.<day>.<n>`): looked for only beside the files given, a deleted `NAME` took the head, and with it every
+    check of the chain's end, out of verify's sight.
+
+    `verify` reads the head under a shared lock on `NAME.lock`: writers hold it exclusively from the index commit
+    until their line is written, so the log then holds every line up to the head, and a log verified while workers
     append to it is neither 'truncated' (the index moved on while the log was read) nor 'added by hand' (a line
     written after the head was read: the index has it, committed before the line)."""
 
-    def __init__(self, db: sqlite3.Connection | None, lock: Path | None = None) -> None:
+    def __init__(self, db: sqlite3.Connection | None, active: Path | None = None) -> None:
         self.db = db
+        self.active = active
+        self.lock = Path(str(active) + LOCK_SUFFIX) if active is not None else None
         self.head: tuple[int, str] | None = None
         self.by_n = False
         if db is not None:
-            with _shared_lock(lock):
-                self.head = self._read_head()
             # Indexes written before lines were looked up by n have no index on it: a scan per line is too slow.
             self.by_n = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'written_n'").fetchone() is not None
 
-    def _read_head(self) -> tuple[int, str] | None:
+    def read_head(self) -> tuple[int, str] | None:
         assert self.db is not None
         rows = dict(self.db.execute("SELECT k, v FROM head").fetchall())
         return (int(rows["n"]), rows["h"]) if "n" in rows else None
 
     def now_n(self) -> int:
         """The head now (a line past the snapshot may have been written since; an old index cannot say)."""
-        head = self._read_head() if self.db is not None else None
+        head = self.read_head() if self.db is not None else None
         return head[0] if head is not None else 0
 
     @classmethod
     def beside(cls, files: list[Path]) -> _Written:
-        for f in files:
-            idx = Path(str(f) + INDEX_SUFFIX)
+        for active in dict.fromkeys(active_log(f) for f in files):
+            idx = Path(str(active) + INDEX_SUFFIX)
             if idx.exists():
                 try:
-                    return cls(sqlite3.connect(f"file:{idx}?mode=ro", uri=True, timeout=5),
-                               Path(str(f) + LOCK_SUFFIX))
+                    return cls(sqlite3.connect(f"file:{idx}?mode=ro", uri=True, timeout=5), active)
                 except sqlite3.Error:
                     continue
         return cls(None)
