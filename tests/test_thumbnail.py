@@ -566,3 +566,50 @@ def test_object_deleted_before_handling_is_one_info_line(weed: Any, bucket: str,
     assert keys(c, bucket) == []
     (line,) = _plugin_lines(caplog, logging.INFO)
     assert "gone/soon.bmp" in line and "deleted" in line
+
+
+@pytest.mark.parametrize("replacement", ["text", "octet-text", "empty", "truncated", "too-big"])
+def test_a_photo_overwritten_by_what_makes_no_thumbnail_loses_its_thumbnails(weed: Any, bucket: str,
+                                                                              replacement: str) -> None:
+    """A photo replaced by a document, an empty object, a broken image or one over max_bytes: its thumbnails
+    showed the old photo under the key for good (the new object's event made none, and no removal event
+    comes). They go with it, as with a delete; another key's thumbnails, and those of the current bytes, stay."""
+    c = weed.client()
+    out = f"{bucket}-out"
+    c.make_bucket(out)
+    red = io.BytesIO()
+    Image.new("RGB", (300, 200), RED).save(red, "PNG")
+    body, ctype = {
+        "text": (b"quarterly figures", "text/plain"),
+        "octet-text": (b"quarterly figures", "application/octet-stream"),
+        "empty": (b"", "image/png"),
+        "truncated": (red.getvalue()[:60], "image/png"),
+        "too-big": (b"\x89PNG\r\n\x1a\n" + b"\0" * 6000, "image/png"),
+    }[replacement]
+    tpl = "{size}/{bucket}/{key}.{ext}"
+    with harness(weed, sizes=[64, 32], output_bucket=out, key_template=tpl, max_bytes=5000) as h:
+        h.handle(upload(c, bucket, "a.png", red.getvalue(), "image/png"))
+        h.handle(upload(c, bucket, "b.png", red.getvalue(), "image/png"))
+        assert keys(c, out) == sorted(f"{s}/{bucket}/{k}.webp" for s in (32, 64) for k in ("a.png", "b.png"))
+        replaced = upload(c, bucket, "a.png", body, ctype)
+        if replacement in ("truncated", "too-big"):
+            with pytest.raises(PermanentError):
+                h.handle(replaced)
+        else:
+            assert h.handle(replaced) == []
+        assert keys(c, out) == [f"32/{bucket}/b.png.webp", f"64/{bucket}/b.png.webp"]
+        # The photo back: its thumbnails again; the replacement's event redelivered late leaves them alone.
+        h.handle(upload(c, bucket, "a.png", red.getvalue(), "image/png"))
+        try:
+            h.handle(replaced)
+        except PermanentError:
+            pass
+        assert len(keys(c, out)) == 4
+    with harness(weed, sizes=[64, 32], output_bucket=out, key_template=tpl, max_bytes=5000,
+                 delete_with_source=False) as h:
+        replaced = upload(c, bucket, "a.png", body, ctype)
+        try:
+            h.handle(replaced)
+        except PermanentError:
+            pass
+        assert len(keys(c, out)) == 4  # delete_with_source = false keeps them, as it keeps a deleted one's

@@ -7,6 +7,8 @@ Configured in `[plugins.thumbnail]` (see docs/plugins.md). The work per event:
   object through `ctx.store()` (bounded by `max_bytes`) -> decode once, render all sizes (`imaging.render`)
   -> put each with metadata naming its source -> publish `thumbnail-ready` per thumbnail.
 * removed object -> delete the thumbnails we made of it (unless the source exists again).
+* created object that makes no thumbnail (not an image, empty, broken, too large) -> delete the thumbnails we
+  made of its earlier bytes: an overwrite sends no removal event.
 
 Corrupt, truncated and oversized images raise `bucketwire.PermanentError`: retrying cannot fix them, so they
 go straight to the dead-letter topic with the reason, and the worker carries on.
@@ -331,9 +333,11 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
         check_key(k)
     ctype = (data.get("content_type") or "").split(";")[0].strip().lower()
     if ctype not in OCTET and not ctype.startswith("image/"):
+        _drop_stale(ctx, src, dst, job, None)
         return
     size = data.get("size") or 0
     if isinstance(size, int) and size > s["max_bytes"]:
+        _drop_stale(ctx, src, dst, job, None)
         raise PermanentError(
             f"{bucket}/{key} is {size} bytes, over max_bytes={s['max_bytes']}; not thumbnailed"
         )
@@ -359,7 +363,14 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
 
     if out_bucket != bucket and "{bucket}" not in s["key_template"]:
         _check_owner(dst, out_bucket, keys, bucket, key)  # before the source is read and decoded for nothing
-    got = _source(ctx, src, bucket, key, ctype, s["max_bytes"])
+    try:
+        got = _source(ctx, src, bucket, key, ctype, s["max_bytes"])
+    except PermanentError:
+        _drop_stale(ctx, src, dst, job, None)
+        raise
+    if isinstance(got, _NoImage):
+        _drop_stale(ctx, src, dst, job, got.etag)
+        return
     if got is None:
         return
     blob, headers = got
@@ -375,6 +386,7 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
             background=tuple(s["background_rgb"]), input_formats=s["input_formats"],
         )
     except ThumbnailError as e:
+        _drop_stale(ctx, src, dst, job, real_etag or None)
         raise PermanentError(f"{bucket}/{key}: {e}") from None
     info: dict[int, tuple[int, int, int]] = {}
     for t in thumbs:
@@ -399,17 +411,25 @@ def _check_owner(dst: Any, out_bucket: str, keys: dict[int, str], bucket: str, k
             )
 
 
+@dataclass(frozen=True, slots=True)
+class _NoImage:
+    """The source holds no image to thumbnail (not one by its first bytes, or empty): its ETag, from the GET."""
+
+    etag: str
+
+
 def _source(ctx: Context, src: Any, bucket: str, key: str, ctype: str,
-            max_bytes: int) -> tuple[bytes, Mapping[str, str]] | None:
-    """The source object's bytes and headers, or None when there is nothing to thumbnail: it is gone, it is
-    not an image after all (an octet-stream whose first bytes say so), it is our own output, or it is empty."""
+            max_bytes: int) -> tuple[bytes, Mapping[str, str]] | _NoImage | None:
+    """The source object's bytes and headers; `_NoImage` when the object is not an image after all (an
+    octet-stream whose first bytes say so) or is empty; None when there is nothing to do: it is gone, or it is
+    our own output."""
     if ctype in OCTET:
         head = _read(src, bucket, key, max_bytes, length=16)
         if head is None:
             _gone(ctx, bucket, key)
             return None
         if not looks_like_image(head[0]):
-            return None
+            return _NoImage(_etag(head[1]))
     got = _read(src, bucket, key, max_bytes)
     if got is None:
         _gone(ctx, bucket, key)
@@ -420,8 +440,49 @@ def _source(ctx: Context, src: Any, bucket: str, key: str, ctype: str,
     if not blob:
         # A `touch`, a folder marker, an upload without a body: nothing to decode, and nothing a retry changes.
         ctx.log.debug("thumbnail: %s/%s is empty; skipped", bucket, key)
-        return None
+        return _NoImage(_etag(headers))
     return blob, headers
+
+
+def _etag(headers: Any) -> str:
+    return str((headers or {}).get("etag") or "").strip('"')
+
+
+def _drop_stale(ctx: Context, src: Any, dst: Any, job: _Job, etag: str | None) -> None:
+    """Remove this source's thumbnails made from other bytes than it now holds (`etag`; None: stat it), when
+    an event for it makes none: a photo overwritten by a document, an empty object, a broken image or one over
+    max_bytes. No removal event comes for an overwrite, so they showed the old picture under the key for good.
+    Thumbnails of the current bytes stay (a late redelivery of an older event must not remove them), and so do
+    other sources' (the same key in another bucket sharing output_bucket). Follows `delete_with_source`."""
+    if not ctx.settings["delete_with_source"]:
+        return
+    bucket, key = job.bucket, job.key
+    stale: list[tuple[str, str | None]] = []
+    for k in job.keys.values():
+        st = _stat(dst, job.out_bucket, k)
+        if st is not None and _made_from(st.metadata, bucket, key):
+            stale.append((k, meta_get(st.metadata, "bucketwire-source-etag")))
+    if not stale:
+        return  # the usual case for a non-image upload: one stat per size, nothing else
+    if etag is None:
+        now = _stat(src, bucket, key)
+        if now is None:
+            return  # gone: its removal event deletes them
+        etag = str(now.etag or "").strip('"')
+    for k, made_from in stale:
+        if made_from != etag:
+            dst.remove_object(job.out_bucket, k)
+            ctx.log.info("thumbnail: removed %s/%s: %s/%s no longer holds the image it was made from",
+                         job.out_bucket, k, bucket, key)
+
+
+def _made_from(metadata: Any, bucket: str, key: str) -> bool:
+    """Whether an object is a thumbnail we generated of source bucket/key."""
+    return (
+        is_generated(metadata)
+        and meta_get(metadata, "bucketwire-source-key") == quote(key, safe="/")
+        and meta_get(metadata, "bucketwire-source-bucket") == quote(bucket, safe="")
+    )
 
 
 def _announce(ctx: Context, event: Event, out_bucket: str, keys: dict[int, str], etag: str,
@@ -508,11 +569,8 @@ def _delete_thumbnails(ctx: Context, src: Any, dst: Any, bucket: str, key: str, 
         except PermanentError:
             return
         st = _stat(dst, out_bucket, k)
-        if st is None or not is_generated(st.metadata):
-            continue
-        if (meta_get(st.metadata, "bucketwire-source-key") != quote(key, safe="/")
-                or meta_get(st.metadata, "bucketwire-source-bucket") != quote(bucket, safe="")):
-            continue  # made from another source (e.g. the same key in another bucket sharing output_bucket)
+        if st is None or not _made_from(st.metadata, bucket, key):
+            continue  # not ours, or made from another source (the same key in another bucket sharing output_bucket)
         dst.remove_object(out_bucket, k)
         ctx.log.debug("thumbnail: removed %s/%s (source %s/%s deleted)", out_bucket, k, bucket, key)
 
