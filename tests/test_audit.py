@@ -92,7 +92,9 @@ def _tamper_cases() -> list[tuple[str, Any, int, str]]:
         ls[4], ls[5] = ls[5], ls[4]
 
     def torn_tail(ls: list[bytes]) -> None:
-        ls[-1] = ls[-1][:30]
+        # Cut off, and what is left is not what the writer wrote (a cut that is a prefix of it is a crash's
+        # leftover: test_an_append_cut_short_by_a_crash_is_incomplete_not_tampered).
+        ls[-1] = ls[-1][:30].replace(b"bucket", b"bukket")
 
     def whitespace(ls: list[bytes]) -> None:
         ls[4] = ls[4].replace(b",", b", ", 1)
@@ -159,7 +161,7 @@ def test_a_line_lost_in_a_crash_is_written_again_from_the_index(tmp_path: Path) 
     log = tmp_path / "audit.log"
     write_events(log, range(1, 6))
     log.write_bytes(b"".join(lines(log)[:4]) + lines(log)[4][:17])  # line 5 torn mid-write
-    assert "audit.log:5: truncated line" in cli_verify(log).output
+    assert "audit.log:5: record n=5 was cut off mid-write" in cli_verify(log).output
     write_events(log, range(5, 7))  # the redelivery of event 5, then event 6
     assert [json.loads(x)["event_id"] for x in lines(log)] == [f"evt-{i}" for i in range(1, 7)]
     assert cli_verify(log).exit_code == 0
@@ -376,3 +378,53 @@ def test_only_some_rotated_files_with_the_active_log_present(tmp_path: Path) -> 
     assert res.exit_code == 1 and f"{log} is not among the files given" in res.output, res.output
     res = cli_verify(oldest, extra=("--partial",))
     assert res.exit_code == 0 and "OK:" in res.output, res.output
+
+
+@pytest.mark.parametrize("cut", ["torn", "newline", "whole"])
+def test_an_append_cut_short_by_a_crash_is_incomplete_not_tampered(tmp_path: Path, cut: str) -> None:
+    """The index is committed before the line is written; a crash or a full disk in between leaves the last
+    record half-written (or not written at all) while the index holds it whole. That is what an honest log looks
+    like until the next append writes the line again, and verify called it tampering ('truncated line', 'log
+    truncated', exit 1). It is now INCOMPLETE (exit 3), naming the record; anything else stays FAILED."""
+    log = tmp_path / "audit.log"
+    write_events(log, range(1, 6))
+    ls = lines(log)
+    last = {"torn": ls[4][:40], "newline": ls[4][:-1], "whole": b""}[cut]
+    log.write_bytes(b"".join(ls[:4]) + last)
+    res = cli_verify(log)
+    assert res.exit_code == 3, res.output
+    out = res.output.strip()
+    assert len(out.splitlines()) == 1 and out.startswith("audit verify: INCOMPLETE: "), out
+    assert "record n=5" in out and "the next append writes it again from the index" in out, out
+    # Two records short is no crash of one append: FAILED as before.
+    log.write_bytes(b"".join(ls[:3]))
+    res = cli_verify(log)
+    assert res.exit_code == 1 and "log truncated" in res.output, res.output
+    # Cut, then edited: not what the writer wrote.
+    log.write_bytes(b"".join(ls[:4]) + ls[4][:40].replace(b"bucket", b"bukket"))
+    res = cli_verify(log)
+    assert res.exit_code == 1 and "audit.log:5: truncated line" in res.output, res.output
+    # The next append repairs it.
+    log.write_bytes(b"".join(ls[:4]) + last)
+    write_events(log, range(6, 7))
+    res = cli_verify(log)
+    assert res.exit_code == 0 and "OK: 6 records" in res.output, res.output
+
+
+def test_an_active_log_lost_with_its_first_record_right_after_a_rotation_is_incomplete(tmp_path: Path) -> None:
+    """A rotation renames the active log and the same append writes the new one's first line; a crash between
+    the index commit and that write leaves no active log at all while the index holds record n. INCOMPLETE
+    (exit 3), not 'missing'; the next append writes it again."""
+    log = tmp_path / "audit.log"
+    i = 1
+    with PluginHarness(audit, settings={"path": str(log), "max_bytes": 4096}) as h:
+        while i < 5 or len(lines(log)) != 1:
+            h.handle(ev(i))
+            i += 1
+    log.unlink()
+    res = cli_verify(tmp_path)
+    assert res.exit_code == 3, res.output
+    assert f"INCOMPLETE: {log} is missing, and record n={i - 1}, its first, is in the index only" in res.output
+    write_events(log, range(i, i + 1), max_bytes=4096)
+    res = cli_verify(tmp_path)
+    assert res.exit_code == 0 and f"OK: {i} records" in res.output, res.output

@@ -16,7 +16,7 @@ import click
 
 from bucketwire import ConfigError, Context, Event, hookimpl, with_defaults
 
-from .chain import AuditLog, ChainError, VerifyResult, canonical, seal, verify
+from .chain import AuditLog, ChainError, Incomplete, VerifyResult, canonical, seal, verify
 
 PLUGIN_NAME = "audit"
 MAX_FIELD = 2048
@@ -152,7 +152,8 @@ def handle_event(event: Event, ctx: Context) -> None:
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    """`bucketwire audit verify PATH...`: check the hash chain; exit 1 naming the first bad line."""
+    """`bucketwire audit verify PATH...`: check the hash chain; exit 1 naming the first bad line, 3 when only the
+    last record is cut off or missing where an interrupted append left it (see `Incomplete`)."""
 
     @cli.group("audit")
     def audit_group() -> None:
@@ -167,6 +168,9 @@ def register_commands(cli: click.Group) -> None:
         """Verify audit log files (a directory means every log in it), in chain order."""
         try:
             r = verify(paths, partial=partial)
+        except Incomplete as e:
+            click.echo(f"audit verify: INCOMPLETE: {e}", err=True)
+            raise SystemExit(3) from None
         except ChainError as e:
             click.echo(f"audit verify: FAILED: {e}", err=True)
             raise SystemExit(1) from None
@@ -177,6 +181,6 @@ def register_commands(cli: click.Group) -> None:
 
 
 __all__ = [
-    "PLUGIN_NAME", "AuditLog", "ChainError", "VerifyResult", "build_record", "canonical", "handle_event",
+    "PLUGIN_NAME", "AuditLog", "ChainError", "Incomplete", "VerifyResult", "build_record", "canonical", "handle_event",
     "register_commands", "seal", "validate_settings", "verify",
 ]

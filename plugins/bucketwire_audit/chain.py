@@ -12,6 +12,8 @@ Record format (one line, canonical JSON: sorted keys, no spaces, ASCII only, so 
 * a deleted line or a missing rotated file leaves a gap in `n`   -> reported where the gap is;
 * swapped lines put `n` out of order                             -> reported at the first swapped line;
 * a cut-off last line has no newline                             -> reported at that line;
+* the last record cut off or missing while the index holds it whole and it continues the chain -> `Incomplete`
+  (what an append interrupted after its index commit leaves; the next append writes it again), not tampering;
 * whole lines cut from the end are caught by comparing with the head kept in the index beside the log;
   the index is found beside the active log a rotated file was rotated from too, so deleting the active
   log (and the newest rotated files) is reported as the truncation it is;
@@ -437,6 +439,13 @@ class ChainError(Exception):
     """The first place the chain is broken, as `file:line: what is wrong`."""
 
 
+class Incomplete(ChainError):
+    """The chain is intact but its last record, which the index holds whole, is cut off or missing in the log: an
+    append interrupted between the index commit and the end of its write (a crash, a power loss, a full disk).
+    The next append writes it again from the index. Not evidence of tampering, though a cut of that one last
+    line looks the same (and is undone by the same repair)."""
+
+
 @dataclass(slots=True)
 class VerifyResult:
     files: int
@@ -500,6 +509,7 @@ def verify(paths: Iterable[str | os.PathLike[str]], *, partial: bool = False) ->
             # The head and the files as one view: listed under the writers' lock, no rotation falls between them.
             with _shared_lock(written.lock):
                 written.head = written.read_head()
+                written.first_n = written.read_first_n()
                 files = expand(given)
             if not files:
                 raise ChainError("no audit log files given")
@@ -517,6 +527,7 @@ def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult
     prev_h = GENESIS
     records = 0
     last_where = ""
+    incomplete = ""
     for f in files:
         with open(f, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
@@ -525,6 +536,14 @@ def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult
                     head_n = written.head[0] if written.head is not None else None
                     if f == files[-1] and head_n is not None and (expect_n or 1) - 1 >= head_n:
                         break  # past every line the index had when verify began: one being written right now
+                    kept = written.line(head_n) if f == files[-1] and head_n == (expect_n or 1) else None
+                    if kept is not None and kept.startswith(raw) and _prev_of(kept) == prev_h:
+                        incomplete = (
+                            f"{where}: record n={head_n} was cut off mid-write ({len(raw)} of {len(kept) + 1} "
+                            "bytes, as the index holds them): an append interrupted by a crash or a full disk; "
+                            "the next append writes it again from the index"
+                        )
+                        break
                     raise ChainError(f"{where}: truncated line (no newline at the end; cut off or torn write)")
                 body = raw[:-1]
                 try:
@@ -573,10 +592,27 @@ def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult
     last_n = (expect_n or 1) - 1
     # Lines cut from the very end leave a valid chain; the index beside the active log knows the true head.
     head = written.head
+    if incomplete:
+        raise Incomplete(incomplete)
     if head is not None and head[0] > last_n:
         active = written.active
         given = active is not None and any(f.absolute() == active.absolute() for f in files)
         missing = active is not None and not active.exists()
+        kept = written.line(head[0]) if head[0] == last_n + 1 else None
+        # The active log holds the record, or is to (its first: a crash right after a rotation made it).
+        theirs = given or (missing and written.first_n == head[0])
+        if kept is not None and theirs and _prev_of(kept) == prev_h:
+            if missing:
+                raise Incomplete(
+                    f"{active} is missing, and record n={head[0]}, its first, is in the index only: an append "
+                    "interrupted right after a rotation, before the new file's first line was written (a crash, a "
+                    "power loss, a full disk), or the file was deleted; the next append writes it again from the index"
+                )
+            raise Incomplete(
+                f"{last_where or files[-1]}: record n={head[0]} is in the index but not in the log after this line: "
+                "an append interrupted between the index commit and the write (a crash, a power loss, a full "
+                "disk), or the line was cut from the end; the next append writes it again from the index"
+            )
         if partial and not given and not missing:
             return VerifyResult(len(files), records, last_n, prev_h)  # a subset of the files at hand
         why = ""
@@ -612,6 +648,7 @@ class _Written:
         self.active = active
         self.lock = Path(str(active) + LOCK_SUFFIX) if active is not None else None
         self.head: tuple[int, str] | None = None
+        self.first_n: int | None = None  # the first record of the active log, by the index
         self.by_n = False
         if db is not None:
             # Indexes written before lines were looked up by n have no index on it: a scan per line is too slow.
@@ -622,6 +659,11 @@ class _Written:
         assert self.db is not None
         rows = dict(self.db.execute("SELECT k, v FROM head").fetchall())
         return (int(rows["n"]), rows["h"]) if "n" in rows else None
+
+    def read_first_n(self) -> int | None:
+        assert self.db is not None
+        row = self.db.execute("SELECT v FROM head WHERE k = 'first_n'").fetchone()
+        return int(row[0]) if row is not None else None
 
     def now_n(self) -> int:
         """The head now (a line past the snapshot may have been written since; an old index cannot say)."""
