@@ -293,6 +293,8 @@ def test_alpha_flattened_for_jpeg_output() -> None:
         ({"input_formats": []}, "input_formats"),
         ({"key_template": "{size}/thumb.webp"}, "key_template"),
         ({"key_template": "{key}", "sizes": [64, 128]}, "key_template"),
+        ({"key_template": "{key}"}, "key_template: .*over its source"),
+        ({"key_template": "{stem}"}, "key_template: .*over its source"),
         ({"key_template": "../{size}/{key}"}, "key_template"),
         ({"key_template": "{nope}/{key}"}, "key_template"),
         ({"max_pixels": -1}, "max_pixels"),
@@ -613,3 +615,33 @@ def test_a_photo_overwritten_by_what_makes_no_thumbnail_loses_its_thumbnails(wee
         except PermanentError:
             pass
         assert len(keys(c, out)) == 4  # delete_with_source = false keeps them, as it keeps a deleted one's
+
+
+def test_a_thumbnail_never_replaces_an_object_it_did_not_make(weed: Any, bucket: str) -> None:
+    """A thumbnail key that names someone's own object (`{stem}.{ext}` in the source bucket: photo.png's JPEG
+    thumbnail is photo.jpg; a user's file under the output prefix) overwrote it: the user's photo.jpg was gone,
+    a 256 px copy of another picture in its place. Refused with one line; the plugin's own thumbnails are still
+    replaced (redeliveries, new bytes). A key_template that is only {key} or {stem} with no output_bucket puts
+    each thumbnail over its source: refused at start (test_bad_settings_are_one_line_config_errors)."""
+    c = weed.client()
+    blue, red = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (300, 200), (0, 0, 255)).save(blue, "JPEG")
+    Image.new("RGB", (300, 200), RED).save(red, "PNG")
+    upload(c, bucket, "photo.jpg", blue.getvalue(), "image/jpeg")
+    with harness(weed, sizes=[64], key_template="{stem}.{ext}", format="jpeg") as h:
+        ev = upload(c, bucket, "photo.png", red.getvalue(), "image/png")
+        with pytest.raises(PermanentError, match=r"photo\.png: .*/photo\.jpg exists and is not a thumbnail"):
+            h.handle(ev)
+        assert c.get_object(bucket, "photo.jpg").read() == blue.getvalue()
+        c.remove_object(bucket, "photo.jpg")
+        (p,) = h.handle(ev)
+        assert p.data["key"] == "photo.jpg" and thumb.is_generated(c.stat_object(bucket, "photo.jpg").metadata)
+        ev2 = upload(c, bucket, "photo.png", blue.getvalue(), "image/png")  # new bytes: its thumbnail replaced
+        (p2,) = h.handle(ev2)
+        assert p2.data["source_etag"] == ev2.data["etag"]
+    out = f"{bucket}-out"
+    c.make_bucket(out)
+    upload(c, out, "64/photo.png.webp", blue.getvalue(), "image/webp")  # the user's own file there
+    with harness(weed, sizes=[64], output_bucket=out) as h, pytest.raises(PermanentError, match="not a thumbnail"):
+        h.handle(ev2)
+    assert c.get_object(out, "64/photo.png.webp").read() == blue.getvalue()

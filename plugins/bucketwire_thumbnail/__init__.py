@@ -143,6 +143,11 @@ def validate_settings(settings: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("key_template: must contain {size} when several sizes are configured")
     if tpl.startswith("/") or ".." in tpl.split("/"):
         raise ConfigError("key_template: must not start with '/' or contain '..' segments")
+    if tpl in ("{key}", "{stem}") and s["output_bucket"] is None and s["output_store"] in (None, s["store"]):
+        raise ConfigError(
+            f'key_template: "{tpl}" with no output_bucket writes each thumbnail over its source (the picture itself '
+            'replaced); set output_bucket, or keep thumbnails apart with e.g. "thumbs/{key}.{ext}"'
+        )
     # Our own check (header dimensions before decoding) is the limit; keep Pillow's global guard from
     # rejecting images that the configured max_pixels allows. Only ever raised, never lowered.
     if Image.MAX_IMAGE_PIXELS is not None and s["max_pixels"] > Image.MAX_IMAGE_PIXELS:
@@ -252,19 +257,20 @@ def _ready_data(s: dict[str, Any], ev: Event, out_bucket: str, key: str, size: i
     }
 
 
-def _existing(client: Any, out_bucket: str, keys: dict[int, str], bucket: str, key: str, etag: str,
-              ctype: str) -> dict[int, Any] | None:
+def _stats(client: Any, out_bucket: str, keys: dict[int, str]) -> dict[int, Any | None]:
+    """The stat of each output key (None: no object there): one HEAD per size, read by every check before a put."""
+    return {size: _stat(client, out_bucket, k) for size, k in keys.items()}
+
+
+def _existing(stats: dict[int, Any | None], bucket: str, key: str, etag: str, ctype: str) -> dict[int, Any] | None:
     """Stat results of all outputs when every one was made from this exact source ETag, else None."""
     found: dict[int, Any] = {}
-    for size, k in keys.items():
-        st = _stat(client, out_bucket, k)
+    for size, st in stats.items():
         md = st.metadata if st is not None else None
         if (
             st is None
-            or not is_generated(md)
+            or not _made_from(md, bucket, key)
             or meta_get(md, "bucketwire-source-etag") != etag
-            or meta_get(md, "bucketwire-source-key") != quote(key, safe="/")
-            or meta_get(md, "bucketwire-source-bucket") != quote(bucket, safe="")
             or (st.content_type or "").split(";")[0] != ctype
         ):
             return None
@@ -344,8 +350,9 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
 
     etag = str(data.get("etag") or "").strip('"')
     out_ctype = content_type(s["format"])
+    stats = _stats(dst, out_bucket, keys)
     if etag:
-        done = _existing(dst, out_bucket, keys, bucket, key, etag, out_ctype)
+        done = _existing(stats, bucket, key, etag, out_ctype)
         if done is not None:
             ctx.log.debug("thumbnail: %s/%s already has thumbnails for etag %s", bucket, key, etag)
             if {meta_get(st.metadata, "bucketwire-event") for st in done.values()} - {_made_by(event)} - {None}:
@@ -361,8 +368,7 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
             })
             return
 
-    if out_bucket != bucket and "{bucket}" not in s["key_template"]:
-        _check_owner(dst, out_bucket, keys, bucket, key)  # before the source is read and decoded for nothing
+    _check_owner(stats, out_bucket, keys, bucket, key)  # before the source is read and decoded for nothing
     try:
         got = _source(ctx, src, bucket, key, ctype, s["max_bytes"])
     except PermanentError:
@@ -377,7 +383,7 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
     real_etag = (headers.get("etag") or etag).strip('"')
     if real_etag != etag and real_etag:
         # The object changed after this event; make thumbnails of what is there now, unless done already.
-        done = _existing(dst, out_bucket, keys, bucket, key, real_etag, out_ctype)
+        done = _existing(_stats(dst, out_bucket, keys), bucket, key, real_etag, out_ctype)
         if done is not None:
             return
     try:
@@ -395,14 +401,21 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
     _announce(ctx, event, out_bucket, keys, real_etag, info)
 
 
-def _check_owner(dst: Any, out_bucket: str, keys: dict[int, str], bucket: str, key: str) -> None:
-    """Refuse to overwrite a thumbnail another source bucket owns. Source buckets that share `output_bucket`
-    under a key_template without {bucket} map the same key to the same thumbnail: overwritten, one bucket's
-    picture was served as the other's (across buckets that may not see each other's objects)."""
-    for k in keys.values():
-        st = _stat(dst, out_bucket, k)
-        if st is None or not is_generated(st.metadata):
+def _check_owner(stats: dict[int, Any | None], out_bucket: str, keys: dict[int, str], bucket: str,
+                 key: str) -> None:
+    """Refuse to replace an object that is not a thumbnail of this source: a thumbnail key must never land on
+    someone's own object (`{stem}.{ext}` in the source bucket made photo.png's JPEG thumbnail photo.jpg, over the
+    user's photo.jpg), nor on the thumbnail another source bucket owns (buckets sharing `output_bucket` under a
+    key_template without {bucket}: one bucket's picture was served as the other's)."""
+    for size, st in stats.items():
+        if st is None:
             continue
+        k = keys[size]
+        if not is_generated(st.metadata):
+            raise PermanentError(
+                f"{bucket}/{key}: {out_bucket}/{k} exists and is not a thumbnail (no {MARKER} metadata), so it is "
+                "not replaced; choose a key_template or output_bucket where thumbnails do not land on other objects"
+            )
         owner = meta_get(st.metadata, "bucketwire-source-bucket")
         if owner and owner != quote(bucket, safe=""):
             raise PermanentError(
