@@ -500,3 +500,38 @@ def test_source_deleted_before_handling_makes_no_replica_and_one_info_line(
         assert h.handle(obj_event("ObjectRemoved:Delete", bucket, "brief.txt")) == []
         (p,) = h.handle(empty)
         assert p.data["size"] == 0 and tw.client().stat_object(tb, "empty").size == 0
+
+
+@pytest.mark.parametrize("where", ["same-store", "other-store"])
+def test_a_removal_that_leaves_the_object_in_place_replicates_what_is_current(
+        weed: WeedServer, weed2: WeedServer, bucket: str, where: str) -> None:
+    """With replicate_deletes, on a versioned source: deleting the current version makes the one before it
+    current, and removing a delete marker brings the object back; both are removal events and no creation event
+    follows. The replica kept the deleted version's bytes, or stayed deleted while the object was there."""
+    from minio.versioningconfig import ENABLED, VersioningConfig
+
+    c1, c2 = weed.client(), weed2.client()
+    c1.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
+    tc = c1 if where == "same-store" else c2
+    tb = f"{bucket}-cur"
+    tc.make_bucket(tb)
+    stores = {"primary": store_cfg("primary", weed), "backup": store_cfg("backup", weed2)}
+    target = "primary" if where == "same-store" else "backup"
+    with harness(stores, target_store=target, target_bucket=tb, replicate_deletes=True) as h:
+        h.handle(put(c1, bucket, "v.txt", b"first", content_type="text/plain"))
+        h.handle(put(c1, bucket, "v.txt", b"second", content_type="text/plain"))
+        assert read(tc, tb, "v.txt") == b"second"
+        c1.remove_object(bucket, "v.txt", version_id=c1.stat_object(bucket, "v.txt").version_id)
+        (p,) = h.handle(obj_event("ObjectRemoved:Delete", bucket, "v.txt"))
+        assert read(tc, tb, "v.txt") == b"first" and p.data["action"] == "put"
+        c1.remove_object(bucket, "v.txt")  # a delete marker: the replica goes
+        h.handle(obj_event("ObjectRemoved:DeleteMarkerCreated", bucket, "v.txt"))
+        with pytest.raises(S3Error):
+            tc.stat_object(tb, "v.txt")
+        marker = [o for o in c1.list_objects(bucket, prefix="v.txt", include_version=True) if o.is_delete_marker]
+        c1.remove_object(bucket, "v.txt", version_id=marker[0].version_id)  # ... removed: the object is back
+        h.handle(obj_event("ObjectRemoved:Delete", bucket, "v.txt"))
+        assert read(tc, tb, "v.txt") == b"first" and tc.stat_object(tb, "v.txt").content_type == "text/plain"
+        # Replicated already: a redelivery changes nothing.
+        (again,) = h.handle(obj_event("ObjectRemoved:Delete", bucket, "v.txt"))
+        assert again.data["method"] == "already"

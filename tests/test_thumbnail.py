@@ -645,3 +645,38 @@ def test_a_thumbnail_never_replaces_an_object_it_did_not_make(weed: Any, bucket:
     with harness(weed, sizes=[64], output_bucket=out) as h, pytest.raises(PermanentError, match="not a thumbnail"):
         h.handle(ev2)
     assert c.get_object(out, "64/photo.png.webp").read() == blue.getvalue()
+
+
+def test_a_removal_that_leaves_the_object_in_place_makes_its_thumbnails_current(weed: Any, bucket: str) -> None:
+    """Versioned buckets: deleting the current version makes the one before it current, and removing a delete
+    marker brings the object back; both are removal events, and no creation event follows. The thumbnails kept
+    showing the deleted version (blue for a red photo), or stayed gone for an object that is there."""
+    from minio.versioningconfig import ENABLED, VersioningConfig
+
+    c = weed.client()
+    c.set_bucket_versioning(bucket, VersioningConfig(ENABLED))
+    red, blue = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (300, 200), RED).save(red, "PNG")
+    Image.new("RGB", (300, 200), (0, 0, 255)).save(blue, "PNG")
+
+    def shown() -> tuple[int, ...]:
+        return tuple(Image.open(io.BytesIO(c.get_object(bucket, "64/v.png.webp").read())).convert("RGB")
+                     .getpixel((5, 5)))
+
+    with harness(weed, sizes=[64]) as h:
+        first = upload(c, bucket, "v.png", red.getvalue(), "image/png")
+        h.handle(first)
+        h.handle(upload(c, bucket, "v.png", blue.getvalue(), "image/png"))
+        assert near(shown(), (0, 0, 255))
+        c.remove_object(bucket, "v.png", version_id=c.stat_object(bucket, "v.png").version_id)
+        h.handle(obj_event("ObjectRemoved:Delete", bucket, "v.png"))
+        assert near(shown(), RED)
+        assert thumb.meta_get(c.stat_object(bucket, "64/v.png.webp").metadata,
+                              "bucketwire-source-etag") == first.data["etag"]
+        c.remove_object(bucket, "v.png")  # a delete marker: the thumbnails go
+        h.handle(obj_event("ObjectRemoved:DeleteMarkerCreated", bucket, "v.png"))
+        assert keys(c, bucket) == []
+        marker = [o for o in c.list_objects(bucket, prefix="v.png", include_version=True) if o.is_delete_marker]
+        c.remove_object(bucket, "v.png", version_id=marker[0].version_id)  # ... removed: the photo is back
+        h.handle(obj_event("ObjectRemoved:Delete", bucket, "v.png"))
+        assert keys(c, bucket) == ["64/v.png.webp", "v.png"] and near(shown(), RED)

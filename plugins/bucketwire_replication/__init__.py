@@ -305,7 +305,7 @@ def handle_event(event: Event, ctx: Context) -> None:
         return
     if tagging and _replicate_tags(ctx, src, dst, bucket, key, tb, tkey):
         return
-    if (s["target_store"] == src_name) or (src is dst):
+    if s["target_store"] == src_name or src is dst:
         _copy(ctx, event, src, dst, bucket, key, tb, tkey, src_name)
     else:
         _stream(ctx, event, src, dst, bucket, key, tb, tkey, src_name)
@@ -462,9 +462,17 @@ def _gone(ctx: Context, bucket: str, key: str) -> None:
 
 def _replicate_delete(ctx: Context, event: Event, src: Any, dst: Any, bucket: str, key: str, tb: str,
                       tkey: str, src_name: str | None) -> None:
-    """Remove the replica, but only one we made of this source, and only if the source is really gone."""
+    """Remove the replica, but only one we made of this source, and only if the source is really gone.
+
+    A source still there (a version delete that left an older version current, a delete marker removed, a
+    re-upload since) is replicated as it now is: no creation event follows those, so the replica kept a deleted
+    version's bytes, or stayed deleted while the object was back. Replicating is a no-op when it is current."""
     if _stat(src, bucket, key) is not None:
-        return  # a version delete, or re-created since: the object still exists
+        if ctx.settings["target_store"] == src_name or src is dst:
+            _copy(ctx, event, src, dst, bucket, key, tb, tkey, src_name)
+        else:
+            _stream(ctx, event, src, dst, bucket, key, tb, tkey, src_name)
+        return
     have = _stat(dst, tb, tkey)
     if have is None:
         return  # nothing to do (and no delete call, so no event to bounce back in two-way setups)

@@ -21,7 +21,7 @@ import hashlib
 import io
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -300,8 +300,15 @@ def handle_event(event: Event, ctx: Context) -> None:
     src = ctx.store(s["store"])
     dst = ctx.store(s["output_store"] or s["store"])
     if event.is_object_removed:
-        if s["delete_with_source"]:
-            _delete_thumbnails(ctx, src, dst, job.bucket, job.key, job.out_bucket, job.keys)
+        now = _stat(src, job.bucket, job.key)
+        if now is not None:
+            # Still there: a version delete left an older version current, a delete marker was removed, or it was
+            # uploaded again. No creation event follows the first two, so the thumbnails kept showing the
+            # deleted version, or stayed gone. Made current from what the object holds now (a no-op if they are).
+            current = {"etag": now.etag or "", "size": now.size or 0, "content_type": now.content_type or ""}
+            _make(event, ctx, replace(job, data={**job.data, **current}), src, dst)
+        elif s["delete_with_source"]:
+            _delete_thumbnails(ctx, dst, job.bucket, job.key, job.out_bucket, job.keys)
         return
     _make(event, ctx, job, src, dst)
 
@@ -570,12 +577,10 @@ def _put(client: Any, out_bucket: str, out_key: str, t: Thumb, bucket: str, key:
     )
 
 
-def _delete_thumbnails(ctx: Context, src: Any, dst: Any, bucket: str, key: str, out_bucket: str,
+def _delete_thumbnails(ctx: Context, dst: Any, bucket: str, key: str, out_bucket: str,
                        keys: dict[int, str]) -> None:
-    """Remove the thumbnails of a removed source, but only ones we generated from that source."""
-    if _stat(src, bucket, key) is not None:
-        # A versioned delete or a re-upload since: the source still exists, so its thumbnails stay.
-        return
+    """Remove the thumbnails of a removed source (gone: checked by the caller), but only ones we generated from
+    that source."""
     for k in keys.values():
         try:
             check_key(k)
