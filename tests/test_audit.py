@@ -428,3 +428,29 @@ def test_an_active_log_lost_with_its_first_record_right_after_a_rotation_is_inco
     write_events(log, range(i, i + 1), max_bytes=4096)
     res = cli_verify(tmp_path)
     assert res.exit_code == 0 and f"OK: {i} records" in res.output, res.output
+
+
+def test_without_its_index_verify_says_what_it_cannot_see(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The index is what anchors the chain's head. Deleted with the last lines of the log, what is left is a valid
+    shorter chain, and verify said 'OK ... chain intact' as if it had checked the end; the writer then rebuilt the
+    index from the shortened log without a word, anchoring the cut. Neither can be detected from the log alone:
+    verify now says so in its OK line, and the writer logs the rebuild as a warning."""
+    log = tmp_path / "audit.log"
+    write_events(log, range(1, 8))
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(log) + INDEX_SUFFIX + suffix).unlink(missing_ok=True)
+    log.write_bytes(b"".join(lines(log)[:5]))
+    res = cli_verify(log)
+    assert res.exit_code == 0 and "OK: 5 records" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert f"no index beside the log ({log}{INDEX_SUFFIX}): lines cut from the end" in res.output, res.output
+    with caplog.at_level(logging.WARNING, logger="bucketwire.plugin.audit"):
+        write_events(log, range(8, 9))
+    assert f"{log}{INDEX_SUFFIX} was missing; rebuilt from the log files (head n=5)" in caplog.text, caplog.text
+    res = cli_verify(log)
+    assert res.exit_code == 0 and "no index" not in res.output, res.output
+    # A new log starts its index without a warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bucketwire.plugin.audit"):
+        write_events(tmp_path / "new.log", range(1, 2))
+    assert "rebuilt" not in caplog.text

@@ -177,7 +177,12 @@ def register_commands(cli: click.Group) -> None:
         except OSError as e:
             click.echo(f"audit verify: cannot read: {e}", err=True)
             raise SystemExit(2) from None
-        click.echo(f"audit verify: OK: {r.records} records in {r.files} file(s), chain intact (head n={r.head_n})")
+        unanchored = ""
+        if not r.anchored:
+            unanchored = (f"; no index beside the log ({r.index}): lines cut from the end, or a chain rewritten whole, "
+                          "cannot be told from an intact log; compare the head with the object copy")
+        click.echo(f"audit verify: OK: {r.records} records in {r.files} file(s), chain intact (head n={r.head_n})"
+                   f"{unanchored}")
 
 
 __all__ = [

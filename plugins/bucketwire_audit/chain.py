@@ -129,7 +129,11 @@ class AuditLog:
             db.execute("CREATE INDEX IF NOT EXISTS written_n ON written(n)")
             db.execute("CREATE TABLE IF NOT EXISTS head (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
             if fresh:
-                self._rebuild(db)
+                head = self._rebuild(db)
+                if head is not None:
+                    # Lines cut from the end before now are beyond telling: the head is what the log says it is.
+                    log.warning("audit: %s was missing; rebuilt from the log files (head n=%d): lines cut from the "
+                                "end before now cannot be detected", ipath, head.n)
         return db
 
     @contextlib.contextmanager
@@ -167,8 +171,9 @@ class AuditLog:
             [("n", str(head.n)), ("h", head.h), ("day", head.day), ("first_n", str(head.first_n))],
         )
 
-    def _rebuild(self, db: sqlite3.Connection) -> None:
-        """A new or lost index: re-read every log file so de-duplication and the head survive."""
+    def _rebuild(self, db: sqlite3.Connection) -> Head | None:
+        """A new or lost index: re-read every log file so de-duplication and the head survive. The head found, or
+        None when there are no records (a new log)."""
         head: Head | None = None
         active_first: dict[str, Any] | None = None
         db.execute("BEGIN IMMEDIATE")
@@ -201,6 +206,7 @@ class AuditLog:
         if head is not None:
             self._set_head(db, head)
         db.execute("COMMIT")
+        return head
 
     def _catch_up(self, db: sqlite3.Connection) -> Head:
         """Make the log agree with the index head, which is committed before each line is written.
@@ -452,6 +458,11 @@ class VerifyResult:
     records: int
     head_n: int
     head_h: str
+    index: Path | None = None
+    """The index the end of the chain is checked against (`NAME.index.sqlite` of the newest file's log)."""
+    anchored: bool = True
+    """False when that index was not there: then nothing told a log whose last lines were cut (or one rewritten
+    whole) from an intact one."""
 
 
 def log_files_beside(path: Path) -> list[Path]:
@@ -614,7 +625,7 @@ def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult
                 "disk), or the line was cut from the end; the next append writes it again from the index"
             )
         if partial and not given and not missing:
-            return VerifyResult(len(files), records, last_n, prev_h)  # a subset of the files at hand
+            return _result(files, records, last_n, prev_h, written)  # a subset of the files at hand
         why = ""
         if missing:
             why = f"; {active} is missing (deleted or renamed)"
@@ -626,7 +637,12 @@ def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult
         )
     if head is not None and head[0] == last_n and head[1] != prev_h:
         raise ChainError(f"{last_where}: last line does not match the head recorded in the index")
-    return VerifyResult(len(files), records, last_n, prev_h)
+    return _result(files, records, last_n, prev_h, written)
+
+
+def _result(files: list[Path], records: int, last_n: int, prev_h: str, written: _Written) -> VerifyResult:
+    index = Path(f"{written.active or active_log(files[-1])}{INDEX_SUFFIX}")
+    return VerifyResult(len(files), records, last_n, prev_h, index, written.db is not None)
 
 
 class _Written:
