@@ -454,3 +454,39 @@ def test_without_its_index_verify_says_what_it_cannot_see(tmp_path: Path, caplog
     with caplog.at_level(logging.WARNING, logger="bucketwire.plugin.audit"):
         write_events(tmp_path / "new.log", range(1, 2))
     assert "rebuilt" not in caplog.text
+
+
+def test_the_same_id_from_two_sources_is_two_events_and_two_lines(tmp_path: Path) -> None:
+    """CloudEvents ids are unique per source (the hub keeps both: its journal is unique on (source, id)), and
+    per-source counters ('1', '2', ...) are common. The log de-duplicated on the id alone, so an event whose id
+    another source had used was taken for a redelivery and never logged: one publisher could keep another's
+    events out of the audit trail by using their ids first. A redelivery (same source, same id) still writes
+    nothing, also for lines written before the key included the source."""
+    log = tmp_path / "audit.log"
+    first, second = ev(1), ev(1)
+    second.source = "other-app"
+    with PluginHarness(audit, settings={"path": str(log)}) as h:
+        h.handle(first)
+        h.handle(second)
+        h.handle(first)
+        h.handle(second)
+    assert [(r["source"], r["event_id"]) for r in map(json.loads, lines(log))] == [
+        ("test", "evt-1"), ("other-app", "evt-1")]
+    # An index written before the source was part of the key knows its lines by the id alone.
+    db = sqlite3.connect(str(log) + INDEX_SUFFIX)
+    db.execute("UPDATE written SET event_id = 'evt-1' WHERE n = 1")
+    db.commit()
+    db.close()
+    with PluginHarness(audit, settings={"path": str(log)}) as h:
+        h.handle(first)  # its line is there: nothing new
+        h.handle(second)
+        third = ev(1)
+        third.source = "third-app"
+        h.handle(third)  # the old row names another source: logged
+    assert [r["source"] for r in map(json.loads, lines(log))] == ["test", "other-app", "third-app"]
+    # A rebuilt index keys its lines the same way.
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(log) + INDEX_SUFFIX + suffix).unlink(missing_ok=True)
+    write_events(log, range(1, 2))
+    assert len(lines(log)) == 3
+    assert cli_verify(log).exit_code == 0

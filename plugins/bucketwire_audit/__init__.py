@@ -16,7 +16,7 @@ import click
 
 from bucketwire import ConfigError, Context, Event, hookimpl, with_defaults
 
-from .chain import AuditLog, ChainError, Incomplete, VerifyResult, canonical, seal, verify
+from .chain import AuditLog, ChainError, Incomplete, VerifyResult, canonical, dedup_key, seal, verify
 
 PLUGIN_NAME = "audit"
 MAX_FIELD = 2048
@@ -137,9 +137,11 @@ def worker_shutdown(ctx: Context) -> None:
 
 @hookimpl
 def handle_event(event: Event, ctx: Context) -> None:
-    """Append one line for this event (unless this event id is already in the log); copy it to a store."""
+    """Append one line for this event (unless this event, its source and id, is already in the log); copy it to
+    a store."""
     s = ctx.settings
-    _new, n, line = audit_log(ctx).append(_cap(event.id, 256), build_record(event, ctx))
+    _new, n, line = audit_log(ctx).append(dedup_key(event.source, event.id), build_record(event, ctx),
+                                          legacy=(event.source, _cap(event.id, 256)))
     if s["bucket"]:
         # Re-put on redelivery too: the first attempt may have written the line but failed here.
         digest = hashlib.sha256(event.id.encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -62,6 +62,19 @@ ROTATED = re.compile(r"(.+)\.(?:\d{4}-\d{2}-\d{2}|undated)\.\d{12}(?:-\d+)?")
 log = logging.getLogger("bucketwire.plugin.audit")
 
 
+def dedup_key(source: str, event_id: str) -> str:
+    """What makes an event one event: its (source, id), as the hub's journal is unique on. CloudEvents ids are
+    unique per source only; keyed on the id alone, an event whose id another source had used was taken for a
+    redelivery and never logged. Lines written before this key was used are found by their id (`legacy=`)."""
+    return json.dumps([source, event_id], ensure_ascii=True, separators=(",", ":"))
+
+
+def _key_of(rec: dict[str, Any]) -> str:
+    """The de-duplication key of a logged record (rebuilding or adopting index rows)."""
+    src, eid = rec.get("source"), rec.get("event_id")
+    return dedup_key(src, eid) if isinstance(src, str) and isinstance(eid, str) else str(eid or "")
+
+
 def canonical(record: dict[str, Any]) -> bytes:
     """The one byte form of a record; hashing and verification both depend on it being unique."""
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
@@ -191,7 +204,7 @@ class AuditLog:
                         continue
                     db.execute(
                         "INSERT OR IGNORE INTO written VALUES (?, ?, ?, ?)",
-                        (str(rec.get("event_id", "")), rec["n"], raw.rstrip(b"\n"), time.time()),
+                        (_key_of(rec), rec["n"], raw.rstrip(b"\n"), time.time()),
                     )
                     if f == self.path and first_in_file:
                         active_first = rec
@@ -264,7 +277,7 @@ class AuditLog:
                             "fsync=%s?); adopting them", self.path, head.n, self.fsync)
                 db.execute(
                     "INSERT OR IGNORE INTO written VALUES (?, ?, ?, ?)",
-                    (str(rec.get("event_id", "")), rec["n"], last, time.time()),
+                    (_key_of(rec), rec["n"], last, time.time()),
                 )
                 if not head.day:
                     head.day = str(rec.get("logged", ""))[:10]
@@ -288,14 +301,21 @@ class AuditLog:
             self._fd = None
 
     # -- the API ----------------------------------------------------------------------------------------------
-    def append(self, event_id: str, record: dict[str, Any]) -> tuple[bool, int, bytes]:
-        """Log `record` once per `event_id`. Returns (newly written?, its n, its line)."""
+    def append(self, event_id: str, record: dict[str, Any], *,
+               legacy: tuple[str, str] | None = None) -> tuple[bool, int, bytes]:
+        """Log `record` once per `event_id` (the plugin passes `dedup_key(source, id)`). Returns (newly written?,
+        its n, its line). `legacy=(source, id)`: a line logged under the bare id before the key included the
+        source counts too, when its record names that source."""
         with self._locked():
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
                 head = self._catch_up(db)
                 row = db.execute("SELECT n, line FROM written WHERE event_id = ?", (event_id,)).fetchone()
+                if row is None and legacy is not None:
+                    old = db.execute("SELECT n, line FROM written WHERE event_id = ?", (legacy[1],)).fetchone()
+                    if old is not None and _field(bytes(old[1]), "source") == legacy[0]:
+                        row = old
                 if row is not None:
                     db.execute("COMMIT")
                     return False, int(row[0]), bytes(row[1])
@@ -417,11 +437,16 @@ def _shared_lock(path: Path | None) -> Iterator[None]:
 
 
 def _prev_of(line: bytes) -> str | None:
+    prev = _field(line, "prev")
+    return prev if isinstance(prev, str) else None
+
+
+def _field(line: bytes, name: str) -> Any:
     try:
         rec = json.loads(line)
     except ValueError:
         return None
-    return rec.get("prev") if isinstance(rec, dict) else None
+    return rec.get(name) if isinstance(rec, dict) else None
 
 
 def _last_record(active: Path) -> dict[str, Any] | None:
