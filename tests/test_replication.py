@@ -535,3 +535,20 @@ def test_a_removal_that_leaves_the_object_in_place_replicates_what_is_current(
         # Replicated already: a redelivery changes nothing.
         (again,) = h.handle(obj_event("ObjectRemoved:Delete", bucket, "v.txt"))
         assert again.data["method"] == "already"
+
+
+def test_an_object_of_the_target_bucket_is_never_copied_onto_itself(weed: WeedServer, bucket: str) -> None:
+    """Same store, no prefix, every bucket watched (the defaults): an object put straight into the target bucket
+    was its own source and target. It was copied onto itself with the replica marker naming itself (a rewrite
+    of an object the plugin did not make, and an object-replicated event for nothing)."""
+    c = weed.client()
+    tb = new_bucket(c, bucket, "self")
+    ev = put(c, tb, "mine.txt", b"my own file", content_type="text/plain", metadata={"x-amz-meta-owner": "eve"})
+    before = c.stat_object(tb, "mine.txt")
+    with harness({"primary": store_cfg("primary", weed)}, target_store="primary", target_bucket=tb,
+                 replicate_deletes=True) as h:
+        assert h.handle(ev) == []
+        after = c.stat_object(tb, "mine.txt")
+        assert meta(after) == {"x-amz-meta-owner": "eve"} and after.last_modified == before.last_modified
+        c.remove_object(tb, "mine.txt")
+        assert h.handle(obj_event("ObjectRemoved:Delete", tb, "mine.txt")) == []

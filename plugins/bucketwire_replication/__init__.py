@@ -297,6 +297,11 @@ def handle_event(event: Event, ctx: Context) -> None:
         return  # expirations stay on the source's side, as S3 replication keeps them
     tkey = target_key(s["prefix"], key)
     src_name = s["source_store"] or event.store
+    if bucket == s["target_bucket"] and tkey == key and s["target_store"] == src_name:
+        # Its own target (same store, no prefix, the target bucket watched): it was copied onto itself, a rewrite
+        # of an object we did not make, marked as a replica of itself.
+        ctx.log.debug("replication: %s/%s is in the target bucket; not copied onto itself", bucket, key)
+        return
     src = ctx.store(src_name)
     dst = ctx.store(s["target_store"])
     tb = s["target_bucket"]
