@@ -680,3 +680,30 @@ def test_a_removal_that_leaves_the_object_in_place_makes_its_thumbnails_current(
         c.remove_object(bucket, "v.png", version_id=marker[0].version_id)  # ... removed: the photo is back
         h.handle(obj_event("ObjectRemoved:Delete", bucket, "v.png"))
         assert keys(c, bucket) == ["64/v.png.webp", "v.png"] and near(shown(), RED)
+
+
+def test_a_copied_thumbnail_in_the_source_bucket_is_replaced_not_refused(weed: Any, bucket: str) -> None:
+    """Two buckets replicating into each other, thumbnails made in each: bucket B holds the replica of A's photo
+    and of A's thumbnail (generated, naming bucket A) before B's own event for the photo is handled. That copy is
+    replaced by B's thumbnail; the 'another bucket owns it' refusal is for a shared output_bucket only."""
+    import bucketwire_replication as repl
+
+    c = weed.client()
+    other = f"{bucket}-b"
+    c.make_bucket(other)
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), RED).save(buf, "PNG")
+    stores = {"primary": StoreConfig(name="primary", endpoint=weed.s3_endpoint, access_key=weed.access_key,
+                                     secret_key=weed.secret_key)}
+    with harness(weed, sizes=[64]) as h, PluginHarness(repl, settings={
+            "target_store": "primary", "target_bucket": other, "buckets": [bucket]}, stores=stores) as r:
+        ev = upload(c, bucket, "x.png", buf.getvalue(), "image/png")
+        h.handle(ev)
+        r.handle(ev)
+        st = c.stat_object(bucket, "64/x.png.webp")
+        r.handle(obj_event("ObjectCreated:Put", bucket, "64/x.png.webp", etag=st.etag, ctype="image/webp"))
+        assert thumb.meta_get(c.stat_object(other, "64/x.png.webp").metadata, "bucketwire-source-bucket") == bucket
+        st = c.stat_object(other, "x.png")
+        (p,) = h.handle(obj_event("ObjectCreated:Put", other, "x.png", etag=st.etag, ctype="image/png"))
+        assert p.data["bucket"] == other
+        assert thumb.meta_get(c.stat_object(other, "64/x.png.webp").metadata, "bucketwire-source-bucket") == other

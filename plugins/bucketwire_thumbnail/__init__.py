@@ -375,7 +375,8 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
             })
             return
 
-    _check_owner(stats, out_bucket, keys, bucket, key)  # before the source is read and decoded for nothing
+    _check_owner(stats, out_bucket != bucket and "{bucket}" not in s["key_template"], out_bucket, keys, bucket,
+                 key)  # before the source is read and decoded for nothing
     try:
         got = _source(ctx, src, bucket, key, ctype, s["max_bytes"])
     except PermanentError:
@@ -408,12 +409,13 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
     _announce(ctx, event, out_bucket, keys, real_etag, info)
 
 
-def _check_owner(stats: dict[int, Any | None], out_bucket: str, keys: dict[int, str], bucket: str,
+def _check_owner(stats: dict[int, Any | None], shared: bool, out_bucket: str, keys: dict[int, str], bucket: str,
                  key: str) -> None:
-    """Refuse to replace an object that is not a thumbnail of this source: a thumbnail key must never land on
-    someone's own object (`{stem}.{ext}` in the source bucket made photo.png's JPEG thumbnail photo.jpg, over the
-    user's photo.jpg), nor on the thumbnail another source bucket owns (buckets sharing `output_bucket` under a
-    key_template without {bucket}: one bucket's picture was served as the other's)."""
+    """Refuse to replace an object that is not a thumbnail: a thumbnail key must never land on someone's own
+    object (`{stem}.{ext}` in the source bucket made photo.png's JPEG thumbnail photo.jpg, over the user's
+    photo.jpg). With `shared` (an output_bucket other than the source's, a key_template without {bucket}), not on
+    the thumbnail another source bucket owns either: one bucket's picture was served as the other's. (In the
+    source's own bucket a thumbnail of another bucket's object is a copy, e.g. a replica of the bucket: replaced.)"""
     for size, st in stats.items():
         if st is None:
             continue
@@ -424,7 +426,7 @@ def _check_owner(stats: dict[int, Any | None], out_bucket: str, keys: dict[int, 
                 "not replaced; choose a key_template or output_bucket where thumbnails do not land on other objects"
             )
         owner = meta_get(st.metadata, "bucketwire-source-bucket")
-        if owner and owner != quote(bucket, safe=""):
+        if shared and owner and owner != quote(bucket, safe=""):
             raise PermanentError(
                 f"{bucket}/{key}: {out_bucket}/{k} is the thumbnail of {unquote(owner)}/{key}; source buckets "
                 'share output_bucket, so put {bucket} in key_template (e.g. "{size}/{bucket}/{key}.{ext}")'
