@@ -490,3 +490,32 @@ def test_the_same_id_from_two_sources_is_two_events_and_two_lines(tmp_path: Path
     write_events(log, range(1, 2))
     assert len(lines(log)) == 3
     assert cli_verify(log).exit_code == 0
+
+
+def _append_rotating(path: str, stop: Any) -> None:
+    with PluginHarness(audit, settings={"path": path, "fsync": "never", "max_bytes": 4096}) as h:
+        i = 1000
+        while not stop.is_set():
+            h.handle(ev(i))
+            i += 1
+
+
+def test_verify_of_a_log_rotating_under_it_passes(tmp_path: Path) -> None:
+    """A rotation renames the active log while verify reads the directory: the files are listed and opened under
+    the writers' lock with the head, so a file renamed after that is still read whole under the name it had."""
+    log = tmp_path / "audit.log"
+    write_events(log, range(1, 30), fsync="never", max_bytes=4096)
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    writer = ctx.Process(target=_append_rotating, args=(str(log), stop))
+    writer.start()
+    try:
+        results = []
+        while len(results) < 15 or len(list(tmp_path.glob("audit.log.2*"))) < 8:
+            results.append(cli_verify(tmp_path).output.strip())
+            assert writer.is_alive()
+    finally:
+        stop.set()
+        writer.join(30)
+    bad = [r for r in results if "OK:" not in r]
+    assert not bad, f"{len(bad)} of {len(results)} verifies of the rotating log failed, e.g. {bad[0]}"

@@ -49,7 +49,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 GENESIS = "0" * 64
 LOCK_SUFFIX = ".lock"
@@ -540,13 +540,18 @@ def verify(paths: Iterable[str | os.PathLike[str]], *, partial: bool = False) ->
     files = expand(given)
     if not files:
         raise ChainError("no audit log files given")
-    with _Written.beside(files) as written:
+    with _Written.beside(files) as written, contextlib.ExitStack() as held:
         if written.db is not None:
-            # The head and the files as one view: listed under the writers' lock, no rotation falls between them.
+            # The head and the files as one view: listed under the writers' lock, and the active log opened there,
+            # so a rotation renaming it while it is read (or before) does not take the lines up to the head out
+            # of sight. Rotated files are never renamed again: they are opened when their turn comes.
             with _shared_lock(written.lock):
                 written.head = written.read_head()
                 written.first_n = written.read_first_n()
                 files = expand(given)
+                active = written.active
+                if active is not None and any(f.absolute() == active.absolute() for f in files):
+                    written.active_fh = held.enter_context(open(active, "rb"))
             if not files:
                 raise ChainError("no audit log files given")
         return _verify(files, partial, written)
@@ -565,7 +570,10 @@ def _verify(files: list[Path], partial: bool, written: _Written) -> VerifyResult
     last_where = ""
     incomplete = ""
     for f in files:
-        with open(f, "rb") as fh:
+        mine = written.active_fh is not None and written.active is not None and \
+            f.absolute() == written.active.absolute()
+        with contextlib.nullcontext(written.active_fh) if mine else open(f, "rb") as fh:
+            assert fh is not None
             for lineno, raw in enumerate(fh, 1):
                 where = f"{f}:{lineno}"
                 if not raw.endswith(b"\n"):
@@ -690,6 +698,7 @@ class _Written:
         self.lock = Path(str(active) + LOCK_SUFFIX) if active is not None else None
         self.head: tuple[int, str] | None = None
         self.first_n: int | None = None  # the first record of the active log, by the index
+        self.active_fh: BinaryIO | None = None  # the active log, opened with the head read (see `verify`)
         self.by_n = False
         if db is not None:
             # Indexes written before lines were looked up by n have no index on it: a scan per line is too slow.
