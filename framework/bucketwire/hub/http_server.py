@@ -223,6 +223,11 @@ class _Conn(asyncio.Protocol):
             if not self.queue and self.waiting is None:
                 self._close()
         except httptools.HttpParserError as e:
+            if self.eof:
+                # Past the connection's last request (no keep-alive, or an early answer whose body is not read):
+                # what follows is not read as a request. llhttp calls it `Data after Connection: close`, and its
+                # 400 used to go out as the answer to the committed request before it.
+                return
             # httptools wraps what a callback raises; a limit we enforce says so in its own words
             cause = e.__context__ if isinstance(e.__context__, _TooLarge) else None
             if cause is not None:
@@ -276,14 +281,21 @@ class _Conn(asyncio.Protocol):
         req.target = b"".join(self.url).decode("latin-1")
         req.split_target()
         early = self.srv.handler.head(req)
+        expects = req.headers.get("expect", "").lower() == "100-continue"
         if early is not None:
-            self.early = early
             self.queue.append((req, early, False))
-            self._pump()
             length = req.headers.get("content-length", "")
-            if (not length.isdigit() or int(length) > self.srv.limits.drain_body) and not self.queue:
-                self._close()  # the answer has gone; a body this large (or unbounded) is not worth reading
-        elif req.headers.get("expect", "").lower() == "100-continue":
+            if expects or not length.isdigit() or int(length) > self.srv.limits.drain_body:
+                # The body is not read: a client that asked whether to send it is told no (it has its final
+                # answer, which says the connection closes), and one this large or unbounded is not worth
+                # reading. Nothing after these headers is parsed; the connection closes once the answers to the
+                # requests before it, then this one, are written.
+                self._last()
+                self._pump()
+                raise _Stop
+            self.early = early
+            self._pump()
+        elif expects:
             # An interim answer is still an answer: it goes out in this request's turn, after the answers to
             # the pipelined requests before it (`_pump` sends it once they are all written).
             self.continue_due = True
@@ -306,7 +318,7 @@ class _Conn(asyncio.Protocol):
         keep = self.parser.should_keep_alive()
         if self.early is not None:
             self.early = None
-            self.read_by = 0.0
+            self._last()  # an early answer closes the connection: no request after it is read, nor committed
             if not self.queue and self.waiting is None:
                 self._close()  # the early answer has gone; the body it refused is drained
             return
@@ -314,6 +326,8 @@ class _Conn(asyncio.Protocol):
         self.body.clear()
         self.continue_due = False  # the client sent the body without waiting: no interim answer is needed
         self.queue.append((req, None, keep))
+        if not keep:
+            self._last()  # HTTP/1.0 or `Connection: close`: what comes after it is not a request of ours
         self.read_by = 0.0  # waiting for the answer does not count against the client
         self._flow()
         self._pump()
@@ -390,15 +404,24 @@ class _Conn(asyncio.Protocol):
             raise _TooLarge(431, f"request line and headers exceed {MAX_HEADER_BYTES} bytes")
 
     def _protocol_error(self, status: int, reason: str) -> None:
+        """Answer a request that cannot be parsed (or is over a limit) in its turn, then close.
+
+        The complete requests before it are still answered first, in order: they may already be committed, and
+        clearing them made their client read this 4xx as the answer to a request whose events were in the
+        journal. Nothing after it is read."""
         self.srv.on_reject("malformed" if status == 400 else "too_large")
-        self.queue.clear()
         self.early = None
-        self.continue_due = False
-        if self.waiting is not None:
-            self.waiting._cancel()
-            self.waiting = None
+        self._last()
         body = json.dumps({"error": reason}).encode() + b"\n"
-        self._write(Response(status, body, close=True), False)
+        self.queue.append((Request("", "", self.peer), Response(status, body, close=True), False))
+        self._pump()
+
+    def _last(self) -> None:
+        """Read nothing more: the requests queued are the connection's last (see `data_received`)."""
+        self.eof = True
+        self.req = None
+        self.continue_due = False
+        self.read_by = 0.0  # what is left is answering, which the reply deadline covers
 
     def _close(self) -> None:
         if self.transport is not None and not self.closing:
@@ -430,6 +453,10 @@ class _Conn(asyncio.Protocol):
             else:
                 t.close()
             self.closing = True
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing this connection's input (after `_last`)."""
 
 
 class _TooLarge(Exception):

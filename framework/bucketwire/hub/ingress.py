@@ -242,6 +242,13 @@ class Ingress:
 
     def head(self, req: Request) -> Response | None:
         if req.method in ("GET", "HEAD"):
+            # These need no token, so a body they carried was buffered (up to max_body_bytes per connection)
+            # for anyone who can reach the port: a few hundred connections each holding a body just short of its
+            # end held hundreds of MiB of the hub. None of them takes a body; it is refused, and never kept.
+            sent = req.headers.get("content-length", "0")
+            if "transfer-encoding" in req.headers or not sent.isdigit() or int(sent) > 0:
+                return self.fail(400, f"a {req.method} request takes no body; send it without one", "malformed",
+                                 close=True)
             return None
         if req.method != "POST":
             return self.fail(405, f"method {req.method[:16]} not allowed; POST events, GET /healthz or /metrics",
