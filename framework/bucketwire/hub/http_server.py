@@ -492,7 +492,9 @@ class _TLSConn(_Conn):
         except OSError as e:  # ssl.SSLError, the handshake timeout and resets are all OSErrors
             self.srv.accepted.discard(self)
             self.srv.on_reject("tls")
-            log.info("TLS handshake failed", extra={"peer": self.peer, "error": str(e)[:200]})
+            # A warning names the ingress, so it is logged once per 10 s (logs.PeerRateLimit) with how many were
+            # left out: anyone who can reach the port can fail a handshake, and one line each filled the disk.
+            log.warning("TLS handshake failed", extra={"ingress": "http", "peer": self.peer, "error": str(e)[:200]})
             raw.abort()
             return
         if tls is None:

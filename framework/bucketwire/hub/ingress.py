@@ -177,7 +177,37 @@ def tls_context(hub_cfg: Any) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"[hub] tls_cert/tls_key/tls_client_ca: cannot load ({e}); give PEM files the hub "
                           "can read") from None
+    problem = certificate_dates_problem(hub_cfg.tls_cert, time.time())
+    if problem is not None:
+        # A warning, not a refusal to start: the hub's ZeroMQ side needs no certificate, and MinIO keeps what it
+        # cannot deliver (queue_dir) until the certificate is renewed and the hub restarted.
+        log.warning(problem)
     return ctx
+
+
+def certificate_dates_problem(path: str, now: float) -> str | None:
+    """One line when the certificate in `path` is outside its validity dates at `now`, else None.
+
+    OpenSSL loads an expired certificate without a word, and every client that checks it (MinIO does) then
+    refuses each handshake: webhooks failed while /healthz said 200, the only trace a line per failed handshake.
+    The standard library has no public way to read a certificate's dates; `_test_decode_cert` has read them
+    since Python 2.7, and if it ever goes the check is skipped rather than the hub stopped."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        cert = decode(path)
+        not_before = ssl.cert_time_to_seconds(cert["notBefore"])
+        not_after = ssl.cert_time_to_seconds(cert["notAfter"])
+    except (OSError, ssl.SSLError, KeyError, ValueError):
+        return None
+    if now > not_after:
+        return (f"[hub] tls_cert {path} expired on {cert['notAfter']}: clients that check it (MinIO does) refuse "
+                "every HTTPS connection, so no webhook arrives; renew it and restart the hub")
+    if now < not_before:
+        return (f"[hub] tls_cert {path} is not valid before {cert['notBefore']}: clients that check it (MinIO "
+                "does) refuse every HTTPS connection until then; check the certificate's dates and this host's clock")
+    return None
 
 
 class Ingress:
