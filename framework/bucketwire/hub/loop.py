@@ -66,11 +66,14 @@ from bucketwire.hub.http_server import Server as HttpServer
 from bucketwire.hub.journal import Appended, Batch, JournalAPI, JournalError, NewEvent
 from bucketwire.hub.journal_jetstream import JetStreamJournal
 from bucketwire.hub.listeners import Listeners
-from bucketwire.hub.metrics import HubMetrics
+from bucketwire.hub.metrics import OTHER_TOPIC, HubMetrics
 from bucketwire.hub.ops import RATE_WINDOW, HubOps
 from bucketwire.hub.routing import Router
 from bucketwire.procutil import settle_gc
 from bucketwire.security import REVOKED_FILE, LocalRevocations, check_key_files, server_key_path
+
+MAX_GROUP_LEN = 255
+"""Characters in the name of a group the config does not name (READY); a topic's bound (MAX_TOPIC_LEN)."""
 
 log = logging.getLogger("bucketwire.hub")
 
@@ -1102,6 +1105,15 @@ class Hub:
         if not self.net.roles.allows(self.net.user, "groups", group):
             self.net.forbidden(ident, f"key {self.net.user!r} may not join group {group!r} ([security.roles])")
             return
+        if group not in self.cfg.groups and ("\0" in group or len(group) > MAX_GROUP_LEN):
+            # A group's name is a label of some fifteen series, a key of its stored cursors and a field of every
+            # status answer: a 200,000-character one made 3 MB of /metrics, rendered on this loop per scrape.
+            long_name = (f"READY names group {group[:64]!r}... ({len(group)} characters): group names must be 1 "
+                         f"to {MAX_GROUP_LEN} characters without NUL bytes; name the group so in the worker's config")
+            self.metrics.rejected.labels("zmq", "group").inc()
+            log.warning("worker refused: its group name", extra={"group": group[:64], "key": self.net.user})
+            self.net.send([ident, P.ERR, P.enc(P.Err(fatal=True, error=long_name))])
+            return
         if not topics and group not in self.groups and group not in self.wanted:
             raise P.ProtocolError(f"READY for unknown group {group!r} must name its topics")
         absurd = self._topic_names_refused(group, topics)
@@ -1728,7 +1740,8 @@ class Hub:
         self.net.send([ident, P.ERR, P.enc(P.Err(error=why, moved=where))])
 
     def _retention_skipped(self, group: str, topic: str, first: int, count: int) -> None:
-        self.metrics.group_skipped_by_retention.labels(group, topic).inc(count)
+        label = topic if self.metrics.group_topic_series(group, topic) else OTHER_TOPIC
+        self.metrics.group_skipped_by_retention.labels(group, label).inc(count)
         log.warning("group skipped events retention dropped before it consumed them; raise [hub] retention_days / "
                     "retention_mb, or keep the group's workers running",
                     extra={"group": group, "topic": topic, "seqs": f"{first}-{first + count - 1}", "skipped": count})
@@ -1746,8 +1759,9 @@ class Hub:
                 if t in per:
                     per[t]["skipped_by_retention"] = n
             for t, v in per.items():
-                self.metrics.cursor.labels(g.name, t).set(v["cursor"])
-                self.metrics.lag.labels(g.name, t).set(v["lag"])
+                if self.metrics.group_topic_series(g.name, t):
+                    self.metrics.cursor.labels(g.name, t).set(v["cursor"])
+                    self.metrics.lag.labels(g.name, t).set(v["lag"])
             groups[g.name] = {
                 "topics": per,
                 "lag": sum(v["lag"] for v in per.values()),

@@ -2,7 +2,9 @@
 
 Labels are bounded: topic, group, source, reason, plugin -- never object keys. Topics are bounded twice: the hub
 refuses new topics past `[hub] max_topics`, and only the first MAX_TOPIC_SERIES topics get series of their own
-(later ones are counted under topic="_other"), so /metrics stays small whatever max_topics is raised to.
+(later ones are counted under topic="_other"), so /metrics stays small whatever max_topics is raised to. Groups
+the config does not name are at most `[hub] max_groups`, their names at most 255 characters (hub.loop), and
+(group, topic) pairs get series for the first MAX_GROUP_TOPIC_SERIES only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ MAX_TOPIC_SERIES = 1000
 """Distinct topic label values per process; past it, topic counters go to OTHER_TOPIC and topic gauges are not
 set."""
 OTHER_TOPIC = "_other"
+MAX_GROUP_TOPIC_SERIES = 5000
+"""Distinct (group, topic) label pairs per process for the cursor and lag gauges; past it, a pair's gauges are not
+set and its retention skips are counted under OTHER_TOPIC. Each group the config does not name may consume
+max_topics topics of any name, so READYs alone could make max_groups x max_topics pairs (100,000 by default)."""
 
 
 class _Memo:
@@ -58,9 +64,24 @@ class HubMetrics:
             return topic
         return OTHER_TOPIC
 
+    def group_topic_series(self, group: str, topic: str) -> bool:
+        """Whether the pair has (or now gets) series of its own: the first MAX_GROUP_TOPIC_SERIES pairs do."""
+        pair = (group, topic)
+        if pair in self._pairs:
+            return True
+        if len(self._pairs) < MAX_GROUP_TOPIC_SERIES:
+            self._pairs.add(pair)
+            return True
+        return False
+
+    def forget_group_topic(self, group: str, topic: str) -> None:
+        """A removed group's pair (its series removed too) leaves room for another."""
+        self._pairs.discard((group, topic))
+
     def __init__(self) -> None:
         configure_created_series()
         self._topics: set[str] = set()
+        self._pairs: set[tuple[str, str]] = set()
         r = self.registry = CollectorRegistry()
         self.received = Counter("bucketwire_events_received_total", "Events accepted at ingress",
                                 ["source", "topic"], registry=r)

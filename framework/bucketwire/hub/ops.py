@@ -224,8 +224,9 @@ class HubOps:
         lag = 0
         for t in g.topics:
             head = heads.get(t, 0)
-            m.cursor.labels(g.name, t).set(g.acked[t])
-            m.lag.labels(g.name, t).set(max(0, head - g.acked[t]))
+            if m.group_topic_series(g.name, t):
+                m.cursor.labels(g.name, t).set(g.acked[t])
+                m.lag.labels(g.name, t).set(max(0, head - g.acked[t]))
             lag += max(0, head - g.acked[t])
         credit = sum(w.credit for w in g.workers.values())
         free = sum(max(0, w.free) for w in g.workers.values())
@@ -398,6 +399,8 @@ class HubOps:
                 gauge.remove(*labels)
             except KeyError:  # never set
                 pass
+        for t in g.topics:
+            m.forget_group_topic(g.name, t)
 
     # -- REPLAY ----------------------------------------------------------------------------------------------
     def on_replay(self, ident: bytes, hdr: P.Replay) -> None:
