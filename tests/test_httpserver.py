@@ -18,6 +18,8 @@ import pytest
 
 from bucketwire.hub.http_server import Limits, Pending, Request, Response, Server
 
+BIG = 256 * 1024
+
 
 class Echo:
     """Answers `POST /delay/<ms>` after that many milliseconds (a Pending), anything else at once."""
@@ -34,6 +36,8 @@ class Echo:
     def handle(self, req: Request) -> Response | Pending:
         self.seen.append(req.target)
         body = f'{{"path": "{req.path}", "n": {len(req.body)}}}\n'.encode()
+        if req.path == "/big":
+            return Response(200, b"x" * BIG)
         if req.path.startswith("/delay/"):
             assert self.loop is not None
             pending = Pending()
@@ -296,3 +300,35 @@ def test_upgrade_requests_are_answered_then_closed(server: Running) -> None:
         assert read_responses(s, 1)[0][0] == 200
         assert closed(s)
     assert server.handler.seen == ["/now"] and server.rejects == []
+
+
+def test_a_client_that_reads_nothing_gets_no_more_answers_made(server: Running) -> None:
+    """Pipelined requests are answered only while the client reads the answers: once the connection's write
+    buffer is full, the server stops making answers (and parsing requests) until it drains. It used to answer
+    everything one read held -- from loopback, or anyone with metrics_public, 300 pipelined GETs of /metrics
+    were 300 renders on the hub's loop and their bytes held in memory for a client that read none of them."""
+    n = 300
+    with server.connect() as s:
+        s.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n" * n)
+        wait_for_paused = time.monotonic() + 10
+        while not any(c.paused for c in list(server.srv.conns)) and time.monotonic() < wait_for_paused:
+            time.sleep(0.05)  # pacing: the poll interval of a wait with a deadline
+        assert any(c.paused for c in list(server.srv.conns)), "the server stops reading"
+        made = len(server.handler.seen)
+        assert made < n // 3, f"{made} of {n} answers made for a client that read none"
+        got = read_responses(s, n)  # and once it reads, every answer comes, in order
+    assert len(got) == n and all(r[0] == 200 and len(r[2]) == BIG for r in got)
+    assert len(server.handler.seen) == n
+
+
+def test_requests_held_back_are_still_answered_after_the_client_half_closes(server: Running) -> None:
+    """More pipelined requests than MAX_PIPELINED, then the client's FIN: those not parsed yet when the FIN came
+    are parsed and answered all the same, in order, and then the connection closes."""
+    n = 100
+    with server.connect() as s:
+        s.sendall(b"".join(post("/delay/1", str(i).encode()) for i in range(n)))
+        s.shutdown(socket.SHUT_WR)
+        got = read_responses(s, n)
+        assert closed(s)
+    assert len(got) == n and all(r[0] == 200 for r in got)
+    assert server.handler.seen == ["/delay/1"] * n

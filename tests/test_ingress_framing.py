@@ -209,3 +209,17 @@ def test_strangers_bodies_do_not_fill_the_hubs_memory(hub: Stack) -> None:
 def test_the_hub_still_serves_after_all_of_it(hub: Stack) -> None:
     wait_for(hub.healthy, 10, "hub healthy")
     assert hub.post("/events", ce("after", "after"))[0] == 200
+
+
+def test_a_strangers_pipelined_errors_cost_one_answer_per_connection(hub: Stack) -> None:
+    """A GET to no endpoint needs no token, and its 404 kept the connection open: 256 KiB of pipelined
+    `GET / HTTP/1.1` from a client that reads nothing made the hub answer some 14,000 of them (about 3 MB of
+    answers, each a metric update and a JSON body on the hub's loop) from one read. Like a 401, such an answer
+    now closes the connection: a stranger pays a connection per answer."""
+    before = hub.metric("bucketwire_ingress_rejected_total", ingress="http", reason="not_found")
+    with connect(hub) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: hub\r\n\r\n" * 2000)
+        got = answers(c)
+    assert [a[0] for a in got] == [404], [a[0] for a in got][:5]
+    assert b"Connection: close" in got[0][1]
+    assert hub.metric("bucketwire_ingress_rejected_total", ingress="http", reason="not_found") == before + 1

@@ -35,6 +35,8 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
 MAX_PIPELINED = 32
 """Requests read ahead on one connection before it stops reading until the earlier ones are answered."""
+FEED_SLICE = 16 * 1024
+"""Bytes parsed at a time: between slices a connection whose answers are not being read stops parsing."""
 SWEEP_INTERVAL = 0.1
 MAX_STEP_TURNS = 16
 """asyncio turns one `step()` may run while callbacks are ready. Accepting a connection takes about four (accept,
@@ -177,6 +179,9 @@ class _Conn(asyncio.Protocol):
         self.eof = False  # nothing more will be read: answer what is queued, then close
         self.paused = False
         self.write_paused = False
+        self.unparsed = b""  # received, not yet parsed (see `_feed`)
+        self.feeding = False
+        self.half_closed = False  # the client sent its last byte while `unparsed` still held requests
         # the request being parsed
         self.req: Request | None = None
         self.url: list[bytes] = []
@@ -215,6 +220,33 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing or self.eof:
             return
+        self.unparsed = self.unparsed + data if self.unparsed else data
+        self._feed()
+
+    def _feed(self) -> None:
+        """Parse what has arrived, FEED_SLICE bytes at a time, while the connection may take more requests.
+
+        One read can hold thousands of pipelined requests; parsed in one go they were all answered, whether or not
+        the client read a byte of the answers. Between slices the parsing stops while the answers wait to be
+        written or MAX_PIPELINED requests wait to be answered, and resumes when they are (`_flow`)."""
+        if self.feeding:
+            return  # called back from inside the parser: the loop below goes on
+        self.feeding = True
+        try:
+            while self.unparsed and not (self.closing or self.eof or self._held()):
+                chunk, self.unparsed = self.unparsed[:FEED_SLICE], self.unparsed[FEED_SLICE:]
+                self._parse(chunk)
+        finally:
+            self.feeding = False
+        if self.closing or self.eof:
+            self.unparsed = b""
+        if self.half_closed and not self.unparsed:
+            self.half_closed = False
+            if not self._peer_done():
+                self._close()
+        self._flow()
+
+    def _parse(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -241,13 +273,21 @@ class _Conn(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._flow()
+        self._pump()  # the answers held back while the buffer was full, then parsing what is left (`_flow`)
 
     def eof_received(self) -> bool | None:
+        if self.unparsed:
+            self.half_closed = True  # the requests still unparsed are answered first (`_feed`)
+            return True
+        return True if self._peer_done() else None
+
+    def _peer_done(self) -> bool:
+        """The client has sent its last byte: True to answer what it asked, then close; False when it asked
+        nothing (or a request that can no longer complete), to close now."""
         if self.queue or self.waiting is not None:
             self.eof = True
-            return True  # half-close: answer what was asked, then close
-        return None  # nothing asked (or a request that can no longer complete): close now
+            return True
+        return False
 
     # -- parser callbacks -----------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -335,7 +375,7 @@ class _Conn(asyncio.Protocol):
     # -- answering ------------------------------------------------------------------------------------------
     def _pump(self) -> None:
         """Answer queued requests in order until one has to wait."""
-        while self.queue and self.waiting is None and not self.closing:
+        while self.queue and self.waiting is None and not self.closing and not self.write_paused:
             req, resp, keep = self.queue[0]
             if resp is None:
                 got = self._call(req)
@@ -385,17 +425,24 @@ class _Conn(asyncio.Protocol):
             elif self.req is None:
                 self._arm("idle", self.srv.limits.idle_timeout)
 
+    def _held(self) -> bool:
+        """No more requests now: the answers wait to be written, or enough requests wait to be answered."""
+        return self.write_paused or len(self.queue) >= MAX_PIPELINED
+
     def _flow(self) -> None:
         t = self.transport
         if t is None or self.closing:
             return
-        want_pause = self.write_paused or len(self.queue) >= MAX_PIPELINED
+        want_pause = self._held()
         if want_pause and not self.paused:
             t.pause_reading()
             self.paused = True
-        elif not want_pause and self.paused:
-            t.resume_reading()
-            self.paused = False
+        elif not want_pause:
+            if self.paused:
+                t.resume_reading()
+                self.paused = False
+            if self.unparsed and not self.feeding:
+                self._feed()
 
     # -- limits ---------------------------------------------------------------------------------------------
     def _count_header(self, n: int) -> None:
@@ -593,7 +640,7 @@ class Server:
         self.accepted.add(conn)
         if len(self.accepted) <= self.limits.max_connections:
             return
-        victim = min((c for c in self.accepted if c is not conn and not c.queue and c.waiting is None),
+        victim = min((c for c in self.accepted if c is not conn and c.waiting is None),
                      key=lambda c: (c.read_kind != "idle", c.since), default=None)
         if victim is None:
             victim = conn

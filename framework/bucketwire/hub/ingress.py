@@ -239,9 +239,9 @@ class Ingress:
         self.rejected.labels("http", metric).inc()
         return self.reply(code, {"error": reason}, close=close)
 
-    def not_found(self, path: str, *, close: bool = False) -> Response:
+    def not_found(self, path: str) -> Response:
         return self.fail(404, f"no such endpoint {path[:200]}; POST to one of {', '.join(ROUTES)}", "not_found",
-                         close=close)
+                         close=True)
 
     def timed_out(self, req: Request) -> Response:
         return self.fail(503, "journal unavailable, retry later (timeout)", "unavailable")
@@ -285,7 +285,7 @@ class Ingress:
                              "method", close=True)
         path = req.path
         if path not in ROUTES:
-            return self.not_found(path, close=True)
+            return self.not_found(path)
         if not self._authorized(req):
             return self.fail(401, "missing or wrong bearer token (Authorization: Bearer <auth_token>)", "auth",
                              close=True)
@@ -305,9 +305,11 @@ class Ingress:
         if req.method == "POST":
             return self.post(req)
         path = req.path
+        # A refusal of a GET (403, 404) closes the connection, as a 401 does: it needs no token, and kept open, one
+        # read of pipelined requests from a client that reads nothing had the loop answer thousands of them.
         if path in ("/healthz", "/metrics") and self._local_only(req.peer):
             return self.fail(403, f"{path} answers loopback clients only; set [hub] metrics_public = true",
-                             "forbidden")
+                             "forbidden", close=True)
         if path == "/healthz":
             h = self.health()
             alive = time.monotonic() - h.last_tick < max(5.0, 3 * self.cfg.heartbeat_interval)
