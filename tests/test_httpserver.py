@@ -332,3 +332,24 @@ def test_requests_held_back_are_still_answered_after_the_client_half_closes(serv
         assert closed(s)
     assert len(got) == n and all(r[0] == 200 for r in got)
     assert server.handler.seen == ["/delay/1"] * n
+
+
+def test_a_connection_stalled_by_its_own_client_gives_way_at_the_limit() -> None:
+    """A client that pipelines requests and reads none of the answers holds requests queued: that used to spare
+    its connection at the connection limit (only one waiting for its commit should be), so a few such clients
+    kept everyone else out. Now it is the one closed."""
+    r = Running(Limits(read_timeout=30, idle_timeout=30, reply_timeout=30, max_connections=1))
+    try:
+        with r.connect() as stalled:
+            stalled.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n" * 100)
+            deadline = time.monotonic() + 10
+            while not any(c.paused and c.queue for c in list(r.srv.conns)) and time.monotonic() < deadline:
+                time.sleep(0.05)  # pacing: the poll interval of a wait with a deadline
+            assert any(c.paused and c.queue for c in list(r.srv.conns)), "the stalled client holds queued requests"
+            with r.connect() as s:
+                s.sendall(post("/now"))
+                got = read_responses(s, 1)
+            assert got and got[0][0] == 200, "the newcomer is served"
+            assert r.rejects == ["connections"]
+    finally:
+        r.stop()
