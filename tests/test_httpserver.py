@@ -353,3 +353,21 @@ def test_a_connection_stalled_by_its_own_client_gives_way_at_the_limit() -> None
             assert r.rejects == ["connections"]
     finally:
         r.stop()
+
+
+def test_bodies_waiting_to_be_answered_are_bounded_per_connection(server: Running) -> None:
+    """Requests read ahead while an earlier one waits (for its commit, or for its client to read the answers)
+    keep their bodies: 32 of them of max_body_bytes each were 32 MiB per connection, and a token holder holds
+    them as long as it reads no answer. Now reading stops once the bodies waiting reach max_body_bytes (here 1000),
+    and goes on as they are answered."""
+    with server.connect() as s:
+        s.sendall(post("/delay/300", b"a" * 900) + b"".join(post("/now", b"b" * 900) for _ in range(20)))
+        deadline = time.monotonic() + 10
+        while not any(c.paused for c in list(server.srv.conns)) and time.monotonic() < deadline:
+            time.sleep(0.01)  # pacing: the poll interval of a wait with a deadline
+        queued = [c.queued_bytes for c in list(server.srv.conns)]
+        assert any(c.paused for c in list(server.srv.conns)), f"reading never stopped ({queued} bytes queued)"
+        assert max(queued) <= 2 * 1000, queued
+        got = read_responses(s, 21)
+    assert [r[0] for r in got] == [200] * 21, "all answered, in order, once the first is"
+    assert got[0][2] == b'{"path": "/delay/300", "n": 900}\n'

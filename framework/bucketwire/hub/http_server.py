@@ -36,7 +36,8 @@ MAX_HEADERS = 100
 MAX_PIPELINED = 32
 """Requests read ahead on one connection before it stops reading until the earlier ones are answered."""
 FEED_SLICE = 16 * 1024
-"""Bytes parsed at a time: between slices a connection whose answers are not being read stops parsing."""
+"""Bytes parsed at a time (at most max_body): between slices a connection stops parsing while it is held (`_held`),
+so it holds at most about twice max_body of request bodies."""
 SWEEP_INTERVAL = 0.1
 MAX_STEP_TURNS = 16
 """asyncio turns one `step()` may run while callbacks are ready. Accepting a connection takes about four (accept,
@@ -174,6 +175,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.peer = ""
         self.queue: deque[tuple[Request, Response | None, bool]] = deque()
+        self.queued_bytes = 0  # the bodies of the requests in `queue`
         self.waiting: Pending | None = None
         self.closing = False
         self.eof = False  # nothing more will be read: answer what is queued, then close
@@ -233,8 +235,9 @@ class _Conn(asyncio.Protocol):
             return  # called back from inside the parser: the loop below goes on
         self.feeding = True
         try:
+            size = min(FEED_SLICE, self.srv.limits.max_body)  # the bodies held wait for a slice's end
             while self.unparsed and not (self.closing or self.eof or self._held()):
-                chunk, self.unparsed = self.unparsed[:FEED_SLICE], self.unparsed[FEED_SLICE:]
+                chunk, self.unparsed = self.unparsed[:size], self.unparsed[size:]
                 self._parse(chunk)
         finally:
             self.feeding = False
@@ -366,6 +369,7 @@ class _Conn(asyncio.Protocol):
         self.body.clear()
         self.continue_due = False  # the client sent the body without waiting: no interim answer is needed
         self.queue.append((req, None, keep))
+        self.queued_bytes += len(req.body)
         if not keep:
             self._last()  # HTTP/1.0 or `Connection: close`: what comes after it is not a request of ours
         self.read_by = 0.0  # waiting for the answer does not count against the client
@@ -388,6 +392,7 @@ class _Conn(asyncio.Protocol):
                     got = got.response
                 resp = got
             self.queue.popleft()
+            self.queued_bytes -= len(req.body)
             self._write(resp, keep and not resp.close, req.method == "HEAD")
         if self.continue_due and not self.queue and self.waiting is None and not self.closing:
             self.continue_due = False
@@ -406,6 +411,7 @@ class _Conn(asyncio.Protocol):
         self.waiting = None
         self.reply_by = 0.0
         req, _, keep = self.queue.popleft()
+        self.queued_bytes -= len(req.body)
         self._write(resp, keep and not resp.close, req.method == "HEAD")
         self._pump()
 
@@ -426,8 +432,10 @@ class _Conn(asyncio.Protocol):
                 self._arm("idle", self.srv.limits.idle_timeout)
 
     def _held(self) -> bool:
-        """No more requests now: the answers wait to be written, or enough requests wait to be answered."""
-        return self.write_paused or len(self.queue) >= MAX_PIPELINED
+        """No more requests now: the answers wait to be written, or enough requests (or bodies: a connection holds
+        at most about twice max_body, not MAX_PIPELINED of them) wait to be answered."""
+        return (self.write_paused or len(self.queue) >= MAX_PIPELINED
+                or self.queued_bytes >= self.srv.limits.max_body)
 
     def _flow(self) -> None:
         t = self.transport
@@ -490,6 +498,7 @@ class _Conn(asyncio.Protocol):
             late, self.waiting, self.reply_by = self.waiting, None, 0.0
             late._cancel()
             req, _, keep = self.queue.popleft()
+            self.queued_bytes -= len(req.body)
             self._write(self.srv.handler.timed_out(req), keep, req.method == "HEAD")
             self._pump()
         if self.read_by and now >= self.read_by and not self.closing:
