@@ -229,8 +229,9 @@ class _Conn(asyncio.Protocol):
         """Parse what has arrived, FEED_SLICE bytes at a time, while the connection may take more requests.
 
         One read can hold thousands of pipelined requests; parsed in one go they were all answered, whether or not
-        the client read a byte of the answers. Between slices the parsing stops while the answers wait to be
-        written or MAX_PIPELINED requests wait to be answered, and resumes when they are (`_flow`)."""
+        the client read a byte of the answers. Between slices the parsing stops while the connection is held
+        (`_held`: answers waiting to be written, or requests or bodies waiting to be answered), and resumes when it
+        is not (`_flow`)."""
         if self.feeding:
             return  # called back from inside the parser: the loop below goes on
         self.feeding = True
