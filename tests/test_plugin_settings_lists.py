@@ -83,3 +83,37 @@ def test_plugins_command_reports_the_settings_line_doctor_and_the_worker_report(
     r = subprocess.run([sys.executable, "-m", "bucketwire", "plugins", "-c", str(p)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and '"thumbnail"' in r.stdout, r.stdout + r.stderr
+
+
+def test_plugins_command_checks_the_settings_of_a_plugin_loaded_with_dash_plugin(tmp_path: Path) -> None:
+    """A plugin an author runs with `worker --plugin my_plugin.py` (not installed) had its section checked by the
+    worker at start but not by `bucketwire plugins -c CONFIG --plugin my_plugin.py`, which said nothing and
+    exited 0 for a section the worker then refused."""
+    mod = tmp_path / "my_plugin.py"
+    mod.write_text(
+        "from bucketwire import ConfigError, hookimpl\n\n"
+        "@hookimpl\n"
+        "def validate_settings(settings):\n"
+        "    if not isinstance(settings.get('limit', 1), int):\n"
+        "        raise ConfigError(f\"limit: expected an integer, got {settings['limit']!r}\")\n"
+        "    return settings\n\n"
+        "@hookimpl\n"
+        "def handle_event(event, ctx):\n"
+        "    pass\n")
+    p = tmp_path / "c.toml"
+    p.write_text(f'[hub]\nstate_dir = "{tmp_path / "state"}"\n'
+                 '\n[groups.t]\ntopics = ["jobs"]\nplugins = []\n\n[plugins.my_plugin]\nlimit = "ten"\n')
+    args = [sys.executable, "-m", "bucketwire", "plugins", "-c", str(p), "--plugin", str(mod)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr == "Error: [plugins.my_plugin] limit: expected an integer, got 'ten'\n", r.stderr
+    doctor = [sys.executable, "-m", "bucketwire", "doctor", "--offline", "-q", "-c", str(p), "--plugin", str(mod)]
+    r = subprocess.run(doctor, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ERROR [plugins.my_plugin] limit: expected an integer, got 'ten' -- fix:" in r.stdout, r.stdout
+    assert "configures a plugin that is not installed" not in r.stdout, "it is loaded with --plugin"
+    p.write_text(p.read_text().replace('limit = "ten"', "limit = 10"))
+    r = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0 and '"my_plugin"' in r.stdout, r.stdout + r.stderr
+    r = subprocess.run(doctor, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "ERROR" not in r.stdout and "my_plugin" not in r.stdout, r.stdout

@@ -199,7 +199,7 @@ def plugins_cmd(config_path: str | None, local_plugins: tuple[str, ...]) -> None
         # The settings checks doctor and a worker run: a section the pool would refuse at start passed here.
         cfg = load_config(config_path)
         installed = set(loaded.names) if not local_plugins else set(loader.load(None, []).names)
-        bad = [f.what for f in check_plugin_settings(cfg, installed) if f.level == "error"]
+        bad = [f.what for f in check_plugin_settings(cfg, installed, local_plugins) if f.level == "error"]
         if bad:
             more = f" ({len(bad) - 1} more: run bucketwire doctor -c {config_path})" if len(bad) > 1 else ""
             raise ConfigError(bad[0] + more)

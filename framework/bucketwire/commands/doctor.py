@@ -17,6 +17,7 @@ import socket
 import struct
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -298,13 +299,18 @@ def check_topics(cfg: Config) -> list[Finding]:
     return out
 
 
-def check_plugins(cfg: Config) -> list[Finding]:
+def check_plugins(cfg: Config, local: Sequence[str] = ()) -> list[Finding]:
+    """`local`: modules or files a worker is started with (`--plugin`), checked as the worker would load them."""
     from bucketwire.worker import plugin_loading as loader
 
     try:
         installed = set(loader.load(None, []).names)
     except ConfigError as e:
         return [Finding("error", f"installed plugins cannot be loaded: {e}", "reinstall the failing plugin")]
+    try:
+        local_names = set(loader.load(None, list(local), entry_points=False).names) if local else set()
+    except ConfigError as e:
+        return [Finding("error", str(e), "fix the module given with --plugin")]
     out: list[Finding] = []
     for g, gc in sorted(cfg.groups.items()):
         for p in gc.plugins or []:
@@ -314,22 +320,33 @@ def check_plugins(cfg: Config) -> list[Finding]:
                                    f"pip install the plugin that provides {p!r}, or fix the name"))
     allowed = {p for gc in cfg.groups.values() for p in (gc.plugins or [])}
     for p in sorted(cfg.plugins):
-        if p not in installed and p not in allowed:
+        if p not in installed and p not in allowed and p not in local_names:
             out.append(Finding("warn", f"[plugins.{p}] configures a plugin that is not installed",
                                "install it, or load it with `worker --plugin MODULE` (then ignore this)"))
-    return out + check_plugin_settings(cfg, installed)
+    return out + check_plugin_settings(cfg, installed, local)
 
 
-def check_plugin_settings(cfg: Config, installed: set[str]) -> list[Finding]:
+def check_plugin_settings(cfg: Config, installed: set[str], local: Sequence[str] = ()) -> list[Finding]:
     """Each installed plugin a group runs, its section through its own `validate_settings`, as a worker does at
-    start: a bad value passed doctor, and the pool stopped with the line doctor could have printed."""
+    start: a bad value passed doctor, and the pool stopped with the line doctor could have printed. `local`: the
+    `--plugin` modules a worker would load too (they run in whatever group the worker joins, so their settings
+    are checked, not their topics against a group's)."""
     from bucketwire.worker import plugin_loading as loader
+
+    out: list[Finding] = []
+    for spec in local:
+        try:
+            one = loader.load(None, [spec], entry_points=False)
+            plain, _ = loader.split_topics({n: cfg.plugins.get(n, {}) for n in one.names})
+            loader.validate_settings(one, plain)
+        except ConfigError as e:
+            out.append(Finding("error", str(e), f"a worker started with --plugin {spec} stops at start with this "
+                                                "line; correct its [plugins.NAME] section"))
 
     runs: dict[str, list[str]] = {}  # plugin -> the groups that run it
     for g, gc in sorted(cfg.groups.items()):
         for p in installed if gc.plugins is None else set(gc.plugins) & installed:
             runs.setdefault(p, []).append(g)
-    out: list[Finding] = []
     for p, groups in sorted(runs.items()):
         fix = f"a worker running the plugin stops at start with this line; correct the [plugins.{p}] section"
         try:
@@ -455,8 +472,9 @@ def check_stores(cfg: Config) -> list[Finding]:
     return out
 
 
-def run_checks(cfg: Config, *, live: bool = True) -> list[Finding]:
-    findings = check_routes(cfg) + check_topics(cfg) + check_plugins(cfg) + check_ingress(cfg) + check_security(cfg)
+def run_checks(cfg: Config, *, live: bool = True, local: Sequence[str] = ()) -> list[Finding]:
+    findings = (check_routes(cfg) + check_topics(cfg) + check_plugins(cfg, local) + check_ingress(cfg)
+                + check_security(cfg))
     if live:
         from bucketwire.commands.doctor_cluster import check_cluster
 
@@ -469,7 +487,9 @@ def run_checks(cfg: Config, *, live: bool = True) -> list[Finding]:
               help="TOML config file (or set BUCKETWIRE_CONFIG).")
 @click.option("--offline", is_flag=True, help="Check the config only; do not contact the hub or stores.")
 @click.option("--quiet", "-q", "only_problems", is_flag=True, help="Print only errors and warnings.")
-def doctor(config_path: str | None, offline: bool, only_problems: bool) -> None:
+@click.option("--plugin", "-p", "local_plugins", multiple=True,
+              help="Also check this module or .py file, as `worker --plugin` loads it (its [plugins.NAME] settings).")
+def doctor(config_path: str | None, offline: bool, only_problems: bool, local_plugins: tuple[str, ...]) -> None:
     """Check a config and the running system; one line per finding with the fix. Exit 1 on any error."""
     from bucketwire import config as config_mod
     from bucketwire.security import check_key_files
@@ -480,7 +500,7 @@ def doctor(config_path: str | None, offline: bool, only_problems: bool) -> None:
     except ConfigError as e:
         click.echo(Finding("error", f"config: {e}", "fix the config file").line())
         raise SystemExit(1) from None
-    findings = run_checks(cfg, live=not offline)
+    findings = run_checks(cfg, live=not offline, local=local_plugins)
     for f in findings:
         if not (only_problems and f.level == "ok"):
             click.echo(f.line())
