@@ -51,6 +51,12 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[topics.jobs]\ndead_letter = 'jobs'", "[topics.jobs] dead_letter: is the topic itself; its events would be "
                                            "dropped instead of dead-lettered"),
     ("[hub\n", "invalid TOML"),
+    # a path key given another type, or a NUL byte, raised NotImplementedError (or ValueError at hub start)
+    ("[hub]\nstate_dir = 5", "[hub] state_dir: expected a path, got 5"),
+    ('[hub]\nstate_dir = "a\\u0000b"', '[hub] state_dir: expected a path, got "a\\u0000b"'),
+    ("[hub]\ntls_cert = true", "[hub] tls_cert: expected a path, got true"),
+    ("[journal]\ncreds = ['x.creds']", '[journal] creds: expected a path, got ["x.creds"]'),
+    ("[security]\nauthorized_keys_dir = {a = 1}", "[security] authorized_keys_dir: expected a path, got a table"),
     ("routes = 5", "routes: expected a list of tables, got 5"),
 ])
 def test_config_errors_name_file_key_and_fix(tmp_path: Path, text: str, needle: str) -> None:
@@ -60,6 +66,34 @@ def test_config_errors_name_file_key_and_fix(tmp_path: Path, text: str, needle: 
     assert str(e.value).startswith(f"{p}: ")
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
+
+
+_WRONG = ['5', '1.5', 'true', '"x"', '[1]', '{a = 1}', '[]', '""', '-1', '["a", 2]', '[[1]]', '1e400', 'nan',
+          '"a\\u0000b"', '"env:BW_DOES_NOT_EXIST"']
+_TABLES = {"hub": config_mod.HubConfig, "client": config_mod.ClientConfig, "journal": config_mod.JournalConfig,
+           "security": config_mod.SecurityConfig, "topics.t": config_mod.TopicConfig,
+           "groups.g": config_mod.GroupConfig, "stores.s": config_mod.StoreConfig,
+           "security.roles.r": config_mod.RoleConfig}
+
+
+@pytest.mark.parametrize("table", sorted(_TABLES))
+def test_every_key_given_a_wrong_value_is_one_line(tmp_path: Path, table: str) -> None:
+    """Every key of every table, given each kind of TOML value: loading either works or is one ConfigError line.
+    A path key given a number (`state_dir = 5`) printed msgspec's NotImplementedError traceback instead."""
+    cls = _TABLES[table]
+    required = {"groups.g": 'topics = ["a"]\n', "stores.s": 'endpoint = "h:1"\n'}.get(table, "")
+    names = [n for n in cls.__struct_encode_fields__ if not n.startswith("__") and n != "name"]
+    assert len(names) >= 3
+    for key in names:
+        for value in _WRONG:
+            text = f"[{table}]\n{'' if required.startswith(key + ' ') else required}{key} = {value}\n"
+            p = write(tmp_path, text)
+            try:
+                config_mod.load(p, warn=False)
+            except ConfigError as e:
+                assert str(e).startswith(f"{p}: ") and "\n" not in str(e), text
+            except Exception as e:  # noqa: BLE001 - anything else is the bug this test is for
+                pytest.fail(f"{text!r}: {type(e).__name__}: {e}")
 
 
 @pytest.mark.parametrize("text,where", [
@@ -140,13 +174,16 @@ secret_key = "file:{secret}"
     assert cfg.hub.default_store == "s"
 
 
-def test_cli_prints_one_line_not_a_traceback(tmp_path: Path) -> None:
-    p = write(tmp_path, '[hub]\nhttp = "nope"')
+@pytest.mark.parametrize("text, needle", [('[hub]\nhttp = "nope"', "[hub] http"),
+                                          ("[hub]\nstate_dir = 5", "[hub] state_dir: expected a path, got 5")])
+def test_cli_prints_one_line_not_a_traceback(tmp_path: Path, text: str, needle: str) -> None:
+    p = write(tmp_path, text)
     r = subprocess.run([sys.executable, "-m", "bucketwire", "status", "-c", str(p)], capture_output=True, text=True)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]
     assert r.stderr.strip().splitlines()[-1].startswith("Error: ")
-    assert "[hub] http" in r.stderr
+    assert needle in r.stderr
 
 
 @pytest.mark.parametrize("flag, needle", [("nonsense", "is not HOST:PORT"), ("127.0.0.1:99999", "is not HOST:PORT"),

@@ -394,9 +394,11 @@ _Key = str | int
 
 
 def _dec_hook(typ: type, obj: Any) -> Any:
-    if typ is Path and isinstance(obj, str):
+    """A TypeError here is msgspec's cue to name the key (`[hub] state_dir: expected a path, got 5`); the
+    NotImplementedError its docs suggest escaped as a traceback. A NUL byte is no path the OS can open."""
+    if typ is Path and isinstance(obj, str) and "\0" not in obj:
         return Path(obj).expanduser()
-    raise NotImplementedError
+    raise TypeError("Expected a path")
 
 
 def _resolve_paths(obj: Any, base: Path) -> None:
