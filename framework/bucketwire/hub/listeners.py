@@ -10,6 +10,7 @@ revoked) is handed in, so nothing here reaches into the delivery state. Everythi
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -123,12 +124,15 @@ class Listeners:
                                         self._make_pub(zctx))]
             self.pubs = [self.pub]
             self._secure_primary(zctx)
-            self.work.bind(self.cfg.hub.work)
-            self.pub.bind(self.cfg.hub.publish)
+            _bind(self.work, self.cfg.hub.work, "[hub] work")
+            _bind(self.pub, self.cfg.hub.publish, "[hub] publish")
             self._open_previous(zctx)
         except zmq.ZMQError as e:
             self.close()
-            raise OSError(f"cannot bind ZeroMQ endpoint ({e}); is another hub running on these ports?") from None
+            raise OSError(f"cannot open the hub's ZeroMQ sockets ({e})") from None
+        except OSError:
+            self.close()
+            raise
         except BaseException:
             self.close()
             raise
@@ -176,14 +180,21 @@ class Listeners:
         self.listeners[0].key = key
         self._next_key_check = time.monotonic() + sec.reload_interval
 
-    def _new_listener(self, zctx: zmq.Context[Socket], work_ep: str, pub_ep: str, key: Path) -> _Listener:
+    def _new_listener(self, zctx: zmq.Context[Socket], work_ep: str, pub_ep: str, key: Path,
+                      names: tuple[str, str] | None = None) -> _Listener:
+        """`names`: the settings the endpoints come from, for a bind failure's line (at start)."""
         w = _router(zctx, max_message_bytes(self.cfg))
         p = self._make_pub(zctx)
         try:
             apply_server(w, key, self.cfg.security.zap_domain)
             apply_server(p, key, self.cfg.security.zap_domain)
-            _bind_retry(w, work_ep)
-            _bind_retry(p, pub_ep)
+            for sock, ep, name in ((w, work_ep, names and names[0]), (p, pub_ep, names and names[1])):
+                try:
+                    _bind_retry(sock, ep)
+                except zmq.ZMQError as e:
+                    if name is None:
+                        raise
+                    raise _bind_error(e, ep, name) from None
         except Exception:
             w.close(0)
             p.close(0)
@@ -196,7 +207,8 @@ class Listeners:
         if sec.curve and sec.previous_server_secret_key is not None:
             assert sec.work_previous and sec.publish_previous
             self.listeners.append(self._new_listener(zctx, sec.work_previous, sec.publish_previous,
-                                                     sec.previous_server_secret_key))
+                                                     sec.previous_server_secret_key,
+                                                     ("[security] work_previous", "[security] publish_previous")))
             self.pubs = [ls.pub for ls in self.listeners]
             log.info("serving the previous server key too", extra={"work": sec.work_previous,
                                                                    "publish": sec.publish_previous})
@@ -502,6 +514,25 @@ def _router(zctx: zmq.Context[Socket], max_msg: int) -> Socket:
                    (zmq.MAXMSGSIZE, max_msg)):
         w.setsockopt(opt, v)
     return w
+
+
+def _bind(sock: Socket, endpoint: str, key: str) -> None:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        raise _bind_error(e, endpoint, key) from None
+
+
+def _bind_error(e: zmq.ZMQError, endpoint: str, key: str) -> OSError:
+    """One line naming the setting to change: a hub has three listeners (and two more during a key rotation),
+    and "address already in use" alone does not say which of them to move."""
+    if e.errno == zmq.EADDRINUSE:
+        why = f"address already in use; another process (a hub?) listens there: stop it, or set {key} to a free port"
+    elif e.errno == errno.EADDRNOTAVAIL:
+        why = f"is not an address of this host: set {key} to one of its addresses, or to 0.0.0.0 for all of them"
+    else:
+        why = f"{e.strerror}; set {key} to a ZeroMQ endpoint this host can listen on, like tcp://127.0.0.1:5557"
+    return OSError(f"cannot bind {key} {endpoint}: {why}")
 
 
 def _bind_retry(sock: Socket, endpoint: str, tries: int = 50) -> None:
