@@ -145,3 +145,27 @@ def test_dev_demo_makes_thumbnails_and_stops_cleanly(tmp_path: Path) -> None:
     assert alive() == [], f"processes left behind: {alive()}"
     assert p.returncode == 0
     assert "stopped" in out.read_text()
+
+    # `make dev` again, as a newcomer does after a Ctrl+C: the demo shows the whole flow again. Its images were
+    # the same bytes every run, so the thumbnail plugin found its thumbnails made by the first run and announced
+    # nothing: the second run printed no thumbnail-ready at all, as if thumbnails had stopped working.
+    out2 = tmp_path / "dev2.out"
+    p = subprocess.Popen([BUCKETWIRE, "dev", "--state-dir", str(state), "--demo"],
+                         stdout=out2.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            again = out2.read_text()
+            if again.count("thumbnail-ready") >= 8 or p.poll() is not None:
+                break
+            time.sleep(0.5)  # pacing: the poll interval of a wait with a deadline
+        again = out2.read_text()
+        assert again.count("thumbnail-ready") >= 8, again
+        assert "[thumbnail-ready #9]" in again  # the journal survived: seqs go on from the first run's
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 0

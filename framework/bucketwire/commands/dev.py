@@ -422,8 +422,12 @@ def wait_healthy(url: str, children: Children, stopping: threading.Event | None 
     raise DevError(f"the hub did not become healthy at {url} within {timeout:.0f}s")
 
 
-def sample_images() -> list[tuple[str, bytes]]:
-    """A few generated JPEGs; one carries EXIF orientation 6 (rotate 90° CW to display) like a phone photo."""
+def sample_images(stamp: str) -> list[tuple[str, bytes]]:
+    """A few generated JPEGs; one carries EXIF orientation 6 (rotate 90° CW to display) like a phone photo.
+
+    `stamp` (the time of this run) is drawn on each: the same bytes as an earlier run's uploads would find their
+    thumbnails made already (the plugin announces nothing for those), and a second `dev --demo` would show no
+    thumbnail-ready at all."""
     from PIL import Image, ImageDraw
 
     out: list[tuple[str, bytes]] = []
@@ -433,12 +437,14 @@ def sample_images() -> list[tuple[str, bytes]]:
         d = ImageDraw.Draw(img)
         for i in range(0, 1200, 100):
             d.line([(i, 0), (1200 - i, 800)], fill=(255, 255, 255), width=6)
-        d.text((40, 40), name, fill=(0, 0, 0))
+        d.text((40, 40), f"{name} {stamp}", fill=(0, 0, 0))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
         out.append((f"demo/{name}.jpg", buf.getvalue()))
     img = Image.new("RGB", (1200, 800), (200, 200, 40))
-    ImageDraw.Draw(img).rectangle([0, 0, 300, 200], fill=(200, 0, 0))  # red corner marks "top-left" as stored
+    d = ImageDraw.Draw(img)
+    d.rectangle([0, 0, 300, 200], fill=(200, 0, 0))  # red corner marks "top-left" as stored
+    d.text((340, 40), stamp, fill=(0, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW
     exif[0x010F] = "bucketwire"  # Make
@@ -555,7 +561,7 @@ def _demo(cfg: Any, weed: WeedServer, stopping: threading.Event, children: Child
 
     def upload() -> None:
         time.sleep(1.0)  # let `follow` subscribe first so the demo shows everything
-        for key, data in sample_images():
+        for key, data in sample_images(time.strftime("%Y-%m-%d %H:%M:%S")):
             s3.put_object(bucket, key, io.BytesIO(data), len(data), content_type="image/jpeg")
             click.echo(f"uploaded {bucket}/{key} ({len(data)} bytes)")
         printed.set()
