@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -33,3 +35,27 @@ def test_readme_plugin_test_runs_as_written(weed: Any, monkeypatch: pytest.Monke
     ns: dict[str, Any] = {"__name__": "test_my_counter"}
     exec(compile(src, "README:test_my_counter.py", "exec"), ns)
     ns["test_counts_rows"]()
+
+
+def test_make_test_lints_the_project_and_not_a_newcomers_own_files(tmp_path: Path) -> None:
+    """The README's plugin is run from the checkout (`--plugin my_counter.py -c .bucketwire-dev/...`), so that is
+    where a newcomer saves it, half-written; `make test` then failed in `ruff check .` on their file before any
+    test ran. The lint covers the project's own directories, and still fails on an error in one of them."""
+    root = README.parent
+    copy = tmp_path / "checkout"
+    skip = shutil.ignore_patterns(".venv", ".git", "*.egg-info", "__pycache__", ".*_cache", ".bucketwire-dev")
+    shutil.copytree(root, copy, ignore=skip)
+    (copy / "my_counter.py").write_text(_block("# my_counter.py") + "import os  # a newcomer's work in progress\n")
+    venv = Path(sys.executable).parent.parent
+    dry = subprocess.run(["make", "-n", "test", f"VENV={venv}"], cwd=copy, capture_output=True, text=True,
+                         timeout=60)
+    [lint] = [line for line in dry.stdout.splitlines() if "ruff check" in line]
+
+    def ruff() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(lint, shell=True, cwd=copy, capture_output=True, text=True, timeout=120)
+
+    r = ruff()
+    assert r.returncode == 0, r.stdout + r.stderr
+    (copy / "framework" / "bucketwire" / "lint_probe.py").write_text("import os\n")
+    r = ruff()
+    assert r.returncode == 1 and "lint_probe.py" in r.stdout, r.stdout + r.stderr
