@@ -52,7 +52,13 @@ def survivors(tmpdir: str) -> dict[int, str]:
 def main(args: list[str]) -> int:
     tmpdir = tempfile.mkdtemp(prefix="bucketwire-suite-")
     pytest = str(Path(sys.executable).with_name("pytest"))
-    rc = subprocess.call([pytest, *args], env={**os.environ, "TMPDIR": tmpdir})
+    # Ctrl+C reaches pytest too (one foreground process group): it stops and tears its fixtures down. This
+    # process waits for that and then checks as usual; it used to raise KeyboardInterrupt here, SIGKILL pytest
+    # mid-teardown and skip the checks below, leaving a session's `weed` running and this TMPDIR behind. A Python
+    # handler (not SIG_IGN) so pytest, exec'd, gets the default action.
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    rc = subprocess.Popen([pytest, *args], env={**os.environ, "TMPDIR": tmpdir}).wait()
     problems = []
 
     deadline = time.monotonic() + GRACE
@@ -80,11 +86,15 @@ def main(args: list[str]) -> int:
 
     for line in problems:
         print(f"suite: {line}", file=sys.stderr)
+    if interrupted and not problems:  # nothing to look at: a stopped run's tmp_paths are no failure's
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        print("suite: interrupted", file=sys.stderr)
+        return 130
     if rc == 0 and not problems:
         shutil.rmtree(tmpdir, ignore_errors=True)
         return 0
     print(f"suite: its TMPDIR is kept for a look: {tmpdir}", file=sys.stderr)
-    return rc or 1
+    return 130 if interrupted else rc or 1
 
 
 if __name__ == "__main__":

@@ -95,6 +95,53 @@ def test_the_suite_guard_names_what_a_run_left_behind(tmp_path: Path) -> None:
 
 
 
+def test_ctrl_c_during_the_suite_tears_it_down_and_cleans_up(tmp_path: Path) -> None:
+    """Ctrl+C in `make test` (the terminal's SIGINT to the whole foreground group): .ci/suite.py printed a
+    KeyboardInterrupt traceback, SIGKILLed pytest mid-teardown and skipped its own checks, so a `weed` the
+    session had started ran on and the suite's TMPDIR stayed. Now pytest finishes its teardown, the guard kills
+    what still carries its TMPDIR, removes it and exits 130 with one line."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    ready = tmp_path / "ready"
+    (suite / "test_interrupted.py").write_text(
+        "import subprocess, sys, time\nfrom pathlib import Path\nimport pytest\n"
+        "@pytest.fixture(scope='session')\n"
+        "def server():\n"
+        "    p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)  # a-session-server'],\n"
+        "                         start_new_session=True)  # like weed: its own session, no terminal SIGINT\n"
+        "    yield p\n"
+        "    p.kill()\n"
+        "    p.wait()\n"
+        "def test_long(server):\n"
+        f"    Path({str(ready)!r}).write_text('x')\n"
+        "    time.sleep(600)\n")
+    base = tmp_path / "tmp"
+    base.mkdir()
+    guard = Path(__file__).parent.parent / ".ci" / "suite.py"
+    env = {**os.environ, "BUCKETWIRE_SUITE_GRACE": "5", "TMPDIR": str(base)}
+    p = subprocess.Popen([sys.executable, str(guard), "-q", "-p", "no:cacheprovider", "-n", "1", str(suite)],
+                         cwd=suite, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        wait_for(lambda: ready.exists() or p.poll() is not None, 60, "the test to be running")
+        assert p.poll() is None
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl+C does: the whole foreground process group
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        for pid in [q for q in processes() if b"a-session-server" in cmdline(q)]:
+            os.kill(pid, signal.SIGKILL)  # the leftover, when the test fails: not left running
+    assert "Traceback" not in err, err
+    assert p.returncode == 130, out + err
+    assert err.strip().splitlines()[-1] == "suite: interrupted", err
+    wait_for(lambda: not [q for q in processes() if b"a-session-server" in cmdline(q)], 10,
+             "the session's server to be gone")
+    assert sorted(os.listdir(base)) == []
+
+
+
 def _with_tmpdir(tmpdir: Path) -> list[int]:
     """Live processes started with TMPDIR=tmpdir (the environment a process was exec'd with)."""
     needle = b"TMPDIR=" + bytes(tmpdir)
