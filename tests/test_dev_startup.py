@@ -109,6 +109,35 @@ def test_a_bad_base_config_is_named_as_the_user_wrote_it_before_anything_starts(
     assert not (tmp_path / "s" / "seaweedfs").exists()
 
 
+@pytest.mark.timeout(180)
+def test_a_pool_that_stops_at_start_is_named_with_its_own_error_line(tmp_path: Path) -> None:
+    """A group naming a plugin that is not installed (a typo): its pool stops at start with one line in its log.
+    `dev` said only `worker-x (exit 1, see .../worker-x.log) exited during startup`; the reason is the line."""
+    needs_weed()
+    base = tmp_path / "mine.toml"
+    base.write_text((Path(__file__).parent.parent / "examples" / "dev.toml").read_text()
+                    + '\n[groups.x]\ntopics = ["photos"]\nplugins = ["thumbnial"]\nprocesses = 1\n')
+    state = tmp_path / "s"
+    state.mkdir()
+    (state / "logs").mkdir()
+    (state / "logs" / "worker-x.log").write_text("Error: a line an earlier run left in the log\n")
+    r = subprocess.run([BUCKETWIRE, "dev", "--state-dir", str(state), "--config", str(base)], capture_output=True,
+                       text=True, timeout=150)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: worker-x exited during startup (exit 1, see {state / 'logs' / 'worker-x.log'}): "
+                           "plugin 'thumbnial' is named in the config but not installed"), r.stderr
+    wait_for_nothing_on(state)
+
+
+def wait_for_nothing_on(state: Path) -> None:
+    deadline = time.monotonic() + 20
+    while running_on(state) and time.monotonic() < deadline:
+        time.sleep(0.1)  # pacing: a killed process group leaves /proc a moment after its leader is reaped
+    assert running_on(state) == []
+
+
 def wait_running(p: subprocess.Popen[bytes], out: Path) -> None:
     deadline = time.monotonic() + 90
     while "is running" not in out.read_text():

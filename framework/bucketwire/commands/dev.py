@@ -264,11 +264,14 @@ class Children:
         self.log_dir = log_dir
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.workers: set[str] = set()
+        self._log_start: dict[str, int] = {}
+        """name -> the size of its log when it was started: the logs are appended to at every start."""
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], *, worker: bool = False
               ) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log:
+            self._log_start[name] = log.tell()
             # Both ways of stopping with `dev`: the kernel's death signal, and the child's own watch of its
             # parent (procutil.stop_when_orphaned), for when that signal is not seen.
             p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -279,9 +282,27 @@ class Children:
             self.workers.add(name)
         return p
 
-    def dead(self) -> list[str]:
-        return [f"{n} (exit {p.returncode}, see {self.log_dir / (n + '.log')})" for n, p in self.procs
-                if p.poll() is not None]
+    def dead(self) -> list[tuple[str, str]]:
+        """Each child that has exited: its name and `(exit N, see LOG)`, then its own `Error:` line when it
+        printed one (a plugin setting, a plugin not installed): the reason, without opening the log."""
+        out = []
+        for n, p in self.procs:
+            if p.poll() is None:
+                continue
+            log = self.log_dir / f"{n}.log"
+            why = self._error_line(n, log)
+            out.append((n, f"(exit {p.returncode}, see {log})" + (f": {why}" if why else "")))
+        return out
+
+    def _error_line(self, name: str, log: Path) -> str:
+        try:
+            with open(log, "rb") as f:
+                f.seek(self._log_start.get(name, 0))
+                text = f.read()[-65536:].decode(errors="replace")
+        except OSError:
+            return ""
+        lines = [ln.strip() for ln in text.splitlines() if ln.startswith("Error: ")]
+        return lines[-1].removeprefix("Error: ")[:500] if lines else ""
 
     def stop(self, grace: float = 15.0) -> None:
         """Workers first, all at once, and wait until they have drained; then the rest (the hub).
@@ -390,7 +411,7 @@ def wait_pools(cfg: Any, children: Children, stopping: threading.Event, timeout:
         while not stopping.is_set():
             dead = children.dead()
             if dead:
-                raise DevError(f"{dead[0]} exited during startup")
+                raise DevError("{} exited during startup {}".format(*dead[0]))
             try:
                 groups = c.status()["groups"]
             except HubUnavailable:
@@ -410,7 +431,7 @@ def wait_healthy(url: str, children: Children, stopping: threading.Event | None 
     while time.monotonic() < deadline and not (stopping is not None and stopping.is_set()):
         dead = children.dead()
         if dead:
-            raise DevError(f"{dead[0]} exited during startup")
+            raise DevError("{} exited during startup {}".format(*dead[0]))
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200:
@@ -541,7 +562,7 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
         while not stopping.wait(0.5):
             dead = children.dead()
             if dead:
-                raise DevError(f"{dead[0]} stopped unexpectedly")
+                raise DevError("{} stopped unexpectedly {}".format(*dead[0]))
     except Interrupted:
         pass  # stopped during startup: the finally below stops what was started, as for a stop once running
     finally:

@@ -107,9 +107,9 @@ def run_ha(root: Path, base: dict[str, Any], buckets: list[str], demo: bool, s3_
         if demo:
             _demo(cfgs[WEBHOOK_HUB], weed, stopping, children)
         while not stopping.wait(0.5):
-            dead = [d for d in children.dead() if not d.startswith("hub-")]  # a killed hub is the point
+            dead = [d for d in children.dead() if not d[0].startswith("hub-")]  # a killed hub is the point
             if dead:
-                raise DevError(f"{dead[0]} stopped unexpectedly")
+                raise DevError("{} stopped unexpectedly {}".format(*dead[0]))
     except Interrupted:
         pass  # stopped during startup: the finally below stops what was started
     finally:
