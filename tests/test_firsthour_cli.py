@@ -3,9 +3,14 @@ traceback."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_listen_with_an_invalid_bucket_name_is_one_line(tmp_path: Path) -> None:
@@ -91,3 +96,57 @@ def test_worker_help_says_what_topic_does_for_a_group_not_in_the_config() -> Non
     text = " ".join(r.stdout.split())
     assert "-t, --topic TEXT Serve only these topics of the group; a group not in the config consumes these" in text, \
         r.stdout
+
+
+def _commands(cmd: click.Command, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    if isinstance(cmd, click.Group):
+        return [x for name, sub in cmd.commands.items() for x in _commands(sub, (*path, name))]
+    return [(path, cmd)]
+
+
+def test_every_option_of_every_command_is_in_the_readme_and_its_help() -> None:
+    """The README's CLI block is where a newcomer looks first: `dev --config` and `--s3-port`, `publish
+    --timeout`, `replay --no-wait`/`--timeout`, `doctor -q` and seaweed-source's `--state`, `--since` ... were
+    missing from it. Each option of each built-in command is named on its command's lines there (long or short
+    form), each has help text, and no option the block names is one the command lacks."""
+    from bucketwire.cli import cli
+
+    block = re.search(r"^## CLI\n\n```\n(.*?)```", (ROOT / "README.md").read_text(), re.S | re.M)
+    assert block
+    lines: dict[tuple[str, ...], str] = {}
+    last: list[tuple[str, ...]] = []
+    shared: list[tuple[str, list[tuple[str, ...]]]] = []  # each line and the commands it is about
+    for line in block.group(1).splitlines():
+        code = line.split("#")[0]
+        m = re.match(r"bucketwire\s+([a-z-]+)", code)
+        if m:  # a group's line names its subcommands (`dlq list|show|retry|purge`, `keys generate ... | list`)
+            top = cli.commands.get(m.group(1))
+            subs = [w for w in re.findall(r"[a-z-]+", code) if isinstance(top, click.Group) and w in top.commands]
+            last = [(m.group(1), w) for w in subs] or [(m.group(1),)]
+        elif not code.startswith(" "):
+            last = []
+        for key in last:  # a continuation line (indented) belongs to the command above it
+            lines[key] = lines.get(key, "") + " " + code
+        if last:
+            shared.append((code, last))
+    missing, stale, bare = [], [], []
+    for path, cmd in _commands(cli):
+        if path[0] in ("bench", "audit") or not cmd.params:  # bench: its own section; audit: a plugin's
+            continue
+        text = lines.get(path, "")
+        named = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", text))
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name != "help":
+                if not named & {*p.opts, *p.secondary_opts}:
+                    missing.append(f"{' '.join(path)} {p.opts[-1]}")
+                if not p.help:
+                    bare.append(f"{' '.join(path)} {p.opts[-1]}")
+    cmds = dict(_commands(cli))
+    for code, paths in shared:  # a line naming several commands (`dlq list|show|...`) may name any one's options
+        known = {o for path in paths if path in cmds for p in cmds[path].params
+                 for o in (*p.opts, *getattr(p, "secondary_opts", []))}
+        stale += [f"{code.strip()}: {o}" for o in set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", code)) - known
+                  if o != "--help" and paths[0][0] not in ("bench", "audit")]
+    assert missing == [], f"options the README's CLI block does not name: {missing}"
+    assert bare == [], f"options without help text: {bare}"
+    assert stale == [], f"options the README names that the command does not have: {stale}"
