@@ -117,6 +117,25 @@ def test_unknown_keys_are_refused_at_every_level(tmp_path: Path, text: str, wher
                            "in README.md"
 
 
+@pytest.mark.parametrize("text,line", [
+    ("[hub]\nheartbeat_intervall = 1", "[hub] heartbeat_intervall: unknown key; did you mean heartbeat_interval?"),
+    ("[hubb]\nhttp = '127.0.0.1:9000'", "hubb: unknown key; did you mean [hub]?"),
+    ("[[route]]\ntopic = 't'", "route: unknown key; did you mean [[routes]]?"),
+    ("[group.g]\ntopics = ['a']", "group: unknown key; did you mean [groups.NAME]?"),
+    ("[plugin.thumbnail]\nsizes = [1]", "plugin: unknown key; did you mean [plugins.NAME]?"),
+    ("[groups.g]\ntopics = ['a']\nplugin = ['x']", "[groups.g] plugin: unknown key; did you mean plugins?"),
+    ("[security]\nauthorised_keys_dir = 'k'", "[security] authorised_keys_dir: unknown key; did you mean "
+                                               "authorized_keys_dir?"),
+])
+def test_a_misspelt_key_or_table_names_the_one_meant(tmp_path: Path, text: str, line: str) -> None:
+    """A newcomer's typo in a key or a section name said only "unknown key; check the spelling against the
+    configuration reference in README.md", leaving them to find the right spelling in a long reference."""
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        config_mod.load(p)
+    assert str(e.value) == f"{p}: {line}"
+
+
 def test_the_name_of_a_table_is_not_a_key(tmp_path: Path) -> None:
     p = write(tmp_path, "[groups.g]\nname = 'other'\ntopics = ['a']")
     with pytest.raises(ConfigError, match=r"\[groups.g\] name: unknown key; the table's own name \('g'\) is its name"):

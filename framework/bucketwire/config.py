@@ -7,6 +7,7 @@ itself can be committed.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -510,6 +511,9 @@ def _explain(e: msgspec.ValidationError, data: Any, cls: type, keys: list[_Key])
             return f"{_where(keys)}: {msg}"
     field = re.match(r"Object (contains unknown|missing required) field `(.*)`$", msg)
     if field and field[1] == "contains unknown":
+        meant = _meant(field[2], t, top=not keys)
+        if meant:
+            return f"{_where([*keys, field[2]])}: unknown key; did you mean {meant}?"
         return f"{_where([*keys, field[2]])}: unknown key; check the spelling against the configuration reference " \
                "in README.md"
     if field:
@@ -524,6 +528,24 @@ def _explain(e: msgspec.ValidationError, data: Any, cls: type, keys: list[_Key])
     if own:
         return f"{_where([*keys, own[1]])}: {own[2]}"
     return f"{_where(keys)}: {msg}"
+
+
+def _meant(name: str, t: mi.Type, *, top: bool) -> str | None:
+    """The key of this table spelt most like `name` (a typo's likely intent), written as the user would write it:
+    a top-level table as `[hub]`, `[[routes]]` or `[groups.NAME]`."""
+    fields = {f.encode_name: f for f in _fields(t) if not f.encode_name.startswith("__") and f.encode_name != "name"}
+    close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.7)
+    if not close:
+        return None
+    key = close[0]
+    if not top:
+        return key
+    ft = _bare(fields[key].type)
+    if isinstance(ft, mi.ListType) and isinstance(_bare(ft.item_type), mi.StructType):
+        return f"[[{key}]]"
+    if isinstance(ft, mi.DictType) and isinstance(_bare(ft.value_type), mi.StructType | mi.DictType):
+        return f"[{key}.NAME]"
+    return f"[{key}]" if isinstance(ft, mi.StructType | mi.DictType) else key
 
 
 def _fields(t: mi.Type) -> tuple[mi.Field, ...]:
