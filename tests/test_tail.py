@@ -124,3 +124,24 @@ def test_tail_of_a_topic_gone_idle_does_not_report_a_lost_hub(stack_factory: Any
         clock.close(0)
         p.send_signal(signal.SIGINT)
         assert p.wait(15) == 0
+
+
+def test_tail_of_a_topic_the_hub_does_not_have_says_so_and_waits_for_it(stack_factory: Any) -> None:
+    """`bucketwire tail -c C thumbnail-redy` (a typo) printed nothing, forever: no different from a quiet topic.
+    One stderr line now names the topics the hub has; tail still waits, and prints the topic's first event."""
+    s = stack_factory('\n[topics.clock]\n')  # a topic the config names is one before its first event
+    s.start_hub()
+    publish(s, 2)  # topic `jobs`
+    p, out, err = _tail(s, "jobz", "jobs", "clock")
+    try:
+        wait_for(lambda: err.read_text(), 20, "tail's note on stderr")
+        assert err.read_text().splitlines() == [
+            "tail: the hub has no topic 'jobz' yet (its topics: clock, dead-letter, jobs); waiting for its first "
+            "event"]
+        with s.client() as c:
+            c.publish("jobz", {"n": 1})
+        wait_for(lambda: _seqs(out) == [1], 20, "jobz's first event")
+        assert p.poll() is None
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(15) == 0

@@ -176,6 +176,7 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
         click.echo(f"tail: {topic} {seqs} no longer in the journal (retention dropped them); going on from seq "
                    f"{last + 1}", err=True)
 
+    _say_unknown_topics(cfg, topics)
     try:
         for _t, _s, body in follow(cfg, list(topics) or None, from_seq, stop=stop.is_set, on_hub=on_hub,
                                    on_gap=on_gap):
@@ -183,6 +184,30 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
             out.flush()
     except BrokenPipeError:
         pass
+
+
+def _say_unknown_topics(cfg: Any, topics: tuple[str, ...]) -> None:
+    """A topic the hub has never had (a typo: `thumbnail-redy`) looks to tail like a quiet one, and tail printed
+    nothing, forever. One line names the hub's topics; tail still waits, since the topic may yet come."""
+    from bucketwire.client import HubClient, HubRefused, HubUnavailable
+
+    named = {*cfg.topics, *(t for g in cfg.groups.values() for t in g.topics), *(r.topic for r in cfg.routes),
+             cfg.hub.dead_letter, *(t.dead_letter for t in cfg.topics.values() if t.dead_letter)}
+    asked = [t for t in topics if t not in named]  # the config's topics exist before their first event
+    if not asked:
+        return
+    try:
+        with HubClient(cfg, timeout=5) as c:
+            missing = [t for t in asked if t not in c.status(topics=asked).get("topics", {})]
+            if not missing:
+                return
+            have = sorted(named | set(c.status().get("topics", {})))
+    except (HubUnavailable, HubRefused, OSError):
+        return  # follow says what it finds of the hub
+    listed = ", ".join(have[:20]) + (f", ... ({len(have)} in all)" if len(have) > 20 else "") if have else "none"
+    for t in missing:
+        click.echo(f"tail: the hub has no topic '{t}' yet (its topics: {listed}); waiting for its first event",
+                   err=True)
 
 
 @cli.command(name="plugins")
