@@ -3,6 +3,7 @@ and whose own test passes with bucketwire's pytest fixtures."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 
 def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -50,3 +53,28 @@ def test_new_refuses_a_bad_name_and_an_existing_directory(tmp_path: Path) -> Non
     (tmp_path / "taken").mkdir()
     r = run(sys.executable, "-m", "bucketwire", "plugin", "new", "taken", cwd=tmp_path)
     assert r.returncode == 1 and "already exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name, module", [("thumbnail", "bucketwire_thumbnail"), ("audit", "bucketwire_audit"),
+                                          ("replication", "bucketwire_replication")])
+def test_new_refuses_the_name_of_an_installed_plugin(tmp_path: Path, name: str, module: str) -> None:
+    """`plugin new thumbnail` (a newcomer's own thumbnail plugin) wrote a package `bucketwire_thumbnail`: the
+    bundled plugin's module. Installed, one of the two shadowed the other, and two entry points named
+    `thumbnail` stopped every pool that runs it. Refused with one line, nothing written."""
+    r = run(sys.executable, "-m", "bucketwire", "plugin", "new", name, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"Error: plugin name {name!r} is taken: an installed plugin is named so (module {module}); pick another "
+        f"name, e.g. my-{name}"], r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_new_refuses_a_name_whose_module_is_importable(tmp_path: Path) -> None:
+    """`plugin new start` would write `bucketwire_start`, the `bucketwire` script's own entry package."""
+    r = run(sys.executable, "-m", "bucketwire", "plugin", "new", "start", cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "Error: plugin name 'start' is taken: its module bucketwire_start is importable already (from "
+        f"{Path(importlib.util.find_spec('bucketwire_start').origin).parent}); pick another name, e.g. my-start"
+    ], r.stderr
+    assert list(tmp_path.iterdir()) == []

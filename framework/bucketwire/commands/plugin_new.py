@@ -3,6 +3,8 @@ loads and passes its own test, instead of from a blank file and the README."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import re
 from pathlib import Path
 
@@ -131,6 +133,7 @@ def scaffold(name: str, where: Path) -> Path:
         raise ConfigError(f"plugin name {name!r}: use lower-case letters, digits and single '-' or '_', starting "
                           "with a letter (e.g. csv-counter)")
     module = "bucketwire_" + name.replace("-", "_")
+    _refuse_taken(name, module)
     root = where / name
     if root.exists():
         raise ConfigError(f"{root} already exists; pick another name or remove it")
@@ -145,6 +148,26 @@ def scaffold(name: str, where: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(template.format(name=name, module=module))
     return root
+
+
+def _refuse_taken(name: str, module: str) -> None:
+    """A name an installed plugin has (`thumbnail`), or whose module exists already, would make a package that
+    shadows that module or is shadowed by it once installed, and a second entry point of the same name: every
+    pool running the plugin would then stop. Said now, before anything is written."""
+    for ep in importlib.metadata.entry_points(group="bucketwire"):
+        if ep.name == name or ep.value.split(":")[0] == module:
+            raise ConfigError(f"plugin name {name!r} is taken: an installed plugin is named so (module "
+                              f"{ep.value.split(':')[0]}); pick another name, e.g. my-{name}")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        where = spec.origin if spec.origin and not spec.submodule_search_locations else next(
+            iter(spec.submodule_search_locations or []), spec.origin)
+        where = str(Path(where).parent) if where and where.endswith("__init__.py") else where
+        raise ConfigError(f"plugin name {name!r} is taken: its module {module} is importable already (from "
+                          f"{where}); pick another name, e.g. my-{name}")
 
 
 @click.group()
