@@ -73,7 +73,7 @@ _WRONG = ['5', '1.5', 'true', '"x"', '[1]', '{a = 1}', '[]', '""', '-1', '["a", 
 _TABLES = {"hub": config_mod.HubConfig, "client": config_mod.ClientConfig, "journal": config_mod.JournalConfig,
            "security": config_mod.SecurityConfig, "topics.t": config_mod.TopicConfig,
            "groups.g": config_mod.GroupConfig, "stores.s": config_mod.StoreConfig,
-           "security.roles.r": config_mod.RoleConfig}
+           "security.roles.r": config_mod.RoleConfig, "dev": config_mod.DevConfig}
 
 
 @pytest.mark.parametrize("table", sorted(_TABLES))
@@ -83,7 +83,7 @@ def test_every_key_given_a_wrong_value_is_one_line(tmp_path: Path, table: str) -
     cls = _TABLES[table]
     required = {"groups.g": 'topics = ["a"]\n', "stores.s": 'endpoint = "h:1"\n'}.get(table, "")
     names = [n for n in cls.__struct_encode_fields__ if not n.startswith("__") and n != "name"]
-    assert len(names) >= 3
+    assert names
     for key in names:
         for value in _WRONG:
             text = f"[{table}]\n{'' if required.startswith(key + ' ') else required}{key} = {value}\n"

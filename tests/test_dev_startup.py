@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from bucketwire.commands.dev import dev
+from bucketwire.commands.dev import dev, needed_buckets
 from bucketwire.devstack.seaweedfs import WeedError, find_weed
 
 BUCKETWIRE = str(Path(sys.executable).parent / "bucketwire")
@@ -136,6 +136,29 @@ def wait_for_nothing_on(state: Path) -> None:
     while running_on(state) and time.monotonic() < deadline:
         time.sleep(0.1)  # pacing: a killed process group leaves /proc a moment after its leader is reaped
     assert running_on(state) == []
+
+
+@pytest.mark.parametrize("dev_table, line", [
+    ('bucket = ["mine"]', "[dev] bucket: unknown key; did you mean buckets?"),
+    ("buckets = [1]", "[dev] buckets[0]: expected a non-empty string, got 1"),
+    ("bukets = 'x'\nbuckets = ['a']", "[dev] bukets: unknown key; did you mean buckets?"),
+])
+def test_a_mistake_in_the_dev_table_is_one_line_before_anything_starts(tmp_path: Path, dev_table: str,
+                                                                        line: str) -> None:
+    """`[dev]` was read unchecked: `bucket = [...]` (a typo) was ignored, so the bucket was never made, and
+    `buckets = [1]` ended in a TypeError traceback."""
+    base = tmp_path / "mine.toml"
+    base.write_text(f"[dev]\n{dev_table}\n")
+    r = CliRunner().invoke(dev, ["--state-dir", str(tmp_path / "s"), "--config", str(base)])
+    assert r.exit_code == 1, r.output
+    assert r.output == f"Error: {base}: {line}\n", r.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_one_bucket_name_in_the_dev_table_is_a_list_of_one() -> None:
+    """`buckets = "mine"` was iterated letter by letter: `bucket name 'm' in the config is not a valid S3 bucket
+    name`. As everywhere in the config, one string is a list of one."""
+    assert needed_buckets({"dev": {"buckets": "mine"}}) == ["mine"]
 
 
 def wait_running(p: subprocess.Popen[bytes], out: Path) -> None:

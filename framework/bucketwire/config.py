@@ -270,6 +270,12 @@ class SecurityConfig(Table):
                              "set work_previous and publish_previous")
 
 
+class DevConfig(Table):
+    """`[dev]`: read by `bucketwire dev` alone, and checked like every table (a typo here left a bucket unmade)."""
+
+    buckets: list[NonEmpty] = []  # made on start if missing, besides route and plugin `*bucket` ones
+
+
 class ConfigFile(Table):
     """The whole file: its top-level tables."""
 
@@ -282,7 +288,7 @@ class ConfigFile(Table):
     stores: dict[str, StoreConfig] = {}
     plugins: Annotated[dict[str, dict[str, Any]], Meta(extra={"secret": "deep"})] = {}
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
-    dev: dict[str, Any] = {}  # read by `bucketwire dev`
+    dev: DevConfig = msgspec.field(default_factory=lambda: DevConfig())  # read by `bucketwire dev`
 
 
 @dataclass(slots=True)

@@ -221,7 +221,8 @@ def _is_table_array(v: Any) -> bool:
 # -- the stack ---------------------------------------------------------------------------------------------
 def needed_buckets(doc: dict[str, Any]) -> list[str]:
     """Buckets the config names: [dev] buckets, route buckets, and plugin settings ending in `bucket`."""
-    names: list[str] = list(doc.get("dev", {}).get("buckets", []))
+    wanted = doc.get("dev", {}).get("buckets", [])
+    names: list[str] = [wanted] if isinstance(wanted, str) else list(wanted)  # one string is a list of one
     names += [r["bucket"] for r in doc.get("routes", []) if isinstance(r.get("bucket"), str)]
     for settings in doc.get("plugins", {}).values():
         if isinstance(settings, dict):
