@@ -59,3 +59,18 @@ def test_make_test_lints_the_project_and_not_a_newcomers_own_files(tmp_path: Pat
     (copy / "framework" / "bucketwire" / "lint_probe.py").write_text("import os\n")
     r = ruff()
     assert r.returncode == 1 and "lint_probe.py" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/plugins.md"])
+def test_the_venv_is_activated_before_the_first_bare_command(doc: str) -> None:
+    """`make dev` puts bucketwire, pip and pytest in .venv/bin, and nothing said so: the README's next command,
+    `bucketwire worker ... --plugin my_counter.py`, was `command not found` in a newcomer's shell, and
+    docs/plugins.md's `pip install -e './csv-counter[test]' && pytest csv-counter` reached the system's pip."""
+    text = (README.parent / doc).read_text()
+    code = re.sub(r"(?s)```.*?```", lambda m: m.group(0).replace("\n", "\n`"), text)  # block lines as spans
+    bare = re.search(r"`(?:bucketwire|pip|pytest) [a-z-]", code)
+    assert bare, doc
+    activate = code.find(". .venv/bin/activate")
+    assert 0 <= activate < bare.start(), (
+        f"{doc}: the first bare command ({code[bare.start():bare.start() + 40]!r}) comes before "
+        "`. .venv/bin/activate`")
