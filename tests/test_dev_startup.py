@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from bucketwire.commands.dev import dev, needed_buckets
+from bucketwire.commands.dev import DEV_MARK_ENV, dev, needed_buckets
 from bucketwire.devstack.seaweedfs import WeedError, find_weed
 
 BUCKETWIRE = str(Path(sys.executable).parent / "bucketwire")
@@ -159,6 +160,41 @@ def test_one_bucket_name_in_the_dev_table_is_a_list_of_one() -> None:
     """`buckets = "mine"` was iterated letter by letter: `bucket name 'm' in the config is not a valid S3 bucket
     name`. As everywhere in the config, one string is a list of one."""
     assert needed_buckets({"dev": {"buckets": "mine"}}) == ["mine"]
+
+
+@pytest.mark.timeout(120)
+def test_dev_stops_only_what_a_dev_started_not_every_process_naming_its_state_dir(tmp_path: Path) -> None:
+    """A `dev` stopped the leftovers of a killed `dev` by command line: every session leader of the user with a
+    word under the state dir got SIGTERM, then SIGKILL. `--state-dir /tmp` (or ~, or a project dir) took down
+    whatever else ran with a path there: other programs' servers, other test suites' weed and nats-server. Only
+    processes a `dev` on this state dir started are its leftovers."""
+    needs_weed()
+    state = tmp_path / "state"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(state / "data.db")],
+                             start_new_session=True)  # another program, using a file under the same directory
+    # What a killed `dev` on this state dir left (its environment marked as dev marks everything it starts).
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)  # a-leftover"],
+                            env={**os.environ, DEV_MARK_ENV: str(state.absolute())}, start_new_session=True)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        # --s3-port taken: dev looks for leftovers, then fails to start SeaweedFS; nothing of a stack comes up.
+        r = subprocess.run([BUCKETWIRE, "dev", "--state-dir", str(state), "--s3-port", str(taken.getsockname()[1])],
+                           capture_output=True, text=True, timeout=90)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "already in use" in r.stderr, r.stderr
+        first = r.stderr.splitlines()[0]
+        assert first.startswith(f"stopped what a killed `bucketwire dev` left running on {state.absolute()}: "), \
+            r.stderr
+        assert first.endswith(f"a-leftover (pid {left.pid})"), r.stderr  # it alone
+        assert left.wait(30) == -signal.SIGTERM
+        assert other.poll() is None, "dev killed a process it did not start"
+    finally:
+        taken.close()
+        for p in (other, left):
+            p.kill()
+            p.wait()
 
 
 def wait_running(p: subprocess.Popen[bytes], out: Path) -> None:

@@ -128,11 +128,22 @@ def claim_state_dir(root: Path) -> int:
     return fd
 
 
+DEV_MARK_ENV = "BUCKETWIRE_DEV_STATE_DIR"
+"""Set by `dev` in its own environment before it starts anything, so every process it starts (weed, NATS, the hub,
+the pools) carries it from its exec on, in /proc/PID/environ: what `_leftovers` knows them by."""
+
+
+def mark_environment(root: Path) -> None:
+    os.environ[DEV_MARK_ENV] = str(root)
+
+
 def _leftovers(root: Path) -> dict[int, str]:
-    """Session leaders of this user whose command line names the state dir: what a `dev` on it started (weed,
-    NATS, hubs, pools each lead their own session). A shell's `tail -f <state-dir>/logs/hub.log` or a `bucketwire
-    tail -c <state-dir>/bucketwire.toml` is not a session leader and is left alone."""
-    mark, me, uid = str(root), os.getpid(), os.getuid()
+    """Session leaders of this user started by a `dev` on this state dir (weed, NATS, hubs, pools each lead their
+    own session): their environment has DEV_MARK_ENV=root. It used to be any session leader whose command line
+    named a path under the state dir, and `--state-dir /tmp` (or ~) stopped every server of anyone's with a path
+    there. A shell's `tail -f <state-dir>/logs/hub.log` or a `bucketwire tail -c <state-dir>/bucketwire.toml`
+    is not a session leader, nor marked, and is left alone."""
+    mark, me, uid = os.fsencode(f"{DEV_MARK_ENV}={root}"), os.getpid(), os.getuid()
     found: dict[int, str] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) == me:
@@ -141,15 +152,16 @@ def _leftovers(root: Path) -> dict[int, str]:
         try:
             if d.stat().st_uid != uid or os.getsid(pid) != pid:
                 continue
+            if mark not in (d / "environ").read_bytes().split(b"\0"):
+                continue
             args = (d / "cmdline").read_bytes().split(b"\0")
             if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                 continue  # exited, not yet reaped
         except (OSError, IndexError):
             continue
-        words = [a.decode(errors="replace") for a in args if a]
-        if any(mark == w or mark + os.sep in w for w in words):
-            prog = words[1:] if os.path.basename(words[0]).startswith("python") and len(words) > 1 else words
-            found[pid] = " ".join([os.path.basename(prog[0]), *[w for w in prog[1:2] if not w.startswith("-")]])
+        words = [a.decode(errors="replace") for a in args if a] or ["?"]
+        prog = words[1:] if os.path.basename(words[0]).startswith("python") and len(words) > 1 else words
+        found[pid] = " ".join([os.path.basename(prog[0]), *[w for w in prog[1:2] if not w.startswith("-")]])
     return found
 
 
@@ -517,6 +529,7 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
 
     claim_state_dir(root)
     left = stop_leftovers(root)
+    mark_environment(root)
     if left:
         click.echo(f"stopped what a killed `bucketwire dev` left running on {root}: {', '.join(left)}", err=True)
     if ha:
