@@ -39,7 +39,8 @@ def test_follow_on_ids_are_deterministic_and_distinct():
     a = follow_on_id("cause", "g", "p", 0, "t")
     assert a == follow_on_id("cause", "g", "p", 0, "t")
     assert len({a, follow_on_id("cause", "g", "p", 1, "t"), follow_on_id("cause", "g2", "p", 0, "t"),
-                follow_on_id("other", "g", "p", 0, "t")}) == 4
+                follow_on_id("other", "g", "p", 0, "t"), follow_on_id("cause", "g", "p", 0, "t", None, "urn:s1"),
+                follow_on_id("cause", "g", "p", 0, "t", None, "urn:s2")}) == 6
 
 
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),

@@ -386,4 +386,4 @@ def test_a_follow_on_id_changed_after_ctx_publish_is_put_back(stack_factory: Any
     (fo,) = [json.loads(b) for b in bodies]
     cause = next(json.loads(b) for b in causes if json.loads(b)["id"] == e.id)
     assert fo["id"] != "random-4f1c"
-    assert fo["id"] == follow_on_id(cause["id"], "a", "recorder", 0, "follow", cause.get("time"))
+    assert fo["id"] == follow_on_id(cause["id"], "a", "recorder", 0, "follow", cause.get("time"), cause["source"])

@@ -176,31 +176,32 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
         click.echo(f"tail: {topic} {seqs} no longer in the journal (retention dropped them); going on from seq "
                    f"{last + 1}", err=True)
 
-    _say_unknown_topics(cfg, topics)
+    def on_start(st: dict[str, Any]) -> None:
+        _say_unknown_topics(cfg, topics, st)
+
     try:
         for _t, _s, body in follow(cfg, list(topics) or None, from_seq, stop=stop.is_set, on_hub=on_hub,
-                                   on_gap=on_gap):
+                                   on_gap=on_gap, on_start=on_start):
             out.write(body.decode("utf-8", "replace") + "\n")
             out.flush()
     except BrokenPipeError:
         pass
 
 
-def _say_unknown_topics(cfg: Any, topics: tuple[str, ...]) -> None:
+def _say_unknown_topics(cfg: Any, topics: tuple[str, ...], st: dict[str, Any]) -> None:
     """A topic the hub has never had (a typo: `thumbnail-redy`) looks to tail like a quiet one, and tail printed
-    nothing, forever. One line names the hub's topics; tail still waits, since the topic may yet come."""
+    nothing, forever. One line names the hub's topics; tail still waits, since the topic may yet come. `st`:
+    the status tail's start was read from, so what is published after the line is printed."""
     from bucketwire.client import HubClient, HubRefused, HubUnavailable
 
     named = {*cfg.topics, *(t for g in cfg.groups.values() for t in g.topics), *(r.topic for r in cfg.routes),
              cfg.hub.dead_letter, *(t.dead_letter for t in cfg.topics.values() if t.dead_letter)}
     asked = [t for t in topics if t not in named]  # the config's topics exist before their first event
-    if not asked:
+    missing = [t for t in asked if t not in st.get("topics", {})]
+    if not missing:
         return
     try:
         with HubClient(cfg, timeout=5) as c:
-            missing = [t for t in asked if t not in c.status(topics=asked).get("topics", {})]
-            if not missing:
-                return
             have = sorted(named | set(c.status().get("topics", {})))
     except (HubUnavailable, HubRefused, OSError):
         return  # follow says what it finds of the hub

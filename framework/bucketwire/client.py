@@ -235,7 +235,8 @@ RECONNECT_MAX = 5.0
 def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = None,
            stop: Callable[[], bool] | None = None, idle: float = 0.2,
            on_hub: Callable[[str, dict[str, int]], None] | None = None,
-           on_gap: Callable[[str, int, int], None] | None = None) -> Iterator[tuple[str, int, bytes]]:
+           on_gap: Callable[[str, int, int], None] | None = None,
+           on_start: Callable[[dict[str, Any]], None] | None = None) -> Iterator[tuple[str, int, bytes]]:
     """Yield (topic, seq, envelope) from `from_seq` on, then live, with no gap and no duplicate at the seam.
 
     The zguide "Clone" pattern: subscribe first and buffer, replay from the journal up to the head, then
@@ -251,6 +252,9 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
     The one gap it cannot fill: events retention dropped before they were read (a `from_seq` older than the
     journal keeps, a follower that fell behind). `on_gap(topic, first, last)` names those seqs as it goes past
     them, so a reader can tell a gap from a topic that never had those events.
+
+    `on_start(status)`: the hub's status the start was read from, once it is (everything published after
+    it is yielded), e.g. to say which asked-for topics the hub does not have yet.
     """
     security.check_key_files(cfg.security)
     zctx: zmq.Context[Any] = zmq.Context.instance()
@@ -275,6 +279,8 @@ def follow(cfg: Config, topics: list[str] | None = None, from_seq: int | None = 
         heads = {t: v["head"] for t, v in st["topics"].items()}
         for t in wanted or set(heads):
             nxt[t] = from_seq if from_seq is not None else heads.get(t, 0) + 1
+        if on_start is not None:
+            on_start(st)
 
         def catch_up(t: str, upto: int | None) -> Iterator[tuple[str, int, bytes]]:
             while upto is None or nxt[t] <= upto:
