@@ -34,7 +34,7 @@ from bucketwire import config as config_mod  # noqa: E402
 from bucketwire.client import HubClient  # noqa: E402
 from bucketwire.devstack.nats import NatsCluster, NatsError, find_nats_server  # noqa: E402
 from bucketwire.envelope import Event  # noqa: E402
-from bucketwire.hub.journal import Batch  # noqa: E402
+from bucketwire.hub.journal import Batch, NewEvent  # noqa: E402
 from bucketwire.hub.journal_jetstream import JetStreamError, JetStreamJournal, JetStreamSettings  # noqa: E402
 from bucketwire.procutil import free_port  # noqa: E402
 from tests.fixtures_backends import check_handled, hub_config  # noqa: E402
@@ -146,6 +146,142 @@ def test_a_resumed_dispatcher_cannot_overwrite_the_new_dispatchers_cursor(cluste
     finally:
         a.close()
         b.close()
+
+
+def test_a_resumed_dispatcher_stores_nothing_for_the_group_once_its_lease_lapsed(cluster: NatsCluster) -> None:
+    """The same freeze, resumed in the moment after the new dispatcher took the lease and read the cursors but
+    before it wrote one: the revision the resumed hub knows is still the stored one, so only its own clock can stop
+    its write. It must store no cursor, counter or retry count of the group (the new dispatcher goes on from what
+    it read; a retry count the resumed hub purged would give a poison event a fresh round there). Its events are
+    still committed: ingress needs no lease."""
+    s = _settings(cluster, "y" + uuid.uuid4().hex[:8], lease_ttl=1.0)
+    a, b = JetStreamJournal(s, "hub-a"), JetStreamJournal(s, "hub-b")
+    try:
+        wait_for(lambda: "g" in a.lead(["g"], time.monotonic()), 10, "hub a to take the lease")
+        a.commit(Batch(cursors={("g", "photos"): 3}, attempts={("g", "photos", 5): 2}, due={("g", "photos", 5): 1.0},
+                       stats={"g": (1, 0, 0)}))
+        wait_for(lambda: "g" in b.lead(["g"], time.monotonic()), 10, "hub b to take the lease")
+        b.load_group("g")
+        assert b.attempts_of("g") == {("photos", 5): 2}
+        # a resumes mid-tick: the acks its tick gathered before the freeze go out with an event a publisher sent
+        out = a.commit(Batch(events=[NewEvent("photos", "bucketwire://test/zombie", "z1", None,
+                                              {"id": "z1", "topic": "photos", "seq": None})],
+                             cursors={("g", "photos"): 4}, attempts={("g", "photos", 5): 0}, stats={"g": (1, 0, 0)}))
+        assert out[0].seq == 1 and not out[0].duplicate
+        c = JetStreamJournal(s, "hub-c")
+        try:
+            c.load_group("g")
+            assert c.cursors()[("g", "photos")] == 3, "the resumed hub moved the cursor after its lease lapsed"
+            assert c.attempts_of("g") == {("photos", 5): 2}, "the resumed hub reset a retry count"
+            assert c.group_stats()["g"] == (1, 0, 0), "the resumed hub wrote the group's counters"
+        finally:
+            c.close()
+        b.commit(Batch(cursors={("g", "photos"): 7}))  # the new dispatcher's writes go through
+        assert b.cursors()[("g", "photos")] == 7
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_turn_held_up_past_the_lease_hands_out_no_work(tmp_path: Path, cluster: NatsCluster) -> None:
+    """A hub's loop asks its leases once, at the start of a turn, then commits and dispatches. A turn held up
+    between the two past the lease's end (the commit waiting out a stream's leader election, up to
+    request_timeout, twice the default lease_ttl; a GC pause or SIGSTOP right there) must not then hand out the
+    group's events: another hub may have taken the group meanwhile and be handing out the same ones. The hold-up
+    is made by keeping the loop's thread in the real commit's return for longer than the lease, as a freeze
+    there would; nothing renews the lease meanwhile, since only the loop starts lease rounds."""
+    import zmq
+
+    from bucketwire import protocol as P
+    from bucketwire.envelope import SCHEMA_VERSION
+    from bucketwire.hub.loop import Hub
+
+    lease_ttl = 1.0
+    cfgp = tmp_path / "bucketwire.toml"
+    cfgp.write_text(f"""
+[hub]
+http = "127.0.0.1:{free_port()}"
+publish = "tcp://127.0.0.1:{free_port()}"
+work = "tcp://127.0.0.1:{free_port()}"
+state_dir = "{tmp_path / 'state'}"
+
+[journal]
+backend = "jetstream"
+servers = {_servers(cluster.urls)}
+replicas = 3
+prefix = "w{uuid.uuid4().hex[:8]}"
+lease_ttl = {lease_ttl}
+
+[groups.g]
+topics = ["x"]
+start = "earliest"
+""")
+    h = Hub(config_mod.load(cfgp))
+    h.net.open()
+    h._start(None)
+    ctx = zmq.Context()
+    pub, worker = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for sock in (pub, worker):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(h.cfg.hub.work)
+    real_commit = h.journal.commit
+    held: list[float] = []
+
+    def commit_then_freeze(batch: Batch) -> Any:
+        out = real_commit(batch)
+        if batch.events and not held:
+            held.append(time.monotonic())
+            time.sleep(lease_ttl * 1.5)  # pacing: the freeze under test, past the whole lease
+        return out
+
+    def ready() -> None:
+        worker.send_multipart([P.READY, json.dumps({"group": "g", "topics": ["x"], "credit": 10,
+                                                    "schema": SCHEMA_VERSION, "proto": 3}).encode()])
+
+    def deliveries(wait: float) -> list[int]:
+        """What the worker was handed; told to go (the group lost here), it knocks again, as a worker does."""
+        seqs = []
+        while worker.poll(int(wait * 1000)):
+            frames = worker.recv_multipart()
+            if frames[0] == P.DELIVER:
+                seqs += [int(e["seq"]) for e in json.loads(frames[2])]
+            elif frames[0] == P.ERR:
+                ready()
+            wait = 0.05
+        return seqs
+
+    try:
+        deadline = time.monotonic() + 20
+        while "g" not in h.groups:  # its lease taken on the first turns
+            assert time.monotonic() < deadline, "the hub did not take group g"
+            h._turn()
+        ready()
+        while not h.groups["g"].workers:
+            assert time.monotonic() < deadline, "the hub did not take group g and its worker"
+            h._turn()
+        h.journal.commit = commit_then_freeze  # type: ignore[method-assign]
+        env = {"specversion": "1.0", "id": "e1", "source": "test", "type": "t", "topic": "x", "data": {}}
+        pub.send_multipart([P.PUB, json.dumps({"req": 1, "events": [env]}).encode()])
+        while not held:
+            assert time.monotonic() < deadline, "the event was not committed"
+            h._turn()
+        assert deliveries(0.3) == [], "the turn held up past its lease handed out the group's work"
+        h.journal.commit = real_commit  # type: ignore[method-assign]
+        # Not lost: the hub drops the group, takes its lease again (no other hub wants it) and delivers it.
+        got: list[int] = []
+        deadline = time.monotonic() + 20
+        while not got:
+            assert time.monotonic() < deadline, "the event was never delivered once the lease was taken again"
+            h._turn()
+            got = deliveries(0)
+        assert got == [1]
+    finally:
+        pub.close()
+        worker.close()
+        h.ops.close()
+        h.net.close()
+        h.journal.close()
+        ctx.term()
 
 
 class CursorWatch:

@@ -390,6 +390,9 @@ class JetStreamJournal:
         self._attempts: dict[str, dict[tuple[str, int], int]] = {}  # group -> (topic, seq) -> attempts used
         self._due: dict[str, dict[tuple[str, int], float]] = {}  # group -> (topic, seq) -> unix time retry is due
         self._leases: dict[str, tuple[int, float]] = {}  # group -> (revision, valid until, monotonic)
+        # Every group this hub has taken a lease of: their keys are written only while the lease holds (see
+        # `_lapsed`). A journal that never leases (one hub, tools) writes as before.
+        self._leased: set[str] = set()
         self._next_lease_round = 0.0
         self._leasing: asyncio.Task[None] | None = None  # a lease round on the client's thread (see lead)
         # `group rm` gives a lease back with a PURGE marker, not a DEL: the other hubs must not take it for a want
@@ -986,6 +989,20 @@ class JetStreamJournal:
     async def _write_cursors(self, batch: Batch) -> None:
         tries: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
         writes: list[tuple[str, bytes, int, Any]] = []
+        lapsed = {g for g, _ in batch.cursors} | set(batch.stats) | {g for g, _, _ in batch.attempts}
+        lapsed = {g for g in lapsed if self._lapsed(g)}
+        if lapsed:
+            # Gathered before the lease lapsed (a freeze mid-turn, a turn held up by a slow commit): another hub
+            # may have taken the group and read its keys at the revisions this hub knows, so the revision check
+            # would let these writes through over its back. The new dispatcher redelivers what they would have
+            # acked (README "What can repeat"); the hub drops the group on its next look at its leases.
+            log.warning("not storing the acks of a group whose dispatch lease lapsed",
+                        extra={"groups": sorted(lapsed), "hub": self.hub_id})
+            batch = Batch(cursors={k: v for k, v in batch.cursors.items() if k[0] not in lapsed},
+                          above={k: v for k, v in batch.above.items() if k[0] not in lapsed},
+                          stats={k: v for k, v in batch.stats.items() if k not in lapsed},
+                          attempts={k: v for k, v in batch.attempts.items() if k[0] not in lapsed},
+                          due={k: v for k, v in batch.due.items() if k[0] not in lapsed})
         for (g, t), acked in batch.cursors.items():
             above = batch.above.get((g, t), "")
             key = self._cursor_key(g, t)
@@ -1017,7 +1034,7 @@ class JetStreamJournal:
         answers = await self._replies.answers(futs, self.settings.request_timeout / 4)
         for (key, data, _, what), answer in zip(writes, answers, strict=True):
             if "error" in answer and self._holds(what[1]):
-                answer = await self._rewrite(key, data)
+                answer = await self._rewrite(key, data, what[1])
             if "error" in answer:
                 refused.append((key, answer["error"].get("description", "")))
                 continue
@@ -1192,10 +1209,20 @@ class JetStreamJournal:
         """Whether this hub's lease of `group` is still good by its own clock, as `lead` counts it. A hub frozen
         between its lease round and a cursor write (a GC pause, a stopped VM) wakes up with the lease still in
         `_leases`; only the clock says another hub may have taken it meanwhile."""
-        lease = self._leases.get(group)
-        return lease is not None and time.monotonic() < lease[1] - self.settings.lease_ttl / 5
+        return self.holds(group, time.monotonic())
 
-    async def _rewrite(self, key: str, data: bytes) -> dict[str, Any]:
+    def holds(self, group: str, now: float) -> bool:
+        """`_holds` at the loop's `now` (monotonic): whether it may still hand out the group's work. `lead`
+        answers once per turn; a turn held up past the lease's end (a commit waiting out a stream's election,
+        a freeze) asks again before it dispatches."""
+        lease = self._leases.get(group)
+        return lease is not None and now < lease[1] - self.settings.lease_ttl / 5
+
+    def _lapsed(self, group: str) -> bool:
+        """A group this hub took a lease of and no longer holds by its own clock: its keys are not written."""
+        return group in self._leased and not self._holds(group)
+
+    async def _rewrite(self, key: str, data: bytes, group: str) -> dict[str, Any]:
         """A cursor write of a group this hub holds the lease of was refused: its last write did land, but the
         answer was lost (a NATS node died mid-request), so the revision it knows is stale. Only the lease holder
         writes the group's keys, so it writes again over the revision stored now; without this every later
@@ -1205,6 +1232,10 @@ class JetStreamJournal:
             rev = int(last.seq)
         except Exception:  # no entry at all: create it
             rev = 0
+        if not self._holds(group):
+            # The read above can wait out the bucket's election, seconds in which the lease may lapse and another
+            # hub take the group: written now, over the revision it may have just read, this would pass.
+            return {"error": {"code": 409, "description": "the dispatch lease lapsed while reading the revision"}}
         fut = await self._replies.send(f"$KV.{self._kv_cursors}.{key}", data,
                                        {"Nats-Expected-Last-Subject-Sequence": str(rev)})
         await self.nc.flush()
@@ -1489,11 +1520,10 @@ class JetStreamJournal:
                     log.warning("cannot renew dispatch leases", extra={"error": str(e)})
             else:
                 self._loop.call_soon_threadsafe(self._start_lease_round, wanted, now)
-        margin = self.settings.lease_ttl / 5
         if self._id_clash:
             return set()
         # Read while a round on the client's thread may change `_leases`: one lookup per group, each atomic.
-        return {g for g in wanted if (lease := self._leases.get(g)) is not None and now < lease[1] - margin}
+        return {g for g in wanted if self.holds(g, now)}
 
     def _start_lease_round(self, groups: list[str], sent: float) -> None:
         """On the client's thread: one lease round, bounded like `lead`'s own; see `lead`. `sent` is the loop's
@@ -1530,6 +1560,7 @@ class JetStreamJournal:
                 if not rev:
                     log.info("took the dispatch lease", extra={"group": g, "hub": self.hub_id})
                 self._leases[g] = (int(doc["seq"]), sent + self.settings.lease_ttl)
+                self._leased.add(g)
             elif doc["error"].get("code") in (408, 503):
                 # No answer (unknown whether it landed) or no stream leader (a NATS node went and the lease
                 # bucket is electing one): not a refusal. The lease counts as held until it would expire, no
@@ -1567,6 +1598,7 @@ class JetStreamJournal:
         if "error" not in doc:
             log.info("took the dispatch lease", extra={"group": g, "hub": self.hub_id})
             self._leases[g] = (int(doc["seq"]), sent + self.settings.lease_ttl)
+            self._leased.add(g)
 
     def release(self, groups: Iterable[str], removed: bool = False) -> None:
         """Give leases back at a clean stop, so a standby takes over at once instead of after `lease_ttl`.

@@ -435,13 +435,15 @@ class Hub:
             if remote:
                 self._fan_out(remote)
         self.ops.tick(now)
+        if self.ha is not None:
+            self._drop_lapsed(time.monotonic())
         for g in self.groups.values():
             if g.wants_refill(self.journal.heads):
                 try:
                     g.refill(self.journal.heads, self.journal.read, self.journal.first_seq)
                 except JournalError as e:  # a cluster just back may not serve reads yet: the next turn reads again
                     log.warning("cannot read the journal; will try again", extra={"group": g.name, "error": str(e)})
-            if self._may_dispatch():
+            if self._may_dispatch() and (self.ha is None or self.ha.holds(g.name, time.monotonic())):
                 self._dispatch(g, now)
         if now - self._last_hb >= self.cfg.hub.heartbeat_interval:
             self._heartbeats(now)
@@ -553,6 +555,8 @@ class Hub:
             return
         took = time.perf_counter() - t0
         self.journal_ok = True
+        if self.ha is not None:
+            self._drop_lapsed(time.monotonic())
         steerable, self._staged = self._staged, bool(held)
         if held:
             notes = self.carry_notes[:carry_n]
@@ -1619,6 +1623,14 @@ class Hub:
         for name in sorted(held - set(self.groups)):
             self._gain(name)
         for name in sorted(set(self.groups) - held):
+            self._lose(name, now)
+
+    def _drop_lapsed(self, now: float) -> None:
+        """Stop dispatching the groups whose lease lapsed since this turn's `_lead` (the turn was held up: a commit
+        waiting out a stream's election, a freeze mid-turn): `_lead` asks once per turn, and handing out their
+        work now could hand it out beside the hub that took them meanwhile."""
+        assert self.ha is not None
+        for name in [n for n in self.groups if not self.ha.holds(n, now)]:
             self._lose(name, now)
 
     def _gain(self, name: str) -> None:
