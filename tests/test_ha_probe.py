@@ -1041,3 +1041,67 @@ def test_group_rm_cut_off_after_its_first_write_is_a_removal_a_rerun_finishes(tm
             _update_stream(cluster, f"KV_{bucket}", allow_rollup_hdrs=True)
         a.stop()
         b.stop()
+
+
+def _stream_config(cluster: NatsCluster, stream: str) -> Any:
+    async def read(js: Any) -> Any:
+        return (await js.stream_info(stream)).config
+
+    return _on_cluster(cluster, read)
+
+
+def test_a_journal_made_with_other_settings_is_named_not_silently_used(tmp_path: Path, cluster: NatsCluster,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A hub started on a journal that hubs with other `[journal]` settings made: a changed `lease_ttl` or
+    `replicas` is refused at start with one line naming the setting, the value on the cluster and what to do (both
+    read 'stream name already in use with a different configuration; check ... limits and [journal] replicas',
+    lease_ttl not named); a changed `duplicate_window` or retention is applied to the existing topic streams (it
+    was ignored for them: the README's dedupe window silently stayed the old one); a prefix under which the
+    cluster holds no journal while it holds another's is said in one warning line, not started silently."""
+    import logging
+
+    prefix = "cfg" + uuid.uuid4().hex[:8]
+    base = dict(servers=cluster.urls, replicas=3, prefix=prefix, lease_ttl=5.0, connect_timeout=2.0,
+                request_timeout=4.0, start_timeout=5.0)
+    j = JetStreamJournal(JetStreamSettings(**base), "hub-a")  # type: ignore[arg-type]
+    try:
+        j.commit(Batch(events=[NewEvent("photos", "s", "e1", None, {"id": "e1", "topic": "photos", "seq": None})]))
+    finally:
+        j.close()
+    fast = "connect_timeout = 2.0\nrequest_timeout = 4.0\nstart_timeout = 5.0\n"
+    cases = {
+        "lease_ttl": (f"replicas = 3\nlease_ttl = 3.0\n{fast}", ["lease_ttl = 3", "5 s", "every hub"]),
+        "replicas": (f"replicas = 1\nlease_ttl = 5.0\n{fast}", ["replicas = 1", "3 replicas"]),
+    }
+    problems = []
+    for name, (tail, words) in cases.items():
+        cfg = hub_config(tmp_path / name, f'[journal]\nbackend = "jetstream"\nservers = {_servers(cluster.urls)}\n'
+                                          f'prefix = "{prefix}"\n{tail}')
+        rc, err = _start_refused(cfg)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        print(f"{name}: {err.strip()}")
+        if rc == 0 or "Traceback" in err or len(lines) != 1 or not all(w in lines[0] for w in words):
+            problems.append(f"{name}: exit {rc}, wanted one line naming {words}, got:\n{err.strip()[-1500:]}")
+    assert not problems, "\n\n".join(problems)
+    # Settings a hub may change: applied to the streams that exist, with one line each.
+    with caplog.at_level(logging.INFO, logger="bucketwire.journal"):
+        j = JetStreamJournal(JetStreamSettings(**{**base, "duplicate_window": 1200.0,  # type: ignore[arg-type]
+                                                  "max_age": 86400.0}), "hub-a")
+        j.close()
+    cfg = _stream_config(cluster, f"{prefix}_ev_photos")
+    assert (cfg.duplicate_window, cfg.max_age) == (1200.0, 86400.0), (cfg.duplicate_window, cfg.max_age)
+    assert any("duplicate_window" in r.getMessage() or "duplicate_window" in str(r.__dict__) for r in caplog.records)
+    # A prefix with no journal on a cluster that holds one: a warning naming the prefixes found.
+    caplog.clear()
+    other = "new" + uuid.uuid4().hex[:8]
+    with caplog.at_level(logging.WARNING, logger="bucketwire.journal"):
+        j = JetStreamJournal(JetStreamSettings(**{**base, "prefix": other}), "hub-b")  # type: ignore[arg-type]
+        j.close()
+    said = [str(r.__dict__) for r in caplog.records if "prefix" in r.getMessage()]
+    assert said and any(prefix in s for s in said), [r.getMessage() for r in caplog.records]
+    # ... and none when the prefix has its journal already.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bucketwire.journal"):
+        j = JetStreamJournal(JetStreamSettings(**base), "hub-a")  # type: ignore[arg-type]
+        j.close()
+    assert not [r for r in caplog.records if "prefix" in r.getMessage()]

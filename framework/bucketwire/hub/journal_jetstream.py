@@ -74,6 +74,10 @@ class JetStreamError(JournalError):
     """JetStream refused or could not be reached; the message says what to check."""
 
 
+class JetStreamSettingsError(JetStreamError):
+    """The journal on the cluster was made with `[journal]` settings this hub does not have: no wait changes it."""
+
+
 @dataclass(frozen=True)
 class JetStreamSettings:
     """`[journal] backend = "jetstream"`: where the cluster is and how streams are made."""
@@ -514,9 +518,14 @@ class JetStreamJournal:
         # One deadline for every start step that waits out a cluster that cannot answer yet (a node just
         # (re)started, leaders being elected): a slow cluster delays the start by at most start_timeout in all.
         deadline = asyncio.get_running_loop().time() + s.start_timeout
+        others = await self._other_journals()
         await self._ensure_kv(deadline)
         await self._claim_id(deadline)
         await self._load_state(deadline)
+        if others:  # said once the start succeeded: a start refused for another reason says only that, in one line
+            log.warning(f"the NATS cluster holds no journal under [journal] prefix {self.prefix!r} but holds "
+                        f"{len(others)} under other prefixes; started a new one (if this hub should join one of "
+                        "those, set its prefix)", extra={"prefix": self.prefix, "found": sorted(others)[:20]})
 
     def _stream(self, topic: str) -> str:
         return f"{self.prefix}_ev_{token(topic)}"
@@ -561,6 +570,8 @@ class JetStreamJournal:
                 except Exception as e:  # noqa: BLE001 - sorted into passing and final below
                     why = self._passing_placement_error(e)
                     if why is None:
+                        if "already in use" in str(e):
+                            raise await self._kv_clash(cfg, e) from None
                         raise self._placement_error(cfg.bucket, e) from None
                     log.debug("cannot place a KV bucket yet", extra={"bucket": cfg.bucket, "reason": why})
                 if loop.time() >= deadline:
@@ -575,6 +586,55 @@ class JetStreamJournal:
                                     "gives_up_in": round(deadline - loop.time(), 1)})
                     next_note = loop.time() + 5.0
                 await asyncio.sleep(0.1)  # pacing: the meta leader hears from a (re)started node within a second
+
+    async def _kv_clash(self, want: Any, e: Exception) -> JetStreamError:
+        """What differs between a KV bucket on the cluster and the one these settings make ("stream name already
+        in use with a different configuration" says neither), as one line naming the setting and the fix."""
+        s = self.settings
+        where = ", ".join(s.servers)
+        try:
+            have = (await self.js.stream_info(f"KV_{want.bucket}")).config
+        except Exception:  # noqa: BLE001 - the generic line below still says which bucket
+            return self._placement_error(want.bucket, e)
+        if have.num_replicas != want.replicas:
+            return JetStreamSettingsError(
+                f"[journal] replicas = {want.replicas} but the journal's KV bucket {want.bucket!r} on the NATS "
+                f"cluster at {where} has {have.num_replicas} replicas (made by hubs with another replicas setting); "
+                f"set replicas = {have.num_replicas}, or stop every hub and change the replicas of the buckets "
+                f"KV_{self.prefix}_* and streams {self.prefix}_ev_* on the cluster (nats stream edit NAME --replicas "
+                f"{want.replicas})")
+        if want.ttl and abs(float(have.max_age or 0) - float(want.ttl)) > 1e-3:
+            return JetStreamSettingsError(
+                f"[journal] lease_ttl = {s.lease_ttl:g} s but the lease bucket {want.bucket!r} on the NATS cluster at "
+                f"{where} expires leases after {float(have.max_age or 0):g} s (made by hubs with another lease_ttl); "
+                f"every hub must use the bucket's: set lease_ttl = {float(have.max_age or 0):g}, or stop every hub "
+                f"and delete the bucket (nats kv del {want.bucket}) so the first to start makes it anew")
+        return self._placement_error(want.bucket, e)
+
+    async def _other_journals(self) -> list[str]:
+        """The prefixes of the other journals on the cluster when it holds none under this hub's prefix (empty
+        otherwise): a mistyped or forgotten `[journal] prefix` would start an empty journal beside the real one,
+        and the groups would start afresh with nothing said. Best effort: never stops the start."""
+        try:
+            resp = await self.nc.request(f"$JS.API.STREAM.INFO.KV_{self._kv_cursors}", b"",
+                                         timeout=self.settings.request_timeout)
+            doc = json.loads(resp.data)
+            if (doc.get("error") or {}).get("err_code") != STREAM_NOT_FOUND:
+                return []  # this prefix has its journal (or the answer says nothing either way)
+            found: list[str] = []
+            offset = 0
+            while True:
+                resp = await self.nc.request("$JS.API.STREAM.NAMES", json.dumps({"offset": offset}).encode(),
+                                             timeout=self.settings.request_timeout)
+                page = json.loads(resp.data)
+                names = page.get("streams") or []
+                found += [n[3:-len("_cursors")] for n in names if n.startswith("KV_") and n.endswith("_cursors")]
+                offset += len(names)
+                if not names or offset >= int(page.get("total", 0)):
+                    return found
+        except Exception as e:  # noqa: BLE001 - a note, not a step of the start
+            log.debug("could not look for other journals", extra={"error": f"{type(e).__name__}: {e}"})
+            return []
 
     @staticmethod
     def _passing_placement_error(e: Exception) -> str | None:
@@ -652,6 +712,8 @@ class JetStreamJournal:
         exception, a malformed answer), which the start reports at once."""
         from nats.errors import Error as NatsError
 
+        if isinstance(e, JetStreamSettingsError):
+            return None
         if isinstance(e, TimeoutError):
             return "no answer in time"
         if isinstance(e, JetStreamError | NatsError):
@@ -669,6 +731,7 @@ class JetStreamJournal:
                 topic = untoken(name[len(want):])
                 streams.add(topic)
                 heads[topic] = int(info.state.last_seq)
+                await self._in_line(topic, info.config)
         ours = sorted(untoken(m[len(want):]) for m in missing if m.startswith(want))
         if ours:
             raise JetStreamError(f"no leader answers for the stream of topic {ours[0]!r}"
@@ -697,6 +760,31 @@ class JetStreamJournal:
         self._cursor_rev.update(cursor_rev)
         self._stats.update(stats)
         self._stats_rev.update(stats_rev)
+
+    async def _in_line(self, topic: str, have: Any) -> None:
+        """Bring an existing topic stream in line with `[journal]`: a stream is made with the settings of the hub
+        that sent the topic's first event, and binding to it kept those for good (a raised `duplicate_window`,
+        which the README's ingress dedupe promises, or a changed retention never reached the topics that
+        existed). Replicas are not moved behind the operator's back: a difference stops the start."""
+        import dataclasses
+
+        s = self.settings
+        name = have.name
+        if have.num_replicas != s.replicas:
+            raise JetStreamSettingsError(
+                f"[journal] replicas = {s.replicas} but the stream {name!r} of topic {topic!r} on the NATS cluster "
+                f"has {have.num_replicas} replicas; set replicas = {have.num_replicas}, or stop every hub and "
+                f"change the replicas of the journal's streams (nats stream edit {name} --replicas {s.replicas})")
+        want = {"duplicate_window": float(s.duplicate_window), "max_age": float(s.max_age),
+                "max_bytes": int(s.max_bytes)}
+        seen = {"duplicate_window": float(have.duplicate_window or 0), "max_age": float(have.max_age or 0),
+                "max_bytes": int(have.max_bytes if have.max_bytes is not None else -1)}
+        changes = {k: v for k, v in want.items() if abs(float(seen[k]) - float(v)) > 1e-3}
+        if not changes:
+            return
+        await asyncio.wait_for(self.js.update_stream(dataclasses.replace(have, **changes)), s.request_timeout)
+        log.info("brought a topic's stream in line with [journal]",
+                 extra={"stream": name, **{k: f"{seen[k]:g} -> {v:g}" for k, v in changes.items()}})
 
     async def _latest(self, bucket: str, keys: str = ">") -> dict[str, tuple[bytes, int]]:
         return await kv_latest(self.nc, bucket, self.settings.request_timeout, keys)
