@@ -518,14 +518,16 @@ class JetStreamJournal:
         # One deadline for every start step that waits out a cluster that cannot answer yet (a node just
         # (re)started, leaders being elected): a slow cluster delays the start by at most start_timeout in all.
         deadline = asyncio.get_running_loop().time() + s.start_timeout
-        others = await self._other_journals()
         await self._ensure_kv(deadline)
         await self._claim_id(deadline)
         await self._load_state(deadline)
-        if others:  # said once the start succeeded: a start refused for another reason says only that, in one line
-            log.warning(f"the NATS cluster holds no journal under [journal] prefix {self.prefix!r} but holds "
-                        f"{len(others)} under other prefixes; started a new one (if this hub should join one of "
-                        "those, set its prefix)", extra={"prefix": self.prefix, "found": sorted(others)[:20]})
+        # Said once the start succeeded (a start refused for another reason says only that, in one line), and
+        # asked of a cluster that has just answered every read: it adds no wait to a start that waits already.
+        others = [] if self._streams or self._cursors else await self._other_journals()
+        if others:
+            log.warning(f"the journal under [journal] prefix {self.prefix!r} is empty (no topic, no cursor) while the "
+                        f"NATS cluster holds {len(others)} under other prefixes; if this hub should join one of "
+                        "those, set its prefix", extra={"prefix": self.prefix, "found": sorted(others)[:20]})
 
     def _stream(self, topic: str) -> str:
         return f"{self.prefix}_ev_{token(topic)}"
@@ -612,23 +614,19 @@ class JetStreamJournal:
         return self._placement_error(want.bucket, e)
 
     async def _other_journals(self) -> list[str]:
-        """The prefixes of the other journals on the cluster when it holds none under this hub's prefix (empty
-        otherwise): a mistyped or forgotten `[journal] prefix` would start an empty journal beside the real one,
+        """The prefixes of the other journals on the cluster, asked when this hub's holds no topic and no cursor: a
+        mistyped or forgotten `[journal] prefix` would start an empty journal beside the real one,
         and the groups would start afresh with nothing said. Best effort: never stops the start."""
         try:
-            resp = await self.nc.request(f"$JS.API.STREAM.INFO.KV_{self._kv_cursors}", b"",
-                                         timeout=self.settings.request_timeout)
-            doc = json.loads(resp.data)
-            if (doc.get("error") or {}).get("err_code") != STREAM_NOT_FOUND:
-                return []  # this prefix has its journal (or the answer says nothing either way)
             found: list[str] = []
             offset = 0
             while True:
                 resp = await self.nc.request("$JS.API.STREAM.NAMES", json.dumps({"offset": offset}).encode(),
-                                             timeout=self.settings.request_timeout)
+                                             timeout=min(2.0, self.settings.request_timeout))
                 page = json.loads(resp.data)
                 names = page.get("streams") or []
-                found += [n[3:-len("_cursors")] for n in names if n.startswith("KV_") and n.endswith("_cursors")]
+                found += [n[3:-len("_cursors")] for n in names if n.startswith("KV_") and n.endswith("_cursors")
+                          and n != f"KV_{self._kv_cursors}"]
                 offset += len(names)
                 if not names or offset >= int(page.get("total", 0)):
                     return found
