@@ -1105,3 +1105,34 @@ def test_a_journal_made_with_other_settings_is_named_not_silently_used(tmp_path:
         j = JetStreamJournal(JetStreamSettings(**base), "hub-a")  # type: ignore[arg-type]
         j.close()
     assert not [r for r in caplog.records if "prefix" in r.getMessage()]
+
+
+def test_a_renewal_whose_answer_was_lost_does_not_cost_the_lease(cluster: NatsCluster) -> None:
+    """A lease renewal that JetStream stored but whose answer never came (the lease bucket's leader killed right
+    after it stored it: the hub counts it as unanswered) leaves the bucket at a revision the hub does not know.
+    Its next renewal, naming the old one, was refused and taken for a loss to another hub: the hub stopped
+    dispatching, and since the entry was its own and alive no hub could take the group until it expired, then
+    everything in flight was delivered again. The stored renewal is made here as the lost one was: this hub's
+    own lease value, written over the revision it holds, its answer never read by the hub."""
+    prefix = "r" + uuid.uuid4().hex[:8]
+    s = _settings(cluster, prefix, lease_ttl=3.0)
+    a, b = JetStreamJournal(s, "hub-a"), JetStreamJournal(s, "hub-b")
+    try:
+        wait_for(lambda: "g" in a.lead(["g"], time.monotonic()), 10, "hub a to take the lease")
+        rev = a._leases["g"][0]
+
+        async def landed(js: Any) -> int:
+            ack = await js.publish(f"$KV.{prefix}_leases.g.g", a._lease_value,
+                                   headers={"Nats-Expected-Last-Subject-Sequence": str(rev)})
+            return int(ack.seq)
+
+        stored = _on_cluster(cluster, landed)
+        a._next_lease_round = 0
+        assert a.lead(["g"], time.monotonic()) == {"g"}, "a renewal of its own that landed cost hub a the lease"
+        wait_for(lambda: a._leasing is None and a._leases.get("g", (0, 0.0))[0] > stored, 10,
+                 "hub a to renew over the revision its lost answer named")
+        assert b.lead(["g"], time.monotonic()) == set()
+        assert b.leaders()["g"] == "hub-a"
+    finally:
+        a.close()
+        b.close()

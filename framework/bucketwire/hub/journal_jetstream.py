@@ -1653,11 +1653,35 @@ class JetStreamJournal:
                 # longer, and the next round renews it with the same revision once a leader answers.
                 pass
             elif rev:
-                log.warning("lost the dispatch lease to another hub", extra={"group": g, "hub": self.hub_id})
-                self._leases.pop(g, None)
+                if not await self._renew_own(g, sent):
+                    log.warning("lost the dispatch lease to another hub", extra={"group": g, "hub": self.hub_id})
+                    self._leases.pop(g, None)
             else:
                 await self._take_released(g, sent)
         await presence
+
+    async def _renew_own(self, g: str, sent: float) -> bool:
+        """A renewal refused because the entry moved past the revision this hub knows: when what moved it is this
+        hub's own lease value, it is an earlier renewal that landed but whose answer was lost (the bucket's leader
+        died right after storing it), and the lease never left this hub; renew over it. Taken for a loss, the
+        group went undispatched until this hub's own entry expired, then all it had in flight went again.
+        Another hub's value, a delete or purge marker, or no answer: a loss, as before."""
+        subject = f"$KV.{self._kv_leases}.g.{token(g)}"
+        try:
+            last = await self.js.get_last_msg(f"KV_{self._kv_leases}", subject)
+        except Exception:  # noqa: BLE001 - cannot tell: counted as lost, the safe side
+            return False
+        if (last.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or bytes(last.data or b"") != self._lease_value:
+            return False
+        fut = await self._replies.send(subject, self._lease_value,
+                                       {"Nats-Expected-Last-Subject-Sequence": str(last.seq)})
+        doc = await self._answer(fut)
+        if "error" in doc:
+            return False
+        self._leases[g] = (int(doc["seq"]), sent + self.settings.lease_ttl)  # stored after `sent`: counts from it
+        log.info("renewed the dispatch lease over a renewal whose answer was lost", extra={"group": g,
+                                                                                         "hub": self.hub_id})
+        return True
 
     async def _take_released(self, g: str, sent: float) -> None:
         """A lease given back with `release` leaves a delete marker, not an empty key: take it over the marker."""
