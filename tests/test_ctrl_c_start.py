@@ -39,12 +39,19 @@ plugins = []
     return cfg
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A terminal's foreground command starts with SIGINT at its default. A test run started from a background job
+    (`make test &`, nohup, some CI runners) hands down SIGINT *ignored*, which survives exec: Python then installs
+    no handler, the Ctrl+C below is never seen, and each test hung until its 120 s timeout."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_when_imported(args: list[str], module: str, cwd: Path) -> tuple[int, str]:
     """Start the console script, send SIGINT to its group once `module` has been imported; (exit code, output
     without the import-time lines)."""
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1", "PYTHONUNBUFFERED": "1"}
     p = subprocess.Popen([BUCKETWIRE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd, env=env,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
     assert p.stderr is not None
     seen: list[str] = []
     try:
