@@ -150,12 +150,12 @@ def test_bus_against_nats_without_the_extra() -> None:
 
 def test_profile_bus() -> None:
     """The profile harness measures both systems and the hub's counters, and renders the README's tables."""
-    p = run_clean([sys.executable, "-m", "bucketwire.devstack.bench.profile_bus", "2000", "200", "0.5"], 300)
+    p = run_clean([sys.executable, "-m", "bucketwire.devstack.bench.profile_bus", "500", "200", "0.5"], 300)
     r = json.loads(p.stdout)
     bw, nt, probed = r["bucketwire clean"], r["nats clean"], r["bucketwire probed"]
     assert set(bw) == set(nt) == set(probed) == {"saturation", "200/s"}
     sat = bw["saturation"]
-    assert sat["events"] == 2000 and sat["per_event"]["dispatched"] == sat["per_event"]["acked"] == 1.0
+    assert sat["events"] == 500 and sat["per_event"]["dispatched"] == sat["per_event"]["acked"] == 1.0
     assert sat["cpu_us_per_event"]["hub"]["main thread"] > 0
     nsat = nt["saturation"]["cpu_us_per_event"]
     assert nsat["nats-server (all threads)"] + sum(nsat["worker processes (both)"].values()) > 0
