@@ -33,8 +33,9 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 # collection order (after groups of several, such as "dev-demo"), so a long test collected last runs while the other
 # process has nothing left to do: these go first, and the short ones fill in at the end. Order within a module is
 # kept. A module missing from the list only runs in its usual place.
-SLOW_FIRST = ("test_bench.py", "test_ha_probe.py", "test_doctor_cluster.py", "test_journal_jetstream.py",
-              "test_revoke.py", "test_plugin_new.py", "test_tail.py", "test_nats_cluster.py", "test_ha.py")
+SLOW_FIRST = ("test_bench.py", "test_ha_probe.py", "test_ha_crash.py", "test_doctor_cluster.py",
+              "test_journal_jetstream.py", "test_revoke.py", "test_plugin_new.py", "test_tail.py",
+              "test_nats_cluster.py", "test_ha.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
