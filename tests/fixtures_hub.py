@@ -123,12 +123,7 @@ path = "{self.record}"
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         with urllib.request.urlopen(req, timeout=5) as r:
-            text = r.read().decode()
-        for fam in text_string_to_metric_families(text):
-            for smp in fam.samples:
-                if smp.name == name and smp.labels == labels:
-                    return float(smp.value)
-        return 0.0
+            return sample_of(r.read().decode(), name, labels)
 
     def post(self, path: str, body: bytes, token: str | None = None, headers: dict | None = None
              ) -> tuple[int, dict]:
@@ -172,6 +167,15 @@ path = "{self.record}"
 
     def dump_logs(self, tail: int = 3000) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in self.logs if p.exists())
+
+
+def sample_of(text: str, name: str, labels: dict[str, str]) -> float:
+    """The value of one sample of an exposition-format page, read by prometheus-client's parser (0 if absent)."""
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == name and smp.labels == labels:
+                return float(smp.value)
+    return 0.0
 
 
 @pytest.fixture

@@ -104,6 +104,17 @@ def _pair(tmp: Path, cluster: NatsCluster) -> tuple[Stack, Stack, str]:
     return a, b, prefix
 
 
+def _start(a: Stack, b: Stack, pool_at: Stack | None, processes: int) -> Stack:
+    """Both hubs up (a first, so it takes the group's lease), then a pool of `processes` started from `pool_at`'s
+    config (None: the dispatcher's) and joined at the dispatcher, which is returned."""
+    a.start_hub()
+    first: Stack = wait_for(lambda: dispatcher(a, b), 20, "a dispatcher for group g")
+    b.start_hub()
+    (pool_at or first).start_worker("g", processes, wait=False)
+    wait_for(lambda: first.status()["groups"]["g"]["workers"] >= processes, 30, "the pool at the dispatcher")
+    return first
+
+
 def _handled_ids(a: Stack) -> set[str]:
     return {h["id"] for h in a.handled()}
 
@@ -121,11 +132,7 @@ def test_killing_a_streams_leader_mid_stream_loses_nothing_acknowledged(tmp_path
     n = 1200
     a, b, prefix = _pair(tmp_path, cluster)
     try:
-        a.start_hub()
-        first = wait_for(lambda: dispatcher(a, b), 20, "a dispatcher for group g")
-        b.start_hub()
-        a.start_worker("g", 2, wait=False)
-        wait_for(lambda: first.status()["groups"]["g"]["workers"] >= 2, 30, "the pool at the dispatcher")
+        _start(a, b, a, 2)
         ids = [f"ev-{i}" for i in range(n)]
         pubs = [Publisher(s, ids[k::2]).start() for k, s in enumerate((a, b))]
         stream = {"events": f"{prefix}_ev_photos", "cursors": f"KV_{prefix}_cursors",
@@ -175,11 +182,7 @@ def test_every_node_killed_and_restarted_mid_stream_loses_nothing_acknowledged(t
     n = 1000
     a, b, prefix = _pair(tmp_path, cluster)
     try:
-        a.start_hub()
-        first = wait_for(lambda: dispatcher(a, b), 20, "a dispatcher for group g")
-        b.start_hub()
-        a.start_worker("g", 2, wait=False)
-        wait_for(lambda: first.status()["groups"]["g"]["workers"] >= 2, 30, "the pool at the dispatcher")
+        _start(a, b, a, 2)
         ids = [f"ev-{i}" for i in range(n)]
         pubs = [Publisher(s, ids[k::2], patience=90).start() for k, s in enumerate((a, b))]
         wait_for(lambda: _acked(pubs) >= n // 3, 60, "a third acknowledged")
@@ -239,11 +242,7 @@ def test_a_node_whose_data_directory_was_wiped_rejoins_and_holds_its_share(tmp_p
     a, b, prefix = _pair(tmp_path, cluster)
     stream = f"{prefix}_ev_photos"
     try:
-        a.start_hub()
-        first = wait_for(lambda: dispatcher(a, b), 20, "a dispatcher for group g")
-        b.start_hub()
-        a.start_worker("g", 2, wait=False)
-        wait_for(lambda: first.status()["groups"]["g"]["workers"] >= 2, 30, "the pool at the dispatcher")
+        _start(a, b, a, 2)
         ids = [f"ev-{i}" for i in range(n)]
         pubs = [Publisher(s, ids[k::2]).start() for k, s in enumerate((a, b))]
         wait_for(lambda: _acked(pubs) >= n // 4, 60, "a quarter acknowledged")
@@ -281,11 +280,7 @@ def test_an_event_still_running_on_a_dead_dispatchers_worker_is_not_run_twice_at
     a, b, _ = _pair(tmp_path, cluster)
     release = tmp_path / "release"
     try:
-        a.start_hub()
-        first = wait_for(lambda: dispatcher(a, b), 20, "a dispatcher for group g")
-        b.start_hub()
-        first.start_worker("g", 1, wait=False)
-        wait_for(lambda: first.status()["groups"]["g"]["workers"] >= 1, 30, "the pool at the dispatcher")
+        first = _start(a, b, None, 1)
         with first.client() as c:
             c.publish("photos", {"bucket": "b", "key": "big.jpg", "hold": str(release), "mark_start": True},
                       id="long")

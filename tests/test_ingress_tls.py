@@ -12,9 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures_hub import Stack, wait_for
+from tests.fixtures_hub import Stack, sample_of, wait_for
 from tests.test_security_ingress import GROUPS, hub_opts, make_pki
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
@@ -85,12 +84,7 @@ def https_metric(s: Stack, ca: Path, name: str, **labels: str) -> float:
     ctx = ssl.create_default_context(cafile=str(ca))
     req = urllib.request.Request(f"https://127.0.0.1:{s.http_port}/metrics")
     with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
-        text = r.read().decode()
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            if smp.name == name and smp.labels == labels:
-                return float(smp.value)
-    return 0.0
+        return sample_of(r.read().decode(), name, labels)
 
 
 def test_a_flood_of_failed_handshakes_is_counted_not_logged_each(stack_factory, tmp_path: Path) -> None:
