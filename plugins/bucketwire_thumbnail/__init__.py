@@ -380,10 +380,10 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
     try:
         got = _source(ctx, src, bucket, key, ctype, s["max_bytes"])
     except PermanentError:
-        _drop_stale(ctx, src, dst, job, None)
+        _drop_stale(ctx, src, dst, job, None, stats)
         raise
     if isinstance(got, _NoImage):
-        _drop_stale(ctx, src, dst, job, got.etag)
+        _drop_stale(ctx, src, dst, job, got.etag, stats)
         return
     if got is None:
         return
@@ -400,7 +400,7 @@ def _make(event: Event, ctx: Context, job: _Job, src: Any, dst: Any) -> None:
             background=tuple(s["background_rgb"]), input_formats=s["input_formats"],
         )
     except ThumbnailError as e:
-        _drop_stale(ctx, src, dst, job, real_etag or None)
+        _drop_stale(ctx, src, dst, job, real_etag or None, stats)
         raise PermanentError(f"{bucket}/{key}: {e}") from None
     info: dict[int, tuple[int, int, int]] = {}
     for t in thumbs:
@@ -470,20 +470,23 @@ def _etag(headers: Any) -> str:
     return str((headers or {}).get("etag") or "").strip('"')
 
 
-def _drop_stale(ctx: Context, src: Any, dst: Any, job: _Job, etag: str | None) -> None:
+def _drop_stale(ctx: Context, src: Any, dst: Any, job: _Job, etag: str | None,
+                stats: dict[int, Any | None] | None = None) -> None:
     """Remove this source's thumbnails made from other bytes than it now holds (`etag`; None: stat it), when
     an event for it makes none: a photo overwritten by a document, an empty object, a broken image or one over
     max_bytes. No removal event comes for an overwrite, so they showed the old picture under the key for good.
     Thumbnails of the current bytes stay (a late redelivery of an older event must not remove them), and so do
-    other sources' (the same key in another bucket sharing output_bucket). Follows `delete_with_source`."""
+    other sources' (the same key in another bucket sharing output_bucket). Follows `delete_with_source`.
+    `stats`: the output keys' stats `_make` already read for this event (None: read them here)."""
     if not ctx.settings["delete_with_source"]:
         return
     bucket, key = job.bucket, job.key
+    if stats is None:
+        stats = _stats(dst, job.out_bucket, job.keys)
     stale: list[tuple[str, str | None]] = []
-    for k in job.keys.values():
-        st = _stat(dst, job.out_bucket, k)
+    for size, st in stats.items():
         if st is not None and _made_from(st.metadata, bucket, key):
-            stale.append((k, meta_get(st.metadata, "bucketwire-source-etag")))
+            stale.append((job.keys[size], meta_get(st.metadata, "bucketwire-source-etag")))
     if not stale:
         return  # the usual case for a non-image upload: one stat per size, nothing else
     if etag is None:
