@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 from bucketwire import exposition
-from bucketwire.config import ConfigError
 from bucketwire.envelope import EnvelopeError, Event, dumps, is_rfc3339, time_problem, valid_unicode
 from bucketwire.formats import s3_records
+from bucketwire.hub.cert_reload import CertReload
 from bucketwire.hub.http_server import Limits, Pending, Request, Response, Server
 from bucketwire.procutil import fd_limit
+from bucketwire.tlsfiles import RENEW_FIX, server_context
 
 if TYPE_CHECKING:
     from bucketwire.config import Config
@@ -164,50 +165,18 @@ ROUTES: dict[str, tuple[str, Parser]] = {
 
 
 def tls_context(hub_cfg: Any) -> ssl.SSLContext | None:
-    """[hub] tls_cert/tls_key serve HTTPS; tls_client_ca also requires a client certificate signed by that CA."""
+    """[hub] tls_cert/tls_key serve HTTPS; tls_client_ca also requires a client certificate signed by that CA.
+
+    A certificate out of its dates is a warning, not a refusal to start: the hub's ZeroMQ side needs no
+    certificate, and MinIO keeps what it cannot deliver (queue_dir) until the certificate is renewed, which the
+    running hub picks up (hub/cert_reload.py). OpenSSL loads such a certificate without a word, and every client
+    that checks it then refused each handshake while /healthz said 200."""
     if hub_cfg.tls_cert is None:
         return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(hub_cfg.tls_cert, hub_cfg.tls_key)
-        if hub_cfg.tls_client_ca is not None:
-            ctx.load_verify_locations(cafile=hub_cfg.tls_client_ca)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"[hub] tls_cert/tls_key/tls_client_ca: cannot load ({e}); give PEM files the hub "
-                          "can read") from None
-    problem = certificate_dates_problem(hub_cfg.tls_cert, time.time())
+    ctx, _, problem = server_context(hub_cfg.tls_cert, hub_cfg.tls_key, hub_cfg.tls_client_ca, strict_dates=False)
     if problem is not None:
-        # A warning, not a refusal to start: the hub's ZeroMQ side needs no certificate, and MinIO keeps what it
-        # cannot deliver (queue_dir) until the certificate is renewed and the hub restarted.
-        log.warning(problem)
+        log.warning(f"{problem}; {RENEW_FIX}")
     return ctx
-
-
-def certificate_dates_problem(path: str, now: float) -> str | None:
-    """One line when the certificate in `path` is outside its validity dates at `now`, else None.
-
-    OpenSSL loads an expired certificate without a word, and every client that checks it (MinIO does) then
-    refuses each handshake: webhooks failed while /healthz said 200, the only trace a line per failed handshake.
-    The standard library has no public way to read a certificate's dates; `_test_decode_cert` has read them
-    since Python 2.7, and if it ever goes the check is skipped rather than the hub stopped."""
-    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
-    if decode is None:
-        return None
-    try:
-        cert = decode(path)
-        not_before = ssl.cert_time_to_seconds(cert["notBefore"])
-        not_after = ssl.cert_time_to_seconds(cert["notAfter"])
-    except (OSError, ssl.SSLError, KeyError, ValueError):
-        return None
-    if now > not_after:
-        return (f"[hub] tls_cert {path} expired on {cert['notAfter']}: clients that check it (MinIO does) refuse "
-                "every HTTPS connection, so no webhook arrives; renew it and restart the hub")
-    if now < not_before:
-        return (f"[hub] tls_cert {path} is not valid before {cert['notBefore']}: clients that check it (MinIO "
-                "does) refuse every HTTPS connection until then; check the certificate's dates and this host's clock")
-    return None
 
 
 class Ingress:
@@ -385,11 +354,12 @@ def serve(hub: Hub, http: str) -> Server:
                     reply_timeout=cfg.request_timeout, max_body=cfg.max_body_bytes,
                     drain_body=16 * cfg.max_body_bytes,
                     max_connections=min(cfg.http_max_connections, quarter))
+    certs = CertReload(cfg, hub.cfg.security.reload_interval) if cfg.tls_cert is not None else None
     try:
         srv = Server(ingress, host.strip("[]"), int(port), limits=limits, tls=tls_context(cfg),
                      on_reject=lambda reason: ingress.rejected.labels("http", reason).inc(),
                      backlog=min(512, quarter))
     except OSError as e:
         raise OSError(f"cannot listen on {http} ({e.strerror}); is the port taken? set [hub] http") from None
-    hub.attach_http(srv)
+    hub.attach_http(srv, certs)
     return srv

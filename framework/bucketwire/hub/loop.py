@@ -52,6 +52,7 @@ from bucketwire.envelope import (
     unsent_of,
 )
 from bucketwire.hub.backends import open_journal
+from bucketwire.hub.cert_reload import CertReload
 from bucketwire.hub.dispatch import (
     MAX_RETRY_DELAY,
     DeadLetter,
@@ -198,6 +199,7 @@ class Hub:
         self.workers: dict[bytes, WorkerState] = {}
         self.ingress_q: queue.SimpleQueue[tuple[list[Event], str, Done]] = queue.SimpleQueue()
         self.http: HttpServer | None = None
+        self.certs: CertReload | None = None
         self._loop_thread = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -301,9 +303,10 @@ class Hub:
         if threading.get_ident() != self._loop_thread:  # from the loop itself: run() looks at the queue anyway
             self.wake()
 
-    def attach_http(self, server: HttpServer) -> None:
-        """Drive the HTTP ingress from the loop thread (before `run`)."""
+    def attach_http(self, server: HttpServer, certs: CertReload | None = None) -> None:
+        """Drive the HTTP ingress from the loop thread (before `run`); `certs` serves its renewed certificates."""
         self.http = server
+        self.certs = certs
 
     def wake(self) -> None:
         try:
@@ -315,8 +318,11 @@ class Hub:
         return Health(self.last_tick, self.write_error is None, self.write_error, self.net.revocation_problem())
 
     def request_reload(self) -> None:
-        """Thread/signal-safe: re-read the key allow-list and the server keys on the next loop turn (SIGHUP)."""
+        """Thread/signal-safe: re-read the key allow-list, the server keys and the HTTPS certificate on the next
+        loop turn (SIGHUP)."""
         self.net.request_reload()
+        if self.certs is not None:
+            self.certs.request()
         self.wake()
 
     def stop(self) -> None:
@@ -412,6 +418,8 @@ class Hub:
         batch = Batch()
         replies: list[Reply] = []
         self.net.tick(now, ready)
+        if self.certs is not None and self.http is not None:
+            self.certs.tick(now, self.http)
         if self.ha is not None:
             self._lead(now)
         for sock in self.net.work_sockets():
