@@ -50,15 +50,17 @@ def cert_info(path: Path | str) -> CertInfo | None:
         return None
 
 
-def dates_problem(where: str, path: Path | str, info: CertInfo, now: float) -> str | None:
-    """Why clients refuse the certificate at `now` (expired, not valid yet), or None."""
+def dates_problem(where: str, path: Path | str, info: CertInfo, now: float, why: str = "") -> str | None:
+    """Why clients refuse the certificate at `now` (expired, not valid yet), or None; `why` says what that stops."""
     if now > info.not_after:
-        return (f"{where} {path} expired on {info.not_after_text}: clients that check it (MinIO does) refuse every "
-                "HTTPS connection")
+        return f"{where} {path} expired on {info.not_after_text}{why}"
     if now < info.not_before:
-        return (f"{where} {path} is not valid before {info.not_before_text}: clients that check it (MinIO does) "
-                "refuse every HTTPS connection until then; check the certificate's dates and this host's clock")
+        return (f"{where} {path} is not valid before {info.not_before_text}{why}; check the certificate's dates and "
+                "this host's clock")
     return None
+
+
+HTTPS_REFUSED = ": clients that check it (MinIO does) refuse every HTTPS connection"
 
 
 def _no_password() -> bytes:
@@ -110,7 +112,7 @@ def server_context(cert: Path, key: Path, client_ca: Path | None, *, strict_date
                               "that signs client certificates") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     info = cert_info(cert)
-    problem = dates_problem(f"{where} tls_cert", cert, info, time.time()) if info is not None else None
+    problem = dates_problem(f"{where} tls_cert", cert, info, time.time(), HTTPS_REFUSED) if info else None
     if problem is not None and strict_dates:
         raise ConfigError(problem)
     return ctx, info, problem

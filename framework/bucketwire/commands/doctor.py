@@ -473,8 +473,10 @@ def check_stores(cfg: Config) -> list[Finding]:
 
 
 def run_checks(cfg: Config, *, live: bool = True, local: Sequence[str] = ()) -> list[Finding]:
+    from bucketwire.commands.doctor_tls import check_tls
+
     findings = (check_routes(cfg) + check_topics(cfg) + check_plugins(cfg, local) + check_ingress(cfg)
-                + check_security(cfg))
+                + check_security(cfg) + check_tls(cfg))
     if live:
         from bucketwire.commands.doctor_cluster import check_cluster
 
