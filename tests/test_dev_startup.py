@@ -288,3 +288,25 @@ def test_a_hub_and_pool_whose_parent_dies_without_its_death_signal_stop_when_the
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_an_s3_port_in_use_is_said_first_and_alone(tmp_path: Path) -> None:
+    """`dev --s3-port N` with N taken printed `stopping...` and then the error, as if something had been started
+    and stopped: the operator read a shutdown. Nothing was started; the error is the whole output, naming the flag
+    and how to pick another."""
+    needs_weed()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        r = subprocess.run([BUCKETWIRE, "dev", "--state-dir", str(tmp_path / "state"), "--s3-port", str(port)],
+                           capture_output=True, text=True, timeout=90)
+    finally:
+        taken.close()
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "already in use" in lines[0] and "--s3-port" in lines[0] and str(port) in lines[0], lines[0]
+    assert "stopping" not in r.stdout + r.stderr and "Traceback" not in r.stderr

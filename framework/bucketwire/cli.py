@@ -109,9 +109,11 @@ def worker(ctx: click.Context, config_path: str | None, group: str, topics: tupl
     check_key_files(cfg.security)  # a bad key file is one line here, not a crash in every child
     client_keys(cfg)
     spec = make_spec(cfg, group, list(topics), list(local_plugins), credit, start)
+    flag = ctx.meta.get("bw_metrics")
     code = run_pool(cfg, spec, processes or default_processes(cfg, group), log_format=ctx.obj["log_format"],
                     verbosity=ctx.obj["verbosity"], drain_timeout=drain_timeout,
-                    metrics=ctx.meta.get("bw_metrics") or getattr(cfg.groups.get(group), "metrics", None))
+                    metrics=flag or getattr(cfg.groups.get(group), "metrics", None),
+                    metrics_setting="--metrics" if flag else f"[groups.{group}] metrics")
     sys.exit(code)
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from bucketwire.devstack.seaweedfs import WeedError, WeedServer, find_weed
+from bucketwire.devstack.seaweedfs import WeedError, WeedServer, find_weed, port_is_free
 from bucketwire.procutil import STOP_WITH_ENV, free_port, on_stop_signals, parent_death_signal
 
 if TYPE_CHECKING:
@@ -532,6 +532,11 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
     mark_environment(root)
     if left:
         click.echo(f"stopped what a killed `bucketwire dev` left running on {root}: {', '.join(left)}", err=True)
+    if s3_port and not port_is_free(s3_port):
+        # Before anything starts (and after the leftovers, which may have held it): the error alone, not after a
+        # `stopping...` as if something had been started.
+        raise DevError(f"--s3-port {s3_port}: 127.0.0.1:{s3_port} is already in use; pick another with --s3-port "
+                       "PORT, or leave it out for a free one")
     if ha:
         from bucketwire.commands.dev_ha import run_ha
 

@@ -129,11 +129,13 @@ class _Locked:
 class Supervisor:
     """The pool's /metrics endpoint; start it before spawning children so they inherit the directory."""
 
-    def __init__(self, addr: str, group: str, alive: Callable[[], int], restarts: Callable[[], int]) -> None:
+    def __init__(self, addr: str, group: str, alive: Callable[[], int], restarts: Callable[[], int],
+                 setting: str = "--metrics") -> None:
+        """`setting`: where `addr` came from (`--metrics`, or `[groups.G] metrics`), named by a line about it."""
         host, sep, port = addr.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             # ConfigError: the CLI prints it as one line (a ValueError left a traceback)
-            raise ConfigError(f"--metrics {addr!r} is not HOST:PORT; write it like 127.0.0.1:9101")
+            raise ConfigError(f"{setting} {addr!r} is not HOST:PORT; write it like 127.0.0.1:9101")
         from bucketwire.procutil import owned_tempdir, remove_abandoned_tempdirs
 
         gone = remove_abandoned_tempdirs(PREFIX)
@@ -159,7 +161,9 @@ class Supervisor:
             self.server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=reg)
         except OSError as e:
             self._remove_dir()
-            raise OSError(f"cannot serve worker metrics on {addr} ({e.strerror}); is the port taken?") from None
+            other = "" if setting == "--metrics" else " (or start the pool with --metrics HOST:PORT)"
+            raise OSError(f"{setting} {addr}: cannot serve worker metrics there ({e.strerror}); each pool on a host "
+                          f"needs a port of its own: pick another with {setting} HOST:PORT{other}") from None
         log.info("worker metrics served", extra={"metrics": addr})
 
     def child_died(self, pid: int | None) -> None:

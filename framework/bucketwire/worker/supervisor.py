@@ -209,9 +209,10 @@ def _warn_misspelt_sections(cfg: Config, running: list[str]) -> None:
 
 
 def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str = "text", verbosity: int = 0,
-             drain_timeout: float = 30.0, metrics: str | None = None,
+             drain_timeout: float = 30.0, metrics: str | None = None, metrics_setting: str = "--metrics",
              restart_backoff: tuple[float, float] = RESTART_BACKOFF) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code. `metrics` HOST:PORT serves the pool's /metrics."""
+    """Run until SIGTERM/SIGINT; returns the exit code. `metrics` HOST:PORT serves the pool's /metrics
+    (`metrics_setting`: the flag or config key it came from, for the line when it cannot be served)."""
     # Validate once here so a config mistake is one line, not N children crash-looping.
     _warn_misspelt_sections(cfg, Plugins(cfg, spec).loaded.names)
     ctx = mp.get_context("spawn")
@@ -235,7 +236,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
         from bucketwire.worker.metrics import Supervisor
 
         served = Supervisor(metrics, spec.group, lambda: sum(p.is_alive() for p in children.values()),
-                            lambda: restarted[0])
+                            lambda: restarted[0], metrics_setting)
     notices = DeathNotices(cfg, spec.group)
 
     def spawn(slot: int) -> None:
