@@ -53,3 +53,53 @@ def test_worker_metrics_port_taken_from_the_config_names_the_setting(stack_facto
         s = stack_factory(f'\n[groups.g]\ntopics = ["x"]\nplugins = []\nmetrics = "127.0.0.1:{port}"\n')
         line = one_line(run(s, "worker", "--group", "g"))
     assert f"127.0.0.1:{port}" in line and "[groups.g] metrics" in line and "--metrics" in line, line
+
+
+def doctor_lines(tmp: Path, body: str) -> tuple[int, list[str], str]:
+    p = tmp / "c.toml"
+    p.write_text(f'[hub]\nstate_dir = "{tmp / "state"}"\nauth_token = "t"\n' + body + GROUPS)
+    p.chmod(0o600)
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "doctor", "-q", "-c", str(p)], capture_output=True,
+                       text=True, timeout=60)
+    return r.returncode, r.stdout.splitlines(), r.stdout + r.stderr
+
+
+def test_doctor_against_stores_with_wrong_settings(weed, tmp_path: Path) -> None:
+    """Real SeaweedFS: a wrong secret, an unknown key, secure = true against plain HTTP, a store that is not
+    there. Each was `unreachable or refused (HTTPConnectionPool(host=..., port=...): Max retries exceeded with
+    url: / (Caused by NewConnectionError("HTTPConnection(host=...` cut off before the cause, with one fix for all
+    of them; now one line each says which setting is wrong."""
+    from bucketwire.procutil import free_port
+
+    ep = weed.s3_endpoint
+    stores = {
+        "secret": (f'endpoint = "{ep}"\naccess_key = "{weed.access_key}"\nsecret_key = "not-the-secret"',
+                   ("refused secret_key", "SignatureDoesNotMatch"), "secret_key"),
+        "key": (f'endpoint = "{ep}"\naccess_key = "nobody"\nsecret_key = "x"', ("no access key 'nobody'",),
+                "access_key"),
+        "tls": (f'endpoint = "{ep}"\nsecure = true\naccess_key = "{weed.access_key}"\n'
+                f'secret_key = "{weed.secret_key}"', ("TLS handshake failed",), "secure = false"),
+        "down": (f'endpoint = "127.0.0.1:{free_port()}"\naccess_key = "a"\nsecret_key = "b"',
+                 ("cannot connect (Connection refused)",), "start the store"),
+    }
+    body = "".join(f"[stores.{n}]\n{t}\n" for n, (t, _, _) in stores.items())
+    code, lines, out = doctor_lines(tmp_path, body)
+    assert code == 1 and "Traceback" not in out, out
+    for name, (_, words, fix) in stores.items():
+        said = [line for line in lines if f"[stores.{name}]" in line]
+        assert len(said) == 1 and said[0].startswith("ERROR"), out
+        what, _, how = said[0].partition(" -- fix: ")
+        assert all(w in what for w in words) and fix in how, said[0]
+
+
+def test_doctor_and_operator_commands_against_a_hub_that_is_down(stack_factory: Callable[..., Stack]) -> None:
+    """The hub's HTTP line read `not reachable from here (<urlopen error [Errno 111] Connection refused>)`; the
+    commands an operator reaches for first say in one line that no hub answers, and where they looked."""
+    s = stack_factory(GROUPS)
+    r = run(s, "doctor", "-q")
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    http = [line for line in r.stdout.splitlines() if "[hub] http" in line]
+    assert len(http) == 1 and "not reachable from here (Connection refused)" in http[0], r.stdout
+    for args in (["status"], ["dlq", "list", "--group", "g"]):
+        line = one_line(run(s, *args))
+        assert "no answer from the hub" in line and f"127.0.0.1:{s.work_port}" in line, line

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 import urllib.error
 import urllib.request
@@ -182,7 +183,13 @@ def check_http(cfg: Config) -> list[Finding]:
         return [Finding("error", f"[hub] http {cfg.hub.http}: /healthz answered {e.code}",
                         "see the hub's log")]
     except (OSError, ValueError) as e:
-        return [Finding("warn", f"[hub] http {cfg.hub.http}: not reachable from here ({e})",
+        why = e.reason if isinstance(e, urllib.error.URLError) else e  # not `<urlopen error [Errno 111] ...>`
+        if isinstance(why, ssl.SSLCertVerificationError):
+            return [Finding("warn", f"[hub] https {cfg.hub.http}: this host does not trust the certificate it serves "
+                                    f"({why.verify_message})",
+                            "fine if the stores that post to it trust its CA; else see [hub] tls_cert")]
+        text = getattr(why, "strerror", None) or str(why)
+        return [Finding("warn", f"[hub] http {cfg.hub.http}: not reachable from here ({text})",
                         "start the hub, or run doctor where [hub] http is reachable")]
 
 
@@ -441,6 +448,42 @@ def _plugin_buckets(cfg: Config) -> list[tuple[str, str, str]]:
     return out
 
 
+def store_problem(e: Exception, where: str, access_key: str) -> tuple[str, str]:
+    """What a failed ListBuckets says about the store's settings, and the fix: the S3 error code or the cause of a
+    failed connection (urllib3 wraps it twice, and its own text was cut off before the cause)."""
+    import urllib3.exceptions as u3
+    from minio.error import InvalidResponseError, S3Error
+
+    if isinstance(e, S3Error):
+        code = e.code or "error"
+        if code == "InvalidAccessKeyId":
+            return (f"the store has no access key {access_key!r} (InvalidAccessKeyId)",
+                    f"set {where} access_key to a key the store has")
+        if code == "SignatureDoesNotMatch":
+            return (f"the store refused secret_key for access key {access_key!r} (SignatureDoesNotMatch)",
+                    f"set {where} secret_key to that key's secret")
+        if code == "AccessDenied":
+            return (f"access key {access_key!r} may not list buckets (AccessDenied)",
+                    "allow it s3:ListAllMyBuckets, or check its buckets by hand")
+        return f"the store refused the request ({code}: {(e.message or '')[:120]})", "see the store's log"
+    if isinstance(e, InvalidResponseError):
+        return ("answered, but not as an S3 store does (an HTTPS port with secure = false, or not the S3 port?)",
+                f"set {where} endpoint to the store's S3 port and secure to how it serves")
+    cause: BaseException = e.reason if isinstance(e, u3.MaxRetryError) and e.reason is not None else e
+    if isinstance(cause, u3.SSLError):
+        return (f"the TLS handshake failed ({str(cause)[-80:]}); a plain-HTTP store with secure = true?",
+                f"set {where} secure = false for http://, or check the store's certificate")
+    if isinstance(cause, u3.NameResolutionError):
+        return "cannot resolve the host name", f"fix the host in {where} endpoint"
+    if isinstance(cause, (u3.NewConnectionError, u3.ConnectTimeoutError, OSError)):
+        inner = cause.__context__ or cause.__cause__
+        why = getattr(inner, "strerror", None) or ("timed out" if isinstance(cause, u3.ConnectTimeoutError)
+                                                   else "connection failed")
+        return f"cannot connect ({why})", f"start the store, or fix the host:port in {where} endpoint"
+    msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    return f"unreachable or refused ({msg})", "check endpoint, secure, access_key/secret_key and that the store is up"
+
+
 def check_stores(cfg: Config) -> list[Finding]:
     out: list[Finding] = []
     listed: dict[str, set[str] | None] = {}
@@ -456,10 +499,9 @@ def check_stores(cfg: Config) -> list[Finding]:
             listed[name] = names
             out.append(Finding("ok", f"[stores.{name}] {sc.endpoint}: reachable, {len(names)} bucket(s)"))
         except Exception as e:  # any failure here is a finding, not a crash
-            msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             listed[name] = None
-            out.append(Finding("error", f"[stores.{name}] {sc.endpoint}: unreachable or refused ({msg})",
-                               "check endpoint, secure, access_key/secret_key and that the store is up"))
+            what, fix = store_problem(e, f"[stores.{name}]", sc.access_key)
+            out.append(Finding("error", f"[stores.{name}] {sc.endpoint}: {what}", fix))
     for where, store, bucket in _plugin_buckets(cfg):
         if store not in cfg.stores:
             out.append(Finding("error", f"{where} uses store {store!r}, which is not configured",
