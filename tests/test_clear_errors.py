@@ -103,3 +103,28 @@ def test_doctor_and_operator_commands_against_a_hub_that_is_down(stack_factory: 
     for args in (["status"], ["dlq", "list", "--group", "g"]):
         line = one_line(run(s, *args))
         assert "no answer from the hub" in line and f"127.0.0.1:{s.work_port}" in line, line
+
+
+def test_a_reload_with_a_broken_config_keeps_the_running_one_and_says_why(stack_factory: Callable[..., Stack],
+                                                                          tmp_path: Path) -> None:
+    """SIGHUP re-reads the config (CURVE listeners, keys, roles). A config broken while editing must change
+    nothing: the hub goes on serving with what it runs, and one line says why the reload was refused."""
+    import signal
+
+    from tests.fixtures_hub import wait_for
+    from tests.test_security import secure_stack
+
+    s, _ = secure_stack(stack_factory, tmp_path)
+    s.start_hub()
+    good = s.cfg_path.read_text()
+    for broken, why in ((good + "\n[hub\n", "invalid TOML"), (good.replace("[security]", "[security]\nreload_intervall = 1", 1),
+                                                                "reload_intervall")):
+        s.cfg_path.write_text(broken)
+        before = s.logs[-1].read_text().count("reload refused")
+        assert s.hub_proc is not None
+        s.hub_proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: s.logs[-1].read_text().count("reload refused") > before, 20, "the refusal said")
+        said = [line for line in s.logs[-1].read_text().splitlines() if "reload refused" in line][before:]
+        assert len(said) == 1 and why in said[0] and "keeping the running configuration" in said[0], said
+        assert s.status()["groups"].get("g") is not None, "still serving with the running config"
+    assert "Traceback" not in s.dump_logs(1_000_000)
