@@ -117,14 +117,47 @@ def test_a_reload_with_a_broken_config_keeps_the_running_one_and_says_why(stack_
     s, _ = secure_stack(stack_factory, tmp_path)
     s.start_hub()
     good = s.cfg_path.read_text()
-    for broken, why in ((good + "\n[hub\n", "invalid TOML"), (good.replace("[security]", "[security]\nreload_intervall = 1", 1),
-                                                                "reload_intervall")):
+    misspelt = good.replace("[security]", "[security]\nreload_intervall = 1", 1)
+    for broken, why in ((good + "\n[hub\n", "invalid TOML"), (misspelt, "reload_intervall")):
         s.cfg_path.write_text(broken)
         before = s.logs[-1].read_text().count("reload refused")
         assert s.hub_proc is not None
         s.hub_proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: s.logs[-1].read_text().count("reload refused") > before, 20, "the refusal said")
+        wait_for(lambda n=before: s.logs[-1].read_text().count("reload refused") > n, 20, "the refusal said")
         said = [line for line in s.logs[-1].read_text().splitlines() if "reload refused" in line][before:]
         assert len(said) == 1 and why in said[0] and "keeping the running configuration" in said[0], said
         assert s.status()["groups"].get("g") is not None, "still serving with the running config"
     assert "Traceback" not in s.dump_logs(1_000_000)
+
+
+def test_doctor_against_nats_that_refuses_the_credentials(tmp_path: Path) -> None:
+    """A real nats-server with a token; the config's token is another. Doctor said `not reachable (nats:
+    'Authorization Violation') -- fix: start nats-server (with -js) there, or fix [journal] servers`: the server
+    was up and the servers right, and the operator was sent to the wrong place."""
+    import pytest
+
+    from bucketwire.devstack.nats import find_nats_server
+    from bucketwire.procutil import free_port
+    from tests.fixtures_hub import wait_for
+
+    try:
+        binary = find_nats_server()
+    except Exception as e:  # the nats extra is not installed
+        pytest.skip(str(e))
+    port = free_port()
+    log = (tmp_path / "nats.log").open("wb")
+    srv = subprocess.Popen([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "--auth", "right-token", "-sd",
+                            str(tmp_path / "js")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 20, "nats-server listening")
+        code, lines, out = doctor_lines(tmp_path, f'[journal]\nbackend = "jetstream"\nreplicas = 1\n'
+                                                  f'servers = ["nats://127.0.0.1:{port}"]\ntoken = "wrong-token"\n')
+    finally:
+        srv.terminate()
+        srv.wait(10)
+        log.close()
+    said = [line for line in lines if "[journal] server" in line]
+    assert code == 1 and len(said) == 1 and "Traceback" not in out, out
+    what, _, fix = said[0].partition(" -- fix: ")
+    assert "refused the credentials" in what and "not reachable" not in what, said[0]
+    assert "token" in fix and "start nats-server" not in fix, said[0]

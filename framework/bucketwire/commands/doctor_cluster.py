@@ -44,6 +44,10 @@ async def _reachable(s: JetStreamSettings, url: str, timeout: float) -> Finding:
             why = f"no answer within {timeout:g}s"
         else:
             why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        if "authorization" in why.lower() or "authentication" in why.lower():
+            # Up and answering: the server list is right and the credentials are not (the hub says the same).
+            return Finding("error", f"[journal] server {url}: refused the credentials ({why})",
+                           "check [journal] user and password (or token, creds) against the server's")
         return Finding("error", f"[journal] server {url}: not reachable ({why})", _FIX_SERVER)
     try:
         js_on = bool(nc._server_info.get("jetstream"))
