@@ -93,7 +93,7 @@ def test_store_unreachable(tmp_path):
     from bucketwire.commands.doctor import check_stores
 
     errs = [f.line() for f in check_stores(config_mod.load(p)) if f.level == "error"]
-    assert len(errs) == 1 and "[stores.primary]" in errs[0] and "unreachable" in errs[0]
+    assert len(errs) == 1 and "[stores.primary]" in errs[0] and "cannot connect (Connection refused)" in errs[0]
 
 
 def test_bucket_missing(tmp_path, fake_s3):
