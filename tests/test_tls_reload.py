@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_hub import Stack, wait_for
-from tests.test_ingress_tls import dated_cert
+from tests.test_ingress_tls import dated_cert, https_metric
 from tests.test_security_ingress import _openssl, hub_opts, make_pki
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
@@ -28,12 +28,12 @@ def ce(i: int) -> bytes:
                        "data": {}}).encode()
 
 
-def issue(pki: Path, name: str) -> tuple[Path, Path, str]:
+def issue(pki: Path, name: str, days: int = 2) -> tuple[Path, Path, str]:
     """A new key and a certificate for 127.0.0.1 signed by the test CA: (cert, key, serial as OpenSSL prints it)."""
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
              "-subj", f"/CN={name}", cwd=pki)
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=pki)
+             "-out", f"{name}.pem", "-days", str(days), "-extfile", "san.ext", cwd=pki)
     serial = ssl._ssl._test_decode_cert(str(pki / f"{name}.pem"))["serialNumber"]  # type: ignore[attr-defined]
     return pki / f"{name}.pem", pki / f"{name}.key", serial
 
@@ -94,6 +94,10 @@ def tls_stack(stack_factory, tmp_path: Path, reload_interval: float) -> tuple[St
     return s, pki, bot, serial
 
 
+def not_after(cert: Path) -> float:
+    return ssl.cert_time_to_seconds(ssl._ssl._test_decode_cert(str(cert))["notAfter"])  # type: ignore[attr-defined]
+
+
 def hub_log(s: Stack) -> str:
     return s.dump_logs(1_000_000)
 
@@ -107,12 +111,15 @@ def test_sighup_serves_a_renewed_certificate_and_keeps_open_connections(stack_fa
                                       context=ssl.create_default_context(cafile=str(pki["ca.pem"])))
     assert post(old, s, ce(1)) == 200
     sock = old.sock
-    cert, key, second = issue(pki["ca.pem"].parent, "second")
+    expiry = "bucketwire_tls_cert_expiry_timestamp_seconds"
+    assert https_metric(s, pki["ca.pem"], expiry) == not_after(bot.cert)
+    cert, key, second = issue(pki["ca.pem"].parent, "second", days=30)
     assert second != first
     bot.renew(cert, key)
     assert s.hub_proc is not None
     s.hub_proc.send_signal(signal.SIGHUP)
     wait_for(lambda: served_serial(s, pki["ca.pem"]) == second, 20, "the renewed certificate served")
+    assert https_metric(s, pki["ca.pem"], expiry) == not_after(cert), "the expiry gauge follows the renewal"
     assert post(old, s, ce(2)) == 200, "a connection opened before the reload is still served"
     assert old.sock is sock and old.sock.getpeercert()["serialNumber"] == first  # type: ignore[union-attr]
     old.close()
@@ -171,3 +178,14 @@ def test_a_renewal_that_does_not_load_keeps_the_old_certificate(stack_factory, t
     assert len(said) == 1, said
     assert "Traceback" not in hub_log(s)
     assert s.hub_proc.poll() is None
+
+
+def test_a_plain_http_hub_has_no_certificate_expiry_gauge(stack_factory) -> None:
+    """Present, it would read 0 (expired in 1970) and an alert on it would fire for every plain-HTTP hub."""
+    import urllib.request
+
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    with urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/metrics", timeout=5) as r:
+        page = r.read().decode()
+    assert "bucketwire_hub_info" in page and "bucketwire_tls_cert_expiry" not in page

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from bucketwire.config import ConfigError, HubConfig
 from bucketwire.hub.http_server import Server
-from bucketwire.tlsfiles import server_context
+from bucketwire.tlsfiles import CertInfo, server_context
 
 log = logging.getLogger("bucketwire.hub")
 
@@ -39,11 +40,14 @@ def _signature(paths: list[Path]) -> Signature:
 class CertReload:
     """Made before the server loads the pair at start, so the files are seen as they were before that load."""
 
-    def __init__(self, cfg: HubConfig, interval: float) -> None:
+    def __init__(self, cfg: HubConfig, interval: float,
+                 on_loaded: Callable[[CertInfo | None], None] = lambda info: None) -> None:
+        """`on_loaded`: told the details of each pair loaded, at start and after a renewal (the expiry gauge)."""
         assert cfg.tls_cert is not None and cfg.tls_key is not None
         self.cert, self.key, self.client_ca = cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca
         self.paths = [p for p in (self.cert, self.key, self.client_ca) if p is not None]
         self.interval = interval
+        self.on_loaded = on_loaded
         self.loaded = _signature(self.paths)
         """The files as they were when the pair being served was loaded (taken before loading it: a renewal under
         way then is seen as a change and loaded at the next look)."""
@@ -85,5 +89,6 @@ class CertReload:
             return
         server.tls = ctx
         self.loaded, self.refused, self.pending = sig, None, None
+        self.on_loaded(info)
         log.info(f"[hub] tls_cert {self.cert} reloaded: new connections get serial "
                  f"{info.serial if info else '?'}, valid until {info.not_after_text if info else '?'}")

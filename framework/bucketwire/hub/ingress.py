@@ -25,7 +25,7 @@ from bucketwire.formats import s3_records
 from bucketwire.hub.cert_reload import CertReload
 from bucketwire.hub.http_server import Limits, Pending, Request, Response, Server
 from bucketwire.procutil import fd_limit
-from bucketwire.tlsfiles import RENEW_FIX, server_context
+from bucketwire.tlsfiles import RENEW_FIX, CertInfo, cert_info, server_context
 
 if TYPE_CHECKING:
     from bucketwire.config import Config
@@ -354,12 +354,23 @@ def serve(hub: Hub, http: str) -> Server:
                     reply_timeout=cfg.request_timeout, max_body=cfg.max_body_bytes,
                     drain_body=16 * cfg.max_body_bytes,
                     max_connections=min(cfg.http_max_connections, quarter))
-    certs = CertReload(cfg, hub.cfg.security.reload_interval) if cfg.tls_cert is not None else None
+    certs = None
+    if cfg.tls_cert is not None:
+        expiry = hub.metrics.tls_cert_expiry()
+
+        def loaded(info: CertInfo | None) -> None:
+            if info is not None:
+                expiry.set(info.not_after)
+
+        certs = CertReload(cfg, hub.cfg.security.reload_interval, on_loaded=loaded)
     try:
         srv = Server(ingress, host.strip("[]"), int(port), limits=limits, tls=tls_context(cfg),
                      on_reject=lambda reason: ingress.rejected.labels("http", reason).inc(),
                      backlog=min(512, quarter))
     except OSError as e:
         raise OSError(f"cannot listen on {http} ({e.strerror}); is the port taken? set [hub] http") from None
+    if certs is not None:
+        assert cfg.tls_cert is not None
+        certs.on_loaded(cert_info(cfg.tls_cert))
     hub.attach_http(srv, certs)
     return srv

@@ -162,4 +162,14 @@ class HubMetrics:
                                   "Files in authorized_keys_dir skipped because they hold no valid public key",
                                   registry=r)
         self.info = Gauge("bucketwire_hub_info", "Hub build information", ["version", "schema"], registry=r)
+        self._tls_expiry: Gauge | None = None
         self._memoize_hot()
+
+    def tls_cert_expiry(self) -> Gauge:
+        """Made only by a hub that serves HTTPS: a gauge always present would read 0 (expired in 1970) without
+        TLS, and an alert on it would fire for every plain-HTTP hub."""
+        if self._tls_expiry is None:
+            self._tls_expiry = Gauge("bucketwire_tls_cert_expiry_timestamp_seconds",
+                                     "When the HTTPS certificate served to new connections expires (Unix time)",
+                                     registry=self.registry)
+        return self._tls_expiry
