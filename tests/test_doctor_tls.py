@@ -93,3 +93,21 @@ def test_ca_and_nats_client_certificates_are_checked_too(tmp_path: Path) -> None
     assert by[ca].startswith("ERROR") and "tls_client_ca" in by[ca] and "expired" in by[ca]
     assert by[nats_cert].startswith("WARN") and "[journal] tls_cert" in by[nats_cert]
     assert r.returncode == 1
+
+
+def test_doctor_says_when_this_host_does_not_trust_the_served_certificate(stack_factory, tmp_path: Path) -> None:
+    """The hub serves a certificate of a private CA this host does not trust: doctor said `not reachable from
+    here (<urlopen error [SSL: CERTIFICATE_VERIFY_FAILED] ...>)` of a hub that was up and answering."""
+    from tests.fixtures_hub import wait_for
+    from tests.test_security_ingress import GROUPS, hub_opts, make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    s = stack_factory(GROUPS)
+    hub_opts(s, f'tls_cert = "{pki["server.pem"]}"\ntls_key = "{pki["server.key"]}"')
+    s.hub_proc = s._spawn(["hub"], "hub")
+    wait_for(lambda: s.status()["groups"].get("g") is not None, 30, "the hub serving")
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "doctor", "-q", "-c", str(s.cfg_path)], env=s.env,
+                       capture_output=True, text=True, timeout=60)
+    said = [line for line in r.stdout.splitlines() if "[hub] http" in line]
+    assert len(said) == 1 and said[0].startswith("WARN"), r.stdout
+    assert "does not trust the certificate it serves" in said[0] and "urlopen" not in said[0], said[0]
