@@ -92,6 +92,12 @@ class WorkerState:
     served: bool = False  # it has been handed events: an idle one that has is warm (`GroupState._dispatch_order`)
     plugins: tuple[str, ...] | None = None  # what its READY said it runs (None: an older worker, not compared)
     setup: str = ""  # digest of those plugins' settings
+    # Known only from its supervisor's report (RUNNING) of an event a dispatcher before this one handed it and
+    # its handler still runs: it holds that event and gets nothing (credit 0) until it joins (READY) itself, and
+    # is given up by `pinned_until` whatever it reports (its handler_timeout and heartbeat_timeout, from the
+    # first report this hub had).
+    reported: bool = False
+    pinned_until: float = 0.0
 
     @property
     def free(self) -> int:
@@ -203,6 +209,9 @@ class GroupState:
         self.setups_told: set[frozenset[tuple[tuple[str, ...], str]]] = set()  # plugin-set pairs logged once
         self._tie = itertools.count()
         self.replays: dict[str, int] = {}  # topic -> from_seq, waiting for that topic's in-flight events to finish
+        # Until then nothing is handed out: a hub that has just started, or taken the group over, with events not
+        # acked waits for the previous dispatcher's workers to report what they still run (`pin`).
+        self.settle_until = 0.0
 
     def plugin_sets(self) -> dict[tuple[tuple[str, ...], str], list[WorkerState]]:
         """The group's workers by the plugins they run (and those plugins' settings digest). More than one key:
@@ -404,6 +413,57 @@ class GroupState:
             if not self.ready:
                 break
         return out
+
+    def pin(self, w: WorkerState, key: Key, now: float) -> str | None:
+        """Hold the loaded event `key` as in flight with `w`, a worker a dispatcher before this one handed it to
+        and whose handler still runs it (its supervisor's report): it is not handed out again until `w` reports
+        its outcome, dies or is given up, and no later event of its object overtakes it. Returns why not, or None.
+
+        Only an event this group has loaded, not done and handed to nobody here can be held: one in flight with
+        another worker here already runs again (too late to hold), and one not loaded yet cannot be named."""
+        topic, seq = key
+        if topic not in self.acked:
+            return f"topic {topic[:64]!r} is not consumed by group {self.name!r}"
+        if self.is_done(topic, seq):
+            return "the event is acked already"
+        entry = self.inflight.get(key)
+        if entry is not None:
+            return None if entry[1] == w.ident else "the event is in flight with another worker here"
+        if seq >= self.read_pos.get(topic, 1):
+            return "not loaded"
+        it = self._unqueue(key)
+        if it is None:
+            return "the event is not waiting here"
+        if it.objkey is not None:
+            h = self.holder.get(it.objkey)
+            if h is None or h not in self.inflight:
+                self.holder[it.objkey] = key  # later events of its object wait (`dispatch` parks them in blocked)
+        it.attempts += 1
+        if not it.first_dispatch:
+            it.first_dispatch = now
+        self.inflight[key] = (it, w.ident)
+        w.inflight[key] = it
+        return None
+
+    def _unqueue(self, key: Key) -> Item | None:
+        """Take the loaded, waiting event `key` out of `ready`, `blocked` or `retry`; None if it is in none."""
+        for i, it in enumerate(self.ready):
+            if it.key == key:
+                del self.ready[i]
+                return it
+        for ok, q in self.blocked.items():
+            for i, it in enumerate(q):
+                if it.key == key:
+                    del q[i]
+                    if not q:
+                        del self.blocked[ok]
+                    return it
+        for i, (_, _, it) in enumerate(self.retry):
+            if it.key == key:
+                self.retry.pop(i)
+                heapq.heapify(self.retry)
+                return it
+        return None
 
     # -- outcomes --------------------------------------------------------------------------------------------
     def _mark_acked(self, topic: str, seq: int) -> None:

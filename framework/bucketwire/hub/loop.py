@@ -69,6 +69,7 @@ from bucketwire.hub.journal_jetstream import JetStreamJournal
 from bucketwire.hub.listeners import Listeners
 from bucketwire.hub.metrics import OTHER_TOPIC, HubMetrics
 from bucketwire.hub.ops import RATE_WINDOW, HubOps
+from bucketwire.hub.reports import Report, Reports
 from bucketwire.hub.routing import Router
 from bucketwire.procutil import settle_gc
 from bucketwire.security import REVOKED_FILE, LocalRevocations, check_key_files, server_key_path
@@ -233,6 +234,10 @@ class Hub:
         # An operator's `dlq retry|purge` commits in steps, each in a turn of its own (see HubOps.on_dlq).
         self._dlq_steps: list[tuple[list[NewEvent], Callable[[list[Appended] | None, str | None], None]]] = []
         self._cursor_due: float | None = None  # when acks waiting for an event commit are written on their own
+        # What workers of a previous dispatcher still run (RUNNING from a connection this hub does not know), and
+        # from when a group made here waits for those reports before it hands anything out (`_settle`).
+        self.reports = Reports(cfg, self.metrics, self.groups, self.workers, lambda: self.journal.heads)
+        self._settle_from = time.monotonic()
         cursors = self.journal.cursors()
         stats = self.journal.group_stats()
         for g in cfg.groups.values():
@@ -273,12 +278,24 @@ class Hub:
             self.groups[name] = g
             if self.ha is None:  # with JetStream, `_gain` does it once it has read the group's state
                 self._seed_retries(g)
+            self._settle(g)
             gc = self.cfg.groups.get(name)
             start = gc.start if gc else start
         for t in topics:
             if t not in g.read_pos:
                 g.add_topic(t, self._start_after(t, start))
         return g
+
+    def _settle(self, g: GroupState) -> None:
+        """A group this hub starts dispatching with events not acked (a restart, a takeover) waits up to
+        `heartbeat_timeout` before it hands anything out: the previous dispatcher's workers may still run some of
+        them, and their supervisors report so (RUNNING, at least once a heartbeat interval) once they reach this
+        hub. Handing them out at once ran them twice at the same time (README "Known limits" before). A worker
+        not heard from within heartbeat_timeout is taken for lost anyway, which this wait mirrors."""
+        heads = self.journal.heads
+        if any(g.acked[t] < heads.get(t, 0) for t in g.topics):
+            g.settle_until = self._settle_from + self.cfg.hub.heartbeat_timeout
+        self.reports.apply(g, time.monotonic())
 
     def _seed_retries(self, g: GroupState) -> None:
         """Events of `g` that failed before this hub had the group (a restart, or a failover) go on counting their
@@ -359,6 +376,11 @@ class Hub:
         self.ops.attach_monitors({"work": self.net.work, "pub": self.net.pub})
         if self.ha is not None:
             self.ha.follow(self.wake)
+        # The work socket is bound now: the previous dispatcher's workers can report from here on.
+        self._settle_from = time.monotonic()
+        for g in self.groups.values():
+            if g.settle_until:
+                g.settle_until = self._settle_from + self.cfg.hub.heartbeat_timeout
         settle_gc()
         self.ready.set()
         if on_ready:
@@ -404,6 +426,8 @@ class Hub:
             r = g.next_retry_at()
             if r is not None:
                 t = min(t, max(0.0, r - now))
+            if g.settle_until > now:
+                t = min(t, g.settle_until - now)
         # Rounded up: the poll counts whole milliseconds, and rounded down the last millisecond before a due time
         # was a poll of 0, again and again (dozens of turns before each cursor write). Up, it is at most 1 ms late.
         return max(0, math.ceil(t * 1000))
@@ -1052,6 +1076,11 @@ class Hub:
             self._on_ack(ident, P.decode(raw, P.Ack), batch, now)
         elif cmd == P.HB:
             hb = P.header(raw)  # first: a malformed HB is refused (and counted) whoever sends it
+            if w is not None and w.reported:
+                # The child a supervisor reported is between events: the run it was held for has ended, and no
+                # outcome came before this on its connection. Given back uncharged; it joins with READY.
+                self._worker_gone(w, lost=False, now=now)
+                w = None
             if w is None:
                 self.net.send([ident, P.ERR, P.enc(P.Err(error="unknown worker; send READY", reready=True))])
             else:
@@ -1159,6 +1188,11 @@ class Hub:
             return
         g = self._group(group, topics, hdr.start)
         old = self.workers.get(ident)
+        if old is not None and old.reported:
+            # A reported child joins: its handler has ended, and its outcome (sent before this READY on the same
+            # connection) has been applied; what it still held goes back uncharged.
+            self._worker_gone(old, lost=False, now=now)
+            old = None
         if old is not None and old.group != group:
             self._worker_gone(old, lost=False)
             old = None
@@ -1380,6 +1414,9 @@ class Hub:
             log.warning("ack for events not handed to this worker; ignored",
                         extra={"group": g.name, "events": foreign, "key": self.net.user, "worker": ident.hex(),
                                "known_worker": ident in self.workers})
+        w = self.workers.get(ident)
+        if w is not None and w.reported and not w.inflight:
+            self._worker_gone(w, lost=False, now=now)  # its reported run is over; it joins with READY
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
 
     def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list[Reply], strict: bool = False,
@@ -1485,6 +1522,7 @@ class Hub:
             key = (running[0], running[1])
         w = self._reported_worker("GONE", gname, wid)
         if w is None:
+            self.reports.forget(gname, bytes.fromhex(wid))
             return  # already gone (heartbeat timeout), or not this key's worker to report
         log.warning("worker child died", extra={"group": w.group, "host": w.host, "pid": w.pid, "reason": reason,
                                                 "topic": key[0] if key else None, "seq": key[1] if key else None})
@@ -1503,15 +1541,43 @@ class Hub:
         return w
 
     def _on_running(self, hdr: dict[str, Any], now: float) -> None:
-        """A pool's supervisor heartbeats for a child whose one thread is inside a handler."""
+        """A pool's supervisor heartbeats for a child whose one thread is inside a handler, or says that handler
+        has ended (`ended`). For a child this hub does not know (one a previous dispatcher handed the event to),
+        it is a report of what that child still runs: see hub/reports.py."""
         gname, wid = hdr.get("g"), hdr.get("w")
         if not isinstance(gname, str) or not isinstance(wid, str):
             raise P.ProtocolError("RUNNING needs group 'g', worker 'w' (hex) and 'run'")
+        run = running_of(hdr, now)
         w = self._reported_worker("RUNNING", gname, wid)
-        if w is None:
-            return  # gone already (it will READY again), or not this key's worker to speak for
-        w.last_seen = now
-        w.running = running_of(hdr, now)
+        if w is not None and w.reported:
+            held = next(iter(w.inflight), None)
+            if run is not None and run[0] == held:
+                w.last_seen = now  # the start stays the first report's: a report cannot push the bound out
+                return
+            # Its handler ended (`ended`, or it runs another event now): what it reported has a last chance to
+            # be acked on the child's own connection (the outcome and this notice travel apart) for one
+            # heartbeat_timeout, then goes back uncharged.
+            w.running = None
+            w.pinned_until = min(w.pinned_until, now + self.cfg.hub.heartbeat_timeout)
+            if run is None:
+                return
+            self._worker_gone(w, lost=False, now=now)
+            w = None
+        if w is not None:
+            w.last_seen = now
+            w.running = run
+            return
+        ident = bytes.fromhex(wid)
+        if run is None or ident in self.workers:
+            return  # an end, or the worker of another group or key: not this key's to speak for
+        if not self.net.roles.allows(self.net.user, "groups", gname):
+            self.metrics.rejected.labels("zmq", "report").inc()
+            log.warning("report of a running event refused; nothing held", extra={
+                "group": gname[:64], "worker": wid[:64], "key": self.net.user,
+                "error": f"key {self.net.user!r} may not join group {gname[:64]!r} ([security.roles])"})
+            return
+        key, started, timeout = run
+        self.reports.report(gname, ident, Report(key, started, timeout, self.net.user, now), now)
 
     def _revoked(self, ident: bytes) -> None:
         """A message came from a key removed from the allow-list: if that peer was a worker, it is gone."""
@@ -1536,12 +1602,22 @@ class Hub:
 
     def _expire_workers(self, now: float) -> None:
         limit = self.cfg.hub.heartbeat_timeout
-        for w in [w for w in self.workers.values() if now - w.last_seen > limit]:
-            self._worker_gone(w, lost=True, now=now)
+        for w in [w for w in self.workers.values() if now - w.last_seen > limit or now > w.pinned_until > 0]:
+            if not w.reported:
+                self._worker_gone(w, lost=True, now=now)
+            elif w.running is None:  # its handler ended and no outcome came: given back uncharged
+                if now > w.pinned_until:
+                    self._worker_gone(w, lost=False, now=now)
+            elif now > w.pinned_until:
+                key = next(iter(w.inflight), None)
+                self._worker_gone(w, died=(key, "handler still running past handler_timeout on a worker of the "
+                                               "previous dispatcher (as its supervisor reported)"), now=now)
+            else:  # its supervisor stopped reporting: lost, as a silent worker is
+                self._worker_gone(w, lost=True, now=now)
 
     def _dispatch(self, g: GroupState, now: float) -> None:
-        if not g.ready:
-            return  # nothing to hand out, and the in-flight count did not change here
+        if not g.ready or now < g.settle_until:
+            return  # nothing to hand out (or not yet, `_settle`), and the in-flight count did not change here
         for w, items in g.dispatch(self.cfg.hub.dispatch_batch, now):
             attempts = [it.attempts for it in items]
             if w.joined:  # one frame for the batch's envelopes (proto 3), a frame each for older workers
@@ -1563,7 +1639,10 @@ class Hub:
         self._last_hb = now
         interval = self.cfg.hub.heartbeat_interval
         for w in list(self.workers.values()):
-            if now - w.last_sent >= interval and self.net.send([w.ident, P.HB, b"{}"]):
+            # A reported child is asked to join (READY) rather than kept: after its handler it must learn that
+            # this hub knows its connection only for that one event (worker/child.py drops what else it holds).
+            hb = [w.ident, P.ERR, REREADY] if w.reported else [w.ident, P.HB, b"{}"]
+            if now - w.last_sent >= interval and self.net.send(hb):
                 w.last_sent = now
         if not self._hb_todo:  # a round not finished yet (a great many topics) goes on: each topic gets its turn
             declared = self.declared
@@ -1659,6 +1738,7 @@ class Hub:
             self.ha.release([name])
             return
         topics, start = self.wanted.get(name, ([], "latest"))
+        self._settle_from = time.monotonic()
         g = self._group(name, topics, start)
         st = self.journal.group_stats().get(name)
         if st is not None:
@@ -1827,6 +1907,7 @@ class Hub:
 
 
 _PUB_DECODER = msgspec.json.Decoder(P.Pub)
+REREADY = P.enc(P.Err(error="unknown worker; send READY", reready=True))
 
 
 class _Hops(msgspec.Struct):

@@ -138,6 +138,7 @@ class Child:
         self.dealer = self._connect()
         now = time.monotonic()
         self.last_hub = self.last_sent = self.last_flush = now
+        self.readied = now  # when READY last went out: a burst of ERR reready is answered once
 
     def _connect(self) -> zmq.Socket[bytes]:
         d: zmq.Socket[bytes] = self.zctx.socket(zmq.DEALER)
@@ -153,6 +154,7 @@ class Child:
         d.connect(self.endpoint)
         self.poller.register(d, zmq.POLLIN)
         self._send(d, [P.READY, self.ready])
+        self.readied = time.monotonic()
         return d
 
     def _send(self, d: zmq.Socket[bytes], frames: list[bytes]) -> bool:
@@ -191,6 +193,8 @@ class Child:
                 if now - self.last_sent >= interval:
                     self._send(self.dealer, [P.HB, b"{}"])  # between events: nothing is running
                 self._work()
+                if self.refused:  # seen by `_work` between two events
+                    self._rejoin()
         except Fatal:
             return 2
         self._drain()
@@ -243,7 +247,15 @@ class Child:
             pause = self.spec.heartbeat_interval if len(self.endpoints) > 1 else 0.0
             self.move_to = (err.moved, now) if err.moved else (self._next_endpoint(), now + pause)
         elif err.reready:
-            self._send(self.dealer, [P.READY, self.ready])
+            # The hub does not know this connection (it restarted, took the group over, or gave us up): nothing
+            # still queued here is ours to run (it hands those events out again), and it takes the outcomes of
+            # what ran (sent first, on this connection) only from the connection it holds them with.
+            self._flush()
+            self.queue.clear()
+            now = time.monotonic()
+            if now - self.readied >= self.spec.heartbeat_interval:
+                self._send(self.dealer, [P.READY, self.ready])
+                self.readied = now
         else:
             log.warning("hub rejected a message", extra={"error": err.error})
 
@@ -252,6 +264,7 @@ class Child:
         one). A stop signal ends it after the event in hand; the rest is given back by `_drain`."""
         q, acks, oks = self.queue, self.acks, self.oks
         plugins, begin, end, stopping = self.plugins, self._begin, self.slot.end, self.stopping
+        interval, timeout = self.spec.heartbeat_interval, self.spec.heartbeat_timeout
         while q and not stopping():
             attempt, raw, strict = q.popleft()
             out = handle(plugins, attempt, raw, strict, begin)
@@ -260,8 +273,16 @@ class Child:
                 oks.append(out)
             else:
                 acks.append(out)
-            if q and (len(acks) + len(oks) >= ACK_EVERY or time.monotonic() - self.last_flush > ACK_AFTER):
+            now = time.monotonic()
+            if q and (len(acks) + len(oks) >= ACK_EVERY or now - self.last_flush > ACK_AFTER):
                 self._flush()
+            if q and now - self.last_hub > interval:
+                # A long handler: before the next event, hear what the hub said meanwhile. A hub that forgot us
+                # (ERR reready: restarted) or went silent (dead; the next one takes the group over) hands the rest
+                # of this batch out again, so running it here would run each event twice at once.
+                self._receive()
+                if self.refused or time.monotonic() - self.last_hub > timeout:
+                    break
         self._flush()
 
     def _flush(self) -> None:

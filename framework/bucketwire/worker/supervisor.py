@@ -43,39 +43,63 @@ def _child(cfg_path: str | None, cfg: Config | None, spec: WorkerSpec, log_forma
 
 
 class DeathNotices:
-    """The supervisor's one socket: tells the hub, the moment a child dies, which event its handler was running.
+    """The supervisor's sockets: tell the hub, the moment a child dies, which event its handler was running, and
+    heartbeat for a child inside a long handler (which also reports that run to a hub the child does not know).
 
-    Without it the hub only learns of the death by heartbeat timeout and cannot tell the poison from the innocent
-    events queued behind it in the same child. Fire and forget: when the hub cannot be reached the notice is
-    dropped and the hub falls back to the heartbeat timeout (see GroupState.worker_gone).
+    Without them the hub only learns of the death by heartbeat timeout and cannot tell the poison from the innocent
+    events queued behind it in the same child. One socket per hub of `[client] work`, each notice to every hub that
+    is connected: the child's connection cannot follow the group to the next dispatcher while its one thread is in
+    a handler, so the supervisor tells that hub what the child still runs (hub/reports.py), and a hub that does not
+    dispatch the group ignores the notice or keeps it for when it does. Fire and forget: a notice is sent only on
+    a connection that is up (ZMQ_IMMEDIATE: none queues for a hub that is down, to arrive stale after its
+    restart); when no hub can be reached it is dropped and the hub falls back to the heartbeat timeout (see
+    GroupState.worker_gone).
     """
 
     def __init__(self, cfg: Config, group: str) -> None:
         self.group = group
         self.zctx = zmq.Context()
-        self.sock = self.zctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        security.apply_client(self.sock, cfg)
-        self.sock.connect(cfg.client.work_endpoints[0])
+        self.socks: list[zmq.Socket[bytes]] = []
+        for endpoint in dict.fromkeys(cfg.client.work_endpoints):
+            sock: zmq.Socket[bytes] = self.zctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            security.apply_client(sock, cfg)
+            sock.connect(endpoint)
+            self.socks.append(sock)
+
+    def _send(self, cmd: bytes, hdr: dict[str, Any]) -> bool:
+        """To every hub connected now; False when none is."""
+        frames, sent = [cmd, P.enc(hdr)], False
+        for sock in self.socks:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+                sent = True
+            except zmq.Again:
+                pass
+        return sent
 
     def child_died(self, ident: bytes, running: Running | None, reason: str) -> None:
         hdr = {"g": self.group, "w": ident.hex(), "running": [running.topic, running.seq] if running else None,
                "reason": reason}
-        try:
-            self.sock.send_multipart([P.GONE, P.enc(hdr)], zmq.NOBLOCK)
-        except zmq.Again:
+        if not self._send(P.GONE, hdr):
             log.warning("hub not reachable; it will notice the dead child by heartbeat timeout")
 
     def running(self, ident: bytes, r: Running, now: float) -> None:
-        """Heartbeat for a child whose one thread is inside a handler and so cannot (see worker/child.py)."""
-        hdr = {"g": self.group, "w": ident.hex(), "run": [r.topic, r.seq, round(now - r.started, 3), r.timeout]}
-        try:
-            self.sock.send_multipart([P.RUNNING, P.enc(hdr)], zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the hub is unreachable: the child's own heartbeats would not get through either
+        """Heartbeat for a child whose one thread is inside a handler and so cannot (see worker/child.py). When the
+        hub is unreachable nothing goes out: the child's own heartbeats would not get through either."""
+        self._send(P.RUNNING, {"g": self.group, "w": ident.hex(),
+                               "run": [r.topic, r.seq, round(now - r.started, 3), r.timeout]})
+
+    def ended(self, ident: bytes, topic: str, seq: int) -> None:
+        """The handler `running` spoke for has ended (the child lives on): a hub that holds that event only
+        because of those notices gives it back, uncharged, unless the child's ACK reaches it first. A hub that
+        knows the child itself just stops showing the run."""
+        self._send(P.RUNNING, {"g": self.group, "w": ident.hex(), "ended": [topic, seq]})
 
     def close(self) -> None:
-        self.sock.close()
+        for sock in self.socks:
+            sock.close()
         self.zctx.term()
 
 
@@ -252,6 +276,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
 
     tick = min(0.5, spec.heartbeat_interval / 2)
     spoke: dict[int, float] = {}  # slot -> when we last heartbeated for its child
+    spoke_for: dict[int, tuple[bytes, str, int]] = {}  # slot -> the child and the run we last heartbeated for
 
     def kill_overdue(now: float) -> float:
         """Kill the children whose handler passed its handler_timeout, heartbeat for those inside a handler;
@@ -259,6 +284,10 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
         nxt = now + tick
         for slot, p in children.items():
             r = slots[slot].read()
+            was = spoke_for.get(slot)
+            if was is not None and (r is None or (r.topic, r.seq) != was[1:]) and slot not in respawn_at:
+                del spoke_for[slot]
+                notices.ended(*was)
             if r is None or slot in timed_out or slot in respawn_at:
                 continue
             if now < r.deadline:
@@ -269,6 +298,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                     if ident:
                         notices.running(ident, r, now)
                         spoke[slot] = now
+                        spoke_for[slot] = (ident, r.topic, r.seq)
                 continue
             log.warning("handler timed out; killing its worker child", extra={
                 "topic": r.topic, "seq": r.seq, "handler_timeout": r.timeout, "pid": p.pid})
@@ -277,6 +307,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
         return nxt
 
     def report(slot: int, running: Running | None, reason: str) -> None:
+        spoke_for.pop(slot, None)  # its GONE says it all
         ident = slots[slot].ident()
         if ident:
             notices.child_died(ident, running, reason)
