@@ -24,6 +24,10 @@ refuses unknown fields), decoded and checked by `decode` in one C pass; the sket
                     RUNNING   {"g": group, "w": worker identity (hex), "run": [topic, seq, age, timeout]}
                               a child's one thread is inside a handler (for half a heartbeat interval or more):
                               the supervisor heartbeats for it, so the hub keeps it and shows it as long running.
+                              To a hub that does not know that identity (the child's hub died or lost the group)
+                              it is a report: that hub holds the event for it (hub/reports.py). Sent to every
+                              hub of [client] work, as GONE is.
+                              | {"g", "w", "ended": [topic, seq]}  that handler has ended (the child lives on)
     hub -> worker   DELIVER   {"a": [attempt, ...], "r"?: true}, envelope, envelope, ...
                               ("r": this hub reads ACK ranges; sent only to a worker whose READY said proto >= 2)
                               | {"a": [attempt, ...], "r": true, "j": true}, [envelope,envelope,...]
