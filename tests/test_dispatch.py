@@ -497,3 +497,61 @@ def _random_history(seed: int) -> None:
             break
     assert g.acked["t"] == j.head and g.loaded == 0 and g.loaded_bytes == 0, (seed, "did not drain")
     assert not owed, (seed, sorted(owed), "never handed out")
+
+
+def _reported(g: GroupState, name: str) -> WorkerState:
+    """A worker known only from its supervisor's report (hub/reports.py): no credit, holds what it is pinned."""
+    w = WorkerState(name.encode(), "g", frozenset(["t"]), 0, 0.0, reported=True)
+    g.workers[w.ident] = w
+    return w
+
+
+def test_a_reported_run_is_held_with_its_object_until_its_outcome() -> None:
+    """A new dispatcher pins the event a previous dispatcher's worker still runs: no free worker gets it, nor a
+    later event of its object, until the reporting worker's ack (which counts: it is the holder)."""
+    g = group()
+    add_worker(g, "w1")
+    ghost = _reported(g, "ghost")
+    load(g, ["b/x", "b/x", "b/y"])
+    assert g.pin(ghost, ("t", 1), 0.0) is None
+    sent = g.dispatch(10, 0.0)
+    assert [it.seq for _, items in sent for it in items] == [3], "seq 1 is held, seq 2 waits behind it"
+    assert g.held_by(("t", 1), b"ghost") is not None and g.held_by(("t", 1), b"w1") is None
+    assert g.ack("t", 1)
+    assert [it.seq for _, items in g.dispatch(10, 0.0) for it in items] == [2]
+
+
+def test_a_report_cannot_pin_what_is_done_elsewhere_or_not_loaded() -> None:
+    g = group()
+    add_worker(g, "w1")
+    ghost = _reported(g, "ghost")
+    load(g, [None, None, None])
+    assert [it.seq for _, items in g.dispatch(1, 0.0) for it in items] == [1]
+    assert g.ack("t", 1)
+    g.dispatch(1, 0.0)  # seq 2 to w1
+    assert g.pin(ghost, ("t", 1), 0.0) == "the event is acked already"
+    assert g.pin(ghost, ("t", 2), 0.0) == "the event is in flight with another worker here"
+    assert g.pin(ghost, ("t", 4), 0.0) == "not loaded"
+    assert g.pin(ghost, ("u", 3), 0.0) is not None
+    assert not ghost.inflight and len(g.inflight) == 1
+
+
+def test_a_reported_run_given_up_is_charged_and_one_that_ended_is_not() -> None:
+    """Given up for silence (lost) it is charged as a lost worker's oldest event; ended, it goes back uncharged.
+    A retry the previous dispatcher scheduled for it is taken off the heap while the run holds it."""
+    g = group()
+    add_worker(g, "w1", credit=0)
+    load(g, ["b/x", "b/y"])
+    g.seed_due = {}
+    ghost = _reported(g, "ghost")
+    assert g.pin(ghost, ("t", 1), 0.0) is None
+    g.worker_gone(b"ghost", lost=True, now=1.0)
+    assert g.charged == {("t", 1): 1} and len(g.retry) == 1
+    ghost2 = _reported(g, "ghost2")
+    assert g.pin(ghost2, ("t", 1), 1.0) is None, "pinned out of the retry heap"
+    assert not g.retry
+    ghost3 = _reported(g, "ghost3")
+    assert g.pin(ghost3, ("t", 2), 1.0) is None
+    g.worker_gone(b"ghost3", lost=False, now=2.0)
+    it = next(i for i in g.ready if i.seq == 2)
+    assert it.attempts == 0, "an ended run goes back uncharged"

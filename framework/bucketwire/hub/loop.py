@@ -287,15 +287,22 @@ class Hub:
         return g
 
     def _settle(self, g: GroupState) -> None:
-        """A group this hub starts dispatching with events not acked (a restart, a takeover) waits up to
-        `heartbeat_timeout` before it hands anything out: the previous dispatcher's workers may still run some of
+        """A group this hub starts dispatching with events not acked (a restart, a takeover) waits `_settle_for`
+        before it hands anything out: the previous dispatcher's workers may still run some of
         them, and their supervisors report so (RUNNING, at least once a heartbeat interval) once they reach this
-        hub. Handing them out at once ran them twice at the same time (README "Known limits" before). A worker
-        not heard from within heartbeat_timeout is taken for lost anyway, which this wait mirrors."""
+        hub. Handing them out at once ran them twice at the same time (README "Known limits" before)."""
         heads = self.journal.heads
         if any(g.acked[t] < heads.get(t, 0) for t in g.topics):
-            g.settle_until = self._settle_from + self.cfg.hub.heartbeat_timeout
+            g.settle_until = self._settle_from + self._settle_for()
         self.reports.apply(g, time.monotonic())
+
+    def _settle_for(self) -> float:
+        """How long `_settle` waits: a pool's supervisor tries each tick (half an interval at most) to reach a hub
+        and reports a running handler once an interval, so three intervals see every report that can come, with
+        room for a reconnect and a loaded host; never longer than heartbeat_timeout, past which a worker not
+        heard from is taken for lost."""
+        hub = self.cfg.hub
+        return min(hub.heartbeat_timeout, 3 * hub.heartbeat_interval)
 
     def _seed_retries(self, g: GroupState) -> None:
         """Events of `g` that failed before this hub had the group (a restart, or a failover) go on counting their
@@ -380,7 +387,7 @@ class Hub:
         self._settle_from = time.monotonic()
         for g in self.groups.values():
             if g.settle_until:
-                g.settle_until = self._settle_from + self.cfg.hub.heartbeat_timeout
+                g.settle_until = self._settle_from + self._settle_for()
         settle_gc()
         self.ready.set()
         if on_ready:
@@ -475,6 +482,8 @@ class Hub:
                     g.refill(self.journal.heads, self.journal.read, self.journal.first_seq)
                 except JournalError as e:  # a cluster just back may not serve reads yet: the next turn reads again
                     log.warning("cannot read the journal; will try again", extra={"group": g.name, "error": str(e)})
+                if self.reports.pending:
+                    self.reports.apply(g, now)  # reports of events not loaded before: held before dispatch
             if self._may_dispatch() and (self.ha is None or self.ha.holds(g.name, time.monotonic())):
                 self._dispatch(g, now)
         if now - self._last_hb >= self.cfg.hub.heartbeat_interval:
@@ -1568,8 +1577,11 @@ class Hub:
             w.running = run
             return
         ident = bytes.fromhex(wid)
-        if run is None or ident in self.workers:
-            return  # an end, or the worker of another group or key: not this key's to speak for
+        if run is None:
+            self.reports.forget(gname, ident)  # an end: what it reported is void
+            return
+        if ident in self.workers:
+            return  # the worker of another group or key: not this key's to speak for
         if not self.net.roles.allows(self.net.user, "groups", gname):
             self.metrics.rejected.labels("zmq", "report").inc()
             log.warning("report of a running event refused; nothing held", extra={

@@ -46,7 +46,10 @@ class Reports:
     def __init__(self, cfg: Config, metrics: HubMetrics, groups: dict[str, GroupState],
                  workers: dict[bytes, WorkerState], heads: Callable[[], dict[str, int]]) -> None:
         self.cfg, self.metrics, self.groups, self.workers, self.heads = cfg, metrics, groups, workers, heads
-        self.pending: dict[tuple[str, bytes], Report] = {}
+        # group -> child -> its report, not held yet: its group is not dispatched here (a standby's; a group a
+        # restarted hub makes when its workers join), or its event is not loaded yet. At most PENDING_MAX.
+        self.pending: dict[str, dict[bytes, Report]] = {}
+        self.kept = 0
 
     def report(self, gname: str, ident: bytes, rep: Report, now: float) -> None:
         """A supervisor says its child `ident` (a connection this hub does not know) runs `rep.key` for group
@@ -58,27 +61,42 @@ class Reports:
         self._pin(g, ident, rep, now)
 
     def apply(self, g: GroupState, now: float) -> None:
-        """This hub has just started dispatching `g`: hold what was reported for it meanwhile."""
+        """Hold what was reported for `g` and not held yet: called when this hub starts dispatching it, and after
+        each load of its events (before they are handed out), so a report that named an event not loaded then
+        is held before that event can go to another worker."""
+        waiting = self.pending.pop(g.name, None)
+        if not waiting:
+            return
+        self.kept -= len(waiting)
         limit = self.cfg.hub.heartbeat_timeout
-        for (gname, ident), rep in [(k, r) for k, r in self.pending.items() if k[0] == g.name]:
-            del self.pending[(gname, ident)]
+        for ident, rep in waiting.items():
             if now - rep.seen <= limit and ident not in self.workers:
                 self._pin(g, ident, rep, now)
 
     def forget(self, gname: str, ident: bytes) -> None:
-        self.pending.pop((gname, ident), None)
+        """The child died or its run ended: its report is void."""
+        mine = self.pending.get(gname)
+        if mine is not None and mine.pop(ident, None) is not None:
+            self.kept -= 1
+            if not mine:
+                del self.pending[gname]
 
     def _keep(self, gname: str, ident: bytes, rep: Report, now: float) -> None:
-        old = self.pending.get((gname, ident))
+        mine = self.pending.get(gname)
+        old = mine.get(ident) if mine is not None else None
         if old is not None and old.key == rep.key and old.user == rep.user:
             old.seen = now
             return
-        if len(self.pending) >= PENDING_MAX:
+        if old is None and self.kept >= PENDING_MAX:
             limit = self.cfg.hub.heartbeat_timeout
-            self.pending = {k: r for k, r in self.pending.items() if now - r.seen <= limit}
-            if len(self.pending) >= PENDING_MAX:
+            self.pending = {gn: fresh for gn, rs in self.pending.items()
+                            if (fresh := {i: r for i, r in rs.items() if now - r.seen <= limit})}
+            self.kept = sum(map(len, self.pending.values()))
+            if self.kept >= PENDING_MAX:
                 return  # full of fresh reports: this one is not kept (it is sent again next interval)
-        self.pending[(gname, ident)] = rep
+        if old is None:
+            self.kept += 1
+        self.pending.setdefault(gname, {})[ident] = rep
 
     def _pin(self, g: GroupState, ident: bytes, rep: Report, now: float) -> None:
         topic, seq = rep.key
@@ -90,10 +108,10 @@ class Reports:
                         + self.cfg.hub.heartbeat_timeout)
         if why is None:
             why = g.pin(w, rep.key, now)
-        if why == "not loaded":  # it exists and is not done: held once the group has loaded it (next report)
+        if why == "not loaded":  # it exists and is not done: held once the group has loaded it (`apply`)
             self._keep(g.name, ident, rep, now)
             return
-        self.pending.pop((g.name, ident), None)
+        self.forget(g.name, ident)
         if why is not None:
             self.metrics.rejected.labels("zmq", "report").inc()
             log.warning("report of a running event refused; nothing held", extra={

@@ -85,11 +85,12 @@ class DeathNotices:
         if not self._send(P.GONE, hdr):
             log.warning("hub not reachable; it will notice the dead child by heartbeat timeout")
 
-    def running(self, ident: bytes, r: Running, now: float) -> None:
+    def running(self, ident: bytes, r: Running, now: float) -> bool:
         """Heartbeat for a child whose one thread is inside a handler and so cannot (see worker/child.py). When the
-        hub is unreachable nothing goes out: the child's own heartbeats would not get through either."""
-        self._send(P.RUNNING, {"g": self.group, "w": ident.hex(),
-                               "run": [r.topic, r.seq, round(now - r.started, 3), r.timeout]})
+        hub is unreachable nothing goes out (the child's own heartbeats would not get through either), and False
+        says so: the next tick tries again, so a restarted hub hears of the run within a tick of its start."""
+        return self._send(P.RUNNING, {"g": self.group, "w": ident.hex(),
+                                      "run": [r.topic, r.seq, round(now - r.started, 3), r.timeout]})
 
     def ended(self, ident: bytes, topic: str, seq: int) -> None:
         """The handler `running` spoke for has ended (the child lives on): a hub that holds that event only
@@ -295,8 +296,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                 if (now - r.started >= tick and now - spoke.get(slot, 0.0) >= spec.heartbeat_interval
                         and not frozen(p.pid)):
                     ident = slots[slot].ident()
-                    if ident:
-                        notices.running(ident, r, now)
+                    if ident and notices.running(ident, r, now):
                         spoke[slot] = now
                         spoke_for[slot] = (ident, r.topic, r.seq)
                 continue
