@@ -223,7 +223,8 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
             mark = "!" if r["age"] >= r["timeout"] / 2 else " "
             hints.append(f"{mark} group {g}: handler running for {fmt_age(r['age'])} (handler_timeout "
                          f"{r['timeout']:g}s) on {r['topic']}:{r['seq']} {r.get('key') or '-'} id {r.get('id')} "
-                         f"(attempt {r.get('attempt')}, {r.get('host')} pid {r.get('pid')})")
+                         + ("(a worker of the previous dispatcher, as its pool reports)" if r.get("reported") else
+                            f"(attempt {r.get('attempt')}, {r.get('host')} pid {r.get('pid')})"))
     if h.get("journal_error"):
         hints.append(f"! {h['journal_error']}: start the stopped NATS nodes; the hubs recover by themselves")
     elif not h.get("journal_ok", True):

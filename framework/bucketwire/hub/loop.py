@@ -1589,7 +1589,8 @@ class Hub:
                 "error": f"key {self.net.user!r} may not join group {gname[:64]!r} ([security.roles])"})
             return
         key, started, timeout = run
-        self.reports.report(gname, ident, Report(key, started, timeout, self.net.user, now), now)
+        # A negative age would start the run in the future and push the hold's bound out: clamped to now.
+        self.reports.report(gname, ident, Report(key, min(started, now), timeout, self.net.user, now), now)
 
     def _revoked(self, ident: bytes) -> None:
         """A message came from a key removed from the allow-list: if that peer was a worker, it is gone."""
@@ -2039,8 +2040,11 @@ def long_running(g: GroupState, now: float, limit: int = 20) -> list[dict[str, A
             eid = json.loads(it.body).get("id")
         except (ValueError, AttributeError):
             eid = None
-        out.append({"id": eid, "topic": key[0], "seq": key[1], "key": it.objkey, "age": round(now - started, 3),
-                    "timeout": timeout, "attempt": it.attempts, "host": w.host, "pid": w.pid})
+        row = {"id": eid, "topic": key[0], "seq": key[1], "key": it.objkey, "age": round(now - started, 3),
+               "timeout": timeout, "attempt": it.attempts, "host": w.host, "pid": w.pid}
+        if w.reported:  # held from a report: a worker of the previous dispatcher runs it (hub/reports.py)
+            row["reported"] = True
+        out.append(row)
     out.sort(key=lambda r: -r["age"])
     return out[:limit]
 

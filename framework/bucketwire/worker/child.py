@@ -243,6 +243,9 @@ class Child:
             log.error(err.error or "hub refused this worker")
             raise Fatal
         if err.moved is not None and self.move_to is None:
+            # This hub no longer dispatches the group and forgot what it handed us; the next one hands that out
+            # again, so what is still queued here is not run (`_reconnect` would drop it too, after the batch).
+            self.queue.clear()
             now = time.monotonic()
             pause = self.spec.heartbeat_interval if len(self.endpoints) > 1 else 0.0
             self.move_to = (err.moved, now) if err.moved else (self._next_endpoint(), now + pause)
