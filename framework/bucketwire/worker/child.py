@@ -32,11 +32,12 @@ from bucketwire.client import HANDSHAKE_FAILED, handshake_failure
 from bucketwire.config import Config, ConfigError
 from bucketwire.context import Stores
 from bucketwire.envelope import SCHEMA_VERSION, EnvelopeError, Event, parse_seq, read_envelope, seq_or_none
-from bucketwire.procutil import on_stop_signals, settle_gc
+from bucketwire.procutil import settle_gc
 from bucketwire.worker import plugin_loading as plugin_loader
 from bucketwire.worker.metrics import child as metrics_child
 from bucketwire.worker.metrics import event_done, handler_done, set_credit
 from bucketwire.worker.running import RunningSlot
+from bucketwire.worker.stop_signals import StopSignals
 from bucketwire.zmqio import readable, recv_frames
 
 log = logging.getLogger("bucketwire.worker")
@@ -108,10 +109,10 @@ class Fatal(Exception):
 class Child:
     """The child's one loop. Its DEALER is reconnected under a new identity when the hub goes silent."""
 
-    def __init__(self, cfg: Config, spec: WorkerSpec, plugins: Plugins, slot: RunningSlot, stop_fd: int,
-                 stopping: Callable[[], bool]) -> None:
+    def __init__(self, cfg: Config, spec: WorkerSpec, plugins: Plugins, slot: RunningSlot,
+                 signals: StopSignals) -> None:
         self.cfg, self.spec, self.plugins, self.slot = cfg, spec, plugins, slot
-        self.stop_fd, self.stopping = stop_fd, stopping
+        self.signals, self.stop_fd, self.stopping = signals, signals.fd, signals.stopping
         self.zctx = zmq.Context()
         self.keys = security.client_keys(cfg)  # checked by `bucketwire worker` before the children start
         self.ready = P.enc(P.Ready(
@@ -128,7 +129,7 @@ class Child:
         self.oks: list[tuple[str, int]] = []  # plain successes, acked as ranges when the hub reads them
         self.ranges = False  # the hub reads ACK ranges (its DELIVERs say so; an older hub's do not)
         self.poller = zmq.Poller()
-        self.poller.register(stop_fd, zmq.POLLIN)
+        self.poller.register(self.stop_fd, zmq.POLLIN)
         # Several hubs: connect to one; a silent one sends us to the next of the list, and a hub that does not
         # dispatch our group names the one that does (ERR `moved`; "" while none does: the next, after a pause).
         self.endpoints = cfg.client.work_endpoints
@@ -286,6 +287,7 @@ class Child:
                 self._receive()
                 if self.refused or time.monotonic() - self.last_hub > timeout:
                     break
+        self.signals.keep("in handle_event")  # once a batch: a plugin may install its handler on its first event
         self._flush()
 
     def _flush(self) -> None:
@@ -452,30 +454,15 @@ def ack_frame(group: str, oks: list[tuple[str, int]], results: list[dict[str, An
     return P.enc({"g": group, "ok": runs, "results": results} if results else {"g": group, "ok": runs})
 
 
-def _stop_pipe() -> tuple[int, list[bool]]:
-    """SIGTERM/SIGINT make the returned fd readable, so a child idle in poll stops at once."""
-    r, w = os.pipe()
-    os.set_blocking(w, False)
-    stopped = [False]
-
-    def on_stop() -> None:
-        stopped[0] = True
-        try:
-            os.write(w, b"\0")
-        except BlockingIOError:
-            pass
-
-    on_stop_signals(on_stop)
-    return r, stopped
-
-
 def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -> int:
     """Entry point of a worker child process; returns the exit code. `slot` is shared with the supervisor."""
-    stop_fd, stopped = _stop_pipe()
+    signals = StopSignals()
     try:
         plugins = Plugins(cfg, spec)
+        signals.keep("as the plugins were imported or their settings validated")
         try:
             plugins.lifecycle("worker_startup")
+            signals.keep("in worker_startup")
         except ConfigError:
             raise
         except Exception:
@@ -486,8 +473,7 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
     except ConfigError as e:
         log.error(str(e))
         return 2
-    child = Child(cfg, spec, plugins, slot if slot is not None else RunningSlot.private(), stop_fd,
-                  lambda: stopped[0])
+    child = Child(cfg, spec, plugins, slot if slot is not None else RunningSlot.private(), signals)
     settle_gc()
     try:
         return child.run()
@@ -496,7 +482,7 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
             plugins.lifecycle("worker_shutdown")
         finally:
             child.close()
-            os.close(stop_fd)
+            signals.close()
 
 
 

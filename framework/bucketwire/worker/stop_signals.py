@@ -1,0 +1,78 @@
+"""A worker child's stop signals (SIGTERM, SIGINT) stay the child's own, whatever its plugins install.
+
+The child turns them into a flag its loop reads between events: a stop finishes the event in hand, gives the rest
+back to the hub uncharged and calls every plugin's `worker_shutdown`. The kernel also sends SIGTERM when the
+child's pool dies (procutil.stop_with_parent). A plugin that installed its own handler (a "flush on shutdown"
+habit, or a library doing it at import) took all of that away: the child outlived a killed pool, taking events
+with no one to enforce handler_timeout; a handler that called sys.exit() raised inside whatever ran, so a stop
+charged the event in hand and stranded the rest until the hub's heartbeat timeout; one that only noted the signal
+made every stop wait out the drain timeout. So after each stretch of plugin code the child puts its handler back,
+saying once which handler it replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+log = logging.getLogger("bucketwire.worker")
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def describe(handler: Any) -> str:
+    """A signal handler as its author would recognise it: the function's module and name, not its repr."""
+    if handler == signal.SIG_IGN:
+        return "SIG_IGN (the signal ignored)"
+    if handler == signal.SIG_DFL:
+        return "SIG_DFL (the default: the process dies at once)"
+    if handler is None:
+        return "a handler installed outside Python"
+    name = getattr(handler, "__qualname__", None) or getattr(handler, "__name__", None) or type(handler).__name__
+    module = getattr(handler, "__module__", None)
+    return f"{module}.{name}" if module else str(name)
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set `stopped` and make `fd` readable, so a child idle in poll stops at once."""
+
+    def __init__(self) -> None:
+        self.fd, w = os.pipe()
+        os.set_blocking(w, False)
+        self._w = w
+        self.stopped = False
+        self._said: set[tuple[int, str]] = set()
+        for sig in SIGNALS:
+            signal.signal(sig, self._on_stop)
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        self.stopped = True
+        try:
+            os.write(self._w, b"\0")
+        except OSError:  # full (a stop is already pending), or closed as the child ends
+            pass
+
+    def stopping(self) -> bool:
+        return self.stopped
+
+    def keep(self, during: str) -> None:
+        """Put the child's handlers back where plugin code (`during`: what just ran) replaced them."""
+        for sig in SIGNALS:
+            now = signal.getsignal(sig)
+            if now == self._on_stop:  # a bound method: a new object at each lookup, equal when it is ours
+                continue
+            signal.signal(sig, self._on_stop)
+            what = describe(now)
+            if (sig, what) in self._said:
+                continue
+            self._said.add((sig, what))
+            name = signal.Signals(sig).name
+            log.warning(f"plugin code set its own {name} handler ({what}) {during}; the worker child put its own "
+                        f"back, since it must stop when its pool does: on {name} it finishes the event in hand, "
+                        "gives the rest back to the hub and calls every plugin's worker_shutdown, so flush and "
+                        "close there")
+
+    def close(self) -> None:
+        os.close(self.fd)
