@@ -32,10 +32,14 @@ def one_line_error(r: Any) -> str:
     ("from bucketwire import hookimpl\n\n@hookimpl(firstresult=True)\ndef handle_event(event):\n    pass\n",
      "TypeError: HookimplMarker.__call__() got an unexpected keyword argument 'firstresult' ({}, line 3)"),
     ("def handle_event(event:\n", "SyntaxError: '(' was never closed ({}, line 1)"),
+    # a module that ends the process as it is imported (a script's `if not KEY: sys.exit(...)` kept in the plugin)
+    ("import sys\n\nsys.exit(0)\n", "SystemExit: 0 ({}, line 3)"),
+    ("import sys\n\nsys.exit('set PLUGIN_DB')\n", "SystemExit: set PLUGIN_DB ({}, line 3)"),
 ])
 def test_a_plugin_file_that_fails_to_import_is_one_line_naming_the_line(tmp_path: Path, source: str,
                                                                           expected: str) -> None:
-    """These were a traceback through click's and bucketwire's frames."""
+    """These were a traceback through click's and bucketwire's frames. A module calling sys.exit(0) ended the
+    worker (and `plugins`, `doctor`) silently with exit code 0, a pool that 'stopped successfully' at once."""
     out = one_line_error(load_file(tmp_path, "broken", source))
     path = tmp_path / "broken.py"
     assert f"--plugin {path}: importing it failed: {expected.format(path)}" in out, out
@@ -235,6 +239,9 @@ def validate_settings(settings):
         assert isinstance(settings.get("size"), int), "size: expected an integer"
     if settings.get("how") == "lookup":
         raise LookupError("size")
+    if settings.get("how") == "exit":
+        import sys
+        sys.exit(0)
     raise Unprintable()
 
 @hookimpl
@@ -247,12 +254,14 @@ def handle_event(event):
     ("assert", "AssertionError: size: expected an integer"),
     ("lookup", "LookupError: size"),
     ("unprintable", "Unprintable"),
+    ("exit", "SystemExit: 0"),
 ])
 def test_validate_settings_raising_another_exception_is_one_line(stack_factory: Any, tmp_path: Path, how: str,
                                                                  said: str) -> None:
     """The hook's docs say to raise ConfigError or ValueError; an `assert` (or any other exception, one whose
     str() fails too) printed a traceback of pluggy's frames and the plugin's at every worker start. The settings
-    are the operator's to fix: one line naming the plugin and what it raised."""
+    are the operator's to fix: one line naming the plugin and what it raised. A sys.exit(0) there ended the worker
+    silently with exit code 0."""
     import subprocess
     import sys
 

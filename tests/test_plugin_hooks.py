@@ -570,3 +570,44 @@ def test_a_shutdown_hook_that_returns_a_generator_is_logged(caplog: pytest.LogCa
     assert any("worker_shutdown" in r.getMessage() and "never ran" in str(r.exc_info[1] if r.exc_info else
                                                                          r.getMessage())
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+class ShutdownExits:
+    PLUGIN_NAME = "exits"
+
+    @hookimpl
+    def worker_shutdown(self, ctx: Any) -> None:
+        sys.exit(3)  # a library's cleanup that ends "the program"
+
+    @hookimpl
+    def handle_event(self, event: Any) -> None:
+        pass
+
+
+class ShutdownCloses:
+    PLUGIN_NAME = "closes"
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    @hookimpl
+    def worker_shutdown(self, ctx: Any) -> None:
+        self.closed = True
+
+    @hookimpl
+    def handle_event(self, event: Any) -> None:
+        pass
+
+
+def test_a_shutdown_hook_that_calls_sys_exit_does_not_keep_the_others_from_closing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The guide promises that one plugin failing in worker_shutdown does not keep the others from closing (their
+    logs flushed, their connections closed). A SystemExit went past that, and the plugins after it in the call
+    order got no worker_shutdown."""
+    closes = ShutdownCloses()
+    h = PluginHarness(closes, ShutdownExits()).start()  # the last registered is called first: `exits`
+    with caplog.at_level(logging.ERROR, logger="bucketwire.worker"):
+        h.stop()
+    assert closes.closed, "the plugin after the one that exited got no worker_shutdown"
+    assert any(r.getMessage() == "worker_shutdown failed" and getattr(r, "plugin", None) == "exits"
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -132,6 +132,30 @@ def test_a_failing_worker_startup_is_logged_once_per_attempt(stack_factory, tmp_
     assert "Process bucketwire-worker" not in text, text
 
 
+@pytest.mark.parametrize("body", ["sys.exit(2)", "sys.exit(0)", "raise KeyboardInterrupt('planned')"])
+def test_a_worker_startup_that_raises_a_base_exception_is_a_failed_startup(stack_factory, tmp_path, body):
+    """sys.exit() (a library's CLI code) or KeyboardInterrupt out of `worker_startup` is that plugin's failed
+    startup, like any exception: logged with its name and traceback once, the child restarted with backoff. It
+    left the child as its exit code: sys.exit(2) stopped the whole pool as a 'configuration error' naming no
+    plugin and no cause, sys.exit(0) restarted it naming none, KeyboardInterrupt printed multiprocessing's
+    traceback."""
+    counter = tmp_path / "attempts"
+    plugin = tmp_path / "quits.py"
+    plugin.write_text("import sys\n" + STARTUP.format(body=f"open({str(counter)!r}, 'a').write('x')\n    {body}"))
+    s = stack_factory("")
+    s.start_hub()
+    w = s.start_worker("q", 1, "--topic", "t", "--plugin", str(plugin), wait=False)
+    wait_for(lambda: (counter.exists() and len(counter.read_text()) >= 2) or w.poll() is not None, 30,
+             "two startup attempts")
+    assert w.poll() is None, s.dump_logs()
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(20) == 0
+    text = s.logs[-1].read_text()
+    logged = text.count("worker_startup failed plugin=quits")
+    assert logged >= 2 and text.count("Traceback") == logged, text
+    assert "Process bucketwire-worker" not in text and "configuration error" not in text, text
+
+
 def test_ctx_publish_in_worker_startup_stops_the_pool_with_one_line(stack_factory, tmp_path):
     """ctx.publish() has no event to travel with in worker_startup and raises every time: the child was
     restarted with backoff for good, two tracebacks per attempt, a pool that never took an event."""

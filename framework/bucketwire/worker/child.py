@@ -465,9 +465,10 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
             signals.keep("in worker_startup")
         except ConfigError:
             raise
-        except Exception:
+        except BaseException:
             # Logged by `startup` with the plugin's name and traceback; raised on out of the process,
-            # multiprocessing printed the traceback a second time. Exit code 1: restarted with backoff.
+            # multiprocessing printed the traceback a second time (and a sys.exit(N) became the child's exit
+            # code). Exit code 1: restarted with backoff.
             return 1
         set_credit(spec.group, spec.credit)
     except ConfigError as e:

@@ -73,7 +73,7 @@ def _import_local(spec: str) -> Any:
         sys.modules[name] = mod
         try:
             mod_spec.loader.exec_module(mod)
-        except Exception as e:
+        except PLUGIN_FAILURES as e:
             sys.modules.pop(name, None)
             raise ConfigError(f"--plugin {spec}: importing it failed: {_import_failure(e, str(path))}") from None
         return mod
@@ -92,8 +92,15 @@ def _import_local(spec: str) -> Any:
         hint = (f"{here} is in the current directory, which is not on the module path: pass --plugin {here}"
                 if here.is_file() else "is it installed or on PYTHONPATH?")
         raise ConfigError(f"--plugin {spec}: cannot import ({e}); {hint}") from None
-    except Exception as e:
+    except PLUGIN_FAILURES as e:
         raise ConfigError(f"--plugin {spec}: importing it failed: {_import_failure(e, None)}") from None
+
+
+PLUGIN_FAILURES = (Exception, SystemExit, GeneratorExit)
+"""What plugin code raises outside a handler (importing it, `validate_settings`, `worker_shutdown`) that is its
+failure: a module or hook calling sys.exit() ended the command silently (exit code 0 for sys.exit(0)), or skipped
+the other plugins' worker_shutdown. Not KeyboardInterrupt: that is the user's Ctrl-C (in a command, or a test
+using the harness), and stays one."""
 
 
 def _import_failure(e: BaseException, path: str | None) -> str:
@@ -351,7 +358,7 @@ def load(
             continue
         try:
             mod = ep.load()
-        except Exception as e:  # a broken third-party plugin must not take the worker down silently
+        except PLUGIN_FAILURES as e:  # a broken third-party plugin must not take the worker down silently
             raise ConfigError(f"plugin {name!r} ({ep.value}) failed to import: {e}") from None
         _register(pm, mod, name, f"plugin {name!r}", by)
         by[name] = f"installed: {ep.value}"
@@ -389,9 +396,10 @@ def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]])
             raise _missing_setting(name, e, out[name]) or ConfigError(f"[plugins.{name}] {e}") from None
         except (ConfigError, ValueError, TypeError) as e:
             raise ConfigError(f"[plugins.{name}] {e}") from None
-        except Exception as e:
+        except PLUGIN_FAILURES as e:
             # An `assert` or any other exception: still the settings the operator must fix (the hook's only
-            # input), so one line naming what was raised, not a traceback through pluggy at every start.
+            # input), so one line naming what was raised, not a traceback through pluggy at every start. A
+            # sys.exit() ended the worker silently, with exit code 0 when it was sys.exit(0).
             raise ConfigError(f"[plugins.{name}] validate_settings raised {_said(e)}; fix the [plugins.{name}] "
                               "section") from None
         res = results[0] if results else None
@@ -587,9 +595,11 @@ class PluginRunner:
                                   "handle_event (a follow-on is committed with the ack of the event that caused "
                                   "it); publish from handle_event, or send other events with "
                                   "bucketwire.client.HubClient") from None
-            except Exception as e:
+            except BaseException as e:
                 # `ctx.settings["path"]` on a section without it is the user's config to fix, not a crash to
-                # restart with backoff forever.
+                # restart with backoff forever. A sys.exit() or KeyboardInterrupt is a failed startup like any
+                # other: it left the child as its exit code (sys.exit(2) stopped the whole pool as a
+                # configuration error, naming nothing).
                 missing = _missing_setting(name, e, self.settings[name]) if isinstance(e, KeyError) else None
                 if missing is not None:
                     raise missing from None
@@ -613,7 +623,7 @@ class PluginRunner:
             caller = callers[name]
             try:
                 no_awaitable(caller(ctx=self.ctx(name)), "worker_shutdown")
-            except Exception:
+            except PLUGIN_FAILURES:  # a sys.exit() in one plugin's cleanup skipped every plugin's after it
                 logging.getLogger("bucketwire.worker").exception("worker_shutdown failed", extra={"plugin": name})
 
     def wants(self, name: str, event: Event) -> bool:
