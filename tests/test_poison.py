@@ -234,6 +234,29 @@ def test_a_flood_of_follow_ons_larger_than_one_message_fails_only_its_event(stac
     assert pool.poll() is None
 
 
+def test_a_handler_error_too_long_for_one_message_fails_only_its_event(stack_factory: Any) -> None:
+    """A handler raises an exception whose message holds more than one message to the hub may carry (a whole
+    response body, 65 MiB). The child put it whole into the ACK (the hub keeps 1 KiB of it): the hub refused
+    that ACK, so the event stayed in flight for as long as the worker lived and the later events of the same
+    object waited behind it for good. Its line is cut as the hub would cut it: the event is dead-lettered, saying
+    what was raised, and the events after it are handled."""
+    s = stack_factory(CFG.format(extra="").replace("max_attempts = 3", "max_attempts = 1"))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    bad = job("same", raise_len=65 << 20)
+    with s.client() as c:
+        c.publish_events([bad, job("other")])
+        c.publish_events([job("same", n=2)])
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] == 1 and st["lag"] == 0, 40,
+             "the event to be dead-lettered and the rest handled:\n" + s.dump_logs(600))
+    (dl,) = dead_letters(s)
+    assert dl["event"]["id"] == bad.id and dl["line"].startswith("RuntimeError: unexpected body: xxx"), dl["line"]
+    assert len(dl["line"]) <= 1024, len(dl["line"])
+    assert sorted((r["key"], r["data"].get("n")) for r in s.handled()) == [("other", None), ("same", 2)]
+    assert max(len(line) for log in s.logs for line in log.read_text().splitlines()) < 20_000, "a huge log line"
+    assert pool.poll() is None
+
+
 def test_a_follow_on_the_hub_would_refuse_fails_only_its_event(stack_factory: Any) -> None:
     """ctx.publish() took follow-ons the hub refuses (a subject that is not a string, a file name that is not
     UTF-8): the hub refused the whole ACK they came in, so their events, and the innocent ones acked with them,

@@ -11,7 +11,8 @@ sets to those values after publishing it, {"follow_fsname": true} one carrying a
 UTF-8, {"follow_strsub": true} one carrying instances of str and int subclasses, {"follow_bytes": N} one
 follow-on carrying N bytes of padding, {"follow_reset_hops": true} one whose hops it sets to 0 after publishing,
 {"fork": PATH} os.fork()s a process that lives on after the handler (writing its pid to PATH, exiting once
-PATH + ".release" exists, at most 60 s), as a handler that leaves a helper running does.
+PATH + ".release" exists, at most 60 s), as a handler that leaves a helper running does, {"raise_len": N} raises
+a RuntimeError whose message is N characters long (one carrying a whole response body).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def handle_event(event, ctx):
         os.abort()
     if "exit" in d:
         os._exit(d["exit"])
+    if d.get("raise_len"):
+        raise RuntimeError("unexpected body: " + "x" * d["raise_len"])
     if d.get("raise"):
         raise getattr(builtins, d["raise"])(2 if d["raise"] == "SystemExit" else "planned")
     if d.get("sleep"):

@@ -529,6 +529,23 @@ def read_joined(frames: list[bytes], n: int) -> tuple[list[Any], bool]:
     return envelopes, strict
 
 
+LINE_MAX = 1024
+"""What the hub keeps of a failure's `line`. An exception's text may hold a whole response body: sent whole, one
+past what the hub reads in a message (P.MAX_HEADER) had its ACK refused, and the event stayed in flight for as
+long as the worker lived, the later events of its object waiting behind it."""
+ERROR_MAX = 8000
+"""What the hub keeps of a failure's traceback (`error`), and what one of its parts is cut to."""
+
+
+def cut(text: str, limit: int = LINE_MAX) -> str:
+    """`text` in at most `limit` characters, saying how long it was (a traceback part keeps its newline)."""
+    if len(text) <= limit:
+        return text
+    end = "\n" if text.endswith("\n") else ""
+    tail = f" ... [cut: {len(text)} characters]{end}"
+    return text[:limit - len(tail)] + tail
+
+
 Outcome = tuple[str, int] | dict[str, Any]
 """What `handle` reports: (topic, seq) for an event its handlers took without error and without follow-ons (the
 common case, acked in the compact form), else the full ACK result for it (a failure, or follow-ons to carry)."""
@@ -556,13 +573,14 @@ def handle(plugins: Plugins, attempt: int, raw: Any, strict: bool,
         follow = plugins.run(event, attempt)
     except plugin_loader.HandlerFailed as f:
         err = f.error
-        line = traceback.format_exception_only(type(err), err)[-1].strip()
+        line = cut(traceback.format_exception_only(type(err), err)[-1].strip())
         log.warning("handler failed", extra={"plugin": f.plugin, "topic": topic, "seq": seq, "error": line,
                                              "attempt": attempt})
         if plugins.metered:
             event_done(plugins.group, topic, "failed")
         res: dict[str, Any] = {"t": topic, "s": seq, "ok": False,
-                               "error": "".join(traceback.format_exception(err))[-8000:], "line": line,
+                               "error": "".join(cut(t, ERROR_MAX) for t in traceback.format_exception(err))[-8000:],
+                               "line": line,
                                "plugin": f.plugin, "permanent": f.permanent}
         if f.delay is not None:
             res["delay"] = f.delay
