@@ -16,6 +16,7 @@ from typing import Any
 
 from bucketwire import Event
 from tests.fixtures_hub import Stack, wait_for
+from tests.procs import processes
 
 CFG = """
 [topics.jobs]
@@ -103,6 +104,34 @@ def test_a_child_that_dies_after_its_handler_forked_a_leftover_is_seen_to_die(st
         if pidfile.exists():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+def test_a_forked_copy_that_returns_from_its_handler_ends_there(stack_factory: Any) -> None:
+    """A handler os.fork()s for background work and the copy returns from the handler (its os._exit() forgotten).
+    The copy went on with the child's loop: it ran every event queued behind in the batch again (their work done
+    twice), then lived on for good, outliving the pool's stop. It ends where it returns, saying why in one line;
+    the child's own events are each handled once."""
+    s = stack_factory(CFG.format(extra=""))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    (child,) = s.child_pids(pool)
+    with s.client() as c:
+        c.publish_events([job("forker", fork_return=True), *(job(f"innocent-{i}") for i in range(6))])
+    wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0 and len(s.handled()) >= 7, 30, "every event handled")
+    forks = {r["pid"] for r in s.handled()} - {child}
+    assert len(forks) == 1, s.handled()  # the fork's own line for the forker: it returned from the handler
+    (fork,) = forks
+    try:
+        wait_for(lambda: fork not in processes(), 15, "the forked copy to end:\n" + s.dump_logs())
+    finally:
+        if fork in processes():
+            os.kill(fork, signal.SIGKILL)
+    innocents = [r for r in s.handled() if r["key"] != "forker"]
+    assert sorted(r["key"] for r in innocents) == [f"innocent-{i}" for i in range(6)], "an innocent ran twice"
+    assert {r["pid"] for r in innocents} == {child}
+    said = [ln for ln in s.logs[-1].read_text().splitlines() if "os._exit" in ln]
+    assert len(said) == 1 and "fork" in said[0] and "recorder" in said[0], said
+    assert pool.poll() is None
 
 
 def test_a_vanished_worker_charges_only_the_oldest_event_it_held(stack_factory: Any) -> None:

@@ -12,7 +12,9 @@ UTF-8, {"follow_strsub": true} one carrying instances of str and int subclasses,
 follow-on carrying N bytes of padding, {"follow_reset_hops": true} one whose hops it sets to 0 after publishing,
 {"fork": PATH} os.fork()s a process that lives on after the handler (writing its pid to PATH, exiting once
 PATH + ".release" exists, at most 60 s), as a handler that leaves a helper running does, {"raise_len": N} raises
-a RuntimeError whose message is N characters long (one carrying a whole response body).
+a RuntimeError whose message is N characters long (one carrying a whole response body), {"fork_return": true}
+os.fork()s and lets the forked copy return from the handler too (a background fork whose os._exit() was
+forgotten).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def handle_event(event, ctx):
             f.write(f"{os.getpid()} {event.seq}\n")
     if d.get("fork"):
         _fork_leftover(d["fork"])
+    if d.get("fork_return"):
+        os.fork()
     if d.get("abort"):
         os.abort()
     if "exit" in d:

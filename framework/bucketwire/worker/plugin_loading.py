@@ -103,6 +103,27 @@ the other plugins' worker_shutdown. Not KeyboardInterrupt: that is the user's Ct
 using the harness), and stays one."""
 
 
+_forked = [False]
+"""Set in a process os.fork() made from this one (not by subprocess, whose child never runs Python again)."""
+os.register_at_fork(after_in_child=lambda: _forked.__setitem__(0, True))
+
+
+def end_if_forked(plugin: str, hook: str) -> None:
+    """End a copy of this process that plugin code forked and that has come back out of the plugin (an os.fork()
+    for background work whose os._exit() was forgotten). Going on, it ran the framework's loop in two processes:
+    the rest of a worker child's batch was handled a second time, and the copy lived on for good, outliving its
+    pool (it never hears the pool's stop). Called after each call of plugin code: one flag read when nothing
+    forked."""
+    if not _forked[0]:
+        return
+    logging.getLogger("bucketwire.worker").error(
+        f"plugin {plugin!r}: a process its {hook} forked (os.fork(), pid {os.getpid()}) returned from the hook and "
+        "would go on as a second copy of this one; it ends here. End a forked process with os._exit() when its "
+        "work is done, or use subprocess or multiprocessing")
+    logging.shutdown()
+    os._exit(0)
+
+
 def _import_failure(e: BaseException, path: str | None) -> str:
     """What a plugin's module raised while it was imported, and where: one line, since the frames above it
     (importlib's, click's, ours) say nothing to its author. `path` narrows the line to the plugin's own file."""
@@ -607,6 +628,7 @@ class PluginRunner:
                 raise
             finally:
                 done.set()
+                end_if_forked(name, "worker_startup")
             started.append(name)  # it ran: even one that returned an awaitable may have opened something
             try:
                 no_awaitable(returned, "worker_startup")
@@ -652,6 +674,7 @@ class PluginRunner:
                         no_awaitable(returned)
                 except BaseException as e:
                     ctx.done = True
+                    end_if_forked(name, "handle_event")
                     raise HandlerFailed(name, e) from e
             else:
                 t0 = time.perf_counter()
@@ -661,10 +684,13 @@ class PluginRunner:
                         no_awaitable(returned)
                 except BaseException as e:
                     ctx.done = True
+                    end_if_forked(name, "handle_event")
                     report(name, time.perf_counter() - t0, False)
                     raise HandlerFailed(name, e) from e
                 report(name, time.perf_counter() - t0, True)
             ctx.done = True  # a publish from now on (a thread the handler left running) raises, not vanishes
+            if _forked[0]:
+                end_if_forked(name, "handle_event")
             if ctx.published:
                 for fo, fid in zip(ctx.published, ctx.derived_ids, strict=True):
                     fo.id = fid  # exactly-once rests on it (see Context.derived_ids)
