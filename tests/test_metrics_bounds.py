@@ -76,3 +76,39 @@ def test_group_and_topic_pairs_have_bounded_series(stack_factory: StackFactory) 
 
     wait_for(lambda: series() >= MAX_GROUP_TOPIC_SERIES, 60, "cursor series of the groups")
     assert series() <= MAX_GROUP_TOPIC_SERIES
+
+
+def test_a_plugins_follow_on_topic_names_are_bounded_before_they_become_worker_labels(
+        stack_factory: StackFactory) -> None:
+    """A plugin names the topic of each follow-on (one per object, say: ctx.publish(f"done-{event.key}", ...)).
+    The pool's /metrics (worker --metrics) took each name as a label of bucketwire_worker_follow_ons_total: one
+    more series per object, in every child's multiprocess file and every scrape, for good. The names past the
+    first 1000 a child has counted are counted under '_other', as the hub counts topics past its own bound."""
+    from bucketwire import Event
+    from bucketwire.procutil import free_port
+
+    s = stack_factory("""
+[groups.a]
+topics = ["jobs"]
+plugins = []
+start = "earliest"
+""")
+    port = free_port()
+    s.start_hub()
+    s.start_worker("a", 1, "--metrics", f"127.0.0.1:{port}")
+    with s.client() as c:
+        c.publish_events([Event(id=f"many-{i}", source="urn:test", type="s3:ObjectCreated:Put", subject=f"k{i}",
+                                topic="jobs", data={"bucket": "b", "key": f"k{i}", "follow_topics": 700})
+                          for i in range(2)])
+    wait_for(lambda: len(s.handled()) == 2, 60, "both events handled")
+
+    def follow_on_series() -> dict[str, float] | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            fams = text_string_to_metric_families(r.read().decode())
+        got = {smp.labels["topic"]: smp.value for fam in fams for smp in fam.samples
+               if smp.name == "bucketwire_worker_follow_ons_total"}
+        return got if sum(got.values()) == 1400 else None
+
+    got = wait_for(follow_on_series, 30, "1400 follow-ons counted by the pool")
+    assert len(got) <= 1001, len(got)
+    assert got.get("_other") == 400, got.get("_other")

@@ -14,7 +14,8 @@ follow-on carrying N bytes of padding, {"follow_reset_hops": true} one whose hop
 PATH + ".release" exists, at most 60 s), as a handler that leaves a helper running does, {"raise_len": N} raises
 a RuntimeError whose message is N characters long (one carrying a whole response body), {"fork_return": true}
 os.fork()s and lets the forked copy return from the handler too (a background fork whose os._exit() was
-forgotten).
+forgotten), {"follow_topics": N} publishes one follow-on to each of N topics of its own (a topic named per object,
+as a hurried author may name one).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def handle_event(event, ctx):
     pad = {"pad": "x" * d["follow_pad"]} if d.get("follow_pad") else {}
     for i in range(d.get("follow", 0)):
         ctx.publish("follow", {"n": i, "cause_seq": event.seq, **pad})
+    for i in range(d.get("follow_topics", 0)):
+        ctx.publish(f"done-{event.seq}-{i}", {"cause_seq": event.seq})
     if d.get("follow_kw"):
         ctx.publish("follow", {"cause_seq": event.seq}, **d["follow_kw"])
     if d.get("follow_strsub"):  # a str subclass, as lxml's XPath results are

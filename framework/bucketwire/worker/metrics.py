@@ -7,7 +7,9 @@ spawns children) and the supervisor's HTTP endpoint sums them. Counters survive 
 gauge counts live children only. Without `--metrics` nothing is set up and the hooks below are no-ops, so a pool
 that is not scraped pays nothing.
 
-Labels are bounded: group, plugin, topic (configured names), outcome -- never object keys.
+Labels are bounded: group, plugin, topic (configured names), outcome -- never object keys. A follow-on's topic is
+a name a plugin chooses (one per object, if its author named one so): a child gives the first MAX_TOPIC_SERIES of
+them a label each and counts the rest under OTHER_TOPIC, as the hub does with topics past its own bound.
 
 The temp dir goes at a clean stop; a pool killed -9 cannot remove it, so it is a `procutil.owned_tempdir` and
 every pool that starts serving metrics removes the dirs in $TMPDIR whose pool is gone.
@@ -29,6 +31,10 @@ log = logging.getLogger("bucketwire.worker")
 FLAG = "BUCKETWIRE_WORKER_METRICS"
 DIR = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "bucketwire-worker-metrics-"
+
+MAX_TOPIC_SERIES = 1000
+"""Distinct follow-on topic labels per child process (the hub's bound on its topic labels, hub/metrics.py)."""
+OTHER_TOPIC = "_other"
 
 _child: _ChildMetrics | None = None
 _tried = False
@@ -54,6 +60,17 @@ class _ChildMetrics:
                                   ["group", "topic"], registry=None)
         self.credit = Gauge("bucketwire_worker_credit", "Credit (events in flight) announced by live children",
                             ["group"], registry=None, multiprocess_mode="livesum")
+        self.follow_on_topics: set[str] = set()
+
+    def follow_on_label(self, topic: str) -> str:
+        """The topic's own label while fewer than MAX_TOPIC_SERIES follow-on topics have one, else OTHER_TOPIC."""
+        seen = self.follow_on_topics
+        if topic in seen:
+            return topic
+        if len(seen) < MAX_TOPIC_SERIES:
+            seen.add(topic)
+            return topic
+        return OTHER_TOPIC
 
 
 def child() -> _ChildMetrics | None:
@@ -82,7 +99,7 @@ def event_done(group: str, topic: str | None, outcome: str, follow_on_topics: li
     if m is not None:
         m.events.labels(group, topic or "-", outcome).inc()
         for t in follow_on_topics or []:
-            m.follow_ons.labels(group, t).inc()
+            m.follow_ons.labels(group, m.follow_on_label(t)).inc()
 
 
 def set_credit(group: str, credit: int) -> None:
