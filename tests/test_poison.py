@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from bucketwire import Event
@@ -131,6 +132,31 @@ def test_a_forked_copy_that_returns_from_its_handler_ends_there(stack_factory: A
     assert {r["pid"] for r in innocents} == {child}
     said = [ln for ln in s.logs[-1].read_text().splitlines() if "os._exit" in ln]
     assert len(said) == 1 and "fork" in said[0] and "recorder" in said[0], said
+    assert pool.poll() is None
+
+
+def test_a_child_a_plugin_ran_out_of_descriptors_is_replaced_instead_of_failing_every_event(stack_factory: Any,
+                                                                                           tmp_path: Any) -> None:
+    """A plugin leaks a file per event until its child has no descriptor left. From then on every event in that
+    child failed ('Too many open files') on each attempt, so the group sent its whole stream to the dead-letter
+    topic within a second while the pool looked healthy. A process out of descriptors (or memory) is a broken
+    process, as one the OOM killer ends is: the event that met it fails, the child hands back the rest uncharged
+    and ends, saying why in one line, and a fresh one goes on. Nothing is dead-lettered."""
+    rec = tmp_path / "leaky.jsonl"
+    s = stack_factory(CFG.format(extra="") + f'\n[plugins.leaky]\npath = "{rec}"\nheadroom = 30\n')
+    s.start_hub()
+    pool = s.start_worker("a", 1, "--plugin", str(Path(__file__).parent / "plugins" / "leaky.py"))
+    with s.client() as c:
+        c.publish_events([job(f"k{i}") for i in range(120)])
+    wait_for(lambda: (st := s.status()["groups"]["a"])["lag"] == 0 and st["inflight"] == 0
+             and st["retrying"] == 0, 90, "every event handled or dead-lettered:\n" + s.dump_logs())
+    st = s.status()["groups"]["a"]
+    assert st["dead_lettered"] == 0, s.dump_logs()
+    rows = [json.loads(line) for line in rec.read_text().splitlines()]
+    assert {r["key"] for r in rows} == {f"k{i}" for i in range(120)}
+    assert len({r["pid"] for r in rows}) >= 3, "the child was replaced as it ran out"
+    said = [ln for ln in s.logs[-1].read_text().splitlines() if "out of file descriptors" in ln]
+    assert said and "Too many open files" in said[0] and "close what it opens" in said[0], s.dump_logs()
     assert pool.poll() is None
 
 

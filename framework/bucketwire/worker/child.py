@@ -9,6 +9,7 @@ heartbeats to the hub on the child's behalf (RUNNING), so the hub keeps counting
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -49,6 +50,8 @@ publishers see) early results without waiting for the batch's end."""
 ACK_AFTER = 0.005
 ACK_MAX = P.MAX_HEADER
 """The largest header frame the hub reads; an ACK past it is refused whole."""
+EXIT_EXHAUSTED = 3
+"""A child that a plugin ran out of descriptors or memory ends with this code, to be replaced (see `exhaustion`)."""
 BYE_WAITS = 2
 """A draining child waits this many heartbeat intervals for the hub to answer its BYE (a live hub turns its loop
 at least once an interval), then closes the connection anyway."""
@@ -82,6 +85,7 @@ class Plugins(plugin_loader.PluginRunner):
         # Without a metrics endpoint nothing is counted, and no handler is timed: per event that is two clock
         # reads and three calls a no-op handler would otherwise pay.
         self.metered = metrics_child() is not None
+        self.exhausted: str | None = None  # the line saying what a plugin ran this process out of (`handle`)
         super().__init__(loaded, {n: cfg.plugins.get(n, {}) for n in loaded.names},
                          Stores(cfg.stores, cfg.hub.default_store), spec.group,
                          on_handled=(lambda name, dt, ok: handler_done(spec.group, name, dt, ok=ok))
@@ -112,7 +116,10 @@ class Child:
     def __init__(self, cfg: Config, spec: WorkerSpec, plugins: Plugins, slot: RunningSlot,
                  signals: StopSignals) -> None:
         self.cfg, self.spec, self.plugins, self.slot = cfg, spec, plugins, slot
-        self.signals, self.stop_fd, self.stopping = signals, signals.fd, signals.stopping
+        self.signals, self.stop_fd = signals, signals.fd
+        # A stop signal, or a plugin that ran this process out of descriptors or memory: either way the child
+        # finishes the event in hand, gives back the rest and ends (see `exhaustion`).
+        self.stopping: Callable[[], bool] = lambda: signals.stopped or plugins.exhausted is not None
         self.zctx = zmq.Context()
         self.keys = security.client_keys(cfg)  # checked by `bucketwire worker` before the children start
         self.ready = P.enc(P.Ready(
@@ -477,7 +484,11 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
     child = Child(cfg, spec, plugins, slot if slot is not None else RunningSlot.private(), signals)
     settle_gc()
     try:
-        return child.run()
+        code = child.run()
+        if plugins.exhausted is not None and code == 0:
+            log.error(plugins.exhausted)
+            return EXIT_EXHAUSTED
+        return code
     finally:
         try:
             plugins.lifecycle("worker_shutdown")
@@ -527,6 +538,26 @@ def read_joined(frames: list[bytes], n: int) -> tuple[list[Any], bool]:
     if len(envelopes) != n:
         raise P.ProtocolError(f"DELIVER envelope frame holds {len(envelopes)} envelopes, its header {n} attempts")
     return envelopes, strict
+
+
+def exhaustion(err: BaseException) -> str | None:
+    """What a handler's failure says this process has run out of ("file descriptors", "memory"), else None.
+
+    A process out of descriptors or memory fails every event after the one that met it, on every attempt: with a
+    plugin that leaks an open file per event, a group sent its whole stream to the dead-letter topic within a
+    second while the pool looked healthy. That is a broken process, as one the OOM killer ends is: the event that
+    met it is charged, the child ends and a fresh one takes the rest. The exception may be wrapped (an S3 client's
+    connection error caused by EMFILE), so its causes are looked at too."""
+    seen = 0
+    e: BaseException | None = err
+    while e is not None and seen < 8:
+        if isinstance(e, MemoryError):
+            return "memory"
+        if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+            return "file descriptors"
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
 
 
 LINE_MAX = 1024
@@ -584,6 +615,14 @@ def handle(plugins: Plugins, attempt: int, raw: Any, strict: bool,
                                "plugin": f.plugin, "permanent": f.permanent}
         if f.delay is not None:
             res["delay"] = f.delay
+        out_of = exhaustion(err)
+        if out_of is not None:
+            plugins.exhausted = (
+                f"this worker child ran out of {out_of}, met by plugin {f.plugin!r} ({line}); the child gives back "
+                "its other events uncharged and ends, and a fresh one replaces it. A plugin of the group "
+                + ("leaks open files or connections: close what it opens (with open(...) as f:, and "
+                   "resp.close() and resp.release_conn() for S3 responses)" if out_of == "file descriptors" else
+                   "keeps memory from event to event, or an event needs more than the child can have"))
         return res
     if plugins.metered:
         event_done(plugins.group, topic, "ok", [f.topic or "-" for f in follow] if follow else None)
