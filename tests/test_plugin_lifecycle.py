@@ -71,6 +71,42 @@ def test_a_worker_startup_that_runs_long_is_reported_while_it_runs(stack_factory
     wait_for(lambda: s.status()["groups"].get("life", {}).get("workers", 0) == 1, 20, "the child joining after it")
 
 
+SLOW_IMPORT = """
+import os
+import time
+
+from bucketwire import hookimpl
+
+end = time.monotonic() + 60
+while not os.path.exists({release!r}) and time.monotonic() < end:  # a server asked at import, not answering
+    time.sleep(0.02)  # pacing: polling for the test's release file, with a deadline
+
+
+@hookimpl
+def handle_event(event):
+    pass
+"""
+
+
+def test_a_plugin_import_that_runs_long_is_reported_while_it_runs(stack_factory, tmp_path):
+    """A plugin module that connects to a server as it is imported, and waits: the pool printed nothing at all
+    (not even 'worker pool started'), a start that looked hung for no reason. Past heartbeat_timeout it is said,
+    naming the module, and again as long again passes; the pool starts once the import returns."""
+    release = tmp_path / "release"
+    plugin = tmp_path / "slowimport.py"
+    plugin.write_text(SLOW_IMPORT.format(release=str(release)))
+    s = stack_factory("")
+    s.start_hub()
+    s.start_worker("slow", 1, "--topic", "t", "--plugin", str(plugin), wait=False)
+    log = s.logs[-1]
+    said = wait_for(lambda: [ln for ln in log.read_text().splitlines() if "still importing" in ln][1:], 20,
+                    "the slow import reported twice")
+    assert f"--plugin {plugin}" in said[0] and "seconds=" in said[0], said
+    assert s.status()["groups"].get("slow", {}).get("workers", 0) == 0
+    release.touch()
+    wait_for(lambda: s.status()["groups"].get("slow", {}).get("workers", 0) == 1, 20, "the pool to start after it")
+
+
 def test_invalid_plugin_settings_stop_the_pool_with_one_line(stack_factory, tmp_path):
     s = stack_factory(cfg(tmp_path / "x.log", mode="shouty"))
     r = subprocess.run([sys.executable, "-m", "bucketwire", "worker", "-c", str(s.cfg_path), "-g", "life",

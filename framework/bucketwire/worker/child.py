@@ -79,7 +79,7 @@ class Plugins(plugin_loader.PluginRunner):
         if gc is None and not spec.local_plugins:
             raise ConfigError(f"group {spec.group!r} is not in the config and no --plugin was given, so nothing "
                               f"would handle its events; add [groups.{spec.group}] or pass --plugin MODULE")
-        loaded = plugin_loader.load(allow, spec.local_plugins)
+        loaded = plugin_loader.load(allow, spec.local_plugins, slow_after=cfg.hub.heartbeat_timeout)
         # A startup longer than the hub waits for a silent worker is said in the log (see PluginRunner.startup).
         self.slow_startup = cfg.hub.heartbeat_timeout
         # Without a metrics endpoint nothing is counted, and no handler is timed: per event that is two clock

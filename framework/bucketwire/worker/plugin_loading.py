@@ -10,6 +10,7 @@ through `PluginRunner`, so a plugin that passes its harness tests runs the same 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,9 +359,12 @@ def load(
     *,
     entry_points: bool = True,
     objects: Sequence[tuple[str, Any]] = (),
+    slow_after: float | None = None,
 ) -> Loaded:
     """Register installed plugins (filtered by `allow`, when given), local `--plugin` modules and `objects`
-    (name, plugin) pairs; then check that every implementation is of a known hook."""
+    (name, plugin) pairs; then check that every implementation is of a known hook. `slow_after`: an import still
+    running after this many seconds is logged, and again each time as long again passes (a module that asks a
+    server for something as it is imported, and waits: the pool said nothing at all, not even that it started)."""
     pm = make_manager()
     allowed = None if allow is None else list(allow)
     found = discover() if entry_points else {}
@@ -378,14 +382,16 @@ def load(
         if allowed is not None and name not in allowed:
             continue
         try:
-            mod = ep.load()
+            with _watch(f"plugin {name!r} ({ep.value})", slow_after):
+                mod = ep.load()
         except PLUGIN_FAILURES as e:  # a broken third-party plugin must not take the worker down silently
             raise ConfigError(f"plugin {name!r} ({ep.value}) failed to import: {e}") from None
         _register(pm, mod, name, f"plugin {name!r}", by)
         by[name] = f"installed: {ep.value}"
         names.append(name)
     for spec in local:
-        mod = _import_local(spec)
+        with _watch(f"--plugin {spec}", slow_after):
+            mod = _import_local(spec)
         name = local_name(spec, mod)
         _register(pm, mod, name, f"--plugin {spec}", by)
         names.append(name)
@@ -730,6 +736,29 @@ def no_awaitable(returned: list[Any], hook: str = "handle_event") -> None:
                    else "await it inside the hook (asyncio.run(...))")
             raise TypeError(f"{hook} returned {kind} {getattr(r, '__qualname__', '')!s}: the work it stands for "
                             f"never ran; {fix} and return None")
+
+
+@contextlib.contextmanager
+def _watch(what: str, every: float | None) -> Iterator[None]:
+    """Log, every `every` seconds, that the import of `what` is still running (nothing when `every` is None)."""
+    if not every:
+        yield
+        return
+    done = threading.Event()
+    threading.Thread(target=_report_slow_import, args=(what, every, done), name="import-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def _report_slow_import(what: str, every: float, done: threading.Event) -> None:
+    t0 = time.monotonic()
+    while not done.wait(every):
+        logging.getLogger("bucketwire.worker").warning(
+            f"still importing {what}; this worker takes no events until the import returns (a module that asks a "
+            "server for something as it is imported waits for it here: do that in worker_startup)",
+            extra={"seconds": round(time.monotonic() - t0, 1)})
 
 
 def _report_slow_startup(name: str, every: float, done: threading.Event) -> None:
