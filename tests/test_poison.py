@@ -160,6 +160,29 @@ def test_a_child_a_plugin_ran_out_of_descriptors_is_replaced_instead_of_failing_
     assert pool.poll() is None
 
 
+def test_a_handler_that_breaks_its_child_for_after_it_returns_is_charged(stack_factory: Any) -> None:
+    """The handler closes every descriptor of its process (ZeroMQ's among them) and returns; the child dies in the
+    framework's code a moment later (libzmq's assertion, SIGABRT), with no handler running. Nothing was charged
+    then: the poison came back on its first attempt for good, each time killing the child that took it, and the
+    events queued behind it waited for ever. The first event whose handlers ran in the dead child but whose ack
+    was not sent is charged; the poison is dead-lettered and every innocent is handled on its first attempt."""
+    s = stack_factory(CFG.format(extra=""))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    poison = job("poison", close_fds=True)
+    with s.client() as c:
+        c.publish_events([poison, *(job(f"innocent-{i}") for i in range(5))])
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] >= 1 and st["lag"] == 0, 60,
+             "the poison dead-lettered and every innocent handled:\n" + s.dump_logs())
+    (dl,) = dead_letters(s)
+    assert dl["event"]["id"] == poison.id and dl["attempts"] == 3, dl
+    assert "died" in dl["line"] and "after" in dl["line"], dl["line"]
+    rows = [r for r in s.handled() if r["key"] != "poison"]
+    assert {r["key"] for r in rows} == {f"innocent-{i}" for i in range(5)}, rows
+    assert {r["a"] for r in rows} == {1}, "an innocent was charged an attempt"
+    assert pool.poll() is None
+
+
 def test_a_vanished_worker_charges_only_the_oldest_event_it_held(stack_factory: Any) -> None:
     """A child frozen mid-handler (SIGSTOP: its pool cannot tell anyone) is found by heartbeat timeout. The hub
     does not know what it was running; it charges the oldest event it had delivered to it (the one a child works

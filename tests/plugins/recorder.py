@@ -15,7 +15,8 @@ PATH + ".release" exists, at most 60 s), as a handler that leaves a helper runni
 a RuntimeError whose message is N characters long (one carrying a whole response body), {"fork_return": true}
 os.fork()s and lets the forked copy return from the handler too (a background fork whose os._exit() was
 forgotten), {"follow_topics": N} publishes one follow-on to each of N topics of its own (a topic named per object,
-as a hurried author may name one).
+as a hurried author may name one), {"close_fds": true} closes every descriptor above 2 (the process's own among
+them: a daemonizing recipe without its fork, or a double close), so the child dies at its next message to the hub.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def handle_event(event, ctx):
             f.write(f"{os.getpid()} {event.seq}\n")
     if d.get("fork"):
         _fork_leftover(d["fork"])
+    if d.get("close_fds"):
+        os.closerange(3, 65536)
     if d.get("fork_return"):
         os.fork()
     if d.get("abort"):

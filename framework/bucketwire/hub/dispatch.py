@@ -694,6 +694,8 @@ class GroupState:
         * `died` = (key, reason): its supervisor saw the child die and read which event's handler was running
           (None: none was). That event alone is charged, as a failed attempt with `reason` (backoff, then the
           dead-letter topic), so a poison event cannot take the innocent events queued with it down with it.
+          With none running, the oldest event it held is charged, as for `lost` (a handler that returned may
+          have broken the process, which died at its next send).
         * `lost` (heartbeat timeout: the host or its supervisor vanished, nobody can say what ran): the oldest
           event delivered to it, the one its child works on first, is charged; the rest go back uncharged. An
           event that takes whole hosts down still ends as a dead letter, after `max_attempts` hosts.
@@ -712,6 +714,13 @@ class GroupState:
         if died is not None:
             charge, reason = died
             line = reason
+            if charge is None:
+                # No handler was running, yet the child died holding events: a handler that returned may have
+                # broken its process for later (closed its descriptors: ZeroMQ aborts at the next send). Charging
+                # nothing, that event came back on its first attempt for good, killing each child that took it,
+                # and the events behind it waited for ever. The oldest it held is charged, as for a lost worker:
+                # redelivered at the front, a poison is the oldest each time.
+                charge = next(iter(w.inflight), None)
         elif lost:
             charge = next(iter(w.inflight), None)
             reason = "worker lost (no heartbeat) while this was the oldest event it held"

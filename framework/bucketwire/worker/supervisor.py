@@ -154,7 +154,9 @@ def frozen(pid: int | None) -> bool:
     return state in (b"T", b"t")
 
 
-def death_reason(exitcode: int | None) -> str:
+def death_reason(exitcode: int | None, running: bool = True) -> str:
+    """The dead letter's line for a child's death. `running`: a handler was running (its event is the one
+    charged); else the hub charges the oldest event the child held, whose handlers ran first."""
     if exitcode is not None and exitcode < 0:
         try:
             how = signal.Signals(-exitcode).name
@@ -162,7 +164,10 @@ def death_reason(exitcode: int | None) -> str:
             how = f"signal {-exitcode}"
     else:
         how = f"exit code {exitcode}"
-    return f"worker child died ({how}) while handling the event"
+    if running:
+        return f"worker child died ({how}) while handling the event"
+    return (f"worker child died ({how}) after the event's handlers returned, before its ack was sent (it was the "
+            "oldest event the child held; a handler can break its process for later, by closing its descriptors)")
 
 
 def make_spec(cfg: Config, group: str, topics: list[str] | None, local_plugins: list[str],
@@ -377,7 +382,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                     report(slot, r, f"handler timed out after {r.timeout:g} s (handler_timeout)")
                     delay = 0.0
                 else:
-                    report(slot, running, death_reason(p.exitcode))
+                    report(slot, running, death_reason(p.exitcode, running is not None))
                     hist = [t for t in restarts.get(slot, []) if time.monotonic() - t < 60] + [time.monotonic()]
                     restarts[slot] = hist
                     delay = min(restart_backoff[1], restart_backoff[0] * 2 ** (len(hist) - 1))
