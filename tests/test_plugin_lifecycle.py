@@ -245,6 +245,30 @@ def test_a_plugin_command_cannot_take_a_builtin_or_another_plugins_name():
     ], warnings
 
 
+class ExitsOnRegister:
+    """A plugin whose register_commands ends 'the program' (it ran a CLI of its own, which exits)."""
+
+    PLUGIN_NAME = "exits"
+
+    @hookimpl
+    def register_commands(self, cli):
+        sys.exit(0)
+
+
+def test_a_register_commands_that_calls_sys_exit_is_one_warning_line_and_the_cli_keeps_working():
+    """The guide: a plugin whose registration fails is one warning line and the CLI keeps working. A sys.exit(0)
+    there went past that: every command that loads plugins (`--help`, `plugins`, a plugin's own command) ended
+    at once, silently, with exit code 0, and the other plugins' commands were never added."""
+    from bucketwire.cli import add_plugin_commands
+    from bucketwire.worker.plugin_loading import load
+
+    group = click.Group()
+    loaded = load(entry_points=False, objects=[("other", Commands("other", "other-cmd")), ("exits", ExitsOnRegister())])
+    warnings = add_plugin_commands(group, loaded)
+    assert warnings == ["plugin 'exits' failed to register commands: SystemExit: 0"], warnings
+    assert CliRunner().invoke(group, ["other-cmd"]).output == "from other\n"
+
+
 PART = """
 from bucketwire import ConfigError, hookimpl
 

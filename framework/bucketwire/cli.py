@@ -284,14 +284,16 @@ def add_plugin_commands(group: click.Group, loaded: Any) -> list[str]:
     A command may not take a name already taken, by bucketwire or by a plugin called before: click's
     `add_command` replaces silently, so a plugin's `status` stood in `--help` for the built-in (which still ran,
     as built-in commands load no plugins), and of two plugins' `export` one silently won."""
+    from bucketwire.worker.plugin_loading import PLUGIN_FAILURES, said_of
+
     owner: dict[str, str | None] = dict.fromkeys(group.commands)  # None: bucketwire's own
     lines = []
     for name, caller in loaded.callers("register_commands"):
         before = dict(group.commands)
         try:
             caller(cli=group)
-        except Exception as e:  # a broken plugin must not break the CLI
-            lines.append(f"plugin {name!r} failed to register commands: {e}")
+        except PLUGIN_FAILURES as e:  # a broken plugin must not break the CLI (a sys.exit() ended it)
+            lines.append(f"plugin {name!r} failed to register commands: {said_of(e)}")
         for cmd, obj in list(group.commands.items()):
             if before.get(cmd) is obj:
                 continue

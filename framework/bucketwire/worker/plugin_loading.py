@@ -427,7 +427,7 @@ def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]])
             # An `assert` or any other exception: still the settings the operator must fix (the hook's only
             # input), so one line naming what was raised, not a traceback through pluggy at every start. A
             # sys.exit() ended the worker silently, with exit code 0 when it was sys.exit(0).
-            raise ConfigError(f"[plugins.{name}] validate_settings raised {_said(e)}; fix the [plugins.{name}] "
+            raise ConfigError(f"[plugins.{name}] validate_settings raised {said_of(e)}; fix the [plugins.{name}] "
                               "section") from None
         res = results[0] if results else None
         if res is not None:
@@ -442,7 +442,7 @@ def _a(noun: str) -> str:
     return ("an " if noun[:1] in "aeiou" else "a ") + noun
 
 
-def _said(e: BaseException) -> str:
+def said_of(e: BaseException) -> str:
     """`Type: text` of an exception, whose str() may itself fail (the type alone then)."""
     try:
         text = str(e)
