@@ -335,6 +335,30 @@ def test_a_handler_error_too_long_for_one_message_fails_only_its_event(stack_fac
     assert pool.poll() is None
 
 
+def test_follow_ons_published_from_the_handlers_threads_are_each_committed(stack_factory: Any) -> None:
+    """A handler fans its work out to a thread pool it waits for, each thread calling ctx.publish (what the guide
+    allows: before the handler returns). Two calls at once took the same index for the follow-on id, so two
+    follow-ons got one id and the hub kept one of them as a repeat: follow-ons lost without a word (2-8 of 400)."""
+    s = stack_factory(CFG.format(extra=""))
+    s.start_hub()
+    s.start_worker("a", 1)
+    with s.client() as c:
+        c.publish_events([job(f"fan-{i}", follow_threads=400) for i in range(3)])
+    wait_for(lambda: len(s.handled()) == 3 and s.status()["groups"]["a"]["lag"] == 0, 60, "the fan-outs handled")
+
+    def committed() -> list[dict[str, Any]]:
+        got, nxt = [], 1
+        with s.client() as c:
+            while envs := [json.loads(b) for b in c.fetch("follow", nxt)[1]]:
+                got += [e["data"] for e in envs]
+                nxt = int(envs[-1]["seq"]) + 1
+        return got
+
+    wait_for(lambda: len(committed()) >= 1200, 20, "1200 follow-ons committed")
+    got = committed()
+    assert len(got) == 1200 and len({(d["cause_seq"], d["part"]) for d in got}) == 1200, len(got)
+
+
 def test_a_follow_on_the_hub_would_refuse_fails_only_its_event(stack_factory: Any) -> None:
     """ctx.publish() took follow-ons the hub refuses (a subject that is not a string, a file name that is not
     UTF-8): the hub refused the whole ACK they came in, so their events, and the innocent ones acked with them,

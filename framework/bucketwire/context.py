@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,12 @@ class FollowOnTooLarge(ValueError):
     FOLLOW_ONS_MAX. Raised out of the handler, the event is retried and dead-lettered as for any failure; a plugin
     may catch it and publish a reference instead."""
 
+
+_PUBLISHING = threading.Lock()
+"""Held by `Context.publish` from the index it derives a follow-on's id from to the follow-on's place in
+`published`: a handler may publish from the threads of a pool it waits for, and two calls at once took one index,
+so two follow-ons got one id and the hub kept only one of them (a repeat, to it). One lock for every context:
+publishing is a few calls per event, and uncontended it costs less than a lock made per context would."""
 
 FOLLOW_ONS_MAX = 32 << 20
 """Bytes of envelope all the follow-ons of one event may take together. They travel to the hub in the event's
@@ -162,6 +169,12 @@ class Context:
             raise PublishOutsideHandler(
                 "ctx.publish() works only inside handle_event (a follow-on is committed with the ack of the event "
                 "that caused it); publish other events with bucketwire.client.HubClient")
+        with _PUBLISHING:
+            return self._publish(cause, topic, data, type, subject)
+
+    def _publish(self, cause: Event, topic: str, data: Any, type: str | None,  # noqa: A002
+                 subject: str | None) -> Event:
+        """`publish`, under its lock."""
         if self.done:
             raise RuntimeError(f"ctx.publish() after handle_event returned for event {cause.id}: its ack has gone, so "
                                "this follow-on would be lost; wait for your threads before the handler returns")

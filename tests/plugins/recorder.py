@@ -16,7 +16,9 @@ a RuntimeError whose message is N characters long (one carrying a whole response
 os.fork()s and lets the forked copy return from the handler too (a background fork whose os._exit() was
 forgotten), {"follow_topics": N} publishes one follow-on to each of N topics of its own (a topic named per object,
 as a hurried author may name one), {"close_fds": true} closes every descriptor above 2 (the process's own among
-them: a daemonizing recipe without its fork, or a double close), so the child dies at its next message to the hub.
+them: a daemonizing recipe without its fork, or a double close), so the child dies at its next message to the hub,
+{"follow_threads": N} publishes N follow-ons to topic "follow" from 8 threads of a pool it waits for (with the
+interpreter switching threads as often as it can, so that calls overlap).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import sys
 import time
 
 from bucketwire import PermanentError, hookimpl
@@ -85,6 +88,17 @@ def handle_event(event, ctx):
     pad = {"pad": "x" * d["follow_pad"]} if d.get("follow_pad") else {}
     for i in range(d.get("follow", 0)):
         ctx.publish("follow", {"n": i, "cause_seq": event.seq, **pad})
+    if d.get("follow_threads"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        was = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda i: ctx.publish("follow", {"part": i, "cause_seq": event.seq}),
+                              range(d["follow_threads"])))
+        finally:
+            sys.setswitchinterval(was)
     for i in range(d.get("follow_topics", 0)):
         ctx.publish(f"done-{event.seq}-{i}", {"cause_seq": event.seq})
     if d.get("follow_kw"):
