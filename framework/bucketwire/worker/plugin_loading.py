@@ -104,18 +104,21 @@ the other plugins' worker_shutdown. Not KeyboardInterrupt: that is the user's Ct
 using the harness), and stays one."""
 
 
-_forked = [False]
-"""Set in a process os.fork() made from this one (not by subprocess, whose child never runs Python again)."""
-os.register_at_fork(after_in_child=lambda: _forked.__setitem__(0, True))
+_forks = [0]
+"""How many os.fork()s made this process from the one that imported this module: each forked copy counts one more
+(subprocess's children never run Python again, and do not count). A hook call that starts at one count and
+returns at another returned in a copy its plugin forked."""
+os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
 
 
-def end_if_forked(plugin: str, hook: str) -> None:
+def end_if_forked(plugin: str, hook: str, forks: int) -> None:
     """End a copy of this process that plugin code forked and that has come back out of the plugin (an os.fork()
-    for background work whose os._exit() was forgotten). Going on, it ran the framework's loop in two processes:
-    the rest of a worker child's batch was handled a second time, and the copy lived on for good, outliving its
-    pool (it never hears the pool's stop). Called after each call of plugin code: one flag read when nothing
-    forked."""
-    if not _forked[0]:
+    for background work whose os._exit() was forgotten); `forks`: the count (`_forks`) as the hook was called.
+    Going on, it ran the framework's loop in two processes: the rest of a worker child's batch was handled a
+    second time, and the copy lived on for good, outliving its pool (it never hears the pool's stop). A process
+    forked before the call (multiprocessing's fork start method running a harness) is not one: it runs its own
+    hooks. One list read when nothing forked."""
+    if _forks[0] == forks:
         return
     logging.getLogger("bucketwire.worker").error(
         f"plugin {plugin!r}: a process its {hook} forked (os.fork(), pid {os.getpid()}) returned from the hook and "
@@ -612,6 +615,7 @@ class PluginRunner:
             if slow_after:
                 threading.Thread(target=_report_slow_startup, args=(name, slow_after, done),
                                  name="startup-watch", daemon=True).start()
+            forks = _forks[0]
             try:
                 returned = caller(ctx=self.ctx(name))
             except ConfigError as e:
@@ -634,7 +638,7 @@ class PluginRunner:
                 raise
             finally:
                 done.set()
-                end_if_forked(name, "worker_startup")
+                end_if_forked(name, "worker_startup", forks)
             started.append(name)  # it ran: even one that returned an awaitable may have opened something
             try:
                 no_awaitable(returned, "worker_startup")
@@ -664,6 +668,7 @@ class PluginRunner:
         size = 0
         report = self.on_handled
         group, stores, limit, topic = self.group, self.stores, self.max_event_bytes, event.topic
+        forks = _forks[0]
         for name, caller, want, settings, logger, state in self._handle:
             if want is not None and topic not in want:
                 continue
@@ -680,7 +685,7 @@ class PluginRunner:
                         no_awaitable(returned)
                 except BaseException as e:
                     ctx.done = True
-                    end_if_forked(name, "handle_event")
+                    end_if_forked(name, "handle_event", forks)
                     raise HandlerFailed(name, e) from e
             else:
                 t0 = time.perf_counter()
@@ -690,13 +695,13 @@ class PluginRunner:
                         no_awaitable(returned)
                 except BaseException as e:
                     ctx.done = True
-                    end_if_forked(name, "handle_event")
+                    end_if_forked(name, "handle_event", forks)
                     report(name, time.perf_counter() - t0, False)
                     raise HandlerFailed(name, e) from e
                 report(name, time.perf_counter() - t0, True)
             ctx.done = True  # a publish from now on (a thread the handler left running) raises, not vanishes
-            if _forked[0]:
-                end_if_forked(name, "handle_event")
+            if _forks[0] != forks:
+                end_if_forked(name, "handle_event", forks)
             if ctx.published:
                 for fo, fid in zip(ctx.published, ctx.derived_ids, strict=True):
                     fo.id = fid  # exactly-once rests on it (see Context.derived_ids)
