@@ -226,6 +226,36 @@ def test_a_setting_worker_startup_reads_but_the_config_lacks_is_named() -> None:
                              "section of the config")
 
 
+PYDANTIC_TEXT = ("1 validation error for Settings\nsize\n  Input should be a valid integer [type=int_type, "
+                 "input_value='x', input_type=str]\n    For further information visit "
+                 "https://errors.pydantic.dev/2.14/v/int_type")
+
+
+class ValidationError(ValueError):
+    """What a settings class (pydantic's BaseModel) raises: a ValueError whose text is several lines."""
+
+
+def test_a_settings_class_error_of_several_lines_is_one_line() -> None:
+    """A plugin validating its section with a settings class (pydantic: `Settings(**settings)`) raises its
+    ValidationError, a ValueError of four lines: the worker printed them as they came, the one-line error four
+    lines long. Its lines are joined into one, every word kept."""
+
+    class Modelled:
+        PLUGIN_NAME = "modelled"
+
+        @hookimpl
+        def validate_settings(self, settings: dict[str, Any]) -> None:
+            raise ValidationError(PYDANTIC_TEXT)
+
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(Modelled(), settings={"size": "x"})
+    line = str(ei.value)
+    assert "\n" not in line, line
+    assert line == ("[plugins.modelled] 1 validation error for Settings; size; Input should be a valid integer "
+                    "[type=int_type, input_value='x', input_type=str]; For further information visit "
+                    "https://errors.pydantic.dev/2.14/v/int_type"), line
+
+
 BAD_VALIDATION = '''
 from bucketwire import hookimpl
 

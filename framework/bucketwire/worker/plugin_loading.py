@@ -425,13 +425,13 @@ def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]])
         except KeyError as e:  # `settings["path"]` on a section without it: str(e) would be just "'path'"
             raise _missing_setting(name, e, out[name]) or ConfigError(f"[plugins.{name}] {e}") from None
         except (ConfigError, ValueError, TypeError) as e:
-            raise ConfigError(f"[plugins.{name}] {e}") from None
+            raise ConfigError(f"[plugins.{name}] {one_line(str(e))}") from None
         except PLUGIN_FAILURES as e:
             # An `assert` or any other exception: still the settings the operator must fix (the hook's only
             # input), so one line naming what was raised, not a traceback through pluggy at every start. A
             # sys.exit() ended the worker silently, with exit code 0 when it was sys.exit(0).
-            raise ConfigError(f"[plugins.{name}] validate_settings raised {said_of(e)}; fix the [plugins.{name}] "
-                              "section") from None
+            raise ConfigError(f"[plugins.{name}] validate_settings raised {one_line(said_of(e))}; fix the "
+                              f"[plugins.{name}] section") from None
         res = results[0] if results else None
         if res is not None:
             if not isinstance(res, dict):
@@ -443,6 +443,15 @@ def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]])
 
 def _a(noun: str) -> str:
     return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
+def one_line(text: str) -> str:
+    """A message of several lines as one, its lines joined with '; ': a settings class's error (pydantic's
+    ValidationError: a header, then per field its name and what is wrong, each on a line of its own) was the
+    worker's one-line error, four lines long."""
+    if "\n" not in text:
+        return text
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def said_of(e: BaseException) -> str:
