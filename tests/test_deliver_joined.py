@@ -153,7 +153,7 @@ def test_a_pool_refuses_a_broken_one_frame_deliver_and_gives_its_events_back(sta
             router.send_multipart([ident, b"DELIVER", *frames])
             who, cmd, hdr = recv()
             assert cmd == b"BYE", f"{what}: {cmd!r} {hdr!r} before the BYE"
-            assert json.loads(hdr) == {"requeue": []}, what
+            assert json.loads(hdr) == {"requeue": [], "refused": True}, what  # the hub charges that batch
             router.send_multipart([who, b"BYE", b"{}"])
             who, cmd, hdr = recv()
             assert cmd == b"READY", f"{what}: {cmd!r} instead of joining again"
@@ -172,9 +172,11 @@ def test_a_pool_refuses_a_broken_one_frame_deliver_and_gives_its_events_back(sta
 
 def test_what_a_pool_gives_back_that_way_the_hub_hands_out_again(stack_factory: Any) -> None:
     """The other half, against the real hub: what a pool does with a DELIVER it cannot read (BYE naming none of
-    its events, then READY on the same connection) gets those events handed out again, charged the attempt
-    they were sent with, so none is lost and a batch that always arrives broken ends as dead letters."""
-    s: Stack = stack_factory(CFG)
+    its events with `refused`, then READY on the same connection) gets those events handed out again, charged
+    the attempt they were sent with, so none is lost and a batch that always arrives broken ends as dead letters
+    after max_attempts. A BYE without `refused` gives the same events back uncharged: leaving is no evidence
+    that anything ran (it used to charge them, so a peer that took batches and left spent their attempts)."""
+    s: Stack = stack_factory(CFG + "\n[topics.x]\nmax_attempts = 3\nbackoff_base = 0.05\nbackoff_max = 0.1\n")
     s.start_hub()
     with s.client() as c:
         c.publish_events([ev(i) for i in range(3)])
@@ -184,20 +186,49 @@ def test_what_a_pool_gives_back_that_way_the_hub_hands_out_again(stack_factory: 
     ready = json.dumps({"group": "g", "topics": ["x"], "credit": 100, "schema": SCHEMA_VERSION, "proto": 3})
 
     def deliver() -> tuple[list[int], list[int]]:
+        """The next DELIVERs, until they hold the three events (a charged batch may come back in parts)."""
+        attempts: dict[int, int] = {}
         deadline = time.monotonic() + 20
-        while True:
-            assert d.poll(max(1, int((deadline - time.monotonic()) * 1000))), "no DELIVER"
+        while len(attempts) < 3:
+            assert d.poll(max(1, int((deadline - time.monotonic()) * 1000))), f"no DELIVER, after {attempts}"
             frames = d.recv_multipart()
             if frames[0] == b"DELIVER":
                 h = json.loads(frames[1])
                 assert h.get("j") is True and len(frames) == 3, h
-                return h["a"], [int(e["seq"]) for e in json.loads(frames[2])]
+                attempts.update(zip([int(e["seq"]) for e in json.loads(frames[2])], h["a"]))
+            d.send_multipart([b"HB", b"{}"])
+        return [attempts[q] for q in sorted(attempts)], sorted(attempts)
+
+    def leave(bye: bytes) -> None:
+        d.send_multipart([b"BYE", bye])
+        deadline = time.monotonic() + 10
+        while d.poll(max(1, int((deadline - time.monotonic()) * 1000))) and d.recv_multipart()[0] != b"BYE":
+            pass
+        d.send_multipart([b"READY", ready.encode()])
 
     try:
         d.send_multipart([b"READY", ready.encode()])
         assert deliver() == ([1, 1, 1], [1, 2, 3])
-        d.send_multipart([b"BYE", b'{"requeue":[]}'])
-        d.send_multipart([b"READY", ready.encode()])
+        leave(b'{"requeue":[]}')
+        assert deliver() == ([1, 1, 1], [1, 2, 3]), "a plain BYE charged the events it held"
+        leave(b'{"requeue":[],"refused":true}')
         assert deliver() == ([2, 2, 2], [1, 2, 3])
+        # Their retries come back after a jittered backoff, so in batches of their own now: refuse each batch as
+        # it comes (only that batch is charged) until all three are dead letters, each after its third attempt.
+        last = {1: 2, 2: 2, 3: 2}
+        leave(b'{"requeue":[],"refused":true}')  # the earliest batch of the three (all of them, or the first ones)
+        deadline = time.monotonic() + 30
+        while s.status()["groups"]["g"]["dead_lettered"] < 3:
+            assert time.monotonic() < deadline, f"not dead-lettered: {last}"
+            if not d.poll(200):
+                continue
+            frames = d.recv_multipart()
+            if frames[0] == b"DELIVER":
+                got = dict(zip([int(e["seq"]) for e in json.loads(frames[2])], json.loads(frames[1])["a"]))
+                assert all(a in (last[q], last[q] + 1) for q, a in got.items()), f"{got} after {last}"
+                last.update(got)
+                leave(b'{"requeue":[],"refused":true}')
+        assert last == {1: 3, 2: 3, 3: 3}, last
+        wait_for(lambda: s.status()["groups"]["g"]["lag"] == 0, 20, "the dead letters to move the cursor")
     finally:
         d.close()

@@ -184,9 +184,10 @@ def test_a_handler_that_breaks_its_child_for_after_it_returns_is_charged(stack_f
 
 
 def test_a_vanished_worker_charges_only_the_oldest_event_it_held(stack_factory: Any) -> None:
-    """A child frozen mid-handler (SIGSTOP: its pool cannot tell anyone) is found by heartbeat timeout. The hub
-    does not know what it was running; it charges the oldest event it had delivered to it (the one a child works
-    on first), and the rest go to another worker uncharged."""
+    """A child frozen mid-handler (SIGSTOP: its pool cannot tell anyone) is found by heartbeat timeout. Its pool's
+    last heartbeat for it (RUNNING) named the event its handler was in: that one is charged, and the rest go to
+    another worker uncharged. (A worker that never said it ran anything is charged nothing when it vanishes:
+    test_wire_hostile.py.)"""
     s = stack_factory(CFG.format(extra=""))
     s.start_hub()
     pool = s.start_worker("a", 1)
@@ -195,6 +196,8 @@ def test_a_vanished_worker_charges_only_the_oldest_event_it_held(stack_factory: 
         c.publish_events(events)
     started = s.record.with_name(s.record.name + ".started")
     wait_for(lambda: started.exists() and started.read_text().strip(), 20, "the slow handler to start")
+    wait_for(lambda: [r["seq"] for r in s.status()["groups"]["a"]["long_running"]] == [1], 20,
+             "the pool to tell the hub the slow handler is running")
     (child,) = s.child_pids(pool)
     os.kill(child, signal.SIGSTOP)
     try:

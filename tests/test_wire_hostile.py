@@ -421,3 +421,86 @@ def test_a_join_and_leave_loop_cannot_fill_the_hubs_log(stack_factory: Any) -> N
         assert joined >= 10 and left >= 10, "a burst is still logged line by line"
     finally:
         close(stay)
+
+
+def handed(d: zmq.Socket[bytes], seqs: set[int], timeout: float = 20) -> dict[int, int]:
+    """The attempt number each of `seqs` is DELIVERed to `d` with (a retried one may come in a later batch)."""
+    got: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while not seqs <= set(got):
+        poll(d, deadline, f"only {got} of {sorted(seqs)} delivered")
+        frames = d.recv_multipart()
+        if frames[0] == b"DELIVER":
+            got.update(zip([int(json.loads(b)["seq"]) for b in frames[2:]], json.loads(frames[1])["a"]))
+    return got
+
+
+def test_taking_batches_and_leaving_charges_no_attempt(stack_factory: Any) -> None:
+    """A peer holding the group's key (or a flapping, crash-looping pool) joins, is handed a batch, and leaves
+    without running anything -- by BYE, or by going silent past heartbeat_timeout -- again and again. Each cycle
+    used to charge an attempt (every event a BYE did not name; the oldest event of a silent one), so after
+    max_attempts cycles innocent events were dead letters no handler ever failed. Nothing is charged: the next
+    worker gets each event on its first attempt, and nothing reaches the dead-letter topic."""
+    s: Stack = stack_factory(CFG + "\n[topics.x]\nmax_attempts = 2\nbackoff_base = 0.05\nbackoff_max = 0.1\n")
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(i) for i in range(3)])
+    seqs = {1, 2, 3}
+    for cycle in range(6):  # three of each way of leaving: past max_attempts either way
+        d = join(s, credit=8)
+        try:
+            got = handed(d, seqs)
+            assert got == {1: 1, 2: 1, 3: 1}, f"cycle {cycle}: charged by an earlier departure: {got}"
+            if cycle % 2:
+                LIVE.remove(d)  # silent: the hub gives it up after heartbeat_timeout
+                wait_for(lambda: beat() and s.status()["groups"]["g"]["workers"] == 0, 20, "the silent peer given up")
+            else:
+                d.send_multipart([b"BYE", json.dumps({"requeue": []}).encode()])
+                reply(d, b"BYE")
+        finally:
+            close(d)
+    honest = join(s, credit=8)
+    try:
+        assert handed(honest, seqs) == {1: 1, 2: 1, 3: 1}
+        ack(honest, ok={"x": [[1, 3]]})
+        wait_for(lambda: beat() and s.status()["groups"]["g"]["lag"] == 0, 20, "the honest worker's acks")
+    finally:
+        close(honest)
+    st = s.status()["groups"]["g"]
+    assert st["dead_lettered"] == 0, st
+    with s.client() as c:
+        assert c.fetch("dead-letter", 1)[1] == [], "an innocent event was dead-lettered"
+
+
+def test_a_silent_worker_is_charged_only_for_what_it_was_seen_running(stack_factory: Any) -> None:
+    """The other side of the rule above: a worker that vanishes after showing it works -- it acked an event, or
+    its heartbeat named the event it was running -- is charged that event (the one it ran, or the oldest it held,
+    the one it was on), so an event that takes whole hosts down still ends in the dead-letter topic."""
+    s: Stack = stack_factory(CFG + "\n[topics.x]\nmax_attempts = 5\nbackoff_base = 0.05\nbackoff_max = 0.1\n")
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(i) for i in range(4)])
+    w1 = join(s, credit=8)
+    w2 = None
+    try:
+        assert handed(w1, {1, 2, 3, 4}) == {1: 1, 2: 1, 3: 1, 4: 1}
+        ack(w1, ok={"x": [[1, 1]]})  # it ran 1: it works through its events
+        w1.send_multipart([b"HB", json.dumps({"run": ["x", 3, 0.5, 60]}).encode()])  # now running 3
+        LIVE.remove(w1)
+        wait_for(lambda: beat() and s.status()["groups"]["g"]["workers"] == 0, 20, "the silent worker given up")
+        w2 = join(s, credit=8)
+        assert handed(w2, {2, 3, 4}) == {2: 1, 3: 2, 4: 1}, "only the event its heartbeat named is charged"
+        LIVE.remove(w2)  # never acked, never said what it ran: nothing charged
+        wait_for(lambda: beat() and s.status()["groups"]["g"]["workers"] == 0, 20, "the second worker given up")
+        close(w2)
+        w2 = join(s, credit=8)
+        got = handed(w2, {2, 3, 4})
+        assert got == {2: 1, 3: 2, 4: 1}, got
+        ack(w2, ok={"x": [[2, 2]]})  # it acked 2, then goes silent holding 3 and 4: the oldest, 3, pays
+        LIVE.remove(w2)
+        wait_for(lambda: beat() and s.status()["groups"]["g"]["workers"] == 0, 20, "the third worker given up")
+        close(w2)
+        w2 = join(s, credit=8)
+        assert handed(w2, {3, 4}) == {3: 3, 4: 1}
+    finally:
+        close(w1, w2)

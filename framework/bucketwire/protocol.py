@@ -15,7 +15,9 @@ refuses unknown fields), decoded and checked by `decode` in one C pass; the sket
                               events per ACK); either key may be absent
                     HB        {} | {"run": [topic, seq, age, timeout]}  (a handler running for an interval or
                                                                more: which event, how long, its handler_timeout)
-                    BYE       {"requeue": [[topic, seq], ...]}     (draining: give back unstarted events)
+                    BYE       {"requeue": [[topic, seq], ...], "refused"?: true}  (leaving: every event it holds
+                              goes back uncharged, except, with "refused", the earliest batch outside `requeue`:
+                              the DELIVER it could not read, charged one attempt)
     supervisor -> hub
                     GONE      {"g": group, "w": worker identity (hex), "running": [topic, seq] | null, "reason"}
                               a worker child died (crash, or killed past handler_timeout): the hub charges the
@@ -198,6 +200,9 @@ class Ack(Header):
 
 class Bye(Header):
     requeue: list[tuple[str, int]] = []  # (topic, seq) the worker had not started: hand them out again at once
+    # The worker could not read a DELIVER (docs/wire.md): the earliest batch it holds outside `requeue` is charged.
+    # Without it nothing outside `requeue` is: a departure alone is no evidence that anything ran.
+    refused: bool = False
 
 
 class Deliver(Header):

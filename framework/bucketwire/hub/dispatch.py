@@ -65,6 +65,7 @@ class Item:
     attempts: int = 0
     error: str | None = None
     first_dispatch: float = 0.0
+    batch: int = 0  # which DELIVER to its worker carried it (WorkerState.batches then): a refused one is charged
 
     @property
     def key(self) -> Key:
@@ -98,6 +99,11 @@ class WorkerState:
     # first report this hub had).
     reported: bool = False
     pinned_until: float = 0.0
+    batches: int = 0  # DELIVERs sent to it: numbers its events' batches (`Item.batch`)
+    # It sent an outcome for an event it held: it works through what it is handed, so when it vanishes the oldest
+    # event it holds is the likely culprit. One that never did (a flapping worker, a peer that takes batches and
+    # goes silent) is charged nothing for what it held (`GroupState.worker_gone`).
+    ran: bool = False
 
     @property
     def free(self) -> int:
@@ -686,21 +692,33 @@ class GroupState:
         return self.retry[0][0] if self.retry else None
 
     def worker_gone(self, ident: bytes, *, lost: bool = False, died: tuple[Key | None, str] | None = None,
-                    requeue: set[Key] | None = None, now: float = 0.0, grace: float = 0.0) -> list[DeadLetter]:
+                    requeue: set[Key] | None = None, refused: bool = False, now: float = 0.0,
+                    grace: float = 0.0) -> list[DeadLetter]:
         """Put a departed worker's in-flight events back at the front, in seq order; returns the dead letters.
 
-        Who pays an attempt depends on what is known about the departure:
+        An attempt is charged only on evidence that the event was worked on; a departure by itself is none. A
+        worker that takes a batch and leaves (BYE, silence) without running anything -- a crash-looping or
+        flapping pool, a peer replaying READY/BYE with a group's key -- used to add an attempt to every event it
+        was handed, and after `max_attempts` such cycles innocent events were dead letters no handler had failed.
+        Who pays, by what is known of the departure:
 
         * `died` = (key, reason): its supervisor saw the child die and read which event's handler was running
           (None: none was). That event alone is charged, as a failed attempt with `reason` (backoff, then the
           dead-letter topic), so a poison event cannot take the innocent events queued with it down with it.
-          With none running, the oldest event it held is charged, as for `lost` (a handler that returned may
-          have broken the process, which died at its next send).
-        * `lost` (heartbeat timeout: the host or its supervisor vanished, nobody can say what ran): the oldest
-          event delivered to it, the one its child works on first, is charged; the rest go back uncharged. An
-          event that takes whole hosts down still ends as a dead letter, after `max_attempts` hosts.
-        * a drain's BYE gives back `requeue` (the events it never started) uncharged.
-        * otherwise (not delivered, or a worker that re-registered) nothing is charged.
+        * `died` = (key, reason): its supervisor saw the child die and read which event's handler was running
+          (None: none was). That event alone is charged, as a failed attempt with `reason` (backoff, then the
+          dead-letter topic), so a poison event cannot take the innocent events queued with it down with it.
+          With none running, the oldest event it held is charged (a handler that returned may have broken its
+          process for later, which died at its next send): a death is evidence, a departure is not.
+        * `lost` (heartbeat timeout: the host or its supervisor vanished): the event its last heartbeat said was
+          running, if it holds it; else, if it ever sent an outcome (`WorkerState.ran`: it works through its
+          events in delivery order), the oldest event it held, the one it was most likely on. An event that takes
+          whole hosts down still ends as a dead letter. A worker that never said it ran anything is charged nothing.
+        * `refused` (its BYE says it could not read a DELIVER): the events of the earliest batch it holds that the
+          BYE's `requeue` does not name (the one it refused; what came after was never read) are charged, so a
+          batch that always arrives broken ends in the dead-letter topic instead of going round for ever.
+        * everything else goes back uncharged: a BYE's `requeue` (never started), what it held but never reported
+          (sent after it stopped reading), a worker that re-registered.
 
         For `grace` seconds the worker's ACK still counts for the events it held (`done_by`): a worker given up on
         for silence (a stall, a congested link) may have done them, the one charged as a guess too (unless that
@@ -711,22 +729,37 @@ class GroupState:
         w = self.workers.pop(ident, None)
         if w is None:
             return []
+        charge: set[Key] = set()
+        reason = line = ""
         if died is not None:
-            charge, reason = died
-            line = reason
-            if charge is None:
+            reason = line = died[1]
+            named = died[0]
+            if named is None:
                 # No handler was running, yet the child died holding events: a handler that returned may have
                 # broken its process for later (closed its descriptors: ZeroMQ aborts at the next send). Charging
                 # nothing, that event came back on its first attempt for good, killing each child that took it,
-                # and the events behind it waited for ever. The oldest it held is charged, as for a lost worker:
-                # redelivered at the front, a poison is the oldest each time.
-                charge = next(iter(w.inflight), None)
+                # and the events behind it waited for ever. The oldest it held is charged: redelivered at the
+                # front, a poison is the oldest each time.
+                named = next(iter(w.inflight), None)
+            if named is not None:
+                charge.add(named)
         elif lost:
-            charge = next(iter(w.inflight), None)
-            reason = "worker lost (no heartbeat) while this was the oldest event it held"
+            shown = w.running[0] if w.running is not None else None
+            oldest = next(iter(w.inflight), None)
+            if shown is not None and shown in w.inflight:
+                charge.add(shown)
+                reason = "worker lost (no heartbeat) while its last heartbeat said this event's handler was running"
+            elif oldest is not None and w.ran:
+                charge.add(oldest)
+                reason = "worker lost (no heartbeat) while this was the oldest event it held"
             line = "worker lost"
-        else:
-            charge, reason, line = None, "", ""
+        elif refused:
+            unread = [k for k in w.inflight if requeue is None or k not in requeue]
+            if unread:
+                first = w.inflight[unread[0]].batch
+                charge.update(k for k in unread if w.inflight[k].batch == first)
+            reason = "the worker could not read the DELIVER that carried this event and gave the batch back"
+            line = "DELIVER refused by the worker"
         dead: list[DeadLetter] = []
         back: list[Item] = []
         retried = 0
@@ -736,9 +769,9 @@ class GroupState:
             it = self._take_inflight(key)
             if it is None:
                 continue
-            if grace > 0 and (died is None or key != charge) and len(self.departed) < DEPARTED_MAX:
+            if grace > 0 and (died is None or key not in charge) and len(self.departed) < DEPARTED_MAX:
                 self.departed[key] = (it, ident, now + grace)
-            if key == charge:
+            if key in charge:
                 dl = self._charge(it, reason, line, None, False, now)
                 if dl is not None:
                     dead.append(dl)
@@ -746,8 +779,7 @@ class GroupState:
                 else:
                     retried += 1  # redelivered too, after its backoff
                 continue
-            if died is not None or lost or requeue is None or key in requeue:
-                it.attempts -= 1
+            it.attempts -= 1
             back.append(it)
         self.ready.extendleft(reversed(back))
         self.delta[2] += len(back) + retried

@@ -1297,7 +1297,7 @@ class Hub:
         if not self.net.roles.allows(self.net.user, "groups", g.name):
             self.net.forbidden(ident, f"key {self.net.user!r} may not ack for group {g.name!r} ([security.roles])")
             return
-        acked = again = ignored = foreign = 0
+        acked = again = ignored = foreign = mine = 0
         # An outcome for a seq the group has not loaded names an event no worker was handed (a buggy or hostile
         # worker, or seqs not yet published): applying it would make the group skip that event once it exists.
         # One for a loaded seq counts only from the worker it is in flight with: any peer holding the group's key
@@ -1316,6 +1316,7 @@ class Hub:
                         continue
                 took, skipped = g.ack_range_of(ident, topic, first, last, now)
                 acked += took
+                mine += took
                 foreign += skipped
                 again += last - first + 1 - took - skipped
             if again:
@@ -1333,6 +1334,7 @@ class Hub:
                 else:
                     foreign += 1
                 continue
+            mine += 1
             if r.ok:
                 # Every follow-on is read before the event is acked: one the hub cannot read fails its own event
                 # (as ctx.publish would have in the handler), and the ACK's other results still apply.
@@ -1415,6 +1417,8 @@ class Hub:
                     self.metrics.retries.labels(g.name).inc()
         if acked:
             self.metrics.acked.labels(g.name).inc(acked)
+        if mine and (w := self.workers.get(ident)) is not None:
+            w.ran = True  # it works through what it is handed: a silence now charges its oldest event
         if ignored:
             log.warning("ack for events the group has not loaded; ignored",
                         extra={"group": g.name, "events": ignored, "key": self.net.user, "worker": ident.hex()})
@@ -1513,7 +1517,7 @@ class Hub:
     def _on_bye(self, ident: bytes, hdr: P.Bye) -> None:
         w = self.workers.get(ident)
         if w is not None:
-            self._worker_gone(w, lost=False, requeue=set(hdr.requeue))
+            self._worker_gone(w, lost=False, requeue=set(hdr.requeue), refused=hdr.refused)
         # Answered, so the draining child closes its connection only once its BYE was read here (Child._await_bye:
         # a child that closed right after sending it lost the BYE now and then under load).
         self.net.send([ident, P.BYE, b"{}"])
@@ -1599,12 +1603,12 @@ class Hub:
             self._worker_gone(w, lost=False)
 
     def _worker_gone(self, w: WorkerState, *, lost: bool = False, died: tuple[Key | None, str] | None = None,
-                     requeue: set[Key] | None = None, now: float | None = None) -> None:
+                     requeue: set[Key] | None = None, refused: bool = False, now: float | None = None) -> None:
         self.workers.pop(w.ident, None)
         g = self.groups[w.group]
         n = len(w.inflight)
         now = time.monotonic() if now is None else now
-        for dl in g.worker_gone(w.ident, lost=lost, died=died, requeue=requeue, now=now,
+        for dl in g.worker_gone(w.ident, lost=lost, died=died, requeue=requeue, refused=refused, now=now,
                                 grace=self.cfg.hub.heartbeat_timeout):
             self._dead_letter(dl)
         if lost and n:
@@ -1641,6 +1645,9 @@ class Hub:
                 frames.extend(it.body for it in items)
             if self.net.send(frames):
                 w.last_sent = now
+                w.batches = n = w.batches + 1
+                for it in items:
+                    it.batch = n
                 self.metrics.dispatched.labels(g.name).inc(len(items))
                 self.metrics.batches.labels(g.name).inc()
             else:

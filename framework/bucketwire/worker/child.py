@@ -360,13 +360,14 @@ class Child:
         """After a DELIVER this child could not read: make the hub take back every event it handed us, then join
         again. Acking nothing for those events is not enough: the hub would hold them for this worker, which
         keeps heartbeating, for ever. The outcomes of events already run are acked first; the unstarted ones go
-        back uncharged (BYE `requeue`); the unreadable batch's events go back charged one attempt (the hub counted
-        it when it sent them), so a batch that always arrives broken ends in the dead-letter topic instead of
-        going round for ever. What arrives before the hub answers the BYE was sent to the registration the BYE
+        back uncharged (BYE `requeue`); the unreadable batch's events go back charged one attempt (BYE `refused`:
+        a BYE alone charges nothing, or a peer taking batches and leaving would spend innocent events' attempts),
+        so a batch that always arrives broken ends in the dead-letter topic instead of going round for ever.
+        What arrives before the hub answers the BYE was sent to the registration the BYE
         ended, and is not run (`_await_bye`)."""
         self.refused = False
         self._flush()
-        if self._send(self.dealer, [P.BYE, P.enc({"requeue": self._unstarted()})]):
+        if self._send(self.dealer, [P.BYE, P.enc({"requeue": self._unstarted(), "refused": True})]):
             self._await_bye()
         self._send(self.dealer, [P.READY, self.ready])
         self.last_hub = time.monotonic()
