@@ -195,7 +195,7 @@ def test_what_a_pool_gives_back_that_way_the_hub_hands_out_again(stack_factory: 
             if frames[0] == b"DELIVER":
                 h = json.loads(frames[1])
                 assert h.get("j") is True and len(frames) == 3, h
-                attempts.update(zip([int(e["seq"]) for e in json.loads(frames[2])], h["a"]))
+                attempts.update(zip([int(e["seq"]) for e in json.loads(frames[2])], h["a"], strict=True))
             d.send_multipart([b"HB", b"{}"])
         return [attempts[q] for q in sorted(attempts)], sorted(attempts)
 
@@ -224,7 +224,7 @@ def test_what_a_pool_gives_back_that_way_the_hub_hands_out_again(stack_factory: 
                 continue
             frames = d.recv_multipart()
             if frames[0] == b"DELIVER":
-                got = dict(zip([int(e["seq"]) for e in json.loads(frames[2])], json.loads(frames[1])["a"]))
+                got = dict(zip([int(e["seq"]) for e in json.loads(frames[2])], json.loads(frames[1])["a"], strict=True))
                 assert all(a in (last[q], last[q] + 1) for q, a in got.items()), f"{got} after {last}"
                 last.update(got)
                 leave(b'{"requeue":[],"refused":true}')

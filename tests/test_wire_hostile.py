@@ -431,7 +431,7 @@ def handed(d: zmq.Socket[bytes], seqs: set[int], timeout: float = 20) -> dict[in
         poll(d, deadline, f"only {got} of {sorted(seqs)} delivered")
         frames = d.recv_multipart()
         if frames[0] == b"DELIVER":
-            got.update(zip([int(json.loads(b)["seq"]) for b in frames[2:]], json.loads(frames[1])["a"]))
+            got.update(zip([int(json.loads(b)["seq"]) for b in frames[2:]], json.loads(frames[1])["a"], strict=True))
     return got
 
 
