@@ -145,7 +145,8 @@ def test_a_retry_scheduled_by_the_previous_dispatcher_is_waited_out_holding_its_
 
 def test_who_pays_when_a_worker_goes():
     """A drain or an undeliverable batch charges nothing; a death reported by the supervisor charges exactly the
-    running event; a heartbeat loss charges only the oldest event the worker held."""
+    running event; a heartbeat loss charges only the event the worker was seen running, else the oldest it held if
+    it ever sent an outcome, else nothing; a BYE charges only the refused batch it names with `refused`."""
     g = group(max_attempts=2)
     add_worker(g, "w")
     load(g, [None, None, None])
@@ -160,9 +161,40 @@ def test_who_pays_when_a_worker_goes():
     g.due_retries(100.0)
     add_worker(g, "w3")
     assert [it.seq for _, items in g.dispatch(10, 100.0) for it in items] == [2, 1, 3], "delivery order"
-    dead = g.worker_gone(b"w3", lost=True, now=100.0)
-    assert [(d.item.seq, d.line) for d in dead] == [(2, "worker lost")], "the oldest delivered is the one charged"
-    assert [(it.seq, it.attempts) for it in g.ready] == [(1, 0), (3, 0)]
+    assert g.worker_gone(b"w3", lost=True, now=100.0) == []
+    assert [(it.seq, it.attempts) for it in g.ready] == [(1, 0), (2, 1), (3, 0)], "silent, never ran: no charge"
+    add_worker(g, "w4").ran = True  # it sent an outcome once: it works through its events in order
+    assert [it.seq for _, items in g.dispatch(10, 100.0) for it in items] == [1, 2, 3]
+    assert g.worker_gone(b"w4", lost=True, now=100.0) == []
+    assert [(it.seq, it.attempts) for _, _, it in g.retry] == [(1, 1)], "the oldest delivered is the one charged"
+    assert [(it.seq, it.attempts) for it in g.ready] == [(2, 1), (3, 0)]
+    w5 = add_worker(g, "w5")
+    assert [it.seq for _, items in g.dispatch(10, 100.0) for it in items] == [2, 3]
+    w5.running = (("t", 2), 100.0, 60.0)  # its heartbeat named 2: that one pays, with no outcome sent
+    dead = g.worker_gone(b"w5", lost=True, now=100.0)
+    assert [(d.item.seq, d.line) for d in dead] == [(2, "worker lost")], "its second attempt: a dead letter"
+    assert [(it.seq, it.attempts) for it in g.ready] == [(3, 0)]
+
+
+def test_a_bye_charges_only_the_batch_it_says_it_could_not_read():
+    g = group(max_attempts=3)
+    load(g, [None] * 5)
+
+    def two_delivers(name: str) -> None:
+        """1-2 in one DELIVER, 3-5 in the next (numbered as the hub numbers them when it sends them)."""
+        add_worker(g, name)
+        for n, size in ((1, 2), (2, 10)):
+            ((_, items),) = g.dispatch(size, 0.0)
+            for it in items:
+                it.batch = n
+
+    two_delivers("w")
+    assert g.worker_gone(b"w", requeue=set(), now=0.0) == [], "a plain BYE naming nothing"
+    assert [(it.seq, it.attempts) for it in g.ready] == [(q, 0) for q in range(1, 6)], "charges nothing"
+    two_delivers("w2")
+    assert g.worker_gone(b"w2", requeue={("t", 1)}, refused=True, now=0.0) == []
+    assert [(it.seq, it.attempts) for _, _, it in g.retry] == [(2, 1)], "the earliest batch outside requeue"
+    assert [(it.seq, it.attempts) for it in g.ready] == [(1, 0), (3, 0), (4, 0), (5, 0)]
 
 
 def test_an_undeliverable_batch_goes_back_uncharged_and_the_worker_gets_no_more():
