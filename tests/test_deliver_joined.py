@@ -117,9 +117,10 @@ def test_a_proto3_pool_handles_every_event_once_with_the_envelope_as_committed(s
 
 def test_a_pool_refuses_a_broken_one_frame_deliver_and_gives_its_events_back(stack_factory: Any) -> None:
     """A one-frame DELIVER that cannot be read (not JSON, truncated, not an array, a count other than its
-    header's, two frames) runs and acks none of its events: the child says so, gives the events back (BYE) so
-    the hub hands them out again, and joins again (READY); then it handles a good one. Against a peer that
-    answers like a hub."""
+    header's, two frames) runs and acks none of its events: the child says so, gives the events back (BYE, with
+    `refused`: the hub charges that batch) so the hub hands them out again, and joins again (READY); then it
+    handles a good one. Against a peer that answers like a hub (once like a hub that does not know `refused`:
+    the child then leaves with a plain BYE rather than let that hub keep the events)."""
     s: Stack = stack_factory(CFG)
     router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -154,6 +155,11 @@ def test_a_pool_refuses_a_broken_one_frame_deliver_and_gives_its_events_back(sta
             who, cmd, hdr = recv()
             assert cmd == b"BYE", f"{what}: {cmd!r} {hdr!r} before the BYE"
             assert json.loads(hdr) == {"requeue": [], "refused": True}, what  # the hub charges that batch
+            if what == "truncated":  # answered as a hub from before `refused` does: the plain BYE follows
+                router.send_multipart([who, b"ERR", json.dumps(
+                    {"error": "BYE header: Object contains unknown field `refused`"}).encode()])
+                who, cmd, hdr = recv()
+                assert (cmd, json.loads(hdr)) == (b"BYE", {"requeue": []}), f"{what}: {cmd!r} {hdr!r}"
             router.send_multipart([who, b"BYE", b"{}"])
             who, cmd, hdr = recv()
             assert cmd == b"READY", f"{what}: {cmd!r} instead of joining again"

@@ -367,12 +367,18 @@ class Child:
         ended, and is not run (`_await_bye`)."""
         self.refused = False
         self._flush()
-        if self._send(self.dealer, [P.BYE, P.enc({"requeue": self._unstarted(), "refused": True})]):
-            self._await_bye()
+        requeue = self._unstarted()
+        if self._send(self.dealer, [P.BYE, P.enc({"requeue": requeue, "refused": True})]):
+            if self._await_bye() == "unknown field":
+                # A hub from before `refused` refuses the whole BYE and would keep the events for this worker:
+                # the plain BYE it knows gives them back (charged as that hub charges them).
+                log.info("the hub does not know BYE 'refused'; leaving with a plain BYE")
+                if self._send(self.dealer, [P.BYE, P.enc({"requeue": requeue})]):
+                    self._await_bye()
         self._send(self.dealer, [P.READY, self.ready])
         self.last_hub = time.monotonic()
 
-    def _await_bye(self) -> None:
+    def _await_bye(self) -> str:
         """Wait, briefly, for the hub to answer the BYE before the connection closes.
 
         A child that closed right after sending it lost the BYE now and then on a loaded machine (sent, never
@@ -380,17 +386,22 @@ class Child:
         'worker left' line too few), while the hub was still sending it heartbeats and DELIVERs. Waiting for the
         answer makes the order explicit instead of left to socket teardown. What arrives meanwhile is not run;
         the hub takes back everything delivered to a worker that said BYE. A hub that does not answer (stopping,
-        or older) costs at most BYE_WAITS heartbeat intervals."""
+        or older) costs at most BYE_WAITS heartbeat intervals. Returns "answered", "unknown field" (the hub
+        refused the BYE for a field it does not know: one from before `refused`) or "silent"."""
         d = self.dealer
         if time.monotonic() - self.last_hub > self.spec.heartbeat_timeout:
-            return  # the hub is gone already: nobody to answer
+            return "silent"  # the hub is gone already: nobody to answer
         deadline = time.monotonic() + min(BYE_WAITS * self.spec.heartbeat_interval, self.spec.heartbeat_timeout)
         while (left := deadline - time.monotonic()) > 0:
             if not d.poll(max(1, int(left * 1000))):
                 break
-            if recv_frames(d)[0] == P.BYE:
-                return
+            frames = recv_frames(d)
+            if frames[0] == P.BYE:
+                return "answered"
+            if frames[0] == P.ERR and len(frames) > 1 and b"unknown field" in frames[1] and b"refused" in frames[1]:
+                return "unknown field"
         log.debug("the hub did not answer BYE in time")
+        return "silent"
 
     def close(self) -> None:
         if self.mon is not None:
