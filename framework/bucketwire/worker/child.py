@@ -368,13 +368,13 @@ class Child:
         self.refused = False
         self._flush()
         requeue = self._unstarted()
-        if self._send(self.dealer, [P.BYE, P.enc({"requeue": requeue, "refused": True})]):
-            if self._await_bye() == "unknown field":
-                # A hub from before `refused` refuses the whole BYE and would keep the events for this worker:
-                # the plain BYE it knows gives them back (charged as that hub charges them).
-                log.info("the hub does not know BYE 'refused'; leaving with a plain BYE")
-                if self._send(self.dealer, [P.BYE, P.enc({"requeue": requeue})]):
-                    self._await_bye()
+        sent = self._send(self.dealer, [P.BYE, P.enc({"requeue": requeue, "refused": True})])
+        if sent and self._await_bye() == "unknown field":
+            # A hub from before `refused` refuses the whole BYE and would keep the events for this worker: the
+            # plain BYE it knows gives them back (charged as that hub charges them).
+            log.info("the hub does not know BYE 'refused'; leaving with a plain BYE")
+            if self._send(self.dealer, [P.BYE, P.enc({"requeue": requeue})]):
+                self._await_bye()
         self._send(self.dealer, [P.READY, self.ready])
         self.last_hub = time.monotonic()
 
