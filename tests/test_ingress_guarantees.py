@@ -230,9 +230,11 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
-def _healthz(s: Stack) -> tuple[int, dict[str, Any]]:
+def _healthz(s: Stack, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(f"http://127.0.0.1:{s.http_port}/healthz",
+                                 headers={"Authorization": f"Bearer {token}"} if token is not None else {})
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/healthz", timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -262,6 +264,43 @@ def test_healthz_fails_on_a_full_disk_before_any_commit(stack_factory: StackFact
     finally:
         s.stop()
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_public_healthz_tells_a_stranger_the_status_not_the_journals_error(stack_factory: StackFactory) -> None:
+    """With `metrics_public = true` anyone who reaches the port reads /healthz (behind a reverse proxy on the hub's
+    host, as a loopback peer). Its journal error named the state directory and the OS error; the revocation
+    list's, the list's path. A stranger (no token, or a wrong one) gets the status and a short code; a holder of
+    `[hub] auth_token` gets the reason in full. The journal fails for real: its write probe's scratch file is
+    made a directory, which no write can open (root writes through any file mode, so chmod would not do)."""
+    s = stack_factory(ROUTE)
+    hub_opts(s, "metrics_public = true")
+    s.start_hub()
+    assert _healthz(s) == (200, {"ok": True, "loop": True, "journal": True})
+    state = s.dir / "state"
+    blocker = state / ".write-probe"
+
+    def block() -> bool:
+        try:
+            blocker.mkdir()
+            return True
+        except FileExistsError:  # the probe's own file, for the moment it exists
+            return False
+
+    wait_for(block, 10, "the probe's scratch file made a directory")
+    try:
+        code, body = wait_for(lambda: (r := _healthz(s))[0] == 503 and r, 20, "/healthz 503 once the probe fails")
+        assert body == {"ok": False, "loop": True, "journal": False, "code": "journal_unwritable",
+                        "reason": body["reason"]}, body
+        for seen in (body, _healthz(s, "wrong-token")[1]):
+            text = json.dumps(seen)
+            assert str(s.dir) not in text and "directory" not in text.lower(), f"a stranger read: {text}"
+        code, told = _healthz(s, s.token)
+        assert code == 503 and told["code"] == "journal_unwritable", told
+        assert str(state) in told["reason"] and "Is a directory" in told["reason"], told
+    finally:
+        blocker.rmdir()
+    wait_for(lambda: _healthz(s)[0] == 200, 20, "/healthz 200 once the journal can be written")
+
 
 
 # -- item 9: no stall on a fresh connection -----------------------------------------------------------------------

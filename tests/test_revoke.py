@@ -63,8 +63,10 @@ def eventually_live(cfg_path: Path, s) -> None:
     wait_for(live, 20, "the subscriber to receive again")
 
 
-def healthz(s) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/healthz", timeout=5) as r:
+def healthz(s, token: str | None = None) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{s.http_port}/healthz",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=5) as r:
         return json.loads(r.read())
 
 
@@ -118,6 +120,9 @@ def test_a_revoked_key_stays_refused_by_a_lone_hub_across_its_restart(stack_fact
     wait_handshake_refused(mon)
     assert (d / "authorized" / "limited.key").exists(), "refused with its file still in authorized_keys_dir"
     s.kill_hub(signal.SIGTERM)
+    # restarted with a public /healthz: a stranger reads there that the list cannot be read, not its path
+    s.cfg_path.write_text(s.cfg_path.read_text().replace("heartbeat_timeout = 1.5\n",
+                                                         "heartbeat_timeout = 1.5\nmetrics_public = true\n", 1))
     s.start_hub()
     assert "revoked_in_dir=['limited']" in first_key_load(s), first_key_load(s)
     sub2, mon2 = spy_socket(cfg_for(kcfg))
@@ -128,6 +133,8 @@ def test_a_revoked_key_stays_refused_by_a_lone_hub_across_its_restart(stack_fact
     lst.write_text("{not json")
     wait_for(lambda: "revocations" in healthz(s), 20, "/healthz to report the unreadable revocation list")
     assert healthz(s)["ok"] is True
+    assert "revoked_keys.json" not in healthz(s)["revocations"], healthz(s)
+    assert "revoked_keys.json" in healthz(s, s.token)["revocations"], "a token holder reads why"
     doc = subprocess.run([sys.executable, "-m", "bucketwire", "doctor", "-c", str(s.cfg_path)], capture_output=True,
                          text=True, timeout=60, env=s.env)
     assert any(line.startswith("WARN") and "revoked_keys.json" in line and "damaged" in line

@@ -162,8 +162,10 @@ def check_http(cfg: Config) -> list[Finding]:
     host = "127.0.0.1" if host in ("0.0.0.0", "*", "") else host.strip("[]")
     scheme = "https" if getattr(cfg.hub, "tls_cert", None) else "http"
     url = f"{scheme}://{host}:{port}/healthz"
+    # With metrics_public, /healthz says why (a path, an OS error) only to a holder of the hub's auth_token.
+    auth = {"Authorization": f"Bearer {cfg.hub.auth_tokens[0]}"} if cfg.hub.auth_tokens else {}
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=auth), timeout=2) as r:
             doc = json.loads(r.read() or b"{}")
         out = [Finding("ok", f"[hub] http {cfg.hub.http}: healthy")]
         if isinstance(doc, dict) and doc.get("revocations"):

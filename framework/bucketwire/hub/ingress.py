@@ -179,6 +179,11 @@ def tls_context(hub_cfg: Any) -> ssl.SSLContext | None:
     return ctx
 
 
+JOURNAL_HIDDEN = "the journal cannot be written (the hub's log, or /healthz with its auth_token, says why)"
+REVOCATIONS_HIDDEN = ("the revocation list cannot be read; the last list read is enforced (the hub's log, or /healthz "
+                      "with its auth_token, says why)")
+
+
 class Ingress:
     """The webhook endpoints, /metrics and /healthz, as an `http_server` handler.
 
@@ -280,21 +285,37 @@ class Ingress:
             return self.fail(403, f"{path} answers loopback clients only; set [hub] metrics_public = true",
                              "forbidden", close=True)
         if path == "/healthz":
-            h = self.health()
-            alive = time.monotonic() - h.last_tick < max(5.0, 3 * self.cfg.heartbeat_interval)
-            writable = h.journal_ok and h.write_error is None
-            ok = alive and writable
-            doc: dict[str, Any] = {"ok": ok, "loop": alive, "journal": writable}
-            if h.revocations_error:  # still serving, enforcing the last list read: a warning, not a 503
-                doc["revocations"] = h.revocations_error
-            if not ok:
-                doc["reason"] = ("hub loop is not turning" if not alive else h.write_error
-                                 or "the last journal commit failed (disk full or I/O error?)")
-            return self.reply(200 if ok else 503, doc)
+            return self.healthz(req)
         if path == "/metrics":
             body, content_type = exposition.render(self.metrics.registry, req.headers.get("accept"))
             return Response(200, body, content_type)
         return self.not_found(path)
+
+    def healthz(self, req: Request) -> Response:
+        """Status for anyone allowed to ask; the why (the journal's or the revocation list's error) only for a
+        token holder when the page is public.
+
+        With `metrics_public` anyone who reaches the port reads it (and behind a reverse proxy on this host every
+        stranger is a loopback peer), and those texts hold state_dir paths, OS errors and NATS addresses. A
+        stranger gets a short code; `[hub] auth_token` (Authorization: Bearer) gets the text, as a loopback peer
+        of a hub without `metrics_public` does."""
+        h = self.health()
+        alive = time.monotonic() - h.last_tick < max(5.0, 3 * self.cfg.heartbeat_interval)
+        writable = h.journal_ok and h.write_error is None
+        ok = alive and writable
+        told = not self.cfg.metrics_public or (bool(self.cfg.auth_tokens) and self._authorized(req))
+        doc: dict[str, Any] = {"ok": ok, "loop": alive, "journal": writable}
+        if h.revocations_error:  # still serving, enforcing the last list read: a warning, not a 503
+            doc["revocations"] = h.revocations_error if told else REVOCATIONS_HIDDEN
+        if not ok:
+            doc["code"] = "loop_stalled" if not alive else "journal_unwritable"
+            if not alive:
+                doc["reason"] = "hub loop is not turning"
+            elif told:
+                doc["reason"] = h.write_error or "the last journal commit failed (disk full or I/O error?)"
+            else:
+                doc["reason"] = JOURNAL_HIDDEN
+        return self.reply(200 if ok else 503, doc)
 
     def post(self, req: Request) -> Response | Pending:
         label, parse = ROUTES[req.path]
