@@ -5,6 +5,8 @@ attacker and its victim are plain DEALERs speaking the documented frames (docs/w
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -504,3 +506,32 @@ def test_a_silent_worker_is_charged_only_for_what_it_was_seen_running(stack_fact
         assert handed(w2, {3, 4}) == {3: 3, 4: 1}
     finally:
         close(w1, w2)
+
+
+def test_a_heartbeat_naming_a_running_event_with_absurd_numbers_is_refused(stack_factory: Any) -> None:
+    """A worker's heartbeat (or its pool's RUNNING) says which event its handler runs, for how long, under what
+    handler_timeout; `status` shows it and now a silent worker is charged that event. Its numbers were taken
+    as they came: NaN or Infinity (which the hub's JSON reader accepts) showed in `status` as null, and
+    `bucketwire status` died with a traceback for every operator while such a peer held an event. They are
+    refused with an ERR naming the field, and nothing of them is kept."""
+    s: Stack = stack_factory(CFG)
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(0)])
+    w = join(s)
+    try:
+        assert delivered(w, 1) == [1]
+        for run in ('["x", 1, NaN, 300]', '["x", 1, 2, Infinity]', '["x", 1, -5, 300]', '["x", 1, 2, 0]',
+                    '["x", 0, 2, 300]', '["x", 1, 1e999, 300]'):
+            w.send_multipart([b"HB", b'{"run": ' + run.encode() + b"}"])
+            err = reply(w, b"ERR")["error"]
+            assert "'run'" in err, (run, err)
+        assert s.status()["groups"]["g"]["long_running"] == []
+        w.send_multipart([b"HB", b'{"run": ["x", 1, 2.5, 300]}'])  # a real one still counts
+        wait_for(lambda: beat() and [r["seq"] for r in s.status()["groups"]["g"]["long_running"]] == [1], 10,
+                 "the honest heartbeat shown")
+        p = subprocess.run([sys.executable, "-m", "bucketwire", "status", "-c", str(s.cfg_path)],
+                           capture_output=True, text=True, timeout=60, env=s.env)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    finally:
+        close(w)

@@ -2026,12 +2026,20 @@ def declared_topics(cfg: Config) -> frozenset[str]:
 
 
 def running_of(hdr: dict[str, Any], now: float) -> tuple[Key, float, float] | None:
-    """A heartbeat's {"run": [topic, seq, age, timeout]}: the handler its child has been running for a while."""
+    """A heartbeat's {"run": [topic, seq, age, timeout]}: the handler its child has been running for a while;
+    None without "run". A "run" that is not that (NaN or Infinity, which the JSON reader takes; a negative age; a
+    seq below 1) is refused (ProtocolError): `status` showed its numbers as null and `bucketwire status` died on
+    them, and a silent worker is charged the event it names."""
     run = hdr.get("run")
+    if run is None:
+        return None
     if (isinstance(run, list) and len(run) == 4 and isinstance(run[0], str) and isinstance(run[1], int)
-            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in run[2:])):
+            and not isinstance(run[1], bool) and 1 <= run[1] <= P.MAX_SEQ
+            and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in run[2:])
+            and run[2] >= 0 and run[3] > 0):
         return (run[0], run[1]), now - float(run[2]), float(run[3])
-    return None
+    raise P.ProtocolError("'run' must be [topic, seq, age, timeout]: a seq of 1 or more, a finite age of 0 or "
+                          "more and a finite timeout above 0 (seconds)")
 
 
 def long_running(g: GroupState, now: float, limit: int = 20) -> list[dict[str, Any]]:
