@@ -535,3 +535,59 @@ def test_a_heartbeat_naming_a_running_event_with_absurd_numbers_is_refused(stack
         assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     finally:
         close(w)
+
+
+def test_a_failure_with_an_absurd_retry_delay_is_refused_whole_and_changes_nothing(stack_factory: Any) -> None:
+    """A worker holding an event fails it with a Retry delay of NaN, one out of range (1e999), a negative number
+    or a string: the whole ACK is refused with an ERR naming `delay`, and the event stays in flight with that
+    worker, uncharged (its ACK then counts as usual). A delay past a day (`Infinity` too, which the fallback JSON
+    reader takes) is capped at a day (MAX_RETRY_DELAY), as any long Retry is. A guard: the ACK schema refuses
+    these today; it must go on doing so."""
+    s: Stack = stack_factory(CFG)
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(0)])
+    w = join(s)
+    try:
+        assert delivered(w, 1) == [1]
+        for delay in (b"NaN", b"1e999", b"-1", b'"soon"'):
+            w.send_multipart([b"ACK", b'{"g": "g", "results": [{"t": "x", "s": 1, "ok": false, "error": "e", '
+                                      b'"line": "e", "permanent": false, "delay": ' + delay + b"}]}"])
+            err = reply(w, b"ERR")["error"]
+            assert "delay" in err or "JSON" in err, (delay, err)
+        st = s.status()["groups"]["g"]
+        assert st["retried"] == 0 and st["dead_lettered"] == 0 and st["inflight"] == 1, st
+        ack(w, ok={"x": [[1, 1]]})
+        wait_for(lambda: beat() and s.status()["groups"]["g"]["lag"] == 0, 10, "its ack counted")
+    finally:
+        close(w)
+
+
+def test_a_ready_asking_for_earliest_does_not_move_an_existing_groups_cursor(stack_factory: Any) -> None:
+    """`start = "earliest"` in a READY applies to a topic new to its group only: a peer joining a group that
+    already consumes the topic cannot make it read the topic's history again (a guard)."""
+    s: Stack = stack_factory("")
+    s.start_hub()
+    with s.client() as c:
+        c.publish_events([ev(i) for i in range(3)])  # before group h exists: "latest" starts after them
+    first = dealer(s, {"group": "h", "topics": ["x"], "credit": 8, "proto": 2, "start": "latest"})
+    late = None
+    try:
+        wait_for(lambda: beat() and "h" in s.status()["groups"], 10, "group h made")
+        with s.client() as c:
+            c.publish_events([ev(3)])
+        assert delivered(first, 1) == [4]
+        ack(first, g="h", ok={"x": [[4, 4]]})
+        wait_for(lambda: beat() and s.status()["groups"]["h"]["lag"] == 0, 10, "its ack counted")
+        late = dealer(s, {"group": "h", "topics": ["x"], "credit": 8, "proto": 2, "start": "earliest"})
+        wait_for(lambda: beat() and s.status()["groups"]["h"]["workers"] == 2, 10, "the second peer joined")
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # pacing: anything it would be handed comes now
+            beat()
+            for d in (first, late):
+                if d.poll(100):
+                    frames = d.recv_multipart()
+                    assert frames[0] != b"DELIVER", f"handed out again: {frames[2:]}"
+        assert s.status()["groups"]["h"]["lag"] == 0, s.status()["groups"]["h"]
+    finally:
+        close(first, late)
