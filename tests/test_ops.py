@@ -484,3 +484,16 @@ def test_a_replay_waiting_for_in_flight_events_survives_a_hub_restart(stack_fact
     wait_for(lambda: sorted(r["key"] for r in s.handled() if r["key"].startswith("k")) == ["k0", "k0", "k1", "k1",
                                                                                          "k2", "k2"]
              and s.status()["groups"]["a"]["lag"] == 0, 30, "the replay to deliver k0-k2 again")
+
+
+def test_status_text_reads_a_long_running_handler_without_its_numbers() -> None:
+    """A hub from before heartbeats' `run` numbers were checked reported a NaN age or timeout as null, and the
+    text status died on it with a traceback (`None >= float`) for every operator. It shows `-` instead."""
+    from bucketwire.commands.ops import render_status
+
+    run = {"id": "e1", "topic": "x", "seq": 1, "key": "b/k", "age": None, "timeout": None, "attempt": 1,
+           "host": "h", "pid": 1}
+    g = {"topics": {"x": {"cursor": 0, "head": 1, "lag": 1}}, "lag": 1, "inflight": 1, "workers": 1,
+         "retrying": 0, "dead_lettered": 0, "long_running": [run]}
+    text = render_status({"hub": {}, "groups": {"g": g}, "topics": {}})
+    assert "handler running for - (handler_timeout -) on x:1" in text, text

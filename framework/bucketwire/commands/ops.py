@@ -220,9 +220,12 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
             hints.append(f"  group {g}: {gs['dead_lettered']} dead-lettered: `bucketwire dlq list {c}--group {g}`")
         for r in gs.get("long_running", []):
             # The events queued behind it in its child wait; past handler_timeout its child is killed.
-            mark = "!" if r["age"] >= r["timeout"] / 2 else " "
-            hints.append(f"{mark} group {g}: handler running for {fmt_age(r['age'])} (handler_timeout "
-                         f"{r['timeout']:g}s) on {r['topic']}:{r['seq']} {r.get('key') or '-'} id {r.get('id')} "
+            # A hub from before `run` was checked sent a NaN age or timeout as null: shown as "-", not a traceback.
+            age, limit = (v if isinstance(v, int | float) else None for v in (r.get("age"), r.get("timeout")))
+            mark = "!" if age is not None and limit is not None and age >= limit / 2 else " "
+            hints.append(f"{mark} group {g}: handler running for {fmt_age(age)} (handler_timeout "
+                         f"{'-' if limit is None else f'{limit:g}s'}) on {r['topic']}:{r['seq']} "
+                         f"{r.get('key') or '-'} id {r.get('id')} "
                          + ("(a worker of the previous dispatcher, as its pool reports)" if r.get("reported") else
                             f"(attempt {r.get('attempt')}, {r.get('host')} pid {r.get('pid')})"))
     if h.get("journal_error"):
