@@ -749,7 +749,7 @@ class GroupState:
             if shown is not None and shown in w.inflight:
                 charge.add(shown)
                 reason = "worker lost (no heartbeat) while its last heartbeat said this event's handler was running"
-            elif oldest is not None and w.ran:
+            elif oldest is not None and (w.ran or w.reported):  # a report is its pool's word that it runs it
                 charge.add(oldest)
                 reason = "worker lost (no heartbeat) while this was the oldest event it held"
             line = "worker lost"
