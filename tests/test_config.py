@@ -294,3 +294,15 @@ def test_a_lone_secret_string_is_named_without_a_list_index(tmp_path: Path, monk
     p = write(tmp_path, '[hub]\nauth_token = ["ok", "env:BW_NOT_SET_ANYWHERE"]\n')
     with pytest.raises(ConfigError, match=r"\[hub\] auth_token\[1\]: environment variable BW_NOT_SET_ANYWHERE"):
         config_mod.load(p)
+
+
+@pytest.mark.parametrize("args", [["status"], ["dlq", "list"], ["replay", "--group", "g", "--since", "1h"],
+                                  ["group", "rm", "g"]])
+def test_operator_commands_wait_as_long_as_client_timeout_says(tmp_path: Path, args: list[str]) -> None:
+    """`[client] timeout` is how long a client waits for the hub (a slow link, a hub busy with a big commit):
+    `status` waited a fixed 5 s, `dlq`, `replay` and `group rm` 10 s, whatever it said."""
+    p = write(tmp_path, '[hub]\nwork = "tcp://127.0.0.1:9"\n[client]\ntimeout = 1.5\n')
+    r = subprocess.run([sys.executable, "-m", "bucketwire", *args, "-c", str(p)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "no answer from the hub at tcp://127.0.0.1:9 within 1.5s" in r.stderr, r.stderr

@@ -253,7 +253,7 @@ def status(config_path: str | None, as_json: bool, watch: float | None) -> None:
     if watch:
         on_stop_signals(stop.set)
     tty = sys.stdout.isatty()
-    with HubClient(cfg, timeout=5) as c:
+    with HubClient(cfg) as c:  # [client] timeout
         while True:
             st = c.status()
             text = json.dumps(st, indent=2) if as_json else render_status(st, config_path)
@@ -300,7 +300,7 @@ def replay(config_path: str | None, group: str, topics: tuple[str, ...], from_se
         hdr["from_seq"] = from_seq
     else:
         hdr["since"] = parse_time(since or "")
-    with HubClient(cfg, timeout=10) as c:
+    with HubClient(cfg) as c:  # [client] timeout
         _, reply, _ = c.request(P.REPLAY, hdr, {P.REPLAYR})
         if reply.get("error"):
             raise click.ClickException(reply["error"])
@@ -360,7 +360,7 @@ def group_rm(config_path: str | None, name: str) -> None:
     from bucketwire.client import HubClient
 
     cfg = load_config(config_path)
-    with HubClient(cfg, timeout=10) as c:
+    with HubClient(cfg) as c:  # [client] timeout
         _, reply, _ = c.request(P.GROUPRM, {"group": name}, {P.GROUPRMR})
     if reply.get("error"):
         raise click.ClickException(reply["error"])
@@ -537,7 +537,7 @@ def _load(config_path: str | None, dlq_topics: tuple[str, ...]) -> tuple[Config,
     from bucketwire.client import HubClient
 
     cfg = load_config(config_path)
-    client = HubClient(cfg, timeout=10)
+    client = HubClient(cfg)  # [client] timeout
     return cfg, client, load_dead_letters(client, list(dlq_topics) or dead_letter_topics(cfg))
 
 
