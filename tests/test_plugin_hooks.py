@@ -93,6 +93,22 @@ def test_a_wrapper_wraps_each_plugins_call_and_each_plugin_keeps_its_own_setting
     assert t.calls == [("bad", "RuntimeError")]
 
 
+def test_a_wrappers_own_topics_limit_the_calls_it_wraps() -> None:
+    """`topics` in a plugin's section limits which events it sees; for a wrapper of handle_event that is which
+    calls it wraps. A tracing wrapper given `topics = ["photos"]` wrapped every call of every topic."""
+    t = Timing()
+    h = PluginHarness(Named("a"), Named("b"), t, sections={"b": {"topics": ["docs", "photos"]},
+                                                           "timing": {"topics": ["photos"]}})
+    h.handle(ev("photos"))
+    assert sorted(t.calls) == [("a", "ok"), ("b", "ok")], "both calls on its topic wrapped"
+    t.calls.clear()
+    out = h.handle(ev("docs"))
+    assert sorted(o.data["by"] for o in out) == ["a", "b"], "the plugins still run on the other topic"
+    assert t.calls == [], "unwrapped there"
+    out = h.handle(ev("other"))
+    assert [o.data["by"] for o in out] == ["a"] and t.calls == []
+
+
 class WrapsEveryHook:
     """Old-style wrappers around every per-plugin hook: none of them may be skipped."""
 

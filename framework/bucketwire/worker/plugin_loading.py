@@ -187,6 +187,14 @@ class Loaded:
             self._callers[hook] = got
         return got
 
+    def caller_without(self, hook: str, name: str, wrappers: Sequence[str]) -> pluggy.HookCaller:
+        """Plugin `name`'s caller of `hook` (see `callers`) without the named wrappers: those whose own `topics`
+        leave out the event at hand (`PluginRunner.run`)."""
+        caller: pluggy.HookCaller = getattr(self.pm.hook, hook)
+        drop = [i.plugin for i in caller.get_hookimpls()
+                if (i.plugin_name != name and not _is_wrapper(i)) or i.plugin_name in wrappers]
+        return self.pm.subset_hook_caller(hook, drop)
+
 
 def _register(pm: pluggy.PluginManager, plugin: Any, name: str, what: str, by: dict[str, str]) -> None:
     """Register with one-line errors: pluggy's own exceptions carry a repr of the module and a traceback.
@@ -588,6 +596,11 @@ class PluginRunner:
         # Per plugin, what its handle_event call needs, looked up once: the hot path builds a `ctx` and calls.
         self._handle = [(name, caller, self.topics.get(name), self.settings[name], self.loggers[name],
                          self.state[name]) for name, caller in self.handlers]
+        # A wrapper's own `topics` limit the calls it wraps: (plugin, topic) -> a caller without the wrappers that
+        # leave that topic out. Empty (no such wrapper, the usual case), the hot path does not look.
+        self._wrap_topics = {i.plugin_name: want for i in loaded.pm.hook.handle_event.get_hookimpls()
+                             if _is_wrapper(i) and (want := self.topics.get(i.plugin_name)) is not None}
+        self._topic_callers: dict[tuple[str, str | None], pluggy.HookCaller] = {}
         self.on_handled = on_handled
 
     def setup_digest(self) -> str:
@@ -671,6 +684,15 @@ class PluginRunner:
         want = self.topics.get(name)
         return want is None or event.topic in want
 
+    def _topic_caller(self, name: str, topic: str | None) -> pluggy.HookCaller:
+        got = self._topic_callers.get((name, topic))
+        if got is None:
+            if len(self._topic_callers) >= 4096:  # topics are a group's few; a harness may send any
+                self._topic_callers.clear()
+            out = [w for w, want in self._wrap_topics.items() if topic not in want]
+            got = self._topic_callers[(name, topic)] = self.loaded.caller_without("handle_event", name, out)
+        return got
+
     def run(self, event: Event, attempt: int) -> list[Event]:
         """Each plugin's `handle_event` in turn; their follow-ons, or `HandlerFailed` naming the failing plugin."""
         out: list[Event] = []
@@ -681,6 +703,8 @@ class PluginRunner:
         for name, caller, want, settings, logger, state in self._handle:
             if want is not None and topic not in want:
                 continue
+            if self._wrap_topics:
+                caller = self._topic_caller(name, topic)
             # Positional: the hot path's one allocation per plugin, a third cheaper than by keyword.
             ctx = Context(name, group, settings, stores, logger, event, attempt, [], state, limit)
             # BaseException: a handler's sys.exit(), KeyboardInterrupt or GeneratorExit is its event's failure,
