@@ -1,7 +1,7 @@
 """A test plugin that installs its own SIGTERM handler, the way a hurried author (or a library it calls) does to
 "flush on shutdown". `sigterm` in its section: "flag" only notes that the signal came, "exit" calls sys.exit(0)
-from the handler, "ignore" ignores the signal; set in worker_startup. With $OWN_SIGTERM_AT_IMPORT set to one of
-those, the module sets it as it is imported instead. It handles nothing."""
+from the handler, "ignore" ignores the signal, "block" blocks it (pthread_sigmask); set in worker_startup. With
+$OWN_SIGTERM_AT_IMPORT set to one of those, the module sets it as it is imported instead. It handles nothing."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def on_term(signum, frame):
 def install(how: str) -> None:
     global mode
     mode = how
+    if how == "block":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        return
     signal.signal(signal.SIGTERM, signal.SIG_IGN if how == "ignore" else on_term)
 
 

@@ -58,21 +58,30 @@ class StopSignals:
         return self.stopped
 
     def keep(self, during: str) -> None:
-        """Put the child's handlers back where plugin code (`during`: what just ran) replaced them."""
+        """Put the child's handlers back where plugin code (`during`: what just ran) replaced or blocked them."""
+        # Blocked (pthread_sigmask), a stop signal stays pending for good: the child outlived its killed pool as
+        # surely as with SIG_IGN. One system call (per batch) unblocks them and tells whether they were.
+        blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        for sig in SIGNALS:
+            if sig in blocked:
+                self._say(sig, "blocked the signal (pthread_sigmask)", "unblocked it", during)
         for sig in SIGNALS:
             now = signal.getsignal(sig)
             if now == self._on_stop:  # a bound method: a new object at each lookup, equal when it is ours
                 continue
             signal.signal(sig, self._on_stop)
-            what = describe(now)
-            if (sig, what) in self._said:
-                continue
-            self._said.add((sig, what))
-            name = signal.Signals(sig).name
-            log.warning(f"plugin code set its own {name} handler ({what}) {during}; the worker child put its own "
-                        f"back, since it must stop when its pool does: on {name} it finishes the event in hand, "
-                        "gives the rest back to the hub and calls every plugin's worker_shutdown, so flush and "
-                        "close there")
+            self._say(sig, f"set its own {signal.Signals(sig).name} handler ({describe(now)})", "put its own back",
+                      during)
+
+    def _say(self, sig: int, did: str, undone: str, during: str) -> None:
+        """One warning per signal and deed, however often plugin code does it again."""
+        if (sig, did) in self._said:
+            return
+        self._said.add((sig, did))
+        name = signal.Signals(sig).name
+        log.warning(f"plugin code {did} {during}; the worker child {undone}, since it must stop when its pool "
+                    f"does: on {name} it finishes the event in hand, gives the rest back to the hub and calls "
+                    "every plugin's worker_shutdown, so flush and close there")
 
     def close(self) -> None:
         os.close(self.fd)
