@@ -157,6 +157,10 @@ def test_a_child_a_plugin_ran_out_of_descriptors_is_replaced_instead_of_failing_
     assert len({r["pid"] for r in rows}) >= 3, "the child was replaced as it ran out"
     said = [ln for ln in s.logs[-1].read_text().splitlines() if "out of file descriptors" in ln]
     assert said and "Too many open files" in said[0] and "close what it opens" in said[0], s.dump_logs()
+    # The pool says what it did in its own words: a replacement, not a crash (it said 'worker child died').
+    pool_lines = s.logs[-1].read_text().splitlines()
+    assert not [ln for ln in pool_lines if "worker child died" in ln], s.dump_logs()
+    assert [ln for ln in pool_lines if "worker child replaced" in ln and "ran out of" in ln], s.dump_logs()
     assert pool.poll() is None
 
 

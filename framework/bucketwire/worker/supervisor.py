@@ -27,7 +27,7 @@ from bucketwire import logs, security
 from bucketwire import protocol as P
 from bucketwire.config import Config, ConfigError, GroupConfig
 from bucketwire.procutil import on_stop_signals, stop_with_parent
-from bucketwire.worker.child import Plugins, WorkerSpec, child_main
+from bucketwire.worker.child import EXIT_EXHAUSTED, Plugins, WorkerSpec, child_main
 from bucketwire.worker.running import Running, RunningSlot
 
 log = logging.getLogger("bucketwire.worker")
@@ -378,8 +378,14 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                     code = 2
                     break
                 r = timed_out.pop(slot, None)
+                exhausted = r is None and p.exitcode == EXIT_EXHAUSTED and running is None
                 if r is not None:  # our kill, not a crash: replace it at once
                     report(slot, r, f"handler timed out after {r.timeout:g} s (handler_timeout)")
+                    delay = 0.0
+                elif exhausted:
+                    # It ended itself, out of descriptors or memory (a plugin leaks them), after giving its events
+                    # back and saying why: a replacement at once, not a crash to back off from.
+                    report(slot, None, death_reason(p.exitcode, False))
                     delay = 0.0
                 else:
                     report(slot, running, death_reason(p.exitcode, running is not None))
@@ -389,8 +395,12 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                 restarted[0] += 1
                 if served is not None:
                     served.child_died(p.pid)
-                log.warning("worker child died; restarting", extra={"slot": slot, "exitcode": p.exitcode,
-                                                                    "delay": round(delay, 2)})
+                if exhausted:
+                    log.warning("worker child replaced: it ran out of file descriptors or memory (its line above "
+                                "names the plugin)", extra={"slot": slot, "exitcode": p.exitcode})
+                else:
+                    log.warning("worker child died; restarting", extra={"slot": slot, "exitcode": p.exitcode,
+                                                                        "delay": round(delay, 2)})
                 respawn_at[slot] = time.monotonic() + delay
         log.info("draining worker pool", extra={"group": spec.group})
         for slot, p in children.items():
