@@ -1091,7 +1091,7 @@ class Hub:
                 self._worker_gone(w, lost=False, now=now)
                 w = None
             if w is None:
-                self.net.send([ident, P.ERR, P.enc(P.Err(error="unknown worker; send READY", reready=True))])
+                self.net.send([ident, P.ERR, REREADY])
             else:
                 w.running = running_of(hb, now)
         elif cmd == P.READY:

@@ -180,10 +180,7 @@ class Loaded:
         if got is None:
             caller: pluggy.HookCaller = getattr(self.pm.hook, hook)
             plain = [i for i in reversed(caller.get_hookimpls()) if not _is_wrapper(i)]
-            got = []
-            for impl in plain:
-                others = [i.plugin for i in plain if i.plugin is not impl.plugin]
-                got.append((impl.plugin_name, self.pm.subset_hook_caller(hook, others)))
+            got = [(impl.plugin_name, self.caller_without(hook, impl.plugin_name, ())) for impl in plain]
             self._callers[hook] = got
         return got
 
@@ -699,11 +696,11 @@ class PluginRunner:
         size = 0
         report = self.on_handled
         group, stores, limit, topic = self.group, self.stores, self.max_event_bytes, event.topic
-        forks = _forks[0]
+        forks, wrapped = _forks[0], bool(self._wrap_topics)
         for name, caller, want, settings, logger, state in self._handle:
             if want is not None and topic not in want:
                 continue
-            if self._wrap_topics:
+            if wrapped:
                 caller = self._topic_caller(name, topic)
             # Positional: the hot path's one allocation per plugin, a third cheaper than by keyword.
             ctx = Context(name, group, settings, stores, logger, event, attempt, [], state, limit)
