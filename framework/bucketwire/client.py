@@ -21,9 +21,10 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bucketwire import protocol as P
-from bucketwire import security
+from bucketwire import security, zmtp
 from bucketwire.config import Config
 from bucketwire.envelope import Event, new_event_id, parse_seq
+from bucketwire.zmtp import LocalDealer
 
 
 class HubUnavailable(Exception):
@@ -53,7 +54,7 @@ class HubClient:
         self.timeout = cfg.client.timeout if timeout is None else timeout
         self.zctx = context or zmq.Context.instance()
         self._req = itertools.count(1)
-        self.sock: zmq.Socket[Any] | None = None
+        self.sock: zmq.Socket[Any] | LocalDealer | None = None
         security.check_key_files(cfg.security)  # a bad key file fails here, in one line
         self.keys = security.client_keys(cfg)  # None without CURVE
         # With CURVE, a monitor on the socket sees a handshake the hub refused: the key, not the hub, is then
@@ -61,8 +62,12 @@ class HubClient:
         self.mon: zmq.Socket[Any] | None = None
         self.handshake_failed = 0  # the last zmq.EVENT_HANDSHAKE_FAILED_* seen, 0: none
 
-    def _socket(self) -> zmq.Socket[Any]:
+    def _socket(self) -> zmq.Socket[Any] | LocalDealer:
         if self.sock is None:
+            local = zmtp.dealer(self.endpoint, b"c-" + uuid.uuid4().bytes)
+            if local is not None:  # the hub's local socket ([hub] local): no CURVE there, the OS account admits
+                self.sock = local
+                return local
             s = self.zctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.IDENTITY, b"c-" + uuid.uuid4().bytes)
@@ -76,7 +81,7 @@ class HubClient:
     def _reset(self) -> None:
         if self.sock is not None:
             self._read_monitor()
-            if self.mon is not None:
+            if self.mon is not None and isinstance(self.sock, zmq.Socket):
                 self.sock.disable_monitor()
                 self.mon.close(0)
                 self.mon = None

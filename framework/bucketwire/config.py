@@ -64,6 +64,10 @@ class HubConfig(Table):
     http: HostPort = DEFAULT_HTTP
     publish: Endpoint = DEFAULT_PUBLISH
     work: Endpoint = DEFAULT_WORK
+    local: Annotated[str, Meta(pattern=r"^(ipc://.+)?$", description='"" or an ipc:// endpoint')] = ""
+    """A second work endpoint, a Unix socket the hub's loop reads and writes itself (bucketwire/zmtp.py): clients
+    on this host that connect to it skip ZeroMQ's I/O threads (README "Local socket"). Only this host's user may
+    connect; "" serves none."""
     state_dir: Path = Path("./state/hub")
     auth_tokens: Annotated[list[Secret], Meta(description="a string or a list of strings")] = msgspec.field(
         default_factory=list, name="auth_token")

@@ -271,6 +271,11 @@ def server_key_path(sec: SecurityConfig) -> Path:
 
 
 # -- roles ---------------------------------------------------------------------------------------------------------
+LOCAL_USER = "local/"
+"""Who a peer on the hub's local socket ([hub] local) is: the hub's own OS account, trusted as a key without a role
+(that account can read the hub's server key). No key file can be named so: key names hold no "/"."""
+
+
 class Roles:
     """`[security.roles.NAME]`: a key with a role may only do what its globs allow; a key without one may do all.
 
@@ -284,7 +289,7 @@ class Roles:
         self.admitted = admitted
 
     def _known(self, user: str | None) -> bool:
-        return self.admitted is None or (bool(user) and user in self.admitted)
+        return self.admitted is None or user == LOCAL_USER or (bool(user) and user in self.admitted)
 
     def allows(self, user: str | None, what: str, name: str) -> bool:
         if not self._known(user):

@@ -27,6 +27,7 @@ from bucketwire import protocol as P
 from bucketwire.config import Config, ConfigError
 from bucketwire.hub.metrics import HubMetrics
 from bucketwire.security import (
+    LOCAL_USER,
     KeyAuthenticator,
     RevocationSource,
     Roles,
@@ -36,6 +37,7 @@ from bucketwire.security import (
     start_authenticator,
 )
 from bucketwire.zmqio import readable, recv_frames
+from bucketwire.zmtp import LocalRouter, endpoint_path
 
 log = logging.getLogger("bucketwire.hub")
 
@@ -98,6 +100,8 @@ class Listeners:
         """topic -> the XPUB sockets with a subscriber for it; forgotten whenever a subscription changes."""
         self._reload = threading.Event()
         self._next_key_check = 0.0
+        self.local: LocalRouter | None = None
+        """[hub] local: the Unix socket this thread serves itself (no libzmq I/O thread on the path)."""
 
     # -- life cycle ------------------------------------------------------------------------------------------
     @property
@@ -114,6 +118,11 @@ class Listeners:
 
     def work_sockets(self) -> list[Socket]:
         return [ls.work for ls in self.listeners]
+
+    def local_ready(self, ready: Container[object] | None) -> bool:
+        """Whether the local socket may have something to read this turn."""
+        local = self.local
+        return local is not None and (ready is None or local.fd in ready or bool(local.ready))
 
     def open(self) -> None:
         """Create and bind every listener (with CURVE: start ZAP first). A bind failure is one OSError line."""
@@ -139,8 +148,25 @@ class Listeners:
         for ls in self.listeners:
             self.poller.register(ls.work, zmq.POLLIN)
             self.poller.register(ls.pub, zmq.POLLIN)  # a subscription wakes the loop: served from the next event
+        path = endpoint_path(self.cfg.hub.local)
+        if path:
+            try:
+                self.local = LocalRouter(path, max_message_bytes(self.cfg), self._local_refused)
+            except OSError as e:
+                self.close()
+                why = e.strerror or str(e)
+                raise OSError(f"cannot bind [hub] local {self.cfg.hub.local}: {why}; set [hub] local to a path this "
+                              "user can create a socket at, or to \"\" for none") from None
+            self.poller.register(self.local.fd, zmq.POLLIN)
+
+    def _local_refused(self, why: str) -> None:
+        self.metrics.rejected.labels("local", "protocol").inc()
+        log.warning("local peer refused", extra={"error": why})
 
     def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
+            self.local = None
         for ls in self.listeners:
             ls.work.close(0)
             ls.pub.close(0)
@@ -225,17 +251,36 @@ class Listeners:
             return None
         try:
             if self.auth is None:
-                return recv_frames(sock)
+                frames = recv_frames(sock)
+                if self.local is not None and self.local.has(frames[0]):
+                    return []  # a remote peer under a local peer's identity: never read as that peer's
+                return frames
             parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
         self.user = _user_id(parts[-1])
         frames = [f.bytes for f in parts]
+        if self.local is not None and self.local.has(frames[0]):
+            return []
         self._remember_socket(frames[0], sock)
         return frames if self._admitted(frames[0], self.auth) else []
 
+    def receive_local(self, local: LocalRouter) -> list[bytes] | None:
+        """The next message from a local peer, or None. It acts as the hub's own user: with CURVE, as a key
+        without a role (the account that can open the socket can read the hub's server key too)."""
+        frames = local.receive()
+        if frames is not None:
+            self.user = LOCAL_USER
+        return frames
+
     def send(self, frames: list[bytes]) -> bool:
         """Route a reply to the peer `frames[0]` names; False if it is gone or its queue is full."""
+        local = self.local
+        if local is not None and local.has(frames[0]):
+            if local.send(frames):
+                return True
+            self.metrics.send_again.labels("work").inc()
+            return False
         sock = self._sock_of.get(frames[0], self.work) if self._sock_of else self.work
         try:
             # Frame by frame with int flags: send_multipart computes `SNDMORE | flags` on enums for every frame,

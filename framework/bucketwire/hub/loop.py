@@ -414,6 +414,9 @@ class Hub:
     def _next_timeout(self, now: float) -> int:
         if not self.ingress_q.empty():
             return 0
+        local = self.net.local
+        if local is not None and local.ready:  # messages read off the local socket, not taken yet: its
+            return 0  # descriptor does not poll readable for them (a ZeroMQ socket does)
         if self.http is not None and self.http.has_ready():
             return 0  # asyncio callbacks wait to run and nothing makes the poller wake for them
         t = self.cfg.hub.heartbeat_interval
@@ -456,6 +459,8 @@ class Hub:
         for sock in self.net.work_sockets():
             if ready is None or sock in ready:
                 self._drain_work(batch, replies, now, sock, ready is not None)
+        if self.net.local_ready(ready):
+            self._drain_work(batch, replies, now, None)
         self._drain_ingress(batch, replies)
         if self._dlq_steps:
             steps, self._dlq_steps = self._dlq_steps, []
@@ -1049,11 +1054,12 @@ class Hub:
         log.debug("frame rejected", extra={"reason": reason, "detail": detail})
         self.net.send([ident, P.ERR, P.enc(P.Err(error=detail))])
 
-    def _drain_work(self, batch: Batch, replies: list[Reply], now: float, sock: zmq.Socket[bytes],
+    def _drain_work(self, batch: Batch, replies: list[Reply], now: float, sock: zmq.Socket[bytes] | None,
                     ready: bool = False) -> None:
-        """`ready`: the poll said a message waits on `sock`."""
+        """`ready`: the poll said a message waits on `sock`. `sock` None: the local socket ([hub] local)."""
+        local = self.net.local if sock is None else None
         for _ in range(MAX_DRAIN):
-            frames = self.net.receive(sock, ready)
+            frames = self.net.receive_local(local) if local is not None else self.net.receive(sock, ready)  # type: ignore[arg-type]
             ready = False
             if frames is None:
                 return

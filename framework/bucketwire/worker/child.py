@@ -20,6 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from itertools import repeat
 from typing import Any
 
@@ -28,7 +29,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bucketwire import protocol as P
-from bucketwire import security
+from bucketwire import security, zmtp
 from bucketwire.client import HANDSHAKE_FAILED, handshake_failure
 from bucketwire.config import Config, ConfigError
 from bucketwire.context import Stores
@@ -40,6 +41,7 @@ from bucketwire.worker.metrics import event_done, handler_done, set_credit
 from bucketwire.worker.running import RunningSlot
 from bucketwire.worker.stop_signals import StopSignals
 from bucketwire.zmqio import readable, recv_frames
+from bucketwire.zmtp import LocalDealer
 
 log = logging.getLogger("bucketwire.worker")
 events_log = logging.getLogger("bucketwire.events")
@@ -148,11 +150,21 @@ class Child:
         self.last_hub = self.last_sent = self.last_flush = now
         self.readied = now  # when READY last went out: a burst of ERR reready is answered once
 
-    def _connect(self) -> zmq.Socket[bytes]:
-        d: zmq.Socket[bytes] = self.zctx.socket(zmq.DEALER)
-        d.setsockopt(zmq.LINGER, 2000)
+    def _connect(self) -> zmq.Socket[bytes] | LocalDealer:
         ident = b"w-" + uuid.uuid4().bytes
         self.slot.set_ident(ident)  # so the supervisor can name this child to the hub (death notice, RUNNING)
+        local = zmtp.dealer(self.endpoint, ident, linger_ms=2000)
+        if local is not None:  # the hub's local socket: read and written by this thread, no libzmq thread between
+            self.readable, self.recv = local.readable, local.recv_ready
+            self.poll_key: object = local.fileno()
+            self.poller.register(local, zmq.POLLIN)
+            self._send(local, [P.READY, self.ready])
+            self.readied = time.monotonic()
+            return local
+        d: zmq.Socket[bytes] = self.zctx.socket(zmq.DEALER)
+        self.readable, self.recv = partial(readable, d), partial(recv_frames, d)
+        self.poll_key = d
+        d.setsockopt(zmq.LINGER, 2000)
         d.setsockopt(zmq.IDENTITY, ident)
         d.setsockopt(zmq.SNDHWM, 100_000)
         d.setsockopt(zmq.RCVHWM, 100_000)
@@ -165,7 +177,7 @@ class Child:
         self.readied = time.monotonic()
         return d
 
-    def _send(self, d: zmq.Socket[bytes], frames: list[bytes]) -> bool:
+    def _send(self, d: zmq.Socket[bytes] | LocalDealer, frames: list[bytes]) -> bool:
         """Never block: a DEALER whose handshake was refused (CURVE key not yet admitted) has no pipe, and a
         blocking send would hang the child for good. What cannot go out now is dropped; the hub redelivers
         unacked events and the reconnect re-sends READY."""
@@ -183,7 +195,7 @@ class Child:
         poll_ms = int(interval * 1000 / 2)
         try:
             while not self.stopping():
-                if dict(self.poller.poll(poll_ms)).get(self.dealer):
+                if dict(self.poller.poll(poll_ms)).get(self.poll_key):
                     self._receive(True)
                     if self.refused:
                         self._rejoin()
@@ -212,10 +224,13 @@ class Child:
         """Take every message waiting on the DEALER, without blocking. `ready`: the poll has just said one waits,
         so the first is read without asking libzmq again (its EVENTS getter runs libzmq's command processing,
         ~10 µs in a child that has just woken, on the path of every event)."""
-        d, queue = self.dealer, self.queue
+        queue, readable_, recv = self.queue, self.readable, self.recv
         got = False
-        while (ready and not got) or readable(d):
-            frames = recv_frames(d)
+        while (ready and not got) or readable_():
+            try:
+                frames = recv()
+            except zmq.Again:  # the local socket: the poll saw the first bytes of a message, not all of it
+                break
             got = True
             cmd = frames[0]
             if cmd == P.DELIVER:
@@ -325,7 +340,7 @@ class Child:
         delivered to the old one are redelivered by the hub, so none is held here."""
         self.endpoint, self.move_to = endpoint, None
         self.poller.unregister(self.dealer)
-        if self.mon is not None:
+        if self.mon is not None and isinstance(self.dealer, zmq.Socket):
             self.dealer.disable_monitor()
             self.mon.close(0)
             self.mon = None
@@ -395,7 +410,7 @@ class Child:
         while (left := deadline - time.monotonic()) > 0:
             if not d.poll(max(1, int(left * 1000))):
                 break
-            frames = recv_frames(d)
+            frames = self.recv()
             if frames[0] == P.BYE:
                 return "answered"
             if frames[0] == P.ERR and len(frames) > 1 and b"unknown field" in frames[1] and b"refused" in frames[1]:
@@ -404,7 +419,7 @@ class Child:
         return "silent"
 
     def close(self) -> None:
-        if self.mon is not None:
+        if self.mon is not None and isinstance(self.dealer, zmq.Socket):
             self.dealer.disable_monitor()
             self.mon.close(0)
         self.dealer.close()  # LINGER: the last ACK and BYE still go out

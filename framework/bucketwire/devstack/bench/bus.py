@@ -93,10 +93,16 @@ class Publisher:
     """Publishes without waiting for each reply (a window of outstanding requests), like a busy source."""
 
     def __init__(self, endpoint: str, window: int = 16) -> None:
+        from bucketwire import zmtp
+
         self.ctx = zmq.Context()
-        self.s = self.ctx.socket(zmq.DEALER)
-        self.s.setsockopt(zmq.LINGER, 0)
-        self.s.connect(endpoint)
+        local = zmtp.dealer(endpoint)
+        if local is not None:
+            self.s: Any = local
+        else:
+            self.s = self.ctx.socket(zmq.DEALER)
+            self.s.setsockopt(zmq.LINGER, 0)
+            self.s.connect(endpoint)
         self.window = window
         self.outstanding = 0
         self.req = 0

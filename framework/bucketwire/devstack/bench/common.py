@@ -59,6 +59,8 @@ class Stack:
         self.http, self.pub, self.work = free_port(), free_port(), free_port()
         self.cfg_path = self.tmp / "bench.toml"
         self.out = self.tmp / "latency"
+        sock = self.tmp / "state" / "local.sock"
+        local = f'local = "ipc://{sock}"\n[client]\nwork = "ipc://{sock}"\n' if os.environ.get("BW_LOCAL") else ""
         self.cfg_path.write_text(f"""
 [hub]
 http = "127.0.0.1:{self.http}"
@@ -67,7 +69,7 @@ work = "tcp://127.0.0.1:{self.work}"
 state_dir = "{self.tmp / 'state'}"
 durability = "{durability}"
 dispatch_batch = 256
-
+{local}
 [groups.bench]
 topics = ["bench"]
 plugins = []
