@@ -287,12 +287,17 @@ class LocalRouter:
 
     def receive(self) -> list[bytes] | None:
         """The next message, `[identity, *frames]`, or None when none waits."""
+        ready = self.ready
         while True:
-            for fd in self.ready:
+            while ready:
+                fd = ready[0]
                 st = self.by_fd.get(fd)
                 if st is not None and st.messages:
-                    return [self.ident_of[fd], *st.messages.popleft()]
-            self.ready.clear()
+                    msg = st.messages.popleft()
+                    if not st.messages:
+                        ready.popleft()
+                    return [self.ident_of[fd], *msg]
+                ready.popleft()
             if not self._poll():
                 return None
 
