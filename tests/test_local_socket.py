@@ -1,0 +1,592 @@
+"""The hub's local socket ([hub] local, bucketwire/zmtp.py): ZMTP 3.1 NULL over a Unix socket, spoken by our own
+threads. Each test tries to break one thing it promises: interop with libzmq both ways, the codec, the end-to-end
+path through real hub and worker processes, a hub killed -9, a second hub on the path, peers that break the protocol,
+another OS user, identities, and the config value."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from bucketwire import config as config_mod
+from bucketwire import zmtp
+from bucketwire.client import HubClient, HubUnavailable
+from bucketwire.zmtp import LocalDealer, LocalRouter, Stream
+from tests.fixtures_hub import Stack, wait_for
+
+SIZES = [0, 1, 255, 256, 70_000]
+GROUP = """
+[groups.g]
+topics = ["photos"]
+plugins = []
+"""
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+def pump(router: LocalRouter, until: Callable[[], bool], what: str, timeout: float = 20.0,
+         got: list[list[bytes]] | None = None) -> list[list[bytes]]:
+    """Run the router as the hub's loop does (poll its descriptor, take what waits) until `until()`."""
+    got = [] if got is None else got
+    deadline = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        if not router.ready:
+            select.select([router.fileno()], [], [], 0.05)
+        while (m := router.receive()) is not None:
+            got.append(m)
+    return got
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # handed to the test, which asserts on it
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def closed_by_peer(s: socket.socket, timeout: float = 10.0) -> bool:
+    """Whether the other end closed `s` (EOF or reset) within `timeout`, reading and dropping what it sent."""
+    s.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not s.recv(1 << 16):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+def raw_peer(path: str, greeting: bytes = zmtp.GREETING_CLIENT) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(greeting)
+    return s
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short directory for socket files (a Unix socket path holds at most 107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="bwl-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def local_stack(make: Callable[..., Stack], sock: Path, client_local: bool = True, extra: str = "") -> Stack:
+    """A Stack whose hub also serves `[hub] local` at `sock`; with `client_local` its clients (workers, status,
+    publish) connect there too."""
+    s = make(GROUP + extra + (f'\n[client]\nwork = "ipc://{sock}"\n' if client_local else ""))
+    text = s.cfg_path.read_text().replace("heartbeat_timeout = 1.5\n",
+                                          f'heartbeat_timeout = 1.5\nlocal = "ipc://{sock}"\n', 1)
+    s.cfg_path.write_text(text)
+    s.cfg = config_mod.load(s.cfg_path)
+    return s
+
+
+def tcp_client(s: Stack) -> HubClient:
+    cfg = config_mod.load(s.cfg_path)
+    cfg.client.work = f"tcp://127.0.0.1:{s.work_port}"
+    cfg.client.work_endpoints = [cfg.client.work]
+    return HubClient(cfg, timeout=10)
+
+
+def bw(args: list[str], cfg: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bucketwire", *args, "-c", str(cfg)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "BW_TEST_TOKEN": "test-token"})
+
+
+def one_line(text: str) -> str:
+    """The one line saying what is wrong (the hub may have logged its start before it)."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip() and " info " not in ln]
+    assert len(lines) == 1, f"expected one line, got:\n{text}"
+    assert "Traceback" not in text
+    return lines[0]
+
+
+def status_over(sock: Path, timeout: float = 10) -> dict[str, Any]:
+    """STATUS asked by our own DEALER on the local socket (not through the Stack's config)."""
+    cfg = config_mod.parse({"client": {"work": f"ipc://{sock}"}})
+    with HubClient(cfg, timeout=timeout) as c:
+        return c.status()
+
+
+# -- 1. interop with libzmq ----------------------------------------------------------------------------------------
+def messages() -> list[list[bytes]]:
+    out = [[os.urandom(n)] for n in SIZES]
+    out.append([os.urandom(n) for n in SIZES])  # one message of every size, many frames
+    out += [[b"m", str(i).encode(), os.urandom(i % 300)] for i in range(500)]
+    return out
+
+
+def test_a_libzmq_dealer_talks_to_the_local_router(sock_dir: Path) -> None:
+    path = str(sock_dir / "r.sock")
+    router = LocalRouter(path, 1 << 20)
+    ctx = zmq.Context()
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.setsockopt(zmq.IDENTITY, b"zmq-dealer")
+        d.connect(f"ipc://{path}")
+        sent = messages()
+        for m in sent:
+            d.send_multipart(m)
+        got = pump(router, lambda: len(got) >= len(sent), "the DEALER's messages", got=(got := []))
+        assert [m[1:] for m in got] == sent
+        assert {m[0] for m in got} == {b"zmq-dealer"}
+        for m in sent:
+            assert router.send([b"zmq-dealer", *m])
+        back: list[list[bytes]] = []
+        while len(back) < len(sent):
+            pump(router, lambda: bool(d.poll(0)), "a reply at the DEALER")
+            while d.poll(0):
+                back.append(d.recv_multipart())
+        assert back == sent
+        # an anonymous libzmq peer is given an identity of ours (6 bytes, where libzmq's own are 5)
+        a = ctx.socket(zmq.DEALER)
+        a.setsockopt(zmq.LINGER, 0)
+        a.connect(f"ipc://{path}")
+        a.send_multipart([b"", b"hello"])
+        got = pump(router, lambda: bool(got), "the anonymous DEALER", got=(got := []))
+        assert got[0][1:] == [b"", b"hello"] and got[0][0].startswith(zmtp.LOCAL_IDENT) and len(got[0][0]) == 6
+        assert router.send([got[0][0], b"to you"])
+        pump(router, lambda: bool(a.poll(0)), "the reply to the anonymous DEALER")
+        assert a.recv_multipart() == [b"to you"]
+    finally:
+        router.close()
+        ctx.destroy(0)
+    assert not os.path.exists(path)
+
+
+def test_the_local_dealer_talks_to_a_libzmq_router(sock_dir: Path) -> None:
+    path = str(sock_dir / "z.sock")
+    ctx = zmq.Context()
+    r = ctx.socket(zmq.ROUTER)
+    r.setsockopt(zmq.LINGER, 0)
+    r.bind(f"ipc://{path}")
+    d = LocalDealer(path, b"our-dealer")
+    try:
+        sent = messages()
+        for m in sent:
+            d.send_multipart(m)
+        got = []
+        while len(got) < len(sent):
+            d.readable()  # our dealer writes what waits when it is used (here: the READY after the greeting)
+            if r.poll(50):
+                got.append(r.recv_multipart())
+        assert [m[1:] for m in got] == sent
+        assert {m[0] for m in got} == {b"our-dealer"}
+        for m in sent:
+            r.send_multipart([b"our-dealer", *m])
+        back = [d.recv_frames() for _ in sent]
+        assert back == sent
+    finally:
+        d.close()
+        ctx.destroy(0)
+
+
+# -- 2. the codec --------------------------------------------------------------------------------------------------
+frame_st = hs.one_of(hs.binary(max_size=300), hs.sampled_from(SIZES).map(lambda n: b"x" * n))
+messages_st = hs.lists(hs.lists(frame_st, min_size=1, max_size=5), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(msgs=messages_st, cuts=hs.lists(hs.integers(min_value=1, max_value=400), max_size=50))
+def test_any_messages_in_any_chunks_come_out_whole(msgs: list[list[bytes]], cuts: list[int]) -> None:
+    a, b = socket.socketpair()
+    try:
+        st = Stream(a, True, b"ROUTER", b"", 1 << 20)
+        data = zmtp.GREETING_CLIENT + zmtp.ready_command(b"DEALER", b"id") + b"".join(zmtp.encode(m) for m in msgs)
+        i = 0
+        for n in [*cuts, len(data)]:
+            st.inbuf += data[i:i + n]
+            st._parse()
+            i += n
+            if i >= len(data):
+                break
+        assert st.peer == {b"socket-type": b"DEALER", b"identity": b"id"}
+        assert list(st.messages) == msgs
+        assert not st.inbuf and not st.frames
+    finally:
+        a.close()
+        b.close()
+
+
+# -- 3. end to end -------------------------------------------------------------------------------------------------
+def test_events_go_end_to_end_over_the_local_socket(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_hub()
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    s.start_worker("g", 2)  # waits for them through status, over the local socket
+    with s.client() as c:
+        assert isinstance(c._socket(), LocalDealer)
+        for i in range(40):
+            c.publish("photos", {"i": i})
+    wait_for(lambda: len(s.handled()) >= 40, 30, "40 events handled")
+    assert sorted(e["data"]["i"] for e in s.handled()) == list(range(40))
+    pub = bw(["publish", "photos", '{"i": 40}'], s.cfg_path)
+    assert pub.returncode == 0, pub.stdout + pub.stderr
+    wait_for(lambda: len(s.handled()) >= 41, 30, "the CLI's event handled")
+
+    def acked() -> bool:
+        g = s.status()["groups"]["g"]
+        return bool(g["lag"] == 0 and g["inflight"] == 0)
+
+    wait_for(acked, 20, "every event acked")
+    st = bw(["status"], s.cfg_path)
+    assert st.returncode == 0, st.stdout + st.stderr
+    # what came over the local socket was not read by libzmq at all: the hub's tcp work socket saw no worker
+    assert s.metric("bucketwire_ingress_rejected_total", ingress="local", reason="protocol") == 0
+
+
+def test_a_client_of_a_stopped_hub_over_the_local_socket_is_told_so(sock_dir: Path) -> None:
+    cfg = config_mod.parse({"client": {"work": f"ipc://{sock_dir / 'none.sock'}"}})
+    with HubClient(cfg, timeout=1) as c, pytest.raises(HubUnavailable):
+        c.status()
+
+
+# -- 4. kill -9 of the hub -----------------------------------------------------------------------------------------
+def test_workers_come_back_over_the_local_socket_after_a_hub_kill9(stack_factory: Callable[..., Stack],
+                                                                    sock_dir: Path) -> None:
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_hub()
+    s.start_worker("g", 2)
+    sent = 0
+    with s.client() as c:
+        for _ in range(60):
+            c.publish("photos", {"i": sent})
+            sent += 1
+    wait_for(lambda: len(s.handled()) >= 10, 30, "traffic under way")
+    s.kill_hub()
+    assert sock.exists()  # the dead hub's socket file stays
+    s.start_hub()
+    with s.client() as c:
+        for _ in range(60):
+            c.publish("photos", {"i": sent})
+            sent += 1
+    wait_for(lambda: {e["data"]["i"] for e in s.handled()} >= set(range(sent)), 60,
+             f"all {sent} events handled at least once")
+    wait_for(lambda: s.status()["groups"].get("g", {}).get("workers", 0) >= 2, 30, "both workers back")
+
+
+# -- 5. the path ---------------------------------------------------------------------------------------------------
+def test_a_second_hub_on_the_same_local_path_fails_in_one_line(stack_factory: Callable[..., Stack],
+                                                               sock_dir: Path) -> None:
+    sock = sock_dir / "hub.sock"
+    first = local_stack(stack_factory, sock)
+    first.start_hub()
+    first.start_worker("g", 1)
+    second = local_stack(stack_factory, sock, client_local=False)
+    r = bw(["hub"], second.cfg_path)
+    assert r.returncode != 0
+    line = one_line(r.stdout + r.stderr)
+    assert "[hub] local" in line and "in use" in line, line
+    # the first hub is unharmed: its socket file is there and it still serves over it
+    assert first.hub_proc is not None and first.hub_proc.poll() is None
+    assert sock.exists()
+    with first.client() as c:
+        c.publish("photos", {"i": 1})
+    wait_for(lambda: len(first.handled()) >= 1, 20, "an event after the second hub's try")
+
+
+def test_probes_that_connect_and_close_do_not_harm_the_hub(stack_factory: Callable[..., Stack],
+                                                           sock_dir: Path) -> None:
+    """What a second hub's start does to see whether the path is live: connect, then close at once."""
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_hub()
+    for _ in range(200):
+        p = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        p.connect(str(sock))
+        p.close()
+    assert status_over(sock)["groups"] is not None
+    assert s.hub_proc is not None and s.hub_proc.poll() is None
+
+
+def test_a_file_at_the_local_path_fails_in_one_line(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
+    sock = sock_dir / "hub.sock"
+    sock.write_text("mine\n")
+    s = local_stack(stack_factory, sock, client_local=False)
+    r = bw(["hub"], s.cfg_path)
+    assert r.returncode != 0
+    line = one_line(r.stdout + r.stderr)
+    assert "[hub] local" in line and "not a socket" in line, line
+    assert sock.read_text() == "mine\n"
+
+
+# -- 6. peers that break the protocol ------------------------------------------------------------------------------
+CURVE_GREETING = zmtp.SIGNATURE + b"\x03\x01" + b"CURVE".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
+
+
+@pytest.mark.parametrize("case", ["garbage", "short-garbage", "curve", "too-large", "before-ready"])
+def test_a_peer_breaking_the_protocol_is_closed_alone(stack_factory: Callable[..., Stack], sock_dir: Path,
+                                                      case: str) -> None:
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_hub()
+    s.start_worker("g", 1)
+    good = LocalDealer(str(sock), b"good-peer")
+    try:
+        if case == "garbage":
+            bad = raw_peer(str(sock), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 100)
+        elif case == "short-garbage":
+            bad = raw_peer(str(sock), b"GET /\r\n")
+        elif case == "curve":
+            bad = raw_peer(str(sock), CURVE_GREETING)
+        elif case == "too-large":
+            bad = raw_peer(str(sock), zmtp.GREETING_CLIENT + zmtp.ready_command(b"DEALER"))
+            bad.sendall(bytes((zmtp.LONG,)) + zmtp._LONG.pack(1 << 40))
+        else:
+            bad = raw_peer(str(sock), zmtp.GREETING_CLIENT + zmtp.encode([b"HB", b"{}"]))
+        assert closed_by_peer(bad), f"the hub kept a {case} peer"
+        bad.close()
+        assert status_over(sock)["groups"]["g"]["workers"] == 1
+        with s.client() as c:
+            c.publish("photos", {"i": 1})
+        wait_for(lambda: len(s.handled()) >= 1, 20, "an event after the bad peer")
+        good.send_multipart([b"nothing-known", b"{}"])
+        assert s.hub_proc is not None and s.hub_proc.poll() is None
+    finally:
+        good.close()
+
+
+def test_a_peer_that_never_reads_does_not_block_the_hub(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
+    """Status requests sent without ever reading the replies: the hub's writes to it stop at OUT_LIMIT (refused),
+    and it serves the others meanwhile."""
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_hub()
+    s.start_worker("g", 1)
+    hog = raw_peer(str(sock), zmtp.GREETING_CLIENT + zmtp.ready_command(b"DEALER", b"hog"))
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    req = zmtp.encode([b"STATUS", b'{"req": 1}'])
+    stop = threading.Event()
+
+    def flood() -> None:
+        hog.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                hog.sendall(req * 200)
+            except (TimeoutError, OSError):
+                if stop.is_set():
+                    return
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: s.metric("bucketwire_zmq_send_eagain_total", socket="work") > 0, 120,
+                 "the hub refusing sends to the peer that does not read")
+        for i in range(5):
+            assert status_over(sock)["groups"]["g"]["workers"] == 1
+            with s.client() as c:
+                c.publish("photos", {"i": i})
+        wait_for(lambda: len(s.handled()) >= 5, 20, "events while a peer does not read")
+    finally:
+        stop.set()
+        t.join(5)
+        hog.close()
+
+
+def test_the_local_router_refuses_sends_past_out_limit_without_blocking(sock_dir: Path) -> None:
+    path = str(sock_dir / "r.sock")
+    router = LocalRouter(path, 1 << 20)
+    ctx = zmq.Context()
+    try:
+        hog = raw_peer(path, zmtp.GREETING_CLIENT + zmtp.ready_command(b"DEALER", b"hog"))
+        hog.sendall(zmtp.encode([b"hi"]))
+        pump(router, lambda: router.has(b"hog"), "the hog admitted", got=[])
+        chunk = b"x" * 65536
+        sent = 0
+        while router.send([b"hog", chunk]):
+            sent += 1
+            assert sent * len(chunk) <= zmtp.OUT_LIMIT + (8 << 20)  # and what the kernel's buffers took
+        other = ctx.socket(zmq.DEALER)
+        other.setsockopt(zmq.LINGER, 0)
+        other.setsockopt(zmq.IDENTITY, b"other")
+        other.connect(f"ipc://{path}")
+        other.send(b"ping")
+        got = pump(router, lambda: bool(got), "the other peer", got=(got := []))
+        assert got == [[b"other", b"ping"]]
+        assert router.send([b"other", b"pong"])
+        pump(router, lambda: bool(other.poll(0)), "the reply to the other peer")
+        assert other.recv_multipart() == [b"pong"]
+        hog.close()
+    finally:
+        router.close()
+        ctx.destroy(0)
+
+
+# -- 7. another user -----------------------------------------------------------------------------------------------
+NOBODY = 65534
+
+
+def _as_nobody_connect(path: str) -> int:
+    """Fork, become nobody, connect and speak: 0 refused at connect (file mode), 1 closed by the hub without a
+    greeting, 2 answered."""
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+            except PermissionError:
+                os._exit(0)
+            s.settimeout(10)
+            try:
+                s.sendall(zmtp.GREETING_CLIENT + zmtp.ready_command(b"DEALER", b"intruder") +
+                          zmtp.encode([b"STATUS", b'{"req": 1}']))
+                data = s.recv(1 << 16)
+            except OSError:
+                data = b""
+            code = 2 if data else 1
+        finally:
+            os._exit(code)
+    _, st = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(st)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to setuid() to another user")
+def test_another_user_is_refused(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
+    sock_dir.chmod(0o711)  # nobody may reach the file: only its mode and SO_PEERCRED stand in the way
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_hub()
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert _as_nobody_connect(str(sock)) == 0
+    os.chmod(sock, 0o777)
+    assert _as_nobody_connect(str(sock)) == 1
+    wait_for(lambda: s.metric("bucketwire_ingress_rejected_total", ingress="local", reason="protocol") >= 1, 10,
+             "the refusal counted")
+    assert "intruder" not in str(status_over(sock))
+    assert s.hub_proc is not None and s.hub_proc.poll() is None
+
+
+# -- 8. identities -------------------------------------------------------------------------------------------------
+def test_a_second_local_peer_under_a_live_identity_is_refused(stack_factory: Callable[..., Stack],
+                                                              sock_dir: Path) -> None:
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_hub()
+    first = raw_peer(str(sock), zmtp.GREETING_CLIENT + zmtp.ready_command(b"DEALER", b"twin"))
+    twin = raw_peer(str(sock), zmtp.GREETING_CLIENT + zmtp.ready_command(b"DEALER", b"twin"))
+    try:
+        first.settimeout(10)
+        assert first.recv(64)  # its greeting: it is in
+        wait_for(lambda: s.metric("bucketwire_ingress_rejected_total", ingress="local", reason="protocol") >= 1,
+                 10, "the second peer refused")
+        twin.settimeout(10)
+        assert closed_by_peer(twin)
+        # the first keeps its identity: its request is answered
+        first.sendall(zmtp.encode([b"STATUS", b'{"req": 7}']))
+        data = b""
+        while b"STATUSR" not in data:
+            chunk = first.recv(1 << 16)
+            assert chunk, "the hub closed the first peer"
+            data += chunk
+    finally:
+        first.close()
+        twin.close()
+
+
+def test_a_named_identity_cannot_take_an_anonymous_peers(sock_dir: Path) -> None:
+    """A peer naming the identity the router will make next for an anonymous one: each keeps its own."""
+    path = str(sock_dir / "r.sock")
+    router = LocalRouter(path, 1 << 20)
+    ctx = zmq.Context()
+    try:
+        for n in (1, 2):  # the next identities this router makes
+            sly = LocalDealer(path, zmtp.LOCAL_IDENT + zmtp._U32.pack(n))
+            sly.send_multipart([b"sly"])
+            got = pump(router, lambda: sly.readable() or bool(got), "the sly peer", got=(got := []))
+            anon = ctx.socket(zmq.DEALER)
+            anon.setsockopt(zmq.LINGER, 0)
+            anon.connect(f"ipc://{path}")
+            anon.send(b"anon")
+            got2 = pump(router, lambda: bool(got2), "the anonymous peer", got=(got2 := []))
+            assert got2[0][0] != got[0][0]
+            assert router.send([got[0][0], b"for sly"])
+            assert router.send([got2[0][0], b"for anon"])
+            pump(router, lambda: bool(anon.poll(0)), "the anonymous peer's reply")
+            assert anon.recv_multipart() == [b"for anon"]
+            assert sly.recv_frames() == [b"for sly"]
+            anon.close(0)
+            sly.close()
+    finally:
+        router.close()
+        ctx.destroy(0)
+
+
+def test_a_tcp_peer_cannot_speak_as_a_local_one(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_hub()
+    local = LocalDealer(str(sock), b"w-shared")
+    ctx = zmq.Context()
+    try:
+        local.send_multipart([b"STATUS", b'{"req": 1}'])
+        assert local.poll(10_000), "no answer to the local peer"
+        assert local.recv_frames()[0] == b"STATUSR"
+        impostor = ctx.socket(zmq.DEALER)
+        impostor.setsockopt(zmq.LINGER, 0)
+        impostor.setsockopt(zmq.IDENTITY, b"w-shared")
+        impostor.connect(f"tcp://127.0.0.1:{s.work_port}")
+        impostor.send_multipart([b"STATUS", b'{"req": 2}'])
+        impostor.send_multipart([b"ACK", b'{"req": 3}'])
+        honest = ctx.socket(zmq.DEALER)  # sent after the impostor's, on the same tcp socket of the hub
+        honest.setsockopt(zmq.LINGER, 0)
+        honest.connect(f"tcp://127.0.0.1:{s.work_port}")
+        honest.send_multipart([b"STATUS", b'{"req": 4}'])
+        assert honest.poll(10_000), "the hub did not answer a tcp peer"
+        assert not impostor.poll(500)
+        assert not local.poll(200), "the impostor's request was answered to the local peer"
+        local.send_multipart([b"STATUS", b'{"req": 5}'])
+        assert local.poll(10_000)
+    finally:
+        local.close()
+        ctx.destroy(0)
+
+
+# -- 9. the config value -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["tcp://127.0.0.1:5000", "ipc://", "/tmp/hub.sock"])
+def test_a_bad_local_value_is_one_config_line(stack_factory: Callable[..., Stack], sock_dir: Path,
+                                              value: str) -> None:
+    s = stack_factory()
+    text = s.cfg_path.read_text().replace("heartbeat_timeout = 1.5\n",
+                                          f'heartbeat_timeout = 1.5\nlocal = "{value}"\n', 1)
+    s.cfg_path.write_text(text)
+    r = bw(["hub"], s.cfg_path)
+    assert r.returncode != 0
+    line = one_line(r.stdout + r.stderr)
+    assert "local" in line, line
