@@ -334,7 +334,7 @@ class LocalRouter:
         for _ in range(64):
             try:
                 s, _ = self.lsock.accept()
-            except BlockingIOError:
+            except OSError:  # none waits (EAGAIN), or one gone before it was taken
                 return
             if peer_uid(s) != self.uid:
                 self.on_refused("a peer of another user connected to the local socket")
@@ -345,7 +345,10 @@ class LocalRouter:
             fd = s.fileno()
             self.by_fd[fd] = st
             self.ep.register(fd, select.EPOLLIN)
-            self._flush(fd, st)
+            try:
+                self._flush(fd, st)
+            except ZmtpError:  # gone before its greeting went out (a probe: connect, close), as a hub's start does
+                self._drop(fd)
 
     def _admit(self, fd: int, st: Stream) -> bool:
         assert st.peer is not None
