@@ -133,6 +133,8 @@ class Stream:
         i = 0
         n = len(buf)
         if not self.greeted:
+            if (n and buf[0] != 0xFF) or (n >= 10 and not buf[9] & 1):  # as libzmq: refused on the first bytes,
+                raise ZmtpError("not a ZMTP peer")  # not held open while it waits for 64 that never come
             if n < 64:
                 return
             if buf[0] != 0xFF or not buf[9] & 1 or buf[10] < 3 or bytes(buf[12:32]).rstrip(b"\x00") != b"NULL":
