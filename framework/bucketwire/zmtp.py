@@ -360,8 +360,9 @@ class LocalRouter:
             return False
         ident = st.peer.get(b"identity", b"")
         if not ident:
-            self._n += 1
-            ident = LOCAL_IDENT + _U32.pack(self._n & 0xFFFFFFFF)
+            while not ident or ident in self.by_ident:  # a peer may have named the one that comes next
+                self._n += 1
+                ident = LOCAL_IDENT + _U32.pack(self._n & 0xFFFFFFFF)
         elif ident in self.by_ident:  # ZeroMQ's rule: a second peer under a live identity is refused
             self.on_refused("a local peer named an identity already connected")
             self._drop(fd)
