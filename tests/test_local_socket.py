@@ -270,6 +270,23 @@ def test_a_client_of_a_stopped_hub_over_the_local_socket_is_told_so(sock_dir: Pa
     cfg = config_mod.parse({"client": {"work": f"ipc://{sock_dir / 'none.sock'}"}})
     with HubClient(cfg, timeout=1) as c, pytest.raises(HubUnavailable):
         c.status()
+    conf = sock_dir / "c.toml"
+    conf.write_text(f'[client]\nwork = "ipc://{sock_dir / "none.sock"}"\ntimeout = 1\n')
+    for args in (["status"], ["publish", "photos", "{}"]):
+        r = bw(args, conf)
+        assert r.returncode != 0
+        assert "no answer from the hub" in one_line(r.stdout + r.stderr)
+
+
+def test_a_request_sent_before_the_hub_is_up_gets_through_once_it_is(stack_factory: Callable[..., Stack],
+                                                                     sock_dir: Path) -> None:
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    t, out = in_thread(lambda: status_over(sock, timeout=60))
+    time.sleep(0.5)  # pacing: the request is under way (refused sends) before the hub starts
+    s.start_hub()
+    t.join(60)
+    assert out and isinstance(out[0], dict) and "groups" in out[0], out
 
 
 # -- 4. kill -9 of the hub -----------------------------------------------------------------------------------------

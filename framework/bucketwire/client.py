@@ -121,8 +121,11 @@ class HubClient:
                              "hub may carry (the hub refuses it whole); send its events in several calls")
         while True:
             s = self._socket()
-            s.send_multipart([cmd, frame])
             until = min(deadline, time.monotonic() + attempt_timeout)
+            try:
+                s.send_multipart([cmd, frame])
+            except zmq.Again:  # the local socket with no hub on it (a ZeroMQ DEALER queues instead): try again soon
+                until = min(until, time.monotonic() + LocalDealer.RECONNECT)
             moved = False
             while not moved and (left := until - time.monotonic()) > 0:
                 if not s.poll(int(left * 1000) + 1):
