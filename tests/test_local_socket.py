@@ -543,8 +543,8 @@ def test_a_named_identity_cannot_take_an_anonymous_peers(sock_dir: Path) -> None
     router = LocalRouter(path, 1 << 20)
     ctx = zmq.Context()
     try:
-        for n in (1, 2):  # the next identities this router makes
-            sly = LocalDealer(path, zmtp.LOCAL_IDENT + zmtp._U32.pack(n))
+        for _ in range(2):
+            sly = LocalDealer(path, zmtp.LOCAL_IDENT + zmtp._U32.pack(router._n + 1))  # the next one it makes
             sly.send_multipart([b"sly"])
             got = pump(router, lambda: sly.readable() or bool(got), "the sly peer", got=(got := []))
             anon = ctx.socket(zmq.DEALER)
