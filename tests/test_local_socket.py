@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import select
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -27,6 +28,7 @@ from hypothesis import strategies as hs
 from bucketwire import config as config_mod
 from bucketwire import zmtp
 from bucketwire.client import HubClient, HubUnavailable
+from bucketwire.envelope import Event, new_event_id
 from bucketwire.zmtp import LocalDealer, LocalRouter, Stream
 from tests.fixtures_hub import Stack, wait_for
 
@@ -287,6 +289,33 @@ def test_a_request_sent_before_the_hub_is_up_gets_through_once_it_is(stack_facto
     s.start_hub()
     t.join(60)
     assert out and isinstance(out[0], dict) and "groups" in out[0], out
+
+
+def test_a_large_request_to_a_frozen_hub_ends_in_its_timeout(stack_factory: Callable[..., Stack],
+                                                              sock_dir: Path) -> None:
+    """A request bigger than the kernel's socket buffer, to a hub that reads nothing (stopped): the client gives up
+    after [client] timeout as over ZeroMQ, not blocked for ever in the write."""
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_hub()
+    assert s.hub_proc is not None
+    c = HubClient(s.cfg, timeout=2)
+    c.status()  # connected, greeted: what it sends now goes straight to the socket
+    os.kill(s.hub_proc.pid, signal.SIGSTOP)
+    try:
+        events = [Event(id=new_event_id(), source="t", type="t", data="x" * 10_000, topic="photos")
+                  for _ in range(200)]
+
+        def publish() -> Any:
+            with c:
+                return c.publish_events(events)
+
+        t, out = in_thread(publish)
+        t.join(30)  # a bound on a hang, far above the 2 s asked for
+        assert not t.is_alive(), "the client is stuck writing to a hub that does not read"
+        assert out and isinstance(out[0], HubUnavailable), out
+    finally:
+        os.kill(s.hub_proc.pid, signal.SIGCONT)
 
 
 # -- 4. kill -9 of the hub -----------------------------------------------------------------------------------------

@@ -123,7 +123,9 @@ class HubClient:
             s = self._socket()
             until = min(deadline, time.monotonic() + attempt_timeout)
             try:
-                s.send_multipart([cmd, frame])
+                # Our DEALER is never made to wait on a write (a hub that reads nothing would hold the request past
+                # its timeout): what the socket does not take now is written as its poll below waits.
+                s.send_multipart([cmd, frame], zmq.NOBLOCK if isinstance(s, LocalDealer) else 0)
             except zmq.Again:  # the local socket with no hub on it (a ZeroMQ DEALER queues instead): try again soon
                 until = min(until, time.monotonic() + LocalDealer.RECONNECT)
             moved = False
