@@ -539,6 +539,40 @@ def test_another_user_is_refused(stack_factory: Callable[..., Stack], sock_dir: 
     assert s.hub_proc is not None and s.hub_proc.poll() is None
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to setuid() to another user")
+def test_a_hub_of_another_user_cannot_take_over_a_live_path(sock_dir: Path) -> None:
+    """Its probe of the path fails with EACCES, not ECONNREFUSED: the socket is live, not left by a dead process,
+    and must not be unlinked (in a directory both may write, as a shared /run/bucketwire)."""
+    sock_dir.chmod(0o777)
+    path = str(sock_dir / "hub.sock")
+    router = LocalRouter(path, 1 << 20)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                try:
+                    zmtp.listen(path).close()
+                    code = 1
+                except OSError:
+                    code = 0
+            finally:
+                os._exit(code)
+        _, st = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(st) == 0, "another user's hub took the path of a live one"
+        assert os.stat(path).st_uid == 0
+        d = LocalDealer(path, b"after")
+        d.send_multipart([b"still here"])
+        got = pump(router, lambda: d.readable() or bool(got), "a peer of the first hub", got=(got := []))
+        assert got == [[b"after", b"still here"]]
+        d.close()
+    finally:
+        router.close()
+
+
 # -- 8. identities -------------------------------------------------------------------------------------------------
 def test_a_second_local_peer_under_a_live_identity_is_refused(stack_factory: Callable[..., Stack],
                                                               sock_dir: Path) -> None:

@@ -233,8 +233,10 @@ def listen(path: str) -> socket.socket:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
-        except OSError:
+        except ConnectionRefusedError:
             p.unlink()  # nobody listens: left by a process that died
+        except PermissionError:  # live or not, another user's: never ours to remove
+            raise OSError(errno.EACCES, f"{path} is another user's socket") from None
         else:
             raise OSError(errno.EADDRINUSE, "address already in use")
         finally:
