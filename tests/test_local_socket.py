@@ -343,6 +343,33 @@ def test_workers_come_back_over_the_local_socket_after_a_hub_kill9(stack_factory
     wait_for(lambda: s.status()["groups"].get("g", {}).get("workers", 0) >= 2, 30, "both workers back")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_worker_child_does_not_spin_while_the_hub_is_down(stack_factory: Callable[..., Stack],
+                                                            sock_dir: Path) -> None:
+    """With no hub on the local socket, the child waits (as its ZeroMQ DEALER lets it) and is back once the hub
+    is; it does not poll a dead descriptor in a loop."""
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    w = s.start_worker("g", 1, wait=False)  # before the hub: it has never had a connection
+    child = wait_for(lambda: s.child_pids(w), 30, "the worker child")[0]
+    for i in range(2):
+        before, t0 = cpu_seconds(child), time.monotonic()
+        time.sleep(2)  # pacing: a window in which a spinning child would use all of it
+        used, wall = cpu_seconds(child) - before, time.monotonic() - t0
+        assert used < wall / 3, f"the worker child used {used:.2f} s of CPU in {wall:.2f} s with the hub down"
+        s.start_hub()
+        wait_for(lambda: s.status()["groups"].get("g", {}).get("workers", 0) >= 1, 30, "the worker at the hub")
+        with s.client() as c:
+            c.publish("photos", {"i": i})
+        wait_for(lambda: len(s.handled()) >= i + 1, 30, "an event once the hub is up")
+        if i == 0:
+            s.kill_hub()  # then: it had a connection, and lost it
+
+
 # -- 5. the path ---------------------------------------------------------------------------------------------------
 def test_a_second_hub_on_the_same_local_path_fails_in_one_line(stack_factory: Callable[..., Stack],
                                                                sock_dir: Path) -> None:

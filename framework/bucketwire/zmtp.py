@@ -426,7 +426,8 @@ class LocalDealer:
         self.identity = identity
         self.max_msg = max_msg
         self.linger_ms = linger_ms
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._idle: socket.socket | None = None
+        self.sock = self._placeholder()
         self.st: Stream | None = None
         self._tried = -1e9
         self._connect()
@@ -453,9 +454,18 @@ class LocalDealer:
         os.dup2(sock.fileno(), self.sock.fileno())
         sock.close()
 
+    def _placeholder(self) -> socket.socket:
+        """What stands under our descriptor while there is no connection: one end of a pair whose other end we
+        keep, so it polls neither readable nor hung up. (An unconnected socket polls hung up at once, for ever: a
+        worker child polling it spun a core while the hub was down.)"""
+        if self._idle is not None:
+            self._idle.close()
+        sock, self._idle = socket.socketpair()
+        return sock
+
     def _lost(self) -> None:
         self.st = None
-        self._replace(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        self._replace(self._placeholder())
 
     def _stream(self) -> Stream | None:
         if self.st is None and time.monotonic() - self._tried >= self.RECONNECT:
@@ -542,6 +552,9 @@ class LocalDealer:
         except ZmtpError:
             pass
         self.sock.close()
+        if self._idle is not None:
+            self._idle.close()
+            self._idle = None
         self.st = None
 
 
