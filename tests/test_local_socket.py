@@ -365,7 +365,7 @@ def test_a_worker_child_does_not_spin_while_the_hub_is_down(stack_factory: Calla
         wait_for(lambda: s.status()["groups"].get("g", {}).get("workers", 0) >= 1, 30, "the worker at the hub")
         with s.client() as c:
             c.publish("photos", {"i": i})
-        wait_for(lambda: len(s.handled()) >= i + 1, 30, "an event once the hub is up")
+        wait_for(lambda n=i + 1: len(s.handled()) >= n, 30, "an event once the hub is up")
         if i == 0:
             s.kill_hub()  # then: it had a connection, and lost it
 
@@ -627,6 +627,27 @@ def test_a_second_local_peer_under_a_live_identity_is_refused(stack_factory: Cal
         twin.close()
 
 
+def check_named_next(router: LocalRouter, ctx: zmq.Context[Any], path: str) -> None:
+    sly = LocalDealer(path, zmtp.LOCAL_IDENT + zmtp._U32.pack(router._n + 1))  # the next one it makes
+    sly.send_multipart([b"sly"])
+    got: list[list[bytes]] = []
+    pump(router, lambda: sly.readable() or bool(got), "the sly peer", got=got)
+    anon = ctx.socket(zmq.DEALER)
+    anon.setsockopt(zmq.LINGER, 0)
+    anon.connect(f"ipc://{path}")
+    anon.send(b"anon")
+    got2: list[list[bytes]] = []
+    pump(router, lambda: bool(got2), "the anonymous peer", got=got2)
+    assert got2[0][0] != got[0][0]
+    assert router.send([got[0][0], b"for sly"])
+    assert router.send([got2[0][0], b"for anon"])
+    pump(router, lambda: bool(anon.poll(0)), "the anonymous peer's reply")
+    assert anon.recv_multipart() == [b"for anon"]
+    assert sly.recv_frames() == [b"for sly"]
+    anon.close(0)
+    sly.close()
+
+
 def test_a_named_identity_cannot_take_an_anonymous_peers(sock_dir: Path) -> None:
     """A peer naming the identity the router will make next for an anonymous one: each keeps its own."""
     path = str(sock_dir / "r.sock")
@@ -634,22 +655,7 @@ def test_a_named_identity_cannot_take_an_anonymous_peers(sock_dir: Path) -> None
     ctx = zmq.Context()
     try:
         for _ in range(2):
-            sly = LocalDealer(path, zmtp.LOCAL_IDENT + zmtp._U32.pack(router._n + 1))  # the next one it makes
-            sly.send_multipart([b"sly"])
-            got = pump(router, lambda: sly.readable() or bool(got), "the sly peer", got=(got := []))
-            anon = ctx.socket(zmq.DEALER)
-            anon.setsockopt(zmq.LINGER, 0)
-            anon.connect(f"ipc://{path}")
-            anon.send(b"anon")
-            got2 = pump(router, lambda: bool(got2), "the anonymous peer", got=(got2 := []))
-            assert got2[0][0] != got[0][0]
-            assert router.send([got[0][0], b"for sly"])
-            assert router.send([got2[0][0], b"for anon"])
-            pump(router, lambda: bool(anon.poll(0)), "the anonymous peer's reply")
-            assert anon.recv_multipart() == [b"for anon"]
-            assert sly.recv_frames() == [b"for sly"]
-            anon.close(0)
-            sly.close()
+            check_named_next(router, ctx, path)
     finally:
         router.close()
         ctx.destroy(0)
