@@ -186,6 +186,39 @@ def test_a_libzmq_dealer_talks_to_the_local_router(sock_dir: Path) -> None:
     assert not os.path.exists(path)
 
 
+def test_a_libzmq_dealer_with_heartbeats_stays_connected(sock_dir: Path) -> None:
+    """ZMTP 3.1 PING/PONG: a libzmq peer that heartbeats drops a connection whose PINGs go unanswered."""
+    path = str(sock_dir / "r.sock")
+    refused: list[str] = []
+    router = LocalRouter(path, 1 << 20, refused.append)
+    ctx = zmq.Context()
+    try:
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.setsockopt(zmq.IDENTITY, b"beating")
+        d.setsockopt(zmq.HEARTBEAT_IVL, 20)
+        d.setsockopt(zmq.HEARTBEAT_TIMEOUT, 100)
+        mon = d.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        d.connect(f"ipc://{path}")
+        d.send(b"first")
+        got: list[list[bytes]] = []
+        pump(router, lambda: bool(got), "the first message", got=got)
+        first_fd = next(iter(router.by_fd))
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # pacing: 50 of its heartbeat intervals, the router serving them
+            select.select([router.fileno()], [], [], 0.02)
+            assert router.receive() is None
+        assert not mon.poll(0), "libzmq dropped the connection: its PINGs were not answered"
+        assert list(router.by_fd) == [first_fd] and not refused
+        d.send(b"second")
+        got.clear()
+        pump(router, lambda: bool(got), "the second message", got=got)
+        assert got == [[b"beating", b"second"]]
+    finally:
+        router.close()
+        ctx.destroy(0)
+
+
 def test_the_local_dealer_talks_to_a_libzmq_router(sock_dir: Path) -> None:
     path = str(sock_dir / "z.sock")
     ctx = zmq.Context()
