@@ -35,7 +35,7 @@ from tests.fixtures_hub import Stack, wait_for
 SIZES = [0, 1, 255, 256, 70_000]
 GROUP = """
 [groups.g]
-topics = ["photos"]
+topics = ["photos", "follow"]
 plugins = []
 """
 
@@ -289,6 +289,14 @@ def test_events_go_end_to_end_over_the_local_socket(stack_factory: Callable[...,
     pub = bw(["publish", "photos", '{"i": 40}'], s.cfg_path)
     assert pub.returncode == 0, pub.stdout + pub.stderr
     wait_for(lambda: len(s.handled()) >= 41, 30, "the CLI's event handled")
+    # events larger than one read (256 KiB) both ways, and a batch of them in one request, follow-ons too
+    with s.client() as c:
+        c.publish_events([Event(id=new_event_id(), source="t", type="t", topic="photos",
+                                data={"i": 41 + k, "pad": "y" * (300_000 + k)}) for k in range(3)])
+        c.publish("photos", {"i": 44, "follow": 3, "follow_pad": 200_000})
+    wait_for(lambda: len(s.handled()) >= 48, 30, "the large events and follow-ons handled")
+    assert sorted(e["data"]["i"] for e in s.handled() if e["t"] == "photos") == list(range(45))
+    assert len([e for e in s.handled() if e["t"] == "follow"]) == 3
 
     def acked() -> bool:
         g = s.status()["groups"]["g"]
@@ -725,7 +733,8 @@ def test_a_tcp_peer_cannot_speak_as_a_local_one(stack_factory: Callable[..., Sta
 
 
 # -- 9. the config value -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", ["tcp://127.0.0.1:5000", "ipc://", "/tmp/hub.sock"])
+@pytest.mark.parametrize("value", ["tcp://127.0.0.1:5000", "ipc://", "/tmp/hub.sock", "ipc:///tmp/" + "a" * 120,
+                                   "ipc:///proc/self/hub.sock", "ipc:///dev/null"])
 def test_a_bad_local_value_is_one_config_line(stack_factory: Callable[..., Stack], sock_dir: Path,
                                               value: str) -> None:
     s = stack_factory()
