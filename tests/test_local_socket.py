@@ -26,9 +26,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from bucketwire import config as config_mod
+from bucketwire import protocol as P
 from bucketwire import zmtp
 from bucketwire.client import HubClient, HubUnavailable
-from bucketwire.envelope import Event, new_event_id
+from bucketwire.envelope import SCHEMA_VERSION, Event, new_event_id
 from bucketwire.zmtp import LocalDealer, LocalRouter, Stream
 from tests.fixtures_hub import Stack, wait_for
 
@@ -729,6 +730,40 @@ def test_a_tcp_peer_cannot_speak_as_a_local_one(stack_factory: Callable[..., Sta
         assert local.poll(10_000)
     finally:
         local.close()
+        ctx.destroy(0)
+
+
+def test_a_tcp_peer_cannot_ack_a_local_workers_events(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_hub()
+    victim = LocalDealer(str(sock), b"w-victim")
+    ctx = zmq.Context()
+    try:
+        victim.send_multipart([b"READY", P.enc({"group": "g", "topics": ["photos", "follow"], "credit": 100,
+                                                 "schema": SCHEMA_VERSION, "proto": 2})])
+        wait_for(lambda: victim.readable() or s.status()["groups"]["g"]["workers"] == 1, 10, "the worker READY")
+        with s.client() as c:
+            c.publish_events([Event(id=new_event_id(), source="t", type="t", topic="photos", data={"i": i})
+                              for i in range(3)])
+        seqs: list[int] = []
+        while len(seqs) < 3:
+            assert victim.poll(10_000), f"only {seqs} delivered"
+            frames = victim.recv_frames()
+            if frames[0] == b"DELIVER":
+                seqs += [int(P.header(b)["seq"]) for b in frames[2:]]
+        impostor = ctx.socket(zmq.DEALER)
+        impostor.setsockopt(zmq.LINGER, 0)
+        impostor.setsockopt(zmq.IDENTITY, b"w-victim")
+        impostor.connect(f"tcp://127.0.0.1:{s.work_port}")
+        impostor.send_multipart([b"ACK", P.enc({"g": "g", "ok": {"photos": [[min(seqs), max(seqs)]]}})])
+        with tcp_client(s) as c:  # sent after the impostor's ACK on the same hub socket: read after it
+            assert c.status()["groups"]["g"]["inflight"] == 3
+        assert s.status()["groups"]["g"]["lag"] == 3
+        victim.send_multipart([b"ACK", P.enc({"g": "g", "ok": {"photos": [[min(seqs), max(seqs)]]}})])
+        wait_for(lambda: s.status()["groups"]["g"]["inflight"] == 0, 10, "the worker's own ACK taken")
+    finally:
+        victim.close()
         ctx.destroy(0)
 
 
