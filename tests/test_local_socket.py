@@ -306,8 +306,10 @@ def test_events_go_end_to_end_over_the_local_socket(stack_factory: Callable[...,
     wait_for(acked, 20, "every event acked")
     st = bw(["status"], s.cfg_path)
     assert st.returncode == 0, st.stdout + st.stderr
-    # what came over the local socket was not read by libzmq at all: the hub's tcp work socket saw no worker
     assert s.metric("bucketwire_ingress_rejected_total", ingress="local", reason="protocol") == 0
+    s.stop()
+    assert s.hub_proc is not None and s.hub_proc.returncode == 0, s.dump_logs()
+    assert not sock.exists(), "a hub that stopped left its socket file"
 
 
 def test_a_client_of_a_stopped_hub_over_the_local_socket_is_told_so(sock_dir: Path) -> None:
