@@ -27,11 +27,12 @@ from hypothesis import strategies as hs
 
 from bucketwire import config as config_mod
 from bucketwire import protocol as P
-from bucketwire import zmtp
+from bucketwire import security, zmtp
 from bucketwire.client import HubClient, HubUnavailable
 from bucketwire.envelope import SCHEMA_VERSION, Event, new_event_id
 from bucketwire.zmtp import LocalDealer, LocalRouter, Stream
 from tests.fixtures_hub import Stack, wait_for
+from tests.test_security import authorize, make_keys, security_toml
 
 SIZES = [0, 1, 255, 256, 70_000]
 GROUP = """
@@ -766,6 +767,48 @@ def test_a_tcp_peer_cannot_ack_a_local_workers_events(stack_factory: Callable[..
         wait_for(lambda: s.status()["groups"]["g"]["inflight"] == 0, 10, "the worker's own ACK taken")
     finally:
         victim.close()
+        ctx.destroy(0)
+
+
+def test_with_curve_local_peers_work_and_a_keyed_tcp_peer_cannot_speak_as_one(
+        stack_factory: Callable[..., Stack], sock_dir: Path, tmp_path: Path) -> None:
+    """CURVE on the ZeroMQ endpoints: the local socket needs no key (the OS account admits), a key with a role
+    does not limit it, and a tcp peer with a good key still cannot send under a local peer's identity."""
+    d = tmp_path / "sec"
+    make_keys(d, "hub", "admin", "limited")
+    authorize(d, "admin")
+    authorize(d, "limited")
+    roles = '\n[security.roles.limited]\npublish = ["nothing"]\n'
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock, extra=security_toml(d, client="limited", roles=roles))
+    s.start_hub()
+    s.start_worker("g", 1)
+    with s.client() as c:
+        c.publish("photos", {"i": 0})  # the key named in the file has a role that may not: locally, it is not used
+    wait_for(lambda: len(s.handled()) >= 1, 20, "an event over the local socket with CURVE on")
+    local = LocalDealer(str(sock), b"w-shared")
+    ctx = zmq.Context()
+    try:
+        local.send_multipart([b"STATUS", b'{"req": 1}'])
+        assert local.poll(10_000) and local.recv_frames()[0] == b"STATUSR"
+        admin = config_mod.load(s.cfg_path)
+        admin.security.client_secret_key = d / "keys" / "admin.key_secret"
+        impostor = ctx.socket(zmq.DEALER)
+        impostor.setsockopt(zmq.LINGER, 0)
+        impostor.setsockopt(zmq.IDENTITY, b"w-shared")
+        security.apply_client(impostor, admin)
+        impostor.connect(f"tcp://127.0.0.1:{s.work_port}")
+        impostor.send_multipart([b"STATUS", b'{"req": 2}'])
+        honest = ctx.socket(zmq.DEALER)
+        honest.setsockopt(zmq.LINGER, 0)
+        security.apply_client(honest, admin)
+        honest.connect(f"tcp://127.0.0.1:{s.work_port}")
+        honest.send_multipart([b"STATUS", b'{"req": 3}'])
+        assert honest.poll(10_000), "the hub did not answer a keyed tcp peer"
+        assert not impostor.poll(500)
+        assert not local.poll(200), "the impostor's request was answered to the local peer"
+    finally:
+        local.close()
         ctx.destroy(0)
 
 
