@@ -812,6 +812,28 @@ def test_with_curve_local_peers_work_and_a_keyed_tcp_peer_cannot_speak_as_one(
         ctx.destroy(0)
 
 
+def test_a_local_request_does_not_change_who_tcp_peers_are(stack_factory: Callable[..., Stack],
+                                                            sock_dir: Path) -> None:
+    """Without CURVE: a tcp pool joined before anyone used the local socket still speaks for its own children
+    after someone did (its RUNNING notices keep a child inside a long handler from being timed out and its event
+    handed to another child: duplicate work)."""
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock, client_local=False)
+    s.start_hub()
+    s.start_worker("g", 2)  # over tcp
+    assert status_over(sock)["groups"]["g"]["workers"] == 2  # a local peer was served
+    hold = s.dir / "release"
+    with s.client() as c:
+        ev_id = c.publish("photos", {"hold": str(hold)})["id"]
+    wait_for(lambda: s.status()["groups"]["g"]["inflight"] == 1, 20, "the event in a handler")
+    time.sleep(3 * 1.5)  # pacing: three heartbeat timeouts of the hub with the handler running
+    hold.touch()
+    wait_for(lambda: any(e["id"] == ev_id for e in s.handled()), 60, "the event handled")
+    wait_for(lambda: (g := s.status()["groups"]["g"])["inflight"] == 0 and g["lag"] == 0, 60, "everything acked")
+    runs = [e for e in s.handled() if e["id"] == ev_id]
+    assert len(runs) == 1, f"the event ran {len(runs)} times: {runs}"
+
+
 # -- 9. the config value -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["tcp://127.0.0.1:5000", "ipc://", "/tmp/hub.sock", "ipc:///tmp/" + "a" * 120,
                                    "ipc:///proc/self/hub.sock", "ipc:///dev/null"])

@@ -252,8 +252,10 @@ class Listeners:
         try:
             if self.auth is None:
                 frames = recv_frames(sock)
-                if self.local is not None and self.local.has(frames[0]):
-                    return []  # a remote peer under a local peer's identity: never read as that peer's
+                if self.local is not None:
+                    if self.local.has(frames[0]):
+                        return []  # a remote peer under a local peer's identity: never read as that peer's
+                    self.user = None  # not the last local peer's LOCAL_USER: a pool's notices name its workers by it
                 return frames
             parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
