@@ -238,7 +238,7 @@ def listen(path: str) -> socket.socket:
         except PermissionError:  # live or not, another user's: never ours to remove
             raise OSError(errno.EACCES, f"{path} is another user's socket") from None
         else:
-            raise OSError(errno.EADDRINUSE, "address already in use")
+            raise OSError(errno.EADDRINUSE, "address already in use: a process listens on it (another hub?)")
         finally:
             probe.close()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
