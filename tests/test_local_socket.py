@@ -248,6 +248,34 @@ def test_the_local_dealer_talks_to_a_libzmq_router(sock_dir: Path) -> None:
         ctx.destroy(0)
 
 
+SIGPIPE_SCRIPT = """
+import signal, sys, time, zmq
+from bucketwire.zmtp import LocalDealer, LocalRouter
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a plugin or a library may set it
+router = LocalRouter(sys.argv[1], 1 << 20)
+d = LocalDealer(sys.argv[1], b"d")
+d.send_multipart([b"hi"])
+while router.receive() is None:
+    d.readable()
+router.close()  # the hub goes away
+for _ in range(100):
+    try:
+        d.send_multipart([b"x" * 100_000], zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+    time.sleep(0.001)
+print("alive")
+"""
+
+
+def test_a_write_to_a_gone_hub_is_an_error_not_sigpipe(sock_dir: Path) -> None:
+    """libzmq writes with MSG_NOSIGNAL: a process whose SIGPIPE is the default (a plugin may set it) is not
+    killed by a write to a peer that has gone."""
+    r = subprocess.run([sys.executable, "-c", SIGPIPE_SCRIPT, str(sock_dir / "p.sock")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "alive" in r.stdout, (r.returncode, r.stderr)
+
+
 # -- 2. the codec --------------------------------------------------------------------------------------------------
 frame_st = hs.one_of(hs.binary(max_size=300), hs.sampled_from(SIZES).map(lambda n: b"x" * n))
 messages_st = hs.lists(hs.lists(frame_st, min_size=1, max_size=5), max_size=12)

@@ -208,7 +208,7 @@ class Stream:
         if not out:
             return True
         try:
-            n = self.sock.send(out)
+            n = self.sock.send(out, socket.MSG_NOSIGNAL)  # as libzmq: EPIPE, not a SIGPIPE that may kill
         except BlockingIOError:
             return False
         except OSError:
