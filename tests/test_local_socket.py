@@ -102,6 +102,15 @@ def sock_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory another user can reach (TMPDIR may sit in one only we can enter, as the suite's does)."""
+    d = Path(tempfile.mkdtemp(prefix="bwl-", dir="/tmp"))
+    d.chmod(0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def local_stack(make: Callable[..., Stack], sock: Path, client_local: bool = True, extra: str = "") -> Stack:
     """A Stack whose hub also serves `[hub] local` at `sock`; with `client_local` its clients (workers, status,
     publish) connect there too."""
@@ -604,6 +613,10 @@ def _as_nobody_connect(path: str) -> int:
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
+            try:
+                os.stat(path)
+            except OSError:
+                os._exit(4)  # cannot even reach it: the test would prove nothing
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(path)
@@ -624,9 +637,8 @@ def _as_nobody_connect(path: str) -> int:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to setuid() to another user")
-def test_another_user_is_refused(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
-    sock_dir.chmod(0o711)  # nobody may reach the file: only its mode and SO_PEERCRED stand in the way
-    sock = sock_dir / "hub.sock"
+def test_another_user_is_refused(stack_factory: Callable[..., Stack], public_dir: Path) -> None:
+    sock = public_dir / "hub.sock"  # nobody may reach the file: only its mode and SO_PEERCRED stand in the way
     s = local_stack(stack_factory, sock)
     s.start_hub()
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
@@ -640,11 +652,11 @@ def test_another_user_is_refused(stack_factory: Callable[..., Stack], sock_dir: 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to setuid() to another user")
-def test_a_hub_of_another_user_cannot_take_over_a_live_path(sock_dir: Path) -> None:
+def test_a_hub_of_another_user_cannot_take_over_a_live_path(public_dir: Path) -> None:
     """Its probe of the path fails with EACCES, not ECONNREFUSED: the socket is live, not left by a dead process,
     and must not be unlinked (in a directory both may write, as a shared /run/bucketwire)."""
-    sock_dir.chmod(0o777)
-    path = str(sock_dir / "hub.sock")
+    public_dir.chmod(0o777)
+    path = str(public_dir / "hub.sock")
     router = LocalRouter(path, 1 << 20)
     try:
         pid = os.fork()
@@ -654,6 +666,10 @@ def test_a_hub_of_another_user_cannot_take_over_a_live_path(sock_dir: Path) -> N
                 os.setgroups([])
                 os.setgid(NOBODY)
                 os.setuid(NOBODY)
+                try:
+                    os.stat(path)
+                except OSError:
+                    os._exit(4)  # cannot even reach it: the test would prove nothing
                 try:
                     zmtp.listen(path).close()
                     code = 1
