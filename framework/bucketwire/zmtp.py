@@ -338,7 +338,7 @@ class LocalRouter:
         for _ in range(64):
             try:
                 s, _ = self.lsock.accept()
-            except OSError:  # none waits (EAGAIN), or one gone before it was taken
+            except BlockingIOError:
                 return
             if peer_uid(s) != self.uid:
                 self.on_refused("a peer of another user connected to the local socket")
