@@ -1,11 +1,12 @@
 """Where one event's latency goes at a fixed rate: the numbers behind docs/performance.md, "Closing the gap".
 
-    python -m bucketwire.devstack.bench.stages [RATE] [SECONDS] [busy]
+    python -m bucketwire.devstack.bench.stages [RATE] [SECONDS] [busy] [tcp]
 
 The same hub, worker pool (2 processes, the bench's no-op plugin) and publisher as `bench bus --against nats`;
 the hub runs with a timestamp per event at three points of its loop (`--stage-probe`, below), the handler notes
 its own. For each event: publisher send -> the hub's loop turn that reads it; -> its commit done; -> its DELIVER
-sent; -> its handler. With `busy` a spinning process holds one core. Prints percentiles per stage, and the
+sent; -> its handler. With `busy` a spinning process holds one core; with `tcp` the publisher and workers reach
+the hub over TCP instead of its local socket. Prints percentiles per stage, and the
 journal commit's own time.
 """
 
@@ -90,13 +91,13 @@ def q(xs: list[float], p: float) -> float:
     return xs[int(p * (len(xs) - 1))] * 1000 if xs else float("nan")
 
 
-def run(rate: int, seconds: float, busy: bool) -> None:
+def run(rate: int, seconds: float, busy: bool, local: bool = True) -> None:
     from bucketwire.devstack.bench.bus import Publisher, _wait_handled, payload
     from bucketwire.devstack.bench.common import Stack, pace_until, precise_sleeps
     from bucketwire.devstack.bench.versus import Spinner, read_rows
 
     precise_sleeps()
-    st = Stack("os")
+    st = Stack("os", local=local)
     out = st.tmp / "stages.json"
     hub = subprocess.Popen([sys.executable, "-m", "bucketwire.devstack.bench.stages", "--stage-probe", str(out),
                             "hub", "-c", str(st.cfg_path)], stdout=subprocess.DEVNULL,
@@ -154,5 +155,5 @@ if __name__ == "__main__":
         probe_hub(sys.argv[2], sys.argv[3:])
     else:
         args = sys.argv[1:]
-        run(int(args[0]) if args else 1000, float(args[1]) if len(args) > 1 else 3.0,
-            len(args) > 2 and args[2] == "busy")
+        run(int(args[0]) if args else 1000, float(args[1]) if len(args) > 1 else 3.0, "busy" in args[2:],
+            "tcp" not in args[2:])
