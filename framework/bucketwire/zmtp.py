@@ -269,6 +269,8 @@ class LocalRouter:
         self.ready: deque[int] = deque()
         self.uid = os.geteuid()
         self._n = 0
+        self.paused = 0.0
+        """While accept() fails (out of descriptors): when to listen again."""
 
     def fileno(self) -> int:
         return self.ep.fileno()
@@ -304,9 +306,15 @@ class LocalRouter:
     def _poll(self) -> bool:
         """Accept, read and write what the sockets allow now; True when a message was parsed."""
         got = False
+        if self.paused and time.monotonic() >= self.paused:
+            self.paused = 0.0
+            self.ep.modify(self.lsock.fileno(), select.EPOLLIN)
         for fd, ev in self.ep.poll(0):
             if fd == self.lsock.fileno():
-                self._accept()
+                try:
+                    self._accept()
+                except Exception as e:  # a peer gone between accept and greeting: only it is lost
+                    self.on_refused(f"{type(e).__name__}: {e}")
                 continue
             st = self.by_fd.get(fd)
             if st is None:
@@ -328,6 +336,9 @@ class LocalRouter:
             except ZmtpError as e:
                 self.on_refused(str(e))
                 self._drop(fd)
+            except Exception as e:  # nothing one peer sends may stop the hub's loop: that peer goes
+                self.on_refused(f"{type(e).__name__}: {e}")
+                self._drop(fd)
         return got
 
     def _accept(self) -> None:
@@ -336,7 +347,17 @@ class LocalRouter:
                 s, _ = self.lsock.accept()
             except BlockingIOError:
                 return
-            if peer_uid(s) != self.uid:
+            except OSError as e:  # out of descriptors (EMFILE): stop listening for a second, not spin on it
+                self.on_refused(f"cannot accept a local connection: {e.strerror or e}; trying again in 1 s")
+                self.ep.modify(self.lsock.fileno(), 0)
+                self.paused = time.monotonic() + 1.0
+                return
+            try:
+                uid = peer_uid(s)
+            except OSError:
+                s.close()
+                continue
+            if uid != self.uid:
                 self.on_refused("a peer of another user connected to the local socket")
                 s.close()
                 continue
