@@ -441,6 +441,8 @@ class LocalDealer:
         self.linger_ms = linger_ms
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.st: Stream | None = None
+        self.error: str | None = None
+        """Why the last connection attempt failed (no such file, refused: no hub there), for an error line."""
         self._tried = -1e9
         self._connect()
 
@@ -449,9 +451,11 @@ class LocalDealer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.path)
-        except OSError:
+        except OSError as e:
             sock.close()
+            self.error = e.strerror or str(e)
             return
+        self.error = None
         sock.setblocking(False)
         self._replace(sock)
         self.st = Stream(self.sock, False, b"DEALER", self.identity, self.max_msg)
