@@ -97,7 +97,8 @@ def parse_properties(body: bytes) -> dict[bytes, bytes]:
 class Stream:
     """One connection's bytes: the greeting and READY, then messages; what to write is buffered."""
 
-    __slots__ = ("sock", "inbuf", "out", "held", "greeted", "peer", "frames", "size", "max_msg", "messages")
+    __slots__ = ("sock", "inbuf", "out", "held", "greeted", "peer", "frames", "size", "max_msg", "messages",
+                 "watching")
 
     def __init__(self, sock: socket.socket, server: bool, socket_type: bytes, identity: bytes, max_msg: int) -> None:
         self.sock = sock
@@ -112,6 +113,8 @@ class Stream:
         self.size = 0
         self.max_msg = max_msg
         self.messages: deque[list[bytes]] = deque()
+        self.watching = False
+        """The hub's epoll watches this connection for room to write (what waits did not all go)."""
 
     def read(self) -> bool:
         """Read what waits and parse it; False when the peer has closed."""
@@ -387,8 +390,12 @@ class LocalRouter:
         return True
 
     def _flush(self, fd: int, st: Stream) -> None:
+        """Write what waits; watch for room only while some is left (an epoll_ctl per send was a syscall more on
+        the path of every DELIVER)."""
         done = st.flush()
-        self.ep.modify(fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
+        if done == st.watching:
+            st.watching = not done
+            self.ep.modify(fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
 
     def _drop(self, fd: int) -> None:
         st = self.by_fd.pop(fd, None)
