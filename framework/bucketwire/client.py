@@ -96,6 +96,10 @@ class HubClient:
         self._read_monitor()
         if self.handshake_failed:
             return HubUnavailable(handshake_failure(self.cfg, self.endpoint, self.handshake_failed, "client"))
+        if isinstance(self.sock, LocalDealer) and self.sock.error:
+            return HubUnavailable(
+                f"cannot connect to the hub's local socket {self.endpoint} ({self.sock.error}); is `bucketwire hub` "
+                "running with [hub] local set to it, and is [client] work right?")
         return HubUnavailable(
             f"no answer from the hub at {self.endpoint} within {self.timeout:g}s; "
             "is `bucketwire hub` running and is [client] work / [hub] work right?"

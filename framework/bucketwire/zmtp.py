@@ -97,7 +97,8 @@ def parse_properties(body: bytes) -> dict[bytes, bytes]:
 class Stream:
     """One connection's bytes: the greeting and READY, then messages; what to write is buffered."""
 
-    __slots__ = ("sock", "inbuf", "out", "held", "greeted", "peer", "frames", "size", "max_msg", "messages")
+    __slots__ = ("sock", "inbuf", "out", "held", "greeted", "peer", "frames", "size", "max_msg", "messages",
+                 "watching")
 
     def __init__(self, sock: socket.socket, server: bool, socket_type: bytes, identity: bytes, max_msg: int) -> None:
         self.sock = sock
@@ -112,6 +113,8 @@ class Stream:
         self.size = 0
         self.max_msg = max_msg
         self.messages: deque[list[bytes]] = deque()
+        self.watching = False
+        """The hub's epoll watches this connection for room to write (what waits did not all go)."""
 
     def read(self) -> bool:
         """Read what waits and parse it; False when the peer has closed."""
@@ -273,6 +276,8 @@ class LocalRouter:
         self.ready: deque[int] = deque()
         self.uid = os.geteuid()
         self._n = 0
+        self.paused = 0.0
+        """While accept() fails (out of descriptors): when to listen again."""
 
     def fileno(self) -> int:
         return self.ep.fileno()
@@ -308,9 +313,15 @@ class LocalRouter:
     def _poll(self) -> bool:
         """Accept, read and write what the sockets allow now; True when a message was parsed."""
         got = False
+        if self.paused and time.monotonic() >= self.paused:
+            self.paused = 0.0
+            self.ep.modify(self.lsock.fileno(), select.EPOLLIN)
         for fd, ev in self.ep.poll(0):
             if fd == self.lsock.fileno():
-                self._accept()
+                try:
+                    self._accept()
+                except Exception as e:  # a peer gone between accept and greeting: only it is lost
+                    self.on_refused(f"{type(e).__name__}: {e}")
                 continue
             st = self.by_fd.get(fd)
             if st is None:
@@ -332,6 +343,9 @@ class LocalRouter:
             except ZmtpError as e:
                 self.on_refused(str(e))
                 self._drop(fd)
+            except Exception as e:  # nothing one peer sends may stop the hub's loop: that peer goes
+                self.on_refused(f"{type(e).__name__}: {e}")
+                self._drop(fd)
         return got
 
     def _accept(self) -> None:
@@ -340,7 +354,17 @@ class LocalRouter:
                 s, _ = self.lsock.accept()
             except BlockingIOError:
                 return
-            if peer_uid(s) != self.uid:
+            except OSError as e:  # out of descriptors (EMFILE): stop listening for a second, not spin on it
+                self.on_refused(f"cannot accept a local connection: {e.strerror or e}; trying again in 1 s")
+                self.ep.modify(self.lsock.fileno(), 0)
+                self.paused = time.monotonic() + 1.0
+                return
+            try:
+                uid = peer_uid(s)
+            except OSError:
+                s.close()
+                continue
+            if uid != self.uid:
                 self.on_refused("a peer of another user connected to the local socket")
                 s.close()
                 continue
@@ -374,8 +398,12 @@ class LocalRouter:
         return True
 
     def _flush(self, fd: int, st: Stream) -> None:
+        """Write what waits; watch for room only while some is left (an epoll_ctl per send was a syscall more on
+        the path of every DELIVER)."""
         done = st.flush()
-        self.ep.modify(fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
+        if done == st.watching:
+            st.watching = not done
+            self.ep.modify(fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
 
     def _drop(self, fd: int) -> None:
         st = self.by_fd.pop(fd, None)
@@ -429,6 +457,8 @@ class LocalDealer:
         self._idle: socket.socket | None = None
         self.sock = self._placeholder()
         self.st: Stream | None = None
+        self.error: str | None = None
+        """Why the last connection attempt failed (no such file, refused: no hub there), for an error line."""
         self._tried = -1e9
         self._connect()
 
@@ -437,9 +467,11 @@ class LocalDealer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.path)
-        except OSError:
+        except OSError as e:
             sock.close()
+            self.error = e.strerror or str(e)
             return
+        self.error = None
         sock.setblocking(False)
         self._replace(sock)
         self.st = Stream(self.sock, False, b"DEALER", self.identity, self.max_msg)

@@ -34,9 +34,13 @@ def bench() -> None:
 @click.option("--backend", type=click.Choice(["sqlite", "jetstream", "both"]), default="sqlite", show_default=True,
               help="The hub's journal: the SQLite file, a 3-node JetStream cluster (replicas 3), or both side by "
                    "side with the ratio jetstream/sqlite.")
+@click.option("--transport", type=click.Choice(["local", "tcp"]), default="local", show_default=True,
+              help="With --against nats: how the publisher and the workers reach the hub: its local socket "
+                   "([hub] local, what one host should use) or TCP on loopback (what other hosts use).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], rate: tuple[int, ...], seconds: float,
-        against: str, rounds: int, busy: bool, plot_file: str | None, backend: str, as_json: bool) -> None:
+        against: str, rounds: int, busy: bool, plot_file: str | None, backend: str, transport: str,
+        as_json: bool) -> None:
     """Publish -> commit -> worker no-op -> ack, against raw pyzmq PUSH/PULL or NATS JetStream."""
     if against == "nats":
         from bucketwire.devstack.bench import versus
@@ -51,7 +55,7 @@ def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], ra
 
             plot.require_matplotlib()
         res = versus.run(events, processes[0] if processes else 2, durability[0] if durability else "os",
-                         list(rate or (1000,)), seconds, rounds, busy)
+                         list(rate or (1000,)), seconds, rounds, busy, transport)
         if plot_file:
             plot.draw(res, plot_file)
         click.echo(json.dumps(res, indent=2) if as_json else versus.render(res))

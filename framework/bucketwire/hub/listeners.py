@@ -122,7 +122,7 @@ class Listeners:
     def local_ready(self, ready: Container[object] | None) -> bool:
         """Whether the local socket may have something to read this turn."""
         local = self.local
-        return local is not None and (ready is None or local.fd in ready or bool(local.ready))
+        return local is not None and (ready is None or local.fd in ready or bool(local.ready) or bool(local.paused))
 
     def open(self) -> None:
         """Create and bind every listener (with CURVE: start ZAP first). A bind failure is one OSError line."""

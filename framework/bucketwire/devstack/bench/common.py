@@ -52,7 +52,8 @@ class Stack:
     A bench killed -9 cannot close(): its hub and pools get SIGTERM from the kernel (they would run on otherwise),
     and the next Stack removes the directories of benches that are gone."""
 
-    def __init__(self, durability: str = "os", extra: str = "") -> None:
+    def __init__(self, durability: str = "os", extra: str = "", local: bool = False) -> None:
+        """`local`: the hub serves [hub] local and every client of the stack ([client] work) connects to it."""
         remove_abandoned_tempdirs(PREFIX)
         tmp, self._lock = owned_tempdir(PREFIX)
         self.tmp = Path(tmp)
@@ -60,7 +61,7 @@ class Stack:
         self.cfg_path = self.tmp / "bench.toml"
         self.out = self.tmp / "latency"
         sock = self.tmp / "state" / "local.sock"
-        local = f'local = "ipc://{sock}"\n[client]\nwork = "ipc://{sock}"\n' if os.environ.get("BW_LOCAL") else ""
+        local_toml = f'local = "ipc://{sock}"\n[client]\nwork = "ipc://{sock}"\n' if local else ""
         self.cfg_path.write_text(f"""
 [hub]
 http = "127.0.0.1:{self.http}"
@@ -69,7 +70,7 @@ work = "tcp://127.0.0.1:{self.work}"
 state_dir = "{self.tmp / 'state'}"
 durability = "{durability}"
 dispatch_batch = 256
-{local}
+{local_toml}
 [groups.bench]
 topics = ["bench"]
 plugins = []

@@ -1,12 +1,13 @@
 """Where one event's latency goes at a fixed rate: the numbers behind docs/performance.md, "Closing the gap".
 
-    python -m bucketwire.devstack.bench.stages [RATE] [SECONDS] [busy]
+    python -m bucketwire.devstack.bench.stages [RATE] [SECONDS] [busy] [tcp]
 
 The same hub, worker pool (2 processes, the bench's no-op plugin) and publisher as `bench bus --against nats`;
 the hub runs with a timestamp per event at three points of its loop (`--stage-probe`, below), the handler notes
-its own. For each event: publisher send -> the hub's loop turn that reads it; -> its commit done; -> its DELIVER
-sent; -> its handler. With `busy` a spinning process holds one core. Prints percentiles per stage, and the
-journal commit's own time.
+its own. For each event: publisher send -> the hub's loop turn that reads it; -> its commit done (split: the turn
+until the PUB is read, until the commit begins, the commit); -> its DELIVER sent; -> its handler. With `busy` a
+spinning process holds one core; with `tcp` the publisher and workers reach the hub over TCP instead of its
+local socket. Prints percentiles per stage, and the journal commit's own time.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def probe_hub(out: str, argv: list[str]) -> None:
     from bucketwire.cli import main
 
     recv: dict[int, float] = {}
+    onpub: dict[int, float] = {}
+    begun: dict[int, float] = {}
     committed: dict[int, float] = {}
     sent: dict[int, float] = {}
     commit_s: list[float] = []
@@ -41,8 +44,10 @@ def probe_hub(out: str, argv: list[str]) -> None:
         tick(self, *rest, **kw)
 
     def p_on_pub(self: loop.Hub, ident: bytes, hdr: Any, *rest: Any) -> None:
+        now = time.monotonic()
         for d in hdr.events:
             recv[d["data"]["i"]] = turn[0]
+            onpub[d["data"]["i"]] = now
         on_pub(self, ident, hdr, *rest)
 
     def p_init(self: loop.Hub, cfg: Any) -> None:
@@ -67,6 +72,7 @@ def probe_hub(out: str, argv: list[str]) -> None:
                 data = orjson.loads(a.body).get("data")
                 if isinstance(data, dict) and "i" in data:
                     committed[data["i"]] = now
+                    begun[data["i"]] = t0
             return res
 
         self.net.send = p_send  # type: ignore[method-assign]
@@ -75,7 +81,7 @@ def probe_hub(out: str, argv: list[str]) -> None:
     def dump() -> None:
         with open(out, "w") as f:
             f.write(orjson.dumps({"commit_s": commit_s, "events": {
-                i: [t, committed.get(i, 0.0), sent.get(i, 0.0)] for i, t in recv.items()}},
+                i: [t, committed.get(i, 0.0), sent.get(i, 0.0), onpub[i], begun.get(i, 0.0)] for i, t in recv.items()}},
                 option=orjson.OPT_NON_STR_KEYS).decode())
 
     loop.Hub.tick, loop.Hub._on_pub, loop.Hub.__init__ = p_tick, p_on_pub, p_init  # type: ignore[method-assign,assignment]
@@ -90,13 +96,13 @@ def q(xs: list[float], p: float) -> float:
     return xs[int(p * (len(xs) - 1))] * 1000 if xs else float("nan")
 
 
-def run(rate: int, seconds: float, busy: bool) -> None:
+def run(rate: int, seconds: float, busy: bool, local: bool = True) -> None:
     from bucketwire.devstack.bench.bus import Publisher, _wait_handled, payload
     from bucketwire.devstack.bench.common import Stack, pace_until, precise_sleeps
     from bucketwire.devstack.bench.versus import Spinner, read_rows
 
     precise_sleeps()
-    st = Stack("os")
+    st = Stack("os", local=local)
     out = st.tmp / "stages.json"
     hub = subprocess.Popen([sys.executable, "-m", "bucketwire.devstack.bench.stages", "--stage-probe", str(out),
                             "hub", "-c", str(st.cfg_path)], stdout=subprocess.DEVNULL,
@@ -133,13 +139,15 @@ def run(rate: int, seconds: float, busy: bool) -> None:
         st.close()
     stages: dict[str, list[float]] = {n: [] for n in (
         "publisher send -> hub loop turn", "hub loop turn -> commit done", "commit done -> DELIVER sent",
-        "DELIVER sent -> handler", "total")}
+        "DELIVER sent -> handler", "total", "  of which: turn -> PUB read", "  PUB read -> commit begins",
+        "  the commit")}
     lists = list(stages.values())
-    for key, (turn, done, sent) in probe["events"].items():
+    for key, (turn, done, sent, read, begins) in probe["events"].items():
         i = int(key)
         if first <= i < first + k and i in handled and done and sent:
             t, r = handled[i]
-            for lst, v in zip(lists, (turn - t, done - turn, sent - done, r - sent, r - t), strict=True):
+            for lst, v in zip(lists, (turn - t, done - turn, sent - done, r - sent, r - t, read - turn,
+                                      begins - read, done - begins), strict=True):
                 lst.append(v)
     print(f"{rate}/s for {seconds:g} s{', one core busy' if busy else ''}: {len(lists[-1])} events")
     for name, xs in stages.items():
@@ -154,5 +162,5 @@ if __name__ == "__main__":
         probe_hub(sys.argv[2], sys.argv[3:])
     else:
         args = sys.argv[1:]
-        run(int(args[0]) if args else 1000, float(args[1]) if len(args) > 1 else 3.0,
-            len(args) > 2 and args[2] == "busy")
+        run(int(args[0]) if args else 1000, float(args[1]) if len(args) > 1 else 3.0, "busy" in args[2:],
+            "tcp" not in args[2:])

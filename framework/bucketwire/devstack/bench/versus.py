@@ -79,11 +79,11 @@ class BucketwireSide:
 
     name = "bucketwire"
 
-    def __init__(self, processes: int, durability: str) -> None:
+    def __init__(self, processes: int, durability: str, transport: str = "local") -> None:
         from bucketwire.devstack.bench.common import Stack
 
         self.processes = processes
-        self.stack = Stack(durability)
+        self.stack = Stack(durability, local=transport == "local")
         self.pub: Any = None
         self.failed = 0
         self.rows_by_pid: dict[int, list[Row]] = {}
@@ -247,7 +247,7 @@ def machine() -> dict[str, Any]:
 
 
 def run(n: int, processes: int, durability: str, rates: list[int], seconds: float, rounds: int,
-        busy: bool) -> dict[str, Any]:
+        busy: bool, transport: str = "local") -> dict[str, Any]:
     from bucketwire.devstack.bench import jetstream
 
     jetstream.require_nats()
@@ -258,7 +258,7 @@ def run(n: int, processes: int, durability: str, rates: list[int], seconds: floa
         order = ("bucketwire", "nats") if k % 2 == 0 else ("nats", "bucketwire")
         for name in order:
             progress(f"bench bus --against nats: round {k + 1}/{rounds}, {name}")
-            side: Side = (BucketwireSide(processes, durability) if name == "bucketwire"
+            side: Side = (BucketwireSide(processes, durability, transport) if name == "bucketwire"
                           else jetstream.JetStreamSide(processes, durability))
             per[name].append(one_round(side, n, rates, seconds, busy))
     progress_done()
@@ -278,13 +278,13 @@ def run(n: int, processes: int, durability: str, rates: list[int], seconds: floa
     return {
         "benchmark": "bus", "against": "nats", "machine": machine(), "events": n, "rounds": rounds,
         "processes": processes, "durability": durability, "rates": rates, "seconds": seconds, "busy": busy,
-        "setup": setup_text(processes, durability),
+        "transport": transport, "setup": setup_text(processes, durability, transport),
         "systems": {"bucketwire": bw, "nats": nt},
         "ratio": ratio,
     }
 
 
-def setup_text(processes: int, durability: str) -> dict[str, str]:
+def setup_text(processes: int, durability: str, transport: str = "local") -> dict[str, str]:
     from bucketwire.devstack.bench import jetstream as js
 
     nats_sync = "sync_interval always (fsync per write)" if durability == "fsync" else \
@@ -292,12 +292,16 @@ def setup_text(processes: int, durability: str) -> dict[str, str]:
     bw_sync = "fsync per commit" if durability == "fsync" else "commit reaches the OS (WAL), no fsync per commit"
     return {
         "bucketwire": (f"hub + worker pool --processes {processes} (no-op plugin), durability={durability} "
-                       f"({bw_sync}); publisher: one DEALER, 100 events per PUB request, 16 requests outstanding, "
+                       f"({bw_sync}); publisher and workers "
+                       + ("on the hub's local socket ([hub] local, a Unix socket)" if transport == "local"
+                          else "over TCP on loopback")
+                       + "; publisher: one DEALER, 100 events per PUB request, 16 requests outstanding, "
                        "each PUBACK after commit; group credit 512, dispatch_batch 256"),
         "nats": (f"nats-server -js, file stream R1, {nats_sync}; durable pull consumer, explicit ack, "
                  f"max_ack_pending {js.PULL_BATCH * max(2, processes)}; {processes} worker processes (nats-py) each "
                  f"keeping pull requests of {js.PULL_BATCH} open (expires 30 s, topped up at half), orjson parse, "
-                 f"msg.ack(); publisher: js.publish_async, {js.PUBLISH_WINDOW} PubAcks outstanding, all awaited"),
+                 f"msg.ack(); publisher: js.publish_async, {js.PUBLISH_WINDOW} PubAcks outstanding, all awaited; "
+                 "clients over TCP on loopback"),
     }
 
 
