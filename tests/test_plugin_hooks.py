@@ -627,3 +627,50 @@ def test_a_shutdown_hook_that_calls_sys_exit_does_not_keep_the_others_from_closi
     assert closes.closed, "the plugin after the one that exited got no worker_shutdown"
     assert any(r.getMessage() == "worker_shutdown failed" and getattr(r, "plugin", None) == "exits"
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+class YieldsTwice:
+    PLUGIN_NAME = "twice"
+
+    @hookimpl(wrapper=True, specname="handle_event")
+    def around(self, event: Event) -> Generator[None, Any, Any]:
+        res = yield
+        yield
+        return res
+
+
+class RaisesAround:
+    PLUGIN_NAME = "raiser"
+
+    def __init__(self, when: str) -> None:
+        self.when = when
+
+    @hookimpl(wrapper=True, specname="handle_event")
+    def around(self, event: Event) -> Generator[None, Any, Any]:
+        if self.when == "before":
+            raise ValueError("the wrapper's own bug")
+        res = yield
+        raise ValueError("the wrapper's own bug, after")
+        return res
+
+
+@pytest.mark.parametrize("wrapper", [YieldsTwice(), RaisesAround("before"), RaisesAround("after")],
+                         ids=["second yield", "raises before", "raises after"])
+def test_a_broken_wrapper_is_blamed_not_the_plugin_it_wraps(wrapper: Any) -> None:
+    """The dead letter's `plugin` (and the failure metric) names who failed: a wrapper that yielded twice or
+    raised its own error was recorded as a failure of the innocent plugin it wrapped."""
+    from bucketwire.worker.plugin_loading import HandlerFailed
+
+    h = PluginHarness(Named("innocent"), wrapper)
+    with pytest.raises(HandlerFailed) as ei:
+        h.runner.run(ev(), 1)
+    assert ei.value.plugin == wrapper.PLUGIN_NAME, str(ei.value.error)
+
+
+def test_a_plugins_own_error_through_a_wrapper_is_still_the_plugins() -> None:
+    from bucketwire.worker.plugin_loading import HandlerFailed
+
+    h = PluginHarness(Named("bad", fail=True), Timing())
+    with pytest.raises(HandlerFailed) as ei:
+        h.runner.run(ev(), 1)
+    assert ei.value.plugin == "bad"

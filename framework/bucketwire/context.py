@@ -140,6 +140,10 @@ class Context:
     derived_ids: list[str] = field(default_factory=list)
     """The id `publish` derived for each of `published`: put back as the handler returns, so a plugin that set
     its own through the returned Event (a random one) cannot make a redelivery commit its follow-ons again."""
+    _kinds: dict[tuple[str, str | None, str | None], int] = field(default_factory=dict, repr=False)
+    """How many follow-ons of each (topic, type, subject) `publish` has made for this event: a follow-on's id
+    counts only those like it, so handler threads that publish in another order on a redelivery still give each
+    follow-on the id of its first run (an index over all of them gave one follow-on another's id)."""
 
     def store(self, name: str | None = None) -> minio.Minio:
         """A `minio.Minio` client for store `name`; by default the event's store, else the configured default."""
@@ -182,8 +186,11 @@ class Context:
         bad = topic_problem(topic) or object_name_problem(data)
         if bad is not None:
             raise ValueError(f"follow-on to topic {topic[:80]!r} would be refused by the hub: {bad}")
+        kind = (topic, type, subject)
         ev = Event(
-            id=follow_on_id(cause.id, self.group, self.plugin, len(self.published), topic, cause.time, cause.source),
+            id=follow_on_id(cause.id, self.group, self.plugin, self._kinds.get(kind, 0),
+                            topic if type is None and subject is None else f"{topic}\0{type or ''}\0{subject or ''}",
+                            cause.time, cause.source),
             source=follow_on_source(self.group, self.plugin),
             type=type or f"bucketwire.{topic}",
             subject=subject,
@@ -208,6 +215,7 @@ class Context:
         if self.published_bytes + n > FOLLOW_ONS_MAX:
             raise FollowOnTooLarge(too_many_follow_ons(len(self.published) + 1, self.published_bytes + n))
         self.published_bytes += n
+        self._kinds[kind] = self._kinds.get(kind, 0) + 1
         self.published.append(ev)
         self.derived_ids.append(ev.id)
         return ev

@@ -495,6 +495,35 @@ def topics_missed(name: str, want: set[str] | None, group: str, topics: Sequence
             "group's plugins")
 
 
+_WRAPFAIL = re.compile(r"^wrap_controller at '[^']*' (.*):(\d+) (?:has second yield|did not yield)$")
+
+
+def culprit(name: str, caller: pluggy.HookCaller, error: BaseException) -> str:
+    """Who raised `error` out of plugin `name`'s call: a wrapper of the call that raised its own error (before or
+    after its yield, or instead of the plugin's), or yielded twice, is named, not the plugin it wrapped, whose
+    dead letter and failure count would otherwise carry the wrapper's bug. The innermost frame of a hook
+    implementation in the traceback is who raised; pluggy's own "second yield" error names the wrapper's code."""
+    impls = caller.get_hookimpls()
+    if len(impls) < 2:
+        return name
+    codes = {getattr(i.function, "__code__", None): i.plugin_name for i in impls}
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        who = codes.get(tb.tb_frame.f_code)
+        if who is not None:
+            found = who
+        tb = tb.tb_next
+    if found is not None:
+        return found
+    m = _WRAPFAIL.match(str(error)) if isinstance(error, RuntimeError) else None
+    if m is not None:
+        for code, who in codes.items():
+            if code is not None and code.co_filename == m[1] and code.co_firstlineno == int(m[2]):
+                return who
+    return name
+
+
 class HandlerFailed(Exception):
     """A plugin's `handle_event` raised `error`. The plugin is recorded here, never on the exception itself:
     some exception types (minio's `S3Error`) refuse new attributes."""
@@ -716,7 +745,7 @@ class PluginRunner:
                 except BaseException as e:
                     ctx.done = True
                     end_if_forked(name, "handle_event", forks)
-                    raise HandlerFailed(name, e) from e
+                    raise HandlerFailed(culprit(name, caller, e), e) from e
             else:
                 t0 = time.perf_counter()
                 try:
@@ -726,8 +755,9 @@ class PluginRunner:
                 except BaseException as e:
                     ctx.done = True
                     end_if_forked(name, "handle_event", forks)
-                    report(name, time.perf_counter() - t0, False)
-                    raise HandlerFailed(name, e) from e
+                    blamed = culprit(name, caller, e)
+                    report(blamed, time.perf_counter() - t0, False)
+                    raise HandlerFailed(blamed, e) from e
                 report(name, time.perf_counter() - t0, True)
             ctx.done = True  # a publish from now on (a thread the handler left running) raises, not vanishes
             if _forks[0] != forks:
