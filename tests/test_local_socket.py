@@ -892,3 +892,17 @@ def test_a_bad_local_value_is_one_config_line(stack_factory: Callable[..., Stack
     assert r.returncode != 0
     line = one_line(r.stdout + r.stderr)
     assert "local" in line, line
+
+
+def test_doctor_probes_the_local_socket(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
+    """doctor checks an ipc:// `[client] work` like a tcp one: the hub not there is an error naming the socket and
+    the setting to fix (it was 'not probed'), a hub there is `ROUTER socket answers`."""
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    out = bw(["doctor"], s.cfg_path)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ERROR [client] work = ipc://")), "")
+    assert "cannot connect (No such file or directory)" in line and f'[hub] local = "ipc://{sock}"' in line, out.stdout
+    s.start_hub()
+    out = bw(["doctor"], s.cfg_path)
+    assert f"ok    [client] work = ipc://{sock}: ROUTER socket answers" in out.stdout, out.stdout
+    assert "not probed" not in out.stdout

@@ -28,6 +28,7 @@ import click
 
 from bucketwire.config import Config, ConfigError, Route
 from bucketwire.envelope import SCHEMA_VERSION
+from bucketwire.zmtp import endpoint_path
 
 # S3 / MinIO event names (AWS S3 + MinIO extensions); a route glob starting with "s3:" must match one of them.
 S3_EVENTS = [
@@ -81,14 +82,24 @@ def zmtp_probe(endpoint: str, timeout: float = 1.5) -> dict[str, Any]:
     With the NULL mechanism the peer's READY command names its socket type; with CURVE only the mechanism is
     visible before the handshake, which is still enough to tell a security mismatch.
     """
-    if not endpoint.startswith("tcp://"):
-        return {"skipped": f"{endpoint} is not tcp://"}
-    host, _, port = endpoint[6:].rpartition(":")
-    host = host.strip("[]")
-    if host in ("*", "0.0.0.0", ""):
-        host = "127.0.0.1"
+    path = endpoint_path(endpoint)
+    if path is None and not endpoint.startswith("tcp://"):
+        return {"skipped": f"{endpoint} is not tcp:// or ipc://"}
     try:
-        s = socket.create_connection((host, int(port)), timeout=timeout)
+        if path is not None:  # the hub's local socket ([hub] local): the same greeting over a Unix socket
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            try:
+                s.connect(path)
+            except OSError:
+                s.close()
+                raise
+        else:
+            host, _, port = endpoint[6:].rpartition(":")
+            host = host.strip("[]")
+            if host in ("*", "0.0.0.0", ""):
+                host = "127.0.0.1"
+            s = socket.create_connection((host, int(port)), timeout=timeout)
     except (OSError, ValueError) as e:
         return {"error": f"cannot connect ({getattr(e, 'strerror', None) or e})"}
     try:
@@ -139,11 +150,13 @@ def check_endpoints(cfg: Config) -> list[Finding]:
             out.append(Finding("warn", f"{where}: not probed ({r['skipped']})"))
         elif "error" in r:
             out.append(Finding("error", f"{where}: {r['error']}",
+                               f"start `bucketwire hub` with [hub] local = \"{ep}\", or point [client] {key} at "
+                               "the hub's [hub] local" if ep.startswith("ipc://") else
                                f"start `bucketwire hub`, or point [client] {key} at the hub's [hub] {key}"))
         elif r["mechanism"] == "CURVE" and not curve:
             out.append(Finding("error", f"{where}: the hub requires CURVE but [security] curve is off here",
                                "set [security] curve = true with client_secret_key and server_public_key"))
-        elif r["mechanism"] == "NULL" and curve:
+        elif r["mechanism"] == "NULL" and curve and not ep.startswith("ipc://"):  # the local socket has no CURVE
             out.append(Finding("error", f"{where}: the peer does not use CURVE but [security] curve = true",
                                "enable [security] on the hub too, or check that this is the right hub"))
         elif r.get("socket_type") and r["socket_type"] != want and r["socket_type"] not in ALSO_FINE.get(key, ()):
@@ -247,7 +260,7 @@ def check_hub(cfg: Config) -> list[Finding]:
             # key; every command run with it fails, which makes it an error, and its fix must be read whole.
             what, _, fix = msg.partition("; ")
             return [Finding("error", what, fix)]
-        return [Finding("warn", f"hub status not available ({msg[:160]})", "the endpoint findings above say why")]
+        return [Finding("warn", f"hub status not available ({msg[:300]})", "the endpoint findings above say why")]
     return check_versions(st) + check_status(cfg, st)
 
 
