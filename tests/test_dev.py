@@ -92,6 +92,8 @@ def test_dev_demo_makes_thumbnails_and_stops_cleanly(tmp_path: Path) -> None:
         assert "phone-portrait" in text
         assert re.search(r"^  fan-out +tcp://127\.0\.0\.1:\d+", text, re.MULTILINE), text
         assert re.search(r"^  work +tcp://127\.0\.0\.1:\d+", text, re.MULTILINE), text
+        # The one-host stack's pools and commands are on the hub's local socket, the path README recommends there.
+        assert f"(pools and commands: ipc://{state}/hub/hub.sock)" in text, text
         # The pools were connected before the first upload: no false alarm at demo start.
         assert "group stalled" not in (state / "logs" / "hub.log").read_text()
         children = descendants(p.pid)

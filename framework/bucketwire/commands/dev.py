@@ -270,6 +270,16 @@ def effective_config(base: dict[str, Any], state_dir: Path, weed: WeedServer, to
     return doc
 
 
+def local_socket(doc: dict[str, Any]) -> None:
+    """The one-host stack's pools and commands reach the hub on its local socket ([hub] local): what a pool on the
+    hub's host should use (README "On the wire"), so the first stack a user runs is that path. Left on TCP when
+    the state directory's path is too long for a Unix socket's (108 bytes)."""
+    sock = Path(doc["hub"]["state_dir"]) / "hub.sock"
+    if len(str(sock)) < 100:
+        doc["hub"]["local"] = f"ipc://{sock}"
+        doc["client"] = {"work": f"ipc://{sock}"}
+
+
 class Children:
     """Child processes, each in its own session, with logs in one directory; stop() leaves nothing behind."""
 
@@ -406,7 +416,7 @@ def banner(weed: WeedServer, buckets: list[str], cfg_doc: dict[str, Any], cfg_pa
         f"  buckets       {', '.join(buckets)}\n"
         f"  webhook       http://{hub['http']} (token in the config)\n"
         f"  fan-out       {hub['publish']}\n"
-        f"  work          {hub['work']}\n"
+        f"  work          {hub['work']}" + (f" (pools and commands: {hub['local']})" if hub.get("local") else "") + "\n"
         f"  config        {cfg_path}\n"
         f"  logs          {log_dir}/\n"
         f"  follow        {cmd('tail', '-c', str(cfg_path))}\n"
@@ -562,6 +572,7 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
             raise DevError(str(e)) from None
         check_stop()
         cfg_doc = effective_config(base, root, weed, token, ports)
+        local_socket(cfg_doc)
         cfg_path = root / "bucketwire.toml"
         cfg = write_config(cfg_path, cfg_doc, "bucketwire dev")
         make_buckets(weed, buckets)
