@@ -6,6 +6,7 @@ another OS user, identities, and the config value."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -906,3 +907,27 @@ def test_doctor_probes_the_local_socket(stack_factory: Callable[..., Stack], soc
     out = bw(["doctor"], s.cfg_path)
     assert f"ok    [client] work = ipc://{sock}: ROUTER socket answers" in out.stdout, out.stdout
     assert "not probed" not in out.stdout
+
+
+def test_an_ack_larger_than_the_socket_takes_at_once_is_sent_whole_without_waiting(
+        stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
+    """A child's ACK carrying ~600 KB of follow-ons does not fit the socket's buffer in one write. Its rest went
+    out only when the child next woke for something else: with a 20 s heartbeat interval the event stayed in flight
+    for up to 20 s. The child now waits for room to write as well as for messages."""
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    text = s.cfg_path.read_text()
+    text = re.sub(r"heartbeat_interval = [0-9.]+", "heartbeat_interval = 20.0", text)
+    text = re.sub(r"heartbeat_timeout = [0-9.]+", "heartbeat_timeout = 60.0", text)
+    s.cfg_path.write_text(text)
+    s.start_hub()
+    s.start_worker("g", 1)
+    with s.client() as c:
+        c.publish("photos", {"i": 0, "follow": 3, "follow_pad": 200_000})
+
+    def acked() -> bool:
+        g = s.status()["groups"]["g"]
+        return bool(g["lag"] == 0 and g["inflight"] == 0)
+
+    wait_for(lambda: len([e for e in s.handled() if e["t"] == "photos"]) == 1, 30, "the event handled")
+    wait_for(acked, 8, "the event acked (its follow-ons committed) before the next heartbeat")

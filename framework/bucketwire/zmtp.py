@@ -509,6 +509,11 @@ class LocalDealer:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def pending(self) -> bool:
+        """Whether bytes wait to be written: a poller should then wait for room too (`readable` writes them)."""
+        st = self.st
+        return st is not None and bool(st.out)
+
     @property
     def connected(self) -> bool:
         return self._stream() is not None

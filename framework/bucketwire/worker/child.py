@@ -195,6 +195,9 @@ class Child:
         poll_ms = int(interval * 1000 / 2)
         try:
             while not self.stopping():
+                d = self.dealer
+                if isinstance(d, LocalDealer):  # an ACK the socket did not take whole: its rest goes when it can
+                    self.poller.modify(d, zmq.POLLIN | zmq.POLLOUT if d.pending() else zmq.POLLIN)
                 if dict(self.poller.poll(poll_ms)).get(self.poll_key):
                     self._receive(True)
                     if self.refused:
