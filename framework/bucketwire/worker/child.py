@@ -154,6 +154,7 @@ class Child:
         ident = b"w-" + uuid.uuid4().bytes
         self.slot.set_ident(ident)  # so the supervisor can name this child to the hub (death notice, RUNNING)
         local = zmtp.dealer(self.endpoint, ident, linger_ms=2000)
+        self.pollout = False  # the poller waits for room to write on the local socket too (see `run`)
         if local is not None:  # the hub's local socket: read and written by this thread, no libzmq thread between
             self.readable, self.recv = local.readable, local.recv_ready
             self.poll_key: object = local.fileno()
@@ -196,8 +197,10 @@ class Child:
         try:
             while not self.stopping():
                 d = self.dealer
-                if isinstance(d, LocalDealer):  # an ACK the socket did not take whole: its rest goes when it can
-                    self.poller.modify(d, zmq.POLLIN | zmq.POLLOUT if d.pending() else zmq.POLLIN)
+                if isinstance(d, LocalDealer) and d.pending() != self.pollout:
+                    # An ACK the socket did not take whole: the rest goes as soon as there is room.
+                    self.pollout = not self.pollout
+                    self.poller.modify(d, zmq.POLLIN | zmq.POLLOUT if self.pollout else zmq.POLLIN)
                 if dict(self.poller.poll(poll_ms)).get(self.poll_key):
                     self._receive(True)
                     if self.refused:
