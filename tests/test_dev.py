@@ -5,16 +5,19 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import minio
 import pytest
 
-from bucketwire.commands.dev import DEFAULT_CONFIG, needed_buckets, to_toml
+from bucketwire.commands.dev import DEFAULT_CONFIG, local_socket, needed_buckets, to_toml
 from bucketwire.devstack.seaweedfs import WeedError, find_weed
 from tests.procs import processes
 
@@ -66,15 +69,36 @@ def newcomer_env() -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
 
 
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory whose path leaves room for a Unix socket's under it (pytest's tmp_path under the suite's TMPDIR
+    does not: `dev` then keeps its pools on TCP), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="dev-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_dev_puts_its_pools_on_the_local_socket_when_the_path_allows() -> None:
+    short = {"hub": {"state_dir": "/srv/bw/hub"}}
+    local_socket(short)
+    assert short["hub"]["local"] == "ipc:///srv/bw/hub/hub.sock"
+    assert short["client"] == {"work": "ipc:///srv/bw/hub/hub.sock"}
+    long = {"hub": {"state_dir": "/srv/" + "d" * 100}}
+    local_socket(long)
+    assert "local" not in long["hub"] and "client" not in long, "a socket path over sun_path's 108 bytes"
+
+
 @pytest.mark.xdist_group("dev-demo")  # the two full demo stacks (test_dev_ha too) never run at the same time
 @pytest.mark.timeout(300)  # the demo itself may take up to 120 s on a loaded machine, then a clean stop
-def test_dev_demo_makes_thumbnails_and_stops_cleanly(tmp_path: Path) -> None:
+def test_dev_demo_makes_thumbnails_and_stops_cleanly(tmp_path: Path, short_dir: Path) -> None:
     try:
         find_weed()
     except WeedError as e:
         pytest.skip(str(e))
     out = tmp_path / "dev.out"
-    state = tmp_path / "state"
+    state = short_dir / "state"
     p = subprocess.Popen([BUCKETWIRE, "dev", "--state-dir", str(state), "--demo"],
                          stdout=out.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     tail: subprocess.Popen[bytes] | None = None
