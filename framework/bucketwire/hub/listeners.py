@@ -125,7 +125,18 @@ class Listeners:
         return local is not None and (ready is None or local.fd in ready or bool(local.ready) or bool(local.paused))
 
     def open(self) -> None:
-        """Create and bind every listener (with CURVE: start ZAP first). A bind failure is one OSError line."""
+        """Create and bind every listener (with CURVE: start ZAP first). A bind failure is one OSError line.
+
+        The local socket first: what is wrong with its path is the config's to say, whether or not the TCP ports
+        are free (they are taken by others at times; a path is ours)."""
+        path = endpoint_path(self.cfg.hub.local)
+        if path:
+            try:
+                self.local = LocalRouter(path, max_message_bytes(self.cfg), self._local_refused)
+            except OSError as e:
+                why = e.strerror or str(e)
+                raise OSError(f"cannot bind [hub] local {self.cfg.hub.local}: {why}; set [hub] local to a path this "
+                              "user can create a socket at, or to \"\" for none") from None
         zctx = self._zctx = zmq.Context()
         try:
             self.listeners = [_Listener(self.cfg.hub.work, self.cfg.hub.publish, None,
@@ -148,15 +159,7 @@ class Listeners:
         for ls in self.listeners:
             self.poller.register(ls.work, zmq.POLLIN)
             self.poller.register(ls.pub, zmq.POLLIN)  # a subscription wakes the loop: served from the next event
-        path = endpoint_path(self.cfg.hub.local)
-        if path:
-            try:
-                self.local = LocalRouter(path, max_message_bytes(self.cfg), self._local_refused)
-            except OSError as e:
-                self.close()
-                why = e.strerror or str(e)
-                raise OSError(f"cannot bind [hub] local {self.cfg.hub.local}: {why}; set [hub] local to a path this "
-                              "user can create a socket at, or to \"\" for none") from None
+        if self.local is not None:
             self.poller.register(self.local.fd, zmq.POLLIN)
 
     def _local_refused(self, why: str) -> None:
