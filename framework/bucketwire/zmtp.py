@@ -514,10 +514,6 @@ class LocalDealer:
         st = self.st
         return st is not None and bool(st.out)
 
-    @property
-    def connected(self) -> bool:
-        return self._stream() is not None
-
     def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
         st = self._stream()
         if st is None or st.waiting() > OUT_LIMIT:

@@ -28,7 +28,7 @@ import click
 
 from bucketwire.config import Config, ConfigError, Route
 from bucketwire.envelope import SCHEMA_VERSION
-from bucketwire.zmtp import endpoint_path
+from bucketwire.zmtp import ZmtpError, endpoint_path, parse_properties
 
 # S3 / MinIO event names (AWS S3 + MinIO extensions); a route glob starting with "s3:" must match one of them.
 S3_EVENTS = [
@@ -121,16 +121,12 @@ def zmtp_probe(endpoint: str, timeout: float = 1.5) -> dict[str, Any]:
         i = 1 + body[0]
         if body[1:i] != b"READY":
             return out
-        while i < len(body):
-            nl = body[i]
-            name = body[i + 1:i + 1 + nl].decode("ascii", "replace")
-            i += 1 + nl
-            vl = struct.unpack(">I", body[i:i + 4])[0]
-            val = body[i + 4:i + 4 + vl]
-            i += 4 + vl
-            if name.lower() == "socket-type":
-                out["socket_type"] = val.decode("ascii", "replace")
+        kind = parse_properties(body[i:]).get(b"socket-type")
+        if kind is not None:
+            out["socket_type"] = kind.decode("ascii", "replace")
         return out
+    except ZmtpError as e:
+        return {"error": f"a broken ZeroMQ greeting ({e})"}
     except (OSError, ConnectionError) as e:
         return {"error": f"no ZeroMQ greeting ({e})"}
     finally:
