@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import zmq
 
@@ -257,21 +258,31 @@ def listen(path: str) -> socket.socket:
     return s
 
 
+class Watcher(Protocol):
+    """An epoll the owner of a `LocalRouter` waits on already (the hub loop's `LoopPoller`): the router's
+    descriptors go there, so one wait covers them and the rest."""
+
+    def watch(self, fd: int, events: int, handler: Callable[[int, int], object], owner: object) -> None: ...
+    def modify(self, fd: int, events: int) -> None: ...
+    def forget(self, fd: int) -> None: ...
+
+
 class LocalRouter:
     """The hub's side: a ROUTER on a Unix socket, read and written by the hub's loop thread itself.
 
-    `fileno()` is an epoll descriptor the loop polls with its ZeroMQ sockets: it is readable when a peer
-    connects, sends, or can take what waits for it. Messages come out of `receive` as a ROUTER's do,
+    Given a `watcher` (the hub's), its descriptors are registered there and served by `handle` when that wait
+    reports them. Without one, `fileno()` is an epoll descriptor of its own, readable when a peer connects,
+    sends, or can take what waits for it. Messages come out of `receive` as a ROUTER's do,
     `[identity, *frames]`; the identity is the one the peer named in its READY, or one made here."""
 
-    def __init__(self, path: str, max_msg: int, on_refused: Callable[[str], None] = lambda why: None) -> None:
+    def __init__(self, path: str, max_msg: int, on_refused: Callable[[str], None] = lambda why: None,
+                 watcher: Watcher | None = None) -> None:
         self.path = path
         self.max_msg = max_msg
         self.on_refused = on_refused
         self.lsock = listen(path)
-        self.ep = select.epoll()
-        self.fd = self.ep.fileno()
-        self.ep.register(self.lsock.fileno(), select.EPOLLIN)
+        self.watcher = watcher
+        self.ep = select.epoll() if watcher is None else None
         self.by_fd: dict[int, Stream] = {}
         self.by_ident: dict[bytes, Stream] = {}
         self.ident_of: dict[int, bytes] = {}
@@ -280,16 +291,45 @@ class LocalRouter:
         self._n = 0
         self.paused = 0.0
         """While accept() fails (out of descriptors): when to listen again."""
+        self._register(self.lsock.fileno(), select.EPOLLIN)
 
     def fileno(self) -> int:
-        return self.ep.fileno()
+        """The router's own epoll (none with a `watcher`: -1)."""
+        return self.ep.fileno() if self.ep is not None else -1
+
+    def _register(self, fd: int, events: int) -> None:
+        if self.watcher is not None:
+            self.watcher.watch(fd, events, self.handle, self)
+        else:
+            assert self.ep is not None
+            self.ep.register(fd, events)
+
+    def _modify(self, fd: int, events: int) -> None:
+        if self.watcher is not None:
+            self.watcher.modify(fd, events)
+        else:
+            assert self.ep is not None
+            self.ep.modify(fd, events)
+
+    def _unregister(self, fd: int) -> None:
+        if self.watcher is not None:
+            self.watcher.forget(fd)
+            return
+        assert self.ep is not None
+        try:
+            self.ep.unregister(fd)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        for st in list(self.by_fd.values()):
+        for fd, st in list(self.by_fd.items()):
+            self._unregister(fd)
             st.sock.close()
         self.by_fd.clear()
         self.by_ident.clear()
-        self.ep.close()
+        self._unregister(self.lsock.fileno())
+        if self.ep is not None:
+            self.ep.close()
         self.lsock.close()
         try:
             os.unlink(self.path)
@@ -300,55 +340,64 @@ class LocalRouter:
         """The next message, `[identity, *frames]`, or None when none waits."""
         ready = self.ready
         while True:
-            while ready:
-                fd = ready[0]
+            while ready:  # a message from each peer in turn, as a ROUTER fair-queues
+                fd = ready.popleft()
                 st = self.by_fd.get(fd)
                 if st is not None and st.messages:
                     msg = st.messages.popleft()
-                    if not st.messages:
-                        ready.popleft()
+                    if st.messages:
+                        ready.append(fd)
                     return [self.ident_of[fd], *msg]
-                ready.popleft()
             if not self._poll():
                 return None
 
     def _poll(self) -> bool:
-        """Accept, read and write what the sockets allow now; True when a message was parsed."""
-        got = False
+        """Accept, read and write what the sockets allow now; True when a message was parsed. With a watcher,
+        its wait does that (`handle`): only a paused listener is looked at here."""
         if self.paused and time.monotonic() >= self.paused:
             self.paused = 0.0
-            self.ep.modify(self.lsock.fileno(), select.EPOLLIN)
+            self._modify(self.lsock.fileno(), select.EPOLLIN)
+        if self.ep is None:
+            return False
+        got = False
         for fd, ev in self.ep.poll(0):
-            if fd == self.lsock.fileno():
-                try:
-                    self._accept()
-                except Exception as e:  # a peer gone between accept and greeting: only it is lost
-                    self.on_refused(f"{type(e).__name__}: {e}")
-                continue
-            st = self.by_fd.get(fd)
-            if st is None:
-                continue
-            try:
-                if ev & select.EPOLLOUT:
-                    self._flush(fd, st)
-                if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                    if not st.read():
-                        self._drop(fd)
-                        continue
-                    if st.peer is not None and fd not in self.ident_of and not self._admit(fd, st):
-                        continue
-                    if st.messages:
-                        self.ready.append(fd)
-                        got = True
-                    if st.out:
-                        self._flush(fd, st)
-            except ZmtpError as e:
-                self.on_refused(str(e))
-                self._drop(fd)
-            except Exception as e:  # nothing one peer sends may stop the hub's loop: that peer goes
-                self.on_refused(f"{type(e).__name__}: {e}")
-                self._drop(fd)
+            got = self.handle(fd, ev) or got
         return got
+
+    def handle(self, fd: int, ev: int) -> bool:
+        """Serve what epoll said of `fd`; True when a message was parsed."""
+        if fd == self.lsock.fileno():
+            try:
+                self._accept()
+            except Exception as e:  # a peer gone between accept and greeting: only it is lost
+                self.on_refused(f"{type(e).__name__}: {e}")
+            return False
+        st = self.by_fd.get(fd)
+        if st is None:
+            return False
+        try:
+            if ev & select.EPOLLOUT:
+                self._flush(fd, st)
+            # A peer whose messages wait still is not read again: what one peer sends is buffered a read at a
+            # time, whatever it floods, and every peer gets its turn (`receive`).
+            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and not st.messages:
+                if not st.read():
+                    self._drop(fd)
+                    return False
+                if st.peer is not None and fd not in self.ident_of and not self._admit(fd, st):
+                    return False
+                if st.out:
+                    self._flush(fd, st)
+                if st.messages:
+                    self.ready.append(fd)
+                    return True
+        except ZmtpError as e:
+            self.on_refused(str(e))
+            self._drop(fd)
+        except Exception as e:  # nothing one peer sends may stop the hub's loop: that peer goes
+            self.on_refused(f"{type(e).__name__}: {e}")
+            self._drop(fd)
+        return False
 
     def _accept(self) -> None:
         for _ in range(64):
@@ -358,7 +407,7 @@ class LocalRouter:
                 return
             except OSError as e:  # out of descriptors (EMFILE): stop listening for a second, not spin on it
                 self.on_refused(f"cannot accept a local connection: {e.strerror or e}; trying again in 1 s")
-                self.ep.modify(self.lsock.fileno(), 0)
+                self._modify(self.lsock.fileno(), 0)
                 self.paused = time.monotonic() + 1.0
                 return
             try:
@@ -374,7 +423,7 @@ class LocalRouter:
             st = Stream(s, True, b"ROUTER", b"", self.max_msg)
             fd = s.fileno()
             self.by_fd[fd] = st
-            self.ep.register(fd, select.EPOLLIN)
+            self._register(fd, select.EPOLLIN)
             try:
                 self._flush(fd, st)
             except ZmtpError:  # gone before its greeting went out (a probe: connect, close), as a hub's start does
@@ -405,7 +454,7 @@ class LocalRouter:
         done = st.flush()
         if done == st.watching:
             st.watching = not done
-            self.ep.modify(fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
+            self._modify(fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
 
     def _drop(self, fd: int) -> None:
         st = self.by_fd.pop(fd, None)
@@ -413,10 +462,7 @@ class LocalRouter:
         if ident is not None and self.by_ident.get(ident) is st:
             del self.by_ident[ident]
         if st is not None:
-            try:
-                self.ep.unregister(fd)
-            except OSError:
-                pass
+            self._unregister(fd)
             st.sock.close()
 
     def has(self, ident: bytes) -> bool:

@@ -26,6 +26,7 @@ from bucketwire import config as config_mod
 from bucketwire import protocol as P
 from bucketwire.config import Config, ConfigError
 from bucketwire.hub.metrics import HubMetrics
+from bucketwire.hub.poller import LoopPoller
 from bucketwire.security import (
     LOCAL_USER,
     KeyAuthenticator,
@@ -91,8 +92,9 @@ class Listeners:
         self.auth: KeyAuthenticator | None = None
         self.listeners: list[_Listener] = []
         self.pubs: list[Socket] = []
-        self.poller = zmq.Poller()
-        """Polled by the hub's loop; the work sockets are registered here, the hub adds its own descriptors."""
+        self.poller = LoopPoller()
+        """Polled by the hub's loop; the work sockets and the local socket are registered here, the hub adds its
+        own descriptors. What uses a ZeroMQ socket here says so (`touched`): see hub/poller.py."""
         self.user: str | None = None
         self._zctx: zmq.Context[Socket] | None = None
         self._sock_of: dict[bytes, Socket] = {}
@@ -122,7 +124,7 @@ class Listeners:
     def local_ready(self, ready: Container[object] | None) -> bool:
         """Whether the local socket may have something to read this turn."""
         local = self.local
-        return local is not None and (ready is None or local.fd in ready or bool(local.ready) or bool(local.paused))
+        return local is not None and (ready is None or local in ready or bool(local.ready) or bool(local.paused))
 
     def open(self) -> None:
         """Create and bind every listener (with CURVE: start ZAP first). A bind failure is one OSError line.
@@ -132,7 +134,7 @@ class Listeners:
         path = endpoint_path(self.cfg.hub.local)
         if path:
             try:
-                self.local = LocalRouter(path, max_message_bytes(self.cfg), self._local_refused)
+                self.local = LocalRouter(path, max_message_bytes(self.cfg), self._local_refused, self.poller)
             except OSError as e:
                 why = e.strerror or str(e)
                 raise OSError(f"cannot bind [hub] local {self.cfg.hub.local}: {why}; set [hub] local to a path this "
@@ -159,8 +161,6 @@ class Listeners:
         for ls in self.listeners:
             self.poller.register(ls.work, zmq.POLLIN)
             self.poller.register(ls.pub, zmq.POLLIN)  # a subscription wakes the loop: served from the next event
-        if self.local is not None:
-            self.poller.register(self.local.fd, zmq.POLLIN)
 
     def _local_refused(self, why: str) -> None:
         self.metrics.rejected.labels("local", "protocol").inc()
@@ -171,6 +171,8 @@ class Listeners:
             self.local.close()
             self.local = None
         for ls in self.listeners:
+            self.poller.unregister(ls.work)
+            self.poller.unregister(ls.pub)
             ls.work.close(0)
             ls.pub.close(0)
         self.listeners, self.pubs = [], []
@@ -250,6 +252,7 @@ class Listeners:
         With CURVE, zero-copy frames carry the ZAP User-Id (the name of the key that admitted the peer): it
         becomes `user`, and the peer's ROUTER is remembered so replies leave on the socket it came in on.
         """
+        self.poller.touched(sock)
         if not ready and not readable(sock):  # cheaper than raising zmq.Again on every turn
             return None
         try:
@@ -287,6 +290,7 @@ class Listeners:
             self.metrics.send_again.labels("work").inc()
             return False
         sock = self._sock_of.get(frames[0], self.work) if self._sock_of else self.work
+        self.poller.touched(sock)
         try:
             # Frame by frame with int flags: send_multipart computes `SNDMORE | flags` on enums for every frame,
             # which cost more than the send itself (~3 us a frame, and a DELIVER has a frame per event). A
@@ -348,6 +352,7 @@ class Listeners:
         """Send on `pubs` (`targets(topic)`), or on every XPUB socket."""
         *head, last = frames
         for pub in self.pubs if pubs is None else pubs:
+            self.poller.touched(pub)
             try:  # frame by frame with int flags: send_multipart's enum arithmetic cost more than the sends
                 for f in head:
                     _send(pub, f, _MORE)
@@ -363,6 +368,7 @@ class Listeners:
             pub = ls.pub
             if ready is not None and pub not in ready:
                 continue
+            self.poller.touched(pub)
             for _ in range(1000):
                 if not readable(pub):
                     break

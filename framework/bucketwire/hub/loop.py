@@ -396,7 +396,7 @@ class Hub:
 
     def _turn(self) -> None:
         """Wait for work or the next timer, then one tick; the HTTP ingress is stepped after it."""
-        ready = dict(self.net.poller.poll(self._next_timeout(time.monotonic())))
+        ready = self.net.poller.poll(self._next_timeout(time.monotonic()))
         if self._wake_r in ready:
             try:
                 while os.read(self._wake_r, 4096):

@@ -1,0 +1,113 @@
+"""The hub loop's one epoll (hub/poller.py): ZeroMQ sockets by their descriptor, plain descriptors, watched ones.
+
+A ZeroMQ socket's descriptor only says that its events may have changed, and an operation on the socket takes in
+what changed without it saying so again: these tests pin that down with a real libzmq, and that `touched` makes
+the poller ask such a socket before it waits (a message left unseen would wait for the next timer).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from bucketwire.hub.poller import LoopPoller
+from bucketwire.zmqio import readable
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, b"d1")
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        yield router, dealer
+    finally:
+        router.close(0)
+        dealer.close(0)
+        ctx.term()
+
+
+def _fd_fires(sock: zmq.Socket[bytes], timeout: float = 5.0) -> bool:
+    r, _, _ = select.select([int(sock.getsockopt(zmq.FD))], [], [], timeout)
+    return bool(r)
+
+
+def test_a_message_wakes_the_poll_and_names_its_socket(pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]]) -> None:
+    router, dealer = pair
+    p = LoopPoller()
+    p.register(router)
+    p.poll(0)  # the socket is asked once when registered: nothing waits yet
+    dealer.send(b"hello")
+    deadline = time.monotonic() + 5
+    got: dict[object, int] = {}
+    while router not in got and time.monotonic() < deadline:
+        got = p.poll(1000)
+    assert got.get(router) == zmq.POLLIN
+    assert router.recv_multipart(zmq.NOBLOCK) == [b"d1", b"hello"]
+    p.touched(router)
+    assert p.poll(50) == {}  # drained: asked before the wait, and nothing more arrives
+    p.close()
+
+
+def test_a_socket_used_since_the_last_wait_is_asked_before_the_next(
+        pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]]) -> None:
+    """The case `touched` exists for: a message whose arrival another operation took in (here asking the events,
+    as a send or a receive would) leaves the descriptor quiet. Unasked, the poll would sleep past it."""
+    router, dealer = pair
+    p = LoopPoller()
+    p.register(router)
+    p.poll(0)
+    dealer.send(b"first")
+    assert _fd_fires(router)
+    assert readable(router)  # the loop used the socket: libzmq took the news in, the descriptor is reset
+    assert not _fd_fires(router, 0.2), "libzmq's descriptor signals again: the premise of `touched` changed"
+    assert p.poll(200) == {}, "without being told, the poller cannot know"  # the stranded message
+    p.touched(router)
+    assert p.poll(5000).get(router) == zmq.POLLIN
+    assert router.recv_multipart(zmq.NOBLOCK) == [b"d1", b"first"]
+    p.close()
+
+
+def test_plain_and_watched_descriptors() -> None:
+    p = LoopPoller()
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    seen: list[tuple[int, int]] = []
+    owner = object()
+    try:
+        p.register(r)
+        p.watch(r2, select.EPOLLIN, lambda fd, ev: seen.append((fd, ev)), owner)
+        assert p.poll(0) == {}
+        os.write(w, b"x")
+        assert p.poll(1000) == {r: zmq.POLLIN}
+        os.read(r, 1)
+        os.write(w2, b"y")
+        assert p.poll(1000) == {owner: zmq.POLLIN}
+        assert seen == [(r2, select.EPOLLIN)]
+        p.forget(r2)
+        p.unregister(r)
+        os.write(w, b"x")
+        assert p.poll(50) == {}  # neither is watched any more
+    finally:
+        for fd in (r, w, r2, w2):
+            os.close(fd)
+        p.close()
+
+
+def test_an_unregistered_socket_is_not_reported(pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]]) -> None:
+    router, dealer = pair
+    p = LoopPoller()
+    p.register(router)
+    p.unregister(router)
+    dealer.send(b"x")
+    assert _fd_fires(router)
+    assert p.poll(100) == {}
+    p.close()
