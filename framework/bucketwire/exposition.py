@@ -20,10 +20,15 @@ from prometheus_client.exposition import choose_encoder
 CREATED_ENV = "BUCKETWIRE_METRICS_CREATED"
 
 
+def created_series_enabled() -> bool:
+    """Whether `_created` series are wanted (BUCKETWIRE_METRICS_CREATED), for collectors that make their own."""
+    return os.environ.get(CREATED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def configure_created_series() -> None:
     """Apply the `_created` policy; prometheus-client keeps it per process, so every process that serves or
     writes metrics calls this before it creates any."""
-    wanted = os.environ.get(CREATED_ENV, "").strip().lower() in ("1", "true", "yes")
+    wanted = created_series_enabled()
     switch = _metrics.enable_created_metrics if wanted else _metrics.disable_created_metrics
     cast(Callable[[], None], switch)()  # prometheus-client leaves these two unannotated
 
