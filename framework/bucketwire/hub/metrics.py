@@ -68,6 +68,10 @@ class Hot:
     def remove(self, *values: str) -> None:
         self._cells.pop(values, None)
 
+    def inc(self, amount: float = 1) -> None:
+        """For a family without labels."""
+        self.labels().inc(amount)
+
     def describe(self) -> Iterator[Metric]:
         yield self.family(self.name, self.doc, labels=self.labelnames)
 
@@ -148,7 +152,8 @@ class HubMetrics:
                               "Events dropped as duplicates of (source, id)", ["source"], registry=r)
         self.rejected = Counter("bucketwire_ingress_rejected_total", "Requests or frames rejected",
                                 ["ingress", "reason"], registry=r)
-        self.commits = Counter("bucketwire_journal_commits_total", "Journal transactions committed", registry=r)
+        self.commits = Hot("counter", "bucketwire_journal_commits_total", "Journal transactions committed", [],
+                           registry=r)
         self.commit_failures = Counter("bucketwire_journal_commit_failures_total", "Journal commits that failed",
                                        registry=r)
         self.commit_seconds = HotHistogram("bucketwire_journal_commit_seconds", "Journal commit latency", registry=r,
