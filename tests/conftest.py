@@ -15,6 +15,17 @@ SUITE_PROCESSES = 3
 time): each waits on real processes most of its time. 3 processes: 425 s, 131% CPU, the same tests passing."""
 
 
+def _share_ports() -> None:
+    """Each test process takes its own share of the ports `free_port` hands out (procutil.free_port), inherited
+    by the hubs, pools and stacks it starts."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and count.isdigit() and int(count) > 1:
+        os.environ["BUCKETWIRE_PORT_SHARE"] = f"{int(worker[2:]) % int(count)}/{count}"
+
+
+_share_ports()
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto` (pyproject's addopts): the whole suite in SUITE_PROCESSES processes, since most of its time is
     spent waiting on real hubs, workers, SeaweedFS and NATS, not computing; a run of chosen files or tests in

@@ -189,18 +189,33 @@ _handed_out: set[int] = set()
 _rng = random.Random()  # its own: test runners reseed the module's generator before every test
 
 
+def _port_share() -> tuple[int, int]:
+    """(K, N) from BUCKETWIRE_PORT_SHARE; (0, 1), all ports, when it is unset or not K/N with 0 <= K < N."""
+    k, _, n = os.environ.get("BUCKETWIRE_PORT_SHARE", "").partition("/")
+    try:
+        ki, ni = int(k), int(n)
+    except ValueError:
+        return 0, 1
+    return (ki, ni) if 0 <= ki < ni <= 20 else (0, 1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on `host` right now (for stacks started on loopback by `dev`, bench and tests).
 
     Picked below the kernel's ephemeral range: a port from `bind(0)` lies inside it, and between this check and the
     server's own bind, any outgoing connection of the machine (a NATS route, an S3 client) could take it as its
     local port: "address already in use" a few times a test run. Below the range only another listener can.
-    Never the same port twice from one process, so two servers configured together do not collide."""
+    Never the same port twice from one process, so two servers configured together do not collide.
+
+    BUCKETWIRE_PORT_SHARE="K/N" (set by the test suite for its Kth of N processes) keeps to the ports whose
+    thousand is K modulo N: a hub a test restarts on its old port finds it still free, not taken meanwhile by a
+    server another test process started (seen now and then in `test_revoke`)."""
     low = 10_000
-    if _EPHEMERAL_LOW - low >= 2_000:
-        for _ in range(200):
+    k, n = _port_share()
+    if _EPHEMERAL_LOW - low >= 2_000 * n:
+        for _ in range(200 * n):
             port = _rng.randrange(low, _EPHEMERAL_LOW)
-            if port in _handed_out:
+            if port in _handed_out or (port // 1000) % n != k:
                 continue
             with socket.socket() as s:
                 try:
