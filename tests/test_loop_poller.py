@@ -111,3 +111,55 @@ def test_an_unregistered_socket_is_not_reported(pair: tuple[zmq.Socket[bytes], z
     assert _fd_fires(router)
     assert p.poll(100) == {}
     p.close()
+
+
+def test_the_local_router_in_the_loops_epoll(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With the loop's poller as its watcher: the poll reads a peer's messages and names the router; a drain that
+    has taken them asks again without waiting, so what came meanwhile joins it (the same commit, under load); a
+    flooding peer does not keep a quiet one waiting."""
+    import tempfile
+
+    from bucketwire.zmtp import LocalRouter
+
+    path = os.path.join(tempfile.mkdtemp(prefix="bwp-", dir="/tmp"), "r.sock")
+    p = LoopPoller()
+    router = LocalRouter(path, 1 << 20, watcher=p)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        assert router.fileno() == -1
+        a, b = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        for s, name in ((a, b"a"), (b, b"b")):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.IDENTITY, name)
+            s.connect(f"ipc://{path}")
+
+        a.send(b"one")
+        first = None
+        deadline = time.monotonic() + 5
+        while first is None and time.monotonic() < deadline:  # the accept and the greeting come first
+            if router in p.poll(1000):
+                first = router.receive()
+        assert first == [b"a", b"one"]
+        a.send(b"two")  # arrives after the loop's poll, while the drain that took "one" goes on
+        time.sleep(0.1)
+        assert router.receive() == [b"a", b"two"], "the drain did not ask for what came meanwhile"
+        assert router.receive() is None
+        for i in range(200):
+            a.send(b"flood %d" % i)
+        b.send(b"quiet")
+        time.sleep(0.2)
+        seen: list[list[bytes]] = []
+        deadline = time.monotonic() + 5
+        while [b"b", b"quiet"] not in seen and time.monotonic() < deadline:
+            p.poll(100)
+            for _ in range(20):  # a turn's share (MAX_DRAIN in the hub)
+                m = router.receive()
+                if m is None:
+                    break
+                seen.append(m)
+        assert [b"b", b"quiet"] in seen
+        assert seen.index([b"b", b"quiet"]) < 40, "the quiet peer waited behind the flood"
+    finally:
+        router.close()
+        ctx.destroy(0)
+        p.close()

@@ -263,6 +263,7 @@ class Watcher(Protocol):
     descriptors go there, so one wait covers them and the rest."""
 
     def watch(self, fd: int, events: int, handler: Callable[[int, int], object], owner: object) -> None: ...
+    def serve_watched(self) -> None: ...
     def modify(self, fd: int, events: int) -> None: ...
     def forget(self, fd: int) -> None: ...
 
@@ -291,6 +292,8 @@ class LocalRouter:
         self._n = 0
         self.paused = 0.0
         """While accept() fails (out of descriptors): when to listen again."""
+        self._taken = 0
+        """Messages `receive` returned since the sockets were last read (see `_poll`)."""
         self._register(self.lsock.fileno(), select.EPOLLIN)
 
     def fileno(self) -> int:
@@ -347,18 +350,29 @@ class LocalRouter:
                     msg = st.messages.popleft()
                     if st.messages:
                         ready.append(fd)
+                    self._taken += 1
                     return [self.ident_of[fd], *msg]
             if not self._poll():
                 return None
 
     def _poll(self) -> bool:
-        """Accept, read and write what the sockets allow now; True when a message was parsed. With a watcher,
-        its wait does that (`handle`): only a paused listener is looked at here."""
+        """Accept, read and write what the sockets allow now; True when a message was parsed.
+
+        With a watcher, its wait reads the sockets (`handle`) before each turn of the hub's loop. A drain that has
+        taken what that read asks it again, without waiting: under load what came meanwhile joins the same
+        commit (asking only after two or more messages, a PUB of 100 events being one, made 2.5 times the
+        commits at saturation and cost 5-10 us per event). A drain that took nothing does not ask: the loop's
+        wait has just answered."""
         if self.paused and time.monotonic() >= self.paused:
             self.paused = 0.0
             self._modify(self.lsock.fileno(), select.EPOLLIN)
-        if self.ep is None:
-            return False
+        taken, self._taken = self._taken, 0
+        if self.watcher is not None:
+            if not taken:
+                return False
+            self.watcher.serve_watched()
+            return bool(self.ready)
+        assert self.ep is not None
         got = False
         for fd, ev in self.ep.poll(0):
             got = self.handle(fd, ev) or got

@@ -84,6 +84,15 @@ class LoopPoller:
             except (OSError, ValueError):
                 pass
 
+    def serve_watched(self) -> None:
+        """Run the handlers of the watched descriptors that are ready now, without waiting. The rest is left: the
+        epoll is level-triggered, and the next `poll` reports it again."""
+        watched = self._watched
+        for fd, ev in self.ep.poll(0):
+            w = watched.get(fd)
+            if w is not None:
+                w[0](fd, ev)
+
     def touched(self, sock: zmq.Socket[bytes]) -> None:
         """`sock` was used (sent on, read, asked): ask it for its events before the next wait."""
         self._touched.add(sock)
