@@ -123,6 +123,20 @@ def local_stack(make: Callable[..., Stack], sock: Path, client_local: bool = Tru
     return s
 
 
+def tcp_dealer(ctx: zmq.Context[zmq.Socket[bytes]], s: Stack, identity: bytes = b"",
+               cfg: config_mod.Config | None = None) -> zmq.Socket[bytes]:
+    """A libzmq DEALER on the hub's tcp work socket (with `cfg`: that config's CURVE client key), under
+    `identity` when given: an impostor's, when it is a local peer's."""
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    if identity:
+        d.setsockopt(zmq.IDENTITY, identity)
+    if cfg is not None:
+        security.apply_client(d, cfg)
+    d.connect(f"tcp://127.0.0.1:{s.work_port}")
+    return d
+
+
 def tcp_client(s: Stack) -> HubClient:
     cfg = config_mod.load(s.cfg_path)
     cfg.client.work = f"tcp://127.0.0.1:{s.work_port}"
@@ -762,15 +776,10 @@ def test_a_tcp_peer_cannot_speak_as_a_local_one(stack_factory: Callable[..., Sta
         local.send_multipart([b"STATUS", b'{"req": 1}'])
         assert local.poll(10_000), "no answer to the local peer"
         assert local.recv_frames()[0] == b"STATUSR"
-        impostor = ctx.socket(zmq.DEALER)
-        impostor.setsockopt(zmq.LINGER, 0)
-        impostor.setsockopt(zmq.IDENTITY, b"w-shared")
-        impostor.connect(f"tcp://127.0.0.1:{s.work_port}")
+        impostor = tcp_dealer(ctx, s, b"w-shared")
         impostor.send_multipart([b"STATUS", b'{"req": 2}'])
         impostor.send_multipart([b"ACK", b'{"req": 3}'])
-        honest = ctx.socket(zmq.DEALER)  # sent after the impostor's, on the same tcp socket of the hub
-        honest.setsockopt(zmq.LINGER, 0)
-        honest.connect(f"tcp://127.0.0.1:{s.work_port}")
+        honest = tcp_dealer(ctx, s)  # sent after the impostor's, on the same tcp socket of the hub
         honest.send_multipart([b"STATUS", b'{"req": 4}'])
         assert honest.poll(10_000), "the hub did not answer a tcp peer"
         assert not impostor.poll(500)
@@ -801,10 +810,7 @@ def test_a_tcp_peer_cannot_ack_a_local_workers_events(stack_factory: Callable[..
             frames = victim.recv_frames()
             if frames[0] == b"DELIVER":
                 seqs += [int(P.header(b)["seq"]) for b in frames[2:]]
-        impostor = ctx.socket(zmq.DEALER)
-        impostor.setsockopt(zmq.LINGER, 0)
-        impostor.setsockopt(zmq.IDENTITY, b"w-victim")
-        impostor.connect(f"tcp://127.0.0.1:{s.work_port}")
+        impostor = tcp_dealer(ctx, s, b"w-victim")
         impostor.send_multipart([b"ACK", P.enc({"g": "g", "ok": {"photos": [[min(seqs), max(seqs)]]}})])
         with tcp_client(s) as c:  # sent after the impostor's ACK on the same hub socket: read after it
             assert c.status()["groups"]["g"]["inflight"] == 3
@@ -839,16 +845,9 @@ def test_with_curve_local_peers_work_and_a_keyed_tcp_peer_cannot_speak_as_one(
         assert local.poll(10_000) and local.recv_frames()[0] == b"STATUSR"
         admin = config_mod.load(s.cfg_path)
         admin.security.client_secret_key = d / "keys" / "admin.key_secret"
-        impostor = ctx.socket(zmq.DEALER)
-        impostor.setsockopt(zmq.LINGER, 0)
-        impostor.setsockopt(zmq.IDENTITY, b"w-shared")
-        security.apply_client(impostor, admin)
-        impostor.connect(f"tcp://127.0.0.1:{s.work_port}")
+        impostor = tcp_dealer(ctx, s, b"w-shared", admin)
         impostor.send_multipart([b"STATUS", b'{"req": 2}'])
-        honest = ctx.socket(zmq.DEALER)
-        honest.setsockopt(zmq.LINGER, 0)
-        security.apply_client(honest, admin)
-        honest.connect(f"tcp://127.0.0.1:{s.work_port}")
+        honest = tcp_dealer(ctx, s, cfg=admin)
         honest.send_multipart([b"STATUS", b'{"req": 3}'])
         assert honest.poll(10_000), "the hub did not answer a keyed tcp peer"
         assert not impostor.poll(500)
