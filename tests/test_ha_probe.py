@@ -159,10 +159,11 @@ def test_a_resumed_dispatcher_stores_nothing_for_the_group_once_its_lease_lapsed
     try:
         wait_for(lambda: "g" in a.lead(["g"], time.monotonic()), 10, "hub a to take the lease")
         a.commit(Batch(cursors={("g", "photos"): 3}, attempts={("g", "photos", 5): 2}, due={("g", "photos", 5): 1.0},
-                       stats={"g": (1, 0, 0)}))
+                       waits={("g", "photos", 5): 7.5}, stats={"g": (1, 0, 0)}))
         wait_for(lambda: "g" in b.lead(["g"], time.monotonic()), 10, "hub b to take the lease")
         b.load_group("g")
         assert b.attempts_of("g") == {("photos", 5): 2}
+        assert b.retries_due("g") == {("photos", 5): 1.0} and b.retry_waits("g") == {("photos", 5): 7.5}
         # a resumes mid-tick: the acks its tick gathered before the freeze go out with an event a publisher sent
         out = a.commit(Batch(events=[NewEvent("photos", "bucketwire://test/zombie", "z1", None,
                                               {"id": "z1", "topic": "photos", "seq": None})],

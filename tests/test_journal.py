@@ -243,16 +243,22 @@ def test_seqs_follow_each_topic_through_interleaved_batches(tmp_path_factory, ba
 def test_retry_attempts_are_stored_replaced_deleted_and_survive_a_reopen(tmp_path):
     j = Journal(tmp_path / "j.db")
     j.commit(Batch(attempts={("g", "t", 1): 1, ("g", "t", 2): 2, ("h", "t", 1): 1},
-                   due={("g", "t", 1): 1000.5, ("g", "t", 2): 2000.0}))
-    j.commit(Batch(attempts={("g", "t", 1): 2, ("g", "t", 2): 0}, due={("g", "t", 1): 3000.0}))  # 0: acked
+                   due={("g", "t", 1): 1000.5, ("g", "t", 2): 2000.0}, waits={("g", "t", 1): 0.5, ("g", "t", 2): 4.0,
+                                                                            ("h", "t", 1): 9.0}))
+    j.commit(Batch(attempts={("g", "t", 1): 2, ("g", "t", 2): 0}, due={("g", "t", 1): 3000.0},  # 0: acked
+                   waits={("g", "t", 1): 60.0}))
     j.close()
     j = Journal(tmp_path / "j.db")
     assert j.attempts_of("g") == {("t", 1): 2} and j.retries_due("g") == {("t", 1): 3000.0}
+    assert j.retry_waits("g") == {("t", 1): 60.0}  # replaced with its retry; gone with the acked one
+    assert j.retry_waits("h") == {("t", 1): 9.0}
     j.forget_group("h")  # `group rm`: a later group of that name starts every event at its first attempt
-    assert j.attempts_of("h") == {} and j.attempts_of("g") == {("t", 1): 2}
+    assert j.attempts_of("h") == {} and j.attempts_of("g") == {("t", 1): 2} and j.retry_waits("h") == {}
+    assert j.db.execute("SELECT count(*) FROM retry_waits WHERE grp='h'").fetchone()[0] == 0
     # retention drops the events: their counts go too (nothing would load those events again to ack them)
     j.commit(Batch(events=[ev("t", i) for i in range(3)], attempts={("g", "t", 3): 1}))
     assert j.attempts_of("g") == {("t", 1): 2, ("t", 3): 1}
     j.db.execute("UPDATE events SET ts = 0 WHERE seq <= 2")
     assert j.enforce_retention(max_age=3600, max_bytes=10 << 30) == 2
     assert j.attempts_of("g") == {("t", 3): 1}
+    assert j.db.execute("SELECT count(*) FROM retry_waits").fetchone()[0] == 0  # seq 1's went with its row

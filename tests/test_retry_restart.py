@@ -94,7 +94,8 @@ def test_attempts_and_a_scheduled_retry_survive_a_hub_sigkill(stack_factory: Any
 def test_a_clock_stepped_back_does_not_stretch_a_stored_retry(stack_factory: Any, tmp_path: Path) -> None:
     """Due times are stored as wall-clock times. A hub restarted after the clock stepped back (here: the stored
     time lies 30 days ahead, as it would after a 30-day step back) waited out the step on top of the backoff; what
-    it loads is clamped to the longest wait a retry can be given (the topic's backoff_max, or Retry(delay)'s cap)."""
+    it loads waits no longer than the retry was given (Retry(delay=120)), stored beside it. A row written by a hub
+    that stored no wait is clamped to the longest wait a retry can be given (Retry(delay)'s cap, a day)."""
     flaky = tmp_path / "flaky.log"
     s = stack_factory(CONFIG.format(flaky=flaky))
     s.start_hub()
@@ -111,5 +112,15 @@ def test_a_clock_stepped_back_does_not_stretch_a_stored_retry(stack_factory: Any
     s.start_hub()
     g = wait_for(lambda: (g := s.status()["groups"].get("w", {})).get("retrying") == 1 and g, 30,
                  "the restarted hub holding the retry")
-    assert g["next_retry_in"] <= 86_400, g
+    assert 0 < g["next_retry_in"] <= 120, g
+    s.kill_hub(signal.SIGTERM)
+    db = sqlite3.connect(s.cfg.hub.state_dir / "journal.db")
+    with db:  # as a hub that predates retry_waits leaves it
+        assert db.execute("DELETE FROM retry_waits WHERE grp='w'").rowcount == 1
+        db.execute("UPDATE retries SET due = due + ? WHERE grp='w'", (30 * 86_400,))
+    db.close()
+    s.start_hub()
+    g = wait_for(lambda: (g := s.status()["groups"].get("w", {})).get("retrying") == 1 and g, 30,
+                 "the hub holding the retry without its wait")
+    assert 120 < g["next_retry_in"] <= 86_400, g
     assert _attempts(flaky) == {1: [1]}

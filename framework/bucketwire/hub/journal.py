@@ -87,6 +87,11 @@ CREATE TABLE IF NOT EXISTS group_stats(grp TEXT PRIMARY KEY, dead_lettered INTEG
 CREATE TABLE IF NOT EXISTS retries(grp TEXT NOT NULL, topic TEXT NOT NULL, seq INTEGER NOT NULL,
                                    attempts INTEGER NOT NULL, due REAL NOT NULL, PRIMARY KEY(grp, topic, seq))
                                    WITHOUT ROWID;
+-- How long each of those retries was scheduled to wait: a hub loading them after the clock stepped back waits no
+-- longer than that, whatever `due` now says. A table of its own, not a column of `retries`: a hub that predates
+-- it writes `retries` unchanged (its rows are then read without a wait, as before) and ignores this one.
+CREATE TABLE IF NOT EXISTS retry_waits(grp TEXT NOT NULL, topic TEXT NOT NULL, seq INTEGER NOT NULL,
+                                       wait REAL NOT NULL, PRIMARY KEY(grp, topic, seq)) WITHOUT ROWID;
 """
 
 
@@ -167,6 +172,9 @@ class Batch:
     dispatcher) goes on counting from."""
     due: dict[tuple[str, str, int], float] = field(default_factory=dict)
     """(group, topic, seq) -> unix time the next attempt is due, stored beside `attempts`."""
+    waits: dict[tuple[str, str, int], float] = field(default_factory=dict)
+    """(group, topic, seq) -> the seconds that retry was scheduled to wait, stored beside `due` (see
+    `retry_waits`)."""
 
 
 class JournalAPI(Protocol):
@@ -192,6 +200,10 @@ class JournalAPI(Protocol):
         ...
     def retries_due(self, group: str) -> dict[tuple[str, int], float]:
         """When (unix time) the next attempt of each of those events is due."""
+        ...
+    def retry_waits(self, group: str) -> dict[tuple[str, int], float]:
+        """How long each of those retries was scheduled to wait, in seconds, where it is known (a hub that
+        predates it stored none): the longest a hub loading it should wait, whatever the clock did since."""
         ...
     def forget_group(self, group: str) -> None:
         """Remove the group's cursors, counters and attempt counts. Raises RemovalUnfinished when the removal is
@@ -288,6 +300,11 @@ class Journal:
 
     def retries_due(self, group: str) -> dict[tuple[str, int], float]:
         return {(t, q): d for t, q, d in self.db.execute("SELECT topic, seq, due FROM retries WHERE grp=?", (group,))}
+
+    def retry_waits(self, group: str) -> dict[tuple[str, int], float]:
+        return {(t, q): w for t, q, w in self.db.execute(
+            "SELECT w.topic, w.seq, w.wait FROM retry_waits w JOIN retries r ON r.grp = w.grp AND r.topic = w.topic "
+            "AND r.seq = w.seq WHERE w.grp=?", (group,))}
 
     def read(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]:
         return self.db.execute(
@@ -421,9 +438,13 @@ class Journal:
                 gone = [k for k, n in batch.attempts.items() if n <= 0]
                 if gone:
                     db.executemany("DELETE FROM retries WHERE grp=? AND topic=? AND seq=?", gone)
+                    db.executemany("DELETE FROM retry_waits WHERE grp=? AND topic=? AND seq=?", gone)
                 kept = [(*k, n, batch.due.get(k, 0.0)) for k, n in batch.attempts.items() if n > 0]
                 if kept:
                     db.executemany("INSERT OR REPLACE INTO retries VALUES(?,?,?,?,?)", kept)
+                    waits = [(*k, batch.waits[k]) for k, n in batch.attempts.items() if n > 0 and k in batch.waits]
+                    if waits:
+                        db.executemany("INSERT OR REPLACE INTO retry_waits VALUES(?,?,?,?)", waits)
         self.heads.update(heads)
         if new:
             self._floors.update(new)
@@ -515,6 +536,7 @@ class Journal:
             db.execute("DELETE FROM cursors WHERE grp=?", (group,))
             db.execute("DELETE FROM group_stats WHERE grp=?", (group,))
             db.execute("DELETE FROM retries WHERE grp=?", (group,))
+            db.execute("DELETE FROM retry_waits WHERE grp=?", (group,))
 
     def finish_removal(self, group: str) -> int | None:
         """One transaction removes a group whole (`forget_group`): there is never anything left to finish."""
@@ -554,6 +576,8 @@ class Journal:
             # The attempt counts of events retention dropped: no hub will load those events again to ack them.
             self.db.execute("DELETE FROM retries WHERE NOT EXISTS "
                             "(SELECT 1 FROM events WHERE events.topic = retries.topic AND events.seq = retries.seq)")
+            self.db.execute("DELETE FROM retry_waits WHERE NOT EXISTS (SELECT 1 FROM retries r WHERE "
+                            "r.grp = retry_waits.grp AND r.topic = retry_waits.topic AND r.seq = retry_waits.seq)")
         return dropped
 
     def _write_floors(self) -> None:

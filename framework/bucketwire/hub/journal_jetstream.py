@@ -393,6 +393,7 @@ class JetStreamJournal:
         self._stats_rev: dict[str, int] = {}
         self._attempts: dict[str, dict[tuple[str, int], int]] = {}  # group -> (topic, seq) -> attempts used
         self._due: dict[str, dict[tuple[str, int], float]] = {}  # group -> (topic, seq) -> unix time retry is due
+        self._waits: dict[str, dict[tuple[str, int], float]] = {}  # group -> (topic, seq) -> its scheduled wait
         self._leases: dict[str, tuple[int, float]] = {}  # group -> (revision, valid until, monotonic)
         # Every group this hub has taken a lease of: their keys are written only while the lease holds (see
         # `_lapsed`). A journal that never leases (one hub, tools) writes as before.
@@ -1088,7 +1089,8 @@ class JetStreamJournal:
                           above={k: v for k, v in batch.above.items() if k[0] not in lapsed},
                           stats={k: v for k, v in batch.stats.items() if k not in lapsed},
                           attempts={k: v for k, v in batch.attempts.items() if k[0] not in lapsed},
-                          due={k: v for k, v in batch.due.items() if k[0] not in lapsed})
+                          due={k: v for k, v in batch.due.items() if k[0] not in lapsed},
+                          waits={k: v for k, v in batch.waits.items() if k[0] not in lapsed})
         for (g, t), acked in batch.cursors.items():
             above = batch.above.get((g, t), "")
             key = self._cursor_key(g, t)
@@ -1103,7 +1105,8 @@ class JetStreamJournal:
         for (g, t, q), n in batch.attempts.items():
             # Written only on failure, deleted on ack: only the lease holder writes them, so no revision check.
             key = f"a.{token(g)}.{token(t)}.{q}"
-            doc3 = {"group": g, "topic": t, "seq": q, "attempts": n, "due": batch.due.get((g, t, q), 0.0)}
+            doc3 = {"group": g, "topic": t, "seq": q, "attempts": n, "due": batch.due.get((g, t, q), 0.0),
+                    "wait": batch.waits.get((g, t, q), 0.0)}
             fut3 = await self._replies.send(f"$KV.{self._kv_cursors}.{key}", json.dumps(doc3).encode() if n else b"",
                                             {} if n else {"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
             tries.append((key, fut3))
@@ -1155,6 +1158,7 @@ class JetStreamJournal:
             found.update(await self._latest(self._kv_cursors, stats))
             self._attempts[group] = {}
             self._due[group] = {}
+            self._waits[group] = {}
             for k in [k for k in self._cursors if k[0] == group]:
                 self._cursors.pop(k, None)
             self._stats.pop(group, None)
@@ -1177,6 +1181,8 @@ class JetStreamJournal:
                 elif key.startswith(tries):
                     self._attempts[group][(str(doc["topic"]), int(doc["seq"]))] = int(doc["attempts"])
                     self._due[group][(str(doc["topic"]), int(doc["seq"]))] = float(doc.get("due", 0.0))
+                    if float(doc.get("wait", 0.0)) > 0:  # a hub that predates it stored none
+                        self._waits[group][(str(doc["topic"]), int(doc["seq"]))] = float(doc["wait"])
                 else:
                     self._cursors[(group, doc["topic"])] = (int(doc["acked"]), str(doc.get("above", "")))
                     self._cursor_rev[key] = revision
@@ -1197,6 +1203,11 @@ class JetStreamJournal:
     def retries_due(self, group: str) -> dict[tuple[str, int], float]:
         """When (unix time) the next attempt of each of those events is due, as of the last `load_group`."""
         return dict(self._due.get(group, {}))
+
+    def retry_waits(self, group: str) -> dict[tuple[str, int], float]:
+        """How long each of those retries was scheduled to wait, where its writer said, as of the last
+        `load_group`."""
+        return dict(self._waits.get(group, {}))
 
     def forget_group(self, group: str) -> None:
         """Delete a removed group's cursors, counters and retry attempt counts, so a new group of that name starts
@@ -1226,6 +1237,7 @@ class JetStreamJournal:
         self._removed_seen[group] = self._removed_rev[group] = self._stats_rev[group] = rev
         self._attempts.pop(group, None)
         self._due.pop(group, None)
+        self._waits.pop(group, None)
         for k in [k for k in self._cursors if k[0] == group]:
             self._cursors.pop(k, None)
         self._stats.pop(group, None)

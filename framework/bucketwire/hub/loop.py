@@ -312,9 +312,11 @@ class Hub:
         g.stored = set(g.seed)
         wall, mono = time.time(), time.monotonic()
         # Due times are wall-clock times (another hub's clock reads them too). After a clock step back, one lies
-        # further ahead than its backoff ever was; no loaded retry waits longer than the longest wait this hub
-        # could have given it (its topic's backoff_max, or a Retry(delay)'s cap), counted from now.
-        g.seed_due = {k: mono + min(at - wall, max(g.topic_cfg(k[0]).backoff_max, MAX_RETRY_DELAY))
+        # further ahead than its backoff ever was: no loaded retry waits longer than the wait it was given, counted
+        # from now (stored beside it), or, written by a hub that stored none, than the longest wait a hub could
+        # have given it (its topic's backoff_max, or a Retry(delay)'s cap).
+        waits = self.journal.retry_waits(g.name)
+        g.seed_due = {k: mono + min(at - wall, waits.get(k) or max(g.topic_cfg(k[0]).backoff_max, MAX_RETRY_DELAY))
                       for k, at in self.journal.retries_due(g.name).items() if at > wall}
 
     # -- webhook ingress ------------------------------------------------------------------------------------
@@ -571,6 +573,7 @@ class Hub:
                 if g.due:  # monotonic -> unix time: a restarted hub's (or another hub's) clock reads it
                     wall = time.time() - time.monotonic()
                     batch.due.update({(g.name, t, q): d + wall for (t, q), d in g.due.items()})
+                    batch.waits.update({(g.name, t, q): w for (t, q), w in g.waits.items()})
         self._pending_topics.clear()
         for w in self._stream_waits:  # still new: counted against max_topics until created or refused
             self._pending_topics |= w.topics
