@@ -5,6 +5,7 @@ another OS user, identities, and the config value."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -135,6 +136,22 @@ def tcp_dealer(ctx: zmq.Context[zmq.Socket[bytes]], s: Stack, identity: bytes = 
         security.apply_client(d, cfg)
     d.connect(f"tcp://127.0.0.1:{s.work_port}")
     return d
+
+
+@contextlib.contextmanager
+def hub_and_local_peer(make: Callable[..., Stack], sock_dir: Path, ident: bytes
+                       ) -> Iterator[tuple[Stack, LocalDealer, zmq.Context[zmq.Socket[bytes]]]]:
+    """A started hub serving `[hub] local`, a LocalDealer on it named `ident`, and a context for tcp peers."""
+    sock = sock_dir / "hub.sock"
+    s = local_stack(make, sock)
+    s.start_hub()
+    peer = LocalDealer(str(sock), ident)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        yield s, peer, ctx
+    finally:
+        peer.close()
+        ctx.destroy(0)
 
 
 def tcp_client(s: Stack) -> HubClient:
@@ -619,9 +636,9 @@ def test_the_local_router_refuses_sends_past_out_limit_without_blocking(sock_dir
 NOBODY = 65534
 
 
-def _as_nobody_connect(path: str) -> int:
-    """Fork, become nobody, connect and speak: 0 refused at connect (file mode), 1 closed by the hub without a
-    greeting, 2 answered."""
+def _as_nobody(path: str, act: Callable[[], int]) -> int:
+    """Fork, become nobody, and return what `act` returns there as the child's exit code: 3 if it raised, 4 if
+    nobody cannot even reach `path` (then the test would prove nothing)."""
     pid = os.fork()
     if pid == 0:
         code = 3
@@ -632,24 +649,32 @@ def _as_nobody_connect(path: str) -> int:
             try:
                 os.stat(path)
             except OSError:
-                os._exit(4)  # cannot even reach it: the test would prove nothing
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-            except PermissionError:
-                os._exit(0)
-            s.settimeout(10)
-            try:
-                s.sendall(zmtp.GREETING_CLIENT + zmtp.ready_command(b"DEALER", b"intruder") +
-                          zmtp.encode([b"STATUS", b'{"req": 1}']))
-                data = s.recv(1 << 16)
-            except OSError:
-                data = b""
-            code = 2 if data else 1
+                os._exit(4)
+            code = act()
         finally:
             os._exit(code)
     _, st = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(st)
+
+
+def _as_nobody_connect(path: str) -> int:
+    """Connect and speak as nobody: 0 refused at connect (file mode), 1 closed by the hub without a greeting, 2
+    answered."""
+    def act() -> int:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+        except PermissionError:
+            return 0
+        s.settimeout(10)
+        try:
+            s.sendall(zmtp.GREETING_CLIENT + zmtp.ready_command(b"DEALER", b"intruder") +
+                      zmtp.encode([b"STATUS", b'{"req": 1}']))
+            data = s.recv(1 << 16)
+        except OSError:
+            data = b""
+        return 2 if data else 1
+    return _as_nobody(path, act)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to setuid() to another user")
@@ -674,27 +699,15 @@ def test_a_hub_of_another_user_cannot_take_over_a_live_path(public_dir: Path) ->
     public_dir.chmod(0o777)
     path = str(public_dir / "hub.sock")
     router = LocalRouter(path, 1 << 20)
+    def take_over() -> int:
+        try:
+            zmtp.listen(path).close()
+            return 1
+        except OSError:
+            return 0
+
     try:
-        pid = os.fork()
-        if pid == 0:
-            code = 3
-            try:
-                os.setgroups([])
-                os.setgid(NOBODY)
-                os.setuid(NOBODY)
-                try:
-                    os.stat(path)
-                except OSError:
-                    os._exit(4)  # cannot even reach it: the test would prove nothing
-                try:
-                    zmtp.listen(path).close()
-                    code = 1
-                except OSError:
-                    code = 0
-            finally:
-                os._exit(code)
-        _, st = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(st) == 0, "another user's hub took the path of a live one"
+        assert _as_nobody(path, take_over) == 0, "another user's hub took the path of a live one"
         assert os.stat(path).st_uid == 0
         d = LocalDealer(path, b"after")
         d.send_multipart([b"still here"])
@@ -767,12 +780,7 @@ def test_a_named_identity_cannot_take_an_anonymous_peers(sock_dir: Path) -> None
 
 
 def test_a_tcp_peer_cannot_speak_as_a_local_one(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
-    sock = sock_dir / "hub.sock"
-    s = local_stack(stack_factory, sock)
-    s.start_hub()
-    local = LocalDealer(str(sock), b"w-shared")
-    ctx = zmq.Context()
-    try:
+    with hub_and_local_peer(stack_factory, sock_dir, b"w-shared") as (s, local, ctx):
         local.send_multipart([b"STATUS", b'{"req": 1}'])
         assert local.poll(10_000), "no answer to the local peer"
         assert local.recv_frames()[0] == b"STATUSR"
@@ -786,18 +794,10 @@ def test_a_tcp_peer_cannot_speak_as_a_local_one(stack_factory: Callable[..., Sta
         assert not local.poll(200), "the impostor's request was answered to the local peer"
         local.send_multipart([b"STATUS", b'{"req": 5}'])
         assert local.poll(10_000)
-    finally:
-        local.close()
-        ctx.destroy(0)
 
 
 def test_a_tcp_peer_cannot_ack_a_local_workers_events(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
-    sock = sock_dir / "hub.sock"
-    s = local_stack(stack_factory, sock)
-    s.start_hub()
-    victim = LocalDealer(str(sock), b"w-victim")
-    ctx = zmq.Context()
-    try:
+    with hub_and_local_peer(stack_factory, sock_dir, b"w-victim") as (s, victim, ctx):
         victim.send_multipart([b"READY", P.enc({"group": "g", "topics": ["photos", "follow"], "credit": 100,
                                                  "schema": SCHEMA_VERSION, "proto": 2})])
         wait_for(lambda: victim.readable() or s.status()["groups"]["g"]["workers"] == 1, 10, "the worker READY")
@@ -817,9 +817,6 @@ def test_a_tcp_peer_cannot_ack_a_local_workers_events(stack_factory: Callable[..
         assert s.status()["groups"]["g"]["lag"] == 3
         victim.send_multipart([b"ACK", P.enc({"g": "g", "ok": {"photos": [[min(seqs), max(seqs)]]}})])
         wait_for(lambda: s.status()["groups"]["g"]["inflight"] == 0, 10, "the worker's own ACK taken")
-    finally:
-        victim.close()
-        ctx.destroy(0)
 
 
 def test_with_curve_local_peers_work_and_a_keyed_tcp_peer_cannot_speak_as_one(
