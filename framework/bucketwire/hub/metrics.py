@@ -188,9 +188,9 @@ class HubMetrics:
         self.hop_limited = Counter("bucketwire_hop_limit_total", "Follow-ons refused by the hop limit", registry=r)
         self.send_again = Counter("bucketwire_zmq_send_eagain_total", "Sends refused by a full queue (HWM)",
                                   ["socket"], registry=r)
-        self.fanout_skipped = Counter("bucketwire_fanout_skipped_total",
-                                      "Committed events not sent on the fan-out: nobody subscribed to their topic",
-                                      registry=r)
+        self.fanout_skipped = Hot("counter", "bucketwire_fanout_skipped_total",
+                                  "Committed events not sent on the fan-out: nobody subscribed to their topic", [],
+                                  registry=r)
         self.fanout_subscriptions = Gauge("bucketwire_fanout_subscriptions",
                                           "Subscription prefixes of the fan-out's live subscribers", registry=r)
         self.retention_dropped = Counter("bucketwire_retention_dropped_total", "Events removed by retention",
