@@ -268,13 +268,48 @@ class Watcher(Protocol):
     def forget(self, fd: int) -> None: ...
 
 
+class _OwnEpoll:
+    """The `Watcher` of a `LocalRouter` no loop waits on (tests, tools): an epoll of its own, which the router
+    asks itself and whose `fileno()` its owner can poll."""
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+        self.handlers: dict[int, Callable[[int, int], object]] = {}
+
+    def fileno(self) -> int:
+        return self.ep.fileno()
+
+    def watch(self, fd: int, events: int, handler: Callable[[int, int], object], owner: object) -> None:
+        self.handlers[fd] = handler
+        self.ep.register(fd, events)
+
+    def serve_watched(self) -> None:
+        for fd, ev in self.ep.poll(0):
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                handler(fd, ev)
+
+    def modify(self, fd: int, events: int) -> None:
+        self.ep.modify(fd, events)
+
+    def forget(self, fd: int) -> None:
+        self.handlers.pop(fd, None)
+        try:
+            self.ep.unregister(fd)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.ep.close()
+
+
 class LocalRouter:
     """The hub's side: a ROUTER on a Unix socket, read and written by the hub's loop thread itself.
 
-    Given a `watcher` (the hub's), its descriptors are registered there and served by `handle` when that wait
-    reports them. Without one, `fileno()` is an epoll descriptor of its own, readable when a peer connects,
-    sends, or can take what waits for it. Messages come out of `receive` as a ROUTER's do,
-    `[identity, *frames]`; the identity is the one the peer named in its READY, or one made here."""
+    Its descriptors are registered with a `watcher`, the hub's `LoopPoller`, whose wait serves them (`handle`).
+    Without one, the router keeps an epoll of its own: `fileno()`, readable when a peer connects, sends, or can
+    take what waits for it. Messages come out of `receive` as a ROUTER's do, `[identity, *frames]`; the identity
+    is the one the peer named in its READY, or one made here."""
 
     def __init__(self, path: str, max_msg: int, on_refused: Callable[[str], None] = lambda why: None,
                  watcher: Watcher | None = None) -> None:
@@ -282,8 +317,10 @@ class LocalRouter:
         self.max_msg = max_msg
         self.on_refused = on_refused
         self.lsock = listen(path)
+        self._own: _OwnEpoll | None = None
+        if watcher is None:
+            watcher = self._own = _OwnEpoll()
         self.watcher = watcher
-        self.ep = select.epoll() if watcher is None else None
         self.by_fd: dict[int, Stream] = {}
         self.by_ident: dict[bytes, Stream] = {}
         self.ident_of: dict[int, bytes] = {}
@@ -294,45 +331,21 @@ class LocalRouter:
         """While accept() fails (out of descriptors): when to listen again."""
         self._taken = 0
         """Messages `receive` returned since the sockets were last read (see `_poll`)."""
-        self._register(self.lsock.fileno(), select.EPOLLIN)
+        self.watcher.watch(self.lsock.fileno(), select.EPOLLIN, self.handle, self)
 
     def fileno(self) -> int:
-        """The router's own epoll (none with a `watcher`: -1)."""
-        return self.ep.fileno() if self.ep is not None else -1
-
-    def _register(self, fd: int, events: int) -> None:
-        if self.watcher is not None:
-            self.watcher.watch(fd, events, self.handle, self)
-        else:
-            assert self.ep is not None
-            self.ep.register(fd, events)
-
-    def _modify(self, fd: int, events: int) -> None:
-        if self.watcher is not None:
-            self.watcher.modify(fd, events)
-        else:
-            assert self.ep is not None
-            self.ep.modify(fd, events)
-
-    def _unregister(self, fd: int) -> None:
-        if self.watcher is not None:
-            self.watcher.forget(fd)
-            return
-        assert self.ep is not None
-        try:
-            self.ep.unregister(fd)
-        except OSError:
-            pass
+        """The router's own epoll; -1 when the descriptors are a `watcher`'s."""
+        return self._own.fileno() if self._own is not None else -1
 
     def close(self) -> None:
         for fd, st in list(self.by_fd.items()):
-            self._unregister(fd)
+            self.watcher.forget(fd)
             st.sock.close()
         self.by_fd.clear()
         self.by_ident.clear()
-        self._unregister(self.lsock.fileno())
-        if self.ep is not None:
-            self.ep.close()
+        self.watcher.forget(self.lsock.fileno())
+        if self._own is not None:
+            self._own.close()
         self.lsock.close()
         try:
             os.unlink(self.path)
@@ -358,25 +371,19 @@ class LocalRouter:
     def _poll(self) -> bool:
         """Accept, read and write what the sockets allow now; True when a message was parsed.
 
-        With a watcher, its wait reads the sockets (`handle`) before each turn of the hub's loop. A drain that has
-        taken what that read asks it again, without waiting: under load what came meanwhile joins the same
-        commit (asking only after two or more messages, a PUB of 100 events being one, made 2.5 times the
-        commits at saturation and cost 5-10 us per event). A drain that took nothing does not ask: the loop's
-        wait has just answered."""
+        The hub loop's wait reads the sockets (`handle`) before each of its turns. A drain that has taken what
+        that read asks again, without waiting: under load what came meanwhile joins the same commit (asking only
+        after two or more messages, a PUB of 100 events being one, made 2.5 times the commits at saturation and
+        cost 5-10 us per event). A drain that took nothing does not ask: the loop's wait has just answered. A
+        router with an epoll of its own asks it every time: nothing else does."""
         if self.paused and time.monotonic() >= self.paused:
             self.paused = 0.0
-            self._modify(self.lsock.fileno(), select.EPOLLIN)
+            self.watcher.modify(self.lsock.fileno(), select.EPOLLIN)
         taken, self._taken = self._taken, 0
-        if self.watcher is not None:
-            if not taken:
-                return False
-            self.watcher.serve_watched()
-            return bool(self.ready)
-        assert self.ep is not None
-        got = False
-        for fd, ev in self.ep.poll(0):
-            got = self.handle(fd, ev) or got
-        return got
+        if not taken and self._own is None:
+            return False
+        self.watcher.serve_watched()
+        return bool(self.ready)
 
     def handle(self, fd: int, ev: int) -> bool:
         """Serve what epoll said of `fd`; True when a message was parsed."""
@@ -421,7 +428,7 @@ class LocalRouter:
                 return
             except OSError as e:  # out of descriptors (EMFILE): stop listening for a second, not spin on it
                 self.on_refused(f"cannot accept a local connection: {e.strerror or e}; trying again in 1 s")
-                self._modify(self.lsock.fileno(), 0)
+                self.watcher.modify(self.lsock.fileno(), 0)
                 self.paused = time.monotonic() + 1.0
                 return
             try:
@@ -437,7 +444,7 @@ class LocalRouter:
             st = Stream(s, True, b"ROUTER", b"", self.max_msg)
             fd = s.fileno()
             self.by_fd[fd] = st
-            self._register(fd, select.EPOLLIN)
+            self.watcher.watch(fd, select.EPOLLIN, self.handle, self)
             try:
                 self._flush(fd, st)
             except ZmtpError:  # gone before its greeting went out (a probe: connect, close), as a hub's start does
@@ -468,7 +475,7 @@ class LocalRouter:
         done = st.flush()
         if done == st.watching:
             st.watching = not done
-            self._modify(fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
+            self.watcher.modify(fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
 
     def _drop(self, fd: int) -> None:
         st = self.by_fd.pop(fd, None)
@@ -476,7 +483,7 @@ class LocalRouter:
         if ident is not None and self.by_ident.get(ident) is st:
             del self.by_ident[ident]
         if st is not None:
-            self._unregister(fd)
+            self.watcher.forget(fd)
             st.sock.close()
 
     def has(self, ident: bytes) -> bool:
