@@ -260,3 +260,14 @@ def test_floor_and_stages_leave_nothing_behind() -> None:
     assert "p50" in p.stdout
     p = run_clean([sys.executable, "-m", "bucketwire.devstack.bench.stages", "500", "0.2"], 120)
     assert "total" in p.stdout
+
+
+def test_the_profile_reads_only_whole_lines_of_the_probe(tmp_path: Path) -> None:
+    from bucketwire.devstack.bench.profile_bus import whole_lines
+
+    out = tmp_path / "probe.jsonl"
+    assert whole_lines(out) == []
+    out.write_text('{"started": true}\n{"sql": {}, "calls"')  # the second report half written
+    assert whole_lines(out) == ['{"started": true}']
+    out.write_text('{"started": true}\n{"sql": {}, "calls": 1}\n')
+    assert whole_lines(out) == ['{"started": true}', '{"sql": {}, "calls": 1}']
