@@ -11,6 +11,7 @@ import os
 import select
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import zmq
@@ -141,7 +142,7 @@ def test_the_local_router_in_the_loops_epoll(tmp_path_factory: pytest.TempPathFa
                 first = router.receive()
         assert first == [b"a", b"one"]
         a.send(b"two")  # arrives after the loop's poll, while the drain that took "one" goes on
-        time.sleep(0.1)
+        assert select.select([p.ep.fileno()], [], [], 5)[0], "the second message never came"
         assert router.receive() == [b"a", b"two"], "the drain did not ask for what came meanwhile"
         assert router.receive() is None
         for i in range(200):
@@ -163,3 +164,39 @@ def test_the_local_router_in_the_loops_epoll(tmp_path_factory: pytest.TempPathFa
         router.close()
         ctx.destroy(0)
         p.close()
+
+
+def test_the_hubs_listeners_say_when_they_used_a_socket(tmp_path: Path) -> None:
+    """Through the hub's own `Listeners`: a reply sent on the work socket takes in the arrival of the next
+    message (libzmq processes its commands on a send); the loop's poll must still report it."""
+    from bucketwire import config as config_mod
+    from bucketwire.hub.listeners import Listeners
+    from bucketwire.hub.metrics import HubMetrics
+    from bucketwire.procutil import free_port
+
+    work, pub = free_port(), free_port()
+    cfg = config_mod.parse({"hub": {"work": f"tcp://127.0.0.1:{work}", "publish": f"tcp://127.0.0.1:{pub}",
+                                    "http": f"127.0.0.1:{free_port()}", "state_dir": str(tmp_path / "state")}})
+    net = Listeners(cfg, HubMetrics(), lambda ident: None)
+    net.open()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.setsockopt(zmq.IDENTITY, b"peer")
+    d.connect(f"tcp://127.0.0.1:{work}")
+    try:
+        d.send_multipart([b"first"])
+        deadline = time.monotonic() + 5
+        while net.work not in net.poller.poll(1000) and time.monotonic() < deadline:
+            pass
+        assert net.receive(net.work, True) == [b"peer", b"first"]
+        net.poller.poll(0)  # the turn ends: nothing more waits
+        d.send_multipart([b"second"])
+        assert _fd_fires(net.work)
+        assert net.send([b"peer", b"reply"])  # libzmq takes in "second" here: the descriptor goes quiet
+        assert net.poller.poll(2000).get(net.work) == zmq.POLLIN, "a message left unseen after a send"
+        assert net.receive(net.work, True) == [b"peer", b"second"]
+    finally:
+        d.close(0)
+        ctx.term()
+        net.close()

@@ -207,9 +207,8 @@ class GroupState:
         self.stored: set[Key] = set()
         self.seed: dict[Key, int] = {}
         # ... and when each charged retry is due (monotonic): `due` goes with `charged`, `seed_due` with `seed`.
-        self.due: dict[Key, float] = {}
-        self.waits: dict[Key, float] = {}
-        """How long each retry in `due` was scheduled to wait: stored beside it (hub/journal.py, `retry_waits`)."""
+        self.due: dict[Key, tuple[float, float]] = {}
+        """key -> (when, how long it was scheduled to wait): both are stored (hub/journal.py, `retry_waits`)."""
         self.seed_due: dict[Key, float] = {}
         self.totals = [0, 0, 0]
         self.skipped_by_retention = 0
@@ -670,8 +669,7 @@ class GroupState:
             wait = max(wait, min(delay, MAX_RETRY_DELAY))
         heapq.heappush(self.retry, (now + wait, next(self._tie), it))
         self.charged[it.key] = it.attempts
-        self.due[it.key] = now + wait
-        self.waits[it.key] = wait
+        self.due[it.key] = (now + wait, wait)
         self.stored.add(it.key)
         self.delta[1] += 1
         self.totals[1] += 1
@@ -808,7 +806,6 @@ class GroupState:
         self.delta = [0, 0, 0]
         self.charged.clear()
         self.due.clear()
-        self.waits.clear()
 
     def oldest_unacked_age(self, now: float) -> float:
         starts = [it.first_dispatch for it, _ in self.inflight.values() if it.first_dispatch]
@@ -836,7 +833,6 @@ class GroupState:
         for key in [k for k in (*self.stored, *self.charged) if k[0] == topic and k not in self.inflight]:
             self._uncharge(key)  # attempt counts go with it, as `_drop_topic` does when the replay is applied
             self.due.pop(key, None)
-            self.waits.pop(key, None)
         return False
 
     def apply_replays(self) -> list[str]:
@@ -870,7 +866,6 @@ class GroupState:
         for key in [k for k in (*self.stored, *self.charged) if k[0] == t]:
             self._uncharge(key)
             self.due.pop(key, None)
-            self.waits.pop(key, None)
         if self.seed:
             self.seed = {k: n for k, n in self.seed.items() if k[0] != t}
             self.seed_due = {k: d for k, d in self.seed_due.items() if k[0] != t}

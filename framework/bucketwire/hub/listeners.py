@@ -182,6 +182,7 @@ class Listeners:
         if self._zctx is not None:
             self._zctx.term()
             self._zctx = None
+        self.poller.close()  # last: the local socket and the listeners have left it above
 
     def _make_pub(self, zctx: zmq.Context[Socket]) -> Socket:
         """An XPUB: the hub learns which topics anyone subscribes to and sends nothing else (at saturation three

@@ -572,8 +572,9 @@ class Hub:
                 batch.attempts.update({(g.name, t, q): n for (t, q), n in g.charged.items()})
                 if g.due:  # monotonic -> unix time: a restarted hub's (or another hub's) clock reads it
                     wall = time.time() - time.monotonic()
-                    batch.due.update({(g.name, t, q): d + wall for (t, q), d in g.due.items()})
-                    batch.waits.update({(g.name, t, q): w for (t, q), w in g.waits.items()})
+                    for (t, q), (at, wait) in g.due.items():
+                        batch.due[(g.name, t, q)] = at + wall
+                        batch.waits[(g.name, t, q)] = wait
         self._pending_topics.clear()
         for w in self._stream_waits:  # still new: counted against max_topics until created or refused
             self._pending_topics |= w.topics
