@@ -14,6 +14,7 @@ import contextlib
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,17 @@ def test_every_node_killed_and_restarted_mid_stream_loses_nothing_acknowledged(t
         _restart_dead(cluster)
 
 
+def _read_or_none(read: Callable[[], list[str]]) -> list[str] | None:
+    """`read()`, or None when the cluster says it is unavailable for the moment (a 503, a timeout)."""
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.errors import ServiceUnavailableError
+
+    try:
+        return read()
+    except (ServiceUnavailableError, NatsTimeout, TimeoutError):
+        return None
+
+
 def _stored_ids(cluster: NatsCluster, stream: str) -> list[str]:
     """The event ids of every message in `stream`, read from its leader."""
     import json
@@ -284,7 +296,8 @@ def test_a_node_whose_data_directory_was_wiped_rejoins_and_holds_its_share(tmp_p
         acked = [i for p in pubs for i in p.acked]
         assert sorted(acked) == sorted(ids)
         wait_for(lambda: _handled_ids(a) >= set(acked), 90, f"all {n} acknowledged events handled")
-        stored = _stored_ids(cluster, stream)
+        # With one node down the cluster answers 503 now and then while its meta leader moves: read again then.
+        stored = wait_for(lambda: _read_or_none(lambda: _stored_ids(cluster, stream)), 60, "the stream read back")
         assert not set(acked) - set(stored), f"acknowledged but not stored: {sorted(set(acked) - set(stored))[:10]}"
         assert len(stored) == len(set(stored)), "an event stored twice"
         dups = check_handled(a, acked, 3 * 2 * 16 + 20)
