@@ -212,3 +212,26 @@ def test_a_staged_commit_is_settled_before_anything_reads_or_drops_events(tmp_pa
     time.sleep(0.01)  # pacing: let max_age below elapse
     assert j.enforce_retention(max_age=0.001, max_bytes=1 << 40) == 2, "retention saw the staged event too"
     j.close()
+
+
+def test_a_journal_deleted_beside_a_front_log_that_holds_events_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "j.db"
+    commit_then_kill(path, """
+        j.commit(Batch(events=[ev("a", 1)]))
+        print("{}")
+    """)
+    for p in tmp_path.glob("j.db*"):
+        if p != front(path):
+            p.unlink()
+    with pytest.raises(JournalError) as e:
+        Journal(path)
+    assert "front log j.db-front holds events" in str(e.value) and "\n" not in str(e.value)
+    assert not path.exists(), "no new journal was made beside it"
+
+
+def test_a_hub_journal_closed_cleanly_leaves_no_front_log(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(events=[ev("a", 1)]))
+    assert front(tmp_path / "j.db").exists()
+    j.close()
+    assert not front(tmp_path / "j.db").exists()

@@ -733,6 +733,10 @@ class Journal:
             except JournalError as e:
                 log.warning("journal: staged events stay in the front log for the next start", extra={"error": str(e)})
         if self._front is not None:
+            # Like SQLite's -wal at a clean close: a state_dir left by a hub that stopped holds journal.db alone.
+            if self._pending is None:
+                with contextlib.suppress(OSError):
+                    self._front.path.unlink()
             self._front.close()
         self._checkpointer.close()
         try:
@@ -756,9 +760,14 @@ def _refuse_lost(path: Path) -> None:
         raise JournalError(f"{path} links to {os.readlink(path)}, which is not there (its volume not mounted?); "
                            "mount it, or remove the link to start an empty journal")
     wal = path.with_name(path.name + "-wal")
+    front = path.with_name(path.name + "-front")
     try:
         size = path.stat().st_size
     except FileNotFoundError:
+        if front.exists() and front.stat().st_size > 0:
+            raise JournalError(f"{path} is missing but its front log {front.name} holds events (the journal deleted "
+                               "or moved?); restore journal.db from a backup, or delete journal.db-front, "
+                               "journal.db-wal and journal.db-shm to start an empty journal") from None
         if wal.exists():
             raise JournalError(f"{path} is missing but its write-ahead log {wal.name} is there (the journal deleted "
                                "or moved?); restore journal.db from a backup, or delete journal.db-wal and "
