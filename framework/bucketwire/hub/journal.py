@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bucketwire.envelope import SEQ_SLOT, Unsent, render
-from bucketwire.hub.journal_front import FrontLog
+from bucketwire.hub.journal_front import ROW, FrontLog
 
 log = logging.getLogger("bucketwire.journal")
 
@@ -47,8 +47,6 @@ AUTOCHECKPOINT_PAGES = 4096
 and a checkpoint by the writer is what lets the WAL start over instead of growing under sustained load."""
 CHUNK = 400
 """Rows per multi-row statement (7 parameters each; SQLite allows 32766 per statement)."""
-ROW = 7
-"""Parameters per `events` row."""
 SINGLE = 32
 STEP = 32
 RECENT = 32
@@ -313,10 +311,12 @@ class Journal:
         flat: list[object] = []
         heads: dict[str, int] = {}
         for rec in self._front.records():
-            for row in rec:
-                topic, seq = row[0], row[1]
+            for i in range(0, len(rec), ROW):
+                topic, seq = rec[i], rec[i + 1]
+                if not isinstance(topic, str) or not isinstance(seq, int):
+                    continue
                 if seq > max(self.heads.get(topic, 0), heads.get(topic, 0)):
-                    flat += row
+                    flat += rec[i:i + ROW]
                     heads[topic] = seq
         if not flat:
             self._front.reset()
@@ -395,6 +395,11 @@ class Journal:
             for src, eid, topic, seq, body in self.db.execute(q, [x for k in part for x in k]):
                 found[(src, eid)] = (topic, seq, body)
         return found
+
+    def _any_existing(self, keys: list[tuple[str, str]]) -> bool:
+        """Whether any of a few (source, id) is in the journal: one seek of the dedup index each."""
+        db = self.db
+        return any(db.execute("SELECT 1 FROM events WHERE source=? AND id=?", k).fetchone() for k in keys)
 
     def probe(self) -> str | None:
         """Whether a commit could be written now: None, or why not.
@@ -482,13 +487,13 @@ class Journal:
         if len(keys) > 1 and len(set(keys)) < len(keys):
             return None
         try:
-            if self._existing(keys):
+            if self._any_existing(keys):
                 return None
         except sqlite3.Error as e:
             raise JournalError(f"journal commit failed: {e}") from e
         out, rows, heads = self._assign(events, {}, None, time.time())
         try:
-            self._front.append([tuple(rows[i:i + ROW]) for i in range(0, len(rows), ROW)])  # type: ignore[misc]
+            self._front.append(rows)
         except OSError as e:
             if self._front.torn:
                 self._front_on = False

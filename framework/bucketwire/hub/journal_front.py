@@ -33,11 +33,12 @@ HEADER = struct.Struct("<4sII")
 TRUNCATE_AT = 1 << 20
 """Bytes after which a front log whose rows are all in SQLite starts over (one `ftruncate` per ~1,000 commits)."""
 
-Row = tuple[str, int, str, str, "str | None", float, bytes]
-"""One `events` row: topic, seq, source, id, objkey, ts, body (the journal's INSERT order)."""
+ROW = 7
+"""Values per `events` row: topic, seq, source, id, objkey, ts, body (the journal's INSERT order). A record is the
+commit's rows as one flat list, as the journal's multi-row INSERT binds them."""
 
 _encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(list[tuple[str, int, str, str, str | None, float, bytes]]).decode
+_decode = msgspec.msgpack.Decoder().decode
 
 
 class FrontLog:
@@ -51,11 +52,11 @@ class FrontLog:
         self.torn = False
         """A failed write could not be cut off again: nothing may be appended after it (replay would stop there)."""
 
-    def records(self) -> list[list[Row]]:
+    def records(self) -> list[list[object]]:
         """Every record from the start of the file up to the first one that does not check out (torn, or written
         for another journal)."""
         data = os.pread(self.fd, self.size, 0)
-        out: list[list[Row]] = []
+        out: list[list[object]] = []
         at = 0
         while at + HEADER.size <= len(data):
             magic, n, crc = HEADER.unpack_from(data, at)
@@ -63,13 +64,16 @@ class FrontLog:
             if magic != MAGIC or len(body) != n or zlib.crc32(body, zlib.crc32(self._salt)) != crc:
                 break
             try:
-                out.append(list(_decode(body)))
+                rows = _decode(body)
             except msgspec.DecodeError:
                 break
+            if not isinstance(rows, list) or len(rows) % ROW:
+                break
+            out.append(rows)
             at += HEADER.size + n
         return out
 
-    def append(self, rows: list[Row]) -> None:
+    def append(self, rows: list[object]) -> None:
         """Append one commit's rows; OSError when they could not be written whole. Nothing of them is left in the
         file then, unless cutting it back failed too (`torn`)."""
         body = _encode(rows)
