@@ -30,6 +30,7 @@ from typing import Protocol
 
 from bucketwire.envelope import SEQ_SLOT, Unsent, render
 from bucketwire.hub.journal_front import ROW, FrontLog
+from bucketwire.hub.key_filter import KeyFilter
 
 log = logging.getLogger("bucketwire.journal")
 
@@ -302,6 +303,17 @@ class Journal:
         self._front_on = durability == "os"  # with "fsync" the front log would need a sync of its own per commit
         self._checkpointer = _Checkpointer(path)
         self._replay_front()
+        self._keys = KeyFilter()
+        self._build_keys()
+
+    def _build_keys(self) -> None:
+        """(Re)build the key filter from what the journal holds, sized for twice as many events."""
+        lo, hi = self.db.execute("SELECT min(rowid), max(rowid) FROM events").fetchone()
+        rows = 0 if hi is None else hi - lo + 1
+        pending = self._pending[1] if self._pending is not None else []
+        keys = [(str(pending[i + 2]), str(pending[i + 3])) for i in range(0, len(pending), ROW)]
+        path = self.path
+        self._keys.build(lambda: _connect(path), hi or 0, 2 * rows, keys)
 
     def _replay_front(self) -> None:
         """Write into SQLite what the front log holds above each topic's head: commits confirmed and handed out
@@ -471,6 +483,10 @@ class Journal:
         """
         if self._pending is not None:
             self.settle()
+        keys = self._keys
+        keys.poll()
+        if keys.due():
+            self._build_keys()
         events = batch.events
         if self._front_on and 0 < len(events) <= FRONT_EVENTS and self._front is not None:
             staged = self._stage(batch)
@@ -486,8 +502,9 @@ class Journal:
         keys = [(ev.source, ev.id) for ev in events]
         if len(keys) > 1 and len(set(keys)) < len(keys):
             return None
+        f = self._keys
         try:
-            if self._any_existing(keys):
+            if any(f.may_hold(k) for k in keys) and self._any_existing(keys):
                 return None
         except sqlite3.Error as e:
             raise JournalError(f"journal commit failed: {e}") from e
@@ -502,6 +519,7 @@ class Journal:
             raise JournalError(f"journal commit failed: {e.strerror or e}") from e
         self._pending = (batch, rows, heads)
         self.heads.update(heads)
+        f.add(keys)
         return out
 
     def settle(self) -> None:
@@ -553,6 +571,7 @@ class Journal:
         self.heads.update(heads)
         if new:
             self._floors.update(new)
+        self._keys.add([(ev.source, ev.id) for ev, a in zip(events, out, strict=True) if not a.duplicate])
         return out
 
     def _write_rest(self, db: sqlite3.Connection, batch: Batch, heads: dict[str, int]) -> list[tuple[str, int]]:
@@ -737,6 +756,7 @@ class Journal:
                 self.settle()
             except JournalError as e:
                 log.warning("journal: staged events stay in the front log for the next start", extra={"error": str(e)})
+        self._keys.close()
         if self._front is not None:
             # Like SQLite's -wal at a clean close: a state_dir left by a hub that stopped holds journal.db alone.
             if self._pending is None:

@@ -46,7 +46,7 @@ class FrontLog:
 
     def __init__(self, path: Path, journal_id: bytes) -> None:
         self.path = path
-        self._salt = journal_id
+        self._seed = zlib.crc32(journal_id)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.size = os.fstat(self.fd).st_size
         self.torn = False
@@ -61,7 +61,7 @@ class FrontLog:
         while at + HEADER.size <= len(data):
             magic, n, crc = HEADER.unpack_from(data, at)
             body = data[at + HEADER.size: at + HEADER.size + n]
-            if magic != MAGIC or len(body) != n or zlib.crc32(body, zlib.crc32(self._salt)) != crc:
+            if magic != MAGIC or len(body) != n or zlib.crc32(body, self._seed) != crc:
                 break
             try:
                 rows = _decode(body)
@@ -77,7 +77,7 @@ class FrontLog:
         """Append one commit's rows; OSError when they could not be written whole. Nothing of them is left in the
         file then, unless cutting it back failed too (`torn`)."""
         body = _encode(rows)
-        rec = HEADER.pack(MAGIC, len(body), zlib.crc32(body, zlib.crc32(self._salt))) + body
+        rec = HEADER.pack(MAGIC, len(body), zlib.crc32(body, self._seed)) + body
         before = self.size
         try:
             n = os.write(self.fd, rec)
