@@ -235,3 +235,20 @@ def test_a_hub_journal_closed_cleanly_leaves_no_front_log(tmp_path):
     assert front(tmp_path / "j.db").exists()
     j.close()
     assert not front(tmp_path / "j.db").exists()
+
+
+def test_the_write_probe_reports_staged_events_it_cannot_write_and_passes_once_they_are(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(events=[ev("a", 1)]))
+    j.settle()
+    pages = j.db.execute("PRAGMA page_count").fetchone()[0]
+    j.db.execute(f"PRAGMA max_page_count={pages}")
+    j.commit(Batch(events=[ev("a", 2, body="y" * 20_000)]))
+    with pytest.raises(JournalError):
+        j.settle()
+    err = j.probe()
+    assert err is not None and "full" in err, err
+    j.db.execute(f"PRAGMA max_page_count={pages * 100}")  # space is back
+    assert j.probe() is None
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2]
+    j.close()

@@ -422,8 +422,11 @@ class Journal:
         the loop well under a millisecond), and a page-spilling row in a transaction that is rolled back (the
         database itself: its file mode, its size limit, its lock).
         """
-        if self._pending is not None:
-            self.settle()
+        if self._pending is not None:  # staged events that could not be written yet come first
+            try:
+                self.settle()
+            except JournalError as e:
+                return str(e)
         scratch = self.path.parent / ".write-probe"
         try:
             fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
