@@ -18,6 +18,7 @@ import resource
 import shutil
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,72 +63,74 @@ def nonblocking_connect(port: int) -> socket.socket:
     return c
 
 
-def get_healthz(srv: Server) -> bytes:
-    """A request on a fresh connection, answered while this thread steps the server."""
-    c = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-    c.setblocking(False)
-    got = b""
-
-    def answered() -> bool:
-        nonlocal got
-        srv.step()
-        with contextlib.suppress(BlockingIOError):
-            got += c.recv(65536)
-        return got.endswith(b"}\n")
-
+def get_healthz(srv: Server, client: ssl.SSLContext | None = None) -> bytes:
+    """A request on a fresh connection (TLS with `client`), answered by the server running in a thread."""
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
     try:
-        c.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        wait_for(answered, 20, "an answer on a fresh connection")
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as raw:
+            c = client.wrap_socket(raw, server_hostname="127.0.0.1") if client is not None else raw
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            got = b""
+            while not got.endswith(b"}\n"):
+                more = c.recv(65536)
+                assert more, got
+                got += more
+            return got
     finally:
-        c.close()
-    return got
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+        thread.join(10)
 
 
 @pytest.fixture
-def tls_ctx(tmp_path: Path) -> ssl.SSLContext:
+def pki(tmp_path: Path) -> dict[str, Path]:
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
     from tests.test_security_ingress import make_pki
 
-    pki = make_pki(tmp_path / "pki")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(pki["server.pem"], pki["server.key"])
-    return ctx
+    return make_pki(tmp_path / "pki")
 
 
 @pytest.fixture(params=["plain", "tls"])
-def server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    tls = request.getfixturevalue("tls_ctx") if request.param == "tls" else None
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[Server, ssl.SSLContext | None]]:
+    """The server, and the context its clients connect with (None: plain HTTP)."""
+    tls = client = None
+    if request.param == "tls":
+        pki = request.getfixturevalue("pki")
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(pki["server.pem"], pki["server.key"])
+        client = ssl.create_default_context(cafile=str(pki["ca.pem"]))
     srv = Server(Ok(), "127.0.0.1", 0, limits=Limits(read_timeout=30, idle_timeout=30,
                                                     max_connections=MAX_CONNECTIONS),
                  tls=tls, backlog=BACKLOG)
     try:
-        yield srv
+        yield srv, client
     finally:
         srv.close()
 
 
 def test_a_connection_flood_holds_no_more_descriptors_than_the_server_is_given(
-        server: Server, caplog: pytest.LogCaptureFixture) -> None:
+        server: tuple[Server, ssl.SSLContext | None], caplog: pytest.LogCaptureFixture) -> None:
     """Connections arrive faster than the server turns: a full accept queue before every turn, for twelve turns
     (idle ones: they hold a descriptor and send nothing, the cheapest attack on the port). What the server holds
     -- open connections, accepted ones not yet counted, closed ones not yet released -- stays within
     max_connections + backlog, the half of the hub's descriptors `ingress.serve` gives it."""
+    srv, client = server
     budget = MAX_CONNECTIONS + BACKLOG
     base = fds()
     clients: list[socket.socket] = []
     peak = 0
     try:
         for _ in range(12):
-            clients += [nonblocking_connect(server.port) for _ in range(BACKLOG)]
-            one_turn(server)
+            clients += [nonblocking_connect(srv.port) for _ in range(BACKLOG)]
+            one_turn(srv)
             peak = max(peak, fds() - base - len(clients))
         for _ in range(40):
-            one_turn(server)
+            one_turn(srv)
             peak = max(peak, fds() - base - len(clients))
         assert peak <= budget, f"the server held {peak} descriptors, more than {budget}"
-        assert len(server.accepted) <= MAX_CONNECTIONS
-        assert get_healthz(server).startswith(b"HTTP/1.1 200"), "a newcomer is still served"
+        assert len(srv.accepted) <= MAX_CONNECTIONS
+        assert get_healthz(srv, client).startswith(b"HTTP/1.1 200"), "a newcomer is still served"
     finally:
         for c in clients:
             c.close()
@@ -154,8 +157,12 @@ def test_out_of_descriptors_pauses_accepting_with_one_warning_then_resumes(
         fillers.clear()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         assert get_healthz(srv).startswith(b"HTTP/1.1 200"), "accepting resumes"
-        wait_for(lambda: srv.step() or len(srv.accepted) >= len(waiting), 20,
-                 "the connections that waited in the queue to be accepted")
+
+        def taken() -> bool:
+            srv.step()
+            return len(srv.accepted) >= len(waiting)
+
+        wait_for(taken, 20, "the connections that waited in the queue to be accepted")
     finally:
         for fd in fillers:
             os.close(fd)
