@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import os
 import selectors
+import socket
 import ssl
 import time
 from collections import deque
@@ -44,6 +47,15 @@ MAX_STEP_TURNS = 16
 the task that builds the transport, connection_made, add_reader), none of which makes the selector readable;
 the bound keeps a callback that reschedules itself from starving the hub loop, which then polls with a zero
 timeout (`has_ready`) instead."""
+ACCEPT_REST = 0.5
+"""Seconds the listener rests after `accept` found no descriptor free (EMFILE and its kin): something else in the
+process holds them, and retrying at once would fail again on every turn."""
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ONE_CONNECTION = frozenset(getattr(errno, name) for name in (
+    "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP",
+    "ENETUNREACH", "EPERM") if hasattr(errno, name))
+"""What `accept` can report about the connection it was taking (Linux passes a new socket's pending network error,
+and a firewall's refusal, to accept(2)): that connection is gone, the next one is taken."""
 
 
 @dataclass(slots=True)
@@ -218,6 +230,7 @@ class _Conn(asyncio.Protocol):
         if self.waiting is not None:
             self.waiting._cancel()
             self.waiting = None
+        self.srv.released()
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self.eof:
@@ -553,10 +566,12 @@ class _TLSConn(_Conn):
             # left out: anyone who can reach the port can fail a handshake, and one line each filled the disk.
             log.warning("TLS handshake failed", extra={"ingress": "http", "peer": self.peer, "error": str(e)[:200]})
             raw.abort()
+            self.srv.released()
             return
         if tls is None:
             self.srv.accepted.discard(self)
             raw.abort()
+            self.srv.released()
             return
         super().connection_made(tls)
         early, self.before_upgrade = self.before_upgrade, None
@@ -584,6 +599,8 @@ class Server:
     def __init__(self, handler: Handler, host: str, port: int, *, limits: Limits | None = None,
                  tls: ssl.SSLContext | None = None, on_reject: Callable[[str], None] = lambda reason: None,
                  backlog: int = 512) -> None:
+        """`backlog`: the listen queue, and how many descriptors past `max_connections` the server may hold for
+        connections on their way in or out (see `max_sockets`)."""
         self.handler = handler
         self.limits = limits or Limits()
         self.tls = tls
@@ -591,17 +608,103 @@ class Server:
         self.conns: set[_Conn] = set()
         self.accepted: set[_Conn] = set()  # every open connection, TLS ones from before their handshake
         self.tasks: set[asyncio.Task[None]] = set()
+        self.backlog = max(1, backlog)
+        self.max_sockets = self.limits.max_connections + self.backlog
+        """Descriptors the server holds at most: open connections, ones accepted and not yet admitted, and ones
+        closed to make room whose descriptor is not yet released. `_accept` enforces it, not asyncio's own
+        accept loop, which takes up to `backlog` sockets on every turn while `admit` runs two turns later: a
+        flood held several times `backlog` descriptors and the hub ran out of them (EMFILE)."""
+        self.socks: list[socket.socket] = []
+        """Every socket accepted and not closed yet, and some closed ones (`fileno() == -1`) until `_room` prunes
+        them: whoever closes a socket (a transport, TLS, a failed handshake) need not tell the server."""
+        self.paused = False  # not reading the listening sockets: no room (see `released`) or `resting`
+        self.resting = False  # out of descriptors: the listener rests ACCEPT_REST seconds
         self.selector = selectors.DefaultSelector()
         self.loop = asyncio.SelectorEventLoop(self.selector)
-        factory = (lambda: _TLSConn(self)) if tls is not None else (lambda: _Conn(self))
+        self._factory: Callable[[], _Conn] = (lambda: _TLSConn(self)) if tls is not None else (lambda: _Conn(self))
         try:
-            self._server = self.loop.run_until_complete(self.loop.create_server(
-                factory, host, port, backlog=backlog, reuse_address=True))
+            self.listeners = _listen(host, port, self.backlog)
         except BaseException:
             self.loop.close()
             raise
-        self.port: int = self._server.sockets[0].getsockname()[1]
+        for ls in self.listeners:
+            self.loop.add_reader(ls.fileno(), self._accept, ls)
+        self.port: int = self.listeners[0].getsockname()[1]
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    # -- accepting ------------------------------------------------------------------------------------------
+    def _accept(self, listener: socket.socket) -> None:
+        """Accept what the queue holds, at most the room left under `max_sockets`; with none left, stop reading
+        the listener (level-triggered, it would wake every turn) until a connection is released."""
+        room = min(self._room(), self.backlog)
+        if room <= 0:
+            self._pause()
+            return
+        for _ in range(room):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in ONE_CONNECTION:
+                    continue  # the client gave up while it waited in the queue, or its network did
+                self._rest(e)
+                return
+            self.socks.append(sock)
+            task = self.loop.create_task(self._connect(sock))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _connect(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self._factory, sock)
+        except Exception as e:  # a client that reset at once: its socket is closed, nothing else to do
+            sock.close()
+            log.debug("webhook connection failed before it was made", extra={"ingress": "http", "error": str(e)})
+
+    def _room(self) -> int:
+        """How many more sockets may be accepted now. The closed ones are dropped from the count only when it
+        reaches the limit: in the common case this costs nothing per connection."""
+        if len(self.socks) >= self.max_sockets:
+            self.socks = [s for s in self.socks if s.fileno() != -1]
+        return self.max_sockets - len(self.socks)
+
+    def _pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            for ls in self.listeners:
+                self.loop.remove_reader(ls.fileno())
+
+    def _rest(self, e: OSError) -> None:
+        """`accept` failed for want of a descriptor (another part of the process holds them) or for a reason of
+        the kernel's: one line (rate limited, it names the ingress), then a pause; never a traceback, and never a
+        listener that stays closed."""
+        if e.errno in OUT_OF_DESCRIPTORS:
+            msg = ("webhook port out of file descriptors; not accepting for a moment (raise the hub's limit, "
+                   "e.g. LimitNOFILE= in its systemd unit)")
+        else:
+            msg = "webhook port could not accept; not accepting for a moment"
+        log.warning(msg, extra={"ingress": "http", "error": e.strerror or str(e), "retry_in": ACCEPT_REST})
+        self._pause()
+        self.resting = True
+        self.loop.call_later(ACCEPT_REST, self._wake)
+
+    def _wake(self) -> None:
+        self.resting = False
+        self._resume()
+
+    def released(self) -> None:
+        """A connection is giving its descriptor back (or may be: the sweep calls this too). If the listener was
+        paused for want of room it is looked at again on the next turn, once the transport has closed the socket
+        (asyncio closes it right after `connection_lost`, or a turn after `abort`)."""
+        if self.paused and not self.resting and not self.loop.is_closed():
+            self.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if self.paused and not self.resting and self.listeners[0].fileno() != -1 and self._room() > 0:
+            self.paused = False
+            for ls in self.listeners:
+                self.loop.add_reader(ls.fileno(), self._accept, ls)
 
     def fileno(self) -> int:
         """Readable whenever a connection or the listening socket has something to do."""
@@ -661,18 +764,23 @@ class Server:
         victim.closing = True
         if victim.raw is not None:
             victim.raw.abort()
+        self.released()  # a TLS handshake cut short tells no connection_lost
 
     def _sweep(self) -> None:
         now = time.monotonic()
         for c in [c for c in self.conns if (c.read_by and c.read_by <= now) or (c.reply_by and c.reply_by <= now)]:
             c.expire(now)
+        self.released()  # a socket closed where no connection_lost tells the server (a failed TLS handshake)
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def close(self) -> None:
         """Stop listening and drop every connection; call from the thread that drives the loop, or after it."""
         if self.loop.is_closed():
             return
-        self._server.close()
+        for ls in self.listeners:
+            self.loop.remove_reader(ls.fileno())
+            ls.close()
+        self.paused = True
         for c in list(self.conns):
             if c.transport is not None:
                 c.transport.abort()
@@ -680,4 +788,30 @@ class Server:
             t.cancel()
         with contextlib.suppress(Exception):
             self.loop.run_until_complete(asyncio.sleep(0))
+        for sock in self.socks:  # accepted, and never handed to a transport that closes it
+            sock.close()
+        self.socks = []
         self.loop.close()
+
+
+def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets as `loop.create_server` makes them (every address `host` resolves to, "" for all), for
+    `Server._accept` to serve instead of asyncio's accept loop."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    out: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            out.append(sock)
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # the v4 address gets its own
+            sock.bind(addr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in out:
+            sock.close()
+        raise
+    return out

@@ -367,9 +367,10 @@ def serve(hub: Hub, http: str) -> Server:
     host, _, port = http.rpartition(":")
     ingress = Ingress(hub.cfg, hub.metrics, submit=hub.submit, overloaded=hub.ops.overloaded, health=hub.health)
     cfg = hub.cfg.hub
-    # A quarter of the descriptors for open connections, and at most a quarter more accepted in one go (asyncio
-    # accepts up to `backlog` connections before any of them is admitted, see Server.admit): the other half
-    # stays for ZeroMQ peers, the journal and its write probe.
+    # A quarter of the descriptors for open connections, and at most a quarter more for connections on their way
+    # in (accepted, not yet admitted: Server.admit) or out (closed to make room, not yet released): the server
+    # never holds more than max_connections + backlog (Server.max_sockets, enforced by its own accept). The
+    # other half stays for ZeroMQ peers, the journal and its write probe (about 30 at start).
     quarter = max(16, fd_limit() // 4)
     limits = Limits(read_timeout=cfg.http_read_timeout, idle_timeout=cfg.http_idle_timeout,
                     reply_timeout=cfg.request_timeout, max_body=cfg.max_body_bytes,
