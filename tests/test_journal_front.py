@@ -252,3 +252,46 @@ def test_the_write_probe_reports_staged_events_it_cannot_write_and_passes_once_t
     assert j.probe() is None
     assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2]
     j.close()
+
+
+def test_retention_frees_a_full_journal_while_staged_rows_wait_and_never_floors_over_them(tmp_path):
+    """SQLite full with a staged commit waiting: retention must still run (freeing space is how the staged rows get
+    written), and the floors it writes first must stay below the staged seqs, or a restart would skip them."""
+    path = tmp_path / "j.db"
+    out = commit_then_kill(path, """
+        from bucketwire.hub.journal import JournalError
+        big = lambda t, i, n=20_000: NewEvent(t, "s", f"id-{i}", None, {"b": "y" * n, "seq": None})
+        j.commit(Batch(events=[big("a", i) for i in range(20)]))
+        pages = j.db.execute("PRAGMA page_count").fetchone()[0]
+        j.db.execute(f"PRAGMA max_page_count={pages}")
+        staged = j.commit(Batch(events=[big("b", 100, 400_000)]))  # more than the 10 events dropped below free
+        try:
+            j.settle()
+            settled = True
+        except JournalError:
+            settled = False
+        dropped = j.enforce_retention(max_age=-1.0, max_bytes=1 << 40, chunk=10)
+        floors = dict(j.db.execute("SELECT name, head FROM topics"))
+        print(json.dumps({"settled": settled, "dropped": dropped, "floors": floors, "still": j._pending is not None,
+                          "b": [(a.topic, a.seq) for a in staged]}))
+    """)
+    assert out["settled"] is False and out["dropped"] == 10 and out["still"], out
+    assert out["b"] == [["b", 1]] and out["floors"].get("b", 0) == 0, out
+    j = Journal(path)
+    assert [s for s, _, _ in j.read("b", 1, 10)] == [1], "the staged event came back at the restart"
+    j.close()
+
+
+def test_once_retention_has_freed_space_the_staged_rows_are_written(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    big = lambda t, i: NewEvent(t, "s", f"id-{i}", None, {"b": "y" * 20_000, "seq": None})  # noqa: E731
+    j.commit(Batch(events=[big("a", i) for i in range(20)]))
+    pages = j.db.execute("PRAGMA page_count").fetchone()[0]
+    j.db.execute(f"PRAGMA max_page_count={pages}")
+    j.commit(Batch(events=[big("b", 100)]))
+    with pytest.raises(JournalError):
+        j.settle()
+    assert j.enforce_retention(max_age=-1.0, max_bytes=1 << 40) == 20
+    assert j._pending is None, "written once retention made room"
+    assert [s for s, _, _ in j.read("b", 1, 10)] == [1]
+    j.close()

@@ -182,6 +182,18 @@ class Batch:
     `retry_waits`)."""
 
 
+@dataclass(slots=True)
+class _Staged:
+    """A commit in the front log, not yet in SQLite."""
+
+    batch: Batch
+    rows: list[object]
+    heads: dict[str, int]
+    """Topic -> its last seq in `rows`."""
+    before: dict[str, int]
+    """Topic -> its head in SQLite (the seq before its first in `rows`)."""
+
+
 class JournalAPI(Protocol):
     """What the hub asks of its journal; `Journal` (SQLite, below) and `JetStreamJournal` (hub/journal_jetstream.py)
     both stand behind it, so the hub's loop, ops and ingress never depend on one backend's storage.
@@ -297,7 +309,7 @@ class Journal:
         if jid is None:  # ties the front log's records to this journal (a restored journal.db is another one)
             jid = (os.urandom(16).hex(),)
             self.db.execute("INSERT INTO meta VALUES('id', ?)", jid)
-        self._pending: tuple[Batch, list[object], dict[str, int]] | None = None
+        self._pending: _Staged | None = None
         """A commit made durable in the front log and not yet written here (`settle`)."""
         self._front: FrontLog | None = FrontLog(path.with_name(path.name + "-front"), str(jid[0]).encode())
         self._front_on = durability == "os"  # with "fsync" the front log would need a sync of its own per commit
@@ -310,7 +322,7 @@ class Journal:
         """(Re)build the key filter from what the journal holds, sized for twice as many events."""
         lo, hi = self.db.execute("SELECT min(rowid), max(rowid) FROM events").fetchone()
         rows = 0 if hi is None else hi - lo + 1
-        pending = self._pending[1] if self._pending is not None else []
+        pending = self._pending.rows if self._pending is not None else []
         keys = [(str(pending[i + 2]), str(pending[i + 3])) for i in range(0, len(pending), ROW)]
         path = self.path
         self._keys.build(lambda: _connect(path), hi or 0, 2 * rows, keys)
@@ -333,7 +345,7 @@ class Journal:
         if not flat:
             self._front.reset()
             return
-        self._pending = (Batch(), flat, heads)
+        self._pending = _Staged(Batch(), flat, heads, {t: self.heads.get(t, 0) for t in heads})
         self.heads.update(heads)
         log.warning("journal: writing events the front log held from before a crash",
                     extra={"events": len(flat) // ROW, "topics": sorted(heads)})
@@ -520,7 +532,7 @@ class Journal:
                 log.error("journal: the front log could not be cut back after a failed write; commits go "
                           "straight into journal.db until the hub restarts", extra={"error": str(e)})
             raise JournalError(f"journal commit failed: {e.strerror or e}") from e
-        self._pending = (batch, rows, heads)
+        self._pending = _Staged(batch, rows, heads, {t: self.heads.get(t, 0) for t in heads})
         self.heads.update(heads)
         f.add(keys)
         return out
@@ -529,7 +541,7 @@ class Journal:
         pending = self._pending
         if pending is None:
             return
-        batch, rows, heads = pending
+        batch, rows, heads = pending.batch, pending.rows, pending.heads
         with self._transaction("commit") as db:
             self._insert(db, rows, insert_sizes(len(rows) // ROW, self._recent))
             new = self._write_rest(db, batch, heads)
@@ -709,9 +721,10 @@ class Journal:
         At most `chunk`: this runs on the hub's loop, and nothing else does meanwhile. A minute's worth of events
         at once stalled every topic for as long (60,000 events: 0.5 s, 2 s with random ids); the hub calls again
         soon while a call returns `chunk` (see `Hub._retention`).
+
+        Staged events SQLite cannot take (a full journal) do not stop it: freeing space is how they get written.
         """
-        if self._pending is not None:
-            self.settle()
+        self._caught_up()
         cutoff = time.time() - max_age
         oldest = self.db.execute("SELECT ts FROM events ORDER BY rowid LIMIT 1").fetchone()
         if oldest is None or (oldest[0] >= cutoff and self.size_bytes() <= max_bytes):
@@ -741,12 +754,16 @@ class Journal:
                             "(SELECT 1 FROM events WHERE events.topic = retries.topic AND events.seq = retries.seq)")
             self.db.execute("DELETE FROM retry_waits WHERE NOT EXISTS (SELECT 1 FROM retries r WHERE "
                             "r.grp = retry_waits.grp AND r.topic = retry_waits.topic AND r.seq = retry_waits.seq)")
+            self._caught_up()  # the room just made is where staged rows that SQLite refused go
         return dropped
 
     def _write_floors(self) -> None:
         """Write to `topics` every head that moved since it was last written, before events are dropped: a topic
         whose every event retention drops keeps its head there (seqs never go back, across restarts too)."""
-        moved = [(t, h) for t, h in self.heads.items() if self._floors.get(t) != h]
+        heads = self.heads
+        if self._pending is not None:  # staged rows are not in SQLite: a floor at their seqs would keep a restart
+            heads = {**heads, **self._pending.before}  # from writing them (it writes what lies above a head)
+        moved = [(t, h) for t, h in heads.items() if self._floors.get(t, 0) < h]
         if moved:
             with self._transaction("write") as db:
                 db.executemany("INSERT INTO topics(name, head) VALUES(?, ?) "
