@@ -438,7 +438,7 @@ class Journal:
             try:
                 self.settle()
             except JournalError as e:
-                return str(e)
+                return f"cannot write staged events to {self.path}: {e.__cause__ or e}"
         scratch = self.path.parent / ".write-probe"
         try:
             fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
