@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Protocol
 
 from bucketwire.envelope import SEQ_SLOT, Unsent, render
+from bucketwire.hub.journal_front import ROW, FrontLog
+from bucketwire.hub.key_filter import KeyFilter
 
 log = logging.getLogger("bucketwire.journal")
 
@@ -46,8 +48,6 @@ AUTOCHECKPOINT_PAGES = 4096
 and a checkpoint by the writer is what lets the WAL start over instead of growing under sustained load."""
 CHUNK = 400
 """Rows per multi-row statement (7 parameters each; SQLite allows 32766 per statement)."""
-ROW = 7
-"""Parameters per `events` row."""
 SINGLE = 32
 STEP = 32
 RECENT = 32
@@ -59,6 +59,11 @@ as before, made a hub whose commits vary in size prepare most of its INSERTs ane
 parsing and code generation each: in-process, commits of 1-400 events (sizes uniform) cost 7.4 us per event that
 way, 5.6 cut so; commits of one size stay one INSERT. Caching every size instead would hold ~67 MB of prepared
 statements."""
+FRONT_EVENTS = 8
+"""Commits of at most this many events go through the front log (hub/journal_front.py): what waits on them is a
+publisher's confirmation and a worker's DELIVER, at a modest rate one event each. Larger ones come under load,
+where a batch's rows written twice would cost more CPU than the front log saves latency: they go straight into
+SQLite."""
 PROBE_BYTES = 1 << 20
 """Bytes the write probe puts in a scratch file: room for about one full webhook body's commit."""
 
@@ -177,6 +182,18 @@ class Batch:
     `retry_waits`)."""
 
 
+@dataclass(slots=True)
+class _Staged:
+    """A commit in the front log, not yet in SQLite."""
+
+    batch: Batch
+    rows: list[object]
+    heads: dict[str, int]
+    """Topic -> its last seq in `rows`."""
+    before: dict[str, int]
+    """Topic -> its head in SQLite (the seq before its first in `rows`)."""
+
+
 class JournalAPI(Protocol):
     """What the hub asks of its journal; `Journal` (SQLite, below) and `JetStreamJournal` (hub/journal_jetstream.py)
     both stand behind it, so the hub's loop, ops and ingress never depend on one backend's storage.
@@ -187,7 +204,14 @@ class JournalAPI(Protocol):
     heads: dict[str, int]
     """Topic -> last committed seq, kept current by `commit`."""
 
-    def commit(self, batch: Batch) -> list[Appended]: ...
+    def commit(self, batch: Batch) -> list[Appended]:
+        """Make the batch durable and return its events' seqs. Some of the writing may wait for `settle`."""
+        ...
+    def settle(self) -> None:
+        """Finish what `commit` left for later (the loop calls it once the commit's DELIVERs and confirmations are
+        sent). JournalError when it cannot be written now: what it holds is durable and is written at the next
+        `settle` or `commit`, or at the next start."""
+        ...
     def read(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]: ...
     def first_seq(self, topic: str) -> int | None: ...
     def first_seq_since(self, topic: str, since: float) -> int | None: ...
@@ -281,43 +305,107 @@ class Journal:
         # One seek of the (topic, seq) index per topic, whatever the number of events.
         self.heads: dict[str, int] = dict(self.db.execute(
             "SELECT name, max(head, coalesce((SELECT max(seq) FROM events WHERE topic = name), 0)) FROM topics"))
+        jid = self.db.execute("SELECT value FROM meta WHERE key='id'").fetchone()
+        if jid is None:  # ties the front log's records to this journal (a restored journal.db is another one)
+            jid = (os.urandom(16).hex(),)
+            self.db.execute("INSERT INTO meta VALUES('id', ?)", jid)
+        self._pending: _Staged | None = None
+        """A commit made durable in the front log and not yet written here (`settle`)."""
+        self._front: FrontLog | None = FrontLog(path.with_name(path.name + "-front"), str(jid[0]).encode())
+        self._front_on = durability == "os"  # with "fsync" the front log would need a sync of its own per commit
         self._checkpointer = _Checkpointer(path)
+        self._replay_front()
+        self._keys = KeyFilter()
+        self._build_keys()
+
+    def _build_keys(self) -> None:
+        """(Re)build the key filter from what the journal holds, sized for twice as many events."""
+        lo, hi = self.db.execute("SELECT min(rowid), max(rowid) FROM events").fetchone()
+        rows = 0 if hi is None else hi - lo + 1
+        pending = self._pending.rows if self._pending is not None else []
+        keys = [(str(pending[i + 2]), str(pending[i + 3])) for i in range(0, len(pending), ROW)]
+        path = self.path
+        self._keys.build(lambda: _connect(path), hi or 0, 2 * rows, keys)
+
+    def _replay_front(self) -> None:
+        """Write into SQLite what the front log holds above each topic's head: commits confirmed and handed out
+        by a hub that was killed before it wrote them here. A journal that cannot be written now (a full disk)
+        keeps them staged: the hub starts, answers 503, and writes them once it can."""
+        assert self._front is not None
+        flat: list[object] = []
+        heads: dict[str, int] = {}
+        for rec in self._front.records():
+            for i in range(0, len(rec), ROW):
+                topic, seq = rec[i], rec[i + 1]
+                if not isinstance(topic, str) or not isinstance(seq, int):
+                    continue
+                if seq > max(self.heads.get(topic, 0), heads.get(topic, 0)):
+                    flat += rec[i:i + ROW]
+                    heads[topic] = seq
+        if not flat:
+            self._front.reset()
+            return
+        self._pending = _Staged(Batch(), flat, heads, {t: self.heads.get(t, 0) for t in heads})
+        self.heads.update(heads)
+        log.warning("journal: writing events the front log held from before a crash",
+                    extra={"events": len(flat) // ROW, "topics": sorted(heads)})
+        try:
+            self.settle()
+        except JournalError as e:
+            log.error("journal: cannot write the front log's events yet; refusing events until it can",
+                      extra={"error": str(e)})
 
     # -- reads ---------------------------------------------------------------------------------------------
+    def _caught_up(self) -> None:
+        """Reads see staged commits too: they are written first. If that fails, the read sees what SQLite holds
+        (the events the hub already has in memory, and gets again once the write goes through)."""
+        if self._pending is not None:
+            with contextlib.suppress(JournalError):
+                self.settle()
+
     def cursors(self) -> dict[tuple[str, str], int]:
+        self._caught_up()
         return {(g, t): a for g, t, a in self.db.execute("SELECT grp, topic, acked FROM cursors")}
 
     def cursor_above(self) -> dict[tuple[str, str], str]:
         """Acked seqs above each cursor's watermark, as ranges ("3-5,9")."""
+        self._caught_up()
         return {(g, t): a for g, t, a in self.db.execute("SELECT grp, topic, above FROM cursors WHERE above != ''")}
 
     def group_stats(self) -> dict[str, tuple[int, int, int]]:
+        self._caught_up()
         return {g: (d, r, x) for g, d, r, x in self.db.execute("SELECT * FROM group_stats")}
 
     def attempts_of(self, group: str) -> dict[tuple[str, int], int]:
+        self._caught_up()
         return {(t, q): n for t, q, n in self.db.execute("SELECT topic, seq, attempts FROM retries WHERE grp=?",
                                                           (group,))}
 
     def retries_due(self, group: str) -> dict[tuple[str, int], float]:
+        self._caught_up()
         return {(t, q): d for t, q, d in self.db.execute("SELECT topic, seq, due FROM retries WHERE grp=?", (group,))}
 
     def retry_waits(self, group: str) -> dict[tuple[str, int], float]:
+        self._caught_up()
         return {(t, q): w for t, q, w in self.db.execute(
             "SELECT w.topic, w.seq, w.wait FROM retry_waits w JOIN retries r ON r.grp = w.grp AND r.topic = w.topic "
             "AND r.seq = w.seq WHERE w.grp=?", (group,))}
 
     def read(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]:
+        self._caught_up()
         return self.db.execute(
             "SELECT seq, objkey, body FROM events WHERE topic=? AND seq>=? ORDER BY seq LIMIT ?",
             (topic, from_seq, limit),
         ).fetchall()
 
     def first_seq(self, topic: str) -> int | None:
+        self._caught_up()
         row = self.db.execute("SELECT min(seq) FROM events WHERE topic=?", (topic,)).fetchone()
         return row[0] if row else None
 
     def first_seq_since(self, topic: str, since: float) -> int | None:
         """The first seq committed at or after unix time `since` (for `replay --since`), or None."""
+        self._caught_up()
         row = self.db.execute("SELECT min(seq) FROM events WHERE topic=? AND ts>=?", (topic, since)).fetchone()
         return row[0] if row and row[0] is not None else None
 
@@ -332,6 +420,11 @@ class Journal:
                 found[(src, eid)] = (topic, seq, body)
         return found
 
+    def _any_existing(self, keys: list[tuple[str, str]]) -> bool:
+        """Whether any of a few (source, id) is in the journal: one seek of the dedup index each."""
+        db = self.db
+        return any(db.execute("SELECT 1 FROM events WHERE source=? AND id=?", k).fetchone() for k in keys)
+
     def probe(self) -> str | None:
         """Whether a commit could be written now: None, or why not.
 
@@ -341,6 +434,11 @@ class Journal:
         the loop well under a millisecond), and a page-spilling row in a transaction that is rolled back (the
         database itself: its file mode, its size limit, its lock).
         """
+        if self._pending is not None:  # staged events that could not be written yet come first
+            try:
+                self.settle()
+            except JournalError as e:
+                return f"cannot write staged events to {self.path}: {e.__cause__ or e}"
         scratch = self.path.parent / ".write-probe"
         try:
             fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -367,6 +465,7 @@ class Journal:
         return None  # SQLite's own limit (1 GB a value) is far above anything the hub accepts
 
     def size_bytes(self) -> int:
+        self._caught_up()
         pc = self.db.execute("PRAGMA page_count").fetchone()[0]
         fl = self.db.execute("PRAGMA freelist_count").fetchone()[0]
         ps = self.db.execute("PRAGMA page_size").fetchone()[0]
@@ -391,6 +490,71 @@ class Journal:
             raise
 
     def commit(self, batch: Batch) -> list[Appended]:
+        """Append events (deduplicated on (source, id)) and move cursors.
+
+        A commit of a few new events is staged: appended to the front log (durable when that returns) and written
+        here by `settle`, after the hub has sent its DELIVERs and confirmations. Anything else, and any batch with
+        a duplicate, is one transaction here.
+        """
+        if self._pending is not None:
+            self.settle()
+        keys = self._keys
+        keys.poll()
+        if keys.due():
+            self._build_keys()
+        events = batch.events
+        if self._front_on and 0 < len(events) <= FRONT_EVENTS and self._front is not None:
+            staged = self._stage(batch)
+            if staged is not None:
+                return staged
+        return self._commit_now(batch)
+
+    def _stage(self, batch: Batch) -> list[Appended] | None:
+        """The front log's half of a commit; None when the batch holds a duplicate (the one transaction sorts
+        those out, and they are rare)."""
+        assert self._front is not None
+        events = batch.events
+        keys = [(ev.source, ev.id) for ev in events]
+        if len(keys) > 1 and len(set(keys)) < len(keys):
+            return None
+        f = self._keys
+        try:
+            if any(f.may_hold(k) for k in keys) and self._any_existing(keys):
+                return None
+        except sqlite3.Error as e:
+            raise JournalError(f"journal commit failed: {e}") from e
+        out, rows, heads = self._assign(events, {}, None, time.time())
+        try:
+            self._front.append(rows)
+        except OSError as e:
+            if self._front.torn:
+                self._front_on = False
+                log.error("journal: the front log could not be cut back after a failed write; commits go "
+                          "straight into journal.db until the hub restarts", extra={"error": str(e)})
+            raise JournalError(f"journal commit failed: {e.strerror or e}") from e
+        self._pending = _Staged(batch, rows, heads, {t: self.heads.get(t, 0) for t in heads})
+        self.heads.update(heads)
+        f.add(keys)
+        return out
+
+    def settle(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        batch, rows, heads = pending.batch, pending.rows, pending.heads
+        with self._transaction("commit") as db:
+            self._insert(db, rows, insert_sizes(len(rows) // ROW, self._recent))
+            new = self._write_rest(db, batch, heads)
+        self._pending = None
+        if new:
+            self._floors.update(new)
+        if self._front is not None:
+            try:
+                self._front.written() if batch.events else self._front.reset()
+            except OSError as e:  # the rows are in SQLite; a front log that grows on is only a longer replay
+                log.warning("journal: could not start the front log over", extra={"error": str(e)})
+
+    def _commit_now(self, batch: Batch) -> list[Appended]:
         """Append events (deduplicated on (source, id)) and move cursors, all in one transaction.
 
         The events are inserted on the assumption that none is already in the journal (the common case, and
@@ -418,37 +582,44 @@ class Journal:
                 existing = self._existing(list(dict.fromkeys((ev.source, ev.id) for ev in events)))
                 out, rows, heads = self._assign(events, existing, out, now)
                 self._insert(db, rows, insert_sizes(len(rows) // ROW, self._recent))
-            new = [(t, h) for t, h in heads.items() if t not in self.heads]
-            if new:  # a topic's first event: its row is where its head survives retention dropping every event
-                db.executemany("INSERT OR IGNORE INTO topics(name, head) VALUES(?, ?)", new)
-            if batch.cursors:
-                db.executemany(
-                    "INSERT INTO cursors(grp, topic, acked, above) VALUES(?,?,?,?) "
-                    "ON CONFLICT(grp, topic) DO UPDATE SET acked=excluded.acked, above=excluded.above",
-                    [(g, t, a, batch.above.get((g, t), "")) for (g, t), a in batch.cursors.items()],
-                )
-            if batch.stats:
-                db.executemany(
-                    "INSERT INTO group_stats(grp, dead_lettered, retried, redelivered) VALUES(?,?,?,?) "
-                    "ON CONFLICT(grp) DO UPDATE SET dead_lettered=dead_lettered+excluded.dead_lettered, "
-                    "retried=retried+excluded.retried, redelivered=redelivered+excluded.redelivered",
-                    [(g, *v) for g, v in batch.stats.items()],
-                )
-            if batch.attempts:
-                gone = [k for k, n in batch.attempts.items() if n <= 0]
-                if gone:
-                    db.executemany("DELETE FROM retries WHERE grp=? AND topic=? AND seq=?", gone)
-                    db.executemany("DELETE FROM retry_waits WHERE grp=? AND topic=? AND seq=?", gone)
-                kept = [(*k, n, batch.due.get(k, 0.0)) for k, n in batch.attempts.items() if n > 0]
-                if kept:
-                    db.executemany("INSERT OR REPLACE INTO retries VALUES(?,?,?,?,?)", kept)
-                    waits = [(*k, batch.waits[k]) for k, n in batch.attempts.items() if n > 0 and k in batch.waits]
-                    if waits:
-                        db.executemany("INSERT OR REPLACE INTO retry_waits VALUES(?,?,?,?)", waits)
+            new = self._write_rest(db, batch, heads)
         self.heads.update(heads)
         if new:
             self._floors.update(new)
+        self._keys.add([(ev.source, ev.id) for ev, a in zip(events, out, strict=True) if not a.duplicate])
         return out
+
+    def _write_rest(self, db: sqlite3.Connection, batch: Batch, heads: dict[str, int]) -> list[tuple[str, int]]:
+        """Everything of a commit but its events' rows: new topics' floors, cursors, counters, attempts. Returns
+        the topics written for the first time."""
+        new = [(t, h) for t, h in heads.items() if t not in self._floors]
+        if new:  # a topic's first event: its row is where its head survives retention dropping every event
+            db.executemany("INSERT OR IGNORE INTO topics(name, head) VALUES(?, ?)", new)
+        if batch.cursors:
+            db.executemany(
+                "INSERT INTO cursors(grp, topic, acked, above) VALUES(?,?,?,?) "
+                "ON CONFLICT(grp, topic) DO UPDATE SET acked=excluded.acked, above=excluded.above",
+                [(g, t, a, batch.above.get((g, t), "")) for (g, t), a in batch.cursors.items()],
+            )
+        if batch.stats:
+            db.executemany(
+                "INSERT INTO group_stats(grp, dead_lettered, retried, redelivered) VALUES(?,?,?,?) "
+                "ON CONFLICT(grp) DO UPDATE SET dead_lettered=dead_lettered+excluded.dead_lettered, "
+                "retried=retried+excluded.retried, redelivered=redelivered+excluded.redelivered",
+                [(g, *v) for g, v in batch.stats.items()],
+            )
+        if batch.attempts:
+            gone = [k for k, n in batch.attempts.items() if n <= 0]
+            if gone:
+                db.executemany("DELETE FROM retries WHERE grp=? AND topic=? AND seq=?", gone)
+                db.executemany("DELETE FROM retry_waits WHERE grp=? AND topic=? AND seq=?", gone)
+            kept = [(*k, n, batch.due.get(k, 0.0)) for k, n in batch.attempts.items() if n > 0]
+            if kept:
+                db.executemany("INSERT OR REPLACE INTO retries VALUES(?,?,?,?,?)", kept)
+                waits = [(*k, batch.waits[k]) for k, n in batch.attempts.items() if n > 0 and k in batch.waits]
+                if waits:
+                    db.executemany("INSERT OR REPLACE INTO retry_waits VALUES(?,?,?,?)", waits)
+        return new
 
     def _assign(self, events: list[NewEvent], existing: dict[tuple[str, str], tuple[str, int, bytes]],
                 before: list[Appended] | None, now: float,
@@ -532,6 +703,8 @@ class Journal:
 
     def forget_group(self, group: str) -> None:
         """Delete a removed group's cursors and counters, so a new group of that name starts afresh."""
+        if self._pending is not None:
+            self.settle()
         with self._transaction("write") as db:
             db.execute("DELETE FROM cursors WHERE grp=?", (group,))
             db.execute("DELETE FROM group_stats WHERE grp=?", (group,))
@@ -548,7 +721,10 @@ class Journal:
         At most `chunk`: this runs on the hub's loop, and nothing else does meanwhile. A minute's worth of events
         at once stalled every topic for as long (60,000 events: 0.5 s, 2 s with random ids); the hub calls again
         soon while a call returns `chunk` (see `Hub._retention`).
+
+        Staged events SQLite cannot take (a full journal) do not stop it: freeing space is how they get written.
         """
+        self._caught_up()
         cutoff = time.time() - max_age
         oldest = self.db.execute("SELECT ts FROM events ORDER BY rowid LIMIT 1").fetchone()
         if oldest is None or (oldest[0] >= cutoff and self.size_bytes() <= max_bytes):
@@ -578,12 +754,16 @@ class Journal:
                             "(SELECT 1 FROM events WHERE events.topic = retries.topic AND events.seq = retries.seq)")
             self.db.execute("DELETE FROM retry_waits WHERE NOT EXISTS (SELECT 1 FROM retries r WHERE "
                             "r.grp = retry_waits.grp AND r.topic = retry_waits.topic AND r.seq = retry_waits.seq)")
+            self._caught_up()  # the room just made is where staged rows that SQLite refused go
         return dropped
 
     def _write_floors(self) -> None:
         """Write to `topics` every head that moved since it was last written, before events are dropped: a topic
         whose every event retention drops keeps its head there (seqs never go back, across restarts too)."""
-        moved = [(t, h) for t, h in self.heads.items() if self._floors.get(t) != h]
+        heads = self.heads
+        if self._pending is not None:  # staged rows are not in SQLite: a floor at their seqs would keep a restart
+            heads = {**heads, **self._pending.before}  # from writing them (it writes what lies above a head)
+        moved = [(t, h) for t, h in heads.items() if self._floors.get(t, 0) < h]
         if moved:
             with self._transaction("write") as db:
                 db.executemany("INSERT INTO topics(name, head) VALUES(?, ?) "
@@ -591,6 +771,18 @@ class Journal:
             self._floors.update(moved)
 
     def close(self) -> None:
+        if self._pending is not None:
+            try:
+                self.settle()
+            except JournalError as e:
+                log.warning("journal: staged events stay in the front log for the next start", extra={"error": str(e)})
+        self._keys.close()
+        if self._front is not None:
+            # Like SQLite's -wal at a clean close: a state_dir left by a hub that stopped holds journal.db alone.
+            if self._pending is None:
+                with contextlib.suppress(OSError):
+                    self._front.path.unlink()
+            self._front.close()
         self._checkpointer.close()
         try:
             self.db.close()
@@ -613,9 +805,14 @@ def _refuse_lost(path: Path) -> None:
         raise JournalError(f"{path} links to {os.readlink(path)}, which is not there (its volume not mounted?); "
                            "mount it, or remove the link to start an empty journal")
     wal = path.with_name(path.name + "-wal")
+    front = path.with_name(path.name + "-front")
     try:
         size = path.stat().st_size
     except FileNotFoundError:
+        if front.exists() and front.stat().st_size > 0:
+            raise JournalError(f"{path} is missing but its front log {front.name} holds events (the journal deleted "
+                               "or moved?); restore journal.db from a backup, or delete journal.db-front, "
+                               "journal.db-wal and journal.db-shm to start an empty journal") from None
         if wal.exists():
             raise JournalError(f"{path} is missing but its write-ahead log {wal.name} is there (the journal deleted "
                                "or moved?); restore journal.db from a backup, or delete journal.db-wal and "

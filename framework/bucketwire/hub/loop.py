@@ -590,16 +590,7 @@ class Hub:
         try:
             appended = self.journal.commit(batch)
         except JournalError as e:
-            self.metrics.commit_failures.inc()
-            if self.write_error is None:
-                log.error("journal commit failed; refusing events (503) until it can be written",
-                          extra={"error": str(e)})
-                self.write_error = str(e)
-            self.journal_ok = False
-            # Ingress stays refused until a probe passes (see `_ingest`): the next one comes soon, not at its
-            # interval, and no more often than PROBE_RETRY (a request flood makes a failed commit per turn).
-            self._next_probe = min(self._next_probe, max(now, self._probed + PROBE_RETRY))
-            self._retention_soon()
+            self._write_failed(e, now)
             for cb, _, _ in replies:
                 cb(None, "journal unavailable: " + str(e))
             return
@@ -627,11 +618,27 @@ class Hub:
                 self._dispatch(g, now)
         for cb, lo, hi in replies:
             cb(appended[carry_n + lo: carry_n + hi], None)
+        try:  # the rest of the commit's writing (SQLite, after its front log): nothing waits on it now
+            self.journal.settle()
+        except JournalError as e:  # what it holds is durable; the next commit (or the next start) writes it
+            self._write_failed(e, now)
         self._publish(fresh)
         self.metrics.commits.inc()
         self.metrics.commit_seconds.observe(took)
         for app, (kind, note) in zip(appended[:carry_n], notes, strict=True):
             self._carried(app, kind, note)
+
+    def _write_failed(self, e: JournalError, now: float) -> None:
+        self.metrics.commit_failures.inc()
+        if self.write_error is None:
+            log.error("journal commit failed; refusing events (503) until it can be written",
+                      extra={"error": str(e)})
+            self.write_error = str(e)
+        self.journal_ok = False
+        # Ingress stays refused until a probe passes (see `_ingest`): the next one comes soon, not at its
+        # interval, and no more often than PROBE_RETRY (a request flood makes a failed commit per turn).
+        self._next_probe = min(self._next_probe, max(now, self._probed + PROBE_RETRY))
+        self._retention_soon()
 
     def _carry(self, ne: NewEvent | None, kind: str, note: dict[str, Any] | None = None) -> None:
         """Queue an event the hub derived (a follow-on or a dead letter) for the next commit."""

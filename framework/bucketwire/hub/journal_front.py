@@ -1,0 +1,112 @@
+"""The SQLite journal's front log: a small commit is made durable by one append here, and written into SQLite just
+after its events have gone out to the workers and its publishers have their confirmations.
+
+Why: at a modest rate each commit holds one event, and the SQLite transaction for it (the BEGIN, three B-trees
+updated by the INSERT, the COMMIT's WAL frames) runs 50-80 µs on a CPU that has gone cold since the last event,
+all of it between the publish and the DELIVER. An append of the same rows to a plain file is one `write` (6-9
+µs), as durable as the WAL frame with `durability = "os"`: both are in the OS page cache when the call returns,
+so both survive a kill -9 of the hub (docs/performance.md, "Closing the gap", change 16).
+
+The file (`journal.db-front`, beside `journal.db-wal`) holds records of whole commits: a header (magic, length,
+CRC-32) and the commit's rows as msgpack. The CRC covers the journal's own id too, so a front log left beside a
+restored or replaced `journal.db` belongs to another journal and is not replayed into this one. A record is
+written whole or, when a write fails part way (a full disk), cut off again; replay stops at the first record that
+does not check out, and every record after a good one was written after it.
+
+Which rows a replay inserts: those above the topic's head in SQLite. Rows are written into SQLite in seq order
+and before anything else touches the journal (a read, retention, a floor), so everything at or below a head was
+written (and possibly dropped by retention since: it must not come back), and everything above it was not.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import msgspec
+
+MAGIC = b"BWF1"
+HEADER = struct.Struct("<4sII")
+"""Magic, payload length, CRC-32 of the journal's id followed by the payload."""
+TRUNCATE_AT = 1 << 20
+"""Bytes after which a front log whose rows are all in SQLite starts over (one `ftruncate` per ~1,000 commits)."""
+
+ROW = 7
+"""Values per `events` row: topic, seq, source, id, objkey, ts, body (the journal's INSERT order). A record is the
+commit's rows as one flat list, as the journal's multi-row INSERT binds them."""
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+class FrontLog:
+    """An append-only file of commits not yet (or only just) written into SQLite; the loop thread's alone."""
+
+    def __init__(self, path: Path, journal_id: bytes) -> None:
+        self.path = path
+        self._seed = zlib.crc32(journal_id)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.size = os.fstat(self.fd).st_size
+        self.torn = False
+        """A failed write could not be cut off again: nothing may be appended after it (replay would stop there)."""
+
+    def records(self) -> list[list[object]]:
+        """Every record from the start of the file up to the first one that does not check out (torn, or written
+        for another journal)."""
+        data = os.pread(self.fd, self.size, 0)
+        out: list[list[object]] = []
+        at = 0
+        while at + HEADER.size <= len(data):
+            magic, n, crc = HEADER.unpack_from(data, at)
+            body = data[at + HEADER.size: at + HEADER.size + n]
+            if magic != MAGIC or len(body) != n or zlib.crc32(body, self._seed) != crc:
+                break
+            try:
+                rows = _decode(body)
+            except msgspec.DecodeError:
+                break
+            if not isinstance(rows, list) or len(rows) % ROW:
+                break
+            out.append(rows)
+            at += HEADER.size + n
+        return out
+
+    def append(self, rows: list[object]) -> None:
+        """Append one commit's rows; OSError when they could not be written whole. Nothing of them is left in the
+        file then, unless cutting it back failed too (`torn`)."""
+        body = _encode(rows)
+        rec = HEADER.pack(MAGIC, len(body), zlib.crc32(body, self._seed)) + body
+        before = self.size
+        try:
+            n = os.write(self.fd, rec)
+        except OSError:
+            self._cut(before)
+            raise
+        if n != len(rec):  # a short write (the disk filled part way): the record must not stay torn
+            self._cut(before)
+            raise OSError(28, "No space left on device (front log write cut short)")
+        self.size = before + n
+
+    def written(self) -> None:
+        """Everything appended so far is in SQLite: start over once the file has grown past TRUNCATE_AT."""
+        if self.size >= TRUNCATE_AT:
+            self.reset()
+
+    def reset(self) -> None:
+        os.ftruncate(self.fd, 0)
+        self.size = 0
+
+    def _cut(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+            self.size = size
+        except OSError:
+            self.torn = True
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass

@@ -1,0 +1,297 @@
+"""The SQLite journal's front log (hub/journal_front.py): a commit of a few events is durable once appended there,
+and written into journal.db only after the hub has sent its DELIVERs and confirmations (`settle`).
+
+What must hold: a journal process SIGKILLed between the two still has every staged event after a restart, with its
+seq, and reuses none of them; a torn tail or a front log that belongs to another journal is never replayed;
+events retention dropped never come back from it; a front-log write that fails (a file size limit, as a full disk
+would) leaves no trace and no hole; SQLite refusing the write after the append (its own size limit) keeps the
+events for the next start, and refuses further commits meanwhile. Real processes, real files, real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bucketwire.hub.journal import FRONT_EVENTS, Batch, Journal, JournalError, NewEvent
+
+
+def ev(topic: str, i: int, source: str = "s", body: str = "x" * 100) -> NewEvent:
+    return NewEvent(topic, source, f"id-{i}", f"k{i}", {"b": body, "seq": None})
+
+
+def front(path: Path) -> Path:
+    return path.with_name(path.name + "-front")
+
+
+def rows_in_sqlite(path: Path, topic: str) -> list[int]:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in db.execute("SELECT seq FROM events WHERE topic=? ORDER BY seq", (topic,))]
+    finally:
+        db.close()
+
+
+def commit_then_kill(path: Path, script: str) -> dict[str, object]:
+    """Run `script` in a fresh process holding a Journal `j` on `path`; it prints a JSON line, then the process
+    SIGKILLs itself: no settle, no close, nothing flushed by Python."""
+    code = textwrap.dedent(f"""
+        import json, os, signal, sys
+        from pathlib import Path
+        from bucketwire.hub.journal import Batch, Journal, NewEvent
+        def ev(topic, i, source="s"):
+            return NewEvent(topic, source, f"id-{{i}}", f"k{{i}}", {{"b": "x" * 100, "seq": None}})
+        j = Journal(Path({str(path)!r}))
+    """) + textwrap.dedent(script) + "\nsys.stdout.flush()\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    return dict(json.loads(p.stdout.strip().splitlines()[-1]))
+
+
+def test_a_journal_killed_before_it_wrote_a_staged_commit_into_sqlite_has_it_after_a_restart(tmp_path):
+    path = tmp_path / "j.db"
+    out = commit_then_kill(path, """
+        j.commit(Batch(events=[ev("a", i) for i in range(20)]))   # straight into SQLite (over FRONT_EVENTS)
+        staged = j.commit(Batch(events=[ev("a", 100), ev("b", 101)], cursors={("g", "a"): 5}))
+        print(json.dumps({"staged": [(a.topic, a.seq) for a in staged]}))
+    """)
+    assert out["staged"] == [["a", 21], ["b", 1]]
+    assert rows_in_sqlite(path, "a") == list(range(1, 21)), "the staged commit was not in journal.db at the kill"
+    assert front(path).stat().st_size > 0
+    j = Journal(path)
+    assert [(s, k) for s, k, _ in j.read("a", 1, 100)][-1] == (21, "k100")
+    assert [s for s, _, _ in j.read("b", 1, 10)] == [1]
+    assert j.heads == {"a": 21, "b": 1}
+    assert front(path).stat().st_size == 0, "replayed, then started over"
+    nxt = j.commit(Batch(events=[ev("a", 102), ev("b", 103)]))
+    assert [(a.topic, a.seq) for a in nxt] == [("a", 22), ("b", 2)], "no seq handed out twice"
+    again = j.commit(Batch(events=[ev("a", 100)]))
+    assert again[0].duplicate and again[0].seq == 21, "a replayed event still deduplicates"
+    j.close()
+    j = Journal(path)
+    assert j.heads == {"a": 22, "b": 2}
+    assert j.cursors() == {}, "cursors are not in the front log: a lost cursor move only redelivers"
+    j.close()
+
+
+def test_a_torn_tail_and_a_front_log_from_another_journal_are_not_replayed(tmp_path):
+    path = tmp_path / "j.db"
+    commit_then_kill(path, """
+        j.commit(Batch(events=[ev("a", 1)]))
+        j.settle()
+        j.commit(Batch(events=[ev("a", 2)]))
+        print("{}")
+    """)
+    whole = front(path).read_bytes()
+    with front(path).open("ab") as f:  # what a power loss could leave: half of a third record
+        f.write(whole[: len(whole) // 2])
+    saved = tmp_path / "saved-front"
+    shutil.copy(front(path), saved)
+    j = Journal(path)
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2]
+    j.close()
+
+    other = tmp_path / "other" / "j.db"
+    Journal(other).close()
+    shutil.copy(saved, front(other))
+    j = Journal(other)
+    assert j.heads == {} and j.read("a", 1, 10) == [], "another journal's front log is never replayed"
+    j.close()
+
+
+def test_events_dropped_by_retention_do_not_come_back_from_the_front_log(tmp_path):
+    path = tmp_path / "j.db"
+    commit_then_kill(path, """
+        for i in range(5):
+            j.commit(Batch(events=[ev("a", i)]))
+        j.settle()
+        assert j.enforce_retention(max_age=-1.0, max_bytes=1 << 40) == 5
+        print("{}")
+    """)
+    assert front(path).stat().st_size > 0, "the front log still holds the five (it starts over at 1 MiB)"
+    j = Journal(path)
+    assert j.read("a", 1, 10) == [] and j.heads == {"a": 5}
+    assert j.commit(Batch(events=[ev("a", 9)]))[0].seq == 6
+    j.close()
+
+
+def test_a_front_log_write_cut_short_leaves_no_trace_and_no_hole(tmp_path):
+    path = tmp_path / "j.db"
+    code = textwrap.dedent(f"""
+        import json, os, resource, signal
+        from pathlib import Path
+        from bucketwire.hub.journal import Batch, Journal, JournalError, NewEvent
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        def ev(i):
+            return NewEvent("a", "s", f"id-{{i}}", None, {{"b": "x" * 3000, "seq": None}})
+        j = Journal(Path({str(path)!r}))
+        j.commit(Batch(events=[ev(1)]))
+        j.settle()
+        front = Path({str(front(path))!r})
+        size = front.stat().st_size
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))  # room for 100 bytes of the next record
+        try:
+            j.commit(Batch(events=[ev(2)]))
+            failed = None
+        except JournalError as e:
+            failed = str(e)
+        after = front.stat().st_size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        seq = j.commit(Batch(events=[ev(3)]))[0].seq
+        j.close()
+        print(json.dumps({{"failed": failed, "size": size, "after": after, "seq": seq}}))
+    """)
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[1] != resource.RLIM_INFINITY:
+        pytest.skip("needs an unlimited hard RLIMIT_FSIZE to lower and raise again")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["failed"] and "journal commit failed" in out["failed"]
+    assert out["after"] == out["size"], "the part written was cut off again"
+    assert out["seq"] == 2, "the failed commit took no seq"
+    j = Journal(path)
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2]
+    j.close()
+
+
+def test_sqlite_refusing_a_staged_commit_keeps_it_for_the_next_start_and_refuses_more(tmp_path):
+    path = tmp_path / "j.db"
+    j = Journal(path)
+    j.commit(Batch(events=[ev("a", 1)]))
+    j.settle()
+    pages = j.db.execute("PRAGMA page_count").fetchone()[0]
+    j.db.execute(f"PRAGMA max_page_count={pages}")  # SQLite's file may not grow: a full disk, for SQLite alone
+    staged = j.commit(Batch(events=[ev("a", 2, body="y" * 20_000)]))
+    assert staged[0].seq == 2
+    with pytest.raises(JournalError):
+        j.settle()
+    with pytest.raises(JournalError):
+        j.commit(Batch(events=[ev("a", 3)]))
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1], "a read shows what SQLite holds meanwhile"
+    j.close()  # cannot write it either: it stays in the front log
+    assert rows_in_sqlite(path, "a") == [1]
+    j = Journal(path)
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2]
+    assert j.commit(Batch(events=[ev("a", 3)]))[0].seq == 3
+    j.close()
+
+
+def test_only_small_commits_without_duplicates_are_staged_and_fsync_durability_stages_none(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(events=[ev("a", i) for i in range(FRONT_EVENTS)]))
+    assert j._pending is not None
+    j.settle()
+    j.commit(Batch(events=[ev("a", i) for i in range(100, 101 + FRONT_EVENTS)]))
+    assert j._pending is None, "a large batch goes straight into SQLite"
+    out = j.commit(Batch(events=[ev("a", 0), ev("a", 500)]))
+    assert j._pending is None and [(a.seq, a.duplicate) for a in out] == [(1, True), (2 * FRONT_EVENTS + 2, False)]
+    j.close()
+    j = Journal(tmp_path / "f.db", "fsync")
+    j.commit(Batch(events=[ev("a", 1)]))
+    assert j._pending is None, "with durability fsync every commit is one synced transaction"
+    j.close()
+
+
+def test_a_staged_commit_is_settled_before_anything_reads_or_drops_events(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(events=[ev("a", 1)]))
+    assert j.db.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1]
+    j.commit(Batch(events=[ev("a", 2)]))
+    time.sleep(0.01)  # pacing: let max_age below elapse
+    assert j.enforce_retention(max_age=0.001, max_bytes=1 << 40) == 2, "retention saw the staged event too"
+    j.close()
+
+
+def test_a_journal_deleted_beside_a_front_log_that_holds_events_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "j.db"
+    commit_then_kill(path, """
+        j.commit(Batch(events=[ev("a", 1)]))
+        print("{}")
+    """)
+    for p in tmp_path.glob("j.db*"):
+        if p != front(path):
+            p.unlink()
+    with pytest.raises(JournalError) as e:
+        Journal(path)
+    assert "front log j.db-front holds events" in str(e.value) and "\n" not in str(e.value)
+    assert not path.exists(), "no new journal was made beside it"
+
+
+def test_a_hub_journal_closed_cleanly_leaves_no_front_log(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(events=[ev("a", 1)]))
+    assert front(tmp_path / "j.db").exists()
+    j.close()
+    assert not front(tmp_path / "j.db").exists()
+
+
+def test_the_write_probe_reports_staged_events_it_cannot_write_and_passes_once_they_are(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(events=[ev("a", 1)]))
+    j.settle()
+    pages = j.db.execute("PRAGMA page_count").fetchone()[0]
+    j.db.execute(f"PRAGMA max_page_count={pages}")
+    j.commit(Batch(events=[ev("a", 2, body="y" * 20_000)]))
+    with pytest.raises(JournalError):
+        j.settle()
+    err = j.probe()
+    assert err is not None and "full" in err, err
+    j.db.execute(f"PRAGMA max_page_count={pages * 100}")  # space is back
+    assert j.probe() is None
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2]
+    j.close()
+
+
+def test_retention_frees_a_full_journal_while_staged_rows_wait_and_never_floors_over_them(tmp_path):
+    """SQLite full with a staged commit waiting: retention must still run (freeing space is how the staged rows get
+    written), and the floors it writes first must stay below the staged seqs, or a restart would skip them."""
+    path = tmp_path / "j.db"
+    out = commit_then_kill(path, """
+        from bucketwire.hub.journal import JournalError
+        big = lambda t, i, n=20_000: NewEvent(t, "s", f"id-{i}", None, {"b": "y" * n, "seq": None})
+        j.commit(Batch(events=[big("a", i) for i in range(20)]))
+        pages = j.db.execute("PRAGMA page_count").fetchone()[0]
+        j.db.execute(f"PRAGMA max_page_count={pages}")
+        staged = j.commit(Batch(events=[big("b", 100, 400_000)]))  # more than the 10 events dropped below free
+        try:
+            j.settle()
+            settled = True
+        except JournalError:
+            settled = False
+        dropped = j.enforce_retention(max_age=-1.0, max_bytes=1 << 40, chunk=10)
+        floors = dict(j.db.execute("SELECT name, head FROM topics"))
+        print(json.dumps({"settled": settled, "dropped": dropped, "floors": floors, "still": j._pending is not None,
+                          "b": [(a.topic, a.seq) for a in staged]}))
+    """)
+    assert out["settled"] is False and out["dropped"] == 10 and out["still"], out
+    assert out["b"] == [["b", 1]] and out["floors"].get("b", 0) == 0, out
+    j = Journal(path)
+    assert [s for s, _, _ in j.read("b", 1, 10)] == [1], "the staged event came back at the restart"
+    j.close()
+
+
+def test_once_retention_has_freed_space_the_staged_rows_are_written(tmp_path):
+    j = Journal(tmp_path / "j.db")
+    big = lambda t, i: NewEvent(t, "s", f"id-{i}", None, {"b": "y" * 20_000, "seq": None})  # noqa: E731
+    j.commit(Batch(events=[big("a", i) for i in range(20)]))
+    pages = j.db.execute("PRAGMA page_count").fetchone()[0]
+    j.db.execute(f"PRAGMA max_page_count={pages}")
+    j.commit(Batch(events=[big("b", 100)]))
+    with pytest.raises(JournalError):
+        j.settle()
+    assert j.enforce_retention(max_age=-1.0, max_bytes=1 << 40) == 20
+    assert j._pending is None, "written once retention made room"
+    assert [s for s, _, _ in j.read("b", 1, 10)] == [1]
+    j.close()
