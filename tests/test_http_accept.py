@@ -24,22 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from bucketwire.hub.http_server import Limits, Request, Response, Server
+from bucketwire.hub.http_server import Limits, Server
 from tests.fixtures_hub import wait_for
+from tests.test_ingress_guarantees import _Ok as Ok
 
 MAX_CONNECTIONS = 24
 BACKLOG = 24
-
-
-class Ok:
-    def head(self, req: Request) -> Response | None:
-        return None
-
-    def handle(self, req: Request) -> Response:
-        return Response(200, b'{"ok": true}\n')
-
-    def timed_out(self, req: Request) -> Response:
-        return Response(503, b"{}\n")
 
 
 def fds() -> int:

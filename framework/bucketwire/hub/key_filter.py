@@ -3,7 +3,8 @@
 Why: a commit staged in the front log (hub/journal_front.py) must know that none of its events is a duplicate
 before their DELIVER goes out, and asking SQLite's dedup index for one key costs 18-37 µs on a CPU gone cold since
 the last event, a third of what the front log saves. A filter answers "certainly not there" in a few hundred
-nanoseconds; only a "maybe" (about 1 in 500 keys, or a duplicate) is asked of SQLite.
+nanoseconds; only a "maybe" (1 new key in 200 with the filter full, 1 in 1,400 at half, or a duplicate) is
+asked of SQLite.
 
 It never says "not there" for a key the journal holds: every key the journal commits is added, and the keys
 already in the journal at start are read by a thread of its own (`build`), during which the filter says "maybe"
@@ -21,7 +22,8 @@ from collections.abc import Callable, Iterable
 log = logging.getLogger("bucketwire.journal")
 
 BITS_PER_KEY = 16
-"""With three probes: about 1 false "maybe" in 500 at capacity (2 MiB per million keys)."""
+"""With three probes: 1 false "maybe" in 200 at capacity (measured: 0.52% of 200,000 new keys against a million),
+2 MiB per million keys."""
 MIN_CAPACITY = 1 << 20
 
 Key = tuple[str, str]
@@ -50,7 +52,7 @@ class KeyFilter:
             return True
         b, m = self.bits, self.mask
         h = hash(key)
-        s = hash((h,)) | 1
+        s = (h >> 29) | 1  # the probes step by the hash's high bits: one hash per key
         p = h & m
         if not b[p >> 3] & (1 << (p & 7)):
             return False
@@ -142,7 +144,7 @@ def _set(arr: bytearray, keys: list[Key]) -> None:
     m = (len(arr) << 3) - 1
     for key in keys:
         h = hash(key)
-        s = hash((h,)) | 1
+        s = (h >> 29) | 1  # the probes step by the hash's high bits: one hash per key
         p = h & m
         arr[p >> 3] |= 1 << (p & 7)
         p = (h + s) & m
