@@ -295,3 +295,15 @@ def test_once_retention_has_freed_space_the_staged_rows_are_written(tmp_path):
     assert j._pending is None, "written once retention made room"
     assert [s for s, _, _ in j.read("b", 1, 10)] == [1]
     j.close()
+
+
+def test_a_front_log_left_by_a_hub_with_durability_os_is_replayed_by_one_started_with_fsync(tmp_path):
+    path = tmp_path / "j.db"
+    commit_then_kill(path, """
+        j.commit(Batch(events=[ev("a", 1)]))
+        print("{}")
+    """)
+    j = Journal(path, "fsync")
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1], "an operator switching to fsync keeps what was confirmed"
+    assert j.commit(Batch(events=[ev("a", 2)]))[0].seq == 2 and j._pending is None
+    j.close()
