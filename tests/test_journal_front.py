@@ -18,7 +18,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +55,14 @@ def commit_then_kill(path: Path, script: str) -> dict[str, object]:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == -signal.SIGKILL, p.stderr
     return dict(json.loads(p.stdout.strip().splitlines()[-1]))
+
+
+def staged_then_kill(path: Path) -> None:
+    """A journal process that stages one event ("a", id-1) in the front log and dies before writing it to SQLite."""
+    commit_then_kill(path, """
+        j.commit(Batch(events=[ev("a", 1)]))
+        print("{}")
+    """)
 
 
 def test_a_journal_killed_before_it_wrote_a_staged_commit_into_sqlite_has_it_after_a_restart(tmp_path):
@@ -209,17 +216,13 @@ def test_a_staged_commit_is_settled_before_anything_reads_or_drops_events(tmp_pa
     assert j.db.execute("SELECT count(*) FROM events").fetchone()[0] == 0
     assert [s for s, _, _ in j.read("a", 1, 10)] == [1]
     j.commit(Batch(events=[ev("a", 2)]))
-    time.sleep(0.01)  # pacing: let max_age below elapse
-    assert j.enforce_retention(max_age=0.001, max_bytes=1 << 40) == 2, "retention saw the staged event too"
+    assert j.enforce_retention(max_age=-1.0, max_bytes=1 << 40) == 2, "retention saw the staged event too"
     j.close()
 
 
 def test_a_journal_deleted_beside_a_front_log_that_holds_events_is_refused_in_one_line(tmp_path):
     path = tmp_path / "j.db"
-    commit_then_kill(path, """
-        j.commit(Batch(events=[ev("a", 1)]))
-        print("{}")
-    """)
+    staged_then_kill(path)
     for p in tmp_path.glob("j.db*"):
         if p != front(path):
             p.unlink()
@@ -299,10 +302,7 @@ def test_once_retention_has_freed_space_the_staged_rows_are_written(tmp_path):
 
 def test_a_front_log_left_by_a_hub_with_durability_os_is_replayed_by_one_started_with_fsync(tmp_path):
     path = tmp_path / "j.db"
-    commit_then_kill(path, """
-        j.commit(Batch(events=[ev("a", 1)]))
-        print("{}")
-    """)
+    staged_then_kill(path)
     j = Journal(path, "fsync")
     assert [s for s, _, _ in j.read("a", 1, 10)] == [1], "an operator switching to fsync keeps what was confirmed"
     assert j.commit(Batch(events=[ev("a", 2)]))[0].seq == 2 and j._pending is None

@@ -311,7 +311,7 @@ class Journal:
             self.db.execute("INSERT INTO meta VALUES('id', ?)", jid)
         self._pending: _Staged | None = None
         """A commit made durable in the front log and not yet written here (`settle`)."""
-        self._front: FrontLog | None = FrontLog(path.with_name(path.name + "-front"), str(jid[0]).encode())
+        self._front = FrontLog(path.with_name(path.name + "-front"), str(jid[0]).encode())
         self._front_on = durability == "os"  # with "fsync" the front log would need a sync of its own per commit
         self._checkpointer = _Checkpointer(path)
         self._replay_front()
@@ -331,7 +331,6 @@ class Journal:
         """Write into SQLite what the front log holds above each topic's head: commits confirmed and handed out
         by a hub that was killed before it wrote them here. A journal that cannot be written now (a full disk)
         keeps them staged: the hub starts, answers 503, and writes them once it can."""
-        assert self._front is not None
         flat: list[object] = []
         heads: dict[str, int] = {}
         for rec in self._front.records():
@@ -503,7 +502,7 @@ class Journal:
         if keys.due():
             self._build_keys()
         events = batch.events
-        if self._front_on and 0 < len(events) <= FRONT_EVENTS and self._front is not None:
+        if self._front_on and 0 < len(events) <= FRONT_EVENTS:
             staged = self._stage(batch)
             if staged is not None:
                 return staged
@@ -512,7 +511,6 @@ class Journal:
     def _stage(self, batch: Batch) -> list[Appended] | None:
         """The front log's half of a commit; None when the batch holds a duplicate (the one transaction sorts
         those out, and they are rare)."""
-        assert self._front is not None
         events = batch.events
         keys = [(ev.source, ev.id) for ev in events]
         if len(keys) > 1 and len(set(keys)) < len(keys):
@@ -548,11 +546,10 @@ class Journal:
         self._pending = None
         if new:
             self._floors.update(new)
-        if self._front is not None:
-            try:
-                self._front.written() if batch.events else self._front.reset()
-            except OSError as e:  # the rows are in SQLite; a front log that grows on is only a longer replay
-                log.warning("journal: could not start the front log over", extra={"error": str(e)})
+        try:
+            self._front.written() if batch.events else self._front.reset()
+        except OSError as e:  # the rows are in SQLite; a front log that grows on is only a longer replay
+            log.warning("journal: could not start the front log over", extra={"error": str(e)})
 
     def _commit_now(self, batch: Batch) -> list[Appended]:
         """Append events (deduplicated on (source, id)) and move cursors, all in one transaction.
@@ -777,12 +774,11 @@ class Journal:
             except JournalError as e:
                 log.warning("journal: staged events stay in the front log for the next start", extra={"error": str(e)})
         self._keys.close()
-        if self._front is not None:
-            # Like SQLite's -wal at a clean close: a state_dir left by a hub that stopped holds journal.db alone.
-            if self._pending is None:
-                with contextlib.suppress(OSError):
-                    self._front.path.unlink()
-            self._front.close()
+        # Like SQLite's -wal at a clean close: a state_dir left by a hub that stopped holds journal.db alone.
+        if self._pending is None:
+            with contextlib.suppress(OSError):
+                self._front.path.unlink()
+        self._front.close()
         self._checkpointer.close()
         try:
             self.db.close()
