@@ -315,8 +315,8 @@ class Child:
                 self._receive()
                 if self.refused or time.monotonic() - self.last_hub > timeout:
                     break
+        self._flush()  # the ACK first: the hub and the next batch wait for it, not for the check below
         self.signals.keep("in handle_event")  # once a batch: a plugin may install its handler on its first event
-        self._flush()
 
     def _flush(self) -> None:
         if self.acks or self.oks:
