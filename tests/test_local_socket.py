@@ -745,6 +745,34 @@ def test_a_second_local_peer_under_a_live_identity_is_refused(stack_factory: Cal
         twin.close()
 
 
+def test_a_twin_that_reconnects_for_ever_is_not_a_log_line_each_time(stack_factory: Callable[..., Stack],
+                                                                     sock_dir: Path) -> None:
+    """A libzmq DEALER refused for a live identity reconnects every 100 ms (its reconnect_ivl), for as long as it
+    runs: a warning per refusal was ten lines a second in the hub's log, without end. The refusals are counted
+    in the metric, each one; the log says it once per 10 s (logs.PeerRateLimit) with how many it left out."""
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_hub()
+    first = raw_peer(str(sock), zmtp.GREETING_CLIENT + zmtp.ready_command(b"DEALER", b"twin"))
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    twin = ctx.socket(zmq.DEALER)
+    twin.setsockopt(zmq.LINGER, 0)
+    twin.setsockopt(zmq.IDENTITY, b"twin")
+    twin.setsockopt(zmq.RECONNECT_IVL, 50)
+    try:
+        first.settimeout(10)
+        assert first.recv(64)  # its greeting: it is in
+        twin.connect(f"ipc://{sock}")
+        wait_for(lambda: s.metric("bucketwire_ingress_rejected_total", ingress="local", reason="protocol") >= 15,
+                 30, "the twin refused again and again")
+        log = s.logs[0].read_text()
+        assert 1 <= log.count("local peer refused") <= 2, log[-3000:]
+    finally:
+        twin.close(0)
+        ctx.destroy(0)
+        first.close()
+
+
 def check_named_next(router: LocalRouter, ctx: zmq.Context[Any], path: str) -> None:
     sly = LocalDealer(path, zmtp.LOCAL_IDENT + zmtp._U32.pack(router._n + 1))  # the next one it makes
     sly.send_multipart([b"sly"])
