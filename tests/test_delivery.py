@@ -14,6 +14,7 @@ from collections import defaultdict
 import pytest
 
 from bucketwire import Event
+from bucketwire.client import HubRefused
 from tests.fixtures_hub import wait_for
 
 GROUPS = """
@@ -267,6 +268,59 @@ def test_a_plugin_resetting_hops_does_not_get_past_the_hop_limit(hub_stack):
     with s.client() as c:
         _, follow = c.fetch("follow", 1)
     assert follow == [], "nothing past the limit is committed"
+
+@pytest.mark.parametrize("forge", [False, True])
+def test_a_plugin_consuming_its_own_output_is_stopped_by_the_descendant_budget(hub_stack, forge: bool):
+    """`max_hops` bounds how deep follow-ons go, not how wide: a plugin that consumes the topic it publishes to,
+    three follow-ons per event, made 3^max_hops events from one upload. The hub stamps every follow-on with the
+    upload it descends from (`rootsource`, `rootid`: a plugin's own values are replaced) and commits at most
+    `max_descendants` of them per upload; the rest are refused dead letters. Another upload has a budget of its
+    own."""
+    s = hub_stack(GROUPS)
+    s.cfg_path.write_text(s.cfg_path.read_text().replace(
+        "heartbeat_timeout = 1.5", "heartbeat_timeout = 1.5\nmax_hops = 50\nmax_descendants = 30"))
+    s.start_hub()
+    s.start_worker("a", 1)
+    roots = [Event(id=f"upload-{n}", source="urn:test", type="s3:ObjectCreated:Put", subject=f"u{n}", topic="jobs",
+                   data={"bucket": "b", "key": f"u{n}", "fan": 3, "fan_forge": forge}) for n in (1, 2)]
+    with s.client() as c:
+        c.publish_events(roots[:1])
+    wait_for(lambda: s.metric("bucketwire_descendant_limit_total") >= 1, 30, "follow-ons refused by the budget")
+    wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0, 30, "every committed event handled")
+    assert s.status()["topics"]["jobs"]["head"] == 1 + 30, "the upload and 30 descendants, no more"
+    with s.client() as c:
+        c.publish_events(roots[1:])
+    wait_for(lambda: s.status()["topics"]["jobs"]["head"] == 2 + 60, 30, "the second upload's own 30")
+    wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0, 30, "every committed event handled")
+    assert s.status()["topics"]["jobs"]["head"] == 2 + 60
+    with s.client() as c:
+        _, bodies = c.fetch("jobs", 1, 100)
+        _, dead = c.fetch("dead-letter", 1, 1000)
+    evs = [json.loads(b) for b in bodies]
+    by_root: dict[tuple[str, str], int] = {}
+    for e in evs:
+        if e["id"].startswith("upload-"):
+            assert "rootid" not in e and "rootsource" not in e, "an upload is its own root"
+            continue
+        by_root[(e["rootsource"], e["rootid"])] = by_root.get((e["rootsource"], e["rootid"]), 0) + 1
+    assert by_root == {("urn:test", "upload-1"): 30, ("urn:test", "upload-2"): 30}
+    dls = [json.loads(b) for b in dead]
+    assert dls and all(d["data"]["line"] == "descendant limit" and d["data"]["refused"] for d in dls)
+    assert {d["data"]["event"]["rootid"] for d in dls} <= {"upload-1", "upload-2"}
+    assert "max_descendants" in dls[0]["data"]["error"]
+
+
+def test_a_publisher_cannot_name_the_upload_an_event_descends_from(hub_stack):
+    """`rootsource` and `rootid` are the hub's: a publisher naming another's upload would spend that upload's
+    descendant budget with its own events' follow-ons."""
+    s = hub_stack(GROUPS)
+    s.start_hub()
+    ev = Event(id="forger", source="urn:test", type="s3:ObjectCreated:Put", subject="k", topic="jobs",
+               data={"bucket": "b", "key": "k"}, extensions={"rootsource": "urn:test", "rootid": "upload-1"})
+    with s.client() as c, pytest.raises(HubRefused, match="rootid|rootsource"):
+        c.publish_events([ev])
+    assert "jobs" not in s.status()["topics"]
+
 
 def test_worker_killed_mid_event_is_redelivered(stack_factory):
     s = stack_factory(GROUPS)

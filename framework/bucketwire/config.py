@@ -77,6 +77,9 @@ class HubConfig(Table):
     """Largest envelope (JSON, as workers receive it) the hub commits, on every ingress path; below the NATS
     default max_payload of 1 MiB with room for the journal's headers, so one limit fits both backends."""
     max_hops: PositiveInt = 8
+    max_descendants: PositiveInt = 100_000
+    """Follow-ons committed per upload (an event published from outside), all generations together: `max_hops`
+    bounds how deep a chain goes, this how wide (hub/lineage.py). Past it a follow-on is a refused dead letter."""
     heartbeat_interval: PositiveFloat = 1.0
     heartbeat_timeout: PositiveFloat = 5.0
     default_topic: str | None = None

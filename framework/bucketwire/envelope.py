@@ -506,9 +506,13 @@ RESERVED_SOURCES = (HUB_SOURCE, "bucketwire://cli/")
 STEERING_EXTENSIONS = frozenset({"targetgroup"})
 """Extensions that change who receives an event; only the hub sets them (a `dlq retry` it performs)."""
 
-HUB_EXTENSIONS = STEERING_EXTENSIONS | {"retries", "retryof", "retrysource", "retrydeadletter"}
+ROOT_EXTENSIONS = frozenset({"rootsource", "rootid"})
+"""The upload a follow-on descends from (hub/lineage.py): the hub counts each upload's descendants against
+`max_descendants`, so a forged one would spend another upload's budget, or escape its own."""
+
+HUB_EXTENSIONS = STEERING_EXTENSIONS | ROOT_EXTENSIONS | {"retries", "retryof", "retrysource", "retrydeadletter"}
 """Everything a `dlq retry` stamps: besides steering, `dlq show` rebuilds a retry's history from these, so a
-forged `retrydeadletter` could make that history lie. Only the hub writes them."""
+forged `retrydeadletter` could make that history lie; and the root of a follow-on. Only the hub writes them."""
 
 
 def refused_from_outside(ev: Event) -> str | None:
@@ -524,6 +528,9 @@ def outside_refusal(eid: str, source: str, attributes: Iterable[str]) -> str | N
                 f"{HUB_SOURCE!r} or 'bucketwire://cli/'); publish under another source")
     steer = sorted(HUB_EXTENSIONS.intersection(attributes))
     if steer:
+        if steer[0] in ROOT_EXTENSIONS:
+            return (f"event {eid[:64]!r}: extension {steer[0]!r} names the upload a follow-on descends from and "
+                    "is set by the hub only; remove it (an event published from outside is an upload of its own)")
         what = "steers delivery" if steer[0] in STEERING_EXTENSIONS else "records a dlq retry"
         return (f"event {eid[:64]!r}: extension {steer[0]!r} {what} and is set by the hub only; remove "
                 "it (use `bucketwire dlq retry` to re-deliver a dead letter to one group)")

@@ -18,7 +18,9 @@ forgotten), {"follow_topics": N} publishes one follow-on to each of N topics of 
 as a hurried author may name one), {"close_fds": true} closes every descriptor above 2 (the process's own among
 them: a daemonizing recipe without its fork, or a double close), so the child dies at its next message to the hub,
 {"follow_threads": N} publishes N follow-ons to topic "follow" from 8 threads of a pool it waits for (with the
-interpreter switching threads as often as it can, so that calls overlap).
+interpreter switching threads as often as it can, so that calls overlap), {"fan": K} publishes K follow-ons to
+the topic it consumes, each carrying the same data (a plugin that consumes its own output: K^generations events
+from one upload), with {"fan_forge": true} each naming another upload as its root (`rootsource`, `rootid`).
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ def handle_event(event, ctx):
             sys.setswitchinterval(was)
     for i in range(d.get("follow_topics", 0)):
         ctx.publish(f"done-{event.seq}-{i}", {"cause_seq": event.seq})
+    for i in range(d.get("fan", 0)):
+        fo = ctx.publish(event.topic or "", {**d, "key": f"{d.get('key', 'k')}.{i}"})
+        if d.get("fan_forge"):  # a plugin that names another upload as the root, to escape its budget
+            fo.extensions.update({"rootsource": "urn:forged", "rootid": f"{event.seq}.{i}"})
     if d.get("follow_kw"):
         ctx.publish("follow", {"cause_seq": event.seq}, **d["follow_kw"])
     if d.get("follow_strsub"):  # a str subclass, as lxml's XPath results are

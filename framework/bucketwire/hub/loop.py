@@ -66,6 +66,7 @@ from bucketwire.hub.http_server import SWEEP_INTERVAL as HTTP_SWEEP
 from bucketwire.hub.http_server import Server as HttpServer
 from bucketwire.hub.journal import Appended, Batch, JournalAPI, JournalError, NewEvent
 from bucketwire.hub.journal_jetstream import JetStreamJournal
+from bucketwire.hub.lineage import Descendants, lineage_of
 from bucketwire.hub.listeners import Listeners
 from bucketwire.hub.metrics import OTHER_TOPIC, HubMetrics
 from bucketwire.hub.ops import RATE_WINDOW, HubOps
@@ -237,6 +238,7 @@ class Hub:
         # What workers of a previous dispatcher still run (RUNNING from a connection this hub does not know), and
         # from when a group made here waits for those reports before it hands anything out (`_settle`).
         self.reports = Reports(cfg, self.metrics, self.groups, self.workers, lambda: self.journal.heads)
+        self.descendants = Descendants(cfg.hub.max_descendants)
         self._settle_from = time.monotonic()
         cursors = self.journal.cursors()
         stats = self.journal.group_stats()
@@ -1370,7 +1372,9 @@ class Hub:
                     continue
                 # Hops count from the event this hub handed out, not from what the worker says: a plugin that
                 # reset `hops` on what it published got every generation past max_hops (thumbnails of thumbnails).
-                floor = hops_of(held.body) + 1 if fos else 0
+                # So does the upload the follow-ons descend from, which their budget is counted against.
+                hops, root = lineage_of(held.body) if fos else (0, ("", ""))
+                floor = hops + 1 if fos else 0
                 for fo in fos:
                     if fo.hops < floor:
                         fo.hops = floor
@@ -1380,6 +1384,7 @@ class Hub:
                     fo.source = follow_on_source(g.name, fo.source.rstrip("/").rsplit("/", 1)[-1][:128])
                     for k in HUB_EXTENSIONS:
                         fo.extensions.pop(k, None)
+                    fo.extensions["rootsource"], fo.extensions["rootid"] = root
                 if g.ack(topic, seq):
                     acked += 1
                     for fo in fos:
@@ -1419,6 +1424,19 @@ class Hub:
                             self._dead_letter(DeadLetter(g_item_stub(topic, seq, fo), g.name,
                                                          f"follow-on refused: {big}", "too large", None),
                                               refused=True)
+                            continue
+                        if not self.descendants.take(root):
+                            self.metrics.descendant_limited.inc()
+                            limit = self.cfg.hub.max_descendants
+                            log.warning("follow-on refused: descendant limit",
+                                        extra={"group": g.name, "topic": (fo.topic or "")[:64],
+                                               "error": f"upload {root[1][:64]!r} from {root[0][:64]!r}"})
+                            why = (f"upload {root[1][:64]!r} from {root[0][:64]!r} has {limit} descendants already "
+                                   "([hub] max_descendants); a plugin that consumes a topic it publishes to makes "
+                                   "more events each generation: publish to a topic its group does not read, or "
+                                   "raise max_descendants if this upload needs more")
+                            self._dead_letter(DeadLetter(g_item_stub(topic, seq, fo), g.name, why,
+                                                         "descendant limit", None), refused=True)
                             continue
                         self._pending_topics |= fresh
                         self._carry(self._stage(env), "follow-on", {"group": g.name, "topic": fo.topic, "id": fo.id})
@@ -1945,21 +1963,6 @@ class Hub:
 
 _PUB_DECODER = msgspec.json.Decoder(P.Pub)
 REREADY = P.enc(P.Err(error="unknown worker; send READY", reready=True))
-
-
-class _Hops(msgspec.Struct):
-    hops: int = 0
-
-
-_HOPS_DECODER = msgspec.json.Decoder(_Hops)
-
-
-def hops_of(body: bytes) -> int:
-    """The `hops` of a journal envelope (msgspec reads the one key and skips the rest); 0 if it cannot be read."""
-    try:
-        return max(0, _HOPS_DECODER.decode(body).hops)
-    except msgspec.DecodeError:  # ValidationError too (a subclass)
-        return 0
 
 
 def decode_pub(raw: bytes) -> tuple[P.Pub, bool]:

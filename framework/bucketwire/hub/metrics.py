@@ -186,6 +186,9 @@ class HubMetrics:
         self.follow_ons = Hot("counter", "bucketwire_follow_ons_total", "Follow-on events committed", ["topic"],
                               registry=r)
         self.hop_limited = Counter("bucketwire_hop_limit_total", "Follow-ons refused by the hop limit", registry=r)
+        self.descendant_limited = Counter("bucketwire_descendant_limit_total",
+                                          "Follow-ons refused because their upload has max_descendants already",
+                                          registry=r)
         self.send_again = Counter("bucketwire_zmq_send_eagain_total", "Sends refused by a full queue (HWM)",
                                   ["socket"], registry=r)
         self.fanout_skipped = Hot("counter", "bucketwire_fanout_skipped_total",
