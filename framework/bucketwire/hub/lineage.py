@@ -10,13 +10,16 @@ hub to dispatch a group, counts afresh (README "Known limits").
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 import msgspec
 
 MAX_ROOTS = 50_000
-"""Uploads whose counts are kept (the least recently charged go first): ~10 MB at most. An upload forgotten while
-its chain still runs starts a new budget, so a runaway is bounded by this many uploads charged in between."""
+"""Uploads whose counts are kept (the least recently charged go first), each by a 16-byte digest of its source
+and id (up to 1,280 characters between them): ~8 MB at most, whatever publishers name their events. An upload
+forgotten while its chain still runs starts a new budget, so a runaway is bounded by this many uploads charged in
+between."""
 
 Root = tuple[str, str]
 """An upload: its source and id, the journal's own key for an event."""
@@ -51,16 +54,17 @@ class Descendants:
     def __init__(self, limit: int, max_roots: int = MAX_ROOTS) -> None:
         self.limit = limit
         self.max_roots = max_roots
-        self._counts: OrderedDict[Root, int] = OrderedDict()
+        self._counts: OrderedDict[bytes, int] = OrderedDict()
 
     def take(self, root: Root) -> bool:
         """Count one more follow-on of `root`; False (and nothing counted) when its budget is spent."""
-        n = self._counts.get(root, 0)
+        key = hashlib.blake2b(f"{root[0]}\0{root[1]}".encode(errors="surrogatepass"), digest_size=16).digest()
+        n = self._counts.get(key, 0)
+        if n:
+            self._counts.move_to_end(key)
         if n >= self.limit:
-            self._counts.move_to_end(root)
             return False
-        self._counts[root] = n + 1
-        self._counts.move_to_end(root)
+        self._counts[key] = n + 1
         if len(self._counts) > self.max_roots:
             self._counts.popitem(last=False)
         return True
