@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,11 +168,16 @@ def precise_sleeps() -> None:
             pass
 
 
-def pace_until(t: float) -> None:
-    """Return at monotonic time `t`: sleep until SPIN before it, then spin. Both sides' publishers pace this way."""
+def pace_until(t: float, turn: Callable[[], object] | None = None) -> None:
+    """Return at monotonic time `t`: sleep until SPIN before it, then spin. Both sides' publishers pace this way.
+    `turn` runs once when the spin begins: the publisher's housekeeping (reading the confirmations that arrived
+    during the sleep), done before the send's clock starts, as the asyncio publisher's spin (`apace_until`) turns
+    its loop and reads its PubAcks then."""
     left = t - time.monotonic()
     if left > SPIN:
         time.sleep(left - SPIN)
+    if turn is not None:
+        turn()
     while time.monotonic() < t:
         pass
 

@@ -98,7 +98,7 @@ def q(xs: list[float], p: float) -> float:
 
 def run(rate: int, seconds: float, busy: bool, local: bool = True) -> None:
     from bucketwire.devstack.bench.bus import Publisher, _wait_handled, payload
-    from bucketwire.devstack.bench.common import Stack, pace_until, precise_sleeps
+    from bucketwire.devstack.bench.common import Stack, precise_sleeps
     from bucketwire.devstack.bench.versus import Spinner, read_rows
 
     precise_sleeps()
@@ -124,8 +124,7 @@ def run(rate: int, seconds: float, busy: bool, local: bool = True) -> None:
             start = time.monotonic() + 0.05
             for j in range(k):
                 t = start + j / rate
-                pace_until(t)
-                pub.send([payload(first + j, t)])
+                pub.send_at(t, [payload(first + j, t)])
             pub.drain()
             _wait_handled(st, first + k, "stages")
         finally:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bucketwire.devstack.bench.bus import Publisher, _wait_handled, payload
-from bucketwire.devstack.bench.common import Stack, pace_until, percentiles, precise_sleeps
+from bucketwire.devstack.bench.common import Stack, percentiles, precise_sleeps
 
 OTHER = 1_000_000_000
 """Index offset of the events that make the other topics (kept out of the latency rows)."""
@@ -61,8 +61,7 @@ def _one(topics: int, subscriber: bool, rate: int, seconds: float, progress: Cal
         start = time.monotonic() + 0.05
         for j in range(k):
             t = start + j / rate
-            pace_until(t)
-            pub.send([payload(j, t)])
+            pub.send_at(t, [payload(j, t)])
         pub.drain()
         _wait_handled(stack, k, f"{topics:,} topics")
         pub.close()

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import click
 
-from bucketwire.devstack.bench.common import pace_until, precise_sleeps, progress, progress_done
+from bucketwire.devstack.bench.common import precise_sleeps, progress, progress_done
 from bucketwire.devstack.bench.cpu import tree_cpu
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
@@ -117,8 +117,7 @@ class BucketwireSide:
         start = time.monotonic() + 0.05
         for j in range(k):
             t = start + j / rate
-            pace_until(t)
-            self.pub.send([payload(first + j, t)])
+            self.pub.send_at(t, [payload(first + j, t)])
         self.pub.drain()
         _wait_handled(self.stack, first + k, "bucketwire")
 
