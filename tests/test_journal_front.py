@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from bucketwire.hub.journal import FRONT_EVENTS, Batch, Journal, JournalError, NewEvent
+from bucketwire.hub.journal_front import HEADER
 
 
 def ev(topic: str, i: int, source: str = "s", body: str = "x" * 100) -> NewEvent:
@@ -306,4 +307,74 @@ def test_a_front_log_left_by_a_hub_with_durability_os_is_replayed_by_one_started
     j = Journal(path, "fsync")
     assert [s for s, _, _ in j.read("a", 1, 10)] == [1], "an operator switching to fsync keeps what was confirmed"
     assert j.commit(Batch(events=[ev("a", 2)]))[0].seq == 2 and j._pending is None
+    j.close()
+
+
+def three_commits_the_last_unsettled(path: Path) -> list[tuple[int, int]]:
+    """A journal process that commits ("a", id-1) and ("a", id-2) through the front log and into SQLite, stages
+    ("a", id-3) (confirmed: the hub would have sent its PUBACK and DELIVER) and dies before writing it into SQLite.
+    Returns each record's (offset, length) in the front log it left."""
+    commit_then_kill(path, """
+        for i in (1, 2):
+            j.commit(Batch(events=[ev("a", i)]))
+            j.settle()
+        j.commit(Batch(events=[ev("a", 3)]))
+        print("{}")
+    """)
+    data = front(path).read_bytes()
+    spans, at = [], 0
+    while at < len(data):
+        n = HEADER.unpack_from(data, at)[1]
+        spans.append((at, HEADER.size + n))
+        at += HEADER.size + n
+    assert len(spans) == 3 and rows_in_sqlite(path, "a") == [1, 2]
+    return spans
+
+
+@pytest.mark.parametrize("where", ["body", "length"])
+def test_a_front_log_damaged_in_the_middle_still_gives_back_the_commit_confirmed_after_the_damage(tmp_path, where,
+                                                                                                   caplog):
+    """A flipped byte in a record already written into SQLite (a bad sector, a stray write) used to end the replay
+    there: the last record, confirmed and never written into SQLite, was dropped with it in silence and the file
+    started over. Records are self-checking (magic, length, CRC over the journal's id and the rows), so the replay
+    looks for the next one that checks out, and keeps the damaged file aside with one warning."""
+    path = tmp_path / "j.db"
+    spans = three_commits_the_last_unsettled(path)
+    at, n = spans[1]
+    data = bytearray(front(path).read_bytes())
+    if where == "body":
+        data[at + n - 5] ^= 0xFF
+    else:  # the length field: the record seems to run past the end of the file
+        data[at + 4: at + 8] = (1 << 30).to_bytes(4, "little")
+    front(path).write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="bucketwire.journal"):
+        j = Journal(path)
+    assert [(s, k) for s, k, _ in j.read("a", 1, 10)] == [(1, "k1"), (2, "k2"), (3, "k3")]
+    assert j.commit(Batch(events=[ev("a", 4)]))[0].seq == 4, "no seq handed out twice"
+    j.close()
+    kept = list(tmp_path.glob("j.db-front.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == bytes(data), "the damaged front log is kept as it was"
+    lines = [r.getMessage() for r in caplog.records if "front log" in r.getMessage() and "check out" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_front_log_of_another_journal_is_kept_aside_not_truncated(tmp_path, caplog):
+    """Another journal's front log (a state_dir's files mixed up in a copy or restore) holds that journal's
+    confirmed events, maybe some not yet in its journal.db: this journal must not replay them, and must not
+    destroy them either."""
+    path = tmp_path / "j.db"
+    three_commits_the_last_unsettled(path)
+    theirs = front(path).read_bytes()
+    other = tmp_path / "other" / "j.db"
+    Journal(other).close()
+    front(other).write_bytes(theirs)
+    with caplog.at_level("WARNING", logger="bucketwire.journal"):
+        j = Journal(other)
+    assert j.heads == {} and j.read("a", 1, 10) == []
+    j.close()
+    kept = list(other.parent.glob("j.db-front.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == theirs
+    assert any("check out" in r.getMessage() for r in caplog.records)
+    j = Journal(path)  # the records are still good for the journal they belong to
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2, 3]
     j.close()

@@ -333,7 +333,10 @@ class Journal:
         keeps them staged: the hub starts, answers 503, and writes them once it can."""
         flat: list[object] = []
         heads: dict[str, int] = {}
-        for rec in self._front.records():
+        records, bad = self._front.records()
+        if bad:
+            self._keep_damaged(len(records), bad)
+        for rec in records:
             for i in range(0, len(rec), ROW):
                 topic, seq = rec[i], rec[i + 1]
                 if not isinstance(topic, str) or not isinstance(seq, int):
@@ -353,6 +356,31 @@ class Journal:
         except JournalError as e:
             log.error("journal: cannot write the front log's events yet; refusing events until it can",
                       extra={"error": str(e)})
+
+    def _keep_damaged(self, records: int, bad: int) -> None:
+        """Copy a front log holding bytes that do not check out before the replay starts it over: they may be a
+        confirmed commit that never reached SQLite (damaged), or another journal's (files mixed up in a copy or
+        restore), and only the operator can tell. One warning either way."""
+        front = self._front
+        kept = front.path.with_name(f"{front.path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        extra: dict[str, object] = {"path": str(front.path), "bad_bytes": bad, "records_replayed": records}
+        try:
+            fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(os.pread(front.fd, front.size, 0))
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            extra["kept"] = str(kept)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                kept.unlink()
+            extra["not_kept"] = f"{kept}: {e.strerror or e}"
+        log.warning("journal: the front log holds bytes that do not check out (cut off by a power loss, damaged, or "
+                    "another journal's); replaying the records that do"
+                    + ("; the file as it was is in " + str(kept) if "kept" in extra else
+                       "; could not keep a copy of it"), extra=extra)
 
     # -- reads ---------------------------------------------------------------------------------------------
     def _caught_up(self) -> None:
