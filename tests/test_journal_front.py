@@ -378,3 +378,51 @@ def test_a_front_log_of_another_journal_is_kept_aside_not_truncated(tmp_path, ca
     j = Journal(path)  # the records are still good for the journal they belong to
     assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2, 3]
     j.close()
+
+
+def test_a_front_log_that_links_to_a_running_journals_is_refused_and_left_alone(tmp_path):
+    """`journal.db-front` a link to another state_dir's (a copied tree of symlinks, a provisioning template): the
+    second journal took the first one's records for another journal's, started the file over under it (the first
+    one's confirmed commit, not yet in its SQLite, gone) and appended its own records there. SQLite's lock keeps two
+    hubs off one journal.db; the front log needs a lock of its own."""
+    first, second = tmp_path / "a" / "j.db", tmp_path / "b" / "j.db"
+    Journal(second).close()
+    code = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from bucketwire.hub.journal import Batch, Journal, NewEvent
+        j = Journal(Path({str(first)!r}))
+        j.commit(Batch(events=[NewEvent("a", "s", "id-1", "k1", {{"b": "x", "seq": None}})]))  # staged, not settled
+        print("staged", flush=True)
+        sys.stdin.read()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "staged"
+        theirs = front(first).read_bytes()
+        front(second).symlink_to(front(first))
+        with pytest.raises(JournalError) as e:
+            Journal(second)
+        msg = str(e.value)
+        assert "j.db-front" in msg and "another" in msg and "\n" not in msg, msg
+        assert front(first).read_bytes() == theirs, "the running journal's front log is untouched"
+    finally:
+        p.kill()
+        p.wait(10)
+    j = Journal(first)
+    assert [(s, k) for s, k, _ in j.read("a", 1, 10)] == [(1, "k1")], "its confirmed commit came back"
+    j.close()
+    front(second).unlink()
+    j = Journal(second)  # the link gone, the second journal opens as before
+    assert j.heads == {}
+    j.close()
+
+
+def test_a_front_log_that_is_not_a_file_is_refused_in_one_line_that_names_it(tmp_path):
+    path = tmp_path / "j.db"
+    Journal(path).close()
+    front(path).mkdir()
+    with pytest.raises(JournalError) as e:
+        Journal(path)
+    msg = str(e.value)
+    assert "j.db-front" in msg and "Is a directory" in msg and "\n" not in msg, msg

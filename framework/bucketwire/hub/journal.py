@@ -311,7 +311,7 @@ class Journal:
             self.db.execute("INSERT INTO meta VALUES('id', ?)", jid)
         self._pending: _Staged | None = None
         """A commit made durable in the front log and not yet written here (`settle`)."""
-        self._front = FrontLog(path.with_name(path.name + "-front"), str(jid[0]).encode())
+        self._front = _open_front(self.db, path.with_name(path.name + "-front"), str(jid[0]).encode())
         self._front_on = durability == "os"  # with "fsync" the front log would need a sync of its own per commit
         self._checkpointer = _Checkpointer(path)
         self._replay_front()
@@ -815,6 +815,22 @@ class Journal:
 
 
 _ZEROS = bytes(PROBE_BYTES)
+
+
+def _open_front(db: sqlite3.Connection, front: Path, journal_id: bytes) -> FrontLog:
+    """The journal's front log, or one line that says what is wrong with the file (the journal closed again)."""
+    try:
+        return FrontLog(front, journal_id)
+    except BlockingIOError:
+        db.close()
+        where = f" ({front} links to {front.resolve()})" if front.is_symlink() else ""
+        raise JournalError(f"{front} is in use by another process as its front log{where}: a link to another "
+                           f"journal's front log? each journal needs its own: remove the link (the hub makes the file "
+                           "beside journal.db)") from None
+    except OSError as e:
+        db.close()
+        raise JournalError(f"{front}: cannot open the journal's front log ({e.strerror or e}); it must be a regular "
+                           "file the hub can write, or absent: move aside what is there") from None
 
 
 def _refuse_lost(path: Path) -> None:

@@ -21,6 +21,7 @@ written (and possibly dropped by retention since: it must not come back), and ev
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import zlib
@@ -46,9 +47,17 @@ class FrontLog:
     """An append-only file of commits not yet (or only just) written into SQLite; the loop thread's alone."""
 
     def __init__(self, path: Path, journal_id: bytes) -> None:
+        """BlockingIOError: another process has the file open as its front log (SQLite's lock keeps two hubs off
+        one journal.db, but `journal.db-front` can be a link to another journal's: this one would start that
+        file over under its hub, and append its own records to it)."""
         self.path = path
         self._seed = zlib.crc32(journal_id)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it with the process
+        except OSError:
+            os.close(self.fd)
+            raise
         self.size = os.fstat(self.fd).st_size
         self.torn = False
         """A failed write could not be cut off again: nothing may be appended after it (replay would stop there)."""
