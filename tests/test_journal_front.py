@@ -426,3 +426,31 @@ def test_a_front_log_that_is_not_a_file_is_refused_in_one_line_that_names_it(tmp
         Journal(path)
     msg = str(e.value)
     assert "j.db-front" in msg and "Is a directory" in msg and "\n" not in msg, msg
+
+
+def test_a_backup_of_the_same_journal_restored_beside_its_front_log_gets_the_newest_events_back(tmp_path):
+    """docs/operations.md, "Backups": a restored backup has the journal's own id, so the front log a crashed hub left
+    is replayed above the backup's heads (the docs used to call a restored journal.db another journal's)."""
+    path = tmp_path / "j.db"
+    commit_then_kill(path, f"""
+        import sqlite3
+        for i in range(1, 6):
+            j.commit(Batch(events=[ev("a", i)]))
+            j.settle()
+        b = sqlite3.connect({str(tmp_path / "backup.db")!r})
+        j.db.backup(b)
+        b.close()
+        for i in range(6, 11):
+            j.commit(Batch(events=[ev("a", i)]))
+            j.settle()
+        j.commit(Batch(events=[ev("a", 11)]))
+        print("{{}}")
+    """)
+    for p in tmp_path.glob("j.db*"):
+        if p != front(path):
+            p.unlink()
+    (tmp_path / "backup.db").rename(path)
+    j = Journal(path)
+    assert [s for s, _, _ in j.read("a", 1, 100)] == list(range(1, 12))
+    assert j.commit(Batch(events=[ev("a", 12)]))[0].seq == 12
+    j.close()

@@ -306,7 +306,7 @@ class Journal:
         self.heads: dict[str, int] = dict(self.db.execute(
             "SELECT name, max(head, coalesce((SELECT max(seq) FROM events WHERE topic = name), 0)) FROM topics"))
         jid = self.db.execute("SELECT value FROM meta WHERE key='id'").fetchone()
-        if jid is None:  # ties the front log's records to this journal (a restored journal.db is another one)
+        if jid is None:  # ties the front log's records to this journal (another journal.db has another)
             jid = (os.urandom(16).hex(),)
             self.db.execute("INSERT INTO meta VALUES('id', ?)", jid)
         self._pending: _Staged | None = None

@@ -8,8 +8,9 @@ all of it between the publish and the DELIVER. An append of the same rows to a p
 so both survive a kill -9 of the hub (docs/performance.md, "Closing the gap", change 16).
 
 The file (`journal.db-front`, beside `journal.db-wal`) holds records of whole commits: a header (magic, length,
-CRC-32) and the commit's rows as msgpack. The CRC covers the journal's own id too, so a front log left beside a
-restored or replaced `journal.db` belongs to another journal and is not replayed into this one. A record is
+CRC-32) and the commit's rows as msgpack. The CRC covers the journal's own id too, so a front log left beside
+another journal's `journal.db` is not replayed into it. A backup of this journal restored beside it has the same
+id: its records above the backup's heads are written into it (the newest confirmed events come back). A record is
 written whole or, when a write fails part way (a full disk), cut off again; replay skips what does not check out
 (a tail cut off by a power loss, a damaged record, another journal's) and reads every record that does, in the
 order they were written; the journal keeps a copy of such a file for the operator (`Journal._replay_front`).
