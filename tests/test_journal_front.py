@@ -11,6 +11,7 @@ events for the next start, and refuses further commits meanwhile. Real processes
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -418,14 +419,21 @@ def test_a_front_log_that_links_to_a_running_journals_is_refused_and_left_alone(
     j.close()
 
 
-def test_a_front_log_that_is_not_a_file_is_refused_in_one_line_that_names_it(tmp_path):
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_front_log_that_is_not_a_file_is_refused_in_one_line_that_names_it(tmp_path, kind):
+    """Both used to stop the start in a line about journal.db and its disk's free space ("Illegal seek" for the
+    FIFO, read before anything was appended to it)."""
     path = tmp_path / "j.db"
     Journal(path).close()
-    front(path).mkdir()
+    if kind == "directory":
+        front(path).mkdir()
+    else:
+        os.mkfifo(front(path))
     with pytest.raises(JournalError) as e:
         Journal(path)
     msg = str(e.value)
-    assert "j.db-front" in msg and "Is a directory" in msg and "\n" not in msg, msg
+    assert "j.db-front" in msg and ("Is a directory" if kind == "directory" else "not a regular file") in msg, msg
+    assert "\n" not in msg
 
 
 def test_a_backup_of_the_same_journal_restored_beside_its_front_log_gets_the_newest_events_back(tmp_path):

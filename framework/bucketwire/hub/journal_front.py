@@ -22,8 +22,10 @@ written (and possibly dropped by retention since: it must not come back), and ev
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -55,6 +57,8 @@ class FrontLog:
         self._seed = zlib.crc32(journal_id)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):  # a FIFO, a device (through a link)
+                raise OSError(errno.EINVAL, "not a regular file")
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it with the process
         except OSError:
             os.close(self.fd)
