@@ -377,8 +377,8 @@ class Journal:
             with contextlib.suppress(OSError):
                 kept.unlink()
             extra["not_kept"] = f"{kept}: {e.strerror or e}"
-        log.warning("journal: the front log holds bytes that do not check out (cut off by a power loss, damaged, or "
-                    "another journal's); replaying the records that do"
+        log.warning("journal: the front log holds bytes that do not check out (a write cut off by a crash or a power "
+                    "loss, damage, or another journal's records); replaying the records that do"
                     + ("; the file as it was is in " + str(kept) if "kept" in extra else
                        "; could not keep a copy of it"), extra=extra)
 
