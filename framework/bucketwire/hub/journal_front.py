@@ -65,7 +65,8 @@ class FrontLog:
             raise
         self.size = os.fstat(self.fd).st_size
         self.torn = False
-        """A failed write could not be cut off again: nothing may be appended after it (replay would stop there)."""
+        """A failed write could not be cut off again: nothing is appended after it (the next start replays past it,
+        but has to take it for damage: a warning, and a copy of the file)."""
 
     def records(self) -> tuple[list[list[object]], int]:
         """Every record from the start of the file that checks out, and how many bytes of the file did not.
