@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -187,7 +188,12 @@ def test_sqlite_refusing_a_staged_commit_keeps_it_for_the_next_start_and_refuses
         j.settle()
     with pytest.raises(JournalError):
         j.commit(Batch(events=[ev("a", 3)]))
-    assert [s for s, _, _ in j.read("a", 1, 10)] == [1], "a read shows what SQLite holds meanwhile"
+    assert rows_in_sqlite(path, "a") == [1]
+    # Reads take the confirmed commit from memory meanwhile: a group reading past SQLite's last row found nothing
+    # below the head and took it for a gap retention had made (tests/test_front_log_full.py).
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2] and [s for s, _, _ in j.read("a", 2, 1)] == [2]
+    assert j.read("a", 1, 1) == j.read("a", 1, 10)[:1] and j.read("a", 3, 10) == [] and j.read("b", 1, 10) == []
+    assert j.first_seq("a") == 1 and j.first_seq_since("a", time.time() - 60) == 1
     j.close()  # cannot write it either: it stays in the front log
     assert rows_in_sqlite(path, "a") == [1]
     j = Journal(path)
@@ -461,4 +467,21 @@ def test_a_backup_of_the_same_journal_restored_beside_its_front_log_gets_the_new
     j = Journal(path)
     assert [s for s, _, _ in j.read("a", 1, 100)] == list(range(1, 12))
     assert j.commit(Batch(events=[ev("a", 12)]))[0].seq == 12
+    j.close()
+
+
+def test_a_topic_whose_only_event_waits_in_memory_reads_it_and_its_first_seq(tmp_path):
+    """The first event of a topic, confirmed from the front log while SQLite is full: SQLite holds no row of the
+    topic at all, so a group took the event for one retention had dropped, marked it acked and never handed it out
+    (its first_seq said None: the gap ran to the head)."""
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(events=[ev("a", 1)]))
+    j.settle()
+    pages = j.db.execute("PRAGMA page_count").fetchone()[0]
+    j.db.execute(f"PRAGMA max_page_count={pages}")
+    assert j.commit(Batch(events=[ev("b", 2, body="y" * 20_000)]))[0].seq == 1
+    with pytest.raises(JournalError):
+        j.settle()
+    assert [(s, k) for s, k, _ in j.read("b", 1, 10)] == [(1, "k2")]
+    assert j.first_seq("b") == 1 and j.first_seq_since("b", time.time() + 60) is None
     j.close()

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from bucketwire.envelope import SEQ_SLOT, Unsent, render
 from bucketwire.hub.journal_front import ROW, FrontLog
@@ -384,11 +384,22 @@ class Journal:
 
     # -- reads ---------------------------------------------------------------------------------------------
     def _caught_up(self) -> None:
-        """Reads see staged commits too: they are written first. If that fails, the read sees what SQLite holds
-        (the events the hub already has in memory, and gets again once the write goes through)."""
+        """Reads see staged commits too: they are written first. If that fails (a full disk), reads of events
+        take them from memory (`_staged_rows`): a hub started with replayed events SQLite cannot take yet has them
+        nowhere else, and a group that found no row below the head took it for a gap retention had made."""
         if self._pending is not None:
             with contextlib.suppress(JournalError):
                 self.settle()
+
+    def _staged_rows(self, topic: str) -> list[tuple[int, str | None, float, bytes]]:
+        """A commit's rows of `topic` that SQLite could not take yet: (seq, objkey, ts, body), in seq order. All
+        above the topic's head in SQLite, so they come after anything a read finds there."""
+        p = self._pending
+        if p is None or topic not in p.heads:
+            return []
+        r = p.rows
+        return [(cast(int, r[i + 1]), cast("str | None", r[i + 4]), cast(float, r[i + 5]), cast(bytes, r[i + 6]))
+                for i in range(0, len(r), ROW) if r[i] == topic]
 
     def cursors(self) -> dict[tuple[str, str], int]:
         self._caught_up()
@@ -420,21 +431,29 @@ class Journal:
 
     def read(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]:
         self._caught_up()
-        return self.db.execute(
+        rows: list[tuple[int, str | None, bytes]] = self.db.execute(
             "SELECT seq, objkey, body FROM events WHERE topic=? AND seq>=? ORDER BY seq LIMIT ?",
             (topic, from_seq, limit),
         ).fetchall()
+        if self._pending is not None and len(rows) < limit:
+            rows += [(q, k, b) for q, k, _, b in self._staged_rows(topic) if q >= from_seq][:limit - len(rows)]
+        return rows
 
     def first_seq(self, topic: str) -> int | None:
         self._caught_up()
         row = self.db.execute("SELECT min(seq) FROM events WHERE topic=?", (topic,)).fetchone()
-        return row[0] if row else None
+        if row and row[0] is not None:
+            return int(row[0])
+        staged = self._staged_rows(topic)
+        return staged[0][0] if staged else None
 
     def first_seq_since(self, topic: str, since: float) -> int | None:
         """The first seq committed at or after unix time `since` (for `replay --since`), or None."""
         self._caught_up()
         row = self.db.execute("SELECT min(seq) FROM events WHERE topic=? AND ts>=?", (topic, since)).fetchone()
-        return row[0] if row and row[0] is not None else None
+        if row and row[0] is not None:
+            return int(row[0])
+        return next((q for q, _, ts, _ in self._staged_rows(topic) if ts >= since), None)
 
     def _existing(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, int, bytes]]:
         """Which (source, id) are already in the journal: one indexed lookup per chunk, not one per event."""
