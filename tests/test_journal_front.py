@@ -485,3 +485,36 @@ def test_a_topic_whose_only_event_waits_in_memory_reads_it_and_its_first_seq(tmp
     assert [(s, k) for s, k, _ in j.read("b", 1, 10)] == [(1, "k2")]
     assert j.first_seq("b") == 1 and j.first_seq_since("b", time.time() + 60) is None
     j.close()
+
+
+def test_a_restored_backup_holding_a_replayed_events_id_opens_and_commits(tmp_path, caplog):
+    """A backup restored beside its journal's front log (same id: replayed), where an event the backup holds was
+    dropped by retention since and published again: SQLite's dedup index refused the replay at every start, and the
+    hub refused every event meanwhile, its probe blaming the journal's disk."""
+    path = tmp_path / "j.db"
+    commit_then_kill(path, f"""
+        import sqlite3
+        j.commit(Batch(events=[ev("a", 1)]))
+        j.settle()
+        j.commit(Batch(events=[ev("a", 2)]))
+        j.settle()
+        b = sqlite3.connect({str(tmp_path / "backup.db")!r})
+        j.db.backup(b)
+        b.close()
+        j.enforce_retention(max_age=-1.0, max_bytes=1 << 40)
+        j.commit(Batch(events=[ev("a", 1)]))  # id-1 again: new to the journal now, staged at seq 3
+        j.commit(Batch(events=[ev("a", 4)]))  # seq 4, staged
+        print("{{}}")
+    """)
+    for p in tmp_path.glob("j.db*"):
+        if p != front(path):
+            p.unlink()
+    (tmp_path / "backup.db").rename(path)
+    with caplog.at_level("WARNING", logger="bucketwire.journal"):
+        j = Journal(path)
+    assert j._pending is None and j.probe() is None
+    assert [(s, k) for s, k, _ in j.read("a", 1, 10)] == [(1, "k1"), (2, "k2"), (4, "k4")]
+    assert j.commit(Batch(events=[ev("a", 5)]))[0].seq == 5
+    assert j.commit(Batch(events=[ev("a", 1)]))[0].duplicate
+    j.close()
+    assert any("already has" in r.getMessage() for r in caplog.records)

@@ -336,14 +336,19 @@ class Journal:
         records, bad = self._front.records()
         if bad:
             self._keep_damaged(len(records), bad)
+        above: list[list[object]] = []
+        tops: dict[str, int] = {}
         for rec in records:
             for i in range(0, len(rec), ROW):
                 topic, seq = rec[i], rec[i + 1]
                 if not isinstance(topic, str) or not isinstance(seq, int):
                     continue
-                if seq > max(self.heads.get(topic, 0), heads.get(topic, 0)):
-                    flat += rec[i:i + ROW]
-                    heads[topic] = seq
+                if seq > max(self.heads.get(topic, 0), tops.get(topic, 0)):
+                    above.append(rec[i:i + ROW])
+                    tops[topic] = seq
+        for row in self._not_held(above):
+            flat += row
+            heads[str(row[0])] = int(row[1])  # type: ignore[call-overload]
         if not flat:
             self._front.reset()
             return
@@ -356,6 +361,24 @@ class Journal:
         except JournalError as e:
             log.error("journal: cannot write the front log's events yet; refusing events until it can",
                       extra={"error": str(e)})
+
+    def _not_held(self, rows: list[list[object]]) -> list[list[object]]:
+        """The replay's rows less those whose (source, id) this journal already holds, or a later row holds.
+
+        Only a backup of this journal restored beside its front log has any (the same id, so its records are
+        replayed): an event the backup holds, dropped by retention since and published again, is in both, and
+        SQLite's dedup index refused the whole replay at every start, the hub refusing every event meanwhile. The
+        later row is the one the journal held when its hub stopped."""
+        keys = [(str(r[2]), str(r[3])) for r in rows]
+        if not keys:
+            return rows
+        held = self._existing(list(dict.fromkeys(keys)))
+        last = {k: n for n, k in enumerate(keys)}
+        kept = [r for n, (r, k) in enumerate(zip(rows, keys, strict=True)) if k not in held and last[k] == n]
+        if len(kept) < len(rows):
+            log.warning("journal: the front log holds events this journal already has (a backup restored beside "
+                        "it?); not writing them twice", extra={"events": len(rows) - len(kept)})
+        return kept
 
     def _keep_damaged(self, records: int, bad: int) -> None:
         """Copy a front log holding bytes that do not check out before the replay starts it over: they may be a
