@@ -9,16 +9,20 @@ is handed out twice."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bucketwire import Event
 from tests.fixtures_hub import wait_for
-from tests.test_local_socket import local_stack
+from tests.test_local_socket import GROUP, local_stack
 
 KILLING_HUB = """
 import os, signal, sys
@@ -50,7 +54,26 @@ def test_a_hub_killed_after_confirming_a_staged_commit_has_it_after_a_restart(st
         shutil.rmtree(short, ignore_errors=True)
 
 
-def _killed_inside_the_window(s: Any) -> None:
+def test_a_front_log_damaged_before_the_staged_commit_still_gives_it_back(stack_factory: Any) -> None:
+    """The same kill, then a byte of the front log's first record (event "before", long in journal.db) flipped
+    while the hub is down: a bad sector. The replay stopped at the damage and dropped "kill-me", confirmed as seq 2,
+    and the next publish was handed seq 2 again."""
+    def damage(front: Path) -> None:
+        data = bytearray(front.read_bytes())
+        data[20] ^= 0xFF  # inside the first record's rows (its header is 12 bytes)
+        front.write_bytes(bytes(data))
+
+    short = Path(tempfile.mkdtemp(prefix="bwf-", dir="/tmp"))
+    try:
+        s = local_stack(stack_factory, short / "hub.sock")
+        _killed_inside_the_window(s, damage)
+        assert "front log holds bytes that do not check out" in s.dump_logs()
+        assert list((s.dir / "state").glob("journal.db-front.damaged-*")), "the damaged file is kept"
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _killed_inside_the_window(s: Any, damage: Callable[[Path], None] | None = None) -> None:
     log = s.dir / "hub-killing.log"
     s.logs.append(log)
     s.hub_proc = subprocess.Popen([sys.executable, "-c", KILLING_HUB, str(s.cfg_path)], env=s.env,
@@ -66,6 +89,8 @@ def _killed_inside_the_window(s: Any) -> None:
     assert s.hub_proc.returncode == -signal.SIGKILL, "the hub died inside the window"
     front = s.dir / "state" / "journal.db-front"
     assert front.stat().st_size > 0, "the staged commit was in the front log when the hub died"
+    if damage is not None:
+        damage(front)
 
     s.start_hub()
     with s.client() as c:
@@ -77,3 +102,51 @@ def _killed_inside_the_window(s: Any) -> None:
     wait_for(lambda: {"kill-me", "after"} <= {r["id"] for r in s.handled()}, 30, "the events handled")
     assert sum(r["id"] == "kill-me" for r in s.handled()) <= 2
     assert "writing events the front log held from before a crash" in s.dump_logs()
+
+
+FREEZING_HUB = KILLING_HUB.replace("os.kill(os.getpid(), signal.SIGKILL)", "os.kill(os.getpid(), signal.SIGSTOP)")
+"""The hub stops itself (SIGSTOP) with a staged commit of "kill-me" confirmed and not yet in SQLite: what a
+filesystem snapshot taken at that instant holds."""
+
+
+def test_the_backup_recipe_copy_taken_inside_the_window_holds_every_confirmed_event(stack_factory: Any) -> None:
+    """docs/operations.md, "Backups", a hub running: copy journal.db, journal.db-wal and journal.db-front as one
+    instant left them, and start a hub on the copy. The instant is the worst one: the last confirmed commit in the
+    front log only. The copy must hold every event confirmed before it, at its seq, with no gap; and the original
+    hub, let go on, must not be disturbed by it."""
+    short = Path(tempfile.mkdtemp(prefix="bwb-", dir="/tmp"))
+    try:
+        s = local_stack(stack_factory, short / "hub.sock")
+        log = s.dir / "hub-freezing.log"
+        s.logs.append(log)
+        s.hub_proc = subprocess.Popen([sys.executable, "-c", FREEZING_HUB, str(s.cfg_path)], env=s.env,
+                                      stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: s.healthy() or s.hub_proc.poll() is not None, 30, "hub /healthz")
+        with s.client() as c:
+            small = [c.publish("photos", {"n": i}, id=f"small-{i}")["seq"] for i in range(5)]
+            big = c.publish_events([Event(id=f"big-{i}", source="urn:b", type="t", topic="photos", data={"n": i})
+                                    for i in range(20)])  # over FRONT_EVENTS: straight into SQLite
+            confirmed = c.publish("photos", {"n": 99}, id="kill-me")["seq"]
+        assert small + [int(r["seq"]) for r in big] + [confirmed] == list(range(1, 27))
+        wait_for(lambda: _state(s.hub_proc.pid) == "T", 20, "the hub stopped inside the window")
+        copy = stack_factory(GROUP)
+        (copy.dir / "state").mkdir()
+        for name in ("journal.db", "journal.db-wal", "journal.db-front"):  # "copy the three files together"
+            shutil.copy2(s.dir / "state" / name, copy.dir / "state" / name)
+        os.kill(s.hub_proc.pid, signal.SIGCONT)
+        copy.start_hub()
+        with copy.client() as c:
+            _, bodies = c.fetch("photos", 1, 100)
+            ids = [json.loads(b)["id"] for b in bodies]
+            seqs = [int(json.loads(b)["seq"]) for b in bodies]
+            assert seqs == list(range(1, 27)) and ids[-1] == "kill-me", (seqs, ids)
+            assert c.publish("photos", {"n": 100}, id="after")["seq"] == 27
+        with s.client() as c:  # the original goes on, its staged commit written
+            assert c.publish("photos", {"n": 100}, id="after")["seq"] == 27
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (T: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -11,6 +11,7 @@ events for the next start, and refuses further commits meanwhile. Real processes
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -18,11 +19,13 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from bucketwire.hub.journal import FRONT_EVENTS, Batch, Journal, JournalError, NewEvent
+from bucketwire.hub.journal_front import HEADER
 
 
 def ev(topic: str, i: int, source: str = "s", body: str = "x" * 100) -> NewEvent:
@@ -185,7 +188,12 @@ def test_sqlite_refusing_a_staged_commit_keeps_it_for_the_next_start_and_refuses
         j.settle()
     with pytest.raises(JournalError):
         j.commit(Batch(events=[ev("a", 3)]))
-    assert [s for s, _, _ in j.read("a", 1, 10)] == [1], "a read shows what SQLite holds meanwhile"
+    assert rows_in_sqlite(path, "a") == [1]
+    # Reads take the confirmed commit from memory meanwhile: a group reading past SQLite's last row found nothing
+    # below the head and took it for a gap retention had made (tests/test_front_log_full.py).
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2] and [s for s, _, _ in j.read("a", 2, 1)] == [2]
+    assert j.read("a", 1, 1) == j.read("a", 1, 10)[:1] and j.read("a", 3, 10) == [] and j.read("b", 1, 10) == []
+    assert j.first_seq("a") == 1 and j.first_seq_since("a", time.time() - 60) == 1
     j.close()  # cannot write it either: it stays in the front log
     assert rows_in_sqlite(path, "a") == [1]
     j = Journal(path)
@@ -307,3 +315,206 @@ def test_a_front_log_left_by_a_hub_with_durability_os_is_replayed_by_one_started
     assert [s for s, _, _ in j.read("a", 1, 10)] == [1], "an operator switching to fsync keeps what was confirmed"
     assert j.commit(Batch(events=[ev("a", 2)]))[0].seq == 2 and j._pending is None
     j.close()
+
+
+def three_commits_the_last_unsettled(path: Path) -> list[tuple[int, int]]:
+    """A journal process that commits ("a", id-1) and ("a", id-2) through the front log and into SQLite, stages
+    ("a", id-3) (confirmed: the hub would have sent its PUBACK and DELIVER) and dies before writing it into SQLite.
+    Returns each record's (offset, length) in the front log it left."""
+    commit_then_kill(path, """
+        for i in (1, 2):
+            j.commit(Batch(events=[ev("a", i)]))
+            j.settle()
+        j.commit(Batch(events=[ev("a", 3)]))
+        print("{}")
+    """)
+    data = front(path).read_bytes()
+    spans, at = [], 0
+    while at < len(data):
+        n = HEADER.unpack_from(data, at)[1]
+        spans.append((at, HEADER.size + n))
+        at += HEADER.size + n
+    assert len(spans) == 3 and rows_in_sqlite(path, "a") == [1, 2]
+    return spans
+
+
+@pytest.mark.parametrize("where", ["body", "length"])
+def test_a_front_log_damaged_in_the_middle_still_gives_back_the_commit_confirmed_after_the_damage(tmp_path, where,
+                                                                                                   caplog):
+    """A flipped byte in a record already written into SQLite (a bad sector, a stray write) used to end the replay
+    there: the last record, confirmed and never written into SQLite, was dropped with it in silence and the file
+    started over. Records are self-checking (magic, length, CRC over the journal's id and the rows), so the replay
+    looks for the next one that checks out, and keeps the damaged file aside with one warning."""
+    path = tmp_path / "j.db"
+    spans = three_commits_the_last_unsettled(path)
+    at, n = spans[1]
+    data = bytearray(front(path).read_bytes())
+    if where == "body":
+        data[at + n - 5] ^= 0xFF
+    else:  # the length field: the record seems to run past the end of the file
+        data[at + 4: at + 8] = (1 << 30).to_bytes(4, "little")
+    front(path).write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="bucketwire.journal"):
+        j = Journal(path)
+    assert [(s, k) for s, k, _ in j.read("a", 1, 10)] == [(1, "k1"), (2, "k2"), (3, "k3")]
+    assert j.commit(Batch(events=[ev("a", 4)]))[0].seq == 4, "no seq handed out twice"
+    j.close()
+    kept = list(tmp_path.glob("j.db-front.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == bytes(data), "the damaged front log is kept as it was"
+    lines = [r.getMessage() for r in caplog.records if "front log" in r.getMessage() and "check out" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_front_log_of_another_journal_is_kept_aside_not_truncated(tmp_path, caplog):
+    """Another journal's front log (a state_dir's files mixed up in a copy or restore) holds that journal's
+    confirmed events, maybe some not yet in its journal.db: this journal must not replay them, and must not
+    destroy them either."""
+    path = tmp_path / "j.db"
+    three_commits_the_last_unsettled(path)
+    theirs = front(path).read_bytes()
+    other = tmp_path / "other" / "j.db"
+    Journal(other).close()
+    front(other).write_bytes(theirs)
+    with caplog.at_level("WARNING", logger="bucketwire.journal"):
+        j = Journal(other)
+    assert j.heads == {} and j.read("a", 1, 10) == []
+    j.close()
+    kept = list(other.parent.glob("j.db-front.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == theirs
+    assert any("check out" in r.getMessage() for r in caplog.records)
+    j = Journal(path)  # the records are still good for the journal they belong to
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2, 3]
+    j.close()
+
+
+def test_a_front_log_that_links_to_a_running_journals_is_refused_and_left_alone(tmp_path):
+    """`journal.db-front` a link to another state_dir's (a copied tree of symlinks, a provisioning template): the
+    second journal took the first one's records for another journal's, started the file over under it (the first
+    one's confirmed commit, not yet in its SQLite, gone) and appended its own records there. SQLite's lock keeps two
+    hubs off one journal.db; the front log needs a lock of its own."""
+    first, second = tmp_path / "a" / "j.db", tmp_path / "b" / "j.db"
+    Journal(second).close()
+    code = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from bucketwire.hub.journal import Batch, Journal, NewEvent
+        j = Journal(Path({str(first)!r}))
+        j.commit(Batch(events=[NewEvent("a", "s", "id-1", "k1", {{"b": "x", "seq": None}})]))  # staged, not settled
+        print("staged", flush=True)
+        sys.stdin.read()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "staged"
+        theirs = front(first).read_bytes()
+        front(second).symlink_to(front(first))
+        with pytest.raises(JournalError) as e:
+            Journal(second)
+        msg = str(e.value)
+        assert "j.db-front" in msg and "another" in msg and "\n" not in msg, msg
+        assert front(first).read_bytes() == theirs, "the running journal's front log is untouched"
+    finally:
+        p.kill()
+        p.wait(10)
+    j = Journal(first)
+    assert [(s, k) for s, k, _ in j.read("a", 1, 10)] == [(1, "k1")], "its confirmed commit came back"
+    j.close()
+    front(second).unlink()
+    j = Journal(second)  # the link gone, the second journal opens as before
+    assert j.heads == {}
+    j.close()
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_front_log_that_is_not_a_file_is_refused_in_one_line_that_names_it(tmp_path, kind):
+    """Both used to stop the start in a line about journal.db and its disk's free space ("Illegal seek" for the
+    FIFO, read before anything was appended to it)."""
+    path = tmp_path / "j.db"
+    Journal(path).close()
+    if kind == "directory":
+        front(path).mkdir()
+    else:
+        os.mkfifo(front(path))
+    with pytest.raises(JournalError) as e:
+        Journal(path)
+    msg = str(e.value)
+    assert "j.db-front" in msg and ("Is a directory" if kind == "directory" else "not a regular file") in msg, msg
+    assert "\n" not in msg
+
+
+def test_a_backup_of_the_same_journal_restored_beside_its_front_log_gets_the_newest_events_back(tmp_path):
+    """docs/operations.md, "Backups": a restored backup has the journal's own id, so the front log a crashed hub left
+    is replayed above the backup's heads (the docs used to call a restored journal.db another journal's)."""
+    path = tmp_path / "j.db"
+    commit_then_kill(path, f"""
+        import sqlite3
+        for i in range(1, 6):
+            j.commit(Batch(events=[ev("a", i)]))
+            j.settle()
+        b = sqlite3.connect({str(tmp_path / "backup.db")!r})
+        j.db.backup(b)
+        b.close()
+        for i in range(6, 11):
+            j.commit(Batch(events=[ev("a", i)]))
+            j.settle()
+        j.commit(Batch(events=[ev("a", 11)]))
+        print("{{}}")
+    """)
+    for p in tmp_path.glob("j.db*"):
+        if p != front(path):
+            p.unlink()
+    (tmp_path / "backup.db").rename(path)
+    j = Journal(path)
+    assert [s for s, _, _ in j.read("a", 1, 100)] == list(range(1, 12))
+    assert j.commit(Batch(events=[ev("a", 12)]))[0].seq == 12
+    j.close()
+
+
+def test_a_topic_whose_only_event_waits_in_memory_reads_it_and_its_first_seq(tmp_path):
+    """The first event of a topic, confirmed from the front log while SQLite is full: SQLite holds no row of the
+    topic at all, so a group took the event for one retention had dropped, marked it acked and never handed it out
+    (its first_seq said None: the gap ran to the head)."""
+    j = Journal(tmp_path / "j.db")
+    j.commit(Batch(events=[ev("a", 1)]))
+    j.settle()
+    pages = j.db.execute("PRAGMA page_count").fetchone()[0]
+    j.db.execute(f"PRAGMA max_page_count={pages}")
+    assert j.commit(Batch(events=[ev("b", 2, body="y" * 20_000)]))[0].seq == 1
+    with pytest.raises(JournalError):
+        j.settle()
+    assert [(s, k) for s, k, _ in j.read("b", 1, 10)] == [(1, "k2")]
+    assert j.first_seq("b") == 1 and j.first_seq_since("b", time.time() + 60) is None
+    j.close()
+
+
+def test_a_restored_backup_holding_a_replayed_events_id_opens_and_commits(tmp_path, caplog):
+    """A backup restored beside its journal's front log (same id: replayed), where an event the backup holds was
+    dropped by retention since and published again: SQLite's dedup index refused the replay at every start, and the
+    hub refused every event meanwhile, its probe blaming the journal's disk."""
+    path = tmp_path / "j.db"
+    commit_then_kill(path, f"""
+        import sqlite3
+        j.commit(Batch(events=[ev("a", 1)]))
+        j.settle()
+        j.commit(Batch(events=[ev("a", 2)]))
+        j.settle()
+        b = sqlite3.connect({str(tmp_path / "backup.db")!r})
+        j.db.backup(b)
+        b.close()
+        j.enforce_retention(max_age=-1.0, max_bytes=1 << 40)
+        j.commit(Batch(events=[ev("a", 1)]))  # id-1 again: new to the journal now, staged at seq 3
+        j.commit(Batch(events=[ev("a", 4)]))  # seq 4, staged
+        print("{{}}")
+    """)
+    for p in tmp_path.glob("j.db*"):
+        if p != front(path):
+            p.unlink()
+    (tmp_path / "backup.db").rename(path)
+    with caplog.at_level("WARNING", logger="bucketwire.journal"):
+        j = Journal(path)
+    assert j._pending is None and j.probe() is None
+    assert [(s, k) for s, k, _ in j.read("a", 1, 10)] == [(1, "k1"), (2, "k2"), (4, "k4")]
+    assert j.commit(Batch(events=[ev("a", 5)]))[0].seq == 5
+    assert j.commit(Batch(events=[ev("a", 1)]))[0].duplicate
+    j.close()
+    assert any("already has" in r.getMessage() for r in caplog.records)

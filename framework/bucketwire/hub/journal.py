@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from bucketwire.envelope import SEQ_SLOT, Unsent, render
 from bucketwire.hub.journal_front import ROW, FrontLog
@@ -306,12 +306,12 @@ class Journal:
         self.heads: dict[str, int] = dict(self.db.execute(
             "SELECT name, max(head, coalesce((SELECT max(seq) FROM events WHERE topic = name), 0)) FROM topics"))
         jid = self.db.execute("SELECT value FROM meta WHERE key='id'").fetchone()
-        if jid is None:  # ties the front log's records to this journal (a restored journal.db is another one)
+        if jid is None:  # ties the front log's records to this journal (another journal.db has another)
             jid = (os.urandom(16).hex(),)
             self.db.execute("INSERT INTO meta VALUES('id', ?)", jid)
         self._pending: _Staged | None = None
         """A commit made durable in the front log and not yet written here (`settle`)."""
-        self._front = FrontLog(path.with_name(path.name + "-front"), str(jid[0]).encode())
+        self._front = _open_front(self.db, path.with_name(path.name + "-front"), str(jid[0]).encode())
         self._front_on = durability == "os"  # with "fsync" the front log would need a sync of its own per commit
         self._checkpointer = _Checkpointer(path)
         self._replay_front()
@@ -333,14 +333,22 @@ class Journal:
         keeps them staged: the hub starts, answers 503, and writes them once it can."""
         flat: list[object] = []
         heads: dict[str, int] = {}
-        for rec in self._front.records():
+        records, bad = self._front.records()
+        if bad:
+            self._keep_damaged(len(records), bad)
+        above: list[list[object]] = []
+        tops: dict[str, int] = {}
+        for rec in records:
             for i in range(0, len(rec), ROW):
                 topic, seq = rec[i], rec[i + 1]
                 if not isinstance(topic, str) or not isinstance(seq, int):
                     continue
-                if seq > max(self.heads.get(topic, 0), heads.get(topic, 0)):
-                    flat += rec[i:i + ROW]
-                    heads[topic] = seq
+                if seq > max(self.heads.get(topic, 0), tops.get(topic, 0)):
+                    above.append(rec[i:i + ROW])
+                    tops[topic] = seq
+        for row in self._not_held(above):
+            flat += row
+            heads[str(row[0])] = int(row[1])  # type: ignore[call-overload]
         if not flat:
             self._front.reset()
             return
@@ -354,13 +362,67 @@ class Journal:
             log.error("journal: cannot write the front log's events yet; refusing events until it can",
                       extra={"error": str(e)})
 
+    def _not_held(self, rows: list[list[object]]) -> list[list[object]]:
+        """The replay's rows less those whose (source, id) this journal already holds, or a later row holds.
+
+        Only a backup of this journal restored beside its front log has any (the same id, so its records are
+        replayed): an event the backup holds, dropped by retention since and published again, is in both, and
+        SQLite's dedup index refused the whole replay at every start, the hub refusing every event meanwhile. The
+        later row is the one the journal held when its hub stopped."""
+        keys = [(str(r[2]), str(r[3])) for r in rows]
+        if not keys:
+            return rows
+        held = self._existing(list(dict.fromkeys(keys)))
+        last = {k: n for n, k in enumerate(keys)}
+        kept = [r for n, (r, k) in enumerate(zip(rows, keys, strict=True)) if k not in held and last[k] == n]
+        if len(kept) < len(rows):
+            log.warning("journal: the front log holds events this journal already has (a backup restored beside "
+                        "it?); not writing them twice", extra={"events": len(rows) - len(kept)})
+        return kept
+
+    def _keep_damaged(self, records: int, bad: int) -> None:
+        """Copy a front log holding bytes that do not check out before the replay starts it over: they may be a
+        confirmed commit that never reached SQLite (damaged), or another journal's (files mixed up in a copy or
+        restore), and only the operator can tell. One warning either way."""
+        front = self._front
+        kept = front.path.with_name(f"{front.path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        extra: dict[str, object] = {"path": str(front.path), "bad_bytes": bad, "records_replayed": records}
+        try:
+            fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(os.pread(front.fd, front.size, 0))
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            extra["kept"] = str(kept)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                kept.unlink()
+            extra["not_kept"] = f"{kept}: {e.strerror or e}"
+        log.warning("journal: the front log holds bytes that do not check out (a write cut off by a crash or a power "
+                    "loss, damage, or another journal's records); replaying the records that do"
+                    + ("; the file as it was is in " + str(kept) if "kept" in extra else
+                       "; could not keep a copy of it"), extra=extra)
+
     # -- reads ---------------------------------------------------------------------------------------------
     def _caught_up(self) -> None:
-        """Reads see staged commits too: they are written first. If that fails, the read sees what SQLite holds
-        (the events the hub already has in memory, and gets again once the write goes through)."""
+        """Reads see staged commits too: they are written first. If that fails (a full disk), reads of events
+        take them from memory (`_staged_rows`): a hub started with replayed events SQLite cannot take yet has them
+        nowhere else, and a group that found no row below the head took it for a gap retention had made."""
         if self._pending is not None:
             with contextlib.suppress(JournalError):
                 self.settle()
+
+    def _staged_rows(self, topic: str) -> list[tuple[int, str | None, float, bytes]]:
+        """A commit's rows of `topic` that SQLite could not take yet: (seq, objkey, ts, body), in seq order. All
+        above the topic's head in SQLite, so they come after anything a read finds there."""
+        p = self._pending
+        if p is None or topic not in p.heads:
+            return []
+        r = p.rows
+        return [(cast(int, r[i + 1]), cast("str | None", r[i + 4]), cast(float, r[i + 5]), cast(bytes, r[i + 6]))
+                for i in range(0, len(r), ROW) if r[i] == topic]
 
     def cursors(self) -> dict[tuple[str, str], int]:
         self._caught_up()
@@ -392,21 +454,29 @@ class Journal:
 
     def read(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]:
         self._caught_up()
-        return self.db.execute(
+        rows: list[tuple[int, str | None, bytes]] = self.db.execute(
             "SELECT seq, objkey, body FROM events WHERE topic=? AND seq>=? ORDER BY seq LIMIT ?",
             (topic, from_seq, limit),
         ).fetchall()
+        if self._pending is not None and len(rows) < limit:
+            rows += [(q, k, b) for q, k, _, b in self._staged_rows(topic) if q >= from_seq][:limit - len(rows)]
+        return rows
 
     def first_seq(self, topic: str) -> int | None:
         self._caught_up()
         row = self.db.execute("SELECT min(seq) FROM events WHERE topic=?", (topic,)).fetchone()
-        return row[0] if row else None
+        if row and row[0] is not None:
+            return int(row[0])
+        staged = self._staged_rows(topic)
+        return staged[0][0] if staged else None
 
     def first_seq_since(self, topic: str, since: float) -> int | None:
         """The first seq committed at or after unix time `since` (for `replay --since`), or None."""
         self._caught_up()
         row = self.db.execute("SELECT min(seq) FROM events WHERE topic=? AND ts>=?", (topic, since)).fetchone()
-        return row[0] if row and row[0] is not None else None
+        if row and row[0] is not None:
+            return int(row[0])
+        return next((q for q, _, ts, _ in self._staged_rows(topic) if ts >= since), None)
 
     def _existing(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, int, bytes]]:
         """Which (source, id) are already in the journal: one indexed lookup per chunk, not one per event."""
@@ -787,6 +857,22 @@ class Journal:
 
 
 _ZEROS = bytes(PROBE_BYTES)
+
+
+def _open_front(db: sqlite3.Connection, front: Path, journal_id: bytes) -> FrontLog:
+    """The journal's front log, or one line that says what is wrong with the file (the journal closed again)."""
+    try:
+        return FrontLog(front, journal_id)
+    except BlockingIOError:
+        db.close()
+        where = f" ({front} links to {front.resolve()})" if front.is_symlink() else ""
+        raise JournalError(f"{front} is in use by another process as its front log{where}: a link to another "
+                           f"journal's front log? each journal needs its own: remove the link (the hub makes the file "
+                           "beside journal.db)") from None
+    except OSError as e:
+        db.close()
+        raise JournalError(f"{front}: cannot open the journal's front log ({e.strerror or e}); it must be a regular "
+                           "file the hub can write, or absent: move aside what is there") from None
 
 
 def _refuse_lost(path: Path) -> None:

@@ -8,10 +8,12 @@ all of it between the publish and the DELIVER. An append of the same rows to a p
 so both survive a kill -9 of the hub (docs/performance.md, "Closing the gap", change 16).
 
 The file (`journal.db-front`, beside `journal.db-wal`) holds records of whole commits: a header (magic, length,
-CRC-32) and the commit's rows as msgpack. The CRC covers the journal's own id too, so a front log left beside a
-restored or replaced `journal.db` belongs to another journal and is not replayed into this one. A record is
-written whole or, when a write fails part way (a full disk), cut off again; replay stops at the first record that
-does not check out, and every record after a good one was written after it.
+CRC-32) and the commit's rows as msgpack. The CRC covers the journal's own id too, so a front log left beside
+another journal's `journal.db` is not replayed into it. A backup of this journal restored beside it has the same
+id: its records above the backup's heads are written into it (the newest confirmed events come back). A record is
+written whole or, when a write fails part way (a full disk), cut off again; replay skips what does not check out
+(a tail cut off by a power loss, a damaged record, another journal's) and reads every record that does, in the
+order they were written; the journal keeps a copy of such a file for the operator (`Journal._replay_front`).
 
 Which rows a replay inserts: those above the topic's head in SQLite. Rows are written into SQLite in seq order
 and before anything else touches the journal (a read, retention, a floor), so everything at or below a head was
@@ -20,7 +22,10 @@ written (and possibly dropped by retention since: it must not come back), and ev
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -45,33 +50,46 @@ class FrontLog:
     """An append-only file of commits not yet (or only just) written into SQLite; the loop thread's alone."""
 
     def __init__(self, path: Path, journal_id: bytes) -> None:
+        """BlockingIOError: another process has the file open as its front log (SQLite's lock keeps two hubs off
+        one journal.db, but `journal.db-front` can be a link to another journal's: this one would start that
+        file over under its hub, and append its own records to it)."""
         self.path = path
         self._seed = zlib.crc32(journal_id)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):  # a FIFO, a device (through a link)
+                raise OSError(errno.EINVAL, "not a regular file")
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it with the process
+        except OSError:
+            os.close(self.fd)
+            raise
         self.size = os.fstat(self.fd).st_size
         self.torn = False
-        """A failed write could not be cut off again: nothing may be appended after it (replay would stop there)."""
+        """A failed write could not be cut off again: nothing is appended after it (the next start replays past it,
+        but has to take it for damage: a warning, and a copy of the file)."""
 
-    def records(self) -> list[list[object]]:
-        """Every record from the start of the file up to the first one that does not check out (torn, or written
-        for another journal)."""
+    def records(self) -> tuple[list[list[object]], int]:
+        """Every record from the start of the file that checks out, and how many bytes of the file did not.
+
+        Past a stretch that does not check out (a record cut off by a power loss, a damaged sector, another
+        journal's record) the next record that does is still read: records check themselves (magic, length, CRC
+        over the journal's id), and only the newest can hold a commit not yet in SQLite. Stopping at the first bad
+        byte dropped that commit, confirmed and handed out, whenever an older record was damaged."""
         data = os.pread(self.fd, self.size, 0)
         out: list[list[object]] = []
-        at = 0
+        at = good = 0
         while at + HEADER.size <= len(data):
-            magic, n, crc = HEADER.unpack_from(data, at)
-            body = data[at + HEADER.size: at + HEADER.size + n]
-            if magic != MAGIC or len(body) != n or zlib.crc32(body, self._seed) != crc:
-                break
-            try:
-                rows = _decode(body)
-            except msgspec.DecodeError:
-                break
-            if not isinstance(rows, list) or len(rows) % ROW:
-                break
+            rows = _record(data, at, self._seed)
+            if rows is None:
+                at = data.find(MAGIC, at + 1)
+                if at < 0:
+                    break
+                continue
             out.append(rows)
-            at += HEADER.size + n
-        return out
+            n = HEADER.size + HEADER.unpack_from(data, at)[1]
+            good += n
+            at += n
+        return out, len(data) - good
 
     def append(self, rows: list[object]) -> None:
         """Append one commit's rows; OSError when they could not be written whole. Nothing of them is left in the
@@ -110,3 +128,18 @@ class FrontLog:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def _record(data: bytes, at: int, seed: int) -> list[object] | None:
+    """The rows of the record at `at`, or None when it does not check out."""
+    magic, n, crc = HEADER.unpack_from(data, at)
+    body = data[at + HEADER.size: at + HEADER.size + n]
+    if magic != MAGIC or len(body) != n or zlib.crc32(body, seed) != crc:
+        return None
+    try:
+        rows = _decode(body)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(rows, list) or len(rows) % ROW:
+        return None
+    return rows
