@@ -382,6 +382,34 @@ def test_events_go_end_to_end_over_the_local_socket(stack_factory: Callable[...,
     assert not sock.exists(), "a hub that stopped left its socket file"
 
 
+def test_a_relative_local_path_is_beside_the_config_from_any_directory(stack_factory: Callable[..., Stack],
+                                                                      sock_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's `[hub] local = "ipc://./state/hub/hub.sock"`, written in a config and used as `[client] work`:
+    the hub bound it in the directory it was started from (and made the directories there), and a pool or
+    `publish` started from another directory could not find it. Like every relative path, it is the config's."""
+    s = stack_factory(GROUP)
+    cfg = sock_dir / "bucketwire.toml"  # short: the socket path must fit a Unix socket's 107 bytes
+    cfg.write_text(s.cfg_path.read_text().replace(
+        "heartbeat_timeout = 1.5\n", 'heartbeat_timeout = 1.5\nlocal = "ipc://./run/hub.sock"\n', 1)
+        + '\n[client]\nwork = "ipc://./run/hub.sock"\n')
+    s.cfg_path = cfg
+    hub_dir, worker_dir, cli_dir = (sock_dir / n for n in ("h", "w", "c"))
+    for d in (hub_dir, worker_dir, cli_dir):
+        d.mkdir()
+    monkeypatch.chdir(hub_dir)  # each process starts in the test's working directory
+    s.start_hub()
+    assert (sock_dir / "run" / "hub.sock").is_socket(), os.listdir(sock_dir)
+    assert not (hub_dir / "run").exists(), "the hub bound its socket in its working directory"
+    monkeypatch.chdir(worker_dir)
+    s.cfg = config_mod.load(cfg)
+    s.start_worker("g")  # waits for it through status, over the local socket
+    monkeypatch.chdir(cli_dir)
+    pub = bw(["publish", "photos", '{"i": 1}'], cfg, timeout=30)
+    assert pub.returncode == 0, pub.stdout + pub.stderr
+    wait_for(lambda: [e["data"] for e in s.handled()] == [{"i": 1}], 30, "the event handled")
+
+
 def test_a_client_of_a_stopped_hub_over_the_local_socket_is_told_so(sock_dir: Path) -> None:
     cfg = config_mod.parse({"client": {"work": f"ipc://{sock_dir / 'none.sock'}"}})
     with HubClient(cfg, timeout=1) as c, pytest.raises(HubUnavailable):
