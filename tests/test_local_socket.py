@@ -919,6 +919,21 @@ def test_a_bad_local_value_is_one_config_line(stack_factory: Callable[..., Stack
     assert "local" in line, line
 
 
+@pytest.mark.parametrize("args", [["doctor", "--offline"], ["hub"], ["publish", "photos", "{}"], ["status"]])
+def test_a_socket_path_too_long_is_one_config_line_from_every_command(sock_dir: Path, args: list[str]) -> None:
+    """A `[hub] local` (and so `[client] work`) path over a Unix socket's 107 bytes: `doctor --offline` passed it,
+    the hub stopped only at the bind (having made its directories), and a client tried it until its timeout,
+    then said `AF_UNIX path too long`. The config says it, in one line naming the key, before anything starts."""
+    sock = sock_dir / ("d" * 120) / "hub.sock"
+    conf = sock_dir / "c.toml"
+    conf.write_text(f'[hub]\nlocal = "ipc://{sock}"\n[client]\nwork = "ipc://{sock}"\ntimeout = 1\n')
+    r = bw(args, conf)
+    assert r.returncode != 0, r.stdout + r.stderr
+    line = one_line(r.stdout + r.stderr)  # doctor's findings are its output
+    assert "c.toml: [hub] local: the socket path" in line and f"is {len(str(sock))} bytes" in line, line
+    assert not sock.parent.exists(), "the hub made the directories of a path it cannot bind"
+
+
 def test_doctor_probes_the_local_socket(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:
     """doctor checks an ipc:// `[client] work` like a tcp one: the hub not there is an error naming the socket and
     the setting to fix (it was 'not probed'), a hub there is `ROUTER socket answers`."""
