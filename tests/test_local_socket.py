@@ -513,6 +513,20 @@ def test_a_worker_child_does_not_spin_while_the_hub_is_down(stack_factory: Calla
             s.kill_hub()  # then: it had a connection, and lost it
 
 
+def test_a_worker_without_a_hub_on_the_local_socket_says_why(stack_factory: Callable[..., Stack],
+                                                              sock_dir: Path) -> None:
+    """A pool started before its hub (or pointed at a local socket nobody serves) logged only `hub silent;
+    reconnecting`, every few seconds, naming nothing to check; the socket's own answer says which it is."""
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_worker("g", 1, wait=False)
+    log = s.logs[-1]
+    line = wait_for(lambda: next((ln for ln in log.read_text().splitlines() if "hub silent" in ln), None), 30,
+                    "the pool's 'hub silent' line")
+    assert f"cannot connect to {sock} (No such file or directory)" in line, line
+    assert "[hub] local" in line, line
+
+
 # -- 5. the path ---------------------------------------------------------------------------------------------------
 def test_a_second_hub_on_the_same_local_path_fails_in_one_line(stack_factory: Callable[..., Stack],
                                                                sock_dir: Path) -> None:
