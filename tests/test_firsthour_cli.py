@@ -150,3 +150,29 @@ def test_every_option_of_every_command_is_in_the_readme_and_its_help() -> None:
     assert missing == [], f"options the README's CLI block does not name: {missing}"
     assert bare == [], f"options without help text: {bare}"
     assert stale == [], f"options the README names that the command does not have: {stale}"
+
+
+def _to_a_closed_pipe(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run with stdout a pipe nobody reads any more: `bucketwire status | head -1` once head has its line."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, "-m", "bucketwire", *args], stdout=w, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(w)
+
+
+def test_output_piped_into_a_reader_that_stopped_is_no_error(stack_factory) -> None:  # type: ignore[no-untyped-def]
+    """`bucketwire status | head -1`, `dlq show ... | head`: the commands that turn an OSError into one line
+    printed `Error: [Errno 32] Broken pipe` for the reader having what it wanted; click's own commands, and `tail`,
+    end quietly. A real error still says itself."""
+    s = stack_factory()
+    s.start_hub()
+    for args in (["plugins"], ["status", "-c", str(s.cfg_path)], ["status", "-c", str(s.cfg_path), "--json"]):
+        p = _to_a_closed_pipe(args)
+        assert p.stderr == "" and p.returncode != 0, (args, p.returncode, p.stderr)
+    p = _to_a_closed_pipe(["status", "-c", str(s.dir / "missing.toml")])
+    assert p.stderr.startswith("Error: ") and "missing.toml: file not found" in p.stderr, p.stderr

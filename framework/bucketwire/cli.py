@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from bucketwire import logs
-from bucketwire.commands._common import config_option, load_config
+from bucketwire.commands._common import config_option, load_config, reader_gone
 from bucketwire.config import ConfigError
 from bucketwire.procutil import on_stop_signals, stop_when_orphaned
 
@@ -31,9 +31,12 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*a, **kw)
         except (ConfigError, HubUnavailable, HubRefused, JournalError, OSError) as e:
+            if reader_gone(e):
+                raise  # click ends quietly: `status | head -1` once head has what it wanted is no error
             raise click.ClickException(str(e)) from None
 
     return inner
+
 
 
 

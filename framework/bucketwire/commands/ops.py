@@ -36,7 +36,7 @@ from typing import Any
 import click
 
 from bucketwire import protocol as P
-from bucketwire.commands._common import config_option, load_config
+from bucketwire.commands._common import config_option, load_config, reader_gone
 from bucketwire.config import Config, ConfigError
 from bucketwire.envelope import HUB_SOURCE, RESERVED_SOURCES, EnvelopeError, parse_seq
 from bucketwire.hub.ops import DEAD_TYPE, HANDLED_SUFFIX, HANDLED_TYPE
@@ -54,6 +54,8 @@ def _errors(fn: Any) -> Any:
         try:
             return fn(*a, **kw)
         except (ConfigError, HubUnavailable, HubRefused, OSError, EnvelopeError) as e:
+            if reader_gone(e):
+                raise  # `dlq show ... | head`: click ends quietly
             raise click.ClickException(str(e)) from None
 
     return inner
