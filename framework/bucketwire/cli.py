@@ -165,7 +165,6 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
 
     cfg = load_config(config_path)
     stop = threading.Event()
-    on_stop_signals(stop.set)
     out = sys.stdout
 
     def on_hub(state: str, next_seqs: dict[str, int]) -> None:
@@ -182,6 +181,9 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
                    f"{last + 1}", err=True)
 
     def on_start(st: dict[str, Any]) -> None:
+        # Only now is there a line in hand to finish: a Ctrl+C while the first request waited for a silent hub was
+        # kept until [client] timeout, then said 'no answer from the hub'. Until here it ends tail at once (130).
+        on_stop_signals(stop.set)
         _say_unknown_topics(cfg, topics, st)
 
     try:

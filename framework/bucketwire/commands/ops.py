@@ -252,12 +252,16 @@ def status(config_path: str | None, as_json: bool, watch: float | None) -> None:
 
     cfg = load_config(config_path)
     stop = threading.Event()
-    if watch:
-        on_stop_signals(stop.set)
     tty = sys.stdout.isatty()
     with HubClient(cfg) as c:  # [client] timeout
+        armed = False
         while True:
             st = c.status()
+            if watch and not armed:
+                # Once the hub answered: a Ctrl+C while the first request waited for a silent hub was kept until
+                # [client] timeout, then said 'no answer from the hub'; before this it ends the command at once.
+                on_stop_signals(stop.set)
+                armed = True
             text = json.dumps(st, indent=2) if as_json else render_status(st, config_path)
             if watch and tty:
                 sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S") + f"  every {watch:g}s\n" + text + "\n")
