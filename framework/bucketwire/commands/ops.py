@@ -25,6 +25,7 @@ from __future__ import annotations
 import getpass
 import json
 import re
+import shlex
 import socket
 import sys
 import threading
@@ -587,8 +588,9 @@ def dlq_list(config_path: str | None, topic: str | None, group: str | None, olde
                      f"{d.get('topic')}:{d.get('seq')}", str(d.get("attempts")), str(d.get("plugin") or "-"), st,
                      dl.id[:12], str(d.get("line") or d.get("error") or "")[:80]))
     click.echo(table(rows))
-    click.echo(f"\n{len(sel)} dead letter(s); `bucketwire dlq show ID`, `dlq retry ID...`, `dlq purge ID...`",
-               err=True)
+    c = f" -c {shlex.quote(config_path)}" if config_path else ""  # the hints run pasted as printed
+    click.echo(f"\n{len(sel)} dead letter(s); `bucketwire dlq show{c} ID`, `bucketwire dlq retry{c} ID...`, "
+               f"`bucketwire dlq purge{c} ID...`", err=True)
 
 
 @dlq.command(name="show")
