@@ -400,6 +400,9 @@ def test_a_relative_local_path_is_beside_the_config_from_any_directory(stack_fac
     monkeypatch.chdir(hub_dir)  # each process starts in the test's working directory
     s.start_hub()
     assert (sock_dir / "run" / "hub.sock").is_socket(), os.listdir(sock_dir)
+    # its start line says where the socket is (it named only work and publish)
+    started = next(ln for ln in s.logs[0].read_text().splitlines() if "hub started" in ln)
+    assert f"local=ipc://{sock_dir}/run/hub.sock" in started, started
     assert not (hub_dir / "run").exists(), "the hub bound its socket in its working directory"
     monkeypatch.chdir(worker_dir)
     s.cfg = config_mod.load(cfg)
