@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -193,11 +196,20 @@ secret_key = "file:{secret}"
     assert cfg.hub.default_store == "s"
 
 
-def test_a_relative_ipc_endpoint_is_relative_to_the_config_file(tmp_path: Path,
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory whose socket paths fit a Unix socket's 107 bytes (pytest's tmp_path may not)."""
+    d = Path(tempfile.mkdtemp(prefix="bwc-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_relative_ipc_endpoint_is_relative_to_the_config_file(short_dir: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The reference's example `[hub] local = "ipc://./state/hub/hub.sock"` is a relative path, and relative paths
     are relative to the config file; an `ipc://` one was left to each process's working directory, so the hub bound
     its socket (making the directories) wherever it was started and a client started elsewhere found none."""
+    tmp_path = short_dir
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -40,7 +40,6 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 
-
 @click.group()
 @click.version_option(package_name="bucketwire")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
