@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -191,6 +194,45 @@ secret_key = "file:{secret}"
     assert cfg.stores["s"].secret_key == "from-file" and cfg.stores["s"].endpoint == "127.0.0.1:1"
     assert cfg.hub.state_dir == tmp_path / "st", "relative paths are relative to the config file"
     assert cfg.hub.default_store == "s"
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory whose socket paths fit a Unix socket's 107 bytes (pytest's tmp_path may not)."""
+    d = Path(tempfile.mkdtemp(prefix="bwc-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_relative_ipc_endpoint_is_relative_to_the_config_file(short_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference's example `[hub] local = "ipc://./state/hub/hub.sock"` is a relative path, and relative paths
+    are relative to the config file; an `ipc://` one was left to each process's working directory, so the hub bound
+    its socket (making the directories) wherever it was started and a client started elsewhere found none."""
+    tmp_path = short_dir
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    p = write(tmp_path, """
+[hub]
+local = "ipc://./state/hub/hub.sock"
+work = "ipc://run/work.sock"
+publish = "ipc:///abs/pub.sock"
+[client]
+work = ["ipc://./state/hub/hub.sock", "tcp://127.0.0.1:5557", "ipc://@abstract-name"]
+publish = "ipc://run/pub.sock"
+""")
+    cfg = config_mod.load(p)
+    assert cfg.hub.local == f"ipc://{tmp_path}/state/hub/hub.sock"
+    assert cfg.hub.work == f"ipc://{tmp_path}/run/work.sock" and cfg.hub.advertise == cfg.hub.work
+    assert cfg.hub.publish == "ipc:///abs/pub.sock", "an absolute path is kept as written"
+    assert cfg.client.work == cfg.hub.local
+    assert cfg.client.work_endpoints == [cfg.hub.local, "tcp://127.0.0.1:5557", "ipc://@abstract-name"], \
+        "tcp:// and Linux's abstract names (@) are not paths"
+    assert cfg.client.publish_endpoints == [f"ipc://{tmp_path}/run/pub.sock"]
+    assert cfg.client.publish == cfg.client.publish_endpoints[0]
+    default = config_mod.load(write(tmp_path, '[hub]\nwork = "ipc://w.sock"\n'))
+    assert default.client.work_endpoints == [f"ipc://{tmp_path}/w.sock"], "the client's default is the hub's own"
 
 
 @pytest.mark.parametrize("text, needle", [('[hub]\nhttp = "nope"', "[hub] http"),

@@ -95,3 +95,72 @@ def test_ctrl_c_after_the_imports_before_the_hub_runs_is_quiet(tmp_path: Path) -
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert "Aborted" not in text, text
     assert code in (130, 0), (code, text)
+
+
+STALL = """
+import os, sys, time
+if "--multiprocessing-fork" in sys.argv:  # a worker child of multiprocessing's spawn, not the pool itself
+    sys.stderr.write(f"a worker child is importing: {os.getpid()}\\n")
+    sys.stderr.flush()
+    time.sleep(1)  # pacing: still importing when the Ctrl+C comes
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _catches_sigint(pid: int) -> bool:
+    """Whether the process has a handler of its own for SIGINT (SigCgt in /proc: the worker child's, once in)."""
+    try:
+        caught = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+
+
+def test_ctrl_c_while_the_worker_children_import_is_quiet(tmp_path: Path) -> None:
+    """Ctrl+C just after `worker pool started`, while its children (multiprocessing's spawn) were still importing
+    bucketwire: the terminal's SIGINT reached every child before its own handler was in, and each printed a
+    KeyboardInterrupt traceback (or `Fatal Python error: init_import_site`). A sitecustomize holds each child in
+    its imports; the SIGINT reaches one child there alone (so that nothing else ends it before it could print),
+    which goes on to take its own handler, then the whole pool, which stops as asked."""
+    cfg = write_config(tmp_path)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STALL)
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.Popen([BUCKETWIRE, "worker", "--group", "g", "-n", "1", "-c", str(cfg)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True,
+                         preexec_fn=_sigint_as_in_a_terminal)
+    assert p.stdout is not None
+    seen: list[str] = []
+    try:
+        for raw in p.stdout:
+            seen.append(raw.decode(errors="replace"))
+            if seen[-1].startswith("a worker child is importing: "):
+                child = int(seen[-1].rsplit(" ", 1)[1])
+                os.kill(child, signal.SIGINT)
+                break
+        else:
+            raise AssertionError("no worker child started:\n" + "".join(seen))
+        deadline = time.monotonic() + 30
+        while not _catches_sigint(child) and not _gone(child):
+            assert time.monotonic() < deadline, "the child neither went nor took its handler"
+            time.sleep(0.05)  # pacing: the poll interval of a wait with a deadline
+        os.killpg(p.pid, signal.SIGINT)  # the whole group, as a terminal does: the pool stops
+        text = "".join(seen) + p.stdout.read().decode(errors="replace")
+        code = p.wait(30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+    for bad in ("Traceback", "KeyboardInterrupt", "Fatal Python error"):
+        assert bad not in text, text
+    assert [ln for ln in text.splitlines() if "worker child" in ln and "importing" not in ln] == [], text  # no death
+    assert text.count("a worker child is importing") == 1, text  # nor a restart
+    assert "worker pool stopped" in text, text
+    assert code in (0, 130), (code, text)

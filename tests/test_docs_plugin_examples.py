@@ -55,10 +55,32 @@ def test_every_example_of_the_guide_is_run_here() -> None:
 
 
 def test_validate_settings_example() -> None:
-    mod = module("sizes", hook_block("validate_settings"))
-    assert PluginHarness(mod).settings == {"sizes": [256], "output_bucket": None}
-    with pytest.raises(ConfigError, match=r"^\[plugins.sizes\] sizes: expected a list of positive integers"):
-        PluginHarness(mod, settings={"sizes": [0]})
+    mod = module("csv-counter", hook_block("validate_settings"))
+    assert PluginHarness(mod).settings == {"path": "csv-counter.log"}
+    with pytest.raises(ConfigError, match=r"^\[plugins.csv-counter\] path: expected the file to log to"):
+        PluginHarness(mod, settings={"path": 5})
+    with pytest.raises(ConfigError, match=r"^\[plugins.csv-counter\] pth: unknown setting; known: path"):
+        PluginHarness(mod, settings={"pth": "x.log"})
+
+
+def test_the_hook_examples_pasted_into_one_plugin_make_one_that_starts(
+        tmp_path: Path, bucketwire_store: Any, plugin_harness: Any, make_event: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An author who writes the plugin as the guide says, each hook's example in one module, got one that could
+    never start: `worker_startup` opened `ctx.settings["path"]` (`path: required, and missing`), and the
+    `validate_settings` beside it refused that key (`path: unknown setting; known: output_bucket, sizes`)."""
+    src = [hook_block(h) for h in ("validate_settings", "worker_startup", "handle_event", "worker_shutdown",
+                                   "register_commands")]
+    mod = module("csv_counter", *src)
+    monkeypatch.chdir(tmp_path)  # a relative default path is the worker's working directory's
+    bucketwire_store.put("in/a b.csv", b"x\ny\n")
+    for settings in ({}, {"path": str(tmp_path / "counts.log")}):
+        h = plugin_harness(mod, settings=settings)
+        assert not h.state["out"].closed
+        [out] = h.handle(make_event(bucketwire_store.bucket, "in/a b.csv", size=4))
+        assert out.data["rows"] == 2
+    with pytest.raises(ConfigError, match=r"^\[plugins.csv_counter\] path: expected the file to log to"):
+        PluginHarness(mod, settings={"path": ""})
 
 
 def test_worker_startup_and_shutdown_examples(tmp_path: Path) -> None:

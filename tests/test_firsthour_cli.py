@@ -150,3 +150,64 @@ def test_every_option_of_every_command_is_in_the_readme_and_its_help() -> None:
     assert missing == [], f"options the README's CLI block does not name: {missing}"
     assert bare == [], f"options without help text: {bare}"
     assert stale == [], f"options the README names that the command does not have: {stale}"
+
+
+def _to_a_closed_pipe(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run with stdout a pipe nobody reads any more: `bucketwire status | head -1` once head has its line."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, "-m", "bucketwire", *args], stdout=w, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(w)
+
+
+def test_output_piped_into_a_reader_that_stopped_is_no_error(stack_factory) -> None:  # type: ignore[no-untyped-def]
+    """`bucketwire status | head -1`, `dlq show ... | head`: the commands that turn an OSError into one line
+    printed `Error: [Errno 32] Broken pipe` for the reader having what it wanted; click's own commands, and `tail`,
+    end quietly. A real error still says itself."""
+    s = stack_factory()
+    s.start_hub()
+    for args in (["plugins"], ["status", "-c", str(s.cfg_path)], ["status", "-c", str(s.cfg_path), "--json"]):
+        p = _to_a_closed_pipe(args)
+        assert p.stderr == "" and p.returncode != 0, (args, p.returncode, p.stderr)
+    p = _to_a_closed_pipe(["status", "-c", str(s.dir / "missing.toml")])
+    assert p.stderr.startswith("Error: ") and "missing.toml: file not found" in p.stderr, p.stderr
+
+
+def test_ctrl_c_while_tail_or_status_watch_waits_for_a_silent_hub_stops_it(tmp_path: Path) -> None:
+    """`tail` and `status --watch` put in their own Ctrl+C handler (stop after the line in hand) before they had
+    reached the hub: a Ctrl+C while the first request waited was kept until [client] timeout ran out, and then
+    said `Error: no answer from the hub at ... within 5s` and exit 1, as if the user had not asked to stop. Until
+    the hub answers there is nothing to finish: it ends as a Ctrl+C does before a command is ready, 130, quietly.
+    The 'hub' here accepts connections and says nothing, so the command is inside its request when asked."""
+    import os
+    import signal
+    import socket
+
+    for args in (["tail", "photos"], ["status", "--watch", "1"]):
+        lsn = socket.socket()  # one per command: tail connects twice (work and publish), and its second waits
+        lsn.bind(("127.0.0.1", 0))
+        lsn.listen(8)
+        port = lsn.getsockname()[1]
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[hub]\nwork = "tcp://127.0.0.1:{port}"\npublish = "tcp://127.0.0.1:{port}"\n'
+                       '[client]\ntimeout = 5\n')
+        p = subprocess.Popen([sys.executable, "-m", "bucketwire", *args, "-c", str(cfg)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            lsn.settimeout(30)
+            conn, _ = lsn.accept()  # the command is connected, waiting for its first answer
+            os.killpg(p.pid, signal.SIGINT)
+            out, err = p.communicate(timeout=60)
+            conn.close()
+        finally:
+            lsn.close()
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        assert (p.returncode, err) == (130, ""), (args, p.returncode, err)

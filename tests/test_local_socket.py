@@ -382,6 +382,37 @@ def test_events_go_end_to_end_over_the_local_socket(stack_factory: Callable[...,
     assert not sock.exists(), "a hub that stopped left its socket file"
 
 
+def test_a_relative_local_path_is_beside_the_config_from_any_directory(stack_factory: Callable[..., Stack],
+                                                                      sock_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's `[hub] local = "ipc://./state/hub/hub.sock"`, written in a config and used as `[client] work`:
+    the hub bound it in the directory it was started from (and made the directories there), and a pool or
+    `publish` started from another directory could not find it. Like every relative path, it is the config's."""
+    s = stack_factory(GROUP)
+    cfg = sock_dir / "bucketwire.toml"  # short: the socket path must fit a Unix socket's 107 bytes
+    cfg.write_text(s.cfg_path.read_text().replace(
+        "heartbeat_timeout = 1.5\n", 'heartbeat_timeout = 1.5\nlocal = "ipc://./run/hub.sock"\n', 1)
+        + '\n[client]\nwork = "ipc://./run/hub.sock"\n')
+    s.cfg_path = cfg
+    hub_dir, worker_dir, cli_dir = (sock_dir / n for n in ("h", "w", "c"))
+    for d in (hub_dir, worker_dir, cli_dir):
+        d.mkdir()
+    monkeypatch.chdir(hub_dir)  # each process starts in the test's working directory
+    s.start_hub()
+    assert (sock_dir / "run" / "hub.sock").is_socket(), os.listdir(sock_dir)
+    # its start line says where the socket is (it named only work and publish)
+    started = next(ln for ln in s.logs[0].read_text().splitlines() if "hub started" in ln)
+    assert f"local=ipc://{sock_dir}/run/hub.sock" in started, started
+    assert not (hub_dir / "run").exists(), "the hub bound its socket in its working directory"
+    monkeypatch.chdir(worker_dir)
+    s.cfg = config_mod.load(cfg)
+    s.start_worker("g")  # waits for it through status, over the local socket
+    monkeypatch.chdir(cli_dir)
+    pub = bw(["publish", "photos", '{"i": 1}'], cfg, timeout=30)
+    assert pub.returncode == 0, pub.stdout + pub.stderr
+    wait_for(lambda: [e["data"] for e in s.handled()] == [{"i": 1}], 30, "the event handled")
+
+
 def test_a_client_of_a_stopped_hub_over_the_local_socket_is_told_so(sock_dir: Path) -> None:
     cfg = config_mod.parse({"client": {"work": f"ipc://{sock_dir / 'none.sock'}"}})
     with HubClient(cfg, timeout=1) as c, pytest.raises(HubUnavailable):
@@ -483,6 +514,20 @@ def test_a_worker_child_does_not_spin_while_the_hub_is_down(stack_factory: Calla
         wait_for(lambda n=i + 1: len(s.handled()) >= n, 30, "an event once the hub is up")
         if i == 0:
             s.kill_hub()  # then: it had a connection, and lost it
+
+
+def test_a_worker_without_a_hub_on_the_local_socket_says_why(stack_factory: Callable[..., Stack],
+                                                              sock_dir: Path) -> None:
+    """A pool started before its hub (or pointed at a local socket nobody serves) logged only `hub silent;
+    reconnecting`, every few seconds, naming nothing to check; the socket's own answer says which it is."""
+    sock = sock_dir / "hub.sock"
+    s = local_stack(stack_factory, sock)
+    s.start_worker("g", 1, wait=False)
+    log = s.logs[-1]
+    line = wait_for(lambda: next((ln for ln in log.read_text().splitlines() if "hub silent" in ln), None), 30,
+                    "the pool's 'hub silent' line")
+    assert f"cannot connect to {sock} (No such file or directory)" in line, line
+    assert "[hub] local" in line, line
 
 
 # -- 5. the path ---------------------------------------------------------------------------------------------------
@@ -917,6 +962,21 @@ def test_a_bad_local_value_is_one_config_line(stack_factory: Callable[..., Stack
     assert r.returncode != 0
     line = one_line(r.stdout + r.stderr)
     assert "local" in line, line
+
+
+@pytest.mark.parametrize("args", [["doctor", "--offline"], ["hub"], ["publish", "photos", "{}"], ["status"]])
+def test_a_socket_path_too_long_is_one_config_line_from_every_command(sock_dir: Path, args: list[str]) -> None:
+    """A `[hub] local` (and so `[client] work`) path over a Unix socket's 107 bytes: `doctor --offline` passed it,
+    the hub stopped only at the bind (having made its directories), and a client tried it until its timeout,
+    then said `AF_UNIX path too long`. The config says it, in one line naming the key, before anything starts."""
+    sock = sock_dir / ("d" * 120) / "hub.sock"
+    conf = sock_dir / "c.toml"
+    conf.write_text(f'[hub]\nlocal = "ipc://{sock}"\n[client]\nwork = "ipc://{sock}"\ntimeout = 1\n')
+    r = bw(args, conf)
+    assert r.returncode != 0, r.stdout + r.stderr
+    line = one_line(r.stdout + r.stderr)  # doctor's findings are its output
+    assert "c.toml: [hub] local: the socket path" in line and f"is {len(str(sock))} bytes" in line, line
+    assert not sock.parent.exists(), "the hub made the directories of a path it cannot bind"
 
 
 def test_doctor_probes_the_local_socket(stack_factory: Callable[..., Stack], sock_dir: Path) -> None:

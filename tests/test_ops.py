@@ -213,8 +213,11 @@ def test_dlq_list_retry_purge(hub_stack):
     listed.sort(key=lambda d: d["event"]["data"]["event"]["id"] != first["id"])  # the retry-me one first
     dl1 = listed[0]["event"]
     assert dl1["data"]["attempts"] == 2 and "flaky" in dl1["data"]["line"]
-    table = cli(s, "dlq", "list").stdout
+    listing = cli(s, "dlq", "list")
+    table = listing.stdout
     assert "jobs:1" in table and "jobs:2" in table and "waiting" in table
+    # its hint runs pasted as printed: it named no config (`Error: no config file given`)
+    assert f"`bucketwire dlq show -c {s.cfg_path} ID`" in listing.stderr, listing.stderr
     shown = json.loads(cli(s, "dlq", "show", dl1["id"][:10]).stdout)
     assert set(shown) == {"dead_letter", "event"} and shown["dead_letter"]["history"] == []
     assert_cloudevent(shown["event"])

@@ -29,6 +29,12 @@ def test_new_plugin_installs_is_discovered_and_its_test_passes(tmp_path: Path, w
     extras = tomllib.loads((pkg / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "bucketwire[seaweedfs]" in extras["test"]
     assert f"pip install -e '{pkg}[test]' && pytest {pkg}" in r.stdout
+    # its README's `make dev` commands name `.bucketwire-dev/` relative to where `plugin new` ran (the checkout),
+    # after its own `pip install -e .` in the package's directory: from there they said `file not found`
+    readme = (pkg / "README.md").read_text()
+    dev_cmds = readme[readme.index("Try it against"):readme.index("Test it")]
+    cd = f"cd {tmp_path}"
+    assert cd in dev_cmds and dev_cmds.index(cd) < dev_cmds.index(".bucketwire-dev/bucketwire.toml"), dev_cmds
     site = tmp_path / "site"
     # --no-build-isolation: build with this environment's setuptools, no index needed; --target: no new venv
     r = run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",

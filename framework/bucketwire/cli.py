@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from bucketwire import logs
-from bucketwire.commands._common import config_option, load_config
+from bucketwire.commands._common import config_option, load_config, reader_gone
 from bucketwire.config import ConfigError
 from bucketwire.procutil import on_stop_signals, stop_when_orphaned
 
@@ -31,6 +31,8 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*a, **kw)
         except (ConfigError, HubUnavailable, HubRefused, JournalError, OSError) as e:
+            if reader_gone(e):
+                raise  # click ends quietly: `status | head -1` once head has what it wanted is no error
             raise click.ClickException(str(e)) from None
 
     return inner
@@ -162,7 +164,6 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
 
     cfg = load_config(config_path)
     stop = threading.Event()
-    on_stop_signals(stop.set)
     out = sys.stdout
 
     def on_hub(state: str, next_seqs: dict[str, int]) -> None:
@@ -179,6 +180,9 @@ def tail(config_path: str | None, topics: tuple[str, ...], from_seq: int | None)
                    f"{last + 1}", err=True)
 
     def on_start(st: dict[str, Any]) -> None:
+        # Only now is there a line in hand to finish: a Ctrl+C while the first request waited for a silent hub was
+        # kept until [client] timeout, then said 'no answer from the hub'. Until here it ends tail at once (130).
+        on_stop_signals(stop.set)
         _say_unknown_topics(cfg, topics, st)
 
     try:

@@ -387,8 +387,11 @@ def parse(data: dict[str, Any], file: str = "<config>", path: Path | None = None
         if tc.dead_letter == name:  # the hub never dead-letters a failure into the topic it failed in
             raise ConfigError(f"{file}: [topics.{name}] dead_letter: is the topic itself; its events would be dropped "
                               "instead of dead-lettered after max_attempts; name another topic, or remove the key")
-    _resolve_paths(f, path.parent if path else Path.cwd())
+    base = path.parent if path else Path.cwd()
+    _resolve_paths(f, base)
     hub = f.hub
+    _resolve_ipc(f, base)
+    _check_ipc_lengths(f, file)
     f.client.publish = f.client.publish or hub.publish.replace("0.0.0.0", "127.0.0.1")
     f.client.work = f.client.work or hub.work.replace("0.0.0.0", "127.0.0.1")
     f.client.work_endpoints = f.client.work_endpoints or [f.client.work]
@@ -430,6 +433,47 @@ def _resolve_paths(obj: Any, base: Path) -> None:
     elif isinstance(obj, list):
         for v in obj:
             _resolve_paths(v, base)
+
+
+def _ipc_path(endpoint: str, base: Path) -> str:
+    """A relative `ipc://` path is the config's, as every other relative path is: left to each process's working
+    directory, a hub bound its socket wherever it was started and a client started elsewhere found none. Linux's
+    abstract names (`ipc://@name`) are no path."""
+    rest = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else ""
+    if not rest or rest.startswith(("/", "@")):
+        return endpoint
+    return f"ipc://{base / Path(rest).expanduser()}"
+
+
+def _resolve_ipc(f: ConfigFile, base: Path) -> None:
+    """Every endpoint a process binds or connects to, given as an `ipc://` relative path, made absolute."""
+    hub, client, sec = f.hub, f.client, f.security
+    hub.local, hub.work, hub.publish, hub.advertise = (
+        _ipc_path(e, base) for e in (hub.local, hub.work, hub.publish, hub.advertise))
+    client.work, client.publish = _ipc_path(client.work, base), _ipc_path(client.publish, base)
+    client.work_endpoints = [_ipc_path(e, base) for e in client.work_endpoints]
+    client.publish_endpoints = [_ipc_path(e, base) for e in client.publish_endpoints]
+    sec.work_previous = sec.work_previous and _ipc_path(sec.work_previous, base)
+    sec.publish_previous = sec.publish_previous and _ipc_path(sec.publish_previous, base)
+
+
+UNIX_PATH_MAX = 107
+"""The longest path a Unix socket takes (Linux's sun_path holds 108 bytes with the closing NUL)."""
+
+
+def _check_ipc_lengths(f: ConfigFile, file: str) -> None:
+    """A socket path too long for a Unix socket is a config error, said by every command at once: it failed only
+    at the bind in the hub, and a client tried it again and again until its timeout before saying why, while
+    `doctor --offline` found nothing wrong."""
+    for key, endpoints in (("[hub] local", [f.hub.local]), ("[hub] work", [f.hub.work]),
+                           ("[hub] publish", [f.hub.publish]), ("[client] work", f.client.work_endpoints),
+                           ("[client] publish", f.client.publish_endpoints)):
+        for e in endpoints:
+            path = e[len("ipc://"):] if e.startswith("ipc://") else ""
+            if len(os.fsencode(path)) > UNIX_PATH_MAX:
+                raise ConfigError(f"{file}: {key}: the socket path {path} is {len(os.fsencode(path))} bytes, over "
+                                  f"the {UNIX_PATH_MAX} a Unix socket path can have; give a shorter path, e.g. "
+                                  '"ipc:///run/bucketwire/hub.sock"')
 
 
 def _prepare(v: Any, t: mi.Type, keys: list[_Key], file: str) -> Any:

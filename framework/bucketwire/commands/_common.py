@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import select
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -38,3 +40,17 @@ def run_source(src: Any, close: Callable[[], None], name: str) -> None:
         src.stop()
         close()
     click.echo(f"stopped after publishing {src.published} event(s)", err=True)
+
+
+def reader_gone(e: BaseException) -> bool:
+    """Whether `e` is our output's pipe closed by its reader (`bucketwire status | head -1` once head has its
+    line), which click ends quietly, and not a broken socket to the hub, an error to say. The write end of a pipe
+    with no reader polls POLLERR."""
+    if not isinstance(e, BrokenPipeError):
+        return False
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False

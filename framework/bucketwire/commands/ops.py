@@ -25,6 +25,7 @@ from __future__ import annotations
 import getpass
 import json
 import re
+import shlex
 import socket
 import sys
 import threading
@@ -36,7 +37,7 @@ from typing import Any
 import click
 
 from bucketwire import protocol as P
-from bucketwire.commands._common import config_option, load_config
+from bucketwire.commands._common import config_option, load_config, reader_gone
 from bucketwire.config import Config, ConfigError
 from bucketwire.envelope import HUB_SOURCE, RESERVED_SOURCES, EnvelopeError, parse_seq
 from bucketwire.hub.ops import DEAD_TYPE, HANDLED_SUFFIX, HANDLED_TYPE
@@ -54,6 +55,8 @@ def _errors(fn: Any) -> Any:
         try:
             return fn(*a, **kw)
         except (ConfigError, HubUnavailable, HubRefused, OSError, EnvelopeError) as e:
+            if reader_gone(e):
+                raise  # `dlq show ... | head`: click ends quietly
             raise click.ClickException(str(e)) from None
 
     return inner
@@ -250,12 +253,16 @@ def status(config_path: str | None, as_json: bool, watch: float | None) -> None:
 
     cfg = load_config(config_path)
     stop = threading.Event()
-    if watch:
-        on_stop_signals(stop.set)
     tty = sys.stdout.isatty()
     with HubClient(cfg) as c:  # [client] timeout
+        armed = False
         while True:
             st = c.status()
+            if watch and not armed:
+                # Once the hub answered: a Ctrl+C while the first request waited for a silent hub was kept until
+                # [client] timeout, then said 'no answer from the hub'; before this it ends the command at once.
+                on_stop_signals(stop.set)
+                armed = True
             text = json.dumps(st, indent=2) if as_json else render_status(st, config_path)
             if watch and tty:
                 sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S") + f"  every {watch:g}s\n" + text + "\n")
@@ -581,8 +588,9 @@ def dlq_list(config_path: str | None, topic: str | None, group: str | None, olde
                      f"{d.get('topic')}:{d.get('seq')}", str(d.get("attempts")), str(d.get("plugin") or "-"), st,
                      dl.id[:12], str(d.get("line") or d.get("error") or "")[:80]))
     click.echo(table(rows))
-    click.echo(f"\n{len(sel)} dead letter(s); `bucketwire dlq show ID`, `dlq retry ID...`, `dlq purge ID...`",
-               err=True)
+    c = f" -c {shlex.quote(config_path)}" if config_path else ""  # the hints run pasted as printed
+    click.echo(f"\n{len(sel)} dead letter(s); `bucketwire dlq show{c} ID`, `bucketwire dlq retry{c} ID...`, "
+               f"`bucketwire dlq purge{c} ID...`", err=True)
 
 
 @dlq.command(name="show")

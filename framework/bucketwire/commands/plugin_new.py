@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import re
+import shlex
 from pathlib import Path
 
 import click
@@ -113,8 +114,10 @@ Install and run it:
     bucketwire worker -c bucketwire.toml --group mine
 
 Try it against `make dev`'s stack without editing its config (a group the config does not name runs only the
-`--plugin` modules, on the `--topic`s given; the stack's uploads arrive on `photos`), and watch its follow-ons:
+`--plugin` modules, on the `--topic`s given; the stack's uploads arrive on `photos`), and watch its follow-ons,
+from the directory `make dev` runs in (its state is `.bucketwire-dev/` there; this package was made in it):
 
+    cd {where}
     bucketwire worker -c .bucketwire-dev/bucketwire.toml --group mine --topic photos --plugin {module}
     bucketwire tail -c .bucketwire-dev/bucketwire.toml {name}-seen
 
@@ -146,7 +149,7 @@ def scaffold(name: str, where: Path) -> Path:
     for rel, template in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(template.format(name=name, module=module))
+        path.write_text(template.format(name=name, module=module, where=shlex.quote(str(where))))
     return root
 
 

@@ -396,7 +396,8 @@ class Hub:
         self.ready.set()
         if on_ready:
             on_ready()
-        log.info("hub started", extra={"work": self.cfg.hub.work, "publish": self.cfg.hub.publish})
+        log.info("hub started", extra={"work": self.cfg.hub.work, "publish": self.cfg.hub.publish,
+                                       **({"local": self.cfg.hub.local} if self.cfg.hub.local else {})})
 
     def _turn(self) -> None:
         """Wait for work or the next timer, then one tick; the HTTP ingress is stepped after it."""

@@ -338,6 +338,12 @@ class Child:
             failed = recv_monitor_message(self.mon)["event"]
         if failed:
             log.error(handshake_failure(self.cfg, self.endpoint, failed, "worker"))
+        elif isinstance(self.dealer, zmtp.LocalDealer) and self.dealer.error:
+            # Over the local socket the connect itself says why: no socket file (no hub, or [client] work names
+            # another path than the hub's [hub] local), or a file nobody listens on (a hub that died).
+            log.warning(f"hub silent; reconnecting: cannot connect to {self.dealer.path} ({self.dealer.error}); is "
+                        f"`bucketwire hub` running with [hub] local = \"{self.endpoint}\"?",
+                        extra={"endpoint": self.endpoint})
         else:
             log.warning("hub silent; reconnecting", extra={"endpoint": self.endpoint})
 

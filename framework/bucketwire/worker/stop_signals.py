@@ -12,10 +12,11 @@ saying once which handler it replaced.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 log = logging.getLogger("bucketwire.worker")
@@ -93,3 +94,22 @@ class StopSignals:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+
+@contextlib.contextmanager
+def sigint_ignored_by_children() -> Iterator[None]:
+    """Around starting a worker child: it starts with SIGINT ignored (a disposition survives exec; a signal mask
+    does not, multiprocessing's fork_exec clears it), so the terminal's Ctrl+C, which reaches every process of the
+    group, does not end a child still importing bucketwire (the spawn start method imports it before any code of
+    ours runs) with a KeyboardInterrupt traceback or `Fatal Python error: init_import_site`. `StopSignals` puts
+    the child's handler in. The pool gets its own Ctrl+C and stops the child (SIGTERM, quiet). Here SIGINT is
+    blocked meanwhile, so one that comes in these few lines stays pending for the pool's own handler (Linux never
+    discards a blocked signal, ignored or not)."""
+    old = _sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        _sigmask(signal.SIG_SETMASK, old)

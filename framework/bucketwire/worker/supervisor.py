@@ -29,6 +29,7 @@ from bucketwire.config import Config, ConfigError, GroupConfig
 from bucketwire.procutil import on_stop_signals, stop_with_parent
 from bucketwire.worker.child import EXIT_EXHAUSTED, Plugins, WorkerSpec, child_main
 from bucketwire.worker.running import Running, RunningSlot
+from bucketwire.worker.stop_signals import sigint_ignored_by_children
 from bucketwire.zmtp import LocalDealer
 
 log = logging.getLogger("bucketwire.worker")
@@ -284,7 +285,8 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                         args=(cfg_path, None if cfg_path else cfg, spec, log_format, verbosity, rs.raw,
                               os.getpid()),
                         name=f"bucketwire-worker-{spec.group}-{slot}", daemon=False)
-        p.start()
+        with sigint_ignored_by_children():
+            p.start()
         children[slot] = p
         exits.watch(slot, p)
 
