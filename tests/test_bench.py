@@ -148,6 +148,19 @@ def test_bus_against_nats_without_the_extra() -> None:
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_bus_against_nats_with_a_tmpdir_too_long_for_the_local_socket(tmp_path: Path) -> None:
+    """The stack's local socket lives under $TMPDIR: one too long for a Unix socket path is one line saying what
+    to do, with nothing started and nothing left behind (it was a traceback of the config's own error)."""
+    long = tmp_path / ("t" * (120 - len(str(tmp_path))))
+    long.mkdir()
+    p = subprocess.run([sys.executable, "-m", "bucketwire", "bench", "bus", "--against", "nats", "--rounds", "1"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(long)})
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "TMPDIR" in p.stderr and "--transport tcp" in p.stderr, p.stderr
+    assert len([ln for ln in p.stderr.replace("\r", "\n").splitlines() if ln.strip()]) <= 2, p.stderr
+    assert os.listdir(long) == [], "nothing left behind"
+
+
 def test_profile_bus() -> None:
     """The profile harness measures both systems and the hub's counters, and renders the README's tables."""
     p = run_clean([sys.executable, "-m", "bucketwire.devstack.bench.profile_bus", "500", "200", "0.5"], 300)

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from bucketwire.config import UNIX_PATH_MAX
 from bucketwire.procutil import OWNER_LOCK, free_port, owned_tempdir, parent_death_signal, remove_abandoned_tempdirs
 
 __all__ = ["Stack", "free_port", "percentiles", "progress", "progress_done"]
@@ -62,6 +63,13 @@ class Stack:
         self.cfg_path = self.tmp / "bench.toml"
         self.out = self.tmp / "latency"
         sock = self.tmp / "state" / "local.sock"
+        if local and len(os.fsencode(sock)) > UNIX_PATH_MAX:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            os.close(self._lock)
+            progress_done()
+            raise click.ClickException(
+                f"bench: the local socket would be {sock}, longer than a Unix socket path may be ({UNIX_PATH_MAX} "
+                "bytes): $TMPDIR is too long; run with a shorter TMPDIR (TMPDIR=/tmp) or with --transport tcp")
         local_toml = f'local = "ipc://{sock}"\n[client]\nwork = "ipc://{sock}"\n' if local else ""
         self.cfg_path.write_text(f"""
 [hub]
