@@ -587,3 +587,31 @@ def test_a_reported_run_given_up_is_charged_and_one_that_ended_is_not() -> None:
     g.worker_gone(b"ghost3", lost=False, now=2.0)
     it = next(i for i in g.ready if i.seq == 2)
     assert it.attempts == 0, "an ended run goes back uncharged"
+
+
+def test_a_read_that_finds_nothing_below_the_head_never_rewinds_the_group() -> None:
+    """A journal can hold a topic's head before it can serve the rows under it (a commit not written yet, a
+    backend behind its head notice). Such a read found nothing, and the group took the topic's first seq for a
+    retention gap ahead of it: it went back to the first event, loaded every event again (handed out twice) and
+    counted a negative skip. Nothing ahead was dropped, so the group waits and reads again."""
+    j = _Journal()
+    g = _budget_group(1 << 20)
+    add_worker(g, "w")
+    g.offer("t", 1, [j.append(None, 10) for _ in range(3)])
+    assert g.read_pos["t"] == 4
+    for _ in range(3):
+        j.append(None, 10)
+    visible = j.head
+    j.head += 2  # seqs 7 and 8: committed (the head says so), not readable yet
+    j.read = lambda t, frm, n: [j.rows[s] for s in range(max(frm, j.first), visible + 1)][:n]  # type: ignore[method-assign]
+    g.refill({"t": j.head}, j.read, j.first_seq)
+    assert [it.seq for it in g.ready] == [1, 2, 3, 4, 5, 6]
+    assert g.read_pos["t"] == 7
+    for _ in range(3):  # asked again, turn after turn, while the rows stay out of reach
+        g.refill({"t": j.head}, j.read, j.first_seq)
+    assert [it.seq for it in g.ready] == [1, 2, 3, 4, 5, 6], "nothing loaded twice"
+    assert g.read_pos["t"] == 7 and g.skipped_by_retention == 0
+    j.rows[7], j.rows[8] = (7, None, b"y"), (8, None, b"y")
+    visible = j.head
+    g.refill({"t": j.head}, j.read, j.first_seq)
+    assert [it.seq for it in g.ready] == [1, 2, 3, 4, 5, 6, 7, 8] and g.skipped_by_retention == 0

@@ -309,6 +309,11 @@ class GroupState:
                 if not rows or rows[0][0] > self.read_pos[t]:
                     # Retention removed events this group had not consumed yet: skip past them, loudly.
                     first = rows[0][0] if rows else (first_seq(t) or head + 1)
+                    if first <= self.read_pos[t]:
+                        # Nothing from read_pos on, yet rows below it: the head is ahead of what the journal can
+                        # serve yet (a commit not written, a backend behind its head notice), nothing was dropped.
+                        # Taking the first seq for a gap went back to it and loaded every event again.
+                        break
                     lost = first - self.read_pos[t]
                     self.skipped_by_retention += lost
                     if lost > 0:
