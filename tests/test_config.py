@@ -23,7 +23,9 @@ def write(tmp_path: Path, text: str) -> Path:
     ('[hub]\nhttp = "nope"', '[hub] http: expected HOST:PORT like "127.0.0.1:9000", got "nope"'),
     ('[hub]\nhttp = "127.0.0.1:70000"', '[hub] http: expected HOST:PORT like "127.0.0.1:9000", got "127.0.0.1:70000"'),
     ('[hub]\nwork = "127.0.0.1:5"',
-     '[hub] work: expected a ZeroMQ endpoint like "tcp://127.0.0.1:5557", got "127.0.0.1:5"'),
+     '[hub] work: expected a ZeroMQ endpoint like "tcp://127.0.0.1:5557" (or "ipc://PATH", a Unix socket), '
+     'got "127.0.0.1:5"'),
+    ('[client]\nwork = "unix:/run/hub.sock"', '(or "ipc://PATH", a Unix socket), got "unix:/run/hub.sock"'),
     ('[hub]\ndurability = "sometimes"', '[hub] durability: expected one of "fsync", "os", got "sometimes"'),
     ('[hub]\nheartbeat_timeout = 0.5\nheartbeat_interval = 1', "[hub] heartbeat_timeout: must be larger"),
     ('[hub]\nheartbeat_interval = true', "[hub] heartbeat_interval: expected a number > 0, got true"),
