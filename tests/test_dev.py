@@ -86,8 +86,9 @@ def test_dev_puts_its_pools_on_the_local_socket_when_the_path_allows() -> None:
     assert short["hub"]["local"] == "ipc:///srv/bw/hub/hub.sock"
     assert short["client"] == {"work": "ipc:///srv/bw/hub/hub.sock"}
     long = {"hub": {"state_dir": "/srv/" + "d" * 100}}
-    local_socket(long)
+    note = local_socket(long)
     assert "local" not in long["hub"] and "client" not in long, "a socket path over sun_path's 108 bytes"
+    assert note is not None and "over TCP" in note and "--state-dir" in note, "said, not silent"
 
 
 @pytest.mark.xdist_group("dev-demo")  # the two full demo stacks (test_dev_ha too) never run at the same time

@@ -37,8 +37,8 @@ class ConfigError(Exception):
 PositiveInt = Annotated[int, Meta(ge=1)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
 NonEmpty = Annotated[str, Meta(min_length=1)]
-Endpoint = Annotated[str, Meta(pattern=r"^(tcp|ipc|inproc)://.", description='a ZeroMQ endpoint like "tcp://127.0.0.1:5557" '
-                               '(or "ipc://PATH", a Unix socket)')]
+_ENDPOINT_LIKE = 'a ZeroMQ endpoint like "tcp://127.0.0.1:5557" (or "ipc://PATH", a Unix socket)'
+Endpoint = Annotated[str, Meta(pattern=r"^(tcp|ipc|inproc)://.", description=_ENDPOINT_LIKE)]
 HostPort = Annotated[str, Meta(
     pattern=r"^[^\s]+:(6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|\d{1,4})$",
     description='HOST:PORT like "127.0.0.1:9000"',

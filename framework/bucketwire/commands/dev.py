@@ -270,14 +270,17 @@ def effective_config(base: dict[str, Any], state_dir: Path, weed: WeedServer, to
     return doc
 
 
-def local_socket(doc: dict[str, Any]) -> None:
+def local_socket(doc: dict[str, Any]) -> str | None:
     """The one-host stack's pools and commands reach the hub on its local socket ([hub] local): what a pool on the
     hub's host should use (README "On the wire"), so the first stack a user runs is that path. Left on TCP when
-    the state directory's path is too long for a Unix socket's (108 bytes)."""
+    the state directory's path is too long for a Unix socket's (108 bytes): then the line that says so."""
     sock = Path(doc["hub"]["state_dir"]) / "hub.sock"
     if len(str(sock)) < 100:
         doc["hub"]["local"] = f"ipc://{sock}"
         doc["client"] = {"work": f"ipc://{sock}"}
+        return None
+    return (f"note: pools and commands reach the hub over TCP: {sock} is too long for a Unix socket "
+            f"({len(str(sock))} bytes); a shorter --state-dir puts them on the hub's local socket")
 
 
 class Children:
@@ -572,7 +575,9 @@ def dev(state_dir: str, config_path: str | None, demo: bool, s3_port: int | None
             raise DevError(str(e)) from None
         check_stop()
         cfg_doc = effective_config(base, root, weed, token, ports)
-        local_socket(cfg_doc)
+        note = local_socket(cfg_doc)
+        if note:
+            click.echo(note, err=True)
         cfg_path = root / "bucketwire.toml"
         cfg = write_config(cfg_path, cfg_doc, "bucketwire dev")
         make_buckets(weed, buckets)
