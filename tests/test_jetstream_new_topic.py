@@ -24,7 +24,7 @@ import pytest
 
 pytest.importorskip("nats", reason="the nats extra is not installed (pip install -e '.[nats]')")
 
-from bucketwire.client import HubRefused  # noqa: E402
+from bucketwire.client import HubRefused, HubUnavailable  # noqa: E402
 from bucketwire.devstack.nats import NatsCluster, NatsError, find_nats_server  # noqa: E402
 from tests.fixtures_backends import BackendStack, journal_table  # noqa: E402
 from tests.fixtures_hub import wait_for  # noqa: E402
@@ -383,6 +383,18 @@ def test_status_never_waits_for_the_lease_bucket(cluster: NatsCluster, tmp_path:
                 _lead_on(cluster, stream, others[0])
         _lead_on(cluster, "KV_ntl_leases", frozen)
         assert _hub_node(cluster) != frozen
+
+        def committed() -> bool:
+            try:
+                with s.client(10) as c:
+                    return bool(c.publish("flow", {"n": 1})["seq"] >= 2)
+            except (HubRefused, HubUnavailable):
+                return False
+
+        # Moving a stream's leader is an election: a commit meanwhile waits for it (up to request_timeout), and the
+        # loop with it (a CI run's first status below waited 3 s so). What this test holds to one attempt is the
+        # frozen lease bucket's effect, so it starts once a commit goes through on the moved leaders.
+        wait_for(committed, 60, "a commit once the moved streams have their leaders")
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(f"tcp://127.0.0.1:{s.work_port}")
