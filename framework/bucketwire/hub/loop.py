@@ -1375,7 +1375,7 @@ class Hub:
                 # reset `hops` on what it published got every generation past max_hops (thumbnails of thumbnails).
                 # So does the upload the follow-ons descend from, which their budget is counted against.
                 hops, root = lineage_of(held.body) if fos else (0, ("", ""))
-                floor = hops + 1 if fos else 0
+                floor = hops + 1
                 for fo in fos:
                     if fo.hops < floor:
                         fo.hops = floor
