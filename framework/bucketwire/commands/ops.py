@@ -314,8 +314,11 @@ def replay(config_path: str | None, group: str, topics: tuple[str, ...], from_se
         res: dict[str, Any] = reply["topics"]
         for t, r in sorted(res.items()):
             state = "pending (in-flight events finish first)" if r["pending"] else "applied"
+            gone = int(r.get("dropped") or 0)  # below the oldest event the journal holds: not delivered again
+            gap = (f"; seqs {r['from'] - gone}-{r['from'] - 1} were dropped by retention" if gone > 1 else
+                   f"; seq {r['from'] - 1} was dropped by retention" if gone == 1 else "")
             click.echo(f"{group}/{t}: cursor {r['cursor_was']} -> {r['from'] - 1}, {r['events']} event(s) to "
-                       f"deliver again (head {r['head']}); {state}", err=True)
+                       f"deliver again (head {r['head']}{gap}); {state}", err=True)
         total = sum(r["events"] for r in res.values())
         if not wait or total == 0:
             return

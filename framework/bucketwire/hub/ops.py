@@ -468,14 +468,29 @@ class HubOps:
         for t in topics:
             head = self.journal.heads.get(t, 0)
             start = from_seq if from_seq is not None else self._first_since(t, float(since or 0), head)
+            dropped = 0
+            if from_seq is not None and start <= head:
+                dropped = self._retained_from(t, start) - start
+                start += dropped
             before = g.acked[t]
             applied = g.request_replay(t, start)
             out[t] = {"from": start, "head": head, "cursor_was": before, "pending": not applied,
-                      "events": max(0, head - start + 1)}
+                      "events": max(0, head - start + 1), "dropped": dropped}
             log.info("replay requested", extra={"group": g.name, "topic": t, "from_seq": start,
                                                 "cursor_was": before, "applied": applied})
         self.metrics.replays.labels(g.name).inc()
         reply(group=g.name, topics=out)
+
+    def _retained_from(self, topic: str, seq: int) -> int:
+        """The first seq at or after `seq` the journal still holds (`seq` when it cannot tell). A replay from
+        below it started the group in retention's gap: the command said it would deliver events that were gone,
+        and the group then took the gap for events it had lost before consuming them (a warning, and a `status`
+        line telling the operator to raise retention for events the group had handled)."""
+        try:
+            rows = self.journal.read(topic, seq, 1)
+        except JournalError:  # the replay goes ahead as asked; the group skips the gap as it would anyway
+            return seq
+        return rows[0][0] if rows and rows[0][0] > seq else seq
 
     def _first_since(self, topic: str, since: float, head: int) -> int:
         first = self.journal.first_seq_since(topic, since)
