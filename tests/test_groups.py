@@ -185,3 +185,37 @@ def test_one_pool_whose_plugin_keeps_objects_in_its_settings_is_not_called_divid
     wait_for(lambda: s.status()["groups"]["a"]["lag"] == 0, 20, "the event handled")
     assert "different" not in _hub_log(s), _hub_log(s)[-2000:]
     assert "different" not in cli(s, "status").stdout
+
+
+def test_group_rm_forgets_a_group_taken_out_of_the_config(stack_factory: Any) -> None:
+    """`group rm` of a configured group says to remove its section and restart the hub instead. Done so, the hub
+    no longer had the group, but its journal kept the cursors: `group rm` then said `unknown group`, so nothing
+    could forget them, and the group put back in the config (or a pool of that name) resumed from the old cursor
+    whatever its `start`. Now `group rm` deletes what the journal holds of a group the hub does not run."""
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    w = s.start_worker("a", 1)
+    publish(s, 3)
+    wait_for(lambda: s.status()["groups"]["a"]["topics"]["jobs"]["cursor"] == 3, 30, "group a acked 3")
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(30) == 0
+    r = cli(s, "group", "rm", "a", check=False)
+    assert r.returncode == 1 and "remove that section from the config and restart the hub" in r.stderr, r.stderr
+    s.kill_hub(signal.SIGTERM)
+    with_group = s.cfg_path.read_text()
+    s.cfg_path.write_text(with_group.replace(GROUPS, ""))  # as the line above says
+    s.start_hub()
+    publish(s, 1)  # seq 4: one event the removed group never saw
+    assert "a" not in s.status()["groups"]
+    r = cli(s, "group", "rm", "a", check=False)
+    assert r.returncode == 0 and r.stdout.strip() == "removed group a (topics: jobs; 1 event(s) it had not acked)", (
+        r.stdout + r.stderr)
+    r = cli(s, "group", "rm", "a", check=False)  # nothing left of it: unknown, as for any removed group
+    assert r.returncode == 1 and "unknown group 'a'" in r.stderr, r.stdout + r.stderr
+    s.kill_hub(signal.SIGTERM)
+    s.cfg_path.write_text(with_group)  # the group back: a new group, from its start (earliest): every event
+    s.start_hub()
+    assert s.status()["groups"]["a"]["topics"]["jobs"]["cursor"] == 0
+    s.start_worker("a", 1)
+    wait_for(lambda: sorted(r["s"] for r in s.handled() if r["g"] == "a") == [1, 1, 2, 2, 3, 3, 4], 30,
+             "the new group a handled seqs 1-4")

@@ -63,6 +63,31 @@ def test_newer_journal_schema_is_refused(tmp_path):
         Journal(tmp_path / "j.db")
 
 
+def test_a_newer_journal_is_refused_without_being_changed(tmp_path):
+    """An older bucketwire started by mistake on a newer journal (a rollback, a host not yet upgraded) refused it,
+    but only after it had made its own tables and columns in it: a table the newer schema no longer has came back
+    (empty), a column it dropped was added again, so the newer hub found a journal neither version wrote.
+    Refusing must leave the file as it was."""
+    Journal(tmp_path / "j.db").close()
+    db = sqlite3.connect(tmp_path / "j.db")
+    # a schema 99 as a later version might shape it: group_stats gone, cursors without `above`
+    db.executescript("""
+        UPDATE meta SET value='99' WHERE key='schema';
+        DROP TABLE group_stats;
+        DROP TABLE cursors;
+        CREATE TABLE cursors(grp TEXT NOT NULL, topic TEXT NOT NULL, acked INTEGER NOT NULL, PRIMARY KEY(grp, topic));
+    """)
+    db.commit()
+    shape = sorted(db.execute("SELECT type, name, sql FROM sqlite_master"))
+    db.close()
+    with pytest.raises(StaleSchemaError, match="newer than this bucketwire understands"):
+        Journal(tmp_path / "j.db")
+    db = sqlite3.connect(tmp_path / "j.db")
+    assert sorted(db.execute("SELECT type, name, sql FROM sqlite_master")) == shape, "the refused journal changed"
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("99",)
+    db.close()
+
+
 def test_wal_stays_bounded_under_sustained_commits_and_nothing_is_lost(tmp_path):
     """Checkpoints run on their own thread; the writer's own checkpoint at AUTOCHECKPOINT_PAGES is what lets the
     WAL start over, so one commit after another never grows it much past that."""

@@ -500,3 +500,51 @@ def test_status_text_reads_a_long_running_handler_without_its_numbers() -> None:
          "retrying": 0, "dead_lettered": 0, "long_running": [run]}
     text = render_status({"hub": {}, "groups": {"g": g}, "topics": {}})
     assert "handler running for - (handler_timeout -) on x:1" in text, text
+
+
+def test_a_dead_letter_seq_that_two_dead_letter_topics_hold_is_refused_not_acted_on_twice(stack_factory):
+    """With a topic of its own dead-letter topic, seq 1 exists on two of them: `dlq purge 1` purged (and `retry 1`
+    retried) both, where the operator meant one, and said `purged 2` as success. Now an ID that names dead
+    letters on more than one dead-letter topic is refused in one line naming them, nothing done; `TOPIC:SEQ` from
+    the list picks one. The list is oldest first across dead-letter topics, as it says (it went topic by topic)."""
+    s = stack_factory("""
+[topics.jobs]
+max_attempts = 1
+
+[topics.other]
+max_attempts = 1
+dead_letter = "dl-other"
+
+[plugins.opsplug]
+path = "S_DIR/ops.jsonl"
+fail_flag = "S_DIR/fail.flag"
+
+[groups.a]
+topics = ["jobs", "other"]
+plugins = []
+start = "earliest"
+""")
+    s.cfg_path.write_text(s.cfg_path.read_text().replace("S_DIR", str(s.dir)))
+    (s.dir / "fail.flag").write_text("x")
+    s.start_hub()
+    start_worker(s, "a", 1)
+    with s.client() as c:
+        c.publish("other", {"flaky": "a", "which": "older"})  # dl-other:1, the older dead letter
+        wait_for(lambda: s.status()["groups"]["a"]["dead_lettered"] == 1, 20, "the first dead letter")
+        c.publish("jobs", {"flaky": "a", "which": "newer"})  # dead-letter:1
+    wait_for(lambda: s.status()["groups"]["a"]["dead_lettered"] == 2, 20, "two dead letters")
+    listed = dlq_json(s)
+    assert [(d["dead_letter"]["topic"], d["dead_letter"]["seq"]) for d in listed] == [
+        ("dl-other", 1), ("dead-letter", 1)], "oldest first, across dead-letter topics"
+    for action in ("purge", "retry"):
+        p = cli(s, "dlq", action, "1", check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1, (action, p.returncode, p.stdout, p.stderr)
+        assert "dead-letter:1" in lines[0] and "dl-other:1" in lines[0] and "Traceback" not in p.stderr, lines
+        assert [d["dead_letter"]["handled"] for d in dlq_json(s, "--all")] == [False, False], "nothing done"
+    assert "purged 1" in cli(s, "dlq", "purge", "dl-other:1").stdout
+    left = dlq_json(s)
+    assert [(d["dead_letter"]["topic"], d["dead_letter"]["seq"]) for d in left] == [("dead-letter", 1)]
+    # one waiting dead letter left with seq 1: the bare seq names it alone now
+    assert "purged 1" in cli(s, "dlq", "purge", "1").stdout
+    assert dlq_json(s) == []

@@ -268,3 +268,18 @@ def test_a_public_key_that_starts_with_a_dash_is_revoked_as_given(stack_factory,
     for verb in ("revoke", "unrevoke"):
         p = keys_cli(verb, pub.decode(), "-c", str(s.cfg_path))
         assert p.returncode == 0 and "No such option" not in p.stderr, (verb, p.stdout, p.stderr)
+
+
+def test_a_revoke_where_no_hub_keeps_its_journal_says_the_hub_will_not_see_it(stack_factory, tmp_path):
+    """With SQLite the list is the hub's state_dir/revoked_keys.json. `keys revoke` run on another host (a worker's
+    or a laptop's copy of the config) wrote the file there and said `the hub refuses it within ...`, which no hub
+    ever read: the stolen key went on working. Where no journal is beside the list, it now says so in one line."""
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"))
+    p = keys_cli("revoke", "limited", "-c", str(s.cfg_path))
+    assert p.returncode == 0 and "revoked limited" in p.stdout, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "journal.db" in lines[0] and "host" in lines[0], p.stderr
+    keys_cli("unrevoke", "limited", "-c", str(s.cfg_path))
+    s.start_hub()  # the hub's own host and state_dir: no such line
+    p = keys_cli("revoke", "limited", "-c", str(s.cfg_path))
+    assert p.returncode == 0 and "revoked limited" in p.stdout and p.stderr.strip() == "", p.stdout + p.stderr

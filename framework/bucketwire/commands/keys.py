@@ -142,6 +142,20 @@ def revoke_cmd(key: str, config_path: str | None, reason: str) -> None:
     _write(cfg, lambda recs: recs.__setitem__(h, rec))
     click.echo(f"revoked {shown}: {_where(cfg)} refuses it within [security] reload_interval = "
                f"{cfg.security.reload_interval:g} s (at once after kill -HUP); `keys unrevoke` lifts it")
+    _no_hub_here(cfg, "revoke")
+
+
+def _no_hub_here(cfg: Config, verb: str) -> None:
+    """With SQLite the list is the hub's own file, read from its state_dir on its host. Run elsewhere (a worker's
+    copy of the config, a laptop's), `keys revoke` wrote a file no hub reads and said the hub refuses the key:
+    the key went on working. No journal beside the list: no hub has run with it on this host, and that is said."""
+    if cfg.journal.backend == "jetstream":
+        return
+    journal = cfg.hub.state_dir / "journal.db"
+    if not journal.exists():
+        click.echo(f"warning: no hub journal at {journal}: no hub has run with this state_dir on this host, and the "
+                   f"hub reads the list from its own state_dir ({REVOKED_FILE}); run `bucketwire keys {verb}` on the "
+                   "hub's host with its config, unless this hub has yet to start", err=True)
 
 
 @keys.command(name="unrevoke", cls=_KeyCommand)
@@ -161,6 +175,7 @@ def unrevoke_cmd(key: str, config_path: str | None) -> None:
     _write(cfg, lambda recs: recs.pop(h, None))
     click.echo(f"unrevoked {shown}: {_where(cfg)} admits it again within [security] reload_interval = "
                f"{cfg.security.reload_interval:g} s wherever its .key file is in authorized_keys_dir")
+    _no_hub_here(cfg, "unrevoke")
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------

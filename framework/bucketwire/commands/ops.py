@@ -314,8 +314,11 @@ def replay(config_path: str | None, group: str, topics: tuple[str, ...], from_se
         res: dict[str, Any] = reply["topics"]
         for t, r in sorted(res.items()):
             state = "pending (in-flight events finish first)" if r["pending"] else "applied"
+            gone = int(r.get("dropped") or 0)  # below the oldest event the journal holds: not delivered again
+            gap = (f"; seqs {r['from'] - gone}-{r['from'] - 1} were dropped by retention" if gone > 1 else
+                   f"; seq {r['from'] - 1} was dropped by retention" if gone == 1 else "")
             click.echo(f"{group}/{t}: cursor {r['cursor_was']} -> {r['from'] - 1}, {r['events']} event(s) to "
-                       f"deliver again (head {r['head']}); {state}", err=True)
+                       f"deliver again (head {r['head']}{gap}); {state}", err=True)
         total = sum(r["events"] for r in res.values())
         if not wait or total == 0:
             return
@@ -473,6 +476,9 @@ def load_dead_letters(client: Any, dl_topics: list[str]) -> list[DeadLetter]:
     by_id = {dl.id: dl for dl in out}
     for dl in out:
         dl.history = _history(dl, by_id)
+    # Oldest first across dead-letter topics too (as `dlq list` says): read topic by topic, the list went by
+    # topic name. Sorted by the dead letter's time, its topic and seq keeping the order of one topic's.
+    out.sort(key=lambda dl: (_event_time(dl.event.get("time")) or 0.0, dl.topic, dl.seq))
     return out
 
 
@@ -524,6 +530,17 @@ def _matches_id(dl: DeadLetter, ident: str) -> bool:
     if seq.isdigit() and (not topic or topic == dl.topic) and dl.seq == int(seq):
         return True
     return (len(ident) >= 6 and dl.id.startswith(ident)) or dl.original.get("id") == ident
+
+
+def _ambiguous(ident: str, dls: list[DeadLetter]) -> list[DeadLetter]:
+    """The dead letters `ident` names when it names several that are not one failed event's: a bare seq held by
+    more than one dead-letter topic (a topic with a `dead_letter` of its own), or an id prefix shared by several.
+    Empty when it is not ambiguous. An original event's id names every group's dead letter of that event, which
+    is meant (one event, retried to each group that failed it)."""
+    hits = [dl for dl in dls if _matches_id(dl, ident)]
+    if len(hits) < 2 or all(dl.original.get("id") == ident for dl in hits):
+        return []
+    return hits
 
 
 def _dlq_options(fn: Any) -> Any:
@@ -630,6 +647,17 @@ def _act(config_path: str | None, topic: str | None, group: str | None, older: s
                 + ("retried" if action == "retry" else "purged")
                 + (" (already retried or purged: `bucketwire dlq list --all`)" if handled
                    else " (see `bucketwire dlq list`)"))
+        # `7` with seq 7 on two dead-letter topics named both, and both were retried or purged where the
+        # operator meant one (the list shows each as DLQ-TOPIC:SEQ). Refused, like a typo, before anything is done.
+        for ident in ids:
+            several = _ambiguous(ident, sel)
+            if several:
+                names = ", ".join(f"{dl.topic}:{dl.seq} ({dl.id[:12]})" for dl in several)
+                raise click.ClickException(
+                    f"{ident} names {len(several)} waiting dead letters: {names}; nothing was "
+                    + ("retried" if action == "retry" else "purged")
+                    + ": name one as DLQ-TOPIC:SEQ or by its id (the DLQ:SEQ and ID columns of `bucketwire dlq "
+                    "list`), or give them all")
         if not sel:
             click.echo(f"nothing to {action}: no waiting dead letter matches", err=True)
             return

@@ -287,16 +287,19 @@ class Journal:
         max_pages = os.environ.get("BUCKETWIRE_JOURNAL_MAX_PAGES")
         if max_pages:  # hidden test knob: a tiny "disk" to exercise the journal-full path without root mounts
             self.db.execute(f"PRAGMA max_page_count={int(max_pages)}")
-        self.db.executescript(DDL)
-        cols = {r[1] for r in self.db.execute("PRAGMA table_info(cursors)")}
-        if "above" not in cols:  # journals from before acked-above ranges were persisted
-            self.db.execute("ALTER TABLE cursors ADD COLUMN above TEXT NOT NULL DEFAULT ''")
-        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        # The schema is read before anything is written: a newer journal refused after this version had made its
+        # own tables and columns in it (a table the newer one dropped came back, empty) was one neither wrote.
+        has_meta = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if has_meta else None
         if row is not None and int(row[0]) > SCHEMA:
             raise StaleSchemaError(
                 f"{path}: journal schema {row[0]} is newer than this bucketwire understands ({SCHEMA}); "
                 "upgrade bucketwire or point state_dir elsewhere"
             )
+        self.db.executescript(DDL)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(cursors)")}
+        if "above" not in cols:  # journals from before acked-above ranges were persisted
+            self.db.execute("ALTER TABLE cursors ADD COLUMN above TEXT NOT NULL DEFAULT ''")
         if row is None or int(row[0]) < SCHEMA:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES('schema', ?)", (str(SCHEMA),))
         self._floors: dict[str, int] = dict(self.db.execute("SELECT name, head FROM topics"))

@@ -331,8 +331,8 @@ class HubOps:
             self.net.send([ident, P.GROUPRMR, P.enc({"req": req, **kw})])
 
         gname = hdr.group
-        if gname not in self.groups and self.net.roles.may_operate(self.net.user, gname) and self._finish_rm(gname,
-                                                                                                             reply):
+        if gname not in self.groups and self.net.roles.may_operate(self.net.user, gname) and (
+                self._finish_rm(gname, reply) or self._forget_stored(gname, reply)):
             return
         # Forgetting a group drops its cursors: an operator's act, allowed to whoever may replay it.
         g = self._operated_group(gname, "remove", reply)
@@ -382,6 +382,30 @@ class HubOps:
             return False
         log.info("group removal finished", extra={"group": gname, "keys": left})
         reply(group=gname, topics=[], lag=0, already=True, left=left)
+        return True
+
+    def _forget_stored(self, gname: str, reply: Callable[..., None]) -> bool:
+        """`group rm` of a group this hub does not run whose cursors its journal holds: one taken out of the config
+        (as the refusal of a configured group says to do) and the hub restarted, with no worker back since. The
+        hub had no such group, so `group rm` said `unknown group` and nothing could forget the cursors: the group
+        put back, or a pool of that name, resumed from them whatever its `start`. False: nothing stored (or the
+        group is configured, then it is the configured group's refusal). SQLite only: its one hub runs every group
+        that has workers; with jetstream a group this hub does not run may be another hub's, workers and all."""
+        if gname in self.cfg.groups or self.cfg.journal.backend == "jetstream":
+            return False
+        stored = {t: acked for (g, t), acked in self.journal.cursors().items() if g == gname}
+        if not stored:
+            return False
+        heads = self.journal.heads
+        lag = sum(max(0, heads.get(t, 0) - acked) for t, acked in stored.items())
+        try:
+            self.journal.forget_group(gname)
+        except JournalError as e:
+            reply(error=f"could not remove group {gname!r}: {e}; it is still there, run `bucketwire group rm "
+                        f"{gname}` again")
+            return True
+        log.info("group removed", extra={"group": gname, "topics": sorted(stored), "lag": lag, "running": False})
+        reply(group=gname, topics=sorted(stored), lag=lag)
         return True
 
     def _forget_gauges(self, g: GroupState) -> None:
@@ -444,14 +468,29 @@ class HubOps:
         for t in topics:
             head = self.journal.heads.get(t, 0)
             start = from_seq if from_seq is not None else self._first_since(t, float(since or 0), head)
+            dropped = 0
+            if from_seq is not None and start <= head:
+                dropped = self._retained_from(t, start) - start
+                start += dropped
             before = g.acked[t]
             applied = g.request_replay(t, start)
             out[t] = {"from": start, "head": head, "cursor_was": before, "pending": not applied,
-                      "events": max(0, head - start + 1)}
+                      "events": max(0, head - start + 1), "dropped": dropped}
             log.info("replay requested", extra={"group": g.name, "topic": t, "from_seq": start,
                                                 "cursor_was": before, "applied": applied})
         self.metrics.replays.labels(g.name).inc()
         reply(group=g.name, topics=out)
+
+    def _retained_from(self, topic: str, seq: int) -> int:
+        """The first seq at or after `seq` the journal still holds (`seq` when it cannot tell). A replay from
+        below it started the group in retention's gap: the command said it would deliver events that were gone,
+        and the group then took the gap for events it had lost before consuming them (a warning, and a `status`
+        line telling the operator to raise retention for events the group had handled)."""
+        try:
+            rows = self.journal.read(topic, seq, 1)
+        except JournalError:  # the replay goes ahead as asked; the group skips the gap as it would anyway
+            return seq
+        return rows[0][0] if rows and rows[0][0] > seq else seq
 
     def _first_since(self, topic: str, since: float, head: int) -> int:
         first = self.journal.first_seq_since(topic, since)
