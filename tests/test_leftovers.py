@@ -318,3 +318,28 @@ def test_a_crash_looping_pool_keeps_its_metrics_files_bounded_and_its_counts(sta
     [d] = tmpdir.glob("bucketwire-worker-metrics-*")
     files = sorted(p.name for p in d.glob("*.db"))
     assert len(files) <= 5, f"a live child's 3 files and 2 for the dead ones at most, not {files}"
+
+
+def test_a_scrape_while_a_child_creates_its_metrics_file_still_answers(stack_factory: Callable[..., Stack],
+                                                                      tmp_path: Path) -> None:
+    """A child makes its `<kind>_<pid>.db` by opening it empty and then sizing it; a scrape in between read the
+    empty file and answered 500 (prometheus_client's reader needs its 8-byte header), so a pool replacing a
+    child under load failed scrapes. A file with no header yet has no samples: the scrape goes on without it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    s = stack_factory('[groups.g]\ntopics = ["x"]\nplugins = []\n')
+    s.env["TMPDIR"] = str(tmpdir)
+    s.start_hub()
+    port = free_port()
+    s.start_worker("g", 1, "--metrics", f"127.0.0.1:{port}")
+    wait_for(lambda: _serving(port), 30, "the pool's /metrics")
+    [d] = tmpdir.glob("bucketwire-worker-metrics-*")
+    (d / "counter_2147483647.db").touch()  # a child between its open and its truncate: no header yet
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    children = [smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
+                if smp.name == "bucketwire_worker_children"]
+    assert children == [1], text

@@ -17,6 +17,7 @@ every pool that starts serving metrics removes the dirs in $TMPDIR whose pool is
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -131,16 +132,35 @@ HISTORY_KINDS = ("counter", "histogram")
 are dropped (`mark_process_dead`)."""
 
 
-class _Locked:
-    """A collector read under the lock `Supervisor.child_died` folds files under: a scrape between the fold's two
-    steps would count a dead child twice (or not at all), and a counter that drops reads as a reset."""
+HEADER_BYTES = 8
+"""prometheus_client's file header (bytes used, padding): a file shorter than that has no samples yet."""
 
-    def __init__(self, inner: Any, lock: threading.Lock) -> None:
-        self.inner, self.lock = inner, lock
+
+def _has_header(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= HEADER_BYTES
+    except OSError:  # a child's live gauge file, removed as the child died
+        return False
+
+
+class _PoolFiles:
+    """The children's sample files, merged (prometheus_client's `MultiProcessCollector`), read under the lock
+    `Supervisor.child_died` folds files under: a scrape between the fold's two steps would count a dead child
+    twice (or not at all), and a counter that drops reads as a reset.
+
+    A child makes its file by opening it empty and then sizing it; the collector's reader needs the header, so a
+    scrape in between failed whole (500), which a pool replacing children under load met. Such a file holds no
+    sample yet and is left out; once sized it never shrinks, so what is read is whole."""
+
+    def __init__(self, path: str, lock: threading.Lock) -> None:
+        self.path, self.lock = path, lock
 
     def collect(self) -> list[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
         with self.lock:
-            return list(self.inner.collect())
+            files = [f for f in glob.glob(os.path.join(self.path, "*.db")) if _has_header(f)]
+            return list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
 
 
 class Supervisor:
@@ -162,7 +182,6 @@ class Supervisor:
         os.environ[DIR] = self.dir
         os.environ[FLAG] = "1"
         from prometheus_client import CollectorRegistry, start_http_server
-        from prometheus_client.multiprocess import MultiProcessCollector
 
         from bucketwire.exposition import configure_created_series
 
@@ -171,8 +190,7 @@ class Supervisor:
         self._folding = threading.Lock()
         self._dead: dict[str, Any] = {}  # kind -> the MmapedDict of `<kind>_dead.db`
         reg = CollectorRegistry()
-        reg.register(_Locked(MultiProcessCollector(None, path=self.dir),  # type: ignore[no-untyped-call]
-                             self._folding))
+        reg.register(_PoolFiles(self.dir, self._folding))
         reg.register(_SupervisorCollector(group, alive, restarts))
         try:
             self.server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=reg)
