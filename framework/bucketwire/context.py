@@ -242,6 +242,27 @@ def changed_follow_on(ev: Event) -> str | None:
             "returns")
 
 
+def measured_again(ev: Event, limit: int | None) -> int:
+    """Bytes of follow-on `ev`'s envelope as its handler returns; raises `FollowOnTooLarge` for one over `limit`
+    ([hub] max_event_bytes), `ValueError` for one that cannot be encoded any more. `publish` measured it, but the
+    data it was given stays the plugin's own object, which it may go on filling after the call (a list of results
+    appended to): grown past what one message to the hub carries, the follow-on went out whole in its event's ACK,
+    and the hub refused that ACK, leaving its event and the innocent ones acked with it in flight for as long as
+    the worker lived. Measured here, it fails its own event as `publish` would have."""
+    said = (f"follow-on {ev.id} to topic {str(ev.topic)[:80]!r} was changed after ctx.publish checked it")
+    try:
+        n = envelope_bytes(ev, ev.topic)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{said}, and cannot be sent to the hub now: {e}; finish its data before calling "
+                         "ctx.publish (it is sent as it is when the handler returns)") from None
+    if limit is not None and n > limit:
+        raise FollowOnTooLarge(f"{said}: its envelope is now {n} bytes, over the hub's limit of {limit} bytes "
+                               "([hub] max_event_bytes); finish its data before calling ctx.publish (it is sent "
+                               "as it is when the handler returns), and put large data in the object store and "
+                               "publish a reference to it")
+    return n
+
+
 def too_many_follow_ons(count: int, total: int) -> str:
     return (f"the follow-ons of one event would take {total} bytes ({count} events), over the "
             f"{FOLLOW_ONS_MAX >> 20} MiB that one acknowledgement to the hub carries; publish a reference (an "

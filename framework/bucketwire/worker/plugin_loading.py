@@ -43,6 +43,7 @@ from bucketwire.context import (
     Retry,
     Stores,
     changed_follow_on,
+    measured_again,
     too_many_follow_ons,
 )
 from bucketwire.envelope import Event
@@ -768,8 +769,12 @@ class PluginRunner:
                     changed = changed_follow_on(fo)
                     if changed is not None:
                         raise HandlerFailed(name, ValueError(changed))
-                out.extend(ctx.published)
-                size += ctx.published_bytes  # every plugin's follow-ons go in the one ACK result of this event
+                    try:
+                        # what it takes now, not what ctx.publish measured: its data may have grown since
+                        size += measured_again(fo, limit)
+                    except ValueError as e:  # FollowOnTooLarge is one
+                        raise HandlerFailed(name, e) from None
+                out.extend(ctx.published)  # every plugin's follow-ons go in the one ACK result of this event
                 if size > FOLLOW_ONS_MAX:
                     raise HandlerFailed(name, FollowOnTooLarge(too_many_follow_ons(len(out), size)))
         return out
