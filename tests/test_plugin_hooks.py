@@ -219,6 +219,59 @@ def test_ctx_state_is_per_plugin_and_lasts_from_startup_to_shutdown() -> None:
                               "two": {"opened": ["two", "event", "event", "closed"]}}
 
 
+class TwoOfEach:
+    """A plugin with two implementations of each hook, as pluggy allows (`specname`): one plugin object whose
+    functions each do a part of the work."""
+
+    PLUGIN_NAME = "two-of-each"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl(specname="worker_startup")
+    def open_client(self, ctx: Context) -> None:
+        self.calls.append("open_client")
+
+    @hookimpl(specname="worker_startup")
+    def open_log(self, ctx: Context) -> None:
+        self.calls.append("open_log")
+
+    @hookimpl(specname="handle_event")
+    def count(self, event: Event, ctx: Context) -> None:
+        self.calls.append("count")
+        ctx.publish("counted", {"by": "count"})
+
+    @hookimpl(specname="handle_event")
+    def index(self, event: Event, ctx: Context) -> None:
+        self.calls.append("index")
+        ctx.publish("indexed", {"by": "index"})
+
+    @hookimpl(specname="worker_shutdown")
+    def close_client(self, ctx: Context) -> None:
+        self.calls.append("close_client")
+
+    @hookimpl(specname="worker_shutdown")
+    def close_log(self, ctx: Context) -> None:
+        self.calls.append("close_log")
+
+
+def test_each_implementation_of_a_plugin_is_called_once_per_hook_call() -> None:
+    """pluggy calls each implementation once per hook call. A plugin with two implementations of a hook had its
+    plugin caller (which holds both) called once per implementation: every event ran both twice (twice the S3
+    writes, its follow-ons sent twice in one ACK), and worker_startup opened everything twice, leaking the first."""
+    p = TwoOfEach()
+    other = Stateful("other")
+    with PluginHarness(p, other) as h:
+        assert sorted(p.calls) == ["open_client", "open_log"]
+        p.calls.clear()
+        out = h.handle(ev())
+        assert sorted(p.calls) == ["count", "index"]
+        assert sorted(f.topic or "" for f in out) == ["counted", "indexed"]
+        p.calls.clear()
+    assert sorted(p.calls) == ["close_client", "close_log"]
+    assert h.runner.state["other"] == {"opened": ["other", "event", "closed"]}, "the other plugin, once each"
+
+
 def test_the_harness_applies_topics_like_a_worker() -> None:
     p = OnlyEvent()
     h = PluginHarness(p, name="only", settings={"topics": ["photos"]})

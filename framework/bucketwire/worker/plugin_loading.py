@@ -174,14 +174,17 @@ class Loaded:
     def callers(self, hook: str) -> list[tuple[str, pluggy.HookCaller]]:
         """(plugin name, hook caller) for each plugin that implements `hook`, in pluggy's call order.
 
-        Each caller holds that plugin's implementation and every wrapper of the hook, so a wrapper runs around
-        each plugin's call, and the caller is called with that plugin's own arguments (its `ctx`).
+        Each caller holds that plugin's implementations and every wrapper of the hook, so a wrapper runs around
+        each plugin's call, and the caller is called with that plugin's own arguments (its `ctx`). One per plugin,
+        however many implementations it has (pluggy takes several, `specname`): a caller per implementation,
+        each holding all of them, ran each implementation once per implementation, so a plugin with two
+        `handle_event`s did every event's work twice and its `worker_startup`s opened everything twice.
         """
         got = self._callers.get(hook)
         if got is None:
             caller: pluggy.HookCaller = getattr(self.pm.hook, hook)
-            plain = [i for i in reversed(caller.get_hookimpls()) if not _is_wrapper(i)]
-            got = [(impl.plugin_name, self.caller_without(hook, impl.plugin_name, ())) for impl in plain]
+            plain = dict.fromkeys(i.plugin_name for i in reversed(caller.get_hookimpls()) if not _is_wrapper(i))
+            got = [(name, self.caller_without(hook, name, ())) for name in plain]
             self._callers[hook] = got
         return got
 
@@ -566,7 +569,7 @@ def enable_tracing(pm: pluggy.PluginManager) -> Callable[[], None]:
         exc = outcome.exception
         event = kwargs.get("event")
         extra: dict[str, Any] = {
-            "plugin": ",".join(i.plugin_name for i in impls if not _is_wrapper(i)) or "-",
+            "plugin": ",".join(dict.fromkeys(i.plugin_name for i in impls if not _is_wrapper(i))) or "-",
             "hook": hook_name,
             "event_id": event.id if isinstance(event, Event) else None,
             "duration_ms": round(dt * 1000, 3),
