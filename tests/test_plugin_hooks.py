@@ -8,6 +8,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -553,6 +555,61 @@ def test_a_follow_on_published_outside_its_handler_raises_instead_of_vanishing()
     with pytest.raises(ConfigError, match=r"^\[plugins.s\] worker_startup called ctx.publish\(\), which works only "
                        "inside handle_event"), PluginHarness(StartupPublisher(), name="s"):
         pass
+
+
+class SlowData(dict):  # type: ignore[type-arg]
+    """Follow-on data whose reading (ctx.publish looks at its bucket and key) holds the publishing thread until
+    the handler's ctx is done: a large follow-on being checked and measured as the handler returns."""
+
+    ctx: Context | None = None
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        deadline = time.monotonic() + 10
+        while self.ctx is not None and not self.ctx.done and time.monotonic() < deadline:
+            time.sleep(0.001)  # pacing: polling for the handler's end, with a deadline
+        return super().get(key, default)
+
+
+class ThreadPublisher:
+    """Publishes from a thread it does not wait for (a thread pool's callback)."""
+
+    PLUGIN_NAME = "thread-publisher"
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.results: list[Any] = []
+
+    @hookimpl
+    def handle_event(self, ctx: Context) -> None:
+        data = SlowData(n=1)
+        data.ctx = ctx
+
+        def publish() -> None:
+            try:
+                self.results.append(ctx.publish("late", data))
+            except RuntimeError as e:
+                self.results.append(e)
+
+        t = threading.Thread(target=publish)
+        self.threads.append(t)
+        t.start()
+        while not t.is_alive():  # pacing: wait for the thread to start; it then waits in SlowData.get
+            time.sleep(0.001)
+
+
+def test_a_follow_on_a_thread_is_publishing_as_the_handler_returns_is_sent_or_refused_never_lost() -> None:
+    """A thread inside ctx.publish (past its check that the handler is running) as the handler returns: the
+    runner read the follow-ons, found none and went on, and the thread then added its follow-on where nobody read
+    it again. ctx.publish returned it as queued, and it was never sent: lost, without a word. The runner waits
+    for a publish in progress as the handler returns, so the follow-on goes out with its event."""
+    p = ThreadPublisher()
+    with PluginHarness(p) as h:
+        out = h.handle(ev())
+        for t in p.threads:
+            t.join(15)
+    (res,) = p.results
+    assert isinstance(res, Event), res
+    assert [f.id for f in out] == [res.id], "ctx.publish returned a follow-on that was never sent"
 
 
 def test_a_plugin_whose_topics_miss_every_topic_of_its_group_stops_the_worker(stack_factory: Any) -> None:

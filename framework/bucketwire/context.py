@@ -54,11 +54,12 @@ class FollowOnTooLarge(ValueError):
     may catch it and publish a reference instead."""
 
 
-_PUBLISHING = threading.Lock()
+PUBLISHING = threading.Lock()
 """Held by `Context.publish` from the index it derives a follow-on's id from to the follow-on's place in
 `published`: a handler may publish from the threads of a pool it waits for, and two calls at once took one index,
 so two follow-ons got one id and the hub kept only one of them (a repeat, to it). One lock for every context:
-publishing is a few calls per event, and uncontended it costs less than a lock made per context would."""
+publishing is a few calls per event, and uncontended it costs less than a lock made per context would. The worker
+waits for it as a handler returns while a thread of the handler's holds it (`PluginRunner.run`)."""
 
 FOLLOW_ONS_MAX = 32 << 20
 """Bytes of envelope all the follow-ons of one event may take together. They travel to the hub in the event's
@@ -173,7 +174,7 @@ class Context:
             raise PublishOutsideHandler(
                 "ctx.publish() works only inside handle_event (a follow-on is committed with the ack of the event "
                 "that caused it); publish other events with bucketwire.client.HubClient")
-        with _PUBLISHING:
+        with PUBLISHING:
             return self._publish(cause, topic, data, type, subject)
 
     def _publish(self, cause: Event, topic: str, data: Any, type: str | None,  # noqa: A002

@@ -36,6 +36,7 @@ from bucketwire import hookspecs
 from bucketwire.config import ConfigError
 from bucketwire.context import (
     FOLLOW_ONS_MAX,
+    PUBLISHING,
     Context,
     FollowOnTooLarge,
     PermanentError,
@@ -764,6 +765,12 @@ class PluginRunner:
                     raise HandlerFailed(blamed, e) from e
                 report(name, time.perf_counter() - t0, True)
             ctx.done = True  # a publish from now on (a thread the handler left running) raises, not vanishes
+            if PUBLISHING.locked():
+                # A thread of the handler's may be inside ctx.publish, past its check of `done`: what it adds is
+                # read below once it is out. Read before, it was added where nobody read it again, and lost while
+                # ctx.publish said it was queued.
+                with PUBLISHING:
+                    pass
             if _forks[0] != forks:
                 end_if_forked(name, "handle_event", forks)
             if ctx.published:
