@@ -784,3 +784,90 @@ def test_a_plugins_own_error_through_a_wrapper_is_still_the_plugins() -> None:
     with pytest.raises(HandlerFailed) as ei:
         h.runner.run(ev(), 1)
     assert ei.value.plugin == "bad"
+
+
+class ForgetsToReturn:
+    """A timing wrapper of every hook that yields but does not return what the yield gave it (`yield` where
+    `return (yield)` belongs): pluggy makes its return value, None, the result of the call it wraps."""
+
+    PLUGIN_NAME = "forgetful"
+
+    def __init__(self, hooks: tuple[str, ...] = ("validate_settings", "worker_startup", "worker_shutdown")) -> None:
+        self.hooks = hooks
+
+    @hookimpl(wrapper=True, specname="validate_settings")
+    def around_validate(self, settings: dict[str, Any]) -> Generator[None, Any, Any]:
+        res = yield
+        return res if "validate_settings" not in self.hooks else None
+
+    @hookimpl(wrapper=True, specname="worker_startup")
+    def around_startup(self) -> Generator[None, Any, Any]:
+        res = yield
+        return res if "worker_startup" not in self.hooks else None
+
+    @hookimpl(wrapper=True, specname="handle_event")
+    def around_event(self) -> Generator[None, Any, Any]:
+        res = yield
+        return res if "handle_event" not in self.hooks else 5
+
+    @hookimpl(wrapper=True, specname="worker_shutdown")
+    def around_shutdown(self) -> Generator[None, Any, Any]:
+        res = yield
+        return res if "worker_shutdown" not in self.hooks else None
+
+
+class Normalises:
+    PLUGIN_NAME = "normalises"
+
+    def __init__(self) -> None:
+        self.settings: list[dict[str, Any]] = []
+
+    @hookimpl
+    def validate_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return {"path": "default.log", **settings}
+
+    @hookimpl
+    def worker_startup(self, ctx: Context) -> None:
+        self.settings.append(ctx.settings)
+
+    @hookimpl
+    def handle_event(self, ctx: Context) -> None:
+        ctx.publish("done", {"path": ctx.settings["path"]})
+
+    @hookimpl
+    def worker_shutdown(self, ctx: Context) -> None:
+        pass
+
+
+@pytest.mark.parametrize("hook", ["validate_settings", "worker_startup"])
+def test_a_wrapper_that_does_not_return_the_result_is_one_line_naming_it(hook: str) -> None:
+    """A wrapper=True implementation must return the result of the call it wraps. One that only yields (the
+    commonest slip) made it None: around validate_settings the plugin's settings were used without its defaults,
+    unsaid (every event then failed on a missing key); around worker_startup the pool stopped with `plugin
+    'normalises': 'NoneType' object is not iterable`, naming the plugin it wrapped for the wrapper's mistake."""
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(Normalises(), ForgetsToReturn((hook,))).start()
+    said = str(ei.value)
+    assert said.startswith("plugin 'forgetful': its wrapper=True implementation of " + hook), said
+    assert "returned None" in said and "return (yield)" in said, said
+    assert "\n" not in said
+
+
+def test_a_wrapper_that_returns_something_else_fails_the_event_naming_the_wrapper(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Around handle_event the failure is the event's, blamed on the wrapper (its dead letter's plugin), with
+    the line saying how a wrapper ends, not `TypeError: 'int' object is not iterable` charged to the plugin it
+    wrapped. Around worker_shutdown it is one error line naming the wrapper, and the other plugins still close."""
+    from bucketwire.worker.plugin_loading import HandlerFailed
+
+    h = PluginHarness(Normalises(), ForgetsToReturn(("handle_event", "worker_shutdown"))).start()
+    with pytest.raises(HandlerFailed) as ei:
+        h.runner.run(ev(), 1)
+    assert ei.value.plugin == "forgetful", ei.value.error
+    assert "returned an int" in str(ei.value.error) and "return (yield)" in str(ei.value.error), ei.value.error
+    with caplog.at_level(logging.ERROR, logger="bucketwire.worker"):
+        h.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("plugin 'forgetful': its wrapper=True implementation of worker_shutdown")
+               for line in lines), lines
+    assert not any(r.exc_info for r in caplog.records), "a traceback through pluggy for the wrapper's mistake"

@@ -442,6 +442,10 @@ def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]])
             # sys.exit() ended the worker silently, with exit code 0 when it was sys.exit(0).
             raise ConfigError(f"[plugins.{name}] validate_settings raised {one_line(said_of(e))}; fix the "
                               f"[plugins.{name}] section") from None
+        try:
+            results = wrapped_result(results, caller, "validate_settings")
+        except WrapperResult as e:
+            raise ConfigError(str(e)) from None
         res = results[0] if results else None
         if res is not None:
             if not isinstance(res, dict):
@@ -508,6 +512,8 @@ def culprit(name: str, caller: pluggy.HookCaller, error: BaseException) -> str:
     after its yield, or instead of the plugin's), or yielded twice, is named, not the plugin it wrapped, whose
     dead letter and failure count would otherwise carry the wrapper's bug. The innermost frame of a hook
     implementation in the traceback is who raised; pluggy's own "second yield" error names the wrapper's code."""
+    if isinstance(error, WrapperResult):
+        return error.wrapper
     impls = caller.get_hookimpls()
     if len(impls) < 2:
         return name
@@ -694,7 +700,9 @@ class PluginRunner:
                 end_if_forked(name, "worker_startup", forks)
             started.append(name)  # it ran: even one that returned an awaitable may have opened something
             try:
-                no_awaitable(returned, "worker_startup")
+                no_awaitable(wrapped_result(returned, caller, "worker_startup"), "worker_startup")
+            except WrapperResult as e:  # the wrapper's to fix, at every start: one line naming it
+                raise ConfigError(str(e)) from None
             except TypeError as e:
                 # What it should have opened is not open, and every event would meet that; the plugin's to fix.
                 raise ConfigError(f"plugin {name!r}: {e}") from None
@@ -707,7 +715,10 @@ class PluginRunner:
         for name in names:
             caller = callers[name]
             try:
-                no_awaitable(caller(ctx=self.ctx(name)), "worker_shutdown")
+                no_awaitable(wrapped_result(caller(ctx=self.ctx(name)), caller, "worker_shutdown"),
+                             "worker_shutdown")
+            except WrapperResult as e:  # the shutdown itself ran; a traceback through pluggy says nothing more
+                logging.getLogger("bucketwire.worker").error(str(e), extra={"plugin": e.wrapper})
             except PLUGIN_FAILURES:  # a sys.exit() in one plugin's cleanup skipped every plugin's after it
                 logging.getLogger("bucketwire.worker").exception("worker_shutdown failed", extra={"plugin": name})
 
@@ -746,7 +757,8 @@ class PluginRunner:
                 try:
                     returned = caller(event=event, ctx=ctx)
                     if returned:  # pluggy's list of what the calls returned: empty when they return None
-                        no_awaitable(returned)
+                        no_awaitable(returned if type(returned) is list
+                                     else wrapped_result(returned, caller, "handle_event"))
                 except BaseException as e:
                     ctx.done = True
                     end_if_forked(name, "handle_event", forks)
@@ -756,7 +768,8 @@ class PluginRunner:
                 try:
                     returned = caller(event=event, ctx=ctx)
                     if returned:
-                        no_awaitable(returned)
+                        no_awaitable(returned if type(returned) is list
+                                     else wrapped_result(returned, caller, "handle_event"))
                 except BaseException as e:
                     ctx.done = True
                     end_if_forked(name, "handle_event", forks)
@@ -816,6 +829,40 @@ def no_awaitable(returned: list[Any], hook: str = "handle_event") -> None:
                    else "await it inside the hook (asyncio.run(...))")
             raise TypeError(f"{hook} returned {kind} {getattr(r, '__qualname__', '')!s}: the work it stands for "
                             f"never ran; {fix} and return None")
+
+
+class WrapperResult(TypeError):
+    """A wrapper of a hook made the result of the call it wrapped something else than that result (a list);
+    `wrapper` names its plugin, who is to blame (`culprit`)."""
+
+    def __init__(self, line: str, wrapper: str) -> None:
+        super().__init__(line)
+        self.wrapper = wrapper
+
+
+def wrapped_result(returned: Any, caller: pluggy.HookCaller, hook: str) -> list[Any]:
+    """`returned`, the result of a plugin's call of `hook`, checked to be what pluggy makes of the plugin's own
+    implementations (a list of what they returned). A `wrapper=True` implementation returns the result of the
+    call it wraps, and one that only yields (`yield` where `return (yield)` belongs, the commonest slip) made it
+    None: around validate_settings the plugin's normalised settings were dropped without a word, around
+    worker_startup the pool stopped with "plugin 'x': 'NoneType' object is not iterable", naming the plugin it
+    wrapped for the wrapper's mistake. Raises `WrapperResult` naming the wrapper and the fix."""
+    if type(returned) is list:
+        return returned
+    wrappers = [i for i in caller.get_hookimpls() if _is_wrapper(i)]
+    if not wrappers:  # pluggy's own result is always a list; nothing to blame
+        return list(returned) if isinstance(returned, list | tuple) else [returned]
+    names = " or ".join(repr(n) for n in dict.fromkeys(i.plugin_name for i in wrappers))
+    got = "None" if returned is None else _a(type(returned).__name__)
+    if all(i.hookwrapper for i in wrappers):
+        said = (f"plugin {names}: its hookwrapper of {hook} set the result of the call it wraps to {got} "
+                "(outcome.force_result) instead of a list of what the implementations returned; leave the result "
+                "as it is, or force a list")
+    else:
+        said = (f"plugin {names}: its wrapper=True implementation of {hook} returned {got} instead of the result "
+                "of the call it wraps (a list of what the implementations returned); end it with "
+                "`return (yield)`, or return the result its yield gave it")
+    raise WrapperResult(said, wrappers[-1].plugin_name)
 
 
 @contextlib.contextmanager
