@@ -421,6 +421,17 @@ def test_a_wrapper_that_does_not_yield_is_one_line_saying_how_a_wrapper_is_writt
                    "'Wrappers' in docs/plugins.md\n"), out
 
 
+@pytest.mark.parametrize("body", ["    res = yield\n    return\n", "    return None\n"])
+def test_an_async_def_wrapper_is_one_line_saying_it_must_be_a_plain_generator(tmp_path: Path, body: str) -> None:
+    """An `async def` wrapper that yields (an async generator) was refused as one that "does not yield", which it
+    plainly does: its author was sent looking for a missing yield. It is said for what it is."""
+    out = one_line_error(load_file(tmp_path, "w", "from bucketwire import hookimpl\n\n@hookimpl(wrapper=True)\n"
+                                   f"async def handle_event(event, ctx):\n{body}"))
+    assert out == ("Error: plugin 'w': handle_event is marked wrapper=True but is an async def; pluggy runs a "
+                   "wrapper as a plain generator (def, not async def) that yields once where the wrapped call runs "
+                   "(result = yield; return result): run async code inside it with asyncio.run()\n"), out
+
+
 def test_pluggys_own_refusal_names_the_plugin_once() -> None:
     """pluggy's text begins "Plugin '<name>' for hook '<hook>' hookimpl definition:", after the worker's own
     "plugin '<name>':" prefix: the plugin named twice, the hook three times."""

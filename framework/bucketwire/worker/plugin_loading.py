@@ -286,8 +286,14 @@ def _wrapper_not_generator(pm: pluggy.PluginManager, plugin: Any) -> str | None:
         if opts is None or not (opts.get("wrapper") or opts.get("hookwrapper")) or (opts.get("wrapper")
                                                                                    and opts.get("hookwrapper")):
             continue
-        if not inspect.isgeneratorfunction(getattr(plugin, attr, None)):
-            option = "wrapper=True" if opts.get("wrapper") else "hookwrapper=True"
+        fn = getattr(plugin, attr, None)
+        option = "wrapper=True" if opts.get("wrapper") else "hookwrapper=True"
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            # an async generator does yield: "does not yield" sent its author looking for a missing yield
+            return (f"{attr} is marked {option} but is an async def; pluggy runs a wrapper as a plain generator "
+                    "(def, not async def) that yields once where the wrapped call runs (result = yield; return "
+                    "result): run async code inside it with asyncio.run()")
+        if not inspect.isgeneratorfunction(fn):
             return (f"{attr} is marked {option} but does not yield; a wrapper is a generator that yields once where "
                     "the wrapped call runs (result = yield; return result), see 'Wrappers' in docs/plugins.md")
     return None
