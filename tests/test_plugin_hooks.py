@@ -562,8 +562,10 @@ class SlowData(dict):  # type: ignore[type-arg]
     the handler's ctx is done: a large follow-on being checked and measured as the handler returns."""
 
     ctx: Context | None = None
+    inside: threading.Event
 
     def get(self, key: Any, default: Any = None) -> Any:
+        self.inside.set()  # the publishing thread is inside ctx.publish, past its check that the handler runs
         deadline = time.monotonic() + 10
         while self.ctx is not None and not self.ctx.done and time.monotonic() < deadline:
             time.sleep(0.001)  # pacing: polling for the handler's end, with a deadline
@@ -582,7 +584,7 @@ class ThreadPublisher:
     @hookimpl
     def handle_event(self, ctx: Context) -> None:
         data = SlowData(n=1)
-        data.ctx = ctx
+        data.ctx, data.inside = ctx, threading.Event()
 
         def publish() -> None:
             try:
@@ -593,8 +595,7 @@ class ThreadPublisher:
         t = threading.Thread(target=publish)
         self.threads.append(t)
         t.start()
-        while not t.is_alive():  # pacing: wait for the thread to start; it then waits in SlowData.get
-            time.sleep(0.001)
+        data.inside.wait(10)  # the handler returns while the thread is inside ctx.publish
 
 
 def test_a_follow_on_a_thread_is_publishing_as_the_handler_returns_is_sent_or_refused_never_lost() -> None:
