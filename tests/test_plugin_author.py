@@ -192,6 +192,33 @@ def test_ctx_publish_refuses_what_the_hub_would_refuse(topic: str, data: dict[st
     assert why in str(ei.value) and "would be refused by the hub" in str(ei.value), ei.value
 
 
+@pytest.mark.parametrize(("grow", "raised", "why"), [
+    ({"pad": "x" * 2_000_000}, "FollowOnTooLarge", "its envelope is now 20"),
+    ({"seen": {"a", "b"}}, "ValueError", "Object of type set is not JSON serializable"),
+])
+def test_a_follow_on_whose_data_changes_after_ctx_publish_fails_its_event_in_the_harness(
+        grow: dict[str, Any], raised: str, why: str) -> None:
+    """ctx.publish measures and encodes the data it is given, but that dict stays the plugin's, which may go on
+    filling it. The harness returned such a follow-on as published (a set in it, or 2 MB over max_event_bytes)
+    where a pool sent it on: the set as a list, the 2 MB one to a dead letter of the hub's with its event acked,
+    and one past 64 MiB in an ACK the hub refused whole. Now both fail the event, in the harness as in a pool."""
+    from bucketwire import Event
+
+    class Grower:
+        PLUGIN_NAME = "grower"
+
+        @hookimpl
+        def handle_event(self, ctx: Any) -> None:
+            data: dict[str, Any] = {"n": 1}
+            ctx.publish("grown", data)
+            data.update(grow)
+
+    with PluginHarness(Grower()) as h, pytest.raises(ValueError) as ei:
+        h.handle(Event(id="e1", source="t", type="s3:ObjectCreated:Put", data={"bucket": "b", "key": "k"}))
+    assert type(ei.value).__name__ == raised, ei.value
+    assert why in str(ei.value) and "changed after ctx.publish" in str(ei.value), ei.value
+
+
 def test_a_setting_validate_settings_reads_but_the_config_lacks_is_named() -> None:
     """`settings["path"]` in validate_settings with no `path` in [plugins.NAME] said `[plugins.logger] 'path'`."""
 
@@ -392,6 +419,17 @@ def test_a_wrapper_that_does_not_yield_is_one_line_saying_how_a_wrapper_is_writt
     assert out == (f"Error: plugin 'w': handle_event is marked {option} but does not yield; a wrapper is a generator "
                    "that yields once where the wrapped call runs (result = yield; return result), see "
                    "'Wrappers' in docs/plugins.md\n"), out
+
+
+@pytest.mark.parametrize("body", ["    res = yield\n    return\n", "    return None\n"])
+def test_an_async_def_wrapper_is_one_line_saying_it_must_be_a_plain_generator(tmp_path: Path, body: str) -> None:
+    """An `async def` wrapper that yields (an async generator) was refused as one that "does not yield", which it
+    plainly does: its author was sent looking for a missing yield. It is said for what it is."""
+    out = one_line_error(load_file(tmp_path, "w", "from bucketwire import hookimpl\n\n@hookimpl(wrapper=True)\n"
+                                   f"async def handle_event(event, ctx):\n{body}"))
+    assert out == ("Error: plugin 'w': handle_event is marked wrapper=True but is an async def; pluggy runs a "
+                   "wrapper as a plain generator (def, not async def) that yields once where the wrapped call runs "
+                   "(result = yield; return result): run async code inside it with asyncio.run()\n"), out
 
 
 def test_pluggys_own_refusal_names_the_plugin_once() -> None:

@@ -8,6 +8,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -217,6 +219,59 @@ def test_ctx_state_is_per_plugin_and_lasts_from_startup_to_shutdown() -> None:
         h.handle(ev())
     assert h.runner.state == {"one": {"opened": ["one", "event", "event", "closed"]},
                               "two": {"opened": ["two", "event", "event", "closed"]}}
+
+
+class TwoOfEach:
+    """A plugin with two implementations of each hook, as pluggy allows (`specname`): one plugin object whose
+    functions each do a part of the work."""
+
+    PLUGIN_NAME = "two-of-each"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl(specname="worker_startup")
+    def open_client(self, ctx: Context) -> None:
+        self.calls.append("open_client")
+
+    @hookimpl(specname="worker_startup")
+    def open_log(self, ctx: Context) -> None:
+        self.calls.append("open_log")
+
+    @hookimpl(specname="handle_event")
+    def count(self, event: Event, ctx: Context) -> None:
+        self.calls.append("count")
+        ctx.publish("counted", {"by": "count"})
+
+    @hookimpl(specname="handle_event")
+    def index(self, event: Event, ctx: Context) -> None:
+        self.calls.append("index")
+        ctx.publish("indexed", {"by": "index"})
+
+    @hookimpl(specname="worker_shutdown")
+    def close_client(self, ctx: Context) -> None:
+        self.calls.append("close_client")
+
+    @hookimpl(specname="worker_shutdown")
+    def close_log(self, ctx: Context) -> None:
+        self.calls.append("close_log")
+
+
+def test_each_implementation_of_a_plugin_is_called_once_per_hook_call() -> None:
+    """pluggy calls each implementation once per hook call. A plugin with two implementations of a hook had its
+    plugin caller (which holds both) called once per implementation: every event ran both twice (twice the S3
+    writes, its follow-ons sent twice in one ACK), and worker_startup opened everything twice, leaking the first."""
+    p = TwoOfEach()
+    other = Stateful("other")
+    with PluginHarness(p, other) as h:
+        assert sorted(p.calls) == ["open_client", "open_log"]
+        p.calls.clear()
+        out = h.handle(ev())
+        assert sorted(p.calls) == ["count", "index"]
+        assert sorted(f.topic or "" for f in out) == ["counted", "indexed"]
+        p.calls.clear()
+    assert sorted(p.calls) == ["close_client", "close_log"]
+    assert h.runner.state["other"] == {"opened": ["other", "event", "closed"]}, "the other plugin, once each"
 
 
 def test_the_harness_applies_topics_like_a_worker() -> None:
@@ -502,6 +557,62 @@ def test_a_follow_on_published_outside_its_handler_raises_instead_of_vanishing()
         pass
 
 
+class SlowData(dict):  # type: ignore[type-arg]
+    """Follow-on data whose reading (ctx.publish looks at its bucket and key) holds the publishing thread until
+    the handler's ctx is done: a large follow-on being checked and measured as the handler returns."""
+
+    ctx: Context | None = None
+    inside: threading.Event
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.inside.set()  # the publishing thread is inside ctx.publish, past its check that the handler runs
+        deadline = time.monotonic() + 10
+        while self.ctx is not None and not self.ctx.done and time.monotonic() < deadline:
+            time.sleep(0.001)  # pacing: polling for the handler's end, with a deadline
+        return super().get(key, default)
+
+
+class ThreadPublisher:
+    """Publishes from a thread it does not wait for (a thread pool's callback)."""
+
+    PLUGIN_NAME = "thread-publisher"
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.results: list[Any] = []
+
+    @hookimpl
+    def handle_event(self, ctx: Context) -> None:
+        data = SlowData(n=1)
+        data.ctx, data.inside = ctx, threading.Event()
+
+        def publish() -> None:
+            try:
+                self.results.append(ctx.publish("late", data))
+            except RuntimeError as e:
+                self.results.append(e)
+
+        t = threading.Thread(target=publish)
+        self.threads.append(t)
+        t.start()
+        data.inside.wait(10)  # the handler returns while the thread is inside ctx.publish
+
+
+def test_a_follow_on_a_thread_is_publishing_as_the_handler_returns_is_sent_or_refused_never_lost() -> None:
+    """A thread inside ctx.publish (past its check that the handler is running) as the handler returns: the
+    runner read the follow-ons, found none and went on, and the thread then added its follow-on where nobody read
+    it again. ctx.publish returned it as queued, and it was never sent: lost, without a word. The runner waits
+    for a publish in progress as the handler returns, so the follow-on goes out with its event."""
+    p = ThreadPublisher()
+    with PluginHarness(p) as h:
+        out = h.handle(ev())
+        for t in p.threads:
+            t.join(15)
+    (res,) = p.results
+    assert isinstance(res, Event), res
+    assert [f.id for f in out] == [res.id], "ctx.publish returned a follow-on that was never sent"
+
+
 def test_a_plugin_whose_topics_miss_every_topic_of_its_group_stops_the_worker(stack_factory: Any) -> None:
     """`[plugins.NAME] topics` limits a plugin to some of its group's topics. Misspelt so that it names none of
     them, the plugin was never called and its group acked every event with the work undone."""
@@ -674,3 +785,90 @@ def test_a_plugins_own_error_through_a_wrapper_is_still_the_plugins() -> None:
     with pytest.raises(HandlerFailed) as ei:
         h.runner.run(ev(), 1)
     assert ei.value.plugin == "bad"
+
+
+class ForgetsToReturn:
+    """A timing wrapper of every hook that yields but does not return what the yield gave it (`yield` where
+    `return (yield)` belongs): pluggy makes its return value, None, the result of the call it wraps."""
+
+    PLUGIN_NAME = "forgetful"
+
+    def __init__(self, hooks: tuple[str, ...] = ("validate_settings", "worker_startup", "worker_shutdown")) -> None:
+        self.hooks = hooks
+
+    @hookimpl(wrapper=True, specname="validate_settings")
+    def around_validate(self, settings: dict[str, Any]) -> Generator[None, Any, Any]:
+        res = yield
+        return res if "validate_settings" not in self.hooks else None
+
+    @hookimpl(wrapper=True, specname="worker_startup")
+    def around_startup(self) -> Generator[None, Any, Any]:
+        res = yield
+        return res if "worker_startup" not in self.hooks else None
+
+    @hookimpl(wrapper=True, specname="handle_event")
+    def around_event(self) -> Generator[None, Any, Any]:
+        res = yield
+        return res if "handle_event" not in self.hooks else 5
+
+    @hookimpl(wrapper=True, specname="worker_shutdown")
+    def around_shutdown(self) -> Generator[None, Any, Any]:
+        res = yield
+        return res if "worker_shutdown" not in self.hooks else None
+
+
+class Normalises:
+    PLUGIN_NAME = "normalises"
+
+    def __init__(self) -> None:
+        self.settings: list[dict[str, Any]] = []
+
+    @hookimpl
+    def validate_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return {"path": "default.log", **settings}
+
+    @hookimpl
+    def worker_startup(self, ctx: Context) -> None:
+        self.settings.append(ctx.settings)
+
+    @hookimpl
+    def handle_event(self, ctx: Context) -> None:
+        ctx.publish("done", {"path": ctx.settings["path"]})
+
+    @hookimpl
+    def worker_shutdown(self, ctx: Context) -> None:
+        pass
+
+
+@pytest.mark.parametrize("hook", ["validate_settings", "worker_startup"])
+def test_a_wrapper_that_does_not_return_the_result_is_one_line_naming_it(hook: str) -> None:
+    """A wrapper=True implementation must return the result of the call it wraps. One that only yields (the
+    commonest slip) made it None: around validate_settings the plugin's settings were used without its defaults,
+    unsaid (every event then failed on a missing key); around worker_startup the pool stopped with `plugin
+    'normalises': 'NoneType' object is not iterable`, naming the plugin it wrapped for the wrapper's mistake."""
+    with pytest.raises(ConfigError) as ei:
+        PluginHarness(Normalises(), ForgetsToReturn((hook,))).start()
+    said = str(ei.value)
+    assert said.startswith("plugin 'forgetful': its wrapper=True implementation of " + hook), said
+    assert "returned None" in said and "return (yield)" in said, said
+    assert "\n" not in said
+
+
+def test_a_wrapper_that_returns_something_else_fails_the_event_naming_the_wrapper(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Around handle_event the failure is the event's, blamed on the wrapper (its dead letter's plugin), with
+    the line saying how a wrapper ends, not `TypeError: 'int' object is not iterable` charged to the plugin it
+    wrapped. Around worker_shutdown it is one error line naming the wrapper, and the other plugins still close."""
+    from bucketwire.worker.plugin_loading import HandlerFailed
+
+    h = PluginHarness(Normalises(), ForgetsToReturn(("handle_event", "worker_shutdown"))).start()
+    with pytest.raises(HandlerFailed) as ei:
+        h.runner.run(ev(), 1)
+    assert ei.value.plugin == "forgetful", ei.value.error
+    assert "returned an int" in str(ei.value.error) and "return (yield)" in str(ei.value.error), ei.value.error
+    with caplog.at_level(logging.ERROR, logger="bucketwire.worker"):
+        h.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("plugin 'forgetful': its wrapper=True implementation of worker_shutdown")
+               for line in lines), lines
+    assert not any(r.exc_info for r in caplog.records), "a traceback through pluggy for the wrapper's mistake"

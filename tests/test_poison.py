@@ -498,6 +498,34 @@ def test_a_follow_on_changed_after_ctx_publish_checked_it_fails_only_its_event(s
     assert pool.poll() is None
 
 
+def test_a_follow_on_grown_after_ctx_publish_measured_it_fails_only_its_event(stack_factory: Any) -> None:
+    """ctx.publish() measures a follow-on (max_event_bytes, 32 MiB per event), but the data it was given is the
+    plugin's own dict, which it may go on filling after the call (a result list appended to). Grown past what one
+    message to the hub carries (70 MB), the follow-on went out whole in its ACK: the hub refused that ACK, so the
+    event and the innocent ones acked with it stayed in flight for as long as the worker lived, and the later
+    event of the same object waited behind them for good. Grown past max_event_bytes only (2 MB), the hub
+    dead-lettered the follow-on and acked its event, whose handler ctx.publish would have failed. The follow-ons
+    are measured again as the handler returns: only the event that grew one fails, saying why."""
+    s = stack_factory(CFG.format(extra="").replace("max_attempts = 3", "max_attempts = 1"))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    bad = [job("same", follow_then_grow=70_000_000), job("grown", follow_then_grow=2_000_000)]
+    with s.client() as c:
+        c.publish_events([job("innocent-0"), bad[0], job("innocent-1"), bad[1], job("innocent-2")])
+        c.publish_events([job("same", n=2)])
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] == 2 and st["lag"] == 0
+             and st["inflight"] == 0, 40, "the two bad events to be dead-lettered and the rest handled:\n"
+             + s.dump_logs(600))
+    lines = {d["event"]["id"]: d["line"] for d in dead_letters(s)}
+    assert lines.keys() == {b.id for b in bad}, lines
+    assert all("FollowOnTooLarge" in v and "changed after ctx.publish" in v for v in lines.values()), lines
+    # (the bad events' handlers ran to their end, recording them, before their follow-ons were measured)
+    assert sorted(r["key"] for r in s.handled() if r["id"] not in lines) == ["innocent-0", "innocent-1",
+                                                                            "innocent-2", "same"]
+    assert "follow" not in s.status()["topics"], "no follow-on of a failed event was committed"
+    assert pool.poll() is None
+
+
 def test_a_follow_on_id_changed_after_ctx_publish_is_put_back(stack_factory: Any) -> None:
     """Exactly-once for follow-ons rests on their ids: derived from the causing event, so a redelivery publishes
     the same ids and the hub commits them once. A plugin that set its own (a random one) through the Event

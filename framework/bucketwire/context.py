@@ -54,11 +54,12 @@ class FollowOnTooLarge(ValueError):
     may catch it and publish a reference instead."""
 
 
-_PUBLISHING = threading.Lock()
+PUBLISHING = threading.Lock()
 """Held by `Context.publish` from the index it derives a follow-on's id from to the follow-on's place in
 `published`: a handler may publish from the threads of a pool it waits for, and two calls at once took one index,
 so two follow-ons got one id and the hub kept only one of them (a repeat, to it). One lock for every context:
-publishing is a few calls per event, and uncontended it costs less than a lock made per context would."""
+publishing is a few calls per event, and uncontended it costs less than a lock made per context would. The worker
+waits for it as a handler returns while a thread of the handler's holds it (`PluginRunner.run`)."""
 
 FOLLOW_ONS_MAX = 32 << 20
 """Bytes of envelope all the follow-ons of one event may take together. They travel to the hub in the event's
@@ -173,7 +174,7 @@ class Context:
             raise PublishOutsideHandler(
                 "ctx.publish() works only inside handle_event (a follow-on is committed with the ack of the event "
                 "that caused it); publish other events with bucketwire.client.HubClient")
-        with _PUBLISHING:
+        with PUBLISHING:
             return self._publish(cause, topic, data, type, subject)
 
     def _publish(self, cause: Event, topic: str, data: Any, type: str | None,  # noqa: A002
@@ -240,6 +241,27 @@ def changed_follow_on(ev: Event) -> str | None:
     return (f"follow-on {ev.id} to topic {str(topic)[:80]!r} was changed after ctx.publish checked it, and the hub "
             f"would refuse it now: {bad}; change what you publish before calling ctx.publish, not the Event it "
             "returns")
+
+
+def measured_again(ev: Event, limit: int | None) -> int:
+    """Bytes of follow-on `ev`'s envelope as its handler returns; raises `FollowOnTooLarge` for one over `limit`
+    ([hub] max_event_bytes), `ValueError` for one that cannot be encoded any more. `publish` measured it, but the
+    data it was given stays the plugin's own object, which it may go on filling after the call (a list of results
+    appended to): grown past what one message to the hub carries, the follow-on went out whole in its event's ACK,
+    and the hub refused that ACK, leaving its event and the innocent ones acked with it in flight for as long as
+    the worker lived. Measured here, it fails its own event as `publish` would have."""
+    said = (f"follow-on {ev.id} to topic {str(ev.topic)[:80]!r} was changed after ctx.publish checked it")
+    try:
+        n = envelope_bytes(ev, ev.topic)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{said}, and cannot be sent to the hub now: {e}; finish its data before calling "
+                         "ctx.publish (it is sent as it is when the handler returns)") from None
+    if limit is not None and n > limit:
+        raise FollowOnTooLarge(f"{said}: its envelope is now {n} bytes, over the hub's limit of {limit} bytes "
+                               "([hub] max_event_bytes); finish its data before calling ctx.publish (it is sent "
+                               "as it is when the handler returns), and put large data in the object store and "
+                               "publish a reference to it")
+    return n
 
 
 def too_many_follow_ons(count: int, total: int) -> str:

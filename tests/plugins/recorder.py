@@ -7,7 +7,8 @@ os.abort() (SIGABRT, as a crashing C extension would), {"exit": N} ends it with 
 raises the builtin BaseException NAME (SystemExit, KeyboardInterrupt, GeneratorExit), {"follow": K} publishes K
 follow-ons to topic "follow" (with {"follow_pad": N}: each with N bytes of padding), {"follow_kw": {...}} one
 follow-on published with those keyword arguments, {"follow_then_set": {...}} one follow-on whose attributes it
-sets to those values after publishing it, {"follow_fsname": true} one carrying a file name that is not
+sets to those values after publishing it, {"follow_then_grow": N} one follow-on whose data it adds N bytes of
+padding to after publishing it, {"follow_fsname": true} one carrying a file name that is not
 UTF-8, {"follow_strsub": true} one carrying instances of str and int subclasses, {"follow_bytes": N} one
 follow-on carrying N bytes of padding, {"follow_reset_hops": true} one whose hops it sets to 0 after publishing,
 {"fork": PATH} os.fork()s a process that lives on after the handler (writing its pid to PATH, exiting once
@@ -117,6 +118,10 @@ def handle_event(event, ctx):
         ctx.publish("follow", {"pad": "x" * d["follow_bytes"]})
     if d.get("follow_reset_hops"):  # a plugin that resets the hop count of what it published
         ctx.publish("follow", {"cause_seq": event.seq}).hops = 0
+    if d.get("follow_then_grow"):  # a plugin that adds to the data it published, after ctx.publish measured it
+        published_data = {"cause_seq": event.seq}
+        ctx.publish("follow", published_data)
+        published_data["pad"] = "x" * d["follow_then_grow"]
     if d.get("follow_then_set"):  # a plugin that changes what it published, after ctx.publish checked it
         published = ctx.publish("follow", {"cause_seq": event.seq})
         for k, v in d["follow_then_set"].items():

@@ -36,6 +36,7 @@ from bucketwire import hookspecs
 from bucketwire.config import ConfigError
 from bucketwire.context import (
     FOLLOW_ONS_MAX,
+    PUBLISHING,
     Context,
     FollowOnTooLarge,
     PermanentError,
@@ -43,6 +44,7 @@ from bucketwire.context import (
     Retry,
     Stores,
     changed_follow_on,
+    measured_again,
     too_many_follow_ons,
 )
 from bucketwire.envelope import Event
@@ -173,14 +175,17 @@ class Loaded:
     def callers(self, hook: str) -> list[tuple[str, pluggy.HookCaller]]:
         """(plugin name, hook caller) for each plugin that implements `hook`, in pluggy's call order.
 
-        Each caller holds that plugin's implementation and every wrapper of the hook, so a wrapper runs around
-        each plugin's call, and the caller is called with that plugin's own arguments (its `ctx`).
+        Each caller holds that plugin's implementations and every wrapper of the hook, so a wrapper runs around
+        each plugin's call, and the caller is called with that plugin's own arguments (its `ctx`). One per plugin,
+        however many implementations it has (pluggy takes several, `specname`): a caller per implementation,
+        each holding all of them, ran each implementation once per implementation, so a plugin with two
+        `handle_event`s did every event's work twice and its `worker_startup`s opened everything twice.
         """
         got = self._callers.get(hook)
         if got is None:
             caller: pluggy.HookCaller = getattr(self.pm.hook, hook)
-            plain = [i for i in reversed(caller.get_hookimpls()) if not _is_wrapper(i)]
-            got = [(impl.plugin_name, self.caller_without(hook, impl.plugin_name, ())) for impl in plain]
+            plain = dict.fromkeys(i.plugin_name for i in reversed(caller.get_hookimpls()) if not _is_wrapper(i))
+            got = [(name, self.caller_without(hook, name, ())) for name in plain]
             self._callers[hook] = got
         return got
 
@@ -281,8 +286,14 @@ def _wrapper_not_generator(pm: pluggy.PluginManager, plugin: Any) -> str | None:
         if opts is None or not (opts.get("wrapper") or opts.get("hookwrapper")) or (opts.get("wrapper")
                                                                                    and opts.get("hookwrapper")):
             continue
-        if not inspect.isgeneratorfunction(getattr(plugin, attr, None)):
-            option = "wrapper=True" if opts.get("wrapper") else "hookwrapper=True"
+        fn = getattr(plugin, attr, None)
+        option = "wrapper=True" if opts.get("wrapper") else "hookwrapper=True"
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            # an async generator does yield: "does not yield" sent its author looking for a missing yield
+            return (f"{attr} is marked {option} but is an async def; pluggy runs a wrapper as a plain generator "
+                    "(def, not async def) that yields once where the wrapped call runs (result = yield; return "
+                    "result): run async code inside it with asyncio.run()")
+        if not inspect.isgeneratorfunction(fn):
             return (f"{attr} is marked {option} but does not yield; a wrapper is a generator that yields once where "
                     "the wrapped call runs (result = yield; return result), see 'Wrappers' in docs/plugins.md")
     return None
@@ -437,6 +448,10 @@ def validate_settings(loaded: Loaded, sections: Mapping[str, Mapping[str, Any]])
             # sys.exit() ended the worker silently, with exit code 0 when it was sys.exit(0).
             raise ConfigError(f"[plugins.{name}] validate_settings raised {one_line(said_of(e))}; fix the "
                               f"[plugins.{name}] section") from None
+        try:
+            results = wrapped_result(results, caller, "validate_settings")
+        except WrapperResult as e:
+            raise ConfigError(str(e)) from None
         res = results[0] if results else None
         if res is not None:
             if not isinstance(res, dict):
@@ -503,6 +518,8 @@ def culprit(name: str, caller: pluggy.HookCaller, error: BaseException) -> str:
     after its yield, or instead of the plugin's), or yielded twice, is named, not the plugin it wrapped, whose
     dead letter and failure count would otherwise carry the wrapper's bug. The innermost frame of a hook
     implementation in the traceback is who raised; pluggy's own "second yield" error names the wrapper's code."""
+    if isinstance(error, WrapperResult):
+        return error.wrapper
     impls = caller.get_hookimpls()
     if len(impls) < 2:
         return name
@@ -565,7 +582,7 @@ def enable_tracing(pm: pluggy.PluginManager) -> Callable[[], None]:
         exc = outcome.exception
         event = kwargs.get("event")
         extra: dict[str, Any] = {
-            "plugin": ",".join(i.plugin_name for i in impls if not _is_wrapper(i)) or "-",
+            "plugin": ",".join(dict.fromkeys(i.plugin_name for i in impls if not _is_wrapper(i))) or "-",
             "hook": hook_name,
             "event_id": event.id if isinstance(event, Event) else None,
             "duration_ms": round(dt * 1000, 3),
@@ -689,7 +706,9 @@ class PluginRunner:
                 end_if_forked(name, "worker_startup", forks)
             started.append(name)  # it ran: even one that returned an awaitable may have opened something
             try:
-                no_awaitable(returned, "worker_startup")
+                no_awaitable(wrapped_result(returned, caller, "worker_startup"), "worker_startup")
+            except WrapperResult as e:  # the wrapper's to fix, at every start: one line naming it
+                raise ConfigError(str(e)) from None
             except TypeError as e:
                 # What it should have opened is not open, and every event would meet that; the plugin's to fix.
                 raise ConfigError(f"plugin {name!r}: {e}") from None
@@ -702,7 +721,10 @@ class PluginRunner:
         for name in names:
             caller = callers[name]
             try:
-                no_awaitable(caller(ctx=self.ctx(name)), "worker_shutdown")
+                no_awaitable(wrapped_result(caller(ctx=self.ctx(name)), caller, "worker_shutdown"),
+                             "worker_shutdown")
+            except WrapperResult as e:  # the shutdown itself ran; a traceback through pluggy says nothing more
+                logging.getLogger("bucketwire.worker").error(str(e), extra={"plugin": e.wrapper})
             except PLUGIN_FAILURES:  # a sys.exit() in one plugin's cleanup skipped every plugin's after it
                 logging.getLogger("bucketwire.worker").exception("worker_shutdown failed", extra={"plugin": name})
 
@@ -741,7 +763,8 @@ class PluginRunner:
                 try:
                     returned = caller(event=event, ctx=ctx)
                     if returned:  # pluggy's list of what the calls returned: empty when they return None
-                        no_awaitable(returned)
+                        no_awaitable(returned if type(returned) is list
+                                     else wrapped_result(returned, caller, "handle_event"))
                 except BaseException as e:
                     ctx.done = True
                     end_if_forked(name, "handle_event", forks)
@@ -751,7 +774,8 @@ class PluginRunner:
                 try:
                     returned = caller(event=event, ctx=ctx)
                     if returned:
-                        no_awaitable(returned)
+                        no_awaitable(returned if type(returned) is list
+                                     else wrapped_result(returned, caller, "handle_event"))
                 except BaseException as e:
                     ctx.done = True
                     end_if_forked(name, "handle_event", forks)
@@ -760,6 +784,12 @@ class PluginRunner:
                     raise HandlerFailed(blamed, e) from e
                 report(name, time.perf_counter() - t0, True)
             ctx.done = True  # a publish from now on (a thread the handler left running) raises, not vanishes
+            if PUBLISHING.locked():
+                # A thread of the handler's may be inside ctx.publish, past its check of `done`: what it adds is
+                # read below once it is out. Read before, it was added where nobody read it again, and lost while
+                # ctx.publish said it was queued.
+                with PUBLISHING:
+                    pass
             if _forks[0] != forks:
                 end_if_forked(name, "handle_event", forks)
             if ctx.published:
@@ -768,8 +798,12 @@ class PluginRunner:
                     changed = changed_follow_on(fo)
                     if changed is not None:
                         raise HandlerFailed(name, ValueError(changed))
-                out.extend(ctx.published)
-                size += ctx.published_bytes  # every plugin's follow-ons go in the one ACK result of this event
+                    try:
+                        # what it takes now, not what ctx.publish measured: its data may have grown since
+                        size += measured_again(fo, limit)
+                    except ValueError as e:  # FollowOnTooLarge is one
+                        raise HandlerFailed(name, e) from None
+                out.extend(ctx.published)  # every plugin's follow-ons go in the one ACK result of this event
                 if size > FOLLOW_ONS_MAX:
                     raise HandlerFailed(name, FollowOnTooLarge(too_many_follow_ons(len(out), size)))
         return out
@@ -801,6 +835,40 @@ def no_awaitable(returned: list[Any], hook: str = "handle_event") -> None:
                    else "await it inside the hook (asyncio.run(...))")
             raise TypeError(f"{hook} returned {kind} {getattr(r, '__qualname__', '')!s}: the work it stands for "
                             f"never ran; {fix} and return None")
+
+
+class WrapperResult(TypeError):
+    """A wrapper of a hook made the result of the call it wrapped something else than that result (a list);
+    `wrapper` names its plugin, who is to blame (`culprit`)."""
+
+    def __init__(self, line: str, wrapper: str) -> None:
+        super().__init__(line)
+        self.wrapper = wrapper
+
+
+def wrapped_result(returned: Any, caller: pluggy.HookCaller, hook: str) -> list[Any]:
+    """`returned`, the result of a plugin's call of `hook`, checked to be what pluggy makes of the plugin's own
+    implementations (a list of what they returned). A `wrapper=True` implementation returns the result of the
+    call it wraps, and one that only yields (`yield` where `return (yield)` belongs, the commonest slip) made it
+    None: around validate_settings the plugin's normalised settings were dropped without a word, around
+    worker_startup the pool stopped with "plugin 'x': 'NoneType' object is not iterable", naming the plugin it
+    wrapped for the wrapper's mistake. Raises `WrapperResult` naming the wrapper and the fix."""
+    if type(returned) is list:
+        return returned
+    wrappers = [i for i in caller.get_hookimpls() if _is_wrapper(i)]
+    if not wrappers:  # pluggy's own result is always a list; nothing to blame
+        return list(returned) if isinstance(returned, list | tuple) else [returned]
+    names = " or ".join(repr(n) for n in dict.fromkeys(i.plugin_name for i in wrappers))
+    got = "None" if returned is None else _a(type(returned).__name__)
+    if all(i.hookwrapper for i in wrappers):
+        said = (f"plugin {names}: its hookwrapper of {hook} set the result of the call it wraps to {got} "
+                "(outcome.force_result) instead of a list of what the implementations returned; leave the result "
+                "as it is, or force a list")
+    else:
+        said = (f"plugin {names}: its wrapper=True implementation of {hook} returned {got} instead of the result "
+                "of the call it wraps (a list of what the implementations returned); end it with "
+                "`return (yield)`, or return the result its yield gave it")
+    raise WrapperResult(said, wrappers[-1].plugin_name)
 
 
 @contextlib.contextmanager

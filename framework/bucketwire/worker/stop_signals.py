@@ -56,6 +56,9 @@ class StopSignals:
         self._said: set[tuple[int, str]] = set()
         for sig in SIGNALS:
             signal.signal(sig, self._on_stop)
+        # Unblocked here, before any plugin code runs, without a word: a child starts with SIGINT blocked by its
+        # pool (`sigint_ignored_by_children`; a signal mask survives exec), and `keep` blamed that on the plugins.
+        _sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     def _on_stop(self, signum: int, frame: Any) -> None:
         self.stopped = True
@@ -99,13 +102,15 @@ class StopSignals:
 
 @contextlib.contextmanager
 def sigint_ignored_by_children() -> Iterator[None]:
-    """Around starting a worker child: it starts with SIGINT ignored (a disposition survives exec; a signal mask
-    does not, multiprocessing's fork_exec clears it), so the terminal's Ctrl+C, which reaches every process of the
-    group, does not end a child still importing bucketwire (the spawn start method imports it before any code of
-    ours runs) with a KeyboardInterrupt traceback or `Fatal Python error: init_import_site`. `StopSignals` puts
-    the child's handler in. The pool gets its own Ctrl+C and stops the child (SIGTERM, quiet). Here SIGINT is
-    blocked meanwhile, so one that comes in these few lines stays pending for the pool's own handler (Linux never
-    discards a blocked signal, ignored or not)."""
+    """Around starting a worker child: it starts with SIGINT ignored (a disposition survives exec), so the
+    terminal's Ctrl+C, which reaches every process of the group, does not end a child still importing bucketwire
+    (the spawn start method imports it before any code of ours runs) with a KeyboardInterrupt traceback or `Fatal
+    Python error: init_import_site`. `StopSignals` puts the child's handler in. The pool gets its own Ctrl+C and
+    stops the child (SIGTERM, quiet). Here SIGINT is blocked meanwhile, so one that comes in these few lines stays
+    pending for the pool's own handler (Linux never discards a blocked signal, ignored or not). The mask survives
+    exec too (multiprocessing's fork_exec keeps it), so the child starts with SIGINT blocked as well, unless
+    multiprocessing unblocked it meanwhile (starting its resource tracker); `StopSignals` unblocks it, before any
+    plugin code runs, so that `keep` does not take it for a plugin's doing."""
     old = _sigmask(signal.SIG_BLOCK, [signal.SIGINT])
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
