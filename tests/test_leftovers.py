@@ -278,6 +278,17 @@ def test_a_pool_whose_children_keep_crashing_reaps_them(stack_factory: Callable[
     assert zombies_of(pool.pid) == []
 
 
+def _pool_serving_metrics(stack_factory: Callable[..., Stack], tmpdir: Path, extra: str = "") -> tuple[Stack, int]:
+    """A hub and a one-child pool of group g serving /metrics on a port of its own, its files under `tmpdir`."""
+    tmpdir.mkdir()
+    s = stack_factory('[groups.g]\ntopics = ["x"]\nplugins = []\n' + extra)
+    s.env["TMPDIR"] = str(tmpdir)
+    s.start_hub()
+    port = free_port()
+    s.start_worker("g", 1, "--metrics", f"127.0.0.1:{port}")
+    return s, port
+
+
 def test_a_crash_looping_pool_keeps_its_metrics_files_bounded_and_its_counts(stack_factory: Callable[..., Stack],
                                                                               tmp_path: Path) -> None:
     """Each child writes its samples to files of its own (`counter_<pid>.db`, `histogram_<pid>.db`, 64 KiB and up)
@@ -291,12 +302,7 @@ def test_a_crash_looping_pool_keeps_its_metrics_files_bounded_and_its_counts(sta
     from bucketwire.envelope import Event
 
     tmpdir = tmp_path / "tmpdir"
-    tmpdir.mkdir()
-    s = stack_factory('[groups.g]\ntopics = ["x"]\nplugins = []\n\n[topics.x]\nmax_attempts = 1\n')
-    s.env["TMPDIR"] = str(tmpdir)
-    s.start_hub()
-    port = free_port()
-    s.start_worker("g", 1, "--metrics", f"127.0.0.1:{port}")
+    s, port = _pool_serving_metrics(stack_factory, tmpdir, "\n[topics.x]\nmax_attempts = 1\n")
     crashes = 4
 
     def ev(data: dict[str, object]) -> Event:
@@ -328,12 +334,7 @@ def test_a_scrape_while_a_child_creates_its_metrics_file_still_answers(stack_fac
     from prometheus_client.parser import text_string_to_metric_families
 
     tmpdir = tmp_path / "tmpdir"
-    tmpdir.mkdir()
-    s = stack_factory('[groups.g]\ntopics = ["x"]\nplugins = []\n')
-    s.env["TMPDIR"] = str(tmpdir)
-    s.start_hub()
-    port = free_port()
-    s.start_worker("g", 1, "--metrics", f"127.0.0.1:{port}")
+    _, port = _pool_serving_metrics(stack_factory, tmpdir)
     wait_for(lambda: _serving(port), 30, "the pool's /metrics")
     [d] = tmpdir.glob("bucketwire-worker-metrics-*")
     (d / "counter_2147483647.db").touch()  # a child between its open and its truncate: no header yet
