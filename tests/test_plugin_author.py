@@ -446,3 +446,23 @@ def test_pluggys_own_refusal_names_the_plugin_once() -> None:
         PluginHarness(Both())
     assert str(ei.value) == ("plugin 'both': handle_event(event): The wrapper=True and hookwrapper=True options are "
                              "mutually exclusive"), ei.value
+
+
+@pytest.mark.parametrize("data, culprit", [({"tags": {"a", "b"}}, "set"), ({"raw": b"\x00\x01"}, "bytes")])
+def test_data_json_cannot_hold_is_refused_by_ctx_publish_naming_the_topic(data: dict[str, Any], culprit: str) -> None:
+    """A follow-on's data goes to the hub as JSON. A set in it raised json's bare "Object of type set is not JSON
+    serializable" from deep inside the envelope's encoder, naming neither the follow-on nor what to do."""
+    from bucketwire import Event
+
+    class Tagger:
+        PLUGIN_NAME = "tagger"
+
+        @hookimpl
+        def handle_event(self, ctx: Any) -> None:
+            ctx.publish("tagged", data)
+
+    with PluginHarness(Tagger()) as h, pytest.raises(TypeError) as ei:
+        h.handle(Event(id="e1", source="t", type="s3:ObjectCreated:Put", data={"bucket": "b", "key": "k"}))
+    line = str(ei.value)
+    assert "follow-on to topic 'tagged'" in line and "JSON" in line and culprit in line, line
+    assert "\n" not in line, line

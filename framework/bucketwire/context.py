@@ -207,7 +207,14 @@ class Context:
             read_envelope(_checked, ev.to_dict())
         except EnvelopeError as e:
             raise ValueError(f"follow-on to topic {topic!r} would be refused by the hub: {e}") from None
-        n = envelope_bytes(ev, topic)
+        try:
+            n = envelope_bytes(ev, topic)
+        except (TypeError, ValueError, OverflowError) as e:
+            # json's own words ("Object of type set is not JSON serializable") named neither the follow-on nor
+            # what to do about it
+            raise TypeError(f"follow-on to topic {topic!r} cannot be sent to the hub: its data must be what JSON "
+                            f"holds ({e}); publish dicts, lists, strings, numbers, booleans and None: a set as a "
+                            "list, bytes as text (base64) or as an object in the store") from None
         limit = self.max_event_bytes
         if limit is not None and n > limit:
             raise FollowOnTooLarge(f"follow-on to topic {topic!r} would be a {n}-byte envelope, over the hub's "
