@@ -548,3 +548,31 @@ start = "earliest"
     # one waiting dead letter left with seq 1: the bare seq names it alone now
     assert "purged 1" in cli(s, "dlq", "purge", "1").stdout
     assert dlq_json(s) == []
+
+
+def test_status_watch_rides_out_a_hub_restart(stack_factory: Any, tmp_path: Path) -> None:
+    """`status --watch` is the dashboard an operator keeps open while restarting the hub: it ended at the first
+    refresh the hub missed (`Error: no answer from the hub`, exit 1) and had to be started again, where `tail`
+    waits. It says once that the hub does not answer, keeps asking every interval, and goes on when it is back."""
+    s = stack_factory()
+    s.start_hub()
+    out = tmp_path / "watch.out"
+    p = subprocess.Popen([sys.executable, "-m", "bucketwire", "status", "--watch", "0.3", "-c", str(s.cfg_path)],
+                         env=s.env, stdout=out.open("w"), stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        wait_for(lambda: "uptime" in out.read_text() or "up " in out.read_text(), 30, "the first status")
+        s.kill_hub()
+        wait_for(lambda: "not answering" in out.read_text() or p.poll() is not None, 60, "the outage said")
+        assert p.poll() is None, out.read_text()
+        said = out.read_text()
+        assert said.count("not answering") == 1, said  # once, not once a refresh
+        s.start_hub()
+        mark = len(said)
+        wait_for(lambda: "hub " in out.read_text()[mark:] and "back" in out.read_text()[mark:], 60,
+                 "a fresh status after the restart:\n" + out.read_text()[mark:])
+        assert p.poll() is None, out.read_text()
+    finally:
+        os.killpg(p.pid, signal.SIGINT)
+        p.wait(30)
+    assert p.returncode == 0, (p.returncode, out.read_text()[-2000:])

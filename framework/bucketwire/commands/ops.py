@@ -249,15 +249,42 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
 def status(config_path: str | None, as_json: bool, watch: float | None) -> None:
     """Per group: state, cursor, head, lag, in-flight, workers, credit, retries, dead letters, oldest unacked;
     per topic: head and rate."""
-    from bucketwire.client import HubClient
+    from bucketwire.client import HubClient, HubUnavailable
 
     cfg = load_config(config_path)
     stop = threading.Event()
     tty = sys.stdout.isatty()
     with HubClient(cfg) as c:  # [client] timeout
         armed = False
+        text = ""
+        answered = time.time()  # when the hub last answered
+        down = False  # a --watch that had its answers, and the hub has stopped answering
         while True:
-            st = c.status()
+            try:
+                st = c.status()
+            except HubUnavailable as e:
+                # A watch is what an operator keeps open while restarting the hub: it ended at the first refresh
+                # the hub missed, where `tail` waits. The first answer must still come (a wrong endpoint is one
+                # line, as without --watch); after that an outage is said once, and asked about every interval.
+                if not (watch and armed):
+                    raise
+                if not down or tty:
+                    down = True
+                    line = (f"{time.strftime('%H:%M:%S')}  hub not answering (its last answer at "
+                            f"{time.strftime('%H:%M:%S', time.localtime(answered))}): {e}; asking again every "
+                            f"{watch:g}s (Ctrl+C to stop)")
+                    if tty:
+                        sys.stdout.write(f"\x1b[H\x1b[2J{line}\n\nits last answer:\n{text}\n")
+                        sys.stdout.flush()
+                    else:
+                        click.echo(line + "\n")
+                if stop.wait(watch):
+                    return
+                continue
+            if down and not tty:
+                click.echo(f"{time.strftime('%H:%M:%S')}  hub back, after {time.time() - answered:.0f}s without an "
+                           "answer\n")
+            down, answered = False, time.time()
             if watch and not armed:
                 # Once the hub answered: a Ctrl+C while the first request waited for a silent hub was kept until
                 # [client] timeout, then said 'no answer from the hub'; before this it ends the command at once.
