@@ -220,7 +220,9 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
                              "before it consumed them (since the hub started): raise [hub] retention_days / "
                              "retention_mb, or keep its workers running")
         if gs.get("dead_lettered"):
-            hints.append(f"  group {g}: {gs['dead_lettered']} dead-lettered: `bucketwire dlq list {c}--group {g}`")
+            # a count since the journal began, retried and purged ones too: `dlq list` knows which still wait
+            hints.append(f"  group {g}: {gs['dead_lettered']} dead-lettered so far; those still waiting: "
+                         f"`bucketwire dlq list {c}--group {g}`")
         for r in gs.get("long_running", []):
             # The events queued behind it in its child wait; past handler_timeout its child is killed.
             # A hub from before `run` was checked sent a NaN age or timeout as null: shown as "-", not a traceback.
