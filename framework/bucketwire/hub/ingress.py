@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 from bucketwire import exposition
-from bucketwire.envelope import EnvelopeError, Event, dumps, is_rfc3339, time_problem, valid_unicode
+from bucketwire.envelope import (
+    NESTING_REFUSAL,
+    EnvelopeError,
+    Event,
+    dumps,
+    is_rfc3339,
+    time_problem,
+    valid_unicode,
+)
 from bucketwire.formats import s3_records
 from bucketwire.hub.cert_reload import CertReload
 from bucketwire.hub.http_server import Limits, Pending, Request, Response, Server
@@ -58,6 +66,8 @@ def parse_cloudevents(body: bytes, store: str | None) -> list[Event]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise s3_records.RecordError(f"body is not valid JSON: {e}") from None
+    except RecursionError:  # past what the json module reads; no envelope may nest that deep (MAX_NESTING)
+        raise s3_records.RecordError(f"body {NESTING_REFUSAL}") from None
     items = doc if isinstance(doc, list) else [doc]
     if not items or len(items) > s3_records.MAX_RECORDS:
         raise s3_records.RecordError(f"expected 1 to {s3_records.MAX_RECORDS} CloudEvents")
@@ -129,6 +139,8 @@ def parse_cloudevents_binary(headers: Mapping[str, str], body: bytes) -> list[Ev
             d["data"] = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise bad(f"body is not valid JSON ({ctype or 'no Content-Type: JSON assumed'}): {e}") from None
+        except RecursionError:  # as in parse_cloudevents
+            raise bad(f"body {NESTING_REFUSAL}") from None
     elif media.startswith("text/"):
         charset = next((p.split("=", 1)[1].strip(' "').lower() for p in params.split(";")
                         if p.strip().lower().startswith("charset=")), "utf-8")
