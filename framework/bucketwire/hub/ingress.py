@@ -191,6 +191,9 @@ def tls_context(hub_cfg: Any) -> ssl.SSLContext | None:
     return ctx
 
 
+KNOWN_SCHEMES = frozenset({"basic", "digest", "token", "negotiate", "aws4-hmac-sha256", "hoba", "mutual"})
+"""Authorization schemes a refusal's log line names; any other first word might be a token sent bare."""
+
 JOURNAL_HIDDEN = "the journal cannot be written (the hub's log, or /healthz with its auth_token, says why)"
 REVOCATIONS_HIDDEN = ("the revocation list cannot be read; the last list read is enforced (the hub's log, or /healthz "
                       "with its auth_token, says why)")
@@ -256,6 +259,21 @@ class Ingress:
             ok |= hmac.compare_digest(got.encode(), t.encode())
         return ok
 
+    def _auth_problem(self, req: Request) -> str:
+        """What was wrong with a refused request's Authorization header, in words that hold none of it but its
+        scheme: a log line must not hand a token (a near miss, or another service's) to whoever reads the log."""
+        got = req.headers.get("authorization")
+        if got is None:
+            return "no Authorization header"
+        scheme, space, _ = got.strip().partition(" ")
+        if not scheme:
+            return "an empty Authorization header"
+        if space and scheme.lower() != "bearer":
+            # Only a known scheme is named: without a space the first word is a token sent bare (taken when right).
+            shown = scheme if scheme.lower() in KNOWN_SCHEMES else "an unknown one"
+            return f"Authorization scheme {shown}, not Bearer"
+        return f"the token matches none of the {len(self.cfg.auth_tokens)} configured token(s)"
+
     def head(self, req: Request) -> Response | None:
         if req.method in ("GET", "HEAD"):
             # These need no token, so a body they carried was buffered (up to max_body_bytes per connection)
@@ -273,6 +291,11 @@ class Ingress:
         if path not in ROUTES:
             return self.not_found(path)
         if not self._authorized(req):
+            # The operator's one clue when a store's token is stale (MinIO then queues every event): one line per
+            # PEER_WINDOW (logs.PeerRateLimit, keyed on the ingress), naming the peer and what was wrong, never
+            # the token sent nor the ones expected.
+            log.warning("webhook refused: missing or wrong bearer token",
+                        extra={"ingress": "http", "peer": req.peer, "path": path, "why": self._auth_problem(req)})
             return self.fail(401, "missing or wrong bearer token (Authorization: Bearer <auth_token>)", "auth",
                              close=True)
         if "transfer-encoding" in req.headers:
