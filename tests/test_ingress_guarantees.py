@@ -445,6 +445,8 @@ def _deep_bodies() -> list[tuple[str, bytes, dict[str, str]]]:
          {"Content-Type": "application/cloudevents-batch+json"}),
         ("/events", b"[" * 5000 + b"]" * 5000, binary),
         ("/minio/events", json.dumps({"Records": [rec]}).encode(), {}),
+        ("/minio/events", b'{"Records": [' + b"[" * 5000 + b"]" * 5000 + b"]}", {}),
+        ("/seaweedfs/events", b"[" * 5000 + b"]" * 5000, {}),
     ]
 
 
