@@ -408,6 +408,18 @@ def test_publish_refuses_data_that_is_not_json_instead_of_committing_null(stack_
     assert head(s, "x") == 0, "nothing committed"
 
 
+@pytest.mark.parametrize("depth", [700, 5000])
+def test_publish_refuses_data_nested_too_deep_in_one_line(stack_factory: StackFactory, depth: int) -> None:
+    """`bucketwire publish t '[[[...]]]'` nested 5,000 deep printed the json module's RecursionError traceback;
+    the CLI now says what is wrong in one line, before it sends anything, as the hub would say it."""
+    s = stack_factory(ROUTE)
+    s.start_hub()
+    r = _publish_cli(s, "x", "[" * depth + "]" * depth)
+    assert r.returncode == 2 and "nests deeper than 512 levels" in r.stderr, (r.stdout, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and r.stderr.count("Error") == 1, r.stderr[-2000:]
+    assert head(s, "x") == 0, "nothing committed"
+
+
 def test_an_attribute_too_long_is_named(stack_factory: StackFactory) -> None:
     """A topic of 250 characters is a valid topic, but `publish` makes the type `bucketwire.TOPIC`, 261
     characters: refused as 'envelope id/source/type is too long', naming none of them, for an id, a source and a
