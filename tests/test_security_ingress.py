@@ -200,3 +200,26 @@ def test_metrics_loopback_only_unless_public(tmp_path, public):
     assert got["127.0.0.1/metrics"] == 200 and got["127.0.0.1/healthz"] == 200
     want = 200 if public else 403
     assert got["10.99.0.1/metrics"] == want and got["10.99.0.1/healthz"] == want
+
+
+def test_a_refused_token_is_logged_once_per_window_without_the_token(stack_factory):
+    """A MinIO whose `auth_token` is stale gets 401 for every event and keeps them in its queue_dir; the hub's log
+    said nothing of it (only a counter moved), so nothing there told the operator why events stopped arriving.
+    Now a 401 is one warning naming the peer and what was wrong -- never the token sent, nor the one expected --
+    and a sender retrying in a loop still gets one line per 10 s."""
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    wrong = "stale-token-0123456789abcdef"
+    for tok in (wrong, wrong, ""):
+        code, resp = s.post("/events", CE, token=tok)
+        assert code == 401, resp
+    for header in ("Basic dXNlcjpwdw==", "stale-token-sent-bare", "Stale-token-with-a-space x"):
+        code, resp = s.post("/events", CE, headers={"Authorization": header}, token="")
+        assert code == 401, resp
+    log = s.logs[0].read_text()
+    lines = [ln for ln in log.splitlines() if "bearer token" in ln]
+    assert len(lines) == 1, log  # the hub writes its line before it answers: all four are in by now
+    assert "peer=127.0.0.1" in lines[0] and "matches none of the 1 configured token" in lines[0], lines[0]
+    for secret in (wrong, s.token, "dXNlcjpwdw", "stale-token", "Stale-token"):
+        assert secret not in log, (secret, log)
+    assert s.status()["topics"] == {}, "nothing committed"

@@ -18,6 +18,7 @@ import pytest
 
 from bucketwire.devstack.seaweedfs import WeedServer
 from bucketwire.envelope import Event
+from bucketwire.formats.s3_records import RecordError
 from bucketwire.sources import publish_until_acked
 from bucketwire.sources.minio_listen import MinioListenSource, parse_line
 from bucketwire.sources.seaweed_meta import (
@@ -212,6 +213,15 @@ def test_parse_line_keeps_keys_verbatim() -> None:
     assert parse_line(b"   \n", store="m") == []
     (ev,) = parse_line(json.dumps({"Records": [minio_record("s3:ObjectCreated:Put", "a b+c%20.jpg")]}), store="m")
     assert ev.subject == "a b+c%20.jpg" and ev.data["store"] == "m" and ev.data["bucket"] == "photos"
+
+
+def test_a_listen_line_nested_past_reading_is_one_unreadable_line() -> None:
+    """A line nested thousands deep raised RecursionError out of `parse_line`, which the source took for a broken
+    connection: it dropped the stream and reconnected after its backoff, missing what MinIO sent meanwhile (listen
+    keeps nothing). It is a RecordError now, which the source logs and skips, staying connected."""
+    deep = b'{"Records": [' + b"[" * 5000 + b"]" * 5000 + b"]}"
+    with pytest.raises(RecordError, match="nests deeper than 512 levels"):
+        parse_line(deep, store="m")
 
 
 @pytest.fixture

@@ -132,12 +132,17 @@ def publish(config_path: str | None, topic: str, data_json: str, type_: str | No
             event_id: str | None, timeout: float | None) -> None:
     """Publish one event; returns after the hub committed it."""
     from bucketwire.client import HubClient
+    from bucketwire.envelope import NESTING_REFUSAL, too_deep
 
     cfg = load_config(config_path)
     try:
         data = json.loads(data_json, parse_constant=_not_json)
     except ValueError as e:
         raise click.BadParameter(f"not JSON: {e}", param_hint="DATA_JSON") from None
+    except RecursionError:  # deeper than the json module reads; said as the hub says it of every way in
+        raise click.BadParameter(NESTING_REFUSAL, param_hint="DATA_JSON") from None
+    if too_deep([data]):  # the envelope holds the data one level down; the client could not even encode some
+        raise click.BadParameter(NESTING_REFUSAL, param_hint="DATA_JSON")
     with HubClient(cfg, timeout=timeout) as c:
         res = c.publish(topic, data, type=type_, subject=subject, id=event_id)
     click.echo(json.dumps(res))

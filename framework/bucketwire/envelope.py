@@ -573,14 +573,49 @@ def valid_unicode(v: Any) -> bool:
 
 
 def _valid_unicode_walk(v: Any) -> bool:
-    if isinstance(v, str):
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(v, Mapping):
-        return all(_valid_unicode_walk(k) and _valid_unicode_walk(x) for k, x in v.items())
-    if isinstance(v, list | tuple):
-        return all(_valid_unicode_walk(x) for x in v)
+    """Without recursing: what orjson refuses includes values nested past its 254 levels, and a recursive walk
+    of one nested a few hundred deep raised RecursionError (see MAX_NESTING)."""
+    todo = [v]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(x, Mapping):
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        elif isinstance(x, list | tuple):
+            todo.extend(x)
     return True
+
+
+MAX_NESTING = 512
+"""How many levels of arrays and objects inside each other an event's envelope may hold. The json module, which
+workers, `tail` and clients read envelopes with, gives up near 1,000 (less its caller's own stack), and orjson
+writes at most 254; without a limit of its own, the hub refused what it could not read with a RecursionError
+(and a traceback in its log), on the webhook at one depth and over ZeroMQ at another, and committed what some
+consumers could then not read."""
+
+NESTING_REFUSAL = (f"nests deeper than {MAX_NESTING} levels (arrays or objects inside each other); flatten it "
+                   "or send it as a string")
+
+
+def too_deep(v: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether `v` nests more than `limit` levels of arrays and objects, found without recursing (a value that
+    deep is what overflows a recursive walk). orjson writes at most 254 levels, so a caller that has written `v`
+    with it already knows the answer is False and need not ask."""
+    todo: list[tuple[Any, int]] = [(v, 1)]
+    while todo:
+        x, depth = todo.pop()
+        if isinstance(x, Mapping):
+            inner: Iterable[Any] = x.values()
+        elif isinstance(x, list | tuple):
+            inner = x
+        else:
+            continue
+        if depth > limit:
+            return True
+        todo.extend((y, depth + 1) for y in inner)
+    return False

@@ -60,7 +60,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
-from bucketwire.envelope import dumps
+from bucketwire.envelope import NESTING_REFUSAL, dumps
 
 PROTO = 3
 """1: ACKs carry a result per event. 2: the worker acks plain successes as ranges to a hub that reads them.
@@ -347,11 +347,15 @@ def decode(frame: bytes, typ: type[H], max_len: int = MAX_HEADER) -> H:
         raise ProtocolError(f"{typ.__name__.upper()} header: {e}") from None
     except msgspec.DecodeError:
         pass
+    except RecursionError:  # msgspec's own, past its depth: no envelope may nest that deep (MAX_NESTING)
+        raise ProtocolError(f"header frame {NESTING_REFUSAL}") from None
     # msgspec refuses what the json module reads (a lone surrogate escape, say); the envelope checks then decide
     try:
         obj = json.loads(frame)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("header frame is not JSON") from None
+    except RecursionError:  # no envelope may nest that deep; said as the hub says it of one it could read
+        raise ProtocolError(f"header frame {NESTING_REFUSAL}") from None
     try:
         return msgspec.convert(obj, typ)
     except msgspec.ValidationError as e:
@@ -364,11 +368,15 @@ def header(frame: bytes, max_len: int = MAX_HEADER) -> dict[str, Any]:
         raise ProtocolError("header frame too large")
     try:
         h = msgspec.json.decode(frame)
+    except RecursionError:
+        raise ProtocolError(f"header frame {NESTING_REFUSAL}") from None
     except msgspec.DecodeError:
         try:
             h = json.loads(frame)
         except (ValueError, UnicodeDecodeError):
             raise ProtocolError("header frame is not JSON") from None
+        except RecursionError:
+            raise ProtocolError(f"header frame {NESTING_REFUSAL}") from None
     if not isinstance(h, dict):
         raise ProtocolError("header frame is not a JSON object")
     return h

@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from bucketwire.envelope import Event, cloudevents_time, iso_ms, now_iso, ordered_id
+from bucketwire.envelope import NESTING_REFUSAL, Event, cloudevents_time, iso_ms, now_iso, ordered_id
 
 MAX_RECORDS = 1000
 
@@ -151,6 +151,8 @@ def parse_body(body: bytes, *, store: str | None, key_encoded: bool = True) -> l
         # lone surrogates, no BOM). Integers beyond 64 bits come back as floats and fail the size check.
         doc = orjson.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
+        if str(e).startswith("depth limit exceeded"):  # orjson's 1024 levels: said as every way in says it
+            raise RecordError(f"body {NESTING_REFUSAL}") from None
         raise RecordError(f"body is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise RecordError("body must be a JSON object with a 'Records' array")

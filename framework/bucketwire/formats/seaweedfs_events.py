@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from bucketwire.envelope import Event, now_iso, ordered_id
+from bucketwire.envelope import NESTING_REFUSAL, Event, now_iso, ordered_id
 from bucketwire.formats.s3_records import RecordError
 
 BUCKETS_ROOT = "/buckets/"
@@ -370,6 +370,8 @@ def parse_body(body: bytes, *, store: str | None) -> list[Event]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise RecordError(f"body is not valid JSON: {e}") from None
+    except RecursionError:  # past what the json module reads: no envelope may nest that deep (MAX_NESTING)
+        raise RecordError(f"body {NESTING_REFUSAL}") from None
     if isinstance(doc, list):
         if len(doc) > MAX_EVENTS_PER_BODY:
             raise RecordError(f"body has {len(doc)} events; at most {MAX_EVENTS_PER_BODY} per request")

@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 from bucketwire import exposition
-from bucketwire.envelope import EnvelopeError, Event, dumps, is_rfc3339, time_problem, valid_unicode
+from bucketwire.envelope import (
+    NESTING_REFUSAL,
+    EnvelopeError,
+    Event,
+    dumps,
+    is_rfc3339,
+    time_problem,
+    valid_unicode,
+)
 from bucketwire.formats import s3_records
 from bucketwire.hub.cert_reload import CertReload
 from bucketwire.hub.http_server import Limits, Pending, Request, Response, Server
@@ -58,6 +66,8 @@ def parse_cloudevents(body: bytes, store: str | None) -> list[Event]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise s3_records.RecordError(f"body is not valid JSON: {e}") from None
+    except RecursionError:  # past what the json module reads; no envelope may nest that deep (MAX_NESTING)
+        raise s3_records.RecordError(f"body {NESTING_REFUSAL}") from None
     items = doc if isinstance(doc, list) else [doc]
     if not items or len(items) > s3_records.MAX_RECORDS:
         raise s3_records.RecordError(f"expected 1 to {s3_records.MAX_RECORDS} CloudEvents")
@@ -129,6 +139,8 @@ def parse_cloudevents_binary(headers: Mapping[str, str], body: bytes) -> list[Ev
             d["data"] = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise bad(f"body is not valid JSON ({ctype or 'no Content-Type: JSON assumed'}): {e}") from None
+        except RecursionError:  # as in parse_cloudevents
+            raise bad(f"body {NESTING_REFUSAL}") from None
     elif media.startswith("text/"):
         charset = next((p.split("=", 1)[1].strip(' "').lower() for p in params.split(";")
                         if p.strip().lower().startswith("charset=")), "utf-8")
@@ -178,6 +190,9 @@ def tls_context(hub_cfg: Any) -> ssl.SSLContext | None:
         log.warning(f"{problem}; {RENEW_FIX}")
     return ctx
 
+
+KNOWN_SCHEMES = frozenset({"basic", "digest", "token", "negotiate", "aws4-hmac-sha256", "hoba", "mutual"})
+"""Authorization schemes a refusal's log line names; any other first word might be a token sent bare."""
 
 JOURNAL_HIDDEN = "the journal cannot be written (the hub's log, or /healthz with its auth_token, says why)"
 REVOCATIONS_HIDDEN = ("the revocation list cannot be read; the last list read is enforced (the hub's log, or /healthz "
@@ -244,6 +259,21 @@ class Ingress:
             ok |= hmac.compare_digest(got.encode(), t.encode())
         return ok
 
+    def _auth_problem(self, req: Request) -> str:
+        """What was wrong with a refused request's Authorization header, in words that hold none of it but its
+        scheme: a log line must not hand a token (a near miss, or another service's) to whoever reads the log."""
+        got = req.headers.get("authorization")
+        if got is None:
+            return "no Authorization header"
+        scheme, space, _ = got.strip().partition(" ")
+        if not scheme:
+            return "an empty Authorization header"
+        if space and scheme.lower() != "bearer":
+            # Only a known scheme is named: without a space the first word is a token sent bare (taken when right).
+            shown = scheme if scheme.lower() in KNOWN_SCHEMES else "an unknown one"
+            return f"Authorization scheme {shown}, not Bearer"
+        return f"the token matches none of the {len(self.cfg.auth_tokens)} configured token(s)"
+
     def head(self, req: Request) -> Response | None:
         if req.method in ("GET", "HEAD"):
             # These need no token, so a body they carried was buffered (up to max_body_bytes per connection)
@@ -261,6 +291,11 @@ class Ingress:
         if path not in ROUTES:
             return self.not_found(path)
         if not self._authorized(req):
+            # The operator's one clue when a store's token is stale (MinIO then queues every event): one line per
+            # PEER_WINDOW (logs.PeerRateLimit, keyed on the ingress), naming the peer and what was wrong, never
+            # the token sent nor the ones expected.
+            log.warning("webhook refused: missing or wrong bearer token",
+                        extra={"ingress": "http", "peer": req.peer, "path": path, "why": self._auth_problem(req)})
             return self.fail(401, "missing or wrong bearer token (Authorization: Bearer <auth_token>)", "auth",
                              close=True)
         if "transfer-encoding" in req.headers:

@@ -32,6 +32,7 @@ from bucketwire.config import Config
 from bucketwire.envelope import (
     HUB_EXTENSIONS,
     MAX_TOPIC_LEN,
+    NESTING_REFUSAL,
     NUL_IN_OBJECT_NAME,
     RESERVED_SOURCES,
     SCHEMA_VERSION,
@@ -47,6 +48,7 @@ from bucketwire.envelope import (
     read_envelope,
     stable_id,
     time_problem,
+    too_deep,
     topic_problem,
     unsent_envelope,
     unsent_of,
@@ -891,6 +893,11 @@ class Hub:
                 continue
             env["topic"] = topic
             unsent = pre_render(env)
+            if type(unsent) is not bytes and too_deep(env):  # orjson writes what nests 254 levels or less
+                self.metrics.rejected.labels(source, "invalid").inc()
+                err = f"event {i} ({eid[:64]}): {NESTING_REFUSAL}; nothing in this request was committed"
+                done([IngestResult(e["id"], None, None, error=err) for e in events], None)
+                return
             big = None if sized else self._oversized(env, topic, bound, unsent)
             if big is not None:
                 self.metrics.rejected.labels(source, "too_large").inc()
@@ -1975,6 +1982,8 @@ def decode_pub(raw: bytes) -> tuple[P.Pub, bool]:
             return _PUB_DECODER.decode(raw), True
         except msgspec.MsgspecError:
             pass
+        except RecursionError:  # msgspec's, past its depth: said as the hub says it of every way in
+            raise P.ProtocolError(f"header frame {NESTING_REFUSAL}") from None
     return P.decode(raw, P.Pub), False
 
 

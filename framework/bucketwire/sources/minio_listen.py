@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from bucketwire.envelope import Event
+from bucketwire.envelope import NESTING_REFUSAL, Event
 from bucketwire.formats.s3_records import RecordError, record_to_event
 from bucketwire.sources import Publish, publish_until_acked
 
@@ -44,6 +44,8 @@ def parse_line(line: bytes | str, *, store: str | None) -> list[Event]:
         doc = json.loads(line)
     except ValueError as e:
         raise RecordError(f"listen stream line is not JSON: {e}") from None
+    except RecursionError:  # an unreadable line, not a broken connection: skipped, the stream kept
+        raise RecordError(f"listen stream line {NESTING_REFUSAL}") from None
     return parse_document(doc, store=store)
 
 
