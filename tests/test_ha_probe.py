@@ -631,23 +631,30 @@ def _on_cluster(cluster: NatsCluster, act: Callable[[Any], Awaitable[T]]) -> T:
 
 def _adhoc_seen_by_both(a: Stack, b: Stack) -> tuple[Stack, Stack]:
     """Start both hubs (a dispatching g) and a pool of an ad-hoc group `adhoc` (no hub's config names it) through
-    b's config (b first in [client] work: its workers knock at b, which then wants adhoc); once both hubs know the
-    group, stop the pool. Returns (the hub that dispatches adhoc, the other one)."""
+    each hub's config (its own hub first in [client] work: its workers knock there, and that hub then wants
+    adhoc); once both hubs know the group, stop the pools. Returns (the hub that dispatches adhoc, the other one).
+
+    One pool through b's config alone left it to timing: when b took the lease before its worker tried a, a never
+    heard of adhoc."""
     from tests.test_ha import dispatcher
 
     a.start_hub()
     wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
     b.start_hub()
-    pool_cfg = b.dir / "pool.toml"
-    pool_cfg.write_text(b.cfg_path.read_text() + '\n[groups.adhoc]\ntopics = ["photos"]\nplugins = []\n')
-    pool = b.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg)
-    d = wait_for(lambda: next((s for s in (a, b) if s.status()["groups"].get("adhoc", {}).get("workers")), None),
-                 30, "the pool at the hub that dispatches adhoc")
+    pools = []
+    for s in (b, a):
+        pool_cfg = s.dir / "pool.toml"
+        pool_cfg.write_text(s.cfg_path.read_text() + '\n[groups.adhoc]\ntopics = ["photos"]\nplugins = []\n')
+        pools.append(s.start_worker("adhoc", 1, wait=False, cfg_path=pool_cfg))
+    d = wait_for(lambda: next((s for s in (a, b) if s.status()["groups"].get("adhoc", {}).get("workers") == 2),
+                              None), 30, "both pools at the hub that dispatches adhoc")
     o = b if d is a else a
     assert "adhoc" in o.status()["dispatch"], "the other hub never heard of adhoc: nothing to probe"
-    pool.send_signal(signal.SIGTERM)
-    assert pool.wait(30) == 0
-    wait_for(lambda: d.status()["groups"]["adhoc"]["workers"] == 0, 10, "the pool gone")
+    for pool in pools:
+        pool.send_signal(signal.SIGTERM)
+    for pool in pools:
+        assert pool.wait(30) == 0
+    wait_for(lambda: d.status()["groups"]["adhoc"]["workers"] == 0, 10, "the pools gone")
     return d, o
 
 
