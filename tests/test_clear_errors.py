@@ -95,7 +95,7 @@ def test_doctor_against_stores_with_wrong_settings(weed, tmp_path: Path) -> None
 def test_doctor_and_operator_commands_against_a_hub_that_is_down(stack_factory: Callable[..., Stack]) -> None:
     """The hub's HTTP line read `not reachable from here (<urlopen error [Errno 111] Connection refused>)`; the
     commands an operator reaches for first say in one line that no hub answers, and where they looked."""
-    s = stack_factory(GROUPS)
+    s = stack_factory(GROUPS + "\n[client]\ntimeout = 2\n")  # each command gives up after 2 s, not 10
     r = run(s, "doctor", "-q")
     assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
     http = [line for line in r.stdout.splitlines() if "[hub] http" in line]
