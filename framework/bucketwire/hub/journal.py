@@ -238,6 +238,10 @@ class JournalAPI(Protocol):
         """For a group this hub does not know: None when the journal holds no removal of it; else the removal's
         leftover keys are deleted, and how many there were is returned (RemovalUnfinished: still some left)."""
         ...
+    def stored_cursors(self, group: str) -> dict[str, int]:
+        """Topic -> acked seq of every cursor the journal holds of `group`, read now (with several hubs: what the
+        cluster holds, whoever wrote it): what `group rm` of a group no hub runs deletes."""
+        ...
     def probe(self) -> str | None: ...
     def size_bytes(self) -> int: ...
     def event_room(self) -> int | None:
@@ -784,6 +788,9 @@ class Journal:
     def finish_removal(self, group: str) -> int | None:
         """One transaction removes a group whole (`forget_group`): there is never anything left to finish."""
         return None
+
+    def stored_cursors(self, group: str) -> dict[str, int]:
+        return dict(self.db.execute("SELECT topic, acked FROM cursors WHERE grp=?", (group,)))
 
     def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int:
         """Drop the oldest events past the age or size limit, at most `chunk` of them; returns how many.
