@@ -12,14 +12,8 @@ from typing import Any
 
 from bucketwire.hub.journal import Batch, Journal, NewEvent
 from tests.fixtures_hub import Stack, wait_for
+from tests.test_groups import GROUPS  # group a on topic jobs, from the earliest event
 from tests.test_ops import publish
-
-GROUPS = """
-[groups.a]
-topics = ["jobs"]
-plugins = []
-start = "earliest"
-"""
 
 
 def _cursor(s: Stack) -> int:
