@@ -30,7 +30,7 @@ from typing import Protocol, cast
 
 from bucketwire.envelope import SEQ_SLOT, Unsent, render
 from bucketwire.hub.journal_front import ROW, FrontLog
-from bucketwire.hub.journal_mark import MARK_INTERVAL, HighWater
+from bucketwire.hub.journal_mark import MARK_INTERVAL, MARK_SHARE, HighWater
 from bucketwire.hub.key_filter import KeyFilter
 
 log = logging.getLogger("bucketwire.journal")
@@ -358,10 +358,10 @@ class Journal:
     def _mark_tick(self) -> None:
         """From the checkpoint thread: write the high-water mark when heads moved and MARK_INTERVAL passed."""
         now = time.monotonic()
-        if self._moved and now - self._marked_at >= MARK_INTERVAL:
+        if self._moved and now - self._marked_at >= max(MARK_INTERVAL, MARK_SHARE * self._mark.took):
             self._moved = False
             self._marked_at = now
-            self._mark.write(dict(self.heads))  # one C-level copy: the loop thread's updates do not interleave
+            self._mark.write(list(self.heads.items()))  # one C-level copy: the loop's updates do not interleave
 
     def _build_keys(self) -> None:
         """(Re)build the key filter from what the journal holds, sized for twice as many events."""
@@ -901,7 +901,7 @@ class Journal:
         self._front.close()
         self._checkpointer.close()
         if self._moved:
-            self._mark.write(dict(self.heads))
+            self._mark.write(list(self.heads.items()))
         try:
             self.db.close()
         except sqlite3.Error:

@@ -22,12 +22,19 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("bucketwire.journal")
 
 MARK_INTERVAL = 1.0
 """Seconds between writes of the mark while heads move: one small write and fsync a second, off the hub's loop."""
+MARK_SHARE = 50
+"""A write of the mark waits at least this many times as long as the last one took: with tens of thousands of
+topics encoding them all takes tens of ms, all of it holding the GIL the hub's loop needs (60,000 topics: ~2 MB,
+~90 ms on a loaded test machine), so such a hub writes it every few seconds instead."""
+SLICE = 2000
+"""Heads encoded per `json.dumps` call: between calls the hub's loop thread can take the GIL."""
 
 
 class HighWater:
@@ -36,6 +43,8 @@ class HighWater:
         self.journal_id = journal_id
         self._lock = threading.Lock()  # the checkpoint thread and `close` both write it
         self._failing = False
+        self.took = 0.0
+        """Seconds the last `write` took (see MARK_SHARE)."""
 
     def read(self) -> dict[str, int]:
         """Topic -> last seq handed out, as recorded for this journal; empty when there is no mark, it is
@@ -52,9 +61,12 @@ class HighWater:
             return {}
         return {str(t): h for t, h in doc["heads"].items() if isinstance(h, int) and not isinstance(h, bool)}
 
-    def write(self, heads: dict[str, int]) -> None:
+    def write(self, heads: list[tuple[str, int]]) -> None:
         """Replace the mark with `heads` (whole, or not at all: a temporary file renamed over it)."""
-        data = json.dumps({"journal": self.journal_id, "heads": heads}, separators=(",", ":")).encode()
+        start = time.monotonic()
+        parts = (json.dumps(dict(heads[i:i + SLICE]), separators=(",", ":"))[1:-1]
+                 for i in range(0, len(heads), SLICE))
+        data = f'{{"journal":{json.dumps(self.journal_id)},"heads":{{{",".join(parts)}}}}}'.encode()
         tmp = self.path.with_name(self.path.name + ".tmp")
         with self._lock:
             try:
@@ -68,6 +80,7 @@ class HighWater:
                     os.close(fd)
                 os.replace(tmp, self.path)
                 self._failing = False
+                self.took = time.monotonic() - start
             except OSError as e:  # a full disk: the journal's own writes say so; this retries at the next interval
                 with contextlib.suppress(OSError):
                     tmp.unlink()
