@@ -551,6 +551,31 @@ start = "earliest"
     assert dlq_json(s) == []
 
 
+def test_dead_letters_of_a_renamed_dead_letter_topic_stay_listed_and_retryable(hub_stack: Any) -> None:
+    """`[hub] dead_letter` renamed in the config: the dead letters already on the old topic stay in the journal,
+    but `dlq list` read only the topics the config names ("no dead letters waiting") and `dlq retry ID` said no
+    waiting dead letter matches. Now the dlq commands also read the dead-letter topics the journal holds, and say
+    in one line which ones the config no longer names."""
+    s = hub_stack(ops_config(Path("S_DIR"), {"a": {}}, max_attempts=1))
+    s.cfg_path.write_text(s.cfg_path.read_text().replace("S_DIR", str(s.dir)))
+    (s.dir / "fail.flag").write_text("x")
+    s.start_hub()
+    start_worker(s, "a", 1)
+    publish(s, 1, flaky="a", which="old-dl")
+    wait_for(lambda: s.status()["groups"]["a"]["dead_lettered"] == 1, 20, "one dead letter")
+    s.kill_hub(signal.SIGTERM)
+    s.cfg_path.write_text(s.cfg_path.read_text().replace("[hub]\n", '[hub]\ndead_letter = "dlq-v2"\n', 1))
+    s.start_hub()
+    listing = cli(s, "dlq", "list")
+    assert "dead-letter:1" in listing.stdout and "waiting" in listing.stdout, listing.stdout + listing.stderr
+    note = [line for line in listing.stderr.splitlines() if "no longer names" in line]
+    assert len(note) == 1 and "dead-letter" in note[0], listing.stderr
+    (s.dir / "fail.flag").unlink()
+    assert "retried 1" in cli(s, "dlq", "retry", "dead-letter:1").stdout
+    wait_for(lambda: [r for r in records(s) if r["g"] == "a"], 20, "group a handled the retried event")
+    assert dlq_json(s) == [] and len(dlq_json(s, "--all")) == 1
+
+
 def test_status_watch_rides_out_a_hub_restart(stack_factory: Any, tmp_path: Path) -> None:
     """`status --watch` is the dashboard an operator keeps open while restarting the hub: it ended at the first
     refresh the hub missed (`Error: no answer from the hub`, exit 1) and had to be started again, where `tail`

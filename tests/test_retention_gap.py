@@ -45,7 +45,7 @@ def test_a_group_behind_retention_is_told_in_the_log_status_and_metrics(stack_fa
     out = subprocess.run([sys.executable, "-m", "bucketwire", "status", "-c", str(s.cfg_path)], env=s.env,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    hint = next((ln for ln in out.stdout.splitlines() if "retention" in ln), None)
+    hint = next((ln for ln in out.stdout.splitlines() if "dropped by retention" in ln), None)
     assert hint is not None and "late" in hint and "3" in hint, out.stdout
 
 

@@ -421,6 +421,43 @@ def dead_letter_topics(cfg: Config) -> list[str]:
     return sorted(names)
 
 
+PROBE_TOPICS = 1000
+"""Topics the config does not name as dead-letter topics that the dlq commands look into (one read of the first
+event each) for dead letters: a hub with tens of thousands of topics (one per object) is not read whole."""
+
+
+def held_dead_letter_topics(client: Any, named: list[str]) -> tuple[list[str], int]:
+    """Dead-letter topics the journal holds that `named` (the config's) leaves out, and how many topics were not
+    looked into (past PROBE_TOPICS). A `dead_letter` renamed in the config leaves the dead letters of the old
+    name in the journal: retryable and purgeable as any, but invisible to commands that read only the new name.
+    A topic is one when a `dlq retry|purge` marked one of its dead letters (`<topic>.handled`), or when no group
+    consumes it and its first event is a dead letter the hub wrote. Topics groups consume are not read: they are
+    the busy ones, and a key with a role sees its groups' topics in `status` whether or not it may read them (a
+    read refused would be logged by the hub as a forbidden request)."""
+    from bucketwire.client import HubRefused
+
+    st = client.status()
+    topics = set(st.get("topics", {}))
+    consumed = {t for g in st.get("groups", {}).values() for t in g.get("topics", {})}
+    skip = set(named) | {t + HANDLED_SUFFIX for t in named}
+    found = {t[:-len(HANDLED_SUFFIX)] for t in topics - skip if t.endswith(HANDLED_SUFFIX)} & topics - set(named)
+    rest = sorted(t for t in topics - skip - found - consumed if not t.endswith(HANDLED_SUFFIX))
+    for t in rest[:PROBE_TOPICS]:
+        try:
+            _, bodies = client.fetch(t, 1, 1)
+        except HubRefused:  # a topic this key may not read ([security.roles]): not its dead letters either
+            continue
+        if bodies and _is_dead_letter(json.loads(bodies[0])):
+            found.add(t)
+    return sorted(found), max(0, len(rest) - PROBE_TOPICS)
+
+
+def _is_dead_letter(ev: dict[str, Any]) -> bool:
+    """Written by the hub as a dead letter (a publisher cannot use the hub's sources)."""
+    return (ev.get("type") == DEAD_TYPE and isinstance(ev.get("data"), dict)
+            and str(ev.get("source", "")).startswith(f"{HUB_SOURCE}dead-letter/"))
+
+
 def read_topic(client: Any, topic: str, limit: int | None = None) -> list[dict[str, Any]]:
     """Every envelope of a topic still in the journal, oldest first."""
     out: list[dict[str, Any]] = []
@@ -497,8 +534,7 @@ def load_dead_letters(client: Any, dl_topics: list[str]) -> list[DeadLetter]:
                     and isinstance(d, dict) and d.get("deadletter")):
                 handled.setdefault(d["deadletter"], d)
         for ev in read_topic(client, dlt):
-            if (ev.get("type") != DEAD_TYPE or not isinstance(ev.get("data"), dict)
-                    or not str(ev.get("source", "")).startswith(f"{HUB_SOURCE}dead-letter/")):
+            if not _is_dead_letter(ev):
                 continue
             h = handled.get(ev["id"], {})
             out.append(DeadLetter(ev, dlt, parse_seq(ev["seq"]), h.get("action"), h.get("at"), h.get("by")))
@@ -591,7 +627,17 @@ def _load(config_path: str | None, dlq_topics: tuple[str, ...]) -> tuple[Config,
 
     cfg = load_config(config_path)
     client = HubClient(cfg)  # [client] timeout
-    return cfg, client, load_dead_letters(client, list(dlq_topics) or dead_letter_topics(cfg))
+    if dlq_topics:
+        return cfg, client, load_dead_letters(client, list(dlq_topics))
+    named = dead_letter_topics(cfg)
+    held, unchecked = held_dead_letter_topics(client, named)
+    if held:
+        click.echo(f"also reading dead-letter topic(s) the config no longer names: {', '.join(held)} (a renamed "
+                   "dead_letter; their dead letters are listed, retried and purged like the others)", err=True)
+    if unchecked:
+        click.echo(f"{unchecked} topic(s) not looked into for dead letters (more than {PROBE_TOPICS}); name an old "
+                   "dead-letter topic with --dlq-topic", err=True)
+    return cfg, client, load_dead_letters(client, named + held)
 
 
 def _ages(older: str | None, newer: str | None) -> tuple[float | None, float | None]:

@@ -23,13 +23,14 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, cast
 
 from bucketwire.envelope import SEQ_SLOT, Unsent, render
 from bucketwire.hub.journal_front import ROW, FrontLog
+from bucketwire.hub.journal_mark import MARK_INTERVAL, MARK_SHARE, HighWater
 from bucketwire.hub.key_filter import KeyFilter
 
 log = logging.getLogger("bucketwire.journal")
@@ -238,6 +239,10 @@ class JournalAPI(Protocol):
         """For a group this hub does not know: None when the journal holds no removal of it; else the removal's
         leftover keys are deleted, and how many there were is returned (RemovalUnfinished: still some left)."""
         ...
+    def stored_cursors(self, group: str) -> dict[str, int]:
+        """Topic -> acked seq of every cursor the journal holds of `group`, read now (with several hubs: what the
+        cluster holds, whoever wrote it): what `group rm` of a group no hub runs deletes."""
+        ...
     def probe(self) -> str | None: ...
     def size_bytes(self) -> int: ...
     def event_room(self) -> int | None:
@@ -316,10 +321,47 @@ class Journal:
         """A commit made durable in the front log and not yet written here (`settle`)."""
         self._front = _open_front(self.db, path.with_name(path.name + "-front"), str(jid[0]).encode())
         self._front_on = durability == "os"  # with "fsync" the front log would need a sync of its own per commit
-        self._checkpointer = _Checkpointer(path)
         self._replay_front()
+        self._mark = HighWater(path.with_name(path.stem + "-highwater.json"), str(jid[0]))
+        self._lift_to_mark()
+        self._moved = True
+        """Heads moved since the mark was last written (set by commits, read by the checkpoint thread)."""
+        self._marked_at = 0.0
+        self._checkpointer = _Checkpointer(path, self._mark_tick)
         self._keys = KeyFilter()
         self._build_keys()
+
+    def _lift_to_mark(self) -> None:
+        """Go on after the last seq of each topic handed out, where journal.db is behind it: restored from a backup
+        taken before more events were written (hub/journal_mark.py says why). Behind is also a topic whose group
+        cursor is past its head: acked seqs the journal no longer holds. Each such head is written to `topics` as
+        a floor, as retention does, so the next event of the topic takes the seq after it; the seqs between are
+        gone with the restore (groups skip them like events retention dropped). Said in one warning."""
+        want = self._mark.read()
+        for topic, acked in self.db.execute("SELECT topic, max(acked) FROM cursors GROUP BY topic"):
+            want[topic] = max(want.get(topic, 0), int(acked))
+        staged = self._pending.heads if self._pending is not None else {}
+        behind = {t: h for t, h in want.items() if h > self.heads.get(t, 0) and t not in staged}
+        if not behind:
+            return
+        with self._transaction("write") as db:
+            db.executemany("INSERT INTO topics(name, head) VALUES(?, ?) "
+                           "ON CONFLICT(name) DO UPDATE SET head=max(head, excluded.head)", list(behind.items()))
+        gaps = {t: f"{self.heads.get(t, 0) + 1}-{h}" for t, h in sorted(behind.items())}
+        self.heads.update(behind)
+        self._floors.update(behind)
+        first = next(iter(gaps))
+        log.warning(f"{self.path.name} is behind the seqs this hub handed out (restored from an older backup?): "
+                    f"{len(gaps)} topic(s), e.g. {first} seqs {gaps[first]}; those events are not in it, and new "
+                    "events go on after them so no seq names two events", extra={"topics": gaps})
+
+    def _mark_tick(self) -> None:
+        """From the checkpoint thread: write the high-water mark when heads moved and MARK_INTERVAL passed."""
+        now = time.monotonic()
+        if self._moved and now - self._marked_at >= max(MARK_INTERVAL, MARK_SHARE * self._mark.took):
+            self._moved = False
+            self._marked_at = now
+            self._mark.write(list(self.heads.items()))  # one C-level copy: the loop's updates do not interleave
 
     def _build_keys(self) -> None:
         """(Re)build the key filter from what the journal holds, sized for twice as many events."""
@@ -605,6 +647,7 @@ class Journal:
             raise JournalError(f"journal commit failed: {e.strerror or e}") from e
         self._pending = _Staged(batch, rows, heads, {t: self.heads.get(t, 0) for t in heads})
         self.heads.update(heads)
+        self._moved = True
         f.add(keys)
         return out
 
@@ -654,6 +697,7 @@ class Journal:
                 self._insert(db, rows, insert_sizes(len(rows) // ROW, self._recent))
             new = self._write_rest(db, batch, heads)
         self.heads.update(heads)
+        self._moved = bool(heads) or self._moved
         if new:
             self._floors.update(new)
         self._keys.add([(ev.source, ev.id) for ev, a in zip(events, out, strict=True) if not a.duplicate])
@@ -785,6 +829,9 @@ class Journal:
         """One transaction removes a group whole (`forget_group`): there is never anything left to finish."""
         return None
 
+    def stored_cursors(self, group: str) -> dict[str, int]:
+        return dict(self.db.execute("SELECT topic, acked FROM cursors WHERE grp=?", (group,)))
+
     def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int:
         """Drop the oldest events past the age or size limit, at most `chunk` of them; returns how many.
 
@@ -853,6 +900,8 @@ class Journal:
                 self._front.path.unlink()
         self._front.close()
         self._checkpointer.close()
+        if self._moved:
+            self._mark.write(list(self.heads.items()))
         try:
             self.db.close()
         except sqlite3.Error:
@@ -1012,8 +1061,10 @@ class _Checkpointer:
     the fsyncs outside the GIL.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tick: Callable[[], None] = lambda: None) -> None:
+        """`tick`: called after each checkpoint (the journal's high-water mark is written from here)."""
         self.db = _connect(path)
+        self.tick = tick
         self.stopping = threading.Event()
         self.failing = False
         self.thread = threading.Thread(target=self._run, name="journal-checkpoint", daemon=True)
@@ -1028,6 +1079,7 @@ class _Checkpointer:
                 if not self.failing:
                     log.warning("journal checkpoint failed; retrying", extra={"error": str(e)})
                 self.failing = True
+            self.tick()
 
     def close(self) -> None:
         self.stopping.set()

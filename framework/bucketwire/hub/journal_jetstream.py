@@ -1292,13 +1292,19 @@ class JetStreamJournal:
         """The topics `group` has a cursor of in the cluster, read now (up to request_timeout): what a hub that never
         saw an ad-hoc group's workers knows of it. `group rm` purges the cursors, so a removed group has none, and
         a group made anew under that name has only the topics its new workers named."""
+        return set(self.stored_cursors(group))
+
+    def stored_cursors(self, group: str) -> dict[str, int]:
+        """See `JournalAPI.stored_cursors`: the group's cursor keys newer than its removal record, if any (older:
+        a half-done removal's leftovers)."""
         async def read() -> dict[str, tuple[bytes, int]]:
             found = await self._latest(self._kv_cursors, f"c.{token(group)}.>")
             stats = f"stats.{token(group)}"
             floor = _removal_floor((await self._latest(self._kv_cursors, stats)).get(stats))
-            return {k: v for k, v in found.items() if v[1] > floor}  # older: a half-done removal's leftovers
+            return {k: v for k, v in found.items() if v[1] > floor}
 
-        return {untoken(k.rsplit(".", 1)[1]) for k in self._run(read())}
+        docs = [json.loads(value) for value, _ in self._run(read()).values()]
+        return {str(d["topic"]): int(d["acked"]) for d in docs}
 
     def probe(self) -> str | None:
         """Whether a commit could be stored now: None, or why not (for /healthz)."""

@@ -259,7 +259,8 @@ class Hub:
         # Gauges, rates, socket monitors, replay, DLQ, group removal: see hub/ops.py.
         self.ops = HubOps(cfg, self.metrics, self.journal, self.groups, self.net, new_event=self._new,
                           journal_ok=lambda: self.write_error is None,
-                          queued=self.ingress_q.qsize, too_large=self._too_large, group_topics=self._group_topics)
+                          queued=self.ingress_q.qsize, too_large=self._too_large, group_topics=self._group_topics,
+                          holder=self._holder_now)
         if cfg.security.curve:  # fail at startup, with one line, not in the loop
             check_key_files(cfg.security)
             server_key_path(cfg.security)
@@ -1868,6 +1869,14 @@ class Hub:
         # An ad-hoc group whose workers never reached this hub: the cluster knows its topics by its cursors (one
         # read, an operator's command only). Raises JournalError when the cluster does not answer.
         return (self.ha.stored_topics(name) or None) if self.ha is not None else None
+
+    def _holder_now(self, group: str) -> str | None:
+        """The hub holding `group`'s dispatch lease, read from the cluster now (an operator's `group rm` of a group
+        this hub does not run; JournalError when the cluster does not answer); None with SQLite, or no holder."""
+        if self.ha is None:
+            return None
+        held = self.ha.lease_holders().get(group)
+        return held[0] if held is not None else None
 
     def _elsewhere(self, group: str, now: float) -> bool:
         """With several hubs: whether an operator's command on `group` is for another hub, the one that dispatches

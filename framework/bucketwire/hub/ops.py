@@ -95,12 +95,14 @@ class HubOps:
                  net: Listeners, *, new_event: Callable[[Event, str], NewEvent],
                  journal_ok: Callable[[], bool],
                  queued: Callable[[], int], group_topics: Callable[[str], Collection[str] | None],
-                 too_large: Callable[[Event, str], str | None] = lambda ev, t: None) -> None:
+                 too_large: Callable[[Event, str], str | None] = lambda ev, t: None,
+                 holder: Callable[[str], str | None] = lambda g: None) -> None:
         """`groups` is the hub's own mapping (removing a group here removes it from the hub); `new_event` makes a
         journal entry the way the hub does, `too_large` says why one would be over the hub's event size limit;
         `group_topics` names the topics of a group this hub or the cluster knows, dispatched here or not (with
         several hubs a `dlq retry` may reach one that does not dispatch the group: the retry is an event like any,
         which every hub may commit and the dispatcher then delivers; reading the cluster may raise JournalError);
+        `holder` reads now which hub holds a group's dispatch lease (None: no hub; with SQLite always None);
         the other callables read hub state that changes every turn."""
         self.cfg = cfg
         self.metrics = metrics
@@ -110,6 +112,7 @@ class HubOps:
         self.new_event = new_event
         self.too_large = too_large
         self.group_topics = group_topics
+        self.holder = holder
         self.journal_ok = journal_ok
         self.queued = queued
         self.rates: dict[str, RateWindow] = {}
@@ -389,17 +392,31 @@ class HubOps:
         (as the refusal of a configured group says to do) and the hub restarted, with no worker back since. The
         hub had no such group, so `group rm` said `unknown group` and nothing could forget the cursors: the group
         put back, or a pool of that name, resumed from them whatever its `start`. False: nothing stored (or the
-        group is configured, then it is the configured group's refusal). SQLite only: its one hub runs every group
-        that has workers; with jetstream a group this hub does not run may be another hub's, workers and all."""
-        if gname in self.cfg.groups or self.cfg.journal.backend == "jetstream":
+        group is configured, then it is the configured group's refusal). With jetstream the cursors are the
+        cluster's, read now, and a group another hub dispatches (its lease held, read now too) is that hub's to
+        remove: refused, as the hub's own groups with workers are."""
+        if gname in self.cfg.groups:
             return False
-        stored = {t: acked for (g, t), acked in self.journal.cursors().items() if g == gname}
+        try:
+            stored = self.journal.stored_cursors(gname)
+            holder = self.holder(gname) if stored else None
+        except JournalError as e:
+            reply(error=f"could not read what the journal holds of group {gname!r}: {e}; nothing was removed, run "
+                        f"`bucketwire group rm {gname}` again")
+            return True
         if not stored:
             return False
+        if holder is not None:
+            reply(error=f"group {gname!r} is dispatched by hub {holder}; run `bucketwire group rm {gname}` with a "
+                        "config that points at that hub, once its workers are stopped")
+            return True
         heads = self.journal.heads
         lag = sum(max(0, heads.get(t, 0) - acked) for t, acked in stored.items())
         try:
             self.journal.forget_group(gname)
+        except RemovalUnfinished as e:  # stored as removed (jetstream): the rest is left for a re-run
+            reply(error=f"{e}; no hub reads them, run `bucketwire group rm {gname}` again to delete them")
+            return True
         except JournalError as e:
             reply(error=f"could not remove group {gname!r}: {e}; it is still there, run `bucketwire group rm "
                         f"{gname}` again")
