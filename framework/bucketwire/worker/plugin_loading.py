@@ -754,7 +754,7 @@ class PluginRunner:
             if wrapped:
                 caller = self._topic_caller(name, topic)
             # Positional: the hot path's one allocation per plugin, a third cheaper than by keyword.
-            ctx = Context(name, group, settings, stores, logger, event, attempt, [], state, limit)
+            ctx = Context(name, group, settings, stores, logger, event, attempt, state, limit)
             # BaseException: a handler's sys.exit(), KeyboardInterrupt or GeneratorExit is its event's failure,
             # like any exception. Left to end the child, it cost the child's other events a redelivery, and a
             # sys.exit(2) read as the exit code of a configuration error stopped the whole pool. (A stop signal
@@ -792,9 +792,10 @@ class PluginRunner:
                     pass
             if _forks[0] != forks:
                 end_if_forked(name, "handle_event", forks)
-            if ctx.published:
-                for fo, fid in zip(ctx.published, ctx.derived_ids, strict=True):
-                    fo.id = fid  # exactly-once rests on it (see Context.derived_ids)
+            follow = ctx._follow
+            if follow:
+                for fo, fid in follow:
+                    fo.id = fid  # exactly-once rests on it (see Context._follow)
                     changed = changed_follow_on(fo)
                     if changed is not None:
                         raise HandlerFailed(name, ValueError(changed))
@@ -803,7 +804,7 @@ class PluginRunner:
                         size += measured_again(fo, limit)
                     except ValueError as e:  # FollowOnTooLarge is one
                         raise HandlerFailed(name, e) from None
-                out.extend(ctx.published)  # every plugin's follow-ons go in the one ACK result of this event
+                out.extend(fo for fo, _ in follow)  # every plugin's follow-ons go in the one ACK result of this event
                 if size > FOLLOW_ONS_MAX:
                     raise HandlerFailed(name, FollowOnTooLarge(too_many_follow_ons(len(out), size)))
         return out
