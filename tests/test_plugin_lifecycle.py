@@ -148,24 +148,40 @@ def handle_event(event):
 """
 
 
-def test_a_failing_worker_startup_is_logged_once_per_attempt(stack_factory, tmp_path):
-    """A `worker_startup` that raises (a server not up yet) is logged with the plugin's name and the child is
-    restarted with backoff. Each attempt printed its traceback twice: once logged, and again by multiprocessing
-    as the exception left the child process ('Process bucketwire-worker-...: Traceback ...')."""
-    counter = tmp_path / "attempts"
+def test_a_failing_worker_startup_logs_its_traceback_once_and_sums_up_the_repeats(stack_factory, tmp_path):
+    """A `worker_startup` that raises (a server not up yet) stops its child, and the pool restarts it with
+    backoff. Every restart logged the whole traceback again (two children: two a second at first, then one per
+    child every few seconds for as long as the server was down), burying everything else in the pool's log, and
+    the backoff started over every minute. Now the first failure is one line naming the plugin and the error,
+    with its traceback once; each identical one after is one line counting it, the backoff keeps growing while
+    the failures go on, and the pool says when the plugin starts again."""
+    counter, release = tmp_path / "attempts", tmp_path / "db-up"
     plugin = tmp_path / "dbdown.py"
     plugin.write_text(STARTUP.format(body=f"open({str(counter)!r}, 'a').write('x')\n    "
+                                          f"if not os.path.exists({str(release)!r}):\n        "
                                           "raise ConnectionError('database not up yet')"))
     s = stack_factory("")
     s.start_hub()
-    w = s.start_worker("db", 1, "--topic", "t", "--plugin", str(plugin), wait=False)
-    wait_for(lambda: counter.exists() and len(counter.read_text()) >= 2, 30, "two startup attempts")
+    w = s.start_worker("db", 2, "--topic", "t", "--plugin", str(plugin), wait=False)
+    wait_for(lambda: counter.exists() and len(counter.read_text()) >= 6, 30, "six startup attempts")
+    release.write_text("")
+    wait_for(lambda: s.status()["groups"].get("db", {}).get("workers", 0) == 2, 40, "both children started")
     w.send_signal(signal.SIGTERM)
     assert w.wait(20) == 0
     text = s.logs[-1].read_text()
-    logged = text.count("worker_startup failed")
-    assert logged >= 2 and text.count("Traceback") == logged, text
-    assert "Process bucketwire-worker" not in text, text
+    failures = len(counter.read_text()) - 2  # the two that started
+    first = "worker_startup of plugin 'dbdown' failed: ConnectionError: database not up yet"
+    assert text.count(first) == 1 and text.count("Traceback") == 1, text
+    assert text.index(first) < text.index("Traceback") < text.index("failed again"), text
+    again = [ln for ln in text.splitlines() if "worker_startup of plugin 'dbdown' failed again" in ln]
+    assert len(again) == failures - 1 and "(2 times)" in again[0] and f"({failures} times)" in again[-1], text
+    assert all("restarting the child in" in ln for ln in again), again
+    # each slot's wait doubles with its failures in a row (it fell back as the crashes of the last minute did)
+    for slot in ("slot=0", "slot=1"):
+        waits = [float(ln.split("restarting the child in ")[1].split(" s")[0]) for ln in again if ln.endswith(slot)]
+        assert all(b == a * 2 for a, b in zip(waits, waits[1:], strict=False)), (slot, waits)
+    assert "worker child died" not in text and "Process bucketwire-worker" not in text, text
+    assert "worker_startup of plugin 'dbdown' succeeded after" in text, text
 
 
 @pytest.mark.parametrize("body", ["sys.exit(2)", "sys.exit(0)", "raise KeyboardInterrupt('planned')"])
@@ -181,14 +197,15 @@ def test_a_worker_startup_that_raises_a_base_exception_is_a_failed_startup(stack
     s = stack_factory("")
     s.start_hub()
     w = s.start_worker("q", 1, "--topic", "t", "--plugin", str(plugin), wait=False)
-    wait_for(lambda: (counter.exists() and len(counter.read_text()) >= 2) or w.poll() is not None, 30,
-             "two startup attempts")
+    # the third attempt starts once the second failure was said
+    wait_for(lambda: (counter.exists() and len(counter.read_text()) >= 3) or w.poll() is not None, 30,
+             "three startup attempts")
     assert w.poll() is None, s.dump_logs()
     w.send_signal(signal.SIGTERM)
     assert w.wait(20) == 0
     text = s.logs[-1].read_text()
-    logged = text.count("worker_startup failed plugin=quits")
-    assert logged >= 2 and text.count("Traceback") == logged, text
+    assert text.count("worker_startup of plugin 'quits' failed: ") == 1 and text.count("Traceback") == 1, text
+    assert "worker_startup of plugin 'quits' failed again (2 times)" in text, text
     assert "Process bucketwire-worker" not in text and "configuration error" not in text, text
 
 

@@ -645,6 +645,7 @@ class PluginRunner:
                              if _is_wrapper(i) and (want := self.topics.get(i.plugin_name)) is not None}
         self._topic_callers: dict[tuple[str, str | None], pluggy.HookCaller] = {}
         self.on_handled = on_handled
+        self.failed_startup: str | None = None  # the plugin whose worker_startup raised (`startup`)
 
     def setup_digest(self) -> str:
         """A digest of every plugin's validated settings (never the settings themselves: they may hold secrets),
@@ -658,8 +659,9 @@ class PluginRunner:
     def startup(self, slow_after: float | None = None) -> None:
         """`worker_startup` for each plugin; the first failure stops this child (it could not do its work).
 
-        A `ConfigError` is a mistake the user must fix (the pool stops with its line); anything else is logged
-        with the plugin's name and raised, so the supervisor restarts the child with backoff. `slow_after`: a
+        A `ConfigError` is a mistake the user must fix (the pool stops with its line); anything else is raised
+        as it is, its plugin named in `failed_startup`, so the supervisor says it and restarts the child with
+        backoff. `slow_after`: a
         plugin's `worker_startup` still running after this many seconds is logged, and again each time as long
         again passes: the child takes no event until it returns, and nothing else would say why.
 
@@ -699,7 +701,9 @@ class PluginRunner:
                 missing = _missing_setting(name, e, self.settings[name]) if isinstance(e, KeyError) else None
                 if missing is not None:
                     raise missing from None
-                logging.getLogger("bucketwire.worker").exception("worker_startup failed", extra={"plugin": name})
+                # Said by the worker's supervisor, once for the pool (worker/startup_failures.py), or by the
+                # harness raising it.
+                self.failed_startup = name
                 raise
             finally:
                 done.set()

@@ -29,6 +29,7 @@ from bucketwire.config import Config, ConfigError, GroupConfig
 from bucketwire.procutil import on_stop_signals, stop_with_parent
 from bucketwire.worker.child import EXIT_EXHAUSTED, Plugins, WorkerSpec, child_main
 from bucketwire.worker.running import Running, RunningSlot
+from bucketwire.worker.startup_failures import StartupFailures, read_note
 from bucketwire.worker.stop_signals import sigint_ignored_by_children
 from bucketwire.zmtp import LocalDealer
 
@@ -269,6 +270,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     timed_out: dict[int, Running] = {}
     respawn_at: dict[int, float] = {}  # slot -> when its crashed child is replaced (crash-loop backoff)
     restarts: dict[int, list[float]] = {}
+    failing = StartupFailures(restart_backoff)  # children whose plugins' worker_startup raised
     restarted = [0]
     served = None
     if metrics:  # before the first spawn: children inherit the multiprocess directory from the environment
@@ -356,6 +358,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
             for slot in [s for s, t in respawn_at.items() if t <= now]:
                 del respawn_at[slot]
                 spawn(slot)
+            failing.check_started(slots)
             wake = min([kill_overdue(now), *respawn_at.values(), *reload_by.values()])
             sentinels: dict[Any, int] = {exits.fd(slot): slot for slot in children if slot not in respawn_at}
             ready = wait([*sentinels, woken], timeout=max(0.0, wake - time.monotonic()))
@@ -389,7 +392,10 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                     break
                 r = timed_out.pop(slot, None)
                 exhausted = r is None and p.exitcode == EXIT_EXHAUSTED and running is None
-                if r is not None:  # our kill, not a crash: replace it at once
+                startup = read_note(slots[slot]) if r is None and running is None else None
+                if startup is not None:  # it never joined the hub: nothing to report there
+                    delay = failing.failed(slot, startup)  # says it, once whole and then counted
+                elif r is not None:  # our kill, not a crash: replace it at once
                     report(slot, r, f"handler timed out after {r.timeout:g} s (handler_timeout)")
                     delay = 0.0
                 elif exhausted:
@@ -408,7 +414,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                 if exhausted:
                     log.warning("worker child replaced: it ran out of file descriptors or memory (its line above "
                                 "names the plugin)", extra={"slot": slot, "exitcode": p.exitcode})
-                else:
+                elif startup is None:
                     log.warning("worker child died; restarting", extra={"slot": slot, "exitcode": p.exitcode,
                                                                         "delay": round(delay, 2)})
                 respawn_at[slot] = time.monotonic() + delay
