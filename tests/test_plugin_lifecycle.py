@@ -164,8 +164,18 @@ def test_a_failing_worker_startup_logs_its_traceback_once_and_sums_up_the_repeat
     s.start_hub()
     w = s.start_worker("db", 2, "--topic", "t", "--plugin", str(plugin), wait=False)
     wait_for(lambda: counter.exists() and len(counter.read_text()) >= 6, 30, "six startup attempts")
+    # status shows the failing pool (its group looked like one nobody runs: "start `bucketwire worker`")
+    (fp,) = wait_for(lambda: [p for p in s.status().get("failing_starts", {}).get("db", []) if p["count"] >= 3],
+                     30, "status to show the failing pool")
+    assert fp["plugin"] == "dbdown" and fp["pid"] == w.pid, fp
+    assert fp["line"].startswith("ConnectionError: database not up yet (") and "dbdown.py, line " in fp["line"], fp
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "status", "-c", str(s.cfg_path)], capture_output=True,
+                       text=True, timeout=60, env=s.env)
+    assert (f"! group db: the pool on {fp['host']} (pid {w.pid}) cannot start its workers: worker_startup of plugin "
+            "'dbdown' failed ") in r.stdout, r.stdout + r.stderr
     release.write_text("")
     wait_for(lambda: s.status()["groups"].get("db", {}).get("workers", 0) == 2, 40, "both children started")
+    wait_for(lambda: "failing_starts" not in s.status(), 20, "status to stop showing the failing pool")
     w.send_signal(signal.SIGTERM)
     assert w.wait(20) == 0
     text = s.logs[-1].read_text()

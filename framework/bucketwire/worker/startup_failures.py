@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +71,9 @@ def read_note(slot: RunningSlot) -> Failure | None:
 class StartupFailures:
     """The supervisor's side: per slot its failed starts in a row, and the failure said last for the pool."""
 
-    def __init__(self, backoff: tuple[float, float]) -> None:
-        self.backoff = backoff
+    def __init__(self, backoff: tuple[float, float], tell: Callable[[str, str, int, float], None]) -> None:
+        """`tell(plugin, line, count, retry_in)` reports the failures to the hub, for `status` (count 0: over)."""
+        self.backoff, self.tell = backoff, tell
         self.in_a_row: dict[int, tuple[int, str]] = {}  # slot -> its failed starts in a row, the plugin last
         self.said: tuple[str, str] | None = None  # (plugin, line) of the failure logged whole
         self.count = 0  # its repeats so far, the first included, over every slot
@@ -84,10 +86,12 @@ class StartupFailures:
         extra = {"plugin": f.plugin, "slot": slot}
         if self.said == (f.plugin, f.line):
             self.count += 1
+            self.tell(f.plugin, f.line, self.count, delay)
             log.warning(f"worker_startup of plugin {f.plugin!r} failed again ({self.count} times): {f.line}; "
                         f"restarting the child in {delay:g} s", extra=extra)
             return delay
         self.said, self.count = (f.plugin, f.line), 1
+        self.tell(f.plugin, f.line, 1, delay)
         log_with_traceback(log, logging.ERROR, f"worker_startup of plugin {f.plugin!r} failed: {f.line}; the child "
                            f"is restarted in {delay:g} s, with a longer wait after each failure in a row (up to "
                            f"{self.backoff[1]:g} s), and repeats of this failure are counted in one line each",
@@ -102,3 +106,4 @@ class StartupFailures:
                      "child takes events", extra={"slot": slot})
             if not self.in_a_row:
                 self.said, self.count = None, 0
+                self.tell(plugin, "", 0, 0.0)

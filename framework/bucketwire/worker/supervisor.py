@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import threading
 import time
 from multiprocessing.connection import wait
@@ -107,6 +108,13 @@ class DeathNotices:
         because of those notices gives it back, uncharged, unless the child's ACK reaches it first. A hub that
         knows the child itself just stops showing the run."""
         self._send(P.RUNNING, {"g": self.group, "w": ident.hex(), "ended": [topic, seq]})
+
+    def startup_failing(self, plugin: str, line: str, count: int, retry_in: float) -> None:
+        """The pool's children cannot start: `plugin`'s worker_startup raised `line`, `count` times in a row (0:
+        it has started since), shown by `status` (hub/startfail.py). A hub not reachable now hears the next one."""
+        self._send(P.STARTFAIL, {"g": self.group, "host": socket.gethostname()[:64], "pid": os.getpid(),
+                                 "plugin": plugin[:200], "line": line[:1024], "count": count,
+                                 "retry_in": round(retry_in, 3)})
 
     def close(self) -> None:
         for sock in self.socks:
@@ -270,7 +278,6 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     timed_out: dict[int, Running] = {}
     respawn_at: dict[int, float] = {}  # slot -> when its crashed child is replaced (crash-loop backoff)
     restarts: dict[int, list[float]] = {}
-    failing = StartupFailures(restart_backoff)  # children whose plugins' worker_startup raised
     restarted = [0]
     served = None
     if metrics:  # before the first spawn: children inherit the multiprocess directory from the environment
@@ -279,6 +286,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
         served = Supervisor(metrics, spec.group, lambda: sum(p.is_alive() for p in children.values()),
                             lambda: restarted[0], metrics_setting)
     notices = DeathNotices(cfg, spec.group)
+    failing = StartupFailures(restart_backoff, notices.startup_failing)  # children whose worker_startup raised
 
     def spawn(slot: int) -> None:
         rs = slots.get(slot) or slots.setdefault(slot, RunningSlot.shared(ctx))
