@@ -182,6 +182,8 @@ def test_a_failing_worker_startup_logs_its_traceback_once_and_sums_up_the_repeat
     failures = len(counter.read_text()) - 2  # the two that started
     first = "worker_startup of plugin 'dbdown' failed: ConnectionError: database not up yet"
     assert text.count(first) == 1 and text.count("Traceback") == 1, text
+    # the traceback is the plugin's own frames: not the framework's and pluggy's that called it
+    assert 'dbdown.py", line' in text and "_multicall" not in text and "child.py" not in text, text
     assert text.index(first) < text.index("Traceback") < text.index("failed again"), text
     again = [ln for ln in text.splitlines() if "worker_startup of plugin 'dbdown' failed again" in ln]
     assert len(again) == failures - 1 and "(2 times)" in again[0] and f"({failures} times)" in again[-1], text
@@ -216,6 +218,8 @@ def test_a_worker_startup_that_raises_a_base_exception_is_a_failed_startup(stack
     text = s.logs[-1].read_text()
     assert text.count("worker_startup of plugin 'quits' failed: ") == 1 and text.count("Traceback") == 1, text
     assert "worker_startup of plugin 'quits' failed again (2 times)" in text, text
+    # a pool that stopped says its report is over: status showed it for 90 s after
+    wait_for(lambda: "failing_starts" not in s.status(), 10, "status to forget the stopped pool")
     assert "Process bucketwire-worker" not in text and "configuration error" not in text, text
 
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import pluggy
 
 from bucketwire.logs import log_with_traceback
 from bucketwire.worker.running import RunningSlot
@@ -28,22 +31,35 @@ EXIT_STARTUP = 4
 """A child whose plugins' `worker_startup` raised ends with this code, its note left in its running slot."""
 LINE_MAX = 1000
 TRACEBACK_MAX = 8000
-_FRAMEWORK = (str(Path(__file__).resolve().parents[1]), "pluggy")
+_FRAMEWORK = (str(Path(__file__).resolve().parents[1]) + os.sep, str(Path(pluggy.__file__).resolve().parent) + os.sep)
 
 
 def line_of(e: BaseException) -> str:
     """`Type: text (file, line N)` of a plugin's exception, where the plugin's own innermost frame raised it (the
     frames of pluggy and of this framework below it say nothing to the plugin's author)."""
     said = traceback.format_exception_only(type(e), e)[-1].strip()
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not any(part in f.filename for part in _FRAMEWORK)]
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not _framework(f.filename)]
     where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
     return (said[:LINE_MAX - len(where)] + where) if len(said) + len(where) > LINE_MAX else said + where
 
 
+def _framework(filename: str) -> bool:
+    return filename.startswith(_FRAMEWORK)
+
+
+def plugin_traceback(e: BaseException) -> str:
+    """The traceback of a plugin's exception without the frames of this framework and pluggy that called the
+    plugin (a dozen lines through child.py, plugin_loading.py and pluggy's _multicall before the plugin's own)."""
+    te = traceback.TracebackException.from_exception(e)
+    own = [f for f in te.stack if not _framework(f.filename)]
+    if own:
+        te.stack = traceback.StackSummary.from_list(own)
+    return "".join(te.format())
+
+
 def leave_note(slot: RunningSlot, plugin: str, e: BaseException) -> None:
     """The child's side: what the supervisor says of this failure (see the module's docstring)."""
-    tb = "".join(traceback.format_exception(e))
+    tb = plugin_traceback(e)
     if len(tb) > TRACEBACK_MAX:
         tb = "... [cut]\n" + tb[-TRACEBACK_MAX:]
     slot.set_note(json.dumps({"plugin": plugin, "line": line_of(e), "traceback": tb}).encode())
@@ -97,6 +113,11 @@ class StartupFailures:
                            f"{self.backoff[1]:g} s), and repeats of this failure are counted in one line each",
                            f.traceback, extra)
         return delay
+
+    def close(self) -> None:
+        """The pool stops: what it reported to the hubs is over (`status` would show it for STALE seconds)."""
+        if self.said is not None:
+            self.tell(self.said[0], "", 0, 0.0)
 
     def check_started(self, slots: dict[int, RunningSlot]) -> None:
         """A child that failed before has now got past its plugins' `worker_startup` (it has connected)."""

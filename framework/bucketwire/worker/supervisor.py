@@ -444,6 +444,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     finally:
         os.close(woken)
         exits.close()
+        failing.close()
         notices.close()
         if served is not None:
             served.stop()
