@@ -196,6 +196,41 @@ def test_a_failing_worker_startup_logs_its_traceback_once_and_sums_up_the_repeat
     assert "worker_startup of plugin 'dbdown' succeeded after" in text, text
 
 
+POOL = """
+import sys
+from bucketwire import config, logs
+from bucketwire.worker.supervisor import make_spec, run_pool
+logs.setup("text", 0)
+cfg = config.load(sys.argv[1])
+sys.exit(run_pool(cfg, make_spec(cfg, "db", ["t"], [sys.argv[2]]), 1, restart_backoff=(120.0, 120.0)))
+"""
+
+
+def test_sighup_starts_a_child_waiting_out_a_failed_startup_at_once(stack_factory, tmp_path):
+    """An author whose worker_startup failed fixes the plugin and sends the pool SIGHUP, as the guide says, to
+    load it again. A child waiting out its restart backoff (up to 30 s) was left waiting: the reload went to
+    live children only, and the pool went on saying nothing until the wait was over. It is started at once."""
+    plugin = tmp_path / "dbdown.py"
+    plugin.write_text(STARTUP.format(body="raise ConnectionError('database not up yet')"))
+    s = stack_factory("")
+    s.start_hub()
+    log = tmp_path / "pool.log"
+    with log.open("wb") as out:
+        w = subprocess.Popen([sys.executable, "-c", POOL, str(s.cfg_path), str(plugin)], env=s.env, stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "restarted in 120 s" in log.read_text(), 30, "the first failed startup")
+        plugin.write_text(STARTUP.format(body="pass"))
+        w.send_signal(signal.SIGHUP)
+        # the child would otherwise wait out the 120 s backoff
+        wait_for(lambda: s.status()["groups"].get("db", {}).get("workers", 0) == 1, 60, "the fixed child to join")
+        wait_for(lambda: "worker_startup of plugin 'dbdown' succeeded after 1 failed attempt(s)" in log.read_text(),
+                 10, "the pool to say the plugin started")
+    finally:
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(30) == 0, log.read_text()
+
+
 @pytest.mark.parametrize("body", ["sys.exit(2)", "sys.exit(0)", "raise KeyboardInterrupt('planned')"])
 def test_a_worker_startup_that_raises_a_base_exception_is_a_failed_startup(stack_factory, tmp_path, body):
     """sys.exit() (a library's CLI code) or KeyboardInterrupt out of `worker_startup` is that plugin's failed

@@ -351,11 +351,15 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                     os.read(woken, 64)
                 live = [slot for slot, p in children.items() if slot not in respawn_at and p.is_alive()]
                 log.info("reloading: each worker child drains and is replaced", extra={
-                    "group": spec.group, "children": len(live)})
+                    "group": spec.group, "children": len(live), "waiting": len(respawn_at)})
                 for slot in live:
                     reloading.add(slot)
                     reload_by[slot] = time.monotonic() + drain_timeout
                     os.kill(children[slot].pid, signal.SIGTERM)
+                # A slot waiting out its restart backoff (a worker_startup that failed, up to 30 s) starts its
+                # child now: the author who fixed the plugin and sent SIGHUP was left waiting, told nothing.
+                for slot in respawn_at:
+                    respawn_at[slot] = 0.0
             now = time.monotonic()
             for slot in [s for s, t in reload_by.items() if t <= now]:
                 del reload_by[slot]
