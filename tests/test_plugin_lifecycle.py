@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import click
@@ -14,7 +16,7 @@ from click.testing import CliRunner
 
 from bucketwire import hookimpl
 from bucketwire.cli import cli
-from tests.fixtures_hub import wait_for
+from tests.fixtures_hub import free_port, wait_for
 from tests.plugins import lifecycle
 
 PLUGIN = str(Path(__file__).parent / "plugins" / "lifecycle.py")
@@ -162,8 +164,17 @@ def test_a_failing_worker_startup_logs_its_traceback_once_and_sums_up_the_repeat
                                           "raise ConnectionError('database not up yet')"))
     s = stack_factory("")
     s.start_hub()
-    w = s.start_worker("db", 2, "--topic", "t", "--plugin", str(plugin), wait=False)
+    port = free_port()
+    w = s.start_worker("db", 2, "--topic", "t", "--plugin", str(plugin), "--metrics", f"127.0.0.1:{port}",
+                       wait=False)
+
+    def failing() -> float | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            m = re.search(r'^bucketwire_worker_startup_failing\{group="db"\} (\S+)$', r.read().decode(), re.M)
+        return float(m[1]) if m else None
+
     wait_for(lambda: counter.exists() and len(counter.read_text()) >= 6, 30, "six startup attempts")
+    assert failing() == 2.0  # the pool's /metrics: both children's last start failed
     # status shows the failing pool (its group looked like one nobody runs: "start `bucketwire worker`")
     (fp,) = wait_for(lambda: [p for p in s.status().get("failing_starts", {}).get("db", []) if p["count"] >= 3],
                      30, "status to show the failing pool")
@@ -176,6 +187,7 @@ def test_a_failing_worker_startup_logs_its_traceback_once_and_sums_up_the_repeat
     release.write_text("")
     wait_for(lambda: s.status()["groups"].get("db", {}).get("workers", 0) == 2, 40, "both children started")
     wait_for(lambda: "failing_starts" not in s.status(), 20, "status to stop showing the failing pool")
+    assert failing() == 0.0
     w.send_signal(signal.SIGTERM)
     assert w.wait(20) == 0
     text = s.logs[-1].read_text()

@@ -284,7 +284,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
         from bucketwire.worker.metrics import Supervisor
 
         served = Supervisor(metrics, spec.group, lambda: sum(p.is_alive() for p in children.values()),
-                            lambda: restarted[0], metrics_setting)
+                            lambda: restarted[0], metrics_setting, lambda: len(failing.in_a_row))
     notices = DeathNotices(cfg, spec.group)
     failing = StartupFailures(restart_backoff, notices.startup_failing)  # children whose worker_startup raised
 
