@@ -557,6 +557,44 @@ def test_a_follow_on_published_outside_its_handler_raises_instead_of_vanishing()
         pass
 
 
+class EditsPublished:
+    """Publishes two follow-ons, reads them back through ctx.published, then edits it as `how` says."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.seen: list[str] = []
+
+    @hookimpl
+    def handle_event(self, event: Event, ctx: Context) -> None:
+        ctx.publish("a", {"n": 1})
+        ctx.publish("b", {"n": 2})
+        self.seen = [fo.topic or "" for fo in ctx.published]
+        pub: Any = ctx.published
+        if self.how == "append":
+            pub.append({"topic": "c"})
+        elif self.how == "setitem":
+            pub[0] = {"topic": "c"}
+        elif self.how == "delitem":
+            del pub[0]
+        elif self.how == "iadd":
+            ctx.published += (ev("c"),)  # type: ignore[misc]
+        elif self.how == "assign":
+            ctx.published = ()  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("how", ["append", "setitem", "delitem", "iadd", "assign"])
+def test_ctx_published_reads_in_order_and_refuses_edits_with_one_line(how: str) -> None:
+    """ctx.published was the context's own list: edited by a plugin, its follow-ons no longer paired with the ids
+    ctx.publish derived for them, and the worker child died as the handler returned. It reads the same now, as a
+    tuple, and each edit raises in the handler, saying what to call instead."""
+    p = EditsPublished(how)
+    with PluginHarness(p, name="edits") as h, pytest.raises(TypeError, match=r"^ctx.published is read-only: "
+                                                             r"publish follow-ons with ctx.publish\(topic, data\)"):
+        h.handle(ev())
+    assert p.seen == ["a", "b"]
+    assert [fo.topic for fo in PluginHarness(EditsPublished("none"), name="fine").handle(ev())] == ["a", "b"]
+
+
 class SlowData(dict):  # type: ignore[type-arg]
     """Follow-on data whose reading (ctx.publish looks at its bucket and key) holds the publishing thread until
     the handler's ctx is done: a large follow-on being checked and measured as the handler returns."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import click
@@ -14,7 +16,7 @@ from click.testing import CliRunner
 
 from bucketwire import hookimpl
 from bucketwire.cli import cli
-from tests.fixtures_hub import wait_for
+from tests.fixtures_hub import free_port, wait_for
 from tests.plugins import lifecycle
 
 PLUGIN = str(Path(__file__).parent / "plugins" / "lifecycle.py")
@@ -148,24 +150,97 @@ def handle_event(event):
 """
 
 
-def test_a_failing_worker_startup_is_logged_once_per_attempt(stack_factory, tmp_path):
-    """A `worker_startup` that raises (a server not up yet) is logged with the plugin's name and the child is
-    restarted with backoff. Each attempt printed its traceback twice: once logged, and again by multiprocessing
-    as the exception left the child process ('Process bucketwire-worker-...: Traceback ...')."""
-    counter = tmp_path / "attempts"
+def test_a_failing_worker_startup_logs_its_traceback_once_and_sums_up_the_repeats(stack_factory, tmp_path):
+    """A `worker_startup` that raises (a server not up yet) stops its child, and the pool restarts it with
+    backoff. Every restart logged the whole traceback again (two children: two a second at first, then one per
+    child every few seconds for as long as the server was down), burying everything else in the pool's log, and
+    the backoff started over every minute. Now the first failure is one line naming the plugin and the error,
+    with its traceback once; each identical one after is one line counting it, the backoff keeps growing while
+    the failures go on, and the pool says when the plugin starts again."""
+    counter, release = tmp_path / "attempts", tmp_path / "db-up"
     plugin = tmp_path / "dbdown.py"
     plugin.write_text(STARTUP.format(body=f"open({str(counter)!r}, 'a').write('x')\n    "
+                                          f"if not os.path.exists({str(release)!r}):\n        "
                                           "raise ConnectionError('database not up yet')"))
     s = stack_factory("")
     s.start_hub()
-    w = s.start_worker("db", 1, "--topic", "t", "--plugin", str(plugin), wait=False)
-    wait_for(lambda: counter.exists() and len(counter.read_text()) >= 2, 30, "two startup attempts")
+    port = free_port()
+    w = s.start_worker("db", 2, "--topic", "t", "--plugin", str(plugin), "--metrics", f"127.0.0.1:{port}",
+                       wait=False)
+
+    def failing() -> float | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            m = re.search(r'^bucketwire_worker_startup_failing\{group="db"\} (\S+)$', r.read().decode(), re.M)
+        return float(m[1]) if m else None
+
+    wait_for(lambda: counter.exists() and len(counter.read_text()) >= 6, 30, "six startup attempts")
+    assert failing() == 2.0  # the pool's /metrics: both children's last start failed
+    # status shows the failing pool (its group looked like one nobody runs: "start `bucketwire worker`")
+    (fp,) = wait_for(lambda: [p for p in s.status().get("failing_starts", {}).get("db", []) if p["count"] >= 3],
+                     30, "status to show the failing pool")
+    assert fp["plugin"] == "dbdown" and fp["pid"] == w.pid, fp
+    assert fp["line"].startswith("ConnectionError: database not up yet (") and "dbdown.py, line " in fp["line"], fp
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "status", "-c", str(s.cfg_path)], capture_output=True,
+                       text=True, timeout=60, env=s.env)
+    assert (f"! group db: the pool on {fp['host']} (pid {w.pid}) cannot start its workers: worker_startup of plugin "
+            "'dbdown' failed ") in r.stdout, r.stdout + r.stderr
+    release.write_text("")
+    wait_for(lambda: s.status()["groups"].get("db", {}).get("workers", 0) == 2, 40, "both children started")
+    wait_for(lambda: "failing_starts" not in s.status(), 20, "status to stop showing the failing pool")
+    assert failing() == 0.0
     w.send_signal(signal.SIGTERM)
     assert w.wait(20) == 0
     text = s.logs[-1].read_text()
-    logged = text.count("worker_startup failed")
-    assert logged >= 2 and text.count("Traceback") == logged, text
-    assert "Process bucketwire-worker" not in text, text
+    failures = len(counter.read_text()) - 2  # the two that started
+    first = "worker_startup of plugin 'dbdown' failed: ConnectionError: database not up yet"
+    assert text.count(first) == 1 and text.count("Traceback") == 1, text
+    # the traceback is the plugin's own frames: not the framework's and pluggy's that called it
+    assert 'dbdown.py", line' in text and "_multicall" not in text and "child.py" not in text, text
+    assert text.index(first) < text.index("Traceback") < text.index("failed again"), text
+    again = [ln for ln in text.splitlines() if "worker_startup of plugin 'dbdown' failed again" in ln]
+    assert len(again) == failures - 1 and "(2 times)" in again[0] and f"({failures} times)" in again[-1], text
+    assert all("restarting the child in" in ln for ln in again), again
+    # each slot's wait doubles with its failures in a row (it fell back as the crashes of the last minute did)
+    for slot in ("slot=0", "slot=1"):
+        waits = [float(ln.split("restarting the child in ")[1].split(" s")[0]) for ln in again if ln.endswith(slot)]
+        assert all(b == a * 2 for a, b in zip(waits, waits[1:], strict=False)), (slot, waits)
+    assert "worker child died" not in text and "Process bucketwire-worker" not in text, text
+    assert "worker_startup of plugin 'dbdown' succeeded after" in text, text
+
+
+POOL = """
+import sys
+from bucketwire import config, logs
+from bucketwire.worker.supervisor import make_spec, run_pool
+logs.setup("text", 0)
+cfg = config.load(sys.argv[1])
+sys.exit(run_pool(cfg, make_spec(cfg, "db", ["t"], [sys.argv[2]]), 1, restart_backoff=(120.0, 120.0)))
+"""
+
+
+def test_sighup_starts_a_child_waiting_out_a_failed_startup_at_once(stack_factory, tmp_path):
+    """An author whose worker_startup failed fixes the plugin and sends the pool SIGHUP, as the guide says, to
+    load it again. A child waiting out its restart backoff (up to 30 s) was left waiting: the reload went to
+    live children only, and the pool went on saying nothing until the wait was over. It is started at once."""
+    plugin = tmp_path / "dbdown.py"
+    plugin.write_text(STARTUP.format(body="raise ConnectionError('database not up yet')"))
+    s = stack_factory("")
+    s.start_hub()
+    log = tmp_path / "pool.log"
+    with log.open("wb") as out:
+        w = subprocess.Popen([sys.executable, "-c", POOL, str(s.cfg_path), str(plugin)], env=s.env, stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "restarted in 120 s" in log.read_text(), 30, "the first failed startup")
+        plugin.write_text(STARTUP.format(body="pass"))
+        w.send_signal(signal.SIGHUP)
+        # the child would otherwise wait out the 120 s backoff
+        wait_for(lambda: s.status()["groups"].get("db", {}).get("workers", 0) == 1, 60, "the fixed child to join")
+        wait_for(lambda: "worker_startup of plugin 'dbdown' succeeded after 1 failed attempt(s)" in log.read_text(),
+                 10, "the pool to say the plugin started")
+    finally:
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(30) == 0, log.read_text()
 
 
 @pytest.mark.parametrize("body", ["sys.exit(2)", "sys.exit(0)", "raise KeyboardInterrupt('planned')"])
@@ -181,14 +256,17 @@ def test_a_worker_startup_that_raises_a_base_exception_is_a_failed_startup(stack
     s = stack_factory("")
     s.start_hub()
     w = s.start_worker("q", 1, "--topic", "t", "--plugin", str(plugin), wait=False)
-    wait_for(lambda: (counter.exists() and len(counter.read_text()) >= 2) or w.poll() is not None, 30,
-             "two startup attempts")
+    # the third attempt starts once the second failure was said
+    wait_for(lambda: (counter.exists() and len(counter.read_text()) >= 3) or w.poll() is not None, 30,
+             "three startup attempts")
     assert w.poll() is None, s.dump_logs()
     w.send_signal(signal.SIGTERM)
     assert w.wait(20) == 0
     text = s.logs[-1].read_text()
-    logged = text.count("worker_startup failed plugin=quits")
-    assert logged >= 2 and text.count("Traceback") == logged, text
+    assert text.count("worker_startup of plugin 'quits' failed: ") == 1 and text.count("Traceback") == 1, text
+    assert "worker_startup of plugin 'quits' failed again (2 times)" in text, text
+    # a pool that stopped says its report is over: status showed it for 90 s after
+    wait_for(lambda: "failing_starts" not in s.status(), 10, "status to forget the stopped pool")
     assert "Process bucketwire-worker" not in text and "configuration error" not in text, text
 
 

@@ -20,6 +20,7 @@ def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.
 
 
 def test_new_plugin_installs_is_discovered_and_its_test_passes(tmp_path: Path, weed: Any) -> None:
+    (tmp_path / ".bucketwire-dev").mkdir()  # where `make dev` ran: the checkout
     r = run(sys.executable, "-m", "bucketwire", "plugin", "new", "csv-counter", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     pkg = tmp_path / "csv-counter"
@@ -50,6 +51,23 @@ def test_new_plugin_installs_is_discovered_and_its_test_passes(tmp_path: Path, w
     r = run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=pkg, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "2 passed" in r.stdout
+
+
+def test_a_package_made_outside_the_checkout_points_its_readme_at_make_devs_stack(tmp_path: Path) -> None:
+    """Made in a fresh directory (not the checkout `make dev` runs in), the package's README said to `cd` to that
+    directory and run the worker with `-c .bucketwire-dev/bucketwire.toml`, "this package was made in it": an
+    author following it literally got `file not found`. It names the checkout bucketwire runs from, where
+    `make dev` keeps its stack."""
+    import bucketwire
+
+    r = run(sys.executable, "-m", "bucketwire", "plugin", "new", "csv-counter", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    readme = (tmp_path / "csv-counter" / "README.md").read_text()
+    dev_cmds = readme[readme.index("Try it against"):readme.index("Test it")]
+    checkout = Path(bucketwire.__file__).resolve().parents[2]
+    assert (checkout / "Makefile").is_file()  # the editable install of a checkout, as `make install` makes it
+    assert f"cd {checkout}\n" in dev_cmds and f"cd {tmp_path}\n" not in dev_cmds, dev_cmds
+    assert "this package was made in it" not in dev_cmds, dev_cmds
 
 
 def test_new_refuses_a_bad_name_and_an_existing_directory(tmp_path: Path) -> None:

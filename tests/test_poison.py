@@ -547,3 +547,28 @@ def test_a_follow_on_id_changed_after_ctx_publish_is_put_back(stack_factory: Any
     cause = next(json.loads(b) for b in causes if json.loads(b)["id"] == e.id)
     assert fo["id"] != "random-4f1c"
     assert fo["id"] == follow_on_id(cause["id"], "a", "recorder", 0, "follow", cause.get("time"), cause["source"])
+
+
+def test_a_plugin_that_edits_ctx_published_fails_only_its_event(stack_factory: Any) -> None:
+    """`ctx.published` was the context's own list: a plugin that appended a raw dict to it, cleared it or replaced
+    an item (instead of calling ctx.publish) broke the pairing of follow-ons with their derived ids (a zip(...,
+    strict=True) as the handler returned), and the child died after its handlers ran: no event charged, the whole
+    batch delivered again, and again. Now `ctx.published` is read-only: the edit raises in the plugin's own
+    handler, and only that event fails, with one line naming what to call instead."""
+    s = stack_factory(CFG.format(extra="").replace("max_attempts = 3", "max_attempts = 1"))
+    s.start_hub()
+    pool = s.start_worker("a", 1)
+    bad = [job(f"bad-{how}", published_edit=how) for how in ("append", "clear", "replace", "assign")]
+    with s.client() as c:
+        c.publish_events([job("innocent-0"), bad[0], job("innocent-1"), bad[1], bad[2], bad[3],
+                          job("innocent-2")])
+    wait_for(lambda: (st := s.status()["groups"]["a"])["dead_lettered"] == 4 and st["lag"] == 0, 30,
+             "the four bad events to be dead-lettered and the rest handled:\n" + s.dump_logs(2000))
+    dls = {d["event"]["id"]: d for d in dead_letters(s)}
+    assert dls.keys() == {b.id for b in bad}, dls
+    for d in dls.values():
+        assert d["plugin"] == "recorder", d
+        assert "ctx.published is read-only" in d["line"] and "ctx.publish(topic, data)" in d["line"], d["line"]
+    assert sorted(r["key"] for r in s.handled()) == ["innocent-0", "innocent-1", "innocent-2"]
+    assert pool.poll() is None
+    assert not any("worker child died" in log.read_text() for log in s.logs), s.dump_logs()

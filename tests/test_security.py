@@ -681,6 +681,44 @@ admin = true
         assert set(c.status()["groups"]) == {"g", "h"}, "an admin sees every group"
 
 
+def test_a_pool_that_cannot_start_is_shown_to_the_keys_of_its_group_only(stack_factory, tmp_path):
+    """A pool's supervisor reports its children's failing worker_startup (STARTFAIL) for `status`. A key may
+    report only for a group it may join (a report is a peer's claim: another group's pool is not its to speak
+    for), and a key limited to its groups sees only their reports, as with the rest of status."""
+    roles = """
+[security.roles.limited]
+groups = ["g"]
+
+[security.roles.other]
+admin = true
+"""
+    groups = GROUPS + '\n[groups.h]\ntopics = ["secret"]\nplugins = []\n'
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited", "other"), roles=roles,
+                        groups=groups)
+    s.start_hub()
+
+    def report(key: str, *groups_: str) -> None:
+        cfg = cfg_for(client_config(s, d, key))
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 2000)
+        security.apply_client(sock, cfg)
+        sock.connect(cfg.client.work)
+        for g in groups_:  # in order on one connection: the last shown means the ones before were read
+            sock.send_multipart([b"STARTFAIL", json.dumps({"g": g, "host": key, "pid": 7, "plugin": "db",
+                                                           "line": "ConnectionError: down", "count": 3}).encode()])
+        sock.close()
+
+    report("limited", "h", "g")  # h: not a group its key may join
+    report("admin", "h")  # a key without a role may join any group
+    wait_for(lambda: set(s.status().get("failing_starts", {})) == {"g", "h"}, 15, "the two reports")
+    full = s.status()["failing_starts"]
+    assert [p["host"] for p in full["h"]] == ["admin"] and [p["host"] for p in full["g"]] == ["limited"], full
+    with HubClient(cfg_for(client_config(s, d, "limited")), timeout=5) as c:
+        assert set(c.status()["failing_starts"]) == {"g"}
+    with HubClient(cfg_for(client_config(s, d, "other")), timeout=5) as c:
+        assert set(c.status()["failing_starts"]) == {"g", "h"}, "an admin sees every group's"
+
+
 def _routing_stack(stack_factory, tmp_path, roles):
     """A CURVE hub (keys "admin" and "limited", `roles`) that routes ObjectCreated events without a topic to
     "routed-secret" and any other to default_topic "secret": what a role must be checked against."""

@@ -129,7 +129,6 @@ class Context:
     log: logging.Logger
     event: Event | None = None
     attempt: int = 1
-    published: list[Event] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     max_event_bytes: int | None = None
     """[hub] max_event_bytes: `publish` refuses a larger follow-on here, where the plugin can see why, rather
@@ -138,13 +137,25 @@ class Context:
     """Bytes of envelope of `published`, held against FOLLOW_ONS_MAX."""
     done: bool = False
     """The handler this ctx was made for has returned: its event's outcome (and follow-ons) are on their way."""
-    derived_ids: list[str] = field(default_factory=list)
-    """The id `publish` derived for each of `published`: put back as the handler returns, so a plugin that set
-    its own through the returned Event (a random one) cannot make a redelivery commit its follow-ons again."""
+    _follow: list[tuple[Event, str]] = field(default_factory=list, init=False, repr=False)
+    """Each follow-on `publish` queued, with the id it derived for it: the id is put back as the handler returns,
+    so a plugin that set its own through the returned Event (a random one) cannot make a redelivery commit its
+    follow-ons again. Private, and shown to the plugin read-only (`published`): a plugin that edited the list
+    itself (appended a raw dict, cleared it, replaced an item) broke the pairing of follow-ons with their ids,
+    and the worker child died as the handler returned, its whole batch delivered again and again."""
     _kinds: dict[tuple[str, str | None, str | None], int] = field(default_factory=dict, repr=False)
     """How many follow-ons of each (topic, type, subject) `publish` has made for this event: a follow-on's id
     counts only those like it, so handler threads that publish in another order on a redelivery still give each
     follow-on the id of its first run (an index over all of them gave one follow-on another's id)."""
+
+    @property
+    def published(self) -> Published:
+        """The follow-ons `publish` has queued for this event, in order; read-only (publish with `publish`)."""
+        return Published(ev for ev, _ in self._follow)
+
+    @published.setter
+    def published(self, value: object) -> None:
+        raise TypeError(READ_ONLY)
 
     def store(self, name: str | None = None) -> minio.Minio:
         """A `minio.Minio` client for store `name`; by default the event's store, else the configured default."""
@@ -221,12 +232,29 @@ class Context:
                                    f"limit of {limit} bytes ([hub] max_event_bytes); put large data in the "
                                    "object store and publish a reference to it")
         if self.published_bytes + n > FOLLOW_ONS_MAX:
-            raise FollowOnTooLarge(too_many_follow_ons(len(self.published) + 1, self.published_bytes + n))
+            raise FollowOnTooLarge(too_many_follow_ons(len(self._follow) + 1, self.published_bytes + n))
         self.published_bytes += n
         self._kinds[kind] = self._kinds.get(kind, 0) + 1
-        self.published.append(ev)
-        self.derived_ids.append(ev.id)
+        self._follow.append((ev, ev.id))
         return ev
+
+
+READ_ONLY = ("ctx.published is read-only: publish follow-ons with ctx.publish(topic, data), which derives each "
+             "one's id (exactly-once rests on it) and checks it as the hub will; to drop a follow-on, do not "
+             "publish it")
+
+
+class Published(tuple[Event, ...]):
+    """`ctx.published`: a tuple whose list methods say what to do instead of "'tuple' object has no attribute
+    'append'", which named neither `ctx.published` nor `ctx.publish`."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError(READ_ONLY)
+
+    append = extend = insert = remove = pop = clear = sort = reverse = _refuse
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
 
 
 def changed_follow_on(ev: Event) -> str | None:

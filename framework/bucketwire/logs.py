@@ -25,6 +25,8 @@ class JsonFormatter(logging.Formatter):
         d.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED})
         if record.exc_info:
             d["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # a traceback another process formatted (`log_with_traceback`)
+            d["exc"] = record.exc_text
         return json.dumps(d, default=str)
 
 
@@ -37,7 +39,19 @@ class TextFormatter(logging.Formatter):
             line += " " + extra
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
+        elif record.exc_text:
+            line += "\n" + record.exc_text
         return line
+
+
+def log_with_traceback(logger: logging.Logger, level: int, msg: str, tb: str, extra: dict[str, object]) -> None:
+    """Log `msg` with traceback `tb` as text, formatted where the exception was raised: in a worker child, whose
+    supervisor says it (worker/startup_failures.py). Printed as an exception's traceback is (json: `exc`)."""
+    if not logger.isEnabledFor(level):
+        return
+    record = logger.makeRecord(logger.name, level, "(unknown file)", 0, msg, (), None, extra=extra)
+    record.exc_text = tb.rstrip("\n") or None
+    logger.handle(record)
 
 
 PEER_WINDOW = 10.0

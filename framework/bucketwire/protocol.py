@@ -30,6 +30,10 @@ refuses unknown fields), decoded and checked by `decode` in one C pass; the sket
                               it is a report: that hub holds the event for it (hub/reports.py). Sent to every
                               hub of [client] work, as GONE is.
                               | {"g", "w", "ended": [topic, seq]}  that handler has ended (the child lives on)
+                    STARTFAIL {"g": group, "host", "pid": the supervisor's, "plugin", "line", "count", "retry_in"}
+                              the pool's children cannot start: that plugin's worker_startup raised `line`, `count`
+                              times in a row; count 0: it has started since. Shown by `status` (hub/startfail.py).
+                              Sent to every hub of [client] work, as GONE is.
     hub -> worker   DELIVER   {"a": [attempt, ...], "r"?: true}, envelope, envelope, ...
                               ("r": this hub reads ACK ranges; sent only to a worker whose READY said proto >= 2)
                               | {"a": [attempt, ...], "r": true, "j": true}, [envelope,envelope,...]
@@ -71,6 +75,7 @@ ACK = b"ACK"
 HB = b"HB"
 BYE = b"BYE"
 GONE = b"GONE"
+STARTFAIL = b"STARTFAIL"
 RUNNING = b"RUNNING"
 DELIVER = b"DELIVER"
 ERR = b"ERR"
@@ -196,6 +201,18 @@ class Ack(Header):
             raise ProtocolError(f"ACK header: the ok ranges name {n} events, more than {MAX_CREDIT} "
                                 "(the most a worker can hold)")
         return out
+
+
+class StartFail(Header):
+    """A pool whose children's `worker_startup` keeps failing (hub/startfail.py)."""
+
+    g: Name
+    host: Annotated[str, Meta(max_length=64)]
+    pid: int
+    plugin: Annotated[str, Meta(max_length=200)]
+    line: Annotated[str, Meta(max_length=1024)]
+    count: Annotated[int, Meta(ge=0)]
+    retry_in: Annotated[float, Meta(ge=0)] = 0.0
 
 
 class Bye(Header):

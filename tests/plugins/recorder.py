@@ -21,7 +21,9 @@ them: a daemonizing recipe without its fork, or a double close), so the child di
 {"follow_threads": N} publishes N follow-ons to topic "follow" from 8 threads of a pool it waits for (with the
 interpreter switching threads as often as it can, so that calls overlap), {"fan": K} publishes K follow-ons to
 the topic it consumes, each carrying the same data (a plugin that consumes its own output: K^generations events
-from one upload), with {"fan_forge": true} each naming another upload as its root (`rootsource`, `rootid`).
+from one upload), with {"fan_forge": true} each naming another upload as its root (`rootsource`, `rootid`),
+{"published_edit": HOW} publishes one follow-on and then edits `ctx.published` itself instead of calling
+ctx.publish: HOW is "append" (a raw dict), "clear", "replace" (its item by a dict) or "assign" (a new list).
 """
 
 from __future__ import annotations
@@ -126,6 +128,17 @@ def handle_event(event, ctx):
         published = ctx.publish("follow", {"cause_seq": event.seq})
         for k, v in d["follow_then_set"].items():
             setattr(published, k, v)
+    if d.get("published_edit"):  # a plugin that edits the follow-ons list instead of calling ctx.publish
+        how = d["published_edit"]
+        ctx.publish("follow", {"cause_seq": event.seq})
+        if how == "append":
+            ctx.published.append({"topic": "follow", "data": {"raw": True}})
+        elif how == "clear":
+            ctx.published.clear()
+        elif how == "replace":
+            ctx.published[0] = {"topic": "follow", "data": {"raw": True}}
+        elif how == "assign":
+            ctx.published = []
     line = json.dumps({"g": ctx.group, "pid": os.getpid(), "t": event.topic, "s": event.seq, "id": event.id,
                        "key": event.key, "a": ctx.attempt, "t0": t0, "ts": time.monotonic(), "data": d})
     fd = os.open(ctx.settings["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -197,9 +197,17 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
         lines.append(f"... and {len(topics) - len(shown):,} more topics (status --json lists every one)")
     hints = []
     configured = _configured_groups(config_path)
+    failing = st.get("failing_starts") or {}
+    for g, pools in sorted(failing.items()):
+        for fp in pools:
+            # a pool is running: "start `bucketwire worker`" (below) would send the operator the wrong way
+            hints.append(f"! group {g}: the pool on {fp.get('host')} (pid {fp.get('pid')}) cannot start its "
+                         f"workers: worker_startup of plugin {fp.get('plugin')!r} failed {fp.get('count')} time(s) in "
+                         f"a row: {fp.get('line')}; it retries in {fp.get('retry_in')} s; that pool's log has the "
+                         "traceback")
     for g, gs in sorted(st.get("groups", {}).items()):
         s = gs.get("state")
-        if s == "stalled":
+        if s == "stalled" and g not in failing:
             # A group the config does not name runs only --plugin modules on --topic topics: without them the
             # printed command is refused, so it names them.
             extra = "" if configured is None or g in configured else "".join(

@@ -115,9 +115,9 @@ Install and run it:
 
 Try it against `make dev`'s stack without editing its config (a group the config does not name runs only the
 `--plugin` modules, on the `--topic`s given; the stack's uploads arrive on `photos`), and watch its follow-ons,
-from the directory `make dev` runs in (its state is `.bucketwire-dev/` there; this package was made in it):
+from the directory `make dev` runs in (its state is `.bucketwire-dev/` there{made_there}):
 
-    cd {where}
+    cd {dev}
     bucketwire worker -c .bucketwire-dev/bucketwire.toml --group mine --topic photos --plugin {module}
     bucketwire tail -c .bucketwire-dev/bucketwire.toml {name}-seen
 
@@ -149,8 +149,23 @@ def scaffold(name: str, where: Path) -> Path:
     for rel, template in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(template.format(name=name, module=module, where=shlex.quote(str(where))))
+        path.write_text(template.format(name=name, module=module, **_dev_stack(where)))
     return root
+
+
+def _dev_stack(where: Path) -> dict[str, str]:
+    """Where the README's `make dev` commands run: `where` when `make dev` ran there (its `.bucketwire-dev/`),
+    else the checkout this bucketwire is installed from, where `make dev` keeps its stack. A package made in a
+    fresh directory used to say `cd` there ("this package was made in it"), and the worker then refused
+    `-c .bucketwire-dev/bucketwire.toml` as `file not found`."""
+    if (where / ".bucketwire-dev").is_dir():
+        return {"dev": shlex.quote(str(where)), "made_there": "; this package was made in it"}
+    import bucketwire
+
+    checkout = Path(bucketwire.__file__).resolve().parents[2]
+    if (checkout / "Makefile").is_file() and (checkout / "examples" / "dev.toml").is_file():
+        return {"dev": shlex.quote(str(checkout)), "made_there": ""}
+    return {"dev": "DIR    # the directory you ran `make dev` (or `bucketwire dev`) in", "made_there": ""}
 
 
 def _refuse_taken(name: str, module: str) -> None:

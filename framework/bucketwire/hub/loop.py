@@ -74,6 +74,7 @@ from bucketwire.hub.metrics import OTHER_TOPIC, HubMetrics
 from bucketwire.hub.ops import RATE_WINDOW, HubOps
 from bucketwire.hub.reports import Report, Reports
 from bucketwire.hub.routing import Router
+from bucketwire.hub.startfail import FailingStarts
 from bucketwire.procutil import settle_gc
 from bucketwire.security import REVOKED_FILE, LocalRevocations, check_key_files, server_key_path
 
@@ -240,6 +241,7 @@ class Hub:
         # What workers of a previous dispatcher still run (RUNNING from a connection this hub does not know), and
         # from when a group made here waits for those reports before it hands anything out (`_settle`).
         self.reports = Reports(cfg, self.metrics, self.groups, self.workers, lambda: self.journal.heads)
+        self.failing_starts = FailingStarts()  # pools whose children cannot start (STARTFAIL)
         self.descendants = Descendants(cfg.hub.max_descendants)
         self._settle_from = time.monotonic()
         cursors = self.journal.cursors()
@@ -1162,6 +1164,10 @@ class Hub:
             self._on_gone(P.header(raw), now)
         elif cmd == P.RUNNING:
             self._on_running(P.header(raw), now)
+        elif cmd == P.STARTFAIL:
+            sf = P.decode(raw, P.StartFail)
+            if self.net.roles.allows(self.net.user, "groups", sf.g):  # a pool of a group its key may run
+                self.failing_starts.report(sf, now)
         else:
             raise P.ProtocolError(f"unknown command {cmd[:32]!r}")
 
@@ -1276,8 +1282,11 @@ class Hub:
             return st
         groups = {n: v for n, v in st["groups"].items() if roles.allows(user, "groups", n)}
         mine = {t for v in groups.values() for t in v["topics"]}
-        return {**st, "groups": groups,
-                "topics": {t: v for t, v in st["topics"].items() if t in mine or roles.allows(user, "subscribe", t)}}
+        out = {**st, "groups": groups,
+               "topics": {t: v for t, v in st["topics"].items() if t in mine or roles.allows(user, "subscribe", t)}}
+        if "failing_starts" in st:
+            out["failing_starts"] = {n: v for n, v in st["failing_starts"].items() if roles.allows(user, "groups", n)}
+        return out
 
     def _topic_names_refused(self, group: str, topics: list[str]) -> str | None:
         """Why a READY's topic list is no list of topics, or None: a name the hub would refuse to publish to (a NUL
@@ -1964,6 +1973,9 @@ class Hub:
                        {t: {"head": heads[t]} for t in sorted(set(topics)) if t in heads}),
             "groups": groups,
         }
+        failing = self.failing_starts.status(now)
+        if failing:  # only then: the usual status stays as it was
+            st["failing_starts"] = failing
         if self.ha is not None:
             problem = self.ha.cluster_problem(now)
             if problem is not None:  # its probe passes while one node answers: the lease rounds tell

@@ -39,6 +39,7 @@ from bucketwire.worker import plugin_loading as plugin_loader
 from bucketwire.worker.metrics import child as metrics_child
 from bucketwire.worker.metrics import event_done, handler_done, set_credit
 from bucketwire.worker.running import RunningSlot
+from bucketwire.worker.startup_failures import EXIT_STARTUP, leave_note, line_of
 from bucketwire.worker.stop_signals import StopSignals
 from bucketwire.zmqio import readable, recv_frames
 from bucketwire.zmtp import LocalDealer
@@ -511,11 +512,17 @@ def child_main(cfg: Config, spec: WorkerSpec, slot: RunningSlot | None = None) -
             signals.keep("in worker_startup")
         except ConfigError:
             raise
-        except BaseException:
-            # Logged by `startup` with the plugin's name and traceback; raised on out of the process,
-            # multiprocessing printed the traceback a second time (and a sys.exit(N) became the child's exit
-            # code). Exit code 1: restarted with backoff.
-            return 1
+        except BaseException as e:
+            # Said by the supervisor, from the note left in the slot: once whole, then counted (see
+            # worker/startup_failures.py). Raised on out of the process, multiprocessing printed the traceback
+            # (and a sys.exit(N) became the child's exit code).
+            plugin = plugins.failed_startup or "?"
+            if slot is None:  # no supervisor to say it
+                log.error(f"worker_startup of plugin {plugin!r} failed: {line_of(e)}", exc_info=e)
+                return EXIT_STARTUP
+            log.debug("worker_startup failed", exc_info=e, extra={"plugin": plugin})
+            leave_note(slot, plugin, e)
+            return EXIT_STARTUP
         set_credit(spec.group, spec.credit)
     except ConfigError as e:
         log.error(str(e))

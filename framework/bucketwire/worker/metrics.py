@@ -112,8 +112,9 @@ def set_credit(group: str, credit: int) -> None:
 class _SupervisorCollector:
     """The supervisor's own view: live children and restarts (plain values, no multiprocess files)."""
 
-    def __init__(self, group: str, alive: Callable[[], int], restarts: Callable[[], int]) -> None:
-        self.group, self.alive, self.restarts = group, alive, restarts
+    def __init__(self, group: str, alive: Callable[[], int], restarts: Callable[[], int],
+                 failing: Callable[[], int]) -> None:
+        self.group, self.alive, self.restarts, self.failing = group, alive, restarts, failing
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -125,6 +126,10 @@ class _SupervisorCollector:
                                 labels=["group"])
         c.add_metric([self.group], self.restarts())
         yield c
+        f = GaugeMetricFamily("bucketwire_worker_startup_failing",
+                              "Children whose last start failed in a plugin's worker_startup", labels=["group"])
+        f.add_metric([self.group], self.failing())
+        yield f
 
 
 HISTORY_KINDS = ("counter", "histogram")
@@ -167,7 +172,7 @@ class Supervisor:
     """The pool's /metrics endpoint; start it before spawning children so they inherit the directory."""
 
     def __init__(self, addr: str, group: str, alive: Callable[[], int], restarts: Callable[[], int],
-                 setting: str = "--metrics") -> None:
+                 setting: str = "--metrics", failing: Callable[[], int] = lambda: 0) -> None:
         """`setting`: where `addr` came from (`--metrics`, or `[groups.G] metrics`), named by a line about it."""
         host, sep, port = addr.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -191,7 +196,7 @@ class Supervisor:
         self._dead: dict[str, Any] = {}  # kind -> the MmapedDict of `<kind>_dead.db`
         reg = CollectorRegistry()
         reg.register(_PoolFiles(self.dir, self._folding))
-        reg.register(_SupervisorCollector(group, alive, restarts))
+        reg.register(_SupervisorCollector(group, alive, restarts, failing))
         try:
             self.server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=reg)
         except OSError as e:

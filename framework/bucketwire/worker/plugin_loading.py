@@ -645,6 +645,7 @@ class PluginRunner:
                              if _is_wrapper(i) and (want := self.topics.get(i.plugin_name)) is not None}
         self._topic_callers: dict[tuple[str, str | None], pluggy.HookCaller] = {}
         self.on_handled = on_handled
+        self.failed_startup: str | None = None  # the plugin whose worker_startup raised (`startup`)
 
     def setup_digest(self) -> str:
         """A digest of every plugin's validated settings (never the settings themselves: they may hold secrets),
@@ -658,8 +659,9 @@ class PluginRunner:
     def startup(self, slow_after: float | None = None) -> None:
         """`worker_startup` for each plugin; the first failure stops this child (it could not do its work).
 
-        A `ConfigError` is a mistake the user must fix (the pool stops with its line); anything else is logged
-        with the plugin's name and raised, so the supervisor restarts the child with backoff. `slow_after`: a
+        A `ConfigError` is a mistake the user must fix (the pool stops with its line); anything else is raised
+        as it is, its plugin named in `failed_startup`, so the supervisor says it and restarts the child with
+        backoff. `slow_after`: a
         plugin's `worker_startup` still running after this many seconds is logged, and again each time as long
         again passes: the child takes no event until it returns, and nothing else would say why.
 
@@ -699,7 +701,9 @@ class PluginRunner:
                 missing = _missing_setting(name, e, self.settings[name]) if isinstance(e, KeyError) else None
                 if missing is not None:
                     raise missing from None
-                logging.getLogger("bucketwire.worker").exception("worker_startup failed", extra={"plugin": name})
+                # Said by the worker's supervisor, once for the pool (worker/startup_failures.py), or by the
+                # harness raising it.
+                self.failed_startup = name
                 raise
             finally:
                 done.set()
@@ -754,7 +758,7 @@ class PluginRunner:
             if wrapped:
                 caller = self._topic_caller(name, topic)
             # Positional: the hot path's one allocation per plugin, a third cheaper than by keyword.
-            ctx = Context(name, group, settings, stores, logger, event, attempt, [], state, limit)
+            ctx = Context(name, group, settings, stores, logger, event, attempt, state, limit)
             # BaseException: a handler's sys.exit(), KeyboardInterrupt or GeneratorExit is its event's failure,
             # like any exception. Left to end the child, it cost the child's other events a redelivery, and a
             # sys.exit(2) read as the exit code of a configuration error stopped the whole pool. (A stop signal
@@ -792,9 +796,10 @@ class PluginRunner:
                     pass
             if _forks[0] != forks:
                 end_if_forked(name, "handle_event", forks)
-            if ctx.published:
-                for fo, fid in zip(ctx.published, ctx.derived_ids, strict=True):
-                    fo.id = fid  # exactly-once rests on it (see Context.derived_ids)
+            follow = ctx._follow
+            if follow:
+                for fo, fid in follow:
+                    fo.id = fid  # exactly-once rests on it (see Context._follow)
                     changed = changed_follow_on(fo)
                     if changed is not None:
                         raise HandlerFailed(name, ValueError(changed))
@@ -803,7 +808,7 @@ class PluginRunner:
                         size += measured_again(fo, limit)
                     except ValueError as e:  # FollowOnTooLarge is one
                         raise HandlerFailed(name, e) from None
-                out.extend(ctx.published)  # every plugin's follow-ons go in the one ACK result of this event
+                out.extend(fo for fo, _ in follow)  # every plugin's follow-ons go in the one ACK result of this event
                 if size > FOLLOW_ONS_MAX:
                     raise HandlerFailed(name, FollowOnTooLarge(too_many_follow_ons(len(out), size)))
         return out

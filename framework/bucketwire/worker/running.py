@@ -8,7 +8,8 @@ event costs two small writes into this memory and no message, so the hot path ga
 
 Layout: a generation counter (odd while a write is under way, so a reader never trusts a half-written record),
 the running event's seq (0 = none), its start (time.monotonic(), one clock for every process of the host), its
-timeout and topic; then, written by the child's I/O thread, the identity its DEALER has on the hub.
+timeout and topic; then, written by the child's I/O thread, the identity its DEALER has on the hub; then a note
+the child leaves for its supervisor as it ends: why its plugins' `worker_startup` failed (worker/startup_failures.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ _END = struct.Struct("<Qq")  # generation, seq
 TOPIC_MAX = 1024
 IDENT_MAX = 64
 _IDENT_AT = _HEAD.size + TOPIC_MAX
-SIZE = _IDENT_AT + 1 + IDENT_MAX
+_NOTE_LEN = struct.Struct("<I")
+_NOTE_AT = _IDENT_AT + 1 + IDENT_MAX
+NOTE_MAX = 12 << 10
+SIZE = _NOTE_AT + _NOTE_LEN.size + NOTE_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,3 +108,15 @@ class RunningSlot:
     def ident(self) -> bytes:
         n = self._buf[_IDENT_AT]
         return bytes(self._buf[_IDENT_AT + 1:_IDENT_AT + 1 + n])
+
+    def set_note(self, note: bytes) -> None:
+        """Leave `note` (at most NOTE_MAX bytes: the rest is cut) for the supervisor to read once this child ended."""
+        note = note[:NOTE_MAX]
+        start = _NOTE_AT + _NOTE_LEN.size
+        self._buf[start:start + len(note)] = note
+        _NOTE_LEN.pack_into(self._buf, _NOTE_AT, len(note))
+
+    def note(self) -> bytes:
+        n = min(_NOTE_LEN.unpack_from(self._buf, _NOTE_AT)[0], NOTE_MAX)
+        start = _NOTE_AT + _NOTE_LEN.size
+        return bytes(self._buf[start:start + n])

@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import threading
 import time
 from multiprocessing.connection import wait
@@ -29,6 +30,7 @@ from bucketwire.config import Config, ConfigError, GroupConfig
 from bucketwire.procutil import on_stop_signals, stop_with_parent
 from bucketwire.worker.child import EXIT_EXHAUSTED, Plugins, WorkerSpec, child_main
 from bucketwire.worker.running import Running, RunningSlot
+from bucketwire.worker.startup_failures import StartupFailures, read_note
 from bucketwire.worker.stop_signals import sigint_ignored_by_children
 from bucketwire.zmtp import LocalDealer
 
@@ -106,6 +108,13 @@ class DeathNotices:
         because of those notices gives it back, uncharged, unless the child's ACK reaches it first. A hub that
         knows the child itself just stops showing the run."""
         self._send(P.RUNNING, {"g": self.group, "w": ident.hex(), "ended": [topic, seq]})
+
+    def startup_failing(self, plugin: str, line: str, count: int, retry_in: float) -> None:
+        """The pool's children cannot start: `plugin`'s worker_startup raised `line`, `count` times in a row (0:
+        it has started since), shown by `status` (hub/startfail.py). A hub not reachable now hears the next one."""
+        self._send(P.STARTFAIL, {"g": self.group, "host": socket.gethostname()[:64], "pid": os.getpid(),
+                                 "plugin": plugin[:200], "line": line[:1024], "count": count,
+                                 "retry_in": round(retry_in, 3)})
 
     def close(self) -> None:
         for sock in self.socks:
@@ -275,8 +284,9 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
         from bucketwire.worker.metrics import Supervisor
 
         served = Supervisor(metrics, spec.group, lambda: sum(p.is_alive() for p in children.values()),
-                            lambda: restarted[0], metrics_setting)
+                            lambda: restarted[0], metrics_setting, lambda: len(failing.in_a_row))
     notices = DeathNotices(cfg, spec.group)
+    failing = StartupFailures(restart_backoff, notices.startup_failing)  # children whose worker_startup raised
 
     def spawn(slot: int) -> None:
         rs = slots.get(slot) or slots.setdefault(slot, RunningSlot.shared(ctx))
@@ -341,11 +351,15 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                     os.read(woken, 64)
                 live = [slot for slot, p in children.items() if slot not in respawn_at and p.is_alive()]
                 log.info("reloading: each worker child drains and is replaced", extra={
-                    "group": spec.group, "children": len(live)})
+                    "group": spec.group, "children": len(live), "waiting": len(respawn_at)})
                 for slot in live:
                     reloading.add(slot)
                     reload_by[slot] = time.monotonic() + drain_timeout
                     os.kill(children[slot].pid, signal.SIGTERM)
+                # A slot waiting out its restart backoff (a worker_startup that failed, up to 30 s) starts its
+                # child now: the author who fixed the plugin and sent SIGHUP was left waiting, told nothing.
+                for slot in respawn_at:
+                    respawn_at[slot] = 0.0
             now = time.monotonic()
             for slot in [s for s, t in reload_by.items() if t <= now]:
                 del reload_by[slot]
@@ -356,6 +370,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
             for slot in [s for s, t in respawn_at.items() if t <= now]:
                 del respawn_at[slot]
                 spawn(slot)
+            failing.check_started(slots)
             wake = min([kill_overdue(now), *respawn_at.values(), *reload_by.values()])
             sentinels: dict[Any, int] = {exits.fd(slot): slot for slot in children if slot not in respawn_at}
             ready = wait([*sentinels, woken], timeout=max(0.0, wake - time.monotonic()))
@@ -389,7 +404,10 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                     break
                 r = timed_out.pop(slot, None)
                 exhausted = r is None and p.exitcode == EXIT_EXHAUSTED and running is None
-                if r is not None:  # our kill, not a crash: replace it at once
+                startup = read_note(slots[slot]) if r is None and running is None else None
+                if startup is not None:  # it never joined the hub: nothing to report there
+                    delay = failing.failed(slot, startup)  # says it, once whole and then counted
+                elif r is not None:  # our kill, not a crash: replace it at once
                     report(slot, r, f"handler timed out after {r.timeout:g} s (handler_timeout)")
                     delay = 0.0
                 elif exhausted:
@@ -408,7 +426,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                 if exhausted:
                     log.warning("worker child replaced: it ran out of file descriptors or memory (its line above "
                                 "names the plugin)", extra={"slot": slot, "exitcode": p.exitcode})
-                else:
+                elif startup is None:
                     log.warning("worker child died; restarting", extra={"slot": slot, "exitcode": p.exitcode,
                                                                         "delay": round(delay, 2)})
                 respawn_at[slot] = time.monotonic() + delay
@@ -430,6 +448,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
     finally:
         os.close(woken)
         exits.close()
+        failing.close()
         notices.close()
         if served is not None:
             served.stop()
