@@ -15,6 +15,7 @@ from typing import Any
 
 from bucketwire.devstack.seaweedfs import WeedServer
 from tests.fixtures_hub import Stack, wait_for
+from tests.test_security import authorize, client_config, make_keys, security_toml
 
 BUCKETWIRE = str(Path(sys.executable).parent / "bucketwire")
 
@@ -40,9 +41,10 @@ secret_key = "{weed.secret_key}"
 """
 
 
-def start_source(stack: Stack, weed: WeedServer, bucket: str, state: Path, log: Path) -> subprocess.Popen:
+def start_source(stack: Stack, weed: WeedServer, bucket: str, state: Path, log: Path,
+                 cfg: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [BUCKETWIRE, "seaweed-source", "-c", str(stack.cfg_path), "--filer", weed.filer_address,
+        [BUCKETWIRE, "seaweed-source", "-c", str(cfg or stack.cfg_path), "--filer", weed.filer_address,
          "--state", str(state), "--path-prefix", f"/buckets/{bucket}", "--since", "30"],
         env=stack.env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -144,3 +146,46 @@ sizes = [64]
     evs = journal(stack, "objects")
     assert [(e["type"], e["data"]["key"]) for e in evs if not e["data"]["key"].startswith("64/")] == [
         ("s3:ObjectCreated:Put", "cam/v.jpg"), ("s3:ObjectRemoved:DeleteMarkerCreated", "cam/v.jpg")]
+
+
+def test_a_refusal_for_good_stops_the_source_and_skips_nothing(
+    weed: WeedServer, bucket: str, stack_factory: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """A hub that will refuse a batch every time (here the source's key may not publish to the route's topic)
+    used to be retried for ever, the source looking alive. It stops with the hub's reason in one line and exit
+    status 1, saving no position past the refused events: once the config is fixed, they arrive."""
+    d = tmp_path / "sec"
+    make_keys(d, "hub", "admin", "src")
+    authorize(d, "admin")
+    authorize(d, "src")
+    roles = '\n[security.roles.src]\npublish = ["elsewhere"]\n'
+    stack = stack_factory(routed_to_store(weed, bucket) + security_toml(d, roles=roles))
+    stack.start_hub()
+    src_cfg = client_config(stack, d, "src")
+    state, log = tmp_path / "src-state.json", tmp_path / "source.log"
+    weed.client().put_object(bucket, "refused.txt", io.BytesIO(b"0"), 1)
+    src = start_source(stack, weed, bucket, state, log, src_cfg)
+    try:
+        wait_for(lambda: src.poll() is not None, 60, "the source to stop on a refusal it cannot outwait")
+    finally:
+        if src.poll() is None:
+            stop(src)
+        print(log.read_text()[-3000:], stack.dump_logs())
+    out = log.read_text()
+    assert src.returncode == 1
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "may not publish to topic 'objects'" in errors[0], out
+    assert "Traceback" not in out and "retrying" not in out
+    assert not state.exists(), "no position may be saved past events the hub never took"
+
+    # Fixed (the role allows the topic): started again, the source publishes what was refused.
+    src_cfg.write_text(src_cfg.read_text().replace('publish = ["elsewhere"]', 'publish = ["objects"]'))
+    stack.cfg_path.write_text(stack.cfg_path.read_text().replace('publish = ["elsewhere"]', 'publish = ["objects"]'))
+    stack.kill_hub(signal.SIGTERM)
+    stack.start_hub()
+    src = start_source(stack, weed, bucket, state, log, src_cfg)
+    try:
+        wait_for(lambda: journal(stack, "objects"), 60, "the once-refused event")
+    finally:
+        stop(src)
+    assert [e["data"]["key"] for e in journal(stack, "objects")] == ["refused.txt"]

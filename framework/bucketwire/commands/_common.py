@@ -29,9 +29,22 @@ def load_config(path: str | None) -> Config:
 
 
 def run_source(src: Any, close: Callable[[], None], name: str) -> None:
-    """Run a source's `run()` in a thread until it ends or a signal stops it, then close its hub publisher."""
+    """Run a source's `run()` in a thread until it ends or a signal stops it, then close its hub publisher.
+
+    A batch the hub refuses for good (`PublishRefused`) ends the command with the hub's reason in one line and
+    exit status 1: a supervisor sees a source that cannot work, not one that looks alive and publishes nothing."""
+    from bucketwire.sources import PublishRefused
+
+    refused: list[PublishRefused] = []
+
+    def run() -> None:
+        try:
+            src.run()
+        except PublishRefused as e:
+            refused.append(e)
+
     on_stop_signals(src.stop)
-    t = threading.Thread(target=src.run, name=name, daemon=True)
+    t = threading.Thread(target=run, name=name, daemon=True)
     t.start()
     try:
         while t.is_alive():
@@ -40,6 +53,8 @@ def run_source(src: Any, close: Callable[[], None], name: str) -> None:
         src.stop()
         close()
     click.echo(f"stopped after publishing {src.published} event(s)", err=True)
+    if refused:
+        raise click.ClickException(str(refused[0]))
 
 
 def reader_gone(e: BaseException) -> bool:
