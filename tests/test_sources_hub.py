@@ -42,10 +42,10 @@ secret_key = "{weed.secret_key}"
 
 
 def start_source(stack: Stack, weed: WeedServer, bucket: str, state: Path, log: Path,
-                 cfg: Path | None = None) -> subprocess.Popen:
+                 cfg: Path | None = None, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [BUCKETWIRE, "seaweed-source", "-c", str(cfg or stack.cfg_path), "--filer", weed.filer_address,
-         "--state", str(state), "--path-prefix", f"/buckets/{bucket}", "--since", "30"],
+         "--state", str(state), "--path-prefix", f"/buckets/{bucket}", "--since", "30", *extra],
         env=stack.env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
 
@@ -189,3 +189,46 @@ def test_a_refusal_for_good_stops_the_source_and_skips_nothing(
     finally:
         stop(src)
     assert [e["data"]["key"] for e in journal(stack, "objects")] == ["refused.txt"]
+
+
+def test_a_state_file_of_another_filer_is_refused_until_reset(
+    weed: WeedServer, weed2: WeedServer, bucket: str, stack_factory: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """The state file's position is one filer's log time: followed from another filer (a new one at the same
+    address, or --state pointed at the wrong file) it skipped that filer's older changes without a word. The
+    state records the filer's signature (weed keeps it in its store; every logged change carries it); a change
+    signed by another filer stops the source before anything of it is published, and --reset-state starts over."""
+    stack = stack_factory(routed_to_store(weed, bucket))
+    stack.start_hub()
+    state, log = tmp_path / "src-state.json", tmp_path / "source.log"
+    src = start_source(stack, weed, bucket, state, log)
+    try:
+        weed.client().put_object(bucket, "on-first.txt", io.BytesIO(b"0"), 1)
+        wait_for(lambda: state.exists() and journal(stack, "objects"), 60, "the first filer's event and state")
+    finally:
+        stop(src)
+    saved = state.read_text()
+
+    weed2.client().make_bucket(bucket)
+    weed2.client().put_object(bucket, "on-second.txt", io.BytesIO(b"1"), 1)
+    src = start_source(stack, weed2, bucket, state, log)
+    try:
+        wait_for(lambda: src.poll() is not None, 60, "the source to refuse the other filer's log")
+    finally:
+        if src.poll() is None:
+            stop(src)
+        print(log.read_text()[-3000:], stack.dump_logs())
+    out = log.read_text()
+    assert src.returncode == 1
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "--reset-state" in errors[0] and weed2.filer_address in errors[0], out
+    assert "Traceback" not in out
+    assert [e["data"]["key"] for e in journal(stack, "objects")] == ["on-first.txt"], "nothing of it published"
+    assert state.read_text() == saved
+
+    src = start_source(stack, weed2, bucket, state, log, None, "--reset-state")
+    try:
+        wait_for(lambda: len(journal(stack, "objects")) == 2, 60, "the second filer's event after --reset-state")
+    finally:
+        stop(src)
+    assert [e["data"]["key"] for e in journal(stack, "objects")] == ["on-first.txt", "on-second.txt"]

@@ -31,16 +31,17 @@ def load_config(path: str | None) -> Config:
 def run_source(src: Any, close: Callable[[], None], name: str) -> None:
     """Run a source's `run()` in a thread until it ends or a signal stops it, then close its hub publisher.
 
-    A batch the hub refuses for good (`PublishRefused`) ends the command with the hub's reason in one line and
-    exit status 1: a supervisor sees a source that cannot work, not one that looks alive and publishes nothing."""
-    from bucketwire.sources import PublishRefused
+    What the source cannot outwait (`SourceFailed`: a batch the hub refuses for good, a state file of another
+    filer) ends the command with its reason in one line and exit status 1: a supervisor sees a source that cannot
+    work, not one that looks alive and publishes nothing."""
+    from bucketwire.sources import SourceFailed
 
-    refused: list[PublishRefused] = []
+    refused: list[SourceFailed] = []
 
     def run() -> None:
         try:
             src.run()
-        except PublishRefused as e:
+        except SourceFailed as e:
             refused.append(e)
 
     on_stop_signals(src.stop)

@@ -25,7 +25,11 @@ log = logging.getLogger("bucketwire.sources")
 Publish = Callable[[list[Event]], list[dict[str, Any]]]
 
 
-class PublishRefused(Exception):
+class SourceFailed(Exception):
+    """The source cannot go on without the operator: its message is the one line the command exits with."""
+
+
+class PublishRefused(SourceFailed):
     """The hub refuses a batch for good (`HubRefused.permanent`): the source stops rather than skip the batch.
 
     Skipping would lose events silently, and retrying would wedge the source while it looked alive; stopping
