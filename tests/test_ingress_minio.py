@@ -261,3 +261,26 @@ def test_a_records_event_time_becomes_a_valid_cloudevents_time(stack, event_time
         assert env["time"] == envelope_time
         assert env["id"].startswith("018f3398c"), "the id still leads with the record's time"
     assert env["data"]["records"][0]["eventTime"] == event_time
+
+
+def test_an_unknown_store_name_is_clipped_and_escaped_in_the_answer_and_the_log(stack):
+    """`?store=` comes from whoever holds the token: its name was echoed whole (twice) in the 400, up to the 64
+    KiB a request line may take, control characters and all. The answer and the hub's log line show a clipped,
+    escaped form; the request still changes nothing."""
+    from urllib.parse import quote
+
+    long_name = "n" * 60_000
+    evil = "\x1b[31mred\r\n12:00:00 info  bucketwire.hub: forged line"
+    for name in (long_name, evil):
+        code, resp = stack.post(f"/minio/events?store={quote(name)}", body(record("s3:ObjectCreated:Put", "b", "k")))
+        assert code == 400, resp
+        err = resp["error"]
+        assert "unknown store" in err and len(err) < 400, err[:500]
+        assert all(c.isprintable() for c in err), repr(err[:500])
+    assert "\\x1b[31mred\\r\\n" in err, err
+    assert stack.status()["topics"] == {}
+    log = stack.dump_logs(10**6)
+    lines = [line for line in log.splitlines() if "unknown store" in line]
+    assert lines and all(len(line) < 600 for line in lines), lines
+    assert "\x1b" not in log and not any(line.startswith("12:00:00 info  bucketwire.hub: forged") for line in
+                                         log.splitlines())

@@ -357,9 +357,14 @@ class Ingress:
         named = parse_qs(req.query).get("store") if req.query else None
         store = named[0] if named else self.cfg.default_store
         if named and store not in self.stores:
+            # The name is the sender's: shown clipped and escaped (a request line may hold 64 KiB of it, control
+            # characters and all), in the answer and in the log line an operator reads to find the bad webhook.
+            shown = f"{store[:64]!r}" + (f"... ({len(store)} characters)" if len(store) > 64 else "")
+            log.warning("webhook refused: unknown store in ?store=",
+                        extra={"ingress": "http", "peer": req.peer, "path": req.path, "store": shown})
             have = ", ".join(sorted(self.stores)) or "none"
-            return self.fail(400, f"unknown store {store!r} in ?store= (configured: {have}); add [stores.{store}]",
-                             "store")
+            return self.fail(400, f"unknown store {shown} in ?store= (configured: {have}); add a [stores.NAME] "
+                             "table for it to the hub's config, or send a configured name", "store")
         try:
             if label == "cloudevents" and binary_mode(req.headers):
                 events = parse_cloudevents_binary(req.headers, req.body)
