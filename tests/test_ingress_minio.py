@@ -284,3 +284,28 @@ def test_an_unknown_store_name_is_clipped_and_escaped_in_the_answer_and_the_log(
     assert lines and all(len(line) < 600 for line in lines), lines
     assert "\x1b" not in log and not any(line.startswith("12:00:00 info  bucketwire.hub: forged") for line in
                                          log.splitlines())
+
+
+def test_a_senders_text_in_a_log_line_cannot_forge_lines(stack):
+    """Log lines name what a sender sent (an event id, a key): the text format wrote those fields raw, so an id
+    holding a newline and a made-up timestamp wrote a line of its own, indistinguishable from the hub's, and an
+    escape sequence reached the operator's terminal. Control characters are written escaped."""
+    forged = "01:02:03 error bucketwire.hub: journal corrupt"
+    ev = {"specversion": "1.0", "id": f"x\n{forged}\x1b[2J", "source": "urn:x", "type": "t", "topic": "misc",
+          "data": {"pad": "p" * 1_010_000}}
+    code, resp = stack.post("/events", json.dumps(ev).encode(),
+                            headers={"Content-Type": "application/cloudevents+json"})
+    assert code == 413, resp  # refused as too large, with a warning line that names the event's id
+    log = stack.dump_logs(10**6)
+    assert "event refused: too large" in log, log
+    assert not any(line.startswith(forged) for line in log.splitlines()), log
+    assert "\x1b" not in log and "\\n01:02:03 error" in log, log
+
+
+def test_a_refusal_quotes_a_senders_long_value_clipped(stack):
+    """A 400 naming a bad value (an event name that is not S3's) echoed it whole: up to a whole body's worth."""
+    rec = record("s3:ObjectCreated:Put", "b", "k")
+    rec["eventName"] = "x" * 500_000
+    code, resp = stack.post("/minio/events", json.dumps({"Records": [rec]}).encode())
+    assert code == 400 and "is not an S3 event name" in resp["error"] and len(resp["error"]) < 300, resp["error"][:300]
+    assert stack.status()["topics"] == {}

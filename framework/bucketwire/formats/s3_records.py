@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from bucketwire.envelope import NESTING_REFUSAL, Event, cloudevents_time, iso_ms, now_iso, ordered_id
+from bucketwire.envelope import NESTING_REFUSAL, Event, cloudevents_time, iso_ms, now_iso, ordered_id, shown
 
 MAX_RECORDS = 1000
 
@@ -74,7 +74,7 @@ def record_to_event(rec: Any, *, store: str | None, key_encoded: bool = True, in
     name = _str(rec, "eventName", where, required=True)
     if not name.startswith("s3:") and ":" not in name:
         # AWS itself sends "ObjectCreated:Put" without the "s3:" prefix.
-        raise RecordError(f"{where}.eventName {name!r} is not an S3 event name")
+        raise RecordError(f"{where}.eventName {shown(name)} is not an S3 event name")
     if not name.startswith("s3:"):
         name = "s3:" + name
     s3 = _obj(rec, "s3", where, required=True)
@@ -87,7 +87,7 @@ def record_to_event(rec: Any, *, store: str | None, key_encoded: bool = True, in
         key = unquote_plus(raw_key, errors="strict") if key_encoded and not raw_keys(rec) else raw_key
     except UnicodeDecodeError:
         raise RecordError(
-            f"{where}.s3.object.key {raw_key[:200]!r}: its %-escapes are not UTF-8 (S3 keys are UTF-8)"
+            f"{where}.s3.object.key {shown(raw_key, 200)}: its %-escapes are not UTF-8 (S3 keys are UTF-8)"
         ) from None
     if "\x00" in key:
         raise RecordError(f"{where}.s3.object.key contains a NUL byte")

@@ -26,6 +26,7 @@ from bucketwire.envelope import (
     Event,
     dumps,
     is_rfc3339,
+    shown,
     time_problem,
     valid_unicode,
 )
@@ -359,11 +360,11 @@ class Ingress:
         if named and store not in self.stores:
             # The name is the sender's: shown clipped and escaped (a request line may hold 64 KiB of it, control
             # characters and all), in the answer and in the log line an operator reads to find the bad webhook.
-            shown = f"{store[:64]!r}" + (f"... ({len(store)} characters)" if len(store) > 64 else "")
+            name = shown(named[0])
             log.warning("webhook refused: unknown store in ?store=",
-                        extra={"ingress": "http", "peer": req.peer, "path": req.path, "store": shown})
+                        extra={"ingress": "http", "peer": req.peer, "path": req.path, "store": name})
             have = ", ".join(sorted(self.stores)) or "none"
-            return self.fail(400, f"unknown store {shown} in ?store= (configured: {have}); add a [stores.NAME] "
+            return self.fail(400, f"unknown store {name} in ?store= (configured: {have}); add a [stores.NAME] "
                              "table for it to the hub's config, or send a configured name", "store")
         try:
             if label == "cloudevents" and binary_mode(req.headers):
