@@ -309,3 +309,21 @@ def test_a_refusal_quotes_a_senders_long_value_clipped(stack):
     code, resp = stack.post("/minio/events", json.dumps({"Records": [rec]}).encode())
     assert code == 400 and "is not an S3 event name" in resp["error"] and len(resp["error"]) < 300, resp["error"][:300]
     assert stack.status()["topics"] == {}
+
+
+@pytest.mark.parametrize("name", ["s3:ObjectCreated:Put\n", "s3:ObjectCreated:Put\x1b[2J", "s3:Object Created:Put",
+                                  "s3:" + "A" * 200])
+def test_an_event_name_that_no_store_sends_is_refused(stack, name):
+    """S3 event names are words joined by colons. One with a newline, an escape sequence or a space was committed
+    as the event's `type`: a route on `s3:ObjectCreated:*` took it, a consumer dispatching on the exact name did
+    not, and the type went into every log line that names it."""
+    rec = record("s3:ObjectCreated:Put", "b", "k")
+    rec["eventName"] = name
+    code, resp = stack.post("/minio/events", json.dumps({"Records": [rec]}).encode())
+    assert code == 400 and "is not an S3 event name" in resp["error"], resp
+    assert stack.status()["topics"] == {}
+    for ok in ("s3:ObjectCreated:CompleteMultipartUpload", "ObjectRemoved:DeleteMarkerCreated",
+               "s3:Replication:OperationFailedReplication", "s3:ObjectRestore:Post", "s3:Scanner:ManyVersions"):
+        rec["eventName"], rec["s3"]["object"]["key"] = ok, f"k-{ok}"
+        code, resp = stack.post("/minio/events", json.dumps({"Records": [rec]}).encode())
+        assert code == 200, (ok, resp)
