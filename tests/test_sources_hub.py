@@ -55,6 +55,21 @@ def stop(p: subprocess.Popen) -> None:
     p.wait(15)
 
 
+def the_one_error(stack: Stack, src: subprocess.Popen, log: Path) -> tuple[str, str]:
+    """Wait for a source that cannot go on to exit; its one `Error:` line (exit status 1, no traceback) and its
+    whole output."""
+    try:
+        wait_for(lambda: src.poll() is not None, 60, "the source to stop on what it cannot outwait")
+    finally:
+        if src.poll() is None:
+            stop(src)
+        print(log.read_text()[-3000:], stack.dump_logs())
+    out = log.read_text()
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert src.returncode == 1 and len(errors) == 1 and "Traceback" not in out, out
+    return errors[0], out
+
+
 def test_hub_down_then_up_every_object_arrives_once(
     weed: WeedServer, bucket: str, stack_factory: Callable[..., Stack], tmp_path: Path
 ) -> None:
@@ -164,18 +179,8 @@ def test_a_refusal_for_good_stops_the_source_and_skips_nothing(
     src_cfg = client_config(stack, d, "src")
     state, log = tmp_path / "src-state.json", tmp_path / "source.log"
     weed.client().put_object(bucket, "refused.txt", io.BytesIO(b"0"), 1)
-    src = start_source(stack, weed, bucket, state, log, src_cfg)
-    try:
-        wait_for(lambda: src.poll() is not None, 60, "the source to stop on a refusal it cannot outwait")
-    finally:
-        if src.poll() is None:
-            stop(src)
-        print(log.read_text()[-3000:], stack.dump_logs())
-    out = log.read_text()
-    assert src.returncode == 1
-    errors = [line for line in out.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "may not publish to topic 'objects'" in errors[0], out
-    assert "Traceback" not in out and "retrying" not in out
+    error, out = the_one_error(stack, start_source(stack, weed, bucket, state, log, src_cfg), log)
+    assert "may not publish to topic 'objects'" in error and "retrying" not in out, out
     assert not state.exists(), "no position may be saved past events the hub never took"
 
     # Fixed (the role allows the topic): started again, the source publishes what was refused.
@@ -211,18 +216,8 @@ def test_a_state_file_of_another_filer_is_refused_until_reset(
 
     weed2.client().make_bucket(bucket)
     weed2.client().put_object(bucket, "on-second.txt", io.BytesIO(b"1"), 1)
-    src = start_source(stack, weed2, bucket, state, log)
-    try:
-        wait_for(lambda: src.poll() is not None, 60, "the source to refuse the other filer's log")
-    finally:
-        if src.poll() is None:
-            stop(src)
-        print(log.read_text()[-3000:], stack.dump_logs())
-    out = log.read_text()
-    assert src.returncode == 1
-    errors = [line for line in out.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "--reset-state" in errors[0] and weed2.filer_address in errors[0], out
-    assert "Traceback" not in out
+    error, out = the_one_error(stack, start_source(stack, weed2, bucket, state, log), log)
+    assert "--reset-state" in error and weed2.filer_address in error, out
     assert [e["data"]["key"] for e in journal(stack, "objects")] == ["on-first.txt"], "nothing of it published"
     assert state.read_text() == saved
 
