@@ -165,6 +165,26 @@ def test_structured_and_batch_modes_still_work(stack_factory: MakeStack) -> None
         assert_cloudevent(got)
 
 
+@pytest.mark.parametrize("name", ["trace_id", "My-Ext\n", "a" * 21, ""])
+def test_an_attribute_name_binary_mode_refuses_is_refused_in_structured_mode_too(
+        stack_factory: MakeStack, name: str) -> None:
+    """CloudEvents attribute names are lowercase letters and digits (the spec's MUST). A `ce-trace_id` header was
+    refused while the same attribute in a structured or batch body was committed, newline and all, for every
+    consumer to meet in the envelope."""
+    s = stack_factory(GROUPS)
+    s.start_hub()
+    good = json.loads(to_structured_event(sdk_event()).body)
+    batch = [good, {**good, "id": "second", name: "x"}]
+    for body, ctype in ((json.dumps({**good, name: "x"}), "application/cloudevents+json"),
+                        (json.dumps(batch), "application/cloudevents-batch+json")):
+        code, resp = post(s, body.encode(), headers={"Content-Type": ctype})
+        assert code == 400 and "attribute names" in resp["error"] and "\n" not in resp["error"], resp
+    assert committed(s, "jobs") == []
+    code, resp = post(s, json.dumps({**good, "traceparent": "00-abc-def-01", "data_base64": "AA=="}).encode(),
+                      headers={"Content-Type": "application/cloudevents+json"})
+    assert code == 200, resp
+
+
 @pytest.mark.parametrize(("drop", "extra", "why"), [
     ("ce-source", {}, "source"),
     ("ce-specversion", {"ce-id": "x"}, "specversion"),

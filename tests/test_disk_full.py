@@ -82,8 +82,9 @@ def refused_while_full(s: Stack, n: int) -> list[str]:
         assert "journal" in body.get("error", ""), body
         ids.append(eid)
         eid = f"full-zmq-{i}"
-        with pytest.raises(HubRefused, match="journal"):
+        with pytest.raises(HubRefused, match="journal") as refused:
             pub(s, eid)
+        assert not refused.value.permanent, "a full disk passes: a source must retry, not stop"
         ids.append(eid)
     return ids
 

@@ -261,3 +261,69 @@ def test_a_records_event_time_becomes_a_valid_cloudevents_time(stack, event_time
         assert env["time"] == envelope_time
         assert env["id"].startswith("018f3398c"), "the id still leads with the record's time"
     assert env["data"]["records"][0]["eventTime"] == event_time
+
+
+def test_an_unknown_store_name_is_clipped_and_escaped_in_the_answer_and_the_log(stack):
+    """`?store=` comes from whoever holds the token: its name was echoed whole (twice) in the 400, up to the 64
+    KiB a request line may take, control characters and all. The answer and the hub's log line show a clipped,
+    escaped form; the request still changes nothing."""
+    from urllib.parse import quote
+
+    long_name = "n" * 60_000
+    evil = "\x1b[31mred\r\n12:00:00 info  bucketwire.hub: forged line"
+    for name in (long_name, evil):
+        code, resp = stack.post(f"/minio/events?store={quote(name)}", body(record("s3:ObjectCreated:Put", "b", "k")))
+        assert code == 400, resp
+        err = resp["error"]
+        assert "unknown store" in err and len(err) < 400, err[:500]
+        assert all(c.isprintable() for c in err), repr(err[:500])
+    assert "\\x1b[31mred\\r\\n" in err, err
+    assert stack.status()["topics"] == {}
+    log = stack.dump_logs(10**6)
+    lines = [line for line in log.splitlines() if "unknown store" in line]
+    assert lines and all(len(line) < 600 for line in lines), lines
+    assert "\x1b" not in log and not any(line.startswith("12:00:00 info  bucketwire.hub: forged") for line in
+                                         log.splitlines())
+
+
+def test_a_senders_text_in_a_log_line_cannot_forge_lines(stack):
+    """Log lines name what a sender sent (an event id, a key): the text format wrote those fields raw, so an id
+    holding a newline and a made-up timestamp wrote a line of its own, indistinguishable from the hub's, and an
+    escape sequence reached the operator's terminal. Control characters are written escaped."""
+    forged = "01:02:03 error bucketwire.hub: journal corrupt"
+    ev = {"specversion": "1.0", "id": f"x\n{forged}\x1b[2J", "source": "urn:x", "type": "t", "topic": "misc",
+          "data": {"pad": "p" * 1_010_000}}
+    code, resp = stack.post("/events", json.dumps(ev).encode(),
+                            headers={"Content-Type": "application/cloudevents+json"})
+    assert code == 413, resp  # refused as too large, with a warning line that names the event's id
+    log = stack.dump_logs(10**6)
+    assert "event refused: too large" in log, log
+    assert not any(line.startswith(forged) for line in log.splitlines()), log
+    assert "\x1b" not in log and "\\n01:02:03 error" in log, log
+
+
+def test_a_refusal_quotes_a_senders_long_value_clipped(stack):
+    """A 400 naming a bad value (an event name that is not S3's) echoed it whole: up to a whole body's worth."""
+    rec = record("s3:ObjectCreated:Put", "b", "k")
+    rec["eventName"] = "x" * 500_000
+    code, resp = stack.post("/minio/events", json.dumps({"Records": [rec]}).encode())
+    assert code == 400 and "is not an S3 event name" in resp["error"] and len(resp["error"]) < 300, resp["error"][:300]
+    assert stack.status()["topics"] == {}
+
+
+@pytest.mark.parametrize("name", ["s3:ObjectCreated:Put\n", "s3:ObjectCreated:Put\x1b[2J", "s3:Object Created:Put",
+                                  "s3:" + "A" * 200])
+def test_an_event_name_that_no_store_sends_is_refused(stack, name):
+    """S3 event names are words joined by colons. One with a newline, an escape sequence or a space was committed
+    as the event's `type`: a route on `s3:ObjectCreated:*` took it, a consumer dispatching on the exact name did
+    not, and the type went into every log line that names it."""
+    rec = record("s3:ObjectCreated:Put", "b", "k")
+    rec["eventName"] = name
+    code, resp = stack.post("/minio/events", json.dumps({"Records": [rec]}).encode())
+    assert code == 400 and "is not an S3 event name" in resp["error"], resp
+    assert stack.status()["topics"] == {}
+    for ok in ("s3:ObjectCreated:CompleteMultipartUpload", "ObjectRemoved:DeleteMarkerCreated",
+               "s3:Replication:OperationFailedReplication", "s3:ObjectRestore:Post", "s3:Scanner:ManyVersions"):
+        rec["eventName"], rec["s3"]["object"]["key"] = ok, f"k-{ok}"
+        code, resp = stack.post("/minio/events", json.dumps({"Records": [rec]}).encode())
+        assert code == 200, (ok, resp)

@@ -22,10 +22,14 @@ from bucketwire.formats.s3_records import RecordError
 from bucketwire.sources import publish_until_acked
 from bucketwire.sources.minio_listen import MinioListenSource, parse_line
 from bucketwire.sources.seaweed_meta import (
+    FilerMismatch,
     JsonStreamSplitter,
+    Saved,
     SeaweedMetaSource,
     StreamError,
     doc_events,
+    doc_signatures,
+    read_saved,
     read_state,
     write_state,
 )
@@ -110,8 +114,25 @@ def test_state_file_roundtrip_and_errors(tmp_path: Path) -> None:
     assert read_state(p) == 123
     assert not p.with_name("state.json.tmp").exists()
     p.write_text("{")
-    with pytest.raises(Exception, match="delete it"):
+    with pytest.raises(Exception, match="--reset-state"):
         read_state(p)
+
+
+def test_the_state_file_names_its_filer(tmp_path: Path) -> None:
+    """The position is one filer's: the state keeps the signatures its changes carried (read here from a
+    recorded meta.tail stream), and a file from before them, saved following another address, is refused at
+    once, before meta.tail starts."""
+    docs = JsonStreamSplitter().feed((DATA / "meta_tail.txt").read_bytes())
+    sigs = {s for d in docs for s in doc_signatures(d)}
+    assert len(sigs) == 1 and doc_signatures({"events": docs[:2]}) == doc_signatures(docs[0]) + doc_signatures(docs[1])
+    p = tmp_path / "state.json"
+    write_state(p, 5, "127.0.0.1:1", tuple(sigs))
+    assert read_saved(p) == Saved(5, "127.0.0.1:1", tuple(sigs))
+    p.write_text('{"ts_ns": 5, "filer": "127.0.0.1:1"}')  # as written before signatures were kept
+    src = SeaweedMetaSource(FakeHub().publish, filer="127.0.0.1:2", state_path=p)
+    with pytest.raises(FilerMismatch, match=r"saved following 127.0.0.1:1.*--reset-state to follow 127.0.0.1:2"):
+        src.run()
+    assert src.proc is None
 
 
 def test_publish_until_acked_retries_then_succeeds() -> None:

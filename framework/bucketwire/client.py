@@ -32,7 +32,16 @@ class HubUnavailable(Exception):
 
 
 class HubRefused(Exception):
-    """The hub answered but refused the request (bad envelope, hop limit, journal down)."""
+    """The hub answered but refused the request (bad envelope, hop limit, journal down).
+
+    `permanent`: the hub said the same request would be refused again (PUBNACK `retry: false`, an ERR that is
+    `fatal` or says it could not read the request, a request too large to send): a publisher that retries it
+    waits for ever. False when the refusal may pass (the hub's journal cannot write just now) or the hub did not
+    say (one from before PUBNACK's `retry`)."""
+
+    def __init__(self, error: str, *, permanent: bool = False) -> None:
+        super().__init__(error)
+        self.permanent = permanent
 
 
 class EventTooLarge(HubRefused):
@@ -40,7 +49,7 @@ class EventTooLarge(HubRefused):
     nothing of the request was committed, and sending that event again can never succeed."""
 
     def __init__(self, error: str, index: int) -> None:
-        super().__init__(error)
+        super().__init__(error, permanent=True)
         self.index = index
 
 
@@ -122,7 +131,8 @@ class HubClient:
         frame = P.enc({**hdr, "req": req})
         if len(frame) > P.MAX_HEADER:
             raise HubRefused(f"request of {len(frame)} bytes is over the {P.MAX_HEADER >> 20} MiB one message to the "
-                             "hub may carry (the hub refuses it whole); send its events in several calls")
+                             "hub may carry (the hub refuses it whole); send its events in several calls",
+                             permanent=True)
         while True:
             s = self._socket()
             until = min(deadline, time.monotonic() + attempt_timeout)
@@ -143,7 +153,7 @@ class HubClient:
                 if frames[0] == P.ERR:
                     err = P.decode(frames[1], P.Err)
                     if err.fatal:
-                        raise HubRefused(err.error or "refused")
+                        raise HubRefused(err.error or "refused", permanent=True)
                     if err.moved:
                         self.move(err.moved)
                         moved = True
@@ -152,7 +162,7 @@ class HubClient:
                     elif not err.reready:
                         # The hub could not read the request (a header it refuses): that is its answer. Waiting
                         # on ended as 'no answer from the hub' after the timeout, the request sent again meanwhile.
-                        raise HubRefused(err.error or "refused")
+                        raise HubRefused(err.error or "refused", permanent=True)
                     continue
                 reply = P.header(frames[1])
                 if frames[0] in want and reply.get("req") == req:
@@ -180,7 +190,7 @@ class HubClient:
             big = reply.get("too_large")
             if isinstance(big, int) and not isinstance(big, bool) and 0 <= big < len(events):
                 raise EventTooLarge(reply.get("error", "too large"), big)
-            raise HubRefused(reply.get("error", "refused"))
+            raise HubRefused(reply.get("error", "refused"), permanent=reply.get("retry") is False)
         results = reply.get("results", [])
         bad = [r for r in results if r.get("error")]
         if bad:

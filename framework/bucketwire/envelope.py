@@ -49,6 +49,13 @@ class SchemaVersionError(EnvelopeError):
     """The envelope was written by a newer bucketwire than this reader understands."""
 
 
+def shown(text: str, most: int = 64) -> str:
+    """A sender's text as a refusal or a log line quotes it: escaped (repr) and clipped to `most` characters, its
+    length said when longer. Quoted whole, one value could make an answer as large as the request that carried it,
+    or put control characters in a log."""
+    return f"{text[:most]!r}" + (f"... ({len(text)} characters)" if len(text) > most else "")
+
+
 def envelope_bytes(ev: Event, topic: str | None) -> int:
     """Bytes of `ev`'s envelope once the hub has given it `topic` and a seq (the longest seq counted): what a
     journal stores and a worker receives, so what [hub] max_event_bytes bounds."""

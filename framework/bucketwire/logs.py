@@ -30,13 +30,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(d, default=str)
 
 
+_CONTROLS = ({c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+             | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+"""C0, DEL and C1 characters and the Unicode line separators, and how a text log line shows them."""
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record. Its fields hold what senders sent (event ids, keys, store names, errors quoting them),
+    so control characters are written escaped: a newline in an event id wrote a line of its own, which looked like
+    the hub's, and an escape sequence reached the terminal of whoever read the log."""
+
     def format(self, record: logging.LogRecord) -> str:
         extra = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _RESERVED)
         t = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = f"{t} {record.levelname.lower():5} {record.name}: {record.getMessage()}"
         if extra:
             line += " " + extra
+        if not line.isprintable():
+            line = line.translate(_CONTROLS)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         elif record.exc_text:

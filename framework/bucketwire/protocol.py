@@ -278,6 +278,11 @@ class PubNack(Header):
     too_large: int | None = None
     """Index of the event over [hub] max_event_bytes that got the whole request refused: a publisher can drop
     that one event (it will never commit) and send the rest again."""
+    retry: bool | None = None
+    """True: the refusal is a state of the hub that passes (its journal cannot write, a topic's stream is not there
+    yet), so the same request may commit later. False: the hub will refuse this request for as long as its config
+    is what it is (an envelope it cannot read, a role that forbids the topic, [hub] max_topics reached): sending it
+    again can never help. None: a hub from before the field, which does not say."""
 
 
 class Fetch(Header):

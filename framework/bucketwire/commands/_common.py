@@ -29,9 +29,23 @@ def load_config(path: str | None) -> Config:
 
 
 def run_source(src: Any, close: Callable[[], None], name: str) -> None:
-    """Run a source's `run()` in a thread until it ends or a signal stops it, then close its hub publisher."""
+    """Run a source's `run()` in a thread until it ends or a signal stops it, then close its hub publisher.
+
+    What the source cannot outwait (`SourceFailed`: a batch the hub refuses for good, a state file of another
+    filer) ends the command with its reason in one line and exit status 1: a supervisor sees a source that cannot
+    work, not one that looks alive and publishes nothing."""
+    from bucketwire.sources import SourceFailed
+
+    refused: list[SourceFailed] = []
+
+    def run() -> None:
+        try:
+            src.run()
+        except SourceFailed as e:
+            refused.append(e)
+
     on_stop_signals(src.stop)
-    t = threading.Thread(target=src.run, name=name, daemon=True)
+    t = threading.Thread(target=run, name=name, daemon=True)
     t.start()
     try:
         while t.is_alive():
@@ -40,6 +54,8 @@ def run_source(src: Any, close: Callable[[], None], name: str) -> None:
         src.stop()
         close()
     click.echo(f"stopped after publishing {src.published} event(s)", err=True)
+    if refused:
+        raise click.ClickException(str(refused[0]))
 
 
 def reader_gone(e: BaseException) -> bool:

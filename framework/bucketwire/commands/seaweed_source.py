@@ -21,8 +21,10 @@ from bucketwire.sources.seaweed_meta import SeaweedMetaSource, read_state
 @click.option("--path-prefix", default="/buckets", show_default=True, help="Filer path to follow.")
 @click.option("--since", type=float, default=0.0, show_default=True,
               help="On first start (no state file), replay this many seconds of history.")
+@click.option("--reset-state", is_flag=True,
+              help="Forget the saved position (e.g. the filer was replaced) and start as on first start.")
 def seaweed_source(config_path: str | None, filer: str, state_path: str | None, store_name: str | None,
-                   path_prefix: str, since: float) -> None:
+                   path_prefix: str, since: float, reset_state: bool) -> None:
     """Follow a SeaweedFS filer's metadata log and publish object changes through the hub, resumably."""
     cfg = load_config(config_path)
     if ":" not in filer:
@@ -33,6 +35,12 @@ def seaweed_source(config_path: str | None, filer: str, state_path: str | None, 
     state = Path(state_path) if state_path else Path(cfg.hub.state_dir) / f"seaweed-{filer.replace(':', '_')}.json"
     try:
         weed = find_weed()
+        if reset_state and state.exists():
+            try:
+                state.unlink()
+            except OSError as e:
+                raise click.ClickException(f"--reset-state: cannot remove {state}: {e.strerror}") from None
+            click.echo(f"forgot the saved position in {state}", err=True)
         resume = read_state(state)
     except WeedError as e:
         raise click.ClickException(str(e)) from None

@@ -11,14 +11,19 @@ derived from the request ids, the event name, bucket, key and version instead.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
 
-from bucketwire.envelope import NESTING_REFUSAL, Event, cloudevents_time, iso_ms, now_iso, ordered_id
+from bucketwire.envelope import NESTING_REFUSAL, Event, cloudevents_time, iso_ms, now_iso, ordered_id, shown
 
 MAX_RECORDS = 1000
+
+
+EVENT_NAME = re.compile(r"[A-Za-z0-9_.*-]{1,64}(?::[A-Za-z0-9_.*-]{1,64}){1,3}")
+"""An S3 event name: `s3:ObjectCreated:Put`, `ObjectRemoved:Delete`, `s3:Replication:OperationFailedReplication`."""
 
 
 class RecordError(ValueError):
@@ -72,9 +77,12 @@ def record_to_event(rec: Any, *, store: str | None, key_encoded: bool = True, in
     if not isinstance(rec, dict):
         raise RecordError(f"{where} must be an object")
     name = _str(rec, "eventName", where, required=True)
-    if not name.startswith("s3:") and ":" not in name:
-        # AWS itself sends "ObjectCreated:Put" without the "s3:" prefix.
-        raise RecordError(f"{where}.eventName {name!r} is not an S3 event name")
+    if not EVENT_NAME.fullmatch(name):
+        # Words joined by colons (AWS itself sends "ObjectCreated:Put" without the "s3:" prefix). A name with a
+        # newline, an escape sequence or a space would become the event's `type`, taken by a wildcard route and
+        # matched by no consumer that dispatches on the exact name.
+        raise RecordError(f"{where}.eventName {shown(name)} is not an S3 event name (words joined by ':', like "
+                          "s3:ObjectCreated:Put)")
     if not name.startswith("s3:"):
         name = "s3:" + name
     s3 = _obj(rec, "s3", where, required=True)
@@ -87,7 +95,7 @@ def record_to_event(rec: Any, *, store: str | None, key_encoded: bool = True, in
         key = unquote_plus(raw_key, errors="strict") if key_encoded and not raw_keys(rec) else raw_key
     except UnicodeDecodeError:
         raise RecordError(
-            f"{where}.s3.object.key {raw_key[:200]!r}: its %-escapes are not UTF-8 (S3 keys are UTF-8)"
+            f"{where}.s3.object.key {shown(raw_key, 200)}: its %-escapes are not UTF-8 (S3 keys are UTF-8)"
         ) from None
     if "\x00" in key:
         raise RecordError(f"{where}.s3.object.key contains a NUL byte")

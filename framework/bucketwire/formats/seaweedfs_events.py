@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from bucketwire.envelope import NESTING_REFUSAL, Event, now_iso, ordered_id
+from bucketwire.envelope import NESTING_REFUSAL, Event, now_iso, ordered_id, shown
 from bucketwire.formats.s3_records import RecordError
 
 BUCKETS_ROOT = "/buckets/"
@@ -104,11 +104,11 @@ def _extended(e: Mapping[str, Any], where: str) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for k, v in (e.get("extended") or {}).items():
         if not isinstance(v, str):
-            raise RecordError(f"{where}.extended[{k!r}] must be a base64 string")
+            raise RecordError(f"{where}.extended[{shown(k)}] must be a base64 string")
         try:
             out[k] = base64.b64decode(v, validate=True)
         except (binascii.Error, ValueError):
-            raise RecordError(f"{where}.extended[{k!r}] is not valid base64") from None
+            raise RecordError(f"{where}.extended[{shown(k)}] is not valid base64") from None
     return out
 
 

@@ -26,6 +26,7 @@ from bucketwire.envelope import (
     Event,
     dumps,
     is_rfc3339,
+    shown,
     time_problem,
     valid_unicode,
 )
@@ -80,12 +81,18 @@ def parse_cloudevents(body: bytes, store: str | None) -> list[Event]:
         bad_time = time_problem(d.get("time"))
         if bad_time is not None:
             raise s3_records.RecordError(f"event {i}: {bad_time}")
+        # As binary mode's headers are checked: a name the spec forbids (`trace_id`, one with a newline) was
+        # committed from a body while refused from a header. `data_base64` is the JSON format's, not an attribute.
+        name = next((k for k in d if not _ATTRIBUTE_NAME.fullmatch(k) and k != "data_base64"), None)
+        if name is not None:
+            raise s3_records.RecordError(f"event {i}: attribute {shown(name)}: {ATTRIBUTE_NAMES}")
         ev.seq = None  # the hub assigns seqs
         out.append(ev)
     return out
 
 
 _ATTRIBUTE_NAME = re.compile(r"[a-z0-9]{1,20}")
+ATTRIBUTE_NAMES = "CloudEvents attribute names are 1 to 20 lowercase letters and digits"
 BINARY_INT_ATTRIBUTES = ("hops", "schemaversion", "retries")
 """bucketwire's integer extensions: a header carries every attribute as text, so these are read back as ints."""
 
@@ -114,7 +121,7 @@ def parse_cloudevents_binary(headers: Mapping[str, str], body: bytes) -> list[Ev
     for name, value in headers.items():
         if name.startswith("ce-"):
             if not _ATTRIBUTE_NAME.fullmatch(name[3:]):
-                raise bad(f"header {name[:40]}: CloudEvents attribute names are 1 to 20 lowercase letters and digits")
+                raise bad(f"header {name[:40]}: {ATTRIBUTE_NAMES}")
             try:
                 d[name[3:]] = unquote(value, errors="strict")
             except UnicodeDecodeError:
@@ -357,9 +364,14 @@ class Ingress:
         named = parse_qs(req.query).get("store") if req.query else None
         store = named[0] if named else self.cfg.default_store
         if named and store not in self.stores:
+            # The name is the sender's: shown clipped and escaped (a request line may hold 64 KiB of it, control
+            # characters and all), in the answer and in the log line an operator reads to find the bad webhook.
+            name = shown(named[0])
+            log.warning("webhook refused: unknown store in ?store=",
+                        extra={"ingress": "http", "peer": req.peer, "path": req.path, "store": name})
             have = ", ".join(sorted(self.stores)) or "none"
-            return self.fail(400, f"unknown store {store!r} in ?store= (configured: {have}); add [stores.{store}]",
-                             "store")
+            return self.fail(400, f"unknown store {name} in ?store= (configured: {have}); add a [stores.NAME] "
+                             "table for it to the hub's config, or send a configured name", "store")
         try:
             if label == "cloudevents" and binary_mode(req.headers):
                 events = parse_cloudevents_binary(req.headers, req.body)

@@ -1502,7 +1502,7 @@ class Hub:
                     raise EnvelopeError(why)
         except EnvelopeError as e:
             self.metrics.rejected.labels("zmq", "envelope").inc()
-            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=str(e)))])
+            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=str(e), retry=False))])
             return
         why = None
         for env in envs:
@@ -1515,7 +1515,7 @@ class Hub:
         if why:
             self.metrics.rejected.labels("zmq", "reserved").inc()
             log.warning("publish refused: hub-only source or extension", extra={"key": self.net.user, "error": why})
-            self.net.send([ident, P.PUBNACK, P.enc({"req": req, "error": why})])
+            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=why, retry=False))])
             return
         topic_of = self.router.topic_of
         topics = [env["topic"] or topic_of(env["type"], env["data"]) for env in envs]  # _route, without its call
@@ -1525,14 +1525,18 @@ class Hub:
             self.metrics.rejected.labels("zmq", "forbidden").inc()
             log.warning("publish refused by role", extra={"key": self.net.user, "topics": denied[:5]})
             err = f"key {self.net.user!r} may not publish to topic {denied[0]!r} ([security.roles])"
-            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=err))])
+            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=err, retry=False))])
             return
 
         def done(res: list[IngestResult] | None, err: str | None) -> None:
-            """Refusals and failed commits only: a committed request is answered by `answer`."""
+            """Refusals and failed commits only: a committed request is answered by `answer`. Without results
+            (`res` None) the commit failed or could not be tried (journal unavailable, a stream not created in
+            time): the same request may commit later. With them, the request's events were refused, as they
+            would be again."""
             refused = next((r.error for r in res if r.error), None) if res is not None else err
             big = next((i for i, r in enumerate(res) if r.too_large), None) if res is not None else None
-            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=refused or "refused", too_large=big))])
+            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=refused or "refused", too_large=big,
+                                                             retry=res is None))])
 
         def answer(results: list[P.PubResult]) -> None:
             self.net.send([ident, P.PUBACK, P.enc(P.PubAck(req=req, results=results))])

@@ -7,7 +7,8 @@ which is convenient (no server-side config) but lossy by design; MinIO's webhook
 the durable path there.
 
 Both publish with `HubClient.publish_events` and retry until the hub commits: an event counts as delivered only
-when the hub says so, and re-sending is safe because ids are deterministic and the journal deduplicates.
+when the hub says so, and re-sending is safe because ids are deterministic and the journal deduplicates. A
+refusal the hub says it would repeat stops the source instead (`PublishRefused`), with nothing skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ log = logging.getLogger("bucketwire.sources")
 Publish = Callable[[list[Event]], list[dict[str, Any]]]
 
 
+class SourceFailed(Exception):
+    """The source cannot go on without the operator: its message is the one line the command exits with."""
+
+
+class PublishRefused(SourceFailed):
+    """The hub refuses a batch for good (`HubRefused.permanent`): the source stops rather than skip the batch.
+
+    Skipping would lose events silently, and retrying would wedge the source while it looked alive; stopping
+    keeps them (the durable source has not saved a position past them) and the command exits non-zero with the
+    hub's reason, which says what to change."""
+
+
 def publish_until_acked(
     publish: Publish,
     events: list[Event],
@@ -35,10 +48,13 @@ def publish_until_acked(
 ) -> list[dict[str, Any]] | None:
     """Publish, retrying with exponential backoff until the hub acks; None if `stop` was set first.
 
-    Any failure (hub down, hub refusing while its journal is unavailable) is retried: giving up would lose the
-    events, and a stuck source is visible in logs and in the hub's lag metrics.
+    A failure that may pass (hub down or silent, its journal unavailable) is retried: giving up would lose the
+    events, and a stuck source is visible in logs and in the hub's lag metrics. A refusal the hub says it would
+    repeat (a role that forbids the topic, [hub] max_topics reached, an envelope it cannot read) raises
+    `PublishRefused` at once: retrying it could only wedge the source. One event too large to ever commit is
+    dropped, loudly, and the rest published.
     """
-    from bucketwire.client import EventTooLarge
+    from bucketwire.client import EventTooLarge, HubRefused
 
     delay = base
     dropped: list[int] = []  # indices into the caller's `events`, so the results still line up with them
@@ -57,7 +73,13 @@ def publish_until_acked(
             dropped.sort()
             log.error("%s: event %s dropped: the hub refuses it as too large (%s)", what, events[i].id, e)
             continue
-        except Exception as e:  # HubUnavailable, HubRefused, zmq errors: all transient from here
+        except HubRefused as e:
+            if e.permanent:
+                raise PublishRefused(
+                    f"{what}: the hub refuses {len(idx)} event(s) and would refuse them again: {e}; the source "
+                    "stopped without skipping them: fix that, then start it again") from None
+            log.warning("%s: publishing %d event(s) failed (%s); retrying in %.1fs", what, len(events), e, delay)
+        except Exception as e:  # HubUnavailable, zmq errors: all transient from here
             log.warning("%s: publishing %d event(s) failed (%s); retrying in %.1fs", what, len(events), e, delay)
         if stop.wait(delay):
             return None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from bucketwire.envelope import NESTING_REFUSAL, Event
 from bucketwire.formats.s3_records import RecordError, record_to_event
-from bucketwire.sources import Publish, publish_until_acked
+from bucketwire.sources import Publish, PublishRefused, publish_until_acked
 
 if TYPE_CHECKING:  # an annotation only: every `bucketwire` process imports this module through the CLI
     import minio
@@ -151,6 +151,8 @@ class MinioListenSource:
                     if self.stop_event.is_set():
                         return
                 log.warning("listen stream for %s ended; reconnecting in %.1fs", self.bucket, delay)
+            except PublishRefused:
+                raise  # the hub will not take these events: stop, not reconnect and refuse them again
             except Exception as e:
                 if self.stop_event.is_set():
                     return

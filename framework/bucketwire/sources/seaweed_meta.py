@@ -8,6 +8,12 @@ publishes a batch, and only after the hub acked writes the newest log timestamp 
 After a restart it resumes a little before that timestamp: the overlap is re-published and deduplicated by the
 hub, so every change arrives exactly once in the journal.
 
+That timestamp is a position in one filer's log only. The state file also records the filer's signature, which
+weed keeps in its filer store (stable across restarts, new with a new store) and puts on every change it logs;
+a change signed by none of the recorded ones means another filer (a rebuilt one at the same address, or --state
+pointing at another filer's file), and the source stops before publishing it instead of resuming from a foreign
+position (which silently skips or replays that filer's changes).
+
 meta.tail prints protojson objects pretty-printed over many lines, one after another; `JsonStreamSplitter`
 cuts that stream into objects without needing newlines between them.
 """
@@ -23,13 +29,13 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bucketwire.devstack.seaweedfs import WeedError, find_weed
 from bucketwire.envelope import Event
 from bucketwire.formats.s3_records import RecordError
 from bucketwire.formats.seaweedfs_events import meta_tail_to_events
-from bucketwire.sources import Publish, publish_until_acked
+from bucketwire.sources import Publish, SourceFailed, publish_until_acked
 
 log = logging.getLogger("bucketwire.sources.seaweed_meta")
 
@@ -108,26 +114,52 @@ class JsonStreamSplitter:
         return out
 
 
-def read_state(path: Path) -> int | None:
-    """Last acked filer log timestamp (ns), or None when starting fresh."""
+MAX_SIGNATURES = 16
+"""Filer signatures a state file keeps (peers of a filer cluster log each other's changes under their own)."""
+
+
+class FilerMismatch(SourceFailed):
+    """The state file's position belongs to another filer's log."""
+
+
+class Saved(NamedTuple):
+    """What a state file holds: the position, and whose log it is in."""
+
+    ts_ns: int
+    filer: str | None  # the address it was saved following
+    signatures: tuple[int, ...]  # the filer signatures its changes carried (empty: a file from before them)
+
+
+def read_saved(path: Path) -> Saved | None:
+    """The state file, or None when starting fresh."""
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise WeedError(f"cannot read source state {path}: {e}; delete it to start from now") from None
+        raise WeedError(f"cannot read source state {path}: {e}; start with --reset-state to follow from now") from None
     ts = doc.get("ts_ns") if isinstance(doc, dict) else None
     if not isinstance(ts, int) or ts < 0:
-        raise WeedError(f"source state {path} has no valid ts_ns; delete it to start from now")
-    return ts
+        raise WeedError(f"source state {path} has no valid ts_ns; start with --reset-state to follow from now")
+    filer = doc.get("filer")
+    sigs = doc.get("signatures")
+    if not isinstance(sigs, list) or not all(type(x) is int for x in sigs):
+        sigs = []
+    return Saved(ts, filer if isinstance(filer, str) else None, tuple(sigs[-MAX_SIGNATURES:]))
 
 
-def write_state(path: Path, ts_ns: int, filer: str) -> None:
+def read_state(path: Path) -> int | None:
+    """Last acked filer log timestamp (ns), or None when starting fresh."""
+    saved = read_saved(path)
+    return None if saved is None else saved.ts_ns
+
+
+def write_state(path: Path, ts_ns: int, filer: str, signatures: tuple[int, ...] = ()) -> None:
     """Atomically replace the state file (write temp, fsync, rename, fsync dir): a crash leaves old or new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"ts_ns": ts_ns, "filer": filer, "saved": time.time()}, f)
+        json.dump({"ts_ns": ts_ns, "filer": filer, "signatures": list(signatures), "saved": time.time()}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -137,6 +169,20 @@ def write_state(path: Path, ts_ns: int, filer: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def doc_signatures(doc: Any) -> list[int]:
+    """The filer signatures on the changes of one meta.tail object (the filer that logged a change adds its own
+    last; one that came through `filer.sync` carries the other cluster's before it)."""
+    if not isinstance(doc, dict):
+        return []
+    note = doc.get("eventNotification") or doc.get("event_notification")
+    sigs = note.get("signatures") if isinstance(note, dict) else None
+    out = [x for x in sigs if type(x) is int] if isinstance(sigs, list) else []
+    nested = doc.get("events")
+    for sub in nested if isinstance(nested, list) else []:
+        out += doc_signatures(sub)
+    return out
 
 
 def doc_events(doc: Any, store: str | None) -> tuple[list[Event], int]:
@@ -185,6 +231,9 @@ class SeaweedMetaSource:
         self.proc: subprocess.Popen[bytes] | None = None
         self.published = 0
         self.acked_ts: int | None = None
+        self.saved: Saved | None = None
+        self.signatures: tuple[int, ...] = ()  # this filer's, as its changes carry them (saved with the state)
+        self.verified = False  # a change since the start carried a signature the state file knows
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -213,7 +262,13 @@ class SeaweedMetaSource:
 
     def run(self) -> None:
         """Run until stop(): (re)start meta.tail from the saved position, publish, save after each ack."""
-        self.acked_ts = read_state(self.state_path)
+        self.saved = read_saved(self.state_path)
+        self.acked_ts = None if self.saved is None else self.saved.ts_ns
+        self.signatures = () if self.saved is None else self.saved.signatures
+        self.verified = not self.signatures
+        if self.saved is not None and not self.signatures and self.saved.filer not in (None, self.filer):
+            # A file from before signatures were kept: its address is all there is to go by.
+            raise FilerMismatch(self._mismatch(f"was saved following {self.saved.filer}"))
         delay = 0.5
         while not self.stop_event.is_set():
             started = time.monotonic()
@@ -268,6 +323,7 @@ class SeaweedMetaSource:
                         log.error("%s; restarting meta.tail (is the filer at %s up?)", e, self.filer)
                         break
                     for doc in docs:
+                        self._check_filer(doc_signatures(doc))
                         try:
                             evs, ts = doc_events(doc, self.store)
                         except RecordError as e:
@@ -297,6 +353,28 @@ class SeaweedMetaSource:
             unrouted = sum(1 for r in res if r.get("unrouted"))
             log.info("published %d event(s) from %s (%d unrouted)", len(events), self.filer, unrouted)
         if ts and (self.acked_ts is None or ts > self.acked_ts):
-            write_state(self.state_path, ts, self.filer)
+            write_state(self.state_path, ts, self.filer, self.signatures)
             self.acked_ts = ts
         return True
+
+    def _check_filer(self, sigs: list[int]) -> None:
+        """Raise FilerMismatch for the first change since the start when no signature on it is one the state file
+        recorded (before anything of it is published); learn the signature of the filer that logged it."""
+        if not sigs:
+            return
+        if not self.verified:
+            if self.signatures and not set(sigs) & set(self.signatures):
+                known = ", ".join(map(str, self.signatures))
+                where = self.saved.filer if self.saved is not None and self.saved.filer else "another filer"
+                raise FilerMismatch(self._mismatch(
+                    f"was saved following {where} (filer signature {known}), and {self.filer} logs changes "
+                    f"signed {sigs[-1]}"))
+            self.verified = True
+        if sigs[-1] not in self.signatures:
+            self.signatures = (*self.signatures, sigs[-1])[-MAX_SIGNATURES:]
+
+    def _mismatch(self, why: str) -> str:
+        return (f"source state {self.state_path} {why}: another filer's log, whose positions mean nothing in "
+                f"this one's (resuming would skip or replay its changes); start with --reset-state to follow "
+                f"{self.filer} from now (add --since SECONDS to replay its recent history), or pass --state with "
+                "this filer's own state file")
