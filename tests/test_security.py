@@ -652,15 +652,13 @@ subscribe = ["ok-*"]
     assert "secret" not in s.status()["groups"]["g"].get("topics", ["x"])
 
 
-def test_status_shows_a_role_only_its_groups_and_topics(stack_factory, tmp_path):
-    """STATUS was answered in full to every admitted key: a key limited to group g and to reading 'ok-*' saw
-    every group, every topic, and the object key of every long-running handler. Now it sees its groups (with
-    their topics) and the topics it may read; a key without a role, or an admin, sees everything."""
-    roles = """
+def _limited_and_admin(stack_factory, tmp_path, limited: str = ""):
+    """A CURVE hub with groups g and h (topic 'secret') and keys admin, `limited` (role: group g, plus the
+    `limited` lines) and other (an admin role), started."""
+    roles = f"""
 [security.roles.limited]
 groups = ["g"]
-subscribe = ["ok-*"]
-
+{limited}
 [security.roles.other]
 admin = true
 """
@@ -668,6 +666,14 @@ admin = true
     s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited", "other"), roles=roles,
                         groups=groups)
     s.start_hub()
+    return s, d
+
+
+def test_status_shows_a_role_only_its_groups_and_topics(stack_factory, tmp_path):
+    """STATUS was answered in full to every admitted key: a key limited to group g and to reading 'ok-*' saw
+    every group, every topic, and the object key of every long-running handler. Now it sees its groups (with
+    their topics) and the topics it may read; a key without a role, or an admin, sees everything."""
+    s, d = _limited_and_admin(stack_factory, tmp_path, 'subscribe = ["ok-*"]\n')
     with s.client() as c:
         for t in ("x", "secret", "ok-1"):
             c.publish(t, {"a": 1})
@@ -685,17 +691,7 @@ def test_a_pool_that_cannot_start_is_shown_to_the_keys_of_its_group_only(stack_f
     """A pool's supervisor reports its children's failing worker_startup (STARTFAIL) for `status`. A key may
     report only for a group it may join (a report is a peer's claim: another group's pool is not its to speak
     for), and a key limited to its groups sees only their reports, as with the rest of status."""
-    roles = """
-[security.roles.limited]
-groups = ["g"]
-
-[security.roles.other]
-admin = true
-"""
-    groups = GROUPS + '\n[groups.h]\ntopics = ["secret"]\nplugins = []\n'
-    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited", "other"), roles=roles,
-                        groups=groups)
-    s.start_hub()
+    s, d = _limited_and_admin(stack_factory, tmp_path)
 
     def report(key: str, *groups_: str) -> None:
         cfg = cfg_for(client_config(s, d, key))
