@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -394,3 +395,67 @@ def test_a_malformed_hb_from_a_peer_that_is_not_a_worker_is_refused_and_counted(
     assert hub.hub.metrics.rejected.labels("zmq", "protocol")._value.get() == before + 1
     cmd, hdr = hub.request([P.HB, b"{}"])  # a well-formed one from a stranger: told to send READY
     assert cmd == P.ERR and hdr.get("reready") is True, hdr
+
+
+# -- JSON that readers take differently: what the PUB path refuses, and what it commits --------------------------
+def _nest(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+HOSTILE: list[tuple[str, bytes, str, Any]] = [
+    # (name, the data as the publisher wrote it, what the hub answers, the refusal's words or the data committed)
+    ("overflowing-float", b'{"r":1e400}', "err", "Number out of range"),
+    ("overflowing-negative", b"[-1e400]", "err", "Number out of range"),
+    ("overflowing-long-float", b"[1" + b"0" * 400 + b".0]", "err", "Number out of range"),
+    ("nan", b'{"r":NaN}', "ack", {"r": None}),  # the json module reads NaN and Infinity; JSON has neither
+    ("infinities", b"[Infinity,-Infinity]", "ack", [None, None]),
+    ("underflow", b"[1e-400]", "ack", [0.0]),
+    ("ints-past-64-bits", b"[1180591620717411303424,-1180591620717411303424]", "ack",
+     [2**70, -(2**70)]),
+    ("int-of-401-digits", b"[1" + b"0" * 400 + b"]", "ack", [10**400]),
+    ("duplicate-keys", b'{"a":1,"a":2,"bucket":"x","key":"k","bucket":"bz"}', "ack",
+     {"a": 2, "bucket": "bz", "key": "k"}),
+    ("lone-surrogate", b'{"k":"\\ud800"}', "nack", "invalid Unicode"),
+    ("lone-surrogate-in-a-name", b'{"\\udfff":1}', "nack", "invalid Unicode"),
+    ("not-utf8", b'{"k":"\xff"}', "err", "not JSON"),
+    ("escaped-nul-in-key", b'{"bucket":"b","key":"a\\u0000b"}', "nack", "NUL byte"),
+    ("escapes", b'{"k":"\\ud83d\\ude00 \\u00e9 \\"q\\" \\/"}', "ack", {"k": "\U0001f600 \u00e9 \"q\" /"}),
+    ("nested-300", _nest(300), "ack", json.loads(_nest(300))),  # past orjson's 254 levels, within MAX_NESTING
+    ("nested-600", _nest(600), "nack", "nests deeper than 512 levels"),
+    ("spaces-and-number-forms", b'{ "a" : [ 1 , 2.50 , 1E2 , -0 ] ,\n "b" : true }', "ack",
+     {"a": [1, 2.5, 100.0, 0], "b": True}),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "kind", "want"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_json_that_readers_take_differently_is_refused_or_committed_as_read(
+        hub: InProcessHub, name: str, data: bytes, kind: str, want: Any) -> None:
+    """A published event whose `data` holds JSON that parsers disagree on (numbers past a double, NaN, integers
+    past 64 bits, a key twice, escapes, lone surrogates, bytes that are not UTF-8, deep nesting): refused as the
+    hub refuses it, or committed as strict JSON that every reader (the worker's msgspec, orjson, json) takes to
+    the value the hub read, rendered by the hub and not passed through as the publisher wrote it. Its bucket and
+    object key (routing, per-object order) are the ones a worker reads. Guards any faster PUB path that would
+    keep `data` as the publisher's bytes."""
+    eid = f"hostile-{name}"
+    routed = name == "duplicate-keys"  # no topic: the route (bucket b*) reads the bucket
+    text = (b'{"specversion":"1.0","id":"%s","source":"hostile","type":"s3:ObjectCreated:Put",%s"data":%s}'
+            % (eid.encode(), b"" if routed else b'"topic":"hostile",', data))
+    cmd, hdr = hub.publish([text])
+    row = hub.hub.journal.db.execute("SELECT topic, seq, objkey, body FROM events WHERE source = ? AND id = ?",
+                                     ("hostile", eid)).fetchone()
+    if kind != "ack":
+        assert (cmd, row) == ((P.ERR if kind == "err" else P.PUBNACK), None), hdr
+        assert want in hdr["error"], hdr
+        return
+    assert cmd == P.PUBACK and row is not None, hdr
+    topic, seq, objkey, body = row
+    assert (topic, seq) == ("created" if routed else "hostile", hdr["results"][0]["seq"])
+    assert body == _before(json.loads(text), topic, seq)[1]
+    assert body.decode("utf-8")  # strict UTF-8
+    got = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in a committed envelope"))
+    assert got["data"] == want
+    assert msgspec.json.decode(body)["data"] == want  # the worker's reader
+    if name != "int-of-401-digits":  # orjson reads no integer past a double (a worker does not use it)
+        assert orjson.loads(body)["data"] == (json.loads(json.dumps(want)) if "64" not in name else
+                                              [float(x) for x in want])
+    assert objkey == ("bz/k" if routed else None)
