@@ -56,6 +56,18 @@ def shown(text: str, most: int = 64) -> str:
     return f"{text[:most]!r}" + (f"... ({len(text)} characters)" if len(text) > most else "")
 
 
+def shown_value(value: object, most: int = 64) -> str:
+    """`shown` for a value of any JSON type: a string as `shown` quotes it, anything else as its repr clipped the
+    same way (an int of thousands of digits is said by its length; Python refuses to render past 4,300)."""
+    if isinstance(value, str):
+        return shown(value, most)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value).bit_length() > 4 * most:
+        digits = int(abs(value).bit_length() * 0.30103) + 1  # log10(2): no rendering of the number needed
+        return f"{'a negative' if value < 0 else 'an'} integer of about {digits} digits"
+    text = repr(value)
+    return text[:most] + (f"... ({len(text)} characters)" if len(text) > most else "")
+
+
 def envelope_bytes(ev: Event, topic: str | None) -> int:
     """Bytes of `ev`'s envelope once the hub has given it `topic` and a seq (the longest seq counted): what a
     journal stores and a worker receives, so what [hub] max_event_bytes bounds."""
@@ -89,9 +101,10 @@ def parse_seq(value: object) -> int:
     elif isinstance(value, str) and _SEQ_DIGITS.fullmatch(value):
         seq = int(value)
     else:
-        raise EnvelopeError(f"envelope seq must be a positive integer as decimal digits (\"42\"), got {value!r}")
+        raise EnvelopeError(
+            f"envelope seq must be a positive integer as decimal digits (\"42\"), got {shown_value(value)}")
     if not 1 <= seq <= MAX_SEQ:
-        raise EnvelopeError(f"envelope seq must be between 1 and {MAX_SEQ}, got {value!r}")
+        raise EnvelopeError(f"envelope seq must be between 1 and {MAX_SEQ}, got {shown_value(value)}")
     return seq
 
 
@@ -186,7 +199,7 @@ def time_problem(value: object) -> str | None:
     commits must be an envelope the CloudEvents SDKs read (binary mode refuses such a ce-time the same way)."""
     if value is None or (type(value) is str and is_rfc3339(value)):
         return None
-    return (f"envelope attribute 'time' {str(value)[:40]!r} is not an RFC 3339 timestamp with its zone "
+    return (f"envelope attribute 'time' {shown_value(value, 40)} is not an RFC 3339 timestamp with its zone "
             "(2024-05-01T10:00:00.123Z)")
 
 
@@ -227,14 +240,15 @@ def read_envelope(build: Callable[..., T], d: Mapping[str, Any], text_checked: b
     get = d.get
     sv = get("schemaversion", SCHEMA_VERSION)
     if (type(sv) is not int and (not isinstance(sv, int) or isinstance(sv, bool))) or sv < 1:
-        raise EnvelopeError(f"envelope has an invalid schemaversion {sv!r}")
+        raise EnvelopeError(f"envelope has an invalid schemaversion {shown_value(sv)}")
     if sv > SCHEMA_VERSION:
         raise SchemaVersionError(
-            f"envelope schemaversion {sv} is newer than this bucketwire understands ({SCHEMA_VERSION}); "
+            f"envelope schemaversion {shown_value(sv)} is newer than this bucketwire understands "
+            f"({SCHEMA_VERSION}); "
             "upgrade bucketwire on this host"
         )
     if get("specversion") != SPEC_VERSION:
-        raise EnvelopeError(f"unsupported CloudEvents specversion {get('specversion')!r} (want '1.0')")
+        raise EnvelopeError(f"unsupported CloudEvents specversion {shown_value(get('specversion'))} (want '1.0')")
     eid, source, typ = get("id"), get("source"), get("type")
     if not (isinstance(eid, str) and eid and isinstance(source, str) and source and isinstance(typ, str)
             and typ):
@@ -255,7 +269,7 @@ def read_envelope(build: Callable[..., T], d: Mapping[str, Any], text_checked: b
         seq = parse_seq(raw_seq)
     hops = get("hops", 0)
     if (type(hops) is not int and (not isinstance(hops, int) or isinstance(hops, bool))) or hops < 0:
-        raise EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
+        raise EnvelopeError(f"envelope hops must be a non-negative integer, got {shown_value(hops)}")
     subject, topic, causationid, time_ = get("subject"), get("topic"), get("causationid"), get("time")
     if not ((subject is None or type(subject) is str) and (topic is None or type(topic) is str)
             and (causationid is None or type(causationid) is str) and (time_ is None or type(time_) is str)):

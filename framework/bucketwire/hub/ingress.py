@@ -125,13 +125,13 @@ def parse_cloudevents_binary(headers: Mapping[str, str], body: bytes) -> list[Ev
             try:
                 d[name[3:]] = unquote(value, errors="strict")
             except UnicodeDecodeError:
-                raise bad(f"header {name} is not percent-encoded UTF-8") from None
+                raise bad(f"header {shown(name)} is not percent-encoded UTF-8") from None
     if "datacontenttype" in d or "data" in d:
         raise bad("send the data's type as Content-Type and the data as the body, not as ce-* headers")
     if "specversion" not in d:
         raise bad("the ce-specversion header is missing (want 1.0)")
     if "time" in d and not is_rfc3339(d["time"]):
-        raise bad(f"header ce-time {d['time'][:40]!r} is not an RFC 3339 timestamp with its zone "
+        raise bad(f"header ce-time {shown(d['time'], 40)} is not an RFC 3339 timestamp with its zone "
                   "(2024-05-01T10:00:00.123Z)")
     for k in BINARY_INT_ATTRIBUTES:
         if k in d and d[k].isascii() and d[k].isdigit():
