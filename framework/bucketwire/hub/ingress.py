@@ -21,9 +21,11 @@ from urllib.parse import parse_qs, unquote
 
 from bucketwire import exposition
 from bucketwire.envelope import (
+    DATA_BASE64,
     NESTING_REFUSAL,
     EnvelopeError,
     Event,
+    data_base64_problem,
     dumps,
     is_rfc3339,
     shown,
@@ -78,12 +80,12 @@ def parse_cloudevents(body: bytes, store: str | None) -> list[Event]:
             ev = Event.from_dict(d)
         except EnvelopeError as e:
             raise s3_records.RecordError(f"event {i}: {e}") from None
-        bad_time = time_problem(d.get("time"))
-        if bad_time is not None:
-            raise s3_records.RecordError(f"event {i}: {bad_time}")
+        bad = time_problem(d.get("time")) or data_base64_problem(d)
+        if bad is not None:
+            raise s3_records.RecordError(f"event {i}: {bad}")
         # As binary mode's headers are checked: a name the spec forbids (`trace_id`, one with a newline) was
         # committed from a body while refused from a header. `data_base64` is the JSON format's, not an attribute.
-        name = next((k for k in d if not _ATTRIBUTE_NAME.fullmatch(k) and k != "data_base64"), None)
+        name = next((k for k in d if not _ATTRIBUTE_NAME.fullmatch(k) and k != DATA_BASE64), None)
         if name is not None:
             raise s3_records.RecordError(f"event {i}: attribute {shown(name)}: {ATTRIBUTE_NAMES}")
         ev.seq = None  # the hub assigns seqs
