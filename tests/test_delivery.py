@@ -103,6 +103,9 @@ def test_retry_with_backoff_then_dead_letter(hub_stack):
     assert doomed["plugin"] == "recorder"
     assert dls["broken"]["data"]["attempts"] == 1, "PermanentError skips the retries"
     assert "planned permanent failure" in dls["broken"]["data"]["line"]
+    # the name a plugin raised it by, not the private module it is defined in (bucketwire.context)
+    assert dls["broken"]["data"]["line"].startswith("bucketwire.PermanentError: "), dls["broken"]["data"]["line"]
+    assert "bucketwire.context" not in json.dumps(dls["broken"]["data"]), dls["broken"]["data"]
     assert dls["doomed"]["causationid"] == doomed["event"]["id"]
     st = s.status()["groups"]["a"]
     assert st["lag"] == 0 and st["inflight"] == 0, "the originals are acked, not stuck"

@@ -402,7 +402,7 @@ def test_retry_waits_at_least_its_delay_and_counts_toward_max_attempts(stack_fac
         _, bodies = c.fetch("dead-letter", 1)
     dl = json.loads(bodies[0])["data"]
     assert dl["plugin"] == "flaky" and dl["attempts"] == 3
-    assert dl["line"] == "bucketwire.context.Retry: asked to wait (retry in 0.05s)"
+    assert dl["line"] == "bucketwire.Retry: asked to wait (retry in 0.05s)"
 
 
 def test_a_plugins_exception_reaches_the_dead_letter_as_itself(stack_factory: Any, tmp_path: Path, weed: Any,

@@ -459,3 +459,34 @@ def test_json_that_readers_take_differently_is_refused_or_committed_as_read(
         assert orjson.loads(body)["data"] == (json.loads(json.dumps(want)) if "64" not in name else
                                               [float(x) for x in want])
     assert objkey == ("bz/k" if routed else None)
+
+
+# -- PUBNACK's retry: said by every hub that sends one, read as "may retry" from one that does not -----------------
+def test_a_pubnack_cannot_be_made_without_saying_whether_to_retry() -> None:
+    """`retry` had a default (None: "does not say"), so a new refusal path that forgot it answered as a hub from
+    before the field, which publishers read as "may retry": a request refused for good was sent again for ever."""
+    with pytest.raises(TypeError, match="retry"):
+        P.PubNack(error="refused")  # type: ignore[call-arg]
+    for retry in (True, False):
+        assert json.loads(P.enc(P.PubNack(error="x", retry=retry)))["retry"] is retry
+
+
+@pytest.mark.parametrize("d", [
+    pytest.param(_bench(950, hops=MAX_HOPS + 1), id="hop-limit"),
+    pytest.param(_bench(951, source="bucketwire://hub/x"), id="reserved-source"),
+    pytest.param(_bench(952, specversion="0.3"), id="unreadable-envelope"),
+])
+def test_every_refusal_of_the_hub_says_retry(hub: InProcessHub, d: dict[str, Any]) -> None:
+    cmd, hdr = hub.publish([json.dumps(d).encode()])
+    assert cmd == P.PUBNACK and hdr["retry"] is False, hdr
+
+
+@pytest.mark.parametrize("sent,retry", [
+    pytest.param({"error": "journal down"}, True, id="hub-before-the-field"),
+    pytest.param({"error": "no", "retry": False}, False, id="refused-for-good"),
+    pytest.param({"error": "later", "retry": True}, True, id="may-retry"),
+    pytest.param({"error": "no", "retry": False, "hint": "a field of a newer hub"}, False, id="newer-hub"),
+])
+def test_a_pubnack_is_read_from_any_hub(sent: dict[str, Any], retry: bool) -> None:
+    nack = P.read_pubnack({"req": 3, **sent})
+    assert (nack.error, nack.retry, nack.req) == (sent["error"], retry, 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 import threading
 import time
@@ -19,7 +20,7 @@ import pytest
 from bucketwire.devstack.seaweedfs import WeedServer
 from bucketwire.envelope import Event
 from bucketwire.formats.s3_records import RecordError
-from bucketwire.sources import publish_until_acked
+from bucketwire.sources import minio_listen, publish_until_acked
 from bucketwire.sources.minio_listen import MinioListenSource, parse_line
 from bucketwire.sources.seaweed_meta import (
     FilerMismatch,
@@ -248,8 +249,12 @@ def test_a_listen_line_nested_past_reading_is_one_unreadable_line() -> None:
 @pytest.fixture
 def fake_minio() -> Iterator[tuple[ThreadingHTTPServer, list[str]]]:
     """An HTTP server that answers ListenBucketNotification with the recorded stream, then closes."""
+    yield from serve_stream(stream_bytes())
+
+
+def serve_stream(payload: bytes) -> Iterator[tuple[ThreadingHTTPServer, list[str]]]:
+    """An HTTP server that answers every GET with `payload` (chunked), then closes; and the paths it was asked."""
     paths: list[str] = []
-    payload = stream_bytes()
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -274,6 +279,37 @@ def fake_minio() -> Iterator[tuple[ThreadingHTTPServer, list[str]]]:
     yield httpd, paths
     httpd.shutdown()
     httpd.server_close()
+
+
+def test_a_listen_line_over_the_limit_is_skipped_unread_and_the_stream_kept(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """`readline()` without a limit read a line however long it was: an endpoint sending an endless line (hostile,
+    or a broken proxy) grew the source's memory until the process died. A line over MAX_LINE_BYTES is now read
+    no further than the limit, skipped with one error line, and the lines after it are read as before."""
+    monkeypatch.setattr(minio_listen, "MAX_LINE_BYTES", 64 * 1024)
+    pad = minio_record("s3:ObjectCreated:Put", "huge.jpg", 1, "H")
+    pad["s3"]["object"]["userMetadata"] = {"x-amz-meta-pad": "p" * 1_000_000}  # valid JSON, and 1 MB long
+    good = minio_record("s3:ObjectCreated:Put", "after.jpg", 1, "G")
+    payload = b"\n".join(json.dumps({"Records": [r]}).encode() for r in (pad, good)) + b"\n"
+    serving = serve_stream(payload)
+    httpd, _ = next(serving)
+    client = minio.Minio(f"127.0.0.1:{httpd.server_address[1]}", access_key="a", secret_key="b", secure=False,
+                         region="us-east-1")
+    hub = FakeHub()
+    src = MinioListenSource(hub.publish, client, bucket="photos", store="minio", backoff_base=30)
+    t = threading.Thread(target=src.run, daemon=True)
+    caplog.set_level(logging.ERROR, "bucketwire.sources.minio_listen")
+    t.start()
+    try:
+        wait_for(lambda: len(hub.events) >= 1)
+    finally:
+        src.stop()
+        t.join(5)
+        next(serving, None)
+    assert [e.subject for e in hub.events] == ["after.jpg"], "the over-long line was read and published"
+    assert src.connects == 1, "the stream was kept"
+    skipped = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+    assert len(skipped) == 1 and "65536 bytes" in skipped[0] and "photos" in skipped[0], skipped
 
 
 def test_minio_listen_source_publishes_reconnects_and_stops(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -123,3 +124,51 @@ def test_a_stop_whose_child_hangs_in_worker_shutdown_ends_after_the_drain_timeou
     assert "did not drain in time" in s.logs[-1].read_text()
     wait_for(lambda: s.status()["groups"]["st"]["workers"] == 0, 10, "the hub to see the worker leave")
     assert s.status()["groups"]["st"]["dead_lettered"] == 0 and s.status()["groups"]["st"]["retrying"] == 0
+
+
+def test_an_old_hub_that_refuses_startfail_is_said_once(tmp_path: Path) -> None:
+    """A hub from before STARTFAIL answers each one `ERR unknown command`; the supervisor never read its socket,
+    so the pool's failing starts were missing from `status` without a word. It says so once, however many
+    reports the hub refuses."""
+    import zmq
+
+    from bucketwire import protocol as P
+
+    plugin = tmp_path / "crasher.py"
+    plugin.write_text(CRASHER)
+    zctx = zmq.Context()
+    hub = zctx.socket(zmq.ROUTER)
+    hub.setsockopt(zmq.LINGER, 0)
+    port = hub.bind_to_random_port("tcp://127.0.0.1")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[hub]\nwork = "tcp://127.0.0.1:{port}"\n[groups.g]\ntopics = ["x"]\nplugins = []\n')
+    log = tmp_path / "pool.log"
+    p = subprocess.Popen([sys.executable, "-c", POOL.replace("BACKOFF", "0.05"), str(cfg), str(plugin)],
+                         stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    refused = [0]
+
+    def old_hub_answers(until: int) -> bool:
+        """As a hub that predates STARTFAIL: ERR 'unknown command' to each, nothing else answered."""
+        while hub.poll(100):
+            ident, cmd, *_ = hub.recv_multipart()
+            if cmd == P.STARTFAIL:
+                hub.send_multipart([ident, P.ERR, P.enc(P.Err(error=f"unknown command {cmd[:32]!r}"))])
+                refused[0] += 1
+        assert p.poll() is None, log.read_text()
+        return refused[0] >= until
+
+    try:
+        wait_for(lambda: old_hub_answers(3) and "upgrade the hub" in log.read_text(), 60,
+                 "the supervisor to say the hub refused its reports")
+        said = refused[0]
+        wait_for(lambda: old_hub_answers(said + 5), 60, "five more reports refused")
+        text = log.read_text()
+        assert text.count("upgrade the hub") == 1, text
+        line = next(ln for ln in text.splitlines() if "upgrade the hub" in ln)
+        assert "does not support startup-failure reports" in line, line
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        hub.close()
+        zctx.term()

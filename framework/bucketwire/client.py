@@ -187,10 +187,14 @@ class HubClient:
             d.pop("seq", None)
         cmd, reply, _ = self.request(P.PUB, payload, {P.PUBACK, P.PUBNACK}, timeout)
         if cmd == P.PUBNACK:
-            big = reply.get("too_large")
-            if isinstance(big, int) and not isinstance(big, bool) and 0 <= big < len(events):
-                raise EventTooLarge(reply.get("error", "too large"), big)
-            raise HubRefused(reply.get("error", "refused"), permanent=reply.get("retry") is False)
+            try:
+                nack = P.read_pubnack(reply)
+            except P.ProtocolError as e:  # not a refusal this client can read: it says nothing of a retry
+                raise HubRefused(f"{reply.get('error', 'refused')} ({e})") from None
+            big = nack.too_large
+            if big is not None and 0 <= big < len(events):
+                raise EventTooLarge(nack.error or "too large", big)
+            raise HubRefused(nack.error or "refused", permanent=not nack.retry)
         results = reply.get("results", [])
         bad = [r for r in results if r.get("error")]
         if bad:

@@ -54,6 +54,13 @@ class FollowOnTooLarge(ValueError):
     may catch it and publish a reference instead."""
 
 
+for _public in (PluginError, PermanentError, Retry, FollowOnTooLarge):
+    # Named as a plugin imports them (`from bucketwire import PermanentError`): a traceback's last line, which
+    # dead letters, `status` and the worker's log quote, said `bucketwire.context.PermanentError`, a module no
+    # plugin should import from. Pickle finds them under this name too (the package exports every one).
+    _public.__module__ = "bucketwire"
+
+
 PUBLISHING = threading.Lock()
 """Held by `Context.publish` from the index it derives a follow-on's id from to the follow-on's place in
 `published`: a handler may publish from the threads of a pool it waits for, and two calls at once took one index,

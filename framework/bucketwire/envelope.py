@@ -10,6 +10,8 @@ rather than silently ignore fields it does not know.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
@@ -56,6 +58,18 @@ def shown(text: str, most: int = 64) -> str:
     return f"{text[:most]!r}" + (f"... ({len(text)} characters)" if len(text) > most else "")
 
 
+def shown_value(value: object, most: int = 64) -> str:
+    """`shown` for a value of any JSON type: a string as `shown` quotes it, anything else as its repr clipped the
+    same way (an int of thousands of digits is said by its length; Python refuses to render past 4,300)."""
+    if isinstance(value, str):
+        return shown(value, most)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value).bit_length() > 4 * most:
+        digits = int(abs(value).bit_length() * 0.30103) + 1  # log10(2): no rendering of the number needed
+        return f"{'a negative' if value < 0 else 'an'} integer of about {digits} digits"
+    text = repr(value)
+    return text[:most] + (f"... ({len(text)} characters)" if len(text) > most else "")
+
+
 def envelope_bytes(ev: Event, topic: str | None) -> int:
     """Bytes of `ev`'s envelope once the hub has given it `topic` and a seq (the longest seq counted): what a
     journal stores and a worker receives, so what [hub] max_event_bytes bounds."""
@@ -89,9 +103,10 @@ def parse_seq(value: object) -> int:
     elif isinstance(value, str) and _SEQ_DIGITS.fullmatch(value):
         seq = int(value)
     else:
-        raise EnvelopeError(f"envelope seq must be a positive integer as decimal digits (\"42\"), got {value!r}")
+        raise EnvelopeError(
+            f"envelope seq must be a positive integer as decimal digits (\"42\"), got {shown_value(value)}")
     if not 1 <= seq <= MAX_SEQ:
-        raise EnvelopeError(f"envelope seq must be between 1 and {MAX_SEQ}, got {value!r}")
+        raise EnvelopeError(f"envelope seq must be between 1 and {MAX_SEQ}, got {shown_value(value)}")
     return seq
 
 
@@ -186,7 +201,7 @@ def time_problem(value: object) -> str | None:
     commits must be an envelope the CloudEvents SDKs read (binary mode refuses such a ce-time the same way)."""
     if value is None or (type(value) is str and is_rfc3339(value)):
         return None
-    return (f"envelope attribute 'time' {str(value)[:40]!r} is not an RFC 3339 timestamp with its zone "
+    return (f"envelope attribute 'time' {shown_value(value, 40)} is not an RFC 3339 timestamp with its zone "
             "(2024-05-01T10:00:00.123Z)")
 
 
@@ -227,14 +242,15 @@ def read_envelope(build: Callable[..., T], d: Mapping[str, Any], text_checked: b
     get = d.get
     sv = get("schemaversion", SCHEMA_VERSION)
     if (type(sv) is not int and (not isinstance(sv, int) or isinstance(sv, bool))) or sv < 1:
-        raise EnvelopeError(f"envelope has an invalid schemaversion {sv!r}")
+        raise EnvelopeError(f"envelope has an invalid schemaversion {shown_value(sv)}")
     if sv > SCHEMA_VERSION:
         raise SchemaVersionError(
-            f"envelope schemaversion {sv} is newer than this bucketwire understands ({SCHEMA_VERSION}); "
+            f"envelope schemaversion {shown_value(sv)} is newer than this bucketwire understands "
+            f"({SCHEMA_VERSION}); "
             "upgrade bucketwire on this host"
         )
     if get("specversion") != SPEC_VERSION:
-        raise EnvelopeError(f"unsupported CloudEvents specversion {get('specversion')!r} (want '1.0')")
+        raise EnvelopeError(f"unsupported CloudEvents specversion {shown_value(get('specversion'))} (want '1.0')")
     eid, source, typ = get("id"), get("source"), get("type")
     if not (isinstance(eid, str) and eid and isinstance(source, str) and source and isinstance(typ, str)
             and typ):
@@ -255,7 +271,7 @@ def read_envelope(build: Callable[..., T], d: Mapping[str, Any], text_checked: b
         seq = parse_seq(raw_seq)
     hops = get("hops", 0)
     if (type(hops) is not int and (not isinstance(hops, int) or isinstance(hops, bool))) or hops < 0:
-        raise EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
+        raise EnvelopeError(f"envelope hops must be a non-negative integer, got {shown_value(hops)}")
     subject, topic, causationid, time_ = get("subject"), get("topic"), get("causationid"), get("time")
     if not ((subject is None or type(subject) is str) and (topic is None or type(topic) is str)
             and (causationid is None or type(causationid) is str) and (time_ is None or type(time_) is str)):
@@ -282,6 +298,30 @@ def topic_problem(topic: str) -> str | None:
 
 
 NUL_IN_OBJECT_NAME = "bucket name or object key contains a NUL byte"
+
+
+DATA_BASE64 = "data_base64"
+"""The CloudEvents JSON format's member for binary data (base64): kept in an envelope as it came, with `data`
+null, so the CloudEvents SDKs read it as the bytes; a plugin reads them as `Event.data_bytes`."""
+
+
+def data_base64_problem(d: Mapping[str, Any]) -> str | None:
+    """Why the hub refuses an event's `data_base64` as the JSON format defines it, or None (also when it has
+    none): a string of valid base64, and no `data` beside it (the two are mutually exclusive; a JSON null `data`
+    is taken as absent, as the SDKs read it and as bucketwire's own envelopes carry it). The CloudEvents SDK
+    refuses to read all three; committed, each was an envelope no consumer could read."""
+    if DATA_BASE64 not in d:
+        return None
+    value = d[DATA_BASE64]
+    if d.get("data") is not None:
+        return "event has both 'data' and 'data_base64'; send binary data in data_base64 alone, JSON in data alone"
+    if not isinstance(value, str):
+        return f"event's data_base64 must be a string of base64, got {type(value).__name__}"
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return f"event's data_base64 {shown(value, 40)} is not valid base64 (RFC 4648, with its '=' padding)"
+    return None
 
 
 def object_name_problem(data: Any) -> str | None:
@@ -355,6 +395,18 @@ class Event:
     def is_object_event(self) -> bool:
         """A creation or removal of a named object: what object-processing plugins act on."""
         return bool(self.bucket and self.key) and (self.is_object_created or self.is_object_removed)
+
+    @property
+    def data_bytes(self) -> bytes | None:
+        """The bytes of an event whose producer sent binary data (the CloudEvents JSON format's `data_base64`,
+        decoded; `data` is then None), else None."""
+        value = self.extensions.get(DATA_BASE64) if self.extensions else None
+        if not isinstance(value, str):
+            return None
+        try:
+            return base64.b64decode(value)
+        except (binascii.Error, ValueError):  # only in an envelope committed before the hub checked it
+            return None
 
     @property
     def object_key(self) -> str | None:

@@ -42,6 +42,7 @@ refuses unknown fields), decoded and checked by `decode` in one C pass; the sket
                     HB        {}
                     ERR       {"error", "fatal", "reready"}
     client -> hub   PUB       {"req", "events": [envelope dict, ...]}  -> PUBACK {"req", "results"} | PUBNACK
+                                                               {"req", "error", "retry", "too_large"?}
                     FETCH     {"req", "topic", "from", "limit"}        -> EVENTS {"req","topic","head","next","first"},
                                                                               env...
                     STATUS    {"req", "topics"?}                       -> STATUSR {...}
@@ -274,15 +275,32 @@ class PubAck(Header):
 
 class PubNack(Header):
     error: str
+    retry: bool
+    """True: the refusal is a state of the hub that passes (its journal cannot write, a topic's stream is not there
+    yet), so the same request may commit later. False: the hub will refuse this request for as long as its config
+    is what it is (an envelope it cannot read, a role that forbids the topic, [hub] max_topics reached): sending it
+    again can never help. Required (no default): every refusal the hub sends says which, so a path that forgot it
+    fails type-checking and at once, rather than telling publishers to send again for ever."""
     req: Req = None
     too_large: int | None = None
     """Index of the event over [hub] max_event_bytes that got the whole request refused: a publisher can drop
     that one event (it will never commit) and send the rest again."""
-    retry: bool | None = None
-    """True: the refusal is a state of the hub that passes (its journal cannot write, a topic's stream is not there
-    yet), so the same request may commit later. False: the hub will refuse this request for as long as its config
-    is what it is (an envelope it cannot read, a role that forbids the topic, [hub] max_topics reached): sending it
-    again can never help. None: a hub from before the field, which does not say."""
+
+
+class PubNackRead(PubNack, forbid_unknown_fields=False):
+    """A PUBNACK as a publisher reads it (`read_pubnack`), from a hub of any version: one from before `retry`
+    leaves it out, which means the request may be sent again, as it always did; fields of a newer hub are
+    skipped (an answer is read, not refused)."""
+
+    retry: bool = True
+
+
+def read_pubnack(reply: dict[str, Any]) -> PubNackRead:
+    """A PUBNACK's header (as `header` read it) in its schema; ProtocolError when it does not fit."""
+    try:
+        return msgspec.convert(reply, PubNackRead)
+    except msgspec.ValidationError as e:
+        raise ProtocolError(f"PUBNACK header: {e}") from None
 
 
 class Fetch(Header):

@@ -140,7 +140,8 @@ def handle_event(event, ctx):
         elif how == "assign":
             ctx.published = []
     line = json.dumps({"g": ctx.group, "pid": os.getpid(), "t": event.topic, "s": event.seq, "id": event.id,
-                       "key": event.key, "a": ctx.attempt, "t0": t0, "ts": time.monotonic(), "data": d})
+                       "key": event.key, "a": ctx.attempt, "t0": t0, "ts": time.monotonic(), "data": d,
+                       "bytes": None if event.data_bytes is None else event.data_bytes.hex()})
     fd = os.open(ctx.settings["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (line + "\n").encode())

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from bucketwire.envelope import NESTING_REFUSAL, Event, now_iso, ordered_id, shown
+from bucketwire.envelope import NESTING_REFUSAL, Event, now_iso, ordered_id, shown, shown_value
 from bucketwire.formats.s3_records import RecordError
 
 BUCKETS_ROOT = "/buckets/"
@@ -337,7 +337,7 @@ def webhook_to_events(doc: Any, *, store: str | None, index: int | None = None) 
         raise RecordError(f"{where}.key must be an absolute filer path")
     et = doc.get("event_type")
     if et is not None and (not isinstance(et, str) or et not in EVENT_TYPES):  # a list is unhashable: fuzz find
-        raise RecordError(f"{where}.event_type {str(et)[:100]!r} is not one of {sorted(EVENT_TYPES)}")
+        raise RecordError(f"{where}.event_type {shown_value(et, 100)} is not one of {sorted(EVENT_TYPES)}")
     msg = doc.get("message", doc.get("message_data"))
     if not isinstance(msg, dict):
         raise RecordError(f"{where}.message must be an object")

@@ -21,9 +21,11 @@ from urllib.parse import parse_qs, unquote
 
 from bucketwire import exposition
 from bucketwire.envelope import (
+    DATA_BASE64,
     NESTING_REFUSAL,
     EnvelopeError,
     Event,
+    data_base64_problem,
     dumps,
     is_rfc3339,
     shown,
@@ -78,12 +80,12 @@ def parse_cloudevents(body: bytes, store: str | None) -> list[Event]:
             ev = Event.from_dict(d)
         except EnvelopeError as e:
             raise s3_records.RecordError(f"event {i}: {e}") from None
-        bad_time = time_problem(d.get("time"))
-        if bad_time is not None:
-            raise s3_records.RecordError(f"event {i}: {bad_time}")
+        bad = time_problem(d.get("time")) or data_base64_problem(d)
+        if bad is not None:
+            raise s3_records.RecordError(f"event {i}: {bad}")
         # As binary mode's headers are checked: a name the spec forbids (`trace_id`, one with a newline) was
         # committed from a body while refused from a header. `data_base64` is the JSON format's, not an attribute.
-        name = next((k for k in d if not _ATTRIBUTE_NAME.fullmatch(k) and k != "data_base64"), None)
+        name = next((k for k in d if not _ATTRIBUTE_NAME.fullmatch(k) and k != DATA_BASE64), None)
         if name is not None:
             raise s3_records.RecordError(f"event {i}: attribute {shown(name)}: {ATTRIBUTE_NAMES}")
         ev.seq = None  # the hub assigns seqs
@@ -125,13 +127,13 @@ def parse_cloudevents_binary(headers: Mapping[str, str], body: bytes) -> list[Ev
             try:
                 d[name[3:]] = unquote(value, errors="strict")
             except UnicodeDecodeError:
-                raise bad(f"header {name} is not percent-encoded UTF-8") from None
+                raise bad(f"header {shown(name)} is not percent-encoded UTF-8") from None
     if "datacontenttype" in d or "data" in d:
         raise bad("send the data's type as Content-Type and the data as the body, not as ce-* headers")
     if "specversion" not in d:
         raise bad("the ce-specversion header is missing (want 1.0)")
     if "time" in d and not is_rfc3339(d["time"]):
-        raise bad(f"header ce-time {d['time'][:40]!r} is not an RFC 3339 timestamp with its zone "
+        raise bad(f"header ce-time {shown(d['time'], 40)} is not an RFC 3339 timestamp with its zone "
                   "(2024-05-01T10:00:00.123Z)")
     for k in BINARY_INT_ATTRIBUTES:
         if k in d and d[k].isascii() and d[k].isdigit():

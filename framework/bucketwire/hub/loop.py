@@ -30,6 +30,7 @@ import zmq
 from bucketwire import protocol as P
 from bucketwire.config import Config
 from bucketwire.envelope import (
+    DATA_BASE64,
     HUB_EXTENSIONS,
     MAX_TOPIC_LEN,
     NESTING_REFUSAL,
@@ -39,6 +40,7 @@ from bucketwire.envelope import (
     EnvelopeError,
     Event,
     Unsent,
+    data_base64_problem,
     dumps,
     follow_on_source,
     object_key_of,
@@ -1499,6 +1501,8 @@ class Hub:
             envs = [read_envelope(unsent_envelope, d, strict) for d in hdr.events]
             for d in hdr.events:
                 if "time" in d and (why := time_problem(d["time"])) is not None:
+                    raise EnvelopeError(why)
+                if DATA_BASE64 in d and (why := data_base64_problem(d)) is not None:
                     raise EnvelopeError(why)
         except EnvelopeError as e:
             self.metrics.rejected.labels("zmq", "envelope").inc()

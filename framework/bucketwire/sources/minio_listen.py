@@ -28,6 +28,10 @@ if TYPE_CHECKING:  # an annotation only: every `bucketwire` process imports this
 log = logging.getLogger("bucketwire.sources.minio_listen")
 
 DEFAULT_EVENTS = ("s3:ObjectCreated:*", "s3:ObjectRemoved:*")
+MAX_LINE_BYTES = 4 << 20
+"""Longest line of the listen stream read: MinIO writes a line per notification, a few KB (S3 caps an object's
+user metadata at 2 KB). A longer one is skipped unread; without a limit, an endless line (a hostile endpoint, a
+broken proxy) grew the source's memory until the process died."""
 
 
 def parse_line(line: bytes | str, *, store: str | None) -> list[Event]:
@@ -119,10 +123,20 @@ class MinioListenSource:
         self._response = resp
         try:
             while True:
-                line = resp.readline()
+                limit = MAX_LINE_BYTES
+                line = resp.readline(limit)
                 if not line:
                     return
-                yield line
+                if len(line) < limit or line.endswith(b"\n"):
+                    yield line
+                    continue
+                skipped = len(line)
+                while line and not line.endswith(b"\n"):  # the rest of it, a limit at a time, kept nowhere
+                    line = resp.readline(limit)
+                    skipped += len(line)
+                log.error("skipping a notification line from %s longer than %d bytes (%d bytes read%s): a MinIO "
+                          "notification is a few KB; check the endpoint (or a proxy before it) the source listens "
+                          "to", self.bucket, limit, skipped, "" if line else ", then the stream ended")
         finally:
             self._response = None
             resp.close()

@@ -62,6 +62,7 @@ class DeathNotices:
 
     def __init__(self, cfg: Config, group: str) -> None:
         self.group = group
+        self.startfail_refused = False  # a hub answered STARTFAIL `unknown command` (said once)
         self.zctx = zmq.Context()
         self.socks: list[zmq.Socket[bytes] | LocalDealer] = []
         for endpoint in dict.fromkeys(cfg.client.work_endpoints):
@@ -76,14 +77,37 @@ class DeathNotices:
             sock.connect(endpoint)
             self.socks.append(sock)
 
+    def read_answers(self) -> None:
+        """Read what the hubs answered (nothing, unless they refused a notice), without waiting. A hub that
+        predates STARTFAIL refuses each with `ERR unknown command`: said once, as `status` will not show the
+        failing starts, and not again for each report it refuses."""
+        for sock in self.socks:
+            while True:
+                try:
+                    if isinstance(sock, LocalDealer):
+                        if not sock.readable():
+                            break
+                        frames = sock.recv_frames(zmq.NOBLOCK)
+                    else:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(frames) >= 2 and frames[0] == P.ERR and not self.startfail_refused:
+                    try:
+                        error = P.decode(frames[1], P.Err).error
+                    except Exception:  # an answer this pool cannot read is no reason to stop it
+                        continue
+                    if "unknown command" in error and "STARTFAIL" in error:
+                        self.startfail_refused = True
+                        log.warning("hub does not support startup-failure reports; upgrade the hub to see them in "
+                                    "status", extra={"group": self.group})
+
     def _send(self, cmd: bytes, hdr: dict[str, Any]) -> bool:
         """To every hub connected now; False when none is."""
         frames, sent = [cmd, P.enc(hdr)], False
+        self.read_answers()  # a DEALER's unread answers would pile up to its HWM
         for sock in self.socks:
             try:
-                if isinstance(sock, LocalDealer):
-                    while sock.readable():  # answers nobody reads here (as a DEALER's are dropped past its HWM)
-                        sock.recv_frames(zmq.NOBLOCK)
                 sock.send_multipart(frames, zmq.NOBLOCK)
                 sent = True
             except zmq.Again:
@@ -371,6 +395,7 @@ def run_pool(cfg: Config, spec: WorkerSpec, processes: int, *, log_format: str =
                 del respawn_at[slot]
                 spawn(slot)
             failing.check_started(slots)
+            notices.read_answers()
             wake = min([kill_overdue(now), *respawn_at.values(), *reload_by.values()])
             sentinels: dict[Any, int] = {exits.fd(slot): slot for slot in children if slot not in respawn_at}
             ready = wait([*sentinels, woken], timeout=max(0.0, wake - time.monotonic()))
