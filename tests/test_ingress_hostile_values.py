@@ -92,6 +92,8 @@ def test_data_base64_reaches_a_worker_as_bytes(stack_factory: StackFactory) -> N
     with s.client() as c:
         _, stored = c.fetch("x", 1)
     assert JSONFormat().read(None, stored[0]).get_data() == payload, "the SDK reads the stored envelope's bytes"
+    # the JSON format: an event with data_base64 has no data member (it was stored as "data": null beside it)
+    assert "data" not in json.loads(stored[0]), stored[0]
     s.start_worker("g")
     wait_for(lambda: len(s.handled()) == 1, 30, "the event handled")
     assert bytes.fromhex(s.handled()[0]["bytes"]) == payload

@@ -43,3 +43,19 @@ def test_bundled_plugins_are_registered_through_entry_points():
     eps = discover()
     assert {"thumbnail", "audit", "replication"} <= set(eps)
     assert eps["thumbnail"].value == "bucketwire_thumbnail"
+
+
+@pytest.mark.parametrize("exc", [
+    bucketwire.PluginError("failed"), bucketwire.PermanentError("bad input"),
+    bucketwire.Retry(delay=2.5, reason="429 from the service"), bucketwire.FollowOnTooLarge("too big"),
+], ids=lambda e: type(e).__name__)
+def test_the_public_exceptions_survive_pickling(exc: Exception) -> None:
+    """A plugin that runs its work in a process pool gets its exceptions back pickled: `Retry(3, "y")` came back
+    as a ValueError (pickle calls the class with the message, which `Retry` took for its delay)."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is type(exc) and str(back) == str(exc)
+    assert f"{type(back).__module__}.{type(back).__qualname__}" == f"bucketwire.{type(exc).__name__}"
+    if isinstance(exc, bucketwire.Retry):
+        assert isinstance(back, bucketwire.Retry) and (back.delay, back.reason) == (exc.delay, exc.reason)

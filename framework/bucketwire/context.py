@@ -47,6 +47,11 @@ class Retry(PluginError):
         self.delay = float(delay)
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[Retry], tuple[float, str]]:
+        # pickle calls the class with `args`, the message, which would be read as the delay (a plugin running
+        # its work in a process pool got a ValueError back instead of its Retry)
+        return (type(self), (self.delay, self.reason))
+
 
 class FollowOnTooLarge(ValueError):
     """`ctx.publish` was given a follow-on larger than the hub accepts, or one event's follow-ons together pass

@@ -501,7 +501,12 @@ def pre_render(envelope: dict[str, Any]) -> Unsent:
     object; a value orjson refuses) the dict itself, which `render` renders whole.
 
     Rendering here, when the hub accepts an event, rather than at its commit, lets the decoded request and the
-    dict go as soon as the request is read; kept until the commit, they cost the hub's loop more than the render."""
+    dict go as soon as the request is read; kept until the commit, they cost the hub's loop more than the render.
+
+    An event sent with `data_base64` is committed without a `"data": null` (the JSON format has one member or the
+    other); the hub's own dict keeps the key, which its loop reads."""
+    if DATA_BASE64 in envelope and envelope.get("data", 0) is None:
+        envelope = {k: v for k, v in envelope.items() if k != "data"}
     try:
         body = orjson.dumps(envelope)
     except TypeError:
