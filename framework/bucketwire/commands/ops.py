@@ -438,10 +438,12 @@ def held_dead_letter_topics(client: Any, named: list[str]) -> tuple[list[str], i
     """Dead-letter topics the journal holds that `named` (the config's) leaves out, and how many topics were not
     looked into (past PROBE_TOPICS). A `dead_letter` renamed in the config leaves the dead letters of the old
     name in the journal: retryable and purgeable as any, but invisible to commands that read only the new name.
-    A topic is one when a `dlq retry|purge` marked one of its dead letters (`<topic>.handled`), or when no group
-    consumes it and its first event is a dead letter the hub wrote. Topics groups consume are not read: they are
-    the busy ones, and a key with a role sees its groups' topics in `status` whether or not it may read them (a
-    read refused would be logged by the hub as a forbidden request)."""
+    A topic is one when a `dlq retry|purge` marked one of its dead letters (`<topic>.handled`), or when its first
+    event is a dead letter the hub wrote. Topics no group consumes are looked into first, then those groups
+    consume (an old dead-letter topic an alerting group still reads, with no markers, was found only by an
+    operator who knew its name for --dlq-topic); not those the hub says the key may not read (`unreadable`: a key
+    with a role sees its groups' topics in `status` whether or not it may read them, and a read refused is logged
+    by the hub as a forbidden request)."""
     from bucketwire.client import HubRefused
 
     st = client.status()
@@ -449,7 +451,8 @@ def held_dead_letter_topics(client: Any, named: list[str]) -> tuple[list[str], i
     consumed = {t for g in st.get("groups", {}).values() for t in g.get("topics", {})}
     skip = set(named) | {t + HANDLED_SUFFIX for t in named}
     found = {t[:-len(HANDLED_SUFFIX)] for t in topics - skip if t.endswith(HANDLED_SUFFIX)} & topics - set(named)
-    rest = sorted(t for t in topics - skip - found - consumed if not t.endswith(HANDLED_SUFFIX))
+    cand = {t for t in topics - skip - found if not t.endswith(HANDLED_SUFFIX)} - set(st.get("unreadable", ()))
+    rest = sorted(cand - consumed) + sorted(cand & consumed)
     for t in rest[:PROBE_TOPICS]:
         try:
             _, bodies = client.fetch(t, 1, 1)

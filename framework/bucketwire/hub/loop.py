@@ -1275,15 +1275,20 @@ class Hub:
     def _visible(self, st: dict[str, Any]) -> dict[str, Any]:
         """What of `status` the sender's key may see: with a role that is not admin, its groups (their topics,
         workers and long-running handlers, which name object keys) and the topics it may read. Everything to a key
-        without a role, an admin, or any peer when CURVE is off."""
+        without a role, an admin, or any peer when CURVE is off. With a role, `unreadable` lists the groups'
+        topics shown that the key may not FETCH, so `dlq` does not look into them (a refused read is logged)."""
         roles, user = self.net.roles, self.net.user
         role = roles.roles.get(user) if user else None
-        if roles.admitted is None or (user in roles.admitted and (role is None or role.admin)):
+        if roles.admitted is None or (user in roles.admitted and role is None):
             return st
+        if user in roles.admitted and role is not None and role.admin:
+            consumed = {t for v in st["groups"].values() for t in v["topics"]}
+            return {**st, "unreadable": sorted(t for t in consumed if not roles.allows(user, "subscribe", t))}
         groups = {n: v for n, v in st["groups"].items() if roles.allows(user, "groups", n)}
         mine = {t for v in groups.values() for t in v["topics"]}
         out = {**st, "groups": groups,
-               "topics": {t: v for t, v in st["topics"].items() if t in mine or roles.allows(user, "subscribe", t)}}
+               "topics": {t: v for t, v in st["topics"].items() if t in mine or roles.allows(user, "subscribe", t)},
+               "unreadable": sorted(t for t in mine if not roles.allows(user, "subscribe", t))}
         if "failing_starts" in st:
             out["failing_starts"] = {n: v for n, v in st["failing_starts"].items() if roles.allows(user, "groups", n)}
         return out
