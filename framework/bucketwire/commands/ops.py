@@ -196,6 +196,9 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
     if len(shown) < len(topics):
         lines.append(f"... and {len(topics) - len(shown):,} more topics (status --json lists every one)")
     hints = []
+    restored = h.get("restored")
+    if isinstance(restored, dict) and restored.get("line"):  # said once at the hub's start; kept until its stop
+        hints.append(f"! {restored['line']} (since the hub started)")
     configured = _configured_groups(config_path)
     failing = st.get("failing_starts") or {}
     for g, pools in sorted(failing.items()):
@@ -223,6 +226,9 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
             hints.append(f"! group {g}: its pools run different plugins or plugin settings (each event reaches one "
                          f"of them): {sets}")
         for t, ts in sorted(gs["topics"].items()):
+            if ts.get("skipped_by_restore"):
+                hints.append(f"! group {g}: {ts['skipped_by_restore']} seqs of {t} were lost when journal.db was "
+                             "restored from an older backup, before it consumed them (since the hub started)")
             if ts.get("skipped_by_retention"):
                 hints.append(f"! group {g}: {ts['skipped_by_retention']} events of {t} were dropped by retention "
                              "before it consumed them (since the hub started): raise [hub] retention_days / "

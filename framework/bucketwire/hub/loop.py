@@ -1929,12 +1929,22 @@ class Hub:
                else f"no hub dispatches group {group!r} right now; try another")
         self.net.send([ident, P.ERR, P.enc(P.Err(error=why, moved=where))])
 
-    def _retention_skipped(self, group: str, topic: str, first: int, count: int) -> None:
-        label = topic if self.metrics.group_topic_series(group, topic) else OTHER_TOPIC
-        self.metrics.group_skipped_by_retention.labels(group, label).inc(count)
-        log.warning("group skipped events retention dropped before it consumed them; raise [hub] retention_days / "
-                    "retention_mb, or keep the group's workers running",
-                    extra={"group": group, "topic": topic, "seqs": f"{first}-{first + count - 1}", "skipped": count})
+    def _retention_skipped(self, group: str, topic: str, first: int, count: int) -> int:
+        """A group skipped seqs its topic no longer holds: those a restore of journal.db lost (returned: how many)
+        are said as such, the rest as retention's."""
+        gone = self.journal.lost_to_restore(topic, first, count)
+        if gone:
+            log.warning("group skipped seqs lost when journal.db was restored from an older backup (their events are "
+                        "gone with it; `bucketwire status` says which)",
+                        extra={"group": group, "topic": topic, "skipped": gone})
+        if count > gone:
+            label = topic if self.metrics.group_topic_series(group, topic) else OTHER_TOPIC
+            self.metrics.group_skipped_by_retention.labels(group, label).inc(count - gone)
+            log.warning("group skipped events retention dropped before it consumed them; raise [hub] retention_days "
+                        "/ retention_mb, or keep the group's workers running",
+                        extra={"group": group, "topic": topic, "seqs": f"{first}-{first + count - 1}",
+                               "skipped": count - gone})
+        return gone
 
     # -- status ----------------------------------------------------------------------------------------------
     def status(self, now: float | None = None, topics: list[str] | None = None) -> dict[str, Any]:
@@ -1948,6 +1958,9 @@ class Hub:
             for t, n in g.skipped_by_topic.items():  # only where it happened: the usual status stays as it was
                 if t in per:
                     per[t]["skipped_by_retention"] = n
+            for t, n in g.restore_by_topic.items():
+                if t in per:
+                    per[t]["skipped_by_restore"] = n
             for t, v in per.items():
                 if self.metrics.group_topic_series(g.name, t):
                     self.metrics.cursor.labels(g.name, t).set(v["cursor"])
@@ -1965,6 +1978,7 @@ class Hub:
                 "retried": g.totals[1],
                 "redelivered": g.totals[2],
                 "skipped_by_retention": g.skipped_by_retention,
+                **({"skipped_by_restore": g.skipped_by_restore} if g.skipped_by_restore else {}),
                 "oldest_unacked_age": round(g.oldest_unacked_age(now), 3),
                 "long_running": long_running(g, now),
             }
@@ -1982,6 +1996,8 @@ class Hub:
                        {t: {"head": heads[t]} for t in sorted(set(topics)) if t in heads}),
             "groups": groups,
         }
+        if self.journal.restored is not None:  # only then: the usual status stays as it was
+            hub["restored"] = self.journal.restored
         failing = self.failing_starts.status(now)
         if failing:  # only then: the usual status stays as it was
             st["failing_starts"] = failing
