@@ -403,18 +403,27 @@ def group() -> None:
 @group.command(name="rm")
 @config_option
 @click.argument("name")
+@click.option("--force", is_flag=True, help="With jetstream: remove a group the cluster holds cursors of though no "
+              "hub dispatches it (once no hub's config names it).")
 @_errors
-def group_rm(config_path: str | None, name: str) -> None:
+def group_rm(config_path: str | None, name: str, force: bool) -> None:
     """Remove a group that is no longer used: its cursors and counters go, and status stops showing it.
 
-    Only a group that is not in the config (one a worker made with `worker --group NAME --topic T`) and has
-    no connected workers; the hub refuses anything else with the reason. Its events stay in the journal.
+    Only a group that is not in the config (one a worker made with `worker --group NAME --topic T`, or one taken
+    out of the config) and has no connected workers; the hub refuses anything else with the reason. With
+    jetstream, one no hub dispatches needs --force: a stopped hub's config may still name it. Its events stay in
+    the journal.
     """
     from bucketwire.client import HubClient
 
     cfg = load_config(config_path)
+    if name in cfg.groups:  # a hub started with this config makes it again, from its `start`
+        raise click.ClickException(
+            f"group {name!r} is configured in [groups.{name}] of {cfg.path or 'the config'}; remove that section "
+            "from the config and restart the hub instead (a hub started with it would make the group again); "
+            "nothing was removed")
     with HubClient(cfg) as c:  # [client] timeout
-        _, reply, _ = c.request(P.GROUPRM, {"group": name}, {P.GROUPRMR})
+        _, reply, _ = c.request(P.GROUPRM, {"group": name, "force": force}, {P.GROUPRMR})
     if reply.get("error"):
         raise click.ClickException(reply["error"])
     if reply.get("already"):
