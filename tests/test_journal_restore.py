@@ -136,19 +136,13 @@ def test_a_backup_taken_inside_the_marks_window_reissues_no_seq(tmp_path: Path) 
     mark = tmp_path / "j-highwater.json"
     commit_then_kill(path, f"""
         import sqlite3
-        for i in range(1, 4):
-            j.commit(Batch(events=[ev("a", i)]))
-            j.settle()
-        j._moved, j._marked_at = True, 0.0
-        j._mark_tick()  # the last mark before the crash
-        saved = open({str(mark)!r}, "rb").read()
-        for i in range(4, 6):
-            j.commit(Batch(events=[ev("a", i)]))
-            j.settle()
-        b = sqlite3.connect({str(tmp_path / "backup.db")!r})
-        j.db.backup(b)
-        b.close()
-        for i in range(6, 8):
+        for i in range(1, 8):
+            if i == 4:  # the last mark before the crash: seqs 1-3
+                j._moved, j._marked_at = True, 0.0
+                j._mark_tick()
+                saved = open({str(mark)!r}, "rb").read()
+            elif i == 6:  # the backup: seqs 1-5
+                j.db.backup(sqlite3.connect({str(tmp_path / "backup.db")!r}))
             j.commit(Batch(events=[ev("a", i)]))
             j.settle()
         open({str(tmp_path / "mark-then")!r}, "wb").write(saved)
