@@ -396,7 +396,8 @@ class Journal:
                         extra={"topics": {t: f"{a}-{b}" for t, (a, b) in gaps.items()}})
             return
         self._restore_gaps = gaps
-        why = ("was restored from an older backup" if exact or rec is None else
+        why = ("was restored from an older backup" if exact else
+               "is behind the seqs this hub handed out (restored from an older backup?)" if rec is None else
                "was restored from an older backup, or the machine went down before its last commits reached the "
                "disk")
         line = (f"{self.path.name} {why}: seqs {span} of {first}{more} are gone with it"
