@@ -319,3 +319,24 @@ def test_unknown_or_missing_identity_is_denied_everything():
     assert roles.may_operate("lim", "g") and not roles.may_operate("lim", "h")
     without_curve = security.Roles({}, admitted=None)
     assert without_curve.allows(None, "publish", "x"), "roles do not apply without CURVE"
+
+
+def test_dlq_list_by_a_key_with_a_role_reads_no_topic_it_may_not_read(stack_factory, tmp_path):
+    """`dlq` looks into the topics groups consume for old dead-letter topics. A key with a role sees its groups'
+    topics in `status` whether or not it may read them: reading one was refused, and the hub logged the operator's
+    `dlq list` as a forbidden request. The hub's status names those topics (`unreadable`), and they are skipped."""
+    roles = '\n[security.roles.limited]\ngroups = ["g"]\nsubscribe = ["dead-letter*"]\n'
+    s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"), roles=roles)
+    s.start_hub()
+    with s.client() as c:
+        c.publish("x", {"a": 1})
+    lim = client_config(s, d, "limited")
+    with HubClient(cfg_for(lim), timeout=5) as c:
+        assert c.status()["unreadable"] == ["x"]
+    r = subprocess.run([sys.executable, "-m", "bucketwire", "dlq", "list", "-c", str(lim)], env=s.env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "no dead letters" in r.stdout, r.stdout + r.stderr
+    with s.client() as c:  # a request after the dlq's: its log lines are written by now
+        c.status()
+    assert "refused by role" not in s.dump_logs()
+    assert not metric(s, "bucketwire_ingress_rejected_total", reason="forbidden")

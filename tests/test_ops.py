@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bucketwire import Event
@@ -551,12 +552,18 @@ start = "earliest"
     assert dlq_json(s) == []
 
 
-def test_dead_letters_of_a_renamed_dead_letter_topic_stay_listed_and_retryable(hub_stack: Any) -> None:
+@pytest.mark.parametrize("consumed", [False, True], ids=["unconsumed", "consumed"])
+def test_dead_letters_of_a_renamed_dead_letter_topic_stay_listed_and_retryable(hub_stack: Any,
+                                                                                consumed: bool) -> None:
     """`[hub] dead_letter` renamed in the config: the dead letters already on the old topic stay in the journal,
     but `dlq list` read only the topics the config names ("no dead letters waiting") and `dlq retry ID` said no
     waiting dead letter matches. Now the dlq commands also read the dead-letter topics the journal holds, and say
-    in one line which ones the config no longer names."""
-    s = hub_stack(ops_config(Path("S_DIR"), {"a": {}}, max_attempts=1))
+    in one line which ones the config no longer names. `consumed`: a group (an alerting one, say) still consumes
+    the old topic, and no dead letter of it was ever retried or purged (no `.handled` markers): topics groups
+    consume were skipped, so its dead letters were found only by an operator who passed `--dlq-topic` with the
+    old name. Now consumed topics are looked into too (those the key may read)."""
+    alerts = '\n[groups.alerts]\ntopics = ["dead-letter"]\nplugins = []\nstart = "earliest"\n' if consumed else ""
+    s = hub_stack(ops_config(Path("S_DIR"), {"a": {}}, max_attempts=1) + alerts)
     s.cfg_path.write_text(s.cfg_path.read_text().replace("S_DIR", str(s.dir)))
     (s.dir / "fail.flag").write_text("x")
     s.start_hub()
@@ -566,6 +573,7 @@ def test_dead_letters_of_a_renamed_dead_letter_topic_stay_listed_and_retryable(h
     s.kill_hub(signal.SIGTERM)
     s.cfg_path.write_text(s.cfg_path.read_text().replace("[hub]\n", '[hub]\ndead_letter = "dlq-v2"\n', 1))
     s.start_hub()
+    assert ("dead-letter" in s.status()["groups"].get("alerts", {}).get("topics", {})) == consumed
     listing = cli(s, "dlq", "list")
     assert "dead-letter:1" in listing.stdout and "waiting" in listing.stdout, listing.stdout + listing.stderr
     note = [line for line in listing.stderr.splitlines() if "no longer names" in line]

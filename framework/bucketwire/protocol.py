@@ -343,6 +343,9 @@ class Dlq(Header):
 class GroupRm(Header):
     group: str
     req: Req = None
+    force: bool = False
+    """Remove a group the cluster's journal (jetstream) holds though no hub dispatches it: a stopped hub's config
+    may name it (refused without)."""
 
 
 H = TypeVar("H", bound=msgspec.Struct)

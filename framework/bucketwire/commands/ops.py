@@ -196,6 +196,9 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
     if len(shown) < len(topics):
         lines.append(f"... and {len(topics) - len(shown):,} more topics (status --json lists every one)")
     hints = []
+    restored = h.get("restored")
+    if isinstance(restored, dict) and restored.get("line"):  # said once at the hub's start; kept until its stop
+        hints.append(f"! {restored['line']} (since the hub started)")
     configured = _configured_groups(config_path)
     failing = st.get("failing_starts") or {}
     for g, pools in sorted(failing.items()):
@@ -223,6 +226,9 @@ def render_status(st: dict[str, Any], config_path: str | None = None) -> str:
             hints.append(f"! group {g}: its pools run different plugins or plugin settings (each event reaches one "
                          f"of them): {sets}")
         for t, ts in sorted(gs["topics"].items()):
+            if ts.get("skipped_by_restore"):
+                hints.append(f"! group {g}: {ts['skipped_by_restore']} seqs of {t} were lost when journal.db was "
+                             "restored from an older backup, before it consumed them (since the hub started)")
             if ts.get("skipped_by_retention"):
                 hints.append(f"! group {g}: {ts['skipped_by_retention']} events of {t} were dropped by retention "
                              "before it consumed them (since the hub started): raise [hub] retention_days / "
@@ -397,18 +403,27 @@ def group() -> None:
 @group.command(name="rm")
 @config_option
 @click.argument("name")
+@click.option("--force", is_flag=True, help="With jetstream: remove a group the cluster holds cursors of though no "
+              "hub dispatches it (once no hub's config names it).")
 @_errors
-def group_rm(config_path: str | None, name: str) -> None:
+def group_rm(config_path: str | None, name: str, force: bool) -> None:
     """Remove a group that is no longer used: its cursors and counters go, and status stops showing it.
 
-    Only a group that is not in the config (one a worker made with `worker --group NAME --topic T`) and has
-    no connected workers; the hub refuses anything else with the reason. Its events stay in the journal.
+    Only a group that is not in the config (one a worker made with `worker --group NAME --topic T`, or one taken
+    out of the config) and has no connected workers; the hub refuses anything else with the reason. With
+    jetstream, one no hub dispatches needs --force: a stopped hub's config may still name it. Its events stay in
+    the journal.
     """
     from bucketwire.client import HubClient
 
     cfg = load_config(config_path)
+    if name in cfg.groups:  # a hub started with this config makes it again, from its `start`
+        raise click.ClickException(
+            f"group {name!r} is configured in [groups.{name}] of {cfg.path or 'the config'}; remove that section "
+            "from the config and restart the hub instead (a hub started with it would make the group again); "
+            "nothing was removed")
     with HubClient(cfg) as c:  # [client] timeout
-        _, reply, _ = c.request(P.GROUPRM, {"group": name}, {P.GROUPRMR})
+        _, reply, _ = c.request(P.GROUPRM, {"group": name, "force": force}, {P.GROUPRMR})
     if reply.get("error"):
         raise click.ClickException(reply["error"])
     if reply.get("already"):
@@ -438,10 +453,12 @@ def held_dead_letter_topics(client: Any, named: list[str]) -> tuple[list[str], i
     """Dead-letter topics the journal holds that `named` (the config's) leaves out, and how many topics were not
     looked into (past PROBE_TOPICS). A `dead_letter` renamed in the config leaves the dead letters of the old
     name in the journal: retryable and purgeable as any, but invisible to commands that read only the new name.
-    A topic is one when a `dlq retry|purge` marked one of its dead letters (`<topic>.handled`), or when no group
-    consumes it and its first event is a dead letter the hub wrote. Topics groups consume are not read: they are
-    the busy ones, and a key with a role sees its groups' topics in `status` whether or not it may read them (a
-    read refused would be logged by the hub as a forbidden request)."""
+    A topic is one when a `dlq retry|purge` marked one of its dead letters (`<topic>.handled`), or when its first
+    event is a dead letter the hub wrote. Topics no group consumes are looked into first, then those groups
+    consume (an old dead-letter topic an alerting group still reads, with no markers, was found only by an
+    operator who knew its name for --dlq-topic); not those the hub says the key may not read (`unreadable`: a key
+    with a role sees its groups' topics in `status` whether or not it may read them, and a read refused is logged
+    by the hub as a forbidden request)."""
     from bucketwire.client import HubRefused
 
     st = client.status()
@@ -449,7 +466,8 @@ def held_dead_letter_topics(client: Any, named: list[str]) -> tuple[list[str], i
     consumed = {t for g in st.get("groups", {}).values() for t in g.get("topics", {})}
     skip = set(named) | {t + HANDLED_SUFFIX for t in named}
     found = {t[:-len(HANDLED_SUFFIX)] for t in topics - skip if t.endswith(HANDLED_SUFFIX)} & topics - set(named)
-    rest = sorted(t for t in topics - skip - found - consumed if not t.endswith(HANDLED_SUFFIX))
+    cand = {t for t in topics - skip - found if not t.endswith(HANDLED_SUFFIX)} - set(st.get("unreadable", ()))
+    rest = sorted(cand - consumed) + sorted(cand & consumed)
     for t in rest[:PROBE_TOPICS]:
         try:
             _, bodies = client.fetch(t, 1, 1)

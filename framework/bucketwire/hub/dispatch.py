@@ -169,11 +169,12 @@ class GroupState:
         max_buffer: int = 10_000,
         max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         above: dict[str, set[int]] | None = None,
-        on_retention_skip: Callable[[str, str, int, int], None] | None = None,
+        on_retention_skip: Callable[[str, str, int, int], int] | None = None,
     ) -> None:
         """`on_retention_skip(group, topic, first seq, count)`: events this group had not consumed were gone from
-        the journal (retention dropped them) when it came to read them; it goes on past them. Said to the
-        operator (log, metric) by whoever is given it: counted here alone, nobody saw it."""
+        the journal (retention dropped them, or a restore of an older backup lost them) when it came to read them;
+        it goes on past them. Said to the operator (log, metric) by whoever is given it, which returns how many of
+        them the restore lost: counted here alone, nobody saw it."""
         self.name = name
         self.on_retention_skip = on_retention_skip
         self.topics: list[str] = list(dict.fromkeys(topics))
@@ -213,6 +214,8 @@ class GroupState:
         self.totals = [0, 0, 0]
         self.skipped_by_retention = 0
         self.skipped_by_topic: dict[str, int] = {}  # since this dispatcher started (status)
+        self.skipped_by_restore = 0  # seqs a journal restored from an older backup lost (status)
+        self.restore_by_topic: dict[str, int] = {}
         self.setups_told: set[frozenset[tuple[tuple[str, ...], str]]] = set()  # plugin-set pairs logged once
         self._tie = itertools.count()
         self.replays: dict[str, int] = {}  # topic -> from_seq, waiting for that topic's in-flight events to finish
@@ -315,11 +318,15 @@ class GroupState:
                         # Taking the first seq for a gap went back to it and loaded every event again.
                         break
                     lost = first - self.read_pos[t]
-                    self.skipped_by_retention += lost
                     if lost > 0:
-                        self.skipped_by_topic[t] = self.skipped_by_topic.get(t, 0) + lost
-                        if self.on_retention_skip is not None:
-                            self.on_retention_skip(self.name, t, self.read_pos[t], lost)
+                        gone = (self.on_retention_skip(self.name, t, self.read_pos[t], lost)
+                                if self.on_retention_skip is not None else 0)
+                        self.skipped_by_retention += lost - gone
+                        if lost > gone:
+                            self.skipped_by_topic[t] = self.skipped_by_topic.get(t, 0) + lost - gone
+                        if gone:
+                            self.skipped_by_restore += gone
+                            self.restore_by_topic[t] = self.restore_by_topic.get(t, 0) + gone
                     for s in range(self.read_pos[t], first):
                         self._mark_acked(t, s)
                     self.read_pos[t] = first

@@ -30,7 +30,7 @@ from typing import Protocol, cast
 
 from bucketwire.envelope import SEQ_SLOT, Unsent, render
 from bucketwire.hub.journal_front import ROW, FrontLog
-from bucketwire.hub.journal_mark import MARK_INTERVAL, MARK_SHARE, HighWater
+from bucketwire.hub.journal_mark import MARK_INTERVAL, MARK_SHARE, HighWater, Issued
 from bucketwire.hub.key_filter import KeyFilter
 
 log = logging.getLogger("bucketwire.journal")
@@ -65,6 +65,8 @@ FRONT_EVENTS = 8
 publisher's confirmation and a worker's DELIVER, at a modest rate one event each. Larger ones come under load,
 where a batch's rows written twice would cost more CPU than the front log saves latency: they go straight into
 SQLite."""
+RESTORED_LISTED = 20
+"""Topics whose restore gap `status` names (the log line has them all)."""
 PROBE_BYTES = 1 << 20
 """Bytes the write probe puts in a scratch file: room for about one full webhook body's commit."""
 
@@ -204,6 +206,12 @@ class JournalAPI(Protocol):
 
     heads: dict[str, int]
     """Topic -> last committed seq, kept current by `commit`."""
+    restored: dict[str, object] | None
+    """What this start found lost to a journal restored from an older backup (SQLite only), or None."""
+
+    def lost_to_restore(self, topic: str, first: int, count: int) -> int:
+        """How many of the seqs `first`..`first + count - 1` of `topic` are gone with a restore (not retention)."""
+        ...
 
     def commit(self, batch: Batch) -> list[Appended]:
         """Make the batch durable and return its events' seqs. Some of the writing may wait for `settle`."""
@@ -319,11 +327,22 @@ class Journal:
             self.db.execute("INSERT INTO meta VALUES('id', ?)", jid)
         self._pending: _Staged | None = None
         """A commit made durable in the front log and not yet written here (`settle`)."""
+        self._restore_gaps: dict[str, tuple[int, int]] = {}
+        self._new_floor = 0
+        """After a restore: the seq a topic new to this journal starts above (one the backup and the mark both
+        miss may have had that many handed out before)."""
         self._front = _open_front(self.db, path.with_name(path.name + "-front"), str(jid[0]).encode())
         self._front_on = durability == "os"  # with "fsync" the front log would need a sync of its own per commit
         self._replay_front()
         self._mark = HighWater(path.with_name(path.stem + "-highwater.json"), str(jid[0]))
+        self._seqs = Issued(path.with_name(path.stem + "-seqs"), str(jid[0]))
+        self.restored: dict[str, object] | None = None
+        """Set when this start found journal.db behind the seqs handed out: {"line", "gaps" (topic -> "A-B", the
+        first RESTORED_LISTED), "topics"}; `status` shows it."""
         self._lift_to_mark()
+        self._issued = sum(self.heads.values())
+        """Seqs handed out: the sum of the heads (journal_mark.Issued)."""
+        self._seqs.start(self._issued)
         self._moved = True
         """Heads moved since the mark was last written (set by commits, read by the checkpoint thread)."""
         self._marked_at = 0.0
@@ -336,8 +355,26 @@ class Journal:
         taken before more events were written (hub/journal_mark.py says why). Behind is also a topic whose group
         cursor is past its head: acked seqs the journal no longer holds. Each such head is written to `topics` as
         a floor, as retention does, so the next event of the topic takes the seq after it; the seqs between are
-        gone with the restore (groups skip them like events retention dropped). Said in one warning."""
-        want = self._mark.read()
+        gone with the restore (groups skip them, counted as lost to the restore). Said in one warning.
+
+        How far: the count of seqs handed out (`Issued`) less the journal's is how many the restore lost; no topic
+        lost more, nor more than were handed out after the high-water mark was taken. A journal that holds every
+        seq counted (a hub killed or stopped, not restored) is not lifted at all."""
+        marked, at = self._mark.read()
+        rec = self._seqs.read()
+        want = dict(marked)
+        held = sum(self.heads.values())
+        exact = rec is not None and (rec.clean or not rec.boot or rec.boot == self._seqs.boot)
+        known = 0 if rec is None else rec.issued if exact else max(rec.issued, rec.ceiling)
+        lost = known - held
+        if lost > 0:
+            since = known - at if at is not None and at <= known else None
+            for t in set(self.heads) | set(want):
+                h = self.heads.get(t, 0)
+                bound = h + lost if since is None else min(h + lost, marked.get(t, 0) + since)
+                want[t] = max(want.get(t, 0), bound)
+            self._new_floor = lost if since is None else min(lost, since)
+        restored = lost > 0 or any(h > self.heads.get(t, 0) for t, h in marked.items())
         for topic, acked in self.db.execute("SELECT topic, max(acked) FROM cursors GROUP BY topic"):
             want[topic] = max(want.get(topic, 0), int(acked))
         staged = self._pending.heads if self._pending is not None else {}
@@ -347,13 +384,34 @@ class Journal:
         with self._transaction("write") as db:
             db.executemany("INSERT INTO topics(name, head) VALUES(?, ?) "
                            "ON CONFLICT(name) DO UPDATE SET head=max(head, excluded.head)", list(behind.items()))
-        gaps = {t: f"{self.heads.get(t, 0) + 1}-{h}" for t, h in sorted(behind.items())}
+        gaps = {t: (self.heads.get(t, 0) + 1, h) for t, h in sorted(behind.items())}
         self.heads.update(behind)
         self._floors.update(behind)
         first = next(iter(gaps))
-        log.warning(f"{self.path.name} is behind the seqs this hub handed out (restored from an older backup?): "
-                    f"{len(gaps)} topic(s), e.g. {first} seqs {gaps[first]}; those events are not in it, and new "
-                    "events go on after them so no seq names two events", extra={"topics": gaps})
+        span = f"{gaps[first][0]}-{gaps[first][1]}"
+        more = f" (and {len(gaps) - 1} other topic(s))" if len(gaps) > 1 else ""
+        if not restored:  # group cursors past their heads alone
+            log.warning(f"{self.path.name} is behind the seqs its groups acked: {first} seqs {span}{more}; those "
+                        "events are not in it, and new events go on after them so no seq names two events",
+                        extra={"topics": {t: f"{a}-{b}" for t, (a, b) in gaps.items()}})
+            return
+        self._restore_gaps = gaps
+        why = ("was restored from an older backup" if exact else
+               "is behind the seqs this hub handed out (restored from an older backup?)" if rec is None else
+               "was restored from an older backup, or the machine went down before its last commits reached the "
+               "disk")
+        line = (f"{self.path.name} {why}: seqs {span} of {first}{more} are gone with it"
+                + (f" ({known - held} seqs of {known} handed out)" if rec is not None else "")
+                + "; new events go on after them so no seq names two events, and groups skip them")
+        self.restored = {"line": line, "topics": len(gaps),
+                         "gaps": {t: f"{a}-{b}" for t, (a, b) in list(gaps.items())[:RESTORED_LISTED]}}
+        log.warning(line, extra={"topics": {t: f"{a}-{b}" for t, (a, b) in gaps.items()}})
+
+    def lost_to_restore(self, topic: str, first: int, count: int) -> int:
+        """How many of the seqs `first`..`first + count - 1` of `topic` this start found gone with a restore."""
+        self._caught_up()  # a new topic's gap is noted when its first commit is written
+        a, b = self._restore_gaps.get(topic) or (0, -1)
+        return max(0, min(b, first + count - 1) - max(a, first) + 1)
 
     def _mark_tick(self) -> None:
         """From the checkpoint thread: write the high-water mark when heads moved and MARK_INTERVAL passed."""
@@ -361,7 +419,8 @@ class Journal:
         if self._moved and now - self._marked_at >= max(MARK_INTERVAL, MARK_SHARE * self._mark.took):
             self._moved = False
             self._marked_at = now
-            self._mark.write(list(self.heads.items()))  # one C-level copy: the loop's updates do not interleave
+            issued = self._issued  # read first: the loop moves the heads, then the count
+            self._mark.write(list(self.heads.items()), issued)  # one C-level copy: the loop's updates do not interleave
 
     def _build_keys(self) -> None:
         """(Re)build the key filter from what the journal holds, sized for twice as many events."""
@@ -617,6 +676,12 @@ class Journal:
         if keys.due():
             self._build_keys()
         events = batch.events
+        if self._issued + len(events) > self._seqs.ceiling:
+            try:
+                self._seqs.reserve_for(self._issued, len(events))
+            except OSError as e:  # nothing handed out: refused like a commit SQLite could not take
+                raise JournalError(f"journal commit failed: cannot write {self._seqs.path.name} "
+                                   f"({e.strerror or e})") from e
         if self._front_on and 0 < len(events) <= FRONT_EVENTS:
             staged = self._stage(batch)
             if staged is not None:
@@ -645,8 +710,11 @@ class Journal:
                 log.error("journal: the front log could not be cut back after a failed write; commits go "
                           "straight into journal.db until the hub restarts", extra={"error": str(e)})
             raise JournalError(f"journal commit failed: {e.strerror or e}") from e
-        self._pending = _Staged(batch, rows, heads, {t: self.heads.get(t, 0) for t in heads})
+        before = {t: self.heads.get(t, 0) for t in heads}
+        self._pending = _Staged(batch, rows, heads, before)
         self.heads.update(heads)
+        self._issued += sum(heads.values()) - sum(before.values())
+        self._seqs.count(self._issued)
         self._moved = True
         f.add(keys)
         return out
@@ -696,7 +764,11 @@ class Journal:
                 out, rows, heads = self._assign(events, existing, out, now)
                 self._insert(db, rows, insert_sizes(len(rows) // ROW, self._recent))
             new = self._write_rest(db, batch, heads)
+        moved = sum(heads.values()) - sum(self.heads.get(t, 0) for t in heads)
         self.heads.update(heads)
+        if moved:
+            self._issued += moved
+            self._seqs.count(self._issued)
         self._moved = bool(heads) or self._moved
         if new:
             self._floors.update(new)
@@ -709,6 +781,9 @@ class Journal:
         new = [(t, h) for t, h in heads.items() if t not in self._floors]
         if new:  # a topic's first event: its row is where its head survives retention dropping every event
             db.executemany("INSERT OR IGNORE INTO topics(name, head) VALUES(?, ?)", new)
+            if self._new_floor:  # it started above the seqs a restore may have lost of it
+                for t, _ in new:
+                    self._restore_gaps.setdefault(t, (1, self._new_floor))
         if batch.cursors:
             db.executemany(
                 "INSERT INTO cursors(grp, topic, acked, above) VALUES(?,?,?,?) "
@@ -749,6 +824,7 @@ class Journal:
         heads: dict[str, int] = {}  # the heads this batch moves; never a copy of all of them (topics are many)
         seen: dict[tuple[str, str], Appended] = {}
         committed = self.heads
+        floor = self._new_floor  # a new topic's head (0 but after a restore)
         last: str | None = None  # the topic of the event before: its seq is `seq`, `heads` is written at a change
         seq = 0
         if before is None:
@@ -764,7 +840,7 @@ class Journal:
                         heads[last] = seq
                     last = topic
                     s_ = heads.get(topic)
-                    seq = (committed.get(topic, 0) if s_ is None else s_) + 1
+                    seq = (committed.get(topic, floor) if s_ is None else s_) + 1
                 unsent = ev.envelope
                 body = (unsent.replace(SEQ_SLOT, b'"seq":"%d"' % seq, 1) if type(unsent) is bytes
                         else render(unsent, seq))
@@ -791,7 +867,7 @@ class Journal:
                     heads[last] = seq
                 last = topic
                 s_ = heads.get(topic)
-                seq = (committed.get(topic, 0) if s_ is None else s_) + 1
+                seq = (committed.get(topic, floor) if s_ is None else s_) + 1
             unsent = ev.envelope
             if before is not None and not before[n].duplicate and before[n].seq == seq:
                 body = before[n].body
@@ -901,7 +977,8 @@ class Journal:
         self._front.close()
         self._checkpointer.close()
         if self._moved:
-            self._mark.write(list(self.heads.items()))
+            self._mark.write(list(self.heads.items()), self._issued)
+        self._seqs.close(self._issued)
         try:
             self.db.close()
         except sqlite3.Error:

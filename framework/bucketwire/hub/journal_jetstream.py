@@ -1991,6 +1991,11 @@ class JetStreamJournal:
                 self.heads[a.topic] = a.seq
         return out
 
+    restored: dict[str, object] | None = None  # a stream is not restored from a file behind the hub's back
+
+    def lost_to_restore(self, topic: str, first: int, count: int) -> int:
+        return 0
+
     def close(self) -> None:
         if self.nc is not None:
             async def shut() -> None:

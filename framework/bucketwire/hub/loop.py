@@ -1277,15 +1277,20 @@ class Hub:
     def _visible(self, st: dict[str, Any]) -> dict[str, Any]:
         """What of `status` the sender's key may see: with a role that is not admin, its groups (their topics,
         workers and long-running handlers, which name object keys) and the topics it may read. Everything to a key
-        without a role, an admin, or any peer when CURVE is off."""
+        without a role, an admin, or any peer when CURVE is off. With a role, `unreadable` lists the groups'
+        topics shown that the key may not FETCH, so `dlq` does not look into them (a refused read is logged)."""
         roles, user = self.net.roles, self.net.user
         role = roles.roles.get(user) if user else None
-        if roles.admitted is None or (user in roles.admitted and (role is None or role.admin)):
+        if roles.admitted is None or (user in roles.admitted and role is None):
             return st
+        if user in roles.admitted and role is not None and role.admin:
+            consumed = {t for v in st["groups"].values() for t in v["topics"]}
+            return {**st, "unreadable": sorted(t for t in consumed if not roles.allows(user, "subscribe", t))}
         groups = {n: v for n, v in st["groups"].items() if roles.allows(user, "groups", n)}
         mine = {t for v in groups.values() for t in v["topics"]}
         out = {**st, "groups": groups,
-               "topics": {t: v for t, v in st["topics"].items() if t in mine or roles.allows(user, "subscribe", t)}}
+               "topics": {t: v for t, v in st["topics"].items() if t in mine or roles.allows(user, "subscribe", t)},
+               "unreadable": sorted(t for t in mine if not roles.allows(user, "subscribe", t))}
         if "failing_starts" in st:
             out["failing_starts"] = {n: v for n, v in st["failing_starts"].items() if roles.allows(user, "groups", n)}
         return out
@@ -1928,12 +1933,22 @@ class Hub:
                else f"no hub dispatches group {group!r} right now; try another")
         self.net.send([ident, P.ERR, P.enc(P.Err(error=why, moved=where))])
 
-    def _retention_skipped(self, group: str, topic: str, first: int, count: int) -> None:
-        label = topic if self.metrics.group_topic_series(group, topic) else OTHER_TOPIC
-        self.metrics.group_skipped_by_retention.labels(group, label).inc(count)
-        log.warning("group skipped events retention dropped before it consumed them; raise [hub] retention_days / "
-                    "retention_mb, or keep the group's workers running",
-                    extra={"group": group, "topic": topic, "seqs": f"{first}-{first + count - 1}", "skipped": count})
+    def _retention_skipped(self, group: str, topic: str, first: int, count: int) -> int:
+        """A group skipped seqs its topic no longer holds: those a restore of journal.db lost (returned: how many)
+        are said as such, the rest as retention's."""
+        gone = self.journal.lost_to_restore(topic, first, count)
+        if gone:
+            log.warning("group skipped seqs lost when journal.db was restored from an older backup (their events are "
+                        "gone with it; `bucketwire status` says which)",
+                        extra={"group": group, "topic": topic, "skipped": gone})
+        if count > gone:
+            label = topic if self.metrics.group_topic_series(group, topic) else OTHER_TOPIC
+            self.metrics.group_skipped_by_retention.labels(group, label).inc(count - gone)
+            log.warning("group skipped events retention dropped before it consumed them; raise [hub] retention_days "
+                        "/ retention_mb, or keep the group's workers running",
+                        extra={"group": group, "topic": topic, "seqs": f"{first}-{first + count - 1}",
+                               "skipped": count - gone})
+        return gone
 
     # -- status ----------------------------------------------------------------------------------------------
     def status(self, now: float | None = None, topics: list[str] | None = None) -> dict[str, Any]:
@@ -1947,6 +1962,9 @@ class Hub:
             for t, n in g.skipped_by_topic.items():  # only where it happened: the usual status stays as it was
                 if t in per:
                     per[t]["skipped_by_retention"] = n
+            for t, n in g.restore_by_topic.items():
+                if t in per:
+                    per[t]["skipped_by_restore"] = n
             for t, v in per.items():
                 if self.metrics.group_topic_series(g.name, t):
                     self.metrics.cursor.labels(g.name, t).set(v["cursor"])
@@ -1964,6 +1982,7 @@ class Hub:
                 "retried": g.totals[1],
                 "redelivered": g.totals[2],
                 "skipped_by_retention": g.skipped_by_retention,
+                **({"skipped_by_restore": g.skipped_by_restore} if g.skipped_by_restore else {}),
                 "oldest_unacked_age": round(g.oldest_unacked_age(now), 3),
                 "long_running": long_running(g, now),
             }
@@ -1981,6 +2000,8 @@ class Hub:
                        {t: {"head": heads[t]} for t in sorted(set(topics)) if t in heads}),
             "groups": groups,
         }
+        if self.journal.restored is not None:  # only then: the usual status stays as it was
+            hub["restored"] = self.journal.restored
         failing = self.failing_starts.status(now)
         if failing:  # only then: the usual status stays as it was
             st["failing_starts"] = failing

@@ -335,7 +335,7 @@ class HubOps:
 
         gname = hdr.group
         if gname not in self.groups and self.net.roles.may_operate(self.net.user, gname) and (
-                self._finish_rm(gname, reply) or self._forget_stored(gname, reply)):
+                self._finish_rm(gname, reply) or self._forget_stored(gname, reply, hdr.force)):
             return
         # Forgetting a group drops its cursors: an operator's act, allowed to whoever may replay it.
         g = self._operated_group(gname, "remove", reply)
@@ -387,14 +387,17 @@ class HubOps:
         reply(group=gname, topics=[], lag=0, already=True, left=left)
         return True
 
-    def _forget_stored(self, gname: str, reply: Callable[..., None]) -> bool:
+    def _forget_stored(self, gname: str, reply: Callable[..., None], force: bool) -> bool:
         """`group rm` of a group this hub does not run whose cursors its journal holds: one taken out of the config
         (as the refusal of a configured group says to do) and the hub restarted, with no worker back since. The
         hub had no such group, so `group rm` said `unknown group` and nothing could forget the cursors: the group
         put back, or a pool of that name, resumed from them whatever its `start`. False: nothing stored (or the
         group is configured, then it is the configured group's refusal). With jetstream the cursors are the
         cluster's, read now, and a group another hub dispatches (its lease held, read now too) is that hub's to
-        remove: refused, as the hub's own groups with workers are."""
+        remove: refused, as the hub's own groups with workers are. One no hub dispatches is removed with `force`
+        only: a stopped hub whose config still names it (this hub cannot read that config) would make it again
+        at its start, from its `start`, the cursors gone. With SQLite this hub is the only one: its config is
+        the one that counts."""
         if gname in self.cfg.groups:
             return False
         try:
@@ -409,6 +412,12 @@ class HubOps:
         if holder is not None:
             reply(error=f"group {gname!r} is dispatched by hub {holder}; run `bucketwire group rm {gname}` with a "
                         "config that points at that hub, once its workers are stopped")
+            return True
+        if self.cfg.journal.backend == "jetstream" and not force:
+            reply(error=f"group {gname!r} has cursors in the cluster's journal and no hub dispatches it now: a stopped "
+                        f"hub whose config still names [groups.{gname}] would make it again at its start, from its "
+                        f"`start`, the cursors gone; take the section out of every hub's config, then run "
+                        f"`bucketwire group rm --force {gname}`; nothing was removed")
             return True
         heads = self.journal.heads
         lag = sum(max(0, heads.get(t, 0) - acked) for t, acked in stored.items())
