@@ -15,10 +15,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bucketwire import envelope as E
 from bucketwire import protocol as P
-from tests.test_pub_path import MAX_HOPS, NOW, InProcessHub, _bench
+from bucketwire.hub.pubread import decode_pub, read_checked, read_typed
+from tests.test_fuzz import JSONV, TEXT
+from tests.test_pub_path import ATTRS, FUZZ, HOSTILE, MAX_HOPS, NOW, ODD, InProcessHub, _bench, envelopes
 
 
 @pytest.fixture(autouse=True)
@@ -159,3 +163,88 @@ def test_the_forms_cover_both_answers() -> None:
         kinds[name.split("-")[0]].add(_today(_envelope(i, changes))[0])
     for attr in ("seq", "hops", "schemaversion", "id", "time", "extension", "subject", "causationid"):
         assert kinds[attr] == {"ack", "nack"}, attr
+
+
+# -- the typed pre-check against the checked path, request by request ----------------------------------------------
+def _checked(raw: bytes) -> tuple[Any, ...]:
+    """How the checked path (`decode_pub`, then `read_checked`: the PUB path before the typed pre-check) takes a
+    PUB header: ("err", its words), ("nack", the error's type and words) or ("ok", req, envelopes)."""
+    try:
+        pub, strict = decode_pub(raw)
+    except P.ProtocolError as e:
+        return "err", str(e)
+    try:
+        return "ok", pub.req, read_checked(pub.events, strict)
+    except E.EnvelopeError as e:
+        return "nack", type(e), str(e)
+
+
+def _same_request(raw: bytes) -> bool:
+    """Whether the typed pre-check took `raw`; when it did, it read what the checked path reads: the same request
+    id and envelopes, key order, types (True is not 1, 1.0 is not 1) and rendered bytes included."""
+    fast = read_typed(raw)
+    if fast is None:
+        return False
+    want = _checked(raw)
+    assert want[0] == "ok", (want, fast)
+    assert repr(fast) == repr(want[1:])
+    assert [E.render(E.pre_render(e), 7) for e in fast[1]] == [E.render(E.pre_render(e), 7) for e in want[2]]
+    return True
+
+
+def _pub(events: list[Any], req: Any = 1, escaped: bool = False) -> bytes:
+    try:
+        return json.dumps({"req": req, "events": events}, ensure_ascii=escaped).encode()
+    except UnicodeEncodeError:
+        return json.dumps({"req": req, "events": events}).encode()
+
+
+@st.composite
+def one_change(draw: st.DrawFn) -> dict[str, Any]:
+    """A bench envelope with one attribute set to an odd value (of any type) or removed: one that is refused is
+    refused for that attribute alone, so the pre-check must see to it."""
+    d = _bench(draw(st.integers(0, 10**6)))
+    k = draw(st.sampled_from(ATTRS))
+    if draw(st.booleans()):
+        d.pop(k, None)
+    else:
+        d[k] = draw(ODD)
+    return d
+
+
+@FUZZ
+@given(d=st.one_of(one_change(), envelopes()), escaped=st.booleans())
+def test_the_typed_pre_check_takes_only_what_the_checked_path_accepts_and_reads_it_the_same(
+        d: Any, escaped: bool) -> None:
+    """For any envelope: the typed pre-check either passes its PUB on (then the checked path answers, as it
+    always did) or reads exactly the envelope the checked path reads from it, and so commits the same bytes."""
+    _same_request(_pub([d], 1, escaped))
+
+
+@FUZZ
+@given(events=st.lists(st.one_of(one_change(), envelopes(), JSONV), min_size=1, max_size=4), escaped=st.booleans(),
+       req=st.one_of(st.integers(-5, 5), TEXT, st.none(), st.booleans(), st.floats(allow_nan=False)))
+def test_a_request_of_several_is_read_by_the_typed_pre_check_whole_or_not_at_all(
+        events: list[Any], escaped: bool, req: Any) -> None:
+    """Several envelopes in one PUB, any request id: the same, for the request as a whole."""
+    _same_request(_pub(events, req, escaped))
+
+
+@pytest.mark.parametrize(("name", "changes"), FORMS, ids=[f[0] for f in FORMS])
+def test_each_accepted_form_without_extensions_takes_the_typed_way(name: str, changes: dict[str, Any]) -> None:
+    """The pre-check is no detour: every form the table accepts that has no extension is read the typed way (and
+    read as the checked path reads it); every refused one is passed on to the checked path, for its words."""
+    d = _envelope(1, changes)
+    events = [_bench(2), d, _bench(3)]  # its neighbours take the typed way alone
+    assert _same_request(_pub([_bench(2), _bench(3)]))
+    accepted = _checked(_pub(events))[0] == "ok"
+    assert _same_request(_pub(events)) == (accepted and E._KNOWN.issuperset(d)), _checked(_pub(events))
+
+
+@pytest.mark.parametrize(("name", "data", "kind", "want"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_json_that_readers_take_differently_is_read_the_same_by_the_typed_pre_check(
+        name: str, data: bytes, kind: str, want: Any) -> None:
+    """The hostile `data` of tests/test_pub_path.py as the pre-check reads it: as the checked path does, or not
+    at all (then the checked path answers: what msgspec does not read, NaN say, the json module reads there)."""
+    raw = (b'{"req":1,"events":[{"specversion":"1.0","id":"h","source":"s","type":"t","data":%s}]}' % data)
+    assert _same_request(raw) == (_checked(raw)[0] == "ok" and decode_pub(raw)[1])
