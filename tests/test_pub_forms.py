@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from bucketwire import envelope as E
 from bucketwire import protocol as P
+from bucketwire.hub import pubread
 from bucketwire.hub.pubread import decode_pub, read_checked, read_typed
 from tests.test_fuzz import JSONV, TEXT
 from tests.test_pub_path import ATTRS, FUZZ, HOSTILE, MAX_HOPS, NOW, ODD, InProcessHub, _bench, envelopes
@@ -248,3 +249,27 @@ def test_json_that_readers_take_differently_is_read_the_same_by_the_typed_pre_ch
     at all (then the checked path answers: what msgspec does not read, NaN say, the json module reads there)."""
     raw = (b'{"req":1,"events":[{"specversion":"1.0","id":"h","source":"s","type":"t","data":%s}]}' % data)
     assert _same_request(raw) == (_checked(raw)[0] == "ok" and decode_pub(raw)[1])
+
+
+def test_a_publisher_of_extensions_is_read_the_checked_way_for_a_while_then_the_typed_way_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request the typed schema passes on and the checked path accepts (an extension on its last event) sends the
+    next `DETOUR` requests the checked way directly, so a publisher of extensions does not pay a thrown-away decode
+    on each; then the schema is tried again. A refused request does not: a peer whose requests are refused cannot
+    turn the typed way off. The answers are the checked path's throughout."""
+    monkeypatch.setattr(pubread, "_detour", [0])
+    tried = []
+    typed = pubread.read_typed
+    monkeypatch.setattr(pubread, "read_typed", lambda raw: tried.append(raw) or typed(raw))
+    plain = _pub([_bench(1), _bench(2)])
+    ext = _pub([_bench(3), {**_bench(4), "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}])
+    refused = _pub([_bench(5), {**_bench(6), "hops": True}])
+    with pytest.raises(pubread.PubRefused):
+        pubread.read_pub(refused)
+    assert pubread.read_pub(plain) == _checked(plain)[1:] and tried == [refused, plain]
+    assert pubread.read_pub(ext) == _checked(ext)[1:] and tried[-1] == ext
+    del tried[:]
+    for _ in range(pubread.DETOUR):
+        assert pubread.read_pub(plain) == _checked(plain)[1:]
+    assert tried == []
+    assert pubread.read_pub(plain) == _checked(plain)[1:] and tried == [plain]
