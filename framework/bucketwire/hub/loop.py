@@ -24,13 +24,11 @@ from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import zmq
 
 from bucketwire import protocol as P
 from bucketwire.config import Config
 from bucketwire.envelope import (
-    DATA_BASE64,
     HUB_EXTENSIONS,
     MAX_TOPIC_LEN,
     NESTING_REFUSAL,
@@ -40,19 +38,15 @@ from bucketwire.envelope import (
     EnvelopeError,
     Event,
     Unsent,
-    data_base64_problem,
     dumps,
     follow_on_source,
     object_key_of,
     object_name_problem,
     outside_refusal,
     pre_render,
-    read_envelope,
     stable_id,
-    time_problem,
     too_deep,
     topic_problem,
-    unsent_envelope,
     unsent_of,
 )
 from bucketwire.hub.backends import open_journal
@@ -74,6 +68,8 @@ from bucketwire.hub.lineage import Descendants, lineage_of
 from bucketwire.hub.listeners import Listeners
 from bucketwire.hub.metrics import OTHER_TOPIC, HubMetrics
 from bucketwire.hub.ops import RATE_WINDOW, HubOps
+from bucketwire.hub.pubread import PubRefused, read_pub
+from bucketwire.hub.pubread import decode_pub as decode_pub  # its home before pubread.py: tests read it here
 from bucketwire.hub.reports import Report, Reports
 from bucketwire.hub.routing import Router
 from bucketwire.hub.startfail import FailingStarts
@@ -1129,8 +1125,7 @@ class Hub:
         elif cmd == P.READY:
             self._on_ready(ident, raw, now)
         elif cmd == P.PUB:
-            pub, strict = decode_pub(raw)
-            self._on_pub(ident, pub, batch, replies, strict, len(raw))
+            self._on_pub(ident, raw, batch, replies)
         elif cmd == P.FETCH:
             self._on_fetch(ident, P.decode(raw, P.Fetch))
         elif cmd in (P.REPLAY, P.DLQ, P.GROUPRM) and self._cluster_down(ident, now):
@@ -1492,26 +1487,16 @@ class Hub:
             self._worker_gone(w, lost=False, now=now)  # its reported run is over; it joins with READY
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
 
-    def _on_pub(self, ident: bytes, hdr: P.Pub, batch: Batch, replies: list[Reply], strict: bool = False,
-                raw_len: int = -1) -> None:
-        """`strict`: msgspec decoded the request, so its strings hold no lone surrogate (see `decode_pub`).
-        `raw_len`: the size of the JSON header the events came in (-1: unknown).
-
-        Each event is read straight into the envelope the hub will commit (`read_envelope` building an
-        `unsent_envelope`), never into an `Event`: the checks are `Event.from_dict`'s own, and the journal renders
-        that dict at its seq. The `Event`, and the `to_dict` that made the same dict from it again, cost this loop
-        a third of its Python per published event."""
-        req = hdr.req
+    def _on_pub(self, ident: bytes, raw: bytes, batch: Batch, replies: list[Reply]) -> None:
+        """A PUB header `raw`: each event is read straight into the envelope the hub will commit (an
+        `unsent_envelope`, by hub/pubread.py), never into an `Event`: the checks are `Event.from_dict`'s own, and
+        the journal renders that dict at its seq. The `Event`, and the `to_dict` that made the same dict from it
+        again, cost this loop a third of its Python per published event."""
         try:
-            envs = [read_envelope(unsent_envelope, d, strict) for d in hdr.events]
-            for d in hdr.events:
-                if "time" in d and (why := time_problem(d["time"])) is not None:
-                    raise EnvelopeError(why)
-                if DATA_BASE64 in d and (why := data_base64_problem(d)) is not None:
-                    raise EnvelopeError(why)
-        except EnvelopeError as e:
+            req, envs = read_pub(raw)
+        except PubRefused as e:
             self.metrics.rejected.labels("zmq", "envelope").inc()
-            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=req, error=str(e), retry=False))])
+            self.net.send([ident, P.PUBNACK, P.enc(P.PubNack(req=e.req, error=str(e), retry=False))])
             return
         why = None
         for env in envs:
@@ -1550,7 +1535,7 @@ class Hub:
         def answer(results: list[P.PubResult]) -> None:
             self.net.send([ident, P.PUBACK, P.enc(P.PubAck(req=req, results=results))])
 
-        self._ingest(envs, "zmq", batch, done, replies, topics, pub_envelope_bound(raw_len), answer)
+        self._ingest(envs, "zmq", batch, done, replies, topics, pub_envelope_bound(len(raw)), answer)
 
     def _on_fetch(self, ident: bytes, hdr: P.Fetch) -> None:
         topic, start, limit = hdr.topic, hdr.start, hdr.limit
@@ -2019,22 +2004,7 @@ class Hub:
         return self.ops.extend_status(st, now)
 
 
-_PUB_DECODER = msgspec.json.Decoder(P.Pub)
 REREADY = P.enc(P.Err(error="unknown worker; send READY", reready=True))
-
-
-def decode_pub(raw: bytes) -> tuple[P.Pub, bool]:
-    """A PUB header, and whether msgspec read it: it refuses lone surrogates, so then every string in it is valid
-    Unicode and `Event.from_dict` need not render each envelope to check. Anything else (msgspec refused it)
-    goes through `P.decode`, which reads what the json module reads, or raises the error the peer is told."""
-    if len(raw) <= MAX_HEADER:
-        try:
-            return _PUB_DECODER.decode(raw), True
-        except msgspec.MsgspecError:
-            pass
-        except RecursionError:  # msgspec's, past its depth: said as the hub says it of every way in
-            raise P.ProtocolError(f"header frame {NESTING_REFUSAL}") from None
-    return P.decode(raw, P.Pub), False
 
 
 ENVELOPE_ADDS = 2048

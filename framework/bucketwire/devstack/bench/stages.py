@@ -37,18 +37,19 @@ def probe_hub(out: str, argv: list[str]) -> None:
     sent: dict[int, float] = {}
     commit_s: list[float] = []
     turn = [0.0]
-    tick, on_pub, init = loop.Hub.tick, loop.Hub._on_pub, loop.Hub.__init__
+    tick, read_pub, init = loop.Hub.tick, loop.read_pub, loop.Hub.__init__  # type: ignore[attr-defined]
 
     def p_tick(self: loop.Hub, *rest: Any, **kw: Any) -> None:
         turn[0] = time.monotonic()
         tick(self, *rest, **kw)
 
-    def p_on_pub(self: loop.Hub, ident: bytes, hdr: Any, *rest: Any) -> None:
+    def p_read_pub(raw: bytes) -> Any:  # the hub's PUB handling starts by reading the request
         now = time.monotonic()
-        for d in hdr.events:
+        req, envs = read_pub(raw)
+        for d in envs:
             recv[d["data"]["i"]] = turn[0]
             onpub[d["data"]["i"]] = now
-        on_pub(self, ident, hdr, *rest)
+        return req, envs
 
     def p_init(self: loop.Hub, cfg: Any) -> None:
         init(self, cfg)
@@ -84,7 +85,8 @@ def probe_hub(out: str, argv: list[str]) -> None:
                 i: [t, committed.get(i, 0.0), sent.get(i, 0.0), onpub[i], begun.get(i, 0.0)] for i, t in recv.items()}},
                 option=orjson.OPT_NON_STR_KEYS).decode())
 
-    loop.Hub.tick, loop.Hub._on_pub, loop.Hub.__init__ = p_tick, p_on_pub, p_init  # type: ignore[method-assign,assignment]
+    loop.Hub.tick, loop.Hub.__init__ = p_tick, p_init  # type: ignore[method-assign]
+    loop.read_pub = p_read_pub  # type: ignore[attr-defined]
     atexit.register(dump)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     sys.argv = ["bucketwire", "-q", *argv]
