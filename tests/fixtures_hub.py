@@ -151,8 +151,9 @@ path = "{self.record}"
 
     def stop(self) -> None:
         """SIGTERM the pools, then the hub once they are gone, as `bucketwire dev` stops them: a pool's children
-        say BYE to a hub that answers. Stopped together, a child whose BYE or last ACK the stopped hub never read
-        held its exit for its socket's LINGER (2 s) now and then, in the teardown of any test with a pool."""
+        say BYE to a hub that answers. Stopped together, each pool waited out its children's wait for the BYE's
+        answer (2 heartbeat intervals: 0.5 s here) and now and then their socket's LINGER (2 s) too: 0.6 s, at
+        times 2.6 s, where pools first takes 0.15-0.3 s, in the teardown of every test with a pool."""
         for group in (self.workers, [self.hub_proc]):
             for p in group:
                 if p is not None and p.poll() is None:
