@@ -33,6 +33,13 @@ def _serve(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Weed
 
 
 @pytest.fixture(scope="session")
+def bucketwire_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedServer]:
+    """bucketwire's pytest plugin's session server, stopped as `_serve` stops one: the plugin's own fixture stops it
+    gracefully, which took 2-10 s (its full timeout after a large object) at the end of every test process."""
+    yield from _serve(tmp_path_factory, "bucketwire-s3")
+
+
+@pytest.fixture(scope="session")
 def weed(bucketwire_s3: WeedServer) -> WeedServer:
     """A started SeaweedFS shared by the whole session (the one bucketwire's pytest plugin serves to plugin
     authors' tests, so the suite runs one server, not two)."""

@@ -154,6 +154,7 @@ def test_a_hub_killed_on_a_full_disk_restarts_with_every_committed_event_and_han
     flight when the disk filled; the journal, whose last writes ran out of space, opens after a SIGKILL with every
     event a publisher was told is committed."""
     s = on_disk(stack_factory(CFG), disk)
+    s.env["BUCKETWIRE_PROBE_INTERVAL"] = "0.5"  # the full disk is seen by a probe (no commit fails first): not 5 s
     s.start_hub()
     s.start_worker("g", 1)
     release = s.dir / "release"

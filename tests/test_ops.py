@@ -332,6 +332,7 @@ def test_journal_full_answers_503_and_recovers(stack_factory):
     "disk") drops the oldest events, run at once when commits fail rather than at its next minute."""
     s = stack_factory()
     s.env["BUCKETWIRE_JOURNAL_MAX_PAGES"] = "60"  # a "disk" of 60 pages (240 KiB)
+    s.env["BUCKETWIRE_RETENTION_WHILE_FAILING"] = "0.5"  # the retention run that frees space: within 0.5 s, not 5
     s.cfg_path.write_text(s.cfg_path.read_text().replace("heartbeat_timeout = 1.5\n",
                                                          "heartbeat_timeout = 1.5\nretention_mb = 0.1\n"))
     s.start_hub()

@@ -162,6 +162,8 @@ def test_a_revoked_client_is_told_its_key_may_be_revoked_and_doctor_calls_it_an_
     s, d = secure_stack(stack_factory, tmp_path, authorized=("admin", "limited"))
     s.start_hub()
     kcfg = client_config(s, d, "limited")
+    # The refusal is named when the command gives up: after [client] timeout (10 s unless set; 2 s here)
+    kcfg.write_text(kcfg.read_text() + "\n[client]\ntimeout = 2.0\n")
     p = keys_cli("revoke", "limited", "-c", str(s.cfg_path))
     assert p.returncode == 0, p.stdout + p.stderr
     sub, mon = spy_socket(cfg_for(kcfg))

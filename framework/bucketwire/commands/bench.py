@@ -92,16 +92,18 @@ def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], ra
               help="Saturation rounds per side, alternating; the medians are compared.")
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="Also measure a no-work stdlib http.server, for reference.")
+@click.option("--warmup", type=click.IntRange(0), default=200, show_default=True,
+              help="Unmeasured requests sent to each server before its first round (at most --requests; 0: none).")
 @click.option("--new-connections", is_flag=True,
               help="A fresh TCP connection per request (as Go clients such as MinIO often do), on both sides.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def webhook(requests: int, processes: int, connections: int, durability: str, rate: tuple[int, ...],
-            seconds: float, rounds: int, reference: bool, new_connections: bool, as_json: bool) -> None:
+            seconds: float, rounds: int, reference: bool, warmup: int, new_connections: bool, as_json: bool) -> None:
     """MinIO webhook POSTs into the hub (200 after commit), against a no-work server on the same HTTP stack."""
     from bucketwire.devstack.bench import webhook as mod
 
     res = mod.run(requests, processes, connections, durability, {r: seconds for r in rate}, reference, rounds,
-                  new_connections)
+                  new_connections, warmup)
     click.echo(json.dumps(res, indent=2) if as_json else mod.render(res))
 
 

@@ -107,14 +107,17 @@ else waits on a cursor: follow-ons and dead letters are events, committed at onc
 CURSOR_CARRY = CURSOR_DELAY / 2
 """Seconds acks wait before an event commit takes them along: at 1,000 events/s every third or fourth commit
 carries the cursors, and one comes along before CURSOR_DELAY would give them a transaction of their own."""
-PROBE_INTERVAL = 5.0
-"""Seconds between write probes of the journal (see Journal.probe); /healthz reports the last one."""
+PROBE_INTERVAL = float(os.environ.get("BUCKETWIRE_PROBE_INTERVAL") or 5.0)
+"""Seconds between write probes of the journal (see Journal.probe); /healthz reports the last one.
+BUCKETWIRE_PROBE_INTERVAL is a hidden test knob: a test of a journal that stops taking writes need not wait
+most of 5 s for the probe that notices."""
 PROBE_RETRY = 0.5
 """Seconds between write probes while the last one failed: ingress is refused until a probe passes (see
 `_ingest`), so space freed from outside is taken up within this, not within PROBE_INTERVAL."""
-RETENTION_WHILE_FAILING = 5.0
+RETENTION_WHILE_FAILING = float(os.environ.get("BUCKETWIRE_RETENTION_WHILE_FAILING") or 5.0)
 """Seconds between retention runs while commits fail (it runs every minute otherwise): a journal that filled its
-disk or a size limit frees the oldest events and commits again by itself, if its retention allows it."""
+disk or a size limit frees the oldest events and commits again by itself, if its retention allows it.
+BUCKETWIRE_RETENTION_WHILE_FAILING is a hidden test knob, as BUCKETWIRE_PROBE_INTERVAL."""
 RETENTION_INTERVAL = 60.0
 """Seconds between retention runs while the journal is within its limits."""
 RETENTION_SLICE = 1000

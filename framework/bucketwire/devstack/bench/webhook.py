@@ -332,8 +332,11 @@ def _no_work_server(kind: str) -> Iterator[int]:
 
 
 def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, float],
-        reference: bool = True, rounds: int = 3, fresh: bool = False) -> dict[str, Any]:
+        reference: bool = True, rounds: int = 3, fresh: bool = False, warmup: int = 200) -> dict[str, Any]:
+    """`warmup` requests (at most n) go to each server, unmeasured, before its first round; 0 sends none."""
     from bucketwire.devstack.bench.bus import machine
+
+    warmup = min(warmup, n)
 
     stack = Stack(durability, extra=ROUTE)
     try:
@@ -347,7 +350,8 @@ def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, fl
                 raise
             ports = {"baseline": base_port, "hub": stack.http}
             for k, port in ports.items():
-                drive(port, min(200, n), processes, conns, None, f"{k} warm-up", fresh)
+                if warmup:
+                    drive(port, warmup, processes, conns, None, f"{k} warm-up", fresh)
             res = _saturation(ports, n, processes, conns, rounds, fresh)
             for k, port in ports.items():
                 _rates(res[k], port, processes, conns, rates, k, fresh)
@@ -358,7 +362,8 @@ def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, fl
     ref = None
     if reference:
         with _no_work_server("stdlib") as port:
-            drive(port, min(200, n), processes, conns, None, "stdlib warm-up", fresh)
+            if warmup:
+                drive(port, warmup, processes, conns, None, "stdlib warm-up", fresh)
             ref = _saturation({"stdlib": port}, n, processes, conns, 1, fresh)["stdlib"]
         ref["name"] = BASELINES["stdlib"][1]
     progress_done()
@@ -367,7 +372,7 @@ def run(n: int, processes: int, conns: int, durability: str, rates: dict[int, fl
     res = {"benchmark": "webhook", "machine": machine(), "clients": {"processes": processes,
            "connections_per_process": conns, "new_connections": fresh, "path": PATH,
            "body_bytes": len(body_template())},
-           "rounds": rounds, "baseline": base, "hub": hub, "ratio": hub["ratio"],
+           "rounds": rounds, "warmup": warmup, "baseline": base, "hub": hub, "ratio": hub["ratio"],
            "round_ratios": [round(h / max(b, 1e-9), 3) for h, b in zip(hub["rounds_rps"], base["rounds_rps"],
                                                                        strict=True)],
            "bar": 0.5}
