@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -244,12 +248,12 @@ def _snapshot(g: GroupState) -> dict:
     }
 
 
-def test_acking_a_range_is_acking_each_seq_in_order() -> None:
-    """The ACK's compact form (`ack_range`) must leave a group exactly as acking each seq of the range one by one
-    does: the watermark, acks above a gap, who holds each object and what waits behind it, in-flight tables,
-    charged attempts, duplicates after a redelivery, seqs never delivered. Random histories, seeded."""
-    import random
-
+def _range_histories(compare: Callable[[random.Random, GroupState, GroupState, int, int], None],
+                     grace: float = 0.0) -> None:
+    """Random histories, seeded, played on two groups alike (loads, failures, redeliveries, dispatches); at each of
+    their acks `compare(rnd, by_range, by_seq, first, last)` acks the range on one group its way and on the other
+    seq by seq, and the two groups must then be the same (`_snapshot`). `grace`: how long a redelivered worker's
+    acks still count (`worker_gone`)."""
     for seed in range(300):
         rnd = random.Random(seed)
         pair = []
@@ -282,15 +286,43 @@ def test_acking_a_range_is_acking_each_seq_in_order() -> None:
                     g.fail("t", op[1], "boom", "E: boom", "p", False, now=0.0)
                     g.due_retries(1e9)
                 elif op[0] == "redeliver":
-                    g.worker_gone(b"w1", lost=True, now=0.0)
+                    g.worker_gone(b"w1", lost=True, now=0.0, grace=grace)
                     add_worker(g, "w1", credit=10)
                 g.dispatch(batch, 0.0)
             if op[0] == "ack":
-                _, first, last = op
-                got = by_range.ack_range("t", first, last)
-                want = sum(by_seq.ack("t", s) for s in range(first, last + 1))
-                assert got == want, (seed, op)
+                compare(rnd, by_range, by_seq, op[1], op[2])
             assert _snapshot(by_range) == _snapshot(by_seq), (seed, op)
+
+
+def test_acking_a_range_is_acking_each_seq_in_order() -> None:
+    """The ACK's compact form (`ack_range`) must leave a group exactly as acking each seq of the range one by one
+    does: the watermark, acks above a gap, who holds each object and what waits behind it, in-flight tables,
+    charged attempts, duplicates after a redelivery, seqs never delivered."""
+
+    def compare(rnd: random.Random, by_range: GroupState, by_seq: GroupState, first: int, last: int) -> None:
+        got = by_range.ack_range("t", first, last)
+        want = sum(by_seq.ack("t", s) for s in range(first, last + 1))
+        assert got == want, (first, last)
+
+    _range_histories(compare)
+
+
+@pytest.mark.parametrize("grace", [0.0, 10.0])
+def test_a_workers_ack_range_acks_only_what_it_holds_seq_by_seq(grace: float) -> None:
+    """A worker's ranges (`ack_range_of`) ack exactly the seqs it holds, or held when the hub gave it up less than
+    `grace` ago (`done_by`), as acking each of them alone in order does, and count as foreign exactly those of
+    the others not done: another worker's events, events loaded and handed to nobody, seqs never loaded. A range
+    that starts with the worker's own events and then runs into another's must stop acking there (a shortcut that
+    acks a whole range once its first seqs are the sender's would finish other workers' events)."""
+
+    def compare(rnd: random.Random, by_range: GroupState, by_seq: GroupState, first: int, last: int) -> None:
+        owner = rnd.choice([b"w1", b"w2"])
+        got = by_range.ack_range_of(owner, "t", first, last, 1.0)
+        mine = [s for s in range(first, last + 1) if by_seq.done_by(("t", s), owner, 1.0) is not None]
+        foreign = sum(1 for s in range(first, last + 1) if s not in mine and not by_seq.is_done("t", s))
+        assert got == (sum(by_seq.ack("t", s) for s in mine), foreign), (owner, first, last)
+
+    _range_histories(compare, grace)
 
 
 def test_a_range_for_a_topic_the_group_does_not_read_acks_nothing() -> None:
@@ -420,7 +452,6 @@ def test_the_byte_count_stays_exact_and_nothing_is_lost_or_reordered_through_ran
 
 
 def _random_history(seed: int) -> None:
-    import random
 
     rnd = random.Random(seed)
     budget = rnd.choice([600, 1000, 2500])
