@@ -288,3 +288,27 @@ def test_the_profile_reads_only_whole_lines_of_the_probe(tmp_path: Path) -> None
     assert whole_lines(out) == ['{"started": true}']
     out.write_text('{"started": true}\n{"sql": {}, "calls": 1}\n')
     assert whole_lines(out) == ['{"started": true}', '{"sql": {}, "calls": 1}']
+
+
+def test_a_bench_stack_stops_its_pools_before_its_hub(tmp_path: Path) -> None:
+    """Stack.stop SIGTERMs the pools and waits for them before the hub, as `bucketwire dev` does: a pool's
+    children say BYE to a hub that must still answer. Stopped together, a pool waited for the BYE's answer from a
+    hub already gone, and at times its socket's 2 s LINGER (4.3 s to exit, the hub 0.1 s). Stand-ins: the pool
+    takes a moment to leave and says when it has; the hub notes what it saw when told to stop."""
+    from bucketwire.devstack.bench.common import Stack
+
+    said = tmp_path / "said"
+    pool = (f"import signal, sys, time\n"
+            f"def bye(*_):\n    time.sleep(0.5)\n    open({str(said)!r}, 'a').write('pool gone;')\n    sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, bye)\nprint('up', flush=True)\nwhile True:\n    time.sleep(1)\n")
+    hub = (f"import signal, sys, time, os\n"
+           f"def stop(*_):\n    p = {str(said)!r}\n"
+           "    seen = open(p).read() if os.path.exists(p) else ''\n"
+           f"    open(p, 'a').write('hub stopped after: ' + (seen or 'nothing') + ';')\n    sys.exit(0)\n"
+           "signal.signal(signal.SIGTERM, stop)\nprint('up', flush=True)\nwhile True:\n    time.sleep(1)\n")
+    with Stack() as st:
+        for code, role in ((hub, "hub"), (pool, "worker")):  # the hub first, as every bench starts them
+            p = subprocess.Popen([sys.executable, "-c", code, role], stdout=subprocess.PIPE, start_new_session=True)
+            assert p.stdout is not None and p.stdout.readline() == b"up\n"
+            st.procs.append(p)
+    assert said.read_text() == "pool gone;hub stopped after: pool gone;;"

@@ -1160,3 +1160,43 @@ def test_a_renewal_whose_answer_was_lost_does_not_cost_the_lease(cluster: NatsCl
     finally:
         a.close()
         b.close()
+
+
+def test_a_stranded_lease_leader_is_a_lost_quorum_not_another_hub(tmp_path: Path, cluster: NatsCluster) -> None:
+    """The two NATS nodes that do not lead the lease bucket killed: its leader, alone, still takes the hubs'
+    renewals but cannot commit them, and refuses the next renewal of a key whose last one is still in flight
+    ("wrong last sequence", 10164) until it steps down. That is no answer from the cluster: each hub says the
+    quorum is lost (status, /healthz), and neither says another hub uses its id or took its lease (both did, with
+    the quorum reported only once the stranded leader gave up)."""
+    from tests.test_ha import dispatcher, two_hubs
+
+    a, b = two_hubs(tmp_path, cluster)
+    prefix = a.cfg.journal.prefix
+    down: list[int] = []
+    try:
+        a.start_hub()
+        wait_for(lambda: dispatcher(a, b), 20, "hub a to take group g")
+        b.start_hub()
+        wait_for(lambda: "g" in b.status()["dispatch"], 20, "hub b to see group g")
+
+        async def leader(js: Any) -> str:
+            return str((await js.stream_info(f"KV_{prefix}_leases")).cluster.leader)
+
+        lead = _on_cluster(cluster, leader)
+        down = [i for i, n in enumerate(cluster.nodes) if n.name != lead]
+        assert len(down) == 2, (lead, [n.name for n in cluster.nodes])
+        for i in down:
+            cluster.kill(i)
+        for s in (a, b):
+            err = wait_for(lambda s=s: s.status()["hub"].get("journal_error"), 60, "the hub to notice the lost quorum")
+            assert "quorum" in err, err
+            code, body = _healthz(s)
+            assert code == 503 and "quorum" in json.dumps(body), (code, body)
+        logs = "".join(p.read_text(errors="replace") for s in (a, b) for p in s.logs)
+        assert "another running hub uses this" not in logs, logs
+        assert "lost the dispatch lease to another hub" not in logs, logs
+    finally:
+        for i in down:
+            cluster.restart(i)
+        a.stop()
+        b.stop()

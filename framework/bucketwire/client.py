@@ -69,6 +69,7 @@ class HubClient:
         # With CURVE, a monitor on the socket sees a handshake the hub refused: the key, not the hub, is then
         # what to fix, and the timeout's line says so (a refused key otherwise looks like a hub that is down).
         self.mon: zmq.Socket[Any] | None = None
+        self._poller: zmq.Poller | None = None  # the socket and its monitor, while there is a monitor
         self.handshake_failed = 0  # the last zmq.EVENT_HANDSHAKE_FAILED_* seen, 0: none
 
     def _socket(self) -> zmq.Socket[Any] | LocalDealer:
@@ -83,6 +84,9 @@ class HubClient:
             security.apply_client(s, self.cfg, self.keys)
             if self.keys is not None:
                 self.mon = s.get_monitor_socket(HANDSHAKE_FAILED)
+                self._poller = zmq.Poller()
+                self._poller.register(s, zmq.POLLIN)
+                self._poller.register(self.mon, zmq.POLLIN)
             s.connect(self.endpoint)
             self.sock = s
         return self.sock
@@ -94,12 +98,26 @@ class HubClient:
                 self.sock.disable_monitor()
                 self.mon.close(0)
                 self.mon = None
+                self._poller = None
             self.sock.close(0)
             self.sock = None
 
     def _read_monitor(self) -> None:
         while self.mon is not None and self.mon.poll(0):
             self.handshake_failed = recv_monitor_message(self.mon)["event"]
+
+    def _wait(self, s: zmq.Socket[Any] | LocalDealer, left: float) -> bool | None:
+        """Wait up to `left` seconds for a reply on `s`: True when one is there. With CURVE the socket's monitor is
+        watched too, and a handshake the hub refused (its ZAP handler said no: the key is not listed, or revoked)
+        ends the wait at once with None: waiting on could only end in the same line after [client] timeout."""
+        if self._poller is None:
+            return bool(s.poll(int(left * 1000) + 1))
+        ready = dict(self._poller.poll(int(left * 1000) + 1))
+        if self.mon in ready:
+            self._read_monitor()
+            if self.handshake_failed == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return None
+        return s in ready
 
     def _unavailable(self) -> HubUnavailable:
         self._read_monitor()
@@ -133,6 +151,7 @@ class HubClient:
             raise HubRefused(f"request of {len(frame)} bytes is over the {P.MAX_HEADER >> 20} MiB one message to the "
                              "hub may carry (the hub refuses it whole); send its events in several calls",
                              permanent=True)
+        refused: set[str] = set()  # the endpoints whose hub refused this client's key
         while True:
             s = self._socket()
             until = min(deadline, time.monotonic() + attempt_timeout)
@@ -144,7 +163,13 @@ class HubClient:
                 until = min(until, time.monotonic() + LocalDealer.RECONNECT)
             moved = False
             while not moved and (left := until - time.monotonic()) > 0:
-                if not s.poll(int(left * 1000) + 1):
+                got = self._wait(s, left)
+                if got is None:  # the key refused: said at once once every hub listed refused it, else the next
+                    refused.add(self.endpoint)
+                    if refused >= set(self.endpoints):
+                        raise self._unavailable()
+                    break
+                if not got:
                     continue
                 frames = s.recv_multipart()
                 self.handshake_failed = 0  # the hub answers: a refusal seen before (a key since added) is over

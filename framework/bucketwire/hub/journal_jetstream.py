@@ -58,6 +58,11 @@ STREAM_NOT_FOUND = 10059
 """JetStream's error code for a request naming a stream (or KV bucket) that does not exist."""
 WRONG_LAST_SEQUENCE = 10071
 """JetStream's error code for a publish whose expected last sequence did not match."""
+SUBJECT_IN_FLIGHT = 10164
+"""JetStream's "wrong last sequence" without a sequence: a replicated stream's leader refuses a write that names the
+last revision of a subject while an earlier write of that subject is still in flight (proposed, not committed).
+It says nothing of the revision: while a quorum is lost that earlier write is this hub's own renewal, stranded on
+a leader that cannot commit it (see `_undecided`)."""
 IN_PROCESS = "duplicate message id is in process"
 READ_BATCH = 1000
 READ_HEDGE = 0.2
@@ -1565,24 +1570,34 @@ class JetStreamJournal:
         raise JetStreamError(f"[hub] id {self.hub_id!r} is already used by a running hub{holder}; give each hub "
                              "its own [hub] id (or stop the other one)")
 
+    @staticmethod
+    def _undecided(doc: dict[str, Any]) -> bool:
+        """A conditional write's answer that decides nothing: no answer (408), no stream leader (503), or a write
+        of the same key still in flight on the leader (SUBJECT_IN_FLIGHT). Not a refusal by revision, and not an
+        answer from a cluster that can commit: a leader left alone by a lost quorum refuses each renewal so while
+        the first one waits for a quorum that is not coming."""
+        err = doc.get("error")
+        return err is not None and (err.get("code") in (408, 503) or err.get("err_code") == SUBJECT_IN_FLIGHT)
+
     async def _renew_presence(self) -> None:
         """Part of each lease round. A refused renewal means the key changed: this hub was frozen past
         `lease_ttl` and it expired (take it again), or a hub with the same id took it meanwhile (dispatch
-        nothing while that one runs)."""
+        nothing while that one runs). An undecided one (`_undecided`) is neither, and no answer either."""
         subject = f"$KV.{self._kv_leases}.{self._presence_key}"
         fut = await self._replies.send(subject, self._presence_value,
                                        {"Nats-Expected-Last-Subject-Sequence": str(self._presence_rev)})
         doc = await self._answer(fut)
-        if "error" in doc and doc["error"].get("code") not in (408, 503):
+        if "error" in doc and not self._undecided(doc):
             fut = await self._replies.send(subject, self._presence_value, {"Nats-Expected-Last-Subject-Sequence": "0"})
             doc = await self._answer(fut)
-        if "error" not in doc or doc["error"].get("code") not in (408, 503):
-            self._answered_at = time.monotonic()
+        if self._undecided(doc):
+            return
+        self._answered_at = time.monotonic()
         if "error" not in doc:
             if self._id_clash:
                 log.info("no other hub uses this [hub] id any more; dispatching again", extra={"hub": self.hub_id})
             self._presence_rev, self._id_clash = int(doc["seq"]), False
-        elif doc["error"].get("code") not in (408, 503):
+        else:
             if not self._id_clash:
                 log.error("another running hub uses this [hub] id; this hub dispatches nothing until it is gone "
                           "(give each hub its own [hub] id)", extra={"hub": self.hub_id})
@@ -1668,10 +1683,11 @@ class JetStreamJournal:
                     log.info("took the dispatch lease", extra={"group": g, "hub": self.hub_id})
                 self._leases[g] = (int(doc["seq"]), sent + self.settings.lease_ttl)
                 self._leased.add(g)
-            elif doc["error"].get("code") in (408, 503):
-                # No answer (unknown whether it landed) or no stream leader (a NATS node went and the lease
-                # bucket is electing one): not a refusal. The lease counts as held until it would expire, no
-                # longer, and the next round renews it with the same revision once a leader answers.
+            elif self._undecided(doc):
+                # No answer (unknown whether it landed), no stream leader (a NATS node went and the lease bucket is
+                # electing one) or an earlier renewal still in flight (a leader without its quorum): not a
+                # refusal. The lease counts as held until it would expire, no longer, and the next round renews
+                # it with the same revision once a leader answers.
                 pass
             elif rev:
                 if not await self._renew_own(g, sent):

@@ -349,7 +349,12 @@ class Hub:
             pass
 
     def health(self) -> Health:
-        return Health(self.last_tick, self.write_error is None, self.write_error, self.net.revocation_problem())
+        """With several hubs, a lost quorum (`cluster_problem`) is a journal that cannot be written too: the node
+        this hub talks to may still take the write probe's connection while no commit can land."""
+        why = self.write_error
+        if why is None and self.ha is not None:
+            why = self.ha.cluster_problem(time.monotonic())
+        return Health(self.last_tick, why is None, why, self.net.revocation_problem())
 
     def request_reload(self) -> None:
         """Thread/signal-safe: re-read the key allow-list, the server keys and the HTTPS certificate on the next
