@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, cast
 
-from bucketwire.envelope import SEQ_SLOT, Unsent, render
+from bucketwire.envelope import Unsent, render
 from bucketwire.hub.journal_front import ROW, FrontLog
 from bucketwire.hub.journal_mark import MARK_INTERVAL, MARK_SHARE, HighWater, Issued
 from bucketwire.hub.key_filter import KeyFilter
@@ -842,7 +842,7 @@ class Journal:
                     s_ = heads.get(topic)
                     seq = (committed.get(topic, floor) if s_ is None else s_) + 1
                 unsent = ev.envelope
-                body = (unsent.replace(SEQ_SLOT, b'"seq":"%d"' % seq, 1) if type(unsent) is bytes
+                body = (b'%b"seq":"%d"%b' % (unsent[0], seq, unsent[1]) if type(unsent) is tuple  # `render`
                         else render(unsent, seq))
                 objkey = ev.objkey
                 out.append(Appended(topic, seq, body, objkey))
@@ -871,8 +871,8 @@ class Journal:
             unsent = ev.envelope
             if before is not None and not before[n].duplicate and before[n].seq == seq:
                 body = before[n].body
-            elif type(unsent) is bytes:  # `render`, inline
-                body = unsent.replace(SEQ_SLOT, b'"seq":"%d"' % seq, 1)
+            elif type(unsent) is tuple:  # `render`, inline
+                body = b'%b"seq":"%d"%b' % (unsent[0], seq, unsent[1])
             else:
                 body = render(unsent, seq)
             a = Appended(topic, seq, body, objkey)
