@@ -484,21 +484,23 @@ def unsent_of(ev: Event, topic: str) -> dict[str, Any]:
                            ev.causationid, ev.hops, ev.schemaversion, ev.extensions)
 
 
-Unsent = bytes | dict[str, Any]
-"""An envelope waiting for its seq: `pre_render`'s answer."""
+Unsent = tuple[bytes, bytes] | bytes | dict[str, Any]
+"""An envelope waiting for its seq: `pre_render`'s answer (bytes: an envelope made elsewhere holding `SEQ_SLOT`)."""
 
 SEQ_SLOT = b'"seq":"' + UNSET_SEQ.encode() + b'"'
-"""Where `render` writes the seq into a `pre_render`ed envelope's bytes (the journal does it inline, once per
-event)."""
+"""The seq's place in an envelope rendered before its seq is known: `pre_render` splits the bytes there."""
 
 
 def pre_render(envelope: dict[str, Any]) -> Unsent:
     """An `unsent_envelope` rendered as far as it can be before its seq is known, for `render` to finish.
 
-    Its bytes, `UNSET_SEQ` in the seq's place, when `render` can finish them by replacing the first `"seq":"..."`
-    in them: when no object opens before that first one, it is a key of the envelope itself, so its own seq (JSON
-    escapes a quote inside a string: no string holds `"seq":"`). Else (an extension or a datacontenttype holding an
-    object; a value orjson refuses) the dict itself, which `render` renders whole.
+    Its bytes before and after the first `"seq":"..."` in them, which `render` joins around the seq, when no
+    object opens before it: then it is a key of the envelope itself, so its own seq (JSON escapes a quote inside a
+    string: no string holds `"seq":"`). Else (an extension or a datacontenttype holding an object; a value orjson
+    refuses) the dict itself, which `render` renders whole. Why split here: the slot is found here anyway, and
+    `render` then writes the seq without searching the bytes for it again (`bytes.replace` searched them twice,
+    once per committed event; the journal does the join inline). The three parts' lengths are the envelope's
+    size with the longest seq (`unsent_size`).
 
     Rendering here, when the hub accepts an event, rather than at its commit, lets the decoded request and the
     dict go as soon as the request is read; kept until the commit, they cost the hub's loop more than the render.
@@ -511,15 +513,22 @@ def pre_render(envelope: dict[str, Any]) -> Unsent:
         body = orjson.dumps(envelope)
     except TypeError:
         return envelope
-    at = body.find(SEQ_SLOT)
-    if at > 0 and body.find(b"{", 1, at) < 0:
-        return body
+    head, slot, tail = body.partition(SEQ_SLOT)
+    if slot and head and head.find(b"{", 1) < 0:
+        return head, tail
     return envelope  # (no slot at all: not an `unsent_envelope`; `render` sets its seq in the dict)
+
+
+def unsent_size(envelope: tuple[bytes, bytes]) -> int:
+    """Bytes of a split `pre_render`ed envelope with the longest seq: a bound of its committed size."""
+    return len(envelope[0]) + len(SEQ_SLOT) + len(envelope[1])
 
 
 def render(envelope: Unsent, seq: int) -> bytes:
     """The bytes of a `pre_render`ed envelope committed at `seq`: what the journal stores and every worker
     receives."""
+    if type(envelope) is tuple:
+        return b'%b"seq":"%d"%b' % (envelope[0], seq, envelope[1])
     if type(envelope) is bytes:
         return envelope.replace(SEQ_SLOT, b'"seq":"%d"' % seq, 1)
     assert isinstance(envelope, dict)

@@ -48,6 +48,7 @@ from bucketwire.envelope import (
     too_deep,
     topic_problem,
     unsent_of,
+    unsent_size,
 )
 from bucketwire.hub.backends import open_journal
 from bucketwire.hub.cert_reload import CertReload
@@ -772,10 +773,10 @@ class Hub:
 
         `bound`: an upper bound of the envelope's size known without rendering it (see `_on_pub`); when it fits
         with room to spare the render is skipped, which is what nearly every event costs here. `unsent`: `env`
-        `pre_render`ed, when the caller has it (its bytes are the envelope's size)."""
+        `pre_render`ed, when the caller has it (split, its parts give the envelope's size, `unsent_size`)."""
         if bound >= 0 and self._room_for(bound + 6 * len(topic)):  # a topic's character: at most 6 bytes of JSON
             return None
-        n = len(unsent) if type(unsent) is bytes else len(dumps(env))
+        n = unsent_size(unsent) if type(unsent) is tuple else len(dumps(env))
         if n > self.max_event:
             why = ("[hub] max_event_bytes" if self.max_event == self.cfg.hub.max_event_bytes
                    else "what the journal stores: the NATS servers' max_payload less its headers")
@@ -902,7 +903,7 @@ class Hub:
                 continue
             env["topic"] = topic
             unsent = pre_render(env)
-            if type(unsent) is not bytes and too_deep(env):  # orjson writes what nests 254 levels or less
+            if type(unsent) is dict and too_deep(env):  # orjson writes what nests 254 levels or less
                 self.metrics.rejected.labels(source, "invalid").inc()
                 err = f"event {i} ({eid[:64]}): {NESTING_REFUSAL}; nothing in this request was committed"
                 done([IngestResult(e["id"], None, None, error=err) for e in events], None)
