@@ -166,6 +166,33 @@ def _is_wrapper(impl: pluggy.HookImpl) -> bool:
     return bool(impl.wrapper or impl.hookwrapper)
 
 
+HookCall = tuple[pluggy.HookCaller, Callable[..., Any], str, list[pluggy.HookImpl]]
+"""A plugin's `handle_event` caller, and what calling it by keyword hands pluggy's hook execution, worked out
+once (`handle_event_call`): pluggy's `_hookexec`, the hook's name, and the implementations the caller holds."""
+
+
+def handle_event_call(caller: pluggy.HookCaller) -> HookCall:
+    """`caller(event=..., ctx=...)` without the part of it that is the same on every call, for the worker's hot
+    path: what `HookCaller.__call__` works out before it hands the call to pluggy's hook execution (no historic
+    hook, no argument defaults, both arguments given, not `firstresult`: the hookspec's facts), and, for the
+    subset caller each plugin has (`Loaded.callers`), the list of its implementations, filtered anew on each
+    call. Then every call is pluggy's own `_multicall` (and its tracing, `enable_tracing`) over the same
+    implementations with the same arguments: the same wrappers, order and results; ~1 us per event less.
+
+    The implementations are taken once: every plugin is registered by `load`, before a runner exists. With a
+    pluggy whose callers lack what this reads, or a hookspec for which the shortcut would not be the same call,
+    the caller itself is called."""
+    spec = caller.spec
+    try:
+        direct = (spec is not None and not caller.is_historic() and not spec.kwargdefaults
+                  and not spec.opts.get("firstresult") and sorted(spec.argnames) == ["ctx", "event"])
+        if direct:
+            return caller, caller._hookexec, caller.name, list(caller._hookimpls)
+    except AttributeError:
+        pass
+    return caller, lambda _name, _impls, kwargs, _first: caller(**kwargs), caller.name, []
+
+
 @dataclass
 class Loaded:
     pm: pluggy.PluginManager
@@ -637,13 +664,13 @@ class PluginRunner:
         self.loggers = {n: logging.getLogger(f"bucketwire.plugin.{n}") for n in loaded.names}
         self.handlers = loaded.callers("handle_event")
         # Per plugin, what its handle_event call needs, looked up once: the hot path builds a `ctx` and calls.
-        self._handle = [(name, caller, self.topics.get(name), self.settings[name], self.loggers[name],
-                         self.state[name]) for name, caller in self.handlers]
+        self._handle = [(name, handle_event_call(caller), self.topics.get(name), self.settings[name],
+                         self.loggers[name], self.state[name]) for name, caller in self.handlers]
         # A wrapper's own `topics` limit the calls it wraps: (plugin, topic) -> a caller without the wrappers that
         # leave that topic out. Empty (no such wrapper, the usual case), the hot path does not look.
         self._wrap_topics = {i.plugin_name: want for i in loaded.pm.hook.handle_event.get_hookimpls()
                              if _is_wrapper(i) and (want := self.topics.get(i.plugin_name)) is not None}
-        self._topic_callers: dict[tuple[str, str | None], pluggy.HookCaller] = {}
+        self._topic_callers: dict[tuple[str, str | None], HookCall] = {}
         self.on_handled = on_handled
         self.failed_startup: str | None = None  # the plugin whose worker_startup raised (`startup`)
 
@@ -736,13 +763,14 @@ class PluginRunner:
         want = self.topics.get(name)
         return want is None or event.topic in want
 
-    def _topic_caller(self, name: str, topic: str | None) -> pluggy.HookCaller:
+    def _topic_caller(self, name: str, topic: str | None) -> HookCall:
         got = self._topic_callers.get((name, topic))
         if got is None:
             if len(self._topic_callers) >= 4096:  # topics are a group's few; a harness may send any
                 self._topic_callers.clear()
             out = [w for w, want in self._wrap_topics.items() if topic not in want]
-            got = self._topic_callers[(name, topic)] = self.loaded.caller_without("handle_event", name, out)
+            got = self._topic_callers[(name, topic)] = handle_event_call(
+                self.loaded.caller_without("handle_event", name, out))
         return got
 
     def run(self, event: Event, attempt: int) -> list[Event]:
@@ -752,11 +780,10 @@ class PluginRunner:
         report = self.on_handled
         group, stores, limit, topic = self.group, self.stores, self.max_event_bytes, event.topic
         forks, wrapped = _forks[0], bool(self._wrap_topics)
-        for name, caller, want, settings, logger, state in self._handle:
+        for name, call, want, settings, logger, state in self._handle:
             if want is not None and topic not in want:
                 continue
-            if wrapped:
-                caller = self._topic_caller(name, topic)
+            caller, hookexec, hook, impls = self._topic_caller(name, topic) if wrapped else call
             # Positional: the hot path's one allocation per plugin, a third cheaper than by keyword.
             ctx = Context(name, group, settings, stores, logger, event, attempt, state, limit)
             # BaseException: a handler's sys.exit(), KeyboardInterrupt or GeneratorExit is its event's failure,
@@ -765,7 +792,7 @@ class PluginRunner:
             # raises nothing here: the child turns SIGTERM/SIGINT into a flag.)
             if report is None:
                 try:
-                    returned = caller(event=event, ctx=ctx)
+                    returned = hookexec(hook, impls, {"event": event, "ctx": ctx}, False)  # `caller(...)`
                     if returned:  # pluggy's list of what the calls returned: empty when they return None
                         no_awaitable(returned if type(returned) is list
                                      else wrapped_result(returned, caller, "handle_event"))
@@ -776,7 +803,7 @@ class PluginRunner:
             else:
                 t0 = time.perf_counter()
                 try:
-                    returned = caller(event=event, ctx=ctx)
+                    returned = hookexec(hook, impls, {"event": event, "ctx": ctx}, False)  # `caller(...)`
                     if returned:
                         no_awaitable(returned if type(returned) is list
                                      else wrapped_result(returned, caller, "handle_event"))
