@@ -977,3 +977,39 @@ def test_a_wrapper_that_returns_something_else_fails_the_event_naming_the_wrappe
     assert any(line.startswith("plugin 'forgetful': its wrapper=True implementation of worker_shutdown")
                for line in lines), lines
     assert not any(r.exc_info for r in caplog.records), "a traceback through pluggy for the wrapper's mistake"
+
+
+def test_a_hook_the_shortcut_would_call_otherwise_is_called_by_its_caller() -> None:
+    """`handle_event_call` takes its shortcut into pluggy only where it is the caller's own call: for a hook whose
+    spec is `firstresult` or has an argument default (pluggy would answer or pass differently), the caller."""
+    import pluggy
+
+    from bucketwire.worker.plugin_loading import handle_event_call
+
+    spec, impl = pluggy.HookspecMarker("t"), pluggy.HookimplMarker("t")
+
+    class Spec:
+        @spec(firstresult=True)
+        def handle_event(self, event: Any, ctx: Any) -> Any: ...
+
+        @spec
+        def other(self, event: Any, ctx: Any = "default") -> Any: ...
+
+    class Impl:
+        @impl
+        def handle_event(self, event: Any, ctx: Any) -> Any:
+            return (event, ctx)
+
+        @impl
+        def other(self, event: Any, ctx: Any) -> Any:
+            return (event, ctx)
+
+    pm = pluggy.PluginManager("t")
+    pm.add_hookspecs(Spec)
+    pm.register(Impl())
+    first = pm.hook.handle_event
+    _, hookexec, name, impls = handle_event_call(first)
+    assert hookexec(name, impls, {"event": 1, "ctx": 2}, False) == first(event=1, ctx=2) == (1, 2)
+    other = pm.hook.other
+    _, hookexec, name, impls = handle_event_call(other)
+    assert hookexec(name, impls, {"event": 1}, False) == other(event=1) == [(1, "default")]
