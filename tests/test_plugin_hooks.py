@@ -111,6 +111,73 @@ def test_a_wrappers_own_topics_limit_the_calls_it_wraps() -> None:
     assert [o.data["by"] for o in out] == ["a"] and t.calls == []
 
 
+CALLS: list[tuple[Any, ...]] = []
+
+
+class Logs:
+    """A plain implementation, and one that takes only the event: each logs what it was called with."""
+
+    def __init__(self, name: str) -> None:
+        self.PLUGIN_NAME = name
+
+    @hookimpl
+    def handle_event(self, event: Event, ctx: Context) -> str:
+        CALLS.append((self.PLUGIN_NAME, "plain", event.id, ctx.plugin, ctx.attempt, ctx.event is event,
+                      dict(ctx.settings)))
+        return "ignored"  # what a handler returns is not its outcome, whatever pluggy's rule gives
+
+    @hookimpl(specname="handle_event", tryfirst=True)
+    def first(self, event: Event) -> None:
+        CALLS.append((self.PLUGIN_NAME, "first", event.id))
+
+
+class WrapsNewAndOld:
+    """A new-style and an old-style wrapper of handle_event, each logging around the call it wraps."""
+
+    PLUGIN_NAME = "wraps"
+
+    @hookimpl(wrapper=True, specname="handle_event")
+    def new(self, event: Event, ctx: Context) -> Generator[None, Any, Any]:
+        CALLS.append(("wraps", "new before", event.id, ctx.plugin))
+        res = yield
+        CALLS.append(("wraps", "new after", event.id, ctx.plugin, res))
+        return res
+
+    @hookimpl(hookwrapper=True, specname="handle_event", trylast=True)
+    def old(self, ctx: Context) -> Generator[None, Any, None]:
+        CALLS.append(("wraps", "old before", ctx.plugin))
+        outcome = yield
+        CALLS.append(("wraps", "old after", ctx.plugin, outcome.get_result()))
+
+
+def test_each_plugins_call_is_pluggys_own_call_of_its_caller() -> None:
+    """The worker calls each plugin's `handle_event` through pluggy exactly as the plugin's caller called by
+    keyword does: the same implementations and wrappers (new and old style, `tryfirst`/`trylast`, a wrapper's own
+    `topics`), in the same order, with the same arguments, and pluggy's list of results. Checked against the
+    caller itself, for several topics and attempts (PluginRunner.run takes a shortcut into pluggy's call)."""
+    h = PluginHarness(Logs("a"), Logs("b"), WrapsNewAndOld(), sections={"b": {"x": 2, "topics": ["docs", "photos"]},
+                                                                       "wraps": {"topics": ["photos"]}},
+                      settings={"x": 1}, trace=False)
+    r = h.runner
+    for topic in ("photos", "docs", "other", "photos"):
+        for attempt in (1, 3):
+            e = ev(topic)
+            CALLS.clear()
+            r.run(e, attempt)
+            got = list(CALLS)
+            CALLS.clear()
+            wanted = []
+            for name, _ in r.handlers:
+                if not r.wants(name, e):
+                    continue
+                out = [w for w, want in r._wrap_topics.items() if topic not in want]
+                returned = r.loaded.caller_without("handle_event", name, out)(event=e, ctx=r.ctx(name, e, attempt))
+                wanted.append(returned)
+            assert got == CALLS, (topic, attempt)
+            assert wanted == [["ignored"]] * len(wanted)
+            assert len(got) == {"photos": 12, "docs": 4, "other": 2}[topic], got
+
+
 class WrapsEveryHook:
     """Old-style wrappers around every per-plugin hook: none of them may be skipped."""
 
@@ -910,3 +977,4 @@ def test_a_wrapper_that_returns_something_else_fails_the_event_naming_the_wrappe
     assert any(line.startswith("plugin 'forgetful': its wrapper=True implementation of worker_shutdown")
                for line in lines), lines
     assert not any(r.exc_info for r in caplog.records), "a traceback through pluggy for the wrapper's mistake"
+
