@@ -20,8 +20,8 @@ from bucketwire import envelope as E
 from bucketwire import protocol as P
 from bucketwire.worker import child as CH
 from tests.test_fuzz import JSONV
-from tests.test_pub_forms import FORMS
-from tests.test_pub_path import ATTRS, EXTENSIONS, FUZZ, HOSTILE, NOW, ODD, _bench, envelopes
+from tests.test_pub_forms import FORMS, _envelope
+from tests.test_pub_path import ATTRS, EXTENSIONS, FUZZ, HOSTILE, NOW, ODD, envelopes
 
 
 @pytest.fixture(autouse=True)
@@ -31,13 +31,7 @@ def _fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _delivered(i: int, **changes: Any) -> dict[str, Any]:
     """A bench envelope as the hub delivers it (its topic and seq written), then changed (`...` removes)."""
-    d = {**_bench(i), "topic": "forms", "seq": str(i + 1)}
-    for k, v in changes.items():
-        if v is ...:
-            d.pop(k, None)
-        else:
-            d[k] = v
-    return d
+    return _envelope(i, {"seq": str(i + 1), **changes})
 
 
 def _array(events: list[Any], escaped: bool = False) -> bytes:
