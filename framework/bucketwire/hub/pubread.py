@@ -11,7 +11,7 @@ schema never words a refusal itself.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
@@ -21,7 +21,7 @@ from bucketwire import protocol as P
 from bucketwire.envelope import (
     DATA_BASE64,
     NESTING_REFUSAL,
-    SCHEMA_VERSION,
+    Attributes,
     EnvelopeError,
     data_base64_problem,
     is_rfc3339,
@@ -30,28 +30,6 @@ from bucketwire.envelope import (
     time_problem,
     unsent_envelope,
 )
-
-
-class Attributes(msgspec.Struct, forbid_unknown_fields=True):
-    """An envelope as `read_envelope` accepts it, without extensions (an unknown field: the checked path). The
-    limits are its own: id, source and type non-empty strings of at most 256, 1024 and 256 characters; hops a
-    non-negative integer, schemaversion 1 to SCHEMA_VERSION (neither a bool: msgspec does not take one for an
-    int); subject, topic, causationid and time strings or null; datacontenttype and data anything. `seq` is
-    checked after, by `parse_seq` itself (a string of digits or an integer, in range)."""
-
-    specversion: Literal["1.0"]
-    id: Annotated[str, Meta(min_length=1, max_length=256)]
-    source: Annotated[str, Meta(min_length=1, max_length=1024)]
-    type: Annotated[str, Meta(min_length=1, max_length=256)]
-    time: str | None = None
-    subject: str | None = None
-    topic: str | None = None
-    seq: Any = None
-    causationid: str | None = None
-    hops: Annotated[int, Meta(ge=0)] = 0
-    schemaversion: Annotated[int, Meta(ge=1, le=SCHEMA_VERSION)] = SCHEMA_VERSION
-    datacontenttype: Any = None
-    data: Any = None
 
 
 class TypedPub(msgspec.Struct, forbid_unknown_fields=True):
