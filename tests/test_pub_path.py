@@ -68,27 +68,29 @@ def _parse_seq(value: object) -> int:
     elif isinstance(value, str) and _SEQ_DIGITS.fullmatch(value):
         seq = int(value)
     else:
-        raise E.EnvelopeError(f"envelope seq must be a positive integer as decimal digits (\"42\"), got {value!r}")
+        raise E.EnvelopeError(
+            f"envelope seq must be a positive integer as decimal digits (\"42\"), got {E.shown_value(value)}")
     if not 1 <= seq <= E.MAX_SEQ:
-        raise E.EnvelopeError(f"envelope seq must be between 1 and {E.MAX_SEQ}, got {value!r}")
+        raise E.EnvelopeError(f"envelope seq must be between 1 and {E.MAX_SEQ}, got {E.shown_value(value)}")
     return seq
 
 
 def _before(d: Any, topic: str | None, seq: int | None) -> tuple[dict[str, Any], bytes]:
     """(the attributes the hub's checks read, the committed bytes) for `d` committed to `topic` at `seq`; raises
-    EnvelopeError with the message the publisher was told. With `seq` None: `Event.from_dict(d).to_json()`, the
+    EnvelopeError with the message the publisher was told (a client's value quoted clipped, `shown_value`). With
+    `seq` None: `Event.from_dict(d).to_json()`, the
     envelope's own topic and seq kept."""
     if not isinstance(d, Mapping):
         raise E.EnvelopeError("envelope must be a JSON object")
     sv = d.get("schemaversion", E.SCHEMA_VERSION)
     if not isinstance(sv, int) or isinstance(sv, bool) or sv < 1:
-        raise E.EnvelopeError(f"envelope has an invalid schemaversion {sv!r}")
+        raise E.EnvelopeError(f"envelope has an invalid schemaversion {E.shown_value(sv)}")
     if sv > E.SCHEMA_VERSION:
         raise E.SchemaVersionError(
-            f"envelope schemaversion {sv} is newer than this bucketwire understands ({E.SCHEMA_VERSION}); "
-            "upgrade bucketwire on this host")
+            f"envelope schemaversion {E.shown_value(sv)} is newer than this bucketwire understands "
+            f"({E.SCHEMA_VERSION}); upgrade bucketwire on this host")
     if d.get("specversion") != E.SPEC_VERSION:
-        raise E.EnvelopeError(f"unsupported CloudEvents specversion {d.get('specversion')!r} (want '1.0')")
+        raise E.EnvelopeError(f"unsupported CloudEvents specversion {E.shown_value(d.get('specversion'))} (want '1.0')")
     for k in ("id", "source", "type"):
         if not isinstance(d.get(k), str) or not d.get(k):
             raise E.EnvelopeError(f"envelope attribute {k!r} is missing or not a non-empty string")
@@ -97,7 +99,7 @@ def _before(d: Any, topic: str | None, seq: int | None) -> tuple[dict[str, Any],
     own_seq = None if d.get("seq") is None else _parse_seq(d.get("seq"))
     hops = d.get("hops", 0)
     if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
-        raise E.EnvelopeError(f"envelope hops must be a non-negative integer, got {hops!r}")
+        raise E.EnvelopeError(f"envelope hops must be a non-negative integer, got {E.shown_value(hops)}")
     for k in ("subject", "topic", "causationid", "time"):
         if d.get(k) is not None and not isinstance(d.get(k), str):
             raise E.EnvelopeError(f"envelope attribute {k!r} must be a string")
@@ -268,6 +270,11 @@ def _expected(d: Any, hub: InProcessHub) -> tuple[str, Any]:
         _before(d, "", 1)
     except E.EnvelopeError as e:
         return "nack", str(e)
+    # the checks the PUB path has made after reading since (hub/pubread.py's read_checked)
+    if "time" in d and (why := E.time_problem(d["time"])) is not None:
+        return "nack", why
+    if E.DATA_BASE64 in d and (why := E.data_base64_problem(d)) is not None:
+        return "nack", why
     ev = E.Event.from_dict(d)
     why = E.refused_from_outside(ev)
     if why:
