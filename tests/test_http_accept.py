@@ -182,3 +182,48 @@ def test_out_of_descriptors_pauses_accepting_with_one_warning_then_resumes(
     warned = [r for r in caplog.records if r.levelno == logging.WARNING and "descriptors" in r.getMessage()]
     assert len(warned) == 1, caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+
+
+def test_a_tls_client_between_its_handshake_and_its_request_is_not_the_one_closed_at_the_limit(
+        pki: dict[str, Path]) -> None:
+    """At the connection limit the longest idle keep-alive is closed first. A connection whose TLS handshake had
+    just finished counted as idle until its request arrived, while a flood's handshakes that never finish count as
+    requests arriving: so each new flood connection closed the one real client (the accept-flood test's newcomer,
+    reset now and then in CI). It counts as a request arriving until its first request does."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(pki["server.pem"], pki["server.key"])
+    client = ssl.create_default_context(cafile=str(pki["ca.pem"]))
+    srv = Server(Ok(), "127.0.0.1", 0, limits=Limits(read_timeout=30, idle_timeout=30,
+                                                    max_connections=MAX_CONNECTIONS), tls=tls, backlog=BACKLOG)
+    flood = [nonblocking_connect(srv.port) for _ in range(MAX_CONNECTIONS)]
+    shaken, go = threading.Event(), threading.Event()
+    answer: list[bytes] = []
+
+    def real_client() -> None:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as raw:
+            c = client.wrap_socket(raw, server_hostname="127.0.0.1")
+            shaken.set()
+            go.wait(20)
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            with contextlib.suppress(OSError):
+                answer.append(c.recv(65536))
+
+    thread = threading.Thread(target=real_client, daemon=True)
+    try:
+        wait_for(lambda: one_turn(srv) or len(srv.accepted) >= MAX_CONNECTIONS, 20, "the flood accepted")
+        thread.start()
+        wait_for(lambda: one_turn(srv) or (shaken.is_set() and len(srv.conns) == 1), 20,
+                 "the real client's handshake done on both sides")
+        flood.append(nonblocking_connect(srv.port))  # one more at the limit: some connection is closed for it
+        for _ in range(20):
+            one_turn(srv)
+        assert [c for c in srv.conns if not c.closing], "the real client was the connection closed at the limit"
+        go.set()
+        wait_for(lambda: one_turn(srv) or bool(answer) or not thread.is_alive(), 20, "the real client's answer")
+        assert answer and answer[0].startswith(b"HTTP/1.1 200"), answer
+    finally:
+        go.set()
+        for c in flood:
+            c.close()
+        thread.join(10)
+        srv.close()

@@ -574,6 +574,10 @@ class _TLSConn(_Conn):
             self.srv.released()
             return
         super().connection_made(tls)
+        # Still a request arriving until its first one does, not an idle keep-alive: at the connection limit an idle
+        # one is closed first, and a flood of handshakes that never finish left this one, its handshake done and its
+        # request a moment away, the only idle connection, so each new flood connection closed the real client.
+        self._arm("read", self.srv.limits.read_timeout)
         early, self.before_upgrade = self.before_upgrade, None
         for data in early or ():
             super().data_received(data)
