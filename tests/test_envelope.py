@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import datetime
 
 import pytest
 from hypothesis import example, given
@@ -76,3 +78,84 @@ def test_from_dict_reads_a_seq_exactly_as_parse_seq(raw: str) -> None:
             Event.from_dict({**base, "seq": raw})
     else:
         assert Event.from_dict({**base, "seq": raw}).seq == want
+
+
+_RFC3339_SHAPE = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)", re.ASCII)
+
+
+def _is_rfc3339_reference(value: str) -> bool:
+    """`is_rfc3339` as it was written before its fast path (performance.md, change 23): the shape, then the
+    instant as the standard library reads it."""
+    if not _RFC3339_SHAPE.fullmatch(value):
+        return False
+    try:
+        datetime.fromisoformat(value.upper())
+    except ValueError:
+        return False
+    return True
+
+
+def _stamp(year: int, month: int, day: int, hour: int, minute: int, second: int, fraction: str, zone: str,
+           t: str) -> str:
+    return f"{year:04d}-{month:02d}-{day:02d}{t}{hour:02d}:{minute:02d}:{second:02d}{fraction}{zone}"
+
+
+_ZONES = st.one_of(
+    st.sampled_from(["Z", "z", "", "+00:00", "-00:00", "UTC", "+0100", "+01", " Z", "Z "]),
+    st.builds(lambda s, h, m: f"{s}{h:02d}:{m:02d}", st.sampled_from("+-"), st.integers(0, 26),
+              st.integers(0, 61)),
+)
+_STAMPS = st.builds(
+    _stamp, st.integers(0, 10_000), st.integers(0, 13), st.integers(0, 32), st.integers(0, 25), st.integers(0, 61),
+    st.integers(0, 61), st.one_of(st.just(""), st.just("."), st.text("0123456789", min_size=1, max_size=12).map(
+        lambda f: "." + f), st.just(",5")), _ZONES, st.sampled_from(["T", "t", " ", "_"]),
+)
+_OTHER_DIGITS = "\u0660\u0661\u0662\u06f3\u0966\uff11\U0001d7ce\u00b2"
+
+
+@st.composite
+def _mutated(draw: st.DrawFn) -> str:
+    """A timestamp with one character replaced, inserted or removed: a digit of another script, a letter, a
+    separator."""
+    s = draw(_STAMPS)
+    i = draw(st.integers(0, len(s)))
+    c = draw(st.sampled_from(_OTHER_DIGITS + "0519TtZz:-+. \n\0é"))
+    how = draw(st.sampled_from(["replace", "insert", "remove"]))
+    if how == "insert":
+        return s[:i] + c + s[i:]
+    return s[:i] + ("" if how == "remove" else c) + s[i + 1:]
+
+
+@example("2024-02-29T10:00:00Z")
+@example("2023-02-29T10:00:00Z")
+@example("2100-02-29T10:00:00Z")
+@example("2000-02-29T10:00:00Z")
+@example("2024-02-30T10:00:00Z")
+@example("2024-04-31T10:00:00Z")
+@example("2024-12-31T23:59:59.999999999Z")
+@example("2024-13-01T10:00:00Z")
+@example("2024-00-01T10:00:00Z")
+@example("2024-01-00T10:00:00Z")
+@example("0000-01-01T00:00:00Z")
+@example("0001-01-01T00:00:00Z")
+@example("9999-12-31T23:59:59+23:59")
+@example("2024-05-01T24:00:00Z")
+@example("2024-05-01T23:60:00Z")
+@example("2024-05-01T23:59:60Z")
+@example("2024-05-01T10:00:00+24:00")
+@example("2024-05-01T10:00:00+25:00")
+@example("2024-05-01T10:00:00-23:60")
+@example("2024-05-01t10:00:00z")
+@example("2024-05-01T10:00:00.Z")
+@example("\u0662\u0660\u0662\u0664-05-01T10:00:00Z")
+@example("2024-05-01T10:00:00Z\n")
+@given(st.one_of(_STAMPS, _mutated(), st.datetimes().map(lambda d: d.isoformat() + "Z"), st.text(max_size=40)))
+def test_is_rfc3339_answers_as_the_shape_and_the_standard_library_do(value: str) -> None:
+    """`is_rfc3339` takes the common timestamp by one pattern that encodes the ranges (month, day of month, hour,
+    minute, second, offset); whatever it does not take is asked the way it always was. The answers are those of
+    the pattern and `datetime.fromisoformat` together, for valid, invalid and edge timestamps alike (29 February
+    in leap and other years, an hour 24, an offset of 24 or 25 hours, lowercase t and z, digits of other scripts,
+    fractions of any length)."""
+    from bucketwire.envelope import is_rfc3339
+
+    assert is_rfc3339(value) is _is_rfc3339_reference(value)

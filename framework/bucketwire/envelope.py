@@ -184,11 +184,24 @@ RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\
 """The shape of a CloudEvents `time`: an RFC 3339 timestamp with its zone (see `is_rfc3339`)."""
 
 
+_RFC3339_INSTANT = re.compile(
+    r"(?!0000)\d{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31)"
+    r"[Tt](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)", re.ASCII).fullmatch
+"""`RFC3339` with the ranges a time names an instant in written out (year 1 on, month 1-12, a day its month has
+in every year, hour 0-23, minute and second 0-59, offset under 24 hours): what it takes, `datetime.fromisoformat`
+does, so `is_rfc3339` asks nothing more of it. A 29th of February is left to `fromisoformat` (leap years)."""
+
+
 def is_rfc3339(value: str) -> bool:
     """Whether `value` is an RFC 3339 timestamp with its zone that names an instant. Why more than the pattern:
     it took a 30th of February, a 13th month, an hour 24 or an offset of 25 hours (and, without re.ASCII, digits
     of other scripts), all of which the CloudEvents SDKs refuse to read, so an envelope carrying one was refused
-    by every consumer that used them."""
+    by every consumer that used them.
+
+    The common timestamp is taken by one pattern (`_RFC3339_INSTANT`); what it does not take is asked as before:
+    the pattern, then `fromisoformat` (a third of the time per event: performance.md, change 23)."""
+    if _RFC3339_INSTANT(value):
+        return True
     if not RFC3339.fullmatch(value):
         return False
     try:
