@@ -70,7 +70,7 @@ def _now(frame: bytes, attempts: list[int]) -> tuple[tuple[Any, ...], bool]:
     """The same through the child's reader now, and whether the typed schema took it."""
     typed = CH.read_typed([P.DELIVER, b"{}", frame], len(attempts)) is not None
     try:
-        envs, strict = CH.read_delivered([P.DELIVER, b"{}", frame], len(attempts), [0])
+        envs, strict = CH.read_delivered([P.DELIVER, b"{}", frame], len(attempts), E.Detour())
     except P.ProtocolError as e:
         return ("refused", str(e)), typed
     return ("read", _outcomes(list(zip(attempts, envs, [strict] * len(envs), strict=True)))), typed
@@ -184,7 +184,7 @@ def test_a_group_of_extensions_is_read_the_old_way_for_a_while_then_the_typed_wa
     tried = []
     typed = CH.read_typed
     monkeypatch.setattr(CH, "read_typed", lambda frames, n: tried.append(frames[2]) or typed(frames, n))
-    detour = [0]
+    detour = E.Detour()
     plain = _array([_delivered(1), _delivered(2)])
     ext = _array([_delivered(3), _delivered(4, traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad-01")])
     broken = b"[1,"
@@ -194,10 +194,10 @@ def test_a_group_of_extensions_is_read_the_old_way_for_a_while_then_the_typed_wa
 
     with pytest.raises(P.ProtocolError):
         read(broken)
-    assert detour == [0] and type(read(plain)[0][0]) is E.Event and tried == [broken, plain]
+    assert detour.left == 0 and type(read(plain)[0][0]) is E.Event and tried == [broken, plain]
     got, _ = read(ext)
-    assert type(got[0]) is dict and tried[-1] == ext and detour == [CH.DETOUR]
-    for _ in range(CH.DETOUR):
+    assert type(got[0]) is dict and tried[-1] == ext and detour.left == E.DETOUR
+    for _ in range(E.DETOUR):
         assert type(read(plain)[0][0]) is dict
-    assert tried[-1] == ext and detour == [0]
+    assert tried[-1] == ext and detour.left == 0
     assert type(read(plain)[0][0]) is E.Event and tried[-1] == plain

@@ -257,7 +257,7 @@ def test_a_publisher_of_extensions_is_read_the_checked_way_for_a_while_then_the_
     next `DETOUR` requests the checked way directly, so a publisher of extensions does not pay a thrown-away decode
     on each; then the schema is tried again. A refused request does not: a peer whose requests are refused cannot
     turn the typed way off. The answers are the checked path's throughout."""
-    monkeypatch.setattr(pubread, "_detour", [0])
+    monkeypatch.setattr(pubread, "_detour", E.Detour())
     tried = []
     typed = pubread.read_typed
     monkeypatch.setattr(pubread, "read_typed", lambda raw: tried.append(raw) or typed(raw))
@@ -269,7 +269,7 @@ def test_a_publisher_of_extensions_is_read_the_checked_way_for_a_while_then_the_
     assert pubread.read_pub(plain) == _checked(plain)[1:] and tried == [refused, plain]
     assert pubread.read_pub(ext) == _checked(ext)[1:] and tried[-1] == ext
     del tried[:]
-    for _ in range(pubread.DETOUR):
+    for _ in range(E.DETOUR):
         assert pubread.read_pub(plain) == _checked(plain)[1:]
     assert tried == []
     assert pubread.read_pub(plain) == _checked(plain)[1:] and tried == [plain]

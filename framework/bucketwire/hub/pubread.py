@@ -22,6 +22,7 @@ from bucketwire.envelope import (
     DATA_BASE64,
     NESTING_REFUSAL,
     Attributes,
+    Detour,
     EnvelopeError,
     data_base64_problem,
     is_rfc3339,
@@ -102,20 +103,15 @@ def read_checked(events: list[dict[str, Any]], strict: bool) -> list[dict[str, A
     return envs
 
 
-DETOUR = 16
-"""After a request the typed schema passed on and the checked path then accepted (an extension, say, which the
-schema does not take), this many requests go the checked way without trying the schema first: a publisher
-whose events carry extensions would otherwise pay a decode that is thrown away on every request (~2 µs per event
-when the extension is on the request's last event). Refused requests do not count: they are no steady traffic."""
-_detour = [0]  # requests still to go the checked way directly (the hub's loop is this module's only caller)
+_detour = Detour()  # this module's own count (the hub's loop is its only caller)
 
 
 def read_pub(raw: bytes) -> tuple[P.Req, list[dict[str, Any]]]:
     """A PUB header's request id and envelopes, the typed way when it takes the request, else the checked one.
     Raises ProtocolError for a header that does not follow the protocol (ERR) and PubRefused for an envelope
-    the hub refuses (PUBNACK)."""
-    if _detour[0]:
-        _detour[0] -= 1
+    the hub refuses (PUBNACK). After a request the typed schema passed on, the next ones go the checked way
+    directly for a while (`Detour`)."""
+    if _detour.taken():
         tried = False
     else:
         got = read_typed(raw)
@@ -128,5 +124,5 @@ def read_pub(raw: bytes) -> tuple[P.Req, list[dict[str, Any]]]:
     except EnvelopeError as e:
         raise PubRefused(pub.req, e) from None
     if tried:
-        _detour[0] = DETOUR
+        _detour.start()
     return pub.req, envs

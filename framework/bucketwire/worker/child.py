@@ -36,6 +36,7 @@ from bucketwire.context import Stores
 from bucketwire.envelope import (
     SCHEMA_VERSION,
     Attributes,
+    Detour,
     EnvelopeError,
     Event,
     parse_seq,
@@ -142,7 +143,7 @@ class Child:
         # The batch in hand: (attempt, envelope as read, whether msgspec read it); a frame that is not JSON stays
         # bytes (no JSON text parses to bytes), for `handle` to refuse with the reason.
         self.queue: deque[tuple[int, Any, bool]] = deque()  # (attempt, an Event or as `read` parsed it, strict)
-        self.detour = [0]  # DELIVERs still to be read the old way directly (`read_delivered`)
+        self.detour = Detour()  # DELIVERs still to be read the old way directly (`read_delivered`)
         self.refused = False  # a DELIVER could not be read: give its events back and rejoin (`_rejoin`)
         self.acks: list[dict[str, Any]] = []  # full results: failures, follow-ons
         self.oks: list[tuple[str, int]] = []  # plain successes, acked as ranges when the hub reads them
@@ -632,19 +633,11 @@ def read_typed(frames: list[bytes], n: int) -> list[Event] | None:
     return events
 
 
-DETOUR = 16
-"""After a DELIVER the typed schema passed on and `read_joined` then read (one whose events carry an extension,
-say), this many DELIVERs are read the old way without trying the schema first: a group whose events carry
-extensions would otherwise pay a decode that is thrown away on every batch. One `read_joined` refuses does not
-count."""
-
-
-def read_delivered(frames: list[bytes], n: int, detour: list[int]) -> tuple[list[Any], bool]:
+def read_delivered(frames: list[bytes], n: int, detour: Detour) -> tuple[list[Any], bool]:
     """The envelopes of a one-frame DELIVER: `Event`s when the typed schema takes it (`read_typed`), else as
-    `read_joined` reads them (raising its ProtocolError). `detour`: the DELIVERs still to go the old way directly
-    (the child's own count, see DETOUR)."""
-    if detour[0]:
-        detour[0] -= 1
+    `read_joined` reads them (raising its ProtocolError). `detour`: the child's own count of the DELIVERs still to
+    go the old way directly (see `Detour`)."""
+    if detour.taken():
         tried = False
     else:
         events = read_typed(frames, n)
@@ -653,7 +646,7 @@ def read_delivered(frames: list[bytes], n: int, detour: list[int]) -> tuple[list
         tried = True
     envelopes, strict = read_joined(frames, n)
     if tried:
-        detour[0] = DETOUR
+        detour.start()
     return envelopes, strict
 
 
