@@ -242,6 +242,23 @@ def test_each_accepted_form_without_extensions_takes_the_typed_way(name: str, ch
     assert _same_request(_pub(events)) == (accepted and E._KNOWN.issuperset(d)), _checked(_pub(events))
 
 
+@pytest.mark.parametrize(("name", "changes"), FORMS, ids=[f[0] for f in FORMS])
+def test_read_pub_says_typed_only_of_envelopes_without_an_extension(
+        monkeypatch: pytest.MonkeyPatch, name: str, changes: dict[str, Any]) -> None:
+    """`read_pub` tells the hub's loop whether the typed schema read the request: then no envelope carries an
+    extension (the schema takes none), so the loop tests only their sources for the hub's own, not their
+    attributes for a hub-only extension; read the checked way, it tests both, as before."""
+    monkeypatch.setattr(pubread, "_detour", E.Detour())
+    raw = _pub([_bench(2), _envelope(1, changes), _bench(3)])
+    try:
+        req, envs, typed = pubread.read_pub(raw)
+    except (pubread.PubRefused, P.ProtocolError):
+        return
+    assert (req, envs) == _checked(raw)[1:]
+    assert typed is _same_request(raw)
+    assert not typed or all(E._KNOWN.issuperset(env) for env in envs)
+
+
 @pytest.mark.parametrize(("name", "data", "kind", "want"), HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_json_that_readers_take_differently_is_read_the_same_by_the_typed_pre_check(
         name: str, data: bytes, kind: str, want: Any) -> None:
@@ -266,10 +283,10 @@ def test_a_publisher_of_extensions_is_read_the_checked_way_for_a_while_then_the_
     refused = _pub([_bench(5), {**_bench(6), "hops": True}])
     with pytest.raises(pubread.PubRefused):
         pubread.read_pub(refused)
-    assert pubread.read_pub(plain) == _checked(plain)[1:] and tried == [refused, plain]
-    assert pubread.read_pub(ext) == _checked(ext)[1:] and tried[-1] == ext
+    assert pubread.read_pub(plain) == (*_checked(plain)[1:], True) and tried == [refused, plain]
+    assert pubread.read_pub(ext) == (*_checked(ext)[1:], False) and tried[-1] == ext
     del tried[:]
     for _ in range(E.DETOUR):
-        assert pubread.read_pub(plain) == _checked(plain)[1:]
+        assert pubread.read_pub(plain) == (*_checked(plain)[1:], False)
     assert tried == []
-    assert pubread.read_pub(plain) == _checked(plain)[1:] and tried == [plain]
+    assert pubread.read_pub(plain) == (*_checked(plain)[1:], True) and tried == [plain]

@@ -106,17 +106,18 @@ def read_checked(events: list[dict[str, Any]], strict: bool) -> list[dict[str, A
 _detour = Detour()  # this module's own count (the hub's loop is its only caller)
 
 
-def read_pub(raw: bytes) -> tuple[P.Req, list[dict[str, Any]]]:
-    """A PUB header's request id and envelopes, the typed way when it takes the request, else the checked one.
-    Raises ProtocolError for a header that does not follow the protocol (ERR) and PubRefused for an envelope
-    the hub refuses (PUBNACK). After a request the typed schema passed on, the next ones go the checked way
-    directly for a while (`Detour`)."""
+def read_pub(raw: bytes) -> tuple[P.Req, list[dict[str, Any]], bool]:
+    """A PUB header's request id and envelopes, the typed way when it takes the request, else the checked one,
+    and whether the typed way read it: then no envelope carries an extension (`Attributes` takes none), so the
+    hub's loop need not look for the hub's own among them. Raises ProtocolError for a header that does not
+    follow the protocol (ERR) and PubRefused for an envelope the hub refuses (PUBNACK). After a request the typed
+    schema passed on, the next ones go the checked way directly for a while (`Detour`)."""
     if _detour.taken():
         tried = False
     else:
         got = read_typed(raw)
         if got is not None:
-            return got
+            return got[0], got[1], True
         tried = True
     pub, strict = decode_pub(raw)
     try:
@@ -125,4 +126,4 @@ def read_pub(raw: bytes) -> tuple[P.Req, list[dict[str, Any]]]:
         raise PubRefused(pub.req, e) from None
     if tried:
         _detour.start()
-    return pub.req, envs
+    return pub.req, envs, False

@@ -45,11 +45,11 @@ def probe_hub(out: str, argv: list[str]) -> None:
 
     def p_read_pub(raw: bytes) -> Any:  # the hub's PUB handling starts by reading the request
         now = time.monotonic()
-        req, envs = read_pub(raw)
+        req, envs, typed = read_pub(raw)
         for d in envs:
             recv[d["data"]["i"]] = turn[0]
             onpub[d["data"]["i"]] = now
-        return req, envs
+        return req, envs, typed
 
     def p_init(self: loop.Hub, cfg: Any) -> None:
         init(self, cfg)
