@@ -159,3 +159,14 @@ def test_is_rfc3339_answers_as_the_shape_and_the_standard_library_do(value: str)
     from bucketwire.envelope import is_rfc3339
 
     assert is_rfc3339(value) is _is_rfc3339_reference(value)
+
+
+def test_the_fast_pattern_takes_every_date_the_standard_library_does_and_no_other() -> None:
+    """The ends of every month of every year (0000 to 9999, the 28th to the 31st): `is_rfc3339`'s pattern takes
+    exactly the dates `fromisoformat` reads, 29 February in leap years included, so none of them is left to the
+    slow way (the differential above would not see that) and none it should refuse is taken."""
+    from bucketwire.envelope import _RFC3339_INSTANT
+
+    wrong = [s for y in range(10_000) for m in range(1, 13) for d in range(28, 33)
+             if bool(_RFC3339_INSTANT(s := f"{y:04d}-{m:02d}-{d}T23:59:59.5+05:30")) is not _is_rfc3339_reference(s)]
+    assert wrong == []

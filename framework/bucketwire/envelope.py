@@ -185,11 +185,13 @@ RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\
 
 
 _RFC3339_INSTANT = re.compile(
-    r"(?!0000)\d{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31)"
+    r"(?!0000)(?:\d{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31)"
+    r"|(?:\d\d(?:0[48]|[2468][048]|[13579][26])|(?:[02468][048]|[13579][26])00)-02-29)"
     r"[Tt](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)", re.ASCII).fullmatch
-"""`RFC3339` with the ranges a time names an instant in written out (year 1 on, month 1-12, a day its month has
-in every year, hour 0-23, minute and second 0-59, offset under 24 hours): what it takes, `datetime.fromisoformat`
-does, so `is_rfc3339` asks nothing more of it. A 29th of February is left to `fromisoformat` (leap years)."""
+"""`RFC3339` with the ranges a time names an instant in written out (year 1 on, month 1-12, a day its month has,
+the 29th of February in leap years only: every 4th year but the centuries not divisible by 400; hour 0-23, minute
+and second 0-59, offset under 24 hours): what it takes, `datetime.fromisoformat` does, so `is_rfc3339` asks
+nothing more of it."""
 
 
 def is_rfc3339(value: str) -> bool:
