@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -199,4 +199,47 @@ def test_a_hub_killed_or_stopped_goes_on_at_the_next_seq(tmp_path: Path) -> None
     assert j.restored is None
     assert j.commit(Batch(events=[NewEvent("a", "s", "y", None, {"seq": None})]))[0].seq == 8
     assert j.commit(Batch(events=[NewEvent("b", "s", "z", None, {"seq": None})]))[0].seq == 2
+    j.close()
+
+
+def test_the_seq_count_is_on_disk_after_every_commit_even_when_the_start_could_not_write_it(tmp_path: Path) -> None:
+    """The count of seqs handed out is in `journal-seqs` (the page cache: what a kill -9 keeps) as each commit
+    returns, front-log commits and SQLite ones alike, read through a file of its own while the hub runs; also when
+    the start could not write the file at all (a full disk: it stays empty until the first reservation writes
+    it), and a kill -9 then leaves the exact count."""
+    from tests.test_journal_front import commit_then_kill
+
+    path = tmp_path / "j.db"
+    seqs = tmp_path / "j-seqs"
+    out = commit_then_kill(path, f"""
+        import errno
+        import bucketwire.hub.journal_mark as M
+        j.commit(Batch(events=[ev("a", 0)]))
+        j.close()
+        os.unlink({str(seqs)!r})
+        real = M.os.pwrite
+        def full(*a):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        M.os.pwrite = full
+        j = Journal(Path({str(path)!r}))  # the start's write fails: an empty file
+        M.os.pwrite = real
+        assert os.path.getsize({str(seqs)!r}) == 0
+        seen, n = [], 1
+        for i in range(1, 30):
+            k = 1 if i % 3 else 20  # the front log's commits, and SQLite's
+            j.commit(Batch(events=[ev("a" if i % 2 else "b", 1000 * i + e) for e in range(k)]))
+            n += k
+            seen.append((int(open({str(seqs)!r}).read().split()[6]), n))
+        print(json.dumps({{"seen": seen, "heads": j.heads}}))
+    """)
+    seen = [tuple(x) for x in cast("list[list[int]]", out["seen"])]
+    assert all(on_disk == handed_out for on_disk, handed_out in seen), seen
+    total = seen[-1][1]
+    f = seqs.read_text().split()
+    assert f[4] == "open" and int(f[6]) == total and int(f[5]) >= total, f
+    heads = cast("dict[str, int]", out["heads"])
+    assert sum(heads.values()) == total
+    j = Journal(path)
+    assert j.restored is None and j.heads == heads
+    assert j.commit(Batch(events=[NewEvent("b", "s", "next", None, {"seq": None})]))[0].seq == heads["b"] + 1
     j.close()
