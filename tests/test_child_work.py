@@ -169,3 +169,18 @@ def test_a_stop_ends_the_batch_after_the_event_in_hand(how: str) -> None:
     assert len(child.queue) == 70
     oks, failed = _acked(sent)
     assert max(oks + [s for s in failed if s is not None]) == 30
+
+
+def test_each_context_has_its_own_follow_ons_and_ids() -> None:
+    """A Context is made per plugin per event; its follow-ons and the counts their ids derive from are its own,
+    however many were made before it and whether they published or not."""
+    def ctx(i: int) -> Context:
+        ev = Event(id=f"c{i}", source="t", type="x", data={}, topic="a", seq=i, time="2026-12-02T16:00:00Z")
+        return Context("p", "g", {}, Stores({}), logging.getLogger("t"), ev, 1, {}, None)
+    quiet, first, second = ctx(1), ctx(2), ctx(2)
+    ids = [first.publish("out", {"n": n}).id for n in range(3)]
+    assert len(set(ids)) == 3
+    assert [second.publish("out", {"n": n}).id for n in range(3)] == ids  # a redelivery makes the same ids
+    assert list(quiet.published) == [] and [e.id for e in first.published] == ids
+    assert [e.data for e in second.published] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert ctx(3).published == ()
