@@ -311,7 +311,8 @@ class Child:
         debug = events_log.isEnabledFor(logging.DEBUG)  # once a batch, not once an event
         # One clock read per event: taken as a handler returns, it is the flush's "now" and the next event's start
         # in the running record (`_begin`); read again after whatever else runs between two events.
-        self.now = now = time.monotonic()
+        monotonic = time.monotonic
+        self.now = now = monotonic()
         while q and not (signals.stopped or plugins.exhausted is not None):  # `stopping`, without its call
             attempt, raw, strict = q.popleft()
             out = handle(plugins, attempt, raw, strict, begin, debug)
@@ -320,7 +321,7 @@ class Child:
                 oks.append(out)
             else:
                 acks.append(out)
-            self.now = now = time.monotonic()
+            self.now = now = monotonic()
             if q and (len(acks) + len(oks) >= ACK_EVERY or now - self.last_flush > ACK_AFTER):
                 self._flush()
                 self.now = self.last_flush
