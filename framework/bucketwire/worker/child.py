@@ -160,6 +160,7 @@ class Child:
         now = time.monotonic()
         self.last_hub = self.last_sent = self.last_flush = now
         self.readied = now  # when READY last went out: a burst of ERR reready is answered once
+        self.now = now  # `_work`'s clock, read once per event
 
     def _connect(self) -> zmq.Socket[bytes] | LocalDealer:
         ident = b"w-" + uuid.uuid4().bytes
@@ -306,25 +307,32 @@ class Child:
         """Run the events in hand, then ack them: one ACK per batch (or per ACK_EVERY / ACK_AFTER within a long
         one). A stop signal ends it after the event in hand; the rest is given back by `_drain`."""
         q, acks, oks = self.queue, self.acks, self.oks
-        plugins, begin, end, stopping = self.plugins, self._begin, self.slot.end, self.stopping
+        plugins, signals, begin, end = self.plugins, self.signals, self._begin, self.slot.end
         interval, timeout = self.spec.heartbeat_interval, self.spec.heartbeat_timeout
-        while q and not stopping():
+        debug = events_log.isEnabledFor(logging.DEBUG)  # once a batch, not once an event
+        # One clock read per event: taken as a handler returns, it is the flush's "now" and the next event's start
+        # in the running record (`_begin`); read again after whatever else runs between two events.
+        monotonic = time.monotonic
+        self.now = now = monotonic()
+        while q and not (signals.stopped or plugins.exhausted is not None):  # `stopping`, without its call
             attempt, raw, strict = q.popleft()
-            out = handle(plugins, attempt, raw, strict, begin)
+            out = handle(plugins, attempt, raw, strict, begin, debug)
             end()
             if isinstance(out, tuple):
                 oks.append(out)
             else:
                 acks.append(out)
-            now = time.monotonic()
+            self.now = now = monotonic()
             if q and (len(acks) + len(oks) >= ACK_EVERY or now - self.last_flush > ACK_AFTER):
                 self._flush()
+                self.now = self.last_flush
             if q and now - self.last_hub > interval:
                 # A long handler: before the next event, hear what the hub said meanwhile. A hub that forgot us
                 # (ERR reready: restarted) or went silent (dead; the next one takes the group over) hands the rest
                 # of this batch out again, so running it here would run each event twice at once.
                 self._receive()
-                if self.refused or time.monotonic() - self.last_hub > timeout:
+                self.now = time.monotonic()
+                if self.refused or self.now - self.last_hub > timeout:
                     break
         self._flush()  # the ACK first: the hub and the next batch wait for it, not for the check below
         self.signals.keep("in handle_event")  # once a batch: a plugin may install its handler on its first event
@@ -452,12 +460,13 @@ class Child:
         self.zctx.term()
 
     def _begin(self, topic: object, seq: object) -> None:
-        """Record the event whose handlers are about to run (see worker/running.py)."""
+        """Record the event whose handlers are about to run (see worker/running.py), started at `now`: the clock
+        `_work` read since the last handler returned."""
         if isinstance(topic, str) and isinstance(seq, int):
             t = self.timeouts.get(topic)
             if t is None:
                 t = self.timeouts[topic] = self.cfg.handler_timeout(self.spec.group, topic)
-            self.slot.begin(topic, seq, t)
+            self.slot.begin(topic, seq, t, self.now)
 
 
 def ack_frames(group: str, oks: list[tuple[str, int]], results: list[dict[str, Any]], ranges: bool) -> list[bytes]:
@@ -693,9 +702,10 @@ common case, acked in the compact form), else the full ACK result for it (a fail
 
 
 def handle(plugins: Plugins, attempt: int, raw: Any, strict: bool,
-           begin: Callable[[object, object], None]) -> Outcome:
+           begin: Callable[[object, object], None], debug: bool | None = None) -> Outcome:
     """Run one envelope, as parsed by `read` or `read_joined` (`strict`: msgspec read it, so its text is valid), or
-    its `Event` as `read_typed` built it."""
+    its `Event` as `read_typed` built it. `debug`: whether bucketwire.events logs at DEBUG, as `_work` found it
+    at the batch's start (None: asked here)."""
     try:
         # `Event.from_dict`'s reader, without the classmethod and the keyword in between (once per event)
         event = raw if type(raw) is Event else Event.from_json(raw) if type(raw) is bytes else read_envelope(
@@ -738,7 +748,7 @@ def handle(plugins: Plugins, attempt: int, raw: Any, strict: bool,
         return res
     if plugins.metered:
         event_done(plugins.group, topic, "ok", [f.topic or "-" for f in follow] if follow else None)
-    if events_log.isEnabledFor(logging.DEBUG):
+    if events_log.isEnabledFor(logging.DEBUG) if debug is None else debug:
         events_log.debug(
             "event handled", extra={"topic": topic, "seq": seq, "attempt": attempt, "follow_ons": len(follow)})
     if follow or topic is None or seq is None:

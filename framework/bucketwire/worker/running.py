@@ -30,6 +30,7 @@ _NOTE_LEN = struct.Struct("<I")
 _NOTE_AT = _IDENT_AT + 1 + IDENT_MAX
 NOTE_MAX = 12 << 10
 SIZE = _NOTE_AT + _NOTE_LEN.size + NOTE_MAX
+_pack_head, _pack_gen, _pack_end = _HEAD.pack_into, _GEN.pack_into, _END.pack_into  # bound once: per event
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,9 @@ class RunningSlot:
         self._topic = ""
         self._topic_len = 0
 
-    def begin(self, topic: str, seq: int, timeout: float) -> None:
+    def begin(self, topic: str, seq: int, timeout: float, started: float | None = None) -> None:
+        """`started`: the time.monotonic() its caller has just read (the child's loop reads the clock once per
+        event), else read here."""
         # Hot path (once per event): the odd generation goes out with the record in one write, the topic bytes
         # only when the topic changes, then the even generation says the record is whole.
         if topic != self._topic:
@@ -81,13 +84,14 @@ class RunningSlot:
             _HEAD.pack_into(self._buf, 0, self._gen + 1, 0, 0.0, 0.0, len(t))
             self._buf[_HEAD.size:_HEAD.size + len(t)] = t
             self._topic, self._topic_len = topic, len(t)
-        _HEAD.pack_into(self._buf, 0, self._gen + 1, seq, time.monotonic(), timeout, self._topic_len)
-        self._gen += 2
-        _GEN.pack_into(self._buf, 0, self._gen)
+        gen, buf = self._gen + 1, self._buf
+        _pack_head(buf, 0, gen, seq, time.monotonic() if started is None else started, timeout, self._topic_len)
+        self._gen = gen = gen + 1
+        _pack_gen(buf, 0, gen)
 
     def end(self) -> None:
-        self._gen += 2
-        _END.pack_into(self._buf, 0, self._gen, 0)  # seq 0: nothing running, whatever else a reader sees
+        self._gen = gen = self._gen + 2
+        _pack_end(self._buf, 0, gen, 0)  # seq 0: nothing running, whatever else a reader sees
 
     def read(self) -> Running | None:
         """The running event, or None when nothing runs or the record is mid-write (a child that dies mid-write
