@@ -3,7 +3,7 @@
 Why: a commit staged in the front log (hub/journal_front.py) must know that none of its events is a duplicate
 before their DELIVER goes out, and asking SQLite's dedup index for one key costs 18-37 µs on a CPU gone cold since
 the last event, a third of what the front log saves. A filter answers "certainly not there" in a few hundred
-nanoseconds; only a "maybe" (1 new key in 260 with the filter full, 1 in 2,200 at half, or a duplicate) is
+nanoseconds; only a "maybe" (1 new key in 240 with the filter full, 1 in 1,800 at half, or a duplicate) is
 asked of SQLite.
 
 It never says "not there" for a key the journal holds: every key the journal commits is added, and the keys
@@ -27,16 +27,19 @@ log = logging.getLogger("bucketwire.journal")
 
 BITS_PER_KEY = 16
 """2 MiB per million keys. A blocked filter: each key sets PROBES bits of one 64-bit word, so adding it is one
-read-modify-write (three bits anywhere in the filter, three of them, took ~1.3 µs a key; this ~0.7). At capacity
-1 false "maybe" in 260 (measured: 0.37-0.38% of 200,000 new keys against 2^20; three probes anywhere: 0.46-0.49%)."""
+read-modify-write (three bits anywhere in the filter, three of them, took ~1.3 µs a key warm and ~2.2 with the
+caches cold; this ~0.7 and ~1.5). At capacity 1 false "maybe" in 240 (measured: 0.41-0.43% of 400,000 new keys against
+2^20; three bits anywhere: 0.46-0.49%)."""
 PROBES = 5
 """Bits per key in its word: with 64-bit words and 16 bits a key, 3 would give 1 in 140 at capacity, 4 1 in 210,
-5 1 in 260, 6 1 in 270."""
-PATTERNS = 1 << 16
-"""How many words of PROBES bits a key's hash picks from: a key's bits are the pattern its hash's top 16 bits
-name, in the word its low bits name. A pattern shared with another key of the word adds ~1 in 16,000."""
+5 1 in 260, 6 1 in 270 (each key's bits drawn at random)."""
+PATTERNS = 1 << 14
+"""How many words of PROBES bits a key's hash picks from (128 KiB, in cache: a key's bits are the pattern its
+hash's top bits name, in the word its low bits name). Fewer patterns, more keys of a word sharing one: 2^16 gave
+1 in 260 at capacity, 2^14 1 in 240, 2^12 1 in 208."""
 MIN_CAPACITY = 1 << 20
-_SHIFT = sys.hash_info.width - 16  # the hash's top 16 bits pick the pattern, its low bits the word
+_SHIFT = sys.hash_info.width - 16  # the hash's top bits pick the pattern, its low bits the word
+_PICK = PATTERNS - 1
 
 Key = tuple[str, str]
 
@@ -64,7 +67,7 @@ class KeyFilter:
         if not self.ready:
             return True
         h = hash(key)
-        p = self.patterns[(h >> _SHIFT) & 0xFFFF]
+        p = self.patterns[(h >> _SHIFT) & _PICK]
         return self.bits[h & self.mask] & p == p
 
     def add(self, keys: list[Key]) -> None:
@@ -153,7 +156,7 @@ def _words(bits: int) -> array[int]:
 @functools.cache
 def _pattern_table() -> array[int]:
     """PATTERNS words of PROBES distinct bits each, uniform among such words (the first PROBES distinct of uniform
-    draws), made once per process (~60 ms, 512 KiB)."""
+    draws), made once per process (~15 ms)."""
     rng = random.Random(25)
     out = []
     for _ in range(PATTERNS):
@@ -167,4 +170,4 @@ def _pattern_table() -> array[int]:
 def _set(words: array[int], keys: Iterable[Key]) -> None:
     m, patterns = len(words) - 1, _pattern_table()
     for h in map(hash, keys):
-        words[h & m] |= patterns[(h >> _SHIFT) & 0xFFFF]
+        words[h & m] |= patterns[(h >> _SHIFT) & _PICK]
