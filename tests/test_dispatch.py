@@ -646,3 +646,93 @@ def test_a_read_that_finds_nothing_below_the_head_never_rewinds_the_group() -> N
     visible = j.head
     g.refill({"t": j.head}, j.read, j.first_seq)
     assert [it.seq for it in g.ready] == [1, 2, 3, 4, 5, 6, 7, 8] and g.skipped_by_retention == 0
+
+
+def _state(g: GroupState) -> dict:
+    """`_snapshot` and the rest a pass over an ACK touches, orders included: the in-flight tables in their order
+    (a worker's first key is the event it runs), who holds which object in order, the loaded bytes, the retries."""
+    snap = _snapshot(g)
+    snap.update(inflight_order=[(k, e[1]) for k, e in g.inflight.items()], holder_order=list(g.holder.items()),
+                loaded_bytes=g.loaded_bytes, read_pos=dict(g.read_pos), departed=sorted(g.departed),
+                retry=[(it.key, it.attempts) for _, _, it in sorted(g.retry, key=lambda r: r[:2])])
+    return snap
+
+
+def _bus_history(seed: int) -> int:
+    """One seeded history for the test below, played on two groups alike; returns how many ACKs changed a group."""
+    hits = 0
+    rnd = random.Random(seed)
+    shape = seed % 4  # 0: each event its own object (the bench), 1: none, 2: a few shared, 3: mixed
+    pair = [group(max_attempts=3) for _ in range(2)]
+    credits = [rnd.randint(1, 40) for _ in range(3)]
+    n = 0
+
+    def publish(count: int) -> None:
+        nonlocal n
+        rows = []
+        for _ in range(count):
+            n += 1
+            objkey = (f"b/{n}" if shape == 0 else None if shape == 1 else rnd.choice(["b/x", "b/y", "b/z"])
+                      if shape == 2 else rnd.choice([None, f"b/{n}", "b/x"]))
+            rows.append((n, objkey, b"x" * rnd.randint(1, 50)))
+        for g in pair:
+            g.offer("t", rows[0][0], rows)
+
+    for g in pair:
+        for i, c in enumerate(credits):
+            add_worker(g, f"w{i}", credit=c)
+    publish(rnd.randint(20, 80))
+    if seed % 5 == 0:
+        for g in pair:
+            g.stored = {("t", s) for s in range(1, n + 1) if s % 6 == 0}
+    a, b = pair
+    for step in range(rnd.randint(5, 25)):
+        batch = rnd.randint(1, 32)
+        for g in pair:
+            g.dispatch(batch, 0.0)
+        assert _state(a) == _state(b), (seed, step, "dispatch")
+        kind = rnd.random()
+        if kind < 0.08:
+            s = rnd.randint(1, n)
+            for g in pair:
+                random.seed(seed * 1000 + step)  # the same backoff jitter for both
+                g.fail("t", s, "boom", "E: boom", "p", False, now=0.0)
+                g.due_retries(1e9)
+        elif kind < 0.13:
+            victim, grace, credit = rnd.choice([b"w0", b"w1", b"w2"]), rnd.choice([0.0, 10.0]), rnd.randint(1, 40)
+            for g in pair:
+                g.worker_gone(victim, lost=True, now=0.0, grace=grace)
+                add_worker(g, victim.decode(), credit=credit)
+        elif kind < 0.2:
+            publish(rnd.randint(1, 30))
+        else:
+            owner = rnd.choice([b"w0", b"w1", b"w2"])
+            held = sorted(s for t, s in a.workers[owner].inflight) if owner in a.workers else []
+            if held and rnd.random() < 0.8:
+                i = rnd.randrange(len(held))
+                first, last = held[i], held[min(len(held) - 1, i + rnd.randint(0, 40))]
+                if rnd.random() < 0.25:  # onto seqs it does not hold, or past the last loaded
+                    first, last = max(1, first + rnd.randint(-5, 5)), last + rnd.randint(-3, 8)
+            else:
+                first = rnd.randint(1, n + 3)
+                last = first + rnd.randint(0, 20)
+            if last < first:
+                continue
+            before = _state(a)
+            got = a.ack_range_of(owner, "t", first, last, 1.0)
+            mine = [s for s in range(first, last + 1) if b.done_by(("t", s), owner, 1.0) is not None]
+            foreign = sum(1 for s in range(first, last + 1) if s not in mine and not b.is_done("t", s))
+            want = (sum(b.ack("t", s) for s in mine), foreign)
+            assert got == want, (seed, step, owner, first, last)
+            hits += _state(a) != before
+        assert _state(a) == _state(b), (seed, step, kind)
+    return hits
+
+
+def test_a_workers_ack_of_what_it_holds_leaves_the_group_as_acking_each_seq_does() -> None:
+    """Histories shaped like a loaded bus (the common ACK: a worker acking a run of seqs it holds, each event its own
+    object, or none, or a few objects shared with events waiting behind them), with the uncommon mixed in: runs
+    shifted onto another worker's events or past what was loaded, acks repeated after a redelivery, acks out of
+    order above a gap, failures and charged attempts. Each ACK (`ack_range_of`) must leave the group exactly as
+    acking each seq the worker may report done, one by one in order, does, and return the same counts."""
+    assert sum(_bus_history(seed) for seed in range(300)) > 1000
