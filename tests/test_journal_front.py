@@ -660,3 +660,23 @@ def test_sqlite_refusing_several_staged_commits_keeps_them_all_and_writes_them_o
     assert rows_in_sqlite(path, "a") == [1, 2, 3, 4] and not j._pending
     assert j.commit(Batch(events=[ev("a", 5)]))[0].seq == 5
     j.close()
+
+
+def test_a_commit_that_goes_straight_into_sqlite_writes_the_staged_ones_first(tmp_path):
+    """Rows go into SQLite in seq order: a restart replays only what lies above a topic's head there. A small batch
+    holding one id twice is not staged (the one transaction sorts it out): written before the staged commit below
+    it, a kill then lost the staged event, confirmed at seq 1, for good."""
+    path = tmp_path / "j.db"
+    out = commit_then_kill(path, """
+        import time
+        j._keys.join()
+        j.commit(Batch(events=[ev("a", 1)]))
+        j.settle(time.monotonic())
+        twice = j.commit(Batch(events=[ev("a", 2), ev("a", 2)]))
+        print(json.dumps({"twice": [(a.seq, a.duplicate) for a in twice]}))
+    """)
+    assert out["twice"] == [[2, False], [2, True]]
+    j = Journal(path)
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2]
+    assert j.commit(Batch(events=[ev("a", 3)]))[0].seq == 3
+    j.close()

@@ -691,14 +691,14 @@ class Journal:
         after it until SETTLE_EVENTS or SETTLE_AFTER. Anything else, and any batch with a duplicate, is one
         transaction here, after what is staged (rows are written here in seq order: a replay relies on it).
         """
-        events = batch.events
         p = self._pending
-        if p is not None and (p.failed or not (self._front_on and 0 < len(events) <= FRONT_EVENTS)):
+        if p is not None and p.failed:  # nothing staged on top of what SQLite refused: refused until it takes it
             self.settle()
         keys = self._keys
         keys.poll()
         if keys.due():
             self._build_keys()
+        events = batch.events
         if self._issued + len(events) > self._seqs.ceiling:
             try:
                 self._seqs.reserve_for(self._issued, len(events))
@@ -709,6 +709,8 @@ class Journal:
             staged = self._stage(batch)
             if staged is not None:
                 return staged
+        if self._pending is not None:  # staged rows have the lower seqs: they go into SQLite first
+            self.settle()
         return self._commit_now(batch)
 
     def _stage(self, batch: Batch) -> list[Appended] | None:
