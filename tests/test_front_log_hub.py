@@ -156,28 +156,16 @@ def _state(pid: int) -> str:
 
 # -- several staged commits written into SQLite together (docs/performance.md, change 27) ------------------------
 
-HOLDING_HUB = """
-import json, os, signal, sys
-from bucketwire.hub import journal
-
+HOLDING_HUB = KILLING_HUB.replace("settle = journal.Journal.settle\n", """\
+import json
 journal.SETTLE_AFTER = 3600.0  # nothing is written by its deadline: the staged commits pile up
 journal.SETTLE_EVENTS = 1000
 settle = journal.Journal.settle
 seen = sys.argv[2]
-
-def settle_or_die(self, now=None):
-    p = self._pending
-    if p is not None and any(ev.id == "kill-me" for b in p.batches for ev in b.events):
+""").replace("        os.kill(os.getpid(), signal.SIGKILL)", """\
         with open(seen, "w") as f:
             json.dump({"batches": len(p.batches), "rows": len(p.rows) // journal.ROW}, f)
-        os.kill(os.getpid(), signal.SIGKILL)
-    return settle(self, now)
-
-journal.Journal.settle = settle_or_die
-sys.argv = ["bucketwire", "hub", "-c", sys.argv[1]]
-from bucketwire_start import main
-main()
-"""
+        os.kill(os.getpid(), signal.SIGKILL)""")
 
 
 def test_a_hub_killed_with_several_confirmed_commits_staged_has_them_all_after_a_restart(stack_factory: Any) -> None:
@@ -187,12 +175,8 @@ def test_a_hub_killed_with_several_confirmed_commits_staged_has_them_all_after_a
     short = Path(tempfile.mkdtemp(prefix="bws-", dir="/tmp"))
     try:
         s = local_stack(stack_factory, short / "hub.sock")
-        log = s.dir / "hub-holding.log"
-        s.logs.append(log)
         seen = s.dir / "staged.json"
-        s.hub_proc = subprocess.Popen([sys.executable, "-c", HOLDING_HUB, str(s.cfg_path), str(seen)], env=s.env,
-                                      stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: s.healthy() or s.hub_proc.poll() is not None, 30, "hub /healthz")
+        _scripted_hub(s, HOLDING_HUB, "holding", str(seen))
         with s.client() as c:
             seqs = [c.publish("photos", {"n": i}, id=f"held-{i}")["seq"] for i in range(4)]
             seqs.append(c.publish("photos", {"n": 4}, id="kill-me")["seq"])
@@ -241,11 +225,7 @@ def test_a_staged_commit_with_no_traffic_after_it_is_written_by_the_loops_deadli
     short = Path(tempfile.mkdtemp(prefix="bwt-", dir="/tmp"))
     try:
         s = local_stack(stack_factory, short / "hub.sock")
-        log = s.dir / "hub-timed.log"
-        s.logs.append(log)
-        s.hub_proc = subprocess.Popen([sys.executable, "-c", TIMED_HUB, str(s.cfg_path)], env=s.env,
-                                      stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: s.healthy() or s.hub_proc.poll() is not None, 30, "hub /healthz")
+        log = _scripted_hub(s, TIMED_HUB, "timed")
         with s.client() as c:
             assert c.publish("photos", {"n": 0}, id="lone")["seq"] == 1
         wait_for(lambda: "SETTLED by" in log.read_text(), 20, "the staged commit written")
@@ -253,3 +233,13 @@ def test_a_staged_commit_with_no_traffic_after_it_is_written_by_the_loops_deadli
         assert first == "SETTLED by the loop's deadline", log.read_text()
     finally:
         shutil.rmtree(short, ignore_errors=True)
+
+
+def _scripted_hub(s: Any, script: str, name: str, *args: str) -> Path:
+    """Start the stack's hub as `script` (the config's path, then `args`, on its command line); its log's path."""
+    log = s.dir / f"hub-{name}.log"
+    s.logs.append(log)
+    s.hub_proc = subprocess.Popen([sys.executable, "-c", script, str(s.cfg_path), *args], env=s.env,
+                                  stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: s.healthy() or s.hub_proc.poll() is not None, 30, "hub /healthz")
+    return log
