@@ -43,10 +43,10 @@ rng = random.Random(int(sys.argv[2]))
 chance = float(sys.argv[3])
 settle = journal.Journal.settle
 
-def settle_or_die(self):
-    if self._pending is not None and self._pending.batch.events and rng.random() < chance:
+def settle_or_die(self, now=None):
+    if self._pending is not None and self._pending.batches and rng.random() < chance:
         os.kill(os.getpid(), signal.SIGKILL)
-    settle(self)
+    return settle(self, now)
 
 started = time.monotonic()
 poll = key_filter.KeyFilter.poll

@@ -30,11 +30,11 @@ from bucketwire.hub import journal
 
 settle = journal.Journal.settle
 
-def settle_or_die(self):
+def settle_or_die(self, now=None):
     p = self._pending
-    if p is not None and any(ev.id == "kill-me" for ev in p.batch.events):
+    if p is not None and any(ev.id == "kill-me" for b in p.batches for ev in b.events):
         os.kill(os.getpid(), signal.SIGKILL)
-    settle(self)
+    return settle(self, now)
 
 journal.Journal.settle = settle_or_die
 sys.argv = ["bucketwire", "hub", "-c", sys.argv[1]]
@@ -104,9 +104,11 @@ def _killed_inside_the_window(s: Any, damage: Callable[[Path], None] | None = No
     assert "writing events the front log held from before a crash" in s.dump_logs()
 
 
-FREEZING_HUB = KILLING_HUB.replace("os.kill(os.getpid(), signal.SIGKILL)", "os.kill(os.getpid(), signal.SIGSTOP)")
+FREEZING_HUB = KILLING_HUB.replace("os.kill(os.getpid(), signal.SIGKILL)",
+                                   "journal.Journal.settle = settle; os.kill(os.getpid(), signal.SIGSTOP)")
 """The hub stops itself (SIGSTOP) with a staged commit of "kill-me" confirmed and not yet in SQLite: what a
-filesystem snapshot taken at that instant holds."""
+filesystem snapshot taken at that instant holds. Once: let go on, it may wait to write the commit (it is called
+again with "kill-me" still staged) and must not stop again."""
 
 
 def test_the_backup_recipe_copy_taken_inside_the_window_holds_every_confirmed_event(stack_factory: Any) -> None:
@@ -150,3 +152,94 @@ def test_the_backup_recipe_copy_taken_inside_the_window_holds_every_confirmed_ev
 def _state(pid: int) -> str:
     """A process's state letter from /proc (T: stopped)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+# -- several staged commits written into SQLite together (docs/performance.md, change 27) ------------------------
+
+HOLDING_HUB = KILLING_HUB.replace("settle = journal.Journal.settle\n", """\
+import json
+journal.SETTLE_AFTER = 3600.0  # nothing is written by its deadline: the staged commits pile up
+journal.SETTLE_EVENTS = 1000
+settle = journal.Journal.settle
+seen = sys.argv[2]
+""").replace("        os.kill(os.getpid(), signal.SIGKILL)", """\
+        with open(seen, "w") as f:
+            json.dump({"batches": len(p.batches), "rows": len(p.rows) // journal.ROW}, f)
+        os.kill(os.getpid(), signal.SIGKILL)""")
+
+
+def test_a_hub_killed_with_several_confirmed_commits_staged_has_them_all_after_a_restart(stack_factory: Any) -> None:
+    """Five publishes, each confirmed from its own front-log commit, none written into SQLite yet (the hub is told
+    to wait for more): a kill -9 then, and after a restart every one is there at the seq it was confirmed with,
+    each still deduplicates, and the next seq is new."""
+    short = Path(tempfile.mkdtemp(prefix="bws-", dir="/tmp"))
+    try:
+        s = local_stack(stack_factory, short / "hub.sock")
+        seen = s.dir / "staged.json"
+        _scripted_hub(s, HOLDING_HUB, "holding", str(seen))
+        with s.client() as c:
+            seqs = [c.publish("photos", {"n": i}, id=f"held-{i}")["seq"] for i in range(4)]
+            seqs.append(c.publish("photos", {"n": 4}, id="kill-me")["seq"])
+        assert seqs == [1, 2, 3, 4, 5]
+        s.hub_proc.wait(10)
+        assert s.hub_proc.returncode == -signal.SIGKILL
+        staged = json.loads(seen.read_text())
+        assert staged["batches"] >= 2 and staged["rows"] >= 2, staged
+
+        s.start_hub()
+        with s.client() as c:
+            _, bodies = c.fetch("photos", 1, 100)
+            got = [(int(json.loads(b)["seq"]), json.loads(b)["id"]) for b in bodies]
+            assert got == [(1, "held-0"), (2, "held-1"), (3, "held-2"), (4, "held-3"), (5, "kill-me")], got
+            again = c.publish("photos", {"n": 2}, id="held-2")
+            assert again["seq"] == 3 and again["duplicate"], "a replayed event still deduplicates"
+            assert c.publish("photos", {"n": 5}, id="after")["seq"] == 6, "no seq handed out twice"
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+TIMED_HUB = """
+import sys
+from bucketwire.hub import journal
+
+settle = journal.Journal.settle
+
+def settle_and_say(self, now=None):
+    had = self._pending is not None
+    out = settle(self, now)
+    if had and self._pending is None:
+        print("SETTLED by", "the loop's deadline" if now is not None else "a call that needs it", flush=True)
+    return out
+
+journal.Journal.settle = settle_and_say
+sys.argv = ["bucketwire", "hub", "-c", sys.argv[1]]
+from bucketwire_start import main
+main()
+"""
+
+
+def test_a_staged_commit_with_no_traffic_after_it_is_written_by_the_loops_deadline(stack_factory: Any) -> None:
+    """One publish, then nothing (no worker, so no acks either): the loop writes the staged commit into SQLite by its
+    deadline, not at the next probe or status call, which could be seconds away (a crash meanwhile replays it, but
+    the front log would grow, and a snapshot backup would need it)."""
+    short = Path(tempfile.mkdtemp(prefix="bwt-", dir="/tmp"))
+    try:
+        s = local_stack(stack_factory, short / "hub.sock")
+        log = _scripted_hub(s, TIMED_HUB, "timed")
+        with s.client() as c:
+            assert c.publish("photos", {"n": 0}, id="lone")["seq"] == 1
+        wait_for(lambda: "SETTLED by" in log.read_text(), 20, "the staged commit written")
+        first = next(line for line in log.read_text().splitlines() if line.startswith("SETTLED by"))
+        assert first == "SETTLED by the loop's deadline", log.read_text()
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _scripted_hub(s: Any, script: str, name: str, *args: str) -> Path:
+    """Start the stack's hub as `script` (the config's path, then `args`, on its command line); its log's path."""
+    log = s.dir / f"hub-{name}.log"
+    s.logs.append(log)
+    s.hub_proc = subprocess.Popen([sys.executable, "-c", script, str(s.cfg_path), *args], env=s.env,
+                                  stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: s.healthy() or s.hub_proc.poll() is not None, 30, "hub /healthz")
+    return log

@@ -518,3 +518,165 @@ def test_a_restored_backup_holding_a_replayed_events_id_opens_and_commits(tmp_pa
     assert j.commit(Batch(events=[ev("a", 1)]))[0].duplicate
     j.close()
     assert any("already has" in r.getMessage() for r in caplog.records)
+
+
+# -- several staged commits, written into SQLite together (docs/performance.md, change 27) ----------------------
+
+
+def opened(path: Path) -> Journal:
+    """A journal whose key filter is built: until then every key is a "maybe", and a commit asking SQLite about it
+    writes what is staged first (so nothing would wait)."""
+    j = Journal(path)
+    j._keys.join()
+    return j
+
+
+def test_several_staged_commits_not_yet_in_sqlite_are_all_there_after_a_kill(tmp_path):
+    """Commits staged one after the other while `settle` waits for more (it is given the loop's clock): none of them
+    is in journal.db at the kill, all of them are after the restart, at their seqs; no seq is handed out again and
+    each still deduplicates. The cursors they carried are not in the front log: lost, so at most redelivered."""
+    path = tmp_path / "j.db"
+    out = commit_then_kill(path, """
+        import time
+        j._keys.join()  # until its key filter is built every commit asks SQLite, and writes what is staged first
+        j.commit(Batch(events=[ev("a", i) for i in range(20)]))   # straight into SQLite (over FRONT_EVENTS)
+        seqs = []
+        for i in range(100, 106):
+            got = j.commit(Batch(events=[ev("a" if i % 3 else "b", i)], cursors={("g", "a"): i - 90}))
+            seqs += [(a.topic, a.seq) for a in got]
+            assert j.settle(time.monotonic()) is not None, "nothing waits"
+        print(json.dumps({"staged": seqs, "batches": len(j._pending.batches)}))
+    """)
+    assert out["batches"] == 6, out
+    assert out["staged"] == [["a", 21], ["a", 22], ["b", 1], ["a", 23], ["a", 24], ["b", 2]], out
+    assert rows_in_sqlite(path, "a") == list(range(1, 21)) and rows_in_sqlite(path, "b") == [], "none was settled"
+    j = Journal(path)
+    assert [s for s, _, _ in j.read("a", 1, 100)] == list(range(1, 25))
+    assert [(s, k) for s, k, _ in j.read("b", 1, 10)] == [(1, "k102"), (2, "k105")]
+    assert j.cursors().get(("g", "a"), 0) <= 15, "a cursor may only be behind (redelivery), never ahead"
+    nxt = j.commit(Batch(events=[ev("a", 200), ev("b", 201)]))
+    assert [(a.topic, a.seq) for a in nxt] == [("a", 25), ("b", 3)], "no seq handed out twice"
+    again = j.commit(Batch(events=[ev("a", 103)]))
+    assert again[0].duplicate and (again[0].topic, again[0].seq) == ("a", 23)
+    j.close()
+
+
+def test_staged_commits_wait_for_each_other_and_are_written_by_count_or_deadline(tmp_path, monkeypatch):
+    """`settle(now)` writes nothing before SETTLE_EVENTS events or SETTLE_AFTER, then all of them in one
+    transaction; the last cursor each commit carried is the one stored, and counters add up."""
+    from bucketwire.hub import journal as J
+    monkeypatch.setattr(J, "SETTLE_EVENTS", 4)
+    path = tmp_path / "j.db"
+    j = opened(path)
+    now = time.monotonic()
+    due = None
+    for i in range(3):
+        j.commit(Batch(events=[ev("a", i)], cursors={("g", "a"): i}, stats={"g": (1, 0, i)}))
+        due = j.settle(now)
+        assert due is not None and due <= now + J.SETTLE_AFTER + 1
+    assert rows_in_sqlite(path, "a") == []
+    j.commit(Batch(events=[ev("a", 3)], cursors={("g", "a"): 3}, above={("g", "a"): "5"}))
+    assert j.settle(now) is None, "the fourth event: written"
+    assert rows_in_sqlite(path, "a") == [1, 2, 3, 4]
+    assert j.cursors() == {("g", "a"): 3} and j.cursor_above() == {("g", "a"): "5"}
+    assert j.group_stats() == {"g": (3, 0, 3)}
+    j.commit(Batch(events=[ev("a", 4)], cursors={("g", "a"): 4}))
+    due = j.settle(now)
+    assert due is not None and rows_in_sqlite(path, "a") == [1, 2, 3, 4]
+    assert j.settle(due) is None, "its deadline: written"
+    assert rows_in_sqlite(path, "a") == [1, 2, 3, 4, 5] and j.cursor_above() == {}
+    j.close()
+
+
+def test_a_key_held_only_by_a_staged_commit_is_a_duplicate(tmp_path):
+    """The dedup index cannot see a staged commit: a publish of the same (source, id) again while the first waits
+    in the front log must get the first's seq, not a new one (nor break the settle on the index)."""
+    j = opened(tmp_path / "j.db")
+    now = time.monotonic()
+    first = j.commit(Batch(events=[ev("a", 1)]))
+    j.settle(now)
+    j.commit(Batch(events=[ev("a", 2)]))
+    j.settle(now)
+    again = j.commit(Batch(events=[ev("a", 1)]))
+    j.settle(now)
+    assert again[0].duplicate and again[0].seq == first[0].seq == 1
+    assert j.commit(Batch(events=[ev("a", 3)]))[0].seq == 3
+    j.settle()
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2, 3]
+    j.close()
+
+
+def test_everything_that_reads_the_journal_sees_staged_commits_and_a_clean_close_writes_them(tmp_path):
+    path = tmp_path / "j.db"
+    j = opened(path)
+    now = time.monotonic()
+    for i in range(3):
+        j.commit(Batch(events=[ev("a", i)], cursors={("g", "a"): i + 1}, attempts={("g", "a", 3): 2},
+                       due={("g", "a", 3): 1e9}, waits={("g", "a", 3): 5.0}))
+        j.settle(now)
+    assert rows_in_sqlite(path, "a") == []
+    assert j.stored_cursors("g") == {"a": 3}, "what `group rm` of a group would delete"
+    assert rows_in_sqlite(path, "a") == [1, 2, 3]
+    j.commit(Batch(events=[ev("a", 3)], attempts={("g", "a", 3): 0}))
+    j.commit(Batch(events=[ev("b", 4)]))
+    j.settle(now)
+    assert j.attempts_of("g") == {} and j.retries_due("g") == {} and j.retry_waits("g") == {}, "the later forgets"
+    j.commit(Batch(events=[ev("a", 5)]))
+    j.settle(now)
+    assert j.first_seq("b") == 1 and [s for s, _, _ in j.read("a", 4, 10)] == [4, 5]
+    j.commit(Batch(events=[ev("b", 6)]))
+    j.settle(now)
+    assert j.size_bytes() > 0 and rows_in_sqlite(path, "b") == [1, 2], "status (journal_bytes) writes them first"
+    j.commit(Batch(events=[ev("b", 7)]))
+    j.settle(now)
+    j.close()
+    assert not front(path).exists(), "a clean stop wrote them: no front log left"
+    assert rows_in_sqlite(path, "b") == [1, 2, 3]
+
+
+def test_sqlite_refusing_several_staged_commits_keeps_them_all_and_writes_them_once_it_can(tmp_path):
+    """The hidden disk-full knob: SQLite may not grow past its pages. The settle of three staged commits fails;
+    they stay durable in the front log, later commits are refused (not staged on top), reads see them, and a start
+    with room writes them all."""
+    path = tmp_path / "j.db"
+    j = opened(path)
+    j.commit(Batch(events=[ev("a", 1)]))
+    j.settle()
+    pages = j.db.execute("PRAGMA page_count").fetchone()[0]
+    j.db.execute(f"PRAGMA max_page_count={pages}")
+    now = time.monotonic()
+    for i in range(2, 5):
+        assert j.commit(Batch(events=[ev("a", i, body="y" * 20_000)]))[0].seq == i
+        j.settle(now)
+    with pytest.raises(JournalError):
+        j.settle()
+    with pytest.raises(JournalError):
+        j.commit(Batch(events=[ev("a", 5)]))
+    assert rows_in_sqlite(path, "a") == [1]
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2, 3, 4]
+    j.close()
+    assert rows_in_sqlite(path, "a") == [1]
+    j = Journal(path)
+    assert rows_in_sqlite(path, "a") == [1, 2, 3, 4] and not j._pending
+    assert j.commit(Batch(events=[ev("a", 5)]))[0].seq == 5
+    j.close()
+
+
+def test_a_commit_that_goes_straight_into_sqlite_writes_the_staged_ones_first(tmp_path):
+    """Rows go into SQLite in seq order: a restart replays only what lies above a topic's head there. A small batch
+    holding one id twice is not staged (the one transaction sorts it out): written before the staged commit below
+    it, a kill then lost the staged event, confirmed at seq 1, for good."""
+    path = tmp_path / "j.db"
+    out = commit_then_kill(path, """
+        import time
+        j._keys.join()
+        j.commit(Batch(events=[ev("a", 1)]))
+        j.settle(time.monotonic())
+        twice = j.commit(Batch(events=[ev("a", 2), ev("a", 2)]))
+        print(json.dumps({"twice": [(a.seq, a.duplicate) for a in twice]}))
+    """)
+    assert out["twice"] == [[2, False], [2, True]]
+    j = Journal(path)
+    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2]
+    assert j.commit(Batch(events=[ev("a", 3)]))[0].seq == 3
+    j.close()

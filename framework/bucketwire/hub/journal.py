@@ -67,6 +67,13 @@ FRONT_EVENTS = 8
 publisher's confirmation and a worker's DELIVER, at a modest rate one event each. Larger ones come under load,
 where a batch's rows written twice would cost more CPU than the front log saves latency: they go straight into
 SQLite."""
+SETTLE_EVENTS = 32
+"""Staged events (front-log commits) after which `settle` writes them into SQLite whatever the time: one transaction
+for many small commits, the B-trees' pages and the COMMIT's WAL frames paid once for all of them (docs/performance.md,
+change 27)."""
+SETTLE_AFTER = 0.02
+"""Seconds a staged commit may wait for others to be written into SQLite with it (`settle`); the hub's loop settles
+by then when traffic stops."""
 RESTORED_LISTED = 20
 """Topics whose restore gap `status` names (the log line has them all)."""
 PROBE_BYTES = 1 << 20
@@ -192,14 +199,20 @@ class Batch:
 
 @dataclass(slots=True)
 class _Staged:
-    """A commit in the front log, not yet in SQLite."""
+    """Commits in the front log, not yet in SQLite: written there together, in one transaction (`settle`)."""
 
-    batch: Batch
+    batches: list[Batch]
+    """Their cursors, counters and attempts, in commit order (empty for a replay)."""
     rows: list[object]
+    """Their rows, in commit order (so in seq order within each topic)."""
     heads: dict[str, int]
     """Topic -> its last seq in `rows`."""
     before: dict[str, int]
     """Topic -> its head in SQLite (the seq before its first in `rows`)."""
+    due: float = 0.0
+    """Monotonic time by which the first of them is to be written (`settle`)."""
+    failed: bool = False
+    """SQLite refused them: nothing more is staged on top (commits settle first, and are refused meanwhile)."""
 
 
 class JournalAPI(Protocol):
@@ -221,10 +234,13 @@ class JournalAPI(Protocol):
     def commit(self, batch: Batch) -> list[Appended]:
         """Make the batch durable and return its events' seqs. Some of the writing may wait for `settle`."""
         ...
-    def settle(self) -> None:
-        """Finish what `commit` left for later (the loop calls it once the commit's DELIVERs and confirmations are
-        sent). JournalError when it cannot be written now: what it holds is durable and is written at the next
-        `settle` or `commit`, or at the next start."""
+    def settle(self, now: float | None = None) -> float | None:
+        """Finish what `commit` left for later. Without `now`, all of it. With `now` (the loop's monotonic clock; the
+        loop calls it once a commit's DELIVERs and confirmations are sent) it may wait to write several commits'
+        leftovers at once: it returns the monotonic time by which it wants to be called again (None: nothing is
+        left). Whatever is left is durable already, and whatever needs it written (a read, retention, a commit that
+        cannot wait, `close`) writes it first. JournalError when it cannot be written now: what it holds is durable
+        and is written at the next `settle` or `commit`, or at the next start."""
         ...
     def read(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]: ...
     def first_seq(self, topic: str) -> int | None: ...
@@ -331,7 +347,7 @@ class Journal:
             jid = (os.urandom(16).hex(),)
             self.db.execute("INSERT INTO meta VALUES('id', ?)", jid)
         self._pending: _Staged | None = None
-        """A commit made durable in the front log and not yet written here (`settle`)."""
+        """Commits made durable in the front log and not yet written here (`settle`)."""
         self._restore_gaps: dict[str, tuple[int, int]] = {}
         self._new_floor = 0
         """After a restore: the seq a topic new to this journal starts above (one the backup and the mark both
@@ -461,7 +477,7 @@ class Journal:
         if not flat:
             self._front.reset()
             return
-        self._pending = _Staged(Batch(), flat, heads, {t: self.heads.get(t, 0) for t in heads})
+        self._pending = _Staged([], flat, heads, {t: self.heads.get(t, 0) for t in heads})
         self.heads.update(heads)
         log.warning("journal: writing events the front log held from before a crash",
                     extra={"events": len(flat) // ROW, "topics": sorted(heads)})
@@ -671,10 +687,12 @@ class Journal:
         """Append events (deduplicated on (source, id)) and move cursors.
 
         A commit of a few new events is staged: appended to the front log (durable when that returns) and written
-        here by `settle`, after the hub has sent its DELIVERs and confirmations. Anything else, and any batch with
-        a duplicate, is one transaction here.
+        here by `settle`, after the hub has sent its DELIVERs and confirmations, together with the commits staged
+        after it until SETTLE_EVENTS or SETTLE_AFTER. Anything else, and any batch with a duplicate, is one
+        transaction here, after what is staged (rows are written here in seq order: a replay relies on it).
         """
-        if self._pending is not None:
+        p = self._pending
+        if p is not None and p.failed:  # nothing staged on top of what SQLite refused: refused until it takes it
             self.settle()
         keys = self._keys
         keys.poll()
@@ -691,6 +709,8 @@ class Journal:
             staged = self._stage(batch)
             if staged is not None:
                 return staged
+        if self._pending is not None:  # staged rows have the lower seqs: they go into SQLite first
+            self.settle()
         return self._commit_now(batch)
 
     def _stage(self, batch: Batch) -> list[Appended] | None:
@@ -702,8 +722,10 @@ class Journal:
             return None
         f = self._keys
         try:
-            if any(f.may_hold(k) for k in keys) and self._any_existing(keys):
-                return None
+            if any(f.may_hold(k) for k in keys):
+                self.settle()  # a staged commit may hold the key: SQLite has to, to be asked
+                if self._any_existing(keys):
+                    return None
         except sqlite3.Error as e:
             raise JournalError(f"journal commit failed: {e}") from e
         out, rows, heads = self._assign(events, {}, None, time.time())
@@ -716,7 +738,15 @@ class Journal:
                           "straight into journal.db until the hub restarts", extra={"error": str(e)})
             raise JournalError(f"journal commit failed: {e.strerror or e}") from e
         before = {t: self.heads.get(t, 0) for t in heads}
-        self._pending = _Staged(batch, rows, heads, before)
+        p = self._pending
+        if p is None:
+            self._pending = _Staged([batch], rows, heads, before, time.monotonic() + SETTLE_AFTER)
+        else:
+            p.batches.append(batch)
+            p.rows += rows
+            p.heads.update(heads)
+            for t, h in before.items():
+                p.before.setdefault(t, h)
         self.heads.update(heads)
         self._issued += sum(heads.values()) - sum(before.values())
         self._seqs.count(self._issued)
@@ -724,21 +754,31 @@ class Journal:
         f.add(keys)
         return out
 
-    def settle(self) -> None:
+    def settle(self, now: float | None = None) -> float | None:
+        """See JournalAPI.settle: the staged commits are written in one transaction once SETTLE_EVENTS of their
+        events have gathered or the first has waited SETTLE_AFTER (at 1,000/s one transaction per commit was
+        ~64 µs of the loop's CPU per event)."""
         pending = self._pending
         if pending is None:
-            return
-        batch, rows, heads = pending.batch, pending.rows, pending.heads
-        with self._transaction("commit") as db:
-            self._insert(db, rows, insert_sizes(len(rows) // ROW, self._recent))
-            new = self._write_rest(db, batch, heads)
+            return None
+        rows = pending.rows
+        if now is not None and now < pending.due and len(rows) < SETTLE_EVENTS * ROW:
+            return pending.due
+        try:
+            with self._transaction("commit") as db:
+                self._insert(db, rows, insert_sizes(len(rows) // ROW, self._recent))
+                new = self._write_rest(db, pending.batches, pending.heads)
+        except JournalError:
+            pending.failed = True
+            raise
         self._pending = None
         if new:
             self._floors.update(new)
-        try:
-            self._front.written() if batch.events else self._front.reset()
+        try:  # every record the front log holds is in SQLite now
+            self._front.written() if pending.batches else self._front.reset()
         except OSError as e:  # the rows are in SQLite; a front log that grows on is only a longer replay
             log.warning("journal: could not start the front log over", extra={"error": str(e)})
+        return None
 
     def _commit_now(self, batch: Batch) -> list[Appended]:
         """Append events (deduplicated on (source, id)) and move cursors, all in one transaction.
@@ -768,7 +808,7 @@ class Journal:
                 existing = self._existing(list(dict.fromkeys((ev.source, ev.id) for ev in events)))
                 out, rows, heads = self._assign(events, existing, out, now)
                 self._insert(db, rows, insert_sizes(len(rows) // ROW, self._recent))
-            new = self._write_rest(db, batch, heads)
+            new = self._write_rest(db, [batch], heads)
         moved = sum(heads.values()) - sum(self.heads.get(t, 0) for t in heads)
         self.heads.update(heads)
         if moved:
@@ -780,29 +820,42 @@ class Journal:
         self._keys.add([(ev.source, ev.id) for ev, a in zip(events, out, strict=True) if not a.duplicate])
         return out
 
-    def _write_rest(self, db: sqlite3.Connection, batch: Batch, heads: dict[str, int]) -> list[tuple[str, int]]:
-        """Everything of a commit but its events' rows: new topics' floors, cursors, counters, attempts. Returns
-        the topics written for the first time."""
+    def _write_rest(self, db: sqlite3.Connection, batches: list[Batch], heads: dict[str, int],
+                    ) -> list[tuple[str, int]]:
+        """Everything of some commits but their events' rows: new topics' floors, cursors, counters, attempts, as
+        if written one commit after the other (each cursor's last value, counters summed). Returns the topics
+        written for the first time."""
         new = [(t, h) for t, h in heads.items() if t not in self._floors]
         if new:  # a topic's first event: its row is where its head survives retention dropping every event
             db.executemany("INSERT OR IGNORE INTO topics(name, head) VALUES(?, ?)", new)
             if self._new_floor:  # it started above the seqs a restore may have lost of it
                 for t, _ in new:
                     self._restore_gaps.setdefault(t, (1, self._new_floor))
-        if batch.cursors:
+        cursors: dict[tuple[str, str], tuple[str, str, int, str]] = {}
+        stats: dict[str, tuple[int, ...]] = {}
+        for batch in batches:
+            if batch.cursors:
+                above = batch.above
+                cursors.update({k: (*k, a, above.get(k, "")) for k, a in batch.cursors.items()})
+            for g, v in batch.stats.items():
+                s = stats.get(g)
+                stats[g] = v if s is None else tuple(x + y for x, y in zip(s, v, strict=True))
+        if cursors:
             db.executemany(
                 "INSERT INTO cursors(grp, topic, acked, above) VALUES(?,?,?,?) "
                 "ON CONFLICT(grp, topic) DO UPDATE SET acked=excluded.acked, above=excluded.above",
-                [(g, t, a, batch.above.get((g, t), "")) for (g, t), a in batch.cursors.items()],
+                list(cursors.values()),
             )
-        if batch.stats:
+        if stats:
             db.executemany(
                 "INSERT INTO group_stats(grp, dead_lettered, retried, redelivered) VALUES(?,?,?,?) "
                 "ON CONFLICT(grp) DO UPDATE SET dead_lettered=dead_lettered+excluded.dead_lettered, "
                 "retried=retried+excluded.retried, redelivered=redelivered+excluded.redelivered",
-                [(g, *v) for g, v in batch.stats.items()],
+                [(g, *v) for g, v in stats.items()],
             )
-        if batch.attempts:
+        for batch in batches:  # in commit order: a later commit's count (or its forgetting) is the one that holds
+            if not batch.attempts:
+                continue
             gone = [k for k, n in batch.attempts.items() if n <= 0]
             if gone:
                 db.executemany("DELETE FROM retries WHERE grp=? AND topic=? AND seq=?", gone)
@@ -911,6 +964,7 @@ class Journal:
         return None
 
     def stored_cursors(self, group: str) -> dict[str, int]:
+        self._caught_up()
         return dict(self.db.execute("SELECT topic, acked FROM cursors WHERE grp=?", (group,)))
 
     def enforce_retention(self, max_age: float, max_bytes: int, chunk: int = 5000) -> int:

@@ -1,5 +1,7 @@
-"""The SQLite journal's front log: a small commit is made durable by one append here, and written into SQLite just
-after its events have gone out to the workers and its publishers have their confirmations.
+"""The SQLite journal's front log: a small commit is made durable by one append here, and written into SQLite after
+its events have gone out to the workers and its publishers have their confirmations, together with the small commits
+that came after it (`Journal.settle`: within SETTLE_AFTER, or once SETTLE_EVENTS events wait; one transaction for
+all of them, docs/performance.md change 27). The file starts over only once every record in it is in SQLite.
 
 Why: at a modest rate each commit holds one event, and the SQLite transaction for it (the BEGIN, three B-trees
 updated by the INSERT, the COMMIT's WAL frames) runs 50-80 µs on a CPU that has gone cold since the last event,

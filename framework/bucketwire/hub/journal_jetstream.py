@@ -935,8 +935,9 @@ class JetStreamJournal:
                 await asyncio.sleep(0.05)  # pacing: waiting for the stream's leader
 
     # -- the one write path ----------------------------------------------------------------------------------
-    def settle(self) -> None:
+    def settle(self, now: float | None = None) -> float | None:
         """Nothing to finish: a commit is whole in the cluster when `commit` returns."""
+        return None
 
     def commit(self, batch: Batch) -> list[Appended]:
         """Append events (deduplicated, per-topic seqs with no holes) and move cursors; returns one Appended per

@@ -240,6 +240,7 @@ class Hub:
         # An operator's `dlq retry|purge` commits in steps, each in a turn of its own (see HubOps.on_dlq).
         self._dlq_steps: list[tuple[list[NewEvent], Callable[[list[Appended] | None, str | None], None]]] = []
         self._cursor_due: float | None = None  # when acks waiting for an event commit are written on their own
+        self._settle_at: float | None = None  # when the journal wants `settle` called again (JournalAPI.settle)
         # What workers of a previous dispatcher still run (RUNNING from a connection this hub does not know), and
         # from when a group made here waits for those reports before it hands anything out (`_settle`).
         self.reports = Reports(cfg, self.metrics, self.groups, self.workers, lambda: self.journal.heads)
@@ -439,6 +440,8 @@ class Hub:
         t = self.cfg.hub.heartbeat_interval
         if self._cursor_due is not None:
             t = min(t, max(0.0, self._cursor_due - now))
+        if self._settle_at is not None:
+            t = min(t, max(0.0, self._settle_at - now))
         if self.ha is not None:
             t = min(t, self.cfg.journal.lease_ttl / 6)  # lease rounds run on ticks
         if self._stream_waits:
@@ -489,6 +492,8 @@ class Hub:
         if self._stream_waits:
             self._resume_stream_waits(batch, replies)
         self._commit(batch, replies, now, final)
+        if self._settle_at is not None and now >= self._settle_at:
+            self._settle_journal(now)
         if self._stream_waits:
             self._refuse_stream_waits(now, final)
         if self.ha is not None:
@@ -633,15 +638,22 @@ class Hub:
                 self._dispatch(g, now)
         for cb, lo, hi in replies:
             cb(appended[carry_n + lo: carry_n + hi], None)
-        try:  # the rest of the commit's writing (SQLite, after its front log): nothing waits on it now
-            self.journal.settle()
-        except JournalError as e:  # what it holds is durable; the next commit (or the next start) writes it
-            self._write_failed(e, now)
+        self._settle_journal(now)
         self._publish(fresh)
         self.metrics.commits.inc()
         self.metrics.commit_seconds.observe(took)
         for app, (kind, note) in zip(appended[:carry_n], notes, strict=True):
             self._carried(app, kind, note)
+
+    def _settle_journal(self, now: float) -> None:
+        """The rest of the commits' writing (SQLite, after its front log): nothing waits on it now. The journal may
+        wait for more commits to write theirs with it (`JournalAPI.settle`); `tick` calls again by the time it
+        names, traffic or not."""
+        try:
+            self._settle_at = self.journal.settle(now)
+        except JournalError as e:  # what it holds is durable; the next commit, probe or start writes it
+            self._settle_at = None
+            self._write_failed(e, now)
 
     def _write_failed(self, e: JournalError, now: float) -> None:
         self.metrics.commit_failures.inc()
