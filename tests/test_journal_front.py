@@ -588,6 +588,24 @@ def test_staged_commits_wait_for_each_other_and_are_written_by_count_or_deadline
     j.close()
 
 
+
+def test_staged_commits_of_large_events_are_written_once_their_bytes_reach_the_bound(tmp_path):
+    """Staged rows are held in memory until they are written: commits of large events wait for no count or
+    deadline once SETTLE_BYTES of envelopes are staged (a backlog of 1 MB events held 32 of them, 32 MB more)."""
+    from bucketwire.hub import journal as J
+    path = tmp_path / "j.db"
+    j = opened(path)
+    now = time.monotonic()
+    big = "x" * (J.SETTLE_BYTES // 3)
+    j.commit(Batch(events=[ev("a", 0, body=big)]))
+    assert j.settle(now) is not None and rows_in_sqlite(path, "a") == [], "a third of the bound: it waits"
+    j.commit(Batch(events=[ev("a", 1, body=big)]))
+    assert j.settle(now) is not None and rows_in_sqlite(path, "a") == []
+    j.commit(Batch(events=[ev("a", 2, body=big)]))
+    assert j.settle(now) is None, "past the bound: written"
+    assert rows_in_sqlite(path, "a") == [1, 2, 3]
+    j.close()
+
 def test_a_key_held_only_by_a_staged_commit_is_a_duplicate(tmp_path):
     """The dedup index cannot see a staged commit: a publish of the same (source, id) again while the first waits
     in the front log must get the first's seq, not a new one (nor break the settle on the index)."""

@@ -150,6 +150,7 @@ def test_each_attribute_form_is_committed_or_refused_as_the_pub_path_read_it(
     (res,) = hdr["results"]
     assert not res["duplicate"] and not res["unrouted"], res
     topic = want["topic"] or hub.hub.router.topic_of(want["type"], want["data"])
+    hub.hub.journal.settle()  # staged commits go into SQLite within SETTLE_AFTER: read them there now
     row = hub.hub.journal.db.execute("SELECT topic, seq, body FROM events WHERE source = ? AND id = ?",
                                      (want["source"], want["id"])).fetchone()
     assert (row[0], row[1]) == (res["topic"], res["seq"]) == (topic, res["seq"])

@@ -334,6 +334,7 @@ def test_the_hub_commits_the_same_bytes_or_refuses_the_same(hub: InProcessHub, d
         assert res["unrouted"] and res["seq"] is None
         return
     topic, source, eid = want
+    hub.hub.journal.settle()  # staged commits go into SQLite within SETTLE_AFTER: read them there now
     row = hub.hub.journal.db.execute("SELECT topic, seq, body FROM events WHERE source = ? AND id = ?",
                                      (source, eid)).fetchone()
     assert (res["topic"], res["seq"]) == (row[0], row[1])
@@ -448,6 +449,7 @@ def test_json_that_readers_take_differently_is_refused_or_committed_as_read(
     text = (b'{"specversion":"1.0","id":"%s","source":"hostile","type":"s3:ObjectCreated:Put",%s"data":%s}'
             % (eid.encode(), b"" if routed else b'"topic":"hostile",', data))
     cmd, hdr = hub.publish([text])
+    hub.hub.journal.settle()  # staged commits go into SQLite within SETTLE_AFTER: read them there now
     row = hub.hub.journal.db.execute("SELECT topic, seq, objkey, body FROM events WHERE source = ? AND id = ?",
                                      ("hostile", eid)).fetchone()
     if kind != "ack":

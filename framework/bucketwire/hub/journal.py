@@ -71,6 +71,9 @@ SETTLE_EVENTS = 32
 """Staged events (front-log commits) after which `settle` writes them into SQLite whatever the time: one transaction
 for many small commits, the B-trees' pages and the COMMIT's WAL frames paid once for all of them (docs/performance.md,
 change 27)."""
+SETTLE_BYTES = 256 << 10
+"""Envelope bytes staged after which `settle` writes them whatever the time or count: the rows are held in memory
+until then, and large events gain nothing from sharing a transaction (their pages are most of its cost)."""
 SETTLE_AFTER = 0.02
 """Seconds a staged commit may wait for others to be written into SQLite with it (`settle`); the hub's loop settles
 by then when traffic stops."""
@@ -211,6 +214,8 @@ class _Staged:
     """Topic -> its head in SQLite (the seq before its first in `rows`)."""
     due: float = 0.0
     """Monotonic time by which the first of them is to be written (`settle`)."""
+    size: int = 0
+    """Their envelopes' bytes (see SETTLE_BYTES)."""
     failed: bool = False
     """SQLite refused them: nothing more is staged on top (commits settle first, and are refused meanwhile)."""
 
@@ -738,10 +743,12 @@ class Journal:
                           "straight into journal.db until the hub restarts", extra={"error": str(e)})
             raise JournalError(f"journal commit failed: {e.strerror or e}") from e
         before = {t: self.heads.get(t, 0) for t in heads}
+        size = sum(len(a.body) for a in out)
         p = self._pending
         if p is None:
-            self._pending = _Staged([batch], rows, heads, before, time.monotonic() + SETTLE_AFTER)
+            self._pending = _Staged([batch], rows, heads, before, time.monotonic() + SETTLE_AFTER, size=size)
         else:
+            p.size += size
             p.batches.append(batch)
             p.rows += rows
             p.heads.update(heads)
@@ -756,13 +763,13 @@ class Journal:
 
     def settle(self, now: float | None = None) -> float | None:
         """See JournalAPI.settle: the staged commits are written in one transaction once SETTLE_EVENTS of their
-        events have gathered or the first has waited SETTLE_AFTER (at 1,000/s one transaction per commit was
-        ~64 µs of the loop's CPU per event)."""
+        events (or SETTLE_BYTES) have gathered or the first has waited SETTLE_AFTER (at 1,000/s one transaction
+        per commit was ~64 µs of the loop's CPU per event)."""
         pending = self._pending
         if pending is None:
             return None
         rows = pending.rows
-        if now is not None and now < pending.due and len(rows) < SETTLE_EVENTS * ROW:
+        if now is not None and now < pending.due and len(rows) < SETTLE_EVENTS * ROW and pending.size < SETTLE_BYTES:
             return pending.due
         try:
             with self._transaction("commit") as db:
