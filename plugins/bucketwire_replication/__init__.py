@@ -172,17 +172,18 @@ def _tags(client: Any, bucket: str, key: str) -> Any | None:
 
 
 class _Counting:
-    """A read-only stream that counts and MD5-hashes what passes through, without buffering it."""
+    """A read-only stream that counts (and, with `md5`, MD5-hashes) what passes through, without buffering it."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, md5: bool) -> None:
         self.raw = raw
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
         self.n = 0
 
     def read(self, size: int = -1) -> bytes:
         # The stored bytes: urllib3 would un-gzip a `Content-Encoding: gzip` object on the way otherwise.
         b: bytes = self.raw.read(size if size is not None and size >= 0 else None, decode_content=False)
-        self.md5.update(b)
+        if self.md5 is not None:
+            self.md5.update(b)
         self.n += len(b)
         return b
 
@@ -392,17 +393,21 @@ def _stream(ctx: Context, event: Event, src: Any, dst: Any, bucket: str, key: st
         md = _replica_metadata(st, bucket, key)
         tags = _tags(src, bucket, key) if _want_tags(s, st, from_get=True) else None
         opts: dict[str, Any] = {"content_type": st.content_type, "metadata": md, "tags": tags}
+        md5_of: Callable[[], str] | None
         if small:
             # Its MD5 is only computed if the target's ETag does not already prove the content (see _verify).
             n = len(buf)
             written = dst.put_object(tb, tkey, io.BytesIO(buf), n, **opts)
             md5_of = lambda: hashlib.md5(buf, usedforsecurity=False).hexdigest()  # noqa: E731
         else:
-            body = _Counting(resp)
+            # Hashed only when the digest is compared: with the source's plain-MD5 ETag (verify_md5), or with
+            # the ETag of a single-part PUT (an object of exactly part_size). A multipart replica of a
+            # multipart source is checked by size; hashing it cost a large object a tenth of its speed.
+            body = _Counting(resp, md5=st.size <= s["part_size"] or (s["verify_md5"] and _plain_md5(st.etag)))
             written = dst.put_object(tb, tkey, body, st.size, part_size=s["part_size"],
                                      num_parallel_uploads=PARALLEL_PARTS, **opts)
             n = body.n
-            md5_of = body.md5.hexdigest
+            md5_of = body.md5.hexdigest if body.md5 is not None else None
     finally:
         if resp is not None:
             resp.close()
@@ -416,24 +421,30 @@ def _stream(ctx: Context, event: Event, src: Any, dst: Any, bucket: str, key: st
     _announce(ctx, event, "put", "stream", src_name, bucket, key, st, tkey)
 
 
+def _plain_md5(etag: str) -> bool:
+    """Whether an ETag is a plain MD5 of the object (not a multipart one)."""
+    return PLAIN_MD5.fullmatch(etag.lower()) is not None
+
+
 def _verify(s: dict[str, Any], dst: Any, tb: str, tkey: str, st: _Source, n: int, put_etag: str,
-            md5_of: Callable[[], str]) -> str | None:
+            md5_of: Callable[[], str] | None) -> str | None:
     """What is wrong with the replica just written, or None.
 
     A single-part PUT answers with the ETag the target computed, the MD5 of what it stored: equal to a plain
     MD5 source ETag, it proves the replica byte for byte with no further request; equal to the MD5 of the
     bytes we sent, it proves the transfer. Otherwise (a multipart upload, whose ETag is not an MD5, or a server
-    whose ETags are not MD5s) a stat of the target checks the size, as the plugin always did.
+    whose ETags are not MD5s) a stat of the target checks the size, as the plugin always did. `md5_of` is None
+    when the bytes were not hashed (nothing to compare the digest with).
     """
     if n != st.size:
         return f"read {n} bytes, expected {st.size}"
-    src_md5 = st.etag.lower() if PLAIN_MD5.fullmatch(st.etag.lower()) else None
+    src_md5 = st.etag.lower() if _plain_md5(st.etag) else None
     if src_md5 is not None and put_etag == src_md5:
         return None
-    digest = md5_of()
-    if s["verify_md5"] and src_md5 is not None and digest != src_md5:
+    digest = md5_of() if md5_of is not None else None
+    if digest is not None and s["verify_md5"] and src_md5 is not None and digest != src_md5:
         return f"MD5 {digest} does not match source ETag {st.etag}"
-    if put_etag == digest:
+    if digest is not None and put_etag == digest:
         return None
     done = _stat(dst, tb, tkey)
     if done is None or done.size != st.size:
