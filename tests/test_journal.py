@@ -304,22 +304,24 @@ def _unsent_forms() -> list[dict]:
 
 @pytest.mark.parametrize("second_pass", [False, True])
 def test_every_pre_rendered_form_is_committed_with_its_seq_in_its_place(tmp_path, second_pass):
-    """What the journal commits from each `pre_render` form is the envelope written
+    """What the journal commits from each `pre_render` form (and from bytes made elsewhere) is the envelope written
     whole with its seq, byte for byte; `second_pass`: with a duplicate in the batch, so `_assign` runs twice."""
-    from bucketwire.envelope import DATA_BASE64, pre_render
+    from bucketwire.envelope import DATA_BASE64, SEQ_SLOT, pre_render
     envs = _unsent_forms()
     forms = {type(pre_render(dict(e))) for e in envs}
     assert dict in forms and len(forms) == 2, forms  # the fast form and the whole one both tried
     j = Journal(tmp_path / "j.db")
     j.commit(Batch(events=[ev("t", 0), ev("t", 1)]))  # seqs 1, 2: the new ones start at 3
     batch = [NewEvent("t", e["source"], e["id"], None, pre_render(dict(e))) for e in envs]
+    batch.append(NewEvent("t", "s", "raw", None, b'{"a":1,' + SEQ_SLOT + b',"b":"' + SEQ_SLOT + b'"}'))
     if second_pass:
         batch.insert(2, ev("t", 1))
     out = [a for a in j.commit(Batch(events=batch)) if not a.duplicate]
-    assert [a.seq for a in out] == list(range(3, 3 + len(envs)))
-    for a, e in zip(out, envs, strict=True):
+    assert [a.seq for a in out] == list(range(3, 3 + len(envs) + 1))
+    for a, e in zip(out, envs, strict=False):
         whole = {k: str(a.seq) if k == "seq" else v for k, v in e.items()
                  if k != "data" or v is not None or DATA_BASE64 not in e}
         assert a.body == json.dumps(whole, separators=(",", ":"), ensure_ascii=False).encode()
+    assert out[-1].body == b'{"a":1,"seq":"%d","b":"%b"}' % (out[-1].seq, SEQ_SLOT)
     assert [r[2] for r in j.read("t", 3, 100)] == [a.body for a in out]
     j.close()

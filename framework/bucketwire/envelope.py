@@ -564,8 +564,8 @@ def unsent_of(ev: Event, topic: str) -> dict[str, Any]:
                            ev.causationid, ev.hops, ev.schemaversion, ev.extensions)
 
 
-Unsent = tuple[bytes, bytes] | dict[str, Any]
-"""An envelope waiting for its seq: `pre_render`'s answer, its bytes before and after the seq or the dict."""
+Unsent = tuple[bytes, bytes] | bytes | dict[str, Any]
+"""An envelope waiting for its seq: `pre_render`'s answer (bytes: an envelope made elsewhere holding `SEQ_SLOT`)."""
 
 SEQ_SLOT = b'"seq":"' + UNSET_SEQ.encode() + b'"'
 """The seq's place in an envelope rendered before its seq is known: `pre_render` splits the bytes there."""
@@ -609,6 +609,8 @@ def render(envelope: Unsent, seq: int) -> bytes:
     receives."""
     if type(envelope) is tuple:
         return b'%b"seq":"%d"%b' % (envelope[0], seq, envelope[1])
+    if type(envelope) is bytes:
+        return envelope.replace(SEQ_SLOT, b'"seq":"%d"' % seq, 1)
     assert isinstance(envelope, dict)
     envelope["seq"] = str(seq)  # seq_to_wire, inline: once per committed event
     try:
