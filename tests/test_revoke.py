@@ -192,6 +192,9 @@ def test_a_revoked_client_is_told_when_the_hub_refuses_its_handshake(stack_facto
     says what it said (the key was refused: revoked or not listed, and how to fix it) in one line; that it says
     it without waiting out the 100 s shows only in how long the test takes (under its 120 s guard)."""
     s, kcfg = revoked_client(stack_factory, tmp_path, client_timeout=100.0)
+    sub, mon = spy_socket(cfg_for(kcfg))
+    wait_handshake_refused(mon)  # the hub has taken the revocation in (it reloads the list on its own turn)
+    closing(sub, mon)
     for args in (["status"], ["publish", "x", "{}"]):
         r = subprocess.run([sys.executable, "-m", "bucketwire", *args, "-c", str(kcfg)], capture_output=True,
                            text=True, env=s.env)
