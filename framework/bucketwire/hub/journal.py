@@ -218,6 +218,9 @@ class _Staged:
     """Their envelopes' bytes (see SETTLE_BYTES)."""
     failed: bool = False
     """SQLite refused them: nothing more is staged on top (commits settle first, and are refused meanwhile)."""
+    acks: bool = False
+    """One of them carries cursors, counters or attempts, which the front log does not hold: written at once (a
+    kill -9 before would lose acks above a cursor gap, and their events would run again)."""
 
 
 class JournalAPI(Protocol):
@@ -744,11 +747,14 @@ class Journal:
             raise JournalError(f"journal commit failed: {e.strerror or e}") from e
         before = {t: self.heads.get(t, 0) for t in heads}
         size = sum(len(a.body) for a in out)
+        acks = bool(batch.cursors or batch.stats or batch.attempts)
         p = self._pending
         if p is None:
-            self._pending = _Staged([batch], rows, heads, before, time.monotonic() + SETTLE_AFTER, size=size)
+            self._pending = _Staged([batch], rows, heads, before, time.monotonic() + SETTLE_AFTER, size=size,
+                                    acks=acks)
         else:
             p.size += size
+            p.acks = p.acks or acks
             p.batches.append(batch)
             p.rows += rows
             p.heads.update(heads)
@@ -764,12 +770,13 @@ class Journal:
     def settle(self, now: float | None = None) -> float | None:
         """See JournalAPI.settle: the staged commits are written in one transaction once SETTLE_EVENTS of their
         events (or SETTLE_BYTES) have gathered or the first has waited SETTLE_AFTER (at 1,000/s one transaction
-        per commit was ~64 µs of the loop's CPU per event)."""
+        per commit was ~64 µs of the loop's CPU per event), or at once when one carries acks (`_Staged.acks`)."""
         pending = self._pending
         if pending is None:
             return None
         rows = pending.rows
-        if now is not None and now < pending.due and len(rows) < SETTLE_EVENTS * ROW and pending.size < SETTLE_BYTES:
+        if (now is not None and now < pending.due and len(rows) < SETTLE_EVENTS * ROW and pending.size < SETTLE_BYTES
+                and not pending.acks):
             return pending.due
         try:
             with self._transaction("commit") as db:
