@@ -122,6 +122,9 @@ def test_bus_against_nats(tmp_path: Path) -> None:
             assert set(s[which]["500"]) == lat_keys, name
             assert 0 < s[which]["500"]["p50_ms"] <= s[which]["500"]["p99_ms"] <= s[which]["500"]["max_ms"], name
             assert rnd[which]["500"]["n"] == 100, name
+        # The machine's stolen share of each phase, so a reader can tell a disturbed round from a quiet one.
+        assert set(rnd["steal"]) == set(s["steal"]) == {"saturation", "500", "busy 500"}, name
+        assert all(0.0 <= v <= 1.0 for v in rnd["steal"].values()), name
     ratio = r["ratio"]
     assert ratio["events_per_s"] > 0 and ratio["cpu_per_event"] > 0 and ratio["p99_at_500"] > 0
     assert len(ratio["round_events_per_s"]) == 1
@@ -129,6 +132,20 @@ def test_bus_against_nats(tmp_path: Path) -> None:
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
     text = svg.read_text()
     assert "bucketwire" in text and "nats" in text  # legend and axis labels are kept as text
+
+
+def test_steal_is_read_from_the_cpu_line_of_proc_stat() -> None:
+    """Steal is the 8th figure of the `cpu` line (not a per-CPU line), over user..steal; guest time is in user."""
+    from bucketwire.devstack.bench.cpu import machine_ticks, steal_share
+
+    before = machine_ticks("cpu  100 0 50 800 10 0 5 35 7 0\ncpu0 1 2 3 4 5 6 7 999 0 0\nintr 5\n")
+    after = machine_ticks("cpu  600 0 223 1933 20 0 9 267 9 0\ncpu0 1 2 3 4 5 6 7 999 0 0\n")
+    assert before == (1000, 35) and after == (3052, 267)
+    assert steal_share(before, after) == round(232 / 2052, 4)
+    assert steal_share(after, after) == 0.0  # no tick passed: nothing stolen, no division by zero
+    assert machine_ticks("cpu  1 2 3 4\n") == (10, 0)  # a kernel without the steal field
+    total, stolen = machine_ticks()  # this machine's own
+    assert total > 0 and 0 <= stolen <= total
 
 
 def test_bus_plot_needs_against_nats() -> None:

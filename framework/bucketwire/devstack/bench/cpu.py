@@ -65,3 +65,25 @@ def tree_cpu(roots: list[int]) -> float:
         total += process_seconds(pid)
         todo.extend(children.get(pid, []))
     return total
+
+
+def machine_ticks(stat: str | None = None) -> tuple[int, int]:
+    """(all, stolen) clock ticks of the machine's CPUs so far, from the `cpu` line of /proc/stat (`stat`: its text,
+    read now if None). Stolen: time the hypervisor ran something else while this guest had work, which neither
+    system's CPU figure shows but which every latency figure does: on a shared virtual machine it is most of
+    what makes one run differ from the next. All: user, nice, system, idle, iowait, irq, softirq and steal
+    (guest time is counted within user already)."""
+    text = Path("/proc/stat").read_text() if stat is None else stat
+    for line in text.splitlines():
+        f = line.split()
+        if f and f[0] == "cpu":
+            ticks = [int(x) for x in f[1:9]]
+            ticks += [0] * (8 - len(ticks))  # kernels before 2.6.11 have no steal field
+            return sum(ticks), ticks[7]
+    return 0, 0
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the machine's CPU time stolen between two `machine_ticks` readings (0.0 when no tick passed)."""
+    total = after[0] - before[0]
+    return round((after[1] - before[1]) / total, 4) if total > 0 else 0.0
