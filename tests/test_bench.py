@@ -148,6 +148,59 @@ def test_steal_is_read_from_the_cpu_line_of_proc_stat() -> None:
     assert total > 0 and 0 <= stolen <= total
 
 
+def _fake_round(steal: float) -> dict[str, Any]:
+    lat = {"p50_ms": 0.3, "p90_ms": 0.4, "p99_ms": 1.0, "p999_ms": 2.0, "max_ms": 3.0, "n": 10}
+    return {"events_per_s": 1000.0, "handled": 10, "cpu_us_per_event": 30.0, "publisher_cpu_us_per_event": 9.0,
+            "cpu_us_per_event_at_rate": {"1000": 500.0}, "latency": {"1000": lat}, "latency_busy": {},
+            "steal": {"saturation": 0.0, "1000": steal}}
+
+
+@pytest.mark.parametrize("max_steal", [None, 0.05])
+def test_max_steal_runs_a_disturbed_round_again_on_both_sides(monkeypatch: pytest.MonkeyPatch,
+                                                               max_steal: float | None) -> None:
+    """The round pair, not the disturbed side alone, is run again, in the round's own order; what was set aside is
+    reported; a round still over the limit after every retry is kept and named. Without --max-steal nothing is
+    run twice. (The systems are replaced by rounds with given steal: the logic, not the machine, is under test.)"""
+    from bucketwire.devstack.bench import jetstream, versus
+
+    steals = iter([0.02, 0.20,  # round 1 (bucketwire, nats): nats's phase lost 20%
+                   0.01, 0.03,  # round 1 again: kept
+                   0.04, 0.01,  # round 2 (nats, bucketwire): kept
+                   *[0.5] * 8])  # round 3: over on every try
+    calls: list[str] = []
+    monkeypatch.setattr(versus, "BucketwireSide", lambda *a: "bucketwire")
+    monkeypatch.setattr(jetstream, "JetStreamSide", lambda *a: "nats")
+    monkeypatch.setattr(jetstream, "require_nats", lambda: None)
+    monkeypatch.setattr(versus, "machine", lambda: {})
+
+    def one_round(side: str, *a: Any) -> dict[str, Any]:
+        calls.append(side)
+        return _fake_round(next(steals))
+
+    monkeypatch.setattr(versus, "one_round", one_round)
+    r = versus.run(10, 2, "os", [1000], 0.01, 3, False, max_steal=max_steal)
+    kept = {name: [rnd["steal"]["1000"] for rnd in s["rounds"]] for name, s in r["systems"].items()}
+    if max_steal is None:
+        assert calls == ["bucketwire", "nats", "nats", "bucketwire", "bucketwire", "nats"]
+        assert kept == {"bucketwire": [0.02, 0.03, 0.04], "nats": [0.20, 0.01, 0.01]}  # each taken as it came
+        assert r["set_aside"] == [] and r["rounds_over_max_steal"] == []
+        return
+    assert calls == ["bucketwire", "nats"] * 2 + ["nats", "bucketwire"] + ["bucketwire", "nats"] * 4
+    assert kept == {"bucketwire": [0.01, 0.01, 0.5], "nats": [0.03, 0.04, 0.5]}
+    assert [(a["round"], a["steal"]) for a in r["set_aside"]] == [(1, 0.20), (3, 0.5), (3, 0.5), (3, 0.5)]
+    assert r["rounds_over_max_steal"] == [3] and r["max_steal"] == 0.05
+    text = versus.render(r)
+    assert "4 round(s) set aside and run again, over --max-steal 5%: round 1 20%" in text
+    assert "rounds kept over --max-steal after 3 more tries: 3" in text
+    assert "note: the hypervisor took up to 50%" in text
+
+
+def test_max_steal_goes_with_against_nats() -> None:
+    p = subprocess.run([sys.executable, "-m", "bucketwire", "bench", "bus", "--max-steal", "5"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "--max-steal go with --against nats" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_bus_plot_needs_against_nats() -> None:
     p = subprocess.run([sys.executable, "-m", "bucketwire", "bench", "bus", "--plot", "x.svg"], capture_output=True,
                        text=True, timeout=60)

@@ -28,6 +28,10 @@ def bench() -> None:
 @click.option("--rounds", type=click.IntRange(1, 99), default=3, show_default=True,
               help="With --against nats: rounds per system, alternating; medians are compared.")
 @click.option("--busy", is_flag=True, help="With --against nats: rerun the latency phase with one core kept busy.")
+@click.option("--max-steal", type=click.FloatRange(0, 100), default=None,
+              help="With --against nats: a round in which either system lost more than this percent of the "
+                   "machine's CPU to the hypervisor in a phase (steal) is run again, both systems, up to "
+                   "3 more times; the rounds set aside stay in --json.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), default=None,
               help="With --against nats: draw events/s and latency percentiles to this SVG (needs the 'plot' "
                    "extra).")
@@ -39,8 +43,8 @@ def bench() -> None:
                    "([hub] local, what one host should use) or TCP on loopback (what other hosts use).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], rate: tuple[int, ...], seconds: float,
-        against: str, rounds: int, busy: bool, plot_file: str | None, backend: str, transport: str,
-        as_json: bool) -> None:
+        against: str, rounds: int, busy: bool, max_steal: float | None, plot_file: str | None, backend: str,
+        transport: str, as_json: bool) -> None:
     """Publish -> commit -> worker no-op -> ack, against raw pyzmq PUSH/PULL or NATS JetStream."""
     if against == "nats":
         from bucketwire.devstack.bench import versus
@@ -55,13 +59,14 @@ def bus(events: int, processes: tuple[int, ...], durability: tuple[str, ...], ra
 
             plot.require_matplotlib()
         res = versus.run(events, processes[0] if processes else 2, durability[0] if durability else "os",
-                         list(rate or (1000,)), seconds, rounds, busy, transport)
+                         list(rate or (1000,)), seconds, rounds, busy, transport,
+                         None if max_steal is None else max_steal / 100)
         if plot_file:
             plot.draw(res, plot_file)
         click.echo(json.dumps(res, indent=2) if as_json else versus.render(res))
         return
-    if plot_file or busy:
-        raise click.UsageError("--plot and --busy go with --against nats")
+    if plot_file or busy or max_steal is not None:
+        raise click.UsageError("--plot, --busy and --max-steal go with --against nats")
     backends = ("sqlite", "jetstream") if backend == "both" else (backend,)
     if "jetstream" in backends:
         from bucketwire.devstack.nats import NatsError, find_nats_server
