@@ -342,8 +342,8 @@ def setup_text(processes: int, durability: str, transport: str = "local") -> dic
 
 STEAL_NOTE = 0.05
 """A phase whose machine lost more than this share of its CPU time to the hypervisor gets a note under the results:
-on the 2-core virtual machine issue 16 was measured on, rounds with 10-20% stolen showed p99s 5-10x those of quiet
-ones, on both sides (docs/performance.md, runs 60 on)."""
+on the 2-core virtual machine issue 16 was measured on, phases at 1,000/s that lost 10-35% had p99s of 3-16 ms on
+both sides, where that morning's first runs had 0.7-1.2 (docs/performance.md, change 28)."""
 
 
 def _phase_label(key: str) -> str:
