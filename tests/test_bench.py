@@ -347,6 +347,26 @@ def test_floor_and_stages_leave_nothing_behind() -> None:
     assert "p50" in p.stdout
     p = run_clean([sys.executable, "-m", "bucketwire.devstack.bench.stages", "500", "0.2"], 120)
     assert "total" in p.stdout
+    assert "loop turns: " in p.stdout and "the loop was busy in a turn for " in p.stdout
+
+
+def test_stages_tells_a_late_turn_found_busy_from_one_found_asleep() -> None:
+    """`loop_waits` splits the events whose loop turn came late: sent while a turn ran (and while that turn settled
+    the journal) or while the loop slept; an event read in time counts nowhere."""
+    from bucketwire.devstack.bench.stages import loop_waits
+
+    turns = [(0.0, 0.002), (0.010, 0.0101), (0.020, 0.0205)]
+    settles = [(0.0015, 0.002)]
+    sent_turn = [
+        (0.0005, 0.0021),  # sent during the first turn, before its settle: busy
+        (0.0016, 0.0022),  # during its settle: busy, settling
+        (0.005, 0.0100),  # between turns, read 5 ms later: asleep
+        (0.0101, 0.0102),  # read at once: not late
+        (0.0202, 0.0209),  # during the third turn, no settle: busy
+    ]
+    assert loop_waits(sent_turn, turns, settles) == {"late": 4, "busy": 3, "settling": 1, "asleep": 1}
+    assert loop_waits(sent_turn, turns, settles, late=0.001)["late"] == 2, "only the 1.6 and 5 ms waits"
+    assert loop_waits([], turns, settles) == {"late": 0, "busy": 0, "settling": 0, "asleep": 0}
 
 
 def test_the_profile_reads_only_whole_lines_of_the_probe(tmp_path: Path) -> None:

@@ -8,11 +8,16 @@ its own. For each event: publisher send -> the hub's loop turn that reads it; ->
 until the PUB is read, until the commit begins, the commit); -> its DELIVER sent; -> its handler. With `busy` a
 spinning process holds one core; with `tcp` the publisher and workers reach the hub over TCP instead of its
 local socket. Prints percentiles per stage, and the journal commit's own time.
+
+The probe also keeps when each loop turn and each journal `settle` ran, so the tail of the first stage can be
+told apart (`loop_waits`): an event whose turn came late either found the loop in a turn of its own (busy: a long
+turn, a settle) or asleep (the wake-up itself was slow: the scheduler, or the hypervisor waking an idle vCPU).
 """
 
 from __future__ import annotations
 
 import atexit
+import bisect
 import signal
 import statistics
 import subprocess
@@ -36,12 +41,15 @@ def probe_hub(out: str, argv: list[str]) -> None:
     committed: dict[int, float] = {}
     sent: dict[int, float] = {}
     commit_s: list[float] = []
+    turns: list[tuple[float, float]] = []
+    settles: list[tuple[float, float]] = []
     turn = [0.0]
     tick, read_pub, init = loop.Hub.tick, loop.read_pub, loop.Hub.__init__  # type: ignore[attr-defined]
 
     def p_tick(self: loop.Hub, *rest: Any, **kw: Any) -> None:
-        turn[0] = time.monotonic()
+        turn[0] = t0 = time.monotonic()
         tick(self, *rest, **kw)
+        turns.append((t0, time.monotonic()))
 
     def p_read_pub(raw: bytes) -> Any:  # the hub's PUB handling starts by reading the request
         now = time.monotonic()
@@ -53,7 +61,7 @@ def probe_hub(out: str, argv: list[str]) -> None:
 
     def p_init(self: loop.Hub, cfg: Any) -> None:
         init(self, cfg)
-        send, commit = self.net.send, self.journal.commit
+        send, commit, settle = self.net.send, self.journal.commit, self.journal.settle
 
         def p_send(frames: list[bytes]) -> bool:
             if frames[1] == P.DELIVER:
@@ -76,12 +84,21 @@ def probe_hub(out: str, argv: list[str]) -> None:
                     begun[data["i"]] = t0
             return res
 
+        def p_settle(now: float | None = None) -> float | None:
+            t0 = time.monotonic()
+            pending = getattr(self.journal, "_pending", None) is not None  # staged rows (the SQLite journal)
+            res = settle(now)
+            if pending and (res is None or now is None):  # it wrote something (a settle that waits returns at once)
+                settles.append((t0, time.monotonic()))
+            return res
+
+        self.journal.settle = p_settle  # type: ignore[method-assign]
         self.net.send = p_send  # type: ignore[method-assign]
         self.journal.commit = p_commit  # type: ignore[method-assign]
 
     def dump() -> None:
         with open(out, "w") as f:
-            f.write(orjson.dumps({"commit_s": commit_s, "events": {
+            f.write(orjson.dumps({"commit_s": commit_s, "turns": turns, "settles": settles, "events": {
                 i: [t, committed.get(i, 0.0), sent.get(i, 0.0), onpub[i], begun.get(i, 0.0)] for i, t in recv.items()}},
                 option=orjson.OPT_NON_STR_KEYS).decode())
 
@@ -96,6 +113,30 @@ def probe_hub(out: str, argv: list[str]) -> None:
 def q(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[int(p * (len(xs) - 1))] * 1000 if xs else float("nan")
+
+
+def loop_waits(sent_turn: list[tuple[float, float]], turns: list[tuple[float, float]],
+               settles: list[tuple[float, float]], late: float = 0.0005) -> dict[str, int]:
+    """Of the events whose loop turn began more than `late` seconds after they were sent (`sent_turn`: (sent, the
+    turn that read it) per event), how many the loop was busy for when they were sent (a turn under way), of those
+    how many it was settling the journal for, and how many found it asleep. `turns` and `settles`: (start, end),
+    each list in time order."""
+    starts = [a for a, _ in turns]
+    settle_starts = [a for a, _ in settles]
+    out = {"late": 0, "busy": 0, "settling": 0, "asleep": 0}
+    for sent, turn in sent_turn:
+        if turn - sent <= late:
+            continue
+        out["late"] += 1
+        i = bisect.bisect_right(starts, sent) - 1
+        if i >= 0 and turns[i][1] > sent:
+            out["busy"] += 1
+            j = bisect.bisect_right(settle_starts, sent) - 1
+            if j >= 0 and settles[j][1] > sent:
+                out["settling"] += 1
+        else:
+            out["asleep"] += 1
+    return out
 
 
 def run(rate: int, seconds: float, busy: bool, local: bool = True) -> None:
@@ -143,10 +184,12 @@ def run(rate: int, seconds: float, busy: bool, local: bool = True) -> None:
         "DELIVER sent -> handler", "total", "  of which: turn -> PUB read", "  PUB read -> commit begins",
         "  the commit")}
     lists = list(stages.values())
+    sent_turn: list[tuple[float, float]] = []
     for key, (turn, done, sent, read, begins) in probe["events"].items():
         i = int(key)
         if first <= i < first + k and i in handled and done and sent:
             t, r = handled[i]
+            sent_turn.append((t, turn))
             for lst, v in zip(lists, (turn - t, done - turn, sent - done, r - sent, r - t, read - turn,
                                       begins - read, done - begins), strict=True):
                 lst.append(v)
@@ -156,6 +199,14 @@ def run(rate: int, seconds: float, busy: bool, local: bool = True) -> None:
     cs = probe["commit_s"]
     print(f"  journal commits: {len(cs)} ({len(cs) / max(1, k + first):.2f} per event), "
           f"each p50 {statistics.median(cs) * 1e6:.0f} us")
+    turns = [(a, b) for a, b in probe["turns"]]
+    settles = [(a, b) for a, b in probe["settles"]]
+    w = loop_waits(sent_turn, turns, settles)
+    print(f"  loop turns: {len(turns)}, p50 {q([b - a for a, b in turns], .5):.3f} ms, "
+          f"p99 {q([b - a for a, b in turns], .99):.3f}; journal settles: {len(settles)}, "
+          f"p50 {q([b - a for a, b in settles], .5):.3f} ms")
+    print(f"  events whose turn began > 0.5 ms after the send: {w['late']}; the loop was busy in a turn for "
+          f"{w['busy']} (settling the journal for {w['settling']}), asleep for {w['asleep']}")
 
 
 if __name__ == "__main__":
