@@ -90,7 +90,7 @@ def test_a_journal_killed_before_it_wrote_a_staged_commit_into_sqlite_has_it_aft
     j.close()
     j = Journal(path)
     assert j.heads == {"a": 22, "b": 2}
-    assert j.cursors() == {}, "cursors are not in the front log: a lost cursor move only redelivers"
+    assert j.cursors() == {("g", "a"): 5}, "the staged commit's cursor came back with its events (change 29)"
     j.close()
 
 
@@ -562,9 +562,9 @@ def test_several_staged_commits_not_yet_in_sqlite_are_all_there_after_a_kill(tmp
 
 def test_staged_commits_wait_for_each_other_and_are_written_by_count_or_deadline(tmp_path, monkeypatch):
     """`settle(now)` writes nothing before SETTLE_EVENTS events or SETTLE_AFTER, then all of them in one
-    transaction; a staged commit carrying acks (cursors, counters) is written at once, with those before it: the
-    front log holds no cursor, and a kill -9 in the wait would lose acks above a cursor gap (their events ran
-    again: test_delivery's crash test, one suite run in several)."""
+    transaction; a staged commit carrying acks (cursors, counters) waits like any other: the front log holds its
+    acks too (change 29; before it such a commit was written at once, a kill -9 in the wait losing acks above a
+    cursor gap), and the last cursor each commit carried is the one stored, counters added up."""
     from bucketwire.hub import journal as J
     monkeypatch.setattr(J, "SETTLE_EVENTS", 4)
     path = tmp_path / "j.db"
@@ -584,13 +584,17 @@ def test_staged_commits_wait_for_each_other_and_are_written_by_count_or_deadline
     assert due is not None and rows_in_sqlite(path, "a") == [1, 2, 3, 4]
     assert j.settle(due) is None, "its deadline: written"
     assert rows_in_sqlite(path, "a") == [1, 2, 3, 4, 5]
-    j.commit(Batch(events=[ev("a", 5)]))
-    assert j.settle(now) is not None, "no acks: it waits"
+    j.commit(Batch(events=[ev("a", 5)], cursors={("g", "a"): 2}, stats={"g": (1, 0, 1)}))
+    assert j.settle(now) is not None, "acks: it waits all the same"
     j.commit(Batch(events=[ev("a", 6)], cursors={("g", "a"): 3}, above={("g", "a"): "5"}, stats={"g": (1, 0, 1)}))
-    assert j.settle(now) is None, "acks: written at once"
-    assert rows_in_sqlite(path, "a") == [1, 2, 3, 4, 5, 6, 7]
+    assert j.settle(now) is not None
+    assert rows_in_sqlite(path, "a") == [1, 2, 3, 4, 5]
+    j.commit(Batch(events=[ev("a", 7)]))
+    j.commit(Batch(events=[ev("a", 8)]))
+    assert j.settle(now) is None, "four events: written"
+    assert rows_in_sqlite(path, "a") == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert j.cursors() == {("g", "a"): 3} and j.cursor_above() == {("g", "a"): "5"}
-    assert j.group_stats() == {"g": (1, 0, 1)}
+    assert j.group_stats() == {"g": (2, 0, 2)}
     j.close()
 
 
@@ -705,3 +709,74 @@ def test_a_commit_that_goes_straight_into_sqlite_writes_the_staged_ones_first(tm
     assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2]
     assert j.commit(Batch(events=[ev("a", 3)]))[0].seq == 3
     j.close()
+
+
+# -- acks in the front log (docs/performance.md, change 29) ---------------------------------------------------------
+
+
+def test_acks_staged_with_their_events_come_back_after_a_kill_and_are_not_counted_twice(tmp_path):
+    """Cursors, ranges above them, counters and attempt counts carried by staged commits are in the front log with
+    their rows: after a kill -9 before they reached SQLite they are all there, as if written one commit after the
+    other. A commit already written into SQLite before the kill (its record still in the file) is not applied
+    again: its counters would count twice and its cursor move back."""
+    path = tmp_path / "j.db"
+    out = commit_then_kill(path, """
+        import time
+        j._keys.join()
+        j.commit(Batch(events=[ev("a", i) for i in range(20)], cursors={("g", "a"): 1}, stats={"g": (1, 0, 0)}))
+        j.commit(Batch(events=[ev("a", 100)], cursors={("g", "a"): 10}, above={("g", "a"): "12-13"},
+                       stats={"g": (0, 1, 0)}, attempts={("g", "a", 15): 2, ("g", "a", 16): 1},
+                       due={("g", "a", 15): 1234.5, ("g", "a", 16): 99.0}, waits={("g", "a", 15): 3.0}))
+        assert j.settle(time.monotonic()) is not None, "it waits"
+        j.settle()  # written into SQLite; its record stays in the file (which starts over only past TRUNCATE_AT)
+        j.commit(Batch(events=[ev("a", 101)], cursors={("g", "a"): 11}, stats={"g": (0, 1, 0)}))
+        j.commit(Batch(events=[ev("b", 102)], cursors={("h", "b"): 1}, stats={"h": (0, 0, 1)},
+                       attempts={("g", "a", 15): 0, ("g", "a", 17): 4}, due={("g", "a", 17): 77.0}))
+        assert j.settle(time.monotonic()) is not None, "they wait"
+        print(json.dumps({"staged": len(j._pending.batches)}))
+    """)
+    assert out["staged"] == 2
+    assert rows_in_sqlite(path, "a") == list(range(1, 22)) and rows_in_sqlite(path, "b") == []
+    j = Journal(path)
+    assert rows_in_sqlite(path, "a") == list(range(1, 23)) and rows_in_sqlite(path, "b") == [1]
+    assert j.cursors() == {("g", "a"): 11, ("h", "b"): 1}
+    assert j.cursor_above() == {}, "the last cursor move of ('g', 'a') had no range above it"
+    assert j.group_stats() == {"g": (1, 2, 0), "h": (0, 0, 1)}, "each commit's counters once"
+    assert j.attempts_of("g") == {("a", 16): 1, ("a", 17): 4}, "15 forgotten by the last commit"
+    assert j.retries_due("g") == {("a", 16): 99.0, ("a", 17): 77.0}
+    assert j.retry_waits("g") == {}
+    assert front(path).stat().st_size == 0, "replayed, then started over"
+    j.close()
+    j = Journal(path)
+    assert j.group_stats() == {"g": (1, 2, 0), "h": (0, 0, 1)}, "a second start applies nothing again"
+    j.close()
+
+
+def test_an_acks_record_follows_its_rows_record_which_reads_as_before(tmp_path):
+    """A commit's acks are a record of their own kind after its rows record, in the same write: the rows record's
+    bytes are those of a commit without acks, so a hub from before acks records replays the rows and skips the
+    acks as bytes that do not check out. A damaged acks record loses that commit's acks (its events run again),
+    never its rows."""
+    from bucketwire.hub.journal_front import ACKS_MAGIC, MAGIC, FrontLog
+
+    rows: list[object] = ["a", 1, "s", "id-1", "k1", 1.0, b"{}"]
+    acks: list[list[list[object]]] = [[["g", "a", 1, ""]], [["g", 0, 1, 0]], [["g", "a", 1, 2, 5.0, None]]]
+    plain = FrontLog(tmp_path / "plain", b"jid")
+    plain.append(rows)
+    both = FrontLog(tmp_path / "both", b"jid")
+    both.append(rows, acks)
+    both.append(rows, acks)
+    one = (tmp_path / "plain").read_bytes()
+    data = (tmp_path / "both").read_bytes()
+    assert data.startswith(one) and data[len(one):len(one) + 4] == ACKS_MAGIC and data.count(MAGIC) == 2
+    assert both.records() == ([(rows, acks), (rows, acks)], 0)
+    both.close()
+    second_acks = data.rindex(ACKS_MAGIC)
+    damaged = bytearray(data)
+    damaged[second_acks + HEADER.size + 2] ^= 0xFF
+    (tmp_path / "both").write_bytes(bytes(damaged))
+    reread = FrontLog(tmp_path / "both", b"jid")
+    records, bad = reread.records()
+    assert records == [(rows, acks), (rows, None)] and bad == len(data) - second_acks
+    plain.close()
+    reread.close()

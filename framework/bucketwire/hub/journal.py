@@ -31,7 +31,7 @@ from typing import Protocol, cast
 import msgspec
 
 from bucketwire.envelope import Unsent, render
-from bucketwire.hub.journal_front import ROW, FrontLog
+from bucketwire.hub.journal_front import ROW, Acks, FrontLog
 from bucketwire.hub.journal_mark import MARK_INTERVAL, MARK_SHARE, HighWater, Issued
 from bucketwire.hub.key_filter import KeyFilter
 
@@ -200,12 +200,46 @@ class Batch:
     `retry_waits`)."""
 
 
+def acks_of(batch: Batch) -> Acks | None:
+    """A staged commit's acks as its front log record holds them (journal_front.Acks); None when it has none."""
+    if not (batch.cursors or batch.stats or batch.attempts):
+        return None
+    above, due, waits = batch.above, batch.due, batch.waits
+    return [[[g, t, a, above.get((g, t), "")] for (g, t), a in batch.cursors.items()],
+            [[g, *v] for g, v in batch.stats.items()],
+            [[g, t, q, n, due.get((g, t, q)), waits.get((g, t, q))] for (g, t, q), n in batch.attempts.items()]]
+
+
+def batch_of(acks: Acks) -> Batch:
+    """The acks of a front log record as the `Batch` that carried them (no events: those are its rows). An entry
+    not of the form `acks_of` writes is left out (its record checked out, so only a hub of another version could
+    have written it)."""
+    b = Batch()
+    cursors, stats, attempts = acks
+    for c in cursors:
+        if len(c) == 4 and type(c[0]) is str and type(c[1]) is str and type(c[2]) is int and type(c[3]) is str:
+            b.cursors[(c[0], c[1])] = c[2]
+            b.above[(c[0], c[1])] = c[3]
+    for v in stats:
+        if len(v) == 4 and type(v[0]) is str and all(type(x) is int for x in v[1:]):
+            b.stats[v[0]] = (int(v[1]), int(v[2]), int(v[3]))  # type: ignore[call-overload]
+    for r in attempts:
+        if len(r) == 6 and type(r[0]) is str and type(r[1]) is str and type(r[2]) is int and type(r[3]) is int:
+            k = (r[0], r[1], r[2])
+            b.attempts[k] = r[3]
+            if isinstance(r[4], (int, float)) and type(r[4]) is not bool:
+                b.due[k] = float(r[4])
+            if isinstance(r[5], (int, float)) and type(r[5]) is not bool:
+                b.waits[k] = float(r[5])
+    return b
+
+
 @dataclass(slots=True)
 class _Staged:
     """Commits in the front log, not yet in SQLite: written there together, in one transaction (`settle`)."""
 
     batches: list[Batch]
-    """Their cursors, counters and attempts, in commit order (empty for a replay)."""
+    """Their cursors, counters and attempts, in commit order (for a replay: the acks its records held)."""
     rows: list[object]
     """Their rows, in commit order (so in seq order within each topic)."""
     heads: dict[str, int]
@@ -218,9 +252,8 @@ class _Staged:
     """Their envelopes' bytes (see SETTLE_BYTES)."""
     failed: bool = False
     """SQLite refused them: nothing more is staged on top (commits settle first, and are refused meanwhile)."""
-    acks: bool = False
-    """One of them carries cursors, counters or attempts, which the front log does not hold: written at once (a
-    kill -9 before would lose acks above a cursor gap, and their events would run again)."""
+    replay: bool = False
+    """What a start found in the front log: once it is in SQLite the file starts over."""
 
 
 class JournalAPI(Protocol):
@@ -471,24 +504,29 @@ class Journal:
             self._keep_damaged(len(records), bad)
         above: list[list[object]] = []
         tops: dict[str, int] = {}
-        for rec in records:
+        acked: list[Batch] = []
+        for rec, acks in records:
+            unwritten = False  # a commit's rows and acks go into SQLite in one transaction: all of it, or none
             for i in range(0, len(rec), ROW):
                 topic, seq = rec[i], rec[i + 1]
                 if not isinstance(topic, str) or not isinstance(seq, int):
                     continue
+                unwritten = unwritten or seq > self.heads.get(topic, 0)
                 if seq > max(self.heads.get(topic, 0), tops.get(topic, 0)):
                     above.append(rec[i:i + ROW])
                     tops[topic] = seq
+            if unwritten and acks is not None:
+                acked.append(batch_of(acks))
         for row in self._not_held(above):
             flat += row
             heads[str(row[0])] = int(row[1])  # type: ignore[call-overload]
         if not flat:
             self._front.reset()
             return
-        self._pending = _Staged([], flat, heads, {t: self.heads.get(t, 0) for t in heads})
+        self._pending = _Staged(acked, flat, heads, {t: self.heads.get(t, 0) for t in heads}, replay=True)
         self.heads.update(heads)
         log.warning("journal: writing events the front log held from before a crash",
-                    extra={"events": len(flat) // ROW, "topics": sorted(heads)})
+                    extra={"events": len(flat) // ROW, "topics": sorted(heads), "acks": len(acked)})
         try:
             self.settle()
         except JournalError as e:
@@ -738,7 +776,7 @@ class Journal:
             raise JournalError(f"journal commit failed: {e}") from e
         out, rows, heads = self._assign(events, {}, None, time.time())
         try:
-            self._front.append(rows)
+            self._front.append(rows, acks_of(batch))
         except OSError as e:
             if self._front.torn:
                 self._front_on = False
@@ -747,14 +785,11 @@ class Journal:
             raise JournalError(f"journal commit failed: {e.strerror or e}") from e
         before = {t: self.heads.get(t, 0) for t in heads}
         size = sum(len(a.body) for a in out)
-        acks = bool(batch.cursors or batch.stats or batch.attempts)
         p = self._pending
         if p is None:
-            self._pending = _Staged([batch], rows, heads, before, time.monotonic() + SETTLE_AFTER, size=size,
-                                    acks=acks)
+            self._pending = _Staged([batch], rows, heads, before, time.monotonic() + SETTLE_AFTER, size=size)
         else:
             p.size += size
-            p.acks = p.acks or acks
             p.batches.append(batch)
             p.rows += rows
             p.heads.update(heads)
@@ -770,13 +805,12 @@ class Journal:
     def settle(self, now: float | None = None) -> float | None:
         """See JournalAPI.settle: the staged commits are written in one transaction once SETTLE_EVENTS of their
         events (or SETTLE_BYTES) have gathered or the first has waited SETTLE_AFTER (at 1,000/s one transaction
-        per commit was ~64 µs of the loop's CPU per event), or at once when one carries acks (`_Staged.acks`)."""
+        per commit was ~64 µs of the loop's CPU per event). Acks wait with them: the front log holds them too."""
         pending = self._pending
         if pending is None:
             return None
         rows = pending.rows
-        if (now is not None and now < pending.due and len(rows) < SETTLE_EVENTS * ROW and pending.size < SETTLE_BYTES
-                and not pending.acks):
+        if now is not None and now < pending.due and len(rows) < SETTLE_EVENTS * ROW and pending.size < SETTLE_BYTES:
             return pending.due
         try:
             with self._transaction("commit") as db:
@@ -789,7 +823,7 @@ class Journal:
         if new:
             self._floors.update(new)
         try:  # every record the front log holds is in SQLite now
-            self._front.written() if pending.batches else self._front.reset()
+            self._front.reset() if pending.replay else self._front.written()
         except OSError as e:  # the rows are in SQLite; a front log that grows on is only a longer replay
             log.warning("journal: could not start the front log over", extra={"error": str(e)})
         return None

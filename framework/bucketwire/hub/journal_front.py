@@ -10,12 +10,18 @@ all of it between the publish and the DELIVER. An append of the same rows to a p
 so both survive a kill -9 of the hub (docs/performance.md, "Closing the gap", change 16).
 
 The file (`journal.db-front`, beside `journal.db-wal`) holds records of whole commits: a header (magic, length,
-CRC-32) and the commit's rows as msgpack. The CRC covers the journal's own id too, so a front log left beside
-another journal's `journal.db` is not replayed into it. A backup of this journal restored beside it has the same
-id: its records above the backup's heads are written into it (the newest confirmed events come back). A record is
-written whole or, when a write fails part way (a full disk), cut off again; replay skips what does not check out
-(a tail cut off by a power loss, a damaged record, another journal's) and reads every record that does, in the
-order they were written; the journal keeps a copy of such a file for the operator (`Journal._replay_front`).
+CRC-32) and the commit's rows as msgpack; a commit that also carries acks (cursors, counters, attempt counts) has a
+second record right after it, of its own kind (`ACKS_MAGIC`), written by the same `write`. So acks that ride on a
+staged commit are as durable as its events, and the commit need not be written into SQLite at once for their sake
+(docs/performance.md, change 29). A hub from before acks records skips one as bytes that do not check out (a
+warning) and still replays the rows record before it.
+
+The CRC covers the journal's own id too, so a front log left beside another journal's `journal.db` is not
+replayed into it. A backup of this journal restored beside it has the same id: its records above the backup's
+heads are written into it (the newest confirmed events come back). A record is written whole or, when a write
+fails part way (a full disk), cut off again; replay skips what does not check out (a tail cut off by a power
+loss, a damaged record, another journal's) and reads every record that does, in the order they were written; the
+journal keeps a copy of such a file for the operator (`Journal._replay_front`).
 
 Which rows a replay inserts: those above the topic's head in SQLite. Rows are written into SQLite in seq order
 and before anything else touches the journal (a read, retention, a floor), so everything at or below a head was
@@ -35,6 +41,8 @@ from pathlib import Path
 import msgspec
 
 MAGIC = b"BWF1"
+ACKS_MAGIC = b"BWA1"
+"""A commit's acks, in the record after its rows: their own kind, so that a rows record reads as it always has."""
 HEADER = struct.Struct("<4sII")
 """Magic, payload length, CRC-32 of the journal's id followed by the payload."""
 TRUNCATE_AT = 1 << 20
@@ -46,6 +54,13 @@ commit's rows as one flat list, as the journal's multi-row INSERT binds them."""
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
+
+Acks = list[list[list[object]]]
+"""A commit's acks as a record holds them: [cursors, counters, attempts]; a cursor [group, topic, acked, above], a
+counter [group, dead_lettered, retried, redelivered] (added to the stored ones), an attempt count [group, topic,
+seq, attempts, due, wait] (due and wait None where the commit had none)."""
+Record = tuple[list[object], Acks | None]
+"""A commit as the file holds it: its rows, and its acks when it carried some."""
 
 
 class FrontLog:
@@ -70,7 +85,7 @@ class FrontLog:
         """A failed write could not be cut off again: nothing is appended after it (the next start replays past it,
         but has to take it for damage: a warning, and a copy of the file)."""
 
-    def records(self) -> tuple[list[list[object]], int]:
+    def records(self) -> tuple[list[Record], int]:
         """Every record from the start of the file that checks out, and how many bytes of the file did not.
 
         Past a stretch that does not check out (a record cut off by a power loss, a damaged sector, another
@@ -78,7 +93,7 @@ class FrontLog:
         over the journal's id), and only the newest can hold a commit not yet in SQLite. Stopping at the first bad
         byte dropped that commit, confirmed and handed out, whenever an older record was damaged."""
         data = os.pread(self.fd, self.size, 0)
-        out: list[list[object]] = []
+        out: list[Record] = []
         at = good = 0
         while at + HEADER.size <= len(data):
             rows = _record(data, at, self._seed)
@@ -87,17 +102,25 @@ class FrontLog:
                 if at < 0:
                     break
                 continue
-            out.append(rows)
             n = HEADER.size + HEADER.unpack_from(data, at)[1]
             good += n
             at += n
+            acks = _acks_record(data, at, self._seed) if at + HEADER.size <= len(data) else None
+            if acks is not None:
+                m = HEADER.size + HEADER.unpack_from(data, at)[1]
+                good += m
+                at += m
+            out.append((rows, acks))
         return out, len(data) - good
 
-    def append(self, rows: list[object]) -> None:
-        """Append one commit's rows; OSError when they could not be written whole. Nothing of them is left in the
-        file then, unless cutting it back failed too (`torn`)."""
+    def append(self, rows: list[object], acks: Acks | None = None) -> None:
+        """Append one commit's rows, and its acks when it carries some, in one write; OSError when they could not be
+        written whole. Nothing of them is left in the file then, unless cutting it back failed too (`torn`)."""
         body = _encode(rows)
         rec = HEADER.pack(MAGIC, len(body), zlib.crc32(body, self._seed)) + body
+        if acks is not None:
+            more = _encode(acks)
+            rec += HEADER.pack(ACKS_MAGIC, len(more), zlib.crc32(more, self._seed)) + more
         before = self.size
         try:
             n = os.write(self.fd, rec)
@@ -132,16 +155,31 @@ class FrontLog:
             pass
 
 
-def _record(data: bytes, at: int, seed: int) -> list[object] | None:
-    """The rows of the record at `at`, or None when it does not check out."""
-    magic, n, crc = HEADER.unpack_from(data, at)
+def _payload(data: bytes, at: int, seed: int, magic: bytes) -> object:
+    """The decoded payload of the record of kind `magic` at `at`, or None when there is none that checks out."""
+    kind, n, crc = HEADER.unpack_from(data, at)
     body = data[at + HEADER.size: at + HEADER.size + n]
-    if magic != MAGIC or len(body) != n or zlib.crc32(body, seed) != crc:
+    if kind != magic or len(body) != n or zlib.crc32(body, seed) != crc:
         return None
     try:
-        rows = _decode(body)
+        return _decode(body)
     except msgspec.DecodeError:
         return None
+
+
+def _record(data: bytes, at: int, seed: int) -> list[object] | None:
+    """The rows of the record at `at`, or None when it does not check out."""
+    rows = _payload(data, at, seed, MAGIC)
     if not isinstance(rows, list) or len(rows) % ROW:
         return None
     return rows
+
+
+def _acks_record(data: bytes, at: int, seed: int) -> Acks | None:
+    """The acks of the record at `at` (the one after a rows record), or None when there is none that checks out:
+    then the commit's acks are lost (its events run again), never its rows."""
+    acks = _payload(data, at, seed, ACKS_MAGIC)
+    if (not isinstance(acks, list) or len(acks) != 3
+            or not all(isinstance(part, list) and all(isinstance(x, list) for x in part) for part in acks)):
+        return None
+    return acks
