@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -20,8 +21,18 @@ GROUP = '\n[groups.a]\ntopics = ["jobs"]\nplugins = []\n'
 
 
 def doctor(s, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bucketwire", "doctor", "-c", str(s.cfg_path), *extra], env=s.env,
-                          capture_output=True, text=True, timeout=60)
+    """`doctor` as a user runs it. One that has not ended after 60 s is made to print where each of its threads
+    waits (faulthandler, on SIGABRT) before the test fails: one CI run saw it hang here once, and could not say
+    where."""
+    args = [sys.executable, "-X", "faulthandler", "-m", "bucketwire", "doctor", "-c", str(s.cfg_path), *extra]
+    p = subprocess.Popen(args, env=s.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)
+        out, err = p.communicate(timeout=10)
+        pytest.fail(f"doctor did not end within 60 s; where it waited:\n{err[-6000:]}\nstdout:\n{out[-2000:]}")
+    return subprocess.CompletedProcess(args, p.returncode, out, err)
 
 
 def offline(tmp: Path, body: str) -> list[str]:
@@ -228,3 +239,4 @@ def test_plugin_settings_a_worker_would_refuse_are_an_error(tmp_path):
     assert offline(tmp_path, '\n[groups.t]\ntopics = ["jobs"]\nplugins = ["thumbnail"]\n\n'
                              '[plugins.thumbnail]\nsizes = [64]\ntopics = ["jobs"]\n') == [], \
         "valid settings are no finding"
+
