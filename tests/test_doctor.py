@@ -239,4 +239,3 @@ def test_plugin_settings_a_worker_would_refuse_are_an_error(tmp_path):
     assert offline(tmp_path, '\n[groups.t]\ntopics = ["jobs"]\nplugins = ["thumbnail"]\n\n'
                              '[plugins.thumbnail]\nsizes = [64]\ntopics = ["jobs"]\n') == [], \
         "valid settings are no finding"
-

@@ -729,9 +729,11 @@ def test_acks_staged_with_their_events_come_back_after_a_kill_and_are_not_counte
                        due={("g", "a", 15): 1234.5, ("g", "a", 16): 99.0}, waits={("g", "a", 15): 3.0}))
         assert j.settle(time.monotonic()) is not None, "it waits"
         j.settle()  # written into SQLite; its record stays in the file (which starts over only past TRUNCATE_AT)
-        j.commit(Batch(events=[ev("a", 101)], cursors={("g", "a"): 11}, stats={"g": (0, 1, 0)}))
+        j.commit(Batch(events=[ev("a", 101)], cursors={("g", "a"): 11}, above={("g", "a"): "13"},
+                       stats={"g": (0, 1, 0)}))
         j.commit(Batch(events=[ev("b", 102)], cursors={("h", "b"): 1}, stats={"h": (0, 0, 1)},
-                       attempts={("g", "a", 15): 0, ("g", "a", 17): 4}, due={("g", "a", 17): 77.0}))
+                       attempts={("g", "a", 15): 0, ("g", "a", 17): 4}, due={("g", "a", 17): 77.0},
+                       waits={("g", "a", 17): 5.0}))
         assert j.settle(time.monotonic()) is not None, "they wait"
         print(json.dumps({"staged": len(j._pending.batches)}))
     """)
@@ -740,11 +742,11 @@ def test_acks_staged_with_their_events_come_back_after_a_kill_and_are_not_counte
     j = Journal(path)
     assert rows_in_sqlite(path, "a") == list(range(1, 23)) and rows_in_sqlite(path, "b") == [1]
     assert j.cursors() == {("g", "a"): 11, ("h", "b"): 1}
-    assert j.cursor_above() == {}, "the last cursor move of ('g', 'a') had no range above it"
+    assert j.cursor_above() == {("g", "a"): "13"}, "the range above the last cursor move, not the settled one's"
     assert j.group_stats() == {"g": (1, 2, 0), "h": (0, 0, 1)}, "each commit's counters once"
     assert j.attempts_of("g") == {("a", 16): 1, ("a", 17): 4}, "15 forgotten by the last commit"
     assert j.retries_due("g") == {("a", 16): 99.0, ("a", 17): 77.0}
-    assert j.retry_waits("g") == {}
+    assert j.retry_waits("g") == {("a", 17): 5.0}
     assert front(path).stat().st_size == 0, "replayed, then started over"
     j.close()
     j = Journal(path)
