@@ -61,6 +61,36 @@ def test_work_endpoint_pointing_at_the_pub_port(stack_factory):
     assert "[client] work" in r.stdout and "PUB socket" in r.stdout and "hub's ROUTER" in r.stdout
 
 
+def test_a_client_whose_work_endpoint_is_a_pub_socket_times_out_instead_of_hanging() -> None:
+    """[client] work at a PUB (XPUB) socket: libzmq drops the DEALER's connection at the handshake (the socket types
+    do not pair) and never connects again. A blocking send that came after that failure waited for ever (CI saw
+    `doctor` hang in test_work_endpoint_pointing_at_the_pub_port, whose send usually wins the race); here the
+    request goes after the handshake has failed, every time. In a subprocess: a hang must not hold pytest."""
+    ctx = zmq.Context.instance()
+    xpub = ctx.socket(zmq.XPUB)
+    xpub.setsockopt(zmq.LINGER, 0)
+    port = xpub.bind_to_random_port("tcp://127.0.0.1")
+    code = f"""
+import sys, time
+from bucketwire import config
+from bucketwire.client import HubClient, HubUnavailable
+c = HubClient(config.parse({{"client": {{"work": "tcp://127.0.0.1:{port}"}}}}), timeout=1.5)
+c._socket()
+time.sleep(0.5)  # the handshake has failed by now: the socket has no connection and will not get one
+try:
+    c.status()
+except HubUnavailable as e:
+    print(e)
+    sys.exit(3)
+"""
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    finally:
+        xpub.close()
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert f"no answer from the hub at tcp://127.0.0.1:{port}" in p.stdout, p.stdout
+
+
 def test_hub_down_is_an_error(stack_factory):
     s = stack_factory(GROUP)
     r = doctor(s)

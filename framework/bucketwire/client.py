@@ -158,8 +158,11 @@ class HubClient:
             try:
                 # Our DEALER is never made to wait on a write (a hub that reads nothing would hold the request past
                 # its timeout): what the socket does not take now is written as its poll below waits.
-                s.send_multipart([cmd, frame], zmq.NOBLOCK if isinstance(s, LocalDealer) else 0)
-            except zmq.Again:  # the local socket with no hub on it (a ZeroMQ DEALER queues instead): try again soon
+                s.send_multipart([cmd, frame], zmq.NOBLOCK)
+            except zmq.Again:
+                # Nowhere to queue it: the local socket with no hub on it, or a ZeroMQ DEALER whose peer refused it
+                # at the handshake (a socket type that does not pair: [client] work at the hub's publish port),
+                # which libzmq never connects again; a blocking send waited there for ever. A new socket soon.
                 until = min(until, time.monotonic() + LocalDealer.RECONNECT)
             moved = False
             while not moved and (left := until - time.monotonic()) > 0:
