@@ -135,3 +135,20 @@ def test_without_the_nats_extra_one_line_names_it() -> None:
     assert p.returncode == 1, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "bucketwire[nats]" in lines[0], p.stderr
+
+
+def test_the_recorder_puts_back_a_fresh_tracefs_settings_as_it_found_them(tmp_path: Path) -> None:
+    """A freshly mounted tracefs reads `buffer_size_kb` as "7 (expanded: 1408)", which the kernel refuses as a
+    value; the recorder puts back the number (a plain directory stands in for tracefs)."""
+    found = {"trace": "", "tracing_on": "1\n", "trace_clock": "[local] global counter mono\n",
+             "buffer_size_kb": "7 (expanded: 1408)\n", "options/record-tgid": "0\n"}
+    (tmp_path / "options").mkdir()
+    for e in wakes.EVENTS:
+        (tmp_path / "events" / e).mkdir(parents=True)
+    for name, text in found.items():
+        (tmp_path / name).write_text(text)
+    with wakes.Recorder(tmp_path):
+        assert (tmp_path / "buffer_size_kb").read_text() == "32768"
+        assert (tmp_path / "trace_clock").read_text() == "mono"
+    back = {name: (tmp_path / name).read_text() for name in found if name != "trace"}
+    assert back == {"tracing_on": "1", "trace_clock": "local", "buffer_size_kb": "7", "options/record-tgid": "0"}

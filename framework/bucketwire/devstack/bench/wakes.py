@@ -271,7 +271,8 @@ class Recorder:
         for s in self.SETTINGS:
             raw = (self.root / s).read_text().strip()
             chosen = re.search(r"\[(\w+)\]", raw)  # trace_clock lists every clock, the one in use bracketed
-            self.saved[s] = chosen.group(1) if chosen else raw
+            # buffer_size_kb reads "7 (expanded: 1408)" until the buffer is first sized; only its number is taken back
+            self.saved[s] = chosen.group(1) if chosen else raw.split()[0] if raw else raw
         self._set("tracing_on", "0")
         self._set("trace", "")
         self._set("trace_clock", "mono")
