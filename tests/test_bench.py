@@ -89,6 +89,42 @@ def test_thumbnail() -> None:
         assert s["ratio"] > 0
 
 
+def test_replicate_alternates_which_side_goes_first() -> None:
+    """The side that runs second meets the stores with the first one's writes still being flushed: baseline first
+    in one round, the subject first in the next (as `bench bus`), so neither always has the quiet stores."""
+    from types import SimpleNamespace
+
+    from bucketwire.devstack.bench import replicate
+
+    calls: list[str] = []
+
+    class Resp:
+        headers = {"content-length": "3"}
+
+        def close(self) -> None: ...
+
+        def release_conn(self) -> None: ...
+
+    class Src:
+        def get_object(self, bucket: str, key: str) -> Resp:
+            calls.append("baseline")
+            return Resp()
+
+    class Dst:
+        def put_object(self, *a: Any, **kw: Any) -> None: ...
+
+    class Harness:
+        settings: dict[str, Any] = {}
+
+        def handle(self, ev: Any) -> list[Any]:
+            calls.append("subject")
+            return [SimpleNamespace(data={"method": "stream"})]
+
+    out = replicate._phase("small", [("a", 3, "e"), ("b", 3, "e")], "src", Harness(), Src(), Dst(), rounds=3)
+    assert calls == ["baseline"] * 2 + ["subject"] * 4 + ["baseline"] * 4 + ["subject"] * 2
+    assert out["subject"]["objects"] == out["baseline"]["objects"] == 6
+
+
 def test_replicate() -> None:
     r = bench("replicate", "--small", "5", "--small-kb", "16", "--large-mb", "6", timeout=180)
     assert r["benchmark"] == "replicate" and set(r["phases"]) == {"small", "large"} == set(r["ratio"])
@@ -97,8 +133,9 @@ def test_replicate() -> None:
         for side in (sub, base):
             assert {"name", "objects", "bytes", "seconds", "mb_per_s", "objects_per_s", "latency"} <= set(side)
             assert set(side["latency"]) == PCT
-        assert sub["objects"] == base["objects"] == p["objects"]
-        assert sub["bytes"] == base["bytes"] == p["bytes"]
+        assert p["rounds"] == 2  # the default: each side first once
+        assert sub["objects"] == base["objects"] == p["objects"] * p["rounds"]
+        assert sub["bytes"] == base["bytes"] == p["bytes"] * p["rounds"]
         assert p["ratio"] > 0, name
     assert r["phases"]["small"]["bytes"] == 5 * 16 * 1024
     assert r["phases"]["large"]["bytes"] == 6 << 20

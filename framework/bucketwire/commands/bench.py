@@ -141,8 +141,8 @@ def thumbnail(width: int, height: int, sizes: tuple[int, ...], iterations: int, 
 @click.option("--small-kb", type=click.IntRange(1), default=64, show_default=True, help="Size of each small object.")
 @click.option("--large-mb", type=click.IntRange(0), default=256, show_default=True,
               help="Size of the large object in MiB (0 skips the phase).")
-@click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
-              help="Baseline/subject alternations over the same objects.")
+@click.option("--rounds", type=click.IntRange(1), default=2, show_default=True,
+              help="Rounds over the same objects, baseline and subject each first in turn.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def replicate(small_count: int, small_kb: int, large_mb: int, rounds: int, as_json: bool) -> None:
     """The replication plugin between two local SeaweedFS servers, against a plain get_object/put_object loop."""

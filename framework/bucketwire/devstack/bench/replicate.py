@@ -98,16 +98,22 @@ def _plain(src: Any, dst: Any, bucket: str, key: str, tb: str, tkey: str) -> int
     return n
 
 
+def side_order(r: int) -> tuple[str, str]:
+    """Round `r`'s order: baseline first in even rounds, the subject first in odd ones (as `bench bus` does)."""
+    return ("baseline", "subject") if r % 2 == 0 else ("subject", "baseline")
+
+
 def _phase(name: str, objs: list[tuple[str, int, str]], src_bucket: str, harness: Any, plain_src: Any,
            plain_dst: Any, rounds: int) -> dict[str, Any]:
-    """Alternate baseline and subject `rounds` times over the same objects; each into fresh target keys."""
+    """Baseline and subject `rounds` times over the same objects, each into fresh target keys, in turn first
+    (`side_order`): the side that runs second meets the stores with the first one's writes still being flushed."""
     total = sum(size for _, size, _ in objs)
     res: dict[str, dict[str, Any]] = {}
     for side in ("baseline", "subject"):
         res[side] = {"objects": 0, "bytes": 0, "seconds": 0.0, "lat": []}
     i = 0
     for r in range(rounds):
-        for side in ("baseline", "subject"):
+        for side in side_order(r):
             acc = res[side]
             for k, (key, size, etag) in enumerate(objs):
                 if k % 25 == 0 or size >= 16 * MB:
