@@ -72,11 +72,16 @@ def test_a_client_whose_work_endpoint_is_a_pub_socket_times_out_instead_of_hangi
     port = xpub.bind_to_random_port("tcp://127.0.0.1")
     code = f"""
 import sys, time
+import zmq
 from bucketwire import config
 from bucketwire.client import HubClient, HubUnavailable
 c = HubClient(config.parse({{"client": {{"work": "tcp://127.0.0.1:{port}"}}}}), timeout=1.5)
-c._socket()
-time.sleep(0.5)  # the handshake has failed by now: the socket has no connection and will not get one
+s = c._socket()
+assert s.get(zmq.EVENTS) & zmq.POLLOUT, "a DEALER takes a message before it is connected"
+deadline = time.monotonic() + 10
+while s.get(zmq.EVENTS) & zmq.POLLOUT:  # until the handshake has failed: no connection left to queue on
+    assert time.monotonic() < deadline, "the XPUB never refused the DEALER"
+    time.sleep(0.001)
 try:
     c.status()
 except HubUnavailable as e:
