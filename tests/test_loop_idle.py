@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -129,3 +129,99 @@ def test_retention_drops_a_backlog_in_slices_between_turns_not_in_one_stall(hub:
     assert dropped == [RETENTION_SLICE, RETENTION_SLICE, RETENTION_SLICE // 2], dropped
     assert turns < 500, f"{turns} turns: the loop spun between slices"
     assert not hub._retention_behind
+
+
+
+def _yields_per_publish(hub: Hub, monkeypatch: pytest.MonkeyPatch, quick: float,
+                        sizes: list[int]) -> list[list[list[bytes]]]:
+    """Publish one event with no worker, then, after a worker joined and acked it, one PUB of each of `sizes`
+    events, each acked before the next; for each PUB, the frames the hub had sent (commands) at each yield."""
+    monkeypatch.setattr("bucketwire.hub.loop.HAND_OFF_QUICK", quick)
+    sent: list[bytes] = []
+    yields: list[list[bytes]] = []
+    send = hub.net.send
+
+    def recording_send(frames: list[bytes]) -> bool:
+        sent.append(frames[1])
+        return send(frames)
+
+    monkeypatch.setattr(hub.net, "send", recording_send)
+    monkeypatch.setattr("os.sched_yield", lambda: yields.append(list(sent)))
+    ctx = zmq.Context()
+    pub, worker = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for s in (pub, worker):
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(hub.cfg.hub.work)
+    deadline = time.monotonic() + 20
+    n = 0
+    out: list[list[list[bytes]]] = []
+
+    def turn_until(cond: Callable[[], bool], what: str) -> None:
+        while not cond():
+            assert time.monotonic() < deadline, what
+            hub._turn()
+
+    def publish(count: int) -> None:
+        nonlocal n
+        yields.clear()
+        sent.clear()
+        events = []
+        for _ in range(count):
+            n += 1
+            events.append({"specversion": "1.0", "id": f"e{n}", "source": "test", "type": "t", "topic": "x",
+                           "data": {}})
+        pub.send_multipart([P.PUB, json.dumps({"req": n, "events": events}).encode()])
+        turn_until(lambda: bool(pub.poll(0)), "no PUBACK")
+        assert pub.recv_multipart()[0] == P.PUBACK
+        out.append(list(yields))
+
+    def work_off() -> None:
+        """Take every DELIVER until the hub holds nothing in flight, acking each batch at once."""
+        while True:
+            turn_until(lambda: bool(worker.poll(0)) or not hub.groups["g"].inflight, "a DELIVER did not come")
+            if not worker.poll(0):
+                return
+            frames = worker.recv_multipart()
+            if frames[0] != P.DELIVER:
+                continue
+            seqs = [int(e["seq"]) for e in json.loads(frames[2])]
+            worker.send_multipart([P.ACK, json.dumps({"g": "g", "ok": {"x": [[min(seqs), max(seqs)]]}}).encode()])
+            top = max(seqs)
+            turn_until(lambda: hub.groups["g"].acked.get("x") == top, "the ack was not taken")  # noqa: B023
+
+    try:
+        publish(1)  # no worker yet: committed, handed to nobody
+        worker.send_multipart([P.READY, json.dumps({"group": "g", "topics": ["x"], "credit": 100,
+                                                    "schema": SCHEMA_VERSION, "proto": 3}).encode()])
+        turn_until(lambda: bool(hub.groups["g"].inflight), "the backlog was not handed to the worker")
+        work_off()
+        for size in sizes:
+            publish(size)
+            work_off()
+    finally:
+        pub.close()
+        worker.close()
+        ctx.term()
+    return out
+
+
+def test_a_small_commit_handed_to_a_quick_worker_yields_the_cpu_after_its_pubacks(
+        hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a modest rate the kernel wakes the worker child on the hub's CPU, where it waited for the rest of the hub's
+    turn; the hub now yields right after its DELIVERs and PUBACKs (`HAND_OFF_MAX`). Not before the PUBACK (the
+    publisher's confirmation must not wait for a handler), not when nothing was handed (a yield for nobody), and not
+    for a large commit (a saturated hub's workers are busy already)."""
+    from bucketwire.hub.loop import HAND_OFF_MAX
+
+    nobody, small, large = _yields_per_publish(hub, monkeypatch, 60.0, [1, HAND_OFF_MAX + 1])
+    assert nobody == [], "yielded with no event handed to a worker"
+    assert len(small) == 1, f"{len(small)} yields for a one-event commit handed to a worker"
+    assert small[0][-2:] == [P.DELIVER, P.PUBACK], f"yielded after {small[0]}, not after DELIVER and PUBACK"
+    assert large == [], "a commit larger than HAND_OFF_MAX yielded"
+
+
+def test_a_worker_whose_batches_take_long_is_not_yielded_to(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub gets its CPU back only when the handler is done or the kernel's slice ends: a worker whose last
+    batch took longer than HAND_OFF_QUICK from DELIVER to ACK (here: any) would hold the hub's turn that long."""
+    nobody, small, again = _yields_per_publish(hub, monkeypatch, 0.0, [1, 1])
+    assert nobody == small == again == [], "yielded to a worker slower than HAND_OFF_QUICK"

@@ -103,6 +103,8 @@ class WorkerState:
     reported: bool = False
     pinned_until: float = 0.0
     batches: int = 0  # DELIVERs sent to it: numbers its events' batches (`Item.batch`)
+    handed_at: float = 0.0  # when its last DELIVER was sent (monotonic)
+    quick: bool = False  # its last batch was acked within HAND_OFF_QUICK of its DELIVER (hub/loop.py)
     # It sent an outcome for an event it held: it works through what it is handed, so when it vanishes the oldest
     # event it holds is the likely culprit. One that never did (a flapping worker, a peer that takes batches and
     # goes silent) is charged nothing for what it held (`GroupState.worker_gone`).

@@ -125,6 +125,18 @@ RETENTION_SLICE = 1000
 """Events one retention call drops at most: ~8 ms of the loop (a minute of 1,000 events/s dropped at once stalled
 every topic 0.5 s, 2 s with random ids). While a call drops this many, the next comes after as long again as it
 took, so catching up takes at most half the loop's time."""
+HAND_OFF_MAX = 8
+"""A commit of at most this many events that handed some to a quick worker (HAND_OFF_QUICK) ends with the loop giving
+up its CPU (`os.sched_yield`), after the PUBACKs and before the turn's bookkeeping. At a modest rate the kernel wakes
+the worker child on the hub's own CPU (its wake-up comes from the hub's send, and the other CPU is asleep), where it
+waited for the hub to finish its turn: ~50 us of each event's latency at 1,000/s. Yielded to, it runs the handler at
+once, and its ACK waits for the hub's next poll instead of waking the hub a second time. A yield with nothing else to
+run on the CPU returns at once. Larger commits (a saturated hub) do not yield: every worker is busy already
+(docs/performance.md, change 31)."""
+HAND_OFF_QUICK = 0.0005
+"""Seconds from a DELIVER to the ACK of its whole batch within which a worker counts as quick. Only a DELIVER to a
+quick worker is yielded to: the hub gets its CPU back when the handler is done or the kernel's time slice (a few ms)
+runs out, so a worker whose handlers take long (thumbnails) would hold the hub's bookkeeping that long."""
 STREAM_WAIT_MARGIN = 0.5
 """Seconds before its request_timeout that a request waiting for a new topic's stream is refused (JetStream)."""
 CARRY_STREAM_WAIT = 0.25
@@ -633,11 +645,14 @@ class Hub:
         # event, and these steps stood between its commit and its DELIVER).
         fresh = by_topic(appended)
         self._offer(fresh, steerable)
+        handed = 0
         if self.ha is not None or self.write_error is None:  # _may_dispatch (journal_ok holds: it committed)
             for g in self.groups.values():
-                self._dispatch(g, now)
+                handed += self._dispatch(g, now)
         for cb, lo, hi in replies:
             cb(appended[carry_n + lo: carry_n + hi], None)
+        if handed and len(appended) <= HAND_OFF_MAX:
+            os.sched_yield()  # the quick workers just handed events run first (HAND_OFF_MAX)
         self._settle_journal(now)
         self._publish(fresh)
         self.metrics.commits.inc()
@@ -1132,6 +1147,8 @@ class Hub:
             w.reachable = True
         if cmd == P.ACK:
             self._on_ack(ident, P.decode(raw, P.Ack), batch, now)
+            if w is not None and not w.inflight:
+                w.quick = now - w.handed_at <= HAND_OFF_QUICK
         elif cmd == P.HB:
             hb = P.header(raw)  # first: a malformed HB is refused (and counted) whoever sends it
             if w is not None and w.reported:
@@ -1705,9 +1722,11 @@ class Hub:
             else:  # its supervisor stopped reporting: lost, as a silent worker is
                 self._worker_gone(w, lost=True, now=now)
 
-    def _dispatch(self, g: GroupState, now: float) -> None:
+    def _dispatch(self, g: GroupState, now: float) -> int:
+        """Hand `g`'s ready events to its workers; how many were sent to quick ones (HAND_OFF_QUICK)."""
         if not g.ready or now < g.settle_until:
-            return  # nothing to hand out (or not yet, `_settle`), and the in-flight count did not change here
+            return 0  # nothing to hand out (or not yet, `_settle`), and the in-flight count did not change here
+        handed = 0
         for w, items in g.dispatch(self.cfg.hub.dispatch_batch, now):
             attempts = [it.attempts for it in items]
             if w.joined:  # one frame for the batch's envelopes (proto 3), a frame each for older workers
@@ -1718,15 +1737,19 @@ class Hub:
                 frames.extend(it.body for it in items)
             if self.net.send(frames):
                 w.last_sent = now
+                w.handed_at = time.monotonic()  # `now` is the turn's start, before this turn's work
                 w.batches = n = w.batches + 1
                 for it in items:
                     it.batch = n
                 self.metrics.dispatched.labels(g.name).inc(len(items))
                 self.metrics.batches.labels(g.name).inc()
+                if w.quick:
+                    handed += len(items)
             else:
                 # Not delivered (gone, or its queue is full): these events go back, not counted as an attempt.
                 g.undeliver(w, items)
         self.metrics.inflight.labels(g.name).set(len(g.inflight))
+        return handed
 
     def _heartbeats(self, now: float) -> None:
         self._last_hb = now
