@@ -136,7 +136,8 @@ run on the CPU returns at once. Larger commits (a saturated hub) do not yield: e
 HAND_OFF_QUICK = 0.0005
 """Seconds from a DELIVER to the ACK of its whole batch within which a worker counts as quick. Only a DELIVER to a
 quick worker is yielded to: the hub gets its CPU back when the handler is done or the kernel's time slice (a few ms)
-runs out, so a worker whose handlers take long (thumbnails) would hold the hub's bookkeeping that long."""
+runs out, and meanwhile it is runnable, not asleep, so a PUB that comes then is not woken onto the other CPU; a
+worker whose handlers take long (thumbnails) would hold the hub's bookkeeping and its next PUB that long."""
 STREAM_WAIT_MARGIN = 0.5
 """Seconds before its request_timeout that a request waiting for a new topic's stream is refused (JetStream)."""
 CARRY_STREAM_WAIT = 0.25
