@@ -184,3 +184,67 @@ def test_each_context_has_its_own_follow_ons_and_ids() -> None:
     assert list(quiet.published) == [] and [e.id for e in first.published] == ids
     assert [e.data for e in second.published] == [{"n": 0}, {"n": 1}, {"n": 2}]
     assert ctx(3).published == ()
+
+
+def test_a_child_takes_a_small_deliver_off_the_local_socket_in_one_read(tmp_path: Any) -> None:
+    """At a modest rate each DELIVER is one small message: the child reads it, sees the read took all there was
+    (`LocalDealer.more`) and goes to its handler without a second `recv` (which would fail, ~15 us before every
+    handler). Two messages that came in one read are both taken."""
+    import select
+
+    import zmq
+
+    from bucketwire import protocol as P
+    from bucketwire.zmtp import LocalRouter
+
+    path = str(tmp_path / "w.sock")
+    router = LocalRouter(path, 1 << 20)
+    child, _, _ = make_child(lambda slot, child: Recorder(slot))
+    child.endpoint, child.poller, child.ready = f"ipc://{path}", zmq.Poller(), b"{}"
+    child.detour = CH.Detour()
+    dealer = child._connect()
+    try:
+        got: list[list[bytes]] = []
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:
+            dealer.readable()  # writes the greeting and READY
+            select.select([router.fileno()], [], [], 0.05)
+            while (m := router.receive()) is not None:
+                got.append(m)
+        ident = got[0][0]
+        assert got[0][1] == P.READY
+
+        recvs = []
+        sock = dealer.st.sock
+
+        class Counting:
+            def recv(self, n: int) -> bytes:
+                recvs.append(n)
+                return sock.recv(n)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(sock, name)
+
+        dealer.st.sock = Counting()
+
+        def deliver(*seqs: int) -> list[bytes]:
+            bodies = [msgspec.json.encode({"specversion": "1.0", "id": f"e{s}", "source": "t", "type": "x",
+                                           "time": "2026-12-03T17:00:00Z", "topic": "a", "seq": str(s),
+                                           "data": {"i": s}}) for s in seqs]
+            return [ident, P.DELIVER, P.enc({"a": [1] * len(seqs), "r": True, "j": True}), P.joined(bodies)]
+
+        assert router.send(deliver(1))
+        assert select.select([child.poll_key], [], [], 10)[0]
+        child._receive(True)
+        assert [e.seq for _, e, _ in child.queue] == [1]
+        assert len(recvs) == 1
+        child.queue.clear()
+        assert router.send(deliver(2)) and router.send(deliver(3))
+        time.sleep(0.05)
+        assert select.select([child.poll_key], [], [], 10)[0]
+        child._receive(True)
+        assert [e.seq for _, e, _ in child.queue] == [2, 3]
+        assert len(recvs) == 2
+    finally:
+        dealer.close()
+        router.close()

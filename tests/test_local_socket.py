@@ -289,6 +289,85 @@ def test_the_local_dealer_talks_to_a_libzmq_router(sock_dir: Path) -> None:
         ctx.destroy(0)
 
 
+class CountingSocket:
+    """A socket whose `recv` calls are counted (Stream's slots take any object with its methods)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.recvs = sock, 0
+
+    def recv(self, n: int) -> bytes:
+        self.recvs += 1
+        return self.sock.recv(n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def dealer_with_router(path: str) -> tuple[LocalRouter, LocalDealer, CountingSocket]:
+    router = LocalRouter(path, 1 << 20)
+    d = LocalDealer(path, b"d")
+    d.send_multipart([b"hi"])
+    got: list[list[bytes]] = []
+    pump(router, lambda: d.readable() or bool(got), "the dealer's first message", got=got)
+    assert got == [[b"d", b"hi"]] and d.st is not None
+    counted = CountingSocket(d.st.sock)  # type: ignore[arg-type]
+    d.st.sock = counted  # type: ignore[assignment]
+    return router, d, counted
+
+
+def test_after_a_short_read_the_dealer_asks_the_socket_no_more(sock_dir: Path) -> None:
+    """A worker child takes a DELIVER and then asks whether another waits (`more`) before running it. A read that
+    took less than its chunk took all the socket held: `more` is no when nothing was parsed, without a `recv`
+    that would fail (~15 us per event at a modest rate). What comes later, the next poll sees and reads."""
+    router, d, counted = dealer_with_router(str(sock_dir / "m.sock"))
+    try:
+        assert router.send([b"d", b"DELIVER", b"one"])
+        select.select([d.fileno()], [], [], 10)
+        assert d.recv_ready() == [b"DELIVER", b"one"]
+        assert counted.recvs == 1
+        assert d.more() is False
+        assert counted.recvs == 1  # nothing asked of the socket
+        assert router.send([b"d", b"DELIVER", b"two"])
+        assert select.select([d.fileno()], [], [], 10)[0]  # the next poll sees what came after
+        assert d.readable() and d.recv_ready() == [b"DELIVER", b"two"]
+        # Two messages in one read: the second is parsed already, and `more` says so without a read.
+        assert router.send([b"d", b"A", b"3"]) and router.send([b"d", b"B", b"4"])
+        time.sleep(0.05)
+        select.select([d.fileno()], [], [], 10)
+        before = counted.recvs
+        assert d.recv_ready() == [b"A", b"3"]
+        assert d.more() is True and d.recv_ready() == [b"B", b"4"]
+        assert d.more() is False and counted.recvs == before + 1
+    finally:
+        d.close()
+        router.close()
+
+
+def test_after_a_read_that_filled_its_chunk_the_dealer_reads_on(sock_dir: Path) -> None:
+    """A batch larger than one read's chunk (a DELIVER at saturation is ~170 KB) is all taken before it runs:
+    `more` reads again while the last read filled its chunk."""
+    router, d, counted = dealer_with_router(str(sock_dir / "c.sock"))
+    big = [[b"DELIVER", bytes([i]) * (zmtp.READ_CHUNK // 2 + 1000)] for i in range(4)]
+    try:
+        sent = []
+        for m in big:
+            assert router.send([b"d", *m])
+            sent.append(m)
+        deadline = time.monotonic() + 10
+        while router.by_ident[b"d"].out and time.monotonic() < deadline:  # all of it in the socket
+            router.receive()
+            time.sleep(0.01)
+        select.select([d.fileno()], [], [], 10)
+        got = [d.recv_ready()]
+        while d.more():
+            got.append(d.recv_ready())
+        assert got == sent
+        assert counted.recvs >= 3  # 130 KB and more do not come in one 64 KiB read
+    finally:
+        d.close()
+        router.close()
+
+
 SIGPIPE_SCRIPT = """
 import signal, sys, time, zmq
 from bucketwire.zmtp import LocalDealer, LocalRouter

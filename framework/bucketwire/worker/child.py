@@ -168,7 +168,7 @@ class Child:
         local = zmtp.dealer(self.endpoint, ident, linger_ms=2000)
         self.pollout = False  # the poller waits for room to write on the local socket too (see `run`)
         if local is not None:  # the hub's local socket: read and written by this thread, no libzmq thread between
-            self.readable, self.recv = local.readable, local.recv_ready
+            self.readable, self.more, self.recv = local.readable, local.more, local.recv_ready
             self.poll_key: object = local.fileno()
             self.poller.register(local, zmq.POLLIN)
             self._send(local, [P.READY, self.ready])
@@ -176,6 +176,7 @@ class Child:
             return local
         d: zmq.Socket[bytes] = self.zctx.socket(zmq.DEALER)
         self.readable, self.recv = partial(readable, d), partial(recv_frames, d)
+        self.more = self.readable  # libzmq parses what its I/O thread read: asking it again is no read
         self.poll_key = d
         d.setsockopt(zmq.LINGER, 2000)
         d.setsockopt(zmq.IDENTITY, ident)
@@ -241,10 +242,11 @@ class Child:
     def _receive(self, ready: bool = False) -> None:
         """Take every message waiting on the DEALER, without blocking. `ready`: the poll has just said one waits,
         so the first is read without asking libzmq again (its EVENTS getter runs libzmq's command processing,
-        ~10 µs in a child that has just woken, on the path of every event)."""
-        queue, readable_, recv = self.queue, self.readable, self.recv
+        ~10 µs in a child that has just woken, on the path of every event). After the first message, `more`: on
+        the local socket a read that did not fill its chunk has taken all there was, and no second read is made."""
+        queue, readable_, more, recv = self.queue, self.readable, self.more, self.recv
         got = False
-        while (ready and not got) or readable_():
+        while (ready and not got) or (more() if got else readable_()):
             try:
                 frames = recv()
             except zmq.Again:  # the local socket: the poll saw the first bytes of a message, not all of it
