@@ -210,14 +210,16 @@ def one_round(side: Side, n: int, rates: list[int], seconds: float, busy: bool) 
     return out
 
 
+def _at(r: dict[str, Any], keys: list[str]) -> float:
+    """The figure at `keys` (a path of keys) in one round's result."""
+    v: Any = r
+    for k in keys:
+        v = v[k]
+    return float(v)
+
+
 def _median_of(rounds: list[dict[str, Any]], *path: str) -> float:
-    vals = []
-    for r in rounds:
-        v: Any = r
-        for p in path:
-            v = v[p]
-        vals.append(float(v))
-    return round(statistics.median(vals), 3)
+    return round(statistics.median(_at(r, list(path)) for r in rounds), 3)
 
 
 def summarise(rounds: list[dict[str, Any]], rates: list[int]) -> dict[str, Any]:
@@ -307,6 +309,7 @@ def run(n: int, processes: int, durability: str, rates: list[int], seconds: floa
         if busy:
             ratio[f"{key[:-3]}_at_{first}_busy"] = round(
                 bw["latency_busy"][first][key] / max(nt["latency_busy"][first][key], 1e-6), 3)
+    ratio["rounds_won"] = rounds_won(per["bucketwire"], per["nats"], first, busy)
     return {
         "benchmark": "bus", "against": "nats", "machine": machine(), "events": n, "rounds": rounds,
         "processes": processes, "durability": durability, "rates": rates, "seconds": seconds, "busy": busy,
@@ -317,6 +320,29 @@ def run(n: int, processes: int, durability: str, rates: list[int], seconds: floa
         "set_aside": set_aside,
         "rounds_over_max_steal": [k + 1 for k in over],
     }
+
+
+WON = (("events_per_s", ("events_per_s",), True), ("cpu_per_event", ("cpu_us_per_event",), False),
+       ("p50_at_{rate}", ("latency", "{rate}", "p50_ms"), False),
+       ("p99_at_{rate}", ("latency", "{rate}", "p99_ms"), False),
+       ("p50_at_{rate}_busy", ("latency_busy", "{rate}", "p50_ms"), False),
+       ("p99_at_{rate}_busy", ("latency_busy", "{rate}", "p99_ms"), False))
+"""What `rounds_won` counts (named as in the result's `ratio`), where it is in a round, whether higher is better."""
+
+
+def rounds_won(bw: list[dict[str, Any]], nt: list[dict[str, Any]], rate: str, busy: bool) -> dict[str, list[int]]:
+    """Per figure, [rounds in which bucketwire did better, rounds]: round k of each side ran back to back, so a pair
+    shares the host's minute. A median hides how the rounds split; on a host whose noise is as large as the
+    difference, "better in 2 of 3" and "in 3 of 3" read differently, and each side's median may come from a
+    different minute (a tie counts for neither)."""
+    out: dict[str, list[int]] = {}
+    for name, path, higher in WON:
+        if not busy and path[0] == "latency_busy":
+            continue
+        keys = [p.format(rate=rate) for p in path]
+        pairs = [(_at(a, keys), _at(b, keys)) for a, b in zip(bw, nt, strict=True)]
+        out[name.format(rate=rate)] = [sum(1 for a, b in pairs if (a > b if higher else a < b)), len(pairs)]
+    return out
 
 
 def setup_text(processes: int, durability: str, transport: str = "local") -> dict[str, str]:
@@ -383,4 +409,14 @@ def render(res: dict[str, Any]) -> str:
     lines.append(f"bucketwire/nats: events/s {r['events_per_s']}x (rounds {r['round_events_per_s']}), "
                  f"p50 @{first}/s {r[f'p50_at_{first}']}x, p99 {r[f'p99_at_{first}']}x, "
                  f"CPU per event {r['cpu_per_event']}x (latency and CPU: lower is better)")
+    won = r.get("rounds_won")
+    if won:
+        def w(key: str) -> str:
+            k, n = won[key]
+            return f"{k}/{n}"
+        text = (f"round pairs in which bucketwire did better: events/s {w('events_per_s')}, CPU per event "
+                f"{w('cpu_per_event')}, @{first}/s p50 {w(f'p50_at_{first}')}, p99 {w(f'p99_at_{first}')}")
+        if f"p50_at_{first}_busy" in won:
+            text += f", one core busy p50 {w(f'p50_at_{first}_busy')}, p99 {w(f'p99_at_{first}_busy')}"
+        lines.append(text)
     return "\n".join(lines)
