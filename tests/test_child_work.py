@@ -196,6 +196,7 @@ def test_a_child_takes_a_small_deliver_off_the_local_socket_in_one_read(tmp_path
 
     from bucketwire import protocol as P
     from bucketwire.zmtp import LocalRouter
+    from tests.test_local_socket import CountingSocket
 
     path = str(tmp_path / "w.sock")
     router = LocalRouter(path, 1 << 20)
@@ -214,18 +215,8 @@ def test_a_child_takes_a_small_deliver_off_the_local_socket_in_one_read(tmp_path
         ident = got[0][0]
         assert got[0][1] == P.READY
 
-        recvs = []
-        sock = dealer.st.sock
-
-        class Counting:
-            def recv(self, n: int) -> bytes:
-                recvs.append(n)
-                return sock.recv(n)
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(sock, name)
-
-        dealer.st.sock = Counting()
+        counted = CountingSocket(dealer.st.sock)
+        dealer.st.sock = counted
 
         def deliver(*seqs: int) -> list[bytes]:
             bodies = [msgspec.json.encode({"specversion": "1.0", "id": f"e{s}", "source": "t", "type": "x",
@@ -237,14 +228,14 @@ def test_a_child_takes_a_small_deliver_off_the_local_socket_in_one_read(tmp_path
         assert select.select([child.poll_key], [], [], 10)[0]
         child._receive(True)
         assert [e.seq for _, e, _ in child.queue] == [1]
-        assert len(recvs) == 1
+        assert counted.recvs == 1
         child.queue.clear()
         assert router.send(deliver(2)) and router.send(deliver(3))
         time.sleep(0.05)
         assert select.select([child.poll_key], [], [], 10)[0]
         child._receive(True)
         assert [e.seq for _, e, _ in child.queue] == [2, 3]
-        assert len(recvs) == 2
+        assert counted.recvs == 2
     finally:
         dealer.close()
         router.close()
