@@ -322,7 +322,7 @@ def test_after_a_short_read_the_dealer_asks_the_socket_no_more(sock_dir: Path) -
     router, d, counted = dealer_with_router(str(sock_dir / "m.sock"))
     try:
         assert router.send([b"d", b"DELIVER", b"one"])
-        select.select([d.fileno()], [], [], 10)
+        assert select.select([d.fileno()], [], [], 10)[0]
         assert d.recv_ready() == [b"DELIVER", b"one"]
         assert counted.recvs == 1
         assert d.more() is False
@@ -332,8 +332,8 @@ def test_after_a_short_read_the_dealer_asks_the_socket_no_more(sock_dir: Path) -
         assert d.readable() and d.recv_ready() == [b"DELIVER", b"two"]
         # Two messages in one read: the second is parsed already, and `more` says so without a read.
         assert router.send([b"d", b"A", b"3"]) and router.send([b"d", b"B", b"4"])
-        time.sleep(0.05)
-        select.select([d.fileno()], [], [], 10)
+        assert not router.by_ident[b"d"].out  # both written into the socket: one read takes them
+        assert select.select([d.fileno()], [], [], 10)[0]
         before = counted.recvs
         assert d.recv_ready() == [b"A", b"3"]
         assert d.more() is True and d.recv_ready() == [b"B", b"4"]
@@ -357,7 +357,8 @@ def test_after_a_read_that_filled_its_chunk_the_dealer_reads_on(sock_dir: Path) 
         while router.by_ident[b"d"].out and time.monotonic() < deadline:  # all of it in the socket
             router.receive()
             time.sleep(0.01)
-        select.select([d.fileno()], [], [], 10)
+        assert not router.by_ident[b"d"].out
+        assert select.select([d.fileno()], [], [], 10)[0]
         got = [d.recv_ready()]
         while d.more():
             got.append(d.recv_ready())
