@@ -531,15 +531,6 @@ def opened(path: Path) -> Journal:
     return j
 
 
-def handed_over(j: Journal, now: float, why: str) -> None:
-    """The loop's `settle(now)` past a bound hands the write to the settle thread (hub/journal_settler.py) and says
-    when to ask again; then wait for it, as anything that needs SQLite to hold everything does (`_landed`)."""
-    from bucketwire.hub import journal as J
-    assert j.settle(now) == now + J.SETTLE_POLL, f"{why}: handed to the settle thread"
-    assert j._pending is None and j._settling is not None, why
-    j._landed()
-
-
 def test_several_staged_commits_not_yet_in_sqlite_are_all_there_after_a_kill(tmp_path):
     """Commits staged one after the other while `settle` waits for more (it is given the loop's clock): none of them
     is in journal.db at the kill, all of them are after the restart, at their seqs; no seq is handed out again and
@@ -586,12 +577,12 @@ def test_staged_commits_wait_for_each_other_and_are_written_by_count_or_deadline
         assert due is not None and due <= now + J.SETTLE_AFTER + 1
     assert rows_in_sqlite(path, "a") == []
     j.commit(Batch(events=[ev("a", 3)]))
-    handed_over(j, now, "the fourth event")
+    assert j.settle(now) is None, "the fourth event: written"
     assert rows_in_sqlite(path, "a") == [1, 2, 3, 4]
     j.commit(Batch(events=[ev("a", 4)]))
     due = j.settle(now)
     assert due is not None and rows_in_sqlite(path, "a") == [1, 2, 3, 4]
-    handed_over(j, due, "its deadline")
+    assert j.settle(due) is None, "its deadline: written"
     assert rows_in_sqlite(path, "a") == [1, 2, 3, 4, 5]
     j.commit(Batch(events=[ev("a", 5)], cursors={("g", "a"): 2}, stats={"g": (1, 0, 1)}))
     assert j.settle(now) is not None, "acks: it waits all the same"
@@ -600,7 +591,7 @@ def test_staged_commits_wait_for_each_other_and_are_written_by_count_or_deadline
     assert rows_in_sqlite(path, "a") == [1, 2, 3, 4, 5]
     j.commit(Batch(events=[ev("a", 7)]))
     j.commit(Batch(events=[ev("a", 8)]))
-    handed_over(j, now, "four events")
+    assert j.settle(now) is None, "four events: written"
     assert rows_in_sqlite(path, "a") == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert j.cursors() == {("g", "a"): 3} and j.cursor_above() == {("g", "a"): "5"}
     assert j.group_stats() == {"g": (2, 0, 2)}
@@ -620,7 +611,7 @@ def test_staged_commits_of_large_events_are_written_once_their_bytes_reach_the_b
     j.commit(Batch(events=[ev("a", 1, body=big)]))
     assert j.settle(now) is not None and rows_in_sqlite(path, "a") == []
     j.commit(Batch(events=[ev("a", 2, body=big)]))
-    handed_over(j, now, "past the bound")
+    assert j.settle(now) is None, "past the bound: written"
     assert rows_in_sqlite(path, "a") == [1, 2, 3]
     j.close()
 
@@ -791,160 +782,3 @@ def test_an_acks_record_follows_its_rows_record_which_reads_as_before(tmp_path):
     assert records == [(rows, acks), (rows, None)] and bad == len(data) - second_acks
     plain.close()
     reread.close()
-
-
-# -- the settle thread (hub/journal_settler.py; docs/performance.md, change 33) ------------------------------------
-
-
-def hold_sqlite(path: Path) -> sqlite3.Connection:
-    """Another connection of this process holding SQLite's write lock: the settle thread's transaction waits for it
-    (as it would for a slow disk), for as long as the test keeps it."""
-    from bucketwire.hub import journal as J
-    blocker = J._connect(path)
-    blocker.execute("BEGIN IMMEDIATE")
-    return blocker
-
-
-def test_the_loops_settle_does_not_wait_for_sqlite_and_commits_go_on_meanwhile(tmp_path, monkeypatch):
-    """The loop hands a due settle to the settle thread and goes on: with SQLite's write lock held elsewhere the
-    call returns at once (it used to wait in SQLite's busy handler, 5 s, and fail), later commits are staged and
-    confirmed with their seqs meanwhile, and once the lock is free a read has every event, in seq order."""
-    from bucketwire.hub import journal as J
-    monkeypatch.setattr(J, "SETTLE_EVENTS", 2)
-    path = tmp_path / "j.db"
-    j = opened(path)
-    blocker = hold_sqlite(path)
-    now = time.monotonic()
-    seqs = [a.seq for i in range(2) for a in j.commit(Batch(events=[ev("a", i)]))]
-    assert j.settle(now) == now + J.SETTLE_POLL, "handed over"
-    for i in range(2, 5):
-        seqs += [a.seq for a in j.commit(Batch(events=[ev("a", i)], cursors={("g", "a"): i}))]
-        assert j.settle(now) == now + J.SETTLE_POLL, "the write under way: ask again soon"
-    assert seqs == [1, 2, 3, 4, 5]
-    assert not j._settler.done(), "the settle thread still waits for the lock"
-    assert rows_in_sqlite(path, "a") == []
-    blocker.execute("ROLLBACK")
-    blocker.close()
-    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2, 3, 4, 5], "the read waited for it, then wrote the rest"
-    assert rows_in_sqlite(path, "a") == [1, 2, 3, 4, 5] and j.cursors() == {("g", "a"): 4}
-    j.close()
-    assert not front(path).exists()
-
-
-def test_a_journal_killed_while_the_settle_thread_writes_has_every_staged_commit_after_a_restart(tmp_path):
-    """A kill -9 with the settle thread inside its transaction (waiting for the write lock) and commits staged after
-    the hand-over: every one is back at its seq, deduplicates, and no seq is handed out again."""
-    path = tmp_path / "j.db"
-    out = commit_then_kill(path, """
-        import time
-        from bucketwire.hub import journal as J
-        J.SETTLE_EVENTS = 2
-        j._keys.join()
-        blocker = J._connect(Path(j.path))
-        blocker.execute("BEGIN IMMEDIATE")
-        now = time.monotonic()
-        seqs = [a.seq for i in range(2) for a in j.commit(Batch(events=[ev("a", i)]))]
-        j.settle(now)
-        seqs += [a.seq for i in range(2, 4) for a in j.commit(Batch(events=[ev("a", i)]))]
-        j.settle(now)
-        print(json.dumps({"seqs": seqs, "in_flight": not j._settler.done()}))
-    """)
-    assert out == {"seqs": [1, 2, 3, 4], "in_flight": True}, out
-    assert rows_in_sqlite(path, "a") == []
-    j = Journal(path)
-    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2, 3, 4]
-    again = j.commit(Batch(events=[ev("a", 1)]))
-    assert again[0].duplicate and again[0].seq == 2
-    assert j.commit(Batch(events=[ev("a", 9)]))[0].seq == 5
-    j.close()
-
-
-def test_the_front_log_starts_over_only_when_nothing_was_staged_after_the_threads_write(tmp_path):
-    """Once the settle thread's write is in, the front log may start over (past TRUNCATE_AT, here 0) only if no
-    commit was appended to it after the hand-over: one was, confirmed while the thread waited, and a kill -9 after
-    the outcome was taken in must still find it there."""
-    path = tmp_path / "j.db"
-    out = commit_then_kill(path, """
-        import time
-        from bucketwire.hub import journal as J, journal_front as F
-        J.SETTLE_EVENTS = 2
-        F.TRUNCATE_AT = 0  # every write that leaves nothing staged after it starts the file over
-        j._keys.join()
-        now = time.monotonic()
-        def thread_done():
-            while not j._settler.done():
-                time.sleep(0.001)
-        seqs = [a.seq for i in range(2) for a in j.commit(Batch(events=[ev("a", i)]))]
-        j.settle(now)
-        thread_done()
-        j.settle(now)  # taken in, nothing appended since: the file starts over
-        empty = os.path.getsize(j._front.path)
-        blocker = J._connect(Path(j.path))
-        blocker.execute("BEGIN IMMEDIATE")
-        seqs += [a.seq for i in range(2, 4) for a in j.commit(Batch(events=[ev("a", i)]))]
-        j.settle(now)
-        seqs += [a.seq for a in j.commit(Batch(events=[ev("b", 4)]))]  # after the hand-over, before the write
-        blocker.execute("ROLLBACK")
-        thread_done()
-        j.settle(now)  # taken in: seqs 3-4 are in SQLite, "b" 1 only in the front log
-        print(json.dumps({"seqs": seqs, "empty": empty, "front": os.path.getsize(j._front.path)}))
-    """)
-    assert out["seqs"] == [1, 2, 3, 4, 1] and out["empty"] == 0 and out["front"] > 0, out
-    assert rows_in_sqlite(path, "a") == [1, 2, 3, 4] and rows_in_sqlite(path, "b") == []
-    j = Journal(path)
-    assert [(s, k) for s, k, _ in j.read("b", 1, 10)] == [(1, "k4")], "replayed from the front log"
-    j.close()
-
-
-def test_a_settle_the_thread_could_not_write_is_refused_loudly_and_kept_for_the_next_start(tmp_path, monkeypatch):
-    """SQLite full (its page limit, set for the settle thread's connection too): the thread's write fails, the next
-    commit is refused with the error, the staged events stay readable from memory and durable in the front log, and
-    a start with room writes them all, at their seqs."""
-    from bucketwire.hub import journal as J
-    monkeypatch.setattr(J, "SETTLE_EVENTS", 2)
-    path = tmp_path / "j.db"
-    j = opened(path)
-    j.commit(Batch(events=[ev("a", 0)]))
-    j.settle()
-    pages = j.db.execute("PRAGMA page_count").fetchone()[0]
-    j.close()
-    monkeypatch.setenv("BUCKETWIRE_JOURNAL_MAX_PAGES", str(pages))
-    j = opened(path)
-    now = time.monotonic()
-    for i in range(1, 3):
-        assert j.commit(Batch(events=[ev("a", i, body="y" * 20_000)]))[0].seq == i + 1
-    assert j.settle(now) == now + J.SETTLE_POLL, "handed over"
-    while not j._settler.done():
-        time.sleep(0.001)
-    with pytest.raises(JournalError, match="full"):
-        j.commit(Batch(events=[ev("a", 3)]))
-    assert j._pending is not None and j._pending.failed
-    assert [s for s, _, _ in j.read("a", 1, 10)] == [1, 2, 3], "read from memory"
-    j.close()
-    assert rows_in_sqlite(path, "a") == [1]
-    monkeypatch.delenv("BUCKETWIRE_JOURNAL_MAX_PAGES")
-    j = Journal(path)
-    assert rows_in_sqlite(path, "a") == [1, 2, 3]
-    assert j.commit(Batch(events=[ev("a", 3)]))[0].seq == 4
-    j.close()
-
-
-def test_a_key_filter_rebuilt_while_the_settle_thread_writes_still_knows_its_keys(tmp_path, monkeypatch):
-    """A rebuild of the key filter reads the keys journal.db holds; rows the settle thread has not committed yet are
-    not among them, and the filter must have them from memory, or a publish of one of them again is taken as new
-    (a second seq for one event)."""
-    from bucketwire.hub import journal as J
-    monkeypatch.setattr(J, "SETTLE_EVENTS", 2)
-    path = tmp_path / "j.db"
-    j = opened(path)
-    blocker = hold_sqlite(path)
-    now = time.monotonic()
-    assert [a.seq for i in range(2) for a in j.commit(Batch(events=[ev("a", i)]))] == [1, 2]
-    j.settle(now)
-    j._build_keys()
-    j._keys.join()
-    blocker.execute("ROLLBACK")
-    blocker.close()
-    again = j.commit(Batch(events=[ev("a", 1)]))
-    assert again[0].duplicate and again[0].seq == 2
-    j.close()

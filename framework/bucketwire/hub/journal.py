@@ -1,5 +1,4 @@
-"""The hub's durable log: SQLite in WAL mode, written by the hub loop's thread, and by a settle thread of its own
-for the commits the front log holds already (hub/journal_settler.py): one writer at a time, rows in seq order.
+"""The hub's durable log: SQLite in WAL mode, written by exactly one thread (the hub loop).
 
 Group commit comes from the loop's shape rather than from a timer: the loop drains every request that has
 arrived (webhook POSTs, publishes, worker acks) and writes them in one transaction, so under load many events
@@ -32,9 +31,8 @@ from typing import Protocol, cast
 import msgspec
 
 from bucketwire.envelope import Unsent, render
-from bucketwire.hub.journal_front import ROW, TRUNCATE_AT, Acks, FrontLog
+from bucketwire.hub.journal_front import ROW, Acks, FrontLog
 from bucketwire.hub.journal_mark import MARK_INTERVAL, MARK_SHARE, HighWater, Issued
-from bucketwire.hub.journal_settler import Settler
 from bucketwire.hub.key_filter import KeyFilter
 
 log = logging.getLogger("bucketwire.journal")
@@ -73,9 +71,6 @@ SETTLE_EVENTS = 32
 """Staged events (front-log commits) after which `settle` writes them into SQLite whatever the time: one transaction
 for many small commits, the B-trees' pages and the COMMIT's WAL frames paid once for all of them (docs/performance.md,
 change 27)."""
-SETTLE_POLL = 0.002
-"""Seconds after which the loop asks again about a settle it handed to the settle thread (journal_settler.py; it
-takes ~0.3 ms): by then, traffic or not, its outcome is taken in."""
 SETTLE_BYTES = 256 << 10
 """Envelope bytes staged after which `settle` writes them whatever the time or count: the rows are held in memory
 until then, and large events gain nothing from sharing a transaction (their pages are most of its cost)."""
@@ -287,9 +282,8 @@ class JournalAPI(Protocol):
         loop calls it once a commit's DELIVERs and confirmations are sent) it may wait to write several commits'
         leftovers at once: it returns the monotonic time by which it wants to be called again (None: nothing is
         left). Whatever is left is durable already, and whatever needs it written (a read, retention, a commit that
-        cannot wait, `close`) writes it first. The write itself may go on after it returns (the SQLite journal's
-        settle thread); a failure is then raised by a later call. JournalError when it cannot be written now: what it
-        holds is durable and is written at the next `settle` or `commit`, or at the next start."""
+        cannot wait, `close`) writes it first. JournalError when it cannot be written now: what it holds is durable
+        and is written at the next `settle` or `commit`, or at the next start."""
         ...
     def read(self, topic: str, from_seq: int, limit: int) -> list[tuple[int, str | None, bytes]]: ...
     def first_seq(self, topic: str) -> int | None: ...
@@ -364,7 +358,12 @@ class Journal:
         # file's lock for good (`_connect`); a hub still letting go of it gets a second.
         self.db = _connect(path, timeout=1.0, cached_statements=1024)
         self.db.execute("PRAGMA journal_mode=WAL")
-        _configure(self.db, durability)
+        self.db.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+        max_pages = os.environ.get("BUCKETWIRE_JOURNAL_MAX_PAGES")
+        if max_pages:  # hidden test knob: a tiny "disk" to exercise the journal-full path without root mounts
+            self.db.execute(f"PRAGMA max_page_count={int(max_pages)}")
         # The schema is read before anything is written: a newer journal refused after this version had made its
         # own tables and columns in it (a table the newer one dropped came back, empty) was one neither wrote.
         has_meta = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
@@ -392,12 +391,6 @@ class Journal:
             self.db.execute("INSERT INTO meta VALUES('id', ?)", jid)
         self._pending: _Staged | None = None
         """Commits made durable in the front log and not yet written here (`settle`)."""
-        self._settling: _Staged | None = None
-        """Staged commits the settle thread is writing here, or has written: until `_reap` takes its outcome in."""
-        self._settling_mark = 0
-        """The front log's size when they were handed over: grown since, it holds commits not written here yet."""
-        self._settler: Settler[tuple[_Staged, list[int]], list[tuple[str, int]]] = Settler(
-            lambda: self._settle_connection(durability), self._write_staged)
         self._restore_gaps: dict[str, tuple[int, int]] = {}
         self._new_floor = 0
         """After a restore: the seq a topic new to this journal starts above (one the backup and the mark both
@@ -497,9 +490,7 @@ class Journal:
         """(Re)build the key filter from what the journal holds, sized for twice as many events."""
         lo, hi = self.db.execute("SELECT min(rowid), max(rowid) FROM events").fetchone()
         rows = 0 if hi is None else hi - lo + 1
-        # Staged rows, and those the settle thread writes (committed after `hi`, the build's read would miss them).
-        pending = [*(self._settling.rows if self._settling is not None else ()),
-                   *(self._pending.rows if self._pending is not None else ())]
+        pending = self._pending.rows if self._pending is not None else []
         keys = [(str(pending[i + 2]), str(pending[i + 3])) for i in range(0, len(pending), ROW)]
         path = self.path
         self._keys.build(lambda: _connect(path), hi or 0, 2 * rows, keys)
@@ -592,7 +583,7 @@ class Journal:
         """Reads see staged commits too: they are written first. If that fails (a full disk), reads of events
         take them from memory (`_staged_rows`): a hub started with replayed events SQLite cannot take yet has them
         nowhere else, and a group that found no row below the head took it for a gap retention had made."""
-        if self._pending is not None or self._settling is not None:
+        if self._pending is not None:
             with contextlib.suppress(JournalError):
                 self.settle()
 
@@ -685,7 +676,7 @@ class Journal:
         the loop well under a millisecond), and a page-spilling row in a transaction that is rolled back (the
         database itself: its file mode, its size limit, its lock).
         """
-        if self._pending is not None or self._settling is not None:  # staged events not written yet come first
+        if self._pending is not None:  # staged events that could not be written yet come first
             try:
                 self.settle()
             except JournalError as e:
@@ -723,65 +714,22 @@ class Journal:
         return int((pc - fl) * ps)
 
     # -- the one write path ----------------------------------------------------------------------------------
-    def _transaction(self, what: str) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """One write transaction of the loop's, after the settle under way (rows reach SQLite in seq order)."""
-        self._landed()
-        return _write_on(self.db, what)
-
-    def _settle_connection(self, durability: str) -> sqlite3.Connection:
-        """The settle thread's connection: set up as the loop's, whose settings are each connection's own."""
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; any SQLite error rolls it back and becomes a JournalError (503 at ingress)."""
+        db = self.db
         try:
-            db = _connect(self.path, cached_statements=1024)
-            _configure(db, durability)
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
         except sqlite3.Error as e:
-            raise JournalError(f"journal commit failed: {e}") from e
-        return db
-
-    def _write_staged(self, db: sqlite3.Connection, job: tuple[_Staged, list[int]]) -> list[tuple[str, int]]:
-        """On the settle thread: staged commits in one transaction. Returns the topics written for the first time."""
-        staged, sizes = job
-        with _write_on(db, "commit") as tx:
-            self._insert(tx, staged.rows, sizes)
-            return self._write_rest(tx, staged.batches, staged.heads)
-
-    def _landed(self) -> None:
-        """Wait for the settle under way, if any, and take its outcome in: before the loop writes here itself, or
-        reads what must be here."""
-        if self._settling is not None:
-            self._reap()
-
-    def _reap(self) -> None:
-        """Take the settle thread's outcome in, waiting for it: the topics it wrote first get their floors, and the
-        front log starts over if nothing was appended to it since. A failure stages its commits again, ahead of
-        those staged since (one settle writes them all, in order), and is raised here."""
-        s = self._settling
-        if s is None:
-            return
-        self._settler.wait()  # interrupted here, it is still under way, and taken in later
-        self._settling = None
-        try:
-            new = self._settler.outcome()
-        except BaseException:
-            s.failed = True
-            self._pending = _restaged(s, self._pending)
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise JournalError(f"journal {what} failed: {e}") from e
+        except BaseException:  # anything else (a render that raised): leave no transaction open behind it
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
             raise
-        self._note_new(new)
-        if self._front.size == self._settling_mark:
-            self._front_written(False)
-
-    def _note_new(self, new: list[tuple[str, int]]) -> None:
-        """Topics just written for the first time: their floors, and after a restore where their seqs start."""
-        if new:
-            self._floors.update(new)
-            if self._new_floor:  # it started above the seqs a restore may have lost of it
-                for t, _ in new:
-                    self._restore_gaps.setdefault(t, (1, self._new_floor))
-
-    def _front_written(self, replay: bool) -> None:
-        try:  # every record the front log holds is in SQLite now
-            self._front.reset() if replay else self._front.written()
-        except OSError as e:  # the rows are in SQLite; a front log that grows on is only a longer replay
-            log.warning("journal: could not start the front log over", extra={"error": str(e)})
 
     def commit(self, batch: Batch) -> list[Appended]:
         """Append events (deduplicated on (source, id)) and move cursors.
@@ -791,8 +739,6 @@ class Journal:
         after it until SETTLE_EVENTS or SETTLE_AFTER. Anything else, and any batch with a duplicate, is one
         transaction here, after what is staged (rows are written here in seq order: a replay relies on it).
         """
-        if self._settling is not None and self._settler.done():
-            self._reap()  # the settle thread's outcome: a failure refuses this commit, as below
         p = self._pending
         if p is not None and p.failed:  # nothing staged on top of what SQLite refused: refused until it takes it
             self.settle()
@@ -811,7 +757,7 @@ class Journal:
             staged = self._stage(batch)
             if staged is not None:
                 return staged
-        if self._pending is not None or self._settling is not None:  # staged rows have the lower seqs: first
+        if self._pending is not None:  # staged rows have the lower seqs: they go into SQLite first
             self.settle()
         return self._commit_now(batch)
 
@@ -861,37 +807,27 @@ class Journal:
     def settle(self, now: float | None = None) -> float | None:
         """See JournalAPI.settle: the staged commits are written in one transaction once SETTLE_EVENTS of their
         events (or SETTLE_BYTES) have gathered or the first has waited SETTLE_AFTER (at 1,000/s one transaction
-        per commit was ~64 µs of the loop's CPU per event). Acks wait with them: the front log holds them too.
-
-        With `now` (the loop's call) the transaction is the settle thread's (journal_settler.py): the loop goes on,
-        and takes its outcome in at a later call. Without it, here and now, after the one under way."""
-        if self._settling is not None:
-            if now is not None and not self._settler.done():
-                return now + SETTLE_POLL
-            self._reap()
+        per commit was ~64 µs of the loop's CPU per event). Acks wait with them: the front log holds them too."""
         pending = self._pending
         if pending is None:
             return None
         rows = pending.rows
         if now is not None and now < pending.due and len(rows) < SETTLE_EVENTS * ROW and pending.size < SETTLE_BYTES:
             return pending.due
-        sizes = insert_sizes(len(rows) // ROW, self._recent)
-        if now is not None and not pending.failed and not pending.replay and self._front.size < TRUNCATE_AT:
-            # A front log past TRUNCATE_AT is settled here: only a write with nothing staged after it starts it over.
-            self._pending = None
-            self._settling, self._settling_mark = pending, self._front.size
-            self._settler.start((pending, sizes))
-            return now + SETTLE_POLL
         try:
             with self._transaction("commit") as db:
-                self._insert(db, rows, sizes)
+                self._insert(db, rows, insert_sizes(len(rows) // ROW, self._recent))
                 new = self._write_rest(db, pending.batches, pending.heads)
         except JournalError:
             pending.failed = True
             raise
         self._pending = None
-        self._note_new(new)
-        self._front_written(pending.replay)
+        if new:
+            self._floors.update(new)
+        try:  # every record the front log holds is in SQLite now
+            self._front.reset() if pending.replay else self._front.written()
+        except OSError as e:  # the rows are in SQLite; a front log that grows on is only a longer replay
+            log.warning("journal: could not start the front log over", extra={"error": str(e)})
         return None
 
     def _commit_now(self, batch: Batch) -> list[Appended]:
@@ -929,7 +865,8 @@ class Journal:
             self._issued += moved
             self._seqs.count(self._issued)
         self._moved = bool(heads) or self._moved
-        self._note_new(new)
+        if new:
+            self._floors.update(new)
         self._keys.add([(ev.source, ev.id) for ev, a in zip(events, out, strict=True) if not a.duplicate])
         return out
 
@@ -941,6 +878,9 @@ class Journal:
         new = [(t, h) for t, h in heads.items() if t not in self._floors]
         if new:  # a topic's first event: its row is where its head survives retention dropping every event
             db.executemany("INSERT OR IGNORE INTO topics(name, head) VALUES(?, ?)", new)
+            if self._new_floor:  # it started above the seqs a restore may have lost of it
+                for t, _ in new:
+                    self._restore_gaps.setdefault(t, (1, self._new_floor))
         cursors: dict[tuple[str, str], tuple[str, str, int, str]] = {}
         stats: dict[str, tuple[int, ...]] = {}
         for batch in batches:
@@ -1061,7 +1001,7 @@ class Journal:
 
     def forget_group(self, group: str) -> None:
         """Delete a removed group's cursors and counters, so a new group of that name starts afresh."""
-        if self._pending is not None or self._settling is not None:
+        if self._pending is not None:
             self.settle()
         with self._transaction("write") as db:
             db.execute("DELETE FROM cursors WHERE grp=?", (group,))
@@ -1123,11 +1063,8 @@ class Journal:
         """Write to `topics` every head that moved since it was last written, before events are dropped: a topic
         whose every event retention drops keeps its head there (seqs never go back, across restarts too)."""
         heads = self.heads
-        # Rows not in SQLite (yet): a floor at their seqs would keep a restart from writing them (it writes what
-        # lies above a head). The settle thread's are older than the staged ones: their heads before them hold.
-        for s in (self._pending, self._settling):
-            if s is not None:
-                heads = {**heads, **s.before}
+        if self._pending is not None:  # staged rows are not in SQLite: a floor at their seqs would keep a restart
+            heads = {**heads, **self._pending.before}  # from writing them (it writes what lies above a head)
         moved = [(t, h) for t, h in heads.items() if self._floors.get(t, 0) < h]
         if moved:
             with self._transaction("write") as db:
@@ -1136,12 +1073,11 @@ class Journal:
             self._floors.update(moved)
 
     def close(self) -> None:
-        if self._pending is not None or self._settling is not None:
+        if self._pending is not None:
             try:
                 self.settle()
             except JournalError as e:
                 log.warning("journal: staged events stay in the front log for the next start", extra={"error": str(e)})
-        self._settler.close()
         self._keys.close()
         # Like SQLite's -wal at a clean close: a state_dir left by a hub that stopped holds journal.db alone.
         if self._pending is None:
@@ -1259,46 +1195,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-@contextlib.contextmanager
-def _write_on(db: sqlite3.Connection, what: str) -> Iterator[sqlite3.Connection]:
-    """One write transaction; any SQLite error rolls it back and becomes a JournalError (503 at ingress)."""
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        yield db
-        db.execute("COMMIT")
-    except sqlite3.Error as e:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        raise JournalError(f"journal {what} failed: {e}") from e
-    except BaseException:  # anything else (a render that raised): leave no transaction open behind it
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        raise
-
-
-def _configure(db: sqlite3.Connection, durability: str) -> None:
-    """A writing connection's own settings (SQLite keeps these per connection, not in the file)."""
-    db.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
-    db.execute("PRAGMA busy_timeout=5000")
-    db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
-    max_pages = os.environ.get("BUCKETWIRE_JOURNAL_MAX_PAGES")
-    if max_pages:  # hidden test knob: a tiny "disk" to exercise the journal-full path without root mounts
-        db.execute(f"PRAGMA max_page_count={int(max_pages)}")
-
-
-def _restaged(first: _Staged, then: _Staged | None) -> _Staged:
-    """`first` (commits a settle failed to write) staged again ahead of `then` (staged since): one settle writes
-    them all, in commit order."""
-    if then is not None:
-        first.batches += then.batches
-        first.rows += then.rows
-        first.heads.update(then.heads)
-        for t, h in then.before.items():
-            first.before.setdefault(t, h)
-        first.size += then.size
-    return first
 
 
 def _connect(path: Path, timeout: float = 5.0, cached_statements: int = 128) -> sqlite3.Connection:
