@@ -263,6 +263,9 @@ def test_the_comparison_says_in_how_many_round_pairs_bucketwire_did_better(monke
                                         "p99_at_1000": [1, 3], "p50_at_1000_busy": [3, 3],
                                         "p99_at_1000_busy": [0, 3]}
     assert r["ratio"]["p99_at_1000"] > 1  # the medians say worse; the pairs say better in one of three
+    assert {k: v for k, v in r["ratio"].items() if k != "rounds_won"} == {
+        "events_per_s": 1.35, "cpu_per_event": 1.0, "p50_at_1000": 0.808, "p99_at_1000": 1.091,
+        "p50_at_1000_busy": 0.808, "p99_at_1000_busy": 1.667, "round_events_per_s": [1.5, 0.833, 1.421]}
     assert ("round pairs in which bucketwire did better: events/s 2/3, CPU per event 1/3, @1000/s p50 3/3, "
             "p99 1/3, one core busy p50 3/3, p99 0/3") in versus.render(r)
     quiet = versus.rounds_won(r["systems"]["bucketwire"]["rounds"], r["systems"]["nats"]["rounds"], "1000", False)

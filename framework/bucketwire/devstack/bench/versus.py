@@ -298,17 +298,11 @@ def run(n: int, processes: int, durability: str, rates: list[int], seconds: floa
     progress_done()
     bw, nt = summarise(per["bucketwire"], rates), summarise(per["nats"], rates)
     first = str(rates[0])
-    ratio: dict[str, Any] = {
-        "events_per_s": round(bw["events_per_s"] / max(nt["events_per_s"], 1e-6), 3),
-        "cpu_per_event": round(bw["cpu_us_per_event"] / max(nt["cpu_us_per_event"], 1e-6), 3),
-        "round_events_per_s": [round(a["events_per_s"] / b["events_per_s"], 3)
-                               for a, b in zip(per["bucketwire"], per["nats"], strict=True)],
-    }
-    for key in ("p50_ms", "p99_ms"):
-        ratio[f"{key[:-3]}_at_{first}"] = round(bw["latency"][first][key] / max(nt["latency"][first][key], 1e-6), 3)
-        if busy:
-            ratio[f"{key[:-3]}_at_{first}_busy"] = round(
-                bw["latency_busy"][first][key] / max(nt["latency_busy"][first][key], 1e-6), 3)
+    # The medians' ratios, per figure of WON: a summary holds each where a round does.
+    ratio: dict[str, Any] = {name: round(_at(bw, keys) / max(_at(nt, keys), 1e-6), 3)
+                             for name, keys, _ in figures(first, busy)}
+    ratio["round_events_per_s"] = [round(a["events_per_s"] / b["events_per_s"], 3)
+                                   for a, b in zip(per["bucketwire"], per["nats"], strict=True)]
     ratio["rounds_won"] = rounds_won(per["bucketwire"], per["nats"], first, busy)
     return {
         "benchmark": "bus", "against": "nats", "machine": machine(), "events": n, "rounds": rounds,
@@ -327,7 +321,14 @@ WON = (("events_per_s", ("events_per_s",), True), ("cpu_per_event", ("cpu_us_per
        ("p99_at_{rate}", ("latency", "{rate}", "p99_ms"), False),
        ("p50_at_{rate}_busy", ("latency_busy", "{rate}", "p50_ms"), False),
        ("p99_at_{rate}_busy", ("latency_busy", "{rate}", "p99_ms"), False))
-"""What `rounds_won` counts (named as in the result's `ratio`), where it is in a round, whether higher is better."""
+"""The figures the comparison sets side by side (named as in the result's `ratio`), where each is in a round and in
+a summary of rounds, whether higher is better."""
+
+
+def figures(rate: str, busy: bool) -> list[tuple[str, list[str], bool]]:
+    """WON at `rate`: (name, path, higher is better); the busy phase's only if it ran."""
+    return [(name.format(rate=rate), [p.format(rate=rate) for p in path], higher) for name, path, higher in WON
+            if busy or path[0] != "latency_busy"]
 
 
 def rounds_won(bw: list[dict[str, Any]], nt: list[dict[str, Any]], rate: str, busy: bool) -> dict[str, list[int]]:
@@ -336,12 +337,9 @@ def rounds_won(bw: list[dict[str, Any]], nt: list[dict[str, Any]], rate: str, bu
     difference, "better in 2 of 3" and "in 3 of 3" read differently, and each side's median may come from a
     different minute (a tie counts for neither)."""
     out: dict[str, list[int]] = {}
-    for name, path, higher in WON:
-        if not busy and path[0] == "latency_busy":
-            continue
-        keys = [p.format(rate=rate) for p in path]
+    for name, keys, higher in figures(rate, busy):
         pairs = [(_at(a, keys), _at(b, keys)) for a, b in zip(bw, nt, strict=True)]
-        out[name.format(rate=rate)] = [sum(1 for a, b in pairs if (a > b if higher else a < b)), len(pairs)]
+        out[name] = [sum(1 for a, b in pairs if (a > b if higher else a < b)), len(pairs)]
     return out
 
 
